@@ -1,0 +1,1 @@
+"""Parquet manifests, their pinned schemas, the DuckDB run catalog and stdin/stdout piping."""

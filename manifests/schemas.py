@@ -1,0 +1,75 @@
+"""Pinned pyarrow schemas, one per manifest kind.
+
+Every row of every manifest starts with the common columns; a stage's measured columns follow.
+Later stages add their kinds to SCHEMAS. Times are seconds (float64) unless the name says frames.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+STATUSES = ("ok", "rejected", "error")
+
+COMMON = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("parent_id", pa.string()),
+    pa.field("status", pa.string(), nullable=False),  # ok | rejected | error
+    pa.field("reasons", pa.list_(pa.string()), nullable=False),  # short codes, e.g. "low_fps"
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("error", pa.string()),  # one-line message for status=error (and unreadable inputs)
+]
+
+SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64())])
+
+VIDEOS = pa.schema(COMMON + [
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("size_bytes", pa.int64()),
+    pa.field("content_hash", pa.string()),  # blake2b-128 of the file bytes
+    pa.field("container", pa.string()),
+    pa.field("duration_s", pa.float64()),
+    pa.field("video_codec", pa.string()),
+    pa.field("width", pa.int32()),  # as displayed (after rotation)
+    pa.field("height", pa.int32()),
+    pa.field("rotation", pa.int32()),  # degrees, from the display matrix
+    pa.field("avg_fps", pa.float64()),  # frames / duration as the container declares it
+    pa.field("real_fps", pa.float64()),  # r_frame_rate: the lowest rate that represents all timestamps
+    pa.field("vfr", pa.bool_()),  # frame intervals vary (measured on demuxed timestamps)
+    pa.field("frame_count", pa.int64()),  # demuxed video packets
+    pa.field("video_duration_s", pa.float64()),
+    pa.field("video_start_s", pa.float64()),
+    pa.field("audio_codec", pa.string()),
+    pa.field("sample_rate", pa.int32()),
+    pa.field("channels", pa.int32()),
+    pa.field("audio_duration_s", pa.float64()),
+    pa.field("audio_start_s", pa.float64()),
+    pa.field("av_mismatch_s", pa.float64()),  # |video duration - audio duration|
+    pa.field("decode_probes", pa.int32()),  # positions tried
+    pa.field("decode_failures", pa.int32()),
+    pa.field("phash", pa.list_(pa.uint64())),  # 64-bit DCT hash per sampled frame
+    pa.field("duplicate_of", pa.string()),  # id of the kept representative
+])
+
+CLIPS = pa.schema(COMMON + [
+    pa.field("video_path", pa.string(), nullable=False),
+    pa.field("clip_index", pa.int32(), nullable=False),  # order within the source video
+    pa.field("shot_index", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("start_frame", pa.int64(), nullable=False),  # inclusive
+    pa.field("end_frame", pa.int64(), nullable=False),  # exclusive
+    pa.field("fps", pa.float64(), nullable=False),
+    pa.field("duration_s", pa.float64(), nullable=False),
+    pa.field("speech_s", pa.float64()),
+    pa.field("speech_coverage", pa.float64()),  # speech seconds / clip seconds
+    pa.field("speech_segments", pa.list_(SEGMENT)),  # source-video seconds, clipped to the clip
+    pa.field("cut_reasons", pa.list_(pa.string())),  # [why it starts, why it ends]
+    pa.field("clip_path", pa.string()),  # set by --materialize
+    pa.field("cut_method", pa.string()),  # copy | reencode (with --materialize)
+])
+
+SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS}
+
+
+def empty_row(schema: pa.Schema) -> dict:
+    row = {f.name: None for f in schema}
+    row["reasons"] = []
+    return row

@@ -1,0 +1,58 @@
+"""`vidu demo`: make a small sample set with known facts and run prefilter then clip on it.
+
+The set: a talking video with hard cuts (path with spaces), a long single-shot monologue, a
+smaller re-encode of it (near-duplicate), an exact copy under a non-ASCII name (duplicate), a
+video without audio, a truncated file and a text file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from manifests.io import file_digest, read_manifest
+from stages.clip import Clip
+from stages.prefilter import Prefilter, discover, fingerprint
+from stages.runner import RunResult, run_stage
+from stages.synthmedia import talking_video, transcode
+
+DEMO_CLIP_MAX_LEN = 12.0  # seconds: short enough that the 30 s monologue is split in silence
+
+
+def make_sample_set(folder: Path) -> dict:
+    """Write the sample set (once; reused when its facts file exists) and return its facts."""
+    facts_file = folder.with_suffix(".json")
+    if facts_file.is_file():
+        return json.loads(facts_file.read_text())
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = np.random.default_rng(2026)
+    facts = {
+        "interview with cuts.mp4": talking_video(tmp / "interview with cuts.mp4", rng, [7.0, 6.0, 8.0]),
+        "monologue.mp4": talking_video(tmp / "monologue.mp4", rng, [30.0]),
+        "b-roll without audio.mp4": talking_video(tmp / "b-roll without audio.mp4", rng, [6.0], with_audio=False),
+    }
+    transcode(tmp / "monologue.mp4", tmp / "monologue_480.mp4", 480, 270)
+    shutil.copyfile(tmp / "interview with cuts.mp4", tmp / "интервью копия.mp4")
+    data = (tmp / "interview with cuts.mp4").read_bytes()
+    (tmp / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (tmp / "notes.txt").write_text("not a video\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    facts_file.write_text(json.dumps(facts, indent=1))
+    return facts
+
+
+def run_demo(root: Path, workers: int = 1, quiet: bool = False) -> tuple[RunResult, RunResult]:
+    media = root / "demo-media"
+    make_sample_set(media)
+    items = discover([str(media)])
+    pre = run_stage(Prefilter(), items, fingerprint(items), [str(media)], root, workers=workers, quiet=quiet)
+    table, _ = read_manifest(pre.path)
+    videos = [{"id": r["id"], "path": r["path"]} for r in table.to_pylist() if r["status"] == "ok"]
+    clip = run_stage(Clip(max_len=DEMO_CLIP_MAX_LEN), videos, [file_digest(pre.path)], [str(pre.path)], root,
+                     workers=workers, quiet=quiet)
+    return pre, clip

@@ -1,0 +1,291 @@
+"""The stage runner: maps a stage over input rows and writes one manifest per run.
+
+A stage is a dataclass of parameters (see `Stage`). The runner gives every stage:
+- `workers` local processes (spawned; each calls `setup()` once) or in-process execution;
+- resumability: finished rows are flushed every few seconds to atomic part files under
+  runs/<run_id>/; re-running the same stage on the same inputs and parameters (same run id)
+  reuses them, so a Ctrl-C or SIGKILL loses at most the last few seconds of work and the final
+  manifest equals an uninterrupted run's (rows ordered by input, de-duplicated by id);
+- per-row error capture: an exception (or a worker that dies) becomes a status=error row;
+- a rich progress bar on stderr, and a row in the catalog with lineage and counts.
+
+The executor seam is `_execute`: it takes pending items and yields (item_id, rows) pairs; a Ray
+executor is another implementation of that generator.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Iterator
+
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from manifests import catalog
+from manifests.io import read_manifest, read_meta, to_table, write_table
+from manifests.schemas import SCHEMAS, empty_row
+
+FLUSH_SECONDS = 2.0
+FLUSH_ROWS = 256
+
+
+@dataclass
+class Stage:
+    """Base of every stage: parameters are dataclass fields (they make the run id)."""
+
+    name: ClassVar[str]  # e.g. "prefilter"; also the SQL view name
+    kind: ClassVar[str]  # output manifest kind, a key of manifests.schemas.SCHEMAS
+    version: ClassVar[str]  # bump when the same inputs and parameters would give other rows
+    reads: ClassVar[tuple[str, ...]]  # input columns used
+    writes: ClassVar[tuple[str, ...]]  # output columns set
+
+    def setup(self) -> None:
+        """Load models once per worker."""
+
+    def process(self, item: dict) -> list[dict]:
+        raise NotImplementedError
+
+    def error_row(self, item: dict, message: str) -> dict:
+        """The row recorded when `process(item)` raised."""
+        raise NotImplementedError
+
+    def finalize(self, rows: list[dict]) -> list[dict]:
+        """A whole-run step after all items (e.g. de-duplication); must be deterministic."""
+        return rows
+
+    def params(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("param", True)}
+
+
+def not_param(default) -> dataclasses.Field:
+    """A stage field that does not change results (e.g. a progress flag): left out of the run id."""
+    return field(default=default, metadata={"param": False})
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    path: Path
+    counts: dict[str, int]
+    reused: int
+    seconds: float
+    cached: bool = False
+
+
+def code_version() -> str:
+    from vidu_cli import __version__
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{__version__}+{rev}" if rev else __version__
+
+
+def run_id_for(stage: Stage, fingerprint: list) -> str:
+    blob = json.dumps({"stage": stage.name, "version": stage.version, "params": stage.params(),
+                       "inputs": fingerprint}, sort_keys=True, default=str)
+    return f"{stage.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+
+_WORKER_STAGE: Stage | None = None
+
+
+def _worker_init(stage: Stage) -> None:
+    global _WORKER_STAGE
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _WORKER_STAGE = stage
+    stage.setup()
+
+
+def _safe_process(stage: Stage, item: dict) -> list[dict]:
+    try:
+        out = stage.process(item)
+        return out if isinstance(out, list) else [out]
+    except Exception as e:  # recorded on the row, never raised through the run
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        row = stage.error_row(item, msg)
+        row.update(status="error", error=msg)
+        row["reasons"] = list(row.get("reasons") or []) + ["exception"]
+        return [row]
+
+
+def _worker_process(item: dict) -> list[dict]:
+    assert _WORKER_STAGE is not None
+    return _safe_process(_WORKER_STAGE, item)
+
+
+def _crash_rows(stage: Stage, item: dict) -> list[dict]:
+    row = stage.error_row(item, "worker process died")
+    row.update(status="error", error="worker process died while processing this item")
+    row["reasons"] = list(row.get("reasons") or []) + ["worker_crashed"]
+    return [row]
+
+
+def _execute(stage: Stage, items: list[dict], workers: int) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (item id, output rows) as items finish, in any order."""
+    if workers <= 1:
+        stage.setup()
+        for it in items:
+            yield it["id"], _safe_process(stage, it)
+        return
+    ctx = mp.get_context("spawn")
+    queue = list(reversed(items))
+    suspects: list[dict] = []
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
+    try:
+        running = {}
+        while queue or running:
+            while queue and len(running) < 2 * workers:
+                it = queue.pop()
+                running[pool.submit(_worker_process, it)] = it
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in done:
+                it = running.pop(fut)
+                try:
+                    yield it["id"], fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    suspects.append(it)
+            if broken:  # every in-flight item is a suspect; each is retried alone below
+                suspects.extend(running.values())
+                running.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
+        for it in suspects:
+            with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init, initargs=(stage,)) as solo:
+                try:
+                    yield it["id"], solo.submit(_worker_process, it).result()
+                except BrokenProcessPool:
+                    yield it["id"], _crash_rows(stage, it)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# resume parts
+
+def _read_parts(run_dir: Path, kind: str) -> tuple[dict[str, list[dict]], int]:
+    """Rows of finished items from earlier attempts: {item id: rows}, and the part count."""
+    done: dict[str, list[dict]] = {}
+    n = 0
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)  # a write that was killed before its rename
+    for part in sorted(run_dir.glob("part-*.parquet")):
+        n += 1
+        meta = read_meta(part)
+        table = pq.read_table(part)
+        if not table.schema.equals(SCHEMAS[kind], check_metadata=False):
+            continue
+        rows = table.to_pylist()
+        for item_id, count in meta["items"]:
+            done[item_id], rows = rows[:count], rows[count:]
+    return done, n
+
+
+def _write_part(run_dir: Path, index: int, batch: list[tuple[str, list[dict]]], kind: str) -> None:
+    rows = [r for _, rs in batch for r in rs]
+    write_table(to_table(rows, kind), run_dir / f"part-{index:06d}.parquet",
+                {"items": [[item_id, len(rs)] for item_id, rs in batch]})
+
+
+def _progress(quiet: bool, label: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False)
+
+
+def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[str], root: Path,
+              workers: int = 1, quiet: bool = False) -> RunResult:
+    """Run `stage` over `items` (dicts with a unique "id") and write its manifest.
+
+    `fingerprint` identifies the inputs' content (with the parameters it makes the run id);
+    `inputs` is what the catalog records as lineage (paths of input manifests or media roots).
+    """
+    t0 = time.monotonic()
+    run_id = run_id_for(stage, fingerprint)
+    out = root / "manifests" / f"{run_id}.parquet"
+    if out.is_file():  # the same run finished before: nothing to do
+        table, _ = read_manifest(out)
+        counts = Counter(table.column("status").to_pylist())
+        return RunResult(run_id, out, dict(counts), table.num_rows, 0.0, cached=True)
+
+    params = stage.params()
+    catalog.record_start(root, run_id, stage.name, stage.kind, params, code_version(), inputs, str(out))
+    run_dir = root / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done, n_parts = _read_parts(run_dir, stage.kind)
+    reused = sum(len(v) for v in done.values())
+    pending = [it for it in items if it["id"] not in done]
+    batch: list[tuple[str, list[dict]]] = []
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal batch, n_parts, last_flush
+        if batch:
+            _write_part(run_dir, n_parts, batch, stage.kind)
+            n_parts += 1
+            batch = []
+        last_flush = time.monotonic()
+
+    try:
+        with _progress(quiet, stage.name) as bar:
+            task = bar.add_task(stage.name, total=len(items), completed=len(items) - len(pending))
+            for item_id, rows in _execute(stage, pending, workers):
+                done[item_id] = rows
+                batch.append((item_id, rows))
+                bar.advance(task)
+                if len(batch) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
+                    flush()
+            flush()
+    except KeyboardInterrupt:
+        flush()
+        catalog.record_end(root, run_id, "interrupted", dict(Counter(r["status"] for rs in done.values() for r in rs)),
+                           reused, time.monotonic() - t0)
+        raise
+    except BaseException:
+        flush()
+        catalog.record_end(root, run_id, "failed", {}, reused, time.monotonic() - t0)
+        raise
+
+    rows = [r for it in items for r in done[it["id"]]]
+    rows = stage.finalize(rows)
+    seen: set[str] = set()
+    unique = []
+    for r in rows:
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            r["run_id"] = run_id
+            unique.append(r)
+    meta = {"kind": stage.kind, "stage": stage.name, "run_id": run_id, "params": params, "inputs": inputs}
+    write_table(to_table(unique, stage.kind), out, json.loads(json.dumps(meta, default=str)))
+    counts = dict(Counter(r["status"] for r in unique))
+    seconds = time.monotonic() - t0
+    catalog.record_end(root, run_id, "done", counts, reused, seconds)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return RunResult(run_id, out, counts, reused, seconds)
+
+
+def base_row(kind: str, **values) -> dict:
+    row = empty_row(SCHEMAS[kind])
+    row.update(status="ok", run_id="")
+    row.update(values)
+    return row
+

@@ -1,0 +1,3 @@
+from vidu_cli.app import main
+
+main()

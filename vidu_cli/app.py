@@ -1,0 +1,23 @@
+"""The `vidu` application: one typer command per module of this package.
+
+Run: vidu --help, or python -m vidu_cli --help.
+"""
+from __future__ import annotations
+
+import typer
+
+from vidu_cli.clip import clip
+from vidu_cli.demo import demo
+from vidu_cli.prefilter import prefilter
+from vidu_cli.runs import runs
+from vidu_cli.show import show
+from vidu_cli.sql import sql
+
+app = typer.Typer(help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+for command in (prefilter, clip, runs, show, sql, demo):
+    app.command()(command)
+
+
+def main() -> None:
+    app()
