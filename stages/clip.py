@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from stages.media import ffmpeg_exe, keyframe_times, load_audio
+from stages.media import ffmpeg_exe, keyframe_times, load_audio, video_frame_count
 from stages.runner import Stage, base_row
 from stages.speech import load_vad, speech_segments
 
@@ -174,30 +174,42 @@ class Clip(Stage):
         return row
 
     def _materialize(self, path: str, rows: list[dict]) -> None:
-        import ffmpeg
-
+        """Write each clip with exactly its frames: stream copy when both ends fall on keyframes
+        and the copy has the right frame count, else a re-encode cut at the exact frame."""
         out_dir = Path(self.materialize)
         out_dir.mkdir(parents=True, exist_ok=True)
         keys, _ = keyframe_times(path)
         for r in rows:
-            start, n = r["start_s"], r["end_frame"] - r["start_frame"]
-            half = 0.5 / r["fps"]
-            at_key = any(abs(k - start) < half for k in keys)
+            n, half = r["end_frame"] - r["start_frame"], 0.5 / r["fps"]
+            at_key = any(abs(k - r["start_s"]) < half for k in keys)
             end_ok = r["cut_reasons"][1] == "video_end" or any(abs(k - r["end_s"]) < half for k in keys)
-            method = "copy" if at_key and end_ok else "reencode"
-            target = out_dir / f"{r['id']}.mp4"
-            tmp = out_dir / f".{r['id']}.tmp.mp4"
-            stream = ffmpeg.input(path, ss=f"{start:.6f}")
-            if method == "copy":
-                stream = stream.output(str(tmp), t=f"{r['duration_s']:.6f}", c="copy", avoid_negative_ts="make_zero")
-            else:
-                stream = stream.output(str(tmp), **{"frames:v": n, "c:v": "libx264", "preset": "veryfast", "crf": 18,
-                                                    "pix_fmt": "yuv420p", "c:a": "aac", "t": f"{r['duration_s']:.6f}"})
-            try:
-                stream.overwrite_output().run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
-            except ffmpeg.Error as e:
-                tmp.unlink(missing_ok=True)
-                last = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["ffmpeg failed"]
-                raise RuntimeError(f"ffmpeg could not cut {r['id']}: {last[0]}") from None
+            target, tmp = out_dir / f"{r['id']}.mp4", out_dir / f".{r['id']}.tmp.mp4"
+            method = "copy"
+            if not (at_key and end_ok and _cut(path, tmp, r, "copy") == n):
+                method = "reencode"
+                got = _cut(path, tmp, r, "reencode")
+                if got != n:
+                    tmp.unlink(missing_ok=True)
+                    raise RuntimeError(f"clip {r['id']}: ffmpeg wrote {got} frames, expected {n}")
             os.replace(tmp, target)
             r.update(clip_path=str(target), cut_method=method)
+
+
+def _cut(path: str, out: Path, r: dict, method: str) -> int:
+    """Cut one clip with ffmpeg; returns the number of video frames written."""
+    import ffmpeg
+
+    stream = ffmpeg.input(path, ss=f"{r['start_s']:.6f}")
+    if method == "copy":
+        stream = stream.output(str(out), t=f"{r['duration_s']:.6f}", c="copy", avoid_negative_ts="make_zero")
+    else:
+        stream = stream.output(str(out), t=f"{r['duration_s']:.6f}", **{
+            "frames:v": r["end_frame"] - r["start_frame"], "c:v": "libx264", "preset": "veryfast", "crf": 18,
+            "pix_fmt": "yuv420p", "c:a": "aac"})
+    try:
+        stream.overwrite_output().run(cmd=ffmpeg_exe(), capture_stdout=True, capture_stderr=True)
+    except ffmpeg.Error as e:
+        out.unlink(missing_ok=True)
+        last = (e.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["ffmpeg failed"]
+        raise RuntimeError(f"ffmpeg could not cut {r['id']}: {last[0]}") from None
+    return video_frame_count(out)

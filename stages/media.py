@@ -174,5 +174,10 @@ def keyframe_times(path: str | Path) -> tuple[list[float], float]:
     return times, start
 
 
+def video_frame_count(path: str | Path) -> int:
+    with open_container(path) as c:
+        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+
+
 def fraction_to_float(x: Fraction | None) -> float | None:
     return None if x is None or x == 0 else float(x)
