@@ -37,7 +37,7 @@ from manifests import catalog
 from manifests.io import read_manifest, read_meta, to_table, write_table
 from manifests.schemas import SCHEMAS, empty_row
 
-FLUSH_SECONDS = 2.0
+FLUSH_SECONDS = float(os.environ.get("VIDU_FLUSH_SECONDS", "2.0"))  # resume-point interval
 FLUSH_ROWS = 256
 
 
