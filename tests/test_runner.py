@@ -31,7 +31,14 @@ def _start(src: Path, work: Path) -> subprocess.Popen:
     env = dict(os.environ, VIDU_FLUSH_SECONDS="0.05")
     return subprocess.Popen([sys.executable, "-m", "vidu_cli", "prefilter", str(src), "--workdir", str(work),
                              "--min-short-side", "100", "-q"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+                            stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=_as_in_a_terminal)
+
+
+def _as_in_a_terminal() -> None:
+    """A shell's background job starts with SIGINT ignored (and a runner may block it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _wait_for_parts(work: Path, n: int, proc: subprocess.Popen) -> None:
