@@ -1,7 +1,6 @@
 """How a stage command ends: summary on stderr, manifest path on stdout, exit code."""
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from contextlib import contextmanager
 
@@ -49,7 +48,3 @@ def finish(result: RunResult, quiet: bool, strict: bool) -> None:
     emit(result.path)
     if strict and (result.counts.get("rejected", 0) or result.counts.get("error", 0)):
         raise typer.Exit(1)
-
-
-def is_terminal() -> bool:
-    return sys.stdout.isatty()
