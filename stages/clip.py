@@ -178,7 +178,7 @@ class Clip(Stage):
         and the copy has the right frame count, else a re-encode cut at the exact frame."""
         out_dir = Path(self.materialize)
         out_dir.mkdir(parents=True, exist_ok=True)
-        keys, _ = keyframe_times(path)
+        keys = keyframe_times(path)
         for r in rows:
             n, half = r["end_frame"] - r["start_frame"], 0.5 / r["fps"]
             at_key = any(abs(k - r["start_s"]) < half for k in keys)

@@ -165,13 +165,11 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
-def keyframe_times(path: str | Path) -> tuple[list[float], float]:
-    """Presentation times (s) of the video keyframes, and the stream's first timestamp."""
+def keyframe_times(path: str | Path) -> list[float]:
+    """Presentation times (s) of the video keyframes."""
     with open_container(path) as c:
         v = c.streams.video[0]
-        times = sorted(float(p.pts * v.time_base) for p in c.demux(v) if p.pts is not None and p.is_keyframe)
-        start = _seconds(v.start_time, v.time_base) or 0.0
-    return times, start
+        return sorted(float(p.pts * v.time_base) for p in c.demux(v) if p.pts is not None and p.is_keyframe)
 
 
 def video_frame_count(path: str | Path) -> int:
