@@ -1,0 +1,215 @@
+"""TAEHV: a tiny causal video autoencoder for Wan 2.1 latents (taew2_1 layout), for live previews.
+
+A re-implementation of madebyollin/taehv (taehv.py, `TAEHV` with its default layout): the same
+`encoder.*` / `decoder.*` nn.Sequential indices and parameter shapes, so taew2_1 weights load with
+no renaming. 16 latent channels, 8x spatial and 4x temporal compression; ~11.3 M parameters.
+
+Every block acts on single frames except MemBlock, which also sees its own input at the previous
+time step (zeros before the first), so the whole network is causal in time. That allows
+- `decode_video` / `encode_video`: the whole clip at once (all frames batched through each block);
+- `stream_decoder().push(chunk)`: the same decode, chunk by chunk, keeping one frame per MemBlock;
+  concatenated outputs equal `decode_video` of the concatenated latents.
+
+Frames are NTCHW in [0, 1]; latents are NTCHW, unnormalised (as the Wan 2.1 DiT produces them).
+
+    model = TAEHV(); model.load_state_dict(sd)          # sd: taew2_1 weights, no prefix
+    video = model.decode_video(latents)                 # [N, 4T-3, 3, 8H, 8W]
+    stream = model.stream_decoder()
+    for chunk in latent_chunks: show(stream.push(chunk))
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ENCODER_WIDTH = 64
+DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, last is the RGB head's input
+IMAGE_CHANNELS = 3
+
+
+@dataclass(frozen=True)
+class TAEHVConfig:
+    latent_channels: int = 16
+    encoder_time_downscale: tuple[bool, bool, bool] = (True, True, False)  # TPool stride 2 per stage
+    decoder_time_upscale: tuple[bool, bool, bool] = (False, True, True)  # TGrow stride 2 per stage
+
+    @property
+    def t_downscale(self) -> int:
+        return 2 ** sum(self.encoder_time_downscale)
+
+    @property
+    def t_upscale(self) -> int:
+        return 2 ** sum(self.decoder_time_upscale)
+
+    @property
+    def frames_to_trim(self) -> int:
+        # the first latent decodes to t_upscale frames but stands for one (Wan's VAE encodes frame 0 alone)
+        return self.t_upscale - 1
+
+
+def conv3x3(n_in: int, n_out: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=bias)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of latents to (-3, 3)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class MemBlock(nn.Module):
+    """Residual block whose first conv reads [x, past] on channels; past is x one step earlier."""
+
+    def __init__(self, C: int):
+        super().__init__()
+        self.conv = nn.Sequential(conv3x3(2 * C, C), nn.ReLU(inplace=True), conv3x3(C, C),
+                                  nn.ReLU(inplace=True), conv3x3(C, C))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor, past: Tensor) -> Tensor:
+        # x, past: [NT, C, H, W]
+        return self.act(self.conv(torch.cat([x, past], 1)) + x)
+
+
+class TPool(nn.Module):
+    """Merges `stride` consecutive frames into one: [NT, C, H, W] -> [NT / stride, C, H, W]."""
+
+    def __init__(self, C: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(C * stride, C, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        NT, C, H, W = x.shape
+        # frames t..t+stride-1 of one clip become one frame with their channels side by side
+        return self.conv(x.reshape(NT // self.stride, self.stride * C, H, W))
+
+
+class TGrow(nn.Module):
+    """Splits each frame into `stride` frames: [NT, C, H, W] -> [NT * stride, C, H, W]."""
+
+    def __init__(self, C: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(C, C * stride, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        NT, C, H, W = x.shape
+        # output channel group s is the frame s steps after the first of this input frame
+        return self.conv(x).reshape(NT * self.stride, C, H, W)
+
+
+def _encoder_stage(stride: int) -> list[nn.Module]:
+    C = ENCODER_WIDTH
+    return [TPool(C, stride), conv3x3(C, C, stride=2, bias=False), MemBlock(C), MemBlock(C), MemBlock(C)]
+
+
+def _decoder_stage(C: int, C_out: int, stride: int) -> list[nn.Module]:
+    return [MemBlock(C), MemBlock(C), MemBlock(C), nn.Upsample(scale_factor=2), TGrow(C, stride),
+            conv3x3(C, C_out, bias=False)]
+
+
+def build_encoder(cfg: TAEHVConfig) -> nn.Sequential:
+    # indices: 0 conv, 2/7/12 TPool, 3/8/13 strided conv, 4-6/9-11/14-16 MemBlock, 17 conv to latents
+    stages = [_encoder_stage(2 if down else 1) for down in cfg.encoder_time_downscale]
+    return nn.Sequential(conv3x3(IMAGE_CHANNELS, ENCODER_WIDTH), nn.ReLU(inplace=True),
+                         *(m for stage in stages for m in stage), conv3x3(ENCODER_WIDTH, cfg.latent_channels))
+
+
+def build_decoder(cfg: TAEHVConfig) -> nn.Sequential:
+    # indices: 0 Clamp, 1 conv, 3-5/9-11/15-17 MemBlock, 6/12/18 Upsample, 7/13/19 TGrow,
+    # 8/14/20 conv to the next width, 22 conv to RGB
+    C = DECODER_WIDTHS
+    stages = [_decoder_stage(C[i], C[i + 1], 2 if up else 1) for i, up in enumerate(cfg.decoder_time_upscale)]
+    return nn.Sequential(Clamp(), conv3x3(cfg.latent_channels, C[0]), nn.ReLU(inplace=True),
+                         *(m for stage in stages for m in stage),
+                         nn.ReLU(inplace=True), conv3x3(C[3], IMAGE_CHANNELS))
+
+
+def _previous_frames(x: Tensor, last: Tensor | None) -> Tensor:
+    """x: [N, T, C, H, W]; the frame before each of x's, `last` ([N, C, H, W]) or zeros before x[:, 0]."""
+    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None]
+    return torch.cat([first, x[:, :-1]], 1)
+
+
+def apply_blocks(blocks: nn.Sequential, x: Tensor, memory: dict[int, Tensor] | None = None) -> Tensor:
+    """Run `blocks` on x [N, T, C, H, W], all frames batched per block; returns [N, T', C', H', W'].
+
+    memory maps a MemBlock's index to its input's last frame [N, C, H, W] from the previous call;
+    it is read and updated in place. None means a fresh clip (zeros before the first frame).
+    """
+    N = x.shape[0]
+    h = x.flatten(0, 1)
+    for i, block in enumerate(blocks):
+        if isinstance(block, MemBlock):
+            frames = h.unflatten(0, (N, -1))
+            past = _previous_frames(frames, None if memory is None else memory.get(i))
+            if memory is not None:
+                memory[i] = frames[:, -1].clone()  # a view would keep the whole chunk alive
+            h = block(h, past.flatten(0, 1))
+        else:
+            h = block(h)
+    return h.unflatten(0, (N, -1))
+
+
+def _check_video(x: Tensor, C: int, what: str, fn: str) -> None:
+    if x.ndim != 5 or x.shape[2] != C or x.shape[1] < 1:
+        raise ValueError(f"{fn} expects {what} as [N, T>=1, {C}, H, W], got shape {tuple(x.shape)}")
+
+
+class TAEHV(nn.Module):
+    def __init__(self, config: TAEHVConfig = TAEHVConfig()):
+        super().__init__()
+        self.config = config
+        self.encoder = build_encoder(config)
+        self.decoder = build_decoder(config)
+
+    def encode_video(self, frames: Tensor) -> Tensor:
+        """frames [N, T, 3, H, W] in [0, 1] -> latents [N, ceil(T / 4), 16, H/8, W/8]."""
+        _check_video(frames, IMAGE_CHANNELS, "RGB frames", "encode_video")
+        n_pad = -frames.shape[1] % self.config.t_downscale
+        if n_pad:
+            frames = torch.cat([frames, frames[:, -1:].expand(-1, n_pad, -1, -1, -1)], 1)
+        return apply_blocks(self.encoder, frames)
+
+    def decode_video(self, latents: Tensor) -> Tensor:
+        """latents [N, T, 16, h, w] -> frames [N, 4T - 3, 3, 8h, 8w] in [0, 1]."""
+        _check_video(latents, self.config.latent_channels, "latents", "decode_video")
+        frames = apply_blocks(self.decoder, latents)
+        return frames[:, self.config.frames_to_trim:].clamp(0, 1)
+
+    def stream_decoder(self) -> StreamDecoder:
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Decodes latents as they arrive; per push the cost is that of the chunk alone.
+
+    State between pushes: the last input frame of each MemBlock (TGrow and the other blocks act on
+    one frame at a time, so need none) and the count of frames decoded, for the start-up trim.
+    """
+
+    def __init__(self, model: TAEHV):
+        self.model = model
+        self.reset()
+
+    def reset(self) -> None:
+        self.memory: dict[int, Tensor] = {}
+        self.frames_decoded = 0
+        self.shape: tuple[int, int, int] | None = None  # (N, h, w) of the latents in this stream
+
+    @torch.no_grad()
+    def push(self, latents: Tensor) -> Tensor:
+        """latents [N, T, 16, h, w] -> the frames they complete, [N, 4T (4T - 3 on the first push), 3, 8h, 8w]."""
+        _check_video(latents, self.model.config.latent_channels, "latents", "push")
+        N, _, _, h, w = latents.shape
+        if self.shape is not None and self.shape != (N, h, w):
+            raise ValueError(f"push got (N, h, w) = {(N, h, w)} but the stream has {self.shape}; call reset() first")
+        self.shape = (N, h, w)
+        frames = apply_blocks(self.model.decoder, latents, self.memory)
+        n_trim = max(0, self.model.config.frames_to_trim - self.frames_decoded)
+        self.frames_decoded += frames.shape[1]
+        return frames[:, n_trim:].clamp(0, 1)
