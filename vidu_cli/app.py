@@ -8,6 +8,7 @@ import typer
 
 from vidu_cli.clip import clip
 from vidu_cli.demo import demo
+from vidu_cli.model import model
 from vidu_cli.prefilter import prefilter
 from vidu_cli.runs import runs
 from vidu_cli.show import show
@@ -17,6 +18,7 @@ app = typer.Typer(help="vidu: curate, train, distill, stream and evaluate real-t
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 for command in (prefilter, clip, runs, show, sql, demo):
     app.command()(command)
+app.add_typer(model, name="model")
 
 
 def main() -> None:

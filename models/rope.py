@@ -1,0 +1,54 @@
+"""3-axis rotary position embedding as in Wan2.1: the head dim's rotation pairs are split between the
+frame, height and width axes (frame gets c - 2*(c//3) pairs, height and width c//3 each, c = D/2).
+
+Positions are explicit integer triples per token ([L, 3]: frame, row, column), so a caller can
+re-rotate cached pre-RoPE keys to new positions (streaming with a sliding window).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def axis_pairs(head_dim: int) -> tuple[int, int, int]:
+    c = head_dim // 2
+    return c - 2 * (c // 3), c // 3, c // 3
+
+
+def inv_freqs(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
+    """Per axis, the rotation frequencies (float64), as Wan's rope_params for dims 2*pairs."""
+    out = []
+    for pairs in axis_pairs(head_dim):
+        dim = 2 * pairs
+        out.append(1.0 / torch.pow(theta, torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return out
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos: [L, 3] integer positions -> (cos, sin), each [L, D/2] float32."""
+    freqs = inv_freqs(head_dim)
+    p = pos.to(torch.float64).cpu()
+    ang = torch.cat([torch.outer(p[:, i], freqs[i]) for i in range(3)], dim=1)
+    return ang.cos().float().to(pos.device), ang.sin().float().to(pos.device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, H, D]; rotates consecutive pairs (x[2i], x[2i+1]) by the angles, in float32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
+
+
+def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torch.Tensor:
+    """Positions of a frame-major token layout: for each frame position in `frames`, h*w grid tokens
+    (row, column), then `extra` tokens at (frame, 0, j) (the joint audio tokens). Returns [F*(h*w+extra), 3]."""
+    dev = frames.device
+    rows = torch.arange(h, device=dev).repeat_interleave(w)
+    cols = torch.arange(w, device=dev).repeat(h)
+    per_frame = torch.stack([rows, cols], dim=1)
+    if extra:
+        per_frame = torch.cat([per_frame, torch.stack([torch.zeros(extra, dtype=torch.long, device=dev),
+                                                       torch.arange(extra, device=dev)], dim=1)])
+    S = per_frame.shape[0]
+    f = frames.to(torch.long).repeat_interleave(S)[:, None]
+    return torch.cat([f, per_frame.repeat(len(frames), 1)], dim=1)
