@@ -88,7 +88,7 @@ def to_waveform(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), vocoder: "V
         return vocoder(log_mel)
     from torchaudio.transforms import GriffinLim, InverseMelScale
     n_stft = cfg.n_fft // 2 + 1
-    power = InverseMelScale(n_stft, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate)(log_mel.exp().T)
+    power = InverseMelScale(n_stft, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, driver="gelsd")(log_mel.exp().T)
     gl = GriffinLim(n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop, power=2.0, n_iter=n_iter,
                     rand_init=False)
     return gl(power)

@@ -250,8 +250,7 @@ def load_vae(path: str | Path, cfg=None, device="cpu"):
     """The Wan2.1 VAE from Wan2.1_VAE.pth (or a safetensors file) for the architecture `cfg`."""
     from models.wan_vae import VAEConfig, WanVAE
     sd = read_state_dict(path)
-    with torch.device("meta"):
-        vae = WanVAE(cfg or VAEConfig())
+    vae = WanVAE(cfg or VAEConfig())            # not on meta: the latent statistics are buffers
     load_into(vae, sd, what=f"VAE checkpoint {Path(path).name}")
     return vae.to(device).eval()
 
@@ -260,7 +259,6 @@ def load_taehv(path: str | Path, device="cpu"):
     """TAEHV from taew2_1.pth (fp16 weights; run in float32)."""
     from models.taehv import TAEHV
     sd = {k: v.float() for k, v in read_state_dict(path).items()}
-    with torch.device("meta"):
-        tae = TAEHV()
+    tae = TAEHV()
     load_into(tae, sd, what=f"TAEHV checkpoint {Path(path).name}")
     return tae.to(device).eval()

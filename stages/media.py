@@ -53,6 +53,8 @@ def open_container(path: str | Path):
         if _looks_like_media(path):
             raise MediaError("corrupt", "a media container that FFmpeg cannot parse (truncated or damaged)") from None
         raise MediaError("not_media", "not a media file FFmpeg can read") from None
+    except av.error.ExitError:  # FFmpeg gave up because Ctrl-C arrived inside the call
+        raise KeyboardInterrupt from None
     except av.error.FFmpegError as e:
         raise MediaError("unreadable", f"FFmpeg cannot open it: {e.strerror or e}") from None
 
@@ -120,6 +122,8 @@ def gray_frames_at(path: str | Path, fractions: list[float], size: int = 32) -> 
                     if t + 1e-6 >= target:
                         break
                 out.append(None if img is None else img.astype(np.float32))
+            except av.error.ExitError:
+                raise KeyboardInterrupt from None
             except (av.error.FFmpegError, ValueError, OSError):
                 out.append(None)
     return out, rotation

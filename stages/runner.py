@@ -20,15 +20,19 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Iterator
 
+import av
 import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -119,6 +123,8 @@ def _safe_process(stage: Stage, item: dict) -> list[dict]:
     try:
         out = stage.process(item)
         return out if isinstance(out, list) else [out]
+    except av.error.ExitError:  # PyAV reports a Ctrl-C that arrived inside FFmpeg this way
+        raise KeyboardInterrupt from None
     except Exception as e:  # recorded on the row, never raised through the run
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         row = stage.error_row(item, msg)
@@ -207,6 +213,30 @@ def _write_part(run_dir: Path, index: int, batch: list[tuple[str, list[dict]]], 
                 {"items": [[item_id, len(rs)] for item_id, rs in batch]})
 
 
+@contextmanager
+def _sigint_seen():
+    """Remember a Ctrl-C even where a C extension swallows the KeyboardInterrupt (PyAV's av.open
+    does), so the run loop can stop after the current item."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        flag.set()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _progress(quiet: bool, label: str) -> Progress:
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False)
@@ -246,9 +276,11 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
         last_flush = time.monotonic()
 
     try:
-        with _progress(quiet, stage.name) as bar:
+        with _progress(quiet, stage.name) as bar, _sigint_seen() as seen:
             task = bar.add_task(stage.name, total=len(items), completed=len(items) - len(pending))
             for item_id, rows in _execute(stage, pending, workers):
+                if seen():
+                    raise KeyboardInterrupt
                 done[item_id] = rows
                 batch.append((item_id, rows))
                 bar.advance(task)

@@ -1,0 +1,264 @@
+"""The DiT against Wan2.1's reference outputs and layouts, and the invariants training and streaming
+rely on (block-causal whole sequence == chunk by chunk with an explicit key/value context)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, load_dit, load_into, save_model, strip_prefix
+from models.config import PRESETS, DiTConfig, ModelConfig, _tuples
+from models.dit import DiT
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+TINY = PRESETS["tiny"]
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def reference():
+    if not REFERENCE.is_dir():
+        pytest.skip("../shared/reference is not present")
+    return REFERENCE
+
+
+@pytest.fixture(scope="module")
+def parity(reference):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = reference / "wan_dit_tiny_parity.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    assert cfg.pop("model_type") == "t2v"
+    return _tuples(cfg), load_file(str(path))
+
+
+def tiny_model(seed=0, cfg: DiTConfig = TINY.dit, scramble=True) -> DiT:
+    """The tiny DiT with every weight random (zero-initialised outputs would hide bugs)."""
+    torch.manual_seed(seed)
+    m = DiT(cfg)
+    if scramble:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+    return m.eval()
+
+
+def tiny_inputs(F=6, B=2, seed=1, cfg: DiTConfig = TINY.dit):
+    g = torch.Generator().manual_seed(seed)
+    h = w = 8
+    return dict(
+        x=torch.randn(B, cfg.in_dim, F, h, w, generator=g),
+        t=torch.rand(B, F, generator=g) * 1000,
+        context=torch.randn(B, 7, cfg.text_dim, generator=g),
+        audio=torch.randn(B, F, 16, cfg.audio_dim, generator=g),
+        audio_latent=torch.randn(B, F, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
+        ref=torch.randn(B, cfg.in_dim, 1, h, w, generator=g),
+    )
+
+
+def test_wan_parity_fixture(parity):
+    cfg, sd = parity
+    model = DiT(cfg)
+    load_into(model, strip_prefix({k: v for k, v in sd.items() if k.startswith("model.")}), "parity fixture")
+    assert set(model.state_dict()) == {k[len("model."):] for k in sd if k.startswith("model.")}
+    with torch.no_grad():
+        y = model(sd["input.x"][None], sd["input.t"], sd["input.context"][None]).video[0]
+    assert y.shape == sd["output.y"].shape
+    assert rel(y, sd["output.y"]) < 1e-4
+
+
+def test_full_size_layout_matches_wan_1_3b(reference):
+    ref = json.loads((reference / "wan2.1_t2v_1.3b_state_dict.json").read_text())
+    with torch.device("meta"):
+        model = DiT(PRESETS["wan2.1-1.3b"].dit)
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == ref["state_dict"]
+    assert model.num_params() == ref["num_params"] == 1_418_996_800
+
+
+def test_block_causal_sequence_equals_chunk_by_chunk_with_kv_context():
+    m = tiny_model()
+    inp = tiny_inputs(F=6)
+    cf = 2
+    with torch.no_grad():
+        whole = m(**inp, mask="causal", chunk_frames=cf)
+        kv, videos, audios = None, [], []
+        for c in range(0, 6, cf):
+            s = slice(c, c + cf)
+            out = m(inp["x"][:, :, s], inp["t"][:, s], inp["context"], audio=inp["audio"][:, s],
+                    audio_latent=inp["audio_latent"][:, s], ref=inp["ref"] if c == 0 else None,
+                    kv=kv, return_kv=True)
+            kv = out.kv if kv is None else kv.cat(out.kv)
+            videos.append(out.video)
+            audios.append(out.audio)
+    assert rel(torch.cat(videos, 2), whole.video) < 1e-5
+    assert rel(torch.cat(audios, 1), whole.audio) < 1e-5
+    assert kv.pos[:, 0].unique().tolist() == list(range(7))    # ref at 0, frames 1..6
+    assert len(kv) == 7 * TINY.tokens_per_frame()
+
+
+def test_masks_differ_and_causal_hides_the_future():
+    m = tiny_model()
+    inp = tiny_inputs(F=4)
+    with torch.no_grad():
+        full = m(**inp, mask="full").video
+        causal = m(**inp, mask="causal", chunk_frames=2).video
+        later = dict(inp, x=inp["x"].clone())
+        later["x"][:, :, 2:] += 1.0
+        causal2 = m(**later, mask="causal", chunk_frames=2).video
+    assert rel(full, causal) > 1e-3
+    assert torch.equal(causal[:, :, :2], causal2[:, :, :2])       # the first chunk cannot see chunk 2
+    assert rel(causal2[:, :, 2:], causal[:, :, 2:]) > 1e-3
+
+
+def test_per_frame_timesteps():
+    m = tiny_model()
+    inp = tiny_inputs(F=4)
+    t_scalar = torch.tensor([300.0, 700.0])
+    with torch.no_grad():
+        a = m(**dict(inp, t=t_scalar)).video
+        b = m(**dict(inp, t=t_scalar[:, None].expand(2, 4))).video
+        t_frames = t_scalar[:, None].repeat(1, 4)
+        t_frames[:, 3] = 0.0
+        c = m(**dict(inp, t=t_frames), mask="causal", chunk_frames=1).video
+        d = m(**dict(inp, t=t_scalar), mask="causal", chunk_frames=1).video
+    assert torch.equal(a, b)
+    assert torch.equal(c[:, :, :3], d[:, :, :3])                   # earlier frames do not see frame 3
+    assert rel(c[:, :, 3], d[:, :, 3]) > 1e-3
+
+
+def test_audio_and_reference_conditioning_change_output_and_may_be_absent():
+    m = tiny_model()
+    inp = tiny_inputs(F=3)
+    with torch.no_grad():
+        base = m(**inp).video
+        no_audio = m(**dict(inp, audio=None)).video
+        other_audio = m(**dict(inp, audio=torch.randn_like(inp["audio"]))).video
+        no_ref = m(**dict(inp, ref=None)).video
+        other_ref = m(**dict(inp, ref=torch.randn_like(inp["ref"]))).video
+    for changed in (no_audio, other_audio, no_ref, other_ref):
+        assert changed.shape == base.shape and torch.isfinite(changed).all()
+        assert rel(changed, base) > 1e-3
+
+
+def test_new_branches_start_as_identity_and_wan_models_have_none():
+    torch.manual_seed(0)
+    m = DiT(TINY.dit).eval()
+    with torch.no_grad():
+        for b in m.blocks:                      # make the Wan path non-trivial; adapter stays at its init
+            b.ffn[2].weight.normal_(0, 0.1)
+        m.head.head.weight.normal_(0, 0.1)
+        inp = tiny_inputs(F=2)
+        assert torch.equal(m(**inp).video, m(**dict(inp, audio=None)).video)
+    with torch.device("meta"):
+        wan = DiT(PRESETS["wan2.1-1.3b"].dit)
+    assert not any("audio" in k for k in wan.state_dict())
+    with pytest.raises(ValueError, match="audio_latent"):
+        m(**dict(inp, audio_latent=None))
+
+
+def test_kv_context_matches_whole_sequence_for_full_mask_per_chunk():
+    """The streaming form: a chunk attending to an explicit context equals the same tokens in a
+    full forward where the context tokens come first (context built from a clean history)."""
+    m = tiny_model()
+    inp = tiny_inputs(F=4)
+    t = inp["t"].clone()
+    t[:, :2] = 0.0
+    with torch.no_grad():
+        whole = m(**dict(inp, t=t), mask="causal", chunk_frames=2)
+        hist = m(inp["x"][:, :, :2], t[:, :2], inp["context"], audio=inp["audio"][:, :2],
+                 audio_latent=inp["audio_latent"][:, :2], ref=inp["ref"], return_kv=True, mask="full")
+        cur = m(inp["x"][:, :, 2:], t[:, 2:], inp["context"], audio=inp["audio"][:, 2:],
+                audio_latent=inp["audio_latent"][:, 2:], kv=hist.kv)
+    assert rel(cur.video, whole.video[:, :, 2:]) < 1e-5
+
+
+def test_forward_backward_and_gradient_checkpointing():
+    m = tiny_model().train()
+    inp = tiny_inputs(F=3)
+    out = m(**inp, mask="causal")
+    loss = out.video.square().mean() + out.audio.square().mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert sum(int(g.abs().sum() > 0) for g in grads.values()) == len(grads)
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    out = m(**inp, mask="causal")
+    (out.video.square().mean() + out.audio.square().mean()).backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.grad, grads[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_checkpoint_round_trip_keeps_config_lineage_and_outputs(tmp_path):
+    m = tiny_model()
+    lineage = [{"stage": "bidirectional", "steps": 10}]
+    path = save_model(tmp_path / "tiny.safetensors", m, TINY, lineage=lineage)
+    loaded, cfg = load_dit(path)
+    assert cfg == TINY
+    inp = tiny_inputs(F=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inp).video, m(**inp).video)
+    from models.checkpoint import read_metadata
+    assert read_metadata(path)["lineage"] == lineage
+
+
+def test_self_forcing_pt_and_sharded_wan_files_load(tmp_path, parity):
+    cfg, sd = parity
+    weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    mcfg = ModelConfig(name="parity", dit=cfg)
+    # CausVid / Self-Forcing: {"generator_ema": {"model.<name>": ...}, "generator": ...}
+    pt = tmp_path / "sf.pt"
+    torch.save({"generator": {"model." + k: torch.zeros_like(v) for k, v in weights.items()},
+                "generator_ema": {"model." + k: v for k, v in weights.items()}}, pt)
+    # Wan: diffusion_pytorch_model.safetensors.index.json + shards
+    from safetensors.torch import save_file
+    names = sorted(weights)
+    half = len(names) // 2
+    shards = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
+    for shard, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, str(tmp_path / shard))
+    index = tmp_path / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: s for s, ks in shards.items() for k in ks}}))
+    x, t, c = sd["input.x"][None], sd["input.t"], sd["input.context"][None]
+    for path in (pt, index):
+        model, _ = load_dit(path, mcfg)
+        with torch.no_grad():
+            assert rel(model(x, t, c).video[0], sd["output.y"]) < 1e-4, path.name
+
+
+def test_wan_weights_load_into_a_model_with_audio_branches(tmp_path, parity):
+    cfg, sd = parity
+    weights = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")}
+    from safetensors.torch import save_file
+    save_file(weights, str(tmp_path / "wan.safetensors"))
+    branched = ModelConfig(name="p", dit=DiTConfig(**{**cfg.__dict__, "audio_dim": 8}))
+    model, _ = load_dit(tmp_path / "wan.safetensors", branched)
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(model.blocks[0].self_attn.q.weight, weights["blocks.0.self_attn.q.weight"])
+    x, t, c = sd["input.x"][None], sd["input.t"], sd["input.context"][None]
+    audio = torch.randn(1, x.shape[2], 4, 8)
+    with torch.no_grad():                       # zero-initialised adapter: Wan's output is unchanged
+        assert rel(model(x, t, c, audio=audio).video[0], sd["output.y"]) < 1e-4
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path):
+    path = save_model(tmp_path / "tiny.safetensors", tiny_model(scramble=False), TINY)
+    with pytest.raises(CheckpointError) as e:
+        load_dit(path, PRESETS["small"])
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "patch_embedding.weight (checkpoint [64, 16, 1, 2, 2], model [512, 16, 1, 2, 2])" in msg
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_dit(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_dit(tmp_path / "missing.safetensors")

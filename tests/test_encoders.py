@@ -1,0 +1,121 @@
+"""Condition encoders and the audio latent: alignment to latent frames, the way back to a waveform,
+the offline text encoder, the reference image, and `vidu model info`."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from models.audio import (audio_features, audio_latent, latent_frames_for, latent_to_logmel, logmel,
+                          to_waveform)
+from models.config import PRESETS, AudioConfig
+from tests.conftest import vidu
+
+A = AudioConfig()
+
+
+def tone_burst(seconds: float, start: float, stop: float, hz: float = 440.0) -> torch.Tensor:
+    n = int(seconds * A.sample_rate)
+    t = torch.arange(n) / A.sample_rate
+    wave = 0.5 * torch.sin(2 * math.pi * hz * t)
+    wave[(t < start) | (t >= stop)] = 0
+    return wave
+
+
+def test_audio_timeline_matches_latent_frames():
+    assert (A.hop, A.mel_per_latent, A.samples_per_latent) == (160, 16, 2560)
+    # 17 video frames at 25 fps = 0.68 s -> 5 latent frames (1 + 4k)
+    assert latent_frames_for(int(0.68 * A.sample_rate)) == 5
+    # sound only during video frames 5..8 (0.2 s .. 0.36 s) = latent frame 2 (frames 5..8)
+    wave = tone_burst(0.68, 0.2, 0.36)
+    feats = audio_features(wave, 5)
+    assert feats.shape == (5, 16, A.n_mels)
+    energy = feats.amax(dim=2).mean(dim=1)             # loudest mel bin, averaged over the window
+    assert int(energy.argmax()) == 2
+    silence = float(feats[0, :12].mean())               # latent 0's lead-in is padding
+    assert torch.allclose(feats[0, :12], torch.full_like(feats[0, :12], silence))
+    assert float(energy[2]) > float(energy[1]) + 1.0 and float(energy[2]) > float(energy[3]) + 1.0
+
+
+def test_audio_latent_round_trip_keeps_the_envelope():
+    wave = tone_burst(0.68, 0.2, 0.5)
+    lat = audio_latent(wave, 5, tokens=PRESETS["tiny"].dit.audio_latent_tokens)
+    assert lat.shape == (5, 2, PRESETS["tiny"].dit.audio_latent_dim)
+    mel = latent_to_logmel(lat)
+    assert torch.allclose(mel, logmel(wave)[: mel.shape[0]] * 4.0 - 4.0, atol=1e-5)
+    back = to_waveform(lat, n_iter=8)
+    assert back.shape[0] >= wave.shape[0] - A.hop
+    rms = lambda w, a, b: float(w[int(a * A.sample_rate): int(b * A.sample_rate)].square().mean().sqrt())
+    assert rms(back, 0.25, 0.45) > 20 * rms(back, 0.55, 0.65)   # loud where the tone was, quiet after
+    spec = np.abs(np.fft.rfft(back[int(0.25 * A.sample_rate): int(0.45 * A.sample_rate)].numpy()))
+    peak_hz = spec.argmax() * A.sample_rate / (0.2 * A.sample_rate)
+    assert abs(peak_hz - 440) < 70                               # about one mel band at 440 Hz
+
+
+def test_logmel_rejects_multichannel():
+    with pytest.raises(ValueError, match="mono"):
+        logmel(torch.zeros(2, 100))
+
+
+def test_minilm_text_encoder_is_offline_and_pads_with_zeros():
+    from models.encoders import TextEncoder
+    enc = TextEncoder("minilm", max_len=PRESETS["tiny"].dit.text_len)
+    assert enc.dim == PRESETS["tiny"].dit.text_dim == 384
+    feats = enc(["raise a tennis racket with the right hand", "blink"])
+    assert feats.shape[0] == 2 and feats.shape[2] == 384 and feats.shape[1] <= 16
+    n_blink = len(enc.tokenizer("blink").input_ids)
+    assert torch.all(feats[1, n_blink:] == 0) and torch.all(feats[1, :n_blink].abs().sum(-1) > 0)
+    again = enc(["blink"])
+    assert torch.allclose(again[0], feats[1, : again.shape[1]], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="local model directory"):
+        TextEncoder("umt5")
+
+
+def test_reference_image_is_cover_scaled_and_cropped(tmp_path):
+    from PIL import Image
+    from models.encoders import ImageError, load_image
+    rgb = np.zeros((100, 300, 3), np.uint8)
+    rgb[:, :100] = (255, 0, 0)                          # red left third, black elsewhere
+    rgb[:, 100:200] = (0, 255, 0)                       # green middle third
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    img = load_image(tmp_path / "wide.png", 64, 64)
+    assert img.shape == (1, 3, 1, 64, 64) and img.min() >= -1 and img.max() <= 1
+    centre = img[0, :, 0, 32, 32]
+    assert centre[1] > 0.9 and centre[0] < -0.9          # the centre crop is the green third
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(tmp_path / "notes.png", 64, 64)
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "missing.png", 64, 64)
+
+
+def test_reference_latent_through_the_vae():
+    from models.encoders import encode_reference, image_tensor
+    from models.wan_vae import WanVAE
+    cfg = PRESETS["tiny"]
+    vae = WanVAE(cfg.vae).eval()
+    img = image_tensor(np.full((80, 80, 3), 128, np.uint8), cfg.height, cfg.width)
+    z = encode_reference(vae, img)
+    assert z.shape == (1, cfg.dit.in_dim, 1, cfg.height // 8, cfg.width // 8)
+
+
+def test_model_info_cli(tmp_path):
+    from models.checkpoint import save_model
+    from models.dit import DiT
+    cfg = PRESETS["tiny"]
+    path = save_model(tmp_path / "tiny.safetensors", DiT(cfg.dit), cfg,
+                      lineage=[{"stage": "bidirectional", "steps": 3}])
+    out = json.loads(vidu("model", "info", str(path), "--preset", "tiny", "--json").stdout)
+    assert out["format"] == "vidu safetensors" and out["kind"] == "dit"
+    assert out["parameters"] == sum(p.numel() for p in DiT(cfg.dit).parameters())
+    assert out["architecture"]["dim"] == 64 and out["fits_preset"] == "yes (tiny)"
+    assert out["conditioning"]["joint_audio"].startswith("2 tokens")
+    assert out["lineage"] == [{"stage": "bidirectional", "steps": 3}]
+    table = vidu("model", "info", str(path), "--preset", "small").stdout
+    assert "lineage[0]" in table and "no: shape mismatch" in table
+    bad = vidu("model", "info", str(tmp_path / "nope.pt"), check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: checkpoint not found")
+    assert "Traceback" not in bad.stderr
