@@ -1,0 +1,1 @@
+"""The interactive streaming generator: engine (chunk loop, caches), inputs, outputs, web page."""
