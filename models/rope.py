@@ -25,10 +25,10 @@ def inv_freqs(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
 
 def rope_angles(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pos: [L, 3] integer positions -> (cos, sin), each [L, D/2] float32."""
-    freqs = inv_freqs(head_dim)
-    p = pos.to(torch.float64).cpu()
+    freqs = [f.to(pos.device) for f in inv_freqs(head_dim)]
+    p = pos.to(torch.float64)
     ang = torch.cat([torch.outer(p[:, i], freqs[i]) for i in range(3)], dim=1)
-    return ang.cos().float().to(pos.device), ang.sin().float().to(pos.device)
+    return ang.cos().float(), ang.sin().float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

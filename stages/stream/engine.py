@@ -1,0 +1,227 @@
+"""The streaming engine: autoregressive chunk generation over a bounded attention context.
+
+Per chunk (`chunk_frames` latent frames), `denoise_chunk` runs the few-step flow sampler; every step
+attends to
+
+    [ reference frame | sink: first generated chunk | history ring (window) ] + current chunk
+      built once        built once, clean            noisy or clean cache
+
+Keys are cached before RoPE and re-rotated to their position in the current window at every step,
+so positions never exceed 1 + sink + window + chunk frames however long the stream runs.
+TwinCache: each history chunk keeps a noisy cache (its keys/values at denoising step
+`noisy_step`) and a clean cache (one extra pass over the final state at t = 0); intermediate steps
+attend to the noisy cache, the final step to the clean one. `twin=False` is the single clean cache.
+
+All cache memory is allocated once (`ContextBuffers`); per-chunk work and memory do not depend on
+how many chunks came before. `denoise_chunk` and `cache_pass` are free functions over the model:
+the torch.compile / CUDA-graph boundary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from models.config import ModelConfig
+from models.dit import DiT, KV
+from models.flow import sigmas as flow_sigmas
+from models.rope import grid_positions
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    chunk_frames: int = 1      # latent frames per chunk
+    steps: int = 3             # denoising steps per chunk
+    shift: float = 5.0         # flow schedule shift (the checkpoint's)
+    window: int = 8            # latent frames of history kept in the sliding window
+    sink: bool = True          # keep the first generated chunk as persistent context
+    twin: bool = True          # TwinCache (noisy + clean history); False: clean cache only
+    noisy_step: int = 1        # denoising step whose keys/values form the noisy cache
+
+    def __post_init__(self):
+        if self.chunk_frames < 1 or self.steps < 1:
+            raise ValueError("chunk_frames and steps must be >= 1")
+        if self.window < self.chunk_frames or self.window % self.chunk_frames:
+            raise ValueError(f"window ({self.window}) must be a positive multiple of chunk_frames ({self.chunk_frames})")
+        if self.twin and not 0 <= self.noisy_step < self.steps - 1:
+            raise ValueError(f"noisy_step must be an intermediate step, 0..{self.steps - 2} (or use --no-twin)")
+
+    @property
+    def slots(self) -> int:
+        return self.window // self.chunk_frames
+
+
+class ContextBuffers:
+    """Preallocated keys/values for [ref | sink | ring] per block: one clean set, and a noisy set
+    under TwinCache (ref and sink are written to both). Tokens are frame-major, S per frame."""
+
+    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype):
+        d = cfg.dit
+        self.S = cfg.tokens_per_frame()
+        self.h, self.w = cfg.height // 8 // d.patch_size[1], cfg.width // 8 // d.patch_size[2]
+        self.cf, self.slots = st.chunk_frames, st.slots
+        self.n_fixed = 1 + (st.chunk_frames if st.sink else 0)          # frames: ref (+ sink)
+        frames = self.n_fixed + st.window
+        shape = (batch, frames * self.S, d.num_heads, d.head_dim)
+        sets = ("clean", "noisy") if st.twin else ("clean",)
+        self.k = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
+        self.v = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
+        self.fixed_frames = 0          # ref and sink frames written so far
+        self.chunks_in_ring = 0        # ring chunks written so far (all time)
+        self.slot_chunk = [0] * self.slots  # which ring chunk each slot holds
+        self.audio_tokens = d.audio_latent_tokens
+
+    def write(self, which: tuple[str, ...], kv: KV, frame_start: int) -> None:
+        a, b = frame_start * self.S, frame_start * self.S + len(kv)
+        for s in which:
+            for i in range(len(kv.k)):
+                self.k[s][i][:, a:b].copy_(kv.k[i])
+                self.v[s][i][:, a:b].copy_(kv.v[i])
+
+    def write_fixed(self, kv: KV) -> None:
+        frames = len(kv) // self.S
+        self.write(tuple(self.k), kv, self.fixed_frames)
+        self.fixed_frames += frames
+
+    def write_ring(self, clean: KV, noisy: KV | None) -> None:
+        slot = self.chunks_in_ring % self.slots
+        self.slot_chunk[slot] = self.chunks_in_ring
+        start = self.n_fixed + slot * self.cf
+        self.write(("clean",), clean, start)
+        if "noisy" in self.k:
+            self.write(("noisy",), noisy, start)
+        self.chunks_in_ring += 1
+
+    def frame_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE frame positions of the buffer's valid frames (in buffer order) and of the next chunk:
+        ref 0, sink next, ring chunks by age (oldest first), the current chunk last."""
+        valid = self.slot_chunk[: min(self.chunks_in_ring, self.slots)]
+        oldest = min(valid, default=0)
+        parts = [torch.arange(self.fixed_frames)]
+        parts += [self.fixed_frames + (c - oldest) * self.cf + torch.arange(self.cf) for c in valid]
+        nxt = self.fixed_frames + len(valid) * self.cf + torch.arange(self.cf)
+        return torch.cat(parts), nxt
+
+    def context(self, which: str) -> tuple[KV, torch.Tensor]:
+        """The valid context (views, no copy) with token positions, and the next chunk's frame positions."""
+        frames, nxt = self.frame_positions()
+        n = frames.numel() * self.S
+        pos = grid_positions(frames, self.h, self.w, self.audio_tokens).to(self.k["clean"][0].device)
+        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos)
+        return kv, nxt
+
+
+@dataclass
+class ChunkInputs:
+    """Conditioning of one chunk (batch B, chunk frames F)."""
+    text: torch.Tensor                          # [B, L, text_dim]
+    audio: torch.Tensor | None = None           # [B, F, K, audio_dim] speech features
+    noise: torch.Tensor | None = None           # [B, C, F, h, w] initial noise (drawn when None)
+    audio_noise: torch.Tensor | None = None     # [B, F, Na, Ca]
+
+
+@dataclass
+class ChunkResult:
+    video: torch.Tensor                         # [B, C, F, h, w] clean latent
+    audio: torch.Tensor | None                  # [B, F, Na, Ca] clean joint audio latent
+    states: list[torch.Tensor] = field(default_factory=list)         # x_t fed to each step
+    audio_states: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: list[float], inputs: ChunkInputs,
+                  ctx_noisy: KV, ctx_clean: KV, frame_pos: torch.Tensor, noisy_step: int | None,
+                  renoise: "callable") -> tuple[ChunkResult, KV | None]:
+    """Few-step sampling of one chunk. Steps before the last attend to `ctx_noisy`, the last to
+    `ctx_clean`; returns the clean chunk and, if `noisy_step` is set, the keys/values of that step."""
+    B = x.shape[0]
+    captured, states, audio_states = None, [], []
+    x0 = xa0 = None
+    for k, s in enumerate(sig):
+        states.append(x)
+        audio_states.append(xa)
+        last = k == len(sig) - 1
+        t = torch.full((B,), s * 1000.0, device=x.device)
+        out = model(x, t, inputs.text, audio=inputs.audio, audio_latent=xa,
+                    kv=ctx_clean if last else ctx_noisy, frame_pos=frame_pos, return_kv=k == noisy_step)
+        if k == noisy_step:
+            captured = out.kv
+        x0 = x - s * out.video.to(x.dtype)                     # v = eps - x0
+        xa0 = None if xa is None else xa - s * out.audio.to(xa.dtype)
+        if not last:
+            x, xa = renoise(x0, xa0, sig[k + 1])
+    return ChunkResult(x0, xa0, states, audio_states), captured
+
+
+def cache_pass(model: DiT, x0: torch.Tensor, xa0: torch.Tensor | None, inputs: ChunkInputs, ctx_clean: KV,
+               frame_pos: torch.Tensor, ref: torch.Tensor | None = None) -> KV:
+    """Keys/values of the clean chunk at t = 0 (the clean cache; with `ref`, the ref frame's too)."""
+    t = torch.zeros(x0.shape[0], device=x0.device)
+    return model(x0, t, inputs.text, audio=inputs.audio, audio_latent=xa0, ref=ref,
+                 kv=ctx_clean if ref is None else None, frame_pos=frame_pos, return_kv=True).kv
+
+
+class StreamEngine:
+    """Holds the caches and the random state; `step(inputs)` generates the next chunk."""
+
+    def __init__(self, model: DiT, cfg: ModelConfig, settings: StreamSettings = StreamSettings(),
+                 batch: int = 1, seed: int = 0):
+        p = next(model.parameters())
+        self.model, self.cfg, self.st = model, cfg, settings
+        self.device, self.dtype, self.batch = p.device, p.dtype, batch
+        self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype)
+        self.sig = flow_sigmas(settings.steps, settings.shift)
+        self.gen = torch.Generator(device=p.device).manual_seed(seed)
+        self.chunks = 0
+        self.ref: torch.Tensor | None = None
+
+    def start(self, ref_latent: torch.Tensor) -> None:
+        """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
+        with the first chunk's text."""
+        self.ref = ref_latent.to(self.device, self.dtype)
+
+    def _randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
+
+    def _renoise(self, x0, xa0, s):
+        x = (1 - s) * x0 + s * self._randn(x0.shape)
+        xa = None if xa0 is None else (1 - s) * xa0 + s * self._randn(xa0.shape)
+        return x, xa
+
+    def noise_shape(self) -> tuple[tuple, tuple | None]:
+        d, cf = self.cfg.dit, self.st.chunk_frames
+        v = (self.batch, d.in_dim, cf, self.cfg.height // 8, self.cfg.width // 8)
+        a = (self.batch, cf, d.audio_latent_tokens, d.audio_latent_dim) if d.joint_audio else None
+        return v, a
+
+    @torch.no_grad()
+    def step(self, inputs: ChunkInputs) -> ChunkResult:
+        if self.ref is None:
+            raise RuntimeError("call start(ref_latent) before step()")
+        vs, as_ = self.noise_shape()
+        x = inputs.noise.to(self.device, self.dtype) if inputs.noise is not None else self._randn(vs)
+        xa = None
+        if as_ is not None:
+            xa = inputs.audio_noise.to(self.device, self.dtype) if inputs.audio_noise is not None else self._randn(as_)
+        buf = self.buffers
+        if buf.fixed_frames == 0:                     # the reference context, built once
+            buf.write_fixed(self._ref_kv(inputs))
+        ctx_clean, frame_pos = buf.context("clean")
+        ctx_noisy = buf.context("noisy")[0] if self.st.twin else ctx_clean
+        result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
+                                         self.st.noisy_step if self.st.twin else None, self._renoise)
+        clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
+        if self.chunks == 0 and self.st.sink:
+            buf.write_fixed(clean_kv)
+        else:
+            buf.write_ring(clean_kv, noisy_kv)
+        self.chunks += 1
+        return result
+
+    def _ref_kv(self, inputs: ChunkInputs) -> KV:
+        """The ref frame's keys/values: it attends only to itself, so a pass over ref + any chunk
+        gives them; its first S tokens are kept."""
+        vs, as_ = self.noise_shape()
+        zeros = torch.zeros(vs, device=self.device, dtype=self.dtype)
+        za = None if as_ is None else torch.zeros(as_, device=self.device, dtype=self.dtype)
+        kv = cache_pass(self.model, zeros, za, inputs, None, torch.arange(1, 1 + vs[2]), ref=self.ref)
+        return kv.tokens(0, self.buffers.S)

@@ -1,0 +1,183 @@
+"""The streaming engine against the model's own full-sequence forward (the oracle): windowed
+streaming equals block-causal generation, the caches are what recomputation gives, positions are
+re-assigned inside the window, resources stay flat, and instructions act from the next chunk."""
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+
+import pytest
+import torch
+
+from models.config import PRESETS, DiTConfig
+from models.dit import DiT
+from models.flow import sigmas
+from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
+
+TINY = PRESETS["tiny"].replace(height=32, width=32)
+
+
+def scrambled(cfg: DiTConfig, seed=0) -> DiT:
+    torch.manual_seed(seed)
+    m = DiT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def conditions(n_chunks, cf, seed=3, cfg=TINY):
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.dit
+    text = torch.randn(1, 5, d.text_dim, generator=g)
+    audio = torch.randn(1, n_chunks * cf, 16, d.audio_dim, generator=g)
+    ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g)
+    return text, audio, ref
+
+
+def run_engine(model, st, n_chunks, seed=0, cfg=TINY, texts=None):
+    text, audio, ref = conditions(n_chunks, st.chunk_frames, cfg=cfg)
+    eng = StreamEngine(model, cfg, st, seed=seed)
+    eng.start(ref)
+    outs = []
+    for j in range(n_chunks):
+        s = slice(j * st.chunk_frames, (j + 1) * st.chunk_frames)
+        outs.append(eng.step(ChunkInputs(texts[j] if texts else text, audio[:, s])))
+    return eng, outs
+
+
+def reference_generation(model, st, n_chunks, seed=0, cfg=TINY):
+    """Block-causal sampling over the whole growing sequence: chunk j, step k denoises
+    [ref | clean chunks < j at t=0 | chunk j at sigma_k] with mask='causal'. Same noise draws."""
+    text, audio, ref = conditions(n_chunks, st.chunk_frames, cfg=cfg)
+    g = torch.Generator().manual_seed(seed)
+    d, cf = cfg.dit, st.chunk_frames
+    sig = sigmas(st.steps, st.shift)
+    vs = (1, d.in_dim, cf, cfg.height // 8, cfg.width // 8)
+    as_ = (1, cf, d.audio_latent_tokens, d.audio_latent_dim)
+    hist_v, hist_a, outs = [], [], []
+    for j in range(n_chunks):
+        x, xa = torch.randn(vs, generator=g), torch.randn(as_, generator=g)
+        for k, s in enumerate(sig):
+            xs = torch.cat(hist_v + [x], 2)
+            xas = torch.cat(hist_a + [xa], 1)
+            t = torch.cat([torch.zeros(j * cf), torch.full((cf,), s * 1000.0)])[None]
+            with torch.no_grad():
+                out = model(xs, t, text, audio=audio[:, : (j + 1) * cf], audio_latent=xas, ref=ref, mask="causal",
+                            chunk_frames=cf)
+            x0 = x - s * out.video[:, :, -cf:]
+            xa0 = xa - s * out.audio[:, -cf:]
+            if k < len(sig) - 1:
+                x = (1 - sig[k + 1]) * x0 + sig[k + 1] * torch.randn(vs, generator=g)
+                xa = (1 - sig[k + 1]) * xa0 + sig[k + 1] * torch.randn(as_, generator=g)
+        hist_v.append(x0)
+        hist_a.append(xa0)
+        outs.append((x0, xa0))
+    return outs, (text, audio, ref)
+
+
+@pytest.mark.parametrize("cf", [1, 2])
+def test_streaming_with_a_large_window_equals_block_causal_generation(cf):
+    model = scrambled(TINY.dit)
+    st = StreamSettings(chunk_frames=cf, steps=3, window=8 * cf, twin=False)
+    _, outs = run_engine(model, st, 5)
+    ref_outs, _ = reference_generation(model, st, 5)
+    for j, (o, (v, a)) in enumerate(zip(outs, ref_outs)):
+        assert rel(o.video, v) < 1e-4, j
+        assert rel(o.audio, a) < 1e-4, j
+
+
+def test_twin_caches_equal_recomputation():
+    model = scrambled(TINY.dit)
+    st = StreamSettings(chunk_frames=1, steps=3, window=8, twin=True, noisy_step=1)
+    eng, outs = run_engine(model, st, 5)
+    text, audio, ref = conditions(5, 1)
+    S, buf = eng.buffers.S, eng.buffers
+    clean = torch.cat([o.video for o in outs], 2)
+    clean_a = torch.cat([o.audio for o in outs], 1)
+    with torch.no_grad():
+        full_clean = model(clean, torch.zeros(1, 5), text, audio=audio, audio_latent=clean_a, ref=ref,
+                           mask="causal", return_kv=True).kv
+    n = len(full_clean)                                   # ref + sink + 4 ring chunks, all clean
+    for i in (0, len(full_clean.k) - 1):
+        assert rel(buf.k["clean"][i][:, :n], full_clean.k[i]) < 1e-5
+        assert rel(buf.v["clean"][i][:, :n], full_clean.v[i]) < 1e-5
+    # noisy cache of chunk j (j >= 1): its state at step 1, computed over the noisy states of 1..j-1
+    noisy_states = torch.cat([outs[0].video] + [o.states[1] for o in outs[1:]], 2)
+    s1 = sigmas(3)[1] * 1000.0
+    t = torch.tensor([[0.0] + [s1] * 4])
+    noisy_audio = torch.cat([outs[0].audio] + [o.audio_states[1] for o in outs[1:]], 1)
+    with torch.no_grad():
+        full_noisy = model(noisy_states, t, text, audio=audio, audio_latent=noisy_audio, ref=ref, mask="causal",
+                           return_kv=True).kv
+    a = 2 * S                                             # skip ref and sink: those are clean in both sets
+    for i in (0, len(full_noisy.k) - 1):
+        assert rel(buf.k["noisy"][i][:, a:n], full_noisy.k[i][:, a:]) < 1e-5
+        assert rel(buf.v["noisy"][i][:, a:n], full_noisy.v[i][:, a:]) < 1e-5
+        assert rel(buf.k["noisy"][i][:, a:n], buf.k["clean"][i][:, a:n]) > 1e-3     # they are different caches
+
+
+def test_sliding_window_reassigns_positions_of_cached_keys():
+    """One block: cached keys depend only on their own tokens, so after the window has slid the
+    engine must equal a fresh forward over exactly [ref | sink | last W frames | chunk] laid out
+    at window positions. Wrong positions (e.g. absolute ones) would break the equality."""
+    cfg = TINY.replace(dit=dataclasses.replace(TINY.dit, num_layers=1))
+    model = scrambled(cfg.dit)
+    st = StreamSettings(chunk_frames=1, steps=2, window=3, twin=False)
+    n = 9
+    eng, outs = run_engine(model, st, n, cfg=cfg)
+    assert eng.buffers.chunks_in_ring == n - 1 and max(eng.buffers.frame_positions()[1].tolist()) == 1 + 1 + 3
+    text, audio, ref = conditions(n, 1, cfg=cfg)
+    # last chunk: context = ref, sink (chunk 0), chunks n-4..n-2; recompute with states of the last chunk
+    window = [0] + list(range(n - 4, n - 1))
+    hist = torch.cat([outs[c].video for c in window], 2)
+    hist_a = torch.cat([outs[c].audio for c in window], 1)
+    last = outs[-1]
+    sig = sigmas(st.steps, st.shift)
+    x, xa_last = last.states[-1], last.audio_states[-1]
+    with torch.no_grad():
+        out = model(torch.cat([hist, x], 2), torch.tensor([[0.0] * 4 + [sig[-1] * 1000.0]]), text,
+                    audio=torch.cat([audio[:, window], audio[:, n - 1:]], 1),
+                    audio_latent=torch.cat([hist_a, xa_last], 1), ref=ref, mask="causal")
+    x0 = x - sig[-1] * out.video[:, :, -1:]
+    assert rel(x0, last.video) < 1e-5
+
+
+def test_an_instruction_changes_the_next_chunk_and_no_earlier_one():
+    model = scrambled(TINY.dit)
+    st = StreamSettings(window=4)
+    text, _, _ = conditions(6, 1)
+    other = torch.randn_like(text)
+    _, base = run_engine(model, st, 6)
+    _, changed = run_engine(model, st, 6, texts=[text] * 3 + [other] * 3)
+    for j in range(3):
+        assert torch.equal(base[j].video, changed[j].video)
+    assert rel(changed[3].video, base[3].video) > 1e-3
+
+
+@pytest.mark.slow
+def test_two_thousand_chunks_use_constant_memory_and_time():
+    model = DiT(TINY.dit).eval()
+    st = StreamSettings(window=4)
+    text, audio, ref = conditions(1, 1)
+    eng = StreamEngine(model, TINY, st)
+    eng.start(ref)
+    ptrs = [t.data_ptr() for s in eng.buffers.k for t in eng.buffers.k[s]]
+    lat, rss = [], []
+    for j in range(2000):
+        t0 = time.perf_counter()
+        eng.step(ChunkInputs(text, audio))
+        lat.append(time.perf_counter() - t0)
+        if j % 100 == 99:
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert [t.data_ptr() for s in eng.buffers.k for t in eng.buffers.k[s]] == ptrs     # no reallocation
+    ctx, nxt = eng.buffers.context("clean")
+    assert len(ctx) == (1 + 1 + 4) * eng.buffers.S and nxt.tolist() == [6]          # bounded positions
+    early, late = sorted(lat[100:300]), sorted(lat[-200:])
+    assert late[100] < 1.5 * early[100] + 1e-3                                      # median latency flat
+    assert rss[-1] - rss[1] < 50 * 1024                                              # peak RSS (KiB) flat
