@@ -84,14 +84,22 @@ def to_waveform(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), vocoder: "V
                 n_iter: int = 32) -> torch.Tensor:
     """Joint audio latent -> waveform [N] at cfg.sample_rate (Griffin-Lim unless a vocoder is given)."""
     log_mel = latent_to_logmel(lat.float(), cfg)
-    if vocoder is not None:
-        return vocoder(log_mel)
+    return _griffin_lim(log_mel, cfg, n_iter) if vocoder is None else vocoder(log_mel)
+
+
+@lru_cache(maxsize=4)
+def _inverse(cfg: AudioConfig, n_iter: int):
     from torchaudio.transforms import GriffinLim, InverseMelScale
-    n_stft = cfg.n_fft // 2 + 1
-    power = InverseMelScale(n_stft, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, driver="gelsd")(log_mel.exp().T)
+    inv = InverseMelScale(cfg.n_fft // 2 + 1, n_mels=cfg.n_mels, sample_rate=cfg.sample_rate, driver="gelsd")
     gl = GriffinLim(n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop, power=2.0, n_iter=n_iter,
                     rand_init=False)
-    return gl(power)
+    return inv, gl
+
+
+def _griffin_lim(log_mel: torch.Tensor, cfg: AudioConfig, n_iter: int) -> torch.Tensor:
+    """natural-log mel [T, n_mels] -> waveform [(T - 1) * hop]."""
+    inv, gl = _inverse(cfg, n_iter)
+    return gl(inv(log_mel.exp().T))
 
 
 class Vocoder:
@@ -131,3 +139,26 @@ class Wav2Vec2Features:
         h = out.hidden_states[self.layer][0].float().cpu()        # [T_w2v, D] at ~50 Hz
         steps = wave.shape[0] // cfg.hop + 1
         return F.interpolate(h.T[None], size=steps, mode="linear", align_corners=False)[0].T
+
+
+def window_features(window: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """Streaming form of `audio_features`: `window` holds exactly the samples of `n_latent` consecutive
+    latent frames (n_latent * samples_per_latent; for the stream's first frame, the 3 lead-in video
+    frames are zeros) -> [n_latent, mel_per_latent, n_mels]. Edges use the STFT's reflection padding."""
+    need = n_latent * cfg.samples_per_latent
+    if window.shape[0] != need:
+        raise ValueError(f"window has {window.shape[0]} samples; {n_latent} latent frames need {need}")
+    return logmel(window, cfg)[: n_latent * cfg.mel_per_latent].reshape(n_latent, cfg.mel_per_latent, -1)
+
+
+def chunk_waveform(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig(), vocoder: "Vocoder | None" = None,
+                   n_iter: int = 16) -> torch.Tensor:
+    """A streamed chunk's joint audio latent [F, tokens, C] -> the samples that play with its video
+    frames (the first chunk drops its lead-in)."""
+    n = lat.shape[0]
+    samples = n * cfg.samples_per_latent - (cfg.samples_per_latent - cfg.hop * cfg.mel_per_video_frame if first else 0)
+    log_mel = lat.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
+    if first:
+        log_mel = log_mel[cfg.mel_per_latent - cfg.mel_per_video_frame:]
+    wave = _griffin_lim(log_mel, cfg, n_iter) if vocoder is None else vocoder(log_mel)
+    return wave[:samples] if wave.shape[0] >= samples else F.pad(wave, (0, samples - wave.shape[0]))

@@ -31,6 +31,8 @@ class TextEncoder:
     def __init__(self, kind: str = "minilm", path: str | Path | None = None, max_len: int = 512,
                  device: str = "cpu", dtype: torch.dtype = torch.float32):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
         if kind == "minilm":
             path = Path(path) if path else minilm_path()
         elif kind == "umt5":

@@ -13,10 +13,11 @@ from vidu_cli.prefilter import prefilter
 from vidu_cli.runs import runs
 from vidu_cli.show import show
 from vidu_cli.sql import sql
+from vidu_cli.stream import stream
 
 app = typer.Typer(help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for command in (prefilter, clip, runs, show, sql, demo):
+for command in (prefilter, clip, runs, show, sql, demo, stream):
     app.command()(command)
 app.add_typer(model, name="model")
 
