@@ -1,0 +1,186 @@
+"""`vidu stream` end to end on the tiny preset (random weights): files, pipes, Ctrl-C, bad input,
+and the session's handling of instructions and live audio between chunks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stages.stream.events import AudioChunk, EventQueue, Instruction
+from tests.conftest import vidu
+from tests.test_runner import _as_in_a_terminal
+
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    from stages.synthmedia import speech_track
+    d = tmp_path_factory.mktemp("stream")
+    face = np.zeros((120, 100, 3), np.uint8)
+    face[30:90, 25:75] = (200, 150, 120)
+    Image.fromarray(face).save(d / "face.png")
+    rng = np.random.default_rng(0)
+    wave = speech_track(rng, 1.3, SR)[0][: int(1.3 * SR)]
+    import wave as wavmod
+    with wavmod.open(str(d / "speech.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SR)
+        w.writeframes((np.clip(wave, -1, 1) * 32767).astype(np.int16).tobytes())
+    (d / "notes.txt").write_text("not an image")
+    return {"dir": d, "face": d / "face.png", "speech": d / "speech.wav", "samples": len(wave)}
+
+
+def expected_frames(samples: int) -> int:
+    chunks = 1 + -(-(samples - 640) // 2560)          # first chunk: 1 frame (640 samples), then 4 frames
+    return 1 + 4 * (chunks - 1)
+
+
+def probe(path: Path) -> dict:
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        out = {"frames": sum(1 for _ in c.decode(v)), "size": (v.width, v.height), "fps": float(v.average_rate)}
+    with av.open(str(path)) as c:
+        out["audio_s"] = float(c.streams.audio[0].duration * c.streams.audio[0].time_base) if c.streams.audio else 0
+    return out
+
+
+def test_stream_audio_file_to_mp4(inputs, tmp_path):
+    out = tmp_path / "out.mp4"
+    res = vidu("stream", "--image", str(inputs["face"]), "--audio", str(inputs["speech"]), "--out", str(out),
+               "--summary", str(tmp_path / "s.json"), input="")
+    info = probe(out)
+    n = expected_frames(inputs["samples"])
+    assert info["frames"] == n and info["size"] == (64, 64) and info["fps"] == 25
+    assert abs(info["audio_s"] - n / 25) < 0.05
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["reason"] == "audio ended" and summary["frames"] == n
+    assert summary["settings"]["twin"] is True and summary["chunk_ms_median"] > 0
+    assert "random weights" in res.stderr
+    last = json.loads(res.stderr.strip().splitlines()[-1])
+    assert last["frames"] == n
+
+
+def test_raw_frames_on_stdout(inputs):
+    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--out", "-",
+                           "--seconds", "0.4", "-q"], capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    frames = 1 + 4 * 3                                   # 0.4 s = 10 frames -> 3 chunks after the first
+    assert len(proc.stdout) == frames * 64 * 64 * 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "{dir}/missing.png"], "image not found"),
+    (["--image", "{dir}/notes.txt"], "not a readable image"),
+    (["--image", "{face}", "--audio", "{dir}/notes.txt"], "cannot read audio from"),
+    (["--image", "{face}", "--audio", "mic"], "no microphone"),
+    (["--image", "{face}", "--ckpt", "{dir}/notes.txt"], "cannot read checkpoint"),
+    (["--image", "{face}"], "give an output"),
+])
+def test_bad_input_is_one_line(inputs, args, message):
+    args = [a.format(dir=inputs["dir"], face=inputs["face"]) for a in args]
+    if "--out" not in args and message != "give an output":
+        args += ["--out", str(inputs["dir"] / "never.mp4")]
+    if message == "no microphone":
+        try:
+            import sounddevice  # noqa: F401
+            pytest.skip("a PortAudio library is present here; no-mic error not reproducible")
+        except OSError:
+            pass
+    res = vidu("stream", *args, check=False)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_incompatible_checkpoint_is_named(inputs, tmp_path):
+    from models.checkpoint import save_model
+    from models.config import PRESETS, DiTConfig
+    from models.dit import DiT
+    import dataclasses
+    cfg = PRESETS["tiny"]
+    other = cfg.replace(dit=dataclasses.replace(cfg.dit, text_dim=32))
+    path = save_model(tmp_path / "odd.safetensors", DiT(other.dit), other)
+    res = vidu("stream", "--image", str(inputs["face"]), "--ckpt", str(path), "--out", str(tmp_path / "x.mp4"),
+               check=False)
+    assert res.returncode == 2 and "text encoder gives 384-d features; the model takes 32" in res.stderr
+
+
+def test_ctrl_c_finalises_a_playable_file(inputs, tmp_path):
+    out = tmp_path / "live.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--out",
+                             str(out), "--seconds", "600", "-q", "--summary", str(tmp_path / "s.json")],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.2)                                   # Mp4Sink's working folder appears with the first frames
+    time.sleep(8)
+    os.killpg(proc.pid, signal.SIGINT)                   # as a terminal's Ctrl-C: the whole process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    info = probe(out)
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["reason"] == "interrupted" and info["frames"] == summary["frames"] > 1
+    assert (info["frames"] - 1) % 4 == 0
+
+
+class Recorder:
+    """A sink that keeps what it is given, and runs an action after a given write."""
+
+    def __init__(self, after: int | None = None, action=None):
+        self.frames, self.after, self.action = [], after, action
+
+    def write(self, frames, audio):
+        self.frames.append(frames)
+        if self.after is not None and len(self.frames) == self.after:
+            self.action()
+
+    def stats(self, s):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_instruction_mid_stream_changes_the_next_chunk_only(inputs):
+    from stages.stream.session import SessionOptions, load_parts, run_session
+    runs = []
+    for send in (False, True):
+        parts = load_parts(inputs["face"], seed=0)
+        with torch.no_grad():                       # random weights large enough for text to matter
+            for p in parts.engine.model.parameters():
+                p.mul_(20 if p.ndim > 1 else 1)
+        events = EventQueue()
+        rec = Recorder(after=3, action=(lambda: events.put(Instruction("raise a tennis racket"))) if send else None)
+        summary = run_session(parts, events, [rec], SessionOptions(max_seconds=0.5, live_audio=True))
+        runs.append((rec.frames, summary))
+    (base, _), (changed, summary) = runs
+    assert [tuple(x) for x in summary["instructions"]] == [(0, "a person talking to the camera"),
+                                                           (3, "raise a tennis racket")]
+    for j in range(3):
+        assert np.array_equal(base[j], changed[j])
+    assert not np.array_equal(base[3], changed[3])
+
+
+def test_live_audio_arriving_mid_stream_is_used_from_the_next_chunk(inputs):
+    from stages.stream.session import Session, SessionOptions, load_parts
+    parts = load_parts(inputs["face"], seed=0)
+    events = EventQueue()
+    s = Session(parts, events, SessionOptions(live_audio=True))
+    real = [s.next_chunk()[2]["audio_real"] for _ in range(2)]
+    events.put(AudioChunk(np.full(8000, 0.1, np.float32)))     # barge-in: half a second of speech
+    real += [s.next_chunk()[2]["audio_real"] for _ in range(2)]
+    assert real == [0, 0, 2560, 2560]
