@@ -145,7 +145,7 @@ class Recorder:
 
     def write(self, frames, audio):
         self.frames.append(frames)
-        if self.after is not None and len(self.frames) == self.after:
+        if self.action is not None and len(self.frames) == self.after:
             self.action()
 
     def stats(self, s):
@@ -160,9 +160,12 @@ def test_instruction_mid_stream_changes_the_next_chunk_only(inputs):
     runs = []
     for send in (False, True):
         parts = load_parts(inputs["face"], seed=0)
-        with torch.no_grad():                       # random weights large enough for text to matter
+        with torch.no_grad():                       # random weights large enough for text to matter,
+            torch.manual_seed(1)                        # and a decoder whose frames are not flat
             for p in parts.engine.model.parameters():
-                p.mul_(20 if p.ndim > 1 else 1)
+                p.copy_(torch.randn_like(p) * 0.1)
+            for p in parts.decoder.parameters():
+                p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
         events = EventQueue()
         rec = Recorder(after=3, action=(lambda: events.put(Instruction("raise a tennis racket"))) if send else None)
         summary = run_session(parts, events, [rec], SessionOptions(max_seconds=0.5, live_audio=True))
