@@ -187,3 +187,38 @@ def test_live_audio_arriving_mid_stream_is_used_from_the_next_chunk(inputs):
     events.put(AudioChunk(np.full(8000, 0.1, np.float32)))     # barge-in: half a second of speech
     real += [s.next_chunk()[2]["audio_real"] for _ in range(2)]
     assert real == [0, 0, 2560, 2560]
+
+
+def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path):
+    import urllib.request
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--serve",
+                             "127.0.0.1:0", "-q", "--summary", str(tmp_path / "s.json")], stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_in_a_terminal)
+    try:
+        url = None
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "vidu stream ended before serving"
+            if line.startswith("serving on "):
+                url = line.split()[-1]
+
+        def stats():
+            with urllib.request.urlopen(url + "stats", timeout=10) as r:
+                return json.loads(r.read())
+        deadline = time.monotonic() + 120
+        while stats().get("stream", {}).get("chunks", 0) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        req = urllib.request.Request(url + "instruction", data=json.dumps({"text": "make a heart"}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(req, timeout=10).read()
+        while stats()["stream"]["instruction"] != "make a heart":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert stats()["stream"]["fps"] <= 25 * 1.2          # paced to real time while serving
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["reason"] == "interrupted" and [tuple(x)[1] for x in summary["instructions"]][-1] == "make a heart"

@@ -231,7 +231,7 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
 def _stats(s: Session, lat: list[float], t_start: float, sinks, events) -> dict:
     elapsed = max(1e-9, time.perf_counter() - t_start)
     arr = np.array(lat) if lat else np.zeros(1)
-    dropped = sum(int(getattr(k, "frames_dropped", 0) or 0) for k in sinks)
+    dropped = sum(k.counts()["frames_dropped"] for k in sinks if hasattr(k, "counts"))   # web viewers
     return {"chunks": s.chunks, "frames": s.frames, "seconds_generated": s.frames / s.p.cfg.audio.fps,
             "fps": s.frames / elapsed, "chunk_ms_last": 1000 * float(arr[-1]), "chunk_ms_median": 1000 * float(np.median(arr)),
             "chunk_ms_p95": 1000 * float(np.percentile(arr, 95)), "queue_depth": events.depth(),
