@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.nn.functional import layer_norm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -74,7 +75,9 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps, elementwise_affine=affine)
 
     def forward(self, x):
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class Attention(nn.Module):

@@ -1,0 +1,142 @@
+"""Streaming throughput of the engine: steady-state FPS, first-chunk latency, per-chunk latency over a
+long stream, peak memory; with and without TwinCache; decoded with TAEHV.
+
+    python benchmarks/stream_fps.py                       # GPU: wan2.1-1.3b, random weights, bf16
+    python benchmarks/stream_fps.py --preset tiny --chunks 20 --long-seconds 4   # CPU smoke run
+
+Writes the full results as JSON to $OUT/stream_fps.json (or ./stream_fps.json) and prints a table last.
+Random weights are fine for throughput: the work per chunk does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.config import preset  # noqa: E402
+from models.dit import DiT  # noqa: E402
+from models.taehv import TAEHV  # noqa: E402
+from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings  # noqa: E402
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(preset_name: str, height: int, width: int, dev, dtype):
+    cfg = preset(preset_name).replace(height=height, width=width)
+    with torch.device(dev):
+        model = DiT(cfg.dit).to(dtype).eval()
+        decoder = TAEHV().to(dtype).eval()
+    return cfg, model, decoder
+
+
+def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3) -> dict:
+    d = cfg.dit
+    g = torch.Generator(device=dev).manual_seed(0)
+    text = torch.randn(1, d.text_len, d.text_dim, generator=g, device=dev, dtype=dtype)
+    audio = (torch.randn(1, st.chunk_frames, cfg.audio.mel_per_latent, d.audio_dim, generator=g, device=dev, dtype=dtype)
+             if d.audio_dim else None)
+    ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g, device=dev, dtype=dtype)
+    inputs = ChunkInputs(text, audio)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    eng = StreamEngine(model, cfg, st)
+    eng.start(ref)
+    stream = decoder.stream_decoder()
+    dit_s, total_s, frames = [], [], []
+    t_first = None
+    t0 = time.perf_counter()
+    for j in range(chunks):
+        a = time.perf_counter()
+        res = eng.step(inputs)
+        sync(dev)
+        b = time.perf_counter()
+        with torch.no_grad():
+            out = stream.push(res.video.permute(0, 2, 1, 3, 4))
+        sync(dev)
+        c = time.perf_counter()
+        if t_first is None:
+            t_first = c - t0
+        dit_s.append(b - a)
+        total_s.append(c - a)
+        frames.append(out.shape[1])
+    steady = slice(min(warmup, chunks // 4), None)
+    tot, dit = np.array(total_s[steady]), np.array(dit_s[steady])
+    fr = np.array(frames[steady])
+    n = len(tot)
+    q = max(1, n // 10)
+    return {
+        "height": cfg.height, "width": cfg.width, "chunk_frames": st.chunk_frames, "steps": st.steps,
+        "window": st.window, "twin": st.twin, "chunks": chunks,
+        "fps": float(fr.sum() / tot.sum()), "fps_dit_only": float(fr.sum() / dit.sum()),
+        "first_chunk_s": t_first, "chunk_ms_p50": 1000 * float(np.median(tot)),
+        "chunk_ms_p95": 1000 * float(np.percentile(tot, 95)), "chunk_ms_max": 1000 * float(tot.max()),
+        "chunk_ms_first10pct": 1000 * float(np.median(tot[:q])), "chunk_ms_last10pct": 1000 * float(np.median(tot[-q:])),
+        "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2**30) if dev.type == "cuda" else None,
+        "seconds_of_video": float(sum(frames) / cfg.audio.fps),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--sizes", default="960x544,832x480", help="WxH list")
+    ap.add_argument("--chunk-frames", default="1,3")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=40, help="chunks per short configuration")
+    ap.add_argument("--long-seconds", type=float, default=300.0, help="video length of the long run (first size)")
+    ap.add_argument("--long-chunk-frames", type=int, default=3)
+    ap.add_argument("--short", action=argparse.BooleanOptionalAction, default=True, help="run the short configurations")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results = []
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    for w, h in sizes:
+        cfg, model, decoder = build(args.preset, h, w, dev, dtype)
+        for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
+            for twin in (True, False):
+                st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=twin)
+                r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype)
+                r["run"] = "short"
+                results.append(r)
+                print(json.dumps(r), flush=True)
+        if (w, h) == sizes[0] and args.long_seconds > 0:
+            cf = args.long_chunk_frames
+            st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=True)
+            n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
+            r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10)
+            r["run"] = "long"
+            results.append(r)
+            print(json.dumps(r), flush=True)
+        del model, decoder
+    out = Path(os.environ.get("OUT", ".")) / "stream_fps.json"
+    device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "preset": args.preset,
+                               "results": results}, indent=1))
+    print(f"\n{args.preset} on {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
+          else f"\n{args.preset} on cpu")
+    print(f"{'run':6} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
+          f"{'p95 ms':>8} {'first10%':>9} {'last10%':>8} {'mem GiB':>8}")
+    for r in results:
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        print(f"{r['run']:6} {r['width']}x{r['height']:<5} {r['chunk_frames']:>5} {str(r['twin']):>5} {r['fps']:7.1f} "
+              f"{r['fps_dit_only']:8.1f} {r['first_chunk_s']:8.2f} {r['chunk_ms_p50']:8.1f} {r['chunk_ms_p95']:8.1f} "
+              f"{r['chunk_ms_first10pct']:9.1f} {r['chunk_ms_last10pct']:8.1f} {mem:>8}")
+
+
+if __name__ == "__main__":
+    main()
