@@ -1,0 +1,110 @@
+"""Training samples: synthetic avatar clips turned into model inputs.
+
+Sample `i` of a run is a pure function of (seed, i): the synthetic world renders clip `seed * 1_000_003
++ i` (frames, speech, instruction), the codec encodes frames to latents, log-mel gives the speech
+features and the joint audio latent, MiniLM encodes the instruction. Batches follow a per-epoch
+permutation of the samples seeded by (seed, epoch), so global sample number g always maps to the
+same sample: data position = step * batch, nothing to store for an exact resume.
+
+The codec is the PCA codec (models/pca_codec.py) fitted on the run's first clips and kept in the
+run folder (codec.safetensors), since no pretrained video autoencoder can be downloaded here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from models.audio import audio_features, audio_latent
+from models.config import ModelConfig
+from models.pca_codec import PCACodec
+
+FIT_CLIPS = 32
+NEUTRAL_TEXT = "a person talking to the camera"
+
+
+def clip_seed(seed: int, i: int) -> int:
+    return seed * 1_000_003 + i
+
+
+def render_clip(seed: int, cfg: ModelConfig) -> dict:
+    """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
+    16 kHz, a neutral reference frame of the same identity [H, W, 3], and its instruction text."""
+    from stages import synth
+    s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
+                          seconds=cfg.video_frames / cfg.audio.fps)
+    if s.frames.shape[0] != cfg.video_frames:
+        raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
+    text = synth.clip_instruction(s) or NEUTRAL_TEXT
+    return {"frames": s.frames, "audio": s.audio, "ref": synth.reference_frame(s), "text": text}
+
+
+def to_video(frames: np.ndarray) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [1, 3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+
+
+class Dataset:
+    def __init__(self, cfg: ModelConfig, n: int, seed: int, codec: PCACodec, encode_text):
+        self.cfg, self.n, self.seed, self.codec, self.encode_text = cfg, n, seed, codec, encode_text
+        self.cache: dict[int, dict] = {}
+        self.text_cache: dict[str, torch.Tensor] = {}
+        self.perms: dict[int, torch.Tensor] = {}
+
+    def _text(self, text: str) -> torch.Tensor:
+        if text not in self.text_cache:
+            feats = self.encode_text([text])[0]
+            L = self.cfg.dit.text_len
+            pad = feats.new_zeros(L - feats.shape[0], feats.shape[1])
+            self.text_cache[text] = torch.cat([feats[:L], pad])
+        return self.text_cache[text]
+
+    @torch.no_grad()
+    def sample(self, i: int) -> dict:
+        if i not in self.cache:
+            c = render_clip(clip_seed(self.seed, i), self.cfg)
+            d, F = self.cfg.dit, self.cfg.latent_frames
+            wave = torch.from_numpy(c["audio"])
+            s = {"video": self.codec.encode(to_video(c["frames"]))[0],
+                 "ref": self.codec.encode(to_video(c["ref"][None]))[0],
+                 "text": self._text(c["text"])}
+            if d.audio_dim:
+                s["audio"] = audio_features(wave, F, self.cfg.audio)
+            if d.joint_audio:
+                s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, self.cfg.audio)
+            self.cache[i] = s
+        return self.cache[i]
+
+    def index(self, g: int) -> int:
+        """Global sample number -> dataset index (per-epoch permutation)."""
+        epoch, pos = divmod(g, self.n)
+        if epoch not in self.perms:
+            self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))}
+        return int(self.perms[epoch][pos])
+
+    def batch(self, g0: int, count: int, device) -> dict:
+        items = [self.sample(self.index(g)) for g in range(g0, g0 + count)]
+        return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def fit_codec(cfg: ModelConfig, seed: int, n: int) -> PCACodec:
+    videos = torch.cat([to_video(render_clip(clip_seed(seed, i), cfg)["frames"]) for i in range(min(n, FIT_CLIPS))])
+    return PCACodec.fit(videos, cfg.dit.in_dim)
+
+
+def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d) -> Dataset:
+    """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it."""
+    from models.encoders import TextEncoder
+    path = Path(out) / "codec.safetensors"
+    if d.main and not path.exists():
+        fit_codec(cfg, seed, n).save(path)
+    if d.world > 1:
+        dist.barrier()
+    codec = PCACodec.load(path)
+    if cfg.text_encoder != "minilm":
+        raise ValueError(f"training on the synthetic world uses the MiniLM text encoder; preset {cfg.name} "
+                         f"expects {cfg.text_encoder}")
+    enc = TextEncoder("minilm", max_len=cfg.dit.text_len)
+    return Dataset(cfg, n, seed, codec, enc)
