@@ -37,8 +37,18 @@ def render_clip(seed: int, cfg: ModelConfig) -> dict:
                           seconds=cfg.video_frames / cfg.audio.fps)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
-    text = synth.clip_instruction(s) or NEUTRAL_TEXT
-    return {"frames": s.frames, "audio": s.audio, "ref": synth.reference_frame(s), "text": text}
+    ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
+    return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": clip_instruction(s.instructions)}
+
+
+def clip_instruction(per_frame: list[str]) -> str:
+    """The text a clip is conditioned on: the instruction in force for most of its frames, or the
+    neutral prompt when none is."""
+    counts: dict[str, int] = {}
+    for text in per_frame:
+        if text:
+            counts[text] = counts.get(text, 0) + 1
+    return max(counts, key=counts.get) if counts else NEUTRAL_TEXT
 
 
 def to_video(frames: np.ndarray) -> torch.Tensor:
