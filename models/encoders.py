@@ -102,3 +102,29 @@ def image_tensor(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
 def encode_reference(vae, image: torch.Tensor) -> torch.Tensor:
     """[1, 3, 1, H, W] image in [-1, 1] -> [1, C, 1, H/8, W/8] normalised latent frame."""
     return vae.encode(image.to(next(vae.parameters()).device))
+
+
+class TextTable:
+    """Text features looked up from a file written by `save_text_table` (for machines that cannot
+    hold the encoder, e.g. a GPU box with no copy of MiniLM); unknown texts are an error."""
+
+    def __init__(self, path: str | Path):
+        from safetensors.torch import load_file
+        from models.checkpoint import read_metadata
+        self.texts = read_metadata(path)["texts"]
+        tensors = load_file(str(path))
+        self.table = {t: tensors[f"t{i}"] for i, t in enumerate(self.texts)}
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        missing = [t for t in texts if t not in self.table]
+        if missing:
+            raise KeyError(f"text not in the feature table: {missing[0]!r}")
+        feats = [self.table[t] for t in texts]
+        L = max(f.shape[0] for f in feats)
+        return torch.stack([torch.cat([f, f.new_zeros(L - f.shape[0], f.shape[1])]) for f in feats])
+
+
+def save_text_table(encoder: TextEncoder, texts: list[str], path: str | Path) -> Path:
+    from models.checkpoint import save_safetensors
+    feats = {f"t{i}": encoder([t])[0] for i, t in enumerate(texts)}
+    return save_safetensors(path, feats, {"texts": list(texts), "encoder": encoder.kind})

@@ -51,6 +51,21 @@ def clip_instruction(per_frame: list[str]) -> str:
     return max(counts, key=counts.get) if counts else NEUTRAL_TEXT
 
 
+@torch.no_grad()
+def encode_clip(cfg: ModelConfig, codec: PCACodec, seed: int) -> dict:
+    """Model inputs of one synthetic clip (text still as a string, under "instruction")."""
+    c = render_clip(seed, cfg)
+    d, F = cfg.dit, cfg.latent_frames
+    wave = torch.from_numpy(c["audio"])
+    s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0],
+         "instruction": c["text"]}
+    if d.audio_dim:
+        s["audio"] = audio_features(wave, F, cfg.audio)
+    if d.joint_audio:
+        s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, cfg.audio)
+    return s
+
+
 def to_video(frames: np.ndarray) -> torch.Tensor:
     """[T, H, W, 3] uint8 -> [1, 3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
@@ -71,21 +86,26 @@ class Dataset:
             self.text_cache[text] = torch.cat([feats[:L], pad])
         return self.text_cache[text]
 
-    @torch.no_grad()
     def sample(self, i: int) -> dict:
         if i not in self.cache:
-            c = render_clip(clip_seed(self.seed, i), self.cfg)
-            d, F = self.cfg.dit, self.cfg.latent_frames
-            wave = torch.from_numpy(c["audio"])
-            s = {"video": self.codec.encode(to_video(c["frames"]))[0],
-                 "ref": self.codec.encode(to_video(c["ref"][None]))[0],
-                 "text": self._text(c["text"])}
-            if d.audio_dim:
-                s["audio"] = audio_features(wave, F, self.cfg.audio)
-            if d.joint_audio:
-                s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, self.cfg.audio)
+            s = encode_clip(self.cfg, self.codec, clip_seed(self.seed, i))
+            s["text"] = self._text(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]
+
+    def prefetch(self, workers: int) -> None:
+        """Render and encode every sample up front in `workers` processes (the GPU run's first epoch
+        would otherwise wait on the CPU)."""
+        from concurrent.futures import ProcessPoolExecutor
+        import multiprocessing as mp
+        todo = [i for i in range(self.n) if i not in self.cache]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            seeds = [clip_seed(self.seed, i) for i in todo]
+            for i, s in zip(todo, pool.map(encode_clip, [self.cfg] * len(todo), [self.codec] * len(todo), seeds,
+                                           chunksize=8)):
+                s["text"] = self._text(s.pop("instruction"))
+                self.cache[i] = s
 
     def index(self, g: int) -> int:
         """Global sample number -> dataset index (per-epoch permutation)."""
@@ -105,8 +125,10 @@ def fit_codec(cfg: ModelConfig, seed: int, n: int) -> PCACodec:
 
 
 def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d) -> Dataset:
-    """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it."""
-    from models.encoders import TextEncoder
+    """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it.
+    Text features come from MiniLM, or from the table file named by $VIDU_TEXT_TABLE."""
+    import os
+    from models.encoders import TextEncoder, TextTable
     path = Path(out) / "codec.safetensors"
     if d.main and not path.exists():
         fit_codec(cfg, seed, n).save(path)
@@ -116,5 +138,6 @@ def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d) -> Dataset:
     if cfg.text_encoder != "minilm":
         raise ValueError(f"training on the synthetic world uses the MiniLM text encoder; preset {cfg.name} "
                          f"expects {cfg.text_encoder}")
-    enc = TextEncoder("minilm", max_len=cfg.dit.text_len)
+    table = os.environ.get("VIDU_TEXT_TABLE")
+    enc = TextTable(table) if table else TextEncoder("minilm", max_len=cfg.dit.text_len)
     return Dataset(cfg, n, seed, codec, enc)

@@ -97,7 +97,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 class Trainer:
-    def __init__(self, st: TrainSettings, out: Path, d: Dist):
+    def __init__(self, st: TrainSettings, out: Path, d: Dist, prefetch: int = 0):
         self.st, self.out, self.d = st, Path(out), d
         cfg = get_preset(st.preset)
         self.lineage: list[dict] = []
@@ -130,6 +130,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.data: Dataset = build_dataset(cfg, st.samples, st.seed, self.out, d)
+        if prefetch:
+            self.data.prefetch(prefetch)
 
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:
@@ -248,20 +250,21 @@ def tokens_per_sample(cfg) -> int:
     return (1 + cfg.latent_frames) * cfg.tokens_per_frame()
 
 
-def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None) -> dict:
-    """Run (or resume) a training stage; returns a summary. `progress(logged)` is called per step."""
-    from manifests import catalog
-    from stages.runner import code_version
+def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None, prefetch: int = 0) -> dict:
+    """Run (or resume) a training stage; returns a summary. `progress(logged)` is called per step;
+    `prefetch` > 0 renders the whole dataset up front in that many processes."""
     d = init_dist()
     if st.batch % d.world:
         raise ValueError(f"--batch {st.batch} does not split over {d.world} processes")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(st, out, d)
+    trainer = Trainer(st, out, d, prefetch)
     resumed = trainer.resume()
     run_id = "train-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     params = {"train": st.to_dict(), "model": trainer.cfg.to_dict(), "world_size": d.world}
     if d.main and root is not None:
+        from manifests import catalog
+        from stages.runner import code_version
         catalog.record_start(root, run_id, f"train-{st.stage}", "checkpoint", params, code_version(),
                              [st.init_from] if st.init_from else [], str(out))
     t0, n0 = time.perf_counter(), trainer.step
@@ -282,6 +285,7 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
     finally:
         seconds = time.perf_counter() - t0
         if d.main and root is not None:
+            from manifests import catalog
             catalog.record_end(root, run_id, state, {"ok": trainer.step}, n0, seconds)
     steps_run = trainer.step - n0
     samples_s = steps_run * st.batch / max(seconds, 1e-9)
