@@ -66,7 +66,21 @@ CLIPS = pa.schema(COMMON + [
     pa.field("cut_method", pa.string()),  # copy | reencode (with --materialize)
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS}
+SYNTH = pa.schema(COMMON + [  # procedural avatar samples (stages/synth.py)
+    pa.field("path", pa.string(), nullable=False),  # .mp4, H.264 + AAC
+    pa.field("seed", pa.int64()),  # make_sample(seed) reproduces the sample
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("fps", pa.float64()),
+    pa.field("frames", pa.int64()),  # T = 1 + 4k
+    pa.field("duration_s", pa.float64()),  # T / fps, also the audio length
+    pa.field("identity", pa.string()),  # JSON of stages.synth.Identity
+    pa.field("actions", pa.string()),  # JSON [[start_s, end_s, instruction], ...]
+    pa.field("speech_segments", pa.list_(SEGMENT)),  # utterance intervals
+    pa.field("gt_path", pa.string()),  # .json ground truth: per-frame tracks and instructions, scene
+])
+
+SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "synth": SYNTH}
 
 
 def empty_row(schema: pa.Schema) -> dict:

@@ -1,5 +1,6 @@
 """Procedural media with known facts: speech-like audio that silero-vad detects as speech,
-rendered talking-avatar frames with hard cuts, and files written through PyAV.
+rendered talking-avatar frames with hard cuts, an anti-aliased ellipse painter, and files
+written through PyAV.
 
 Used by `vidu demo`, the tests and the benchmarks; the synthetic avatar world builds on it.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import NamedTuple
 
 import av
 import numpy as np
@@ -41,6 +43,40 @@ def utterance(rng: np.random.Generator, duration: float, sr: int = SR) -> np.nda
         seg = sum(_resonate(pulses[a:b], f, 80 + 40 * k, sr) / (k + 1) for k, f in enumerate(formants))
         out[a:b] = seg * np.sin(np.linspace(0, np.pi, b - a)) ** 0.7
         a = b
+    return out / (np.abs(out).max() + 1e-9)
+
+
+def voice(rng: np.random.Generator, duration: float, f0: float, sr: int = SR, block: float = 0.02) -> np.ndarray:
+    """A more speech-like utterance than `utterance`, for a speaker of pitch `f0` (Hz): syllables of
+    120-250 ms ending in consonant-like closures, formants gliding from one vowel to the next,
+    a pitch accent per syllable with declination, and a -6 dB/octave source tilt. silero-vad finds
+    about 99 % of these in runs of utterances and pauses, against about 80 % of `utterance`s
+    after the first."""
+    n = int(duration * sr)
+    bounds = [0]
+    while bounds[-1] < n:
+        bounds.append(min(n, bounds[-1] + int(rng.uniform(0.12, 0.25) * sr)))
+    targets = np.array([VOWELS[i] for i in rng.integers(len(VOWELS), size=len(bounds))], np.float64)  # [S + 1, 3]
+    accent, env, F = np.zeros(n), np.zeros(n), np.zeros((n, 3))
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        m = b - a
+        accent[a:b] = rng.uniform(-0.08, 0.12) * np.sin(np.linspace(0, np.pi, m))
+        glide = np.clip(np.linspace(0, 1, m) / 0.4, 0, 1)[:, None]  # over the first 40 % of the syllable
+        F[a:b] = targets[s] * (1 - glide) + targets[s + 1] * glide
+        voiced = max(1, m - int(0.06 * sr * rng.uniform(0.5, 1.5)))  # then a closure
+        env[a:a + voiced] = rng.uniform(0.5, 1.0) * np.sin(np.linspace(0, np.pi, voiced)) ** 0.7
+    pitch = f0 * (1 + accent) * (1 - 0.12 * np.arange(n) / max(n, 1))
+    pulses = (np.diff(np.floor(np.cumsum(pitch / sr)), prepend=0) > 0).astype(np.float64)
+    source = lfilter([1], [1, -0.9], pulses) + 0.02 * rng.standard_normal(n)
+    out, hop = np.zeros(n), max(1, int(block * sr))
+    for k in range(3):  # time-varying resonators, coefficients updated every `block` seconds
+        r = np.exp(-np.pi * (80 + 40 * k) / sr)
+        zi = np.zeros(2)
+        for a in range(0, n, hop):
+            theta = 2 * np.pi * F[a, k] / sr
+            y, zi = lfilter([1 - r], [1, -2 * r * np.cos(theta), r * r], source[a:a + hop], zi=zi)
+            out[a:a + hop] += y / (k + 1)
+    out *= env
     return out / (np.abs(out).max() + 1e-9)
 
 
@@ -101,6 +137,95 @@ def render_avatar(look: Look, mouth: float, frame_index: int, width: int, height
     mh = 0.02 * r + 0.3 * r * mouth
     img[((x - cx) / (0.35 * r)) ** 2 + ((y - (cy + 0.4 * r)) / mh) ** 2 < 1] = (0.4, 0.05, 0.05)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+class Ellipse(NamedTuple):
+    """An anti-aliased ellipse in pixel coordinates (pixel (i, j) has its centre at (j + 0.5, i + 0.5)).
+
+    Each field is a number or an array [T]: one ellipse per frame of a batch."""
+
+    x: float | np.ndarray
+    y: float | np.ndarray
+    a: float | np.ndarray  # half-axes before rotation, pixels
+    b: float | np.ndarray
+    angle: float | np.ndarray = 0.0  # radians, clockwise on screen
+    bend: float | np.ndarray = 0.0  # pixels the ends (|dx| = a) sit below the middle; negative curves them up
+
+
+_CENTRES = np.arange(8192, dtype=np.float32) + 0.5  # pixel centres along an axis (frames up to 8192 px)
+
+
+def _per_frame(v) -> np.ndarray:
+    """A number or [T] -> [T or 1, 1, 1] float32, to broadcast against [T, h, w]."""
+    return np.asarray(v, np.float32).reshape(-1, 1, 1)
+
+
+def coverage(X: np.ndarray, Y: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.ndarray]:
+    """Coverage in [0, 1] and normalised radius q (1 on the outline), [T or 1, h, w], on pixel-centre
+    grids X [1, 1, w], Y [1, h, 1]. Coverage is 0.5 minus the signed distance to the outline, to first
+    order: (q - 1) / |grad q|."""
+    a, b = np.maximum(_per_frame(e.a), 0.05), np.maximum(_per_frame(e.b), 0.05)
+    dx, dy = X - _per_frame(e.x), Y - _per_frame(e.y)
+    if np.any(e.angle):
+        angle = _per_frame(e.angle)
+        c, s = np.cos(angle), np.sin(angle)
+        dx, dy = c * dx + s * dy, c * dy - s * dx
+    if np.any(e.bend):
+        dy = dy - _per_frame(e.bend) * (dx / a) ** 2
+    ua, ub = dx / a, dy / b
+    q = ua * ua + ub * ub
+    alpha = (ua * (2 / a)) ** 2 + ((ub * (2 / b)) ** 2 + 1e-12)
+    np.sqrt(alpha, out=alpha)  # |grad q|
+    np.divide(1 - q, alpha, out=alpha)
+    alpha += 0.5
+    np.clip(alpha, 0, 1, out=alpha)
+    return alpha, q
+
+
+def paint(buf: np.ndarray, origin: tuple[int, int], e: Ellipse, colour, shade: float = 0.0,
+          within: Ellipse | None = None, hole: Ellipse | None = None, ymin=None, ymax=None, weight=None) -> None:
+    """Composite `colour` over the float32 frames `buf` [T, h, w, 3] (whose pixel (0, 0) is frame
+    pixel `origin` = (x0, y0)) where `e` covers them, inside `within`, outside `hole`, between the
+    rows `ymin` and `ymax` and times `weight` (each a number or [T]); `shade` darkens towards the outline
+    (colour * (1 - shade * q)). Batching frames matters: numpy's per-call overhead, not the pixels,
+    dominates a small ellipse."""
+    x0, y0 = origin
+    angle = np.abs(np.asarray(e.angle, np.float64))
+    c, s = np.cos(angle), np.sin(angle)
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    bend = np.abs(np.asarray(e.bend, np.float64))
+    rx = np.hypot(a * c, b * s) + bend * s + 1.5
+    ry = np.hypot(a * s, b * c) + bend + 1.5
+    i0 = max(int(np.floor(np.min(e.y - ry))) - y0, 0)
+    i1 = min(int(np.max(e.y + ry)) + 2 - y0, buf.shape[1])
+    j0 = max(int(np.floor(np.min(e.x - rx))) - x0, 0)
+    j1 = min(int(np.max(e.x + rx)) + 2 - x0, buf.shape[2])
+    if ymin is not None:
+        i0 = max(i0, int(np.min(ymin)) - 1 - y0)
+    if ymax is not None:
+        i1 = min(i1, int(np.max(ymax)) + 2 - y0)
+    if i0 >= i1 or j0 >= j1:
+        return
+    X = _CENTRES[x0 + j0:x0 + j1].reshape(1, 1, -1)
+    Y = _CENTRES[y0 + i0:y0 + i1].reshape(1, -1, 1)
+    alpha, q = coverage(X, Y, e)
+    if within is not None:
+        alpha = np.minimum(alpha, coverage(X, Y, within)[0])
+    if hole is not None:
+        alpha = alpha * (1 - coverage(X, Y, hole)[0])
+    if ymin is not None:
+        alpha = alpha * np.clip(Y + 0.5 - _per_frame(ymin), 0, 1)
+    if ymax is not None:
+        alpha = alpha * np.clip(_per_frame(ymax) + 0.5 - Y, 0, 1)
+    if weight is not None:
+        alpha = alpha * _per_frame(weight)
+    sub = buf[:, i0:i1, j0:j1]
+    col = np.asarray(colour, np.float32)
+    if shade:
+        col = (1 - shade * np.minimum(q, 1))[..., None] * col
+    d = col - sub
+    d *= alpha[..., None]
+    sub += d
 
 
 def write_video(path: str | Path, frames, fps: int, audio: np.ndarray | None = None, sr: int = SR,

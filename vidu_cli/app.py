@@ -14,11 +14,12 @@ from vidu_cli.runs import runs
 from vidu_cli.show import show
 from vidu_cli.sql import sql
 from vidu_cli.stream import stream
+from vidu_cli.synth import synth
 from vidu_cli.train import train
 
 app = typer.Typer(help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for command in (prefilter, clip, runs, show, sql, demo, stream, train):
+for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth):
     app.command()(command)
 app.add_typer(model, name="model")
 

@@ -1,0 +1,157 @@
+"""The synthetic avatar world: determinism, speech that silero-vad hears, a mouth that follows it,
+the pixel analyzer against rendered ground truth, and `vidu synth` feeding `vidu prefilter`."""
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from manifests.io import read_manifest
+from stages.speech import load_vad, speech_segments
+from stages.synth import ACTIONS, Identity, analyze, frame_count, identity_error, make_sample, render_clip
+from stages.synthavatar import TRACKS, Scene, random_identity, random_scene
+from stages.synthmedia import SR, envelope
+from tests.conftest import vidu
+
+
+def _corr(a, b) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _tracks(T: int, **overrides) -> dict[str, np.ndarray]:
+    base = {"mouth": 0.0, "eyes": 1.0, "yaw": 0.0, "pitch": 0.0, "smile": 0.0, "hand": 0.0}
+    return {k: np.broadcast_to(np.asarray(overrides.get(k, base[k]), np.float32), (T,)).copy() for k in TRACKS}
+
+
+def _identity(seed: int) -> tuple[Identity, Scene]:
+    rng = np.random.default_rng(seed)
+    identity = random_identity(rng)
+    return identity, random_scene(rng, identity)
+
+
+def test_same_seed_same_sample_and_shapes():
+    a, b = make_sample(11, seconds=33 / 25), make_sample(11, seconds=33 / 25)
+    assert a.frames.shape == (33, 256, 256, 3) and a.frames.dtype == np.uint8
+    assert a.audio.dtype == np.float32 and a.audio.shape == (33 * SR // 25,)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.audio, b.audio)
+    assert all(np.array_equal(a.tracks[k], b.tracks[k]) for k in TRACKS)
+    assert (a.identity, a.scene, a.actions, a.speech, a.instructions) == (b.identity, b.scene, b.actions, b.speech,
+                                                                          b.instructions)
+    assert make_sample(12, seconds=33 / 25).identity != a.identity
+    assert make_sample(11, width=128, height=96, seconds=0.5).identity == a.identity  # the seed alone decides who
+    assert [frame_count(s, fps) for s, fps in [(4, 25), (1, 30), (0.2, 25), (0, 25)]] == [101, 29, 5, 1]
+    c = make_sample(3, width=160, height=128, fps=30, seconds=1)
+    assert c.frames.shape == (29, 128, 160, 3) and len(c.audio) == round(29 / 30 * SR) and len(c.instructions) == 29
+
+
+def test_actions_drive_their_tracks_and_label_their_frames():
+    for seed in range(40):
+        s = make_sample(seed, seconds=6, width=64, height=64)
+        t = np.arange(len(s.frames)) / s.fps
+        for start, end, name in s.actions:
+            assert 0 <= start < end <= len(s.frames) / s.fps and name in ACTIONS
+            inside = (t >= start) & (t < end)
+            assert {s.instructions[i] for i in np.nonzero(inside)[0]} == {name}
+            a = ACTIONS[name]
+            peak = s.tracks[a.track][inside]
+            assert np.min(np.abs(peak - a.target)) < 0.05 if name != "shake head" else np.max(np.abs(peak)) > 0.5
+        idle = np.array([x == "" for x in s.instructions])
+        assert np.all(s.tracks["eyes"][idle] == 1) and np.all(s.tracks["hand"][idle] == 0)
+
+
+def test_silero_hears_the_utterances_and_not_the_pauses():
+    vad = load_vad()
+    for seed in (1, 2, 4):
+        s = make_sample(seed, seconds=8, width=64, height=64)
+        assert len(s.speech) >= 2
+        found = speech_segments(vad, s.audio)
+        for a, b in s.speech:
+            heard = sum(max(0.0, min(b, e) - max(a, st)) for st, e in found)
+            assert heard > 0.7 * (b - a), (seed, (a, b), found)
+        for (_, prev_end), (next_start, _) in zip(s.speech, s.speech[1:]):
+            quiet = (prev_end + 0.45, next_start - 0.1)  # silero's hangover reaches ~0.4 s past an utterance
+            assert not any(min(quiet[1], e) > max(quiet[0], st) for st, e in found), (seed, quiet, found)
+
+
+def test_mouth_follows_the_loudness_and_closes_in_pauses():
+    for seed in (1, 2, 4):
+        s = make_sample(seed, seconds=4)
+        T = len(s.frames)
+        env = envelope(s.audio, s.fps, T)
+        assert _corr(s.tracks["mouth"], env) > 0.8
+        centre = (np.arange(T) + 0.5) / s.fps
+        pause = ~np.any([(centre >= a) & (centre < b) for a, b in s.speech], axis=0)
+        assert pause.sum() > 5 and np.all(s.tracks["mouth"][pause] == 0)
+        measured = analyze(s.frames, s.identity)["mouth"]  # from pixels
+        assert _corr(measured, s.tracks["mouth"]) > 0.95 and _corr(measured, env) > 0.8
+        assert np.all(measured[pause] < 0.2)
+
+
+def test_analyzer_recovers_rendered_states():
+    T = 40
+    ramp = np.linspace(0, 1, T)
+    for seed in (5, 6, 7):
+        identity, scene = _identity(seed)
+        tracks = _tracks(T, mouth=ramp[::-1] * (np.arange(T) % 3 != 0), eyes=np.where(np.arange(T) % 8 < 2, 0.0, 1.0),
+                         yaw=np.where(np.arange(T) < 10, -1.0, np.where(np.arange(T) < 20, 1.0, 0.0)),
+                         smile=ramp, hand=np.clip(2 * ramp - 1, 0, 1))
+        m = analyze(render_clip(identity, tracks, 256, 256, scene), identity)
+        assert m["found"].all()
+        assert _corr(m["mouth"], tracks["mouth"]) > 0.95
+        closed = tracks["eyes"] == 0
+        assert np.all(m["eyes"][closed] < 0.2) and np.all(m["eyes"][~closed] > 0.7)
+        assert np.all(m["yaw"][:10] < -0.7) and np.all(m["yaw"][10:20] > 0.7) and np.all(np.abs(m["yaw"][20:]) < 0.2)
+        up = tracks["hand"] > 0.5
+        assert np.all(m["hand"][tracks["hand"] == 0] == 0) and np.all(np.abs(m["hand"][up] - tracks["hand"][up]) < 0.05)
+        assert _corr(m["smile"], tracks["smile"]) > 0.9
+        skin = np.asarray(identity.skin)
+        assert np.all(np.linalg.norm(m["skin"] - skin, axis=1) < 0.08 * np.linalg.norm(skin) + 4)
+        assert np.all(np.linalg.norm(m["shirt"] - np.asarray(identity.shirt), axis=1) < 3)
+
+
+def test_analyzer_measures_nods_and_tells_identities_apart():
+    (a, scene_a), (b, scene_b) = _identity(8), _identity(9)
+    T = 30
+    nod = np.where((np.arange(T) >= 10) & (np.arange(T) < 16), 1.0, 0.0)
+    frames_a = render_clip(a, _tracks(T, pitch=nod), 256, 256, scene_a)
+    frames_b = render_clip(b, _tracks(T), 256, 256, scene_b)
+    m = analyze(frames_a, a)
+    assert np.all(np.abs(m["pitch"] - nod) < 0.15)
+    assert identity_error(m, a) < 12
+    assert identity_error(m, b) > 50 and identity_error(analyze(frames_b, b), a) > 50
+
+
+def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
+    out, work = tmp_path / "synth data", str(tmp_path / "w")
+    proc = vidu("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
+    table, meta = read_manifest(proc.stdout.strip())
+    rows = table.to_pylist()
+    assert meta["kind"] == "synth" and [r["status"] for r in rows] == ["ok"] * 3
+    for r in rows:
+        gt = json.loads(Path(r["gt_path"]).read_text())
+        assert (r["frames"], r["width"], r["height"], r["fps"]) == (81, 256, 256, 25.0) == (
+            gt["frames"], gt["width"], gt["height"], gt["fps"])
+        assert json.loads(r["actions"]) == gt["actions"] and json.loads(r["identity"]) == gt["identity"]
+        assert [(s["start"], s["end"]) for s in r["speech_segments"]] == [tuple(s) for s in gt["speech_segments"]]
+        with av.open(r["path"]) as c:
+            assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+        assert frames.shape == (81, 256, 256, 3)
+        m = analyze(frames, Identity.from_dict(gt["identity"]))  # through H.264 the analyzer still follows the mouth
+        assert _corr(m["mouth"], gt["tracks"]["mouth"]) > 0.9
+    again = vidu("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
+    assert again.stdout == proc.stdout and "reused" in again.stderr
+
+    pre = vidu("prefilter", str(out), "--workdir", work, "-q")
+    rows = read_manifest(pre.stdout.strip())[0].to_pylist()
+    status = {Path(r["path"]).name: (r["status"], r["reasons"]) for r in rows}
+    videos = {k: v for k, v in status.items() if k.endswith(".mp4")}
+    assert videos == {f"synth-4-{i:06d}.mp4": ("ok", []) for i in range(3)}
+    assert [v for k, v in status.items() if k.endswith(".json")] == [("rejected", ["not_media"])] * 3
+
+
+def test_bad_size_is_a_one_line_error(tmp_path):
+    proc = vidu("synth", "--n", "1", "--out", str(tmp_path / "o"), "--size", "255x256", "--workdir", str(tmp_path),
+                check=False)
+    assert proc.returncode == 2 and "even" in proc.stderr and "Traceback" not in proc.stderr
