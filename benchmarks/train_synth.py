@@ -110,7 +110,7 @@ def action_score(m_gen: dict, m_gt: dict, sample, name: str) -> bool | None:
 def evaluate(work: Path, out: Path, cases: int = 24) -> dict:
     from stages import synth
     from stages.synthmedia import write_video
-    from stages.train.data import clip_instruction, encode_clip
+    from stages.train.data import clip_instruction, encode_clip, render_clip
     from stages.train.sample import sample_bidirectional, sample_causal
     from models.encoders import TextEncoder, TextTable
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,7 +125,7 @@ def evaluate(work: Path, out: Path, cases: int = 24) -> dict:
     for k in range(cases):
         seed = 10_000_000 + k                                          # never a training clip's seed
         s = synth.make_sample(seed, cfg.width, cfg.height, cfg.audio.fps, cfg.video_frames / cfg.audio.fps)
-        x = encode_clip(cfg, codec, seed)
+        x = encode_clip(cfg, codec, render_clip(seed, cfg))
         text = enc([clip_instruction(s.instructions)]).to(dev)
         ref, audio = x["ref"][None].to(dev), x["audio"][None].to(dev)
         m_gt = synth.analyze(s.frames, s.identity)

@@ -103,3 +103,20 @@ def test_torchrun_fsdp_two_processes_match_one(tmp_path):
     for x, y in zip(a, b):
         assert abs(x - y) <= 1e-4 * abs(x), (a, b)
     assert json.loads(two.stdout.strip().splitlines()[-1])["world_size"] == 2
+
+
+def test_trains_on_a_synth_manifest(tmp_path):
+    from tests.conftest import vidu
+    res = vidu("synth", "--n", "3", "--out", str(tmp_path / "synth"), "--size", "64x64", "--seconds", "1",
+               "--workdir", str(tmp_path / "work"), "-q")
+    manifest = res.stdout.strip().splitlines()[-1]
+    st = TrainSettings(stage="bidirectional", steps=4, save_every=4, data=manifest, **FAST)
+    summary = train(st, tmp_path / "bi")
+    ls = losses(tmp_path / "bi")
+    assert len(ls) == 4 and all(x == x and x > 0 for x in ls)
+    from models.checkpoint import read_metadata
+    assert read_metadata(Path(summary["checkpoint"]) / "model.safetensors")["lineage"][-1]["data"] == manifest
+    with pytest.raises(ValueError, match="reads synth manifests"):
+        clips = vidu("prefilter", str(tmp_path / "synth"), "--workdir", str(tmp_path / "work"), "-q").stdout
+        train(TrainSettings(stage="bidirectional", steps=2, data=clips.strip().splitlines()[-1], **FAST),
+              tmp_path / "bad")

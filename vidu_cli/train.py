@@ -25,6 +25,7 @@ def train(
     grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing per block.")] = False,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
     samples: Annotated[int, typer.Option(help="Synthetic training clips (cycled).")] = 256,
+    data: Annotated[Optional[Path], typer.Option(help="Train on this synth manifest (vidu synth) instead of clips rendered on the fly.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data, noise and initialisation.")] = 0,
     shift: Annotated[float, typer.Option(help="Noise-level shift of the flow-matching schedule.")] = 5.0,
     p_teacher_forcing: Annotated[float, typer.Option(help="Stage 2: probability of teacher forcing (else diffusion forcing).")] = 0.5,
@@ -46,7 +47,7 @@ def train(
     with clean_errors():
         st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, lr=lr, warmup=warmup,
                            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, grad_ckpt=grad_ckpt,
-                           save_every=save_every, seed=seed, samples=samples,
+                           save_every=save_every, seed=seed, samples=samples, data=str(data) if data else None,
                            init_from=str(from_) if from_ else None,
                            objective=ObjectiveSettings(shift=shift, p_teacher_forcing=p_teacher_forcing,
                                                        chunk_frames=chunk_frames, tau_dist=tau_dist, tau_max=tau_max))

@@ -1,7 +1,8 @@
-"""Training samples: synthetic avatar clips turned into model inputs.
+"""Training samples: clips turned into model inputs.
 
-Sample `i` of a run is a pure function of (seed, i): the synthetic world renders clip `seed * 1_000_003
-+ i` (frames, speech, instruction), the codec encodes frames to latents, log-mel gives the speech
+Clips come from a `ClipSource`: the synthetic world rendered on the fly (clip i = seed
+`seed * 1_000_003 + i`), or the ok rows of a manifest (`vidu synth` output: the mp4 files and their
+ground-truth sidecars). Sample `i` is a pure function of (source, i): the codec encodes frames to latents, log-mel gives the speech
 features and the joint audio latent, MiniLM encodes the instruction. Batches follow a per-epoch
 permutation of the samples seeded by (seed, epoch), so global sample number g always maps to the
 same sample: data position = step * batch, nothing to store for an exact resume.
@@ -51,10 +52,59 @@ def clip_instruction(per_frame: list[str]) -> str:
     return max(counts, key=counts.get) if counts else NEUTRAL_TEXT
 
 
+class ClipSource:
+    """Clip i of a run: rendered from the synthetic world, or read from a manifest's ok rows."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None):
+        self.cfg, self.seed = cfg, seed
+        self.rows = manifest_rows(manifest) if manifest else None
+        self.n = len(self.rows) if self.rows is not None else n
+
+    def __call__(self, i: int) -> dict:
+        if self.rows is None:
+            return render_clip(clip_seed(self.seed, i), self.cfg)
+        return read_clip(self.rows[i], self.cfg)
+
+
+def manifest_rows(path: str | Path) -> list[dict]:
+    from manifests.io import ok_rows, read_manifest
+    table, meta = read_manifest(path)
+    if meta.get("kind") != "synth":
+        raise ValueError(f"{path} is a {meta.get('kind')} manifest; vidu train reads synth manifests (vidu synth)")
+    rows = ok_rows(table)
+    if not rows:
+        raise ValueError(f"{path} has no ok rows to train on")
+    return rows
+
+
+def read_clip(row: dict, cfg: ModelConfig) -> dict:
+    """A written clip: its first cfg.video_frames frames cover-scaled to the model size, their audio,
+    the first frame as reference, the instruction from the ground-truth sidecar (if any)."""
+    import json
+    from models.encoders import image_tensor
+    from stages.media import load_audio, open_container
+    T, fps = cfg.video_frames, cfg.audio.fps
+    frames = []
+    with open_container(row["path"]) as c:
+        for f in c.decode(c.streams.video[0]):
+            img = image_tensor(f.to_ndarray(format="rgb24"), cfg.height, cfg.width)[0, :, 0]
+            frames.append(((img + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
+            if len(frames) == T:
+                break
+    if len(frames) < T:
+        raise ValueError(f"{row['path']} has {len(frames)} frames; training clips need {T}")
+    audio = load_audio(row["path"], cfg.audio.sample_rate)
+    n = T * cfg.audio.sample_rate // fps
+    audio = np.pad(audio[:n], (0, max(0, n - len(audio[:n]))))
+    text = NEUTRAL_TEXT
+    if row.get("gt_path") and Path(row["gt_path"]).is_file():
+        text = clip_instruction(json.loads(Path(row["gt_path"]).read_text())["instructions"][:T])
+    return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": frames[0], "text": text}
+
+
 @torch.no_grad()
-def encode_clip(cfg: ModelConfig, codec: PCACodec, seed: int) -> dict:
-    """Model inputs of one synthetic clip (text still as a string, under "instruction")."""
-    c = render_clip(seed, cfg)
+def encode_clip(cfg: ModelConfig, codec: PCACodec, c: dict) -> dict:
+    """Model inputs of one clip (text still as a string, under "instruction")."""
     d, F = cfg.dit, cfg.latent_frames
     wave = torch.from_numpy(c["audio"])
     s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0],
@@ -71,9 +121,14 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
 
 
+def _encode_index(source: ClipSource, codec: PCACodec, i: int) -> dict:
+    return encode_clip(source.cfg, codec, source(i))
+
+
 class Dataset:
-    def __init__(self, cfg: ModelConfig, n: int, seed: int, codec: PCACodec, encode_text):
-        self.cfg, self.n, self.seed, self.codec, self.encode_text = cfg, n, seed, codec, encode_text
+    def __init__(self, source: ClipSource, seed: int, codec: PCACodec, encode_text):
+        self.source, self.cfg, self.n, self.seed = source, source.cfg, source.n, seed
+        self.codec, self.encode_text = codec, encode_text
         self.cache: dict[int, dict] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
@@ -88,7 +143,7 @@ class Dataset:
 
     def sample(self, i: int) -> dict:
         if i not in self.cache:
-            s = encode_clip(self.cfg, self.codec, clip_seed(self.seed, i))
+            s = _encode_index(self.source, self.codec, i)
             s["text"] = self._text(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]
@@ -101,8 +156,7 @@ class Dataset:
         todo = [i for i in range(self.n) if i not in self.cache]
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(1,)) as pool:
-            seeds = [clip_seed(self.seed, i) for i in todo]
-            for i, s in zip(todo, pool.map(encode_clip, [self.cfg] * len(todo), [self.codec] * len(todo), seeds,
+            for i, s in zip(todo, pool.map(_encode_index, [self.source] * len(todo), [self.codec] * len(todo), todo,
                                            chunksize=8)):
                 s["text"] = self._text(s.pop("instruction"))
                 self.cache[i] = s
@@ -119,19 +173,20 @@ class Dataset:
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
-def fit_codec(cfg: ModelConfig, seed: int, n: int) -> PCACodec:
-    videos = torch.cat([to_video(render_clip(clip_seed(seed, i), cfg)["frames"]) for i in range(min(n, FIT_CLIPS))])
-    return PCACodec.fit(videos, cfg.dit.in_dim)
+def fit_codec(source: ClipSource) -> PCACodec:
+    videos = torch.cat([to_video(source(i)["frames"]) for i in range(min(source.n, FIT_CLIPS))])
+    return PCACodec.fit(videos, source.cfg.dit.in_dim)
 
 
-def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d) -> Dataset:
+def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d, manifest: str | None = None) -> Dataset:
     """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it.
     Text features come from MiniLM, or from the table file named by $VIDU_TEXT_TABLE."""
     import os
     from models.encoders import TextEncoder, TextTable
+    source = ClipSource(cfg, seed, n, manifest)
     path = Path(out) / "codec.safetensors"
     if d.main and not path.exists():
-        fit_codec(cfg, seed, n).save(path)
+        fit_codec(source).save(path)
     if d.world > 1:
         dist.barrier()
     codec = PCACodec.load(path)
@@ -140,4 +195,4 @@ def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d) -> Dataset:
                          f"expects {cfg.text_encoder}")
     table = os.environ.get("VIDU_TEXT_TABLE")
     enc = TextTable(table) if table else TextEncoder("minilm", max_len=cfg.dit.text_len)
-    return Dataset(cfg, n, seed, codec, enc)
+    return Dataset(source, seed, codec, enc)

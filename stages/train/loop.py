@@ -48,6 +48,7 @@ class TrainSettings:
     save_every: int = 100
     seed: int = 0
     samples: int = 256                   # synthetic training samples (the dataset cycles over them)
+    data: str | None = None              # a synth manifest to train on instead of clips rendered on the fly
     init_from: str | None = None         # checkpoint to start from (stage 2: the bidirectional teacher)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
 
@@ -129,7 +130,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, st))
         self.step = 0
         self.history: list[dict] = []
-        self.data: Dataset = build_dataset(cfg, st.samples, st.seed, self.out, d)
+        self.data: Dataset = build_dataset(cfg, st.samples, st.seed, self.out, d, st.data)
         if prefetch:
             self.data.prefetch(prefetch)
 
@@ -184,7 +185,7 @@ class Trainer:
         tmp = path.with_name(path.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         lineage = self.lineage + [{"stage": self.st.stage, "steps": self.step, "preset": self.cfg.name,
-                                   "batch": self.st.batch, "data": f"synth:{self.st.samples}@{self.st.seed}",
+                                   "batch": self.st.batch, "data": self.st.data or f"synth:{self.st.samples}@{self.st.seed}",
                                    "date": time.strftime("%Y-%m-%d")}]
         save_model(tmp / "model.safetensors", _Wrap(model_sd), self.cfg, lineage, {"kind": "raw", "step": self.step})
         save_model(tmp / "ema.safetensors", _Wrap(ema_sd), self.cfg, lineage, {"kind": "ema", "step": self.step})
