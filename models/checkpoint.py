@@ -200,12 +200,13 @@ def infer_dit_config(sd: dict[str, torch.Tensor]):
     return DiTConfig(**kw)
 
 
-def save_model(path: str | Path, model: nn.Module, cfg, lineage: list[dict] | None = None,
+def save_model(path: str | Path, model: nn.Module | dict, cfg, lineage: list[dict] | None = None,
                extra: dict | None = None) -> Path:
-    """A vidu checkpoint: the DiT's weights with the ModelConfig and training lineage in the metadata."""
+    """A vidu checkpoint: the DiT's weights (a module or its state dict) with the ModelConfig and
+    training lineage in the metadata."""
     meta = {"format": "vidu", "config": cfg.to_dict(), "lineage": lineage or []}
     meta.update(extra or {})
-    return save_safetensors(path, model.state_dict(), meta)
+    return save_safetensors(path, model.state_dict() if isinstance(model, nn.Module) else model, meta)
 
 
 def checkpoint_config(path: str | Path):

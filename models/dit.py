@@ -149,7 +149,7 @@ class Block(nn.Module):
         x = x + y.unflatten(1, (F, S)).float() * m[2]
         x = x + self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S)).float()
         if audio is not None:
-            Fa, K = audio.shape[1], audio.shape[2]
+            Fa = audio.shape[1]
             xa = x[:, F - Fa:]
             ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1))
             x = torch.cat([x[:, :F - Fa], xa + ya.unflatten(0, (B, Fa)).float()], 1)

@@ -22,7 +22,7 @@ from scipy import ndimage
 from manifests.io import workspace
 from stages.runner import RunResult, Stage, base_row, run_stage
 from stages.synthavatar import (EYE_ASPECT, EYE_WHITE, HAND_RAISE, HAND_REACH, MOUTH, MOUTH_OPEN, MOUTH_REST,
-                                NOD_DROP, PUPIL, PUPIL_R, TRACKS, Identity, Scene, State, random_identity,
+                                NOD_DROP, PUPIL, PUPIL_R, Identity, Scene, State, random_identity,
                                 random_scene, render, render_clip, shade, skin_tolerance)
 from stages.synthmedia import SR, envelope, voice, write_video
 
@@ -306,7 +306,7 @@ def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
     that of the identity rendered with open eyes); hand (from the fingertips' height against the
     clip's median head height; 0 when no hand is seen); skin, shirt, hair: mean / median RGB in
     the face, below the neck, above the forehead. Calibrated at 256 x 256; about 6 ms a frame."""
-    T, Hf = len(frames), frames.shape[1]
+    Hf = frames.shape[1]
     per = [_measure(fr, identity) for fr in frames]
     keys = ("head_x", "head_y", "scale", "yaw", "mouth", "smile", "eyes", "hand_top")
     out = {"found": np.array([p["found"] for p in per])}

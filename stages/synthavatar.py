@@ -207,7 +207,7 @@ def _backdrop(identity: Identity, scene: Scene, width: int, height: int) -> np.n
     img = np.clip(img, 0, 255)[None]
     for u, v, a, b, c in scene.props:
         paint(img, (0, 0), Ellipse(ox + u * s, oy + v * s, a * s, b * s), c)
-    W, H = identity.head_w * s, identity.head_h * s
+    W = identity.head_w * s
     top = oy + (HEAD_V + identity.head_h * (1 + NECK_LEN)) * s
     a = identity.shoulder_w * W
     paint(img, (0, 0), Ellipse(ox, top + 0.9 * a, a, 0.9 * a), identity.shirt)

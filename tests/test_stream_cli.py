@@ -107,7 +107,7 @@ def test_bad_input_is_one_line(inputs, args, message):
 
 def test_incompatible_checkpoint_is_named(inputs, tmp_path):
     from models.checkpoint import save_model
-    from models.config import PRESETS, DiTConfig
+    from models.config import PRESETS
     from models.dit import DiT
     import dataclasses
     cfg = PRESETS["tiny"]

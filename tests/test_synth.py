@@ -5,7 +5,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import pytest
 
 from manifests.io import read_manifest
 from stages.speech import load_vad, speech_segments

@@ -43,7 +43,7 @@ def stream(
     """
     import torch
     from stages.stream.engine import StreamSettings
-    from stages.stream.events import EventQueue, Instruction
+    from stages.stream.events import EventQueue
     from stages.stream.session import SessionOptions, load_parts, run_session, summary_json
 
     if not out and not serve:

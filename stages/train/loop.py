@@ -187,8 +187,8 @@ class Trainer:
         lineage = self.lineage + [{"stage": self.st.stage, "steps": self.step, "preset": self.cfg.name,
                                    "batch": self.st.batch, "data": self.st.data or f"synth:{self.st.samples}@{self.st.seed}",
                                    "date": time.strftime("%Y-%m-%d")}]
-        save_model(tmp / "model.safetensors", _Wrap(model_sd), self.cfg, lineage, {"kind": "raw", "step": self.step})
-        save_model(tmp / "ema.safetensors", _Wrap(ema_sd), self.cfg, lineage, {"kind": "ema", "step": self.step})
+        save_model(tmp / "model.safetensors", model_sd, self.cfg, lineage, {"kind": "raw", "step": self.step})
+        save_model(tmp / "ema.safetensors", ema_sd, self.cfg, lineage, {"kind": "ema", "step": self.step})
         torch.save({"optimizer": optim_sd, "scheduler": self.sched.state_dict(), "step": self.step,
                     "history": self.history, "settings": self.st.to_dict()}, tmp / "state.pt")
         if path.exists():
@@ -222,16 +222,6 @@ class Trainer:
             _load_like(v, ema[k])
         self.step, self.history = state["step"], state["history"]
         return True
-
-
-class _Wrap:
-    """Lets save_model take a plain state dict."""
-
-    def __init__(self, sd: dict):
-        self.sd = sd
-
-    def state_dict(self) -> dict:
-        return self.sd
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
