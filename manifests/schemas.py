@@ -80,7 +80,65 @@ SYNTH = pa.schema(COMMON + [  # procedural avatar samples (stages/synth.py)
     pa.field("gt_path", pa.string()),  # .json ground truth: per-frame tracks and instructions, scene
 ])
 
-SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "synth": SYNTH}
+# --- curation, second half. Each stage passes its input row through and adds its columns, so a
+# manifest carries everything measured upstream: filtered = clips + FILTER_COLUMNS, diarized =
+# filtered + DIARIZE_COLUMNS, captioned = diarized + CAPTION_COLUMNS. A stage also accepts any
+# earlier kind of the chain (the missing columns stay null). Times are source-video seconds.
+
+# --- filter (stages/filter.py owns this block)
+FILTER_COLUMNS: list[pa.Field] = [
+    pa.field("subject_count", pa.int32()),  # distinct tracked faces (subjects) over the sampled frames
+    pa.field("face_frame_ratio", pa.float64()),  # sampled frames with the main subject's face
+    pa.field("face_area_ratio", pa.float64()),  # median face box area / frame area (main subject)
+    pa.field("face_box", pa.list_(pa.float64())),  # main subject's median [x0, y0, x1, y1] / (W, H, W, H)
+    pa.field("camera_motion", pa.float64()),  # global motion, fraction of the frame width per second
+    pa.field("subject_motion", pa.float64()),  # motion energy inside the subject region
+]
+
+# --- diarize (stages/diarize.py owns this block)
+SPEECH_SEGMENT = pa.struct([
+    ("start", pa.float64()), ("end", pa.float64()),
+    ("speaker", pa.string()),  # clip-local label, e.g. "S0"
+    ("category", pa.string()),  # onscreen | offscreen | overlap
+    ("energy_ratio", pa.float64()),  # speech-band energy / total energy
+    ("confidence", pa.float64()),  # of the category (active-speaker correlation or overlap evidence)
+    ("kept", pa.bool_()),  # false: discarded (overlap, low energy ratio)
+])
+DIARIZE_COLUMNS: list[pa.Field] = [
+    pa.field("diarize_method", pa.string()),  # e.g. "silero-vad+resemblyzer" or "pyannote:<path>"
+    pa.field("speakers", pa.int32()),
+    pa.field("onscreen_s", pa.float64()),
+    pa.field("offscreen_s", pa.float64()),
+    pa.field("overlap_s", pa.float64()),
+    pa.field("clean_speech_s", pa.float64()),  # kept speech (not overlap, energy ratio high enough)
+    pa.field("speech_turns", pa.list_(SPEECH_SEGMENT)),
+]
+
+# --- caption (stages/caption.py owns this block)
+CHUNK_CAPTION = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("speaker", pa.string()),
+                           ("category", pa.string()), ("text", pa.string())])
+CAPTION_COLUMNS: list[pa.Field] = [
+    pa.field("caption", pa.string()),  # the rendered clip-level caption
+    pa.field("caption_source", pa.string()),  # "measured" (no models) or the models used
+    pa.field("chunk_captions", pa.list_(CHUNK_CAPTION)),  # aligned to the diarized speech turns
+]
+
+# --- embed (stages/embed.py owns this block)
+SAMPLES = pa.schema(COMMON + [
+])
+
+FILTERED = pa.schema(list(CLIPS) + FILTER_COLUMNS)
+DIARIZED = pa.schema(list(FILTERED) + DIARIZE_COLUMNS)
+SEGMENTS = pa.schema(COMMON + [  # one row per speech turn of `vidu diarize` (parent_id = clip id)
+    pa.field("clip_id", pa.string(), nullable=False),
+    pa.field("video_path", pa.string()),
+] + [pa.field(f.name, f.type) for f in SPEECH_SEGMENT])
+CAPTIONED = pa.schema(list(DIARIZED) + CAPTION_COLUMNS)
+CHAIN = ("clips", "filtered", "diarized", "captioned")  # the kinds a curation stage may read, in order
+
+SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "synth": SYNTH, "filtered": FILTERED,
+                                 "diarized": DIARIZED, "segments": SEGMENTS, "captioned": CAPTIONED,
+                                 "samples": SAMPLES}
 
 
 def empty_row(schema: pa.Schema) -> dict:

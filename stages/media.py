@@ -183,3 +183,54 @@ def video_frame_count(path: str | Path) -> int:
 
 def fraction_to_float(x: Fraction | None) -> float | None:
     return None if x is None or x == 0 else float(x)
+
+
+def clip_frames(path: str | Path, start_s: float, end_s: float, fps: float | None = None,
+                max_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """RGB frames of [start_s, end_s) of the first video stream, decoded in order.
+
+    `fps` samples the clip on a regular grid (the first frame at or after each grid time);
+    None keeps every frame. `max_side` downscales so the longer side is at most that (aspect kept).
+    Returns (frames uint8 [N, H, W, 3], presentation times in seconds [N]).
+    """
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    step = 1.0 / fps if fps else 0.0
+    next_t = start_s
+    with open_container(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        if start_s > 0:
+            c.seek(int(start_s / v.time_base), stream=v, backward=True, any_frame=False)
+        size = None
+        for frame in c.decode(v):
+            if frame.time is None:
+                continue
+            t = float(frame.time)
+            if t + 1e-6 < start_s:
+                continue
+            if t + 1e-6 >= end_s:
+                break
+            if step and t + 1e-6 < next_t:
+                continue
+            if size is None:
+                w, h = frame.width, frame.height
+                scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
+                size = (max(2, round(w * scale)) // 2 * 2, max(2, round(h * scale)) // 2 * 2) if scale < 1 else (w, h)
+            frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            times.append(t)
+            if step:
+                next_t = start_s + step * (int(np.floor((t - start_s) / step + 1e-6)) + 1)
+    if not frames:
+        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0)
+    return np.stack(frames), np.asarray(times)
+
+
+def clip_audio(path: str | Path, start_s: float, end_s: float, sample_rate: int = 16000) -> np.ndarray:
+    """Mono float32 audio of [start_s, end_s) at `sample_rate` (zeros where the track is missing)."""
+    audio = load_audio(path, sample_rate)
+    a, b = int(round(start_s * sample_rate)), int(round(end_s * sample_rate))
+    out = np.zeros(max(0, b - a), np.float32)
+    piece = audio[a:b]
+    out[: len(piece)] = piece
+    return out

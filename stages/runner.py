@@ -145,8 +145,15 @@ def _crash_rows(stage: Stage, item: dict) -> list[dict]:
     return [row]
 
 
-def _execute(stage: Stage, items: list[dict], workers: int) -> Iterator[tuple[str, list[dict]]]:
+def _execute(stage: Stage, items: list[dict], workers: int, executor: str = "local",
+             ray_address: str | None = None) -> Iterator[tuple[str, list[dict]]]:
     """Yield (item id, output rows) as items finish, in any order."""
+    if executor == "ray":
+        from stages.rayexec import execute_ray
+        yield from execute_ray(stage, items, workers, ray_address)
+        return
+    if executor != "local":
+        raise ValueError(f"unknown executor {executor!r}; choose local or ray")
     if workers <= 1:
         stage.setup()
         for it in items:
@@ -243,7 +250,8 @@ def _progress(quiet: bool, label: str) -> Progress:
 
 
 def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[str], root: Path,
-              workers: int = 1, quiet: bool = False) -> RunResult:
+              workers: int = 1, quiet: bool = False, executor: str = "local",
+              ray_address: str | None = None) -> RunResult:
     """Run `stage` over `items` (dicts with a unique "id") and write its manifest.
 
     `fingerprint` identifies the inputs' content (with the parameters it makes the run id);
@@ -278,7 +286,7 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
     try:
         with _progress(quiet, stage.name) as bar, _sigint_seen() as seen:
             task = bar.add_task(stage.name, total=len(items), completed=len(items) - len(pending))
-            for item_id, rows in _execute(stage, pending, workers):
+            for item_id, rows in _execute(stage, pending, workers, executor, ray_address):
                 if seen():
                     raise KeyboardInterrupt
                 done[item_id] = rows

@@ -12,3 +12,5 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summa
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 when any row is rejected or failed.")]
 From = Annotated[Optional[list[Path]], typer.Option("--from", help="Input manifest (repeatable); default: paths read from stdin.", show_default=False)]
 Format = Annotated[str, typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).")]
+Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]
