@@ -116,11 +116,40 @@ DIARIZE_COLUMNS: list[pa.Field] = [
 
 # --- caption (stages/caption.py owns this block)
 CHUNK_CAPTION = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("speaker", pa.string()),
-                           ("category", pa.string()), ("text", pa.string())])
+                           ("category", pa.string()),  # onscreen | offscreen (turns) | speech (VAD) | silence
+                           ("text", pa.string()),
+                           ("transcript", pa.string()),  # what the --asr model heard in this chunk
+                           ("loudness_lufs", pa.float64())])  # BS.1770 gated, 16 kHz mono; null under 0.4 s
 CAPTION_COLUMNS: list[pa.Field] = [
     pa.field("caption", pa.string()),  # the rendered clip-level caption
-    pa.field("caption_source", pa.string()),  # "measured" (no models) or the models used
+    pa.field("caption_source", pa.string()),  # "measured" (no models) or "measured + vlm:... + asr:..."
     pa.field("chunk_captions", pa.list_(CHUNK_CAPTION)),  # aligned to the diarized speech turns
+    pa.field("chunk_source", pa.string()),  # speech_turns (diarized) | speech_segments (silero-vad fallback)
+    # visual fields (frames only; appearance/action/emotion/scene/on-screen text need --vlm, else null)
+    pa.field("cap_subject", pa.string()),
+    pa.field("cap_people", pa.string()),  # measured: subject count, face size and position (filter columns)
+    pa.field("cap_action", pa.string()),
+    pa.field("cap_motion", pa.string()),
+    pa.field("cap_emotion", pa.string()),
+    pa.field("cap_scene", pa.string()),
+    pa.field("cap_camera", pa.string()),
+    pa.field("cap_lighting", pa.string()),
+    pa.field("cap_onscreen_text", pa.string()),
+    # acoustic fields (audio only)
+    pa.field("cap_dialogue", pa.string()),
+    pa.field("cap_sound", pa.string()),
+    pa.field("cap_music", pa.string()),
+    pa.field("transcript", pa.string()),  # --asr: the chunks' transcripts joined; null without it
+    pa.field("vlm_answer", pa.string()),  # --vlm: the model's raw answer
+    pa.field("loudness_lufs", pa.float64()),  # ITU-R BS.1770-4 integrated (gated), on the 16 kHz mono mix
+    pa.field("noise_floor_dbfs", pa.float64()),  # 10th percentile of 32 ms RMS levels
+    pa.field("snr_db", pa.float64()),  # median speech-frame level minus the noise floor
+    pa.field("speech_rate", pa.float64()),  # per second of speech, unit below
+    pa.field("speech_rate_unit", pa.string()),  # syllables/s (envelope peaks) | words/s (transcript)
+    pa.field("music_score", pa.float64()),  # share of non-speech time loud and tonal; null: < 0.5 s without speech
+    pa.field("brightness", pa.float64()),  # mean Rec.601 luma in [0, 1] of the sampled frames
+    pa.field("contrast", pa.float64()),  # RMS contrast: std of luma in [0, 1], mean over frames
+    pa.field("colorfulness", pa.float64()),  # Hasler & Suesstrunk 2003 M on 0-255 RGB
 ]
 
 # --- embed (stages/embed.py owns this block)
