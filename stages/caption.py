@@ -9,7 +9,8 @@ Two strictly separated paths fill the typed `cap_*` columns and the numbers behi
   subject motion). With `vlm` (a local transformers vision-language model directory, e.g.
   Qwen2.5-VL) `vlm_frames` of those frames are shown to the model, which is asked for one JSON
   object of visual fields (subject appearance, action, motion, emotion, scene, camera, lighting,
-  on-screen text); its raw answer is kept in `vlm_answer`.
+  on-screen text); its raw answer is kept in `vlm_answer`. Parsed fields replace the measured
+  words for motion, camera and lighting (the numbers stay); an unparsable answer fills nothing.
 - acoustic, from the 16 kHz mono audio only: `loudness_lufs` is ITU-R BS.1770-4 integrated
   loudness (K-weighting, 400 ms blocks, -70 LUFS absolute and -10 LU relative gates) computed on
   the 16 kHz mono mix, so content above 8 kHz is not counted (the K-weighting is designed for the
