@@ -93,6 +93,30 @@ FILTER_COLUMNS: list[pa.Field] = [
     pa.field("face_box", pa.list_(pa.float64())),  # main subject's median [x0, y0, x1, y1] / (W, H, W, H)
     pa.field("camera_motion", pa.float64()),  # global motion, fraction of the frame width per second
     pa.field("subject_motion", pa.float64()),  # motion energy inside the subject region
+    pa.field("subject_detector", pa.string()),  # dlib-hog-frontal | dlib-mmod:<path> | dlib-hog:<path> | transformers:<path>
+    pa.field("face_tracks", pa.int32()),  # all face tracks, including ones too brief to count as subjects
+    pa.field("frames_sampled", pa.int32()),  # frames on the sampling grid (sample_fps, max_side)
+    pa.field("sharpness", pa.float64()),  # median variance of the luma Laplacian at the analysis size
+    pa.field("luma_mean", pa.float64()),  # mean Rec.601 luma in [0, 1] (active area, bars excluded)
+    pa.field("clipped_ratio", pa.float64()),  # pixels below 2 % or above 98 % luma
+    pa.field("blockiness", pa.float64()),  # luma step across 8x8 block edges / inside blocks (native size)
+    pa.field("flicker", pa.float64()),  # median |2nd difference| of frame mean luma / mean luma
+    pa.field("jitter", pa.float64()),  # RMS high-pass of the phase-correlation motion path, frame widths
+    pa.field("static_overlay_ratio", pa.float64()),  # area of cells dense in edges fixed over the clip
+    pa.field("text_score", pa.float64()),  # area of fixed text-like stroke runs (burned-in text)
+    pa.field("safety_status", pa.string()),  # assessed | not_assessed
+    pa.field("safety_score", pa.float64()),  # max probability of an unsafe label (--safety-model)
+    pa.field("safety_label", pa.string()),  # the unsafe label of that probability
+    pa.field("omni_status", pa.string()),  # assessed | not_assessed | unparsable (--omni-model)
+    pa.field("omni_editing", pa.string()),
+    pa.field("omni_subject", pa.string()),
+    pa.field("omni_action", pa.string()),
+    pa.field("omni_emotion", pa.string()),
+    pa.field("omni_face", pa.string()),
+    pa.field("omni_speech", pa.string()),
+    pa.field("omni_scene", pa.string()),
+    pa.field("omni_shot", pa.string()),
+    pa.field("omni_tone", pa.string()),
 ]
 
 # --- diarize (stages/diarize.py owns this block)

@@ -85,3 +85,19 @@ def mouth_opening(landmarks: np.ndarray) -> float:
     gap = np.linalg.norm(landmarks[list(INNER_UPPER)] - landmarks[list(INNER_LOWER)], axis=1).mean()
     width = np.linalg.norm(landmarks[MOUTH_CORNERS[0]] - landmarks[MOUTH_CORNERS[1]])
     return float(gap / max(width, 1e-6))
+
+
+@lru_cache(maxsize=None)
+def _hog():
+    try:
+        import dlib
+    except ImportError as e:
+        raise FaceModelError(f"dlib is not importable ({e}); pip install dlib-bin") from None
+    return dlib.get_frontal_face_detector()
+
+
+def face_boxes(rgb: np.ndarray, upsample: int = 0, min_score: float = 0.0) -> list[tuple[tuple[int, int, int, int], float]]:
+    """HOG face boxes (x0, y0, x1, y1) and scores in one RGB uint8 frame (no landmark or embedding
+    model is loaded)."""
+    rects, scores, _ = _hog().run(np.ascontiguousarray(rgb), upsample, min_score)
+    return [((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in zip(rects, scores)]
