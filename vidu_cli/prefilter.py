@@ -7,7 +7,7 @@ import typer
 from manifests.io import workspace
 from stages.prefilter import Prefilter, discover, fingerprint
 from stages.runner import run_stage
-from vidu_cli.options import Quiet, Strict, Workdir, Workers
+from vidu_cli.options import Executor, RayAddress, Quiet, Strict, Workdir, Workers
 from vidu_cli.report import clean_errors, fail, finish
 
 
@@ -22,6 +22,8 @@ def prefilter(
     reject_vfr: Annotated[bool, typer.Option(help="Reject variable-frame-rate videos (always flagged).")] = False,
     phash_threshold: Annotated[int, typer.Option(help="Near-duplicate: mean differing hash bits (of 64) per frame.")] = 10,
     workers: Workers = 1,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
     workdir: Workdir = None,
     quiet: Quiet = False,
     strict: Strict = False,
@@ -38,5 +40,6 @@ def prefilter(
         stage = Prefilter(min_fps=min_fps, min_short_side=min_short_side, min_duration=min_duration,
                           max_duration=max_duration, require_audio=require_audio, max_av_mismatch=max_av_mismatch,
                           reject_vfr=reject_vfr, phash_threshold=phash_threshold)
-        result = run_stage(stage, items, fingerprint(items), sorted(paths), root, workers=workers, quiet=quiet)
+        result = run_stage(stage, items, fingerprint(items), sorted(paths), root, workers=workers,
+                           quiet=quiet, executor=executor, ray_address=ray_address)
         finish(result, quiet, strict)
