@@ -25,7 +25,7 @@ def train(
     grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing per block.")] = False,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
     samples: Annotated[int, typer.Option(help="Synthetic training clips (cycled).")] = 256,
-    data: Annotated[Optional[Path], typer.Option(help="Train on this synth manifest (vidu synth) instead of clips rendered on the fly.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Train on this manifest instead of clips rendered on the fly: synth (vidu synth) or samples (vidu embed, embedded at the same --preset).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data, noise and initialisation.")] = 0,
     shift: Annotated[float, typer.Option(help="Noise-level shift of the flow-matching schedule.")] = 5.0,
     p_teacher_forcing: Annotated[float, typer.Option(help="Stage 2: probability of teacher forcing (else diffusion forcing).")] = 0.5,
@@ -39,6 +39,7 @@ def train(
 
     Example: vidu train --stage bidirectional --preset tiny --out runs/bi --steps 300
     Example: vidu train --stage causal --from runs/bi/step-000300/ema.safetensors --out runs/causal
+    Example: vidu train --stage bidirectional --preset tiny --data $(vidu embed --from captioned.parquet) --out runs/real
     Example: torchrun --nproc-per-node 2 $(which vidu) train --stage bidirectional --out runs/bi2
     """
     from manifests.io import workspace

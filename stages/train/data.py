@@ -1,14 +1,16 @@
 """Training samples: clips turned into model inputs.
 
 Clips come from a `ClipSource`: the synthetic world rendered on the fly (clip i = seed
-`seed * 1_000_003 + i`), or the ok rows of a manifest (`vidu synth` output: the mp4 files and their
-ground-truth sidecars). Sample `i` is a pure function of (source, i): the codec encodes frames to latents, log-mel gives the speech
+`seed * 1_000_003 + i`), or the ok rows of a manifest: `vidu synth` output (the mp4 files and their
+ground-truth sidecars) or `vidu embed` output (samples: frames or video latents, audio and text
+features read from safetensors shards; stages/embed.py). Sample `i` is a pure function of (source, i): the codec encodes frames to latents, log-mel gives the speech
 features and the joint audio latent, MiniLM encodes the instruction. Batches follow a per-epoch
 permutation of the samples seeded by (seed, epoch), so global sample number g always maps to the
 same sample: data position = step * batch, nothing to store for an exact resume.
 
 The codec is the PCA codec (models/pca_codec.py) fitted on the run's first clips and kept in the
-run folder (codec.safetensors), since no pretrained video autoencoder can be downloaded here.
+run folder (codec.safetensors), since no pretrained video autoencoder can be downloaded here;
+samples embedded with the Wan VAE or TAEHV carry their latents and need no codec.
 """
 from __future__ import annotations
 
@@ -57,24 +59,64 @@ class ClipSource:
 
     def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None):
         self.cfg, self.seed = cfg, seed
-        self.rows = manifest_rows(manifest) if manifest else None
+        self.kind, self.rows = manifest_rows(manifest, cfg) if manifest else ("world", None)
         self.n = len(self.rows) if self.rows is not None else n
 
     def __call__(self, i: int) -> dict:
         if self.rows is None:
             return render_clip(clip_seed(self.seed, i), self.cfg)
+        if self.kind == "samples":
+            return read_sample_clip(self.rows[i])
         return read_clip(self.rows[i], self.cfg)
 
+    @property
+    def needs_codec(self) -> bool:
+        """Frames to code with the PCA codec (everything but samples that carry latents)."""
+        return self.kind != "samples" or self.rows[0]["latent_kind"] == "frames"
 
-def manifest_rows(path: str | Path) -> list[dict]:
+
+def manifest_rows(path: str | Path, cfg: ModelConfig) -> tuple[str, list[dict]]:
+    """(kind, ok rows) of a synth or samples manifest; samples must fit the model `cfg`."""
     from manifests.io import ok_rows, read_manifest
     table, meta = read_manifest(path)
-    if meta.get("kind") != "synth":
-        raise ValueError(f"{path} is a {meta.get('kind')} manifest; vidu train reads synth manifests (vidu synth)")
+    kind = meta.get("kind")
+    if kind not in ("synth", "samples"):
+        raise ValueError(f"{path} is a {kind} manifest; vidu train reads synth manifests (vidu synth) "
+                         f"or samples manifests (vidu embed)")
     rows = ok_rows(table)
     if not rows:
         raise ValueError(f"{path} has no ok rows to train on")
-    return rows
+    if kind == "samples":
+        check_samples(rows, cfg, path)
+    return kind, rows
+
+
+def check_samples(rows: list[dict], cfg: ModelConfig, path: str | Path) -> None:
+    """One latent kind, and the model's frame count, size, fps and text width, or a one-line error."""
+    kinds = sorted({r["latent_kind"] for r in rows})
+    if len(kinds) > 1:
+        raise ValueError(f"{path} mixes latent kinds {', '.join(kinds)}; train on one kind at a time")
+    want = (cfg.video_frames, cfg.height, cfg.width, float(cfg.audio.fps), cfg.dit.text_dim)
+    for r in rows:
+        got = (r["frames"], r["height"], r["width"], r["fps"], r["text_shape"][-1])
+        if got != want:
+            raise ValueError(f"sample {r['id']} is {got[0]} frames of {got[2]}x{got[1]} at {got[3]:g} fps with "
+                             f"{got[4]}-d text; preset {cfg.name} takes {want[0]} frames of {want[2]}x{want[1]} at "
+                             f"{want[3]:g} fps with {want[4]}-d text (re-run vidu embed --preset {cfg.name})")
+
+
+def read_sample_clip(row: dict) -> dict:
+    """A `vidu embed` sample in the clip form encode_clip takes: frames (or latents), the waveform,
+    the stored audio features, and the text features in place of the text."""
+    from stages.embed import read_sample
+    t = read_sample(row)
+    c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": t["text"]}
+    if row["latent_kind"] == "frames":
+        c["frames"] = t["video"].numpy()
+        c["ref"] = c["frames"][0]
+    else:
+        c["latent"], c["ref_latent"] = t["video"], t["ref"]
+    return c
 
 
 def read_clip(row: dict, cfg: ModelConfig) -> dict:
@@ -103,14 +145,18 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
 
 
 @torch.no_grad()
-def encode_clip(cfg: ModelConfig, codec: PCACodec, c: dict) -> dict:
-    """Model inputs of one clip (text still as a string, under "instruction")."""
+def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
+    """Model inputs of one clip (text still as a string or as [L, D] features, under "instruction").
+    A clip that carries latents ("latent", "ref_latent") or audio features skips those encoders."""
     d, F = cfg.dit, cfg.latent_frames
     wave = torch.from_numpy(c["audio"])
-    s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0],
-         "instruction": c["text"]}
+    if "latent" in c:
+        s = {"video": c["latent"], "ref": c["ref_latent"]}
+    else:
+        s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0]}
+    s["instruction"] = c["text"]
     if d.audio_dim:
-        s["audio"] = audio_features(wave, F, cfg.audio)
+        s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio)
     if d.joint_audio:
         s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, cfg.audio)
     return s
@@ -121,25 +167,29 @@ def to_video(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
 
 
-def _encode_index(source: ClipSource, codec: PCACodec, i: int) -> dict:
+def _encode_index(source: ClipSource, codec: PCACodec | None, i: int) -> dict:
     return encode_clip(source.cfg, codec, source(i))
 
 
 class Dataset:
-    def __init__(self, source: ClipSource, seed: int, codec: PCACodec, encode_text):
+    def __init__(self, source: ClipSource, seed: int, codec: PCACodec | None, encode_text):
         self.source, self.cfg, self.n, self.seed = source, source.cfg, source.n, seed
         self.codec, self.encode_text = codec, encode_text
         self.cache: dict[int, dict] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
 
-    def _text(self, text: str) -> torch.Tensor:
+    def _text(self, text: str | torch.Tensor) -> torch.Tensor:
+        """A text (encoded once, cached) or its features [L, D] -> [text_len, D], zero-padded."""
+        if torch.is_tensor(text):
+            return self._fit(text)
         if text not in self.text_cache:
-            feats = self.encode_text([text])[0]
-            L = self.cfg.dit.text_len
-            pad = feats.new_zeros(L - feats.shape[0], feats.shape[1])
-            self.text_cache[text] = torch.cat([feats[:L], pad])
+            self.text_cache[text] = self._fit(self.encode_text([text])[0])
         return self.text_cache[text]
+
+    def _fit(self, feats: torch.Tensor) -> torch.Tensor:
+        L = self.cfg.dit.text_len
+        return torch.cat([feats[:L], feats.new_zeros(max(0, L - feats.shape[0]), feats.shape[1])])
 
     def sample(self, i: int) -> dict:
         if i not in self.cache:
@@ -180,16 +230,20 @@ def fit_codec(source: ClipSource) -> PCACodec:
 
 def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d, manifest: str | None = None) -> Dataset:
     """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it.
-    Text features come from MiniLM, or from the table file named by $VIDU_TEXT_TABLE."""
+    Text features come from the samples' shards, else MiniLM or the table file named by $VIDU_TEXT_TABLE."""
     import os
     from models.encoders import TextEncoder, TextTable
     source = ClipSource(cfg, seed, n, manifest)
-    path = Path(out) / "codec.safetensors"
-    if d.main and not path.exists():
-        fit_codec(source).save(path)
-    if d.world > 1:
-        dist.barrier()
-    codec = PCACodec.load(path)
+    codec = None
+    if source.needs_codec:
+        path = Path(out) / "codec.safetensors"
+        if d.main and not path.exists():
+            fit_codec(source).save(path)
+        if d.world > 1:
+            dist.barrier()
+        codec = PCACodec.load(path)
+    if source.kind == "samples":                     # text features come with the samples
+        return Dataset(source, seed, codec, None)
     if cfg.text_encoder != "minilm":
         raise ValueError(f"training on the synthetic world uses the MiniLM text encoder; preset {cfg.name} "
                          f"expects {cfg.text_encoder}")

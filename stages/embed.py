@@ -1,0 +1,328 @@
+"""`vidu embed`: kept clips -> training samples (frames or video latents, audio features, text
+features) in safetensors shards, one "samples" manifest row per sample.
+
+    vidu caption ... | vidu embed --preset tiny
+    vidu embed --from captioned.parquet --preset wan2.1-1.3b --vae Wan2.1_VAE.pth --text-model umt5-xxl/
+
+Method, per clip row (any kind of the curation chain; the source video is decoded from
+`video_path` between the clip's `start_s` and `end_s`):
+- Windows: consecutive, non-overlapping windows of T = cfg.video_frames (1 + 4k) frames at the
+  model's fps from the clip start; a clip shorter than one window is a rejected `too_short` row.
+- Frames: the frame shown at each grid time t0 + k / fps (the last source frame with pts <= t),
+  so a slower source repeats frames (counted in `repeated_frames`) and a faster one drops some.
+  Each is cropped to the largest window of the model's aspect ratio that fits the frame, shrunk by
+  `zoom`, centred on the row's `face_box` (the filter stage's median face box) or on the frame
+  centre, clamped inside the frame, in whole pixels; then resized with PIL bicubic (antialiased).
+- Video: the frames themselves (latent_kind "frames"; training codes them with its PCA codec), or
+  latents from the Wan2.1 VAE (`vae`, normalised mu [C, F, h, w]) or TAEHV (`taehv`, [C, F, h, w]),
+  plus the latent of the first frame alone as the reference ("ref").
+- Audio: the window's 16 kHz mono samples ("wave", T * 16000 / fps of them) and their log-mel
+  conditioning features per latent frame (models.audio.audio_features, the training definition).
+- Text: the row's `caption` (else the neutral prompt stages.train.data.NEUTRAL_TEXT, recorded as
+  text_source "neutral") through MiniLM or umT5 (local directory), [L, D] with L <= text_len.
+
+Storage: one shard per clip, <out>/<clip id>.safetensors, written to a temp file and renamed, with
+keys "<clip id>_sNNN/{video,ref,audio,wave}" per sample and "text" once per clip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig, preset as get_preset
+from stages.runner import Stage, base_row, not_param
+from stages.train.data import NEUTRAL_TEXT, to_video
+
+LATENT_KINDS = ("frames", "wan_vae", "taehv")
+TIME_EPS = 1e-6
+
+
+def sample_config(preset: str, height: int | None = None, width: int | None = None, frames: int | None = None,
+                  fps: float | None = None) -> ModelConfig:
+    """The preset with the geometry overrides applied; checks they fit the model (T = 1 + 4k, 16 | H, W)."""
+    cfg = get_preset(preset)
+    per = cfg.audio.video_frames_per_latent
+    if frames is not None and (frames < 1 or (frames - 1) % per):
+        raise ValueError(f"--frames must be 1 + {per}k (e.g. 17, 33, 81), got {frames}")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (v < 16 or v % 16):
+            raise ValueError(f"--{name} must be a positive multiple of 16, got {v}")
+    if fps is not None and fps <= 0:
+        raise ValueError(f"--fps must be positive, got {fps}")
+    audio = cfg.audio if fps is None else dataclasses.replace(cfg.audio, fps=fps)
+    return cfg.replace(height=height or cfg.height, width=width or cfg.width, audio=audio,
+                       latent_frames=cfg.latent_frames if frames is None else 1 + (frames - 1) // per)
+
+
+def crop_window(W: int, H: int, out_w: int, out_h: int, face_box: list[float] | None = None,
+                zoom: float = 1.0) -> tuple[int, int, int, int]:
+    """[x0, y0, x1, y1] in whole source pixels: the largest out_w:out_h window inside W x H, shrunk by
+    `zoom`, centred on the normalised face box's centre (else the frame's), clamped inside the frame."""
+    s = min(W / out_w, H / out_h) / zoom
+    cw, ch = min(W, max(1, round(out_w * s))), min(H, max(1, round(out_h * s)))
+    if face_box:
+        cx, cy = (face_box[0] + face_box[2]) / 2 * W, (face_box[1] + face_box[3]) / 2 * H
+    else:
+        cx, cy = W / 2, H / 2
+    x0 = min(max(math.floor(cx - cw / 2 + 0.5), 0), W - cw)                       # half-pixel rounds up
+    y0 = min(max(math.floor(cy - ch / 2 + 0.5), 0), H - ch)
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def crop_resize(rgb: np.ndarray, box: tuple[int, int, int, int], out_w: int, out_h: int) -> np.ndarray:
+    """[H, W, 3] uint8 -> the box resized to [out_h, out_w, 3] uint8 (PIL bicubic, antialiased)."""
+    from PIL import Image
+    x0, y0, x1, y1 = box
+    im = Image.fromarray(np.ascontiguousarray(rgb[y0:y1, x0:x1]))
+    return np.asarray(im.resize((out_w, out_h), Image.BICUBIC))
+
+
+def window_starts(start_s: float, end_s: float, T: int, fps: float, max_windows: int = 0) -> list[float]:
+    """Start times of the consecutive T-frame windows that fit in [start_s, end_s)."""
+    n = math.floor((end_s - start_s) * fps + TIME_EPS) // T
+    if max_windows:
+        n = min(n, max_windows)
+    return [start_s + i * T / fps for i in range(n)]
+
+
+def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int, out_h: int):
+    """The frame shown at each grid time (sorted, source seconds), cropped and resized.
+
+    `box_for(W, H)` gives the crop box once the frame size is known. Returns (frames [N, out_h,
+    out_w, 3] uint8, source frame index per grid time [N], measured source fps, the crop box)."""
+    from stages.media import open_container
+    out: list[np.ndarray] = []
+    picked: list[int] = []
+    times: list[float] = []
+    box = None
+    last: list | None = None          # [index, av frame, its crop or None]: the frame on screen
+
+    def show() -> None:
+        nonlocal box
+        if last[2] is None:
+            rgb = last[1].to_ndarray(format="rgb24")
+            box = box or box_for(rgb.shape[1], rgb.shape[0])
+            last[2] = crop_resize(rgb, box, out_w, out_h)
+        out.append(last[2])
+        picked.append(last[0])
+
+    with open_container(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        if grid[0] > 0:
+            c.seek(int(grid[0] / v.time_base), stream=v, backward=True, any_frame=False)
+        for frame in c.decode(v):
+            if frame.time is None:
+                continue
+            t = float(frame.time)
+            if t + TIME_EPS >= end_s:
+                break
+            while last is not None and len(out) < len(grid) and grid[len(out)] + TIME_EPS < t:
+                show()
+            if len(out) == len(grid):
+                break
+            last = [len(times), frame, None]
+            times.append(t)
+        while last is not None and len(out) < len(grid):              # the last frame holds to the end
+            show()
+    if len(out) < len(grid):
+        raise ValueError(f"no video frames in {path} from {grid[0]:.3f} s to {end_s:.3f} s")
+    fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    return np.stack(out), np.asarray(picked), fps, box
+
+
+def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
+    if segments is None:
+        return None
+    return sum(max(0.0, min(s["end"], b) - max(s["start"], a)) for s in segments)
+
+
+def shard_name(clip_id: str) -> str:
+    """A file name for the clip's shard (ids may hold any character: unsafe ones become _ plus a hash)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", clip_id)
+    if safe != clip_id:
+        safe += "-" + hashlib.blake2b(clip_id.encode(), digest_size=4).hexdigest()
+    return safe + ".safetensors"
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Atomic: a uniquely named temp file in the same folder, renamed over the target."""
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={k: json.dumps(v) for k, v in metadata.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_sample(row: dict) -> dict[str, torch.Tensor]:
+    """The tensors of one samples-manifest row: video, ref (latent kinds), audio, wave, text."""
+    from safetensors import safe_open
+    path = Path(row["shard"])
+    if not path.is_file():
+        raise FileNotFoundError(f"shard of sample {row['id']} not found: {path}")
+    p = row["key_prefix"]
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        names = {"video": f"{p}/video", "ref": f"{p}/ref", "audio": f"{p}/audio", "wave": f"{p}/wave",
+                 "text": "text"}
+        return {name: f.get_tensor(key) for name, key in names.items() if key in keys}
+
+
+@dataclass
+class Embed(Stage):
+    name: ClassVar[str] = "embed"
+    kind: ClassVar[str] = "samples"
+    version: ClassVar[str] = "1"
+    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "face_box", "caption",
+                                        "caption_source", "speech_segments")
+    writes: ClassVar[tuple[str, ...]] = tuple(f for f in (
+        "clip_id video_path sample_index start_s end_s preset frames height width fps source_fps repeated_frames "
+        "crop_box crop_center speech_coverage latent_kind latent_shape audio_shape wave_samples text_encoder "
+        "text_shape text text_source caption_source shard key_prefix").split())
+
+    out: str = ""                      # shard folder (absolute)
+    preset: str = "tiny"
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    fps: float | None = None
+    zoom: float = 1.0                  # > 1 crops tighter around the subject
+    vae: str | None = None             # Wan2.1 VAE weights (.pth / .safetensors)
+    taehv: str | None = None           # taew2_1.pth
+    text_encoder: str | None = None    # minilm | umt5 (default: the preset's)
+    text_model: str | None = None      # local model directory (umt5; minilm: its package by default)
+    max_windows: int = 0               # per clip, 0 = all that fit
+    device: str = not_param("cpu")
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("the embed stage needs an output folder (out)")
+        if self.vae and self.taehv:
+            raise ValueError("give --vae or --taehv, not both")
+        for flag, path in (("--vae", self.vae), ("--taehv", self.taehv)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} weights not found: {path}")
+        if self.text_encoder not in (None, "minilm", "umt5"):
+            raise ValueError(f"unknown text encoder {self.text_encoder!r}; choose minilm or umt5")
+        if self.max_windows < 0:
+            raise ValueError(f"--max-windows must be >= 0, got {self.max_windows}")
+        if self.zoom < 1.0:
+            raise ValueError(f"--zoom must be >= 1 (1 = the largest crop), got {self.zoom}")
+        self.cfg = sample_config(self.preset, self.height, self.width, self.frames, self.fps)
+        self.text_kind = self.text_encoder or self.cfg.text_encoder
+
+    @property
+    def latent_kind(self) -> str:
+        return "wan_vae" if self.vae else "taehv" if self.taehv else "frames"
+
+    def setup(self) -> None:
+        from models.checkpoint import load_taehv, load_vae
+        from models.encoders import TextEncoder
+        self._text = TextEncoder(self.text_kind, self.text_model, max_len=self.cfg.dit.text_len, device=self.device)
+        self._vae = load_vae(self.vae, self.cfg.vae, self.device) if self.vae else None
+        self._taehv = load_taehv(self.taehv, self.device) if self.taehv else None
+
+    def error_row(self, item: dict, message: str) -> dict:
+        return base_row("samples", id=item["id"], parent_id=item["id"], clip_id=item["id"],
+                        video_path=item.get("video_path"), preset=self.cfg.name)
+
+    def process(self, item: dict) -> list[dict]:
+        cfg = self.cfg
+        T, fps = cfg.video_frames, cfg.audio.fps
+        starts = window_starts(item["start_s"], item["end_s"], T, fps, self.max_windows)
+        if not starts:
+            row = self.error_row(item, "")
+            row.update(status="rejected", reasons=["too_short"])
+            return [row]
+        grid = [t0 + k / fps for t0 in starts for k in range(T)]
+        face = item.get("face_box")
+        frames, picked, source_fps, box = decode_grid(
+            item["video_path"], grid, item["end_s"],
+            lambda W, H: crop_window(W, H, cfg.width, cfg.height, face, self.zoom), cfg.width, cfg.height)
+        text, text_source = (item["caption"], "caption") if item.get("caption") else (NEUTRAL_TEXT, "neutral")
+        text_feats = self._text([text])[0].cpu()
+        tensors = {"text": text_feats}
+        audio = self._audio(item["video_path"])
+        rows = []
+        for i, t0 in enumerate(starts):
+            prefix = f"{item['id']}_s{i:03d}"
+            sl = slice(i * T, (i + 1) * T)
+            sample = self._sample(frames[sl], audio, t0)
+            tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
+            t1 = t0 + T / fps
+            speech = speech_in(item.get("speech_segments"), t0, t1)
+            rows.append(base_row(
+                "samples", id=prefix, parent_id=item["id"], clip_id=item["id"], video_path=item["video_path"],
+                sample_index=i, start_s=t0, end_s=t1, preset=cfg.name, frames=T, height=cfg.height,
+                width=cfg.width, fps=float(fps), source_fps=source_fps,
+                repeated_frames=int(np.sum(picked[sl][1:] == picked[sl][:-1])), crop_box=[float(x) for x in box],
+                crop_center="face" if face else "frame",
+                speech_coverage=None if speech is None else speech / (t1 - t0), latent_kind=self.latent_kind,
+                latent_shape=list(sample["video"].shape), audio_shape=list(sample["audio"].shape),
+                wave_samples=int(sample["wave"].shape[0]),
+                text_encoder=self.text_kind if self.text_kind == "minilm" and not self.text_model
+                else f"{self.text_kind}:{self.text_model}",
+                text_shape=list(text_feats.shape), text=text, text_source=text_source,
+                caption_source=item.get("caption_source"), key_prefix=prefix))
+        shard = Path(self.out) / shard_name(item["id"])
+        write_shard(shard, tensors, {"format": "vidu-samples", "clip_id": item["id"], "preset": cfg.name,
+                                     "samples": [r["id"] for r in rows]})
+        for r in rows:
+            r["shard"] = str(shard)
+        return rows
+
+    def _audio(self, path: str) -> np.ndarray:
+        from stages.media import load_audio
+        return load_audio(path, self.cfg.audio.sample_rate)
+
+    @torch.no_grad()
+    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float) -> dict[str, torch.Tensor]:
+        """One window's tensors: video [T, H, W, 3] uint8 or latents [C, F, h, w] (+ ref [C, 1, h, w]),
+        audio [F, mel_per_latent, n_mels], wave [T * sr / fps]."""
+        from models.audio import audio_features
+        cfg, acfg = self.cfg, self.cfg.audio
+        n = int(cfg.video_frames * acfg.sample_rate // acfg.fps)
+        a = int(round(t0 * acfg.sample_rate))
+        wave = np.zeros(n, np.float32)
+        piece = audio[a:a + n]
+        wave[: len(piece)] = piece
+        wave_t = torch.from_numpy(wave)
+        out = {"wave": wave_t, "audio": audio_features(wave_t, cfg.latent_frames, acfg).float()}
+        if self._vae is not None:
+            dev = next(self._vae.parameters()).device
+            out["video"] = self._vae.encode(to_video(frames).to(dev))[0].float().cpu()
+            out["ref"] = self._vae.encode(to_video(frames[:1]).to(dev))[0].float().cpu()
+        elif self._taehv is not None:
+            dev = next(self._taehv.parameters()).device
+            x = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float().div(255).to(dev)   # [1, T, 3, H, W]
+            out["video"] = self._taehv.encode_video(x)[0].permute(1, 0, 2, 3).float().cpu()
+            out["ref"] = self._taehv.encode_video(x[:, :1])[0].permute(1, 0, 2, 3).float().cpu()
+        else:
+            out["video"] = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.latent_kind != "frames" and tuple(out["video"].shape) != cfg.latent_shape():
+            raise ValueError(f"the {self.latent_kind} latent has shape {list(out['video'].shape)}; "
+                             f"the model takes {list(cfg.latent_shape())}")
+        return out
+
+
+def default_out(root: Path, params: dict) -> Path:
+    """<workspace>/samples/embed-<hash of the stage parameters other than out>."""
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return root / "samples" / f"embed-{key}"

@@ -1,0 +1,267 @@
+"""`vidu embed` on real talking-head clips (retalking_1 at 22.1 fps, retalking_4 at 30 fps, both
+resampled to 25 fps): exact shapes and dtypes, a shard frame against an independent decode + crop +
+resize, the face-centred crop, too-short clips, VAE / TAEHV latents and umT5 text from tiny random
+models in the distributed layouts, atomic re-writes, and training on the samples manifest."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from manifests.io import read_manifest, to_table, workspace, write_table
+from stages import faces
+from stages.embed import Embed, crop_window, read_sample, window_starts
+from stages.runner import base_row, run_stage
+from tests.conftest import vidu
+
+CAPTION = "a woman speaks to the camera"
+ZOOM = 1.5
+
+
+def source_frame(path: Path, t: float) -> np.ndarray:
+    """Oracle: the frame on screen at `t` (the last with pts <= t), decoded from the file's start."""
+    shown = None
+    with av.open(str(path)) as c:
+        for f in c.decode(c.streams.video[0]):
+            if shown is not None and float(f.time) > t + 1e-6:
+                break
+            shown = f.to_ndarray(format="rgb24")
+    return shown
+
+
+def face_box(path: Path, t: float) -> list[float]:
+    rgb = source_frame(path, t)
+    H, W = rgb.shape[:2]
+    x0, y0, x1, y1 = faces.detect(rgb)[0].box
+    return [x0 / W, y0 / H, x1 / W, y1 / H]
+
+
+@pytest.fixture(scope="module")
+def rows(shared_media) -> list[dict]:
+    talk = shared_media / "talking"
+    r1, r4, r2 = (str(talk / f"retalking_{i}.mp4") for i in (1, 4, 2))
+    common = dict(clip_index=0, shot_index=0, start_frame=0, end_frame=1, fps=25.0, duration_s=1.0)
+    return [
+        base_row("captioned", id="r1_0000", video_path=r1, start_s=0.5, end_s=3.0, **common,
+                 face_box=face_box(talk / "retalking_1.mp4", 1.0), caption=CAPTION, caption_source="measured",
+                 speech_segments=[{"start": 0.2, "end": 1.0}]),
+        base_row("captioned", id="r4_0000", video_path=r4, start_s=0.0, end_s=2.1, **common),
+        base_row("captioned", id="r2_0000", video_path=r2, start_s=1.0, end_s=1.5, **common),
+    ]
+
+
+@pytest.fixture(scope="module")
+def captioned(rows, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("in") / "captioned.parquet"
+    return write_table(to_table(rows, "captioned"), path, {"kind": "captioned"})
+
+
+@pytest.fixture(scope="module")
+def embedded(captioned, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    work = tmp_path_factory.mktemp("work")
+    res = vidu("embed", "--from", str(captioned), "--preset", "tiny", "--zoom", str(ZOOM), "--max-windows", "2",
+               "--workdir", str(work), "-q")
+    manifest = Path(res.stdout.strip().splitlines()[-1])
+    table, meta = read_manifest(manifest)
+    assert meta["kind"] == "samples"
+    return manifest, {r["id"]: r for r in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def umt5(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+    from models.encoders import minilm_path
+    d = tmp_path_factory.mktemp("umt5")
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(0)
+    UMT5EncoderModel(UMT5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                relative_attention_num_buckets=8)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_windows_fit_the_clip():
+    assert window_starts(0.5, 3.0, 17, 25.0) == pytest.approx([0.5, 1.18, 1.86])  # 62.5 frames -> 3 x 17
+    assert window_starts(0.0, 0.68, 17, 25.0) == [0.0] and window_starts(0.0, 0.67, 17, 25.0) == []
+    assert len(window_starts(0.0, 60.0, 81, 25.0, max_windows=4)) == 4
+
+
+def test_crop_window_arithmetic():
+    # square 700 px source, square output, zoom 1.5: a 467 px window centred on the face, clamped
+    assert crop_window(700, 700, 64, 64, [0.4, 0.25, 0.7, 0.5], 1.5) == (152, 29, 619, 496)
+    assert crop_window(700, 700, 64, 64, [0.8, 0.0, 1.0, 0.1], 1.5) == (233, 0, 700, 467)
+    assert crop_window(700, 700, 64, 64, None, 1.5) == (117, 117, 584, 584)
+    # 16:9 source to 832x480: full height, 832 * 1080 / 480 = 1872 px wide, centred
+    assert crop_window(1920, 1080, 832, 480) == (24, 0, 1896, 1080)
+
+
+def test_samples_shapes_dtypes_and_columns(embedded, rows):
+    _, got = embedded
+    ok = {k: r for k, r in got.items() if r["status"] == "ok"}
+    assert sorted(ok) == ["r1_0000_s000", "r1_0000_s001", "r4_0000_s000", "r4_0000_s001"]
+    for r in ok.values():
+        t = read_sample(r)
+        assert t["video"].dtype == torch.uint8 and tuple(t["video"].shape) == (17, 64, 64, 3)
+        assert t["audio"].dtype == torch.float32 and tuple(t["audio"].shape) == (5, 16, 80)  # [F, mel/latent, mels]
+        assert t["wave"].dtype == torch.float32 and tuple(t["wave"].shape) == (17 * 640,)
+        assert t["text"].dtype == torch.float32 and t["text"].shape[1] == 384
+        assert r["latent_kind"] == "frames" and r["latent_shape"] == [17, 64, 64, 3]
+        assert r["audio_shape"] == [5, 16, 80] and r["text_shape"] == list(t["text"].shape)
+        assert (r["frames"], r["height"], r["width"], r["fps"]) == (17, 64, 64, 25.0)
+        assert r["end_s"] - r["start_s"] == pytest.approx(0.68) and r["text_encoder"] == "minilm"
+        assert float(t["wave"].abs().max()) > 0.01                                  # speech, not padding
+    a, b = ok["r1_0000_s000"], ok["r4_0000_s001"]
+    assert a["start_s"] == 0.5 and b["start_s"] == pytest.approx(0.68)
+    assert a["text"] == CAPTION and a["text_source"] == "caption" and a["caption_source"] == "measured"
+    assert tuple(read_sample(a)["text"].shape) == (8, 384)       # [CLS] a woman speaks to the camera [SEP]
+    assert b["text_source"] == "neutral" and b["text"] == "a person talking to the camera"
+    assert a["speech_coverage"] == pytest.approx(0.5 / 0.68) and b["speech_coverage"] is None
+    assert a["crop_center"] == "face" and b["crop_center"] == "frame"
+    assert b["crop_box"] == [117.0, 117.0, 584.0, 584.0]                       # 700 px, centred, zoom 1.5
+    # 22.1 fps source repeats frames to reach 25 fps; the 30 fps one drops them
+    assert a["source_fps"] == pytest.approx(22.13, abs=0.3) and a["repeated_frames"] >= 2
+    assert b["source_fps"] == pytest.approx(30.0, abs=0.05) and b["repeated_frames"] == 0
+    wave = read_sample(a)["wave"]
+    from stages.media import load_audio
+    full = load_audio(rows[0]["video_path"])
+    assert torch.equal(wave, torch.from_numpy(full[8000:8000 + 10880]))          # 0.5 s at 16 kHz
+
+
+def test_too_short_clip_is_rejected(embedded):
+    _, got = embedded
+    r = got["r2_0000"]
+    assert r["status"] == "rejected" and r["reasons"] == ["too_short"] and r["shard"] is None
+
+
+def test_shard_frame_equals_an_independent_crop_and_resize(embedded, rows):
+    _, got = embedded
+    r = got["r1_0000_s001"]
+    k = 9
+    t = r["start_s"] + k / 25.0
+    src = source_frame(Path(rows[0]["video_path"]), t)
+    H, W = src.shape[:2]
+    fb = rows[0]["face_box"]
+    side = round(W / ZOOM)
+    x0 = min(max(math.floor((fb[0] + fb[2]) / 2 * W - side / 2 + 0.5), 0), W - side)
+    y0 = min(max(math.floor((fb[1] + fb[3]) / 2 * H - side / 2 + 0.5), 0), H - side)
+    assert r["crop_box"] == [x0, y0, x0 + side, y0 + side]
+    crop = torch.from_numpy(src[y0:y0 + side, x0:x0 + side]).permute(2, 0, 1)[None].float()
+    want = F.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True, align_corners=False)
+    want = want.round().clamp(0, 255)[0].permute(1, 2, 0)
+    frame = read_sample(r)["video"][k].float()
+    diff = (frame - want).abs()
+    assert float(diff.mean()) < 1.0 and float(diff.max()) <= 8, (float(diff.mean()), float(diff.max()))
+    other = read_sample(r)["video"][k - 4].float()
+    assert float((other - want).abs().mean()) > 2 * float(diff.mean())        # the oracle tells frames apart
+
+
+def test_face_centred_crop_holds_the_face(rows, umt5, tmp_path):
+    # 2:1 output from a square source: the crop is the full width and half the height, so only
+    # centring on the face (retalking_1's face is in the upper half) keeps it whole
+    stage = Embed(out=str(tmp_path), preset="tiny", height=192, width=384, max_windows=1, text_encoder="umt5",
+                  text_model=str(umt5))
+    stage.setup()
+    row = rows[0]
+    (s,) = stage.process(row)
+    W = H = 700
+    fb = np.array(row["face_box"]) * [W, H, W, H]
+    x0, y0, x1, y1 = s["crop_box"]
+    assert x0 <= fb[0] and y0 <= fb[1] and fb[2] <= x1 and fb[3] <= y1 and (x1 - x0, y1 - y0) == (700, 350)
+    frame = read_sample(s)["video"][0].numpy()
+    found = faces.detect(frame)
+    assert found, "no face in the face-centred crop"
+    fx0, fy0, fx1, fy1 = found[0].box
+    assert abs((fy0 + fy1) / 2 - 96) < 192 * 0.1                                   # vertically centred
+    (c,) = stage.process({**row, "id": "centre", "face_box": None})
+    assert c["crop_center"] == "frame" and c["crop_box"][1] == 175.0 > fb[1]        # centre crop cuts the face
+    assert s["text_encoder"] == f"umt5:{umt5}" and s["text_shape"] == [8, 32]
+
+
+def _pth(sd: dict, path: Path, half: bool = False) -> Path:
+    torch.save({k: v.half() if half else v for k, v in sd.items()}, path)
+    return path
+
+
+def test_vae_and_taehv_latents_and_training_on_them(captioned, embedded, umt5, tmp_path):
+    from models.checkpoint import load_taehv, load_vae
+    from models.config import PRESETS
+    from models.taehv import TAEHV
+    from models.wan_vae import WanVAE
+    from stages.train.data import to_video
+    from stages.train.loop import TrainSettings, train
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    vae_path = _pth(WanVAE(cfg.vae).state_dict(), tmp_path / "Wan2.1_VAE.pth")
+    tae_path = _pth(TAEHV().state_dict(), tmp_path / "taew2_1.pth", half=True)     # fp16, as distributed
+    frames_row = embedded[1]["r1_0000_s000"]
+    frames = read_sample(frames_row)["video"].numpy()
+    table, _ = read_manifest(captioned)
+    items = [r for r in table.to_pylist() if r["id"] == "r1_0000"]
+    root = workspace(tmp_path / "work")
+    vae, tae = load_vae(vae_path, cfg.vae), load_taehv(tae_path)
+    for kind, stage in (("wan_vae", Embed(out=str(tmp_path / "vae"), zoom=ZOOM, max_windows=2, vae=str(vae_path))),
+                        ("taehv", Embed(out=str(tmp_path / "tae"), zoom=ZOOM, max_windows=2, taehv=str(tae_path),
+                                        text_encoder="umt5", text_model=str(umt5)))):
+        result = run_stage(stage, items, [kind], ["test"], root)
+        rows = {r["id"]: r for r in read_manifest(result.path)[0].to_pylist()}
+        r = rows["r1_0000_s000"]
+        t = read_sample(r)
+        assert r["latent_kind"] == kind and r["latent_shape"] == [16, 5, 8, 8] == list(t["video"].shape)
+        assert tuple(t["ref"].shape) == (16, 1, 8, 8) and t["video"].dtype == torch.float32
+        with torch.no_grad():
+            if kind == "wan_vae":
+                want = vae.encode(to_video(frames))[0]
+            else:
+                want = tae.encode_video(torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255)[0]
+                want = want.permute(1, 0, 2, 3)
+        assert torch.allclose(t["video"], want, atol=1e-5)                         # latents of the same frames
+        if kind == "wan_vae":
+            summary = train(TrainSettings(stage="bidirectional", preset="tiny", steps=2, batch=2, save_every=2,
+                                          data=str(result.path)), tmp_path / "bi")
+            assert summary["final_loss"] == summary["final_loss"] and summary["steps"] == 2
+            assert (Path(summary["checkpoint"]) / "model.safetensors").is_file()
+            assert not (tmp_path / "bi" / "codec.safetensors").exists()           # latents need no codec
+        else:
+            with pytest.raises(ValueError, match="32-d text; preset tiny takes .* 384-d text"):
+                train(TrainSettings(stage="bidirectional", preset="tiny", steps=1, batch=1, data=str(result.path)),
+                      tmp_path / "bad")
+
+
+def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
+    stage = Embed(out=str(tmp_path), max_windows=1, text_encoder="umt5", text_model=str(umt5))
+    stage.setup()
+    from models.checkpoint import read_metadata
+    from safetensors.torch import load_file
+    (a,) = stage.process(rows[1])
+    first, meta = load_file(a["shard"]), read_metadata(a["shard"])
+    (tmp_path / f".{Path(a['shard']).name}.dead.tmp").write_bytes(b"killed mid-write")   # an earlier crash
+    (b,) = stage.process(rows[1])
+    again = load_file(b["shard"])
+    assert b["shard"] == a["shard"] and sorted(again) == sorted(first) == ["r4_0000_s000/audio", "r4_0000_s000/video",
+                                                                           "r4_0000_s000/wave", "text"]
+    assert all(torch.equal(first[k], again[k]) for k in first) and read_metadata(b["shard"]) == meta
+    assert meta["samples"] == ["r4_0000_s000"] and json.dumps(a) == json.dumps(b)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r4_0000.safetensors.dead.tmp", "r4_0000.safetensors"]
+
+
+def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
+    manifest, _ = embedded
+    res = vidu("train", "--stage", "bidirectional", "--preset", "tiny", "--data", str(manifest), "--steps", "3",
+               "--batch", "2", "--save-every", "3", "--out", str(tmp_path / "bi"), "--workdir", str(tmp_path / "w"),
+               "-q")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"] and summary["final_loss"] > 0
+    assert (tmp_path / "bi" / "step-000003" / "ema.safetensors").is_file()
+    assert (tmp_path / "bi" / "codec.safetensors").is_file()                       # frames: coded by PCA
+    from models.config import PRESETS
+    from stages.train.data import manifest_rows
+    with pytest.raises(ValueError, match="preset small takes 33 frames of 256x256 .* re-run vidu embed --preset small"):
+        manifest_rows(manifest, PRESETS["small"])
+    bad = vidu("embed", "--from", str(captioned), "--frames", "18", "--workdir", str(tmp_path / "w"), check=False)
+    assert bad.returncode == 2 and "--frames must be 1 + 4k" in bad.stderr and "Traceback" not in bad.stderr
