@@ -5,22 +5,25 @@ stages.media.clip_frames) and every measure below is computed on them; each reje
 reasons. Luma is Rec.601 in [0, 1]; "active area" excludes letterbox/pillarbox bars (rows and
 columns that stay near black in every sampled frame).
 
-- subject: faces per sampled frame (dlib HOG by default; a local dlib MMOD/HOG detector file or a
-  transformers object-detection directory with --subject-detector), linked into tracks by IoU or
-  centre distance. `subject_count` counts tracks present in at least `min_track_ratio` of the
-  frames, so one spurious detection does not make a second subject. The main subject is the
-  longest track: its median box (`face_box`), box area over frame area (`face_area_ratio`) and
-  the fraction of frames it is seen in (`face_frame_ratio`).
-- cleanliness: strong edges that stay in place in most frames (`static_overlay_ratio`, area
-  fraction of 8x8 cells dense in them) and, among those, horizontal runs of cells with many
-  alternating vertical strokes, the signature of written text (`text_score`, area fraction).
+- subject: faces per sampled frame (dlib HOG by default; a local dlib MMOD/HOG detector file or
+  a transformers object-detection directory with --subject-detector), overlapping boxes merged
+  (NMS), linked into tracks by IoU or centre distance. `subject_count` counts tracks present in
+  at least `min_track_ratio` of the frames, so one spurious detection does not make a second
+  subject. The main subject is the longest track: its median box (`face_box`), box area over
+  frame area (`face_area_ratio`) and the fraction of frames it is seen in (`face_frame_ratio`).
+- cleanliness: strong edges (|gradient| > 0.25 luma/px) that stay in place in 90 % of the frames.
+  `static_overlay_ratio` = area fraction of 8x8 cells dense in them; `text_score` = area fraction
+  of horizontal runs of at least 4 such cells that also hold fixed vertical strokes of constant
+  polarity (lines of characters: subtitles, captions, tickers, watermarks with lettering).
 - quality: `sharpness` = median variance of the luma Laplacian at the analysis size; exposure
   (`luma_mean`, `clipped_ratio` below 2 % or above 98 %); `blockiness` = mean luma step across the
   8x8 coding-block boundaries over the mean step inside blocks, on a few frames at native size
   (1 = no blocking); `flicker` = median |second difference| of per-frame mean luma, relative to
   the mean; `jitter` = RMS of the high-pass (second difference) of the global-motion path.
-- stability: global motion between consecutive sampled frames by phase correlation;
-  `camera_motion` = median speed in frame widths per second.
+- stability: global motion between consecutive sampled frames = median phase-correlation shift
+  of textured background tiles (4x4 grid, tiles mostly outside the subject's region), so a head
+  moving in front of a plain background is not camera motion; `camera_motion` = median speed in
+  frame widths per second.
 - interactivity: `subject_motion` = mean |luma difference| between consecutive sampled frames
   inside the subject's face and upper-body box, after undoing the global motion.
 - safety (--safety-model): a local transformers image classifier; `safety_score` = highest
@@ -87,6 +90,15 @@ def _same_face(a: Box, b: Box, min_iou: float) -> float:
     size = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
     d = np.hypot((a[0] + a[2] - b[0] - b[2]) / 2, (a[1] + a[3] - b[1] - b[3]) / 2)
     return float(min_iou * (1 - d / (0.5 * size))) if size > 0 and d < 0.5 * size else 0.0
+
+
+def nms(scored: list[tuple[Box, float]], max_iou: float = 0.5) -> list[Box]:
+    """Boxes by decreasing score, dropping any that overlaps a kept one by more than `max_iou`."""
+    kept: list[Box] = []
+    for box, _ in sorted(scored, key=lambda bs: -bs[1]):
+        if all(iou(box, k) <= max_iou for k in kept):
+            kept.append(box)
+    return kept
 
 
 def track_faces(detections: list[list[Box]], min_iou: float = 0.3, max_gap: int = 3) -> list[dict[int, Box]]:
@@ -278,11 +290,10 @@ def global_motion(Y: np.ndarray, region: tuple[slice, slice] | None = None) -> n
     tiles = background_tiles(Y.shape[1:], region)
     texture = np.array([Y[:, ys, xs].std() for ys, xs in tiles])
     tiles = [t for t, s in zip(tiles, texture) if s >= 0.5 * np.median(texture)]
-    windows = {(ys.stop - ys.start, xs.stop - xs.start): None for ys, xs in tiles}
-    windows = {hw: _hann(*hw) for hw in windows}
+    windows = [_hann(ys.stop - ys.start, xs.stop - xs.start) for ys, xs in tiles]
     out = []
     for a, b in zip(Y, Y[1:]):
-        per_tile = [phase_shift(a[t], b[t], windows[(t[0].stop - t[0].start, t[1].stop - t[1].start)]) for t in tiles]
+        per_tile = [phase_shift(a[t], b[t], w) for t, w in zip(tiles, windows)]  # [tiles, 2]
         out.append(np.median(np.array(per_tile), axis=0))
     return np.array(out)
 
@@ -333,9 +344,9 @@ def gradients(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def overlay_measures(Y: np.ndarray, edge: float = 0.25, persist: float = 0.9, cell: int = 8,
                      density: float = 0.15, min_run: int = 4) -> tuple[float, float]:
-    """(static_overlay_ratio, text_score): area fractions of cells dense in fixed strong edges, and of
-    horizontal runs of at least `min_run` such cells whose fixed vertical strokes alternate in sign
-    (text: many narrow strokes side by side)."""
+    """(static_overlay_ratio, text_score): area fractions of `cell`-px cells dense in strong edges
+    fixed in `persist` of the frames, and of horizontal runs of at least `min_run` such cells that
+    also hold fixed vertical strokes of constant polarity (a line of characters)."""
     n, H, W = Y.shape
     strong = np.zeros((H, W), np.float32)
     sign = np.zeros((H, W), np.float32)
@@ -352,17 +363,9 @@ def overlay_measures(Y: np.ndarray, edge: float = 0.25, persist: float = 0.9, ce
     textish = dense & (vs >= density / 2)
     runs = np.zeros_like(textish)
     for r in range(hc):
-        c = 0
-        while c < wc:
-            if textish[r, c]:
-                e = c
-                while e < wc and textish[r, e]:
-                    e += 1
-                if e - c >= min_run:
-                    runs[r, c:e] = True
-                c = e
-            else:
-                c += 1
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], textish[r].astype(np.int8), [0]])))
+        for a, b in zip(edges[::2], edges[1::2]):  # [a, b): one run of text-like cells
+            runs[r, a:b] = b - a >= min_run
     total = max(hc * wc, 1)
     return float(dense.sum() / total), float(runs.sum() / total)
 
@@ -551,7 +554,7 @@ class Filter(Stage):
         name, detect = self._detector
         N, H, W = frames.shape[:3]
         out = {"subject_detector": name, "frames_sampled": N}
-        out.update(subject_measures([[b for b, _ in detect(f)] for f in frames], W, H, self.min_track_ratio))
+        out.update(subject_measures([nms(detect(f)) for f in frames], W, H, self.min_track_ratio))
         Y = luma(frames)
         rows, cols = active_area(Y)
         A = np.ascontiguousarray(Y[:, rows, cols])

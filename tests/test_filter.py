@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from manifests.io import read_manifest, to_table, write_table
 from stages.faces import model_file
-from stages.filter import Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
+from stages.filter import OMNI_KEYS, Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
 from stages.media import clip_frames
 from stages.runner import base_row, run_stage
 from stages.synthmedia import write_video
@@ -209,6 +209,45 @@ def test_mmod_subject_detector_file(variants):
     r = stage.process(_clip_row(variants / "orig.mp4", 0.0, 2.0))
     assert r["subject_detector"] == f"dlib-mmod:{mmod}" and r["frames_sampled"] == 2
     assert r["subject_count"] == 1 and r["face_frame_ratio"] == 1.0 and 0.05 < r["face_area_ratio"] < 0.3
+
+
+def test_transformers_subject_detector_directory(variants, tmp_path):
+    import torch
+    from transformers import YolosConfig, YolosForObjectDetection, YolosImageProcessor
+
+    torch.manual_seed(0)
+    labels = {0: "face", 1: "car"}
+    cfg = YolosConfig(image_size=[64, 64], patch_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, num_detection_tokens=4, id2label=labels,
+                      label2id={v: k for k, v in labels.items()})
+    YolosForObjectDetection(cfg).save_pretrained(tmp_path / "yolos")
+    YolosImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}).save_pretrained(tmp_path / "yolos")
+    item = _clip_row(variants / "orig.mp4", 0.0, 2.0)
+    stage = Filter(sample_fps=1.0, subject_detector=str(tmp_path / "yolos"), detector_threshold=0.0)
+    stage.check()
+    stage.setup()
+    r = stage.process(item)
+    assert r["subject_detector"] == f"transformers:{tmp_path / 'yolos'}" and r["frames_sampled"] == 2
+    assert r["face_tracks"] >= 1 and all(0 <= v <= 1 for v in r["face_box"])  # random boxes, in the frame
+    none = Filter(sample_fps=1.0, subject_detector=str(tmp_path / "yolos"), detector_threshold=0.0,
+                  detector_labels=("person",))
+    none.setup()
+    r = none.process(item)
+    assert (r["face_tracks"], r["subject_count"]) == (0, 0) and "no_subject" in r["reasons"]
+
+
+def test_omni_model_from_a_local_directory(variants, tmp_path):
+    from tests.test_caption import tiny_llava
+
+    path = tiny_llava(tmp_path / "llava")
+    stage = Filter(sample_fps=1.0, omni_model=str(path), omni_frames=2, omni_max_tokens=8)
+    stage.check()
+    stage.setup()
+    answer = stage._omni_model(clip_frames(variants / "orig.mp4", 0.0, 2.0, 1.0, 480)[0])
+    assert isinstance(answer, str) and answer.strip()  # decoded (random) words
+    r = stage.process(_clip_row(variants / "orig.mp4", 0.0, 2.0))
+    assert r["omni_status"] == parse_omni(answer)[0] == "unparsable"
+    assert all(r[f"omni_{k}"] is None for k in OMNI_KEYS)
 
 
 @pytest.mark.parametrize("option,path,error,message", [
