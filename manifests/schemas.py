@@ -176,8 +176,35 @@ CAPTION_COLUMNS: list[pa.Field] = [
     pa.field("colorfulness", pa.float64()),  # Hasler & Suesstrunk 2003 M on 0-255 RGB
 ]
 
-# --- embed (stages/embed.py owns this block)
+# --- embed (stages/embed.py owns this block): one row per training window (id <clip id>_sNNN,
+# parent_id = clip id); tensors live in a safetensors shard per clip under keys "<key_prefix>/<name>"
 SAMPLES = pa.schema(COMMON + [
+    pa.field("clip_id", pa.string(), nullable=False),
+    pa.field("video_path", pa.string()),
+    pa.field("sample_index", pa.int32()),  # window number within the clip
+    pa.field("start_s", pa.float64()),  # window in source-video seconds: [start_s, start_s + frames / fps)
+    pa.field("end_s", pa.float64()),
+    pa.field("preset", pa.string()),  # models.config preset the geometry came from
+    pa.field("frames", pa.int32()),  # T = 1 + 4k video frames
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("fps", pa.float64()),  # model frame rate the window is resampled to
+    pa.field("source_fps", pa.float64()),  # the clip's own rate (measured frame times)
+    pa.field("repeated_frames", pa.int32()),  # grid times that re-used the previous source frame
+    pa.field("crop_box", pa.list_(pa.float64())),  # [x0, y0, x1, y1] source pixels cut before the resize
+    pa.field("crop_center", pa.string()),  # face (the row's face_box) | frame
+    pa.field("speech_coverage", pa.float64()),  # clip speech_segments seconds inside the window / window
+    pa.field("latent_kind", pa.string()),  # frames | wan_vae | taehv
+    pa.field("latent_shape", pa.list_(pa.int32())),  # of "<prefix>/video": [T, H, W, 3] uint8 or [C, F, h, w]
+    pa.field("audio_shape", pa.list_(pa.int32())),  # of "<prefix>/audio": [F, mel_per_latent, n_mels] log-mel
+    pa.field("wave_samples", pa.int64()),  # of "<prefix>/wave": 16 kHz mono float32
+    pa.field("text_encoder", pa.string()),  # minilm | umt5:<path>
+    pa.field("text_shape", pa.list_(pa.int32())),  # of the shard's "text" (one per clip): [L, D] token features
+    pa.field("text", pa.string()),  # the text that was encoded
+    pa.field("text_source", pa.string()),  # caption | neutral (no caption on the row)
+    pa.field("caption_source", pa.string()),  # copied from the captioned row
+    pa.field("shard", pa.string()),  # safetensors file holding this sample's tensors
+    pa.field("key_prefix", pa.string()),
 ])
 
 FILTERED = pa.schema(list(CLIPS) + FILTER_COLUMNS)

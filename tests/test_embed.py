@@ -261,7 +261,7 @@ def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
     assert (tmp_path / "bi" / "codec.safetensors").is_file()                       # frames: coded by PCA
     from models.config import PRESETS
     from stages.train.data import manifest_rows
-    with pytest.raises(ValueError, match="preset small takes 33 frames of 256x256 .* re-run vidu embed --preset small"):
+    with pytest.raises(ValueError, match="preset small takes 33 frames of 256x256 .*re-run vidu embed --preset small"):
         manifest_rows(manifest, PRESETS["small"])
     bad = vidu("embed", "--from", str(captioned), "--frames", "18", "--workdir", str(tmp_path / "w"), check=False)
     assert bad.returncode == 2 and "--frames must be 1 + 4k" in bad.stderr and "Traceback" not in bad.stderr
