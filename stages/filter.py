@@ -503,7 +503,7 @@ class Filter(Stage):
     max_luma: float = 0.88
     max_clipped: float = 0.25
     max_blockiness: float = 1.5
-    max_flicker: float = 0.03
+    max_flicker: float = 0.05
     max_jitter: float = 0.01
     max_camera_motion: float = 0.1
     min_subject_motion: float = 0.005
