@@ -49,7 +49,7 @@ TIME_EPS = 1e-6
 
 
 def sample_config(preset: str, height: int | None = None, width: int | None = None, frames: int | None = None,
-                  fps: float | None = None) -> ModelConfig:
+                  fps: int | None = None) -> ModelConfig:
     """The preset with the geometry overrides applied; checks they fit the model (T = 1 + 4k, 16 | H, W)."""
     cfg = get_preset(preset)
     per = cfg.audio.video_frames_per_latent
@@ -58,9 +58,9 @@ def sample_config(preset: str, height: int | None = None, width: int | None = No
     for name, v in (("height", height), ("width", width)):
         if v is not None and (v < 16 or v % 16):
             raise ValueError(f"--{name} must be a positive multiple of 16, got {v}")
-    if fps is not None and fps <= 0:
-        raise ValueError(f"--fps must be positive, got {fps}")
-    audio = cfg.audio if fps is None else dataclasses.replace(cfg.audio, fps=fps)
+    if fps is not None and (fps <= 0 or fps != int(fps)):
+        raise ValueError(f"--fps must be a positive whole number (the audio hop is 16000 / (4 fps)), got {fps}")
+    audio = cfg.audio if fps is None else dataclasses.replace(cfg.audio, fps=int(fps))
     return cfg.replace(height=height or cfg.height, width=width or cfg.width, audio=audio,
                        latent_frames=cfg.latent_frames if frames is None else 1 + (frames - 1) // per)
 
@@ -202,7 +202,7 @@ class Embed(Stage):
     height: int | None = None
     width: int | None = None
     frames: int | None = None
-    fps: float | None = None
+    fps: int | None = None
     zoom: float = 1.0                  # > 1 crops tighter around the subject
     vae: str | None = None             # Wan2.1 VAE weights (.pth / .safetensors)
     taehv: str | None = None           # taew2_1.pth
@@ -227,6 +227,9 @@ class Embed(Stage):
             raise ValueError(f"--zoom must be >= 1 (1 = the largest crop), got {self.zoom}")
         self.cfg = sample_config(self.preset, self.height, self.width, self.frames, self.fps)
         self.text_kind = self.text_encoder or self.cfg.text_encoder
+        if self.text_kind == "umt5" and not self.text_model:
+            raise FileNotFoundError(f"the umT5 text encoder (preset {self.preset}) needs a local model directory: "
+                                    f"--text-model PATH (nothing is downloaded), or --text-encoder minilm")
 
     @property
     def latent_kind(self) -> str:
