@@ -101,3 +101,12 @@ def face_boxes(rgb: np.ndarray, upsample: int = 0, min_score: float = 0.0) -> li
     model is loaded)."""
     rects, scores, _ = _hog().run(np.ascontiguousarray(rgb), upsample, min_score)
     return [((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in zip(rects, scores)]
+
+
+def landmarks_in_box(rgb: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """68 landmarks [68, 2] of the face inside a known box (x0, y0, x1, y1), without detection."""
+    import dlib
+
+    _, predictor, _ = _models()
+    shape = predictor(np.ascontiguousarray(rgb), dlib.rectangle(*(int(v) for v in box)))
+    return np.array([(p.x, p.y) for p in shape.parts()], np.float32)

@@ -9,6 +9,7 @@ import typer
 from vidu_cli.caption import caption
 from vidu_cli.clip import clip
 from vidu_cli.demo import demo
+from vidu_cli.diarize import diarize
 from vidu_cli.embed import embed
 from vidu_cli.filter import filter
 from vidu_cli.model import model
@@ -22,7 +23,7 @@ from vidu_cli.train import train
 
 app = typer.Typer(help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth, embed, caption, filter):
+for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth, embed, caption, filter, diarize):
     app.command()(command)
 app.add_typer(model, name="model")
 

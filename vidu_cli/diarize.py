@@ -1,0 +1,57 @@
+"""`vidu diarize`: speaker turns, on/off-screen speaker, overlap and speech cleanliness per clip;
+also writes a segments manifest (one row per speech turn) next to the run's output."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from manifests.io import read_manifest, to_table, write_table
+from stages.diarize import Diarize, load_pyannote, segment_rows
+from vidu_cli.chain import run_chain
+from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
+from vidu_cli.report import clean_errors, err
+
+
+def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
+    """The segments manifest of a finished diarize run: <workspace>/manifests/<run_id>-segments.parquet."""
+    table, meta = read_manifest(manifest)
+    out = manifest.parent / f"{meta['run_id']}-segments.parquet"
+    rows = segment_rows(table.to_pylist(), min_energy_ratio)
+    return write_table(to_table(rows, "segments"), out, {"kind": "segments", "stage": "diarize", "run_id": meta["run_id"]})
+
+
+def diarize(
+    from_: From = None,
+    threshold: Annotated[float, typer.Option(help="Cosine distance at which speaker clusters stop merging.")] = 0.32,
+    num_speakers: Annotated[Optional[int], typer.Option(min=1, help="Fixed number of speakers per clip (default: by threshold).")] = None,
+    min_speaker_share: Annotated[float, typer.Option(help="A speaker needs this share of the speech (else folded into the nearest).")] = 0.15,
+    min_sync: Annotated[float, typer.Option(help="Mouth/speech correlation from which a speaker is onscreen.")] = 0.15,
+    min_energy_ratio: Annotated[float, typer.Option(help="Least 300-3400 Hz energy share of a kept turn.")] = 0.5,
+    min_clean_speech: Annotated[float, typer.Option(help="Least kept speech (s) of a kept clip.")] = 1.0,
+    vad_threshold: Annotated[float, typer.Option(help="silero-vad speech probability threshold.")] = 0.5,
+    pyannote: Annotated[Optional[Path], typer.Option(help="Local pyannote.audio pipeline (folder with config.yaml) to use instead.")] = None,
+    workers: Workers = 1,
+    workdir: Workdir = None,
+    quiet: Quiet = False,
+    strict: Strict = False,
+    executor: Executor = "local",
+    ray_address: RayAddress = None,
+) -> None:
+    """Diarize clips: speaker turns, onscreen/offscreen speaker, overlap, speech-energy ratio.
+
+    Example: vidu prefilter raw/ | vidu clip | vidu filter | vidu diarize --min-clean-speech 2
+    """
+    with clean_errors():
+        if pyannote:
+            load_pyannote(str(pyannote))  # fail early with one line
+        stage = Diarize(threshold=threshold, num_speakers=num_speakers, min_speaker_share=min_speaker_share,
+                        min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
+                        vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None)
+        result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
+                           ray_address=ray_address)
+        segments = write_segments(result.path, min_energy_ratio)
+        err.print(f"segments: {segments}", highlight=False)
+        if strict and (result.counts.get("rejected", 0) or result.counts.get("error", 0)):
+            raise typer.Exit(1)
