@@ -36,8 +36,6 @@ Run: vidu clip ... | vidu filter | vidu diarize | vidu caption [--vlm DIR] [--as
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -45,6 +43,7 @@ from typing import ClassVar
 import numpy as np
 from scipy import signal
 
+from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
 from stages.media import clip_audio, clip_frames
 from stages.runner import Stage, base_row
 
@@ -247,39 +246,6 @@ def chunk_spans(row: dict, min_gap: float) -> tuple[list[dict], str]:
 # ---------------------------------------------------------------------------------------------
 # models from local directories
 
-def model_dir(path: str | Path, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{what} model directory not found: {p} (nothing is downloaded)")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{what} model directory {p} has no config.json (a transformers save_pretrained folder)")
-    return p
-
-
-def check_model(path: str | Path, what: str) -> Path:
-    """A model folder whose config transformers can read (cheap; the weights load in setup())."""
-    from transformers import AutoConfig
-
-    p = model_dir(path, what)
-    _load(what, p, lambda: AutoConfig.from_pretrained(str(p), local_files_only=True))
-    return p.resolve()
-
-
-def _load(what: str, path: Path, loader):
-    try:
-        return loader()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load the {what} model from {path}: {msg}") from None
-
-
-def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 class Transcriber:
     """A Whisper-family speech-to-text model (AutoModelForSpeechSeq2Seq) from a local folder; its
     processor's feature extractor makes the input and its tokenizer decodes the generated ids."""
@@ -287,11 +253,10 @@ class Transcriber:
     def __init__(self, path: str | Path, max_new_tokens: int = 128):
         from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq, AutoTokenizer
 
-        _quiet_transformers()
-        self.path = model_dir(path, "ASR")
-        self.features = _load("ASR", self.path, lambda: AutoFeatureExtractor.from_pretrained(str(self.path), local_files_only=True))
-        self.tokenizer = _load("ASR", self.path, lambda: AutoTokenizer.from_pretrained(str(self.path), local_files_only=True))
-        self.model = _load("ASR", self.path, lambda: AutoModelForSpeechSeq2Seq.from_pretrained(
+        self.path = model_dir(path, "--asr")
+        self.features = load("--asr", self.path, lambda: AutoFeatureExtractor.from_pretrained(str(self.path), local_files_only=True))
+        self.tokenizer = load("--asr", self.path, lambda: AutoTokenizer.from_pretrained(str(self.path), local_files_only=True))
+        self.model = load("--asr", self.path, lambda: AutoModelForSpeechSeq2Seq.from_pretrained(
             str(self.path), local_files_only=True).eval())
         self.name = f"asr:{self.model.config.model_type}({self.path.name})"
         self.max_new_tokens = max_new_tokens
@@ -312,57 +277,10 @@ class Transcriber:
 def parse_visual_json(answer: str) -> dict[str, str] | None:
     """The VISUAL_KEYS of the first JSON object in a model's answer (code fences allowed); None
     when there is no parsable object. Lists become comma-joined strings; empty values are dropped."""
-    text = re.sub(r"```(?:json)?", "", answer)
-    start = text.find("{")
-    while start != -1:
-        depth = 0
-        for i, ch in enumerate(text[start:], start):
-            depth += {"{": 1, "}": -1}.get(ch, 0)
-            if depth == 0:
-                try:
-                    obj = json.loads(text[start:i + 1])
-                except json.JSONDecodeError:
-                    break
-                if not isinstance(obj, dict):
-                    break
-                out = {}
-                for k in VISUAL_KEYS:
-                    v = obj.get(k)
-                    v = ", ".join(map(str, v)) if isinstance(v, list) else v
-                    if isinstance(v, (str, int, float)) and str(v).strip():
-                        out[k] = str(v).strip()
-                return out
-        start = text.find("{", start + 1)
-    return None
-
-
-class FrameDescriber:
-    """A vision-language model (AutoModelForImageTextToText + AutoProcessor, e.g. Qwen2.5-VL)
-    from a local folder, asked for the visual fields of a few frames as JSON."""
-
-    def __init__(self, path: str | Path, max_new_tokens: int = 256):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        _quiet_transformers()
-        self.path = model_dir(path, "VLM")
-        self.processor = _load("VLM", self.path, lambda: AutoProcessor.from_pretrained(str(self.path), local_files_only=True))
-        self.model = _load("VLM", self.path, lambda: AutoModelForImageTextToText.from_pretrained(
-            str(self.path), local_files_only=True).eval())
-        self.name = f"vlm:{self.model.config.model_type}({self.path.name})"
-        self.max_new_tokens = max_new_tokens
-
-    def __call__(self, frames: np.ndarray) -> str:
-        import torch
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        messages = [{"role": "user", "content": [{"type": "image"} for _ in images]
-                     + [{"type": "text", "text": VLM_PROMPT}]}]
-        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = self.processor(text=[prompt], images=images, return_tensors="pt")
-        with torch.no_grad():
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-        return self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    obj = first_json_object(answer)
+    if obj is None:
+        return None
+    return {k: v for k in VISUAL_KEYS if (v := as_label(obj.get(k))) is not None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +407,7 @@ class Caption(Stage):
 
     def setup(self) -> None:
         self._asr = Transcriber(self.asr, min(self.max_new_tokens, 128)) if self.asr else None
-        self._vlm = FrameDescriber(self.vlm, self.max_new_tokens) if self.vlm else None
+        self._vlm = VisionLanguageModel(self.vlm, "--vlm", self.max_new_tokens) if self.vlm else None
 
     def error_row(self, item: dict, message: str) -> dict:
         return base_row("captioned", **{**item, "status": "error"})
@@ -531,11 +449,11 @@ class Caption(Stage):
         sources = ["measured"]
         if self._vlm is not None and len(frames):
             pick = np.linspace(0, len(frames) - 1, min(self.vlm_frames, len(frames))).round().astype(int)
-            answer = self._vlm(frames[pick])
+            answer = self._vlm(frames[pick], VLM_PROMPT)
             row["vlm_answer"] = answer
             for k, val in (parse_visual_json(answer) or {}).items():
                 fields[f"cap_{k}"] = val
-            sources.append(self._vlm.name)
+            sources.append(f"vlm:{self._vlm.name}")
         if self._asr is not None:
             sources.append(self._asr.name)
         row.update(fields)

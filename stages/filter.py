@@ -34,7 +34,6 @@ Run: vidu prefilter raw/ | vidu clip | vidu filter
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
+from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
 from stages.media import clip_frames
 from stages.runner import Stage, base_row
 
@@ -173,8 +173,9 @@ def _transformers_detector(path: Path, threshold: float, labels: tuple[str, ...]
     import torch
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
 
-    processor = AutoImageProcessor.from_pretrained(str(path))
-    model = AutoModelForObjectDetection.from_pretrained(str(path)).eval()
+    what = "--subject-detector"
+    processor = load(what, path, lambda: AutoImageProcessor.from_pretrained(str(path), local_files_only=True))
+    model = load(what, path, lambda: AutoModelForObjectDetection.from_pretrained(str(path), local_files_only=True).eval())
     names = {int(k): str(v).lower() for k, v in model.config.id2label.items()}
     wanted = {lab.lower() for lab in labels}
 
@@ -188,16 +189,6 @@ def _transformers_detector(path: Path, threshold: float, labels: tuple[str, ...]
     return f"transformers:{path}", run
 
 
-def check_model_dir(path: str | Path, option: str) -> Path:
-    """A local transformers model directory, or a one-line error."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{option} {p}: no such file or directory")
-    if not (p / "config.json").is_file():
-        raise ValueError(f"{option} {p} is not a transformers model directory (no config.json)")
-    return p
-
-
 def load_subject_detector(path: str | None, upsample: int, threshold: float,
                           labels: tuple[str, ...]) -> tuple[str, Detector]:
     """(name recorded in `subject_detector`, detector). None: dlib HOG frontal faces."""
@@ -207,7 +198,7 @@ def load_subject_detector(path: str | None, upsample: int, threshold: float,
     if not p.exists():
         raise FileNotFoundError(f"--subject-detector {p}: no such file or directory")
     if p.is_dir():
-        return _transformers_detector(check_model_dir(p, "--subject-detector"), threshold, labels)
+        return _transformers_detector(model_dir(p, "--subject-detector"), threshold, labels)
     return _dlib_file(p, upsample)
 
 
@@ -378,8 +369,9 @@ def unsafe_ids(path: str | Path, unsafe_labels: tuple[str, ...]) -> dict[int, st
     reads only the model's config."""
     from transformers import AutoConfig
 
-    p = check_model_dir(path, "--safety-model")
-    labels = {int(k): str(v) for k, v in AutoConfig.from_pretrained(str(p)).id2label.items()}
+    p = model_dir(path, "--safety-model")
+    config = load("--safety-model", p, lambda: AutoConfig.from_pretrained(str(p), local_files_only=True))
+    labels = {int(k): str(v) for k, v in config.id2label.items()}
     wanted = {u.strip().lower() for u in unsafe_labels if u.strip()}
     found = {k: v for k, v in sorted(labels.items()) if v.lower() in wanted}
     if not found:
@@ -395,8 +387,10 @@ def load_safety_model(path: str, unsafe_labels: tuple[str, ...]) -> Callable[[np
 
     ids = unsafe_ids(path, unsafe_labels)
     unsafe, names = list(ids), list(ids.values())
-    processor = AutoImageProcessor.from_pretrained(str(path))
-    model = AutoModelForImageClassification.from_pretrained(str(path)).eval()
+    what = "--safety-model"
+    processor = load(what, Path(path), lambda: AutoImageProcessor.from_pretrained(str(path), local_files_only=True))
+    model = load(what, Path(path), lambda: AutoModelForImageClassification.from_pretrained(
+        str(path), local_files_only=True).eval())
 
     def score(frames: np.ndarray) -> tuple[float, str]:
         with torch.inference_mode():
@@ -410,61 +404,14 @@ def load_safety_model(path: str, unsafe_labels: tuple[str, ...]) -> Callable[[np
 def parse_omni(text: str) -> tuple[str, dict[str, str | None]]:
     """(omni_status, {key: label}) from a model's answer: the first JSON object in it (code fences
     and surrounding prose allowed), else `key: value` lines; unparsable when no key is found."""
-    found: dict[str, str | None] = {}
-    for m in re.finditer(r"\{", text):
-        depth = 0
-        for j in range(m.start(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                try:
-                    obj = json.loads(text[m.start():j + 1])
-                except json.JSONDecodeError:
-                    break
-                if isinstance(obj, dict):
-                    found = {str(k).strip().lower(): obj[k] for k in obj}
-                break
-        if found:
-            break
+    found = first_json_object(text) or {}
     if not found:
         for line in text.splitlines():
             kv = re.match(r"^[\s\-*\"']*(\w+)[\"']?\s*[:=]\s*(.+?)[\s,]*$", line)
             if kv:
                 found[kv.group(1).lower()] = kv.group(2).strip().strip("\"'")
-    labels = {k: _label(found.get(k)) for k in OMNI_KEYS}
+    labels = {k: as_label(found.get(k)) for k in OMNI_KEYS}
     return ("assessed" if any(v is not None for v in labels.values()) else "unparsable"), labels
-
-
-def _label(v) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, (list, tuple)):
-        v = ", ".join(str(x) for x in v)
-    elif isinstance(v, dict):
-        v = json.dumps(v, sort_keys=True)
-    s = str(v).strip()
-    return s or None
-
-
-def load_omni_model(path: str, max_new_tokens: int) -> Callable[[np.ndarray], str]:
-    """A local vision-language model (AutoModelForImageTextToText) -> f(frames) = its answer text."""
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    p = check_model_dir(path, "--omni-model")
-    processor = AutoProcessor.from_pretrained(str(p))
-    model = AutoModelForImageTextToText.from_pretrained(str(p)).eval()
-
-    def ask(frames: np.ndarray) -> str:
-        images = [Image.fromarray(f) for f in frames]
-        messages = [{"role": "user", "content": [{"type": "image"} for _ in images]
-                     + [{"type": "text", "text": OMNI_PROMPT}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(text=[prompt], images=images, return_tensors="pt")
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    return ask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,17 +466,18 @@ class Filter(Stage):
         if self.subject_detector and Path(self.subject_detector).is_file():
             _dlib_file(Path(self.subject_detector), self.face_upsample)
         elif self.subject_detector:
-            check_model_dir(self.subject_detector, "--subject-detector")
+            model_dir(self.subject_detector, "--subject-detector")
         if self.safety_model:
             unsafe_ids(self.safety_model, self.unsafe_labels)
         if self.omni_model:
-            check_model_dir(self.omni_model, "--omni-model")
+            model_dir(self.omni_model, "--omni-model")
 
     def setup(self) -> None:
         self._detector = load_subject_detector(self.subject_detector, self.face_upsample, self.detector_threshold,
                                                self.detector_labels)
         self._safety_model = load_safety_model(self.safety_model, self.unsafe_labels) if self.safety_model else None
-        self._omni_model = load_omni_model(self.omni_model, self.omni_max_tokens) if self.omni_model else None
+        self._omni_model = (VisionLanguageModel(self.omni_model, "--omni-model", self.omni_max_tokens)
+                            if self.omni_model else None)
 
     def error_row(self, item: dict, message: str) -> dict:
         return {**base_row("filtered"), **item, "safety_status": "not_assessed", "omni_status": "not_assessed"}
@@ -582,7 +530,7 @@ class Filter(Stage):
     def _omni(self, frames: np.ndarray) -> dict:
         if self._omni_model is None:
             return {"omni_status": "not_assessed"}
-        status, labels = parse_omni(self._omni_model(_spread(frames, self.omni_frames)))
+        status, labels = parse_omni(self._omni_model(_spread(frames, self.omni_frames), OMNI_PROMPT))
         return {"omni_status": status, **{f"omni_{k}": v for k, v in labels.items()}}
 
     def reasons(self, m: dict) -> list[str]:

@@ -61,3 +61,36 @@ def vidu_bin() -> str:
     exe = shutil.which("vidu", path=str(Path(sys.executable).parent))
     assert exe, "the vidu console script is not installed next to this python"
     return exe
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """A random Qwen2.5-VL (one vision block, one text layer) saved offline with save_pretrained,
+    with the MiniLM tokenizer plus Qwen's vision tokens: the architecture and processor of the real
+    model at a size that loads in a second. Its answers are random words."""
+    import torch
+    from transformers import (AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+
+    from models.encoders import minilm_path
+
+    path = tmp_path_factory.mktemp("vlm") / "qwen2.5-vl-tiny-random"
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
+    special = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": special})
+    ids = dict(zip(special, tok.convert_tokens_to_ids(special)))
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(path)
+    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
+    Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
+                        video_processor=Qwen2VLVideoProcessor(), chat_template=template).save_pretrained(path)
+    return path

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from manifests.io import read_manifest, to_table, write_table
-from stages.caption import Caption, check_model, loudness_lufs, parse_visual_json, syllable_nuclei
+from models.hf import check_model
+from stages.caption import Caption, loudness_lufs, parse_visual_json, syllable_nuclei
 from stages.runner import base_row
 from tests.conftest import vidu
 
@@ -76,7 +77,8 @@ def test_syllable_nuclei_count_bursts():
 def test_parse_visual_json():
     answer = 'Sure.\n```json\n{"subject": "a man, grey suit", "emotion": ["calm", "focused"], "pose": "x", ' \
              '"scene": {"nested": 1}, "onscreen_text": ""}\n```'
-    assert parse_visual_json(answer) == {"subject": "a man, grey suit", "emotion": "calm, focused"}
+    assert parse_visual_json(answer) == {"subject": "a man, grey suit", "emotion": "calm, focused",
+                                         "scene": '{"nested": 1}'}  # unknown keys and empty values dropped
     assert parse_visual_json("no braces here") is None
     assert parse_visual_json("{not json} then {\"action\": \"waves\"}") == {"action": "waves"}
 
@@ -178,53 +180,25 @@ def test_tiny_whisper_transcribes_each_chunk(shared_media, tmp_path):
     assert all(r[k] is None for k in VISUAL_MODEL_ONLY)  # the audio model fills no visual field
 
 
-def tiny_llava(path):
-    """A random LLaVA (2-layer CLIP vision tower, 1-layer Llama) with the MiniLM tokenizer plus an
-    <image> token. Qwen2.5-VL's processor needs torchvision (not installed), LLaVA's does not."""
-    import torch
-    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-    from models.encoders import minilm_path
-
-    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=28, patch_size=14)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, eos_token_id=tok.sep_token_id,
-                       pad_token_id=tok.pad_token_id)
-    cfg = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                      image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
-    LlavaForConditionalGeneration(cfg).save_pretrained(path)
-    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-                   tokenizer=tok, patch_size=14, vision_feature_select_strategy="default", chat_template=template,
-                   image_token="<image>", num_additional_image_tokens=1).save_pretrained(path)
-    return path
-
-
-def test_tiny_vlm_is_asked_about_frames(shared_media, tmp_path):
-    path = tiny_llava(tmp_path / "llava-tiny-random")
-    stage = Caption(vlm=str(path), frames=4, vlm_frames=2, max_new_tokens=6)
+def test_tiny_vlm_is_asked_about_frames(shared_media, tiny_vlm):
+    stage = Caption(vlm=str(tiny_vlm), frames=4, vlm_frames=2, max_new_tokens=6)
     stage.setup()
     r = stage.process(diarized_row(shared_media / "scenes" / "chaplin.mp4", 9.6, []))
-    assert r["caption_source"] == "measured + vlm:llava(llava-tiny-random)"
+    assert r["caption_source"] == "measured + vlm:qwen2_5_vl(qwen2.5-vl-tiny-random)"
     assert isinstance(r["vlm_answer"], str) and len(r["vlm_answer"].split()) >= 2  # decoded (random) words
     assert parse_visual_json(r["vlm_answer"]) is None and all(r[k] is None for k in VISUAL_MODEL_ONLY)
     assert r["cap_dialogue"] == "no speech" and r["transcript"] is None  # the visual model fills no audio field
 
 
 def test_missing_or_invalid_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ASR model directory not found"):
-        check_model(tmp_path / "nope", "ASR")
+    with pytest.raises(FileNotFoundError, match="--asr .*nope: no such file or directory"):
+        check_model(tmp_path / "nope", "--asr")
     (tmp_path / "bad").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
-        check_model(tmp_path / "bad", "VLM")
+    with pytest.raises(ValueError, match="is not a transformers model directory"):
+        check_model(tmp_path / "bad", "--vlm")
     (tmp_path / "bad" / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="cannot load the VLM model from"):
-        check_model(tmp_path / "bad", "VLM")
+    with pytest.raises(ValueError, match="cannot load --vlm from"):
+        check_model(tmp_path / "bad", "--vlm")
 
 
 # ---- the real CLI ----------------------------------------------------------------------------------
@@ -240,10 +214,10 @@ def test_cli_caption(shared_media, tmp_path):
     assert "3.70 s of kept speech" in r["caption"] and len(r["chunk_captions"]) == 4
     bad = vidu("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--asr", str(tmp_path / "none"),
                check=False)
-    assert bad.returncode == 2 and "ASR model directory not found" in bad.stderr
+    assert bad.returncode == 2 and "no such file or directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     bad = vidu("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--vlm", str(tmp_path / "cfg"),
                check=False)
-    assert bad.returncode == 2 and "cannot load the VLM model" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "cannot load --vlm" in bad.stderr and "Traceback" not in bad.stderr

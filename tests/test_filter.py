@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from manifests.io import read_manifest, to_table, write_table
 from stages.faces import model_file
-from stages.filter import OMNI_KEYS, Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
+from stages.filter import OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
 from stages.media import clip_frames
 from stages.runner import base_row, run_stage
 from stages.synthmedia import write_video
@@ -236,14 +236,11 @@ def test_transformers_subject_detector_directory(variants, tmp_path):
     assert (r["face_tracks"], r["subject_count"]) == (0, 0) and "no_subject" in r["reasons"]
 
 
-def test_omni_model_from_a_local_directory(variants, tmp_path):
-    from tests.test_caption import tiny_llava
-
-    path = tiny_llava(tmp_path / "llava")
-    stage = Filter(sample_fps=1.0, omni_model=str(path), omni_frames=2, omni_max_tokens=8)
+def test_omni_model_from_a_local_directory(variants, tiny_vlm):
+    stage = Filter(sample_fps=1.0, omni_model=str(tiny_vlm), omni_frames=2, omni_max_tokens=8)
     stage.check()
     stage.setup()
-    answer = stage._omni_model(clip_frames(variants / "orig.mp4", 0.0, 2.0, 1.0, 480)[0])
+    answer = stage._omni_model(clip_frames(variants / "orig.mp4", 0.0, 2.0, 1.0, 480)[0], OMNI_PROMPT)
     assert isinstance(answer, str) and answer.strip()  # decoded (random) words
     r = stage.process(_clip_row(variants / "orig.mp4", 0.0, 2.0))
     assert r["omni_status"] == parse_omni(answer)[0] == "unparsable"

@@ -5,7 +5,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.caption import Caption, check_model
+from models.hf import check_model
+from stages.caption import Caption
 from vidu_cli.chain import run_chain
 from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
 from vidu_cli.report import clean_errors
@@ -32,6 +33,6 @@ def caption(
     Example: vidu clip ... | vidu filter | vidu diarize | vidu caption --asr models/whisper-small
     """
     with clean_errors():
-        stage = Caption(vlm=str(check_model(vlm, "VLM")) if vlm else None, asr=str(check_model(asr, "ASR")) if asr else None,
+        stage = Caption(vlm=str(check_model(vlm, "--vlm")) if vlm else None, asr=str(check_model(asr, "--asr")) if asr else None,
                         frames=frames, vlm_frames=min(vlm_frames, frames), min_gap=min_gap, max_new_tokens=max_new_tokens)
         run_chain(stage, from_, workdir, workers, quiet, strict, executor, ray_address)
