@@ -21,8 +21,9 @@ Method, per clip row (any kind of the curation chain; the source video is decode
 - Text: the row's `caption` (else the neutral prompt stages.train.data.NEUTRAL_TEXT, recorded as
   text_source "neutral") through MiniLM or umT5 (local directory), [L, D] with L <= text_len.
 
-Storage: one shard per clip, <out>/<clip id>.safetensors, written to a temp file and renamed, with
-keys "<clip id>_sNNN/{video,ref,audio,wave}" per sample and "text" once per clip.
+Storage: <out>/<clip id>.NNN.safetensors, the clip's windows in as few shards as keep each under
+SHARD_BYTES of frames (the memory a worker holds), each written to a temp file and renamed; keys
+"<clip id>_sNNN/{video,ref,audio,wave}" per sample and "text" (the clip's text features) per shard.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from models.config import ModelConfig, preset as get_preset
 from stages.runner import Stage, base_row, not_param
 from stages.train.data import NEUTRAL_TEXT, to_video
 
-LATENT_KINDS = ("frames", "wan_vae", "taehv")
+SHARD_BYTES = 256 * 2**20       # frames per shard file at most (windows of one clip share a shard up to this)
 TIME_EPS = 1e-6
 
 
@@ -148,12 +149,12 @@ def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
     return sum(max(0.0, min(s["end"], b) - max(s["start"], a)) for s in segments)
 
 
-def shard_name(clip_id: str) -> str:
-    """A file name for the clip's shard (ids may hold any character: unsafe ones become _ plus a hash)."""
+def shard_name(clip_id: str, index: int) -> str:
+    """The file name of a clip's shard `index` (ids may hold any character: unsafe ones become _ plus a hash)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", clip_id)
     if safe != clip_id:
         safe += "-" + hashlib.blake2b(clip_id.encode(), digest_size=4).hexdigest()
-    return safe + ".safetensors"
+    return f"{safe}.{index:03d}.safetensors"
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
@@ -192,7 +193,7 @@ class Embed(Stage):
     version: ClassVar[str] = "1"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "face_box", "caption",
                                         "caption_source", "speech_segments")
-    writes: ClassVar[tuple[str, ...]] = tuple(f for f in (
+    writes: ClassVar[tuple[str, ...]] = tuple((
         "clip_id video_path sample_index start_s end_s preset frames height width fps source_fps repeated_frames "
         "crop_box crop_center speech_coverage latent_kind latent_shape audio_shape wave_samples text_encoder "
         "text_shape text text_source caption_source shard key_prefix").split())
@@ -247,6 +248,7 @@ class Embed(Stage):
                         video_path=item.get("video_path"), preset=self.cfg.name)
 
     def process(self, item: dict) -> list[dict]:
+        from stages.media import load_audio
         cfg = self.cfg
         T, fps = cfg.video_frames, cfg.audio.fps
         starts = window_starts(item["start_s"], item["end_s"], T, fps, self.max_windows)
@@ -254,19 +256,32 @@ class Embed(Stage):
             row = self.error_row(item, "")
             row.update(status="rejected", reasons=["too_short"])
             return [row]
-        grid = [t0 + k / fps for t0 in starts for k in range(T)]
+        text, text_source = (item["caption"], "caption") if item.get("caption") else (NEUTRAL_TEXT, "neutral")
+        text_feats = self._text([text])[0].cpu()
+        audio = load_audio(item["video_path"], cfg.audio.sample_rate)
+        per_shard = max(1, SHARD_BYTES // (T * cfg.height * cfg.width * 3))
+        rows = []
+        for k in range(0, len(starts), per_shard):
+            group = list(enumerate(starts))[k:k + per_shard]
+            rows += self._shard(item, group, audio, text_feats, dict(text=text, text_source=text_source),
+                                Path(self.out) / shard_name(item["id"], k // per_shard))
+        return rows
+
+    def _shard(self, item: dict, group: list[tuple[int, float]], audio: np.ndarray, text_feats: torch.Tensor,
+               text: dict, path: Path) -> list[dict]:
+        """Windows (index, start) of one clip -> their rows; tensors written to one shard at `path`."""
+        cfg = self.cfg
+        T, fps = cfg.video_frames, cfg.audio.fps
         face = item.get("face_box")
+        grid = [t0 + j / fps for _, t0 in group for j in range(T)]
         frames, picked, source_fps, box = decode_grid(
             item["video_path"], grid, item["end_s"],
             lambda W, H: crop_window(W, H, cfg.width, cfg.height, face, self.zoom), cfg.width, cfg.height)
-        text, text_source = (item["caption"], "caption") if item.get("caption") else (NEUTRAL_TEXT, "neutral")
-        text_feats = self._text([text])[0].cpu()
         tensors = {"text": text_feats}
-        audio = self._audio(item["video_path"])
         rows = []
-        for i, t0 in enumerate(starts):
+        for n, (i, t0) in enumerate(group):
             prefix = f"{item['id']}_s{i:03d}"
-            sl = slice(i * T, (i + 1) * T)
+            sl = slice(n * T, (n + 1) * T)
             sample = self._sample(frames[sl], audio, t0)
             tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
             t1 = t0 + T / fps
@@ -279,21 +294,15 @@ class Embed(Stage):
                 crop_center="face" if face else "frame",
                 speech_coverage=None if speech is None else speech / (t1 - t0), latent_kind=self.latent_kind,
                 latent_shape=list(sample["video"].shape), audio_shape=list(sample["audio"].shape),
-                wave_samples=int(sample["wave"].shape[0]),
-                text_encoder=self.text_kind if self.text_kind == "minilm" and not self.text_model
-                else f"{self.text_kind}:{self.text_model}",
-                text_shape=list(text_feats.shape), text=text, text_source=text_source,
-                caption_source=item.get("caption_source"), key_prefix=prefix))
-        shard = Path(self.out) / shard_name(item["id"])
-        write_shard(shard, tensors, {"format": "vidu-samples", "clip_id": item["id"], "preset": cfg.name,
-                                     "samples": [r["id"] for r in rows]})
-        for r in rows:
-            r["shard"] = str(shard)
+                wave_samples=int(sample["wave"].shape[0]), text_encoder=self._text_name(),
+                text_shape=list(text_feats.shape), caption_source=item.get("caption_source"), shard=str(path),
+                key_prefix=prefix, **text))
+        write_shard(path, tensors, {"format": "vidu-samples", "clip_id": item["id"], "preset": cfg.name,
+                                    "samples": [r["id"] for r in rows]})
         return rows
 
-    def _audio(self, path: str) -> np.ndarray:
-        from stages.media import load_audio
-        return load_audio(path, self.cfg.audio.sample_rate)
+    def _text_name(self) -> str:
+        return "minilm" if self.text_kind == "minilm" and not self.text_model else f"{self.text_kind}:{self.text_model}"
 
     @torch.no_grad()
     def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float) -> dict[str, torch.Tensor]:

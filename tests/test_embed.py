@@ -249,14 +249,15 @@ def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
     from safetensors.torch import load_file
     (a,) = stage.process(rows[1])
     first, meta = load_file(a["shard"]), read_metadata(a["shard"])
-    (tmp_path / f".{Path(a['shard']).name}.dead.tmp").write_bytes(b"killed mid-write")   # an earlier crash
+    (tmp_path / ".r4_0000.000.safetensors.dead.tmp").write_bytes(b"killed mid-write")   # an earlier crash
     (b,) = stage.process(rows[1])
     again = load_file(b["shard"])
     assert b["shard"] == a["shard"] and sorted(again) == sorted(first) == ["r4_0000_s000/audio", "r4_0000_s000/video",
                                                                            "r4_0000_s000/wave", "text"]
+    assert Path(a["shard"]).name == "r4_0000.000.safetensors"
     assert all(torch.equal(first[k], again[k]) for k in first) and read_metadata(b["shard"]) == meta
     assert meta["samples"] == ["r4_0000_s000"] and json.dumps(a) == json.dumps(b)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".r4_0000.safetensors.dead.tmp", "r4_0000.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r4_0000.000.safetensors.dead.tmp", "r4_0000.000.safetensors"]
 
 
 def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
@@ -274,3 +275,17 @@ def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
         manifest_rows(manifest, PRESETS["small"])
     bad = vidu("embed", "--from", str(captioned), "--frames", "18", "--workdir", str(tmp_path / "w"), check=False)
     assert bad.returncode == 2 and "--frames must be 1 + 4k" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_windows_split_over_shards_decode_the_same_frames(embedded, rows, umt5, tmp_path, monkeypatch):
+    import stages.embed
+    monkeypatch.setattr(stages.embed, "SHARD_BYTES", 17 * 64 * 64 * 3)              # one window per shard
+    stage = Embed(out=str(tmp_path), zoom=ZOOM, max_windows=2, text_encoder="umt5", text_model=str(umt5))
+    stage.setup()
+    split = stage.process(rows[0])
+    assert [Path(r["shard"]).name for r in split] == ["r1_0000.000.safetensors", "r1_0000.001.safetensors"]
+    for r in split:                                       # the second shard seeks to 1.18 s and decodes from there
+        whole = embedded[1][r["id"]]
+        assert torch.equal(read_sample(r)["video"], read_sample(whole)["video"])
+        assert torch.equal(read_sample(r)["audio"], read_sample(whole)["audio"])
+        assert r["repeated_frames"] == whole["repeated_frames"] and r["crop_box"] == whole["crop_box"]
