@@ -177,7 +177,7 @@ CAPTION_COLUMNS: list[pa.Field] = [
 ]
 
 # --- embed (stages/embed.py owns this block): one row per training window (id <clip id>_sNNN,
-# parent_id = clip id); tensors live in a safetensors shard per clip under keys "<key_prefix>/<name>"
+# parent_id = clip id); tensors live in the clip's safetensors shards under keys "<key_prefix>/<name>"
 SAMPLES = pa.schema(COMMON + [
     pa.field("clip_id", pa.string(), nullable=False),
     pa.field("video_path", pa.string()),
@@ -199,7 +199,7 @@ SAMPLES = pa.schema(COMMON + [
     pa.field("audio_shape", pa.list_(pa.int32())),  # of "<prefix>/audio": [F, mel_per_latent, n_mels] log-mel
     pa.field("wave_samples", pa.int64()),  # of "<prefix>/wave": 16 kHz mono float32
     pa.field("text_encoder", pa.string()),  # minilm | umt5:<path>
-    pa.field("text_shape", pa.list_(pa.int32())),  # of the shard's "text" (one per clip): [L, D] token features
+    pa.field("text_shape", pa.list_(pa.int32())),  # of the shard's "text" (the clip's text): [L, D] token features
     pa.field("text", pa.string()),  # the text that was encoded
     pa.field("text_source", pa.string()),  # caption | neutral (no caption on the row)
     pa.field("caption_source", pa.string()),  # copied from the captioned row
