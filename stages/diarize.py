@@ -389,10 +389,10 @@ class Diarize(Stage):
 
     def _row(self, item: dict, d: Diarization, turns: list[dict]) -> dict:
         row = dict(item)
-        dur = lambda cat: float(sum(t["end"] - t["start"] for t in turns if t["category"] == cat))  # noqa: E731
-        clean = float(sum(t["end"] - t["start"] for t in turns if t["kept"]))
-        row.update(diarize_method=d.method, speakers=len({t["speaker"] for t in turns}), onscreen_s=dur("onscreen"),
-                   offscreen_s=dur("offscreen"), overlap_s=float(sum(b - a for a, b in d.overlap)),
+        clean = _seconds(t for t in turns if t["kept"])
+        row.update(diarize_method=d.method, speakers=len({t["speaker"] for t in turns}),
+                   onscreen_s=_seconds(t for t in turns if t["category"] == "onscreen"),
+                   offscreen_s=_seconds(t for t in turns if t["category"] == "offscreen"), overlap_s=float(sum(b - a for a, b in d.overlap)),
                    clean_speech_s=clean, speech_turns=turns)
         reasons = list(item.get("reasons") or [])
         if not turns:
@@ -404,6 +404,10 @@ class Diarize(Stage):
         row.update(status="rejected" if len(reasons) > len(item.get("reasons") or []) else item.get("status", "ok"),
                    reasons=reasons)
         return row
+
+
+def _seconds(turns) -> float:
+    return float(sum(t["end"] - t["start"] for t in turns))
 
 
 # ---------------------------------------------------------------------------------------------
