@@ -13,8 +13,11 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   distance of the window embeddings (hop `DENSE_HOP_S`) minus half the fraction of its 10 ms
   speech frames more than 20 dB under the block's 95th-percentile level. A mixture of two
   talkers spreads the embeddings (each window holds a different blend) and fills the syllable
-  dips one talker leaves. Measured on 6 s excerpts (see tests/test_diarize.py and the report):
-  single talkers 0.01-0.11, two tracks mixed at 0 / -6 dB 0.13-0.28; `OVERLAP_SCORE` = 0.14.
+  dips one talker leaves. Measured on 6 s blocks: single talkers (retalking_1-5, silero_test,
+  pyannote_sample one-speaker blocks) -0.04-0.13; a retalking clip + silero_test or pyannote_sample
+  speech mixed at equal loudness about 0.17-0.28, at -6 dB 0.13-0.25; `OVERLAP_SCORE` = 0.14. The
+  margin is thin: a weak heuristic, not a trained overlap detector; a block where two speakers
+  take turns can score over it too (pyannote_sample: 5.3 s flagged, 0.4 s true overlap).
   With a pyannote pipeline the overlap is the pipeline's own (two speakers active at once).
 - Active speaker: frames sampled at `FACE_FPS`, dlib 68 landmarks of the main face (inside the
   row's `face_box` when the input is a filtered manifest, else the largest detected face), mouth
