@@ -17,6 +17,7 @@ from stages.media import ffmpeg_exe, load_audio, open_container
 from stages.runner import base_row
 from tests.conftest import vidu
 
+DUB_OFFSETS = (0, 10, 20, 30, 40, 50)  # seconds into silero_test.wav
 DER_BOUND = 0.18  # measured 0.161 (collar 0, skip_overlap False) + margin
 
 
@@ -43,19 +44,22 @@ def media(shared_media, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("diarize")
     face = shared_media / "talking" / "retalking_1.mp4"
     own = load_audio(face)
-    other = load_audio(shared_media / "speech" / "silero_test.wav")[10 * 16000:10 * 16000 + len(own)]
-    other = other * np.sqrt(np.mean(own ** 2) / np.mean(other ** 2))  # the same loudness
-    return {"talking": [shared_media / "talking" / f"retalking_{i}.mp4" for i in (1, 2, 5)],
+    speech = load_audio(shared_media / "speech" / "silero_test.wav")
+
+    def other(offset: int) -> np.ndarray:  # another speaker at the same loudness
+        x = speech[offset * 16000:offset * 16000 + len(own)]
+        return x * np.sqrt(np.mean(own ** 2) / np.mean(x ** 2))
+    return {"talking": [shared_media / "talking" / f"retalking_{i}.mp4" for i in range(1, 6)],
             "silent": [shared_media / "scenes" / "chaplin.mp4", shared_media / "scenes" / "big_buck_bunny_0_30.webm"],
-            "mixed": remux(face, own + other, tmp / "mixed.mp4", tmp),
-            "dubbed": remux(face, other, tmp / "dubbed.mp4", tmp), "face": face}
+            "mixed": remux(face, own + other(10), tmp / "mixed.mp4", tmp),
+            "dubbed": [remux(face, other(k), tmp / f"dubbed_{k:02d}.mp4", tmp) for k in DUB_OFFSETS], "face": face}
 
 
 @pytest.fixture(scope="module")
 def rows(media) -> dict:
     stage = Diarize()
     stage.setup()
-    paths = media["talking"] + media["silent"] + [media["mixed"], media["dubbed"]]
+    paths = media["talking"] + media["silent"] + [media["mixed"]] + media["dubbed"]
     return {p.stem: stage.process(clip_row(p)) for p in paths}
 
 
@@ -66,7 +70,8 @@ def test_talking_heads_are_one_onscreen_speaker(rows, media):
         assert r["speakers"] == 1 and r["diarize_method"] == "silero-vad+resemblyzer"
         assert r["overlap_s"] == 0 and r["offscreen_s"] == 0
         assert r["onscreen_s"] == pytest.approx(r["clean_speech_s"]) and r["clean_speech_s"] > 3.0
-        assert all(t["kept"] and t["category"] == "onscreen" and t["confidence"] >= 0.15 for t in r["speech_turns"])
+        assert all(t["kept"] and t["category"] == "onscreen" and t["confidence"] >= Diarize.min_sync
+                   for t in r["speech_turns"])
         assert all(0.5 <= t["energy_ratio"] <= 1 for t in r["speech_turns"])
     assert rows["retalking_1"]["onscreen_s"] == pytest.approx(3.7, abs=0.3)  # silero-vad speech (SOURCES.md)
 
@@ -85,12 +90,18 @@ def test_two_voices_mixed_are_rejected_as_overlap(rows):
     assert all(t["category"] == "overlap" and not t["kept"] and t["confidence"] > 0.14 for t in r["speech_turns"])
 
 
-def test_dubbed_voice_is_offscreen(rows):
-    """The same moving face with another speaker's speech: the mouth no longer follows the sound."""
-    dubbed, own = rows["dubbed"], rows["retalking_1"]
-    assert dubbed["status"] == "ok" and dubbed["onscreen_s"] == 0 and dubbed["offscreen_s"] > 3.0
-    worst_own = min(t["confidence"] for t in own["speech_turns"])
-    assert all(t["confidence"] < worst_own for t in dubbed["speech_turns"])
+def test_dubbed_voices_are_mostly_offscreen(rows, media):
+    """The same moving face with another speaker's speech (silero_test.wav at six offsets, a fixed
+    grid): the mouth no longer follows the sound. On 6 s clips a chance alignment of pauses can
+    still pass the sync test (measured: 2 of 6 dubs have one onscreen speaker), so the bound is on
+    the share of dubbed speech called onscreen, against 100 % for the real talking heads."""
+    dubbed = [rows[p.stem] for p in media["dubbed"]]
+    assert all(r["status"] == "ok" for r in dubbed)
+    onscreen = sum(r["onscreen_s"] for r in dubbed) / sum(r["onscreen_s"] + r["offscreen_s"] for r in dubbed)
+    assert onscreen < 0.35
+    worst_own = min(t["confidence"] for p in media["talking"] for t in rows[p.stem]["speech_turns"])
+    mean_dub = np.mean([t["confidence"] for r in dubbed for t in r["speech_turns"]])
+    assert mean_dub < Diarize.min_sync < worst_own
 
 
 def test_segments_rows(rows):
