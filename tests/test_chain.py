@@ -1,0 +1,77 @@
+"""The whole curation chain through a real shell pipe on ../shared/media:
+
+    vidu prefilter media/ | vidu clip | vidu filter | vidu diarize | vidu caption | vidu embed
+
+and the decisions it must make there: only the five talking clips come out as samples; the music-only
+scenes and the animation stop at filter or diarize with their reasons; every run is in the catalog
+with its input being the previous run's output."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from manifests.io import read_manifest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chain(shared_media, tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("chain")
+    vidu = f"{shlex.quote(sys.executable)} -m vidu_cli"
+    common = f"--workdir {shlex.quote(str(work))} --quiet"
+    steps = [f"{vidu} prefilter {shlex.quote(str(shared_media))} {common}",
+             f"{vidu} clip {common}", f"{vidu} filter {common}", f"{vidu} diarize {common}",
+             f"{vidu} caption {common}", f"{vidu} embed --preset tiny {common}"]
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", " | ".join(steps)], capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    con = duckdb.connect(str(work / "catalog.duckdb"), read_only=True)
+    runs = con.execute("SELECT stage, output, inputs, state FROM runs ORDER BY started_at").fetchall()
+    con.close()
+    return {"work": work, "samples": Path(proc.stdout.strip()), "runs": runs}
+
+
+def _rows(path) -> list[dict]:
+    return read_manifest(path)[0].to_pylist()
+
+
+def test_chain_runs_every_stage_on_the_previous_output(chain):
+    runs = chain["runs"]
+    assert [r[0] for r in runs] == ["prefilter", "clip", "filter", "diarize", "caption", "embed"]
+    assert all(r[3] == "done" for r in runs)
+    for (_, out, _, _), (_, _, inputs, _) in zip(runs, runs[1:]):
+        assert json.loads(inputs) == [out]
+    assert Path(runs[-1][1]) == chain["samples"]
+
+
+def test_chain_keeps_exactly_the_talking_clips(chain):
+    by_stage = {r[0]: _rows(r[1]) for r in chain["runs"]}
+    talking = {f"retalking_{i}" for i in range(1, 6)}
+
+    def name(row: dict) -> str:
+        return Path(row["video_path"]).stem
+
+    filtered = by_stage["filter"]
+    assert {name(r) for r in filtered if r["status"] == "ok"} >= talking
+    for r in filtered:
+        if name(r).startswith("big_buck_bunny"):
+            assert r["status"] == "rejected" and "no_subject" in r["reasons"], r["reasons"]
+    diarized = by_stage["diarize"]
+    assert {name(r) for r in diarized if r["status"] == "ok"} == talking
+    for r in diarized:
+        if name(r) in talking:
+            assert r["speakers"] == 1 and r["onscreen_s"] > 2.5
+        else:
+            assert r["status"] == "rejected" and "no_speech" in r["reasons"], (name(r), r["reasons"])
+    captioned = by_stage["caption"]
+    assert {name(r) for r in captioned} == talking
+    assert all(r["caption_source"] == "measured" and r["chunk_captions"] for r in captioned)
+    samples = _rows(chain["samples"])
+    assert {Path(r["video_path"]).stem for r in samples if r["status"] == "ok"} == talking
