@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -141,8 +140,7 @@ def test_silero_sample_is_one_speaker_without_overlap(shared_media):
 def test_cli_writes_diarized_and_segments_manifests(media, tmp_path):
     clips = tmp_path / "clips.parquet"
     write_table(to_table([clip_row(media["face"]), clip_row(media["silent"][0])], "clips"), clips, {"kind": "clips"})
-    t0 = time.monotonic()
-    proc = vidu("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"), "--quiet")
+    proc = vidu("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"))
     out = proc.stdout.strip()
     assert len(proc.stdout.strip().splitlines()) == 1 and out.endswith(".parquet")
     table, meta = read_manifest(out)
@@ -155,7 +153,6 @@ def test_cli_writes_diarized_and_segments_manifests(media, tmp_path):
     assert smeta == {"kind": "segments", "stage": "diarize", "run_id": meta["run_id"]}
     assert segs.num_rows == len(by_id["retalking_1"]["speech_turns"]) > 0
     assert set(segs.column("clip_id").to_pylist()) == {"retalking_1"}
-    assert time.monotonic() - t0 < 300
 
 
 def test_cli_pyannote_path_that_does_not_load(media, tmp_path):

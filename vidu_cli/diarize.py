@@ -52,6 +52,7 @@ def diarize(
         result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
                            ray_address=ray_address)
         segments = write_segments(result.path, min_energy_ratio)
-        err.print(f"segments: {segments}", highlight=False)
+        if not quiet:
+            err.print(f"segments: {segments}", highlight=False)
         if strict and (result.counts.get("rejected", 0) or result.counts.get("error", 0)):
             raise typer.Exit(1)
