@@ -1,8 +1,10 @@
-"""Curation throughput on the CPU: prefilter and clip over ../shared/media repeated to >= 5 min.
+"""Curation throughput on the CPU: the whole chain prefilter | clip | filter | diarize | caption |
+embed over ../shared/media repeated `--repeat` times.
 
 Run: .venv/bin/python benchmarks/curation.py [--repeat 5] [--workers 1] [--out results.json]
-Reports videos per minute and seconds of video processed per CPU-second (per core), from the
-process's and its children's CPU time, with one thread per worker.
+Reports, per stage, items per minute and seconds of media processed per CPU-second (per core),
+from the process's and its children's CPU time, with one thread per worker. prefilter and clip
+count the source videos' seconds; the later stages the seconds of the clips they were given.
 """
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from manifests.io import read_manifest, workspace  # noqa: E402
+from stages.caption import Caption  # noqa: E402
 from stages.clip import Clip  # noqa: E402
+from stages.diarize import Diarize  # noqa: E402
+from stages.embed import Embed  # noqa: E402
+from stages.filter import Filter  # noqa: E402
 from stages.prefilter import Prefilter, discover, fingerprint  # noqa: E402
 from stages.runner import run_stage  # noqa: E402
 
@@ -67,23 +73,32 @@ def main() -> None:
         clip_items = [{"id": r["id"], "path": r["path"]} for r in rows]  # all copies, duplicates included
         clip, clip_wall, clip_cpu = measure("clip", lambda: run_stage(
             Clip(), clip_items, ["bench"], ["bench"], root, workers=args.workers, quiet=True))
-    result = {
-        "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "workers": args.workers, "videos": len(items), "video_seconds": round(seconds, 1),
-        "prefilter": {"wall_s": round(pre_wall, 2), "cpu_s": round(pre_cpu, 2),
-                      "videos_per_min": round(60 * len(items) / pre_wall, 1),
-                      "x_realtime_per_core": round(seconds / pre_cpu, 1)},
-        "clip": {"wall_s": round(clip_wall, 2), "cpu_s": round(clip_cpu, 2),
-                 "videos_per_min": round(60 * len(items) / clip_wall, 1),
-                 "x_realtime_per_core": round(seconds / clip_cpu, 1)},
-    }
+        result = {"date": time.strftime("%Y-%m-%d"),
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                  "workers": args.workers, "stages": {}}
+        stats = result["stages"]
+        stats["prefilter"] = _stats(len(items), seconds, pre_wall, pre_cpu, pre.counts)
+        stats["clip"] = _stats(len(clip_items), seconds, clip_wall, clip_cpu, clip.counts)
+        previous = clip
+        for stage in (Filter(), Diarize(), Caption(), Embed(preset="tiny", out=str(Path(tmp) / "samples"))):
+            todo = [r for r in read_manifest(previous.path)[0].to_pylist() if r["status"] == "ok"]
+            clip_seconds = sum(r["end_s"] - r["start_s"] for r in todo)
+            previous, wall, cpu = measure(stage.name, lambda: run_stage(
+                stage, todo, [stage.name], ["bench"], root, workers=args.workers, quiet=True))
+            stats[stage.name] = _stats(len(todo), clip_seconds, wall, cpu, previous.counts)
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(f"{len(items)} videos, {seconds:.0f} s of video, {args.workers} worker(s)")
-    print(f"{'stage':<10} {'wall s':>8} {'cpu s':>8} {'videos/min':>11} {'x realtime/core':>16}")
-    for k in ("prefilter", "clip"):
-        r = result[k]
-        print(f"{k:<10} {r['wall_s']:>8} {r['cpu_s']:>8} {r['videos_per_min']:>11} {r['x_realtime_per_core']:>16}")
+    print(f"{'stage':<10} {'items':>6} {'media s':>8} {'wall s':>8} {'cpu s':>8} {'items/min':>10} {'x realtime/core':>16}  out")
+    for k, r in stats.items():
+        print(f"{k:<10} {r['items']:>6} {r['media_s']:>8} {r['wall_s']:>8} {r['cpu_s']:>8} {r['items_per_min']:>10} "
+              f"{r['x_realtime_per_core']:>16}  {r['out']}")
+
+
+def _stats(items: int, media_s: float, wall: float, cpu: float, counts: dict) -> dict:
+    return {"items": items, "media_s": round(media_s, 1), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+            "items_per_min": round(60 * items / wall, 1), "x_realtime_per_core": round(media_s / cpu, 2),
+            "out": dict(sorted(counts.items()))}
 
 
 if __name__ == "__main__":
