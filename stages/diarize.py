@@ -42,6 +42,7 @@ manifest rows of diarized rows).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -242,6 +243,8 @@ def load_pyannote(path: str):
     p = Path(path)
     if not p.exists():
         raise ValueError(f"--pyannote {path}: no such file or directory")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local pipeline only: nothing is downloaded
+    os.environ.setdefault("PYANNOTE_METRICS_ENABLED", "0")  # no telemetry
     try:
         from pyannote.audio import Pipeline
 
@@ -256,9 +259,11 @@ def load_pyannote(path: str):
 
 def diarize_pyannote(audio: np.ndarray, pipeline, path: str) -> Diarization:
     import torch
+    from pyannote.core import Segment
 
     out = pipeline({"waveform": torch.from_numpy(audio[None].astype(np.float32)), "sample_rate": SAMPLE_RATE})
     ann = getattr(out, "speaker_diarization", out)
+    ann = ann.crop(Segment(0.0, len(audio) / SAMPLE_RATE))  # chunks are padded past the end
     turns = _speaker_names([Turn(float(s.start), float(s.end), str(lab))
                             for s, _, lab in ann.itertracks(yield_label=True)])
     speech = [(float(s.start), float(s.end)) for s in ann.get_timeline().support()]

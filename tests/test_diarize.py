@@ -163,3 +163,59 @@ def test_cli_pyannote_path_that_does_not_load(media, tmp_path):
                 str(tmp_path / "pipe"), check=False)
     assert proc.returncode == 2 and "cannot load a pyannote pipeline" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def tiny_pyannote_pipeline(out):
+    """A random pyannote.audio 4 SpeakerDiarization pipeline saved offline as a local folder:
+    config.yaml, a PyanNet segmentation checkpoint (powerset, 3 speakers), an x-vector embedding
+    checkpoint and an identity PLDA, in the formats the library loads. Its turns are random."""
+    import lightning
+    import torch
+    import yaml
+    from pyannote.audio import __version__
+    from pyannote.audio.core.task import Problem, Resolution, Specifications
+    from pyannote.audio.models.embedding import XVectorMFCC
+    from pyannote.audio.models.segmentation import PyanNet
+
+    def save(model, specifications, path):
+        model.specifications = specifications
+        model.build()
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                    "pytorch-lightning_version": lightning.__version__,
+                    "pyannote.audio": {"versions": {"pyannote.audio": __version__},
+                                       "architecture": {"module": type(model).__module__, "class": type(model).__name__},
+                                       "specifications": specifications}}, path)
+
+    out.mkdir(parents=True)
+    torch.manual_seed(0)
+    save(PyanNet(sincnet={"stride": 10}, lstm={"hidden_size": 16, "num_layers": 1, "bidirectional": True},
+                 linear={"hidden_size": 16, "num_layers": 1}),
+         Specifications(problem=Problem.MONO_LABEL_CLASSIFICATION, resolution=Resolution.FRAME, duration=5.0,
+                        classes=["speaker#1", "speaker#2", "speaker#3"], powerset_max_classes=2,
+                        permutation_invariant=True), out / "segmentation.ckpt")
+    save(XVectorMFCC(dimension=32), Specifications(problem=Problem.REPRESENTATION, resolution=Resolution.CHUNK,
+                                                   duration=3.0), out / "embedding.ckpt")
+    (out / "plda").mkdir()
+    np.savez(out / "plda" / "xvec_transform.npz", mean1=np.zeros(32), mean2=np.zeros(32), lda=np.eye(32))
+    np.savez(out / "plda" / "plda.npz", mu=np.zeros(32), tr=np.eye(32), psi=np.ones(32))
+    (out / "config.yaml").write_text(yaml.safe_dump({
+        "version": "4.0.0",
+        "pipeline": {"name": "pyannote.audio.pipelines.SpeakerDiarization",
+                     "params": {"segmentation": str(out / "segmentation.ckpt"), "embedding": str(out / "embedding.ckpt"),
+                                "plda": str(out / "plda"), "clustering": "AgglomerativeClustering"}},
+        "params": {"segmentation": {"min_duration_off": 0.0},
+                   "clustering": {"method": "centroid", "min_cluster_size": 2, "threshold": 0.7}}}))
+    return out
+
+
+def test_local_pyannote_pipeline_runs_in_the_stage(media, tmp_path):
+    path = tiny_pyannote_pipeline(tmp_path / "pipeline")
+    stage = Diarize(pyannote=str(path))
+    stage.setup()
+    row = clip_row(media["face"])
+    r = stage.process(row)
+    assert r["diarize_method"] == f"pyannote:{path}"
+    turns = r["speech_turns"]
+    assert turns and all(row["start_s"] <= t["start"] < t["end"] <= row["end_s"] + 0.1 for t in turns)
+    assert r["speakers"] == len({t["speaker"] for t in turns}) >= 1
+    assert write_table(to_table([r], "diarized"), tmp_path / "d.parquet", {"kind": "diarized"}).is_file()
