@@ -33,7 +33,7 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   pause at the same moments by chance.
 - Speech-energy ratio per turn: 300-3400 Hz energy over total energy (0-8 kHz); turns below
   `min_energy_ratio` are discarded (`low_speech_ratio`).
-- Clip verdict: no speech -> rejected `no_speech`; any overlap -> `overlap`; kept (clean) speech
+- Clip verdict: no speech -> rejected `no_speech`; overlap over `max_overlap` s (default 0) -> `overlap`; kept (clean) speech
   under `min_clean_speech` seconds -> `too_little_speech`.
 
 Library: `diarize_audio` / `diarize_file` (a bare audio file), `segment_rows` (the segments
@@ -411,6 +411,7 @@ class Diarize(Stage):
     min_sync: float = 1.0  # mouth/speech sync z-score (vs shifted audio) from which a turn is onscreen
     min_energy_ratio: float = 0.5
     min_clean_speech: float = 1.0
+    max_overlap: float = 0.0  # seconds of two voices at once a kept clip may have
     vad_threshold: float = 0.5
     pyannote: str | None = None
 
@@ -465,7 +466,7 @@ class Diarize(Stage):
         reasons = list(item.get("reasons") or [])
         if not turns:
             reasons.append("no_speech")
-        elif row["overlap_s"] > 0:
+        elif row["overlap_s"] > self.max_overlap:
             reasons.append("overlap")
         elif clean < self.min_clean_speech:
             reasons.append("too_little_speech")

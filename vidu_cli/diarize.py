@@ -13,6 +13,8 @@ from vidu_cli.chain import run_chain
 from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
 from vidu_cli.report import clean_errors, err
 
+_D = Diarize()  # the defaults
+
 
 def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
     """The segments manifest of a finished diarize run: <workspace>/manifests/<run_id>-segments.parquet."""
@@ -24,13 +26,14 @@ def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
 
 def diarize(
     from_: From = None,
-    threshold: Annotated[float, typer.Option(help="Cosine distance at which speaker clusters stop merging.")] = 0.32,
+    threshold: Annotated[float, typer.Option(help="Cosine distance at which speaker clusters stop merging.")] = _D.threshold,
     num_speakers: Annotated[Optional[int], typer.Option(min=1, help="Fixed number of speakers per clip (default: by threshold).")] = None,
-    min_speaker_share: Annotated[float, typer.Option(help="A speaker needs this share of the speech (else folded into the nearest).")] = 0.15,
-    min_sync: Annotated[float, typer.Option(help="Mouth/speech correlation from which a speaker is onscreen.")] = 0.15,
-    min_energy_ratio: Annotated[float, typer.Option(help="Least 300-3400 Hz energy share of a kept turn.")] = 0.5,
-    min_clean_speech: Annotated[float, typer.Option(help="Least kept speech (s) of a kept clip.")] = 1.0,
-    vad_threshold: Annotated[float, typer.Option(help="silero-vad speech probability threshold.")] = 0.5,
+    min_speaker_share: Annotated[float, typer.Option(help="A speaker needs this share of the speech (else folded into the nearest).")] = _D.min_speaker_share,
+    min_sync: Annotated[float, typer.Option(help="Mouth/speech sync z-score (against shifted audio) from which a speaker is onscreen.")] = _D.min_sync,
+    min_energy_ratio: Annotated[float, typer.Option(help="Least 300-3400 Hz energy share of a kept turn.")] = _D.min_energy_ratio,
+    min_clean_speech: Annotated[float, typer.Option(help="Least kept speech (s) of a kept clip.")] = _D.min_clean_speech,
+    max_overlap: Annotated[float, typer.Option(help="Most seconds of two voices at once in a kept clip.")] = _D.max_overlap,
+    vad_threshold: Annotated[float, typer.Option(help="silero-vad speech probability threshold.")] = _D.vad_threshold,
     pyannote: Annotated[Optional[Path], typer.Option(help="Local pyannote.audio pipeline (folder with config.yaml) to use instead.")] = None,
     workers: Workers = 1,
     workdir: Workdir = None,
@@ -48,6 +51,7 @@ def diarize(
             load_pyannote(str(pyannote))  # fail early with one line
         stage = Diarize(threshold=threshold, num_speakers=num_speakers, min_speaker_share=min_speaker_share,
                         min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
+                        max_overlap=max_overlap,
                         vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None)
         result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
                            ray_address=ray_address)
