@@ -28,7 +28,7 @@ from stages.diarize import Diarize  # noqa: E402
 from stages.embed import Embed  # noqa: E402
 from stages.filter import Filter  # noqa: E402
 from stages.prefilter import Prefilter, discover, fingerprint  # noqa: E402
-from stages.runner import run_stage  # noqa: E402
+from stages.run import run_stage  # noqa: E402
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 
 from models.wan_vae import VAEConfig
 
+# the instruction a model is conditioned on when none is given (training without a caption, streaming
+# before the first instruction)
+NEUTRAL_TEXT = "a person talking to the camera"
+
 
 @dataclass(frozen=True)
 class DiTConfig:

@@ -44,8 +44,8 @@ import numpy as np
 from scipy import signal
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
-from stages.media import clip_audio, clip_frames
-from stages.runner import Stage, base_row
+from stages.sense.media import clip_audio, clip_frames
+from stages.run import Stage, base_row
 
 SR = 16000
 FRAME = 512  # 32 ms analysis frames at 16 kHz

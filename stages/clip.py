@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from stages.media import ffmpeg_exe, keyframe_times, load_audio, video_frame_count
-from stages.runner import Stage, base_row
-from stages.speech import load_vad, speech_segments
+from stages.sense.media import ffmpeg_exe, keyframe_times, load_audio, video_frame_count
+from stages.run import Stage, base_row
+from stages.sense.speech import load_vad, speech_segments
 
 DETECTORS = ("adaptive", "content", "threshold", "histogram", "hash")
 

@@ -49,9 +49,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.media import clip_audio, clip_frames, load_audio
-from stages.runner import Stage, base_row
-from stages.speech import SAMPLE_RATE, load_vad, speech_segments
+from stages.sense.media import clip_audio, clip_frames, load_audio
+from stages.run import Stage, base_row
+from stages.sense.speech import SAMPLE_RATE, load_vad, speech_segments
 
 WINDOW_S, HOP_S = 1.5, 0.75  # speaker-embedding windows for clustering
 DENSE_HOP_S = 0.25  # windows for the overlap score
@@ -300,7 +300,7 @@ def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] |
 
     The face is detected every `REDETECT` frames (the one overlapping the row's `face_box` most when
     the input is a filtered manifest, else the largest); landmarks in between use the last box."""
-    from stages import faces
+    from stages.sense import faces
 
     frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
     opening = np.full(len(frames), np.nan)

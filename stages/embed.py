@@ -18,7 +18,7 @@ Method, per clip row (any kind of the curation chain; the source video is decode
   plus the latent of the first frame alone as the reference ("ref").
 - Audio: the window's 16 kHz mono samples ("wave", T * 16000 / fps of them) and their log-mel
   conditioning features per latent frame (models.audio.audio_features, the training definition).
-- Text: the row's `caption` (else the neutral prompt stages.train.data.NEUTRAL_TEXT, recorded as
+- Text: the row's `caption` (else the neutral prompt models.config.NEUTRAL_TEXT, recorded as
   text_source "neutral") through MiniLM or umT5 (local directory), [L, D] with L <= text_len.
 
 Storage: <out>/<clip id>.NNN.safetensors, the clip's windows in as few shards as keep each under
@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from models.config import ModelConfig, preset as get_preset
-from stages.runner import Stage, base_row, not_param
-from stages.train.data import NEUTRAL_TEXT, to_video
+from stages.run import Stage, base_row, not_param
+from models.config import NEUTRAL_TEXT
+from stages.samples import shard_name, to_video, write_shard
 
 SHARD_BYTES = 256 * 2**20       # frames per shard file at most (windows of one clip share a shard up to this)
 TIME_EPS = 1e-6
@@ -102,7 +103,7 @@ def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int,
 
     `box_for(W, H)` gives the crop box once the frame size is known. Returns (frames [N, out_h,
     out_w, 3] uint8, source frame index per grid time [N], measured source fps, the crop box)."""
-    from stages.media import open_container
+    from stages.sense.media import open_container
     out: list[np.ndarray] = []
     picked: list[int] = []
     times: list[float] = []
@@ -147,43 +148,6 @@ def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
     if segments is None:
         return None
     return sum(max(0.0, min(s["end"], b) - max(s["start"], a)) for s in segments)
-
-
-def shard_name(clip_id: str, index: int) -> str:
-    """The file name of a clip's shard `index` (ids may hold any character: unsafe ones become _ plus a hash)."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", clip_id)
-    if safe != clip_id:
-        safe += "-" + hashlib.blake2b(clip_id.encode(), digest_size=4).hexdigest()
-    return f"{safe}.{index:03d}.safetensors"
-
-
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Atomic: a uniquely named temp file in the same folder, renamed over the target."""
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(v) for k, v in metadata.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_sample(row: dict) -> dict[str, torch.Tensor]:
-    """The tensors of one samples-manifest row: video, ref (latent kinds), audio, wave, text."""
-    from safetensors import safe_open
-    path = Path(row["shard"])
-    if not path.is_file():
-        raise FileNotFoundError(f"shard of sample {row['id']} not found: {path}")
-    p = row["key_prefix"]
-    with safe_open(str(path), "pt") as f:
-        keys = set(f.keys())
-        names = {"video": f"{p}/video", "ref": f"{p}/ref", "audio": f"{p}/audio", "wave": f"{p}/wave",
-                 "text": "text"}
-        return {name: f.get_tensor(key) for name, key in names.items() if key in keys}
 
 
 @dataclass
@@ -248,7 +212,7 @@ class Embed(Stage):
                         video_path=item.get("video_path"), preset=self.cfg.name)
 
     def process(self, item: dict) -> list[dict]:
-        from stages.media import load_audio
+        from stages.sense.media import load_audio
         cfg = self.cfg
         T, fps = cfg.video_frames, cfg.audio.fps
         starts = window_starts(item["start_s"], item["end_s"], T, fps, self.max_windows)

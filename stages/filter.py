@@ -1,7 +1,7 @@
 """`vidu filter`: measure each clip and reject the ones unfit for talking-avatar training.
 
 Frames are sampled on a regular grid over the clip (`sample_fps`, longer side at most `max_side`;
-stages.media.clip_frames) and every measure below is computed on them; each rejection names its
+stages.sense.media.clip_frames) and every measure below is computed on them; each rejection names its
 reasons. Luma is Rec.601 in [0, 1]; "active area" excludes letterbox/pillarbox bars (rows and
 columns that stay near black in every sampled frame).
 
@@ -42,8 +42,8 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
-from stages.media import clip_frames
-from stages.runner import Stage, base_row
+from stages.sense.media import clip_frames
+from stages.run import Stage, base_row
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 Detector = Callable[[np.ndarray], list[tuple[Box, float]]]  # RGB frame -> [(pixel box, score)]
@@ -141,7 +141,7 @@ def subject_measures(detections: list[list[Box]], width: int, height: int, min_t
 
 
 def _dlib_hog(upsample: int) -> Detector:
-    from stages import faces
+    from stages.sense import faces
 
     return lambda rgb: faces.face_boxes(rgb, upsample)
 

@@ -19,8 +19,8 @@ from typing import ClassVar
 import numpy as np
 
 from manifests.io import file_digest
-from stages.media import MediaError, fraction_to_float, gray_frames_at, hamming, open_container, phash, scan_streams
-from stages.runner import Stage, base_row
+from stages.sense.media import MediaError, fraction_to_float, gray_frames_at, hamming, open_container, phash, scan_streams
+from stages.run import Stage, base_row
 
 HASH_POSITIONS = [(i + 0.5) / 8 for i in range(8)]  # relative positions of decode probes / phashes
 

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from manifests.io import workspace
-from stages.runner import RunResult, Stage, base_row, run_stage
+from stages.run import RunResult, Stage, base_row, run_stage
 from stages.synthavatar import (EYE_ASPECT, EYE_WHITE, HAND_RAISE, HAND_REACH, MOUTH, MOUTH_OPEN, MOUTH_REST,
                                 NOD_DROP, PUPIL, PUPIL_R, Identity, Scene, State, random_identity,
                                 random_scene, render, render_clip, shade, skin_tolerance)

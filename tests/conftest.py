@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.media import ffmpeg_exe
+from stages.sense.media import ffmpeg_exe
 from stages.synthmedia import talking_video, transcode
 
 SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"

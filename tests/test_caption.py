@@ -9,7 +9,7 @@ import pytest
 from manifests.io import read_manifest, to_table, write_table
 from models.hf import check_model
 from stages.caption import Caption, loudness_lufs, parse_visual_json, syllable_nuclei
-from stages.runner import base_row
+from stages.run import base_row
 from tests.conftest import vidu
 
 # retalking_1 (6.1 s): silero-vad speech at 0.00-2.52 s and 3.49-4.67 s (3.70 s); we feed these as turns

@@ -7,9 +7,9 @@ import scenedetect
 
 from manifests.io import read_manifest, workspace
 from stages.clip import Clip, detect_shots, plan_cuts, silent_intervals
-from stages.media import ffmpeg_exe, load_audio
-from stages.runner import run_stage
-from stages.speech import load_vad, speech_segments
+from stages.sense.media import ffmpeg_exe, load_audio
+from stages.run import run_stage
+from stages.sense.speech import load_vad, speech_segments
 from stages.synthmedia import talking_video
 
 

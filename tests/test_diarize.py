@@ -12,8 +12,8 @@ from scipy.io import wavfile
 
 from manifests.io import read_manifest, to_table, write_table
 from stages.diarize import Diarize, diarize_file, segment_rows
-from stages.media import ffmpeg_exe, load_audio, open_container
-from stages.runner import base_row
+from stages.sense.media import ffmpeg_exe, load_audio, open_container
+from stages.run import base_row
 from tests.conftest import vidu
 
 DUB_OFFSETS = (0, 10, 20, 30, 40, 50)  # seconds into silero_test.wav

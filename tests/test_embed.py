@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from manifests.io import read_manifest, to_table, workspace, write_table
-from stages import faces
-from stages.embed import Embed, crop_window, read_sample, sample_config, window_starts
-from stages.runner import base_row, run_stage
+from stages.sense import faces
+from stages.embed import Embed, crop_window, sample_config, window_starts
+from stages.samples import read_sample
+from stages.run import base_row, run_stage
 from tests.conftest import vidu
 
 CAPTION = "a woman speaks to the camera"
@@ -137,7 +138,7 @@ def test_samples_shapes_dtypes_and_columns(embedded, rows):
     assert a["source_fps"] == pytest.approx(22.13, abs=0.3) and a["repeated_frames"] >= 2
     assert b["source_fps"] == pytest.approx(30.0, abs=0.05) and b["repeated_frames"] == 0
     wave = read_sample(a)["wave"]
-    from stages.media import load_audio
+    from stages.sense.media import load_audio
     full = load_audio(rows[0]["video_path"])
     assert torch.equal(wave, torch.from_numpy(full[8000:8000 + 10880]))          # 0.5 s at 16 kHz
 
@@ -202,7 +203,7 @@ def test_vae_and_taehv_latents_and_training_on_them(captioned, embedded, umt5, t
     from models.config import PRESETS
     from models.taehv import TAEHV
     from models.wan_vae import WanVAE
-    from stages.train.data import to_video
+    from stages.samples import to_video
     from stages.train.loop import TrainSettings, train
     cfg = PRESETS["tiny"]
     torch.manual_seed(0)

@@ -7,10 +7,10 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from manifests.io import read_manifest, to_table, write_table
-from stages.faces import model_file
+from stages.sense.faces import model_file
 from stages.filter import OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
-from stages.media import clip_frames
-from stages.runner import base_row, run_stage
+from stages.sense.media import clip_frames
+from stages.run import base_row, run_stage
 from stages.synthmedia import write_video
 from tests.conftest import vidu
 

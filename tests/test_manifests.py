@@ -5,7 +5,7 @@ import pytest
 from manifests import catalog
 from manifests.io import ManifestError, read_manifest, to_table, workspace, write_table
 from manifests.schemas import CLIPS, SCHEMAS, VIDEOS
-from stages.runner import base_row
+from stages.run import base_row
 
 
 def _video_row(i: int, status: str = "ok") -> dict:

@@ -5,7 +5,7 @@ import pytest
 
 from manifests.io import read_manifest, workspace
 from stages.prefilter import Prefilter, discover, fingerprint
-from stages.runner import run_stage
+from stages.run import run_stage
 
 SMALL = dict(min_short_side=100)  # the generated files are 320x180
 

@@ -13,7 +13,7 @@ import pytest
 from manifests import catalog
 from manifests.io import read_manifest, workspace
 from stages.prefilter import Prefilter, discover, fingerprint
-from stages.runner import run_stage
+from stages.run import run_stage
 
 
 @pytest.fixture(scope="module")

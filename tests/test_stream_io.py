@@ -16,7 +16,7 @@ import av
 import numpy as np
 import pytest
 
-from stages.media import load_audio
+from stages.sense.media import load_audio
 from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, StreamError
 from stages.stream.io import Mp4Sink, RawSink, open_audio, read_instructions
 from stages.synthmedia import render_avatar, random_look, write_video

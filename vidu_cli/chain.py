@@ -7,7 +7,7 @@ from pathlib import Path
 from manifests.io import ManifestError, file_digest, ok_rows, read_manifest, workspace
 from manifests.pipe import input_manifests
 from manifests.schemas import CHAIN
-from stages.runner import RunResult, Stage, run_stage
+from stages.run import RunResult, Stage, run_stage
 from vidu_cli.report import finish
 
 

@@ -6,7 +6,7 @@ import typer
 
 from manifests.io import workspace
 from stages.prefilter import Prefilter, discover, fingerprint
-from stages.runner import run_stage
+from stages.run import run_stage
 from vidu_cli.options import Executor, RayAddress, Quiet, Strict, Workdir, Workers
 from vidu_cli.report import clean_errors, fail, finish
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from manifests.catalog import CatalogError
 from manifests.io import ManifestError, read_manifest
 from manifests.pipe import emit
-from stages.runner import RunResult
+from stages.run import RunResult
 
 err = Console(stderr=True)
 

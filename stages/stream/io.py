@@ -26,7 +26,7 @@ from typing import BinaryIO, TextIO
 
 import numpy as np
 
-from stages.media import MediaError, ffmpeg_exe, load_audio
+from stages.sense.media import MediaError, ffmpeg_exe, load_audio
 from stages.stream.events import SAMPLE_RATE, AudioChunk, AudioEnd, EventQueue, Instruction, StreamError
 
 CHUNK = 1600  # samples per AudioChunk: 0.1 s at 16 kHz

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from models.audio import audio_features, audio_latent
-from models.config import ModelConfig
+from models.config import NEUTRAL_TEXT, ModelConfig
 from models.pca_codec import PCACodec
+from stages.samples import to_video
 
 FIT_CLIPS = 32
-NEUTRAL_TEXT = "a person talking to the camera"
 
 
 def clip_seed(seed: int, i: int) -> int:
@@ -108,7 +108,7 @@ def check_samples(rows: list[dict], cfg: ModelConfig, path: str | Path) -> None:
 def read_sample_clip(row: dict) -> dict:
     """A `vidu embed` sample in the clip form encode_clip takes: frames (or latents), the waveform,
     the stored audio features, and the text features in place of the text."""
-    from stages.embed import read_sample
+    from stages.samples import read_sample
     t = read_sample(row)
     c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": t["text"]}
     if row["latent_kind"] == "frames":
@@ -124,7 +124,7 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
     the first frame as reference, the instruction from the ground-truth sidecar (if any)."""
     import json
     from models.encoders import image_tensor
-    from stages.media import load_audio, open_container
+    from stages.sense.media import load_audio, open_container
     T, fps = cfg.video_frames, cfg.audio.fps
     frames = []
     with open_container(row["path"]) as c:
@@ -160,11 +160,6 @@ def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
     if d.joint_audio:
         s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, cfg.audio)
     return s
-
-
-def to_video(frames: np.ndarray) -> torch.Tensor:
-    """[T, H, W, 3] uint8 -> [1, 3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
 
 
 def _encode_index(source: ClipSource, codec: PCACodec | None, i: int) -> dict:

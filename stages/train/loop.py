@@ -255,7 +255,7 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
     params = {"train": st.to_dict(), "model": trainer.cfg.to_dict(), "world_size": d.world}
     if d.main and root is not None:
         from manifests import catalog
-        from stages.runner import code_version
+        from stages.run.runner import code_version
         catalog.record_start(root, run_id, f"train-{st.stage}", "checkpoint", params, code_version(),
                              [st.init_from] if st.init_from else [], str(out))
     t0, n0 = time.perf_counter(), trainer.step

@@ -9,13 +9,13 @@ A stage is a dataclass of parameters (see `Stage`). The runner gives every stage
 - per-row error capture: an exception (or a worker that dies) becomes a status=error row;
 - a rich progress bar on stderr, and a row in the catalog with lineage and counts.
 
-The executor seam is `_execute`: it takes pending items and yields (item_id, rows) pairs; a Ray
-executor is another implementation of that generator.
+The executor seam is `execute`: it takes pending items and yields (item_id, rows) pairs, from
+local processes (stages/run/local.py) or Ray actors (stages/run/ray.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
@@ -39,158 +39,45 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from manifests import catalog
 from manifests.io import read_manifest, read_meta, to_table, write_table
-from manifests.schemas import SCHEMAS, empty_row
+from manifests.schemas import SCHEMAS
+from stages.run.contract import RunResult, Stage
+from stages.run.local import execute_local
 
 FLUSH_SECONDS = float(os.environ.get("VIDU_FLUSH_SECONDS", "2.0"))  # resume-point interval
 FLUSH_ROWS = 256
 
 
-@dataclass
-class Stage:
-    """Base of every stage: parameters are dataclass fields (they make the run id)."""
-
-    name: ClassVar[str]  # e.g. "prefilter"; also the SQL view name
-    kind: ClassVar[str]  # output manifest kind, a key of manifests.schemas.SCHEMAS
-    version: ClassVar[str]  # bump when the same inputs and parameters would give other rows
-    reads: ClassVar[tuple[str, ...]]  # input columns used
-    writes: ClassVar[tuple[str, ...]]  # output columns set
-
-    def setup(self) -> None:
-        """Load models once per worker."""
-
-    def process(self, item: dict) -> list[dict]:
-        raise NotImplementedError
-
-    def error_row(self, item: dict, message: str) -> dict:
-        """The row recorded when `process(item)` raised."""
-        raise NotImplementedError
-
-    def finalize(self, rows: list[dict]) -> list[dict]:
-        """A whole-run step after all items (e.g. de-duplication); must be deterministic."""
-        return rows
-
-    def params(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("param", True)}
-
-
-def not_param(default) -> dataclasses.Field:
-    """A stage field that does not change results (e.g. a progress flag): left out of the run id."""
-    return field(default=default, metadata={"param": False})
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    path: Path
-    counts: dict[str, int]
-    reused: int
-    seconds: float
-    cached: bool = False
-
-
 def code_version() -> str:
-    from vidu_cli import __version__
-
-    here = Path(__file__).resolve().parent.parent
+    """The installed package version, plus the git revision when running from a checkout."""
+    try:
+        version = importlib.metadata.version("vidu")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0+unknown"
+    here = Path(__file__).resolve().parents[2]
     try:
         rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    return f"{__version__}+{rev}" if rev else __version__
+    return f"{version}+{rev}" if rev else version
+
+
+def execute(stage: Stage, items: list[dict], workers: int, executor: str = "local",
+            ray_address: str | None = None) -> Iterator[tuple[str, list[dict]]]:
+    """Yield (item id, output rows) as items finish, in any order, from the chosen executor."""
+    if executor == "ray":
+        from stages.run.ray import execute_ray
+        yield from execute_ray(stage, items, workers, ray_address)
+    elif executor == "local":
+        yield from execute_local(stage, items, workers)
+    else:
+        raise ValueError(f"unknown executor {executor!r}; choose local or ray")
 
 
 def run_id_for(stage: Stage, fingerprint: list) -> str:
     blob = json.dumps({"stage": stage.name, "version": stage.version, "params": stage.params(),
                        "inputs": fingerprint}, sort_keys=True, default=str)
     return f"{stage.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
-
-
-# ---------------------------------------------------------------------------------------------
-# execution
-
-_WORKER_STAGE: Stage | None = None
-
-
-def _worker_init(stage: Stage) -> None:
-    global _WORKER_STAGE
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER_STAGE = stage
-    stage.setup()
-
-
-def _safe_process(stage: Stage, item: dict) -> list[dict]:
-    try:
-        out = stage.process(item)
-        return out if isinstance(out, list) else [out]
-    except av.error.ExitError:  # PyAV reports a Ctrl-C that arrived inside FFmpeg this way
-        raise KeyboardInterrupt from None
-    except Exception as e:  # recorded on the row, never raised through the run
-        msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        row = stage.error_row(item, msg)
-        row.update(status="error", error=msg)
-        row["reasons"] = list(row.get("reasons") or []) + ["exception"]
-        return [row]
-
-
-def _worker_process(item: dict) -> list[dict]:
-    assert _WORKER_STAGE is not None
-    return _safe_process(_WORKER_STAGE, item)
-
-
-def _crash_rows(stage: Stage, item: dict) -> list[dict]:
-    row = stage.error_row(item, "worker process died")
-    row.update(status="error", error="worker process died while processing this item")
-    row["reasons"] = list(row.get("reasons") or []) + ["worker_crashed"]
-    return [row]
-
-
-def _execute(stage: Stage, items: list[dict], workers: int, executor: str = "local",
-             ray_address: str | None = None) -> Iterator[tuple[str, list[dict]]]:
-    """Yield (item id, output rows) as items finish, in any order."""
-    if executor == "ray":
-        from stages.rayexec import execute_ray
-        yield from execute_ray(stage, items, workers, ray_address)
-        return
-    if executor != "local":
-        raise ValueError(f"unknown executor {executor!r}; choose local or ray")
-    if workers <= 1:
-        stage.setup()
-        for it in items:
-            yield it["id"], _safe_process(stage, it)
-        return
-    ctx = mp.get_context("spawn")
-    queue = list(reversed(items))
-    suspects: list[dict] = []
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
-    try:
-        running = {}
-        while queue or running:
-            while queue and len(running) < 2 * workers:
-                it = queue.pop()
-                running[pool.submit(_worker_process, it)] = it
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            broken = False
-            for fut in done:
-                it = running.pop(fut)
-                try:
-                    yield it["id"], fut.result()
-                except BrokenProcessPool:
-                    broken = True
-                    suspects.append(it)
-            if broken:  # every in-flight item is a suspect; each is retried alone below
-                suspects.extend(running.values())
-                running.clear()
-                pool.shutdown(wait=False, cancel_futures=True)
-                pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage,))
-        for it in suspects:
-            with ProcessPoolExecutor(1, mp_context=ctx, initializer=_worker_init, initargs=(stage,)) as solo:
-                try:
-                    yield it["id"], solo.submit(_worker_process, it).result()
-                except BrokenProcessPool:
-                    yield it["id"], _crash_rows(stage, it)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +173,7 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
     try:
         with _progress(quiet, stage.name) as bar, _sigint_seen() as seen:
             task = bar.add_task(stage.name, total=len(items), completed=len(items) - len(pending))
-            for item_id, rows in _execute(stage, pending, workers, executor, ray_address):
+            for item_id, rows in execute(stage, pending, workers, executor, ray_address):
                 if seen():
                     raise KeyboardInterrupt
                 done[item_id] = rows
@@ -322,10 +209,4 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
     shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(run_id, out, counts, reused, seconds)
 
-
-def base_row(kind: str, **values) -> dict:
-    row = empty_row(SCHEMAS[kind])
-    row.update(status="ok", run_id="")
-    row.update(values)
-    return row
 

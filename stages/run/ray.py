@@ -1,4 +1,4 @@
-"""The Ray executor: the runner's `_execute` contract on a Ray cluster.
+"""The Ray executor: the same contract as `stages.run.local.execute_local` on a Ray cluster.
 
 `workers` actors each hold one copy of the stage (its `setup()` runs once per actor, as in a local
 worker process) and process items sent to them, at most two in flight per actor; results come back
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Iterator
+
+from stages.run.contract import crash_rows, safe_process
 
 PACKAGES = ("stages", "manifests", "models", "kernels")
 
@@ -34,7 +36,7 @@ def _connect(address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if address:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parents[2]
         kwargs["runtime_env"] = {"py_modules": [str(root / p) for p in PACKAGES]}
     else:
         kwargs["num_cpus"] = os.cpu_count() or 1
@@ -70,8 +72,7 @@ def _actor_class():
             stage.setup()
 
         def process(self, item: dict) -> list[dict]:
-            from stages.runner import _safe_process
-            return _safe_process(self.stage, item)
+            return safe_process(self.stage, item)
 
     return StageActor
 
@@ -80,8 +81,6 @@ def execute_ray(stage, items: list[dict], workers: int, address: str | None) -> 
     """Yield (item id, rows) as the actors finish items."""
     import ray
     from ray.exceptions import RayActorError, WorkerCrashedError
-
-    from stages.runner import _crash_rows
 
     started = _connect(address)
     actor_cls = _actor_class()
@@ -103,7 +102,7 @@ def execute_ray(stage, items: list[dict], workers: int, address: str | None) -> 
                 try:
                     yield it["id"], ray.get(ref)
                 except (RayActorError, WorkerCrashedError):
-                    yield it["id"], _crash_rows(stage, it)
+                    yield it["id"], crash_rows(stage, it)
                     stale = [r for r, (_, b) in running.items() if b == a]
                     for r in stale:  # the dead actor's other items go back to the queue
                         queue.append(running.pop(r)[0])
