@@ -74,17 +74,20 @@ def active_area(Y: np.ndarray, black: float = 0.08) -> tuple[slice, slice]:
 # ---------------------------------------------------------------------------------------------
 # subject: detection and tracking
 
-def iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def box_iou(a: list[Box], b: list[Box]) -> np.ndarray:
+    """[len(a), len(b)] IoU matrix (torchvision.ops.box_iou; 0 where both boxes are empty)."""
+    import torch
+    from torchvision.ops import box_iou as tv_box_iou
+
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    m = tv_box_iou(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+    return torch.nan_to_num(m, nan=0.0).numpy()
 
 
-def _same_face(a: Box, b: Box, min_iou: float) -> float:
-    """Match score of two boxes: IoU, or (when IoU is low) closeness of centres within half a box."""
-    o = iou(a, b)
+def _same_face(a: Box, b: Box, o: float, min_iou: float) -> float:
+    """Match score of two boxes of IoU `o`: the IoU, or (when it is low) closeness of centres
+    within half a box."""
     if o >= min_iou:
         return o
     size = max(a[2] - a[0], a[3] - a[1], b[2] - b[0], b[3] - b[1])
@@ -93,12 +96,16 @@ def _same_face(a: Box, b: Box, min_iou: float) -> float:
 
 
 def nms(scored: list[tuple[Box, float]], max_iou: float = 0.5) -> list[Box]:
-    """Boxes by decreasing score, dropping any that overlaps a kept one by more than `max_iou`."""
-    kept: list[Box] = []
-    for box, _ in sorted(scored, key=lambda bs: -bs[1]):
-        if all(iou(box, k) <= max_iou for k in kept):
-            kept.append(box)
-    return kept
+    """Boxes by decreasing score, dropping any that overlaps a kept one by more than `max_iou`
+    (torchvision.ops.nms)."""
+    import torch
+    from torchvision.ops import nms as tv_nms
+
+    if not scored:
+        return []
+    boxes = torch.tensor([b for b, _ in scored], dtype=torch.float64)
+    keep = tv_nms(boxes, torch.tensor([s for _, s in scored], dtype=torch.float64), max_iou)
+    return [scored[i][0] for i in keep.tolist()]
 
 
 def track_faces(detections: list[list[Box]], min_iou: float = 0.3, max_gap: int = 3) -> list[dict[int, Box]]:
@@ -106,14 +113,15 @@ def track_faces(detections: list[list[Box]], min_iou: float = 0.3, max_gap: int 
     the last `max_gap` frames (one box per track per frame), else starts a new track."""
     tracks: list[dict[int, Box]] = []
     for t, boxes in enumerate(detections):
+        live = [k for k, tr in enumerate(tracks) if t - max(tr) <= max_gap]
+        lasts = [tracks[k][max(tracks[k])] for k in live]
+        overlap = box_iou(list(boxes), lasts)  # [boxes, live tracks]
         pairs = []
         for i, b in enumerate(boxes):
-            for k, tr in enumerate(tracks):
-                last = max(tr)
-                if t - last <= max_gap:
-                    s = _same_face(tr[last], b, min_iou)
-                    if s > 0:
-                        pairs.append((s, i, k))
+            for j, k in enumerate(live):
+                s = _same_face(lasts[j], b, float(overlap[i, j]), min_iou)
+                if s > 0:
+                    pairs.append((s, i, k))
         used_box, used_track = set(), set()
         for s, i, k in sorted(pairs, reverse=True):
             if i not in used_box and k not in used_track:
@@ -239,24 +247,19 @@ def flicker(Y: np.ndarray) -> float:
 
 
 def _hann(h: int, w: int) -> np.ndarray:
-    return np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
+    import cv2
+
+    return cv2.createHanningWindow((w, h), cv2.CV_32F)  # [h, w] float32
 
 
 def phase_shift(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> tuple[float, float]:
-    """(dy, dx) that moves image a onto image b (b[y, x] ~ a[y - dy, x - dx]), sub-pixel."""
-    fa, fb = np.fft.rfft2((a - a.mean()) * window), np.fft.rfft2((b - b.mean()) * window)
-    r = fb * np.conj(fa)
-    r = np.fft.irfft2(r / (np.abs(r) + 1e-9), s=a.shape)
-    iy, ix = np.unravel_index(int(np.argmax(r)), r.shape)
-    h, w = r.shape
+    """(dy, dx) that moves image a onto image b (b[y, x] ~ a[y - dy, x - dx]), sub-pixel
+    (cv2.phaseCorrelate); (0, 0) when the images hold no signal to correlate."""
+    import cv2
 
-    def refine(c: float, m: float, p: float) -> float:
-        den = m - 2 * c + p
-        return 0.5 * (m - p) / den if abs(den) > 1e-12 else 0.0
-
-    dy = iy + refine(r[iy, ix], r[(iy - 1) % h, ix], r[(iy + 1) % h, ix])
-    dx = ix + refine(r[iy, ix], r[iy, (ix - 1) % w], r[iy, (ix + 1) % w])
-    return (dy - h if dy > h / 2 else dy), (dx - w if dx > w / 2 else dx)
+    (dx, dy), response = cv2.phaseCorrelate(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32),
+                                            window)
+    return (float(dy), float(dx)) if response > 0 else (0.0, 0.0)
 
 
 def background_tiles(shape: tuple[int, int], region: tuple[slice, slice] | None, grid: int = 4) -> list[tuple[slice, slice]]:

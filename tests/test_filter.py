@@ -8,7 +8,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from manifests.io import read_manifest, to_table, write_table
 from stages.sense.faces import model_file
-from stages.filter import OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, global_motion, parse_omni, phase_shift, subject_measures, _hann
+from stages.filter import (OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, box_iou, global_motion, nms, parse_omni, phase_shift,
+                           subject_measures, _hann)
 from stages.sense.media import clip_frames
 from stages.run import base_row, run_stage
 from stages.synthmedia import write_video
@@ -31,12 +32,25 @@ def test_one_spurious_detection_is_not_a_second_subject():
     assert subject_measures(two, 400, 400, 0.25)["subject_count"] == 2
 
 
+def test_iou_and_nms_on_exact_boxes():
+    a, b, c = (0, 0, 10, 10), (5, 0, 15, 10), (100, 100, 110, 110)
+    assert box_iou([a], [b, c, a])[0] == pytest.approx([50 / 150, 0.0, 1.0])
+    assert box_iou([], [a]).shape == (0, 1)
+    # b overlaps a by 1/3: dropped at max_iou 0.3, kept at 0.5; the best-scored box comes first
+    assert nms([(a, 0.5), (b, 0.9), (c, 0.1)], max_iou=0.3) == [b, c]
+    assert nms([(a, 0.5), (b, 0.9), (c, 0.1)], max_iou=0.5) == [b, a, c]
+    assert nms([]) == []
+
+
 def test_phase_correlation_recovers_a_translation():
     rng = np.random.default_rng(0)
     a = np.asarray(Image.fromarray((rng.random((96, 128)) * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(1)),
                    np.float32) / 255
     b = np.roll(a, (3, -5), axis=(0, 1))
     assert phase_shift(a, b, _hann(96, 128)) == pytest.approx((3.0, -5.0), abs=0.05)
+    assert phase_shift(a, a, _hann(96, 128)) == pytest.approx((0.0, 0.0), abs=0.01)
+    flat = np.zeros_like(a)
+    assert phase_shift(flat, flat, _hann(96, 128)) == (0.0, 0.0)  # no signal: no shift, not half the tile
     # tiles: a subject region moving on its own does not change the background's zero motion
     c = a.copy()
     c[20:80, 40:90] = np.roll(a, 7, axis=1)[20:80, 40:90]
