@@ -207,6 +207,64 @@ SAMPLES = pa.schema(COMMON + [
     pa.field("key_prefix", pa.string()),
 ])
 
+# --- eval benchmarks (stages/eval/bench/ owns this block). bench_samples: one row per benchmark
+# sample (synth | streambench | hdtf): a reference image, speech, timed instructions and, where the
+# benchmark has one, a ground-truth video (and the synth ground truth). eval: one row per sample
+# scored for one system (a checkpoint, the random-weight preset, or "oracle" = the ground truth).
+BENCH_SAMPLES = pa.schema(COMMON + [
+    pa.field("bench", pa.string(), nullable=False),  # synth | streambench | hdtf
+    pa.field("image", pa.string()),  # reference first frame (png/jpg)
+    pa.field("audio", pa.string()),  # speech (wav), 16 kHz mono once indexed
+    pa.field("instruction", pa.string()),  # the sample's action instruction ("" = none)
+    pa.field("events", pa.string()),  # JSON [[start_s, end_s, text], ...] timed instructions
+    pa.field("video", pa.string()),  # ground-truth video (synth render, hdtf clip), or null
+    pa.field("truth", pa.string()),  # .json ground truth of a synth case (tracks, identity), or null
+    pa.field("seed", pa.int64()),  # synth: stages.synth.make_sample(seed) reproduces the case
+    pa.field("control_seed", pa.int64()),  # synth: case whose speech is the mismatched-audio control
+    pa.field("seconds", pa.float64()),  # audio length
+    pa.field("source", pa.string()),  # where the sample came from (user folder line, hdtf file, builtin)
+])
+EVAL = pa.schema(COMMON + [
+    pa.field("bench", pa.string(), nullable=False),
+    pa.field("system", pa.string(), nullable=False),  # oracle | random:<preset> | checkpoint path
+    pa.field("sample_id", pa.string(), nullable=False),  # id of the bench_samples row (parent_id too)
+    pa.field("video_path", pa.string()),  # the system's video of this sample (small mp4, for --ab)
+    pa.field("frames", pa.int32()),
+    pa.field("seconds", pa.float64()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("scores", pa.string()),  # JSON: everything stages.eval.video.score_frames returned
+    pa.field("identity", pa.float64()),  # mean cosine similarity, reference vs frames (identity_embedder)
+    pa.field("identity_embedder", pa.string()),
+    pa.field("sync_method", pa.string()),  # syncnet | the proxy's name
+    pa.field("sync_offset_frames", pa.float64()),
+    pa.field("sync_confidence", pa.float64()),
+    pa.field("sync_distance", pa.float64()),
+    pa.field("sharpness", pa.float64()),
+    pa.field("flicker", pa.float64()),
+    pa.field("face_found", pa.float64()),  # share of frames
+    pa.field("drift", pa.float64()),  # score_frames' drift number
+    pa.field("curves", pa.string()),  # JSON {metric: [value per segment]} (drift curves)
+    # synth ground truth (synth cases and the built-in streambench samples)
+    pa.field("mouth_r", pa.float64()),  # Pearson r at zero lag, measured mouth vs the driving audio's mouth track
+    pa.field("mouth_r_control", pa.float64()),  # the same against a mismatched case's mouth track
+    pa.field("instr_events", pa.int32()),
+    pa.field("instr_success", pa.float64()),  # share of events: own detector fires 0-1 s after onset, no other
+    pa.field("instr_latency_s", pa.list_(pa.float64())),  # onset -> first firing, per successful event
+    pa.field("spurious_per_min", pa.float64()),  # detections outside every event's window, per minute
+    pa.field("confusion", pa.string()),  # JSON {instructed: {detected or "none": count}}
+    pa.field("identity_error", pa.float64()),  # mean RGB distance of skin/shirt/hair to the case's identity
+    pa.field("drift_ratios", pa.string()),  # JSON: last 10 % vs first 10 % (identity, sharpness, motion, sync)
+    # speed (the stream summary; null for the oracle)
+    pa.field("stream_fps", pa.float64()),
+    pa.field("first_frame_s", pa.float64()),
+    pa.field("chunk_ms_p50", pa.float64()),
+    pa.field("chunk_ms_p90", pa.float64()),
+    pa.field("chunk_ms_p99", pa.float64()),
+    pa.field("chunk_ms", pa.list_(pa.float64())),  # every chunk's generate + decode time
+    pa.field("notes", pa.list_(pa.string())),  # random weights, missing models, not_assessed metrics
+])
+
 FILTERED = pa.schema(list(CLIPS) + FILTER_COLUMNS)
 DIARIZED = pa.schema(list(FILTERED) + DIARIZE_COLUMNS)
 SEGMENTS = pa.schema(COMMON + [  # one row per speech turn of `vidu diarize` (parent_id = clip id)
@@ -220,6 +278,7 @@ SCHEMAS: dict[str, pa.Schema] = {"videos": VIDEOS, "clips": CLIPS, "synth": SYNT
                                  "diarized": DIARIZED, "segments": SEGMENTS, "captioned": CAPTIONED,
                                  "samples": SAMPLES}
 
+SCHEMAS.update({"bench_samples": BENCH_SAMPLES, "eval": EVAL})
 
 def empty_row(schema: pa.Schema) -> dict:
     row = {f.name: None for f in schema}
