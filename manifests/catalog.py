@@ -2,16 +2,20 @@
 
 Connections are short-lived (open, write, close) so that two stages joined by a pipe, or a
 `vidu runs` while a stage works, never hold the file lock at the same time for long; a locked
-file is retried for a few seconds.
+file is retried for a few seconds. A file that is not a DuckDB database (damaged) or cannot be
+opened for another reason fails at once with the path and the fix. Paths are stored with
+manifests.io.text_out (valid Unicode whatever the file name's bytes).
 """
 from __future__ import annotations
 
-import json
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+
+from manifests.io import json_text, show_path, text_in, text_out
 
 RUNS_DDL = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -39,6 +43,26 @@ class CatalogError(Exception):
     pass
 
 
+def _open_error(path: Path, e: duckdb.Error) -> CatalogError | None:
+    """The one-line error for a catalog that cannot be opened; None for a lock held by another process
+    (worth waiting for)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = show_path(path)
+    if re.search(r"lock", msg, re.I) and not re.search(r"read-only|permission", msg, re.I):
+        return None
+    if re.search(r"read-only file system", msg, re.I):
+        return CatalogError(f"catalog {where} is on a read-only file system: pass --workdir DIR (or set "
+                            f"VIDU_HOME) to a writable folder")
+    if re.search(r"permission denied", msg, re.I):
+        return CatalogError(f"no permission to open catalog {where}: make it writable (chmod u+w) or pass "
+                            f"--workdir DIR")
+    if re.search(r"no space", msg, re.I):
+        return CatalogError(f"no space left on the device for catalog {where}: free some space and run the "
+                            f"same command again")
+    return CatalogError(f"catalog {where} is corrupt or unreadable ({msg}): move it aside (mv {where} "
+                        f"{where}.bad) and run again; a new catalog is started, manifests are kept")
+
+
 @contextmanager
 def connect(root: Path, read_only: bool = False, timeout_s: float = 30.0):
     path = root / "catalog.duckdb"
@@ -48,9 +72,13 @@ def connect(root: Path, read_only: bool = False, timeout_s: float = 30.0):
             fresh = not path.exists()
             con = duckdb.connect(":memory:" if read_only and fresh else str(path), read_only=read_only and not fresh)
             break
-        except duckdb.IOException as e:  # another process holds the lock
+        except duckdb.Error as e:
+            err = _open_error(path, e)
+            if err is not None:
+                raise err from None
             if time.monotonic() > deadline:
-                raise CatalogError(f"catalog {path} is locked by another process: {e}") from None
+                raise CatalogError(f"catalog {show_path(path)} is locked by another process (still after "
+                                   f"{timeout_s:.0f} s): wait for it to finish, or pass --workdir DIR") from None
             time.sleep(0.1)
     try:
         if fresh or not read_only:
@@ -70,8 +98,7 @@ def record_start(root: Path, run_id: str, stage: str, kind: str, params: dict, c
                ON CONFLICT (run_id) DO UPDATE SET state = 'running', started_at = now(),
                    ended_at = NULL, code_version = excluded.code_version,
                    attempts = runs.attempts + 1""",
-            [run_id, stage, kind, json.dumps(params, sort_keys=True), code_version,
-             json.dumps(inputs), output],
+            [run_id, stage, kind, json_text(params), code_version, json_text(inputs), text_out(output)],
         )
 
 
@@ -100,15 +127,49 @@ def find_run(root: Path, prefix: str) -> dict | None:
     return matches[0] if matches else None
 
 
-def query(root: Path, sql: str) -> tuple[list[str], list[tuple]]:
+READ_STATEMENTS = ("SELECT",)  # also DESCRIBE, SHOW, SUMMARIZE, FROM ..., VALUES, WITH ...
+FILE_WRITING_STATEMENTS = ("COPY", "EXPORT")
+
+
+def _statement_kind(statement) -> str:
+    kind = statement.type.name
+    if kind == "EXPLAIN":  # EXPLAIN [ANALYZE] runs its inner statement: judge that one
+        inner = re.sub(r"^\s*EXPLAIN\s+(ANALYZE\s+)?", "", statement.query, flags=re.I)
+        inner_statements = duckdb.connect().extract_statements(inner) if inner != statement.query else []
+        return inner_statements[0].type.name if len(inner_statements) == 1 else kind
+    return kind
+
+
+def check_query(sql: str, allow_write_files: bool = False) -> None:
+    """Refuse what a query tool must not do: empty input, changes to the catalog or its views, and
+    (unless `allow_write_files`) writing files with COPY ... TO / EXPORT DATABASE."""
+    try:
+        statements = duckdb.connect().extract_statements(sql)
+    except duckdb.Error as e:
+        raise ValueError(str(e).splitlines()[0]) from None
+    if not statements:
+        raise ValueError('empty query: give a SQL statement, e.g. vidu sql "SELECT * FROM runs"')
+    for st in statements:
+        kind = _statement_kind(st)
+        if kind in FILE_WRITING_STATEMENTS:
+            if not allow_write_files:
+                raise ValueError(f"{kind} writes files and vidu sql is read-only: add --allow-write-files to "
+                                 f"write them")
+        elif kind not in READ_STATEMENTS:
+            raise ValueError(f"{kind} statements are refused: vidu sql is read-only (SELECT, DESCRIBE, SHOW, "
+                             f"SUMMARIZE, EXPLAIN; COPY/EXPORT with --allow-write-files)")
+
+
+def query(root: Path, sql: str, allow_write_files: bool = False) -> tuple[list[str], list[tuple]]:
     """Run SQL with a view per stage over all its finished manifests (`<stage>`), the newest
-    finished run's manifest (`<stage>_latest`), and the `runs` table."""
+    finished run's manifest (`<stage>_latest`), and the `runs` table. Read-only (see check_query)."""
+    check_query(sql, allow_write_files)
     with connect(root, read_only=True) as con:
         finished = con.execute(
             "SELECT stage, output FROM runs WHERE state = 'done' ORDER BY ended_at").fetchall()
         by_stage: dict[str, list[str]] = {}
         for stage, out in finished:
-            if Path(out).is_file():
+            if Path(out).is_file():  # (a workspace whose path is not UTF-8 gets no views: DuckDB cannot name it)
                 by_stage.setdefault(stage, []).append(out)
         for stage, outs in by_stage.items():
             files = "[" + ", ".join("'" + o.replace("'", "''") + "'" for o in outs) + "]"

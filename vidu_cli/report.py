@@ -1,15 +1,18 @@
 """How a stage command ends: summary on stderr, manifest path on stdout, exit code."""
 from __future__ import annotations
 
+import os
 from collections import Counter
 from contextlib import contextmanager
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from manifests.catalog import CatalogError
-from manifests.io import ManifestError, read_manifest
+from manifests.io import ManifestError, read_manifest, show_path, text_out
 from manifests.pipe import emit
 from stages.run import RunResult
 
@@ -17,20 +20,35 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(text_out(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @contextmanager
 def clean_errors():
-    """Turn expected failures into one-line errors and Ctrl-C into a resumable stop."""
+    """Turn failures into one line on stderr and exit 2, and Ctrl-C into a resumable stop. An
+    unexpected exception is one line too (VIDU_DEBUG=1 shows its traceback); a stage run that
+    raised is already recorded as failed in the catalog by the runner."""
     try:
         yield
+    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        raise
     except (ManifestError, CatalogError, ValueError, FileNotFoundError) as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(_first_line(e))
     except KeyboardInterrupt:
         err.print("interrupted: finished rows are saved; run the same command again to resume")
         raise typer.Exit(130)
+    except OSError as e:
+        where = f": {show_path(e.filename)}" if e.filename else ""
+        fail(f"{e.strerror or _first_line(e)}{where}")
+    except Exception as e:
+        if os.environ.get("VIDU_DEBUG"):
+            raise
+        fail(f"unexpected {type(e).__name__}: {_first_line(e)} (a bug; VIDU_DEBUG=1 shows the traceback)")
 
 
 def finish(result: RunResult, quiet: bool, strict: bool) -> None:

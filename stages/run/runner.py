@@ -7,7 +7,10 @@ A stage is a dataclass of parameters (see `Stage`). The runner gives every stage
   reuses them, so a Ctrl-C or SIGKILL loses at most the last few seconds of work and the final
   manifest equals an uninterrupted run's (rows ordered by input, de-duplicated by id);
 - per-row error capture: an exception (or a worker that dies) becomes a status=error row;
-- a rich progress bar on stderr, and a row in the catalog with lineage and counts.
+- a rich progress bar on stderr, and a row in the catalog with lineage and counts;
+- faults of the run itself: a run that raises is recorded as failed (never left "running"); a part
+  file or manifest that cannot be read is set aside under <workspace>/corrupt/ and its rows are
+  recomputed, never trusted.
 
 The executor seam is `execute`: it takes pending items and yields (item_id, rows) pairs, from
 local processes (stages/run/local.py) or Ray actors (stages/run/ray.py).
@@ -38,7 +41,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from manifests import catalog
-from manifests.io import read_manifest, read_meta, to_table, write_table
+from manifests.io import (ManifestError, check_writable, os_fault, read_manifest, read_meta, rows as table_rows,
+                          set_aside, show_path, to_table, write_table)
 from manifests.schemas import SCHEMAS
 from stages.run.contract import RunResult, Stage
 from stages.run.local import execute_local
@@ -83,22 +87,44 @@ def run_id_for(stage: Stage, fingerprint: list) -> str:
 # ---------------------------------------------------------------------------------------------
 # resume parts
 
-def _read_parts(run_dir: Path, kind: str) -> tuple[dict[str, list[dict]], int]:
-    """Rows of finished items from earlier attempts: {item id: rows}, and the part count."""
+def _read_part(part: Path, kind: str) -> dict[str, list[dict]]:
+    """{item id: rows} of one part file; ValueError when it is damaged or not of this stage."""
+    try:
+        meta = read_meta(part)
+        table = pq.read_table(part)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not table.schema.equals(SCHEMAS[kind], check_metadata=False):
+        raise ValueError(f"columns do not match the pinned '{kind}' schema")
+    items = meta.get("items")
+    if not isinstance(items, list) or sum(count for _, count in items) != table.num_rows:
+        raise ValueError("its item list does not match its rows")
+    rows = table_rows(table)
+    out = {}
+    for item_id, count in items:
+        out[item_id], rows = rows[:count], rows[count:]
+    return out
+
+
+def _read_parts(run_dir: Path, kind: str, root: Path, say) -> tuple[dict[str, list[dict]], int]:
+    """Rows of finished items from earlier attempts: {item id: rows}, and the next part index. A
+    damaged part is set aside (its items are recomputed)."""
     done: dict[str, list[dict]] = {}
-    n = 0
+    next_index = 0
     for tmp in run_dir.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)  # a write that was killed before its rename
     for part in sorted(run_dir.glob("part-*.parquet")):
-        n += 1
-        meta = read_meta(part)
-        table = pq.read_table(part)
-        if not table.schema.equals(SCHEMAS[kind], check_metadata=False):
-            continue
-        rows = table.to_pylist()
-        for item_id, count in meta["items"]:
-            done[item_id], rows = rows[:count], rows[count:]
-    return done, n
+        try:
+            next_index = max(next_index, int(part.stem.split("-")[1]) + 1)
+        except (IndexError, ValueError):
+            pass
+        try:
+            done.update(_read_part(part, kind))
+        except ValueError as e:
+            dest = set_aside(part, root)
+            say(f"warning: resume point {show_path(part)} is damaged ({e}); moved to {show_path(dest)}, "
+                f"its rows are computed again")
+    return done, next_index
 
 
 def _write_part(run_dir: Path, index: int, batch: list[tuple[str, list[dict]]], kind: str) -> None:
@@ -136,6 +162,36 @@ def _progress(quiet: bool, label: str) -> Progress:
                     TimeRemainingColumn(), console=Console(stderr=True), disable=quiet, transient=False)
 
 
+def _warn(quiet: bool):
+    console = Console(stderr=True)
+    return (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False,
+                                                                                 markup=False, soft_wrap=True))
+
+
+def _finished(run_id: str, out: Path, root: Path, say) -> RunResult | None:
+    """The result of an earlier finished run with this id, or None (a damaged manifest is set aside)."""
+    if not out.is_file():
+        return None
+    try:
+        table, _ = read_manifest(out)
+    except ManifestError as e:
+        dest = set_aside(out, root)
+        say(f"warning: {e}; moved to {show_path(dest)}, the run is done again")
+        return None
+    counts = Counter(table.column("status").to_pylist())
+    return RunResult(run_id, out, dict(counts), table.num_rows, 0.0, cached=True)
+
+
+@dataclass
+class _Attempt:
+    """What one attempt of a run has so far: rows of finished items (reused or new)."""
+    done: dict[str, list[dict]] = field(default_factory=dict)
+    reused: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(r["status"] for rs in self.done.values() for r in rs))
+
+
 def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[str], root: Path,
               workers: int = 1, quiet: bool = False, executor: str = "local",
               ray_address: str | None = None) -> RunResult:
@@ -143,21 +199,55 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
 
     `fingerprint` identifies the inputs' content (with the parameters it makes the run id);
     `inputs` is what the catalog records as lineage (paths of input manifests or media roots).
+    Any exception once the run is recorded (disk full, a stage's setup failing, ...) marks it failed
+    in the catalog and is raised; Ctrl-C marks it interrupted.
     """
     t0 = time.monotonic()
+    say = _warn(quiet)
     run_id = run_id_for(stage, fingerprint)
     out = root / "manifests" / f"{run_id}.parquet"
-    if out.is_file():  # the same run finished before: nothing to do
-        table, _ = read_manifest(out)
-        counts = Counter(table.column("status").to_pylist())
-        return RunResult(run_id, out, dict(counts), table.num_rows, 0.0, cached=True)
+    cached = _finished(run_id, out, root, say)
+    if cached is not None:  # the same run finished before: nothing to do
+        return cached
 
+    check_writable(root)
     params = stage.params()
     catalog.record_start(root, run_id, stage.name, stage.kind, params, code_version(), inputs, str(out))
+    attempt = _Attempt()
+
+    def end(state: str) -> None:
+        # a second fault here (the catalog itself unwritable) must not hide the first one
+        try:
+            catalog.record_end(root, run_id, state, attempt.counts(), attempt.reused, time.monotonic() - t0)
+        except Exception as e:
+            say(f"warning: could not record run {run_id} as {state} in the catalog: {e}")
+
+    try:
+        result = _run(stage, items, inputs, root, run_id, out, params, workers, quiet, executor, ray_address,
+                      attempt, say, t0)
+        catalog.record_end(root, run_id, "done", result.counts, result.reused, result.seconds)
+    except KeyboardInterrupt:
+        end("interrupted")
+        raise
+    except BaseException:
+        end("failed")
+        raise
+    shutil.rmtree(root / "runs" / run_id, ignore_errors=True)
+    return result
+
+
+def _run(stage: Stage, items: list[dict], inputs: list[str], root: Path, run_id: str, out: Path, params: dict,
+         workers: int, quiet: bool, executor: str, ray_address: str | None, attempt: _Attempt, say,
+         t0: float) -> RunResult:
+    """The body of `run_stage` once the run is recorded: resume, execute, write the manifest."""
     run_dir = root / "runs" / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    done, n_parts = _read_parts(run_dir, stage.kind)
-    reused = sum(len(v) for v in done.values())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_fault(e, run_dir) from None
+    done, n_parts = _read_parts(run_dir, stage.kind, root, say)
+    attempt.done = done
+    attempt.reused = reused = sum(len(v) for v in done.values())
     pending = [it for it in items if it["id"] not in done]
     batch: list[tuple[str, list[dict]]] = []
     last_flush = time.monotonic()
@@ -182,14 +272,11 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
                 if len(batch) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
                     flush()
             flush()
-    except KeyboardInterrupt:
-        flush()
-        catalog.record_end(root, run_id, "interrupted", dict(Counter(r["status"] for rs in done.values() for r in rs)),
-                           reused, time.monotonic() - t0)
-        raise
     except BaseException:
-        flush()
-        catalog.record_end(root, run_id, "failed", {}, reused, time.monotonic() - t0)
+        try:  # keep what finished; when this write fails too (disk full) those items are simply redone
+            flush()
+        except Exception:
+            pass
         raise
 
     rows = [r for it in items for r in done[it["id"]]]
@@ -204,9 +291,6 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
     meta = {"kind": stage.kind, "stage": stage.name, "run_id": run_id, "params": params, "inputs": inputs}
     write_table(to_table(unique, stage.kind), out, json.loads(json.dumps(meta, default=str)))
     counts = dict(Counter(r["status"] for r in unique))
-    seconds = time.monotonic() - t0
-    catalog.record_end(root, run_id, "done", counts, reused, seconds)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return RunResult(run_id, out, counts, reused, seconds)
+    return RunResult(run_id, out, counts, reused, time.monotonic() - t0)
 
 
