@@ -5,11 +5,11 @@ import os
 from collections import Counter
 from contextlib import contextmanager
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from manifests.catalog import CatalogError
 from manifests.io import ManifestError, read_manifest, show_path, text_out
@@ -24,6 +24,30 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class OneLineErrors(TyperGroup):
+    """The app's command group: a usage error (unknown option, a value out of its declared range or
+    choices) is one line on stderr and exit 2, like every other failure, instead of typer's usage
+    text and boxed panel."""
+
+    def make_context(self, *args, **kwargs):
+        with _usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _usage_errors():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _usage_errors():
+    try:
+        yield
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # the help is already printed
+            raise
+        fail((e.format_message().strip().splitlines() or [type(e).__name__])[0], getattr(e, "exit_code", 2))
+
+
 def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -35,7 +59,7 @@ def clean_errors():
     raised is already recorded as failed in the catalog by the runner."""
     try:
         yield
-    except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+    except (typer.Exit, typer.TyperException, typer.Abort):  # typer's own (it vendors click: not click's)
         raise
     except (ManifestError, CatalogError, ValueError, FileNotFoundError) as e:
         fail(_first_line(e))
