@@ -85,8 +85,8 @@ def show_path(p: str | os.PathLike) -> str:
 # workspace
 
 def os_fault(e: OSError, path: str | os.PathLike) -> WorkspaceError:
-    """One line for an OSError met while writing under the workspace: what and where, and the fix."""
-    where = show_path(e.filename if e.filename else path)
+    """One line for an OSError met while writing `path` under the workspace: what, where, and the fix."""
+    where = show_path(path)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return WorkspaceError(f"no space left on the device writing {where}: free some space (or pass --workdir "
                               f"DIR on another disk) and run the same command again; finished rows are kept")
@@ -111,7 +111,7 @@ def workspace(workdir: str | os.PathLike | None = None) -> Path:
         (root / "manifests").mkdir(parents=True, exist_ok=True)
         (root / "runs").mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise os_fault(e, root) from None
+        raise os_fault(e, e.filename or root) from None
     return root
 
 
