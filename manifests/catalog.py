@@ -180,3 +180,40 @@ def query(root: Path, sql: str, allow_write_files: bool = False) -> tuple[list[s
         if cur.description is None:
             return [], []
         return [d[0] for d in cur.description], cur.fetchall()
+
+
+# --- A/B votes (stages/eval/ab.py): one row per criterion judged on one pair of videos
+VOTES_DDL = """
+CREATE TABLE IF NOT EXISTS votes (
+    vote_id     VARCHAR PRIMARY KEY,
+    run_a       VARCHAR NOT NULL,
+    run_b       VARCHAR NOT NULL,
+    sample_id   VARCHAR NOT NULL,
+    criterion   VARCHAR NOT NULL,   -- controllability | motion | sync | overall
+    choice      VARCHAR NOT NULL,   -- a | b | tie (unblinded: which run was preferred)
+    a_side      VARCHAR NOT NULL,   -- left | right: where run A was shown
+    voter       VARCHAR,
+    created_at  TIMESTAMP
+)
+"""
+VOTE_COLUMNS = ("vote_id", "run_a", "run_b", "sample_id", "criterion", "choice", "a_side", "voter")
+
+
+def record_votes(root: Path, votes: list[dict]) -> None:
+    """Insert votes (dicts with VOTE_COLUMNS) in one transaction."""
+    with connect(root) as con:
+        con.execute(VOTES_DDL)
+        con.executemany(f"INSERT INTO votes ({', '.join(VOTE_COLUMNS)}, created_at) VALUES "
+                        f"({', '.join('?' for _ in VOTE_COLUMNS)}, now())",
+                        [[v[k] for k in VOTE_COLUMNS] for v in votes])
+
+
+def read_votes(root: Path, run_a: str, run_b: str) -> list[dict]:
+    """Votes on the pair (run_a, run_b), oldest first; [] when none were cast."""
+    with connect(root, read_only=True) as con:
+        if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'votes'").fetchone()[0]:
+            return []
+        cur = con.execute("SELECT * FROM votes WHERE run_a = ? AND run_b = ? ORDER BY created_at, vote_id",
+                          [run_a, run_b])
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
