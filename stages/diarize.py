@@ -19,9 +19,9 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   margin is thin: a weak heuristic, not a trained overlap detector; a block where two speakers
   take turns can score over it too (pyannote_sample: 5.3 s flagged, 0.4 s true overlap).
   With a pyannote pipeline the overlap is the pipeline's own (two speakers active at once).
-- Active speaker: frames sampled at `FACE_FPS` (25), dlib 68 landmarks of the main face (the one
-  overlapping the row's `face_box` when the input is a filtered manifest, else the largest; detected
-  every `REDETECT` frames), mouth opening per frame; the log speech RMS in the same frame bins,
+- Active speaker: the shared mouth track (stages/sense/mouth.py: frames sampled at 25 fps, dlib 68
+  landmarks of the main face, the one overlapping the row's `face_box` when the input is a filtered
+  manifest, else the largest, detected every 5 frames), mouth opening per frame; the log speech RMS in the same frame bins,
   floored outside one speaker's turns. `sync_score` = the larger of corr(opening, level) and
   corr(mouth activity, smoothed level) at the best audio-visual lag within +-0.12 s. As raw
   correlations on 5-6 s clips depend on where the pauses fall, the speaker's `confidence` is that
@@ -49,8 +49,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from stages.sense.media import clip_audio, clip_frames, load_audio
-from stages.run import Stage, base_row
+from stages.sense.media import clip_audio, load_audio
+from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_track
+from stages.run import Stage, base_row, ranged
 from stages.sense.speech import SAMPLE_RATE, load_vad, speech_segments
 
 WINDOW_S, HOP_S = 1.5, 0.75  # speaker-embedding windows for clustering
@@ -61,13 +62,9 @@ MIN_SPEAKER_S = 2.0
 OVERLAP_SCORE = 0.14
 DIP_DB = 20.0
 SPEECH_BAND = (300.0, 3400.0)
-FACE_FPS = 25.0  # mouth sampling: syllables come at 4-6 Hz
-REDETECT = 5  # frames between face detections (landmarks every frame)
 ACTIVITY_S = 0.32  # window of the mouth-activity average
 SYNC_LAG_S = 0.12  # audio-visual offsets searched
 NULL_MIN_S, NULL_STEP_S = 0.5, 0.12  # circular shifts of the audio that make the chance distribution
-FACE_MAX_SIDE = 480
-RMS_FLOOR = 1e-4  # about -80 dBFS
 METHOD = "silero-vad+resemblyzer"
 
 
@@ -295,49 +292,6 @@ def speech_band_ratio(audio: np.ndarray, start: float, end: float) -> float | No
     return float(band / total) if total > 0 else None
 
 
-def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Frame times (s from start_s) and mouth opening per sampled frame (nan: no face).
-
-    The face is detected every `REDETECT` frames (the one overlapping the row's `face_box` most when
-    the input is a filtered manifest, else the largest); landmarks in between use the last box."""
-    from stages.sense import faces
-
-    frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
-    opening = np.full(len(frames), np.nan)
-    box = None
-    for i, rgb in enumerate(frames):
-        if i % REDETECT == 0:
-            found = [b for b, _ in faces.face_boxes(rgb)]
-            box = _pick_face(found, face_box, rgb.shape[1], rgb.shape[0]) if found else None
-        if box is not None:
-            opening[i] = faces.mouth_opening(faces.landmarks_in_box(rgb, box))
-    return np.asarray(times) - start_s, opening
-
-
-def _pick_face(boxes: list, face_box: list[float] | None, w: int, h: int):
-    if not face_box:
-        return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-    ref = (face_box[0] * w, face_box[1] * h, face_box[2] * w, face_box[3] * h)
-
-    def iou(b) -> float:
-        ix = max(0.0, min(b[2], ref[2]) - max(b[0], ref[0]))
-        iy = max(0.0, min(b[3], ref[3]) - max(b[1], ref[1]))
-        inter = ix * iy
-        return inter / ((b[2] - b[0]) * (b[3] - b[1]) + (ref[2] - ref[0]) * (ref[3] - ref[1]) - inter + 1e-9)
-    best = max(boxes, key=iou)
-    return best if iou(best) > 0 else None
-
-
-def frame_level(audio: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Log RMS of the audio in the bins [t, t + 1 / FACE_FPS) of the sampled frames."""
-    n = int(SAMPLE_RATE / FACE_FPS)
-    out = np.zeros(len(times))
-    for i, t in enumerate(times):
-        x = audio[int(t * SAMPLE_RATE):int(t * SAMPLE_RATE) + n]
-        out[i] = np.sqrt(np.mean(x.astype(np.float64) ** 2)) if len(x) else 0.0
-    return np.log(np.maximum(out, RMS_FLOOR))
-
-
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     ok = ~(np.isnan(x) | np.isnan(y))
     x, y = x[ok], y[ok]
@@ -405,14 +359,14 @@ class Diarize(Stage):
     writes: ClassVar[tuple[str, ...]] = ("diarize_method", "speakers", "onscreen_s", "offscreen_s", "overlap_s",
                                          "clean_speech_s", "speech_turns")
 
-    threshold: float = 0.32  # cosine distance where speaker clusters stop merging
-    num_speakers: int | None = None
-    min_speaker_share: float = 0.15
+    threshold: float = ranged(0.32, min=0, max=2)  # cosine distance where speaker clusters stop merging
+    num_speakers: int | None = ranged(None, min=1)
+    min_speaker_share: float = ranged(0.15, min=0, max=1)
     min_sync: float = 1.0  # mouth/speech sync z-score (vs shifted audio) from which a turn is onscreen
-    min_energy_ratio: float = 0.5
-    min_clean_speech: float = 1.0
-    max_overlap: float = 0.0  # seconds of two voices at once a kept clip may have
-    vad_threshold: float = 0.5
+    min_energy_ratio: float = ranged(0.5, min=0, max=1)
+    min_clean_speech: float = ranged(1.0, min=0)
+    max_overlap: float = ranged(0.0, min=0)  # seconds of two voices at once a kept clip may have
+    vad_threshold: float = ranged(0.5, min=0, max=1)
     pyannote: str | None = None
 
     def setup(self) -> None:

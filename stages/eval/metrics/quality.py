@@ -1,0 +1,68 @@
+"""Video quality proxies (named as what they are; none of them is DOVER).
+
+All on Rec.601 luma in [0, 1] (stages.filter.luma) of the scored frames at the analysis size
+(longer side `EvalOptions.max_side`), except blockiness (native size):
+
+- `sharpness`: median over frames of the variance of the 4-neighbour Laplacian (stages.filter.sharpness)
+  on the whole frame; `face_sharpness` the same inside the face box. Depends on the analysis size:
+  compare videos scored at the same `max_side`.
+- `noise`: median over frames of Immerkaer's fast noise sigma (1996: |I * N| with the 3 x 3
+  Laplacian-difference mask N, sigma = sqrt(pi / 2) / (6 (W - 2)(H - 2)) sum |I * N|), in luma units.
+- `blockiness`: mean step across 8 x 8 coding-block boundaries over the mean step inside blocks, on
+  a few frames at native size (stages.filter.blockiness; 1 = no blocking).
+- `flicker`: mean |luma change| per pixel between consecutive frames (temporal instability: a
+  static clip is 0, shuffled or jittering frames are high); `luma_flicker`: stages.filter.flicker,
+  the median |second difference| of per-frame mean luma relative to the mean (brightness pumping).
+- `exposure`: mean luma; `clipped`: share of pixels under 2 % or over 98 %.
+- DOVER (`--dover DIR`) is not run here: its aesthetic and technical branches (Swin-T and
+  ConvNeXt-3D views) are not reimplemented, so `dover` is always "not_assessed".
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from stages.filter import blockiness, exposure, flicker as luma_flicker, laplacian, luma, sharpness
+
+IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+
+
+def frame_sharpness(Y: np.ndarray) -> np.ndarray:
+    """Variance of the Laplacian per frame ([T, H, W] -> [T])."""
+    return np.array([laplacian(y).var() for y in Y])
+
+
+def noise_sigma(y: np.ndarray) -> float:
+    from scipy.signal import convolve2d
+
+    H, W = y.shape
+    r = np.abs(convolve2d(y, IMMERKAER, mode="valid")).sum()
+    return float(np.sqrt(np.pi / 2) * r / (6 * (W - 2) * (H - 2)))
+
+
+def frame_change(Y: np.ndarray) -> np.ndarray:
+    """Mean |luma change| per pixel between consecutive frames ([T, H, W] -> [T - 1])."""
+    return np.abs(np.diff(Y, axis=0)).mean(axis=(1, 2)) if len(Y) > 1 else np.zeros(0)
+
+
+def face_crop(Y: np.ndarray, box) -> np.ndarray | None:
+    x0, y0, x1, y1 = (int(v) for v in box)
+    H, W = Y.shape
+    crop = Y[max(0, y0):min(H, y1), max(0, x0):min(W, x1)]
+    return crop if min(crop.shape) >= 8 else None
+
+
+def quality(Y: np.ndarray, native: np.ndarray, boxes: list) -> dict:
+    """The proxies above. Y: [T, H, W] luma at the analysis size; native: [K, H', W'] luma at native
+    size; boxes: face box per frame of Y or None."""
+    mean, clipped = exposure(Y)
+    crops = [c for c in (face_crop(y, b) for y, b in zip(Y, boxes) if b is not None) if c is not None]
+    return {"sharpness": sharpness(Y),
+            "face_sharpness": float(np.median([laplacian(c).var() for c in crops])) if crops else None,
+            "noise": float(np.median([noise_sigma(y) for y in Y])),
+            "blockiness": blockiness(native) if len(native) else None,
+            "flicker": float(frame_change(Y).mean()) if len(Y) > 1 else None,
+            "luma_flicker": luma_flicker(Y),
+            "exposure": mean, "clipped": clipped}
+
+
+__all__ = ["frame_change", "frame_sharpness", "luma", "noise_sigma", "quality"]

@@ -1,0 +1,109 @@
+"""The subject's mouth over time: dlib 68 landmarks of the main face on a 25 fps grid, and the speech
+level in the same frame bins. Shared by active-speaker detection (stages/diarize.py) and the lip-sync
+metric of `vidu eval` (stages/eval/metrics/sync.py).
+
+The face is detected (HOG) every `REDETECT` frames; landmarks are fitted in every frame inside the
+last detected box. mediapipe's face mesh is not used: its PyPI wheel (1.2.3, checked with
+`pip download mediapipe`) ships no face-landmarker model file, and nothing is downloaded at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.sense.media import clip_frames
+from stages.sense.speech import SAMPLE_RATE
+
+FACE_FPS = 25.0  # mouth sampling: syllables come at 4-6 Hz; the SyncNet protocol's video rate
+REDETECT = 5  # frames between face detections (landmarks every frame)
+FACE_MAX_SIDE = 480
+RMS_FLOOR = 1e-4  # about -80 dBFS
+LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)  # 68-point layout (iBUG 300-W)
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass
+class FaceTrack:
+    """Landmarks of the main face per frame of a clip."""
+
+    landmarks: np.ndarray  # [T, 68, 2] float32 pixels; nan where no face
+    detected: np.ndarray  # [T] bool: a detection ran at this frame
+    found: np.ndarray  # [T] bool: that detection found a face (False where none ran)
+    boxes: list[Box | None]  # [T] box the landmarks were fitted in
+
+
+def pick_face(boxes: list, face_box: list[float] | None, w: int, h: int):
+    """The largest box, or (given a relative `face_box` x0, y0, x1, y1) the one overlapping it most;
+    None when none overlaps it."""
+    if not face_box:
+        return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+    ref = (face_box[0] * w, face_box[1] * h, face_box[2] * w, face_box[3] * h)
+
+    def iou(b) -> float:
+        ix = max(0.0, min(b[2], ref[2]) - max(b[0], ref[0]))
+        iy = max(0.0, min(b[3], ref[3]) - max(b[1], ref[1]))
+        inter = ix * iy
+        return inter / ((b[2] - b[0]) * (b[3] - b[1]) + (ref[2] - ref[0]) * (ref[3] - ref[1]) - inter + 1e-9)
+    best = max(boxes, key=iou)
+    return best if iou(best) > 0 else None
+
+
+def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect: int = REDETECT) -> FaceTrack:
+    """Landmarks of the main face in every frame of [T, H, W, 3] uint8 RGB (detected every `redetect`)."""
+    from stages.sense import faces
+
+    T = len(frames)
+    lm = np.full((T, 68, 2), np.nan, np.float32)
+    detected, found = np.zeros(T, bool), np.zeros(T, bool)
+    boxes: list[Box | None] = [None] * T
+    box = None
+    for i, rgb in enumerate(frames):
+        if i % redetect == 0:
+            cands = [b for b, _ in faces.face_boxes(rgb)]
+            box = pick_face(cands, face_box, rgb.shape[1], rgb.shape[0]) if cands else None
+            detected[i], found[i] = True, box is not None
+        if box is not None:
+            lm[i] = faces.landmarks_in_box(rgb, box)
+            boxes[i] = box
+    return FaceTrack(lm, detected, found, boxes)
+
+
+def opening_by_width(landmarks: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over mouth width per frame ([T, 68, 2] -> [T]; nan without a face)."""
+    from stages.sense.faces import INNER_LOWER, INNER_UPPER, MOUTH_CORNERS
+
+    gap = np.linalg.norm(landmarks[:, list(INNER_UPPER)] - landmarks[:, list(INNER_LOWER)], axis=-1).mean(-1)
+    width = np.linalg.norm(landmarks[:, MOUTH_CORNERS[0]] - landmarks[:, MOUTH_CORNERS[1]], axis=-1)
+    return gap / np.maximum(width, 1e-6)
+
+
+def opening_by_face(landmarks: np.ndarray) -> np.ndarray:
+    """Inner-lip gap over the distance between the eye centres per frame (face size; unlike the mouth
+    width it does not change when the lips stretch)."""
+    from stages.sense.faces import INNER_LOWER, INNER_UPPER
+
+    gap = np.linalg.norm(landmarks[:, list(INNER_UPPER)] - landmarks[:, list(INNER_LOWER)], axis=-1).mean(-1)
+    eyes = np.linalg.norm(landmarks[:, LEFT_EYE].mean(1) - landmarks[:, RIGHT_EYE].mean(1), axis=-1)
+    return gap / np.maximum(eyes, 1e-6)
+
+
+def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Frame times (s from start_s) and mouth opening (over mouth width) per frame sampled at
+    `FACE_FPS` (nan: no face); the face is the one overlapping the relative `face_box` most when given,
+    else the largest."""
+    frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
+    track = track_face(frames, face_box)
+    return np.asarray(times) - start_s, opening_by_width(track.landmarks).astype(np.float64)
+
+
+def frame_level(audio: np.ndarray, times: np.ndarray, fps: float = FACE_FPS) -> np.ndarray:
+    """Log RMS of 16 kHz audio in the bins [t, t + 1 / fps) of the frame times (s)."""
+    n = int(SAMPLE_RATE / fps)
+    out = np.zeros(len(times))
+    for i, t in enumerate(times):
+        a = int(t * SAMPLE_RATE)
+        x = audio[a:a + n] if a >= 0 else np.zeros(0)
+        out[i] = np.sqrt(np.mean(x.astype(np.float64) ** 2)) if len(x) else 0.0
+    return np.log(np.maximum(out, RMS_FLOOR))
