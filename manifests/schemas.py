@@ -243,7 +243,9 @@ EVAL = pa.schema(COMMON + [
     pa.field("sharpness", pa.float64()),
     pa.field("flicker", pa.float64()),
     pa.field("face_found", pa.float64()),  # share of frames
-    pa.field("drift", pa.float64()),  # score_frames' drift number
+    pa.field("drift_identity", pa.float64()),  # relative change, last drift segment vs first (score_frames)
+    pa.field("drift_sharpness", pa.float64()),
+    pa.field("drift_motion", pa.float64()),
     pa.field("curves", pa.string()),  # JSON {metric: [value per segment]} (drift curves)
     # synth ground truth (synth cases and the built-in streambench samples)
     pa.field("mouth_r", pa.float64()),  # Pearson r at zero lag, measured mouth vs the driving audio's mouth track
