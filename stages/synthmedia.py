@@ -1,19 +1,20 @@
 """Procedural media with known facts: speech-like audio that silero-vad detects as speech,
 rendered talking-avatar frames with hard cuts, an anti-aliased ellipse painter, and files
-written through PyAV.
+written with stages.sense.media.write_video.
 
 Used by `vidu demo`, the tests and the benchmarks; the synthetic avatar world builds on it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
 import av
 import numpy as np
 from scipy.signal import lfilter
+
+from stages.sense.media import load_audio, write_video
 
 SR = 16000
 # (F1, F2, F3) formants of a few vowels, Hz
@@ -228,37 +229,6 @@ def paint(buf: np.ndarray, origin: tuple[int, int], e: Ellipse, colour, shade: f
     sub += d
 
 
-def write_video(path: str | Path, frames, fps: int, audio: np.ndarray | None = None, sr: int = SR,
-                crf: int = 23) -> Path:
-    """Encode RGB uint8 frames (an iterable) with libx264 and optional mono float audio with AAC."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as c:
-        vs = None
-        if audio is not None:
-            aus = c.add_stream("aac", rate=sr, layout="mono")
-        for i, frame in enumerate(frames):
-            if vs is None:
-                vs = c.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "veryfast"})
-                vs.height, vs.width = frame.shape[:2]
-                vs.pix_fmt = "yuv420p"
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = i
-            vf.time_base = Fraction(1, fps)
-            c.mux(vs.encode(vf))
-        c.mux(vs.encode())
-        if audio is not None:
-            for k, s in enumerate(range(0, len(audio), 1024)):
-                chunk = np.zeros((1, 1024), np.float32)
-                part = audio[s:s + 1024]
-                chunk[0, :len(part)] = part
-                af = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
-                af.sample_rate, af.pts, af.time_base = sr, s, Fraction(1, sr)
-                c.mux(aus.encode(af))
-            c.mux(aus.encode())
-    return path
-
-
 def talking_video(path: str | Path, rng: np.random.Generator, shots: list[float], fps: int = 25,
                   size: tuple[int, int] = (640, 360), with_audio: bool = True) -> dict:
     """A talking-avatar video with hard cuts between shots of the given lengths (s).
@@ -287,10 +257,7 @@ def transcode(src: str | Path, dst: str | Path, width: int, height: int, crf: in
     """Re-encode a video at another size (a near-duplicate), keeping its audio."""
     with av.open(str(src)) as c:
         fps = int(round(float(c.streams.video[0].average_rate)))
+        has_audio = bool(c.streams.audio)
         frames = [f.to_ndarray(width=width, height=height, format="rgb24") for f in c.decode(video=0)]
-    with av.open(str(src)) as c:
-        audio = None
-        if c.streams.audio:
-            rs = av.AudioResampler(format="flt", layout="mono", rate=SR)
-            audio = np.concatenate([g.to_ndarray().reshape(-1) for f in c.decode(audio=0) for g in rs.resample(f)])
+    audio = load_audio(src, SR) if has_audio else None
     return write_video(dst, frames, fps, audio, crf=crf)

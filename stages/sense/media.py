@@ -1,8 +1,9 @@
-"""Media access through PyAV (bundled FFmpeg): probing, decoding at positions, 16 kHz audio,
-perceptual hashes, and the ffmpeg binary for cutting. No system packages needed."""
+"""Media access through PyAV (bundled FFmpeg): probing, the frame index of a video, decoding at
+positions, 16 kHz audio, perceptual hashes and the one video writer (VideoWriter / write_video).
+`ffmpeg_exe()` names the ffmpeg binary (imageio-ffmpeg's) for what PyAV does not offer, such as
+lavfi test sources. No system packages needed."""
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -23,10 +24,7 @@ class MediaError(Exception):
 
 
 def ffmpeg_exe() -> str:
-    """The ffmpeg binary: one on PATH, else the one imageio-ffmpeg ships."""
-    exe = shutil.which("ffmpeg")
-    if exe:
-        return exe
+    """The ffmpeg binary imageio-ffmpeg ships ($IMAGEIO_FFMPEG_EXE, else its own, else one on PATH)."""
     import imageio_ffmpeg
 
     return imageio_ffmpeg.get_ffmpeg_exe()
@@ -169,16 +167,53 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
 
 
-def keyframe_times(path: str | Path) -> list[float]:
-    """Presentation times (s) of the video keyframes."""
+@dataclass
+class VideoIndex:
+    """The frames the decoder outputs for the first video stream, found by demuxing (no decoding):
+    frame i is the i-th frame in presentation order, as PyAV, OpenCV and PySceneDetect count them
+    (start offsets and variable frame rates included)."""
+
+    pts: np.ndarray  # [N] int64 presentation timestamps in stream ticks, increasing
+    end_pts: int  # end of the last frame
+    keyframes: np.ndarray  # [K] int64 pts of the keyframes
+    time_base: Fraction
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    def pts_at(self, i: int) -> int:
+        """Start of frame i in ticks; i == N is the end of the last frame."""
+        return int(self.pts[i]) if i < len(self.pts) else self.end_pts
+
+    def time(self, i: int) -> float:
+        return float(self.pts_at(i) * self.time_base)
+
+    def is_keyframe(self, i: int) -> bool:
+        return i < len(self.pts) and bool(np.isin(self.pts[i], self.keyframes))
+
+
+def video_index(path: str | Path) -> VideoIndex:
+    """Frame timestamps of the first video stream: packets with data that the demuxer does not
+    mark as discarded (edit lists), sorted into presentation order."""
     with open_container(path) as c:
+        if not c.streams.video:
+            raise MediaError("no_video", "no video stream")
         v = c.streams.video[0]
-        return sorted(float(p.pts * v.time_base) for p in c.demux(v) if p.pts is not None and p.is_keyframe)
-
-
-def video_frame_count(path: str | Path) -> int:
-    with open_container(path) as c:
-        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+        pts, keys, end = [], [], None
+        for p in c.demux(v):
+            if not p.size or p.pts is None or p.is_discard:
+                continue
+            pts.append(p.pts)
+            if p.is_keyframe:
+                keys.append(p.pts)
+            end = max(p.pts if end is None else end, p.pts + (p.duration or 0))
+        time_base = v.time_base
+    if not pts:
+        raise MediaError("no_video", "the video stream holds no frames")
+    p = np.sort(np.asarray(pts, np.int64))
+    if end <= p[-1]:  # the last packet has no duration: give it the median interval
+        end = int(p[-1] + (np.median(np.diff(p)) if len(p) > 1 else 1))
+    return VideoIndex(p, int(end), np.sort(np.asarray(keys, np.int64)), time_base)
 
 
 def fraction_to_float(x: Fraction | None) -> float | None:
@@ -234,3 +269,110 @@ def clip_audio(path: str | Path, start_s: float, end_s: float, sample_rate: int 
     piece = audio[a:b]
     out[: len(piece)] = piece
     return out
+
+
+class VideoWriter:
+    """An H.264 (libx264, yuv420p) video with an optional AAC track, through PyAV: the one way vidu
+    writes video.
+
+    `write(frame, pts)` takes RGB uint8 [H, W, 3] arrays or decoded av.VideoFrames; `pts` is in
+    `time_base` ticks (default 1/fps), one tick of 1/fps per frame when omitted, so variable-rate
+    timing can be kept. Odd sizes get one black row/column (yuv420p needs even sides).
+    `write_audio(samples)` takes float32 [N] (mono) or [C, N] at `audio_rate`, in order from time 0.
+    `options` are container options, e.g. {"movflags": "+frag_keyframe+empty_moov"}.
+    """
+
+    def __init__(self, path: str | Path, fps: float | Fraction, width: int, height: int, *, crf: int = 23,
+                 preset: str = "veryfast", time_base: Fraction | None = None, audio_rate: int | None = None,
+                 audio_channels: int = 1, options: dict | None = None, format: str | None = None):
+        rate = Fraction(fps).limit_denominator(100000)
+        self.width, self.height = width, height
+        self.time_base = time_base or 1 / rate
+        self._tick = max(1, round(1 / (rate * self.time_base)))  # ticks per frame at fps
+        self._next_pts = 0
+        self._container = av.open(str(path), "w", format=format, options=options or {})
+        try:
+            self._video = self._container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
+            self._video.width, self._video.height = width + width % 2, height + height % 2
+            self._video.pix_fmt = "yuv420p"
+            self._video.codec_context.time_base = self.time_base
+            self._audio = None
+            if audio_rate:
+                self._audio = self._container.add_stream("aac", rate=audio_rate,
+                                                         layout="mono" if audio_channels == 1 else "stereo")
+                self._audio_pts = 0
+        except BaseException:
+            self._container.close()
+            raise
+
+    def write(self, frame: np.ndarray | av.VideoFrame, pts: int | None = None) -> None:
+        if isinstance(frame, av.VideoFrame):
+            if (frame.width, frame.height) != (self._video.width, self._video.height):
+                frame = frame.to_ndarray(format="rgb24")
+        if not isinstance(frame, av.VideoFrame):
+            frame = np.asarray(frame)
+            if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
+                raise ValueError(f"frames must be {self.height}x{self.width}x3 uint8 RGB, got {frame.dtype} "
+                                 f"{'x'.join(map(str, frame.shape))}")
+            if self.width % 2 or self.height % 2:
+                frame = np.pad(frame, ((0, self.height % 2), (0, self.width % 2), (0, 0)))
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+        frame.pts = self._next_pts if pts is None else pts
+        frame.time_base = self.time_base
+        self._next_pts = frame.pts + self._tick
+        self._container.mux(self._video.encode(frame))
+
+    def write_audio(self, samples: np.ndarray) -> None:
+        if self._audio is None:
+            raise ValueError("this writer was opened without audio (audio_rate=None)")
+        x = np.asarray(samples, np.float32)
+        x = np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x)
+        if x.shape[0] != self._audio.codec_context.channels or not x.shape[1]:
+            if not x.shape[1]:
+                return
+            raise ValueError(f"audio must have {self._audio.codec_context.channels} channel(s), got {x.shape[0]}")
+        frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=self._audio.layout.name)
+        frame.sample_rate, frame.pts, frame.time_base = self._audio.rate, self._audio_pts, Fraction(1, self._audio.rate)
+        self._audio_pts += x.shape[1]
+        self._container.mux(self._audio.encode(frame))
+
+    def close(self) -> None:
+        """Flush the encoders and finish the file (idempotent)."""
+        if self._container is None:
+            return
+        try:
+            self._container.mux(self._video.encode())
+            if self._audio is not None:
+                self._container.mux(self._audio.encode())
+        finally:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def write_video(path: str | Path, frames, fps: int, audio: np.ndarray | None = None, sr: int = 16000,
+                crf: int = 23) -> Path:
+    """Encode RGB uint8 frames (an iterable) and optional mono float32 audio at `sr` into `path`
+    (folders made as needed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        for frame in frames:
+            if writer is None:
+                writer = VideoWriter(path, fps, frame.shape[1], frame.shape[0], crf=crf,
+                                     audio_rate=sr if audio is not None else None)
+            writer.write(frame)
+        if writer is None:
+            raise ValueError(f"no frames to write to {path}")
+        if audio is not None:
+            writer.write_audio(audio)
+    finally:
+        if writer is not None:
+            writer.close()
+    return path
