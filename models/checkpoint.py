@@ -1,6 +1,6 @@
 """Checkpoint IO: read state dicts from any of the formats we meet, check them against a module
 with a message that names the first mismatched keys and shapes, and write our own safetensors
-checkpoints with the config and lineage in their metadata.
+checkpoints with the config, lineage and the sampling settings of training in their metadata.
 
 Formats read: .safetensors (single file, or a `*.safetensors.index.json` of shards), torch .pt/.pth/.bin
 (a bare state dict, or one under `generator_ema` / `generator` / `state_dict` / `model`, with or
@@ -216,6 +216,15 @@ def checkpoint_config(path: str | Path):
     if meta.get("format") == "vidu" and isinstance(meta.get("config"), dict):
         return ModelConfig.from_dict(meta["config"])
     return None
+
+
+def checkpoint_sampling(path: str | Path) -> dict | None:
+    """The sampling and streaming settings a vidu checkpoint was trained for (its "sampling" metadata:
+    shift, steps, chunk_frames, window, sink, twin, noisy_step, noisy_level, codec), or None for other
+    formats and for vidu checkpoints written before they were recorded."""
+    meta = read_metadata(path)
+    sampling = meta.get("sampling") if meta.get("format") == "vidu" else None
+    return sampling if isinstance(sampling, dict) else None
 
 
 def load_dit(path: str | Path, cfg=None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -93,7 +93,8 @@ class ModelConfig:
     height: int = 480
     width: int = 832
     latent_frames: int = 21            # training clip length in latent frames (1 + 4k video frames)
-    chunk_frames: int = 3              # latent frames per causal block
+    chunk_frames: int = 3              # latent frames per causal block: what the causal stage trains with
+                                       # (its default) and the stream generates per chunk
 
     @property
     def video_frames(self) -> int:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -8,7 +9,13 @@ from typing import Annotated, Optional
 import typer
 
 from vidu_cli.options import Quiet
-from vidu_cli.report import clean_errors, err, fail
+from vidu_cli.report import err, fail
+
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, not {value:g}")
+    return value
 
 
 def stream(
@@ -16,96 +23,84 @@ def stream(
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
-    ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint (default: the preset with random weights).")] = None,
+    ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint; its recorded settings are the defaults below (default: the preset with random weights).")] = None,
     preset: Annotated[str, typer.Option(help="Architecture when no checkpoint is given: tiny | small | wan2.1-1.3b.")] = "tiny",
-    instruction: Annotated[str, typer.Option(help="Initial text instruction (type new ones on stdin).")] = "a person talking to the camera",
-    chunk_frames: Annotated[int, typer.Option(help="Latent frames per chunk.")] = 1,
-    steps: Annotated[int, typer.Option(help="Denoising steps per chunk.")] = 3,
-    shift: Annotated[float, typer.Option(help="Flow schedule shift.")] = 5.0,
-    window: Annotated[int, typer.Option(help="Latent frames of history in the sliding window.")] = 8,
-    twin: Annotated[bool, typer.Option("--twin/--no-twin", help="TwinCache (noisy + clean history) or one clean cache.")] = True,
-    noisy_step: Annotated[int, typer.Option(help="Denoising step that fills the noisy cache.")] = 1,
-    sink: Annotated[bool, typer.Option("--sink/--no-sink", help="Keep the first generated chunk as persistent context.")] = True,
+    instruction: Annotated[Optional[str], typer.Option(help="Initial text instruction (type new ones on stdin).", show_default=False)] = None,
+    chunk_frames: Annotated[Optional[int], typer.Option(min=1, max=64, help="Latent frames per chunk (default: the checkpoint's, else the preset's).", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Denoising steps per chunk (default: the checkpoint's, else 3).", show_default=False)] = None,
+    shift: Annotated[Optional[float], typer.Option(min=0.01, max=100.0, help="Flow schedule shift (default: the checkpoint's, else 5).", show_default=False)] = None,
+    window: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Latent frames of history in the sliding window (default: the checkpoint's, else 8).", show_default=False)] = None,
+    twin: Annotated[Optional[bool], typer.Option("--twin/--no-twin", help="TwinCache (noisy + clean history) or one clean cache (default: the checkpoint's, else on).", show_default=False)] = None,
+    noisy_step: Annotated[Optional[int], typer.Option(min=0, max=999, help="Denoising step that fills the noisy cache (default: the checkpoint's, else 1).", show_default=False)] = None,
+    sink: Annotated[Optional[bool], typer.Option("--sink/--no-sink", help="Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", show_default=False)] = None,
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
     audio_out: Annotated[str, typer.Option(help="Audio in the output: input | generated | none.")] = "input",
-    seconds: Annotated[Optional[float], typer.Option(help="Stop after this much video (default: when the audio ends; 10 s without audio).")] = None,
+    seconds: Annotated[Optional[float], typer.Option(min=0.0, max=7 * 86400.0, callback=_positive, help="Stop after this much video, > 0 (default: when the audio ends; 10 s without audio).", show_default=False)] = None,
     realtime: Annotated[Optional[bool], typer.Option("--realtime/--no-realtime", help="Pace output to the clock (default: on with --serve or mic).", show_default=False)] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda (default: cuda when available).")] = "auto",
-    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: cuda when available).")] = "auto",
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the JSON summary to this file.")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Generate the character live from an image, speech and text instructions.
 
+    A checkpoint written by `vidu train` carries the settings it was trained with (chunk size,
+    window, sink, schedule, codec): they are used, and a flag asking for what it never saw is refused.
+    SIGTERM ends the stream like Ctrl-C (the mp4 is finalised).
+
     Example: vidu stream --image cat.png --audio speech.wav --out cat.mp4
+    Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --audio talk.wav --out talk.mp4
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
     """
-    import torch
-    from stages.stream.engine import StreamSettings
     from stages.stream.events import EventQueue
-    from stages.stream.session import SessionOptions, load_parts, run_session, summary_json
+    from stages.stream.session import (SessionOptions, Terminated, check_outputs, load_parts, open_outputs,
+                                       pick_device, run_session, stop_on_signals, summary_json)
 
-    if not out and not serve:
-        fail("give an output: --out FILE.mp4, --out - (raw frames) or --serve HOST:PORT")
-    if audio_out not in ("input", "generated", "none"):
-        fail("--audio-out is one of: input, generated, none")
-    with clean_errors():
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-        settings = StreamSettings(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, sink=sink,
-                                  twin=twin, noisy_step=noisy_step)
-        live_audio = audio in (None, "mic") or (serve is not None and audio is None)
-        pace = realtime if realtime is not None else (serve is not None or audio == "mic")
-        opts = SessionOptions(instruction=instruction, live_audio=live_audio, realtime=pace, audio_out=audio_out,
-                              audio_ends_stream=audio not in (None, "mic"),
-                              max_seconds=seconds if seconds is not None else (10.0 if audio is None and not serve else None))
-        events = EventQueue()
-        parts = load_parts(image, ckpt, preset, settings, decoder_weights, text_encoder_path, dev, dtype, seed)
-        for note in parts.notes:
-            err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        sinks, source = _open_outputs(out, serve, parts.cfg, events), None
-        try:
+    events, source = EventQueue(), None
+    try:
+        with stop_on_signals():
+            opts = SessionOptions.for_inputs(audio, serve is not None, seconds, realtime, instruction, audio_out)
+            check_outputs(out, serve, summary)                     # before the model loads
+            dev, dtype = pick_device(device)
+            given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
+                         noisy_step=noisy_step, sink=sink)
+            parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
+            for note in parts.notes:
+                err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
             if audio is not None:
                 from stages.stream.io import open_audio
-                source = open_audio(audio, events, realtime=pace and audio != "mic")
+                source = open_audio(audio, events, realtime=opts.realtime)
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
+            sinks = open_outputs(out, serve, parts.cfg, events)
+            _announce(sinks, parts.cfg)
             with _live(quiet) as show:
-                result = run_session(parts, events, sinks, opts, live=show)
-        finally:
-            if source is not None:
-                source.close()
-            for s in sinks:
-                s.close()
+                result = run_session(parts, events, sinks, opts, live=show)     # closes the sinks
+    except (ValueError, FileNotFoundError) as e:     # StreamError, CheckpointError: one line, exit 2
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt as e:                  # before the session started: nothing to finalise
+        raise typer.Exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)) from None
+    finally:
+        if source is not None:
+            source.close()
     if summary:
         summary.write_text(json.dumps(result, indent=1, default=str))
     if not quiet:
         err.print(summary_json(result), highlight=False, soft_wrap=True)
-    if result["reason"] == "interrupted":
-        raise typer.Exit(130)
+    if result["reason"] in ("interrupted", "terminated"):
+        raise typer.Exit(128 + (signal.SIGTERM if result["reason"] == "terminated" else signal.SIGINT))
 
 
-def _open_outputs(out, serve, cfg, events) -> list:
-    sinks = []
-    fps = cfg.audio.fps
-    if out == "-":
-        from stages.stream.io import RawSink
-        sinks.append(RawSink())
-        err.print(f"raw rgb24 frames {cfg.width}x{cfg.height} at {fps} fps on stdout", highlight=False)
-    elif out:
-        from stages.stream.io import Mp4Sink
-        sinks.append(Mp4Sink(out, fps, cfg.width, cfg.height))
-    if serve:
-        from stages.stream.serve import WebSink
-        host, _, port = serve.rpartition(":")
-        if not port.isdigit():
-            fail(f"--serve takes HOST:PORT, not {serve!r}")
-        web = WebSink(host or "127.0.0.1", int(port), events, fps=fps)
-        err.print(f"serving on {web.url}", highlight=False)
-        sinks.append(web)
-    return sinks
+def _announce(sinks: list, cfg) -> None:
+    from stages.stream.io import RawSink
+    from stages.stream.serve import WebSink
+    for s in sinks:
+        if isinstance(s, RawSink):
+            err.print(f"raw rgb24 frames {cfg.width}x{cfg.height} at {cfg.audio.fps} fps on stdout", highlight=False)
+        elif isinstance(s, WebSink):
+            err.print(f"serving on {s.url}", highlight=False)
 
 
 class _live:

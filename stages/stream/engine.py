@@ -13,26 +13,33 @@ TwinCache: each history chunk keeps a noisy cache (its keys/values at denoising 
 attend to the noisy cache, the final step to the clean one. `twin=False` is the single clean cache.
 
 All cache memory is allocated once (`ContextBuffers`); per-chunk work and memory do not depend on
-how many chunks came before. `denoise_chunk` and `cache_pass` are free functions over the model:
-the torch.compile / CUDA-graph boundary.
+how many chunks came before. `denoise_chunk` and `cache_pass` are free functions over the model, so
+that they can become the torch.compile / CUDA-graph boundary; nothing compiles them yet (the engine
+runs eagerly; benchmarks/stream_fps.py measures that).
+
+`StreamSettings.resolve(cfg, trained, **given)` picks a stream's settings: the ones a checkpoint was
+trained for (its "sampling" metadata, stages/train/sample.py), else the defaults with the model's
+chunk size, with the given ones on top; a setting training never saw is refused.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from models.config import ModelConfig
 from models.dit import DiT, KV
-from models.flow import sigmas as flow_sigmas
+from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
+from stages.stream.events import StreamError
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    chunk_frames: int = 1      # latent frames per chunk
+    chunk_frames: int = 1      # latent frames per chunk (resolve(): the model's ModelConfig.chunk_frames)
     steps: int = 3             # denoising steps per chunk
-    shift: float = 5.0         # flow schedule shift (the checkpoint's)
+    shift: float = SHIFT       # flow schedule shift (the checkpoint's)
     window: int = 8            # latent frames of history kept in the sliding window
     sink: bool = True          # keep the first generated chunk as persistent context
     twin: bool = True          # TwinCache (noisy + clean history); False: clean cache only
@@ -49,6 +56,61 @@ class StreamSettings:
     @property
     def slots(self) -> int:
         return self.window // self.chunk_frames
+
+    @property
+    def positions(self) -> int:
+        """Latent frames one step attends over: ref + sink + window + the chunk (RoPE positions used)."""
+        return 1 + (self.chunk_frames if self.sink else 0) + self.window + self.chunk_frames
+
+    @classmethod
+    def resolve(cls, cfg: ModelConfig, trained: dict | None = None, **given) -> "StreamSettings":
+        """A stream's settings: `given` (None = not given) over those of `trained` (a checkpoint's
+        "sampling" metadata), else over the defaults with chunk_frames = cfg.chunk_frames. Raises
+        StreamError (one line) for a value the model never saw in training."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        base = {k: trained[k] for k in names if trained and k in trained}
+        if not trained:
+            base["chunk_frames"] = cfg.chunk_frames
+            base["window"] = max(cls.window, cfg.chunk_frames) // cfg.chunk_frames * cfg.chunk_frames
+        given = {k: v for k, v in given.items() if v is not None}
+        unknown = set(given) - names
+        if unknown:
+            raise TypeError(f"unknown stream settings: {', '.join(sorted(unknown))}")
+        if trained and {"steps", "shift"} & set(given) and "noisy_step" not in given:   # another schedule
+            k = step_at_level(trained.get("noisy_level"), given.get("steps", base["steps"]),
+                              given.get("shift", base["shift"]))
+            base["noisy_step"] = k or 0
+            base["twin"] = k is not None
+        try:
+            st = cls(**{**base, **given})
+        except ValueError as e:
+            raise StreamError(str(e)) from None
+        if trained:
+            st.check_trained(trained)
+        return st
+
+    def check_trained(self, trained: dict) -> None:
+        """StreamError when these settings go beyond what the checkpoint's training saw."""
+        cf = trained["chunk_frames"]
+        if self.chunk_frames != cf:
+            raise StreamError(_never_saw(f"--chunk-frames {self.chunk_frames}: it was trained with chunks "
+                                                  f"of {cf} latent frames"))
+        seen = StreamSettings(chunk_frames=cf, window=trained["window"], sink=trained["sink"], twin=False).positions
+        if self.positions > seen:
+            raise StreamError(_never_saw(f"--window {self.window}{' with --sink' if self.sink else ''}: "
+                                                  f"ref + sink + window + chunk span {self.positions} latent frames, "
+                                                  f"training saw {seen} (window <= {trained['window']})"))
+        if self.twin:
+            level = trained.get("noisy_level")
+            noisy = flow_sigmas(self.steps, self.shift)[self.noisy_step]
+            if level is None or noisy > level + 1e-9:
+                seen_noise = "clean history only" if level is None else f"history noise up to {level:g}"
+                raise StreamError(_never_saw(f"a noisy cache at noise {noisy:.3f} (step {self.noisy_step}): "
+                                                      f"it saw {seen_noise}; use --no-twin or a later --noisy-step"))
+
+
+def _never_saw(what: str) -> str:
+    return f"the checkpoint never saw {what}"
 
 
 class ContextBuffers:

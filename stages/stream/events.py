@@ -19,6 +19,16 @@ from typing import Protocol
 import numpy as np
 
 SAMPLE_RATE = 16000
+MAX_INSTRUCTION_CHARS = 1000     # longest instruction taken from stdin (cut) or the page (refused)
+
+
+def instruction_text(raw: bytes | str) -> str:
+    """An instruction as typed: bytes decoded as UTF-8 with replacement characters for invalid
+    sequences (and strings with lone surrogates, e.g. from surrogateescape, cleaned the same way),
+    stripped, cut at MAX_INSTRUCTION_CHARS."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "replace").strip()[:MAX_INSTRUCTION_CHARS]
 
 
 @dataclass(frozen=True)

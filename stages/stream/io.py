@@ -5,7 +5,8 @@ float32, 0.1 s each) and an AudioEnd when they run out:
   open_audio("talk.wav", events)        any file PyAV decodes, decoded up front
   open_audio("-", events)               raw s16le 16 kHz mono PCM on stdin, until EOF
   open_audio("mic", events)             the default input device (sounddevice + PortAudio)
-`read_instructions(sys.stdin, events)` turns each non-empty stdin line into an Instruction.
+`read_instructions(sys.stdin, events)` turns each non-empty stdin line into an Instruction (bytes
+decoded with replacement, cut at the page's MAX_INSTRUCTION_CHARS).
 
 Sinks: Mp4Sink (H.264 + AAC through the ffmpeg binary, finalised by close(), also after Ctrl-C)
 and RawSink (rgb24 bytes to a pipe, e.g. `vidu stream ... --raw | ffplay -f rawvideo ...`).
@@ -27,7 +28,8 @@ from typing import BinaryIO, TextIO
 import numpy as np
 
 from stages.sense.media import MediaError, ffmpeg_exe, load_audio
-from stages.stream.events import SAMPLE_RATE, AudioChunk, AudioEnd, EventQueue, Instruction, StreamError
+from stages.stream.events import (SAMPLE_RATE, AudioChunk, AudioEnd, EventQueue, Instruction, StreamError,
+                                  instruction_text)
 
 CHUNK = 1600  # samples per AudioChunk: 0.1 s at 16 kHz
 MIC_ALTERNATIVES = "or use --audio FILE, --audio - or the push-to-talk button of --serve"
@@ -157,14 +159,17 @@ def _open_mic(events: EventQueue) -> AudioSource:
     return src
 
 
-def read_instructions(stream: TextIO, events: EventQueue) -> threading.Thread:
-    """Put an Instruction per non-empty line of `stream` (stdin) from a daemon thread; EOF ends it."""
+def read_instructions(stream: BinaryIO | TextIO, events: EventQueue) -> threading.Thread:
+    """Put an Instruction per non-empty line of `stream` (stdin, read as bytes: invalid UTF-8 becomes
+    U+FFFD, a line is cut at MAX_INSTRUCTION_CHARS) from a daemon thread; EOF ends it."""
+    stream = getattr(stream, "buffer", stream)
 
     def loop():
         try:
             for line in stream:
-                if line.strip():
-                    events.put(Instruction(line.strip()))
+                text = instruction_text(line)
+                if text:
+                    events.put(Instruction(text))
         except (OSError, ValueError):  # stdin closed under us
             pass
 
@@ -187,6 +192,31 @@ def _check_frames(frames: np.ndarray, height: int | None = None, width: int | No
     return np.ascontiguousarray(frames)
 
 
+VIDEO_SUFFIXES = (".mp4",)   # what Mp4Sink writes; another extension would name the wrong container
+
+
+def check_video_path(path: str | Path) -> Path:
+    """`path` if Mp4Sink can write it (an .mp4 name in an existing, writable folder), else StreamError.
+    Cheap: `vidu stream` calls it before loading the model."""
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise StreamError(f"cannot write {path}: the output is an MP4 file (name it .mp4), or - for raw frames "
+                          f"on stdout")
+    return check_file_path(path)
+
+
+def check_file_path(path: str | Path) -> Path:
+    """`path` if a file can be created there (its folder exists and is writable, it is not a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise StreamError(f"cannot write {path}: it is a folder")
+    if not path.parent.is_dir():
+        raise StreamError(f"cannot write {path}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StreamError(f"cannot write {path}: permission denied")
+    return path
+
+
 class Mp4Sink:
     """H.264 (libx264, yuv420p) + AAC mp4 through the ffmpeg binary.
 
@@ -200,11 +230,7 @@ class Mp4Sink:
     """
 
     def __init__(self, path: str | Path, fps: float, width: int, height: int):
-        self.path = Path(path)
-        if not self.path.parent.is_dir():
-            raise StreamError(f"cannot write {self.path}: the folder {self.path.parent} does not exist")
-        if self.path.is_dir():
-            raise StreamError(f"cannot write {self.path}: it is a folder")
+        self.path = check_video_path(path)
         if not (fps > 0 and width > 0 and height > 0):
             raise StreamError(f"cannot write {self.path}: fps, width and height must be positive "
                               f"(got {fps}, {width}, {height})")

@@ -6,6 +6,7 @@ One WebSink is one ThreadingHTTPServer on a daemon thread (stdlib + Pillow, noth
   GET  /events           Server-Sent Events: `audio` (base64 int16 16 kHz mono, one per chunk)
                          and `stats` (JSON, one per engine stats() call)
   GET  /stats            {"stream": latest engine stats, "server": this server's counts}
+  GET  /app.js           the page's script (live audio, stats, instruction box, push-to-talk)
   GET  /mic-worklet.js   the AudioWorklet that mono-mixes the microphone and decimates it to 16 kHz
   POST /instruction      {"text": "..."}                      -> Instruction(text) on the queue
   POST /audio[?format=]  raw little-endian f32le (default) or s16le 16 kHz mono -> AudioChunk
@@ -13,6 +14,9 @@ One WebSink is one ThreadingHTTPServer on a daemon thread (stdlib + Pillow, noth
 The engine never waits on a viewer: write() hands the chunk to a publisher thread (a short
 backlog, oldest dropped), which encodes JPEGs and spreads the chunk's frames over T / fps
 seconds; each viewer's thread sends the newest frame it has not sent and skips (counts) the rest.
+
+The page and its scripts are package files in stages/stream/static/ (index.html, app.js,
+mic-worklet.js), read once with importlib.resources.
 
 Try it: `vidu stream ... --serve 127.0.0.1:8000`, then open http://127.0.0.1:8000/ (the browser
 allows the microphone only on localhost / 127.0.0.1 or https).
@@ -29,17 +33,18 @@ import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
 
-from stages.stream.events import SAMPLE_RATE, AudioChunk, EventQueue, Instruction, StreamError
+from stages.stream.events import (MAX_INSTRUCTION_CHARS, SAMPLE_RATE, AudioChunk, EventQueue, Instruction,
+                                  StreamError)
 
 JPEG_QUALITY = 80
 BACKLOG_CHUNKS = 3          # chunks waiting for the publisher; beyond this the oldest is dropped
 AV_LEAD = 0.15              # s; the page schedules audio this far ahead, frames start as late
-MAX_INSTRUCTION_CHARS = 1000
 MAX_INSTRUCTION_BYTES = 16 * 1024
 MAX_AUDIO_SECONDS = 10.0    # per POST /audio; the page sends ~0.1 s
 SSE_BACKLOG = 32            # events queued per /events client before it starts losing them
@@ -121,6 +126,11 @@ def _pcm16_b64(audio: np.ndarray) -> str:
     return base64.b64encode(pcm.tobytes()).decode("ascii")
 
 
+def _static(name: str) -> bytes:
+    """A file of stages/stream/static/ (package data)."""
+    return resources.files("stages.stream").joinpath("static", name).read_bytes()
+
+
 def _json_default(o):
     return o.item() if hasattr(o, "item") else str(o)  # numpy scalars, paths, ...
 
@@ -143,8 +153,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/":
             self._send(200, "text/html; charset=utf-8", self.server.page)
-        elif path == "/mic-worklet.js":
-            self._send(200, "text/javascript; charset=utf-8", MIC_WORKLET.encode())
+        elif path in ("/app.js", "/mic-worklet.js"):
+            self._send(200, "text/javascript; charset=utf-8", _static(path[1:]))
         elif path == "/stats":
             self._send_json(200, self.server.hub.snapshot())
         elif path == "/stream.mjpg":
@@ -337,6 +347,28 @@ class _Server(ThreadingHTTPServer):
                 pass
 
 
+def parse_address(spec: str) -> tuple[str, int]:
+    """"HOST:PORT" (or ":PORT", "[::1]:PORT") -> (host, port); StreamError for anything else."""
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StreamError(f"--serve takes HOST:PORT with a port 0-65535, not {spec!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_address(host: str, port: int) -> None:
+    """StreamError unless a server can listen on host:port now (bound and released at once, the way
+    ThreadingHTTPServer binds: `vidu stream` calls it before loading the model)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(1)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise StreamError(f"cannot serve on {host}:{port}: {reason}") from None
+
+
 class WebSink:
     """A Sink that serves the stream to browsers and feeds their instructions and speech to
     `events`. The server runs from construction until close()."""
@@ -351,7 +383,8 @@ class WebSink:
         self._chunks: queue.Queue = queue.Queue(BACKLOG_CHUNKS)
         self._closing = threading.Event()
         self._close_lock = threading.Lock()
-        page = PAGE.replace("{{title}}", html.escape(title)).replace("{{lead}}", str(AV_LEAD))
+        page = (_static("index.html").decode().replace("{{title}}", html.escape(title))
+                .replace("{{lead}}", str(AV_LEAD)).replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS)))
         try:
             self._server = _Server(host, port, self._hub, events, page.encode())
         except (OSError, OverflowError) as e:
@@ -425,165 +458,3 @@ class WebSink:
                     return
                 self._hub.publish_frame(jpeg)
                 due += 1.0 / self.fps
-
-
-MIC_WORKLET = """\
-// Audio thread: mono-mix the microphone and box-filter it down to 16 kHz; post ~10 ms blocks.
-class Mic16k extends AudioWorkletProcessor {
-  constructor() { super(); this.step = sampleRate / 16000; this.pos = 0; this.acc = 0; this.n = 0; this.out = []; }
-  process(inputs) {
-    const input = inputs[0];
-    if (input && input.length) {
-      for (let i = 0; i < input[0].length; i++) {
-        let x = 0;
-        for (const ch of input) x += ch[i];
-        this.acc += x / input.length; this.n += 1; this.pos += 1;
-        if (this.pos >= this.step) { this.pos -= this.step; this.out.push(this.acc / this.n); this.acc = 0; this.n = 0; }
-      }
-      if (this.out.length >= 160) { this.port.postMessage(Float32Array.from(this.out)); this.out = []; }
-    }
-    return true;
-  }
-}
-registerProcessor('mic-16k', Mic16k);
-"""
-
-PAGE = """\
-<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{{title}}</title>
-<style>
-  body { margin: 0; background: #111; color: #ddd; font: 15px system-ui, sans-serif;
-         display: flex; flex-direction: column; align-items: center; gap: 10px; padding: 12px; }
-  #view { max-width: 100%; max-height: 70vh; min-width: 256px; background: #000; image-rendering: auto; }
-  #stats { font: 12px ui-monospace, monospace; color: #9a9; min-height: 1.2em; text-align: center; }
-  #note { font-size: 13px; color: #ca8; min-height: 1.2em; }
-  form, .row { display: flex; gap: 8px; width: min(640px, 100%); }
-  #text { flex: 1; padding: 8px; font-size: 15px; background: #222; color: #eee; border: 1px solid #444; }
-  button { padding: 8px 14px; font-size: 15px; background: #333; color: #eee; border: 1px solid #555; }
-  #talk { flex: 1; padding: 14px; touch-action: none; user-select: none; -webkit-user-select: none; }
-  #talk.on { background: #a22; border-color: #f66; }
-</style></head>
-<body>
-  <img id="view" src="/stream.mjpg" alt="live stream">
-  <div id="stats"></div>
-  <form id="say"><input id="text" autocomplete="off" placeholder="Instruction, e.g. smile and wave">
-    <button type="submit">Send</button></form>
-  <div class="row"><button id="talk" type="button">Hold to talk (or hold Space)</button></div>
-  <div id="note"></div>
-<script>
-const $ = id => document.getElementById(id);
-const SR = 16000, LEAD = {{lead}}, SEND = 1600;   // 16 kHz; s of audio scheduling lead; 100 ms posts
-const note = text => { $('note').textContent = text; };
-
-// one AudioContext plays the stream and records the microphone; browsers start it suspended
-// until a user gesture
-let ctx = null, playAt = 0;
-function audio() {
-  if (!ctx) ctx = new AudioContext();
-  if (ctx.state === 'suspended') ctx.resume();
-  return ctx;
-}
-for (const t of ['pointerdown', 'keydown']) document.addEventListener(t, () => { audio(); if ($('note').textContent.startsWith('click')) note(''); });
-
-function play(b64) {
-  const a = audio();
-  if (a.state !== 'running') { note('click the page to hear the sound'); return; }
-  const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-  const pcm = new Int16Array(bytes.buffer);
-  const buf = a.createBuffer(1, pcm.length, SR);
-  const ch = buf.getChannelData(0);
-  for (let i = 0; i < pcm.length; i++) ch[i] = pcm[i] / 32768;
-  if (playAt < a.currentTime) playAt = a.currentTime + LEAD;   // start, or restart after a gap
-  if (playAt > a.currentTime + 1.0) return;                   // too far behind: skip to catch up
-  const src = a.createBufferSource();
-  src.buffer = buf; src.connect(a.destination); src.start(playAt);
-  playAt += buf.duration;
-}
-
-function showStats(s) {
-  const all = Object.assign({}, s.stream, s.server);
-  const fmt = v => typeof v === 'number' && !Number.isInteger(v) ? v.toFixed(2) : String(v);
-  $('stats').textContent = Object.entries(all).map(([k, v]) => k + ' ' + fmt(v)).join(' \\u00b7 ');
-}
-
-const events = new EventSource('/events');
-events.addEventListener('audio', e => play(e.data));
-events.addEventListener('stats', e => showStats(JSON.parse(e.data)));
-
-$('say').addEventListener('submit', async e => {
-  e.preventDefault();
-  const text = $('text').value.trim();
-  if (!text) return;
-  try {
-    const r = await fetch('/instruction', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                           body: JSON.stringify({text})});
-    if (r.ok) { $('text').value = ''; note('sent: ' + text); } else note((await r.json()).error);
-  } catch (err) { note('not sent: ' + err); }
-});
-
-// push-to-talk: the microphone is opened per press, so the browser's recording indicator
-// means "talking"; 16 kHz float32 is posted in order, ~100 ms per request
-let talking = false, press = 0, mic = null, worklet = null, held = [], heldN = 0, sending = Promise.resolve();
-function send(samples) {
-  sending = sending.then(() => fetch('/audio', {method: 'POST', headers: {'Content-Type': 'application/octet-stream'},
-                                                  body: samples.buffer}))
-                   .then(r => { if (!r.ok) note('audio rejected: ' + r.status); })
-                   .catch(err => note('audio not sent: ' + err));
-}
-function flush() {
-  if (!heldN) return;
-  const out = new Float32Array(heldN);
-  let at = 0;
-  for (const b of held) { out.set(b, at); at += b.length; }
-  held = []; heldN = 0;
-  send(out);
-}
-function collect(block) {
-  held.push(block); heldN += block.length;
-  if (heldN >= SEND) flush();
-}
-function closeMic(m) {
-  m.node.port.onmessage = null;
-  m.src.disconnect(); m.node.disconnect();
-  m.stream.getTracks().forEach(t => t.stop());
-}
-async function startTalk() {
-  if (talking) return;
-  talking = true; const mine = ++press;
-  $('talk').classList.add('on');
-  if (!navigator.mediaDevices || !window.AudioWorkletNode) { note('the microphone needs https or localhost'); stopTalk(); return; }
-  try {
-    const a = audio();
-    await (worklet = worklet || a.audioWorklet.addModule('/mic-worklet.js'));
-    const stream = await navigator.mediaDevices.getUserMedia(
-      {audio: {channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true}});
-    const src = a.createMediaStreamSource(stream);
-    const node = new AudioWorkletNode(a, 'mic-16k');
-    const mute = a.createGain(); mute.gain.value = 0;   // keeps the node pulled by the graph
-    src.connect(node).connect(mute).connect(a.destination);
-    const m = {stream, src, node};
-    if (!talking || mine !== press) { closeMic(m); return; }   // released while it was opening
-    node.port.onmessage = e => collect(e.data);
-    mic = m; note('listening');
-  } catch (err) { note('microphone: ' + err.message); stopTalk(); }
-}
-function stopTalk() {
-  if (!talking) return;
-  talking = false;
-  $('talk').classList.remove('on');
-  if (mic) { closeMic(mic); mic = null; note(''); }
-  flush();
-}
-const talk = $('talk');
-talk.addEventListener('pointerdown', e => { e.preventDefault(); talk.setPointerCapture(e.pointerId); startTalk(); });
-for (const t of ['pointerup', 'pointercancel', 'lostpointercapture']) talk.addEventListener(t, stopTalk);
-talk.addEventListener('contextmenu', e => e.preventDefault());
-const spaceKey = e => e.code === 'Space' && e.target !== $('text');
-document.addEventListener('keydown', e => { if (spaceKey(e)) { e.preventDefault(); if (!e.repeat) startTalk(); } });
-document.addEventListener('keyup', e => { if (spaceKey(e)) { e.preventDefault(); stopTalk(); } });
-window.addEventListener('blur', stopTalk);
-</script>
-</body></html>
-"""

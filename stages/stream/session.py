@@ -1,7 +1,9 @@
 """A live session: events in, chunks generated, frames decoded and sent to sinks, statistics out.
 
-    parts = load_parts(ckpt=None, preset="tiny", image="cat.png")      # model, decoder, encoders
-    summary = run_session(parts, events, [Mp4Sink(...)], SessionOptions(max_seconds=10))
+    parts = load_parts("cat.png", ckpt="causal.safetensors")     # model, decoder, encoders, settings
+    opts = SessionOptions.for_inputs(audio="talk.wav", serving=False)
+    with stop_on_signals():                                       # SIGTERM ends it like Ctrl-C
+        summary = run_session(parts, events, [Mp4Sink(...)], opts)    # closes the sinks
 
 Audio is consumed as a FIFO aligned to latent frames: the first chunk takes the samples of its
 1 + 4 (F - 1) video frames (its latent frame 0 also covers 3 lead-in frames of silence), every later
@@ -12,7 +14,10 @@ heard from the next chunk.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,59 +25,103 @@ import numpy as np
 import torch
 
 from models.audio import chunk_waveform, window_features
-from models.config import ModelConfig, preset as get_preset
+from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
 from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, Stop, StreamError
 
-AUDIO_WAIT_S = 30.0
+AUDIO_WAIT_S = 30.0         # a file / stdin source silent this long is an error
+NO_AUDIO_SECONDS = 10.0     # a stream with no audio source and no page stops after this much video
+AUDIO_OUT = ("input", "generated", "none")
 
 
 @dataclass
 class Parts:
     engine: StreamEngine
     cfg: ModelConfig
-    decoder: object                      # TAEHV
+    decoder: object                      # TAEHV, or the checkpoint's PCA codec (stages/stream/decoders.py)
     encode_text: object                  # callable(list[str]) -> [B, L, D]
     notes: list[str] = field(default_factory=list)   # what is random / missing, said to the user
+    trained: dict | None = None          # the checkpoint's sampling metadata (None: not recorded)
 
 
 @dataclass
 class SessionOptions:
-    instruction: str = "a person talking to the camera"
+    instruction: str = NEUTRAL_TEXT
     max_seconds: float | None = None     # stop after this much generated video
     live_audio: bool = False             # do not wait for audio (mic, browser)
     audio_ends_stream: bool = True       # a file / stdin source ending ends the stream
     realtime: bool = False               # pace output to wall-clock
     audio_out: str = "input"             # input | generated | none
 
+    def __post_init__(self):
+        if self.audio_out not in AUDIO_OUT:
+            raise StreamError(f"audio out is one of: {', '.join(AUDIO_OUT)}, not {self.audio_out!r}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise StreamError(f"the duration must be > 0 seconds, not {self.max_seconds:g}")
+
+    @classmethod
+    def for_inputs(cls, audio: str | None, serving: bool, seconds: float | None = None,
+                   realtime: bool | None = None, instruction: str | None = None,
+                   audio_out: str = "input") -> "SessionOptions":
+        """The policy of a stream with audio `audio` (a file, "-" for stdin PCM, "mic", or None) and a
+        web page or not: live audio (mic, the page) is not waited for; output is paced to the clock
+        when serving or from a mic unless `realtime` says otherwise; a file or stdin ending ends the
+        stream; with no audio and no page the stream stops after NO_AUDIO_SECONDS unless `seconds`."""
+        live = audio in (None, "mic")
+        if seconds is None and audio is None and not serving:
+            seconds = NO_AUDIO_SECONDS
+        return cls(instruction=instruction or NEUTRAL_TEXT, max_seconds=seconds, live_audio=live,
+                   audio_ends_stream=not live, realtime=(serving or audio == "mic") if realtime is None else realtime,
+                   audio_out=audio_out)
+
 
 def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = "tiny",
-               settings: StreamSettings = StreamSettings(), decoder_weights: str | Path | None = None,
+               settings: StreamSettings | dict | None = None, decoder_weights: str | Path | None = None,
                text_encoder_path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                seed: int = 0) -> Parts:
-    """Model (a checkpoint, or the preset with random weights), TAEHV decoder, text encoder, and the
-    reference image encoded to a latent frame. Raises one-line errors for unusable inputs."""
-    from models.checkpoint import load_dit, load_taehv
+    """Model (a checkpoint, or the preset with random weights), decoder (TAEHV, or the PCA codec the
+    checkpoint was trained on), text encoder, and the reference image encoded to a latent frame.
+    `settings`: a StreamSettings, or the given ones ({name: value or None}) to resolve against the
+    checkpoint's recorded settings (StreamSettings.resolve). The image, the checkpoint's config and
+    the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
+    from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit, load_taehv
     from models.dit import DiT
-    from models.encoders import TextEncoder, load_image
+    from models.encoders import TextEncoder, image_tensor
     from models.taehv import TAEHV
+    from stages.stream.decoders import PCADecoder
+    from stages.stream.image import read_reference
     notes = []
-    cfg = get_preset(preset)
+    rgb = read_reference(image)                                  # [H, W, 3] uint8
+    cfg, trained = get_preset(preset), None
     if ckpt:
-        model, cfg = load_dit(ckpt, device=device, dtype=dtype)
+        own, trained = checkpoint_config(ckpt), checkpoint_sampling(ckpt)
+        if own is None:                                          # not a vidu file: a config from the shapes
+            model, cfg = load_dit(ckpt, device=device, dtype=dtype)
+        st = _settings(own or cfg, trained, settings)            # before a vidu checkpoint's weights load
+        if own is not None:
+            model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)
+        if trained is None:
+            notes.append("the checkpoint does not record the settings it was trained with: the defaults are used")
     else:
+        st = _settings(cfg, None, settings)
         torch.manual_seed(seed)
         model = DiT(cfg.dit).to(device=device, dtype=dtype).eval()
         notes.append(f"no --ckpt: the {preset} preset with random weights (frames are noise-like)")
-    if decoder_weights:
+    codec = (trained or {}).get("codec") or {}
+    if codec.get("kind") == "pca":
+        if decoder_weights:
+            raise StreamError("the checkpoint was trained on PCA-codec latents; --decoder-weights (TAEHV) decodes "
+                              "another latent space")
+        decoder = PCADecoder.load(Path(ckpt).parent / codec["file"], device)
+    elif decoder_weights:
         decoder = load_taehv(decoder_weights, device)
     else:
         decoder = TAEHV().to(device).eval()
         notes.append("no --decoder-weights (taew2_1.pth): TAEHV with random weights")
     if cfg.dit.in_dim != decoder.config.latent_channels:
-        raise StreamError(f"the model makes {cfg.dit.in_dim}-channel latents; TAEHV decodes "
+        raise StreamError(f"the model makes {cfg.dit.in_dim}-channel latents; the decoder decodes "
                           f"{decoder.config.latent_channels}")
-    img = load_image(image, cfg.height, cfg.width)               # [1, 3, 1, H, W] in [-1, 1]
+    img = image_tensor(rgb, cfg.height, cfg.width)               # [1, 3, 1, H, W] in [-1, 1]
     with torch.no_grad():
         frames = ((img[:, :, 0] + 1) / 2)[:, None].to(device)   # [1, 1, 3, H, W] in [0, 1]
         ref = decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
@@ -80,9 +129,69 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     text_encoder = TextEncoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
     if text_encoder.dim != cfg.dit.text_dim:
         raise StreamError(f"the text encoder gives {text_encoder.dim}-d features; the model takes {cfg.dit.text_dim}")
-    engine = StreamEngine(model, cfg, settings, seed=seed)
+    engine = StreamEngine(model, cfg, st, seed=seed)
     engine.start(ref)
-    return Parts(engine, cfg, decoder, text_encoder, notes)
+    return Parts(engine, cfg, decoder, text_encoder, notes, trained)
+
+
+def pick_device(device: str = "auto") -> tuple[str, torch.dtype]:
+    """"auto" | "cpu" | "cuda" | "cuda:N" -> (device, dtype: bfloat16 on a GPU); StreamError for a
+    device this machine does not have."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device, torch.float32
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise StreamError(f"--device is auto, cpu, cuda or cuda:N, not {device!r}")
+    if not torch.cuda.is_available():
+        raise StreamError(f"--device {device}: no CUDA GPU is visible here (use --device cpu)")
+    if index and int(index) >= torch.cuda.device_count():
+        raise StreamError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device, torch.bfloat16
+
+
+def check_outputs(out: str | None, serve: str | None, summary: str | Path | None = None) -> None:
+    """StreamError for an output that cannot be written or served, found before any model loads:
+    no output at all, a bad --out path or extension, a --serve address in use, a bad summary path."""
+    from stages.stream.io import check_file_path, check_video_path
+    from stages.stream.serve import check_address, parse_address
+    if not out and not serve:
+        raise StreamError("give an output: --out FILE.mp4, --out - (raw frames) or --serve HOST:PORT")
+    if out and out != "-":
+        check_video_path(out)
+    if serve:
+        check_address(*parse_address(serve))
+    if summary:
+        check_file_path(summary)
+
+
+def open_outputs(out: str | None, serve: str | None, cfg: ModelConfig, events: EventQueue) -> list:
+    """The sinks of --out (an .mp4 or "-" for raw frames on stdout) and --serve HOST:PORT; if one
+    cannot be opened, those already open are closed before the error is raised."""
+    from stages.stream.io import Mp4Sink, RawSink
+    from stages.stream.serve import WebSink, parse_address
+    sinks: list = []
+    try:
+        if out == "-":
+            sinks.append(RawSink())
+        elif out:
+            sinks.append(Mp4Sink(out, cfg.audio.fps, cfg.width, cfg.height))
+        if serve:
+            sinks.append(WebSink(*parse_address(serve), events, fps=cfg.audio.fps))
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks
+
+
+def _settings(cfg: ModelConfig, trained: dict | None, settings: StreamSettings | dict | None) -> StreamSettings:
+    if isinstance(settings, StreamSettings):
+        if trained:
+            settings.check_trained(trained)
+        return settings
+    return StreamSettings.resolve(cfg, trained, **(settings or {}))
 
 
 class AudioFifo:
@@ -191,9 +300,35 @@ class Session:
         return samples
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd) arrived: the stream ends like Ctrl-C, its outputs finalised."""
+
+
+@contextmanager
+def stop_on_signals():
+    """While inside: the first SIGTERM raises Terminated in the main thread (later ones are ignored, so
+    finalising an mp4 is not cut short); the previous handler is restored on exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def on_term(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOptions, live=None) -> dict:
-    """Generate until the audio ends, the duration is reached, a Stop event, or Ctrl-C; always close
-    the sinks (an interrupted mp4 is finalised). Returns the JSON-able summary."""
+    """Generate until the audio ends, the duration is reached, a Stop event, Ctrl-C or (inside
+    stop_on_signals) SIGTERM; closes the sinks, once (an interrupted mp4 is finalised). Returns the
+    JSON-able summary; its "reason" is "interrupted" after Ctrl-C, "terminated" after SIGTERM."""
     s = Session(parts, events, opts)
     fps = parts.cfg.audio.fps
     lat: list[float] = []
@@ -217,6 +352,8 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
                 sink.stats(stats)
             if live is not None:
                 live(stats)
+    except Terminated:
+        reason = "terminated"
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:

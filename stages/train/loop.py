@@ -6,7 +6,8 @@ One process, or `torchrun --nproc-per-node N vidu train ...`: each rank holds a 
 (FSDP2 `fully_shard` per block and at the root) and its rows of every global batch. AdamW with
 linear warmup and cosine decay, gradient clipping, EMA weights, bf16 autocast on GPU, optional
 gradient checkpointing. Checkpoints every `save_every` steps under out_dir/step-NNNNNN/ (model and
-EMA as vidu safetensors with config and lineage, state.pt with optimizer, schedule, EMA, step and
+EMA as vidu safetensors with config, lineage and the sampling / streaming settings the model was trained
+for (`sampling_record`: shift, steps, chunk frames, window, sink, noisy-cache level, codec), state.pt with optimizer, schedule, EMA, step and
 loss history); a re-run resumes from the newest one and continues exactly: data order and noise are
 functions of (seed, step), so a resumed run reproduces the uninterrupted run's losses.
 """
@@ -25,29 +26,31 @@ import torch
 import torch.distributed as dist
 
 from models.checkpoint import load_dit, read_metadata, save_model
-from models.config import preset as get_preset
+from models.config import PRESETS, preset as get_preset
 from models.dit import DiT
+from stages.run import ranged
 from stages.train.data import Dataset, build_dataset
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
 from stages.train.plot import loss_curve_png
+from stages.train.sample import sampling_record
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    stage: str = "bidirectional"         # bidirectional | causal
-    preset: str = "tiny"
-    steps: int = 200
-    batch: int = 4                       # global batch (split across ranks)
-    lr: float = 3e-4
-    warmup: int = 20
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ema: float = 0.999
+    stage: str = ranged("bidirectional", choices=tuple(OBJECTIVES))
+    preset: str = ranged("tiny", choices=tuple(PRESETS))
+    steps: int = ranged(200, min=1)
+    batch: int = ranged(4, min=1)        # global batch (split across ranks)
+    lr: float = ranged(3e-4, gt=0)
+    warmup: int = ranged(20, min=0)
+    min_lr_ratio: float = ranged(0.1, min=0, max=1)
+    weight_decay: float = ranged(0.01, min=0)
+    grad_clip: float = ranged(1.0, gt=0)
+    ema: float = ranged(0.999, min=0, max=1)
     grad_ckpt: bool = False
-    save_every: int = 100
-    seed: int = 0
-    samples: int = 256                   # synthetic training samples (the dataset cycles over them)
+    save_every: int = ranged(100, min=1)
+    seed: int = ranged(0, min=0)
+    samples: int = ranged(256, min=1)    # synthetic training samples (the dataset cycles over them)
     data: str | None = None              # a synth manifest to train on instead of clips rendered on the fly
     init_from: str | None = None         # checkpoint to start from (stage 2: the bidirectional teacher)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
@@ -110,7 +113,11 @@ class Trainer:
             init = src.state_dict()
         else:
             init = None
-        self.cfg = cfg
+        # ModelConfig.chunk_frames is the causal block size: the objective's default, and what a
+        # causal checkpoint records it was trained with
+        cf = st.objective.chunk_frames or cfg.chunk_frames
+        self.objective = dataclasses.replace(st.objective, chunk_frames=cf)
+        self.cfg = cfg.replace(chunk_frames=cf) if st.stage == "causal" else cfg
         torch.manual_seed(st.seed)
         model = DiT(cfg.dit)
         if init is not None:
@@ -145,7 +152,7 @@ class Trainer:
         batch = self.data.batch(self.step * st.batch + lo, hi - lo, d.device)
         draw = Draw(step_generator(st.seed, self.step), lo, hi, st.batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
-            loss, parts = OBJECTIVES[st.stage](self.model, batch, st.objective, draw)
+            loss, parts = OBJECTIVES[st.stage](self.model, batch, self.objective, draw)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), st.grad_clip)
         self.opt.step()
@@ -187,8 +194,11 @@ class Trainer:
         lineage = self.lineage + [{"stage": self.st.stage, "steps": self.step, "preset": self.cfg.name,
                                    "batch": self.st.batch, "data": self.st.data or f"synth:{self.st.samples}@{self.st.seed}",
                                    "date": time.strftime("%Y-%m-%d")}]
-        save_model(tmp / "model.safetensors", model_sd, self.cfg, lineage, {"kind": "raw", "step": self.step})
-        save_model(tmp / "ema.safetensors", ema_sd, self.cfg, lineage, {"kind": "ema", "step": self.step})
+        sampling = self.sampling()
+        save_model(tmp / "model.safetensors", model_sd, self.cfg, lineage,
+                   {"kind": "raw", "step": self.step, "sampling": sampling})
+        save_model(tmp / "ema.safetensors", ema_sd, self.cfg, lineage,
+                   {"kind": "ema", "step": self.step, "sampling": sampling})
         torch.save({"optimizer": optim_sd, "scheduler": self.sched.state_dict(), "step": self.step,
                     "history": self.history, "settings": self.st.to_dict()}, tmp / "state.pt")
         if path.exists():
@@ -201,6 +211,16 @@ class Trainer:
         log.with_name("loss.jsonl.tmp").write_text("".join(json.dumps(h) + "\n" for h in self.history))
         log.with_name("loss.jsonl.tmp").replace(log)
         return path
+
+    def sampling(self) -> dict:
+        """The settings the checkpoint records (a checkpoint sits in out/step-N/, the codec in out/)."""
+        ob = self.objective
+        if self.data.codec is not None:
+            codec = {"kind": "pca", "file": "../codec.safetensors", "channels": self.data.codec.channels}
+        else:
+            codec = {"kind": self.data.source.rows[0]["latent_kind"]}
+        noisy = ob.tau_max if self.st.stage == "causal" and ob.p_teacher_forcing < 1 else None
+        return sampling_record(self.cfg, self.st.stage, ob.shift, ob.chunk_frames, noisy, codec)
 
     def resume(self) -> bool:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,

@@ -20,17 +20,18 @@ from dataclasses import dataclass
 import torch
 
 from models.dit import DiT
-from models.flow import shift_sigma
+from models.flow import SHIFT, shift_sigma
+from stages.run import ranged
 
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
-    shift: float = 5.0                 # noise-level shift of the training distribution
-    audio_weight: float = 1.0          # weight of the joint audio loss
-    p_teacher_forcing: float = 0.5     # stage 2: Bernoulli(p) teacher forcing, else diffusion forcing
-    chunk_frames: int = 1              # stage 2: latent frames per causal block
-    tau_dist: str = "uniform"          # stage 2: history noise tau ~ U(0, tau_max] | "shifted" (Wan shift)
-    tau_max: float = 0.5
+    shift: float = ranged(SHIFT, gt=0)  # noise-level shift of the training distribution
+    audio_weight: float = ranged(1.0, min=0)  # weight of the joint audio loss
+    p_teacher_forcing: float = ranged(0.5, min=0, max=1)  # stage 2: Bernoulli(p) teacher forcing, else diffusion forcing
+    chunk_frames: int | None = ranged(None, min=1)  # stage 2: latent frames per causal block (None: the preset's)
+    tau_dist: str = ranged("uniform", choices=("uniform", "shifted"))  # stage 2: history noise tau ~ U(0, tau_max] | Wan shift
+    tau_max: float = ranged(0.5, min=0, max=1)
 
 
 class Draw:
@@ -89,6 +90,8 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
 def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
     x0, xa0 = batch["video"], batch.get("audio_latent")
     B, F, c = x0.shape[0], x0.shape[2], st.chunk_frames
+    if c is None:
+        raise ValueError("causal_loss needs chunk_frames (the Trainer fills in the preset's)")
     if F % c:
         raise ValueError(f"{F} latent frames do not split into chunks of {c}")
     i = draw.randint(F // c)                             # the current chunk
