@@ -61,7 +61,7 @@ def activity(m: dict[str, np.ndarray], fps: float) -> dict[str, np.ndarray]:
     yaw = np.nan_to_num(m["yaw"])
     w = max(1, round(SHAKE_S * fps))
     pos, neg = yaw > SHAKE_YAW, yaw < -SHAKE_YAW
-    near = lambda x: np.convolve(x.astype(float), np.ones(2 * w + 1), "same") > 0  # noqa: E731
+    near = lambda x: np.convolve(x.astype(float), np.ones(2 * w + 1))[w:w + len(x)] > 0  # noqa: E731  (full, centred: any length)
     with np.errstate(invalid="ignore"):
         return {"blink": m["eyes"] < 0.4, "nod": m["pitch"] > 0.5, "look up": m["pitch"] < -0.5,
                 "turn left": yaw < -0.75, "turn right": yaw > 0.75,
