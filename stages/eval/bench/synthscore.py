@@ -8,11 +8,10 @@ never read from the model:
   another case's audio (`mouth_r_control`, ~0 for a system that follows its own audio). Frames where
   no face is found count as a closed mouth; a mouth that never moves gives r = 0. A silent case has
   no r (null).
-- instructions: per-class detectors on the measured tracks (thresholds below, fitted on ground-truth
-  renders where they fire on 100 % of events and nowhere else). An event succeeds when its class
-  fires within 0-1.0 s after its onset and no other class fires in that window; latency = onset to
-  the first firing; spurious = detections (a class switching on) outside every event's
-  [onset, end + 1.0 s], per minute; confusion = {instructed: {first class detected or "none": n}}.
+- instructions: the per-class detectors and event rules of stages/eval/metrics/instructions.py on
+  the same measurements: an event succeeds when its class fires within 0-1.0 s after its onset and
+  no other class fires in that window; latency = onset to that firing (one per successful event);
+  spurious fires per minute; confusion = {instructed: {first class fired or "none": n}}.
 - drift: last 10 % of the frames (at least 5) against the first 10 %: identity error ratio,
   sharpness ratio, motion energy ratio, lip-sync r ratio. A frozen frame has motion ratio 0.
 """
@@ -21,9 +20,6 @@ from __future__ import annotations
 import numpy as np
 
 WINDOW_S = 1.0  # an event's detector must fire within this long after the onset
-MIN_RUN = {"turn left": 3, "turn right": 3}  # frames a detection must last
-SHAKE_SPAN_S = 0.8  # a shake: yaw beyond +-SHAKE_YAW on both sides within this long
-SHAKE_YAW = 0.3
 
 
 def _finite(x: np.ndarray, fill: float = 0.0) -> np.ndarray:
@@ -42,66 +38,17 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def detections(m: dict[str, np.ndarray], fps: float) -> dict[str, np.ndarray]:
-    """Per class, a [T] bool: the class's action is visible at that frame."""
-    eyes, pitch, yaw = _finite(m["eyes"], 1.0), _finite(m["pitch"]), _finite(m["yaw"])
-    smile, hand = _finite(m["smile"]), _finite(m["hand"])
-    found = np.asarray(m["found"], bool)
-    T = len(found)
-    span = max(1, int(round(SHAKE_SPAN_S * fps)))
-    right, left = yaw > SHAKE_YAW, yaw < -SHAKE_YAW
-    shake = np.zeros(T, bool)
-    for t in range(T):
-        lo = max(0, t - span)
-        shake[t] = (right[t] and left[lo:t].any()) or (left[t] and right[lo:t].any())
-    out = {"blink": eyes < 0.4, "nod": pitch > 0.5, "look up": pitch < -0.5, "turn left": yaw < -0.75,
-           "turn right": yaw > 0.75, "shake head": shake, "smile": smile > 0.6, "raise a hand": hand > 0.5}
-    for name, k in MIN_RUN.items():
-        out[name] = _min_run(out[name], k)
-    return {k: v & found for k, v in out.items()}
-
-
-def _min_run(x: np.ndarray, k: int) -> np.ndarray:
-    out = np.zeros_like(x)
-    t = 0
-    while t < len(x):
-        if x[t]:
-            e = t
-            while e < len(x) and x[e]:
-                e += 1
-            if e - t >= k:
-                out[t:e] = True
-            t = e
-        else:
-            t += 1
-    return out
-
-
-def instruction_scores(det: dict[str, np.ndarray], events: list[tuple[float, float, str]], fps: float) -> dict:
-    """Event success, latencies, spurious detections per minute and the confusion matrix."""
-    T = len(next(iter(det.values())))
-    t = np.arange(T) / fps
-    success, latency, confusion = 0, [], {}
-    covered = np.zeros(T, bool)
-    for start, end, name in events:
-        win = (t >= start) & (t <= start + WINDOW_S)
-        covered |= (t >= start) & (t <= end + WINDOW_S)
-        fired = {k: np.nonzero(v & win)[0] for k, v in det.items()}
-        fired = {k: idx for k, idx in fired.items() if len(idx)}
-        first = min(fired, key=lambda k: fired[k][0]) if fired else "none"
-        row = confusion.setdefault(name, {})
-        row[first] = row.get(first, 0) + 1
-        if name in fired and len(fired) == 1:
-            success += 1
-            latency.append(round(float(t[fired[name][0]] - start), 4))
-    onsets = 0
-    for v in det.values():
-        starts = v & ~np.concatenate([[False], v[:-1]])
-        onsets += int((starts & ~covered).sum())
-    minutes = T / fps / 60
-    return {"instr_events": len(events), "instr_success": success / len(events) if events else None,
-            "instr_latency_s": latency, "spurious_per_min": onsets / minutes if minutes > 0 else None,
-            "confusion": confusion}
+def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float, str]], fps: float) -> dict:
+    """Event success, per-event latencies, spurious fires per minute and the confusion matrix, with the
+    detectors and event rules of stages/eval/metrics/instructions.py."""
+    from stages.eval.metrics.instructions import activity, fires, score_events
+    fired = {k: fires(v, fps) for k, v in activity(m, fps).items()}
+    onsets = [(a, name) for a, _, name in events]
+    res = score_events(onsets, fired, len(m["found"]) / fps, WINDOW_S)
+    delays = [round(min(f for f in fired[c] if t <= f <= t + WINDOW_S) - t, 4)
+              for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
+    return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
+            "spurious_per_min": res["spurious_per_min"], "confusion": res["confusion"]}
 
 
 def _sharpness(frames: np.ndarray) -> np.ndarray:
@@ -151,6 +98,6 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
     out = {"mouth_r": pearson(measured, gt),
            "mouth_r_control": None if control_mouth is None else pearson(measured, control_mouth[:T]),
            "identity_error": identity_error(m, identity) if m["found"].any() else None}
-    out.update(instruction_scores(detections(m, fps), events, fps))
+    out.update(instruction_scores(m, events, fps))
     out["drift_ratios"] = drift_ratios(frames, m, identity, gt)
     return out
