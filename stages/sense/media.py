@@ -306,6 +306,8 @@ class VideoWriter:
             raise
 
     def write(self, frame: np.ndarray | av.VideoFrame, pts: int | None = None) -> None:
+        if self._container is None:
+            raise ValueError("the writer is closed")
         if isinstance(frame, av.VideoFrame):
             if (frame.width, frame.height) != (self._video.width, self._video.height):
                 frame = frame.to_ndarray(format="rgb24")
@@ -323,6 +325,8 @@ class VideoWriter:
         self._container.mux(self._video.encode(frame))
 
     def write_audio(self, samples: np.ndarray) -> None:
+        if self._container is None:
+            raise ValueError("the writer is closed")
         if self._audio is None:
             raise ValueError("this writer was opened without audio (audio_rate=None)")
         x = np.asarray(samples, np.float32)
@@ -331,10 +335,8 @@ class VideoWriter:
             if not x.shape[1]:
                 return
             raise ValueError(f"audio must have {self._audio.codec_context.channels} channel(s), got {x.shape[0]}")
-        frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=self._audio.layout.name)
-        frame.sample_rate, frame.pts, frame.time_base = self._audio.rate, self._audio_pts, Fraction(1, self._audio.rate)
+        self._container.mux(self._audio.encode(_audio_frame(x, self._audio, self._audio_pts)))
         self._audio_pts += x.shape[1]
-        self._container.mux(self._audio.encode(frame))
 
     def close(self) -> None:
         """Flush the encoders and finish the file (idempotent)."""
@@ -353,6 +355,34 @@ class VideoWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _audio_frame(x: np.ndarray, stream, pts: int) -> av.AudioFrame:
+    """float32 [C, N] samples as a frame for `stream`'s encoder (which cuts it to its frame size)."""
+    frame = av.AudioFrame.from_ndarray(x, format="fltp", layout=stream.layout.name)
+    frame.sample_rate, frame.pts, frame.time_base = stream.rate, pts, Fraction(1, stream.rate)
+    return frame
+
+
+def remux(video: str | Path, out: str | Path, audio: np.ndarray | None = None, rate: int = 16000,
+          bit_rate: int = 128000) -> None:
+    """Copy the video packets of `video` into a new mp4 `out` (moov first, not fragmented) with,
+    when given, `audio` (mono float32 at `rate`) encoded as AAC. The video keeps its timestamps."""
+    with open_container(video) as src, av.open(str(out), "w", format="mp4", options={"movflags": "+faststart"}) as dst:
+        v = src.streams.video[0]
+        ov = dst.add_stream_from_template(v)
+        if audio is not None:
+            sa = dst.add_stream("aac", rate=rate, layout="mono")
+            sa.bit_rate = bit_rate
+            x = np.ascontiguousarray(np.asarray(audio, np.float32).reshape(1, -1))
+            if x.shape[1]:
+                dst.mux(sa.encode(_audio_frame(x, sa, 0)))
+            dst.mux(sa.encode())
+        for pkt in src.demux(v):
+            if pkt.dts is None:
+                continue
+            pkt.stream = ov
+            dst.mux(pkt)
 
 
 def write_video(path: str | Path, frames, fps: int, audio: np.ndarray | None = None, sr: int = 16000,

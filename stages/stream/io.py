@@ -8,7 +8,7 @@ float32, 0.1 s each) and an AudioEnd when they run out:
 `read_instructions(sys.stdin, events)` turns each non-empty stdin line into an Instruction (bytes
 decoded with replacement, cut at the page's MAX_INSTRUCTION_CHARS).
 
-Sinks: Mp4Sink (H.264 + AAC through the ffmpeg binary, finalised by close(), also after Ctrl-C)
+Sinks: Mp4Sink (H.264 + AAC through PyAV, finalised by close(), also after Ctrl-C)
 and RawSink (rgb24 bytes to a pipe, e.g. `vidu stream ... --raw | ffplay -f rawvideo ...`).
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,16 +24,17 @@ from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
+import av
 import numpy as np
 
-from stages.sense.media import MediaError, ffmpeg_exe, load_audio
+from stages.sense.media import MediaError, VideoWriter, load_audio, remux
 from stages.stream.events import (SAMPLE_RATE, AudioChunk, AudioEnd, EventQueue, Instruction, StreamError,
                                   instruction_text)
 
 CHUNK = 1600  # samples per AudioChunk: 0.1 s at 16 kHz
 MIC_ALTERNATIVES = "or use --audio FILE, --audio - or the push-to-talk button of --serve"
 CRF = 20  # x264 quality of Mp4Sink: visually clean at avatar sizes, encodes faster than real time
-AUDIO_BITRATE = "128k"
+AUDIO_BITRATE = 128_000
 QUEUE_WRITES = 8  # writes Mp4Sink buffers before write() blocks (back-pressure from the encoder)
 
 
@@ -218,12 +218,12 @@ def check_file_path(path: str | Path) -> Path:
 
 
 class Mp4Sink:
-    """H.264 (libx264, yuv420p) + AAC mp4 through the ffmpeg binary.
+    """H.264 (libx264, yuv420p) + AAC mp4 through PyAV (stages.sense.media.VideoWriter).
 
     write() hands copies of frames and audio to a writer thread: Ctrl-C lands only in the main
-    thread, so a KeyboardInterrupt never leaves half a frame or a miscounted write behind. That
-    thread feeds an ffmpeg process (its own session, so a Ctrl-C sent to our process group leaves
-    it running) encoding a fragmented-mp4 video part, and appends audio to a float32 file.
+    thread, so a KeyboardInterrupt never leaves half a frame or a miscounted write behind, and the
+    encoder in that thread keeps going. It encodes a fragmented-mp4 video part (readable up to the
+    last fragment even if this process is killed) and appends audio to a float32 file.
     `close()` ends the encoder, pads/trims the audio to the video's duration and muxes both into
     `path` through a temp name + rename; call it from `finally` or `except KeyboardInterrupt` to
     finalise an interrupted stream. Odd sizes get one black row/column (yuv420p needs even sides).
@@ -235,26 +235,20 @@ class Mp4Sink:
             raise StreamError(f"cannot write {self.path}: fps, width and height must be positive "
                               f"(got {fps}, {width}, {height})")
         self.fps, self.width, self.height = Fraction(fps).limit_denominator(1001), width, height
-        self.frames = 0  # frames ffmpeg has taken; all of them end up in the file
+        self.frames = 0  # frames the encoder has taken; all of them end up in the file
         self._audio = None  # the float32 file, opened by the first write that carries audio
         self._error: StreamError | None = None
         self._closed = False
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        self._log = open(self._tmp / "ffmpeg.log", "wb")
-        self._proc = subprocess.Popen(self._encode_cmd(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=self._log, bufsize=0, start_new_session=True)
+        try:
+            self._video = VideoWriter(self._tmp / "video.mp4", self.fps, width, height, crf=CRF,
+                                      options={"movflags": "+frag_keyframe+empty_moov"})
+        except (av.error.FFmpegError, OSError) as e:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise StreamError(f"cannot write {self.path}: {e}") from None
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_WRITES)
         self._writer = threading.Thread(target=self._drain, daemon=True, name="vidu-mp4")
         self._writer.start()
-
-    def _encode_cmd(self) -> list[str]:
-        fps = f"{self.fps.numerator}/{self.fps.denominator}"
-        return [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
-                "-s", f"{self.width}x{self.height}", "-framerate", fps, "-i", "-",
-                "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast",
-                "-crf", str(CRF), "-pix_fmt", "yuv420p",
-                # fragmented: readable up to the last fragment even if this process is killed
-                "-movflags", "+frag_keyframe+empty_moov", "-f", "mp4", str(self._tmp / "video.mp4")]
 
     def write(self, frames: np.ndarray, audio: np.ndarray | None) -> None:
         if self._closed:
@@ -263,7 +257,7 @@ class Mp4Sink:
             raise self._error
         frames = _check_frames(frames, self.height, self.width)
         audio = None if audio is None else np.array(audio, np.float32).reshape(-1)
-        self._queue.put((frames.tobytes(), len(frames), audio))
+        self._queue.put((frames.copy(), audio))
 
     def _drain(self) -> None:
         """The writer thread: runs until close() queues None; after an error it discards writes."""
@@ -274,8 +268,8 @@ class Mp4Sink:
                 except StreamError as e:
                     self._error = e
 
-    def _encode(self, data: bytes, n: int, audio: np.ndarray | None) -> None:
-        start = self.frames
+    def _encode(self, frames: np.ndarray, audio: np.ndarray | None) -> None:
+        start, n = self.frames, len(frames)
         if audio is not None:
             if self._audio is None:
                 self._audio = open(self._tmp / "audio.f32", "wb")
@@ -283,12 +277,11 @@ class Mp4Sink:
             self._audio.write(audio.tobytes())
         elif self._audio is not None:
             self._pad_audio(self._audio.tell() // 4 + self._samples_at(start + n) - self._samples_at(start))
-        view = memoryview(data)
         try:
-            while len(view):
-                view = view[os.write(self._proc.stdin.fileno(), view):]
-        except OSError:  # BrokenPipeError: ffmpeg exited
-            raise StreamError(f"ffmpeg stopped while writing {self.path}: {self._ffmpeg_said()}") from None
+            for frame in frames:
+                self._video.write(frame)
+        except (av.error.FFmpegError, ValueError) as e:  # ValueError: the encoder was closed
+            raise StreamError(f"ffmpeg stopped while writing {self.path}: {e}") from None
         self.frames = start + n
 
     def _samples_at(self, frame: int) -> int:
@@ -303,17 +296,6 @@ class Mp4Sink:
             self._audio.truncate(4 * total)
             self._audio.seek(4 * total)
 
-    def _ffmpeg_said(self) -> str:
-        self._log.flush()
-        lines = (self._tmp / "ffmpeg.log").read_text(errors="replace").strip().splitlines()
-        if lines:
-            return lines[-1]
-        try:
-            rc = self._proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            return "it stopped reading its input"
-        return f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-
     def stats(self, stats: dict) -> None:
         pass
 
@@ -325,36 +307,30 @@ class Mp4Sink:
         try:
             self._queue.put(None)
             self._writer.join()
-            self._proc.stdin.close()
-            rc = self._proc.wait()
+            try:
+                self._video.close()
+            except av.error.FFmpegError as e:
+                self._error = self._error or StreamError(f"ffmpeg failed writing {self.path}: {e}")
             if self._error is not None:
                 raise self._error
-            if rc != 0:
-                raise StreamError(f"ffmpeg failed writing {self.path}: {self._ffmpeg_said()}")
             if self.frames:
                 self._mux()
         finally:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._log.close()
             if self._audio is not None:
                 self._audio.close()
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _mux(self) -> None:
-        inputs, maps = ["-i", str(self._tmp / "video.mp4")], ["-map", "0:v"]
+        audio = None
         if self._audio is not None:
             self._pad_audio(self._samples_at(self.frames))
             self._audio.close()
-            inputs += ["-f", "f32le", "-ar", str(SAMPLE_RATE), "-ac", "1", "-i", str(self._tmp / "audio.f32")]
-            maps += ["-map", "1:a", "-c:a", "aac", "-b:a", AUDIO_BITRATE]
+            audio = np.fromfile(self._tmp / "audio.f32", np.float32)
         out = self._tmp / "out.mp4"
-        cmd = [ffmpeg_exe(), "-v", "error", "-nostdin", "-y", *inputs, *maps, "-c:v", "copy",
-               "-movflags", "+faststart", str(out)]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        if proc.returncode != 0:
-            said = proc.stderr.decode(errors="replace").strip().splitlines()
-            raise StreamError(f"ffmpeg failed muxing {self.path}: {said[-1] if said else proc.returncode}")
+        try:
+            remux(self._tmp / "video.mp4", out, audio, SAMPLE_RATE, AUDIO_BITRATE)
+        except (av.error.FFmpegError, MediaError) as e:
+            raise StreamError(f"ffmpeg failed muxing {self.path}: {e}") from None
         os.replace(out, self.path)
 
 
