@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
+from contextlib import contextmanager
 from fractions import Fraction
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +46,33 @@ def _detector(name: str, threshold: float | None):
     return cls(**({arg: threshold} if threshold is not None else {}))
 
 
+@contextmanager
+def _utf8_name(path: str):
+    """`path`, or a symlink to it with a UTF-8 name: OpenCV crashes on a name that is not UTF-8
+    (b"caf\\xe9.mp4", which arrives surrogate-escaped)."""
+    try:
+        path.encode("utf-8")
+        utf8 = True
+    except UnicodeEncodeError:
+        utf8 = False
+    if utf8:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="vidu-") as d:
+        link = os.path.join(d, "video")
+        os.symlink(os.path.abspath(path), link)
+        yield link
+
+
 def detect_shots(path: str, detector: str = "adaptive", threshold: float | None = None) -> tuple[list[tuple[int, int]], float]:
     """Shots as [start_frame, end_frame) and the frame rate PySceneDetect counts frames at."""
     import scenedetect as sd
 
-    video = sd.open_video(path, backend="opencv")
-    manager = sd.SceneManager()
-    manager.add_detector(_detector(detector, threshold))
-    manager.detect_scenes(video)
+    with _utf8_name(path) as name:
+        video = sd.open_video(name, backend="opencv")
+        manager = sd.SceneManager()
+        manager.add_detector(_detector(detector, threshold))
+        manager.detect_scenes(video)
     fps = float(video.frame_rate)
     total = video.frame_number  # frames actually read
     cuts = [s.frame_num for s, _ in manager.get_scene_list(start_in_scene=True)[1:]]
@@ -294,11 +315,14 @@ def _reencode(path: str, index: VideoIndex, a: int, b: int, out: Path) -> None:
                     continue
                 if frame.pts >= hi:
                     break
+                rel = frame.pts - lo
+                if frame.rotation % 360:  # display matrix: write the frames upright
+                    frame = np.ascontiguousarray(np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation // 90 % 4))
                 if writer is None:
-                    writer = VideoWriter(out, fps, frame.width, frame.height, crf=CRF, time_base=index.time_base,
+                    h, w = frame.shape[:2] if isinstance(frame, np.ndarray) else (frame.height, frame.width)
+                    writer = VideoWriter(out, fps, w, h, crf=CRF, time_base=index.time_base,
                                          audio_rate=rate if audio is not None else None,
                                          audio_channels=len(audio) if audio is not None else 1, format="mp4")
-                rel = frame.pts - lo
                 writer.write(frame, rel)
                 if audio is not None:
                     upto = min(audio.shape[1], round(float(rel * index.time_base) * rate) + rate // 2)

@@ -126,6 +126,27 @@ def test_non_utf8_name_given_directly(src, tmp_path):
     assert code == 0 and out.split() == ["n", "1"], err
 
 
+def test_non_utf8_name_reaches_the_next_stage(video, tmp_path):
+    """clip opens the file through OpenCV, which crashed the process on such a name."""
+    from stages.clip import detect_shots
+
+    d = tmp_path / "raw"
+    d.mkdir()
+    raw = os.path.join(os.fsencode(d), NAME)
+    shutil.copyfile(video, raw)
+    assert detect_shots(os.fsdecode(raw)) == detect_shots(str(video))
+    work = tmp_path / "w"
+    code, out, err = run("prefilter", str(d), "--workdir", str(work), "--min-short-side", "64", "--min-duration",
+                         "1", "-q")
+    assert code == 0, err
+    code, out, err = run("clip", "--from", out.strip(), "--workdir", str(work), "--min-len", "1", "-q")
+    assert code == 0, err
+    clips = manifest_rows(out)
+    assert len(clips) >= 1 and all(c["status"] == "ok" for c in clips), clips
+    assert {os.fsencode(c["video_path"]) for c in clips} == {raw}
+    assert state_of(work) == ["done", "done"]
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. workspace faults
 
