@@ -89,3 +89,30 @@ def test_clip_stage_materializes_the_vfr_video(shared_media, tmp_path):
     assert row["start_s"] == pytest.approx(507 / 15360) and row["end_s"] == pytest.approx(94203 / 15360)
     assert len(video_index(row["clip_path"])) == 135
     assert sorted(p.name for p in out_dir.iterdir()) == ["r1_0000.mp4"]
+
+
+def test_rotated_source_is_written_upright(tmp_path):
+    """A display matrix of 90 degrees (phone video): a copy keeps it, a re-encode turns the pixels."""
+    import subprocess
+
+    from stages.sense.media import ffmpeg_exe
+
+    plain, rotated = tmp_path / "plain.mp4", tmp_path / "rotated.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=s=160x96:r=25:d=1", "-c:v", "libx264",
+                    "-pix_fmt", "yuv420p", str(plain)], check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i", str(plain), "-c", "copy", str(rotated)],
+                   check=True)
+    index = video_index(rotated)
+    assert cut_clip(str(rotated), index, 0, 25, tmp_path / "copy.mp4") == "copy"
+    assert cut_clip(str(rotated), index, 3, 20, tmp_path / "turned.mp4") == "reencode"
+    with av.open(str(tmp_path / "copy.mp4")) as c:
+        assert next(c.decode(video=0)).rotation == 90
+    with av.open(str(tmp_path / "turned.mp4")) as c:
+        turned = [f for f in c.decode(video=0)]
+    with av.open(str(plain)) as c:
+        src = [f.to_ndarray(format="rgb24").astype(float) for f in c.decode(video=0)][3:20]
+    assert len(turned) == 17 and (turned[0].width, turned[0].height, turned[0].rotation) == (96, 160, 0)
+    for f, s in zip(turned, src):
+        upright = f.to_ndarray(format="rgb24").astype(float)
+        assert np.abs(upright - np.rot90(s, 1)).mean() < 6.0  # counter-clockwise quarter turn (sharp test card)
+        assert np.abs(upright - np.rot90(s, -1)).mean() > 30.0  # negative control: the other way round
