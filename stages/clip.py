@@ -20,8 +20,8 @@ import math
 import os
 import tempfile
 from contextlib import contextmanager
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import ClassVar
 
