@@ -45,7 +45,7 @@ from scipy import signal
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
 from stages.sense.media import clip_audio, clip_frames
-from stages.run import Stage, base_row
+from stages.run import Stage, base_row, ranged
 
 SR = 16000
 FRAME = 512  # 32 ms analysis frames at 16 kHz
@@ -400,10 +400,10 @@ class Caption(Stage):
 
     vlm: str | None = None  # local vision-language model directory
     asr: str | None = None  # local Whisper-family directory
-    frames: int = 8  # frames sampled evenly for the lighting measures (longer side <= 448 px)
-    vlm_frames: int = 4  # of those, shown to the VLM
-    min_gap: float = 0.5  # shortest silence between speech chunks that becomes a chunk (s)
-    max_new_tokens: int = 256
+    frames: int = ranged(8, min=1)  # frames sampled evenly for the lighting measures (longer side <= 448 px)
+    vlm_frames: int = ranged(4, min=1)  # of those, shown to the VLM
+    min_gap: float = ranged(0.5, min=0)  # shortest silence between speech chunks that becomes a chunk (s)
+    max_new_tokens: int = ranged(256, min=1)
 
     def setup(self) -> None:
         self._asr = Transcriber(self.asr, min(self.max_new_tokens, 128)) if self.asr else None

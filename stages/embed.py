@@ -41,8 +41,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from models.config import ModelConfig, preset as get_preset
-from stages.run import Stage, base_row, not_param
+from models.config import PRESETS, ModelConfig, preset as get_preset
+from stages.run import Stage, base_row, not_param, ranged
 from models.config import NEUTRAL_TEXT
 from stages.samples import shard_name, to_video, write_shard
 
@@ -163,17 +163,17 @@ class Embed(Stage):
         "text_shape text text_source caption_source shard key_prefix").split())
 
     out: str = ""                      # shard folder (absolute)
-    preset: str = "tiny"
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    fps: int | None = None
-    zoom: float = 1.0                  # > 1 crops tighter around the subject
+    preset: str = ranged("tiny", choices=tuple(PRESETS))
+    height: int | None = ranged(None, min=16)
+    width: int | None = ranged(None, min=16)
+    frames: int | None = ranged(None, min=1)
+    fps: int | None = ranged(None, min=1)
+    zoom: float = ranged(1.0, min=1)   # > 1 crops tighter around the subject
     vae: str | None = None             # Wan2.1 VAE weights (.pth / .safetensors)
     taehv: str | None = None           # taew2_1.pth
-    text_encoder: str | None = None    # minilm | umt5 (default: the preset's)
+    text_encoder: str | None = ranged(None, choices=("minilm", "umt5"))  # default: the preset's
     text_model: str | None = None      # local model directory (umt5; minilm: its package by default)
-    max_windows: int = 0               # per clip, 0 = all that fit
+    max_windows: int = ranged(0, min=0)  # per clip, 0 = all that fit
     device: str = not_param("cpu")
 
     def __post_init__(self):

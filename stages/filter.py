@@ -43,7 +43,7 @@ import numpy as np
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
 from stages.sense.media import clip_frames
-from stages.run import Stage, base_row
+from stages.run import Stage, base_row, ranged
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 Detector = Callable[[np.ndarray], list[tuple[Box, float]]]  # RGB frame -> [(pixel box, score)]
@@ -437,32 +437,38 @@ class Filter(Stage):
         "blockiness", "flicker", "jitter", "static_overlay_ratio", "text_score", "safety_status", "safety_score",
         "safety_label", "omni_status") + tuple(f"omni_{k}" for k in OMNI_KEYS)
 
-    sample_fps: float = 4.0
-    max_side: int = 480
-    face_upsample: int = 1  # dlib pyramid upsampling: 1 finds faces down to ~40 px at max_side
+    sample_fps: float = ranged(4.0, min=0.1)
+    max_side: int = ranged(480, min=64)
+    face_upsample: int = ranged(1, min=0, max=3)  # dlib pyramid upsampling: 1 finds faces down to ~40 px at max_side
     subject_detector: str | None = None
-    detector_threshold: float = 0.5  # transformers detectors: box score threshold
+    detector_threshold: float = ranged(0.5, min=0, max=1)  # transformers detectors: box score threshold
     detector_labels: tuple[str, ...] = ()  # transformers detectors: labels kept (empty: all)
-    min_track_ratio: float = 0.25  # a track seen in fewer sampled frames is not a subject
-    min_face_area: float = 0.02
-    max_face_area: float = 0.6
-    min_face_frames: float = 0.8
-    max_text_score: float = 0.005
-    min_sharpness: float = 2e-4
-    min_luma: float = 0.12
-    max_luma: float = 0.88
-    max_clipped: float = 0.25
-    max_blockiness: float = 1.5
-    max_flicker: float = 0.05
-    max_jitter: float = 0.01
-    max_camera_motion: float = 0.1
-    min_subject_motion: float = 0.005
+    min_track_ratio: float = ranged(0.25, min=0, max=1)  # a track seen in fewer sampled frames is not a subject
+    min_face_area: float = ranged(0.02, min=0, max=1)
+    max_face_area: float = ranged(0.6, min=0, max=1)
+    min_face_frames: float = ranged(0.8, min=0, max=1)
+    max_text_score: float = ranged(0.005, min=0, max=1)
+    min_sharpness: float = ranged(2e-4, min=0)
+    min_luma: float = ranged(0.12, min=0, max=1)
+    max_luma: float = ranged(0.88, min=0, max=1)
+    max_clipped: float = ranged(0.25, min=0, max=1)
+    max_blockiness: float = ranged(1.5, min=0)
+    max_flicker: float = ranged(0.05, min=0)
+    max_jitter: float = ranged(0.01, min=0)
+    max_camera_motion: float = ranged(0.1, min=0)
+    min_subject_motion: float = ranged(0.005, min=0)
     safety_model: str | None = None
     unsafe_labels: tuple[str, ...] = ("nsfw", "porn", "hentai", "sexy", "violence")
-    max_unsafe: float = 0.5
+    max_unsafe: float = ranged(0.5, min=0, max=1)
     omni_model: str | None = None
-    omni_frames: int = 4
-    omni_max_tokens: int = 256
+    omni_frames: int = ranged(4, min=1)
+    omni_max_tokens: int = ranged(256, min=1)
+
+    def __post_init__(self):
+        for lo, hi in (("min_face_area", "max_face_area"), ("min_luma", "max_luma")):
+            if not getattr(self, lo) < getattr(self, hi):
+                raise ValueError(f"--{lo.replace('_', '-')} ({getattr(self, lo):g}) must be below "
+                                 f"--{hi.replace('_', '-')} ({getattr(self, hi):g})")
 
     def check(self) -> None:
         """Fail fast on model paths (cheap: no weights are loaded for transformers directories)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from manifests.io import file_digest
 from stages.sense.media import MediaError, fraction_to_float, gray_frames_at, hamming, open_container, phash, scan_streams
-from stages.run import Stage, base_row
+from stages.run import Stage, base_row, ranged
 
 HASH_POSITIONS = [(i + 0.5) / 8 for i in range(8)]  # relative positions of decode probes / phashes
 
@@ -93,14 +93,18 @@ class Prefilter(Stage):
         "frame_count video_duration_s video_start_s audio_codec sample_rate channels audio_duration_s "
         "audio_start_s av_mismatch_s decode_probes decode_failures phash duplicate_of".split())
 
-    min_fps: float = 15.0
-    min_short_side: int = 256
-    min_duration: float = 3.0
-    max_duration: float = 4 * 3600.0
+    min_fps: float = ranged(15.0, min=0)
+    min_short_side: int = ranged(256, min=0)
+    min_duration: float = ranged(3.0, min=0)
+    max_duration: float = ranged(4 * 3600.0, min=0)
     require_audio: bool = True
-    max_av_mismatch: float = 0.5  # seconds, between stream durations and between start offsets
+    max_av_mismatch: float = ranged(0.5, min=0)  # seconds, between stream durations and between start offsets
     reject_vfr: bool = False
-    phash_threshold: int = 10  # mean differing bits (of 64) per sampled frame for a near-duplicate
+    phash_threshold: int = ranged(10, min=0, max=64)  # mean differing bits (of 64) per sampled frame for a near-duplicate
+
+    def __post_init__(self):
+        if not self.min_duration < self.max_duration:
+            raise ValueError(f"--min-duration ({self.min_duration:g} s) must be below --max-duration ({self.max_duration:g} s)")
 
     def error_row(self, item: dict, message: str) -> dict:
         return base_row("videos", id=item["id"], path=item["path"])

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from manifests.io import workspace
-from stages.run import RunResult, Stage, base_row, run_stage
+from stages.run import RunResult, Stage, base_row, ranged, run_stage
 from stages.synthavatar import (EYE_ASPECT, EYE_WHITE, HAND_RAISE, HAND_REACH, MOUTH, MOUTH_OPEN, MOUTH_REST,
                                 NOD_DROP, PUPIL, PUPIL_R, Identity, Scene, State, random_identity,
                                 random_scene, render, render_clip, shade, skin_tolerance)
@@ -362,12 +362,12 @@ class Synth(Stage):
                                          "identity", "actions", "speech_segments", "gt_path")
 
     out_dir: str = "synth"
-    n: int = 100
-    seed: int = 0
-    width: int = 256
-    height: int = 256
-    fps: int = 25
-    seconds: float = 4.0
+    n: int = ranged(100, min=1)
+    seed: int = ranged(0, min=0)
+    width: int = ranged(256, min=64)
+    height: int = ranged(256, min=64)
+    fps: int = ranged(25, min=1)
+    seconds: float = ranged(4.0, min=0)
 
     def items(self) -> list[dict]:
         return [{"id": f"synth-{self.seed}-{i:06d}", "seed": sample_seed(self.seed, i)} for i in range(self.n)]

@@ -1,25 +1,24 @@
+"""`vidu caption`: a typed caption per clip and per diarized speech turn (stages/caption.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
+from typing import Optional
 
 from models.hf import check_model
 from stages.caption import Caption
 from vidu_cli.chain import run_chain
-from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
+from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers, option
 from vidu_cli.report import clean_errors
 
 
 def caption(
     from_: From = None,
-    vlm: Annotated[Optional[Path], typer.Option(help="Local vision-language model folder (e.g. Qwen2.5-VL) for the visual fields; without it they stay null.", show_default=False)] = None,
-    asr: Annotated[Optional[Path], typer.Option(help="Local Whisper-family folder: transcribe each speech chunk.", show_default=False)] = None,
-    frames: Annotated[int, typer.Option(min=1, help="Frames sampled per clip for the lighting measures.")] = 8,
-    vlm_frames: Annotated[int, typer.Option(min=1, help="Of those, frames shown to the VLM.")] = 4,
-    min_gap: Annotated[float, typer.Option(help="Shortest silence between speech that gets its own chunk (s).")] = 0.5,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest VLM answer (tokens); ASR chunks get at most 128.")] = 256,
+    vlm: Optional[Path] = option(Caption, "vlm", "Local vision-language model folder (e.g. Qwen2.5-VL) for the visual fields; without it they stay null.", show_default=False),
+    asr: Optional[Path] = option(Caption, "asr", "Local Whisper-family folder: transcribe each speech chunk.", show_default=False),
+    frames: int = option(Caption, "frames", "Frames sampled per clip for the lighting measures."),
+    vlm_frames: int = option(Caption, "vlm_frames", "Of those, frames shown to the VLM (at most --frames)."),
+    min_gap: float = option(Caption, "min_gap", "Shortest silence between speech that gets its own chunk (s)."),
+    max_new_tokens: int = option(Caption, "max_new_tokens", "Longest VLM answer (tokens); ASR chunks get at most 128."),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,

@@ -1,25 +1,24 @@
+"""`vidu clip`: split kept videos into single-shot clips, never cutting inside speech (stages/clip.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
-import typer
-
-from stages.clip import DETECTORS, Clip
+from stages.clip import Clip
 from vidu_cli.chain import run_chain
-from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
+from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers, option
 from vidu_cli.report import clean_errors
 
 
 def clip(
     from_: From = None,
-    detector: Annotated[str, typer.Option(help=f"Shot detector: {' | '.join(DETECTORS)}.")] = "adaptive",
-    threshold: Annotated[Optional[float], typer.Option(help="The detector's threshold (default: its own).")] = None,
-    max_len: Annotated[float, typer.Option(help="Longest clip (s); longer shots are split in silence.")] = 60.0,
-    min_len: Annotated[float, typer.Option(help="Shortest clip kept (s); shorter pieces are rejected.")] = 3.0,
-    cut_margin: Annotated[float, typer.Option(help="Silence kept between a cut and speech (s).")] = 0.1,
-    vad_threshold: Annotated[float, typer.Option(help="silero-vad speech probability threshold.")] = 0.5,
-    materialize: Annotated[Optional[Path], typer.Option(help="Write the clips as .mp4 files into this folder.")] = None,
+    detector: str = option(Clip, "detector", "Shot detector."),
+    threshold: Optional[float] = option(Clip, "threshold", "The detector's threshold (default: its own).", show_default=False),
+    max_len: float = option(Clip, "max_len", "Longest clip (s); longer shots are split in silence."),
+    min_len: float = option(Clip, "min_len", "Shortest clip kept (s), below --max-len; shorter pieces are rejected."),
+    cut_margin: float = option(Clip, "cut_margin", "Silence kept between a cut and speech (s)."),
+    vad_threshold: float = option(Clip, "vad_threshold", "silero-vad speech probability threshold."),
+    materialize: Optional[Path] = option(Clip, "materialize", "Write the clips as .mp4 files into this folder.", show_default=False),
     workers: Workers = 1,
     executor: Executor = "local",
     ray_address: RayAddress = None,
@@ -32,8 +31,6 @@ def clip(
     Example: vidu prefilter raw/ | vidu clip --max-len 30 --materialize clips/
     """
     with clean_errors():
-        if detector not in DETECTORS:
-            raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
         stage = Clip(detector=detector, threshold=threshold, max_len=max_len, min_len=min_len, cut_margin=cut_margin,
                      vad_threshold=vad_threshold, materialize=str(materialize.resolve()) if materialize else None)
         run_chain(stage, from_, workdir, workers, quiet, strict, executor, ray_address, accepts=("videos",))

@@ -3,17 +3,15 @@ also writes a segments manifest (one row per speech turn) next to the run's outp
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 
 from manifests.io import read_manifest, to_table, write_table
 from stages.diarize import Diarize, load_pyannote, segment_rows
 from vidu_cli.chain import run_chain
-from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
+from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers, option
 from vidu_cli.report import clean_errors, err
-
-_D = Diarize()  # the defaults
 
 
 def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
@@ -26,15 +24,15 @@ def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
 
 def diarize(
     from_: From = None,
-    threshold: Annotated[float, typer.Option(help="Cosine distance at which speaker clusters stop merging.")] = _D.threshold,
-    num_speakers: Annotated[Optional[int], typer.Option(min=1, help="Fixed number of speakers per clip (default: by threshold).")] = None,
-    min_speaker_share: Annotated[float, typer.Option(help="A speaker needs this share of the speech (else folded into the nearest).")] = _D.min_speaker_share,
-    min_sync: Annotated[float, typer.Option(help="Mouth/speech sync z-score (against shifted audio) from which a speaker is onscreen.")] = _D.min_sync,
-    min_energy_ratio: Annotated[float, typer.Option(help="Least 300-3400 Hz energy share of a kept turn.")] = _D.min_energy_ratio,
-    min_clean_speech: Annotated[float, typer.Option(help="Least kept speech (s) of a kept clip.")] = _D.min_clean_speech,
-    max_overlap: Annotated[float, typer.Option(help="Most seconds of two voices at once in a kept clip.")] = _D.max_overlap,
-    vad_threshold: Annotated[float, typer.Option(help="silero-vad speech probability threshold.")] = _D.vad_threshold,
-    pyannote: Annotated[Optional[Path], typer.Option(help="Local pyannote.audio pipeline (folder with config.yaml) to use instead.")] = None,
+    threshold: float = option(Diarize, "threshold", "Cosine distance at which speaker clusters stop merging."),
+    num_speakers: Optional[int] = option(Diarize, "num_speakers", "Fixed number of speakers per clip (default: by threshold).", show_default=False),
+    min_speaker_share: float = option(Diarize, "min_speaker_share", "A speaker needs this share of the speech (else folded into the nearest)."),
+    min_sync: float = option(Diarize, "min_sync", "Mouth/speech sync z-score (against shifted audio) from which a speaker is onscreen."),
+    min_energy_ratio: float = option(Diarize, "min_energy_ratio", "Least 300-3400 Hz energy share of a kept turn."),
+    min_clean_speech: float = option(Diarize, "min_clean_speech", "Least kept speech (s) of a kept clip."),
+    max_overlap: float = option(Diarize, "max_overlap", "Most seconds of two voices at once in a kept clip."),
+    vad_threshold: float = option(Diarize, "vad_threshold", "silero-vad speech probability threshold."),
+    pyannote: Optional[Path] = option(Diarize, "pyannote", "Local pyannote.audio pipeline (folder with config.yaml) to use instead.", show_default=False),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,

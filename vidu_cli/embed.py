@@ -1,3 +1,4 @@
+"""`vidu embed`: kept clips -> training samples in safetensors shards and a samples manifest (stages/embed.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -5,25 +6,26 @@ from typing import Annotated, Optional
 
 import typer
 
-from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers
+from stages.embed import Embed
+from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers, option
 from vidu_cli.report import clean_errors
 
 
 def embed(
     from_: From = None,
-    preset: Annotated[str, typer.Option(help="Model preset whose geometry the samples take: tiny | small | wan2.1-1.3b.")] = "tiny",
-    height: Annotated[Optional[int], typer.Option(help="Override the preset's frame height (multiple of 16).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Override the preset's frame width (multiple of 16).")] = None,
-    frames: Annotated[Optional[int], typer.Option(help="Override the frames per sample (1 + 4k).")] = None,
-    fps: Annotated[Optional[int], typer.Option(help="Override the model frame rate the clips are resampled to (whole frames per second).")] = None,
-    zoom: Annotated[float, typer.Option(help="Crop tighter than the largest window of the model's aspect (>= 1), around the face when the row has face_box.")] = 1.0,
-    vae: Annotated[Optional[Path], typer.Option(help="Store Wan2.1 VAE latents (Wan2.1_VAE.pth) instead of frames.")] = None,
-    taehv: Annotated[Optional[Path], typer.Option(help="Store TAEHV latents (taew2_1.pth) instead of frames.")] = None,
-    text_encoder: Annotated[Optional[str], typer.Option(help="minilm | umt5 (default: the preset's).")] = None,
-    text_model: Annotated[Optional[Path], typer.Option("--text-model", "--text-encoder-path", help="Local text encoder directory (needed for umt5).")] = None,
-    max_windows: Annotated[int, typer.Option(help="Samples per clip at most (0: every window that fits).")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="Shard folder (default: <workspace>/samples/embed-<parameter hash>).")] = None,
-    device: Annotated[str, typer.Option(help="Where the encoders run: cpu | cuda.")] = "cpu",
+    preset: str = option(Embed, "preset", "Model preset whose geometry the samples take."),
+    height: Optional[int] = option(Embed, "height", "Override the preset's frame height (multiple of 16).", show_default=False),
+    width: Optional[int] = option(Embed, "width", "Override the preset's frame width (multiple of 16).", show_default=False),
+    frames: Optional[int] = option(Embed, "frames", "Override the frames per sample (1 + 4k).", show_default=False),
+    fps: Optional[int] = option(Embed, "fps", "Override the model frame rate the clips are resampled to (whole frames per second).", show_default=False),
+    zoom: float = option(Embed, "zoom", "Crop tighter than the largest window of the model's aspect, around the face when the row has face_box."),
+    vae: Optional[Path] = option(Embed, "vae", "Store Wan2.1 VAE latents (Wan2.1_VAE.pth) instead of frames.", show_default=False),
+    taehv: Optional[Path] = option(Embed, "taehv", "Store TAEHV latents (taew2_1.pth) instead of frames.", show_default=False),
+    text_encoder: Optional[str] = option(Embed, "text_encoder", "Caption encoder (default: the preset's).", show_default=False),
+    text_model: Optional[Path] = option(Embed, "text_model", "Local text encoder directory (needed for umt5).", "--text-model", "--text-encoder-path", show_default=False),
+    max_windows: int = option(Embed, "max_windows", "Samples per clip at most (0: every window that fits)."),
+    out: Annotated[Optional[Path], typer.Option(help="Shard folder (default: <workspace>/samples/embed-<parameter hash>).", show_default=False)] = None,
+    device: str = option(Embed, "device", "Where the encoders run: cpu | cuda."),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,
@@ -38,7 +40,7 @@ def embed(
     Example: vidu embed --from captioned.parquet --preset wan2.1-1.3b --vae Wan2.1_VAE.pth --text-model umt5-xxl/
     """
     from manifests.io import workspace
-    from stages.embed import Embed, default_out
+    from stages.embed import default_out
     from vidu_cli.chain import run_chain
     with clean_errors():
         params = dict(preset=preset, height=height, width=width, frames=frames, fps=fps, zoom=zoom,

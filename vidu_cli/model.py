@@ -11,7 +11,8 @@ from rich.table import Table
 
 from vidu_cli.report import clean_errors
 
-model = typer.Typer(help="Inspect model checkpoints.", no_args_is_help=True)
+model = typer.Typer(help="Inspect model checkpoints.\n\nExample: vidu model info causal.safetensors --preset small",
+                    no_args_is_help=True)
 
 
 @model.command()

@@ -1,16 +1,74 @@
-"""Options shared by several commands, as reusable Annotated aliases."""
+"""Options shared by several commands, as reusable Annotated aliases, and `option`: the option of one
+field of a stage's dataclass (or settings object), whose default, range and choices are the ones
+declared on the field, so no command retypes them.
+
+    max_len: float = option(Clip, "max_len", "Longest clip (s).")   # default 60.0, range from the field
+
+A field declares its range and choices in its metadata (stages.run.ranged): "min" / "max" (inclusive,
+typer's own range check), "gt" (an exclusive lower bound, which typer lacks: a callback whose `gt`
+attribute declares it), "choices" (a tuple of strings). They are checked while the command line is
+parsed, before any work starts; a violation is one line on stderr and exit 2 (report.OneLineErrors).
+"""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+
+_FIELD = object()  # option(): take the default from the field
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of dataclass field `name` of `cls`, without constructing `cls`."""
+    f = _field(cls, name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def option(cls: type, name: str, help: str, *decls: str, default: Any = _FIELD, **extra: Any) -> Any:
+    """A typer option for field `name` of the dataclass `cls`: the field's default (or `default`, the
+    same value written for the command line, e.g. a tuple joined by commas), range and choices."""
+    meta = _field(cls, name).metadata
+    if "gt" in meta:
+        help = f"{help} Must be > {meta['gt']:g}."
+        extra["callback"] = _above(meta["gt"])
+    if "choices" in meta:
+        help = f"{help} One of: {' | '.join(meta['choices'])}."
+        extra["callback"] = _one_of(meta["choices"])
+    return typer.Option(field_default(cls, name) if default is _FIELD else default, *decls, help=help,
+                        min=meta.get("min"), max=meta.get("max"), **extra)
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise AttributeError(f"{cls.__name__} has no field {name!r}")
+
+
+def _above(bound: float) -> Callable[[Optional[float]], Optional[float]]:
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and not value > bound:
+            raise typer.BadParameter(f"{value:g} is not greater than {bound:g}")
+        return value
+    check.gt = bound  # the declared bound, for whoever reads the option (tests/test_cli_options.py)
+    return check
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]]:
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(choices)}")
+        return value
+    return check
+
 
 Workdir = Annotated[Optional[Path], typer.Option("--workdir", help="Workspace folder (default: $VIDU_HOME or ./vidu-work).", show_default=False)]
 Workers = Annotated[int, typer.Option("--workers", "-w", min=1, help="Local worker processes.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 when any row is rejected or failed.")]
 From = Annotated[Optional[list[Path]], typer.Option("--from", help="Input manifest (repeatable); default: paths read from stdin.", show_default=False)]
-Format = Annotated[str, typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).")]
-Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).")]
+Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).", callback=_one_of(("table", "jsonl", "csv")))]
+Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray")))]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]

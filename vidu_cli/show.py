@@ -18,7 +18,7 @@ def show(
     reason: Annotated[Optional[str], typer.Option(help="Only rows carrying this reason code.")] = None,
     where: Annotated[Optional[str], typer.Option(help="A DuckDB SQL condition, e.g. \"duration_s > 10\".")] = None,
     columns: Annotated[Optional[str], typer.Option(help="Comma-separated columns (default: all).")] = None,
-    limit: Annotated[int, typer.Option(help="At most this many rows (0: all).")] = 50,
+    limit: Annotated[int, typer.Option(min=0, help="At most this many rows (0: all).")] = 50,
     workdir: Workdir = None,
     format: Format = None,
 ) -> None:

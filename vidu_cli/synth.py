@@ -1,15 +1,16 @@
 """`vidu synth`: write a procedural avatar dataset with ground truth (stages/synth.py)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from manifests.io import workspace
-from stages.synth import synthesize
-from vidu_cli.options import Quiet, Strict, Workdir, Workers
-from vidu_cli.report import clean_errors, finish
+from stages.synth import Synth, synthesize
+from vidu_cli.options import Quiet, Strict, Workdir, Workers, field_default, option
+from vidu_cli.report import clean_errors, fail, finish
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -19,13 +20,23 @@ def _size(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
+def _check_out(out: Path) -> None:
+    """--out must be (or become) a writable folder: checked before any sample is drawn."""
+    existing = next(p for p in (out, *out.resolve().parents) if p.exists())
+    if not existing.is_dir():
+        fail(f"--out {out} is a file, not a folder" if existing == out else f"--out {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: {existing} is not writable")
+
+
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder for the .mp4 files and their .json ground truth.")],
-    n: Annotated[int, typer.Option("--n", min=1, help="Number of samples.")] = 100,
-    seed: Annotated[int, typer.Option(help="Dataset seed; sample i uses a seed derived from (seed, i).")] = 0,
-    size: Annotated[str, typer.Option(help="Frame size WIDTHxHEIGHT (even sides).")] = "256x256",
-    fps: Annotated[int, typer.Option(min=1, help="Frame rate.")] = 25,
-    seconds: Annotated[float, typer.Option(help="Clip length; frames are 1 + 4k, the nearest to it.")] = 4.0,
+    n: int = option(Synth, "n", "Number of samples.", "--n"),
+    seed: int = option(Synth, "seed", "Dataset seed; sample i uses a seed derived from (seed, i)."),
+    size: str = typer.Option(f"{field_default(Synth, 'width')}x{field_default(Synth, 'height')}",
+                             help="Frame size WIDTHxHEIGHT (even sides, at least 64)."),
+    fps: int = option(Synth, "fps", "Frame rate."),
+    seconds: float = option(Synth, "seconds", "Clip length; frames are 1 + 4k, the nearest to it (at least 5)."),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,
@@ -39,6 +50,7 @@ def synth(
     """
     with clean_errors():
         width, height = _size(size)
+        _check_out(out)
         result = synthesize(out, n, workspace(workdir), seed=seed, width=width, height=height, fps=fps,
                             seconds=seconds, workers=workers, quiet=quiet)
         finish(result, quiet, strict)

@@ -1,3 +1,4 @@
+"""`vidu train`: train a teacher stage on the synthetic avatar world or embedded samples (stages/train/)."""
 from __future__ import annotations
 
 import json
@@ -6,32 +7,34 @@ from typing import Annotated, Optional
 
 import typer
 
-from vidu_cli.options import Quiet, Workdir
+from stages.train.loop import TrainSettings
+from stages.train.objectives import ObjectiveSettings
+from vidu_cli.options import Quiet, Workdir, option
 from vidu_cli.report import clean_errors, err
 
 
 def train(
-    stage: Annotated[str, typer.Option(help="bidirectional (stage 1) | causal (stage 2).")],
-    out: Annotated[Path, typer.Option(help="Folder for checkpoints, codec, loss.jsonl and loss.png (re-run to resume).")],
-    from_: Annotated[Optional[Path], typer.Option("--from", help="Start from this checkpoint (stage 2: the bidirectional teacher).")] = None,
-    preset: Annotated[str, typer.Option(help="Model preset: tiny | small (trained on the synthetic avatar world).")] = "tiny",
-    steps: Annotated[int, typer.Option(help="Optimisation steps in total.")] = 200,
-    batch: Annotated[int, typer.Option(help="Global batch (split across torchrun processes).")] = 4,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-4,
-    warmup: Annotated[int, typer.Option(help="Linear warmup steps, then cosine decay.")] = 20,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
-    grad_clip: Annotated[float, typer.Option(help="Gradient norm clip.")] = 1.0,
-    ema: Annotated[float, typer.Option(help="EMA decay of the kept weights.")] = 0.999,
-    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing per block.")] = False,
-    save_every: Annotated[int, typer.Option(help="Checkpoint every N steps.")] = 100,
-    samples: Annotated[int, typer.Option(help="Synthetic training clips (cycled).")] = 256,
-    data: Annotated[Optional[Path], typer.Option(help="Train on this manifest instead of clips rendered on the fly: synth (vidu synth) or samples (vidu embed, embedded at the same --preset).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of data, noise and initialisation.")] = 0,
-    shift: Annotated[float, typer.Option(help="Noise-level shift of the flow-matching schedule.")] = 5.0,
-    p_teacher_forcing: Annotated[float, typer.Option(help="Stage 2: probability of teacher forcing (else diffusion forcing).")] = 0.5,
-    chunk_frames: Annotated[int, typer.Option(help="Stage 2: latent frames per causal chunk.")] = 1,
-    tau_dist: Annotated[str, typer.Option(help="Stage 2: history noise distribution, uniform | shifted.")] = "uniform",
-    tau_max: Annotated[float, typer.Option(help="Stage 2: largest history noise level.")] = 0.5,
+    stage: str = option(TrainSettings, "stage", "Which teacher stage: bidirectional (stage 1) or causal (stage 2).", default=...),
+    out: Annotated[Path, typer.Option(help="Folder for checkpoints, codec, loss.jsonl and loss.png (re-run to resume).")] = ...,
+    from_: Optional[Path] = option(TrainSettings, "init_from", "Start from this checkpoint (stage 2: the bidirectional teacher).", "--from", show_default=False),
+    preset: str = option(TrainSettings, "preset", "Model preset (tiny and small are trained on the synthetic avatar world)."),
+    steps: int = option(TrainSettings, "steps", "Optimisation steps in total."),
+    batch: int = option(TrainSettings, "batch", "Global batch (split across torchrun processes)."),
+    lr: float = option(TrainSettings, "lr", "Peak learning rate (AdamW)."),
+    warmup: int = option(TrainSettings, "warmup", "Linear warmup steps, then cosine decay."),
+    weight_decay: float = option(TrainSettings, "weight_decay", "AdamW weight decay."),
+    grad_clip: float = option(TrainSettings, "grad_clip", "Gradient norm clip."),
+    ema: float = option(TrainSettings, "ema", "EMA decay of the kept weights."),
+    grad_ckpt: bool = option(TrainSettings, "grad_ckpt", "Gradient checkpointing per block.", "--grad-ckpt/--no-grad-ckpt"),
+    save_every: int = option(TrainSettings, "save_every", "Checkpoint every N steps."),
+    samples: int = option(TrainSettings, "samples", "Synthetic training clips (cycled)."),
+    data: Optional[Path] = option(TrainSettings, "data", "Train on this manifest instead of clips rendered on the fly: synth (vidu synth) or samples (vidu embed, embedded at the same --preset).", show_default=False),
+    seed: int = option(TrainSettings, "seed", "Seed of data, noise and initialisation."),
+    shift: float = option(ObjectiveSettings, "shift", "Noise-level shift of the flow-matching schedule."),
+    p_teacher_forcing: float = option(ObjectiveSettings, "p_teacher_forcing", "Stage 2: probability of teacher forcing (else diffusion forcing)."),
+    chunk_frames: Optional[int] = option(ObjectiveSettings, "chunk_frames", "Stage 2: latent frames per causal chunk (default: the preset's).", show_default=False),
+    tau_dist: str = option(ObjectiveSettings, "tau_dist", "Stage 2: history noise distribution."),
+    tau_max: float = option(ObjectiveSettings, "tau_max", "Stage 2: largest history noise level."),
     workdir: Workdir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -43,8 +46,7 @@ def train(
     Example: torchrun --nproc-per-node 2 $(which vidu) train --stage bidirectional --out runs/bi2
     """
     from manifests.io import workspace
-    from stages.train.loop import TrainSettings, train as run_train
-    from stages.train.objectives import ObjectiveSettings
+    from stages.train.loop import train as run_train
     with clean_errors():
         st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, lr=lr, warmup=warmup,
                            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, grad_ckpt=grad_ckpt,

@@ -50,6 +50,13 @@ def not_param(default) -> dataclasses.Field:
     return field(default=default, metadata={"param": False})
 
 
+def ranged(default, *, min=None, max=None, gt=None, choices: tuple[str, ...] | None = None) -> dataclasses.Field:
+    """A parameter with the values it may take: `min` / `max` (inclusive), `gt` (exclusive lower bound)
+    or `choices`. The command line checks them before any work starts (vidu_cli.options.option)."""
+    bounds = {"min": min, "max": max, "gt": gt, "choices": choices}
+    return field(default=default, metadata={k: v for k, v in bounds.items() if v is not None})
+
+
 @dataclass
 class RunResult:
     run_id: str
