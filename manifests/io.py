@@ -76,9 +76,18 @@ def json_text(value) -> str:
     return json.dumps(_map_text(value, text_out), sort_keys=True)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def show_text(s: str) -> str:
+    """`s` for a message: surrogates written as `text_out` writes them, the rest as is (for display:
+    applying it twice changes nothing)."""
+    return s if s.isascii() else _SURROGATE.sub(lambda m: ESC + f"{ord(m.group()):04X}", s)
+
+
 def show_path(p: str | os.PathLike) -> str:
     """A path for a message: printable text, never an encoding error."""
-    return text_out(os.fsdecode(p))
+    return show_text(os.fsdecode(p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +113,10 @@ def os_fault(e: OSError, path: str | os.PathLike) -> WorkspaceError:
 def workspace(workdir: str | os.PathLike | None = None) -> Path:
     source = "--workdir" if workdir else "VIDU_HOME" if os.environ.get("VIDU_HOME") else "the default workspace"
     root = Path(workdir or os.environ.get("VIDU_HOME") or "vidu-work").expanduser().resolve()
+    if show_text(str(root)) != str(root):
+        raise WorkspaceError(f"workspace {show_path(root)} (from {source}) has a name that is not UTF-8, which the "
+                             f"DuckDB catalog cannot open: pass --workdir DIR (or set VIDU_HOME) to a folder with "
+                             f"a UTF-8 name")
     if root.exists() and not root.is_dir():
         raise WorkspaceError(f"workspace {show_path(root)} (from {source}) is a file, not a folder: pass --workdir "
                              f"DIR or set VIDU_HOME to a folder (or move the file away)")

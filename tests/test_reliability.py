@@ -151,7 +151,7 @@ def test_non_utf8_name_reaches_the_next_stage(video, tmp_path):
 # 2. workspace faults
 
 def test_workspace_that_is_a_file(tmp_path):
-    f = tmp_path / "home"
+    f = tmp_path / "home[bold]"  # printed as it is, not as rich markup
     f.write_text("not a folder\n")
     line = one_line_error(*run("runs", env={"VIDU_HOME": str(f)})[::2])
     assert str(f) in line and "VIDU_HOME" in line and "is a file" in line
@@ -159,6 +159,14 @@ def test_workspace_that_is_a_file(tmp_path):
     assert str(f) in line and "--workdir" in line
     code, _, err = run("runs", env={"VIDU_HOME": str(tmp_path / "fresh")})  # negative control
     assert code == 0, err
+
+
+def test_workspace_with_a_non_utf8_name(tmp_path):
+    work = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"w\xe9"))
+    line = one_line_error(*run("runs", "--workdir", work)[::2])
+    assert line == (f"error: workspace {tmp_path}/w\ufffdDCE9 (from --workdir) has a name that is not UTF-8, which "
+                    f"the DuckDB catalog cannot open: pass --workdir DIR (or set VIDU_HOME) to a folder with a UTF-8 "
+                    f"name")
 
 
 def test_read_only_workspace_chmod(src, tmp_path):

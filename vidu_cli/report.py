@@ -12,7 +12,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from manifests.catalog import CatalogError
-from manifests.io import ManifestError, read_manifest, show_path, text_out
+from manifests.io import ManifestError, read_manifest, show_path, show_text
 from manifests.pipe import emit
 from stages.run import RunResult
 
@@ -20,7 +20,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {escape(text_out(message))}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {escape(show_text(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
