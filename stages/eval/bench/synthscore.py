@@ -11,7 +11,9 @@ never read from the model:
 - instructions: the per-class detectors and event rules of stages/eval/metrics/instructions.py on
   the same measurements: an event succeeds when its class fires within 0-1.0 s after its onset and
   no other class fires in that window; latency = onset to that firing (one per successful event);
-  spurious fires per minute; confusion = {instructed: {first class fired or "none": n}}.
+  spurious = fires per minute not of an instructed class inside its event's [onset, end + 1.0 s]
+  (an action may fire twice while it lasts: a nod dips twice); confusion = {instructed: {first class
+  fired or "none": n}}.
 - drift: last 10 % of the frames (at least 5) against the first 10 %: identity error ratio,
   sharpness ratio, motion energy ratio, lip-sync r ratio. A frozen frame has motion ratio 0.
 """
@@ -47,8 +49,13 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
     res = score_events(onsets, fired, len(m["found"]) / fps, WINDOW_S)
     delays = [round(min(f for f in fired[c] if t <= f <= t + WINDOW_S) - t, 4)
               for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
+    # an action may fire more than once while it lasts (a nod dips twice): every fire of the instructed
+    # class inside [onset, end + WINDOW_S] is the action; any other fire is spurious
+    explained = lambda k, f: any(k == c and a <= f <= b + WINDOW_S for a, b, c in events)  # noqa: E731
+    spurious = sum(not explained(k, f) for k, fs in fired.items() for f in fs)
+    minutes = len(m["found"]) / fps / 60
     return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
-            "spurious_per_min": res["spurious_per_min"], "confusion": res["confusion"]}
+            "spurious_per_min": spurious / minutes if minutes > 0 else None, "confusion": res["confusion"]}
 
 
 def _sharpness(frames: np.ndarray) -> np.ndarray:

@@ -1,0 +1,290 @@
+"""`vidu eval --bench | --compare | --ab` end to end on the tiny preset: the synth, built-in streambench
+and hdtf runners (real stream sessions, real scoring), the ground truth against itself and against
+random weights, resume after an interrupted run, the HTML report in headless Chromium, and A/B votes
+through the page's HTTP API checked against hand-computed Wilson intervals."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from manifests import catalog
+from manifests.io import read_manifest, workspace
+from stages.eval.ab import ABServer, ABSession, preference, wilson
+from stages.eval.bench import BenchError, run_bench
+from stages.eval.bench.cases import BenchSamples, folder_items
+from stages.eval.bench.runner import EvalBench
+from stages.eval.report import load_runs, summary_table, table_rows, write_report
+from tests.conftest import vidu
+from tests.test_stream_web import browser  # noqa: F401  (the project's headless Chromium fixture)
+
+SECONDS = 1.0  # 25 frames: 7 chunks of the tiny preset
+TALKING = ("retalking_1.mp4", "retalking_3.mp4")
+
+
+def rows(result) -> list[dict]:
+    table, _ = read_manifest(result.path)
+    return table.to_pylist()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return workspace(tmp_path_factory.mktemp("evalbench"))
+
+
+@pytest.fixture(scope="module")
+def synth_oracle(root):
+    return run_bench("synth", root, ckpt="oracle", limit=2, seconds=SECONDS)
+
+
+@pytest.fixture(scope="module")
+def synth_model(root):
+    return run_bench("synth", root, limit=2, seconds=SECONDS)
+
+
+@pytest.fixture(scope="module")
+def streambench_oracle(root):
+    return run_bench("streambench", root, ckpt="oracle", limit=2, seconds=1.28)
+
+
+# ---------------------------------------------------------------------------------------------
+# synth: the ground truth scores itself high, random weights do not
+
+def test_synth_oracle_matches_ground_truth(synth_oracle):
+    samples, results = synth_oracle
+    assert samples.counts == {"ok": 2} and results.counts == {"ok": 2}
+    srows = rows(samples)
+    assert [r["seed"] for r in srows] == [2 ** 62, 2 ** 62 + 1]  # held-out seeds, disjoint from training's
+    for r in rows(results):
+        assert r["system"] == "oracle" and r["frames"] == 25 and (r["width"], r["height"]) == (256, 256)
+        assert r["mouth_r"] > 0.95  # the render's mouth is the audio's mouth track
+        assert abs(r["mouth_r_control"]) < r["mouth_r"] - 0.3  # another case's speech does not explain it
+        assert r["identity_error"] < 20  # RGB distance of skin/shirt/hair to the case's identity
+        assert r["stream_fps"] is None and r["chunk_ms"] is None  # no stream: no speed numbers
+        assert Path(r["video_path"]).is_file()
+
+
+def test_synth_random_weights_stream_and_score_badly(synth_model, synth_oracle):
+    samples, results = synth_model
+    assert samples.run_id == synth_oracle[0].run_id  # the same samples, indexed once
+    assert results.counts == {"ok": 2}
+    oracle = {r["sample_id"]: r for r in rows(synth_oracle[1])}
+    for r in rows(results):
+        assert r["system"] == "random:tiny"
+        assert any("random weights" in n for n in r["notes"])
+        assert r["frames"] == 25 and (r["width"], r["height"]) == (64, 64)
+        assert Path(r["video_path"]).is_file() and Path(r["video_path"]).parent.name == results.run_id
+        assert len(r["chunk_ms"]) == 7 and r["stream_fps"] > 0 and r["first_frame_s"] > 0  # 1 + 6 chunks
+        assert r["chunk_ms_p50"] <= r["chunk_ms_p90"] <= r["chunk_ms_p99"]
+        assert r["mouth_r"] is not None and abs(r["mouth_r"]) < 0.5 < oracle[r["sample_id"]]["mouth_r"]
+        assert json.loads(r["scores"])["frames"] == 25
+
+
+# ---------------------------------------------------------------------------------------------
+# streambench: built-in samples with one instruction each; a user's folder
+
+def test_streambench_builtin_instructions(streambench_oracle):
+    samples, results = streambench_oracle
+    srows = rows(samples)
+    assert [r["instruction"] for r in srows] == ["blink", "nod"]  # action i mod 8 from 0.3 s
+    assert [json.loads(r["events"])[0][:2] for r in srows] == [[0.3, 0.875], [0.3, 1.3]]
+    for r in rows(results):
+        assert r["instr_events"] == 1 and r["instr_success"] == 1.0
+        assert 0 <= r["instr_latency_s"][0] <= 1.0 and r["spurious_per_min"] == 0.0
+    conf = [json.loads(r["confusion"]) for r in rows(results)]
+    assert conf == [{"blink": {"blink": 1}}, {"nod": {"nod": 1}}]
+
+
+def test_instruction_negative_control(streambench_oracle):
+    """The blink clip scored against the nod sample's instruction: the event fails, and the blink that
+    does happen is confused for it (a scorer that passes everything would say 1.0)."""
+    from stages.eval.bench.synthscore import synth_scores
+    from stages.sense.media import clip_frames
+    blink, nod = rows(streambench_oracle[0])
+    frames, _ = clip_frames(blink["video"], 0, 10)
+    truth = json.loads(Path(blink["truth"]).read_text())
+    truth["actions"] = json.loads(nod["events"])
+    s = synth_scores(frames, 25.0, truth, None)
+    assert s["instr_events"] == 1 and s["instr_success"] == 0.0
+    assert s["confusion"] == {"nod": {"blink": 1}}
+
+
+def test_streambench_folder_loader(tmp_path, root, synth_oracle):
+    """A user's folder: good lines are indexed (audio to 16 kHz wav, the image as png); each bad line
+    is a rejected row with its reason."""
+    src = rows(synth_oracle[0])[0]
+    d = tmp_path / "sb"
+    (d / "media").mkdir(parents=True)
+    (d / "media" / "ref.png").write_bytes(Path(src["image"]).read_bytes())
+    (d / "media" / "talk.wav").write_bytes(Path(src["audio"]).read_bytes())
+    (d / "media" / "bad.png").write_text("not an image")
+    lines = [{"id": "good", "image": "media/ref.png", "audio": "media/talk.wav", "instruction": "nod", "at": 0.2},
+             {"id": "noaudio", "image": "media/ref.png", "audio": "media/missing.wav", "instruction": "nod"},
+             {"id": "badimage", "image": "media/bad.png", "audio": "media/talk.wav", "instruction": "smile"},
+             {"id": "noinstr", "image": "media/ref.png", "audio": "media/talk.wav"}]
+    (d / "samples.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n{not json\n")
+    from stages.eval.bench.cases import fingerprint
+    from stages.run import run_stage
+    items = folder_items(d)
+    stage = BenchSamples(bench="streambench", out_dir=str(tmp_path / "out"), seconds=0.0)
+    res = run_stage(stage, items, fingerprint(items), [str(d)], root, quiet=True)
+    got = {r["id"]: r for r in rows(res)}
+    assert list(got) == ["streambench-good", "streambench-noaudio", "streambench-badimage", "streambench-noinstr",
+                         "streambench-line0005"]
+    good = got["streambench-good"]
+    assert good["status"] == "ok" and json.loads(good["events"]) == [[0.2, SECONDS, "nod"]]
+    assert good["seconds"] == SECONDS and good["video"] is None
+    assert [got[k]["reasons"] for k in list(got)[1:]] == [["audio_missing"], ["image_unreadable"],
+                                                          ["missing_field"], ["bad_line"]]
+    with pytest.raises(BenchError, match="no samples.jsonl"):
+        folder_items(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# hdtf on real talking heads, with a run interrupted after its first sample and resumed
+
+def test_hdtf_oracle_resumes(tmp_path, shared_media, monkeypatch):
+    d = tmp_path / "hdtf"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.mp4").symlink_to(shared_media / "talking" / TALKING[0])
+    (d / "sub" / "b.mp4").symlink_to(shared_media / "talking" / TALKING[1])
+    (d / "notes.txt").write_text("not a video")
+    root = workspace(tmp_path / "work")
+    process, calls = EvalBench.process, []
+
+    def interrupted(self, item):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(item["id"])
+        return process(self, item)
+
+    monkeypatch.setattr(EvalBench, "process", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("hdtf", root, data=str(d), ckpt="oracle", seconds=SECONDS)
+    run = [r for r in catalog.runs(root) if r["stage"] == "eval"][0]
+    assert run["state"] == "interrupted"
+    parts = sorted((root / "runs" / run["run_id"]).glob("part-*.parquet"))
+    first = [r for p in parts for r in pq.read_table(p).to_pylist()]
+    assert [r["id"] for r in first] == ["hdtf-a"]
+
+    calls.clear()
+    monkeypatch.setattr(EvalBench, "process", lambda self, item: calls.append(item["id"]) or process(self, item))
+    samples, results = run_bench("hdtf", root, data=str(d), ckpt="oracle", seconds=SECONDS)
+    assert calls == ["hdtf-sub-b"]  # the finished sample is reused, not scored again
+    assert results.reused == 1 and results.counts == {"ok": 2} and results.run_id == run["run_id"]
+    got = rows(results)
+    assert [r["id"] for r in got] == ["hdtf-a", "hdtf-sub-b"]
+    assert {k: v for k, v in got[0].items() if k != "run_id"} == {k: v for k, v in first[0].items() if k != "run_id"}
+    for r in got:  # a real clip against its own first frame
+        assert r["identity"] > 0.9 and r["face_found"] > 0.9 and r["identity_embedder"]
+        assert r["frames"] == 25 and r["mouth_r"] is None  # no synthetic ground truth
+    assert [r["source"] for r in rows(samples)] == [str(d / "a.mp4"), str(d / "sub" / "b.mp4")]
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+def test_compare_table_and_report_in_browser(root, synth_oracle, synth_model, tmp_path, browser):
+    runs = load_runs(root, [synth_oracle[1].run_id[:10], str(synth_model[1].path)])
+    table = dict(table_rows(runs))
+    assert table["samples scored"] == ["2", "2"]
+    oracle_r = np.mean([r["mouth_r"] for r in rows(synth_oracle[1])])
+    assert table["mouth r vs ground truth"][0] == f"{oracle_r:.3f}"
+    assert table["stream fps"][0] == "-" and table["stream fps"][1] != "-"
+    assert summary_table(runs).row_count == len(table)
+    page = write_report(runs, tmp_path / "report")
+    names = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"per-sample-mouth_r.png", "drift.png", "latency.png"} <= names
+    browser.get(page.as_uri())
+    imgs = browser.execute_script(
+        "return [...document.images].map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
+    assert sorted(src for src, _, _ in imgs) == sorted(names)
+    assert all(done and width == 640 for _, done, width in imgs)  # 6.4 in x 100 dpi, decoded
+    text = browser.find_element("tag name", "body").text
+    assert synth_oracle[1].run_id in text and synth_model[1].run_id in text
+
+
+def test_cli_bench_compare_and_bad_input(root, synth_oracle, synth_model, tmp_path):
+    out = vidu("eval", "--bench", "synth", "--ckpt", "oracle", "--limit", "2", "--seconds", str(SECONDS),
+               "--workdir", str(root), "--report", str(tmp_path / "r"))
+    assert out.stdout.strip() == str(synth_oracle[1].path)  # finished before: the same manifest
+    assert "mouth r vs ground truth" in out.stderr and (tmp_path / "r" / "index.html").is_file()
+    out = vidu("eval", "--compare", synth_oracle[1].run_id, synth_model[1].run_id, "--workdir", str(root))
+    assert "random:tiny" in out.stdout and "oracle" in out.stdout
+    for args, message in ((["--bench", "nope"], "unknown benchmark 'nope'"),
+                          (["--bench", "hdtf"], "--bench hdtf needs --data DIR"),
+                          (["--compare", "eval-nothere"], "no run 'eval-nothere'"),
+                          (["--ab", synth_oracle[1].run_id], "--ab takes two runs")):
+        bad = vidu("eval", *args, "--workdir", str(root), check=False)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A/B
+
+def test_wilson_hand_computed():
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert wilson(0, 0) == (None, None)
+    lo, hi = wilson(0, 5)
+    assert lo == 0.0 and round(hi, 4) == 0.4345
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers.get("Content-Type"), r.read()
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_ab_votes_through_the_page_api(root, synth_oracle, synth_model, browser):
+    a, b = load_runs(root, [synth_oracle[1].run_id, synth_model[1].run_id])
+    session = ABSession(root, a, b, seed=3)
+    videos_a = {r["sample_id"]: Path(r["video_path"]).read_bytes() for r in a.ok}
+    with ABServer(session) as server:
+        browser.get(server.url)  # the page asks for a pair and shows two playable videos
+        browser.set_script_timeout(20)
+        ready = browser.execute_async_script("""
+            const done = arguments[0];
+            const check = () => { const v = [...document.querySelectorAll('video')];
+              if (v.length == 2 && v.every(x => x.readyState >= 1)) done(v.map(x => x.videoWidth)); else setTimeout(check, 100); };
+            check();""")
+        assert sorted(ready) == [64, 256]
+        plan = []  # per pair: what is voted (left/right), and which run that means
+        for choice in ("left", "right"):
+            pair = json.loads(_get(server.url + "/api/pair")[2])
+            assert pair["total"] == 2 and pair["done"] == len(plan)
+            status, ctype, left = _get(server.url + pair["left"])
+            assert status == 200 and ctype == "video/mp4"
+            a_left = left == videos_a[pair["sample"]]
+            votes = {"controllability": choice, "motion": choice, "sync": "tie", "overall": choice}
+            assert _post(server.url + "/api/vote", {"token": pair["token"], "votes": votes})["recorded"] == 4
+            plan.append("a" if (choice == "left") == a_left else "b")
+        assert json.loads(_get(server.url + "/api/pair")[2])["token"] is None  # all judged
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _post(server.url + "/api/vote", {"token": pair["token"], "votes": {"beauty": "left"}})
+        assert bad.value.code == 400
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _post(server.url + "/api/vote", {"token": "forged", "votes": {"overall": "left"}})
+        assert bad.value.code == 404
+        results = json.loads(_get(server.url + "/api/results")[2])
+    stored = catalog.read_votes(root, a.run_id, b.run_id)
+    assert len(stored) == 8 and {v["criterion"] for v in stored} == {"controllability", "motion", "sync", "overall"}
+    k = plan.count("a")
+    for c in ("controllability", "motion", "overall"):
+        r = results["criteria"][c]
+        assert (r["a"], r["b"], r["tie"]) == (k, 2 - k, 0)
+        lo, hi = wilson(k, 2)
+        assert r["rate_a"] == k / 2 and (r["ci_low"], r["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert results["criteria"]["sync"] == {"a": 0, "b": 0, "tie": 2, "n": 2, "rate_a": None, "ci_low": None,
+                                           "ci_high": None, "tie_share": 1.0}
+    assert preference(stored) == results["criteria"]
