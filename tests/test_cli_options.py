@@ -172,7 +172,7 @@ def no_video_manifest(tmp_path_factory) -> tuple[Path, Path]:
     (["--max-len", "2", "--min-len", "2"], "--min-len (2 s) must be below --max-len (2 s)"),
     (["--vad-threshold", "2"], "'--vad-threshold': Input should be less than or equal to 1"),
     (["--cut-margin", "-1"], "'--cut-margin': Input should be greater than or equal to 0"),
-    (["--detector", "sift"], "'--detector': 'sift' is not one of: adaptive, content, threshold, histogram, hash"),
+    (["--detector", "sift"], "'--detector': unknown detector 'sift'; choose one of: adaptive, content, threshold, histogram, hash"),
 ])
 def test_clip_rejects_nonsense_before_work(no_video_manifest, args, says):
     manifest, d = no_video_manifest
@@ -213,7 +213,7 @@ def test_train_rejects_empty_runs_before_building_a_model(tmp_path):
         "error: Invalid value for '--steps': Input should be greater than or equal to 1"
     assert one_line(run(app, base + ["--shift", "0"])) == "error: Invalid value for '--shift': 0 is not greater than 0"
     assert one_line(run(app, base + ["--tau-dist", "beta"])) == \
-        "error: Invalid value for '--tau-dist': 'beta' is not one of: uniform, shifted"
+        "error: Invalid value for '--tau-dist': unknown tau dist 'beta'; choose one of: uniform, shifted"
     assert not (tmp_path / "run").exists() and not (tmp_path / "w").exists()
 
 
@@ -230,4 +230,4 @@ def test_usage_errors_are_one_line():
     assert one_line(run(app, ["clip", "--no-such-option"])) == "error: No such option: --no-such-option"
     assert one_line(run(app, ["show"])) == "error: Missing argument 'target'."
     assert one_line(run(app, ["runs", "--format", "xml"])) == \
-        "error: Invalid value for '--format' / '-f': 'xml' is not one of: table, jsonl, csv"
+        "error: Invalid value for '--format' / '-f': unknown format 'xml'; choose one of: table, jsonl, csv"

@@ -35,7 +35,7 @@ def option(cls: type, name: str, help: str, *decls: str, default: Any = _FIELD, 
         extra["callback"] = _above(meta["gt"])
     if "choices" in meta:
         help = f"{help} One of: {' | '.join(meta['choices'])}."
-        extra["callback"] = _one_of(meta["choices"])
+        extra["callback"] = _one_of(meta["choices"], name.replace("_", " "))
     return typer.Option(field_default(cls, name) if default is _FIELD else default, *decls, help=help,
                         min=meta.get("min"), max=meta.get("max"), **extra)
 
@@ -56,10 +56,10 @@ def _above(bound: float) -> Callable[[Optional[float]], Optional[float]]:
     return check
 
 
-def _one_of(choices: tuple[str, ...]) -> Callable[[Optional[str]], Optional[str]]:
+def _one_of(choices: tuple[str, ...], what: str) -> Callable[[Optional[str]], Optional[str]]:
     def check(value: Optional[str]) -> Optional[str]:
         if value is not None and value not in choices:
-            raise typer.BadParameter(f"{value!r} is not one of: {', '.join(choices)}")
+            raise typer.BadParameter(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
         return value
     return check
 
@@ -69,6 +69,6 @@ Workers = Annotated[int, typer.Option("--workers", "-w", min=1, help="Local work
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 when any row is rejected or failed.")]
 From = Annotated[Optional[list[Path]], typer.Option("--from", help="Input manifest (repeatable); default: paths read from stdin.", show_default=False)]
-Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).", callback=_one_of(("table", "jsonl", "csv")))]
-Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray")))]
+Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).", callback=_one_of(("table", "jsonl", "csv"), "format"))]
+Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray"), "executor"))]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]

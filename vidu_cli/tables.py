@@ -18,12 +18,10 @@ def print_rows(columns: list[str], rows: list[tuple], fmt: str | None, title: st
         w = csv.writer(sys.stdout)
         w.writerow(columns)
         w.writerows(rows)
-    elif fmt == "table":
+    else:  # table (options.Format admits only table, jsonl and csv)
         t = Table(title=title, title_justify="left")
         for c in columns:
             t.add_column(c, overflow="fold")
         for r in rows:
             t.add_row(*("" if v is None else str(v) for v in r))
         Console().print(t)
-    else:
-        raise ValueError(f"unknown format {fmt!r}: use table, jsonl or csv")
