@@ -14,6 +14,7 @@ from vidu_cli.clip import clip
 from vidu_cli.demo import demo
 from vidu_cli.diarize import diarize
 from vidu_cli.embed import embed
+from vidu_cli.eval import eval
 from vidu_cli.filter import filter
 from vidu_cli.model import model
 from vidu_cli.prefilter import prefilter
@@ -27,7 +28,7 @@ from vidu_cli.train import train
 
 app = typer.Typer(cls=OneLineErrors, help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth, embed, caption, filter, diarize):
+for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth, embed, caption, filter, diarize, eval):
     app.command()(command)
 app.add_typer(model, name="model")
 

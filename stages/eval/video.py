@@ -24,7 +24,7 @@ from stages.eval.metrics import identity as identity_m
 from stages.eval.metrics import instructions as instructions_m
 from stages.eval.metrics import quality as quality_m
 from stages.eval.metrics import sync as sync_m
-from stages.sense.mouth import FACE_FPS, opening_by_face, track_face
+from stages.sense.mouth import FACE_FPS, track_face
 from stages.sense.speech import SAMPLE_RATE
 
 NATIVE_FRAMES = 6  # frames kept at native size for blockiness
@@ -69,17 +69,34 @@ def read_image(path: str | Path) -> np.ndarray:
     raise EvalError(f"{path}: no decodable frame")
 
 
-def decode_video(path: str | Path, max_frames: int) -> tuple[np.ndarray, float]:
-    """Frames on the 25 fps grid (native size, at most `max_frames`) and the video's duration (s)."""
+def decode_video(path: str | Path, max_frames: int, max_side: int | None = None) -> tuple[np.ndarray, float]:
+    """Frames on the 25 fps grid from t = 0 of the file's timeline (the audio's origin): at each grid
+    time the latest frame shown by then (the first frame before it starts), at most `max_frames`,
+    the longer side scaled to at most `max_side`; and the video's duration (s)."""
     from stages.sense.media import MediaError, clip_frames
 
     try:
-        frames, times = clip_frames(path, 0.0, max_frames / FACE_FPS, fps=FACE_FPS)
+        frames, times = clip_frames(path, 0.0, max_frames / FACE_FPS + 1.0, max_side=max_side)
     except MediaError as e:
         raise EvalError(f"{path}: {e}") from None
     if len(frames) < 2:
         raise EvalError(f"{path}: fewer than 2 decodable video frames")
-    return frames, float(times[-1] + 1 / FACE_FPS)
+    end = float(times[-1] + np.median(np.diff(times)))
+    grid = np.arange(min(max_frames, int(np.floor(end * FACE_FPS + 1e-6)))) / FACE_FPS
+    idx = np.maximum(np.searchsorted(times, grid + 1e-6, side="right") - 1, 0)
+    return frames[idx], end
+
+
+def native_luma(path: str | Path, seconds: float, n: int = NATIVE_FRAMES) -> np.ndarray:
+    """Luma of `n` frames spread over [0, seconds) at native size (for blockiness)."""
+    from stages.sense.media import clip_frames
+
+    out = []
+    for t in np.linspace(0, seconds, n, endpoint=False):
+        fr, _ = clip_frames(path, float(t), float(t) + 0.5)
+        if len(fr):
+            out.append(quality_m.luma(fr[:1])[0])
+    return np.stack(out) if out else np.zeros((0, 8, 8), np.float32)
 
 
 def load_wave(path: str | Path) -> np.ndarray:
@@ -108,10 +125,13 @@ def score_video(video: Path, reference: Path | np.ndarray, audio: Path | None = 
     events, or a synthetic sample's truth JSON (with "identity" and "actions")."""
     options.check()
     ref = reference if isinstance(reference, np.ndarray) else read_image(reference)
-    frames, _ = decode_video(video, options.max_frames)
+    frames, _ = decode_video(video, options.max_frames, options.max_side)
     wave = load_wave(audio if audio is not None else video)
-    out = score_frames(frames, FACE_FPS, wave, ref, load_instructions(instructions), options)
+    native = native_luma(video, len(frames) / FACE_FPS)
+    out = score_frames(frames, FACE_FPS, wave, ref, load_instructions(instructions), options, native=native)
     out["video"] = str(video)
+    if len(native):
+        out.update(height=int(native.shape[1]), width=int(native.shape[2]))
     return out
 
 
@@ -136,7 +156,8 @@ def analysis_size(frames: np.ndarray, max_side: int) -> np.ndarray:
 
 
 def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, reference: np.ndarray,
-                 instructions: list | dict | None = None, options: EvalOptions = EvalOptions()) -> dict:
+                 instructions: list | dict | None = None, options: EvalOptions = EvalOptions(),
+                 native: np.ndarray | None = None) -> dict:
     """Score decoded frames [T, H, W, 3] uint8 at `fps` with their speech `wave` (16 kHz mono
     float32, starting with the first frame; None or empty: no audio) against the RGB `reference`.
 
@@ -145,13 +166,15 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
     blockiness, flicker, luma_flicker, exposure, clipped, dover, drift {segments, curves, identity,
     sharpness, motion}, instructions (a dict, or "not_assessed"), frames, seconds, fps (25, the
     grid), width, height. Scores that cannot be measured are None (e.g. no face) or "not_assessed"
-    (a model we do not have)."""
+    (a model we do not have). `native`: luma [K, H, W] of a few frames at the video's native size
+    for blockiness (default: taken from `frames`)."""
     options.check()
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) < 2:
         raise EvalError("frames must be [T >= 2, H, W, 3] uint8 RGB")
     seconds = len(frames) / fps
     grid = resample_25(frames, fps)[: options.max_frames]
-    native = quality_m.luma(grid[np.linspace(0, len(grid) - 1, min(NATIVE_FRAMES, len(grid))).astype(int)])
+    if native is None:
+        native = quality_m.luma(grid[np.linspace(0, len(grid) - 1, min(NATIVE_FRAMES, len(grid))).astype(int)])
     small = analysis_size(grid, options.max_side)
     T = len(small)
     track = track_face(small)
@@ -171,7 +194,7 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
     out = {"identity": float(np.nanmean(ident)) if (~np.isnan(ident)).any() else None,
            "identity_embedder": embedder.name, "reference_face": ref_found,
            "face_found": float(track.found[track.detected].mean())}
-    out.update(sync_m.score_sync(opening_by_face(track.landmarks).astype(np.float64), wave, options.syncnet))
+    out.update(sync_m.score_sync(track.landmarks, wave, options.syncnet))
     out.update(quality_m.quality(Y, native, track.boxes))
     out["dover"] = NOT_ASSESSED
     motion = quality_m.frame_change(Y)

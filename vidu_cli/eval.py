@@ -1,0 +1,106 @@
+"""`vidu eval`: score generated avatar video (stages/eval/). One mode per call: `--video` scores one
+video against its reference image (stages/eval/video.py)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vidu_cli.options import option
+from vidu_cli.report import clean_errors, err, fail
+from stages.eval.video import EvalOptions
+
+Dir = Annotated[Optional[Path], typer.Option(show_default=False)]
+
+SHOWN = (("identity", "identity (cosine, {identity_embedder})"), ("face_found", "face found (share of frames)"),
+         ("sync_offset_frames", "sync offset (frames, + = audio late)"), ("sync_confidence", "sync confidence"),
+         ("sync_distance", "sync distance"), ("sharpness", "sharpness (Laplacian var)"),
+         ("face_sharpness", "face sharpness"), ("noise", "noise sigma"), ("blockiness", "blockiness (1 = none)"),
+         ("flicker", "flicker (mean |luma change|)"), ("luma_flicker", "luma flicker"), ("exposure", "exposure (mean luma)"),
+         ("clipped", "clipped pixels"), ("dover", "DOVER"))
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def score_table(scores: dict) -> Table:
+    """The human view of one video's scores."""
+    t = Table(title=f"{scores.get('video', 'video')}: {scores['frames']} frames, {scores['seconds']:.2f} s "
+                    f"(sync: {scores['sync_method']})", title_justify="left")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for key, label in SHOWN:
+        t.add_row(label.format(**scores), _cell(scores.get(key)))
+    drift = scores["drift"]
+    for k in ("identity", "sharpness", "motion"):
+        curve = ", ".join(_cell(v) for v in drift["curves"][k])
+        t.add_row(f"drift of {k} (last vs first of {drift['segments']})", f"{_cell(drift[k])}  [{curve}]")
+    ins = scores["instructions"]
+    if isinstance(ins, dict):
+        t.add_row(f"instructions ({ins['method']})", f"success {_cell(ins['success_rate'])} of {ins['events']}")
+        if "spurious_per_min" in ins:
+            t.add_row("spurious actions / min, latency (s)", f"{_cell(ins['spurious_per_min'])}, {_cell(ins['latency_s'])}")
+    else:
+        t.add_row("instructions", str(ins))
+    return t
+
+
+def score_one(video: Path, reference: Path, audio: Path | None, instructions: Path | None, as_json: bool,
+              options: EvalOptions) -> None:
+    from stages.eval.video import score_video
+
+    for what, p in (("--video", video), ("--reference", reference), ("--audio", audio), ("--instructions", instructions)):
+        if p is not None and not p.is_file():
+            fail(f"{what} {p}: no such file")
+    scores = score_video(video, reference, audio, instructions, options)
+    if not scores["reference_face"]:
+        err.print("warning: no face in the reference image: identity not scored", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(scores))
+    else:
+        Console(soft_wrap=True).print(score_table(scores))
+
+
+def eval(
+    video: Annotated[Optional[Path], typer.Option("--video", help="Score this video file.", show_default=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference image of the person (or a video: its first frame).", show_default=False)] = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", help="Speech the video should follow (default: the video's own track).", show_default=False)] = None,
+    instructions: Annotated[Optional[Path], typer.Option("--instructions", help="JSON events [{\"t\": s, \"action\" or \"text\": ...}] or a vidu synth truth .json.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")] = False,
+    arcface: Annotated[Optional[Path], typer.Option("--arcface", help="Local ArcFace ONNX folder (identity embedder; needs onnxruntime).", show_default=False)] = None,
+    syncnet: Annotated[Optional[Path], typer.Option("--syncnet", help="Local SyncNet weights (not supported: refused with a message).", show_default=False)] = None,
+    dover: Annotated[Optional[Path], typer.Option("--dover", help="Local DOVER folder (not supported: refused with a message).", show_default=False)] = None,
+    judge: Annotated[Optional[Path], typer.Option("--judge", help="Local vision-language model folder judging instructions on real video.", show_default=False)] = None,
+    segments: int = option(EvalOptions, "drift_segments", "Equal segments for the drift curves.", "--segments"),
+    max_frames: int = option(EvalOptions, "max_frames", "At most this many frames of the 25 fps grid are scored.", "--max-frames"),
+    max_side: int = option(EvalOptions, "max_side", "Analysis size: longer side in pixels.", "--max-side"),
+) -> None:
+    """Score generated avatar video: identity (face-embedding cosine to the reference), lip sync
+    (SyncNet protocol fields from a named offline proxy), quality proxies (sharpness, noise,
+    blockiness, flicker, exposure), drift over equal segments, and instruction following.
+
+    Example: vidu eval --video gen.mp4 --reference ref.png --json | jq .identity
+    """
+    with clean_errors():
+        options = EvalOptions(arcface=_s(arcface), syncnet=_s(syncnet), dover=_s(dover), judge=_s(judge),
+                              drift_segments=segments, max_frames=max_frames, max_side=max_side)
+        options.check()
+        if video is not None:
+            if reference is None:
+                fail("--video needs --reference (the person's image)")
+            return score_one(video, reference, audio, instructions, as_json, options)
+        fail("nothing to do: give --video VIDEO --reference IMAGE")
+
+
+def _s(p: Path | None) -> str | None:
+    return None if p is None else str(p)
