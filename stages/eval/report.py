@@ -206,7 +206,7 @@ def plot_per_sample(runs: list[Run], key: str, title: str, path: Path) -> Path |
     for i, run in enumerate(runs):
         by = {r["sample_id"]: r[key] for r in run.ok}
         ys = [by.get(s) if by.get(s) is not None else np.nan for s in samples]
-        ax.bar(x + (i - (len(runs) - 1) / 2) * width, ys, width, label=run.run_id)
+        ax.bar(x + (i - (len(runs) - 1) / 2) * width, ys, width, label=run.run_id, color=f"C{i % 10}")
     ax.set_xticks(x, samples, rotation=30, ha="right", fontsize=7)
     ax.set_title(f"{title} per sample")
     ax.axhline(0, color="0.5", linewidth=0.8)
@@ -217,11 +217,12 @@ def plot_per_sample(runs: list[Run], key: str, title: str, path: Path) -> Path |
 
 def plot_drift(runs: list[Run], path: Path) -> Path | None:
     """Mean per-segment curve of identity, sharpness and motion, each relative to its first segment."""
+    from matplotlib.lines import Line2D
     fig = _figure()
     axes = fig.subplots(1, 3)
-    drew = False
+    drawn: set[int] = set()
     for ax, metric in zip(axes, ("identity", "sharpness", "motion")):
-        for run in runs:
+        for i, run in enumerate(runs):
             curves = [json.loads(r["curves"] or "{}").get(metric) for r in run.ok]
             curves = [np.array([np.nan if v is None else v for v in c], np.float64) for c in curves if c]
             rel = [c / c[0] for c in curves if len(c) and np.isfinite(c[0]) and abs(c[0]) > 1e-12]
@@ -229,16 +230,22 @@ def plot_drift(runs: list[Run], path: Path) -> Path | None:
                 continue
             n = min(len(c) for c in rel)
             mean = np.nanmean(np.stack([c[:n] for c in rel]), axis=0)
-            ax.plot(np.arange(1, n + 1), mean, marker="o", label=run.run_id)
-            drew = True
+            ax.plot(np.arange(1, n + 1), mean, marker="o", color=f"C{i % 10}")
+            drawn.add(i)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("segment", fontsize=8)
+        ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("relative to segment 1", fontsize=8)
-    if not drew:
+    if not drawn:
         return None
-    axes[0].legend(fontsize=6)
-    return _save(fig, path)
+    fig.legend([Line2D([], [], color=f"C{i % 10}", marker="o") for i in sorted(drawn)],
+               [runs[i].run_id for i in sorted(drawn)], loc="lower center", ncol=len(drawn), fontsize=7)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
 
 
 def plot_latency(runs: list[Run], path: Path) -> Path | None:
@@ -250,8 +257,10 @@ def plot_latency(runs: list[Run], path: Path) -> Path | None:
     ax = fig.add_subplot()
     hi = max(max(v) for _, v in data)
     bins = np.linspace(0, hi * 1.05, 30)
-    for k, v in data:
-        ax.hist(v, bins=bins, alpha=0.6, label=f"{k} ({len(v)} chunks)")
+    for i, run in enumerate(runs):
+        v = [x for r in run.ok for x in (r["chunk_ms"] or [])]
+        if v:
+            ax.hist(v, bins=bins, alpha=0.6, label=f"{run.run_id} ({len(v)} chunks)", color=f"C{i % 10}")
     ax.set_xlabel("chunk latency (ms)")
     ax.set_ylabel("chunks")
     ax.set_title("per-chunk latency")
