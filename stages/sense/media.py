@@ -331,9 +331,9 @@ class VideoWriter:
             raise ValueError("this writer was opened without audio (audio_rate=None)")
         x = np.asarray(samples, np.float32)
         x = np.ascontiguousarray(x.reshape(1, -1) if x.ndim == 1 else x)
-        if x.shape[0] != self._audio.codec_context.channels or not x.shape[1]:
-            if not x.shape[1]:
-                return
+        if not x.shape[1]:
+            return
+        if x.shape[0] != self._audio.codec_context.channels:
             raise ValueError(f"audio must have {self._audio.codec_context.channels} channel(s), got {x.shape[0]}")
         self._container.mux(self._audio.encode(_audio_frame(x, self._audio, self._audio_pts)))
         self._audio_pts += x.shape[1]

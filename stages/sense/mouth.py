@@ -39,15 +39,13 @@ def pick_face(boxes: list, face_box: list[float] | None, w: int, h: int):
     None when none overlaps it."""
     if not face_box:
         return max(boxes, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
-    ref = (face_box[0] * w, face_box[1] * h, face_box[2] * w, face_box[3] * h)
+    import torch
+    from torchvision.ops import box_iou
 
-    def iou(b) -> float:
-        ix = max(0.0, min(b[2], ref[2]) - max(b[0], ref[0]))
-        iy = max(0.0, min(b[3], ref[3]) - max(b[1], ref[1]))
-        inter = ix * iy
-        return inter / ((b[2] - b[0]) * (b[3] - b[1]) + (ref[2] - ref[0]) * (ref[3] - ref[1]) - inter + 1e-9)
-    best = max(boxes, key=iou)
-    return best if iou(best) > 0 else None
+    ref = torch.tensor([[face_box[0] * w, face_box[1] * h, face_box[2] * w, face_box[3] * h]], dtype=torch.float64)
+    overlap = torch.nan_to_num(box_iou(torch.tensor(boxes, dtype=torch.float64), ref)[:, 0])  # [boxes]
+    best = int(overlap.argmax())
+    return boxes[best] if overlap[best] > 0 else None
 
 
 def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect: int = REDETECT) -> FaceTrack:
