@@ -124,6 +124,7 @@ def score_video(video: Path, reference: Path | np.ndarray, audio: Path | None = 
     (default: the video's own); `instructions`: a JSON file or list of {"t": s, "action"|"text": ...}
     events, or a synthetic sample's truth JSON (with "identity" and "actions")."""
     options.check()
+    identity_m.load_embedder(options.arcface)  # a model folder that cannot be used fails before decoding
     ref = reference if isinstance(reference, np.ndarray) else read_image(reference)
     frames, _ = decode_video(video, options.max_frames, options.max_side)
     wave = load_wave(audio if audio is not None else video)

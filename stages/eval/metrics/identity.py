@@ -15,6 +15,7 @@ are counted by `face_found`, not scored). One embedder per result, named in `ide
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,8 @@ class ArcFaceEmbedder:
         return np.asarray(self.session.run(None, {self.input: x})[0][0], np.float32)
 
 
-def load_embedder(arcface: str | Path | None):
+@lru_cache(maxsize=4)
+def load_embedder(arcface: str | None):
     return ArcFaceEmbedder(arcface) if arcface else DlibEmbedder()
 
 

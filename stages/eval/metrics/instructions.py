@@ -12,8 +12,9 @@ shake head |yaw| > 0.35 with the opposite sign over 0.35 within 0.6 s; smile > 0
 hand > 0.5. A class fires at each rising edge of its activity (gaps under 0.2 s bridged).
 - an event succeeds when its class fires within [t, t + latency] (latency 1.0 s) and no other class
   fires in that window; `latency_s` = mean delay of the successful events' fires;
-- `spurious_per_min` = fires that answer no event (not the first fire of the instructed class in
-  an event's window) per minute of video;
+- `spurious_per_min` = fires that answer no event per minute of video; a fire answers an event
+  when it is the instructed class's first fire in [t, t + latency], or (when the event gives its
+  "end", as the synthetic truth does) any fire of that class in [t, end + latency];
 - `confusion`: instructed class -> {class that fired first in the window, or "none": count}.
 Real video (no identity): with `--judge DIR` a local vision-language model (models.hf) is asked, per
 event, whether the person performs the action in frames of [t, t + latency]; else "not_assessed".
@@ -37,13 +38,14 @@ def class_of(text: str) -> str:
     return hits[0] if hits else "unknown"
 
 
-def parse_events(spec) -> tuple[list[tuple[float, str]], dict | None]:
-    """(onset s, class) pairs sorted by time, and the synthetic identity dict if the spec has one."""
+def parse_events(spec) -> tuple[list[tuple[float, str]], list[float | None], dict | None]:
+    """(onset s, class) pairs sorted by time, their end times (None: not given), and the synthetic
+    identity dict if the spec has one."""
     identity = None
     if isinstance(spec, dict):
         identity = spec.get("identity")
         if "actions" in spec:
-            spec = [{"t": a[0], "action": a[2]} for a in spec["actions"]]
+            spec = [{"t": a[0], "end": a[1], "action": a[2]} for a in spec["actions"]]
         else:
             spec = spec.get("events")
     if not isinstance(spec, list):
@@ -52,8 +54,10 @@ def parse_events(spec) -> tuple[list[tuple[float, str]], dict | None]:
     for e in spec:
         if not isinstance(e, dict) or "t" not in e or not ("action" in e or "text" in e):
             raise EvalError(f"instructions: event {e!r} needs \"t\" and \"action\" or \"text\"")
-        events.append((float(e["t"]), class_of(e.get("action") or e.get("text"))))
-    return sorted(events), identity
+        end = e.get("end")
+        events.append((float(e["t"]), class_of(e.get("action") or e.get("text")), None if end is None else float(end)))
+    events.sort(key=lambda x: x[0])
+    return [(t, c) for t, c, _ in events], [end for _, _, end in events], identity
 
 
 def activity(m: dict[str, np.ndarray], fps: float) -> dict[str, np.ndarray]:
@@ -79,9 +83,14 @@ def fires(active: np.ndarray, fps: float) -> list[float]:
 
 
 def score_events(events: list[tuple[float, str]], fired: dict[str, list[float]], seconds: float,
-                 latency: float) -> dict:
-    """Success, latency, spurious fires and confusion of timed events against class fire times."""
+                 latency: float, ends: list[float | None] | None = None) -> dict:
+    """Success, latency, spurious fires and confusion of timed events against class fire times. With
+    `ends` (when each instructed action should be over), every fire of the instructed class in
+    [t, end + latency] answers the event (a nod dips twice); without, only the first in the window."""
     used: set[tuple[str, float]] = set()
+    for (t, c), end in zip(events, ends or []):
+        if end is not None:
+            used.update((c, f) for f in fired.get(c, []) if t <= f <= end + latency)
     ok, delays, confusion = [], [], {}
     for t, c in events:
         inside = sorted((f, k) for k, fs in fired.items() for f in fs if t <= f <= t + latency)
@@ -104,7 +113,7 @@ def score_events(events: list[tuple[float, str]], fired: dict[str, list[float]],
 
 
 def score_synthetic(frames: np.ndarray, fps: float, events: list[tuple[float, str]], identity: dict,
-                    latency: float) -> dict:
+                    latency: float, ends: list[float | None] | None = None) -> dict:
     from stages.synth import Identity, analyze
 
     try:
@@ -113,7 +122,7 @@ def score_synthetic(frames: np.ndarray, fps: float, events: list[tuple[float, st
         raise EvalError(f"instructions: the identity is not a stages.synth Identity ({e})") from None
     act = activity(analyze(frames, idt), fps)
     fired = {k: fires(v, fps) for k, v in act.items()}
-    return {"method": "synth.analyze", **score_events(events, fired, len(frames) / fps, latency)}
+    return {"method": "synth.analyze", **score_events(events, fired, len(frames) / fps, latency, ends)}
 
 
 def score_judge(frames: np.ndarray, fps: float, events: list[tuple[float, str]], judge: str, latency: float) -> dict:
@@ -141,9 +150,9 @@ def score_instructions(spec, frames: np.ndarray, fps: float, latency: float = 1.
     """The instruction-following result, or NOT_ASSESSED (no events, or a real video without a judge)."""
     if spec is None:
         return NOT_ASSESSED
-    events, identity = parse_events(spec)
+    events, ends, identity = parse_events(spec)
     if identity is not None:
-        return score_synthetic(frames, fps, events, identity, latency)
+        return score_synthetic(frames, fps, events, identity, latency, ends)
     if judge:
         return score_judge(frames, fps, events, judge, latency)
     return NOT_ASSESSED

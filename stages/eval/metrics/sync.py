@@ -68,16 +68,25 @@ def lip_shape(landmarks: np.ndarray) -> np.ndarray:
     return (np.einsum("tij,tpj->tpi", R, lips) / scale[:, None, None]).reshape(len(landmarks), -1)
 
 
-def log_mel(wave: np.ndarray, T: int, fps: float = FACE_FPS) -> np.ndarray:
-    """[T, N_MELS] log-mel energies of 1 / fps windows centred on the frame times (silence past the end)."""
-    import librosa
+def mel_filters(n_fft: int, n_mels: int = N_MELS, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] triangular filters equally spaced on the HTK mel scale, 0 Hz-sr/2."""
+    mel = lambda f: 2595 * np.log10(1 + f / 700)  # noqa: E731
+    hz = 700 * (10 ** (np.linspace(0, mel(sr / 2), n_mels + 2) / 2595) - 1)
+    f = np.fft.rfftfreq(n_fft, 1 / sr)
+    lo, mid, hi = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    return np.maximum(0, np.minimum((f - lo) / (mid - lo), (hi - f) / (hi - mid)))
 
+
+def log_mel(wave: np.ndarray, T: int, fps: float = FACE_FPS) -> np.ndarray:
+    """[T, N_MELS] log-mel energies of Hann windows of 1 / fps centred on the frame times (silence
+    outside the wave)."""
     hop = int(round(SAMPLE_RATE / fps))
-    x = np.zeros(T * hop, np.float32)
-    x[:min(len(wave), len(x))] = wave[:len(x)]
-    S = librosa.feature.melspectrogram(y=x, sr=SAMPLE_RATE, n_fft=hop, hop_length=hop, n_mels=N_MELS,
-                                       center=True, pad_mode="constant", fmax=SAMPLE_RATE / 2)
-    return np.log(S[:, :T].T.astype(np.float64) + 1e-6)
+    x = np.zeros((T + 1) * hop, np.float64)
+    n = min(len(wave), T * hop)
+    x[hop // 2:hop // 2 + n] = wave[:n]  # frame t's window covers [t - 1/2, t + 1/2) frames
+    frames = x[: T * hop].reshape(T, hop) * np.hanning(hop)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2  # [T, hop // 2 + 1]
+    return np.log(power @ mel_filters(hop).T + 1e-6)
 
 
 def components(X: np.ndarray, n: int) -> np.ndarray:

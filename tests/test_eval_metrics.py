@@ -1,0 +1,184 @@
+"""`vidu eval` metrics on real talking heads (../shared/media/talking) and versions derived from them
+here with PyAV: 9:16 portrait padding, a 1080p upscale of a short piece, a 30 fps re-timing, the audio
+delayed by 0.5 s or taken from another clip, another person's image, a blurred copy, shuffled frames;
+and instruction following on the synthetic avatar world. The expectations are the numbers measured on
+these files (stages/eval/metrics/sync.py lists all five clips)."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from stages.eval.metrics import NOT_ASSESSED, identity as identity_m, quality as quality_m
+from stages.eval.metrics.instructions import score_instructions
+from stages.eval.metrics.sync import PROXY, score_sync
+from stages.eval.video import EvalOptions, decode_video, load_wave, read_image, score_video
+from stages.sense.media import remux, write_video
+from stages.sense.mouth import track_face
+from tests.conftest import cli
+
+CLIP, OTHER = "retalking_5.mp4", "retalking_1.mp4"  # clip 5: own offset 0/-1, delayed +12
+FAST = EvalOptions(identity_every=10)
+
+
+@pytest.fixture(scope="module")
+def media(shared_media, tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("eval")
+    clip, other = shared_media / "talking" / CLIP, shared_media / "talking" / OTHER
+    wave = load_wave(clip)
+    frames, _ = decode_video(clip, 1500)  # native size, 25 fps grid
+    T, H, W = frames.shape[:3]
+    ref = tmp / "ref.png"
+    cv2.imwrite(str(ref), cv2.cvtColor(frames[0], cv2.COLOR_RGB2BGR))
+    other_ref = tmp / "other.png"
+    cv2.imwrite(str(other_ref), cv2.cvtColor(read_image(other), cv2.COLOR_RGB2BGR))
+    Hp = (W * 16 // 9) // 2 * 2
+    top = (Hp - H) // 2
+    portrait = write_video(tmp / "portrait.mp4", (np.pad(f, ((top, Hp - H - top), (0, 0), (0, 0))) for f in frames), 25, wave)
+    piece = frames[:75]  # 3 s at 1080p: a 1080 x 1080 upscale pillarboxed to 1920 x 1080
+
+    def hd():
+        for f in piece:
+            up = cv2.resize(f, (1080, 1080), interpolation=cv2.INTER_CUBIC)
+            yield np.pad(up, ((0, 0), (420, 420), (0, 0)))
+    hd_path = write_video(tmp / "hd.mp4", hd(), 25, wave[: 3 * 16000])
+    idx30 = np.minimum((np.arange(int(T / 25 * 30)) * 25 // 30), T - 1)
+    fps30 = write_video(tmp / "fps30.mp4", (frames[i] for i in idx30), 30, wave)
+    delayed = tmp / "delayed.mp4"
+    remux(clip, delayed, np.r_[np.zeros(8000, np.float32), wave])
+    dubbed = tmp / "dubbed.mp4"
+    remux(clip, dubbed, load_wave(other)[: len(wave)])
+    return {"clip": clip, "other": other, "frames": frames, "wave": wave, "ref": ref, "other_ref": other_ref,
+            "portrait": portrait, "hd": hd_path, "fps30": fps30, "delayed": delayed, "dubbed": dubbed, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def own(media) -> dict:
+    """The clip scored against its own first frame through the CLI (--json)."""
+    res = cli("eval", "--video", str(media["clip"]), "--reference", str(media["ref"]), "--json")
+    assert len(res.stdout.strip().splitlines()) == 1
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def track(media):
+    """Landmarks of the clip at the analysis size (for the audio variants, which share the video)."""
+    frames, _ = decode_video(media["clip"], 1500, EvalOptions().max_side)
+    return track_face(frames).landmarks
+
+
+def test_own_clip_against_its_first_frame(own):
+    for k in ("identity", "identity_embedder", "sync_method", "sync_offset_frames", "sync_confidence",
+              "sync_distance", "sharpness", "flicker", "face_found", "drift", "frames", "seconds", "noise",
+              "blockiness", "exposure", "instructions", "dover"):
+        assert k in own, k
+    assert own["identity_embedder"] == identity_m.DLIB_NAME and own["identity"] > 0.95  # measured 0.98
+    assert own["face_found"] == 1.0
+    assert own["sync_method"] == PROXY and abs(own["sync_offset_frames"]) <= 1  # measured -1
+    assert own["frames"] == 122 and own["seconds"] == pytest.approx(4.88)
+    assert own["dover"] == NOT_ASSESSED and own["instructions"] == NOT_ASSESSED
+    d = own["drift"]
+    assert d["segments"] == 4 and all(len(d["curves"][k]) == 4 for k in ("identity", "sharpness", "motion"))
+    assert abs(d["identity"]) < 0.05 and abs(d["sharpness"]) < 0.2  # a real clip does not drift
+
+
+def test_audio_delayed_half_a_second(media, track, own):
+    s = score_sync(track, load_wave(media["delayed"]))
+    assert s["sync_offset_frames"] in (12, 13)  # measured +12
+    assert 11 <= s["sync_offset_frames"] - own["sync_offset_frames"] <= 14
+
+
+def test_another_clips_audio_syncs_worse(media, track, shared_media):
+    mine = score_sync(track, media["wave"])
+    dubbed = score_sync(track, load_wave(media["dubbed"]))
+    assert dubbed["sync_distance"] > mine["sync_distance"] + 0.1  # measured 0.83 vs 0.68
+    assert dubbed["sync_confidence"] < mine["sync_confidence"]  # measured 0.11 vs 0.15
+    # clip 1's video: own audio against clip 2's (the clearest pair of the five)
+    frames, _ = decode_video(media["other"], 1500, EvalOptions().max_side)
+    lm = track_face(frames).landmarks
+    a, b = score_sync(lm, load_wave(media["other"])), score_sync(lm, load_wave(shared_media / "talking" / "retalking_2.mp4"))
+    assert b["sync_confidence"] < a["sync_confidence"] - 0.08  # measured 0.13 vs 0.22
+    assert b["sync_distance"] > a["sync_distance"]
+
+
+def test_another_persons_image_is_less_similar(media, track, own):
+    frames, _ = decode_video(media["clip"], 50, EvalOptions().max_side)
+    emb = identity_m.DlibEmbedder()
+    tr = track_face(frames)
+    idx = np.arange(0, len(frames), 10)
+
+    def mean_identity(path) -> float:
+        ref = read_image(path)
+        box, lm = identity_m.reference_face(ref)
+        return float(np.nanmean(identity_m.identity_curve(frames, tr.landmarks, tr.boxes, idx, emb, emb(ref, box, lm))))
+    same, other = mean_identity(media["ref"]), mean_identity(media["other_ref"])
+    assert same > 0.95 and other < same - 0.1  # measured 0.98 vs 0.83
+
+
+def test_blurred_copy_is_less_sharp_and_shuffled_frames_flicker(media):
+    frames = media["frames"][:50]
+    Y = quality_m.luma(frames)
+    blurred = quality_m.luma(np.stack([cv2.GaussianBlur(f, (0, 0), 2.0) for f in frames]))
+    shuffled = Y[np.random.default_rng(0).permutation(len(Y))]
+    boxes = [None] * len(Y)
+    q, qb, qs = (quality_m.quality(x, x[:2], boxes) for x in (Y, blurred, shuffled))
+    assert qb["sharpness"] < 0.5 * q["sharpness"]
+    assert qs["flicker"] > 2 * q["flicker"]
+    assert qs["sharpness"] == pytest.approx(q["sharpness"])  # same frames, same sharpness
+    assert qb["noise"] < q["noise"]
+
+
+def test_portrait_padding_scores_like_the_original(media, own):
+    s = score_video(media["portrait"], media["ref"], options=FAST)
+    assert s["height"] > s["width"] and s["face_found"] == 1.0 and s["identity"] > 0.95
+    assert abs(s["sync_offset_frames"] - own["sync_offset_frames"]) <= 1
+
+
+def test_1080p_upscale_and_30fps(media, own):
+    hd = score_video(media["hd"], media["ref"], options=FAST)
+    assert (hd["width"], hd["height"]) == (1920, 1080) and hd["frames"] == 75
+    assert hd["face_found"] == 1.0 and hd["identity"] > 0.95
+    s = score_video(media["fps30"], media["ref"], options=FAST)
+    assert s["face_found"] == 1.0 and s["identity"] > 0.95
+    assert abs(s["sync_offset_frames"] - own["sync_offset_frames"]) <= 1
+
+
+def test_instruction_following_on_the_synthetic_world():
+    from stages.synth import make_sample
+
+    sample = make_sample(3, seconds=6.0)  # blink at 0.3 s, turn right, raise a hand
+    truth = sample.truth()
+    res = score_instructions(truth, sample.frames, sample.fps)
+    assert res["method"] == "synth.analyze" and res["events"] == len(sample.actions) == 3
+    assert res["success_rate"] == 1.0 and 0 <= res["latency_s"] < 1.0
+    assert all(list(row) == [c] for c, row in res["confusion"].items())
+    # negative control: the same video scored against instructions given 1.5 s later
+    late = {**truth, "actions": [[a + 1.5, b + 1.5, n] for a, b, n in truth["actions"] if b + 1.5 < 6]}
+    worse = score_instructions(late, sample.frames, sample.fps)
+    assert worse["success_rate"] == 0.0 and worse["spurious_per_min"] > res["spurious_per_min"]
+    # a real reference without a judge model: not assessed, never a number
+    assert score_instructions([{"t": 1.0, "text": "please nod"}], sample.frames, 25.0) == NOT_ASSESSED
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--syncnet", "MISSING"), "--syncnet MISSING: no such file"),
+    (("--syncnet", "REF"), "SyncNet is not supported"),
+    (("--dover", "REF"), "DOVER is not supported"),
+    (("--arcface", "TMP"), "--arcface"),
+    (("--instructions", "REF"), "not a readable JSON file"),
+])
+def test_bad_input_is_one_line_and_exit_2(media, extra, message):
+    sub = {"REF": str(media["ref"]), "TMP": str(media["tmp"]), "MISSING": str(media["tmp"] / "none.pt")}
+    args = [sub.get(a, a) for a in extra]
+    res = cli("eval", "--video", str(media["clip"]), "--reference", str(media["ref"]), *args, check=False)
+    assert res.returncode == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert res.stdout == ""
+
+
+def test_missing_video_and_no_mode(media):
+    res = cli("eval", "--video", str(media["tmp"] / "nope.mp4"), "--reference", str(media["ref"]), check=False)
+    assert res.returncode == 2 and "no such file" in res.stderr
+    res = cli("eval", check=False)
+    assert res.returncode == 2 and "--video" in res.stderr
