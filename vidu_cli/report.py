@@ -63,9 +63,9 @@ def clean_errors():
         raise
     except (ManifestError, CatalogError, ValueError, FileNotFoundError) as e:
         fail(_first_line(e))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err.print("interrupted: finished rows are saved; run the same command again to resume")
-        raise typer.Exit(130)
+        raise typer.Exit(getattr(e, "exit_code", 130))  # 143 for SIGTERM (stages.run.runner.Terminated)
     except OSError as e:
         where = f": {show_path(e.filename)}" if e.filename else ""
         fail(f"{e.strerror or _first_line(e)}{where}")

@@ -133,28 +133,40 @@ def _write_part(run_dir: Path, index: int, batch: list[tuple[str, list[dict]]], 
                 {"items": [[item_id, len(rs)] for item_id, rs in batch]})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (docker stop, systemd, kill): the run stops as on Ctrl-C, its rows saved and the run
+    recorded as interrupted; the command exits 143."""
+    exit_code = 143
+
+
 @contextmanager
 def _sigint_seen():
-    """Remember a Ctrl-C even where a C extension swallows the KeyboardInterrupt (PyAV's av.open
-    does), so the run loop can stop after the current item."""
+    """Remember a Ctrl-C (or SIGTERM) even where a C extension swallows the KeyboardInterrupt (PyAV's
+    av.open does), so the run loop can stop after the current item. Yields a function giving the
+    last signal received (0: none)."""
     if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: 0
         return
-    flag = threading.Event()
-    previous = signal.getsignal(signal.SIGINT)
+    got: list[int] = []  # signals received
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
-        flag.set()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
+        before = previous[signum]
+        if before == signal.SIG_IGN and signum == signal.SIGTERM:
+            return
+        got.append(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
-        yield flag.is_set
+        yield lambda: got[-1] if got else 0
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
 
 
 def _progress(quiet: bool, label: str) -> Progress:
@@ -260,11 +272,12 @@ def _run(stage: Stage, items: list[dict], inputs: list[str], root: Path, run_id:
             batch = []
         last_flush = time.monotonic()
 
+    signalled = lambda: 0  # noqa: E731
     try:
-        with _progress(quiet, stage.name) as bar, _sigint_seen() as seen:
+        with _progress(quiet, stage.name) as bar, _sigint_seen() as signalled:
             task = bar.add_task(stage.name, total=len(items), completed=len(items) - len(pending))
             for item_id, rows in execute(stage, pending, workers, executor, ray_address):
-                if seen():
+                if signalled():
                     raise KeyboardInterrupt
                 done[item_id] = rows
                 batch.append((item_id, rows))
@@ -272,11 +285,13 @@ def _run(stage: Stage, items: list[dict], inputs: list[str], root: Path, run_id:
                 if len(batch) >= FLUSH_ROWS or time.monotonic() - last_flush > FLUSH_SECONDS:
                     flush()
             flush()
-    except BaseException:
+    except BaseException as e:
         try:  # keep what finished; when this write fails too (disk full) those items are simply redone
             flush()
         except Exception:
             pass
+        if isinstance(e, KeyboardInterrupt) and signalled() == signal.SIGTERM and not isinstance(e, Terminated):
+            raise Terminated from None  # (a C extension or a worker turned it into a plain KeyboardInterrupt)
         raise
 
     rows = [r for it in items for r in done[it["id"]]]
