@@ -85,3 +85,20 @@ def test_workers_give_the_same_rows(gen_media, tmp_path):
     two = run_stage(Prefilter(min_short_side=100), items, fingerprint(items), ["g"], workspace(tmp_path / "b"),
                     workers=2, quiet=True)
     assert read_manifest(one.path)[0].to_pylist() == read_manifest(two.path)[0].to_pylist()
+
+
+def test_sigterm_stops_like_ctrl_c_and_resumes(many, tmp_path):
+    """docker stop / systemd send SIGTERM: rows so far are saved, the run is recorded as interrupted
+    (not left "running"), exit 143, and the re-run equals an uninterrupted one."""
+    work = tmp_path / "stopped"
+    proc = _start(many, work)
+    _wait_for_parts(work, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "run the same command again to resume" in err, err
+    assert [r["state"] for r in catalog.runs(work)] == ["interrupted"]
+    assert not list(work.glob("manifests/*.parquet"))
+    resumed = _uninterrupted(many, work)
+    (run,) = catalog.runs(work)
+    assert run["state"] == "done" and run["attempts"] == 2 and 0 < run["rows_reused"] < len(resumed)
+    assert resumed == _uninterrupted(many, tmp_path / "clean")
