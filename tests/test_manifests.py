@@ -63,3 +63,33 @@ def test_catalog_records_lineage_and_views(tmp_path):
     assert rows == [("ok", 1), ("rejected", 1)]
     cols, rows = catalog.query(root, "SELECT count(*) FROM prefilter_latest")
     assert rows == [(2,)]
+
+
+def test_non_utf8_text_roundtrips_through_a_manifest(tmp_path):
+    import os
+
+    from manifests.io import ok_rows, rows
+
+    name = os.fsdecode(b"/data/caf\xe9.mp4")
+    row = _video_row(0)
+    row.update(path=name, error="cannot read /data/caf\udce9.mp4", reasons=["x\udcff"])
+    path = write_table(to_table([row, _video_row(1)], "videos"), tmp_path / "v.parquet", {"kind": "videos"})
+    table, _ = read_manifest(path)
+    assert table.column("path").to_pylist() == ["/data/caf\ufffdDCE9.mp4", "/data/1.mp4"]  # valid UTF-8 on disk
+    back = rows(table)
+    assert back[0] == row and back[1] == _video_row(1)
+    assert os.fsencode(ok_rows(table)[0]["path"]) == b"/data/caf\xe9.mp4"
+    with pytest.raises(UnicodeEncodeError):  # negative control: what pyarrow does without the escape
+        pa.array([name])
+
+
+def test_catalog_takes_non_utf8_inputs(tmp_path):
+    import json
+    import os
+
+    root = workspace(tmp_path / "w")
+    raw = os.fsdecode(b"/media/caf\xe9.mp4")
+    catalog.record_start(root, "prefilter-x", "prefilter", "videos", {"model": raw}, "0", [raw], str(root / "o"))
+    (run,) = catalog.runs(root)
+    assert json.loads(run["inputs"]) == ["/media/caf\ufffdDCE9.mp4"]
+    assert json.loads(run["params"]) == {"model": "/media/caf\ufffdDCE9.mp4"}
