@@ -76,6 +76,9 @@ class StreamSettings:
         unknown = set(given) - names
         if unknown:
             raise TypeError(f"unknown stream settings: {', '.join(sorted(unknown))}")
+        if trained and given.get("chunk_frames", trained["chunk_frames"]) != trained["chunk_frames"]:
+            raise StreamError(_never_saw(f"--chunk-frames {given['chunk_frames']}: it was trained with chunks "
+                                         f"of {trained['chunk_frames']} latent frames"))
         if trained and {"steps", "shift"} & set(given) and "noisy_step" not in given:   # another schedule
             k = step_at_level(trained.get("noisy_level"), given.get("steps", base["steps"]),
                               given.get("shift", base["shift"]))

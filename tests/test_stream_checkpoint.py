@@ -1,0 +1,103 @@
+"""A checkpoint carries the sampling and streaming settings it was trained with, `vidu stream --ckpt`
+uses them with no other flag, and refuses settings the model never saw."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from models.checkpoint import checkpoint_config, checkpoint_sampling
+from models.config import PRESETS
+from models.flow import SHIFT, sigmas
+from stages.stream.engine import StreamSettings
+from stages.stream.events import StreamError
+from stages.train.sample import CAUSAL_STEPS, sampling_record
+from tests.conftest import vidu
+
+TINY = PRESETS["tiny"]                   # 5 latent frames, chunks of 1
+PCA = {"kind": "pca", "file": "../codec.safetensors", "channels": 16}
+
+
+def trained_tiny(noisy_level=0.5, cf=1) -> dict:
+    return sampling_record(TINY.replace(chunk_frames=cf), "causal", SHIFT, cf, noisy_level, PCA)
+
+
+def test_the_record_holds_what_training_saw():
+    rec = trained_tiny()
+    # ref + sink + window + chunk = 1 + 1 + 3 + 1 = the 1 + 5 positions of a training clip
+    assert rec == {"stage": "causal", "shift": SHIFT, "steps": CAUSAL_STEPS, "chunk_frames": 1, "window": 3,
+                   "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": PCA}
+    assert sigmas(CAUSAL_STEPS)[14] <= 0.5 < sigmas(CAUSAL_STEPS)[13]     # the first step at most tau_max
+    assert trained_tiny(noisy_level=None)["twin"] is False             # teacher forcing only: clean history
+    two = trained_tiny(cf=2)                                           # 5 frames: no room for a sink of 2
+    assert (two["chunk_frames"], two["sink"], two["window"]) == (2, False, 2)
+
+
+def test_resolve_uses_the_record_and_refuses_what_training_never_saw():
+    rec = trained_tiny()
+    assert StreamSettings.resolve(TINY, rec) == StreamSettings(chunk_frames=1, steps=16, shift=SHIFT, window=3,
+                                                               sink=True, twin=True, noisy_step=14)
+    assert StreamSettings.resolve(TINY, rec, window=2, twin=None).window == 2          # less history: seen
+    assert StreamSettings.resolve(TINY, rec, window=4, sink=False).positions == 6     # same span, no sink
+    few = StreamSettings.resolve(TINY, rec, steps=3)           # sigmas 1, .909, .714: none within 0.5
+    assert (few.steps, few.twin, few.noisy_step) == (3, False, 0)
+    for given, message in [(dict(chunk_frames=2), "trained with chunks of 1 latent frames"),
+                           (dict(window=4), "span 7 latent frames, training saw 6"),
+                           (dict(steps=3, twin=True), "noisy cache at noise 1.000"),
+                           (dict(noisy_step=2), "it saw history noise up to 0.5")]:
+        with pytest.raises(StreamError, match=message):
+            StreamSettings.resolve(TINY, rec, **given)
+    with pytest.raises(StreamError, match="clean history only"):
+        StreamSettings.resolve(TINY, trained_tiny(noisy_level=None), twin=True, noisy_step=14)
+
+
+def test_without_a_record_the_preset_chunk_size_is_the_default():
+    assert StreamSettings.resolve(TINY) == StreamSettings()
+    wan = StreamSettings.resolve(PRESETS["wan2.1-1.3b"])
+    assert (wan.chunk_frames, wan.window) == (3, 6)            # ModelConfig.chunk_frames, window a multiple
+    assert StreamSettings.resolve(TINY, None, chunk_frames=2, window=8).chunk_frames == 2
+
+
+@pytest.fixture(scope="module")
+def causal_ckpt(tmp_path_factory) -> Path:
+    from stages.train.loop import TrainSettings, train
+    from stages.train.objectives import ObjectiveSettings
+    out = tmp_path_factory.mktemp("causal")
+    train(TrainSettings(stage="causal", preset="tiny", steps=2, batch=2, samples=4, save_every=2, warmup=1,
+                        objective=ObjectiveSettings(p_teacher_forcing=0.5, tau_max=0.5)), out)
+    return out / "step-000002" / "ema.safetensors"
+
+
+def test_training_writes_the_record(causal_ckpt):
+    assert checkpoint_sampling(causal_ckpt) == trained_tiny()
+    assert checkpoint_sampling(causal_ckpt.with_name("model.safetensors")) == trained_tiny()
+    assert checkpoint_config(causal_ckpt).chunk_frames == 1
+    assert (causal_ckpt.parent / PCA["file"]).resolve().is_file()
+
+
+def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path):
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 20:44] = (200, 150, 120)
+    Image.fromarray(img).save(tmp_path / "face.png")
+    res = vidu("stream", "--image", str(tmp_path / "face.png"), "--ckpt", str(causal_ckpt), "--out",
+               str(tmp_path / "o.mp4"), "--seconds", "0.3", "--summary", str(tmp_path / "s.json"))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": SHIFT, "window": 3, "sink": True,
+                                   "twin": True, "noisy_step": 14}
+    assert "random weights" not in res.stderr             # its weights, and the PCA codec it was trained on
+    with av.open(str(tmp_path / "o.mp4")) as c:
+        assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9
+
+    for flags, message in [(["--chunk-frames", "2"], "trained with chunks of 1 latent frames"),
+                           (["--window", "8"], "training saw 6 (window <= 3)"),
+                           (["--decoder-weights", str(tmp_path / "face.png")], "trained on PCA-codec latents")]:
+        bad = vidu("stream", "--image", str(tmp_path / "face.png"), "--ckpt", str(causal_ckpt), "--out",
+                   str(tmp_path / "bad.mp4"), *flags, check=False)
+        assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+        lines = [ln for ln in bad.stderr.strip().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], bad.stderr[-2000:]
+        assert not (tmp_path / "bad.mp4").exists()
