@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vidu_cli.options import option
+from vidu_cli.options import Quiet, Workdir, Workers, option
 from vidu_cli.report import clean_errors, err, fail
 from stages.eval.video import EvalOptions
 
@@ -84,13 +84,49 @@ def eval(
     segments: int = option(EvalOptions, "drift_segments", "Equal segments for the drift curves.", "--segments"),
     max_frames: int = option(EvalOptions, "max_frames", "At most this many frames of the 25 fps grid are scored.", "--max-frames"),
     max_side: int = option(EvalOptions, "max_side", "Analysis size: longer side in pixels.", "--max-side"),
+    # benchmarks, comparisons and A/B (vidu_cli/eval_bench.py)
+    runs: Annotated[Optional[list[str]], typer.Argument(help="Eval runs (id, prefix or manifest) for --compare / --ab.", show_default=False)] = None,
+    bench: Annotated[Optional[str], typer.Option("--bench", help="Run a benchmark: synth | streambench | hdtf.", show_default=False)] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="streambench: a folder with samples.jsonl (default: built-in samples); hdtf: a folder of talking-head videos.", show_default=False)] = None,
+    ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Checkpoint to benchmark, or 'oracle' (the ground-truth videos); default: the preset with random weights.", show_default=False)] = None,
+    preset: Annotated[str, typer.Option("--preset", help="Architecture without --ckpt: tiny | small | wan2.1-1.3b.")] = "tiny",
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many samples (generated benchmarks: 20 synth cases, 8 streambench samples).", show_default=False)] = None,
+    seconds: Annotated[Optional[float], typer.Option("--seconds", help="Generated clip length (default 4 s); for folders, the most audio used per sample (default all).", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda (default: cuda when available).")] = "auto",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps per chunk (default: the checkpoint's).", show_default=False)] = None,
+    decoder_weights: Annotated[Optional[Path], typer.Option("--decoder-weights", help="TAEHV weights (taew2_1.pth).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed of the streams.")] = 0,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write the HTML report (index.html + PNG plots) into this folder.", show_default=False)] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Put the eval runs given as arguments side by side.")] = False,
+    ab: Annotated[bool, typer.Option("--ab", help="Serve a blinded A/B page for the two runs given as arguments.")] = False,
+    host: Annotated[str, typer.Option("--host", help="--ab: address to serve on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="--ab: port (0: any free one).")] = 8765,
+    workers: Workers = 1,
+    workdir: Workdir = None,
+    quiet: Quiet = False,
 ) -> None:
     """Score generated avatar video: identity (face-embedding cosine to the reference), lip sync
     (SyncNet protocol fields from a named offline proxy), quality proxies (sharpness, noise,
     blockiness, flicker, exposure), drift over equal segments, and instruction following.
 
     Example: vidu eval --video gen.mp4 --reference ref.png --json | jq .identity
+    Example: vidu eval --bench synth --ckpt causal.safetensors --limit 20 --report report/
+    Example: vidu eval --compare eval-1a2b eval-3c4d --report compare/
+    Example: vidu eval --ab eval-1a2b eval-3c4d --port 8765
     """
+    from vidu_cli import eval_bench
+    eval_bench.check_modes(video is not None, bench, runs if compare else None, runs if ab else None)
+    if runs and not (compare or ab):
+        fail(f"unexpected argument {runs[0]!r}: runs are given with --compare or --ab")
+    if bench or compare or ab:
+        with clean_errors():
+            if bench:
+                return eval_bench.bench(bench, data, ckpt, preset, limit, workers, seconds, 256, device, steps, None,
+                                        None, decoder_weights, None, arcface, seed, report, workdir, quiet,
+                                        segments)
+            if compare:
+                return eval_bench.compare(runs or [], report, workdir)
+            return eval_bench.ab(runs[0], runs[1], host, port, seed, workdir)
     with clean_errors():
         options = EvalOptions(arcface=_s(arcface), syncnet=_s(syncnet), dover=_s(dover), judge=_s(judge),
                               drift_segments=segments, max_frames=max_frames, max_side=max_side)
@@ -99,7 +135,7 @@ def eval(
             if reference is None:
                 fail("--video needs --reference (the person's image)")
             return score_one(video, reference, audio, instructions, as_json, options)
-        fail("nothing to do: give --video VIDEO --reference IMAGE")
+        fail("nothing to do: give --video VIDEO --reference IMAGE, --bench NAME, --compare RUN..., or --ab RUN_A RUN_B")
 
 
 def _s(p: Path | None) -> str | None:
