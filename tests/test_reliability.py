@@ -368,3 +368,20 @@ def test_sql_empty_query_is_a_usage_error(q, tmp_path):
 def test_version():
     code, out, err = run("--version")
     assert code == 0 and out == f"vidu {importlib.metadata.version('vidu')}\n", err
+
+
+def test_part_with_a_wrong_item_list_is_not_trusted(tmp_path):
+    from manifests.io import to_table, write_table
+    from stages.run.contract import base_row
+
+    run_dir = tmp_path / "runs" / "prefilter-x"
+    good = [base_row("videos", id="a", path="/a"), base_row("videos", id="b", path="/b")]
+    write_table(to_table(good, "videos"), run_dir / "part-000000.parquet", {"items": [["a", 1], ["b", 1]]})
+    for i, items in enumerate([[["c", 5]], None, [["c"]], "junk"], start=1):
+        write_table(to_table(good, "videos"), run_dir / f"part-{i:06d}.parquet", {"items": items})
+    said = []
+    done, next_index = runner._read_parts(run_dir, "videos", tmp_path, said.append)
+    assert sorted(done) == ["a", "b"] and done["b"] == [good[1]]
+    assert next_index == 5 and len(said) == 4
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == [
+        f"prefilter-x-part-{i:06d}.parquet" for i in range(1, 5)]

@@ -97,7 +97,11 @@ def _read_part(part: Path, kind: str) -> dict[str, list[dict]]:
     if not table.schema.equals(SCHEMAS[kind], check_metadata=False):
         raise ValueError(f"columns do not match the pinned '{kind}' schema")
     items = meta.get("items")
-    if not isinstance(items, list) or sum(count for _, count in items) != table.num_rows:
+    try:
+        ok = sum(int(count) for _, count in items) == table.num_rows
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise ValueError("its item list does not match its rows")
     rows = table_rows(table)
     out = {}
