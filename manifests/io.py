@@ -159,13 +159,26 @@ def to_table(rows: list[dict], kind: str) -> pa.Table:
     for r in rows:
         if r["status"] not in STATUSES:
             raise ValueError(f"row {r['id']}: status {r['status']!r} not in {STATUSES}")
-    cols = {f.name: [_map_text(r.get(f.name), text_out) for r in rows] for f in schema}
+    cols = {f.name: [_map_text(r.get(f.name), text_out) for r in rows] if _has_text(f.type)
+            else [r.get(f.name) for r in rows] for f in schema}
     return pa.Table.from_pydict(cols, schema=schema)
+
+
+def _has_text(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return True
+    return any(_has_text(t.field(i).type) for i in range(t.num_fields))
 
 
 def rows(table: pa.Table) -> list[dict]:
     """The rows of a manifest table as dicts, with `to_table`'s text escapes undone."""
-    return [_map_text(r, text_in) for r in table.to_pylist()]
+    out = table.to_pylist()
+    text = [f.name for f in table.schema if _has_text(f.type)]
+    for r in out:
+        for name in text:
+            if r[name] is not None:
+                r[name] = _map_text(r[name], text_in)
+    return out
 
 
 def write_table(table: pa.Table, path: Path, meta: dict) -> Path:
