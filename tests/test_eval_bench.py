@@ -209,19 +209,30 @@ def test_compare_table_and_report_in_browser(root, synth_oracle, synth_model, tm
     assert synth_oracle[1].run_id in text and synth_model[1].run_id in text
 
 
+def _cli(*args: str):
+    """`vidu ARGS` in this process (typer's CliRunner): (exit code, stdout, stderr)."""
+    from typer.testing import CliRunner
+    from vidu_cli.app import app
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.stdout, res.stderr
+
+
 def test_cli_bench_compare_and_bad_input(root, synth_oracle, synth_model, tmp_path):
     out = vidu("eval", "--bench", "synth", "--ckpt", "oracle", "--limit", "2", "--seconds", str(SECONDS),
                "--workdir", str(root), "--report", str(tmp_path / "r"))
     assert out.stdout.strip() == str(synth_oracle[1].path)  # finished before: the same manifest
     assert "mouth r vs ground truth" in out.stderr and (tmp_path / "r" / "index.html").is_file()
-    out = vidu("eval", "--compare", synth_oracle[1].run_id, synth_model[1].run_id, "--workdir", str(root))
-    assert "random:tiny" in out.stdout and "oracle" in out.stdout
+    code, stdout, _ = _cli("eval", "--compare", synth_oracle[1].run_id, synth_model[1].run_id, "--workdir", str(root))
+    assert code == 0 and "random:tiny" in stdout and "oracle" in stdout and "mouth r vs ground truth" in stdout
     for args, message in ((["--bench", "nope"], "unknown benchmark 'nope'"),
                           (["--bench", "hdtf"], "--bench hdtf needs --data DIR"),
+                          (["--bench", "synth", "--ckpt", str(tmp_path / "none.safetensors")], "no such file"),
                           (["--compare", "eval-nothere"], "no run 'eval-nothere'"),
-                          (["--ab", synth_oracle[1].run_id], "--ab takes two runs")):
-        bad = vidu("eval", *args, "--workdir", str(root), check=False)
-        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+                          (["--compare", synth_oracle[0].run_id], "is a bench_samples run, not an eval run"),
+                          (["--ab", synth_oracle[1].run_id], "--ab takes two runs"),
+                          (["--bench", "synth", "--ab", "x", "y"], "--bench and --ab cannot be combined")):
+        code, _, stderr = _cli("eval", *args, "--workdir", str(root))
+        assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
 
 
 # ---------------------------------------------------------------------------------------------
