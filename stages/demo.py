@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from manifests.io import file_digest, read_manifest
+from manifests.io import file_digest, ok_rows, read_manifest
 from stages.clip import Clip
 from stages.prefilter import Prefilter, discover, fingerprint
 from stages.run import RunResult, run_stage
@@ -52,7 +52,7 @@ def run_demo(root: Path, workers: int = 1, quiet: bool = False) -> tuple[RunResu
     items = discover([str(media)])
     pre = run_stage(Prefilter(), items, fingerprint(items), [str(media)], root, workers=workers, quiet=quiet)
     table, _ = read_manifest(pre.path)
-    videos = [{"id": r["id"], "path": r["path"]} for r in table.to_pylist() if r["status"] == "ok"]
+    videos = [{"id": r["id"], "path": r["path"]} for r in ok_rows(table)]
     clip = run_stage(Clip(max_len=DEMO_CLIP_MAX_LEN), videos, [file_digest(pre.path)], [str(pre.path)], root,
                      workers=workers, quiet=quiet)
     return pre, clip

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from manifests.io import read_manifest, to_table, write_table
+from manifests.io import read_manifest, rows as table_rows, to_table, write_table
 from stages.diarize import Diarize, load_pyannote, segment_rows
 from vidu_cli.chain import run_chain
 from vidu_cli.options import Executor, From, Quiet, RayAddress, Strict, Workdir, Workers, option
@@ -18,7 +18,7 @@ def write_segments(manifest: Path, min_energy_ratio: float) -> Path:
     """The segments manifest of a finished diarize run: <workspace>/manifests/<run_id>-segments.parquet."""
     table, meta = read_manifest(manifest)
     out = manifest.parent / f"{meta['run_id']}-segments.parquet"
-    rows = segment_rows(table.to_pylist(), min_energy_ratio)
+    rows = segment_rows(table_rows(table), min_energy_ratio)
     return write_table(to_table(rows, "segments"), out, {"kind": "segments", "stage": "diarize", "run_id": meta["run_id"]})
 
 
