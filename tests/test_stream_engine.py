@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import resource
-import time
 
 import pytest
 import torch
@@ -161,23 +160,26 @@ def test_an_instruction_changes_the_next_chunk_and_no_earlier_one():
 
 
 @pytest.mark.slow
-def test_two_thousand_chunks_use_constant_memory_and_time():
+def test_two_thousand_chunks_use_constant_memory():
+    """Structure only (DESIGN.md: no timing assertions in tests; benchmarks/stream_fps.py measures
+    per-chunk latency): the buffers are never reallocated, the context and its positions stay bounded
+    after the window fills, and peak memory stays flat."""
     model = DiT(TINY.dit).eval()
     st = StreamSettings(window=4)
     text, audio, ref = conditions(1, 1)
     eng = StreamEngine(model, TINY, st)
     eng.start(ref)
     ptrs = [t.data_ptr() for s in eng.buffers.k for t in eng.buffers.k[s]]
-    lat, rss = [], []
-    for j in range(2000):  # CPU time of the process: what the step costs, not what other processes take
-        t0 = time.process_time()
+    rss, lengths = [], set()
+    for j in range(2000):
         eng.step(ChunkInputs(text, audio))
-        lat.append(time.process_time() - t0)
+        if j >= 5:                                   # ref + sink + a full window from here on
+            ctx, nxt = eng.buffers.context("clean")
+            lengths.add((len(ctx), int(ctx.pos[:, 0].max()), tuple(nxt.tolist())))
         if j % 100 == 99:
             rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     assert [t.data_ptr() for s in eng.buffers.k for t in eng.buffers.k[s]] == ptrs     # no reallocation
-    ctx, nxt = eng.buffers.context("clean")
-    assert len(ctx) == (1 + 1 + 4) * eng.buffers.S and nxt.tolist() == [6]          # bounded positions
-    early, late = sorted(lat[100:300]), sorted(lat[-200:])
-    assert late[100] < 2 * early[100] + 1e-3   # median cost flat (a cache growing with the stream would show)
+    assert len(lengths) == 1                                                           # one context shape
+    (length, last_frame, nxt), = lengths
+    assert length == (1 + 1 + 4) * eng.buffers.S and last_frame == 5 and nxt == (6,)  # bounded positions
     assert rss[-1] - rss[1] < 50 * 1024                                              # peak RSS (KiB) flat

@@ -157,7 +157,7 @@ def test_decompression_bomb_is_one_line(face, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--seconds", "0"], "must be > 0"),
+    (["--seconds", "0"], "is not greater than 0"),
     (["--seconds", "-5"], "--seconds"),
     (["--out", "{tmp}/o.avi"], "name it .mp4"),
     (["--out", "{tmp}/missing/o.mp4"], "does not exist"),

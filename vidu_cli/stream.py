@@ -8,14 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from vidu_cli.options import Quiet
+from stages.stream.engine import StreamSettings
+from stages.stream.session import SessionOptions
+from vidu_cli.options import Quiet, option
 from vidu_cli.report import err, fail
-
-
-def _positive(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"must be > 0, not {value:g}")
-    return value
 
 
 def stream(
@@ -23,20 +19,20 @@ def stream(
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
-    ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint; its recorded settings are the defaults below (default: the preset with random weights).")] = None,
+    ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint; the settings it records are the defaults below (default: the preset with random weights).")] = None,
     preset: Annotated[str, typer.Option(help="Architecture when no checkpoint is given: tiny | small | wan2.1-1.3b.")] = "tiny",
-    instruction: Annotated[Optional[str], typer.Option(help="Initial text instruction (type new ones on stdin).", show_default=False)] = None,
-    chunk_frames: Annotated[Optional[int], typer.Option(min=1, max=64, help="Latent frames per chunk (default: the checkpoint's, else the preset's).", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Denoising steps per chunk (default: the checkpoint's, else 3).", show_default=False)] = None,
-    shift: Annotated[Optional[float], typer.Option(min=0.01, max=100.0, help="Flow schedule shift (default: the checkpoint's, else 5).", show_default=False)] = None,
-    window: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Latent frames of history in the sliding window (default: the checkpoint's, else 8).", show_default=False)] = None,
-    twin: Annotated[Optional[bool], typer.Option("--twin/--no-twin", help="TwinCache (noisy + clean history) or one clean cache (default: the checkpoint's, else on).", show_default=False)] = None,
-    noisy_step: Annotated[Optional[int], typer.Option(min=0, max=999, help="Denoising step that fills the noisy cache (default: the checkpoint's, else 1).", show_default=False)] = None,
-    sink: Annotated[Optional[bool], typer.Option("--sink/--no-sink", help="Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", show_default=False)] = None,
+    instruction: Optional[str] = option(SessionOptions, "instruction", "Initial text instruction (type new ones on stdin)."),
+    chunk_frames: Optional[int] = option(StreamSettings, "chunk_frames", "Latent frames per chunk (default: the checkpoint's, else the preset's).", default=None, show_default=False),
+    steps: Optional[int] = option(StreamSettings, "steps", "Denoising steps per chunk (default: the checkpoint's, else 3).", default=None, show_default=False),
+    shift: Optional[float] = option(StreamSettings, "shift", "Flow schedule shift (default: the checkpoint's, else 5).", default=None, show_default=False),
+    window: Optional[int] = option(StreamSettings, "window", "Latent frames of history in the sliding window (default: the checkpoint's, else 8).", default=None, show_default=False),
+    twin: Optional[bool] = option(StreamSettings, "twin", "TwinCache (noisy + clean history) or one clean cache (default: the checkpoint's, else on).", "--twin/--no-twin", default=None, show_default=False),
+    noisy_step: Optional[int] = option(StreamSettings, "noisy_step", "Denoising step that fills the noisy cache (default: the checkpoint's, else 1).", default=None, show_default=False),
+    sink: Optional[bool] = option(StreamSettings, "sink", "Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", "--sink/--no-sink", default=None, show_default=False),
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
-    audio_out: Annotated[str, typer.Option(help="Audio in the output: input | generated | none.")] = "input",
-    seconds: Annotated[Optional[float], typer.Option(min=0.0, max=7 * 86400.0, callback=_positive, help="Stop after this much video, > 0 (default: when the audio ends; 10 s without audio).", show_default=False)] = None,
+    audio_out: str = option(SessionOptions, "audio_out", "Audio in the output."),
+    seconds: Optional[float] = option(SessionOptions, "max_seconds", "Stop after this much video (default: when the audio ends; 10 s without audio).", "--seconds", show_default=False),
     realtime: Annotated[Optional[bool], typer.Option("--realtime/--no-realtime", help="Pace output to the clock (default: on with --serve or mic).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: cuda when available).")] = "auto",
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
@@ -45,17 +41,16 @@ def stream(
 ) -> None:
     """Generate the character live from an image, speech and text instructions.
 
-    A checkpoint written by `vidu train` carries the settings it was trained with (chunk size,
-    window, sink, schedule, codec): they are used, and a flag asking for what it never saw is refused.
-    SIGTERM ends the stream like Ctrl-C (the mp4 is finalised).
+    A checkpoint from `vidu train` records the settings it was trained with: they are the defaults,
+    and a flag asking for something it never saw is refused. SIGTERM stops like Ctrl-C.
 
     Example: vidu stream --image cat.png --audio speech.wav --out cat.mp4
-    Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --audio talk.wav --out talk.mp4
+    Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --out face.mp4
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
     """
     from stages.stream.events import EventQueue
-    from stages.stream.session import (SessionOptions, Terminated, check_outputs, load_parts, open_outputs,
-                                       pick_device, run_session, stop_on_signals, summary_json)
+    from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
+                                       stop_on_signals, summary_json)
 
     events, source = EventQueue(), None
     try:

@@ -32,18 +32,19 @@ from models.config import ModelConfig
 from models.dit import DiT, KV
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
+from stages.run import ranged
 from stages.stream.events import StreamError
 
 
 @dataclass(frozen=True)
 class StreamSettings:
-    chunk_frames: int = 1      # latent frames per chunk (resolve(): the model's ModelConfig.chunk_frames)
-    steps: int = 3             # denoising steps per chunk
-    shift: float = SHIFT       # flow schedule shift (the checkpoint's)
-    window: int = 8            # latent frames of history kept in the sliding window
+    chunk_frames: int = ranged(1, min=1, max=64)   # latent frames per chunk (resolve(): ModelConfig.chunk_frames)
+    steps: int = ranged(3, min=1, max=1000)        # denoising steps per chunk
+    shift: float = ranged(SHIFT, gt=0, max=1000)   # flow schedule shift (the checkpoint's)
+    window: int = ranged(8, min=1, max=4096)       # latent frames of history kept in the sliding window
     sink: bool = True          # keep the first generated chunk as persistent context
     twin: bool = True          # TwinCache (noisy + clean history); False: clean cache only
-    noisy_step: int = 1        # denoising step whose keys/values form the noisy cache
+    noisy_step: int = ranged(1, min=0, max=999)    # denoising step whose keys/values form the noisy cache
 
     def __post_init__(self):
         if self.chunk_frames < 1 or self.steps < 1:
@@ -71,7 +72,8 @@ class StreamSettings:
         base = {k: trained[k] for k in names if trained and k in trained}
         if not trained:
             base["chunk_frames"] = cfg.chunk_frames
-            base["window"] = max(cls.window, cfg.chunk_frames) // cfg.chunk_frames * cfg.chunk_frames
+            window = next(f.default for f in dataclasses.fields(cls) if f.name == "window")
+            base["window"] = max(window, cfg.chunk_frames) // cfg.chunk_frames * cfg.chunk_frames
         given = {k: v for k, v in given.items() if v is not None}
         unknown = set(given) - names
         if unknown:

@@ -26,6 +26,7 @@ import torch
 
 from models.audio import chunk_waveform, window_features
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
+from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
 from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, Stop, StreamError
 
@@ -47,11 +48,11 @@ class Parts:
 @dataclass
 class SessionOptions:
     instruction: str = NEUTRAL_TEXT
-    max_seconds: float | None = None     # stop after this much generated video
+    max_seconds: float | None = ranged(None, gt=0, max=7 * 86400.0)   # stop after this much generated video
     live_audio: bool = False             # do not wait for audio (mic, browser)
     audio_ends_stream: bool = True       # a file / stdin source ending ends the stream
     realtime: bool = False               # pace output to wall-clock
-    audio_out: str = "input"             # input | generated | none
+    audio_out: str = ranged("input", choices=AUDIO_OUT)   # the input speech, the generated audio, or none
 
     def __post_init__(self):
         if self.audio_out not in AUDIO_OUT:
