@@ -229,3 +229,25 @@ def test_close_ends_open_streams_and_is_idempotent(sink):
     sse.read()
     with pytest.raises(StreamError):
         web.write(*_chunk(0))
+
+
+def test_page_and_scripts_are_package_files_with_the_shared_instruction_limit(sink):
+    from importlib import resources
+    from stages.stream.events import MAX_INSTRUCTION_CHARS
+    web, _ = sink
+    with urllib.request.urlopen(web.url, timeout=5) as r:
+        page = r.read().decode()
+    assert f'maxlength="{MAX_INSTRUCTION_CHARS}"' in page and "{{" not in page      # every placeholder filled
+    assert '<script src="/app.js"></script>' in page and "<title>vidu test</title>" in page
+    static = resources.files("stages.stream").joinpath("static")
+    for name, marker in (("app.js", "new EventSource('/events')"), ("mic-worklet.js", "registerProcessor('mic-16k'")):
+        with urllib.request.urlopen(web.url + name, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("text/javascript")
+            body = r.read()
+        assert body == static.joinpath(name).read_bytes() and marker in body.decode()
+    status, body = _post(web.url + "instruction", json.dumps({"text": "x" * (MAX_INSTRUCTION_CHARS + 1)}).encode(),
+                         "application/json")
+    assert status == 400                                           # the page's limit is stdin's (events.py)
+    status, _ = _post(web.url + "instruction", json.dumps({"text": "x" * MAX_INSTRUCTION_CHARS}).encode(),
+                      "application/json")
+    assert status == 200
