@@ -99,7 +99,7 @@ def test_another_clips_audio_syncs_worse(media, track, shared_media):
     frames, _ = decode_video(media["other"], 1500, EvalOptions().max_side)
     lm = track_face(frames).landmarks
     a, b = score_sync(lm, load_wave(media["other"])), score_sync(lm, load_wave(shared_media / "talking" / "retalking_2.mp4"))
-    assert b["sync_confidence"] < a["sync_confidence"] - 0.08  # measured 0.13 vs 0.22
+    assert b["sync_confidence"] < a["sync_confidence"] - 0.08  # measured 0.08 vs 0.22
     assert b["sync_distance"] > a["sync_distance"]
 
 
@@ -169,6 +169,7 @@ def test_instruction_following_on_the_synthetic_world():
     (("--dover", "REF"), "DOVER is not supported"),
     (("--arcface", "TMP"), "--arcface"),
     (("--instructions", "REF"), "not a readable JSON file"),
+    (("--judge", "TMP"), "not a transformers model directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(media, extra, message):
     sub = {"REF": str(media["ref"]), "TMP": str(media["tmp"]), "MISSING": str(media["tmp"] / "none.pt")}
@@ -197,3 +198,12 @@ def test_a_frozen_second_half_drifts(media):
     assert abs(d["sharpness"]) < 0.2
     live = quality_m.luma(frames)
     assert drift({"motion": (quality_m.frame_change(live), np.arange(1, 40))}, 40, 4)["motion"] > -0.9
+
+
+def test_a_local_judge_model_answers_per_event(media, tiny_vlm):
+    frames = media["frames"][:60:2]  # 12.5 fps, 2.4 s
+    events = [{"t": 0.2, "text": "please nod"}, {"t": 1.0, "action": "smile"}]
+    res = score_instructions(events, frames, 12.5, judge=str(tiny_vlm))
+    assert res["method"].startswith("judge:qwen2_5_vl") and res["events"] == 2
+    assert [e["action"] for e in res["per_event"]] == ["nod", "smile"]
+    assert res["success_rate"] in (0.0, 0.5, 1.0)  # a random model: whatever it says, counted per event

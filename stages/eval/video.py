@@ -50,6 +50,13 @@ class EvalOptions:
         if self.dover:
             raise EvalError(f"--dover {self.dover}: DOVER is not supported by this build (its Swin-T and "
                             "ConvNeXt-3D branches are not reimplemented); quality is scored with named proxies")
+        if self.judge:
+            from models.hf import model_dir
+
+            try:
+                model_dir(self.judge, "--judge")
+            except (FileNotFoundError, ValueError) as e:
+                raise EvalError(str(e)) from None
         if self.drift_segments < 1 or self.max_frames < 2 or self.max_side < 64 or self.identity_every < 1:
             raise EvalError("drift segments >= 1, max frames >= 2, max side >= 64, identity every >= 1")
 

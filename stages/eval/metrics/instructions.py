@@ -28,6 +28,7 @@ from stages.eval.metrics import NOT_ASSESSED, EvalError
 GAP_S = 0.2
 SHAKE_YAW, SHAKE_S = 0.35, 0.6
 JUDGE_FRAMES = 4
+JUDGE_TOKENS = 24  # {"answer": "yes"} and some slack
 
 
 def class_of(text: str) -> str:
@@ -129,7 +130,7 @@ def score_judge(frames: np.ndarray, fps: float, events: list[tuple[float, str]],
     from models.hf import VisionLanguageModel, first_json_object
 
     try:
-        vlm = VisionLanguageModel(judge, "--judge")
+        vlm = VisionLanguageModel(judge, "--judge", max_new_tokens=JUDGE_TOKENS)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(str(e)) from None
     ok = []

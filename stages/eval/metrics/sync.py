@@ -23,11 +23,12 @@ a canonical-correlation audio-visual synchrony measure (after Slaney & Covell 20
   offset (0 = locked, lower is better). `sync_curve` keeps rho(k).
 Needs T >= 55 frames (2.2 s) with a face in 25 of the fitted frames; else the fields are None.
 
-Measured on the five retalking clips (../shared/media/talking, 5-6 s each), own audio: offsets 0, +1,
-+2, -2, 0; audio delayed 0.5 s: +12, +14, +12, +10, +12; confidence own 0.23 0.12 0.17 0.23 0.11,
-with the next clip's audio 0.11 0.13 0.14 0.05 0.13; distance own 0.71 0.81 0.90 0.84 0.76, with the
-next clip's audio 0.97 1.06 1.01 1.27 0.82. On 5 s the measure is weak: it locates a delay to about
-+-2 frames; the distance separates own from foreign audio on all five clips, the confidence on three. Simpler variants measured
+Measured through score_video (analysis size 320) on the five retalking clips (../shared/media/talking,
+5-6 s each), clips 1-5: own audio, offsets -2, -9, +2, -2, -1; audio delayed 0.5 s: +11, +14, +13,
++10, +12; confidence own 0.22 0.11 0.13 0.22 0.15, with the next clip's audio 0.08 0.16 0.12 0.08
+0.11; distance own 0.74 0.85 0.92 0.85 0.68, with the next clip's audio 1.00 0.99 1.02 1.20 0.83.
+On 5 s clips the measure is weak: the offset is good to about +-2 frames (one clip of five is off by
+9), the distance separates own from foreign audio on all five, the confidence on three. Simpler variants measured
 worse: mouth opening (inner-lip gap over eye distance) against the voiced log-RMS envelope found the
 own-audio offset within +-1 frame on 1 of 5 clips; the CCA restricted to voiced frames, or without
 the velocities, was no better.
