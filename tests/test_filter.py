@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from manifests.io import read_manifest, to_table, write_table
+from manifests.io import read_manifest, to_table, workspace, write_table
 from stages.sense.faces import model_file
 from stages.filter import (OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, box_iou, global_motion, nms, parse_omni, phase_shift,
                            subject_measures, _hann)
@@ -129,7 +129,7 @@ def rows(shared_media, variants, tmp_path_factory) -> dict[str, dict]:
     files += sorted(variants.glob("*.mp4"))
     items = [_clip_row(p, 0.0, _duration(p)) for p in files]
     items.append(_clip_row(shared_media / "scenes" / "big_buck_bunny_0_30.webm", 1.29, 5.79))
-    root = tmp_path_factory.mktemp("work")
+    root = workspace(tmp_path_factory.mktemp("work"))
     result = run_stage(Filter(sample_fps=FPS), items, ["test"], ["test"], root, quiet=True)
     table, meta = read_manifest(result.path)
     assert meta["kind"] == "filtered"
