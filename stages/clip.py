@@ -353,8 +353,9 @@ def _audio_between(path: str, t0: float, t1: float) -> tuple[np.ndarray | None, 
             c.seek(int((t0 - AUDIO_LEAD_S) / s.time_base), stream=s, backward=True, any_frame=False)
         pos = None  # sample index (at `rate`) of the next resampled sample
         for frame in c.decode(s):
-            if pos is None or frame.pts is not None and abs(round(frame.time * rate) - pos) > 1:
-                pos = round(frame.time * rate) if frame.pts is not None else (pos or 0)
+            start = None if frame.pts is None else round(frame.time * rate)
+            if pos is None or start is not None and abs(start - pos) > 1:
+                pos = start or 0  # the first frame, or a gap in the track
             for f in resampler.resample(frame):
                 x = f.to_ndarray()  # [C, m]
                 i, j = max(pos, n0), min(pos + x.shape[1], n1)
