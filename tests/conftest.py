@@ -1,11 +1,15 @@
-"""Shared fixtures: ../shared/media when present, generated media with known facts, and a
-helper that runs the real `vidu` command."""
+"""Shared fixtures: ../shared/media when present, generated media with known facts, and helpers
+that run the `vidu` app: in this process (`cli`, typer's CliRunner) or as a real process (`vidu`,
+for pipes, signals and torchrun)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+from contextlib import chdir
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,33 @@ def gen_media(tmp_path_factory) -> dict:
     (d / "empty.mp4").write_bytes(b"")
     (d / "notes.txt").write_text("hello\n")
     return {"dir": d, "facts": facts}
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(*args: str, cwd: Path | None = None, input: str | None = None, check: bool = True,
+        env: dict[str, str | None] | None = None) -> CliResult:
+    """Run `vidu ARGS` in this process with typer's CliRunner: stdin is `input` (empty and not a
+    terminal when None, as with the closed stdin of `vidu`), stdout and stderr are captured apart,
+    `env` entries are set (None: unset) for the call only. An uncaught exception is exit code 1
+    with its traceback on stderr, as from a real process."""
+    from typer.testing import CliRunner
+
+    from vidu_cli.app import app
+
+    with chdir(cwd or Path.cwd()):
+        res = CliRunner().invoke(app, list(args), input=input, env=env, catch_exceptions=True)
+    stderr = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(res.exception))
+    if check and res.exit_code != 0:
+        raise AssertionError(f"vidu {' '.join(args)} exited {res.exit_code}:\n{stderr[-3000:]}")
+    return CliResult(res.exit_code, res.stdout, stderr)
 
 
 def vidu(*args: str, cwd: Path | None = None, input: str | None = None, check: bool = True,

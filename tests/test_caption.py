@@ -10,7 +10,7 @@ from manifests.io import read_manifest, to_table, write_table
 from models.hf import check_model
 from stages.caption import Caption, loudness_lufs, parse_visual_json, syllable_nuclei
 from stages.run import base_row
-from tests.conftest import vidu
+from tests.conftest import cli
 
 # retalking_1 (6.1 s): silero-vad speech at 0.00-2.52 s and 3.49-4.67 s (3.70 s); we feed these as turns
 TURNS = [{"start": 0.0, "end": 2.52, "speaker": "S0", "category": "onscreen", "energy_ratio": 0.9, "confidence": 0.8,
@@ -207,17 +207,17 @@ def test_cli_caption(shared_media, tmp_path):
     row = diarized_row(shared_media / "talking" / "retalking_1.mp4", 6.0, TURNS, subject_count=1, speakers=1,
                        onscreen_s=3.7, offscreen_s=0.0, overlap_s=0.4)
     src = write_table(to_table([row], "diarized"), tmp_path / "diarized.parquet", {"kind": "diarized"})
-    out = vidu("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--quiet")
+    out = cli("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--quiet")
     table, meta = read_manifest(out.stdout.strip())
     (r,) = table.to_pylist()
     assert meta["kind"] == "captioned" and r["id"] == "c0" and r["status"] == "ok"
     assert "3.70 s of kept speech" in r["caption"] and len(r["chunk_captions"]) == 4
-    bad = vidu("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--asr", str(tmp_path / "none"),
+    bad = cli("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--asr", str(tmp_path / "none"),
                check=False)
     assert bad.returncode == 2 and "no such file or directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
-    bad = vidu("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--vlm", str(tmp_path / "cfg"),
+    bad = cli("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--vlm", str(tmp_path / "cfg"),
                check=False)
     assert bad.returncode == 2 and "cannot load --vlm" in bad.stderr and "Traceback" not in bad.stderr

@@ -12,7 +12,7 @@ import torch
 from models.audio import (audio_features, audio_latent, latent_frames_for, latent_to_logmel, logmel,
                           to_waveform)
 from models.config import PRESETS, AudioConfig
-from tests.conftest import vidu
+from tests.conftest import cli
 
 A = AudioConfig()
 
@@ -108,14 +108,14 @@ def test_model_info_cli(tmp_path):
     cfg = PRESETS["tiny"]
     path = save_model(tmp_path / "tiny.safetensors", DiT(cfg.dit), cfg,
                       lineage=[{"stage": "bidirectional", "steps": 3}])
-    out = json.loads(vidu("model", "info", str(path), "--preset", "tiny", "--json").stdout)
+    out = json.loads(cli("model", "info", str(path), "--preset", "tiny", "--json").stdout)
     assert out["format"] == "vidu safetensors" and out["kind"] == "dit"
     assert out["parameters"] == sum(p.numel() for p in DiT(cfg.dit).parameters())
     assert out["architecture"]["dim"] == 64 and out["fits_preset"] == "yes (tiny)"
     assert out["conditioning"]["joint_audio"].startswith("2 tokens")
     assert out["lineage"] == [{"stage": "bidirectional", "steps": 3}]
-    table = vidu("model", "info", str(path), "--preset", "small").stdout
+    table = cli("model", "info", str(path), "--preset", "small").stdout
     assert "lineage[0]" in table and "no: shape mismatch" in table
-    bad = vidu("model", "info", str(tmp_path / "nope.pt"), check=False)
+    bad = cli("model", "info", str(tmp_path / "nope.pt"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: checkpoint not found")
     assert "Traceback" not in bad.stderr

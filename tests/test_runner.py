@@ -1,5 +1,6 @@
 """Resumability: a run killed (SIGKILL) or interrupted (Ctrl-C) and re-run gives the same
-manifest as an uninterrupted run; workers give the same rows as one process."""
+manifest as an uninterrupted run; workers give the same rows as one process. The stopped run is a
+real process (it gets the signal); the resumed and the uninterrupted runs are in process."""
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from manifests import catalog
 from manifests.io import read_manifest, workspace
 from stages.prefilter import Prefilter, discover, fingerprint
 from stages.run import run_stage
+from tests.conftest import cli
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +51,19 @@ def _wait_for_parts(work: Path, n: int, proc: subprocess.Popen) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(many, tmp_path_factory) -> list[dict]:
+    """The rows of one run over `many` that nothing stopped (shared by the stop-and-resume tests)."""
+    return _uninterrupted(many, tmp_path_factory.mktemp("clean"))
+
+
 def _uninterrupted(src: Path, work: Path) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "prefilter", str(src), "--workdir", str(work),
-                           "--min-short-side", "100", "-q"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr
+    proc = cli("prefilter", str(src), "--workdir", str(work), "--min-short-side", "100", "-q")
     return read_manifest(proc.stdout.strip())[0].to_pylist()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_stop_and_resume_equals_uninterrupted(many, tmp_path, sig):
+def test_stop_and_resume_equals_uninterrupted(many, uninterrupted, tmp_path, sig):
     work = tmp_path / "stopped"
     proc = _start(many, work)
     _wait_for_parts(work, 3, proc)
@@ -72,8 +78,7 @@ def test_stop_and_resume_equals_uninterrupted(many, tmp_path, sig):
     resumed = _uninterrupted(many, work)
     (run,) = catalog.runs(work)
     assert run["state"] == "done" and run["attempts"] == 2 and 0 < run["rows_reused"] < len(resumed)
-    expected = _uninterrupted(many, tmp_path / "clean")
-    assert resumed == expected
+    assert resumed == uninterrupted
     assert len({r["id"] for r in resumed}) == len(resumed) == 3004
     assert not list(work.glob("runs/*"))  # resume points are removed once the manifest is written
 
@@ -87,7 +92,7 @@ def test_workers_give_the_same_rows(gen_media, tmp_path):
     assert read_manifest(one.path)[0].to_pylist() == read_manifest(two.path)[0].to_pylist()
 
 
-def test_sigterm_stops_like_ctrl_c_and_resumes(many, tmp_path):
+def test_sigterm_stops_like_ctrl_c_and_resumes(many, uninterrupted, tmp_path):
     """docker stop / systemd send SIGTERM: rows so far are saved, the run is recorded as interrupted
     (not left "running"), exit 143, and the re-run equals an uninterrupted one."""
     work = tmp_path / "stopped"
@@ -101,4 +106,4 @@ def test_sigterm_stops_like_ctrl_c_and_resumes(many, tmp_path):
     resumed = _uninterrupted(many, work)
     (run,) = catalog.runs(work)
     assert run["state"] == "done" and run["attempts"] == 2 and 0 < run["rows_reused"] < len(resumed)
-    assert resumed == _uninterrupted(many, tmp_path / "clean")
+    assert resumed == uninterrupted

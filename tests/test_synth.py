@@ -11,7 +11,7 @@ from stages.sense.speech import load_vad, speech_segments
 from stages.synth import ACTIONS, Identity, analyze, frame_count, identity_error, make_sample, render_clip
 from stages.synthavatar import TRACKS, Scene, random_identity, random_scene
 from stages.synthmedia import SR, envelope
-from tests.conftest import vidu
+from tests.conftest import cli
 
 
 def _corr(a, b) -> float:
@@ -123,7 +123,7 @@ def test_analyzer_measures_nods_and_tells_identities_apart():
 
 def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
     out, work = tmp_path / "synth data", str(tmp_path / "w")
-    proc = vidu("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
+    proc = cli("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
     table, meta = read_manifest(proc.stdout.strip())
     rows = table.to_pylist()
     assert meta["kind"] == "synth" and [r["status"] for r in rows] == ["ok"] * 3
@@ -139,10 +139,10 @@ def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
         assert frames.shape == (81, 256, 256, 3)
         m = analyze(frames, Identity.from_dict(gt["identity"]))  # through H.264 the analyzer still follows the mouth
         assert _corr(m["mouth"], gt["tracks"]["mouth"]) > 0.9
-    again = vidu("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
+    again = cli("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
     assert again.stdout == proc.stdout and "reused" in again.stderr
 
-    pre = vidu("prefilter", str(out), "--workdir", work, "-q")
+    pre = cli("prefilter", str(out), "--workdir", work, "-q")
     rows = read_manifest(pre.stdout.strip())[0].to_pylist()
     status = {Path(r["path"]).name: (r["status"], r["reasons"]) for r in rows}
     videos = {k: v for k, v in status.items() if k.endswith(".mp4")}
@@ -151,6 +151,6 @@ def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
 
 
 def test_bad_size_is_a_one_line_error(tmp_path):
-    proc = vidu("synth", "--n", "1", "--out", str(tmp_path / "o"), "--size", "255x256", "--workdir", str(tmp_path),
+    proc = cli("synth", "--n", "1", "--out", str(tmp_path / "o"), "--size", "255x256", "--workdir", str(tmp_path),
                 check=False)
     assert proc.returncode == 2 and "even" in proc.stderr and "Traceback" not in proc.stderr
