@@ -153,7 +153,7 @@ def _write_mp4(path: Path, frames: np.ndarray, wave: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _with_speech(base: int, start: int, seconds: float, size: int) -> tuple[int, list[float]]:
+def _with_speech(base: int, start: int, seconds: float) -> tuple[int, list[float]]:
     """The first seed base + j (j >= start) whose clip has speech, and its mouth track."""
     from stages import synth
     for j in range(start, start + 64):
@@ -218,7 +218,7 @@ class BenchSamples(Stage):
             s = synth.make_sample(HELD_OUT_BASE + i, self.size, self.size, FPS, self.seconds)
         else:
             s = builtin_sample(i, self.size, self.seconds)
-        control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS, self.size)
+        control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS)
         ref = synth.render(s.identity, synth.State(), self.size, self.size, s.scene)  # neutral pose, as in training
         stem = out / item["id"]
         _write_png(stem.with_suffix(".png"), ref)
