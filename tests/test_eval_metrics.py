@@ -207,3 +207,18 @@ def test_a_local_judge_model_answers_per_event(media, tiny_vlm):
     assert res["method"].startswith("judge:qwen2_5_vl") and res["events"] == 2
     assert [e["action"] for e in res["per_event"]] == ["nod", "smile"]
     assert res["success_rate"] in (0.0, 0.5, 1.0)  # a random model: whatever it says, counted per event
+
+
+def test_arcface_alignment_puts_the_five_points_on_the_template(media):
+    from stages.sense import faces
+
+    rgb = read_image(media["ref"])
+    box, lm = identity_m.reference_face(rgb)
+    chip = identity_m.arcface_chip(rgb, lm)
+    assert chip.shape == (112, 112, 3)
+    again = faces.landmarks_in_box(chip, (8, 8, 104, 104))  # dlib on the chip itself
+    err = np.linalg.norm(identity_m.five_points(again) - identity_m.ARCFACE_TEMPLATE, axis=1)
+    assert err.max() < 6 and err.mean() < 4  # pixels of the 112 x 112 chip (measured <= 3.3)
+    plain = cv2.resize(rgb, (112, 112), interpolation=cv2.INTER_AREA)  # not aligned: the whole frame
+    lm2 = faces.landmarks_in_box(plain, tuple(int(v * 112 / rgb.shape[1]) for v in box))
+    assert np.linalg.norm(identity_m.five_points(lm2) - identity_m.ARCFACE_TEMPLATE, axis=1).mean() > 2 * err.mean()  # 9.6 vs 2.3

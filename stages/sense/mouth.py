@@ -77,16 +77,6 @@ def opening_by_width(landmarks: np.ndarray) -> np.ndarray:
     return gap / np.maximum(width, 1e-6)
 
 
-def opening_by_face(landmarks: np.ndarray) -> np.ndarray:
-    """Inner-lip gap over the distance between the eye centres per frame (face size; unlike the mouth
-    width it does not change when the lips stretch)."""
-    from stages.sense.faces import INNER_LOWER, INNER_UPPER
-
-    gap = np.linalg.norm(landmarks[:, list(INNER_UPPER)] - landmarks[:, list(INNER_LOWER)], axis=-1).mean(-1)
-    eyes = np.linalg.norm(landmarks[:, LEFT_EYE].mean(1) - landmarks[:, RIGHT_EYE].mean(1), axis=-1)
-    return gap / np.maximum(eyes, 1e-6)
-
-
 def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
     """Frame times (s from start_s) and mouth opening (over mouth width) per frame sampled at
     `FACE_FPS` (nan: no face); the face is the one overlapping the relative `face_box` most when given,

@@ -34,6 +34,14 @@ def five_points(landmarks: np.ndarray) -> np.ndarray:
                      landmarks[54]]).astype(np.float32)
 
 
+def arcface_chip(rgb: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The 112 x 112 RGB face chip: similarity transform of the five points onto ARCFACE_TEMPLATE."""
+    import cv2
+
+    M, _ = cv2.estimateAffinePartial2D(five_points(landmarks), ARCFACE_TEMPLATE, method=cv2.LMEDS)
+    return cv2.warpAffine(np.ascontiguousarray(rgb), M, (112, 112), borderValue=0.0)
+
+
 class DlibEmbedder:
     name = DLIB_NAME
 
@@ -70,11 +78,7 @@ class ArcFaceEmbedder:
         raise EvalError(f"--arcface {folder}: no ArcFace recognition model ({last})")
 
     def __call__(self, rgb: np.ndarray, box, landmarks: np.ndarray) -> np.ndarray:
-        import cv2
-
-        M, _ = cv2.estimateAffinePartial2D(five_points(landmarks), ARCFACE_TEMPLATE, method=cv2.LMEDS)
-        chip = cv2.warpAffine(np.ascontiguousarray(rgb), M, (112, 112), borderValue=0.0)
-        x = ((chip.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
+        x = ((arcface_chip(rgb, landmarks).astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1)[None]
         return np.asarray(self.session.run(None, {self.input: x})[0][0], np.float32)
 
 
