@@ -222,11 +222,14 @@ def test_cli_bench_compare_and_bad_input(root, synth_oracle, synth_model, tmp_pa
                "--workdir", str(root), "--report", str(tmp_path / "r"))
     assert out.stdout.strip() == str(synth_oracle[1].path)  # finished before: the same manifest
     assert "mouth r vs ground truth" in out.stderr and (tmp_path / "r" / "index.html").is_file()
+    bad_ckpt = tmp_path / "bad.safetensors"
+    bad_ckpt.write_text("not a checkpoint")
     code, stdout, _ = _cli("eval", "--compare", synth_oracle[1].run_id, synth_model[1].run_id, "--workdir", str(root))
     assert code == 0 and "random:tiny" in stdout and "oracle" in stdout and "mouth r vs ground truth" in stdout
     for args, message in ((["--bench", "nope"], "unknown benchmark 'nope'"),
                           (["--bench", "hdtf"], "--bench hdtf needs --data DIR"),
                           (["--bench", "synth", "--ckpt", str(tmp_path / "none.safetensors")], "no such file"),
+                          (["--bench", "synth", "--ckpt", str(bad_ckpt)], "cannot read checkpoint"),
                           (["--compare", "eval-nothere"], "no run 'eval-nothere'"),
                           (["--compare", synth_oracle[0].run_id], "is a bench_samples run, not an eval run"),
                           (["--ab", synth_oracle[1].run_id], "--ab takes two runs"),

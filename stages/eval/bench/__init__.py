@@ -32,6 +32,11 @@ def _file_stat(path: str | None) -> list:
         st = os.stat(path)
     except OSError:
         raise BenchError(f"--ckpt {path}: no such file") from None
+    from models.checkpoint import checkpoint_config
+    try:
+        checkpoint_config(path)  # reads the header: a file that is no checkpoint fails here, not per sample
+    except Exception as e:  # CheckpointError, or what safetensors raises for another format
+        raise BenchError(f"--ckpt {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
 
 

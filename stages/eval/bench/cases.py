@@ -58,6 +58,8 @@ def folder_items(folder: str | os.PathLike) -> list[dict]:
     """Items of a user's streambench folder (DIR/samples.jsonl); a bad line becomes an item whose
     row is rejected with the reason, never a crash."""
     d = Path(folder).expanduser().resolve()
+    if not d.is_dir():
+        raise BenchError(f"--data {d}: not a folder")
     index = d / "samples.jsonl"
     if not index.is_file():
         raise BenchError(f"{d} has no samples.jsonl (one JSON object a line: image, audio, instruction, at)")
