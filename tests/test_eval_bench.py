@@ -114,6 +114,22 @@ def test_instruction_negative_control(streambench_oracle):
     assert s["confusion"] == {"nod": {"blink": 1}}
 
 
+def test_frozen_stream_fails_drift(synth_oracle):
+    """The oracle clip against itself keeps its motion and sync; the same clip frozen from its middle
+    on has motion and lip-sync ratios of 0 (last 10 % vs first 10 %)."""
+    from stages.eval.bench.synthscore import synth_scores
+    from stages.sense.media import clip_frames
+    case = rows(synth_oracle[0])[1]
+    frames, _ = clip_frames(case["video"], 0, 10)
+    truth = json.loads(Path(case["truth"]).read_text())
+    live = synth_scores(frames, 25.0, truth, None)["drift_ratios"]
+    frozen = frames.copy()
+    frozen[12:] = frozen[12]
+    stuck = synth_scores(frozen, 25.0, truth, None)["drift_ratios"]
+    assert live["motion"] > 0.2 and live["sync_r"] > 0.5 and 0.9 < live["sharpness"] < 1.1
+    assert stuck["motion"] == 0.0 and stuck["sync_r"] == 0.0 and 0.9 < stuck["sharpness"] < 1.1
+
+
 def test_streambench_folder_loader(tmp_path, root, synth_oracle):
     """A user's folder: good lines are indexed (audio to 16 kHz wav, the image as png); each bad line
     is a rejected row with its reason."""
