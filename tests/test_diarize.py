@@ -14,7 +14,7 @@ from manifests.io import read_manifest, to_table, write_table
 from stages.diarize import Diarize, diarize_file, segment_rows
 from stages.sense.media import ffmpeg_exe, load_audio, open_container
 from stages.run import base_row
-from tests.conftest import vidu
+from tests.conftest import cli
 
 DUB_OFFSETS = (0, 10, 20, 30, 40, 50)  # seconds into silero_test.wav
 DER_BOUND = 0.18  # measured 0.161 (collar 0, skip_overlap False) + margin
@@ -140,7 +140,7 @@ def test_silero_sample_is_one_speaker_without_overlap(shared_media):
 def test_cli_writes_diarized_and_segments_manifests(media, tmp_path):
     clips = tmp_path / "clips.parquet"
     write_table(to_table([clip_row(media["face"]), clip_row(media["silent"][0])], "clips"), clips, {"kind": "clips"})
-    proc = vidu("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"))
+    proc = cli("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"))
     out = proc.stdout.strip()
     assert len(proc.stdout.strip().splitlines()) == 1 and out.endswith(".parquet")
     table, meta = read_manifest(out)
@@ -159,7 +159,7 @@ def test_cli_pyannote_path_that_does_not_load(media, tmp_path):
     clips = tmp_path / "clips.parquet"
     write_table(to_table([clip_row(media["face"])], "clips"), clips, {"kind": "clips"})
     (tmp_path / "pipe").mkdir()
-    proc = vidu("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"), "--pyannote",
+    proc = cli("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"), "--pyannote",
                 str(tmp_path / "pipe"), check=False)
     assert proc.returncode == 2 and "cannot load a pyannote pipeline" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""

@@ -19,7 +19,7 @@ from stages.sense import faces
 from stages.embed import Embed, crop_window, sample_config, window_starts
 from stages.samples import read_sample
 from stages.run import base_row, run_stage
-from tests.conftest import vidu
+from tests.conftest import cli
 
 CAPTION = "a woman speaks to the camera"
 ZOOM = 1.5
@@ -66,7 +66,7 @@ def captioned(rows, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def embedded(captioned, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     work = tmp_path_factory.mktemp("work")
-    res = vidu("embed", "--from", str(captioned), "--preset", "tiny", "--zoom", str(ZOOM), "--max-windows", "2",
+    res = cli("embed", "--from", str(captioned), "--preset", "tiny", "--zoom", str(ZOOM), "--max-windows", "2",
                "--workdir", str(work), "-q")
     manifest = Path(res.stdout.strip().splitlines()[-1])
     table, meta = read_manifest(manifest)
@@ -263,7 +263,7 @@ def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
 
 def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
     manifest, _ = embedded
-    res = vidu("train", "--stage", "bidirectional", "--preset", "tiny", "--data", str(manifest), "--steps", "3",
+    res = cli("train", "--stage", "bidirectional", "--preset", "tiny", "--data", str(manifest), "--steps", "3",
                "--batch", "2", "--save-every", "3", "--out", str(tmp_path / "bi"), "--workdir", str(tmp_path / "w"),
                "-q")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
@@ -274,7 +274,7 @@ def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
     from stages.train.data import manifest_rows
     with pytest.raises(ValueError, match="preset small takes 33 frames of 256x256 .*re-run vidu embed --preset small"):
         manifest_rows(manifest, PRESETS["small"])
-    bad = vidu("embed", "--from", str(captioned), "--frames", "18", "--workdir", str(tmp_path / "w"), check=False)
+    bad = cli("embed", "--from", str(captioned), "--frames", "18", "--workdir", str(tmp_path / "w"), check=False)
     assert bad.returncode == 2 and "--frames must be 1 + 4k" in bad.stderr and "Traceback" not in bad.stderr
 
 

@@ -13,7 +13,7 @@ from stages.filter import (OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, box_iou, 
 from stages.sense.media import clip_frames
 from stages.run import base_row, run_stage
 from stages.synthmedia import write_video
-from tests.conftest import vidu
+from tests.conftest import cli
 
 FPS = 2.0  # sampling rate of the tests (the CLI default is 4)
 
@@ -281,7 +281,7 @@ def test_cli_filter(variants, tmp_path):
     clips = tmp_path / "clips.parquet"
     items = [_clip_row(variants / f"{name}.mp4", 0.0, 3.0) for name in ("orig", "text")]
     write_table(to_table(items, "clips"), clips, {"kind": "clips"})
-    out = vidu("filter", "--from", str(clips), "--sample-fps", str(FPS), "--workdir", str(tmp_path / "work"))
+    out = cli("filter", "--from", str(clips), "--sample-fps", str(FPS), "--workdir", str(tmp_path / "work"))
     table, meta = read_manifest(out.stdout.strip())
     assert meta["kind"] == "filtered" and "burned_in_text 1" in out.stderr
     got = {r["id"]: r for r in table.to_pylist()}
@@ -289,6 +289,6 @@ def test_cli_filter(variants, tmp_path):
     orig, text = got[items[0]["id"]], got[items[1]["id"]]
     assert orig["status"] == "ok" and text["reasons"] == ["burned_in_text"]
     assert (orig["safety_status"], orig["omni_status"]) == ("not_assessed", "not_assessed")
-    bad = vidu("filter", "--from", str(clips), "--omni-model", str(tmp_path / "missing"), check=False)
+    bad = cli("filter", "--from", str(clips), "--omni-model", str(tmp_path / "missing"), check=False, cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "--omni-model" in bad.stderr and "no such file or directory" in bad.stderr
