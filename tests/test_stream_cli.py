@@ -19,6 +19,7 @@ from PIL import Image
 from stages.stream.events import AudioChunk, EventQueue, Instruction
 from tests.conftest import vidu
 from tests.test_runner import _as_in_a_terminal
+from tests.test_stream_reliability import _working_bytes
 
 SR = 16000
 
@@ -124,10 +125,10 @@ def test_ctrl_c_finalises_a_playable_file(inputs, tmp_path):
                              str(out), "--seconds", "600", "-q", "--summary", str(tmp_path / "s.json")],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_as_in_a_terminal)
-    deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.2)                                   # Mp4Sink's working folder appears with the first frames
-    time.sleep(8)
+    deadline = time.monotonic() + 300                    # a few chunks written (not a fixed sleep: a loaded
+    while _working_bytes(tmp_path) < 40_000 and time.monotonic() < deadline:   # machine may take seconds a chunk)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)                   # as a terminal's Ctrl-C: the whole process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -228,3 +229,50 @@ def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path
     assert proc.returncode == 130
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["reason"] == "interrupted" and [tuple(x)[1] for x in summary["instructions"]][-1] == "make a heart"
+
+
+@pytest.mark.parametrize("audio, serving, seconds, realtime, expect", [
+    (None, False, None, None, (10.0, True, False, False)),        # no audio, no page: 10 s of video
+    (None, True, None, None, (None, True, False, True)),          # the page: live audio, paced, no end
+    ("mic", False, None, None, (None, True, False, True)),
+    ("talk.wav", False, None, None, (None, False, True, False)),  # a file: waited for, ends the stream
+    ("-", True, 3.0, False, (3.0, False, True, False)),
+])
+def test_session_policy_lives_in_the_library(audio, serving, seconds, realtime, expect):
+    from stages.stream.session import SessionOptions
+    o = SessionOptions.for_inputs(audio, serving, seconds, realtime)
+    assert (o.max_seconds, o.live_audio, o.audio_ends_stream, o.realtime) == expect
+    assert o.instruction == "a person talking to the camera"      # models.config.NEUTRAL_TEXT
+
+
+class Closing(Recorder):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.closed = 0
+
+    def close(self):
+        self.closed += 1
+
+
+def test_sinks_are_closed_once_also_after_ctrl_c(inputs):
+    from stages.stream.session import SessionOptions, load_parts, run_session
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+    a, b = Closing(after=2, action=ctrl_c), Closing()
+    summary = run_session(load_parts(inputs["face"], seed=0), EventQueue(), [a, b],
+                          SessionOptions(max_seconds=60, live_audio=True))
+    assert summary["reason"] == "interrupted" and len(a.frames) == 2 and (a.closed, b.closed) == (1, 1)
+
+
+def test_outputs_opened_before_a_failing_one_are_closed(tmp_path):
+    import socket
+    from models.config import PRESETS
+    from stages.stream.events import StreamError
+    from stages.stream.session import open_outputs
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(StreamError, match="cannot serve on"):
+            open_outputs(str(tmp_path / "x.mp4"), f"127.0.0.1:{busy.getsockname()[1]}", PRESETS["tiny"], EventQueue())
+    assert list(tmp_path.iterdir()) == []                 # the mp4 sink's working folder is gone
