@@ -150,7 +150,7 @@ def test_instruction_following_on_the_synthetic_world():
     from stages.synth import make_sample
 
     sample = make_sample(3, seconds=6.0)  # blink at 0.3 s, turn right, raise a hand
-    truth = sample.truth()
+    truth = json.loads(json.dumps(sample.truth()))  # as read from the .json file: colours are lists
     res = score_instructions(truth, sample.frames, sample.fps)
     assert res["method"] == "synth.analyze" and res["events"] == len(sample.actions) == 3
     assert res["success_rate"] == 1.0 and 0 <= res["latency_s"] < 1.0

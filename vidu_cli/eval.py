@@ -47,7 +47,7 @@ def score_table(scores: dict) -> Table:
         t.add_row(f"drift of {k} (last vs first of {drift['segments']})", f"{_cell(drift[k])}  [{curve}]")
     ins = scores["instructions"]
     if isinstance(ins, dict):
-        t.add_row(f"instructions ({ins['method']})", f"success {_cell(ins['success_rate'])} of {ins['events']}")
+        t.add_row(f"instructions ({ins['method']})", f"success rate {_cell(ins['success_rate'])} ({ins['events']} events)")
         if "spurious_per_min" in ins:
             t.add_row("spurious actions / min, latency (s)", f"{_cell(ins['spurious_per_min'])}, {_cell(ins['latency_s'])}")
     else:
@@ -123,7 +123,7 @@ def eval(
             if bench:
                 return eval_bench.bench(bench, data, ckpt, preset, limit, workers, seconds, 256, device, steps, None,
                                         None, decoder_weights, None, arcface, seed, report, workdir, quiet,
-                                        segments)
+                                        segments, judge)
             if compare:
                 return eval_bench.compare(runs or [], report, workdir)
             return eval_bench.ab(runs[0], runs[1], host, port, seed, workdir)

@@ -118,7 +118,7 @@ def score_synthetic(frames: np.ndarray, fps: float, events: list[tuple[float, st
     from stages.synth import Identity, analyze
 
     try:
-        idt = Identity(**identity)
+        idt = Identity.from_dict(identity)
     except TypeError as e:
         raise EvalError(f"instructions: the identity is not a stages.synth Identity ({e})") from None
     act = activity(analyze(frames, idt), fps)
