@@ -213,11 +213,11 @@ def test_cli_caption(shared_media, tmp_path):
     assert meta["kind"] == "captioned" and r["id"] == "c0" and r["status"] == "ok"
     assert "3.70 s of kept speech" in r["caption"] and len(r["chunk_captions"]) == 4
     bad = cli("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--asr", str(tmp_path / "none"),
-               check=False)
+              check=False)
     assert bad.returncode == 2 and "no such file or directory" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
     bad = cli("caption", "--from", str(src), "--workdir", str(tmp_path / "w"), "--vlm", str(tmp_path / "cfg"),
-               check=False)
+              check=False)
     assert bad.returncode == 2 and "cannot load --vlm" in bad.stderr and "Traceback" not in bad.stderr

@@ -42,7 +42,7 @@ def test_pipe_through_a_real_shell(gen_media, tmp_path):
     rej = cli("show", runs[0]["output"], "--reason", "near_duplicate", "--columns", "path", "--format", "jsonl")
     assert [json.loads(x)["path"] for x in rej.stdout.splitlines()] == [str(gen_media["dir"] / "talk_small.mp4")]
     q = cli("sql", "SELECT count(*) AS n, sum(speech_s) > 3 AS talks FROM clip", "--workdir", str(work),
-             "--format", "jsonl")
+            "--format", "jsonl")
     assert json.loads(q.stdout) == {"n": 3, "talks": True}
 
     # same inputs and parameters, in process: the finished runs are reused
@@ -96,7 +96,7 @@ def test_missing_paths_are_rows_and_strict_exits_nonzero(tmp_path):
     (row,) = read_manifest(proc.stdout.strip())[0].to_pylist()
     assert row["reasons"] == ["not_found"]
     assert cli("prefilter", str(tmp_path / "missing dir"), "--workdir", str(tmp_path / "w"), "--strict",
-                check=False).returncode == 1
+               check=False).returncode == 1
 
 
 def test_help_has_examples():

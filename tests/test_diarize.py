@@ -160,7 +160,7 @@ def test_cli_pyannote_path_that_does_not_load(media, tmp_path):
     write_table(to_table([clip_row(media["face"])], "clips"), clips, {"kind": "clips"})
     (tmp_path / "pipe").mkdir()
     proc = cli("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"), "--pyannote",
-                str(tmp_path / "pipe"), check=False)
+               str(tmp_path / "pipe"), check=False)
     assert proc.returncode == 2 and "cannot load a pyannote pipeline" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 

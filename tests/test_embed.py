@@ -67,7 +67,7 @@ def captioned(rows, tmp_path_factory) -> Path:
 def embedded(captioned, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     work = tmp_path_factory.mktemp("work")
     res = cli("embed", "--from", str(captioned), "--preset", "tiny", "--zoom", str(ZOOM), "--max-windows", "2",
-               "--workdir", str(work), "-q")
+              "--workdir", str(work), "-q")
     manifest = Path(res.stdout.strip().splitlines()[-1])
     table, meta = read_manifest(manifest)
     assert meta["kind"] == "samples"
@@ -264,8 +264,8 @@ def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
 def test_cli_train_on_samples_and_bad_options(embedded, captioned, tmp_path):
     manifest, _ = embedded
     res = cli("train", "--stage", "bidirectional", "--preset", "tiny", "--data", str(manifest), "--steps", "3",
-               "--batch", "2", "--save-every", "3", "--out", str(tmp_path / "bi"), "--workdir", str(tmp_path / "w"),
-               "-q")
+              "--batch", "2", "--save-every", "3", "--out", str(tmp_path / "bi"), "--workdir", str(tmp_path / "w"),
+              "-q")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["final_loss"] == summary["final_loss"] and summary["final_loss"] > 0
     assert (tmp_path / "bi" / "step-000003" / "ema.safetensors").is_file()

@@ -152,5 +152,5 @@ def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
 
 def test_bad_size_is_a_one_line_error(tmp_path):
     proc = cli("synth", "--n", "1", "--out", str(tmp_path / "o"), "--size", "255x256", "--workdir", str(tmp_path),
-                check=False)
+               check=False)
     assert proc.returncode == 2 and "even" in proc.stderr and "Traceback" not in proc.stderr
