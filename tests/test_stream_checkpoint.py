@@ -101,3 +101,21 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
         lines = [ln for ln in bad.stderr.strip().splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], bad.stderr[-2000:]
         assert not (tmp_path / "bad.mp4").exists()
+
+
+def test_pca_stream_decoder_equals_decoding_the_whole_latent():
+    import torch
+    from models.pca_codec import PCACodec
+    from stages.stream.decoders import PCADecoder
+    g = torch.Generator().manual_seed(0)
+    video = torch.rand(2, 3, 13, 16, 24, generator=g) * 2 - 1                 # 1 + 4 * 3 frames
+    codec = PCACodec.fit(video, channels=8)
+    dec = PCADecoder(codec)
+    z = dec.encode_video((video.permute(0, 2, 1, 3, 4) + 1) / 2)                # [2, 4, 8, 2, 3]
+    assert tuple(z.shape) == (2, 4, 8, 2, 3)
+    whole = ((codec.decode(z.permute(0, 2, 1, 3, 4)) + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+    stream = dec.stream_decoder()
+    parts = [stream.push(z[:, :2]), stream.push(z[:, 2:3]), stream.push(z[:, 3:])]
+    assert [p.shape[1] for p in parts] == [5, 4, 4]                           # 1 + 4, then 4 a latent frame
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
+    assert not torch.allclose(torch.cat([parts[0], parts[2], parts[1]], 1), whole, atol=1e-3)   # order matters
