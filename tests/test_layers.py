@@ -5,6 +5,7 @@ samples, curation stages never import train or stream, no import cycles (lazy im
 """
 from __future__ import annotations
 
+import pkgutil
 import re
 import subprocess
 import sys
@@ -33,6 +34,17 @@ def test_project_keeps_every_layer_contract():
     assert res.returncode == 0, res.stdout + res.stderr
     assert contracts_report(res.stdout) == {n: "KEPT" for n in names}
     assert f"Contracts: {len(names)} kept, 0 broken." in res.stdout
+
+
+def test_every_stages_module_has_a_layer():
+    """A module of stages/ that no layer names would be unconstrained: each must be placed."""
+    import stages
+
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (inner,) = [c for c in cfg["contracts"] if c.get("containers") == ["stages"]]
+    placed = {m.strip() for layer in inner["layers"] for m in re.split(r"[:|]", layer)}
+    assert placed == {m.name for m in pkgutil.iter_modules(stages.__path__)}
+    assert {"run", "sense", "samples", "prefilter", "train", "stream"} <= placed
 
 
 def test_reversed_layers_are_reported_broken(tmp_path):
