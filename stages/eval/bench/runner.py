@@ -100,6 +100,7 @@ class EvalBench(Stage):
     seed: int = 0
     device: str = "cpu"
     arcface: str | None = None
+    judge: str | None = None  # local vision-language model judging instructions on real (non-synth) samples
     drift_segments: int = 4
     out_dir: str = not_param("")  # where the videos go (<workspace>/eval/<run id>)
 
@@ -194,10 +195,13 @@ class EvalBench(Stage):
             out.mkdir(parents=True, exist_ok=True)
             video = out / f"{item['id']}.mp4"
             frames, audio, info = self._stream(item, wave, video)
+        # synth ground truth is scored by synthscore at the case's size; other samples' instructions go
+        # to score_frames (a --judge model, else not_assessed)
+        events = None if item.get("truth") else [{"t": a, "text": text} for a, _, text in json.loads(item["events"] or "[]")]
         try:
             scores = score_frames(frames, info["fps"], audio[: int(round(len(frames) / info["fps"] * 16000))], ref,
-                                  None, EvalOptions(arcface=self.arcface, drift_segments=self.drift_segments,
-                                                    device=self.device))
+                                  events or None, EvalOptions(arcface=self.arcface, judge=self.judge,
+                                                              drift_segments=self.drift_segments, device=self.device))
         except EvalError as e:  # e.g. no face in the reference: the video scores stay null, said in notes
             scores = {}
             info["notes"].append(f"video scores not assessed: {e}")
@@ -213,6 +217,9 @@ class EvalBench(Stage):
             row[k] = v if not isinstance(v, str) or k in ("identity_embedder", "sync_method") else None
         if item.get("truth"):
             row.update(_synth_numbers(frames, info["fps"], item["truth"]))
+        elif isinstance(scores.get("instructions"), dict):  # judged by a local model
+            judged = scores["instructions"]
+            row.update(instr_events=judged.get("events"), instr_success=judged.get("success_rate"))
         return [row]
 
 
