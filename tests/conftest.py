@@ -4,7 +4,6 @@ for pipes, signals and torchrun)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import traceback
@@ -85,13 +84,6 @@ def vidu(*args: str, cwd: Path | None = None, input: str | None = None, check: b
     if check and proc.returncode != 0:
         raise AssertionError(f"vidu {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
-
-
-@pytest.fixture
-def vidu_bin() -> str:
-    exe = shutil.which("vidu", path=str(Path(sys.executable).parent))
-    assert exe, "the vidu console script is not installed next to this python"
-    return exe
 
 
 @pytest.fixture(scope="session")
