@@ -5,8 +5,9 @@ to it. Several runs go side by side (`vidu eval --compare RUN...`).
     runs = load_runs(root, ["eval-1a2b", "eval-3c4d"])    # run id prefixes or manifest paths
     console.print(summary_table(runs)); write_report(runs, Path("report/"))
 
-Aggregates over a run's ok rows: means of per-sample scores; instruction success pooled over events
-(successes / events); latency percentiles pooled over events and over chunks. Scores of different
+Aggregates over a run's ok rows: means of per-sample scores; medians of the synth drift ratios (a
+ratio to a near-zero first part is unstable); instruction success pooled over events (successes /
+events); latency percentiles pooled over events and over chunks. Scores of different
 identity embedders or sync methods are never put in one row: each gets its own.
 """
 from __future__ import annotations
@@ -100,8 +101,8 @@ def summarize(run: Run) -> dict:
               "identity_error", "spurious_per_min", "stream_fps", "first_frame_s"):
         out[k] = _mean(r[k] for r in ok)
     ratios = [json.loads(r["drift_ratios"] or "{}") for r in ok]
-    for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):
-        out[f"ratio_{k}"] = _mean(d.get(k) for d in ratios)
+    for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):  # ratios: median over samples
+        out[f"ratio_{k}"] = _pct([d.get(k) for d in ratios], 50)
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
     out.update(instr_events=events, instr_success=wins / events if events else None,
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
@@ -136,11 +137,11 @@ METRICS = [
     ("sharpness", "sharpness", "{:.4f}"), ("flicker", "flicker", "{:.4f}"),
     ("drift_identity", "drift: identity", "{:+.1%}"), ("drift_sharpness", "drift: sharpness", "{:+.1%}"),
     ("drift_motion", "drift: motion", "{:+.1%}"),
-    ("ratio_identity_error", "synth drift, last/first 10 %: identity error", "{:.2f}"),
-    ("ratio_sharpness", "synth drift, last/first 10 %: sharpness", "{:.2f}"),
-    ("ratio_motion", "synth drift, last/first 10 %: motion", "{:.2f}"),
-    ("ratio_sync_r", "synth drift, last/first 10 %: lip-sync r", "{:.2f}"),
-    ("ratio_instructions", "synth drift, last/first 10 %: instructions", "{:.2f}"),
+    ("ratio_identity_error", "synth drift (median), last/first 10 %: identity error", "{:.2f}"),
+    ("ratio_sharpness", "synth drift (median), last/first 10 %: sharpness", "{:.2f}"),
+    ("ratio_motion", "synth drift (median), last/first 10 %: motion", "{:.2f}"),
+    ("ratio_sync_r", "synth drift (median), last/first 10 %: lip-sync r", "{:.2f}"),
+    ("ratio_instructions", "synth drift (median), last/first 10 %: instructions", "{:.2f}"),
     ("stream_fps", "stream fps", "{:.1f}"), ("first_frame_s", "first-frame latency (s)", "{:.2f}"),
     ("chunk_ms_p50", "chunk latency p50 (ms)", "{:.0f}"), ("chunk_ms_p90", "chunk latency p90 (ms)", "{:.0f}"),
     ("chunk_ms_p99", "chunk latency p99 (ms)", "{:.0f}"),
