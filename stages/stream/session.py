@@ -301,21 +301,25 @@ class Session:
         return samples
 
 
+_finalising = threading.Event()     # run_session is closing its sinks: SIGTERM has nothing left to stop
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (docker stop, systemd) arrived: the stream ends like Ctrl-C, its outputs finalised."""
 
 
 @contextmanager
 def stop_on_signals():
-    """While inside: the first SIGTERM raises Terminated in the main thread (later ones are ignored, so
-    finalising an mp4 is not cut short); the previous handler is restored on exit."""
+    """While inside: the first SIGTERM raises Terminated in the main thread; later ones, and any that
+    arrive while run_session closes its sinks, are ignored, so finalising an mp4 is not cut short. The
+    previous handler is restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     fired = []
 
     def on_term(signum, frame):
-        if not fired:
+        if not fired and not _finalising.is_set():
             fired.append(signum)
             raise Terminated()
 
@@ -358,8 +362,12 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
     except KeyboardInterrupt:
         reason = "interrupted"
     finally:
-        for sink in sinks:
-            sink.close()
+        _finalising.set()
+        try:
+            for sink in sinks:
+                sink.close()
+        finally:
+            _finalising.clear()
     summary = _stats(s, lat, t_start, sinks, events)
     summary.update(reason=reason, first_chunk_s=first_chunk_s, instructions=s.instruction_log,
                    settings=dict(parts.engine.st.__dict__), notes=parts.notes)
