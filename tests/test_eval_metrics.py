@@ -222,3 +222,22 @@ def test_arcface_alignment_puts_the_five_points_on_the_template(media):
     plain = cv2.resize(rgb, (112, 112), interpolation=cv2.INTER_AREA)  # not aligned: the whole frame
     lm2 = faces.landmarks_in_box(plain, tuple(int(v * 112 / rgb.shape[1]) for v in box))
     assert np.linalg.norm(identity_m.five_points(lm2) - identity_m.ARCFACE_TEMPLATE, axis=1).mean() > 2 * err.mean()  # 9.6 vs 2.3
+
+
+def test_a_long_video_is_scored_in_runs_spread_over_it(media, own):
+    from stages.eval.video import score_frames
+
+    frames, wave = media["frames"], media["wave"]
+    T = len(frames)
+    long = np.concatenate([frames] * 3)  # 14.6 s: three takes of the clip
+    s = score_frames(long, 25.0, np.tile(wave[: T * 640], 3), read_image(media["ref"]),
+                     options=EvalOptions(max_frames=250, identity_every=10))
+    assert s["frames"] == 3 * T and s["scored_frames"] == 250 and s["sync_pieces"] == 2
+    assert s["identity"] > 0.95 and s["face_found"] == 1.0 and abs(s["sync_offset_frames"]) <= 1
+    assert all(v is not None for v in s["drift"]["curves"]["motion"])  # every segment has scored frames
+
+
+def test_decoding_from_a_grid_frame_matches_decoding_from_the_start(media):
+    whole, _ = decode_video(media["clip"], 1500, 160)
+    part, _ = decode_video(media["clip"], 50, 160, start=60)
+    assert part.shape == (50, *whole.shape[1:]) and np.array_equal(part, whole[60:110])

@@ -5,10 +5,12 @@ and instruction following (protocols in stages/eval/metrics/*).
     score_video(Path("gen.mp4"), Path("ref.png"))                       # audio: the video's own track
     score_frames(frames, 25.0, wave, ref_rgb, options=EvalOptions())    # decoded frames, 16 kHz wave
 
-The video is decoded on a 25 fps grid (the SyncNet protocol's rate; frames of other rates are
-resampled to it by nearest preceding frame), at most `max_frames` of them from the start, scaled so
-the longer side is at most `max_side` for analysis. The main face is tracked (stages/sense/mouth.py);
-identity is scored every `identity_every` frames, the mouth and quality on every frame.
+The video is put on a 25 fps grid (the SyncNet protocol's rate; other rates take the latest frame
+shown at each grid time), scaled so the longer side is at most `max_side` for analysis. Up to
+`max_frames` grid frames are all scored; a longer video is scored in runs of CHUNK (5 s) frames
+spread evenly over it, so the drift segments cover all of it. The main face is tracked per run
+(stages/sense/mouth.py); identity on every `identity_every`-th grid frame, lip sync per run (rho
+curves averaged), quality and motion on every scored frame (changes within runs only).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from stages.sense.mouth import FACE_FPS, track_face
 from stages.sense.speech import SAMPLE_RATE
 
 NATIVE_FRAMES = 6  # frames kept at native size for blockiness
+CHUNK = 125  # grid frames (5 s) per scored run when a video is longer than max_frames
 
 
 @dataclass
@@ -37,11 +40,11 @@ class EvalOptions:
     dover: str | None = None  # local DOVER folder (not supported: EvalError)
     judge: str | None = None  # local vision-language model folder judging instructions on real video
     drift_segments: int = 4
-    max_frames: int = 1500  # frames of the 25 fps grid scored (60 s)
+    max_frames: int = 1500  # grid frames scored (60 s); a longer video: runs of CHUNK spread over it
     max_side: int = 320  # analysis size (longer side, px); sharpness depends on it
     identity_every: int = 5  # identity on every 5th frame of the grid (5 per second)
     latency_s: float = 1.0  # an instructed action must start within this after its onset
-    device: str = "cpu"
+    device: str = "cpu"  # accepted for callers; every model here (dlib, onnxruntime CPU, the judge) runs on CPU
 
     def check(self) -> None:
         """Fail fast on options that cannot be honoured (one line each)."""
@@ -76,20 +79,23 @@ def read_image(path: str | Path) -> np.ndarray:
     raise EvalError(f"{path}: no decodable frame")
 
 
-def decode_video(path: str | Path, max_frames: int, max_side: int | None = None) -> tuple[np.ndarray, float]:
-    """Frames on the 25 fps grid from t = 0 of the file's timeline (the audio's origin): at each grid
-    time the latest frame shown by then (the first frame before it starts), at most `max_frames`,
-    the longer side scaled to at most `max_side`; and the video's duration (s)."""
+def decode_video(path: str | Path, max_frames: int, max_side: int | None = None,
+                 start: int = 0) -> tuple[np.ndarray, float]:
+    """Frames on the 25 fps grid of the file's timeline (t = 0: the audio's origin) from grid frame
+    `start`: at each grid time the latest frame shown by then (the first frame before it starts), at
+    most `max_frames`, the longer side scaled to at most `max_side`; and the end of the last decoded
+    frame (s)."""
     from stages.sense.media import MediaError, clip_frames
 
+    t0 = start / FACE_FPS
     try:
-        frames, times = clip_frames(path, 0.0, max_frames / FACE_FPS + 1.0, max_side=max_side)
+        frames, times = clip_frames(path, max(0.0, t0 - 0.5), t0 + max_frames / FACE_FPS + 1.0, max_side=max_side)
     except MediaError as e:
         raise EvalError(f"{path}: {e}") from None
     if len(frames) < 2:
         raise EvalError(f"{path}: fewer than 2 decodable video frames")
     end = float(times[-1] + np.median(np.diff(times)))
-    grid = np.arange(min(max_frames, int(np.floor(end * FACE_FPS + 1e-6)))) / FACE_FPS
+    grid = (start + np.arange(min(max_frames, int(np.floor(end * FACE_FPS + 1e-6)) - start))) / FACE_FPS
     idx = np.maximum(np.searchsorted(times, grid + 1e-6, side="right") - 1, 0)
     return frames[idx], end
 
@@ -133,23 +139,58 @@ def score_video(video: Path, reference: Path | np.ndarray, audio: Path | None = 
     options.check()
     identity_m.load_embedder(options.arcface)  # a model folder that cannot be used fails before decoding
     ref = reference if isinstance(reference, np.ndarray) else read_image(reference)
-    frames, _ = decode_video(video, options.max_frames, options.max_side)
+    spec = load_instructions(instructions)
     wave = load_wave(audio if audio is not None else video)
-    native = native_luma(video, len(frames) / FACE_FPS)
-    out = score_frames(frames, FACE_FPS, wave, ref, load_instructions(instructions), options, native=native)
-    out["video"] = str(video)
+    seconds = video_seconds(video)
+    n_grid = int(np.floor(seconds * FACE_FPS + 1e-6))
+    sel = scored_index(n_grid, options.max_frames)
+    if len(sel) == n_grid:
+        frames, seconds = decode_video(video, n_grid, options.max_side)
+        n_grid = len(frames)
+        sel = np.arange(n_grid)
+    else:
+        chunks = [decode_video(video, CHUNK, options.max_side, start=int(a))[0] for a in sel[::CHUNK]]
+        sel = np.concatenate([a + np.arange(len(c)) for a, c in zip(sel[::CHUNK], chunks)])
+        frames = np.concatenate(chunks)
+    native = native_luma(video, seconds)
+    grid = (lambda: decode_video(video, n_grid)[0]) if spec is not None else None
+    out = _score(frames, sel, n_grid, wave, ref, spec, grid, options, native)
+    out.update(video=str(video), frames=n_grid, seconds=float(seconds))
     if len(native):
         out.update(height=int(native.shape[1]), width=int(native.shape[2]))
     return out
 
 
-def resample_25(frames: np.ndarray, fps: float) -> np.ndarray:
-    """Frames of rate `fps` on the 25 fps grid (the latest frame at or before each grid time)."""
-    if abs(fps - FACE_FPS) < 1e-6:
-        return frames
-    n = int(np.floor(len(frames) / fps * FACE_FPS + 1e-6))
-    idx = np.minimum(np.floor(np.arange(n) / FACE_FPS * fps + 1e-6).astype(int), len(frames) - 1)
-    return frames[idx]
+def video_seconds(path: str | Path) -> float:
+    """End of the video stream on the file's timeline (s), from the demuxed packets."""
+    from stages.sense.media import MediaError, open_container
+
+    try:
+        with open_container(path) as c:
+            if not c.streams.video:
+                raise EvalError(f"{path}: no video stream")
+            v = c.streams.video[0]
+            ends = [float((p.pts + (p.duration or 0)) * v.time_base) for p in c.demux(v) if p.pts is not None]
+    except MediaError as e:
+        raise EvalError(f"{path}: {e}") from None
+    if not ends:
+        raise EvalError(f"{path}: no video frames")
+    return max(ends)
+
+
+def scored_index(n: int, max_frames: int) -> np.ndarray:
+    """Grid frames scored: all of [0, n) when n <= max_frames, else max_frames // CHUNK runs of CHUNK
+    frames spread evenly over the video (so drift segments span all of it)."""
+    if n <= max_frames:
+        return np.arange(n)
+    starts = np.linspace(0, n - CHUNK, max(1, max_frames // CHUNK)).round().astype(int)
+    return np.concatenate([np.arange(a, a + CHUNK) for a in starts])
+
+
+def runs(index: np.ndarray) -> list[slice]:
+    """Positions of the contiguous runs of a sorted index."""
+    cuts = np.flatnonzero(np.diff(index) != 1) + 1
+    return [slice(a, b) for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(index)])]
 
 
 def analysis_size(frames: np.ndarray, max_side: int) -> np.ndarray:
@@ -169,48 +210,68 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
     """Score decoded frames [T, H, W, 3] uint8 at `fps` with their speech `wave` (16 kHz mono
     float32, starting with the first frame; None or empty: no audio) against the RGB `reference`.
 
-    Returns one flat JSON-able dict: identity, identity_embedder, face_found, sync_method,
-    sync_offset_frames, sync_confidence, sync_distance, sharpness, face_sharpness, noise,
-    blockiness, flicker, luma_flicker, exposure, clipped, dover, drift {segments, curves, identity,
-    sharpness, motion}, instructions (a dict, or "not_assessed"), frames, seconds, fps (25, the
-    grid), width, height. Scores that cannot be measured are None (e.g. no face) or "not_assessed"
-    (a model we do not have). `native`: luma [K, H, W] of a few frames at the video's native size
-    for blockiness (default: taken from `frames`)."""
+    Returns one flat JSON-able dict: identity, identity_embedder, reference_face, face_found,
+    sync_method, sync_offset_frames, sync_confidence, sync_distance, sync_curve, sync_pieces,
+    sharpness, face_sharpness, noise, blockiness, flicker, luma_flicker, exposure, clipped, dover,
+    drift {segments, curves, identity, sharpness, motion}, instructions (a dict, or "not_assessed"),
+    frames (input frames), seconds, fps (25, the grid), scored_frames, width, height. Scores that
+    cannot be measured are None (e.g. no face) or "not_assessed" (a model we do not have).
+    Over `max_frames` grid frames, runs of CHUNK frames spread over the whole video are scored.
+    `native`: luma [K, H, W] of a few frames at native size for blockiness (default: from `frames`)."""
     options.check()
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) < 2:
         raise EvalError("frames must be [T >= 2, H, W, 3] uint8 RGB")
-    seconds = len(frames) / fps
-    grid = resample_25(frames, fps)[: options.max_frames]
+    n_grid = int(np.floor(len(frames) / fps * FACE_FPS + 1e-6))
+    src = np.minimum(np.floor(np.arange(n_grid) / FACE_FPS * fps + 1e-6).astype(int), len(frames) - 1)
+    sel = scored_index(n_grid, options.max_frames)
+    small = analysis_size(frames[src[sel]], options.max_side)
     if native is None:
-        native = quality_m.luma(grid[np.linspace(0, len(grid) - 1, min(NATIVE_FRAMES, len(grid))).astype(int)])
-    small = analysis_size(grid, options.max_side)
-    T = len(small)
-    track = track_face(small)
-    ref = analysis_size(reference[None], max(options.max_side, 2 * options.max_side))[0]
+        native = quality_m.luma(frames[src[sel[np.linspace(0, len(sel) - 1, min(NATIVE_FRAMES, len(sel))).astype(int)]]])
+    grid = (lambda: frames[src]) if instructions is not None else None
+    out = _score(small, sel, n_grid, wave, reference, instructions, grid, options, native)
+    out.update(frames=int(len(frames)), seconds=float(len(frames) / fps), width=int(frames.shape[2]),
+               height=int(frames.shape[1]))
+    return out
+
+
+def _score(small: np.ndarray, sel: np.ndarray, n_grid: int, wave: np.ndarray | None, reference: np.ndarray,
+           instructions, grid, options: EvalOptions, native: np.ndarray) -> dict:
+    """Scores of the analysis-size frames `small` at the grid positions `sel` of an n_grid-frame
+    video; `grid()` gives all grid frames at native size (instruction scoring only)."""
+    pieces = runs(sel)
+    tracks = [track_face(small[r]) for r in pieces]
+    landmarks = np.concatenate([t.landmarks for t in tracks])
+    boxes = [b for t in tracks for b in t.boxes]
+    found = np.concatenate([t.found[t.detected] for t in tracks])
+    ref = analysis_size(reference[None], 2 * options.max_side)[0]
 
     embedder = identity_m.load_embedder(options.arcface)
-    id_idx = np.arange(0, T, options.identity_every)
+    id_pos = np.flatnonzero(sel % options.identity_every == 0)
     ref_found = True
     try:
         ref_box, ref_lm = identity_m.reference_face(ref)
         ref_vec = embedder(ref, ref_box, ref_lm)
-        ident = identity_m.identity_curve(small, track.landmarks, track.boxes, id_idx, embedder, ref_vec)
-    except identity_m.NoReferenceFace:  # e.g. the synthetic world's cartoon faces: identity unknown
-        ident, ref_found = np.full(len(id_idx), np.nan), False
+        ident = identity_m.identity_curve(small, landmarks, boxes, id_pos, embedder, ref_vec)
+    except identity_m.NoReferenceFace:  # e.g. a face dlib cannot find: identity not scored
+        ident, ref_found = np.full(len(id_pos), np.nan), False
 
+    hop = int(SAMPLE_RATE / FACE_FPS)
+    curves = [sync_m.sync_curve(landmarks[r], None if wave is None else wave[sel[r.start] * hop:])
+              for r in pieces]
     Y = quality_m.luma(small)
+    motion = [quality_m.frame_change(Y[r]) for r in pieces]
     out = {"identity": float(np.nanmean(ident)) if (~np.isnan(ident)).any() else None,
            "identity_embedder": embedder.name, "reference_face": ref_found,
-           "face_found": float(track.found[track.detected].mean())}
-    out.update(sync_m.score_sync(track.landmarks, wave, options.syncnet))
-    out.update(quality_m.quality(Y, native, track.boxes))
+           "face_found": float(found.mean())}
+    out.update(sync_m.sync_fields(curves))
+    out.update(quality_m.quality(Y, native, boxes))
+    out["flicker"] = float(np.concatenate(motion).mean())  # within pieces only
     out["dover"] = NOT_ASSESSED
-    motion = quality_m.frame_change(Y)
-    out["drift"] = drift_m.drift({"identity": (ident, id_idx),
-                                  "sharpness": (quality_m.frame_sharpness(Y), np.arange(T)),
-                                  "motion": (motion, np.arange(1, T))}, T, options.drift_segments)
-    out["instructions"] = instructions_m.score_instructions(instructions, grid, FACE_FPS, options.latency_s,
-                                                            options.judge)
-    out.update(frames=int(len(frames)), seconds=float(seconds), fps=FACE_FPS, scored_frames=T,
-               width=int(frames.shape[2]), height=int(frames.shape[1]))
+    out["drift"] = drift_m.drift({"identity": (ident, sel[id_pos]),
+                                  "sharpness": (quality_m.frame_sharpness(Y), sel),
+                                  "motion": (np.concatenate(motion), np.concatenate([sel[r][1:] for r in pieces]))},
+                                 n_grid, options.drift_segments)
+    out["instructions"] = (instructions_m.score_instructions(instructions, grid(), FACE_FPS, options.latency_s,
+                                                             options.judge) if instructions is not None else NOT_ASSESSED)
+    out.update(fps=FACE_FPS, scored_frames=int(len(sel)))
     return out

@@ -21,7 +21,8 @@ a canonical-correlation audio-visual synchrony measure (after Slaney & Covell 20
 - `sync_offset_frames` = argmax rho, `sync_confidence` = max rho - median rho, `sync_distance` =
   2 (1 - max rho): the mean squared difference of the unit-variance canonical variates at the best
   offset (0 = locked, lower is better). `sync_curve` keeps rho(k).
-Needs T >= 55 frames (2.2 s) with a face in 25 of the fitted frames; else the fields are None.
+Needs T >= 55 frames (2.2 s) with a face in 25 of the fitted frames; else the fields are None. A long
+video scored in pieces (stages/eval/video.py) averages the pieces' rho curves (`sync_pieces`).
 
 Measured through score_video (analysis size 320) on the five retalking clips (../shared/media/talking,
 5-6 s each), clips 1-5: own audio, offsets -2, -9, +2, -2, -1; audio delayed 0.5 s: +11, +14, +13,
@@ -116,23 +117,37 @@ def canonical_curve(mouth: np.ndarray, speech: np.ndarray, face: np.ndarray, max
     return np.array([first_canonical(mouth[t], speech[t + k]) for k in range(-max_offset, max_offset + 1)])
 
 
-def score_sync(landmarks: np.ndarray, wave: np.ndarray | None, syncnet: str | None = None) -> dict:
-    """The sync fields of one video from its face track's landmarks ([T, 68, 2] at 25 fps, nan: no
-    face) and its 16 kHz wave."""
-    if syncnet:
-        check_syncnet(syncnet)
-    out = {"sync_method": PROXY, "sync_offset_frames": None, "sync_confidence": None, "sync_distance": None,
-           "sync_curve": None}
+def sync_curve(landmarks: np.ndarray, wave: np.ndarray | None) -> np.ndarray | None:
+    """rho(k) of one contiguous piece: landmarks [T, 68, 2] at 25 fps (nan: no face) and the 16 kHz
+    wave starting at its first frame; None when too short or without enough face or sound."""
     T = len(landmarks)
     face = ~np.isnan(landmarks).any(axis=(1, 2))
     if wave is None or len(wave) < SAMPLE_RATE // 2 or T < 2 * MAX_OFFSET + MIN_FRAMES \
             or face[MAX_OFFSET:T - MAX_OFFSET].sum() < MIN_FRAMES:
-        return out
+        return None
     shape = lip_shape(np.where(face[:, None, None], landmarks, 0.0).astype(np.float64))
     shape[~face] = shape[face].mean(0)  # frames without a face are not fitted; this keeps the PCA finite
     mel = log_mel(wave, T)
-    r = canonical_curve(components(shape, N_MOUTH), components(mel - mel.mean(0), N_SPEECH), face)
+    return canonical_curve(components(shape, N_MOUTH), components(mel - mel.mean(0), N_SPEECH), face)
+
+
+def sync_fields(curves: list[np.ndarray | None]) -> dict:
+    """The sync fields from the rho curves of one or more pieces (averaged: pieces of a long video)."""
+    curves = [c for c in curves if c is not None]
+    out = {"sync_method": PROXY, "sync_offset_frames": None, "sync_confidence": None, "sync_distance": None,
+           "sync_curve": None, "sync_pieces": len(curves)}
+    if not curves:
+        return out
+    r = np.mean(curves, axis=0)
     k = int(np.argmax(r))
     out.update(sync_offset_frames=k - MAX_OFFSET, sync_confidence=float(r[k] - np.median(r)),
                sync_distance=float(2 * (1 - r[k])), sync_curve=[round(float(v), 4) for v in r])
     return out
+
+
+def score_sync(landmarks: np.ndarray, wave: np.ndarray | None, syncnet: str | None = None) -> dict:
+    """The sync fields of one contiguous video from its face track's landmarks ([T, 68, 2] at 25 fps,
+    nan: no face) and its 16 kHz wave."""
+    if syncnet:
+        check_syncnet(syncnet)
+    return sync_fields([sync_curve(landmarks, wave)])
