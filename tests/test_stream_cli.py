@@ -243,6 +243,7 @@ def test_session_policy_lives_in_the_library(audio, serving, seconds, realtime, 
     o = SessionOptions.for_inputs(audio, serving, seconds, realtime)
     assert (o.max_seconds, o.live_audio, o.audio_ends_stream, o.realtime) == expect
     assert o.instruction == "a person talking to the camera"      # models.config.NEUTRAL_TEXT
+    assert SessionOptions.for_inputs(audio, serving, instruction="w" * 3000).instruction == "w" * 1000   # as stdin
 
 
 class Closing(Recorder):

@@ -28,7 +28,7 @@ from models.audio import chunk_waveform, window_features
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
-from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, Stop, StreamError
+from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, Stop, StreamError, instruction_text
 
 AUDIO_WAIT_S = 30.0         # a file / stdin source silent this long is an error
 NO_AUDIO_SECONDS = 10.0     # a stream with no audio source and no page stops after this much video
@@ -67,11 +67,12 @@ class SessionOptions:
         """The policy of a stream with audio `audio` (a file, "-" for stdin PCM, "mic", or None) and a
         web page or not: live audio (mic, the page) is not waited for; output is paced to the clock
         when serving or from a mic unless `realtime` says otherwise; a file or stdin ending ends the
-        stream; with no audio and no page the stream stops after NO_AUDIO_SECONDS unless `seconds`."""
+        stream; with no audio and no page the stream stops after NO_AUDIO_SECONDS unless `seconds`.
+        The first instruction is cleaned and capped like those typed later (events.instruction_text)."""
         live = audio in (None, "mic")
         if seconds is None and audio is None and not serving:
             seconds = NO_AUDIO_SECONDS
-        return cls(instruction=instruction or NEUTRAL_TEXT, max_seconds=seconds, live_audio=live,
+        return cls(instruction=instruction_text(instruction or "") or NEUTRAL_TEXT, max_seconds=seconds, live_audio=live,
                    audio_ends_stream=not live, realtime=(serving or audio == "mic") if realtime is None else realtime,
                    audio_out=audio_out)
 
