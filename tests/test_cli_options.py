@@ -32,9 +32,11 @@ BOUNDARY = {int: ("0", "-1", "1000000000000"), float: ("0", "-1", "1e12")}
 def commands(group) -> list[tuple[tuple[str, ...], object]]:
     """(path, command) of every registered command, subcommand and group under `group`."""
     out = []
-    for name, cmd in group.commands.items():
+    ctx = typer.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
         out.append(((name,), cmd))
-        if hasattr(cmd, "commands"):
+        if hasattr(cmd, "list_commands"):
             out += [((name, *path), sub) for path, sub in commands(cmd)]
     return out
 
@@ -128,9 +130,10 @@ CLI_OWN = {("embed", "out")}  # the stage needs a folder; the command's default 
 
 def test_stage_options_take_default_and_range_from_the_dataclass():
     root = get_command(app)
+    ctx = typer.Context(root)
     compared = 0
     for name, classes in STAGE_OF.items():
-        params = {p.name: p for p in root.commands[name].params}
+        params = {p.name: p for p in root.get_command(ctx, name).params}
         for cls in classes:
             for f in dataclasses.fields(cls):
                 p = params.get(CLI_NAME.get((name, f.name), f.name))

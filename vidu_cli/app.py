@@ -4,33 +4,48 @@ Run: vidu --help, or python -m vidu_cli --help.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 from typing import Annotated
 
 import typer
 
-from vidu_cli.caption import caption
-from vidu_cli.clip import clip
-from vidu_cli.demo import demo
-from vidu_cli.diarize import diarize
-from vidu_cli.embed import embed
-from vidu_cli.eval import eval
-from vidu_cli.filter import filter
-from vidu_cli.model import model
-from vidu_cli.prefilter import prefilter
 from vidu_cli.report import OneLineErrors
-from vidu_cli.runs import runs
-from vidu_cli.show import show
-from vidu_cli.sql import sql
-from vidu_cli.stream import stream
-from vidu_cli.synth import synth
-from vidu_cli.train import train
 
-app = typer.Typer(cls=OneLineErrors, help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
+# name -> "module:attribute" (a function becomes a command, a Typer app a command group), in help order.
+# Commands load on first use, so `vidu runs` does not pay for torch and the media stack.
+COMMANDS = {
+    "prefilter": "vidu_cli.prefilter:prefilter", "clip": "vidu_cli.clip:clip", "filter": "vidu_cli.filter:filter",
+    "diarize": "vidu_cli.diarize:diarize", "caption": "vidu_cli.caption:caption", "embed": "vidu_cli.embed:embed",
+    "synth": "vidu_cli.synth:synth", "train": "vidu_cli.train:train", "stream": "vidu_cli.stream:stream",
+    "eval": "vidu_cli.eval:eval", "model": "vidu_cli.model:model", "runs": "vidu_cli.runs:runs",
+    "show": "vidu_cli.show:show", "sql": "vidu_cli.sql:sql", "demo": "vidu_cli.demo:demo",
+}
+
+
+class LazyCommands(OneLineErrors):
+    """The root group: lists COMMANDS and imports a command's module only when it is used."""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: typer.Context, name: str):
+        if name not in self.commands and name in COMMANDS:
+            module, attr = COMMANDS[name].split(":")
+            obj = getattr(importlib.import_module(module), attr)
+            if isinstance(obj, typer.Typer):
+                cmd = typer.main.get_group(obj)
+            else:
+                single = typer.Typer(add_completion=False)
+                single.command(name=name)(obj)
+                cmd = typer.main.get_command(single)
+            cmd.name = name
+            self.commands[name] = cmd
+        return self.commands.get(name)
+
+
+app = typer.Typer(cls=LazyCommands, help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-for command in (prefilter, clip, runs, show, sql, demo, stream, train, synth, embed, caption, filter, diarize, eval):
-    app.command()(command)
-app.add_typer(model, name="model")
 
 
 def _print_version(value: bool) -> None:
