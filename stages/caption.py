@@ -44,6 +44,7 @@ import numpy as np
 from scipy import signal
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
+from manifests.schemas import CAPTION_COLUMNS
 from stages.sense.media import clip_audio, clip_frames
 from stages.run import Stage, base_row, ranged
 
@@ -388,15 +389,9 @@ class Caption(Stage):
     name: ClassVar[str] = "caption"
     kind: ClassVar[str] = "captioned"
     version: ClassVar[str] = "1"
-    reads: ClassVar[tuple[str, ...]] = (
-        "video_path", "start_s", "end_s", "speech_segments", "subject_count", "face_frame_ratio", "face_area_ratio",
-        "face_box", "camera_motion", "subject_motion", "speakers", "onscreen_s", "offscreen_s", "overlap_s",
-        "speech_turns")
-    writes: ClassVar[tuple[str, ...]] = (
-        "caption", "caption_source", "chunk_captions", "chunk_source", "cap_subject", "cap_people", "cap_action",
-        "cap_motion", "cap_emotion", "cap_scene", "cap_camera", "cap_lighting", "cap_onscreen_text", "cap_dialogue",
-        "cap_sound", "cap_music", "transcript", "vlm_answer", "loudness_lufs", "noise_floor_dbfs", "snr_db",
-        "speech_rate", "speech_rate_unit", "music_score", "brightness", "contrast", "colorfulness")
+    # + the filter and diarize measurements when the input carries them
+    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "speech_segments")
+    writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in CAPTION_COLUMNS)
 
     vlm: str | None = None  # local vision-language model directory
     asr: str | None = None  # local Whisper-family directory

@@ -49,6 +49,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from manifests.schemas import DIARIZE_COLUMNS
 from stages.sense.media import clip_audio, load_audio
 from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_track
 from stages.run import Stage, base_row, ranged
@@ -355,9 +356,8 @@ class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
     version: ClassVar[str] = "2"
-    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "face_box")
-    writes: ClassVar[tuple[str, ...]] = ("diarize_method", "speakers", "onscreen_s", "offscreen_s", "overlap_s",
-                                         "clean_speech_s", "speech_turns")
+    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
+    writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 
     threshold: float = ranged(0.32, min=0, max=2)  # cosine distance where speaker clusters stop merging
     num_speakers: int | None = ranged(None, min=1)

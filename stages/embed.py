@@ -155,8 +155,8 @@ class Embed(Stage):
     name: ClassVar[str] = "embed"
     kind: ClassVar[str] = "samples"
     version: ClassVar[str] = "1"
-    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "face_box", "caption",
-                                        "caption_source", "speech_segments")
+    # + face_box, caption, caption_source when the input carries them
+    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "speech_segments")
     writes: ClassVar[tuple[str, ...]] = tuple((
         "clip_id video_path sample_index start_s end_s preset frames height width fps source_fps repeated_frames "
         "crop_box crop_center speech_coverage latent_kind latent_shape audio_shape wave_samples text_encoder "

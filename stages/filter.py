@@ -42,6 +42,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
+from manifests.schemas import FILTER_COLUMNS
 from stages.sense.media import clip_frames
 from stages.run import Stage, base_row, ranged
 
@@ -431,11 +432,7 @@ class Filter(Stage):
     kind: ClassVar[str] = "filtered"
     version: ClassVar[str] = "1"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")
-    writes: ClassVar[tuple[str, ...]] = (
-        "subject_count", "face_frame_ratio", "face_area_ratio", "face_box", "camera_motion", "subject_motion",
-        "subject_detector", "face_tracks", "frames_sampled", "sharpness", "luma_mean", "clipped_ratio",
-        "blockiness", "flicker", "jitter", "static_overlay_ratio", "text_score", "safety_status", "safety_score",
-        "safety_label", "omni_status") + tuple(f"omni_{k}" for k in OMNI_KEYS)
+    writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in FILTER_COLUMNS)
 
     sample_fps: float = ranged(4.0, min=0.1)
     max_side: int = ranged(480, min=64)

@@ -107,3 +107,44 @@ def test_sigterm_stops_like_ctrl_c_and_resumes(many, uninterrupted, tmp_path):
     (run,) = catalog.runs(work)
     assert run["state"] == "done" and run["attempts"] == 2 and 0 < run["rows_reused"] < len(resumed)
     assert resumed == uninterrupted
+
+
+def test_declared_columns_are_checked_before_any_work(tmp_path):
+    """A stage's `writes` must be columns of its output kind, and items must carry what it `reads`."""
+    import dataclasses
+    from typing import ClassVar
+
+    import pytest
+    from manifests.schemas import SCHEMAS
+    from stages.run import Stage
+    from stages.run.contract import check_columns
+    from stages.caption import Caption
+    from stages.clip import Clip
+    from stages.diarize import Diarize
+    from stages.embed import Embed
+    from stages.filter import Filter
+    from stages.prefilter import Prefilter
+    from stages.synth import Synth
+
+    for cls in (Prefilter, Clip, Filter, Diarize, Caption, Embed, Synth):
+        assert set(cls.writes) <= set(SCHEMAS[cls.kind].names), cls.name
+        assert set(cls.reads) <= set(SCHEMAS["clips"].names) | {"path", "seed"}, cls.name
+    # the chain stages' writes are exactly the columns their kind adds over the kind before it
+    assert set(Filter.writes) == set(SCHEMAS["filtered"].names) - set(SCHEMAS["clips"].names)
+    assert set(Diarize.writes) == set(SCHEMAS["diarized"].names) - set(SCHEMAS["filtered"].names)
+    assert set(Caption.writes) == set(SCHEMAS["captioned"].names) - set(SCHEMAS["diarized"].names)
+
+    check_columns(Clip(), [{"id": "a", "path": "x.mp4"}])
+    with pytest.raises(ValueError, match=r"^clip needs input column\(s\) path; "):
+        check_columns(Clip(), [{"id": "a"}])
+
+    @dataclasses.dataclass
+    class Wrong(Stage):
+        name: ClassVar[str] = "wrong"
+        kind: ClassVar[str] = "clips"
+        version: ClassVar[str] = "1"
+        reads: ClassVar[tuple[str, ...]] = ()
+        writes: ClassVar[tuple[str, ...]] = ("start_s", "no_such_column")
+
+    with pytest.raises(ValueError, match="writes no_such_column, not in the clips schema"):
+        check_columns(Wrong(), [])

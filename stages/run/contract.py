@@ -24,8 +24,8 @@ class Stage:
     name: ClassVar[str]  # e.g. "prefilter"; also the SQL view name
     kind: ClassVar[str]  # output manifest kind, a key of manifests.schemas.SCHEMAS
     version: ClassVar[str]  # bump when the same inputs and parameters would give other rows
-    reads: ClassVar[tuple[str, ...]]  # input columns used
-    writes: ClassVar[tuple[str, ...]]  # output columns set
+    reads: ClassVar[tuple[str, ...]]  # input columns the stage needs: the runner refuses items without them
+    writes: ClassVar[tuple[str, ...]]  # columns the stage adds: must be columns of its output kind
 
     def setup(self) -> None:
         """Load models once per worker."""
@@ -94,3 +94,15 @@ def base_row(kind: str, **values) -> dict:
     row.update(values)
     return row
 
+
+def check_columns(stage: Stage, items: list[dict]) -> None:
+    """Refuse, before any work, a stage whose declared columns do not fit its output schema, or
+    input items that lack a column the stage reads (one line naming the columns)."""
+    names = set(SCHEMAS[stage.kind].names)
+    undeclared = [c for c in stage.writes if c not in names]
+    if undeclared:
+        raise ValueError(f"stage {stage.name} writes {', '.join(undeclared)}, not in the {stage.kind} schema")
+    missing = sorted({c for it in items for c in stage.reads if c not in it})
+    if missing:
+        raise ValueError(f"{stage.name} needs input column(s) {', '.join(missing)}; the input has none "
+                         f"(give it the manifest of the stage before it)")

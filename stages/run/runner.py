@@ -44,7 +44,7 @@ from manifests import catalog
 from manifests.io import (ManifestError, check_writable, os_fault, read_manifest, read_meta, rows as table_rows,
                           set_aside, show_path, to_table, write_table)
 from manifests.schemas import SCHEMAS
-from stages.run.contract import RunResult, Stage
+from stages.run.contract import RunResult, Stage, check_columns
 from stages.run.local import execute_local
 
 FLUSH_SECONDS = float(os.environ.get("VIDU_FLUSH_SECONDS", "2.0"))  # resume-point interval
@@ -220,6 +220,7 @@ def run_stage(stage: Stage, items: list[dict], fingerprint: list, inputs: list[s
     """
     t0 = time.monotonic()
     say = _warn(quiet)
+    check_columns(stage, items)
     run_id = run_id_for(stage, fingerprint)
     out = root / "manifests" / f"{run_id}.parquet"
     cached = _finished(run_id, out, root, say)
