@@ -15,7 +15,7 @@ from pathlib import Path
 
 import duckdb
 
-from manifests.io import json_text, show_path, text_in, text_out
+from manifests.io import json_text, show_path, text_out
 
 RUNS_DDL = """
 CREATE TABLE IF NOT EXISTS runs (

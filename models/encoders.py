@@ -67,25 +67,6 @@ class TextEncoder:
         return h[:, : int(tok.attention_mask.sum(1).max())].float()
 
 
-class ImageError(ValueError):
-    """The reference image cannot be used (message is one line)."""
-
-
-def load_image(path: str | Path, height: int, width: int) -> torch.Tensor:
-    """Image file -> [1, 3, 1, H, W] in [-1, 1]: scaled to cover H x W, centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"not a readable image: {path} ({type(e).__name__})") from None
-    return image_tensor(np.asarray(im), height, width)
-
-
 def image_tensor(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
     """HxWx3 uint8 -> [1, 3, 1, height, width] in [-1, 1], cover-scaled and centre-cropped."""
     from PIL import Image

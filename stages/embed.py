@@ -31,9 +31,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar

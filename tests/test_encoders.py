@@ -76,7 +76,11 @@ def test_minilm_text_encoder_is_offline_and_pads_with_zeros():
 
 def test_reference_image_is_cover_scaled_and_cropped(tmp_path):
     from PIL import Image
-    from models.encoders import ImageError, load_image
+    from models.encoders import image_tensor
+    from stages.sense.image import ImageError, read_image
+
+    def load_image(path, height, width):
+        return image_tensor(read_image(path), height, width)
     rgb = np.zeros((100, 300, 3), np.uint8)
     rgb[:, :100] = (255, 0, 0)                          # red left third, black elsewhere
     rgb[:, 100:200] = (0, 255, 0)                       # green middle third

@@ -1,7 +1,6 @@
 """`vidu clip --materialize`: each clip file decodes to exactly frames [start_frame, end_frame) of
 its source, counted as the decoder counts them (retalking_1: variable frame rate, video starting
 at 0.033 s), with the source's content and timing."""
-from pathlib import Path
 
 import av
 import numpy as np

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.stream.events import MAX_INSTRUCTION_CHARS, EventQueue, Instruction, StreamError, instruction_text
-from stages.stream.image import read_reference
+from stages.stream.events import MAX_INSTRUCTION_CHARS, EventQueue, Instruction, instruction_text
+from stages.sense.image import ImageError, read_image
 from stages.stream.io import read_instructions
 from tests.conftest import vidu
 
@@ -112,7 +111,7 @@ def _saved(tmp_path, name, im, **kw) -> Path:
 
 def test_16_bit_png_keeps_its_grey_levels(tmp_path):
     ramp = np.tile(np.array([0, 16384, 32768, 65535], np.uint16), (4, 1))
-    rgb = read_reference(_saved(tmp_path, "g16.png", Image.fromarray(ramp)))
+    rgb = read_image(_saved(tmp_path, "g16.png", Image.fromarray(ramp)))
     assert rgb.dtype == np.uint8 and rgb.shape == (4, 4, 3)
     assert rgb[0, :, 0].tolist() == [0, 64, 128, 255]          # Pillow's convert("RGB") gave 0, 255, 255, 255
     assert (rgb[..., 0] == rgb[..., 2]).all()
@@ -122,30 +121,30 @@ def test_palette_exif_rotation_and_alpha(tmp_path):
     pal = Image.new("P", (6, 4))
     pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     pal.paste(1, (0, 0, 3, 4))
-    rgb = read_reference(_saved(tmp_path, "pal.png", pal))
+    rgb = read_image(_saved(tmp_path, "pal.png", pal))
     assert rgb[0, 0].tolist() == [10, 200, 30] and rgb[0, 5].tolist() == [0, 0, 0]
 
     wide = np.zeros((10, 20, 3), np.uint8)
     wide[:, :10] = (255, 0, 0)                           # left half red
     exif = Image.Exif()
     exif[0x0112] = 6                                     # Orientation: rotate 90 degrees clockwise to view
-    rgb = read_reference(_saved(tmp_path, "rot.jpg", Image.fromarray(wide), exif=exif, quality=95))
+    rgb = read_image(_saved(tmp_path, "rot.jpg", Image.fromarray(wide), exif=exif, quality=95))
     assert rgb.shape == (20, 10, 3)                      # shown upright: portrait
     assert rgb[2, 5, 0] > 200 and rgb[17, 5, 0] < 60     # red on top after the rotation
-    plain = read_reference(_saved(tmp_path, "plain.jpg", Image.fromarray(wide), quality=95))
+    plain = read_image(_saved(tmp_path, "plain.jpg", Image.fromarray(wide), quality=95))
     assert plain.shape == (10, 20, 3)                    # negative control: no tag, no rotation
 
     rgba = np.zeros((4, 4, 4), np.uint8)                 # hidden colour black, fully transparent ...
     rgba[:2, :, :] = (0, 0, 255, 255)                    # ... except the top half: opaque blue
-    rgb = read_reference(_saved(tmp_path, "a.png", Image.fromarray(rgba, "RGBA")))
+    rgb = read_image(_saved(tmp_path, "a.png", Image.fromarray(rgba, "RGBA")))
     assert rgb[0, 0].tolist() == [0, 0, 255] and rgb[3, 3].tolist() == [255, 255, 255]
 
 
 def test_pixel_limit(tmp_path):
     path = _saved(tmp_path, "big.png", Image.new("L", (300, 200)))
-    assert read_reference(path, max_pixels=60_000).shape == (200, 300, 3)
-    with pytest.raises(StreamError, match=r"is 300x200 \(0 megapixels\), more than the limit"):
-        read_reference(path, max_pixels=59_999)
+    assert read_image(path, max_pixels=60_000).shape == (200, 300, 3)
+    with pytest.raises(ImageError, match=r"is 300x200 \(0 megapixels\), more than the limit"):
+        read_image(path, max_pixels=59_999)
 
 
 # ---- one line, exit 2, before the model loads

@@ -91,9 +91,12 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     from models.encoders import TextEncoder, image_tensor
     from models.taehv import TAEHV
     from stages.stream.decoders import PCADecoder
-    from stages.stream.image import read_reference
+    from stages.sense.image import ImageError, read_image
     notes = []
-    rgb = read_reference(image)                                  # [H, W, 3] uint8
+    try:
+        rgb = read_image(image)                                  # [H, W, 3] uint8
+    except ImageError as e:
+        raise StreamError(str(e)) from None
     cfg, trained = get_preset(preset), None
     if ckpt:
         own, trained = checkpoint_config(ckpt), checkpoint_sampling(ckpt)

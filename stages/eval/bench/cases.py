@@ -261,7 +261,7 @@ class BenchSamples(Stage):
                 "seconds": len(wave) / 16000}
 
     def _folder(self, item: dict, out: Path) -> dict:
-        from PIL import Image
+        from stages.sense.image import ImageError, read_image
         from stages.sense.media import MediaError, load_audio
         spec, d = item["spec"], Path(item["dir"])
         row = base_row("bench_samples", id=item["id"], bench=self.bench, source=f"{d / 'samples.jsonl'}:{item['line']}")
@@ -277,9 +277,9 @@ class BenchSamples(Stage):
             if p is not None and not p.is_file():
                 return {**row, "status": "rejected", "reasons": [code], "error": f"{p}: no such file"}
         try:
-            rgb = np.asarray(Image.open(image).convert("RGB"))
-        except Exception as e:  # PIL raises several types for a file that is not an image
-            return {**row, "status": "rejected", "reasons": ["image_unreadable"], "error": f"{image}: {type(e).__name__}"}
+            rgb = read_image(image)
+        except ImageError as e:
+            return {**row, "status": "rejected", "reasons": ["image_unreadable"], "error": str(e)}
         try:
             wave = self._cut(load_audio(audio, 16000))
         except (MediaError, Exception) as e:  # av.error.* on damaged streams

@@ -122,7 +122,7 @@ class EvalBench(Stage):
         import torch
         from models.encoders import image_tensor
         from stages.stream.engine import StreamEngine
-        from stages.stream.image import read_reference
+        from stages.sense.image import read_image
         from stages.stream.session import load_parts
         if self._base is None:
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -131,7 +131,7 @@ class EvalBench(Stage):
                                     self.text_encoder_path, self.device, dtype, self.seed)
         base = self._base
         cfg, eng = base.cfg, base.engine
-        img = image_tensor(read_reference(image), cfg.height, cfg.width)  # [1, 3, 1, H, W] in [-1, 1]
+        img = image_tensor(read_image(image), cfg.height, cfg.width)  # [1, 3, 1, H, W] in [-1, 1]
         with torch.no_grad():
             frames = ((img[:, :, 0] + 1) / 2)[:, None].to(eng.device)  # [1, 1, 3, H, W] in [0, 1]
             ref = base.decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
@@ -239,8 +239,8 @@ def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str) -> dict:
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(path).convert("RGB"))
+    from stages.sense.image import read_image
+    return read_image(path)
 
 
 def _json_default(o):

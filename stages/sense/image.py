@@ -1,6 +1,6 @@
-"""The reference image of a stream, read as 8-bit RGB whatever the file holds.
+"""Reference images, read as 8-bit RGB whatever the file holds (stream, eval and bench use this).
 
-    rgb = read_reference("face.png")        # [H, W, 3] uint8
+    rgb = read_image("face.png")            # [H, W, 3] uint8
 
 Normalised: EXIF orientation applied; 16-bit and 32-bit integer and float greyscale scaled to 8 bits
 (Pillow's convert("RGB") clips them, so a 16-bit PNG became white); palette, greyscale and CMYK
@@ -14,33 +14,36 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.stream.events import StreamError
 
 MAX_PIXELS = 40_000_000     # ~ 7700 x 5200: larger than any camera still a reference needs
 BACKGROUND = (255, 255, 255)
 
 
-def read_reference(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """[H, W, 3] uint8 RGB of the image at `path`, or a one-line StreamError."""
+class ImageError(ValueError):
+    """An image that cannot be used (missing, unreadable, too large): one line."""
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """[H, W, 3] uint8 RGB of the image at `path`, or a one-line ImageError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     path = Path(path)
     if not path.is_file():
-        raise StreamError(f"image not found: {path}" if not path.exists() else f"not a readable image: {path} (a folder)")
+        raise ImageError(f"image not found: {path}" if not path.exists() else f"not a readable image: {path} (a folder)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise StreamError(_too_large(path, w, h, max_pixels))
+                    raise ImageError(_too_large(path, w, h, max_pixels))
                 im.load()
                 return _rgb(ImageOps.exif_transpose(im))
     except Image.DecompressionBombError:
-        raise StreamError(_too_large(path, *_size(path), max_pixels)) from None
+        raise ImageError(_too_large(path, *_size(path), max_pixels)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if isinstance(e, StreamError):
+        if isinstance(e, ImageError):
             raise
-        raise StreamError(f"not a readable image: {path} ({type(e).__name__})") from None
+        raise ImageError(f"not a readable image: {path} ({type(e).__name__})") from None
 
 
 def _size(path: Path) -> tuple[int, int]:
