@@ -7,8 +7,9 @@ import errno
 import importlib.metadata
 import json
 import os
-import shutil
+import sys
 import time
+import shutil
 from contextlib import chdir
 from pathlib import Path
 
@@ -193,9 +194,7 @@ def test_read_only_file_system(src, tmp_path, monkeypatch):
         return real(path, flags, *a, **kw)
 
     monkeypatch.setattr(os, "open", erofs)
-    t0 = time.monotonic()
     line = one_line_error(*run("prefilter", str(src), "--workdir", str(work), "-q")[::2])
-    assert time.monotonic() - t0 < 10  # refused before any work
     assert str(work) in line and "read-only file system" in line and "--workdir" in line
     monkeypatch.undo()
     assert catalog.runs(work) == []  # nothing was started
@@ -235,14 +234,21 @@ def test_disk_full_mid_run_then_resume(src, tmp_path, monkeypatch):
     assert rec["state"] == "done" and rec["rows_reused"] == 2 and rec["attempts"] == 2
 
 
-def test_corrupt_catalog_is_named_quickly(tmp_path):
+def test_corrupt_catalog_is_named_at_once(tmp_path, monkeypatch):
     work = tmp_path / "w"
     workspace(work)
     (work / "catalog.duckdb").write_bytes(b"\x00garbage" * 4096)
+    waits, sleep = [], time.sleep
+
+    def pause(seconds):  # the catalog's lock-retry loop pauses through time.sleep; others pass through
+        if sys._getframe(1).f_globals.get("__name__") == catalog.__name__:
+            waits.append(seconds)
+        sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", pause)
     for args in (["runs"], ["sql", "SELECT 1"], ["prefilter", str(tmp_path / "nothing"), "-q"]):
-        t0 = time.monotonic()
         line = one_line_error(*run(*args, "--workdir", str(work))[::2])
-        assert time.monotonic() - t0 < 5, args  # no 30 s of waiting for a lock
+        assert waits == [], args  # not retried as if it were locked
         assert "corrupt" in line and str(work / "catalog.duckdb") in line and "mv " in line, line
         assert "locked" not in line
 
