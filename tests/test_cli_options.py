@@ -119,6 +119,7 @@ def test_every_command_help_has_an_example():
         if r.exit_code != 0 or "Example" not in r.stdout:
             missing.append(" ".join(path))
     assert missing == []
+    assert "Example" in run(app, ["--help"]).stdout  # the root command too
     assert len(commands(get_command(app))) >= 15  # 14 commands, the model group and model info
 
 

@@ -44,7 +44,8 @@ class LazyCommands(OneLineErrors):
         return self.commands.get(name)
 
 
-app = typer.Typer(cls=LazyCommands, help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.",
+app = typer.Typer(cls=LazyCommands, help="vidu: curate, train, distill, stream and evaluate real-time avatar video models.\n\n"
+                  "Example: vidu prefilter raw/ | vidu clip | vidu filter | vidu diarize | vidu caption | vidu embed",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
