@@ -344,16 +344,18 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
     t_start = time.perf_counter()
     first_chunk_s = None
     reason = None
+    due = 0.0                                     # perf_counter time the next chunk may be emitted
     try:
         while reason is None and (reason := s.finished()) is None:
             rgb, audio, timing = s.next_chunk()
             if first_chunk_s is None:
                 first_chunk_s = time.perf_counter() - t_start
             lat.append(timing["generate_s"] + timing["decode_s"])
-            if opts.realtime:                        # emit no earlier than the frames' play time
-                ahead = (s.frames - rgb.shape[0]) / fps - (time.perf_counter() - t_start)
-                if ahead > 0:
-                    time.sleep(ahead)
+            if opts.realtime:  # a chunk no earlier than the previous one's end of play; when generation
+                now = time.perf_counter()  # fell behind, play resumes from now (never a burst to catch up)
+                if due > now:
+                    time.sleep(due - now)
+                due = max(due, now) + rgb.shape[0] / fps
             for sink in sinks:
                 sink.write(rgb, audio)
             stats = _stats(s, lat, t_start, sinks, events)
