@@ -67,14 +67,15 @@ class EvalOptions:
 def read_image(path: str | Path) -> np.ndarray:
     """An RGB uint8 reference: an image file (stages.sense.image: EXIF, 16-bit, palette, alpha, size
     limit), or else a video's first frame through PyAV."""
-    from stages.sense.image import ImageError, read_image as read_still
+    from stages.sense.image import ImageError, NotAnImage, read_image as read_still
     from stages.sense.media import MediaError, open_container
 
     try:
         return read_still(path)
+    except NotAnImage:
+        pass  # perhaps a video: its first frame below
     except ImageError as e:
-        if not Path(path).is_file() or "megapixels" in str(e):
-            raise EvalError(str(e)) from None
+        raise EvalError(str(e)) from None
     try:
         with open_container(path) as c:
             if not c.streams.video:

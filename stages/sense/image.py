@@ -23,6 +23,10 @@ class ImageError(ValueError):
     """An image that cannot be used (missing, unreadable, too large): one line."""
 
 
+class NotAnImage(ImageError):
+    """The file exists but is no image format Pillow reads (it may be a video)."""
+
+
 def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """[H, W, 3] uint8 RGB of the image at `path`, or a one-line ImageError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -43,7 +47,7 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"not a readable image: {path} ({type(e).__name__})") from None
+        raise NotAnImage(f"not a readable image: {path} ({type(e).__name__})") from None
 
 
 def _size(path: Path) -> tuple[int, int]:
