@@ -109,7 +109,7 @@ def action_score(m_gen: dict, m_gt: dict, sample, name: str) -> bool | None:
 
 def evaluate(work: Path, out: Path, cases: int = 24) -> dict:
     from stages import synth
-    from stages.synthmedia import write_video
+    from stages.sense.media import write_video
     from stages.train.data import clip_instruction, encode_clip, render_clip
     from stages.train.sample import sample_bidirectional, sample_causal
     from models.encoders import TextEncoder, TextTable

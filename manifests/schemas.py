@@ -66,7 +66,7 @@ CLIPS = pa.schema(COMMON + [
     pa.field("cut_method", pa.string()),  # copy | reencode (with --materialize)
 ])
 
-SYNTH = pa.schema(COMMON + [  # procedural avatar samples (stages/synth.py)
+SYNTH = pa.schema(COMMON + [  # procedural avatar samples (stages/synth/)
     pa.field("path", pa.string(), nullable=False),  # .mp4, H.264 + AAC
     pa.field("seed", pa.int64()),  # make_sample(seed) reproduces the sample
     pa.field("width", pa.int32()),

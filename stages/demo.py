@@ -16,7 +16,7 @@ from manifests.io import file_digest, ok_rows, read_manifest
 from stages.clip import Clip
 from stages.prefilter import Prefilter, discover, fingerprint
 from stages.run import RunResult, run_stage
-from stages.synthmedia import talking_video, transcode
+from stages.synth.media import talking_video, transcode
 
 DEMO_CLIP_MAX_LEN = 12.0  # seconds: short enough that the 30 s monologue is split in silence
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from stages.sense.media import ffmpeg_exe
-from stages.synthmedia import talking_video, transcode
+from stages.synth.media import talking_video, transcode
 
 SHARED_MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
 

@@ -10,7 +10,7 @@ from stages.clip import Clip, detect_shots, plan_cuts, silent_intervals
 from stages.sense.media import ffmpeg_exe, load_audio
 from stages.run import run_stage
 from stages.sense.speech import load_vad, speech_segments
-from stages.synthmedia import talking_video
+from stages.synth.media import talking_video
 
 
 def _inside_speech(frame, fps, speech):

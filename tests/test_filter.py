@@ -12,7 +12,7 @@ from stages.filter import (OMNI_KEYS, OMNI_PROMPT, Filter, blockiness, box_iou, 
                            subject_measures, _hann)
 from stages.sense.media import clip_frames
 from stages.run import base_row, run_stage
-from stages.synthmedia import write_video
+from stages.sense.media import write_video
 from tests.conftest import cli
 
 FPS = 2.0  # sampling rate of the tests (the CLI default is 4)

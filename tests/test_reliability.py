@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from manifests import catalog
 from manifests.io import ESC, read_manifest, rows, text_in, text_out, workspace
 from stages.run import runner
-from stages.synthmedia import talking_video
+from stages.synth.media import talking_video
 from vidu_cli.app import app
 from vidu_cli.chain import chain_items
 

@@ -26,7 +26,7 @@ SR = 16000
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict:
-    from stages.synthmedia import speech_track
+    from stages.synth.speech import speech_track
     d = tmp_path_factory.mktemp("stream")
     face = np.zeros((120, 100, 3), np.uint8)
     face[30:90, 25:75] = (200, 150, 120)

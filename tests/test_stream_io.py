@@ -19,7 +19,8 @@ import pytest
 from stages.sense.media import load_audio
 from stages.stream.events import AudioChunk, AudioEnd, EventQueue, Instruction, StreamError
 from stages.stream.io import Mp4Sink, RawSink, open_audio, read_instructions
-from stages.synthmedia import render_avatar, random_look, write_video
+from stages.sense.media import write_video
+from stages.synth.media import random_look, render_avatar
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ import numpy as np
 from manifests.io import read_manifest
 from stages.sense.speech import load_vad, speech_segments
 from stages.synth import ACTIONS, Identity, analyze, frame_count, identity_error, make_sample, render_clip
-from stages.synthavatar import TRACKS, Scene, random_identity, random_scene
-from stages.synthmedia import SR, envelope
+from stages.synth.world import TRACKS, Scene, random_identity, random_scene
+from stages.synth.speech import SR, envelope
 from tests.conftest import cli
 
 

@@ -1,4 +1,4 @@
-"""`vidu synth`: write a procedural avatar dataset with ground truth (stages/synth.py)."""
+"""`vidu synth`: write a procedural avatar dataset with ground truth (stages/synth/)."""
 from __future__ import annotations
 
 import os

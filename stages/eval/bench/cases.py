@@ -168,21 +168,23 @@ def _with_speech(base: int, start: int, seconds: float) -> tuple[int, list[float
 def builtin_sample(index: int, size: int, seconds: float):
     """Built-in streambench sample `index`: a synth-world character who talks and performs action
     index mod 8 from 0.3 s (as long as the clip allows)."""
-    from stages import synth
+    from stages.synth import Sample, render_clip
+    from stages.synth.speech import mouth_track, random_speech
+    from stages.synth.world import ACTIONS, active_instructions, animate, frame_count, random_identity, random_scene
     seed = BUILTIN_BASE + index
     r_id, r_scene, r_speech, r_motion = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
-    identity = synth.random_identity(r_id)
-    scene = synth.random_scene(r_scene, identity)
-    T = synth.frame_count(seconds, FPS)
-    audio, speech = synth.random_speech(r_speech, T / FPS)
-    name = list(synth.ACTIONS)[index % len(synth.ACTIONS)]
+    identity = random_identity(r_id)
+    scene = random_scene(r_scene, identity)
+    T = frame_count(seconds, FPS)
+    audio, speech = random_speech(r_speech, T / FPS)
+    name = list(ACTIONS)[index % len(ACTIONS)]
     onset = 0.3
-    dur = min(float(np.mean(synth.ACTIONS[name].seconds)), T / FPS - onset)
+    dur = min(float(np.mean(ACTIONS[name].seconds)), T / FPS - onset)
     actions = [(onset, round(onset + dur, 4), name)] if dur >= 0.3 else []
-    tracks = synth.animate(r_motion, T, FPS, synth.mouth_track(audio, speech, T, FPS), actions)
-    frames = synth.render_clip(identity, tracks, size, size, scene)
-    return synth.Sample(seed, FPS, identity, scene, frames, audio, tracks, actions,
-                        synth.active_instructions(actions, T, FPS), speech)
+    tracks = animate(r_motion, T, FPS, mouth_track(audio, speech, T, FPS), actions)
+    frames = render_clip(identity, tracks, size, size, scene)
+    return Sample(seed, FPS, identity, scene, frames, audio, tracks, actions,
+                  active_instructions(actions, T, FPS), speech)
 
 
 @dataclass

@@ -1,19 +1,16 @@
-"""The synthetic avatar: a randomised character (`Identity`) in a randomised `Scene`, drawn in a
-given `State` (mouth, eyes, yaw, pitch, smile, raised hand) by a vectorised numpy renderer.
+"""The synthetic avatar world: who the character is (`Identity`), where (`Scene`), what it does in
+one frame (`State`), and the instructed actions over time.
 
 World units: lengths are fractions of the frame height at zoom 1; u grows to the right, v down,
 (0, 0) is the frame centre. Yaw > 0 turns the face towards the image's right; pitch > 0 nods down.
-The colour palettes keep skin apart from everything else, so stages/synth.py can find the face
-by colour. Used through stages/synth.py.
+The colour palettes keep skin apart from everything else, so the analyzer can find the face by colour.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from typing import Callable
 
 import numpy as np
-
-from stages.synthmedia import Ellipse, paint
 
 RGB = tuple[int, int, int]
 EYE_WHITE: RGB = (242, 240, 232)
@@ -179,148 +176,98 @@ def random_scene(rng: np.random.Generator, identity: Identity) -> Scene:
                  props=props, pan_x=pan_x, pan_y=float(rng.uniform(-0.06, 0.06)), zoom=zoom)
 
 
+
 # ---------------------------------------------------------------------------------------------
-# rendering
+# speech and actions over time
 
-def _camera(scene: Scene, height: int, width: int) -> tuple[float, float, float]:
-    """Pixels per world unit and the pixel position of the world origin."""
-    s = scene.zoom * height
-    return s, width / 2 + scene.pan_x * s, height / 2 + scene.pan_y * s
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0, 1)
+    return x * x * (3 - 2 * x)
 
 
-@lru_cache(maxsize=16)
-def _backdrop(identity: Identity, scene: Scene, width: int, height: int) -> np.ndarray:
-    """Background and torso, which never move: [H, W, 3] uint8."""
-    s, ox, oy = _camera(scene, height, width)
-    xn = (np.arange(width, dtype=np.float32) + 0.5 - width / 2)[None, :] / height
-    yn = (np.arange(height, dtype=np.float32) + 0.5 - height / 2)[:, None] / height
-    t = np.clip(0.5 + xn * np.cos(scene.gradient_angle) + yn * np.sin(scene.gradient_angle), 0, 1)[..., None]
-    img = np.asarray(scene.top, np.float32) * (1 - t) + np.asarray(scene.bottom, np.float32) * t
-    if scene.texture != "plain":
-        u = (np.arange(width, dtype=np.float32)[None, :] + 0.5 - ox) / s  # world coordinates: pans with the camera
-        v = (np.arange(height, dtype=np.float32)[:, None] + 0.5 - oy) / s
-        ca, sa, k = np.cos(scene.texture_angle), np.sin(scene.texture_angle), 2 * np.pi * scene.texture_freq
-        p1, p2 = k * (u * ca + v * sa), k * (v * ca - u * sa)
-        tex = {"stripes": lambda: np.sin(p1), "checks": lambda: np.tanh(4 * np.sin(p1) * np.sin(p2)),
-               "waves": lambda: np.sin(p1 + 1.5 * np.sin(p2))}[scene.texture]()
-        img = img + scene.texture_amp * tex[..., None]
-    img = np.clip(img, 0, 255)[None]
-    for u, v, a, b, c in scene.props:
-        paint(img, (0, 0), Ellipse(ox + u * s, oy + v * s, a * s, b * s), c)
-    W = identity.head_w * s
-    top = oy + (HEAD_V + identity.head_h * (1 + NECK_LEN)) * s
-    a = identity.shoulder_w * W
-    paint(img, (0, 0), Ellipse(ox, top + 0.9 * a, a, 0.9 * a), identity.shirt)
-    out = (img[0] + 0.5).astype(np.uint8)
-    out.flags.writeable = False
+def _hold(p: np.ndarray) -> np.ndarray:
+    """Ease in over the first quarter, hold, ease out over the last quarter."""
+    return _smoothstep(p / 0.25) * _smoothstep((1 - p) / 0.25)
+
+
+def _pulse(p: np.ndarray) -> np.ndarray:
+    """Fully on for the middle 40 %."""
+    return _smoothstep((0.4 - np.abs(p - 0.5)) / 0.2)
+
+
+def _twice(p: np.ndarray) -> np.ndarray:
+    """Two down-and-back movements."""
+    return np.sin(2 * np.pi * p) ** 2
+
+
+def _shake(p: np.ndarray) -> np.ndarray:
+    """Two oscillations, -1..1."""
+    return np.sin(4 * np.pi * p) * _hold(p)
+
+
+@dataclass(frozen=True)
+class Action:
+    track: str  # the State field it drives
+    target: float  # value at full weight (weight -1 gives -target)
+    seconds: tuple[float, float]  # duration range
+    profile: Callable[[np.ndarray], np.ndarray]  # phase 0..1 -> weight
+
+
+ACTIONS: dict[str, Action] = {
+    "blink": Action("eyes", 0.0, (0.45, 0.7), _pulse),
+    "nod": Action("pitch", 1.0, (0.8, 1.2), _twice),
+    "look up": Action("pitch", -1.0, (0.8, 1.4), _hold),
+    "turn left": Action("yaw", -1.0, (0.8, 1.5), _hold),
+    "turn right": Action("yaw", 1.0, (0.8, 1.5), _hold),
+    "shake head": Action("yaw", 0.6, (0.8, 1.2), _shake),
+    "smile": Action("smile", 1.0, (0.8, 1.5), _hold),
+    "raise a hand": Action("hand", 1.0, (1.0, 1.5), _hold),
+}
+
+
+def frame_count(seconds: float, fps: float) -> int:
+    """T = 1 + 4k frames (the video autoencoder's 4x temporal compression) closest to `seconds`."""
+    return 1 + 4 * max(0, int(round((seconds * fps - 1) / 4)))
+
+
+def random_actions(rng: np.random.Generator, duration: float) -> list[tuple[float, float, str]]:
+    """Non-overlapping instructions that fit in the clip, about one per 2.5 s (possibly none)."""
+    names = list(ACTIONS)
+    out = []
+    t = rng.exponential(0.6)
+    while True:
+        name = names[rng.integers(len(names))]
+        d = rng.uniform(*ACTIONS[name].seconds)
+        if t + d > duration:
+            return out
+        out.append((round(t, 4), round(t + d, 4), name))
+        t += d + 0.2 + rng.exponential(1.2)
+
+
+def animate(rng: np.random.Generator, T: int, fps: float, mouth: np.ndarray,
+            actions: list[tuple[float, float, str]]) -> dict[str, np.ndarray]:
+    """Per-frame tracks (State fields -> [T] float32): a slow idle sway of the head and a resting
+    smile, the given mouth, and each action blended in over its interval."""
+    t = np.arange(T) / fps
+    sway = [sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t + rng.uniform(0, 6.3))
+                for _ in range(2)) / 2 for _ in range(2)]
+    tracks = {"mouth": mouth, "eyes": np.ones(T), "yaw": 0.08 * sway[0], "pitch": 0.05 * sway[1],
+              "smile": np.full(T, rng.uniform(0, 0.15)), "hand": np.zeros(T)}
+    for start, end, name in actions:
+        a = ACTIONS[name]
+        on = (t >= start) & (t < end)
+        w = a.profile((t[on] - start) / (end - start))
+        base = tracks[a.track][on]
+        tracks[a.track][on] = base * (1 - np.abs(w)) + w * a.target
+    return {k: v.astype(np.float32) for k, v in tracks.items()}
+
+
+def active_instructions(actions: list[tuple[float, float, str]], T: int, fps: float) -> list[str]:
+    """The instruction in force at each frame's time, "" when none."""
+    out = [""] * T
+    for start, end, name in actions:
+        for i in range(max(0, int(np.ceil(start * fps - 1e-9))), min(T, int(np.ceil(end * fps - 1e-9)))):
+            out[i] = name
     return out
 
 
-def _head_features(buf, org, idt: Identity, st: State, bx, fx, fy, W, H) -> None:
-    """Brows, eyes, nose and mouth; bx: the body midline, (fx, fy) [T]: the centre the features move with."""
-    for side in (-1, 1):
-        narrow = 1 - 0.3 * np.maximum(0.0, side * st.yaw)  # the eye on the side turned away is foreshortened
-        ex = fx + side * idt.eye_spacing * W * (1 - 0.1 * np.abs(st.yaw))
-        ey = fy + idt.eye_y * H
-        ew, eh_full = idt.eye_size * W * narrow, EYE_ASPECT * idt.eye_size * W
-        eh = eh_full * st.eyes
-        paint(buf, org, Ellipse(ex, ey - idt.brow_gap * H, idt.eye_size * W * narrow, 0.045 * H,
-                                side * idt.brow_tilt, -0.02 * H), idt.hair)
-        paint(buf, org, Ellipse(ex, ey, 1.1 * ew, 1.05 * eh + 0.07 * eh_full + 0.6), shade(idt.skin, 0.5))
-        open_ = eh > 0.25
-        if open_.any():
-            gx = ex + st.yaw * 0.3 * ew
-            paint(buf, org, Ellipse(ex, ey, ew, eh), EYE_WHITE, weight=open_)
-            paint(buf, org, Ellipse(gx, ey, 0.55 * eh_full, 0.55 * eh), idt.eyes, weight=open_)  # inside the white
-            paint(buf, org, Ellipse(gx, ey, PUPIL_R * eh_full, PUPIL_R * eh), PUPIL, weight=open_)
-    ny = fy + (idt.eye_y + 0.55 * (idt.mouth_y - idt.eye_y)) * H
-    nx = bx + st.yaw * YAW_NOSE * W
-    paint(buf, org, Ellipse(nx, ny, 0.09 * W, 0.5 * idt.nose_len * H, 0.15 * st.yaw), shade(idt.skin, 0.78))
-    a0 = idt.mouth_w * W
-    a = a0 * (1 + 0.2 * st.smile) * (1 - 0.15 * np.abs(st.yaw))
-    b = a0 * (MOUTH_REST + MOUTH_OPEN * st.mouth)
-    my, bend = fy + idt.mouth_y * H, -0.3 * st.smile * a
-    paint(buf, org, Ellipse(fx, my, a + 0.12 * a0, b + 0.16 * a0, bend=bend), idt.lips)
-    paint(buf, org, Ellipse(fx, my, a, b, bend=bend), MOUTH)
-
-
-def _draw_head(img: np.ndarray, idt: Identity, st: State, s: float, ox: float, oy: float) -> None:
-    """Paints the head of frame t with st's fields [T] into img [T, H, W, 3] uint8."""
-    W, H = idt.head_w * s, idt.head_h * s
-    bx, by = ox, oy + HEAD_V * s  # rest head centre; the neck and body stay here
-    hx, hy = bx + st.yaw * YAW_OUTLINE * W, by + st.pitch * NOD_DROP * H
-    fx, fy = bx + st.yaw * YAW_FEATURES * W, hy + st.pitch * NOD_FEATURES * H
-    vol = idt.hair_volume
-    x0, x1 = max(int(bx - 1.4 * vol * W), 0), min(int(bx + 1.4 * vol * W) + 2, img.shape[2])
-    y0, y1 = max(int(np.min(hy) - 1.1 * vol * H), 0), min(int(by + 1.8 * H) + 2, img.shape[1])
-    if x0 >= x1 or y0 >= y1:
-        return
-    buf = img[:, y0:y1, x0:x1].astype(np.float32)
-    org = (x0, y0)
-    if idt.hair_style == "long":
-        back = Ellipse(hx, hy + 0.45 * H, 1.08 * vol * W, H)
-        paint(buf, org, back, idt.hair, shade=0.2, ymin=hy)  # above hy it is under the cap
-    shoulders = by + (1 + NECK_LEN) * H
-    paint(buf, org, Ellipse(bx, shoulders, idt.neck_w * W, 0.8 * H), shade(idt.skin, 0.7), ymax=shoulders + 0.03 * H)
-    paint(buf, org, Ellipse(hx, hy, W, H), idt.skin, shade=0.08)
-    _head_features(buf, org, idt, st, bx, fx, fy, W, H)
-    hair_x = bx + st.yaw * YAW_HAIR * W
-    window = Ellipse(hair_x, fy + H, 1.2 * W, (idt.hairline + 1.0) * H)  # the face under the hair
-    paint(buf, org, Ellipse(hair_x, hy - 0.6 * (vol - 1) * H, vol * W, vol * H), idt.hair, shade=0.15, hole=window,
-          ymax=hy + 0.05 * H)
-    buf += 0.5
-    img[:, y0:y1, x0:x1] = buf
-
-
-def _hand_y(hand, rest_y: float, W: float, H: float, height: int):
-    """Palm centre row: below the frame (fingertips hidden) at hand = 0, beside the head at 1."""
-    hidden = height + (HAND_REACH + 0.1) * W
-    return hidden + (rest_y + HAND_RAISE * H - hidden) * hand
-
-
-def _draw_hand(img: np.ndarray, idt: Identity, hand: np.ndarray, s: float, ox: float, oy: float) -> None:
-    """Paints the raised hand (hand [T]) into img [T, H, W, 3] uint8."""
-    W, H = idt.head_w * s, idt.head_h * s
-    side = idt.hand_side
-    px = ox + side * HAND_X * W
-    py = _hand_y(hand, oy + HEAD_V * s, W, H, img.shape[1])
-    x0, x1 = max(int(px - 0.8 * W), 0), min(int(px + 0.8 * W) + 2, img.shape[2])
-    y0, y1 = max(int(np.min(py) - (HAND_REACH + 0.1) * W), 0), img.shape[1]
-    if x0 >= x1 or y0 >= y1:
-        return
-    buf = img[:, y0:y1, x0:x1].astype(np.float32)
-    org = (x0, y0)
-    paint(buf, org, Ellipse(px, py + 10 * W, 0.36 * W, 10 * W), shade(idt.shirt, 0.82))  # sleeve
-    paint(buf, org, Ellipse(px, py, 0.34 * W, 0.4 * W), idt.skin)
-    for k in range(4):
-        paint(buf, org, Ellipse(px + (k - 1.5) * 0.17 * W, py - 0.48 * W, 0.075 * W, 0.26 * W, (k - 1.5) * 0.1),
-              idt.skin)
-    paint(buf, org, Ellipse(px + side * 0.36 * W, py - 0.08 * W, 0.075 * W, 0.22 * W, side * 0.6), idt.skin)
-    buf += 0.5
-    img[:, y0:y1, x0:x1] = buf
-
-
-def render_clip(identity: Identity, tracks: dict[str, np.ndarray], width: int, height: int,
-                scene: Scene = Scene(), chunk: int = 48) -> np.ndarray:
-    """Frames [T, height, width, 3] uint8 for per-frame State fields `tracks` ([T] each), drawn in
-    equal batches of at most `chunk` frames (about 1 ms a frame at 256 x 256)."""
-    T = len(tracks["mouth"])
-    out = np.empty((T, height, width, 3), np.uint8)
-    out[:] = _backdrop(identity, scene, width, height)
-    s, ox, oy = _camera(scene, height, width)
-    chunk = -(-T // -(-T // chunk))
-    for t0 in range(0, T, chunk):
-        st = State(**{k: np.asarray(tracks[k][t0:t0 + chunk], np.float32) for k in TRACKS})
-        frames = out[t0:t0 + chunk]
-        _draw_head(frames, identity, st, s, ox, oy)
-        up = np.nonzero(st.hand > 0.01)[0]
-        if len(up):
-            raised = frames[up]
-            _draw_hand(raised, identity, st.hand[up], s, ox, oy)
-            frames[up] = raised
-    return out
-
-
-def render(identity: Identity, state: State, width: int, height: int, scene: Scene = Scene()) -> np.ndarray:
-    """One RGB frame [height, width, 3] uint8."""
-    return render_clip(identity, {k: [getattr(state, k)] for k in TRACKS}, width, height, scene)[0]

@@ -1,0 +1,159 @@
+"""Measuring the state of the synthetic character back from pixels, knowing only who it is."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from stages.synth.render import render
+from stages.synth.world import (
+    EYE_ASPECT,
+    EYE_WHITE,
+    HAND_RAISE,
+    HAND_REACH,
+    MOUTH,
+    MOUTH_OPEN,
+    MOUTH_REST,
+    NOD_DROP,
+    PUPIL,
+    PUPIL_R,
+    Identity,
+    Scene,
+    State,
+    shade,
+    skin_tolerance,
+)
+
+YAW_GAIN = 0.25  # centroid shift of the lower-face features at |yaw| = 1, x head_w (fitted on rendered frames)
+_OPEN = ndimage.generate_binary_structure(2, 1)
+
+
+def _nearest(f: np.ndarray, palette: list) -> np.ndarray:
+    """Index of the nearest palette colour per pixel: f [h, w, 3] -> [h, w]."""
+    P = np.asarray(palette, np.float32)  # [K, 3]
+    return np.argmin(((f[:, :, None, :] - P) ** 2).sum(-1), axis=-1)
+
+
+def _region_colour(f: np.ndarray, y0: float, y1: float, x0: float, x1: float) -> np.ndarray:
+    H, W = f.shape[:2]
+    i0, i1, j0, j1 = max(int(y0), 0), min(int(y1), H), max(int(x0), 0), min(int(x1), W)
+    if i1 - i0 < 2 or j1 - j0 < 2:
+        return np.full(3, np.nan)
+    return np.median(f[i0:i1, j0:j1].reshape(-1, 3), axis=0)
+
+
+def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float, float, float]:
+    """Inner-mouth half-height (area / (pi * half-width)), half-width, and how far its corners sit
+    above its middle (px), from masks of inner-mouth and lips-or-inner pixels [h, w]."""
+    cols = np.nonzero(lips.any(0))[0]
+    if len(cols) < 3 or not inner.any():
+        return 0.0, 0.0, 0.0
+    a = (cols[-1] - cols[0] + 1) / 2 - 0.12 * a0
+    n = inner.sum(0)  # [w]
+    has = np.nonzero(n)[0]
+    cy = (inner * np.arange(inner.shape[0])[:, None]).sum(0)[has] / n[has]  # centre row per column
+    u2 = ((has - (cols[0] + cols[-1]) / 2) / a) ** 2
+    lift = -np.polyfit(u2, cy, 1)[0] if len(has) >= 3 and np.ptp(u2) > 0.05 else 0.0  # row = middle - lift * u^2
+    return inner.sum() / (np.pi * a), a, lift
+
+
+def _measure(frame: np.ndarray, idt: Identity) -> dict:
+    """One frame's measurements; the face is the largest skin-coloured blob."""
+    f = frame.astype(np.float32)
+    skin = np.asarray(idt.skin, np.float32)
+    mask = ndimage.binary_opening(((f - skin) ** 2).sum(-1) < skin_tolerance(idt.skin) ** 2, _OPEN)
+    lab, n = ndimage.label(mask)
+    if n == 0:
+        return {"found": False}
+    sizes = np.bincount(lab.ravel())[1:]
+    face_id = int(np.argmax(sizes)) + 1
+    rows, cols = ndimage.find_objects(lab)[face_id - 1]
+    face = lab[rows, cols] == face_id
+    filled = ndimage.binary_fill_holes(face)
+    r0, c0 = rows.start, cols.start
+    s = (cols.stop - cols.start) / (2 * idt.head_w)  # px per world unit
+    W, H = idt.head_w * s, idt.head_h * s
+    hx, hy = (cols.start + cols.stop) / 2, rows.stop - H
+    fc = f[rows, cols]
+    out = {"found": True, "head_x": hx, "head_y": hy, "scale": s, "skin": fc[face].mean(0)}
+
+    split = hy + 0.5 * (idt.eye_y + idt.mouth_y) * H - r0  # between the eyes and the mouth, crop rows
+    ys, xs = np.nonzero(filled & ~face)
+    low = ys > hy + idt.eye_y * H - r0
+    offset = (xs[low].mean() + c0 + 0.5 - hx) / W if low.any() else 0.0
+    out["yaw"] = float(np.clip(offset / YAW_GAIN, -1.5, 1.5))
+
+    inner = ndimage.binary_erosion(filled, _OPEN, iterations=2)  # off the outline, blended with the backdrop
+    k = max(int(np.ceil(split)), 0)
+    palette = [idt.skin, shade(idt.skin, 0.92), shade(idt.skin, 0.78), idt.lips, MOUTH]
+    cls = np.where(inner[k:], _nearest(fc[k:], palette), 0)
+    a0 = idt.mouth_w * W
+    opening, a, lift = _mouth_shape(cls == 4, cls >= 3, a0)
+    out["mouth"] = (opening / a0 - MOUTH_REST) / MOUTH_OPEN
+    out["smile"] = lift / (0.3 * a) if a > 0 else 0.0
+
+    palette = [idt.skin, shade(idt.skin, 0.92), shade(idt.skin, 0.78), shade(idt.skin, 0.5), idt.hair, PUPIL,
+               EYE_WHITE, idt.eyes]
+    up = max(int(np.floor(split)), 0)
+    cls = np.where(inner[:up], _nearest(fc[:up], palette), 0)
+    narrow = 2 - 0.3 * min(abs(out["yaw"]), 1)
+    full = np.pi * (idt.eye_size * W) ** 2 * (EYE_ASPECT * narrow - 2 * PUPIL_R ** 2 * EYE_ASPECT ** 2)
+    out["eyes"] = (cls >= 6).sum() / full
+
+    others = [i + 1 for i in range(n) if i + 1 != face_id and sizes[i] > 0.1 * W * W]
+    hand_top = None
+    for i in others:
+        r, c = ndimage.find_objects(lab)[i - 1]
+        if abs((c.start + c.stop) / 2 - hx) > 1.2 * W:
+            hand_top = r.start if hand_top is None else min(hand_top, r.start)
+    out["hand_top"] = np.nan if hand_top is None else float(hand_top)
+
+    out["shirt"] = _region_colour(f, hy + 1.6 * H, hy + 2.2 * H, hx - 0.5 * W, hx + 0.5 * W)
+    out["hair"] = _region_colour(f, r0 - 0.15 * H, r0 - 1, hx - 0.3 * W, hx + 0.3 * W)
+    return out
+
+
+def _eye_reference(identity: Identity, scale: float, width: int, height: int) -> float:
+    """The eye reading of this identity rendered with open eyes at this scale: the share of eye
+    pixels that colour blends at the lids move to other classes depends on the colours."""
+    ref = _measure(render(identity, State(), width, height, Scene(zoom=scale / height)), identity)
+    return ref["eyes"] if ref["found"] and ref["eyes"] > 0 else 1.0
+
+
+def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
+    """Measure a clip of this world [T, H, W, 3] uint8 from its pixels, knowing only who is in it.
+
+    Per frame ([T], or [T, 3] for colours; NaN where the face is not found): found; head_x,
+    head_y (px, head centre); scale (px per world unit); yaw (-1 left .. 1 right, from the
+    lower-face features' offset from the head's midline); pitch (head drop against the clip's
+    median height, so the head must rest most of the clip; 1 = a full nod); mouth (inner-mouth
+    area over its width); smile (lift of the mouth corners); eyes (visible eye white + iris over
+    that of the identity rendered with open eyes); hand (from the fingertips' height against the
+    clip's median head height; 0 when no hand is seen); skin, shirt, hair: mean / median RGB in
+    the face, below the neck, above the forehead. Calibrated at 256 x 256; about 6 ms a frame."""
+    Hf = frames.shape[1]
+    per = [_measure(fr, identity) for fr in frames]
+    keys = ("head_x", "head_y", "scale", "yaw", "mouth", "smile", "eyes", "hand_top")
+    out = {"found": np.array([p["found"] for p in per])}
+    for k in keys:
+        out[k] = np.array([p[k] if p["found"] else np.nan for p in per], np.float64)
+    for k in ("skin", "shirt", "hair"):
+        out[k] = np.stack([p[k] if p["found"] else np.full(3, np.nan) for p in per])
+    if out["found"].any():
+        out["eyes"] /= _eye_reference(identity, float(np.nanmedian(out["scale"])), frames.shape[2], Hf)
+    H = identity.head_h * out["scale"]
+    W = identity.head_w * out["scale"]
+    rest = np.nanmedian(out["head_y"]) if out["found"].any() else np.nan
+    out["pitch"] = (out["head_y"] - rest) / (NOD_DROP * H)
+    hidden = Hf + (HAND_REACH + 0.1) * W
+    palm = out.pop("hand_top") + HAND_REACH * W
+    out["hand"] = np.where(np.isnan(palm), 0.0, (hidden - palm) / (hidden - rest - HAND_RAISE * H))
+    out["hand"][~out["found"]] = np.nan
+    return out
+
+
+def identity_error(m: dict[str, np.ndarray], identity: Identity) -> float:
+    """Mean RGB distance between measured skin / shirt / hair colours and the identity's."""
+    d = [np.linalg.norm(m[k] - np.asarray(getattr(identity, k)), axis=-1) for k in ("skin", "shirt", "hair")]
+    return float(np.nanmean(np.stack(d)))
+
+

@@ -1,0 +1,146 @@
+"""Samples and datasets of the synthetic world: `make_sample(seed)` and the `vidu synth` stage."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+
+from manifests.io import workspace
+from stages.run import RunResult, Stage, base_row, ranged, run_stage
+from stages.sense.media import write_video
+from stages.synth.render import render_clip
+from stages.synth.speech import mouth_track, random_speech
+from stages.synth.world import (
+    Identity,
+    Scene,
+    State,
+    active_instructions,
+    animate,
+    frame_count,
+    random_actions,
+    random_identity,
+    random_scene,
+)
+
+
+@dataclass
+class Sample:
+    seed: int
+    fps: int
+    identity: Identity
+    scene: Scene
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    audio: np.ndarray  # [T * SR / fps] float32, 16 kHz mono
+    tracks: dict[str, np.ndarray]  # State field -> [T] float32
+    actions: list[tuple[float, float, str]]  # (start s, end s, instruction)
+    instructions: list[str]  # [T] instruction in force, "" for none
+    speech: list[tuple[float, float]]  # utterance intervals, s
+
+    def state(self, i: int) -> State:
+        return State(**{k: float(v[i]) for k, v in self.tracks.items()})
+
+    def truth(self) -> dict:
+        """Everything but the pixels and samples, JSON-ready."""
+        T, H, W = self.frames.shape[:3]
+        return {"seed": self.seed, "fps": self.fps, "frames": T, "width": W, "height": H,
+                "duration_s": T / self.fps, "identity": asdict(self.identity), "scene": asdict(self.scene),
+                "actions": [list(a) for a in self.actions], "speech_segments": [list(s) for s in self.speech],
+                "instructions": self.instructions,
+                "tracks": {k: [round(float(x), 4) for x in v] for k, v in self.tracks.items()}}
+
+
+def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0) -> Sample:
+    """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed alone)."""
+    r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
+                                                          np.random.SeedSequence(seed).spawn(5))
+    identity = random_identity(r_identity)
+    scene = random_scene(r_scene, identity)
+    T = frame_count(seconds, fps)
+    audio, speech = random_speech(r_speech, T / fps)
+    actions = random_actions(r_actions, T / fps)
+    tracks = animate(r_motion, T, fps, mouth_track(audio, speech, T, fps), actions)
+    frames = render_clip(identity, tracks, width, height, scene)
+    return Sample(seed, fps, identity, scene, frames, audio, tracks, actions, active_instructions(actions, T, fps),
+                  speech)
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a dataset drawn with `seed` (independent streams, 32-bit)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def _atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # the suffix tells PyAV the container
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Synth(Stage):
+    """Writes one sample per item: <out_dir>/<id>.mp4 and its ground truth <out_dir>/<id>.json."""
+
+    name: ClassVar[str] = "synth"
+    kind: ClassVar[str] = "synth"
+    version: ClassVar[str] = "1"
+    reads: ClassVar[tuple[str, ...]] = ("seed",)
+    writes: ClassVar[tuple[str, ...]] = ("path", "seed", "width", "height", "fps", "frames", "duration_s",
+                                         "identity", "actions", "speech_segments", "gt_path")
+
+    out_dir: str = "synth"
+    n: int = ranged(100, min=1)
+    seed: int = ranged(0, min=0)
+    width: int = ranged(256, min=64)
+    height: int = ranged(256, min=64)
+    fps: int = ranged(25, min=1)
+    seconds: float = ranged(4.0, min=0)
+
+    def items(self) -> list[dict]:
+        return [{"id": f"synth-{self.seed}-{i:06d}", "seed": sample_seed(self.seed, i)} for i in range(self.n)]
+
+    def error_row(self, item: dict, message: str) -> dict:
+        return base_row("synth", id=item["id"], path=str(Path(self.out_dir) / f"{item['id']}.mp4"), seed=item["seed"])
+
+    def process(self, item: dict) -> list[dict]:
+        sample = make_sample(item["seed"], self.width, self.height, self.fps, self.seconds)
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        video, truth = out / f"{item['id']}.mp4", out / f"{item['id']}.json"
+        _atomic(video, lambda p: write_video(p, sample.frames, self.fps, sample.audio))
+        gt = sample.truth()
+        _atomic(truth, lambda p: p.write_text(json.dumps(gt)))
+        T = len(sample.frames)
+        return [base_row("synth", id=item["id"], path=str(video), seed=item["seed"], width=self.width,
+                         height=self.height, fps=float(self.fps), frames=T, duration_s=T / self.fps,
+                         identity=json.dumps(gt["identity"]), actions=json.dumps(gt["actions"]),
+                         speech_segments=[{"start": s, "end": e} for s, e in sample.speech], gt_path=str(truth))]
+
+
+def synthesize(out_dir: str | os.PathLike, n: int, root: Path, seed: int = 0, width: int = 256, height: int = 256,
+               fps: int = 25, seconds: float = 4.0, workers: int = 1, quiet: bool = True) -> RunResult:
+    """Write `n` samples into `out_dir` and their "synth" manifest into the workspace `root`."""
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, not {n}")
+    if width < 64 or height < 64 or width % 2 or height % 2:
+        raise ValueError(f"frame size {width}x{height}: both sides must be even and at least 64 (H.264 4:2:0)")
+    if fps < 1 or frame_count(seconds, fps) < 5:
+        raise ValueError(f"{seconds} s at {fps} fps is too short: a sample needs at least 5 frames")
+    out = Path(out_dir).expanduser().resolve()
+    stage = Synth(out_dir=str(out), n=n, seed=seed, width=width, height=height, fps=fps, seconds=seconds)
+    return run_stage(stage, stage.items(), [], [], root, workers=workers, quiet=quiet)
+
+
+def write_dataset(out_dir: str | os.PathLike, n: int, seed: int = 0, width: int = 256, height: int = 256,
+                  fps: int = 25, seconds: float = 4.0, workers: int = 1, workdir: str | os.PathLike | None = None,
+                  quiet: bool = True) -> Path:
+    """`synthesize` into the workspace `workdir` (default $VIDU_HOME or ./vidu-work); the manifest path."""
+    return synthesize(out_dir, n, workspace(workdir), seed, width, height, fps, seconds, workers, quiet).path
