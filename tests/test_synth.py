@@ -154,3 +154,21 @@ def test_bad_size_is_a_one_line_error(tmp_path):
     proc = cli("synth", "--n", "1", "--out", str(tmp_path / "o"), "--size", "255x256", "--workdir", str(tmp_path),
                check=False)
     assert proc.returncode == 2 and "even" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_region_masks_cover_the_parts_that_move():
+    from stages.synth.render import region_masks
+    identity, scene = _identity(5)
+    T = 6
+    tracks = _tracks(T, mouth=np.linspace(0, 1, T), eyes=np.linspace(1, 0, T), hand=np.linspace(0, 1, T))
+    frames, masks = render_clip(identity, tracks, 128, 128, scene, masks=True)
+    assert np.array_equal(frames, render_clip(identity, tracks, 128, 128, scene))
+    assert set(masks) == {"face", "eyes", "mouth", "hands"}
+    for k, m in masks.items():
+        assert m.shape == (T, 128, 128) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1, k
+    for track, region in (("mouth", "mouth"), ("eyes", "eyes"), ("hand", "hands")):
+        only = _tracks(T, **{track: tracks[track]})
+        f = render_clip(identity, only, 128, 128, scene).astype(int)
+        changed = np.abs(f - f[:1]).max(-1) > 2  # [T, H, W]: pixels that move with this track alone
+        m = region_masks(identity, only, 128, 128, scene)[region]
+        assert changed.sum() > 20 and np.all(np.maximum(m, m[:1])[changed] > 0), track  # then or now

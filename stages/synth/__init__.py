@@ -17,8 +17,8 @@ from stages.synth.dataset import (
            synthesize,
            write_dataset,
 )
-from stages.synth.render import render, render_clip
+from stages.synth.render import REGIONS, region_masks, render, render_clip
 from stages.synth.world import ACTIONS, TRACKS, Identity, Scene, State, frame_count
 
-__all__ = ["ACTIONS", "TRACKS", "Identity", "Sample", "Scene", "State", "Synth", "analyze", "frame_count",
-           "identity_error", "make_sample", "render", "render_clip", "sample_seed", "synthesize", "write_dataset"]
+__all__ = ["ACTIONS", "REGIONS", "TRACKS", "Identity", "Sample", "Scene", "State", "Synth", "analyze", "frame_count",
+           "identity_error", "make_sample", "region_masks", "render", "render_clip", "sample_seed", "synthesize", "write_dataset"]

@@ -39,6 +39,7 @@ class Sample:
     actions: list[tuple[float, float, str]]  # (start s, end s, instruction)
     instructions: list[str]  # [T] instruction in force, "" for none
     speech: list[tuple[float, float]]  # utterance intervals, s
+    masks: dict[str, np.ndarray] | None = None  # region -> [T, H, W] float32 (render.region_masks), if asked for
 
     def state(self, i: int) -> State:
         return State(**{k: float(v[i]) for k, v in self.tracks.items()})
@@ -53,8 +54,10 @@ class Sample:
                 "tracks": {k: [round(float(x), 4) for x in v] for k, v in self.tracks.items()}}
 
 
-def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0) -> Sample:
-    """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed alone)."""
+def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
+                masks: bool = False) -> Sample:
+    """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed alone); with
+    `masks`, also the region masks of its frames (face, eyes, mouth, hands)."""
     r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
                                                           np.random.SeedSequence(seed).spawn(5))
     identity = random_identity(r_identity)
@@ -63,9 +66,10 @@ def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, s
     audio, speech = random_speech(r_speech, T / fps)
     actions = random_actions(r_actions, T / fps)
     tracks = animate(r_motion, T, fps, mouth_track(audio, speech, T, fps), actions)
-    frames = render_clip(identity, tracks, width, height, scene)
+    frames, regions = render_clip(identity, tracks, width, height, scene, masks=True) if masks else (
+        render_clip(identity, tracks, width, height, scene), None)
     return Sample(seed, fps, identity, scene, frames, audio, tracks, actions, active_instructions(actions, T, fps),
-                  speech)
+                  speech, regions)
 
 
 # ---------------------------------------------------------------------------------------------
