@@ -201,10 +201,17 @@ SAMPLES = pa.schema(COMMON + [
     pa.field("text_encoder", pa.string()),  # minilm | umt5:<path>
     pa.field("text_shape", pa.list_(pa.int32())),  # of the shard's "text" (the clip's text): [L, D] token features
     pa.field("text", pa.string()),  # the text that was encoded
-    pa.field("text_source", pa.string()),  # caption | neutral (no caption on the row)
+    pa.field("text_source", pa.string()),  # caption | neutral (no caption on the row) | instruction (synth: most frames')
     pa.field("caption_source", pa.string()),  # copied from the captioned row
     pa.field("shard", pa.string()),  # safetensors file holding this sample's tensors
     pa.field("key_prefix", pa.string()),
+    # per-chunk text with onsets (stages/samples.py text_timeline): the texts in force per latent frame
+    pa.field("texts", pa.list_(pa.string())),  # [N] distinct texts of the window, rows of "<prefix>/texts"
+    pa.field("texts_shape", pa.list_(pa.int32())),  # of "<prefix>/texts": [N, L, D], zero-padded to the longest
+    pa.field("texts_source", pa.string()),  # chunk_captions | events | actions (vidu synth) | null: text on every frame
+    pa.field("text_index", pa.list_(pa.int32())),  # [F] the text of each latent frame (into texts)
+    pa.field("text_onsets", pa.list_(pa.float64())),  # [E] s from start_s at which a frame's text took force (first <= 0)
+    pa.field("text_onset_index", pa.list_(pa.int32())),  # [E] the text that took force at each onset
 ])
 
 # --- eval benchmarks (stages/eval/bench/ owns this block). bench_samples: one row per benchmark

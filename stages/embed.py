@@ -20,10 +20,19 @@ Method, per clip row (any kind of the curation chain; the source video is decode
   conditioning features per latent frame (models.audio.audio_features, the training definition).
 - Text: the row's `caption` (else the neutral prompt models.config.NEUTRAL_TEXT, recorded as
   text_source "neutral") through MiniLM or umT5 (local directory), [L, D] with L <= text_len.
+- Per-chunk text with onsets (stages/samples.py `text_timeline`): per latent frame, the text in
+  force when its first video frame is shown: the clip-level text as the base prompt and each speech
+  chunk's caption (`chunk_captions` of `vidu caption`) over its chunk; a text whose onset falls
+  inside a latent frame applies from the next one. Distinct texts are encoded once per clip.
+- `vidu synth` rows: the mp4 at `path` from 0 to `duration_s`; the base prompt is the neutral one
+  and each timed instruction of the ground truth (`gt_path`: "events", else "actions") is in force
+  from its onset to its action's end; the clip-level text is the instruction in force for most of
+  the clip (text_source "instruction"), else the neutral prompt, as training on the world does.
 
 Storage: <out>/<clip id>.NNN.safetensors, the clip's windows in as few shards as keep each under
 SHARD_BYTES of frames (the memory a worker holds), each written to a temp file and renamed; keys
-"<clip id>_sNNN/{video,ref,audio,wave}" per sample and "text" (the clip's text features) per shard.
+"<clip id>_sNNN/{video,ref,audio,wave,texts,text_index,text_onsets,text_onset_index}" per sample
+and "text" (the clip's text features) per shard (stages/samples.py gives shapes and meaning).
 """
 from __future__ import annotations
 
@@ -38,10 +47,9 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from models.config import PRESETS, ModelConfig, preset as get_preset
+from models.config import NEUTRAL_TEXT, PRESETS, ModelConfig, preset as get_preset
 from stages.run import Stage, base_row, not_param, ranged
-from models.config import NEUTRAL_TEXT
-from stages.samples import shard_name, to_video, write_shard
+from stages.samples import TextTimeline, chunk_events, shard_name, synth_events, text_timeline, to_video, write_shard
 
 SHARD_BYTES = 256 * 2**20       # frames per shard file at most (windows of one clip share a shard up to this)
 TIME_EPS = 1e-6
@@ -141,6 +149,40 @@ def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int,
     return np.stack(out), np.asarray(picked), fps, box
 
 
+def clip_item(item: dict) -> dict:
+    """A chain row as is; a `vidu synth` row as a clip from 0 to its duration (video_path = path), with
+    its timed instructions under "events" (from the ground-truth sidecar, else the row's actions)."""
+    if item.get("video_path") is not None:
+        for c in ("start_s", "end_s"):
+            if item.get(c) is None:
+                raise ValueError(f"row {item['id']} has no {c}")
+        return item
+    if item.get("path") is None or item.get("duration_s") is None:
+        raise ValueError(f"row {item['id']} is neither a clip (video_path, start_s, end_s) nor a vidu synth "
+                         f"sample (path, duration_s)")
+    truth = {"actions": json.loads(item["actions"]) if item.get("actions") else []}
+    if item.get("gt_path") and Path(item["gt_path"]).is_file():
+        truth = json.loads(Path(item["gt_path"]).read_text())
+    events, source = synth_events(truth)
+    return {**item, "video_path": item["path"], "start_s": 0.0, "end_s": float(item["duration_s"]),
+            "caption": None, "synth_events": events, "synth_events_source": source}
+
+
+def clip_texts(item: dict, fps: float) -> tuple[str, str, list, str | None]:
+    """(clip-level text, its source, timed events (onset, end, text), their source) of a clip row."""
+    if "synth_events" in item:
+        events = item["synth_events"]
+        n = max(1, math.floor((item["end_s"] - item["start_s"]) * fps + TIME_EPS))   # video frames
+        per_frame = text_timeline("", events, item["start_s"], n, fps, per=1)
+        counts = {t: per_frame.index.count(j) for j, t in enumerate(per_frame.texts) if t}
+        if not counts:
+            return NEUTRAL_TEXT, "neutral", events, item["synth_events_source"]
+        return max(counts, key=counts.get), "instruction", events, item["synth_events_source"]   # ties: first
+    base, source = (item["caption"], "caption") if item.get("caption") else (NEUTRAL_TEXT, "neutral")
+    chunks = item.get("chunk_captions")
+    return base, source, chunk_events(chunks), "chunk_captions" if chunks else None
+
+
 def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
     if segments is None:
         return None
@@ -151,13 +193,15 @@ def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
 class Embed(Stage):
     name: ClassVar[str] = "embed"
     kind: ClassVar[str] = "samples"
-    version: ClassVar[str] = "1"
-    # + face_box, caption, caption_source when the input carries them
-    reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "speech_segments")
+    version: ClassVar[str] = "2"
+    # clip kinds: video_path, start_s, end_s (+ speech_segments, face_box, caption, caption_source,
+    # chunk_captions when the input carries them); synth: path, duration_s, actions, gt_path (clip_item)
+    reads: ClassVar[tuple[str, ...]] = ("id",)
     writes: ClassVar[tuple[str, ...]] = tuple((
         "clip_id video_path sample_index start_s end_s preset frames height width fps source_fps repeated_frames "
         "crop_box crop_center speech_coverage latent_kind latent_shape audio_shape wave_samples text_encoder "
-        "text_shape text text_source caption_source shard key_prefix").split())
+        "text_shape text text_source caption_source shard key_prefix texts texts_shape texts_source text_index "
+        "text_onsets text_onset_index").split())
 
     out: str = ""                      # shard folder (absolute)
     preset: str = ranged("tiny", choices=tuple(PRESETS))
@@ -206,30 +250,41 @@ class Embed(Stage):
 
     def error_row(self, item: dict, message: str) -> dict:
         return base_row("samples", id=item["id"], parent_id=item["id"], clip_id=item["id"],
-                        video_path=item.get("video_path"), preset=self.cfg.name)
+                        video_path=item.get("video_path") or item.get("path"), preset=self.cfg.name)
 
     def process(self, item: dict) -> list[dict]:
         from stages.sense.media import load_audio
         cfg = self.cfg
         T, fps = cfg.video_frames, cfg.audio.fps
+        item = clip_item(item)
         starts = window_starts(item["start_s"], item["end_s"], T, fps, self.max_windows)
         if not starts:
             row = self.error_row(item, "")
             row.update(status="rejected", reasons=["too_short"])
             return [row]
-        text, text_source = (item["caption"], "caption") if item.get("caption") else (NEUTRAL_TEXT, "neutral")
-        text_feats = self._text([text])[0].cpu()
+        text, text_source, events, events_source = clip_texts(item, fps)
+        base = text if text_source == "caption" else NEUTRAL_TEXT
+        feats: dict[str, torch.Tensor] = {}
+
+        def encode(t: str) -> torch.Tensor:                       # [L, D], once per distinct text of the clip
+            if t not in feats:
+                feats[t] = self._text([t])[0].cpu()
+            return feats[t]
+
+        timelines = [text_timeline(base, events, t0, cfg.latent_frames, fps, cfg.audio.video_frames_per_latent,
+                                   base_onset=item["start_s"]) for t0 in starts]
         audio = load_audio(item["video_path"], cfg.audio.sample_rate)
         per_shard = max(1, SHARD_BYTES // (T * cfg.height * cfg.width * 3))
+        info = dict(text=text, text_source=text_source, texts_source=events_source)
         rows = []
         for k in range(0, len(starts), per_shard):
             group = list(enumerate(starts))[k:k + per_shard]
-            rows += self._shard(item, group, audio, text_feats, dict(text=text, text_source=text_source),
+            rows += self._shard(item, group, [timelines[i] for i, _ in group], audio, encode, info,
                                 Path(self.out) / shard_name(item["id"], k // per_shard))
         return rows
 
-    def _shard(self, item: dict, group: list[tuple[int, float]], audio: np.ndarray, text_feats: torch.Tensor,
-               text: dict, path: Path) -> list[dict]:
+    def _shard(self, item: dict, group: list[tuple[int, float]], timelines: list[TextTimeline], audio: np.ndarray,
+               encode, text: dict, path: Path) -> list[dict]:
         """Windows (index, start) of one clip -> their rows; tensors written to one shard at `path`."""
         cfg = self.cfg
         T, fps = cfg.video_frames, cfg.audio.fps
@@ -238,12 +293,14 @@ class Embed(Stage):
         frames, picked, source_fps, box = decode_grid(
             item["video_path"], grid, item["end_s"],
             lambda W, H: crop_window(W, H, cfg.width, cfg.height, face, self.zoom), cfg.width, cfg.height)
+        text_feats = encode(text["text"])
         tensors = {"text": text_feats}
         rows = []
-        for n, (i, t0) in enumerate(group):
+        for n, ((i, t0), timeline) in enumerate(zip(group, timelines)):
             prefix = f"{item['id']}_s{i:03d}"
             sl = slice(n * T, (n + 1) * T)
             sample = self._sample(frames[sl], audio, t0)
+            sample.update(timeline.tensors(encode))
             tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
             t1 = t0 + T / fps
             speech = speech_in(item.get("speech_segments"), t0, t1)
@@ -257,7 +314,9 @@ class Embed(Stage):
                 latent_shape=list(sample["video"].shape), audio_shape=list(sample["audio"].shape),
                 wave_samples=int(sample["wave"].shape[0]), text_encoder=self._text_name(),
                 text_shape=list(text_feats.shape), caption_source=item.get("caption_source"), shard=str(path),
-                key_prefix=prefix, **text))
+                key_prefix=prefix, texts=timeline.texts, texts_shape=list(sample["texts"].shape),
+                text_index=timeline.index, text_onsets=timeline.onsets, text_onset_index=timeline.onset_index,
+                **text))
         write_shard(path, tensors, {"format": "vidu-samples", "clip_id": item["id"], "preset": cfg.name,
                                     "samples": [r["id"] for r in rows]})
         return rows

@@ -1,8 +1,30 @@
 """The training-sample shard format: what `vidu embed` writes and `vidu train` reads.
 
-A shard is a safetensors file <clip id>.NNN.safetensors holding several samples of one clip under
-keys "<clip id>_sNNN/{video,ref,audio,wave}" and the clip's text features under "text"; a samples
-manifest row points at its shard and key prefix. Shards are written atomically.
+A shard is a safetensors file <clip id>.NNN.safetensors holding several samples of one clip; a
+samples manifest row points at its shard and key prefix p. Shards are written atomically. Keys:
+
+    text                  [L, D] float32  the clip-level text (caption, else the neutral prompt)
+    p/video               [T, H, W, 3] uint8 frames, or [C, F, h, w] float32 latents
+    p/ref                 [C, 1, h, w] float32  the first frame's latent (latent kinds only)
+    p/audio               [F, mel_per_latent, n_mels] float32  audio features per latent frame
+    p/wave                [T * 16000 / fps] float32  16 kHz mono
+    p/texts               [N, L', D] float32  the N distinct texts in force in the window, in order
+                          of first use, zero-padded to the longest (the manifest's "texts" names them)
+    p/text_index          [F] int64   the text in force at each latent frame (row into p/texts)
+    p/text_onsets         [E] float64 seconds from the sample start at which the text of a latent
+                          frame took force, one per change of text_index (the first one <= 0: the
+                          text already in force when the window starts)
+    p/text_onset_index    [E] int64   the text that took force at each onset
+
+Per-chunk text (`text_timeline`): latent frame k covers video frames 4k-3 .. 4k (frame 0 alone,
+models/audio.py) and takes the text in force when its first video frame, max(0, 4k-3), is shown
+(max(0, 4k-3) / fps after the sample start). A text whose onset falls inside a latent frame, after
+that moment, applies from the next latent frame: the first latent boundary at or after the onset,
+where `vidu stream` and the eval bench apply an instruction (between chunks). A text shorter than
+a latent frame can be seen by none. Real clips (`vidu caption`): the clip caption is the base
+prompt, each speech chunk's caption is in force over [start, end) of its chunk. Synthetic clips
+(`vidu synth`): the neutral prompt is the base, each timed instruction is in force from its onset
+to the end of its action (`synth_events`).
 """
 from __future__ import annotations
 
@@ -11,15 +33,112 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+TIME_EPS = 1e-6
+TEXT_KEYS = ("texts", "text_index", "text_onsets", "text_onset_index")
+Event = tuple[float, float, str]          # (onset s, end s, text) on the clip's timeline
 
 
 def to_video(frames: np.ndarray) -> torch.Tensor:
     """[T, H, W, 3] uint8 -> [1, 3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class TextTimeline:
+    """The texts in force per latent frame of one sample (see the module docstring for the rule)."""
+    texts: list[str]            # [N] distinct, in order of first use
+    index: list[int]            # [F] per latent frame, into texts
+    onsets: list[float]         # [E] s from the sample start, one per change of index (the first <= 0)
+    onset_index: list[int]      # [E] into texts
+
+    def tensors(self, encode: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The shard tensors (TEXT_KEYS); `encode(text)` gives one text's [L, D] features."""
+        feats = [encode(t) for t in self.texts]
+        L = max(f.shape[0] for f in feats)
+        table = torch.stack([torch.cat([f, f.new_zeros(L - f.shape[0], f.shape[1])]) for f in feats]).float()
+        return {"texts": table, "text_index": torch.tensor(self.index, dtype=torch.int64),
+                "text_onsets": torch.tensor(self.onsets, dtype=torch.float64),
+                "text_onset_index": torch.tensor(self.onset_index, dtype=torch.int64)}
+
+
+def latent_frame_start(k: int, per: int = 4) -> int:
+    """The first video frame of latent frame k (k covers per*k - per + 1 .. per*k; frame 0 alone)."""
+    return max(0, per * k - per + 1)
+
+
+def text_segments(base: str, base_onset: float, events: Sequence[Event]) -> list[tuple[float, str]]:
+    """(onset, text) of each stretch of constant text from `base_onset` on: at any time the event
+    (onset <= t < end) with the latest onset is in force, else `base`."""
+    def in_force(t: float) -> str:
+        live = [(on, text) for on, end, text in events if on <= t + TIME_EPS and t + TIME_EPS < end]
+        return max(live, key=lambda e: e[0])[1] if live else base
+
+    points = sorted({base_onset} | {p for on, end, _ in events for p in (on, end) if p > base_onset})
+    out: list[tuple[float, str]] = []
+    for p in points:
+        text = in_force(p)
+        if not out or out[-1][1] != text:
+            out.append((p, text))
+    return out
+
+
+def text_timeline(base: str, events: Sequence[Event], start: float, frames: int, fps: float, per: int = 4,
+                  base_onset: float | None = None) -> TextTimeline:
+    """The texts of the `frames` latent frames of a window starting at `start` (clip seconds):
+    frame k takes the text in force at start + latent_frame_start(k) / fps. `base` is in force from
+    `base_onset` (default `start`) wherever no event is."""
+    if frames < 1:
+        raise ValueError(f"a sample has at least one latent frame, got {frames}")
+    segs = text_segments(base, start if base_onset is None else min(base_onset, start), events)
+    onsets = [on for on, _ in segs]
+    texts: list[str] = []
+    index: list[int] = []
+    ev_on: list[float] = []
+    ev_ix: list[int] = []
+    for k in range(frames):
+        t = start + latent_frame_start(k, per) / fps
+        j = max(i for i, on in enumerate(onsets) if on <= t + TIME_EPS)
+        text = segs[j][1]
+        if text not in texts:
+            texts.append(text)
+        index.append(texts.index(text))
+        if k == 0 or index[-1] != index[-2]:
+            ev_on.append(onsets[j] - start)
+            ev_ix.append(index[-1])
+    return TextTimeline(texts, index, ev_on, ev_ix)
+
+
+def chunk_events(chunk_captions: Sequence[dict] | None) -> list[Event]:
+    """(start, end, text) of a captioned row's speech chunks (`vidu caption`; silence chunks leave
+    the clip caption in force)."""
+    return [(float(c["start"]), float(c["end"]), c["text"]) for c in chunk_captions or []
+            if c.get("category") != "silence" and c.get("text")]
+
+
+def synth_events(truth) -> tuple[list[Event], str]:
+    """(onset, end, text) of a synthetic sample's timed instructions and where they came from: its
+    "events" [(onset s, action start s, end s, text)] when the world gives them, else its "actions"
+    [(start s, end s, text)] with onset = start. `truth`: a stages.synth Sample or its ground-truth
+    dict (the .json sidecar of `vidu synth`)."""
+    get = truth.get if isinstance(truth, dict) else lambda k: getattr(truth, k, None)
+    if get("events") is not None:
+        return [(float(on), float(end), str(text)) for on, _, end, text in get("events")], "events"
+    return [(float(a), float(b), str(text)) for a, b, text in get("actions") or []], "actions"
+
+
+def synth_timeline(sample, neutral: str, per: int = 4, start: float = 0.0, frames: int | None = None) -> TextTimeline:
+    """A world Sample's texts per latent frame (the neutral prompt between instructions), at the
+    sample's own fps: the structure `vidu embed` writes for a `vidu synth` clip."""
+    T = len(sample.frames) if frames is None else frames
+    events, _ = synth_events(sample)
+    return text_timeline(neutral, events, start, 1 + (T - 1) // per, sample.fps, per, base_onset=0.0)
 
 
 def shard_name(clip_id: str, index: int) -> str:
@@ -46,7 +165,8 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) ->
 
 
 def read_sample(row: dict) -> dict[str, torch.Tensor]:
-    """The tensors of one samples-manifest row: video, ref (latent kinds), audio, wave, text."""
+    """The tensors of one samples-manifest row: video, ref (latent kinds), audio, wave, text (the
+    clip-level text) and the per-frame texts (TEXT_KEYS; absent from shards written before them)."""
     from safetensors import safe_open
     path = Path(row["shard"])
     if not path.is_file():
@@ -55,5 +175,5 @@ def read_sample(row: dict) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
         names = {"video": f"{p}/video", "ref": f"{p}/ref", "audio": f"{p}/audio", "wave": f"{p}/wave",
-                 "text": "text"}
+                 "text": "text", **{k: f"{p}/{k}" for k in TEXT_KEYS}}
         return {name: f.get_tensor(key) for name, key in names.items() if key in keys}

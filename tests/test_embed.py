@@ -1,7 +1,10 @@
 """`vidu embed` on real talking-head clips (retalking_1 at 22.1 fps, retalking_4 at 30 fps, both
 resampled to 25 fps): exact shapes and dtypes, a shard frame against an independent decode + crop +
 resize, the face-centred crop, too-short clips, VAE / TAEHV latents and umT5 text from tiny random
-models in the distributed layouts, atomic re-writes, and training on the samples manifest."""
+models in the distributed layouts, atomic re-writes, and training on the samples manifest. Per-chunk
+text with onsets: `vidu caption`'s speech-chunk captions of a real clip and `vidu synth`'s timed
+instructions land on the latent frame the onset rule names (an independent arithmetic oracle), and
+moving an onset by one latent frame moves the text by one frame."""
 from __future__ import annotations
 
 import json
@@ -253,8 +256,9 @@ def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
     (tmp_path / ".r4_0000.000.safetensors.dead.tmp").write_bytes(b"killed mid-write")   # an earlier crash
     (b,) = stage.process(rows[1])
     again = load_file(b["shard"])
-    assert b["shard"] == a["shard"] and sorted(again) == sorted(first) == ["r4_0000_s000/audio", "r4_0000_s000/video",
-                                                                           "r4_0000_s000/wave", "text"]
+    assert b["shard"] == a["shard"] and sorted(again) == sorted(first) == [
+        "r4_0000_s000/audio", "r4_0000_s000/text_index", "r4_0000_s000/text_onset_index", "r4_0000_s000/text_onsets",
+        "r4_0000_s000/texts", "r4_0000_s000/video", "r4_0000_s000/wave", "text"]
     assert Path(a["shard"]).name == "r4_0000.000.safetensors"
     assert all(torch.equal(first[k], again[k]) for k in first) and read_metadata(b["shard"]) == meta
     assert meta["samples"] == ["r4_0000_s000"] and json.dumps(a) == json.dumps(b)
@@ -290,3 +294,172 @@ def test_windows_split_over_shards_decode_the_same_frames(embedded, rows, umt5, 
         assert torch.equal(read_sample(r)["video"], read_sample(whole)["video"])
         assert torch.equal(read_sample(r)["audio"], read_sample(whole)["audio"])
         assert r["repeated_frames"] == whole["repeated_frames"] and r["crop_box"] == whole["crop_box"]
+
+
+# ---------------------------------------------------------------------------------------------
+# per-chunk text with onsets
+
+LATENT_S = 4 / 25.0                                       # one latent frame at 25 fps
+
+
+def first_frame_at_or_after(onset: float, fps: float = 25.0) -> int:
+    """Oracle of the onset rule: the first latent frame whose first video frame, max(0, 4k - 3),
+    is shown at or after `onset` (s from the window start)."""
+    k = 0
+    while max(0, 4 * k - 3) / fps < onset - 1e-9:
+        k += 1
+    return k
+
+
+def test_onset_rule_and_its_negative_control():
+    from stages.samples import text_timeline
+    # latent frames of a 17-frame window start at video frames 0, 1, 5, 9, 13 = 0, 0.04, 0.2, 0.36, 0.52 s
+    for onset, k in ((0.0, 0), (0.03, 1), (0.04, 1), (0.041, 2), (0.2, 2), (0.3, 3), (0.36, 3), (0.5, 4), (0.52, 4)):
+        assert first_frame_at_or_after(onset) == k
+        tl = text_timeline("base", [(10 + onset, 99.0, "said")], 10.0, 5, 25.0, base_onset=9.0)
+        want = [0] * k + [1] * (5 - k) if k else [0] * 5
+        assert tl.index == want, (onset, tl)
+        assert tl.texts == (["base", "said"] if k else ["said"])
+        assert tl.onsets == (pytest.approx([-1.0, onset]) if k else pytest.approx([onset]))
+    assert text_timeline("base", [(10.53, 99.0, "said")], 10.0, 5, 25.0).texts == ["base"]   # inside the last frame
+    # negative control: one latent frame later, one frame later
+    a = text_timeline("base", [(10.21, 99.0, "said")], 10.0, 5, 25.0).index
+    b = text_timeline("base", [(10.21 + LATENT_S, 99.0, "said")], 10.0, 5, 25.0).index
+    assert a == [0, 0, 0, 1, 1] and b == [0, 0, 0, 0, 1]
+    # a chunk ends: the base prompt comes back, same table row, a new onset; the later of two overlapping wins
+    tl = text_timeline("base", [(0.1, 0.3, "A"), (0.25, 0.5, "B")], 0.0, 5, 25.0)
+    assert (tl.texts, tl.index, tl.onset_index) == (["base", "A", "B"], [0, 0, 1, 2, 0], [0, 1, 2, 0])
+    assert tl.onsets == pytest.approx([0.0, 0.1, 0.25, 0.5])
+
+
+@pytest.fixture(scope="module")
+def chunked(rows, tmp_path_factory) -> dict:
+    """retalking_1 [0.5, 3.0) through the real `vidu caption` stage with one speech chunk [0.9, 1.6),
+    then embedded; and the same with the chunk starting one latent frame earlier."""
+    from stages.caption import Caption
+    cap = Caption()
+    cap.setup()
+    row = cap.process({**rows[0], "speech_segments": [{"start": 0.9, "end": 1.6}]})
+    stage = Embed(out=str(tmp_path_factory.mktemp("chunks")), zoom=ZOOM, max_windows=3)
+    stage.setup()
+    earlier = [{**c, "start": c["start"] - LATENT_S} if c["category"] != "silence" else c for c in row["chunk_captions"]]
+    return {"captioned": row, "samples": stage.process(row),
+            "earlier": stage.process({**row, "id": "earlier", "chunk_captions": earlier}), "stage": stage}
+
+
+def test_speech_chunk_caption_lands_on_its_latent_frame(chunked):
+    row, (s0, s1, s2) = chunked["captioned"], chunked["samples"]
+    speech = [c for c in row["chunk_captions"] if c["category"] != "silence"]
+    assert [(c["start"], c["end"]) for c in speech] == [(0.9, 1.6)] and row["caption"]
+    said, base = speech[0]["text"], row["caption"]
+    assert said.startswith("speech (voice activity") and "0.70 s" in said
+    # window 0 starts at 0.5 s: the chunk's onset 0.4 s falls inside latent frame 3 (0.36-0.52 s) -> frame 4
+    k = first_frame_at_or_after(0.9 - 0.5)
+    assert k == 4 and s0["texts_source"] == "chunk_captions"
+    assert s0["texts"] == [base, said] and s0["text_index"] == [0] * k + [1] * (5 - k)
+    assert s0["text_onsets"] == pytest.approx([0.0, 0.4]) and s0["text_onset_index"] == [0, 1]
+    # window 1 starts at 1.18 s inside the chunk; it ends at 1.6 s = 0.42 s in, inside frame 3 -> base from 4
+    assert s1["texts"] == [said, base] and s1["text_index"] == [0, 0, 0, 0, 1]
+    assert first_frame_at_or_after(1.6 - 1.18) == 4
+    assert s1["text_onsets"] == pytest.approx([0.9 - 1.18, 1.6 - 1.18]) and s1["text_onset_index"] == [0, 1]
+    # window 2 (1.86 s): silence chunk only -> the clip caption, back in force since the chunk's end
+    assert s2["texts"] == [base] and s2["text_index"] == [0] * 5 and s2["text_onsets"] == pytest.approx([1.6 - 1.86])
+    assert s0["text"] == base and s0["text_source"] == "caption"
+
+
+def test_chunk_texts_round_trip_through_the_shard(chunked):
+    stage = chunked["stage"]
+    for r in chunked["samples"]:
+        t = read_sample(r)
+        N = len(r["texts"])
+        assert t["texts"].dtype == torch.float32 and list(t["texts"].shape) == r["texts_shape"]
+        assert t["texts"].shape[0] == N and t["texts"].shape[2] == 384
+        assert t["text_index"].dtype == torch.int64 and t["text_index"].tolist() == r["text_index"]
+        assert t["text_onsets"].dtype == torch.float64 and t["text_onsets"].tolist() == pytest.approx(r["text_onsets"])
+        assert t["text_onset_index"].tolist() == r["text_onset_index"]
+        for j, text in enumerate(r["texts"]):                        # each row is that text's MiniLM features
+            want = stage._text([text])[0]
+            L = want.shape[0]
+            assert torch.allclose(t["texts"][j, :L], want, atol=1e-6) and not t["texts"][j, L:].any()
+        assert torch.equal(t["text"], stage._text([r["text"]])[0])   # "text" stays the clip-level text
+    a, b = (read_sample(r)["texts"] for r in chunked["samples"][:2])
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])       # the same text, the same features
+
+
+def test_moving_a_chunk_by_one_latent_frame_moves_its_text_by_one(chunked):
+    (s0, s1, _), (m0, m1, _) = chunked["samples"], chunked["earlier"]
+    assert first_frame_at_or_after(0.9 - LATENT_S - 0.5) == 3
+    assert s0["text_index"] == [0, 0, 0, 0, 1] and m0["text_index"] == [0, 0, 0, 1, 1]
+    assert m0["texts"] == s0["texts"] and m0["text_onsets"] == pytest.approx([0.0, 0.4 - LATENT_S])
+    assert (m1["texts"], m1["text_index"]) == (s1["texts"], s1["text_index"])           # the end did not move
+
+
+def test_a_clip_without_speech_chunks_has_one_text_on_every_frame(embedded):
+    _, got = embedded
+    for sid, clip_start in (("r1_0000_s000", 0.5), ("r1_0000_s001", 0.5), ("r4_0000_s001", 0.0)):
+        r = got[sid]
+        t = read_sample(r)
+        assert r["texts"] == [r["text"]] and r["text_index"] == [0] * 5 and r["texts_source"] is None
+        assert r["text_onsets"] == pytest.approx([clip_start - r["start_s"]]) and r["text_onset_index"] == [0]
+        assert t["texts"].shape[0] == 1 and torch.equal(t["texts"][0], t["text"])
+
+
+def _synth_window(tl_events, start: float, fps: float = 25.0) -> list[str]:
+    """Oracle: the instruction in force at each latent frame's first video frame of the window."""
+    out = []
+    for k in range(5):
+        t = start + max(0, 4 * k - 3) / fps
+        live = [text for on, end, text in tl_events if on <= t + 1e-9 < end]
+        out.append(live[-1] if live else "")
+    return out
+
+
+def test_synthetic_instruction_lands_at_its_onset_frame():
+    from models.config import NEUTRAL_TEXT
+    from stages.samples import synth_events, synth_timeline
+    from stages.synth import make_sample
+    from stages.synth.dataset import sample_seed
+    s = make_sample(sample_seed(4, 0), width=64, height=64, seconds=2.0)
+    events, source = synth_events(s)
+    assert events and source in ("events", "actions")
+    onset, end, name = events[0]
+    k = first_frame_at_or_after(onset)
+    assert 0 < k < 5, "pick a seed whose first instruction starts inside the first window"
+    tl = synth_timeline(s, NEUTRAL_TEXT, frames=17)
+    assert tl.texts == [NEUTRAL_TEXT, name] and tl.index == [0] * k + [1] * (5 - k)
+    assert tl.onsets == pytest.approx([0.0, onset]) and tl.onset_index == [0, 1]
+    full = synth_timeline(s, NEUTRAL_TEXT)                                 # the whole clip
+    for kk, j in enumerate(full.index):                                    # agrees with the world's per-frame truth
+        assert (s.instructions[max(0, 4 * kk - 3)] or NEUTRAL_TEXT) == full.texts[j]
+    # timed events (onset, action start, end, text): the text follows the onset, not the action start
+    timed = {"events": [[onset + LATENT_S, onset + LATENT_S + 0.3, end, name]], "actions": [[0.0, end, name]]}
+    assert synth_events(timed) == ([(onset + LATENT_S, end, name)], "events")
+    from stages.samples import text_timeline
+    moved = text_timeline(NEUTRAL_TEXT, synth_events(timed)[0], 0.0, 5, 25.0)
+    assert moved.index == ([0] * (k + 1) + [1] * (4 - k))[:5]                # one latent frame later
+
+
+def test_cli_embeds_a_synth_manifest(tmp_path):
+    import json as _json
+    from models.config import NEUTRAL_TEXT
+    work = str(tmp_path / "w")
+    res = cli("synth", "--n", "1", "--seed", "4", "--seconds", "2", "--size", "64x64", "--out", str(tmp_path / "s"),
+              "--workdir", work, "-q")
+    synth_manifest = res.stdout.strip().splitlines()[-1]
+    res = cli("embed", "--from", synth_manifest, "--preset", "tiny", "--workdir", work, "-q")
+    table, meta = read_manifest(Path(res.stdout.strip().splitlines()[-1]))
+    got = table.to_pylist()
+    assert meta["kind"] == "samples" and [r["status"] for r in got] == ["ok", "ok"]
+    truth = _json.loads(Path(read_manifest(Path(synth_manifest))[0].to_pylist()[0]["gt_path"]).read_text())
+    from stages.samples import synth_events
+    events, source = synth_events(truth)
+    switched = 0
+    for r in got:
+        want = [w or NEUTRAL_TEXT for w in _synth_window(events, r["start_s"])]
+        assert [r["texts"][j] for j in r["text_index"]] == want and r["texts_source"] == source
+        switched += len(set(want)) > 1
+        t = read_sample(r)
+        assert t["text_index"].tolist() == r["text_index"] and t["texts"].shape[0] == len(r["texts"])
+        assert tuple(t["video"].shape) == (17, 64, 64, 3) and r["video_path"].endswith(".mp4")
+    assert switched, "no instruction onset inside a window: pick another --seed"
+    assert got[0]["text_source"] == "instruction" and got[0]["text"] == events[0][2]

@@ -33,13 +33,17 @@ def embed(
     executor: Executor = "local",
     ray_address: RayAddress = None,
 ) -> None:
-    """Turn kept clips into training samples: frames or video latents, audio features and caption
-    features in safetensors shards, one 'samples' manifest row per sample (vidu train --data reads it).
+    """Turn kept clips (or vidu synth samples) into training samples: frames or video latents, audio
+    features, the clip's caption features and the texts in force per latent frame (speech-chunk
+    captions, timed instructions) with their onsets, in safetensors shards, one 'samples' manifest row
+    per sample (vidu train --data reads it).
 
     Example: vidu caption ... | vidu embed --preset tiny | xargs -I{} vidu train --stage bidirectional --data {} --out runs/bi
     Example: vidu embed --from captioned.parquet --preset wan2.1-1.3b --vae Wan2.1_VAE.pth --text-model umt5-xxl/
+    Example: vidu synth --n 100 --seconds 8 --out data/synth | vidu embed --preset small
     """
     from manifests.io import workspace
+    from manifests.schemas import CHAIN
     from stages.embed import default_out
     from vidu_cli.chain import run_chain
     with clean_errors():
@@ -48,7 +52,7 @@ def embed(
                       max_windows=max_windows)
         folder = out.resolve() if out else default_out(workspace(workdir), params)
         stage = Embed(out=str(folder), device=device, **params)
-        run_chain(stage, from_, workdir, workers, quiet, strict, executor, ray_address)
+        run_chain(stage, from_, workdir, workers, quiet, strict, executor, ray_address, accepts=CHAIN + ("synth",))
 
 
 def _abs(path: Path | None) -> str | None:
