@@ -263,10 +263,13 @@ class Utterance:
 def tts(text: str, voice: str = "en-us", rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> Utterance:
     """`text` spoken by espeak-ng `voice` ("<language>[+<variant>]", e.g. "en-gb-scotland+f2") at
     `rate` words per minute (80-450), base `pitch` 0-100 and `pitch_range` 0-100."""
+    variant = voice.partition("+")[2]
+    if variant and not (Path(_espeak_paths()[1]) / "voices" / "!v" / variant).is_file():
+        raise ValueError(f"espeak-ng has no voice variant {variant!r}")
     raw, events = _synthesize(text, voice, rate, pitch, pitch_range)
     audio = resample_poly(raw.astype(np.float64) / 32768, 320, 441).astype(np.float32)  # 22050 -> 16000 Hz
     end = len(audio) / SR
-    ph = [(t, name) for kind, t, _, _, name in events if kind == _PHONEME]
+    ph = [(t, name) for kind, t, _, _, name in events if kind == _PHONEME and not name.startswith("(")]  # "(en)": a language switch
     phonemes = [(t, ph[i + 1][0] if i + 1 < len(ph) else end, name) for i, (t, name) in enumerate(ph)]
     spoken = [(a, b) for a, b, name in phonemes if not name.startswith("_") and b > a]
     words = [(t, text[pos - 1:pos - 1 + n]) for kind, t, pos, n, _ in events if kind == _WORD]
@@ -296,7 +299,7 @@ VISEMES: dict[str, tuple[float, float]] = {  # name: (opening 0 closed ... 1 wid
 _PHONEME_VISEMES = {  # espeak mnemonics that the first letter would get wrong; diphthongs are two visemes
     "aI": ("aa", "ih"), "aU": ("aa", "ou"), "eI": ("E", "ih"), "oU": ("oh", "ou"), "OI": ("oh", "ih"),
     "@U": ("E", "ou"), "i@": ("ih", "E"), "i@3": ("ih", "E"), "U@": ("ou", "E"), "e@": ("E",), "tS": ("CH",),
-    "dZ": ("CH",), "N": ("kk",), "j": ("ih",), "w": ("ou",), "W": ("ou",), "y": ("ou",), "Y": ("ou",),
+    "dZ": ("CH",), "N": ("kk",), "!": ("kk",), "?": ("kk",), "j": ("ih",), "w": ("ou",), "W": ("ou",), "y": ("ou",), "Y": ("ou",),
 }
 _FIRST_LETTER = dict(zip("pbmfvTDtdnlkgNhxqcszSZrRjwaAVeE@3iIyYoO0uU",
                          "PP PP PP FF FF TH TH DD DD nn nn kk kk kk kk kk kk kk SS SS CH CH RR RR ih ou aa aa aa E E E "
@@ -354,12 +357,13 @@ def _frame_means(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
 
 
 def causal_loudness(audio: np.ndarray, fps: float, T: int, sr: int = SR, range_db: float = 30.0,
-                    attack_s: float = 0.02, release_db_s: float = 6.0, floor_db: float = -70.0) -> np.ndarray:
+                    attack_s: float = 0.02, release_db_s: float = 6.0, floor_db: float = -55.0) -> np.ndarray:
     """Mouth opening per frame from loudness alone, causally: frame i reads samples up to the end of
     frame i and nothing later. The 300-3000 Hz level (dB, causal IIR band-pass) is normalised by a
     running reference (an AGC): it rises towards louder frames with time constant `attack_s` and
-    falls `release_db_s` dB per second, never below `floor_db`; opening = level within `range_db`
-    under the reference, in [0, 1]. Scaling the audio shifts level and reference alike."""
+    falls `release_db_s` dB per second, never below `floor_db` (the AGC's most gain: speech from
+    -55 dBFS up is normalised); opening = level within `range_db` under the reference, in [0, 1].
+    Scaling the audio shifts level and reference alike. Noise alone opens it too: mask by segments."""
     x = sosfilt(butter(2, [300, 3000], "bandpass", fs=sr, output="sos"), np.asarray(audio, np.float64))
     edges = np.round(np.arange(T + 1) * sr / fps).astype(int)
     c = np.concatenate([[0.0], np.cumsum(x * x)])
