@@ -135,13 +135,13 @@ def test_splits_are_disjoint_and_held_out_items_never_reach_training():
     if real_dir is not None:
         assert train["files"] and held["files"] and not set(train["files"]) & set(held["files"])
     seen_voices, seen_texts, seen_files = set(), set(), set()
-    for seed in range(60):
-        sp = S.speak(np.random.default_rng(seed), 4.0, "train", real_dir)
+    for seed in range(40):
+        sp = S.speak(np.random.default_rng(seed), 3.0, "train", real_dir)
         kind, _, name = sp.source.partition(":")
         (seen_voices if kind == "tts" else seen_files).add(name)
         seen_texts |= {t for t in train["texts"] + held["texts"] if t in sp.text}
     assert not seen_voices & set(held["voices"]) and not seen_texts & set(held["texts"])
-    assert len(seen_voices) > 20 and seen_texts
+    assert len(seen_voices) > 15 and seen_texts
     if real_dir is not None:
         assert seen_files - {""} and not seen_files & set(held["files"])
 
