@@ -172,6 +172,8 @@ def test_real_speech_is_cut_from_the_recordings_with_a_loudness_mouth():
         if sp.source.startswith("real:"):
             break
     assert sp.source == "real:silero_test.wav" and sp.segments and sp.visemes == [] and sp.text == ""
+    both = S.real_files([SHARED_SPEECH, SHARED_SPEECH.parent / "talking", "/nonexistent"], "train")
+    assert {p.name for p in S.real_files(SHARED_SPEECH, "train")} < {p.name for p in both}
     tracks = S.mouth_tracks(sp, 150, FPS)
     centre = (np.arange(150) + 0.5) / FPS
     inside = np.any([(centre >= s) & (centre < e) for s, e in sp.segments], axis=0)

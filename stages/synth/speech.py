@@ -6,7 +6,7 @@ Sources (all 16 kHz mono float32):
   English accents and a few other languages reading English, times ~40 variants (m1..m7, f1..f5,
   named ones), at random rate (120-230 wpm), pitch and pitch range. Speed: see benchmarks/RESULTS.md
   (2026-12-01, `benchmarks/synth_speech.py`).
-- Real recordings cut from a folder the caller names (`real_dir`; the product never assumes one):
+- Real recordings cut from folders the caller names (`real_dir`; the product never assumes one):
   utterances are silero-vad regions, no visemes; the mouth follows `causal_loudness`.
 - `augment` for all of it: gain, reverb, a synthesised music bed, noise at a random SNR.
 Voices, texts and recordings are split "train" / "eval" (`split_items`); eval items never reach
@@ -33,6 +33,7 @@ import functools
 import hashlib
 import threading
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,7 @@ SILENT_SHARE, REAL_SHARE = 0.1, 0.3  # of speak()'s clips; REAL_SHARE only when 
 REST_ROUND = 0.3  # lip rounding at rest (0 spread ... 1 rounded)
 COARTICULATION_S = 0.03  # sigma of the Gaussian that blends viseme targets; it looks 3 sigma = 90 ms ahead
 CLOSURE_S = 0.01  # sigma of the bilabial closure's dominance: m/b/p close the lips even when short
+RealDirs = str | Path | Sequence[str | Path] | None  # a folder of recordings, or several
 REAL_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".mp4", ".mkv", ".mov", ".webm")
 
 
@@ -473,17 +475,18 @@ def texts(split: str) -> list[str]:
     return [t for t in _texts() if _held_out(t, 5) == (split == "eval")]
 
 
-def real_files(real_dir: str | Path | None, split: str) -> list[Path]:
-    """Recordings (audio, or video with an audio track) in `real_dir` of a split: one in three (by
-    SHA-1 of the file name) is held out for "eval"."""
+def real_files(real_dir: RealDirs, split: str) -> list[Path]:
+    """Recordings (audio, or video with an audio track) of a split directly in `real_dir` (a folder
+    or a list of folders; missing ones are skipped): one in three, by SHA-1 of the file name, is
+    held out for "eval"."""
     _check(split)
-    if real_dir is None or not Path(real_dir).is_dir():
-        return []
-    files = sorted(p for p in Path(real_dir).iterdir() if p.suffix.lower() in REAL_EXTS and p.is_file())
+    dirs = [] if real_dir is None else [real_dir] if isinstance(real_dir, (str, Path)) else list(real_dir)
+    files = sorted((p for d in dirs if Path(d).is_dir() for p in Path(d).iterdir()
+                    if p.suffix.lower() in REAL_EXTS and p.is_file()), key=lambda p: (p.name, str(p)))
     return [p for p in files if _held_out(p.name, 3) == (split == "eval")]
 
 
-def split_items(split: str, real_dir: str | Path | None = None) -> dict[str, list[str]]:
+def split_items(split: str, real_dir: RealDirs = None) -> dict[str, list[str]]:
     """What belongs to a split: {"voices": [...], "texts": [...], "files": [file names]}."""
     return {"voices": voices(split), "texts": texts(split), "files": [p.name for p in real_files(real_dir, split)]}
 
@@ -641,14 +644,14 @@ def _real_clip(rng: np.random.Generator, n: int, files: list[Path]):
     return audio, [(s, e) for s, e in segments if e - s > 0.05], [], f"real:{path.name}", ""
 
 
-def speak(rng: np.random.Generator, duration: float, split: str = "train", real_dir: str | Path | None = None) -> Speech:
+def speak(rng: np.random.Generator, duration: float, split: str = "train", real_dir: RealDirs = None) -> Speech:
     """A clip of one speaker, `duration` s: SILENT_SHARE silent clips; REAL_SHARE cut from the
     recordings of `split` in `real_dir` (when it has some); otherwise TTS sentences of `split`
     in one voice of `split` with 0.3-1.2 s pauses. All augmented (`augment`); visemes are the TTS
     ground truth, [] for real speech."""
     _check(split)
     n = round(duration * SR)
-    files = real_files(real_dir, split) if real_dir is not None else []
+    files = real_files(real_dir, split)
     r = rng.random()
     if r < SILENT_SHARE or duration < 0.8:
         audio, segments, vis, source, text = np.zeros(n, np.float32), [], [], "silence", ""
