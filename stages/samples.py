@@ -74,8 +74,8 @@ def latent_frame_start(k: int, per: int = 4) -> int:
 
 
 def text_segments(base: str, base_onset: float, events: Sequence[Event]) -> list[tuple[float, str]]:
-    """(onset, text) of each stretch of constant text from `base_onset` on: at any time the event
-    (onset <= t < end) with the latest onset is in force, else `base`."""
+    """(onset, text) of each stretch of constant text from `base_onset` on, by onset: at any time the
+    event (onset <= t < end) with the latest onset is in force, else `base`. O(events^2), once per clip."""
     def in_force(t: float) -> str:
         live = [(on, text) for on, end, text in events if on <= t + TIME_EPS and t + TIME_EPS < end]
         return max(live, key=lambda e: e[0])[1] if live else base
@@ -94,18 +94,25 @@ def text_timeline(base: str, events: Sequence[Event], start: float, frames: int,
     """The texts of the `frames` latent frames of a window starting at `start` (clip seconds):
     frame k takes the text in force at start + latent_frame_start(k) / fps. `base` is in force from
     `base_onset` (default `start`) wherever no event is."""
+    return frame_texts(text_segments(base, start if base_onset is None else min(base_onset, start), events),
+                       start, frames, fps, per)
+
+
+def frame_texts(segments: list[tuple[float, str]], start: float, frames: int, fps: float, per: int = 4) -> TextTimeline:
+    """`text_timeline` from a clip's `text_segments` (computed once per clip, read per window)."""
+    import bisect
     if frames < 1:
         raise ValueError(f"a sample has at least one latent frame, got {frames}")
-    segs = text_segments(base, start if base_onset is None else min(base_onset, start), events)
-    onsets = [on for on, _ in segs]
+    onsets = [on for on, _ in segments]
+    if start + TIME_EPS < onsets[0]:
+        raise ValueError(f"the window starts at {start:.3f} s, before the first text's onset {onsets[0]:.3f} s")
     texts: list[str] = []
     index: list[int] = []
     ev_on: list[float] = []
     ev_ix: list[int] = []
     for k in range(frames):
-        t = start + latent_frame_start(k, per) / fps
-        j = max(i for i, on in enumerate(onsets) if on <= t + TIME_EPS)
-        text = segs[j][1]
+        j = bisect.bisect_right(onsets, start + latent_frame_start(k, per) / fps + TIME_EPS) - 1
+        text = segments[j][1]
         if text not in texts:
             texts.append(text)
         index.append(texts.index(text))
