@@ -56,6 +56,16 @@ def test_every_voice_of_both_splits_exists():
         assert len(S.tts("yes", f"{lang}+m1").audio) > 1000, lang
 
 
+def test_phonemes_of_every_language_map_to_visemes():
+    assert [S.phoneme_visemes(p) for p in ("m", "b", "f", "'aI", "'u:", "_:", "s", "w", "tS")] == [
+        ("PP",), ("PP",), ("FF",), ("aa", "ih"), ("ou",), ("sil",), ("SS",), ("ou",), ("CH",)]
+    names = [p for lang in S.ACCENTS + S.READERS for t in S.texts("train")[:2]
+             for _, _, p in S.tts(t, f"{lang}+m1").phonemes]
+    unknown = [p for p in names if p.lstrip("'%,=")[:1] not in S._FIRST_LETTER and not p.startswith("_")
+               and p.lstrip("'%,=") not in S._PHONEME_VISEMES]
+    assert len(names) > 300 and len(unknown) <= 0.01 * len(names), unknown
+
+
 def test_phoneme_events_line_up_with_the_audio():
     """Onset and end of the spoken phonemes are where the audio starts and stops, the pause at a
     comma is quiet, and bilabial closures (m b p) are quieter than open vowels."""

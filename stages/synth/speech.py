@@ -303,9 +303,9 @@ _PHONEME_VISEMES = {  # espeak mnemonics that the first letter would get wrong; 
     "@U": ("E", "ou"), "i@": ("ih", "E"), "i@3": ("ih", "E"), "U@": ("ou", "E"), "e@": ("E",), "tS": ("CH",),
     "dZ": ("CH",), "N": ("kk",), "!": ("kk",), "?": ("kk",), "j": ("ih",), "w": ("ou",), "W": ("ou",), "y": ("ou",), "Y": ("ou",),
 }
-_FIRST_LETTER = dict(zip("pbmfvTDtdnlkgNhxqcszSZrRjwaAVeE@3iIyYoO0uU",
-                         "PP PP PP FF FF TH TH DD DD nn nn kk kk kk kk kk kk kk SS SS CH CH RR RR ih ou aa aa aa E E E "
-                         "E ih ih ou ou oh oh oh ou ou".split()))
+_FIRST_LETTER = dict(zip("pbmfvBTDtdnlkgNhxqcQszSZrR*jwaAV&eE@3iIyYoO0uU8;",
+                         "PP PP PP FF FF FF TH TH DD DD nn nn kk kk kk kk kk kk kk kk SS SS CH CH RR RR RR ih ou aa aa aa "
+                         "aa E E E E ih ih ou ou oh oh oh ou ou ou ih".split()))  # B: Spanish beta, Q: gamma, *: tap, 8: Swedish u
 
 
 def phoneme_visemes(name: str) -> tuple[str, ...]:
