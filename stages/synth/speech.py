@@ -4,10 +4,11 @@ Sources (all 16 kHz mono float32):
 - espeak-ng TTS (`tts`): libespeak-ng and its data ship in the `espeakng-loader` wheel; driven
   through ctypes in synchronous mode, its phoneme events give visemes with timings. `voices`:
   English accents and a few other languages reading English, times ~40 variants (m1..m7, f1..f5,
-  named ones), at random rate (120-230 wpm), pitch and pitch range. Speed: see benchmarks/RESULTS.md
-  (2026-12-01, `benchmarks/synth_speech.py`).
+  named ones), at random rate (120-230 wpm), pitch and pitch range. Speed: ~100 s of audio per CPU
+  second, `speak` ~80 (benchmarks/RESULTS.md, 2026-12-01).
 - Real recordings cut from folders the caller names (`real_dir`; the product never assumes one):
-  utterances are silero-vad regions, no visemes; the mouth follows `causal_loudness`.
+  utterances are silero-vad regions (every voice in a recording counts as the speaker's), no
+  visemes; the mouth follows `causal_loudness`.
 - `augment` for all of it: gain, reverb, a synthesised music bed, noise at a random SNR.
 Voices, texts and recordings are split "train" / "eval" (`split_items`); eval items never reach
 train draws.
