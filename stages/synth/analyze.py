@@ -4,27 +4,25 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from stages.synth.render import render
+from stages.synth.render import render_clip
 from stages.synth.world import (
-    EYE_ASPECT,
     EYE_WHITE,
     HAND_RAISE,
     HAND_REACH,
     MOUTH,
-    MOUTH_OPEN,
-    MOUTH_REST,
     NOD_DROP,
+    OUTLINE,
     PUPIL,
-    PUPIL_R,
+    TRACKS,
     Identity,
     Scene,
-    State,
     shade,
     skin_tolerance,
 )
 
-YAW_GAIN = 0.25  # centroid shift of the lower-face features at |yaw| = 1, x head_w (fitted on rendered frames)
 _OPEN = ndimage.generate_binary_structure(2, 1)
+# reference poses each identity is rendered in to calibrate its readings: track -> value (others at rest)
+_REFERENCES = ({}, {"mouth": 1.0}, {"yaw": 1.0}, {"yaw": -1.0})
 
 
 def _nearest(f: np.ndarray, palette: list) -> np.ndarray:
@@ -44,6 +42,10 @@ def _region_colour(f: np.ndarray, y0: float, y1: float, x0: float, x1: float) ->
 def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float, float, float]:
     """Inner-mouth half-height (area / (pi * half-width)), half-width, and how far its corners sit
     above its middle (px), from masks of inner-mouth and lips-or-inner pixels [h, w]."""
+    lab, n = ndimage.label(lips, np.ones((3, 3), bool))
+    if n > 1:  # the mouth is the largest piece; stray blends at other features' rims are not
+        keep = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
+        lips, inner = keep, inner & keep
     cols = np.nonzero(lips.any(0))[0]
     if len(cols) < 3 or not inner.any():
         return 0.0, 0.0, 0.0
@@ -56,11 +58,24 @@ def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float,
     return inner.sum() / (np.pi * a), a, lift
 
 
+def _face_colours(idt: Identity) -> list:
+    """Colours drawn on the face that belong to neither the eyes nor the mouth."""
+    out = [idt.skin, shade(idt.skin, 0.92), shade(idt.skin, 0.78)]
+    if idt.style == "anime":
+        out.append(OUTLINE)
+    if idt.style == "animal":
+        out += [idt.muzzle, idt.nose, shade(idt.skin, 0.55)]
+    return out
+
+
 def _measure(frame: np.ndarray, idt: Identity) -> dict:
-    """One frame's measurements; the face is the largest skin-coloured blob."""
+    """One frame's raw measurements; the face is the largest skin-coloured blob."""
     f = frame.astype(np.float32)
     skin = np.asarray(idt.skin, np.float32)
-    mask = ndimage.binary_opening(((f - skin) ** 2).sum(-1) < skin_tolerance(idt.skin) ** 2, _OPEN)
+    mask = ((f - skin) ** 2).sum(-1) < skin_tolerance(idt.skin) ** 2
+    if idt.style == "animal":
+        mask = ndimage.binary_closing(mask, _OPEN)  # across the whiskers
+    mask = ndimage.binary_opening(mask, _OPEN)
     lab, n = ndimage.label(mask)
     if n == 0:
         return {"found": False}
@@ -79,25 +94,22 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     split = hy + 0.5 * (idt.eye_y + idt.mouth_y) * H - r0  # between the eyes and the mouth, crop rows
     ys, xs = np.nonzero(filled & ~face)
     low = ys > hy + idt.eye_y * H - r0
-    offset = (xs[low].mean() + c0 + 0.5 - hx) / W if low.any() else 0.0
-    out["yaw"] = float(np.clip(offset / YAW_GAIN, -1.5, 1.5))
+    out["yaw"] = (xs[low].mean() + c0 + 0.5 - hx) / W if low.any() else 0.0  # the features' offset, x head_w
 
     inner = ndimage.binary_erosion(filled, _OPEN, iterations=2)  # off the outline, blended with the backdrop
     k = max(int(np.ceil(split)), 0)
-    palette = [idt.skin, shade(idt.skin, 0.92), shade(idt.skin, 0.78), idt.lips, MOUTH]
-    cls = np.where(inner[k:], _nearest(fc[k:], palette), 0)
+    plain = _face_colours(idt)
+    cls = np.where(inner[k:], _nearest(fc[k:], plain + [EYE_WHITE, idt.eyes, PUPIL, idt.lips, MOUTH]), 0)
+    plain = plain + [EYE_WHITE, idt.eyes, PUPIL]  # the eyes reach below the split in big-eyed styles
     a0 = idt.mouth_w * W
-    opening, a, lift = _mouth_shape(cls == 4, cls >= 3, a0)
-    out["mouth"] = (opening / a0 - MOUTH_REST) / MOUTH_OPEN
+    opening, a, lift = _mouth_shape(cls == len(plain) + 1, cls >= len(plain), a0)
+    out["mouth"] = opening / a0
     out["smile"] = lift / (0.3 * a) if a > 0 else 0.0
 
-    palette = [idt.skin, shade(idt.skin, 0.92), shade(idt.skin, 0.78), shade(idt.skin, 0.5), idt.hair, PUPIL,
-               EYE_WHITE, idt.eyes]
+    plain = _face_colours(idt) + [shade(idt.skin, 0.5), idt.hair, PUPIL, OUTLINE]
     up = max(int(np.floor(split)), 0)
-    cls = np.where(inner[:up], _nearest(fc[:up], palette), 0)
-    narrow = 2 - 0.3 * min(abs(out["yaw"]), 1)
-    full = np.pi * (idt.eye_size * W) ** 2 * (EYE_ASPECT * narrow - 2 * PUPIL_R ** 2 * EYE_ASPECT ** 2)
-    out["eyes"] = (cls >= 6).sum() / full
+    cls = np.where(inner[:up], _nearest(fc[:up], plain + [EYE_WHITE, idt.eyes]), 0)
+    out["eyes"] = (cls >= len(plain)).sum() / (np.pi * (idt.eye_size * W) ** 2)
 
     others = [i + 1 for i in range(n) if i + 1 != face_id and sizes[i] > 0.1 * W * W]
     hand_top = None
@@ -112,11 +124,21 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     return out
 
 
-def _eye_reference(identity: Identity, scale: float, width: int, height: int) -> float:
-    """The eye reading of this identity rendered with open eyes at this scale: the share of eye
-    pixels that colour blends at the lids move to other classes depends on the colours."""
-    ref = _measure(render(identity, State(), width, height, Scene(zoom=scale / height)), identity)
-    return ref["eyes"] if ref["found"] and ref["eyes"] > 0 else 1.0
+def _calibration(identity: Identity, scale: float, width: int, height: int) -> dict[str, tuple[float, float]]:
+    """(reading at rest, reading change per unit) of yaw, mouth and eyes for this identity rendered
+    at this scale in the _REFERENCES poses: how much each reading moves depends on the style, the
+    geometry and the colours (blends at the outlines move pixels between classes)."""
+    T = len(_REFERENCES)
+    tracks = {k: np.array([r.get(k, 1.0 if k == "eyes" else 0.0) for r in _REFERENCES], np.float32) for k in TRACKS}
+    frames = render_clip(identity, tracks, width, height, Scene(zoom=scale / height))
+    ref = [_measure(f, identity) for f in frames]
+    if not all(r["found"] for r in ref):
+        return {"yaw": (0.0, 0.25), "mouth": (0.1, 0.3), "eyes": (0.0, 1.0)}
+    unit = lambda d: d if abs(d) > 1e-6 else 1.0  # noqa: E731
+    rest = ref[0]
+    return {"yaw": (rest["yaw"], unit((ref[2]["yaw"] - ref[3]["yaw"]) / 2)),
+            "mouth": (rest["mouth"], unit(ref[1]["mouth"] - rest["mouth"])),
+            "eyes": (0.0, unit(rest["eyes"]))}
 
 
 def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
@@ -129,7 +151,8 @@ def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
     area over its width); smile (lift of the mouth corners); eyes (visible eye white + iris over
     that of the identity rendered with open eyes); hand (from the fingertips' height against the
     clip's median head height; 0 when no hand is seen); skin, shirt, hair: mean / median RGB in
-    the face, below the neck, above the forehead. Calibrated at 256 x 256; about 6 ms a frame."""
+    the face, below the neck, above the forehead. Readings are calibrated per identity on renders
+    of it in reference poses (_calibration). Meant for 256 x 256; about 6 ms a frame."""
     Hf = frames.shape[1]
     per = [_measure(fr, identity) for fr in frames]
     keys = ("head_x", "head_y", "scale", "yaw", "mouth", "smile", "eyes", "hand_top")
@@ -139,7 +162,11 @@ def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
     for k in ("skin", "shirt", "hair"):
         out[k] = np.stack([p[k] if p["found"] else np.full(3, np.nan) for p in per])
     if out["found"].any():
-        out["eyes"] /= _eye_reference(identity, float(np.nanmedian(out["scale"])), frames.shape[2], Hf)
+        cal = _calibration(identity, float(np.nanmedian(out["scale"])), frames.shape[2], Hf)
+        for k, (rest, unit) in cal.items():
+            out[k] = (out[k] - rest) / unit
+        out["yaw"] = np.clip(out["yaw"], -1.5, 1.5)
+        out["eyes"] /= 1 - 0.15 * np.minimum(np.abs(out["yaw"]), 1)  # the eye turned away is foreshortened
     H = identity.head_h * out["scale"]
     W = identity.head_w * out["scale"]
     rest = np.nanmedian(out["head_y"]) if out["found"].any() else np.nan

@@ -8,7 +8,6 @@ from typing import NamedTuple
 import numpy as np
 
 from stages.synth.world import (
-    EYE_ASPECT,
     EYE_WHITE,
     HAND_RAISE,
     HAND_REACH,
@@ -20,6 +19,7 @@ from stages.synth.world import (
     NECK_LEN,
     NOD_DROP,
     NOD_FEATURES,
+    OUTLINE,
     PUPIL,
     PUPIL_R,
     TRACKS,
@@ -196,56 +196,162 @@ def _crop(img: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> tuple[
     return c if c[0] < c[1] and c[2] < c[3] else None
 
 
-def _head_features(cv: Canvas, idt: Identity, st: State, bx, fx, fy, W, H) -> None:
-    """Brows, eyes, nose and mouth; bx: the body midline, (fx, fy) [T]: the centre the features move with."""
+class _Pose(NamedTuple):
+    """Where the head of each frame is, px ([T] arrays or numbers)."""
+
+    W: float  # head half-width
+    H: float  # head half-height
+    bx: float  # body midline
+    by: float  # rest head centre row
+    hx: np.ndarray  # head outline centre
+    hy: np.ndarray
+    fx: np.ndarray  # the centre the features move with
+    fy: np.ndarray
+    nx: np.ndarray  # nose column
+    ny: np.ndarray  # nose row
+    my: np.ndarray  # mouth row
+    hair_x: np.ndarray
+
+
+def _pose(idt: Identity, st: State, s: float, ox: float, oy: float) -> _Pose:
+    W, H = idt.head_w * s, idt.head_h * s
+    bx, by = ox, oy + HEAD_V * s  # the neck and body stay here
+    k = 0.6 if idt.style == "anime" else 1.0  # big eyes stay inside the face when it turns
+    hx, hy = bx + st.yaw * YAW_OUTLINE * W, by + st.pitch * NOD_DROP * H
+    fx, fy = bx + st.yaw * k * YAW_FEATURES * W, hy + st.pitch * NOD_FEATURES * H
+    ny = fy + (idt.eye_y + 0.55 * (idt.mouth_y - idt.eye_y)) * H
+    return _Pose(W, H, bx, by, hx, hy, fx, fy, bx + st.yaw * k * YAW_NOSE * W, ny, fy + idt.mouth_y * H,
+                 bx + st.yaw * YAW_HAIR * W)
+
+
+def _eyes(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
+    """Brows (not for animals), lids and eyes: human eyes, anime eyes (tall irises with highlights,
+    line-art lids) or animal eyes (all iris, a slit pupil)."""
+    W, H = p.W, p.H
     for side in (-1, 1):
         narrow = 1 - 0.3 * np.maximum(0.0, side * st.yaw)  # the eye on the side turned away is foreshortened
-        ex = fx + side * idt.eye_spacing * W * (1 - 0.1 * np.abs(st.yaw))
-        ey = fy + idt.eye_y * H
-        ew, eh_full = idt.eye_size * W * narrow, EYE_ASPECT * idt.eye_size * W
+        ex = p.fx + side * idt.eye_spacing * W * (1 - 0.1 * np.abs(st.yaw))
+        ey = p.fy + idt.eye_y * H
+        ew, eh_full = idt.eye_size * W * narrow, idt.eye_aspect * idt.eye_size * W
         eh = eh_full * st.eyes
-        cv(Ellipse(ex, ey - idt.brow_gap * H, idt.eye_size * W * narrow, 0.045 * H, side * idt.brow_tilt, -0.02 * H),
-           idt.hair, "eyes")
-        cv(Ellipse(ex, ey, 1.1 * ew, 1.05 * eh + 0.07 * eh_full + 0.6), shade(idt.skin, 0.5), "eyes")
+        gx = ex + st.yaw * 0.3 * ew
         open_ = eh > 0.25
-        if open_.any():
-            gx = ex + st.yaw * 0.3 * ew
+        if idt.style != "animal":
+            brow_w, brow_h = (1, 0.045) if idt.style == "human" else (0.8, 0.028)
+            cv(Ellipse(ex, ey - idt.brow_gap * H, brow_w * ew, brow_h * H, side * idt.brow_tilt, -0.02 * H), idt.hair,
+               "eyes")
+        lid = shade(idt.skin, 0.5) if idt.style != "anime" else OUTLINE
+        cv(Ellipse(ex, ey, 1.1 * ew, 1.05 * eh + 0.07 * eh_full + 0.6), lid, "eyes")
+        if not open_.any():
+            continue
+        if idt.style == "human":
             cv(Ellipse(ex, ey, ew, eh), EYE_WHITE, "eyes", weight=open_)
             cv(Ellipse(gx, ey, 0.55 * eh_full, 0.55 * eh), idt.eyes, weight=open_)  # inside the white
             cv(Ellipse(gx, ey, PUPIL_R * eh_full, PUPIL_R * eh), PUPIL, weight=open_)
-    ny = fy + (idt.eye_y + 0.55 * (idt.mouth_y - idt.eye_y)) * H
-    nx = bx + st.yaw * YAW_NOSE * W
-    cv(Ellipse(nx, ny, 0.09 * W, 0.5 * idt.nose_len * H, 0.15 * st.yaw), shade(idt.skin, 0.78))
-    a0 = idt.mouth_w * W
+        elif idt.style == "anime":
+            cv(Ellipse(ex, ey, ew, eh), EYE_WHITE, "eyes", weight=open_)
+            cv(Ellipse(gx, ey + 0.08 * eh, 0.62 * ew, 0.86 * eh), idt.eyes, weight=open_, within=Ellipse(ex, ey, ew, eh))
+            cv(Ellipse(gx, ey + 0.12 * eh, 0.3 * ew, 0.45 * eh), PUPIL, weight=open_)
+            cv(Ellipse(gx - 0.25 * ew, ey - 0.3 * eh, 0.17 * ew, 0.2 * eh), EYE_WHITE, weight=open_)  # highlights
+            cv(Ellipse(gx + 0.22 * ew, ey + 0.35 * eh, 0.08 * ew, 0.1 * eh), EYE_WHITE, weight=open_)
+        else:
+            cv(Ellipse(ex, ey, ew, eh), idt.eyes, "eyes", weight=open_)
+            cv(Ellipse(gx, ey, 0.16 * ew, 0.85 * eh), PUPIL, weight=open_)
+            cv(Ellipse(gx - 0.3 * ew, ey - 0.35 * eh, 0.13 * ew, 0.13 * eh), EYE_WHITE, weight=open_)
+
+
+def _mouth(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
+    a0 = idt.mouth_w * p.W
     a = a0 * (1 + 0.2 * st.smile) * (1 - 0.15 * np.abs(st.yaw))
     b = a0 * (MOUTH_REST + MOUTH_OPEN * st.mouth)
-    my, bend = fy + idt.mouth_y * H, -0.3 * st.smile * a
-    cv(Ellipse(fx, my, a + 0.12 * a0, b + 0.16 * a0, bend=bend), idt.lips, "mouth")
-    cv(Ellipse(fx, my, a, b, bend=bend), MOUTH)
+    bend = -0.3 * st.smile * a
+    cv(Ellipse(p.fx, p.my, a + 0.12 * a0, b + 0.16 * a0, bend=bend), idt.lips, "mouth")
+    cv(Ellipse(p.fx, p.my, a, b, bend=bend), MOUTH, "mouth")
+
+
+def _cap(cv: Canvas, idt: Identity, p: _Pose) -> None:
+    """The hair over the crown, with a window for the face below the hairline."""
+    W, H, vol = p.W, p.H, idt.hair_volume
+    window = Ellipse(p.hair_x, p.fy + H, (1.2 + 0.1 * (idt.style == "anime")) * W, (idt.hairline + 1.0) * H)
+    cv(Ellipse(p.hair_x, p.hy - 0.6 * (vol - 1) * H, vol * W, vol * H), idt.hair, shade=0.15 * (idt.style != "anime"),
+       hole=window, ymax=p.hy + 0.05 * H)
+
+
+def _human(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
+    cv(Ellipse(p.hx, p.hy, p.W, p.H), idt.skin, "face", shade=0.08)
+    _eyes(cv, idt, st, p)
+    cv(Ellipse(p.nx, p.ny, 0.09 * p.W, 0.5 * idt.nose_len * p.H, 0.15 * st.yaw), shade(idt.skin, 0.78))
+    _mouth(cv, idt, st, p)
+    _cap(cv, idt, p)
+
+
+def _anime(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
+    """Flat colours, bold outlines, a pointed chin, large eyes, a tiny nose, spiky or long hair with bangs."""
+    W, H = p.W, p.H
+    lw = max(1.0, 0.05 * W)  # line width, px
+    cranium = Ellipse(p.hx, p.hy - 0.1 * H, W, 0.9 * H)
+    cy = p.hy - 0.2 * H  # the jaw: the lower half of the lens between two circles, pointed at (hx, hy + H)
+    d = (1.44 * H * H / (0.95 * W) - 0.95 * W) / 2
+    R = d + 0.95 * W
+    for grow, colour, region in ((lw, OUTLINE, None), (0.0, idt.skin, "face")):
+        cv(cranium._replace(a=W + grow, b=0.9 * H + grow), colour, region)
+        cv(Ellipse(p.hx - d, cy, R + grow, R + grow), colour, region, within=Ellipse(p.hx + d, cy, R + grow, R + grow),
+           ymin=cy)
+    _eyes(cv, idt, st, p)
+    cv(Ellipse(p.nx, p.ny, 0.035 * W, 0.5 * idt.nose_len * H), shade(idt.skin, 0.78))
+    _mouth(cv, idt, st, p)
+    vol, top = idt.hair_volume, p.hy - 0.6 * (idt.hair_volume - 1) * H
+    if idt.hair_style == "spiky":
+        for k, phi in enumerate(np.linspace(-1.05, 1.05, 7)):
+            r = 0.92 + 0.08 * (k % 2)
+            cv(Ellipse(p.hair_x + np.sin(phi) * r * vol * W, top - np.cos(phi) * r * vol * H, 0.16 * W, 0.34 * H, phi),
+               idt.hair)
+    _cap(cv, idt, p)
+    fringe = p.fy - idt.hairline * H  # bangs over the forehead, above the brows
+    for k in (-1.5, -0.5, 0.5, 1.5):
+        cv(Ellipse(p.hair_x + k * 0.28 * W, fringe + 0.02 * H, 0.17 * W, 0.12 * H, -0.3 * k), idt.hair)
+
+
+def _animal(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
+    """Ears on a marked crown, a round furry head, a muzzle with a nose, whiskers; slit-pupil eyes."""
+    W, H = p.W, p.H
+    for side in (-1, 1):
+        ear = Ellipse(p.hair_x + side * 0.56 * W, p.hy - 0.9 * H, 0.3 * W, 0.55 * H, side * 0.45, 0.1 * H)
+        cv(ear, idt.hair, shade=0.1)
+        cv(ear._replace(x=ear.x - side * 0.02 * W, y=ear.y + 0.12 * H, a=0.15 * W, b=0.34 * H), (226, 150, 160))
+    cv(Ellipse(p.hx, p.hy - 0.05 * H, W, 0.95 * H), idt.skin, "face", shade=0.06)
+    cv(Ellipse(p.hx, p.hy + 0.3 * H, 0.9 * W, 0.7 * H), idt.skin, "face", shade=0.06)  # cheeks: the bottom is the head's
+    _eyes(cv, idt, st, p)
+    mid = (p.ny + p.my) / 2
+    whisker = shade(idt.skin, 0.55)
+    for side in (-1, 1):
+        for k in (-1, 0, 1):
+            cv(Ellipse(p.fx + side * 0.6 * W, mid + k * 0.07 * H, 0.26 * W, max(0.5, 0.008 * H), side * k * 0.15), whisker)
+    for side in (-1, 1):
+        cv(Ellipse(p.fx + side * 0.17 * W, mid, 0.26 * W, 0.2 * H), idt.muzzle)
+    cv(Ellipse(p.fx, p.my + 0.06 * H, 0.22 * W, 0.16 * H), idt.muzzle)  # chin
+    cv(Ellipse(p.fx, mid, 0.018 * W, 0.5 * (p.my - p.ny)), idt.lips)  # philtrum
+    cv(Ellipse(p.nx, p.ny, 0.13 * W, 0.5 * idt.nose_len * H, 0.15 * st.yaw), idt.nose)
+    _mouth(cv, idt, st, p)
+    _cap(cv, idt, p)
+
+
+_STYLE_HEADS = {"human": _human, "anime": _anime, "animal": _animal}
 
 
 def _draw_head(img: np.ndarray, masks, idt: Identity, st: State, s: float, ox: float, oy: float, grow: float) -> None:
     """Paints the head of frame t with st's fields [T] into img [T, H, W, 3] uint8 (and its masks)."""
-    W, H = idt.head_w * s, idt.head_h * s
-    bx, by = ox, oy + HEAD_V * s  # rest head centre; the neck and body stay here
-    hx, hy = bx + st.yaw * YAW_OUTLINE * W, by + st.pitch * NOD_DROP * H
-    fx, fy = bx + st.yaw * YAW_FEATURES * W, hy + st.pitch * NOD_FEATURES * H
-    vol = idt.hair_volume
-    box = _crop(img, bx - 1.4 * vol * W, bx + 1.4 * vol * W, np.min(hy) - 1.1 * vol * H, by + 1.8 * H)
+    p = _pose(idt, st, s, ox, oy)
+    W, H, vol = p.W, p.H, idt.hair_volume
+    box = _crop(img, p.bx - 1.45 * vol * W, p.bx + 1.45 * vol * W, np.min(p.hy) - 1.5 * vol * H, p.by + 1.8 * H)
     if box is None:
         return
     cv = Canvas(img, masks, *box, grow)
     if idt.hair_style == "long":
-        back = Ellipse(hx, hy + 0.45 * H, 1.08 * vol * W, H)
-        cv(back, idt.hair, shade=0.2, ymin=hy)  # above hy it is under the cap
-    shoulders = by + (1 + NECK_LEN) * H
-    cv(Ellipse(bx, shoulders, idt.neck_w * W, 0.8 * H), shade(idt.skin, 0.7), ymax=shoulders + 0.03 * H)
-    cv(Ellipse(hx, hy, W, H), idt.skin, "face", shade=0.08)
-    _head_features(cv, idt, st, bx, fx, fy, W, H)
-    hair_x = bx + st.yaw * YAW_HAIR * W
-    window = Ellipse(hair_x, fy + H, 1.2 * W, (idt.hairline + 1.0) * H)  # the face under the hair
-    cv(Ellipse(hair_x, hy - 0.6 * (vol - 1) * H, vol * W, vol * H), idt.hair, shade=0.15, hole=window,
-       ymax=hy + 0.05 * H)
+        cv(Ellipse(p.hx, p.hy + 0.45 * H, 1.08 * vol * W, H), idt.hair, shade=0.2, ymin=p.hy)  # above hy: under the cap
+    shoulders = p.by + (1 + NECK_LEN) * H
+    cv(Ellipse(p.bx, shoulders, idt.neck_w * W, 0.8 * H), shade(idt.skin, 0.7), ymax=shoulders + 0.03 * H)
+    _STYLE_HEADS[idt.style](cv, idt, st, p)
     cv.done()
 
 

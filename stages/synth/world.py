@@ -17,22 +17,35 @@ EYE_WHITE: RGB = (242, 240, 232)
 MOUTH: RGB = (95, 22, 32)  # inside of the open mouth
 PUPIL: RGB = (18, 16, 20)
 
-HEAD_V = -0.1  # v of the head centre at rest
+HEAD_V = -0.06  # v of the head centre at rest
 NECK_LEN = 0.3  # chin to shoulders, x head_h
 NOD_DROP = 0.18  # the head moves down by pitch * NOD_DROP * head_h
 NOD_FEATURES = 0.08  # ... and the features further down inside the face by pitch * this * head_h
 YAW_OUTLINE, YAW_HAIR, YAW_FEATURES, YAW_NOSE = 0.06, 0.15, 0.3, 0.42  # shifts at |yaw| = 1, x head_w
-HAND_X = 1.9  # hand centre from the body midline, x head_w
+HAND_X = 1.65  # hand centre from the body midline, x head_w
 HAND_RAISE = -0.1  # palm centre at hand = 1, below the rest head centre, x head_h
 HAND_REACH = 0.74  # fingertips above the palm centre, x head_w
 MOUTH_REST, MOUTH_OPEN = 0.1, 0.3  # inner mouth half-height = mouth half-width * (REST + OPEN * mouth)
 EYE_ASPECT, PUPIL_R = 0.6, 0.25  # eye half-height / half-width; pupil radius / eye half-height
+OUTLINE: RGB = (34, 26, 30)  # anime line art
+FACE_HEIGHT = (0.45, 0.55)  # the head (chin to crown) spans this share of the frame height (dlib HOG finds it)
+STYLES = {"human": 0.5, "anime": 0.25, "animal": 0.25}  # character styles and how often random_identity draws them
 
 SKIN_TONES = [(255, 224, 196), (241, 194, 158), (224, 172, 130), (198, 134, 96), (160, 104, 72), (120, 78, 56)]
 HAIR_COLOURS = [(25, 22, 22), (60, 40, 28), (110, 70, 40), (190, 150, 90), (150, 60, 35), (150, 150, 155),
                 (40, 60, 140), (170, 60, 120), (40, 120, 80)]
 IRIS_COLOURS = [(60, 100, 170), (70, 130, 90), (90, 60, 35), (50, 35, 25), (120, 110, 70), (110, 120, 130)]
 TEXTURES = ("plain", "stripes", "checks", "waves")
+ANIME_SKIN = [(255, 232, 218), (252, 218, 196), (240, 196, 168), (214, 160, 124), (170, 118, 88)]
+ANIME_HAIR = [(30, 28, 40), (250, 225, 140), (240, 150, 190), (90, 130, 230), (150, 90, 200), (220, 60, 60),
+              (200, 205, 215), (60, 170, 120), (250, 140, 50)]
+ANIME_IRIS = [(40, 110, 220), (30, 160, 90), (200, 40, 60), (140, 60, 200), (220, 150, 30), (30, 170, 190)]
+FUR = [(226, 140, 62), (196, 112, 52), (150, 150, 155), (232, 212, 172), (140, 96, 62), (240, 236, 228),
+       (212, 172, 104), (110, 100, 96)]
+FUR_MARKS = [(60, 44, 36), (34, 30, 30), (110, 110, 116), (180, 90, 40), (235, 230, 220), (140, 100, 70)]
+ANIMAL_IRIS = [(196, 196, 60), (214, 150, 40), (100, 176, 80), (90, 150, 214), (170, 120, 40)]
+MUZZLES = [(248, 244, 236), (226, 204, 192), (250, 226, 196), (120, 104, 100), (60, 52, 52)]
+NOSES = [(222, 128, 138), (52, 40, 44), (176, 96, 96)]
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,7 @@ class Identity:
     eyes: RGB  # iris
     shirt: RGB
     lips: RGB
-    hair_style: str  # short | long
+    hair_style: str  # short | long (human, anime), spiky (anime), ears (animal: a crown with ears)
     head_w: float  # head half-width
     head_h: float  # head half-height
     eye_spacing: float  # eye centre to face midline, x head_w
@@ -60,6 +73,10 @@ class Identity:
     shoulder_w: float  # x head_w
     neck_w: float  # neck half-width, x head_w
     hand_side: int  # -1: the hand rises on the image's left; +1: on its right
+    style: str = "human"  # human | anime | animal
+    eye_aspect: float = EYE_ASPECT  # eye half-height / half-width
+    muzzle: RGB = (0, 0, 0)  # animal: the muzzle under the nose
+    nose: RGB = (0, 0, 0)  # animal: the nose tip
 
     @classmethod
     def from_dict(cls, d: dict) -> "Identity":
@@ -123,25 +140,62 @@ def _pick(rng: np.random.Generator, palette: list[RGB], jitter: float, away_from
     raise RuntimeError("no colour far enough from the others")  # palettes leave room; never reached
 
 
-def random_identity(rng: np.random.Generator) -> Identity:
-    """A character whose hair, iris, shirt and lids stay far from its skin, and iris from lids and lips."""
-    i = rng.uniform(0, len(SKIN_TONES) - 1)
-    lo, hi = np.asarray(SKIN_TONES[int(i)]), np.asarray(SKIN_TONES[min(int(i) + 1, len(SKIN_TONES) - 1)])
-    skin = tuple(int(v) for v in np.clip(np.rint(lo + (i - int(i)) * (hi - lo) + rng.uniform(-8, 8, 3)), 0, 255))
-    far = 2.2 * skin_tolerance(skin)
-    hair = _pick(rng, HAIR_COLOURS, 12, [(skin, far)])
-    eyes = _pick(rng, IRIS_COLOURS, 12, [(skin, far), (EYE_WHITE, 90), (PUPIL, 45), (MOUTH, 45), (hair, 45),
-                                         (shade(skin, 0.5), 45)])
-    shirt = _pick(rng, [(128, 128, 128)], 127, [(skin, 2.5 * skin_tolerance(skin)), (hair, 60)])
-    lips = tuple(int(round(0.6 * s + 0.4 * c)) for s, c in zip(skin, (175, 45, 65)))
-    head_w = rng.uniform(0.12, 0.16)
-    return Identity(
-        skin=skin, hair=hair, eyes=eyes, shirt=shirt, lips=lips, hair_style=str(rng.choice(["short", "long"])),
-        head_w=head_w, head_h=head_w * rng.uniform(1.15, 1.35), eye_spacing=rng.uniform(0.3, 0.4),
-        eye_size=rng.uniform(0.14, 0.19), eye_y=rng.uniform(-0.15, 0.0), brow_gap=rng.uniform(0.12, 0.18),
-        brow_tilt=rng.uniform(-0.2, 0.2), nose_len=rng.uniform(0.14, 0.22), mouth_w=rng.uniform(0.28, 0.4),
-        mouth_y=rng.uniform(0.42, 0.55), hairline=rng.uniform(0.62, 0.85), hair_volume=rng.uniform(1.04, 1.18),
-        shoulder_w=rng.uniform(2.3, 3.0), neck_w=rng.uniform(0.4, 0.52), hand_side=int(rng.choice([-1, 1])))
+def _first_far(options: list[RGB], away_from: list[tuple[RGB, float]]) -> RGB:
+    """The first option at least the given distance from each given colour (else the farthest)."""
+    margin = [min(_dist(c, o) - d for o, d in away_from) for c in options]
+    return options[int(np.argmax(np.asarray(margin) >= 0))] if max(margin) >= 0 else options[int(np.argmax(margin))]
+
+
+def _skin(rng: np.random.Generator, tones: list[RGB]) -> RGB:
+    """A tone between two neighbours of the list, jittered."""
+    i = rng.uniform(0, len(tones) - 1)
+    lo, hi = np.asarray(tones[int(i)]), np.asarray(tones[min(int(i) + 1, len(tones) - 1)])
+    return tuple(int(v) for v in np.clip(np.rint(lo + (i - int(i)) * (hi - lo) + rng.uniform(-8, 8, 3)), 0, 255))
+
+
+def random_identity(rng: np.random.Generator, style: str | None = None) -> Identity:
+    """A character of the given style (default: drawn with the STYLES mix) whose hair, iris, shirt and
+    lids stay far from its skin (fur), and iris from lids and lips."""
+    style = style or str(rng.choice(list(STYLES), p=list(STYLES.values())))
+    if style not in STYLES:
+        raise ValueError(f"unknown character style {style!r}: choose one of {', '.join(STYLES)}")
+    skin = _skin(rng, {"human": SKIN_TONES, "anime": ANIME_SKIN, "animal": FUR}[style])
+    tol = skin_tolerance(skin)
+    far = 2.2 * tol
+    hair = _pick(rng, {"human": HAIR_COLOURS, "anime": ANIME_HAIR, "animal": FUR_MARKS}[style], 12, [(skin, far)])
+    muzzle = nose = (0, 0, 0)
+    if style == "animal":
+        muzzle = _first_far(MUZZLES, [(skin, far), (hair, 60)])
+        nose = _first_far(NOSES, [(skin, far), (muzzle, 80), (MOUTH, 60)])
+        lips = _first_far([(64, 46, 48), (150, 84, 96), (40, 40, 64), (200, 150, 150)],
+                          [(skin, far), (muzzle, 70), (MOUTH, 55), (nose, 70)])
+    else:
+        lips = tuple(int(round(0.6 * s + 0.4 * c)) for s, c in zip(skin, (175, 45, 65) if style == "human" else (150, 30, 50)))
+    irises = {"human": IRIS_COLOURS, "anime": ANIME_IRIS, "animal": ANIMAL_IRIS}[style]
+    eyes = _pick(rng, irises, 12, [(skin, far), (EYE_WHITE, 90), (PUPIL, 45), (MOUTH, 45), (hair, 45),
+                                   (shade(skin, 0.5), 45), (muzzle, 45), (OUTLINE, 45), (lips, 45)])
+    shirt = _pick(rng, [(128, 128, 128)], 127, [(skin, 2.5 * tol), (hair, 60), (muzzle, 40)])
+    u = rng.uniform
+    common = dict(skin=skin, hair=hair, eyes=eyes, shirt=shirt, lips=lips, style=style, muzzle=muzzle, nose=nose,
+                  shoulder_w=u(2.3, 3.0), neck_w=u(0.4, 0.52), hand_side=int(rng.choice([-1, 1])),
+                  brow_tilt=u(-0.2, 0.2), hair_volume=u(1.04, 1.18))
+    if style == "human":
+        head_w = u(0.12, 0.16)
+        return Identity(**common, hair_style=str(rng.choice(["short", "long"])), head_w=head_w,
+                        head_h=head_w * u(1.15, 1.35), eye_spacing=u(0.3, 0.4), eye_size=u(0.14, 0.19),
+                        eye_y=u(-0.15, 0.0), brow_gap=u(0.12, 0.18), nose_len=u(0.14, 0.22), mouth_w=u(0.28, 0.4),
+                        mouth_y=u(0.42, 0.55), hairline=u(0.62, 0.85))
+    if style == "anime":
+        head_w = u(0.13, 0.16)
+        return Identity(**common, hair_style=str(rng.choice(["spiky", "long"])), head_w=head_w,
+                        head_h=head_w * u(1.12, 1.25), eye_spacing=u(0.34, 0.4), eye_size=u(0.21, 0.26),
+                        eye_aspect=u(1.0, 1.2), eye_y=u(0.02, 0.1), brow_gap=u(0.28, 0.32), nose_len=u(0.05, 0.08),
+                        mouth_w=u(0.2, 0.26), mouth_y=u(0.42, 0.5), hairline=u(0.64, 0.74))
+    head_w = u(0.14, 0.17)
+    return Identity(**common, hair_style="ears", head_w=head_w, head_h=head_w * u(0.92, 1.05),
+                    eye_spacing=u(0.38, 0.46), eye_size=u(0.17, 0.21), eye_aspect=u(0.8, 0.95), eye_y=u(-0.18, -0.08),
+                    brow_gap=u(0.2, 0.26), nose_len=u(0.1, 0.14), mouth_w=u(0.22, 0.3), mouth_y=u(0.5, 0.58),
+                    hairline=u(0.72, 0.85))
 
 
 def _segment_dist(p, a, b) -> float:
@@ -168,12 +222,12 @@ def random_scene(rng: np.random.Generator, identity: Identity) -> Scene:
             break
     props = tuple((float(rng.uniform(-0.9, 0.9)), float(rng.uniform(-0.6, 0.4)), float(rng.uniform(0.08, 0.5)),
                    float(rng.uniform(0.08, 0.5)), colour()) for _ in range(rng.integers(4, 12)))
-    zoom = float(rng.uniform(0.75, 1.3))
-    room = 0.48 / zoom - (HAND_X + 0.6) * identity.head_w  # the raised hand stays inside a square frame
-    pan_x = identity.hand_side * float(rng.uniform(-0.12, min(0.12, room)))
+    zoom = float(rng.uniform(*FACE_HEIGHT)) / (2 * identity.head_h)  # face-framed: head and shoulders
+    room = 0.48 / zoom - (HAND_X + 0.5) * identity.head_w  # the raised hand stays inside a square frame
+    pan_x = identity.hand_side * (float(rng.uniform(-0.04, min(0.04, room))) if room > -0.04 else room)
     return Scene(top=top, bottom=bottom, gradient_angle=float(rng.uniform(0, 2 * np.pi)), texture=texture,
                  texture_amp=amp, texture_freq=float(rng.uniform(3, 12)), texture_angle=float(rng.uniform(0, np.pi)),
-                 props=props, pan_x=pan_x, pan_y=float(rng.uniform(-0.06, 0.06)), zoom=zoom)
+                 props=props, pan_x=pan_x, pan_y=float(rng.uniform(-0.02, 0.02)), zoom=zoom)
 
 
 
