@@ -17,7 +17,9 @@ Method, per clip row (any kind of the curation chain; the source video is decode
   latents from the Wan2.1 VAE (`vae`, normalised mu [C, F, h, w]) or TAEHV (`taehv`, [C, F, h, w]),
   plus the latent of the first frame alone as the reference ("ref").
 - Audio: the window's 16 kHz mono samples ("wave", T * 16000 / fps of them) and their log-mel
-  conditioning features per latent frame (models.audio.audio_features, the training definition).
+  conditioning features per latent frame with the preset's speech context (DiTConfig.audio_context
+  frames before and after: silence before the window as at a stream's start, the clip's own
+  continuation after it; models.audio.audio_features, the training and streaming definition).
 - Text: the row's `caption` (else the neutral prompt models.config.NEUTRAL_TEXT, recorded as
   text_source "neutral") through MiniLM or umT5 (local directory), [L, D] with L <= text_len.
 - Per-chunk text with onsets (stages/samples.py `text_timeline`): per latent frame, the text in
@@ -49,7 +51,8 @@ import torch
 
 from models.config import NEUTRAL_TEXT, PRESETS, ModelConfig, preset as get_preset
 from stages.run import Stage, base_row, not_param, ranged
-from stages.samples import TextTimeline, chunk_events, shard_name, synth_events, text_timeline, to_video, write_shard
+from stages.samples import (TextTimeline, chunk_events, frame_texts, shard_name, synth_events, text_segments,
+                            text_timeline, to_video, write_shard)
 
 SHARD_BYTES = 256 * 2**20       # frames per shard file at most (windows of one clip share a shard up to this)
 TIME_EPS = 1e-6
@@ -151,7 +154,7 @@ def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int,
 
 def clip_item(item: dict) -> dict:
     """A chain row as is; a `vidu synth` row as a clip from 0 to its duration (video_path = path), with
-    its timed instructions under "events" (from the ground-truth sidecar, else the row's actions)."""
+    its timed instructions under "synth_events" (from the ground-truth sidecar, else the row's actions)."""
     if item.get("video_path") is not None:
         for c in ("start_s", "end_s"):
             if item.get(c) is None:
@@ -271,8 +274,9 @@ class Embed(Stage):
                 feats[t] = self._text([t])[0].cpu()
             return feats[t]
 
-        timelines = [text_timeline(base, events, t0, cfg.latent_frames, fps, cfg.audio.video_frames_per_latent,
-                                   base_onset=item["start_s"]) for t0 in starts]
+        segments = text_segments(base, item["start_s"], events)
+        timelines = [frame_texts(segments, t0, cfg.latent_frames, fps, cfg.audio.video_frames_per_latent)
+                     for t0 in starts]
         audio = load_audio(item["video_path"], cfg.audio.sample_rate)
         per_shard = max(1, SHARD_BYTES // (T * cfg.height * cfg.width * 3))
         info = dict(text=text, text_source=text_source, texts_source=events_source)
@@ -299,7 +303,7 @@ class Embed(Stage):
         for n, ((i, t0), timeline) in enumerate(zip(group, timelines)):
             prefix = f"{item['id']}_s{i:03d}"
             sl = slice(n * T, (n + 1) * T)
-            sample = self._sample(frames[sl], audio, t0)
+            sample = self._sample(frames[sl], audio, t0, item["end_s"])
             sample.update(timeline.tensors(encode))
             tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
             t1 = t0 + T / fps
@@ -325,18 +329,24 @@ class Embed(Stage):
         return "minilm" if self.text_kind == "minilm" and not self.text_model else f"{self.text_kind}:{self.text_model}"
 
     @torch.no_grad()
-    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float) -> dict[str, torch.Tensor]:
+    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float, end_s: float) -> dict[str, torch.Tensor]:
         """One window's tensors: video [T, H, W, 3] uint8 or latents [C, F, h, w] (+ ref [C, 1, h, w]),
-        audio [F, mel_per_latent, n_mels], wave [T * sr / fps]."""
+        audio [before + F + after, mel_per_latent, n_mels] (the preset's speech context: silence before
+        the window, as at a stream's start; the clip's continuation after it, up to `end_s`),
+        wave [T * sr / fps]."""
         from models.audio import audio_features
         cfg, acfg = self.cfg, self.cfg.audio
+        context = getattr(cfg.dit, "audio_context", (0, 0))   # TODO(embed): plain attribute once models/ has it
         n = int(cfg.video_frames * acfg.sample_rate // acfg.fps)
         a = int(round(t0 * acfg.sample_rate))
-        wave = np.zeros(n, np.float32)
-        piece = audio[a:a + n]
-        wave[: len(piece)] = piece
-        wave_t = torch.from_numpy(wave)
-        out = {"wave": wave_t, "audio": audio_features(wave_t, cfg.latent_frames, acfg).float()}
+        more = context[1] * acfg.samples_per_latent + acfg.n_fft          # what the after-context can reach
+        ahead = np.zeros(n + more, np.float32)
+        piece = audio[a:min(a + n + more, int(round(end_s * acfg.sample_rate)))]
+        ahead[: len(piece)] = piece
+        wave_t = torch.from_numpy(ahead[:n].copy())
+        feats = (audio_features(torch.from_numpy(ahead), cfg.latent_frames, acfg, context=context) if any(context)
+                 else audio_features(wave_t, cfg.latent_frames, acfg))
+        out = {"wave": wave_t, "audio": feats.float()}
         if self._vae is not None:
             dev = next(self._vae.parameters()).device
             out["video"] = self._vae.encode(to_video(frames).to(dev))[0].float().cpu()

@@ -116,16 +116,19 @@ def test_crop_window_arithmetic():
 
 def test_samples_shapes_dtypes_and_columns(embedded, rows):
     _, got = embedded
+    from models.config import PRESETS
     ok = {k: r for k, r in got.items() if r["status"] == "ok"}
     assert sorted(ok) == ["r1_0000_s000", "r1_0000_s001", "r4_0000_s000", "r4_0000_s001"]
+    before, after = getattr(PRESETS["tiny"].dit, "audio_context", (0, 0))
+    A = before + 5 + after                                       # latent frames of speech features with context
     for r in ok.values():
         t = read_sample(r)
         assert t["video"].dtype == torch.uint8 and tuple(t["video"].shape) == (17, 64, 64, 3)
-        assert t["audio"].dtype == torch.float32 and tuple(t["audio"].shape) == (5, 16, 80)  # [F, mel/latent, mels]
+        assert t["audio"].dtype == torch.float32 and tuple(t["audio"].shape) == (A, 16, 80)  # [F+ctx, mel/latent, mels]
         assert t["wave"].dtype == torch.float32 and tuple(t["wave"].shape) == (17 * 640,)
         assert t["text"].dtype == torch.float32 and t["text"].shape[1] == 384
         assert r["latent_kind"] == "frames" and r["latent_shape"] == [17, 64, 64, 3]
-        assert r["audio_shape"] == [5, 16, 80] and r["text_shape"] == list(t["text"].shape)
+        assert r["audio_shape"] == [A, 16, 80] and r["text_shape"] == list(t["text"].shape)
         assert (r["frames"], r["height"], r["width"], r["fps"]) == (17, 64, 64, 25.0)
         assert r["end_s"] - r["start_s"] == pytest.approx(0.68) and r["text_encoder"] == "minilm"
         assert float(t["wave"].abs().max()) > 0.01                                  # speech, not padding
@@ -144,6 +147,13 @@ def test_samples_shapes_dtypes_and_columns(embedded, rows):
     from stages.sense.media import load_audio
     full = load_audio(rows[0]["video_path"])
     assert torch.equal(wave, torch.from_numpy(full[8000:8000 + 10880]))          # 0.5 s at 16 kHz
+    # the features hear the clip's continuation after the window (1.18 s + context < the clip's 3.0 s end)
+    from models.audio import audio_features
+    if after:
+        want = audio_features(torch.from_numpy(full[8000:]), 5, PRESETS["tiny"].audio, context=(before, after))
+        assert torch.allclose(read_sample(a)["audio"], want, atol=1e-6)
+        cut = audio_features(wave, 5, PRESETS["tiny"].audio, context=(before, after))
+        assert not torch.allclose(read_sample(a)["audio"][-after:], cut[-after:], atol=1e-3)
 
 
 def test_too_short_clip_is_rejected(embedded):
@@ -463,3 +473,28 @@ def test_cli_embeds_a_synth_manifest(tmp_path):
         assert tuple(t["video"].shape) == (17, 64, 64, 3) and r["video_path"].endswith(".mp4")
     assert switched, "no instruction onset inside a window: pick another --seed"
     assert got[0]["text_source"] == "instruction" and got[0]["text"] == events[0][2]
+
+
+def test_synth_rows_without_a_sidecar_use_their_actions_and_clip_rows_need_times(tmp_path):
+    from stages.embed import clip_item, clip_texts
+    row = base_row("synth", id="s", path="/x/s.mp4", duration_s=2.0, fps=25.0, frames=49,
+                   actions=json.dumps([[0.3, 1.0, "nod"], [1.2, 1.3, "blink"]]), gt_path=str(tmp_path / "gone.json"))
+    item = clip_item(row)
+    assert (item["video_path"], item["start_s"], item["end_s"]) == ("/x/s.mp4", 0.0, 2.0)
+    assert item["synth_events"] == [(0.3, 1.0, "nod"), (1.2, 1.3, "blink")] and item["synth_events_source"] == "actions"
+    text, source, events, events_source = clip_texts(item, 25.0)
+    assert (text, source, events_source) == ("nod", "instruction", "actions")      # 18 frames of nod, 3 of blink
+    assert clip_texts({**item, "synth_events": []}, 25.0)[:2] == ("a person talking to the camera", "neutral")
+    with pytest.raises(ValueError, match="has no start_s"):
+        clip_item({"id": "c", "video_path": "/x.mp4", "start_s": None, "end_s": 1.0})
+    with pytest.raises(ValueError, match="neither a clip"):
+        clip_item({"id": "c"})
+
+
+def test_shards_without_per_frame_texts_still_read(tmp_path):
+    from stages.samples import TEXT_KEYS, write_shard
+    path = tmp_path / "old.000.safetensors"
+    write_shard(path, {"text": torch.zeros(3, 4), "old_s000/video": torch.zeros(17, 8, 8, 3, dtype=torch.uint8),
+                       "old_s000/audio": torch.zeros(5, 16, 80), "old_s000/wave": torch.zeros(10880)}, {})
+    t = read_sample({"id": "old_s000", "shard": str(path), "key_prefix": "old_s000"})
+    assert sorted(t) == ["audio", "text", "video", "wave"] and not set(TEXT_KEYS) & set(t)
