@@ -44,7 +44,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
     d = cfg.dit
     g = torch.Generator(device=dev).manual_seed(0)
     text = torch.randn(1, d.text_len, d.text_dim, generator=g, device=dev, dtype=dtype)
-    audio = (torch.randn(1, st.chunk_frames, cfg.audio.mel_per_latent, d.audio_dim, generator=g, device=dev, dtype=dtype)
+    audio = (torch.randn(1, st.chunk_frames + sum(d.audio_context), cfg.audio.mel_per_latent, d.audio_dim, generator=g, device=dev, dtype=dtype)
              if d.audio_dim else None)
     ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g, device=dev, dtype=dtype)
     inputs = ChunkInputs(text, audio)

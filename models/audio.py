@@ -1,9 +1,12 @@
 """Audio aligned to latent frames: conditioning features and the joint-branch audio latent.
 
 Timeline: latent frame i covers video frames 4i-3 .. 4i (latent 0 covers frame 0 and three frames of
-silence before it), i.e. `mel_per_latent` = 16 log-mel steps of 10 ms at 16 kHz / 25 fps. One
-windowing (`per_latent`) serves every feature: log-mel (the default) and wav2vec2 hidden states
-(resampled to the mel rate).
+silence before it), i.e. `mel_per_latent` = 16 log-mel steps of 10 ms at 16 kHz / 25 fps. A model
+hears, for each latent frame, the features of `context_before` frames before it and `context_after`
+after it (AudioConfig), so `audio_features` of F frames has F + context_before + context_after rows.
+One function frames the log-mel (`frame_logmel`), offline (`audio_features`) and streaming
+(`AudioStream`), so a clip streamed chunk by chunk gets exactly its training features; wav2vec2
+hidden states (resampled to the mel rate) go through `per_latent`.
 
 The joint audio latent (x = [v; a], eq. 1 of the paper) is the normalised log-mel of each latent
 frame split into `tokens` groups of consecutive steps; `to_waveform` goes back with Griffin-Lim, or
@@ -28,15 +31,7 @@ LOGMEL_CENTER, LOGMEL_SCALE = -4.0, 4.0   # fixed affine map of natural-log mel 
 def _mel(cfg: AudioConfig):
     from torchaudio.transforms import MelSpectrogram
     return MelSpectrogram(cfg.sample_rate, n_fft=cfg.n_fft, win_length=cfg.win_length, hop_length=cfg.hop,
-                          n_mels=cfg.n_mels, center=True, power=2.0)
-
-
-def logmel(wave: torch.Tensor, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """wave: [N] float at cfg.sample_rate -> [T, n_mels] normalised log-mel, T = N // hop + 1."""
-    if wave.ndim != 1:
-        raise ValueError(f"expected a mono waveform [N], got shape {tuple(wave.shape)}")
-    m = _mel(cfg)(wave.float()).clamp_min(1e-5).log().T
-    return (m - LOGMEL_CENTER) / LOGMEL_SCALE
+                          n_mels=cfg.n_mels, center=False, power=2.0)
 
 
 def latent_frames_for(samples: int, cfg: AudioConfig = AudioConfig()) -> int:
@@ -45,32 +40,109 @@ def latent_frames_for(samples: int, cfg: AudioConfig = AudioConfig()) -> int:
     return 1 + (video_frames - 1) // cfg.video_frames_per_latent
 
 
-def per_latent(steps: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfig(), pad_value: float | None = None) -> torch.Tensor:
-    """steps: [T, D] features at the mel rate (step j at j*hop) -> [n_latent, mel_per_latent, D].
-    Missing steps (before the clip, after its end) are filled with `pad_value` (default: log-mel silence)."""
+def _lead_steps(cfg: AudioConfig, before: int) -> int:
+    """Mel steps from the first feature step to the clip's sample 0: `before` context frames, and latent
+    frame 0 starting 3 video frames before video frame 0."""
+    return before * cfg.mel_per_latent + cfg.mel_per_latent - cfg.mel_per_video_frame
+
+
+def lookahead_ms(cfg: AudioConfig, context: tuple[int, int]) -> float:
+    """How far past the end of the last latent frame a model call generates its speech features reach."""
+    return 1000 * (context[1] * cfg.samples_per_latent + cfg.n_fft // 2 - cfg.hop) / cfg.sample_rate
+
+
+def pad_left(cfg: AudioConfig, before: int) -> int:
+    """Zeros before a clip's sample 0 in the padded stream that `frame_logmel` frames: step j of the
+    features is centred on clip sample (j - lead) * hop, its window starts n_fft / 2 earlier."""
+    return _lead_steps(cfg, before) * cfg.hop + cfg.n_fft // 2
+
+
+def frame_logmel(padded: torch.Tensor, count: int, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """THE speech feature function, offline and streaming: normalised log-mel of `count` consecutive
+    latent frames, [count, mel_per_latent, n_mels], from a sample stream whose sample 0 starts the first
+    frame's first STFT window (zeros past its end). Each latent frame is framed from its own slice, so
+    any split of a clip into pieces gives the same numbers."""
+    M, hop = cfg.mel_per_latent, cfg.hop
+    span = (M - 1) * hop + cfg.n_fft
+    need = (count - 1) * M * hop + span
+    x = padded.float()[:need]
+    x = torch.nn.functional.pad(x, (0, need - x.shape[0]))
+    pieces = x.unfold(0, span, M * hop)                                  # [count, span]
+    m = _mel(cfg)(pieces).clamp_min(1e-5).log().transpose(1, 2)          # [count, M, n_mels]
+    return (m - LOGMEL_CENTER) / LOGMEL_SCALE
+
+
+def per_latent(steps: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfig(), pad_value: float = 0.0,
+               before: int = 0) -> torch.Tensor:
+    """steps: [T, D] features at the mel rate (step j centred at clip sample j * hop) -> [n_latent, M, D]
+    on the latent timeline starting `before` frames early; missing steps are `pad_value`."""
     M = cfg.mel_per_latent
-    lead = M - cfg.mel_per_video_frame                  # latent 0 starts 3 video frames before frame 0
+    lead = _lead_steps(cfg, before)
     need = n_latent * M
-    pad = (LOG_FLOOR - LOGMEL_CENTER) / LOGMEL_SCALE if pad_value is None else pad_value
     body = steps[: need - lead]
-    out = torch.full((need, steps.shape[1]), pad, dtype=steps.dtype, device=steps.device)
+    out = torch.full((need, steps.shape[1]), pad_value, dtype=steps.dtype, device=steps.device)
     out[lead: lead + body.shape[0]] = body
     return out.view(n_latent, M, -1)
 
 
+def _features(wave: torch.Tensor, n_latent: int, cfg: AudioConfig, before: int, after: int) -> torch.Tensor:
+    if wave.ndim != 1:
+        raise ValueError(f"expected a mono waveform [N], got shape {tuple(wave.shape)}")
+    padded = torch.cat([wave.new_zeros(pad_left(cfg, before)), wave.float()])
+    return frame_logmel(padded, n_latent + before + after, cfg)
+
+
 def audio_features(wave: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfig(),
-                   encoder: "Wav2Vec2Features | None" = None) -> torch.Tensor:
-    """Conditioning features [n_latent, mel_per_latent, D]: log-mel (D = n_mels) or wav2vec2 states."""
+                   encoder: "Wav2Vec2Features | None" = None, context: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Conditioning features of a clip's `n_latent` latent frames with the speech `context` (before,
+    after) the model hears (DiTConfig.audio_context): [before + n_latent + after, mel_per_latent, D],
+    log-mel (D = n_mels) or wav2vec2 states. Context before the clip is silence; after it, the wave's
+    continuation (or silence)."""
+    b, a = context
     if encoder is None:
-        return per_latent(logmel(wave, cfg), n_latent, cfg)
-    return per_latent(encoder(wave, cfg), n_latent, cfg, pad_value=0.0)
+        return _features(wave, n_latent, cfg, b, a)
+    return per_latent(encoder(wave, cfg), n_latent + b + a, cfg, pad_value=0.0, before=b)
+
+
+class AudioStream:
+    """The streaming form of `audio_features` (log-mel): push a stream's samples in order and read the
+    features of frames [first, first + count) (context index: frame p is latent frame p - before) as
+    soon as their samples are there; samples past the pushed ones (a peek at what has arrived but not
+    played yet) are passed as `ahead`, zeros where missing. Gives exactly the features
+    `audio_features` computes for the whole clip."""
+
+    def __init__(self, cfg: AudioConfig, context: tuple[int, int] = (0, 0)):
+        self.cfg, self.before = cfg, context[0]
+        self.buf = torch.zeros(pad_left(cfg, self.before))
+        self.offset = 0                  # padded-stream index of buf[0]
+
+    def push(self, samples) -> None:
+        self.buf = torch.cat([self.buf, torch.as_tensor(samples, dtype=torch.float32).reshape(-1)])
+
+    def needed(self, first: int, count: int) -> int:
+        """Stream samples (from the clip's sample 0) that frames [first, first + count) read."""
+        c = self.cfg
+        end = (first + count - 1) * c.samples_per_latent + (c.mel_per_latent - 1) * c.hop + c.n_fft
+        return end - pad_left(c, self.before)
+
+    def features(self, first: int, count: int, ahead=None) -> torch.Tensor:
+        """[count, mel_per_latent, n_mels]; forgets the samples before frame `first` (reads go forward)."""
+        start = first * self.cfg.samples_per_latent - self.offset
+        if start < 0:
+            raise ValueError(f"frame {first} was already passed")
+        x = self.buf[start:]
+        if ahead is not None and len(ahead):
+            x = torch.cat([x, torch.as_tensor(ahead, dtype=torch.float32).reshape(-1)])
+        out = frame_logmel(x, count, self.cfg)
+        self.buf, self.offset = self.buf[start:], self.offset + start
+        return out
 
 
 def audio_latent(wave: torch.Tensor, n_latent: int, tokens: int, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
     """Joint-branch latent [n_latent, tokens, mel_per_latent // tokens * n_mels]."""
     if cfg.mel_per_latent % tokens:
         raise ValueError(f"{cfg.mel_per_latent} mel steps per latent frame do not split into {tokens} tokens")
-    return per_latent(logmel(wave, cfg), n_latent, cfg).reshape(n_latent, tokens, -1)
+    return _features(wave, n_latent, cfg, 0, 0).reshape(n_latent, tokens, -1)
 
 
 def latent_to_logmel(lat: torch.Tensor, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
@@ -139,16 +211,6 @@ class Wav2Vec2Features:
         h = out.hidden_states[self.layer][0].float().cpu()        # [T_w2v, D] at ~50 Hz
         steps = wave.shape[0] // cfg.hop + 1
         return F.interpolate(h.T[None], size=steps, mode="linear", align_corners=False)[0].T
-
-
-def window_features(window: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """Streaming form of `audio_features`: `window` holds exactly the samples of `n_latent` consecutive
-    latent frames (n_latent * samples_per_latent; for the stream's first frame, the 3 lead-in video
-    frames are zeros) -> [n_latent, mel_per_latent, n_mels]. Edges use the STFT's reflection padding."""
-    need = n_latent * cfg.samples_per_latent
-    if window.shape[0] != need:
-        raise ValueError(f"window has {window.shape[0]} samples; {n_latent} latent frames need {need}")
-    return logmel(window, cfg)[: n_latent * cfg.mel_per_latent].reshape(n_latent, cfg.mel_per_latent, -1)
 
 
 def chunk_waveform(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig(), vocoder: "Vocoder | None" = None,

@@ -41,6 +41,10 @@ class DiTConfig:
     audio_dim: int = 0             # speech features per audio step -> per-frame audio cross-attention
     audio_latent_dim: int = 0      # channels of one joint audio latent token (x = [v; a])
     audio_latent_tokens: int = 0   # joint audio tokens per latent frame
+    # latent frames of speech (160 ms each at 25 fps) each frame hears before and after its own: the
+    # speech features of F frames are F + before + after long (models/audio.py); streaming waits for
+    # `after` frames (+ half an STFT window) of speech past the chunk it generates
+    audio_context: tuple[int, int] = (0, 0)
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +57,8 @@ class DiTConfig:
     def __post_init__(self):
         if self.dim % self.num_heads or self.head_dim % 2:
             raise ValueError(f"dim {self.dim} must split into {self.num_heads} heads of even size")
+        if min(self.audio_context) < 0 or len(self.audio_context) != 2:
+            raise ValueError(f"audio_context is (before, after) >= 0, not {self.audio_context}")
         if (self.audio_latent_dim > 0) != (self.audio_latent_tokens > 0):
             raise ValueError("audio_latent_dim and audio_latent_tokens are both set or both 0")
 
@@ -138,6 +144,9 @@ _MINILM_DIM = 384
 _TINY_VAE = VAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 _SMALL_VAE = VAEConfig(dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
 _AUDIO = AudioConfig()
+# the vidu presets hear 320 ms of speech before each latent frame and 160 ms after it (lip shapes
+# anticipate the sound by about 100-200 ms)
+_SPEECH_CONTEXT = (2, 1)
 # one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins
 _TINY_AUDIO_TOKENS = 2
 _SMALL_AUDIO_TOKENS = 4
@@ -148,14 +157,14 @@ PRESETS: dict[str, ModelConfig] = {
         dit=DiTConfig(text_len=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=_MINILM_DIM, num_heads=2,
                       num_layers=2, audio_dim=_AUDIO.n_mels,
                       audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
-                      audio_latent_tokens=_TINY_AUDIO_TOKENS),
+                      audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT),
         vae=_TINY_VAE, height=64, width=64, latent_frames=5, chunk_frames=1),
     "small": ModelConfig(
         name="small",
         dit=DiTConfig(text_len=32, dim=512, ffn_dim=2048, freq_dim=256, text_dim=_MINILM_DIM, num_heads=8,
                       num_layers=12, audio_dim=_AUDIO.n_mels,
                       audio_latent_dim=_AUDIO.mel_per_latent // _SMALL_AUDIO_TOKENS * _AUDIO.n_mels,
-                      audio_latent_tokens=_SMALL_AUDIO_TOKENS),
+                      audio_latent_tokens=_SMALL_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT),
         vae=_SMALL_VAE, height=256, width=256, latent_frames=9, chunk_frames=1),
     "wan2.1-1.3b": ModelConfig(
         name="wan2.1-1.3b", dit=DiTConfig(), text_encoder="umt5", height=480, width=832,

@@ -113,12 +113,15 @@ class Attention(nn.Module):
         out = attention(q_r, k_r, v_all, mask)
         return self.o(out.flatten(2)), k, v
 
-    def cross_attend(self, x, context):
-        """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded)."""
+    def cross_attend(self, x, context, rope=None):
+        """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded); rope: (q_cos, q_sin, k_cos,
+        k_sin) to rotate queries and keys by their own positions (the audio adapter), or None."""
         x = x.to(self.q.weight.dtype)
         q = self._heads(self.norm_q(self.q(x)))
         context = context.to(self.k.weight.dtype)
         k, v = self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+        if rope is not None:
+            q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[2:])
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -141,7 +144,8 @@ class Block(nn.Module):
 
     def forward(self, x, e, rope, mask, text, audio, ctx):
         """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim];
-        audio: [B, Fa, K, dim] for the last Fa frames or None; ctx: (k, v, cos, sin) or None."""
+        audio: (tokens [B, Fa, W*K, dim], rope) — each of the last Fa frames' window of speech tokens
+        — or None; ctx: (k, v, cos, sin) or None."""
         B, F, S, dim = x.shape
         m = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)   # 6 x [B, F, 1, dim]
         h = self.norm1(x).float() * (1 + m[1]) + m[0]
@@ -149,9 +153,10 @@ class Block(nn.Module):
         x = x + y.unflatten(1, (F, S)).float() * m[2]
         x = x + self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S)).float()
         if audio is not None:
+            audio, audio_rope = audio
             Fa = audio.shape[1]
             xa = x[:, F - Fa:]
-            ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1))
+            ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1), audio_rope)
             x = torch.cat([x[:, :F - Fa], xa + ya.unflatten(0, (B, Fa)).float()], 1)
         h = self.norm2(x).float() * (1 + m[4]) + m[3]
         x = x + self.ffn(h.to(self.ffn[0].weight.dtype)).float() * m[5]
@@ -257,6 +262,25 @@ class DiT(nn.Module):
         y = y.reshape(B, F, h, w, pt, ph, pw, -1)
         return torch.einsum("bfhwpqrc->bcfphqwr", y).reshape(B, -1, F * pt, h * ph, w * pw)
 
+    def embed_audio(self, audio: torch.Tensor, F: int, device):
+        """[B, before + F + after, K, audio_dim] -> (per generated frame, its window of before + 1 + after
+        frames' speech tokens [B, F, W*K, dim], and the RoPE of queries and keys along time). Keys sit at
+        their mel step in the window, queries at the middle of their own frame's steps, so the adapter
+        hears the steps in order and knows which are its own."""
+        before, after = self.cfg.audio_context
+        W = before + 1 + after
+        if audio.shape[1] != F + W - 1:
+            raise ValueError(f"audio features cover {audio.shape[1]} frames; {F} latent frames with "
+                             f"{before} before and {after} after need {F + W - 1}")
+        K = audio.shape[2]
+        tokens = self.audio_embedding(audio.to(self.audio_embedding[0].weight.dtype))     # [B, Fa, K, dim]
+        windows = tokens.unfold(1, W, 1).permute(0, 1, 4, 2, 3).flatten(2, 3)            # [B, F, W*K, dim]
+        steps = torch.arange(W * K, device=device, dtype=torch.float64)
+        zero = torch.zeros_like(steps)
+        k_rope = rope_angles(torch.stack([steps, zero, zero], 1), self.cfg.head_dim)
+        q_rope = rope_angles(torch.tensor([[before * K + K / 2, 0, 0]], device=device), self.cfg.head_dim)
+        return windows, (*q_rope, *k_rope)
+
     # -- the forward pass --
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
                 audio: torch.Tensor | None = None, audio_latent: torch.Tensor | None = None,
@@ -264,7 +288,8 @@ class DiT(nn.Module):
                 kv: KV | None = None, frame_pos=None, return_kv: bool = False) -> DiTOutput:
         """
         x: [B, C, F, H, W] noisy video latent; t: [B] or [B, F] timesteps (0..1000);
-        context: [B, L, text_dim] text features; audio: [B, F, K, audio_dim] speech features per frame;
+        context: [B, L, text_dim] text features; audio: [B, before + F + after, K, audio_dim] speech
+        features of x's frames with the speech context the model hears (cfg.audio_context; models/audio.py);
         audio_latent: [B, F, Na, Ca] noisy joint audio latent (required when the model has the branch);
         ref: [B, C, 1, H, W] clean reference latent, put first (t = 0, frame position 0);
         mask: "full" or "causal" (block-causal by `chunk_frames` among this call's frames);
@@ -307,9 +332,7 @@ class DiT(nn.Module):
         text = self.embed_text(context)
         audio_tokens = None
         if audio is not None and cfg.audio_dim:
-            if audio.shape[1] != F:
-                raise ValueError(f"audio features cover {audio.shape[1]} frames; the latent has {F}")
-            audio_tokens = self.audio_embedding(audio.to(self.audio_embedding[0].weight.dtype))
+            audio_tokens = self.embed_audio(audio, F, x.device)
 
         ks, vs = [], []
         for i, block in enumerate(self.blocks):

@@ -41,13 +41,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torch.Tensor:
     """Positions of a frame-major token layout: for each frame position in `frames`, h*w grid tokens
-    (row, column), then `extra` tokens at (frame, 0, j) (the joint audio tokens). Returns [F*(h*w+extra), 3]."""
+    (row, column), then `extra` tokens at (frame, h, j): the joint audio tokens, on a row of their own
+    below the image so they never share a position with a video token. Returns [F*(h*w+extra), 3]."""
     dev = frames.device
     rows = torch.arange(h, device=dev).repeat_interleave(w)
     cols = torch.arange(w, device=dev).repeat(h)
     per_frame = torch.stack([rows, cols], dim=1)
     if extra:
-        per_frame = torch.cat([per_frame, torch.stack([torch.zeros(extra, dtype=torch.long, device=dev),
+        per_frame = torch.cat([per_frame, torch.stack([torch.full((extra,), h, dtype=torch.long, device=dev),
                                                        torch.arange(extra, device=dev)], dim=1)])
     S = per_frame.shape[0]
     f = frames.to(torch.long).repeat_interleave(S)[:, None]

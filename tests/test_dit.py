@@ -50,6 +50,11 @@ def tiny_model(seed=0, cfg: DiTConfig = TINY.dit, scramble=True) -> DiT:
     return m.eval()
 
 
+def speech(audio, start, stop, cfg: DiTConfig = TINY.dit):
+    """The speech features latent frames [start, stop) read: their own and their context's."""
+    return audio[:, start:stop + sum(cfg.audio_context)]
+
+
 def tiny_inputs(F=6, B=2, seed=1, cfg: DiTConfig = TINY.dit):
     g = torch.Generator().manual_seed(seed)
     h = w = 8
@@ -57,7 +62,7 @@ def tiny_inputs(F=6, B=2, seed=1, cfg: DiTConfig = TINY.dit):
         x=torch.randn(B, cfg.in_dim, F, h, w, generator=g),
         t=torch.rand(B, F, generator=g) * 1000,
         context=torch.randn(B, 7, cfg.text_dim, generator=g),
-        audio=torch.randn(B, F, 16, cfg.audio_dim, generator=g),
+        audio=torch.randn(B, F + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
         audio_latent=torch.randn(B, F, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
         ref=torch.randn(B, cfg.in_dim, 1, h, w, generator=g),
     )
@@ -92,7 +97,7 @@ def test_block_causal_sequence_equals_chunk_by_chunk_with_kv_context():
         kv, videos, audios = None, [], []
         for c in range(0, 6, cf):
             s = slice(c, c + cf)
-            out = m(inp["x"][:, :, s], inp["t"][:, s], inp["context"], audio=inp["audio"][:, s],
+            out = m(inp["x"][:, :, s], inp["t"][:, s], inp["context"], audio=speech(inp["audio"], s.start, s.stop),
                     audio_latent=inp["audio_latent"][:, s], ref=inp["ref"] if c == 0 else None,
                     kv=kv, return_kv=True)
             kv = out.kv if kv is None else kv.cat(out.kv)
@@ -148,6 +153,42 @@ def test_audio_and_reference_conditioning_change_output_and_may_be_absent():
         assert rel(changed, base) > 1e-3
 
 
+def test_audio_adapter_hears_its_speech_in_order_within_a_bounded_context():
+    """Mel steps are ordered (RoPE along time): permuting a frame's steps changes its output. Frame i
+    hears speech frames i - before .. i + after and nothing later (bounded lookahead)."""
+    m = tiny_model()
+    before, after = TINY.dit.audio_context
+    assert (before, after) == (2, 1)
+    inp = tiny_inputs(F=4, B=1)
+    frame = lambda out, i: out.video[:, :, i]  # noqa: E731
+    with torch.no_grad():
+        base = m(**inp)
+        a = inp["audio"].clone()
+        a[:, before + 1] = a[:, before + 1].flip(1)        # frame 1's own steps, time-reversed
+        permuted = m(**dict(inp, audio=a))
+        assert rel(frame(permuted, 1), frame(base, 1)) > 1e-5           # float noise is ~1e-7
+        # the mechanism, one adapter alone: without RoPE the steps are a set (a negative control)
+        attn = m.blocks[0].audio_attn
+        x, ctx = torch.randn(1, 5, TINY.dit.dim), torch.randn(1, 16, TINY.dit.dim)
+        tokens_rope = m.embed_audio(inp["audio"][:, :4], 1, "cpu")[1]
+        rope = (*tokens_rope[:2], tokens_rope[2][:16], tokens_rope[3][:16])
+        flipped = ctx.flip(1)
+        assert rel(attn.cross_attend(x, flipped), attn.cross_attend(x, ctx)) < 1e-6
+        assert rel(attn.cross_attend(x, flipped, rope), attn.cross_attend(x, ctx, rope)) > 1e-3
+        a = inp["audio"].clone()
+        a[:, before + 2 + after] = torch.randn_like(a[:, 0])  # the lookahead frame of frame 2 ...
+        ahead = m(**dict(inp, audio=a))
+        assert rel(frame(ahead, 2), frame(base, 2)) > 1e-3
+        # ... is past what frames 0 and 1 hear: only attention between frames carries it there,
+        # so with the full mask it may; under the causal mask (chunk 1) it may not
+        causal = m(**inp, mask="causal", chunk_frames=1)
+        causal_ahead = m(**dict(inp, audio=a), mask="causal", chunk_frames=1)
+        assert torch.equal(causal_ahead.video[:, :, :2], causal.video[:, :, :2])
+        assert rel(causal_ahead.video[:, :, 2], causal.video[:, :, 2]) > 1e-3
+    with pytest.raises(ValueError, match="need 7"):
+        m(**dict(inp, audio=inp["audio"][:, :4]))
+
+
 def test_new_branches_start_as_identity_and_wan_models_have_none():
     torch.manual_seed(0)
     m = DiT(TINY.dit).eval()
@@ -173,9 +214,9 @@ def test_kv_context_matches_whole_sequence_for_full_mask_per_chunk():
     t[:, :2] = 0.0
     with torch.no_grad():
         whole = m(**dict(inp, t=t), mask="causal", chunk_frames=2)
-        hist = m(inp["x"][:, :, :2], t[:, :2], inp["context"], audio=inp["audio"][:, :2],
+        hist = m(inp["x"][:, :, :2], t[:, :2], inp["context"], audio=speech(inp["audio"], 0, 2),
                  audio_latent=inp["audio_latent"][:, :2], ref=inp["ref"], return_kv=True, mask="full")
-        cur = m(inp["x"][:, :, 2:], t[:, 2:], inp["context"], audio=inp["audio"][:, 2:],
+        cur = m(inp["x"][:, :, 2:], t[:, 2:], inp["context"], audio=speech(inp["audio"], 2, 4),
                 audio_latent=inp["audio_latent"][:, 2:], kv=hist.kv)
     assert rel(cur.video, whole.video[:, :, 2:]) < 1e-5
 

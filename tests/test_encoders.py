@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.audio import (audio_features, audio_latent, latent_frames_for, latent_to_logmel, logmel,
-                          to_waveform)
+from models.audio import (AudioStream, audio_features, audio_latent, latent_frames_for, latent_to_logmel,
+                          lookahead_ms, to_waveform)
 from models.config import PRESETS, AudioConfig
 from tests.conftest import cli
 
@@ -45,7 +45,10 @@ def test_audio_latent_round_trip_keeps_the_envelope():
     lat = audio_latent(wave, 5, tokens=PRESETS["tiny"].dit.audio_latent_tokens)
     assert lat.shape == (5, 2, PRESETS["tiny"].dit.audio_latent_dim)
     mel = latent_to_logmel(lat)
-    assert torch.allclose(mel, logmel(wave)[: mel.shape[0]] * 4.0 - 4.0, atol=1e-5)
+    from torchaudio.transforms import MelSpectrogram      # the oracle: steps centred on j * hop, zeros outside
+    ref = MelSpectrogram(A.sample_rate, n_fft=A.n_fft, win_length=A.win_length, hop_length=A.hop, n_mels=A.n_mels,
+                         center=True, pad_mode="constant")(wave).clamp_min(1e-5).log().T
+    assert torch.allclose(mel, ref[: mel.shape[0]], atol=1e-4)
     back = to_waveform(lat, n_iter=8)
     assert back.shape[0] >= wave.shape[0] - A.hop
     rms = lambda w, a, b: float(w[int(a * A.sample_rate): int(b * A.sample_rate)].square().mean().sqrt())
@@ -55,9 +58,45 @@ def test_audio_latent_round_trip_keeps_the_envelope():
     assert abs(peak_hz - 440) < 70                               # about one mel band at 440 Hz
 
 
-def test_logmel_rejects_multichannel():
+def test_features_reject_multichannel():
     with pytest.raises(ValueError, match="mono"):
-        logmel(torch.zeros(2, 100))
+        audio_features(torch.zeros(2, 100), 1)
+
+
+def test_speech_context_frames_and_lookahead():
+    """With context (before, after), F frames get before + F + after rows: silence before the clip,
+    the clip's own continuation after; the lookahead is `after` latent frames + half a window."""
+    wave = tone_burst(1.0, 0.0, 1.0)
+    plain, ctx = audio_features(wave, 5), audio_features(wave, 5, context=(2, 1))
+    assert ctx.shape == (8, 16, A.n_mels)
+    assert torch.equal(ctx[2:7], plain)                       # same framing, shifted by `before`
+    silence = (math.log(1e-5) + 4.0) / 4.0
+    assert torch.allclose(ctx[:2], torch.full_like(ctx[:2], silence), atol=1e-6, rtol=0)
+    assert float(ctx[7].amax()) > silence + 1.0               # frame 5 of the tone: heard as lookahead
+    assert lookahead_ms(A, (2, 1)) == 166.0                   # 160 ms + (256 - 160) samples
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_streaming_features_equal_training_features_exactly(chunk):
+    """A clip streamed chunk by chunk (the first chunk one video frame short, as `vidu stream` plays it;
+    lookahead peeked from what has arrived) gets bit-for-bit the features training computes."""
+    g = torch.Generator().manual_seed(3)
+    n_latent, context = 1 + 3 * 4, (2, 1)
+    wave = 0.1 * torch.randn(n_latent * A.samples_per_latent, generator=g)
+    full = audio_features(wave, n_latent, context=context)
+    stream, played, got = AudioStream(A, context), 0, []
+    vf = A.sample_rate // A.fps
+    for k in range(0, n_latent, chunk):
+        n = (4 * chunk - (3 if k == 0 else 0)) * vf
+        stream.push(wave[played:played + n])
+        played += n
+        count = chunk + sum(context)
+        got.append(stream.features(k, count, wave[played:stream.needed(k, count)])[:chunk + 2][2:])
+    assert torch.equal(torch.cat(got)[:n_latent], full[2:2 + n_latent])
+    # a negative control: a stream that loses one sample gets different features
+    stream = AudioStream(A, context)
+    stream.push(wave[1:])
+    assert not torch.equal(stream.features(0, 4), full[:4])
 
 
 def test_minilm_text_encoder_is_offline_and_pads_with_zeros():

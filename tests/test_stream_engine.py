@@ -34,7 +34,7 @@ def conditions(n_chunks, cf, seed=3, cfg=TINY):
     g = torch.Generator().manual_seed(seed)
     d = cfg.dit
     text = torch.randn(1, 5, d.text_dim, generator=g)
-    audio = torch.randn(1, n_chunks * cf, 16, d.audio_dim, generator=g)
+    audio = torch.randn(1, n_chunks * cf + sum(d.audio_context), 16, d.audio_dim, generator=g)  # + speech context
     ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g)
     return text, audio, ref
 
@@ -45,7 +45,7 @@ def run_engine(model, st, n_chunks, seed=0, cfg=TINY, texts=None):
     eng.start(ref)
     outs = []
     for j in range(n_chunks):
-        s = slice(j * st.chunk_frames, (j + 1) * st.chunk_frames)
+        s = slice(j * st.chunk_frames, (j + 1) * st.chunk_frames + sum(cfg.dit.audio_context))
         outs.append(eng.step(ChunkInputs(texts[j] if texts else text, audio[:, s])))
     return eng, outs
 
@@ -67,7 +67,7 @@ def reference_generation(model, st, n_chunks, seed=0, cfg=TINY):
             xas = torch.cat(hist_a + [xa], 1)
             t = torch.cat([torch.zeros(j * cf), torch.full((cf,), s * 1000.0)])[None]
             with torch.no_grad():
-                out = model(xs, t, text, audio=audio[:, : (j + 1) * cf], audio_latent=xas, ref=ref, mask="causal",
+                out = model(xs, t, text, audio=audio[:, : (j + 1) * cf + sum(d.audio_context)], audio_latent=xas, ref=ref, mask="causal",
                             chunk_frames=cf)
             x0 = x - s * out.video[:, :, -cf:]
             xa0 = xa - s * out.audio[:, -cf:]
@@ -141,7 +141,9 @@ def test_sliding_window_reassigns_positions_of_cached_keys():
     x, xa_last = last.states[-1], last.audio_states[-1]
     with torch.no_grad():
         out = model(torch.cat([hist, x], 2), torch.tensor([[0.0] * 4 + [sig[-1] * 1000.0]]), text,
-                    audio=torch.cat([audio[:, window], audio[:, n - 1:]], 1),
+                    # one layer: history keys come before the audio adapter, so only the last frame's
+                    # speech (with its context) matters; the first 4 rows fill the history's places
+                    audio=torch.cat([audio[:, :4], audio[:, n - 1:]], 1),
                     audio_latent=torch.cat([hist_a, xa_last], 1), ref=ref, mask="causal")
     x0 = x - sig[-1] * out.video[:, :, -1:]
     assert rel(x0, last.video) < 1e-5

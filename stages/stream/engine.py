@@ -182,7 +182,7 @@ class ContextBuffers:
 class ChunkInputs:
     """Conditioning of one chunk (batch B, chunk frames F)."""
     text: torch.Tensor                          # [B, L, text_dim]
-    audio: torch.Tensor | None = None           # [B, F, K, audio_dim] speech features
+    audio: torch.Tensor | None = None           # [B, before + F + after, K, audio_dim] speech features
     noise: torch.Tensor | None = None           # [B, C, F, h, w] initial noise (drawn when None)
     audio_noise: torch.Tensor | None = None     # [B, F, Na, Ca]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.audio import chunk_waveform, window_features
+from models.audio import AudioStream, chunk_waveform
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
@@ -222,6 +222,8 @@ class Session:
     def __init__(self, parts: Parts, events: EventQueue, opts: SessionOptions):
         self.p, self.events, self.opts = parts, events, opts
         self.audio = AudioFifo()
+        self.speech = AudioStream(parts.cfg.audio, parts.cfg.dit.audio_context)   # the model's speech features
+        self.played = 0                                                         # samples taken from the FIFO
         self.instruction = opts.instruction
         self.text_cache: dict[str, torch.Tensor] = {}
         self.stream_decoder = parts.decoder.stream_decoder()
@@ -279,13 +281,17 @@ class Session:
         """-> frames [T, H, W, 3] uint8, the audio that plays with them (or None), timings."""
         t0 = time.perf_counter()
         eng, cfg = self.p.engine, self.p.cfg
-        n = self.samples_for_chunk()
-        self._read_events(n, wait_audio=not self.opts.live_audio)
+        n, F = self.samples_for_chunk(), eng.st.chunk_frames
+        first, count = self.chunks * F, F + sum(cfg.dit.audio_context)       # feature frames this chunk reads
+        ahead = max(0, self.speech.needed(first, count) - self.played - n)     # lookahead past its own samples
+        self._read_events(n + ahead, wait_audio=not self.opts.live_audio)
         samples, real = self.audio.take(n)
-        lead = eng.st.chunk_frames * cfg.audio.samples_per_latent - n
-        window = torch.from_numpy(np.pad(samples, (lead, 0)))
-        feats = window_features(window, eng.st.chunk_frames, cfg.audio)[None] if cfg.dit.audio_dim else None
-        inputs = ChunkInputs(self._text(), None if feats is None else feats.to(eng.device, eng.dtype))
+        self.played += n
+        feats = None
+        if cfg.dit.audio_dim:
+            self.speech.push(samples)
+            feats = self.speech.features(first, count, self.audio.buf[:ahead])[None].to(eng.device, eng.dtype)
+        inputs = ChunkInputs(self._text(), feats)
         result = eng.step(inputs)
         t1 = time.perf_counter()
         with torch.no_grad():

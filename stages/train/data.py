@@ -156,7 +156,7 @@ def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
         s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0]}
     s["instruction"] = c["text"]
     if d.audio_dim:
-        s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio)
+        s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio, context=d.audio_context)
     if d.joint_audio:
         s["audio_latent"] = audio_latent(wave, F, d.audio_latent_tokens, cfg.audio)
     return s
