@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.config import PRESETS, DiTConfig
-from models.dit import DiT
+from models.dit import KV, DiT
 from models.flow import sigmas
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
 
@@ -147,6 +147,76 @@ def test_sliding_window_reassigns_positions_of_cached_keys():
                     audio_latent=torch.cat([hist_a, xa_last], 1), ref=ref, mask="causal")
     x0 = x - sig[-1] * out.video[:, :, -1:]
     assert rel(x0, last.video) < 1e-5
+
+
+def twin_rule_error(mutant: str | None = None, n: int = 9) -> float:
+    """The TwinCache rule, checked step by step on the last chunk of a stream whose ring has wrapped:
+    a one-layer model (history keys depend only on their own tokens) with sharpened attention, so
+    positions and cache contents show. Step k < last must equal a fresh forward over [ref | sink clean |
+    ring chunks, oldest first, at their noisy_step state | current state]; the last step the same with
+    the ring clean. Renoising is noise-free so each step's x0 is read back from the next state.
+    `mutant` breaks the engine on purpose: "final_reads_noisy" (the last step attends to the noisy
+    cache) or "noisy_wrong_slot" (after a wrap the noisy cache lands one slot off). Returns the largest
+    relative error over the steps."""
+    from stages.stream import engine as engine_mod
+    cfg = TINY.replace(dit=dataclasses.replace(TINY.dit, num_layers=1))
+    model = scrambled(cfg.dit)
+    with torch.no_grad():
+        model.blocks[0].self_attn.norm_q.weight.mul_(4.0)            # peaky attention: positions matter
+        model.blocks[0].self_attn.norm_k.weight.mul_(4.0)
+    st = StreamSettings(chunk_frames=1, steps=3, window=3, twin=True, noisy_step=1)
+    patches = pytest.MonkeyPatch()
+    if mutant == "final_reads_noisy":
+        real = engine_mod.denoise_chunk
+        patches.setattr(engine_mod, "denoise_chunk", lambda m, x, xa, sig, inp, noisy, clean, *a:
+                        real(m, x, xa, sig, inp, noisy, noisy, *a))
+    elif mutant == "noisy_wrong_slot":
+        real_write = engine_mod.ContextBuffers.write_ring
+
+        def write_ring(buf, clean, noisy):
+            if buf.chunks_in_ring >= buf.slots:                       # after the first wrap
+                slot = (buf.chunks_in_ring + 1) % buf.slots
+                buf.write(("noisy",), noisy, buf.n_fixed + slot * buf.cf)
+                noisy = KV([k[:, :0] for k in noisy.k], [v[:, :0] for v in noisy.v], noisy.pos[:0])
+            real_write(buf, clean, noisy)
+        patches.setattr(engine_mod.ContextBuffers, "write_ring", write_ring)
+    elif mutant is not None:
+        raise ValueError(mutant)
+    try:
+        text, audio, ref = conditions(n, 1, cfg=cfg)
+        eng = StreamEngine(model, cfg, st, seed=0)
+        eng._renoise = lambda x0, xa0, s: ((1 - s) * x0, (1 - s) * xa0)
+        eng.start(ref)
+        outs = [eng.step(ChunkInputs(text, audio[:, j:j + 1 + sum(cfg.dit.audio_context)])) for j in range(n)]
+    finally:
+        patches.undo()
+    sig, last = sigmas(st.steps, st.shift), outs[-1]
+    ring = list(range(n - 1 - st.window, n - 1))                    # oldest first
+    worst = 0.0
+    for k, s in enumerate(sig):
+        final = k == len(sig) - 1
+        hist = [(o.video, o.audio) if final or o is outs[0] else (o.states[st.noisy_step], o.audio_states[st.noisy_step])
+                for o in [outs[0]] + [outs[c] for c in ring]]
+        level = 0.0 if final else sig[st.noisy_step]
+        t = torch.tensor([[0.0] + [level * 1000.0] * len(ring) + [s * 1000.0]])
+        with torch.no_grad():
+            out = model(torch.cat([h[0] for h in hist] + [last.states[k]], 2), t, text,
+                        audio=torch.cat([audio[:, :len(hist)], audio[:, n - 1:]], 1),
+                        audio_latent=torch.cat([h[1] for h in hist] + [last.audio_states[k]], 1),
+                        ref=ref, mask="causal")
+        want = last.states[k] - s * out.video[:, :, -1:]
+        got = last.video if final else last.states[k + 1] / (1 - sig[k + 1])
+        worst = max(worst, rel(got, want))
+    return worst
+
+
+def test_twin_cache_rule_holds_after_the_ring_wraps():
+    assert twin_rule_error() < 2e-6                  # float32 floor: measured 2.4e-7
+
+
+@pytest.mark.parametrize("mutant", ["final_reads_noisy", "noisy_wrong_slot"])
+def test_twin_cache_rule_catches_mutants(mutant):
+    assert twin_rule_error(mutant) > 1e-4            # measured 5e-4 for the wrong slot, far above the floor
 
 
 def test_an_instruction_changes_the_next_chunk_and_no_earlier_one():
