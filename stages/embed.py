@@ -336,7 +336,7 @@ class Embed(Stage):
         wave [T * sr / fps]."""
         from models.audio import audio_features
         cfg, acfg = self.cfg, self.cfg.audio
-        context = getattr(cfg.dit, "audio_context", (0, 0))   # TODO(embed): plain attribute once models/ has it
+        context = cfg.dit.audio_context
         n = int(cfg.video_frames * acfg.sample_rate // acfg.fps)
         a = int(round(t0 * acfg.sample_rate))
         more = context[1] * acfg.samples_per_latent + acfg.n_fft          # what the after-context can reach
@@ -344,8 +344,7 @@ class Embed(Stage):
         piece = audio[a:min(a + n + more, int(round(end_s * acfg.sample_rate)))]
         ahead[: len(piece)] = piece
         wave_t = torch.from_numpy(ahead[:n].copy())
-        feats = (audio_features(torch.from_numpy(ahead), cfg.latent_frames, acfg, context=context) if any(context)
-                 else audio_features(wave_t, cfg.latent_frames, acfg))
+        feats = audio_features(torch.from_numpy(ahead), cfg.latent_frames, acfg, context=context)
         out = {"wave": wave_t, "audio": feats.float()}
         if self._vae is not None:
             dev = next(self._vae.parameters()).device

@@ -119,7 +119,7 @@ def test_samples_shapes_dtypes_and_columns(embedded, rows):
     from models.config import PRESETS
     ok = {k: r for k, r in got.items() if r["status"] == "ok"}
     assert sorted(ok) == ["r1_0000_s000", "r1_0000_s001", "r4_0000_s000", "r4_0000_s001"]
-    before, after = getattr(PRESETS["tiny"].dit, "audio_context", (0, 0))
+    before, after = PRESETS["tiny"].dit.audio_context
     A = before + 5 + after                                       # latent frames of speech features with context
     for r in ok.values():
         t = read_sample(r)
@@ -149,9 +149,9 @@ def test_samples_shapes_dtypes_and_columns(embedded, rows):
     assert torch.equal(wave, torch.from_numpy(full[8000:8000 + 10880]))          # 0.5 s at 16 kHz
     # the features hear the clip's continuation after the window (1.18 s + context < the clip's 3.0 s end)
     from models.audio import audio_features
+    want = audio_features(torch.from_numpy(full[8000:]), 5, PRESETS["tiny"].audio, context=(before, after))
+    assert torch.allclose(read_sample(a)["audio"], want, atol=1e-6)
     if after:
-        want = audio_features(torch.from_numpy(full[8000:]), 5, PRESETS["tiny"].audio, context=(before, after))
-        assert torch.allclose(read_sample(a)["audio"], want, atol=1e-6)
         cut = audio_features(wave, 5, PRESETS["tiny"].audio, context=(before, after))
         assert not torch.allclose(read_sample(a)["audio"][-after:], cut[-after:], atol=1e-3)
 
