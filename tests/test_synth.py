@@ -1,16 +1,29 @@
-"""The synthetic avatar world: determinism, speech that silero-vad hears, a mouth that follows it,
-the pixel analyzer against rendered ground truth, and `vidu synth` feeding `vidu prefilter`."""
+"""The synthetic avatar world: determinism, every character style rendered and read back from its
+pixels by the analyzer against ground truth, timed instructions whose actions start at onset +
+delay, region masks, long clips, and `vidu synth` feeding `vidu prefilter`. (The speech itself is
+tested in tests/test_synth_speech.py.)"""
 import json
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from manifests.io import read_manifest
-from stages.sense.speech import load_vad, speech_segments
-from stages.synth import ACTIONS, Identity, analyze, frame_count, identity_error, make_sample, render_clip
-from stages.synth.world import TRACKS, Scene, random_identity, random_scene
-from stages.synth.speech import SR, envelope
+from stages.synth import (
+    ACTIONS,
+    INSTRUCTION_DELAY,
+    STYLES,
+    Identity,
+    analyze,
+    frame_count,
+    identity_error,
+    make_sample,
+    render_clip,
+)
+from stages.synth.dataset import render_sample
+from stages.synth.speech import SR, Speech, mouth_tracks
+from stages.synth.world import TRACKS, Scene, animate, event, random_identity, random_scene
 from tests.conftest import cli
 
 
@@ -19,13 +32,13 @@ def _corr(a, b) -> float:
 
 
 def _tracks(T: int, **overrides) -> dict[str, np.ndarray]:
-    base = {"mouth": 0.0, "eyes": 1.0, "yaw": 0.0, "pitch": 0.0, "smile": 0.0, "hand": 0.0}
+    base = {"mouth": 0.0, "round": 0.3, "eyes": 1.0, "yaw": 0.0, "pitch": 0.0, "smile": 0.0, "hand": 0.0}
     return {k: np.broadcast_to(np.asarray(overrides.get(k, base[k]), np.float32), (T,)).copy() for k in TRACKS}
 
 
-def _identity(seed: int) -> tuple[Identity, Scene]:
+def _identity(seed: int, style: str | None = None) -> tuple[Identity, Scene]:
     rng = np.random.default_rng(seed)
-    identity = random_identity(rng)
+    identity = random_identity(rng, style)
     return identity, random_scene(rng, identity)
 
 
@@ -39,59 +52,95 @@ def test_same_seed_same_sample_and_shapes():
                                                                           b.instructions)
     assert make_sample(12, seconds=33 / 25).identity != a.identity
     assert make_sample(11, width=128, height=96, seconds=0.5).identity == a.identity  # the seed alone decides who
+    assert a.truth() == b.truth() and a.said.text == b.said.text
     assert [frame_count(s, fps) for s, fps in [(4, 25), (1, 30), (0.2, 25), (0, 25)]] == [101, 29, 5, 1]
     c = make_sample(3, width=160, height=128, fps=30, seconds=1)
     assert c.frames.shape == (29, 128, 160, 3) and len(c.audio) == round(29 / 30 * SR) and len(c.instructions) == 29
 
 
-def test_actions_drive_their_tracks_and_label_their_frames():
-    for seed in range(40):
+def test_timed_instructions_drive_their_tracks_after_the_delay_and_label_their_frames():
+    for seed in range(20):
         s = make_sample(seed, seconds=6, width=64, height=64)
+        assert s.actions == [(e.start, e.end, e.text) for e in s.events]
         t = np.arange(len(s.frames)) / s.fps
-        for start, end, name in s.actions:
-            assert 0 <= start < end <= len(s.frames) / s.fps and name in ACTIONS
-            inside = (t >= start) & (t < end)
-            assert {s.instructions[i] for i in np.nonzero(inside)[0]} == {name}
-            a = ACTIONS[name]
-            peak = s.tracks[a.track][inside]
-            assert np.min(np.abs(peak - a.target)) < 0.05 if name != "shake head" else np.max(np.abs(peak)) > 0.5
+        for e in s.events:
+            assert 0 <= e.onset < e.start < e.end <= len(s.frames) / s.fps and e.text in ACTIONS
+            assert e.start == pytest.approx(e.onset + INSTRUCTION_DELAY, abs=1e-4)
+            given = (t >= e.onset) & (t < e.end)
+            assert {s.instructions[i] for i in np.nonzero(given)[0]} == {e.text}
+            a = ACTIONS[e.text]
+            rest = {"eyes": 1.0, "hand": 0.0}.get(a.track)
+            if rest is not None:  # told, not yet acting: at rest
+                assert np.all(s.tracks[a.track][(t >= e.onset) & (t < e.start)] == rest)
+            peak = s.tracks[a.track][(t >= e.start) & (t < e.end)]
+            assert np.min(np.abs(peak - a.target)) < 0.05 if e.text != "shake head" else np.max(np.abs(peak)) > 0.5
         idle = np.array([x == "" for x in s.instructions])
         assert np.all(s.tracks["eyes"][idle] == 1) and np.all(s.tracks["hand"][idle] == 0)
+        gt = s.truth()
+        assert gt["events"] == [list(e) for e in s.events] and gt["instruction_delay_s"] == INSTRUCTION_DELAY
 
 
-def test_silero_hears_the_utterances_and_not_the_pauses():
-    vad = load_vad()
-    for seed in (1, 2, 4):
-        s = make_sample(seed, seconds=8, width=64, height=64)
-        assert len(s.speech) >= 2
-        found = speech_segments(vad, s.audio)
-        for a, b in s.speech:
-            heard = sum(max(0.0, min(b, e) - max(a, st)) for st, e in found)
-            assert heard > 0.7 * (b - a), (seed, (a, b), found)
-        for (_, prev_end), (next_start, _) in zip(s.speech, s.speech[1:]):
-            quiet = (prev_end + 0.45, next_start - 0.1)  # silero's hangover reaches ~0.4 s past an utterance
-            assert not any(min(quiet[1], e) > max(quiet[0], st) for st, e in found), (seed, quiet, found)
+def _speaking_sample(style: str, seconds: float, size: int = 256):
+    """The first sample of this style (seeds from 1) whose clip has speech."""
+    for seed in range(1, 20):
+        s = make_sample(seed, size, size, seconds=seconds, style=style)
+        if s.speech and s.tracks["mouth"].std() > 0.05:
+            return s
+    raise AssertionError("no speaking sample")
 
 
-def test_mouth_follows_the_loudness_and_closes_in_pauses():
-    for seed in (1, 2, 4):
-        s = make_sample(seed, seconds=4)
+def test_each_style_renders_talks_and_is_read_back_from_pixels():
+    for style in STYLES:
+        s = _speaking_sample(style, 2.4)
+        assert s.identity.style == style and s.frames.shape == (61, 256, 256, 3)
         T = len(s.frames)
-        env = envelope(s.audio, s.fps, T)
-        assert _corr(s.tracks["mouth"], env) > 0.8
+        expected = mouth_tracks(s.said, T, s.fps)
+        assert np.array_equal(s.tracks["mouth"], expected["mouth"])
+        assert np.array_equal(s.tracks["round"], expected["round"])
         centre = (np.arange(T) + 0.5) / s.fps
         pause = ~np.any([(centre >= a) & (centre < b) for a, b in s.speech], axis=0)
-        assert pause.sum() > 5 and np.all(s.tracks["mouth"][pause] == 0)
-        measured = analyze(s.frames, s.identity)["mouth"]  # from pixels
-        assert _corr(measured, s.tracks["mouth"]) > 0.95 and _corr(measured, env) > 0.8
-        assert np.all(measured[pause] < 0.2)
+        assert pause.sum() >= 3 and np.all(s.tracks["mouth"][pause] == 0)
+        m = analyze(s.frames, s.identity)
+        assert m["found"].all(), style
+        assert _corr(m["mouth"], s.tracks["mouth"]) >= 0.9, style
+        shuffled = np.random.default_rng(0).permutation(s.tracks["mouth"])  # control: the right values, wrong times
+        assert abs(_corr(m["mouth"], shuffled)) < 0.4, style
+        assert np.all(m["mouth"][pause] < 0.2), style
+        assert _corr(m["round"], s.tracks["round"]) > 0.7, style
+        for k, tol in (("eyes", 0.25), ("yaw", 0.25), ("pitch", 0.25), ("hand", 0.1)):
+            assert np.max(np.abs(m[k] - s.tracks[k])) < tol, (style, k)
+
+
+def test_an_instructed_action_starts_in_the_pixels_at_onset_plus_delay():
+    fps, onset, T = 25, 0.6, 45
+    start = round((onset + INSTRUCTION_DELAY) * fps)  # the first frame at or after the action's start
+    silent = Speech(np.zeros(T * SR // fps, np.float32), [], [], "silence", "")
+    for style, name, moved in (("human", "turn left", lambda x: x < -0.2), ("anime", "raise a hand", lambda x: x > 0.02),
+                               ("animal", "blink", lambda x: x < 0.8), ("human", "look up", lambda x: x < -0.15)):
+        identity, scene = _identity(3, style)
+        track = ACTIONS[name].track
+        s = render_sample(0, identity, scene, silent, [event(onset, name, 1.0)], T, np.random.default_rng(1), 256, 256,
+                          fps)
+        idle = animate(np.random.default_rng(1), T, fps, np.zeros(T), [])[track]  # the same clip, never told
+        departs = int(np.nonzero(np.abs(s.tracks[track] - idle) > 1e-6)[0][0])
+        assert start <= departs <= start + 2, (name, start, departs)  # the profiles ease in from 0
+        assert s.instructions[round(onset * fps)] == name and s.instructions[round(onset * fps) - 1] == ""
+        m = analyze(s.frames, identity)[track]
+        first = int(np.nonzero(moved(m))[0][0])
+        assert start <= first <= start + 3, (style, name, start, first, np.round(m[start - 2:start + 5], 2))
+
+
+def test_long_clips_render():
+    s = make_sample(21, 64, 64, seconds=8.0)
+    assert s.frames.shape == (201, 64, 64, 3) and len(s.audio) == 201 * SR // 25 and len(s.instructions) == 201
+    assert np.ptp(s.frames[-1].astype(int)) > 50  # drawn to the end
 
 
 def test_analyzer_recovers_rendered_states():
     T = 40
     ramp = np.linspace(0, 1, T)
-    for seed in (5, 6, 7):
-        identity, scene = _identity(seed)
+    for seed, style in ((5, "human"), (6, "anime"), (7, "animal")):
+        identity, scene = _identity(seed, style)
         tracks = _tracks(T, mouth=ramp[::-1] * (np.arange(T) % 3 != 0), eyes=np.where(np.arange(T) % 8 < 2, 0.0, 1.0),
                          yaw=np.where(np.arange(T) < 10, -1.0, np.where(np.arange(T) < 20, 1.0, 0.0)),
                          smile=ramp, hand=np.clip(2 * ramp - 1, 0, 1))
@@ -137,8 +186,10 @@ def test_vidu_synth_writes_playable_samples_that_prefilter_accepts(tmp_path):
             assert c.streams.video[0].codec_context.name == "h264" and c.streams.audio[0].codec_context.name == "aac"
             frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
         assert frames.shape == (81, 256, 256, 3)
+        assert [e[1] - e[0] for e in gt["events"]] == pytest.approx([INSTRUCTION_DELAY] * len(gt["events"]))
         m = analyze(frames, Identity.from_dict(gt["identity"]))  # through H.264 the analyzer still follows the mouth
-        assert _corr(m["mouth"], gt["tracks"]["mouth"]) > 0.9
+        if np.std(gt["tracks"]["mouth"]) > 0.05:
+            assert _corr(m["mouth"], gt["tracks"]["mouth"]) > 0.9
     again = cli("synth", "--n", "3", "--out", str(out), "--seconds", "3.2", "--workdir", work, "--seed", "4")
     assert again.stdout == proc.stdout and "reused" in again.stderr
 

@@ -37,13 +37,14 @@ def synth(
                              help="Frame size WIDTHxHEIGHT (even sides, at least 64)."),
     fps: int = option(Synth, "fps", "Frame rate."),
     seconds: float = option(Synth, "seconds", "Clip length; frames are 1 + 4k, the nearest to it (at least 5)."),
+    style: str = typer.Option("", help="Character style: human, anime or animal (default: a mix of all three)."),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,
     strict: Strict = False,
 ) -> None:
-    """Generate talking avatars with known identity, speech, mouth, blinks, head turns and
-    instructed actions: one H.264 + AAC .mp4 and one .json of ground truth per sample, and a
+    """Generate talking avatars (human, anime or animal characters) with known identity, speech,
+    visemes, mouth, blinks, head turns and timed instructions: one H.264 + AAC .mp4 and one .json of ground truth per sample, and a
     "synth" manifest.
 
     Example: vidu synth --n 500 --out data/synth --workers 4 && vidu prefilter 'data/synth/*.mp4'
@@ -52,5 +53,5 @@ def synth(
         width, height = _size(size)
         _check_out(out)
         result = synthesize(out, n, workspace(workdir), seed=seed, width=width, height=height, fps=fps,
-                            seconds=seconds, workers=workers, quiet=quiet)
+                            seconds=seconds, workers=workers, quiet=quiet, style=style)
         finish(result, quiet, strict)

@@ -13,16 +13,20 @@ from stages.synth.world import (
     NOD_DROP,
     OUTLINE,
     PUPIL,
+    REST_ROUND,
+    ROUND_NARROW,
+    ROUND_TALL,
     TRACKS,
     Identity,
     Scene,
+    State,
     shade,
     skin_tolerance,
 )
 
 _OPEN = ndimage.generate_binary_structure(2, 1)
 # reference poses each identity is rendered in to calibrate its readings: track -> value (others at rest)
-_REFERENCES = ({}, {"mouth": 1.0}, {"yaw": 1.0}, {"yaw": -1.0})
+_REFERENCES = ({}, {"mouth": 1.0}, {"yaw": 1.0}, {"yaw": -1.0}, {"round": 1.0})
 
 
 def _nearest(f: np.ndarray, palette: list) -> np.ndarray:
@@ -103,7 +107,7 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     plain = plain + [EYE_WHITE, idt.eyes, PUPIL]  # the eyes reach below the split in big-eyed styles
     a0 = idt.mouth_w * W
     opening, a, lift = _mouth_shape(cls == len(plain) + 1, cls >= len(plain), a0)
-    out["mouth"] = opening / a0
+    out["opening"], out["width"] = opening / a0, a / a0
     out["smile"] = lift / (0.3 * a) if a > 0 else 0.0
 
     plain = _face_colours(idt) + [shade(idt.skin, 0.5), idt.hair, PUPIL, OUTLINE]
@@ -124,21 +128,34 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     return out
 
 
+def _readings(raw: dict[str, np.ndarray], cal: dict[str, tuple[float, float]]) -> dict[str, np.ndarray]:
+    """Calibrated yaw, round, mouth and eyes from the raw readings of _measure ([T] each or numbers)."""
+    yaw = np.clip((raw["yaw"] - cal["yaw"][0]) / cal["yaw"][1], -1.5, 1.5)
+    turned = np.minimum(np.abs(yaw), 1)
+    width = raw["width"] / ((1 + 0.2 * np.clip(raw["smile"], 0, 1)) * (1 - 0.15 * turned))
+    rounding = REST_ROUND + (width - cal["round"][0]) / cal["round"][1]
+    opening = raw["opening"] / (1 + ROUND_TALL * (np.clip(rounding, 0, 1) - REST_ROUND))
+    return {"yaw": yaw, "round": rounding, "mouth": (opening - cal["mouth"][0]) / cal["mouth"][1],
+            "eyes": raw["eyes"] / cal["eyes"][1] / (1 - 0.15 * turned)}  # the eye turned away is foreshortened
+
+
 def _calibration(identity: Identity, scale: float, width: int, height: int) -> dict[str, tuple[float, float]]:
-    """(reading at rest, reading change per unit) of yaw, mouth and eyes for this identity rendered
-    at this scale in the _REFERENCES poses: how much each reading moves depends on the style, the
-    geometry and the colours (blends at the outlines move pixels between classes)."""
-    T = len(_REFERENCES)
-    tracks = {k: np.array([r.get(k, 1.0 if k == "eyes" else 0.0) for r in _REFERENCES], np.float32) for k in TRACKS}
+    """(reading at rest, reading change per unit) of yaw, round, mouth and eyes for this identity
+    rendered at this scale in the _REFERENCES poses: how much each reading moves depends on the
+    style, the geometry and the colours (blends at the outlines move pixels between classes)."""
+    tracks = {k: np.array([r.get(k, getattr(State, k)) for r in _REFERENCES], np.float32) for k in TRACKS}
     frames = render_clip(identity, tracks, width, height, Scene(zoom=scale / height))
     ref = [_measure(f, identity) for f in frames]
     if not all(r["found"] for r in ref):
-        return {"yaw": (0.0, 0.25), "mouth": (0.1, 0.3), "eyes": (0.0, 1.0)}
+        return {"yaw": (0.0, 0.25), "round": (1.0, -ROUND_NARROW), "mouth": (0.1, 0.3), "eyes": (0.0, 1.0)}
     unit = lambda d: d if abs(d) > 1e-6 else 1.0  # noqa: E731
-    rest = ref[0]
-    return {"yaw": (rest["yaw"], unit((ref[2]["yaw"] - ref[3]["yaw"]) / 2)),
-            "mouth": (rest["mouth"], unit(ref[1]["mouth"] - rest["mouth"])),
-            "eyes": (0.0, unit(rest["eyes"]))}
+    rest, mouth, right, left, rounded = ref
+    cal = {"yaw": (rest["yaw"], unit((right["yaw"] - left["yaw"]) / 2)), "eyes": (0.0, unit(rest["eyes"])),
+           "round": (rest["width"], 1.0), "mouth": (0.0, 1.0)}
+    cal["round"] = (rest["width"], unit((rounded["width"] - rest["width"]) / (1 - REST_ROUND)))
+    o = [_readings(r, cal)["mouth"] for r in (rest, mouth)]  # openings corrected for rounding
+    cal["mouth"] = (o[0], unit(o[1] - o[0]))
+    return cal
 
 
 def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
@@ -148,25 +165,24 @@ def analyze(frames: np.ndarray, identity: Identity) -> dict[str, np.ndarray]:
     head_y (px, head centre); scale (px per world unit); yaw (-1 left .. 1 right, from the
     lower-face features' offset from the head's midline); pitch (head drop against the clip's
     median height, so the head must rest most of the clip; 1 = a full nod); mouth (inner-mouth
-    area over its width); smile (lift of the mouth corners); eyes (visible eye white + iris over
-    that of the identity rendered with open eyes); hand (from the fingertips' height against the
-    clip's median head height; 0 when no hand is seen); skin, shirt, hair: mean / median RGB in
-    the face, below the neck, above the forehead. Readings are calibrated per identity on renders
-    of it in reference poses (_calibration). Meant for 256 x 256; about 6 ms a frame."""
+    area over its width, corrected for rounding); round (lip rounding, from the mouth's width);
+    smile (lift of the mouth corners); eyes (visible eye white + iris over that of the identity
+    rendered with open eyes); hand (from the fingertips' height against the clip's median head
+    height; 0 when no hand is seen); skin, shirt, hair: mean / median RGB in the face, below the
+    neck, above the forehead. Readings are calibrated per identity on renders of it in reference
+    poses (_calibration). Meant for 256 x 256 (the analyzer's tests also run at 128); ~6 ms a frame."""
     Hf = frames.shape[1]
     per = [_measure(fr, identity) for fr in frames]
-    keys = ("head_x", "head_y", "scale", "yaw", "mouth", "smile", "eyes", "hand_top")
+    keys = ("head_x", "head_y", "scale", "yaw", "opening", "width", "smile", "eyes", "hand_top")
     out = {"found": np.array([p["found"] for p in per])}
     for k in keys:
         out[k] = np.array([p[k] if p["found"] else np.nan for p in per], np.float64)
     for k in ("skin", "shirt", "hair"):
         out[k] = np.stack([p[k] if p["found"] else np.full(3, np.nan) for p in per])
-    if out["found"].any():
-        cal = _calibration(identity, float(np.nanmedian(out["scale"])), frames.shape[2], Hf)
-        for k, (rest, unit) in cal.items():
-            out[k] = (out[k] - rest) / unit
-        out["yaw"] = np.clip(out["yaw"], -1.5, 1.5)
-        out["eyes"] /= 1 - 0.15 * np.minimum(np.abs(out["yaw"]), 1)  # the eye turned away is foreshortened
+    cal = _calibration(identity, float(np.nanmedian(out["scale"])), frames.shape[2], Hf) if out["found"].any() else {
+        "yaw": (0.0, 1.0), "round": (1.0, 1.0), "mouth": (0.0, 1.0), "eyes": (0.0, 1.0)}
+    out.update(_readings(out, cal))
+    del out["opening"], out["width"]
     H = identity.head_h * out["scale"]
     W = identity.head_w * out["scale"]
     rest = np.nanmedian(out["head_y"]) if out["found"].any() else np.nan

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -13,15 +13,18 @@ from manifests.io import workspace
 from stages.run import RunResult, Stage, base_row, ranged, run_stage
 from stages.sense.media import write_video
 from stages.synth.render import render_clip
-from stages.synth.speech import mouth_track, random_speech
+from stages.synth.speech import SR, RealDirs, Speech, mouth_tracks, speak
 from stages.synth.world import (
+    INSTRUCTION_DELAY,
+    STYLES,
+    Event,
     Identity,
     Scene,
     State,
     active_instructions,
     animate,
     frame_count,
-    random_actions,
+    random_events,
     random_identity,
     random_scene,
 )
@@ -36,10 +39,12 @@ class Sample:
     frames: np.ndarray  # [T, H, W, 3] uint8
     audio: np.ndarray  # [T * SR / fps] float32, 16 kHz mono
     tracks: dict[str, np.ndarray]  # State field -> [T] float32
-    actions: list[tuple[float, float, str]]  # (start s, end s, instruction)
-    instructions: list[str]  # [T] instruction in force, "" for none
+    actions: list[tuple[float, float, str]]  # (action start s, end s, instruction)
+    instructions: list[str]  # [T] instruction in force (from its onset to its action's end), "" for none
     speech: list[tuple[float, float]]  # utterance intervals, s
     masks: dict[str, np.ndarray] | None = None  # region -> [T, H, W] float32 (render.region_masks), if asked for
+    events: list[Event] = field(default_factory=list)  # timed instructions: (onset, start, end, text)
+    said: Speech | None = None  # the speech with its source, text and visemes (audio is `audio`)
 
     def state(self, i: int) -> State:
         return State(**{k: float(v[i]) for k, v in self.tracks.items()})
@@ -47,29 +52,45 @@ class Sample:
     def truth(self) -> dict:
         """Everything but the pixels and samples, JSON-ready."""
         T, H, W = self.frames.shape[:3]
+        said = self.said or Speech(self.audio, self.speech, [], "", "")
         return {"seed": self.seed, "fps": self.fps, "frames": T, "width": W, "height": H,
                 "duration_s": T / self.fps, "identity": asdict(self.identity), "scene": asdict(self.scene),
-                "actions": [list(a) for a in self.actions], "speech_segments": [list(s) for s in self.speech],
+                "actions": [list(a) for a in self.actions], "events": [list(e) for e in self.events],
+                "instruction_delay_s": INSTRUCTION_DELAY, "speech_segments": [list(s) for s in self.speech],
+                "speech_source": said.source, "speech_text": said.text, "visemes": [list(v) for v in said.visemes],
                 "instructions": self.instructions,
                 "tracks": {k: [round(float(x), 4) for x in v] for k, v in self.tracks.items()}}
 
 
+def render_sample(seed: int, identity: Identity, scene: Scene, speech: Speech, events: list[Event], T: int,
+                  r_motion: np.random.Generator, width: int, height: int, fps: int, masks: bool = False) -> Sample:
+    """The sample of this character, speech and timed instructions: tracks animated, frames drawn."""
+    actions = [(e.start, e.end, e.text) for e in events]
+    mouth = mouth_tracks(speech, T, fps)
+    tracks = animate(r_motion, T, fps, mouth["mouth"], actions, mouth["round"])
+    frames, regions = render_clip(identity, tracks, width, height, scene, masks=True) if masks else (
+        render_clip(identity, tracks, width, height, scene), None)
+    audio = np.zeros(round(T / fps * SR), np.float32)
+    audio[:min(len(audio), len(speech.audio))] = speech.audio[:len(audio)]
+    return Sample(seed, fps, identity, scene, frames, audio, tracks, actions, active_instructions(events, T, fps),
+                  list(speech.segments), regions, list(events), speech)
+
+
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
-                masks: bool = False) -> Sample:
-    """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed alone); with
+                masks: bool = False, style: str | None = None, split: str = "train",
+                real_dir: RealDirs = None) -> Sample:
+    """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed and `style`
+    alone): a character of `style` (default: drawn with world.STYLES), speech of `split`'s voices,
+    texts and recordings (speech.speak; `real_dir` holds recordings), timed instructions. With
     `masks`, also the region masks of its frames (face, eyes, mouth, hands)."""
     r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
                                                           np.random.SeedSequence(seed).spawn(5))
-    identity = random_identity(r_identity)
+    identity = random_identity(r_identity, style)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, fps)
-    audio, speech = random_speech(r_speech, T / fps)
-    actions = random_actions(r_actions, T / fps)
-    tracks = animate(r_motion, T, fps, mouth_track(audio, speech, T, fps), actions)
-    frames, regions = render_clip(identity, tracks, width, height, scene, masks=True) if masks else (
-        render_clip(identity, tracks, width, height, scene), None)
-    return Sample(seed, fps, identity, scene, frames, audio, tracks, actions, active_instructions(actions, T, fps),
-                  speech, regions)
+    speech = speak(r_speech, T / fps, split, real_dir)
+    return render_sample(seed, identity, scene, speech, random_events(r_actions, T / fps), T, r_motion, width,
+                         height, fps, masks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +116,7 @@ class Synth(Stage):
 
     name: ClassVar[str] = "synth"
     kind: ClassVar[str] = "synth"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: world v2 (styles, face framing, TTS speech, timed instructions)
     reads: ClassVar[tuple[str, ...]] = ("seed",)
     writes: ClassVar[tuple[str, ...]] = ("path", "seed", "width", "height", "fps", "frames", "duration_s",
                                          "identity", "actions", "speech_segments", "gt_path")
@@ -107,6 +128,7 @@ class Synth(Stage):
     height: int = ranged(256, min=64)
     fps: int = ranged(25, min=1)
     seconds: float = ranged(4.0, min=0)
+    style: str = ""  # "" draws the world.STYLES mix; or human | anime | animal
 
     def items(self) -> list[dict]:
         return [{"id": f"synth-{self.seed}-{i:06d}", "seed": sample_seed(self.seed, i)} for i in range(self.n)]
@@ -115,7 +137,7 @@ class Synth(Stage):
         return base_row("synth", id=item["id"], path=str(Path(self.out_dir) / f"{item['id']}.mp4"), seed=item["seed"])
 
     def process(self, item: dict) -> list[dict]:
-        sample = make_sample(item["seed"], self.width, self.height, self.fps, self.seconds)
+        sample = make_sample(item["seed"], self.width, self.height, self.fps, self.seconds, style=self.style or None)
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         video, truth = out / f"{item['id']}.mp4", out / f"{item['id']}.json"
@@ -130,8 +152,11 @@ class Synth(Stage):
 
 
 def synthesize(out_dir: str | os.PathLike, n: int, root: Path, seed: int = 0, width: int = 256, height: int = 256,
-               fps: int = 25, seconds: float = 4.0, workers: int = 1, quiet: bool = True) -> RunResult:
+               fps: int = 25, seconds: float = 4.0, workers: int = 1, quiet: bool = True,
+               style: str = "") -> RunResult:
     """Write `n` samples into `out_dir` and their "synth" manifest into the workspace `root`."""
+    if style and style not in STYLES:
+        raise ValueError(f"--style {style!r}: choose one of {', '.join(STYLES)} (or leave it out for the mix)")
     if n < 1:
         raise ValueError(f"--n must be at least 1, not {n}")
     if width < 64 or height < 64 or width % 2 or height % 2:
@@ -139,7 +164,8 @@ def synthesize(out_dir: str | os.PathLike, n: int, root: Path, seed: int = 0, wi
     if fps < 1 or frame_count(seconds, fps) < 5:
         raise ValueError(f"{seconds} s at {fps} fps is too short: a sample needs at least 5 frames")
     out = Path(out_dir).expanduser().resolve()
-    stage = Synth(out_dir=str(out), n=n, seed=seed, width=width, height=height, fps=fps, seconds=seconds)
+    stage = Synth(out_dir=str(out), n=n, seed=seed, width=width, height=height, fps=fps, seconds=seconds,
+                  style=style)
     return run_stage(stage, stage.items(), [], [], root, workers=workers, quiet=quiet)
 
 

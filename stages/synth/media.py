@@ -1,49 +1,48 @@
-"""Talking-avatar test media with known facts: rendered shots with hard cuts and speech, written with
-stages.sense.media.write_video. Used by `vidu demo`, the tests and the benchmarks."""
+"""Talking-avatar test media with known facts: shots of world characters (the one renderer, a new
+random character and backdrop per shot) with hard cuts, speaking espeak-ng sentences (clean, no
+augmentation), written with stages.sense.media.write_video. Used by `vidu demo`, the tests and the
+benchmarks."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 
 from stages.sense.media import load_audio, write_video
-from stages.synth.speech import SR, envelope, speech_track
+from stages.synth.render import render_clip
+from stages.synth.speech import SR, Speech, mouth_tracks, texts, tts, visemes_of, voices
+from stages.synth.world import animate, random_identity, random_scene
+
+CHUNK = 50  # frames rendered at a time: a 30 s video at 640 x 360 is never held whole
 
 
-@dataclass
-class Look:
-    """Colours and geometry of one rendered shot."""
-
-    background: tuple[int, int, int]
-    face: tuple[int, int, int]
-    x: float  # face centre, fraction of width
-    radius: float  # fraction of height
-    drift: float  # pixels per frame of horizontal sway
-
-
-def random_look(rng: np.random.Generator) -> Look:
-    return Look(tuple(int(c) for c in rng.integers(0, 256, 3)), tuple(int(c) for c in rng.integers(60, 256, 3)),
-                float(rng.uniform(0.35, 0.65)), float(rng.uniform(0.25, 0.35)), float(rng.uniform(0.5, 2.0)))
-
-
-def render_avatar(look: Look, mouth: float, frame_index: int, width: int, height: int) -> np.ndarray:
-    """One RGB frame: a face (circle, eyes, a mouth opened by `mouth` in [0, 1]) on a textured
-    background."""
-    x = np.arange(width, dtype=np.float32)
-    y = np.arange(height, dtype=np.float32)[:, None]
-    stripes = 0.15 * np.outer(np.cos(y[:, 0] / 23.0), np.sin((x + 3 * frame_index) / 17.0))  # [H, W]
-    img = np.array(look.background, np.float32) / 255 + stripes[..., None]
-    cx = look.x * width + 20 * np.sin(frame_index * look.drift / 25)
-    cy, r = 0.5 * height, look.radius * height
-    dx2, dy2 = (x - cx) ** 2, (y - cy) ** 2
-    img[dx2 + dy2 < r ** 2] = np.array(look.face, np.float32) / 255
-    for ex in (-0.35, 0.35):
-        img[(x - (cx + ex * r)) ** 2 + (y - (cy - 0.25 * r)) ** 2 < (0.1 * r) ** 2] = 0.05
-    mh = 0.02 * r + 0.3 * r * mouth
-    img[((x - cx) / (0.35 * r)) ** 2 + ((y - (cy + 0.4 * r)) / mh) ** 2 < 1] = (0.4, 0.05, 0.05)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+def talking_speech(rng: np.random.Generator, duration: float, pause: tuple[float, float] = (0.6, 1.5),
+                   level: float = 0.5) -> Speech:
+    """One TTS voice reading sentences separated by pauses over a faint noise floor, filling
+    `duration` seconds; segments are the sentences' spoken spans, visemes their ground truth."""
+    pool, said = voices("train"), texts("train")
+    voice = pool[rng.integers(len(pool))]
+    rate, pitch = int(rng.integers(140, 200)), int(rng.integers(30, 70))
+    audio = np.zeros(round(duration * SR), np.float32)
+    segments, vis, spoken = [], [], []
+    t, misses = rng.uniform(*pause), 0
+    while t < duration - pause[0] - 0.5 and misses < 4:
+        text = said[rng.integers(len(said))]
+        u = tts(text, voice, rate, pitch)
+        s0, s1 = u.span
+        if s1 <= s0 or t + (s1 - s0) > duration - pause[0]:
+            misses += 1
+            continue
+        src = u.audio[round(s0 * SR):round(s1 * SR)]
+        a = round(t * SR)
+        audio[a:a + len(src)] = level * src / (np.abs(src).max() + 1e-9)
+        vis += [v for v in visemes_of(u.phonemes, t - s0) if v[2] != "sil" and t <= v[0] < t + s1 - s0]
+        segments.append((round(t, 4), round(t + len(src) / SR, 4)))
+        spoken.append(text)
+        t += (s1 - s0) + rng.uniform(*pause)
+    audio += 0.003 * rng.standard_normal(len(audio)).astype(np.float32)
+    return Speech(audio, segments, vis, f"tts:{voice}", " ".join(spoken))
 
 
 def talking_video(path: str | Path, rng: np.random.Generator, shots: list[float], fps: int = 25,
@@ -52,22 +51,26 @@ def talking_video(path: str | Path, rng: np.random.Generator, shots: list[float]
 
     Returns the facts: cut times (s), cut frames, and the true speech intervals."""
     duration = sum(shots)
-    audio, segments = speech_track(rng, duration)
+    speech = talking_speech(rng, duration)
     n = int(round(duration * fps))
-    mouth = envelope(audio, fps, n)
-    cut_frames = list(np.cumsum([int(round(s * fps)) for s in shots])[:-1])
-    looks = [random_look(rng) for _ in shots]
+    mouth = mouth_tracks(speech, n, fps)
+    cut_frames = [int(c) for c in np.cumsum([int(round(s * fps)) for s in shots])[:-1]]
+    bounds = list(zip([0] + cut_frames, cut_frames + [n]))
+    cast = []
+    for _ in bounds:
+        identity = random_identity(rng)
+        cast.append((identity, random_scene(rng, identity)))
 
     def frames():
-        shot = 0
-        for i in range(n):
-            while shot < len(cut_frames) and i >= cut_frames[shot]:
-                shot += 1
-            yield render_avatar(looks[shot], mouth[i], i, *size)
+        for (a, b), (identity, scene) in zip(bounds, cast):
+            tracks = animate(rng, b - a, fps, mouth["mouth"][a:b], [], mouth["round"][a:b])
+            for c in range(a, b, CHUNK):
+                part = {k: v[c - a:min(b, c + CHUNK) - a] for k, v in tracks.items()}
+                yield from render_clip(identity, part, *size, scene)
 
-    write_video(path, frames(), fps, audio if with_audio else None)
-    return {"cut_frames": [int(c) for c in cut_frames], "cut_times": [c / fps for c in cut_frames],
-            "speech": segments, "duration": duration, "fps": fps}
+    write_video(path, frames(), fps, speech.audio if with_audio else None)
+    return {"cut_frames": cut_frames, "cut_times": [c / fps for c in cut_frames], "speech": speech.segments,
+            "duration": duration, "fps": fps}
 
 
 def transcode(src: str | Path, dst: str | Path, width: int, height: int, crf: int = 28) -> Path:

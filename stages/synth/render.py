@@ -22,6 +22,9 @@ from stages.synth.world import (
     OUTLINE,
     PUPIL,
     PUPIL_R,
+    REST_ROUND,
+    ROUND_NARROW,
+    ROUND_TALL,
     TRACKS,
     YAW_FEATURES,
     YAW_HAIR,
@@ -262,8 +265,9 @@ def _eyes(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
 
 def _mouth(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
     a0 = idt.mouth_w * p.W
-    a = a0 * (1 + 0.2 * st.smile) * (1 - 0.15 * np.abs(st.yaw))
-    b = a0 * (MOUTH_REST + MOUTH_OPEN * st.mouth)
+    r = st.round - REST_ROUND
+    a = a0 * (1 + 0.2 * st.smile) * (1 - 0.15 * np.abs(st.yaw)) * (1 - ROUND_NARROW * r)
+    b = a0 * (MOUTH_REST + MOUTH_OPEN * st.mouth) * (1 + ROUND_TALL * r)
     bend = -0.3 * st.smile * a
     cv(Ellipse(p.fx, p.my, a + 0.12 * a0, b + 0.16 * a0, bend=bend), idt.lips, "mouth")
     cv(Ellipse(p.fx, p.my, a, b, bend=bend), MOUTH, "mouth")
@@ -382,10 +386,11 @@ def _draw_hand(img: np.ndarray, masks, idt: Identity, hand: np.ndarray, s: float
 
 def render_clip(identity: Identity, tracks: dict[str, np.ndarray], width: int, height: int,
                 scene: Scene = Scene(), chunk: int = 48, masks: bool = False):
-    """Frames [T, height, width, 3] uint8 for per-frame State fields `tracks` ([T] each), drawn in
+    """Frames [T, height, width, 3] uint8 for per-frame State fields `tracks` ([T] each; a missing one
+    stays at the State default), drawn in
     equal batches of at most `chunk` frames (about 1 ms a frame at 256 x 256). With `masks`, returns
     (frames, region masks) as `region_masks` describes them, for about 30 % more time."""
-    T = len(tracks["mouth"])
+    T = len(next(iter(tracks.values())))
     out = np.empty((T, height, width, 3), np.uint8)
     out[:] = _backdrop(identity, scene, width, height)
     mk = {k: np.zeros((T, height, width), np.float32) for k in REGIONS} if masks else None
@@ -393,7 +398,8 @@ def render_clip(identity: Identity, tracks: dict[str, np.ndarray], width: int, h
     s, ox, oy = _camera(scene, height, width)
     chunk = -(-T // -(-T // chunk))
     for t0 in range(0, T, chunk):
-        st = State(**{k: np.asarray(tracks[k][t0:t0 + chunk], np.float32) for k in TRACKS})
+        st = State(**{k: np.asarray(tracks[k][t0:t0 + chunk] if k in tracks else np.full(min(chunk, T - t0), getattr(
+            State, k)), np.float32) for k in TRACKS})
         frames = out[t0:t0 + chunk]
         part = {k: m[t0:t0 + chunk, :, :, None] for k, m in mk.items()} if mk else None
         _draw_head(frames, part, identity, st, s, ox, oy, grow)

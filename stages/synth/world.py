@@ -8,9 +8,11 @@ The colour palettes keep skin apart from everything else, so the analyzer can fi
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
+
+from stages.synth.speech import REST_ROUND
 
 RGB = tuple[int, int, int]
 EYE_WHITE: RGB = (242, 240, 232)
@@ -26,6 +28,7 @@ HAND_X = 1.65  # hand centre from the body midline, x head_w
 HAND_RAISE = -0.1  # palm centre at hand = 1, below the rest head centre, x head_h
 HAND_REACH = 0.74  # fingertips above the palm centre, x head_w
 MOUTH_REST, MOUTH_OPEN = 0.1, 0.3  # inner mouth half-height = mouth half-width * (REST + OPEN * mouth)
+ROUND_NARROW, ROUND_TALL = 0.35, 0.3  # rounding r: mouth width x (1 - NARROW (r - REST_ROUND)), height x (1 + TALL (r - REST_ROUND))
 EYE_ASPECT, PUPIL_R = 0.6, 0.25  # eye half-height / half-width; pupil radius / eye half-height
 OUTLINE: RGB = (34, 26, 30)  # anime line art
 FACE_HEIGHT = (0.45, 0.55)  # the head (chin to crown) spans this share of the frame height (dlib HOG finds it)
@@ -106,6 +109,7 @@ class State:
     """What the character does in one frame."""
 
     mouth: float = 0.0  # 0 closed .. 1 wide open
+    round: float = REST_ROUND  # lip rounding: 0 spread .. 1 rounded (narrower and taller)
     eyes: float = 1.0  # 1 open .. 0 closed
     yaw: float = 0.0  # -1 turned to the image's left .. 1 to its right
     pitch: float = 0.0  # -1 looking up .. 1 nodded down
@@ -188,8 +192,8 @@ def random_identity(rng: np.random.Generator, style: str | None = None) -> Ident
     if style == "anime":
         head_w = u(0.13, 0.16)
         return Identity(**common, hair_style=str(rng.choice(["spiky", "long"])), head_w=head_w,
-                        head_h=head_w * u(1.12, 1.25), eye_spacing=u(0.34, 0.4), eye_size=u(0.21, 0.26),
-                        eye_aspect=u(1.0, 1.2), eye_y=u(0.02, 0.1), brow_gap=u(0.28, 0.32), nose_len=u(0.05, 0.08),
+                        head_h=head_w * u(1.12, 1.25), eye_spacing=u(0.34, 0.4), eye_size=u(0.21, 0.25),
+                        eye_aspect=u(1.0, 1.15), eye_y=u(0.02, 0.1), brow_gap=u(0.36, 0.4), nose_len=u(0.05, 0.08),
                         mouth_w=u(0.2, 0.26), mouth_y=u(0.42, 0.5), hairline=u(0.64, 0.74))
     head_w = u(0.14, 0.17)
     return Identity(**common, hair_style="ears", head_w=head_w, head_h=head_w * u(0.92, 1.05),
@@ -232,7 +236,7 @@ def random_scene(rng: np.random.Generator, identity: Identity) -> Scene:
 
 
 # ---------------------------------------------------------------------------------------------
-# speech and actions over time
+# actions and instructions over time
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     x = np.clip(x, 0, 1)
@@ -245,8 +249,8 @@ def _hold(p: np.ndarray) -> np.ndarray:
 
 
 def _pulse(p: np.ndarray) -> np.ndarray:
-    """Fully on for the middle 40 %."""
-    return _smoothstep((0.4 - np.abs(p - 0.5)) / 0.2)
+    """Fully on for the middle 40 %, easing in from the start and out to the end."""
+    return _smoothstep((0.5 - np.abs(p - 0.5)) / 0.3)
 
 
 def _twice(p: np.ndarray) -> np.ndarray:
@@ -284,28 +288,48 @@ def frame_count(seconds: float, fps: float) -> int:
     return 1 + 4 * max(0, int(round((seconds * fps - 1) / 4)))
 
 
-def random_actions(rng: np.random.Generator, duration: float) -> list[tuple[float, float, str]]:
-    """Non-overlapping instructions that fit in the clip, about one per 2.5 s (possibly none)."""
+INSTRUCTION_DELAY = 0.2  # s from an instruction's onset (when it is given) to the start of its action
+
+
+class Event(NamedTuple):
+    """A timed instruction: given at `onset`, performed from `start` = onset + INSTRUCTION_DELAY to `end` (s)."""
+
+    onset: float
+    start: float
+    end: float
+    text: str  # the instruction, an ACTIONS name
+
+
+def event(onset: float, text: str, seconds: float) -> Event:
+    """The instruction `text` given at `onset`, its action lasting `seconds`."""
+    start = round(onset + INSTRUCTION_DELAY, 4)
+    return Event(round(onset, 4), start, round(start + seconds, 4), text)
+
+
+def random_events(rng: np.random.Generator, duration: float) -> list[Event]:
+    """Non-overlapping instructions whose actions fit in the clip, about one per 2.5 s (possibly none)."""
     names = list(ACTIONS)
     out = []
     t = rng.exponential(0.6)
     while True:
         name = names[rng.integers(len(names))]
-        d = rng.uniform(*ACTIONS[name].seconds)
-        if t + d > duration:
+        e = event(t, name, rng.uniform(*ACTIONS[name].seconds))
+        if e.end > duration:
             return out
-        out.append((round(t, 4), round(t + d, 4), name))
-        t += d + 0.2 + rng.exponential(1.2)
+        out.append(e)
+        t = e.end + 0.2 + rng.exponential(1.2)
 
 
 def animate(rng: np.random.Generator, T: int, fps: float, mouth: np.ndarray,
-            actions: list[tuple[float, float, str]]) -> dict[str, np.ndarray]:
+            actions: list[tuple[float, float, str]], rounding: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per-frame tracks (State fields -> [T] float32): a slow idle sway of the head and a resting
-    smile, the given mouth, and each action blended in over its interval."""
+    smile, the given mouth opening and rounding, and each action (start s, end s, name) blended in
+    over its interval."""
     t = np.arange(T) / fps
     sway = [sum(rng.uniform(0.3, 1.0) * np.sin(2 * np.pi * rng.uniform(0.1, 0.5) * t + rng.uniform(0, 6.3))
                 for _ in range(2)) / 2 for _ in range(2)]
-    tracks = {"mouth": mouth, "eyes": np.ones(T), "yaw": 0.08 * sway[0], "pitch": 0.05 * sway[1],
+    tracks = {"mouth": np.asarray(mouth, np.float64), "round": np.full(T, REST_ROUND) if rounding is None else
+              np.asarray(rounding, np.float64), "eyes": np.ones(T), "yaw": 0.08 * sway[0], "pitch": 0.05 * sway[1],
               "smile": np.full(T, rng.uniform(0, 0.15)), "hand": np.zeros(T)}
     for start, end, name in actions:
         a = ACTIONS[name]
@@ -316,10 +340,10 @@ def animate(rng: np.random.Generator, T: int, fps: float, mouth: np.ndarray,
     return {k: v.astype(np.float32) for k, v in tracks.items()}
 
 
-def active_instructions(actions: list[tuple[float, float, str]], T: int, fps: float) -> list[str]:
-    """The instruction in force at each frame's time, "" when none."""
+def active_instructions(events: list[Event], T: int, fps: float) -> list[str]:
+    """The instruction in force at each frame's time, from its onset to the end of its action; "" when none."""
     out = [""] * T
-    for start, end, name in actions:
+    for start, _, end, name in events:
         for i in range(max(0, int(np.ceil(start * fps - 1e-9))), min(T, int(np.ceil(end * fps - 1e-9)))):
             out[i] = name
     return out

@@ -3,7 +3,7 @@ benchmark has one, a ground-truth video). The `BenchSamples` stage writes them a
 manifest (16 kHz wav audio, png references under <workspace>/bench/<bench>/), one item per sample:
 
 - synth: held-out cases of the synthetic avatar world with ground truth. Case i is
-  `stages.synth.make_sample(HELD_OUT_BASE + i)`. Training never draws these seeds: `vidu train`
+  `stages.synth.make_sample(HELD_OUT_BASE + i, split="eval")` (held-out voices and texts). Training never draws these seeds: `vidu train`
   renders clip i of its run as seed `train_seed * 1_000_003 + i` (stages/train/data.py) and
   `vidu synth` draws 32-bit seeds (stages.synth.sample_seed), both far below 2**62 for any train
   seed under 4.6e12. The mismatched-audio control of case i is the speech of seed
@@ -14,8 +14,10 @@ manifest (16 kHz wav audio, png references under <workspace>/bench/<bench>/), on
        "at": 1.0, "until": 2.5, "video": "gt/a.mp4"}
   paths relative to DIR; "id" defaults to the line number, "at" (instruction onset, s) to 0,
   "until" to the end of the audio, "video" (a ground-truth video, used by the oracle system) to
-  none. Without DIR, a built-in set is generated from the synthetic world: sample i performs
-  action i mod 8 (stages.synth.ACTIONS) from 0.3 s, with ground truth (seeds BUILTIN_BASE + i).
+  none. Without DIR, a built-in set is generated from the synthetic world: sample i is told at 0.3 s
+  to perform action i mod 8 (stages.synth.ACTIONS), with ground truth (seeds BUILTIN_BASE + i).
+  Generated samples' events are [onset, end, text]: the instruction is given at the onset and the
+  ground-truth action starts stages.synth.world.INSTRUCTION_DELAY later.
 - hdtf: an HDTF-style folder of talking-head videos (searched recursively): reference = the first
   frame, audio = the clip's own audio, ground truth = the clip; no instructions.
 """
@@ -159,32 +161,30 @@ def _with_speech(base: int, start: int, seconds: float) -> tuple[int, list[float
     """The first seed base + j (j >= start) whose clip has speech, and its mouth track."""
     from stages import synth
     for j in range(start, start + 64):
-        s = synth.make_sample(base + j, 64, 64, FPS, seconds)
+        s = synth.make_sample(base + j, 64, 64, FPS, seconds, split="eval")
         if s.speech:
             return base + j, [round(float(x), 4) for x in s.tracks["mouth"]]
     raise BenchError("no speaking control case found")  # 64 silent clips in a row: p = 1e-64
 
 
 def builtin_sample(index: int, size: int, seconds: float):
-    """Built-in streambench sample `index`: a synth-world character who talks and performs action
-    index mod 8 from 0.3 s (as long as the clip allows)."""
-    from stages.synth import Sample, render_clip
-    from stages.synth.speech import mouth_track, random_speech
-    from stages.synth.world import ACTIONS, active_instructions, animate, frame_count, random_identity, random_scene
+    """Built-in streambench sample `index`: a synth-world character who talks (held-out voices and
+    texts) and is told to perform action index mod 8 at 0.3 s (its action starts INSTRUCTION_DELAY
+    later, as long as the clip allows)."""
+    from stages.synth.dataset import render_sample
+    from stages.synth.speech import speak
+    from stages.synth.world import ACTIONS, event, frame_count, random_identity, random_scene
     seed = BUILTIN_BASE + index
     r_id, r_scene, r_speech, r_motion = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     identity = random_identity(r_id)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, FPS)
-    audio, speech = random_speech(r_speech, T / FPS)
     name = list(ACTIONS)[index % len(ACTIONS)]
-    onset = 0.3
-    dur = min(float(np.mean(ACTIONS[name].seconds)), T / FPS - onset)
-    actions = [(onset, round(onset + dur, 4), name)] if dur >= 0.3 else []
-    tracks = animate(r_motion, T, FPS, mouth_track(audio, speech, T, FPS), actions)
-    frames = render_clip(identity, tracks, size, size, scene)
-    return Sample(seed, FPS, identity, scene, frames, audio, tracks, actions,
-                  active_instructions(actions, T, FPS), speech)
+    e = event(0.3, name, float(np.mean(ACTIONS[name].seconds)))
+    if e.end > T / FPS:
+        e = event(0.3, name, T / FPS - e.start)
+    events = [e] if e.end - e.start >= 0.3 else []
+    return render_sample(seed, identity, scene, speak(r_speech, T / FPS, "eval"), events, T, r_motion, size, size, FPS)
 
 
 @dataclass
@@ -219,7 +219,7 @@ class BenchSamples(Stage):
         from stages import synth
         i = item["index"]
         if item["kind"] == "synth":
-            s = synth.make_sample(HELD_OUT_BASE + i, self.size, self.size, FPS, self.seconds)
+            s = synth.make_sample(HELD_OUT_BASE + i, self.size, self.size, FPS, self.seconds, split="eval")
         else:
             s = builtin_sample(i, self.size, self.seconds)
         control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS)
@@ -234,8 +234,9 @@ class BenchSamples(Stage):
         tmp.write_text(json.dumps(truth))
         os.replace(tmp, stem.with_suffix(".json"))
         return base_row("bench_samples", id=item["id"], bench=self.bench, image=str(stem.with_suffix(".png")),
-                        audio=str(stem.with_suffix(".wav")), instruction=s.actions[0][2] if s.actions else "",
-                        events=json.dumps([list(a) for a in s.actions]), video=str(stem.with_suffix(".mp4")),
+                        audio=str(stem.with_suffix(".wav")), instruction=s.events[0].text if s.events else "",
+                        events=json.dumps([[e.onset, e.end, e.text] for e in s.events]),
+                        video=str(stem.with_suffix(".mp4")),
                         truth=str(stem.with_suffix(".json")), seed=s.seed, control_seed=control_seed,
                         seconds=len(s.audio) / 16000, source="builtin" if item["kind"] == "builtin" else "synth")
 
