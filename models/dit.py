@@ -19,6 +19,7 @@ to [B, F*S, dim] for self-attention.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -34,10 +35,12 @@ from models.rope import apply_rope, grid_positions, rope_angles
 
 @dataclass
 class KV:
-    """Self-attention keys (before RoPE) and values of some tokens, per block, with their positions."""
+    """Self-attention keys (before RoPE, unless `rotated`) and values of some tokens, per block, with
+    their positions."""
     k: list[torch.Tensor]   # per block [B, L, H, D]
     v: list[torch.Tensor]   # per block [B, L, H, D]
     pos: torch.Tensor       # [L, 3] (frame, row, column)
+    rotated: bool = False   # keys already rotated to `pos` (DiT.rotate): used as they are
 
     def __len__(self) -> int:
         return self.pos.shape[0]
@@ -100,13 +103,14 @@ class Attention(nn.Module):
 
     def self_attend(self, x, rope, mask, ctx=None):
         """x: [B, L, dim]; rope: (cos, sin) of the L tokens; ctx: (k, v, cos, sin) of context tokens
-        (keys before RoPE). Returns (out [B, L, dim], k before RoPE, v)."""
+        (keys before RoPE; cos None: keys already rotated). Returns (out [B, L, dim], k before RoPE, v)."""
         q, k, v = self.qkv(x)
         cos, sin = rope
         q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx is not None:
             ck, cv, ccos, csin = ctx
-            k_r = torch.cat([apply_rope(ck.to(k.dtype), ccos, csin), k_r], 1)
+            ck = ck.to(k.dtype) if ccos is None else apply_rope(ck.to(k.dtype), ccos, csin)
+            k_r = torch.cat([ck, k_r], 1)
             v_all = torch.cat([cv.to(v.dtype), v], 1)
         else:
             v_all = v
@@ -281,6 +285,14 @@ class DiT(nn.Module):
         q_rope = rope_angles(torch.tensor([[before * K + K / 2, 0, 0]], device=device), self.cfg.head_dim)
         return windows, (*q_rope, *k_rope)
 
+    def rotate(self, kv: KV) -> KV:
+        """The context with its keys rotated to their positions once, for several forwards over the same
+        context (a chunk's denoising steps): each forward then skips re-rotating every cached key."""
+        if kv.rotated:
+            return kv
+        cos, sin = rope_angles(kv.pos.to(kv.k[0].device), self.cfg.head_dim)
+        return KV([apply_rope(k, cos, sin) for k in kv.k], kv.v, kv.pos, rotated=True)
+
     # -- the forward pass --
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
                 audio: torch.Tensor | None = None, audio_latent: torch.Tensor | None = None,
@@ -325,7 +337,7 @@ class DiT(nn.Module):
         all_pos = torch.cat([torch.zeros(n_ref, dtype=torch.long), frame_pos]).to(x.device)
         pos = grid_positions(all_pos, h, w, cfg.audio_latent_tokens)
         rope = rope_angles(pos, cfg.head_dim)
-        ctx_rope = rope_angles(kv.pos.to(x.device), cfg.head_dim) if kv is not None else None
+        ctx_rope = (None, None) if kv is None or kv.rotated else rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 
         e, e0 = self.embed_time(t)
@@ -354,20 +366,29 @@ class DiT(nn.Module):
     @staticmethod
     def token_mask(F: int, n_ref: int, S: int, n_ctx: int, mask: str, chunk_frames: int, device) -> torch.Tensor | None:
         """Bool [Lq, n_ctx + Lq]: the ref frame sees itself; generated frames see the ref, every context
-        token and this call's frames (all of them, or by block-causal chunks). None when all True."""
-        Fq = n_ref + F
-        frame_ok = torch.ones(Fq, Fq, dtype=torch.bool, device=device)
-        if mask == "causal":
-            chunk = torch.arange(F, device=device) // max(1, chunk_frames)
-            frame_ok[n_ref:, n_ref:] = chunk[:, None] >= chunk[None, :]
-        if n_ref:
-            frame_ok[:n_ref, n_ref:] = False
-        tok = frame_ok.repeat_interleave(S, 0).repeat_interleave(S, 1)
-        if n_ctx:
-            ctx_ok = torch.ones(Fq * S, n_ctx, dtype=torch.bool, device=device)
-            ctx_ok[:n_ref * S] = False
-            tok = torch.cat([ctx_ok, tok], 1)
-        return None if bool(tok.all()) else tok
+        token and this call's frames (all of them, or by block-causal chunks). None when all True.
+        Decided on the host from the shapes and built once per shape: no device sync per forward."""
+        causal = mask == "causal" and F > max(1, chunk_frames)
+        if not n_ref and not causal:
+            return None
+        return _token_mask(F, n_ref, S, n_ctx, causal, max(1, chunk_frames), torch.device(device))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+@functools.lru_cache(maxsize=8)
+def _token_mask(F: int, n_ref: int, S: int, n_ctx: int, causal: bool, chunk_frames: int, device) -> torch.Tensor:
+    Fq = n_ref + F
+    frame_ok = torch.ones(Fq, Fq, dtype=torch.bool)
+    if causal:
+        chunk = torch.arange(F) // chunk_frames
+        frame_ok[n_ref:, n_ref:] = chunk[:, None] >= chunk[None, :]
+    if n_ref:
+        frame_ok[:n_ref, n_ref:] = False
+    tok = frame_ok.repeat_interleave(S, 0).repeat_interleave(S, 1)
+    if n_ctx:
+        ctx_ok = torch.ones(Fq * S, n_ctx, dtype=torch.bool)
+        ctx_ok[:n_ref * S] = False
+        tok = torch.cat([ctx_ok, tok], 1)
+    return tok.to(device)

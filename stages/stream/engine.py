@@ -6,8 +6,9 @@ attends to
     [ reference frame | sink: first generated chunk | history ring (window) ] + current chunk
       built once        built once, clean            noisy or clean cache
 
-Keys are cached before RoPE and re-rotated to their position in the current window at every step,
-so positions never exceed 1 + sink + window + chunk frames however long the stream runs.
+Keys are cached before RoPE and rotated to their position in the current window once per chunk
+(`DiT.rotate`; every step of the chunk and its cache pass reuse them), so positions never exceed
+1 + sink + window + chunk frames however long the stream runs.
 TwinCache: each history chunk keeps a noisy cache (its keys/values at denoising step
 `noisy_step`) and a clean cache (one extra pass over the final state at t = 0); intermediate steps
 attend to the noisy cache, the final step to the clean one. `twin=False` is the single clean cache.
@@ -273,7 +274,8 @@ class StreamEngine:
         if buf.fixed_frames == 0:                     # the reference context, built once
             buf.write_fixed(self._ref_kv(inputs))
         ctx_clean, frame_pos = buf.context("clean")
-        ctx_noisy = buf.context("noisy")[0] if self.st.twin else ctx_clean
+        ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
+        ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if self.st.twin else ctx_clean
         result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
                                          self.st.noisy_step if self.st.twin else None, self._renoise)
         clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
