@@ -8,11 +8,10 @@ becomes a status=error row; `crash_rows` is the row for an item whose worker die
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
-
-import av
 
 from manifests.schemas import SCHEMAS, empty_row
 
@@ -71,9 +70,10 @@ def safe_process(stage: Stage, item: dict) -> list[dict]:
     try:
         out = stage.process(item)
         return out if isinstance(out, list) else [out]
-    except av.error.ExitError:  # PyAV reports a Ctrl-C that arrived inside FFmpeg this way
-        raise KeyboardInterrupt from None
     except Exception as e:  # recorded on the row, never raised through the run
+        av = sys.modules.get("av")  # PyAV reports a Ctrl-C that arrived inside FFmpeg as ExitError
+        if av is not None and isinstance(e, av.error.ExitError):
+            raise KeyboardInterrupt from None
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
         row = stage.error_row(item, msg)
         row.update(status="error", error=msg)
