@@ -10,6 +10,7 @@ Random weights are fine for throughput: the work per chunk does not depend on th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -32,8 +33,13 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def build(preset_name: str, height: int, width: int, dev, dtype):
+AVATAR_AUDIO = dict(audio_dim=80, audio_context=(2, 1))   # the product's speech adapter (models/config.py presets)
+
+
+def build(preset_name: str, height: int, width: int, dev, dtype, audio: bool = False):
     cfg = preset(preset_name).replace(height=height, width=width)
+    if audio and not cfg.dit.audio_dim:
+        cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, **AVATAR_AUDIO))
     with torch.device(dev):
         model = DiT(cfg.dit).to(dtype).eval()
         decoder = TAEHV().to(dtype).eval()
@@ -99,6 +105,8 @@ def main() -> None:
     ap.add_argument("--long-seconds", type=float, default=300.0, help="video length of the long run (first size)")
     ap.add_argument("--long-chunk-frames", type=int, default=3)
     ap.add_argument("--short", action=argparse.BooleanOptionalAction, default=True, help="run the short configurations")
+    ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
+                    help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -106,7 +114,7 @@ def main() -> None:
     results = []
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     for w, h in sizes:
-        cfg, model, decoder = build(args.preset, h, w, dev, dtype)
+        cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter)
         for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
             for twin in (True, False):
                 st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=twin)
@@ -127,7 +135,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "preset": args.preset,
                                "results": results}, indent=1))
-    print(f"\n{args.preset} on {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
+    print(f"\n{args.preset}{' + speech adapter' if args.audio_adapter else ''} on {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
           else f"\n{args.preset} on cpu")
     print(f"{'run':6} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'first10%':>9} {'last10%':>8} {'mem GiB':>8}")
