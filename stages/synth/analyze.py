@@ -6,6 +6,7 @@ from scipy import ndimage
 
 from stages.synth.render import render_clip
 from stages.synth.world import (
+    BROW_SHADE,
     EYE_WHITE,
     HAND_RAISE,
     HAND_REACH,
@@ -110,7 +111,7 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     out["opening"], out["width"] = opening / a0, a / a0
     out["smile"] = lift / (0.3 * a) if a > 0 else 0.0
 
-    plain = _face_colours(idt) + [shade(idt.skin, 0.5), idt.hair, PUPIL, OUTLINE]
+    plain = _face_colours(idt) + [shade(idt.skin, 0.5), idt.hair, shade(idt.hair, BROW_SHADE), PUPIL, OUTLINE]
     up = max(int(np.floor(split)), 0)
     cls = np.where(inner[:up], _nearest(fc[:up], plain + [EYE_WHITE, idt.eyes]), 0)
     out["eyes"] = (cls >= len(plain)).sum() / (np.pi * (idt.eye_size * W) ** 2)

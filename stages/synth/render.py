@@ -19,6 +19,7 @@ from stages.synth.world import (
     NECK_LEN,
     NOD_DROP,
     NOD_FEATURES,
+    BROW_SHADE,
     OUTLINE,
     PUPIL,
     PUPIL_R,
@@ -80,6 +81,18 @@ def coverage(X: np.ndarray, Y: np.ndarray, e: Ellipse) -> tuple[np.ndarray, np.n
     return alpha, q
 
 
+def _box(e: Ellipse) -> tuple[int, int, int, int]:
+    """Frame pixel rows [i0, i1) and columns [j0, j1) that `e` may cover in any of its frames."""
+    angle = np.abs(np.asarray(e.angle, np.float64))
+    c, s = np.cos(angle), np.sin(angle)
+    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
+    bend = np.abs(np.asarray(e.bend, np.float64))
+    rx = np.hypot(a * c, b * s) + bend * s + 1.5
+    ry = np.hypot(a * s, b * c) + bend + 1.5
+    return (int(np.floor(np.min(e.y - ry))), int(np.max(e.y + ry)) + 2, int(np.floor(np.min(e.x - rx))),
+            int(np.max(e.x + rx)) + 2)
+
+
 def paint(buf: np.ndarray, origin: tuple[int, int], e: Ellipse, colour, shade: float = 0.0,
           within: Ellipse | None = None, hole: Ellipse | None = None, ymin=None, ymax=None, weight=None,
           mask: np.ndarray | None = None, grow: float = 0.0) -> None:
@@ -93,16 +106,10 @@ def paint(buf: np.ndarray, origin: tuple[int, int], e: Ellipse, colour, shade: f
         grown = e._replace(a=np.asarray(e.a) + grow, b=np.asarray(e.b) + grow)
         paint(mask, origin, grown, (1.0,), 0.0, within, hole, ymin, ymax, weight)
     x0, y0 = origin
-    angle = np.abs(np.asarray(e.angle, np.float64))
-    c, s = np.cos(angle), np.sin(angle)
-    a, b = np.asarray(e.a, np.float64), np.asarray(e.b, np.float64)
-    bend = np.abs(np.asarray(e.bend, np.float64))
-    rx = np.hypot(a * c, b * s) + bend * s + 1.5
-    ry = np.hypot(a * s, b * c) + bend + 1.5
-    i0 = max(int(np.floor(np.min(e.y - ry))) - y0, 0)
-    i1 = min(int(np.max(e.y + ry)) + 2 - y0, buf.shape[1])
-    j0 = max(int(np.floor(np.min(e.x - rx))) - x0, 0)
-    j1 = min(int(np.max(e.x + rx)) + 2 - x0, buf.shape[2])
+    i0, i1, j0, j1 = 0, buf.shape[1], 0, buf.shape[2]
+    for f in (e, within) if within is not None else (e,):  # the box of e (and of within: coverage is their min)
+        fi0, fi1, fj0, fj1 = _box(f)
+        i0, i1, j0, j1 = max(i0, fi0 - y0), min(i1, fi1 - y0), max(j0, fj0 - x0), min(j1, fj1 - x0)
     if ymin is not None:
         i0 = max(i0, int(np.min(ymin)) - 1 - y0)
     if ymax is not None:
@@ -241,8 +248,8 @@ def _eyes(cv: Canvas, idt: Identity, st: State, p: _Pose) -> None:
         open_ = eh > 0.25
         if idt.style != "animal":
             brow_w, brow_h = (1, 0.045) if idt.style == "human" else (0.8, 0.028)
-            cv(Ellipse(ex, ey - idt.brow_gap * H, brow_w * ew, brow_h * H, side * idt.brow_tilt, -0.02 * H), idt.hair,
-               "eyes")
+            cv(Ellipse(ex, ey - idt.brow_gap * H, brow_w * ew, brow_h * H, side * idt.brow_tilt, -0.02 * H),
+               shade(idt.hair, BROW_SHADE), "eyes")
         lid = shade(idt.skin, 0.5) if idt.style != "anime" else OUTLINE
         cv(Ellipse(ex, ey, 1.1 * ew, 1.05 * eh + 0.07 * eh_full + 0.6), lid, "eyes")
         if not open_.any():

@@ -31,6 +31,7 @@ MOUTH_REST, MOUTH_OPEN = 0.1, 0.3  # inner mouth half-height = mouth half-width 
 ROUND_NARROW, ROUND_TALL = 0.35, 0.3  # rounding r: mouth width x (1 - NARROW (r - REST_ROUND)), height x (1 + TALL (r - REST_ROUND))
 EYE_ASPECT, PUPIL_R = 0.6, 0.25  # eye half-height / half-width; pupil radius / eye half-height
 OUTLINE: RGB = (34, 26, 30)  # anime line art
+BROW_SHADE = 0.6  # brows are the hair colour darkened to this: contrast where face detectors look
 FACE_HEIGHT = (0.45, 0.55)  # the head (chin to crown) spans this share of the frame height (dlib HOG finds it)
 STYLES = {"human": 0.5, "anime": 0.25, "animal": 0.25}  # character styles and how often random_identity draws them
 
@@ -177,7 +178,8 @@ def random_identity(rng: np.random.Generator, style: str | None = None) -> Ident
         lips = tuple(int(round(0.6 * s + 0.4 * c)) for s, c in zip(skin, (175, 45, 65) if style == "human" else (150, 30, 50)))
     irises = {"human": IRIS_COLOURS, "anime": ANIME_IRIS, "animal": ANIMAL_IRIS}[style]
     eyes = _pick(rng, irises, 12, [(skin, far), (EYE_WHITE, 90), (PUPIL, 45), (MOUTH, 45), (hair, 45),
-                                   (shade(skin, 0.5), 45), (muzzle, 45), (OUTLINE, 45), (lips, 45)])
+                                   (shade(skin, 0.5), 45), (muzzle, 45), (OUTLINE, 45), (lips, 45),
+                                   (shade(hair, BROW_SHADE), 45)])
     shirt = _pick(rng, [(128, 128, 128)], 127, [(skin, 2.5 * tol), (hair, 60), (muzzle, 40)])
     u = rng.uniform
     common = dict(skin=skin, hair=hair, eyes=eyes, shirt=shirt, lips=lips, style=style, muzzle=muzzle, nose=nose,
