@@ -147,7 +147,8 @@ class Block(nn.Module):
             self.audio_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
 
     def forward(self, x, e, rope, mask, text, audio, ctx):
-        """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim];
+        """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim] or
+        per frame [B, F, Lt, dim];
         audio: (tokens [B, Fa, W*K, dim], rope) — each of the last Fa frames' window of speech tokens
         — or None; ctx: (k, v, cos, sin) or None."""
         B, F, S, dim = x.shape
@@ -155,7 +156,11 @@ class Block(nn.Module):
         h = self.norm1(x).float() * (1 + m[1]) + m[0]
         y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx)
         x = x + y.unflatten(1, (F, S)).float() * m[2]
-        x = x + self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S)).float()
+        if text.ndim == 4:                      # a text per frame: each frame reads its own
+            y = self.cross_attn.cross_attend(self.norm3(x).flatten(0, 1), text.flatten(0, 1)).unflatten(0, (B, F))
+        else:
+            y = self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S))
+        x = x + y.float()
         if audio is not None:
             audio, audio_rope = audio
             Fa = audio.shape[1]
@@ -300,7 +305,8 @@ class DiT(nn.Module):
                 kv: KV | None = None, frame_pos=None, return_kv: bool = False) -> DiTOutput:
         """
         x: [B, C, F, H, W] noisy video latent; t: [B] or [B, F] timesteps (0..1000);
-        context: [B, L, text_dim] text features; audio: [B, before + F + after, K, audio_dim] speech
+        context: [B, L, text_dim] text features, or [B, F, L, text_dim] a text per frame (the
+        instruction in force at each frame; the ref frame reads the first frame's); audio: [B, before + F + after, K, audio_dim] speech
         features of x's frames with the speech context the model hears (cfg.audio_context; models/audio.py);
         audio_latent: [B, F, Na, Ca] noisy joint audio latent (required when the model has the branch);
         ref: [B, C, 1, H, W] clean reference latent, put first (t = 0, frame position 0);
@@ -341,7 +347,14 @@ class DiT(nn.Module):
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 
         e, e0 = self.embed_time(t)
-        text = self.embed_text(context)
+        if context.ndim == 4:
+            if context.shape[1] != F:
+                raise ValueError(f"per-frame text covers {context.shape[1]} frames; the latent has {F}")
+            text = self.embed_text(context.flatten(0, 1)).unflatten(0, (B, F))
+            if n_ref:
+                text = torch.cat([text[:, :1].expand(-1, n_ref, -1, -1), text], 1)
+        else:
+            text = self.embed_text(context)
         audio_tokens = None
         if audio is not None and cfg.audio_dim:
             audio_tokens = self.embed_audio(audio, F, x.device)

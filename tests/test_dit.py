@@ -189,6 +189,30 @@ def test_audio_adapter_hears_its_speech_in_order_within_a_bounded_context():
         m(**dict(inp, audio=inp["audio"][:, :4]))
 
 
+def test_a_text_per_frame_equals_chunk_by_chunk_calls_with_each_chunks_text():
+    """Per-chunk instructions in training: a block-causal forward where each chunk reads its own text
+    equals streaming the chunks one by one, each with its text (the ref frame reads the first one's);
+    one text repeated on every frame equals the shared-text forward."""
+    m = tiny_model()
+    inp = tiny_inputs(F=4, B=1)
+    g = torch.Generator().manual_seed(5)
+    texts = [inp["context"], torch.randn(1, 7, TINY.dit.text_dim, generator=g)]   # chunk 0, chunk 1
+    per_frame = torch.stack([texts[0][:, :]] * 2 + [texts[1]] * 2, 1)            # [B, F, L, D]
+    with torch.no_grad():
+        whole = m(**dict(inp, context=per_frame), mask="causal", chunk_frames=2)
+        first = m(inp["x"][:, :, :2], inp["t"][:, :2], texts[0], audio=speech(inp["audio"], 0, 2),
+                  audio_latent=inp["audio_latent"][:, :2], ref=inp["ref"], return_kv=True, mask="full")
+        second = m(inp["x"][:, :, 2:], inp["t"][:, 2:], texts[1], audio=speech(inp["audio"], 2, 4),
+                   audio_latent=inp["audio_latent"][:, 2:], kv=first.kv)
+        shared = m(**inp, mask="causal", chunk_frames=2)
+        repeated = m(**dict(inp, context=torch.stack([texts[0]] * 4, 1)), mask="causal", chunk_frames=2)
+    assert rel(torch.cat([first.video, second.video], 2), whole.video) < 1e-5
+    assert rel(repeated.video, shared.video) < 1e-6
+    assert rel(whole.video[:, :, 2:], shared.video[:, :, 2:]) > 1e-3        # the second text acts
+    with pytest.raises(ValueError, match="per-frame text covers 3 frames"):
+        m(**dict(inp, context=per_frame[:, :3]))
+
+
 def test_new_branches_start_as_identity_and_wan_models_have_none():
     torch.manual_seed(0)
     m = DiT(TINY.dit).eval()
