@@ -1,4 +1,10 @@
-"""Samples and datasets of the synthetic world: `make_sample(seed)` and the `vidu synth` stage."""
+"""Samples and datasets of the synthetic world: `make_sample(seed)` and the `vidu synth` stage.
+
+    s = make_sample(7, seconds=8.0, style="anime", masks=True)   # 201 frames at 256 x 256 and ground truth
+    s.events   # [Event(onset, start = onset + INSTRUCTION_DELAY, end, text)]: timed instructions
+    s.truth()  # JSON-ready: identity, scene, events, speech segments, visemes, per-frame tracks
+
+Speed: 0.9-1.7 8-second clips per second per CPU core at 256 x 256 (stages/synth/render.py)."""
 from __future__ import annotations
 
 import json
