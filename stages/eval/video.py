@@ -247,7 +247,7 @@ def _score(small: np.ndarray, sel: np.ndarray, n_grid: int, wave: np.ndarray | N
     """Scores of the analysis-size frames `small` at the grid positions `sel` of an n_grid-frame
     video; `grid()` gives all grid frames at native size (instruction scoring only)."""
     pieces = runs(sel)
-    tracks = [track_face(small[r]) for r in pieces]
+    tracks = [track_face(small[r], small_faces=True) for r in pieces]
     landmarks = np.concatenate([t.landmarks for t in tracks])
     boxes = [b for t in tracks for b in t.boxes]
     found = np.concatenate([t.found[t.detected] for t in tracks])
