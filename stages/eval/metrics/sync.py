@@ -42,7 +42,7 @@ offsets of the derived shapes against their own audio:
 Own audio: |offset| <= 1 on all five. The 0.5 s delay (12.5 frames) moves the peak by 12 or 13 on all
 five, so it reads 12-13 where the own offset reads 0 or +1 (clips 3-5), and 11 / 14 on clips 1 / 2:
 searched in 10 ms steps, those two sit at -1.5 / +1.25 frames (delayed +11.25 / +13.5); the five
-shifts measure 12.0-12.75 frames, so what is off there is the clip (or the proxy's reading of that
+shifts measure 12.25-12.75 frames, so what is off there is the clip (or the proxy's reading of that
 speaker), not the lag search. Derived shapes: within 1 frame of the original on all 15; clip 1's
 -1.5 rounds to -2 in all three. Every clip's video against each of the 4 other clips' audio (20
 pairs): confidence lower and distance higher than with its own audio in 20 of 20, though by as little
