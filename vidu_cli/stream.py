@@ -19,6 +19,7 @@ def stream(
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
+    commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,
     ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint; the settings it records are the defaults below (default: the preset with random weights).")] = None,
     preset: Annotated[str, typer.Option(help="Architecture when no checkpoint is given: tiny | small | wan2.1-1.3b.")] = "tiny",
     instruction: Optional[str] = option(SessionOptions, "instruction", "Initial text instruction (type new ones on stdin)."),
@@ -47,15 +48,17 @@ def stream(
     Example: vidu stream --image cat.png --audio speech.wav --out cat.mp4
     Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --out face.mp4
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
+    Example: vidu stream --image face.png --audio talk.wav --commands talk.wav --out face.mp4
     """
     from stages.stream.events import EventQueue
     from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
                                        stop_on_signals, summary_json)
 
-    events, source = EventQueue(), None
+    events, source, heard, voice = EventQueue(), None, None, None
     try:
         with stop_on_signals():
             opts = SessionOptions.for_inputs(audio, serve is not None, seconds, realtime, instruction, audio_out)
+            commands = _commands_source(commands, audio, serve)
             check_outputs(out, serve, summary)                     # before the model loads
             dev, dtype = pick_device(device)
             given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
@@ -63,13 +66,22 @@ def stream(
             parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
             for note in parts.notes:
                 err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            from stages.stream.io import open_audio
+            if commands is not None:
+                from stages.stream.commands import VoiceCommands
+                fps = parts.cfg.audio.fps
+                voice = VoiceCommands(events, live=commands in ("mic", "page"), fps=fps,
+                                      chunk_s=parts.cfg.audio.video_frames_per_latent * parts.engine.st.chunk_frames / fps)
             if audio is not None:
-                from stages.stream.io import open_audio
-                source = open_audio(audio, events, realtime=opts.realtime)
+                source = open_audio(audio, voice.tap(events) if commands == audio else events, realtime=opts.realtime)
+            if commands not in (None, "page", audio):
+                heard = open_audio(commands, voice.tap(), realtime=opts.realtime)
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
-            sinks = open_outputs(out, serve, parts.cfg, events)
+            sinks = open_outputs(out, serve, parts.cfg, voice.tap(events) if commands == "page" else events)
+            if voice is not None and not voice.live:
+                sinks.append(voice)                                # paces commands by the stream's clock
             _announce(sinks, parts.cfg)
             with _live(quiet) as show:
                 result = run_session(parts, events, sinks, opts, live=show)     # closes the sinks
@@ -78,14 +90,34 @@ def stream(
     except KeyboardInterrupt as e:                  # before the session started: nothing to finalise
         raise typer.Exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)) from None
     finally:
-        if source is not None:
-            source.close()
+        for src in (source, heard, voice):
+            if src is not None:
+                src.close()
+    if voice is not None:
+        result["voice_commands"] = voice.log
+        if voice.error:
+            result["notes"] = [*result.get("notes", []), voice.error]
     if summary:
         summary.write_text(json.dumps(result, indent=1, default=str))
     if not quiet:
         err.print(summary_json(result), highlight=False, soft_wrap=True)
     if result["reason"] in ("interrupted", "terminated"):
         raise typer.Exit(128 + (signal.SIGTERM if result["reason"] == "terminated" else signal.SIGINT))
+
+
+def _commands_source(commands: str | None, audio: str | None, serve: str | None) -> str | None:
+    """--commands resolved: None (off), "mic", "page", "-" or a file path; ValueError when unusable."""
+    if commands is None:
+        return "mic" if audio == "mic" else "page" if serve and audio is None else None
+    if commands == "none":
+        return None
+    if commands == "page" and not serve:
+        raise ValueError("--commands page needs --serve HOST:PORT (the page's push-to-talk)")
+    if commands == "-" and audio != "-":
+        raise ValueError("--commands - reads stdin, which is only audio with --audio - (stdin otherwise carries typed instructions)")
+    if commands not in ("mic", "page", "-") and not Path(commands).is_file():
+        raise ValueError(f"cannot read commands from {commands}: no such file")
+    return commands
 
 
 def _announce(sinks: list, cfg) -> None:
