@@ -61,7 +61,7 @@ def test_same_seed_same_sample_and_shapes():
 def test_timed_instructions_drive_their_tracks_after_the_delay_and_label_their_frames():
     for seed in range(20):
         s = make_sample(seed, seconds=6, width=64, height=64)
-        assert s.actions == [(e.start, e.end, e.text) for e in s.events]
+        assert s.actions == [(e.onset, e.end, e.text) for e in s.events]
         t = np.arange(len(s.frames)) / s.fps
         for e in s.events:
             assert 0 <= e.onset < e.start < e.end <= len(s.frames) / s.fps and e.text in ACTIONS

@@ -45,7 +45,7 @@ class Sample:
     frames: np.ndarray  # [T, H, W, 3] uint8
     audio: np.ndarray  # [T * SR / fps] float32, 16 kHz mono
     tracks: dict[str, np.ndarray]  # State field -> [T] float32
-    actions: list[tuple[float, float, str]]  # (action start s, end s, instruction)
+    actions: list[tuple[float, float, str]]  # (instruction onset s, action end s, instruction), one per event
     instructions: list[str]  # [T] instruction in force (from its onset to its action's end), "" for none
     speech: list[tuple[float, float]]  # utterance intervals, s
     masks: dict[str, np.ndarray] | None = None  # region -> [T, H, W] float32 (render.region_masks), if asked for
@@ -71,15 +71,33 @@ class Sample:
 def render_sample(seed: int, identity: Identity, scene: Scene, speech: Speech, events: list[Event], T: int,
                   r_motion: np.random.Generator, width: int, height: int, fps: int, masks: bool = False) -> Sample:
     """The sample of this character, speech and timed instructions: tracks animated, frames drawn."""
-    actions = [(e.start, e.end, e.text) for e in events]
     mouth = mouth_tracks(speech, T, fps)
-    tracks = animate(r_motion, T, fps, mouth["mouth"], actions, mouth["round"])
+    tracks = animate(r_motion, T, fps, mouth["mouth"], [(e.start, e.end, e.text) for e in events], mouth["round"])
     frames, regions = render_clip(identity, tracks, width, height, scene, masks=True) if masks else (
         render_clip(identity, tracks, width, height, scene), None)
     audio = np.zeros(round(T / fps * SR), np.float32)
     audio[:min(len(audio), len(speech.audio))] = speech.audio[:len(audio)]
-    return Sample(seed, fps, identity, scene, frames, audio, tracks, actions, active_instructions(events, T, fps),
+    return Sample(seed, fps, identity, scene, frames, audio, tracks, [(e.onset, e.end, e.text) for e in events],
+                  active_instructions(events, T, fps),
                   list(speech.segments), regions, list(events), speech)
+
+
+SPEECH_MIN_S = 4.0  # shorter clips are cut from a clip of speech this long (sentences outlast a 1 s clip)
+
+
+def _speech(rng: np.random.Generator, duration: float, split: str, real_dir: RealDirs) -> Speech:
+    """`speak` for `duration` s; under SPEECH_MIN_S, a window of a SPEECH_MIN_S clip, at a random offset."""
+    if duration >= SPEECH_MIN_S:
+        return speak(rng, duration, split, real_dir)
+    long = speak(rng, SPEECH_MIN_S, split, real_dir)
+    t0 = round(float(rng.uniform(0, SPEECH_MIN_S - duration)) * SR) / SR
+    n = round(duration * SR)
+    a0 = round(t0 * SR)
+    clip = lambda a, b: (round(max(a - t0, 0.0), 4), round(min(b - t0, duration), 4))  # noqa: E731
+    segments = [clip(a, b) for a, b in long.segments if b > t0 and a < t0 + duration]
+    visemes = [(*clip(a, b), v) for a, b, v in long.visemes if b > t0 and a < t0 + duration]
+    return Speech(long.audio[a0:a0 + n], [(a, b) for a, b in segments if b - a > 0.05], visemes, long.source,
+                  long.text)
 
 
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
@@ -94,7 +112,7 @@ def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, s
     identity = random_identity(r_identity, style)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, fps)
-    speech = speak(r_speech, T / fps, split, real_dir)
+    speech = _speech(r_speech, T / fps, split, real_dir)
     return render_sample(seed, identity, scene, speech, random_events(r_actions, T / fps), T, r_motion, width,
                          height, fps, masks)
 

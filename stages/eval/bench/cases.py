@@ -158,11 +158,11 @@ def _write_mp4(path: Path, frames: np.ndarray, wave: np.ndarray) -> None:
 
 
 def _with_speech(base: int, start: int, seconds: float) -> tuple[int, list[float]]:
-    """The first seed base + j (j >= start) whose clip has speech, and its mouth track."""
+    """The first seed base + j (j >= start) whose clip moves the mouth, and its mouth track."""
     from stages import synth
     for j in range(start, start + 64):
         s = synth.make_sample(base + j, 64, 64, FPS, seconds, split="eval")
-        if s.speech:
+        if np.std(s.tracks["mouth"]) > 0.05:  # speech that moves the mouth within the clip
             return base + j, [round(float(x), 4) for x in s.tracks["mouth"]]
     raise BenchError("no speaking control case found")  # 64 silent clips in a row: p = 1e-64
 
@@ -173,16 +173,15 @@ def builtin_sample(index: int, size: int, seconds: float):
     later, as long as the clip allows)."""
     from stages.synth.dataset import render_sample
     from stages.synth.speech import speak
-    from stages.synth.world import ACTIONS, event, frame_count, random_identity, random_scene
+    from stages.synth.world import ACTIONS, INSTRUCTION_DELAY, event, frame_count, random_identity, random_scene
     seed = BUILTIN_BASE + index
     r_id, r_scene, r_speech, r_motion = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     identity = random_identity(r_id)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, FPS)
     name = list(ACTIONS)[index % len(ACTIONS)]
-    e = event(0.3, name, float(np.mean(ACTIONS[name].seconds)))
-    if e.end > T / FPS:
-        e = event(0.3, name, T / FPS - e.start)
+    end = min(0.3 + float(np.mean(ACTIONS[name].seconds)), T / FPS)  # told at 0.3 s, done by then + the mean length
+    e = event(0.3, name, end - 0.3 - INSTRUCTION_DELAY)
     events = [e] if e.end - e.start >= 0.3 else []
     return render_sample(seed, identity, scene, speak(r_speech, T / FPS, "eval"), events, T, r_motion, size, size, FPS)
 
@@ -235,8 +234,7 @@ class BenchSamples(Stage):
         os.replace(tmp, stem.with_suffix(".json"))
         return base_row("bench_samples", id=item["id"], bench=self.bench, image=str(stem.with_suffix(".png")),
                         audio=str(stem.with_suffix(".wav")), instruction=s.events[0].text if s.events else "",
-                        events=json.dumps([[e.onset, e.end, e.text] for e in s.events]),
-                        video=str(stem.with_suffix(".mp4")),
+                        events=json.dumps([list(a) for a in s.actions]), video=str(stem.with_suffix(".mp4")),
                         truth=str(stem.with_suffix(".json")), seed=s.seed, control_seed=control_seed,
                         seconds=len(s.audio) / 16000, source="builtin" if item["kind"] == "builtin" else "synth")
 

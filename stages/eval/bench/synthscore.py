@@ -109,9 +109,7 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
     m = analyze(frames, identity)
     gt = np.asarray(truth["tracks"]["mouth"], np.float64)[:T]
     measured = _finite(m["mouth"])
-    events = [(float(on), float(end), str(n)) for on, _, end, n in truth["events"]] if "events" in truth else [
-        (float(a), float(b), str(n)) for a, b, n in truth["actions"]]  # (onset, end, text); older truth: onset = start
-    events = [e for e in events if e[0] < T / fps]
+    events = [(float(a), float(b), str(n)) for a, b, n in truth["actions"] if a < T / fps]  # (onset, end, text)
     out = {"mouth_r": pearson(measured, gt),
            "mouth_r_control": None if control_mouth is None else pearson(measured, control_mouth[:T]),
            "identity_error": identity_error(m, identity) if m["found"].any() else None}

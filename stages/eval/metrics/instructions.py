@@ -2,9 +2,9 @@
 
 Events: a list of {"t": seconds, "action": name} or {"t": seconds, "text": "please nod"} (the text
 names one of stages.synth.ACTIONS; another text is class "unknown"), or a synthetic sample's truth
-JSON (`vidu synth`: "identity" and "events" [[onset, action start, end, name], ...]: the instruction
-is given at the onset, the action starts stages.synth.world.INSTRUCTION_DELAY later; older truth
-has only "actions" [[start, end, name], ...], onsets = starts).
+JSON (`vidu synth`: "identity" and "actions" [[onset, end, name], ...]: the instruction is given at
+the onset and its action, over at the end, starts stages.synth.world.INSTRUCTION_DELAY later, as its
+"events" [[onset, action start, end, name], ...] say).
 
 Synthetic avatar world (an identity is known): stages.synth.analyze reads eyes, yaw, pitch, smile and
 hand back from the pixels; a class is active on a frame when (measured on 12 rendered samples, actions
@@ -47,9 +47,7 @@ def parse_events(spec) -> tuple[list[tuple[float, str]], list[float | None], dic
     identity = None
     if isinstance(spec, dict):
         identity = spec.get("identity")
-        if "events" in spec and identity is not None:  # synthetic truth: [onset, action start, end, text]
-            spec = [{"t": e[0], "end": e[2], "action": e[3]} for e in spec["events"]]
-        elif "actions" in spec:
+        if "actions" in spec:
             spec = [{"t": a[0], "end": a[1], "action": a[2]} for a in spec["actions"]]
         else:
             spec = spec.get("events")
