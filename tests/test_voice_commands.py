@@ -107,3 +107,30 @@ def test_stream_with_spoken_commands(tmp_path):
     span = lambda k: (0.0, 0.04) if k == 0 else (0.04 + 0.16 * (k - 1), 0.04 + 0.16 * k)   # noqa: E731
     assert span(chunk)[0] <= end < span(chunk)[1] + 0.1
     assert [chunk, "turn left"] in s["instructions"]
+
+
+def test_push_to_talk_audio_reaches_the_spotter():
+    import time
+    import urllib.request
+    from stages.stream.commands import VoiceCommands
+    from stages.stream.events import AudioChunk
+    from stages.stream.serve import WebSink
+    audio, _ = _said("en-us+klatt3", "turn left")
+    events = EventQueue()
+    vc = VoiceCommands(events, live=True)
+    web = WebSink("127.0.0.1", 0, vc.tap(events))              # what `vidu stream --serve` does with --commands page
+    try:
+        for i in range(0, len(audio), SR // 2):                # the page posts its speech in pieces
+            body = (np.clip(audio[i:i + SR // 2], -1, 1) * 32767).astype("<i2").tobytes()
+            req = urllib.request.Request(web.url + "audio?format=s16le", data=body)
+            urllib.request.urlopen(req, timeout=5).close()
+        got, deadline = [], time.monotonic() + 30
+        while not any(isinstance(e, Instruction) for e in got) and time.monotonic() < deadline:
+            got += events.drain()
+            time.sleep(0.1)
+    finally:
+        web.close()
+        vc.close()
+    assert Instruction("turn left") in got
+    assert sum(len(e.samples) for e in got if isinstance(e, AudioChunk)) > 0.9 * len(audio)   # the lips still get it
+    assert vc.log[0][0] == "turn left" and vc.log[0][3] is None
