@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.stream.commands import SPOKEN, CommandSpotter, phrases, spot  # noqa: E402
+from stages.stream.commands import SPOKEN, phrases, spot  # noqa: E402
 from stages.synth.speech import INSTRUCTIONS, texts, tts, voices  # noqa: E402
 
 SR = 16000
@@ -160,8 +160,8 @@ def measure(minutes_plain: float = 10.0, per_phrase: int = 6) -> dict:
 
 
 def report(r: dict) -> str:
-    lines = [f"- mixed eval stream: {r['mixed_seconds'] / 60:.1f} min, each spoken form said "
-             f"{sum(v[1] for v in r['detection'].values())} times in all, inside sentences, between non-command sentences"]
+    lines = [(f"- mixed eval stream: {r['mixed_seconds'] / 60:.1f} min, {sum(v[1] for v in r['detection'].values())} "
+              f"commands inside sentences, between non-command sentences")]
     tot = [sum(v[0] for v in r["detection"].values()), sum(v[1] for v in r["detection"].values())]
     lines.append(f"- detection (text right, start within ±{TOLERANCE_S} s): {tot[0]}/{tot[1]} = {tot[0] / tot[1]:.0%}; per action: "
                  + ", ".join(f"{n} {a}/{b}" for n, (a, b) in r["detection"].items()))

@@ -66,7 +66,7 @@ def test_unknown_word_is_refused():
 def test_paced_release_waits_for_the_chunk():
     from stages.stream.commands import VoiceCommands
     from stages.stream.events import AudioChunk, AudioEnd
-    audio, t = _said("en-us+john", "look up")
+    audio, _ = _said("en-us+john", "look up")
     events = EventQueue()
     vc = VoiceCommands(events, live=False, fps=25.0, chunk_s=0.16)
     tap = vc.tap()
@@ -81,7 +81,7 @@ def test_paced_release_waits_for_the_chunk():
             released_after = k + 1                   # chunks written so far
             break
     vc.close()
-    text, start, end, chunk = vc.log[0]
+    text, _, end, chunk = vc.log[0]
     assert text == "look up" and chunk == released_after
     assert (chunk - 1) * 0.16 <= end - 0.16 < chunk * 0.16 + 1e-9       # next chunk [chunk, chunk+1) * 0.16 covers the end
 
@@ -112,6 +112,7 @@ def test_stream_with_spoken_commands(tmp_path):
 def test_push_to_talk_audio_reaches_the_spotter():
     import time
     import urllib.request
+
     from stages.stream.commands import VoiceCommands
     from stages.stream.events import AudioChunk
     from stages.stream.serve import WebSink

@@ -2,8 +2,10 @@
 
 pocketsphinx's wheel ships an English acoustic model and CMUdict; its keyphrase search (kws)
 tracks each command phrase against a phone loop and fires when the phrase's path beats the loop
-by the phrase's threshold, so ongoing speech that is not a command is rejected without a
-language model (the general LM garbles espeak-ng speech: "raise your hand" -> "the old and").
+by the phrase's threshold (no language model: the general one garbles espeak-ng speech, "raise
+your hand" -> "the old and"). Not good enough yet: on held-out espeak-ng speech it finds 7 % of the
+commands and fires 5.6 times per 10 minutes of other speech, more on real speech; no threshold
+separates the two (benchmarks/RESULTS.md, 2026-12-01 voice commands).
 
     spotter = CommandSpotter()                       # the phrases of stages.synth.world.ACTIONS
     for cmd in spotter.feed(samples_16k):            # any chunk size, float32 in [-1, 1]
@@ -180,7 +182,7 @@ class VoiceCommands:
         self._thread = threading.Thread(target=self._run, daemon=True, name="vidu-commands")
         self._thread.start()
 
-    def tap(self, forward: EventQueue | None = None) -> "_Tap":
+    def tap(self, forward: EventQueue | None = None) -> _Tap:
         """An EventQueue stand-in for an audio source (io.open_audio) or the page (WebSink): its
         AudioChunk / AudioEnd events feed the spotter; with `forward` every event also goes on there."""
         return _Tap(self, forward)
