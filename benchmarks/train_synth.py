@@ -1,7 +1,7 @@
 """Stage 1 then stage 2 of the `small` preset on the synthetic avatar world (256x256), on one GPU:
 throughput (samples/s, tokens/s, MFU) and sample quality on held-out synthetic cases.
 
-    python benchmarks/train_synth.py --phase bi --minutes 8        # stage 1, steps fitted to the time
+    python benchmarks/train_synth.py --phase bi --minutes 8 --codec ae.safetensors   # stage 1, steps fitted to the time
     python benchmarks/train_synth.py --phase causal --minutes 6    # stage 2 from stage 1's EMA, then eval
 
 Checkpoints stay under --work (default /tmp/vidu-train, not committed). Videos (ground truth |
@@ -28,9 +28,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.checkpoint import load_dit  # noqa: E402
+from models.checkpoint import load_dit, load_taehv  # noqa: E402
 from models.config import preset  # noqa: E402
-from models.pca_codec import PCACodec  # noqa: E402
+from models.taehv import TAEHV  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
@@ -49,14 +49,14 @@ def flops_per_sample(cfg) -> float:
     return float(linear + attn)
 
 
-RUN = {"preset": "small", "batch": 32, "samples": 2048}
+RUN = {"preset": "small", "batch": 32, "samples": 2048, "codec": None}   # codec: benchmarks/train_autoencoder.py's
 
 
 def settings(phase: str, steps: int, work: Path) -> TrainSettings:
     common = dict(preset=RUN["preset"], batch=RUN["batch"], samples=RUN["samples"], lr=3e-4, warmup=min(100, steps // 5),
                   ema=0.995, save_every=max(50, steps // 4))
     if phase == "bi":
-        return TrainSettings(stage="bidirectional", steps=steps, **common)
+        return TrainSettings(stage="bidirectional", steps=steps, codec=RUN["codec"], **common)
     return TrainSettings(stage="causal", steps=steps, init_from=str(latest(work / "bi") / "ema.safetensors"),
                          objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5), **common)
 
@@ -88,9 +88,10 @@ def run_phase(phase: str, minutes: float, work: Path, out: Path) -> dict:
     return summary
 
 
-def decode(codec: PCACodec, z: torch.Tensor) -> np.ndarray:
-    v = codec.decode(z.float().cpu())[0]                           # [3, T, H, W] in [-1, 1]
-    return ((v.clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+@torch.no_grad()
+def decode(codec: TAEHV, z: torch.Tensor) -> np.ndarray:
+    v = codec.decode_video(z.float().permute(0, 2, 1, 3, 4))[0]   # [T, 3, H, W] in [0, 1]
+    return (v * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def action_score(m_gen: dict, m_gt: dict, sample, name: str) -> bool | None:
@@ -115,7 +116,7 @@ def evaluate(work: Path, out: Path, cases: int = 24) -> dict:
     from models.encoders import TextEncoder, TextTable
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = preset(RUN["preset"])
-    codec = PCACodec.load(work / "bi" / "codec.safetensors")
+    codec = load_taehv(work / "bi" / "codec.safetensors", dev)
     table = os.environ.get("VIDU_TEXT_TABLE")
     enc = TextTable(table) if table else TextEncoder("minilm", max_len=cfg.dit.text_len)
     models = {"bidirectional": load_dit(latest(work / "bi") / "ema.safetensors", device=dev)[0],
@@ -177,8 +178,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2048)
     ap.add_argument("--cases", type=int, default=24)
+    ap.add_argument("--codec", type=Path, help="the autoencoder (default: vidu train's quick one)")
     args = ap.parse_args()
-    RUN.update(preset=args.preset, batch=args.batch, samples=args.samples)
+    RUN.update(preset=args.preset, batch=args.batch, samples=args.samples, codec=str(args.codec) if args.codec else None)
     out = Path(os.environ.get("OUT", "."))
     args.work.mkdir(parents=True, exist_ok=True)
     res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

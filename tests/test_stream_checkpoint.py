@@ -19,18 +19,18 @@ from stages.train.sample import CAUSAL_STEPS, sampling_record
 from tests.conftest import vidu
 
 TINY = PRESETS["tiny"]                   # 5 latent frames, chunks of 1
-PCA = {"kind": "pca", "file": "../codec.safetensors", "channels": 16}
+CODEC = {"kind": "taehv", "file": "../codec.safetensors", "channels": 16}    # and the file's sha256
 
 
-def trained_tiny(noisy_level=0.5, cf=1) -> dict:
-    return sampling_record(TINY.replace(chunk_frames=cf), "causal", SHIFT, cf, noisy_level, PCA)
+def trained_tiny(noisy_level=0.5, cf=1, codec=CODEC) -> dict:
+    return sampling_record(TINY.replace(chunk_frames=cf), "causal", SHIFT, cf, noisy_level, codec)
 
 
 def test_the_record_holds_what_training_saw():
     rec = trained_tiny()
     # ref + sink + window + chunk = 1 + 1 + 3 + 1 = the 1 + 5 positions of a training clip
     assert rec == {"stage": "causal", "shift": SHIFT, "steps": CAUSAL_STEPS, "chunk_frames": 1, "window": 3,
-                   "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": PCA}
+                   "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": CODEC}
     assert sigmas(CAUSAL_STEPS)[14] <= 0.5 < sigmas(CAUSAL_STEPS)[13]     # the first step at most tau_max
     assert trained_tiny(noisy_level=None)["twin"] is False             # teacher forcing only: clean history
     two = trained_tiny(cf=2)                                           # 5 frames: no room for a sink of 2
@@ -73,10 +73,13 @@ def causal_ckpt(tmp_path_factory) -> Path:
 
 
 def test_training_writes_the_record(causal_ckpt):
-    assert checkpoint_sampling(causal_ckpt) == trained_tiny()
-    assert checkpoint_sampling(causal_ckpt.with_name("model.safetensors")) == trained_tiny()
+    import hashlib
+    codec_file = (causal_ckpt.parent / CODEC["file"]).resolve()
+    assert codec_file.is_file()                           # no --codec: a quick one trained first
+    codec = {**CODEC, "sha256": hashlib.sha256(codec_file.read_bytes()).hexdigest()[:16]}
+    assert checkpoint_sampling(causal_ckpt) == trained_tiny(codec=codec)
+    assert checkpoint_sampling(causal_ckpt.with_name("model.safetensors")) == trained_tiny(codec=codec)
     assert checkpoint_config(causal_ckpt).chunk_frames == 1
-    assert (causal_ckpt.parent / PCA["file"]).resolve().is_file()
 
 
 def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path):
@@ -88,13 +91,13 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": SHIFT, "window": 3, "sink": True,
                                    "twin": True, "noisy_step": 14}
-    assert "random weights" not in res.stderr             # its weights, and the PCA codec it was trained on
+    assert "random weights" not in res.stderr             # its weights, and the autoencoder it was trained with
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9
 
     for flags, message in [(["--chunk-frames", "2"], "trained with chunks of 1 latent frames"),
                            (["--window", "8"], "training saw 6 (window <= 3)"),
-                           (["--decoder-weights", str(tmp_path / "face.png")], "trained on PCA-codec latents")]:
+                           (["--decoder-weights", str(tmp_path / "face.png")], "trained with its own autoencoder")]:
         bad = vidu("stream", "--image", str(tmp_path / "face.png"), "--ckpt", str(causal_ckpt), "--out",
                    str(tmp_path / "bad.mp4"), *flags, check=False)
         assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
@@ -103,19 +106,8 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
         assert not (tmp_path / "bad.mp4").exists()
 
 
-def test_pca_stream_decoder_equals_decoding_the_whole_latent():
-    import torch
-    from models.pca_codec import PCACodec
-    from stages.stream.decoders import PCADecoder
-    g = torch.Generator().manual_seed(0)
-    video = torch.rand(2, 3, 13, 16, 24, generator=g) * 2 - 1                 # 1 + 4 * 3 frames
-    codec = PCACodec.fit(video, channels=8)
-    dec = PCADecoder(codec)
-    z = dec.encode_video((video.permute(0, 2, 1, 3, 4) + 1) / 2)                # [2, 4, 8, 2, 3]
-    assert tuple(z.shape) == (2, 4, 8, 2, 3)
-    whole = ((codec.decode(z.permute(0, 2, 1, 3, 4)) + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
-    stream = dec.stream_decoder()
-    parts = [stream.push(z[:, :2]), stream.push(z[:, 2:3]), stream.push(z[:, 3:])]
-    assert [p.shape[1] for p in parts] == [5, 4, 4]                           # 1 + 4, then 4 a latent frame
-    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-6)
-    assert not torch.allclose(torch.cat([parts[0], parts[2], parts[1]], 1), whole, atol=1e-3)   # order matters
+def test_a_checkpoint_of_the_pca_codec_is_refused_in_one_line():
+    from stages.stream.decoders import load_codec
+    with pytest.raises(StreamError, match="PCA-codec latents, which vidu no longer decodes") as e:
+        load_codec("old/step-000300/ema.safetensors", {"codec": {"kind": "pca", "file": "../codec.safetensors"}}, None)
+    assert "\n" not in str(e.value)

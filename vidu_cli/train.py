@@ -1,4 +1,5 @@
-"""`vidu train`: train a teacher stage on the synthetic avatar world or embedded samples (stages/train/)."""
+"""`vidu train`: train the video autoencoder or a teacher stage on the synthetic avatar world or
+embedded samples (stages/train/)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from stages.train.autoencoder import AutoencoderSettings
 from stages.train.loop import TrainSettings
 from stages.train.objectives import ObjectiveSettings
 from vidu_cli.options import Quiet, Workdir, option
@@ -14,11 +16,13 @@ from vidu_cli.report import clean_errors, err
 
 
 def train(
-    stage: str = option(TrainSettings, "stage", "Which teacher stage: bidirectional (stage 1) or causal (stage 2).", default=...),
+    stage: str = option(TrainSettings, "stage", "What to train: the video autoencoder, the bidirectional teacher (stage 1) or the causal one (stage 2).", default=...),
     out: Annotated[Path, typer.Option(help="Folder for checkpoints, codec, loss.jsonl and loss.png (re-run to resume).")] = ...,
     from_: Optional[Path] = option(TrainSettings, "init_from", "Start from this checkpoint (stage 2: the bidirectional teacher).", "--from", show_default=False),
+    codec: Optional[Path] = option(TrainSettings, "codec", "Teachers: the video autoencoder coding the frames (an autoencoder run's ema.safetensors); default: the --from checkpoint's, else a quick one trained first.", show_default=False),
     preset: str = option(TrainSettings, "preset", "Model preset (tiny and small are trained on the synthetic avatar world)."),
     steps: int = option(TrainSettings, "steps", "Optimisation steps in total."),
+    minutes: Optional[float] = option(TrainSettings, "minutes", "Stop with a checkpoint after this much training time (re-run to continue).", show_default=False),
     batch: int = option(TrainSettings, "batch", "Global batch (split across torchrun processes)."),
     lr: float = option(TrainSettings, "lr", "Peak learning rate (AdamW)."),
     warmup: int = option(TrainSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -35,12 +39,19 @@ def train(
     chunk_frames: Optional[int] = option(ObjectiveSettings, "chunk_frames", "Stage 2: latent frames per causal chunk (default: the preset's).", show_default=False),
     tau_dist: str = option(ObjectiveSettings, "tau_dist", "Stage 2: history noise distribution."),
     tau_max: float = option(ObjectiveSettings, "tau_max", "Stage 2: largest history noise level."),
+    region_weight: float = option(AutoencoderSettings, "region_weight", "Autoencoder: loss weight of mouth, eye and hand pixels."),
+    face_weight: float = option(AutoencoderSettings, "face_weight", "Autoencoder: loss weight of the rest of the face."),
+    temporal_weight: float = option(AutoencoderSettings, "temporal_weight", "Autoencoder: weight of the frame-difference loss."),
+    frames: Optional[int] = option(AutoencoderSettings, "frames", "Autoencoder: frames per training clip, 1 + 4k (default: the preset's clip).", show_default=False),
+    workers: Annotated[int, typer.Option(min=0, help="Processes rendering training data (teachers: the whole set up front).")] = 0,
     workdir: Workdir = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train a teacher stage on the synthetic avatar world; re-running the same command resumes.
+    """Train the video autoencoder or a teacher stage on the synthetic avatar world; re-running the same
+    command resumes.
 
-    Example: vidu train --stage bidirectional --preset tiny --out runs/bi --steps 300
+    Example: vidu train --stage autoencoder --preset small --out runs/ae --steps 3000 --minutes 9 --workers 14
+    Example: vidu train --stage bidirectional --preset tiny --out runs/bi --steps 300 --codec runs/ae/step-003000/ema.safetensors
     Example: vidu train --stage causal --from runs/bi/step-000300/ema.safetensors --out runs/causal
     Example: vidu train --stage bidirectional --preset tiny --data $(vidu embed --from captioned.parquet) --out runs/real
     Example: torchrun --nproc-per-node 2 $(which vidu) train --stage bidirectional --out runs/bi2
@@ -51,11 +62,14 @@ def train(
         st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, lr=lr, warmup=warmup,
                            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, grad_ckpt=grad_ckpt,
                            save_every=save_every, seed=seed, samples=samples, data=str(data) if data else None,
-                           init_from=str(from_) if from_ else None,
+                           init_from=str(from_) if from_ else None, codec=str(codec) if codec else None,
+                           minutes=minutes,
                            objective=ObjectiveSettings(shift=shift, p_teacher_forcing=p_teacher_forcing,
-                                                       chunk_frames=chunk_frames, tau_dist=tau_dist, tau_max=tau_max))
+                                                       chunk_frames=chunk_frames, tau_dist=tau_dist, tau_max=tau_max),
+                           autoencoder=AutoencoderSettings(region_weight=region_weight, face_weight=face_weight,
+                                                           temporal_weight=temporal_weight, frames=frames))
         with _Progress(quiet, steps) as progress:
-            summary = run_train(st, out, workspace(workdir), progress)
+            summary = run_train(st, out, workspace(workdir), progress, prefetch=workers)
     import os
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))

@@ -1,68 +1,43 @@
 """The latent codec of a stream: what encodes the reference image and decodes generated chunks.
 
-A checkpoint trained on PCA-codec latents (stages/train/data.py) records its codec file in its
-"sampling" metadata; `PCADecoder` puts that codec behind the interface the session uses for TAEHV
-(models/taehv.py):
+Always a TAEHV (models/taehv.py): the autoencoder a checkpoint was trained with (stages/train/, the
+file its "sampling" metadata names beside it, e.g. ../codec.safetensors), taew2_1 weights given as
+--decoder-weights for Wan-latent models, or random weights when there is neither. The session uses
 
     dec.config.latent_channels
     dec.encode_video(frames)        # [N, T, 3, H, W] in [0, 1] -> [N, T', C, H/8, W/8]
     dec.stream_decoder().push(z)    # [N, t, C, h, w] -> the frames they complete, [N, T, 3, H, W] in [0, 1]
 
-The PCA codec codes each latent frame on its own (the first frame alone, every later one from a group
-of 4 frames), so streaming decode needs no state beyond "is this the first chunk".
+and the stream decoder is the same weights as the codec the model was trained on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from models.pca_codec import PCACodec
+from models.checkpoint import CheckpointError, load_taehv
+from models.taehv import TAEHV
 from stages.stream.events import StreamError
 
 
-@dataclass(frozen=True)
-class _Config:
-    latent_channels: int
-
-
-class PCADecoder:
-    def __init__(self, codec: PCACodec):
-        self.codec = codec.eval()
-        self.config = _Config(codec.channels)
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu") -> "PCADecoder":
-        path = Path(path)
+def load_codec(ckpt: str | Path | None, trained: dict | None, decoder_weights: str | Path | None,
+               device="cpu") -> tuple[TAEHV, list[str]]:
+    """(decoder, notes for the user) for a model checkpoint `ckpt` whose sampling metadata is `trained`."""
+    codec = (trained or {}).get("codec") or {}
+    kind = codec.get("kind")
+    if kind == "pca":
+        raise StreamError("the checkpoint was trained on PCA-codec latents, which vidu no longer decodes; "
+                          "train it again with an autoencoder (vidu train --stage autoencoder, then --codec)")
+    if kind == "taehv":
+        if decoder_weights:
+            raise StreamError("the checkpoint was trained with its own autoencoder (beside it, "
+                              f"{codec['file']}); --decoder-weights decodes another latent space")
+        path = Path(ckpt).parent / codec["file"]
         if not path.is_file():
-            raise StreamError(f"the checkpoint was trained on the PCA codec {path}, which is missing")
-        return cls(PCACodec.load(path).to(device))
-
-    @torch.no_grad()
-    def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """[N, 1 + 4k, 3, H, W] in [0, 1] -> [N, 1 + k, C, H/8, W/8]."""
-        z = self.codec.encode(frames.permute(0, 2, 1, 3, 4).float() * 2 - 1)     # [N, C, 1 + k, h, w]
-        return z.permute(0, 2, 1, 3, 4)
-
-    def stream_decoder(self) -> "PCAStreamDecoder":
-        return PCAStreamDecoder(self.codec)
-
-
-class PCAStreamDecoder:
-    def __init__(self, codec: PCACodec):
-        self.codec = codec
-        self.frames_decoded = 0
-
-    @torch.no_grad()
-    def push(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [N, t, C, h, w] -> frames [N, 4t (4t - 3 on the first push), 3, 8h, 8w] in [0, 1]."""
-        z = latents.permute(0, 2, 1, 3, 4).float()                              # [N, C, t, h, w]
-        first = self.frames_decoded == 0
-        if not first:                                 # decode() codes latent frame 0 as a first frame
-            z = torch.cat([torch.zeros_like(z[:, :, :1]), z], 2)
-        video = self.codec.decode(z)                                             # [N, 3, T, H, W] in [-1, 1]
-        if not first:
-            video = video[:, :, 1:]
-        self.frames_decoded += video.shape[2]
-        return ((video + 1) / 2).clamp(0, 1).permute(0, 2, 1, 3, 4)
+            raise StreamError(f"the checkpoint was trained with the autoencoder {path}, which is missing")
+        try:
+            return load_taehv(path, device), []
+        except CheckpointError as e:
+            raise StreamError(str(e)) from None
+    if decoder_weights:
+        return load_taehv(decoder_weights, device), []
+    return TAEHV().to(device).eval(), ["no --decoder-weights (taew2_1.pth): TAEHV with random weights"]

@@ -39,7 +39,7 @@ AUDIO_OUT = ("input", "generated", "none")
 class Parts:
     engine: StreamEngine
     cfg: ModelConfig
-    decoder: object                      # TAEHV, or the checkpoint's PCA codec (stages/stream/decoders.py)
+    decoder: object                      # TAEHV: the checkpoint's own autoencoder, or taew2_1 (stages/stream/decoders.py)
     encode_text: object                  # callable(list[str]) -> [B, L, D]
     notes: list[str] = field(default_factory=list)   # what is random / missing, said to the user
     trained: dict | None = None          # the checkpoint's sampling metadata (None: not recorded)
@@ -81,16 +81,15 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
                settings: StreamSettings | dict | None = None, decoder_weights: str | Path | None = None,
                text_encoder_path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
                seed: int = 0) -> Parts:
-    """Model (a checkpoint, or the preset with random weights), decoder (TAEHV, or the PCA codec the
-    checkpoint was trained on), text encoder, and the reference image encoded to a latent frame.
+    """Model (a checkpoint, or the preset with random weights), decoder (the autoencoder the checkpoint
+    was trained with, else TAEHV with `decoder_weights`), text encoder, and the reference image encoded to a latent frame.
     `settings`: a StreamSettings, or the given ones ({name: value or None}) to resolve against the
     checkpoint's recorded settings (StreamSettings.resolve). The image, the checkpoint's config and
     the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
-    from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit, load_taehv
+    from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit
     from models.dit import DiT
     from models.encoders import TextEncoder, image_tensor
-    from models.taehv import TAEHV
-    from stages.stream.decoders import PCADecoder
+    from stages.stream.decoders import load_codec
     from stages.sense.image import ImageError, read_image
     notes = []
     try:
@@ -112,17 +111,8 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         torch.manual_seed(seed)
         model = DiT(cfg.dit).to(device=device, dtype=dtype).eval()
         notes.append(f"no --ckpt: the {preset} preset with random weights (frames are noise-like)")
-    codec = (trained or {}).get("codec") or {}
-    if codec.get("kind") == "pca":
-        if decoder_weights:
-            raise StreamError("the checkpoint was trained on PCA-codec latents; --decoder-weights (TAEHV) decodes "
-                              "another latent space")
-        decoder = PCADecoder.load(Path(ckpt).parent / codec["file"], device)
-    elif decoder_weights:
-        decoder = load_taehv(decoder_weights, device)
-    else:
-        decoder = TAEHV().to(device).eval()
-        notes.append("no --decoder-weights (taew2_1.pth): TAEHV with random weights")
+    decoder, said = load_codec(ckpt, trained, decoder_weights, device)
+    notes += said
     if cfg.dit.in_dim != decoder.config.latent_channels:
         raise StreamError(f"the model makes {cfg.dit.in_dim}-channel latents; the decoder decodes "
                           f"{decoder.config.latent_channels}")

@@ -8,12 +8,16 @@ features and the joint audio latent, MiniLM encodes the instruction. Batches fol
 permutation of the samples seeded by (seed, epoch), so global sample number g always maps to the
 same sample: data position = step * batch, nothing to store for an exact resume.
 
-The codec is the PCA codec (models/pca_codec.py) fitted on the run's first clips and kept in the
-run folder (codec.safetensors), since no pretrained video autoencoder can be downloaded here;
-samples embedded with the Wan VAE or TAEHV carry their latents and need no codec.
+The codec is a TAEHV autoencoder trained on the world (stages/train/autoencoder.py), since no
+pretrained video autoencoder can be downloaded here: the run's --codec, else the one its --from
+checkpoint was trained with, else one trained first in out/codec-run/ (`prepare_codec`); the run keeps
+a copy as out/codec.safetensors. Samples embedded with the Wan VAE or TAEHV carry their latents and
+need no codec.
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +26,10 @@ import torch.distributed as dist
 
 from models.audio import audio_features, audio_latent
 from models.config import NEUTRAL_TEXT, ModelConfig
-from models.pca_codec import PCACodec
-from stages.samples import to_video
+from models.taehv import TAEHV
 
-FIT_CLIPS = 32
+CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
+INLINE_CODEC_STEPS = 50               # a run given no codec trains this quick one first (say --codec for a real one)
 
 
 def clip_seed(seed: int, i: int) -> int:
@@ -71,7 +75,7 @@ class ClipSource:
 
     @property
     def needs_codec(self) -> bool:
-        """Frames to code with the PCA codec (everything but samples that carry latents)."""
+        """Frames to code with the autoencoder (everything but samples that carry latents)."""
         return self.kind != "samples" or self.rows[0]["latent_kind"] == "frames"
 
 
@@ -144,8 +148,14 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
     return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": frames[0], "text": text}
 
 
+def frames_to_latents(codec: TAEHV, frames: np.ndarray) -> torch.Tensor:
+    """[T, H, W, 3] uint8 -> [C, F, h, w] latents (1 + 4k frames: 1 + k latent frames)."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None].float() / 255
+    return codec.encode_video(x.to(next(codec.parameters()).device))[0].permute(1, 0, 2, 3).cpu()
+
+
 @torch.no_grad()
-def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
+def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     """Model inputs of one clip (text still as a string or as [L, D] features, under "instruction").
     A clip that carries latents ("latent", "ref_latent") or audio features skips those encoders."""
     d, F = cfg.dit, cfg.latent_frames
@@ -153,7 +163,7 @@ def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
     if "latent" in c:
         s = {"video": c["latent"], "ref": c["ref_latent"]}
     else:
-        s = {"video": codec.encode(to_video(c["frames"]))[0], "ref": codec.encode(to_video(c["ref"][None]))[0]}
+        s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
     if d.audio_dim:
         s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio, context=d.audio_context)
@@ -162,14 +172,15 @@ def encode_clip(cfg: ModelConfig, codec: PCACodec | None, c: dict) -> dict:
     return s
 
 
-def _encode_index(source: ClipSource, codec: PCACodec | None, i: int) -> dict:
+def _encode_index(source: ClipSource, codec: TAEHV | None, i: int) -> dict:
     return encode_clip(source.cfg, codec, source(i))
 
 
 class Dataset:
-    def __init__(self, source: ClipSource, seed: int, codec: PCACodec | None, encode_text):
+    def __init__(self, source: ClipSource, seed: int, codec: TAEHV | None, encode_text, codec_record: dict | None = None):
         self.source, self.cfg, self.n, self.seed = source, source.cfg, source.n, seed
         self.codec, self.encode_text = codec, encode_text
+        self.codec_record = codec_record          # what checkpoints record of the codec (sampling["codec"])
         self.cache: dict[int, dict] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
@@ -218,30 +229,93 @@ class Dataset:
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
-def fit_codec(source: ClipSource) -> PCACodec:
-    videos = torch.cat([to_video(source(i)["frames"]) for i in range(min(source.n, FIT_CLIPS))])
-    return PCACodec.fit(videos, source.cfg.dit.in_dim)
+def codec_record(path: Path, codec: TAEHV) -> dict:
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return {"kind": "taehv", "file": f"../{CODEC_FILE}", "channels": codec.config.latent_channels, "sha256": digest}
 
 
-def build_dataset(cfg: ModelConfig, n: int, seed: int, out: Path, d, manifest: str | None = None) -> Dataset:
-    """The run's dataset; rank 0 fits (or finds) the codec in `out`, the others wait and load it.
-    Text features come from the samples' shards, else MiniLM or the table file named by $VIDU_TEXT_TABLE."""
+def teacher_codec(init_from: str | None) -> Path | None:
+    """The codec file the checkpoint `init_from` was trained with (None: none recorded)."""
+    from models.checkpoint import checkpoint_sampling
+    rec = (checkpoint_sampling(init_from) or {}).get("codec") or {} if init_from else {}
+    if rec.get("kind") == "pca":
+        raise ValueError(f"{init_from} was trained on PCA-codec latents, which vidu no longer has; train its "
+                         f"stage again with an autoencoder (--codec)")
+    return Path(init_from).parent / rec["file"] if rec.get("file") else None
+
+
+def prepare_codec(cfg: ModelConfig, st, out: Path) -> Path:
+    """out/codec.safetensors: a copy of st.codec, else of the codec st.init_from was trained with, else
+    an autoencoder of the preset trained here first (INLINE_CODEC_STEPS steps, in out/codec-run/)."""
+    path = Path(out) / CODEC_FILE
+    if path.exists():
+        return path
+    given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
+    if given and inherited and _digest(given) != _digest(inherited):
+        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited})")
+    src = given or inherited
+    tmp = path.with_name(path.name + ".tmp")
+    if src is None:
+        key = (cfg.name, st.seed)
+        if key not in _INLINE_CODECS:
+            _INLINE_CODECS[key] = _train_inline_codec(cfg, st.seed, Path(out) / "codec-run").read_bytes()
+        tmp.write_bytes(_INLINE_CODECS[key])
+    elif not src.is_file():
+        raise ValueError(f"codec not found: {src}")
+    else:
+        shutil.copyfile(src, tmp)
+    tmp.replace(path)
+    return path
+
+
+_INLINE_CODECS: dict[tuple[str, int], bytes] = {}      # (preset, seed) -> the quick codec, trained once a process
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_inline_codec(cfg: ModelConfig, seed: int, out: Path) -> Path:
+    """A quick autoencoder of the preset, trained in this process on one thread (bit-identical wherever
+    it runs, so runs and their resumptions agree)."""
+    from stages.train.loop import TrainSettings, train
+    from stages.train.machinery import Dist
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        st = TrainSettings(stage="autoencoder", preset=cfg.name, steps=INLINE_CODEC_STEPS, batch=2, lr=2e-3, warmup=5,
+                           save_every=INLINE_CODEC_STEPS, seed=seed)
+        summary = train(st, out, d=Dist())
+    finally:
+        torch.set_num_threads(threads)
+    return Path(summary["checkpoint"]) / "ema.safetensors"
+
+
+def build_dataset(cfg: ModelConfig, st, out: Path, d) -> Dataset:
+    """The run's dataset (settings `st`: samples, seed, data, codec, init_from); rank 0 prepares the codec
+    in `out`, the others wait and load it. Text features come from the samples' shards, else MiniLM or
+    the table file named by $VIDU_TEXT_TABLE."""
     import os
+    from models.checkpoint import load_taehv
     from models.encoders import TextEncoder, TextTable
-    source = ClipSource(cfg, seed, n, manifest)
-    codec = None
+    source = ClipSource(cfg, st.seed, st.samples, st.data)
+    codec, record = None, None
     if source.needs_codec:
-        path = Path(out) / "codec.safetensors"
-        if d.main and not path.exists():
-            fit_codec(source).save(path)
+        path = Path(out) / CODEC_FILE
+        if d.main:
+            prepare_codec(cfg, st, out)
         if d.world > 1:
             dist.barrier()
-        codec = PCACodec.load(path)
+        codec = load_taehv(path)
+        if codec.config.latent_channels != cfg.dit.in_dim:
+            raise ValueError(f"the codec makes {codec.config.latent_channels}-channel latents; preset {cfg.name} "
+                             f"takes {cfg.dit.in_dim}")
+        record = codec_record(path, codec)
     if source.kind == "samples":                     # text features come with the samples
-        return Dataset(source, seed, codec, None)
+        return Dataset(source, st.seed, codec, None, record)
     if cfg.text_encoder != "minilm":
         raise ValueError(f"training on the synthetic world uses the MiniLM text encoder; preset {cfg.name} "
                          f"expects {cfg.text_encoder}")
     table = os.environ.get("VIDU_TEXT_TABLE")
     enc = TextTable(table) if table else TextEncoder("minilm", max_len=cfg.dit.text_len)
-    return Dataset(source, seed, codec, enc)
+    return Dataset(source, st.seed, codec, enc, record)

@@ -1,6 +1,10 @@
-"""The training loop shared by both teacher stages.
+"""The training loop of every stage: the video autoencoder and the two teachers.
 
-    summary = train(TrainSettings(stage="bidirectional", preset="tiny", steps=200), out_dir)
+    summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=200), "runs/ae")
+    summary = train(TrainSettings(stage="bidirectional", preset="tiny", steps=200,
+                                  codec="runs/ae/step-000200/ema.safetensors"), "runs/bi")
+
+The autoencoder stage is stages/train/autoencoder.py (one process); the teachers are below.
 
 One process, or `torchrun --nproc-per-node N vidu train ...`: each rank holds a shard of the model
 (FSDP2 `fully_shard` per block and at the root) and its rows of every global batch. AdamW with
@@ -9,15 +13,18 @@ gradient checkpointing. Checkpoints every `save_every` steps under out_dir/step-
 EMA as vidu safetensors with config, lineage and the sampling / streaming settings the model was trained
 for (`sampling_record`: shift, steps, chunk frames, window, sink, noisy-cache level, codec), state.pt with optimizer, schedule, EMA, step and
 loss history); a re-run resumes from the newest one and continues exactly: data order and noise are
-functions of (seed, step), so a resumed run reproduces the uninterrupted run's losses.
+functions of (seed, step), so a resumed run reproduces the uninterrupted run's losses. `minutes` stops a
+run (with a checkpoint) after that much training time; re-running continues it.
+
+The teachers code frames with a TAEHV autoencoder: `codec`, else the one the `init_from` checkpoint was
+trained with, else one trained here first (stages/train/data.py `prepare_codec`); it is copied to
+out/codec.safetensors and recorded in every checkpoint's "sampling" metadata.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,15 +36,19 @@ from models.checkpoint import load_dit, read_metadata, save_model
 from models.config import PRESETS, preset as get_preset
 from models.dit import DiT
 from stages.run import ranged
+from stages.train.autoencoder import AutoencoderSettings
 from stages.train.data import Dataset, build_dataset
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_update, init_dist, latest_state,
+                                    step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
-from stages.train.plot import loss_curve_png
 from stages.train.sample import sampling_record
+
+STAGES = ("autoencoder", *OBJECTIVES)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    stage: str = ranged("bidirectional", choices=tuple(OBJECTIVES))
+    stage: str = ranged("bidirectional", choices=STAGES)
     preset: str = ranged("tiny", choices=tuple(PRESETS))
     steps: int = ranged(200, min=1)
     batch: int = ranged(4, min=1)        # global batch (split across ranks)
@@ -53,51 +64,20 @@ class TrainSettings:
     samples: int = ranged(256, min=1)    # synthetic training samples (the dataset cycles over them)
     data: str | None = None              # a synth manifest to train on instead of clips rendered on the fly
     init_from: str | None = None         # checkpoint to start from (stage 2: the bidirectional teacher)
+    codec: str | None = None             # teachers: the autoencoder (vidu train --stage autoencoder) coding frames
+    minutes: float | None = ranged(None, gt=0)   # stop (with a checkpoint) after this much training time
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
 
     def __post_init__(self):
-        if self.stage not in OBJECTIVES:
-            raise ValueError(f"--stage is one of: {', '.join(OBJECTIVES)}")
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage is one of: {', '.join(STAGES)}")
+        if self.stage == "autoencoder" and (self.codec or self.init_from or self.data):
+            raise ValueError("the autoencoder stage trains on the synthetic world from scratch: "
+                             "--codec, --from and --data are for the teachers")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_dist() -> Dist:
-    """torchrun's environment -> a process group (nccl on GPU, gloo on CPU); else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    if world == 1:
-        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
-
-
-def lr_factor(step: int, st: TrainSettings) -> float:
-    if step < st.warmup:
-        return (step + 1) / st.warmup
-    progress = (step - st.warmup) / max(1, st.steps - st.warmup)
-    return st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    h = hashlib.sha256(f"{seed}:{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little"))
 
 
 class Trainer:
@@ -131,13 +111,10 @@ class Trainer:
             fully_shard(model)
         self.model = model
         self.ema = {k: p.detach().clone().float() for k, p in model.named_parameters()}
-        fused = d.device.type == "cuda"
-        self.opt = torch.optim.AdamW(model.parameters(), lr=st.lr, betas=(0.9, 0.999), weight_decay=st.weight_decay,
-                                     fused=fused)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, st))
+        self.opt, self.sched = adamw(model, st, d.device)
         self.step = 0
         self.history: list[dict] = []
-        self.data: Dataset = build_dataset(cfg, st.samples, st.seed, self.out, d, st.data)
+        self.data: Dataset = build_dataset(cfg, st, self.out, d)
         if prefetch:
             self.data.prefetch(prefetch)
 
@@ -158,9 +135,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, p in self.model.named_parameters():
-                self.ema[k].lerp_(p.detach().float(), 1 - st.ema)
+        ema_update(self.ema, self.model, st.ema)
         logged = {"step": self.step, "loss": loss.detach().float(), "grad_norm": _full(gnorm).float(),
                   **{k: v.float() for k, v in parts.items()}}
         logged = {k: (self._mean(v) if torch.is_tensor(v) else v) for k, v in logged.items()}
@@ -177,7 +152,7 @@ class Trainer:
 
     # -- checkpoints --
     def checkpoint_dir(self, step: int) -> Path:
-        return self.out / f"step-{step:06d}"
+        return checkpoint_dir(self.out, step)
 
     def save(self) -> Path | None:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -188,35 +163,25 @@ class Trainer:
         ema_sd = {k: _full(v).cpu() for k, v in self.ema.items()}
         if not self.d.main:
             return None
-        path = self.checkpoint_dir(self.step)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
         lineage = self.lineage + [{"stage": self.st.stage, "steps": self.step, "preset": self.cfg.name,
                                    "batch": self.st.batch, "data": self.st.data or f"synth:{self.st.samples}@{self.st.seed}",
                                    "date": time.strftime("%Y-%m-%d")}]
         sampling = self.sampling()
-        save_model(tmp / "model.safetensors", model_sd, self.cfg, lineage,
-                   {"kind": "raw", "step": self.step, "sampling": sampling})
-        save_model(tmp / "ema.safetensors", ema_sd, self.cfg, lineage,
-                   {"kind": "ema", "step": self.step, "sampling": sampling})
-        torch.save({"optimizer": optim_sd, "scheduler": self.sched.state_dict(), "step": self.step,
-                    "history": self.history, "settings": self.st.to_dict()}, tmp / "state.pt")
-        if path.exists():
-            import shutil
-            shutil.rmtree(path)
-        tmp.rename(path)
-        (self.out / "latest").write_text(path.name + "\n")
-        loss_curve_png(self.history, self.out / "loss.png", title=f"{self.st.stage} ({self.cfg.name})")
-        log = self.out / "loss.jsonl"
-        log.with_name("loss.jsonl.tmp").write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        log.with_name("loss.jsonl.tmp").replace(log)
-        return path
+
+        def write(tmp: Path) -> None:
+            save_model(tmp / "model.safetensors", model_sd, self.cfg, lineage,
+                       {"kind": "raw", "step": self.step, "sampling": sampling})
+            save_model(tmp / "ema.safetensors", ema_sd, self.cfg, lineage,
+                       {"kind": "ema", "step": self.step, "sampling": sampling})
+            torch.save({"optimizer": optim_sd, "scheduler": self.sched.state_dict(), "step": self.step,
+                        "history": self.history, "settings": self.st.to_dict()}, tmp / "state.pt")
+        return write_checkpoint(self.out, self.step, write, self.history, f"{self.st.stage} ({self.cfg.name})")
 
     def sampling(self) -> dict:
         """The settings the checkpoint records (a checkpoint sits in out/step-N/, the codec in out/)."""
         ob = self.objective
         if self.data.codec is not None:
-            codec = {"kind": "pca", "file": "../codec.safetensors", "channels": self.data.codec.channels}
+            codec = self.data.codec_record
         else:
             codec = {"kind": self.data.source.rows[0]["latent_kind"]}
         noisy = ob.tau_max if self.st.stage == "causal" and ob.p_teacher_forcing < 1 else None
@@ -226,13 +191,10 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         from models.checkpoint import read_state_dict
-        latest = self.out / "latest"
-        if not latest.is_file():
+        found = latest_state(self.out, self.st.to_dict())
+        if found is None:
             return False
-        path = self.out / latest.read_text().strip()
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        if state["settings"] != json.loads(json.dumps(self.st.to_dict())):
-            raise ValueError(f"{path} was written with other settings; use another --out or the same options")
+        path, state = found
         opts = StateDictOptions(full_state_dict=True)
         set_model_state_dict(self.model, read_state_dict(path / "model.safetensors"), options=opts)
         set_optimizer_state_dict(self.model, self.opt, state["optimizer"], options=opts)
@@ -261,15 +223,21 @@ def tokens_per_sample(cfg) -> int:
     return (1 + cfg.latent_frames) * cfg.tokens_per_frame()
 
 
-def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None, prefetch: int = 0) -> dict:
+def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None, prefetch: int = 0,
+          d: Dist | None = None) -> dict:
     """Run (or resume) a training stage; returns a summary. `progress(logged)` is called per step;
-    `prefetch` > 0 renders the whole dataset up front in that many processes."""
-    d = init_dist()
+    `prefetch` > 0: that many processes render data (teachers: the whole dataset up front; the
+    autoencoder: DataLoader workers). `d`: the processes (default: torchrun's, or this one)."""
+    d = d or init_dist()
     if st.batch % d.world:
         raise ValueError(f"--batch {st.batch} does not split over {d.world} processes")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(st, out, d, prefetch)
+    if st.stage == "autoencoder":
+        from stages.train.autoencoder import AutoencoderTrainer
+        trainer = AutoencoderTrainer(st, out, d, prefetch)
+    else:
+        trainer = Trainer(st, out, d, prefetch)
     resumed = trainer.resume()
     run_id = "train-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     params = {"train": st.to_dict(), "model": trainer.cfg.to_dict(), "world_size": d.world}
@@ -287,9 +255,12 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
                 trainer.history.append(logged)
                 if progress:
                     progress(logged)
-            if trainer.step % st.save_every == 0 or trainer.step == st.steps:
+            timed_out = st.minutes is not None and _agreed(time.perf_counter() - t0 > st.minutes * 60, d)
+            if trainer.step % st.save_every == 0 or trainer.step == st.steps or timed_out:
                 trainer.save()
-        state = "done"
+            if timed_out:
+                break
+        state = "done" if trainer.step == st.steps else "stopped"
     except KeyboardInterrupt:
         state = "interrupted"
         raise
@@ -300,8 +271,18 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
             catalog.record_end(root, run_id, state, {"ok": trainer.step}, n0, seconds)
     steps_run = trainer.step - n0
     samples_s = steps_run * st.batch / max(seconds, 1e-9)
+    tokens = 0 if st.stage == "autoencoder" else tokens_per_sample(trainer.cfg)
     return {"run_id": run_id, "out": str(out), "resumed_from": n0 if resumed else None, "steps": trainer.step,
             "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
-            "samples_per_s": samples_s, "tokens_per_s": samples_s * tokens_per_sample(trainer.cfg),
+            "samples_per_s": samples_s, "tokens_per_s": samples_s * tokens,
             "params": sum(p.numel() for p in trainer.model.parameters()) if d.world == 1 else None,
             "checkpoint": str(trainer.checkpoint_dir(trainer.step)), "world_size": d.world, "seconds": seconds}
+
+
+def _agreed(flag: bool, d: Dist) -> bool:
+    """True when any process says so (all stop at the same step)."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=d.device)
+    dist.all_reduce(t)
+    return bool(t.item())

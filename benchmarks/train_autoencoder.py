@@ -1,0 +1,180 @@
+"""Train the `small` preset's video autoencoder (TAEHV widths of models/config.py) on the synthetic world
+on one GPU for a few minutes, then measure what the round trip keeps on held-out world clips.
+
+    python benchmarks/train_autoencoder.py --minutes 7 --workers 14          # writes to $OUT (default .)
+
+The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
+step count to the time, then one run with the cosine schedule ending on time. Evaluation, on clips whose
+seeds no training clip has, rendered in memory (no video files, no catalog):
+  per clip, the correlation between the world analyzer's reading (stages.synth.analyze) of the
+  uncompressed frames and of the round trip, for mouth, eyes (blinks), yaw and hand, over the clips in
+  which that signal moves; PSNR over all pixels and over moving pixels (those whose value changes by
+  more than 4/255 from the previous frame in the uncompressed clip).
+Writes ema_bf16.safetensors (the EMA weights in bf16 with their config: the codec the teachers take,
+`--codec`), autoencoder.json with every figure, loss.png and a truth | round trip frame strip.
+Runs where duckdb and PyAV are missing (the GPU image): nothing here decodes video or opens a catalog.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+for _name in ("av", "duckdb"):           # imported at module level by packages this script never calls into
+    if importlib.util.find_spec(_name) is None:
+        sys.modules[_name] = types.ModuleType(_name)
+
+from models.checkpoint import load_taehv, save_taehv  # noqa: E402
+from models.config import preset  # noqa: E402
+from stages.train.autoencoder import AutoencoderSettings, to_unit, world_clip  # noqa: E402
+from stages.train.loop import TrainSettings, train  # noqa: E402
+
+SIGNALS = ("mouth", "eyes", "yaw", "hand")
+MOVES = {"mouth": 0.02, "eyes": 0.05, "yaw": 0.05, "hand": 0.05}   # std of the truth's reading over a clip: "it moves"
+EVAL_SEED = 2_000_000_000                                           # held-out world seeds start here
+MOVING = 4 / 255
+
+
+def settings(args, steps: int, minutes: float | None = None) -> TrainSettings:
+    return TrainSettings(stage="autoencoder", preset=args.preset, steps=steps, batch=args.batch, lr=args.lr,
+                         warmup=min(100, steps // 10), ema=args.ema, save_every=steps, seed=0, minutes=minutes,
+                         autoencoder=AutoencoderSettings(frames=args.frames))
+
+
+def fit_steps(args, work: Path) -> tuple[int, float]:
+    """Steps that fit args.minutes, from a timed probe (its last 10 of 20 steps, data loading warm)."""
+    marks = []
+    probe = dataclasses.replace(settings(args, 20), save_every=1000)
+    train(probe, work / "probe", progress=lambda logged: marks.append(time.perf_counter()), prefetch=args.workers)
+    step_s = (marks[-1] - marks[9]) / 10
+    return max(100, int(args.minutes * 60 / step_s)), step_s
+
+
+def corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    ok = ~np.isnan(a) & ~np.isnan(b)
+    if ok.sum() < 4 or np.std(a[ok]) == 0 or np.std(b[ok]) == 0:
+        return None
+    return float(np.corrcoef(a[ok], b[ok])[0, 1])
+
+
+def psnr(mse: float) -> float:
+    return float(10 * np.log10(1 / max(mse, 1e-12)))
+
+
+def held_out_clips(cfg, n: int, frames: int) -> list:
+    """n of the first 4n held-out clips, those in which a rarely moving signal (hand, yaw, ...) moves
+    first (the world's actions are sparse), then the others in seed order."""
+    candidates = []
+    for seed in range(EVAL_SEED, EVAL_SEED + 4 * n):
+        f, s, _ = world_clip(cfg, seed, frames, split="eval")
+        candidates.append((sum(np.std(s.tracks[k]) > 2 * MOVES[k] for k in ("eyes", "yaw", "hand")), seed, f, s))
+        if sum(c[0] > 0 for c in candidates) >= n:
+            break
+    candidates.sort(key=lambda c: (-c[0], c[1]))
+    return [(f, s) for _, _, f, s in candidates[:n]]
+
+
+@torch.no_grad()
+def evaluate(codec, cfg, clips, out: Path) -> dict:
+    """Figures of `codec` on `clips`; the first clip's truth | round trip strip goes to OUT_roundtrip.png."""
+    from stages.synth import analyze
+    dev = next(codec.parameters()).device
+    per = {k: [] for k in SIGNALS}
+    se_all = n_all = se_mov = n_mov = 0.0
+    for i, (frames, s) in enumerate(clips):
+        x = to_unit(torch.from_numpy(frames)[None]).to(dev)
+        y = codec.decode_video(codec.encode_video(x))
+        rt = (y[0] * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()   # [T, H, W, 3]
+        xq, yq = frames.astype(np.float32) / 255, rt.astype(np.float32) / 255
+        err = (yq - xq) ** 2
+        moving = np.zeros(frames.shape[:3], bool)
+        moving[1:] = (np.abs(np.diff(xq, axis=0)) > MOVING).any(-1)
+        se_all, n_all = se_all + err.sum(), n_all + err.size
+        se_mov, n_mov = se_mov + err[moving].sum(), n_mov + moving.sum() * 3
+        m_x, m_y = analyze(frames, s.identity), analyze(rt, s.identity)
+        for k in SIGNALS:
+            if np.nanstd(m_x[k]) > MOVES[k]:
+                per[k].append(corr(m_x[k], m_y[k]))
+        if i == 0:
+            strip(frames, rt, out.with_name(out.name + "_roundtrip.png"))
+    res = {"clips": len(clips), "frames_per_clip": int(clips[0][0].shape[0]), "psnr": psnr(se_all / n_all),
+           "psnr_moving": psnr(se_mov / max(n_mov, 1)), "moving_fraction": float(n_mov / n_all)}
+    for k, v in per.items():
+        v = [c for c in v if c is not None]
+        res[k] = {"clips": len(v), "mean_r": float(np.mean(v)) if v else None,
+                  "median_r": float(np.median(v)) if v else None, "min_r": float(np.min(v)) if v else None,
+                  "clips_r_ge_0.95": int(sum(c >= 0.95 for c in v))}
+    return res
+
+
+def strip(truth: np.ndarray, rt: np.ndarray, path: Path, n: int = 8) -> None:
+    from PIL import Image
+    rows = [np.concatenate(list(a[1:1 + n]), 1) for a in (truth, rt)]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--minutes", type=float, default=7.0, help="training time (the probe comes before it)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=33, help="frames per training clip, 1 + 4k")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    ap.add_argument("--eval-clips", type=int, default=16)
+    ap.add_argument("--eval-seconds", type=float, default=4.0)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-ae"))
+    ap.add_argument("--eval", type=Path, nargs="+", help="only evaluate these autoencoder files (no training)")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT", "."))
+    torch.backends.cudnn.benchmark = True
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = preset(args.preset)
+    res = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "preset": args.preset,
+           "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.eval:
+        weights = {p.name.split("_")[0]: p for p in args.eval}
+    else:
+        t0 = time.perf_counter()
+        steps, res["probe_step_s"] = fit_steps(args, args.work)
+        res["probe_s"] = time.perf_counter() - t0
+        res["train"] = summary = train(settings(args, steps, minutes=args.minutes + 0.5), args.work / "run",
+                                       prefetch=args.workers)
+        shutil.copy(args.work / "run" / "loss.png", out / "loss.png")
+        weights = ship(Path(summary["checkpoint"]), summary["steps"], out, dev)
+    frames = 1 + 4 * round((args.eval_seconds * cfg.audio.fps - 1) / 4)
+    t1 = time.perf_counter()
+    clips = held_out_clips(cfg, args.eval_clips, frames)
+    evs = {name: evaluate(load_taehv(path, dev), cfg, clips, out / name) for name, path in weights.items()}
+    best = max(evs, key=lambda k: evs[k]["psnr"])
+    codec = load_taehv(weights[best])
+    res.update(params=sum(p.numel() for p in codec.parameters()), config=codec.config.to_dict(), best=best,
+               eval=evs, eval_s=time.perf_counter() - t1, shipped_bytes=weights[best].stat().st_size)
+    (out / "autoencoder.json").write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps({k: res.get(k) for k in ("device", "params", "probe_step_s", "best", "eval")}, indent=1))
+
+
+def ship(ckpt: Path, step: int, out: Path, dev) -> dict[str, Path]:
+    """The run's EMA and raw weights as bf16 files in `out` (both with the EMA's latent statistics)."""
+    from models.taehv import TAEHV
+    ema = load_taehv(ckpt / "ema.safetensors", dev)
+    raw = TAEHV(ema.config).to(dev).eval()
+    raw.load_state_dict(load_taehv(ckpt / "model.safetensors").state_dict())
+    return {name: save_taehv(out / f"{name}_bf16.safetensors", model, model.config, {"kind": name, "step": step},
+                             dtype=torch.bfloat16) for name, model in (("ema", ema), ("raw", raw))}
+
+
+if __name__ == "__main__":
+    main()

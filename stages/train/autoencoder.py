@@ -1,0 +1,221 @@
+"""The video autoencoder stage: TAEHV (models/taehv.py) trained on clips of the synthetic world rendered
+on the fly, so that what moves inside a 4-frame latent group (mouth, blinks, a hand) survives the round
+trip. The streaming decoder is the same weights (TAEHV.stream_decoder).
+
+    vidu train --stage autoencoder --preset small --out runs/ae --steps 3000 --minutes 9 --workers 14
+    summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=100), "runs/ae")
+
+Clip g of a run (g = step * batch + row) is world clip `clip_seed(seed, g)`, never repeated; the world
+also says where the mouth, eyes, hands and face are (stages.synth.render.region_masks), which set the
+per-pixel loss weights. Loss per clip (x: frames, y: round trip, w: weights, d: frame difference):
+
+    sum w |y - x| / sum w  +  sum w (y - x)^2 / sum w  +  temporal_weight * sum w |dy - dx| / sum w
+
+One process (a GPU, or the CPU); AdamW with warmup and cosine decay, EMA (its decay warmed up as
+min(ema, (1 + step) / (10 + step)): a fast-learning net is not averaged with its first weights), checkpoints and exact resume
+as for the teachers (stages/train/machinery.py). Each checkpoint holds model.safetensors (raw) and
+ema.safetensors: the EMA weights with their TAEHVConfig, whose latent statistics (per channel, over
+STATS_CLIPS clips) make encode_video's latents unit-variance; that file is the codec the teachers take.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.checkpoint import read_state_dict, save_taehv
+from models.config import ModelConfig, preset as get_preset
+from models.taehv import TAEHV
+from stages.run import ranged
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_update, latest_state, write_checkpoint)
+
+STATS_CLIPS = 8              # clips the latent statistics are measured on at each checkpoint
+STATS_SEED = 999_999_937     # their world seeds: clip_seed(STATS_SEED, i), apart from any run's
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings:
+    region_weight: float = ranged(10.0, min=1)     # loss weight of mouth, eye and hand pixels
+    face_weight: float = ranged(2.0, min=1)        # loss weight of the rest of the face
+    temporal_weight: float = ranged(1.0, min=0)    # weight of the frame-difference term
+    frames: int | None = ranged(None, min=1)       # frames per training clip, 1 + 4k (None: the preset's clip)
+
+
+def clip_frames(cfg: ModelConfig, ae: AutoencoderSettings) -> int:
+    T = ae.frames or cfg.video_frames
+    if (T - 1) % 4:
+        raise ValueError(f"autoencoder clips are 1 + 4k frames, not {T}")
+    return T
+
+
+def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings | None = None,
+               split: str = "train"):
+    """World clip `seed` at the preset's size: (frames [T, H, W, 3] uint8, the Sample with its region
+    masks, and with `ae` the loss weights [T, H, W] float16). `split`: whose voices speak (train | eval)."""
+    from stages.synth import make_sample
+    fps = cfg.audio.fps
+    s = make_sample(seed, width=cfg.width, height=cfg.height, fps=fps, seconds=frames / fps, masks=True, split=split)
+    if s.frames.shape[0] != frames:
+        raise ValueError(f"the world made {s.frames.shape[0]} frames for a {frames}-frame clip")
+    return s.frames, s, (None if ae is None else loss_weights(s.masks, ae))
+
+
+def loss_weights(masks: dict[str, np.ndarray], ae: AutoencoderSettings) -> np.ndarray:
+    """The world's region coverages ([T, H, W] each) -> per-pixel loss weights [T, H, W] float16."""
+    parts = np.maximum(np.maximum(masks["mouth"], masks["eyes"]), masks["hands"])
+    w = np.maximum(1.0, np.maximum(ae.face_weight * masks["face"], ae.region_weight * parts))
+    return w.astype(np.float16)
+
+
+class WorldClips(torch.utils.data.Dataset):
+    """Item g: (frames [T, H, W, 3] uint8, weights [T, H, W] float16) of world clip clip_seed(seed, g)."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, ae: AutoencoderSettings):
+        self.cfg, self.seed, self.ae, self.T = cfg, seed, ae, clip_frames(cfg, ae)
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def __getitem__(self, g: int):
+        from stages.train.data import clip_seed
+        frames, _, w = world_clip(self.cfg, clip_seed(self.seed, g), self.T, self.ae)
+        return torch.from_numpy(frames), torch.from_numpy(w)
+
+
+def to_unit(frames: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, W, 3] uint8 -> [B, T, 3, H, W] float in [0, 1]."""
+    return frames.permute(0, 1, 4, 2, 3).float() / 255
+
+
+def autoencoder_loss(model: TAEHV, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings):
+    """x [B, T, 3, H, W] in [0, 1], w [B, T, H, W] -> (loss, parts); the model may run under autocast."""
+    return reconstruction_loss(model.decode_video(model.encode_video(x), clamp=False).float(), x, w, ae)
+
+
+def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings):
+    """y, x [B, T, 3, H, W] (round trip, truth), w [B, T, H, W] per-pixel weights -> (loss, parts)."""
+    w = w.float()[:, :, None]                                       # [B, T, 1, H, W]
+    err = y - x
+    norm = w.sum() * 3
+    l1 = (w * err.abs()).sum() / norm
+    l2 = (w * err.square()).sum() / norm
+    loss = l1 + l2
+    parts = {"l1": l1.detach(), "l2": l2.detach()}
+    if ae.temporal_weight and x.shape[1] > 1:
+        wt = torch.minimum(w[:, 1:], w[:, :-1])
+        dt = ((err[:, 1:] - err[:, :-1]).abs() * wt).sum() / (wt.sum() * 3)   # |dy - dx| = |d err|
+        loss = loss + ae.temporal_weight * dt
+        parts["temporal"] = dt.detach()
+    return loss, parts
+
+
+@torch.no_grad()
+def latent_stats(model: TAEHV, clips: list[torch.Tensor]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of model's (unnormalised) latents of `clips` ([1, T, 3, H, W] each)."""
+    z = torch.cat([model.encode_video(x).float().transpose(1, 2).flatten(2) for x in clips], 2)   # [1, C, n]
+    mean, std = z.mean((0, 2)), z.std((0, 2)).clamp_min(1e-4)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class AutoencoderTrainer:
+    def __init__(self, st, out: Path, d: Dist, workers: int = 0):
+        if d.world > 1:
+            raise ValueError("the autoencoder stage runs in one process (no torchrun)")
+        self.st, self.out, self.d, self.workers = st, Path(out), d, workers
+        self.ae: AutoencoderSettings = st.autoencoder
+        self.cfg = get_preset(st.preset)
+        arch = self.cfg.taehv
+        if arch.latent_channels != self.cfg.dit.in_dim:
+            raise ValueError(f"preset {st.preset}: the autoencoder makes {arch.latent_channels}-channel latents, "
+                             f"the DiT takes {self.cfg.dit.in_dim}")
+        self.arch = dataclasses.replace(arch, latent_mean=(), latent_std=())
+        torch.manual_seed(st.seed)
+        self.model = TAEHV(self.arch).to(d.device).train()
+        self.ema = {k: p.detach().clone().float() for k, p in self.model.named_parameters()}
+        self.opt, self.sched = adamw(self.model, st, d.device)
+        self.step, self.history = 0, []
+        self.clips = WorldClips(self.cfg, st.seed, self.ae)
+        self._batches = None
+        self._stats_clips: list[torch.Tensor] | None = None
+
+    def _loader(self):
+        st = self.st
+        rows = [list(range(s * st.batch, (s + 1) * st.batch)) for s in range(self.step, st.steps)]
+        kw = dict(num_workers=self.workers, pin_memory=self.d.device.type == "cuda")
+        if self.workers:
+            kw.update(prefetch_factor=4, worker_init_fn=_one_thread)
+        return iter(torch.utils.data.DataLoader(self.clips, batch_sampler=rows, **kw))
+
+    def train_step(self) -> dict:
+        st, dev = self.st, self.d.device
+        if self._batches is None:
+            self._batches = self._loader()
+        frames, w = next(self._batches)
+        x, w = to_unit(frames.to(dev, non_blocking=True)), w.to(dev, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss, parts = autoencoder_loss(self.model, x, w, self.ae)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), st.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        ema_update(self.ema, self.model, min(st.ema, (1 + self.step) / (10 + self.step)))   # EMA warmup
+        logged = {"step": self.step, "loss": float(loss.detach()), "grad_norm": float(gnorm),
+                  **{k: float(v) for k, v in parts.items()}, "lr": self.sched.get_last_lr()[0]}
+        self.step += 1
+        return logged
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return checkpoint_dir(self.out, step)
+
+    def ema_model(self) -> TAEHV:
+        """The EMA weights as a float32 TAEHV with their latent statistics (eval mode, on the run's device)."""
+        model = TAEHV(self.arch).to(self.d.device).eval()
+        model.load_state_dict(self.ema)
+        if self._stats_clips is None:
+            from stages.train.data import clip_seed
+            T = clip_frames(self.cfg, self.ae)
+            self._stats_clips = [to_unit(torch.from_numpy(world_clip(self.cfg, clip_seed(STATS_SEED, i), T)[0])[None])
+                                 for i in range(STATS_CLIPS)]
+        mean, std = latent_stats(model, [x.to(self.d.device) for x in self._stats_clips])
+        cfg = dataclasses.replace(self.arch, latent_mean=mean, latent_std=std)
+        normalised = TAEHV(cfg).to(self.d.device).eval()
+        normalised.load_state_dict(self.ema)
+        return normalised
+
+    def save(self) -> Path:
+        st = self.st
+        lineage = [{"stage": "autoencoder", "steps": self.step, "preset": self.cfg.name, "batch": st.batch,
+                    "data": f"synth:{st.seed}", "date": time.strftime("%Y-%m-%d")}]
+        ema = self.ema_model()
+
+        def write(tmp: Path) -> None:
+            save_taehv(tmp / "model.safetensors", self.model, self.arch, {"kind": "raw", "step": self.step,
+                                                                          "lineage": lineage})
+            save_taehv(tmp / "ema.safetensors", ema, ema.config, {"kind": "ema", "step": self.step, "lineage": lineage})
+            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "step": self.step,
+                        "history": self.history, "settings": st.to_dict()}, tmp / "state.pt")
+        return write_checkpoint(self.out, self.step, write, self.history, f"autoencoder ({self.cfg.name})")
+
+    def resume(self) -> bool:
+        found = latest_state(self.out, self.st.to_dict())
+        if found is None:
+            return False
+        path, state = found
+        self.model.load_state_dict(read_state_dict(path / "model.safetensors"))
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        ema = read_state_dict(path / "ema.safetensors")
+        for k, v in self.ema.items():
+            v.copy_(ema[k])
+        self.step, self.history = state["step"], state["history"]
+        self._batches = None
+        return True
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)

@@ -1,0 +1,107 @@
+"""What every training stage shares: processes, the learning-rate schedule, per-step randomness, EMA
+and the checkpoint folder layout.
+
+A run's folder holds step-NNNNNN/ checkpoints (each written to a .tmp folder and renamed, so a crash
+leaves the previous one whole), `latest` naming the newest, loss.jsonl (one line a step) and loss.png.
+Every checkpoint has state.pt with the run's settings; a re-run resumes from `latest` only with the
+same settings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from stages.train.plot import loss_curve_png
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist() -> Dist:
+    """torchrun's environment -> a process group (nccl on GPU, gloo on CPU); else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return Dist(0, 1, torch.device("cuda" if cuda else "cpu"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
+
+
+def lr_factor(step: int, st) -> float:
+    """Linear warmup over st.warmup steps, then cosine decay to st.min_lr_ratio at st.steps."""
+    if step < st.warmup:
+        return (step + 1) / st.warmup
+    progress = (step - st.warmup) / max(1, st.steps - st.warmup)
+    return st.min_lr_ratio + (1 - st.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    h = hashlib.sha256(f"{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little"))
+
+
+def adamw(model: torch.nn.Module, st, device: torch.device):
+    """AdamW and its warmup-cosine schedule for `model` under settings `st` (lr, weight_decay, ...)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=st.lr, betas=(0.9, 0.999), weight_decay=st.weight_decay,
+                            fused=device.type == "cuda")
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, st))
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    for k, p in model.named_parameters():
+        ema[k].lerp_(p.detach().float(), 1 - decay)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return Path(out) / f"step-{step:06d}"
+
+
+def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], history: list[dict], title: str) -> Path:
+    """out/step-NNNNNN/ holding what `write(folder)` puts there, then `latest`, loss.png and loss.jsonl."""
+    path = checkpoint_dir(out, step)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    (out / "latest").write_text(path.name + "\n")
+    loss_curve_png(history, out / "loss.png", title=title)
+    log = out / "loss.jsonl"
+    log.with_name("loss.jsonl.tmp").write_text("".join(json.dumps(h) + "\n" for h in history))
+    log.with_name("loss.jsonl.tmp").replace(log)
+    return path
+
+
+def latest_state(out: Path, settings: dict) -> tuple[Path, dict] | None:
+    """(newest checkpoint folder, its state.pt) of a run written with `settings`, or None for a new run."""
+    latest = Path(out) / "latest"
+    if not latest.is_file():
+        return None
+    path = Path(out) / latest.read_text().strip()
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    if state["settings"] != json.loads(json.dumps(settings)):
+        raise ValueError(f"{path} was written with other settings; use another --out or the same options")
+    return path, state

@@ -1,0 +1,143 @@
+"""The video autoencoder stage (stages/train/autoencoder.py) on the tiny preset and the synthetic world:
+TAEHV's round trip moves inside a 4-frame latent group (a codec that decodes each group to one repeated
+frame, like the PCA codec it replaced, cannot), latents are whitened and streaming decode equals
+whole-clip decode, the world's region weights reach the loss, a resumed run ends with the uninterrupted
+run's weights, and a teacher takes the autoencoder as its codec."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.checkpoint import checkpoint_sampling, load_taehv, read_metadata, read_state_dict
+from models.config import PRESETS
+from stages.train.autoencoder import (AutoencoderSettings, reconstruction_loss, to_unit, world_clip)
+from stages.train.loop import TrainSettings, train
+from tests.conftest import cli
+
+TINY = PRESETS["tiny"]
+HELD_OUT = 10 ** 8                      # world seeds of evaluation clips, never a training clip's
+TRAINED = dict(preset="tiny", steps=4, batch=1, warmup=1, save_every=4, autoencoder=AutoencoderSettings(frames=5))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    summary = train(TrainSettings(stage="autoencoder", **TRAINED), tmp_path_factory.mktemp("ae"))
+    return Path(summary["checkpoint"]) / "ema.safetensors"
+
+
+def in_group(signal: np.ndarray) -> np.ndarray:
+    """[1 + 4k] -> each latent group's deviation from its own mean, [4k] (frame 0 is a group of its own)."""
+    g = signal[1:].reshape(-1, 4)
+    return (g - g.mean(1, keepdims=True)).ravel()
+
+
+def mouth_only_clip() -> tuple[torch.Tensor, np.ndarray]:
+    """A world character whose mouth alone moves, open and shut inside each latent group: frames
+    [1, 9, 3, H, W] in [0, 1] and the mouth's extent [H, W]."""
+    from stages.synth import TRACKS, make_sample, render_clip
+    s = make_sample(3, TINY.width, TINY.height, seconds=0.2, masks=True)
+    tracks = {k: np.full(9, s.tracks[k][0], np.float32) for k in TRACKS}
+    tracks["mouth"] = np.array([0, 0, 1, 0.2, 0.9, 1, 0, 0.6, 0.1], np.float32)
+    frames = render_clip(s.identity, tracks, TINY.width, TINY.height, s.scene)
+    from stages.synth.render import region_masks
+    mouth = region_masks(s.identity, tracks, TINY.width, TINY.height, s.scene)["mouth"].max(0)
+    return to_unit(torch.from_numpy(frames)[None]), mouth
+
+
+def mouth_signal(x: torch.Tensor, mouth: np.ndarray) -> np.ndarray:
+    return (x[0].mean(1).numpy() * mouth).sum((1, 2)) / mouth.sum()
+
+
+def test_a_group_keeps_motion_through_taehv_and_not_through_a_group_constant_codec(trained):
+    x, mouth = mouth_only_clip()
+    truth = in_group(mouth_signal(x, mouth))
+    assert truth.std() > 0.02                                            # the mouth moves inside groups
+    # a codec that decodes every group to one frame (the PCA codec did) has no motion inside a group
+    held = torch.cat([x[:, :1], x[:, 1:].unflatten(1, (-1, 4)).mean(2, keepdim=True).expand(-1, -1, 4, -1, -1, -1)
+                      .flatten(1, 2)], 1)
+    assert np.abs(in_group(mouth_signal(held, mouth))).max() < 1e-6
+    # TAEHV decodes each frame of a group from its own channels (TGrow): the round trip moves inside groups
+    tae = load_taehv(trained)
+    with torch.no_grad():
+        y = tae.decode_video(tae.encode_video(x))
+    assert in_group(mouth_signal(y, mouth)).std() > 1e-4
+    # how much of that motion a trained autoencoder keeps is measured on the GPU (benchmarks/train_autoencoder.py)
+
+
+def test_latents_are_whitened_and_streaming_decode_is_the_whole_clip_decode(trained):
+    tae = load_taehv(trained)
+    frames, _, _ = world_clip(TINY, HELD_OUT + 20, 17)
+    x = to_unit(torch.from_numpy(frames)[None])
+    with torch.no_grad():
+        z = tae.encode_video(x)                                          # [1, 5, 16, 8, 8]
+        whole = tae.decode_video(z)
+    assert z.shape == (1, 5, 16, 8, 8) and whole.shape == x.shape
+    assert abs(float(z.mean())) < 0.5 and 0.5 < float(z.std()) < 2.0      # unit-variance channels for the DiT
+    assert tae.config.pad_start and len(tae.config.latent_mean) == 16
+    stream = tae.stream_decoder()
+    parts = [stream.push(z[:, :1]), stream.push(z[:, 1:3]), stream.push(z[:, 3:])]
+    assert [p.shape[1] for p in parts] == [1, 8, 8]
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
+
+
+def test_region_weights_reach_the_loss():
+    ae = AutoencoderSettings(region_weight=10.0, face_weight=2.0)
+    frames, s, w = world_clip(TINY, 3, 5, ae)
+    from stages.synth.render import region_masks
+    m = region_masks(s.identity, s.tracks, TINY.width, TINY.height, s.scene)
+    parts = np.maximum(np.maximum(m["mouth"], m["eyes"]), m["hands"])
+    assert (w[parts == 1] == 10).all() and (w[(parts == 0) & (m["face"] == 0)] == 1).all()
+    assert (w[(parts == 0) & (m["face"] == 1)] == 2).all() and (parts == 1).any() and (m["face"] == 1).any()
+    # the same error everywhere: a pixel's share of the loss gradient is its weight
+    x = to_unit(torch.from_numpy(frames)[None])
+    y = (x + 0.1).requires_grad_()
+    loss, _ = reconstruction_loss(y, x, torch.from_numpy(w)[None], dataclasses.replace(ae, temporal_weight=0.0))
+    loss.backward()
+    g = y.grad[0, :, 0].abs().numpy()                                     # [T, H, W]
+    mouth, background = m["mouth"] == 1, (parts == 0) & (m["face"] == 0)
+    assert np.allclose(g[mouth].mean() / g[background].mean(), 10.0, rtol=1e-3)
+    # with the weights up the mouth, eyes and hands carry most of the loss though they are a few pixels
+    share = (w * parts).sum() / w.sum()
+    assert parts.mean() < 0.1 and share > 3 * parts.mean()
+
+
+def test_resume_gives_the_weights_of_the_uninterrupted_run(tmp_path):
+    st = TrainSettings(stage="autoencoder", preset="tiny", steps=6, batch=1, save_every=3, warmup=2,
+                       autoencoder=AutoencoderSettings(frames=5))
+    train(st, tmp_path / "straight")
+
+    def stop_at_4(logged):
+        if logged["step"] == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train(st, tmp_path / "stopped", progress=stop_at_4)
+    assert (tmp_path / "stopped" / "latest").read_text().strip() == "step-000003"
+    assert train(st, tmp_path / "stopped")["resumed_from"] == 3
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = read_state_dict(tmp_path / "straight" / "step-000006" / name)
+        b = read_state_dict(tmp_path / "stopped" / "step-000006" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    meta = read_metadata(tmp_path / "stopped" / "step-000006" / "ema.safetensors")
+    assert meta["format"] == "vidu-taehv" and meta["config"]["pad_start"] and meta["lineage"][0]["steps"] == 6
+
+
+def test_teachers_take_the_autoencoder_as_their_codec(tmp_path):
+    work = ["--workdir", str(tmp_path / "w"), "-q"]
+    res = cli("train", "--stage", "autoencoder", "--preset", "tiny", "--steps", "2", "--batch", "1", "--frames", "5",
+              "--save-every", "2", "--out", str(tmp_path / "ae"), *work)
+    codec = Path(json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"]) / "ema.safetensors"
+    res = cli("train", "--stage", "bidirectional", "--preset", "tiny", "--steps", "1", "--batch", "1", "--samples", "2",
+              "--codec", str(codec), "--out", str(tmp_path / "bi"), *work)
+    ckpt = Path(json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"]) / "ema.safetensors"
+    rec = checkpoint_sampling(ckpt)["codec"]
+    assert (rec["kind"], rec["file"], rec["channels"]) == ("taehv", "../codec.safetensors", 16)
+    assert (ckpt.parent / rec["file"]).read_bytes() == codec.read_bytes()
+    assert not (tmp_path / "bi" / "codec-run").exists()                    # given, not trained inline
+    bad = cli("train", "--stage", "causal", "--preset", "tiny", "--steps", "1", "--from", str(ckpt), "--codec",
+              str(ckpt.parent / "ema.safetensors"), "--out", str(tmp_path / "c"), *work, check=False)
+    assert bad.returncode != 0 and "is not the autoencoder" in bad.stderr
