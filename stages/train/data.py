@@ -10,14 +10,13 @@ same sample: data position = step * batch, nothing to store for an exact resume.
 
 The codec is a TAEHV autoencoder trained on the world (stages/train/autoencoder.py), since no
 pretrained video autoencoder can be downloaded here: the run's --codec, else the one its --from
-checkpoint was trained with, else one trained first in out/codec-run/ (`prepare_codec`); the run keeps
+checkpoint was trained with, else one trained first in out/codec-run/ (loop.py `prepare_codec`); the run keeps
 a copy as out/codec.safetensors. Samples embedded with the Wan VAE or TAEHV carry their latents and
 need no codec.
 """
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV
 
 CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
-INLINE_CODEC_STEPS = 50               # a run given no codec trains this quick one first (say --codec for a real one)
 
 
 def clip_seed(seed: int, i: int) -> int:
@@ -244,56 +242,9 @@ def teacher_codec(init_from: str | None) -> Path | None:
     return Path(init_from).parent / rec["file"] if rec.get("file") else None
 
 
-def prepare_codec(cfg: ModelConfig, st, out: Path) -> Path:
-    """out/codec.safetensors: a copy of st.codec, else of the codec st.init_from was trained with, else
-    an autoencoder of the preset trained here first (INLINE_CODEC_STEPS steps, in out/codec-run/)."""
-    path = Path(out) / CODEC_FILE
-    if path.exists():
-        return path
-    given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
-    if given and inherited and _digest(given) != _digest(inherited):
-        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited})")
-    src = given or inherited
-    tmp = path.with_name(path.name + ".tmp")
-    if src is None:
-        key = (cfg.name, st.seed)
-        if key not in _INLINE_CODECS:
-            _INLINE_CODECS[key] = _train_inline_codec(cfg, st.seed, Path(out) / "codec-run").read_bytes()
-        tmp.write_bytes(_INLINE_CODECS[key])
-    elif not src.is_file():
-        raise ValueError(f"codec not found: {src}")
-    else:
-        shutil.copyfile(src, tmp)
-    tmp.replace(path)
-    return path
-
-
-_INLINE_CODECS: dict[tuple[str, int], bytes] = {}      # (preset, seed) -> the quick codec, trained once a process
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _train_inline_codec(cfg: ModelConfig, seed: int, out: Path) -> Path:
-    """A quick autoencoder of the preset, trained in this process on one thread (bit-identical wherever
-    it runs, so runs and their resumptions agree)."""
-    from stages.train.loop import TrainSettings, train
-    from stages.train.machinery import Dist
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        st = TrainSettings(stage="autoencoder", preset=cfg.name, steps=INLINE_CODEC_STEPS, batch=2, lr=2e-3, warmup=5,
-                           save_every=INLINE_CODEC_STEPS, seed=seed)
-        summary = train(st, out, d=Dist())
-    finally:
-        torch.set_num_threads(threads)
-    return Path(summary["checkpoint"]) / "ema.safetensors"
-
-
-def build_dataset(cfg: ModelConfig, st, out: Path, d) -> Dataset:
+def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec) -> Dataset:
     """The run's dataset (settings `st`: samples, seed, data, codec, init_from); rank 0 prepares the codec
-    in `out`, the others wait and load it. Text features come from the samples' shards, else MiniLM or
+    in `out` (`prepare_codec(cfg, st, out)`, stages/train/loop.py), the others wait and load it. Text features come from the samples' shards, else MiniLM or
     the table file named by $VIDU_TEXT_TABLE."""
     import os
     from models.checkpoint import load_taehv

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from models.config import PRESETS, preset as get_preset
 from models.dit import DiT
 from stages.run import ranged
 from stages.train.autoencoder import AutoencoderSettings
-from stages.train.data import Dataset, build_dataset
+from stages.train.data import CODEC_FILE, Dataset, build_dataset, teacher_codec
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_update, init_dist, latest_state,
                                     step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
@@ -114,7 +115,7 @@ class Trainer:
         self.opt, self.sched = adamw(model, st, d.device)
         self.step = 0
         self.history: list[dict] = []
-        self.data: Dataset = build_dataset(cfg, st, self.out, d)
+        self.data: Dataset = build_dataset(cfg, st, self.out, d, prepare_codec)
         if prefetch:
             self.data.prefetch(prefetch)
 
@@ -221,6 +222,54 @@ def _load_like(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def tokens_per_sample(cfg) -> int:
     return (1 + cfg.latent_frames) * cfg.tokens_per_frame()
+
+
+INLINE_CODEC_STEPS = 50     # a teacher given no codec trains this quick one first (give --codec for a real one)
+
+
+def prepare_codec(cfg, st: TrainSettings, out: Path) -> Path:
+    """out/codec.safetensors: a copy of st.codec, else of the codec st.init_from was trained with, else
+    an autoencoder of the preset trained here first (INLINE_CODEC_STEPS steps, in out/codec-run/)."""
+    path = Path(out) / CODEC_FILE
+    if path.exists():
+        return path
+    given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
+    if given and inherited and _digest(given) != _digest(inherited):
+        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited})")
+    src = given or inherited
+    tmp = path.with_name(path.name + ".tmp")
+    if src is None:
+        key = (cfg.name, st.seed)
+        if key not in _INLINE_CODECS:
+            _INLINE_CODECS[key] = _train_inline_codec(cfg, st.seed, Path(out) / "codec-run").read_bytes()
+        tmp.write_bytes(_INLINE_CODECS[key])
+    elif not src.is_file():
+        raise ValueError(f"codec not found: {src}")
+    else:
+        shutil.copyfile(src, tmp)
+    tmp.replace(path)
+    return path
+
+
+_INLINE_CODECS: dict[tuple[str, int], bytes] = {}      # (preset, seed) -> the quick codec, trained once a process
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _train_inline_codec(cfg, seed: int, out: Path) -> Path:
+    """A quick autoencoder of the preset, trained in this process on one thread (bit-identical wherever
+    it runs, so runs and their resumptions agree)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        st = TrainSettings(stage="autoencoder", preset=cfg.name, steps=INLINE_CODEC_STEPS, batch=2, lr=2e-3, warmup=5,
+                           save_every=INLINE_CODEC_STEPS, seed=seed)
+        summary = train(st, out, d=Dist())
+    finally:
+        torch.set_num_threads(threads)
+    return Path(summary["checkpoint"]) / "ema.safetensors"
 
 
 def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None, prefetch: int = 0,

@@ -97,7 +97,9 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     i = draw.randint(F // c)                             # the current chunk
     n = (i + 1) * c                                      # frames kept: history + current
     x0, xa0 = x0[:, :, :n], None if xa0 is None else xa0[:, :n]
-    audio = None if batch.get("audio") is None else batch["audio"][:, :n]
+    # speech features: [B, before + F + after, ...] (DiTConfig.audio_context); the kept frames hear up to `after` past n
+    before, after = model.cfg.audio_context
+    audio = None if batch.get("audio") is None else batch["audio"][:, :before + n + after]
     teacher = draw.rand() < st.p_teacher_forcing
     if st.tau_dist == "uniform":
         tau = draw.rand() * st.tau_max
