@@ -120,3 +120,30 @@ def test_trains_on_a_synth_manifest(tmp_path):
         clips = cli("prefilter", str(tmp_path / "synth"), "--workdir", str(tmp_path / "work"), "-q").stdout
         train(TrainSettings(stage="bidirectional", steps=2, data=clips.strip().splitlines()[-1], **FAST),
               tmp_path / "bad")
+
+
+def test_a_mid_clip_instruction_reaches_the_training_batch_at_its_latent_frame():
+    """World clips carry a text per latent frame: an instruction given mid-clip is read by the frames
+    shown from its onset on (the first latent frame whose first video frame comes at or after it), the
+    neutral prompt before; the Dataset turns them into [F, L, D] features, one row per frame."""
+    from models.config import NEUTRAL_TEXT, PRESETS
+    from models.encoders import TextEncoder
+    from stages.samples import latent_frame_start
+    from stages.synth import make_sample
+    from stages.train.data import ClipSource, Dataset, clip_seed, render_clip
+    cfg = PRESETS["tiny"].replace(latent_frames=25)                 # 97 frames, 3.9 s
+    seed = clip_seed(0, 0)
+    texts = render_clip(seed, cfg)["text"]
+    sample = make_sample(seed, cfg.width, cfg.height, cfg.audio.fps, cfg.video_frames / cfg.audio.fps)
+    onset, _, _, name = sample.events[0]
+    assert 0 < onset < 3.0 and texts[0] == NEUTRAL_TEXT
+    first = next(k for k in range(25) if latent_frame_start(k) / cfg.audio.fps >= onset - 1e-6)
+    assert texts.index(name) == first and texts[first - 1] == NEUTRAL_TEXT
+    ds = Dataset(ClipSource(cfg, 0, 1), 0, None, TextEncoder("minilm", max_len=cfg.dit.text_len))
+    feats = ds._frame_texts(texts)
+    assert feats.shape == (25, cfg.dit.text_len, cfg.dit.text_dim)
+    assert torch.equal(feats[first], ds._text(name)) and torch.equal(feats[0], ds._text(NEUTRAL_TEXT))
+    assert not torch.equal(feats[first - 1], feats[first])
+    # one text for the whole clip is a view of a single copy, not 25
+    one = ds._frame_texts(NEUTRAL_TEXT)
+    assert one.shape == feats.shape and one.stride(0) == 0

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from models.audio import audio_features, audio_latent
 from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV
+from stages.samples import synth_events, synth_timeline, text_timeline
 
 CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
 
@@ -43,7 +44,13 @@ def render_clip(seed: int, cfg: ModelConfig) -> dict:
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
-    return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": clip_instruction(s.instructions)}
+    return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
+
+
+def per_frame_texts(timeline) -> list:
+    """The text in force at each latent frame (stages/samples.py's rule: a mid-clip instruction acts
+    from the first latent frame shown after its onset, as in `vidu stream`)."""
+    return [timeline.texts[i] for i in timeline.index]
 
 
 def clip_instruction(per_frame: list[str]) -> str:
@@ -112,7 +119,8 @@ def read_sample_clip(row: dict) -> dict:
     the stored audio features, and the text features in place of the text."""
     from stages.samples import read_sample
     t = read_sample(row)
-    c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": t["text"]}
+    text = [t["texts"][int(i)] for i in t["text_index"]] if "text_index" in t else t["text"]   # per latent frame
+    c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": text}
     if row["latent_kind"] == "frames":
         c["frames"] = t["video"].numpy()
         c["ref"] = c["frames"][0]
@@ -142,7 +150,9 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
     audio = np.pad(audio[:n], (0, max(0, n - len(audio[:n]))))
     text = NEUTRAL_TEXT
     if row.get("gt_path") and Path(row["gt_path"]).is_file():
-        text = clip_instruction(json.loads(Path(row["gt_path"]).read_text())["instructions"][:T])
+        events, _ = synth_events(json.loads(Path(row["gt_path"]).read_text()))
+        text = per_frame_texts(text_timeline(NEUTRAL_TEXT, events, 0.0, cfg.latent_frames, fps,
+                                             cfg.audio.video_frames_per_latent, base_onset=0.0))
     return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": frames[0], "text": text}
 
 
@@ -183,6 +193,19 @@ class Dataset:
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
 
+    def _frame_texts(self, text) -> torch.Tensor:
+        """A clip's text (a string or features [L, D]), or one per latent frame (a list) ->
+        [F, text_len, D]: the model reads a text per frame, so mid-clip instructions are trained on."""
+        F = self.cfg.latent_frames
+        if not isinstance(text, list):
+            return self._text(text).expand(F, -1, -1)         # a view: one text costs one copy
+        if len(text) != F:
+            raise ValueError(f"{len(text)} per-frame texts for {F} latent frames")
+        feats = [self._text(x) for x in text]
+        if all(f is feats[0] for f in feats):
+            return feats[0].expand(F, -1, -1)
+        return torch.stack(feats)
+
     def _text(self, text: str | torch.Tensor) -> torch.Tensor:
         """A text (encoded once, cached) or its features [L, D] -> [text_len, D], zero-padded."""
         if torch.is_tensor(text):
@@ -198,7 +221,7 @@ class Dataset:
     def sample(self, i: int) -> dict:
         if i not in self.cache:
             s = _encode_index(self.source, self.codec, i)
-            s["text"] = self._text(s.pop("instruction"))
+            s["text"] = self._frame_texts(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]
 
@@ -212,7 +235,7 @@ class Dataset:
                                  initargs=(1,)) as pool:
             for i, s in zip(todo, pool.map(_encode_index, [self.source] * len(todo), [self.codec] * len(todo), todo,
                                            chunksize=8)):
-                s["text"] = self._text(s.pop("instruction"))
+                s["text"] = self._frame_texts(s.pop("instruction"))
                 self.cache[i] = s
 
     def index(self, g: int) -> int:

@@ -8,10 +8,11 @@ model predicts v = eps - x_0 and x_0 = x_t - s v).
   (history x_tau^{<i}, tau > 0); loss on the current chunk only. Frames after chunk i cannot affect
   it under the causal mask, so the sequence is cut after it.
 
-A batch is a dict: video [B, C, F, h, w], ref [B, C, 1, h, w], text [B, L, D], audio [B, F, K, A]
-(or None), audio_latent [B, F, Na, Ca] (or None). All randomness comes from a `Draw`: numbers for
-the whole global batch from one generator seeded per step, of which each rank keeps its rows, so
-N ranks x B/N samples draw exactly what one process with B samples draws.
+A batch is a dict: video [B, C, F, h, w], ref [B, C, 1, h, w], text [B, L, D] or per frame
+[B, F, L, D], audio [B, before + F + after, K, A] (or None), audio_latent [B, F, Na, Ca] (or None).
+All randomness comes from a `Draw`: numbers for the whole global batch from one generator seeded per
+step, of which each rank keeps its rows, so N ranks x B/N samples draw exactly what one process with
+B samples draws.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     # speech features: [B, before + F + after, ...] (DiTConfig.audio_context); the kept frames hear up to `after` past n
     before, after = model.cfg.audio_context
     audio = None if batch.get("audio") is None else batch["audio"][:, :before + n + after]
+    text = batch["text"][:, :n] if batch["text"].ndim == 4 else batch["text"]    # a text per frame: the kept ones
     teacher = draw.rand() < st.p_teacher_forcing
     if st.tau_dist == "uniform":
         tau = draw.rand() * st.tau_max
@@ -114,7 +116,7 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     xa_t = None
     if xa0 is not None:
         xa_t = (1 - _bcast(per_frame, xa0)) * xa0 + _bcast(per_frame, xa0) * draw.randn_like(xa0)
-    out = model(x_t, per_frame * 1000.0, batch["text"], audio=audio, audio_latent=xa_t, ref=batch["ref"],
+    out = model(x_t, per_frame * 1000.0, text, audio=audio, audio_latent=xa_t, ref=batch["ref"],
                 mask="causal", chunk_frames=c)
     cur = slice(i * c, n)
     loss_v = _x0_loss(out.video, x_t, per_frame, x0, cur)
