@@ -133,14 +133,15 @@ def test_a_mid_clip_instruction_reaches_the_training_batch_at_its_latent_frame()
     from stages.train.data import ClipSource, Dataset, clip_seed, render_clip
     cfg = PRESETS["tiny"].replace(latent_frames=25)                 # 97 frames, 3.9 s
     seed = clip_seed(0, 0)
-    texts = render_clip(seed, cfg)["text"]
+    table, index = render_clip(seed, cfg)["text"]
+    texts = [table[i] for i in index]
     sample = make_sample(seed, cfg.width, cfg.height, cfg.audio.fps, cfg.video_frames / cfg.audio.fps)
     onset, _, _, name = sample.events[0]
     assert 0 < onset < 3.0 and texts[0] == NEUTRAL_TEXT
     first = next(k for k in range(25) if latent_frame_start(k) / cfg.audio.fps >= onset - 1e-6)
     assert texts.index(name) == first and texts[first - 1] == NEUTRAL_TEXT
     ds = Dataset(ClipSource(cfg, 0, 1), 0, None, TextEncoder("minilm", max_len=cfg.dit.text_len))
-    feats = ds._frame_texts(texts)
+    feats = ds._frame_texts((table, index))
     assert feats.shape == (25, cfg.dit.text_len, cfg.dit.text_dim)
     assert torch.equal(feats[first], ds._text(name)) and torch.equal(feats[0], ds._text(NEUTRAL_TEXT))
     assert not torch.equal(feats[first - 1], feats[first])

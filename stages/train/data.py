@@ -47,10 +47,10 @@ def render_clip(seed: int, cfg: ModelConfig) -> dict:
     return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
 
 
-def per_frame_texts(timeline) -> list:
-    """The text in force at each latent frame (stages/samples.py's rule: a mid-clip instruction acts
-    from the first latent frame shown after its onset, as in `vidu stream`)."""
-    return [timeline.texts[i] for i in timeline.index]
+def per_frame_texts(timeline) -> tuple[list, list[int]]:
+    """(distinct texts, the one in force at each latent frame): stages/samples.py's rule, a mid-clip
+    instruction acts from the first latent frame shown after its onset, as in `vidu stream`."""
+    return list(timeline.texts), list(timeline.index)
 
 
 def clip_instruction(per_frame: list[str]) -> str:
@@ -119,7 +119,7 @@ def read_sample_clip(row: dict) -> dict:
     the stored audio features, and the text features in place of the text."""
     from stages.samples import read_sample
     t = read_sample(row)
-    text = [t["texts"][int(i)] for i in t["text_index"]] if "text_index" in t else t["text"]   # per latent frame
+    text = (list(t["texts"]), t["text_index"].tolist()) if "text_index" in t else t["text"]   # per latent frame
     c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": text}
     if row["latent_kind"] == "frames":
         c["frames"] = t["video"].numpy()
@@ -194,17 +194,17 @@ class Dataset:
         self.perms: dict[int, torch.Tensor] = {}
 
     def _frame_texts(self, text) -> torch.Tensor:
-        """A clip's text (a string or features [L, D]), or one per latent frame (a list) ->
-        [F, text_len, D]: the model reads a text per frame, so mid-clip instructions are trained on."""
+        """A clip's text (a string or features [L, D]), or (distinct texts, index per latent frame) ->
+        [F, text_len, D]: the model reads a text per frame, so mid-clip instructions are trained on.
+        Each distinct text is encoded once; one text for the clip is a view of one copy."""
         F = self.cfg.latent_frames
-        if not isinstance(text, list):
-            return self._text(text).expand(F, -1, -1)         # a view: one text costs one copy
-        if len(text) != F:
-            raise ValueError(f"{len(text)} per-frame texts for {F} latent frames")
-        feats = [self._text(x) for x in text]
-        if all(f is feats[0] for f in feats):
-            return feats[0].expand(F, -1, -1)
-        return torch.stack(feats)
+        texts, index = text if isinstance(text, tuple) else ([text], [0] * F)
+        if len(index) != F:
+            raise ValueError(f"{len(index)} per-frame texts for {F} latent frames")
+        table = [self._text(x) for x in texts]
+        if len(set(index)) == 1:
+            return table[index[0]].expand(F, -1, -1)
+        return torch.stack(table)[torch.tensor(index)]
 
     def _text(self, text: str | torch.Tensor) -> torch.Tensor:
         """A text (encoded once, cached) or its features [L, D] -> [text_len, D], zero-padded."""
