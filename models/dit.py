@@ -284,11 +284,7 @@ class DiT(nn.Module):
         K = audio.shape[2]
         tokens = self.audio_embedding(audio.to(self.audio_embedding[0].weight.dtype))     # [B, Fa, K, dim]
         windows = tokens.unfold(1, W, 1).permute(0, 1, 4, 2, 3).flatten(2, 3)            # [B, F, W*K, dim]
-        steps = torch.arange(W * K, device=device, dtype=torch.float64)
-        zero = torch.zeros_like(steps)
-        k_rope = rope_angles(torch.stack([steps, zero, zero], 1), self.cfg.head_dim)
-        q_rope = rope_angles(torch.tensor([[before * K + K / 2, 0, 0]], device=device), self.cfg.head_dim)
-        return windows, (*q_rope, *k_rope)
+        return windows, _audio_rope(W, K, before, self.cfg.head_dim, torch.device(device))
 
     def rotate(self, kv: KV) -> KV:
         """The context with its keys rotated to their positions once, for several forwards over the same
@@ -392,16 +388,29 @@ class DiT(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def _token_mask(F: int, n_ref: int, S: int, n_ctx: int, causal: bool, chunk_frames: int, device) -> torch.Tensor:
-    Fq = n_ref + F
-    frame_ok = torch.ones(Fq, Fq, dtype=torch.bool)
-    if causal:
-        chunk = torch.arange(F) // chunk_frames
-        frame_ok[n_ref:, n_ref:] = chunk[:, None] >= chunk[None, :]
-    if n_ref:
-        frame_ok[:n_ref, n_ref:] = False
-    tok = frame_ok.repeat_interleave(S, 0).repeat_interleave(S, 1)
-    if n_ctx:
-        ctx_ok = torch.ones(Fq * S, n_ctx, dtype=torch.bool)
-        ctx_ok[:n_ref * S] = False
-        tok = torch.cat([ctx_ok, tok], 1)
-    return tok.to(device)
+    with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference
+        Fq = n_ref + F
+        frame_ok = torch.ones(Fq, Fq, dtype=torch.bool)
+        if causal:
+            chunk = torch.arange(F) // chunk_frames
+            frame_ok[n_ref:, n_ref:] = chunk[:, None] >= chunk[None, :]
+        if n_ref:
+            frame_ok[:n_ref, n_ref:] = False
+        tok = frame_ok.repeat_interleave(S, 0).repeat_interleave(S, 1)
+        if n_ctx:
+            ctx_ok = torch.ones(Fq * S, n_ctx, dtype=torch.bool)
+            ctx_ok[:n_ref * S] = False
+            tok = torch.cat([ctx_ok, tok], 1)
+        return tok.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _audio_rope(W: int, K: int, before: int, head_dim: int, device) -> tuple[torch.Tensor, ...]:
+    """RoPE of the audio adapter (the same for every frame and every forward): queries at the middle of
+    their own frame's K mel steps, keys at their step in the window of W frames."""
+    with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference
+        steps = torch.arange(W * K, dtype=torch.float64)
+        zero = torch.zeros_like(steps)
+        k_rope = rope_angles(torch.stack([steps, zero, zero], 1), head_dim)
+        q_rope = rope_angles(torch.tensor([[before * K + K / 2, 0.0, 0.0]], dtype=torch.float64), head_dim)
+        return tuple(x.to(device) for x in (*q_rope, *k_rope))

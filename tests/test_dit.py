@@ -327,3 +327,18 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         load_dit(bad)
     with pytest.raises(CheckpointError, match="not found"):
         load_dit(tmp_path / "missing.safetensors")
+
+
+def test_cached_masks_and_audio_rope_serve_training_after_an_inference_mode_stream():
+    """The mask and the audio adapter's RoPE are built once per shape and cached; built first under
+    torch.inference_mode (a stream), they must still be usable in a backward pass."""
+    from models import dit as dit_mod
+    dit_mod._token_mask.cache_clear()
+    dit_mod._audio_rope.cache_clear()
+    m = tiny_model()
+    inp = tiny_inputs(F=3)
+    with torch.inference_mode():
+        m(**inp, mask="causal", chunk_frames=1)
+    m.train()
+    m(**inp, mask="causal", chunk_frames=1).video.square().mean().backward()
+    assert m.blocks[0].audio_attn.q.weight.grad is not None
