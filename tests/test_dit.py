@@ -320,7 +320,7 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
         load_dit(path, PRESETS["small"])
     msg = str(e.value)
     assert "\n" not in msg
-    assert "patch_embedding.weight (checkpoint [64, 16, 1, 2, 2], model [512, 16, 1, 2, 2])" in msg
+    assert "patch_embedding.weight (checkpoint [64, 16, 1, 2, 2], model [320, 16, 1, 2, 2])" in msg
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
@@ -342,3 +342,14 @@ def test_cached_masks_and_audio_rope_serve_training_after_an_inference_mode_stre
     m.train()
     m(**inp, mask="causal", chunk_frames=1).video.square().mean().backward()
     assert m.blocks[0].audio_attn.q.weight.grad is not None
+
+
+def test_starter_preset_fits_the_shipping_budget():
+    """`small` is what the starter model and the distilled student ship: DiT + TAEHV decoder <= 40 MB in
+    bf16, video-only (joint audio has no training target yet)."""
+    from models.taehv import TAEHV
+    cfg = PRESETS["small"]
+    dit = DiT(cfg.dit).num_params()
+    dec = sum(p.numel() for p in TAEHV(cfg.taehv).decoder.parameters())
+    assert 2 * (dit + dec) <= 40e6 and dit > 10e6
+    assert not cfg.dit.joint_audio and cfg.dit.audio_dim == cfg.audio.n_mels

@@ -255,3 +255,10 @@ def test_two_thousand_chunks_use_constant_memory():
     (length, last_frame, nxt), = lengths
     assert length == (1 + 1 + 4) * eng.buffers.S and last_frame == 5 and nxt == (6,)  # bounded positions
     assert rss[-1] - rss[1] < 50 * 1024                                              # peak RSS (KiB) flat
+
+
+def test_context_chunks_lay_out_sink_and_the_newest_window():
+    from stages.stream.engine import context_chunks
+    assert context_chunks(0, 2, True) == [] and context_chunks(1, 2, True) == [0]
+    assert context_chunks(2, 2, True) == [0, 1] and context_chunks(5, 2, True) == [0, 3, 4]
+    assert context_chunks(5, 2, False) == [3, 4] and context_chunks(1, 3, False) == [0]

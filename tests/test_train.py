@@ -148,3 +148,23 @@ def test_a_mid_clip_instruction_reaches_the_training_batch_at_its_latent_frame()
     # one text for the whole clip is a view of a single copy, not 25
     one = ds._frame_texts(NEUTRAL_TEXT)
     assert one.shape == feats.shape and one.stride(0) == 0
+
+
+def test_condition_dropout_hits_each_condition_at_its_rate():
+    from stages.train.machinery import step_generator
+    from stages.train.objectives import Draw, ObjectiveSettings, drop_conditions
+    n = 4000
+    batch = {"text": torch.randn(n, 3, 2) + 5, "audio": torch.randn(n, 4, 2, 3) + 5, "ref": torch.randn(n, 2, 1, 2, 2) + 5}
+    st = ObjectiveSettings(p_drop_text=0.1, p_drop_audio=0.3, p_drop_ref=0.5)
+    out, parts = drop_conditions(batch, st, Draw(step_generator(0, 0), 0, n, n))
+    for name, p in (("text", 0.1), ("audio", 0.3), ("ref", 0.5)):
+        dropped = (out[name].flatten(1) == 0).all(1)
+        kept = (out[name] == batch[name]).flatten(1).all(1)
+        assert bool((dropped ^ kept).all())                              # a row is nulled whole or untouched
+        assert abs(float(dropped.float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5
+        assert float(parts[f"drop_{name}"]) == float(dropped.float().mean())
+    drops = [(out[k].flatten(1) == 0).all(1) for k in ("text", "audio", "ref")]
+    assert 0 < int((drops[0] & drops[2]).sum()) < int(drops[0].sum())   # independent, not one shared draw
+    none, _ = drop_conditions(batch, ObjectiveSettings(p_drop_text=0, p_drop_audio=0, p_drop_ref=0),
+                              Draw(step_generator(0, 0), 0, n, n))
+    assert all(torch.equal(none[k], batch[k]) for k in batch)           # control: rate 0 drops nothing

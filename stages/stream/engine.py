@@ -119,6 +119,15 @@ def _never_saw(what: str) -> str:
     return f"the checkpoint never saw {what}"
 
 
+def context_chunks(chunk: int, slots: int, sink: bool) -> list[int]:
+    """The chunks generated before chunk `chunk` (0-based) that it attends to, in RoPE order: the sink
+    (chunk 0) when kept, then the newest `slots` others, oldest first. Its context is laid out at frame
+    positions ref 0, these chunks' frames 1, 2, ... in this order, then its own frames; the engine's
+    buffers and stage 2 training (stages/train/objectives.py) both place frames by this function."""
+    first_ring = 1 if sink else 0
+    return ([0] if sink and chunk > 0 else []) + list(range(max(first_ring, chunk - slots), chunk))
+
+
 class ContextBuffers:
     """Preallocated keys/values for [ref | sink | ring] per block: one clean set, and a noisy set
     under TwinCache (ref and sink are written to both). Tokens are frame-major, S per frame."""
@@ -161,14 +170,18 @@ class ContextBuffers:
         self.chunks_in_ring += 1
 
     def frame_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE frame positions of the buffer's valid frames (in buffer order) and of the next chunk:
-        ref 0, sink next, ring chunks by age (oldest first), the current chunk last."""
-        valid = self.slot_chunk[: min(self.chunks_in_ring, self.slots)]
-        oldest = min(valid, default=0)
-        parts = [torch.arange(self.fixed_frames)]
-        parts += [self.fixed_frames + (c - oldest) * self.cf + torch.arange(self.cf) for c in valid]
-        nxt = self.fixed_frames + len(valid) * self.cf + torch.arange(self.cf)
-        return torch.cat(parts), nxt
+        """RoPE frame positions of the buffer's valid frames (in buffer order) and of the next chunk,
+        as `context_chunks` lays them out: ref 0, sink next, ring chunks by age, the current chunk last."""
+        sink = self.n_fixed > 1
+        done = (1 if sink and self.fixed_frames > 1 else 0) + self.chunks_in_ring      # chunks generated
+        rank = {c: r for r, c in enumerate(context_chunks(done, self.slots, sink))}
+        first_ring = 1 if sink else 0
+        parts = [torch.arange(min(self.fixed_frames, 1))]
+        if self.fixed_frames > 1:
+            parts.append(1 + torch.arange(self.cf))
+        parts += [1 + (rank[c + first_ring]) * self.cf + torch.arange(self.cf)
+                  for c in self.slot_chunk[: min(self.chunks_in_ring, self.slots)]]
+        return torch.cat(parts), 1 + len(rank) * self.cf + torch.arange(self.cf)
 
     def context(self, which: str) -> tuple[KV, torch.Tensor]:
         """The valid context (views, no copy) with token positions, and the next chunk's frame positions."""

@@ -10,6 +10,8 @@ model predicts v = eps - x_0 and x_0 = x_t - s v).
 
 A batch is a dict: video [B, C, F, h, w], ref [B, C, 1, h, w], text [B, L, D] or per frame
 [B, F, L, D], audio [B, before + F + after, K, A] (or None), audio_latent [B, F, Na, Ca] (or None).
+Both objectives first drop conditions (text, speech, reference: each row independently, nulled to
+zeros) so that the samplers can guide (classifier-free guidance).
 All randomness comes from a `Draw`: numbers for the whole global batch from one generator seeded per
 step, of which each rank keeps its rows, so N ranks x B/N samples draw exactly what one process with
 B samples draws.
@@ -23,6 +25,7 @@ import torch
 from models.dit import DiT
 from models.flow import SHIFT, shift_sigma
 from stages.run import ranged
+from stages.train.losses import video_loss
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,10 @@ class ObjectiveSettings:
     chunk_frames: int | None = ranged(None, min=1)  # stage 2: latent frames per causal block (None: the preset's)
     tau_dist: str = ranged("uniform", choices=("uniform", "shifted"))  # stage 2: history noise tau ~ U(0, tau_max] | Wan shift
     tau_max: float = ranged(0.5, min=0, max=1)
+    # condition dropout (each row independently): what classifier-free guidance needs
+    p_drop_text: float = ranged(0.1, min=0, max=1)
+    p_drop_audio: float = ranged(0.1, min=0, max=1)
+    p_drop_ref: float = ranged(0.1, min=0, max=1)
 
 
 class Draw:
@@ -53,6 +60,33 @@ class Draw:
         return int(torch.randint(n, (1,), generator=self.gen))
 
 
+CONDITIONS = ("text", "audio", "ref")
+
+
+def null_condition(x: torch.Tensor) -> torch.Tensor:
+    """What a dropped condition becomes, in training and in the samplers' unconditional pass: zeros
+    (text features, speech features, the reference latent)."""
+    return torch.zeros_like(x)
+
+
+def drop_conditions(batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[dict, dict]:
+    """Condition dropout: each row loses its text, speech and reference independently with
+    probabilities p_drop_text / p_drop_audio / p_drop_ref. One number per row and condition is drawn
+    whether or not the condition is present (the draws do not depend on the batch's contents).
+    Returns the batch with the dropped rows nulled and {"drop_<name>": share of rows dropped}."""
+    out, parts = dict(batch), {}
+    for name in CONDITIONS:
+        p = getattr(st, f"p_drop_{name}")
+        drop = draw.rand() < p
+        parts[f"drop_{name}"] = drop.float().mean()
+        x = batch.get(name)
+        if x is None or not bool(drop.any()):
+            continue
+        keep = (~drop).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        out[name] = torch.where(keep, x, null_condition(x))
+    return out, parts
+
+
 def _sigma(draw: Draw, st: ObjectiveSettings, device) -> torch.Tensor:
     return shift_sigma(draw.rand(torch.float64), st.shift).float().clamp(1e-3, 1.0).to(device)
 
@@ -64,31 +98,37 @@ def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(s.shape[0], -1, 1, 1) if s.ndim == 2 else s.reshape(-1, 1, 1, 1)
 
 
-def _x0_loss(model_out, x_t, sig, x0, frames: slice | None = None) -> torch.Tensor:
-    x0_hat = x_t - _bcast(sig, x_t) * model_out
+def _x0(model_out, x_t, sig) -> torch.Tensor:
+    return x_t - _bcast(sig, x_t) * model_out          # v = eps - x0
+
+
+def _audio_loss(model_out, xa_t, sig, xa0, frames: slice | None = None) -> torch.Tensor:
+    xa0_hat = _x0(model_out, xa_t, sig)
     if frames is not None:
-        x0_hat, x0 = (x0_hat[:, :, frames], x0[:, :, frames]) if x0.ndim == 5 else (x0_hat[:, frames], x0[:, frames])
-    return (x0_hat.float() - x0.float()).square().mean()
+        xa0_hat, xa0 = xa0_hat[:, frames], xa0[:, frames]
+    return (xa0_hat.float() - xa0.float()).square().mean()
 
 
 def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+    batch, dropped = drop_conditions(batch, st, draw)
     x0, xa0 = batch["video"], batch.get("audio_latent")
     s = _sigma(draw, st, x0.device)
     x_t = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * draw.randn_like(x0)
     xa_t = None if xa0 is None else (1 - _bcast(s, xa0)) * xa0 + _bcast(s, xa0) * draw.randn_like(xa0)
     out = model(x_t, s * 1000.0, batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
                 mask="full")
-    loss_v = _x0_loss(out.video, x_t, s, x0)
-    loss = loss_v
-    parts = {"loss_video": loss_v.detach()}
+    F = x0.shape[2]
+    loss, vparts = video_loss(_x0(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F))
+    parts = {**vparts, **dropped}
     if xa0 is not None:
-        loss_a = _x0_loss(out.audio, xa_t, s, xa0)
+        loss_a = _audio_loss(out.audio, xa_t, s, xa0)
         loss = loss + st.audio_weight * loss_a
         parts["loss_audio"] = loss_a.detach()
     return loss, parts
 
 
 def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+    batch, dropped = drop_conditions(batch, st, draw)
     x0, xa0 = batch["video"], batch.get("audio_latent")
     B, F, c = x0.shape[0], x0.shape[2], st.chunk_frames
     if c is None:
@@ -119,12 +159,12 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     out = model(x_t, per_frame * 1000.0, text, audio=audio, audio_latent=xa_t, ref=batch["ref"],
                 mask="causal", chunk_frames=c)
     cur = slice(i * c, n)
-    loss_v = _x0_loss(out.video, x_t, per_frame, x0, cur)
-    loss = loss_v
-    parts = {"loss_video": loss_v.detach(), "chunk": torch.tensor(float(i)),
-             "teacher_forcing": teacher.float().mean()}
+    x0_hat = _x0(out.video, x_t, per_frame)
+    loss, vparts = video_loss(x0_hat[:, :, cur], x0[:, :, cur], per_frame[:, cur], batch, torch.arange(n)[cur])
+    parts = {**vparts, "chunk": torch.tensor(float(i)),
+             "teacher_forcing": teacher.float().mean(), **dropped}
     if xa0 is not None:
-        loss_a = _x0_loss(out.audio, xa_t, per_frame, xa0, cur)
+        loss_a = _audio_loss(out.audio, xa_t, per_frame, xa0, cur)
         loss = loss + st.audio_weight * loss_a
         parts["loss_audio"] = loss_a.detach()
     return loss, parts
