@@ -8,6 +8,11 @@ features and the joint audio latent, MiniLM encodes the instruction. Batches fol
 permutation of the samples seeded by (seed, epoch), so global sample number g always maps to the
 same sample: data position = step * batch, nothing to store for an exact resume.
 
+A clip is as long as the data config's `latent_frames`: the model's for stage 1, the objective's
+`clip_frames` for stage 2 (loop.py; long clips, so the stream's window wraps and timed instructions
+land mid-clip). World clips rendered with `masks` also carry the mouth region at latent resolution
+("mouth" [F, h, w], `latent_regions`) for the loss weight; masks cost 35-70 % more render time.
+
 The codec is a TAEHV autoencoder trained on the world (stages/train/autoencoder.py), since no
 pretrained video autoencoder can be downloaded here: the run's --codec, else the one its --from
 checkpoint was trained with, else one trained first in out/codec-run/ (loop.py `prepare_codec`); the run keeps
@@ -35,16 +40,32 @@ def clip_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
 
-def render_clip(seed: int, cfg: ModelConfig) -> dict:
+def render_clip(seed: int, cfg: ModelConfig, masks: bool = False) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
-    16 kHz, a neutral reference frame of the same identity [H, W, 3], and its instruction text."""
+    16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame and,
+    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`)."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
-                          seconds=cfg.video_frames / cfg.audio.fps)
+                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
-    return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
+    c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
+    if masks:
+        c["mouth"] = latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)
+    return c
+
+
+def latent_regions(mask: np.ndarray, per: int, down: int) -> torch.Tensor:
+    """A region's coverage [T, H, W] (T = 1 + per * (F - 1) video frames) -> [F, H / down, W / down]:
+    the max over each latent frame's video frames (frame 0 alone, then per at a time, as the codec
+    groups them) and over each down x down pixel block."""
+    T = mask.shape[0]
+    if (T - 1) % per:
+        raise ValueError(f"{T} frames do not group into latent frames of {per}")
+    m = torch.from_numpy(np.ascontiguousarray(mask)).float()
+    m = torch.cat([m[:1], m[1:].unflatten(0, (-1, per)).amax(1)])              # [F, H, W]
+    return torch.nn.functional.max_pool2d(m[None], down)[0]
 
 
 def per_frame_texts(timeline) -> tuple[list, list[int]]:
@@ -66,14 +87,14 @@ def clip_instruction(per_frame: list[str]) -> str:
 class ClipSource:
     """Clip i of a run: rendered from the synthetic world, or read from a manifest's ok rows."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None):
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None, masks: bool = False):
+        self.cfg, self.seed, self.masks = cfg, seed, masks
         self.kind, self.rows = manifest_rows(manifest, cfg) if manifest else ("world", None)
         self.n = len(self.rows) if self.rows is not None else n
 
     def __call__(self, i: int) -> dict:
         if self.rows is None:
-            return render_clip(clip_seed(self.seed, i), self.cfg)
+            return render_clip(clip_seed(self.seed, i), self.cfg, self.masks)
         if self.kind == "samples":
             return read_sample_clip(self.rows[i])
         return read_clip(self.rows[i], self.cfg)
@@ -173,6 +194,8 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     else:
         s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
+    if "mouth" in c:
+        s["mouth"] = c["mouth"]
     if d.audio_dim:
         s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio, context=d.audio_context)
     if d.joint_audio:
@@ -265,14 +288,15 @@ def teacher_codec(init_from: str | None) -> Path | None:
     return Path(init_from).parent / rec["file"] if rec.get("file") else None
 
 
-def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec) -> Dataset:
-    """The run's dataset (settings `st`: samples, seed, data, codec, init_from); rank 0 prepares the codec
+def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool = False) -> Dataset:
+    """The run's dataset of clips of cfg.latent_frames (settings `st`: samples, seed, data, codec, init_from;
+    `masks`: world clips carry the mouth region); rank 0 prepares the codec
     in `out` (`prepare_codec(cfg, st, out)`, stages/train/loop.py), the others wait and load it. Text features come from the samples' shards, else MiniLM or
     the table file named by $VIDU_TEXT_TABLE."""
     import os
     from models.checkpoint import load_taehv
     from models.encoders import TextEncoder, TextTable
-    source = ClipSource(cfg, st.seed, st.samples, st.data)
+    source = ClipSource(cfg, st.seed, st.samples, st.data, masks)
     codec, record = None, None
     if source.needs_codec:
         path = Path(out) / CODEC_FILE

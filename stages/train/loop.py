@@ -16,6 +16,9 @@ loss history); a re-run resumes from the newest one and continues exactly: data 
 functions of (seed, step), so a resumed run reproduces the uninterrupted run's losses. `minutes` stops a
 run (with a checkpoint) after that much training time; re-running continues it.
 
+Stage 2 trains in the streaming regime on clips of `objective.clip_frames` latent frames, with the
+window and sink its checkpoints record (`stream_objective`; objectives.py `causal_loss`).
+
 The teachers code frames with a TAEHV autoencoder: `codec`, else the one the `init_from` checkpoint was
 trained with, else one trained here first (stages/train/data.py `prepare_codec`); it is copied to
 out/codec.safetensors and recorded in every checkpoint's "sampling" metadata.
@@ -97,8 +100,12 @@ class Trainer:
         # ModelConfig.chunk_frames is the causal block size: the objective's default, and what a
         # causal checkpoint records it was trained with
         cf = st.objective.chunk_frames or cfg.chunk_frames
-        self.objective = dataclasses.replace(st.objective, chunk_frames=cf)
         self.cfg = cfg.replace(chunk_frames=cf) if st.stage == "causal" else cfg
+        self.objective = dataclasses.replace(st.objective, chunk_frames=cf)
+        if st.stage == "causal":
+            self.objective = stream_objective(self.objective, self.cfg)
+        # stage 2 trains on long clips (the objective's clip_frames), stage 1 on the model's
+        data_cfg = cfg.replace(latent_frames=self.objective.clip_frames) if st.stage == "causal" else cfg
         torch.manual_seed(st.seed)
         model = DiT(cfg.dit)
         if init is not None:
@@ -115,7 +122,8 @@ class Trainer:
         self.opt, self.sched = adamw(model, st, d.device)
         self.step = 0
         self.history: list[dict] = []
-        self.data: Dataset = build_dataset(cfg, st, self.out, d, prepare_codec)
+        self.data: Dataset = build_dataset(data_cfg, st, self.out, d, prepare_codec,
+                                           masks=self.objective.mouth_weight != 1)
         if prefetch:
             self.data.prefetch(prefetch)
 
@@ -185,8 +193,8 @@ class Trainer:
             codec = self.data.codec_record
         else:
             codec = {"kind": self.data.source.rows[0]["latent_kind"]}
-        noisy = ob.tau_max if self.st.stage == "causal" and ob.p_teacher_forcing < 1 else None
-        return sampling_record(self.cfg, self.st.stage, ob.shift, ob.chunk_frames, noisy, codec)
+        return sampling_record(self.cfg, self.st.stage, ob.shift, ob.chunk_frames, noisy_level(self.st.stage, ob),
+                               codec)
 
     def resume(self) -> bool:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -205,6 +213,30 @@ class Trainer:
             _load_like(v, ema[k])
         self.step, self.history = state["step"], state["history"]
         return True
+
+
+def noisy_level(stage: str, ob: ObjectiveSettings) -> float | None:
+    """The highest history noise level training showed (None: clean history only)."""
+    return ob.tau_max if stage == "causal" and ob.p_teacher_forcing < 1 else None
+
+
+def stream_objective(ob: ObjectiveSettings, cfg) -> ObjectiveSettings:
+    """The objective with stage 2's window and sink filled in from the checkpoint's record
+    (`sampling_record`: what fits in the model's 1 + latent_frames positions), so that training streams
+    exactly what `vidu stream --ckpt` will; a given window or sink the record would not say is refused,
+    as is a clip too short for the window to wrap."""
+    rec = sampling_record(cfg, "causal", ob.shift, ob.chunk_frames, None, {})
+    for name in ("window", "sink"):
+        given = getattr(ob, name)
+        if given is not None and given != rec[name]:
+            raise ValueError(f"stage 2 streams with the {name} its checkpoint records, {rec[name]} for preset "
+                             f"{cfg.name} with chunks of {ob.chunk_frames}; {given} is not recordable")
+    ob = dataclasses.replace(ob, window=rec["window"], sink=rec["sink"])
+    context = (ob.chunk_frames if ob.sink else 0) + ob.window + ob.chunk_frames
+    if ob.clip_frames <= context:
+        raise ValueError(f"clip_frames {ob.clip_frames} must exceed sink + window + chunk = {context} latent "
+                         f"frames, so that the window wraps as in a long stream")
+    return ob
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

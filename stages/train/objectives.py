@@ -2,14 +2,23 @@
 model predicts v = eps - x_0 and x_0 = x_t - s v).
 
 - `bidirectional_loss` (stage 1, eq. 3): one noise level per sample over the whole clip, full
-  attention, loss || x0_hat - x_0 ||^2 on every frame (video and joint audio).
-- `causal_loss` (stage 2, eq. 5): block-causal mask by chunks; one current chunk i per batch; per
-  sample, Bernoulli(p) picks teacher forcing (history x_0^{<i} at tau = 0) or diffusion forcing
-  (history x_tau^{<i}, tau > 0); loss on the current chunk only. Frames after chunk i cannot affect
-  it under the causal mask, so the sequence is cut after it.
+  attention, loss on every frame (video and joint audio).
+- `causal_loss` (stage 2, eq. 5), in the streaming regime: one current chunk i per batch, drawn
+  uniformly from a clip of `clip_frames` latent frames (longer than the stream's context, so the
+  window wraps); the sequence is [ref | the chunks `context_chunks(i, slots, sink)` gives (the
+  engine's layout, stages/stream/engine.py) | chunk i] at frame positions ref 0, then 1..m in that
+  order, under the block-causal mask by chunks: the positions and history the engine gives chunk i.
+  Loss on chunk i only. History noise follows TwinCache: per sample, Bernoulli(p_teacher_forcing)
+  picks teacher forcing, all history clean (what the engine's last step reads, the clean cache),
+  else diffusion forcing, the ring chunks at one noise level tau ~ tau_dist up to tau_max and the
+  sink clean (what its intermediate steps read: the noisy cache holds the ring at step `noisy_step`'s
+  level, the ref and sink clean). Window and sink are the checkpoint's record (stages/train/sample.py
+  `sampling_record`), filled in by the Trainer.
 
+Video loss: stages/train/losses.py (loss weighting by noise level, mouth-region weight).
 A batch is a dict: video [B, C, F, h, w], ref [B, C, 1, h, w], text [B, L, D] or per frame
-[B, F, L, D], audio [B, before + F + after, K, A] (or None), audio_latent [B, F, Na, Ca] (or None).
+[B, F, L, D], audio [B, before + F + after, K, A] (or None), audio_latent [B, F, Na, Ca] (or None),
+mouth [B, F, h, w] (or absent: the mouth region's coverage, for the loss weight).
 Both objectives first drop conditions (text, speech, reference: each row independently, nulled to
 zeros) so that the samplers can guide (classifier-free guidance).
 All randomness comes from a `Draw`: numbers for the whole global batch from one generator seeded per
@@ -25,17 +34,24 @@ import torch
 from models.dit import DiT
 from models.flow import SHIFT, shift_sigma
 from stages.run import ranged
-from stages.train.losses import video_loss
+from stages.train.losses import LOSS_WEIGHTS, video_loss
 
 
 @dataclass(frozen=True)
 class ObjectiveSettings:
     shift: float = ranged(SHIFT, gt=0)  # noise-level shift of the training distribution
+    loss_weight: str = ranged("x0", choices=LOSS_WEIGHTS)  # video loss weight by noise level (losses.py)
+    mouth_weight: float = ranged(5.0, min=0)  # video loss weight of mouth-region latent pixels (world clips)
     audio_weight: float = ranged(1.0, min=0)  # weight of the joint audio loss
     p_teacher_forcing: float = ranged(0.5, min=0, max=1)  # stage 2: Bernoulli(p) teacher forcing, else diffusion forcing
     chunk_frames: int | None = ranged(None, min=1)  # stage 2: latent frames per causal block (None: the preset's)
     tau_dist: str = ranged("uniform", choices=("uniform", "shifted"))  # stage 2: history noise tau ~ U(0, tau_max] | Wan shift
     tau_max: float = ranged(0.5, min=0, max=1)
+    # stage 2: latent frames of a training clip (51: 201 video frames, 8.04 s at 25 fps), longer than
+    # ref + sink + window + chunk so that the window wraps, as in a long stream
+    clip_frames: int = ranged(51, min=2)
+    window: int | None = ranged(None, min=1)  # stage 2: history latent frames (None: sampling_record's)
+    sink: bool | None = None                  # stage 2: keep chunk 0 in the context (None: sampling_record's)
     # condition dropout (each row independently): what classifier-free guidance needs
     p_drop_text: float = ranged(0.1, min=0, max=1)
     p_drop_audio: float = ranged(0.1, min=0, max=1)
@@ -118,7 +134,7 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     out = model(x_t, s * 1000.0, batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
                 mask="full")
     F = x0.shape[2]
-    loss, vparts = video_loss(_x0(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F))
+    loss, vparts = video_loss(_x0(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
     parts = {**vparts, **dropped}
     if xa0 is not None:
         loss_a = _audio_loss(out.audio, xa_t, s, xa0)
@@ -127,21 +143,47 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     return loss, parts
 
 
-def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
-    batch, dropped = drop_conditions(batch, st, draw)
-    x0, xa0 = batch["video"], batch.get("audio_latent")
-    B, F, c = x0.shape[0], x0.shape[2], st.chunk_frames
-    if c is None:
-        raise ValueError("causal_loss needs chunk_frames (the Trainer fills in the preset's)")
-    if F % c:
-        raise ValueError(f"{F} latent frames do not split into chunks of {c}")
-    i = draw.randint(F // c)                             # the current chunk
-    n = (i + 1) * c                                      # frames kept: history + current
-    x0, xa0 = x0[:, :, :n], None if xa0 is None else xa0[:, :n]
-    # speech features: [B, before + F + after, ...] (DiTConfig.audio_context); the kept frames hear up to `after` past n
-    before, after = model.cfg.audio_context
-    audio = None if batch.get("audio") is None else batch["audio"][:, :before + n + after]
-    text = batch["text"][:, :n] if batch["text"].ndim == 4 else batch["text"]    # a text per frame: the kept ones
+def stream_frames(chunk: int, chunk_frames: int, slots: int, sink: bool) -> torch.Tensor:
+    """Clip frame indices [m] of chunk `chunk`'s training sequence in RoPE order (frame positions 1..m,
+    the ref at 0): the context `context_chunks` gives the engine, then the chunk itself."""
+    from stages.stream.engine import context_chunks     # the engine imports this module (null_condition)
+    chunks = context_chunks(chunk, slots, sink) + [chunk]
+    return torch.cat([torch.arange(k * chunk_frames, (k + 1) * chunk_frames) for k in chunks])
+
+
+def gather_audio(audio: torch.Tensor, frames: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """Speech features [B, before + F + after, K, A] of a clip -> those of its frames `frames` as one
+    sequence [B, before + m + after]: each frame's own step exactly; its neighbours' where the frames are
+    consecutive (the chunk and the ring before it), the spliced other side where they are not (the
+    sink's lookahead, the oldest ring frames' look-back)."""
+    f0, f1 = int(frames[0]), int(frames[-1])
+    idx = torch.cat([torch.arange(f0, f0 + before), before + frames,
+                     torch.arange(before + f1 + 1, before + f1 + 1 + after)])
+    return audio[:, idx.to(audio.device)]
+
+
+def stream_sequence(batch: dict, frames: torch.Tensor, before: int, after: int) -> dict:
+    """The batch's clips cut to the clip frames `frames` (video, text per frame, speech, joint audio,
+    in sequence order); ref as is."""
+    f = frames.to(batch["video"].device)
+    text = batch["text"]
+    return {"video": batch["video"][:, :, f], "ref": batch["ref"],
+            "text": text[:, f] if text.ndim == 4 else text,
+            "audio": None if batch.get("audio") is None else gather_audio(batch["audio"], frames, before, after),
+            "audio_latent": None if batch.get("audio_latent") is None else batch["audio_latent"][:, f]}
+
+
+def causal_forward(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
+                   chunk_frames: int):
+    """The model on a stream sequence (noisy x_t [B, C, m, h, w], noise levels [B, m]): frame positions
+    1..m after the ref, block-causal by chunks."""
+    m = x_t.shape[2]
+    return model(x_t, sigma * 1000.0, seq["text"], audio=seq["audio"], audio_latent=xa_t, ref=seq["ref"],
+                 mask="causal", chunk_frames=chunk_frames, frame_pos=torch.arange(1, m + 1))
+
+
+def _history_tau(draw: Draw, st: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher forcing [B] bool, history noise level [B]: 0 under teacher forcing)."""
     teacher = draw.rand() < st.p_teacher_forcing
     if st.tau_dist == "uniform":
         tau = draw.rand() * st.tau_max
@@ -149,22 +191,37 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
         tau = shift_sigma(draw.rand(torch.float64), st.shift).float() * st.tau_max
     else:
         raise ValueError(f"tau_dist is 'uniform' or 'shifted', not {st.tau_dist!r}")
-    tau = torch.where(teacher, torch.zeros_like(tau), tau.clamp_min(1e-3))
+    return teacher, torch.where(teacher, torch.zeros_like(tau), tau.clamp_min(1e-3))
+
+
+def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+    batch, dropped = drop_conditions(batch, st, draw)
+    B, F, c = batch["video"].shape[0], batch["video"].shape[2], st.chunk_frames
+    if c is None or st.window is None or st.sink is None:
+        raise ValueError("causal_loss needs chunk_frames, window and sink (the Trainer fills in the record's)")
+    if st.window % c:
+        raise ValueError(f"window {st.window} is not a multiple of chunk_frames {c}")
+    if F < c:
+        raise ValueError(f"{F} latent frames hold no chunk of {c}")
+    i = draw.randint(F // c)                             # the current chunk
+    frames = stream_frames(i, c, st.window // c, st.sink)
+    m, n_sink = len(frames), c if st.sink and i > 0 else 0
+    seq = stream_sequence(batch, frames, *model.cfg.audio_context)
+    x0, xa0 = seq["video"], seq["audio_latent"]
+    teacher, tau = _history_tau(draw, st)
     s = _sigma(draw, st, "cpu")
-    per_frame = torch.cat([tau[:, None].expand(B, i * c), s[:, None].expand(B, c)], 1).to(x0.device)   # [B, n]
-    x_t = (1 - _bcast(per_frame, x0)) * x0 + _bcast(per_frame, x0) * draw.randn_like(x0)
-    xa_t = None
-    if xa0 is not None:
-        xa_t = (1 - _bcast(per_frame, xa0)) * xa0 + _bcast(per_frame, xa0) * draw.randn_like(xa0)
-    out = model(x_t, per_frame * 1000.0, text, audio=audio, audio_latent=xa_t, ref=batch["ref"],
-                mask="causal", chunk_frames=c)
-    cur = slice(i * c, n)
-    x0_hat = _x0(out.video, x_t, per_frame)
-    loss, vparts = video_loss(x0_hat[:, :, cur], x0[:, :, cur], per_frame[:, cur], batch, torch.arange(n)[cur])
-    parts = {**vparts, "chunk": torch.tensor(float(i)),
+    sigma = torch.cat([torch.zeros(B, n_sink), tau[:, None].expand(B, m - c - n_sink), s[:, None].expand(B, c)],
+                      1).to(x0.device)                   # [B, m]: sink clean, ring at tau, chunk at s
+    x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
+    xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
+    out = causal_forward(model, seq, x_t, xa_t, sigma, c)
+    cur = slice(m - c, m)
+    x0_hat = _x0(out.video, x_t, sigma)
+    loss, vparts = video_loss(x0_hat[:, :, cur], x0[:, :, cur], sigma[:, cur], batch, frames[cur], st)
+    parts = {**vparts, "chunk": torch.tensor(float(i)), "context_frames": torch.tensor(float(m - c)),
              "teacher_forcing": teacher.float().mean(), **dropped}
     if xa0 is not None:
-        loss_a = _audio_loss(out.audio, xa_t, per_frame, xa0, cur)
+        loss_a = _audio_loss(out.audio, xa_t, sigma, xa0, cur)
         loss = loss + st.audio_weight * loss_a
         parts["loss_audio"] = loss_a.detach()
     return loss, parts
