@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,17 +76,21 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def test_causal_stage_starts_from_the_teacher(stage1, tmp_path):
     root, bi, _ = stage1
+    stream = ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, clip_frames=13)   # tiny: context 5 frames
     st = TrainSettings(stage="causal", steps=20, save_every=20, init_from=str(bi / "step-000300" / "ema.safetensors"),
-                       objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1), **FAST)
+                       objective=stream, **FAST)
     summary = train(st, tmp_path / "causal", root)
     ls = losses(tmp_path / "causal")
     assert len(ls) == 20 and all(x == x for x in ls)
+    rows = [json.loads(line) for line in (tmp_path / "causal" / "loss.jsonl").read_text().splitlines()]
+    assert max(r["chunk"] for r in rows) > 4 and all(r["context_frames"] == min(r["chunk"], 4) for r in rows)
+    assert all(r["mouth_share"] > 0 for r in rows)          # world clips carry the mouth region
     from models.checkpoint import read_metadata
     meta = read_metadata(Path(summary["checkpoint"]) / "ema.safetensors")
     assert [s["stage"] for s in meta["lineage"]] == ["bidirectional", "causal"]
+    assert (meta["sampling"]["window"], meta["sampling"]["sink"]) == (3, True)     # what stage 2 streamed with
     # starting from the teacher beats starting from scratch on the causal objective
-    scratch = train(TrainSettings(stage="causal", steps=20, save_every=20,
-                                  objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1), **FAST),
+    scratch = train(TrainSettings(stage="causal", steps=20, save_every=20, objective=stream, **FAST),
                     tmp_path / "scratch")
     assert sum(ls) < sum(losses(tmp_path / "scratch"))  # the same 20 steps (data, noise) from random weights
     assert scratch["steps"] == 20
@@ -247,3 +252,119 @@ def test_training_positions_equal_the_engines_for_the_same_chunk_index():
     for mutant in (old, right_frames_wrong_positions, no_sink, stale):
         gap = float((mutant - want).abs().max())
         assert gap > 0.05 * scale and gap > 1e4 * err, (gap, err, scale)     # measured: 0.18-0.24 vs 6e-7
+
+
+def test_causal_loss_streams_the_drawn_chunk_in_the_engines_layout():
+    """causal_loss scores the chunk it draws with the context stream_frames gives it (the window wraps on
+    a long clip), the sink clean and the ring at one noise level under diffusion forcing."""
+    from models.config import PRESETS
+    from models.dit import DiT
+    from stages.train.machinery import step_generator
+    from stages.train.objectives import Draw, ObjectiveSettings, causal_loss, stream_frames
+    cfg = PRESETS["tiny"]
+    d, F, B = cfg.dit, 13, 2
+    torch.manual_seed(0)
+    model = DiT(d)
+    g = torch.Generator().manual_seed(0)
+    batch = {"video": torch.randn(B, d.in_dim, F, 8, 8, generator=g), "ref": torch.randn(B, d.in_dim, 1, 8, 8, generator=g),
+             "text": torch.randn(B, F, d.text_len, d.text_dim, generator=g),
+             "audio": torch.randn(B, sum(d.audio_context) + F, 16, d.audio_dim, generator=g),
+             "audio_latent": torch.randn(B, F, d.audio_latent_tokens, d.audio_latent_dim, generator=g)}
+    st = ObjectiveSettings(chunk_frames=1, window=3, sink=True, clip_frames=F)
+    seen = set()
+    for step in range(12):
+        _, parts = causal_loss(model, batch, st, Draw(step_generator(0, step), 0, B, B))
+        i = int(parts["chunk"])
+        seen.add(i)
+        assert int(parts["context_frames"]) == len(stream_frames(i, 1, 3, True)) - 1 == min(i, 4)
+    assert max(seen) >= 5                                  # chunks past the wrap (context 4 < i) are drawn
+    with pytest.raises(ValueError, match="needs chunk_frames, window and sink"):
+        causal_loss(model, batch, ObjectiveSettings(chunk_frames=1), Draw(step_generator(0, 0), 0, B, B))
+
+
+def test_stage2_window_and_sink_are_the_checkpoint_record():
+    from models.config import PRESETS
+    from stages.train.loop import stream_objective
+    from stages.train.sample import sampling_record
+    small = PRESETS["small"]
+    ob = stream_objective(ObjectiveSettings(chunk_frames=1), small)
+    rec = sampling_record(small, "causal", ob.shift, 1, None, {})
+    assert (ob.window, ob.sink) == (rec["window"], rec["sink"]) == (7, True)
+    assert 1 + 1 + ob.window + 1 == 1 + small.latent_frames           # training's positions, no more
+    with pytest.raises(ValueError, match="not recordable"):
+        stream_objective(ObjectiveSettings(chunk_frames=1, window=8), small)
+    with pytest.raises(ValueError, match="window wraps"):
+        stream_objective(ObjectiveSettings(chunk_frames=1, clip_frames=9), small)
+    assert stream_objective(ObjectiveSettings(chunk_frames=1, window=7, clip_frames=10), small).clip_frames == 10
+
+
+def test_mouth_weight_changes_the_gradient_exactly_in_the_mouth():
+    from stages.train.losses import video_loss
+    g = torch.Generator().manual_seed(0)
+    B, C, F, h = 2, 4, 5, 6
+    x0 = torch.randn(B, C, 3, h, h, generator=g)
+    mouth = torch.zeros(B, F, h, h)
+    mouth[0, 2, 1:3, 2:4] = 1.0
+    mouth[1, 4, 0, 5] = 0.5                                # partial coverage weighs 1 + (5 - 1) * 0.5
+    frames = torch.tensor([2, 3, 4])                       # the scored frames' places in the clip
+    sigma = torch.rand(B, 3, generator=g) + 0.1
+
+    def grad(weight, batch, kind="x0"):
+        x = torch.randn(B, C, 3, h, h, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        loss, _ = video_loss(x, x0, sigma, batch, frames, ObjectiveSettings(mouth_weight=weight, loss_weight=kind))
+        loss.backward()
+        return x.grad
+    g1, g5 = grad(1.0, {"mouth": mouth}), grad(5.0, {"mouth": mouth})
+    changed = (g5 != g1).any(1)                             # [B, 3, h, h]
+    assert torch.equal(changed, mouth[:, frames] > 0)
+    torch.testing.assert_close(g5, g1 * (1 + 4 * mouth[:, frames])[:, None], rtol=1e-6, atol=0)
+    assert torch.equal(grad(5.0, {}), g1)                  # control: a clip without masks weighs 1
+    gv = grad(1.0, {}, "v")                                 # the v loss: x0 error / sigma^2
+    torch.testing.assert_close(gv, g1 / sigma[:, None, :, None, None] ** 2, rtol=1e-5, atol=0)
+
+
+def test_world_clips_carry_the_mouth_at_latent_resolution():
+    from models.config import PRESETS
+    from stages.train.data import clip_seed, latent_regions, render_clip
+    mask = np.zeros((9, 32, 32), np.float32)               # 9 video frames: latent frames {0}, {1-4}, {5-8}
+    mask[6, 17, 9] = 0.75
+    lat = latent_regions(mask, 4, 8)
+    assert lat.shape == (3, 4, 4) and float(lat[2, 2, 1]) == 0.75 and float(lat.sum()) == 0.75
+    with pytest.raises(ValueError, match="do not group"):
+        latent_regions(mask[:8], 4, 8)
+    cfg = PRESETS["tiny"].replace(latent_frames=9)
+    c = render_clip(clip_seed(0, 0), cfg, masks=True)
+    m = c["mouth"]
+    assert m.shape == (9, cfg.height // 8, cfg.width // 8)
+    assert 0 < float((m > 0).float().mean()) < 0.25        # a mouth, not the frame
+    assert "mouth" not in render_clip(clip_seed(0, 0), cfg)  # control: no masks asked, none rendered
+
+
+def test_a_mid_stream_instruction_in_a_long_clip_reaches_the_stage2_sequence():
+    """An 8 s world clip (stage 2's clip_frames) with its instruction given mid-clip: the sequence of the
+    chunk where it starts reads it in the chunk and the neutral prompt in the sink; a later chunk, whose
+    window has wrapped past the onset, reads it in the ring too."""
+    from models.config import NEUTRAL_TEXT, PRESETS
+    from stages.train.data import ClipSource, Dataset
+    from stages.train.objectives import stream_frames, stream_sequence
+    cfg = PRESETS["tiny"]
+    st = ObjectiveSettings()
+    data_cfg = cfg.replace(latent_frames=st.clip_frames)
+    assert data_cfg.video_frames / cfg.audio.fps >= 8.0
+    def encode(texts):                                                     # distinct features per text
+        return [torch.tensor(list(t.encode()), dtype=torch.float32)[:, None].expand(-1, cfg.dit.text_dim) for t in texts]
+    source = ClipSource(data_cfg, 0, 2)
+    ds = Dataset(source, 0, None, encode)
+    table, index = source(0)["text"]
+    k = next(f for f in range(1, len(index)) if index[f] != index[0])     # first frame of a mid-clip text
+    assert table[index[0]] == NEUTRAL_TEXT and 4 < k < st.clip_frames - 8
+    name = table[index[k]]
+    text = ds._frame_texts((table, index))[None]                            # [1, F, L, D], as Dataset.sample
+    batch = {"video": torch.zeros(1, 1, st.clip_frames, 1, 1), "ref": None, "text": text}
+    at = stream_sequence(batch, stream_frames(k, 1, 3, True), 0, 0)["text"][0]
+    assert not torch.equal(ds._text(name), ds._text(NEUTRAL_TEXT))
+    assert torch.equal(at[-1], ds._text(name)) and torch.equal(at[0], ds._text(NEUTRAL_TEXT))
+    assert torch.equal(at[-2], ds._text(NEUTRAL_TEXT))                       # the frame before the onset
+    later = stream_sequence(batch, stream_frames(k + 3, 1, 3, True), 0, 0)["text"][0]
+    assert torch.equal(later[0], ds._text(NEUTRAL_TEXT))                     # the sink: before the onset
+    assert all(torch.equal(later[j], ds._text(name)) for j in (2, 3, 4))     # ring k+1, k+2 and the chunk
