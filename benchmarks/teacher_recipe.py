@@ -1,0 +1,454 @@
+"""The teacher recipe on one GPU as phases, each one GPU run of at most 9 minutes: the video autoencoder,
+stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench on held-out cases.
+
+    python benchmarks/teacher_recipe.py --phase autoencoder   --work W --minutes 8.5   # skip it with --codec
+    python benchmarks/teacher_recipe.py --phase bidirectional --work W --minutes 8.5 [--codec ae.safetensors]
+    python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
+    python benchmarks/teacher_recipe.py --phase eval          --work W --minutes 4
+
+`--work W` is the run folder a phase reads and adds to; each phase also copies what it made to $OUT
+(default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when a
+model is larger), so the next GPU run carries W (<= 64 MiB) rebuilt from the last phase's $OUT:
+
+    W/codec.safetensors                          the autoencoder (phase autoencoder, or --codec)
+    W/bidirectional/ema*.safetensors[.index.json] stage 1's EMA (phase bidirectional)
+    W/causal/ema*.safetensors[.index.json]        stage 2's EMA (phase causal)
+    W/runs/<stage>/                               training runs (optimizer state; resumed from latest
+                                                  when a phase is run again on the same W, never carried)
+
+A training phase first times a few steps (a probe on a handful of clips: step time and clip rendering
+cost), then fits the step count (cosine schedule) to what is left of --minutes after rendering every
+clip up front in --workers processes; `minutes` of TrainSettings stops it on time regardless. Settings:
+RECIPES below (one place; objective options go in ObjectiveSettings there). Text features come from the
+committed table benchmarks/data/text_table.safetensors ($VIDU_TEXT_TABLE; `--write-text-table` rebuilds
+it with MiniLM), so the GPU image needs no MiniLM.
+
+The eval phase is `vidu eval --bench synth`'s cases and scores without its files: case i is
+stages.synth.make_sample(HELD_OUT_BASE + i, split="eval") (held-out TTS voices and texts), its control
+the speech of the bench's control seed; it is streamed through `vidu stream`'s session (the engine, the
+checkpoint's codec, instructions typed between chunks, stages/eval/bench/runner.py) and scored by
+stages/eval/bench/synthscore.py (lip-sync r and its mismatched-audio control, instruction success,
+latency and confusion, identity error, drift). Not here: the mp4 files and the catalog (PyAV and duckdb
+are not on the GPU image) and score_frames' dlib numbers. Results go to $OUT/recipe_<phase>.json and a
+short table is printed last. MFU counts 6 x parameters x tokens + attention against an H200's dense
+bf16 peak.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+for _name in ("av", "duckdb"):           # imported at module level by packages this script never calls into
+    if importlib.util.find_spec(_name) is None:
+        sys.modules[_name] = types.ModuleType(_name)
+
+from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
+from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402
+from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
+from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
+from stages.train.objectives import ObjectiveSettings  # noqa: E402
+
+PHASES = ("autoencoder", "bidirectional", "causal", "eval")
+TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
+SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
+H200_BF16_PEAK = 989e12              # dense bf16 FLOP/s of an H200 (SXM)
+CODEC = "codec.safetensors"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a preset's recipe sets, per phase."""
+    preset: str
+    autoencoder: dict                # TrainSettings fields of the autoencoder stage
+    bidirectional: dict              # ... of stage 1
+    causal: dict                     # ... of stage 2 (init_from: stage 1's EMA)
+    eval_cases: int                  # held-out synth cases (bench seeds HELD_OUT_BASE + i)
+    eval_seconds: float              # seconds per case
+    stream: dict = field(default_factory=dict)   # StreamSettings fields for eval (None / absent: the checkpoint's)
+    probe_steps: int = 12            # timed steps before a training phase (the last half are timed)
+    reserve_s: float = 45.0          # phase time kept for the last checkpoint and shipping
+
+
+RECIPES = {
+    "small": Recipe(
+        preset="small",
+        autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
+        bidirectional=dict(batch=32, samples=2048, lr=3e-4, ema=0.995),
+        causal=dict(batch=32, samples=2048, lr=1e-4, ema=0.995,
+                    objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
+        eval_cases=48, eval_seconds=8.0),
+    "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
+        preset="tiny",
+        autoencoder=dict(batch=2, lr=2e-3, ema=0.9),
+        bidirectional=dict(batch=2, samples=4, lr=1e-3, ema=0.9),
+        causal=dict(batch=2, samples=4, lr=1e-3, ema=0.9,
+                    objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
+        eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0),
+}
+
+
+# -- shipping: bf16 files of at most SHIP_LIMIT bytes ------------------------------------------------
+
+def ship(path: Path, dest: Path, name: str, limit: int = SHIP_LIMIT) -> list[Path]:
+    """The safetensors checkpoint `path` (its metadata kept) as bf16 files dest/name.safetensors, or,
+    when that is over `limit` bytes, shards dest/name-0000k-of-0000n.safetensors and their index
+    dest/name.safetensors.index.json (metadata under "vidu_metadata"). Returns the files written."""
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in read_state_dict(path).items()}
+    meta = read_metadata(path)
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob(f"{name}*.safetensors*"):
+        old.unlink()
+    groups, size = [[]], 0
+    budget = limit - 64 * 1024 - len(json.dumps(meta))              # header: keys, shapes, metadata
+    for k, v in sd.items():
+        n = v.numel() * v.element_size() + 200
+        if n > budget:
+            raise ValueError(f"{k} alone is {n} bytes, over the {limit}-byte file limit")
+        if size + n > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    if len(groups) == 1:
+        return [save_safetensors(dest / f"{name}.safetensors", sd, meta)]
+    files, weight_map = [], {}
+    for i, keys in enumerate(groups, 1):
+        shard = f"{name}-{i:05d}-of-{len(groups):05d}.safetensors"
+        files.append(save_safetensors(dest / shard, {k: sd[k] for k in keys}, meta))
+        weight_map.update({k: shard for k in keys})
+    index = dest / f"{name}.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": sum(f.stat().st_size for f in files)},
+                                 "vidu_metadata": meta, "weight_map": weight_map}, indent=1))
+    return files + [index]
+
+
+def unship(dest: Path, name: str) -> Path:
+    """dest/name.safetensors: as shipped, or joined from its shards (metadata restored); the one file
+    every loader reads (load_dit, load_taehv, --from)."""
+    single, index = dest / f"{name}.safetensors", dest / f"{name}.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text())["vidu_metadata"]
+        save_safetensors(single, read_state_dict(index), meta)
+    if not single.is_file():
+        raise FileNotFoundError(f"{single} (or its shards' index) is missing: run the phase before, or carry its $OUT")
+    return single
+
+
+# -- training phases -----------------------------------------------------------------------------
+
+def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: float | None) -> TrainSettings:
+    kw = dict(getattr(recipe, stage))
+    kw.update(stage=stage, preset=recipe.preset, steps=steps, minutes=minutes, save_every=max(1, steps // 4),
+              warmup=min(100, steps // 10))
+    if stage == "bidirectional":
+        kw["codec"] = str(work / CODEC)
+    if stage == "causal":
+        kw["init_from"] = str(unship(work / "bidirectional", "ema"))
+    return TrainSettings(**kw)
+
+
+def probe(recipe: Recipe, stage: str, work: Path, workers: int) -> dict:
+    """Seconds per step (the probe's last half) and per rendered clip (x workers), from a short run on
+    a few clips."""
+    st = stage_settings(recipe, stage, work, recipe.probe_steps, None)
+    n = min(st.samples, 2 * st.batch)
+    st = dataclasses.replace(st, samples=n, save_every=10 ** 6)
+    out = work / "runs" / f"probe-{stage}"
+    shutil.rmtree(out, ignore_errors=True)
+    marks, t0 = [], time.perf_counter()
+    train(st, out, progress=lambda logged: marks.append(time.perf_counter()), prefetch=workers)
+    shutil.rmtree(out, ignore_errors=True)
+    half = recipe.probe_steps // 2
+    step_s = (marks[-1] - marks[half - 1]) / (len(marks) - half)
+    render_s = max(0.0, marks[0] - t0 - step_s) * max(1, workers) / (n if stage != "autoencoder" else 1)
+    return {"step_s": step_s, "clip_render_s": render_s, "probe_s": time.perf_counter() - t0}
+
+
+def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, workers: int, t_phase: float,
+                    steps: int | None = None) -> tuple:
+    """The run's settings: those it was started with (W/runs/<stage>/recipe.json: a re-run resumes it),
+    else `steps` (stopped after `minutes` of training), else steps fitted to the phase time left after
+    the probe and the rendering."""
+    saved = work / "runs" / stage / "recipe.json"
+    if saved.is_file():
+        rec = json.loads(saved.read_text())
+        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"]), rec
+    if steps:
+        rec = {"steps": steps, "train_minutes": minutes}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(rec, indent=1))
+        return stage_settings(recipe, stage, work, steps, minutes), rec
+    timing = probe(recipe, stage, work, workers)
+    st = stage_settings(recipe, stage, work, 1, None)
+    render = 0.0 if stage == "autoencoder" else st.samples * timing["clip_render_s"] / max(1, workers)
+    left = minutes * 60 - (time.perf_counter() - t_phase) - render - recipe.reserve_s
+    if left < 10 * timing["step_s"]:
+        raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of training after the probe and rendering")
+    rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"]))}
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(rec, indent=1))
+    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"]), rec
+
+
+def flops_per_sample(cfg) -> float:
+    """Training FLOPs of one clip: 6 x (self-attention, text / speech cross-attention and FFN weights)
+    x tokens + attention scores (4 L^2 dim per layer forward, x3). Stage 2 cuts the sequence after the
+    current chunk, so this is its upper bound."""
+    d = cfg.dit
+    L = tokens_per_sample(cfg)
+    per_block = 4 * d.dim * d.dim * 2 + 2 * d.dim * d.ffn_dim + (4 * d.dim * d.dim if d.audio_dim else 0)
+    return float(6 * L * per_block * d.num_layers + 3 * 4 * L * L * d.dim * d.num_layers)
+
+
+def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
+                steps: int | None = None) -> dict:
+    st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps)
+    run = work / "runs" / stage
+    t0 = time.perf_counter()
+    summary = train(st, run, prefetch=workers)
+    summary["wall_s"] = time.perf_counter() - t0
+    ckpt = Path(summary["checkpoint"])
+    history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    tail = history[-max(1, len(history) // 10):]
+    res = {"phase": stage, "settings": st.to_dict(), "fit": fit, "train": summary,
+           "loss_first": history[0]["loss"], "loss_last_10pct": float(np.mean([h["loss"] for h in tail])),
+           "loss_curve": [(h["step"], round(h["loss"], 5)) for h in history[:: max(1, len(history) // 50)]]}
+    if stage == "autoencoder":
+        files = [shutil.copy(f, out / f.name) for f in ship(ckpt / "ema.safetensors", work, "codec")]
+    else:
+        cfg = get_preset(recipe.preset)
+        res["flops_per_sample"] = flops_per_sample(cfg)
+        res["mfu"] = summary["samples_per_s"] * res["flops_per_sample"] / H200_BF16_PEAK
+        shipped = ship(ckpt / "ema.safetensors", work / stage, "ema")
+        (out / stage).mkdir(parents=True, exist_ok=True)
+        files = [shutil.copy(f, out / stage / f.name) for f in shipped]
+    shutil.copy(run / "loss.png", out / f"loss_{stage}.png")
+    res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
+    return res
+
+
+# -- eval: the synth bench's cases and scores, in memory ----------------------------------------------
+
+def _case(i: int, seconds: float, size: int, tmp: str) -> dict:
+    """Synth bench case i as BenchSamples writes it (stages/eval/bench/cases.py): the ground truth as
+    tmp/truth<i>.json, the rest in memory."""
+    from stages import synth
+    from stages.eval.bench.cases import CONTROL_BASE, FPS, HELD_OUT_BASE, _with_speech
+    s = synth.make_sample(HELD_OUT_BASE + i, size, size, FPS, seconds, split="eval")
+    control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS)
+    truth = s.truth()
+    truth["control_mouth"] = control_mouth
+    path = Path(tmp) / f"truth{i}.json"
+    path.write_text(json.dumps(truth))
+    return {"index": i, "seed": s.seed, "control_seed": control_seed, "frames": s.frames, "audio": s.audio,
+            "ref": synth.render(s.identity, synth.State(), size, size, s.scene), "truth": str(path),
+            "events": [list(a) for a in s.actions], "voice": s.said.source if s.said else ""}
+
+
+class _TableTextEncoder:
+    """`TextEncoder` for `load_parts` from the committed feature table (the GPU image has no MiniLM)."""
+
+    def __init__(self, kind: str = "minilm", path=None, max_len: int = 512, device: str = "cpu", dtype=None):
+        from models.encoders import TextTable
+        self.kind, self.max_len, self.device = kind, max_len, device
+        self.table = TextTable(os.environ.get("VIDU_TEXT_TABLE", TEXT_TABLE))
+
+    @property
+    def dim(self) -> int:
+        return int(next(iter(self.table.table.values())).shape[1])
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        return self.table(texts)[:, : self.max_len].to(self.device)
+
+
+def stream_case(bench, case: dict, tmp: Path) -> tuple[np.ndarray, dict]:
+    """Frames [T, H, W, 3] of `case` streamed by the bench's system (EvalBench's parts and typist)."""
+    from PIL import Image
+    from stages.eval.bench.runner import _Collect, _Typist
+    from stages.stream.events import AudioChunk, AudioEnd, EventQueue
+    from stages.stream.session import SessionOptions, run_session
+    image = tmp / f"ref{case['index']}.png"
+    Image.fromarray(case["ref"]).save(image)
+    parts = bench._parts(str(image))
+    events = EventQueue()
+    timed = [(float(a), float(b), str(t)) for a, b, t in case["events"]]
+    typist = _Typist(events, timed, parts.cfg.audio.fps, NEUTRAL_TEXT)
+    typist.push_due(0)
+    events.put(AudioChunk(case["audio"]))
+    events.put(AudioEnd())
+    collect = _Collect()
+    summary = run_session(parts, events, [collect], SessionOptions(), live=typist)
+    return np.concatenate(collect.frames), {"stream_fps": summary.get("fps"), "first_chunk_s": summary.get("first_chunk_s")}
+
+
+def _score(frames: np.ndarray, truth: str) -> dict:
+    """The bench's numbers of one case (runner._synth_numbers: frames scaled to the truth's size)."""
+    from stages.eval.bench.runner import _synth_numbers
+    s = _synth_numbers(frames, 25.0, truth)
+    return {**s, "confusion": json.loads(s["confusion"]), "drift_ratios": json.loads(s["drift_ratios"])}
+
+
+def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25) -> None:
+    """Ground truth over generated, one frame a second, as a PNG (the contact sheet)."""
+    import cv2
+    from PIL import Image
+    H, W = truth.shape[1:3]
+    gen = [cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR) for f in frames[::every]]
+    rows = [np.concatenate(list(truth[::every][:len(gen)]), 1), np.concatenate(gen, 1)]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int, cases: int | None,
+               seconds: float | None) -> dict:
+    """Stream and score the held-out cases with the `teacher` checkpoint in W; cases render and score in
+    `workers` processes while the model streams."""
+    import multiprocessing as mp
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    import models.encoders
+    from stages.eval.bench.cases import BenchSamples
+    from stages.eval.bench.runner import EvalBench
+    n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
+    ckpt = unship(work / teacher, "ema")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    models.encoders.TextEncoder = _TableTextEncoder            # load_parts builds its text encoder by this name
+    bench = EvalBench(bench="synth", system=str(ckpt), preset=recipe.preset, device=dev, **recipe.stream)
+    bench.setup()
+    pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                initargs=(1,)) if workers else ThreadPoolExecutor(1))
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, pool:
+        scoring = []
+        for case in pool.map(_case, range(n), [secs] * n, [size] * n, [tmp] * n):
+            t1 = time.perf_counter()
+            frames, speed = stream_case(bench, case, Path(tmp))
+            speed["stream_s"] = time.perf_counter() - t1
+            truth_frames = case.pop("frames")
+            if len(scoring) < 2:
+                strip(truth_frames, frames, out / f"eval_case{case['index']}.png")
+            scoring.append((case, speed, pool.submit(_score, frames, case["truth"]),
+                            pool.submit(_score, truth_frames, case["truth"])))
+        for case, speed, gen, gt in scoring:
+            info = {k: case[k] for k in ("index", "seed", "control_seed", "voice", "events")}
+            rows.append({**info, **speed, **gen.result(), "truth": gt.result()})
+    return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "cases": n, "seconds": secs, "device": dev,
+            "stream": recipe.stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
+
+
+def summarise(rows: list[dict]) -> dict:
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+    lat = [x for r in rows for x in r["instr_latency_s"]]
+    ev = sum(r["instr_events"] or 0 for r in rows)
+    ok = sum((r["instr_success"] or 0) * (r["instr_events"] or 0) for r in rows)
+    return {"clips": len(rows), "mouth_r": mean(r["mouth_r"] for r in rows),
+            "mouth_abs_r_control": mean(abs(r["mouth_r_control"]) if r["mouth_r_control"] is not None else None
+                                        for r in rows),
+            "truth_mouth_r": mean(r["truth"]["mouth_r"] for r in rows),
+            "identity_error": mean(r["identity_error"] for r in rows),
+            "truth_identity_error": mean(r["truth"]["identity_error"] for r in rows),
+            "instr_events": ev, "instr_success": ok / ev if ev else None,
+            "truth_instr_success": (sum((r["truth"]["instr_success"] or 0) * (r["truth"]["instr_events"] or 0)
+                                        for r in rows) / ev) if ev else None,
+            "latency_s_p50": float(np.median(lat)) if lat else None,
+            "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
+            "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
+            "stream_fps": mean(r["stream_fps"] for r in rows)}
+
+
+# -- the text table ----------------------------------------------------------------------------------
+
+def recipe_texts() -> list[str]:
+    """Every text training and the synth bench condition on: the neutral prompt and the world's
+    instructions (stages.synth ACTIONS names: training's per-frame texts and the bench's events)."""
+    from stages.synth import ACTIONS
+    return [NEUTRAL_TEXT, *ACTIONS]
+
+
+def write_text_table(path: Path = TEXT_TABLE) -> Path:
+    from models.encoders import TextEncoder, save_text_table
+    return save_text_table(TextEncoder("minilm", max_len=512), recipe_texts(), path)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+
+def table(res: dict) -> str:
+    if res["phase"] == "eval":
+        s = res["summary"]
+        f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        return "\n".join([f"eval {res['teacher']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
+                          f"on {res['device']}, {f(s['stream_fps'])} fps streamed",
+                          f"  lip sync r {f(s['mouth_r'])} (truth {f(s['truth_mouth_r'])}), mismatched |r| "
+                          f"{f(s['mouth_abs_r_control'])}",
+                          f"  instructions {f(s['instr_success'])} of {s['instr_events']} (truth "
+                          f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
+                          f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min",
+                          f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})"])
+    t = res["train"]
+    line = (f"{res['phase']}: {t['steps']} steps x batch {res['settings']['batch']} in {t['seconds']:.0f} s, "
+            f"{t['samples_per_s']:.1f} samples/s, loss {res['loss_first']:.4f} -> {res['loss_last_10pct']:.4f}")
+    if "mfu" in res:
+        line += f", MFU {100 * res['mfu']:.2f}% of an H200"
+    return line + "\n  shipped: " + ", ".join(f"{k} ({v / 2 ** 20:.1f} MiB)" for k, v in res["shipped"].items())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=PHASES)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-recipe"))
+    ap.add_argument("--minutes", type=float, default=8.5, help="wall time of the phase (probe, rendering, training)")
+    ap.add_argument("--preset", default="small", choices=sorted(RECIPES))
+    ap.add_argument("--codec", type=Path, help="an autoencoder to use instead of running the autoencoder phase")
+    ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training)")
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                    help="processes rendering clips (0: in this process, as needed)")
+    ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional"), help="eval: which checkpoint")
+    ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
+    ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
+    ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
+    args = ap.parse_args(argv)
+    if args.write_text_table:
+        print(write_text_table())
+        return {}
+    if not args.phase:
+        ap.error("--phase is required")
+    t_phase = time.perf_counter()
+    os.environ.setdefault("VIDU_TEXT_TABLE", str(TEXT_TABLE))
+    recipe = RECIPES[args.preset]
+    work = args.work
+    out = Path(os.environ.get("OUT") or work / "out")
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.codec:
+        shutil.copyfile(args.codec, work / CODEC)
+    if args.phase in ("bidirectional", "causal", "eval") and not (work / CODEC).is_file():
+        raise SystemExit(f"{work / CODEC} is missing: run --phase autoencoder first, or give --codec")
+    torch.backends.cudnn.benchmark = True
+    if args.phase == "eval":
+        res = eval_phase(recipe, work, out, args.teacher, args.workers, args.cases, args.seconds)
+    else:
+        res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)
+    res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+               phase_wall_s=time.perf_counter() - t_phase)
+    (out / f"recipe_{args.phase}.json").write_text(json.dumps(res, indent=1, default=str))
+    print(table(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
