@@ -29,15 +29,20 @@ def field_default(cls: type, name: str) -> Any:
 def option(cls: type, name: str, help: str, *decls: str, default: Any = _FIELD, **extra: Any) -> Any:
     """A typer option for field `name` of the dataclass `cls`: the field's default (or `default`, the
     same value written for the command line, e.g. a tuple joined by commas), range and choices."""
-    meta = _field(cls, name).metadata
+    return typer.Option(field_default(cls, name) if default is _FIELD else default, *decls,
+                        **_checks(cls, name, help), **extra)
+
+
+def _checks(cls: type, name: str, help: str) -> dict:
+    """help, min, max and callback of field `name`'s declared range and choices."""
+    meta, extra = _field(cls, name).metadata, {}
     if "gt" in meta:
         help = f"{help} Must be > {meta['gt']:g}."
         extra["callback"] = _above(meta["gt"])
     if "choices" in meta:
         help = f"{help} One of: {' | '.join(meta['choices'])}."
         extra["callback"] = _one_of(meta["choices"], name.replace("_", " "))
-    return typer.Option(field_default(cls, name) if default is _FIELD else default, *decls, help=help,
-                        min=meta.get("min"), max=meta.get("max"), **extra)
+    return {"help": help, "min": meta.get("min"), "max": meta.get("max"), **extra}
 
 
 def _field(cls: type, name: str) -> dataclasses.Field:
@@ -72,3 +77,23 @@ From = Annotated[Optional[list[Path]], typer.Option("--from", help="Input manife
 Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).", callback=_one_of(("table", "jsonl", "csv"), "format"))]
 Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray"), "executor"))]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]
+
+# Stream settings shared by `vidu stream` and `vidu eval --bench`: `from vidu_cli.options import Sampler`.
+# Built on first use (PEP 562 module __getattr__): their ranges live on StreamSettings, whose module
+# imports torch, which commands that do not stream should not pay for.
+_STREAM_OPTIONS = {
+    "Sampler": ("sampler", Optional[str], "--sampler", "Denoising sampler: renoise (predict x0 and renoise: the distilled "
+                "student) or euler (the flow ODE: the teachers) (default: the checkpoint's, else renoise)."),
+    "Guidance": ("guidance", Optional[float], "--guidance", "Classifier-free guidance scale, 1 = off (the unconditional "
+                 "pass nulls text and speech, keeps the reference) (default: the checkpoint's, else 1)."),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _STREAM_OPTIONS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from stages.stream.engine import StreamSettings
+    field, typ, decl, help = _STREAM_OPTIONS[name]
+    alias = Annotated[typ, typer.Option(decl, show_default=False, **_checks(StreamSettings, field, help))]
+    globals()[name] = alias
+    return alias

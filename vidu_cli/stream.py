@@ -10,7 +10,7 @@ import typer
 
 from stages.stream.engine import StreamSettings
 from stages.stream.session import SessionOptions
-from vidu_cli.options import Quiet, option
+from vidu_cli.options import Guidance, Quiet, Sampler, option
 from vidu_cli.report import err, fail
 
 
@@ -30,6 +30,9 @@ def stream(
     twin: Optional[bool] = option(StreamSettings, "twin", "TwinCache (noisy + clean history) or one clean cache (default: the checkpoint's, else on).", "--twin/--no-twin", default=None, show_default=False),
     noisy_step: Optional[int] = option(StreamSettings, "noisy_step", "Denoising step that fills the noisy cache (default: the checkpoint's, else 1).", default=None, show_default=False),
     sink: Optional[bool] = option(StreamSettings, "sink", "Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", "--sink/--no-sink", default=None, show_default=False),
+    sampler: Sampler = None,
+    guidance: Guidance = None,
+    recache: bool = option(StreamSettings, "recache", "On an instruction switch, recompute the history's keys/values under the new text (LongLive's recache).", "--recache/--no-recache"),
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
     audio_out: str = option(SessionOptions, "audio_out", "Audio in the output."),
@@ -49,6 +52,7 @@ def stream(
     Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --out face.mp4
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
     Example: vidu stream --image face.png --audio talk.wav --commands talk.wav --out face.mp4
+    Example: vidu stream --image face.png --ckpt causal.safetensors --sampler euler --guidance 2 --recache --out face.mp4
     """
     from stages.stream.events import EventQueue
     from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
@@ -62,7 +66,7 @@ def stream(
             check_outputs(out, serve, summary)                     # before the model loads
             dev, dtype = pick_device(device)
             given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
-                         noisy_step=noisy_step, sink=sink)
+                         noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, recache=recache)
             parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
             for note in parts.notes:
                 err.print(f"[yellow]note:[/yellow] {note}", highlight=False)

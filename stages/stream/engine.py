@@ -1,6 +1,10 @@
 """The streaming engine: autoregressive chunk generation over a bounded attention context.
 
-Per chunk (`chunk_frames` latent frames), `denoise_chunk` runs the few-step flow sampler; every step
+Per chunk (`chunk_frames` latent frames), `denoise_chunk` runs the flow sampler (`sampler`): "renoise",
+the distilled student's few steps (predict x0, renoise it to the next level), or "euler", the teacher's
+flow ODE (x <- x + (s' - s) v, the last step landing on x0); with `guidance` g != 1 each step also runs
+an unconditional pass (text and speech nulled as condition dropout nulls them; the reference is kept:
+it is the identity, not a condition to guide away from) and uses v_u + g (v_c - v_u). Every step
 attends to
 
     [ reference frame | sink: first generated chunk | history ring (window) ] + current chunk
@@ -12,6 +16,9 @@ Keys are cached before RoPE and rotated to their position in the current window 
 TwinCache: each history chunk keeps a noisy cache (its keys/values at denoising step
 `noisy_step`) and a clean cache (one extra pass over the final state at t = 0); intermediate steps
 attend to the noisy cache, the final step to the clean one. `twin=False` is the single clean cache.
+Recache (LongLive, `recache=True`): the engine keeps each cached chunk's clean latent, noisy-step
+state and speech features, and `StreamEngine.recache(text)` recomputes the sink's and ring's keys/values
+under a new text at their current positions (the session calls it when an instruction changes the text).
 
 All cache memory is allocated once (`ContextBuffers`); per-chunk work and memory do not depend on
 how many chunks came before. `denoise_chunk` and `cache_pass` are free functions over the model, so
@@ -30,11 +37,14 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT, KV
+from models.dit import DiT, DiTOutput, KV
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
 from stages.run import ranged
 from stages.stream.events import StreamError
+from stages.train.objectives import null_condition
+
+SAMPLERS = ("renoise", "euler")
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,15 @@ class StreamSettings:
     sink: bool = True          # keep the first generated chunk as persistent context
     twin: bool = True          # TwinCache (noisy + clean history); False: clean cache only
     noisy_step: int = ranged(1, min=0, max=999)    # denoising step whose keys/values form the noisy cache
+    sampler: str = ranged("renoise", choices=SAMPLERS)   # x0-and-renoise (distilled student) | euler (teachers' ODE)
+    guidance: float = ranged(1.0, min=0, max=100)  # classifier-free guidance scale (1: off, one pass per step)
+    recache: bool = False      # recompute the history's keys/values when the text changes (LongLive)
 
     def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"the sampler is one of: {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        if not 0 <= self.guidance <= 100:
+            raise ValueError(f"guidance must be in 0..100, not {self.guidance:g}")
         if self.chunk_frames < 1 or self.steps < 1:
             raise ValueError("chunk_frames and steps must be >= 1")
         if self.window < self.chunk_frames or self.window % self.chunk_frames:
@@ -155,12 +172,15 @@ class ContextBuffers:
                 self.k[s][i][:, a:b].copy_(kv.k[i])
                 self.v[s][i][:, a:b].copy_(kv.v[i])
 
-    def write_fixed(self, kv: KV) -> None:
-        frames = len(kv) // self.S
-        self.write(tuple(self.k), kv, self.fixed_frames)
+    def write_fixed(self, kv: KV) -> int:
+        """Ref or sink keys/values into both sets; returns the frame they start at."""
+        start, frames = self.fixed_frames, len(kv) // self.S
+        self.write(tuple(self.k), kv, start)
         self.fixed_frames += frames
+        return start
 
-    def write_ring(self, clean: KV, noisy: KV | None) -> None:
+    def write_ring(self, clean: KV, noisy: KV | None) -> int:
+        """A history chunk into the next ring slot; returns the frame it starts at."""
         slot = self.chunks_in_ring % self.slots
         self.slot_chunk[slot] = self.chunks_in_ring
         start = self.n_fixed + slot * self.cf
@@ -168,6 +188,7 @@ class ContextBuffers:
         if "noisy" in self.k:
             self.write(("noisy",), noisy, start)
         self.chunks_in_ring += 1
+        return start
 
     def frame_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE frame positions of the buffer's valid frames (in buffer order) and of the next chunk,
@@ -211,26 +232,74 @@ class ChunkResult:
 
 def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: list[float], inputs: ChunkInputs,
                   ctx_noisy: KV, ctx_clean: KV, frame_pos: torch.Tensor, noisy_step: int | None,
-                  renoise: "callable") -> tuple[ChunkResult, KV | None]:
-    """Few-step sampling of one chunk. Steps before the last attend to `ctx_noisy`, the last to
-    `ctx_clean`; returns the clean chunk and, if `noisy_step` is set, the keys/values of that step."""
+                  renoise: "callable | None", guidance: float = 1.0) -> tuple[ChunkResult, KV | None]:
+    """Sampling of one chunk over the levels `sig`. `renoise(x0, xa0, s)` draws the next state from
+    the predicted x0 (the x0-and-renoise sampler); None takes Euler steps of the flow ODE,
+    x <- x + (s_next - s) v with s_next = 0 after the last level. `guidance` != 1: classifier-free
+    guidance, v = v_u + g (v_c - v_u), both passes in one forward of batch 2B. Steps before the last
+    attend to `ctx_noisy`, the last to `ctx_clean`; returns the clean chunk and, if `noisy_step` is
+    set, the keys/values of that step (the conditional pass's)."""
     B = x.shape[0]
+    guided = guidance != 1.0
+    if guided:
+        inputs = ChunkInputs(_with_null(inputs.text), None if inputs.audio is None else _with_null(inputs.audio))
+        same = ctx_noisy is ctx_clean
+        ctx_clean = _twice(ctx_clean)
+        ctx_noisy = ctx_clean if same else _twice(ctx_noisy)
     captured, states, audio_states = None, [], []
     x0 = xa0 = None
     for k, s in enumerate(sig):
         states.append(x)
         audio_states.append(xa)
         last = k == len(sig) - 1
-        t = torch.full((B,), s * 1000.0, device=x.device)
-        out = model(x, t, inputs.text, audio=inputs.audio, audio_latent=xa,
-                    kv=ctx_clean if last else ctx_noisy, frame_pos=frame_pos, return_kv=k == noisy_step)
+        out = _velocity(model, x, xa, s, inputs, ctx_clean if last else ctx_noisy, frame_pos, k == noisy_step,
+                        guidance)
         if k == noisy_step:
-            captured = out.kv
-        x0 = x - s * out.video.to(x.dtype)                     # v = eps - x0
-        xa0 = None if xa is None else xa - s * out.audio.to(xa.dtype)
-        if not last:
+            captured = _first_rows(out.kv, B) if guided else out.kv
+        v = out.video.to(x.dtype)
+        va = None if xa is None else out.audio.to(xa.dtype)
+        x0 = x - s * v                                          # v = eps - x0
+        xa0 = None if xa is None else xa - s * va
+        if last:
+            break
+        if renoise is not None:
             x, xa = renoise(x0, xa0, sig[k + 1])
+        else:
+            x = x + (sig[k + 1] - s) * v
+            xa = None if xa is None else xa + (sig[k + 1] - s) * va
     return ChunkResult(x0, xa0, states, audio_states), captured
+
+
+def _with_null(c: torch.Tensor) -> torch.Tensor:
+    """[B, ...] condition -> [2B, ...]: the condition, then its null (objectives.null_condition)."""
+    return torch.cat([c, null_condition(c)])
+
+
+def _twice(kv: KV) -> KV:
+    """The context repeated for a batch of 2B (conditional and unconditional passes share it)."""
+    return KV([torch.cat([k, k]) for k in kv.k], [torch.cat([v, v]) for v in kv.v], kv.pos, kv.rotated)
+
+
+def _first_rows(kv: KV, B: int) -> KV:
+    return KV([k[:B] for k in kv.k], [v[:B] for v in kv.v], kv.pos, kv.rotated)
+
+
+def _velocity(model: DiT, x, xa, s: float, inputs: ChunkInputs, ctx: KV, frame_pos, return_kv: bool,
+              guidance: float):
+    """The model's velocity at level s, guided when guidance != 1 (`inputs` and `ctx` then hold 2B rows:
+    conditional first). Returns a DiTOutput of B rows (kv: all rows)."""
+    B = x.shape[0]
+    rows = 2 * B if guidance != 1.0 else B
+    x2 = x if rows == B else torch.cat([x, x])
+    xa2 = xa if xa is None or rows == B else torch.cat([xa, xa])
+    t = torch.full((rows,), s * 1000.0, device=x.device)
+    out = model(x2, t, inputs.text, audio=inputs.audio, audio_latent=xa2, kv=ctx, frame_pos=frame_pos,
+                return_kv=return_kv)
+    if rows == B:
+        return out
+    vc, vu = out.video.chunk(2)
+    audio = None if out.audio is None else out.audio[B:] + guidance * (out.audio[:B] - out.audio[B:])
+    return DiTOutput(vu + guidance * (vc - vu), audio, out.kv)
 
 
 def cache_pass(model: DiT, x0: torch.Tensor, xa0: torch.Tensor | None, inputs: ChunkInputs, ctx_clean: KV,
@@ -241,8 +310,31 @@ def cache_pass(model: DiT, x0: torch.Tensor, xa0: torch.Tensor | None, inputs: C
                  kv=ctx_clean if ref is None else None, frame_pos=frame_pos, return_kv=True).kv
 
 
+class KeptChunks:
+    """What recache needs of each cached chunk (sink and ring), by its place in the buffers (place i
+    starts at buffer frame 1 + i * chunk_frames): its clean latent, its state at the noisy step, their
+    joint audio latents and its speech features. Each tensor [places, ...] is allocated at its first
+    write and never again."""
+
+    def __init__(self, places: int):
+        self.places = places
+        self.t: dict[str, torch.Tensor] = {}
+
+    def put(self, place: int, **parts: torch.Tensor | None) -> None:
+        for name, x in parts.items():
+            if x is None:
+                continue
+            if name not in self.t:
+                self.t[name] = x.new_zeros((self.places, *x.shape))
+            self.t[name][place].copy_(x)
+
+    def get(self, name: str, place: int) -> torch.Tensor | None:
+        return self.t[name][place] if name in self.t else None
+
+
 class StreamEngine:
-    """Holds the caches and the random state; `step(inputs)` generates the next chunk."""
+    """Holds the caches and the random state; `step(inputs)` generates the next chunk; with
+    `settings.recache`, `recache(text)` rebuilds the history's keys/values under a new text."""
 
     def __init__(self, model: DiT, cfg: ModelConfig, settings: StreamSettings = StreamSettings(),
                  batch: int = 1, seed: int = 0):
@@ -250,6 +342,7 @@ class StreamEngine:
         self.model, self.cfg, self.st = model, cfg, settings
         self.device, self.dtype, self.batch = p.device, p.dtype, batch
         self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype)
+        self.kept = KeptChunks((1 if settings.sink else 0) + settings.slots) if settings.recache else None
         self.sig = flow_sigmas(settings.steps, settings.shift)
         self.gen = torch.Generator(device=p.device).manual_seed(seed)
         self.chunks = 0
@@ -283,21 +376,62 @@ class StreamEngine:
         xa = None
         if as_ is not None:
             xa = inputs.audio_noise.to(self.device, self.dtype) if inputs.audio_noise is not None else self._randn(as_)
-        buf = self.buffers
+        buf, st = self.buffers, self.st
         if buf.fixed_frames == 0:                     # the reference context, built once
             buf.write_fixed(self._ref_kv(inputs))
         ctx_clean, frame_pos = buf.context("clean")
         ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
-        ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if self.st.twin else ctx_clean
+        ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
+        renoise = self._renoise if st.sampler == "renoise" else None
         result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
-                                         self.st.noisy_step if self.st.twin else None, self._renoise)
+                                         st.noisy_step if st.twin else None, renoise, st.guidance)
         clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
-        if self.chunks == 0 and self.st.sink:
-            buf.write_fixed(clean_kv)
+        if self.chunks == 0 and st.sink:
+            start = buf.write_fixed(clean_kv)
         else:
-            buf.write_ring(clean_kv, noisy_kv)
+            start = buf.write_ring(clean_kv, noisy_kv)
+        if self.kept is not None:
+            k = st.noisy_step if st.twin else None
+            self.kept.put((start - 1) // st.chunk_frames, video=result.video, audio_latent=result.audio,
+                          speech=inputs.audio, noisy=None if k is None else result.states[k],
+                          noisy_audio=None if k is None else result.audio_states[k])
         self.chunks += 1
         return result
+
+    @torch.no_grad()
+    def recache(self, text: torch.Tensor) -> None:
+        """Recompute the keys/values of the sink and ring chunks under `text` (LongLive's recache on
+        an instruction switch), at the positions they hold now: chunk by chunk in RoPE order, each the
+        cache pass of its clean latent over the ref and the chunks before it, and under TwinCache its
+        noisy-step state at that level over the noisy context. The ref frame's keys/values stay."""
+        if self.kept is None:
+            raise StreamError("recache needs StreamSettings(recache=True) from the stream's start")
+        buf, st, cf = self.buffers, self.st, self.st.chunk_frames
+        frames, _ = buf.frame_positions()
+        places = sorted(range((frames.numel() - 1) // cf), key=lambda i: int(frames[1 + i * cf]))   # RoPE order
+        done: list[int] = []
+        for i in places:
+            a = 1 + i * cf
+            pos, speech = frames[a:a + cf], self.kept.get("speech", i)
+            clean = cache_pass(self.model, self.kept.get("video", i), self.kept.get("audio_latent", i),
+                               ChunkInputs(text, speech), self._context_of("clean", done), pos)
+            sink = st.sink and i == 0
+            buf.write(tuple(buf.k) if sink else ("clean",), clean, a)      # the sink is clean in both sets
+            if st.twin and not sink:
+                x, s = self.kept.get("noisy", i), self.sig[st.noisy_step]
+                t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
+                noisy = self.model(x, t, text, audio=speech, audio_latent=self.kept.get("noisy_audio", i),
+                                   kv=self._context_of("noisy", done), frame_pos=pos, return_kv=True).kv
+                buf.write(("noisy",), noisy, a)
+            done.append(i)
+
+    def _context_of(self, which: str, places: list[int]) -> KV:
+        """The ref frame and the chunks at `places` of set `which`, keys rotated."""
+        full, S, cf = self.buffers.context(which)[0], self.buffers.S, self.st.chunk_frames
+        kv = full.tokens(0, S)
+        for j in places:
+            kv = kv.cat(full.tokens((1 + j * cf) * S, (1 + (j + 1) * cf) * S))
+        return self.model.rotate(kv)
 
     def _ref_kv(self, inputs: ChunkInputs) -> KV:
         """The ref frame's keys/values: it attends only to itself, so a pass over ref + any chunk

@@ -9,7 +9,8 @@ Audio is consumed as a FIFO aligned to latent frames: the first chunk takes the 
 1 + 4 (F - 1) video frames (its latent frame 0 also covers 3 lead-in frames of silence), every later
 chunk 4 F frames' worth. File and stdin audio is waited for; live audio (mic, browser) is not: a
 chunk whose audio has not arrived gets silence, so speech that arrives mid-stream (barge-in) is
-heard from the next chunk.
+heard from the next chunk. An instruction acts from the next chunk; with `StreamSettings.recache` the
+engine first recomputes its history's keys/values under the new text.
 """
 from __future__ import annotations
 
@@ -221,6 +222,7 @@ class Session:
         self.chunks = 0
         self.frames = 0
         self.instruction_log: list[tuple[int, str]] = [(0, self.instruction)]
+        self.cached_under = self.instruction      # the text the engine's history keys/values were computed under
 
     # -- inputs --
     def _handle(self, ev) -> None:
@@ -281,8 +283,11 @@ class Session:
         if cfg.dit.audio_dim:
             self.speech.push(samples)
             feats = self.speech.features(first, count, self.audio.buf[:ahead])[None].to(eng.device, eng.dtype)
-        inputs = ChunkInputs(self._text(), feats)
-        result = eng.step(inputs)
+        text = self._text()
+        if eng.st.recache and self.chunks and self.instruction != self.cached_under:
+            eng.recache(text)                                   # the history re-read under the new text
+        self.cached_under = self.instruction
+        result = eng.step(ChunkInputs(text, feats))
         t1 = time.perf_counter()
         with torch.no_grad():
             frames = self.stream_decoder.push(result.video.permute(0, 2, 1, 3, 4).float())   # [1, T, 3, H, W]

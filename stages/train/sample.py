@@ -2,9 +2,14 @@
 
 - `sample_bidirectional`: Euler integration of the flow ODE over the whole clip (full attention).
 - `sample_causal`: chunk by chunk through the streaming engine (block-causal context, the engine's
-  x0-and-renoise steps), the way the causal teacher is used before distillation.
+  Euler sampler), the way the causal teacher is used before distillation.
 - `sampling_record`: the sampling and streaming settings a checkpoint was trained for, written into
   its metadata ("sampling"); `vidu stream --ckpt` starts from them and refuses what training never saw.
+
+Both samplers take a classifier-free guidance scale (1 = off): v = v_u + g (v_c - v_u), the
+unconditional pass with text and speech nulled as condition dropout nulls them
+(objectives.null_condition), the reference kept (it is the identity). TEACHER_GUIDANCE is the
+teachers' default, and what their checkpoints record for `vidu stream`.
 """
 from __future__ import annotations
 
@@ -13,44 +18,61 @@ import torch
 from models.config import ModelConfig
 from models.dit import DiT
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
+from stages.train.objectives import null_condition
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
 CAUSAL_STEPS = 16            # steps per chunk of the causal teacher (and of `vidu stream` on a teacher)
+TEACHER_GUIDANCE = 2.0       # classifier-free guidance scale of the teachers' samplers (trained with condition dropout)
 
 
 @torch.no_grad()
-def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS, shift: float = SHIFT,
-                         seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ref [B, C, 1, h, w], text [B, L, D], audio [B, F, K, A] -> (video latent [B, C, F, h, w], audio latent)."""
+def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS,
+                         shift: float = SHIFT, seed: int = 0, guidance: float = TEACHER_GUIDANCE,
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ref [B, C, 1, h, w], text [B, L, D], audio [B, before + F + after, K, A] -> (video latent
+    [B, C, F, h, w], audio latent). With guidance != 1, one forward of batch 2B per step."""
     d, B = cfg.dit, ref.shape[0]
     dev, dt = ref.device, ref.dtype
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn((B, d.in_dim, cfg.latent_frames, ref.shape[3], ref.shape[4]), generator=g).to(dev, dt)
     xa = (torch.randn((B, cfg.latent_frames, d.audio_latent_tokens, d.audio_latent_dim), generator=g).to(dev, dt)
           if d.joint_audio else None)
+    guided = guidance != 1.0
+    rows = 2 * B if guided else B
+    if guided:
+        text = torch.cat([text, null_condition(text)])
+        audio = None if audio is None else torch.cat([audio, null_condition(audio)])
+        ref = torch.cat([ref, ref])
     sig = flow_sigmas(steps, shift) + [0.0]
     for s, s_next in zip(sig[:-1], sig[1:]):
-        out = model(x, torch.full((B,), s * 1000.0, device=dev), text, audio=audio, audio_latent=xa, ref=ref)
-        x = x + (s_next - s) * out.video.to(dt)
+        x2 = torch.cat([x, x]) if guided else x
+        xa2 = torch.cat([xa, xa]) if guided and xa is not None else xa
+        out = model(x2, torch.full((rows,), s * 1000.0, device=dev), text, audio=audio, audio_latent=xa2, ref=ref)
+        v, va = out.video, out.audio
+        if guided:
+            v = v[B:] + guidance * (v[:B] - v[B:])
+            va = None if va is None else va[B:] + guidance * (va[:B] - va[B:])
+        x = x + (s_next - s) * v.to(dt)
         if xa is not None:
-            xa = xa + (s_next - s) * out.audio.to(dt)
+            xa = xa + (s_next - s) * va.to(dt)
     return x, xa
 
 
 @torch.no_grad()
 def sample_causal(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = CAUSAL_STEPS, shift: float = SHIFT,
-                  seed: int = 0, chunk_frames: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same inputs as `sample_bidirectional` (batch 1), generated chunk by chunk with a window that
-    holds the whole clip (the setting the causal teacher was trained in)."""
+                  seed: int = 0, chunk_frames: int = 1, guidance: float = TEACHER_GUIDANCE,
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same inputs as `sample_bidirectional` (batch 1), generated chunk by chunk with the engine's
+    Euler sampler and a window that holds the whole clip (the setting the causal teacher was trained in)."""
     from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
-    F = cfg.latent_frames
+    F, ctx = cfg.latent_frames, sum(model.cfg.audio_context)
     st = StreamSettings(chunk_frames=chunk_frames, steps=steps, shift=shift, window=max(F, chunk_frames) // chunk_frames
-                        * chunk_frames, twin=False)
+                        * chunk_frames, twin=False, sampler="euler", guidance=guidance)
     eng = StreamEngine(model, cfg, st, seed=seed)
     eng.start(ref)
     vs, aus = [], []
     for c in range(0, F - F % chunk_frames, chunk_frames):
-        a = None if audio is None else audio[:, c:c + chunk_frames]
+        a = None if audio is None else audio[:, c:c + chunk_frames + ctx]    # the chunk's frames and speech context
         r = eng.step(ChunkInputs(text, a))
         vs.append(r.video)
         aus.append(r.audio)
@@ -66,7 +88,9 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
       the 1 + latent_frames positions training used (RoPE positions beyond them were never seen);
     - noisy_level: the highest history noise level of diffusion forcing (None: clean history only), so
       a TwinCache's noisy cache is taken at the first step whose noise level is at most it;
-    - shift, steps: the flow schedule the stream samples with; codec: the latent space of training.
+    - shift, steps: the flow schedule the stream samples with; codec: the latent space of training;
+    - sampler "euler" and guidance TEACHER_GUIDANCE: how a teacher samples (a checkpoint without these
+      keys streams with StreamSettings' defaults).
     """
     F, cf = cfg.latent_frames, chunk_frames
     sink = F - 2 * cf >= cf                              # room for a sink chunk and one history chunk
@@ -74,4 +98,5 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
     steps = CAUSAL_STEPS if stage == "causal" else BIDIRECTIONAL_STEPS
     noisy = step_at_level(noisy_level, steps, shift)
     return {"stage": stage, "shift": shift, "steps": steps, "chunk_frames": cf, "window": window, "sink": sink,
-            "twin": noisy is not None, "noisy_step": noisy or 0, "noisy_level": noisy_level, "codec": codec}
+            "twin": noisy is not None, "noisy_step": noisy or 0, "noisy_level": noisy_level, "codec": codec,
+            "sampler": "euler", "guidance": TEACHER_GUIDANCE}
