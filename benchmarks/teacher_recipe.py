@@ -6,9 +6,9 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
     python benchmarks/teacher_recipe.py --phase eval          --work W --minutes 4
 
-`--work W` is the run folder a phase reads and adds to; each phase also copies what it made to $OUT
-(default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when a
-model is larger), so the next GPU run carries W (<= 64 MiB) rebuilt from the last phase's $OUT:
+`--work W` is the run folder a phase reads and adds to; each training phase also copies what it made to
+$OUT (default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when
+a model is larger), with the codec, so that $OUT is the next GPU run's W (<= 64 MiB):
 
     W/codec.safetensors                          the autoencoder (phase autoencoder, or --codec)
     W/bidirectional/ema*.safetensors[.index.json] stage 1's EMA (phase bidirectional)
@@ -93,7 +93,7 @@ RECIPES = {
         eval_cases=48, eval_seconds=8.0),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
         preset="tiny",
-        autoencoder=dict(batch=2, lr=2e-3, ema=0.9),
+        autoencoder=dict(batch=2, lr=2e-3, ema=0.9, autoencoder=AutoencoderSettings(frames=5)),
         bidirectional=dict(batch=2, samples=4, lr=1e-3, ema=0.9),
         causal=dict(batch=2, samples=4, lr=1e-3, ema=0.9,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
@@ -236,6 +236,7 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
         shipped = ship(ckpt / "ema.safetensors", work / stage, "ema")
         (out / stage).mkdir(parents=True, exist_ok=True)
         files = [shutil.copy(f, out / stage / f.name) for f in shipped]
+        files.append(shutil.copy(work / CODEC, out / CODEC))      # $OUT is the whole next work folder
     shutil.copy(run / "loss.png", out / f"loss_{stage}.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
