@@ -15,7 +15,7 @@ from models.config import PRESETS
 from models.flow import SHIFT, sigmas
 from stages.stream.engine import StreamSettings
 from stages.stream.events import StreamError
-from stages.train.sample import CAUSAL_STEPS, sampling_record
+from stages.train.sample import CAUSAL_STEPS, TEACHER_GUIDANCE, sampling_record
 from tests.conftest import vidu
 
 TINY = PRESETS["tiny"]                   # 5 latent frames, chunks of 1
@@ -30,7 +30,8 @@ def test_the_record_holds_what_training_saw():
     rec = trained_tiny()
     # ref + sink + window + chunk = 1 + 1 + 3 + 1 = the 1 + 5 positions of a training clip
     assert rec == {"stage": "causal", "shift": SHIFT, "steps": CAUSAL_STEPS, "chunk_frames": 1, "window": 3,
-                   "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": CODEC}
+                   "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": CODEC,
+                   "sampler": "euler", "guidance": TEACHER_GUIDANCE}
     assert sigmas(CAUSAL_STEPS)[14] <= 0.5 < sigmas(CAUSAL_STEPS)[13]     # the first step at most tau_max
     assert trained_tiny(noisy_level=None)["twin"] is False             # teacher forcing only: clean history
     two = trained_tiny(cf=2)                                           # 5 frames: no room for a sink of 2
@@ -40,7 +41,11 @@ def test_the_record_holds_what_training_saw():
 def test_resolve_uses_the_record_and_refuses_what_training_never_saw():
     rec = trained_tiny()
     assert StreamSettings.resolve(TINY, rec) == StreamSettings(chunk_frames=1, steps=16, shift=SHIFT, window=3,
-                                                               sink=True, twin=True, noisy_step=14)
+                                                               sink=True, twin=True, noisy_step=14, sampler="euler",
+                                                               guidance=TEACHER_GUIDANCE)
+    old = {k: v for k, v in rec.items() if k not in ("sampler", "guidance")}      # recorded before them
+    assert (StreamSettings.resolve(TINY, old).sampler, StreamSettings.resolve(TINY, old).guidance) == ("renoise", 1.0)
+    assert StreamSettings.resolve(TINY, old, sampler="euler", guidance=3.0, recache=True).guidance == 3.0
     assert StreamSettings.resolve(TINY, rec, window=2, twin=None).window == 2          # less history: seen
     assert StreamSettings.resolve(TINY, rec, window=4, sink=False).positions == 6     # same span, no sink
     few = StreamSettings.resolve(TINY, rec, steps=3)           # sigmas 1, .909, .714: none within 0.5
@@ -48,7 +53,9 @@ def test_resolve_uses_the_record_and_refuses_what_training_never_saw():
     for given, message in [(dict(chunk_frames=2), "trained with chunks of 1 latent frames"),
                            (dict(window=4), "span 7 latent frames, training saw 6"),
                            (dict(steps=3, twin=True), "noisy cache at noise 1.000"),
-                           (dict(noisy_step=2), "it saw history noise up to 0.5")]:
+                           (dict(noisy_step=2), "it saw history noise up to 0.5"),
+                           (dict(sampler="heun"), "the sampler is one of: renoise, euler"),
+                           (dict(guidance=-1.0), "guidance must be in 0..100")]:
         with pytest.raises(StreamError, match=message):
             StreamSettings.resolve(TINY, rec, **given)
     with pytest.raises(StreamError, match="clean history only"):
@@ -90,7 +97,8 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
                str(tmp_path / "o.mp4"), "--seconds", "0.3", "--summary", str(tmp_path / "s.json"))
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": SHIFT, "window": 3, "sink": True,
-                                   "twin": True, "noisy_step": 14}
+                                   "twin": True, "noisy_step": 14, "sampler": "euler", "guidance": TEACHER_GUIDANCE,
+                                   "recache": False}
     assert "random weights" not in res.stderr             # its weights, and the autoencoder it was trained with
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9

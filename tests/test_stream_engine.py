@@ -52,7 +52,8 @@ def run_engine(model, st, n_chunks, seed=0, cfg=TINY, texts=None):
 
 def reference_generation(model, st, n_chunks, seed=0, cfg=TINY):
     """Block-causal sampling over the whole growing sequence: chunk j, step k denoises
-    [ref | clean chunks < j at t=0 | chunk j at sigma_k] with mask='causal'. Same noise draws."""
+    [ref | clean chunks < j at t=0 | chunk j at sigma_k] with mask='causal', by st.sampler (x0 and
+    renoise, or Euler steps). Same noise draws."""
     text, audio, ref = conditions(n_chunks, st.chunk_frames, cfg=cfg)
     g = torch.Generator().manual_seed(seed)
     d, cf = cfg.dit, st.chunk_frames
@@ -71,7 +72,10 @@ def reference_generation(model, st, n_chunks, seed=0, cfg=TINY):
                             chunk_frames=cf)
             x0 = x - s * out.video[:, :, -cf:]
             xa0 = xa - s * out.audio[:, -cf:]
-            if k < len(sig) - 1:
+            if k < len(sig) - 1 and st.sampler == "euler":       # the flow ODE: no noise drawn
+                x = x + (sig[k + 1] - s) * out.video[:, :, -cf:]
+                xa = xa + (sig[k + 1] - s) * out.audio[:, -cf:]
+            elif k < len(sig) - 1:
                 x = (1 - sig[k + 1]) * x0 + sig[k + 1] * torch.randn(vs, generator=g)
                 xa = (1 - sig[k + 1]) * xa0 + sig[k + 1] * torch.randn(as_, generator=g)
         hist_v.append(x0)
@@ -80,10 +84,10 @@ def reference_generation(model, st, n_chunks, seed=0, cfg=TINY):
     return outs, (text, audio, ref)
 
 
-@pytest.mark.parametrize("cf", [1, 2])
-def test_streaming_with_a_large_window_equals_block_causal_generation(cf):
+@pytest.mark.parametrize("cf, sampler", [(1, "renoise"), (2, "renoise"), (2, "euler")])
+def test_streaming_with_a_large_window_equals_block_causal_generation(cf, sampler):
     model = scrambled(TINY.dit)
-    st = StreamSettings(chunk_frames=cf, steps=3, window=8 * cf, twin=False)
+    st = StreamSettings(chunk_frames=cf, steps=3, window=8 * cf, twin=False, sampler=sampler)
     _, outs = run_engine(model, st, 5)
     ref_outs, _ = reference_generation(model, st, 5)
     for j, (o, (v, a)) in enumerate(zip(outs, ref_outs)):
@@ -91,9 +95,10 @@ def test_streaming_with_a_large_window_equals_block_causal_generation(cf):
         assert rel(o.audio, a) < 1e-4, j
 
 
-def test_twin_caches_equal_recomputation():
+@pytest.mark.parametrize("guidance", [1.0, 2.0])         # guided: the caches are still the conditional pass's
+def test_twin_caches_equal_recomputation(guidance):
     model = scrambled(TINY.dit)
-    st = StreamSettings(chunk_frames=1, steps=3, window=8, twin=True, noisy_step=1)
+    st = StreamSettings(chunk_frames=1, steps=3, window=8, twin=True, noisy_step=1, guidance=guidance)
     eng, outs = run_engine(model, st, 5)
     text, audio, ref = conditions(5, 1)
     S, buf = eng.buffers.S, eng.buffers
