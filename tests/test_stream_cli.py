@@ -88,6 +88,8 @@ def test_raw_frames_on_stdout(inputs):
     (["--image", "{face}", "--audio", "mic"], "no microphone"),
     (["--image", "{face}", "--ckpt", "{dir}/notes.txt"], "cannot read checkpoint"),
     (["--image", "{face}"], "give an output"),
+    (["--image", "{face}", "--sampler", "heun"], "unknown sampler 'heun'"),
+    (["--image", "{face}", "--guidance", "-1"], "--guidance"),
 ])
 def test_bad_input_is_one_line(inputs, args, message):
     args = [a.format(dir=inputs["dir"], face=inputs["face"]) for a in args]
@@ -177,6 +179,28 @@ def test_instruction_mid_stream_changes_the_next_chunk_only(inputs):
     for j in range(3):
         assert np.array_equal(base[j], changed[j])
     assert not np.array_equal(base[3], changed[3])
+
+
+def test_recache_rereads_the_history_when_the_instruction_changes(inputs):
+    """--recache: at a switch the history's keys/values are recomputed under the new text, so the
+    chunk after it differs from the one without recache; the chunks before are the same (control)."""
+    from stages.stream.session import SessionOptions, load_parts, run_session
+    frames = {}
+    for recache in (False, True):
+        parts = load_parts(inputs["face"], settings={"recache": recache}, seed=0)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            for p in parts.engine.model.parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+            for p in parts.decoder.parameters():         # frames that are not flat
+                p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
+        events = EventQueue()
+        rec = Recorder(after=3, action=lambda: events.put(Instruction("raise a tennis racket")))
+        summary = run_session(parts, events, [rec], SessionOptions(max_seconds=0.5, live_audio=True))
+        assert summary["settings"]["recache"] is recache
+        frames[recache] = rec.frames
+    assert all(np.array_equal(a, b) for a, b in zip(frames[False][:3], frames[True][:3]))
+    assert not np.array_equal(frames[False][3], frames[True][3])
 
 
 def test_live_audio_arriving_mid_stream_is_used_from_the_next_chunk(inputs):
