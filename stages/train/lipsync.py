@@ -27,6 +27,7 @@ at the same time. Clips render longer than the model's (`seconds`) for more fram
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,7 +215,8 @@ def fit(data: dict, lc: LipSyncConfig, steps: int = 600, batch: int = 128, lr: f
         model = LipSync(lc)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     for _ in range(steps):
         c, s, y, _ = draw_pairs(data, batch, g, lc.rows)
         if shuffle_labels:
@@ -224,6 +226,7 @@ def fit(data: dict, lc: LipSyncConfig, steps: int = 600, batch: int = 128, lr: f
         loss.backward()
         opt.step()
         sched.step()
+    opt.zero_grad(set_to_none=True)
     return model.eval()
 
 
