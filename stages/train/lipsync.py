@@ -23,6 +23,15 @@ at the same time. Clips render longer than the model's (`seconds`) for more fram
     disc = train_discriminator(preset("small"), codec, clips=256, steps=600, seed=0)
     save_lipsync("out/lipsync.safetensors", disc)
     loss = sync_loss(x0_hat, batch["audio"], batch["mouth_box"], load_lipsync(path), clip_frames)
+
+A batch that uses it carries "mouth_box" [B, F, 2]: `mouth_boxes(s.masks["mouth"], LipSyncConfig.for_model(cfg))`
+of each clip, rendered with masks=True (about 30 % more render time).
+
+Measured (CPU, 1 thread, load ~9 on 2 cores; held-out clips of split "eval", per-frame AUC):
+at 64 x 64 through the `small` codec (32 training clips of 4 s, 400 steps) the discriminator stays
+at chance on held-out clips (shifted 0.50, other clip 0.52; it memorises the training identities,
+other clip 0.82 there): a mouth opening moves well under a latent pixel at that size, so the tiny
+preset gets no sync loss from it.
 """
 from __future__ import annotations
 
