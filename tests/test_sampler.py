@@ -222,3 +222,32 @@ def test_a_stream_goes_on_after_a_recache():
     model, eng, outs, old, new, audio = recache_stream(True, 6, 2)
     nxt = eng.step(ChunkInputs(new, audio[:, 5:6]))
     assert nxt.video.shape == outs[0].video.shape and torch.isfinite(nxt.video).all()
+
+
+# -- the teachers' samplers (stages/train/sample.py) --
+def test_bidirectional_sampler_guides_toward_the_extrapolated_target():
+    """The Gaussian flow's velocity is affine in mu, so v_u + g (v_c - v_u) is the flow of target mean
+    g mu (null text: mu = 0): guided Euler converges to that ODE solution."""
+    from stages.train.sample import sample_bidirectional
+    cfg = TINY.replace(dit=dataclasses.replace(TINY.dit, audio_latent_dim=0, audio_latent_tokens=0))   # video only
+    model, _, text = gaussian_case()
+    ref = torch.zeros(2, cfg.dit.in_dim, 1, 4, 4, dtype=torch.float64)
+    x1 = torch.randn((2, cfg.dit.in_dim, cfg.latent_frames, 4, 4), generator=torch.Generator().manual_seed(3),
+                     dtype=torch.float32).to(torch.float64)
+    for g in (0.0, 1.0, 2.0):
+        x, _ = sample_bidirectional(model, cfg, ref, text, steps=256, shift=1.0, seed=3, guidance=g)
+        assert rel(x, model.exact(x1, g * text, 1.0)) < 1e-2, g             # first order, 256 steps: 6e-3 at worst
+    assert rel(x, model.exact(x1, text, 1.0)) > 0.1                          # control: unguided answer
+
+
+@torch.no_grad()
+def test_causal_sampler_is_the_engine_with_euler_and_guidance():
+    from stages.train.sample import sample_causal
+    model = scrambled(TINY.dit)
+    text, audio, ref = conditions(TINY.latent_frames, 1)
+    st = StreamSettings(chunk_frames=1, steps=2, window=TINY.latent_frames, twin=False, sampler="euler", guidance=2.0)
+    _, outs = run_engine(model, st, TINY.latent_frames)
+    video, _ = sample_causal(model, TINY, ref, text, audio, steps=2, guidance=2.0)
+    assert torch.equal(video, torch.cat([o.video for o in outs], 2))
+    plain, _ = sample_causal(model, TINY, ref, text, audio, steps=2, guidance=1.0)
+    assert rel(plain, video) > 1e-4                                          # control: guidance acts
