@@ -84,7 +84,7 @@ def test_ship_shards_under_the_limit_and_join_back(tmp_path):
     got = recipe.read_state_dict(joined)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert read_metadata(joined) == read_metadata(src)
-    model, cfg2 = load_dit(joined)
+    _, cfg2 = load_dit(joined)
     assert cfg2 == cfg
     one = recipe.ship(src, tmp_path / "one", "ema", limit=recipe.SHIP_LIMIT)
     assert [f.name for f in one] == ["ema.safetensors"]
