@@ -89,7 +89,7 @@ RECIPES = {
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (~1 s of CPU per 1.3 s clip, ~4 s per 8 s stage-2 clip)
         bidirectional=dict(batch=32, samples=1024, lr=3e-4, ema=0.995),
-        causal=dict(batch=32, samples=384, lr=1e-4, ema=0.995,
+        causal=dict(batch=32, samples=256, lr=1e-4, ema=0.995,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
@@ -175,7 +175,18 @@ def probe(recipe: Recipe, stage: str, work: Path, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     half = recipe.probe_steps // 2
     step_s = (marks[-1] - marks[half - 1]) / (len(marks) - half)
-    render_s = max(0.0, marks[0] - t0 - step_s) * max(1, workers) / (n if stage != "autoencoder" else 1)
+    render_s = 0.0
+    if stage != "autoencoder":      # one clip rendered here on one thread, as a rendering worker does
+        from stages.train.data import ClipSource
+        cfg = get_preset(recipe.preset)
+        if stage == "causal":
+            cfg = cfg.replace(latent_frames=st.objective.clip_frames)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        t1 = time.perf_counter()
+        ClipSource(cfg, st.seed + 1, 1, masks=True)(0)
+        render_s = time.perf_counter() - t1
+        torch.set_num_threads(threads)
     return {"step_s": step_s, "clip_render_s": render_s, "probe_s": time.perf_counter() - t0}
 
 
@@ -261,22 +272,6 @@ def _case(i: int, seconds: float, size: int, tmp: str) -> dict:
             "events": [list(a) for a in s.actions], "voice": s.said.source if s.said else ""}
 
 
-class _TableTextEncoder:
-    """`TextEncoder` for `load_parts` from the committed feature table (the GPU image has no MiniLM)."""
-
-    def __init__(self, kind: str = "minilm", path=None, max_len: int = 512, device: str = "cpu", dtype=None):
-        from models.encoders import TextTable
-        self.kind, self.max_len, self.device = kind, max_len, device
-        self.table = TextTable(os.environ.get("VIDU_TEXT_TABLE", TEXT_TABLE))
-
-    @property
-    def dim(self) -> int:
-        return int(next(iter(self.table.table.values())).shape[1])
-
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        return self.table(texts)[:, : self.max_len].to(self.device)
-
-
 def stream_case(bench, case: dict, tmp: Path) -> tuple[np.ndarray, dict]:
     """Frames [T, H, W, 3] of `case` streamed by the bench's system (EvalBench's parts and typist)."""
     from PIL import Image
@@ -321,13 +316,11 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int
     import multiprocessing as mp
     import tempfile
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-    import models.encoders
     from stages.eval.bench.cases import BenchSamples
     from stages.eval.bench.runner import EvalBench
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
     ckpt = unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    models.encoders.TextEncoder = _TableTextEncoder            # load_parts builds its text encoder by this name
     bench = EvalBench(bench="synth", system=str(ckpt), preset=recipe.preset, device=dev, **recipe.stream)
     bench.setup()
     pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,

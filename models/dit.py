@@ -386,6 +386,13 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def null_condition(x: torch.Tensor) -> torch.Tensor:
+    """What a dropped condition becomes, in training (condition dropout, stages/train/objectives.py)
+    and in the samplers' unconditional pass (guidance): zeros (text features, speech features, the
+    reference latent)."""
+    return torch.zeros_like(x)
+
+
 @functools.lru_cache(maxsize=8)
 def _token_mask(F: int, n_ref: int, S: int, n_ctx: int, causal: bool, chunk_frames: int, device) -> torch.Tensor:
     with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference

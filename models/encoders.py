@@ -89,20 +89,39 @@ class TextTable:
     """Text features looked up from a file written by `save_text_table` (for machines that cannot
     hold the encoder, e.g. a GPU box with no copy of MiniLM); unknown texts are an error."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, max_len: int = 512, device: str = "cpu"):
         from safetensors.torch import load_file
         from models.checkpoint import read_metadata
-        self.texts = read_metadata(path)["texts"]
+        meta = read_metadata(path)
+        self.texts, self.kind = meta["texts"], meta.get("encoder", "minilm")
+        self.max_len, self.device = max_len, device
         tensors = load_file(str(path))
         self.table = {t: tensors[f"t{i}"] for i, t in enumerate(self.texts)}
+
+    @property
+    def dim(self) -> int:
+        return int(next(iter(self.table.values())).shape[1])
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         missing = [t for t in texts if t not in self.table]
         if missing:
             raise KeyError(f"text not in the feature table: {missing[0]!r}")
-        feats = [self.table[t] for t in texts]
+        feats = [self.table[t][: self.max_len] for t in texts]
         L = max(f.shape[0] for f in feats)
-        return torch.stack([torch.cat([f, f.new_zeros(L - f.shape[0], f.shape[1])]) for f in feats])
+        return torch.stack([torch.cat([f, f.new_zeros(L - f.shape[0], f.shape[1])]) for f in feats]).to(self.device)
+
+
+TEXT_TABLE_ENV = "VIDU_TEXT_TABLE"    # a feature table standing in for MiniLM (machines without it: the GPU image)
+
+
+def text_encoder(kind: str = "minilm", path: str | Path | None = None, max_len: int = 512, device: str = "cpu"):
+    """The text encoder of training and streaming: MiniLM / umT5 (`TextEncoder`), or for MiniLM the
+    feature table $VIDU_TEXT_TABLE names when set (`TextTable`: the texts it holds, nothing else)."""
+    import os
+    table = os.environ.get(TEXT_TABLE_ENV)
+    if table and kind == "minilm":
+        return TextTable(table, max_len, device)
+    return TextEncoder(kind, path, max_len=max_len, device=device)
 
 
 def save_text_table(encoder: TextEncoder, texts: list[str], path: str | Path) -> Path:

@@ -63,6 +63,7 @@ def test_synth_oracle_matches_ground_truth(synth_oracle):
     for r in rows(results):
         assert r["system"] == "oracle" and r["frames"] == 25 and (r["width"], r["height"]) == (256, 256)
         assert r["mouth_r"] > 0.95  # the render's mouth is the audio's mouth track
+        assert r["face_found"] == 1.0 and json.loads(r["scores"])["face_found"] <= 1.0   # the world's finder; dlib's kept
         assert abs(r["mouth_r_control"]) < r["mouth_r"] - 0.3  # another case's speech does not explain it
         assert r["identity_error"] < 20  # RGB distance of skin/shirt/hair to the case's identity
         assert r["stream_fps"] is None and r["chunk_ms"] is None  # no stream: no speed numbers

@@ -24,6 +24,7 @@ FAST = ["--preset", "tiny", "--steps", "2", "--workers", "0", "--minutes", "4"]
 
 def phase(name: str, work: Path, out: Path, monkeypatch, *extra: str) -> dict:
     monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setenv("VIDU_TEXT_TABLE", str(recipe.TEXT_TABLE))   # what main() sets, undone after the test
     return recipe.main(["--phase", name, "--work", str(work), *FAST, *extra])
 
 
@@ -104,3 +105,16 @@ def test_text_table_covers_the_world_and_matches_minilm():
     assert recipe.TEXT_TABLE.stat().st_size < 256 * 1024
     with pytest.raises(KeyError):
         table(["wave"])
+
+
+def test_text_encoder_is_the_table_when_one_is_named(monkeypatch):
+    """Training and `vidu stream` take their text encoder from one function: the table when
+    $VIDU_TEXT_TABLE names one (the GPU image has no MiniLM), trimmed like MiniLM to the model's length."""
+    from models.encoders import TextEncoder, TextTable, text_encoder
+    texts = ["blink", "a person talking to the camera"]
+    monkeypatch.delenv("VIDU_TEXT_TABLE", raising=False)
+    assert isinstance(text_encoder("minilm", max_len=32), TextEncoder)      # control: no table named
+    monkeypatch.setenv("VIDU_TEXT_TABLE", str(recipe.TEXT_TABLE))
+    enc = text_encoder("minilm", max_len=32)                                 # `small`'s text length: the texts fit
+    assert isinstance(enc, TextTable) and enc.dim == 384
+    assert torch.equal(enc(texts), TextEncoder("minilm", max_len=32)(texts))

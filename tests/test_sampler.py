@@ -10,11 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.dit import DiTOutput, KV
+from models.dit import DiTOutput, KV, null_condition
 from models.flow import sigmas
 from stages.stream import engine as engine_mod
 from stages.stream.engine import ChunkInputs, StreamSettings, context_chunks, denoise_chunk
-from stages.train.objectives import null_condition
 from tests.test_stream_engine import TINY, conditions, rel, run_engine, scrambled
 
 

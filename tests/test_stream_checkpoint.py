@@ -12,18 +12,22 @@ from PIL import Image
 
 from models.checkpoint import checkpoint_config, checkpoint_sampling
 from models.config import PRESETS
-from models.flow import SHIFT, sigmas
+from models.flow import SHIFT, sigmas, step_at_level
 from stages.stream.engine import StreamSettings
 from stages.stream.events import StreamError
 from stages.train.sample import CAUSAL_STEPS, TEACHER_GUIDANCE, sampling_record
+from stages.train.objectives import ObjectiveSettings
 from tests.conftest import vidu
 
 TINY = PRESETS["tiny"]                   # 5 latent frames, chunks of 1
 CODEC = {"kind": "taehv", "file": "../codec.safetensors", "channels": 16}    # and the file's sha256
 
 
-def trained_tiny(noisy_level=0.5, cf=1, codec=CODEC) -> dict:
-    return sampling_record(TINY.replace(chunk_frames=cf), "causal", SHIFT, cf, noisy_level, codec)
+TRAIN_SHIFT = ObjectiveSettings().shift    # what `vidu train` records (2: benchmarks/noise_schedule.py)
+
+
+def trained_tiny(noisy_level=0.5, cf=1, codec=CODEC, shift=SHIFT) -> dict:
+    return sampling_record(TINY.replace(chunk_frames=cf), "causal", shift, cf, noisy_level, codec)
 
 
 def test_the_record_holds_what_training_saw():
@@ -72,7 +76,6 @@ def test_without_a_record_the_preset_chunk_size_is_the_default():
 @pytest.fixture(scope="module")
 def causal_ckpt(tmp_path_factory) -> Path:
     from stages.train.loop import TrainSettings, train
-    from stages.train.objectives import ObjectiveSettings
     out = tmp_path_factory.mktemp("causal")
     train(TrainSettings(stage="causal", preset="tiny", steps=2, batch=2, samples=4, save_every=2, warmup=1,
                         objective=ObjectiveSettings(p_teacher_forcing=0.5, tau_max=0.5)), out)
@@ -84,8 +87,8 @@ def test_training_writes_the_record(causal_ckpt):
     codec_file = (causal_ckpt.parent / CODEC["file"]).resolve()
     assert codec_file.is_file()                           # no --codec: a quick one trained first
     codec = {**CODEC, "sha256": hashlib.sha256(codec_file.read_bytes()).hexdigest()[:16]}
-    assert checkpoint_sampling(causal_ckpt) == trained_tiny(codec=codec)
-    assert checkpoint_sampling(causal_ckpt.with_name("model.safetensors")) == trained_tiny(codec=codec)
+    assert checkpoint_sampling(causal_ckpt) == trained_tiny(codec=codec, shift=TRAIN_SHIFT)
+    assert checkpoint_sampling(causal_ckpt.with_name("model.safetensors")) == trained_tiny(codec=codec, shift=TRAIN_SHIFT)
     assert checkpoint_config(causal_ckpt).chunk_frames == 1
 
 
@@ -96,8 +99,9 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
     res = vidu("stream", "--image", str(tmp_path / "face.png"), "--ckpt", str(causal_ckpt), "--out",
                str(tmp_path / "o.mp4"), "--seconds", "0.3", "--summary", str(tmp_path / "s.json"))
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": SHIFT, "window": 3, "sink": True,
-                                   "twin": True, "noisy_step": 14, "sampler": "euler", "guidance": TEACHER_GUIDANCE,
+    assert step_at_level(0.5, 16, TRAIN_SHIFT) == 11                   # at shift 2, step 11 is at noise <= 0.5
+    assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": TRAIN_SHIFT, "window": 3, "sink": True,
+                                   "twin": True, "noisy_step": 11, "sampler": "euler", "guidance": TEACHER_GUIDANCE,
                                    "recache": False}
     assert "random weights" not in res.stderr             # its weights, and the autoencoder it was trained with
     with av.open(str(tmp_path / "o.mp4")) as c:

@@ -368,3 +368,17 @@ def test_a_mid_stream_instruction_in_a_long_clip_reaches_the_stage2_sequence():
     later = stream_sequence(batch, stream_frames(k + 3, 1, 3, True), 0, 0)["text"][0]
     assert torch.equal(later[0], ds._text(NEUTRAL_TEXT))                     # the sink: before the onset
     assert all(torch.equal(later[j], ds._text(name)) for j in (2, 3, 4))     # ring k+1, k+2 and the chunk
+
+
+def test_ema_warm_up_follows_its_formula():
+    from stages.train.machinery import ema_decay, ema_update
+    assert [ema_decay(s, 0.999) for s in (0, 1, 10, 990, 10000)] == [0.1, 2 / 11, 11 / 20, 991 / 1000, 0.999]
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = {"weight": torch.ones(1, 1)}                      # the init
+    for step in range(200):
+        ema_update(ema, model, ema_decay(step, 0.999))
+    init_share = float(ema["weight"])                       # what is left of the init after 200 steps
+    assert abs(init_share - torch.tensor([ema_decay(s, 0.999) for s in range(200)], dtype=torch.float64).prod()) < 1e-6
+    assert init_share < 0.01 and 0.999 ** 200 > 0.8          # control: a fixed 0.999 would keep 82 % of it

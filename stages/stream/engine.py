@@ -37,12 +37,11 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT, DiTOutput, KV
+from models.dit import DiT, DiTOutput, KV, null_condition
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
 from stages.run import ranged
 from stages.stream.events import StreamError
-from stages.train.objectives import null_condition
 
 SAMPLERS = ("renoise", "euler")
 
@@ -271,7 +270,7 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
 
 
 def _with_null(c: torch.Tensor) -> torch.Tensor:
-    """[B, ...] condition -> [2B, ...]: the condition, then its null (objectives.null_condition)."""
+    """[B, ...] condition -> [2B, ...]: the condition, then its null (models.dit.null_condition)."""
     return torch.cat([c, null_condition(c)])
 
 

@@ -89,7 +89,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
     from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit
     from models.dit import DiT
-    from models.encoders import TextEncoder, image_tensor
+    from models.encoders import image_tensor, text_encoder as make_text_encoder
     from stages.stream.decoders import load_codec
     from stages.sense.image import ImageError, read_image
     notes = []
@@ -122,7 +122,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         frames = ((img[:, :, 0] + 1) / 2)[:, None].to(device)   # [1, 1, 3, H, W] in [0, 1]
         ref = decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
     kind = cfg.text_encoder
-    text_encoder = TextEncoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
+    text_encoder = make_text_encoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
     if text_encoder.dim != cfg.dit.text_dim:
         raise StreamError(f"the text encoder gives {text_encoder.dim}-d features; the model takes {cfg.dit.text_dim}")
     engine = StreamEngine(model, cfg, st, seed=seed)

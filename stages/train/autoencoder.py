@@ -31,7 +31,7 @@ from models.checkpoint import read_state_dict, save_taehv
 from models.config import ModelConfig, preset as get_preset
 from models.taehv import TAEHV
 from stages.run import ranged
-from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_update, latest_state, write_checkpoint)
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, latest_state, write_checkpoint)
 
 STATS_CLIPS = 8              # clips the latent statistics are measured on at each checkpoint
 STATS_SEED = 999_999_937     # their world seeds: clip_seed(STATS_SEED, i), apart from any run's
@@ -163,7 +163,7 @@ class AutoencoderTrainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, min(st.ema, (1 + self.step) / (10 + self.step)))   # EMA warmup
+        ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
         logged = {"step": self.step, "loss": float(loss.detach()), "grad_norm": float(gnorm),
                   **{k: float(v) for k, v in parts.items()}, "lr": self.sched.get_last_lr()[0]}
         self.step += 1

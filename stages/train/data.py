@@ -249,15 +249,16 @@ class Dataset:
         return self.cache[i]
 
     def prefetch(self, workers: int) -> None:
-        """Render and encode every sample up front in `workers` processes (the GPU run's first epoch
-        would otherwise wait on the CPU)."""
+        """Render (or read) every clip up front in `workers` processes of one thread each, and code
+        them here with the autoencoder as they arrive, on its device (the GPU run's first epoch would
+        otherwise wait on the CPU; the workers never touch the GPU)."""
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
         todo = [i for i in range(self.n) if i not in self.cache]
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(1,)) as pool:
-            for i, s in zip(todo, pool.map(_encode_index, [self.source] * len(todo), [self.codec] * len(todo), todo,
-                                           chunksize=8)):
+            for i, c in zip(todo, pool.map(self.source, todo, chunksize=2)):
+                s = encode_clip(self.cfg, self.codec, c)
                 s["text"] = self._frame_texts(s.pop("instruction"))
                 self.cache[i] = s
 
@@ -293,9 +294,8 @@ def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool
     `masks`: world clips carry the mouth region); rank 0 prepares the codec
     in `out` (`prepare_codec(cfg, st, out)`, stages/train/loop.py), the others wait and load it. Text features come from the samples' shards, else MiniLM or
     the table file named by $VIDU_TEXT_TABLE."""
-    import os
     from models.checkpoint import load_taehv
-    from models.encoders import TextEncoder, TextTable
+    from models.encoders import text_encoder
     source = ClipSource(cfg, st.seed, st.samples, st.data, masks)
     codec, record = None, None
     if source.needs_codec:
@@ -304,7 +304,7 @@ def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool
             prepare_codec(cfg, st, out)
         if d.world > 1:
             dist.barrier()
-        codec = load_taehv(path)
+        codec = load_taehv(path, d.device)            # clips are coded on the training device
         if codec.config.latent_channels != cfg.dit.in_dim:
             raise ValueError(f"the codec makes {codec.config.latent_channels}-channel latents; preset {cfg.name} "
                              f"takes {cfg.dit.in_dim}")
@@ -314,6 +314,5 @@ def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool
     if cfg.text_encoder != "minilm":
         raise ValueError(f"training on the synthetic world uses the MiniLM text encoder; preset {cfg.name} "
                          f"expects {cfg.text_encoder}")
-    table = os.environ.get("VIDU_TEXT_TABLE")
-    enc = TextTable(table) if table else TextEncoder("minilm", max_len=cfg.dit.text_len)
+    enc = text_encoder("minilm", max_len=cfg.dit.text_len)
     return Dataset(source, st.seed, codec, enc, record)

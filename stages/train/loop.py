@@ -42,7 +42,7 @@ from models.dit import DiT
 from stages.run import ranged
 from stages.train.autoencoder import AutoencoderSettings
 from stages.train.data import CODEC_FILE, Dataset, build_dataset, teacher_codec
-from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_update, init_dist, latest_state,
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
                                     step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
 from stages.train.sample import sampling_record
@@ -144,7 +144,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        ema_update(self.ema, self.model, st.ema)
+        ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
         logged = {"step": self.step, "loss": loss.detach().float(), "grad_norm": _full(gnorm).float(),
                   **{k: v.float() for k, v in parts.items()}}
         logged = {k: (self._mean(v) if torch.is_tensor(v) else v) for k, v in logged.items()}

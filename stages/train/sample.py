@@ -8,7 +8,7 @@
 
 Both samplers take a classifier-free guidance scale (1 = off): v = v_u + g (v_c - v_u), the
 unconditional pass with text and speech nulled as condition dropout nulls them
-(objectives.null_condition), the reference kept (it is the identity). TEACHER_GUIDANCE is the
+(models.dit.null_condition), the reference kept (it is the identity). TEACHER_GUIDANCE is the
 teachers' default, and what their checkpoints record for `vidu stream`.
 """
 from __future__ import annotations
@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT
+from models.dit import DiT, null_condition
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
-from stages.train.objectives import null_condition
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
 CAUSAL_STEPS = 16            # steps per chunk of the causal teacher (and of `vidu stream` on a teacher)
@@ -63,11 +62,12 @@ def sample_causal(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: in
                   seed: int = 0, chunk_frames: int = 1, guidance: float = TEACHER_GUIDANCE,
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Same inputs as `sample_bidirectional` (batch 1), generated chunk by chunk with the engine's
-    Euler sampler and a window that holds the whole clip (the setting the causal teacher was trained in)."""
+    Euler sampler, the window and sink stage 2 trains with (`sampling_record`), clean history."""
     from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
     F, ctx = cfg.latent_frames, sum(model.cfg.audio_context)
-    st = StreamSettings(chunk_frames=chunk_frames, steps=steps, shift=shift, window=max(F, chunk_frames) // chunk_frames
-                        * chunk_frames, twin=False, sampler="euler", guidance=guidance)
+    rec = sampling_record(cfg, "causal", shift, chunk_frames, None, {})
+    st = StreamSettings(chunk_frames=chunk_frames, steps=steps, shift=shift, window=rec["window"], sink=rec["sink"],
+                        twin=False, sampler="euler", guidance=guidance)
     eng = StreamEngine(model, cfg, st, seed=seed)
     eng.start(ref)
     vs, aus = [], []
@@ -85,7 +85,8 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
 
     - chunk_frames: the causal block size of training (the stream generates chunks of exactly this);
     - window, sink: the largest history the stream may keep so that ref + sink + window + chunk fits in
-      the 1 + latent_frames positions training used (RoPE positions beyond them were never seen);
+      the 1 + latent_frames positions stage 1 used; stage 2 trains with exactly this window and sink
+      (stages/train/loop.py), so the stream sees the positions and context training saw;
     - noisy_level: the highest history noise level of diffusion forcing (None: clean history only), so
       a TwinCache's noisy cache is taken at the first step whose noise level is at most it;
     - shift, steps: the flow schedule the stream samples with; codec: the latent space of training;

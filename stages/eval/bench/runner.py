@@ -217,7 +217,7 @@ class EvalBench(Stage):
                   "sync_distance", "sharpness", "flicker", "face_found"):
             v = scores.get(k)
             row[k] = v if not isinstance(v, str) or k in ("identity_embedder", "sync_method") else None
-        if item.get("truth"):
+        if item.get("truth"):       # face_found from the world's analyzer (dlib's stays in `scores`)
             row.update(_synth_numbers(frames, info["fps"], item["truth"]))
         elif isinstance(scores.get("instructions"), dict):  # judged by a local model
             judged = scores["instructions"]

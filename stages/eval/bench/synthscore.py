@@ -110,7 +110,8 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
     gt = np.asarray(truth["tracks"]["mouth"], np.float64)[:T]
     measured = _finite(m["mouth"])
     events = [(float(a), float(b), str(n)) for a, b, n in truth["actions"] if a < T / fps]  # (onset, end, text)
-    out = {"mouth_r": pearson(measured, gt),
+    out = {"face_found": float(np.mean(m["found"])),    # the world's own face finder (dlib misses anime / animal faces)
+           "mouth_r": pearson(measured, gt),
            "mouth_r_control": None if control_mouth is None else pearson(measured, control_mouth[:T]),
            "identity_error": identity_error(m, identity) if m["found"].any() else None}
     out.update(instruction_scores(m, events, fps))
