@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +50,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-for _name in ("av", "duckdb"):           # imported at module level by packages this script never calls into
-    if importlib.util.find_spec(_name) is None:
-        sys.modules[_name] = types.ModuleType(_name)
 
 from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402

@@ -74,16 +74,6 @@ def per_frame_texts(timeline) -> tuple[list, list[int]]:
     return list(timeline.texts), list(timeline.index)
 
 
-def clip_instruction(per_frame: list[str]) -> str:
-    """The text a clip is conditioned on: the instruction in force for most of its frames, or the
-    neutral prompt when none is."""
-    counts: dict[str, int] = {}
-    for text in per_frame:
-        if text:
-            counts[text] = counts.get(text, 0) + 1
-    return max(counts, key=counts.get) if counts else NEUTRAL_TEXT
-
-
 class ClipSource:
     """Clip i of a run: rendered from the synthetic world, or read from a manifest's ok rows."""
 
@@ -203,10 +193,6 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     return s
 
 
-def _encode_index(source: ClipSource, codec: TAEHV | None, i: int) -> dict:
-    return encode_clip(source.cfg, codec, source(i))
-
-
 class Dataset:
     def __init__(self, source: ClipSource, seed: int, codec: TAEHV | None, encode_text, codec_record: dict | None = None):
         self.source, self.cfg, self.n, self.seed = source, source.cfg, source.n, seed
@@ -243,7 +229,7 @@ class Dataset:
 
     def sample(self, i: int) -> dict:
         if i not in self.cache:
-            s = _encode_index(self.source, self.codec, i)
+            s = encode_clip(self.cfg, self.codec, self.source(i))
             s["text"] = self._frame_texts(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]

@@ -17,8 +17,7 @@ from pathlib import Path
 from manifests.io import ok_rows, read_manifest
 from stages.eval.bench.cases import BENCHES, BenchError, BenchSamples, bench_items, fingerprint
 from stages.eval.bench.runner import ORACLE, EvalBench, system_name
-from stages.run import RunResult, run_stage
-from stages.run.runner import run_id_for
+from stages.run import RunResult
 
 __all__ = ["BENCHES", "BenchError", "DEFAULT_CASES", "ORACLE", "run_bench"]
 
@@ -49,6 +48,8 @@ def run_bench(bench: str, root: Path, data: str | None = None, ckpt: str | None 
               guidance: float | None = None) -> tuple[RunResult, RunResult]:
     """Index the benchmark's samples, then stream and score them; (samples run, eval run).
     `seconds`: generated clip length (default 4 s), or the most audio used per folder sample (default all)."""
+    from stages.run import run_stage                  # the runner (DuckDB) only here: the bench's cases and
+    from stages.run.runner import run_id_for          # scoring import on a machine without it (the GPU image)
     if limit is not None and limit < 1:
         raise BenchError(f"--limit must be at least 1, not {limit}")
     if seconds is not None and seconds <= 0:
