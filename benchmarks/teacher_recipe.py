@@ -57,7 +57,7 @@ from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
-PHASES = ("autoencoder", "bidirectional", "causal", "eval")
+PHASES = ("autoencoder", "bidirectional", "causal", "eval", "clips")
 TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
 SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
 H200_BF16_PEAK = 989e12              # dense bf16 FLOP/s of an H200 (SXM)
@@ -83,7 +83,7 @@ RECIPES = {
         preset="small",
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (~1 s of CPU per 1.3 s clip, ~4 s per 8 s stage-2 clip)
-        bidirectional=dict(batch=32, samples=1024, lr=3e-4, ema=0.995),
+        bidirectional=dict(batch=32, samples=1024, lr=1e-3, ema=0.995),
         causal=dict(batch=32, samples=256, lr=1e-4, ema=0.995,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0),
@@ -305,7 +305,7 @@ def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25) ->
 
 
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int, cases: int | None,
-               seconds: float | None) -> dict:
+               seconds: float | None, overrides: dict | None = None) -> dict:
     """Stream and score the held-out cases with the `teacher` checkpoint in W; cases render and score in
     `workers` processes while the model streams."""
     import multiprocessing as mp
@@ -316,7 +316,8 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
     ckpt = unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    bench = EvalBench(bench="synth", system=str(ckpt), preset=recipe.preset, device=dev, **recipe.stream)
+    stream = {**recipe.stream, **(overrides or {})}
+    bench = EvalBench(bench="synth", system=str(ckpt), preset=recipe.preset, device=dev, **stream)
     bench.setup()
     pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                 initargs=(1,)) if workers else ThreadPoolExecutor(1))
@@ -336,7 +337,104 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int
             info = {k: case[k] for k in ("index", "seed", "control_seed", "voice", "events")}
             rows.append({**info, **speed, **gen.result(), "truth": gt.result()})
     return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "cases": n, "seconds": secs, "device": dev,
-            "stream": recipe.stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
+            "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
+
+
+# -- clips: the teachers' lip sync at the training clip length, without streaming --------------------
+
+CLIP_VARIANTS = ("guided", "unguided", "shuffled", "codec")
+
+
+def _clip_case(i: int, cfg) -> dict | None:
+    """Held-out clip i at the model's clip length (stage 1's), or None when its mouth hardly moves (no
+    lip sync to measure): render_clip of seed HELD_OUT_BASE + i with the eval split's voices."""
+    from stages.eval.bench.cases import HELD_OUT_BASE
+    from stages.train.data import render_clip
+    c = render_clip(HELD_OUT_BASE + i, cfg, split="eval", truth=True)
+    return c if np.std(c["truth"]["tracks"]["mouth"]) > 0.05 else None
+
+
+class _Cases:
+    """The clip source Dataset reads (cfg, n, clip i)."""
+
+    def __init__(self, cfg, clips: list[dict]):
+        self.cfg, self.clips, self.n = cfg, clips, len(clips)
+
+    def __call__(self, i: int) -> dict:
+        return self.clips[i]
+
+
+def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int, cases: int | None,
+              steps: int | None = None) -> dict:
+    """Lip sync of a teacher on held-out speaking clips at its training length (1 + 4 (F - 1) frames),
+    every clip sampled whole with `sample_bidirectional` (the bidirectional teacher's own sampler; for
+    the causal teacher the same full-attention sampler, i.e. its stage-1 behaviour) and scored by the synth
+    bench's synth_scores: "guided" (the teacher's guidance), "unguided" (1.0), "shuffled" (guided,
+    but driven by the next clip's speech and scored against this clip's: a model that lip-syncs drops
+    to r ~ 0 here), "codec" (the ground truth through the codec: the ceiling), "truth" (the frames)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
+    from models.encoders import text_encoder
+    from stages.eval.bench.synthscore import synth_scores
+    from stages.train.data import Dataset
+    from stages.train.sample import BIDIRECTIONAL_STEPS, TEACHER_GUIDANCE, sample_bidirectional
+    t0 = time.perf_counter()
+    n = cases or recipe.eval_cases
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = unship(work / teacher, "ema")
+    model, cfg = load_dit(ckpt, device=dev)
+    model.eval()
+    shift = (checkpoint_sampling(ckpt) or {}).get("shift")
+    codec = load_taehv(work / CODEC, dev)
+    pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))
+    with pool:
+        clips = [c for c in pool.map(_clip_case, range(8 * n), [cfg] * (8 * n)) if c is not None][:n]
+        ds = Dataset(_Cases(cfg, clips), 0, codec, text_encoder("minilm", max_len=cfg.dit.text_len))
+        batch = [ds.sample(i) for i in range(len(clips))]
+        stack = lambda key, order: torch.stack([batch[j][key] for j in order]).to(dev)  # noqa: E731
+
+        def decode(z: torch.Tensor) -> np.ndarray:
+            with torch.no_grad():
+                x = codec.decode_video(z.float().permute(0, 2, 1, 3, 4))
+            return (x.permute(0, 1, 3, 4, 2) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+        bs = 16 if dev == "cuda" else 2
+        order = list(range(len(clips)))
+        shuffled = order[1:] + order[:1]
+        runs = {"guided": (TEACHER_GUIDANCE, order), "unguided": (1.0, order), "shuffled": (TEACHER_GUIDANCE, shuffled)}
+        frames = {k: [] for k in CLIP_VARIANTS}
+        for a in range(0, len(clips), bs):
+            idx = order[a:a + bs]
+            frames["codec"] += list(decode(stack("video", idx)))
+            for name, (g, speech) in runs.items():
+                with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
+                    z, _ = sample_bidirectional(model, cfg, stack("ref", idx), stack("text", idx),
+                                                stack("audio", speech[a:a + bs]) if cfg.dit.audio_dim else None,
+                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift or 5.0, seed=a, guidance=g)
+                frames[name] += list(decode(z))
+        frames["truth"] = [c["frames"] for c in clips]
+        controls = [np.asarray(clips[shuffled[i]]["truth"]["tracks"]["mouth"]) for i in order]
+        scored = {name: [pool.submit(synth_scores, f[i], cfg.audio.fps, clips[i]["truth"], controls[i]) for i in order]
+                  for name, f in frames.items()}
+        rows = [{"seed": c["truth"]["seed"], "voice": c["truth"]["speech_source"],
+                 **{name: scored[name][i].result() for name in frames}} for i, c in enumerate(clips)]
+    summary = {}
+    for name in (*CLIP_VARIANTS, "truth"):
+        rs = [r[name]["mouth_r"] for r in rows if r[name]["mouth_r"] is not None]
+        ctl = [abs(r[name]["mouth_r_control"]) for r in rows if r[name]["mouth_r_control"] is not None]
+        ide = [r[name]["identity_error"] for r in rows if r[name]["identity_error"] is not None]
+        summary[name] = {"mouth_r": float(np.mean(rs)) if rs else None,
+                         "mouth_abs_r_control": float(np.mean(ctl)) if ctl else None,
+                         "identity_error": float(np.mean(ide)) if ide else None,
+                         "face_found": float(np.mean([r[name]["face_found"] for r in rows]))}
+    if clips:
+        strip(np.concatenate(frames["truth"][:6]), np.concatenate(frames["guided"][:6]),
+              out / f"clips_{teacher}.png", every=11)
+    return {"phase": "clips", "teacher": teacher, "checkpoint": str(ckpt), "cases": len(clips),
+            "seconds": cfg.video_frames / cfg.audio.fps, "device": dev, "shift": shift, "guidance": TEACHER_GUIDANCE,
+            "eval_s": time.perf_counter() - t0, "summary": summary, "rows": rows}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -378,10 +476,18 @@ def write_text_table(path: Path = TEXT_TABLE) -> Path:
 # -- the command ---------------------------------------------------------------------------------------
 
 def table(res: dict) -> str:
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    if res["phase"] == "clips":
+        lines = [f"clips {res['teacher']}: {res['cases']} held-out clips x {res['seconds']:.2f} s, "
+                 f"{res['eval_s']:.0f} s on {res['device']}",
+                 "| variant | lip-sync r | mismatched abs r | identity error | face found |", "|---|---|---|---|---|"]
+        for name, v in res["summary"].items():
+            lines.append(f"| {name} | {f(v['mouth_r'])} | {f(v['mouth_abs_r_control'])} | {f(v['identity_error'])} "
+                         f"| {f(v['face_found'])} |")
+        return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]
-        f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        return "\n".join([f"eval {res['teacher']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
+        return "\n".join([f"eval {res['teacher']} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
                           f"on {res['device']}, {f(s['stream_fps'])} fps streamed",
                           f"  lip sync r {f(s['mouth_r'])} (truth {f(s['truth_mouth_r'])}), mismatched |r| "
                           f"{f(s['mouth_abs_r_control'])}",
@@ -404,12 +510,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--minutes", type=float, default=8.5, help="wall time of the phase (probe, rendering, training)")
     ap.add_argument("--preset", default="small", choices=sorted(RECIPES))
     ap.add_argument("--codec", type=Path, help="an autoencoder to use instead of running the autoencoder phase")
-    ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training)")
+    ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training); clips: sampling steps")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes rendering clips (0: in this process, as needed)")
     ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional"), help="eval: which checkpoint")
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
+    ap.add_argument("--guidance", type=float, help="eval: the stream's guidance scale (default: the checkpoint's)")
+    ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
     if args.write_text_table:
@@ -426,11 +534,14 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.codec:
         shutil.copyfile(args.codec, work / CODEC)
-    if args.phase in ("bidirectional", "causal", "eval") and not (work / CODEC).is_file():
+    if args.phase != "autoencoder" and not (work / CODEC).is_file():
         raise SystemExit(f"{work / CODEC} is missing: run --phase autoencoder first, or give --codec")
     torch.backends.cudnn.benchmark = True
-    if args.phase == "eval":
-        res = eval_phase(recipe, work, out, args.teacher, args.workers, args.cases, args.seconds)
+    if args.phase == "clips":
+        res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
+    elif args.phase == "eval":
+        overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
+        res = eval_phase(recipe, work, out, args.teacher, args.workers, args.cases, args.seconds, overrides)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)
     res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

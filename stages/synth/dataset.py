@@ -16,8 +16,7 @@ from typing import Callable, ClassVar
 import numpy as np
 
 from manifests.io import workspace
-from stages.run import RunResult, Stage, base_row, ranged, run_stage
-from stages.sense.media import write_video
+from stages.run import RunResult, Stage, base_row, ranged
 from stages.synth.render import render_clip
 from stages.synth.speech import SR, RealDirs, Speech, mouth_tracks, speak
 from stages.synth.world import (
@@ -165,6 +164,7 @@ class Synth(Stage):
         out = Path(self.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         video, truth = out / f"{item['id']}.mp4", out / f"{item['id']}.json"
+        from stages.sense.media import write_video   # PyAV only where files are written (not on the GPU image)
         _atomic(video, lambda p: write_video(p, sample.frames, self.fps, sample.audio))
         gt = sample.truth()
         _atomic(truth, lambda p: p.write_text(json.dumps(gt)))
@@ -190,6 +190,7 @@ def synthesize(out_dir: str | os.PathLike, n: int, root: Path, seed: int = 0, wi
     out = Path(out_dir).expanduser().resolve()
     stage = Synth(out_dir=str(out), n=n, seed=seed, width=width, height=height, fps=fps, seconds=seconds,
                   style=style)
+    from stages.run import run_stage   # the runner (DuckDB) only where a stage runs: the GPU image renders without it
     return run_stage(stage, stage.items(), [], [], root, workers=workers, quiet=quiet)
 
 

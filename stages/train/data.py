@@ -40,19 +40,22 @@ def clip_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
 
-def render_clip(seed: int, cfg: ModelConfig, masks: bool = False) -> dict:
+def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
     16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame and,
-    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`)."""
+    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`);
+    `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth())."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
-                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks)
+                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
     if masks:
         c["mouth"] = latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)
+    if truth:
+        c["truth"] = s.truth()
     return c
 
 
