@@ -118,3 +118,38 @@ def test_text_encoder_is_the_table_when_one_is_named(monkeypatch):
     enc = text_encoder("minilm", max_len=32)                                 # `small`'s text length: the texts fit
     assert isinstance(enc, TextTable) and enc.dim == 384
     assert torch.equal(enc(texts), TextEncoder("minilm", max_len=32)(texts))
+
+
+GPU_IMAGE_LACKS = ("duckdb", "av")      # the device image has torch and triton, not these (carried wheels aside)
+
+_BLOCK = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {names!r}:
+            raise ImportError("not on the GPU image: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_recipe_runs_without_what_the_gpu_image_lacks():
+    """What the recipe runs on the GPU machine (its phases, the render workers' clips, the bench's scores,
+    the stream session) imports without DuckDB and PyAV: two GPU runs once died at their first rendered
+    clip on that. Control: the blocker does stop a module that needs PyAV."""
+    import subprocess
+    code = _BLOCK.format(names=set(GPU_IMAGE_LACKS)) + """
+sys.path.insert(0, "benchmarks")
+import teacher_recipe
+from models.config import preset
+from stages.train.data import render_clip
+from stages.eval.bench.synthscore import synth_scores
+from stages.stream.session import load_parts, run_session
+c = render_clip(7, preset("tiny"), split="eval", truth=True)
+print(c["frames"].shape, c["truth"]["frames"])
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["(17,", "64,", "64,", "3)", "17"]
+    control = subprocess.run([sys.executable, "-c", _BLOCK.format(names=set(GPU_IMAGE_LACKS)) + "import stages.sense.media"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert control.returncode != 0 and "not on the GPU image: av" in control.stderr
