@@ -60,7 +60,8 @@ from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
-PHASES = ("autoencoder", "bidirectional", "causal", "eval", "clips")
+PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "eval", "clips")
+LIPSYNC = "lipsync.safetensors"
 TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
 SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
 H200_BF16_PEAK = 989e12              # dense bf16 FLOP/s of an H200 (SXM)
@@ -78,6 +79,11 @@ class Recipe:
     eval_cases: int                  # held-out synth cases (bench seeds HELD_OUT_BASE + i)
     eval_seconds: float              # seconds per case
     stream: dict = field(default_factory=dict)   # StreamSettings fields for eval (None / absent: the checkpoint's)
+    # the lip-sync discriminator (stages/train/lipsync.py): training clips, steps, clip seconds, held-out
+    # clips, the held-out AUC (matched vs shifted speech) it must reach before the teachers use it, and
+    # the sync loss weight they then use
+    lipsync: dict = field(default_factory=lambda: dict(clips=256, steps=600, seconds=4.0, eval_clips=64,
+                                                         min_auc=0.7, weight=0.02))
     probe_steps: int = 12            # timed steps before a training phase (the last half are timed)
     reserve_s: float = 25.0          # phase time kept for the last checkpoint and shipping
 
@@ -97,7 +103,8 @@ RECIPES = {
         bidirectional=dict(batch=2, samples=4, lr=1e-3, ema=0.9),
         causal=dict(batch=2, samples=4, lr=1e-3, ema=0.9,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
-        eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0),
+        eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0,
+        lipsync=dict(clips=3, steps=5, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
 }
 
 
@@ -158,7 +165,39 @@ def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: 
         kw["codec"] = str(work / CODEC)
     if stage == "causal":
         kw["init_from"] = str(unship(work / "bidirectional", "ema"))
+    if stage != "autoencoder" and usable_lipsync(recipe, work):
+        kw["objective"] = dataclasses.replace(kw.get("objective", ObjectiveSettings()),
+                                              sync_weight=recipe.lipsync["weight"], lipsync=str(work / LIPSYNC))
     return TrainSettings(**kw)
+
+
+def usable_lipsync(recipe: Recipe, work: Path) -> bool:
+    """W/lipsync.safetensors exists and passed its held-out check (the teachers then add the sync loss)."""
+    path = work / LIPSYNC
+    if not path.is_file():
+        return False
+    return (read_metadata(path).get("eval") or {}).get("auc_shifted", 0.0) >= recipe.lipsync["min_auc"]
+
+
+def lipsync_phase(recipe: Recipe, work: Path, out: Path, workers: int) -> dict:
+    """Train the lip-sync discriminator on world clips through the run's codec, check it on held-out
+    clips (eval-split voices), and leave it as W/lipsync.safetensors (and in $OUT) with its scores."""
+    from models.checkpoint import load_taehv
+    from stages.train.lipsync import LipSyncConfig, evaluate, fit, prepare_clips, save_lipsync
+    t0 = time.perf_counter()
+    p, cfg = recipe.lipsync, get_preset(recipe.preset)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    codec = load_taehv(work / CODEC, dev)
+    train_clips = prepare_clips(cfg, codec, p["clips"], seed=11, seconds=p["seconds"], split="train", workers=workers)
+    held = prepare_clips(cfg, codec, p["eval_clips"], seed=12, seconds=p["seconds"], split="eval", workers=workers)
+    t1 = time.perf_counter()
+    model = fit(train_clips, LipSyncConfig.for_model(cfg), p["steps"], device=dev)
+    t2 = time.perf_counter()
+    ev = {"held_out": evaluate(model, held), "train": evaluate(model, train_clips)}
+    path = save_lipsync(work / LIPSYNC, model.cpu().to(torch.bfloat16), {"eval": ev["held_out"]})   # shipped as bf16
+    shutil.copy(path, out / LIPSYNC)
+    return {"phase": "lipsync", "settings": p, "render_s": t1 - t0, "fit_s": t2 - t1, "eval": ev,
+            "used_by_teachers": usable_lipsync(recipe, work), "shipped": {LIPSYNC: path.stat().st_size}}
 
 
 def probe(recipe: Recipe, stage: str, work: Path, workers: int) -> dict:
@@ -486,6 +525,12 @@ def write_text_table(path: Path = TEXT_TABLE) -> Path:
 
 def table(res: dict) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    if res["phase"] == "lipsync":
+        h, t = res["eval"]["held_out"], res["eval"]["train"]
+        return (f"lipsync: {res['settings']['clips']} clips rendered + coded in {res['render_s']:.0f} s, fit in "
+                f"{res['fit_s']:.0f} s; AUC held-out shifted {f(h['auc_shifted'])} / other clip {f(h['auc_other_clip'])} "
+                f"/ window {f(h['auc_window'])} (train {f(t['auc_shifted'])} / {f(t['auc_other_clip'])}); "
+                f"used by the teachers: {res['used_by_teachers']}")
     if res["phase"] == "clips":
         lines = [f"clips {res['teacher']}: {res['cases']} held-out clips x {res['seconds']:.2f} s, "
                  f"{res['eval_s']:.0f} s on {res['device']}",
@@ -546,7 +591,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.phase != "autoencoder" and not (work / CODEC).is_file():
         raise SystemExit(f"{work / CODEC} is missing: run --phase autoencoder first, or give --codec")
     torch.backends.cudnn.benchmark = True
-    if args.phase == "clips":
+    if args.phase == "lipsync":
+        res = lipsync_phase(recipe, work, out, args.workers)
+    elif args.phase == "clips":
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}

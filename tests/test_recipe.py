@@ -1,5 +1,5 @@
-"""benchmarks/teacher_recipe.py on the tiny preset, on CPU: every phase end to end (autoencoder, stage 1,
-stage 2, eval), each one resuming from a copy of what the previous phase shipped; shipped files are bf16,
+"""benchmarks/teacher_recipe.py on the tiny preset, on CPU: every phase end to end (autoencoder, the
+lip-sync discriminator, stage 1, stage 2, eval), each one resuming from a copy of what the previous phase shipped; shipped files are bf16,
 under the size limit (sharded when a model is larger) and load back bit for bit; the committed text table
 covers every text training and the synth bench use and equals MiniLM's features."""
 from __future__ import annotations
@@ -43,9 +43,14 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     ae = phase("autoencoder", works[0], outs[0], monkeypatch)
     assert ae["train"]["steps"] == 2 and set(ae["shipped"]) == {"codec.safetensors"}
     carry(outs[0], works[1])
+    ls = phase("lipsync", works[1], outs[0], monkeypatch)           # the discriminator, beside the codec
+    assert set(ls["eval"]["held_out"]) >= {"auc_shifted", "auc_other_clip", "auc_window"} and ls["used_by_teachers"]
+    carry(outs[0], works[1])
     bi = phase("bidirectional", works[1], outs[1], monkeypatch)
     assert bi["train"]["steps"] == 2 and bi["train"]["resumed_from"] is None
     assert set(bi["shipped"]) == {"bidirectional/ema.safetensors", "codec.safetensors"}
+    assert bi["settings"]["objective"]["sync_weight"] == 0.02      # the teachers add the sync loss it passed
+    assert bi["settings"]["objective"]["lipsync"] == str(works[1] / "lipsync.safetensors")
     carry(outs[1], works[2])
     causal = phase("causal", works[2], outs[2], monkeypatch)
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")

@@ -338,6 +338,48 @@ def test_world_clips_carry_the_mouth_at_latent_resolution():
     assert m.shape == (9, cfg.height // 8, cfg.width // 8)
     assert 0 < float((m > 0).float().mean()) < 0.25        # a mouth, not the frame
     assert "mouth" not in render_clip(clip_seed(0, 0), cfg)  # control: no masks asked, none rendered
+    assert c["mouth_box"].shape == (9, 2)                   # and the sync loss's crop corners, in the latent
+    assert int(c["mouth_box"].min()) >= 0 and int(c["mouth_box"].max()) <= cfg.height // 8 - 4
+
+
+def test_the_sync_loss_adds_the_discriminators_term_on_rows_that_hear_speech(tmp_path):
+    """video_loss with sync_weight w = the plain loss + w * lipsync.sync_loss (the oracle), computed
+    only on rows that hear speech: a row whose speech was dropped changes nothing; asking for it
+    without a discriminator or without mouth boxes is an error, not a silent no-op."""
+    from models.config import PRESETS
+    from stages.train.lipsync import LipSync, LipSyncConfig, save_lipsync, sync_loss
+    from stages.train.losses import video_loss
+    cfg = PRESETS["tiny"]
+    lc = LipSyncConfig.for_model(cfg)
+    torch.manual_seed(0)
+    path = str(save_lipsync(tmp_path / "lipsync.safetensors", LipSync(lc)))
+    g = torch.Generator().manual_seed(0)
+    B, F, h = 3, 5, cfg.height // 8
+    before, after = cfg.dit.audio_context
+    x0 = torch.randn(B, 16, F, h, h, generator=g)
+    x = torch.randn(B, 16, F, h, h, generator=g)
+    audio = torch.randn(B, before + F + after, 16, 80, generator=g)
+    audio[2] = 0                                            # row 2's speech was dropped
+    boxes = torch.randint(0, h - lc.crop + 1, (B, F, 2), generator=g)
+    sigma, frames = torch.full((B, F), 0.3), torch.arange(F)
+    batch = {"audio": audio, "mouth_box": boxes}
+    plain, _ = video_loss(x, x0, sigma, batch, frames, ObjectiveSettings())
+    st = ObjectiveSettings(sync_weight=0.5, lipsync=path)
+    synced, parts = video_loss(x, x0, sigma, batch, frames, st)
+    from stages.train.losses import discriminator
+    oracle = sync_loss(x[:2], audio[:2], boxes[:2], discriminator(path, "cpu"), frames)
+    torch.testing.assert_close(synced, plain + 0.5 * oracle, rtol=1e-6, atol=0)
+    torch.testing.assert_close(parts["loss_sync"], oracle)
+    assert float(oracle) > 0
+    x2 = x.clone()
+    x2[2] += 1.0                                            # the deaf row: only its video term moves
+    moved, _ = video_loss(x2, x0, sigma, batch, frames, st)
+    plain2, _ = video_loss(x2, x0, sigma, batch, frames, ObjectiveSettings())
+    torch.testing.assert_close(moved - plain2, synced - plain, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs a lip-sync discriminator"):
+        video_loss(x, x0, sigma, batch, frames, ObjectiveSettings(sync_weight=0.5))
+    with pytest.raises(ValueError, match="mouth boxes"):
+        video_loss(x, x0, sigma, {"audio": audio}, frames, st)
 
 
 def test_a_mid_stream_instruction_in_a_long_clip_reaches_the_stage2_sequence():
@@ -382,3 +424,15 @@ def test_ema_warm_up_follows_its_formula():
     init_share = float(ema["weight"])                       # what is left of the init after 200 steps
     assert abs(init_share - torch.tensor([ema_decay(s, 0.999) for s in range(200)], dtype=torch.float64).prod()) < 1e-6
     assert init_share < 0.01 and 0.999 ** 200 > 0.8          # control: a fixed 0.999 would keep 82 % of it
+
+
+def test_a_run_with_the_sync_loss_renders_mouth_boxes_and_logs_it(tmp_path):
+    from models.config import PRESETS
+    from stages.train.lipsync import LipSync, LipSyncConfig, save_lipsync
+    torch.manual_seed(0)
+    path = save_lipsync(tmp_path / "lipsync.safetensors", LipSync(LipSyncConfig.for_model(PRESETS["tiny"])))
+    ob = ObjectiveSettings(sync_weight=0.1, lipsync=str(path), mouth_weight=1.0)   # boxes for the sync loss alone
+    train(TrainSettings(stage="bidirectional", steps=2, save_every=2, objective=ob, **{**FAST, "samples": 4}),
+          tmp_path / "run", tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 and all(r["loss_sync"] > 0 for r in logged)

@@ -42,6 +42,8 @@ def train(
     clip_frames: int = option(ObjectiveSettings, "clip_frames", "Stage 2: latent frames per training clip (longer than the stream's context, so the window wraps)."),
     loss_weight: str = option(ObjectiveSettings, "loss_weight", "Video loss weight by noise level: x0 | v."),
     mouth_weight: float = option(ObjectiveSettings, "mouth_weight", "Video loss weight of the mouth region (world clips)."),
+    sync_weight: float = option(ObjectiveSettings, "sync_weight", "Weight of the sync loss (needs --lipsync)."),
+    lipsync: Optional[Path] = option(ObjectiveSettings, "lipsync", "A trained lip-sync discriminator (stages/train/lipsync.py) for the sync loss.", show_default=False),
     p_drop_text: float = option(ObjectiveSettings, "p_drop_text", "Condition dropout: probability a sample loses its text."),
     p_drop_audio: float = option(ObjectiveSettings, "p_drop_audio", "Condition dropout: probability a sample loses its speech."),
     p_drop_ref: float = option(ObjectiveSettings, "p_drop_ref", "Condition dropout: probability a sample loses its reference frame."),
@@ -73,7 +75,8 @@ def train(
                            objective=ObjectiveSettings(shift=shift, p_teacher_forcing=p_teacher_forcing,
                                                        chunk_frames=chunk_frames, tau_dist=tau_dist, tau_max=tau_max,
                                                        clip_frames=clip_frames, loss_weight=loss_weight,
-                                                       mouth_weight=mouth_weight, p_drop_text=p_drop_text,
+                                                       mouth_weight=mouth_weight, sync_weight=sync_weight,
+                                                       lipsync=str(lipsync) if lipsync else None, p_drop_text=p_drop_text,
                                                        p_drop_audio=p_drop_audio, p_drop_ref=p_drop_ref),
                            autoencoder=AutoencoderSettings(region_weight=region_weight, face_weight=face_weight,
                                                            temporal_weight=temporal_weight, frames=frames))

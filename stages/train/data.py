@@ -43,7 +43,8 @@ def clip_seed(seed: int, i: int) -> int:
 def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
     16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame and,
-    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`);
+    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`) and
+    the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth())."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
@@ -53,7 +54,9 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
     if masks:
+        from stages.train.lipsync import LipSyncConfig, mouth_boxes
         c["mouth"] = latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)
+        c["mouth_box"] = mouth_boxes(s.masks["mouth"], LipSyncConfig.for_model(cfg), cfg.audio.video_frames_per_latent)
     if truth:
         c["truth"] = s.truth()
     return c
@@ -187,8 +190,9 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     else:
         s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
-    if "mouth" in c:
-        s["mouth"] = c["mouth"]
+    for key in ("mouth", "mouth_box"):
+        if key in c:
+            s[key] = c[key]
     if d.audio_dim:
         s["audio"] = c["audio_features"] if "audio_features" in c else audio_features(wave, F, cfg.audio, context=d.audio_context)
     if d.joint_audio:

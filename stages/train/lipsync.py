@@ -25,7 +25,9 @@ at the same time. Clips render longer than the model's (`seconds`) for more fram
     loss = sync_loss(x0_hat, batch["audio"], batch["mouth_box"], load_lipsync(path), clip_frames)
 
 A batch that uses it carries "mouth_box" [B, F, 2]: `mouth_boxes(s.masks["mouth"], LipSyncConfig.for_model(cfg))`
-of each clip, rendered with masks=True (about 30 % more render time).
+of each clip, rendered with masks=True (stages/train/data.py render_clip; about 30 % more render time);
+`vidu train --lipsync FILE --sync-weight W` adds it (stages/train/losses.py), and the teacher recipe's
+lipsync phase trains the discriminator on the GPU from rendered clips (`prepare_clips(..., workers=)`).
 
 Measured (CPU, 1 thread, load ~9 on 2 cores; held-out clips of split "eval", per-frame AUC):
 at 64 x 64 through the `small` codec (32 training clips of 4 s, 400 steps) the discriminator stays
@@ -176,23 +178,44 @@ def sync_loss(x0_hat: torch.Tensor, audio: torch.Tensor, boxes: torch.Tensor, di
 
 # -- data: the world's clips as crops and speech ---------------------------------------------------
 
+def render_pair(seed: int, cfg: ModelConfig, seconds: float, split: str) -> dict:
+    """One world clip as the discriminator needs it, before coding: frames [T, H, W, 3] uint8, speech
+    features [before + F + after, K, A] and mouth boxes [F, 2] (a rendering worker's job: no codec)."""
+    from stages.synth import make_sample
+    lc = LipSyncConfig.for_model(cfg)
+    s = make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=seconds, masks=True, split=split)
+    n_lat = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
+    return {"frames": s.frames, "boxes": mouth_boxes(s.masks["mouth"], lc, cfg.audio.video_frames_per_latent),
+            "speech": audio_features(torch.from_numpy(s.audio), n_lat, cfg.audio, context=lc.context)}
+
+
 @torch.no_grad()
 def prepare_clips(cfg: ModelConfig, codec: TAEHV, n: int, seed: int = 0, seconds: float = 4.0,
-                  split: str = "train") -> dict:
+                  split: str = "train", workers: int = 0) -> dict:
     """n world clips of `split` (seeds from `seed`) -> {"crops": [n, F, C, S, S], "speech": [n, before + F +
-    after, K, A], "seconds": render + encode time}."""
-    from stages.synth import make_sample
+    after, K, A], "seconds": render + encode time}; rendered in `workers` processes (0: here), coded
+    here on the codec's device."""
     from stages.train.data import frames_to_latents
     lc = LipSyncConfig.for_model(cfg)
+    seeds = [seed * 1_000_003 + i for i in range(n)]
+    args = (seeds, [cfg] * n, [seconds] * n, [split] * n)
     crops, speech, t0 = [], [], time.perf_counter()
-    for i in range(n):
-        s = make_sample(seed * 1_000_003 + i, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
-                        seconds=seconds, masks=True, split=split)
-        lat = frames_to_latents(codec, s.frames)                                  # [C, F, h, w]
-        Fn = lat.shape[1]
-        boxes = mouth_boxes(s.masks["mouth"], lc, cfg.audio.video_frames_per_latent)
-        crops.append(crop_mouth(lat[None], boxes[None], lc.crop))
-        speech.append(audio_features(torch.from_numpy(s.audio), Fn, cfg.audio, context=lc.context))
+    if workers:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                   initargs=(1,))
+        clips = pool.map(render_pair, *args)
+    else:
+        pool, clips = None, map(render_pair, *args)
+    try:
+        for c in clips:
+            lat = frames_to_latents(codec, c["frames"])                               # [C, F, h, w]
+            crops.append(crop_mouth(lat[None], c["boxes"][None], lc.crop))
+            speech.append(c["speech"])
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return {"crops": torch.stack(crops), "speech": torch.stack(speech), "seconds": time.perf_counter() - t0}
 
 
@@ -302,5 +325,6 @@ def load_lipsync(path: str | Path, device: str | torch.device = "cpu") -> LipSyn
     c = dict(meta["config"])
     c["context"] = tuple(c["context"])
     model = LipSync(LipSyncConfig(**c))
-    load_into(model, load_file(str(path)), what=f"lip-sync checkpoint {Path(path).name}")
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}     # saved in float32 or shipped in bf16
+    load_into(model, sd, what=f"lip-sync checkpoint {Path(path).name}")
     return model.to(device).eval().requires_grad_(False)

@@ -12,8 +12,15 @@ truth on the frames that count (stage 2: the current chunk), given their noise l
   [0, 1] at latent resolution (stages/train/data.py `latent_regions`); clips without it weigh 1.
 The mean is over all elements (not normalised by the weights), so raising the mouth weight changes
 the gradient in mouth pixels only.
+
+With `st.sync_weight` > 0 and a discriminator file `st.lipsync`, the sync loss is added:
+sync_weight * -log sigmoid(D(mouth of x0_hat, its speech)) over the scored frames of rows that hear
+speech (stages/train/lipsync.py `sync_loss`; rows whose speech condition dropout removed are left out,
+since the model could not have followed it); the batch carries "mouth_box" [B, F, 2].
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -45,4 +52,22 @@ def video_loss(x0_hat: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, batc
         w = w * (1 + (st.mouth_weight - 1) * m)
         parts["mouth_share"] = m.mean().detach()
     loss = (w * err).mean()
-    return loss, {"loss_video": loss.detach(), **parts}
+    parts["loss_video"] = loss.detach()
+    if st.sync_weight > 0:
+        from stages.train.lipsync import sync_loss
+        if not st.lipsync:
+            raise ValueError("sync_weight > 0 needs a lip-sync discriminator file (lipsync)")
+        boxes, audio = batch.get("mouth_box"), batch.get("audio")
+        if boxes is None or audio is None:
+            raise ValueError("the sync loss needs speech features and mouth boxes (world clips rendered with masks)")
+        ls = sync_loss(x0_hat, audio, boxes, discriminator(st.lipsync, str(x0_hat.device)), clip_frames)
+        loss = loss + st.sync_weight * ls
+        parts["loss_sync"] = ls.detach()
+    return loss, parts
+
+
+@functools.lru_cache(maxsize=2)
+def discriminator(path: str, device: str):
+    """The frozen lip-sync discriminator of the sync loss, loaded once per run and device."""
+    from stages.train.lipsync import load_lipsync
+    return load_lipsync(path, device)

@@ -48,6 +48,10 @@ class ObjectiveSettings:
     shift: float = ranged(2.0, gt=0)
     loss_weight: str = ranged("v", choices=LOSS_WEIGHTS)
     mouth_weight: float = ranged(10.0, min=0)  # latent pixels of the mouth region (world clips with masks)
+    # the sync loss (losses.py): a trained lip-sync discriminator's file (stages/train/lipsync.py) and its
+    # weight; world clips then carry their mouth boxes
+    sync_weight: float = ranged(0.0, min=0)
+    lipsync: str | None = None
     audio_weight: float = ranged(1.0, min=0)  # weight of the joint audio loss
     p_teacher_forcing: float = ranged(0.5, min=0, max=1)  # stage 2: Bernoulli(p) teacher forcing, else diffusion forcing
     chunk_frames: int | None = ranged(None, min=1)  # stage 2: latent frames per causal block (None: the preset's)
