@@ -17,6 +17,8 @@ from vidu_cli.report import err, fail
 def stream(
     image: Annotated[Path, typer.Option(help="Reference image of the character (png, jpg, ...).")],
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
+    say: Annotated[Optional[str], typer.Option(help="Speech: this text, spoken offline by espeak-ng in --voice (instead of --audio).", show_default=False)] = None,
+    voice: Annotated[str, typer.Option(help="espeak-ng voice of --say and the page's say toggle: LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2.")] = "en-us",
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
     commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,
@@ -49,6 +51,7 @@ def stream(
     and a flag asking for something it never saw is refused. SIGTERM stops like Ctrl-C.
 
     Example: vidu stream --image cat.png --audio speech.wav --out cat.mp4
+    Example: vidu stream --image cat.png --say "Hello there, nice to meet you." --voice en-gb-x-rp+f3 --out cat.mp4
     Example: vidu stream --image face.png --ckpt runs/causal/step-000300/ema.safetensors --out face.mp4
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
     Example: vidu stream --image face.png --audio talk.wav --commands talk.wav --out face.mp4
@@ -58,10 +61,17 @@ def stream(
     from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
                                        stop_on_signals, summary_json)
 
-    events, source, heard, voice = EventQueue(), None, None, None
+    from stages.stream.say import DEFAULT_VOICE, check_voice, speech
+    events, source, heard, spotter, spoken = EventQueue(), None, None, None, None
     try:
         with stop_on_signals():
-            opts = SessionOptions.for_inputs(audio, serve is not None, seconds, realtime, instruction, audio_out)
+            if say is not None and audio is not None:
+                raise ValueError("--say and --audio both give the speech: use one of them")
+            spoken = speech(say, voice) if say is not None else None   # before the model loads
+            if say is None and (serve is not None or voice != DEFAULT_VOICE):
+                check_voice(voice)                                 # the page's say toggle speaks in it
+            opts = SessionOptions.for_inputs(audio if say is None else "<say>", serve is not None, seconds, realtime,
+                                             instruction, audio_out)
             commands = _commands_source(commands, audio, serve)
             check_outputs(out, serve, summary)                     # before the model loads
             dev, dtype = pick_device(device)
@@ -74,19 +84,22 @@ def stream(
             if commands is not None:
                 from stages.stream.commands import VoiceCommands
                 fps = parts.cfg.audio.fps
-                voice = VoiceCommands(events, live=commands in ("mic", "page"), fps=fps,
+                spotter = VoiceCommands(events, live=commands in ("mic", "page"), fps=fps,
                                       chunk_s=parts.cfg.audio.video_frames_per_latent * parts.engine.st.chunk_frames / fps)
+            if spoken is not None:                                 # --say: fed as an --audio file's samples
+                from stages.stream.io import open_samples
+                source = open_samples(spoken, events, realtime=opts.realtime)
             if audio is not None:
-                source = open_audio(audio, voice.tap(events) if commands == audio else events, realtime=opts.realtime)
+                source = open_audio(audio, spotter.tap(events) if commands == audio else events, realtime=opts.realtime)
             if commands not in (None, "page", audio):
-                heard = open_audio(commands, voice.tap(), realtime=opts.realtime)
+                heard = open_audio(commands, spotter.tap(), realtime=opts.realtime)
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
-            sinks = open_outputs(out, serve, parts.cfg, voice.tap(events) if commands == "page" else events)
-            if voice is not None and not voice.live:
-                sinks.append(voice)                                # paces commands by the stream's clock
-            _announce(sinks, parts.cfg)
+            sinks = open_outputs(out, serve, parts.cfg, spotter.tap(events) if commands == "page" else events)
+            if spotter is not None and not spotter.live:
+                sinks.append(spotter)                                # paces commands by the stream's clock
+            _announce(sinks, parts.cfg, voice)
             with _live(quiet) as show:
                 result = run_session(parts, events, sinks, opts, live=show)     # closes the sinks
     except (ValueError, FileNotFoundError) as e:     # StreamError, CheckpointError: one line, exit 2
@@ -94,13 +107,15 @@ def stream(
     except KeyboardInterrupt as e:                  # before the session started: nothing to finalise
         raise typer.Exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)) from None
     finally:
-        for src in (source, heard, voice):
+        for src in (source, heard, spotter):
             if src is not None:
                 src.close()
-    if voice is not None:
-        result["voice_commands"] = voice.log
-        if voice.error:
-            result["notes"] = [*result.get("notes", []), voice.error]
+    if spotter is not None:
+        result["voice_commands"] = spotter.log
+        if spotter.error:
+            result["notes"] = [*result.get("notes", []), spotter.error]
+    if spoken is not None:
+        result["said"] = {"text": say, "voice": voice, "seconds": len(spoken) / 16000}
     if summary:
         summary.write_text(json.dumps(result, indent=1, default=str))
     if not quiet:
@@ -124,13 +139,14 @@ def _commands_source(commands: str | None, audio: str | None, serve: str | None)
     return commands
 
 
-def _announce(sinks: list, cfg) -> None:
+def _announce(sinks: list, cfg, voice: str) -> None:
     from stages.stream.io import RawSink
     from stages.stream.serve import WebSink
     for s in sinks:
         if isinstance(s, RawSink):
             err.print(f"raw rgb24 frames {cfg.width}x{cfg.height} at {cfg.audio.fps} fps on stdout", highlight=False)
         elif isinstance(s, WebSink):
+            s.voice = voice                                        # of the page's say toggle
             err.print(f"serving on {s.url}", highlight=False)
 
 

@@ -5,6 +5,7 @@ float32, 0.1 s each) and an AudioEnd when they run out:
   open_audio("talk.wav", events)        any file PyAV decodes, decoded up front
   open_audio("-", events)               raw s16le 16 kHz mono PCM on stdin, until EOF
   open_audio("mic", events)             the default input device (sounddevice + PortAudio)
+  open_samples(samples, events)         samples in memory, fed as a file's (`--say`: stages/stream/say.py)
 `read_instructions(sys.stdin, events)` turns each non-empty stdin line into an Instruction (bytes
 decoded with replacement, cut at the page's MAX_INSTRUCTION_CHARS).
 
@@ -73,7 +74,13 @@ def open_audio(spec: str, events: EventQueue, realtime: bool = False, stdin: Bin
     if spec == "-":
         src = AudioSource()
         return src._start(_feed_pcm, stdin if stdin is not None else sys.stdin.buffer, events, src._stop)
-    samples = _decode_file(spec)
+    return open_samples(_decode_file(spec), events, realtime)
+
+
+def open_samples(samples: np.ndarray, events: EventQueue, realtime: bool = False) -> AudioSource:
+    """Start feeding `events` with 16 kHz mono float32 `samples` as a file's would be fed (0.1 s
+    chunks, paced to wall-clock with `realtime`, then AudioEnd): `--audio FILE` and `--say TEXT`."""
+    samples = np.asarray(samples, np.float32).reshape(-1)
     src = AudioSource(total_samples=len(samples))
     return src._start(_feed_samples, samples, events, src._stop, realtime)
 

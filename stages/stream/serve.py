@@ -10,13 +10,17 @@ One WebSink is one ThreadingHTTPServer on a daemon thread (stdlib + Pillow, noth
   GET  /mic-worklet.js   the AudioWorklet that mono-mixes the microphone and decimates it to 16 kHz
   POST /instruction      {"text": "..."}                      -> Instruction(text) on the queue
   POST /audio[?format=]  raw little-endian f32le (default) or s16le 16 kHz mono -> AudioChunk
+  POST /say              {"text": "..."}  spoken by espeak-ng in `voice` (stages/stream/say.py)
+                                          -> AudioChunks, as push-to-talk audio
+  GET  /say.js           the "say" toggle of the text box: on, a submitted text goes to /say
 
 The engine never waits on a viewer: write() hands the chunk to a publisher thread (a short
 backlog, oldest dropped), which encodes JPEGs and spreads the chunk's frames over T / fps
 seconds; each viewer's thread sends the newest frame it has not sent and skips (counts) the rest.
 
 The page and its scripts are package files in stages/stream/static/ (index.html, app.js,
-mic-worklet.js), read once with importlib.resources.
+mic-worklet.js), read once with importlib.resources; the "say" toggle (a checkbox in the text
+box's form and SAY_JS) is added to that page here.
 
 Try it: `vidu stream ... --serve 127.0.0.1:8000`, then open http://127.0.0.1:8000/ (the browser
 allows the microphone only on localhost / 127.0.0.1 or https).
@@ -41,6 +45,7 @@ from PIL import Image
 
 from stages.stream.events import (MAX_INSTRUCTION_CHARS, SAMPLE_RATE, AudioChunk, EventQueue, Instruction,
                                   StreamError)
+from stages.stream.say import DEFAULT_VOICE
 
 JPEG_QUALITY = 80
 BACKLOG_CHUNKS = 3          # chunks waiting for the publisher; beyond this the oldest is dropped
@@ -50,6 +55,25 @@ MAX_AUDIO_SECONDS = 10.0    # per POST /audio; the page sends ~0.1 s
 SSE_BACKLOG = 32            # events queued per /events client before it starts losing them
 KEEPALIVE = 15.0            # s between SSE comments on an idle stream
 CLOSE_GRACE = 1.0           # s close() lets open streams end on a boundary before cutting them
+SAY_TOGGLE = ('<label style="display: flex; align-items: center; gap: 4px; white-space: nowrap" '
+              'title="speak the text (espeak-ng) instead of sending it as an instruction">'
+              '<input type="checkbox" id="speak"> say</label>')
+SAY_JS = b"""// the text box's "say" toggle: on, submitted text is spoken by the server (POST /say) and
+// heard as the character's speech, instead of being sent as an instruction (app.js's listener)
+document.addEventListener('submit', async e => {
+  const box = document.getElementById('text'), on = document.getElementById('speak');
+  if (e.target.id !== 'say' || !on || !on.checked) return;
+  e.preventDefault(); e.stopImmediatePropagation();
+  const text = box.value.trim(), note = t => { document.getElementById('note').textContent = t; };
+  if (!text) return;
+  try {
+    const r = await fetch('/say', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                   body: JSON.stringify({text})});
+    const j = await r.json();
+    if (r.ok) { box.value = ''; note('saying: ' + text); } else note(j.error);
+  } catch (err) { note('not said: ' + err); }
+}, true);
+"""
 
 
 class _Hub:
@@ -65,7 +89,7 @@ class _Hub:
         self.streams = 0                    # open /stream.mjpg and /events responses
         self.latest: dict = {}
         self.counts = dict(viewers=0, listeners=0, frames_sent=0, frames_dropped=0, events_dropped=0,
-                           instructions_received=0, audio_samples_received=0)
+                           instructions_received=0, audio_samples_received=0, texts_said=0)
 
     def count(self, key: str, n: int = 1) -> None:
         with self.cond:
@@ -155,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", self.server.page)
         elif path in ("/app.js", "/mic-worklet.js"):
             self._send(200, "text/javascript; charset=utf-8", _static(path[1:]))
+        elif path == "/say.js":
+            self._send(200, "text/javascript; charset=utf-8", SAY_JS)
         elif path == "/stats":
             self._send_json(200, self.server.hub.snapshot())
         elif path == "/stream.mjpg":
@@ -173,6 +199,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._instruction()
             elif url.path == "/audio":
                 self._audio(parse_qs(url.query).get("format", ["f32le"])[0])
+            elif url.path == "/say":
+                self._say()
             else:
                 self._send_json(404, {"error": f"no such endpoint: {url.path}"})
         except _BadRequest as e:
@@ -206,19 +234,32 @@ class _Handler(BaseHTTPRequestHandler):
             raise _BadRequest("the request body ended early")
         return body
 
-    def _instruction(self) -> None:
+    def _text(self, what: str) -> str:
         try:
             text = json.loads(self._body(MAX_INSTRUCTION_BYTES))["text"]
         except (ValueError, KeyError, TypeError):
             raise _BadRequest('expected a JSON body {"text": "..."}') from None
         if not isinstance(text, str) or not text.strip():
-            raise _BadRequest("the instruction is empty")
+            raise _BadRequest(f"the {what} is empty")
         text = text.strip()
         if len(text) > MAX_INSTRUCTION_CHARS:
-            raise _BadRequest(f"the instruction has {len(text)} characters, more than {MAX_INSTRUCTION_CHARS}")
-        self.server.events.put(Instruction(text))
+            raise _BadRequest(f"the {what} has {len(text)} characters, more than {MAX_INSTRUCTION_CHARS}")
+        return text
+
+    def _instruction(self) -> None:
+        self.server.events.put(Instruction(self._text("instruction")))
         self.server.hub.count("instructions_received")
         self._send_json(200, {"ok": True})
+
+    def _say(self) -> None:
+        from stages.stream.say import say
+        try:
+            n = say(self._text("text"), self.server.events, self.server.voice)
+        except StreamError as e:
+            raise _BadRequest(str(e)) from None
+        self.server.hub.count("texts_said")
+        self.server.hub.count("audio_samples_received", n)
+        self._send_json(200, {"ok": True, "samples": n, "seconds": n / SAMPLE_RATE})
 
     def _audio(self, fmt: str) -> None:
         dtype = {"f32le": "<f4", "s16le": "<i2"}.get(fmt)
@@ -318,6 +359,7 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, hub: _Hub, events: EventQueue, page: bytes):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.hub, self.events, self.page = hub, events, page
+        self.voice = DEFAULT_VOICE          # espeak-ng voice of POST /say
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         super().__init__((host, port), _Handler)
@@ -371,7 +413,8 @@ def check_address(host: str, port: int) -> None:
 
 class WebSink:
     """A Sink that serves the stream to browsers and feeds their instructions and speech to
-    `events`. The server runs from construction until close()."""
+    `events`. The server runs from construction until close(). `voice`: the espeak-ng voice in
+    which the page's "say" toggle speaks (stages/stream/say.py)."""
 
     def __init__(self, host: str, port: int, events: EventQueue, fps: float = 25.0, title: str = "vidu"):
         if not 0 <= port <= 65535:
@@ -384,7 +427,9 @@ class WebSink:
         self._closing = threading.Event()
         self._close_lock = threading.Lock()
         page = (_static("index.html").decode().replace("{{title}}", html.escape(title))
-                .replace("{{lead}}", str(AV_LEAD)).replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS)))
+                .replace("{{lead}}", str(AV_LEAD)).replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
+                .replace("</form>", SAY_TOGGLE + "</form>", 1)
+                .replace("</body>", '<script src="/say.js"></script>\n</body>', 1))
         try:
             self._server = _Server(host, port, self._hub, events, page.encode())
         except (OSError, OverflowError) as e:
@@ -418,6 +463,14 @@ class WebSink:
                     self._hub.count("frames_dropped", len(dropped))
                 except queue.Empty:
                     pass
+
+    @property
+    def voice(self) -> str:
+        return self._server.voice
+
+    @voice.setter
+    def voice(self, voice: str) -> None:
+        self._server.voice = voice
 
     def stats(self, stats: dict) -> None:
         with self._hub.cond:

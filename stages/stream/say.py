@@ -1,0 +1,61 @@
+"""Typed text spoken offline (espeak-ng, through stages/synth/speech.py's `tts`) as a stream's speech.
+
+    samples = speech("hello there", "en-gb-x-rp+m2")     # 16 kHz mono float32; StreamError (one line)
+    n = say("hello there", events)                        # the page's "say" toggle: like push-to-talk
+
+`vidu stream --say TEXT` feeds `speech(TEXT, voice)` through io.open_samples, as an --audio file's
+samples are fed (paced with --realtime, then AudioEnd); the page's "say" toggle POSTs /say, which
+puts `say`'s chunks on the queue at once, as push-to-talk audio arrives.
+
+The speech drives the lips and is the audio track exactly as a file with those samples would.
+A voice is "<language>[+<variant>]": a file name under espeak-ng-data/lang/ (en-us, en-gb-x-rp,
+de, ...) and optionally one under espeak-ng-data/voices/!v/ (m1..m7, f1..f5, klatt, ...).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from stages.stream.events import AudioChunk, EventQueue, StreamError
+
+DEFAULT_VOICE = "en-us"
+
+
+def _voice_help() -> str:
+    where = "the files under espeak-ng-data/lang/ and espeak-ng-data/voices/!v/"
+    try:
+        from stages.synth.speech import _espeak_paths
+        where = f"the files under {_espeak_paths()[1]}/lang/ (languages) and voices/!v/ (variants)"
+    except RuntimeError:
+        pass
+    return f"a voice is LANGUAGE[+VARIANT], e.g. en-us, en-us+f3, en-gb-x-rp+m2; valid names are {where}"
+
+
+def speech(text: str, voice: str = DEFAULT_VOICE) -> np.ndarray:
+    """`text` spoken by espeak-ng `voice`: [N] float32 at 16 kHz (what `tts(text, voice).audio` gives).
+    StreamError, one line, for empty text, an unknown voice or a missing espeak-ng."""
+    text = (text or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
+    if not text:
+        raise StreamError("nothing to say: the text is empty")
+    from stages.synth.speech import tts
+    try:
+        audio = tts(text, voice or "").audio
+    except ValueError as e:                      # espeak-ng has no voice (variant) ...
+        raise StreamError(f"unknown voice {voice!r} ({e}); {_voice_help()}") from None
+    except RuntimeError as e:                    # the espeakng-loader wheel is missing
+        raise StreamError(str(e).splitlines()[0]) from None
+    return np.asarray(audio, np.float32).reshape(-1)
+
+
+def check_voice(voice: str) -> None:
+    """StreamError now (before a model loads) if `voice` is not one espeak-ng has."""
+    speech(".", voice)
+
+
+def say(text: str, events: EventQueue, voice: str = DEFAULT_VOICE) -> int:
+    """The page's "say" toggle: the speech of `text` put on `events` at once as 0.1 s AudioChunks, as
+    push-to-talk audio arrives (live: the stream plays it from its next chunk). Returns the samples."""
+    from stages.stream.io import CHUNK
+    samples = speech(text, voice)
+    for s in range(0, len(samples), CHUNK):
+        events.put(AudioChunk(samples[s:s + CHUNK]))
+    return len(samples)

@@ -1,0 +1,168 @@
+"""`vidu stream --say TEXT --voice NAME` (typed text spoken offline by espeak-ng as the character's
+speech) on the tiny preset with random weights, and the page's "say" toggle (POST /say) through the
+glue it shares with the CLI (stages/stream/say.py)."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+import wave
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages.sense.media import load_audio
+from stages.stream.events import AudioChunk, EventQueue, StreamError
+from stages.synth.speech import tts
+from tests.conftest import cli
+
+SR = 16000
+TEXT = "hello there"
+OTHER = "en-gb-x-rp+m2"
+FAST = ("--steps", "1", "--no-twin")     # frames are noise either way (random weights); 2-core CI
+
+
+@pytest.fixture(scope="module")
+def face(tmp_path_factory):
+    d = tmp_path_factory.mktemp("say")
+    img = np.zeros((120, 100, 3), np.uint8)
+    img[30:90, 25:75] = (200, 150, 120)
+    Image.fromarray(img).save(d / "face.png")
+    return d / "face.png"
+
+
+def expected_frames(samples: int) -> int:          # as tests/test_stream_cli.py: 1 frame, then 4 per chunk
+    return 1 + 4 * -(-(samples - 640) // 2560)
+
+
+def audio_seconds(path) -> float:
+    with av.open(str(path)) as c:
+        a = c.streams.audio[0]
+        return float(a.duration * a.time_base)
+
+
+def video_frames(path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def similarity(track: np.ndarray, speech: np.ndarray) -> float:
+    """The best correlation of `speech` with `track` over lags of +-30 ms (AAC's priming and
+    padding), on the speech's length."""
+    best = -1.0
+    for lag in range(-480, 481, 4):
+        a, b = track[max(lag, 0):], speech[max(-lag, 0):]
+        a, b = a[:min(len(a), len(b))], b[:min(len(a), len(b))]
+        best = max(best, float(np.corrcoef(a, b)[0, 1]))
+    return best
+
+
+def stream_say(face, out, *extra):
+    res = cli("stream", "--image", str(face), "--out", str(out), "--summary", str(out.with_suffix(".json")), "-q",
+              *FAST, *extra)
+    return res, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_say_is_the_speech_the_audio_track_and_the_lips_hear(face, tmp_path):
+    """--say gives the mp4 tts()'s speech as its audio track and the video an --audio file of the
+    same samples gives (frame for frame); another --voice gives other speech (negative control)."""
+    mine, other = tts(TEXT, "en-us").audio, tts(TEXT, OTHER).audio
+    _, summary = stream_say(face, tmp_path / "said.mp4", "--say", TEXT)
+    assert summary["reason"] == "audio ended" and summary["said"]["voice"] == "en-us"
+    track = load_audio(tmp_path / "said.mp4", SR)
+    n = expected_frames(len(mine))
+    assert summary["frames"] == n and abs(audio_seconds(tmp_path / "said.mp4") - n / 25) < 0.05
+    assert similarity(track, mine) > 0.9
+    assert np.abs(track[len(mine) + 800:]).max(initial=0) < 0.02        # then the padding: silence
+
+    with wave.open(str(tmp_path / "speech.wav"), "wb") as w:            # the same samples as a file
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
+        w.writeframes((np.clip(mine, -1, 1) * 32767).astype("<i2").tobytes())
+    cli("stream", "--image", str(face), "--out", str(tmp_path / "file.mp4"), "--audio", str(tmp_path / "speech.wav"),
+        "-q", *FAST)
+    said, filed = video_frames(tmp_path / "said.mp4"), video_frames(tmp_path / "file.mp4")
+    assert said.shape == filed.shape and said.shape[0] == n
+    assert np.abs(said.astype(int) - filed.astype(int)).mean() < 1.0  # the 16-bit file differs by rounding
+
+    _, summary = stream_say(face, tmp_path / "other.mp4", "--say", TEXT, "--voice", OTHER)
+    track2 = load_audio(tmp_path / "other.mp4", SR)
+    assert summary["said"]["voice"] == OTHER and summary["frames"] == expected_frames(len(other))
+    assert similarity(track2, other) > 0.9
+    assert similarity(track2, mine) < 0.5 and similarity(track, other) < 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--say", TEXT, "--audio", "{face}"], "--say and --audio"),
+    (["--say", ""], "nothing to say"),
+    (["--say", "   "], "nothing to say"),
+    (["--say", TEXT, "--voice", "xx-nowhere"], "unknown voice 'xx-nowhere'"),
+    (["--say", TEXT, "--voice", "en-us+nobody"], "unknown voice 'en-us+nobody'"),
+    (["--serve", "127.0.0.1:0", "--voice", "xx-nowhere"], "unknown voice 'xx-nowhere'"),
+])
+def test_bad_say_or_voice_is_one_line(face, tmp_path, args, message):
+    args = [a.format(face=face) for a in args]
+    out = [] if "--serve" in args else ["--out", str(tmp_path / "never.mp4")]
+    res = cli("stream", "--image", str(face), *out, *args, check=False)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "never.mp4").exists()
+    if "voice" in message:
+        assert "LANGUAGE[+VARIANT]" in lines[0] and "voices/!v" in lines[0]     # how to find valid ones
+
+
+def test_say_puts_the_speech_on_the_queue_as_audio_chunks():
+    from stages.stream.io import CHUNK
+    from stages.stream.say import say, speech
+    events = EventQueue()
+    n = say(f"  {TEXT} ", events, "en-us+f3")
+    chunks = events.drain()
+    assert all(isinstance(c, AudioChunk) and 0 < len(c.samples) <= CHUNK for c in chunks)
+    audio = np.concatenate([c.samples for c in chunks])
+    expect = tts(TEXT, "en-us+f3").audio
+    assert n == len(audio) == len(expect) and len(chunks) == -(-n // CHUNK)
+    assert np.array_equal(audio, expect) and np.array_equal(speech(TEXT, "en-us+f3"), expect)
+    assert not np.array_equal(speech(TEXT), expect[:len(speech(TEXT))])     # the voice matters
+    for bad in ("", " \n"):
+        with pytest.raises(StreamError, match="nothing to say"):
+            say(bad, events)
+    with pytest.raises(StreamError, match="unknown voice"):
+        say(TEXT, events, "xx-nowhere")
+    assert events.drain() == []
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_page_say_toggle_speaks_in_the_sinks_voice():
+    from stages.stream.serve import WebSink
+    events = EventQueue()
+    sink = WebSink("127.0.0.1", 0, events, fps=25.0)
+    try:
+        page = urllib.request.urlopen(sink.url, timeout=10).read().decode()
+        assert 'id="speak"' in page and '<script src="/say.js">' in page and page.index('id="speak"') < page.index("</form>")
+        script = urllib.request.urlopen(sink.url + "say.js", timeout=10).read().decode()
+        assert "'/say'" in script and "stopImmediatePropagation" in script
+        sink.voice = OTHER
+        code, reply = _post(sink.url + "say", {"text": TEXT})
+        expect = tts(TEXT, OTHER).audio
+        assert code == 200 and reply["samples"] == len(expect)
+        chunks = events.drain()
+        assert all(isinstance(c, AudioChunk) for c in chunks)
+        assert np.array_equal(np.concatenate([c.samples for c in chunks]), expect)
+        assert sink.counts()["texts_said"] == 1 and sink.counts()["instructions_received"] == 0
+        code, reply = _post(sink.url + "say", {"text": " "})
+        assert code == 400 and "empty" in reply["error"]
+        sink.voice = "xx-nowhere"
+        code, reply = _post(sink.url + "say", {"text": TEXT})
+        assert code == 400 and "unknown voice" in reply["error"] and events.drain() == []
+    finally:
+        sink.close()
