@@ -4,7 +4,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase autoencoder   --work W --minutes 8.5   # skip it with --codec
     python benchmarks/teacher_recipe.py --phase bidirectional --work W --minutes 8.5 [--codec ae.safetensors]
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
-    python benchmarks/teacher_recipe.py --phase eval          --work W --minutes 4   [--guidance G --sampler S]
+    python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
 
 `--work W` is the run folder a phase reads and adds to; each training phase also copies what it made to
@@ -27,7 +27,8 @@ it with MiniLM), so the GPU image needs no MiniLM.
 The eval phase is `vidu eval --bench synth`'s cases and scores without its files: case i is
 stages.synth.make_sample(HELD_OUT_BASE + i, split="eval") (held-out TTS voices and texts), its control
 the speech of the bench's control seed; it is streamed through `vidu stream`'s session (the engine, the
-checkpoint's codec, instructions typed between chunks, stages/eval/bench/runner.py) and scored by
+checkpoint's codec, instructions typed between chunks, stages/eval/bench/runner.py; `--streams N` runs N
+such streams at once, in processes sharing the GPU) and scored by
 stages/eval/bench/synthscore.py (lip-sync r and its mismatched-audio control, instruction success,
 latency and confusion, identity error, drift). Not here: the mp4 files and the catalog (PyAV and duckdb
 are not on the GPU image) and score_frames' dlib numbers. Results go to $OUT/recipe_<phase>.json and a
@@ -352,40 +353,55 @@ def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25) ->
     Image.fromarray(np.concatenate(rows, 0)).save(path)
 
 
-def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int, cases: int | None,
-               seconds: float | None, overrides: dict | None = None) -> dict:
-    """Stream and score the held-out cases with the `teacher` checkpoint in W; cases render and score in
-    `workers` processes while the model streams."""
-    import multiprocessing as mp
+def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[int], secs: float, size: int,
+                out: str) -> list[dict]:
+    """Stream and score the cases `indices` (one process: its own model, its cases rendered and scored
+    here); contact sheets for cases 0 and 1."""
     import tempfile
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-    from stages.eval.bench.cases import BenchSamples
     from stages.eval.bench.runner import EvalBench
-    n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
-    ckpt = unship(work / teacher, "ema")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    stream = {**recipe.stream, **(overrides or {})}
-    bench = EvalBench(bench="synth", system=str(ckpt), preset=recipe.preset, device=dev, **stream)
+    bench = EvalBench(bench="synth", system=ckpt, preset=preset, device=dev, **stream)
     bench.setup()
-    pool = (ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                initargs=(1,)) if workers else ThreadPoolExecutor(1))
-    rows, t0 = [], time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, pool:
-        scoring = []
-        for case in pool.map(_case, range(n), [secs] * n, [size] * n, [tmp] * n):
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in indices:
+            case = _case(i, secs, size, tmp)
             t1 = time.perf_counter()
             frames, speed = stream_case(bench, case, Path(tmp))
             speed["stream_s"] = time.perf_counter() - t1
             truth_frames = case.pop("frames")
-            if len(scoring) < 2:
-                strip(truth_frames, frames, out / f"eval_case{case['index']}.png")
-            scoring.append((case, speed, pool.submit(_score, frames, case["truth"]),
-                            pool.submit(_score, truth_frames, case["truth"])))
-        for case, speed, gen, gt in scoring:
+            if i < 2:
+                strip(truth_frames, frames, Path(out) / f"eval_case{i}.png")
             info = {k: case[k] for k in ("index", "seed", "control_seed", "voice", "events")}
-            rows.append({**info, **speed, **gen.result(), "truth": gt.result()})
+            rows.append({**info, **speed, **_score(frames, case["truth"]), "truth": _score(truth_frames, case["truth"])})
+    return rows
+
+
+def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
+               seconds: float | None, overrides: dict | None = None) -> dict:
+    """Stream and score the held-out cases with the `teacher` checkpoint in W, in `streams` processes
+    that share the device (case i goes to process i mod streams; each renders, streams and scores its
+    own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from stages.eval.bench.cases import BenchSamples
+    n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
+    ckpt = unship(work / teacher, "ema")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    stream = {**recipe.stream, **(overrides or {})}
+    t0 = time.perf_counter()
+    k = max(1, min(streams, n))
+    shards = [list(range(j, n, k)) for j in range(k)]
+    args = (str(ckpt), recipe.preset, dev, stream)
+    if k == 1:
+        rows = _eval_shard(*args, shards[0], secs, size, str(out))
+    else:
+        with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            parts = [pool.submit(_eval_shard, *args, shard, secs, size, str(out)) for shard in shards]
+            rows = [r for p in parts for r in p.result()]
+    rows.sort(key=lambda r: r["index"])
     return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "cases": n, "seconds": secs, "device": dev,
-            "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
+            "streams": k, "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
 
 
 # -- clips: the teachers' lip sync at the training clip length, without streaming --------------------
@@ -569,6 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="processes rendering clips (0: in this process, as needed)")
     ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional"), help="eval: which checkpoint")
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
+    ap.add_argument("--streams", type=int, default=1, help="eval: processes streaming cases at once on the device")
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
     ap.add_argument("--guidance", type=float, help="eval: the stream's guidance scale (default: the checkpoint's)")
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
@@ -597,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
-        res = eval_phase(recipe, work, out, args.teacher, args.workers, args.cases, args.seconds, overrides)
+        res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)
     res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

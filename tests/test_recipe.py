@@ -68,6 +68,11 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
         assert r["truth"]["mouth_r"] > 0.9 and abs(r["truth"]["mouth_r_control"]) < 0.5
         assert set(r) >= {"mouth_r", "mouth_r_control", "identity_error", "instr_success", "drift_ratios", "stream_fps"}
     assert sorted(p.name for p in outs[3].iterdir()) == ["eval_case0.png", "eval_case1.png", "recipe_eval.json"]
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # spawned processes (parent's sys.path) import the recipe
+    two = phase("eval", works[3], tmp_path / "out4", monkeypatch, "--streams", "2")   # one case per process
+    assert two["streams"] == 2 and [r["index"] for r in two["rows"]] == [0, 1]
+    for a, b in zip(rows, two["rows"]):                  # the same streams, whichever process ran them
+        assert (a["mouth_r"], a["identity_error"]) == (b["mouth_r"], b["identity_error"])
 
 
 def test_ship_shards_under_the_limit_and_join_back(tmp_path):
