@@ -4,9 +4,9 @@ glue it shares with the CLI (stages/stream/say.py)."""
 from __future__ import annotations
 
 import json
+import struct
 import urllib.error
 import urllib.request
-import wave
 
 import av
 import numpy as np
@@ -19,7 +19,7 @@ from stages.synth.speech import tts
 from tests.conftest import cli
 
 SR = 16000
-TEXT = "hello there"
+TEXT = "hello"
 OTHER = "en-gb-x-rp+m2"
 FAST = ("--steps", "1", "--no-twin")     # frames are noise either way (random weights); 2-core CI
 
@@ -31,6 +31,36 @@ def face(tmp_path_factory):
     img[30:90, 25:75] = (200, 150, 120)
     Image.fromarray(img).save(d / "face.png")
     return d / "face.png"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> list[str]:
+    """--ckpt and --decoder-weights: the tiny preset and TAEHV with random weights large enough that
+    the speech changes the frames (at the default init it does not), as test_stream_cli perturbs them."""
+    import torch
+    from models.checkpoint import save_model
+    from models.config import PRESETS
+    from models.dit import DiT
+    from models.taehv import TAEHV
+    d = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(1)
+    dit, tae = DiT(PRESETS["tiny"].dit), TAEHV()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+        for p in tae.parameters():
+            p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
+    save_model(d / "dit.safetensors", dit, PRESETS["tiny"])
+    torch.save(tae.state_dict(), d / "taehv.pth")
+    return ["--ckpt", str(d / "dit.safetensors"), "--decoder-weights", str(d / "taehv.pth")]
+
+
+def write_f32_wav(path, samples: np.ndarray) -> None:
+    """A 16 kHz mono IEEE-float WAV: the samples exactly (the stdlib's wave writes integers only)."""
+    data = np.asarray(samples, "<f4").tobytes()
+    fmt = struct.pack("<HHIIHH", 3, 1, SR, 4 * SR, 4, 32)
+    path.write_bytes(b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data)) + b"WAVE"
+                     + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
 
 
 def expected_frames(samples: int) -> int:          # as tests/test_stream_cli.py: 1 frame, then 4 per chunk
@@ -59,17 +89,17 @@ def similarity(track: np.ndarray, speech: np.ndarray) -> float:
     return best
 
 
-def stream_say(face, out, *extra):
+def stream(face, out, *extra):
     res = cli("stream", "--image", str(face), "--out", str(out), "--summary", str(out.with_suffix(".json")), "-q",
               *FAST, *extra)
     return res, json.loads(out.with_suffix(".json").read_text())
 
 
-def test_say_is_the_speech_the_audio_track_and_the_lips_hear(face, tmp_path):
+def test_say_is_the_speech_the_audio_track_and_the_lips_hear(face, weights, tmp_path):
     """--say gives the mp4 tts()'s speech as its audio track and the video an --audio file of the
     same samples gives (frame for frame); another --voice gives other speech (negative control)."""
     mine, other = tts(TEXT, "en-us").audio, tts(TEXT, OTHER).audio
-    _, summary = stream_say(face, tmp_path / "said.mp4", "--say", TEXT)
+    _, summary = stream(face, tmp_path / "said.mp4", "--say", TEXT, *weights)
     assert summary["reason"] == "audio ended" and summary["said"]["voice"] == "en-us"
     track = load_audio(tmp_path / "said.mp4", SR)
     n = expected_frames(len(mine))
@@ -77,20 +107,19 @@ def test_say_is_the_speech_the_audio_track_and_the_lips_hear(face, tmp_path):
     assert similarity(track, mine) > 0.9
     assert np.abs(track[len(mine) + 800:]).max(initial=0) < 0.02        # then the padding: silence
 
-    with wave.open(str(tmp_path / "speech.wav"), "wb") as w:            # the same samples as a file
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
-        w.writeframes((np.clip(mine, -1, 1) * 32767).astype("<i2").tobytes())
-    cli("stream", "--image", str(face), "--out", str(tmp_path / "file.mp4"), "--audio", str(tmp_path / "speech.wav"),
-        "-q", *FAST)
+    write_f32_wav(tmp_path / "speech.wav", mine)                       # the same samples as an --audio file
+    stream(face, tmp_path / "file.mp4", "--audio", str(tmp_path / "speech.wav"), *weights)
     said, filed = video_frames(tmp_path / "said.mp4"), video_frames(tmp_path / "file.mp4")
     assert said.shape == filed.shape and said.shape[0] == n
-    assert np.abs(said.astype(int) - filed.astype(int)).mean() < 1.0  # the 16-bit file differs by rounding
+    assert np.array_equal(said, filed)                                 # the lips heard the same
 
-    _, summary = stream_say(face, tmp_path / "other.mp4", "--say", TEXT, "--voice", OTHER)
+    _, summary = stream(face, tmp_path / "other.mp4", "--say", TEXT, "--voice", OTHER, *weights)
     track2 = load_audio(tmp_path / "other.mp4", SR)
     assert summary["said"]["voice"] == OTHER and summary["frames"] == expected_frames(len(other))
     assert similarity(track2, other) > 0.9
     assert similarity(track2, mine) < 0.5 and similarity(track, other) < 0.5
+    voiced = video_frames(tmp_path / "other.mp4")
+    assert not np.array_equal(said[1:], voiced[1:len(said)])           # other speech, other lips
 
 
 @pytest.mark.parametrize("args, message", [

@@ -98,8 +98,12 @@ def stream(
                 read_instructions(sys.stdin, events)
             sinks = open_outputs(out, serve, parts.cfg, spotter.tap(events) if commands == "page" else events)
             if spotter is not None and not spotter.live:
-                sinks.append(spotter)                                # paces commands by the stream's clock
-            _announce(sinks, parts.cfg, voice)
+                sinks.append(spotter)                              # paces commands by the stream's clock
+            from stages.stream.serve import WebSink
+            for sink in sinks:
+                if isinstance(sink, WebSink):
+                    sink.voice = voice                             # the page's say toggle speaks in it
+            _announce(sinks, parts.cfg)
             with _live(quiet) as show:
                 result = run_session(parts, events, sinks, opts, live=show)     # closes the sinks
     except (ValueError, FileNotFoundError) as e:     # StreamError, CheckpointError: one line, exit 2
@@ -139,14 +143,13 @@ def _commands_source(commands: str | None, audio: str | None, serve: str | None)
     return commands
 
 
-def _announce(sinks: list, cfg, voice: str) -> None:
+def _announce(sinks: list, cfg) -> None:
     from stages.stream.io import RawSink
     from stages.stream.serve import WebSink
     for s in sinks:
         if isinstance(s, RawSink):
             err.print(f"raw rgb24 frames {cfg.width}x{cfg.height} at {cfg.audio.fps} fps on stdout", highlight=False)
         elif isinstance(s, WebSink):
-            s.voice = voice                                        # of the page's say toggle
             err.print(f"serving on {s.url}", highlight=False)
 
 
