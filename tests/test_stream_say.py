@@ -177,9 +177,9 @@ def test_page_say_toggle_speaks_in_the_sinks_voice():
     sink = WebSink("127.0.0.1", 0, events, fps=25.0)
     try:
         page = urllib.request.urlopen(sink.url, timeout=10).read().decode()
-        assert 'id="speak"' in page and '<script src="/say.js">' in page and page.index('id="speak"') < page.index("</form>")
-        script = urllib.request.urlopen(sink.url + "say.js", timeout=10).read().decode()
-        assert "'/say'" in script and "stopImmediatePropagation" in script
+        assert 'id="speak"' in page and page.index('id="speak"') < page.index("</form>")
+        script = urllib.request.urlopen(sink.url + "app.js", timeout=10).read().decode()
+        assert "speak ? '/say' : '/instruction'" in script
         sink.voice = OTHER
         code, reply = _post(sink.url + "say", {"text": TEXT})
         expect = tts(TEXT, OTHER).audio

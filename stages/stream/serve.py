@@ -12,15 +12,13 @@ One WebSink is one ThreadingHTTPServer on a daemon thread (stdlib + Pillow, noth
   POST /audio[?format=]  raw little-endian f32le (default) or s16le 16 kHz mono -> AudioChunk
   POST /say              {"text": "..."}  spoken by espeak-ng in `voice` (stages/stream/say.py)
                                           -> AudioChunks, as push-to-talk audio
-  GET  /say.js           the "say" toggle of the text box: on, a submitted text goes to /say
 
 The engine never waits on a viewer: write() hands the chunk to a publisher thread (a short
 backlog, oldest dropped), which encodes JPEGs and spreads the chunk's frames over T / fps
 seconds; each viewer's thread sends the newest frame it has not sent and skips (counts) the rest.
 
 The page and its scripts are package files in stages/stream/static/ (index.html, app.js,
-mic-worklet.js), read once with importlib.resources; the "say" toggle (a checkbox in the text
-box's form and SAY_JS) is added to that page here.
+mic-worklet.js), read once with importlib.resources; the text box's "say" toggle posts to /say.
 
 Try it: `vidu stream ... --serve 127.0.0.1:8000`, then open http://127.0.0.1:8000/ (the browser
 allows the microphone only on localhost / 127.0.0.1 or https).
@@ -55,25 +53,6 @@ MAX_AUDIO_SECONDS = 10.0    # per POST /audio; the page sends ~0.1 s
 SSE_BACKLOG = 32            # events queued per /events client before it starts losing them
 KEEPALIVE = 15.0            # s between SSE comments on an idle stream
 CLOSE_GRACE = 1.0           # s close() lets open streams end on a boundary before cutting them
-SAY_TOGGLE = ('<label style="display: flex; align-items: center; gap: 4px; white-space: nowrap" '
-              'title="speak the text (espeak-ng) instead of sending it as an instruction">'
-              '<input type="checkbox" id="speak"> say</label>')
-SAY_JS = b"""// the text box's "say" toggle: on, submitted text is spoken by the server (POST /say) and
-// heard as the character's speech, instead of being sent as an instruction (app.js's listener)
-document.addEventListener('submit', async e => {
-  const box = document.getElementById('text'), on = document.getElementById('speak');
-  if (e.target.id !== 'say' || !on || !on.checked) return;
-  e.preventDefault(); e.stopImmediatePropagation();
-  const text = box.value.trim(), note = t => { document.getElementById('note').textContent = t; };
-  if (!text) return;
-  try {
-    const r = await fetch('/say', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                   body: JSON.stringify({text})});
-    const j = await r.json();
-    if (r.ok) { box.value = ''; note('saying: ' + text); } else note(j.error);
-  } catch (err) { note('not said: ' + err); }
-}, true);
-"""
 
 
 class _Hub:
@@ -179,8 +158,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/html; charset=utf-8", self.server.page)
         elif path in ("/app.js", "/mic-worklet.js"):
             self._send(200, "text/javascript; charset=utf-8", _static(path[1:]))
-        elif path == "/say.js":
-            self._send(200, "text/javascript; charset=utf-8", SAY_JS)
         elif path == "/stats":
             self._send_json(200, self.server.hub.snapshot())
         elif path == "/stream.mjpg":
@@ -427,9 +404,7 @@ class WebSink:
         self._closing = threading.Event()
         self._close_lock = threading.Lock()
         page = (_static("index.html").decode().replace("{{title}}", html.escape(title))
-                .replace("{{lead}}", str(AV_LEAD)).replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
-                .replace("</form>", SAY_TOGGLE + "</form>", 1)
-                .replace("</body>", '<script src="/say.js"></script>\n</body>', 1))
+                .replace("{{lead}}", str(AV_LEAD)).replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS)))
         try:
             self._server = _Server(host, port, self._hub, events, page.encode())
         except (OSError, OverflowError) as e:

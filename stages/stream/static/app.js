@@ -37,15 +37,17 @@ const events = new EventSource('/events');
 events.addEventListener('audio', e => play(e.data));
 events.addEventListener('stats', e => showStats(JSON.parse(e.data)));
 
+// the text box: an instruction, or with "say" ticked, speech the server synthesizes (espeak-ng) and the
+// character says, heard like push-to-talk audio
 $('say').addEventListener('submit', async e => {
   e.preventDefault();
-  const text = $('text').value.trim();
+  const text = $('text').value.trim(), speak = $('speak').checked;
   if (!text) return;
   try {
-    const r = await fetch('/instruction', {method: 'POST', headers: {'Content-Type': 'application/json'},
-                                           body: JSON.stringify({text})});
-    if (r.ok) { $('text').value = ''; note('sent: ' + text); } else note((await r.json()).error);
-  } catch (err) { note('not sent: ' + err); }
+    const r = await fetch(speak ? '/say' : '/instruction', {method: 'POST', headers: {'Content-Type': 'application/json'},
+                                                          body: JSON.stringify({text})});
+    if (r.ok) { $('text').value = ''; note((speak ? 'saying: ' : 'sent: ') + text); } else note((await r.json()).error);
+  } catch (err) { note((speak ? 'not said: ' : 'not sent: ') + err); }
 });
 
 // push-to-talk: the microphone is opened per press, so the browser's recording indicator
