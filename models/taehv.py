@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -231,6 +232,13 @@ class TAEHV(nn.Module):
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+def frames_to_latents(codec: TAEHV, frames) -> Tensor:
+    """Frames [T, H, W, 3] uint8 (numpy) -> latents [C, F, h, w] on the CPU (1 + 4k frames: 1 + k latent
+    frames), coded on the codec's device."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None].float() / 255
+    return codec.encode_video(x.to(next(codec.parameters()).device))[0].permute(1, 0, 2, 3).cpu()
 
 
 class StreamDecoder:

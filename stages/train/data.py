@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from models.audio import audio_features, audio_latent
 from models.config import NEUTRAL_TEXT, ModelConfig
-from models.taehv import TAEHV
+from models.taehv import TAEHV, frames_to_latents
 from stages.samples import synth_events, synth_timeline, text_timeline
 
 CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
@@ -42,13 +42,14 @@ def clip_seed(seed: int, i: int) -> int:
 
 def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
-    16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame and,
+    16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame (an
+    instruction whose action the clip's end cuts included: short clips see instructions act) and,
     with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`) and
     the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth())."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
-                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split)
+                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split, cut_actions=True)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
@@ -171,12 +172,6 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
         text = per_frame_texts(text_timeline(NEUTRAL_TEXT, events, 0.0, cfg.latent_frames, fps,
                                              cfg.audio.video_frames_per_latent, base_onset=0.0))
     return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": frames[0], "text": text}
-
-
-def frames_to_latents(codec: TAEHV, frames: np.ndarray) -> torch.Tensor:
-    """[T, H, W, 3] uint8 -> [C, F, h, w] latents (1 + 4k frames: 1 + k latent frames)."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None].float() / 255
-    return codec.encode_video(x.to(next(codec.parameters()).device))[0].permute(1, 0, 2, 3).cpu()
 
 
 @torch.no_grad()

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from models.audio import audio_features
 from models.config import ModelConfig
-from models.taehv import TAEHV
+from models.taehv import TAEHV, frames_to_latents
 
 MIN_SHIFT = 2          # latent frames a shifted-speech negative is moved by, at least
 
@@ -195,7 +195,6 @@ def prepare_clips(cfg: ModelConfig, codec: TAEHV, n: int, seed: int = 0, seconds
     """n world clips of `split` (seeds from `seed`) -> {"crops": [n, F, C, S, S], "speech": [n, before + F +
     after, K, A], "seconds": render + encode time}; rendered in `workers` processes (0: here), coded
     here on the codec's device."""
-    from stages.train.data import frames_to_latents
     lc = LipSyncConfig.for_model(cfg)
     seeds = [seed * 1_000_003 + i for i in range(n)]
     args = (seeds, [cfg] * n, [seconds] * n, [split] * n)
