@@ -440,6 +440,8 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     from concurrent.futures import ProcessPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
+    from models.flow import SHIFT
+    from models.taehv import latents_to_frames
     from stages.eval.bench.synthscore import synth_scores
     from stages.train.data import Dataset
     from stages.train.sample import BIDIRECTIONAL_STEPS, TEACHER_GUIDANCE, sample_bidirectional
@@ -449,7 +451,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     ckpt = unship(work / teacher, "ema")
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
-    shift = (checkpoint_sampling(ckpt) or {}).get("shift")
+    shift = (checkpoint_sampling(ckpt) or {}).get("shift", SHIFT)   # what the checkpoint streams with
     codec = load_taehv(work / CODEC, dev)
     pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                initargs=(1,))
@@ -459,11 +461,6 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
         batch = [ds.sample(i) for i in range(len(clips))]
         stack = lambda key, order: torch.stack([batch[j][key] for j in order]).to(dev)  # noqa: E731
 
-        def decode(z: torch.Tensor) -> np.ndarray:
-            with torch.no_grad():
-                x = codec.decode_video(z.float().permute(0, 2, 1, 3, 4))
-            return (x.permute(0, 1, 3, 4, 2) * 255 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-
         bs = 16 if dev == "cuda" else 2
         order = list(range(len(clips)))
         shuffled = order[1:] + order[:1]
@@ -471,13 +468,13 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
         frames = {k: [] for k in CLIP_VARIANTS}
         for a in range(0, len(clips), bs):
             idx = order[a:a + bs]
-            frames["codec"] += list(decode(stack("video", idx)))
+            frames["codec"] += list(latents_to_frames(codec, stack("video", idx)))
             for name, (g, speech) in runs.items():
                 with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
                     z, _ = sample_bidirectional(model, cfg, stack("ref", idx), stack("text", idx),
                                                 stack("audio", speech[a:a + bs]) if cfg.dit.audio_dim else None,
-                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift or 5.0, seed=a, guidance=g)
-                frames[name] += list(decode(z))
+                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift, seed=a, guidance=g)
+                frames[name] += list(latents_to_frames(codec, z))
         frames["truth"] = [c["frames"] for c in clips]
         controls = [np.asarray(clips[shuffled[i]]["truth"]["tracks"]["mouth"]) for i in order]
         scored = {name: [pool.submit(synth_scores, f[i], cfg.audio.fps, clips[i]["truth"], controls[i]) for i in order]

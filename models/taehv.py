@@ -241,6 +241,14 @@ def frames_to_latents(codec: TAEHV, frames) -> Tensor:
     return codec.encode_video(x.to(next(codec.parameters()).device))[0].permute(1, 0, 2, 3).cpu()
 
 
+@torch.no_grad()
+def latents_to_frames(codec: TAEHV, latents: Tensor) -> np.ndarray:
+    """Latents [B, C, F, h, w] (the DiT's layout) -> frames [B, 4F - 3, H, W, 3] uint8 (numpy): the
+    inverse of `frames_to_latents`, batched."""
+    x = codec.decode_video(latents.float().permute(0, 2, 1, 3, 4))
+    return (x.permute(0, 1, 3, 4, 2) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
 class StreamDecoder:
     """Decodes latents as they arrive; per push the cost is that of the chunk alone.
 

@@ -163,3 +163,19 @@ print(c["frames"].shape, c["truth"]["frames"])
     control = subprocess.run([sys.executable, "-c", _BLOCK.format(names=set(GPU_IMAGE_LACKS)) + "import stages.sense.media"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert control.returncode != 0 and "not on the GPU image: av" in control.stderr
+
+
+def test_the_teachers_use_the_discriminator_only_past_its_held_out_bar(tmp_path):
+    """A lip-sync discriminator below the recipe's min_auc is shipped but not used (sync weight 0); at
+    or above it, stage settings carry the sync loss; none: none."""
+    import dataclasses
+    from stages.train.lipsync import LipSync, LipSyncConfig, save_lipsync
+    from models.config import preset
+    rec = dataclasses.replace(recipe.RECIPES["tiny"], lipsync={**recipe.RECIPES["tiny"].lipsync, "min_auc": 0.7})
+    (tmp_path / "codec.safetensors").write_bytes(b"")            # stage 1 only names it
+    assert recipe.stage_settings(rec, "bidirectional", tmp_path, 2, None).objective.sync_weight == 0.0
+    model = LipSync(LipSyncConfig.for_model(preset("tiny")))
+    for auc, used in ((0.69, False), (0.7, True)):
+        save_lipsync(tmp_path / recipe.LIPSYNC, model, {"eval": {"auc_shifted": auc}})
+        ob = recipe.stage_settings(rec, "bidirectional", tmp_path, 2, None).objective
+        assert (ob.sync_weight, ob.lipsync) == ((0.02, str(tmp_path / recipe.LIPSYNC)) if used else (0.0, None))

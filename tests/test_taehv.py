@@ -143,3 +143,22 @@ def test_encode_pads_to_whole_latents():
         padded = model.encode_video(torch.cat([frames, frames[:, -1:].expand(-1, 3, -1, -1, -1)], 1))
         assert torch.equal(model.encode_video(frames), padded)
     assert padded.shape == (1, 2, 16, 2, 2)
+
+
+def test_frames_and_latents_convert_in_the_dits_layout():
+    """frames_to_latents: uint8 [T, H, W, 3] -> [C, F, h, w]; latents_to_frames: [B, C, F, h, w] -> uint8
+    [B, 4F - 3, H, W, 3], each the codec's encode / decode with only layout and scaling around it."""
+    import numpy as np
+    from models.taehv import frames_to_latents, latents_to_frames
+    torch.manual_seed(0)
+    tae = TAEHV(TAEHVConfig(encoder_width=8, decoder_widths=(8, 8, 8, 8), pad_start=True)).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8)
+    z = frames_to_latents(tae, frames)
+    with torch.no_grad():
+        want_z = tae.encode_video(torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255)[0]
+        torch.testing.assert_close(z, want_z.permute(1, 0, 2, 3))
+        out = latents_to_frames(tae, torch.stack([z, 2 * z]))
+        dec = tae.decode_video(torch.stack([z, 2 * z]).permute(0, 2, 1, 3, 4))
+    assert out.shape == (2, 9, 32, 32, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, (dec.permute(0, 1, 3, 4, 2) * 255 + 0.5).to(torch.uint8).numpy())
+    assert not np.array_equal(out[0], out[1])          # each latent its own frames

@@ -49,7 +49,8 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth())."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
-                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split, cut_actions=True)
+                          seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
+                          cut_actions=split == "train")   # held-out clips stay as the bench renders them
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
