@@ -407,6 +407,10 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
 # -- clips: the teachers' lip sync at the training clip length, without streaming --------------------
 
 CLIP_VARIANTS = ("guided", "unguided", "shuffled", "codec")
+# the instructed probe: every clip again with one instruction (class i % 8) at PROBE_ONSET, sampled with
+# its texts (guidance 1 and the teacher's), with the neutral text instead (the same noise and speech: what
+# the model does untold), and the instructed truth through the codec (the detectors' ceiling)
+PROBE_VARIANTS = ("instructed", "instructed_guided", "untold", "instructed_codec")
 
 
 def _clip_case(i: int, cfg) -> dict | None:
@@ -416,6 +420,22 @@ def _clip_case(i: int, cfg) -> dict | None:
     from stages.train.data import render_clip
     c = render_clip(HELD_OUT_BASE + i, cfg, split="eval", truth=True)
     return c if np.std(c["truth"]["tracks"]["mouth"]) > 0.05 else None
+
+
+PROBE_ONSET = 0.12  # s: the instructed probe's instruction, early enough that its action fits the clip
+
+
+def _instructed_case(seed: int, cfg, action: str | None) -> dict:
+    """Held-out clip `seed` again, now with one instruction `action` given at PROBE_ONSET (its action as
+    long as the clip allows, within the action's own range), or with none (None): the same character,
+    scene and speech."""
+    from stages.synth.world import ACTIONS, INSTRUCTION_DELAY, event
+    from stages.train.data import render_clip
+    if action is None:
+        return render_clip(seed, cfg, split="eval", truth=True, events=[])
+    lo, hi = ACTIONS[action].seconds
+    room = cfg.video_frames / cfg.audio.fps - PROBE_ONSET - INSTRUCTION_DELAY - 0.04
+    return render_clip(seed, cfg, split="eval", truth=True, events=[event(PROBE_ONSET, action, min(hi, max(lo, room)))])
 
 
 class _Cases:
@@ -435,7 +455,10 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     the causal teacher the same full-attention sampler, i.e. its stage-1 behaviour) and scored by the synth
     bench's synth_scores: "guided" (the teacher's guidance), "unguided" (1.0), "shuffled" (guided,
     but driven by the next clip's speech and scored against this clip's: a model that lip-syncs drops
-    to r ~ 0 here), "codec" (the ground truth through the codec: the ceiling), "truth" (the frames)."""
+    to r ~ 0 here), "codec" (the ground truth through the codec: the ceiling), "truth" (the frames).
+    Then the instructed probe (PROBE_VARIANTS): does the teacher act on text at all? Instruction success
+    (the bench's detectors and rules) of the clips re-rendered with one instruction each, sampled with
+    it, and untold (the neutral text, same noise and speech: how often the action happens anyway)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
@@ -443,10 +466,12 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     from models.flow import SHIFT
     from models.taehv import latents_to_frames
     from stages.eval.bench.synthscore import synth_scores
+    from stages.synth.world import ACTIONS
     from stages.train.data import Dataset
     from stages.train.sample import BIDIRECTIONAL_STEPS, TEACHER_GUIDANCE, sample_bidirectional
     t0 = time.perf_counter()
     n = cases or recipe.eval_cases
+    names = list(ACTIONS)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = unship(work / teacher, "ema")
     model, cfg = load_dit(ckpt, device=dev)
@@ -476,11 +501,42 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
                                                 steps=steps or BIDIRECTIONAL_STEPS, shift=shift, seed=a, guidance=g)
                 frames[name] += list(latents_to_frames(codec, z))
         frames["truth"] = [c["frames"] for c in clips]
+        actions = [names[i % len(names)] for i in order]
+        seeds = [c["truth"]["seed"] for c in clips]
+        told = list(pool.map(_instructed_case, seeds, [cfg] * len(clips), actions))
+        plain = list(pool.map(_instructed_case, seeds, [cfg] * len(clips), [None] * len(clips)))
+        tbatch = [Dataset(_Cases(cfg, cs), 0, codec, ds.encode_text).sample for cs in (told, plain)]
+        tbatch = [(tbatch[0](i), tbatch[1](i)) for i in range(len(told))]
+        tstack = lambda key, idx, k=0: torch.stack([tbatch[j][k][key] for j in idx]).to(dev)  # noqa: E731
+        for name in PROBE_VARIANTS:
+            frames[name] = []
+        for a in range(0, len(told), bs):
+            idx = order[a:a + bs]
+            frames["instructed_codec"] += list(latents_to_frames(codec, tstack("video", idx)))
+            text = tstack("text", idx)
+            probes = {"instructed": (1.0, text), "instructed_guided": (TEACHER_GUIDANCE, text),
+                      "untold": (1.0, tstack("text", idx, 1))}
+            for name, (g, txt) in probes.items():
+                with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
+                    z, _ = sample_bidirectional(model, cfg, tstack("ref", idx), txt,
+                                                tstack("audio", idx) if cfg.dit.audio_dim else None,
+                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift, seed=a, guidance=g)
+                frames[name] += list(latents_to_frames(codec, z))
+        frames["instructed_truth"] = [c["frames"] for c in told]
         controls = [np.asarray(clips[shuffled[i]]["truth"]["tracks"]["mouth"]) for i in order]
-        scored = {name: [pool.submit(synth_scores, f[i], cfg.audio.fps, clips[i]["truth"], controls[i]) for i in order]
-                  for name, f in frames.items()}
-        rows = [{"seed": c["truth"]["seed"], "voice": c["truth"]["speech_source"],
+        truths = {name: (told if name.startswith("instructed") or name == "untold" else clips) for name in frames}
+        scored = {name: [pool.submit(synth_scores, f[i], cfg.audio.fps, truths[name][i]["truth"], controls[i])
+                         for i in order] for name, f in frames.items()}
+        rows = [{"seed": c["truth"]["seed"], "voice": c["truth"]["speech_source"], "action": actions[i],
                  **{name: scored[name][i].result() for name in frames}} for i, c in enumerate(clips)]
+    probe = {}
+    for name in (*PROBE_VARIANTS, "instructed_truth"):
+        ok = [r[name]["instr_success"] for r in rows if r[name]["instr_success"] is not None]
+        probe[name] = {"instr_success": float(np.mean(ok)) if ok else None,
+                         "per_class": {a: float(np.mean([r[name]["instr_success"] for r in rows if r["action"] == a
+                                                         and r[name]["instr_success"] is not None] or [np.nan]))
+                                       for a in names},
+                         "spurious_per_min": float(np.mean([r[name]["spurious_per_min"] for r in rows]))}
     summary = {}
     for name in (*CLIP_VARIANTS, "truth"):
         rs = [r[name]["mouth_r"] for r in rows if r[name]["mouth_r"] is not None]
@@ -493,9 +549,11 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     if clips:
         strip(np.concatenate(frames["truth"][:6]), np.concatenate(frames["guided"][:6]),
               out / f"clips_{teacher}.png", every=11)
+        strip(np.concatenate(frames["instructed_truth"][:8]), np.concatenate(frames["instructed"][:8]),
+              out / f"clips_{teacher}_instructed.png", every=11)
     return {"phase": "clips", "teacher": teacher, "checkpoint": str(ckpt), "cases": len(clips),
             "seconds": cfg.video_frames / cfg.audio.fps, "device": dev, "shift": shift, "guidance": TEACHER_GUIDANCE,
-            "eval_s": time.perf_counter() - t0, "summary": summary, "rows": rows}
+            "eval_s": time.perf_counter() - t0, "summary": summary, "instructed": probe, "rows": rows}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -551,6 +609,12 @@ def table(res: dict) -> str:
         for name, v in res["summary"].items():
             lines.append(f"| {name} | {f(v['mouth_r'])} | {f(v['mouth_abs_r_control'])} | {f(v['identity_error'])} "
                          f"| {f(v['face_found'])} |")
+        classes = list(next(iter(res["instructed"].values()))["per_class"])
+        lines += [f"instructed probe (one instruction at {PROBE_ONSET} s a clip, class i % {len(classes)}):",
+                  "| variant | success | spurious / min | " + " | ".join(classes) + " |", "|---" * (3 + len(classes)) + "|"]
+        for name, v in res["instructed"].items():
+            lines.append(f"| {name} | {f(v['instr_success'])} | {f(v['spurious_per_min'])} | "
+                         + " | ".join(f(v["per_class"][c]) for c in classes) + " |")
         return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]

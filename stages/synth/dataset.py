@@ -101,20 +101,22 @@ def _speech(rng: np.random.Generator, duration: float, split: str, real_dir: Rea
 
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
                 masks: bool = False, style: str | None = None, split: str = "train",
-                real_dir: RealDirs = None, cut_actions: bool = False) -> Sample:
+                real_dir: RealDirs = None, cut_actions: bool = False, events: list[Event] | None = None) -> Sample:
     """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed and `style`
     alone): a character of `style` (default: drawn with world.STYLES), speech of `split`'s voices,
     texts and recordings (speech.speak; `real_dir` holds recordings), timed instructions (with
     `cut_actions`, training's clips: also one whose action the clip's end cuts, world.random_events). With
-    `masks`, also the region masks of its frames (face, eyes, mouth, hands)."""
+    `masks`, also the region masks of its frames (face, eyes, mouth, hands). `events` replaces the drawn
+    instructions (everything else stays the seed's: a probe of what one instruction does)."""
     r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
                                                           np.random.SeedSequence(seed).spawn(5))
     identity = random_identity(r_identity, style)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, fps)
     speech = _speech(r_speech, T / fps, split, real_dir)
-    return render_sample(seed, identity, scene, speech, random_events(r_actions, T / fps, cut_actions), T, r_motion, width,
-                         height, fps, masks)
+    if events is None:
+        events = random_events(r_actions, T / fps, cut_actions)
+    return render_sample(seed, identity, scene, speech, events, T, r_motion, width, height, fps, masks)
 
 
 # ---------------------------------------------------------------------------------------------

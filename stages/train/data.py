@@ -40,17 +40,20 @@ def clip_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
 
-def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False) -> dict:
+def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False,
+                events: list | None = None) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
     16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame (an
     instruction whose action the clip's end cuts included: short clips see instructions act) and,
     with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`) and
     the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
-    `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth())."""
+    `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth());
+    `events` (stages.synth Events): these instructions instead of the seed's."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
                           seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
-                          cut_actions=split == "train")   # held-out clips stay as the bench renders them
+                          cut_actions=split == "train",   # held-out clips stay as the bench renders them
+                          events=events)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
