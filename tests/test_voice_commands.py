@@ -1,40 +1,65 @@
 """Voice commands (stages/stream/commands.py): spotting in held-out espeak-ng speech, rejection of
 speech without commands, and `vidu stream --commands FILE` end to end (tiny preset, random weights).
 
-The cases below are the held-out voice / phrase pairs the spotter finds today; most others it
-misses (benchmarks/RESULTS.md, "voice commands": detection is the open problem)."""
+The spotter's classifier is trained on train-split speech the first time it is needed and cached
+($VIDU_CACHE or ~/.cache/vidu): with the cache warm the file runs in about a minute; cold, the first
+test also trains it (about two minutes on 2 CPU cores). Cases: eval-split voices (held-out languages
+and variants) and the pass rate measured on them (benchmarks/voice_commands.py measures more)."""
 from __future__ import annotations
 
+import functools
 import json
 import wave
 
 import numpy as np
 import pytest
 
-from stages.stream.commands import CommandSpotter, spot
+from stages.stream.commands import CommandSpotter, phrases, spot
 from stages.stream.events import EventQueue, Instruction
-from stages.synth.speech import texts, tts
+from stages.synth.speech import texts, tts, voices
 from tests.conftest import vidu
 
 SR = 16000
-LEAD = ("We walked to the market today.", "Could you check the map for me?")   # speech before: the CMN settles
+LEAD = ("We walked to the market today.", "Could you check the map for me?")   # speech before the command
+HELD_OUT = ["en-us+m3", "en-gb-x-rp+f4", "en-029+m2", "nl+f1", "en+klatt3", "en-gb-scotland+travis"]
+# measured (2026-12-02): 43 of the 54 cases right, 1 other detection ("turn left" for nl+f1's "turn right")
+K_RIGHT, K_WRONG = 40, 2
+CASES = [("en-us+m3", "raise your hand", "raise a hand"), ("en-gb-scotland+travis", "shake your head", "shake head"),
+         ("en-gb-x-rp+f4", "smile", "smile"), ("en-029+m2", "nod", "nod")]
+
+
+@functools.cache
+def _lead(voice: str) -> np.ndarray:
+    pause = np.zeros(SR // 2, np.float32)
+    return np.concatenate([x for s in LEAD for x in (tts(s, voice).audio, pause)])
 
 
 def _said(voice: str, phrase: str) -> tuple[np.ndarray, float]:
-    """A lead sentence, a pause, then "Okay, <phrase> now." in `voice`: (audio, the phrase's start s)."""
+    """Two lead sentences, pauses, then "Okay, <phrase> now." in `voice`: (audio, the phrase's start s)."""
     pause = np.zeros(SR // 2, np.float32)
-    lead = np.concatenate([x for s in LEAD for x in (tts(s, voice).audio, pause)])
+    lead = _lead(voice)
     u = tts(f"Okay, {phrase} now.", voice)
     first = phrase.split()[0]
     t = next(t for t, w in u.words if w.lower().strip(",.") == first)
     return np.concatenate([lead, u.audio, pause]), len(lead) / SR + t
 
 
-@pytest.mark.parametrize("voice, phrase, name", [
-    ("en-us+john", "look up", "look up"),
-    ("en-us+klatt3", "turn left", "turn left"),
-    ("en-us+belinda", "blink", "blink"),
-])
+def test_held_out_voices_and_phrases():
+    """Every spoken form of every action in 6 eval voices: 54 cases, each alone in its clip."""
+    assert set(HELD_OUT) <= set(voices("eval"))
+    right, wrong = [], []
+    for voice in HELD_OUT:
+        for phrase, name in phrases().items():
+            audio, t = _said(voice, phrase)
+            found = spot(audio)
+            ok = [c for c in found if c.text == name and abs(c.start - t) <= 0.3 and c.end > c.start]
+            right += [(voice, phrase)] * bool(ok)
+            wrong += [(voice, phrase, c.text, c.start) for c in found if c not in ok[:1]]
+    assert len(right) >= K_RIGHT, (len(right), wrong)
+    assert len(wrong) <= K_WRONG, wrong
+
+
+@pytest.mark.parametrize("voice, phrase, name", CASES)
 def test_command_in_a_sentence_is_spotted(voice, phrase, name):
     audio, t = _said(voice, phrase)
     found = spot(audio)
@@ -43,16 +68,18 @@ def test_command_in_a_sentence_is_spotted(voice, phrase, name):
 
 
 def test_speech_without_commands_gives_nothing():
+    """Negative control: a minute of eval sentences without any instruction, in held-out voices."""
     plain = [s for s in texts("eval") if not any(w in s.lower() for w in
-             ("blink", "nod", "smile", "look", "turn", "shake", "raise", "wave", "open", "close"))][:6]
-    audio = np.concatenate([np.concatenate([tts(s, v).audio, np.zeros(SR // 4, np.float32)])
-                            for s, v in zip(plain, ["en-us+m3", "en+john", "en-us+belinda", "en-029+m1",
-                                                    "en-us+klatt3", "nl+f2"])])
+             ("blink", "nod", "smile", "look", "turn", "shake", "raise", "wave", "open", "close"))][:30]
+    vs = voices("eval")
+    audio = np.concatenate([np.concatenate([tts(s, vs[(7 * i) % len(vs)]).audio, np.zeros(SR // 4, np.float32)])
+                            for i, s in enumerate(plain)])
+    assert len(audio) > 55 * SR
     assert spot(audio) == []
 
 
 def test_chunking_does_not_change_detections():
-    audio, _ = _said("en-us+john", "look up")
+    audio, _ = _said("en-gb-scotland+travis", "look up")
     small, whole = spot(audio, chunk=160), spot(audio, chunk=len(audio))
     assert [(c.text, c.start) for c in small] == [(c.text, c.start) for c in whole] and len(small) == 1
     assert abs(small[0].end - whole[0].end) <= 0.05          # the kws search may fire a frame or two apart
@@ -66,7 +93,7 @@ def test_unknown_word_is_refused():
 def test_paced_release_waits_for_the_chunk():
     from stages.stream.commands import VoiceCommands
     from stages.stream.events import AudioChunk, AudioEnd
-    audio, _ = _said("en-us+john", "look up")
+    audio, _ = _said("en-gb-scotland+travis", "look up")
     events = EventQueue()
     vc = VoiceCommands(events, live=False, fps=25.0, chunk_s=0.16)
     tap = vc.tap()
@@ -91,7 +118,7 @@ def test_stream_with_spoken_commands(tmp_path):
     face = np.zeros((120, 100, 3), np.uint8)
     face[30:90, 25:75] = (200, 150, 120)
     Image.fromarray(face).save(tmp_path / "face.png")
-    audio, t = _said("en-us+klatt3", "turn left")           # found with margin (also with added noise)
+    audio, t = _said("en-us+m3", "turn left")
     with wave.open(str(tmp_path / "talk.wav"), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -116,7 +143,7 @@ def test_push_to_talk_audio_reaches_the_spotter():
     from stages.stream.commands import VoiceCommands
     from stages.stream.events import AudioChunk
     from stages.stream.serve import WebSink
-    audio, _ = _said("en-us+klatt3", "turn left")
+    audio, _ = _said("en-us+m3", "turn left")
     events = EventQueue()
     vc = VoiceCommands(events, live=True)
     web = WebSink("127.0.0.1", 0, vc.tap(events))              # what `vidu stream --serve` does with --commands page
