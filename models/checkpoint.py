@@ -173,7 +173,7 @@ def read_metadata(path: str | Path) -> dict[str, object]:
 
 def is_new_branch(key: str) -> bool:
     """Parameters vidu adds to Wan's DiT (absent from Wan / CausVid / Self-Forcing files)."""
-    return key.startswith("audio_") or ".audio_attn." in key or ".norm_audio." in key
+    return key.startswith(("audio_", "text_pool.")) or ".audio_attn." in key or ".norm_audio." in key
 
 
 def infer_dit_config(sd: dict[str, torch.Tensor]):
@@ -197,6 +197,7 @@ def infer_dit_config(sd: dict[str, torch.Tensor]):
     if "audio_patch.weight" in sd:
         kw["audio_latent_dim"] = sd["audio_patch.weight"].shape[1]
         kw["audio_latent_tokens"] = sd["audio_ref_tokens"].shape[2]
+    kw["pooled_text"] = "text_pool.0.weight" in sd
     return DiTConfig(**kw)
 
 

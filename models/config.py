@@ -47,6 +47,11 @@ class DiTConfig:
     # speech features of F frames are F + before + after long (models/audio.py); streaming waits for
     # `after` frames (+ half an STFT window) of speech past the chunk it generates
     audio_context: tuple[int, int] = (0, 0)
+    # the text pooled per frame (mean of its token features) into the time embedding that drives every
+    # block's adaLN, zero-initialised: DiT's adaLN path for class labels, beside Wan's cross-attention.
+    # An instruction vocabulary is a handful of classes; cross-attention alone did not tell them apart
+    # (benchmarks/RESULTS.md, session 27)
+    pooled_text: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -166,12 +171,12 @@ PRESETS: dict[str, ModelConfig] = {
         dit=DiTConfig(text_len=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=_MINILM_DIM, num_heads=2,
                       num_layers=2, audio_dim=_AUDIO.n_mels,
                       audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
-                      audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT),
+                      audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_TINY_VAE, taehv=_TINY_TAEHV, height=64, width=64, latent_frames=5, chunk_frames=1),
     "small": ModelConfig(
         name="small",
         dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,
-                      num_layers=6, audio_dim=_AUDIO.n_mels, audio_context=_SPEECH_CONTEXT),
+                      num_layers=6, audio_dim=_AUDIO.n_mels, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_SMALL_VAE, taehv=_SMALL_TAEHV, height=256, width=256, latent_frames=9, chunk_frames=1),
     "wan2.1-1.3b": ModelConfig(
         name="wan2.1-1.3b", dit=DiTConfig(), text_encoder="umt5", height=480, width=832,

@@ -206,6 +206,8 @@ class DiT(nn.Module):
                                             nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        if cfg.pooled_text:
+            self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(dim, math.prod(cfg.patch_size) * cfg.out_dim, cfg.eps)
         if cfg.audio_dim:
@@ -236,16 +238,30 @@ class DiT(nn.Module):
                 nn.init.zeros_(b.audio_attn.o.weight)
         if self.cfg.joint_audio:
             nn.init.zeros_(self.audio_head.head.weight)
+        if self.cfg.pooled_text:
+            nn.init.normal_(self.text_pool[0].weight, std=0.02)
+            nn.init.zeros_(self.text_pool[2].weight)
 
     # -- pieces --
-    def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """t: [B, F] -> e [B, F, dim], e0 [B, F, 6, dim] (float32)."""
+    def embed_time(self, t: torch.Tensor, pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """t: [B, F] -> e [B, F, dim], e0 [B, F, 6, dim] (float32); `pooled` [B, F, dim]
+        (`pool_text`) is added to e before the projection."""
         B, F = t.shape
         with torch.autocast(t.device.type, enabled=False):
             e = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t.flatten()).to(
                 self.time_embedding[0].weight.dtype)).float()
+            if pooled is not None:
+                e = e + pooled.flatten(0, 1).float()
             e0 = self.time_projection(e.to(self.time_projection[1].weight.dtype)).float()
         return e.unflatten(0, (B, F)), e0.unflatten(0, (B, F)).unflatten(-1, (6, self.cfg.dim))
+
+    def pool_text(self, context: torch.Tensor) -> torch.Tensor:
+        """context: [..., L, text_dim] -> [..., dim]: the mean of the non-padding token features (text
+        encoders give zeros at padding) through `text_pool` (cfg.pooled_text)."""
+        with torch.autocast(context.device.type, enabled=False):
+            valid = (context.abs().amax(-1, keepdim=True) > 0).to(context.dtype)
+            mean = (context * valid).sum(-2) / valid.sum(-2).clamp(min=1)
+            return self.text_pool(mean.to(self.text_pool[0].weight.dtype)).float()
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """context: [B, L, text_dim], L <= text_len; zero-padded to text_len as Wan does (no mask)."""
@@ -342,7 +358,6 @@ class DiT(nn.Module):
         ctx_rope = (None, None) if kv is None or kv.rotated else rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 
-        e, e0 = self.embed_time(t)
         if context.ndim == 4:
             if context.shape[1] != F:
                 raise ValueError(f"per-frame text covers {context.shape[1]} frames; the latent has {F}")
@@ -351,6 +366,12 @@ class DiT(nn.Module):
                 text = torch.cat([text[:, :1].expand(-1, n_ref, -1, -1), text], 1)
         else:
             text = self.embed_text(context)
+        pooled = None
+        if cfg.pooled_text:                  # per frame (the ref frame reads the first frame's, as above)
+            pooled = self.pool_text(context)                         # [B, F, dim], or [B, dim] one text
+            pooled = pooled if context.ndim == 4 else pooled[:, None].expand(-1, F, -1)
+            pooled = torch.cat([pooled[:, :1].expand(-1, n_ref, -1), pooled], 1)
+        e, e0 = self.embed_time(t, pooled)
         audio_tokens = None
         if audio is not None and cfg.audio_dim:
             audio_tokens = self.embed_audio(audio, F, x.device)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, load_dit, load_into, save_model, strip_prefix
+from models.checkpoint import CheckpointError, infer_dit_config, load_dit, load_into, save_model, strip_prefix
 from models.config import PRESETS, DiTConfig, ModelConfig, _tuples
 from models.dit import DiT
 
@@ -211,6 +211,44 @@ def test_a_text_per_frame_equals_chunk_by_chunk_calls_with_each_chunks_text():
     assert rel(whole.video[:, :, 2:], shared.video[:, :, 2:]) > 1e-3        # the second text acts
     with pytest.raises(ValueError, match="per-frame text covers 3 frames"):
         m(**dict(inp, context=per_frame[:, :3]))
+
+
+def test_pooled_text_reads_each_frames_text_without_its_padding_and_starts_as_identity():
+    """cfg.pooled_text: the mean of a text's token features drives adaLN. Zero padding (how encoders
+    and the stream pad) changes nothing; a frame's text reaches that frame through the pooled path
+    even with cross-attention's output switched off; a fresh model's pooled path adds nothing (it loads
+    into the same output as a model without it)."""
+    m = tiny_model()
+    inp = tiny_inputs(F=4, B=1)
+    D = TINY.dit.text_dim
+    padded = torch.cat([inp["context"], torch.zeros(1, 5, D)], 1)
+    with torch.no_grad():
+        assert torch.equal(m(**inp).video, m(**dict(inp, context=padded)).video)
+        naive = m.text_pool(padded.mean(1))                  # negative control: a mean over the padding too
+        assert rel(naive, m.pool_text(padded)) > 1e-2 and rel(m.pool_text(inp["context"]), m.pool_text(padded)) == 0
+        for b in m.blocks:
+            b.cross_attn.o.weight.zero_()
+            b.cross_attn.o.bias.zero_()
+        g = torch.Generator().manual_seed(3)
+        other = torch.stack([inp["context"]] * 3 + [torch.randn(1, 7, D, generator=g)], 1)   # frame 3 told otherwise
+        same = torch.stack([inp["context"]] * 4, 1)
+        a = m(**dict(inp, context=same), mask="causal", chunk_frames=1).video
+        b = m(**dict(inp, context=other), mask="causal", chunk_frames=1).video
+        assert torch.equal(a[:, :, :3], b[:, :, :3]) and rel(a[:, :, 3:], b[:, :, 3:]) > 1e-3
+        m.text_pool[2].weight.zero_()
+        m.text_pool[2].bias.zero_()
+        c = m(**dict(inp, context=other), mask="causal", chunk_frames=1).video
+        d = m(**dict(inp, context=same), mask="causal", chunk_frames=1).video
+        assert torch.equal(c, d)                             # with cross-attention off, the pooled path was it
+    torch.manual_seed(0)
+    fresh = DiT(TINY.dit).eval()
+    plain = DiT(DiTConfig(**{**TINY.dit.__dict__, "pooled_text": False})).eval()
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if not k.startswith("text_pool.")})
+    with torch.no_grad():
+        for net in (fresh, plain):
+            net.head.head.weight.copy_(torch.ones_like(net.head.head.weight) * 0.1)
+        assert torch.equal(fresh(**inp).video, plain(**inp).video)
+    assert infer_dit_config(fresh.state_dict()).pooled_text and not infer_dit_config(plain.state_dict()).pooled_text
 
 
 def test_new_branches_start_as_identity_and_wan_models_have_none():
