@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.stream import commands  # noqa: E402
-from stages.stream.commands import SPOKEN, CommandSpotter, phrases, spot  # noqa: E402
-from stages.synth.speech import INSTRUCTIONS, texts, tts, voices  # noqa: E402
+from stages.stream import commands
+from stages.stream.commands import SPOKEN, CommandSpotter, phrases, spot
+from stages.synth.speech import INSTRUCTIONS, texts, tts, voices
 
 SR = 16000
 TOLERANCE_S = 0.3

@@ -131,7 +131,7 @@ def test_stream_with_spoken_commands(tmp_path):
     [(text, start, end, chunk)] = s["voice_commands"]
     assert text == "turn left" and abs(start - t) <= 0.3
     # tiny preset: chunk 0 is 1 frame (0.04 s), every later chunk 4 frames (0.16 s) at 25 fps
-    span = lambda k: (0.0, 0.04) if k == 0 else (0.04 + 0.16 * (k - 1), 0.04 + 0.16 * k)   # noqa: E731
+    span = lambda k: (0.0, 0.04) if k == 0 else (0.04 + 0.16 * (k - 1), 0.04 + 0.16 * k)
     assert span(chunk)[0] <= end < span(chunk)[1] + 0.1
     assert [chunk, "turn left"] in s["instructions"]
 

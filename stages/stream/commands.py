@@ -60,7 +60,14 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.stream.events import SAMPLE_RATE, AudioChunk, AudioEnd, EventQueue, Instruction, StreamError
+from stages.stream.events import (
+    SAMPLE_RATE,
+    AudioChunk,
+    AudioEnd,
+    EventQueue,
+    Instruction,
+    StreamError,
+)
 
 # Spoken forms of an action: its name, and what people say for it. Names not listed are spoken as
 # written. Every word must be in CMUdict (checked when a spotter is made: a typo'd action is refused).
@@ -101,7 +108,7 @@ def phrases(actions=None) -> dict[str, str]:
 
 # --- features ---------------------------------------------------------------------------------------
 
-_HOP = int(round(FRAME_S * SAMPLE_RATE))
+_HOP = round(FRAME_S * SAMPLE_RATE)
 _FLOOR = np.log(1e-6)        # a silent frame's log energy in every band
 
 
@@ -139,8 +146,8 @@ def _windows(frames: np.ndarray, starts: np.ndarray) -> np.ndarray:
 # --- the classifier: trained on train-split espeak-ng speech the first time it is needed -----------
 
 def _net(n_out: int):
-    """Convolutions over time with the mel bands as channels (TC-ResNet-like, ~50k weights)."""
-    import torch.nn as nn
+    """Convolutions over time with the mel bands as channels (TC-ResNet-like, ~62k weights)."""
+    from torch import nn
     w = 48
     return nn.Sequential(
         nn.Conv1d(N_MELS, w, 5, padding=2), nn.BatchNorm1d(w), nn.ReLU(), nn.MaxPool1d(2),
