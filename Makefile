@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/vidu demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) vidu-work .pytest_cache
