@@ -505,9 +505,9 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
         seeds = [c["truth"]["seed"] for c in clips]
         told = list(pool.map(_instructed_case, seeds, [cfg] * len(clips), actions))
         plain = list(pool.map(_instructed_case, seeds, [cfg] * len(clips), [None] * len(clips)))
-        tbatch = [Dataset(_Cases(cfg, cs), 0, codec, ds.encode_text).sample for cs in (told, plain)]
-        tbatch = [(tbatch[0](i), tbatch[1](i)) for i in range(len(told))]
-        tstack = lambda key, idx, k=0: torch.stack([tbatch[j][k][key] for j in idx]).to(dev)  # noqa: E731
+        tbatch = [Dataset(_Cases(cfg, told), 0, codec, ds.encode_text).sample(i) for i in range(len(told))]
+        neutral = [Dataset(_Cases(cfg, plain), 0, codec, ds.encode_text).sample(i)["text"] for i in range(len(plain))]
+        tstack = lambda key, idx: torch.stack([tbatch[j][key] for j in idx]).to(dev)  # noqa: E731
         for name in PROBE_VARIANTS:
             frames[name] = []
         for a in range(0, len(told), bs):
@@ -515,7 +515,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
             frames["instructed_codec"] += list(latents_to_frames(codec, tstack("video", idx)))
             text = tstack("text", idx)
             probes = {"instructed": (1.0, text), "instructed_guided": (TEACHER_GUIDANCE, text),
-                      "untold": (1.0, tstack("text", idx, 1))}
+                      "untold": (1.0, torch.stack([neutral[j] for j in idx]).to(dev))}
             for name, (g, txt) in probes.items():
                 with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
                     z, _ = sample_bidirectional(model, cfg, tstack("ref", idx), txt,

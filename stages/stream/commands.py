@@ -296,7 +296,7 @@ _MODEL_LOCK = threading.Lock()
 
 def classifier(phr: dict[str, str], log=None):
     """(net, meta) for `phr`: from memory, from the cache folder ($VIDU_CACHE or ~/.cache/vidu), or
-    trained now (about a minute on 2 CPU cores) and cached."""
+    trained now (about two minutes on 2 CPU cores) and cached."""
     import torch
     key = hashlib.sha1(repr((sorted(phr.items()), TRAINING, N_MELS, WINDOW, FRAME_S, ANCHOR, CARRIERS)).encode()).hexdigest()[:16]
     with _MODEL_LOCK:
