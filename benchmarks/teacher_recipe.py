@@ -94,8 +94,8 @@ RECIPES = {
         preset="small",
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (one thread: ~0.25 s per 1.3-s clip, ~1 s per 8-s stage-2 clip)
-        bidirectional=dict(batch=32, samples=2048, lr=1e-3, ema=0.995),
-        causal=dict(batch=32, samples=256, lr=1e-4, ema=0.995,
+        bidirectional=dict(batch=32, samples=2048, lr=1e-3, ema=0.995, compile=True),
+        causal=dict(batch=32, samples=256, lr=1e-4, ema=0.995, compile=True,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
@@ -438,6 +438,38 @@ def _instructed_case(seed: int, cfg, action: str | None) -> dict:
     return render_clip(seed, cfg, split="eval", truth=True, events=[event(PROBE_ONSET, action, min(hi, max(lo, room)))])
 
 
+TEXT_USE_SIGMAS = (0.3, 0.5, 0.7)   # noise levels of the text-use measure (the band where poses are decided)
+
+
+@torch.no_grad()
+def text_use(model, batch: list[dict], neutral: list[torch.Tensor], dev) -> dict:
+    """Does the teacher use *which* instruction it is told? Its v loss on the instructed clips' frames
+    under the instruction (those whose text is not the neutral one), at TEXT_USE_SIGMAS with the same noise, given
+    "told": each clip's own texts, "swapped": the next clip's (another class: the probe's classes are
+    i % 8), "neutral": no instruction. swapped - told > 0: the class is used; neutral - told > 0: the
+    presence of an instruction is."""
+    x0 = torch.stack([b["video"] for b in batch]).to(dev)
+    ref = torch.stack([b["ref"] for b in batch]).to(dev)
+    audio = torch.stack([b["audio"] for b in batch]).to(dev) if "audio" in batch[0] else None
+    told = torch.stack([b["text"] for b in batch]).to(dev)
+    texts = {"told": told, "swapped": told.roll(1, 0), "neutral": torch.stack(neutral).to(dev)}
+    under = ((told - texts["neutral"]).abs().amax((-1, -2)) > 0).float()        # [B, F] frames told something
+    g = torch.Generator().manual_seed(0)
+    out = {k: [] for k in texts}
+    for sig in TEXT_USE_SIGMAS:
+        eps = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
+        x_t = (1 - sig) * x0 + sig * eps
+        t = torch.full((x0.shape[0],), sig * 1000.0, device=dev)
+        for name, text in texts.items():
+            with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
+                v = model(x_t, t, text, audio=audio, ref=ref).video.float()
+            per_frame = (v - (eps - x0).float()).square().mean((1, 3, 4))         # [B, F]
+            out[name].append(float((per_frame * under).sum() / under.sum().clamp(min=1)))
+    return {"sigmas": list(TEXT_USE_SIGMAS), **{k: [round(x, 5) for x in v] for k, v in out.items()},
+            "swapped_minus_told": float(np.mean(out["swapped"]) - np.mean(out["told"])),
+            "neutral_minus_told": float(np.mean(out["neutral"]) - np.mean(out["told"]))}
+
+
 class _Cases:
     """The clip source Dataset reads (cfg, n, clip i)."""
 
@@ -508,6 +540,10 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
         tbatch = [Dataset(_Cases(cfg, told), 0, codec, ds.encode_text).sample(i) for i in range(len(told))]
         neutral = [Dataset(_Cases(cfg, plain), 0, codec, ds.encode_text).sample(i)["text"] for i in range(len(plain))]
         tstack = lambda key, idx: torch.stack([tbatch[j][key] for j in idx]).to(dev)  # noqa: E731
+        uses = [text_use(model, [tbatch[j] for j in order[a:a + bs]], [neutral[j] for j in order[a:a + bs]], dev)
+                for a in range(0, len(told), bs)]
+        use = {k: float(np.mean([u[k] for u in uses])) for k in ("swapped_minus_told", "neutral_minus_told")}
+        use["batches"] = uses
         for name in PROBE_VARIANTS:
             frames[name] = []
         for a in range(0, len(told), bs):
@@ -553,7 +589,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
               out / f"clips_{teacher}_instructed.png", every=11)
     return {"phase": "clips", "teacher": teacher, "checkpoint": str(ckpt), "cases": len(clips),
             "seconds": cfg.video_frames / cfg.audio.fps, "device": dev, "shift": shift, "guidance": TEACHER_GUIDANCE,
-            "eval_s": time.perf_counter() - t0, "summary": summary, "instructed": probe, "rows": rows}
+            "eval_s": time.perf_counter() - t0, "summary": summary, "instructed": probe, "text_use": use, "rows": rows}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -615,6 +651,9 @@ def table(res: dict) -> str:
         for name, v in res["instructed"].items():
             lines.append(f"| {name} | {f(v['instr_success'])} | {f(v['spurious_per_min'])} | "
                          + " | ".join(f(v["per_class"][c]) for c in classes) + " |")
+        u = res["text_use"]
+        lines.append(f"text use (v loss under the instruction, noise {TEXT_USE_SIGMAS}): swapped - told "
+                     f"{u['swapped_minus_told']:+.5f} (the class), neutral - told {u['neutral_minus_told']:+.5f} (an instruction)")
         return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]

@@ -30,6 +30,7 @@ def train(
     grad_clip: float = option(TrainSettings, "grad_clip", "Gradient norm clip."),
     ema: float = option(TrainSettings, "ema", "EMA decay of the kept weights."),
     grad_ckpt: bool = option(TrainSettings, "grad_ckpt", "Gradient checkpointing per block.", "--grad-ckpt/--no-grad-ckpt"),
+    compile: bool = option(TrainSettings, "compile", "Compile each DiT block with torch.compile (CUDA only).", "--compile/--no-compile"),
     save_every: int = option(TrainSettings, "save_every", "Checkpoint every N steps."),
     samples: int = option(TrainSettings, "samples", "Synthetic training clips (cycled)."),
     data: Optional[Path] = option(TrainSettings, "data", "Train on this manifest instead of clips rendered on the fly: synth (vidu synth) or samples (vidu embed, embedded at the same --preset).", show_default=False),
@@ -69,6 +70,7 @@ def train(
     with clean_errors():
         st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, lr=lr, warmup=warmup,
                            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, grad_ckpt=grad_ckpt,
+                           compile=compile,
                            save_every=save_every, seed=seed, samples=samples, data=str(data) if data else None,
                            init_from=str(from_) if from_ else None, codec=str(codec) if codec else None,
                            minutes=minutes,

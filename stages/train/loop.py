@@ -63,6 +63,10 @@ class TrainSettings:
     grad_clip: float = ranged(1.0, gt=0)
     ema: float = ranged(0.999, min=0, max=1)
     grad_ckpt: bool = False
+    # compile each DiT block with torch.compile on CUDA (fuses the fp32 adaLN/norm arithmetic that bounds an
+    # eager step of a small model: 1.8-2x samples/s for `small` on an H200, benchmarks/train_step.py; ~20 s
+    # of compilation once); ignored on the CPU
+    compile: bool = False
     save_every: int = ranged(100, min=1)
     seed: int = ranged(0, min=0)
     samples: int = ranged(256, min=1)    # synthetic training samples (the dataset cycles over them)
@@ -112,6 +116,9 @@ class Trainer:
             model.load_state_dict(init)
         model.gradient_checkpointing = st.grad_ckpt
         model.to(d.device).train()
+        if st.compile and d.device.type == "cuda":
+            for block in model.blocks:
+                block.compile()
         if d.world > 1:
             from torch.distributed.fsdp import fully_shard
             for block in model.blocks:
