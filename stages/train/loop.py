@@ -63,9 +63,10 @@ class TrainSettings:
     grad_clip: float = ranged(1.0, gt=0)
     ema: float = ranged(0.999, min=0, max=1)
     grad_ckpt: bool = False
-    # compile each DiT block with torch.compile on CUDA (fuses the fp32 adaLN/norm arithmetic that bounds an
-    # eager step of a small model: 1.8-2x samples/s for `small` on an H200, benchmarks/train_step.py; ~20 s
-    # of compilation once); ignored on the CPU
+    # stage 1: compile each DiT block with torch.compile on CUDA (fuses the fp32 adaLN/norm arithmetic that
+    # bounds an eager step of a small model: 1.8-2x samples/s for `small` on an H200, benchmarks/train_step.py;
+    # ~20 s of compilation once); ignored on the CPU. Not stage 2: its sequences change length with the
+    # chunk index (a recompilation each, and inductor's dynamic-shape backward failed there on the H200)
     compile: bool = False
     save_every: int = ranged(100, min=1)
     seed: int = ranged(0, min=0)
@@ -80,6 +81,9 @@ class TrainSettings:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"--stage is one of: {', '.join(STAGES)}")
+        if self.compile and self.stage != "bidirectional":
+            raise ValueError("--compile is for the bidirectional stage (fixed shapes); stage 2's sequences "
+                             "change length with the chunk index")
         if self.stage == "autoencoder" and (self.codec or self.init_from or self.data):
             raise ValueError("the autoencoder stage trains on the synthetic world from scratch: "
                              "--codec, --from and --data are for the teachers")
@@ -118,7 +122,7 @@ class Trainer:
         model.to(d.device).train()
         if st.compile and d.device.type == "cuda":
             for block in model.blocks:
-                block.compile()
+                block.compile(dynamic=False)
         if d.world > 1:
             from torch.distributed.fsdp import fully_shard
             for block in model.blocks:
