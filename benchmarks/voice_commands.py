@@ -2,8 +2,11 @@
 
     python benchmarks/voice_commands.py                 # eval split: detection, timing, false alarms, RTF
     python benchmarks/voice_commands.py --tune          # train split: hits and false alarms per threshold
+    python benchmarks/voice_commands.py --ship          # write the shipped classifier (stages/stream/)
 
-The spotter's classifier is trained on train-split speech the first time it is needed (cached under
+The spotter's classifier for the ACTIONS vocabulary ships with vidu (stages/stream/voice_commands.safetensors,
+bf16, written by --ship from the classifier that TRAINING gives: trained here, or the cached one); another
+vocabulary or TRAINING is trained on train-split speech the first time it is needed (cached under
 $VIDU_CACHE or ~/.cache/vidu); the benchmark reports how long that took when it happened here.
 
 Speech: sentences of stages.synth.speech.texts(split) spoken by voices(split) at 130-200 wpm with
@@ -229,9 +232,15 @@ def report(r: dict) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--ship", action="store_true", help="write the shipped classifier of the ACTIONS vocabulary")
     ap.add_argument("--minutes", type=float, default=10.0, help="non-command speech to measure false alarms on")
     args = ap.parse_args()
-    if args.tune:
+    if args.ship:
+        phr = phrases()
+        commands.SHIPPED.unlink(missing_ok=True)          # the classifier TRAINING gives, not the old file
+        _, meta = commands.classifier(phr, log=print)
+        print(commands.save_shipped(meta, commands.classifier_key(phr)))
+    elif args.tune:
         tune()
     else:
         print(report(measure(args.minutes)))

@@ -1,9 +1,8 @@
 """Voice commands (stages/stream/commands.py): spotting in held-out espeak-ng speech, rejection of
 speech without commands, and `vidu stream --commands FILE` end to end (tiny preset, random weights).
 
-The spotter's classifier is trained on train-split speech the first time it is needed and cached
-($VIDU_CACHE or ~/.cache/vidu): with the cache warm the file runs in about a minute; cold, the first
-test also trains it (about two minutes on 2 CPU cores). Cases: eval-split voices (held-out languages
+The spotter's classifier of the ACTIONS vocabulary ships with vidu (bf16): nothing is trained here
+unless TRAINING changed without the shipped file being written again (a test says so). Cases: eval-split voices (held-out languages
 and variants) and the pass rate measured on them (benchmarks/voice_commands.py measures more)."""
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import wave
 import numpy as np
 import pytest
 
+from stages.stream import commands
 from stages.stream.commands import CommandSpotter, phrases, spot
 from stages.stream.events import EventQueue, Instruction
 from stages.synth.speech import texts, tts, voices
@@ -26,6 +26,23 @@ HELD_OUT = ["en-us+m3", "en-gb-x-rp+f4", "en-029+m2", "nl+f1", "en+klatt3", "en-
 K_RIGHT, K_WRONG = 40, 2
 CASES = [("en-us+m3", "raise your hand", "raise a hand"), ("en-gb-scotland+travis", "shake your head", "shake head"),
          ("en-gb-x-rp+f4", "smile", "smile"), ("en-029+m2", "nod", "nod")]
+
+
+def test_the_shipped_classifier_serves_the_actions_vocabulary_without_training(tmp_path, monkeypatch):
+    """The shipped file is the classifier the current TRAINING and features give (its key), small, and
+    read without training or a cache; another vocabulary is not served by it (it would be trained)."""
+    def no_training(*a, **k):
+        raise AssertionError("trained")
+    monkeypatch.setenv("VIDU_CACHE", str(tmp_path))
+    monkeypatch.setattr(commands, "_MODELS", {})
+    monkeypatch.setattr(commands, "train_classifier", no_training)
+    assert commands.SHIPPED.stat().st_size < 256 * 1024
+    net, meta = commands.classifier(phrases())
+    assert meta["classes"] == sorted(set(phrases().values())) and net(np.zeros((1, commands.N_MELS, commands.WINDOW),
+                                                                              np.float32)).shape == (1, 9)
+    assert not list(tmp_path.iterdir())                       # nothing cached: nothing was trained
+    with pytest.raises(AssertionError, match="trained"):
+        commands.classifier(phrases(["blink", "nod"]))
 
 
 @functools.cache

@@ -5,9 +5,10 @@ band minus its mean over the window), slid every 40 ms: it says which action, if
 into the window. It is trained on train-split espeak-ng speech (stages.synth.speech: train voices and
 sentences, every spoken form in carrier sentences, the split's instruction sentences including the
 near misses outside ACTIONS such as "look down", 16 min of sentences without instructions; random
-rates, pitches, levels, faint noise; bands shifted and masked) the first time a spotter is made, in
-about two minutes on 2 CPU cores, and cached ($VIDU_CACHE or ~/.cache/vidu/voice_commands/, keyed by
-the phrases and the TRAINING settings); inference is numpy (about 2 % of real time). An action fires
+rates, pitches, levels, faint noise; bands shifted and masked). The classifier of the ACTIONS vocabulary
+ships beside this file (SHIPPED, bf16, written by `benchmarks/voice_commands.py --ship`); another
+vocabulary or TRAINING is trained the first time a spotter is made, in about two minutes on 2 CPU
+cores, and cached ($VIDU_CACHE or ~/.cache/vidu/voice_commands/, keyed by the phrases and TRAINING); inference is numpy (about 2 % of real time). An action fires
 when its probability stays over its threshold in MIN_WINDOWS windows within HOLD_S; its start is the
 best window's start + 0.15 s, its end the start + the phrase's median length in training. A command
 is decided about LATENCY_S (2 s) after it starts.
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import queue
 import re
@@ -294,16 +296,48 @@ _MODELS: dict[str, dict] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def classifier(phr: dict[str, str], log=None):
-    """(net, meta) for `phr`: from memory, from the cache folder ($VIDU_CACHE or ~/.cache/vidu), or
-    trained now (about two minutes on 2 CPU cores) and cached."""
+SHIPPED = Path(__file__).with_name("voice_commands.safetensors")   # the spotter of every ACTIONS phrase, bf16
+
+
+def classifier_key(phr: dict[str, str]) -> str:
+    """What a trained classifier depends on: the phrases, TRAINING and the features' settings."""
+    return hashlib.sha1(repr((sorted(phr.items()), TRAINING, N_MELS, WINDOW, FRAME_S, ANCHOR, CARRIERS)).encode()).hexdigest()[:16]
+
+
+def save_shipped(meta: dict, key: str, path: Path = SHIPPED) -> Path:
+    """A trained classifier as the shipped file: its weights in bf16 (batch-norm statistics too; the
+    step counter dropped) and the rest of `meta` with its key as metadata."""
+    from safetensors.torch import save_file
     import torch
-    key = hashlib.sha1(repr((sorted(phr.items()), TRAINING, N_MELS, WINDOW, FRAME_S, ANCHOR, CARRIERS)).encode()).hexdigest()[:16]
+    state = {k: v.to(torch.bfloat16).contiguous() for k, v in meta["state"].items() if v.is_floating_point()}
+    info = {k: v for k, v in meta.items() if k != "state"}
+    save_file(state, str(path), metadata={"key": key, "meta": json.dumps(info)})
+    return path
+
+
+def _shipped(key: str) -> dict | None:
+    """The shipped classifier when it was trained for `key` (else None: another vocabulary or training)."""
+    if not SHIPPED.is_file():
+        return None
+    from safetensors import safe_open
+    with safe_open(str(SHIPPED), "pt") as f:
+        if (f.metadata() or {}).get("key") != key:
+            return None
+        meta = json.loads(f.metadata()["meta"])
+        meta["state"] = {k: f.get_tensor(k).float() for k in f.keys()}
+    return meta
+
+
+def classifier(phr: dict[str, str], log=None):
+    """(net, meta) for `phr`: from memory, the shipped file (SHIPPED: the default vocabulary), the cache
+    folder ($VIDU_CACHE or ~/.cache/vidu), or trained now (about two minutes on 2 CPU cores) and cached."""
+    import torch
+    key = classifier_key(phr)
     with _MODEL_LOCK:
         if key not in _MODELS:
             path = _cache_dir() / f"{key}.pt"
-            meta = None
-            if path.is_file():
+            meta = _shipped(key)
+            if meta is None and path.is_file():
                 try:
                     meta = torch.load(path, weights_only=True)
                 except Exception:  # noqa: BLE001  -- a broken cache file is retrained
