@@ -689,6 +689,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
     ap.add_argument("--guidance", type=float, help="eval: the stream's guidance scale (default: the checkpoint's)")
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
+    ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
     if args.write_text_table:
@@ -713,7 +714,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.phase == "clips":
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
     elif args.phase == "eval":
-        overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler)) if v is not None}
+        overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler),
+                                       ("recache", args.recache or None)) if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)

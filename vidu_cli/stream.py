@@ -10,7 +10,7 @@ import typer
 
 from stages.stream.engine import StreamSettings
 from stages.stream.session import SessionOptions
-from vidu_cli.options import Guidance, Quiet, Sampler, option
+from vidu_cli.options import Guidance, Quiet, Recache, Sampler, option
 from vidu_cli.report import err, fail
 
 
@@ -34,7 +34,7 @@ def stream(
     sink: Optional[bool] = option(StreamSettings, "sink", "Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", "--sink/--no-sink", default=None, show_default=False),
     sampler: Sampler = None,
     guidance: Guidance = None,
-    recache: bool = option(StreamSettings, "recache", "On an instruction switch, recompute the history's keys/values under the new text (LongLive's recache).", "--recache/--no-recache"),
+    recache: Recache = None,
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
     audio_out: str = option(SessionOptions, "audio_out", "Audio in the output."),

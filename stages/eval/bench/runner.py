@@ -97,6 +97,7 @@ class EvalBench(Stage):
     window: int | None = None
     sampler: str | None = None  # None: the checkpoint's (StreamSettings.sampler)
     guidance: float | None = None  # None: the checkpoint's (StreamSettings.guidance)
+    recache: bool | None = None  # None: StreamSettings.recache's default (off)
     decoder_weights: str | None = None
     text_encoder_path: str | None = None
     seed: int = 0
@@ -116,7 +117,8 @@ class EvalBench(Stage):
     # -- producing the frames --
     def _settings(self) -> dict:
         return {k: v for k, v in (("steps", self.steps), ("chunk_frames", self.chunk_frames), ("window", self.window),
-                                  ("sampler", self.sampler), ("guidance", self.guidance)) if v is not None}
+                                  ("sampler", self.sampler), ("guidance", self.guidance), ("recache", self.recache))
+                if v is not None}
 
     def _parts(self, image: str):
         """Model parts with a fresh engine started on this sample's reference; the model, decoder
