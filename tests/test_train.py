@@ -155,6 +155,29 @@ def test_a_mid_clip_instruction_reaches_the_training_batch_at_its_latent_frame()
     assert one.shape == feats.shape and one.stride(0) == 0
 
 
+def test_stacked_clips_give_the_same_batches_as_per_sample_stacking():
+    """Dataset.stack_on (the GPU run's batches as one gather) gives exactly the batches the per-sample
+    path gives, across epochs and for every key; over its byte budget it keeps nothing; it needs every clip."""
+    from models.config import PRESETS
+    from stages.train.data import ClipSource, Dataset
+    ds = Dataset(ClipSource(PRESETS["tiny"], 0, 5), 3, None, None)
+    g = torch.Generator().manual_seed(0)
+    ds.cache = {i: {"video": torch.randn(4, 5, 8, 8, generator=g),
+                    "text": torch.randn(1, 6, 16, generator=g).expand(5, -1, -1),   # one text: a view
+                    "mouth_box": torch.randint(0, 8, (5, 2), generator=g)} for i in range(4)}
+    with pytest.raises(RuntimeError, match="prefetch first"):
+        ds.stack_on("cpu")
+    ds.cache[4] = {k: v + 1 for k, v in ds.cache[0].items()}
+    plain = [ds.batch(g0, 4, "cpu") for g0 in range(0, 15, 3)]
+    assert not ds.stack_on("cpu", budget=100) and ds.stacked is None
+    assert ds.stack_on("cpu")
+    for g0, want in zip(range(0, 15, 3), plain):
+        got = ds.batch(g0, 4, "cpu")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+    assert not torch.equal(plain[0]["video"], plain[1]["video"])       # the batches do differ
+
+
 def test_condition_dropout_hits_each_condition_at_its_rate():
     from stages.train.machinery import step_generator
     from stages.train.objectives import Draw, ObjectiveSettings, drop_conditions

@@ -33,7 +33,8 @@ from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV, frames_to_latents
 from stages.samples import synth_events, synth_timeline, text_timeline
 
-CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
+CODEC_FILE = "codec.safetensors"
+STACK_BUDGET = 8 * 2 ** 30            # bytes: the most a run's coded clips may take when stacked on its device      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
 
 
 def clip_seed(seed: int, i: int) -> int:
@@ -207,6 +208,7 @@ class Dataset:
         self.cache: dict[int, dict] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
+        self.stacked: dict[str, torch.Tensor] | None = None   # every clip's tensors stacked (stack_on)
 
     def _frame_texts(self, text) -> torch.Tensor:
         """A clip's text (a string or features [L, D]), or (distinct texts, index per latent frame) ->
@@ -261,7 +263,22 @@ class Dataset:
             self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))}
         return int(self.perms[epoch][pos])
 
+    def stack_on(self, device, budget: int = STACK_BUDGET) -> bool:
+        """Every clip (all rendered and coded: after `prefetch`) stacked into one tensor per key on
+        `device`, so that a batch is one gather there instead of stacking and copying each step's
+        samples on the host. False (and nothing kept) when they would take more than `budget` bytes."""
+        if len(self.cache) < self.n:
+            raise RuntimeError(f"stack_on needs every clip coded ({len(self.cache)} of {self.n}): prefetch first")
+        first = self.cache[0]
+        if self.n * sum(v.numel() * v.element_size() for v in first.values()) > budget:
+            return False
+        self.stacked = {k: torch.stack([self.cache[i][k] for i in range(self.n)]).to(device) for k in first}
+        return True
+
     def batch(self, g0: int, count: int, device) -> dict:
+        if self.stacked is not None:
+            idx = torch.tensor([self.index(g) for g in range(g0, g0 + count)])
+            return {k: v[idx.to(v.device)].to(device) for k, v in self.stacked.items()}
         items = [self.sample(self.index(g)) for g in range(g0, g0 + count)]
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 

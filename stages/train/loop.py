@@ -137,6 +137,8 @@ class Trainer:
                                            masks=self.objective.mouth_weight != 1 or self.objective.sync_weight > 0)
         if prefetch:
             self.data.prefetch(prefetch)
+            if d.device.type == "cuda":          # every clip is coded: batches become gathers on the GPU
+                self.data.stack_on(d.device)
 
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:

@@ -78,8 +78,13 @@ class Draw:
         return torch.rand(self.total, generator=self.gen, dtype=dtype)[self.lo:self.hi]
 
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        full = torch.randn((self.total, *x.shape[1:]), generator=self.gen, dtype=torch.float32)
-        return full[self.lo:self.hi].to(x.device, x.dtype)
+        """Normal noise shaped like rows [lo, hi) of x's global batch, drawn on x's device (a generator
+        there, seeded from this Draw's: the same numbers on every rank of one device type, and no host
+        work per element: drawn on the host, a batch of `small` latents' noise costs tens of ms a step)."""
+        seed = int(torch.randint(2 ** 62, (1,), generator=self.gen))
+        g = torch.Generator(device=x.device).manual_seed(seed)
+        full = torch.randn((self.total, *x.shape[1:]), generator=g, dtype=torch.float32, device=x.device)
+        return full[self.lo:self.hi].to(x.dtype)
 
     def randint(self, n: int) -> int:
         """One integer shared by every row (the same on every rank)."""
