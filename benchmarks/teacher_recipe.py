@@ -408,9 +408,11 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
 
 CLIP_VARIANTS = ("guided", "unguided", "shuffled", "codec")
 # the instructed probe: every clip again with one instruction (class i % 8) at PROBE_ONSET, sampled with
-# its texts (guidance 1 and the teacher's), with the neutral text instead (the same noise and speech: what
-# the model does untold), and the instructed truth through the codec (the detectors' ceiling)
-PROBE_VARIANTS = ("instructed", "instructed_guided", "untold", "instructed_codec")
+# its texts (guidance 1, the teacher's, and PROBE_TEXT_GUIDANCE on the text alone: the speech kept in the
+# unconditional pass), with the neutral text instead (the same noise and speech: what the model does
+# untold), and the instructed truth through the codec (the detectors' ceiling)
+PROBE_VARIANTS = ("instructed", "instructed_guided", "instructed_text_guided", "untold", "instructed_codec")
+PROBE_TEXT_GUIDANCE = 3.0
 
 
 def _clip_case(i: int, cfg) -> dict | None:
@@ -550,13 +552,15 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
             idx = order[a:a + bs]
             frames["instructed_codec"] += list(latents_to_frames(codec, tstack("video", idx)))
             text = tstack("text", idx)
-            probes = {"instructed": (1.0, text), "instructed_guided": (TEACHER_GUIDANCE, text),
-                      "untold": (1.0, torch.stack([neutral[j] for j in idx]).to(dev))}
-            for name, (g, txt) in probes.items():
+            probes = {"instructed": (1.0, text, "all"), "instructed_guided": (TEACHER_GUIDANCE, text, "all"),
+                      "instructed_text_guided": (PROBE_TEXT_GUIDANCE, text, "text"),
+                      "untold": (1.0, torch.stack([neutral[j] for j in idx]).to(dev), "all")}
+            for name, (g, txt, guide) in probes.items():
                 with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
                     z, _ = sample_bidirectional(model, cfg, tstack("ref", idx), txt,
                                                 tstack("audio", idx) if cfg.dit.audio_dim else None,
-                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift, seed=a, guidance=g)
+                                                steps=steps or BIDIRECTIONAL_STEPS, shift=shift, seed=a, guidance=g,
+                                                guide=guide)
                 frames[name] += list(latents_to_frames(codec, z))
         frames["instructed_truth"] = [c["frames"] for c in told]
         controls = [np.asarray(clips[shuffled[i]]["truth"]["tracks"]["mouth"]) for i in order]
@@ -689,6 +693,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
     ap.add_argument("--guidance", type=float, help="eval: the stream's guidance scale (default: the checkpoint's)")
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
+    ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -714,7 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.phase == "clips":
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
     elif args.phase == "eval":
-        overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler),
+        overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None)) if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides)
     else:

@@ -414,6 +414,21 @@ def null_condition(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+GUIDES = ("all", "text")   # what guidance's unconditional pass nulls: text and speech, or the text alone
+
+
+def guided_conditions(text: torch.Tensor, audio: torch.Tensor | None, guide: str = "all"):
+    """(text, speech) of one forward of classifier-free guidance, [2B, ...]: the conditional rows, then
+    the unconditional ones, which null the text, and the speech too unless `guide` is "text"
+    (guidance on the instruction alone: v_u keeps the speech, so lip sync is not guided away)."""
+    if guide not in GUIDES:
+        raise ValueError(f"guide is one of: {', '.join(GUIDES)}, not {guide!r}")
+    text2 = torch.cat([text, null_condition(text)])
+    if audio is None:
+        return text2, None
+    return text2, torch.cat([audio, null_condition(audio) if guide == "all" else audio])
+
+
 @functools.lru_cache(maxsize=8)
 def _token_mask(F: int, n_ref: int, S: int, n_ctx: int, causal: bool, chunk_frames: int, device) -> torch.Tensor:
     with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference

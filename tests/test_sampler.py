@@ -101,14 +101,14 @@ def tiny_context(cfg=TINY, n=3):
     return model, model.rotate(ctx), pos, ChunkInputs(text, audio[:, n:n + 1 + ctx_n]), x, xa
 
 
-def guided_reference(model, ctx, pos, inputs, x, xa, sig, g):
+def guided_reference(model, ctx, pos, inputs, x, xa, sig, g, guide="all"):
     """Euler with v = v_u + g (v_c - v_u) from two separate forwards, the unconditional one with text
-    and speech nulled (null_condition) and the same context."""
+    nulled (null_condition), speech too unless guide == "text", and the same context."""
     for k, s in enumerate(sig):
         t = torch.full((1,), s * 1000.0)
         c = model(x, t, inputs.text, audio=inputs.audio, audio_latent=xa, kv=ctx, frame_pos=pos)
-        u = model(x, t, null_condition(inputs.text), audio=null_condition(inputs.audio), audio_latent=xa, kv=ctx,
-                  frame_pos=pos)
+        u_audio = inputs.audio if guide == "text" else null_condition(inputs.audio)
+        u = model(x, t, null_condition(inputs.text), audio=u_audio, audio_latent=xa, kv=ctx, frame_pos=pos)
         v, va = u.video + g * (c.video - u.video), u.audio + g * (c.audio - u.audio)
         s_next = sig[k + 1] if k + 1 < len(sig) else 0.0
         x, xa = x + (s_next - s) * v, xa + (s_next - s) * va
@@ -116,23 +116,30 @@ def guided_reference(model, ctx, pos, inputs, x, xa, sig, g):
 
 
 @torch.no_grad()
-def guided_error(g: float, mutant: bool = False) -> tuple[float, float]:
+def guided_error(g: float, mutant: bool = False, guide: str = "all", reference_guide: str | None = None
+                 ) -> tuple[float, float]:
     model, ctx, pos, inputs, x, xa = tiny_context()
     sig = sigmas(3)
     patches = pytest.MonkeyPatch()
     if mutant:                                                 # guidance toward the wrong pass
-        patches.setattr(engine_mod, "_with_null", lambda c: torch.cat([null_condition(c), c]))
+        patches.setattr(engine_mod, "guided_conditions",
+                        lambda t, a, guide: (torch.cat([null_condition(t), t]), torch.cat([null_condition(a), a])))
     try:
-        got = denoise_chunk(model, x, xa, sig, inputs, ctx, ctx, pos, None, None, g)[0]
+        got = denoise_chunk(model, x, xa, sig, inputs, ctx, ctx, pos, None, None, g, guide)[0]
     finally:
         patches.undo()
-    want = guided_reference(model, ctx, pos, inputs, x, xa, sig, g)
+    want = guided_reference(model, ctx, pos, inputs, x, xa, sig, g, reference_guide or guide)
     return rel(got.video, want[0]), rel(got.audio, want[1])
 
 
-@pytest.mark.parametrize("g", [0.0, 2.0])
-def test_guidance_in_one_batch_equals_separate_forwards(g):
-    assert max(guided_error(g)) < 1e-5                       # float32 floor of a batched forward
+@pytest.mark.parametrize("g, guide", [(0.0, "all"), (2.0, "all"), (3.0, "text")])
+def test_guidance_in_one_batch_equals_separate_forwards(g, guide):
+    assert max(guided_error(g, guide=guide)) < 1e-5          # float32 floor of a batched forward
+
+
+def test_text_guidance_keeps_the_speech_in_the_unconditional_pass():
+    """guide="text" is not guide="all": against the other's reference it is far off."""
+    assert min(guided_error(3.0, guide="text", reference_guide="all")) > 1e-3
 
 
 def test_guidance_toward_the_wrong_pass_fails():

@@ -86,6 +86,8 @@ _STREAM_OPTIONS = {
                 "student) or euler (the flow ODE: the teachers) (default: the checkpoint's, else renoise)."),
     "Guidance": ("guidance", Optional[float], "--guidance", "Classifier-free guidance scale, 1 = off (the unconditional "
                  "pass nulls text and speech, keeps the reference) (default: the checkpoint's, else 1)."),
+    "Guide": ("guide", Optional[str], "--guide", "What guidance's unconditional pass nulls: all (text and "
+              "speech) or text (the instruction alone, the speech kept) (default: the checkpoint's, else all)."),
     "Recache": ("recache", Optional[bool], "--recache/--no-recache", "On an instruction switch, recompute the "
                 "history's keys/values under the new text (LongLive's recache) (default: off)."),
 }

@@ -10,7 +10,7 @@ import typer
 
 from stages.stream.engine import StreamSettings
 from stages.stream.session import SessionOptions
-from vidu_cli.options import Guidance, Quiet, Recache, Sampler, option
+from vidu_cli.options import Guidance, Guide, Quiet, Recache, Sampler, option
 from vidu_cli.report import err, fail
 
 
@@ -34,6 +34,7 @@ def stream(
     sink: Optional[bool] = option(StreamSettings, "sink", "Keep the first generated chunk as persistent context (default: the checkpoint's, else on).", "--sink/--no-sink", default=None, show_default=False),
     sampler: Sampler = None,
     guidance: Guidance = None,
+    guide: Guide = None,
     recache: Recache = None,
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
@@ -76,7 +77,8 @@ def stream(
             check_outputs(out, serve, summary)                     # before the model loads
             dev, dtype = pick_device(device)
             given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
-                         noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, recache=recache)
+                         noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, guide=guide,
+                         recache=recache)
             parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
             for note in parts.notes:
                 err.print(f"[yellow]note:[/yellow] {note}", highlight=False)

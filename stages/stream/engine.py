@@ -3,8 +3,9 @@
 Per chunk (`chunk_frames` latent frames), `denoise_chunk` runs the flow sampler (`sampler`): "renoise",
 the distilled student's few steps (predict x0, renoise it to the next level), or "euler", the teacher's
 flow ODE (x <- x + (s' - s) v, the last step landing on x0); with `guidance` g != 1 each step also runs
-an unconditional pass (text and speech nulled as condition dropout nulls them; the reference is kept:
-it is the identity, not a condition to guide away from) and uses v_u + g (v_c - v_u). Every step
+an unconditional pass (text and speech nulled as condition dropout nulls them, or with `guide="text"`
+the text alone; the reference is kept: it is the identity, not a condition to guide away from) and uses
+v_u + g (v_c - v_u). Every step
 attends to
 
     [ reference frame | sink: first generated chunk | history ring (window) ] + current chunk
@@ -37,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT, DiTOutput, KV, null_condition
+from models.dit import GUIDES, DiT, DiTOutput, KV, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
 from stages.run import ranged
@@ -57,11 +58,14 @@ class StreamSettings:
     noisy_step: int = ranged(1, min=0, max=999)    # denoising step whose keys/values form the noisy cache
     sampler: str = ranged("renoise", choices=SAMPLERS)   # x0-and-renoise (distilled student) | euler (teachers' ODE)
     guidance: float = ranged(1.0, min=0, max=100)  # classifier-free guidance scale (1: off, one pass per step)
+    guide: str = ranged("all", choices=GUIDES)     # what the unconditional pass nulls: text and speech | text alone
     recache: bool = False      # recompute the history's keys/values when the text changes (LongLive)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"the sampler is one of: {', '.join(SAMPLERS)}, not {self.sampler!r}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide is one of: {', '.join(GUIDES)}, not {self.guide!r}")
         if not 0 <= self.guidance <= 100:
             raise ValueError(f"guidance must be in 0..100, not {self.guidance:g}")
         if self.chunk_frames < 1 or self.steps < 1:
@@ -231,17 +235,19 @@ class ChunkResult:
 
 def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: list[float], inputs: ChunkInputs,
                   ctx_noisy: KV, ctx_clean: KV, frame_pos: torch.Tensor, noisy_step: int | None,
-                  renoise: "callable | None", guidance: float = 1.0) -> tuple[ChunkResult, KV | None]:
+                  renoise: "callable | None", guidance: float = 1.0, guide: str = "all",
+                  ) -> tuple[ChunkResult, KV | None]:
     """Sampling of one chunk over the levels `sig`. `renoise(x0, xa0, s)` draws the next state from
     the predicted x0 (the x0-and-renoise sampler); None takes Euler steps of the flow ODE,
     x <- x + (s_next - s) v with s_next = 0 after the last level. `guidance` != 1: classifier-free
-    guidance, v = v_u + g (v_c - v_u), both passes in one forward of batch 2B. Steps before the last
+    guidance, v = v_u + g (v_c - v_u), both passes in one forward of batch 2B, the unconditional one with
+    what `guide` nulls (models.dit.guided_conditions). Steps before the last
     attend to `ctx_noisy`, the last to `ctx_clean`; returns the clean chunk and, if `noisy_step` is
     set, the keys/values of that step (the conditional pass's)."""
     B = x.shape[0]
     guided = guidance != 1.0
     if guided:
-        inputs = ChunkInputs(_with_null(inputs.text), None if inputs.audio is None else _with_null(inputs.audio))
+        inputs = ChunkInputs(*guided_conditions(inputs.text, inputs.audio, guide))
         same = ctx_noisy is ctx_clean
         ctx_clean = _twice(ctx_clean)
         ctx_noisy = ctx_clean if same else _twice(ctx_noisy)
@@ -267,11 +273,6 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             x = x + (sig[k + 1] - s) * v
             xa = None if xa is None else xa + (sig[k + 1] - s) * va
     return ChunkResult(x0, xa0, states, audio_states), captured
-
-
-def _with_null(c: torch.Tensor) -> torch.Tensor:
-    """[B, ...] condition -> [2B, ...]: the condition, then its null (models.dit.null_condition)."""
-    return torch.cat([c, null_condition(c)])
 
 
 def _twice(kv: KV) -> KV:
@@ -383,7 +384,8 @@ class StreamEngine:
         ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
         renoise = self._renoise if st.sampler == "renoise" else None
         result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
-                                         st.noisy_step if st.twin else None, renoise, st.guidance)
+                                         st.noisy_step if st.twin else None, renoise, st.guidance,
+                                         st.guide)
         clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
         if self.chunks == 0 and st.sink:
             start = buf.write_fixed(clean_kv)

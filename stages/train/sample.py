@@ -7,8 +7,8 @@
   its metadata ("sampling"); `vidu stream --ckpt` starts from them and refuses what training never saw.
 
 Both samplers take a classifier-free guidance scale (1 = off): v = v_u + g (v_c - v_u), the
-unconditional pass with text and speech nulled as condition dropout nulls them
-(models.dit.null_condition), the reference kept (it is the identity). TEACHER_GUIDANCE is the
+unconditional pass with text and speech nulled as condition dropout nulls them, or the text alone
+(`guide`, models.dit.guided_conditions), the reference kept (it is the identity). TEACHER_GUIDANCE is the
 teachers' default, and what their checkpoints record for `vidu stream`.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT, null_condition
+from models.dit import DiT, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
@@ -32,7 +32,7 @@ STREAM_SAMPLER, STREAM_GUIDANCE = "renoise", 1.0
 @torch.no_grad()
 def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS,
                          shift: float = SHIFT, seed: int = 0, guidance: float = TEACHER_GUIDANCE,
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         guide: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
     """ref [B, C, 1, h, w], text [B, L, D], audio [B, before + F + after, K, A] -> (video latent
     [B, C, F, h, w], audio latent). With guidance != 1, one forward of batch 2B per step."""
     d, B = cfg.dit, ref.shape[0]
@@ -44,8 +44,7 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     guided = guidance != 1.0
     rows = 2 * B if guided else B
     if guided:
-        text = torch.cat([text, null_condition(text)])
-        audio = None if audio is None else torch.cat([audio, null_condition(audio)])
+        text, audio = guided_conditions(text, audio, guide)
         ref = torch.cat([ref, ref])
     sig = flow_sigmas(steps, shift) + [0.0]
     for s, s_next in zip(sig[:-1], sig[1:]):

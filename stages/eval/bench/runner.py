@@ -97,6 +97,7 @@ class EvalBench(Stage):
     window: int | None = None
     sampler: str | None = None  # None: the checkpoint's (StreamSettings.sampler)
     guidance: float | None = None  # None: the checkpoint's (StreamSettings.guidance)
+    guide: str | None = None  # None: StreamSettings.guide's default (text and speech)
     recache: bool | None = None  # None: StreamSettings.recache's default (off)
     decoder_weights: str | None = None
     text_encoder_path: str | None = None
@@ -117,7 +118,8 @@ class EvalBench(Stage):
     # -- producing the frames --
     def _settings(self) -> dict:
         return {k: v for k, v in (("steps", self.steps), ("chunk_frames", self.chunk_frames), ("window", self.window),
-                                  ("sampler", self.sampler), ("guidance", self.guidance), ("recache", self.recache))
+                                  ("sampler", self.sampler), ("guidance", self.guidance), ("guide", self.guide),
+                                  ("recache", self.recache))
                 if v is not None}
 
     def _parts(self, image: str):
