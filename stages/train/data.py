@@ -33,8 +33,8 @@ from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV, frames_to_latents
 from stages.samples import synth_events, synth_timeline, text_timeline
 
-CODEC_FILE = "codec.safetensors"
-STACK_BUDGET = 8 * 2 ** 30            # bytes: the most a run's coded clips may take when stacked on its device      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
+CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
+STACK_BUDGET = 8 * 2 ** 30            # bytes: the most a run's coded clips may take when stacked on its device
 
 
 def clip_seed(seed: int, i: int) -> int:
