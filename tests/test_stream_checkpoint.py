@@ -102,7 +102,7 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
     assert step_at_level(0.5, 16, TRAIN_SHIFT) == 11                   # at shift 2, step 11 is at noise <= 0.5
     assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": TRAIN_SHIFT, "window": 3, "sink": True,
                                    "twin": True, "noisy_step": 11, "sampler": "renoise", "guidance": 1.0,
-                                   "recache": False}
+                                   "guide": "all", "recache": False}
     assert "random weights" not in res.stderr             # its weights, and the autoencoder it was trained with
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9
