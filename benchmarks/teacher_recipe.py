@@ -444,17 +444,16 @@ TEXT_USE_SIGMAS = (0.3, 0.5, 0.7)   # noise levels of the text-use measure (the 
 
 
 @torch.no_grad()
-def text_use(model, batch: list[dict], neutral: list[torch.Tensor], dev) -> dict:
+def text_use(model, batch: list[dict], swapped: list[torch.Tensor], neutral: list[torch.Tensor], dev) -> dict:
     """Does the teacher use *which* instruction it is told? Its v loss on the instructed clips' frames
-    under the instruction (those whose text is not the neutral one), at TEXT_USE_SIGMAS with the same noise, given
-    "told": each clip's own texts, "swapped": the next clip's (another class: the probe's classes are
-    i % 8), "neutral": no instruction. swapped - told > 0: the class is used; neutral - told > 0: the
-    presence of an instruction is."""
+    under the instruction (those whose text is not the neutral one), at TEXT_USE_SIGMAS with the same
+    noise, given "told": each clip's own texts, "swapped": another class's (`swapped`), "neutral": no
+    instruction. swapped - told > 0: the class is used; neutral - told > 0: the presence of one is."""
     x0 = torch.stack([b["video"] for b in batch]).to(dev)
     ref = torch.stack([b["ref"] for b in batch]).to(dev)
     audio = torch.stack([b["audio"] for b in batch]).to(dev) if "audio" in batch[0] else None
     told = torch.stack([b["text"] for b in batch]).to(dev)
-    texts = {"told": told, "swapped": told.roll(1, 0), "neutral": torch.stack(neutral).to(dev)}
+    texts = {"told": told, "swapped": torch.stack(swapped).to(dev), "neutral": torch.stack(neutral).to(dev)}
     under = ((told - texts["neutral"]).abs().amax((-1, -2)) > 0).float()        # [B, F] frames told something
     g = torch.Generator().manual_seed(0)
     out = {k: [] for k in texts}
@@ -542,9 +541,11 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
         tbatch = [Dataset(_Cases(cfg, told), 0, codec, ds.encode_text).sample(i) for i in range(len(told))]
         neutral = [Dataset(_Cases(cfg, plain), 0, codec, ds.encode_text).sample(i)["text"] for i in range(len(plain))]
         tstack = lambda key, idx: torch.stack([tbatch[j][key] for j in idx]).to(dev)  # noqa: E731
-        uses = [text_use(model, [tbatch[j] for j in order[a:a + bs]], [neutral[j] for j in order[a:a + bs]], dev)
-                for a in range(0, len(told), bs)]
-        use = {k: float(np.mean([u[k] for u in uses])) for k in ("swapped_minus_told", "neutral_minus_told")}
+        # swapped: the next clip's texts (class i + 1 mod 8 at the same onset); needs two clips
+        other = [tbatch[order[(i + 1) % len(order)]]["text"] for i in range(len(order))]
+        uses = [text_use(model, [tbatch[j] for j in order[a:a + bs]], other[a:a + bs],
+                         [neutral[j] for j in order[a:a + bs]], dev) for a in range(0, len(told), bs)] if len(told) > 1 else []
+        use = {k: float(np.mean([u[k] for u in uses])) if uses else None for k in ("swapped_minus_told", "neutral_minus_told")}
         use["batches"] = uses
         for name in PROBE_VARIANTS:
             frames[name] = []
@@ -656,8 +657,10 @@ def table(res: dict) -> str:
             lines.append(f"| {name} | {f(v['instr_success'])} | {f(v['spurious_per_min'])} | "
                          + " | ".join(f(v["per_class"][c]) for c in classes) + " |")
         u = res["text_use"]
-        lines.append(f"text use (v loss under the instruction, noise {TEXT_USE_SIGMAS}): swapped - told "
-                     f"{u['swapped_minus_told']:+.5f} (the class), neutral - told {u['neutral_minus_told']:+.5f} (an instruction)")
+        if u["batches"]:
+            lines.append(f"text use (v loss under the instruction, noise {TEXT_USE_SIGMAS}): swapped - told "
+                         f"{u['swapped_minus_told']:+.5f} (the class), neutral - told {u['neutral_minus_told']:+.5f} "
+                         "(an instruction)")
         return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]

@@ -23,13 +23,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from models.config import preset as get_preset  # noqa: E402
 from models.dit import DiT  # noqa: E402
 from stages.train.machinery import ema_update  # noqa: E402
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss  # noqa: E402
+from teacher_recipe import H200_BF16_PEAK, flops_per_sample  # noqa: E402
 
-H200_BF16_PEAK = 989e12
 
 
 def synthetic_clip(cfg, g: torch.Generator) -> dict:
@@ -62,11 +63,6 @@ def feeder(cfg, B: int, data: str, dev):
     if data == "stacked":
         assert ds.stack_on(dev)
     return lambda i: ds.batch(i * B, B, dev)
-
-
-def flops_per_step(model: DiT, B: int, L: int) -> float:
-    d = model.cfg
-    return B * (6 * model.num_params() * L + 3 * 4 * L * L * d.dim * d.num_layers)
 
 
 def run(cfg, B: int, steps: int, compiled: bool, data: str, profile: Path | None = None) -> dict:
@@ -114,9 +110,8 @@ def run(cfg, B: int, steps: int, compiled: bool, data: str, profile: Path | None
             sync()
         profile.write_text(p.key_averages().table(sort_by="cuda_time_total" if dev.type == "cuda" else "cpu_time_total",
                                                   row_limit=30))
-    L = (cfg.latent_frames + 1) * (cfg.height // 16) * (cfg.width // 16)
     return {"batch": B, "compiled": compiled, "data": data, "warmup_s": warm_s, "step_s": dt, "samples_per_s": B / dt,
-            "mfu": flops_per_step(model, B, L) / dt / H200_BF16_PEAK,
+            "mfu": B * flops_per_sample(cfg) / dt / H200_BF16_PEAK,     # the recipe's count: MFUs compare
             "mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else 0.0}
 
 

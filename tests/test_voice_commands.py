@@ -2,8 +2,8 @@
 speech without commands, and `vidu stream --commands FILE` end to end (tiny preset, random weights).
 
 The spotter's classifier of the ACTIONS vocabulary ships with vidu (bf16): nothing is trained here
-unless TRAINING changed without the shipped file being written again (a test says so). Cases: eval-split voices (held-out languages
-and variants) and the pass rate measured on them (benchmarks/voice_commands.py measures more)."""
+unless TRAINING changed without the shipped file being written again (a test says so). Cases:
+eval-split voices (held-out languages and variants) and the pass rate measured on them (benchmarks/voice_commands.py measures more)."""
 from __future__ import annotations
 
 import functools

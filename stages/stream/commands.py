@@ -8,7 +8,8 @@ near misses outside ACTIONS such as "look down", 16 min of sentences without ins
 rates, pitches, levels, faint noise; bands shifted and masked). The classifier of the ACTIONS vocabulary
 ships beside this file (SHIPPED, bf16, written by `benchmarks/voice_commands.py --ship`); another
 vocabulary or TRAINING is trained the first time a spotter is made, in about two minutes on 2 CPU
-cores, and cached ($VIDU_CACHE or ~/.cache/vidu/voice_commands/, keyed by the phrases and TRAINING); inference is numpy (about 2 % of real time). An action fires
+cores, and cached ($VIDU_CACHE or ~/.cache/vidu/voice_commands/, keyed by the phrases and TRAINING);
+inference is numpy (about 2 % of real time). An action fires
 when its probability stays over its threshold in MIN_WINDOWS windows within HOLD_S; its start is the
 best window's start + 0.15 s, its end the start + the phrase's median length in training. A command
 is decided about LATENCY_S (2 s) after it starts.
