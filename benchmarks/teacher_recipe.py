@@ -94,8 +94,8 @@ RECIPES = {
         preset="small",
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (one thread: ~0.25 s per 1.3-s clip, ~1 s per 8-s stage-2 clip)
-        bidirectional=dict(batch=32, samples=2048, lr=1e-3, ema=0.995, compile=True),
-        causal=dict(batch=32, samples=256, lr=1e-4, ema=0.995,
+        bidirectional=dict(batch=32, samples=4096, lr=1e-3, ema=0.995, compile=True),
+        causal=dict(batch=32, samples=512, lr=2e-4, ema=0.995,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
@@ -440,7 +440,7 @@ def _instructed_case(seed: int, cfg, action: str | None) -> dict:
     return render_clip(seed, cfg, split="eval", truth=True, events=[event(PROBE_ONSET, action, min(hi, max(lo, room)))])
 
 
-TEXT_USE_SIGMAS = (0.3, 0.5, 0.7)   # noise levels of the text-use measure (the band where poses are decided)
+TEXT_USE_SIGMAS = (0.3, 0.5, 0.7, 0.9)   # noise levels of the text-use measure (the band where poses are decided)
 
 
 @torch.no_grad()
