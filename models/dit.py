@@ -12,7 +12,9 @@ CausVid, Self-Forcing and LongLive weights load, plus:
 - speech features per latent frame through an audio adapter (`audio_embedding` + per-block,
   per-frame cross-attention `audio_attn`, output zero-initialised);
 - joint audio generation: `audio_latent_tokens` audio latent tokens per latent frame appended to
-  the frame's video tokens (x = [v; a], eq. 1 of the paper), predicted by `audio_head`.
+  the frame's video tokens (x = [v; a], eq. 1 of the paper), predicted by `audio_head`;
+- Ulysses sequence parallelism (`DiT.shard_sequence(group)`, models/ulysses.py): the ranks of a
+  process group split every frame's tokens and exchange them for heads around self-attention.
 
 Token layout is frame-major: [B, F, S, dim] with S = h*w video tokens (+ audio tokens), flattened
 to [B, F*S, dim] for self-attention.
@@ -24,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.nn.functional import layer_norm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -31,12 +34,13 @@ from torch.utils.checkpoint import checkpoint
 from kernels.attention import attention
 from models.config import DiTConfig
 from models.rope import apply_rope, grid_positions, rope_angles
+from models.ulysses import SequenceShards, check_heads
 
 
 @dataclass
 class KV:
     """Self-attention keys (before RoPE, unless `rotated`) and values of some tokens, per block, with
-    their positions."""
+    their positions. Under sequence parallelism a rank holds its heads of every token (H/N)."""
     k: list[torch.Tensor]   # per block [B, L, H, D]
     v: list[torch.Tensor]   # per block [B, L, H, D]
     pos: torch.Tensor       # [L, 3] (frame, row, column)
@@ -101,10 +105,15 @@ class Attention(nn.Module):
         x = x.to(self.q.weight.dtype)
         return self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
 
-    def self_attend(self, x, rope, mask, ctx=None):
+    def self_attend(self, x, rope, mask, ctx=None, sp: SequenceShards | None = None):
         """x: [B, L, dim]; rope: (cos, sin) of the L tokens; ctx: (k, v, cos, sin) of context tokens
-        (keys before RoPE; cos None: keys already rotated). Returns (out [B, L, dim], k before RoPE, v)."""
+        (keys before RoPE; cos None: keys already rotated). Returns (out [B, L, dim], k before RoPE, v).
+        With `sp`, x holds this rank's tokens, and rope, mask, ctx and the returned k, v are those of the
+        whole sequence (k, v, ctx: this rank's heads)."""
         q, k, v = self.qkv(x)
+        if sp is not None:                   # [B, L, H, 3D]: one exchange for the three
+            qkv = sp.seq_to_heads(torch.stack([q, k, v], -2).flatten(-2))
+            q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
         cos, sin = rope
         q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx is not None:
@@ -115,6 +124,8 @@ class Attention(nn.Module):
         else:
             v_all = v
         out = attention(q_r, k_r, v_all, mask)
+        if sp is not None:
+            out = sp.heads_to_seq(out)
         return self.o(out.flatten(2)), k, v
 
     def cross_attend(self, x, context, rope=None):
@@ -146,15 +157,16 @@ class Block(nn.Module):
             self.norm_audio = LayerNorm(dim, cfg.eps, affine=True)
             self.audio_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
 
-    def forward(self, x, e, rope, mask, text, audio, ctx):
+    def forward(self, x, e, rope, mask, text, audio, ctx, sp=None):
         """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim] or
         per frame [B, F, Lt, dim];
         audio: (tokens [B, Fa, W*K, dim], rope) — each of the last Fa frames' window of speech tokens
-        — or None; ctx: (k, v, cos, sin) or None."""
+        — or None; ctx: (k, v, cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame)
+        or None."""
         B, F, S, dim = x.shape
         m = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)   # 6 x [B, F, 1, dim]
         h = self.norm1(x).float() * (1 + m[1]) + m[0]
-        y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx)
+        y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx, sp)
         x = x + y.unflatten(1, (F, S)).float() * m[2]
         if text.ndim == 4:                      # a text per frame: each frame reads its own
             y = self.cross_attn.cross_attend(self.norm3(x).flatten(0, 1), text.flatten(0, 1)).unflatten(0, (B, F))
@@ -218,7 +230,16 @@ class DiT(nn.Module):
             self.audio_ref_tokens = nn.Parameter(torch.zeros(1, 1, cfg.audio_latent_tokens, dim))
             self.audio_head = Head(dim, cfg.audio_latent_dim, cfg.eps)
         self.gradient_checkpointing = False
+        self.sequence_parallel: dist.ProcessGroup | None = None      # shard_sequence
         self.init_weights()
+
+    def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
+        """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes
+        the same inputs and gets the same outputs; a key/value context (`kv`) and the keys/values it
+        returns hold the rank's num_heads / N heads. None: one process again."""
+        if group is not None:
+            check_heads(self.cfg.num_heads, dist.get_world_size(group))
+        self.sequence_parallel = group
 
     # -- initialisation (Wan's, plus identity-at-start for the new branches) --
     def init_weights(self):
@@ -347,6 +368,12 @@ class DiT(nn.Module):
             tokens = torch.cat([ref_tokens, tokens], 1)
             t = torch.cat([t.new_zeros(B, 1), t], 1)
         S = tokens.shape[2]
+        sp = None if self.sequence_parallel is None else SequenceShards(self.sequence_parallel, S)
+        if sp is not None:
+            if kv is not None and kv.k[0].shape[2] != cfg.num_heads // sp.world:
+                raise ValueError(f"the kv context holds {kv.k[0].shape[2]} heads; over {sp.world} ranks each "
+                                 f"holds {cfg.num_heads // sp.world}")
+            tokens = sp.shard(tokens)                                 # [B, Fq, S/N, dim]
 
         if frame_pos is None:
             start = int(kv.pos[:, 0].max()) + 1 if kv is not None and len(kv) else n_ref
@@ -379,7 +406,7 @@ class DiT(nn.Module):
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             ctx = None if kv is None else (kv.k[i], kv.v[i], *ctx_rope)
-            args = (tokens, e0, rope, attn_mask, text, audio_tokens, ctx)
+            args = (tokens, e0, rope, attn_mask, text, audio_tokens, ctx, sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens, k, v = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -389,8 +416,8 @@ class DiT(nn.Module):
                 vs.append(v)
 
         gen, e_gen = tokens[:, n_ref:], e[:, n_ref:]
-        video = self.unpatchify(self.head(gen[:, :, :h * w], e_gen), h, w).float()
-        audio_out = self.audio_head(gen[:, :, h * w:], e_gen).float() if cfg.joint_audio else None
+        video = self.unpatchify(_predict(self.head, gen, e_gen, sp, 0, h * w), h, w).float()
+        audio_out = _predict(self.audio_head, gen, e_gen, sp, h * w, S).float() if cfg.joint_audio else None
         return DiTOutput(video, audio_out, KV(ks, vs, pos) if return_kv else None)
 
     @staticmethod
@@ -405,6 +432,15 @@ class DiT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _predict(head: Head, tokens: torch.Tensor, e: torch.Tensor, sp: SequenceShards | None, lo: int, hi: int):
+    """`head` on tokens [lo, hi) of every frame (tokens [B, F, S, dim], e [B, F, dim]). Under sequence
+    parallelism it runs on all of the rank's tokens and the predictions are gathered, the other
+    kind's rows (video / joint audio) dropped."""
+    if sp is None:
+        return head(tokens[:, :, lo:hi], e)
+    return sp.gather(head(tokens, e))[:, :, lo:hi]
 
 
 def null_condition(x: torch.Tensor) -> torch.Tensor:
