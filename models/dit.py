@@ -241,6 +241,12 @@ class DiT(nn.Module):
             check_heads(self.cfg.num_heads, dist.get_world_size(group))
         self.sequence_parallel = group
 
+    @property
+    def local_heads(self) -> int:
+        """Heads of this rank's keys/values: all of them, or num_heads / N under shard_sequence."""
+        group = self.sequence_parallel
+        return self.cfg.num_heads // (1 if group is None else dist.get_world_size(group))
+
     # -- initialisation (Wan's, plus identity-at-start for the new branches) --
     def init_weights(self):
         for m in self.modules():

@@ -24,6 +24,7 @@ def train(
     steps: int = option(TrainSettings, "steps", "Optimisation steps in total."),
     minutes: Optional[float] = option(TrainSettings, "minutes", "Stop with a checkpoint after this much training time (re-run to continue).", show_default=False),
     batch: int = option(TrainSettings, "batch", "Global batch (split across torchrun processes)."),
+    sequence_parallel: int = option(TrainSettings, "sequence_parallel", "Teachers under torchrun: groups of this many processes split each sample's tokens (Ulysses; the model's heads must split over them)."),
     lr: float = option(TrainSettings, "lr", "Peak learning rate (AdamW)."),
     warmup: int = option(TrainSettings, "warmup", "Linear warmup steps, then cosine decay."),
     weight_decay: float = option(TrainSettings, "weight_decay", "AdamW weight decay."),
@@ -64,11 +65,13 @@ def train(
     Example: vidu train --stage causal --from runs/bi/step-000300/ema.safetensors --out runs/causal
     Example: vidu train --stage bidirectional --preset tiny --data $(vidu embed --from captioned.parquet) --out runs/real
     Example: torchrun --nproc-per-node 2 $(which vidu) train --stage bidirectional --out runs/bi2
+    Example: torchrun --nproc-per-node 4 $(which vidu) train --stage causal --from bi.safetensors --sequence-parallel 2 --out runs/c4
     """
     from manifests.io import workspace
     from stages.train.loop import train as run_train
     with clean_errors():
-        st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, lr=lr, warmup=warmup,
+        st = TrainSettings(stage=stage, preset=preset, steps=steps, batch=batch, sequence_parallel=sequence_parallel,
+                           lr=lr, warmup=warmup,
                            weight_decay=weight_decay, grad_clip=grad_clip, ema=ema, grad_ckpt=grad_ckpt,
                            compile=compile,
                            save_every=save_every, seed=seed, samples=samples, data=str(data) if data else None,

@@ -26,6 +26,10 @@ how many chunks came before. `denoise_chunk` and `cache_pass` are free functions
 that they can become the torch.compile / CUDA-graph boundary; nothing compiles them yet (the engine
 runs eagerly; benchmarks/stream_fps.py measures that).
 
+One session on N ranks: a model sharded over a process group (`DiT.shard_sequence`, Ulysses,
+models/ulysses.py) streams with every rank stepping its own engine with the same inputs and seed; each
+gets the same chunks, and its buffers hold its num_heads / N heads of every cached token.
+
 `StreamSettings.resolve(cfg, trained, **given)` picks a stream's settings: the ones a checkpoint was
 trained for (its "sampling" metadata, stages/train/sample.py), else the defaults with the model's
 chunk size, with the given ones on top; a setting training never saw is refused.
@@ -150,16 +154,17 @@ def context_chunks(chunk: int, slots: int, sink: bool) -> list[int]:
 
 class ContextBuffers:
     """Preallocated keys/values for [ref | sink | ring] per block: one clean set, and a noisy set
-    under TwinCache (ref and sink are written to both). Tokens are frame-major, S per frame."""
+    under TwinCache (ref and sink are written to both). Tokens are frame-major, S per frame; `heads`:
+    the model's local_heads."""
 
-    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype, heads: int):
         d = cfg.dit
         self.S = cfg.tokens_per_frame()
         self.h, self.w = cfg.height // 8 // d.patch_size[1], cfg.width // 8 // d.patch_size[2]
         self.cf, self.slots = st.chunk_frames, st.slots
         self.n_fixed = 1 + (st.chunk_frames if st.sink else 0)          # frames: ref (+ sink)
         frames = self.n_fixed + st.window
-        shape = (batch, frames * self.S, d.num_heads, d.head_dim)
+        shape = (batch, frames * self.S, heads, d.head_dim)
         sets = ("clean", "noisy") if st.twin else ("clean",)
         self.k = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
         self.v = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
@@ -341,7 +346,7 @@ class StreamEngine:
         p = next(model.parameters())
         self.model, self.cfg, self.st = model, cfg, settings
         self.device, self.dtype, self.batch = p.device, p.dtype, batch
-        self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype)
+        self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype, model.local_heads)
         self.kept = KeptChunks((1 if settings.sink else 0) + settings.slots) if settings.recache else None
         self.sig = flow_sigmas(settings.steps, settings.shift)
         self.gen = torch.Generator(device=p.device).manual_seed(seed)

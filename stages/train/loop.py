@@ -7,9 +7,12 @@
 The autoencoder stage is stages/train/autoencoder.py (one process); the teachers are below.
 
 One process, or `torchrun --nproc-per-node N vidu train ...`: each rank holds a shard of the model
-(FSDP2 `fully_shard` per block and at the root) and its rows of every global batch. AdamW with
-linear warmup and cosine decay, gradient clipping, EMA weights, bf16 autocast on GPU, optional
-gradient checkpointing. Checkpoints every `save_every` steps under out_dir/step-NNNNNN/ (model and
+(FSDP2 `fully_shard` per block and at the root) and its rows of every global batch. With
+`sequence_parallel` P > 1, groups of P consecutive ranks take the same rows and split each sample's
+tokens (Ulysses, models/ulysses.py); a rank's gradients are its tokens' share, so its loss is scaled by
+P before FSDP2 averages over all ranks, which gives the mean over the groups of each group's summed
+shares: the single-process gradient. AdamW with linear warmup and cosine decay, gradient clipping,
+EMA weights, bf16 autocast on GPU, optional gradient checkpointing. Checkpoints every `save_every` steps under out_dir/step-NNNNNN/ (model and
 EMA as vidu safetensors with config, lineage and the sampling / streaming settings the model was trained
 for (`sampling_record`: shift, steps, chunk frames, window, sink, noisy-cache level, codec), state.pt with optimizer, schedule, EMA, step and
 loss history); a re-run resumes from the newest one and continues exactly: data order and noise are
@@ -43,7 +46,7 @@ from stages.run import ranged
 from stages.train.autoencoder import AutoencoderSettings
 from stages.train.data import CODEC_FILE, Dataset, build_dataset, teacher_codec
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
-                                    step_generator, write_checkpoint)
+                                    sequence_group, step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
 from stages.train.sample import sampling_record
 
@@ -55,7 +58,8 @@ class TrainSettings:
     stage: str = ranged("bidirectional", choices=STAGES)
     preset: str = ranged("tiny", choices=tuple(PRESETS))
     steps: int = ranged(200, min=1)
-    batch: int = ranged(4, min=1)        # global batch (split across ranks)
+    batch: int = ranged(4, min=1)        # global batch (split across ranks, or groups of sequence_parallel ranks)
+    sequence_parallel: int = ranged(1, min=1)   # ranks splitting each sample's tokens (teachers, under torchrun)
     lr: float = ranged(3e-4, gt=0)
     warmup: int = ranged(20, min=0)
     min_lr_ratio: float = ranged(0.1, min=0, max=1)
@@ -87,6 +91,9 @@ class TrainSettings:
         if self.stage == "autoencoder" and (self.codec or self.init_from or self.data):
             raise ValueError("the autoencoder stage trains on the synthetic world from scratch: "
                              "--codec, --from and --data are for the teachers")
+        if self.sequence_parallel > 1 and (self.stage == "autoencoder" or self.compile):
+            raise ValueError("--sequence-parallel is for the teachers without --compile (its all-to-alls are "
+                             "not compiled)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,6 +130,8 @@ class Trainer:
         if st.compile and d.device.type == "cuda":
             for block in model.blocks:
                 block.compile(dynamic=False)
+        if st.sequence_parallel > 1:
+            model.shard_sequence(sequence_group(st.sequence_parallel))
         if d.world > 1:
             from torch.distributed.fsdp import fully_shard
             for block in model.blocks:
@@ -142,8 +151,10 @@ class Trainer:
 
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:
-        per = self.st.batch // self.d.world
-        return self.d.rank * per, (self.d.rank + 1) * per
+        """This rank's rows of the global batch: its sequence-parallel group's."""
+        groups = self.d.world // self.st.sequence_parallel
+        per, group = self.st.batch // groups, self.d.rank // self.st.sequence_parallel
+        return group * per, (group + 1) * per
 
     def train_step(self) -> dict:
         st, d = self.st, self.d
@@ -152,7 +163,7 @@ class Trainer:
         draw = Draw(step_generator(st.seed, self.step), lo, hi, st.batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             loss, parts = OBJECTIVES[st.stage](self.model, batch, self.objective, draw)
-        loss.backward()
+        (loss * st.sequence_parallel).backward()      # FSDP2 averages over all ranks; a group's shares add up
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), st.grad_clip)
         self.opt.step()
         self.sched.step()
@@ -323,8 +334,11 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
     `prefetch` > 0: that many processes render data (teachers: the whole dataset up front; the
     autoencoder: DataLoader workers). `d`: the processes (default: torchrun's, or this one)."""
     d = d or init_dist()
-    if st.batch % d.world:
-        raise ValueError(f"--batch {st.batch} does not split over {d.world} processes")
+    if d.world % st.sequence_parallel:
+        raise ValueError(f"{d.world} processes do not form groups of --sequence-parallel {st.sequence_parallel}")
+    if st.batch % (d.world // st.sequence_parallel):
+        raise ValueError(f"--batch {st.batch} does not split over {d.world // st.sequence_parallel} "
+                         f"{'groups of processes' if st.sequence_parallel > 1 else 'processes'}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if st.stage == "autoencoder":

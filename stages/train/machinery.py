@@ -48,6 +48,14 @@ def init_dist() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
+def sequence_group(size: int) -> dist.ProcessGroup:
+    """This rank's group of `size` consecutive ranks (ranks k*size .. (k+1)*size - 1) that split each
+    sample's tokens (Ulysses, models/ulysses.py). Every rank must call it: groups are created
+    collectively."""
+    group, _ = dist.new_subgroups(group_size=size)
+    return group
+
+
 def lr_factor(step: int, st) -> float:
     """Linear warmup over st.warmup steps, then cosine decay to st.min_lr_ratio at st.steps."""
     if step < st.warmup:
