@@ -35,7 +35,7 @@ def test_the_record_holds_what_training_saw():
     # ref + sink + window + chunk = 1 + 1 + 3 + 1 = the 1 + 5 positions of a training clip
     assert rec == {"stage": "causal", "shift": SHIFT, "steps": CAUSAL_STEPS, "chunk_frames": 1, "window": 3,
                    "sink": True, "twin": True, "noisy_step": 14, "noisy_level": 0.5, "codec": CODEC,
-                   "sampler": "renoise", "guidance": 1.0}
+                   "sampler": "renoise", "guidance": 3.0, "guide": "text"}
     assert sigmas(CAUSAL_STEPS)[14] <= 0.5 < sigmas(CAUSAL_STEPS)[13]     # the first step at most tau_max
     assert trained_tiny(noisy_level=None)["twin"] is False             # teacher forcing only: clean history
     two = trained_tiny(cf=2)                                           # 5 frames: no room for a sink of 2
@@ -46,7 +46,7 @@ def test_resolve_uses_the_record_and_refuses_what_training_never_saw():
     rec = trained_tiny()
     assert StreamSettings.resolve(TINY, rec) == StreamSettings(chunk_frames=1, steps=16, shift=SHIFT, window=3,
                                                                sink=True, twin=True, noisy_step=14, sampler="renoise",
-                                                               guidance=1.0)
+                                                               guidance=3.0, guide="text")
     old = {k: v for k, v in rec.items() if k not in ("sampler", "guidance")}      # recorded before them
     assert (StreamSettings.resolve(TINY, old).sampler, StreamSettings.resolve(TINY, old).guidance) == ("renoise", 1.0)
     assert StreamSettings.resolve(TINY, old, sampler="euler", guidance=3.0, recache=True).guidance == 3.0
@@ -101,8 +101,8 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
     summary = json.loads((tmp_path / "s.json").read_text())
     assert step_at_level(0.5, 16, TRAIN_SHIFT) == 11                   # at shift 2, step 11 is at noise <= 0.5
     assert summary["settings"] == {"chunk_frames": 1, "steps": 16, "shift": TRAIN_SHIFT, "window": 3, "sink": True,
-                                   "twin": True, "noisy_step": 11, "sampler": "renoise", "guidance": 1.0,
-                                   "guide": "all", "recache": False}
+                                   "twin": True, "noisy_step": 11, "sampler": "renoise", "guidance": 3.0,
+                                   "guide": "text", "recache": False}
     assert "random weights" not in res.stderr             # its weights, and the autoencoder it was trained with
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9

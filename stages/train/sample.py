@@ -22,11 +22,13 @@ from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
 CAUSAL_STEPS = 16            # steps per chunk of the causal teacher (and of `vidu stream` on a teacher)
 TEACHER_GUIDANCE = 2.0       # classifier-free guidance scale of the teachers' samplers (trained with condition dropout)
-# how a teacher checkpoint streams by default (its "sampling" record, `vidu stream --ckpt`): measured on the
-# small causal teacher, 8 held-out 8-s streams (benchmarks/RESULTS.md, 2026-12-01): x0-and-renoise without
-# guidance lip-syncs at r 0.30 with 15 spurious actions a minute; Euler at guidance 2, r 0.08 and 140 a
-# minute (guidance 1.5 / 2 with renoise: r 0.23 / 0.13); chunk-by-chunk Euler drifts into blotches
-STREAM_SAMPLER, STREAM_GUIDANCE = "renoise", 1.0
+# how a teacher checkpoint streams by default (its "sampling" record, `vidu stream --ckpt`), measured on the
+# small causal teacher streaming 48 held-out 8-s cases (benchmarks/RESULTS.md, session 29): x0-and-renoise
+# with guidance 3 on the instruction alone (speech kept in the unconditional pass) performs 32 % of 146
+# instructions at lip-sync r 0.58; unguided, 3 % at r 0.56; guidance 5 on the text, 16 % at r 0.50 and 63
+# spurious actions a minute. Guidance on text and speech together (2.0) and chunk-by-chunk Euler broke the
+# stream into blotches (session 26).
+STREAM_SAMPLER, STREAM_GUIDANCE, STREAM_GUIDE = "renoise", 3.0, "text"
 
 
 @torch.no_grad()
@@ -94,8 +96,8 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
     - noisy_level: the highest history noise level of diffusion forcing (None: clean history only), so
       a TwinCache's noisy cache is taken at the first step whose noise level is at most it;
     - shift, steps: the flow schedule the stream samples with; codec: the latent space of training;
-    - sampler STREAM_SAMPLER and guidance STREAM_GUIDANCE: how the checkpoint streams by default (chosen
-      by measurement, above; `--sampler euler --guidance 2` gives the ODE teacher sampler); a checkpoint
+    - sampler STREAM_SAMPLER, guidance STREAM_GUIDANCE on STREAM_GUIDE: how the checkpoint streams by
+      default (chosen by measurement, above; `--sampler euler --guidance 2` gives the ODE teacher sampler); a checkpoint
       without these keys streams with StreamSettings' defaults.
     """
     F, cf = cfg.latent_frames, chunk_frames
@@ -105,4 +107,4 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
     noisy = step_at_level(noisy_level, steps, shift)
     return {"stage": stage, "shift": shift, "steps": steps, "chunk_frames": cf, "window": window, "sink": sink,
             "twin": noisy is not None, "noisy_step": noisy or 0, "noisy_level": noisy_level, "codec": codec,
-            "sampler": STREAM_SAMPLER, "guidance": STREAM_GUIDANCE}
+            "sampler": STREAM_SAMPLER, "guidance": STREAM_GUIDANCE, "guide": STREAM_GUIDE}
