@@ -95,7 +95,7 @@ RECIPES = {
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (one thread: ~0.25 s per 1.3-s clip, ~1 s per 8-s stage-2 clip)
         bidirectional=dict(batch=32, samples=4096, lr=1e-3, ema=0.995, compile=True),
-        causal=dict(batch=32, samples=512, lr=2e-4, ema=0.995,
+        causal=dict(batch=32, samples=512, lr=2e-4, ema=0.995, compile=True,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
@@ -262,8 +262,8 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
 
 def flops_per_sample(cfg) -> float:
     """Training FLOPs of one clip: 6 x (self-attention, text / speech cross-attention and FFN weights)
-    x tokens + attention scores (4 L^2 dim per layer forward, x3). Stage 2 cuts the sequence after the
-    current chunk, so this is its upper bound."""
+    x tokens + attention scores (4 L^2 dim per layer forward, x3). Stage 2's sequences have the same
+    length (objectives.training_frames: ref + sink + window + chunk = 1 + latent_frames)."""
     d = cfg.dit
     L = tokens_per_sample(cfg)
     per_block = 4 * d.dim * d.dim * 2 + 2 * d.dim * d.ffn_dim + (4 * d.dim * d.dim if d.audio_dim else 0)

@@ -321,14 +321,6 @@ def test_stage2_window_and_sink_are_the_checkpoint_record():
     assert stream_objective(ObjectiveSettings(chunk_frames=1, window=7, clip_frames=10), small).clip_frames == 10
 
 
-def test_compile_is_refused_where_shapes_change():
-    """Stage 2's sequences change length with the chunk index: --compile is stage 1's only."""
-    assert TrainSettings(stage="bidirectional", compile=True).compile
-    for stage in ("causal", "autoencoder"):
-        with pytest.raises(ValueError, match="--compile is for the bidirectional stage"):
-            TrainSettings(stage=stage, compile=True)
-
-
 def test_mouth_weight_changes_the_gradient_exactly_in_the_mouth():
     from stages.train.losses import video_loss
     g = torch.Generator().manual_seed(0)

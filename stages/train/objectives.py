@@ -159,6 +159,20 @@ def stream_frames(chunk: int, chunk_frames: int, slots: int, sink: bool) -> torc
     return torch.cat([torch.arange(k * chunk_frames, (k + 1) * chunk_frames) for k in chunks])
 
 
+def training_frames(chunk: int, chunk_frames: int, slots: int, sink: bool, F: int) -> tuple[torch.Tensor, int]:
+    """(clip frame indices [m] of chunk `chunk`'s stage-2 sequence, index of the chunk's first frame in
+    them). The sequence is `stream_frames`; for a chunk whose context has not yet filled the window
+    (the stream's first chunks, whose frames are the consecutive 0 .. chunk), it is extended by the
+    clip's next frames to the full window's length when the clip has them, so that every step has one
+    shape (torch.compile's static shapes). Block-causal attention keeps the chunk's output what the
+    short sequence gives: the frames after it are never attended to by it."""
+    frames = stream_frames(chunk, chunk_frames, slots, sink)
+    full = chunk_frames * (slots + 1 + int(sink))
+    if len(frames) < full <= F:
+        return torch.arange(full), chunk * chunk_frames
+    return frames, len(frames) - chunk_frames
+
+
 def gather_audio(audio: torch.Tensor, frames: torch.Tensor, before: int, after: int) -> torch.Tensor:
     """Speech features [B, before + F + after, K, A] of a clip -> those of its frames `frames` as one
     sequence [B, before + m + after]: each frame's own step exactly; its neighbours' where the frames are
@@ -212,21 +226,21 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     if F < c:
         raise ValueError(f"{F} latent frames hold no chunk of {c}")
     i = draw.randint(F // c)                             # the current chunk
-    frames = stream_frames(i, c, st.window // c, st.sink)
+    frames, p = training_frames(i, c, st.window // c, st.sink, F)
     m, n_sink = len(frames), c if st.sink and i > 0 else 0
     seq = stream_sequence(batch, frames, *model.cfg.audio_context)
     x0, xa0 = seq["video"], seq["audio_latent"]
     teacher, tau = _history_tau(draw, st)
     s = _sigma(draw, st, "cpu")
-    sigma = torch.cat([torch.zeros(B, n_sink), tau[:, None].expand(B, m - c - n_sink), s[:, None].expand(B, c)],
-                      1).to(x0.device)                   # [B, m]: sink clean, ring at tau, chunk at s
+    sigma = torch.cat([torch.zeros(B, n_sink), tau[:, None].expand(B, p - n_sink), s[:, None].expand(B, m - p)],
+                      1).to(x0.device)                   # [B, m]: sink clean, ring at tau, the chunk (and after) at s
     x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
     xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
     out = causal_forward(model, seq, x_t, xa_t, sigma, c)
-    cur = slice(m - c, m)
+    cur = slice(p, p + c)
     x0_hat = _x0(out.video, x_t, sigma)
     loss, vparts = video_loss(x0_hat[:, :, cur], x0[:, :, cur], sigma[:, cur], batch, frames[cur], st)
-    parts = {**vparts, "chunk": torch.tensor(float(i)), "context_frames": torch.tensor(float(m - c)),
+    parts = {**vparts, "chunk": torch.tensor(float(i)), "context_frames": torch.tensor(float(p)),
              "teacher_forcing": teacher.float().mean(), **dropped}
     if xa0 is not None:
         loss_a = _audio_loss(out.audio, xa_t, sigma, xa0, cur)
