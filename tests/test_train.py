@@ -101,9 +101,15 @@ def test_torchrun_fsdp_two_processes_match_one(tmp_path):
             "--save-every", "3", "-q", "--workdir", str(tmp_path / "work")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cli(*args, "--out", str(tmp_path / "one"))  # one process: this one
+    # the same codec, given: rank 0 copies it instead of training the quick inline one again (most of
+    # the two processes' time); what is compared is the DiT's training, one process against two
+    codec = tmp_path / "one" / "codec.safetensors"
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vidu_cli",
-                          *args, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+                          *args, "--codec", str(codec), "--out", str(tmp_path / "two")], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert not (tmp_path / "two" / "codec-run").exists()                     # given, not trained inline
+    assert (tmp_path / "two" / "codec.safetensors").read_bytes() == codec.read_bytes()
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     for x, y in zip(a, b):
