@@ -31,6 +31,7 @@ from models.config import PRESETS
 from models.dit import DiT
 from models.ulysses import SequenceShards, check_heads
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
+from stages.stream.ranks import follow, lead
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss, causal_loss
 from tests.conftest import cli
 
@@ -102,18 +103,22 @@ def forward_diff(cfg, group, mutant=False) -> float:
     return max(diffs)
 
 
-def stream(group, mutant=False) -> torch.Tensor:
+def stream(group, mutant=False, led=False) -> torch.Tensor:
     """Six chunks of a TwinCache stream with sink, a window that wraps, guidance and a recache after the
-    third chunk: every chunk's video and joint audio latents, flattened."""
+    third chunk: every chunk's video and joint audio latents, flattened. `led`: rank 0's engine of
+    `vidu stream --gpus` (stages/stream/ranks.py `lead`; the other ranks `follow` it)."""
     cfg, d = SMALL_FRAMES, SMALL_FRAMES.dit
     g = torch.Generator().manual_seed(3)
     text, text2 = torch.randn(1, 5, d.text_dim, generator=g), torch.randn(1, 5, d.text_dim, generator=g)
     audio = torch.randn(1, 6 + sum(d.audio_context), 16, d.audio_dim, generator=g)
     ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g)
     model = scrambled(cfg).eval()
-    model.shard_sequence(group)
     st = StreamSettings(chunk_frames=1, steps=3, window=2, guidance=2.0, recache=True)
-    eng = StreamEngine(model, cfg, st, seed=0)
+    if led:
+        eng = lead(StreamEngine(model, cfg, st, seed=0), group, seed=0)
+    else:
+        model.shard_sequence(group)
+        eng = StreamEngine(model, cfg, st, seed=0)
     eng.start(ref)
     chunks = []
     with mutated(mutant):
@@ -123,6 +128,8 @@ def stream(group, mutant=False) -> torch.Tensor:
                 eng.recache(text)
             r = eng.step(ChunkInputs(text, audio[:, j:j + 1 + sum(d.audio_context)]))
             chunks += [r.video.flatten(), r.audio.flatten()]
+    if led:
+        eng.close()
     return torch.cat(chunks)
 
 
@@ -173,6 +180,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                "forward_mutant": forward_diff(TINY, group, mutant=True),
                "stream": maxdiff(one, two), "stream_mutant": maxdiff(one, stream(group, mutant=True)),
                "stream_scale": float(one.abs().max()), "train": training_diffs(group)}
+        if rank == 0:
+            res["stream_led"] = maxdiff(one, stream(group, led=True))
+        else:
+            follow(group, torch.device("cpu"))
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
@@ -207,6 +218,7 @@ def test_sharded_stream_equals_one_process(two_ranks):
     for r in two_ranks:
         assert r["stream"] <= TOL * max(1.0, r["stream_scale"]), r
         assert r["stream_mutant"] > 1e-2, r
+    assert two_ranks[0]["stream_led"] <= TOL * max(1.0, two_ranks[0]["stream_scale"])   # a LeadEngine and a follower
 
 
 def test_sharded_losses_and_gradients_equal_one_process(two_ranks):
@@ -227,7 +239,8 @@ def test_torchrun_sequence_parallel_training_matches_one_process(tmp_path):
     args = ["train", "--stage", "bidirectional", "--preset", "tiny", "--steps", "3", "--batch", "2", "--samples", "2",
             "--save-every", "3", "--codec", str(tmp_path / "ae" / "step-000001" / "ema.safetensors"), *work]
     cli(*args, "--out", str(tmp_path / "one"))
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "vidu_cli",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "vidu_cli",
                           *args, "--sequence-parallel", "2", "--out", str(tmp_path / "two")],
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -239,3 +252,31 @@ def test_torchrun_sequence_parallel_training_matches_one_process(tmp_path):
     for x, y in zip(a, b):
         for key in ("loss", "grad_norm"):
             assert abs(x[key] - y[key]) <= TOL * abs(x[key]), (key, a, b)
+
+
+@pytest.mark.slow
+def test_vidu_stream_gpus_generates_the_one_process_frames(tmp_path):
+    """`vidu stream --gpus 2 --device cpu` (two gloo processes: rank 0's session and a follower) writes
+    the frames one process writes with the same model and decoder (random weights, saved): measured, 1
+    byte of 159744 one level apart; another noise seed changes 17 % of them."""
+    from PIL import Image
+
+    from models.checkpoint import save_model, save_taehv
+    from models.taehv import TAEHV
+    face = tmp_path / "face.png"
+    Image.new("RGB", (100, 120), (200, 150, 120)).save(face)
+    ckpt = save_model(tmp_path / "scrambled.safetensors", scrambled(TINY), TINY)
+    torch.manual_seed(0)
+    decoder = save_taehv(tmp_path / "decoder.safetensors", TAEHV(TINY.taehv), TINY.taehv)
+
+    def frames(*extra):
+        return subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(face), "--ckpt", str(ckpt),
+                               "--decoder-weights", str(decoder), "--out", "-", "--seconds", "0.4", "--device", "cpu",
+                               "-q", *extra], capture_output=True, stdin=subprocess.DEVNULL, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+    runs = frames(), frames("--gpus", "2"), frames("--seed", "1")
+    assert all(p.returncode == 0 for p in runs), [p.stderr.decode()[-2000:] for p in runs]
+    one, two, other = (torch.frombuffer(bytearray(p.stdout), dtype=torch.uint8).int() for p in runs)
+    assert one.numel() == two.numel() == 13 * 64 * 64 * 3
+    assert int((one - two).abs().max()) <= 1 and float((one != two).float().mean()) < 1e-3
+    assert float((one != other).float().mean()) > 0.05

@@ -42,6 +42,7 @@ def stream(
     seconds: Optional[float] = option(SessionOptions, "max_seconds", "Stop after this much video (default: when the audio ends; 10 s without audio).", "--seconds", show_default=False),
     realtime: Annotated[Optional[bool], typer.Option("--realtime/--no-realtime", help="Pace output to the clock (default: on with --serve or mic).", show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: cuda when available).")] = "auto",
+    gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs of this machine that generate the one stream together (Ulysses sequence parallelism: the model's heads must split over them); rank r on cuda:r. With --device cpu: processes (gloo; for tests).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the JSON summary to this file.")] = None,
     quiet: Quiet = False,
@@ -57,7 +58,10 @@ def stream(
     Example: vidu stream --image face.png --serve 127.0.0.1:8000
     Example: vidu stream --image face.png --audio talk.wav --commands talk.wav --out face.mp4
     Example: vidu stream --image face.png --ckpt causal.safetensors --sampler euler --guidance 2 --recache --out face.mp4
+    Example: vidu stream --image face.png --ckpt causal.safetensors --gpus 2 --out face.mp4
     """
+    from contextlib import ExitStack
+
     from stages.stream.events import EventQueue
     from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
                                        stop_on_signals, summary_json)
@@ -65,7 +69,7 @@ def stream(
     from stages.stream.say import DEFAULT_VOICE, check_voice, speech
     events, source, heard, spotter, spoken = EventQueue(), None, None, None, None
     try:
-        with stop_on_signals():
+        with stop_on_signals(), ExitStack() as ranks:
             if say is not None and audio is not None:
                 raise ValueError("--say and --audio both give the speech: use one of them")
             spoken = speech(say, voice) if say is not None else None   # before the model loads
@@ -80,6 +84,9 @@ def stream(
                          noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, guide=guide,
                          recache=recache)
             parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
+            if gpus > 1:
+                from stages.stream.ranks import session_ranks
+                parts = ranks.enter_context(session_ranks(parts, gpus, dev, seed))
             for note in parts.notes:
                 err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
             from stages.stream.io import open_audio
