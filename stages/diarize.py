@@ -21,7 +21,10 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   With a pyannote pipeline the overlap is the pipeline's own (two speakers active at once).
 - Active speaker: the shared mouth track (stages/sense/mouth.py: frames sampled at 25 fps, dlib 68
   landmarks of the main face, the one overlapping the row's `face_box` when the input is a filtered
-  manifest, else the largest, detected every 5 frames), mouth opening per frame; the log speech RMS in the same frame bins,
+  manifest, else the largest, detected every 5 frames; a face too small for HOG at the 480 px
+  analysis size, as in portrait and 1080p frames, is located at full size and tracked in a crop
+  around it: before that, such clips had no face and all their speech was called offscreen),
+  mouth opening per frame; the log speech RMS in the same frame bins,
   floored outside one speaker's turns. `sync_score` = the larger of corr(opening, level) and
   corr(mouth activity, smoothed level) at the best audio-visual lag within +-0.12 s. As raw
   correlations on 5-6 s clips depend on where the pauses fall, the speaker's `confidence` is that
@@ -33,8 +36,10 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   pause at the same moments by chance.
 - Speech-energy ratio per turn: 300-3400 Hz energy over total energy (0-8 kHz); turns below
   `min_energy_ratio` are discarded (`low_speech_ratio`).
-- Clip verdict: no speech -> rejected `no_speech`; overlap over `max_overlap` s (default 0) -> `overlap`; kept (clean) speech
-  under `min_clean_speech` seconds -> `too_little_speech`.
+- Clip verdict: no speech -> rejected `no_speech`; overlap over `max_overlap` s (default 0) -> `overlap`;
+  more than `max_offscreen_share` of the speech outside overlap offscreen -> `offscreen_speech` (lip-sync
+  data needs the voice of the face on screen); kept (clean) speech under `min_clean_speech` seconds ->
+  `too_little_speech`.
 
 Library: `diarize_audio` / `diarize_file` (a bare audio file), `segment_rows` (the segments
 manifest rows of diarized rows).
@@ -355,7 +360,7 @@ def sync_confidence(times: np.ndarray, opening: np.ndarray, level: np.ndarray,
 class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 
@@ -366,6 +371,7 @@ class Diarize(Stage):
     min_energy_ratio: float = ranged(0.5, min=0, max=1)
     min_clean_speech: float = ranged(1.0, min=0)
     max_overlap: float = ranged(0.0, min=0)  # seconds of two voices at once a kept clip may have
+    max_offscreen_share: float = ranged(0.5, min=0, max=1)  # of onscreen + offscreen speech, in a kept clip
     vad_threshold: float = ranged(0.5, min=0, max=1)
     pyannote: str | None = None
 
@@ -422,6 +428,8 @@ class Diarize(Stage):
             reasons.append("no_speech")
         elif row["overlap_s"] > self.max_overlap:
             reasons.append("overlap")
+        elif row["offscreen_s"] > self.max_offscreen_share * (row["onscreen_s"] + row["offscreen_s"]):
+            reasons.append("offscreen_speech")
         elif clean < self.min_clean_speech:
             reasons.append("too_little_speech")
         row.update(status="rejected" if len(reasons) > len(item.get("reasons") or []) else item.get("status", "ok"),

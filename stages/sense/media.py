@@ -221,11 +221,14 @@ def fraction_to_float(x: Fraction | None) -> float | None:
 
 
 def clip_frames(path: str | Path, start_s: float, end_s: float, fps: float | None = None,
-                max_side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                max_side: int | None = None,
+                crop: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RGB frames of [start_s, end_s) of the first video stream, decoded in order.
 
     `fps` samples the clip on a regular grid (the first frame at or after each grid time);
     None keeps every frame. `max_side` downscales so the longer side is at most that (aspect kept).
+    `crop` (relative x0, y0, x1, y1) cuts that region out of the full-size frame first; `max_side`
+    then applies to the region.
     Returns (frames uint8 [N, H, W, 3], presentation times in seconds [N]).
     """
     frames: list[np.ndarray] = []
@@ -237,7 +240,7 @@ def clip_frames(path: str | Path, start_s: float, end_s: float, fps: float | Non
         v.thread_type = "AUTO"
         if start_s > 0:
             c.seek(int(start_s / v.time_base), stream=v, backward=True, any_frame=False)
-        size = None
+        size = box = None
         for frame in c.decode(v):
             if frame.time is None:
                 continue
@@ -249,16 +252,37 @@ def clip_frames(path: str | Path, start_s: float, end_s: float, fps: float | Non
             if step and t + 1e-6 < next_t:
                 continue
             if size is None:
-                w, h = frame.width, frame.height
+                box = _pixel_box(crop, frame.width, frame.height) if crop else None
+                w, h = (box[2] - box[0], box[3] - box[1]) if box else (frame.width, frame.height)
                 scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
                 size = (max(2, round(w * scale)) // 2 * 2, max(2, round(h * scale)) // 2 * 2) if scale < 1 else (w, h)
-            frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            if box:
+                frames.append(_crop_rgb(frame, box, size))
+            else:
+                frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
             times.append(t)
             if step:
                 next_t = start_s + step * (int(np.floor((t - start_s) / step + 1e-6)) + 1)
     if not frames:
         return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0)
     return np.stack(frames), np.asarray(times)
+
+
+def _pixel_box(crop: tuple[float, float, float, float], w: int, h: int) -> tuple[int, int, int, int]:
+    """A relative (x0, y0, x1, y1) region in pixels of a w x h frame, clipped, at least 2 x 2."""
+    x0, y0 = min(max(0, round(crop[0] * w)), w - 2), min(max(0, round(crop[1] * h)), h - 2)
+    return x0, y0, min(max(x0 + 2, round(crop[2] * w)), w), min(max(y0 + 2, round(crop[3] * h)), h)
+
+
+def _crop_rgb(frame, box: tuple[int, int, int, int], size: tuple[int, int]) -> np.ndarray:
+    """The pixel `box` of a decoded frame as RGB uint8, area-resized to `size` (w, h)."""
+    import cv2
+
+    x0, y0, x1, y1 = box
+    rgb = frame.to_ndarray(format="rgb24")[y0:y1, x0:x1]
+    if size != (x1 - x0, y1 - y0):
+        rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(rgb)
 
 
 def clip_audio(path: str | Path, start_s: float, end_s: float, sample_rate: int = 16000) -> np.ndarray:

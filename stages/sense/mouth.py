@@ -3,7 +3,18 @@ level in the same frame bins. Shared by active-speaker detection (stages/diarize
 metric of `vidu eval` (stages/eval/metrics/sync.py).
 
 The face is detected (HOG) every `REDETECT` frames; landmarks are fitted in every frame inside the
-last detected box. mediapipe's face mesh is not used: its PyPI wheel (1.2.3, checked with
+last detected box.
+
+Small faces (issue 20). Frames are analysed with the longer side scaled to `FACE_MAX_SIDE` (480 px),
+and dlib's HOG finds no face under ~80 px without upsampling: any face narrower than about 1/6 of
+the frame's longer side was never found. A 1080x1920 portrait of a seated person (face ~20 % of the
+1080 px width, 216 px) becomes 270x480 with a 54 px face; the same holds for a face under ~320 px
+in 1080p. `vidu filter` still finds such faces (it upsamples once), but here every frame had none,
+so diarize's sync confidence was None and all speech was called `offscreen`. Now, when the
+analysis-size frames show a face in under half of the detections or one under `MIN_FACE_PX`
+wide (a coarse mouth), `locate_face` searches a few
+frames at up to `LOCATE_MAX_SIDE` and the clip is tracked again in a crop around that face
+(`CROP_MARGIN` face widths on each side, covering head motion), where the face is large again. mediapipe's face mesh is not used: its PyPI wheel (1.2.3, checked with
 `pip download mediapipe`) ships no face-landmarker model file, and nothing is downloaded at run time.
 """
 from __future__ import annotations
@@ -18,6 +29,10 @@ from stages.sense.speech import SAMPLE_RATE
 FACE_FPS = 25.0  # mouth sampling: syllables come at 4-6 Hz; the SyncNet protocol's video rate
 REDETECT = 5  # frames between face detections (landmarks every frame)
 FACE_MAX_SIDE = 480
+LOCATE_FRAMES = 3  # frames searched at full size when the analysis-size frames show no face
+LOCATE_MAX_SIDE = 1920  # HOG at 1080x1920: ~0.45 s a frame, faces from ~80 px
+CROP_MARGIN = 1.0  # face widths kept on each side of the located face (head motion)
+MIN_FACE_PX = 120  # a face narrower than this at analysis size is tracked again in a crop (mouth ~40 px)
 RMS_FLOOR = 1e-4  # about -80 dBFS
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)  # 68-point layout (iBUG 300-W)
 
@@ -88,7 +103,57 @@ def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] |
     else the largest."""
     frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
     track = track_face(frames, face_box)
+    if _found_share(track) < 0.5 or _face_width(track) < MIN_FACE_PX:
+        located = locate_face(path, start_s, end_s, face_box)
+        if located is not None:
+            region, face = located
+            frames, crop_times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE, crop=region)
+            crop_track = track_face(frames, _relative_to(face, region), small_faces=True)
+            if _found_share(crop_track) >= max(0.5, _found_share(track)):
+                track, times = crop_track, crop_times
     return np.asarray(times) - start_s, opening_by_width(track.landmarks).astype(np.float64)
+
+
+def _found_share(track: FaceTrack) -> float:
+    return float(track.found[track.detected].mean()) if track.detected.any() else 0.0
+
+
+def _face_width(track: FaceTrack) -> float:
+    widths = [b[2] - b[0] for b in track.boxes if b is not None]
+    return float(np.median(widths)) if widths else 0.0
+
+
+def locate_face(path: str, start_s: float, end_s: float, face_box: list[float] | None):
+    """The main face in `LOCATE_FRAMES` frames spread over the clip, decoded with the longer side at
+    most `LOCATE_MAX_SIDE` (upsampled once more when that is under half of it): (crop region, face
+    union box), both relative x0, y0, x1, y1; the region is the union grown by `CROP_MARGIN` face
+    widths on each side. None when no frame shows a face."""
+    from stages.sense import faces
+
+    frames, _ = clip_frames(path, start_s, end_s, fps=LOCATE_FRAMES / max(end_s - start_s, 1e-3),
+                            max_side=LOCATE_MAX_SIDE)
+    found = []
+    for rgb in frames:
+        H, W = rgb.shape[:2]
+        cands = [b for b, _ in faces.face_boxes(rgb)]
+        if not cands and max(H, W) <= LOCATE_MAX_SIDE // 2:
+            cands = [b for b, _ in faces.face_boxes(rgb, upsample=1)]
+        box = pick_face(cands, face_box, W, H) if cands else None
+        if box is not None:
+            found.append((box[0] / W, box[1] / H, box[2] / W, box[3] / H))
+    if not found:
+        return None
+    b = np.asarray(found)
+    face = (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
+    mx, my = CROP_MARGIN * np.median(b[:, 2] - b[:, 0]), CROP_MARGIN * np.median(b[:, 3] - b[:, 1])
+    region = (max(0.0, face[0] - mx), max(0.0, face[1] - my), min(1.0, face[2] + mx), min(1.0, face[3] + my))
+    return tuple(float(v) for v in region), tuple(float(v) for v in face)
+
+
+def _relative_to(box: tuple[float, ...], region: tuple[float, ...]) -> list[float]:
+    """A relative box of the frame as a relative box of the crop `region`."""
+    w, h = region[2] - region[0], region[3] - region[1]
+    return [(box[0] - region[0]) / w, (box[1] - region[1]) / h, (box[2] - region[0]) / w, (box[3] - region[1]) / h]
 
 
 def frame_level(audio: np.ndarray, times: np.ndarray, fps: float = FACE_FPS) -> np.ndarray:
