@@ -69,22 +69,28 @@ def track(media):
     return track_face(frames, small_faces=True).landmarks
 
 
+def _three_audios(talking, i: int) -> dict:
+    """Clip i (analysis size, as `vidu eval` sees it) scored against its own audio, its audio delayed
+    by 0.5 s, and the next clip's audio (clip 5: clip 1's; zero-padded to length)."""
+    frames, _ = decode_video(talking / CLIPS[i], 1500, EvalOptions().max_side)
+    lm = track_face(frames, small_faces=True).landmarks
+    wave, other = load_wave(talking / CLIPS[i]), load_wave(talking / CLIPS[(i + 1) % len(CLIPS)])
+    foreign = np.zeros_like(wave)
+    foreign[: min(len(wave), len(other))] = other[: len(wave)]
+    return {"own": score_sync(lm, wave), "delayed": score_sync(lm, np.r_[np.zeros(DELAY, np.float32), wave]),
+            "foreign": score_sync(lm, foreign)}
+
+
 @pytest.fixture(scope="module")
 def five(shared_media) -> list[dict]:
-    """Each of the five clips (analysis size, as `vidu eval` sees it) scored against its own audio,
-    its audio delayed by 0.5 s, and the next clip's audio (clip 5: clip 1's; zero-padded to length)."""
+    """_three_audios of each of the five clips. dlib and pocketsphinx use one core each: the clips are
+    scored in two processes (spawned: each loads its own decoders, so no state is shared), in order."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     talking = shared_media / "talking"
-    waves = [load_wave(talking / c) for c in CLIPS]
-    out = []
-    for i, c in enumerate(CLIPS):
-        frames, _ = decode_video(talking / c, 1500, EvalOptions().max_side)
-        lm = track_face(frames, small_faces=True).landmarks
-        wave, other = waves[i], waves[(i + 1) % len(CLIPS)]
-        foreign = np.zeros_like(wave)
-        foreign[: min(len(wave), len(other))] = other[: len(wave)]
-        out.append({"own": score_sync(lm, wave), "delayed": score_sync(lm, np.r_[np.zeros(DELAY, np.float32), wave]),
-                    "foreign": score_sync(lm, foreign)})
-    return out
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_three_audios, [talking] * len(CLIPS), range(len(CLIPS))))
 
 
 def test_own_clip_against_its_first_frame(own):
