@@ -142,9 +142,10 @@ def training_batch(cfg, F, B=2, seed=4):
             "audio_latent": torch.randn(B, F, d.audio_latent_tokens, d.audio_latent_dim, generator=g)}
 
 
-def loss_and_grads(objective, group, st, batch) -> tuple[float, dict]:
+def loss_and_grads(objective, group, st, batch, grad_ckpt=False) -> tuple[float, dict]:
     model = scrambled(TINY).train()
     model.shard_sequence(group)
+    model.gradient_checkpointing = grad_ckpt            # the blocks' all-to-alls run again in the backward
     B = batch["video"].shape[0]
     loss, _ = objective(model, batch, st, Draw(torch.Generator().manual_seed(5), 0, B, B))
     loss.backward()
@@ -152,15 +153,16 @@ def loss_and_grads(objective, group, st, batch) -> tuple[float, dict]:
 
 
 def training_diffs(group) -> dict:
-    """Per objective: loss difference, and the relative gradient difference of the group's summed
-    gradients and of this rank's own share (which must differ: the sum is needed)."""
+    """Per objective (stage 2 with gradient checkpointing): loss difference, and the relative gradient
+    difference of the group's summed gradients and of this rank's own share (which must differ: the sum
+    is needed)."""
     out = {}
-    cases = {"bidirectional": (bidirectional_loss, ObjectiveSettings(), TINY.latent_frames),
-             "causal": (causal_loss, ObjectiveSettings(chunk_frames=1, window=2, sink=True), 6)}
-    for name, (objective, st, F) in cases.items():
+    cases = {"bidirectional": (bidirectional_loss, ObjectiveSettings(), TINY.latent_frames, False),
+             "causal": (causal_loss, ObjectiveSettings(chunk_frames=1, window=2, sink=True), 6, True)}
+    for name, (objective, st, F, grad_ckpt) in cases.items():
         batch = training_batch(TINY, F)
         loss1, g1 = loss_and_grads(objective, None, st, batch)
-        loss2, g2 = loss_and_grads(objective, group, st, batch)
+        loss2, g2 = loss_and_grads(objective, group, st, batch, grad_ckpt)
         own = max(maxdiff(g2[n], g1[n]) for n in g1)
         for g in g2.values():
             dist.all_reduce(g, group=group)
