@@ -51,8 +51,8 @@ def media(shared_media, tmp_path_factory):
     # portrait: the 524 px square scaled to 300 px (a ~100 px face) low in a 1080x1920 frame
     portrait = "scale=300:-2,pad=1080:1920:(ow-iw)/2:1100"
     return {"portrait": variant(face1, tmp / "portrait.mp4", portrait),
-            # 1080p: the clip 600 px high at the right of a 1920x1080 frame (a ~290 px face)
-            "hd": variant(face2, tmp / "hd.mp4", "scale=-2:600,pad=1920:1080:1100:300"),
+            # 1080p: the clip 450 px high at the right of a 1920x1080 frame (a ~220 px face)
+            "hd": variant(face2, tmp / "hd.mp4", "scale=-2:450,pad=1920:1080:1100:300"),
             "dub": variant(face1, tmp / "dub.mp4", portrait, other)}
 
 
@@ -68,10 +68,12 @@ def rows(media, stage) -> dict:
     return {k: stage.process(clip_row(p)) for k, p in media.items()}
 
 
-def test_the_old_analysis_size_finds_no_portrait_face(media):
-    """The cause: at 480 px on the longer side the portrait's face is ~25 px, under HOG's ~80 px."""
-    frames, _ = clip_frames(media["portrait"], 0.0, 1.0, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
-    assert frames.shape[1:3] == (480, 270)
+@pytest.mark.parametrize("key, shape", [("portrait", (480, 270)), ("hd", (270, 480))])
+def test_the_old_analysis_size_finds_no_face(media, key, shape):
+    """The cause: at 480 px on the longer side the faces are ~25 and ~55 px, under HOG's ~80 px, so
+    the old path (these frames only) had no mouth track and called all the speech offscreen."""
+    frames, _ = clip_frames(media[key], 0.0, 1.0, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
+    assert frames.shape[1:3] == shape
     track = track_face(frames)
     assert track.detected.sum() == 5 and not track.found.any()
 
