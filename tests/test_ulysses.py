@@ -32,6 +32,8 @@ from models.dit import DiT
 from models.ulysses import SequenceShards, check_heads
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
 from stages.stream.ranks import follow, lead
+from stages.train.loop import batch_rows
+from stages.train.machinery import Dist
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss, causal_loss
 from tests.conftest import cli
 
@@ -202,6 +204,12 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ulysses")
     mp.spawn(_worker, args=(2, free_port(), str(out)), nprocs=2)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_sequence_parallel_groups_share_their_rows_of_the_batch():
+    rows = [batch_rows(8, Dist(rank, 4), sequence_parallel=2) for rank in range(4)]
+    assert rows == [(0, 4), (0, 4), (4, 8), (4, 8)]
+    assert [batch_rows(8, Dist(rank, 4)) for rank in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
 
 
 def test_heads_must_split_over_the_ranks():

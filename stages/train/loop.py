@@ -150,10 +150,7 @@ class Trainer:
 
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:
-        """This rank's rows of the global batch: its sequence-parallel group's."""
-        groups = self.d.world // self.st.sequence_parallel
-        per, group = self.st.batch // groups, self.d.rank // self.st.sequence_parallel
-        return group * per, (group + 1) * per
+        return batch_rows(self.st.batch, self.d, self.st.sequence_parallel)
 
     def train_step(self) -> dict:
         st, d = self.st, self.d
@@ -236,6 +233,14 @@ class Trainer:
             _load_like(v, ema[k])
         self.step, self.history = state["step"], state["history"]
         return True
+
+
+def batch_rows(batch: int, d: Dist, sequence_parallel: int = 1) -> tuple[int, int]:
+    """Rows [lo, hi) of a global batch that rank d.rank trains on: its sequence-parallel group's (groups
+    of consecutive ranks, machinery.sequence_group), the batch split evenly over the groups."""
+    group, groups = d.rank // sequence_parallel, d.world // sequence_parallel
+    per = batch // groups
+    return group * per, (group + 1) * per
 
 
 def noisy_level(stage: str, ob: ObjectiveSettings) -> float | None:
