@@ -1,15 +1,16 @@
 """Ulysses sequence parallelism (models/ulysses.py) on two gloo processes and the tiny preset, against
 the single-process model: the forward (with a key/value context and padded frames), the streaming
-engine's chunks (TwinCache, sink, wrapping window, guidance, recache), the teachers' losses and
-their gradients; a wrong all-to-all must break the equality.
+engine's chunks (TwinCache, sink, wrapping window, guidance, recache; sharded engines, and the
+LeadEngine with a follower of `vidu stream --gpus`), the teachers' losses and their gradients (stage 2
+with gradient checkpointing); a wrong all-to-all must break the equality.
 
 Measured on a 2-core CPU, one thread a process: the forward outputs and keys/values are bitwise
 equal (max abs difference 0.0) and so are the losses; the stream's chunks differ by up to 6e-6 on
 values up to 5.8 (matmuls over fewer rows round differently; the difference does not grow over the
 chunks); the group's summed gradients differ by 3e-7 of the largest gradient (the order of the sum).
 The tests allow 1e-5 (relative to the largest value). The wrong all-to-all moves outputs by 2 to 20.
-The torchrun training run (slow) compares `vidu train --sequence-parallel 2` with one process, like
-tests/test_train.py."""
+Slow: `vidu train --sequence-parallel 2` under torchrun (FSDP2 + Ulysses) against one process, like
+tests/test_train.py, and `vidu stream --gpus 2 --device cpu` against one process."""
 from __future__ import annotations
 
 import dataclasses

@@ -28,7 +28,7 @@ from stages.stream.engine import ChunkInputs, StreamEngine
 from stages.stream.events import StreamError
 
 STOP = "stop"
-TIMEOUT = datetime.timedelta(minutes=10)      # a rank waiting this long for the others fails
+TIMEOUT = datetime.timedelta(minutes=10)      # a rank waiting this long for the others (a chunk) fails
 
 
 def _send(group, message: tuple) -> None:
