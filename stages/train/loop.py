@@ -95,7 +95,11 @@ class TrainSettings:
                              "not compiled)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What is trained, which a resumed run must repeat: not sequence_parallel, which like the number
+        of processes only lays the work out (the catalog records both beside it)."""
+        d = dataclasses.asdict(self)
+        del d["sequence_parallel"]
+        return d
 
 
 class Trainer:
@@ -352,7 +356,8 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
         trainer = Trainer(st, out, d, prefetch)
     resumed = trainer.resume()
     run_id = "train-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    params = {"train": st.to_dict(), "model": trainer.cfg.to_dict(), "world_size": d.world}
+    params = {"train": st.to_dict(), "model": trainer.cfg.to_dict(), "world_size": d.world,
+              "sequence_parallel": st.sequence_parallel}
     if d.main and root is not None:
         from manifests import catalog
         from stages.run.runner import code_version
