@@ -3,6 +3,12 @@ long stream, peak memory; with and without TwinCache; decoded with TAEHV.
 
     python benchmarks/stream_fps.py                       # GPU: wan2.1-1.3b, random weights, bf16
     python benchmarks/stream_fps.py --preset tiny --chunks 20 --long-seconds 4   # CPU smoke run
+    torchrun --nproc_per_node 2 benchmarks/stream_fps.py --sizes 960x544,1280x720,1920x1088 --long-seconds 0
+                                                          # one stream over 2 GPUs (Ulysses, models/ulysses.py)
+
+Under torchrun every rank builds the same random model, shards its sequence over all ranks
+(`DiT.shard_sequence`) and steps its own engine with the same inputs, as `vidu stream --gpus N` does;
+rank 0 times and reports (NCCL on GPUs, gloo on the CPU for a rehearsal).
 
 Writes the full results as JSON to $OUT/stream_fps.json (or ./stream_fps.json) and prints a table last.
 Random weights are fine for throughput: the work per chunk does not depend on the values.
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,13 +43,30 @@ def sync(dev):
 AVATAR_AUDIO = dict(audio_dim=80, audio_context=(2, 1))   # the product's speech adapter (models/config.py presets)
 
 
-def build(preset_name: str, height: int, width: int, dev, dtype, audio: bool = False):
+def ranks() -> tuple[torch.device, int, int]:
+    """(device, rank, world size): under torchrun (WORLD_SIZE > 1) the process group is started, NCCL on
+    cuda:LOCAL_RANK or gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world == 1:
+        return torch.device("cuda" if cuda else "cpu"), 0, 1
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device(f"cuda:{local}" if cuda else "cpu"), dist.get_rank(), world
+
+
+def build(preset_name: str, height: int, width: int, dev, dtype, audio: bool = False, world: int = 1):
     cfg = preset(preset_name).replace(height=height, width=width)
     if audio and not cfg.dit.audio_dim:
         cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, **AVATAR_AUDIO))
+    torch.manual_seed(0)                                  # every rank the same weights
     with torch.device(dev):
         model = DiT(cfg.dit).to(dtype).eval()
         decoder = TAEHV().to(dtype).eval()
+    if world > 1:
+        model.shard_sequence(dist.group.WORLD)
     return cfg, model, decoder
 
 
@@ -58,6 +82,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     eng = StreamEngine(model, cfg, st)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     eng.start(ref)
     stream = decoder.stream_decoder()
     dit_s, total_s, frames = [], [], []
@@ -83,7 +108,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
     n = len(tot)
     q = max(1, n // 10)
     return {
-        "height": cfg.height, "width": cfg.width, "chunk_frames": st.chunk_frames, "steps": st.steps,
+        "gpus": world, "height": cfg.height, "width": cfg.width, "chunk_frames": st.chunk_frames, "steps": st.steps,
         "window": st.window, "twin": st.twin, "chunks": chunks,
         "fps": float(fr.sum() / tot.sum()), "fps_dit_only": float(fr.sum() / dit.sum()),
         "first_chunk_s": t_first, "chunk_ms_p50": 1000 * float(np.median(tot)),
@@ -108,20 +133,21 @@ def main() -> None:
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev, rank, world = ranks()
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     for w, h in sizes:
-        cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter)
+        cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
         for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
             for twin in (True, False):
                 st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=twin)
                 r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype)
                 r["run"] = "short"
                 results.append(r)
-                print(json.dumps(r), flush=True)
+                if rank == 0:
+                    print(json.dumps(r), flush=True)
         if (w, h) == sizes[0] and args.long_seconds > 0:
             cf = args.long_chunk_frames
             st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=True)
@@ -129,19 +155,24 @@ def main() -> None:
             r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10)
             r["run"] = "long"
             results.append(r)
-            print(json.dumps(r), flush=True)
+            if rank == 0:
+                print(json.dumps(r), flush=True)
         del model, decoder
+    if world > 1:
+        dist.destroy_process_group()
+    if rank:
+        return
     out = Path(os.environ.get("OUT", ".")) / "stream_fps.json"
     device = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
     out.write_text(json.dumps({"device": device, "torch": torch.__version__, "preset": args.preset,
                                "results": results}, indent=1))
-    print(f"\n{args.preset}{' + speech adapter' if args.audio_adapter else ''} on {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
-          else f"\n{args.preset} on cpu")
-    print(f"{'run':6} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
+    print(f"\n{args.preset}{' + speech adapter' if args.audio_adapter else ''} on {world} x {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
+          else f"\n{args.preset} on {world} cpu process(es)")
+    print(f"{'run':6} {'gpus':>4} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'first10%':>9} {'last10%':>8} {'mem GiB':>8}")
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{r['run']:6} {r['width']}x{r['height']:<5} {r['chunk_frames']:>5} {str(r['twin']):>5} {r['fps']:7.1f} "
+        print(f"{r['run']:6} {r['gpus']:>4} {r['width']}x{r['height']:<5} {r['chunk_frames']:>5} {str(r['twin']):>5} {r['fps']:7.1f} "
               f"{r['fps_dit_only']:8.1f} {r['first_chunk_s']:8.2f} {r['chunk_ms_p50']:8.1f} {r['chunk_ms_p95']:8.1f} "
               f"{r['chunk_ms_first10pct']:9.1f} {r['chunk_ms_last10pct']:8.1f} {mem:>8}")
 
