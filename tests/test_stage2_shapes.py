@@ -59,32 +59,6 @@ def test_the_extension_leaves_the_chunks_output_as_the_short_sequence_gives_it()
     assert leak > 1e4 * max(err, 1e-9) and leak > 0.01 * float(want.abs().mean()), (leak, err)   # measured: 0.14 vs 2e-7
 
 
-def test_causal_loss_has_one_shape_for_every_chunk():
-    from models.config import PRESETS
-    from models.dit import DiT
-    from stages.train.machinery import step_generator
-    from stages.train.objectives import Draw, ObjectiveSettings, causal_loss
-    cfg = PRESETS["tiny"]
-    d, F, B = cfg.dit, 13, 2
-    torch.manual_seed(0)
-    model = DiT(d)
-    shapes = []
-    model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
-    g = torch.Generator().manual_seed(0)
-    batch = {"video": torch.randn(B, d.in_dim, F, 8, 8, generator=g), "ref": torch.randn(B, d.in_dim, 1, 8, 8, generator=g),
-             "text": torch.randn(B, F, d.text_len, d.text_dim, generator=g),
-             "audio": torch.randn(B, sum(d.audio_context) + F, 16, d.audio_dim, generator=g),
-             "audio_latent": torch.randn(B, F, d.audio_latent_tokens, d.audio_latent_dim, generator=g)}
-    st = ObjectiveSettings(chunk_frames=1, window=3, sink=True, clip_frames=F)
-    chunks = set()
-    for step in range(16):
-        _, parts = causal_loss(model, batch, st, Draw(step_generator(0, step), 0, B, B))
-        chunks.add(int(parts["chunk"]))
-        assert int(parts["context_frames"]) == min(int(parts["chunk"]), 4)   # the chunk's history, not the extension
-    assert min(chunks) < 4 < max(chunks)                              # early and wrapped chunks were drawn
-    assert set(shapes) == {(B, d.in_dim, 5, 8, 8)}
-
-
 def test_compile_is_for_the_teachers():
     assert TrainSettings(stage="bidirectional", compile=True).compile
     assert TrainSettings(stage="causal", compile=True).compile

@@ -285,7 +285,8 @@ def test_training_positions_equal_the_engines_for_the_same_chunk_index():
 
 def test_causal_loss_streams_the_drawn_chunk_in_the_engines_layout():
     """causal_loss scores the chunk it draws with the context stream_frames gives it (the window wraps on
-    a long clip), the sink clean and the ring at one noise level under diffusion forcing."""
+    a long clip), the sink clean and the ring at one noise level under diffusion forcing; every chunk's
+    sequence has one length (objectives.training_frames: the first chunks' are extended)."""
     from models.config import PRESETS
     from models.dit import DiT
     from stages.train.machinery import step_generator
@@ -294,6 +295,8 @@ def test_causal_loss_streams_the_drawn_chunk_in_the_engines_layout():
     d, F, B = cfg.dit, 13, 2
     torch.manual_seed(0)
     model = DiT(d)
+    shapes = []
+    model.register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
     g = torch.Generator().manual_seed(0)
     batch = {"video": torch.randn(B, d.in_dim, F, 8, 8, generator=g), "ref": torch.randn(B, d.in_dim, 1, 8, 8, generator=g),
              "text": torch.randn(B, F, d.text_len, d.text_dim, generator=g),
@@ -306,7 +309,8 @@ def test_causal_loss_streams_the_drawn_chunk_in_the_engines_layout():
         i = int(parts["chunk"])
         seen.add(i)
         assert int(parts["context_frames"]) == len(stream_frames(i, 1, 3, True)) - 1 == min(i, 4)
-    assert max(seen) >= 5                                  # chunks past the wrap (context 4 < i) are drawn
+    assert max(seen) >= 5 and min(seen) < 4                # chunks past the wrap (context 4 < i) and before it
+    assert set(shapes) == {(B, d.in_dim, 5, 8, 8)}         # ref + sink + window 3 + chunk: one shape
     with pytest.raises(ValueError, match="needs chunk_frames, window and sink"):
         causal_loss(model, batch, ObjectiveSettings(chunk_frames=1), Draw(step_generator(0, 0), 0, B, B))
 
