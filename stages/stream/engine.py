@@ -241,14 +241,17 @@ class ChunkResult:
 def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: list[float], inputs: ChunkInputs,
                   ctx_noisy: KV, ctx_clean: KV, frame_pos: torch.Tensor, noisy_step: int | None,
                   renoise: "callable | None", guidance: float = 1.0, guide: str = "all",
-                  ) -> tuple[ChunkResult, KV | None]:
+                  exit_step: int | None = None) -> tuple[ChunkResult, KV | None]:
     """Sampling of one chunk over the levels `sig`. `renoise(x0, xa0, s)` draws the next state from
     the predicted x0 (the x0-and-renoise sampler); None takes Euler steps of the flow ODE,
     x <- x + (s_next - s) v with s_next = 0 after the last level. `guidance` != 1: classifier-free
     guidance, v = v_u + g (v_c - v_u), both passes in one forward of batch 2B, the unconditional one with
     what `guide` nulls (models.dit.guided_conditions). Steps before the last
     attend to `ctx_noisy`, the last to `ctx_clean`; returns the clean chunk and, if `noisy_step` is
-    set, the keys/values of that step (the conditional pass's)."""
+    set, the keys/values of that step (the conditional pass's). `exit_step` k (the distillation
+    rollout, Self-Forcing): the chunk is step k's x0 and, with gradients on, only step k records them
+    (the steps before it run under no_grad); the context each step reads is the one it reads with
+    all steps."""
     B = x.shape[0]
     guided = guidance != 1.0
     if guided:
@@ -258,19 +261,21 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
         ctx_noisy = ctx_clean if same else _twice(ctx_noisy)
     captured, states, audio_states = None, [], []
     x0 = xa0 = None
-    for k, s in enumerate(sig):
+    stop = len(sig) - 1 if exit_step is None else exit_step
+    for k, s in enumerate(sig[:stop + 1]):
         states.append(x)
         audio_states.append(xa)
         last = k == len(sig) - 1
-        out = _velocity(model, x, xa, s, inputs, ctx_clean if last else ctx_noisy, frame_pos, k == noisy_step,
-                        guidance)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and _records_grad(k, exit_step)):
+            out = _velocity(model, x, xa, s, inputs, ctx_clean if last else ctx_noisy, frame_pos,
+                            k == noisy_step, guidance)
         if k == noisy_step:
             captured = _first_rows(out.kv, B) if guided else out.kv
         v = out.video.to(x.dtype)
         va = None if xa is None else out.audio.to(xa.dtype)
         x0 = x - s * v                                          # v = eps - x0
         xa0 = None if xa is None else xa - s * va
-        if last:
+        if k == stop:
             break
         if renoise is not None:
             x, xa = renoise(x0, xa0, sig[k + 1])
@@ -278,6 +283,11 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             x = x + (sig[k + 1] - s) * v
             xa = None if xa is None else xa + (sig[k + 1] - s) * va
     return ChunkResult(x0, xa0, states, audio_states), captured
+
+
+def _records_grad(k: int, exit_step: int | None) -> bool:
+    """Whether step k of a chunk records gradients (when they are on): all steps, or the exit step alone."""
+    return exit_step is None or k == exit_step
 
 
 def _twice(kv: KV) -> KV:
@@ -339,7 +349,8 @@ class KeptChunks:
 
 class StreamEngine:
     """Holds the caches and the random state; `step(inputs)` generates the next chunk; with
-    `settings.recache`, `recache(text)` rebuilds the history's keys/values under a new text."""
+    `settings.recache`, `recache(text)` rebuilds the history's keys/values under a new text.
+    `advance(inputs, exit_step)` is `step` in the distillation's training mode (stages/distill/rollout.py)."""
 
     def __init__(self, model: DiT, cfg: ModelConfig, settings: StreamSettings = StreamSettings(),
                  batch: int = 1, seed: int = 0):
@@ -374,6 +385,14 @@ class StreamEngine:
 
     @torch.no_grad()
     def step(self, inputs: ChunkInputs) -> ChunkResult:
+        return self.advance(inputs)
+
+    def advance(self, inputs: ChunkInputs, exit_step: int | None = None) -> ChunkResult:
+        """The next chunk. Called with gradients on (distillation), the chunk's x0 carries those of its
+        exit step (`denoise_chunk`; None: every step's) and the history does not: the cache passes and
+        buffer writes run under no_grad, so the next chunks read the chunk as a constant. With
+        `exit_step` before the noisy step (TwinCache), the noisy cache is the chunk's x0 renoised to
+        the noisy level, the state the renoise sampler would have fed that step."""
         if self.ref is None:
             raise RuntimeError("call start(ref_latent) before step()")
         vs, as_ = self.noise_shape()
@@ -383,26 +402,37 @@ class StreamEngine:
             xa = inputs.audio_noise.to(self.device, self.dtype) if inputs.audio_noise is not None else self._randn(as_)
         buf, st = self.buffers, self.st
         if buf.fixed_frames == 0:                     # the reference context, built once
-            buf.write_fixed(self._ref_kv(inputs))
+            with torch.no_grad():
+                buf.write_fixed(self._ref_kv(inputs))
         ctx_clean, frame_pos = buf.context("clean")
         ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
         ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
         renoise = self._renoise if st.sampler == "renoise" else None
         result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
                                          st.noisy_step if st.twin else None, renoise, st.guidance,
-                                         st.guide)
+                                         st.guide, exit_step)
+        with torch.no_grad():
+            self._write_history(result, noisy_kv, inputs, ctx_noisy, ctx_clean, frame_pos)
+        self.chunks += 1
+        return result
+
+    def _write_history(self, result: ChunkResult, noisy_kv: KV | None, inputs: ChunkInputs, ctx_noisy: KV,
+                       ctx_clean: KV, frame_pos: torch.Tensor) -> None:
+        buf, st = self.buffers, self.st
+        k = st.noisy_step if st.twin else None
+        noisy = (None, None) if k is None else (result.states[k], result.audio_states[k]) if noisy_kv is not None else None
+        if noisy is None:                             # exited before the noisy step
+            noisy = self._renoise(result.video, result.audio, self.sig[k])
+            noisy_kv = denoise_chunk(self.model, *noisy, self.sig[k:k + 1], inputs, ctx_noisy, ctx_noisy, frame_pos,
+                                     0, None, st.guidance, st.guide)[1]
         clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
         if self.chunks == 0 and st.sink:
             start = buf.write_fixed(clean_kv)
         else:
             start = buf.write_ring(clean_kv, noisy_kv)
         if self.kept is not None:
-            k = st.noisy_step if st.twin else None
             self.kept.put((start - 1) // st.chunk_frames, video=result.video, audio_latent=result.audio,
-                          speech=inputs.audio, noisy=None if k is None else result.states[k],
-                          noisy_audio=None if k is None else result.audio_states[k])
-        self.chunks += 1
-        return result
+                          speech=inputs.audio, noisy=noisy[0], noisy_audio=noisy[1])
 
     @torch.no_grad()
     def recache(self, text: torch.Tensor) -> None:

@@ -1,0 +1,129 @@
+"""Stage 3 (issue 17): the student's self-rollout is the streaming engine's own generation in a training
+mode, and the DMD generator gradient and critic loss on the tiny preset."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models.config import PRESETS
+from models.dit import DiT
+from stages.distill.rollout import self_rollout
+from stages.stream import engine as engine_mod
+from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
+
+TINY = PRESETS["tiny"].replace(height=32, width=32)
+# 3 x0-and-renoise steps, noisy cache at step 1, sink + a window of 2 chunks: 5 chunks wrap the ring
+ST = StreamSettings(chunk_frames=1, steps=3, window=2, sink=True, twin=True, noisy_step=1, sampler="renoise")
+CHUNKS = 5
+
+
+def scrambled(seed=0) -> DiT:
+    torch.manual_seed(seed)
+    m = DiT(TINY.dit).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def conditions(chunks=CHUNKS, batch=1, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    d = TINY.dit
+    text = torch.randn(batch, 5, d.text_dim, generator=g)
+    audio = torch.randn(batch, chunks + sum(d.audio_context), 16, d.audio_dim, generator=g)
+    ref = torch.randn(batch, d.in_dim, 1, TINY.height // 8, TINY.width // 8, generator=g)
+    return ref, text, audio
+
+
+def streamed(model, st, chunks=CHUNKS, seed=0):
+    """What `vidu stream` runs: StreamEngine.step chunk by chunk (stages/stream/session.py)."""
+    ref, text, audio = conditions(chunks)
+    eng = StreamEngine(model, TINY, st, seed=seed)
+    eng.start(ref)
+    ctx = sum(TINY.dit.audio_context)
+    outs = [eng.step(ChunkInputs(text, audio[:, j:j + 1 + ctx])) for j in range(chunks)]
+    return torch.cat([o.video for o in outs], 2), torch.cat([o.audio for o in outs], 1)
+
+
+CLEAN = StreamSettings(chunk_frames=1, steps=3, window=3, sink=False, twin=False)
+
+
+@pytest.mark.parametrize("st, grad", [(ST, True), (ST, False), (CLEAN, False)], ids=["twin-sink-grad", "twin-sink",
+                                                                                   "clean-nosink"])
+def test_rollout_with_all_steps_is_what_vidu_stream_generates(st, grad):
+    model = scrambled()
+    want_v, want_a = streamed(model, st, seed=7)
+    with torch.set_grad_enabled(grad):
+        v, a = self_rollout(model, TINY, st, *conditions(), CHUNKS, seed=7)
+        last = self_rollout(model, TINY, st, *conditions(), CHUNKS, exits=[st.steps - 1] * CHUNKS, seed=7)[0]
+    assert v.requires_grad == grad
+    assert torch.equal(v.detach(), want_v) and torch.equal(a.detach(), want_a)     # bit for bit
+    assert torch.equal(last.detach(), want_v)
+    if not grad:
+        other = self_rollout(model, TINY, st, *conditions(), CHUNKS, exits=[1] * CHUNKS, seed=7)[0]
+        assert (other - want_v).abs().max() > 1e-2                     # an earlier exit is another sample
+
+
+EXITS = [2, 0, 1, 2, 0]     # exits before, at and after the noisy step (1)
+
+
+def rollout_grads(model, exits=EXITS):
+    """(each chunk's video, the engine) of a rollout with gradients on, chunk by chunk."""
+    ref, text, audio = conditions()
+    eng = StreamEngine(model, TINY, ST, seed=1)
+    eng.start(ref)
+    ctx = sum(TINY.dit.audio_context)
+    with torch.enable_grad():
+        results = [eng.advance(ChunkInputs(text, audio[:, j:j + 1 + ctx]), exits[j]) for j in range(CHUNKS)]
+    return results, eng
+
+
+def check_gradient_paths(model, exits=EXITS):
+    """The gradient of each chunk reaches the weights through its exit step only: the state fed to the
+    exit step is a constant, and no chunk's output depends on an earlier one's graph."""
+    results, eng = rollout_grads(model, exits)
+    for s in ("clean", "noisy"):
+        assert not any(k.requires_grad for k in eng.buffers.k[s] + eng.buffers.v[s])
+    for j, r in enumerate(results):
+        assert r.video.requires_grad and r.audio.requires_grad
+        assert len(r.states) == exits[j] + 1
+        assert not any(x.requires_grad for x in r.states)
+        if j:
+            earlier = [q.video for q in results[:j]]
+            assert all(g is None for g in torch.autograd.grad(r.video.sum(), earlier, retain_graph=True,
+                                                              allow_unused=True))
+    # the exit step's x0 = x_k - s_k v(x_k): its gradient is that of one forward at the exit state
+    j = 3
+    w = torch.randn_like(results[j].video)
+    g = torch.autograd.grad((results[j].video * w).sum(), list(model.parameters()), allow_unused=True)
+    assert sum(float(x.abs().sum()) for x in g if x is not None) > 0
+    return results
+
+
+def test_the_gradient_flows_through_the_exit_step_alone_and_history_is_detached():
+    model = scrambled()
+    results = check_gradient_paths(model)
+    with torch.no_grad():                    # the values are the engine's, exits or not
+        again, _ = rollout_grads(model)
+    for r, q in zip(results, again):
+        assert torch.equal(r.video.detach(), q.video)
+
+
+def test_the_gradient_path_checks_catch_mutants(monkeypatch):
+    model = scrambled()
+    with monkeypatch.context() as m:         # every step records gradients, not the exit step alone
+        m.setattr(engine_mod, "_records_grad", lambda k, exit_step: True)
+        with pytest.raises(AssertionError):
+            check_gradient_paths(model)
+    write = StreamEngine._write_history
+    with monkeypatch.context() as m:         # the history keeps its graph
+        m.setattr(StreamEngine, "_write_history", lambda self, *a: torch.enable_grad()(write)(self, *a))
+        with pytest.raises(AssertionError):
+            check_gradient_paths(model)
+    with monkeypatch.context() as m:         # the exit step ignored: every chunk runs all steps
+        denoise = engine_mod.denoise_chunk
+        m.setattr(engine_mod, "denoise_chunk", lambda *a: denoise(*a[:12], None) if len(a) == 13 else denoise(*a))
+        with pytest.raises(AssertionError):
+            check_gradient_paths(model)
