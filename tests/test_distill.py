@@ -127,3 +127,97 @@ def test_the_gradient_path_checks_catch_mutants(monkeypatch):
         m.setattr(engine_mod, "denoise_chunk", lambda *a: denoise(*a[:12], None) if len(a) == 13 else denoise(*a))
         with pytest.raises(AssertionError):
             check_gradient_paths(model)
+
+
+# --- DMD (eq. 6) ---------------------------------------------------------------------------------------
+
+from stages.distill.dmd import DMDSettings, critic_loss, generator_loss      # noqa: E402
+from stages.train.objectives import Draw, ObjectiveSettings, causal_loss       # noqa: E402
+
+OBJ = ObjectiveSettings(chunk_frames=1, window=ST.window, sink=ST.sink)
+
+
+def draw(seed=5, batch=2):
+    return Draw(torch.Generator().manual_seed(seed), 0, batch, batch)
+
+
+@pytest.fixture(scope="module")
+def teacher_clip():
+    """A scrambled teacher, a clip of batch 2 it streams (the student before distillation) and its
+    conditions as a training batch."""
+    teacher = scrambled()
+    ref, text, audio = conditions(batch=2)
+    with torch.no_grad():
+        v, a = self_rollout(teacher, TINY, ST, ref, text, audio, CHUNKS, seed=2)
+    return teacher, v, a, {"ref": ref, "text": text, "audio": audio}
+
+
+def student_clip(teacher_clip):
+    """The clip as leaves that collect gradients."""
+    _, v, a, batch = teacher_clip
+    return v.clone().requires_grad_(), a.clone().requires_grad_(), batch
+
+
+def dmd_grads(teacher_clip, critic, st, seed=5):
+    teacher = teacher_clip[0]
+    v, a, batch = student_clip(teacher_clip)
+    loss, parts = generator_loss(teacher, critic, batch, v, a, OBJ, st, draw(seed))
+    gv, ga = torch.autograd.grad(loss, [v, a])
+    return gv, ga, int(parts["chunk"]), parts
+
+
+def test_the_generator_gradient_vanishes_when_the_critic_is_the_teacher(teacher_clip):
+    teacher = teacher_clip[0]
+    gv, ga, _, parts = dmd_grads(teacher_clip, copy.deepcopy(teacher), DMDSettings(guidance=1.0))
+    assert float(gv.abs().max()) == 0.0 and float(ga.abs().max()) == 0.0 and float(parts["loss_dmd"]) == 0.0
+    gv, _, i, _ = dmd_grads(teacher_clip, copy.deepcopy(teacher), DMDSettings(guidance=3.0))   # guided: another target
+    assert float(gv[:, :, i].abs().max()) > 0
+
+
+@pytest.mark.parametrize("shift", [0.05, -0.05])
+def test_the_generator_gradient_moves_samples_against_the_critics_shift(teacher_clip, shift):
+    """A critic whose x0 is the teacher's + s * shift (its velocity bias lowered by `shift`) models
+    samples shifted by that much: the gradient on the scored chunk is (fake - real) / mean |x - real|,
+    uniform with the shift's sign (a descent step removes it), and zero on every other frame."""
+    critic = copy.deepcopy(teacher_clip[0])
+    with torch.no_grad():
+        critic.head.head.bias -= shift
+    gv, ga, i, parts = dmd_grads(teacher_clip, critic, DMDSettings(guidance=1.0))
+    chunk = gv[:, :, i]
+    assert float(ga.abs().max()) == 0.0                                    # the audio head agrees
+    assert float(gv[:, :, [f for f in range(CHUNKS) if f != i]].abs().max()) == 0.0
+    assert bool((torch.sign(chunk) == (1 if shift > 0 else -1)).all())
+    per_sample = chunk.flatten(1)
+    spread = (per_sample.max(1).values - per_sample.min(1).values) / per_sample.abs().mean(1)
+    assert float(spread.max()) < 1e-3        # uniform to float rounding (measured 1.3e-4: x_t - s v in fp32)
+
+
+def test_the_critic_loss_is_the_teachers_flow_loss_on_the_students_clip(teacher_clip):
+    critic = copy.deepcopy(teacher_clip[0])
+    v, a, batch = student_clip(teacher_clip)
+    loss, _ = critic_loss(critic, batch, v, a, OBJ, draw(9))
+    nodrop = ObjectiveSettings(chunk_frames=1, window=ST.window, sink=ST.sink, p_drop_text=0, p_drop_audio=0,
+                               p_drop_ref=0)
+    want, _ = causal_loss(critic, {**batch, "video": v.detach(), "audio_latent": a.detach()}, nodrop, draw(9))
+    assert torch.equal(loss, want)
+    loss.backward()
+    assert v.grad is None and a.grad is None                               # the student is not trained by it
+    assert sum(float(p.grad.abs().sum()) for p in critic.parameters() if p.grad is not None) > 0
+
+
+def test_a_generator_step_trains_the_student_through_its_rollout_only():
+    teacher = scrambled()
+    student, critic = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    with torch.no_grad():
+        critic.head.head.bias -= 0.05
+    for p in [*teacher.parameters(), *critic.parameters()]:
+        p.requires_grad_(False)
+    ref, text, audio = conditions(batch=2)
+    with torch.enable_grad():
+        v, a = self_rollout(student, TINY, ST, ref, text, audio, CHUNKS, exits=EXITS, seed=2)
+        loss, _ = generator_loss(teacher, critic, {"ref": ref, "text": text, "audio": audio}, v, a, OBJ,
+                                 DMDSettings(guidance=3.0), draw())
+    loss.backward()
+    assert float(loss.detach()) > 0
+    assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in [*teacher.parameters(), *critic.parameters()])

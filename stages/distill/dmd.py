@@ -1,0 +1,121 @@
+"""Distribution matching distillation (DMD, eq. 6 of the paper; Yin et al. 2024, DMD2's normalisation)
+of a causal teacher into the few-step student, per chunk in the streaming regime.
+
+The student's rollout (rollout.py) gives a clip; one chunk i is scored per step, in the sequence
+stage 2 trains on (objectives.training_frames: ref | the engine's context of chunk i | chunk i),
+its history clean (teacher forcing: the generated chunks, detached) and chunk i at one noise level s:
+
+    real x0: the frozen causal teacher with classifier-free guidance g (v = v_u + g (v_c - v_u))
+    fake x0: the critic (initialised from the teacher), trained online on the student's clips
+             with the teacher's own flow loss (objectives.causal_loss)
+    grad    = (fake x0 - real x0) / mean |x - real x0|          (per sample, DMD's normaliser)
+    loss    = 0.5 mean (x - sg(x - grad))^2                      (d loss / d x = grad / numel)
+
+so gradient descent moves the chunk toward the teacher's denoising of it and away from the critic's,
+the score difference of KL(p_student(x_i | history) || p_teacher(x_i | history)) at level s.
+Video and the joint audio latent alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from models.dit import GUIDES, DiT, guided_conditions
+from models.flow import shift_sigma
+from stages.run import ranged
+from stages.train.objectives import (Draw, ObjectiveSettings, _bcast, _x0, causal_forward, causal_loss,
+                                     stream_sequence, training_frames)
+from stages.train.sample import TEACHER_GUIDANCE
+
+
+@dataclass(frozen=True)
+class DMDSettings:
+    guidance: float = ranged(TEACHER_GUIDANCE, min=0, max=100)   # the real score's guidance scale
+    guide: str = ranged("all", choices=GUIDES)   # what its unconditional pass nulls: text and speech | text alone
+    min_level: float = ranged(0.02, min=0, max=1)   # the band of noise levels s the scores are taken at
+    max_level: float = ranged(0.98, min=0, max=1)
+
+    def __post_init__(self):
+        if not 0 <= self.min_level < self.max_level <= 1:
+            raise ValueError(f"need 0 <= min_level < max_level <= 1, not {self.min_level:g}, {self.max_level:g}")
+        if self.guide not in GUIDES:
+            raise ValueError(f"guide is one of: {', '.join(GUIDES)}, not {self.guide!r}")
+
+
+def dmd_gradient(x: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor) -> torch.Tensor:
+    """(fake - real) / mean |x - real| per sample (the mean over all but the batch dim); finite."""
+    norm = (x.float() - real_x0.float()).abs().flatten(1).mean(1)
+    grad = (fake_x0.float() - real_x0.float()) / norm.reshape(-1, *[1] * (x.ndim - 1))
+    return torch.nan_to_num(grad)
+
+
+def _matching(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (x.double() - (x.double() - grad.double()).detach()).square().mean()
+
+
+def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
+             chunk_frames: int, guidance: float = 1.0, guide: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model's x0 prediction (video, joint audio) on a stream sequence, guided when guidance != 1:
+    one forward of 2B rows, the unconditional ones with what `guide` nulls (the reference kept)."""
+    if guidance == 1.0:
+        out = causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
+        v, va = out.video, out.audio
+    else:
+        B = x_t.shape[0]
+        text, audio = guided_conditions(seq["text"], seq["audio"], guide)
+        two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]])}
+        out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
+                             torch.cat([sigma, sigma]), chunk_frames)
+        v = out.video[B:] + guidance * (out.video[:B] - out.video[B:])
+        va = None if out.audio is None else out.audio[B:] + guidance * (out.audio[:B] - out.audio[B:])
+    return _x0(v, x_t, sigma), (None if va is None else _x0(va, xa_t, sigma))
+
+
+def _level(draw: Draw, obj: ObjectiveSettings, st: DMDSettings) -> torch.Tensor:
+    """[B] noise levels: the teacher's shifted distribution mapped into [min_level, max_level]."""
+    s = shift_sigma(draw.rand(torch.float64), obj.shift).float()
+    return st.min_level + (st.max_level - st.min_level) * s
+
+
+def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
+                   obj: ObjectiveSettings, st: DMDSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+    """The DMD loss of the student's clip `video` [B, C, F, h, w] (and joint `audio_latent`), which
+    carries the rollout's gradients; `batch` gives its conditions (ref, text, audio). Teacher and
+    critic are evaluated without gradients. obj: chunk_frames, window, sink and shift of the teacher."""
+    B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
+    i = draw.randint(F // c)
+    frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
+    seq = stream_sequence({**batch, "video": video, "audio_latent": audio_latent}, frames,
+                          *teacher.cfg.audio_context)
+    x0, xa0 = seq["video"], seq["audio_latent"]
+    m = x0.shape[2]
+    s = _level(draw, obj, st)
+    sigma = torch.cat([torch.zeros(B, p), s[:, None].expand(B, m - p)], 1).to(x0.device)   # history clean
+    cur = slice(p, p + c)
+    with torch.no_grad():
+        x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
+        xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
+        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, st.guidance, st.guide)
+        fake, fake_a = score_x0(critic, seq, x_t, xa_t, sigma, c)
+        grad = dmd_gradient(x0[:, :, cur], fake[:, :, cur], real[:, :, cur])
+    loss = _matching(x0[:, :, cur], grad)
+    parts = {"loss_dmd": loss.detach(), "chunk": torch.tensor(float(i)), "level": s.mean()}
+    if xa0 is not None:
+        grad_a = dmd_gradient(xa0[:, cur], fake_a[:, cur], real_a[:, cur])
+        loss_a = _matching(xa0[:, cur], grad_a)
+        loss = loss + obj.audio_weight * loss_a
+        parts["loss_dmd_audio"] = loss_a.detach()
+    return loss.float(), parts
+
+
+def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
+                obj: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+    """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss) on the
+    student's clip (detached) with the batch's conditions, no condition dropout (the fake score is
+    taken conditional)."""
+    fake = {**batch, "video": video.detach(), "audio_latent": None if audio_latent is None else audio_latent.detach()}
+    fake.pop("mouth", None)                   # the student's clip is not the batch's: no mouth boxes
+    obj = dataclasses.replace(obj, p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0)
+    return causal_loss(critic, fake, obj, draw)
