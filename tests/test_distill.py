@@ -221,3 +221,38 @@ def test_a_generator_step_trains_the_student_through_its_rollout_only():
     assert float(loss.detach()) > 0
     assert sum(float(p.grad.abs().sum()) for p in student.parameters() if p.grad is not None) > 0
     assert all(p.grad is None for p in [*teacher.parameters(), *critic.parameters()])
+
+
+# --- the loop: exact resume ----------------------------------------------------------------------------
+
+def test_a_resumed_distillation_repeats_the_uninterrupted_one(teacher_clip, tmp_path):
+    from models.checkpoint import checkpoint_sampling, read_state_dict
+    from stages.distill.loop import DistillSettings, Distiller, distill
+    from stages.train.sample import sampling_record
+    teacher, _, _, batch = teacher_clip
+    record = sampling_record(TINY, "causal", 2.0, 1, 0.5, {})
+    one = {k: v[:1] for k, v in batch.items()}
+    st = DistillSettings(steps=2, batch=1, save_every=1, warmup=1, lr=1e-3, critic_lr=1e-3, chunks=3,
+                         dmd=DMDSettings(guidance=3.0))
+
+    def make(out):
+        return Distiller(copy.deepcopy(teacher), TINY, record, st, out, lambda step: one)
+
+    whole = distill(make(tmp_path / "a"))
+    first = make(tmp_path / "b")
+    first.train_step()
+    first.save()
+    resumed = distill(make(tmp_path / "b"))
+    assert (whole["resumed_from"], resumed["resumed_from"], resumed["steps"]) == (None, 1, 2)
+    a, b = tmp_path / "a" / "step-000002", tmp_path / "b" / "step-000002"
+    for name in ("model", "ema", "critic"):
+        sa, sb = read_state_dict(a / f"{name}.safetensors"), read_state_dict(b / f"{name}.safetensors")
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    moved = read_state_dict(a / "model.safetensors")
+    assert any(not torch.equal(moved[k], p) for k, p in teacher.state_dict().items() if k in moved)
+    ha = torch.load(a / "state.pt", weights_only=False)["history"]
+    hb = torch.load(b / "state.pt", weights_only=False)["history"]
+    assert ha == hb and len(ha) == 2
+    rec = checkpoint_sampling(a / "ema.safetensors")
+    assert (rec["stage"], rec["steps"], rec["sampler"], rec["guidance"]) == ("distill", 3, "renoise", 1.0)
+    assert StreamSettings.resolve(TINY, rec).steps == 3        # `vidu stream --ckpt` runs 3 steps, no flags
