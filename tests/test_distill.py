@@ -9,9 +9,11 @@ import torch
 
 from models.config import PRESETS
 from models.dit import DiT
+from stages.distill.dmd import DMDSettings, critic_loss, generator_loss
 from stages.distill.rollout import self_rollout
 from stages.stream import engine as engine_mod
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
+from stages.train.objectives import Draw, ObjectiveSettings, causal_loss
 
 TINY = PRESETS["tiny"].replace(height=32, width=32)
 # 3 x0-and-renoise steps, noisy cache at step 1, sink + a window of 2 chunks: 5 chunks wrap the ring
@@ -131,8 +133,6 @@ def test_the_gradient_path_checks_catch_mutants(monkeypatch):
 
 # --- DMD (eq. 6) ---------------------------------------------------------------------------------------
 
-from stages.distill.dmd import DMDSettings, critic_loss, generator_loss      # noqa: E402
-from stages.train.objectives import Draw, ObjectiveSettings, causal_loss       # noqa: E402
 
 OBJ = ObjectiveSettings(chunk_frames=1, window=ST.window, sink=ST.sink)
 
@@ -182,7 +182,7 @@ def test_the_generator_gradient_moves_samples_against_the_critics_shift(teacher_
     critic = copy.deepcopy(teacher_clip[0])
     with torch.no_grad():
         critic.head.head.bias -= shift
-    gv, ga, i, parts = dmd_grads(teacher_clip, critic, DMDSettings(guidance=1.0))
+    gv, ga, i, _ = dmd_grads(teacher_clip, critic, DMDSettings(guidance=1.0))
     chunk = gv[:, :, i]
     assert float(ga.abs().max()) == 0.0                                    # the audio head agrees
     assert float(gv[:, :, [f for f in range(CHUNKS) if f != i]].abs().max()) == 0.0
@@ -223,36 +223,51 @@ def test_a_generator_step_trains_the_student_through_its_rollout_only():
     assert all(p.grad is None for p in [*teacher.parameters(), *critic.parameters()])
 
 
-# --- the loop: exact resume ----------------------------------------------------------------------------
+# --- `vidu distill` ------------------------------------------------------------------------------------
 
-def test_a_resumed_distillation_repeats_the_uninterrupted_one(teacher_clip, tmp_path):
-    from models.checkpoint import checkpoint_sampling, read_state_dict
-    from stages.distill.loop import DistillSettings, Distiller, distill
+def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
+    """A tiny causal teacher (scrambled, with an untrained autoencoder as its codec) distilled for 2 steps
+    on the synthetic world; the run cut back to its step-1 checkpoint and re-run ends where it ended."""
+    import json
+    import shutil
+
+    from manifests import catalog
+    from models.checkpoint import checkpoint_sampling, read_state_dict, save_model, save_taehv
+    from models.taehv import TAEHV
     from stages.train.sample import sampling_record
-    teacher, _, _, batch = teacher_clip
-    record = sampling_record(TINY, "causal", 2.0, 1, 0.5, {})
-    one = {k: v[:1] for k, v in batch.items()}
-    st = DistillSettings(steps=2, batch=1, save_every=1, warmup=1, lr=1e-3, critic_lr=1e-3, chunks=3,
-                         dmd=DMDSettings(guidance=3.0))
-
-    def make(out):
-        return Distiller(copy.deepcopy(teacher), TINY, record, st, out, lambda step: one)
-
-    whole = distill(make(tmp_path / "a"))
-    first = make(tmp_path / "b")
-    first.train_step()
-    first.save()
-    resumed = distill(make(tmp_path / "b"))
-    assert (whole["resumed_from"], resumed["resumed_from"], resumed["steps"]) == (None, 1, 2)
-    a, b = tmp_path / "a" / "step-000002", tmp_path / "b" / "step-000002"
-    for name in ("model", "ema", "critic"):
-        sa, sb = read_state_dict(a / f"{name}.safetensors"), read_state_dict(b / f"{name}.safetensors")
-        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
-    moved = read_state_dict(a / "model.safetensors")
-    assert any(not torch.equal(moved[k], p) for k, p in teacher.state_dict().items() if k in moved)
-    ha = torch.load(a / "state.pt", weights_only=False)["history"]
-    hb = torch.load(b / "state.pt", weights_only=False)["history"]
-    assert ha == hb and len(ha) == 2
-    rec = checkpoint_sampling(a / "ema.safetensors")
+    from tests.conftest import vidu
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    save_taehv(tmp_path / "codec.safetensors", TAEHV(cfg.taehv), cfg.taehv)
+    codec = {"kind": "taehv", "file": "../codec.safetensors", "channels": cfg.dit.in_dim}
+    teacher = tmp_path / "causal" / "ema.safetensors"
+    teacher.parent.mkdir()
+    model = DiT(cfg.dit)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    save_model(teacher, model.state_dict(), cfg, [], {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
+    args = ("distill", "--from", str(teacher), "--out", str(tmp_path / "student"), "--steps", "2", "--batch", "1",
+            "--chunks", "2", "--samples", "1", "--save-every", "1", "--workdir", str(tmp_path / "work"), "--quiet")
+    first = json.loads(vidu(*args).stdout)
+    assert (first["steps"], first["resumed_from"]) == (2, None)
+    out = tmp_path / "student"
+    kept = tmp_path / "uninterrupted"
+    shutil.copytree(out, kept)
+    done = {name: read_state_dict(kept / "step-000002" / f"{name}.safetensors") for name in ("model", "ema", "critic")}
+    shutil.rmtree(out / "step-000002")
+    (out / "latest").write_text("step-000001\n")
+    again = json.loads(vidu(*args).stdout)
+    assert (again["steps"], again["resumed_from"]) == (2, 1)
+    for name in ("model", "ema", "critic"):             # student, its EMA, critic: bit for bit
+        redone = read_state_dict(out / "step-000002" / f"{name}.safetensors")
+        assert all(torch.equal(done[name][k], redone[k]) for k in redone), name
+    assert any(not torch.equal(done["model"][k], p) for k, p in model.state_dict().items())     # it trained
+    history = [torch.load(out / "step-000002" / "state.pt", weights_only=False)["history"] for out in (out, kept)]
+    assert history[0] == history[1] and len(history[0]) == 2
+    rec = checkpoint_sampling(out / "step-000002" / "ema.safetensors")
     assert (rec["stage"], rec["steps"], rec["sampler"], rec["guidance"]) == ("distill", 3, "renoise", 1.0)
-    assert StreamSettings.resolve(TINY, rec).steps == 3        # `vidu stream --ckpt` runs 3 steps, no flags
+    assert StreamSettings.resolve(cfg, rec).steps == 3        # `vidu stream --ckpt` runs 3 steps, no flags
+    assert [r["state"] for r in catalog.runs(tmp_path / "work") if r["stage"] == "distill"] == ["done"]
+    bad = vidu("distill", "--from", str(tmp_path / "codec.safetensors"), "--out", str(tmp_path / "x"), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

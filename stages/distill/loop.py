@@ -11,12 +11,19 @@ number is a function of (seed, step), so a resumed run repeats the uninterrupted
 whose "sampling" record streams it at its few steps with no flags), critic.safetensors, and state.pt
 with both optimizers and schedules, step and loss history.
 
-Not yet here (issue 17): the data and the `vidu distill` command, FSDP2, mixed precision, PCM.
+`distill_run` (`vidu distill --from causal.ckpt`) distills a teacher checkpoint on the synthetic world
+or a manifest (stages/train/data.py, coded with the teacher's autoencoder), one process, bf16 autocast
+on GPU, a catalog row per run.
+
+Not yet here (issue 17): FSDP2 under torchrun, PCM (eq. 7), the ODE-regression warm-up, the sync reward.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,8 +36,8 @@ from models.dit import DiT
 from stages.distill.dmd import DMDSettings, critic_loss, generator_loss
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
-from stages.train.machinery import (adamw, checkpoint_dir, ema_decay, ema_update, latest_state, step_generator,
-                                    write_checkpoint)
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
+                                    step_generator, write_checkpoint)
 from stages.train.objectives import Draw, ObjectiveSettings
 
 
@@ -50,6 +57,9 @@ class DistillSettings:
     student_steps: int = ranged(STUDENT_STEPS, min=1, max=1000)   # denoising steps per chunk of the student
     critic_updates: int = ranged(1, min=1)   # critic steps per generator step
     chunks: int = ranged(5, min=1)           # chunks per rollout
+    init_from: str | None = None             # the causal teacher (distill_run)
+    samples: int = ranged(256, min=1)        # synthetic clips giving the conditions (cycled)
+    data: str | None = None                  # a manifest to take the conditions from instead
     dmd: DMDSettings = field(default_factory=DMDSettings)
 
     def to_dict(self) -> dict:
@@ -63,7 +73,7 @@ class Distiller:
 
     def __init__(self, teacher: DiT, cfg: ModelConfig, record: dict, st: DistillSettings, out: Path,
                  batches: Callable[[int], dict], device=torch.device("cpu")):
-        self.st, self.cfg, self.out, self.batches = st, cfg, Path(out), batches
+        self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.critic = copy.deepcopy(self.teacher).train().requires_grad_(True)
@@ -83,15 +93,17 @@ class Distiller:
         draw = Draw(step_generator(st.seed, self.step), 0, st.batch, st.batch)
         exits = exit_steps(draw, st.chunks, st.student_steps)
         seed = draw.randint(2 ** 62)
-        video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"], batch.get("audio"),
-                                    st.chunks, exits, seed)
-        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
+        with self._autocast():
+            video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
+                                        batch.get("audio"), st.chunks, exits, seed)
+            loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
         loss.backward()
         gnorm = _update(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
         critic = []
         for _ in range(st.critic_updates):
-            c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
+            with self._autocast():
+                c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
             c_loss.backward()
             _update(self.critic, self.critic_opt, None, st.grad_clip)
             critic.append(float(c_loss.detach()))
@@ -102,6 +114,9 @@ class Distiller:
         self.history.append(logged)
         self.step += 1
         return logged
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def save(self) -> Path:
         lineage = [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch}]
@@ -163,3 +178,50 @@ def distill(dst: Distiller, progress=None) -> dict:
     return {"out": str(dst.out), "resumed_from": n0 if resumed else None, "steps": dst.step,
             "final_loss": dst.history[-1]["loss"] if dst.history else None,
             "checkpoint": str(dst.checkpoint_dir(dst.step))}
+
+
+def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, progress=None,
+                d: Dist | None = None) -> dict:
+    """Distill the teacher checkpoint `st.init_from` into out/ (re-run to resume); the conditions come
+    from the dataset stage 2 trains on, its clips of `chunks` chunks, coded with the teacher's
+    autoencoder. Records a catalog row under `root`."""
+    from models.checkpoint import checkpoint_sampling, load_dit
+    from stages.train.data import build_dataset
+    from stages.train.loop import TrainSettings, prepare_codec
+    d = d or init_dist()
+    if d.world > 1:
+        raise ValueError("vidu distill runs in one process for now (FSDP2 under torchrun is not built yet)")
+    if not st.init_from:
+        raise ValueError("distillation needs the causal teacher: --from causal.ckpt")
+    record = checkpoint_sampling(st.init_from)
+    if not record or record.get("stage") != "causal":
+        raise ValueError(f"{st.init_from} is not a causal teacher (its sampling record says stage "
+                         f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train --stage causal`")
+    teacher, cfg = load_dit(st.init_from)
+    cfg = cfg.replace(chunk_frames=record["chunk_frames"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
+    data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
+                         prepare_codec)
+
+    def batches(step: int) -> dict:
+        b = data.batch(step * st.batch, st.batch, d.device)
+        return {k: b[k] for k in ("ref", "text", "audio") if k in b}
+
+    dst = Distiller(teacher, cfg, record, st, out, batches, d.device)
+    run_id = "distill-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    if root is not None:
+        from manifests import catalog
+        from stages.run.runner import code_version
+        catalog.record_start(root, run_id, "distill", "checkpoint", {"distill": st.to_dict(), "model": cfg.to_dict()},
+                             code_version(), [st.init_from], str(out))
+    t0, n0, state = time.perf_counter(), None, "failed"
+    try:
+        summary = distill(dst, progress)
+        n0, state = summary["resumed_from"] or 0, "done"
+    finally:
+        if root is not None:
+            from manifests import catalog
+            catalog.record_end(root, run_id, state, {"ok": dst.step}, n0 or 0, time.perf_counter() - t0)
+    return {"run_id": run_id, **summary, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,53 @@
+"""`vidu distill`: distill the causal teacher into a few-step streaming student by DMD on the student's
+own streaming rollouts (stages/distill/)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from stages.distill.dmd import DMDSettings
+from stages.distill.loop import DistillSettings
+from vidu_cli.options import Quiet, Workdir, option
+from vidu_cli.report import clean_errors
+
+
+def distill(
+    from_: Path = option(DistillSettings, "init_from", "The causal teacher (a `vidu train --stage causal` checkpoint).", "--from", default=...),
+    out: Annotated[Path, typer.Option(help="Folder for the student's checkpoints, loss.jsonl and loss.png (re-run to resume).")] = ...,
+    steps: int = option(DistillSettings, "steps", "Generator steps in total."),
+    batch: int = option(DistillSettings, "batch", "Rollouts per step."),
+    student_steps: int = option(DistillSettings, "student_steps", "Denoising steps per chunk of the student."),
+    chunks: int = option(DistillSettings, "chunks", "Chunks per rollout."),
+    critic_updates: int = option(DistillSettings, "critic_updates", "Critic steps per generator step."),
+    guidance: float = option(DMDSettings, "guidance", "Classifier-free guidance of the real score (the teacher)."),
+    guide: str = option(DMDSettings, "guide", "What the real score's unconditional pass nulls."),
+    lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
+    critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
+    warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
+    ema: float = option(DistillSettings, "ema", "EMA decay of the student's kept weights."),
+    save_every: int = option(DistillSettings, "save_every", "Checkpoint every N steps."),
+    samples: int = option(DistillSettings, "samples", "Synthetic clips giving the conditions (cycled)."),
+    data: Optional[Path] = option(DistillSettings, "data", "Take the conditions from this manifest (vidu synth / vidu embed) instead.", show_default=False),
+    seed: int = option(DistillSettings, "seed", "Seed of data, rollouts and noise."),
+    workdir: Workdir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Distill a causal teacher into a few-step student that `vidu stream --ckpt` runs with no flags;
+    re-running the same command resumes.
+
+    Example: vidu distill --from runs/causal/step-000300/ema.safetensors --out runs/student --steps 400
+    """
+    from manifests.io import workspace
+    from stages.distill.loop import distill_run
+    from vidu_cli.train import _Progress
+    with clean_errors():
+        st = DistillSettings(steps=steps, batch=batch, lr=lr, critic_lr=critic_lr, warmup=warmup, ema=ema,
+                             save_every=save_every, seed=seed, student_steps=student_steps,
+                             critic_updates=critic_updates, chunks=chunks, init_from=str(from_), samples=samples,
+                             data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide))
+        with _Progress(quiet, steps) as progress:
+            summary = distill_run(st, out, workspace(workdir), progress)
+    print(json.dumps(summary))
