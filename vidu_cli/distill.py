@@ -24,6 +24,8 @@ def distill(
     critic_updates: int = option(DistillSettings, "critic_updates", "Critic steps per generator step."),
     guidance: float = option(DMDSettings, "guidance", "Classifier-free guidance of the real score (the teacher)."),
     guide: str = option(DMDSettings, "guide", "What the real score's unconditional pass nulls."),
+    guidance_min_level: float = option(DMDSettings, "guidance_min_level", "Guide the real score only at noise levels from this..."),
+    guidance_max_level: float = option(DMDSettings, "guidance_max_level", "...to this (unguided elsewhere)."),
     lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
     critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
     warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -47,7 +49,8 @@ def distill(
         st = DistillSettings(steps=steps, batch=batch, lr=lr, critic_lr=critic_lr, warmup=warmup, ema=ema,
                              save_every=save_every, seed=seed, student_steps=student_steps,
                              critic_updates=critic_updates, chunks=chunks, init_from=str(from_), samples=samples,
-                             data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide))
+                             data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
+                                             guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:
             summary = distill_run(st, out, workspace(workdir), progress)
     print(json.dumps(summary))

@@ -36,8 +36,14 @@ class DMDSettings:
     guide: str = ranged("all", choices=GUIDES)   # what its unconditional pass nulls: text and speech | text alone
     min_level: float = ranged(0.02, min=0, max=1)   # the band of noise levels s the scores are taken at
     max_level: float = ranged(0.98, min=0, max=1)
+    # the real score is guided only at levels in this band (unguided elsewhere): guidance at low noise
+    # sharpens details the speech decides (DMD tends to erode lip sync)
+    guidance_min_level: float = ranged(0.0, min=0, max=1)
+    guidance_max_level: float = ranged(1.0, min=0, max=1)
 
     def __post_init__(self):
+        if not 0 <= self.guidance_min_level <= self.guidance_max_level <= 1:
+            raise ValueError("need 0 <= guidance_min_level <= guidance_max_level <= 1")
         if not 0 <= self.min_level < self.max_level <= 1:
             raise ValueError(f"need 0 <= min_level < max_level <= 1, not {self.min_level:g}, {self.max_level:g}")
         if self.guide not in GUIDES:
@@ -56,10 +62,12 @@ def _matching(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
-             chunk_frames: int, guidance: float = 1.0, guide: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A model's x0 prediction (video, joint audio) on a stream sequence, guided when guidance != 1:
-    one forward of 2B rows, the unconditional ones with what `guide` nulls (the reference kept)."""
-    if guidance == 1.0:
+             chunk_frames: int, guidance: float | torch.Tensor = 1.0, guide: str = "all",
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model's x0 prediction (video, joint audio) on a stream sequence, guided when guidance != 1
+    (a scale, or one per row [B]): one forward of 2B rows, the unconditional ones with what `guide`
+    nulls (the reference kept)."""
+    if not torch.is_tensor(guidance) and guidance == 1.0:
         out = causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
         v, va = out.video, out.audio
     else:
@@ -68,8 +76,9 @@ def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None
         two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]])}
         out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
                              torch.cat([sigma, sigma]), chunk_frames)
-        v = out.video[B:] + guidance * (out.video[:B] - out.video[B:])
-        va = None if out.audio is None else out.audio[B:] + guidance * (out.audio[:B] - out.audio[B:])
+        g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
+        v = out.video[B:] + _bcast(g, x_t) * (out.video[:B] - out.video[B:])
+        va = None if out.audio is None else out.audio[B:] + _bcast(g, xa_t) * (out.audio[:B] - out.audio[B:])
     return _x0(v, x_t, sigma), (None if va is None else _x0(va, xa_t, sigma))
 
 
@@ -97,11 +106,14 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     with torch.no_grad():
         x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
         xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
-        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, st.guidance, st.guide)
+        band = (s >= st.guidance_min_level) & (s <= st.guidance_max_level)
+        g = torch.where(band, torch.full_like(s, st.guidance), torch.ones_like(s))
+        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, g if st.guidance != 1.0 else 1.0, st.guide)
         fake, fake_a = score_x0(critic, seq, x_t, xa_t, sigma, c)
         grad = dmd_gradient(x0[:, :, cur], fake[:, :, cur], real[:, :, cur])
     loss = _matching(x0[:, :, cur], grad)
-    parts = {"loss_dmd": loss.detach(), "chunk": torch.tensor(float(i)), "level": s.mean()}
+    parts = {"loss_dmd": loss.detach(), "chunk": torch.tensor(float(i)), "level": s.mean(),
+             "guided": band.float().mean()}
     if xa0 is not None:
         grad_a = dmd_gradient(xa0[:, cur], fake_a[:, cur], real_a[:, cur])
         loss_a = _matching(xa0[:, cur], grad_a)
