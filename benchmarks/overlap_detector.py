@@ -6,8 +6,8 @@ two voices at once (-7..7 dB), turn-taking (0.02-0.5 s gaps), one voice, one voi
 Voices: espeak-ng TTS utterances of the train split (voices and texts) and synthetic formant voices.
 ../shared speech is used for measurement only (never pyannote_sample.wav or silero_test.wav in training).
 
-Measurement (old = the block embedding-spread heuristic diarize used before, new = this detector
-inside `diarize_audio`): overlap-frame precision / recall on held-out mixtures of eval-split TTS
+Measurement (old = diarize's block embedding-spread heuristic, the default, new = this detector
+inside `diarize_audio(overlap_threshold=...)`): overlap-frame precision / recall on held-out mixtures of eval-split TTS
 voices, false overlap on eval-split turn-taking and one voice over music, and flagged seconds on
 pyannote_sample.wav against its RTTM.
 
@@ -222,42 +222,6 @@ def train(steps: int, B: int, seed: int, pool_size: int, device: str = "cpu", wo
 # ---------------------------------------------------------------------------------------------
 # measurement: old heuristic vs new detector, both inside diarize_audio
 
-def old_overlap(audio, vad, encoder) -> list[tuple[float, float]]:
-    """The heuristic diarize used before the detector: per 6 s block of speech, mean pairwise cosine
-    distance of 1.5 s window embeddings (hop 0.25 s) minus half the fraction of 10 ms frames more
-    than 20 dB under the block's 95th percentile; over 0.14 the block's speech is overlap."""
-    from stages.diarize import diarize_audio, embed_windows, speech_windows
-
-    d = diarize_audio(audio, vad, encoder, overlap_threshold=None)  # turns only
-    if not d.turns:
-        return []
-    overlap, t0 = [], d.turns[0].start
-    for k in range(int((d.turns[-1].end - t0) // 6.0) + 1):
-        a, b = t0 + 6.0 * k, t0 + 6.0 * (k + 1)
-        segs = [(max(a, t.start), min(b, t.end)) for t in d.turns if min(b, t.end) - max(a, t.start) > 0.05]
-        if not segs:
-            continue
-        E = embed_windows(encoder, audio, speech_windows(segs, 1.5, 0.25))
-        if len(E) < 3:
-            continue
-        spread = float((1 - E @ E.T)[np.triu_indices(len(E), 1)].mean())
-        if spread - 0.5 * _dip_fraction(audio, segs) > 0.14:
-            overlap += segs
-    return sorted(overlap)
-
-
-def _dip_fraction(audio, segs) -> float:
-    n = len(audio) // HOP
-    level = 10 * np.log10((audio[:n * HOP].astype(np.float64).reshape(n, HOP) ** 2).mean(1) + 1e-10)
-    t = (np.arange(n) + 0.5) * HOP_S
-    inside = np.zeros(n, bool)
-    for a, b in segs:
-        inside |= (t >= a) & (t < b)
-    if inside.sum() < 10:
-        return 0.0
-    return float(np.mean(level[inside] < np.percentile(level[inside], 95) - 20))
-
-
 def frames(regions, T: int) -> np.ndarray:
     out = np.zeros(T, bool)
     for a, b in regions:
@@ -268,7 +232,7 @@ def frames(regions, T: int) -> np.ndarray:
 def methods(vad, encoder, threshold: float):
     from stages.diarize import diarize_audio
 
-    return {"old": lambda x: old_overlap(x, vad, encoder),
+    return {"old": lambda x: diarize_audio(x, vad, encoder).overlap,  # the embedding-spread heuristic
             "new": lambda x: diarize_audio(x, vad, encoder, overlap_threshold=threshold).overlap}
 
 
@@ -291,24 +255,26 @@ def measure(threshold: float, n_scenes: int, media: Path, seed: int = 12345) -> 
                 tp, fp, fn_ = tp + int((hyp & y).sum()), fp + int((hyp & ~y).sum()), fn_ + int((~hyp & y).sum())
             rows.append((f"eval TTS {kind} ({n_scenes} x 8 s)", name, tp, fp, fn_, (tp + fp) * HOP_S, (tp + fn_) * HOP_S))
     real = real_cases(media)
-    for label, (x, y) in real.items():
+    for label, cases in real.items():
         for name, fn in fns.items():
-            hyp = frames(fn(x), len(y))
-            tp, fp, fn_ = int((hyp & y).sum()), int((hyp & ~y).sum()), int((~hyp & y).sum())
+            tp = fp = fn_ = 0
+            for x, y in cases:
+                hyp = frames(fn(x), len(y))
+                tp, fp, fn_ = tp + int((hyp & y).sum()), fp + int((hyp & ~y).sum()), fn_ + int((~hyp & y).sum())
             rows.append((label, name, tp, fp, fn_, (tp + fp) * HOP_S, (tp + fn_) * HOP_S))
     print(f"\nthreshold {threshold}; frames of 10 ms; P/R of overlap frames (n/a where no true overlap)")
-    print(f"| {'audio':44s} | method | flagged s | true s | precision | recall |")
-    print(f"|{'-' * 46}|--------|-----------|--------|-----------|--------|")
+    print(f"| {'audio':46s} | method | flagged s | true s | precision | recall |")
+    print(f"|{'-' * 48}|--------|-----------|--------|-----------|--------|")
     for label, name, tp, fp, fn_, flagged, true in rows:
         p = f"{tp / (tp + fp):.2f}" if tp + fp else "-"
         r = f"{tp / (tp + fn_):.2f}" if tp + fn_ else "n/a"
-        print(f"| {label:44s} | {name:6s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} |")
+        print(f"| {label:46s} | {name:6s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} |")
 
 
 def real_cases(media: Path) -> dict:
-    """../shared speech: pyannote_sample (RTTM overlap), a retalking clip + silero_test at equal
-    loudness (as tests/test_diarize.py), the same two taking turns, retalking_1-5 and silero_test alone,
-    retalking_1 over a music bed at 6 dB."""
+    """../shared speech, {label: [(audio, overlap frames)]}: pyannote_sample (RTTM overlap), a
+    retalking clip + silero_test at equal loudness (as tests/test_diarize.py), the same two taking
+    turns, retalking_1 over a music bed at 6 dB, retalking_1-5 and silero_test each alone."""
     from stages.sense.media import load_audio
 
     ref = [(float(f[3]), float(f[3]) + float(f[4]), f[7]) for f in
@@ -322,15 +288,15 @@ def real_cases(media: Path) -> dict:
     other = sil[10 * SR:10 * SR + len(own)]
     other = other * np.sqrt(np.mean(own ** 2) / np.mean(other ** 2))
     mix = own + other
-    from stages.diarize import diarize_audio  # noqa: F401 (speech of both: overlap = both active)
     out["retalking_1 + silero_test (mixed)"] = (mix, activity_real(own) & activity_real(other))
     gap = np.zeros(int(0.3 * SR), np.float32)
     turns = np.concatenate([own, gap, other, gap, own])
     out["retalking_1 / silero_test taking turns"] = (turns, np.zeros(len(turns) // HOP, bool))
     rng = np.random.default_rng(3)
     out["retalking_1 over music (6 dB)"] = (own + music_bed(rng, len(own)) * np.sqrt(np.mean(own ** 2) / 4), np.zeros(len(own) // HOP, bool))
-    singles = np.concatenate([load_audio(media / "talking" / f"retalking_{i}.mp4", SR) for i in range(1, 6)] + [sil])
-    out["retalking_1-5 + silero_test, one voice (90 s)"] = (singles, np.zeros(len(singles) // HOP, bool))
+    singles = [load_audio(media / "talking" / f"retalking_{i}.mp4", SR) for i in range(1, 6)] + [sil]
+    out = {k: [v] for k, v in out.items()}
+    out["retalking_1-5, silero_test: each one voice"] = [(x, np.zeros(len(x) // HOP, bool)) for x in singles]
     return out
 
 

@@ -80,3 +80,17 @@ def test_damaged_weights_fail(scenes, damage):
             state[k] = torch.zeros_like(v)
     net.load_state_dict(state)
     assert not _separates(net.eval(), scenes)
+
+
+def test_diarize_with_the_detector(scenes):
+    """`diarize_audio(overlap_threshold=...)`: the detector's overlap, inside the turns, with a score per turn."""
+    from stages.diarize import Diarize, diarize_audio, load_encoder
+    from stages.sense.speech import load_vad
+
+    vad, encoder = load_vad(), load_encoder()
+    mix = diarize_audio(scenes["mix"], vad, encoder, overlap_threshold=0.5)
+    turns = diarize_audio(scenes["turns"], vad, encoder, overlap_threshold=0.5)
+    assert sum(b - a for a, b in mix.overlap) > 1.5 and sum(b - a for a, b in turns.overlap) < 0.2
+    assert all(any(t.start <= a and b <= t.end for t in mix.turns) for a, b in mix.overlap)
+    assert max(t.overlap_score for t in mix.turns) > 0.5 > max(t.overlap_score for t in turns.turns)
+    assert Diarize.__dataclass_fields__["overlap_threshold"].metadata == {"min": 0, "max": 1}

@@ -31,6 +31,7 @@ def diarize(
     min_energy_ratio: float = option(Diarize, "min_energy_ratio", "Least 300-3400 Hz energy share of a kept turn."),
     min_clean_speech: float = option(Diarize, "min_clean_speech", "Least kept speech (s) of a kept clip."),
     max_overlap: float = option(Diarize, "max_overlap", "Most seconds of two voices at once in a kept clip."),
+    overlap_threshold: Optional[float] = option(Diarize, "overlap_threshold", "Use the trained overlap detector: its probability (two voices at once) from which a 10 ms frame is overlap (default: the embedding-spread heuristic).", show_default=False),
     max_offscreen_share: float = option(Diarize, "max_offscreen_share", "Most share of the speech (outside overlap) offscreen in a kept clip."),
     vad_threshold: float = option(Diarize, "vad_threshold", "silero-vad speech probability threshold."),
     pyannote: Optional[Path] = option(Diarize, "pyannote", "Local pyannote.audio pipeline (folder with config.yaml) to use instead.", show_default=False),
@@ -50,7 +51,7 @@ def diarize(
             load_pyannote(str(pyannote))  # fail early with one line
         stage = Diarize(threshold=threshold, num_speakers=num_speakers, min_speaker_share=min_speaker_share,
                         min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
-                        max_overlap=max_overlap, max_offscreen_share=max_offscreen_share,
+                        max_overlap=max_overlap, overlap_threshold=overlap_threshold, max_offscreen_share=max_offscreen_share,
                         vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None)
         result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
                            ray_address=ray_address)
