@@ -69,7 +69,7 @@ from manifests.schemas import DIARIZE_COLUMNS
 from stages.sense.media import clip_audio, load_audio
 from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_track
 from stages.run import Stage, base_row, ranged
-from stages.sense.overlap import SMOOTH_S, load_detector, overlap_probs, overlap_regions
+from stages.sense.overlap import HOP_S as OVERLAP_HOP_S, load_detector, overlap_probs, overlap_regions, smooth_probs
 from stages.sense.speech import SAMPLE_RATE, load_vad, speech_segments
 
 WINDOW_S, HOP_S = 1.5, 0.75  # speaker-embedding windows for clustering
@@ -239,14 +239,13 @@ def _mark_overlap(audio: np.ndarray, encoder, turns: list[Turn]) -> list[tuple[f
 def detect_overlap(audio: np.ndarray, turns: list[Turn], threshold: float) -> list[tuple[float, float]]:
     """Detector runs over `threshold` (stages/sense/overlap.py) clipped to the turns; each turn's
     `overlap_score` = the highest smoothed frame probability inside it."""
-    from scipy.ndimage import median_filter
-
-    probs = overlap_probs(audio)  # [T] per 10 ms
-    smooth = median_filter(probs, size=round(SMOOTH_S / FRAME_S) | 1, mode="nearest") if len(probs) else probs
+    probs = overlap_probs(audio)  # [T] per OVERLAP_HOP_S
+    smooth = smooth_probs(probs)
     for t in turns:
-        inside = smooth[int(t.start / FRAME_S):int(math.ceil(t.end / FRAME_S))]
+        inside = smooth[int(t.start / OVERLAP_HOP_S):int(math.ceil(t.end / OVERLAP_HOP_S))]
         t.overlap_score = float(inside.max()) if len(inside) else None
-    spans = sorted((max(a, t.start), min(b, t.end)) for a, b in overlap_regions(probs, threshold) for t in turns
+    regions = overlap_regions(probs, threshold, smoothed=smooth)
+    spans = sorted((max(a, t.start), min(b, t.end)) for a, b in regions for t in turns
                    if min(b, t.end) > max(a, t.start))
     out: list[tuple[float, float]] = []
     for a, b in spans:

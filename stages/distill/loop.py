@@ -37,7 +37,7 @@ from stages.distill.dmd import DMDSettings, critic_loss, generator_loss
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
-                                    step_generator, write_checkpoint)
+                                    optimizer_step, step_generator, write_checkpoint)
 from stages.train.objectives import Draw, ObjectiveSettings
 
 
@@ -98,14 +98,14 @@ class Distiller:
                                         batch.get("audio"), st.chunks, exits, seed)
             loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
         loss.backward()
-        gnorm = _update(self.student, self.opt, self.sched, st.grad_clip)
+        gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
         critic = []
         for _ in range(st.critic_updates):
             with self._autocast():
                 c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
             c_loss.backward()
-            _update(self.critic, self.critic_opt, None, st.grad_clip)
+            optimizer_step(self.critic, self.critic_opt, None, st.grad_clip)
             critic.append(float(c_loss.detach()))
         self.critic_sched.step()
         logged = {"step": self.step, "loss": float(loss.detach()), "loss_critic": sum(critic) / len(critic),
@@ -153,15 +153,6 @@ class Distiller:
 
     def checkpoint_dir(self, step: int) -> Path:
         return checkpoint_dir(self.out, step)
-
-
-def _update(model: DiT, opt, sched, clip: float) -> torch.Tensor:
-    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    opt.step()
-    if sched is not None:
-        sched.step()
-    opt.zero_grad(set_to_none=True)
-    return gnorm
 
 
 def distill(dst: Distiller, progress=None) -> dict:

@@ -123,14 +123,20 @@ def overlap_probs(audio: np.ndarray, net=None) -> np.ndarray:
         return torch.sigmoid(net(log_mel(audio)))[0].numpy().astype(np.float32)
 
 
-def overlap_regions(probs: np.ndarray, threshold: float = 0.5, smooth_s: float = SMOOTH_S,
-                    min_s: float = MIN_OVERLAP_S) -> list[tuple[float, float]]:
-    """Runs of median-smoothed frame probabilities over `threshold` lasting at least `min_s`."""
+def smooth_probs(probs: np.ndarray, smooth_s: float = SMOOTH_S) -> np.ndarray:
+    """Frame probabilities [T] median-filtered over `smooth_s`."""
     from scipy.ndimage import median_filter
 
     if len(probs) == 0:
-        return []
-    p = median_filter(probs, size=max(1, round(smooth_s / HOP_S)) | 1, mode="nearest")
+        return probs
+    return median_filter(probs, size=max(1, round(smooth_s / HOP_S)) | 1, mode="nearest")
+
+
+def overlap_regions(probs: np.ndarray, threshold: float = 0.5, smooth_s: float = SMOOTH_S,
+                    min_s: float = MIN_OVERLAP_S, smoothed: np.ndarray | None = None) -> list[tuple[float, float]]:
+    """Runs of median-smoothed frame probabilities over `threshold` lasting at least `min_s`
+    (`smoothed`: smooth_probs(probs, smooth_s) when the caller has it already)."""
+    p = smooth_probs(probs, smooth_s) if smoothed is None else smoothed
     on = np.r_[False, p > threshold, False]
     edges = np.flatnonzero(np.diff(on.astype(np.int8)))
     return [(s * HOP_S, e * HOP_S) for s, e in zip(edges[::2], edges[1::2]) if (e - s) * HOP_S >= min_s - 1e-9]

@@ -31,7 +31,8 @@ from models.checkpoint import read_state_dict, save_taehv
 from models.config import ModelConfig, preset as get_preset
 from models.taehv import TAEHV
 from stages.run import ranged
-from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, latest_state, write_checkpoint)
+from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, latest_state, optimizer_step,
+                                    write_checkpoint)
 
 STATS_CLIPS = 8              # clips the latent statistics are measured on at each checkpoint
 STATS_SEED = 999_999_937     # their world seeds: clip_seed(STATS_SEED, i), apart from any run's
@@ -159,10 +160,7 @@ class AutoencoderTrainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             loss, parts = autoencoder_loss(self.model, x, w, self.ae)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), st.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step(self.model, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
         logged = {"step": self.step, "loss": float(loss.detach()), "grad_norm": float(gnorm),
                   **{k: float(v) for k, v in parts.items()}, "lr": self.sched.get_last_lr()[0]}

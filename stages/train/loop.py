@@ -46,7 +46,7 @@ from stages.run import ranged
 from stages.train.autoencoder import AutoencoderSettings
 from stages.train.data import CODEC_FILE, Dataset, build_dataset, teacher_codec
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
-                                    sequence_group, step_generator, write_checkpoint)
+                                    optimizer_step, sequence_group, step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
 from stages.train.sample import sampling_record
 
@@ -164,10 +164,7 @@ class Trainer:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
             loss, parts = OBJECTIVES[st.stage](self.model, batch, self.objective, draw)
         (loss * st.sequence_parallel).backward()      # FSDP2 averages over all ranks; a group's shares add up
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), st.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        gnorm = optimizer_step(self.model, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
         logged = {"step": self.step, "loss": loss.detach().float(), "grad_norm": _full(gnorm).float(),
                   **{k: v.float() for k, v in parts.items()}}

@@ -76,6 +76,17 @@ def adamw(model: torch.nn.Module, st, device: torch.device):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, st))
 
 
+def optimizer_step(model: torch.nn.Module, opt, sched, clip: float) -> torch.Tensor:
+    """Clip the gradients to norm `clip`, step the optimizer (and the schedule, unless None), clear the
+    gradients; returns the norm before clipping."""
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
+
+
 def ema_decay(step: int, decay: float) -> float:
     """The EMA decay at optimizer step `step` (0-based): min(decay, (1 + step) / (10 + step)), so the
     average forgets the random init early (with a fixed 0.999, 82 % of the EMA after 200 steps would
