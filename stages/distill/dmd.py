@@ -25,8 +25,8 @@ import torch
 from models.dit import GUIDES, DiT, guided_conditions
 from models.flow import shift_sigma
 from stages.run import ranged
-from stages.train.objectives import (Draw, ObjectiveSettings, _bcast, _x0, causal_forward, causal_loss,
-                                     stream_sequence, training_frames)
+from stages.train.objectives import (Draw, ObjectiveSettings, causal_forward, causal_loss, levels, noised,
+                                     stream_sequence, training_frames, x0_from_v)
 from stages.train.sample import TEACHER_GUIDANCE
 
 
@@ -77,9 +77,9 @@ def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None
         out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
                              torch.cat([sigma, sigma]), chunk_frames)
         g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
-        v = out.video[B:] + _bcast(g, x_t) * (out.video[:B] - out.video[B:])
-        va = None if out.audio is None else out.audio[B:] + _bcast(g, xa_t) * (out.audio[:B] - out.audio[B:])
-    return _x0(v, x_t, sigma), (None if va is None else _x0(va, xa_t, sigma))
+        v = out.video[B:] + levels(g, x_t) * (out.video[:B] - out.video[B:])
+        va = None if out.audio is None else out.audio[B:] + levels(g, xa_t) * (out.audio[:B] - out.audio[B:])
+    return x0_from_v(v, x_t, sigma), (None if va is None else x0_from_v(va, xa_t, sigma))
 
 
 def _level(draw: Draw, obj: ObjectiveSettings, st: DMDSettings) -> torch.Tensor:
@@ -104,8 +104,7 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     sigma = torch.cat([torch.zeros(B, p), s[:, None].expand(B, m - p)], 1).to(x0.device)   # history clean
     cur = slice(p, p + c)
     with torch.no_grad():
-        x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
-        xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
+        x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
         band = (s >= st.guidance_min_level) & (s <= st.guidance_max_level)
         g = torch.where(band, torch.full_like(s, st.guidance), torch.ones_like(s))
         real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, g if st.guidance != 1.0 else 1.0, st.guide)

@@ -116,19 +116,26 @@ def _sigma(draw: Draw, st: ObjectiveSettings, device) -> torch.Tensor:
     return shift_sigma(draw.rand(torch.float64), st.shift).float().clamp(1e-3, 1.0).to(device)
 
 
-def _bcast(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def levels(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[B] or [B, F] noise levels -> broadcastable to a [B, C, F, h, w] or [B, F, Na, Ca] tensor."""
     if like.ndim == 5:                                   # video: frames on dim 2
         return s.reshape(s.shape[0], 1, -1, 1, 1) if s.ndim == 2 else s.reshape(-1, 1, 1, 1, 1)
     return s.reshape(s.shape[0], -1, 1, 1) if s.ndim == 2 else s.reshape(-1, 1, 1, 1)
 
 
-def _x0(model_out, x_t, sig) -> torch.Tensor:
-    return x_t - _bcast(sig, x_t) * model_out          # v = eps - x0
+def x0_from_v(model_out, x_t, sig) -> torch.Tensor:
+    return x_t - levels(sig, x_t) * model_out          # v = eps - x0
+
+
+def noised(x0: torch.Tensor | None, sig: torch.Tensor, draw: "Draw") -> torch.Tensor | None:
+    """x0 at noise levels `sig` ([B] or [B, F]): (1 - s) x0 + s eps, eps from `draw`; None stays None."""
+    if x0 is None:
+        return None
+    return (1 - levels(sig, x0)) * x0 + levels(sig, x0) * draw.randn_like(x0)
 
 
 def _audio_loss(model_out, xa_t, sig, xa0, frames: slice | None = None) -> torch.Tensor:
-    xa0_hat = _x0(model_out, xa_t, sig)
+    xa0_hat = x0_from_v(model_out, xa_t, sig)
     if frames is not None:
         xa0_hat, xa0 = xa0_hat[:, frames], xa0[:, frames]
     return (xa0_hat.float() - xa0.float()).square().mean()
@@ -138,12 +145,11 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     batch, dropped = drop_conditions(batch, st, draw)
     x0, xa0 = batch["video"], batch.get("audio_latent")
     s = _sigma(draw, st, x0.device)
-    x_t = (1 - _bcast(s, x0)) * x0 + _bcast(s, x0) * draw.randn_like(x0)
-    xa_t = None if xa0 is None else (1 - _bcast(s, xa0)) * xa0 + _bcast(s, xa0) * draw.randn_like(xa0)
+    x_t, xa_t = noised(x0, s, draw), noised(xa0, s, draw)
     out = model(x_t, s * 1000.0, batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
                 mask="full")
     F = x0.shape[2]
-    loss, vparts = video_loss(_x0(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
+    loss, vparts = video_loss(x0_from_v(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
     parts = {**vparts, **dropped}
     if xa0 is not None:
         loss_a = _audio_loss(out.audio, xa_t, s, xa0)
@@ -234,11 +240,10 @@ def causal_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Draw) -> t
     s = _sigma(draw, st, "cpu")
     sigma = torch.cat([torch.zeros(B, n_sink), tau[:, None].expand(B, p - n_sink), s[:, None].expand(B, m - p)],
                       1).to(x0.device)                   # [B, m]: sink clean, ring at tau, the chunk (and after) at s
-    x_t = (1 - _bcast(sigma, x0)) * x0 + _bcast(sigma, x0) * draw.randn_like(x0)
-    xa_t = None if xa0 is None else (1 - _bcast(sigma, xa0)) * xa0 + _bcast(sigma, xa0) * draw.randn_like(xa0)
+    x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
     out = causal_forward(model, seq, x_t, xa_t, sigma, c)
     cur = slice(p, p + c)
-    x0_hat = _x0(out.video, x_t, sigma)
+    x0_hat = x0_from_v(out.video, x_t, sigma)
     loss, vparts = video_loss(x0_hat[:, :, cur], x0[:, :, cur], sigma[:, cur], batch, frames[cur], st)
     parts = {**vparts, "chunk": torch.tensor(float(i)), "context_frames": torch.tensor(float(p)),
              "teacher_forcing": teacher.float().mean(), **dropped}
