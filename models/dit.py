@@ -471,6 +471,15 @@ def guided_conditions(text: torch.Tensor, audio: torch.Tensor | None, guide: str
     return text2, torch.cat([audio, null_condition(audio) if guide == "all" else audio])
 
 
+def guided(both: torch.Tensor | None, scale) -> torch.Tensor | None:
+    """A prediction of the 2B rows of a `guided_conditions` forward -> the guided B rows:
+    u + scale (c - u), the conditional rows first (`scale`: a number or broadcastable to B rows)."""
+    if both is None:
+        return None
+    c, u = both.chunk(2)
+    return u + scale * (c - u)
+
+
 @functools.lru_cache(maxsize=8)
 def _token_mask(F: int, n_ref: int, S: int, n_ctx: int, causal: bool, chunk_frames: int, device) -> torch.Tensor:
     with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.dit import GUIDES, DiT, guided_conditions
+from models.dit import GUIDES, DiT, guided, guided_conditions
 from models.flow import shift_sigma
 from stages.run import ranged
 from stages.train.objectives import (Draw, ObjectiveSettings, causal_forward, causal_loss, levels, noised,
@@ -77,8 +77,8 @@ def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None
         out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
                              torch.cat([sigma, sigma]), chunk_frames)
         g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
-        v = out.video[B:] + levels(g, x_t) * (out.video[:B] - out.video[B:])
-        va = None if out.audio is None else out.audio[B:] + levels(g, xa_t) * (out.audio[:B] - out.audio[B:])
+        v = guided(out.video, levels(g, x_t))
+        va = guided(out.audio, None if xa_t is None else levels(g, xa_t))
     return x0_from_v(v, x_t, sigma), (None if va is None else x0_from_v(va, xa_t, sigma))
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import GUIDES, DiT, DiTOutput, KV, guided_conditions
+from models.dit import GUIDES, DiT, DiTOutput, KV, guided, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
 from stages.run import ranged
@@ -253,8 +253,8 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
     (the steps before it run under no_grad); the context each step reads is the one it reads with
     all steps."""
     B = x.shape[0]
-    guided = guidance != 1.0
-    if guided:
+    two = guidance != 1.0
+    if two:
         inputs = ChunkInputs(*guided_conditions(inputs.text, inputs.audio, guide))
         same = ctx_noisy is ctx_clean
         ctx_clean = _twice(ctx_clean)
@@ -270,7 +270,7 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             out = _velocity(model, x, xa, s, inputs, ctx_clean if last else ctx_noisy, frame_pos,
                             k == noisy_step, guidance)
         if k == noisy_step:
-            captured = _first_rows(out.kv, B) if guided else out.kv
+            captured = _first_rows(out.kv, B) if two else out.kv
         v = out.video.to(x.dtype)
         va = None if xa is None else out.audio.to(xa.dtype)
         x0 = x - s * v                                          # v = eps - x0
@@ -312,9 +312,7 @@ def _velocity(model: DiT, x, xa, s: float, inputs: ChunkInputs, ctx: KV, frame_p
                 return_kv=return_kv)
     if rows == B:
         return out
-    vc, vu = out.video.chunk(2)
-    audio = None if out.audio is None else out.audio[B:] + guidance * (out.audio[:B] - out.audio[B:])
-    return DiTOutput(vu + guidance * (vc - vu), audio, out.kv)
+    return DiTOutput(guided(out.video, guidance), guided(out.audio, guidance), out.kv)
 
 
 def cache_pass(model: DiT, x0: torch.Tensor, xa0: torch.Tensor | None, inputs: ChunkInputs, ctx_clean: KV,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from models.config import ModelConfig
-from models.dit import DiT, guided_conditions
+from models.dit import DiT, guided, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
@@ -43,20 +43,19 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     x = torch.randn((B, d.in_dim, cfg.latent_frames, ref.shape[3], ref.shape[4]), generator=g).to(dev, dt)
     xa = (torch.randn((B, cfg.latent_frames, d.audio_latent_tokens, d.audio_latent_dim), generator=g).to(dev, dt)
           if d.joint_audio else None)
-    guided = guidance != 1.0
-    rows = 2 * B if guided else B
-    if guided:
+    two = guidance != 1.0
+    rows = 2 * B if two else B
+    if two:
         text, audio = guided_conditions(text, audio, guide)
         ref = torch.cat([ref, ref])
     sig = flow_sigmas(steps, shift) + [0.0]
     for s, s_next in zip(sig[:-1], sig[1:]):
-        x2 = torch.cat([x, x]) if guided else x
-        xa2 = torch.cat([xa, xa]) if guided and xa is not None else xa
+        x2 = torch.cat([x, x]) if two else x
+        xa2 = torch.cat([xa, xa]) if two and xa is not None else xa
         out = model(x2, torch.full((rows,), s * 1000.0, device=dev), text, audio=audio, audio_latent=xa2, ref=ref)
         v, va = out.video, out.audio
-        if guided:
-            v = v[B:] + guidance * (v[:B] - v[B:])
-            va = None if va is None else va[B:] + guidance * (va[:B] - va[B:])
+        if two:
+            v, va = guided(v, guidance), guided(va, guidance)
         x = x + (s_next - s) * v.to(dt)
         if xa is not None:
             xa = xa + (s_next - s) * va.to(dt)
