@@ -6,6 +6,8 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
+    python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N]
+    python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
 
 `--work W` is the run folder a phase reads and adds to; each training phase also copies what it made to
 $OUT (default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when
@@ -14,6 +16,8 @@ a model is larger), with the codec, so that $OUT is the next GPU run's W (<= 64 
     W/codec.safetensors                          the autoencoder (phase autoencoder, or --codec)
     W/bidirectional/ema*.safetensors[.index.json] stage 1's EMA (phase bidirectional)
     W/causal/ema*.safetensors[.index.json]        stage 2's EMA (phase causal)
+    W/student/ema*.safetensors[.index.json]       the distilled student's EMA (phase distill, `vidu distill`
+                                                  of W/causal: DMD, its settings in RECIPES)
     W/runs/<stage>/                               training runs (optimizer state; resumed from latest
                                                   when a phase is run again on the same W, never carried)
 
@@ -57,11 +61,12 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402
+from stages.distill.dmd import DMDSettings  # noqa: E402
 from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
-PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "eval", "clips")
+PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "distill", "eval", "clips")
 LIPSYNC = "lipsync.safetensors"
 TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
 SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
@@ -79,6 +84,7 @@ class Recipe:
     causal: dict                     # ... of stage 2 (init_from: stage 1's EMA)
     eval_cases: int                  # held-out synth cases (bench seeds HELD_OUT_BASE + i)
     eval_seconds: float              # seconds per case
+    distill: dict = field(default_factory=dict)   # DistillSettings fields of stage 3 (init_from: stage 2's EMA)
     stream: dict = field(default_factory=dict)   # StreamSettings fields for eval (None / absent: the checkpoint's)
     # the lip-sync discriminator (stages/train/lipsync.py): training clips, steps, clip seconds, held-out
     # clips, the held-out AUC (matched vs shifted speech) it must reach before the teachers use it, and
@@ -97,7 +103,11 @@ RECIPES = {
         bidirectional=dict(batch=32, samples=4096, lr=1e-3, ema=0.995, compile=True),
         causal=dict(batch=32, samples=512, lr=2e-4, ema=0.995, compile=True,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
-        eval_cases=48, eval_seconds=8.0),
+        eval_cases=48, eval_seconds=8.0,
+        # rollouts of 12 chunks (the window of 7 wraps); the real score guided on the text alone at the
+        # teacher's streaming default (session 29: guidance on text and speech breaks the stream)
+        distill=dict(batch=32, chunks=12, samples=256, steps=600, lr=5e-5, critic_lr=1e-4, critic_updates=1,
+                     warmup=50, ema=0.99, dmd=DMDSettings(guidance=3.0, guide="text"))),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
         preset="tiny",
         autoencoder=dict(batch=2, lr=2e-3, ema=0.9, autoencoder=AutoencoderSettings(frames=5)),
@@ -105,6 +115,8 @@ RECIPES = {
         causal=dict(batch=2, samples=4, lr=1e-3, ema=0.9,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0,
+        distill=dict(batch=1, chunks=3, samples=2, steps=4, lr=1e-4, critic_lr=1e-4, warmup=1, ema=0.9,
+                     dmd=DMDSettings(guidance=3.0, guide="text")),
         lipsync=dict(clips=3, steps=5, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
 }
 
@@ -294,6 +306,51 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
         files = [shutil.copy(f, out / stage / f.name) for f in shipped]
         files.append(shutil.copy(work / CODEC, out / CODEC))      # $OUT is the whole next work folder
     shutil.copy(run / "loss.png", out / f"loss_{stage}.png")
+    res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
+    return res
+
+
+DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a clip on one of 15 workers + start-up)
+
+
+def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
+                  steps: int | None = None) -> dict:
+    """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
+    with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
+    a re-run on the same W resumes it (W/runs/distill/recipe.json). Ships W/student."""
+    from stages.distill.loop import DistillSettings, distill_run
+    saved = work / "runs" / "distill" / "recipe.json"
+    if saved.is_file():
+        rec = json.loads(saved.read_text())
+    else:
+        left = minutes * 60 - (time.perf_counter() - t_phase) - DISTILL_RENDER_S - recipe.reserve_s
+        if left < 30:
+            raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of distillation")
+        rec = {"steps": steps or recipe.distill["steps"], "train_minutes": left / 60}
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(rec, indent=1))
+    kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
+          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema"))}
+    st = DistillSettings(**kw)
+    run = work / "runs" / "distill"
+    t0 = time.perf_counter()
+    summary = distill_run(st, run, prefetch=workers, progress=lambda h: h["step"] % 50 or print(
+        f"distill step {h['step']}: loss {h['loss']:.4f} critic {h['loss_critic']:.4f} at "
+        f"{time.perf_counter() - t0:.0f} s", flush=True))
+    summary["wall_s"] = time.perf_counter() - t0
+    ckpt = Path(summary["checkpoint"])
+    history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    tail = history[-max(1, len(history) // 10):]
+    keys = [k for k in history[0] if k.startswith("loss")]
+    res = {"phase": "distill", "settings": st.to_dict(), "fit": rec, "train": summary,
+           "loss_first": {k: history[0][k] for k in keys},
+           "loss_last_10pct": {k: float(np.mean([h[k] for h in tail])) for k in keys},
+           "loss_curve": [{k: round(h[k], 5) for k in ("step", *keys)} for h in history[:: max(1, len(history) // 50)]]}
+    shipped = ship(ckpt / "ema.safetensors", work / "student", "ema")
+    (out / "student").mkdir(parents=True, exist_ok=True)
+    files = [shutil.copy(f, out / "student" / f.name) for f in shipped]
+    files.append(shutil.copy(work / CODEC, out / CODEC))
+    shutil.copy(run / "loss.png", out / "loss_distill.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
 
@@ -672,6 +729,12 @@ def table(res: dict) -> str:
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min",
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})"])
+    if res["phase"] == "distill":
+        t = res["train"]
+        return (f"distill: {t['steps']} steps x batch {res['settings']['batch']} in {t['train_s']:.0f} s, "
+                f"{t['samples_per_s']:.1f} rollouts/s; "
+                + ", ".join(f"{k} {res['loss_first'][k]:.4f} -> {res['loss_last_10pct'][k]:.4f}" for k in res["loss_first"])
+                + "\n  shipped: " + ", ".join(f"{k} ({v / 2 ** 20:.1f} MiB)" for k, v in res["shipped"].items()))
     t = res["train"]
     line = (f"{res['phase']}: {t['steps']} steps x batch {res['settings']['batch']} in {t['seconds']:.0f} s, "
             f"{t['samples_per_s']:.1f} samples/s, loss {res['loss_first']:.4f} -> {res['loss_last_10pct']:.4f}")
@@ -690,7 +753,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training); clips: sampling steps")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes rendering clips (0: in this process, as needed)")
-    ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional"), help="eval: which checkpoint")
+    ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional", "student"),
+                    help="eval: which checkpoint")
+    ap.add_argument("--stream-steps", type=int, help="eval: the stream's denoising steps per chunk (default: the checkpoint's)")
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
     ap.add_argument("--streams", type=int, default=1, help="eval: processes streaming cases at once on the device")
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
@@ -721,9 +786,12 @@ def main(argv: list[str] | None = None) -> dict:
         res = lipsync_phase(recipe, work, out, args.workers)
     elif args.phase == "clips":
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
+    elif args.phase == "distill":
+        res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
-                                       ("recache", args.recache or None)) if v is not None}
+                                       ("recache", args.recache or None), ("steps", args.stream_steps))
+                     if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)

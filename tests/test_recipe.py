@@ -73,6 +73,18 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert two["streams"] == 2 and [r["index"] for r in two["rows"]] == [0, 1]
     for a, b in zip(rows, two["rows"]):                  # the same streams, whichever process ran them
         assert (a["mouth_r"], a["identity_error"]) == (b["mouth_r"], b["identity_error"])
+    # stage 3 from the shipped causal teacher; the student streams at its own 3 steps with no flags
+    works.append(tmp_path / "w4")
+    carry(outs[2], works[4])
+    dist = phase("distill", works[4], tmp_path / "out5", monkeypatch)
+    assert dist["train"]["steps"] == 2 and dist["settings"]["init_from"] == str(works[4] / "causal" / "ema.safetensors")
+    assert set(dist["shipped"]) == {"student/ema.safetensors", "codec.safetensors"}
+    assert set(dist["loss_first"]) >= {"loss", "loss_critic", "loss_dmd"}
+    carry(tmp_path / "out5", works[4])
+    st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
+    assert st["summary"]["clips"] == 2
+    sampling = recipe.read_metadata(works[4] / "student" / "ema.safetensors")["sampling"]
+    assert (sampling["stage"], sampling["steps"], sampling["guidance"]) == ("distill", 3, 1.0)
 
 
 def test_ship_shards_under_the_limit_and_join_back(tmp_path):

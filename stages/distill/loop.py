@@ -53,6 +53,7 @@ class DistillSettings:
     grad_clip: float = ranged(1.0, gt=0)
     ema: float = ranged(0.99, min=0, max=1)
     save_every: int = ranged(100, min=1)
+    minutes: float | None = ranged(None, gt=0)   # stop (with a checkpoint) after this much training time
     seed: int = ranged(0, min=0)
     student_steps: int = ranged(STUDENT_STEPS, min=1, max=1000)   # denoising steps per chunk of the student
     critic_updates: int = ranged(1, min=1)   # critic steps per generator step
@@ -156,26 +157,33 @@ class Distiller:
 
 
 def distill(dst: Distiller, progress=None) -> dict:
-    """Run (or resume, from out/latest) `dst` to its settings' steps, checkpointing every save_every."""
+    """Run (or resume, from out/latest) `dst` to its settings' steps, checkpointing every save_every
+    and when `minutes` of training have passed (then it stops there)."""
     dst.out.mkdir(parents=True, exist_ok=True)
     resumed = dst.resume()
-    n0 = dst.step
+    n0, t0 = dst.step, time.perf_counter()
     while dst.step < dst.st.steps:
         logged = dst.train_step()
         if progress:
             progress(logged)
-        if dst.step % dst.st.save_every == 0 or dst.step == dst.st.steps:
+        timed_out = dst.st.minutes is not None and time.perf_counter() - t0 > dst.st.minutes * 60
+        if dst.step % dst.st.save_every == 0 or dst.step == dst.st.steps or timed_out:
             dst.save()
+        if timed_out:
+            break
+    seconds = time.perf_counter() - t0
     return {"out": str(dst.out), "resumed_from": n0 if resumed else None, "steps": dst.step,
-            "final_loss": dst.history[-1]["loss"] if dst.history else None,
+            "final_loss": dst.history[-1]["loss"] if dst.history else None, "train_s": seconds,
+            "samples_per_s": (dst.step - n0) * dst.st.batch / max(seconds, 1e-9),
             "checkpoint": str(dst.checkpoint_dir(dst.step))}
 
 
 def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, progress=None,
-                d: Dist | None = None) -> dict:
+                d: Dist | None = None, prefetch: int = 0) -> dict:
     """Distill the teacher checkpoint `st.init_from` into out/ (re-run to resume); the conditions come
     from the dataset stage 2 trains on, its clips of `chunks` chunks, coded with the teacher's
-    autoencoder. Records a catalog row under `root`."""
+    autoencoder (`prefetch` > 0: rendered up front in that many processes and kept on the device).
+    Records a catalog row under `root`."""
     from models.checkpoint import checkpoint_sampling, load_dit
     from stages.train.data import build_dataset
     from stages.train.loop import TrainSettings, prepare_codec
@@ -195,6 +203,9 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
     data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
                          prepare_codec)
+    if prefetch:
+        data.prefetch(prefetch)
+        data.stack_on(d.device)
 
     def batches(step: int) -> dict:
         b = data.batch(step * st.batch, st.batch, d.device)
