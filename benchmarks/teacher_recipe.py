@@ -393,27 +393,31 @@ def stream_case(bench, case: dict, tmp: Path) -> tuple[np.ndarray, dict]:
     return np.concatenate(collect.frames), {"stream_fps": summary.get("fps"), "first_chunk_s": summary.get("first_chunk_s")}
 
 
-def _score(frames: np.ndarray, truth: str) -> dict:
-    """The bench's numbers of one case (runner._synth_numbers: frames scaled to the truth's size)."""
+def _score(frames: np.ndarray, truth: str, workers: int = 1) -> dict:
+    """The bench's numbers of one case (runner._synth_numbers: frames scaled to the truth's size),
+    measured in `workers` processes."""
     from stages.eval.bench.runner import _synth_numbers
-    s = _synth_numbers(frames, 25.0, truth)
+    s = _synth_numbers(frames, 25.0, truth, workers)
     return {**s, "confusion": json.loads(s["confusion"]), "drift_ratios": json.loads(s["drift_ratios"])}
 
 
-def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25) -> None:
-    """Ground truth over generated, one frame a second, as a PNG (the contact sheet)."""
+def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25, most: int = 12) -> None:
+    """Ground truth over generated, one frame a second (at most `most` frames, evenly spaced over a
+    longer stream), as a PNG (the contact sheet)."""
     import cv2
     from PIL import Image
     H, W = truth.shape[1:3]
-    gen = [cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR) for f in frames[::every]]
-    rows = [np.concatenate(list(truth[::every][:len(gen)]), 1), np.concatenate(gen, 1)]
+    n = min(len(truth), len(frames))
+    pick = np.arange(0, n, every) if n <= every * most else np.linspace(0, n - 1, most).astype(int)
+    gen = [cv2.resize(frames[i], (W, H), interpolation=cv2.INTER_LINEAR) for i in pick]
+    rows = [np.concatenate([truth[i] for i in pick], 1), np.concatenate(gen, 1)]
     Image.fromarray(np.concatenate(rows, 0)).save(path)
 
 
 def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[int], secs: float, size: int,
-                out: str) -> list[dict]:
+                out: str, workers: int = 1) -> list[dict]:
     """Stream and score the cases `indices` (one process: its own model, its cases rendered and scored
-    here); contact sheets for cases 0 and 1."""
+    here, in `workers` processes); contact sheets for cases 0 and 1."""
     import tempfile
     from stages.eval.bench.runner import EvalBench
     bench = EvalBench(bench="synth", system=ckpt, preset=preset, device=dev, **stream)
@@ -429,15 +433,17 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
             if i < 2:
                 strip(truth_frames, frames, Path(out) / f"eval_case{i}.png")
             info = {k: case[k] for k in ("index", "seed", "control_seed", "voice", "events")}
-            rows.append({**info, **speed, **_score(frames, case["truth"]), "truth": _score(truth_frames, case["truth"])})
+            rows.append({**info, **speed, **_score(frames, case["truth"], workers),
+                         "truth": _score(truth_frames, case["truth"], workers)})
     return rows
 
 
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
-               seconds: float | None, overrides: dict | None = None) -> dict:
+               seconds: float | None, overrides: dict | None = None, workers: int = 1) -> dict:
     """Stream and score the held-out cases with the `teacher` checkpoint in W, in `streams` processes
     that share the device (case i goes to process i mod streams; each renders, streams and scores its
-    own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1."""
+    own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1 (then
+    scored in `workers` processes: the drift stream, `--cases 1 --seconds 600`)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from stages.eval.bench.cases import BenchSamples
@@ -450,7 +456,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     shards = [list(range(j, n, k)) for j in range(k)]
     args = (str(ckpt), recipe.preset, dev, stream)
     if k == 1:
-        rows = _eval_shard(*args, shards[0], secs, size, str(out))
+        rows = _eval_shard(*args, shards[0], secs, size, str(out), max(1, workers))
     else:
         with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(1,)) as pool:
@@ -673,6 +679,8 @@ def summarise(rows: list[dict]) -> dict:
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
+            "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
+                      for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
             "stream_fps": mean(r["stream_fps"] for r in rows)}
 
 
@@ -728,7 +736,8 @@ def table(res: dict) -> str:
                           f"  instructions {f(s['instr_success'])} of {s['instr_events']} (truth "
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min",
-                          f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})"])
+                          f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})",
+                          "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())])
     if res["phase"] == "distill":
         t = res["train"]
         return (f"distill: {t['steps']} steps x batch {res['settings']['batch']} in {t['train_s']:.0f} s, "
@@ -792,7 +801,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps))
                      if v is not None}
-        res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides)
+        res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
+                         args.workers)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)
     res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

@@ -126,7 +126,8 @@ def test_frozen_stream_fails_drift(synth_oracle):
     live = synth_scores(frames, 25.0, truth, None)["drift_ratios"]
     frozen = frames.copy()
     frozen[12:] = frozen[12]
-    stuck = synth_scores(frozen, 25.0, truth, None)["drift_ratios"]
+    stuck = synth_scores(frozen, 25.0, truth, None, workers=2)["drift_ratios"]
+    assert synth_scores(frames, 25.0, truth, None, workers=2)["drift_ratios"] == live   # measured in 2 processes: the same
     # a living clip moves at its end too (this one: 0.42 of its first 10 %'s motion: its speech and actions
     # differ), a frozen one not at all
     assert live["motion"] > 0.2 and live["sync_r"] > 0.9 and 0.8 < live["sharpness"] < 1.25

@@ -229,7 +229,7 @@ class EvalBench(Stage):
         return [row]
 
 
-def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str) -> dict:
+def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str, workers: int = 1) -> dict:
     from stages.eval.bench.synthscore import synth_scores
     truth = json.loads(Path(truth_path).read_text())
     if abs(fps - truth["fps"]) > 1e-6:
@@ -238,7 +238,7 @@ def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str) -> dict:
     if frames.shape[1:3] != (H, W):  # analyze is calibrated at the case's size
         import cv2
         frames = np.stack([cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR) for f in frames])
-    s = synth_scores(frames, fps, truth, np.asarray(truth["control_mouth"], np.float64))
+    s = synth_scores(frames, fps, truth, np.asarray(truth["control_mouth"], np.float64), workers)
     s["confusion"] = json.dumps(s["confusion"])
     s["drift_ratios"] = json.dumps(s["drift_ratios"])
     return s

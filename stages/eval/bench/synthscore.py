@@ -100,13 +100,15 @@ def drift_ratios(frames: np.ndarray, m: dict[str, np.ndarray], identity, gt_mout
             "instructions": _ratio(rate[1], rate[0])}
 
 
-def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.ndarray | None) -> dict:
-    """All ground-truth numbers of one synth case; `frames` [T, H, W, 3] uint8 at the case's size."""
+def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.ndarray | None,
+                 workers: int = 1) -> dict:
+    """All ground-truth numbers of one synth case; `frames` [T, H, W, 3] uint8 at the case's size,
+    measured in `workers` processes (analyze)."""
     from stages.synth import Identity, analyze, identity_error
     identity = Identity(**{k: tuple(v) if isinstance(v, list) else v for k, v in truth["identity"].items()})
     T = min(len(frames), truth["frames"])
     frames = frames[:T]
-    m = analyze(frames, identity)
+    m = analyze(frames, identity, workers)
     gt = np.asarray(truth["tracks"]["mouth"], np.float64)[:T]
     measured = _finite(m["mouth"])
     events = [(float(a), float(b), str(n)) for a, b, n in truth["actions"] if a < T / fps]  # (onset, end, text)
