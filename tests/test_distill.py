@@ -3,6 +3,7 @@ mode, and the DMD generator gradient and critic loss on the tiny preset."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -278,3 +279,56 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     from stages.distill.loop import DistillSettings, distill_run
     with pytest.raises(ValueError, match="is not a causal teacher"):
         distill_run(DistillSettings(init_from=str(tmp_path / "codec.safetensors")), tmp_path / "x")
+
+
+# --- the Distiller in process: warm start, sync reward, PCM ------------------------------------------
+
+def distiller(tmp_path, teacher=None, name="run", **settings):
+    """A Distiller of a scrambled tiny teacher (chunks of 1 latent frame, its sampling record as stage 2
+    writes it) on fixed conditions of batch 1; `settings` override DistillSettings."""
+    from stages.distill.loop import DistillSettings, Distiller
+    from stages.train.sample import sampling_record
+    teacher = teacher if teacher is not None else scrambled()
+    record = sampling_record(TINY, "causal", 2.0, 1, 0.5, None)
+    ref, text, audio = conditions(chunks=3)
+    batch = {"ref": ref, "text": text, "audio": audio, "mouth_box": torch.zeros(1, 3, 2, dtype=torch.long)}
+    st = DistillSettings(**{"steps": 4, "batch": 1, "chunks": 3, "warmup": 0, "lr": 1e-3, **settings})
+    return Distiller(teacher, TINY, record, st, tmp_path / name, lambda step: batch)
+
+
+def params(model) -> dict:
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+
+
+def test_a_warm_started_student_starts_from_a_previous_students_ema(tmp_path):
+    from models.checkpoint import read_state_dict, save_model
+    teacher = scrambled()
+    first = distiller(tmp_path, teacher, "first")
+    first.train_step()
+    ema = first.save() / "ema.safetensors"
+    shipped = read_state_dict(ema)
+    kept = params(teacher)
+    assert not same(kept, shipped)                     # the phase trained: a warm start is not the teacher
+    cold = distiller(tmp_path, teacher, "cold")
+    assert same(params(cold.student), kept) and same(cold.ema, kept)        # control: no warm start
+    warm = distiller(tmp_path, teacher, "warm", init_student=str(ema))
+    assert same(params(warm.student), shipped) and same(warm.ema, shipped)   # student and EMA, bit for bit
+    assert same(params(warm.critic), kept) and same(params(warm.teacher), kept)   # critic, real score: teacher
+    assert warm.teacher is teacher
+    logged = warm.train_step()                         # and it trains on
+    assert logged["step"] == 0 and not same(params(warm.student), shipped)
+    # refusals, one line each: another architecture, a file that is not a distilled student
+    other = TINY.replace(dit=dataclasses.replace(TINY.dit, num_layers=1))
+    save_model(tmp_path / "other.safetensors", DiT(other.dit), other, [], {"sampling": {"stage": "distill"}})
+    with pytest.raises(ValueError, match=r"another config than the teacher: dit\.num_layers 1 \(teacher 2\)$") as e:
+        distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "other.safetensors"))
+    assert "\n" not in str(e.value)
+    save_model(tmp_path / "causal.safetensors", teacher, TINY, [], {"sampling": {"stage": "causal"}})
+    with pytest.raises(ValueError, match="is not a distilled student .* stage 'causal'"):
+        distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "causal.safetensors"))
+    with pytest.raises(ValueError, match="no such checkpoint file"):
+        distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "missing.safetensors"))

@@ -17,6 +17,7 @@ from vidu_cli.report import clean_errors
 def distill(
     from_: Path = option(DistillSettings, "init_from", "The causal teacher (a `vidu train --stage causal` checkpoint).", "--from", default=...),
     out: Annotated[Path, typer.Option(help="Folder for the student's checkpoints, loss.jsonl and loss.png (re-run to resume).")] = ...,
+    init_student: Optional[Path] = option(DistillSettings, "init_student", "Start the student (and its EMA) from this previous distilled student (its ema.safetensors) instead of the teacher.", show_default=False),
     steps: int = option(DistillSettings, "steps", "Generator steps in total."),
     batch: int = option(DistillSettings, "batch", "Rollouts per step."),
     student_steps: int = option(DistillSettings, "student_steps", "Denoising steps per chunk of the student."),
@@ -48,7 +49,8 @@ def distill(
     with clean_errors():
         st = DistillSettings(steps=steps, batch=batch, lr=lr, critic_lr=critic_lr, warmup=warmup, ema=ema,
                              save_every=save_every, seed=seed, student_steps=student_steps,
-                             critic_updates=critic_updates, chunks=chunks, init_from=str(from_), samples=samples,
+                             critic_updates=critic_updates, chunks=chunks, init_from=str(from_),
+                             init_student=str(init_student) if init_student else None, samples=samples,
                              data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:

@@ -1,5 +1,5 @@
 """The distillation loop (stage 3, issue 17): a few-step student and its critic, both initialised from the
-frozen causal teacher, trained by DMD (dmd.py) on the student's self-rollouts (rollout.py), with the
+frozen causal teacher (or the student from a previous distillation's EMA: `init_student`), trained by DMD (dmd.py) on the student's self-rollouts (rollout.py), with the
 training stages' machinery (stages/train/machinery.py: AdamW with warmup-cosine, EMA, per-step
 randomness, the checkpoint folder layout and resume).
 
@@ -59,12 +59,48 @@ class DistillSettings:
     critic_updates: int = ranged(1, min=1)   # critic steps per generator step
     chunks: int = ranged(5, min=1)           # chunks per rollout
     init_from: str | None = None             # the causal teacher (distill_run)
+    # warm start: the student and its EMA start from this checkpoint (a previous distilled student's
+    # ema.safetensors, of the teacher's config) instead of the teacher; critic and real score stay the
+    # teacher. A GPU run is <= 9 minutes and carries no optimizer state, so a second distillation phase
+    # starts from the first phase's shipped EMA (with fresh optimizers and schedule).
+    init_student: str | None = None
     samples: int = ranged(256, min=1)        # synthetic clips giving the conditions (cycled)
     data: str | None = None                  # a manifest to take the conditions from instead
     dmd: DMDSettings = field(default_factory=DMDSettings)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_student(path: str | Path, cfg: ModelConfig) -> None:
+    """Whether a previous distilled student at `path` can start the student; raises ValueError (one line) unless it is a vidu distillation checkpoint of exactly the config `cfg` (the
+    teacher's, with its record's chunk size: what `Distiller.save` writes)."""
+    from models.checkpoint import checkpoint_config, checkpoint_sampling
+    if not Path(path).is_file():
+        raise ValueError(f"--init-student {path}: no such checkpoint file")
+    got = checkpoint_config(path)
+    if got is None:
+        raise ValueError(f"--init-student {path} is not a vidu checkpoint (it records no model config)")
+    if got != cfg:
+        want, have = _flat(cfg.to_dict()), _flat(got.to_dict())
+        diff = [k for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+        shown = ", ".join(f"{k} {have.get(k)!r} (teacher {want.get(k)!r})" for k in diff[:3])
+        raise ValueError(f"--init-student {path} has another config than the teacher: {shown}"
+                         + (f" and {len(diff) - 3} more" if len(diff) > 3 else ""))
+    stage = (checkpoint_sampling(path) or {}).get("stage")
+    if stage != "distill":
+        raise ValueError(f"--init-student {path} is not a distilled student (its sampling record says stage "
+                         f"{stage!r}); give a `vidu distill` checkpoint's ema.safetensors")
+
+
+def _flat(d: dict, pre: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{pre}{k}."))
+        else:
+            out[pre + k] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 class Distiller:
@@ -78,12 +114,18 @@ class Distiller:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.critic = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        warm = None
+        if st.init_student:                  # warm start: student and EMA from a previous student's EMA
+            check_student(st.init_student, cfg)
+            warm = read_state_dict(st.init_student)
+            self.student.load_state_dict(warm)
         self.stream = student_settings(cfg, record, st.student_steps)
         self.record = {**record, "stage": "distill", "steps": st.student_steps, "sampler": "renoise",
                        "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
         self.obj = ObjectiveSettings(shift=record["shift"], chunk_frames=record["chunk_frames"],
                                      window=record["window"], sink=record["sink"])
-        self.ema = {k: p.detach().clone().float() for k, p in self.student.named_parameters()}
+        self.ema = {k: (p if warm is None else warm[k]).detach().clone().float().to(self.device)
+                    for k, p in self.student.named_parameters()}
         self.opt, self.sched = adamw(self.student, st, device)
         self.critic_opt, self.critic_sched = adamw(self.critic, dataclasses.replace(st, lr=st.critic_lr), device)
         self.step, self.history = 0, []
@@ -120,7 +162,8 @@ class Distiller:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def save(self) -> Path:
-        lineage = [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch}]
+        lineage = [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
+                    **({"init_student": self.st.init_student} if self.st.init_student else {})}]
         meta = {"sampling": self.record}
 
         def write(tmp: Path) -> None:
@@ -198,6 +241,8 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                          f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train --stage causal`")
     teacher, cfg = load_dit(st.init_from)
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
+    if st.init_student:
+        check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
