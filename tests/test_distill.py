@@ -332,3 +332,43 @@ def test_a_warm_started_student_starts_from_a_previous_students_ema(tmp_path):
         distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "causal.safetensors"))
     with pytest.raises(ValueError, match="no such checkpoint file"):
         distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "missing.safetensors"))
+
+
+def test_the_sync_reward_adds_the_teachers_sync_loss_on_the_rollout(tmp_path):
+    """sync_weight x the teachers' sync loss (lipsync.sync_loss, a discriminator file) on the student's
+    rollout joins the generator loss: the student's update changes, the critic's and the DMD term do not;
+    at weight 0 with a discriminator the loss is only measured (the update is the pure-DMD one)."""
+    from stages.distill.rollout import exit_steps
+    from stages.distill.loop import DistillSettings
+    from stages.train.lipsync import LipSync, LipSyncConfig, save_lipsync, sync_loss
+    from stages.train.machinery import step_generator
+    torch.manual_seed(4)
+    disc = LipSync(LipSyncConfig.for_model(TINY)).eval()
+    path = save_lipsync(tmp_path / "lipsync.safetensors", disc)
+    teacher = scrambled()
+    runs = {name: distiller(tmp_path, teacher, name, **kw) for name, kw in [
+        ("dmd", {}), ("again", {}), ("measured", {"lipsync": str(path)}),
+        ("reward", {"lipsync": str(path), "sync_weight": 2.0})]}
+    logged = {name: run.train_step() for name, run in runs.items()}
+    student = {name: params(run.student) for name, run in runs.items()}
+    assert same(student["dmd"], student["again"]) and same(student["dmd"], student["measured"])   # controls
+    assert not same(student["dmd"], student["reward"])
+    assert same(params(runs["dmd"].critic), params(runs["reward"].critic))
+    assert "loss_sync" not in logged["dmd"]
+    r = logged["reward"]
+    assert r["loss_dmd"] == logged["dmd"]["loss_dmd"] and r["loss_dmd_audio"] == logged["dmd"]["loss_dmd_audio"]
+    assert r["loss_sync"] == logged["measured"]["loss_sync"] > 0
+    assert r["loss"] == pytest.approx(r["loss_dmd"] + r["loss_dmd_audio"] + 2.0 * r["loss_sync"], rel=1e-6)
+    # the logged term is the discriminator's loss on the rollout the step drew (the teacher's weights at step 0)
+    draw = Draw(step_generator(0, 0), 0, 1, 1)
+    exits = exit_steps(draw, 3, 3)
+    seed = draw.randint(2 ** 62)
+    batch = runs["dmd"].batches(0)
+    with torch.no_grad():
+        video, _ = self_rollout(teacher, TINY, runs["dmd"].stream, batch["ref"], batch["text"], batch["audio"], 3,
+                                exits, seed)
+    assert float(sync_loss(video, batch["audio"], batch["mouth_box"], disc)) == pytest.approx(r["loss_sync"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"needs a lip-sync discriminator file \(--lipsync\)"):
+        DistillSettings(sync_weight=1.0)
+    with pytest.raises(ValueError, match="no such discriminator file"):
+        distiller(tmp_path, teacher, "x", sync_weight=1.0, lipsync=str(tmp_path / "missing.safetensors"))

@@ -27,6 +27,8 @@ def distill(
     guide: str = option(DMDSettings, "guide", "What the real score's unconditional pass nulls."),
     guidance_min_level: float = option(DMDSettings, "guidance_min_level", "Guide the real score only at noise levels from this..."),
     guidance_max_level: float = option(DMDSettings, "guidance_max_level", "...to this (unguided elsewhere)."),
+    sync_weight: float = option(DistillSettings, "sync_weight", "Weight of the sync reward: the teachers' sync loss on the student's rollout (needs --lipsync)."),
+    lipsync: Optional[Path] = option(DistillSettings, "lipsync", "A lip-sync discriminator file (the recipe's lipsync phase): the sync reward's, and with it loss_sync is logged at any --sync-weight.", show_default=False),
     lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
     critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
     warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -51,6 +53,7 @@ def distill(
                              save_every=save_every, seed=seed, student_steps=student_steps,
                              critic_updates=critic_updates, chunks=chunks, init_from=str(from_),
                              init_student=str(init_student) if init_student else None, samples=samples,
+                             sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
                              data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:

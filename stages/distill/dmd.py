@@ -121,6 +121,34 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     return loss.float(), parts
 
 
+def sync_reward(video: torch.Tensor, batch: dict, lipsync: str) -> torch.Tensor:
+    """The teachers' sync loss (stages/train/lipsync.py `sync_loss`, the frozen discriminator loaded once
+    per run by stages/train/losses.py `discriminator`) on the student's clip `video` [B, C, F, h, w],
+    every frame scored against the batch's speech ("audio") at the batch's mouth boxes ("mouth_box"
+    [B, F, 2]); its gradient reaches the student through the rollout, as the DMD loss's does."""
+    from stages.train.lipsync import sync_loss
+    from stages.train.losses import discriminator
+    boxes, audio = batch.get("mouth_box"), batch.get("audio")
+    if boxes is None or audio is None:
+        raise ValueError("the sync reward needs speech features and mouth boxes (world clips rendered with masks)")
+    return sync_loss(video, audio, boxes, discriminator(lipsync, str(video.device)))
+
+
+def check_lipsync(path: str, cfg) -> None:
+    """Raise ValueError (one line) unless `path` is a lip-sync discriminator that fits the model `cfg`."""
+    from pathlib import Path
+
+    from stages.train.lipsync import LipSyncConfig
+    from stages.train.losses import discriminator
+    if not Path(path).is_file():
+        raise ValueError(f"--lipsync {path}: no such discriminator file (train one with the recipe's lipsync phase)")
+    got, want = discriminator(path, "cpu").cfg, LipSyncConfig.for_model(cfg)
+    keys = ("crop", "channels", "mel_steps", "n_mels", "context")
+    bad = [f"{k} {getattr(got, k)} (model {getattr(want, k)})" for k in keys if getattr(got, k) != getattr(want, k)]
+    if bad:
+        raise ValueError(f"--lipsync {path} does not fit the model: {', '.join(bad)}")
+
+
 def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
                 obj: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
     """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss) on the

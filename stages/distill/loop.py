@@ -15,7 +15,10 @@ with both optimizers and schedules, step and loss history.
 or a manifest (stages/train/data.py, coded with the teacher's autoencoder), one process, bf16 autocast
 on GPU, a catalog row per run.
 
-Not yet here (issue 17): FSDP2 under torchrun, PCM (eq. 7), the ODE-regression warm-up, the sync reward.
+With `lipsync` the generator loss adds sync_weight x the teachers' sync loss on the student's rollout
+(dmd.py `sync_reward`).
+
+Not yet here (issue 17): FSDP2 under torchrun, PCM (eq. 7), the ODE-regression warm-up.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import torch
 from models.checkpoint import read_state_dict, save_model
 from models.config import ModelConfig
 from models.dit import DiT
-from stages.distill.dmd import DMDSettings, critic_loss, generator_loss
+from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
@@ -67,6 +70,16 @@ class DistillSettings:
     samples: int = ranged(256, min=1)        # synthetic clips giving the conditions (cycled)
     data: str | None = None                  # a manifest to take the conditions from instead
     dmd: DMDSettings = field(default_factory=DMDSettings)
+    # the sync reward (DMD tends to erode lip sync): sync_weight x the teachers' sync loss (a trained
+    # lip-sync discriminator's file `lipsync`, stages/train/lipsync.py) on the student's whole rollout,
+    # added to the generator loss. With `lipsync` given the sync loss is logged (loss_sync) at any weight,
+    # 0 included: lip sync measured with and without the reward.
+    sync_weight: float = ranged(0.0, min=0)
+    lipsync: str | None = None
+
+    def __post_init__(self):
+        if self.sync_weight > 0 and not self.lipsync:
+            raise ValueError("sync_weight > 0 needs a lip-sync discriminator file (--lipsync)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -119,6 +132,8 @@ class Distiller:
             check_student(st.init_student, cfg)
             warm = read_state_dict(st.init_student)
             self.student.load_state_dict(warm)
+        if st.lipsync:
+            check_lipsync(st.lipsync, cfg)
         self.stream = student_settings(cfg, record, st.student_steps)
         self.record = {**record, "stage": "distill", "steps": st.student_steps, "sampler": "renoise",
                        "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
@@ -140,6 +155,11 @@ class Distiller:
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
                                         batch.get("audio"), st.chunks, exits, seed)
             loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
+            if st.lipsync:                   # the sync reward (or, at weight 0, its measurement)
+                with torch.set_grad_enabled(st.sync_weight > 0):
+                    sync = sync_reward(video, batch, st.lipsync)
+                loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
+                parts["loss_sync"] = sync.detach()
         loss.backward()
         gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
@@ -243,18 +263,20 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
     if st.init_student:
         check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
+    if st.lipsync:
+        check_lipsync(st.lipsync, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
     data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
-                         prepare_codec)
+                         prepare_codec, masks=bool(st.lipsync))        # the sync reward's mouth boxes
     if prefetch:
         data.prefetch(prefetch)
         data.stack_on(d.device)
 
     def batches(step: int) -> dict:
         b = data.batch(step * st.batch, st.batch, d.device)
-        return {k: b[k] for k in ("ref", "text", "audio") if k in b}
+        return {k: b[k] for k in ("ref", "text", "audio", "mouth_box") if k in b}
 
     dst = Distiller(teacher, cfg, record, st, out, batches, d.device)
     run_id = "distill-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
