@@ -29,6 +29,8 @@ def distill(
     guidance_max_level: float = option(DMDSettings, "guidance_max_level", "...to this (unguided elsewhere)."),
     sync_weight: float = option(DistillSettings, "sync_weight", "Weight of the sync reward: the teachers' sync loss on the student's rollout (needs --lipsync)."),
     lipsync: Optional[Path] = option(DistillSettings, "lipsync", "A lip-sync discriminator file (the recipe's lipsync phase): the sync reward's, and with it loss_sync is logged at any --sync-weight.", show_default=False),
+    pcm_weight: float = option(DistillSettings, "pcm_weight", "Weight of the PCM regularizer (0: pure DMD)."),
+    pcm_substeps: int = option(DistillSettings, "pcm_substeps", "Teacher ODE steps per phase of the student's schedule (PCM)."),
     lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
     critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
     warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -54,6 +56,7 @@ def distill(
                              critic_updates=critic_updates, chunks=chunks, init_from=str(from_),
                              init_student=str(init_student) if init_student else None, samples=samples,
                              sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
+                             pcm_weight=pcm_weight, pcm_substeps=pcm_substeps,
                              data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:

@@ -61,25 +61,38 @@ def _matching(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * (x.double() - (x.double() - grad.double()).detach()).square().mean()
 
 
+def score_v(model, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
+            chunk_frames: int, guidance: float | torch.Tensor = 1.0, guide: str = "all",
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A model's velocity (video, joint audio) on a stream sequence, guided when guidance != 1 (a scale,
+    or one per row [B]): one forward of 2B rows, the unconditional ones with what `guide` nulls (the
+    reference kept). `model`: a DiT, or anything called like one (pcm.py: the student with its EMA)."""
+    if not torch.is_tensor(guidance) and guidance == 1.0:
+        out = causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
+        return out.video, out.audio
+    B = x_t.shape[0]
+    text, audio = guided_conditions(seq["text"], seq["audio"], guide)
+    two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]])}
+    out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
+                         torch.cat([sigma, sigma]), chunk_frames)
+    g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
+    return guided(out.video, levels(g, x_t)), guided(out.audio, None if xa_t is None else levels(g, xa_t))
+
+
 def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
              chunk_frames: int, guidance: float | torch.Tensor = 1.0, guide: str = "all",
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A model's x0 prediction (video, joint audio) on a stream sequence, guided when guidance != 1
-    (a scale, or one per row [B]): one forward of 2B rows, the unconditional ones with what `guide`
-    nulls (the reference kept)."""
-    if not torch.is_tensor(guidance) and guidance == 1.0:
-        out = causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
-        v, va = out.video, out.audio
-    else:
-        B = x_t.shape[0]
-        text, audio = guided_conditions(seq["text"], seq["audio"], guide)
-        two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]])}
-        out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
-                             torch.cat([sigma, sigma]), chunk_frames)
-        g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
-        v = guided(out.video, levels(g, x_t))
-        va = guided(out.audio, None if xa_t is None else levels(g, xa_t))
+    """A model's x0 prediction (video, joint audio) on a stream sequence (`score_v`'s velocity)."""
+    v, va = score_v(model, seq, x_t, xa_t, sigma, chunk_frames, guidance, guide)
     return x0_from_v(v, x_t, sigma), (None if va is None else x0_from_v(va, xa_t, sigma))
+
+
+def real_guidance(s: torch.Tensor, st: DMDSettings) -> tuple[torch.Tensor | float, torch.Tensor]:
+    """(the real score's guidance at noise levels s [B]: st.guidance inside the band, 1 outside, or the
+    number 1.0 when unguided; which rows are guided [B] bool)."""
+    band = (s >= st.guidance_min_level) & (s <= st.guidance_max_level)
+    g = torch.where(band, torch.full_like(s, st.guidance), torch.ones_like(s))
+    return (g if st.guidance != 1.0 else 1.0), band
 
 
 def _level(draw: Draw, obj: ObjectiveSettings, st: DMDSettings) -> torch.Tensor:
@@ -105,9 +118,8 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     cur = slice(p, p + c)
     with torch.no_grad():
         x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
-        band = (s >= st.guidance_min_level) & (s <= st.guidance_max_level)
-        g = torch.where(band, torch.full_like(s, st.guidance), torch.ones_like(s))
-        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, g if st.guidance != 1.0 else 1.0, st.guide)
+        g, band = real_guidance(s, st)
+        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, c, g, st.guide)
         fake, fake_a = score_x0(critic, seq, x_t, xa_t, sigma, c)
         grad = dmd_gradient(x0[:, :, cur], fake[:, :, cur], real[:, :, cur])
     loss = _matching(x0[:, :, cur], grad)

@@ -18,7 +18,10 @@ on GPU, a catalog row per run.
 With `lipsync` the generator loss adds sync_weight x the teachers' sync loss on the student's rollout
 (dmd.py `sync_reward`).
 
-Not yet here (issue 17): FSDP2 under torchrun, PCM (eq. 7), the ODE-regression warm-up.
+With `pcm_weight` > 0 it adds the PCM regularizer (pcm.py, eq. 7: the student's jumps to its phase
+edges against one guided teacher ODE step and the EMA student, in latent space).
+
+Not yet here (issue 17): FSDP2 under torchrun, the ODE-regression warm-up, PCM's perceptual distance.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from models.checkpoint import read_state_dict, save_model
 from models.config import ModelConfig
 from models.dit import DiT
 from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
+from stages.distill.pcm import pcm_loss, phase_edges
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
@@ -76,6 +80,10 @@ class DistillSettings:
     # 0 included: lip sync measured with and without the reward.
     sync_weight: float = ranged(0.0, min=0)
     lipsync: str | None = None
+    # the PCM regularizer (pcm.py, eq. 7): its weight in the generator loss (0: pure DMD) and the teacher
+    # ODE steps each phase of the student's schedule is cut into
+    pcm_weight: float = ranged(0.0, min=0)
+    pcm_substeps: int = ranged(4, min=1)
 
     def __post_init__(self):
         if self.sync_weight > 0 and not self.lipsync:
@@ -160,6 +168,12 @@ class Distiller:
                     sync = sync_reward(video, batch, st.lipsync)
                 loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
                 parts["loss_sync"] = sync.detach()
+            if st.pcm_weight > 0:            # PCM: the student's phase jumps against the teacher's ODE
+                pcm, pcm_parts = pcm_loss(self.student, self.ema, self.teacher, batch, video, audio, self.obj,
+                                          phase_edges(self.stream.steps, self.stream.shift), st.dmd,
+                                          st.pcm_substeps, draw)
+                loss = loss + st.pcm_weight * pcm
+                parts.update(pcm_parts)
         loss.backward()
         gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
