@@ -279,6 +279,19 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     from stages.distill.loop import DistillSettings, distill_run
     with pytest.raises(ValueError, match="is not a causal teacher"):
         distill_run(DistillSettings(init_from=str(tmp_path / "codec.safetensors")), tmp_path / "x")
+    # a second phase through the flags: warm start from the shipped EMA, with PCM; the refusals in one line
+    from tests.conftest import cli
+    phase = ("distill", "--from", str(teacher), "--steps", "1", "--batch", "1", "--chunks", "2", "--samples", "1",
+             "--workdir", str(tmp_path / "work"), "--quiet")
+    second = json.loads(cli(*phase, "--out", str(tmp_path / "second"), "--pcm-weight", "0.5",
+                            "--init-student", str(out / "step-000002" / "ema.safetensors")).stdout)
+    assert second["steps"] == 1 and second["resumed_from"] is None
+    state = torch.load(tmp_path / "second" / "step-000001" / "state.pt", weights_only=False)
+    assert state["history"][0]["loss_pcm"] > 0 and state["settings"]["init_student"].endswith("ema.safetensors")
+    for flags, says in [(("--init-student", str(teacher)), "is not a distilled student"),
+                        (("--sync-weight", "1"), "needs a lip-sync discriminator file")]:
+        res = cli(*phase, "--out", str(tmp_path / "refused"), *flags, check=False)
+        assert res.returncode != 0 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
 # --- the Distiller in process: warm start, sync reward, PCM ------------------------------------------
