@@ -8,6 +8,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N]
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
+    python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
 
 `--work W` is the run folder a phase reads and adds to; each training phase also copies what it made to
 $OUT (default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when
@@ -66,7 +67,7 @@ from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
-PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "distill", "eval", "clips")
+PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "distill", "eval", "clips", "starter")
 LIPSYNC = "lipsync.safetensors"
 TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
 SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
@@ -353,6 +354,38 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     shutil.copy(run / "loss.png", out / "loss_distill.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
+
+
+def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
+    """The shipped starter model (models/starter): W/student as one bf16 file beside W's codec, its
+    codec record pointing at the file beside it, its lineage (recipe, commit, distillation settings) and
+    the eval phase's summary (`scores`: that phase's recipe_eval.json of the same student) in its
+    metadata ("starter"). Refuses scores of another checkpoint and files over the size limit."""
+    import subprocess
+    from models import starter
+    dest = dest or starter.HERE
+    student = unship(work / "student", "ema")
+    ev = json.loads(Path(scores).read_text())
+    if ev.get("phase") != "eval" or ev.get("teacher") != "student":
+        raise SystemExit(f"{scores} is not an eval of the student (--phase eval --teacher student)")
+    meta = read_metadata(student)
+    sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in read_state_dict(student).items()}
+    meta["sampling"] = {**meta["sampling"], "codec": {**meta["sampling"]["codec"], "file": starter.CODEC.name}}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    s = ev["summary"]
+    meta["starter"] = {"model": f"distilled student, {meta['sampling']['steps']} steps", "recipe": "benchmarks/teacher_recipe.py",
+                       "commit": commit or None, "lineage": meta.get("lineage"),
+                       "eval": {"cases": ev["cases"], "seconds": ev["seconds"], "device": ev["device"]},
+                       "scores": {k: s[k] for k in ("mouth_r", "mouth_abs_r_control", "instr_success", "instr_events",
+                                                    "latency_s_p50", "latency_s_p90", "spurious_per_min",
+                                                    "identity_error", "truth_identity_error")}}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_safetensors(dest / starter.STUDENT.name, sd, meta)
+    shutil.copyfile(work / CODEC, dest / starter.CODEC.name)
+    size = sum((dest / f).stat().st_size for f in (starter.STUDENT.name, starter.CODEC.name))
+    if size > starter.SIZE_LIMIT:
+        raise SystemExit(f"the starter is {size / 2 ** 20:.1f} MiB, over {starter.SIZE_LIMIT / 2 ** 20:.0f} MiB")
+    return {"phase": "starter", "dest": str(dest), "bytes": size, "starter": meta["starter"]}
 
 
 # -- eval: the synth bench's cases and scores, in memory ----------------------------------------------
@@ -738,6 +771,8 @@ def table(res: dict) -> str:
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min",
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})",
                           "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())])
+    if res["phase"] == "starter":
+        return f"starter: {res['dest']} ({res['bytes'] / 2 ** 20:.1f} MiB), scores {res['starter']['scores']}"
     if res["phase"] == "distill":
         t = res["train"]
         return (f"distill: {t['steps']} steps x batch {res['settings']['batch']} in {t['train_s']:.0f} s, "
@@ -772,6 +807,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
+    ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
     if args.write_text_table:
@@ -795,6 +831,10 @@ def main(argv: list[str] | None = None) -> dict:
         res = lipsync_phase(recipe, work, out, args.workers)
     elif args.phase == "clips":
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
+    elif args.phase == "starter":
+        if not args.scores:
+            ap.error("--phase starter needs --scores (the student's recipe_eval.json)")
+        res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps)
     elif args.phase == "eval":

@@ -1,6 +1,13 @@
-"""`vidu demo`: make a small sample set with known facts and run prefilter then clip on it.
+"""`vidu demo`: the avatar demo (the starter model streams a generated character that talks and is
+told what to do, scored by `vidu eval`), and `vidu demo curation`: make a small sample set with known
+facts and run prefilter then clip on it.
 
-The set: a talking video with hard cuts (path with spaces), a long single-shot monologue, a
+The avatar demo is `vidu eval --bench synth --ckpt <the starter model>` on one held-out case: the
+synthetic world draws a character (its reference image), a voice says a script (espeak-ng) and
+instructions are typed at the script's times; `vidu stream`'s engine makes the video with its audio
+(an mp4), and the bench scores it against the world's ground truth.
+
+The curation set: a talking video with hard cuts (path with spaces), a long single-shot monologue, a
 smaller re-encode of it (near-duplicate), an exact copy under a non-ASCII name (duplicate), a
 video without audio, a truncated file and a text file.
 """
@@ -19,6 +26,20 @@ from stages.run import RunResult, run_stage
 from stages.synth.media import talking_video, transcode
 
 DEMO_CLIP_MAX_LEN = 12.0  # seconds: short enough that the 30 s monologue is split in silence
+AVATAR_SECONDS = 6.0      # the avatar demo's script (~1.5 min to stream on a 2-core CPU)
+
+
+def run_avatar_demo(root: Path, seconds: float = AVATAR_SECONDS, device: str = "cpu", quiet: bool = False,
+                    ckpt: str | Path | None = None) -> dict:
+    """Stream held-out synth case 0 for `seconds` through `ckpt` (default: the starter model) and score
+    it. Returns {"samples": RunResult, "eval": RunResult, "row": the eval row, "case": the sample row}."""
+    from models.starter import starter_checkpoint
+    from stages.eval.bench import run_bench
+    ckpt = ckpt or starter_checkpoint()
+    s_res, e_res = run_bench("synth", root, ckpt=str(ckpt), limit=1, seconds=seconds, device=device, quiet=quiet)
+    (row,) = ok_rows(read_manifest(e_res.path)[0])
+    (case,) = ok_rows(read_manifest(s_res.path)[0])
+    return {"samples": s_res, "eval": e_res, "row": row, "case": case}
 
 
 def make_sample_set(folder: Path) -> dict:

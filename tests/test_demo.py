@@ -4,6 +4,7 @@ from pathlib import Path
 
 from manifests.io import read_manifest, workspace
 from stages.demo import DEMO_CLIP_MAX_LEN, run_demo
+from tests.conftest import vidu
 
 
 def test_demo_decisions(tmp_path):
@@ -27,3 +28,24 @@ def test_demo_decisions(tmp_path):
     for c in mono[1:]:
         assert c["cut_reasons"][0] == "silence"
         assert not any(s < c["start_s"] < e for s, e in true_speech)  # never inside the true utterances
+
+
+def test_avatar_demo_streams_the_starter_and_scores_it(tmp_path):
+    """`vidu demo` (what `make demo` runs): the starter model streams a 1-s script of the synthetic
+    world to an mp4 with its audio, and the scores, the files and the live-page command are printed."""
+    import av
+    res = vidu("demo", "--seconds", "1", "--workdir", str(tmp_path), "--device", "cpu")
+    lines = dict(ln.split(":", 1) for ln in res.stdout.splitlines() if ln[:1].isalpha() and ":" in ln)
+    video = Path(lines["video"].strip())
+    with av.open(str(video)) as f:
+        assert {s.type for s in f.streams} == {"video", "audio"}
+        assert (f.streams.video[0].width, f.streams.video[0].height) == (256, 256)
+        assert sum(1 for _ in f.decode(video=0)) == 25
+    assert "lip-sync r" in lines["scores"] and "--serve 127.0.0.1:8000" in lines["live"]
+    assert Path(lines["character"].strip()).is_file()
+    assert "running" not in res.stdout                 # the model is announced on stderr, results on stdout
+
+
+def test_curation_demo_is_a_subcommand(tmp_path):
+    res = vidu("demo", "curation", "--help")
+    assert "prefilter | clip" in res.stdout

@@ -59,7 +59,7 @@ def probe(path: Path) -> dict:
 
 def test_stream_audio_file_to_mp4(inputs, tmp_path):
     out = tmp_path / "out.mp4"
-    res = vidu("stream", "--image", str(inputs["face"]), "--audio", str(inputs["speech"]), "--out", str(out),
+    res = vidu("stream", "--preset", "tiny", "--image", str(inputs["face"]), "--audio", str(inputs["speech"]), "--out", str(out),
                "--summary", str(tmp_path / "s.json"), input="")
     info = probe(out)
     n = expected_frames(inputs["samples"])
@@ -74,7 +74,7 @@ def test_stream_audio_file_to_mp4(inputs, tmp_path):
 
 
 def test_raw_frames_on_stdout(inputs):
-    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--out", "-",
+    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(inputs["face"]), "--out", "-",
                            "--seconds", "0.4", "-q"], capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     frames = 1 + 4 * 3                                   # 0.4 s = 10 frames -> 3 chunks after the first
@@ -87,6 +87,7 @@ def test_raw_frames_on_stdout(inputs):
     (["--image", "{face}", "--audio", "{dir}/notes.txt"], "cannot read audio from"),
     (["--image", "{face}", "--audio", "mic"], "no microphone"),
     (["--image", "{face}", "--ckpt", "{dir}/notes.txt"], "cannot read checkpoint"),
+    (["--image", "{face}", "--ckpt", "{dir}/notes.txt", "--preset", "tiny"], "--ckpt and --preset both"),
     (["--image", "{face}"], "give an output"),
     (["--image", "{face}", "--sampler", "heun"], "unknown sampler 'heun'"),
     (["--image", "{face}", "--guidance", "-1"], "--guidance"),
@@ -124,7 +125,7 @@ def test_incompatible_checkpoint_is_named(inputs, tmp_path):
 
 def test_ctrl_c_finalises_a_playable_file(inputs, tmp_path):
     out = tmp_path / "live.mp4"
-    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(inputs["face"]), "--out",
                              str(out), "--seconds", "600", "-q", "--summary", str(tmp_path / "s.json")],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=_as_in_a_terminal)
@@ -217,7 +218,7 @@ def test_live_audio_arriving_mid_stream_is_used_from_the_next_chunk(inputs):
 
 def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path):
     import urllib.request
-    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(inputs["face"]), "--serve",
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(inputs["face"]), "--serve",
                              "127.0.0.1:0", "-q", "--summary", str(tmp_path / "s.json")], stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:

@@ -57,7 +57,7 @@ def _working_bytes(folder: Path) -> int:
 
 def test_sigterm_finalises_the_mp4_like_ctrl_c(face, tmp_path):
     out = tmp_path / "live.mp4"
-    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(face), "--out", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(face), "--out", str(out),
                              "--seconds", "600", "-q", "--summary", str(tmp_path / "s.json")],
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
@@ -92,7 +92,7 @@ def test_stdin_lines_are_read_as_bytes():
 
 
 def test_invalid_utf8_on_stdin_does_not_kill_the_stream(face, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(face), "--out",
+    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(face), "--out",
                            str(tmp_path / "o.mp4"), "--seconds", "0.6", "-q", "--summary", str(tmp_path / "s.json")],
                           input=b"\xff\xfe raise a hand\n" + b"z" * 1200 + b"\n", capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
@@ -151,7 +151,7 @@ def test_pixel_limit(tmp_path):
 
 def test_decompression_bomb_is_one_line(face, tmp_path):
     Image.new("1", (14000, 14000)).save(tmp_path / "huge.png")
-    res = vidu("stream", "--image", str(tmp_path / "huge.png"), "--out", str(tmp_path / "x.mp4"), check=False)
+    res = vidu("stream", "--preset", "tiny", "--image", str(tmp_path / "huge.png"), "--out", str(tmp_path / "x.mp4"), check=False)
     one_error_line(res, "is 14000x14000 (196 megapixels), more than the limit")
 
 

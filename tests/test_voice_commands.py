@@ -141,7 +141,7 @@ def test_stream_with_spoken_commands(tmp_path):
         w.setsampwidth(2)
         w.setframerate(SR)
         w.writeframes((np.clip(audio, -1, 1) * 32767).astype(np.int16).tobytes())
-    vidu("stream", "--image", str(tmp_path / "face.png"), "--audio", str(tmp_path / "talk.wav"),
+    vidu("stream", "--preset", "tiny", "--image", str(tmp_path / "face.png"), "--audio", str(tmp_path / "talk.wav"),
          "--commands", str(tmp_path / "talk.wav"), "--out", str(tmp_path / "out.mp4"),
          "--summary", str(tmp_path / "s.json"), "-q", input="")
     s = json.loads((tmp_path / "s.json").read_text())

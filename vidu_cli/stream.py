@@ -22,8 +22,8 @@ def stream(
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
     commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,
-    ckpt: Annotated[Optional[Path], typer.Option(help="Causal checkpoint; the settings it records are the defaults below (default: the preset with random weights).")] = None,
-    preset: Annotated[str, typer.Option(help="Architecture when no checkpoint is given: tiny | small | wan2.1-1.3b.")] = "tiny",
+    ckpt: Annotated[Optional[Path], typer.Option(help="Causal or distilled checkpoint; the settings it records are the defaults below (default: the starter model shipped with vidu).", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Random weights of this architecture instead of a checkpoint: tiny | small | wan2.1-1.3b.", show_default=False)] = None,
     instruction: Optional[str] = option(SessionOptions, "instruction", "Initial text instruction (type new ones on stdin)."),
     chunk_frames: Optional[int] = option(StreamSettings, "chunk_frames", "Latent frames per chunk (default: the checkpoint's, else the preset's).", default=None, show_default=False),
     steps: Optional[int] = option(StreamSettings, "steps", "Denoising steps per chunk (default: the checkpoint's, else 3).", default=None, show_default=False),
@@ -49,8 +49,10 @@ def stream(
 ) -> None:
     """Generate the character live from an image, speech and text instructions.
 
-    A checkpoint from `vidu train` records the settings it was trained with: they are the defaults,
-    and a flag asking for something it never saw is refused. SIGTERM stops like Ctrl-C.
+    With no --ckpt it runs the starter model shipped with vidu (a distilled 3-step student, 256x256;
+    --preset runs random weights instead). A checkpoint from `vidu train` or `vidu distill` records the
+    settings it was trained with: they are the defaults, and a flag asking for something it never saw
+    is refused. SIGTERM stops like Ctrl-C.
 
     Example: vidu stream --image cat.png --audio speech.wav --out cat.mp4
     Example: vidu stream --image cat.png --say "Hello there, nice to meet you." --voice en-gb-x-rp+f3 --out cat.mp4
@@ -83,7 +85,14 @@ def stream(
             given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
                          noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, guide=guide,
                          recache=recache)
-            parts = load_parts(image, ckpt, preset, given, decoder_weights, text_encoder_path, dev, dtype, seed)
+            if ckpt is not None and preset is not None:
+                raise ValueError("--ckpt and --preset both choose the model: use one of them")
+            if ckpt is None and preset is None:
+                from models.starter import starter_checkpoint, starter_summary
+                ckpt = starter_checkpoint()
+                err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
+            parts = load_parts(image, ckpt, preset or "tiny", given, decoder_weights, text_encoder_path, dev, dtype,
+                               seed)
             if gpus > 1:
                 from stages.stream.ranks import session_ranks
                 parts = ranks.enter_context(session_ranks(parts, gpus, dev, seed))

@@ -1,0 +1,71 @@
+"""The starter model shipped in the package (models/starter, issue 16): within the size limit, bf16,
+with its lineage and eval scores, and what `vidu stream` runs with no --ckpt; streamed on the CPU from
+those weights, every frame shows the character and its mouth follows the speech it is given (and not
+another case's speech: the mismatched control)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from models import starter
+from models.checkpoint import read_metadata, read_state_dict
+
+CASE = 3                # held-out synth bench case (eval-split TTS voice): r 0.87 at 2 s when chosen (session 30)
+SYNC_BOUND = 0.6        # lip-sync r above it, the mismatched control's |r| below it
+
+
+def test_starter_files_fit_and_say_what_they_are():
+    size = starter.STUDENT.stat().st_size + starter.CODEC.stat().st_size
+    assert size <= starter.SIZE_LIMIT == 40 * 2 ** 20
+    for path in (starter.STUDENT, starter.CODEC):
+        assert {str(v.dtype) for v in read_state_dict(path).values()} == {"torch.bfloat16"}
+    meta = read_metadata(starter.STUDENT)
+    sampling, info = meta["sampling"], meta["starter"]
+    assert (sampling["stage"], sampling["steps"], sampling["guidance"]) == ("distill", 3, 1.0)
+    assert (starter.STUDENT.parent / sampling["codec"]["file"]) == starter.CODEC      # the record finds its codec
+    assert info["eval"]["cases"] >= 48 and 0 < info["scores"]["mouth_r"] < 1 and info["commit"]
+    assert "lip-sync r" in starter.starter_summary()
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    from stages import synth
+    from stages.eval.bench.cases import CONTROL_BASE, HELD_OUT_BASE, _with_speech
+    from PIL import Image
+    d = tmp_path_factory.mktemp("starter")
+    s = synth.make_sample(HELD_OUT_BASE + CASE, 256, 256, 25, 2.0, split="eval")
+    Image.fromarray(synth.render(s.identity, synth.State(), 256, 256, s.scene)).save(d / "ref.png")
+    with wave.open(str(d / "speech.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(s.audio, -1, 1) * 32767).astype("<i2").tobytes())
+    _, control = _with_speech(CONTROL_BASE, CASE, s.frames.shape[0] / 25)
+    return {"dir": d, "truth": s.truth(), "control": np.asarray(control, np.float64)}
+
+
+def test_vidu_stream_runs_the_starter_and_it_lip_syncs(case):
+    """`vidu stream` with no --ckpt streams 2 s of the held-out case from the shipped weights (raw frames
+    on stdout) and says which model it ran; scored like `vidu eval --bench synth` (the world's face
+    finder and mouth measure)."""
+    from stages.eval.bench.synthscore import synth_scores
+    d = case["dir"]
+    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(d / "ref.png"), "--audio",
+                           str(d / "speech.wav"), "--out", "-", "--seconds", "2", "--device", "cpu"],
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert "running the starter model (distilled student, 3 steps" in proc.stderr.decode()
+    frames = np.frombuffer(proc.stdout, np.uint8).reshape(-1, 256, 256, 3)
+    assert len(frames) >= 45
+    s = synth_scores(frames, 25.0, case["truth"], case["control"])
+    print({k: s[k] for k in ("face_found", "mouth_r", "mouth_r_control", "identity_error")})
+    assert s["face_found"] == 1.0
+    assert s["mouth_r"] > SYNC_BOUND > abs(s["mouth_r_control"])
+    # negative control: the same frames against the mouth track reversed in time do not pass the bound
+    flipped = {**case["truth"], "tracks": {**case["truth"]["tracks"], "mouth": case["truth"]["tracks"]["mouth"][::-1]}}
+    assert synth_scores(frames, 25.0, flipped, None)["mouth_r"] < SYNC_BOUND
