@@ -251,3 +251,53 @@ def test_page_and_scripts_are_package_files_with_the_shared_instruction_limit(si
     status, _ = _post(web.url + "instruction", json.dumps({"text": "x" * MAX_INSTRUCTION_CHARS}).encode(),
                       "application/json")
     assert status == 200
+
+
+@pytest.mark.timeout(300)
+def test_page_streams_the_starter_model(browser, tmp_path):
+    """`vidu stream --serve` with no --ckpt (the starter model, on this CPU) in headless Chromium: the
+    page's image is the model's 256 x 256 frames, not blank, and changes as chunks arrive; a screenshot
+    of the page is kept (tmp_path/page.png; benchmarks/figures/starter_live_page.png is one)."""
+    import io
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from stages import synth
+    s = synth.make_sample(7, 256, 256, 25, 0.2, split="eval")
+    Image.fromarray(synth.render(s.identity, synth.State(), 256, 256, s.scene)).save(tmp_path / "ref.png")
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(tmp_path / "ref.png"), "--serve",
+                             "127.0.0.1:0", "--device", "cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        url, said = None, []
+        while url is None:
+            line = proc.stderr.readline()
+            assert line, "vidu stream ended before serving: " + "".join(said)
+            said.append(line)
+            if line.startswith("serving on "):
+                url = line.split()[-1]
+        assert any("running the starter model" in ln for ln in said)
+        browser.get(url)
+        _wait(lambda: browser.execute_script("return document.getElementById('view').naturalWidth") == 256, 120,
+              "the first frame")
+        shots = []
+
+        def grab():
+            png = browser.execute_script(CAPTURE).split(",", 1)[1]
+            import base64
+            px = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB"))
+            if not shots or not np.array_equal(px, shots[-1]):
+                shots.append(px)
+            return len(shots) >= 3
+        _wait(grab, 120, "three different frames")
+        for px in shots:
+            assert px.shape == (256, 256, 3) and px.std() > 20            # a picture, not a blank or flat frame
+        Image.open(io.BytesIO(browser.get_screenshot_as_png())).save(tmp_path / "page.png")
+        assert np.asarray(Image.open(tmp_path / "page.png")).std() > 10
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
