@@ -22,6 +22,13 @@ a model is larger), with the codec, so that $OUT is the next GPU run's W (<= 64 
     W/runs/<stage>/                               training runs (optimizer state; resumed from latest
                                                   when a phase is run again on the same W, never carried)
 
+What travels to a GPU run is the working tree and the carried paths, 64 MiB in all: the starter model
+(models/starter/*.safetensors, 39 MiB) is moved out of the checkout for the run and back after it, and
+W holds what the phase reads (a teacher, the codec: <= 41 MiB), never a teacher and a student together.
+Files a phase leaves outside $OUT stay on the machine while it is held (it is given back after ~30 s
+idle): the distill phase run again at once, without carrying W, resumes W/runs/distill with its
+optimizer state (each run trains for the phase's minutes, up to the steps the first run set).
+
 A training phase first times a few steps (a probe on a handful of clips: step time and clip rendering
 cost), then fits the step count (cosine schedule) to what is left of --minutes after rendering every
 clip up front in --workers processes; `minutes` of TrainSettings stops it on time regardless. Settings:
