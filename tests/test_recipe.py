@@ -80,6 +80,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert dist["train"]["steps"] == 2 and dist["settings"]["init_from"] == str(works[4] / "causal" / "ema.safetensors")
     assert set(dist["shipped"]) == {"student/ema.safetensors", "codec.safetensors"}
     assert set(dist["loss_first"]) >= {"loss", "loss_critic", "loss_dmd"}
+    again = phase("distill", works[4], tmp_path / "out5", monkeypatch)   # run again on the held machine: resumes
+    assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
     assert st["summary"]["clips"] == 2
