@@ -14,7 +14,9 @@ from stages.demo import AVATAR_SECONDS, DEMO_CLIP_MAX_LEN, run_avatar_demo, run_
 from vidu_cli.options import Quiet, Workdir, Workers
 from vidu_cli.report import clean_errors, err
 
-demo = typer.Typer(help="Demos: the avatar (default) and the curation chain.", add_completion=False)
+demo = typer.Typer(help="Demos: the avatar (default: the starter model streams a talking character and "
+                        "vidu eval scores it) and the curation chain.\n\nExample: vidu demo --workdir /tmp/vidu-demo\n\n"
+                        "Example: vidu demo curation --workdir /tmp/vidu-demo", add_completion=False)
 
 
 @demo.callback(invoke_without_command=True)
