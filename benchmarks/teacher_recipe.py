@@ -290,6 +290,14 @@ def flops_per_sample(cfg) -> float:
     return float(6 * L * per_block * d.num_layers + 3 * 4 * L * L * d.dim * d.num_layers)
 
 
+def ship_ema(ckpt: Path, work: Path, out: Path, name: str) -> list:
+    """A run's EMA (ckpt/ema.safetensors) shipped as W/name/ema* and copied to $OUT/name/ with the codec:
+    $OUT is the whole next work folder. Returns the files in $OUT."""
+    shipped = ship(ckpt / "ema.safetensors", work / name, "ema")
+    (out / name).mkdir(parents=True, exist_ok=True)
+    return [*(shutil.copy(f, out / name / f.name) for f in shipped), shutil.copy(work / CODEC, out / CODEC)]
+
+
 def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
                 steps: int | None = None) -> dict:
     st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps)
@@ -309,10 +317,7 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
         cfg = get_preset(recipe.preset)
         res["flops_per_sample"] = flops_per_sample(cfg)
         res["mfu"] = summary["samples_per_s"] * res["flops_per_sample"] / H200_BF16_PEAK
-        shipped = ship(ckpt / "ema.safetensors", work / stage, "ema")
-        (out / stage).mkdir(parents=True, exist_ok=True)
-        files = [shutil.copy(f, out / stage / f.name) for f in shipped]
-        files.append(shutil.copy(work / CODEC, out / CODEC))      # $OUT is the whole next work folder
+        files = ship_ema(ckpt, work, out, stage)
     shutil.copy(run / "loss.png", out / f"loss_{stage}.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
@@ -354,10 +359,7 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
            "loss_first": {k: history[0][k] for k in keys},
            "loss_last_10pct": {k: float(np.mean([h[k] for h in tail])) for k in keys},
            "loss_curve": [{k: round(h[k], 5) for k in ("step", *keys)} for h in history[:: max(1, len(history) // 50)]]}
-    shipped = ship(ckpt / "ema.safetensors", work / "student", "ema")
-    (out / "student").mkdir(parents=True, exist_ok=True)
-    files = [shutil.copy(f, out / "student" / f.name) for f in shipped]
-    files.append(shutil.copy(work / CODEC, out / CODEC))
+    files = ship_ema(ckpt, work, out, "student")
     shutil.copy(run / "loss.png", out / "loss_distill.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
