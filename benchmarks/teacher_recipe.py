@@ -109,7 +109,7 @@ RECIPES = {
         autoencoder=dict(batch=8, lr=1e-3, ema=0.99, autoencoder=AutoencoderSettings(frames=33)),
         # clips are rendered and coded up front (one thread: ~0.25 s per 1.3-s clip, ~1 s per 8-s stage-2 clip)
         bidirectional=dict(batch=32, samples=4096, lr=1e-3, ema=0.995, compile=True),
-        causal=dict(batch=32, samples=512, lr=2e-4, ema=0.995, compile=True,
+        causal=dict(batch=32, samples=1024, lr=2e-4, ema=0.995, compile=True,
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=48, eval_seconds=8.0,
         # rollouts of 12 chunks (the window of 7 wraps); the real score guided on the text alone at the
@@ -178,18 +178,32 @@ def unship(dest: Path, name: str) -> Path:
 
 # -- training phases -----------------------------------------------------------------------------
 
-def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: float | None) -> TrainSettings:
+def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: float | None,
+                   again: bool = False) -> TrainSettings:
+    """A training stage's settings; `again`: start from the stage's own shipped EMA (W/<stage>), a further
+    run with a fresh optimizer and schedule (training continued across GPU sessions)."""
     kw = dict(getattr(recipe, stage))
     kw.update(stage=stage, preset=recipe.preset, steps=steps, minutes=minutes, save_every=max(1, steps // 4),
               warmup=min(100, steps // 10))
-    if stage == "bidirectional":
+    if stage == "bidirectional" or again:
         kw["codec"] = str(work / CODEC)
-    if stage == "causal":
+    if again:
+        kw["init_from"] = str(unship(work / stage, "ema"))
+        kw["seed"] = fresh_seed(kw["init_from"], stage)
+    elif stage == "causal":
         kw["init_from"] = str(unship(work / "bidirectional", "ema"))
     if stage != "autoencoder" and usable_lipsync(recipe, work):
         kw["objective"] = dataclasses.replace(kw.get("objective", ObjectiveSettings()),
                                               sync_weight=recipe.lipsync["weight"], lipsync=str(work / LIPSYNC))
     return TrainSettings(**kw)
+
+
+def fresh_seed(init_from: str, stage: str) -> int:
+    """The data seed of a further run of `stage` (--again): one past the highest seed its runs in the
+    checkpoint's lineage rendered clips from ("synth:<n>@<seed>"), so each continuation sees new clips."""
+    used = [int(r["data"].rsplit("@", 1)[1]) for r in read_metadata(init_from).get("lineage", [])
+            if r.get("stage") == stage and str(r.get("data", "")).startswith("synth:")]
+    return max(used, default=-1) + 1
 
 
 def usable_lipsync(recipe: Recipe, work: Path) -> bool:
@@ -221,10 +235,15 @@ def lipsync_phase(recipe: Recipe, work: Path, out: Path, workers: int) -> dict:
             "used_by_teachers": usable_lipsync(recipe, work), "shipped": {LIPSYNC: path.stat().st_size}}
 
 
-def probe(recipe: Recipe, stage: str, work: Path, workers: int) -> dict:
+def run_name(stage: str, again: bool) -> str:
+    """W/runs/<name>: a stage's run, or its further run from the shipped EMA (--again)."""
+    return f"{stage}-again" if again else stage
+
+
+def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False) -> dict:
     """Seconds per step (the probe's last half) and per rendered clip (x workers), from a short run on
     a few clips."""
-    st = stage_settings(recipe, stage, work, recipe.probe_steps, None)
+    st = stage_settings(recipe, stage, work, recipe.probe_steps, None, again)
     n = min(st.samples, 2 * st.batch)
     st = dataclasses.replace(st, samples=n, save_every=10 ** 6)
     out = work / "runs" / f"probe-{stage}"
@@ -253,21 +272,21 @@ def probe(recipe: Recipe, stage: str, work: Path, workers: int) -> dict:
 
 
 def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, workers: int, t_phase: float,
-                    steps: int | None = None) -> tuple:
-    """The run's settings: those it was started with (W/runs/<stage>/recipe.json: a re-run resumes it),
+                    steps: int | None = None, again: bool = False) -> tuple:
+    """The run's settings: those it was started with (W/runs/<run>/recipe.json: a re-run resumes it),
     else `steps` (stopped after `minutes` of training), else steps fitted to the phase time left after
     the probe and the rendering."""
-    saved = work / "runs" / stage / "recipe.json"
+    saved = work / "runs" / run_name(stage, again) / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
-        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"]), rec
+        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again), rec
     if steps:
         rec = {"steps": steps, "train_minutes": minutes}
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rec, indent=1))
-        return stage_settings(recipe, stage, work, steps, minutes), rec
-    timing = probe(recipe, stage, work, workers)
-    st = stage_settings(recipe, stage, work, 1, None)
+        return stage_settings(recipe, stage, work, steps, minutes, again), rec
+    timing = probe(recipe, stage, work, workers, again)
+    st = stage_settings(recipe, stage, work, 1, None, again)
     # the workers start (imports, TTS) and share the machine with coding on the GPU: the measured one-thread
     # clip time x 1.5, plus POOL_START_S (session 26: 1024 stage-1 clips took 59 s on 15 workers)
     render = 0.0 if stage == "autoencoder" else POOL_START_S + 1.5 * st.samples * timing["clip_render_s"] / max(1, workers)
@@ -277,7 +296,7 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"]))}
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(rec, indent=1))
-    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"]), rec
+    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again), rec
 
 
 def flops_per_sample(cfg) -> float:
@@ -299,16 +318,18 @@ def ship_ema(ckpt: Path, work: Path, out: Path, name: str) -> list:
 
 
 def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
-                steps: int | None = None) -> dict:
-    st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps)
-    run = work / "runs" / stage
+                steps: int | None = None, again: bool = False) -> dict:
+    if again and stage == "autoencoder":
+        raise SystemExit("--again continues a teacher stage (bidirectional or causal)")
+    st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps, again)
+    run = work / "runs" / run_name(stage, again)
     t0 = time.perf_counter()
     summary = train(st, run, prefetch=workers)
     summary["wall_s"] = time.perf_counter() - t0
     ckpt = Path(summary["checkpoint"])
     history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     tail = history[-max(1, len(history) // 10):]
-    res = {"phase": stage, "settings": st.to_dict(), "fit": fit, "train": summary,
+    res = {"phase": stage, "again": again, "settings": st.to_dict(), "fit": fit, "train": summary,
            "loss_first": history[0]["loss"], "loss_last_10pct": float(np.mean([h["loss"] for h in tail])),
            "loss_curve": [(h["step"], round(h["loss"], 5)) for h in history[:: max(1, len(history) // 50)]]}
     if stage == "autoencoder":
@@ -327,10 +348,11 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
-                  steps: int | None = None) -> dict:
+                  steps: int | None = None, init_student: Path | None = None) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
-    a re-run on the same W resumes it (W/runs/distill/recipe.json). Ships W/student."""
+    a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
+    previous student's shipped EMA (ema*.safetensors), the warm start. Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
     saved = work / "runs" / "distill" / "recipe.json"
     if saved.is_file():
@@ -343,7 +365,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
-          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema"))}
+          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
+          **({"init_student": str(unship(init_student, "ema"))} if init_student else {})}
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()
@@ -816,6 +839,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
+    ap.add_argument("--again", action="store_true",
+                    help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
+    ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
     ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -845,7 +871,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error("--phase starter needs --scores (the student's recipe_eval.json)")
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
-        res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps)
+        res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps))
@@ -853,7 +879,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
                          args.workers)
     else:
-        res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps)
+        res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again)
     res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                phase_wall_s=time.perf_counter() - t_phase)
     (out / f"recipe_{args.phase}.json").write_text(json.dumps(res, indent=1, default=str))

@@ -56,6 +56,12 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
     again = phase("causal", works[2], outs[2], monkeypatch)        # re-run in the same folder: resumes out/latest
     assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
+    further = phase("causal", works[2], tmp_path / "more", monkeypatch, "--again")   # a later session: from the EMA
+    assert further["settings"]["init_from"] == str(works[2] / "causal" / "ema.safetensors")
+    assert further["train"]["resumed_from"] is None and further["again"]
+    assert (causal["settings"]["seed"], further["settings"]["seed"]) == (0, 1)     # new clips
+    assert recipe.read_state_dict(tmp_path / "more" / "causal" / "ema.safetensors").keys() == \
+        recipe.read_state_dict(outs[2] / "causal" / "ema.safetensors").keys()
     for out in outs[:3]:
         for f in out.rglob("*.safetensors"):
             assert f.stat().st_size <= recipe.SHIP_LIMIT
@@ -82,6 +88,10 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert set(dist["loss_first"]) >= {"loss", "loss_critic", "loss_dmd"}
     again = phase("distill", works[4], tmp_path / "out5", monkeypatch)   # run again on the held machine: resumes
     assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
+    carry(outs[2], tmp_path / "w5")          # a later session: the teacher, and the last student as the warm start
+    warm = phase("distill", tmp_path / "w5", tmp_path / "out7", monkeypatch, "--init-student", str(tmp_path / "out5" / "student"))
+    assert warm["settings"]["init_student"] == str(tmp_path / "out5" / "student" / "ema.safetensors")
+    assert warm["train"]["resumed_from"] is None
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
     assert st["summary"]["clips"] == 2
