@@ -81,6 +81,10 @@ SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run
 H200_BF16_PEAK = 989e12              # dense bf16 FLOP/s of an H200 (SXM)
 CODEC = "codec.safetensors"
 POOL_START_S = 20.0                  # rendering processes' start-up before the first clip (see fitted_settings)
+# wall time of rendering and coding a stage's clips on the GPU machine, in units of (one-thread clip time x
+# clips / workers): session 26, 1024 stage-1 clips in 59 s on 15 workers; session 31, 1024 stage-2 clips of
+# 8 s (0.60 s each on one thread) in ~230 s, so the workers wait on coding and transfer there
+RENDER_FACTOR = {"bidirectional": 1.5, "causal": 5.0}
 
 
 @dataclass(frozen=True)
@@ -287,9 +291,10 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
         return stage_settings(recipe, stage, work, steps, minutes, again), rec
     timing = probe(recipe, stage, work, workers, again)
     st = stage_settings(recipe, stage, work, 1, None, again)
-    # the workers start (imports, TTS) and share the machine with coding on the GPU: the measured one-thread
-    # clip time x 1.5, plus POOL_START_S (session 26: 1024 stage-1 clips took 59 s on 15 workers)
-    render = 0.0 if stage == "autoencoder" else POOL_START_S + 1.5 * st.samples * timing["clip_render_s"] / max(1, workers)
+    # the workers start (imports, TTS) and share the machine with coding on the GPU: POOL_START_S plus the
+    # measured one-thread clip time x RENDER_FACTOR; the phase's deadline stops training however long it takes
+    render = 0.0 if stage == "autoencoder" else \
+        POOL_START_S + RENDER_FACTOR[stage] * st.samples * timing["clip_render_s"] / max(1, workers)
     left = minutes * 60 - (time.perf_counter() - t_phase) - render - recipe.reserve_s
     if left < 10 * timing["step_s"]:
         raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of training after the probe and rendering")
@@ -324,7 +329,9 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
     st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps, again)
     run = work / "runs" / run_name(stage, again)
     t0 = time.perf_counter()
-    summary = train(st, run, prefetch=workers)
+    summary = train(st, run, prefetch=workers, deadline=t_phase + minutes * 60 - recipe.reserve_s,
+                    progress=lambda h: h["step"] % 200 or print(f"{stage} step {h['step']}: loss {h['loss']:.4f} at "
+                                                                 f"{time.perf_counter() - t_phase:.0f} s of the phase", flush=True))
     summary["wall_s"] = time.perf_counter() - t0
     ckpt = Path(summary["checkpoint"])
     history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
@@ -370,7 +377,7 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()
-    summary = distill_run(st, run, prefetch=workers, progress=lambda h: h["step"] % 50 or print(
+    summary = distill_run(st, run, prefetch=workers, deadline=t_phase + minutes * 60 - recipe.reserve_s, progress=lambda h: h["step"] % 50 or print(
         f"distill step {h['step']}: loss {h['loss']:.4f} critic {h['loss_critic']:.4f} at "
         f"{time.perf_counter() - t0:.0f} s", flush=True))
     summary["wall_s"] = time.perf_counter() - t0

@@ -277,6 +277,16 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     assert StreamSettings.resolve(cfg, rec).steps == 3        # `vidu stream --ckpt` runs 3 steps, no flags
     assert [r["state"] for r in catalog.runs(tmp_path / "work") if r["stage"] == "distill"] == ["done"]
     from stages.distill.loop import DistillSettings, distill_run
+    import stages.train.data as data
+    built = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(data, "build_dataset", lambda *a, **k: built.append(1) or 1 / 0)
+    try:                 # another setting in the same folder is refused before any clip is rendered
+        with pytest.raises(ValueError, match="other settings"):
+            distill_run(DistillSettings(init_from=str(teacher), steps=3, batch=1, chunks=2, samples=1, save_every=1), out)
+    finally:
+        monkey.undo()
+    assert built == []
     with pytest.raises(ValueError, match="is not a causal teacher"):
         distill_run(DistillSettings(init_from=str(tmp_path / "codec.safetensors")), tmp_path / "x")
     # a second phase through the flags: warm start from the shipped EMA, with PCM; the refusals in one line

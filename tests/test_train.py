@@ -3,6 +3,7 @@ run resumes exactly, stage 2 starts from stage 1, and two torchrun processes (FS
 the same losses as one process on the same global batch."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -62,7 +63,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(st, stopped, progress=stop_at_12)
     assert (stopped / "latest").read_text().strip() == "step-000010"
-    summary = train(st, stopped)
+    summary = train(dataclasses.replace(st, minutes=30.0), stopped)   # a new time limit: it stops runs, computes nothing
     assert summary["resumed_from"] == 10
     a, b = losses(straight), losses(stopped)
     assert len(a) == len(b) == 16
@@ -72,6 +73,23 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert sa["step"] == sb["step"] == 16
     # the 1e-6 match means something: no two steps' losses are that close
     assert min(abs(x - y) for i, x in enumerate(a) for y in a[i + 1:]) > 1e-6
+
+
+def test_a_run_that_cannot_resume_says_so_before_its_data_and_a_deadline_stops_it(tmp_path, monkeypatch):
+    import time
+    import stages.train.loop as loop
+    st = TrainSettings(stage="bidirectional", steps=16, save_every=5, **FAST)
+    first = train(st, tmp_path / "run", deadline=time.perf_counter())    # already past: one step, checkpointed
+    assert first["steps"] == 1 and (tmp_path / "run" / "latest").read_text().strip() == "step-000001"
+    assert first["data_s"] > 0
+
+    def no_data(*a, **k):
+        raise AssertionError("the data were built for a run that cannot resume")
+    monkeypatch.setattr(loop, "build_dataset", no_data)
+    with pytest.raises(ValueError, match="other settings"):
+        train(dataclasses.replace(st, lr=1e-3), tmp_path / "run")
+    with pytest.raises(AssertionError, match="data were built"):     # the control: a resumable run builds them
+        train(dataclasses.replace(st, minutes=5.0), tmp_path / "run")
 
 
 def test_causal_stage_starts_from_the_teacher(stage1, tmp_path):

@@ -233,9 +233,10 @@ class Distiller:
         return checkpoint_dir(self.out, step)
 
 
-def distill(dst: Distiller, progress=None) -> dict:
+def distill(dst: Distiller, progress=None, deadline: float | None = None) -> dict:
     """Run (or resume, from out/latest) `dst` to its settings' steps, checkpointing every save_every
-    and when `minutes` of training have passed (then it stops there)."""
+    and when `minutes` of training have passed or at `deadline` (a time.perf_counter() value; then it
+    stops there)."""
     dst.out.mkdir(parents=True, exist_ok=True)
     resumed = dst.resume()
     n0, t0 = dst.step, time.perf_counter()
@@ -243,7 +244,9 @@ def distill(dst: Distiller, progress=None) -> dict:
         logged = dst.train_step()
         if progress:
             progress(logged)
-        timed_out = dst.st.minutes is not None and time.perf_counter() - t0 > dst.st.minutes * 60
+        now = time.perf_counter()
+        timed_out = ((dst.st.minutes is not None and now - t0 > dst.st.minutes * 60)
+                     or (deadline is not None and now > deadline))
         if dst.step % dst.st.save_every == 0 or dst.step == dst.st.steps or timed_out:
             dst.save()
         if timed_out:
@@ -256,11 +259,11 @@ def distill(dst: Distiller, progress=None) -> dict:
 
 
 def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, progress=None,
-                d: Dist | None = None, prefetch: int = 0) -> dict:
+                d: Dist | None = None, prefetch: int = 0, deadline: float | None = None) -> dict:
     """Distill the teacher checkpoint `st.init_from` into out/ (re-run to resume); the conditions come
     from the dataset stage 2 trains on, its clips of `chunks` chunks, coded with the teacher's
     autoencoder (`prefetch` > 0: rendered up front in that many processes and kept on the device).
-    Records a catalog row under `root`."""
+    Records a catalog row under `root`; `deadline` as distill's."""
     from models.checkpoint import checkpoint_sampling, load_dit
     from stages.train.data import build_dataset
     from stages.train.loop import TrainSettings, prepare_codec
@@ -281,6 +284,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         check_lipsync(st.lipsync, cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    latest_state(out, st.to_dict())          # a run that cannot resume says so before its data are rendered
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
     data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
                          prepare_codec, masks=bool(st.lipsync))        # the sync reward's mouth boxes
@@ -301,7 +305,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                              code_version(), [st.init_from], str(out))
     t0, n0, state = time.perf_counter(), None, "failed"
     try:
-        summary = distill(dst, progress)
+        summary = distill(dst, progress, deadline)
         n0, state = summary["resumed_from"] or 0, "done"
     finally:
         if root is not None:

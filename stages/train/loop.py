@@ -334,10 +334,12 @@ def _train_inline_codec(cfg, seed: int, out: Path) -> Path:
 
 
 def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress=None, prefetch: int = 0,
-          d: Dist | None = None) -> dict:
+          d: Dist | None = None, deadline: float | None = None) -> dict:
     """Run (or resume) a training stage; returns a summary. `progress(logged)` is called per step;
     `prefetch` > 0: that many processes render data (teachers: the whole dataset up front; the
-    autoencoder: DataLoader workers). `d`: the processes (default: torchrun's, or this one)."""
+    autoencoder: DataLoader workers). `d`: the processes (default: torchrun's, or this one).
+    `deadline` (a time.perf_counter() value): stop there with a checkpoint too, however long the data
+    took (a GPU run's hard limit; `minutes` counts training time alone)."""
     d = d or init_dist()
     if d.world % st.sequence_parallel:
         raise ValueError(f"{d.world} processes do not form groups of --sequence-parallel {st.sequence_parallel}")
@@ -346,6 +348,8 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
                          f"{'groups of processes' if st.sequence_parallel > 1 else 'processes'}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    latest_state(out, st.to_dict())          # a run that cannot resume says so before its data are rendered
+    t_start = time.perf_counter()
     if st.stage == "autoencoder":
         from stages.train.autoencoder import AutoencoderTrainer
         trainer = AutoencoderTrainer(st, out, d, prefetch)
@@ -369,7 +373,9 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
                 trainer.history.append(logged)
                 if progress:
                     progress(logged)
-            timed_out = st.minutes is not None and _agreed(time.perf_counter() - t0 > st.minutes * 60, d)
+            now = time.perf_counter()
+            timed_out = _agreed((st.minutes is not None and now - t0 > st.minutes * 60)
+                                or (deadline is not None and now > deadline), d)
             if trainer.step % st.save_every == 0 or trainer.step == st.steps or timed_out:
                 trainer.save()
             if timed_out:
@@ -390,7 +396,8 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
             "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
             "samples_per_s": samples_s, "tokens_per_s": samples_s * tokens,
             "params": sum(p.numel() for p in trainer.model.parameters()) if d.world == 1 else None,
-            "checkpoint": str(trainer.checkpoint_dir(trainer.step)), "world_size": d.world, "seconds": seconds}
+            "checkpoint": str(trainer.checkpoint_dir(trainer.step)), "world_size": d.world, "seconds": seconds,
+            "data_s": t0 - t_start}
 
 
 def _agreed(flag: bool, d: Dist) -> bool:

@@ -121,13 +121,21 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], histor
     return path
 
 
+RUN_CONTROL = ("minutes",)     # settings that stop a run without changing what it computes: a resume may change them
+
+
 def latest_state(out: Path, settings: dict) -> tuple[Path, dict] | None:
-    """(newest checkpoint folder, its state.pt) of a run written with `settings`, or None for a new run."""
+    """(newest checkpoint folder, its state.pt) of a run written with `settings` (RUN_CONTROL aside), or
+    None for a new run. Trainers call it before building their data too, so that a run that cannot
+    resume says so at once."""
     latest = Path(out) / "latest"
     if not latest.is_file():
         return None
     path = Path(out) / latest.read_text().strip()
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if state["settings"] != json.loads(json.dumps(settings)):
+
+    def computed(s: dict) -> dict:
+        return {k: v for k, v in json.loads(json.dumps(s)).items() if k not in RUN_CONTROL}
+    if computed(state["settings"]) != computed(settings):
         raise ValueError(f"{path} was written with other settings; use another --out or the same options")
     return path, state
