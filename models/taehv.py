@@ -237,8 +237,9 @@ class TAEHV(nn.Module):
 def frames_to_latents(codec: TAEHV, frames) -> Tensor:
     """Frames [T, H, W, 3] uint8 (numpy) -> latents [C, F, h, w] on the CPU (1 + 4k frames: 1 + k latent
     frames), coded on the codec's device."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)[None].float() / 255
-    return codec.encode_video(x.to(next(codec.parameters()).device))[0].permute(1, 0, 2, 3).cpu()
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(next(codec.parameters()).device)   # uint8 travels
+    x = x.permute(0, 3, 1, 2)[None].float() / 255
+    return codec.encode_video(x)[0].permute(1, 0, 2, 3).cpu()
 
 
 @torch.no_grad()

@@ -487,3 +487,28 @@ def test_a_run_with_the_sync_loss_renders_mouth_boxes_and_logs_it(tmp_path):
           tmp_path / "run", tmp_path)
     logged = [json.loads(line) for line in (tmp_path / "run" / "loss.jsonl").read_text().splitlines()]
     assert len(logged) == 2 and all(r["loss_sync"] > 0 for r in logged)
+
+
+def test_prefetched_clips_equal_the_ones_coded_one_at_a_time():
+    """Dataset.prefetch (workers render the clips and their audio features; this process codes them,
+    uint8 frames moved to the codec's device before conversion) gives exactly `sample`'s tensors."""
+    from models.config import PRESETS
+    from models.taehv import TAEHV
+    from stages.train.data import ClipSource, Dataset
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    codec = TAEHV(cfg.taehv).eval()
+
+    def texts(batch):
+        return [torch.full((3, cfg.dit.text_dim), float(len(t))) for t in batch]
+    one = Dataset(ClipSource(cfg, 5, 2, masks=True), 0, codec, texts)
+    want = [one.sample(i) for i in range(2)]
+    ahead = Dataset(ClipSource(cfg, 5, 2, masks=True), 0, codec, texts)
+    ahead.prefetch(1)
+    assert sorted(ahead.cache) == [0, 1]
+    for i, w in enumerate(want):
+        got = ahead.cache[i]
+        assert got.keys() == w.keys() and {"video", "audio", "mouth", "text"} <= set(got)
+        for k in w:
+            assert torch.equal(got[k], w[k]), k
+    assert not torch.equal(want[0]["audio"], want[1]["audio"])      # two different clips: the check can fail
