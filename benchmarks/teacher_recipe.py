@@ -97,6 +97,9 @@ class Recipe:
     eval_cases: int                  # held-out synth cases (bench seeds HELD_OUT_BASE + i)
     eval_seconds: float              # seconds per case
     distill: dict = field(default_factory=dict)   # DistillSettings fields of stage 3 (init_from: stage 2's EMA)
+    # ... added when the student starts warm (--init-student): the critic first learns the warm student's
+    # samples alone (session 31: a warm student against a new teacher without it broke in 152 steps)
+    distill_warm: dict = field(default_factory=lambda: dict(critic_warmup=50))
     stream: dict = field(default_factory=dict)   # StreamSettings fields for eval (None / absent: the checkpoint's)
     # the lip-sync discriminator (stages/train/lipsync.py): training clips, steps, clip seconds, held-out
     # clips, the held-out AUC (matched vs shifted speech) it must reach before the teachers use it, and
@@ -128,7 +131,7 @@ RECIPES = {
                     objective=ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, tau_max=0.5)),
         eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0,
         distill=dict(batch=1, chunks=3, samples=2, steps=4, lr=1e-4, critic_lr=1e-4, warmup=1, ema=0.9,
-                     dmd=DMDSettings(guidance=3.0, guide="text")),
+                     dmd=DMDSettings(guidance=3.0, guide="text")), distill_warm=dict(critic_warmup=1),
         lipsync=dict(clips=3, steps=5, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
 }
 
@@ -373,7 +376,7 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
-          **({"init_student": str(unship(init_student, "ema"))} if init_student else {})}
+          **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {})}
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()

@@ -357,6 +357,25 @@ def test_a_warm_started_student_starts_from_a_previous_students_ema(tmp_path):
         distiller(tmp_path, teacher, "x", init_student=str(tmp_path / "missing.safetensors"))
 
 
+def test_critic_warmup_trains_the_critic_alone_then_the_student_on_its_own_schedule(tmp_path):
+    """The first critic_warmup steps move the critic only (the student, its EMA and its schedule wait);
+    then the student trains, its learning rate starting where a run without warm-up starts."""
+    from stages.distill.loop import DistillSettings
+    teacher = scrambled()
+    dst = distiller(tmp_path, teacher, "warm", critic_warmup=2, steps=5, warmup=2)
+    plain = distiller(tmp_path, teacher, "plain", steps=3, warmup=2)
+    student, ema, critic = params(dst.student), {k: v.clone() for k, v in dst.ema.items()}, params(dst.critic)
+    logged = [dst.train_step() for _ in range(2)]
+    assert same(student, params(dst.student)) and same(ema, dst.ema)
+    assert not same(critic, params(dst.critic))          # the critic trained
+    assert all(h["lr"] == 0.0 and h["grad_norm"] == 0.0 and h["loss"] > 0 for h in logged)   # measured, not applied
+    third = dst.train_step()
+    assert not same(student, params(dst.student))        # now the student moves
+    assert third["lr"] == plain.train_step()["lr"] > 0   # its schedule starts at its own step 0
+    with pytest.raises(ValueError, match="leaves no generator step"):
+        DistillSettings(steps=3, critic_warmup=3)
+
+
 def test_the_sync_reward_adds_the_teachers_sync_loss_on_the_rollout(tmp_path):
     """sync_weight x the teachers' sync loss (lipsync.sync_loss, a discriminator file) on the student's
     rollout joins the generator loss: the student's update changes, the critic's and the DMD term do not;

@@ -91,6 +91,7 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     carry(outs[2], tmp_path / "w5")          # a later session: the teacher, and the last student as the warm start
     warm = phase("distill", tmp_path / "w5", tmp_path / "out7", monkeypatch, "--init-student", str(tmp_path / "out5" / "student"))
     assert warm["settings"]["init_student"] == str(tmp_path / "out5" / "student" / "ema.safetensors")
+    assert warm["settings"]["critic_warmup"] == 1 and dist["settings"]["critic_warmup"] == 0
     assert warm["train"]["resumed_from"] is None
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")

@@ -23,6 +23,7 @@ def distill(
     student_steps: int = option(DistillSettings, "student_steps", "Denoising steps per chunk of the student."),
     chunks: int = option(DistillSettings, "chunks", "Chunks per rollout."),
     critic_updates: int = option(DistillSettings, "critic_updates", "Critic steps per generator step."),
+    critic_warmup: int = option(DistillSettings, "critic_warmup", "First steps that train the critic alone (use with --init-student against another teacher)."),
     guidance: float = option(DMDSettings, "guidance", "Classifier-free guidance of the real score (the teacher)."),
     guide: str = option(DMDSettings, "guide", "What the real score's unconditional pass nulls."),
     guidance_min_level: float = option(DMDSettings, "guidance_min_level", "Guide the real score only at noise levels from this..."),
@@ -53,7 +54,7 @@ def distill(
     with clean_errors():
         st = DistillSettings(steps=steps, batch=batch, lr=lr, critic_lr=critic_lr, warmup=warmup, ema=ema,
                              save_every=save_every, seed=seed, student_steps=student_steps,
-                             critic_updates=critic_updates, chunks=chunks, init_from=str(from_),
+                             critic_updates=critic_updates, critic_warmup=critic_warmup, chunks=chunks, init_from=str(from_),
                              init_student=str(init_student) if init_student else None, samples=samples,
                              sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
                              pcm_weight=pcm_weight, pcm_substeps=pcm_substeps,

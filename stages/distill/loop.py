@@ -5,7 +5,10 @@ randomness, the checkpoint folder layout and resume).
 
 One step: the student rolls out a clip of `chunks` chunks (exit steps and the engine's seed drawn from
 the step's generator), the generator loss is backpropagated through the exit steps and the student
-updated (its EMA too); then the critic takes `critic_updates` flow-loss steps on the clip. Every random
+updated (its EMA too); then the critic takes `critic_updates` flow-loss steps on the clip. The first
+`critic_warmup` steps train the critic alone (the generator loss is measured, not applied; the student's
+schedule starts after them), so that a student warm-started against another teacher is not driven by a
+fake score that still describes the teacher (session 31: without it, such a student broke). Every random
 number is a function of (seed, step), so a resumed run repeats the uninterrupted one exactly
 (tests/test_distill.py). Checkpoints (out/step-NNNNNN/): the student (model.safetensors, ema.safetensors,
 whose "sampling" record streams it at its few steps with no flags), critic.safetensors, and state.pt
@@ -64,6 +67,7 @@ class DistillSettings:
     seed: int = ranged(0, min=0)
     student_steps: int = ranged(STUDENT_STEPS, min=1, max=1000)   # denoising steps per chunk of the student
     critic_updates: int = ranged(1, min=1)   # critic steps per generator step
+    critic_warmup: int = ranged(0, min=0)    # first steps that train the critic alone (see the module doc)
     chunks: int = ranged(5, min=1)           # chunks per rollout
     init_from: str | None = None             # the causal teacher (distill_run)
     # warm start: the student and its EMA start from this checkpoint (a previous distilled student's
@@ -86,6 +90,8 @@ class DistillSettings:
     pcm_substeps: int = ranged(4, min=1)
 
     def __post_init__(self):
+        if self.critic_warmup >= self.steps:
+            raise ValueError(f"critic_warmup {self.critic_warmup} leaves no generator step of {self.steps}")
         if self.sync_weight > 0 and not self.lipsync:
             raise ValueError("sync_weight > 0 needs a lip-sync discriminator file (--lipsync)")
 
@@ -149,7 +155,8 @@ class Distiller:
                                      window=record["window"], sink=record["sink"])
         self.ema = {k: (p if warm is None else warm[k]).detach().clone().float().to(self.device)
                     for k, p in self.student.named_parameters()}
-        self.opt, self.sched = adamw(self.student, st, device)
+        self.opt, self.sched = adamw(self.student, dataclasses.replace(st, steps=st.steps - st.critic_warmup, critic_warmup=0),
+                                     device)
         self.critic_opt, self.critic_sched = adamw(self.critic, dataclasses.replace(st, lr=st.critic_lr), device)
         self.step, self.history = 0, []
 
@@ -159,6 +166,8 @@ class Distiller:
         draw = Draw(step_generator(st.seed, self.step), 0, st.batch, st.batch)
         exits = exit_steps(draw, st.chunks, st.student_steps)
         seed = draw.randint(2 ** 62)
+        if self.step < st.critic_warmup:
+            return self._critic_only_step(batch, draw, exits, seed)
         with self._autocast():
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
                                         batch.get("audio"), st.chunks, exits, seed)
@@ -177,16 +186,33 @@ class Distiller:
         loss.backward()
         gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
+        critic = self._critic_updates(batch, video, audio, draw)
+        return self._log(loss, critic, float(gnorm), parts)
+
+    def _critic_only_step(self, batch: dict, draw: Draw, exits, seed: int) -> dict:
+        """A critic warm-up step: the same rollout without gradients, the generator loss measured, the
+        student and its EMA untouched."""
+        with torch.no_grad(), self._autocast():
+            video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
+                                        batch.get("audio"), self.st.chunks, exits, seed)
+            loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, self.st.dmd, draw)
+        critic = self._critic_updates(batch, video, audio, draw)
+        return self._log(loss, critic, 0.0, parts)
+
+    def _critic_updates(self, batch: dict, video, audio, draw: Draw) -> list[float]:
         critic = []
-        for _ in range(st.critic_updates):
+        for _ in range(self.st.critic_updates):
             with self._autocast():
                 c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
             c_loss.backward()
-            optimizer_step(self.critic, self.critic_opt, None, st.grad_clip)
+            optimizer_step(self.critic, self.critic_opt, None, self.st.grad_clip)
             critic.append(float(c_loss.detach()))
         self.critic_sched.step()
+        return critic
+
+    def _log(self, loss, critic: list[float], gnorm: float, parts: dict) -> dict:
         logged = {"step": self.step, "loss": float(loss.detach()), "loss_critic": sum(critic) / len(critic),
-                  "grad_norm": float(gnorm), "lr": self.sched.get_last_lr()[0],
+                  "grad_norm": gnorm, "lr": self.sched.get_last_lr()[0] if self.step >= self.st.critic_warmup else 0.0,
                   **{k: float(v) for k, v in parts.items()}}
         self.history.append(logged)
         self.step += 1
