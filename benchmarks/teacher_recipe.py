@@ -4,9 +4,10 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase autoencoder   --work W --minutes 8.5   # skip it with --codec
     python benchmarks/teacher_recipe.py --phase bidirectional --work W --minutes 8.5 [--codec ae.safetensors]
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
+    python benchmarks/teacher_recipe.py --phase causal --again --work W --minutes 9   # further, from W/causal
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
-    python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N]
+    python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR]
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
 
