@@ -388,11 +388,13 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     ckpt = Path(summary["checkpoint"])
     history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     tail = history[-max(1, len(history) // 10):]
-    keys = [k for k in history[0] if k.startswith("loss")]
+    keys = list(dict.fromkeys(k for h in history for k in h if k.startswith("loss")))   # ODE warm-up rows differ
     res = {"phase": "distill", "settings": st.to_dict(), "fit": rec, "train": summary,
-           "loss_first": {k: history[0][k] for k in keys},
-           "loss_last_10pct": {k: float(np.mean([h[k] for h in tail])) for k in keys},
-           "loss_curve": [{k: round(h[k], 5) for k in ("step", *keys)} for h in history[:: max(1, len(history) // 50)]]}
+           "loss_first": {k: next(h[k] for h in history if k in h) for k in keys},
+           "loss_last_10pct": {k: float(np.mean([h[k] for h in tail if k in h])) for k in keys
+                               if any(k in h for h in tail)},
+           "loss_curve": [{k: round(h[k], 5) for k in ("step", *keys) if k in h}
+                          for h in history[:: max(1, len(history) // 50)]]}
     files = ship_ema(ckpt, work, out, "student")
     shutil.copy(run / "loss.png", out / "loss_distill.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
@@ -820,7 +822,8 @@ def table(res: dict) -> str:
         t = res["train"]
         return (f"distill: {t['steps']} steps x batch {res['settings']['batch']} in {t['train_s']:.0f} s, "
                 f"{t['samples_per_s']:.1f} rollouts/s; "
-                + ", ".join(f"{k} {res['loss_first'][k]:.4f} -> {res['loss_last_10pct'][k]:.4f}" for k in res["loss_first"])
+                + ", ".join(f"{k} {res['loss_first'][k]:.4f} -> " + (f"{res['loss_last_10pct'][k]:.4f}" if k in
+                            res["loss_last_10pct"] else "-") for k in res["loss_first"])
                 + "\n  shipped: " + ", ".join(f"{k} ({v / 2 ** 20:.1f} MiB)" for k, v in res["shipped"].items()))
     t = res["train"]
     line = (f"{res['phase']}: {t['steps']} steps x batch {res['settings']['batch']} in {t['seconds']:.0f} s, "

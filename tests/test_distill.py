@@ -372,8 +372,10 @@ def test_critic_warmup_trains_the_critic_alone_then_the_student_on_its_own_sched
     third = dst.train_step()
     assert not same(student, params(dst.student))        # now the student moves
     assert third["lr"] == plain.train_step()["lr"] > 0   # its schedule starts at its own step 0
-    with pytest.raises(ValueError, match="leaves no generator step"):
+    with pytest.raises(ValueError, match="leaves no DMD step"):
         DistillSettings(steps=3, critic_warmup=3)
+    with pytest.raises(ValueError, match="leaves no DMD step"):
+        DistillSettings(steps=4, critic_warmup=2, ode_warmup=2)
 
 
 def test_the_sync_reward_adds_the_teachers_sync_loss_on_the_rollout(tmp_path):
@@ -469,6 +471,84 @@ def test_the_pcm_term_trains_the_student_towards_the_teachers_ode(teacher_clip):
     assert losses[0] > 1e-3 and losses[-1] < losses[0] / 20            # measured 0.0069 -> 0.00008
     still = fit(0.0, 3)
     assert still[0] == losses[0] and still == [still[0]] * 3
+
+
+def test_the_teachers_ode_lands_where_a_straight_flow_goes_and_is_stopped_at_the_students_levels(teacher_clip,
+                                                                                                monkeypatch):
+    """teacher_ode on a velocity field whose paths are straight lines to a fixed x* (v = (x - x*) / t,
+    where Euler is exact): the endpoint is x*, the states at the student's levels lie on the line, the
+    history is never touched; a curved field (v = x - x*) misses x* (the control)."""
+    import stages.distill.ode as ode
+    from stages.distill.pcm import phase_edges
+    teacher, v, a, batch = teacher_clip
+    edges = phase_edges(ST.steps, OBJ.shift)
+    g = torch.Generator().manual_seed(1)
+    x_start, target = torch.randn(2, 4, 6, 4, 4, generator=g), torch.randn(2, 4, 6, 4, 4, generator=g)
+    p = 3                                                   # history positions (clean, level 0)
+
+    def at(t):
+        return torch.cat([torch.zeros(2, p), torch.full((2, 6 - p), t)], 1)
+
+    def straight(model, seq, x, xa, sigma, c, guidance=1.0, guide="all"):
+        t = sigma[:, None, :, None, None]
+        return torch.where(t > 0, (x - target) / t.clamp_min(1e-9), torch.zeros_like(x)), None
+    monkeypatch.setattr(ode, "score_v", straight)
+    for substeps in (1, 4):
+        states, end, _ = ode.teacher_ode(teacher, {}, x_start, None, at, edges, substeps, 1, DMDSettings())
+        assert [s for s, _, _ in states] == edges[:-1]
+        assert torch.allclose(end[:, :, p:], target[:, :, p:], atol=1e-5)
+        assert torch.equal(end[:, :, :p], x_start[:, :, :p])          # the history stays as it was
+        for s, x, _ in states:
+            line = target + s / edges[0] * (x_start - target)
+            assert torch.allclose(x[:, :, p:], line[:, :, p:], atol=1e-5)
+    monkeypatch.setattr(ode, "score_v", lambda model, seq, x, xa, sigma, c, guidance=1.0, guide="all": (x - target, None))
+    _, curved, _ = ode.teacher_ode(teacher, {}, x_start, None, at, edges, 4, 1, DMDSettings())
+    assert (curved[:, :, p:] - target[:, :, p:]).abs().max() > 0.1
+
+
+def test_ode_regression_trains_the_student_to_the_teachers_few_step_endpoint(teacher_clip):
+    """Minimising the ODE loss alone on a fixed batch and draw (12 AdamW steps) brings it down more than
+    5x; lr 0 keeps it exactly (the control); the teacher gets no gradient."""
+    from stages.distill.loop import DistillSettings
+    from stages.distill.ode import ode_loss
+    from stages.distill.pcm import phase_edges
+    from stages.train.machinery import adamw, optimizer_step
+    teacher, v, a, batch = teacher_clip
+    edges = phase_edges(ST.steps, OBJ.shift)
+
+    def fit(lr, steps):
+        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        opt, sched = adamw(student, DistillSettings(lr=lr, warmup=0, steps=steps), torch.device("cpu"))
+        losses = []
+        for _ in range(steps):
+            loss, parts = ode_loss(student, teacher, batch, v, a, OBJ, edges, DMDSettings(guidance=3.0), 2, draw(11))
+            loss.backward()
+            assert all(q.grad is None for q in teacher.parameters())
+            optimizer_step(student, opt, sched, 1.0)
+            losses.append(float(loss.detach()))
+        assert parts["loss_ode"] > 0 and parts["loss_ode_audio"] > 0
+        return losses
+
+    losses = fit(1e-3, 12)
+    assert losses[0] > 1e-3 and losses[-1] < losses[0] / 5, losses[::4]      # measured 1.76 -> 0.090
+    still = fit(0.0, 3)
+    assert still[0] == losses[0] and still == [still[0]] * 3
+
+
+def test_ode_warmup_then_critic_warmup_then_dmd(tmp_path):
+    """Steps 0-1 regress the teacher's ODE (the student moves, loss_ode logged), step 2 trains the critic
+    alone, steps 3-4 are DMD."""
+    teacher = scrambled()
+    dst = distiller(tmp_path, teacher, "ode", ode_warmup=2, critic_warmup=1, steps=5, ode_substeps=2)
+    start = params(dst.student)
+    rows = [dst.train_step() for _ in range(2)]
+    assert all("loss_ode" in r and "loss_dmd" not in r and r["lr"] > 0 for r in rows)
+    assert not same(start, params(dst.student))
+    moved = params(dst.student)
+    rows.append(dst.train_step())
+    assert rows[-1]["lr"] == 0.0 and same(moved, params(dst.student))
+    rows += [dst.train_step() for _ in range(2)]
+    assert all("loss_dmd" in r and "loss_ode" not in r for r in rows[3:])
 
 
 def diversity(model, stream, batch, seeds) -> float:

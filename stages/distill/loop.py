@@ -6,7 +6,9 @@ randomness, the checkpoint folder layout and resume).
 One step: the student rolls out a clip of `chunks` chunks (exit steps and the engine's seed drawn from
 the step's generator), the generator loss is backpropagated through the exit steps and the student
 updated (its EMA too); then the critic takes `critic_updates` flow-loss steps on the clip. The first
-`critic_warmup` steps train the critic alone (the generator loss is measured, not applied; the student's
+`ode_warmup` steps replace DMD with the ODE regression of ode.py (the student learns the teacher's
+few-step trajectories; the critic trains on its samples as usual). The next `critic_warmup` steps train
+the critic alone (the generator loss is measured, not applied; the student's
 schedule starts after them), so that a student warm-started against another teacher is not driven by a
 fake score that still describes the teacher (session 31: without it, such a student broke). Every random
 number is a function of (seed, step), so a resumed run repeats the uninterrupted one exactly
@@ -43,6 +45,7 @@ from models.checkpoint import read_state_dict, save_model
 from models.config import ModelConfig
 from models.dit import DiT
 from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
+from stages.distill.ode import ode_loss
 from stages.distill.pcm import pcm_loss, phase_edges
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
@@ -67,7 +70,9 @@ class DistillSettings:
     seed: int = ranged(0, min=0)
     student_steps: int = ranged(STUDENT_STEPS, min=1, max=1000)   # denoising steps per chunk of the student
     critic_updates: int = ranged(1, min=1)   # critic steps per generator step
-    critic_warmup: int = ranged(0, min=0)    # first steps that train the critic alone (see the module doc)
+    critic_warmup: int = ranged(0, min=0)    # then steps that train the critic alone (see the module doc)
+    ode_warmup: int = ranged(0, min=0)       # first steps of ODE regression instead of DMD (ode.py)
+    ode_substeps: int = ranged(4, min=1)     # teacher Euler steps per phase of the student's schedule there
     chunks: int = ranged(5, min=1)           # chunks per rollout
     init_from: str | None = None             # the causal teacher (distill_run)
     # warm start: the student and its EMA start from this checkpoint (a previous distilled student's
@@ -90,8 +95,9 @@ class DistillSettings:
     pcm_substeps: int = ranged(4, min=1)
 
     def __post_init__(self):
-        if self.critic_warmup >= self.steps:
-            raise ValueError(f"critic_warmup {self.critic_warmup} leaves no generator step of {self.steps}")
+        if self.ode_warmup + self.critic_warmup >= self.steps:
+            raise ValueError(f"ode_warmup {self.ode_warmup} + critic_warmup {self.critic_warmup} leaves no DMD step "
+                             f"of {self.steps}")
         if self.sync_weight > 0 and not self.lipsync:
             raise ValueError("sync_weight > 0 needs a lip-sync discriminator file (--lipsync)")
 
@@ -166,7 +172,9 @@ class Distiller:
         draw = Draw(step_generator(st.seed, self.step), 0, st.batch, st.batch)
         exits = exit_steps(draw, st.chunks, st.student_steps)
         seed = draw.randint(2 ** 62)
-        if self.step < st.critic_warmup:
+        if self.step < st.ode_warmup:
+            return self._ode_step(batch, draw, exits, seed)
+        if self.step < st.ode_warmup + st.critic_warmup:
             return self._critic_only_step(batch, draw, exits, seed)
         with self._autocast():
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
@@ -183,6 +191,21 @@ class Distiller:
                                           st.pcm_substeps, draw)
                 loss = loss + st.pcm_weight * pcm
                 parts.update(pcm_parts)
+        loss.backward()
+        gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
+        ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
+        critic = self._critic_updates(batch, video, audio, draw)
+        return self._log(loss, critic, float(gnorm), parts)
+
+    def _ode_step(self, batch: dict, draw: Draw, exits, seed: int) -> dict:
+        """An ODE-regression step (ode.py) on a rollout made without gradients; the critic as usual."""
+        st = self.st
+        with torch.no_grad(), self._autocast():
+            video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
+                                        batch.get("audio"), st.chunks, exits, seed)
+        with self._autocast():
+            loss, parts = ode_loss(self.student, self.teacher, batch, video, audio, self.obj,
+                                   phase_edges(self.stream.steps, self.stream.shift), st.dmd, st.ode_substeps, draw)
         loss.backward()
         gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
@@ -210,9 +233,12 @@ class Distiller:
         self.critic_sched.step()
         return critic
 
+    def _critic_only(self) -> bool:
+        return self.st.ode_warmup <= self.step < self.st.ode_warmup + self.st.critic_warmup
+
     def _log(self, loss, critic: list[float], gnorm: float, parts: dict) -> dict:
         logged = {"step": self.step, "loss": float(loss.detach()), "loss_critic": sum(critic) / len(critic),
-                  "grad_norm": gnorm, "lr": self.sched.get_last_lr()[0] if self.step >= self.st.critic_warmup else 0.0,
+                  "grad_norm": gnorm, "lr": 0.0 if self._critic_only() else self.sched.get_last_lr()[0],
                   **{k: float(v) for k, v in parts.items()}}
         self.history.append(logged)
         self.step += 1
