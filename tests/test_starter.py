@@ -60,6 +60,7 @@ def test_vidu_stream_runs_the_starter_and_it_lip_syncs(case):
                           capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     assert "running the starter model (distilled student, 3 steps" in proc.stderr.decode()
+    assert "warning:" not in proc.stderr.decode()               # a world character: nothing to warn about
     frames = np.frombuffer(proc.stdout, np.uint8).reshape(-1, 256, 256, 3)
     assert len(frames) >= 45
     s = synth_scores(frames, 25.0, case["truth"], case["control"])
@@ -69,3 +70,40 @@ def test_vidu_stream_runs_the_starter_and_it_lip_syncs(case):
     # negative control: the same frames against the mouth track reversed in time do not pass the bound
     flipped = {**case["truth"], "tracks": {**case["truth"]["tracks"], "mouth": case["truth"]["tracks"]["mouth"][::-1]}}
     assert synth_scores(frames, 25.0, flipped, None)["mouth_r"] < SYNC_BOUND
+
+
+def video_frame(path, index=75):
+    import av
+    with av.open(str(path)) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i == index:
+                return f.to_ndarray(format="rgb24")
+
+
+def test_a_photographic_reference_gets_a_warning_and_drawn_characters_do_not(shared_media, tmp_path):
+    """models.starter.reference_warning: world characters of every style (256 and 960x540 renders) pass;
+    frames of the five real talking heads and of Chaplin warn; a world character with camera-like noise
+    warns (the control: the measure is not the file's origin). `vidu stream` says it on stderr."""
+    from PIL import Image
+    from stages import synth
+    seen = set()
+    for seed in (0, 1, 5):
+        s = synth.make_sample(seed, 256, 256, 25, 0.2, split="eval")
+        seen.add(s.identity.style)
+        for w, h in ((256, 256), (960, 540)):
+            assert starter.reference_warning(synth.render(s.identity, synth.State(), w, h, s.scene), 256, 256) is None
+    assert seen == {"human", "anime", "animal"}
+    ref = synth.render(s.identity, synth.State(), 256, 256, s.scene)
+    noisy = np.clip(ref + np.random.default_rng(0).normal(0, 4, ref.shape), 0, 255).astype(np.uint8)
+    assert starter.flat_share(ref, 256, 256) >= starter.FLAT_MIN > starter.flat_share(noisy, 256, 256)
+    assert "looks like a photograph" in starter.reference_warning(noisy, 256, 256)
+    photos = [shared_media / "talking" / f"retalking_{i}.mp4" for i in range(1, 6)] + [shared_media / "scenes" / "chaplin.mp4"]
+    for path in photos:
+        assert starter.reference_warning(video_frame(path), 256, 256), path.name
+    Image.fromarray(video_frame(photos[0])).save(tmp_path / "photo.png")
+    proc = subprocess.run([sys.executable, "-m", "vidu_cli", "stream", "--image", str(tmp_path / "photo.png"),
+                           "--out", "-", "--seconds", "0.2", "--device", "cpu"],
+                          capture_output=True, stdin=subprocess.DEVNULL, timeout=600)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err[-2000:]
+    assert "warning: the reference looks like a photograph" in " ".join(err.split()), err

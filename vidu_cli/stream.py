@@ -87,7 +87,8 @@ def stream(
                          recache=recache)
             if ckpt is not None and preset is not None:
                 raise ValueError("--ckpt and --preset both choose the model: use one of them")
-            if ckpt is None and preset is None:
+            starter = ckpt is None and preset is None
+            if starter:
                 from models.starter import starter_checkpoint, starter_summary
                 ckpt = starter_checkpoint()
                 err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
@@ -98,6 +99,13 @@ def stream(
                 parts = ranks.enter_context(session_ranks(parts, gpus, dev, seed))
             for note in parts.notes:
                 err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+            if starter:
+                from models.starter import reference_warning
+                from stages.sense.image import read_image
+                warning = reference_warning(read_image(image), parts.cfg.height, parts.cfg.width)
+                if warning:
+                    err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+                    parts.notes.append(f"warning: {warning}")
             from stages.stream.io import open_audio
             if commands is not None:
                 from stages.stream.commands import VoiceCommands
