@@ -17,11 +17,14 @@ passes (one teacher sample of the chunk) and K student passes.
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 from models.dit import DiT
 from stages.distill.dmd import DMDSettings, real_guidance, score_v, score_x0
-from stages.train.objectives import Draw, ObjectiveSettings, levels, noised, stream_sequence, training_frames
+from stages.distill.pcm import detached_chunk
+from stages.train.objectives import Draw, ObjectiveSettings, levels, noised
 
 
 def teacher_ode(teacher: DiT, seq: dict, x: torch.Tensor, xa: torch.Tensor | None, at, edges: list[float],
@@ -30,7 +33,7 @@ def teacher_ode(teacher: DiT, seq: dict, x: torch.Tensor, xa: torch.Tensor | Non
     of edges[:-1]], x^_0, xa^_0). `at(t)`: the sequence's levels [B, L] with the chunk at t."""
     states = []
     B = x.shape[0]
-    for hi, lo in zip(edges[:-1], edges[1:]):
+    for hi, lo in pairwise(edges):
         states.append((hi, x, xa))
         for n in range(substeps):
             t0, t1 = hi + (lo - hi) * n / substeps, hi + (lo - hi) * (n + 1) / substeps
@@ -46,18 +49,9 @@ def ode_loss(student: DiT, teacher: DiT, batch: dict, video: torch.Tensor, audio
              draw: Draw) -> tuple[torch.Tensor, dict]:
     """The ODE-regression loss on one chunk of the student's rollout `video` [B, C, F, h, w] (used
     detached, for its history) with `batch`'s conditions; `edges`: pcm.phase_edges of the student."""
-    B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
-    i = draw.randint(F // c)
-    frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
-    seq = stream_sequence({**batch, "video": video.detach(),
-                           "audio_latent": None if audio_latent is None else audio_latent.detach()},
-                          frames, *teacher.cfg.audio_context)
+    c = obj.chunk_frames
+    i, seq, p, at = detached_chunk(teacher, batch, video, audio_latent, obj, draw)
     x0, xa0 = seq["video"], seq["audio_latent"]
-    L = x0.shape[2]
-
-    def at(t: float) -> torch.Tensor:                      # [B, L]: the history clean, the chunk (and after) at t
-        return torch.cat([torch.zeros(B, p), torch.full((B, L - p), t)], 1).to(x0.device)
-
     cur = slice(p, p + c)
     with torch.no_grad():
         start = at(edges[0])

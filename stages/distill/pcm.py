@@ -59,28 +59,37 @@ def consistency(x_t: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, edge: t
     return x_t + levels(edge - sigma, x_t) * v
 
 
+def detached_chunk(teacher: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
+                   obj: ObjectiveSettings, draw: Draw) -> tuple:
+    """A chunk i drawn from the student's rollout `video` (and joint `audio_latent`, both detached: used
+    as samples), its stream sequence (objectives.training_frames: the history clean), the chunk's first
+    position p and at(t): the sequence's levels [B, L], the history 0 and the chunk (and after) t."""
+    B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
+    i = draw.randint(F // c)
+    frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
+    seq = stream_sequence({**batch, "video": video.detach(),
+                           "audio_latent": None if audio_latent is None else audio_latent.detach()},
+                          frames, *teacher.cfg.audio_context)
+    L, dev = seq["video"].shape[2], seq["video"].device
+
+    def at(t: float) -> torch.Tensor:
+        return torch.cat([torch.zeros(B, p), torch.full((B, L - p), t)], 1).to(dev)
+    return i, seq, p, at
+
+
 def pcm_loss(student: DiT, ema: dict[str, torch.Tensor], teacher: DiT, batch: dict, video: torch.Tensor,
              audio_latent: torch.Tensor | None, obj: ObjectiveSettings, edges: list[float], st: DMDSettings,
              substeps: int, draw: Draw) -> tuple[torch.Tensor, dict]:
     """The PCM term of the student's rollout `video` [B, C, F, h, w] (and joint `audio_latent`; both used
     detached, as samples), with `batch`'s conditions; the gradient reaches the student's weights through
     its prediction at x_{t_{n+1}} only. `ema`: the EMA student's weights; `edges`: `phase_edges`."""
-    B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
-    i = draw.randint(F // c)
+    B, c = video.shape[0], obj.chunk_frames
+    _, seq, p, at = detached_chunk(teacher, batch, video, audio_latent, obj, draw)
     m = draw.randint(len(edges) - 1)
     n = 1 + draw.randint(substeps)
     hi, lo = edges[m], edges[m + 1]
     t_next, t_n = lo + (hi - lo) * n / substeps, lo + (hi - lo) * (n - 1) / substeps
-    frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
-    seq = stream_sequence({**batch, "video": video.detach(),
-                           "audio_latent": None if audio_latent is None else audio_latent.detach()},
-                          frames, *teacher.cfg.audio_context)
     x0, xa0 = seq["video"], seq["audio_latent"]
-    L = x0.shape[2]
-
-    def at(t: float) -> torch.Tensor:                      # [B, L]: the history clean, the chunk (and after) at t
-        return torch.cat([torch.zeros(B, p), torch.full((B, L - p), t)], 1).to(x0.device)
-
     s_next, s_n, edge = at(t_next), at(t_n), at(lo)
     cur = slice(p, p + c)
     with torch.no_grad():
