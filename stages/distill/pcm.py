@@ -35,14 +35,7 @@ import torch
 from models.dit import DiT
 from models.flow import sigmas
 from stages.distill.dmd import DMDSettings, real_guidance, score_v
-from stages.train.objectives import (
-    Draw,
-    ObjectiveSettings,
-    levels,
-    noised,
-    stream_sequence,
-    training_frames,
-)
+from stages.train.objectives import Draw, ObjectiveSettings, levels, noised, stream_sequence, training_frames
 
 
 class WithWeights:
