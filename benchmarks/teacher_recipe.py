@@ -7,7 +7,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase causal --again --work W --minutes 9   # further, from W/causal
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
-    python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR]
+    python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
 
@@ -359,11 +359,12 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
-                  steps: int | None = None, init_student: Path | None = None) -> dict:
+                  steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
-    previous student's shipped EMA (ema*.safetensors), the warm start. Ships W/student."""
+    previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
+    regress the teacher's ODE (stages/distill/ode.py). Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
     saved = work / "runs" / "distill" / "recipe.json"
     if saved.is_file():
@@ -377,7 +378,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
-          **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {})}
+          **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
+          **({"ode_warmup": ode_warmup} if ode_warmup else {})}
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()
@@ -856,6 +858,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--again", action="store_true",
                     help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
+    ap.add_argument("--ode-warmup", type=int, default=0, help="distill: first steps of ODE regression before DMD")
     ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -885,7 +888,8 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error("--phase starter needs --scores (the student's recipe_eval.json)")
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
-        res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student)
+        res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
+                            args.ode_warmup)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps))

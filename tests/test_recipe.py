@@ -92,6 +92,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     warm = phase("distill", tmp_path / "w5", tmp_path / "out7", monkeypatch, "--init-student", str(tmp_path / "out5" / "student"))
     assert warm["settings"]["init_student"] == str(tmp_path / "out5" / "student" / "ema.safetensors")
     assert warm["settings"]["critic_warmup"] == 1 and dist["settings"]["critic_warmup"] == 0
+    carry(outs[2], tmp_path / "w6")          # a fresh student with the ODE warm-up first
+    ode = phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--ode-warmup", "1")
+    assert ode["settings"]["ode_warmup"] == 1 and "loss_ode" in ode["loss_first"] and "loss_dmd" in ode["loss_last_10pct"]
     assert warm["train"]["resumed_from"] is None
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
