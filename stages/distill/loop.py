@@ -172,55 +172,39 @@ class Distiller:
         draw = Draw(step_generator(st.seed, self.step), 0, st.batch, st.batch)
         exits = exit_steps(draw, st.chunks, st.student_steps)
         seed = draw.randint(2 ** 62)
-        if self.step < st.ode_warmup:
-            return self._ode_step(batch, draw, exits, seed)
-        if self.step < st.ode_warmup + st.critic_warmup:
-            return self._critic_only_step(batch, draw, exits, seed)
-        with self._autocast():
+        ode, critic_only = self.step < st.ode_warmup, self._critic_only()
+        with torch.set_grad_enabled(not (ode or critic_only)), self._autocast():   # DMD: through the exit steps
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
                                         batch.get("audio"), st.chunks, exits, seed)
-            loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
-            if st.lipsync:                   # the sync reward (or, at weight 0, its measurement)
-                with torch.set_grad_enabled(st.sync_weight > 0):
-                    sync = sync_reward(video, batch, st.lipsync)
-                loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
-                parts["loss_sync"] = sync.detach()
-            if st.pcm_weight > 0:            # PCM: the student's phase jumps against the teacher's ODE
-                pcm, pcm_parts = pcm_loss(self.student, self.ema, self.teacher, batch, video, audio, self.obj,
-                                          phase_edges(self.stream.steps, self.stream.shift), st.dmd,
-                                          st.pcm_substeps, draw)
-                loss = loss + st.pcm_weight * pcm
-                parts.update(pcm_parts)
-        loss.backward()
-        gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
-        ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
+        with torch.set_grad_enabled(not critic_only), self._autocast():
+            loss, parts = self._generator_loss(batch, video, audio, draw, ode, extras=not critic_only)
+        gnorm = 0.0
+        if not critic_only:                  # a critic warm-up step measures the generator loss, applies nothing
+            loss.backward()
+            gnorm = float(optimizer_step(self.student, self.opt, self.sched, st.grad_clip))
+            ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
         critic = self._critic_updates(batch, video, audio, draw)
-        return self._log(loss, critic, float(gnorm), parts)
+        return self._log(loss, critic, gnorm, parts)
 
-    def _ode_step(self, batch: dict, draw: Draw, exits, seed: int) -> dict:
-        """An ODE-regression step (ode.py) on a rollout made without gradients; the critic as usual."""
-        st = self.st
-        with torch.no_grad(), self._autocast():
-            video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
-                                        batch.get("audio"), st.chunks, exits, seed)
-        with self._autocast():
-            loss, parts = ode_loss(self.student, self.teacher, batch, video, audio, self.obj,
-                                   phase_edges(self.stream.steps, self.stream.shift), st.dmd, st.ode_substeps, draw)
-        loss.backward()
-        gnorm = optimizer_step(self.student, self.opt, self.sched, st.grad_clip)
-        ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
-        critic = self._critic_updates(batch, video, audio, draw)
-        return self._log(loss, critic, float(gnorm), parts)
-
-    def _critic_only_step(self, batch: dict, draw: Draw, exits, seed: int) -> dict:
-        """A critic warm-up step: the same rollout without gradients, the generator loss measured, the
-        student and its EMA untouched."""
-        with torch.no_grad(), self._autocast():
-            video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
-                                        batch.get("audio"), self.st.chunks, exits, seed)
-            loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, self.st.dmd, draw)
-        critic = self._critic_updates(batch, video, audio, draw)
-        return self._log(loss, critic, 0.0, parts)
+    def _generator_loss(self, batch: dict, video, audio, draw: Draw, ode: bool, extras: bool) -> tuple:
+        """The student's loss on its rollout: the ODE regression (ode.py) during the ODE warm-up, else DMD
+        with (`extras`) the sync reward and PCM as the settings ask."""
+        st, edges = self.st, phase_edges(self.stream.steps, self.stream.shift)
+        if ode:
+            return ode_loss(self.student, self.teacher, batch, video, audio, self.obj, edges, st.dmd,
+                            st.ode_substeps, draw)
+        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
+        if extras and st.lipsync:            # the sync reward (or, at weight 0, its measurement)
+            with torch.set_grad_enabled(st.sync_weight > 0 and torch.is_grad_enabled()):
+                sync = sync_reward(video, batch, st.lipsync)
+            loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
+            parts["loss_sync"] = sync.detach()
+        if extras and st.pcm_weight > 0:     # PCM: the student's phase jumps against the teacher's ODE
+            pcm, pcm_parts = pcm_loss(self.student, self.ema, self.teacher, batch, video, audio, self.obj, edges,
+                                      st.dmd, st.pcm_substeps, draw)
+            loss = loss + st.pcm_weight * pcm
+            parts.update(pcm_parts)
+        return loss, parts
 
     def _critic_updates(self, batch: dict, video, audio, draw: Draw) -> list[float]:
         critic = []
