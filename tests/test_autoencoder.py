@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch
 from models.checkpoint import checkpoint_sampling, load_taehv, read_metadata, read_state_dict
 from models.config import PRESETS
 from stages.train.autoencoder import (AutoencoderSettings, reconstruction_loss, to_unit, world_clip)
-from stages.train.loop import TrainSettings, train
+from stages.train.data import teacher_codec
+from stages.train.loop import TrainSettings, _same_codec, train
 from tests.conftest import cli
 
 TINY = PRESETS["tiny"]
@@ -141,3 +143,9 @@ def test_teachers_take_the_autoencoder_as_their_codec(tmp_path):
     bad = cli("train", "--stage", "causal", "--preset", "tiny", "--steps", "1", "--from", str(ckpt), "--codec",
               str(ckpt.parent / "ema.safetensors"), "--out", str(tmp_path / "c"), *work, check=False)
     assert bad.returncode != 0 and "is not the autoencoder" in bad.stderr
+    moved = tmp_path / "moved" / "ema.safetensors"          # the teacher carried without its codec file
+    moved.parent.mkdir()
+    shutil.copyfile(ckpt, moved)
+    assert not teacher_codec(str(moved)).exists()
+    assert _same_codec(codec, teacher_codec(str(moved)), str(moved))         # its record's digest decides
+    assert not _same_codec(ckpt, teacher_codec(str(moved)), str(moved))

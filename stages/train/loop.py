@@ -295,7 +295,7 @@ def prepare_codec(cfg, st: TrainSettings, out: Path) -> Path:
     if path.exists():
         return path
     given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
-    if given and inherited and _digest(given) != _digest(inherited):
+    if given and inherited and not _same_codec(given, inherited, st.init_from):
         raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited})")
     src = given or inherited
     tmp = path.with_name(path.name + ".tmp")
@@ -317,6 +317,16 @@ _INLINE_CODECS: dict[tuple[str, int], bytes] = {}      # (preset, seed) -> the q
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same_codec(given: Path, inherited: Path, init_from: str) -> bool:
+    """`given` is the codec `init_from` was trained with: the file its record names, or, where the
+    checkpoint travelled without that file, the digest prefix the record keeps."""
+    if inherited.is_file():
+        return _digest(given) == _digest(inherited)
+    from models.checkpoint import checkpoint_sampling
+    recorded = checkpoint_sampling(init_from)["codec"].get("sha256")
+    return bool(recorded) and _digest(given).startswith(recorded)
 
 
 def _train_inline_codec(cfg, seed: int, out: Path) -> Path:
