@@ -37,7 +37,7 @@ CHUNK = 125  # grid frames (5 s) per scored run when a video is longer than max_
 class EvalOptions:
     arcface: str | None = None  # local ArcFace ONNX folder; None: dlib's 128-d ResNet
     syncnet: str | None = None  # local SyncNet weights (not supported: EvalError)
-    dover: str | None = None  # local DOVER folder (not supported: EvalError)
+    dover: str | None = None  # DOVER's ONNX export (convert_to_onnx.py), a file or its folder; needs onnxruntime
     judge: str | None = None  # local vision-language model folder judging instructions on real video
     drift_segments: int = 4
     max_frames: int = 1500  # grid frames scored (60 s); a longer video: runs of CHUNK spread over it
@@ -51,8 +51,9 @@ class EvalOptions:
         if self.syncnet:
             sync_m.check_syncnet(self.syncnet)
         if self.dover:
-            raise EvalError(f"--dover {self.dover}: DOVER is not supported by this build (its Swin-T and "
-                            "ConvNeXt-3D branches are not reimplemented); quality is scored with named proxies")
+            from stages.eval.metrics.dover import load_model
+
+            load_model(self.dover)  # a missing or foreign model fails before decoding
         if self.judge:
             from models.hf import model_dir
 
@@ -163,6 +164,10 @@ def score_video(video: Path, reference: Path | np.ndarray, audio: Path | None = 
     native = native_luma(video, seconds)
     grid = (lambda: decode_video(video, n_grid)[0]) if spec is not None else None
     out = _score(frames, sel, n_grid, wave, ref, spec, grid, options, native)
+    if options.dover:  # DOVER samples the file's own frames at native size (metrics/dover.py)
+        from stages.eval.metrics.dover import score_file
+
+        out.update(score_file(video, options.dover))
     out.update(video=str(video), frames=n_grid, seconds=float(seconds))
     if len(native):
         out.update(height=int(native.shape[1]), width=int(native.shape[2]))
@@ -220,7 +225,8 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
 
     Returns one flat JSON-able dict: identity, identity_embedder, reference_face, face_found,
     sync_method, sync_offset_frames, sync_confidence, sync_distance, sync_curve, sync_pieces,
-    sharpness, face_sharpness, noise, blockiness, flicker, luma_flicker, exposure, clipped, dover,
+    sharpness, face_sharpness, noise, blockiness, flicker, luma_flicker, exposure, clipped, dover (with
+    --dover also dover_aesthetic, dover_technical, dover_model),
     drift {segments, curves, identity, sharpness, motion}, instructions (a dict, or "not_assessed"),
     frames (input frames), seconds, fps (25, the grid), scored_frames, width, height. Scores that
     cannot be measured are None (e.g. no face) or "not_assessed" (a model we do not have).
@@ -237,6 +243,10 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
         native = quality_m.luma(frames[src[sel[np.linspace(0, len(sel) - 1, min(NATIVE_FRAMES, len(sel))).astype(int)]]])
     grid = (lambda: frames[src]) if instructions is not None else None
     out = _score(small, sel, n_grid, wave, reference, instructions, grid, options, native)
+    if options.dover:  # DOVER samples the given frames at their size (metrics/dover.py)
+        from stages.eval.metrics.dover import score_frames as dover_frames
+
+        out.update(dover_frames(frames, options.dover))
     out.update(frames=int(len(frames)), seconds=float(len(frames) / fps), width=int(frames.shape[2]),
                height=int(frames.shape[1]))
     return out
@@ -274,7 +284,7 @@ def _score(small: np.ndarray, sel: np.ndarray, n_grid: int, wave: np.ndarray | N
     out.update(sync_m.sync_fields(curves))
     out.update(quality_m.quality(Y, native, boxes))
     out["flicker"] = float(np.concatenate(motion).mean())  # within pieces only
-    out["dover"] = NOT_ASSESSED
+    out["dover"] = NOT_ASSESSED  # with --dover: set by score_video / score_frames from the native frames
     out["drift"] = drift_m.drift({"identity": (ident, sel[id_pos]),
                                   "sharpness": (quality_m.frame_sharpness(Y), sel),
                                   "motion": (np.concatenate(motion), np.concatenate([sel[r][1:] for r in pieces]))},

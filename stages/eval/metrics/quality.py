@@ -1,4 +1,4 @@
-"""Video quality proxies (named as what they are; none of them is DOVER).
+"""Video quality proxies (named as what they are; none of them is DOVER), and DOVER itself (last item).
 
 All on Rec.601 luma in [0, 1] (stages.filter.luma) of the scored frames at the analysis size
 (longer side `EvalOptions.max_side`), except blockiness (native size):
@@ -14,8 +14,35 @@ All on Rec.601 luma in [0, 1] (stages.filter.luma) of the scored frames at the a
   static clip is 0, shuffled or jittering frames are high); `luma_flicker`: stages.filter.flicker,
   the median |second difference| of per-frame mean luma relative to the mean (brightness pumping).
 - `exposure`: mean luma; `clipped`: share of pixels under 2 % or over 98 %.
-- DOVER (`--dover DIR`) is not run here: its aesthetic and technical branches (Swin-T and
-  ConvNeXt-3D views) are not reimplemented, so `dover` is always "not_assessed".
+- DOVER (`--dover PATH`, stages/eval/metrics/dover.py): the real model, from the user's ONNX export
+  (DOVER's convert_to_onnx.py) run with onnxruntime on DOVER's aesthetic and technical views of the
+  native frames; `dover` (fused overall, 0..1), `dover_aesthetic`, `dover_technical` (raw branch
+  scores), `dover_model`. Without `--dover`, `dover` is "not_assessed". Where this differs from the
+  reference code (VQAssessment/DOVER: dover_datasets.py, evaluate_one_video.py, onnx_inference.py):
+  - random draws (clip starts, fragment offsets) come from numpy's generator seeded with 42; the
+    reference draws from unseeded numpy and torch generators, so its score varies from run to run
+    and ours is one fixed draw of the same distribution.
+  - technical clips: convert_to_onnx.py exports `tech_view` with a fixed first axis of 4 (its dummy
+    input) while dover.yml and onnx_inference.py sample 3 clips, which that model refuses; we
+    sample as many clips as the model's input declares (4 parts of N // 4 frames for the official
+    export, dover.yml's 3 when the axis is dynamic).
+  - fusion: onnx_inference.py hands the outputs in the export's order (aesthetic, technical) to
+    fuse_results, which takes (technical, aesthetic) as evaluate_one_video.py gives them, so its
+    printed overall score swaps the two branches' constants; we fuse as evaluate_one_video.py -f does
+    (technical: (t - 0.1107) / 0.07355, weight 0.6104; aesthetic: (a + 0.08285) / 0.03774, 0.3896).
+  - `dover_aesthetic` / `dover_technical` are the raw branch scores (each output averaged over its
+    clips); evaluate_one_video.py without -f prints them only as ranks and z-scores against its
+    bundled dataset predictions (dover_predictions/*.pkl), which we do not ship.
+  - decoding: PyAV (libswscale RGB) instead of decord; N = the stream's packets with a timestamp;
+    should fewer frames decode, the last decoded frame stands in for the missing ones; a stream that
+    changes size mid-way is resized to its first frame's size. `score_frames` samples the frames it
+    is given (the caller's frame rate), not a file's.
+  - aesthetic resize: bilinear without antialiasing, rounded to uint8 (torchvision's tensor Resize
+    at the torch 1.13 DOVER pins, what the model was trained with); a current torchvision
+    antialiases by default, so a reference run on a new install resizes slightly differently.
+  - frames smaller than 224 px on a side are upscaled as in the reference (bilinear, truncated to
+    uint8), but the fragment grid is laid on the upscaled frame; the reference lays it with the
+    pre-upscale size, so its patches then come from the top-left part of the frame only.
 """
 from __future__ import annotations
 
