@@ -78,7 +78,7 @@ def eval(
     instructions: Annotated[Optional[Path], typer.Option("--instructions", help="JSON events [{\"t\": s, \"action\" or \"text\": ...}] or a vidu synth truth .json.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")] = False,
     arcface: Annotated[Optional[Path], typer.Option("--arcface", help="Local ArcFace ONNX folder (identity embedder; needs onnxruntime).", show_default=False)] = None,
-    syncnet: Annotated[Optional[Path], typer.Option("--syncnet", help="Local SyncNet weights (not supported: refused with a message).", show_default=False)] = None,
+    syncnet: Annotated[Optional[Path], typer.Option("--syncnet", help="Local SyncNet weights (syncnet_v2.model of joonson/syncnet_python): lip sync by the SyncNet protocol instead of the proxy.", show_default=False)] = None,
     dover: Annotated[Optional[Path], typer.Option("--dover", help="DOVER's ONNX export (its convert_to_onnx.py), the .onnx file or its folder: dover (overall, 0-1), dover_aesthetic, dover_technical; needs onnxruntime.", show_default=False)] = None,
     judge: Annotated[Optional[Path], typer.Option("--judge", help="Local vision-language model folder judging instructions on real video.", show_default=False)] = None,
     segments: int = option(EvalOptions, "drift_segments", "Equal segments for the drift curves.", "--segments"),

@@ -10,7 +10,8 @@ shown at each grid time), scaled so the longer side is at most `max_side` for an
 `max_frames` grid frames are all scored; a longer video is scored in runs of CHUNK (5 s) frames
 spread evenly over it, so the drift segments cover all of it. The main face is tracked per run
 (stages/sense/mouth.py); identity on every `identity_every`-th grid frame, lip sync per run (rho
-curves averaged), quality and motion on every scored frame (changes within runs only).
+curves averaged; with --syncnet, SyncNet's distance curves on face crops of the larger frames),
+quality and motion on every scored frame (changes within runs only).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from stages.eval.metrics import identity as identity_m
 from stages.eval.metrics import instructions as instructions_m
 from stages.eval.metrics import quality as quality_m
 from stages.eval.metrics import sync as sync_m
+from stages.eval.metrics import syncnet as syncnet_m
 from stages.sense.mouth import FACE_FPS, track_face
 from stages.sense.speech import SAMPLE_RATE
 
@@ -36,7 +38,7 @@ CHUNK = 125  # grid frames (5 s) per scored run when a video is longer than max_
 @dataclass
 class EvalOptions:
     arcface: str | None = None  # local ArcFace ONNX folder; None: dlib's 128-d ResNet
-    syncnet: str | None = None  # local SyncNet weights (not supported: EvalError)
+    syncnet: str | None = None  # local SyncNet weights (syncnet_v2.model); None: the lip-sync proxy
     dover: str | None = None  # DOVER's ONNX export (convert_to_onnx.py), a file or its folder; needs onnxruntime
     judge: str | None = None  # local vision-language model folder judging instructions on real video
     drift_segments: int = 4
@@ -163,7 +165,10 @@ def score_video(video: Path, reference: Path | np.ndarray, audio: Path | None = 
         frames = np.concatenate(chunks)
     native = native_luma(video, seconds)
     grid = (lambda: decode_video(video, n_grid)[0]) if spec is not None else None
-    out = _score(frames, sel, n_grid, wave, ref, spec, grid, options, native)
+    def full(p: int, n: int) -> np.ndarray:  # grid frames sel[p .. p + n - 1] (contiguous) for SyncNet's crops
+        return decode_video(video, n, syncnet_m.FRAME_SIDE, start=int(sel[p]))[0]
+
+    out = _score(frames, sel, n_grid, wave, ref, spec, grid, options, native, full)
     if options.dover:  # DOVER samples the file's own frames at native size (metrics/dover.py)
         from stages.eval.metrics.dover import score_file
 
@@ -242,7 +247,8 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
     if native is None:
         native = quality_m.luma(frames[src[sel[np.linspace(0, len(sel) - 1, min(NATIVE_FRAMES, len(sel))).astype(int)]]])
     grid = (lambda: frames[src]) if instructions is not None else None
-    out = _score(small, sel, n_grid, wave, reference, instructions, grid, options, native)
+    out = _score(small, sel, n_grid, wave, reference, instructions, grid, options, native,
+                 lambda p, n: frames[src[sel[p:p + n]]])
     if options.dover:  # DOVER samples the given frames at their size (metrics/dover.py)
         from stages.eval.metrics.dover import score_frames as dover_frames
 
@@ -253,9 +259,10 @@ def score_frames(frames: np.ndarray, fps: float, wave: np.ndarray | None, refere
 
 
 def _score(small: np.ndarray, sel: np.ndarray, n_grid: int, wave: np.ndarray | None, reference: np.ndarray,
-           instructions, grid, options: EvalOptions, native: np.ndarray) -> dict:
+           instructions, grid, options: EvalOptions, native: np.ndarray, full=None) -> dict:
     """Scores of the analysis-size frames `small` at the grid positions `sel` of an n_grid-frame
-    video; `grid()` gives all grid frames at native size (instruction scoring only)."""
+    video; `grid()` gives all grid frames at native size (instruction scoring only); `full(p, n)` the
+    frames at positions p .. p + n - 1 of `sel` (one run) at up to native size (SyncNet's face crops)."""
     pieces = runs(sel)
     tracks = [track_face(small[r], small_faces=True) for r in pieces]
     landmarks = np.concatenate([t.landmarks for t in tracks])
@@ -274,14 +281,21 @@ def _score(small: np.ndarray, sel: np.ndarray, n_grid: int, wave: np.ndarray | N
         ident, ref_found = np.full(len(id_pos), np.nan), False
 
     hop = int(SAMPLE_RATE / FACE_FPS)
-    curves = [sync_m.sync_curve(landmarks[r], None if wave is None else wave[sel[r.start] * hop:])
-              for r in pieces]
+    if options.syncnet:  # SyncNet on face crops cut from the larger frames, around the analysis-size boxes
+        net = syncnet_m.load(options.syncnet)
+        curves = [syncnet_m.run_curve(net, t.boxes, small.shape[2], lambda a, n, r=r: full(r.start + a, n),
+                                      None if wave is None else wave[sel[r.start] * hop:])
+                  for t, r in zip(tracks, pieces)]
+        sync_out = syncnet_m.sync_fields(curves)
+    else:
+        waves = [None if wave is None else wave[sel[r.start] * hop:] for r in pieces]
+        sync_out = sync_m.sync_fields([sync_m.sync_curve(landmarks[r], w) for r, w in zip(pieces, waves)])
     Y = quality_m.luma(small)
     motion = [quality_m.frame_change(Y[r]) for r in pieces]
     out = {"identity": float(np.nanmean(ident)) if (~np.isnan(ident)).any() else None,
            "identity_embedder": embedder.name, "reference_face": ref_found,
            "face_found": float(found.mean())}
-    out.update(sync_m.sync_fields(curves))
+    out.update(sync_out)
     out.update(quality_m.quality(Y, native, boxes))
     out["flicker"] = float(np.concatenate(motion).mean())  # within pieces only
     out["dover"] = NOT_ASSESSED  # with --dover: set by score_video / score_frames from the native frames

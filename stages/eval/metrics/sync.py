@@ -2,10 +2,11 @@
 
 SyncNet protocol (Chung & Zisserman 2016; syncnet_python): video at 25 fps, audio at 16 kHz, 0.2 s
 MFCC windows against 5-frame mouth crops, offsets searched over +-15 frames; Sync-D = mean embedding
-distance at the best offset, Sync-C = median - min of the distance curve. Local SyncNet weights
-(`--syncnet PATH`) are refused with one line: this build does not define the SyncNet network, since
-its layer-by-layer architecture and preprocessing could not be verified against reference outputs
-here, and a score from an unverified port would be invented.
+distance at the best offset, Sync-C = median - min of the distance curve. With local SyncNet weights
+(`--syncnet PATH`: the official syncnet_v2.model state dict) that protocol is run, `sync_method` =
+"syncnet" (stages/eval/metrics/syncnet.py: network, inputs, offset sign and the deviations from the
+reference, e.g. dlib face boxes instead of S3FD); a missing file or one that is not a SyncNet state
+dict is refused with one line.
 
 Default: an offline proxy with the same output fields, `sync_method` = PROXY (never Sync-C / Sync-D):
 the measured lip aperture against the aperture the spoken phones predict.
@@ -84,10 +85,10 @@ _decoders: dict = {}
 
 
 def check_syncnet(path: str | Path) -> None:
-    if not Path(path).exists():
-        raise EvalError(f"--syncnet {path}: no such file")
-    raise EvalError(f"--syncnet {path}: SyncNet is not supported by this build (its network is not defined "
-                    "here, as it could not be verified); lip sync is scored with the named proxy")
+    """Load (and cache) the SyncNet weights at `path`: EvalError when missing or not a SyncNet state dict."""
+    from stages.eval.metrics import syncnet
+
+    syncnet.load(path)
 
 
 def lip_aperture(landmarks: np.ndarray) -> np.ndarray:
@@ -210,9 +211,17 @@ def sync_fields(curves: list[np.ndarray | None]) -> dict:
     return out
 
 
-def score_sync(landmarks: np.ndarray, wave: np.ndarray | None, syncnet: str | None = None) -> dict:
+def score_sync(landmarks: np.ndarray, wave: np.ndarray | None, syncnet: str | None = None,
+               frames: np.ndarray | None = None, boxes: list | None = None) -> dict:
     """The sync fields of one contiguous video from its face track's landmarks ([T, 68, 2] at 25 fps,
-    nan: no face) and its 16 kHz wave."""
+    nan: no face) and its 16 kHz wave. With `syncnet` (weights file): SyncNet on crops of the RGB
+    `frames` [T, H, W, 3] uint8 around the track's `boxes` (per frame, in those frames' pixels)."""
     if syncnet:
-        check_syncnet(syncnet)
+        from stages.eval.metrics import syncnet as syncnet_m
+
+        if frames is None or boxes is None:
+            raise EvalError("SyncNet scoring needs the frames and their face boxes")
+        net = syncnet_m.load(syncnet)
+        return syncnet_m.sync_fields([syncnet_m.run_curve(net, boxes, frames.shape[2],
+                                                          lambda a, n: frames[a:a + n], wave)])
     return sync_fields([sync_curve(landmarks, wave)])
