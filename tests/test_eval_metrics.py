@@ -207,7 +207,7 @@ def test_instruction_following_on_the_synthetic_world():
 
 @pytest.mark.parametrize("extra, message", [
     (("--syncnet", "MISSING"), "none.pt: no such file"),
-    (("--syncnet", "REF"), "SyncNet is not supported"),
+    (("--syncnet", "REF"), "not a SyncNet state dict"),
     (("--dover", "REF"), "--dover "),  # an image: not a DOVER ONNX model (tests/test_dover.py)
     (("--arcface", "TMP"), "--arcface"),
     (("--instructions", "REF"), "not a readable JSON file"),
