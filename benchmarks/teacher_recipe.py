@@ -84,8 +84,9 @@ CODEC = "codec.safetensors"
 POOL_START_S = 20.0                  # rendering processes' start-up before the first clip (see fitted_settings)
 # wall time of rendering and coding a stage's clips on the GPU machine, in units of (one-thread clip time x
 # clips / workers): session 26, 1024 stage-1 clips in 59 s on 15 workers; session 31, 1024 stage-2 clips of
-# 8 s (0.60 s each on one thread) in ~230 s, so the workers wait on coding and transfer there
-RENDER_FACTOR = {"bidirectional": 1.5, "causal": 5.0}
+# 8 s (0.60 s each on one thread) in ~230 s, the workers waiting on the one coding process; session 32, with the
+# audio features computed by the workers, 1024 clips (0.50 s each) in 120 s: (120 - 20) / (1024 x 0.50 / 15) = 2.9
+RENDER_FACTOR = {"bidirectional": 1.5, "causal": 3.0}
 
 
 @dataclass(frozen=True)
