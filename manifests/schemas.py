@@ -136,6 +136,9 @@ DIARIZE_COLUMNS: list[pa.Field] = [
     pa.field("overlap_s", pa.float64()),
     pa.field("clean_speech_s", pa.float64()),  # kept speech (not overlap, energy ratio high enough)
     pa.field("speech_turns", pa.list_(SPEECH_SEGMENT)),
+    pa.field("av_offset_frames", pa.int32()),  # A/V offset at 25 fps by vidu eval's sync proxy, + = audio late; null: not measurable
+    pa.field("av_sync_confidence", pa.float64()),  # that sync curve's peak over its median
+    pa.field("av_shift_s", pa.float64()),  # --fix-av-offset: audio lag to undo (sound of frame t at t + this); else null
 ]
 
 # --- caption (stages/caption.py owns this block)

@@ -47,10 +47,44 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   pause at the same moments by chance.
 - Speech-energy ratio per turn: 300-3400 Hz energy over total energy (0-8 kHz); turns below
   `min_energy_ratio` are discarded (`low_speech_ratio`).
+- A/V offset (`av_offset_frames`, positive = audio late; `av_sync_confidence`): `vidu eval`'s lip-sync
+  proxy (stages/sense/lipsync.py, the code stages/eval/metrics/sync.py scores with; it sits in sense
+  because the layer contracts keep diarize and eval independent) on the mouth track's own landmarks
+  (no second tracking), put on the 25 fps grid from the clip start (`on_grid`: a source under 25 fps
+  or with a variable rate repeats the previous frame in empty cells), against the clip's audio: the
+  argmax of r(k), k = -15..15 frames, and its peak over median. Null (never a reason) without speech
+  turns, a face in 25 fitted frames, recognised speech, or 2.2 s (55 frames). A clip whose |offset|
+  is over `max_av_offset` (3 frames = 120 ms) at a confidence of `min_av_confidence` (0.40) or more is
+  desynchronised: its speaker analysis above reads the level at the measured lag (mouth frame t
+  against the sound at t + offset / 25 s; its own search spans only +-0.12 s), so a late voice is
+  not taken for an offscreen one, and the clip is rejected `av_desync`, or with `fix_av_offset` kept
+  with `av_shift_s` = offset / 25: the sound of the frame at t is at t + av_shift_s, the shift a
+  consumer has to undo (read the audio from start_s + av_shift_s). No stage applies it yet (`vidu
+  embed` reads the audio at the frames' own times), so fixed clips are marked, not yet re-timed.
+  Measured on diarize's track of the five retalking clips (16 kHz audio as decoded, delays in memory),
+  offset / confidence:
+
+      clip   own audio    audio +0.5 s   audio +80 ms   the other 4 clips' audio (offset, confidence)
+      1      -1  0.567    12  0.515       1  0.544     -1 .265  -1 .244  11 .270   9 .239
+      2      +1  0.430    14  0.586       3  0.564     -2 .315   0 .304   7 .266  -4 .338
+      3      +1  0.767    13  0.686       3  0.767      1 .521  -4 .254 -10 .285 -12 .241
+      4      +1  0.486    13  0.436     -10  0.345     12 .313  -3 .088  14 .284  15 .278
+      5       0  0.439    12  0.478       2  0.424     -4 .360 -10 .321   6 .242   3 .416
+
+  and clip 1's face dubbed with silero_test.wav at 0/10/20/30/40/50 s (tests/test_diarize.py's dubs):
+  15 .206, -7 .139, 3 .215, 0 .301, -15 .242, 14 .362. Own and delayed audio: confidence 0.430-0.767;
+  mismatched audio up to 0.521 (a chance peak, but at offsets within +-3), and at most 0.362 where the
+  offset is over 3: `min_av_confidence` 0.40 lies between, so at the defaults all five +0.5 s delays are
+  av_desync, none of the own, +80 ms or 26 mismatched pairings is. Thin margins (0.03-0.04 each
+  side): the proxy is a weak estimator, and +80 ms on clip 4 moves its peak to -10 (at 0.345, under
+  the minimum). tests/test_diarize_avsync.py: clip 1 with its audio re-encoded (AAC) own -1 0.567,
+  +0.5 s 12 0.467, +80 ms 1 0.540, clip 4's audio 11 0.296. Costs the proxy's pocketsphinx pass, about
+  one second of CPU per second of speech clip.
 - Clip verdict: no speech -> rejected `no_speech`; overlap over `max_overlap` s (default 0) -> `overlap`;
   more than `max_offscreen_share` of the speech outside overlap offscreen -> `offscreen_speech` (lip-sync
-  data needs the voice of the face on screen); kept (clean) speech under `min_clean_speech` seconds ->
-  `too_little_speech`.
+  data needs the voice of the face on screen); a confident A/V offset over `max_av_offset` frames ->
+  `av_desync` (unless `fix_av_offset`); kept (clean) speech under `min_clean_speech` seconds ->
+  `too_little_speech`. The first that applies is the clip's reason.
 
 Library: `diarize_audio` / `diarize_file` (a bare audio file), `segment_rows` (the segments
 manifest rows of diarized rows).
@@ -67,7 +101,8 @@ import numpy as np
 
 from manifests.schemas import DIARIZE_COLUMNS
 from stages.sense.media import clip_audio, load_audio
-from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_track
+from stages.sense.lipsync import sync_curve, sync_fields
+from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_landmarks, opening_by_width
 from stages.run import Stage, base_row, ranged
 from stages.sense.overlap import HOP_S as OVERLAP_HOP_S, load_detector, overlap_probs, overlap_regions, smooth_probs
 from stages.sense.speech import SAMPLE_RATE, load_vad, speech_segments
@@ -84,6 +119,7 @@ ACTIVITY_S = 0.32  # window of the mouth-activity average
 SYNC_LAG_S = 0.12  # audio-visual offsets searched
 NULL_MIN_S, NULL_STEP_S = 0.5, 0.12  # circular shifts of the audio that make the chance distribution
 METHOD = "silero-vad+resemblyzer"
+MIN_AV_CONFIDENCE = 0.40  # sync-curve peak over median from which an A/V offset counts (module doc)
 
 
 @dataclass
@@ -388,6 +424,30 @@ def sync_confidence(times: np.ndarray, opening: np.ndarray, level: np.ndarray,
     return float((score - null.mean()) / null.std())
 
 
+def on_grid(times: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """The tracked frames on the regular 25 fps grid from the clip start, as `vidu eval` scores them:
+    each frame in the grid cell it was sampled in (mouth_track samples the first frame at or after each
+    grid time, so a source under 25 fps or with a variable rate leaves some cells empty: those repeat
+    the frame before, as a player shows it; nan before the first)."""
+    n = int(np.floor(times[-1] * FACE_FPS + 1e-6)) + 1
+    cell = np.floor(times * FACE_FPS + 1e-6).astype(int)
+    idx = np.searchsorted(cell, np.arange(n), side="right") - 1
+    out = landmarks[np.maximum(idx, 0)].copy()
+    out[idx < 0] = np.nan
+    return out
+
+
+def av_offset(times: np.ndarray, landmarks: np.ndarray, audio: np.ndarray) -> tuple[int | None, float | None]:
+    """(offset in frames, positive = audio late; confidence) of the face track `landmarks` [T, 68, 2]
+    sampled at `times` (s into the clip's 16 kHz `audio`) by `vidu eval`'s lip-sync proxy
+    (stages/sense/lipsync.py) on the 25 fps grid; (None, None) when not measurable (no face in enough
+    frames, no recognised speech, under 2.2 s)."""
+    if len(times) == 0:
+        return None, None
+    f = sync_fields([sync_curve(on_grid(times, landmarks), audio)])
+    return f["sync_offset_frames"], f["sync_confidence"]
+
+
 # ---------------------------------------------------------------------------------------------
 # the stage
 
@@ -395,7 +455,7 @@ def sync_confidence(times: np.ndarray, opening: np.ndarray, level: np.ndarray,
 class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 
@@ -410,6 +470,9 @@ class Diarize(Stage):
     max_offscreen_share: float = ranged(0.5, min=0, max=1)  # of onscreen + offscreen speech, in a kept clip
     vad_threshold: float = ranged(0.5, min=0, max=1)
     pyannote: str | None = None
+    max_av_offset: int = ranged(3, min=0)  # frames at 25 fps (3 = 120 ms): a larger confident A/V offset is av_desync
+    min_av_confidence: float = ranged(MIN_AV_CONFIDENCE, min=0)  # sync-curve peak over median from which an offset counts
+    fix_av_offset: bool = False  # keep av_desync clips, their lag recorded in av_shift_s
 
     def setup(self) -> None:
         if self.pyannote:
@@ -434,13 +497,24 @@ class Diarize(Stage):
         path, t0, t1 = item["video_path"], float(item["start_s"]), float(item["end_s"])
         audio = clip_audio(path, t0, t1, SAMPLE_RATE)
         d = self.diarize(audio)
-        times, opening = (mouth_track(path, t0, t1, item.get("face_box")) if d.turns
-                          else (np.zeros(0), np.zeros(0)))
-        level = frame_level(audio, times)
-        sync = {spk: sync_confidence(times, opening, level, [(t.start, t.end) for t in d.turns if t.speaker == spk])
+        times, landmarks = (mouth_landmarks(path, t0, t1, item.get("face_box")) if d.turns
+                            else (np.zeros(0), np.zeros((0, 68, 2), np.float32)))
+        opening = opening_by_width(landmarks).astype(np.float64)
+        offset, av_confidence = av_offset(times, landmarks, audio) if d.turns else (None, None)
+        desync = (offset is not None and abs(offset) > self.max_av_offset
+                  and av_confidence >= self.min_av_confidence)
+        # a desynchronised clip's speaker analysis reads the sound where it was measured to be (mouth
+        # frame t against audio at t + offset / 25 s): the lag is not taken for an offscreen voice
+        audio_times = times + (offset / FACE_FPS if desync else 0.0)
+        level = frame_level(audio, audio_times)
+        sync = {spk: sync_confidence(audio_times, opening, level,
+                                     [(t.start, t.end) for t in d.turns if t.speaker == spk])
                 for spk in {t.speaker for t in d.turns}}
         turns = [self._turn(t, d, audio, sync, t0) for t in d.turns]
-        return self._row(item, d, turns)
+        row = self._row(item, d, turns, desync and not self.fix_av_offset)
+        row.update(av_offset_frames=offset, av_sync_confidence=av_confidence,
+                   av_shift_s=offset / FACE_FPS if desync and self.fix_av_offset else None)
+        return row
 
     def _turn(self, t: Turn, d: Diarization, audio: np.ndarray, sync: dict, t0: float) -> dict:
         ratio = speech_band_ratio(audio, t.start, t.end)
@@ -454,7 +528,7 @@ class Diarize(Stage):
         return {"start": t0 + t.start, "end": t0 + t.end, "speaker": t.speaker, "category": category,
                 "energy_ratio": ratio, "confidence": confidence, "kept": kept}
 
-    def _row(self, item: dict, d: Diarization, turns: list[dict]) -> dict:
+    def _row(self, item: dict, d: Diarization, turns: list[dict], desync: bool = False) -> dict:
         row = dict(item)
         clean = _seconds(t for t in turns if t["kept"])
         row.update(diarize_method=d.method, speakers=len({t["speaker"] for t in turns}),
@@ -468,6 +542,8 @@ class Diarize(Stage):
             reasons.append("overlap")
         elif row["offscreen_s"] > self.max_offscreen_share * (row["onscreen_s"] + row["offscreen_s"]):
             reasons.append("offscreen_speech")
+        elif desync:
+            reasons.append("av_desync")
         elif clean < self.min_clean_speech:
             reasons.append("too_little_speech")
         row.update(status="rejected" if len(reasons) > len(item.get("reasons") or []) else item.get("status", "ok"),

@@ -35,6 +35,9 @@ def diarize(
     max_offscreen_share: float = option(Diarize, "max_offscreen_share", "Most share of the speech (outside overlap) offscreen in a kept clip."),
     vad_threshold: float = option(Diarize, "vad_threshold", "silero-vad speech probability threshold."),
     pyannote: Optional[Path] = option(Diarize, "pyannote", "Local pyannote.audio pipeline (folder with config.yaml) to use instead.", show_default=False),
+    max_av_offset: int = option(Diarize, "max_av_offset", "Most audio-visual offset (frames at 25 fps, 3 = 120 ms; measured with vidu eval's lip-sync proxy) of a kept clip: a larger one, at --min-av-confidence or more, is rejected av_desync."),
+    min_av_confidence: float = option(Diarize, "min_av_confidence", "Sync-curve confidence (peak over median) from which a measured A/V offset counts."),
+    fix_av_offset: bool = option(Diarize, "fix_av_offset", "Keep av_desync clips instead, the measured lag recorded in av_shift_s (seconds the audio runs late) for the consumer to undo."),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,
@@ -42,7 +45,11 @@ def diarize(
     executor: Executor = "local",
     ray_address: RayAddress = None,
 ) -> None:
-    """Diarize clips: speaker turns, onscreen/offscreen speaker, overlap, speech-energy ratio.
+    """Diarize clips: speaker turns, onscreen/offscreen speaker, overlap, speech-energy ratio, A/V offset.
+
+    A clip is rejected (first that applies): no_speech, overlap, offscreen_speech, av_desync (audio
+    off the lips by more than --max-av-offset frames, measured with vidu eval's lip-sync proxy; kept
+    with its lag in av_shift_s under --fix-av-offset), too_little_speech.
 
     Example: vidu prefilter raw/ | vidu clip | vidu filter | vidu diarize --min-clean-speech 2
     """
@@ -52,7 +59,8 @@ def diarize(
         stage = Diarize(threshold=threshold, num_speakers=num_speakers, min_speaker_share=min_speaker_share,
                         min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
                         max_overlap=max_overlap, overlap_threshold=overlap_threshold, max_offscreen_share=max_offscreen_share,
-                        vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None)
+                        vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None,
+                        max_av_offset=max_av_offset, min_av_confidence=min_av_confidence, fix_av_offset=fix_av_offset)
         result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
                            ray_address=ray_address)
         segments = write_segments(result.path, min_energy_ratio)

@@ -101,6 +101,13 @@ def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] |
     """Frame times (s from start_s) and mouth opening (over mouth width) per frame sampled at
     `FACE_FPS` (nan: no face); the face is the one overlapping the relative `face_box` most when given,
     else the largest."""
+    times, landmarks = mouth_landmarks(path, start_s, end_s, face_box)
+    return times, opening_by_width(landmarks).astype(np.float64)
+
+
+def mouth_landmarks(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """`mouth_track`'s frame times (s from start_s) and the main face's 68 landmarks [T, 68, 2] per
+    frame (nan: no face; in the pixels of the analysed frames or of the crop around a small face)."""
     frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
     track = track_face(frames, face_box)
     if _found_share(track) < 0.5 or _face_width(track) < MIN_FACE_PX:
@@ -111,7 +118,7 @@ def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] |
             crop_track = track_face(frames, _relative_to(face, region), small_faces=True)
             if _found_share(crop_track) >= max(0.5, _found_share(track)):
                 track, times = crop_track, crop_times
-    return np.asarray(times) - start_s, opening_by_width(track.landmarks).astype(np.float64)
+    return np.asarray(times) - start_s, track.landmarks
 
 
 def _found_share(track: FaceTrack) -> float:
