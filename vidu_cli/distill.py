@@ -34,6 +34,9 @@ def distill(
     lipsync: Optional[Path] = option(DistillSettings, "lipsync", "A lip-sync discriminator file (the recipe's lipsync phase): the sync reward's, and with it loss_sync is logged at any --sync-weight.", show_default=False),
     pcm_weight: float = option(DistillSettings, "pcm_weight", "Weight of the PCM regularizer (0: pure DMD)."),
     pcm_substeps: int = option(DistillSettings, "pcm_substeps", "Teacher ODE steps per phase of the student's schedule (PCM)."),
+    pcm_distance: str = option(DistillSettings, "pcm_distance", "PCM's distance: codec = the teacher's autoencoder decodes both chunks and its encoder's feature maps are compared LPIPS-style (unit channels, no learned weights); latent = the latents' squared difference; lpips = LPIPS with --lpips weights; auto = lpips with --lpips, else codec."),
+    lpips: Optional[Path] = option(DistillSettings, "lpips", "LPIPS's backbone for --pcm-distance lpips: a torchvision AlexNet or VGG16 state dict file (nothing is downloaded).", show_default=False),
+    lpips_lin: Optional[Path] = option(DistillSettings, "lpips_lin", "LPIPS's linear layers (lin0..lin4, the lpips package's weights/v0.1 format); default: those in the --lpips file, else the installed lpips package's (pip install lpips, vidu's optional extra of that name).", show_default=False),
     lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
     critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
     warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -60,7 +63,8 @@ def distill(
                              ode_substeps=ode_substeps, chunks=chunks, init_from=str(from_),
                              init_student=str(init_student) if init_student else None, samples=samples,
                              sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
-                             pcm_weight=pcm_weight, pcm_substeps=pcm_substeps,
+                             pcm_weight=pcm_weight, pcm_substeps=pcm_substeps, pcm_distance=pcm_distance,
+                             lpips=str(lpips) if lpips else None, lpips_lin=str(lpips_lin) if lpips_lin else None,
                              data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:

@@ -24,9 +24,11 @@ With `lipsync` the generator loss adds sync_weight x the teachers' sync loss on 
 (dmd.py `sync_reward`).
 
 With `pcm_weight` > 0 it adds the PCM regularizer (pcm.py, eq. 7: the student's jumps to its phase
-edges against one guided teacher ODE step and the EMA student, in latent space).
+edges against one guided teacher ODE step and the EMA student), its distance `pcm_distance`
+(perceptual.py): by default the teacher's autoencoder's encoder features of the decoded chunks (the
+Distiller is given the run's codec), or the latents' squared difference, or LPIPS with the user's weights.
 
-Not yet here (issue 17): FSDP2 under torchrun, the ODE-regression warm-up, PCM's perceptual distance.
+Not yet here (issue 17): FSDP2 under torchrun.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from models.dit import DiT
 from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
 from stages.distill.ode import ode_loss
 from stages.distill.pcm import pcm_loss, phase_edges
+from stages.distill.perceptual import DISTANCES, build as build_distance, load_lpips
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
 from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
@@ -93,6 +96,12 @@ class DistillSettings:
     # ODE steps each phase of the student's schedule is cut into
     pcm_weight: float = ranged(0.0, min=0)
     pcm_substeps: int = ranged(4, min=1)
+    # PCM's distance d (perceptual.py): "auto" is "lpips" where `lpips` is given, else "codec" (the teacher's
+    # autoencoder's encoder features of the decoded chunks) in a Distiller given the run's codec (distill_run's
+    # always is), else "latent" (the latents' squared difference)
+    pcm_distance: str = ranged("auto", choices=DISTANCES)
+    lpips: str | None = None                 # LPIPS's backbone: a torchvision AlexNet or VGG16 state dict file
+    lpips_lin: str | None = None             # LPIPS's linear layers (default: in `lpips`, else the lpips package's)
 
     def __post_init__(self):
         if self.ode_warmup + self.critic_warmup >= self.steps:
@@ -100,6 +109,13 @@ class DistillSettings:
                              f"of {self.steps}")
         if self.sync_weight > 0 and not self.lipsync:
             raise ValueError("sync_weight > 0 needs a lip-sync discriminator file (--lipsync)")
+        if self.pcm_distance == "lpips" and not self.lpips:
+            raise ValueError("--pcm-distance lpips needs the backbone's weights: --lpips PATH (a torchvision AlexNet "
+                             "or VGG16 state dict)")
+        if self.lpips and self.pcm_distance not in ("auto", "lpips"):
+            raise ValueError(f"--lpips is read by --pcm-distance lpips, not {self.pcm_distance}")
+        if self.lpips_lin and not self.lpips:
+            raise ValueError("--lpips-lin goes with --lpips (the backbone's weights)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,10 +155,11 @@ def _flat(d: dict, pre: str = "") -> dict:
 class Distiller:
     """Student, critic and their optimizers around a frozen `teacher` whose checkpoint recorded
     `record` (its "sampling" metadata); `batches(step) -> dict` gives a step's conditions
-    (ref [B, C, 1, h, w], text, audio)."""
+    (ref [B, C, 1, h, w], text, audio); `codec`: the teacher's autoencoder (TAEHV, on `device`), which
+    PCM's perceptual distances decode with (perceptual.py)."""
 
     def __init__(self, teacher: DiT, cfg: ModelConfig, record: dict, st: DistillSettings, out: Path,
-                 batches: Callable[[int], dict], device=torch.device("cpu")):
+                 batches: Callable[[int], dict], device=torch.device("cpu"), codec=None):
         self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
@@ -154,6 +171,9 @@ class Distiller:
             self.student.load_state_dict(warm)
         if st.lipsync:
             check_lipsync(st.lipsync, cfg)
+        # PCM's d (perceptual.py): its resolved name ("latent" | "codec" | "lpips") and the function
+        self.pcm_distance, self.distance = (build_distance(st.pcm_distance, codec, st.lpips, st.lpips_lin)
+                                            if st.pcm_weight > 0 else (None, None))
         self.stream = student_settings(cfg, record, st.student_steps)
         self.record = {**record, "stage": "distill", "steps": st.student_steps, "sampler": "renoise",
                        "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
@@ -201,7 +221,7 @@ class Distiller:
             parts["loss_sync"] = sync.detach()
         if extras and st.pcm_weight > 0:     # PCM: the student's phase jumps against the teacher's ODE
             pcm, pcm_parts = pcm_loss(self.student, self.ema, self.teacher, batch, video, audio, self.obj, edges,
-                                      st.dmd, st.pcm_substeps, draw)
+                                      st.dmd, st.pcm_substeps, draw, self.distance)
             loss = loss + st.pcm_weight * pcm
             parts.update(pcm_parts)
         return loss, parts
@@ -318,6 +338,8 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
     if st.lipsync:
         check_lipsync(st.lipsync, cfg)
+    if st.lpips:
+        load_lpips(st.lpips, st.lpips_lin)   # refuse unfit LPIPS weights before the data are built
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     latest_state(out, st.to_dict())          # a run that cannot resume says so before its data are rendered
@@ -332,7 +354,13 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         b = data.batch(step * st.batch, st.batch, d.device)
         return {k: b[k] for k in ("ref", "text", "audio", "mouth_box") if k in b}
 
-    dst = Distiller(teacher, cfg, record, st, out, batches, d.device)
+    codec = data.codec
+    if codec is None and st.pcm_weight > 0:  # clips given as latents: PCM decodes with the teacher's codec file
+        from models.checkpoint import load_taehv
+        from stages.train.data import teacher_codec
+        path = teacher_codec(st.init_from)
+        codec = load_taehv(path, d.device) if path is not None and path.is_file() else None
+    dst = Distiller(teacher, cfg, record, st, out, batches, d.device, codec)
     run_id = "distill-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     if root is not None:
         from manifests import catalog

@@ -19,11 +19,12 @@ t_{n+1} one of its grid points above the edge and t_n the next one down:
 
 so the student's jumps to the phase edge agree with the teacher's ODE, which keeps it on the teacher's
 trajectories where DMD alone drifts (mode collapse). lambda(t_n) = 1 (the consistency models' choice,
-which PCM keeps). The distance d is the mean squared difference in LATENT space over the chunk (and
-audio_weight x that of the joint audio latent): the autoencoder's (TAEHV) encoder features of decoded
-frames would cost a decode and an encode of the chunk per step and need the codec in the Distiller; the
-perceptual distance of issue 17 (`--lpips`) is not built yet. The EMA student is the student's module
-with the EMA's weights (torch.func.functional_call), no second copy.
+which PCM keeps). The distance d of the video chunk is `distance` (perceptual.py; DistillSettings
+pcm_distance): the mean squared difference in latent space ("latent"), or a perceptual distance of the
+frames the run's autoencoder (TAEHV) decodes of both chunks: its encoder's feature maps compared
+LPIPS-style ("codec", the default of a run with its codec) or LPIPS with the user's weights ("lpips",
+`--lpips PATH`); the joint audio latent's d stays the mean squared difference (x audio_weight). The
+EMA student is the student's module with the EMA's weights (torch.func.functional_call), no second copy.
 
 The student streams with x0-and-renoise steps, not Euler jumps: at the last phase (edge 0) f is exactly
 its x0 prediction; at the others PCM regularizes the velocity its x0 comes from.
@@ -35,6 +36,7 @@ import torch
 from models.dit import DiT
 from models.flow import sigmas
 from stages.distill.dmd import DMDSettings, real_guidance, score_v
+from stages.distill.perceptual import Distance, latent_distance
 from stages.train.objectives import Draw, ObjectiveSettings, levels, noised, stream_sequence, training_frames
 
 
@@ -79,10 +81,11 @@ def detached_chunk(teacher: DiT, batch: dict, video: torch.Tensor, audio_latent:
 
 def pcm_loss(student: DiT, ema: dict[str, torch.Tensor], teacher: DiT, batch: dict, video: torch.Tensor,
              audio_latent: torch.Tensor | None, obj: ObjectiveSettings, edges: list[float], st: DMDSettings,
-             substeps: int, draw: Draw) -> tuple[torch.Tensor, dict]:
+             substeps: int, draw: Draw, distance: Distance = latent_distance) -> tuple[torch.Tensor, dict]:
     """The PCM term of the student's rollout `video` [B, C, F, h, w] (and joint `audio_latent`; both used
     detached, as samples), with `batch`'s conditions; the gradient reaches the student's weights through
-    its prediction at x_{t_{n+1}} only. `ema`: the EMA student's weights; `edges`: `phase_edges`."""
+    its prediction at x_{t_{n+1}} only. `ema`: the EMA student's weights; `edges`: `phase_edges`;
+    `distance`: d of the video chunks (perceptual.py)."""
     B, c = video.shape[0], obj.chunk_frames
     _, seq, p, at = detached_chunk(teacher, batch, video, audio_latent, obj, draw)
     m = draw.randint(len(edges) - 1)
@@ -103,11 +106,11 @@ def pcm_loss(student: DiT, ema: dict[str, torch.Tensor], teacher: DiT, batch: di
         target_a = None if xa is None else consistency(xa_hat, vae, s_n, edge)
     vs, vas = score_v(student, seq, x, xa, s_next, c)
     pred = consistency(x, vs, s_next, edge)
-    loss = (pred[:, :, cur].float() - target[:, :, cur].float()).square().mean()
+    loss = distance(pred[:, :, cur], target[:, :, cur])
     parts = {"loss_pcm_video": loss.detach(), "pcm_phase": torch.tensor(float(m)), "pcm_level": torch.tensor(t_next)}
     if xa is not None:
         pred_a = consistency(xa, vas, s_next, edge)
-        loss_a = (pred_a[:, cur].float() - target_a[:, cur].float()).square().mean()
+        loss_a = latent_distance(pred_a[:, cur], target_a[:, cur])
         loss = loss + obj.audio_weight * loss_a
         parts["loss_pcm_audio"] = loss_a.detach()
     parts["loss_pcm"] = loss.detach()
