@@ -5,6 +5,8 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase bidirectional --work W --minutes 8.5 [--codec ae.safetensors]
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
     python benchmarks/teacher_recipe.py --phase causal --again --work W --minutes 9   # further, from W/causal
+    python benchmarks/teacher_recipe.py --phase causal --again --from models/starter/student.safetensors \
+        --codec models/starter/codec.safetensors --work W --minutes 9      # W without a teacher: from the starter
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
@@ -861,6 +863,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
     ap.add_argument("--again", action="store_true",
                     help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
+    ap.add_argument("--from", dest="start", type=Path,
+                    help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's student")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
     ap.add_argument("--ode-warmup", type=int, default=0, help="distill: first steps of ODE regression before DMD")
     ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
@@ -882,6 +886,12 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copyfile(args.codec, work / CODEC)
     if args.phase != "autoencoder" and not (work / CODEC).is_file():
         raise SystemExit(f"{work / CODEC} is missing: run --phase autoencoder first, or give --codec")
+    if args.start:
+        if not (args.again and args.phase in ("bidirectional", "causal")):
+            ap.error("--from goes with --again and a teacher stage (bidirectional or causal)")
+        if not args.start.is_file():
+            raise SystemExit(f"--from {args.start}: no such file")
+        ship(args.start, work / args.phase, "ema")     # what --again continues from (bf16, shards if large)
     torch.backends.cudnn.benchmark = True
     if args.phase == "lipsync":
         res = lipsync_phase(recipe, work, out, args.workers)

@@ -96,6 +96,19 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     ode = phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--ode-warmup", "1")
     assert ode["settings"]["ode_warmup"] == 1 and "loss_ode" in ode["loss_first"] and "loss_dmd" in ode["loss_last_10pct"]
     assert warm["train"]["resumed_from"] is None
+    # a later session that kept only the shipped student (no teacher in W): stage 2 continues from it
+    lone = tmp_path / "lone" / "student.safetensors"              # carried without its codec file beside it
+    lone.parent.mkdir()
+    shutil.copyfile(tmp_path / "out5" / "student" / "ema.safetensors", lone)
+    codec = str(outs[0] / "codec.safetensors")
+    with pytest.raises(SystemExit):                                # --from continues a stage: needs --again
+        phase("causal", tmp_path / "w7", tmp_path / "out9", monkeypatch, "--from", str(lone), "--codec", codec)
+    rebuilt = phase("causal", tmp_path / "w7", tmp_path / "out9", monkeypatch, "--again", "--from", str(lone),
+                    "--codec", codec)
+    assert rebuilt["settings"]["init_from"] == str(tmp_path / "w7" / "causal" / "ema.safetensors")
+    assert rebuilt["train"]["steps"] == 2 and rebuilt["again"]
+    lineage = recipe.read_metadata(tmp_path / "out9" / "causal" / "ema.safetensors")["lineage"]
+    assert [r["stage"] for r in lineage][-2:] == ["distill", "causal"]
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
     assert st["summary"]["clips"] == 2
