@@ -19,6 +19,7 @@ recipe = importlib.util.module_from_spec(spec)
 sys.modules["teacher_recipe"] = recipe
 spec.loader.exec_module(recipe)
 
+MINILM_ROUNDING = 1e-4   # MiniLM's features across transformers releases (float32 kernel order)
 FAST = ["--preset", "tiny", "--steps", "2", "--workers", "0", "--minutes", "4"]
 
 
@@ -151,8 +152,12 @@ def test_text_table_covers_the_world_and_matches_minilm():
     table = TextTable(recipe.TEXT_TABLE)
     assert set(table.texts) == {NEUTRAL_TEXT, *ACTIONS}
     enc = TextEncoder("minilm", max_len=512)
-    for text in table.texts:
-        assert torch.equal(table([text])[0], enc([text])[0])
+    for i, text in enumerate(table.texts):
+        # equal to float32 rounding: the table was written by another transformers release (5.24 differs
+        # by ~1e-5, a different kernel order); another text is off by O(0.1-1) (the control)
+        assert (table([text])[0] - enc([text])[0]).abs().max() < MINILM_ROUNDING
+        other = table.texts[(i + 1) % len(table.texts)]
+        assert (table([other])[0][:1] - enc([text])[0][:1]).abs().max() > 100 * MINILM_ROUNDING
     assert recipe.TEXT_TABLE.stat().st_size < 256 * 1024
     with pytest.raises(KeyError):
         table(["wave"])
@@ -168,7 +173,7 @@ def test_text_encoder_is_the_table_when_one_is_named(monkeypatch):
     monkeypatch.setenv("VIDU_TEXT_TABLE", str(recipe.TEXT_TABLE))
     enc = text_encoder("minilm", max_len=32)                                 # `small`'s text length: the texts fit
     assert isinstance(enc, TextTable) and enc.dim == 384
-    assert torch.equal(enc(texts), TextEncoder("minilm", max_len=32)(texts))
+    assert (enc(texts) - TextEncoder("minilm", max_len=32)(texts)).abs().max() < MINILM_ROUNDING
 
 
 GPU_IMAGE_LACKS = ("duckdb", "av")      # the device image has torch and triton, not these (carried wheels aside)
