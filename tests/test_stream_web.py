@@ -300,4 +300,9 @@ def test_page_streams_the_starter_model(browser, tmp_path):
         assert np.asarray(Image.open(tmp_path / "page.png")).std() > 10
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.communicate(timeout=60)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:      # never leave a server streaming through the rest of the suite
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
