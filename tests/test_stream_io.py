@@ -23,6 +23,7 @@ from stages.stream.io import Mp4Sink, RawSink, open_audio, read_instructions
 from stages.sense.media import write_video
 from stages.synth.render import render_clip
 from stages.synth.world import random_identity, random_scene
+from tests.test_runner import _as_in_a_terminal
 
 SR = 16000
 REPO = Path(__file__).resolve().parents[1]
@@ -255,11 +256,6 @@ def test_mp4_sink_survives_ctrl_c_to_the_process_group(tmp_path):
     n = int(out.split()[-1])
     assert n >= 30 and n % 3 == 0
     assert len(_probe(tmp_path / "live.mp4")["frames"]) == n
-
-
-def _as_in_a_terminal() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def test_mp4_sink_odd_size_is_padded_to_even(tmp_path):

@@ -267,11 +267,13 @@ def test_page_streams_the_starter_model(browser, tmp_path):
     from PIL import Image
 
     from stages import synth
+    from tests.test_runner import _as_in_a_terminal
     s = synth.make_sample(7, 256, 256, 25, 0.2, split="eval")
     Image.fromarray(synth.render(s.identity, synth.State(), 256, 256, s.scene)).save(tmp_path / "ref.png")
     proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--image", str(tmp_path / "ref.png"), "--serve",
                              "127.0.0.1:0", "--device", "cpu"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_as_in_a_terminal)   # SIGINT acts even when the suite runs as a background job
     try:
         url, said = None, []
         while url is None:
