@@ -59,8 +59,8 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   against the sound at t + offset / 25 s; its own search spans only +-0.12 s), so a late voice is
   not taken for an offscreen one, and the clip is rejected `av_desync`, or with `fix_av_offset` kept
   with `av_shift_s` = offset / 25: the sound of the frame at t is at t + av_shift_s, the shift a
-  consumer has to undo (read the audio from start_s + av_shift_s). No stage applies it yet (`vidu
-  embed` reads the audio at the frames' own times), so fixed clips are marked, not yet re-timed.
+  consumer has to undo (read the audio from start_s + av_shift_s). `vidu embed` applies it: it reads
+  the audio of a frame at t from t + av_shift_s, so the training samples of a fixed clip are re-timed.
   Measured on diarize's track of the five retalking clips (16 kHz audio as decoded, delays in memory),
   offset / confidence:
 

@@ -16,6 +16,9 @@ Method, per clip row (any kind of the curation chain; the source video is decode
 - Video: the frames themselves (latent_kind "frames"; training codes them with its PCA codec), or
   latents from the Wan2.1 VAE (`vae`, normalised mu [C, F, h, w]) or TAEHV (`taehv`, [C, F, h, w]),
   plus the latent of the first frame alone as the reference ("ref").
+- A/V lag: a row with `av_shift_s` (`vidu diarize --fix-av-offset`: the sound of the frame at t is
+  heard at t + av_shift_s) has its audio read from t + av_shift_s for the frames at t (window and
+  clip end shifted alike; silence before the file's start), so its samples are in sync.
 - Audio: the window's 16 kHz mono samples ("wave", T * 16000 / fps of them) and their log-mel
   conditioning features per latent frame with the preset's speech context (DiTConfig.audio_context
   frames before and after: silence before the window as at a stream's start, the clip's own
@@ -196,9 +199,9 @@ def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
 class Embed(Stage):
     name: ClassVar[str] = "embed"
     kind: ClassVar[str] = "samples"
-    version: ClassVar[str] = "2"
+    version: ClassVar[str] = "3"
     # clip kinds: video_path, start_s, end_s (+ speech_segments, face_box, caption, caption_source,
-    # chunk_captions when the input carries them); synth: path, duration_s, actions, gt_path (clip_item)
+    # chunk_captions, av_shift_s when the input carries them); synth: path, duration_s, actions, gt_path (clip_item)
     reads: ClassVar[tuple[str, ...]] = ("id",)
     writes: ClassVar[tuple[str, ...]] = tuple((
         "clip_id video_path sample_index start_s end_s preset frames height width fps source_fps repeated_frames "
@@ -303,7 +306,7 @@ class Embed(Stage):
         for n, ((i, t0), timeline) in enumerate(zip(group, timelines)):
             prefix = f"{item['id']}_s{i:03d}"
             sl = slice(n * T, (n + 1) * T)
-            sample = self._sample(frames[sl], audio, t0, item["end_s"])
+            sample = self._sample(frames[sl], audio, t0, item["end_s"], float(item.get("av_shift_s") or 0.0))
             sample.update(timeline.tensors(encode))
             tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
             t1 = t0 + T / fps
@@ -329,20 +332,24 @@ class Embed(Stage):
         return "minilm" if self.text_kind == "minilm" and not self.text_model else f"{self.text_kind}:{self.text_model}"
 
     @torch.no_grad()
-    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float, end_s: float) -> dict[str, torch.Tensor]:
+    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float, end_s: float,
+                shift: float = 0.0) -> dict[str, torch.Tensor]:
         """One window's tensors: video [T, H, W, 3] uint8 or latents [C, F, h, w] (+ ref [C, 1, h, w]),
         audio [before + F + after, mel_per_latent, n_mels] (the preset's speech context: silence before
         the window, as at a stream's start; the clip's continuation after it, up to `end_s`),
-        wave [T * sr / fps]."""
+        wave [T * sr / fps]. The audio is read `shift` s later than the frames (diarize's av_shift_s:
+        the sound of the frame at t is at t + shift), the clip's audio end moving with it; before the
+        file's start it is silence."""
         from models.audio import audio_features
         cfg, acfg = self.cfg, self.cfg.audio
         context = cfg.dit.audio_context
         n = int(cfg.video_frames * acfg.sample_rate // acfg.fps)
-        a = int(round(t0 * acfg.sample_rate))
+        a = int(round((t0 + shift) * acfg.sample_rate))
         more = context[1] * acfg.samples_per_latent + acfg.n_fft          # what the after-context can reach
         ahead = np.zeros(n + more, np.float32)
-        piece = audio[a:min(a + n + more, int(round(end_s * acfg.sample_rate)))]
-        ahead[: len(piece)] = piece
+        lo, hi = max(a, 0), min(a + n + more, int(round((end_s + shift) * acfg.sample_rate)))
+        piece = audio[lo:max(lo, hi)]
+        ahead[lo - a: lo - a + len(piece)] = piece
         wave_t = torch.from_numpy(ahead[:n].copy())
         feats = audio_features(torch.from_numpy(ahead), cfg.latent_frames, acfg, context=context)
         out = {"wave": wave_t, "audio": feats.float()}
