@@ -98,7 +98,7 @@ def test_distillation_closes_the_gap_to_the_teachers_many_step_samples(tmp_path)
         teacher = trained_teacher(record)
         ref, text, audio = conditions(chunks=CHUNKS, batch=1)
         batch = {"ref": ref, "text": text, "audio": audio}
-        st = DistillSettings(steps=200, batch=1, chunks=CHUNKS, warmup=10, lr=3e-5, critic_lr=2e-3,
+        st = DistillSettings(steps=200, batch=1, chunks=CHUNKS, warmup=10, lr=3e-5, critic_lr=2e-3, critic_updates=1,
                              dmd=DMDSettings(guidance=1.0))
         dst = Distiller(teacher, TINY, record, st, tmp_path / "run", lambda step: batch)
         many = dataclasses.replace(dst.stream, steps=16, sampler="euler", twin=False)    # the teacher's ODE
