@@ -28,7 +28,11 @@ edges against one guided teacher ODE step and the EMA student), its distance `pc
 (perceptual.py): by default the teacher's autoencoder's encoder features of the decoded chunks (the
 Distiller is given the run's codec), or the latents' squared difference, or LPIPS with the user's weights.
 
-Not yet here (issue 17): FSDP2 under torchrun.
+Under torchrun (`torchrun --nproc-per-node N vidu distill ...`) student and critic are sharded with FSDP2
+(each block a unit, as the training stages shard), the frozen teacher is replicated, and each process
+rolls out and scores its rows of the global batch with the single process's random numbers for them
+(rollout noise, levels, exit steps), so N processes train what one does (tests/test_distill_fsdp.py).
+PCM runs in one process only (its EMA student is not sharded).
 """
 from __future__ import annotations
 
@@ -52,8 +56,9 @@ from stages.distill.pcm import pcm_loss, phase_edges
 from stages.distill.perceptual import DISTANCES, build as build_distance, load_lpips
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
-from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
-                                    optimizer_step, step_generator, write_checkpoint)
+from stages.train.machinery import (Dist, adamw, agreed, batch_rows, checkpoint_dir, ema_decay, ema_update, full_tensor,
+                                    init_dist, latest_state, load_like, mean_over_ranks, optimizer_step, shard,
+                                    step_generator, write_checkpoint)
 from stages.train.objectives import Draw, ObjectiveSettings
 
 
@@ -123,6 +128,16 @@ class DistillSettings:
         return dataclasses.asdict(self)
 
 
+def check_world(st: DistillSettings, d: Dist) -> None:
+    """Whether `st` can run on d.world processes; raises ValueError (one line) unless."""
+    if d.world == 1:
+        return
+    if st.batch % d.world:
+        raise ValueError(f"--batch {st.batch} does not split over {d.world} processes")
+    if st.pcm_weight > 0:
+        raise ValueError("PCM (--pcm-weight) runs in one process for now: its EMA student is not sharded")
+
+
 def check_student(path: str | Path, cfg: ModelConfig) -> None:
     """Whether a previous distilled student at `path` can start the student; raises ValueError (one line) unless it is a vidu distillation checkpoint of exactly the config `cfg` (the
     teacher's, with its record's chunk size: what `Distiller.save` writes)."""
@@ -157,12 +172,18 @@ def _flat(d: dict, pre: str = "") -> dict:
 class Distiller:
     """Student, critic and their optimizers around a frozen `teacher` whose checkpoint recorded
     `record` (its "sampling" metadata); `batches(step) -> dict` gives a step's conditions
-    (ref [B, C, 1, h, w], text, audio); `codec`: the teacher's autoencoder (TAEHV, on `device`), which
-    PCM's perceptual distances decode with (perceptual.py)."""
+    (ref [B, C, 1, h, w], text, audio) for this process's rows of the global batch (`rows`); `codec`:
+    the teacher's autoencoder (TAEHV, on `device`), which PCM's perceptual distances decode with
+    (perceptual.py). `d`: the processes (torchrun): student and critic are sharded over them (FSDP2),
+    the teacher is replicated, each process rolls out its rows with the single process's random numbers
+    for them, so N processes train what one does with the same global batch."""
 
     def __init__(self, teacher: DiT, cfg: ModelConfig, record: dict, st: DistillSettings, out: Path,
-                 batches: Callable[[int], dict], device=torch.device("cpu"), codec=None):
+                 batches: Callable[[int], dict], device=torch.device("cpu"), codec=None, d: Dist | None = None):
         self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
+        self.d = d or Dist(0, 1, self.device)
+        check_world(st, self.d)
+        self.rows = batch_rows(st.batch, self.d)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.critic = copy.deepcopy(self.teacher).train().requires_grad_(True)
@@ -181,8 +202,10 @@ class Distiller:
                        "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
         self.obj = ObjectiveSettings(shift=record["shift"], chunk_frames=record["chunk_frames"],
                                      window=record["window"], sink=record["sink"])
-        self.ema = {k: (p if warm is None else warm[k]).detach().clone().float().to(self.device)
-                    for k, p in self.student.named_parameters()}
+        if self.d.world > 1:
+            shard(self.student)
+            shard(self.critic)
+        self.ema = {k: p.detach().clone().float() for k, p in self.student.named_parameters()}   # warm: its EMA
         self.opt, self.sched = adamw(self.student, dataclasses.replace(st, steps=st.steps - st.critic_warmup, critic_warmup=0),
                                      device)
         self.critic_opt, self.critic_sched = adamw(self.critic, dataclasses.replace(st, lr=st.critic_lr), device)
@@ -191,19 +214,20 @@ class Distiller:
     def train_step(self) -> dict:
         st = self.st
         batch = self.batches(self.step)
-        draw = Draw(step_generator(st.seed, self.step), 0, st.batch, st.batch)
+        lo, hi = self.rows
+        draw = Draw(step_generator(st.seed, self.step), lo, hi, st.batch)
         exits = exit_steps(draw, st.chunks, st.student_steps)
         seed = draw.randint(2 ** 62)
         ode, critic_only = self.step < st.ode_warmup, self._critic_only()
         with torch.set_grad_enabled(not (ode or critic_only)), self._autocast():   # DMD: through the exit steps
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
-                                        batch.get("audio"), st.chunks, exits, seed)
+                                        batch.get("audio"), st.chunks, exits, seed, (lo, st.batch))
         with torch.set_grad_enabled(not critic_only), self._autocast():
             loss, parts = self._generator_loss(batch, video, audio, draw, ode, extras=not critic_only)
         gnorm = 0.0
         if not critic_only:                  # a critic warm-up step measures the generator loss, applies nothing
             loss.backward()
-            gnorm = float(optimizer_step(self.student, self.opt, self.sched, st.grad_clip))
+            gnorm = float(full_tensor(optimizer_step(self.student, self.opt, self.sched, st.grad_clip)))
             ema_update(self.ema, self.student, ema_decay(self.step, st.ema))
         critic = self._critic_updates(batch, video, audio, draw)
         return self._log(loss, critic, gnorm, parts)
@@ -235,7 +259,7 @@ class Distiller:
                 c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
             c_loss.backward()
             optimizer_step(self.critic, self.critic_opt, None, self.st.grad_clip)
-            critic.append(float(c_loss.detach()))
+            critic.append(mean_over_ranks(c_loss, self.d))
         self.critic_sched.step()
         return critic
 
@@ -243,9 +267,9 @@ class Distiller:
         return self.st.ode_warmup <= self.step < self.st.ode_warmup + self.st.critic_warmup
 
     def _log(self, loss, critic: list[float], gnorm: float, parts: dict) -> dict:
-        logged = {"step": self.step, "loss": float(loss.detach()), "loss_critic": sum(critic) / len(critic),
+        logged = {"step": self.step, "loss": mean_over_ranks(loss, self.d), "loss_critic": sum(critic) / len(critic),
                   "grad_norm": gnorm, "lr": 0.0 if self._critic_only() else self.sched.get_last_lr()[0],
-                  **{k: float(v) for k, v in parts.items()}}
+                  **{k: mean_over_ranks(v, self.d) for k, v in parts.items()}}
         self.history.append(logged)
         self.step += 1
         return logged
@@ -253,19 +277,27 @@ class Distiller:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Every process gathers, the first writes (None elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        student, critic = (get_model_state_dict(m, options=opts) for m in (self.student, self.critic))
+        optim, critic_optim = (get_optimizer_state_dict(m, o, options=opts)
+                               for m, o in ((self.student, self.opt), (self.critic, self.critic_opt)))
+        ema = {k: full_tensor(v).cpu() for k, v in self.ema.items()}
+        if not self.d.main:
+            return None
         lineage = [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
                     **({"init_student": self.st.init_student} if self.st.init_student else {})}]
         meta = {"sampling": self.record}
 
         def write(tmp: Path) -> None:
-            save_model(tmp / "model.safetensors", self.student.state_dict(), self.cfg, lineage,
-                       {"kind": "raw", "step": self.step, **meta})
-            save_model(tmp / "ema.safetensors", self.ema, self.cfg, lineage, {"kind": "ema", "step": self.step, **meta})
-            save_model(tmp / "critic.safetensors", self.critic.state_dict(), self.cfg, lineage,
-                       {"kind": "critic", "step": self.step})
-            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                        "critic_optimizer": self.critic_opt.state_dict(),
+            save_model(tmp / "model.safetensors", student, self.cfg, lineage, {"kind": "raw", "step": self.step, **meta})
+            save_model(tmp / "ema.safetensors", ema, self.cfg, lineage, {"kind": "ema", "step": self.step, **meta})
+            save_model(tmp / "critic.safetensors", critic, self.cfg, lineage, {"kind": "critic", "step": self.step})
+            torch.save({"optimizer": optim, "scheduler": self.sched.state_dict(),
+                        "critic_optimizer": critic_optim,
                         "critic_scheduler": self.critic_sched.state_dict(), "step": self.step,
                         "history": self.history, "settings": self.st.to_dict()}, tmp / "state.pt")
         return write_checkpoint(self.out, self.step, write, self.history, f"distill ({self.cfg.name})")
@@ -274,15 +306,20 @@ class Distiller:
         found = latest_state(self.out, self.st.to_dict())
         if found is None:
             return False
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
         path, state = found
-        self.student.load_state_dict(read_state_dict(path / "model.safetensors"))
-        self.critic.load_state_dict(read_state_dict(path / "critic.safetensors"))
+        opts = StateDictOptions(full_state_dict=True)
+        # parameters a rollout never reaches (e.g. the audio branch without audio) have no optimizer state
+        loose = StateDictOptions(full_state_dict=True, strict=False)
+        for m, o, name, optim in ((self.student, self.opt, "model", "optimizer"),
+                                  (self.critic, self.critic_opt, "critic", "critic_optimizer")):
+            set_model_state_dict(m, read_state_dict(path / f"{name}.safetensors"), options=opts)
+            set_optimizer_state_dict(m, o, state[optim], options=loose)
         ema = read_state_dict(path / "ema.safetensors")
         for k, v in self.ema.items():
-            v.copy_(ema[k])
-        self.opt.load_state_dict(state["optimizer"])
+            load_like(v, ema[k])
         self.sched.load_state_dict(state["scheduler"])
-        self.critic_opt.load_state_dict(state["critic_optimizer"])
         self.critic_sched.load_state_dict(state["critic_scheduler"])
         self.step, self.history = state["step"], state["history"]
         return True
@@ -300,11 +337,11 @@ def distill(dst: Distiller, progress=None, deadline: float | None = None) -> dic
     n0, t0 = dst.step, time.perf_counter()
     while dst.step < dst.st.steps:
         logged = dst.train_step()
-        if progress:
+        if progress and dst.d.main:
             progress(logged)
         now = time.perf_counter()
-        timed_out = ((dst.st.minutes is not None and now - t0 > dst.st.minutes * 60)
-                     or (deadline is not None and now > deadline))
+        timed_out = agreed((dst.st.minutes is not None and now - t0 > dst.st.minutes * 60)
+                           or (deadline is not None and now > deadline), dst.d)
         if dst.step % dst.st.save_every == 0 or dst.step == dst.st.steps or timed_out:
             dst.save()
         if timed_out:
@@ -326,8 +363,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     from stages.train.data import build_dataset
     from stages.train.loop import TrainSettings, prepare_codec
     d = d or init_dist()
-    if d.world > 1:
-        raise ValueError("vidu distill runs in one process for now (FSDP2 under torchrun is not built yet)")
+    check_world(st, d)
     if not st.init_from:
         raise ValueError("distillation needs the causal teacher: --from causal.ckpt")
     record = checkpoint_sampling(st.init_from)
@@ -352,8 +388,10 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         data.prefetch(prefetch)
         data.stack_on(d.device)
 
-    def batches(step: int) -> dict:
-        b = data.batch(step * st.batch, st.batch, d.device)
+    lo, hi = batch_rows(st.batch, d)
+
+    def batches(step: int) -> dict:                # this process's rows of the step's global batch
+        b = data.batch(step * st.batch + lo, hi - lo, d.device)
         return {k: b[k] for k in ("ref", "text", "audio", "mouth_box") if k in b}
 
     codec = data.codec
@@ -362,9 +400,9 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         from stages.train.data import teacher_codec
         path = teacher_codec(st.init_from)
         codec = load_taehv(path, d.device) if path is not None and path.is_file() else None
-    dst = Distiller(teacher, cfg, record, st, out, batches, d.device, codec)
+    dst = Distiller(teacher, cfg, record, st, out, batches, d.device, codec, d)
     run_id = "distill-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    if root is not None:
+    if root is not None and d.main:
         from manifests import catalog
         from stages.run.runner import code_version
         catalog.record_start(root, run_id, "distill", "checkpoint", {"distill": st.to_dict(), "model": cfg.to_dict()},
@@ -374,7 +412,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         summary = distill(dst, progress, deadline)
         n0, state = summary["resumed_from"] or 0, "done"
     finally:
-        if root is not None:
+        if root is not None and d.main:
             from manifests import catalog
             catalog.record_end(root, run_id, state, {"ok": dst.step}, n0 or 0, time.perf_counter() - t0)
     return {"run_id": run_id, **summary, "seconds": time.perf_counter() - t0}

@@ -351,10 +351,15 @@ class StreamEngine:
     `advance(inputs, exit_step)` is `step` in the distillation's training mode (stages/distill/rollout.py)."""
 
     def __init__(self, model: DiT, cfg: ModelConfig, settings: StreamSettings = StreamSettings(),
-                 batch: int = 1, seed: int = 0):
+                 batch: int = 1, seed: int = 0, rows: tuple[int, int] | None = None):
+        """`rows` (lo, total): this engine's `batch` streams are rows lo.. of a batch of `total` drawn from
+        `seed` (a distillation rank's share: its noise is the single-process run's rows)."""
         p = next(model.parameters())
         self.model, self.cfg, self.st = model, cfg, settings
         self.device, self.dtype, self.batch = p.device, p.dtype, batch
+        self.lo, self.total = rows if rows is not None else (0, batch)
+        if not 0 <= self.lo <= self.total - batch:
+            raise ValueError(f"rows {self.lo}..{self.lo + batch} are not within a batch of {self.total}")
         self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype, model.local_heads)
         self.kept = KeptChunks((1 if settings.sink else 0) + settings.slots) if settings.recache else None
         self.sig = flow_sigmas(settings.steps, settings.shift)
@@ -368,7 +373,8 @@ class StreamEngine:
         self.ref = ref_latent.to(self.device, self.dtype)
 
     def _randn(self, shape) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32).to(self.dtype)
+        full = torch.randn((self.total, *shape[1:]), generator=self.gen, device=self.device, dtype=torch.float32)
+        return full[self.lo:self.lo + shape[0]].to(self.dtype)
 
     def _renoise(self, x0, xa0, s):
         x = (1 - s) * x0 + s * self._randn(x0.shape)

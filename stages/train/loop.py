@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from models.checkpoint import load_dit, read_metadata, save_model
 from models.config import PRESETS, preset as get_preset
@@ -45,8 +44,9 @@ from models.dit import DiT
 from stages.run import ranged
 from stages.train.autoencoder import AutoencoderSettings
 from stages.train.data import CODEC_FILE, Dataset, build_dataset, teacher_codec
-from stages.train.machinery import (Dist, adamw, checkpoint_dir, ema_decay, ema_update, init_dist, latest_state,
-                                    optimizer_step, sequence_group, step_generator, write_checkpoint)
+from stages.train.machinery import (Dist, adamw, agreed, batch_rows, checkpoint_dir, ema_decay, ema_update, full_tensor,
+                                    init_dist, latest_state, load_like, mean_over_ranks, optimizer_step, sequence_group,
+                                    shard, step_generator, write_checkpoint)
 from stages.train.objectives import OBJECTIVES, Draw, ObjectiveSettings
 from stages.train.sample import sampling_record
 
@@ -136,10 +136,7 @@ class Trainer:
         if st.sequence_parallel > 1:
             model.shard_sequence(sequence_group(st.sequence_parallel))
         if d.world > 1:
-            from torch.distributed.fsdp import fully_shard
-            for block in model.blocks:
-                fully_shard(block)
-            fully_shard(model)
+            shard(model)
         self.model = model
         self.ema = {k: p.detach().clone().float() for k, p in model.named_parameters()}
         self.opt, self.sched = adamw(model, st, d.device)
@@ -166,19 +163,12 @@ class Trainer:
         (loss * st.sequence_parallel).backward()      # FSDP2 averages over all ranks; a group's shares add up
         gnorm = optimizer_step(self.model, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
-        logged = {"step": self.step, "loss": loss.detach().float(), "grad_norm": _full(gnorm).float(),
+        logged = {"step": self.step, "loss": loss.detach().float(), "grad_norm": full_tensor(gnorm).float(),
                   **{k: v.float() for k, v in parts.items()}}
-        logged = {k: (self._mean(v) if torch.is_tensor(v) else v) for k, v in logged.items()}
+        logged = {k: (mean_over_ranks(v, d) if torch.is_tensor(v) else v) for k, v in logged.items()}
         logged["lr"] = self.sched.get_last_lr()[0]
         self.step += 1
         return logged
-
-    def _mean(self, v: torch.Tensor) -> float:
-        v = v.detach().float().reshape(()).to(self.d.device)
-        if self.d.world > 1:
-            dist.all_reduce(v)
-            v = v / self.d.world
-        return float(v)
 
     # -- checkpoints --
     def checkpoint_dir(self, step: int) -> Path:
@@ -190,7 +180,7 @@ class Trainer:
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(self.model, options=opts)
         optim_sd = get_optimizer_state_dict(self.model, self.opt, options=opts)
-        ema_sd = {k: _full(v).cpu() for k, v in self.ema.items()}
+        ema_sd = {k: full_tensor(v).cpu() for k, v in self.ema.items()}
         if not self.d.main:
             return None
         lineage = self.lineage + [{"stage": self.st.stage, "steps": self.step, "preset": self.cfg.name,
@@ -231,17 +221,9 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         ema = read_state_dict(path / "ema.safetensors")
         for k, v in self.ema.items():
-            _load_like(v, ema[k])
+            load_like(v, ema[k])
         self.step, self.history = state["step"], state["history"]
         return True
-
-
-def batch_rows(batch: int, d: Dist, sequence_parallel: int = 1) -> tuple[int, int]:
-    """Rows [lo, hi) of a global batch that rank d.rank trains on: its sequence-parallel group's (groups
-    of consecutive ranks, machinery.sequence_group), the batch split evenly over the groups."""
-    group, groups = d.rank // sequence_parallel, d.world // sequence_parallel
-    per = batch // groups
-    return group * per, (group + 1) * per
 
 
 def noisy_level(stage: str, ob: ObjectiveSettings) -> float | None:
@@ -266,19 +248,6 @@ def stream_objective(ob: ObjectiveSettings, cfg) -> ObjectiveSettings:
         raise ValueError(f"clip_frames {ob.clip_frames} must exceed sink + window + chunk = {context} latent "
                          f"frames, so that the window wraps as in a long stream")
     return ob
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _load_like(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """Copy a full tensor into `dst`, which may be a shard (DTensor) of it."""
-    if hasattr(dst, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-        dst.copy_(distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements))
-    else:
-        dst.copy_(src)
 
 
 def tokens_per_sample(cfg) -> int:
@@ -384,7 +353,7 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
                 if progress:
                     progress(logged)
             now = time.perf_counter()
-            timed_out = _agreed((st.minutes is not None and now - t0 > st.minutes * 60)
+            timed_out = agreed((st.minutes is not None and now - t0 > st.minutes * 60)
                                 or (deadline is not None and now > deadline), d)
             if trainer.step % st.save_every == 0 or trainer.step == st.steps or timed_out:
                 trainer.save()
@@ -408,12 +377,3 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
             "params": sum(p.numel() for p in trainer.model.parameters()) if d.world == 1 else None,
             "checkpoint": str(trainer.checkpoint_dir(trainer.step)), "world_size": d.world, "seconds": seconds,
             "data_s": t0 - t_start}
-
-
-def _agreed(flag: bool, d: Dist) -> bool:
-    """True when any process says so (all stop at the same step)."""
-    if d.world == 1:
-        return flag
-    t = torch.tensor(float(flag), device=d.device)
-    dist.all_reduce(t)
-    return bool(t.item())

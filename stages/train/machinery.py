@@ -48,6 +48,54 @@ def init_dist() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
+def batch_rows(batch: int, d: Dist, sequence_parallel: int = 1) -> tuple[int, int]:
+    """Rows [lo, hi) of a global batch that rank d.rank trains on: its sequence-parallel group's (groups
+    of consecutive ranks, `sequence_group`), the batch split evenly over the groups."""
+    group, groups = d.rank // sequence_parallel, d.world // sequence_parallel
+    per = batch // groups
+    return group * per, (group + 1) * per
+
+
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 over the process group: each DiT block a unit, the rest at the root."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a shard (DTensor) gathered, a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def load_like(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy a full tensor into `dst`, which may be a shard (DTensor) of it."""
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        dst.copy_(distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements))
+    else:
+        dst.copy_(src)
+
+
+def agreed(flag: bool, d: Dist) -> bool:
+    """True when any process says so (all stop at the same step)."""
+    if d.world == 1:
+        return flag
+    t = torch.tensor(float(flag), device=d.device)
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def mean_over_ranks(v: torch.Tensor, d: Dist) -> float:
+    """A scalar averaged over the processes (each its rows' mean: the global batch's)."""
+    v = v.detach().float().reshape(()).to(d.device)
+    if d.world > 1:
+        dist.all_reduce(v)
+        v = v / d.world
+    return float(v)
+
+
 def sequence_group(size: int) -> dist.ProcessGroup:
     """This rank's group of `size` consecutive ranks (ranks k*size .. (k+1)*size - 1) that split each
     sample's tokens (Ulysses, models/ulysses.py). Every rank must call it: groups are created
