@@ -1,6 +1,6 @@
 """`vidu distill` under torchrun: two processes (FSDP2 over gloo, each its rows of the global batch) train
-what one process trains with the same global batch, step for step; a run cut short resumes on two
-processes where the uninterrupted one ended."""
+what one process trains with the same global batch, step for step, pure DMD and with PCM (its EMA student
+gathered); a run cut short resumes on two processes where the uninterrupted one ended."""
 from __future__ import annotations
 
 import json
@@ -83,12 +83,22 @@ def test_two_processes_distill_what_one_does_and_resume(teacher, tmp_path):
     assert close(b, history(two))
 
 
-def test_a_batch_that_does_not_split_and_pcm_are_refused_on_several_processes():
+def test_with_pcm_two_processes_distill_what_one_does(teacher, tmp_path):
+    """PCM's EMA student is the gathered EMA on an unsharded copy: the PCM term and the updates match."""
+    from tests.conftest import vidu
+    one, two = tmp_path / "one", tmp_path / "two"
+    pcm = ("--pcm-weight", "0.5", "--pcm-distance", "latent")
+    vidu("distill", "--from", str(teacher), "--out", str(one), "--workdir", str(tmp_path / "w1"), *ARGS, *pcm)
+    run = torchrun(teacher, two, tmp_path / "w2", *pcm)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = history(one), history(two)
+    assert all(h["loss_pcm"] > 0 for h in a) and close(a, b, ("loss", "loss_dmd", "loss_pcm", "grad_norm")), (a, b)
+
+
+def test_a_batch_that_does_not_split_is_refused_on_several_processes():
     from stages.distill.loop import DistillSettings, check_world
     from stages.train.machinery import Dist
-    check_world(DistillSettings(batch=4), Dist(1, 2))
-    check_world(DistillSettings(batch=3, pcm_weight=0.5), Dist(0, 1))          # one process: anything goes
+    check_world(DistillSettings(batch=4, pcm_weight=0.5), Dist(1, 2))
+    check_world(DistillSettings(batch=3), Dist(0, 1))                          # one process: any batch
     with pytest.raises(ValueError, match="--batch 3 does not split over 2 processes"):
         check_world(DistillSettings(batch=3), Dist(0, 2))
-    with pytest.raises(ValueError, match="PCM"):
-        check_world(DistillSettings(batch=4, pcm_weight=0.5), Dist(0, 2))

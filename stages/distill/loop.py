@@ -32,7 +32,7 @@ Under torchrun (`torchrun --nproc-per-node N vidu distill ...`) student and crit
 (each block a unit, as the training stages shard), the frozen teacher is replicated, and each process
 rolls out and scores its rows of the global batch with the single process's random numbers for them
 (rollout noise, levels, exit steps), so N processes train what one does (tests/test_distill_fsdp.py).
-PCM runs in one process only (its EMA student is not sharded).
+PCM's EMA student is then the gathered EMA on an unsharded copy of the model.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from models.config import ModelConfig
 from models.dit import DiT
 from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
 from stages.distill.ode import ode_loss
-from stages.distill.pcm import pcm_loss, phase_edges
+from stages.distill.pcm import WithWeights, pcm_loss, phase_edges
 from stages.distill.perceptual import DISTANCES, build as build_distance, load_lpips
 from stages.distill.rollout import STUDENT_STEPS, exit_steps, self_rollout, student_settings
 from stages.run import ranged
@@ -134,8 +134,6 @@ def check_world(st: DistillSettings, d: Dist) -> None:
         return
     if st.batch % d.world:
         raise ValueError(f"--batch {st.batch} does not split over {d.world} processes")
-    if st.pcm_weight > 0:
-        raise ValueError("PCM (--pcm-weight) runs in one process for now: its EMA student is not sharded")
 
 
 def check_student(path: str | Path, cfg: ModelConfig) -> None:
@@ -202,6 +200,8 @@ class Distiller:
                        "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
         self.obj = ObjectiveSettings(shift=record["shift"], chunk_frames=record["chunk_frames"],
                                      window=record["window"], sink=record["sink"])
+        # PCM's EMA student on several processes: the gathered EMA on an unsharded copy (pcm.py WithWeights)
+        self.ema_copy = (copy.deepcopy(self.teacher) if self.d.world > 1 and st.pcm_weight > 0 else None)
         if self.d.world > 1:
             shard(self.student)
             shard(self.critic)
@@ -246,7 +246,9 @@ class Distiller:
             loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
             parts["loss_sync"] = sync.detach()
         if extras and st.pcm_weight > 0:     # PCM: the student's phase jumps against the teacher's ODE
-            pcm, pcm_parts = pcm_loss(self.student, self.ema, self.teacher, batch, video, audio, self.obj, edges,
+            ema = self.ema if self.ema_copy is None else WithWeights(
+                self.ema_copy, {k: full_tensor(v) for k, v in self.ema.items()})
+            pcm, pcm_parts = pcm_loss(self.student, ema, self.teacher, batch, video, audio, self.obj, edges,
                                       st.dmd, st.pcm_substeps, draw, self.distance)
             loss = loss + st.pcm_weight * pcm
             parts.update(pcm_parts)
