@@ -90,8 +90,10 @@ def similarity(track: np.ndarray, speech: np.ndarray) -> float:
 
 
 def stream(face, out, *extra):
-    """The real CLI in a process of its own, as a user runs it (the full suite's process carries other
-    tests' state: run in it, the --say and --audio streams differed in 2 of 3 CI rehearsals)."""
+    """The real CLI in a process of its own, as a user runs it. The frames are compared as decoded from
+    the mp4s, and libx264 is reproducible only from a fresh process: it reads memory it never
+    initialised, so inside the full suite's process the --say and --audio files differed (2 of 3 CI
+    rehearsals) though the streams' frames did not (tests/test_stream_pure.py)."""
     model = () if "--ckpt" in extra else ("--preset", "tiny")      # random weights unless a checkpoint is given
     res = vidu("stream", *model, "--image", str(face), "--out", str(out), "--summary", str(out.with_suffix(".json")),
               "-q", *FAST, *extra)
