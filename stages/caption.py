@@ -388,14 +388,14 @@ def render(fields: dict[str, str | None]) -> str:
 class Caption(Stage):
     name: ClassVar[str] = "caption"
     kind: ClassVar[str] = "captioned"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     # + the filter and diarize measurements when the input carries them
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s", "speech_segments")
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in CAPTION_COLUMNS)
 
     vlm: str | None = None  # local vision-language model directory
     asr: str | None = None  # local Whisper-family directory
-    frames: int = ranged(8, min=1)  # frames sampled evenly for the lighting measures (longer side <= 448 px)
+    frames: int = ranged(8, min=1)  # frames shown at evenly spaced times, for the lighting measures (longer side <= 448 px)
     vlm_frames: int = ranged(4, min=1)  # of those, shown to the VLM
     min_gap: float = ranged(0.5, min=0)  # shortest silence between speech chunks that becomes a chunk (s)
     max_new_tokens: int = ranged(256, min=1)

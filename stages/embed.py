@@ -110,49 +110,35 @@ def window_starts(start_s: float, end_s: float, T: int, fps: float, max_windows:
 
 
 def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int, out_h: int):
-    """The frame shown at each grid time (sorted, source seconds), cropped and resized.
+    """The frame shown at each grid time (stages.sense.media.frames_at, vidu's one frame-sampling
+    convention), cropped and resized.
 
     `box_for(W, H)` gives the crop box once the frame size is known. Returns (frames [N, out_h,
-    out_w, 3] uint8, source frame index per grid time [N], measured source fps, the crop box)."""
-    from stages.sense.media import open_container
-    out: list[np.ndarray] = []
-    picked: list[int] = []
-    times: list[float] = []
+    out_w, 3] uint8, presentation time (s) of the source frame shown at each grid time [N]: equal
+    entries are a repeated frame, the source's mean fps between the first and last frame shown, the
+    crop box)."""
+    from stages.sense.media import frames_at
     box = None
-    last: list | None = None          # [index, av frame, its crop or None]: the frame on screen
 
-    def show() -> None:
+    def convert(frame) -> np.ndarray:
         nonlocal box
-        if last[2] is None:
-            rgb = last[1].to_ndarray(format="rgb24")
-            box = box or box_for(rgb.shape[1], rgb.shape[0])
-            last[2] = crop_resize(rgb, box, out_w, out_h)
-        out.append(last[2])
-        picked.append(last[0])
+        rgb = frame.to_ndarray(format="rgb24")
+        box = box or box_for(rgb.shape[1], rgb.shape[0])
+        return crop_resize(rgb, box, out_w, out_h)
 
-    with open_container(path) as c:
-        v = c.streams.video[0]
-        v.thread_type = "AUTO"
-        if grid[0] > 0:
-            c.seek(int(grid[0] / v.time_base), stream=v, backward=True, any_frame=False)
-        for frame in c.decode(v):
-            if frame.time is None:
-                continue
-            t = float(frame.time)
-            if t + TIME_EPS >= end_s:
-                break
-            while last is not None and len(out) < len(grid) and grid[len(out)] + TIME_EPS < t:
-                show()
-            if len(out) == len(grid):
-                break
-            last = [len(times), frame, None]
-            times.append(t)
-        while last is not None and len(out) < len(grid):              # the last frame holds to the end
-            show()
-    if len(out) < len(grid):
+    frames, shown = frames_at(path, grid, end_s, convert=convert)
+    if len(frames) < len(grid):
         raise ValueError(f"no video frames in {path} from {grid[0]:.3f} s to {end_s:.3f} s")
-    fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    return np.stack(out), np.asarray(picked), fps, box
+    return frames, shown, mean_fps(path, shown[0], shown[-1]), box
+
+
+def mean_fps(path: str, t0: float, t1: float) -> float:
+    """The source's mean frame rate over the frames starting in [t0, t1] (0 for fewer than two)."""
+    from stages.sense.media import SHOWN_EPS, video_index
+    ix = video_index(path)
+    t = ix.pts * float(ix.time_base)
+    t = t[(t >= t0 - SHOWN_EPS) & (t <= t1 + SHOWN_EPS)]
+    return float((len(t) - 1) / (t[-1] - t[0])) if len(t) > 1 and t[-1] > t[0] else 0.0
 
 
 def clip_item(item: dict) -> dict:
@@ -199,7 +185,7 @@ def speech_in(segments: list[dict] | None, a: float, b: float) -> float | None:
 class Embed(Stage):
     name: ClassVar[str] = "embed"
     kind: ClassVar[str] = "samples"
-    version: ClassVar[str] = "3"
+    version: ClassVar[str] = "4"
     # clip kinds: video_path, start_s, end_s (+ speech_segments, face_box, caption, caption_source,
     # chunk_captions, av_shift_s when the input carries them); synth: path, duration_s, actions, gt_path (clip_item)
     reads: ClassVar[tuple[str, ...]] = ("id",)

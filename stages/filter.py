@@ -1,7 +1,8 @@
 """`vidu filter`: measure each clip and reject the ones unfit for talking-avatar training.
 
 Frames are sampled on a regular grid over the clip (`sample_fps`, longer side at most `max_side`;
-stages.sense.media.clip_frames) and every measure below is computed on them; each rejection names its
+stages.sense.media.clip_frames: the frame shown at each grid time, the convention every stage samples
+by) and every measure below is computed on them; each rejection names its
 reasons. Luma is Rec.601 in [0, 1]; "active area" excludes letterbox/pillarbox bars (rows and
 columns that stay near black in every sampled frame).
 
@@ -430,7 +431,7 @@ def _spread(frames: np.ndarray, k: int) -> np.ndarray:
 class Filter(Stage):
     name: ClassVar[str] = "filter"
     kind: ClassVar[str] = "filtered"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in FILTER_COLUMNS)
 

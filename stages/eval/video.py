@@ -93,22 +93,23 @@ def read_image(path: str | Path) -> np.ndarray:
 def decode_video(path: str | Path, max_frames: int, max_side: int | None = None,
                  start: int = 0) -> tuple[np.ndarray, float]:
     """Frames on the 25 fps grid of the file's timeline (t = 0: the audio's origin) from grid frame
-    `start`: at each grid time the latest frame shown by then (the first frame before it starts), at
-    most `max_frames`, the longer side scaled to at most `max_side`; and the end of the last decoded
-    frame (s)."""
-    from stages.sense.media import MediaError, clip_frames
+    `start`: the frame shown at each grid time (stages.sense.media.frames_at: the latest frame
+    started by then, the first frame before it starts), at most `max_frames`, the longer side scaled
+    to at most `max_side`; and the end of the last frame (s: its start plus the median interval)."""
+    from stages.sense.media import MediaError, frames_at, video_index
 
-    t0 = start / FACE_FPS
     try:
-        frames, times = clip_frames(path, max(0.0, t0 - 0.5), t0 + max_frames / FACE_FPS + 1.0, max_side=max_side)
+        index = video_index(path)
+        if len(index) < 2:
+            raise EvalError(f"{path}: fewer than 2 video frames")
+        end = float((index.pts[-1] + np.median(np.diff(index.pts))) * index.time_base)
+        grid = (start + np.arange(max(0, min(max_frames, int(np.floor(end * FACE_FPS + 1e-6)) - start)))) / FACE_FPS
+        frames, _ = frames_at(path, grid, max_side=max_side)
     except MediaError as e:
         raise EvalError(f"{path}: {e}") from None
-    if len(frames) < 2:
-        raise EvalError(f"{path}: fewer than 2 decodable video frames")
-    end = float(times[-1] + np.median(np.diff(times)))
-    grid = (start + np.arange(min(max_frames, int(np.floor(end * FACE_FPS + 1e-6)) - start))) / FACE_FPS
-    idx = np.maximum(np.searchsorted(times, grid + 1e-6, side="right") - 1, 0)
-    return frames[idx], end
+    if len(frames) < len(grid):
+        raise EvalError(f"{path}: no decodable video frames")
+    return frames, end
 
 
 def native_luma(path: str | Path, seconds: float, n: int = NATIVE_FRAMES) -> np.ndarray:

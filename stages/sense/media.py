@@ -220,49 +220,121 @@ def fraction_to_float(x: Fraction | None) -> float | None:
     return None if x is None or x == 0 else float(x)
 
 
+SHOWN_EPS = 1e-6  # a frame starting within this of a time (s) counts as shown at that time
+
+
+def frames_at(path: str | Path, times, end_s: float | None = None, max_side: int | None = None,
+              crop: tuple[float, float, float, float] | None = None, convert=None) -> tuple[np.ndarray, np.ndarray]:
+    """The frame shown at each of `times` (seconds on the file's timeline, non-decreasing) in the first
+    video stream: the last frame whose presentation time is at or before t (what a player displays at
+    t; the first frame for a t before it). This is vidu's one frame-sampling convention: filter,
+    diarize (the mouth track), caption, embed and `vidu eval` sample frames through it, so the frame
+    that stands for time t is the same everywhere, whatever the source's frame rate (a slower or
+    variable-rate source repeats frames, a faster one drops some).
+
+    Frames starting at or after `end_s` are not used (the last one before it holds to the end).
+    `max_side` / `crop` as in clip_frames; `convert(av_frame) -> array` replaces that conversion
+    (called once per distinct frame shown). Returns (frames [N, ...], presentation time in seconds of
+    the source frame shown at each time [N]: equal entries are the same frame); empty arrays when the
+    stream yields no frame.
+    """
+    times = np.asarray(times, np.float64).reshape(-1)
+    if len(times) and np.any(np.diff(times) < 0):
+        raise ValueError("frames_at: times must be non-decreasing")
+    n = len(times)
+    out: list[np.ndarray] = []
+    shown: list[float] = []
+    last: list | None = None  # [its time, the av frame, its conversion or None]: the frame on screen
+    with open_container(path) as c:
+        v = c.streams.video[0]
+        v.thread_type = "AUTO"
+        conv = convert or _rgb_converter(max_side, crop)
+
+        def show() -> None:
+            if last[2] is None:
+                last[2] = conv(last[1])
+            out.append(last[2])
+            shown.append(last[0])
+
+        if n and times[0] > 0:
+            c.seek(int(times[0] / v.time_base), stream=v, backward=True, any_frame=False)
+        for frame in c.decode(v) if n else ():
+            if frame.time is None:
+                continue
+            t = float(frame.time)
+            if end_s is not None and t + SHOWN_EPS >= end_s:
+                break
+            while last is not None and len(out) < n and times[len(out)] + SHOWN_EPS < t:
+                show()  # `last` is the latest frame starting at or before this time
+            if len(out) == n:
+                break
+            last = [t, frame, None]
+        while last is not None and len(out) < n:  # the last frame holds to the end
+            show()
+    if not out:
+        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0)
+    return np.stack(out), np.asarray(shown)
+
+
+def _rgb_converter(max_side: int | None, crop: tuple[float, float, float, float] | None):
+    """av frame -> RGB uint8 [H, W, 3]: cut to the relative `crop` region, the longer side at most
+    `max_side` (even sizes when scaled); the size is fixed by the first frame converted."""
+    size = box = None
+
+    def convert(frame) -> np.ndarray:
+        nonlocal size, box
+        if size is None:
+            box = _pixel_box(crop, frame.width, frame.height) if crop else None
+            w, h = (box[2] - box[0], box[3] - box[1]) if box else (frame.width, frame.height)
+            scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
+            size = (max(2, round(w * scale)) // 2 * 2, max(2, round(h * scale)) // 2 * 2) if scale < 1 else (w, h)
+        if box:
+            return _crop_rgb(frame, box, size)
+        return frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+
+    return convert
+
+
+def grid_times(start_s: float, end_s: float, fps: float) -> np.ndarray:
+    """The regular grid start_s + k / fps of the times in [start_s, end_s)."""
+    n = max(0, int(np.ceil((end_s - start_s) * fps - SHOWN_EPS * fps)))
+    return start_s + np.arange(n) / fps
+
+
 def clip_frames(path: str | Path, start_s: float, end_s: float, fps: float | None = None,
                 max_side: int | None = None,
                 crop: tuple[float, float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """RGB frames of [start_s, end_s) of the first video stream, decoded in order.
 
-    `fps` samples the clip on a regular grid (the first frame at or after each grid time);
-    None keeps every frame. `max_side` downscales so the longer side is at most that (aspect kept).
-    `crop` (relative x0, y0, x1, y1) cuts that region out of the full-size frame first; `max_side`
-    then applies to the region.
-    Returns (frames uint8 [N, H, W, 3], presentation times in seconds [N]).
+    `fps` samples the clip on the regular grid start_s + k / fps (`grid_times`) by `frames_at` (the
+    frame shown at each grid time); None keeps every frame starting in the span. `max_side`
+    downscales so the longer side is at most that (aspect kept). `crop` (relative x0, y0, x1, y1)
+    cuts that region out of the full-size frame first; `max_side` then applies to the region.
+    Returns (frames uint8 [N, H, W, 3], the time in seconds each frame stands for [N]: the grid time
+    with `fps`, else the frame's presentation time).
     """
+    if fps:
+        grid = grid_times(start_s, end_s, fps)
+        frames, shown = frames_at(path, grid, end_s, max_side, crop)
+        return frames, grid[:len(shown)]
     frames: list[np.ndarray] = []
     times: list[float] = []
-    step = 1.0 / fps if fps else 0.0
-    next_t = start_s
+    convert = _rgb_converter(max_side, crop)
     with open_container(path) as c:
         v = c.streams.video[0]
         v.thread_type = "AUTO"
         if start_s > 0:
             c.seek(int(start_s / v.time_base), stream=v, backward=True, any_frame=False)
-        size = box = None
         for frame in c.decode(v):
             if frame.time is None:
                 continue
             t = float(frame.time)
-            if t + 1e-6 < start_s:
+            if t + SHOWN_EPS < start_s:
                 continue
-            if t + 1e-6 >= end_s:
+            if t + SHOWN_EPS >= end_s:
                 break
-            if step and t + 1e-6 < next_t:
-                continue
-            if size is None:
-                box = _pixel_box(crop, frame.width, frame.height) if crop else None
-                w, h = (box[2] - box[0], box[3] - box[1]) if box else (frame.width, frame.height)
-                scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
-                size = (max(2, round(w * scale)) // 2 * 2, max(2, round(h * scale)) // 2 * 2) if scale < 1 else (w, h)
-            if box:
-                frames.append(_crop_rgb(frame, box, size))
-            else:
-                frames.append(frame.to_ndarray(width=size[0], height=size[1], format="rgb24"))
+            frames.append(convert(frame))
             times.append(t)
-            if step:
-                next_t = start_s + step * (int(np.floor((t - start_s) / step + 1e-6)) + 1)
     if not frames:
         return np.zeros((0, 0, 0, 3), np.uint8), np.zeros(0)
     return np.stack(frames), np.asarray(times)

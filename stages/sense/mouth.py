@@ -98,15 +98,15 @@ def opening_by_width(landmarks: np.ndarray) -> np.ndarray:
 
 
 def mouth_track(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Frame times (s from start_s) and mouth opening (over mouth width) per frame sampled at
-    `FACE_FPS` (nan: no face); the face is the one overlapping the relative `face_box` most when given,
-    else the largest."""
+    """Times (s from start_s: the `FACE_FPS` grid k / FACE_FPS) and mouth opening (over mouth width) of
+    the frame shown at each (media.frames_at, the one sampling convention; nan: no face); the face
+    is the one overlapping the relative `face_box` most when given, else the largest."""
     times, landmarks = mouth_landmarks(path, start_s, end_s, face_box)
     return times, opening_by_width(landmarks).astype(np.float64)
 
 
 def mouth_landmarks(path: str, start_s: float, end_s: float, face_box: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
-    """`mouth_track`'s frame times (s from start_s) and the main face's 68 landmarks [T, 68, 2] per
+    """`mouth_track`'s times (s from start_s) and the main face's 68 landmarks [T, 68, 2] per
     frame (nan: no face; in the pixels of the analysed frames or of the crop around a small face)."""
     frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
     track = track_face(frames, face_box)

@@ -172,16 +172,15 @@ class EvalBench(Stage):
         return frames, audio, {"fps": float(fps), "speed": speed, "notes": list(parts.notes)}
 
     def _oracle(self, item: dict, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
-        """The ground-truth video on the 25 fps grid over the audio's span: at each grid time the
-        latest frame shown at or before it (any frame rate, start offset or variable rate)."""
-        from stages.sense.media import clip_frames
+        """The ground-truth video on the 25 fps grid over the audio's span: the frame shown at
+        each grid time (stages.sense.media.frames_at; any frame rate, start offset or variable rate)."""
+        from stages.sense.media import frames_at
         seconds = len(wave) / 16000
-        frames, times = clip_frames(item["video"], 0.0, seconds)
+        grid = np.arange(int(np.floor(seconds * 25 + 1e-6))) / 25
+        frames, _ = frames_at(item["video"], grid, seconds)
         if len(frames) == 0:
             raise ValueError(f"{item['video']}: no decodable video frames")
-        grid = np.arange(int(np.floor(seconds * 25 + 1e-6))) / 25
-        idx = np.clip(np.searchsorted(times, grid + 1e-6, side="right") - 1, 0, len(frames) - 1)
-        return frames[idx], wave, {"fps": 25.0, "speed": {}, "notes": ["oracle: the ground-truth video"]}
+        return frames, wave, {"fps": 25.0, "speed": {}, "notes": ["oracle: the ground-truth video"]}
 
     # -- one sample --
     def process(self, item: dict) -> list[dict]:
