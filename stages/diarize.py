@@ -465,6 +465,9 @@ class Diarize(Stage):
     max_av_offset: int = ranged(3, min=0)  # frames at 25 fps (3 = 120 ms): a larger confident A/V offset is av_desync
     min_av_confidence: float = ranged(MIN_AV_CONFIDENCE, min=0)  # sync-curve peak over median from which an offset counts
     fix_av_offset: bool = False  # keep av_desync clips, their lag recorded in av_shift_s
+    # measure the A/V offset at all (its phone track costs about 1 s of CPU per second of speech): off,
+    # the offset fields are null and no clip is av_desync
+    av_sync: bool = True
 
     def setup(self) -> None:
         if self.pyannote:
@@ -492,7 +495,7 @@ class Diarize(Stage):
         times, landmarks = (mouth_landmarks(path, t0, t1, item.get("face_box")) if d.turns
                             else (np.zeros(0), np.zeros((0, 68, 2), np.float32)))
         opening = opening_by_width(landmarks).astype(np.float64)
-        offset, av_confidence = av_offset(times, landmarks, audio) if d.turns else (None, None)
+        offset, av_confidence = av_offset(times, landmarks, audio) if d.turns and self.av_sync else (None, None)
         desync = (offset is not None and abs(offset) > self.max_av_offset
                   and av_confidence >= self.min_av_confidence)
         # a desynchronised clip's speaker analysis reads the sound where it was measured to be (mouth

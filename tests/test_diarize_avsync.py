@@ -139,3 +139,22 @@ def test_cli_fix_av_offset_keeps_the_late_clip_with_its_lag(media, rows, tmp_pat
     short = by_id["retalking_1"]
     assert (short["status"], short["reasons"]) == ("ok", [])
     assert (short["av_offset_frames"], short["av_sync_confidence"], short["av_shift_s"]) == (None, None, None)
+
+
+def test_no_av_sync_skips_the_measurement(media, rows, monkeypatch, tmp_path):
+    """--no-av-sync: the offset is never measured (the estimator is not called), its fields are null,
+    and the late clip is judged on the rest (its lag then reads as offscreen speech or not: not av_desync)."""
+    import stages.diarize as diarize
+    monkeypatch.setattr(diarize, "av_offset", lambda *a: pytest.fail("measured with --no-av-sync"))
+    stage = Diarize(av_sync=False)
+    stage.setup()
+    r = stage.process(clip_row(media["own"]))
+    assert (r["av_offset_frames"], r["av_sync_confidence"], r["av_shift_s"]) == (None, None, None)
+    assert (r["status"], r["reasons"]) == ("ok", []) and r["onscreen_s"] == rows["own"]["onscreen_s"]
+    assert "av_desync" not in stage.process(clip_row(media["late_500ms"]))["reasons"]
+    clips = tmp_path / "clips.parquet"
+    write_table(to_table([clip_row(media["own"])], "clips"), clips, {"kind": "clips"})
+    table, _ = read_manifest(cli("diarize", "--from", str(clips), "--workdir", str(tmp_path / "w"),
+                                 "--no-av-sync").stdout.strip())
+    assert table.to_pylist()[0]["av_offset_frames"] is None                # in this process: not measured either
+

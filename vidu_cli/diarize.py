@@ -38,6 +38,7 @@ def diarize(
     max_av_offset: int = option(Diarize, "max_av_offset", "Most audio-visual offset (frames at 25 fps, 3 = 120 ms; measured with vidu eval's lip-sync proxy) of a kept clip: a larger one, at --min-av-confidence or more, is rejected av_desync."),
     min_av_confidence: float = option(Diarize, "min_av_confidence", "Sync-curve confidence (peak over median) from which a measured A/V offset counts."),
     fix_av_offset: bool = option(Diarize, "fix_av_offset", "Keep av_desync clips instead, the measured lag recorded in av_shift_s (seconds the audio runs late) for the consumer to undo."),
+    av_sync: bool = option(Diarize, "av_sync", "Measure each clip's A/V offset (about 1 s of CPU per second of speech); --no-av-sync leaves the av_ fields null and rejects nothing as av_desync.", "--av-sync/--no-av-sync"),
     workers: Workers = 1,
     workdir: Workdir = None,
     quiet: Quiet = False,
@@ -60,7 +61,8 @@ def diarize(
                         min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
                         max_overlap=max_overlap, overlap_threshold=overlap_threshold, max_offscreen_share=max_offscreen_share,
                         vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None,
-                        max_av_offset=max_av_offset, min_av_confidence=min_av_confidence, fix_av_offset=fix_av_offset)
+                        max_av_offset=max_av_offset, min_av_confidence=min_av_confidence, fix_av_offset=fix_av_offset,
+                        av_sync=av_sync)
         result = run_chain(stage, from_, workdir, workers, quiet, strict=False, executor=executor,
                            ray_address=ray_address)
         segments = write_segments(result.path, min_energy_ratio)
