@@ -91,6 +91,10 @@ def browser(request, tmp_path):
                  "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--use-fake-ui-for-media-stream",
                  "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"):
         options.add_argument(flag)
+    # the page is ready when its document is (its scripts run): the live image never finishes loading, and its
+    # first frame waits for the model's first chunk, which a busy 2-core CI machine can take longer than the
+    # page-load timeout to make (the renderer then timed out in a CI rehearsal); the tests wait for frames themselves
+    options.page_load_strategy = "eager"
     driver = webdriver.Chrome(options=options, service=Service(chromedriver))
     request.addfinalizer(driver.quit)
     driver.set_page_load_timeout(20)
