@@ -232,6 +232,26 @@ def test_a_generator_step_trains_the_student_through_its_rollout_only():
 
 # --- `vidu distill` ------------------------------------------------------------------------------------
 
+def tiny_teacher(folder) -> tuple:
+    """A tiny causal teacher checkpoint (scrambled weights) at folder/causal/ema.safetensors, with an untrained
+    autoencoder as its codec (folder/codec.safetensors): (its path, the model)."""
+    from models.checkpoint import save_model, save_taehv
+    from models.taehv import TAEHV
+    from stages.train.sample import sampling_record
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    save_taehv(folder / "codec.safetensors", TAEHV(cfg.taehv), cfg.taehv)
+    codec = {"kind": "taehv", "file": "../codec.safetensors", "channels": cfg.dit.in_dim}
+    path = folder / "causal" / "ema.safetensors"
+    path.parent.mkdir()
+    model = DiT(cfg.dit)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    save_model(path, model.state_dict(), cfg, [], {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
+    return path, model
+
+
 def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     """A tiny causal teacher (scrambled, with an untrained autoencoder as its codec) distilled for 2 steps
     on the synthetic world; the run cut back to its step-1 checkpoint and re-run ends where it ended."""
@@ -239,21 +259,10 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     import shutil
 
     from manifests import catalog
-    from models.checkpoint import checkpoint_sampling, read_state_dict, save_model, save_taehv
-    from models.taehv import TAEHV
-    from stages.train.sample import sampling_record
+    from models.checkpoint import checkpoint_sampling, read_state_dict
     from tests.conftest import vidu
     cfg = PRESETS["tiny"]
-    torch.manual_seed(0)
-    save_taehv(tmp_path / "codec.safetensors", TAEHV(cfg.taehv), cfg.taehv)
-    codec = {"kind": "taehv", "file": "../codec.safetensors", "channels": cfg.dit.in_dim}
-    teacher = tmp_path / "causal" / "ema.safetensors"
-    teacher.parent.mkdir()
-    model = DiT(cfg.dit)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    save_model(teacher, model.state_dict(), cfg, [], {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
+    teacher, model = tiny_teacher(tmp_path)
     args = ("distill", "--from", str(teacher), "--out", str(tmp_path / "student"), "--steps", "2", "--batch", "1",
             "--chunks", "2", "--samples", "1", "--save-every", "1", "--workdir", str(tmp_path / "work"), "--quiet")
     first = json.loads(vidu(*args).stdout)

@@ -12,31 +12,13 @@ import sys
 import pytest
 import torch
 
-from models.config import PRESETS
-from models.dit import DiT
-
 ARGS = ("--steps", "3", "--batch", "2", "--chunks", "2", "--samples", "2", "--save-every", "1", "--quiet")
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    """A tiny causal teacher (scrambled weights) with an untrained autoencoder as its codec."""
-    from models.checkpoint import save_model, save_taehv
-    from models.taehv import TAEHV
-    from stages.train.sample import sampling_record
-    tmp = tmp_path_factory.mktemp("teacher")
-    cfg = PRESETS["tiny"]
-    torch.manual_seed(0)
-    save_taehv(tmp / "codec.safetensors", TAEHV(cfg.taehv), cfg.taehv)
-    codec = {"kind": "taehv", "file": "../codec.safetensors", "channels": cfg.dit.in_dim}
-    path = tmp / "causal" / "ema.safetensors"
-    path.parent.mkdir()
-    model = DiT(cfg.dit)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    save_model(path, model.state_dict(), cfg, [], {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
-    return path
+    from tests.test_distill import tiny_teacher
+    return tiny_teacher(tmp_path_factory.mktemp("teacher"))[0]
 
 
 def history(out) -> list[dict]:
