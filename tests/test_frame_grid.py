@@ -173,3 +173,31 @@ def test_every_stage_samples_the_same_frames_on_the_real_vfr_clip(shared_media, 
         side = max(frames.shape[1:3])
         expected = native if side == max(native.shape[1:3]) else frames_at(path, REAL_GRID, max_side=side)[0]
         assert frames.shape == expected.shape and np.array_equal(frames, expected), name
+
+
+def test_video_index_is_demuxed_once_per_file_version(tmp_path, monkeypatch):
+    """Stages ask for a source's index per clip: the same unchanged file is demuxed once; a file
+    rewritten in place (another size or time) gets its new index; the cached arrays are read-only."""
+    import os
+
+    import stages.sense.media as media
+    demuxed = []
+    real_open = media.open_container
+    monkeypatch.setattr(media, "open_container", lambda p: demuxed.append(p) or real_open(p))
+    path = tmp_path / "v.mp4"
+
+    def write(pts_ms):
+        with VideoWriter(path, 25, 64, 48, time_base=Fraction(1, 1000)) as w:
+            for i, p in enumerate(pts_ms):
+                w.write(np.full((48, 64, 3), 10 + 15 * i, np.uint8), pts=p)
+
+    write(PTS_MS)
+    first = video_index(path)
+    assert video_index(str(path)) is first and len(demuxed) == 1
+    ms = lambda ix: [round(ix.time(i) * 1000) for i in range(len(ix))]   # noqa: E731
+    assert ms(first) == PTS_MS and not first.pts.flags.writeable
+    write(PTS_MS[:5])
+    os.utime(path, ns=(1, 1))                                       # even with an old modification time
+    assert ms(video_index(path)) == PTS_MS[:5] and len(demuxed) == 2
+    with pytest.raises(media.MediaError):
+        video_index(tmp_path / "missing.mp4")

@@ -4,6 +4,8 @@ positions, 16 kHz audio, perceptual hashes and the one video writer (VideoWriter
 lavfi test sources. No system packages needed."""
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -194,7 +196,19 @@ class VideoIndex:
 
 def video_index(path: str | Path) -> VideoIndex:
     """Frame timestamps of the first video stream: packets with data that the demuxer does not
-    mark as discarded (edit lists), sorted into presentation order."""
+    mark as discarded (edit lists), sorted into presentation order. Demuxing a long source takes
+    seconds and the stages ask per clip (clip, embed, eval), so the last few files' indexes are kept,
+    keyed by path, size and modification time (read-only arrays)."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return _video_index(str(p), -1, -1)          # open_container says what is wrong
+    return _video_index(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _video_index(path: str, size: int, mtime_ns: int) -> VideoIndex:
     with open_container(path) as c:
         if not c.streams.video:
             raise MediaError("no_video", "no video stream")
@@ -213,7 +227,9 @@ def video_index(path: str | Path) -> VideoIndex:
     p = np.sort(np.asarray(pts, np.int64))
     if end <= p[-1]:  # the last packet has no duration: give it the median interval
         end = int(p[-1] + (np.median(np.diff(p)) if len(p) > 1 else 1))
-    return VideoIndex(p, int(end), np.sort(np.asarray(keys, np.int64)), time_base)
+    keys = np.sort(np.asarray(keys, np.int64))
+    p.flags.writeable = keys.flags.writeable = False
+    return VideoIndex(p, int(end), keys, time_base)
 
 
 def fraction_to_float(x: Fraction | None) -> float | None:
