@@ -439,9 +439,9 @@ def test_the_pcm_term_vanishes_only_where_the_student_already_solves_the_teacher
     """Student = EMA = teacher, one ODE step per phase (t_n is the phase edge, where f is the identity):
     unguided, the teacher's ODE step IS the student's jump, so the term is exactly 0; guided, or with
     substeps (the teacher is not self-consistent), it is not."""
-    from stages.distill.pcm import pcm_loss
+    from stages.distill.pcm import WithWeights, pcm_loss
     teacher, v, a, batch, edges = pcm_setup(teacher_clip)
-    ema = params(teacher)
+    ema = WithWeights(teacher, params(teacher))
     for seed in (5, 6, 7):                                 # phases 0, 1, 2 alike
         loss, parts = pcm_loss(teacher, ema, teacher, batch, v, a, OBJ, edges, DMDSettings(guidance=1.0), 1,
                                draw(seed))
@@ -458,7 +458,7 @@ def test_the_pcm_term_trains_the_student_towards_the_teachers_ode(teacher_clip):
     """Minimising the term alone on a fixed batch and draw (30 AdamW steps, the EMA following) brings it
     down more than 20x; with lr 0 it stays exactly where it is (the control); the teacher gets no gradient."""
     from stages.distill.loop import DistillSettings
-    from stages.distill.pcm import pcm_loss
+    from stages.distill.pcm import WithWeights, pcm_loss
     from stages.train.machinery import adamw, ema_decay, ema_update, optimizer_step
     teacher, v, a, batch, edges = pcm_setup(teacher_clip)
 
@@ -468,7 +468,7 @@ def test_the_pcm_term_trains_the_student_towards_the_teachers_ode(teacher_clip):
         opt, sched = adamw(student, DistillSettings(lr=lr, warmup=0, steps=steps), torch.device("cpu"))
         losses = []
         for k in range(steps):
-            loss, _ = pcm_loss(student, ema, teacher, batch, v, a, OBJ, edges, DMDSettings(guidance=3.0), 4, draw(11))
+            loss, _ = pcm_loss(student, WithWeights(student, ema), teacher, batch, v, a, OBJ, edges, DMDSettings(guidance=3.0), 4, draw(11))
             loss.backward()
             assert all(p.grad is None for p in teacher.parameters())
             optimizer_step(student, opt, sched, 1.0)

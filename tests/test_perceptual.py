@@ -91,7 +91,7 @@ def test_through_pcm_the_student_gets_the_gradient_and_the_ema_none():
     """pcm_loss with the codec distance: the student's weights get a gradient through the decoder and the
     encoder; the EMA's weights (made leaves that could collect one), the teacher's and the codec's none."""
     from stages.distill.dmd import DMDSettings
-    from stages.distill.pcm import pcm_loss, phase_edges
+    from stages.distill.pcm import WithWeights, pcm_loss, phase_edges
     from stages.distill.rollout import self_rollout
     teacher = scrambled()
     ref, text, audio = conditions(batch=2)
@@ -100,7 +100,7 @@ def test_through_pcm_the_student_gets_the_gradient_and_the_ema_none():
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = {k: p.detach().clone().requires_grad_() for k, p in student.named_parameters()}
     codec = tiny_codec()
-    loss, parts = pcm_loss(student, ema, teacher, {"ref": ref, "text": text, "audio": audio}, v, a, OBJ,
+    loss, parts = pcm_loss(student, WithWeights(student, ema), teacher, {"ref": ref, "text": text, "audio": audio}, v, a, OBJ,
                            phase_edges(ST.steps, OBJ.shift), DMDSettings(guidance=3.0), 4, draw(5), CodecDistance(codec))
     loss.backward()
     assert float(parts["loss_pcm_video"]) > 0

@@ -33,8 +33,7 @@ from models.dit import DiT
 from models.ulysses import SequenceShards, check_heads
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
 from stages.stream.ranks import follow, lead
-from stages.train.loop import batch_rows
-from stages.train.machinery import Dist
+from stages.train.machinery import Dist, batch_rows
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss, causal_loss
 from tests.conftest import cli
 

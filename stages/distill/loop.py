@@ -246,8 +246,8 @@ class Distiller:
             loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
             parts["loss_sync"] = sync.detach()
         if extras and st.pcm_weight > 0:     # PCM: the student's phase jumps against the teacher's ODE
-            ema = self.ema if self.ema_copy is None else WithWeights(
-                self.ema_copy, {k: full_tensor(v) for k, v in self.ema.items()})
+            ema = (WithWeights(self.student, self.ema) if self.ema_copy is None
+                   else WithWeights(self.ema_copy, {k: full_tensor(v) for k, v in self.ema.items()}))
             pcm, pcm_parts = pcm_loss(self.student, ema, self.teacher, batch, video, audio, self.obj, edges,
                                       st.dmd, st.pcm_substeps, draw, self.distance)
             loss = loss + st.pcm_weight * pcm

@@ -79,13 +79,13 @@ def detached_chunk(teacher: DiT, batch: dict, video: torch.Tensor, audio_latent:
     return i, seq, p, at
 
 
-def pcm_loss(student: DiT, ema: dict[str, torch.Tensor] | WithWeights, teacher: DiT, batch: dict, video: torch.Tensor,
+def pcm_loss(student: DiT, ema: WithWeights, teacher: DiT, batch: dict, video: torch.Tensor,
              audio_latent: torch.Tensor | None, obj: ObjectiveSettings, edges: list[float], st: DMDSettings,
              substeps: int, draw: Draw, distance: Distance = latent_distance) -> tuple[torch.Tensor, dict]:
     """The PCM term of the student's rollout `video` [B, C, F, h, w] (and joint `audio_latent`; both used
     detached, as samples), with `batch`'s conditions; the gradient reaches the student's weights through
-    its prediction at x_{t_{n+1}} only. `ema`: the EMA student's weights (or the EMA student itself, a
-    WithWeights: under FSDP2 the gathered EMA on an unsharded copy); `edges`: `phase_edges`;
+    its prediction at x_{t_{n+1}} only. `ema`: the EMA student (WithWeights: the student's module with the
+    EMA weights; under FSDP2 an unsharded copy with the gathered EMA); `edges`: `phase_edges`;
     `distance`: d of the video chunks (perceptual.py)."""
     B, c = video.shape[0], obj.chunk_frames
     _, seq, p, at = detached_chunk(teacher, batch, video, audio_latent, obj, draw)
@@ -102,8 +102,7 @@ def pcm_loss(student: DiT, ema: dict[str, torch.Tensor] | WithWeights, teacher: 
         v, va = score_v(teacher, seq, x, xa, s_next, c, g, st.guide)          # one step of the teacher's ODE
         x_hat = x + levels(s_n - s_next, x) * v
         xa_hat = None if xa is None else xa + levels(s_n - s_next, xa) * va
-        ema_student = ema if isinstance(ema, WithWeights) else WithWeights(student, ema)
-        ve, vae = score_v(ema_student, seq, x_hat, xa_hat, s_n, c)
+        ve, vae = score_v(ema, seq, x_hat, xa_hat, s_n, c)
         target = consistency(x_hat, ve, s_n, edge)
         target_a = None if xa is None else consistency(xa_hat, vae, s_n, edge)
     vs, vas = score_v(student, seq, x, xa, s_next, c)
