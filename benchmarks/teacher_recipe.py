@@ -9,7 +9,9 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
         --codec models/starter/codec.safetensors --work W --minutes 9      # W without a teacher: from the starter
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
+    python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
+                                          [--pcm-weight P] [--sync-weight S]   # 0, 0: pure DMD
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
 
@@ -365,12 +367,15 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
-                  steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0) -> dict:
+                  steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0,
+                  pcm_weight: float = 0.0, sync_weight: float = 0.0) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
     previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
-    regress the teacher's ODE (stages/distill/ode.py). Ships W/student."""
+    regress the teacher's ODE (stages/distill/ode.py); `pcm_weight`, `sync_weight`: the PCM regularizer's
+    and the sync reward's weights (0, 0: pure DMD). With W/lipsync.safetensors (the lipsync phase) the sync
+    loss is measured at any weight (loss_sync), the reward needs it. Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
     saved = work / "runs" / "distill" / "recipe.json"
     if saved.is_file():
@@ -385,7 +390,11 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
           **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
-          **({"ode_warmup": ode_warmup} if ode_warmup else {})}
+          **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight}
+    if (work / LIPSYNC).is_file():
+        kw["lipsync"] = str(work / LIPSYNC)
+    elif sync_weight > 0:
+        raise SystemExit(f"--sync-weight needs the lip-sync discriminator {work / LIPSYNC}: run --phase lipsync first")
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()
@@ -396,8 +405,9 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     ckpt = Path(summary["checkpoint"])
     history = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
     tail = history[-max(1, len(history) // 10):]
-    keys = list(dict.fromkeys(k for h in history for k in h if k.startswith("loss")))   # ODE warm-up rows differ
+    keys = list(dict.fromkeys(k for h in history for k in h if k.startswith(("loss", "gnorm"))))   # ODE warm-up rows differ
     res = {"phase": "distill", "settings": st.to_dict(), "fit": rec, "train": summary,
+           "lipsync_eval": read_metadata(work / LIPSYNC).get("eval") if st.lipsync else None,
            "loss_first": {k: next(h[k] for h in history if k in h) for k in keys},
            "loss_last_10pct": {k: float(np.mean([h[k] for h in tail if k in h])) for k in keys
                                if any(k in h for h in tail)},
@@ -867,6 +877,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's student")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
     ap.add_argument("--ode-warmup", type=int, default=0, help="distill: first steps of ODE regression before DMD")
+    ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
+    ap.add_argument("--sync-weight", type=float, default=0.0,
+                    help="distill: the sync reward's weight (needs W/lipsync.safetensors; 0: measured only)")
     ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -903,7 +916,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup)
+                            args.ode_warmup, args.pcm_weight, args.sync_weight)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps))

@@ -421,6 +421,16 @@ def test_the_sync_reward_adds_the_teachers_sync_loss_on_the_rollout(tmp_path):
         video, _ = self_rollout(teacher, TINY, runs["dmd"].stream, batch["ref"], batch["text"], batch["audio"], 3,
                                 exits, seed)
     assert float(sync_loss(video, batch["audio"], batch["mouth_box"], disc)) == pytest.approx(r["loss_sync"], rel=1e-5)
+    # each term's unweighted gradient norm at the student's output layer, logged where there are two terms
+    assert "gnorm_dmd" not in logged["dmd"] and "gnorm_dmd" not in logged["measured"]
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    video, audio = self_rollout(student, TINY, runs["dmd"].stream, batch["ref"], batch["text"], batch["audio"], 3,
+                                exits, seed)
+    dmd, _ = generator_loss(teacher, teacher, batch, video, audio, runs["dmd"].obj, runs["dmd"].st.dmd, draw)
+    head = [student.head.head.weight, student.head.head.bias]
+    for name, term in (("dmd", dmd), ("sync", sync_loss(video, batch["audio"], batch["mouth_box"], disc))):
+        norm = torch.cat([g.flatten() for g in torch.autograd.grad(term, head, retain_graph=True)]).norm()
+        assert r[f"gnorm_{name}"] == pytest.approx(float(norm), rel=1e-4) and r[f"gnorm_{name}"] > 0
     with pytest.raises(ValueError, match=r"needs a lip-sync discriminator file \(--lipsync\)"):
         DistillSettings(sync_weight=1.0)
     with pytest.raises(ValueError, match="no such discriminator file"):

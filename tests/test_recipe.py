@@ -97,6 +97,16 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     ode = phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--ode-warmup", "1")
     assert ode["settings"]["ode_warmup"] == 1 and "loss_ode" in ode["loss_first"] and "loss_dmd" in ode["loss_last_10pct"]
     assert warm["train"]["resumed_from"] is None
+    # the ablation's arms: PCM and the sync reward (the lipsync phase's discriminator in W), their gradients measured
+    with pytest.raises(SystemExit, match="run --phase lipsync first"):
+        phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--sync-weight", "0.1")
+    carry(outs[2], tmp_path / "w8")
+    shutil.copyfile(outs[0] / "lipsync.safetensors", tmp_path / "w8" / "lipsync.safetensors")
+    both = phase("distill", tmp_path / "w8", tmp_path / "out10", monkeypatch, "--pcm-weight", "0.5", "--sync-weight", "0.1")
+    assert (both["settings"]["pcm_weight"], both["settings"]["sync_weight"]) == (0.5, 0.1)
+    assert both["settings"]["lipsync"] == str(tmp_path / "w8" / "lipsync.safetensors") and "auc_shifted" in both["lipsync_eval"]
+    assert set(both["loss_first"]) >= {"loss_dmd", "loss_pcm", "loss_sync", "gnorm_dmd", "gnorm_pcm", "gnorm_sync"}
+    assert "gnorm_dmd" not in dist["loss_first"] and dist["lipsync_eval"] is None      # pure DMD: one term
     # a later session that kept only the shipped student (no teacher in W): stage 2 continues from it
     lone = tmp_path / "lone" / "student.safetensors"              # carried without its codec file beside it
     lone.parent.mkdir()

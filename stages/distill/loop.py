@@ -240,19 +240,37 @@ class Distiller:
             return ode_loss(self.student, self.teacher, batch, video, audio, self.obj, edges, st.dmd,
                             st.ode_substeps, draw)
         loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
+        terms = {"dmd": loss}
         if extras and st.lipsync:            # the sync reward (or, at weight 0, its measurement)
             with torch.set_grad_enabled(st.sync_weight > 0 and torch.is_grad_enabled()):
                 sync = sync_reward(video, batch, st.lipsync)
-            loss = loss + st.sync_weight * sync if st.sync_weight > 0 else loss
+            if st.sync_weight > 0:
+                loss, terms["sync"] = loss + st.sync_weight * sync, sync
             parts["loss_sync"] = sync.detach()
         if extras and st.pcm_weight > 0:     # PCM: the student's phase jumps against the teacher's ODE
             ema = (WithWeights(self.student, self.ema) if self.ema_copy is None
                    else WithWeights(self.ema_copy, {k: full_tensor(v) for k, v in self.ema.items()}))
             pcm, pcm_parts = pcm_loss(self.student, ema, self.teacher, batch, video, audio, self.obj, edges,
                                       st.dmd, st.pcm_substeps, draw, self.distance)
-            loss = loss + st.pcm_weight * pcm
+            loss, terms["pcm"] = loss + st.pcm_weight * pcm, pcm
             parts.update(pcm_parts)
+        parts.update(self._term_norms(terms))
         return loss, parts
+
+    def _term_norms(self, terms: dict) -> dict:
+        """With more than one term in the generator loss: each term's gradient norm (unweighted) at the
+        student's output layer (Head.head), "gnorm_<term>", the measure of how the weights balance them
+        (as VQGAN's adaptive weight measures its losses' gradients there; a few extra backward steps from
+        each loss to that layer only). One process only: a sharded layer's per-term gradients would need
+        FSDP's reduction, which autograd.grad does not run."""
+        if len(terms) < 2 or self.d.world > 1 or not torch.is_grad_enabled():
+            return {}
+        layer = self.student.head.head
+        out = {}
+        for name, term in terms.items():
+            grads = torch.autograd.grad(term, [layer.weight, layer.bias], retain_graph=True, allow_unused=True)
+            out[f"gnorm_{name}"] = torch.stack([g.float().square().sum() for g in grads if g is not None]).sum().sqrt()
+        return out
 
     def _critic_updates(self, batch: dict, video, audio, draw: Draw) -> list[float]:
         critic = []
