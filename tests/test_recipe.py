@@ -125,6 +125,33 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert st["summary"]["clips"] == 2
     sampling = recipe.read_metadata(works[4] / "student" / "ema.safetensors")["sampling"]
     assert (sampling["stage"], sampling["steps"], sampling["guidance"]) == ("distill", 3, 1.0)
+    # the ablation driver (benchmarks/distill_arms.py): arms trained side by side in processes of their own,
+    # then each student and the teacher at a student's step count through the bench, the best lip sync returned
+    spec = importlib.util.spec_from_file_location("distill_arms", ROOT / "benchmarks" / "distill_arms.py")
+    arms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arms)
+    w9, out11 = tmp_path / "w9", tmp_path / "out11"
+    carry(outs[2], w9)
+    shutil.copyfile(outs[0] / "lipsync.safetensors", w9 / "lipsync.safetensors")
+    monkeypatch.setenv("OUT", str(out11))
+    with pytest.raises(SystemExit, match="NAME:PCM_WEIGHT:SYNC_WEIGHT"):
+        arms.main(["train", "--work", str(w9), "--arms", "dmd:0"])
+    tr = arms.main(["train", "--work", str(w9), "--arms", "dmd:0:0", "both:0.5:0.1", "--preset", "tiny", "--steps", "2",
+                    "--workers", "0", "--minutes", "4"])
+    assert [(tr[n]["settings"]["pcm_weight"], tr[n]["settings"]["sync_weight"], tr[n]["train"]["steps"])
+            for n in ("dmd", "both")] == [(0.0, 0.0, 2), (0.5, 0.1, 2)]
+    assert all(tr[n]["settings"]["lipsync"] == str(tmp_path / f"w9_{n}" / "lipsync.safetensors") for n in ("dmd", "both"))
+    assert "loss_sync" in tr["dmd"]["loss_first"] and "gnorm_dmd" not in tr["dmd"]["loss_first"]   # measured only
+    assert {"gnorm_dmd", "gnorm_pcm", "gnorm_sync"} <= set(tr["both"]["loss_first"])
+    assert (tmp_path / "w9_both" / "causal").resolve() == (w9 / "causal").resolve()       # one teacher, linked
+    ev = arms.main(["eval", "--work", str(w9), "--arms", "dmd", "both", "--preset", "tiny", "--cases", "1",
+                    "--streams", "1", "--workers", "0", "--teacher-steps", "2", "--ship"])
+    assert set(ev) == {"dmd", "both", "teacher@2", "shipped"} and all("summary" in ev[n] for n in ("dmd", "both", "teacher@2"))
+    best = ev["shipped"]
+    assert (out11 / "student" / "ema.safetensors").read_bytes() == \
+        (tmp_path / f"w9_{best}" / "student" / "ema.safetensors").read_bytes()
+    assert json.loads((out11 / "recipe_eval.json").read_text())["summary"] == ev[best]["summary"]
+    assert sorted(p.name for p in out11.iterdir()) == ["arms_eval.json", "arms_train.json", "recipe_eval.json", "student"]
 
 
 def test_ship_shards_under_the_limit_and_join_back(tmp_path):
