@@ -3,10 +3,10 @@ each arm is the teacher recipe's distill phase (benchmarks/teacher_recipe.py) wi
 arms at once as separate processes sharing the GPU (a small model's distillation leaves most of an H200
 idle), then each student (and the teacher at the students' step count) through the recipe's eval phase.
 
-    python3 benchmarks/distill_arms.py train --work W --arms dmd:0:0 pcm:10:0 sync:0:0.05 --minutes 9.2 --steps 150
+    python3 benchmarks/distill_arms.py train --work W --arms dmd:0:0 pcm:10:0 sync:0:0.05 g5:0:0:5 --minutes 9 --steps 150
     python3 benchmarks/distill_arms.py eval  --work W --arms dmd pcm sync --cases 48 --streams 12 --teacher-steps 3
 
-An arm NAME:PCM:SYNC trains in W_NAME (W's teacher linked, its codec and W/lipsync.safetensors copied:
+An arm NAME:PCM:SYNC[:GUIDANCE] (the real score's guidance, default the recipe's) trains in W_NAME (W's teacher linked, its codec and W/lipsync.safetensors copied:
 the sync loss is measured in every arm, applied in those with SYNC > 0) and keeps its student and logs
 there (W_NAME/out, on the machine while it is held); $OUT gets one summary per mode (arms_train.json,
 arms_eval.json) and, from eval, the student of the arm with the best lip sync (student/, its scores
@@ -33,12 +33,14 @@ def arm_dir(work: Path, name: str) -> Path:
     return work.parent / f"{work.name}_{name}"
 
 
-def parse_arm(spec: str) -> tuple[str, float, float]:
+def parse_arm(spec: str) -> tuple[str, float, float, float | None]:
     try:
-        name, pcm, sync = spec.split(":")
-        return name, float(pcm), float(sync)
+        name, pcm, sync, *g = spec.split(":")
+        if len(g) > 1:
+            raise ValueError
+        return name, float(pcm), float(sync), (float(g[0]) if g else None)
     except ValueError:
-        raise SystemExit(f"an arm is NAME:PCM_WEIGHT:SYNC_WEIGHT, not {spec!r}") from None
+        raise SystemExit(f"an arm is NAME:PCM_WEIGHT:SYNC_WEIGHT[:GUIDANCE], not {spec!r}") from None
 
 
 def prepare(work: Path, name: str) -> Path:
@@ -74,33 +76,34 @@ def wait(procs: dict[str, subprocess.Popen], logs: dict[str, Path]) -> dict[str,
 def train(a) -> dict:
     arms = [parse_arm(s) for s in a.arms]
     procs, logs = {}, {}
-    for name, pcm, sync in arms:
+    for name, pcm, sync, g in arms:
         w = prepare(a.work, name)
         logs[name] = w / "distill.log"
         procs[name] = launch(["--phase", "distill", "--minutes", str(a.minutes), "--steps", str(a.steps),
-                              "--workers", str(a.workers), "--pcm-weight", str(pcm), "--sync-weight", str(sync)],
+                              "--workers", str(a.workers), "--pcm-weight", str(pcm), "--sync-weight", str(sync),
+                              *(["--guidance", str(g)] if g is not None else [])],
                              w, w / "out", logs[name], a.preset)
     codes = wait(procs, logs)
     res = {}
-    for name, pcm, sync in arms:
+    for name, pcm, sync, g in arms:
         f = arm_dir(a.work, name) / "out" / "recipe_distill.json"
-        res[name] = {"pcm_weight": pcm, "sync_weight": sync, "exit": codes[name],
+        res[name] = {"pcm_weight": pcm, "sync_weight": sync, "guidance": g, "exit": codes[name],
                      **({k: v for k, v in json.loads(f.read_text()).items() if k != "loss_curve"}
                         if f.is_file() and not codes[name] else {})}
     return res
 
 
 def train_table(res: dict) -> str:
-    lines = ["| arm | pcm | sync | steps | s / step | " + " | ".join(KEYS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(KEYS)]
+    lines = ["| arm | pcm | sync | guidance | steps | s / step | " + " | ".join(KEYS) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(KEYS)]
     for name, r in res.items():
         if "train" not in r:
-            lines.append(f"| {name} | {r['pcm_weight']:g} | {r['sync_weight']:g} | failed ({r['exit']}) |")
+            lines.append(f"| {name} | {r['pcm_weight']:g} | {r['sync_weight']:g} | {r['guidance']} | failed ({r['exit']}) |")
             continue
         t = r["train"]
         cells = [(f"{r['loss_first'][k]:.4g} -> {r['loss_last_10pct'].get(k, float('nan')):.4g}"
                   if k in r["loss_first"] else "-") for k in KEYS]
-        lines.append(f"| {name} | {r['pcm_weight']:g} | {r['sync_weight']:g} | {t['steps']} | "
+        lines.append(f"| {name} | {r['pcm_weight']:g} | {r['sync_weight']:g} | {r['settings']['dmd']['guidance']:g} | {t['steps']} | "
                      f"{t['train_s'] / max(1, t['steps'] - (t['resumed_from'] or 0)):.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -11,7 +11,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
-                                          [--pcm-weight P] [--sync-weight S]   # 0, 0: pure DMD
+                                          [--pcm-weight P] [--sync-weight S] [--guidance G]   # 0, 0: pure DMD
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
 
@@ -368,13 +368,14 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
                   steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0,
-                  pcm_weight: float = 0.0, sync_weight: float = 0.0) -> dict:
+                  pcm_weight: float = 0.0, sync_weight: float = 0.0, guidance: float | None = None) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
     previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
     regress the teacher's ODE (stages/distill/ode.py); `pcm_weight`, `sync_weight`: the PCM regularizer's
-    and the sync reward's weights (0, 0: pure DMD). With W/lipsync.safetensors (the lipsync phase) the sync
+    and the sync reward's weights (0, 0: pure DMD); `guidance`: the real score's (default the recipe's). With
+    W/lipsync.safetensors (the lipsync phase) the sync
     loss is measured at any weight (loss_sync), the reward needs it. Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
     saved = work / "runs" / "distill" / "recipe.json"
@@ -391,6 +392,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
           **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
           **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight}
+    if guidance is not None:
+        kw["dmd"] = dataclasses.replace(kw["dmd"], guidance=guidance)
     if (work / LIPSYNC).is_file():
         kw["lipsync"] = str(work / LIPSYNC)
     elif sync_weight > 0:
@@ -867,7 +870,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
     ap.add_argument("--streams", type=int, default=1, help="eval: processes streaming cases at once on the device")
     ap.add_argument("--seconds", type=float, help="eval: seconds per case (default: the recipe's)")
-    ap.add_argument("--guidance", type=float, help="eval: the stream's guidance scale (default: the checkpoint's)")
+    ap.add_argument("--guidance", type=float,
+                    help="eval: the stream's guidance scale (default: the checkpoint's); distill: the real score's")
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
@@ -916,7 +920,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup, args.pcm_weight, args.sync_weight)
+                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps))

@@ -134,12 +134,13 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     carry(outs[2], w9)
     shutil.copyfile(outs[0] / "lipsync.safetensors", w9 / "lipsync.safetensors")
     monkeypatch.setenv("OUT", str(out11))
-    with pytest.raises(SystemExit, match="NAME:PCM_WEIGHT:SYNC_WEIGHT"):
-        arms.main(["train", "--work", str(w9), "--arms", "dmd:0"])
-    tr = arms.main(["train", "--work", str(w9), "--arms", "dmd:0:0", "both:0.5:0.1", "--preset", "tiny", "--steps", "2",
+    for bad in ("dmd:0", "dmd:0:0:1:2", "dmd:x:0"):
+        with pytest.raises(SystemExit, match="NAME:PCM_WEIGHT:SYNC_WEIGHT"):
+            arms.main(["train", "--work", str(w9), "--arms", bad])
+    tr = arms.main(["train", "--work", str(w9), "--arms", "dmd:0:0", "both:0.5:0.1:5", "--preset", "tiny", "--steps", "2",
                     "--workers", "0", "--minutes", "4"])
-    assert [(tr[n]["settings"]["pcm_weight"], tr[n]["settings"]["sync_weight"], tr[n]["train"]["steps"])
-            for n in ("dmd", "both")] == [(0.0, 0.0, 2), (0.5, 0.1, 2)]
+    assert [(tr[n]["settings"]["pcm_weight"], tr[n]["settings"]["sync_weight"], tr[n]["settings"]["dmd"]["guidance"],
+             tr[n]["train"]["steps"]) for n in ("dmd", "both")] == [(0.0, 0.0, 3.0, 2), (0.5, 0.1, 5.0, 2)]
     assert all(tr[n]["settings"]["lipsync"] == str(tmp_path / f"w9_{n}" / "lipsync.safetensors") for n in ("dmd", "both"))
     assert "loss_sync" in tr["dmd"]["loss_first"] and "gnorm_dmd" not in tr["dmd"]["loss_first"]   # measured only
     assert {"gnorm_dmd", "gnorm_pcm", "gnorm_sync"} <= set(tr["both"]["loss_first"])
