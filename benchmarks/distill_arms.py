@@ -111,7 +111,9 @@ def train_table(res: dict) -> str:
 KEYS = ("loss_dmd", "loss_pcm", "loss_sync", "loss_critic", "gnorm_dmd", "gnorm_pcm", "gnorm_sync")
 
 
-def evaluate(a) -> dict:
+def evaluate(a, out: Path) -> dict:
+    """Each model through the bench in turn; out/arms_eval.json is rewritten after each (a run cut short keeps
+    the models it finished)."""
     runs = [(name, arm_dir(a.work, name), ["--teacher", "student"]) for name in a.arms]
     if a.teacher_steps:
         runs.append((f"teacher@{a.teacher_steps}", a.work, ["--teacher", "causal", "--stream-steps", str(a.teacher_steps)]))
@@ -125,12 +127,12 @@ def evaluate(a) -> dict:
         f = out / "recipe_eval.json"
         res[name] = ({"summary": json.loads(f.read_text())["summary"], "eval_s": time.perf_counter() - t0,
                       "scores": str(f)} if f.is_file() and not code else {"exit": code})
+        (out / "arms_eval.json").write_text(json.dumps(res, indent=1, default=str))
     students = [n for n in a.arms if "summary" in res[n]]
     if students and a.ship:
         best = max(students, key=lambda n: res[n]["summary"]["mouth_r"])
-        dest = Path(os.environ.get("OUT") or a.work / "out")
-        shutil.copytree(arm_dir(a.work, best) / "student", dest / "student", dirs_exist_ok=True)
-        shutil.copyfile(res[best]["scores"], dest / "recipe_eval.json")
+        shutil.copytree(arm_dir(a.work, best) / "student", out / "student", dirs_exist_ok=True)
+        shutil.copyfile(res[best]["scores"], out / "recipe_eval.json")
         res["shipped"] = best
     return res
 
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     out = Path(os.environ.get("OUT") or a.work / "out")
     out.mkdir(parents=True, exist_ok=True)
-    res = train(a) if a.mode == "train" else evaluate(a)
+    res = train(a) if a.mode == "train" else evaluate(a, out)
     (out / f"arms_{a.mode}.json").write_text(json.dumps(res, indent=1, default=str))
     print(train_table(res) if a.mode == "train" else eval_table(res))
     return res
