@@ -119,12 +119,12 @@ def evaluate(a, out: Path) -> dict:
         runs.append((f"teacher@{a.teacher_steps}", a.work, ["--teacher", "causal", "--stream-steps", str(a.teacher_steps)]))
     res = {}
     for name, w, extra in runs:                        # one at a time: each fills the GPU with its streams
-        out = w / f"eval_{name.replace('@', '_')}"
+        own = w / f"eval_{name.replace('@', '_')}"
         log = w / f"eval_{name.replace('@', '_')}.log"
         t0 = time.perf_counter()
         code = wait({name: launch(["--phase", "eval", "--cases", str(a.cases), "--streams", str(a.streams),
-                                   "--workers", str(a.workers), *extra], w, out, log, a.preset)}, {name: log})[name]
-        f = out / "recipe_eval.json"
+                                   "--workers", str(a.workers), *extra], w, own, log, a.preset)}, {name: log})[name]
+        f = own / "recipe_eval.json"
         res[name] = ({"summary": json.loads(f.read_text())["summary"], "eval_s": time.perf_counter() - t0,
                       "scores": str(f)} if f.is_file() and not code else {"exit": code})
         (out / "arms_eval.json").write_text(json.dumps(res, indent=1, default=str))
