@@ -45,6 +45,8 @@ def stream(
     gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs of this machine that generate the one stream together (Ulysses sequence parallelism: the model's heads must split over them); rank r on cuda:r. With --device cpu: processes (gloo; for tests).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the JSON summary to this file.")] = None,
+    save_state: Annotated[Optional[Path], typer.Option(help="When the stream ends (its audio's end, --seconds, a Stop, or Ctrl-C / SIGTERM, which then stop it after the chunk in progress), write its whole state to this file for --resume.", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the stream saved by --save-state in this file exactly as if it had never stopped. Give the same --image, model and settings (else it is refused); the audio continues where it stopped (a file or --say is sought there; stdin and the mic go on with what comes), as do the frame count, the summary's counts and the instruction (--instruction is not used); --seconds counts this run's video.", show_default=False)] = None,
     quiet: Quiet = False,
 ) -> None:
     """Generate the character live from an image, speech and text instructions.
@@ -61,12 +63,16 @@ def stream(
     Example: vidu stream --image face.png --audio talk.wav --commands talk.wav --out face.mp4
     Example: vidu stream --image face.png --ckpt causal.safetensors --sampler euler --guidance 2 --recache --out face.mp4
     Example: vidu stream --image face.png --ckpt causal.safetensors --gpus 2 --out face.mp4
+    Example: vidu stream --image face.png --audio hour.wav --seconds 600 --out part1.mp4 --save-state s.state
+    Example: vidu stream --image face.png --audio hour.wav --seconds 600 --out part2.mp4 --resume s.state --save-state s.state
     """
     from contextlib import ExitStack
 
     from stages.stream.events import EventQueue
+    from stages.stream.io import check_file_path
     from stages.stream.session import (Terminated, check_outputs, load_parts, open_outputs, pick_device, run_session,
                                        stop_on_signals, summary_json)
+    from stages.stream.state import check_identity, identity, read_state, write_state
 
     from stages.stream.say import DEFAULT_VOICE, check_voice, speech
     events, source, heard, spotter, spoken = EventQueue(), None, None, None, None
@@ -81,6 +87,11 @@ def stream(
                                              instruction, audio_out)
             commands = _commands_source(commands, audio, serve)
             check_outputs(out, serve, summary)                     # before the model loads
+            if (save_state or resume) and gpus > 1:
+                raise ValueError("--save-state and --resume keep the state of one process: use --gpus 1")
+            if save_state:
+                check_file_path(save_state)
+            state, saved = read_state(resume) if resume else (None, None)
             dev, dtype = pick_device(device)
             given = dict(chunk_frames=chunk_frames, steps=steps, shift=shift, window=window, twin=twin,
                          noisy_step=noisy_step, sink=sink, sampler=sampler, guidance=guidance, guide=guide,
@@ -94,6 +105,10 @@ def stream(
                 err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
             parts = load_parts(image, ckpt, preset or "tiny", given, decoder_weights, text_encoder_path, dev, dtype,
                                seed)
+            ident = identity(parts, image) if save_state or resume else None
+            if resume:
+                check_identity(saved, ident, resume)
+            start = state["audio_samples"] if resume else 0          # the input audio continues here
             if gpus > 1:
                 from stages.stream.ranks import session_ranks
                 parts = ranks.enter_context(session_ranks(parts, gpus, dev, seed))
@@ -114,11 +129,12 @@ def stream(
                                       chunk_s=parts.cfg.audio.video_frames_per_latent * parts.engine.st.chunk_frames / fps)
             if spoken is not None:                                 # --say: fed as an --audio file's samples
                 from stages.stream.io import open_samples
-                source = open_samples(spoken, events, realtime=opts.realtime)
+                source = open_samples(spoken[start:], events, realtime=opts.realtime)
             if audio is not None:
-                source = open_audio(audio, spotter.tap(events) if commands == audio else events, realtime=opts.realtime)
+                source = open_audio(audio, spotter.tap(events) if commands == audio else events, realtime=opts.realtime,
+                                    start=start)
             if commands not in (None, "page", audio):
-                heard = open_audio(commands, spotter.tap(), realtime=opts.realtime)
+                heard = open_audio(commands, spotter.tap(), realtime=opts.realtime, start=start)
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
@@ -131,7 +147,8 @@ def stream(
                     sink.voice = voice                             # the page's say toggle speaks in it
             _announce(sinks, parts.cfg)
             with _live(quiet) as show:
-                result = run_session(parts, events, sinks, opts, live=show)     # closes the sinks
+                save = (lambda st: write_state(save_state, st, ident)) if save_state else None
+                result = run_session(parts, events, sinks, opts, live=show, resume=state, save=save)   # closes sinks
     except (ValueError, FileNotFoundError) as e:     # StreamError, CheckpointError: one line, exit 2
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt as e:                  # before the session started: nothing to finalise

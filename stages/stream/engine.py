@@ -473,6 +473,34 @@ class StreamEngine:
             kv = kv.cat(full.tokens((1 + j * cf) * S, (1 + (j + 1) * cf) * S))
         return self.model.rotate(kv)
 
+    def state(self) -> dict:
+        """What the chunks still to come depend on, as tensors (views of the live buffers) and numbers:
+        the caches and which chunk each ring slot holds, the kept chunks (recache), the noise generator
+        and the chunk count. The reference frame is not in it: its keys/values are, from the first chunk on."""
+        buf = self.buffers
+        out = {"chunks": self.chunks, "fixed_frames": buf.fixed_frames, "chunks_in_ring": buf.chunks_in_ring,
+               "slot_chunk": list(buf.slot_chunk), "gen": self.gen.get_state()}
+        for s in buf.k:
+            for i, (k, v) in enumerate(zip(buf.k[s], buf.v[s])):
+                out[f"k.{s}.{i}"], out[f"v.{s}.{i}"] = k, v
+        if self.kept is not None:
+            out.update({f"kept.{name}": t for name, t in self.kept.t.items()})
+        return out
+
+    def load_state(self, state: dict) -> None:
+        """Continue from `state()` of an engine with the same model and settings (after `start`)."""
+        buf = self.buffers
+        for s in buf.k:
+            for i in range(len(buf.k[s])):
+                buf.k[s][i].copy_(state[f"k.{s}.{i}"])
+                buf.v[s][i].copy_(state[f"v.{s}.{i}"])
+        buf.fixed_frames, buf.chunks_in_ring = state["fixed_frames"], state["chunks_in_ring"]
+        buf.slot_chunk = list(state["slot_chunk"])
+        if self.kept is not None:
+            self.kept.t = {k[len("kept."):]: t.to(self.device) for k, t in state.items() if k.startswith("kept.")}
+        self.gen.set_state(state["gen"])
+        self.chunks = state["chunks"]
+
     def _ref_kv(self, inputs: ChunkInputs) -> KV:
         """The ref frame's keys/values: it attends only to itself, so a pass over ref + any chunk
         gives them; its first S tokens are kept."""

@@ -64,17 +64,19 @@ class AudioSource:
             self._thread.join(timeout=0.5)
 
 
-def open_audio(spec: str, events: EventQueue, realtime: bool = False, stdin: BinaryIO | None = None) -> AudioSource:
+def open_audio(spec: str, events: EventQueue, realtime: bool = False, stdin: BinaryIO | None = None,
+               start: int = 0) -> AudioSource:
     """Start feeding `events` from a file path, "-" (stdin, or `stdin` when given) or "mic".
 
-    A file is decoded and checked before anything starts; with `realtime` its chunks are paced
+    A file is decoded and checked before anything starts, then fed from sample `start` on (a resumed
+    stream's offset; stdin and the mic go on with what arrives); with `realtime` its chunks are paced
     to wall-clock (chunk i is put at i * 0.1 s), otherwise all are put at once."""
     if spec == "mic":
         return _open_mic(events)
     if spec == "-":
         src = AudioSource()
         return src._start(_feed_pcm, stdin if stdin is not None else sys.stdin.buffer, events, src._stop)
-    return open_samples(_decode_file(spec), events, realtime)
+    return open_samples(_decode_file(spec)[start:], events, realtime)
 
 
 def open_samples(samples: np.ndarray, events: EventQueue, realtime: bool = False) -> AudioSource:

@@ -11,6 +11,11 @@ chunk 4 F frames' worth. File and stdin audio is waited for; live audio (mic, br
 chunk whose audio has not arrived gets silence, so speech that arrives mid-stream (barge-in) is
 heard from the next chunk. An instruction acts from the next chunk; with `StreamSettings.recache` the
 engine first recomputes its history's keys/values under the new text.
+
+A stream stops and continues exactly (stages/stream/state.py holds the file): `run_session(...,
+save=f)` calls f(Session.suspend()) at its end, SIGINT and SIGTERM then ending it after the chunk in
+progress; `run_session(..., resume=state)` continues it: the same chunks and frames as if it had
+never stopped, given the input audio from `state["audio_samples"]` on.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import json
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +54,7 @@ class Parts:
 @dataclass
 class SessionOptions:
     instruction: str = NEUTRAL_TEXT
-    max_seconds: float | None = ranged(None, gt=0, max=7 * 86400.0)   # stop after this much generated video
+    max_seconds: float | None = ranged(None, gt=0, max=7 * 86400.0)   # stop after this much video (this run's)
     live_audio: bool = False             # do not wait for audio (mic, browser)
     audio_ends_stream: bool = True       # a file / stdin source ending ends the stream
     realtime: bool = False               # pace output to wall-clock
@@ -210,7 +215,7 @@ class AudioFifo:
 class Session:
     """The chunk loop with its inputs: `next_chunk()` generates, decodes and returns one chunk."""
 
-    def __init__(self, parts: Parts, events: EventQueue, opts: SessionOptions):
+    def __init__(self, parts: Parts, events: EventQueue, opts: SessionOptions, resume: dict | None = None):
         self.p, self.events, self.opts = parts, events, opts
         self.audio = AudioFifo()
         self.speech = AudioStream(parts.cfg.audio, parts.cfg.dit.audio_context)   # the model's speech features
@@ -223,6 +228,37 @@ class Session:
         self.frames = 0
         self.instruction_log: list[tuple[int, str]] = [(0, self.instruction)]
         self.cached_under = self.instruction      # the text the engine's history keys/values were computed under
+        if resume is not None:
+            self._resume(resume)
+        self.first_frame = self.frames            # this run's first frame (a resumed stream's frames continue)
+
+    # -- stop and continue --
+    def suspend(self) -> dict:
+        """The state to continue from (stages/stream/state.py), after the instructions still queued are
+        taken: they act from the next chunk, as they would have without the stop. The queued audio is
+        not kept: the input continues from `audio_samples`, the samples played so far."""
+        for ev in self.events.drain():
+            if isinstance(ev, Instruction):
+                self._handle(ev)
+        dec = self.stream_decoder
+        return {**{f"engine.{k}": v for k, v in self.p.engine.state().items()},
+                **{f"decoder.memory.{i}": m for i, m in dec.memory.items()},
+                "decoder.frames_decoded": dec.frames_decoded, "decoder.shape": dec.shape,
+                "speech.buf": self.speech.buf, "speech.offset": self.speech.offset, "audio_samples": self.played,
+                "chunks": self.chunks, "frames": self.frames, "instruction": self.instruction,
+                "cached_under": self.cached_under, "instructions": self.instruction_log}
+
+    def _resume(self, state: dict) -> None:
+        eng, dec = self.p.engine, self.stream_decoder
+        eng.load_state({k[len("engine."):]: v for k, v in state.items() if k.startswith("engine.")})
+        dec.memory = {int(k.rsplit(".", 1)[1]): v.to(eng.device) for k, v in state.items()
+                      if k.startswith("decoder.memory.")}
+        dec.frames_decoded = state["decoder.frames_decoded"]
+        dec.shape = None if state["decoder.shape"] is None else tuple(state["decoder.shape"])
+        self.speech.buf, self.speech.offset = state["speech.buf"], state["speech.offset"]
+        self.played, self.chunks, self.frames = state["audio_samples"], state["chunks"], state["frames"]
+        self.instruction, self.cached_under = state["instruction"], state["cached_under"]
+        self.instruction_log = [tuple(x) for x in state["instructions"]]
 
     # -- inputs --
     def _handle(self, ev) -> None:
@@ -263,7 +299,8 @@ class Session:
     def finished(self) -> str | None:
         if self.stopped:
             return self.stopped
-        if self.opts.max_seconds is not None and self.frames / self.p.cfg.audio.fps >= self.opts.max_seconds:
+        seconds = (self.frames - self.first_frame) / self.p.cfg.audio.fps          # this run's video
+        if self.opts.max_seconds is not None and seconds >= self.opts.max_seconds:
             return "duration reached"
         if self.opts.audio_ends_stream and self.audio.ended and len(self.audio.buf) == 0:
             return "audio ended"
@@ -335,16 +372,54 @@ def stop_on_signals():
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOptions, live=None) -> dict:
+@contextmanager
+def _stop_between_chunks(s: Session):
+    """While inside: SIGINT and SIGTERM end the stream after the chunk in progress, so that its state is
+    whole; a second SIGINT interrupts at once (the state is then not saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum, frame):
+        if s.stopped is None:
+            s.stopped = "terminated" if signum == signal.SIGTERM else "interrupted"
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt()
+
+    previous = [(sig, signal.signal(sig, on_signal)) for sig in (signal.SIGINT, signal.SIGTERM)]
+    try:
+        yield
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOptions, live=None,
+                resume: dict | None = None, save=None) -> dict:
     """Generate until the audio ends, the duration is reached, a Stop event, Ctrl-C or (inside
     stop_on_signals) SIGTERM; closes the sinks, once (an interrupted mp4 is finalised). Returns the
-    JSON-able summary; its "reason" is "interrupted" after Ctrl-C, "terminated" after SIGTERM."""
-    s = Session(parts, events, opts)
+    JSON-able summary; its "reason" is "interrupted" after Ctrl-C, "terminated" after SIGTERM.
+    `resume`: a state (Session.suspend, stages/stream/state.py) to continue from. `save(state)` is
+    called with the state at the end (Ctrl-C and SIGTERM then act between chunks; summary["state_saved"])."""
+    s = Session(parts, events, opts, resume)
+    with _stop_between_chunks(s) if save is not None else nullcontext():
+        summary, whole = _run(s, events, sinks, opts, live)
+        if save is not None:
+            if whole:
+                save(s.suspend())                 # takes the queued instructions
+            summary.update(state_saved=whole, instruction=s.instruction)
+    return summary
+
+
+def _run(s: Session, events: EventQueue, sinks: list, opts: SessionOptions, live) -> tuple[dict, bool]:
+    """The chunk loop of run_session: (summary, whether it ended between chunks)."""
+    parts = s.p
     fps = parts.cfg.audio.fps
     lat: list[float] = []
     t_start = time.perf_counter()
     first_chunk_s = None
     reason = None
+    whole = False                                 # the loop ended between chunks (the state is whole)
     due = 0.0                                     # perf_counter time the next chunk may be emitted
     try:
         while reason is None and (reason := s.finished()) is None:
@@ -364,6 +439,7 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
                 sink.stats(stats)
             if live is not None:
                 live(stats)
+        whole = True
     except Terminated:
         reason = "terminated"
     except KeyboardInterrupt:
@@ -378,7 +454,7 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
     summary = _stats(s, lat, t_start, sinks, events)
     summary.update(reason=reason, first_chunk_s=first_chunk_s, instructions=s.instruction_log,
                    settings=dict(parts.engine.st.__dict__), notes=parts.notes)
-    return summary
+    return summary, whole
 
 
 def _stats(s: Session, lat: list[float], t_start: float, sinks, events) -> dict:
@@ -386,7 +462,8 @@ def _stats(s: Session, lat: list[float], t_start: float, sinks, events) -> dict:
     arr = np.array(lat) if lat else np.zeros(1)
     dropped = sum(k.counts()["frames_dropped"] for k in sinks if hasattr(k, "counts"))   # web viewers
     return {"chunks": s.chunks, "frames": s.frames, "seconds_generated": s.frames / s.p.cfg.audio.fps,
-            "fps": s.frames / elapsed, "chunk_ms_last": 1000 * float(arr[-1]), "chunk_ms_median": 1000 * float(np.median(arr)),
+            "first_frame": s.first_frame, "audio_samples": s.played, "fps": (s.frames - s.first_frame) / elapsed,
+            "chunk_ms_last": 1000 * float(arr[-1]), "chunk_ms_median": 1000 * float(np.median(arr)),
             "chunk_ms_p95": 1000 * float(np.percentile(arr, 95)), "queue_depth": events.depth(),
             "dropped_frames": dropped, "audio_buffered_s": len(s.audio.buf) / 16000, "instruction": s.instruction}
 
