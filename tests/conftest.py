@@ -117,3 +117,29 @@ def tiny_vlm(tmp_path_factory) -> Path:
     Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112), tokenizer=tok,
                         video_processor=Qwen2VLVideoProcessor(), chat_template=template).save_pretrained(path)
     return path
+
+
+def scramble_stream_models(dit, decoder, seed: int = 1) -> None:
+    """Random weights for a streaming test, from a generator of their own: a DiT large enough for the text,
+    speech and noise to change the frames (std 0.1) and a decoder whose frames are not flat (fan-in
+    scaled weights, biases around 0.5)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for p in decoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10)
+                    + (0.5 if p.ndim == 1 else 0))
+
+
+def write_speech_tone(path: Path, seconds: float, seed: int, sr: int = 16000) -> Path:
+    """Speech-like audio: a 180 Hz tone modulated at 3 Hz with faint noise, 16-bit mono wav."""
+    import wave
+    t = np.arange(int(seconds * sr)) / sr
+    x = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))
+    x = x + 0.05 * np.random.default_rng(seed).standard_normal(t.size)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return path

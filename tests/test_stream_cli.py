@@ -13,11 +13,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from stages.stream.events import AudioChunk, EventQueue, Instruction
-from tests.conftest import vidu
+from tests.conftest import vidu, scramble_stream_models
 from tests.test_runner import _as_in_a_terminal
 from tests.test_stream_reliability import _working_bytes
 
@@ -165,12 +164,7 @@ def test_instruction_mid_stream_changes_the_next_chunk_only(inputs):
     runs = []
     for send in (False, True):
         parts = load_parts(inputs["face"], seed=0)
-        with torch.no_grad():                       # random weights large enough for text to matter,
-            torch.manual_seed(1)                        # and a decoder whose frames are not flat
-            for p in parts.engine.model.parameters():
-                p.copy_(torch.randn_like(p) * 0.1)
-            for p in parts.decoder.parameters():
-                p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
+        scramble_stream_models(parts.engine.model, parts.decoder)   # text matters, frames not flat
         events = EventQueue()
         rec = Recorder(after=3, action=(lambda: events.put(Instruction("raise a tennis racket"))) if send else None)
         summary = run_session(parts, events, [rec], SessionOptions(max_seconds=0.5, live_audio=True))
@@ -190,12 +184,7 @@ def test_recache_rereads_the_history_when_the_instruction_changes(inputs):
     frames = {}
     for recache in (False, True):
         parts = load_parts(inputs["face"], settings={"recache": recache}, seed=0)
-        with torch.no_grad():
-            torch.manual_seed(1)
-            for p in parts.engine.model.parameters():
-                p.copy_(torch.randn_like(p) * 0.1)
-            for p in parts.decoder.parameters():         # frames that are not flat
-                p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
+        scramble_stream_models(parts.engine.model, parts.decoder)   # text matters, frames not flat
         events = EventQueue()
         rec = Recorder(after=3, action=lambda: events.put(Instruction("raise a tennis racket")))
         summary = run_session(parts, events, [rec], SessionOptions(max_seconds=0.5, live_audio=True))

@@ -15,12 +15,13 @@ threads round differently (1 vs 2 threads: frames differ by one level), so the f
 from __future__ import annotations
 
 import random
-import wave
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.conftest import scramble_stream_models, write_speech_tone
 
 SR = 16000
 FAST = ("--steps", "1", "--no-twin", "-q")       # a few chunks of the tiny preset: under a second each
@@ -40,20 +41,9 @@ def inputs(tmp_path_factory) -> dict:
     img = np.zeros((120, 100, 3), np.uint8)
     img[30:90, 25:75] = (200, 150, 120)
     Image.fromarray(img).save(d / "face.png")
-    rng = np.random.default_rng(3)
-    t = np.arange(int(0.6 * SR)) / SR
-    speech = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
-    with wave.open(str(d / "speech.wav"), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
-        w.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
-    g = torch.Generator().manual_seed(1)
+    write_speech_tone(d / "speech.wav", 0.6, seed=3)
     dit, tae = DiT(PRESETS["tiny"].dit), TAEHV()
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for p in tae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10)
-                    + (0.5 if p.ndim == 1 else 0))
+    scramble_stream_models(dit, tae)
     save_model(d / "dit.safetensors", dit, PRESETS["tiny"])
     torch.save(tae.state_dict(), d / "taehv.pth")
     return {"face": d / "face.png", "audio": d / "speech.wav", "ckpt": d / "dit.safetensors", "tae": d / "taehv.pth"}

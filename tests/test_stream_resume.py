@@ -13,7 +13,6 @@ import dataclasses
 import json
 import os
 import signal
-import wave
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ import torch
 from PIL import Image
 
 from stages.stream.events import EventQueue, Instruction
-from tests.conftest import cli
+from tests.conftest import cli, scramble_stream_models, write_speech_tone
 
 SR = 16000
 SIZE = 64                                 # the tiny preset's frames: 64 x 64
@@ -41,21 +40,10 @@ def inputs(tmp_path_factory) -> dict:
     Image.fromarray(img).save(d / "face.png")
     img[30:90, 25:75] = (90, 150, 200)
     Image.fromarray(img).save(d / "other.png")
-    rng = np.random.default_rng(3)
-    t = np.arange(3 * SR) / SR
-    speech = 0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.05 * rng.standard_normal(t.size)
-    with wave.open(str(d / "speech.wav"), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(SR)
-        w.writeframes((np.clip(speech, -1, 1) * 32767).astype("<i2").tobytes())
-    g = torch.Generator().manual_seed(1)
+    write_speech_tone(d / "speech.wav", 3, seed=3)
     cfg = PRESETS["tiny"]
     dit, tae = DiT(cfg.dit), TAEHV()
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        for p in tae.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10)
-                    + (0.5 if p.ndim == 1 else 0))
+    scramble_stream_models(dit, tae)
     save_model(d / "dit.safetensors", dit, cfg)
     save_model(d / "tall.safetensors", dit, cfg.replace(height=2 * cfg.height))
     torch.save(tae.state_dict(), d / "taehv.pth")

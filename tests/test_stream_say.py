@@ -16,7 +16,7 @@ from PIL import Image
 from stages.sense.media import load_audio
 from stages.stream.events import AudioChunk, EventQueue, StreamError
 from stages.synth.speech import tts
-from tests.conftest import cli, vidu
+from tests.conftest import cli, vidu, scramble_stream_models
 
 SR = 16000
 TEXT = "hello"
@@ -43,13 +43,8 @@ def weights(tmp_path_factory) -> list[str]:
     from models.dit import DiT
     from models.taehv import TAEHV
     d = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(1)
     dit, tae = DiT(PRESETS["tiny"].dit), TAEHV()
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-        for p in tae.parameters():
-            p.copy_(torch.randn_like(p) / (p[0].numel() ** 0.5 if p.ndim > 1 else 10) + (0.5 if p.ndim == 1 else 0))
+    scramble_stream_models(dit, tae)
     save_model(d / "dit.safetensors", dit, PRESETS["tiny"])
     torch.save(tae.state_dict(), d / "taehv.pth")
     return ["--ckpt", str(d / "dit.safetensors"), "--decoder-weights", str(d / "taehv.pth")]
