@@ -31,7 +31,7 @@ from torch.nn.functional import layer_norm
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import attention
+from vidu_kernels.attention import attention
 from models.config import DiTConfig
 from models.rope import apply_rope, grid_positions, rope_angles
 from models.ulysses import SequenceShards, check_heads

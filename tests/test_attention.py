@@ -1,4 +1,4 @@
-"""`kernels.attention.attention_reference` (the float32 oracle for fast backends): a case worked by
+"""`vidu_kernels.attention.attention_reference` (the float32 oracle for fast backends): a case worked by
 hand, PyTorch SDPA on awkward shapes with and without a mask, low-precision inputs, and the
 `attention` entry point against it."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.attention import attention, attention_reference
+from vidu_kernels.attention import attention, attention_reference
 
 
 def sdpa(q, k, v, mask=None):

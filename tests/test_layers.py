@@ -1,6 +1,6 @@
 """Layer rules: `lint-imports` against the [tool.importlinter] contracts in pyproject.toml.
 
-vidu_cli -> stages -> models -> kernels | manifests, stage modules above stages.run / sense /
+vidu_cli -> stages -> models -> vidu_kernels | manifests, stage modules above stages.run / sense /
 samples, curation stages never import train or stream, no import cycles (lazy imports count).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def contracts_report(out: str) -> dict[str, str]:
 
 def test_project_keeps_every_layer_contract():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    assert set(cfg["root_packages"]) == {"vidu_cli", "stages", "models", "kernels", "manifests"}
+    assert set(cfg["root_packages"]) == {"vidu_cli", "stages", "models", "vidu_kernels", "manifests"}
     names = [c["name"] for c in cfg["contracts"]]
     assert {c["type"] for c in cfg["contracts"]} == {"layers", "forbidden", "acyclic_siblings"}
     res = lint(ROOT / "pyproject.toml")

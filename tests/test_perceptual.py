@@ -87,6 +87,30 @@ def test_the_gradient_reaches_the_students_branch_only():
     assert all(not p.requires_grad and p.grad is None for p in codec.parameters())
 
 
+def test_the_distance_taken_a_few_samples_at_a_time_equals_the_whole_batchs():
+    """Decoded's pieces (the memory bound of a large batch) against the definition on the whole batch at once:
+    equal value and gradient with pieces of 1, 2 (one of them short) and more than the batch; a wrong share per
+    piece (the negative control: each piece's own mean, summed) is detectably not the same value."""
+    from stages.distill.perceptual import decode_chunk, feature_distance
+    codec = tiny_codec()
+    pred0, target = latents(3, batch=5, frames=2), latents(4, batch=5, frames=2)
+    ref_d = CodecDistance(codec)
+    pred = pred0.clone().requires_grad_()
+    want = ref_d.features(decode_chunk(codec, target).detach())
+    whole = feature_distance(ref_d.features(decode_chunk(codec, pred)), [w.detach() for w in want], 2)
+    (whole * 3).backward()
+    for piece in (1, 2, 8):
+        got = pred0.clone().requires_grad_()
+        d = CodecDistance(codec, piece=piece)(got, target)
+        (d * 3).backward()
+        assert torch.allclose(d, whole.detach(), rtol=1e-5, atol=0)
+        assert torch.allclose(got.grad, pred.grad, rtol=1e-4, atol=1e-9)
+    with torch.no_grad():
+        assert torch.allclose(CodecDistance(codec, piece=2)(pred0, target), whole.detach(), rtol=1e-5, atol=0)
+        unshared = sum(CodecDistance(codec)(pred0[a:a + 2], target[a:a + 2]) for a in (0, 2, 4))
+    assert abs(float(unshared) - float(whole)) > 0.1 * float(whole)
+
+
 def test_through_pcm_the_student_gets_the_gradient_and_the_ema_none():
     """pcm_loss with the codec distance: the student's weights get a gradient through the decoder and the
     encoder; the EMA's weights (made leaves that could collect one), the teacher's and the codec's none."""

@@ -101,17 +101,49 @@ def decode_chunk(codec, latents: Tensor) -> Tensor:
     return apply_blocks(codec.decoder, codec.unnormalize(latents.permute(0, 2, 1, 3, 4)))
 
 
+class _Through(torch.autograd.Function):
+    """`value` forward; backward hands `pred` the gradient `grad` computed beforehand (times the incoming one)."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, value: Tensor, grad: Tensor) -> Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, out: Tensor):
+        (grad,) = ctx.saved_tensors
+        return (out * grad).to(grad.dtype), None, None
+
+
 class Decoded:
     """A distance of decoded frames: d(pred, target) decodes both chunks with the frozen `codec` (the
-    target under no_grad) and compares the frames (`compare`, the target's features under no_grad)."""
+    target under no_grad) and compares the frames (`compare`, the target's features under no_grad).
 
-    def __init__(self, codec):
+    Memory: the decoder's and the feature network's activations of a whole batch at full frame size are
+    many GiB (batch 32 at 256 x 256 ran an H200 out of memory beside three other runs), so the batch is
+    taken `piece` samples at a time: each piece's distance and its gradient with respect to its latents
+    are computed at once (its activations freed before the next piece), and the pieces' gradients reach
+    `pred` in the caller's backward (`_Through`). d is a mean over samples, so the value and the gradient
+    equal the whole batch's (float summation order aside); only one piece's activations are alive."""
+
+    def __init__(self, codec, piece: int = 4):
         self.codec = codec.eval().requires_grad_(False)
+        self.piece = piece
 
     def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
-        with torch.no_grad():
-            want = decode_chunk(self.codec, target)
-        return self.compare(decode_chunk(self.codec, pred), want)
+        B, wanted = pred.shape[0], pred.requires_grad and torch.is_grad_enabled()
+        total, grads = torch.zeros((), device=pred.device), []
+        for a in range(0, B, self.piece):
+            p, share = pred[a:a + self.piece].detach(), min(self.piece, B - a) / B
+            with torch.no_grad():
+                want = decode_chunk(self.codec, target[a:a + self.piece])
+            with torch.enable_grad() if wanted else torch.no_grad():
+                p.requires_grad_(wanted)
+                d = share * self.compare(decode_chunk(self.codec, p), want)
+            if wanted:
+                grads.append(torch.autograd.grad(d, p)[0])
+            total = total + d.detach().float()
+        return _Through.apply(pred, total, torch.cat(grads)) if wanted else total
 
     def compare(self, got: Tensor, want: Tensor) -> Tensor:
         """d between frame sets [N, T, 3, H, W] in [0, 1]; the gradient reaches `got` only."""
@@ -129,9 +161,9 @@ class Decoded:
 class CodecDistance(Decoded):
     """d of "codec" (the module doc): the run's TAEHV decodes, its encoder's feature maps compare."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, piece: int = 4):
         from models.taehv import MemBlock
-        super().__init__(codec)
+        super().__init__(codec, piece)
         enc = codec.encoder
         # cut after the first ReLU and after the last MemBlock of each stage; the final conv is left out
         cuts = [2] + [i + 1 for i in range(len(enc) - 1)

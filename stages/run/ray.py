@@ -18,7 +18,7 @@ from typing import Iterator
 
 from stages.run.contract import crash_rows, safe_process
 
-PACKAGES = ("stages", "manifests", "models", "kernels")
+PACKAGES = ("stages", "manifests", "models", "vidu_kernels")
 
 
 class RayUnavailable(ValueError):
