@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from stages.stream.commands import CommandSpotter, phrases, spot
 from stages.stream.events import EventQueue, Instruction
 from stages.synth.speech import texts, tts, voices
 from tests.conftest import vidu
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SR = 16000
 LEAD = ("We walked to the market today.", "Could you check the map for me?")   # speech before the command
@@ -156,6 +161,26 @@ def test_paced_release_waits_for_the_chunk():
     text, _, end, chunk = vc.log[0]
     assert text == "look up" and chunk == released_after
     assert (chunk - 1) * 0.16 <= end - 0.16 < chunk * 0.16 + 1e-9       # next chunk [chunk, chunk+1) * 0.16 covers the end
+
+
+def test_the_listener_imports_torchaudio_before_its_thread_starts():
+    """The listener's thread must not be the first to import torchaudio: the stream imports it in the main
+    thread at the same moment, and two threads importing it at once fail (a partly initialised module; CI,
+    session 37). In a fresh process: torchaudio is complete when the listener's thread starts; the
+    negative control: it is not imported by importing the module alone."""
+    code = (
+        "import sys, threading\n"
+        "from stages.stream.commands import VoiceCommands\n"
+        "from stages.stream.events import EventQueue\n"
+        "before = 'torchaudio' in sys.modules\n"
+        "seen = []\n"
+        "start = threading.Thread.start\n"
+        "threading.Thread.start = lambda self: seen.append('torchaudio.functional' in sys.modules) or start(self)\n"
+        "VoiceCommands(EventQueue(), live=False)\n"
+        "print(before, seen[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "True"]
 
 
 def test_stream_with_spoken_commands(tmp_path):

@@ -620,6 +620,9 @@ class VoiceCommands:
         self._cond = threading.Condition()
         self._frames = 0
         self._chunks = 0
+        # torchaudio is imported here, not first in the thread: importing it in two threads at once (the
+        # session's speech features import torchaudio.transforms) leaves one a partly initialised module
+        _mel_matrix()
         self._thread = threading.Thread(target=self._run, daemon=True, name="vidu-commands")
         self._thread.start()
 
