@@ -136,6 +136,15 @@ def test_long_clips_render():
     assert np.ptp(s.frames[-1].astype(int)) > 50  # drawn to the end
 
 
+def test_an_undrawn_sample_has_the_drawn_ones_inputs_and_truth():
+    drawn, bare = make_sample(21, 64, 64, seconds=8.0), make_sample(21, 64, 64, seconds=8.0, draw=False)
+    assert bare.frames.shape == drawn.frames.shape and bare.frames.strides[:3] == (0, 0, 0)   # not drawn
+    assert not bare.frames.any() and drawn.frames.any()
+    assert bare.truth() == drawn.truth() and np.array_equal(bare.audio, drawn.audio)
+    with pytest.raises(ValueError, match="masks"):
+        make_sample(21, 64, 64, seconds=1.0, draw=False, masks=True)
+
+
 def test_analyzer_recovers_rendered_states():
     T = 40
     ramp = np.linspace(0, 1, T)

@@ -68,12 +68,21 @@ class Sample:
 
 
 def render_sample(seed: int, identity: Identity, scene: Scene, speech: Speech, events: list[Event], T: int,
-                  r_motion: np.random.Generator, width: int, height: int, fps: int, masks: bool = False) -> Sample:
-    """The sample of this character, speech and timed instructions: tracks animated, frames drawn."""
+                  r_motion: np.random.Generator, width: int, height: int, fps: int, masks: bool = False,
+                  draw: bool = True) -> Sample:
+    """The sample of this character, speech and timed instructions: tracks animated, frames drawn (with
+    `draw` False they are not: `frames` is then a read-only zero-stride view of black frames that only
+    gives the shape, for the inputs and ground truth of streams too long to hold drawn)."""
     mouth = mouth_tracks(speech, T, fps)
     tracks = animate(r_motion, T, fps, mouth["mouth"], [(e.start, e.end, e.text) for e in events], mouth["round"])
-    frames, regions = render_clip(identity, tracks, width, height, scene, masks=True) if masks else (
-        render_clip(identity, tracks, width, height, scene), None)
+    if not draw:
+        if masks:
+            raise ValueError("masks are drawn with the frames: draw=False has none")
+        frames, regions = np.broadcast_to(np.zeros((1, 1, 1, 3), np.uint8), (T, height, width, 3)), None
+    elif masks:
+        frames, regions = render_clip(identity, tracks, width, height, scene, masks=True)
+    else:
+        frames, regions = render_clip(identity, tracks, width, height, scene), None
     audio = np.zeros(round(T / fps * SR), np.float32)
     audio[:min(len(audio), len(speech.audio))] = speech.audio[:len(audio)]
     return Sample(seed, fps, identity, scene, frames, audio, tracks, [(e.onset, e.end, e.text) for e in events],
@@ -101,13 +110,15 @@ def _speech(rng: np.random.Generator, duration: float, split: str, real_dir: Rea
 
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
                 masks: bool = False, style: str | None = None, split: str = "train",
-                real_dir: RealDirs = None, cut_actions: bool = False, events: list[Event] | None = None) -> Sample:
+                real_dir: RealDirs = None, cut_actions: bool = False, events: list[Event] | None = None,
+                draw: bool = True) -> Sample:
     """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed and `style`
     alone): a character of `style` (default: drawn with world.STYLES), speech of `split`'s voices,
     texts and recordings (speech.speak; `real_dir` holds recordings), timed instructions (with
     `cut_actions`, training's clips: also one whose action the clip's end cuts, world.random_events). With
     `masks`, also the region masks of its frames (face, eyes, mouth, hands). `events` replaces the drawn
-    instructions (everything else stays the seed's: a probe of what one instruction does)."""
+    instructions (everything else stays the seed's: a probe of what one instruction does). `draw` False:
+    everything but the pixels (render_sample)."""
     r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
                                                           np.random.SeedSequence(seed).spawn(5))
     identity = random_identity(r_identity, style)
@@ -116,7 +127,7 @@ def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, s
     speech = _speech(r_speech, T / fps, split, real_dir)
     if events is None:
         events = random_events(r_actions, T / fps, cut_actions)
-    return render_sample(seed, identity, scene, speech, events, T, r_motion, width, height, fps, masks)
+    return render_sample(seed, identity, scene, speech, events, T, r_motion, width, height, fps, masks, draw)
 
 
 # ---------------------------------------------------------------------------------------------

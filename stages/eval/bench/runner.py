@@ -65,9 +65,13 @@ class _Typist:
         self.pending = sorted([(a, text) for a, _, text in timed] + [(b, neutral) for _, b, _ in timed])
         self.fps = fps
 
-    def push_due(self, frames_done: int) -> None:
+    def push_due(self, frames_done: int, put: bool = True) -> None:
+        """Give the instructions due once `frames_done` frames exist (`put` False: drop them, as a resumed
+        stream does with those given before its stop)."""
         while self.pending and self.pending[0][0] <= frames_done / self.fps + 1e-9:
-            self.queue.put(self.Instruction(self.pending.pop(0)[1]))
+            text = self.pending.pop(0)[1]
+            if put:
+                self.queue.put(self.Instruction(text))
 
     def __call__(self, stats: dict) -> None:
         self.push_due(stats["frames"])

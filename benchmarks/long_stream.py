@@ -1,0 +1,257 @@
+"""An hour-long stream with its drift, segment by segment (issue 16's evidence; any checkpoint).
+
+    python benchmarks/long_stream.py --work W [--ckpt FILE] [--minutes 60] [--segment 600] [--budget 540] [--workers 12]
+
+One held-out character of the synthetic world (synth bench case `--case`, seed HELD_OUT_BASE + case, eval-split
+voices and texts) talks for `--minutes`, with the world's timed instructions typed as they come due (the bench's
+typist). The stream runs as `--segment`-second runs that continue one stream exactly through the state of
+`vidu stream --save-state / --resume` (Session.suspend, stages/stream/state.py, identity-checked on resume): each
+run resumes from W/state.st, streams one segment, writes the state back. Each segment is scored with the synth
+bench's numbers (stages/eval/bench/synthscore.synth_scores) against the world's ground truth for its frames: lip
+sync r (control: the mouth track of the next segment's speech), instruction success, latency and spurious fires
+(instructions whose onset falls in the segment), identity error, and the segment's mean sharpness and motion;
+drift = each segment's number over the first segment's. Scoring runs beside the next segment's streaming.
+
+A call streams whole segments while `--budget` seconds allow (a device call is at most 600 s), so an hour runs
+as several calls: re-running the same command continues from W (state + W/segments.json; the inputs are a
+function of the case alone and are made again, never stored). W must stay on the machine between calls (a warm
+machine keeps ignored folders such as .recipe/) or travel with it (the state is a few MB).
+Outputs (W and `--out`): segments.json (every finished segment: frames, wall times, fps, chunk latency, peak
+GPU memory, scores), state.st (in --out as 15-MiB pieces state.st.NN: `cat state.st.* > state.st`), sheet.png
+(each finished segment's first and last frame; W/shots.npz holds them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FPS = 25
+PIECE = 15 * 2 ** 20            # bytes of a piece of the state copied to --out
+
+
+def hour_case(case: int, seconds: float, size: int = 256) -> dict:
+    """The inputs and ground truth of synth case `case` made `seconds` long, pixels not drawn: identity, speech
+    (16 kHz), per-frame truth tracks, actions (onset, end, text), and the reference image."""
+    from stages import synth
+    from stages.eval.bench.cases import HELD_OUT_BASE
+    s = synth.make_sample(HELD_OUT_BASE + case, size, size, FPS, seconds, split="eval", draw=False)
+    return {"identity": s.identity, "audio": s.audio, "mouth": np.asarray(s.tracks["mouth"], np.float64),
+            "actions": [(float(a), float(b), str(t)) for a, b, t in s.actions], "frames": s.frames.shape[0],
+            "ref": synth.render(s.identity, synth.State(), size, size, s.scene), "voice": s.said.source if s.said else ""}
+
+
+def segment_truth(case: dict, f0: int, f1: int) -> tuple[dict, np.ndarray]:
+    """(truth, control mouth track) of frames [f0, f1): the truth as synth_scores reads it (times relative to
+    f0; the instructions whose onset falls inside), the control the mouth track of the next f1 - f0 frames
+    (wrapping to the start): other speech of the same voice."""
+    n = f1 - f0
+    t0, t1 = f0 / FPS, f1 / FPS
+    actions = [[a - t0, b - t0, t] for a, b, t in case["actions"] if t0 <= a < t1]
+    truth = {"identity": asdict(case["identity"]), "frames": n, "fps": FPS,
+             "tracks": {"mouth": case["mouth"][f0:f1].tolist()}, "actions": actions}
+    return truth, np.roll(case["mouth"], -f1)[:n]
+
+
+def score_segment(frames: np.ndarray, case: dict, f0: int, workers: int) -> dict:
+    from stages.eval.bench.synthscore import _sharpness, synth_scores
+    truth, control = segment_truth(case, f0, f0 + len(frames))
+    s = synth_scores(frames, FPS, truth, control, workers)
+    s.pop("per_event", None)
+    step = 1000                                   # frames at a time: 10 min at 256^2 is 12 GB as float32
+    s["sharpness"] = float(np.concatenate([_sharpness(frames[i:i + step]) for i in range(0, len(frames), step)]).mean())
+    s["motion"] = float(np.concatenate([np.abs(np.diff(frames[i:i + step + 1].astype(np.float32), axis=0)).mean((1, 2, 3))
+                                        for i in range(0, len(frames) - 1, step)]).mean())
+    s["instr_latency_s_p50"] = float(np.median(s["instr_latency_s"])) if s["instr_latency_s"] else None
+    return s
+
+
+DRIFT = ("identity_error", "sharpness", "motion", "mouth_r", "instr_success", "spurious_per_min", "face_found")
+
+
+def drift(segments: list[dict]) -> list[dict]:
+    """Each segment's numbers over the first segment's (None where either is missing or the first is 0)."""
+    first = segments[0]["scores"]
+    out = []
+    for s in segments:
+        row = {}
+        for k in DRIFT if "scores" in s else ():          # a segment still being scored has none yet
+            a, b = s["scores"].get(k), first.get(k)
+            row[k] = None if a is None or b is None or abs(b) < 1e-12 else round(float(a) / float(b), 4)
+        out.append(row)
+    return out
+
+
+def stream_segment(bench, case: dict, image: Path, seconds: float, state: dict | None):
+    """Frames [n, H, W, 3] of one run of `seconds` of video from `state` (None: the stream's start), the state
+    at its end, the run's summary, and the stream's identity (stages/stream/state.py)."""
+    from models.config import NEUTRAL_TEXT
+    from stages.eval.bench.runner import _Collect, _Typist
+    from stages.stream.events import AudioChunk, AudioEnd, EventQueue
+    from stages.stream.session import SessionOptions, run_session
+    from stages.stream.state import identity
+    parts = bench._parts(str(image))
+    ident = identity(parts, image)
+    done = state["frames"] if state else 0
+    events = EventQueue()
+    typist = _Typist(events, case["actions"], FPS, NEUTRAL_TEXT)
+    typist.push_due(done, put=state is None)      # resumed: those due before the stop were given then
+    events.put(AudioChunk(case["audio"][state["audio_samples"] if state else 0:]))
+    events.put(AudioEnd())
+    collect, saved = _Collect(), []
+    summary = run_session(parts, events, [collect], SessionOptions(max_seconds=seconds), live=typist, resume=state,
+                          save=saved.append)
+    if not saved:
+        raise SystemExit(f"the segment ended without a whole state ({summary.get('reason')})")
+    return np.concatenate(collect.frames), saved[0], summary, ident
+
+
+def sheet(shots: Path, path: Path) -> None:
+    """First and last frame of each finished segment (W/shots.npz), one row each, as a PNG."""
+    from PIL import Image
+    if shots.is_file():
+        with np.load(shots) as z:
+            rows = [np.concatenate([z[k][0], z[k][-1]], 1) for k in sorted(z.files, key=int)]
+        Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="a copy of W's outputs (the device's $OUT)")
+    ap.add_argument("--ckpt", type=Path, help="default: the starter model")
+    ap.add_argument("--case", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=60.0)
+    ap.add_argument("--segment", type=float, default=600.0, help="seconds of video per run")
+    ap.add_argument("--budget", type=float, default=540.0, help="wall seconds this call may use")
+    ap.add_argument("--workers", type=int, default=12, help="scoring processes")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    t_call = time.perf_counter()
+    from PIL import Image
+
+    from models.starter import starter_checkpoint
+    from stages.eval.bench.runner import EvalBench
+    from stages.stream.state import check_identity, read_state, write_state
+    W = a.work
+    W.mkdir(parents=True, exist_ok=True)
+    ckpt = a.ckpt or starter_checkpoint()
+    log_path = W / "segments.json"
+    record = json.loads(log_path.read_text()) if log_path.is_file() else {
+        "checkpoint": str(ckpt), "case": a.case, "minutes": a.minutes, "segment_s": a.segment, "device": a.device,
+        "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "segments": []}
+    for k, v in (("case", a.case), ("minutes", a.minutes), ("segment_s", a.segment)):
+        if record[k] != v:
+            raise SystemExit(f"{W} holds a stream with {k} {record[k]}, not {v}: another --work")
+    segs = record["segments"]
+    t0 = time.perf_counter()
+    case = hour_case(a.case, a.minutes * 60)
+    total = case["frames"]                        # 1 + 4k: the stream's own frame count
+    image = W / "ref.png"
+    Image.fromarray(case["ref"]).save(image)
+    print(f"case {a.case}: {case['frames']} frames, {len(case['actions'])} instructions, voice {case['voice']}; "
+          f"inputs made in {time.perf_counter() - t0:.1f} s", flush=True)
+    bench = EvalBench(bench="synth", system=str(ckpt), preset="small", device=a.device)
+    bench.setup()
+    state = None
+    if segs:
+        state, saved = read_state(W / "state.st")
+        if state["frames"] != segs[-1]["frames_end"]:
+            raise SystemExit(f"{W}/state.st is at frame {state['frames']}, segments.json at {segs[-1]['frames_end']}")
+    scoring = None
+    lock = threading.Lock()
+
+    def score(i: int, frames: np.ndarray, f0: int) -> None:
+        s = score_segment(frames, case, f0, a.workers)
+        with lock:
+            segs[i]["scores"] = s
+
+    def flush() -> None:
+        with lock:
+            record["drift_vs_first"] = drift(segs) if segs and "scores" in segs[0] else []
+            log_path.write_text(json.dumps(record, indent=1, default=float))
+        sheet(W / "shots.npz", W / "sheet.png")
+        if a.out:
+            a.out.mkdir(parents=True, exist_ok=True)
+            for f in ("segments.json", "sheet.png"):
+                if (W / f).is_file():
+                    shutil.copyfile(W / f, a.out / f)
+            if (W / "state.st").is_file():                # in pieces under the device's 16 MiB a file:
+                data = (W / "state.st").read_bytes()      # cat state.st.* > state.st
+                for i in range(0, len(data), PIECE):
+                    (a.out / f"state.st.{i // PIECE:02d}").write_bytes(data[i:i + PIECE])
+
+    try:
+        while (state["frames"] if state else 0) < total:
+            done = state["frames"] if state else 0
+            spent = time.perf_counter() - t_call
+            need = max((s["stream_s"] + 5 for s in segs), default=0.0)
+            if segs and spent + need > a.budget:
+                print(f"stopping for this call: {spent:.0f} s spent, a segment takes ~{need:.0f} s of {a.budget:.0f}")
+                break
+            seconds = min(a.segment, (total - done) / FPS)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            t1 = time.perf_counter()
+            frames, new, summary, ident = stream_segment(bench, case, image, seconds, state)
+            if state is not None:
+                check_identity(saved, ident, W / "state.st")
+            stream_s = time.perf_counter() - t1
+            write_state(W / "state.st", new, ident)
+            saved = ident
+            state = new
+            seg = {"index": len(segs), "frames_start": done, "frames_end": state["frames"], "stream_s": round(stream_s, 2),
+                   "fps": summary.get("fps"), "chunk_ms_p50": summary.get("chunk_ms_median"),
+                   "chunk_ms_p95": summary.get("chunk_ms_p95"), "first_chunk_s": summary.get("first_chunk_s"),
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
+            segs.append(seg)
+            shots = dict(np.load(W / "shots.npz")) if (W / "shots.npz").is_file() else {}
+            np.savez(W / "shots.npz", **shots, **{str(seg["index"]): frames[[0, -1]]})
+            if scoring is not None:
+                scoring.join()
+            scoring = threading.Thread(target=score, args=(seg["index"], frames, done))
+            scoring.start()
+            flush()
+            print(f"segment {seg['index']}: frames {done}-{state['frames']}, {stream_s:.0f} s, {seg['fps']:.1f} fps, "
+                  f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms", flush=True)
+    finally:
+        if scoring is not None:
+            scoring.join()
+        flush()
+    table(record)
+
+
+def table(record: dict) -> None:
+    f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+    print(f"\n{record['checkpoint']} case {record['case']} on {record['gpu'] or record['device']}: "
+          f"{len(record['segments'])} segments of {record['segment_s']:g} s")
+    print("| segment | minutes | fps | chunk p50 / p95 ms | peak GiB | lip-sync r | control |r| | instructions | "
+          "spurious / min | identity | sharpness | motion |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in record["segments"]:
+        c = s.get("scores") or {}
+        ctrl = c.get("mouth_r_control")
+        print(f"| {s['index']} | {s['frames_start'] / FPS / 60:.1f}-{s['frames_end'] / FPS / 60:.1f} | {f(s['fps'], 1)} | "
+              f"{f(s['chunk_ms_p50'], 1)} / {f(s['chunk_ms_p95'], 1)} | {f(s['peak_gib'], 2)} | {f(c.get('mouth_r'))} | "
+              f"{f(None if ctrl is None else abs(ctrl))} | {f(c.get('instr_success'))} of {c.get('instr_events', '-')} | "
+              f"{f(c.get('spurious_per_min'), 1)} | {f(c.get('identity_error'), 2)} | {f(c.get('sharpness'), 5)} | "
+              f"{f(c.get('motion'), 2)} |")
+    if record.get("drift_vs_first"):
+        print("\ndrift, segment / first segment:")
+        for s, d in zip(record["segments"], record["drift_vs_first"]):
+            print(f"  {s['index']}: " + ", ".join(f"{k} {f(v)}" for k, v in d.items()))
+
+
+if __name__ == "__main__":
+    main()
