@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import threading
@@ -139,6 +140,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     t_call = time.perf_counter()
+    os.environ.setdefault("VIDU_TEXT_TABLE", str(ROOT / "benchmarks" / "data" / "text_table.safetensors"))  # no MiniLM
     from PIL import Image
 
     from models.starter import starter_checkpoint
