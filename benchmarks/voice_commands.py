@@ -1,7 +1,7 @@
 """Voice commands (stages/stream/commands.py) on espeak-ng speech and real recordings, CPU.
 
     python benchmarks/voice_commands.py                 # eval split: detection, timing, false alarms, RTF
-    python benchmarks/voice_commands.py --tune          # train split: hits and false alarms per threshold
+    python benchmarks/voice_commands.py --tune          # train split: hits and false alarms per rule (--seed: another draw)
     python benchmarks/voice_commands.py --ship          # write the shipped classifier (stages/stream/)
     python benchmarks/voice_commands.py --weights OLD.safetensors    # measure another classifier file (before/after)
     python benchmarks/voice_commands.py --training '{"real_share": 0.5}'   # a variant of TRAINING (trained, cached)
@@ -132,28 +132,32 @@ def mixed_stream(rng, split: str, per_phrase: int, plain_every: int = 2):
     return stream(rng, split, items)
 
 
-class _Replay:
-    """The classifier's outputs of a first pass, given back in order to the next passes (the windows
-    it sees do not depend on thresholds), so a grid of thresholds costs one pass."""
+def _probabilities(audio: np.ndarray, net: commands.Ensemble) -> tuple[list[float], np.ndarray]:
+    """What the spotter's firing rule sees in `audio` fed as spot() feeds it: (window start s, [members,
+    windows, classes] each member's probabilities); the classifier does not depend on thresholds or the
+    rule, so a grid of them costs one pass."""
+    probs, times = [], []
 
-    def __init__(self, net):
-        self.net, self.outputs, self.i = net, [], None
+    class Recorder(CommandSpotter):
+        def _step(self, t, p):
+            times.append(t)
+            return []
 
-    def __call__(self, x):
-        if self.i is None:
-            self.outputs.append(self.net(x))
-            return self.outputs[-1]
-        self.i += 1
-        return self.outputs[self.i - 1]
-
-
-def _spot_replayed(audio: np.ndarray, replay: _Replay, first: bool, **kw) -> list:
-    s = CommandSpotter(**kw)
-    s.net, replay.i = replay, None if first else 0
-    out = []
+    s = Recorder()
+    s.net = lambda x: probs.append(net.probabilities(x)) or probs[-1].mean(0)
     for i in range(0, len(audio), 1600):
-        out += s.feed(audio[i:i + 1600])
-    return out + s.finish()
+        s.feed(audio[i:i + 1600])
+    s.finish()
+    return times, np.concatenate(probs, axis=1)[:, :, 1:]
+
+
+def _fire(times: list[float], p: np.ndarray, **kw) -> list:
+    """The commands the spotter (thresholds, min_windows in `kw`) decides from the window probabilities `p`
+    [windows, actions] at `times`, as CommandSpotter.feed and finish would."""
+    s = CommandSpotter(**kw)
+    out = [c for t, row in zip(times, p) for c in s._step(t, row)]
+    out += [s._emit(k) for k in sorted(s.pending, key=lambda k: s.pending[k][1])]
+    return [c for c in out if c is not None]
 
 
 def held_out_perturbation(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
@@ -161,6 +165,7 @@ def held_out_perturbation(rng: np.random.Generator, x: np.ndarray) -> np.ndarray
     Hz telephone band (one in three: never in training), then stages.synth.speech.augment (room, music bed,
     noise at 0-30 dB SNR, a level)."""
     from scipy.signal import butter, sosfilt
+
     from stages.synth.speech import augment
     x = commands.speed(x, rng.uniform(0.9, 1.1))
     if rng.random() < 1 / 3:
@@ -187,10 +192,12 @@ def stress(part: str, minutes: float = 10.0) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def tune(thresholds=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998), min_windows=(1, 2, 3, 4), minutes_plain: float = 10.0):
-    """Train-split speech the classifier was not trained on (other draws of voices, sentences, rates):
-    hits and false alarms per (threshold, windows over it), one threshold for every action per pass."""
-    rng = np.random.default_rng(1)
+def tune(thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995), min_windows=(1, 2, 3, 4, 5, 6),
+         minutes_plain: float = 10.0, seed: int = 1):
+    """Train-split speech the classifier was not trained on (other draws of voices, sentences, rates; `seed`
+    draws them): hits and false alarms per (members averaged: the first k of the classifier's, threshold,
+    windows over it), one threshold for every action."""
+    rng = np.random.default_rng(seed)
     commands.classifier(phrases(), log=print)
     audio, truth = mixed_stream(rng, "train", per_phrase=8)
     plain = plain_texts("train")
@@ -203,25 +210,24 @@ def tune(thresholds=(0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998), min_windows
     looped = stress("tune", 5.0)
     print(f"real tune part {REAL_SPLIT['tune']}: {len(real) / SR:.1f} s as recorded, looped and perturbed to "
           f"{len(looped) / SR / 60:.1f} min", flush=True)
-    table = {}
     net = CommandSpotter().net
-    replays = [_Replay(net) for _ in range(4)]
-    for e in thresholds:
-        for w in min_windows:
-            th = {n: e for n in phrases().values()}
-            first = not table
-            r = score(_spot_replayed(audio, replays[0], first, thresholds=th, min_windows=w), truth)
-            fa = _spot_replayed(other, replays[1], first, thresholds=th, min_windows=w)
-            fr = _spot_replayed(real, replays[2], first, thresholds=th, min_windows=w)
-            fl = _spot_replayed(looped, replays[3], first, thresholds=th, min_windows=w)
-            hits = {n: (sum(h), len(h)) for n, h in r["hits"].items()}
-            tot = sum(v[0] for v in hits.values())
-            table[(e, w)] = (tot, len(truth), len(r["false"]), len(fa), len(fr), len(fl))
-            print(f"p >= {e} in >= {w} windows: {tot}/{len(truth)} hits, {len(r['false'])} false alarms in the mixed "
-                  f"stream, {len(fa)} in {len(other) / SR / 60:.1f} min without commands = {len(fa) / (len(other) / SR / 600):.2f} "
-                  f"per 10 min; real tune: {len(fr)} as recorded, {len(fl)} in the {len(looped) / SR / 60:.1f} min loop; "
-                  + ", ".join(f"{n} {a}/{b}" for n, (a, b) in hits.items())
-                  + f"; false: {sorted(c.text for c in fa)}", flush=True)
+    seen = {name: _probabilities(a, net) for name, a in (("mixed", audio), ("plain", other), ("real", real), ("loop", looped))}
+    table = {}
+    for k in range(1, len(net.members) + 1):
+        for e in thresholds:
+            for w in min_windows:
+                kw = {"thresholds": {n: e for n in phrases().values()}, "min_windows": w}
+                fired = {name: _fire(times, p[:k].mean(0), **kw) for name, (times, p) in seen.items()}
+                r = score(fired["mixed"], truth)
+                fa, fr, fl = fired["plain"], fired["real"], fired["loop"]
+                hits = {n: (sum(h), len(h)) for n, h in r["hits"].items()}
+                tot = sum(v[0] for v in hits.values())
+                table[(k, e, w)] = (tot, len(truth), len(r["false"]), len(fa), len(fr), len(fl))
+                print(f"{k} members, p >= {e} in >= {w} windows: {tot}/{len(truth)} hits, {len(r['false'])} false alarms in "
+                      f"the mixed stream, {len(fa)} in {len(other) / SR / 60:.1f} min without commands = "
+                      f"{len(fa) / (len(other) / SR / 600):.2f} per 10 min; real tune: {len(fr)} as recorded, {len(fl)} in the "
+                      f"{len(looped) / SR / 60:.1f} min loop; " + ", ".join(f"{n} {a}/{b}" for n, (a, b) in hits.items())
+                      + f"; false: {sorted(c.text for c in fa)}", flush=True)
     return table
 
 
@@ -267,7 +273,7 @@ def _load(path: Path):
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
         meta["state"] = {k: f.get_tensor(k).float() for k in f.keys()}
-    return commands._NumpyNet(meta["state"]), meta
+    return commands.Ensemble(meta["state"]), meta
 
 
 def report(r: dict) -> str:
@@ -302,7 +308,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--ship", action="store_true", help="write the shipped classifier of the ACTIONS vocabulary")
-    ap.add_argument("--minutes", type=float, default=10.0, help="non-command speech to measure false alarms on")
+    ap.add_argument("--minutes", type=float, default=10.0, help="non-command speech to measure (or tune) false alarms on")
+    ap.add_argument("--seed", type=int, default=1, help="--tune: the draw of the train-split tune streams")
     ap.add_argument("--weights", type=Path, help="measure this classifier file (e.g. the previous shipped one)")
     ap.add_argument("--training", type=json.loads, default={}, help="JSON: TRAINING entries to change (a variant)")
     args = ap.parse_args()
@@ -318,6 +325,6 @@ if __name__ == "__main__":
               f"real recordings heard: {meta.get('real')}, {meta.get('real_seconds', 0) / 60:.1f} min of perturbed crops)")
         print(commands.save_shipped(meta, commands.classifier_key(phr)))
     elif args.tune:
-        tune()
+        tune(minutes_plain=args.minutes, seed=args.seed)
     else:
         print(report(measure(args.minutes)))
