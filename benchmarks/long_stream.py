@@ -10,11 +10,12 @@ run resumes from W/state.st, streams one segment, writes the state back. Each se
 bench's numbers (stages/eval/bench/synthscore.synth_scores) against the world's ground truth for its frames: lip
 sync r (control: the mouth track of the next segment's speech), instruction success, latency and spurious fires
 (instructions whose onset falls in the segment), identity error, and the segment's mean sharpness and motion;
-drift = each segment's number over the first segment's. Scoring runs beside the next segment's streaming.
+drift = each segment's number over the first segment's. Scoring runs beside the next segment's streaming (a
+call's last segment, when more remain, is kept in W and scored beside the next call's first).
 
 A call streams whole segments while `--budget` seconds allow (a device call is at most 600 s), so an hour runs
 as several calls: re-running the same command continues from W (state + W/segments.json; the inputs are a
-function of the case alone and are made again, never stored). W must stay on the machine between calls (a warm
+function of the case alone, kept in W/case.npz). W must stay on the machine between calls (a warm
 machine keeps ignored folders such as .recipe/) or travel with it (the state is a few MB).
 Outputs (W and `--out`): segments.json (every finished segment: frames, wall times, fps, chunk latency, peak
 GPU memory, scores), state.st (in --out as 15-MiB pieces state.st.NN: `cat state.st.* > state.st`), sheet.png
@@ -42,15 +43,25 @@ FPS = 25
 PIECE = 15 * 2 ** 20            # bytes of a piece of the state copied to --out
 
 
-def hour_case(case: int, seconds: float, size: int = 256) -> dict:
-    """The inputs and ground truth of synth case `case` made `seconds` long, pixels not drawn: identity, speech
-    (16 kHz), per-frame truth tracks, actions (onset, end, text), and the reference image."""
+def hour_case(case: int, seconds: float, size: int = 256, cache: Path | None = None) -> dict:
+    """The inputs and ground truth of synth case `case` made `seconds` long, pixels not drawn: identity (as the
+    truth's JSON has it), speech (16 kHz), the per-frame truth mouth track, actions (onset, end, text), and the
+    reference image; kept in `cache` (an .npz) for the next call (the hour's speech takes a minute to make)."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta["case"] == case and meta["seconds"] == seconds:
+                return {**meta, "audio": z["audio"], "mouth": z["mouth"], "ref": z["ref"]}
     from stages import synth
     from stages.eval.bench.cases import HELD_OUT_BASE
     s = synth.make_sample(HELD_OUT_BASE + case, size, size, FPS, seconds, split="eval", draw=False)
-    return {"identity": s.identity, "audio": s.audio, "mouth": np.asarray(s.tracks["mouth"], np.float64),
-            "actions": [(float(a), float(b), str(t)) for a, b, t in s.actions], "frames": s.frames.shape[0],
-            "ref": synth.render(s.identity, synth.State(), size, size, s.scene), "voice": s.said.source if s.said else ""}
+    meta = {"case": case, "seconds": seconds, "identity": asdict(s.identity), "frames": s.frames.shape[0],
+            "actions": [(float(a), float(b), str(t)) for a, b, t in s.actions], "voice": s.said.source if s.said else ""}
+    out = {**meta, "audio": s.audio, "mouth": np.asarray(s.tracks["mouth"], np.float64),
+           "ref": synth.render(s.identity, synth.State(), size, size, s.scene)}
+    if cache is not None:
+        np.savez(cache, meta=json.dumps(meta), audio=out["audio"], mouth=out["mouth"], ref=out["ref"])
+    return out
 
 
 def segment_truth(case: dict, f0: int, f1: int) -> tuple[dict, np.ndarray]:
@@ -60,7 +71,7 @@ def segment_truth(case: dict, f0: int, f1: int) -> tuple[dict, np.ndarray]:
     n = f1 - f0
     t0, t1 = f0 / FPS, f1 / FPS
     actions = [[a - t0, b - t0, t] for a, b, t in case["actions"] if t0 <= a < t1]
-    truth = {"identity": asdict(case["identity"]), "frames": n, "fps": FPS,
+    truth = {"identity": case["identity"], "frames": n, "fps": FPS,
              "tracks": {"mouth": case["mouth"][f0:f1].tolist()}, "actions": actions}
     return truth, np.roll(case["mouth"], -f1)[:n]
 
@@ -137,6 +148,7 @@ def main() -> None:
     ap.add_argument("--segment", type=float, default=600.0, help="seconds of video per run")
     ap.add_argument("--budget", type=float, default=540.0, help="wall seconds this call may use")
     ap.add_argument("--workers", type=int, default=12, help="scoring processes")
+    ap.add_argument("--compile", action="store_true", help="the model's blocks compiled (vidu stream --compile)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     t_call = time.perf_counter()
@@ -152,19 +164,20 @@ def main() -> None:
     log_path = W / "segments.json"
     record = json.loads(log_path.read_text()) if log_path.is_file() else {
         "checkpoint": str(ckpt), "case": a.case, "minutes": a.minutes, "segment_s": a.segment, "device": a.device,
-        "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None, "segments": []}
-    for k, v in (("case", a.case), ("minutes", a.minutes), ("segment_s", a.segment)):
+        "compile": a.compile, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+        "segments": []}
+    for k, v in (("case", a.case), ("minutes", a.minutes), ("segment_s", a.segment), ("compile", a.compile)):
         if record[k] != v:
             raise SystemExit(f"{W} holds a stream with {k} {record[k]}, not {v}: another --work")
     segs = record["segments"]
     t0 = time.perf_counter()
-    case = hour_case(a.case, a.minutes * 60)
+    case = hour_case(a.case, a.minutes * 60, cache=W / "case.npz")
     total = case["frames"]                        # 1 + 4k: the stream's own frame count
     image = W / "ref.png"
     Image.fromarray(case["ref"]).save(image)
     print(f"case {a.case}: {case['frames']} frames, {len(case['actions'])} instructions, voice {case['voice']}; "
           f"inputs made in {time.perf_counter() - t0:.1f} s", flush=True)
-    bench = EvalBench(bench="synth", system=str(ckpt), preset="small", device=a.device)
+    bench = EvalBench(bench="synth", system=str(ckpt), preset="small", device=a.device, compile=a.compile)
     bench.setup()
     state = None
     if segs:
@@ -174,10 +187,22 @@ def main() -> None:
     scoring = None
     lock = threading.Lock()
 
-    def score(i: int, frames: np.ndarray, f0: int) -> None:
+    def score(i: int, frames: np.ndarray, f0: int, kept: Path | None = None) -> None:
         s = score_segment(frames, case, f0, a.workers)
         with lock:
             segs[i]["scores"] = s
+        if kept is not None:
+            kept.unlink()
+
+    def fits() -> bool:
+        """Another segment fits this call's budget (the first segment of a stream always runs)."""
+        need = max((s["stream_s"] + 5 for s in segs), default=0.0)
+        return not segs or time.perf_counter() - t_call + need <= a.budget
+
+    for kept in sorted(W.glob("unscored_*.npy")):   # the last segment of the previous call, scored beside this one's
+        i = int(kept.stem.split("_")[1])
+        scoring = threading.Thread(target=score, args=(i, np.load(kept, mmap_mode="r"), segs[i]["frames_start"], kept))
+        scoring.start()
 
     def flush() -> None:
         with lock:
@@ -197,10 +222,8 @@ def main() -> None:
     try:
         while (state["frames"] if state else 0) < total:
             done = state["frames"] if state else 0
-            spent = time.perf_counter() - t_call
-            need = max((s["stream_s"] + 5 for s in segs), default=0.0)
-            if segs and spent + need > a.budget:
-                print(f"stopping for this call: {spent:.0f} s spent, a segment takes ~{need:.0f} s of {a.budget:.0f}")
+            if not fits():
+                print(f"stopping for this call: {time.perf_counter() - t_call:.0f} s of {a.budget:.0f} spent")
                 break
             seconds = min(a.segment, (total - done) / FPS)
             if torch.cuda.is_available():
@@ -222,8 +245,12 @@ def main() -> None:
             np.savez(W / "shots.npz", **shots, **{str(seg["index"]): frames[[0, -1]]})
             if scoring is not None:
                 scoring.join()
-            scoring = threading.Thread(target=score, args=(seg["index"], frames, done))
-            scoring.start()
+            if state["frames"] < total and not fits():    # the call ends here: score it beside the next call's
+                np.save(W / f"unscored_{seg['index']}.npy", frames)
+                scoring = None
+            else:
+                scoring = threading.Thread(target=score, args=(seg["index"], frames, done))
+                scoring.start()
             flush()
             print(f"segment {seg['index']}: frames {done}-{state['frames']}, {stream_s:.0f} s, {seg['fps']:.1f} fps, "
                   f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms", flush=True)

@@ -3,6 +3,8 @@ long stream, peak memory; with and without TwinCache; decoded with TAEHV.
 
     python benchmarks/stream_fps.py                       # GPU: wan2.1-1.3b, random weights, bf16
     python benchmarks/stream_fps.py --preset tiny --chunks 20 --long-seconds 4   # CPU smoke run
+    python benchmarks/stream_fps.py --preset small --sizes 256x256 --chunk-frames 1 --window 7 --long-seconds 0 \
+        --compile both                                    # the starter's shapes, eager and compiled blocks
     torchrun --nproc_per_node 2 benchmarks/stream_fps.py --sizes 960x544,1280x720,1920x1088 --long-seconds 0
                                                           # one stream over 2 GPUs (Ulysses, models/ulysses.py)
 
@@ -102,7 +104,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
         dit_s.append(b - a)
         total_s.append(c - a)
         frames.append(out.shape[1])
-    steady = slice(min(warmup, chunks // 4), None)
+    steady = slice(min(warmup, chunks // 2), None)
     tot, dit = np.array(total_s[steady]), np.array(dit_s[steady])
     fr = np.array(frames[steady])
     n = len(tot)
@@ -130,6 +132,8 @@ def main() -> None:
     ap.add_argument("--long-seconds", type=float, default=300.0, help="video length of the long run (first size)")
     ap.add_argument("--long-chunk-frames", type=int, default=3)
     ap.add_argument("--short", action=argparse.BooleanOptionalAction, default=True, help="run the short configurations")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                    help="the blocks compiled (DiT.compile_blocks): off, on, or each configuration both ways")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
@@ -138,26 +142,35 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    if args.compile != "off" and world > 1:
+        ap.error("--compile is for one process (the sequence-parallel exchanges are not compiled)")
     for w, h in sizes:
-        cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
-        for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
-            for twin in (True, False):
-                st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=twin)
-                r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype)
-                r["run"] = "short"
+        for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
+            cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
+            if compiled:
+                torch._dynamo.reset()
+                model.compile_blocks()
+            for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
+                for twin in (True, False):
+                    st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf,
+                                        twin=twin)
+                    # compiled: the first window's chunks (growing context) and a shape change pay compilation
+                    r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
+                                   warmup=3 + (st.window // cf + 3) * compiled)
+                    r.update(run="short", compiled=compiled)
+                    results.append(r)
+                    if rank == 0:
+                        print(json.dumps(r), flush=True)
+            if (w, h) == sizes[0] and args.long_seconds > 0:
+                cf = args.long_chunk_frames
+                st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=True)
+                n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
+                r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10 + (st.window // cf + 3) * compiled)
+                r.update(run="long", compiled=compiled)
                 results.append(r)
                 if rank == 0:
                     print(json.dumps(r), flush=True)
-        if (w, h) == sizes[0] and args.long_seconds > 0:
-            cf = args.long_chunk_frames
-            st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=True)
-            n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
-            r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10)
-            r["run"] = "long"
-            results.append(r)
-            if rank == 0:
-                print(json.dumps(r), flush=True)
-        del model, decoder
+            del model, decoder
     if world > 1:
         dist.destroy_process_group()
     if rank:
@@ -168,11 +181,11 @@ def main() -> None:
                                "results": results}, indent=1))
     print(f"\n{args.preset}{' + speech adapter' if args.audio_adapter else ''} on {world} x {device}, {args.steps} steps, window {args.window}, TAEHV decode, bf16" if dev.type == "cuda"
           else f"\n{args.preset} on {world} cpu process(es)")
-    print(f"{'run':6} {'gpus':>4} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
+    print(f"{'run':6} {'gpus':>4} {'compiled':>8} {'size':9} {'chunk':>5} {'twin':>5} {'fps':>7} {'dit fps':>8} {'first s':>8} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'first10%':>9} {'last10%':>8} {'mem GiB':>8}")
     for r in results:
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{r['run']:6} {r['gpus']:>4} {r['width']}x{r['height']:<5} {r['chunk_frames']:>5} {str(r['twin']):>5} {r['fps']:7.1f} "
+        print(f"{r['run']:6} {r['gpus']:>4} {str(r['compiled']):>8} {r['width']}x{r['height']:<5} {r['chunk_frames']:>5} {str(r['twin']):>5} {r['fps']:7.1f} "
               f"{r['fps_dit_only']:8.1f} {r['first_chunk_s']:8.2f} {r['chunk_ms_p50']:8.1f} {r['chunk_ms_p95']:8.1f} "
               f"{r['chunk_ms_first10pct']:9.1f} {r['chunk_ms_last10pct']:8.1f} {mem:>8}")
 

@@ -233,6 +233,14 @@ class DiT(nn.Module):
         self.sequence_parallel: dist.ProcessGroup | None = None      # shard_sequence
         self.init_weights()
 
+    def compile_blocks(self, dynamic: bool | None = None) -> None:
+        """Compile each block with torch.compile (Inductor fuses the float32 adaLN / norm / RoPE arithmetic
+        into a few kernels: a small model's forward is bound by how many it launches). `dynamic`: False for
+        one sequence length (training), None to let lengths that change become symbolic after one
+        recompile (streaming: the cached context grows until the window fills)."""
+        for block in self.blocks:
+            block.compile(dynamic=dynamic)
+
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
         """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes
         the same inputs and gets the same outputs; a key/value context (`kv`) and the keys/values it

@@ -44,6 +44,7 @@ def stream(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: cuda when available).")] = "auto",
     gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs of this machine that generate the one stream together (Ulysses sequence parallelism: the model's heads must split over them); rank r on cuda:r. With --device cpu: processes (gloo; for tests).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the model's blocks with torch.compile (fewer, fused kernels: a small model's chunk is bound by launches; the first chunks wait for the compilation).")] = False,
     summary: Annotated[Optional[Path], typer.Option(help="Also write the JSON summary to this file.")] = None,
     save_state: Annotated[Optional[Path], typer.Option(help="When the stream ends (its audio's end, --seconds, a Stop, or Ctrl-C / SIGTERM, which then stop it after the chunk in progress), write its whole state to this file for --resume.", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stream saved by --save-state in this file exactly as if it had never stopped. Give the same --image, model and settings (else it is refused); the audio continues where it stopped (a file or --say is sought there; stdin and the mic go on with what comes), as do the frame count, the summary's counts and the instruction (--instruction is not used); --seconds counts this run's video.", show_default=False)] = None,
@@ -89,6 +90,8 @@ def stream(
             check_outputs(out, serve, summary)                     # before the model loads
             if (save_state or resume) and gpus > 1:
                 raise ValueError("--save-state and --resume keep the state of one process: use --gpus 1")
+            if compile and gpus > 1:
+                raise ValueError("--compile is for one GPU: the sequence-parallel exchanges are not compiled")
             if save_state:
                 check_file_path(save_state)
             state, saved = read_state(resume) if resume else (None, None)
@@ -104,7 +107,7 @@ def stream(
                 ckpt = starter_checkpoint()
                 err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
             parts = load_parts(image, ckpt, preset or "tiny", given, decoder_weights, text_encoder_path, dev, dtype,
-                               seed)
+                               seed, compile)
             ident = identity(parts, image) if save_state or resume else None
             if resume:
                 check_identity(saved, ident, resume)

@@ -86,9 +86,10 @@ class SessionOptions:
 def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = "tiny",
                settings: StreamSettings | dict | None = None, decoder_weights: str | Path | None = None,
                text_encoder_path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> Parts:
+               seed: int = 0, compile: bool = False) -> Parts:
     """Model (a checkpoint, or the preset with random weights), decoder (the autoencoder the checkpoint
     was trained with, else TAEHV with `decoder_weights`), text encoder, and the reference image encoded to a latent frame.
+    `compile`: the model's blocks compiled (DiT.compile_blocks; the first chunks pay the compilation).
     `settings`: a StreamSettings, or the given ones ({name: value or None}) to resolve against the
     checkpoint's recorded settings (StreamSettings.resolve). The image, the checkpoint's config and
     the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
@@ -130,6 +131,8 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     text_encoder = make_text_encoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
     if text_encoder.dim != cfg.dit.text_dim:
         raise StreamError(f"the text encoder gives {text_encoder.dim}-d features; the model takes {cfg.dit.text_dim}")
+    if compile:
+        model.compile_blocks()
     engine = StreamEngine(model, cfg, st, seed=seed)
     engine.start(ref)
     return Parts(engine, cfg, decoder, text_encoder, notes, trained)

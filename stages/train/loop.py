@@ -131,8 +131,7 @@ class Trainer:
         model.gradient_checkpointing = st.grad_ckpt
         model.to(d.device).train()
         if st.compile and d.device.type == "cuda":
-            for block in model.blocks:
-                block.compile(dynamic=False)
+            model.compile_blocks(dynamic=False)
         if st.sequence_parallel > 1:
             model.shard_sequence(sequence_group(st.sequence_parallel))
         if d.world > 1:
