@@ -131,7 +131,7 @@ RECIPES = {
         # widens the gap on the CPU rehearsal (benchmarks/dmd_critic_pace.py, 1.47 -> 1.98) as the GPU students of
         # sessions 30-32 drifted; 5 updates (DMD2's two-time-scale rule) close it (0.92), 4x + 5: see RESULTS
         distill=dict(batch=32, chunks=12, samples=256, steps=600, lr=5e-5, critic_lr=2e-4, critic_updates=5,
-                     warmup=50, ema=0.99, dmd=DMDSettings(guidance=3.0, guide="text"))),
+                     warmup=50, ema=0.99, dmd=DMDSettings(guidance=3.0, guide="text"), compile=True)),
     "tiny": Recipe(                   # the CPU rehearsal (tests/test_recipe.py)
         preset="tiny",
         autoencoder=dict(batch=2, lr=2e-3, ema=0.9, autoencoder=AutoencoderSettings(frames=5)),

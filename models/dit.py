@@ -237,7 +237,11 @@ class DiT(nn.Module):
         """Compile each block with torch.compile (Inductor fuses the float32 adaLN / norm / RoPE arithmetic
         into a few kernels: a small model's forward is bound by how many it launches). `dynamic`: False for
         one sequence length (training), None to let lengths that change become symbolic after one
-        recompile (streaming: the cached context grows until the window fills)."""
+        recompile (streaming: the cached context grows until the window fills). The blocks share one compiled
+        code object whose variants (grad mode, context or none, batch, guidance) can outnumber dynamo's
+        default limit of 8, past which it silently runs eagerly: the limit is raised to 64."""
+        import torch._dynamo.config as dynamo
+        dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         for block in self.blocks:
             block.compile(dynamic=dynamic)
 

@@ -37,6 +37,7 @@ def distill(
     pcm_distance: str = option(DistillSettings, "pcm_distance", "PCM's distance: codec = the teacher's autoencoder decodes both chunks and its encoder's feature maps are compared LPIPS-style (unit channels, no learned weights); latent = the latents' squared difference; lpips = LPIPS with --lpips weights; auto = lpips with --lpips, else codec."),
     lpips: Optional[Path] = option(DistillSettings, "lpips", "LPIPS's backbone for --pcm-distance lpips: a torchvision AlexNet or VGG16 state dict file (nothing is downloaded).", show_default=False),
     lpips_lin: Optional[Path] = option(DistillSettings, "lpips_lin", "LPIPS's linear layers (lin0..lin4, the lpips package's weights/v0.1 format); default: those in the --lpips file, else the installed lpips package's (pip install lpips, vidu's optional extra of that name).", show_default=False),
+    compile: bool = option(DistillSettings, "compile", "Compile the DiT blocks of the teacher, student and critic with torch.compile (CUDA only).", "--compile/--no-compile"),
     lr: float = option(DistillSettings, "lr", "Peak learning rate of the student (AdamW)."),
     critic_lr: float = option(DistillSettings, "critic_lr", "Peak learning rate of the critic."),
     warmup: int = option(DistillSettings, "warmup", "Linear warmup steps, then cosine decay."),
@@ -65,7 +66,7 @@ def distill(
                              sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
                              pcm_weight=pcm_weight, pcm_substeps=pcm_substeps, pcm_distance=pcm_distance,
                              lpips=str(lpips) if lpips else None, lpips_lin=str(lpips_lin) if lpips_lin else None,
-                             data=str(data) if data else None, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
+                             data=str(data) if data else None, compile=compile, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:
             summary = distill_run(st, out, workspace(workdir), progress)

@@ -109,6 +109,9 @@ class DistillSettings:
     pcm_distance: str = ranged("auto", choices=DISTANCES)
     lpips: str | None = None                 # LPIPS's backbone: a torchvision AlexNet or VGG16 state dict file
     lpips_lin: str | None = None             # LPIPS's linear layers (default: in `lpips`, else the lpips package's)
+    # compile the blocks of the teacher, student and critic on CUDA (DiT.compile_blocks, shapes dynamic: the
+    # rollout's context grows), as the teachers' `vidu train --compile`; ignored on the CPU
+    compile: bool = False
 
     def __post_init__(self):
         if self.ode_warmup + self.critic_warmup >= self.steps:
@@ -185,6 +188,9 @@ class Distiller:
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         self.student = copy.deepcopy(self.teacher).train().requires_grad_(True)
         self.critic = copy.deepcopy(self.teacher).train().requires_grad_(True)
+        if st.compile and self.device.type == "cuda":
+            for m in (self.teacher, self.student, self.critic):
+                m.compile_blocks()
         warm = None
         if st.init_student:                  # warm start: student and EMA from a previous student's EMA
             check_student(st.init_student, cfg)
