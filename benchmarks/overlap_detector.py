@@ -24,7 +24,8 @@ overlap F1 with VAL alone flagging < 0.1 s and none of the other non-overlap aud
 
 Measurement (old = diarize's block embedding-spread heuristic, the default; s29 = session 29's detector
 (--baseline weights, threshold 0.5); new = the trained/--weights detector at --threshold; the detectors as in
-`diarize_audio(overlap_threshold=...)`: detect_overlap on the same turns): overlap-frame precision / recall on
+`diarize_audio(overlap_threshold=...)`: detect_overlap on the same turns; `<name>&old` = the AND rule of
+stages.diarize.both_overlap: frames both the heuristic and that detector flag): overlap-frame precision / recall on
 held-out mixtures of eval-split TTS voices, false overlap on eval-split turn-taking and one voice over music,
 flagged seconds on each HELD-OUT real single voice, a held-out real mixture (retalking_4 + silero_test at
 equal loudness; also retalking_5 + silero_test), held-out real turn-taking and voice over music, and
@@ -385,19 +386,31 @@ def detectors(vad, encoder, nets: dict):
         return memo[key]
 
     def det(net, th):
+        last: dict = {}
+
         def fn(x):
+            key = (id(x), len(x))
+            if key in last:
+                return last[key]
+            last.clear()
             d = diar(x)
             if not d.turns:
+                last[key] = []
                 return []
             saved = D.overlap_probs
             D.overlap_probs = lambda audio: overlap_probs(audio, net)
             try:
-                return D.detect_overlap(x, copy.deepcopy(d.turns), th)
+                last[key] = D.detect_overlap(x, copy.deepcopy(d.turns), th)
             finally:
                 D.overlap_probs = saved
+            return last[key]
         return fn
 
-    return {"old": lambda x: diar(x).overlap, **{k: det(net, th) for k, (net, th) in nets.items()}}
+    def both(fn):  # the AND rule of D.both_overlap: heuristic regions AND the detector's, min duration after
+        return lambda x: D.intersect_regions(diar(x).overlap, fn(x))
+
+    dets = {k: det(net, th) for k, (net, th) in nets.items()}
+    return {"old": lambda x: diar(x).overlap, **dets, **{f"{k}&old": both(fn) for k, fn in dets.items()}}
 
 
 def measure(nets: dict, n_scenes: int, media: Path, seed: int = 12345) -> None:
@@ -427,13 +440,13 @@ def measure(nets: dict, n_scenes: int, media: Path, seed: int = 12345) -> None:
         print(f"measured: {label}", file=sys.stderr, flush=True)
     ths = ", ".join(f"{k} {th}" for k, (_, th) in nets.items())
     print(f"\nthresholds: {ths}; frames of 10 ms; P/R of overlap frames (n/a where no true overlap)")
-    print(f"| {'audio':52s} | method | flagged s | true s | precision | recall | per clip flagged s |")
-    print(f"|{'-' * 54}|--------|-----------|--------|-----------|--------|---|")
+    print(f"| {'audio':52s} | method   | flagged s | true s | precision | recall | per clip flagged s |")
+    print(f"|{'-' * 54}|----------|-----------|--------|-----------|--------|---|")
     for label, name, tp, fp, fn_, flagged, true, per in rows:
         p = f"{tp / (tp + fp):.2f}" if tp + fp else "-"
         r = f"{tp / (tp + fn_):.2f}" if tp + fn_ else "n/a"
         pc = " ".join(f"{v:.2f}" for v in per) if 1 < len(per) <= 6 else ""
-        print(f"| {label:52s} | {name:6s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} | {pc} |")
+        print(f"| {label:52s} | {name:8s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} | {pc} |")
 
 
 def real_cases(media: Path) -> dict:
@@ -541,6 +554,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, help="with --eval-only: the weights to measure (and --ship)")
     ap.add_argument("--baseline", type=Path, help="session 29's weights, measured at 0.5 beside the new ones "
                     "(git show af87476:stages/sense/overlap.safetensors > s29.safetensors)")
+    ap.add_argument("--name", default="new", help="the measured detector's name in the table (e.g. s29)")
     ap.add_argument("--media", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "media")
     args = ap.parse_args()
 
@@ -564,7 +578,7 @@ def main() -> None:
         save_weights(net, WEIGHTS)
         print(f"shipped: {path} -> {WEIGHTS}", file=sys.stderr)
     nets = {"s29": (load_net(args.baseline), 0.5)} if args.baseline else {}
-    nets["new"] = (net, th)
+    nets[args.name] = (net, th)
     measure(nets, args.scenes, args.media)
 
 

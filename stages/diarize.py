@@ -109,7 +109,7 @@ from stages.sense.media import clip_audio, load_audio
 from stages.sense.lipsync import sync_curve, sync_fields
 from stages.sense.mouth import FACE_FPS, RMS_FLOOR, frame_level, mouth_landmarks, opening_by_width
 from stages.run import Stage, base_row, ranged
-from stages.sense.overlap import HOP_S as OVERLAP_HOP_S, load_detector, overlap_probs, overlap_regions, smooth_probs
+from stages.sense.overlap import HOP_S as OVERLAP_HOP_S, MIN_OVERLAP_S, load_detector, overlap_probs, overlap_regions, smooth_probs
 from stages.sense.speech import SAMPLE_RATE, load_vad, speech_segments
 
 WINDOW_S, HOP_S = 1.5, 0.75  # speaker-embedding windows for clustering
@@ -295,6 +295,38 @@ def detect_overlap(audio: np.ndarray, turns: list[Turn], threshold: float) -> li
         else:
             out.append((a, b))
     return out
+
+
+def intersect_regions(a: list[tuple[float, float]], b: list[tuple[float, float]],
+                      min_s: float = MIN_OVERLAP_S) -> list[tuple[float, float]]:
+    """Time spans inside both `a` and `b` (each a list of (start, end) s, touching spans merged first),
+    pieces shorter than `min_s` dropped (the detector's min-duration rule)."""
+    def merged(spans):
+        out: list[tuple[float, float]] = []
+        for s, e in sorted(spans):
+            if out and s <= out[-1][1] + 1e-6:
+                out[-1] = (out[-1][0], max(out[-1][1], e))
+            else:
+                out.append((s, e))
+        return out
+
+    a, b = merged(a), merged(b)
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if e - s >= min_s - 1e-9:
+            out.append((s, e))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def both_overlap(audio: np.ndarray, encoder, turns: list[Turn], threshold: float) -> list[tuple[float, float]]:
+    """Overlap where the heuristic (_mark_overlap) AND the detector at `threshold` (detect_overlap) both
+    flag, pieces under MIN_OVERLAP_S dropped; a turn's `overlap_score` is the detector's."""
+    return intersect_regions(_mark_overlap(audio, encoder, turns), detect_overlap(audio, turns, threshold))
 
 
 # ---------------------------------------------------------------------------------------------
