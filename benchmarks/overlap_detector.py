@@ -440,13 +440,14 @@ def measure(nets: dict, n_scenes: int, media: Path, seed: int = 12345) -> None:
         print(f"measured: {label}", file=sys.stderr, flush=True)
     ths = ", ".join(f"{k} {th}" for k, (_, th) in nets.items())
     print(f"\nthresholds: {ths}; frames of 10 ms; P/R of overlap frames (n/a where no true overlap)")
-    print(f"| {'audio':52s} | method   | flagged s | true s | precision | recall | per clip flagged s |")
-    print(f"|{'-' * 54}|----------|-----------|--------|-----------|--------|---|")
+    print(f"| {'audio':52s} | method   | flagged s | true s | precision | recall | clips flagged | per clip flagged s |")
+    print(f"|{'-' * 54}|----------|-----------|--------|-----------|--------|---|---|")
     for label, name, tp, fp, fn_, flagged, true, per in rows:
         p = f"{tp / (tp + fp):.2f}" if tp + fp else "-"
         r = f"{tp / (tp + fn_):.2f}" if tp + fn_ else "n/a"
         pc = " ".join(f"{v:.2f}" for v in per) if 1 < len(per) <= 6 else ""
-        print(f"| {label:52s} | {name:8s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} | {pc} |")
+        nc = f"{sum(v > 0 for v in per)}/{len(per)}"
+        print(f"| {label:52s} | {name:8s} | {flagged:9.2f} | {true:6.2f} | {p:>9s} | {r:>6s} | {nc:>5s} | {pc} |")
 
 
 def real_cases(media: Path) -> dict:
