@@ -22,7 +22,7 @@ The threshold is chosen on train-side audio only (`choose_threshold`: new random
 the VAL real voice; VAL alone, over music, taking turns with and mixed with the train real clips): the highest
 overlap F1 with VAL alone flagging < 0.1 s and none of the other non-overlap audio flagged.
 
-Measurement (old = diarize's block embedding-spread heuristic, the default; s29 = session 29's detector
+Measurement (old = diarize's block embedding-spread heuristic, alone; s29 = session 29's detector
 (--baseline weights, threshold 0.5); new = the trained/--weights detector at --threshold; the detectors as in
 `diarize_audio(overlap_threshold=...)`: detect_overlap on the same turns; `<name>&old` = the AND rule of
 stages.diarize.both_overlap: frames both the heuristic and that detector flag): overlap-frame precision / recall on
@@ -369,20 +369,23 @@ def load_net(path: Path):
 
 
 def detectors(vad, encoder, nets: dict):
-    """{name: fn(audio) -> overlap regions}: "old" = diarize's heuristic (the default), and each
+    """{name: fn(audio) -> overlap regions}: "old" = diarize's heuristic alone, and each
     (net, threshold) of `nets` as `diarize_audio(overlap_threshold=...)` does it: detect_overlap on the
-    same turns (computed once per clip)."""
+    same turns (computed once per clip), and "<name>&old" = both (the AND rule, diarize's default since
+    2026-12-04 with the shipped detector at 0.5)."""
     import copy
 
     import stages.diarize as D
 
     memo: dict = {}
 
-    def diar(x):
+    def diar(x):  # the turns, and the heuristic's overlap (`overlap`) on them
         key = (id(x), len(x))
         if key not in memo:
             memo.clear()
-            memo[key] = D.diarize_audio(x, vad, encoder)
+            d = D.diarize_audio(x, vad, encoder)  # (its own overlap is the default AND rule: replaced)
+            d.overlap = D._mark_overlap(x, encoder, copy.deepcopy(d.turns)) if d.turns else []
+            memo[key] = d
         return memo[key]
 
     def det(net, th):

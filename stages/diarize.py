@@ -9,7 +9,21 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   than `MIN_SPEAKER_S` seconds) are folded into the nearest remaining centroid, repeated until
   stable. Every 10 ms of speech takes the label of the window in which it sits most centrally;
   turns are the contiguous runs. `--pyannote DIR` runs a local pyannote.audio pipeline instead.
-- Overlap (two voices at once): per block of `BLOCK_S` s of speech, an `overlap_score` = mean pairwise cosine
+- Overlap (two voices at once): 10 ms frames that two methods both flag (`both_overlap`, the AND rule),
+  then runs of 0.2 s or more: the embedding-spread heuristic below AND the trained detector of
+  stages/sense/overlap.py at `overlap_threshold` (default 0.5, session 29's threshold). Each one's
+  weakness is the other's strength: the heuristic never flagged a real single voice but flags
+  turn-taking and one voice over music; the detector rarely flags those but flags short false overlap in
+  real single voices. benchmarks/overlap_detector.py (RESULTS.md, 2026-12-04): on held-out real audio
+  the AND rule flags 0 s in each single voice (retalking_4, _5, silero_test; detector alone 0 / 0.53 /
+  1.00 s), in real turn-taking (detector 0.20 s) and in a real voice over music (heuristic 5.65 s),
+  and 0 s in retalking_1-3; it flags both held-out real mixtures (1.61 of 5.49 s, precision 1.00; 2.81
+  of 4.00 s, precision 0.91: the detector's frames; the heuristic found 0.95 / 1.00 of them), 18 of 20
+  eval-split TTS mixtures (recall 0.39 vs heuristic 0.74, detector 0.53), and of 160 s of TTS
+  turn-taking and voice over music 2.11 s and 0.42 s (heuristic 86 s and 110 s); pyannote_sample 0.74 s
+  (precision 0.70, recall 0.28 of its 1.89 s of RTTM overlap; heuristic 5.25 s, 0.12, 0.34). Precision first: a
+  clip wrongly rejected as `overlap` is lost training data; a flagged mixture clip is rejected whole.
+  The heuristic: per block of `BLOCK_S` s of speech, an `overlap_score` = mean pairwise cosine
   distance of the window embeddings (hop `DENSE_HOP_S`) minus half the fraction of its 10 ms
   speech frames more than 20 dB under the block's 95th-percentile level. A mixture of two
   talkers spreads the embeddings (each window holds a different blend) and fills the syllable
@@ -18,17 +32,16 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   speech mixed at equal loudness about 0.17-0.28, at -6 dB 0.13-0.25; `OVERLAP_SCORE` = 0.14. The
   margin is thin: a weak heuristic, not a trained overlap detector; a block where two speakers
   take turns can score over it too (pyannote_sample: 5.3 s flagged, 0.4 s true overlap).
-  `overlap_threshold` (opt-in) uses the trained detector of stages/sense/overlap.py instead (a small
-  CNN on log-mel frames, weights shipped in the package): median-smoothed 10 ms frames with P(two
-  voices) over the threshold, in runs of 0.2 s or more, inside the turns; a turn's `overlap_score` is
-  the highest smoothed probability inside it. benchmarks/overlap_detector.py at 0.5: it flags far
+  The detector (a small CNN on log-mel frames, weights shipped in the package): median-smoothed 10 ms
+  frames with P(two voices) over the threshold, in runs of 0.2 s or more, inside the turns; a turn's
+  `overlap_score` is the highest smoothed probability inside it. Alone at 0.5 (session 29): it flags far
   less turn-taking and voice-over-music than the heuristic (eval-split TTS: 1.9 s vs 94 s and 0.4 s
   vs 110 s in 160 s each) and pyannote_sample better (2.0 s flagged, precision 0.68, recall 0.72, vs
   5.3 s, 0.12, 0.34; 1.9 s of RTTM overlap), but on real voices it flags 0.2-1.0 s in 5 of 6
   single-voice recordings (retalking_1-5, silero_test; 2.9 s in all; the heuristic none), which
   `max_overlap` 0 would reject, 0.7 s of two real speakers taking turns (heuristic 0) and finds only
   1.6 of 3.7 s of a real two-voice mixture (heuristic 3.6): trained on TTS and formant voices only,
-  so not the default.
+  so neither method alone decides.
   With a pyannote pipeline the overlap is the pipeline's own (two speakers active at once).
 - Active speaker: the shared mouth track (stages/sense/mouth.py: the frame shown at each time of the
   25 fps grid from the clip start, by stages.sense.media.frames_at as every stage samples; dlib 68
@@ -118,6 +131,7 @@ BLOCK_S = 6.0  # overlap is scored per speaker in blocks of this many seconds
 FRAME_S = 0.01  # turn resolution
 MIN_SPEAKER_S = 2.0
 OVERLAP_SCORE = 0.14
+OVERLAP_THRESHOLD = 0.5  # the detector's P(two voices) inside the AND rule (session 29's threshold)
 DIP_DB = 20.0
 SPEECH_BAND = (300.0, 3400.0)
 ACTIVITY_S = 0.32  # window of the mouth-activity average
@@ -334,9 +348,9 @@ def both_overlap(audio: np.ndarray, encoder, turns: list[Turn], threshold: float
 
 def diarize_audio(audio: np.ndarray, vad, encoder, threshold: float = 0.32, num_speakers: int | None = None,
                   min_speaker_share: float = 0.15, vad_threshold: float = 0.5,
-                  overlap_threshold: float | None = None) -> Diarization:
-    """Default diarization of 16 kHz mono float32 audio (see the module doc); overlap by the
-    heuristic, or by the trained detector at `overlap_threshold` when given."""
+                  overlap_threshold: float = OVERLAP_THRESHOLD) -> Diarization:
+    """Default diarization of 16 kHz mono float32 audio (see the module doc); overlap by the AND rule
+    (both_overlap: the heuristic and the detector at `overlap_threshold`)."""
     speech = speech_segments(vad, audio, threshold=vad_threshold)
     if not speech:
         return Diarization([], [])
@@ -344,9 +358,7 @@ def diarize_audio(audio: np.ndarray, vad, encoder, threshold: float = 0.32, num_
     E = embed_windows(encoder, audio, windows)
     labels = cluster_speakers(E, np.array([b - a for a, b in windows]), threshold, num_speakers, min_speaker_share)
     turns = _speaker_names(label_turns(speech, windows, labels))
-    overlap = (_mark_overlap(audio, encoder, turns) if overlap_threshold is None
-               else detect_overlap(audio, turns, overlap_threshold))
-    return Diarization(speech, turns, overlap)
+    return Diarization(speech, turns, both_overlap(audio, encoder, turns, overlap_threshold))
 
 
 def load_pyannote(path: str):
@@ -479,7 +491,7 @@ def av_offset(times: np.ndarray, landmarks: np.ndarray, audio: np.ndarray) -> tu
 class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
-    version: ClassVar[str] = "5"
+    version: ClassVar[str] = "6"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 
@@ -490,7 +502,7 @@ class Diarize(Stage):
     min_energy_ratio: float = ranged(0.5, min=0, max=1)
     min_clean_speech: float = ranged(1.0, min=0)
     max_overlap: float = ranged(0.0, min=0)  # seconds of two voices at once a kept clip may have
-    overlap_threshold: float | None = ranged(None, min=0, max=1)  # detector P(two voices) of an overlap frame; None: heuristic
+    overlap_threshold: float = ranged(OVERLAP_THRESHOLD, min=0, max=1)  # detector P(two voices) inside the AND rule
     max_offscreen_share: float = ranged(0.5, min=0, max=1)  # of onscreen + offscreen speech, in a kept clip
     vad_threshold: float = ranged(0.5, min=0, max=1)
     pyannote: str | None = None
@@ -506,8 +518,7 @@ class Diarize(Stage):
             self._pipeline = load_pyannote(self.pyannote)
         else:
             self._vad, self._encoder = load_vad(), load_encoder()
-            if self.overlap_threshold is not None:
-                load_detector()  # fails here, once, if the shipped weights are missing
+            load_detector()  # fails here, once, if the shipped weights are missing
 
     def error_row(self, item: dict, message: str) -> dict:
         row = dict(item)

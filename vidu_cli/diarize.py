@@ -31,7 +31,7 @@ def diarize(
     min_energy_ratio: float = option(Diarize, "min_energy_ratio", "Least 300-3400 Hz energy share of a kept turn."),
     min_clean_speech: float = option(Diarize, "min_clean_speech", "Least kept speech (s) of a kept clip."),
     max_overlap: float = option(Diarize, "max_overlap", "Most seconds of two voices at once in a kept clip."),
-    overlap_threshold: Optional[float] = option(Diarize, "overlap_threshold", "Use the trained overlap detector: its probability (two voices at once) from which a 10 ms frame is overlap (default: the embedding-spread heuristic).", show_default=False),
+    overlap_threshold: float = option(Diarize, "overlap_threshold", "The trained overlap detector's probability (two voices at once) from which a 10 ms frame can be overlap; a frame is overlap only where the embedding-spread heuristic flags it too."),
     max_offscreen_share: float = option(Diarize, "max_offscreen_share", "Most share of the speech (outside overlap) offscreen in a kept clip."),
     vad_threshold: float = option(Diarize, "vad_threshold", "silero-vad speech probability threshold."),
     pyannote: Optional[Path] = option(Diarize, "pyannote", "Local pyannote.audio pipeline (folder with config.yaml) to use instead.", show_default=False),

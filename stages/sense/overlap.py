@@ -5,8 +5,9 @@ A small CNN on log-mel frames, trained by benchmarks/overlap_detector.py on mixt
 against turn-taking with short gaps, one voice over a music bed, one voice with noise or reverb,
 silence); its weights ship in the package (overlap.safetensors, bf16, 66k weights, 136 kB; made by
 `python benchmarks/overlap_detector.py --steps 550 --batch 16 --ship`, 14 min on 2 shared CPU cores).
-Nothing is downloaded and nothing trains at run time. `vidu diarize --overlap-threshold P` uses it;
-the measured comparison with diarize's default heuristic is in stages/diarize.py's module doc.
+Nothing is downloaded and nothing trains at run time. `vidu diarize` uses it by default inside the AND
+rule (a frame is overlap where this detector at `--overlap-threshold P`, default 0.5, and diarize's
+embedding-spread heuristic both flag it); the measurements are in stages/diarize.py's module doc.
 
 Features: 64 log-mel bands (25 ms Hann window, hop 10 ms, 50-8000 Hz) in dB relative to the clip's
 95th-percentile frame level, clipped to [-80, 10] dB and scaled by 1/20 (gain invariant).
