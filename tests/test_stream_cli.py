@@ -91,6 +91,7 @@ def test_raw_frames_on_stdout(inputs):
     (["--image", "{face}", "--sampler", "heun"], "unknown sampler 'heun'"),
     (["--image", "{face}", "--guidance", "-1"], "--guidance"),
     (["--image", "{face}", "--guide", "speech"], "unknown guide 'speech'"),
+    (["--image", "{face}", "--preset", "tiny", "--compile", "--gpus", "2", "--device", "cpu"], "--compile is for one GPU"),
 ])
 def test_bad_input_is_one_line(inputs, args, message):
     args = [a.format(dir=inputs["dir"], face=inputs["face"]) for a in args]
