@@ -17,7 +17,8 @@ on the H200, chunk p50 37.5 -> 80.5 ms); a call's last segment, when more remain
 A call streams whole segments while `--budget` seconds allow (a device call is at most 600 s), so an hour runs
 as several calls: re-running the same command continues from W (state + W/segments.json; the inputs are a
 function of the case alone, kept in W/case.npz). W must stay on the machine between calls (a warm
-machine keeps ignored folders such as .recipe/) or travel with it (the state is a few MB).
+machine keeps ignored folders such as .recipe/): the starter's state is 38.6 MB, which cannot travel back beside
+the 41-MiB starter under the device's 64-MiB limit, so the calls must follow each other within its idle release.
 Outputs (W and `--out`): segments.json (every finished segment: frames, wall times, fps, chunk latency, peak
 GPU memory, scores), state.st (in --out as 15-MiB pieces state.st.NN: `cat state.st.* > state.st`), sheet.png
 (each finished segment's first and last frame; W/shots.npz holds them).

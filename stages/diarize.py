@@ -300,10 +300,14 @@ def detect_overlap(audio: np.ndarray, turns: list[Turn], threshold: float) -> li
         inside = smooth[int(t.start / OVERLAP_HOP_S):int(math.ceil(t.end / OVERLAP_HOP_S))]
         t.overlap_score = float(inside.max()) if len(inside) else None
     regions = overlap_regions(probs, threshold, smoothed=smooth)
-    spans = sorted((max(a, t.start), min(b, t.end)) for a, b in regions for t in turns
-                   if min(b, t.end) > max(a, t.start))
+    return merge_spans((max(a, t.start), min(b, t.end)) for a, b in regions for t in turns
+                       if min(b, t.end) > max(a, t.start))
+
+
+def merge_spans(spans) -> list[tuple[float, float]]:
+    """(start, end) spans sorted, touching or overlapping ones merged."""
     out: list[tuple[float, float]] = []
-    for a, b in spans:
+    for a, b in sorted(spans):
         if out and a <= out[-1][1] + 1e-6:
             out[-1] = (out[-1][0], max(out[-1][1], b))
         else:
@@ -315,16 +319,7 @@ def intersect_regions(a: list[tuple[float, float]], b: list[tuple[float, float]]
                       min_s: float = MIN_OVERLAP_S) -> list[tuple[float, float]]:
     """Time spans inside both `a` and `b` (each a list of (start, end) s, touching spans merged first),
     pieces shorter than `min_s` dropped (the detector's min-duration rule)."""
-    def merged(spans):
-        out: list[tuple[float, float]] = []
-        for s, e in sorted(spans):
-            if out and s <= out[-1][1] + 1e-6:
-                out[-1] = (out[-1][0], max(out[-1][1], e))
-            else:
-                out.append((s, e))
-        return out
-
-    a, b = merged(a), merged(b)
+    a, b = merge_spans(a), merge_spans(b)
     out, i, j = [], 0, 0
     while i < len(a) and j < len(b):
         s, e = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])

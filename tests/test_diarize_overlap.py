@@ -67,12 +67,6 @@ def test_intersect_regions():
     assert D.intersect_regions(a, []) == [] and D.intersect_regions([], b) == []
 
 
-def test_default_is_the_and_rule():
-    assert D.OVERLAP_THRESHOLD == 0.5
-    assert D.Diarize().overlap_threshold == D.OVERLAP_THRESHOLD
-    assert D.Diarize.__dataclass_fields__["overlap_threshold"].metadata == {"min": 0, "max": 1}
-
-
 @pytest.mark.parametrize("case", ["r1", "r2", "r3", "r4", "r5", "silero"])
 def test_real_single_voice_is_not_overlap(results, case):
     both, heur, det, turns = results[case]
