@@ -11,8 +11,11 @@ bench's numbers (stages/eval/bench/synthscore.synth_scores) against the world's 
 sync r (control: the mouth track of the next segment's speech), instruction success, latency and spurious fires
 (instructions whose onset falls in the segment), identity error, and the segment's mean sharpness and motion;
 drift = each segment's number over the first segment's. A segment's frames go to W/unscored_<i>.npy and are scored
-in another process beside the next segment's streaming (a thread would take the host-bound stream's GIL: measured
-on the H200, chunk p50 37.5 -> 80.5 ms); a call's last segment, when more remain, is scored beside the next call's.
+in another process (one at a time, so the stream keeps its cores) beside the next segment's streaming (a thread
+would take the host-bound stream's GIL: measured on the H200, chunk p50 37.5 -> 80.5 ms). A scoring the budget
+cuts short is killed and done again by the next call. A segment is committed in an order that a call killed at
+any moment (the device's limit) loses at most the segment it was streaming: frames, the new state beside the
+old, segments.json, the state in place (`recover`).
 
 A call streams whole segments while `--budget` seconds allow (a device call is at most 600 s), so an hour runs
 as several calls: re-running the same command continues from W (state + W/segments.json; the inputs are a
@@ -32,7 +35,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 FPS = 25
 PIECE = 15 * 2 ** 20            # bytes of a piece of the state copied to --out
+NEXT_STATE = "state.next.st"   # the state at the end of the segment being committed
 
 
 def hour_case(case: int, seconds: float, size: int = 256, cache: Path | None = None) -> dict:
@@ -79,9 +82,41 @@ def segment_truth(case: dict, f0: int, f1: int) -> tuple[dict, np.ndarray]:
     return truth, np.roll(case["mouth"], -f1)[:n]
 
 
-def score_file(path: str, case: int, seconds: float, cache: str, f0: int, workers: int) -> dict:
-    """score_segment of the frames saved at `path` (.npy), in a scorer process."""
-    return score_segment(np.load(path, mmap_mode="r"), hour_case(case, seconds, cache=Path(cache)), f0, workers)
+def score_file(path: str, case: int, seconds: float, cache: str, f0: int, workers: int, out: str) -> None:
+    """score_segment of the frames saved at `path` (.npy) into `out` (JSON, replaced whole), in a scorer process."""
+    scores = score_segment(np.load(path, mmap_mode="r"), hour_case(case, seconds, cache=Path(cache)), f0, workers)
+    atomic_write(Path(out), json.dumps(scores, default=float).encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def recover(W: Path, segs: list[dict]) -> dict | None:
+    """The stream's state in W after a call that may have been killed mid-commit, checked against the finished
+    segments (None: nothing streamed yet). A next state whose segment reached segments.json is put in place;
+    one whose segment did not is dropped with that segment's frames (the segment is streamed again)."""
+    from stages.stream.state import read_state
+    for f in [*W.glob("*.tmp"), *W.glob("scores_*.json")]:   # writes cut short; scorings not taken (redone)
+        f.unlink()
+    nxt = W / NEXT_STATE
+    if nxt.is_file():
+        if segs and read_state(nxt)[0]["frames"] == segs[-1]["frames_end"]:
+            nxt.replace(W / "state.st")
+        else:
+            nxt.unlink()
+    for f in W.glob("unscored_*.npy"):            # frames of a segment that never reached segments.json, or scored
+        i = int(f.stem.split("_")[1])
+        if i >= len(segs) or "scores" in segs[i]:
+            f.unlink()
+    if not segs:
+        return None
+    state, saved = read_state(W / "state.st")
+    if state["frames"] != segs[-1]["frames_end"]:
+        raise SystemExit(f"{W}/state.st is at frame {state['frames']}, segments.json at {segs[-1]['frames_end']}")
+    return {"state": state, "identity": saved}
 
 
 def score_segment(frames: np.ndarray, case: dict, f0: int, workers: int) -> dict:
@@ -165,7 +200,7 @@ def main() -> None:
 
     from models.starter import starter_checkpoint
     from stages.eval.bench.runner import EvalBench
-    from stages.stream.state import check_identity, read_state, write_state
+    from stages.stream.state import check_identity, write_state
     W = a.work
     W.mkdir(parents=True, exist_ok=True)
     ckpt = a.ckpt or starter_checkpoint()
@@ -187,36 +222,57 @@ def main() -> None:
           f"inputs made in {time.perf_counter() - t0:.1f} s", flush=True)
     bench = EvalBench(bench="synth", system=str(ckpt), preset="small", device=a.device, compile=a.compile)
     bench.setup()
-    state = None
-    if segs:
-        state, saved = read_state(W / "state.st")
-        if state["frames"] != segs[-1]["frames_end"]:
-            raise SystemExit(f"{W}/state.st is at frame {state['frames']}, segments.json at {segs[-1]['frames_end']}")
-    scorer = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))   # not a thread: the stream keeps its GIL
-    pending: dict[int, Future] = {}
+    found = recover(W, segs)
+    state, saved = (found["state"], found["identity"]) if found else (None, None)
+    scoring: dict = {}                            # the one scoring process running: {"index", "process", "t0"}
 
-    def submit(i: int) -> None:
-        pending[i] = scorer.submit(score_file, str(W / f"unscored_{i}.npy"), a.case, a.minutes * 60,
-                                   str(W / "case.npz"), segs[i]["frames_start"], a.workers)
+    def start_scoring() -> None:
+        """Score the oldest unscored segment in its own process (one at a time: the stream keeps its cores)."""
+        if scoring:
+            return
+        todo = [s["index"] for s in segs if "scores" not in s and (W / f"unscored_{s['index']}.npy").is_file()]
+        if todo:
+            i = todo[0]
+            proc = mp.get_context("spawn").Process(target=score_file, args=(
+                str(W / f"unscored_{i}.npy"), a.case, a.minutes * 60, str(W / "case.npz"), segs[i]["frames_start"],
+                a.workers, str(W / f"scores_{i}.json")))
+            proc.start()
+            scoring.update(index=i, process=proc, t0=time.perf_counter())
 
-    def collect(wait: bool = False) -> None:
-        for i, fut in list(pending.items()):
-            if wait or fut.done():
-                segs[i]["scores"] = fut.result()
-                del pending[i]
-                (W / f"unscored_{i}.npy").unlink()
+    def collect(wait_s: float = 0.0) -> None:
+        """Take the running scoring's result if it ends within wait_s, and start the next one."""
+        if not scoring:
+            return
+        proc = scoring["process"]
+        proc.join(wait_s)
+        if proc.is_alive():
+            return
+        i = scoring["index"]
+        out = W / f"scores_{i}.json"
+        if proc.exitcode != 0 or not out.is_file():
+            raise SystemExit(f"scoring segment {i} failed (exit code {proc.exitcode})")
+        segs[i]["scores"] = json.loads(out.read_text())
+        segs[i]["score_s"] = round(time.perf_counter() - scoring["t0"], 1)
+        scoring.clear()
+        commit()
+        out.unlink()
+        (W / f"unscored_{i}.npy").unlink()
+        start_scoring()
 
     def fits() -> bool:
-        """Another segment fits this call's budget (the first segment of a stream always runs)."""
-        need = max((s["stream_s"] + 5 for s in segs), default=0.0)
-        return not segs or time.perf_counter() - t_call + need <= a.budget
+        """Another segment, its save and its commit fit this call's budget, judged by the last segment (the first
+        segment of a stream always runs: it includes compilation and the context's growth)."""
+        if not segs:
+            return True
+        last = segs[-1]
+        need = last["stream_s"] + last.get("save_s", 0.0) + 10.0
+        return time.perf_counter() - t_call + need <= a.budget
 
-    for kept in sorted(W.glob("unscored_*.npy")):   # the last segment of the previous call, scored beside this one's
-        submit(int(kept.stem.split("_")[1]))
-
-    def flush() -> None:
+    def commit() -> None:
+        """W/segments.json and --out's copies, each replaced whole (a call killed at any moment leaves W
+        consistent: the next call redoes at most the segment it was streaming)."""
         record["drift_vs_first"] = drift(segs) if segs and "scores" in segs[0] else []
-        log_path.write_text(json.dumps(record, indent=1, default=float))
+        atomic_write(log_path, json.dumps(record, indent=1, default=float).encode())
         sheet(W / "shots.npz", W / "sheet.png")
         if a.out:
             a.out.mkdir(parents=True, exist_ok=True)
@@ -228,6 +284,7 @@ def main() -> None:
                 for i in range(0, len(data), PIECE):
                     (a.out / f"state.st.{i // PIECE:02d}").write_bytes(data[i:i + PIECE])
 
+    start_scoring()                               # what the previous call left unscored, beside this call's stream
     try:
         while (state["frames"] if state else 0) < total:
             done = state["frames"] if state else 0
@@ -242,28 +299,47 @@ def main() -> None:
             if state is not None:
                 check_identity(saved, ident, W / "state.st")
             stream_s = time.perf_counter() - t1
-            write_state(W / "state.st", new, ident)
-            saved = ident
-            state = new
-            seg = {"index": len(segs), "frames_start": done, "frames_end": state["frames"], "stream_s": round(stream_s, 2),
+            i = len(segs)
+            seg = {"index": i, "frames_start": done, "frames_end": new["frames"], "stream_s": round(stream_s, 2),
                    "fps": summary.get("fps"), "chunk_ms_p50": summary.get("chunk_ms_median"),
                    "chunk_ms_p95": summary.get("chunk_ms_p95"), "first_chunk_s": summary.get("first_chunk_s"),
                    "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else None}
-            segs.append(seg)
+            # the commit: frames and first/last shots, then the state beside the old one, then segments.json,
+            # then the state in place (recover() finishes or drops a commit a killed call left half done)
+            t2 = time.perf_counter()
+            tmp = W / f"unscored_{i}.npy.tmp"
+            with open(tmp, "wb") as fh:
+                np.save(fh, frames)
+            tmp.replace(W / f"unscored_{i}.npy")
             shots = dict(np.load(W / "shots.npz")) if (W / "shots.npz").is_file() else {}
-            np.savez(W / "shots.npz", **shots, **{str(seg["index"]): frames[[0, -1]]})
-            np.save(W / f"unscored_{seg['index']}.npy", frames)
+            with open(W / "shots.npz.tmp", "wb") as fh:
+                np.savez(fh, **shots, **{str(i): frames[[0, -1]]})
+            (W / "shots.npz.tmp").replace(W / "shots.npz")
             del frames
-            if state["frames"] >= total or fits():      # else the call ends here: scored beside the next call's
-                submit(seg["index"])
+            write_state(W / NEXT_STATE, new, ident)
+            seg["save_s"] = round(time.perf_counter() - t2, 2)
+            segs.append(seg)
+            commit()
+            (W / NEXT_STATE).replace(W / "state.st")
+            saved, state = ident, new
+            print(f"segment {i}: frames {done}-{state['frames']}, {stream_s:.0f} s, {seg['fps']:.1f} fps, "
+                  f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms, saved in {seg['save_s']:.0f} s",
+                  flush=True)
+            start_scoring()
             collect()
-            flush()
-            print(f"segment {seg['index']}: frames {done}-{state['frames']}, {stream_s:.0f} s, {seg['fps']:.1f} fps, "
-                  f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms", flush=True)
     finally:
-        collect(wait=True)
-        scorer.shutdown()
-        flush()
+        # the stream's end: score what remains; else wait for the running scoring only while the budget lasts
+        # (a scoring cut short is redone by the next call, from the frames kept in W)
+        finished = (state["frames"] if state else 0) >= total
+        while scoring:
+            left = 1e9 if finished else a.budget - (time.perf_counter() - t_call)
+            if left <= 0:
+                scoring["process"].kill()
+                scoring["process"].join()
+                print(f"segment {scoring['index']} is left unscored for the next call")
+                break
+            collect(wait_s=min(left, 5.0))
+        commit()
     table(record)
 
 

@@ -1,0 +1,65 @@
+"""benchmarks/long_stream.py's recovery after a call killed mid-commit (the hour-long stream runs as device calls
+that the device's limit can kill at any moment): W is put back to its last finished segment, or refused."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from long_stream import NEXT_STATE, recover  # noqa: E402
+
+from stages.stream.state import write_state  # noqa: E402
+
+IDENT = {"image": "x", "size": [256, 256], "model": "m", "decoder": "d", "dtype": "float32"}
+
+
+def state(frames: int) -> dict:
+    return {"frames": frames, "kv": torch.full((2, 3), float(frames))}
+
+
+def seg(i: int, f0: int, f1: int, scored: bool = False) -> dict:
+    return {"index": i, "frames_start": f0, "frames_end": f1, **({"scores": {"mouth_r": 0.5}} if scored else {})}
+
+
+@pytest.fixture
+def W(tmp_path: Path) -> Path:
+    write_state(tmp_path / "state.st", state(101), IDENT)
+    np.save(tmp_path / "unscored_0.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    return tmp_path
+
+
+def test_killed_before_segments_json_drops_the_segment(W: Path):
+    """Killed after the new state and frames were written, before segments.json had the segment."""
+    write_state(W / NEXT_STATE, state(201), IDENT)
+    np.save(W / "unscored_1.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    (W / "shots.npz.tmp").write_bytes(b"half")
+    (W / "scores_0.json").write_text(json.dumps({"mouth_r": 0.1}))
+    found = recover(W, [seg(0, 0, 101)])
+    assert found["state"]["frames"] == 101 and torch.equal(found["state"]["kv"], torch.full((2, 3), 101.0))
+    assert found["identity"] == IDENT
+    assert sorted(p.name for p in W.iterdir()) == ["state.st", "unscored_0.npy"]
+
+
+def test_killed_after_segments_json_finishes_the_commit(W: Path):
+    """Killed after segments.json had the segment, before the new state was put in place."""
+    write_state(W / NEXT_STATE, state(201), IDENT)
+    np.save(W / "unscored_1.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    found = recover(W, [seg(0, 0, 101, scored=True), seg(1, 101, 201)])
+    assert found["state"]["frames"] == 201 and torch.equal(found["state"]["kv"], torch.full((2, 3), 201.0))
+    # segment 0 was scored: its frames go; segment 1's stay for its scoring
+    assert sorted(p.name for p in W.iterdir()) == ["state.st", "unscored_1.npy"]
+
+
+def test_a_state_that_is_not_the_last_segments_is_refused(W: Path):
+    """Negative control: a state ahead of segments.json with no commit under way is not silently resumed."""
+    write_state(W / "state.st", state(201), IDENT)
+    with pytest.raises(SystemExit, match="state.st is at frame 201, segments.json at 101"):
+        recover(W, [seg(0, 0, 101)])
+
+
+def test_nothing_streamed_yet(tmp_path: Path):
+    write_state(tmp_path / NEXT_STATE, state(101), IDENT)
+    assert recover(tmp_path, []) is None and not any(tmp_path.iterdir())
