@@ -4,6 +4,10 @@ for pipes, signals and torchrun)."""
 from __future__ import annotations
 
 import os
+
+# Triton kernels run in Triton's interpreter on the CPU (vidu_kernels/_triton.py); set before any kernel module is
+# imported, because triton.jit reads it when it decorates. TRITON_INTERPRET=0 tests them on a GPU instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 import subprocess
 import sys
 import traceback
