@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--short", action=argparse.BooleanOptionalAction, default=True, help="run the short configurations")
     ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
                     help="the blocks compiled (DiT.compile_blocks): off, on, or each configuration both ways")
+    ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    help="torch.compile's mode for --compile on/both (reduce-overhead: each block a CUDA graph)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
@@ -149,7 +151,7 @@ def main() -> None:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
             if compiled:
                 torch._dynamo.reset()
-                model.compile_blocks()
+                model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
             for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
                 for twin in (True, False):
                     st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf,
@@ -157,7 +159,7 @@ def main() -> None:
                     # compiled: the first window's chunks (growing context) and a shape change pay compilation
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
-                    r.update(run="short", compiled=compiled)
+                    r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)

@@ -27,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.nn.functional import layer_norm
 from torch import nn
+from torch.nn.functional import layer_norm
 from torch.utils.checkpoint import checkpoint
 
-from vidu_kernels.attention import attention
 from models.config import DiTConfig
 from models.rope import apply_rope, grid_positions, rope_angles
 from models.ulysses import SequenceShards, check_heads
+from vidu_kernels.attention import attention
 
 
 @dataclass
@@ -233,17 +233,18 @@ class DiT(nn.Module):
         self.sequence_parallel: dist.ProcessGroup | None = None      # shard_sequence
         self.init_weights()
 
-    def compile_blocks(self, dynamic: bool | None = None) -> None:
+    def compile_blocks(self, dynamic: bool | None = None, mode: str | None = None) -> None:
         """Compile each block with torch.compile (Inductor fuses the float32 adaLN / norm / RoPE arithmetic
         into a few kernels: a small model's forward is bound by how many it launches). `dynamic`: False for
         one sequence length (training), None to let lengths that change become symbolic after one
         recompile (streaming: the cached context grows until the window fills). The blocks share one compiled
         code object whose variants (grad mode, context or none, batch, guidance) can outnumber dynamo's
-        default limit of 8, past which it silently runs eagerly: the limit is raised to 64."""
+        default limit of 8, past which it silently runs eagerly: the limit is raised to 64. `mode`: torch.compile's
+        (None: the default; "reduce-overhead" replays each block as a CUDA graph, for a loop bound by launches)."""
         import torch._dynamo.config as dynamo
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         for block in self.blocks:
-            block.compile(dynamic=dynamic)
+            block.compile(dynamic=dynamic, mode=mode)
 
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
         """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes
