@@ -83,7 +83,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    eng = StreamEngine(model, cfg, st)
+    eng = StreamEngine(model, cfg, st, keep_text=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
     eng.start(ref)
     stream = decoder.stream_decoder()

@@ -58,6 +58,18 @@ class KV:
 
 
 @dataclass
+class TextCache:
+    """A text condition prepared once for several forwards over it (a chunk's denoising steps, the chunks
+    of one instruction; `DiT.prepare_text`): each block's cross-attention keys/values and the pooled
+    text, the numbers the forward computes from the features. `forward(context=...)` takes either."""
+    kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block (k, v) [rows, text_len, H, D]
+    pooled: torch.Tensor | None                   # pool_text(features): [B, dim], or [B, F, dim] per frame
+    rows: int                                     # B
+    frames: int                                   # F of a text per frame (0: one text for all frames)
+    n_ref: int                                    # ref frames a per-frame text's rows include
+
+
+@dataclass
 class DiTOutput:
     video: torch.Tensor                # [B, C, F, H, W] prediction for the generated frames
     audio: torch.Tensor | None         # [B, F, Na, Ca] joint audio prediction, or None
@@ -101,6 +113,11 @@ class Attention(nn.Module):
     def _heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1))
 
+    def context_kv(self, context):
+        """Cross-attention keys and values [B, Lc, H, D] of an embedded context [B, Lc, dim]."""
+        context = context.to(self.k.weight.dtype)
+        return self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+
     def qkv(self, x):
         x = x.to(self.q.weight.dtype)
         return self._heads(self.norm_q(self.q(x))), self._heads(self.norm_k(self.k(x))), self._heads(self.v(x))
@@ -129,12 +146,12 @@ class Attention(nn.Module):
         return self.o(out.flatten(2)), k, v
 
     def cross_attend(self, x, context, rope=None):
-        """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded); rope: (q_cos, q_sin, k_cos,
-        k_sin) to rotate queries and keys by their own positions (the audio adapter), or None."""
+        """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded) or its (k, v) from `context_kv`;
+        rope: (q_cos, q_sin, k_cos, k_sin) to rotate queries and keys by their own positions (the audio
+        adapter), or None."""
         x = x.to(self.q.weight.dtype)
         q = self._heads(self.norm_q(self.q(x)))
-        context = context.to(self.k.weight.dtype)
-        k, v = self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+        k, v = context if isinstance(context, tuple) else self.context_kv(context)
         if rope is not None:
             q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[2:])
         return self.o(attention(q, k, v).flatten(2))
@@ -159,7 +176,8 @@ class Block(nn.Module):
 
     def forward(self, x, e, rope, mask, text, audio, ctx, sp=None):
         """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim] or
-        per frame [B, F, Lt, dim];
+        per frame [B, F, Lt, dim], or this block's cross-attention (k, v) of either (a TextCache's:
+        [B, Lt, H, D], or per frame [B*F, Lt, H, D]);
         audio: (tokens [B, Fa, W*K, dim], rope) — each of the last Fa frames' window of speech tokens
         — or None; ctx: (k, v, cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame)
         or None."""
@@ -168,8 +186,10 @@ class Block(nn.Module):
         h = self.norm1(x).float() * (1 + m[1]) + m[0]
         y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx, sp)
         x = x + y.unflatten(1, (F, S)).float() * m[2]
-        if text.ndim == 4:                      # a text per frame: each frame reads its own
-            y = self.cross_attn.cross_attend(self.norm3(x).flatten(0, 1), text.flatten(0, 1)).unflatten(0, (B, F))
+        per_frame = text[0].shape[0] != B if isinstance(text, tuple) else text.ndim == 4
+        if per_frame:                           # a text per frame: each frame reads its own
+            text = text if isinstance(text, tuple) else text.flatten(0, 1)
+            y = self.cross_attn.cross_attend(self.norm3(x).flatten(0, 1), text).unflatten(0, (B, F))
         else:
             y = self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S))
         x = x + y.float()
@@ -313,6 +333,26 @@ class DiT(nn.Module):
         pad = context.new_zeros(B, self.cfg.text_len - L, C)
         return self.text_embedding(torch.cat([context, pad], 1).to(self.text_embedding[0].weight.dtype))
 
+    def _text(self, context: torch.Tensor, n_ref: int) -> torch.Tensor:
+        """Embedded text [B, text_len, dim], or per frame [B, n_ref + F, text_len, dim] (the ref frames
+        read the first frame's)."""
+        if context.ndim == 3:
+            return self.embed_text(context)
+        B, F = context.shape[:2]
+        text = self.embed_text(context.flatten(0, 1)).unflatten(0, (B, F))
+        return torch.cat([text[:, :1].expand(-1, n_ref, -1, -1), text], 1) if n_ref else text
+
+    def prepare_text(self, context: torch.Tensor, n_ref: int = 0) -> TextCache:
+        """Text features [B, L, text_dim], or [B, F, L, text_dim] a text per frame, as every block's
+        cross-attention keys/values and the pooled text: what a forward computes from them, once for
+        several forwards. It reads the blocks' parameters outside their forward: not for a model
+        sharded by FSDP (streaming, not training)."""
+        text = self._text(context, n_ref)
+        text = text.flatten(0, 1) if context.ndim == 4 else text
+        pooled = self.pool_text(context) if self.cfg.pooled_text else None
+        return TextCache([b.cross_attn.context_kv(text) for b in self.blocks], pooled, context.shape[0],
+                         context.shape[1] if context.ndim == 4 else 0, n_ref if context.ndim == 4 else 0)
+
     def embed_frames(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, F, H, W] latent -> [B, F, h*w, dim]."""
         if x.shape[1] != self.cfg.in_dim:
@@ -358,7 +398,8 @@ class DiT(nn.Module):
         """
         x: [B, C, F, H, W] noisy video latent; t: [B] or [B, F] timesteps (0..1000);
         context: [B, L, text_dim] text features, or [B, F, L, text_dim] a text per frame (the
-        instruction in force at each frame; the ref frame reads the first frame's); audio: [B, before + F + after, K, audio_dim] speech
+        instruction in force at each frame; the ref frame reads the first frame's), or either one's
+        TextCache (`prepare_text`, with the same ref frames); audio: [B, before + F + after, K, audio_dim] speech
         features of x's frames with the speech context the model hears (cfg.audio_context; models/audio.py);
         audio_latent: [B, F, Na, Ca] noisy joint audio latent (required when the model has the branch);
         ref: [B, C, 1, H, W] clean reference latent, put first (t = 0, frame position 0);
@@ -404,18 +445,21 @@ class DiT(nn.Module):
         ctx_rope = (None, None) if kv is None or kv.rotated else rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 
-        if context.ndim == 4:
-            if context.shape[1] != F:
-                raise ValueError(f"per-frame text covers {context.shape[1]} frames; the latent has {F}")
-            text = self.embed_text(context.flatten(0, 1)).unflatten(0, (B, F))
-            if n_ref:
-                text = torch.cat([text[:, :1].expand(-1, n_ref, -1, -1), text], 1)
+        if isinstance(context, TextCache):
+            cache = context
+            if cache.rows != B or (cache.frames and (cache.frames, cache.n_ref) != (F, n_ref)):
+                raise ValueError(f"the prepared text is for {cache.rows} rows"
+                                 + (f", {cache.frames} frames and {cache.n_ref} ref" if cache.frames else "")
+                                 + f"; this forward has {B} rows, {F} frames and {n_ref} ref")
+            texts, pooled, per_frame = cache.kv, cache.pooled, bool(cache.frames)
         else:
-            text = self.embed_text(context)
-        pooled = None
+            if context.ndim == 4 and context.shape[1] != F:
+                raise ValueError(f"per-frame text covers {context.shape[1]} frames; the latent has {F}")
+            texts = [self._text(context, n_ref)] * len(self.blocks)   # each block computes its keys/values
+            pooled = self.pool_text(context) if cfg.pooled_text else None
+            per_frame = context.ndim == 4
         if cfg.pooled_text:                  # per frame (the ref frame reads the first frame's, as above)
-            pooled = self.pool_text(context)                         # [B, F, dim], or [B, dim] one text
-            pooled = pooled if context.ndim == 4 else pooled[:, None].expand(-1, F, -1)
+            pooled = pooled if per_frame else pooled[:, None].expand(-1, F, -1)
             pooled = torch.cat([pooled[:, :1].expand(-1, n_ref, -1), pooled], 1)
         e, e0 = self.embed_time(t, pooled)
         audio_tokens = None
@@ -425,7 +469,7 @@ class DiT(nn.Module):
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             ctx = None if kv is None else (kv.k[i], kv.v[i], *ctx_rope)
-            args = (tokens, e0, rope, attn_mask, text, audio_tokens, ctx, sp)
+            args = (tokens, e0, rope, attn_mask, texts[i], audio_tokens, ctx, sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens, k, v = checkpoint(block, *args, use_reentrant=False)
             else:

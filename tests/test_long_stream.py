@@ -1,17 +1,19 @@
 """benchmarks/long_stream.py's recovery after a call killed mid-commit (the hour-long stream runs as device calls
 that the device's limit can kill at any moment): W is put back to its last finished segment, or refused."""
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from long_stream import NEXT_STATE, recover  # noqa: E402
+from stages.stream.state import write_state
 
-from stages.stream.state import write_state  # noqa: E402
+_spec = importlib.util.spec_from_file_location("long_stream", Path(__file__).resolve().parents[1] / "benchmarks" / "long_stream.py")
+long_stream = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(long_stream)
+NEXT_STATE, recover = long_stream.NEXT_STATE, long_stream.recover
 
 IDENT = {"image": "x", "size": [256, 256], "model": "m", "decoder": "d", "dtype": "float32"}
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import GUIDES, DiT, DiTOutput, KV, guided, guided_conditions
+from models.dit import GUIDES, KV, DiT, DiTOutput, TextCache, guided, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_positions
 from stages.run import ranged
@@ -224,7 +224,7 @@ class ContextBuffers:
 @dataclass
 class ChunkInputs:
     """Conditioning of one chunk (batch B, chunk frames F)."""
-    text: torch.Tensor                          # [B, L, text_dim]
+    text: torch.Tensor | TextCache              # [B, L, text_dim], or prepared (DiT.prepare_text)
     audio: torch.Tensor | None = None           # [B, before + F + after, K, audio_dim] speech features
     noise: torch.Tensor | None = None           # [B, C, F, h, w] initial noise (drawn when None)
     audio_noise: torch.Tensor | None = None     # [B, F, Na, Ca]
@@ -241,7 +241,7 @@ class ChunkResult:
 def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: list[float], inputs: ChunkInputs,
                   ctx_noisy: KV, ctx_clean: KV, frame_pos: torch.Tensor, noisy_step: int | None,
                   renoise: "callable | None", guidance: float = 1.0, guide: str = "all",
-                  exit_step: int | None = None) -> tuple[ChunkResult, KV | None]:
+                  exit_step: int | None = None, text: TextCache | None = None) -> tuple[ChunkResult, KV | None]:
     """Sampling of one chunk over the levels `sig`. `renoise(x0, xa0, s)` draws the next state from
     the predicted x0 (the x0-and-renoise sampler); None takes Euler steps of the flow ODE,
     x <- x + (s_next - s) v with s_next = 0 after the last level. `guidance` != 1: classifier-free
@@ -251,14 +251,18 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
     set, the keys/values of that step (the conditional pass's). `exit_step` k (the distillation
     rollout, Self-Forcing): the chunk is step k's x0 and, with gradients on, only step k records them
     (the steps before it run under no_grad); the context each step reads is the one it reads with
-    all steps."""
+    all steps. `text`: the steps' text prepared (DiT.prepare_text; under guidance its 2B rows,
+    guided_conditions'), e.g. once per instruction, or None."""
     B = x.shape[0]
     two = guidance != 1.0
     if two:
-        inputs = ChunkInputs(*guided_conditions(inputs.text, inputs.audio, guide))
+        text2, audio2 = guided_conditions(inputs.text, inputs.audio, guide)
+        inputs = ChunkInputs(text if text is not None else text2, audio2)
         same = ctx_noisy is ctx_clean
         ctx_clean = _twice(ctx_clean)
         ctx_noisy = ctx_clean if same else _twice(ctx_noisy)
+    elif text is not None:
+        inputs = ChunkInputs(text, inputs.audio)
     captured, states, audio_states = None, [], []
     x0 = xa0 = None
     stop = len(sig) - 1 if exit_step is None else exit_step
@@ -283,6 +287,11 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             x = x + (sig[k + 1] - s) * v
             xa = None if xa is None else xa + (sig[k + 1] - s) * va
     return ChunkResult(x0, xa0, states, audio_states), captured
+
+
+def _version(t: torch.Tensor) -> int:
+    """How many times `t` was modified in place (an inference tensor keeps no count: 0)."""
+    return 0 if t.is_inference() else t._version
 
 
 def _records_grad(k: int, exit_step: int | None) -> bool:
@@ -351,9 +360,11 @@ class StreamEngine:
     `advance(inputs, exit_step)` is `step` in the distillation's training mode (stages/distill/rollout.py)."""
 
     def __init__(self, model: DiT, cfg: ModelConfig, settings: StreamSettings = StreamSettings(),
-                 batch: int = 1, seed: int = 0, rows: tuple[int, int] | None = None):
+                 batch: int = 1, seed: int = 0, rows: tuple[int, int] | None = None, keep_text: bool = False):
         """`rows` (lo, total): this engine's `batch` streams are rows lo.. of a batch of `total` drawn from
-        `seed` (a distillation rank's share: its noise is the single-process run's rows)."""
+        `seed` (a distillation rank's share: its noise is the single-process run's rows). `keep_text`: an
+        instruction's text is prepared once for the chunks that follow it (`_texts`; a stream's engine,
+        never a training one: the model must not be sharded by FSDP, DiT.prepare_text)."""
         p = next(model.parameters())
         self.model, self.cfg, self.st = model, cfg, settings
         self.device, self.dtype, self.batch = p.device, p.dtype, batch
@@ -366,6 +377,8 @@ class StreamEngine:
         self.gen = torch.Generator(device=p.device).manual_seed(seed)
         self.chunks = 0
         self.ref: torch.Tensor | None = None
+        self.keep_text = keep_text
+        self._text: tuple | None = None       # (text, its version and the weights', prepared, guided prepared)
 
     def start(self, ref_latent: torch.Tensor) -> None:
         """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
@@ -375,6 +388,21 @@ class StreamEngine:
     def _randn(self, shape) -> torch.Tensor:
         full = torch.randn((self.total, *shape[1:]), generator=self.gen, device=self.device, dtype=torch.float32)
         return full[self.lo:self.lo + shape[0]].to(self.dtype)
+
+    def _texts(self, text: torch.Tensor) -> tuple[TextCache | None, TextCache | None]:
+        """`text` prepared for the cache pass and for the denoising steps (its guided rows under guidance),
+        kept for the next chunks while they pass the same tensor, unmodified, under unmodified weights (a
+        stream's instruction: its keys/values are computed once, not in every forward). Without
+        `keep_text`, or with gradients on, (None, None): every forward computes them."""
+        if not self.keep_text or torch.is_grad_enabled():
+            return None, None
+        key = (_version(text), sum(_version(p) for p in self.model.parameters()))
+        if self._text is None or self._text[0] is not text or self._text[1] != key:
+            plain = self.model.prepare_text(text)
+            both = (self.model.prepare_text(guided_conditions(text, None, self.st.guide)[0])
+                    if self.st.guidance != 1.0 else plain)
+            self._text = (text, key, plain, both)
+        return self._text[2], self._text[3]
 
     def _renoise(self, x0, xa0, s):
         x = (1 - s) * x0 + s * self._randn(x0.shape)
@@ -412,24 +440,27 @@ class StreamEngine:
         ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
         ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
         renoise = self._renoise if st.sampler == "renoise" else None
+        plain, steps = self._texts(inputs.text)
         result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
                                          st.noisy_step if st.twin else None, renoise, st.guidance,
-                                         st.guide, exit_step)
+                                         st.guide, exit_step, steps)
         with torch.no_grad():
-            self._write_history(result, noisy_kv, inputs, ctx_noisy, ctx_clean, frame_pos)
+            self._write_history(result, noisy_kv, inputs, ctx_noisy, ctx_clean, frame_pos, plain, steps)
         self.chunks += 1
         return result
 
     def _write_history(self, result: ChunkResult, noisy_kv: KV | None, inputs: ChunkInputs, ctx_noisy: KV,
-                       ctx_clean: KV, frame_pos: torch.Tensor) -> None:
+                       ctx_clean: KV, frame_pos: torch.Tensor, plain: TextCache | None = None,
+                       steps: TextCache | None = None) -> None:
         buf, st = self.buffers, self.st
         k = st.noisy_step if st.twin else None
         noisy = (None, None) if k is None else (result.states[k], result.audio_states[k]) if noisy_kv is not None else None
         if noisy is None:                             # exited before the noisy step
             noisy = self._renoise(result.video, result.audio, self.sig[k])
             noisy_kv = denoise_chunk(self.model, *noisy, self.sig[k:k + 1], inputs, ctx_noisy, ctx_noisy, frame_pos,
-                                     0, None, st.guidance, st.guide)[1]
-        clean_kv = cache_pass(self.model, result.video, result.audio, inputs, ctx_clean, frame_pos)
+                                     0, None, st.guidance, st.guide, text=steps)[1]
+        clean_kv = cache_pass(self.model, result.video, result.audio,
+                              inputs if plain is None else ChunkInputs(plain, inputs.audio), ctx_clean, frame_pos)
         if self.chunks == 0 and st.sink:
             start = buf.write_fixed(clean_kv)
         else:

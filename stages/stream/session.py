@@ -133,7 +133,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         raise StreamError(f"the text encoder gives {text_encoder.dim}-d features; the model takes {cfg.dit.text_dim}")
     if compile:
         model.compile_blocks()
-    engine = StreamEngine(model, cfg, st, seed=seed)
+    engine = StreamEngine(model, cfg, st, seed=seed, keep_text=True)
     engine.start(ref)
     return Parts(engine, cfg, decoder, text_encoder, notes, trained)
 

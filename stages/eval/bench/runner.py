@@ -146,7 +146,7 @@ class EvalBench(Stage):
         with torch.no_grad():
             frames = ((img[:, :, 0] + 1) / 2)[:, None].to(eng.device)  # [1, 1, 3, H, W] in [0, 1]
             ref = base.decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
-        engine = StreamEngine(eng.model, cfg, eng.st, seed=self.seed)  # same noise for every sample
+        engine = StreamEngine(eng.model, cfg, eng.st, seed=self.seed, keep_text=True)  # same noise for every sample
         engine.start(ref)
         return dataclasses.replace(base, engine=engine)
 

@@ -1,8 +1,8 @@
 """Every Triton kernel of vidu_kernels against the PyTorch path it replaces, at the model's real shapes (issue 18).
 
-    python benchmarks/kernels.py                 # GPU: every case of benchmarks/kernel_cases/*.py
-    python benchmarks/kernels.py --only adaln    # the cases of one file
-    python benchmarks/kernels.py --device cpu    # CPU rehearsal of the plumbing: the launchers fall back to
+    python benchmarks/kernel_bench.py                 # GPU: every case of benchmarks/kernel_cases/*.py
+    python benchmarks/kernel_bench.py --only adaln    # the cases of one file
+    python benchmarks/kernel_bench.py --device cpu    # CPU rehearsal of the plumbing: the launchers fall back to
                                                  # their torch references (TRITON_INTERPRET unset)
 
 Each file in benchmarks/kernel_cases/ has `cases(device) -> list[dict]`: "name", "torch" (today's path) and "ours"
@@ -11,7 +11,7 @@ Each file in benchmarks/kernel_cases/ has `cases(device) -> list[dict]`: "name",
 case itself defines, e.g. against a float32 reference). Every case is checked before it is timed: the outputs
 (a tensor or a tuple of them) must be finite and are compared with the torch path's as relative L2. Timing: the
 median of triton.testing.do_bench (CUDA events, after warm-up), each case timed twice for the spread. A case
-that fails records its one-line error and the run goes on. Full results: $OUT/kernels.json (or ./kernels.json);
+that fails records its one-line error and the run goes on. Full results: $OUT/kernel_bench.json (or ./kernel_bench.json);
 a table last.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
             print(json.dumps(row, default=float), flush=True)
     info = {"device": a.device, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    out = Path(os.environ.get("OUT", ".")) / "kernels.json"
+    out = Path(os.environ.get("OUT", ".")) / "kernel_bench.json"
     out.write_text(json.dumps(info, indent=1, default=float))
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     print(f"\n{info['gpu'] or a.device}, torch {torch.__version__}")
