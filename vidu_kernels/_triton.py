@@ -18,8 +18,13 @@ def interpreting() -> bool:
 
 def runs_triton(*tensors: torch.Tensor) -> bool:
     """True when a Triton kernel can run on these tensors (all on one CUDA device, or all on the CPU under
-    the interpreter)."""
+    the interpreter), and should: not when autograd must differentiate through it (the kernels have no
+    backward) and not while torch.compile traces (Inductor fuses the reference itself)."""
     if not HAVE_TRITON or not tensors:
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch.compiler.is_compiling():
         return False
     kinds = {t.device.type for t in tensors}
     return kinds == {"cuda"} or (kinds == {"cpu"} and interpreting())
