@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import DiTConfig
 from models.rope import apply_rope, grid_positions, rope_angles
 from models.ulysses import SequenceShards, check_heads
+from vidu_kernels import adaln
 from vidu_kernels.attention import attention
 
 
@@ -173,6 +174,7 @@ class Block(nn.Module):
         if cfg.audio_dim:
             self.norm_audio = LayerNorm(dim, cfg.eps, affine=True)
             self.audio_attn = Attention(dim, cfg.num_heads, cfg.qk_norm, cfg.eps)
+        self.kernels = False                    # DiT.use_kernels: the fused Triton element-wise passes
 
     def forward(self, x, e, rope, mask, text, audio, ctx, sp=None):
         """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim] or
@@ -182,10 +184,13 @@ class Block(nn.Module):
         — or None; ctx: (k, v, cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame)
         or None."""
         B, F, S, dim = x.shape
+        fused = self.kernels                    # the launchers (Triton where it runs), else the same math in torch
+        norm_modulate = adaln.norm_modulate if fused else adaln.norm_modulate_reference
+        gated_residual = adaln.gated_residual if fused else adaln.gated_residual_reference
         m = (self.modulation.unsqueeze(1) + e).unsqueeze(3).unbind(2)   # 6 x [B, F, 1, dim]
-        h = self.norm1(x).float() * (1 + m[1]) + m[0]
+        h = norm_modulate(x, m[0], m[1], self.norm1.eps, out_dtype=self.self_attn.q.weight.dtype)
         y, k, v = self.self_attn.self_attend(h.flatten(1, 2), rope, mask, ctx, sp)
-        x = x + y.unflatten(1, (F, S)).float() * m[2]
+        x = gated_residual(x, y.unflatten(1, (F, S)), m[2])
         per_frame = text[0].shape[0] != B if isinstance(text, tuple) else text.ndim == 4
         if per_frame:                           # a text per frame: each frame reads its own
             text = text if isinstance(text, tuple) else text.flatten(0, 1)
@@ -199,8 +204,8 @@ class Block(nn.Module):
             xa = x[:, F - Fa:]
             ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1), audio_rope)
             x = torch.cat([x[:, :F - Fa], xa + ya.unflatten(0, (B, Fa)).float()], 1)
-        h = self.norm2(x).float() * (1 + m[4]) + m[3]
-        x = x + self.ffn(h.to(self.ffn[0].weight.dtype)).float() * m[5]
+        h = norm_modulate(x, m[3], m[4], self.norm2.eps, out_dtype=self.ffn[0].weight.dtype)
+        x = gated_residual(x, self.ffn(h), m[5])
         return x, k, v
 
 
@@ -265,6 +270,13 @@ class DiT(nn.Module):
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
         for block in self.blocks:
             block.compile(dynamic=dynamic, mode=mode)
+
+    def use_kernels(self, on: bool = True) -> None:
+        """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds) through the
+        fused Triton kernels of vidu_kernels.adaln where they can run (CUDA, no autograd through them, not
+        under torch.compile), their torch references anywhere else: the same numbers either way."""
+        for block in self.blocks:
+            block.kernels = on
 
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
         """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes

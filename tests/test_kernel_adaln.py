@@ -1,6 +1,6 @@
 """vidu_kernels/adaln.py: the LayerNorm + adaLN modulation and gated residual kernels, run in Triton's interpreter
 (conftest sets TRITON_INTERPRET=1), against their references on awkward shapes; the references against
-Block.forward's own expressions; the fallback; and negative controls showing the comparison catches a wrong frame's
+the model with and without them (DiT.use_kernels); the fallback; and negative controls showing the comparison catches a wrong frame's
 modulation or a scale without its +1."""
 from __future__ import annotations
 
@@ -184,54 +184,39 @@ def test_negative_controls_the_comparison_catches_a_wrong_frame_or_a_missing_plu
     assert not close(wrong_frame.bfloat16(), want16)
 
 
-def test_references_are_block_forwards_expressions():
-    """Block.forward run with its attention calls replaced by random outputs: every norm/modulation and residual
-    it computes equals the references (bitwise: the same float32 ops), and the kernels match them too."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_model_with_the_kernels_computes_what_it_computes_without(kernels_only, dtype):
+    """DiT.use_kernels: a tiny DiT's forward (ref frame, per-frame text, speech) with every block's norm/modulation
+    and residual adds in the kernels equals the same forward through the references (which is all Block.forward
+    computes them with); a kernel that modulates with the wrong frame is caught by the same comparison."""
+    from models.dit import DiT
     cfg = PRESETS["tiny"].dit
     torch.manual_seed(0)
-    block = Block(cfg).eval()
-    block.ffn.to(torch.bfloat16)                     # the GEMM's dtype: h is cast to it
+    model = DiT(cfg).eval()
     with torch.no_grad():
-        block.norm3.weight.normal_(1, 0.2), block.norm3.bias.normal_(0, 0.2)
-    D, S = cfg.dim, 5
-    x = torch.randn(B, F, S, D) * 2 + 1
-    e = torch.randn(B, F, 6, D)
-    y1, y2 = torch.randn(B, F * S, D).bfloat16(), torch.randn(B, F * S, D).bfloat16()
-    seen = {}
-
-    def self_attend(h, rope, mask, ctx, sp):
-        seen["h1"] = h
-        return y1, None, None
-
-    def cross_attend(h, text):
-        seen["h3"] = h
-        return y2
-    block.self_attn.self_attend, block.cross_attn.cross_attend = self_attend, cross_attend
-    block.norm2.register_forward_hook(lambda mod, args, out: seen.__setitem__("x2", args[0]))
-    block.ffn.register_forward_hook(lambda mod, args, out: seen.update(h2=args[0], y3=out))
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    model.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_dim, 2, 8, 8, generator=g)
+    args = dict(audio=torch.randn(1, 2 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
+                audio_latent=torch.randn(1, 2, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
+                ref=torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g))
+    text, t = torch.randn(1, 2, 5, cfg.text_dim, generator=g), torch.tensor([[250.0, 600.0]])
     with torch.no_grad():
-        out, _, _ = block(x, e, None, None, torch.randn(B, 4, D), None, None)
-
-    m = (block.modulation.detach().unsqueeze(1) + e).unsqueeze(3).unbind(2)
-    assert torch.equal(seen["h1"], norm_modulate_reference(x, m[0], m[1]).flatten(1, 2))
-    x1, h3 = fused_reference(x, y1.unflatten(1, (F, S)), m[2], None, None, cfg.eps,
-                                                    block.norm3.weight.detach(), block.norm3.bias.detach())
-    assert torch.equal(seen["h3"], h3.flatten(1, 2))
-    x2 = gated_residual_reference(x1, y2.unflatten(1, (F, S)), None)
-    assert torch.equal(seen["x2"], x2)
-    h2 = norm_modulate_reference(x2, m[3], m[4], cfg.eps, out_dtype=torch.bfloat16)
-    assert torch.equal(seen["h2"], h2)
-    assert torch.equal(out, gated_residual_reference(x2, seen["y3"], m[5]))
-
-    # the kernels on the same values
-    assert close(A.norm_modulate(x, m[0], m[1]), norm_modulate_reference(x, m[0], m[1]))
-    k1, k3 = A.gated_residual_norm_modulate(x, y1.unflatten(1, (F, S)), m[2], None, None, cfg.eps,
-                                            block.norm3.weight.detach(), block.norm3.bias.detach())
-    assert close(k1, x1) and close(k3, h3)
-    k2, kh2 = A.gated_residual_norm_modulate(x1, y2.unflatten(1, (F, S)), None, m[3], m[4], cfg.eps,
-                                             out_dtype=torch.bfloat16)
-    assert close(k2, x2) and close(kh2, h2)
-    assert close(A.gated_residual(x2, seen["y3"], m[5]), out)
+        want = model(x, t, text, **args)
+        model.use_kernels()
+        got = model(x, t, text, **args)
+        rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+        assert rel(got.video, want.video) < (1e-5 if dtype == torch.float32 else 2e-2)
+        assert rel(got.audio, want.audio) < (1e-5 if dtype == torch.float32 else 2e-2)
+        real = A.norm_modulate
+        A.norm_modulate = lambda x, shift, scale, *a, **k: real(x, shift.roll(1, 1), scale, *a, **k)
+        try:
+            broken = model(x, t, text, **args)
+        finally:
+            A.norm_modulate = real
+        assert rel(broken.video, want.video) > 1e-2
 
 
 def test_benchmark_cases_are_the_real_shapes_and_run(monkeypatch, kernels_only):
