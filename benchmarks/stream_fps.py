@@ -5,6 +5,7 @@ long stream, peak memory; with and without TwinCache; decoded with TAEHV.
     python benchmarks/stream_fps.py --preset tiny --chunks 20 --long-seconds 4   # CPU smoke run
     python benchmarks/stream_fps.py --preset small --sizes 256x256 --chunk-frames 1 --window 7 --long-seconds 0 \
         --compile both                                    # the starter's shapes, eager and compiled blocks
+    python benchmarks/stream_fps.py --kernels ...         # the blocks' fused Triton kernels (DiT.use_kernels)
     torchrun --nproc_per_node 2 benchmarks/stream_fps.py --sizes 960x544,1280x720,1920x1088 --long-seconds 0
                                                           # one stream over 2 GPUs (Ulysses, models/ulysses.py)
 
@@ -136,6 +137,7 @@ def main() -> None:
                     help="the blocks compiled (DiT.compile_blocks): off, on, or each configuration both ways")
     ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                     help="torch.compile's mode for --compile on/both (reduce-overhead: each block a CUDA graph)")
+    ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
@@ -149,6 +151,7 @@ def main() -> None:
     for w, h in sizes:
         for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
+            model.use_kernels(args.kernels)
             if compiled:
                 torch._dynamo.reset()
                 model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
@@ -159,7 +162,8 @@ def main() -> None:
                     # compiled: the first window's chunks (growing context) and a shape change pay compilation
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
-                    r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None)
+                    r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
+                             kernels=args.kernels)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)
