@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                     help="torch.compile's mode for --compile on/both (reduce-overhead: each block a CUDA graph)")
     ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
+    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
+                    help="self-attention's backend (DiT.use_kernels)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
@@ -151,7 +153,7 @@ def main() -> None:
     for w, h in sizes:
         for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
-            model.use_kernels(args.kernels)
+            model.use_kernels(args.kernels, args.attention)
             if compiled:
                 torch._dynamo.reset()
                 model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
@@ -163,7 +165,7 @@ def main() -> None:
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
                     r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
-                             kernels=args.kernels)
+                             kernels=args.kernels, attention=args.attention)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)

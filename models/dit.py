@@ -36,6 +36,8 @@ from models.rope import apply_rope, grid_positions, rope_angles
 from models.ulysses import SequenceShards, check_heads
 from vidu_kernels import adaln
 from vidu_kernels.attention import attention
+from vidu_kernels.int8_attention import int8_attention
+from vidu_kernels.sparse_attention import sparse_attention
 
 
 @dataclass
@@ -56,6 +58,15 @@ class KV:
 
     def tokens(self, start: int, stop: int) -> "KV":
         return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop])
+
+
+def _sparse(q, k, v, mask=None):
+    return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v)
+
+
+# self-attention backends (DiT.use_kernels): PyTorch SDPA; INT8 Q.K^T with per-block scales and K smoothing;
+# block-sparse from pooled block similarity (keep 0.9). The fast ones take no mask: a masked call runs SDPA.
+SELF_ATTENTION = {"sdpa": attention, "int8": int8_attention, "sparse": _sparse}
 
 
 @dataclass
@@ -110,6 +121,7 @@ class Attention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.backend = "sdpa"                   # self-attention's (SELF_ATTENTION; DiT.use_kernels)
 
     def _heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1))
@@ -141,7 +153,7 @@ class Attention(nn.Module):
             v_all = torch.cat([cv.to(v.dtype), v], 1)
         else:
             v_all = v
-        out = attention(q_r, k_r, v_all, mask)
+        out = SELF_ATTENTION[self.backend](q_r, k_r, v_all, mask)
         if sp is not None:
             out = sp.heads_to_seq(out)
         return self.o(out.flatten(2)), k, v
@@ -271,12 +283,16 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.compile(dynamic=dynamic, mode=mode)
 
-    def use_kernels(self, on: bool = True) -> None:
+    def use_kernels(self, on: bool = True, attention: str = "sdpa") -> None:
         """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds) through the
         fused Triton kernels of vidu_kernels.adaln where they can run (CUDA, no autograd through them, not
-        under torch.compile), their torch references anywhere else: the same numbers either way."""
+        under torch.compile), their torch references anywhere else: the same numbers either way; and
+        self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate)."""
+        if attention not in SELF_ATTENTION:
+            raise ValueError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
         for block in self.blocks:
             block.kernels = on
+            block.self_attn.backend = attention
 
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
         """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes

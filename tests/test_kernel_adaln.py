@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from models.config import PRESETS
-from models.dit import Block
 from vidu_kernels import adaln as A
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.adaln import gated_residual_norm_modulate_reference as fused_reference
@@ -237,3 +236,4 @@ def test_benchmark_cases_are_the_real_shapes_and_run(monkeypatch, kernels_only):
         ours, want = case["ours"](), case["torch"]()
         ours, want = (ours, want) if isinstance(ours, tuple) else ((ours,), (want,))
         assert all(map(close, ours, want)), case["name"]
+

@@ -1,0 +1,40 @@
+"""The model's self-attention through the fast backends of vidu_kernels (DiT.use_kernels(attention=...)), run in
+Triton's interpreter on the CPU (conftest sets TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.config import PRESETS
+
+
+@pytest.mark.parametrize("backend,bound", [("int8", 3e-2), ("sparse", 3e-2)])
+def test_the_model_with_a_fast_attention_backend(backend, bound):
+    """DiT.use_kernels(attention=...): a tiny DiT forward through the INT8 or block-sparse self-attention (Triton's
+    interpreter; a forward with a ref frame passes a mask, so this one has none: a context and its chunk) stays
+    within the backend's approximation of SDPA's; an unknown backend is a one-line error."""
+    from models.dit import KV, DiT
+    from models.rope import grid_positions
+    cfg = PRESETS["tiny"].dit
+    torch.manual_seed(0)
+    model = DiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g)
+    n_ctx, heads = 3 * 16, cfg.num_heads
+    kv = KV([torch.randn(1, n_ctx, heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            [torch.randn(1, n_ctx, heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            grid_positions(torch.arange(1, 4), 4, 4))                      # 3 context frames of 4x4 tokens
+    args = dict(audio=torch.randn(1, 1 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
+                audio_latent=torch.randn(1, 1, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g), kv=kv)
+    text, t = torch.randn(1, 5, cfg.text_dim, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        want = model(x, t, text, **args).video
+        model.use_kernels(attention=backend)
+        got = model(x, t, text, **args).video
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < bound
+    with pytest.raises(ValueError, match="attention is one of: sdpa, int8, sparse"):
+        model.use_kernels(attention="flash9")
