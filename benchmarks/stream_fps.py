@@ -140,6 +140,8 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
                     help="self-attention's backend (DiT.use_kernels)")
+    ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
+                    help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
@@ -154,6 +156,8 @@ def main() -> None:
         for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
             model.use_kernels(args.kernels, args.attention)
+            if args.linear != "bf16":
+                model.quantize(args.linear)
             if compiled:
                 torch._dynamo.reset()
                 model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
@@ -165,7 +169,7 @@ def main() -> None:
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
                     r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
-                             kernels=args.kernels, attention=args.attention)
+                             kernels=args.kernels, attention=args.attention, linear=args.linear)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)

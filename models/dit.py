@@ -38,6 +38,7 @@ from vidu_kernels import adaln
 from vidu_kernels.attention import attention
 from vidu_kernels.int8_attention import int8_attention
 from vidu_kernels.sparse_attention import sparse_attention
+from vidu_kernels.w8a8 import dit_block_linears, quantize_linears
 
 
 @dataclass
@@ -293,6 +294,12 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.kernels = on
             block.self_attn.backend = attention
+
+    def quantize(self, fmt: str = "fp8") -> list[str]:
+        """The blocks' attention projections and FFNs as W8A8 GEMMs (vidu_kernels.w8a8: weights quantized here,
+        once, per 128x128 block; activations per token and 128 channels in each call; Triton where it runs,
+        the dequantized reference elsewhere). For inference only, and for good: returns the layers swapped."""
+        return quantize_linears(self, fmt, dit_block_linears)
 
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:
         """Run every forward over the ranks of `group` (Ulysses, models/ulysses.py): each rank passes

@@ -38,3 +38,33 @@ def test_the_model_with_a_fast_attention_backend(backend, bound):
     assert 0 < err < bound
     with pytest.raises(ValueError, match="attention is one of: sdpa, int8, sparse"):
         model.use_kernels(attention="flash9")
+
+
+@pytest.mark.parametrize("fmt,bound", [("int8", 2e-2), ("fp8", 6e-2)])
+def test_the_model_with_w8a8_linears(fmt, bound):
+    """DiT.quantize: every block's attention projections and FFN become W8A8 GEMMs (the Triton kernels in the
+    interpreter) and the forward stays within the format's quantization error of the float one; the
+    embeddings, time projection and head stay float."""
+    from models.dit import DiT
+    from vidu_kernels.w8a8 import W8A8Linear
+    cfg = PRESETS["tiny"].dit
+    torch.manual_seed(0)
+    model = DiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, cfg.in_dim, 2, 8, 8, generator=g)
+    args = dict(audio=torch.randn(1, 2 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
+                audio_latent=torch.randn(1, 2, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
+                ref=torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g))
+    text, t = torch.randn(1, 5, cfg.text_dim, generator=g), torch.tensor([400.0])
+    with torch.no_grad():
+        want = model(x, t, text, **args).video
+        swapped = model.quantize(fmt)
+        got = model(x, t, text, **args).video
+    per_block = 4 * 3 + 2                                  # q, k, v, o of self, text and audio attention; ffn 0, 2
+    assert len(swapped) == per_block * cfg.num_layers
+    assert not isinstance(model.head.head, W8A8Linear) and not isinstance(model.text_embedding[0], W8A8Linear)
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < bound
