@@ -28,3 +28,25 @@ def runs_triton(*tensors: torch.Tensor) -> bool:
         return False
     kinds = {t.device.type for t in tensors}
     return kinds == {"cuda"} or (kinds == {"cpu"} and interpreting())
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def round_bf16(v):
+        """float32 v rounded to bfloat16's precision (kept float32), to nearest even by its bits: the same on the
+        GPU and in the interpreter, whose own float32 -> bf16 cast truncates (and whose 'rtne' mode rounds half
+        up without carrying into the exponent). NaN stays NaN; a cast to bf16 after it is exact."""
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+
+    @triton.jit
+    def rounded(v, dtype: tl.constexpr):
+        """float32 v rounded to `dtype`'s precision (kept float32), as torch rounds a cast to it."""
+        if dtype == tl.bfloat16:
+            return round_bf16(v)
+        else:
+            return v.to(dtype).to(tl.float32)

@@ -28,6 +28,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from vidu_kernels._triton import rounded
+
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -71,17 +73,6 @@ def gated_residual_norm_modulate_reference(x, y, gate, shift, scale, eps: float 
 
 if HAVE_TRITON:
     @triton.jit
-    def _rounded(v, dtype: tl.constexpr):
-        """float32 v rounded to `dtype` (kept in float32), to nearest even on the GPU and in the interpreter alike
-        (the interpreter truncates a plain float32 -> bf16 cast, so bf16 rounds here by its bits)."""
-        if dtype == tl.bfloat16:
-            u = v.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            return tl.where(v != v, v, u.to(tl.float32, bitcast=True))
-        else:
-            return v.to(dtype).to(tl.float32)
-
-    @triton.jit
     def _adaln_kernel(x_ptr, sx0, sx1, sx2, sx3,
                       y_ptr, sy0, sy1, sy2, sy3,
                       g_ptr, sg0, sg1, sg2, sg3,
@@ -119,7 +110,7 @@ if HAVE_TRITON:
                              other=0.0).to(tl.float32)
                 yv = yv * gv
             v = v + yv
-            v = _rounded(v, res_ptr.dtype.element_ty)            # the stored stream is what the norm reads
+            v = rounded(v, res_ptr.dtype.element_ty)            # the stored stream is what the norm reads
             tl.store(res_ptr + flat, v.to(res_ptr.dtype.element_ty), mask=mask)
         if NORM:
             mean = tl.sum(v, axis=1) / D
@@ -131,18 +122,18 @@ if HAVE_TRITON:
             if HAS_B:
                 h = h + tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
             if HAS_Y:                                               # LayerNorm's type_as(its input)
-                h = _rounded(h, res_ptr.dtype.element_ty)
+                h = rounded(h, res_ptr.dtype.element_ty)
             else:
-                h = _rounded(h, x_ptr.dtype.element_ty)
+                h = rounded(h, x_ptr.dtype.element_ty)
             if HAS_SCALE:
                 sc = tl.load(sc_ptr + (b * ssc0 + f * ssc1 + s * ssc2)[:, None] + (c * ssc3)[None, :], mask=mask,
                              other=0.0).to(tl.float32)
-                h = h * _rounded(1.0 + sc, sc_ptr.dtype.element_ty)     # torch's `1 + scale` keeps scale's dtype
+                h = h * rounded(1.0 + sc, sc_ptr.dtype.element_ty)     # torch's `1 + scale` keeps scale's dtype
             if HAS_SHIFT:
                 sh = tl.load(sh_ptr + (b * ssh0 + f * ssh1 + s * ssh2)[:, None] + (c * ssh3)[None, :], mask=mask,
                              other=0.0).to(tl.float32)
                 h = h + sh
-            tl.store(out_ptr + flat, _rounded(h, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + flat, rounded(h, out_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _kernel_can_run(shape4, out_dtypes, *tensors) -> bool:

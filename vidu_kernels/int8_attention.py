@@ -49,6 +49,9 @@ import torch
 import torch.nn.functional as F
 
 from vidu_kernels._triton import HAVE_TRITON, runs_triton
+
+if HAVE_TRITON:
+    from vidu_kernels._triton import round_bf16
 from vidu_kernels.attention import attention
 
 LOG2E = 1.4426950408889634
@@ -142,15 +145,6 @@ if HAVE_TRITON:
         """a / b for scalars, rounded as IEEE (and torch) round it: compiled, Triton's `/` on float32 is the
         approximate division, which would move a few int8 values by one against the reference."""
         return tl.math.div_rn(tl.full([], a, tl.float32), tl.full([], b, tl.float32))
-
-    @triton.jit
-    def _bf16_rne(x):
-        """float32 x rounded to bfloat16's precision (kept float32), to nearest even: the interpreter's own
-        float32 -> bf16 cast truncates (and its 'rtne' mode rounds half up without carrying into the exponent),
-        so under the interpreter the kernels round by the bits and the cast after it is exact."""
-        u = x.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return tl.where(x != x, x, u.to(tl.float32, bitcast=True))
 
     @triton.jit
     def _key_tile(base, skl, t0, Lk, d, D: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -249,7 +243,7 @@ if HAVE_TRITON:
             acc = tl.dot(p.to(v.dtype), v, acc)
         else:
             if v.dtype == tl.bfloat16:
-                p16 = _bf16_rne(p)
+                p16 = round_bf16(p)
             else:
                 p16 = p.to(v.dtype).to(tl.float32)
             acc = tl.dot(p16, v.to(tl.float32), acc)
@@ -299,7 +293,7 @@ if HAVE_TRITON:
                                           Lk, d, d_ok, DP, BLOCK_N, True, D == DP, PV)
         out = acc / l_i[:, None]
         if BF16_RNE:
-            out = _bf16_rne(out)
+            out = round_bf16(out)
         tl.store(o_ptr + b.to(tl.int64) * sob + h * soh + m[:, None].to(tl.int64) * sol + d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=row_ok)
 
