@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from models.config import DiTConfig
 from models.rope import apply_rope, grid_positions, rope_angles
 from models.ulysses import SequenceShards, check_heads
-from vidu_kernels import adaln
+from vidu_kernels import adaln, qk_rope
 from vidu_kernels.attention import attention
 from vidu_kernels.int8_attention import int8_attention
 from vidu_kernels.sparse_attention import sparse_attention
@@ -96,8 +96,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return qk_rope.rms_norm_reference(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -123,6 +122,7 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.backend = "sdpa"                   # self-attention's (SELF_ATTENTION; DiT.use_kernels)
+        self.kernels = False                    # DiT.use_kernels: q/k norm + RoPE in one Triton pass
 
     def _heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1))
@@ -141,15 +141,24 @@ class Attention(nn.Module):
         (keys before RoPE; cos None: keys already rotated). Returns (out [B, L, dim], k before RoPE, v).
         With `sp`, x holds this rank's tokens, and rope, mask, ctx and the returned k, v are those of the
         whole sequence (k, v, ctx: this rank's heads)."""
-        q, k, v = self.qkv(x)
-        if sp is not None:                   # [B, L, H, 3D]: one exchange for the three
-            qkv = sp.seq_to_heads(torch.stack([q, k, v], -2).flatten(-2))
-            q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
         cos, sin = rope
-        q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kernels and sp is None:      # the norms and rotations fused (qk_rope's kernels where they run)
+            x = x.to(self.q.weight.dtype)
+            wq, wk = (n.weight if isinstance(n, RMSNorm) else None for n in (self.norm_q, self.norm_k))
+            eps = self.norm_q.eps if wq is not None else 0.0
+            q_r = qk_rope.qk_norm_rope(self.q(x), wq, cos, sin, self.num_heads, eps, unrotated=False)[0]
+            k_r, k = qk_rope.qk_norm_rope(self.k(x), wk, cos, sin, self.num_heads, eps)
+            v = self._heads(self.v(x))
+        else:
+            q, k, v = self.qkv(x)
+            if sp is not None:               # [B, L, H, 3D]: one exchange for the three
+                qkv = sp.seq_to_heads(torch.stack([q, k, v], -2).flatten(-2))
+                q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
+            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if ctx is not None:
             ck, cv, ccos, csin = ctx
-            ck = ck.to(k.dtype) if ccos is None else apply_rope(ck.to(k.dtype), ccos, csin)
+            rotate = qk_rope.rope if self.kernels else apply_rope
+            ck = ck.to(k.dtype) if ccos is None else rotate(ck.to(k.dtype), ccos, csin)
             k_r = torch.cat([ck, k_r], 1)
             v_all = torch.cat([cv.to(v.dtype), v], 1)
         else:
@@ -285,14 +294,14 @@ class DiT(nn.Module):
             block.compile(dynamic=dynamic, mode=mode)
 
     def use_kernels(self, on: bool = True, attention: str = "sdpa") -> None:
-        """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds) through the
-        fused Triton kernels of vidu_kernels.adaln where they can run (CUDA, no autograd through them, not
+        """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds; self-attention's
+        q/k RMSNorm + RoPE) through the fused Triton kernels of vidu_kernels.adaln / qk_rope where they can run (CUDA, no autograd through them, not
         under torch.compile), their torch references anywhere else: the same numbers either way; and
         self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate)."""
         if attention not in SELF_ATTENTION:
             raise ValueError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
         for block in self.blocks:
-            block.kernels = on
+            block.kernels = block.self_attn.kernels = on
             block.self_attn.backend = attention
 
     def quantize(self, fmt: str = "fp8") -> list[str]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from vidu_kernels.qk_rope import rope_reference as apply_rope  # noqa: F401  (x [B, L, H, D] rotated; one definition)
+
 
 def axis_pairs(head_dim: int) -> tuple[int, int, int]:
     c = head_dim // 2
@@ -31,12 +33,6 @@ def rope_angles(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.T
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, L, H, D]; rotates consecutive pairs (x[2i], x[2i+1]) by the angles, in float32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
 
 
 def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torch.Tensor:

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import torch
 
-from models.rope import apply_rope
 from vidu_kernels._triton import HAVE_TRITON, runs_triton
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from vidu_kernels._triton import rounded
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,31 +51,33 @@ def qk_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, cos: to
     Returns (rotated [B, L, H, D], normalised-but-unrotated [B, L, H, D] or None when `unrotated` is False), both
     in the dtype of `.type_as(x) * weight` (x's dtype when the weight has it, as in the model)."""
     if weight is not None:
-        xf = x.float()
-        x = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+        x = rms_norm_reference(x, weight, eps)
     n = x.unflatten(-1, (num_heads, -1))
-    return apply_rope(n, cos, sin), (n if unrotated else None)
+    return _rotate(n, cos, sin), (n if unrotated else None)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm over the last dim in float32, rounded to x's dtype, times the weight (models/dit.py's RMSNorm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
 
 
 def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """models.rope.apply_rope: x [B, L, H, D], consecutive pairs rotated by cos/sin [L, D/2] in float32."""
-    return apply_rope(x, cos, sin)
+    """x [B, L, H, D]: consecutive pairs (x[2i], x[2i+1]) rotated by the angles cos/sin [L, D/2], in float32
+    (models.rope.apply_rope)."""
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float().unflatten(-1, (-1, 2))
+    a, b = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([a * c - b * s, a * s + b * c], dim=-1).flatten(-2).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- the kernel
 
 if HAVE_TRITON:
-    @triton.jit
-    def _rounded(v, dtype: tl.constexpr):
-        """float32 v rounded to `dtype` (kept in float32), to nearest even on the GPU and in the interpreter alike
-        (the interpreter truncates a plain float32 -> bf16 cast, so bf16 rounds here by its bits)."""
-        if dtype == tl.bfloat16:
-            u = v.to(tl.uint32, bitcast=True)
-            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-            return tl.where(v != v, v, u.to(tl.float32, bitcast=True))
-        else:
-            return v.to(dtype).to(tl.float32)
-
     @triton.jit
     def _qk_rope_kernel(x_ptr, sxb, sxl, sxh, w_ptr, cos_ptr, scl, sin_ptr, ssl, rot_ptr, unrot_ptr,
                         N, L, P, HD, eps,
@@ -99,9 +102,9 @@ if HAVE_TRITON:
         if NORM:
             ss = tl.sum(v * v, axis=1)
             rstd = tl.rsqrt(ss / (2 * P) + eps)
-            v = _rounded(v * rstd[:, None], x_ptr.dtype.element_ty)                 # .type_as(x)
+            v = rounded(v * rstd[:, None], x_ptr.dtype.element_ty)                 # .type_as(x)
             w = tl.load(w_ptr + c, mask=c < 2 * P, other=0.0).to(tl.float32)
-            v = _rounded(v * w[None, :], out_ty)                                      # * weight
+            v = rounded(v * w[None, :], out_ty)                                      # * weight
         flat = r[:, None] * (2 * P) + c[None, :]
         if UNROT:
             tl.store(unrot_ptr + flat, v.to(out_ty), mask=mask)
@@ -114,7 +117,7 @@ if HAVE_TRITON:
         ra = a * cs - bb * sn
         rb = a * sn + bb * cs
         rot = tl.reshape(tl.join(ra, rb), (ROWS, 2 * BLOCK))
-        tl.store(rot_ptr + flat, _rounded(rot, out_ty).to(out_ty), mask=mask)
+        tl.store(rot_ptr + flat, rounded(rot, out_ty).to(out_ty), mask=mask)
 
 
 def _angles_ok(cos: torch.Tensor, sin: torch.Tensor, L: int, half: int) -> bool:
