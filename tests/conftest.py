@@ -147,3 +147,19 @@ def write_speech_tone(path: Path, seconds: float, seed: int, sr: int = 16000) ->
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(sr)
         w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
     return path
+
+
+def compile_for_hopper(script: str) -> str:
+    """Run `script` (Python that compiles Triton kernels for sm_90 and runs the bundled ptxas on them, printing what
+    it found) in a fresh process without TRITON_INTERPRET, from the repository root; its stdout. Skips where this
+    Triton has no bundled ptxas: the kernels' build for the GPU checked on a machine without one."""
+    import importlib.util
+    ptxas = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout

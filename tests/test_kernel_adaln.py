@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import PRESETS
 from vidu_kernels import adaln as A
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.adaln import gated_residual_norm_modulate_reference as fused_reference
@@ -188,19 +187,10 @@ def test_the_model_with_the_kernels_computes_what_it_computes_without(kernels_on
     """DiT.use_kernels: a tiny DiT's forward (ref frame, per-frame text, speech) with every block's norm/modulation
     and residual adds in the kernels equals the same forward through the references (which is all Block.forward
     computes them with); a kernel that modulates with the wrong frame is caught by the same comparison."""
-    from models.dit import DiT
-    cfg = PRESETS["tiny"].dit
-    torch.manual_seed(0)
-    model = DiT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    model.to(dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, cfg.in_dim, 2, 8, 8, generator=g)
-    args = dict(audio=torch.randn(1, 2 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
-                audio_latent=torch.randn(1, 2, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
-                ref=torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g))
+    from tests.test_kernel_backends import CFG as cfg
+    from tests.test_kernel_backends import forward_args, scrambled
+    model = scrambled(cfg).to(dtype)
+    x, args, g = forward_args(2, 1)
     text, t = torch.randn(1, 2, 5, cfg.text_dim, generator=g), torch.tensor([[250.0, 600.0]])
     with torch.no_grad():
         want = model(x, t, text, **args)

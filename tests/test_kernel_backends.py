@@ -6,6 +6,23 @@ import pytest
 import torch
 
 from models.config import PRESETS
+from tests.test_stream_engine import scrambled
+
+CFG = PRESETS["tiny"].dit
+
+
+def forward_args(frames: int, seed: int, ref: bool = True, kv=None) -> tuple[torch.Tensor, dict, torch.Generator]:
+    """A tiny DiT forward's latent [1, C, frames, 8, 8] and keyword inputs (speech, joint audio latent, and a ref
+    frame or a kv context), and the generator to draw the rest from."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, CFG.in_dim, frames, 8, 8, generator=g)
+    args = dict(audio=torch.randn(1, frames + sum(CFG.audio_context), 16, CFG.audio_dim, generator=g),
+                audio_latent=torch.randn(1, frames, CFG.audio_latent_tokens, CFG.audio_latent_dim, generator=g))
+    if ref:
+        args["ref"] = torch.randn(1, CFG.in_dim, 1, 8, 8, generator=g)
+    if kv is not None:
+        args["kv"] = kv
+    return x, args, g
 
 
 @pytest.mark.parametrize("backend,bound", [("int8", 3e-2), ("sparse", 3e-2)])
@@ -13,22 +30,16 @@ def test_the_model_with_a_fast_attention_backend(backend, bound):
     """DiT.use_kernels(attention=...): a tiny DiT forward through the INT8 or block-sparse self-attention (Triton's
     interpreter; a forward with a ref frame passes a mask, so this one has none: a context and its chunk) stays
     within the backend's approximation of SDPA's; an unknown backend is a one-line error."""
-    from models.dit import KV, DiT
+    from models.dit import KV
     from models.rope import grid_positions
-    cfg = PRESETS["tiny"].dit
-    torch.manual_seed(0)
-    model = DiT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
+    cfg = CFG
+    model = scrambled(cfg)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g)
     n_ctx, heads = 3 * 16, cfg.num_heads
     kv = KV([torch.randn(1, n_ctx, heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
             [torch.randn(1, n_ctx, heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
             grid_positions(torch.arange(1, 4), 4, 4))                      # 3 context frames of 4x4 tokens
-    args = dict(audio=torch.randn(1, 1 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
-                audio_latent=torch.randn(1, 1, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g), kv=kv)
+    x, args, g = forward_args(1, 4, ref=False, kv=kv)
     text, t = torch.randn(1, 5, cfg.text_dim, generator=g), torch.tensor([500.0])
     with torch.no_grad():
         want = model(x, t, text, **args).video
@@ -45,19 +56,10 @@ def test_the_model_with_w8a8_linears(fmt, bound):
     """DiT.quantize: every block's attention projections and FFN become W8A8 GEMMs (the Triton kernels in the
     interpreter) and the forward stays within the format's quantization error of the float one; the
     embeddings, time projection and head stay float."""
-    from models.dit import DiT
     from vidu_kernels.w8a8 import W8A8Linear
-    cfg = PRESETS["tiny"].dit
-    torch.manual_seed(0)
-    model = DiT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, cfg.in_dim, 2, 8, 8, generator=g)
-    args = dict(audio=torch.randn(1, 2 + sum(cfg.audio_context), 16, cfg.audio_dim, generator=g),
-                audio_latent=torch.randn(1, 2, cfg.audio_latent_tokens, cfg.audio_latent_dim, generator=g),
-                ref=torch.randn(1, cfg.in_dim, 1, 8, 8, generator=g))
+    cfg = CFG
+    model = scrambled(cfg)
+    x, args, g = forward_args(2, 3)
     text, t = torch.randn(1, 5, cfg.text_dim, generator=g), torch.tensor([400.0])
     with torch.no_grad():
         want = model(x, t, text, **args).video

@@ -8,15 +8,13 @@ block, no smoothing) that the comparison must catch; and, without a GPU, that th
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import compile_for_hopper
 from vidu_kernels import int8_attention as I8
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.attention import attention, attention_reference
@@ -234,15 +232,7 @@ def test_kernel_compiles_for_hopper():
     """Without a GPU: the attention kernel at the Wan shapes (D 128, 128 x 64 tiles, 8 warps, 3 stages) compiles
     for sm_90 through ptxas, with int8 wgmma instructions for Q.K^T, the key/value loads pipelined (cp.async) and no
     register spills. (Measured: 196 registers, 90 KB shared memory.)"""
-    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if " " in line)
+    out = dict(line.split(" ", 1) for line in compile_for_hopper(COMPILE).splitlines() if " " in line)
     assert int(out["INT8_WGMMA"]) > 0
     assert int(out["ASYNC_COPIES"]) > 0
     assert "0 bytes spill stores" in out["PTXAS"], out["PTXAS"]

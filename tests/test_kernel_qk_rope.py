@@ -7,9 +7,6 @@ the kernel compiles for sm_90 (vectorised loads and stores, no register spills).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +15,7 @@ import torch
 
 from models.config import PRESETS
 from models.rope import apply_rope, grid_positions, rope_angles
+from tests.conftest import compile_for_hopper
 from vidu_kernels import qk_rope as Q
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.qk_rope import qk_norm_rope_reference
@@ -310,20 +308,9 @@ def test_kernel_compiles_for_hopper():
     """Without a GPU: the kernel at the Wan 1.3B and small shapes (bf16 and fp32, with and without the norm and the
     unrotated output) compiles for sm_90 through ptxas, with 128-bit vector loads and stores (the pair split/join
     costs no scalar access) and no register spills. (Measured: 32 to 52 registers.)"""
-    ptxas = Path(triton_file()).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this Triton has no bundled ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", COMPILE], capture_output=True, text=True, env=env, cwd=ROOT,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    cases = [line.split() for line in res.stdout.splitlines() if line.startswith("CASE")]
+    cases = [line.split() for line in compile_for_hopper(COMPILE).splitlines() if line.startswith("CASE")]
     assert len(cases) == 5
     for c in cases:
         out = dict(zip(c[5::2], map(int, c[6::2])))
         assert out["V4_LOADS"] > 0 and out["V4_STORES"] > 0 and out["SPILL_LINES"] > 0 and out["SPILLS"] == 0, c
 
-
-def triton_file() -> str:
-    return importlib.util.find_spec("triton").origin
