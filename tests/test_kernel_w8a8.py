@@ -5,12 +5,15 @@ the modules, the fallback, and negative controls that the comparisons catch a wr
 the interpreter (the kernel rounds in float32 before its float8 cast, which the interpreter gets wrong alone)."""
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 import torch.nn as nn
 
 from models.config import PRESETS
 from models.dit import DiT
+from tests.conftest import compile_for_hopper
 from vidu_kernels import w8a8 as Q
 from vidu_kernels._triton import runs_triton
 
@@ -248,3 +251,139 @@ def test_fallback_when_triton_cannot_run(monkeypatch):
         assert torch.equal(Q.w8a8_linear(x, wq, ws, b, fmt), Q.w8a8_linear_reference(x, wq, ws, b, fmt))
         mod = Q.W8A8Linear.from_linear(nn.Linear(200, 130), fmt)
         assert torch.equal(mod(x), Q.w8a8_linear_reference(x, mod.weight_q, mod.weight_scales, mod.bias, fmt))
+
+
+def _compiled(fn, graphs: list):
+    """fn under torch.compile with a backend that keeps dynamo's graph (then runs it as it is)."""
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    return torch.compile(fn, backend=backend, fullgraph=True)
+
+
+def _ops(graphs: list) -> list:
+    return [n.target for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _w8a8_linear_traced(self, x):
+    """The module's forward before the custom op: traced, the launcher becomes its torch reference."""
+    return Q.w8a8_linear(x, self.weight_q, self.weight_scales, self.bias, self.fmt, self.block)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_compiled_linear_is_one_op_that_runs_the_kernel(fmt, monkeypatch):
+    """Under torch.compile (dynamo's graph, and aot_eager: AOT autograd's functionalised graph) a W8A8Linear is one
+    node, torch.ops.vidu.w8a8_linear, which at run time launches the Triton GEMM: the compiled module gives exactly
+    the uncompiled one's output. Negative control: the forward without the op (the launcher traced) has no such node,
+    never launches the kernel and gives the reference's numbers instead, which the exact comparison tells apart."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    mod = Q.W8A8Linear.from_linear(nn.Linear(200, 130), fmt)
+    x = torch.randn(2, 9, 200)
+    calls = []
+    gemm = Q.w8a8_gemm
+    monkeypatch.setattr(Q, "w8a8_gemm", lambda *a, **k: calls.append(1) or gemm(*a, **k))
+    with torch.no_grad():
+        eager = mod(x)
+        assert len(calls) == 1
+        graphs = []
+        got = _compiled(mod, graphs)(x)
+        assert _ops(graphs).count(torch.ops.vidu.w8a8_linear.default) == 1 and len(calls) == 2
+        assert torch.equal(got, eager)
+        got_aot = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
+        assert len(calls) == 3 and torch.equal(got_aot, eager)
+        assert rel_l2(eager, Q.w8a8_linear_reference(x, mod.weight_q, mod.weight_scales, mod.bias, fmt)) < GEMM_TOL
+
+        torch._dynamo.reset()
+        monkeypatch.setattr(Q.W8A8Linear, "forward", _w8a8_linear_traced)
+        graphs = []
+        traced = _compiled(mod, graphs)(x)
+        assert torch.ops.vidu.w8a8_linear.default not in _ops(graphs) and len(calls) == 3
+        assert not torch.equal(traced, eager)
+    torch._dynamo.reset()
+
+
+def test_compiled_quantized_block_keeps_every_linear_an_op():
+    """A tiny DiT block with W8A8 linears, compiled (aot_eager, as DiT.compile_blocks compiles blocks): each of its
+    14 quantized linears is one vidu.w8a8_linear node and the block's output is the uncompiled block's, exactly."""
+    from tests.test_kernel_backends import forward_args
+    from tests.test_stream_engine import scrambled
+    torch._dynamo.reset()
+    cfg = PRESETS["tiny"].dit
+    model = scrambled(cfg)
+    model.quantize("int8")
+    x, args, g = forward_args(1, 5)
+    text, t = torch.randn(1, 5, cfg.text_dim, generator=g), torch.tensor([300.0])
+    captured = {}
+    block = model.blocks[0]
+    hook = block.register_forward_hook(lambda m, a, out: captured.update(args=a))
+    with torch.no_grad():
+        model(x, t, text, **args)
+    hook.remove()
+    a = captured["args"]
+    graphs = []
+    with torch.no_grad():
+        eager = block(*a)
+        got = _compiled(block, graphs)(*a)
+        aot = torch.compile(block, backend="aot_eager")(*a)
+    n_quantized = sum(isinstance(m, Q.W8A8Linear) for m in block.modules())
+    assert n_quantized == 14 and _ops(graphs).count(torch.ops.vidu.w8a8_linear.default) == n_quantized
+    for out in (got, aot):
+        assert all(torch.equal(o, e) for o, e in zip(out, eager))
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------- the GPU build
+
+COMPILE = textwrap.dedent("""
+import os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vidu_kernels import w8a8 as Q
+fn = Q._w8a8_gemm_kernel
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+# Wan 1.3B's qkvo / FFN-up K (1536) in both formats, three of the autotuner's tiles
+for qt, (bm, bn, warps, stages) in [(q, c) for q in ("fp8e4nv", "i8") for c in [(128, 128, 8, 3), (64, 256, 8, 3),
+                                                                                    (64, 128, 4, 4)]]:
+    sig = dict(x_ptr=f"*{qt}", xs_ptr="*fp32", w_ptr=f"*{qt}", ws_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16",
+               M="i32", N="i32", K="constexpr", stride_xm="i32", stride_xk="constexpr", stride_xsm="i32",
+               stride_xsk="constexpr", stride_wn="i32", stride_wk="constexpr", stride_wsn="i32", stride_wsk="constexpr",
+               stride_om="i32", stride_on="constexpr", M_BUCKET="i32", W_ROWS="constexpr", IS_INT8="constexpr",
+               HAS_BIAS="constexpr", EVEN_K="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr",
+               BLOCK_K="constexpr", GROUP_M="constexpr")
+    consts = dict(K=1536, stride_xk=1, stride_xsk=1, stride_wk=1, stride_wsk=1, stride_on=1, W_ROWS=128,
+                  IS_INT8=qt == "i8", HAS_BIAS=True, EVEN_K=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8)
+    # what the JIT specialises at the real shapes: 16-byte aligned pointers, row strides and sizes divisible by 16
+    div16 = [n for n, t in sig.items() if t.startswith("*")] + "M N stride_xm stride_wn stride_om".split()
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                          text=True, check=True).stderr
+    os.unlink(f.name)
+    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill", info)]
+    regs = re.findall(r"Used (\\d+) registers", info)
+    kind = ".s32.s8.s8" if qt == "i8" else ".e4m3.e4m3"
+    print("CASE", qt, bm, bn, warps, stages, "WGMMA", sum(1 for l in ptx.splitlines() if "wgmma.mma_async" in l and kind in l),
+          "ASYNC", ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy_global_to_local"),
+          "SPILL_LINES", len(spills), "SPILLS", sum(spills), "REGS", regs[0] if regs else -1)
+""")
+
+
+def test_gemm_compiles_for_hopper():
+    """Without a GPU: the block-scaled GEMM (fp8 e4m3 and int8) compiles for sm_90 through ptxas at three of the
+    autotuner's tiles, with wgmma instructions of its format and pipelined (async) loads of both operands. 64 x 256 /
+    8 warps and 64 x 128 / 4 warps spill no registers; 128 x 128 / 8 warps reaches 255 registers and spills (measured:
+    128 bytes; 128 x 256, 256 x 128 and 128 x 128 / 4 warps spill 0.7-1.8 KB: the float32 accumulator and each K
+    block's partial product are both live), which the autotuner weighs on the GPU."""
+    cases = [line.split() for line in compile_for_hopper(COMPILE).splitlines() if line.startswith("CASE")]
+    assert len(cases) == 6
+    for c in cases:
+        out = dict(zip(c[6::2], map(int, c[7::2])))
+        assert out["WGMMA"] > 0 and out["ASYNC"] > 0 and out["SPILL_LINES"] > 0, c
+        if (c[2], c[3]) != ("128", "128"):
+            assert out["SPILLS"] == 0, c

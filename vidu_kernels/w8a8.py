@@ -335,6 +335,23 @@ def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor, bias:
     return w8a8_gemm(xq, xs, wq, w_scales, bias, x.dtype, group).reshape(*x.shape[:-1], wq.shape[0])
 
 
+# torch.compile: `runs_triton` is false while dynamo traces, so a traced `w8a8_linear` would become its torch
+# reference (the dequantized float32 matmul, a GEMM in float). As a custom op the linear is one opaque node of the
+# compiled graph instead, and at run time the node calls `w8a8_linear` itself: the Triton kernels where they run,
+# the reference elsewhere, the same numbers as the uncompiled module. The fake implementation gives only the output's
+# shape, dtype and device (for tracing); the math has its one definition above.
+@torch.library.custom_op("vidu::w8a8_linear", mutates_args=())
+def w8a8_linear_op(x: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None, fmt: str,
+                   group: int) -> torch.Tensor:
+    """`w8a8_linear` as the custom op torch.ops.vidu.w8a8_linear (no autograd: inference only)."""
+    return w8a8_linear(x, wq, w_scales, bias, fmt, group)
+
+
+@w8a8_linear_op.register_fake
+def _w8a8_linear_fake(x, wq, w_scales, bias, fmt, group):
+    return x.new_empty((*x.shape[:-1], wq.shape[0]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,7 +405,11 @@ class W8A8Linear(nn.Module):
         return dequantize_weight(self.weight_q, self.weight_scales, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8_linear(x, self.weight_q, self.weight_scales, self.bias, self.fmt, self.block)
+        """Through the custom op (one node of a compiled graph, the kernels at run time), unless autograd must
+        differentiate through x: the reference then, which it can."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return w8a8_linear_reference(x, self.weight_q, self.weight_scales, self.bias, self.fmt, self.block)
+        return torch.ops.vidu.w8a8_linear.default(x, self.weight_q, self.weight_scales, self.bias, self.fmt, self.block)
 
     def _apply(self, fn, recurse=True):
         keep = {"weight_q": self.weight_q, "weight_scales": self.weight_scales}
