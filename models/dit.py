@@ -37,6 +37,7 @@ from models.ulysses import SequenceShards, check_heads
 from vidu_kernels import adaln, qk_rope
 from vidu_kernels.attention import attention
 from vidu_kernels.int8_attention import int8_attention
+from vidu_kernels.prefix_cache import PrefixCache
 from vidu_kernels.sparse_attention import sparse_attention
 from vidu_kernels.w8a8 import dit_block_linears, quantize_linears
 
@@ -61,13 +62,24 @@ class KV:
         return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop])
 
 
-def _sparse(q, k, v, mask=None):
-    return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v)
+def _sdpa(q, k, v, mask=None, prefix=None, cache=None):
+    return attention(q, k, v, mask)
+
+
+def _int8(q, k, v, mask=None, prefix=None, cache=None):
+    return int8_attention(q, k, v, mask, prefix=prefix, cache=cache)
+
+
+def _sparse(q, k, v, mask=None, prefix=None, cache=None):
+    return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v, prefix=prefix, cache=cache)
 
 
 # self-attention backends (DiT.use_kernels): PyTorch SDPA; INT8 Q.K^T with per-block scales and K smoothing;
 # block-sparse from pooled block similarity (keep 0.9). The fast ones take no mask: a masked call runs SDPA.
-SELF_ATTENTION = {"sdpa": attention, "int8": int8_attention, "sparse": _sparse}
+# Each is called (q, k, v, mask, prefix=, cache=): `prefix` the cached context's keys that k starts with, `cache`
+# the module's PrefixCache, where a backend keeps what it derives from them (INT8 attention's quantized key blocks,
+# the sparse mask's pooled key blocks) for the next calls over the same context (a chunk's steps).
+SELF_ATTENTION = {"sdpa": _sdpa, "int8": _int8, "sparse": _sparse}
 
 
 @dataclass
@@ -123,6 +135,7 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.backend = "sdpa"                   # self-attention's (SELF_ATTENTION; DiT.use_kernels)
         self.kernels = False                    # DiT.use_kernels: q/k norm + RoPE in one Triton pass
+        self.prefix_cache = PrefixCache(2)      # the backend's derived context keys, per context (noisy, clean)
 
     def _heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1))
@@ -155,15 +168,20 @@ class Attention(nn.Module):
                 qkv = sp.seq_to_heads(torch.stack([q, k, v], -2).flatten(-2))
                 q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
             q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        prefix = cache = None
         if ctx is not None:
             ck, cv, ccos, csin = ctx
             rotate = qk_rope.rope if self.kernels else apply_rope
+            # keys already rotated (DiT.rotate: one tensor for all the forwards of a chunk) are what a backend may
+            # keep derived forms of; keys rotated here are new in every call
+            cache = self.prefix_cache if ccos is None and ck.dtype == k.dtype else None
             ck = ck.to(k.dtype) if ccos is None else rotate(ck.to(k.dtype), ccos, csin)
+            prefix = ck
             k_r = torch.cat([ck, k_r], 1)
             v_all = torch.cat([cv.to(v.dtype), v], 1)
         else:
             v_all = v
-        out = SELF_ATTENTION[self.backend](q_r, k_r, v_all, mask)
+        out = SELF_ATTENTION[self.backend](q_r, k_r, v_all, mask, prefix=prefix, cache=cache)
         if sp is not None:
             out = sp.heads_to_seq(out)
         return self.o(out.flatten(2)), k, v

@@ -224,7 +224,7 @@ def test_the_reference_is_what_self_attention_computes(dtype, monkeypatch):
     ck, cv = torch.randn(B, Lc, H, D, generator=g).to(dtype), torch.randn(B, Lc, H, D, generator=g).to(dtype)
     seen = {}
 
-    def capture(q, k, v, mask):
+    def capture(q, k, v, mask, **kw):
         seen.update(q=q, k=k)
         return dit.attention(q, k, v, mask)
     monkeypatch.setitem(dit.SELF_ATTENTION, "sdpa", capture)

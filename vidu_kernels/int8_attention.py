@@ -53,6 +53,7 @@ from vidu_kernels._triton import HAVE_TRITON, runs_triton
 if HAVE_TRITON:
     from vidu_kernels._triton import round_bf16
 from vidu_kernels.attention import attention
+from vidu_kernels.prefix_cache import PrefixCache, prefix_length
 
 LOG2E = 1.4426950408889634
 _TINY = 1e-30                    # floor of a block's amax: an all-zero block gets scale ~0 and int8 zeros
@@ -98,28 +99,30 @@ def _quantize_blocks(x: torch.Tensor, block: int, extra: float = 1.0) -> tuple[t
 
 
 def quantize_qk_reference(q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_k: int = 64,
-                          smooth_k: bool = True) -> QuantQK:
+                          smooth_k: bool = True, mean_keys: int | None = None) -> QuantQK:
     """q [B, Lq, H, D], k [B, Lk, H, D] (any float dtype) -> QuantQK, heads-first. K smoothing (smooth_k): the mean
-    key over the Lk tokens (float32, per batch and head) is subtracted before K is quantized; softmax(Q K^T) is
-    unchanged by it (each query's row of scores moves by the constant q . mean). Q's scales include
+    key over the Lk tokens (float32, per batch and head; over the first `mean_keys` when given: a cached context,
+    whose quantized blocks then do not depend on the keys after it) is subtracted before K is quantized;
+    softmax(Q K^T) is unchanged by it (each query's row of scores moves by the constant q . mean). Q's scales include
     log2(e) / sqrt(D), so q_i8 . k_i8 * q_scale * k_scale is the score in log2 units."""
     D = q.shape[-1]
     qh = q.float().permute(0, 2, 1, 3)
     kh = k.float().permute(0, 2, 1, 3)
-    k_mean = kh.mean(2) if smooth_k else kh.new_zeros(kh.shape[0], kh.shape[1], D)
+    k_mean = kh[:, :, :mean_keys].mean(2) if smooth_k else kh.new_zeros(kh.shape[0], kh.shape[1], D)
     q_i8, q_scale = _quantize_blocks(qh, block_q, _score_scale(D))
     k_i8, k_scale = _quantize_blocks(kh - k_mean[:, :, None], block_k)
     return QuantQK(q_i8, q_scale, k_i8, k_scale, k_mean)
 
 
 def int8_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_q: int = 128,
-                             block_k: int = 64, smooth_k: bool = True) -> torch.Tensor:
+                             block_k: int = 64, smooth_k: bool = True, mean_keys: int | None = None) -> torch.Tensor:
     """The kernel's math in float32: scores from the quantized Q and (smoothed) K of `quantize_qk_reference`,
     exact softmax (exp2 of the log2-unit scores), P.V with V in float32. [B, Lq, H, D] in q's dtype. Against
     the exact attention (attention_reference) it carries the INT8 quantization error; against the kernel only
-    summation order and, for 16-bit V, the kernel's rounding of P to V's dtype."""
+    summation order and, for 16-bit V, the kernel's rounding of P to V's dtype. mean_keys: K smoothing's mean over
+    the first mean_keys keys only (quantize_qk_reference)."""
     Lq, Lk = q.shape[1], k.shape[1]
-    qq = quantize_qk_reference(q, k, block_q, block_k, smooth_k)
+    qq = quantize_qk_reference(q, k, block_q, block_k, smooth_k, mean_keys)
     s = torch.einsum("bhqd,bhkd->bhqk", qq.q_i8.float(), qq.k_i8.float())    # exact: integers below 2^24
     qs = qq.q_scale.repeat_interleave(block_q, -1)[..., :Lq]
     ks = qq.k_scale.repeat_interleave(block_k, -1)[..., :Lk]
@@ -179,13 +182,15 @@ if HAVE_TRITON:
         tl.store(part_ptr + (bh * NSPLIT + sp) * DP + d, tl.sum(acc, 0))
 
     @triton.jit
-    def _quant_k_kernel(k_ptr, skb, skl, skh, part_ptr, ki8_ptr, ks_ptr, mean_ptr, Lk, H, NK, NSPLIT,
+    def _quant_k_kernel(k_ptr, skb, skl, skh, part_ptr, ki8_ptr, ks_ptr, mean_ptr, Lk, H, NK, NSPLIT, N_MEAN, FIRST,
                         D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_P2: tl.constexpr,
                         SMOOTH: tl.constexpr):
-        """Program (key block j, b*H + h): the block's keys minus the mean key (SMOOTH; the mean from the
-        NSPLIT partial sums), scale = amax / 127, int8 keys to ki8[b*H + h, j*BLOCK_N + i, :DP] (rows past Lk
-        and columns past D are 0), the scale to ks[b*H + h, j]; block 0 also stores the mean (float32 [DP])."""
-        j = tl.program_id(0)
+        """Program (key block j = FIRST + program 0, b*H + h): the block's keys minus the mean key (SMOOTH; the
+        mean of the first N_MEAN keys, from their NSPLIT partial sums), scale = amax / 127, int8 keys to
+        ki8[b*H + h, j*BLOCK_N + i, :DP] (rows past Lk and columns past D are 0), the scale to ks[b*H + h, j];
+        block 0 also stores the mean (float32 [DP]). FIRST > 0 requantizes the blocks from FIRST on only (the
+        blocks before it kept from an earlier call: a cached context's)."""
+        j = FIRST + tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -198,7 +203,7 @@ if HAVE_TRITON:
             sp = tl.arange(0, SPLIT_P2)
             parts = tl.load(part_ptr + (bh * NSPLIT + sp)[:, None] * DP + d[None, :], mask=(sp < NSPLIT)[:, None],
                             other=0.0)
-            mean = tl.math.div_rn(tl.sum(parts, 0), tl.full([DP], Lk, tl.float32))
+            mean = tl.math.div_rn(tl.sum(parts, 0), tl.full([DP], N_MEAN, tl.float32))
             x = tl.where(ok, x - mean[None, :], 0.0)
             if j == 0:
                 tl.store(mean_ptr + bh * DP + d, mean)
@@ -308,38 +313,75 @@ def _check_blocks(block_q: int, block_k: int) -> None:
             raise ValueError(f"{name} must be a power of two >= 16, not {blk}")
 
 
-def quantize_k_triton(k: torch.Tensor, block_k: int = 64, smooth_k: bool = True,
-                      num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_k_triton(k: torch.Tensor, block_k: int = 64, smooth_k: bool = True, num_warps: int | None = None,
+                      mean_keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The keys' side of the kernel: k [B, Lk, H, D] (any strides with the last one 1, else copied) ->
     (int8 [B, H, ceil(Lk / block_k) * block_k, DP] zero-padded (DP = max(32, next power of two >= D)),
     float32 scales [B, H, ceil(Lk / block_k)], float32 mean key [B, H, DP]), as quantize_qk_reference's k_i8,
-    k_scale, k_mean (padding aside). Two launches: column sums in NSPLIT slices of the keys, then one program
-    per key block (the mean from the slices, the block's scale, its int8 keys)."""
+    k_scale, k_mean (padding aside; mean_keys: the mean of the first mean_keys keys). Two launches: column sums in
+    NSPLIT slices of the keys (of the first mean_keys), then one program per key block (the mean from the slices,
+    the block's scale, its int8 keys)."""
     if k.stride(-1) != 1:
         k = k.contiguous()
-    B, Lk, H, D = k.shape
-    DP = _padded_d(D)
-    NK = -(-Lk // block_k)
-    dev = k.device
-    k_i8 = torch.empty(B, H, NK * block_k, DP, dtype=torch.int8, device=dev)
-    k_scale = torch.empty(B, H, NK, dtype=torch.float32, device=dev)
-    k_mean = torch.zeros(B, H, DP, dtype=torch.float32, device=dev)
-    warps = {} if dev.type != "cuda" else dict(num_warps=num_warps or 4)
-    BLOCK_T = 32
-    nsplit = max(1, min(16, -(-Lk // 1024)))              # slices of >= 1024 keys, at most 16
-    per_split = -(-Lk // nsplit)
-    chunk = -(-per_split // BLOCK_T) * BLOCK_T              # keys per slice, whole BLOCK_T tiles
-    nsplit = -(-Lk // chunk)
-    parts = k_mean                                          # not read without smoothing
-    if smooth_k:
-        parts = torch.empty(B * H, nsplit, DP, dtype=torch.float32, device=dev)
-        _k_colsum_kernel[(B * H, nsplit)](k, k.stride(0), k.stride(1), k.stride(2), parts, Lk, H, chunk, nsplit,
-                                          D=D, DP=DP, BLOCK_T=BLOCK_T,
-                                          INTERPRET=dev.type != "cuda", **warps)
-    _quant_k_kernel[(NK, B * H)](k, k.stride(0), k.stride(1), k.stride(2), parts, k_i8, k_scale, k_mean, Lk, H, NK,
-                                 nsplit, D=D, DP=DP, BLOCK_N=block_k, SPLIT_P2=triton.next_power_of_2(nsplit),
-                                 SMOOTH=smooth_k, **warps)
-    return k_i8, k_scale, k_mean
+    keys = _KeySide(k, block_k, smooth_k, mean_keys, num_warps)
+    return keys.quantize(k, 0)
+
+
+class _KeySide:
+    """The quantized keys of one call, or of a cached context and the calls after it: the mean's partial sums (of
+    the first n_mean keys) and the int8 buffer, scales and mean key. `quantize(k, first)` (re)writes the key blocks
+    from `first` on, in place; the blocks before it stay as an earlier call wrote them."""
+
+    def __init__(self, k: torch.Tensor, block_k: int, smooth_k: bool, mean_keys: int | None,
+                 num_warps: int | None):
+        B, Lk, H, D = k.shape
+        self.block_k, self.smooth_k, self.D, self.DP = block_k, smooth_k, D, _padded_d(D)
+        self.n_mean = Lk if mean_keys is None else mean_keys
+        if not 0 < self.n_mean <= Lk:
+            raise ValueError(f"mean_keys must be in 1..{Lk}, not {mean_keys}")
+        dev = k.device
+        self.warps = {} if dev.type != "cuda" else dict(num_warps=num_warps or 4)
+        self.k_mean = torch.zeros(B, H, self.DP, dtype=torch.float32, device=dev)
+        self.parts, self.nsplit = self.k_mean, 1            # not read without smoothing
+        if smooth_k:
+            BLOCK_T = 32
+            nsplit = max(1, min(16, -(-self.n_mean // 1024)))   # slices of >= 1024 keys, at most 16
+            per_split = -(-self.n_mean // nsplit)
+            chunk = -(-per_split // BLOCK_T) * BLOCK_T          # keys per slice, whole BLOCK_T tiles
+            self.nsplit = -(-self.n_mean // chunk)
+            self.parts = torch.empty(B * H, self.nsplit, self.DP, dtype=torch.float32, device=dev)
+            _k_colsum_kernel[(B * H, self.nsplit)](k, k.stride(0), k.stride(1), k.stride(2), self.parts, self.n_mean,
+                                                   H, chunk, self.nsplit, D=D, DP=self.DP, BLOCK_T=BLOCK_T,
+                                                   INTERPRET=dev.type != "cuda", **self.warps)
+        self.k_i8 = self.k_scale = None
+        self._alloc(B, H, -(-Lk // block_k), dev, 0)
+        self.valid = 0                                      # leading blocks the buffers hold (quantize's last NK)
+
+    def _alloc(self, B: int, H: int, NK: int, dev, keep: int) -> None:
+        """Buffers for NK key blocks, the first `keep` copied from the old ones."""
+        k_i8 = torch.empty(B, H, NK * self.block_k, self.DP, dtype=torch.int8, device=dev)
+        k_scale = torch.empty(B, H, NK, dtype=torch.float32, device=dev)
+        if keep:
+            k_i8[:, :, :keep * self.block_k] = self.k_i8[:, :, :keep * self.block_k]
+            k_scale[..., :keep] = self.k_scale[..., :keep]
+        self.k_i8, self.k_scale = k_i8, k_scale
+
+    def quantize(self, k: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Key blocks [first, ceil(Lk / block_k)) of k quantized into the buffers (resized to k's blocks, the
+        first `first` kept). Returns (k_i8, k_scale, k_mean) for k."""
+        B, Lk, H, D = k.shape
+        NK = -(-Lk // self.block_k)
+        if first > self.valid:
+            raise ValueError(f"blocks before {first} were never quantized (the buffers hold {self.valid})")
+        if tuple(self.k_scale.shape) != (B, H, NK):
+            self._alloc(B, H, NK, k.device, first)
+        if NK > first:
+            _quant_k_kernel[(NK - first, B * H)](
+                k, k.stride(0), k.stride(1), k.stride(2), self.parts, self.k_i8, self.k_scale, self.k_mean, Lk, H,
+                NK, self.nsplit, self.n_mean, first, D=D, DP=self.DP, BLOCK_N=self.block_k,
+                SPLIT_P2=triton.next_power_of_2(self.nsplit), SMOOTH=self.smooth_k, **self.warps)
+        self.valid = NK
+        return self.k_i8, self.k_scale, self.k_mean
 
 
 def attend_quantized_k(q: torch.Tensor, k_i8: torch.Tensor, k_scale: torch.Tensor, v: torch.Tensor, block_q: int,
@@ -379,21 +421,36 @@ def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 def int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                    block_q: int = 128, block_k: int = 64, smooth_k: bool = True, num_warps: int | None = None,
-                   num_stages: int | None = None) -> torch.Tensor:
+                   num_stages: int | None = None, prefix: torch.Tensor | None = None,
+                   cache: PrefixCache | None = None) -> torch.Tensor:
     """Attention with INT8 Q.K^T (per-block scales, K smoothing) and 16-bit P.V: q [B, Lq, H, D], k/v
     [B, Lk, H, D] (bf16, fp16 or fp32; one dtype) -> [B, Lq, H, D] in q's dtype. The Triton kernels where
     runs_triton(q, k, v), else int8_attention_reference. A mask (bool [Lq, Lk]), or tensors the kernel does not
     take (mixed dtypes, D > 256, no keys), go to vidu_kernels.attention.attention (SDPA) instead.
     block_q / block_k: the tokens of one Q / K quantization block, also the kernel's tile (powers of two >= 16);
     num_warps / num_stages: the attention kernel's launch on the GPU (default 8 warps for block_q >= 128, else
-    4; 3 stages)."""
+    4; 3 stages).
+    prefix: the keys k starts with, as their own tensor (k[:, :Lc] equals it; a stream's cached context, which
+    every step of a chunk attends to before the chunk's own keys): K smoothing subtracts the mean of these Lc keys
+    (not of all Lk), so the int8 blocks of the context do not depend on the keys after it; with `cache`
+    (vidu_kernels.prefix_cache.PrefixCache) its whole blocks are quantized once, at the first call, and kept while
+    the prefix tensor is unchanged (same tensor, no in-place write since): the next calls quantize only the blocks
+    from the last whole context block on. The output is the same with or without the cache (the same blocks from
+    the same kernel); the cache keeps the key buffer and rewrites its tail in place each call."""
     _check_blocks(block_q, block_k)
     if mask is not None or not _kernel_takes(q, k, v):
         return attention(q, k, v, mask)
     if q.shape[1] == 0 or q.shape[0] * q.shape[2] == 0:
         return q.new_empty(q.shape)
+    n_ctx = prefix_length(prefix, k)
     if not runs_triton(q, k, v):
-        return int8_attention_reference(q, k, v, block_q, block_k, smooth_k)
-    k_i8, k_scale, _ = quantize_k_triton(k, block_k, smooth_k)
+        return int8_attention_reference(q, k, v, block_q, block_k, smooth_k, n_ctx)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if n_ctx is None or cache is None:
+        k_i8, k_scale, _ = quantize_k_triton(k, block_k, smooth_k, num_warps, n_ctx)
+    else:
+        keys = cache.get(prefix, ("int8 keys", block_k, smooth_k, num_warps),
+                         lambda: _KeySide(k, block_k, smooth_k, n_ctx, num_warps))
+        k_i8, k_scale, _ = keys.quantize(k, min(keys.valid, n_ctx // block_k))
     return attend_quantized_k(q, k_i8, k_scale, v, block_q, block_k, num_warps=num_warps, num_stages=num_stages)
-

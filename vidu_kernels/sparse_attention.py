@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from vidu_kernels._triton import HAVE_TRITON, runs_triton
+from vidu_kernels.prefix_cache import PrefixCache, prefix_length
 
 DEFAULT_MIN_SIM = 0.5  # mean pairwise cosine below which a block's average is not trusted (kept dense)
 
@@ -87,8 +88,28 @@ def block_mask_from_pooled(pq: torch.Tensor, sim_q: torch.Tensor, pk: torch.Tens
     return mask
 
 
+def pool_keys(k: torch.Tensor, block: int, prefix_len: int | None = None,
+              head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pool_blocks of the keys, in two runs when they start with a prefix of prefix_len keys (a cached context):
+    the prefix's whole blocks (the first prefix_len // block), then the rest, joined. The blocks are the same
+    either way (both runs start at a block boundary); the split lets a caller pool the prefix's blocks once
+    (`head`: pool_blocks(k[:, :prefix_len // block * block], block), computed before) for every call that
+    attends to it."""
+    n = (prefix_len or 0) // block * block
+    if not n:
+        return pool_blocks(k, block)
+    if head is None:
+        head = pool_blocks(k[:, :n], block)
+    if n == k.shape[1]:
+        return head
+    tail = pool_blocks(k[:, n:], block)
+    return tuple(torch.cat([a, b], dim) for a, b, dim in zip(head, tail, (2, 2, 0)))
+
+
 def block_mask_reference(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep: float,
-                         always: Sequence[int] = (), min_sim: float = DEFAULT_MIN_SIM) -> torch.Tensor:
+                         always: Sequence[int] = (), min_sim: float = DEFAULT_MIN_SIM, prefix_len: int | None = None,
+                         key_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Training-free block mask, bool [B, H, ceil(Lq / block_q), ceil(Lk / block_k)] (True = computed).
 
     Per batch and head: pooled_q / pooled_k = the mean token of each block of q / k; score = softmax over the
@@ -97,9 +118,10 @@ def block_mask_reference(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k
     mass reaches `keep` (in (0, 1]; 1 keeps all), at least one. Key blocks in `always` (indices, negative from
     the end) are kept for every query block. Self-similarity guard: a block whose tokens' mean pairwise cosine
     similarity is below `min_sim` is not judged by its average (a query block keeps its whole row, a key block
-    its whole column); min_sim=-1 turns the guard off."""
+    its whole column); min_sim=-1 turns the guard off. prefix_len / key_head: the keys pooled by `pool_keys` (a
+    cached context's whole blocks in a run of their own, their pooled blocks given when computed before)."""
     pq, sim_q, _ = pool_blocks(q, block_q)
-    pk, sim_k, count_k = pool_blocks(k, block_k)
+    pk, sim_k, count_k = pool_keys(k, block_k, prefix_len, key_head)
     return block_mask_from_pooled(pq, sim_q, pk, sim_k, count_k, keep, always, min_sim)
 
 
@@ -239,13 +261,25 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: float = 0.9, block_q: int = 64,
                      block_k: int = 64, always: Sequence[int] = (0,), min_sim: float = DEFAULT_MIN_SIM,
-                     block_mask: torch.Tensor | None = None, return_mask: bool = False):
+                     block_mask: torch.Tensor | None = None, return_mask: bool = False,
+                     prefix: torch.Tensor | None = None, cache: PrefixCache | None = None):
     """Block-sparse attention: q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16, fp16 or fp32) -> [B, Lq, H, D] in q's
     dtype, or (out, block_mask) with return_mask. The mask is `block_mask_reference(q, k, block_q, block_k, keep,
     always, min_sim)` unless one is given; the Triton kernel runs where runs_triton(q, k, v), else
-    sparse_attention_reference. kept_fraction(block_mask) is the share of tiles computed."""
+    sparse_attention_reference. kept_fraction(block_mask) is the share of tiles computed.
+    prefix: the keys k starts with, as their own tensor (k[:, :Lc] equals it: a stream's cached context, the same
+    for every step of a chunk): the mask pools its whole blocks in a run of their own (`pool_keys`), and with
+    `cache` (vidu_kernels.prefix_cache.PrefixCache) once, kept while the prefix tensor is unchanged; each call then
+    pools only its queries and the keys after the prefix's whole blocks. The mask is the same with or without the
+    cache (the same pooling of the same blocks). While torch.compile traces, the cache is not used (its look-up is
+    Python bookkeeping, not a graph)."""
     if block_mask is None:
-        block_mask = block_mask_reference(q, k, block_q, block_k, keep, always, min_sim)
+        n_ctx = prefix_length(prefix, k)
+        head = None
+        if cache is not None and n_ctx is not None and n_ctx >= block_k and not torch.compiler.is_compiling():
+            n = n_ctx // block_k * block_k
+            head = cache.get(prefix, ("pooled keys", block_k), lambda: pool_blocks(k[:, :n], block_k))
+        block_mask = block_mask_reference(q, k, block_q, block_k, keep, always, min_sim, n_ctx, head)
     if runs_triton(q, k, v):
         out = sparse_attention_triton(q, k, v, block_mask, block_q, block_k)
     else:

@@ -1,0 +1,281 @@
+"""vidu_kernels.prefix_cache: what INT8 attention (quantized key blocks) and block-sparse attention (pooled key
+blocks) derive from a cached context, kept across the calls of a chunk (Triton's interpreter on the CPU; conftest
+sets TRITON_INTERPRET=1). Each cached call must equal the same call recomputing everything; stale-cache mutants (an
+entry not invalidated when the context's keys are written in place) must fail that comparison."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import vidu_kernels.int8_attention as I8
+import vidu_kernels.prefix_cache as PC
+import vidu_kernels.sparse_attention as SA
+from models.config import PRESETS
+from tests.test_kernel_backends import forward_args
+from tests.test_stream_engine import scrambled
+from vidu_kernels._triton import runs_triton
+from vidu_kernels.prefix_cache import PrefixCache, prefix_length
+
+B, H, D, BLK = 2, 2, 32, 16
+LC = 45                       # context keys: two whole blocks of 16 and a partial one (the chunk's keys follow it)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def context(seed: int = 0, dtype=torch.float32, offset: float = 3.0):
+    g = torch.Generator().manual_seed(seed)
+    ck = torch.randn(B, LC, H, D, generator=g) + offset * torch.randn(B, 1, H, D, generator=g)
+    return ck.to(dtype), torch.randn(B, LC, H, D, generator=g).to(dtype)
+
+
+def step(ck, cv, seed: int, lx: int = 20, lq: int = 20):
+    """One call's inputs: the chunk's queries, and [context + chunk] keys/values (new tensors, as the DiT's cat)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    dt = ck.dtype
+    q = torch.randn(B, lq, H, D, generator=g).to(dt)
+    kx = (torch.randn(B, lx, H, D, generator=g) + 3.0).to(dt)
+    vx = torch.randn(B, lx, H, D, generator=g).to(dt)
+    return q, torch.cat([ck, kx], 1), torch.cat([cv, vx], 1)
+
+
+class Grids:
+    """Counts the launches of a Triton kernel and the programs of each (its grid's first axis)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.first = kernel, []
+
+    def __getitem__(self, grid):
+        self.first.append(grid[0])
+        return self.kernel[grid]
+
+
+@pytest.fixture(autouse=True)
+def interpreter():
+    if not runs_triton(torch.zeros(1)):
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1)")
+
+
+# ----------------------------------------------------------------------------------------------- the cache
+
+def test_prefix_cache_keys_on_the_tensor_and_its_version():
+    cache = PrefixCache(2)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    built = []
+    build = lambda tag: (lambda: built.append(tag) or tag)  # noqa: E731
+    assert cache.get(a, "x", build("a")) == "a" and cache.get(a, "x", build("a2")) == "a"
+    assert cache.get(a, "y", build("ay")) == "ay"                        # another derived kind: its own entry
+    assert cache.get(b, "x", build("b")) == "b"                          # an equal-shaped other tensor: a miss
+    assert len(cache) == 2 and cache.lookup(a, "x") is None              # LRU: size 2, (a, "x") dropped
+    assert cache.get(b, "x", build("b2")) == "b"
+    b.add_(1)                                                            # written in place: invalidated
+    assert cache.get(b, "x", build("b3")) == "b3"
+    assert built == ["a", "ay", "b", "b3"]
+    assert cache.hits == 2 and cache.misses == 4
+    view = b[:2]                                                         # a view is its own prefix ...
+    assert cache.get(view, "x", build("v")) == "v"
+    b[0, 0] = 5.0                                                        # ... and shares b's version counter
+    assert cache.lookup(view, "x") is None
+    del view, b                                                          # a freed tensor's entries go
+    assert len(cache) <= 1
+    with torch.inference_mode():                                         # no version counter: never cached
+        c = torch.randn(3)
+        assert cache.get(c, "x", build("c1")) == "c1" and cache.get(c, "x", build("c2")) == "c2"
+    assert len(copy.deepcopy(cache)) == 0 and copy.deepcopy(cache).size == 2
+    with pytest.raises(ValueError):
+        PrefixCache(0)
+
+
+def test_prefix_length():
+    k = torch.zeros(2, 10, 3, 8)
+    assert prefix_length(None, k) is None and prefix_length(k[:, :0], k) is None and prefix_length(k[:, :4], k) == 4
+    for bad in (torch.zeros(2, 11, 3, 8), torch.zeros(1, 4, 3, 8), torch.zeros(2, 4, 2, 8)):
+        with pytest.raises(ValueError):
+            prefix_length(bad, k)
+
+
+# ----------------------------------------------------------------------------------------------- INT8 attention
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cached_context_equals_requantizing_every_call(dtype, monkeypatch):
+    """A chunk's calls (3 steps, a cache pass with a longer chunk, then a shorter one) over one context tensor: with the
+    cache, the context's whole key blocks are quantized at the first call only (later calls launch the quantization
+    for the blocks from the context's last whole block on, and no column sums), and every output equals, bit for bit,
+    the call without a cache (all blocks quantized again). Both are the int8 reference with the context's mean."""
+    ck, cv = context(1, dtype)
+    cache = PrefixCache()
+    quant, colsum = Grids(I8._quant_k_kernel), Grids(I8._k_colsum_kernel)
+    monkeypatch.setattr(I8, "_quant_k_kernel", quant)
+    monkeypatch.setattr(I8, "_k_colsum_kernel", colsum)
+    for i, lx in enumerate((20, 20, 20, 37, 9)):
+        q, k, v = step(ck, cv, i, lx)
+        n_quant = len(quant.first)
+        got = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck, cache=cache)
+        nk = -(-(LC + lx) // BLK)
+        assert quant.first[n_quant:] == [nk if i == 0 else nk - LC // BLK]
+        fresh = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck)
+        assert quant.first[-1] == nk
+        assert torch.equal(got, fresh), i
+        want = I8.int8_attention_reference(q, k, v, BLK, BLK, mean_keys=LC)
+        assert rel_l2(got, want) < {torch.float32: 1e-5, torch.bfloat16: 6e-3}[dtype]
+    assert cache.hits == 4 and cache.misses == 1
+    assert len(colsum.first) == 1 + 5                      # the cache's once, the uncached calls' every time
+
+
+def test_int8_prefix_smoothing_is_the_contexts_mean():
+    """With a prefix, K smoothing subtracts the context's mean key; the keys' quantization, hence the output, differ
+    from smoothing by all keys' mean (so the comparisons above are not vacuous), and both stay near exact attention."""
+    from vidu_kernels.attention import attention_reference
+    ck, cv = context(2)
+    q, k, v = step(ck, cv, 0)
+    ref = I8.quantize_qk_reference(q, k, BLK, BLK, mean_keys=LC)
+    torch.testing.assert_close(ref.k_mean, ck.float().mean(1))
+    with_prefix = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck)
+    plain = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK)
+    exact = attention_reference(q, k, v)
+    assert not torch.equal(with_prefix, plain)
+    assert rel_l2(with_prefix, exact) < 2e-2 and rel_l2(plain, exact) < 2e-2
+    _, _, mean = I8.quantize_k_triton(k, BLK, mean_keys=LC)
+    torch.testing.assert_close(mean[..., :D], ck.float().mean(1), rtol=1e-5, atol=1e-6)
+
+
+def test_int8_stale_cache_mutant_is_caught(monkeypatch):
+    """The context written in place between two calls (a stream's buffers are): the cache sees the version change and
+    requantizes, so the output equals the uncached call's. A mutant cache that ignores versions serves the old blocks:
+    its output differs from the uncached call's, which the equality the tests use catches."""
+    ck, cv = context(3)
+    q, k, v = step(ck, cv, 0)
+    cache = PrefixCache()
+    I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck, cache=cache)
+    ck.mul_(-0.5).add_(1.0)                                            # new keys, same tensor
+    q, k, v = step(ck, cv, 1)
+    fresh = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck)
+    assert torch.equal(I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck, cache=cache), fresh)
+    assert cache.misses == 2
+
+    stale_cache = PrefixCache()
+    ck2, cv2 = context(3)
+    q, k, v = step(ck2, cv2, 0)
+    I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck2, cache=stale_cache)
+    monkeypatch.setattr(PC, "_version", lambda t: 0)                   # the mutant: versions never change
+    ck2.mul_(-0.5).add_(1.0)
+    q, k, v = step(ck2, cv2, 1)
+    stale = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck2, cache=stale_cache)
+    assert stale_cache.hits == 1
+    assert not torch.equal(stale, fresh) and rel_l2(stale, fresh) > 1e-2
+
+
+def test_int8_cache_off_the_kernel_path(monkeypatch):
+    """Where no kernel runs the reference runs with the context's mean, and the cache is not consulted."""
+    monkeypatch.setattr(I8, "runs_triton", lambda *t: False)
+    ck, cv = context(4)
+    q, k, v = step(ck, cv, 0)
+    cache = PrefixCache()
+    got = I8.int8_attention(q, k, v, block_q=BLK, block_k=BLK, prefix=ck, cache=cache)
+    assert torch.equal(got, I8.int8_attention_reference(q, k, v, BLK, BLK, mean_keys=LC))
+    assert cache.hits == cache.misses == 0
+
+
+# ----------------------------------------------------------------------------------------------- sparse attention
+
+def sparse_context(seed: int):
+    """Keys in one cluster per block of 16 (test_kernel_sparse_attention's `clustered`: attention that is
+    block-sparse); the context is the first LC keys, and a call's chunk keys and queries are the rest moved a little."""
+    from tests.test_kernel_sparse_attention import clustered
+    q, k, v = clustered(B, 32, LC + 40, H, D, seed=seed)
+    return (k[:, :LC].clone(), v[:, :LC].clone()), (q, k[:, LC:], v[:, LC:])
+
+
+def sparse_step(ctx, rest, i: int, lx: int = 20):
+    (ck, cv), (q, kx, vx) = ctx, rest
+    g = torch.Generator().manual_seed(200 + i)
+    q = q + 0.1 * torch.randn(q.shape, generator=g)
+    kx = kx[:, :lx] + 0.1 * torch.randn(kx[:, :lx].shape, generator=g)
+    return q, torch.cat([ck, kx], 1), torch.cat([cv, vx[:, :lx]], 1)
+
+
+def test_sparse_cached_pooled_context_equals_pooling_every_call(monkeypatch):
+    """The sparse mask's pooled key blocks: with the cache, the context's whole blocks are pooled at the first call
+    only (later calls pool the queries and the keys after them), and mask and output equal the uncached call's, bit
+    for bit; the mask is the reference's with the same split of the keys. The split itself leaves the pooling as it
+    is (the same blocks): the mask equals the one from pooling all keys in one run, on these inputs."""
+    (ck, cv), rest = sparse_context(5)
+    cache = PrefixCache()
+    pooled = []
+    pool = SA.pool_blocks
+    monkeypatch.setattr(SA, "pool_blocks", lambda x, b: pooled.append(x.shape[1]) or pool(x, b))
+    for i, lx in enumerate((20, 20, 37)):
+        q, k, v = sparse_step((ck, cv), rest, i, lx)
+        pooled.clear()
+        got, mask = SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck, cache=cache,
+                                        return_mask=True)
+        whole = LC // BLK * BLK
+        assert sorted(pooled) == sorted([q.shape[1], LC + lx - whole] + ([whole] if i == 0 else []))
+        fresh, fresh_mask = SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck,
+                                                return_mask=True)
+        assert torch.equal(mask, fresh_mask) and torch.equal(got, fresh)
+        assert torch.equal(mask, SA.block_mask_reference(q, k, BLK, BLK, 0.7, (0,), prefix_len=LC))
+        assert torch.equal(mask, SA.block_mask_reference(q, k, BLK, BLK, 0.7, (0,)))
+        assert not mask.all()
+    assert cache.hits == 2 and cache.misses == 1
+
+
+def test_sparse_stale_cache_mutant_is_caught(monkeypatch):
+    (ck, cv), rest = sparse_context(6)
+    q, k, v = sparse_step((ck, cv), rest, 0)
+    cache = PrefixCache()
+    SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck, cache=cache)
+    monkeypatch.setattr(PC, "_version", lambda t: 0)                   # the mutant: versions never change
+    ck.copy_(ck.flip(1))                                               # the context's keys reordered in place
+    q, k, v = sparse_step((ck, cv), rest, 1)
+    _, stale = SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck, cache=cache,
+                                   return_mask=True)
+    _, fresh = SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck, return_mask=True)
+    assert cache.hits == 1 and not torch.equal(stale, fresh)
+    monkeypatch.undo()
+    _, again = SA.sparse_attention(q, k, v, keep=0.7, block_q=BLK, block_k=BLK, prefix=ck, cache=cache,
+                                   return_mask=True)
+    assert torch.equal(again, fresh)                                   # the real cache saw the write
+
+
+# ----------------------------------------------------------------------------------------------- in the model
+
+@pytest.mark.parametrize("backend", ["int8", "sparse"])
+def test_the_model_reuses_a_rotated_context(backend):
+    """A tiny DiT with a fast backend, three forwards (a chunk's steps) over one rotated context (DiT.rotate, as the
+    stream engine hands it to every step): every block's cache is built at the first forward and hit by the next
+    two, and each forward equals the same forward with the caches emptied before it. A context rotated inside the
+    forward (not DiT.rotate's) is never cached."""
+    from models.dit import KV
+    from models.rope import grid_positions
+    cfg = PRESETS["tiny"].dit
+    model = scrambled(cfg)
+    model.use_kernels(attention=backend)
+    g = torch.Generator().manual_seed(7)
+    n_ctx = 5 * 16 + 5                                  # one whole key block of 64 and a partial one
+    kv = KV([torch.randn(1, n_ctx, cfg.num_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            [torch.randn(1, n_ctx, cfg.num_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            torch.cat([grid_positions(torch.arange(1, 6), 4, 4), torch.tensor([[6, 0, j] for j in range(5)])]))
+    caches = [b.self_attn.prefix_cache for b in model.blocks]
+    with torch.no_grad():
+        ctx = model.rotate(kv)
+        for i in range(3):
+            x, args, g2 = forward_args(1, 20 + i, ref=False, kv=ctx)
+            text, t = torch.randn(1, 5, cfg.text_dim, generator=g2), torch.tensor([900.0 - 300 * i])
+            got = model(x, t, text, **args).video
+            assert all(c.misses == 1 and c.hits == i for c in caches)
+            hits = [c.hits for c in caches]
+            for c in caches:
+                c.clear()
+            assert torch.equal(model(x, t, text, **args).video, got)
+            for c, h in zip(caches, hits):
+                c.hits, c.misses = h, 1
+        args["kv"] = kv                                 # rotated in every forward: nothing to keep
+        for c in caches:
+            c.clear()
+        model(x, t, text, **args)
+        assert all(len(c) == 0 for c in caches)
