@@ -79,9 +79,11 @@ def test_prefix_cache_keys_on_the_tensor_and_its_version():
     view = b[:2]                                                         # a view is its own prefix ...
     assert cache.get(view, "x", build("v")) == "v"
     b[0, 0] = 5.0                                                        # ... and shares b's version counter
-    assert cache.lookup(view, "x") is None
-    del view, b                                                          # a freed tensor's entries go
-    assert len(cache) <= 1
+    assert cache.lookup(view, "x") is None and len(cache) == 1          # the stale entry went
+    cache.put(view, "x", "v2")
+    assert len(cache) == 2
+    del view                                                             # a freed tensor's entry goes at once
+    assert len(cache) == 1
     with torch.inference_mode():                                         # no version counter: never cached
         c = torch.randn(3)
         assert cache.get(c, "x", build("c1")) == "c1" and cache.get(c, "x", build("c2")) == "c2"

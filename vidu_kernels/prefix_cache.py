@@ -9,7 +9,7 @@ keeps it instead of recomputing it per call.
 
 An entry is keyed on the prefix tensor itself and on what was derived (`what`: a tuple naming the kind and its
 parameters). The tensor counts by identity (a weak reference: a freed tensor whose memory another reuses never
-matches, and the cache does not keep it alive), its in-place version counter (a write into the keys invalidates the
+matches, the cache does not keep it alive, and its entry is dropped when it is freed), its in-place version counter (a write into the keys invalidates the
 entry), shape, strides, dtype and device. Inference tensors (torch.inference_mode) keep no version counter, so their
 entries could not see a write: they are never cached (`get` builds every call). At most `size` entries are kept,
 least recently used dropped first: a stream's step reads the noisy context and its last step and cache pass the
@@ -63,9 +63,15 @@ class PrefixCache:
         version = _version(prefix)
         if version is None:
             return
-        self._drop_dead()
         key = self._key(prefix, what)
-        self._entries[key] = (weakref.ref(prefix), version, value)
+        entries = self._entries
+
+        def gone(ref, key=key):             # the prefix freed: its entry (and the memory it holds) goes at once
+            entry = entries.get(key)
+            if entry is not None and entry[0] is ref:
+                del entries[key]
+
+        self._entries[key] = (weakref.ref(prefix, gone), version, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -81,15 +87,10 @@ class PrefixCache:
         self.put(prefix, what, value)
         return value
 
-    def _drop_dead(self) -> None:
-        for key in [k for k, (ref, _, _) in self._entries.items() if ref() is None]:
-            del self._entries[key]
-
     def clear(self) -> None:
         self._entries.clear()
 
     def __len__(self) -> int:
-        self._drop_dead()
         return len(self._entries)
 
     def __deepcopy__(self, memo) -> "PrefixCache":
