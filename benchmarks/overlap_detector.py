@@ -370,9 +370,10 @@ def load_net(path: Path):
 
 def detectors(vad, encoder, nets: dict):
     """{name: fn(audio) -> overlap regions}: "old" = diarize's heuristic alone, and each
-    (net, threshold) of `nets` as `diarize_audio(overlap_threshold=...)` does it: detect_overlap on the
-    same turns (computed once per clip), and "<name>&old" = both (the AND rule, diarize's default since
-    2026-12-04 with the shipped detector at 0.5)."""
+    (net, threshold, peak) of `nets` as `diarize_audio(overlap_threshold=..., overlap_peak=...)` does it:
+    detect_overlap (hysteresis `peak`, None: none) on the same turns (computed once per clip), and
+    "<name>&old" = both (the AND rule: diarize's default since 2026-12-04 with the shipped detector at
+    0.5, and with the hysteresis peak 0.85 since choose_peak)."""
     import copy
 
     import stages.diarize as D
@@ -388,7 +389,7 @@ def detectors(vad, encoder, nets: dict):
             memo[key] = d
         return memo[key]
 
-    def det(net, th):
+    def det(net, th, peak):
         last: dict = {}
 
         def fn(x):
@@ -403,7 +404,7 @@ def detectors(vad, encoder, nets: dict):
             saved = D.overlap_probs
             D.overlap_probs = lambda audio: overlap_probs(audio, net)
             try:
-                last[key] = D.detect_overlap(x, copy.deepcopy(d.turns), th)
+                last[key] = D.detect_overlap(x, copy.deepcopy(d.turns), th, peak)
             finally:
                 D.overlap_probs = saved
             return last[key]
@@ -412,7 +413,7 @@ def detectors(vad, encoder, nets: dict):
     def both(fn):  # the AND rule of D.both_overlap: heuristic regions AND the detector's, min duration after
         return lambda x: D.intersect_regions(diar(x).overlap, fn(x))
 
-    dets = {k: det(net, th) for k, (net, th) in nets.items()}
+    dets = {k: det(*v) for k, v in nets.items()}
     return {"old": lambda x: diar(x).overlap, **dets, **{f"{k}&old": both(fn) for k, fn in dets.items()}}
 
 
@@ -441,7 +442,7 @@ def measure(nets: dict, n_scenes: int, media: Path, seed: int = 12345) -> None:
         for name, (tp, fp, fn_, per) in res.items():
             rows.append((label, name, tp, fp, fn_, (tp + fp) * HOP_S, (tp + fn_) * HOP_S, per))
         print(f"measured: {label}", file=sys.stderr, flush=True)
-    ths = ", ".join(f"{k} {th}" for k, (_, th) in nets.items())
+    ths = ", ".join(f"{k} {th}" + (f" (peak {pk})" if pk is not None else "") for k, (_, th, pk) in nets.items())
     print(f"\nthresholds: {ths}; frames of 10 ms; P/R of overlap frames (n/a where no true overlap)")
     print(f"| {'audio':52s} | method   | flagged s | true s | precision | recall | clips flagged | per clip flagged s |")
     print(f"|{'-' * 54}|----------|-----------|--------|-----------|--------|---|---|")
@@ -539,6 +540,76 @@ def choose_threshold(net, media: Path, seed: int = 777, n: int = 24) -> float:
     return float(best[1] if best else fallback[1])
 
 
+def train_side_cases(media: Path, n: int = 90, seed: int = 424242) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """TRAIN-side audio for choosing the AND rule's hysteresis peak: [(kind, audio, overlap frames)].
+    TTS (train-split voices and texts, 8-s scenes as `measure` makes the eval-split ones): `n` each of two
+    voices at once ("overlap"), turn-taking and one voice over music; real (REAL_TRAIN + REAL_VAL,
+    retalking_1-3; the session-29 detector never heard real speech): each ordered pair mixed at 0 and -6 dB
+    (overlap = both voices' silero-vad speech) and taking turns (a / b / a, gaps 0.1 and 0.4 s); each over
+    music (6 dB) and alone. No HELD-OUT file is read."""
+    import itertools
+
+    from stages.sense.media import load_audio
+
+    pool = tts_pool("train", 400, 0)
+    out = []
+    for kind in ("turns", "overlap", "music"):
+        rng = np.random.default_rng(seed + len(kind))
+        out += [(f"train TTS {kind}", *scene(rng, pool, kind, seconds=8.0, formant_share=0.0)) for _ in range(n)]
+    R = {rel: load_audio(media / rel, SR).astype(np.float32) for rel in REAL_TRAIN + REAL_VAL}
+    assert not set(R) & set(REAL_HELD_OUT)
+    for ra, rb in itertools.permutations(R, 2):
+        a, b = R[ra], R[rb]
+        k = min(len(a), len(b))
+        o = b[:k] * np.sqrt(np.mean(a[:k] ** 2) / np.mean(b[:k] ** 2))
+        for db in (0, -6):
+            out.append(("train real mix", a[:k] + o * np.float32(10 ** (db / 20)), vad_mask(a[:k]) & vad_mask(o)))
+        for g in (0.1, 0.4):
+            gap = np.zeros(int(g * SR), np.float32)
+            x = np.concatenate([a, gap, o, gap, a])
+            out.append(("train real turns", x, np.zeros(len(x) // HOP, bool)))
+    for i, v in enumerate(R.values()):
+        bed = music_bed(np.random.default_rng(i + 1), len(v)) * np.sqrt(np.mean(v ** 2) / 4)
+        out.append(("train real over music", (v + bed).astype(np.float32), np.zeros(len(v) // HOP, bool)))
+        out.append(("train real alone", v, np.zeros(len(v) // HOP, bool)))
+    return out
+
+
+def choose_peak(net, threshold: float, media: Path, grid=np.round(np.arange(0.5, 0.951, 0.05), 2)) -> float | None:
+    """The AND rule's hysteresis peak from TRAIN-side audio only (train_side_cases): the lowest peak on
+    `grid` at which no non-overlap clip (TTS turn-taking, TTS voice over music, real turn-taking, real over
+    music, real alone) has any flagged frame; the AND rule as stages.diarize.both_overlap makes it (the
+    heuristic's regions and detect_overlap with `net` at `threshold` on diarize_audio's turns). None when
+    no peak on the grid clears them. Prints every peak's flagged clips and overlap recall."""
+    from stages.diarize import _mark_overlap, diarize_audio, intersect_regions, load_encoder, merge_spans
+    from stages.sense.overlap import smooth_probs
+    from stages.sense.speech import load_vad
+
+    vad, encoder = load_vad(), load_encoder()
+    seen = []
+    for kind, x, y in train_side_cases(media):
+        d = diarize_audio(x, vad, encoder)
+        heur = _mark_overlap(x, encoder, d.turns) if d.turns else []
+        probs = overlap_probs(x, net)
+        seen.append((kind, y, heur, probs, smooth_probs(probs), [(t.start, t.end) for t in d.turns]))
+    print(f"train-side cases: {len(seen)}", file=sys.stderr)
+    chosen = None
+    for peak in grid:
+        stats: dict = {}
+        for kind, y, heur, probs, sm, turns in seen:
+            regs = overlap_regions(probs, threshold, smoothed=sm, peak=float(peak))
+            det = merge_spans((max(a, t0), min(b, t1)) for a, b in regs for t0, t1 in turns if min(b, t1) > max(a, t0))
+            hyp = frames(intersect_regions(heur, det), len(y))
+            st = stats.setdefault(kind, [0, 0, 0, 0])
+            st[0] += 1; st[1] += int(hyp.any()); st[2] += int((hyp & y).sum()); st[3] += int(y.sum())
+        negatives = sum(v[1] for k, v in stats.items() if v[3] == 0)
+        print(f"peak {peak:.2f}: " + " | ".join(f"{k} {v[1]}/{v[0]} clips" + (f" R {v[2] / v[3]:.2f}" if v[3] else "")
+                                              for k, v in stats.items()), file=sys.stderr)
+        if chosen is None and negatives == 0:
+            chosen = float(peak)
+    return chosen
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1200)
@@ -559,6 +630,9 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="session 29's weights, measured at 0.5 beside the new ones "
                     "(git show af87476:stages/sense/overlap.safetensors > s29.safetensors)")
     ap.add_argument("--name", default="new", help="the measured detector's name in the table (e.g. s29)")
+    ap.add_argument("--peak", default="none", help="the AND rule's hysteresis peak: 'auto' (choose_peak, train-side "
+                    "data), a probability, or 'none'; with one, the detector is measured without and with it "
+                    "(<name> and <name>^<peak>)")
     ap.add_argument("--media", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "media")
     args = ap.parse_args()
 
@@ -581,8 +655,13 @@ def main() -> None:
     if args.ship:
         save_weights(net, WEIGHTS)
         print(f"shipped: {path} -> {WEIGHTS}", file=sys.stderr)
-    nets = {"s29": (load_net(args.baseline), 0.5)} if args.baseline else {}
-    nets[args.name] = (net, th)
+    nets = {"s29": (load_net(args.baseline), 0.5, None)} if args.baseline else {}
+    nets[args.name] = (net, th, None)
+    if args.peak != "none":
+        peak = choose_peak(net, th, args.media) if args.peak == "auto" else float(args.peak)
+        print(f"peak: {peak} ({'chosen on train-side data' if args.peak == 'auto' else 'given'})", file=sys.stderr)
+        if peak is not None:
+            nets[f"{args.name}^{peak}"] = (net, th, peak)
     measure(nets, args.scenes, args.media)
 
 

@@ -11,7 +11,16 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   turns are the contiguous runs. `--pyannote DIR` runs a local pyannote.audio pipeline instead.
 - Overlap (two voices at once): 10 ms frames that two methods both flag (`both_overlap`, the AND rule),
   then runs of 0.2 s or more: the embedding-spread heuristic below AND the trained detector of
-  stages/sense/overlap.py at `overlap_threshold` (default 0.5, session 29's threshold). Each one's
+  stages/sense/overlap.py at `overlap_threshold` (default 0.5, session 29's threshold), whose runs
+  count only where their smoothed probability reaches `overlap_peak` (0.85, hysteresis; since
+  2026-12-04, stage version 7). The peak was chosen on train-side audio only
+  (benchmarks/overlap_detector.py choose_peak: the lowest peak at which no train-side turn-taking,
+  voice-over-music or single-voice clip flags; retalking_1-3 taking turns flagged 10 of 12 clips
+  without it, because the heuristic flags the blocks that hold both voices and the detector fires at
+  0.7-0.83 inside single voices). Held out (RESULTS.md 2026-12-04, "hysteresis"): TTS turn-taking
+  2.11 s in 6 of 20 clips -> 0, TTS voice over music 0.42 s -> 0, real single voices 0 -> 0; mixtures
+  still flagged: TTS 16 of 20 clips (18 without; frame recall 0.39 -> 0.30), both real mixtures
+  (recall 0.29 -> 0.14 and 0.64 -> 0.46, precision 1.00). The numbers below are before it. Each one's
   weakness is the other's strength: the heuristic never flagged a real single voice but flags
   turn-taking and one voice over music; the detector rarely flags those but flags short false overlap in
   real single voices. benchmarks/overlap_detector.py (RESULTS.md, 2026-12-04): on held-out real audio
@@ -132,6 +141,9 @@ FRAME_S = 0.01  # turn resolution
 MIN_SPEAKER_S = 2.0
 OVERLAP_SCORE = 0.14
 OVERLAP_THRESHOLD = 0.5  # the detector's P(two voices) inside the AND rule (session 29's threshold)
+# hysteresis: a detector run over OVERLAP_THRESHOLD counts only where its smoothed P reaches this
+# somewhere (chosen on train-side audio only: benchmarks/overlap_detector.py choose_peak, RESULTS.md 2026-12-04)
+OVERLAP_PEAK = 0.85
 DIP_DB = 20.0
 SPEECH_BAND = (300.0, 3400.0)
 ACTIVITY_S = 0.32  # window of the mouth-activity average
@@ -291,15 +303,16 @@ def _mark_overlap(audio: np.ndarray, encoder, turns: list[Turn]) -> list[tuple[f
     return sorted(overlap)
 
 
-def detect_overlap(audio: np.ndarray, turns: list[Turn], threshold: float) -> list[tuple[float, float]]:
-    """Detector runs over `threshold` (stages/sense/overlap.py) clipped to the turns; each turn's
-    `overlap_score` = the highest smoothed frame probability inside it."""
+def detect_overlap(audio: np.ndarray, turns: list[Turn], threshold: float,
+                   peak: float | None = None) -> list[tuple[float, float]]:
+    """Detector runs over `threshold` (stages/sense/overlap.py) that reach `peak` somewhere (None: all),
+    clipped to the turns; each turn's `overlap_score` = the highest smoothed frame probability inside it."""
     probs = overlap_probs(audio)  # [T] per OVERLAP_HOP_S
     smooth = smooth_probs(probs)
     for t in turns:
         inside = smooth[int(t.start / OVERLAP_HOP_S):int(math.ceil(t.end / OVERLAP_HOP_S))]
         t.overlap_score = float(inside.max()) if len(inside) else None
-    regions = overlap_regions(probs, threshold, smoothed=smooth)
+    regions = overlap_regions(probs, threshold, smoothed=smooth, peak=peak)
     return merge_spans((max(a, t.start), min(b, t.end)) for a, b in regions for t in turns
                        if min(b, t.end) > max(a, t.start))
 
@@ -332,10 +345,11 @@ def intersect_regions(a: list[tuple[float, float]], b: list[tuple[float, float]]
     return out
 
 
-def both_overlap(audio: np.ndarray, encoder, turns: list[Turn], threshold: float) -> list[tuple[float, float]]:
-    """Overlap where the heuristic (_mark_overlap) AND the detector at `threshold` (detect_overlap) both
-    flag, pieces under MIN_OVERLAP_S dropped; a turn's `overlap_score` is the detector's."""
-    return intersect_regions(_mark_overlap(audio, encoder, turns), detect_overlap(audio, turns, threshold))
+def both_overlap(audio: np.ndarray, encoder, turns: list[Turn], threshold: float,
+                 peak: float | None = OVERLAP_PEAK) -> list[tuple[float, float]]:
+    """Overlap where the heuristic (_mark_overlap) AND the detector at `threshold` with hysteresis `peak`
+    (detect_overlap) both flag, pieces under MIN_OVERLAP_S dropped; a turn's `overlap_score` is the detector's."""
+    return intersect_regions(_mark_overlap(audio, encoder, turns), detect_overlap(audio, turns, threshold, peak))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,9 +357,10 @@ def both_overlap(audio: np.ndarray, encoder, turns: list[Turn], threshold: float
 
 def diarize_audio(audio: np.ndarray, vad, encoder, threshold: float = 0.32, num_speakers: int | None = None,
                   min_speaker_share: float = 0.15, vad_threshold: float = 0.5,
-                  overlap_threshold: float = OVERLAP_THRESHOLD) -> Diarization:
+                  overlap_threshold: float = OVERLAP_THRESHOLD,
+                  overlap_peak: float | None = OVERLAP_PEAK) -> Diarization:
     """Default diarization of 16 kHz mono float32 audio (see the module doc); overlap by the AND rule
-    (both_overlap: the heuristic and the detector at `overlap_threshold`)."""
+    (both_overlap: the heuristic and the detector at `overlap_threshold`, hysteresis `overlap_peak`)."""
     speech = speech_segments(vad, audio, threshold=vad_threshold)
     if not speech:
         return Diarization([], [])
@@ -353,7 +368,7 @@ def diarize_audio(audio: np.ndarray, vad, encoder, threshold: float = 0.32, num_
     E = embed_windows(encoder, audio, windows)
     labels = cluster_speakers(E, np.array([b - a for a, b in windows]), threshold, num_speakers, min_speaker_share)
     turns = _speaker_names(label_turns(speech, windows, labels))
-    return Diarization(speech, turns, both_overlap(audio, encoder, turns, overlap_threshold))
+    return Diarization(speech, turns, both_overlap(audio, encoder, turns, overlap_threshold, overlap_peak))
 
 
 def load_pyannote(path: str):
@@ -486,7 +501,7 @@ def av_offset(times: np.ndarray, landmarks: np.ndarray, audio: np.ndarray) -> tu
 class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
-    version: ClassVar[str] = "6"
+    version: ClassVar[str] = "7"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 
@@ -498,6 +513,7 @@ class Diarize(Stage):
     min_clean_speech: float = ranged(1.0, min=0)
     max_overlap: float = ranged(0.0, min=0)  # seconds of two voices at once a kept clip may have
     overlap_threshold: float = ranged(OVERLAP_THRESHOLD, min=0, max=1)  # detector P(two voices) inside the AND rule
+    overlap_peak: float = ranged(OVERLAP_PEAK, min=0, max=1)  # a detector run counts where its P reaches this (hysteresis)
     max_offscreen_share: float = ranged(0.5, min=0, max=1)  # of onscreen + offscreen speech, in a kept clip
     vad_threshold: float = ranged(0.5, min=0, max=1)
     pyannote: str | None = None
@@ -524,7 +540,7 @@ class Diarize(Stage):
         if self.pyannote:
             return diarize_pyannote(audio, self._pipeline, self.pyannote)
         return diarize_audio(audio, self._vad, self._encoder, self.threshold, self.num_speakers,
-                             self.min_speaker_share, self.vad_threshold, self.overlap_threshold)
+                             self.min_speaker_share, self.vad_threshold, self.overlap_threshold, self.overlap_peak)
 
     def process(self, item: dict) -> dict:
         path, t0, t1 = item["video_path"], float(item["start_s"]), float(item["end_s"])

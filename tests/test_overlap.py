@@ -102,3 +102,21 @@ def test_diarize_with_the_detector(scenes):
     assert _mark_overlap(scenes["mix"], encoder, copy.deepcopy(mix.turns)) == [] and mix.overlap == []
     assert turns.overlap == []
     assert Diarize.__dataclass_fields__["overlap_threshold"].metadata == {"min": 0, "max": 1}
+
+
+def test_overlap_regions_hysteresis_peak():
+    """`peak`: a run over the threshold is kept only where its smoothed probability reaches `peak`
+    somewhere; its extent is still the threshold's. Exact on a hand-made frame sequence (10 ms frames,
+    smooth_s 0.01 = no smoothing)."""
+    p = np.zeros(200, np.float32)
+    p[10:40] = 0.7          # 0.3 s run that peaks at 0.7
+    p[60:90] = 0.6
+    p[70:75] = 0.9          # 0.3 s run that reaches 0.9 for 50 ms
+    p[120:135] = 0.95       # 0.15 s: under min_s whatever its peak
+    p[150:190] = 0.84       # 0.4 s just under the peak
+    runs = lambda **kw: [(round(a, 2), round(b, 2)) for a, b in overlap_regions(p, 0.5, smooth_s=0.01, **kw)]  # noqa: E731
+    assert runs() == [(0.1, 0.4), (0.6, 0.9), (1.5, 1.9)]
+    assert runs(peak=None) == runs() == runs(peak=0.0)
+    assert runs(peak=0.85) == [(0.6, 0.9)]  # the whole run, not only its frames over 0.85
+    assert runs(peak=0.84) == [(0.6, 0.9), (1.5, 1.9)]  # >=: a run reaching exactly the peak is kept
+    assert runs(peak=0.95) == []

@@ -32,6 +32,7 @@ def diarize(
     min_clean_speech: float = option(Diarize, "min_clean_speech", "Least kept speech (s) of a kept clip."),
     max_overlap: float = option(Diarize, "max_overlap", "Most seconds of two voices at once in a kept clip."),
     overlap_threshold: float = option(Diarize, "overlap_threshold", "The trained overlap detector's probability (two voices at once) from which a 10 ms frame can be overlap; a frame is overlap only where the embedding-spread heuristic flags it too."),
+    overlap_peak: float = option(Diarize, "overlap_peak", "Hysteresis of the overlap detector: a run of frames over --overlap-threshold counts only where its (smoothed) probability reaches this somewhere; --overlap-peak 0 counts every run."),
     max_offscreen_share: float = option(Diarize, "max_offscreen_share", "Most share of the speech (outside overlap) offscreen in a kept clip."),
     vad_threshold: float = option(Diarize, "vad_threshold", "silero-vad speech probability threshold."),
     pyannote: Optional[Path] = option(Diarize, "pyannote", "Local pyannote.audio pipeline (folder with config.yaml) to use instead.", show_default=False),
@@ -59,7 +60,8 @@ def diarize(
             load_pyannote(str(pyannote))  # fail early with one line
         stage = Diarize(threshold=threshold, num_speakers=num_speakers, min_speaker_share=min_speaker_share,
                         min_sync=min_sync, min_energy_ratio=min_energy_ratio, min_clean_speech=min_clean_speech,
-                        max_overlap=max_overlap, overlap_threshold=overlap_threshold, max_offscreen_share=max_offscreen_share,
+                        max_overlap=max_overlap, overlap_threshold=overlap_threshold, overlap_peak=overlap_peak,
+                        max_offscreen_share=max_offscreen_share,
                         vad_threshold=vad_threshold, pyannote=str(pyannote.resolve()) if pyannote else None,
                         max_av_offset=max_av_offset, min_av_confidence=min_av_confidence, fix_av_offset=fix_av_offset,
                         av_sync=av_sync)

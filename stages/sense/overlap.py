@@ -16,6 +16,7 @@ Net: three 3x3 conv blocks over (mel, time) that pool the mel axis 64 -> 8, then
 
     probs = overlap_probs(audio)                    # [T] per 10 ms frame, 16 kHz mono float32 in
     overlap_regions(probs, threshold=0.5)           # [(start s, end s)], smoothed, short runs dropped
+    overlap_regions(probs, 0.5, peak=0.85)          # hysteresis: only runs that reach 0.85 somewhere
 """
 from __future__ import annotations
 
@@ -134,10 +135,14 @@ def smooth_probs(probs: np.ndarray, smooth_s: float = SMOOTH_S) -> np.ndarray:
 
 
 def overlap_regions(probs: np.ndarray, threshold: float = 0.5, smooth_s: float = SMOOTH_S,
-                    min_s: float = MIN_OVERLAP_S, smoothed: np.ndarray | None = None) -> list[tuple[float, float]]:
+                    min_s: float = MIN_OVERLAP_S, smoothed: np.ndarray | None = None,
+                    peak: float | None = None) -> list[tuple[float, float]]:
     """Runs of median-smoothed frame probabilities over `threshold` lasting at least `min_s`
-    (`smoothed`: smooth_probs(probs, smooth_s) when the caller has it already)."""
+    (`smoothed`: smooth_probs(probs, smooth_s) when the caller has it already). `peak` (hysteresis):
+    only runs whose highest smoothed probability reaches `peak` are kept (their extent is still set
+    by `threshold`); None keeps every run."""
     p = smooth_probs(probs, smooth_s) if smoothed is None else smoothed
     on = np.r_[False, p > threshold, False]
     edges = np.flatnonzero(np.diff(on.astype(np.int8)))
-    return [(s * HOP_S, e * HOP_S) for s, e in zip(edges[::2], edges[1::2]) if (e - s) * HOP_S >= min_s - 1e-9]
+    return [(s * HOP_S, e * HOP_S) for s, e in zip(edges[::2], edges[1::2])
+            if (e - s) * HOP_S >= min_s - 1e-9 and (peak is None or p[s:e].max() >= peak)]
