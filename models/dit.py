@@ -155,19 +155,26 @@ class Attention(nn.Module):
         With `sp`, x holds this rank's tokens, and rope, mask, ctx and the returned k, v are those of the
         whole sequence (k, v, ctx: this rank's heads)."""
         cos, sin = rope
-        if self.kernels and sp is None:      # the norms and rotations fused (qk_rope's kernels where they run)
+        if self.kernels:                     # qk_rope's kernels where they run, their references elsewhere
             x = x.to(self.q.weight.dtype)
             wq, wk = (n.weight if isinstance(n, RMSNorm) else None for n in (self.norm_q, self.norm_k))
             eps = self.norm_q.eps if wq is not None else 0.0
+        if self.kernels and sp is None:      # the norms and rotations fused: one pass each for q and k
             q_r = qk_rope.qk_norm_rope(self.q(x), wq, cos, sin, self.num_heads, eps, unrotated=False)[0]
             k_r, k = qk_rope.qk_norm_rope(self.k(x), wk, cos, sin, self.num_heads, eps)
             v = self._heads(self.v(x))
         else:
-            q, k, v = self.qkv(x)
+            if self.kernels:                 # Ulysses: the norms (whole tokens) before the exchange, one pass each
+                q = qk_rope.rms_norm_heads(self.q(x), wq, self.num_heads, eps)
+                k = qk_rope.rms_norm_heads(self.k(x), wk, self.num_heads, eps)
+                v = self._heads(self.v(x))
+            else:
+                q, k, v = self.qkv(x)
             if sp is not None:               # [B, L, H, 3D]: one exchange for the three
                 qkv = sp.seq_to_heads(torch.stack([q, k, v], -2).flatten(-2))
                 q, k, v = qkv.unflatten(-1, (3, -1)).unbind(-2)
-            q_r, k_r = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            rotate = qk_rope.rope if self.kernels else apply_rope     # at the sequence's positions
+            q_r, k_r = rotate(q, cos, sin), rotate(k, cos, sin)
         prefix = cache = None
         if ctx is not None:
             ck, cv, ccos, csin = ctx
@@ -313,7 +320,8 @@ class DiT(nn.Module):
 
     def use_kernels(self, on: bool = True, attention: str = "sdpa") -> None:
         """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds; self-attention's
-        q/k RMSNorm + RoPE) through the fused Triton kernels of vidu_kernels.adaln / qk_rope where they can run (CUDA, no autograd through them, not
+        q/k RMSNorm + RoPE, under shard_sequence the norm before the all-to-all and RoPE after it) through the fused
+        Triton kernels of vidu_kernels.adaln / qk_rope where they can run (CUDA, no autograd through them, not
         under torch.compile), their torch references anywhere else: the same numbers either way; and
         self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate)."""
         if attention not in SELF_ATTENTION:
@@ -325,7 +333,8 @@ class DiT(nn.Module):
     def quantize(self, fmt: str = "fp8") -> list[str]:
         """The blocks' attention projections and FFNs as W8A8 GEMMs (vidu_kernels.w8a8: weights quantized here,
         once, per 128x128 block; activations per token and 128 channels in each call; Triton where it runs,
-        the dequantized reference elsewhere). For inference only, and for good: returns the layers swapped."""
+        the dequantized reference elsewhere; in compiled blocks one custom op, torch.ops.vidu.w8a8_linear, that
+        runs the same). For inference only, and for good: returns the layers swapped."""
         return quantize_linears(self, fmt, dit_block_linears)
 
     def shard_sequence(self, group: dist.ProcessGroup | None) -> None:

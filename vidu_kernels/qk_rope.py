@@ -11,6 +11,11 @@ Attention.self_attend (models/dit.py) does, per token, for the query and the key
     qk_norm_rope(y, norm.weight, cos, sin, H, norm.eps)                 -> (k_r, k)
     rope(ck, ccos, csin)                                                  -> ck_r
 
+Under Ulysses sequence parallelism a rank holds all heads of its tokens before the all-to-all and all tokens of its
+heads after it, so the norm (over the whole dim) and the rotation (at the sequence's positions) fall on either side
+of the exchange: `rms_norm_heads(y, norm.weight, H, norm.eps)` is the same kernel's norm-only pass (no rotation),
+then `rope` after the exchange.
+
 One pass per token: a program loads ROWS rows of dim = H*D elements (a row's pairs split into their even and odd
 halves), sums the squares for the RMS, normalises, rounds to x's dtype, multiplies by the weight, rounds to the
 output dtype (the rounding order of RMSNorm.forward), stores that (the unrotated keys) when asked, rotates each pair
@@ -81,12 +86,14 @@ if HAVE_TRITON:
     @triton.jit
     def _qk_rope_kernel(x_ptr, sxb, sxl, sxh, w_ptr, cos_ptr, scl, sin_ptr, ssl, rot_ptr, unrot_ptr,
                         N, L, P, HD, eps,
-                        NORM: tl.constexpr, UNROT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                        NORM: tl.constexpr, UNROT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                        ROT: tl.constexpr):
         """Rows r < N = B*L of P = H*D/2 pairs, (b, l) = divmod(r, L); element c of a row (head c // HD, HD = D, at
         d = c % HD) read at x + b*sxb + l*sxl + (c // HD)*sxh + d. NORM: RMS over the row's 2P elements, the
         normalised value rounded to x's dtype, times w[c], rounded to the output dtype; UNROT: that stored to unrot
         (contiguous [N, 2P]). Then pair j = c // 2 rotated by cos[l*scl + j % (HD/2)], sin[l*ssl + j % (HD/2)] in
-        float32, rounded and stored to rot (contiguous [N, 2P])."""
+        float32, rounded and stored to rot (contiguous [N, 2P]); not ROT: no rotation (cos/sin not read, rot not
+        written): the norm alone, to unrot."""
         pid = tl.program_id(0)
         rows = pid * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, 2 * BLOCK)
@@ -108,16 +115,17 @@ if HAVE_TRITON:
         flat = r[:, None] * (2 * P) + c[None, :]
         if UNROT:
             tl.store(unrot_ptr + flat, v.to(out_ty), mask=mask)
-        a, bb = tl.split(tl.reshape(v, (ROWS, BLOCK, 2)))
-        j = tl.arange(0, BLOCK).to(tl.int64)
-        pmask = rmask[:, None] & (j < P)[None, :]
-        i = (j % (HD // 2))[None, :]
-        cs = tl.load(cos_ptr + (tok * scl)[:, None] + i, mask=pmask, other=0.0)
-        sn = tl.load(sin_ptr + (tok * ssl)[:, None] + i, mask=pmask, other=0.0)
-        ra = a * cs - bb * sn
-        rb = a * sn + bb * cs
-        rot = tl.reshape(tl.join(ra, rb), (ROWS, 2 * BLOCK))
-        tl.store(rot_ptr + flat, rounded(rot, out_ty).to(out_ty), mask=mask)
+        if ROT:
+            a, bb = tl.split(tl.reshape(v, (ROWS, BLOCK, 2)))
+            j = tl.arange(0, BLOCK).to(tl.int64)
+            pmask = rmask[:, None] & (j < P)[None, :]
+            i = (j % (HD // 2))[None, :]
+            cs = tl.load(cos_ptr + (tok * scl)[:, None] + i, mask=pmask, other=0.0)
+            sn = tl.load(sin_ptr + (tok * ssl)[:, None] + i, mask=pmask, other=0.0)
+            ra = a * cs - bb * sn
+            rb = a * sn + bb * cs
+            rot = tl.reshape(tl.join(ra, rb), (ROWS, 2 * BLOCK))
+            tl.store(rot_ptr + flat, rounded(rot, out_ty).to(out_ty), mask=mask)
 
 
 def _angles_ok(cos: torch.Tensor, sin: torch.Tensor, L: int, half: int) -> bool:
@@ -133,23 +141,29 @@ def _angles(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def _launch(x4: torch.Tensor, weight, cos, sin, eps: float, out_dtype: torch.dtype, unrotated: bool):
     """x4: a [B, L, H, D] view with a unit last stride (and, with a weight, each row's heads side by side: the
-    RMS spans the row). Returns (rot, unrot or None), new contiguous [B, L, H, D] tensors in out_dtype."""
+    RMS spans the row). Returns (rot, unrot or None), new contiguous [B, L, H, D] tensors in out_dtype; cos None:
+    no rotation, (None, unrot) (the norm alone)."""
     B, L, H, D = x4.shape
-    rot = torch.empty((B, L, H, D), dtype=out_dtype, device=x4.device)
-    unrot = torch.empty_like(rot) if unrotated else None
+    rotated = cos is not None
+    unrot = torch.empty((B, L, H, D), dtype=out_dtype, device=x4.device) if unrotated or not rotated else None
+    rot = torch.empty((B, L, H, D), dtype=out_dtype, device=x4.device) if rotated else None
     N, P = B * L, H * D // 2
     if N == 0 or P == 0:
         return rot, unrot
-    cos, scl = _angles(cos)
-    sin, ssl = _angles(sin)
+    if rotated:
+        cos, scl = _angles(cos)
+        sin, ssl = _angles(sin)
+    else:
+        cos = sin = unrot                                    # not read
+        scl = ssl = 0
     BLOCK = max(16, triton.next_power_of_2(P))
     ROWS = max(1, min(16, 4096 // (2 * BLOCK)))
     warps = 4 if 2 * BLOCK * ROWS <= 2048 else 8 if 2 * BLOCK * ROWS <= 8192 else 16
     w = weight.contiguous() if weight is not None else x4
     _qk_rope_kernel[(triton.cdiv(N, ROWS),)](
-        x4, x4.stride(0), x4.stride(1), x4.stride(2), w, cos, scl, sin, ssl, rot, unrot if unrot is not None else rot,
-        N, L, P, D, float(eps),
-        NORM=weight is not None, UNROT=unrotated, ROWS=ROWS, BLOCK=BLOCK, num_warps=warps)
+        x4, x4.stride(0), x4.stride(1), x4.stride(2), w, cos, scl, sin, ssl, rot if rotated else unrot,
+        unrot if unrot is not None else rot, N, L, P, D, float(eps),
+        NORM=weight is not None, UNROT=unrot is not None, ROWS=ROWS, BLOCK=BLOCK, ROT=rotated, num_warps=warps)
     return rot, unrot
 
 
@@ -189,3 +203,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     return _launch(x, None, cos, sin, 0.0, x.dtype, False)[0]
+
+
+def rms_norm_heads(x: torch.Tensor, weight: torch.Tensor | None, num_heads: int, eps: float = 1e-6) -> torch.Tensor:
+    """The norm of qk_norm_rope without the rotation, in the same one pass: x [B, L, dim] -> RMSNorm over the whole
+    dim (rms_norm_reference; weight None: none) split into num_heads heads, a new contiguous [B, L, H, D] tensor
+    (weight None: x's view). For Ulysses sequence parallelism, whose ranks normalise their tokens (all heads) before
+    the all-to-all and rotate after it, at the sequence's positions (`rope`)."""
+    if x.ndim != 3 or x.shape[-1] % num_heads or (x.shape[-1] // num_heads) % 2:
+        raise ValueError(f"x must be [B, L, dim] with dim split into {num_heads} heads of even size, not "
+                         f"{tuple(x.shape)}")
+    if weight is None:
+        return x.unflatten(-1, (num_heads, -1))
+    if not (runs_triton(x, weight) and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES
+            and weight.shape == (x.shape[-1],)):
+        return rms_norm_reference(x, weight, eps).unflatten(-1, (num_heads, -1))
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out_dtype = torch.promote_types(x.dtype, weight.dtype)
+    return _launch(x.unflatten(-1, (num_heads, -1)), weight, None, None, eps, out_dtype, False)[1]
