@@ -147,3 +147,15 @@ def test_overlap_threshold_moves_the_detector_inside_the_rule(audio, models, res
     assert D.diarize_audio(audio["mix"], vad, encoder, overlap_peak=0.0).overlap == results["mix"][4]
     assert D.diarize_audio(audio["mix"], vad, encoder, overlap_peak=1.0).overlap == []
     assert D.diarize_audio(audio["turns21"], vad, encoder, overlap_peak=0.0).overlap == results["turns21"][4]
+
+
+def test_cli_overlap_peak_out_of_range(tmp_path):
+    """--overlap-peak is a probability: 2 is refused with one line, before any clip is read."""
+    from tests.conftest import cli
+
+    proc = cli("diarize", "--overlap-peak", "2", "--from", str(tmp_path / "none.parquet"), check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "--overlap-peak" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert D.Diarize.__dataclass_fields__["overlap_peak"].metadata == {"min": 0, "max": 1}
+    assert D.Diarize().overlap_peak == D.OVERLAP_PEAK == 0.85
