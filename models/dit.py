@@ -66,10 +66,15 @@ def _sdpa(q, k, v, mask=None, prefix=None, cache=None):
     return attention(q, k, v, mask)
 
 
+# The fast backends run eagerly inside compiled blocks (a graph break around the call): traced, their launchers would
+# become their torch references (INT8 attention's materialises the [H, Lq, Lk] float32 scores), and the prefix
+# cache is Python state. Eager, the Triton kernels run and the cache serves the chunk's steps.
+@torch.compiler.disable
 def _int8(q, k, v, mask=None, prefix=None, cache=None):
     return int8_attention(q, k, v, mask, prefix=prefix, cache=cache)
 
 
+@torch.compiler.disable
 def _sparse(q, k, v, mask=None, prefix=None, cache=None):
     return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v, prefix=prefix, cache=cache)
 

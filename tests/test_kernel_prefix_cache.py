@@ -281,3 +281,59 @@ def test_the_model_reuses_a_rotated_context(backend):
             c.clear()
         model(x, t, text, **args)
         assert all(len(c) == 0 for c in caches)
+
+
+@pytest.mark.parametrize("backend", ["int8", "sparse"])
+def test_compiled_block_runs_the_fast_backend_eagerly(backend, monkeypatch):
+    """A block compiled (aot_eager, as DiT.compile_blocks compiles them) with a fast attention backend: the backend is
+    left out of the graph and runs eagerly, its Triton kernel and its prefix cache included (a traced launcher would
+    be its torch reference, and INT8 attention's materialises every score); the output equals the uncompiled
+    block's, bit for bit, and the cache serves the second call."""
+    from models.dit import KV
+    from models.rope import grid_positions
+    torch._dynamo.reset()
+    cfg = PRESETS["tiny"].dit
+    model = scrambled(cfg)
+    model.use_kernels(False, attention=backend)     # the element-wise kernels off: traced, they are their references
+    g = torch.Generator().manual_seed(8)
+    n_ctx = 5 * 16
+    kv = KV([torch.randn(1, n_ctx, cfg.num_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            [torch.randn(1, n_ctx, cfg.num_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)],
+            grid_positions(torch.arange(1, 6), 4, 4))
+    block = model.blocks[0]
+    captured = []
+    hook = block.register_forward_hook(lambda m, a, out: captured.append(a))
+    with torch.no_grad():
+        ctx = model.rotate(kv)
+        for i in range(2):
+            x, args, g2 = forward_args(1, 30 + i, ref=False, kv=ctx)
+            model(x, torch.tensor([500.0]), torch.randn(1, 5, cfg.text_dim, generator=g2), **args)
+    hook.remove()
+    kernel = {"int8": (I8, "attend_quantized_k"), "sparse": (SA, "sparse_attention_triton")}[backend]
+    calls = []
+    real = getattr(*kernel)
+    monkeypatch.setattr(*kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = block.self_attn.prefix_cache
+    compiled = torch.compile(block, backend="aot_eager")
+    with torch.no_grad():
+        for i, a in enumerate(captured):
+            eager = block(*a)
+            cache.clear()
+            hits = cache.hits
+            got = compiled(*a)
+            assert all(torch.equal(o, e) for o, e in zip(got, eager)), i
+            assert len(calls) == 3 * i + 2
+            assert cache.hits == hits and len(cache) == 1              # built by the compiled call itself
+            got_again = compiled(*a)
+            assert cache.hits == hits + 1 and all(torch.equal(o, e) for o, e in zip(got_again, eager))
+    # negative control: the backend traced (without torch.compiler.disable) never launches the kernel
+    from models import dit
+    torch._dynamo.reset()
+    traced = {"int8": lambda q, k, v, mask=None, prefix=None, cache=None: I8.int8_attention(q, k, v, mask, prefix=prefix),
+              "sparse": lambda q, k, v, mask=None, prefix=None, cache=None: SA.sparse_attention(q, k, v, prefix=prefix)}
+    monkeypatch.setitem(dit.SELF_ATTENTION, backend, traced[backend])
+    n = len(calls)
+    with torch.no_grad():
+        torch.compile(block, backend="aot_eager")(*captured[0])
+    assert len(calls) == n
+    torch._dynamo.reset()
