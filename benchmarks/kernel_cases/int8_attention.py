@@ -11,6 +11,11 @@ self-attention:
 q, k, v are drawn at random (unit normal), k with a common offset per head as the DiT's keys have one (what K
 smoothing removes). "err" is the relative L2 of ours against the float32 attention_reference; the bench's own
 "rel L2 vs torch" compares with SDPA's bf16 output.
+
+With history (Lk > Lq) each shape also has a "context cached" case: the keys are [context + chunk] as the DiT builds
+them, the context's own tensor passed as `prefix` with a PrefixCache (vidu_kernels.prefix_cache), so after the first
+call only the key blocks from the context's last whole block on are quantized: a chunk's denoising steps after its
+first (the context's int8 blocks are built once per chunk).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 from models.config import PRESETS
 from vidu_kernels.attention import attention, attention_reference
 from vidu_kernels.int8_attention import int8_attention
+from vidu_kernels.prefix_cache import PrefixCache
 
 WINDOW = 8      # StreamSettings.window: latent frames of history
 
@@ -56,4 +62,17 @@ def cases(device: str) -> list[dict]:
             "flops": 4 * B * H * Lq * Lk * D,
             "err": lambda q=q, k=k, v=v: _rel_l2(int8_attention(q, k, v), attention_reference(q, k, v)),
         })
+        if Lk > Lq:
+            ctx = k[:, :Lk - Lq].clone()                # the context's own tensor (the DiT's rotated KV)
+            k_all = torch.cat([ctx, k[:, Lk - Lq:]], 1)
+            cache = PrefixCache()
+            cached = lambda q=q, k=k_all, v=v, ctx=ctx, cache=cache: int8_attention(q, k, v, prefix=ctx,  # noqa: E731
+                                                                                    cache=cache)
+            out.append({
+                "name": f"attention {Lq}x{Lk}, {H} heads of {D} | {label} | context cached",
+                "torch": lambda q=q, k=k, v=v: attention(q, k, v),
+                "ours": cached,
+                "flops": 4 * B * H * Lq * Lk * D,
+                "err": lambda q=q, k=k, v=v, f=cached: _rel_l2(f(), attention_reference(q, k, v)),
+            })
     return out

@@ -12,7 +12,10 @@ shape is also run on a structured input, `local_qkv`: q and k are the same smoot
 (attention local in space and time, as in a video DiT; synthetic, not activations of the model). v is random.
 "err" is the relative L2 of our output against dense float32 attention on the same bf16 inputs (SDPA's own,
 for comparison, is about 2e-3); "kept" (also in the name) is the share of 64x64 tiles computed. "ours" builds the
-mask on every call (torch ops); the "kernel only" cases time the kernel on a mask built beforehand.
+mask on every call (torch ops); the "kernel only" cases time the kernel on a mask built beforehand; the "context
+pooled once" cases pass the context's keys (all frames before the chunk) as `prefix` with a PrefixCache
+(vidu_kernels.prefix_cache): the mask pools the context's key blocks once, each call only the queries and the
+chunk's keys (a chunk's steps after its first).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 
 from models.config import PRESETS
 from vidu_kernels.attention import attention, attention_reference
+from vidu_kernels.prefix_cache import PrefixCache
 from vidu_kernels.sparse_attention import (
     block_mask_reference,
     kept_fraction,
@@ -78,18 +82,24 @@ def cases(device: str) -> list[dict]:
     heads, d, hw = (H, D, HW) if gpu else (2, 64, (6, 20))
     out = []
 
-    def case(label, q, k, v, keep, block_q=64, block_k=64, mask_given=False):
+    def case(label, q, k, v, keep, block_q=64, block_k=64, mask_given=False, context=False):
         mask = block_mask_reference(q, k, block_q, block_k, keep, always=(0,))
         kept = kept_fraction(mask)
         kw = dict(keep=keep, block_q=block_q, block_k=block_k, always=(0,))
         if mask_given:
             kw["block_mask"] = mask
+        if context:                                     # the context's own tensor, as the DiT's rotated KV
+            n = k.shape[1] - q.shape[1]
+            ctx = k[:, :n].clone()
+            k = torch.cat([ctx, k[:, n:]], 1)
+            kw.update(prefix=ctx, cache=PrefixCache())
         ours = lambda: sparse_attention(q, k, v, **kw)  # noqa: E731
         B, Lq, _, _ = q.shape
         Lk = k.shape[1]
         tiles = "" if (block_q, block_k) == (64, 64) else f" tile{block_q}x{block_k}"
         out.append({
-            "name": f"Lq{Lq} Lk{Lk} {label} keep{keep}{tiles}{' kernel only' if mask_given else ''} kept{kept:.0%}",
+            "name": f"Lq{Lq} Lk{Lk} {label} keep{keep}{tiles}{' kernel only' if mask_given else ''}"
+                    f"{' context pooled once' if context else ''} kept{kept:.0%}",
             "torch": lambda: attention(q, k, v),
             "ours": ours,
             "flops": 4 * B * heads * Lq * Lk * d,
@@ -102,6 +112,7 @@ def cases(device: str) -> list[dict]:
         for keep in (0.9, 0.95):
             case("local", q, k, v, keep)
         case("local", q, k, v, 0.95, mask_given=True)
+        case("local", q, k, v, 0.95, context=True)
         if fq > 1:
             case("local", q, k, v, 0.95, block_q=128, block_k=64)
     n = hw[0] * hw[1]
