@@ -337,3 +337,4 @@ def test_compiled_block_runs_the_fast_backend_eagerly(backend, monkeypatch):
         torch.compile(block, backend="aot_eager")(*captured[0])
     assert len(calls) == n
     torch._dynamo.reset()
+
