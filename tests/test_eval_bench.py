@@ -134,6 +134,27 @@ def test_frozen_stream_fails_drift(synth_oracle):
     assert stuck["motion"] == 0.0 and stuck["sync_r"] == 0.0 and 0.8 < stuck["sharpness"] < 1.25  # still sharp
 
 
+def test_frame_stats_in_pieces_and_processes(monkeypatch):
+    """frame_stats cut in pieces (one frame shared at each seam) and measured in 2 processes equals the whole
+    clip measured at once by the formulas themselves; a seam that dropped the shared frame would lose a motion."""
+    from stages.eval.bench import synthscore
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (23, 12, 10, 3), dtype=np.uint8)
+    y = frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
+    lap = 4 * y[:, 1:-1, 1:-1] - y[:, :-2, 1:-1] - y[:, 2:, 1:-1] - y[:, 1:-1, :-2] - y[:, 1:-1, 2:]
+    want_sharp = np.array([v.var() for v in lap])
+    want_motion = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean((1, 2, 3))
+    monkeypatch.setattr(synthscore, "STATS_STEP", 5)          # pieces of 5 + 1 frames: 5 pieces, the last of 3
+    for workers in (1, 2):
+        sharp, motion = synthscore.frame_stats(frames, workers)
+        assert sharp.shape == (23,) and motion.shape == (22,)
+        np.testing.assert_array_equal(sharp, want_sharp)
+        np.testing.assert_array_equal(motion, want_motion)
+    frozen = frames.copy()
+    frozen[10:] = frozen[10]                                  # negative control: no motion from frame 10 on
+    assert not synthscore.frame_stats(frozen, 2)[1][10:].any() and synthscore.frame_stats(frozen, 2)[1][:10].all()
+
+
 def test_streambench_folder_loader(tmp_path, root, synth_oracle):
     """A user's folder: good lines are indexed (audio to 16 kHz wav, the image as png); each bad line
     is a rejected row with its reason."""

@@ -65,3 +65,34 @@ def test_a_state_that_is_not_the_last_segments_is_refused(W: Path):
 def test_nothing_streamed_yet(tmp_path: Path):
     write_state(tmp_path / NEXT_STATE, state(101), IDENT)
     assert recover(tmp_path, []) is None and not any(tmp_path.iterdir())
+
+
+def test_scratch_frames_are_found_kept_or_marked_lost(W: Path, tmp_path_factory):
+    """Frames waiting in the call's scratch (RAM) count as W's: a scored segment's go, an unscored one's stay;
+    an unscored segment whose frames are in neither (a killed call's scratch gone) is marked lost, not waited for."""
+    scratch = tmp_path_factory.mktemp("shm")
+    (W / "unscored_0.npy").unlink()
+    np.save(scratch / "unscored_0.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    np.save(scratch / "unscored_2.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    (scratch / "unscored_3.npy.tmp").write_bytes(b"half")
+    write_state(W / "state.st", state(301), IDENT)
+    segs = [seg(0, 0, 101, scored=True), seg(1, 101, 201), seg(2, 201, 301)]
+    found = recover(W, segs, scratch)
+    assert found["state"]["frames"] == 301
+    assert sorted(p.name for p in scratch.iterdir()) == ["unscored_2.npy"]
+    assert [s.get("lost", False) for s in segs] == [False, True, False]
+    assert long_stream.frames_file(2, [scratch, W]) == scratch / "unscored_2.npy"
+    assert long_stream.frames_file(1, [scratch, W]) is None
+
+
+def test_persist_moves_unscored_frames_to_W(W: Path, tmp_path_factory):
+    """At a call's end the unscored frames leave the scratch for W, byte for byte; scored ones are not copied."""
+    scratch = tmp_path_factory.mktemp("shm")
+    frames = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    np.save(scratch / "unscored_1.npy", frames)
+    np.save(scratch / "unscored_2.npy", frames)
+    segs = [seg(0, 0, 101), seg(1, 101, 201), seg(2, 201, 301, scored=True)]
+    long_stream.persist(W, scratch, segs)
+    assert sorted(p.name for p in scratch.iterdir()) == ["unscored_2.npy"]     # scored: left for its collect to delete
+    np.testing.assert_array_equal(np.load(W / "unscored_1.npy"), frames)
+    assert long_stream.persist(W, W, segs) >= 0 and (W / "unscored_1.npy").is_file()   # no scratch: nothing moves

@@ -61,11 +61,36 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
             "per_event": [(t, e["success"]) for (t, _), e in zip(onsets, res["per_event"])]}
 
 
-def _sharpness(frames: np.ndarray) -> np.ndarray:
-    """Per frame: variance of the 4-neighbour Laplacian of luma in [0, 1]."""
-    y = frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32) / 255
-    lap = y[:, 1:-1, 1:-1] * 4 - y[:, :-2, 1:-1] - y[:, 2:, 1:-1] - y[:, 1:-1, :-2] - y[:, 1:-1, 2:]
-    return lap.reshape(len(frames), -1).var(1)
+STATS_STEP = 250  # frames per piece of frame_stats (10 min at 256^2 as float32 would be 12 GB at once)
+
+
+def _piece_stats(piece: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sharpness of the first n frames of `piece` and the motion of each of its frames after the first."""
+    from stages.eval.metrics.quality import frame_sharpness
+    from stages.filter import luma
+    motion = np.abs(np.diff(piece.astype(np.float32), axis=0)).mean((1, 2, 3))
+    return frame_sharpness(luma(piece[:n])), motion
+
+
+def frame_stats(frames: np.ndarray, workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: sharpness [T] (variance of the 4-neighbour Laplacian of Rec.601 luma in [0, 1]:
+    stages.eval.metrics.quality.frame_sharpness) and motion [T - 1] (mean |RGB change| per pixel and
+    channel from the previous frame, in uint8 steps); in pieces of STATS_STEP frames (each with the
+    next piece's first frame, for its last motion), in `workers` processes when > 1."""
+    T = len(frames)
+    starts = range(0, T, STATS_STEP)
+    pieces = [frames[s:s + STATS_STEP + 1] for s in starts]
+    counts = [min(STATS_STEP, T - s) for s in starts]
+    if workers > 1 and len(pieces) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(workers, len(pieces)), mp_context=mp.get_context("spawn")) as pool:
+            got = list(pool.map(_piece_stats, pieces, counts))
+    else:
+        got = [_piece_stats(p, n) for p, n in zip(pieces, counts)]
+    if not got:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
 
 
 def _ratio(last: float | None, first: float | None) -> float | None:
@@ -74,18 +99,17 @@ def _ratio(last: float | None, first: float | None) -> float | None:
     return float(last / first)
 
 
-def drift_ratios(frames: np.ndarray, m: dict[str, np.ndarray], identity, gt_mouth: np.ndarray,
+def drift_ratios(stats: tuple[np.ndarray, np.ndarray], m: dict[str, np.ndarray], identity, gt_mouth: np.ndarray,
                  per_event: list[tuple[float, bool]] = (), fps: float = 25.0) -> dict:
-    """Last 10 % vs first 10 % of the clip (at least 5 frames each); instructions: success rate of the
-    events whose onset falls in each part (None when a part has none)."""
+    """Last 10 % vs first 10 % of the clip (at least 5 frames each), from its frame_stats and analysis;
+    instructions: success rate of the events whose onset falls in each part (None when a part has none)."""
     from stages.synth import identity_error
-    T = len(frames)
+    sharp, motion = stats
+    T = len(sharp)
     n = max(5, T // 10)
     if T < 2 * n:
         return {}
     head, tail = slice(0, n), slice(T - n, T)
-    sharp = _sharpness(frames)
-    motion = np.abs(np.diff(frames.astype(np.float32), axis=0)).mean((1, 2, 3))  # [T - 1]
 
     def part(d: dict, s: slice) -> dict:
         return {k: v[s] for k, v in d.items()}
@@ -101,9 +125,10 @@ def drift_ratios(frames: np.ndarray, m: dict[str, np.ndarray], identity, gt_mout
 
 
 def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.ndarray | None,
-                 workers: int = 1) -> dict:
+                 workers: int = 1, stats: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """All ground-truth numbers of one synth case; `frames` [T, H, W, 3] uint8 at the case's size,
-    measured in `workers` processes (analyze)."""
+    measured in `workers` processes (analyze, frame_stats; `stats`: the frames' frame_stats when the
+    caller has them)."""
     from stages.synth import Identity, analyze, identity_error
     identity = Identity(**{k: tuple(v) if isinstance(v, list) else v for k, v in truth["identity"].items()})
     T = min(len(frames), truth["frames"])
@@ -117,5 +142,6 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
            "mouth_r_control": None if control_mouth is None else pearson(measured, control_mouth[:T]),
            "identity_error": identity_error(m, identity) if m["found"].any() else None}
     out.update(instruction_scores(m, events, fps))
-    out["drift_ratios"] = drift_ratios(frames, m, identity, gt, out.pop("per_event"), fps)
+    stats = frame_stats(frames, workers) if stats is None else stats
+    out["drift_ratios"] = drift_ratios(stats, m, identity, gt, out.pop("per_event"), fps)
     return out
