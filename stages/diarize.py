@@ -57,7 +57,9 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   landmarks of the main face, the one overlapping the row's `face_box` when the input is a filtered
   manifest, else the largest, detected every 5 frames; a face too small for HOG at the 480 px
   analysis size, as in portrait and 1080p frames, is located at full size and tracked in a crop
-  around it: before that, such clips had no face and all their speech was called offscreen),
+  around it: before that, such clips had no face and all their speech was called offscreen; since
+  version 8 the landmark box follows the face between detections and a small face is located from
+  the first to the last frame, for head motion: stages/sense/mouth.py),
   mouth opening per frame; the log speech RMS in the same frame bins,
   floored outside one speaker's turns. `sync_score` = the larger of corr(opening, level) and
   corr(mouth activity, smoothed level) at the best audio-visual lag within +-0.12 s. As raw
@@ -501,7 +503,7 @@ def av_offset(times: np.ndarray, landmarks: np.ndarray, audio: np.ndarray) -> tu
 class Diarize(Stage):
     name: ClassVar[str] = "diarize"
     kind: ClassVar[str] = "diarized"
-    version: ClassVar[str] = "7"
+    version: ClassVar[str] = "8"
     reads: ClassVar[tuple[str, ...]] = ("id", "video_path", "start_s", "end_s")  # + face_box when filtered
     writes: ClassVar[tuple[str, ...]] = tuple(f.name for f in DIARIZE_COLUMNS)
 

@@ -15,7 +15,17 @@ analysis-size frames show a face in under half of the detections or one under `M
 wide (a coarse mouth), `locate_face` searches a few
 frames at up to `LOCATE_MAX_SIDE` and the clip is tracked again in a crop around that face
 (`CROP_MARGIN` face widths on each side, covering head motion), where the face is large again. mediapipe's face mesh is not used: its PyPI wheel (1.2.3, checked with
-`pip download mediapipe`) ships no face-landmarker model file, and nothing is downloaded at run time.
+`pip download mediapipe`, again on 2026-12-04: no .tflite or .task file among its 165 files) ships no
+face-landmarker model file, and nothing is downloaded at run time.
+
+Head motion (issue 20, 2026-12-04). `locate_face` looks at the first and the last frame of the clip
+and evenly between (before: LOCATE_FRAMES frames from the start, so a face that moved late in the
+clip left the crop), and diarize's tracks (`mouth_landmarks`) fit the landmarks in a box that
+follows the face between detections (`track_face(follow=True)`: the detected box shifted by how far
+the previous frame's landmarks moved since the detection); `vidu eval` keeps the plain box. On a
+~100 px face panning 400 px across a portrait over 6 s (tests/test_diarize_motion.py) the plain box
+read the A/V offset of its own audio at confidence 0.21 and of +0.5 s late audio at 0.15 (so a desync
+passed); following the face, 0.63 and 0.53 (av_desync), speaker z 1.93 -> 3.04.
 """
 from __future__ import annotations
 
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.sense.media import clip_frames
+from stages.sense.media import clip_frames, frames_at, grid_times
 from stages.sense.speech import SAMPLE_RATE
 
 FACE_FPS = 25.0  # mouth sampling: syllables come at 4-6 Hz; the SyncNet protocol's video rate
@@ -64,17 +74,19 @@ def pick_face(boxes: list, face_box: list[float] | None, w: int, h: int):
 
 
 def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect: int = REDETECT,
-               small_faces: bool = False) -> FaceTrack:
+               small_faces: bool = False, follow: bool = False) -> FaceTrack:
     """Landmarks of the main face in every frame of [T, H, W, 3] uint8 RGB (detected every `redetect`).
     `small_faces`: where the detector finds none, look again on the frame upsampled 2x (HOG finds faces
-    down to ~40 px instead of ~80 px, at ~4x the cost of that detection)."""
+    down to ~40 px instead of ~80 px, at ~4x the cost of that detection). `follow`: between detections
+    the box moves with the face (shifted by how far the previous frame's landmarks moved since the
+    detection) instead of staying where the face was detected."""
     from stages.sense import faces
 
     T = len(frames)
     lm = np.full((T, 68, 2), np.nan, np.float32)
     detected, found = np.zeros(T, bool), np.zeros(T, bool)
     boxes: list[Box | None] = [None] * T
-    box = None
+    box = anchor = None
     for i, rgb in enumerate(frames):
         if i % redetect == 0:
             cands = [b for b, _ in faces.face_boxes(rgb)]
@@ -82,9 +94,17 @@ def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect
                 cands = [b for b, _ in faces.face_boxes(rgb, upsample=1)]
             box = pick_face(cands, face_box, rgb.shape[1], rgb.shape[0]) if cands else None
             detected[i], found[i] = True, box is not None
-        if box is not None:
-            lm[i] = faces.landmarks_in_box(rgb, box)
-            boxes[i] = box
+            anchor = None
+        if box is None:
+            continue
+        use = box
+        if follow and anchor is not None:
+            dx, dy = np.round(lm[i - 1].mean(0) - anchor).astype(int)
+            use = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+        lm[i] = faces.landmarks_in_box(rgb, use)
+        boxes[i] = use
+        if follow and anchor is None:
+            anchor = lm[i].mean(0)
     return FaceTrack(lm, detected, found, boxes)
 
 
@@ -109,13 +129,13 @@ def mouth_landmarks(path: str, start_s: float, end_s: float, face_box: list[floa
     """`mouth_track`'s times (s from start_s) and the main face's 68 landmarks [T, 68, 2] per
     frame (nan: no face; in the pixels of the analysed frames or of the crop around a small face)."""
     frames, times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE)
-    track = track_face(frames, face_box)
+    track = track_face(frames, face_box, follow=True)
     if _found_share(track) < 0.5 or _face_width(track) < MIN_FACE_PX:
         located = locate_face(path, start_s, end_s, face_box)
         if located is not None:
             region, face = located
             frames, crop_times = clip_frames(path, start_s, end_s, fps=FACE_FPS, max_side=FACE_MAX_SIDE, crop=region)
-            crop_track = track_face(frames, _relative_to(face, region), small_faces=True)
+            crop_track = track_face(frames, _relative_to(face, region), small_faces=True, follow=True)
             if _found_share(crop_track) >= max(0.5, _found_share(track)):
                 track, times = crop_track, crop_times
     return np.asarray(times) - start_s, track.landmarks
@@ -137,8 +157,13 @@ def locate_face(path: str, start_s: float, end_s: float, face_box: list[float] |
     widths on each side. None when no frame shows a face."""
     from stages.sense import faces
 
-    frames, _ = clip_frames(path, start_s, end_s, fps=LOCATE_FRAMES / max(end_s - start_s, 1e-3),
-                            max_side=LOCATE_MAX_SIDE)
+    grid = grid_times(start_s, end_s, FACE_FPS)
+    if not len(grid):
+        return None
+    # the first and the last grid frame and evenly between: a face that moves through the clip is
+    # located at both ends of its path (the crop must hold it in every frame)
+    frames, _ = frames_at(path, grid[np.unique(np.round(np.linspace(0, len(grid) - 1, LOCATE_FRAMES)).astype(int))],
+                          end_s, LOCATE_MAX_SIDE)
     found = []
     for rgb in frames:
         H, W = rgb.shape[:2]
