@@ -6,6 +6,7 @@ long stream, peak memory; with and without TwinCache; decoded with TAEHV.
     python benchmarks/stream_fps.py --preset small --sizes 256x256 --chunk-frames 1 --window 7 --long-seconds 0 \
         --compile both                                    # the starter's shapes, eager and compiled blocks
     python benchmarks/stream_fps.py --kernels ...         # the blocks' fused Triton kernels (DiT.use_kernels)
+    python benchmarks/stream_fps.py --attention int8 [--no-keep-context] [--linear fp8] [--compile on] ...
     torchrun --nproc_per_node 2 benchmarks/stream_fps.py --sizes 960x544,1280x720,1920x1088 --long-seconds 0
                                                           # one stream over 2 GPUs (Ulysses, models/ulysses.py)
 
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
                     help="self-attention's backend (DiT.use_kernels)")
+    ap.add_argument("--keep-context", action=argparse.BooleanOptionalAction, default=True,
+                    help="--attention int8/sparse: keep the context's int8 / pooled key blocks for a chunk's forwards "
+                         "(DiT.use_kernels keep_context; --no-keep-context derives them every forward)")
     ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
                     help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
@@ -155,7 +159,7 @@ def main() -> None:
     for w, h in sizes:
         for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
-            model.use_kernels(args.kernels, args.attention)
+            model.use_kernels(args.kernels, args.attention, args.keep_context)
             if args.linear != "bf16":
                 model.quantize(args.linear)
             if compiled:
@@ -169,7 +173,8 @@ def main() -> None:
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
                     r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
-                             kernels=args.kernels, attention=args.attention, linear=args.linear)
+                             kernels=args.kernels, attention=args.attention, keep_context=args.keep_context,
+                             linear=args.linear)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)

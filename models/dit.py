@@ -323,17 +323,21 @@ class DiT(nn.Module):
         for block in self.blocks:
             block.compile(dynamic=dynamic, mode=mode)
 
-    def use_kernels(self, on: bool = True, attention: str = "sdpa") -> None:
+    def use_kernels(self, on: bool = True, attention: str = "sdpa", keep_context: bool = True) -> None:
         """The blocks' element-wise passes (LayerNorm + adaLN modulation, gated residual adds; self-attention's
         q/k RMSNorm + RoPE, under shard_sequence the norm before the all-to-all and RoPE after it) through the fused
         Triton kernels of vidu_kernels.adaln / qk_rope where they can run (CUDA, no autograd through them, not
         under torch.compile), their torch references anywhere else: the same numbers either way; and
-        self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate)."""
+        self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate).
+        keep_context: the fast backends keep what they derive from a context rotated once per chunk (DiT.rotate) for
+        the chunk's next forwards (vidu_kernels.prefix_cache: INT8 attention's int8 key blocks, the sparse mask's
+        pooled key blocks); False derives it in every forward (the same numbers, to measure what keeping buys)."""
         if attention not in SELF_ATTENTION:
             raise ValueError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
         for block in self.blocks:
             block.kernels = block.self_attn.kernels = on
             block.self_attn.backend = attention
+            block.self_attn.prefix_cache = PrefixCache(2) if keep_context else None
 
     def quantize(self, fmt: str = "fp8") -> list[str]:
         """The blocks' attention projections and FFNs as W8A8 GEMMs (vidu_kernels.w8a8: weights quantized here,

@@ -26,10 +26,8 @@ def test_a_stream_with_the_caches_equals_one_without(backend):
     runs = []
     for cached in (True, False):
         model = scrambled(cfg.dit)
-        model.use_kernels(attention=backend)
-        if not cached:
-            for b in model.blocks:
-                b.self_attn.prefix_cache = None
+        model.use_kernels(attention=backend, keep_context=cached)
+        assert all((b.self_attn.prefix_cache is None) != cached for b in model.blocks)
         with torch.no_grad():
             runs.append((model, run_engine(model, st, 4, cfg=cfg)[1]))
     (model, outs), (_, plain) = runs
