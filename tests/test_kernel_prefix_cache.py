@@ -5,6 +5,7 @@ entry not invalidated when the context's keys are written in place) must fail th
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -87,7 +88,9 @@ def test_prefix_cache_keys_on_the_tensor_and_its_version():
     with torch.inference_mode():                                         # no version counter: never cached
         c = torch.randn(3)
         assert cache.get(c, "x", build("c1")) == "c1" and cache.get(c, "x", build("c2")) == "c2"
+    assert len(cache) == 1
     assert len(copy.deepcopy(cache)) == 0 and copy.deepcopy(cache).size == 2
+    assert len(pickle.loads(pickle.dumps(cache))) == 0 and pickle.loads(pickle.dumps(cache)).size == 2
     with pytest.raises(ValueError):
         PrefixCache(0)
 

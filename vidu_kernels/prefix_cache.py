@@ -97,6 +97,11 @@ class PrefixCache:
         """A copy of a model starts with an empty cache (its entries are of the original's tensors)."""
         return PrefixCache(self.size)
 
+    def __reduce__(self):
+        """Pickled (a model saved whole, or sent to another process) as an empty cache: weak references do not
+        pickle, and the entries are of this process's tensors."""
+        return PrefixCache, (self.size,)
+
 
 def prefix_length(prefix, k) -> int | None:
     """How many of the keys k [B, Lk, H, D] the prefix [B, Lc, H, D] stands for: Lc, or None for no prefix (None or
