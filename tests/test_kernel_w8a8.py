@@ -292,13 +292,18 @@ def test_compiled_linear_is_one_op_that_runs_the_kernel(fmt, monkeypatch):
         assert torch.equal(got, eager)
         got_aot = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
         assert len(calls) == 3 and torch.equal(got_aot, eager)
+        dynamic = torch.compile(mod, backend="aot_eager", fullgraph=True, dynamic=True)   # symbolic token counts
+        for m in (3, 17):                    # (DiT.compile_blocks' streams: the context grows, lengths go symbolic)
+            xm = torch.randn(1, m, 200)
+            assert torch.equal(dynamic(xm), mod(xm))
+        assert len(calls) == 3 + 4
         assert rel_l2(eager, Q.w8a8_linear_reference(x, mod.weight_q, mod.weight_scales, mod.bias, fmt)) < GEMM_TOL
 
         torch._dynamo.reset()
         monkeypatch.setattr(Q.W8A8Linear, "forward", _w8a8_linear_traced)
         graphs = []
         traced = _compiled(mod, graphs)(x)
-        assert torch.ops.vidu.w8a8_linear.default not in _ops(graphs) and len(calls) == 3
+        assert torch.ops.vidu.w8a8_linear.default not in _ops(graphs) and len(calls) == 7
         assert not torch.equal(traced, eager)
     torch._dynamo.reset()
 
