@@ -10,8 +10,8 @@ run resumes from W/state.st, streams one segment, writes the state back. Each se
 bench's numbers (stages/eval/bench/synthscore.synth_scores) against the world's ground truth for its frames: lip
 sync r (control: the mouth track of the next segment's speech), instruction success, latency and spurious fires
 (instructions whose onset falls in the segment), identity error, and the segment's mean sharpness and motion;
-drift = each segment's number over the first segment's. A segment's frames go to W/unscored_<i>.npy and are scored
-in another process (one at a time, so the stream keeps its cores) beside the next segment's streaming (a thread
+drift = each segment's number over the first segment's. A segment's frames go to unscored_<i>.npy in --scratch (RAM:
+/dev/shm; moved to W when a call ends with them unscored) and are scored in another process (one at a time, so the stream keeps its cores) beside the next segment's streaming (a thread
 would take the host-bound stream's GIL: measured on the H200, chunk p50 37.5 -> 80.5 ms). A scoring the budget
 cuts short is killed and done again by the next call. A segment is committed in an order that a call killed at
 any moment (the device's limit) loses at most the segment it was streaming: frames, the new state beside the
