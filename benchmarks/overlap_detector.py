@@ -31,8 +31,18 @@ flagged seconds on each HELD-OUT real single voice, a held-out real mixture (ret
 equal loudness; also retalking_5 + silero_test), held-out real turn-taking and voice over music, and
 pyannote_sample.wav against its RTTM (partly train data since session 35: its single-speaker stretches).
 
+The AND rule's hysteresis peak (stages.diarize.OVERLAP_PEAK) is chosen on TRAIN-side audio only by
+`choose_peak` (`--peak auto`): the lowest peak at which no train-side non-overlap clip flags.
+
 Run: python benchmarks/overlap_detector.py [--steps 1200] [--init W] [--ship] [--eval-only [--weights W]]
-     [--baseline S29_WEIGHTS] [--threshold auto|P] [--media ../shared/media]
+     [--baseline S29_WEIGHTS] [--threshold auto|P] [--peak none|auto|P] [--kinds overlap=.35,turns=.2,...]
+     [--media ../shared/media]
+2026-12-04 (RESULTS.md, "hysteresis"): the shipped detector, its peak chosen, before/after on held-out audio:
+     python benchmarks/overlap_detector.py --eval-only --threshold 0.5 --name s29 --peak auto
+and a detector trained with more turn-taking (not shipped: fewer train-side overlap clips at its chosen peak):
+     python benchmarks/overlap_detector.py --steps 1300 --batch 16 --seed 2 --init s29.safetensors --lr 2e-3 \
+         --real-share 0 --kinds overlap=0.3,turns=0.35,single=0.15,music=0.1,nonspeech=0.1 --threshold 0.5 \
+         --peak auto --name s40 --baseline s29.safetensors
 Session 35's run (not shipped: the held-out real single voices still flag at the chosen threshold):
      git show af87476:stages/sense/overlap.safetensors > s29.safetensors
      python benchmarks/overlap_detector.py --steps 5000 --batch 16 --seed 1 --init s29.safetensors --lr 2e-3 \
@@ -621,6 +631,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--workers", type=int, default=1, help="processes making training scenes")
     ap.add_argument("--real-share", type=float, default=0.5, help="share of utterances that are REAL_TRAIN crops (0: none)")
+    ap.add_argument("--kinds", default=",".join(f"{k}={v}" for k, v in KINDS.items()),
+                    help="training scene shares, kind=share,... (normalised)")
     ap.add_argument("--threshold", default="auto", help="'auto' (choose_threshold, train-side data) or a probability")
     ap.add_argument("--scenes", type=int, default=20, help="eval scenes per kind")
     ap.add_argument("--ship", action="store_true", help="write the weights into stages/sense/overlap.safetensors")
@@ -637,6 +649,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    shares = dict(kv.split("=") for kv in args.kinds.split(","))
+    if set(shares) != set(KINDS):
+        ap.error(f"--kinds: give a share for each of {', '.join(KINDS)}")
+    total = sum(float(v) for v in shares.values())
+    KINDS.update({k: float(v) / total for k, v in shares.items()})
     from stages.sense.overlap import WEIGHTS
 
     if not args.eval_only:
