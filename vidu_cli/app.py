@@ -18,7 +18,7 @@ COMMANDS = {
     "prefilter": "vidu_cli.prefilter:prefilter", "clip": "vidu_cli.clip:clip", "filter": "vidu_cli.filter:filter",
     "diarize": "vidu_cli.diarize:diarize", "caption": "vidu_cli.caption:caption", "embed": "vidu_cli.embed:embed",
     "synth": "vidu_cli.synth:synth", "train": "vidu_cli.train:train",
-    "distill": "vidu_cli.distill:distill", "stream": "vidu_cli.stream:stream",
+    "distill": "vidu_cli.distill:distill", "stream": "vidu_cli.stream:stream", "serve": "vidu_cli.serve:serve",
     "eval": "vidu_cli.eval:eval", "model": "vidu_cli.model:model", "runs": "vidu_cli.runs:runs",
     "show": "vidu_cli.show:show", "sql": "vidu_cli.sql:sql", "demo": "vidu_cli.demo:demo",
 }

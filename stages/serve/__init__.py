@@ -1,0 +1,15 @@
+"""`vidu serve`: many live characters from one server, over WebRTC (aiohttp + aiortc).
+
+    options.py    ServeOptions: every limit and default; the bind / token check
+    model.py      ServeModel: one loaded model per worker device, its profiles and their measured chunk times
+    scheduler.py  Worker threads (earliest deadline first, sequential: no batching) and admission control
+    sessions.py   ServeSession: a character's session, history, viewer and data channel
+    media.py      Timeline and the WebRTC video / audio tracks that play it in sync
+    metrics.py    Prometheus text and JSON logs
+    app.py        create_app(options, models): the HTTP routes; serve() runs it
+    static/       the page (index.html) and its script (app.js)
+
+    from stages.serve.app import create_app
+    model = ServeModel(None, "tiny"); model.calibrate(4)
+    app = create_app(ServeOptions(max_sessions=4), [model])
+"""

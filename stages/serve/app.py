@@ -1,0 +1,387 @@
+"""The HTTP side of `vidu serve` (aiohttp): sessions, WebRTC signalling, the page, metrics.
+
+    GET    /                       the page (static/index.html; its script static/app.js)
+    GET    /app.js, /mic-worklet.js  the page's scripts (the worklet is `vidu stream --serve`'s, shared)
+    GET    /health                 {"ok": true}
+    GET    /metrics                Prometheus text (stages/serve/metrics.py)
+    GET    /capacity               workers, their measured load and profiles
+    POST   /sessions               multipart: image (file, required), instruction, voice, seed -> 201 {id, profile, ...}
+                                   | 503 {"error", "reason"} when no worker can keep it real time
+    GET    /sessions/{id}          the session's state and instruction history
+    DELETE /sessions/{id}          close it
+    POST   /sessions/{id}/offer    {"sdp", "type": "offer"} -> the answer; a new offer replaces the viewer
+                                   (reconnect: the character goes on)
+    POST   /sessions/{id}/instruction  {"text"} (the data channel's instruction, over HTTP)
+
+Every error is a one-line JSON {"error": ...} with a 4xx/5xx status, never a traceback. With a token
+every route but the page, its scripts and /health needs `Authorization: Bearer TOKEN`. No CORS
+headers are sent; a POST or DELETE whose Origin is not this server's is refused (403). Requests are
+rate-limited per client address (429). Sessions are closed after `connect_timeout_s` without a viewer
+and `idle_timeout_s` without input.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import re
+import time
+import warnings
+from importlib import resources
+from urllib.parse import urlsplit
+
+import numpy as np
+from aiohttp import web
+
+from stages.serve.metrics import Metrics, log
+from stages.serve.model import ServeModel, live_options
+from stages.serve.options import ServeError, ServeOptions, check_bind
+from stages.serve.scheduler import Refused, Scheduler
+from stages.serve.sessions import ServeSession, TokenBucket
+from stages.stream.events import MAX_INSTRUCTION_CHARS, EventQueue, StreamError, instruction_text
+from stages.stream.say import DEFAULT_VOICE
+
+SESSION_ID = re.compile(r"[0-9a-f]{32}")
+PUBLIC = {"/", "/app.js", "/mic-worklet.js", "/health", "/favicon.ico"}
+OPTIONS = web.AppKey("options", ServeOptions)
+STATE = web.AppKey("state", object)
+
+
+def _static(package: str, name: str) -> bytes:
+    return resources.files(package).joinpath("static", name).read_bytes()
+
+
+def _error(status: int, message: str, **extra) -> web.Response:
+    return web.json_response({"error": message.splitlines()[0] if message else str(status), **extra}, status=status)
+
+
+class State:
+    def __init__(self, opts: ServeOptions, models: list[ServeModel]):
+        self.opts = opts
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(models, opts, self.metrics)
+        self.sessions: dict[str, ServeSession] = {}
+        self.clients: dict[str, TokenBucket] = {}
+        self.reaper: asyncio.Task | None = None
+
+    def session(self, request: web.Request) -> ServeSession:
+        sid = request.match_info["id"]
+        s = self.sessions.get(sid) if SESSION_ID.fullmatch(sid) else None
+        if s is None:
+            raise web.HTTPNotFound(reason="no such session")
+        return s
+
+
+# --- middlewares
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.reason if e.status != 413 else f"the upload is larger than {request.app[OPTIONS].max_upload_bytes} bytes"
+        if e.status == 404 and e.reason == "Not Found":
+            message = "not found"
+        return _error(e.status, message)
+    except (ServeError, StreamError) as e:
+        return _error(400, str(e))
+    except Exception as e:                                    # a bug: logged, answered in one line
+        log("request_failed", path=request.path, error=f"{type(e).__name__}: {e}")
+        return _error(500, f"internal error ({type(e).__name__})")
+
+
+@web.middleware
+async def guard(request: web.Request, handler):
+    opts, state = request.app[OPTIONS], request.app[STATE]
+    client = request.remote or "?"
+    bucket = state.clients.get(client)
+    if bucket is None:
+        if len(state.clients) > 10000:
+            state.clients.clear()
+        bucket = state.clients[client] = TokenBucket(opts.requests_per_s, opts.request_burst)
+    if not bucket.take():
+        state.metrics.inc("requests_limited")
+        return _error(429, "too many requests: slow down")
+    if request.method not in ("GET", "HEAD") and not _same_origin(request):
+        return _error(403, "cross-origin requests are not accepted")
+    if opts.token and request.path not in PUBLIC:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {opts.token}".encode()):
+            return _error(401, "a token is required: Authorization: Bearer TOKEN")
+    return await handler(request)
+
+
+def _same_origin(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        return False
+    if origin is None:
+        return True                                           # not from a browser page (curl, the tests)
+    return urlsplit(origin).netloc == request.host
+
+
+# --- routes
+
+async def page(request: web.Request) -> web.Response:
+    html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS)))
+    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def script(request: web.Request) -> web.Response:
+    name = request.path[1:]
+    body = _static("stages.serve", name) if name == "app.js" else _static("stages.stream", name)
+    return web.Response(body=body, content_type="text/javascript", charset="utf-8")
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def favicon(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    sessions = [{"id": s.id, "profile": s.profile.name, "fps": round(s.timeline.fps_sent(), 3)}
+                for s in state.sessions.values()]
+    workers = [{"worker": w["worker"], "load": w["load"], "budget": w["budget"]} for w in state.scheduler.describe()]
+    live = {"frames_sent": sum(s.timeline.sent for s in state.sessions.values()),   # + the closed ones' (counters)
+            "frames_dropped": sum(s.timeline.dropped for s in state.sessions.values())}
+    text = state.metrics.text(sessions, workers, _gpu_memory(state), live)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Prometheus-Format": "0.0.4"})
+
+
+def _gpu_memory(state: State) -> list[tuple[str, int, int]]:
+    import torch
+    out = []
+    for w in state.scheduler.workers:
+        dev = str(w.model.device)
+        if dev.startswith("cuda") and torch.cuda.is_available():
+            out.append((dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)))
+    return out
+
+
+async def capacity(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response({"workers": state.scheduler.describe(), "sessions": len(state.sessions),
+                              "max_sessions": state.opts.max_sessions, "speed": state.opts.speed,
+                              "headroom": state.opts.headroom})
+
+
+async def create_session(request: web.Request) -> web.Response:
+    state, opts = request.app[STATE], request.app[OPTIONS]
+    if not request.content_type.startswith("multipart/"):
+        return _error(415, "POST /sessions takes multipart/form-data with an image file")
+    fields = await _form(request, opts)
+    rgb = _image(fields.get("image"), opts)
+    voice = _text_field(fields, "voice", 64) or DEFAULT_VOICE
+    if not re.fullmatch(r"[A-Za-z0-9_+\-]+", voice):
+        return _error(400, f"not a voice name: {voice!r}")
+    if voice != DEFAULT_VOICE:
+        from stages.stream.say import check_voice
+        await asyncio.to_thread(check_voice, voice)
+    instruction = instruction_text(_text_field(fields, "instruction", 4 * MAX_INSTRUCTION_CHARS) or "") or None
+    seed_text = _text_field(fields, "seed", 20) or "0"
+    if not seed_text.isdigit() or int(seed_text) >= 2**63:
+        return _error(400, f"the seed is a whole number 0..2^63-1, not {seed_text!r}")
+    with state.scheduler.lock:
+        try:
+            worker, profile = state.scheduler.admit()
+        except Refused as e:
+            state.metrics.refuse(e.reason)
+            log("session_refused", reason=e.reason, message=str(e))
+            return _error(503, str(e), reason=e.reason)
+        from stages.stream.session import Session
+        parts = await asyncio.to_thread(worker.model.parts, rgb, profile, int(seed_text))
+        session = Session(parts, EventQueue(), live_options(instruction))
+        s = ServeSession(session, profile, worker, opts, state.metrics, asyncio.get_running_loop(), voice)
+        state.sessions[s.id] = s
+        worker.add(s)
+    state.metrics.admit(profile.name)
+    log("session_created", session=s.id, profile=profile.name, worker=worker.index)
+    return web.json_response(s.info(), status=201)
+
+
+async def _form(request: web.Request, opts: ServeOptions) -> dict:
+    """The multipart fields: name -> bytes (a file) or str; a path is never taken from a field."""
+    out: dict = {}
+    reader = await request.multipart()
+    total = 0
+    async for part in reader:
+        if part.name not in ("image", "instruction", "voice", "seed"):
+            raise ServeError(f"unknown field {part.name!r}: expected image, instruction, voice, seed")
+        data = await part.read(decode=False)
+        total += len(data)
+        if total > opts.max_upload_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=opts.max_upload_bytes, actual_size=total)
+        if part.name == "image":
+            if part.filename is None:
+                raise ServeError("the image must be an uploaded file (multipart with a filename), not a path or text")
+            out["image"] = bytes(data)
+        else:
+            out[part.name] = bytes(data).decode("utf-8", "replace")
+    return out
+
+
+def _text_field(fields: dict, name: str, limit: int) -> str | None:
+    v = fields.get(name)
+    if v is not None and len(v) > limit:
+        raise ServeError(f"the {name} field is longer than {limit} characters")
+    return v.strip() if v else None
+
+
+def _image(data: bytes | None, opts: ServeOptions) -> np.ndarray:
+    """[H, W, 3] uint8 of the upload; ServeError (one line) for a missing, unreadable or too large image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if not data:
+        raise ServeError("an image file is required (multipart field 'image')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if max(w, h) > opts.max_image_side or w * h > opts.max_image_pixels:
+                    raise ServeError(f"the image is {w}x{h}: at most {opts.max_image_side} px a side and "
+                                     f"{opts.max_image_pixels} pixels")
+                if w < 16 or h < 16:
+                    raise ServeError(f"the image is {w}x{h}: at least 16 px a side")
+                im.load()
+                rgb = ImageOps.exif_transpose(im).convert("RGB")
+                return np.asarray(rgb, dtype=np.uint8).copy()
+    except Image.DecompressionBombError:
+        raise ServeError("the image has too many pixels") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, ServeError):
+            raise
+        raise ServeError(f"not a readable image ({type(e).__name__})") from None
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATE].session(request).info())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    s = state.session(request)
+    state.sessions.pop(s.id, None)
+    await s.close("deleted")
+    return web.json_response({"ok": True, "id": s.id, "chunks": s.session.chunks})
+
+
+async def _json(request: web.Request, limit: int) -> dict:
+    if request.content_length is not None and request.content_length > limit:
+        raise ServeError(f"the body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise ServeError(f"the body is larger than {limit} bytes")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ServeError("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise ServeError("the body must be a JSON object")
+    return body
+
+
+async def offer(request: web.Request) -> web.Response:
+    s = request.app[STATE].session(request)
+    body = await _json(request, 64 * 1024)
+    sdp, kind = body.get("sdp"), body.get("type")
+    if not isinstance(sdp, str) or kind != "offer" or not sdp.startswith("v=0"):
+        raise ServeError('expected {"sdp": "v=0...", "type": "offer"}')
+    try:
+        answer = await s.connect(sdp, kind)
+    except (ValueError, KeyError, IndexError) as e:          # aiortc's SDP parser on a malformed offer
+        raise ServeError(f"unusable offer ({type(e).__name__})") from None
+    return web.json_response({"sdp": answer.sdp, "type": answer.type})
+
+
+async def instruct(request: web.Request) -> web.Response:
+    s = request.app[STATE].session(request)
+    body = await _json(request, 16 * 1024)
+    return web.json_response({"ok": True, **s.instruct(body.get("text"))})
+
+
+async def _reap(state: State) -> None:
+    """Close sessions without a viewer for connect_timeout_s, or without input for idle_timeout_s."""
+    while True:
+        await asyncio.sleep(min(1.0, state.opts.connect_timeout_s / 4))
+        now = time.monotonic()
+        for s in list(state.sessions.values()):
+            reason = None
+            if s.closed is not None:
+                reason = s.closed
+            elif s.viewer_left is not None and now - s.viewer_left > state.opts.connect_timeout_s:
+                reason = "no viewer"
+            elif s.viewer_left is None and now - s.last_input > state.opts.idle_timeout_s:
+                reason = "idle"
+            if reason:
+                state.sessions.pop(s.id, None)
+                await s.close(reason)
+
+
+async def _startup(app: web.Application) -> None:
+    state = app[STATE]
+    state.scheduler.start()
+    state.reaper = asyncio.ensure_future(_reap(state))
+
+
+async def _shutdown(app: web.Application) -> None:
+    state = app[STATE]
+    if state.reaper:
+        state.reaper.cancel()
+    for s in list(state.sessions.values()):
+        await s.close("server stopped")
+    state.sessions.clear()
+    await asyncio.to_thread(state.scheduler.stop)
+
+
+def create_app(opts: ServeOptions, models: list[ServeModel]) -> web.Application:
+    """The server over `models` (one per worker device, calibrated: ServeModel.calibrate)."""
+    if not models:
+        raise ServeError("no model to serve")
+    check_bind(opts)
+    app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
+    app[OPTIONS] = opts
+    app[STATE] = State(opts, models)
+    app.router.add_get("/", page)
+    app.router.add_get("/app.js", script)
+    app.router.add_get("/mic-worklet.js", script)
+    app.router.add_get("/health", health)
+    app.router.add_get("/favicon.ico", favicon)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/capacity", capacity)
+    app.router.add_post("/sessions", create_session)
+    app.router.add_get("/sessions/{id}", get_session)
+    app.router.add_delete("/sessions/{id}", delete_session)
+    app.router.add_post("/sessions/{id}/offer", offer)
+    app.router.add_post("/sessions/{id}/instruction", instruct)
+    app.on_startup.append(_startup)
+    app.on_shutdown.append(_shutdown)
+    return app
+
+
+async def serve(opts: ServeOptions, models: list[ServeModel], announce=print) -> None:
+    """Run until cancelled (Ctrl-C): bind, say the URL through `announce`, serve."""
+    app = create_app(opts, models)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, opts.host, opts.port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise ServeError(f"cannot serve on {opts.host}:{opts.port}: {e.strerror or e}") from None
+        port = site._server.sockets[0].getsockname()[1]
+        host = f"[{opts.host}]" if ":" in opts.host else opts.host
+        announce(f"serving on http://{host}:{port}/")
+        log("serving", host=opts.host, port=port, workers=len(models), token=bool(opts.token))
+        while True:
+            await asyncio.sleep(3600)
+    finally:
+        await runner.cleanup()

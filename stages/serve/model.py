@@ -1,0 +1,130 @@
+"""One loaded model per worker device, shared by all of its sessions, and the profiles a session can
+run at: the model's own settings ("full"), then fewer denoising steps, then half the resolution as well.
+Each profile's chunk time is measured at start (`calibrate`), never guessed, and kept up to date by
+the chunks the sessions generate (`Profile.observe`).
+
+A session's Parts are the shared model, decoder and text encoder with an engine of its own
+(its caches, ring and noise); the Session of stages/stream/session.py drives it chunk by chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.stream.engine import StreamEngine, StreamSettings
+from stages.stream.events import EventQueue, StreamError
+from stages.stream.session import Parts, Session, SessionOptions, load_parts
+
+EMA = 0.2                  # weight of a new chunk time in a profile's running estimate
+MEASURED_AFTER = 2         # chunks a session generates before its own measured time replaces its profile's
+
+
+@dataclass
+class Profile:
+    name: str
+    settings: StreamSettings
+    height: int
+    width: int
+    video_s: float = 0.0   # seconds of video in a steady chunk
+    chunk_s: float = 0.0   # measured seconds to generate and decode a steady chunk
+
+    @property
+    def load(self) -> float:
+        """Worker time per second of real-time video."""
+        return self.chunk_s / self.video_s
+
+    def observe(self, seconds: float) -> None:
+        self.chunk_s = (1 - EMA) * self.chunk_s + EMA * seconds
+
+    def describe(self) -> dict:
+        return {"name": self.name, "steps": self.settings.steps, "height": self.height, "width": self.width,
+                "chunk_ms": round(1000 * self.chunk_s, 2), "video_ms": round(1000 * self.video_s, 2),
+                "load": round(self.load, 4)}
+
+
+class ServeModel:
+    """The model of one worker device: `parts(rgb, profile, seed)` makes a session's Parts."""
+
+    def __init__(self, ckpt: str | Path | None, preset: str = "tiny", device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0, decoder_weights=None, text_encoder_path=None):
+        self.device, self.seed = device, seed
+        with tempfile.TemporaryDirectory() as d:        # load_parts reads its reference from a file: a grey one
+            grey = Path(d) / "grey.png"
+            from PIL import Image
+            Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
+            self.base = load_parts(grey, ckpt, preset, None, decoder_weights, text_encoder_path, device, dtype, seed)
+        self.grey = np.full((self.base.cfg.height, self.base.cfg.width, 3), 128, np.uint8)
+        self.profiles = self._profiles()
+
+    def _profiles(self) -> list[Profile]:
+        cfg, st, trained = self.base.cfg, self.base.engine.st, self.base.trained
+        step = 8 * cfg.dit.patch_size[1]                 # latent stride x patch: the size quantum
+        h, w = max(step, cfg.height // 2 // step * step), max(step, cfg.width // 2 // step * step)
+        out = [Profile("full", st, cfg.height, cfg.width)]
+        fewer = None
+        if st.steps > 1:
+            try:
+                fewer = StreamSettings.resolve(cfg, trained, **_fewer_steps(st, trained))
+            except StreamError:                          # the checkpoint never saw it: no such profile
+                fewer = None
+            if fewer is not None:
+                out.append(Profile(f"steps{fewer.steps}", fewer, cfg.height, cfg.width))
+        if (h, w) != (cfg.height, cfg.width):
+            out.append(Profile(f"steps{(fewer or st).steps}-{w}x{h}", fewer or st, h, w))
+        return out
+
+    def profile(self, name: str) -> Profile:
+        return next(p for p in self.profiles if p.name == name)
+
+    def parts(self, rgb: np.ndarray, profile: Profile, seed: int) -> Parts:
+        """A session's Parts: the shared model with its own engine at `profile`, started from `rgb` [H, W, 3] uint8."""
+        from models.encoders import image_tensor
+        b = self.base
+        cfg = b.cfg if (profile.height, profile.width) == (b.cfg.height, b.cfg.width) else \
+            dataclasses.replace(b.cfg, height=profile.height, width=profile.width)
+        img = image_tensor(rgb, cfg.height, cfg.width)                 # [1, 3, 1, H, W] in [-1, 1]
+        with torch.no_grad():
+            frames = ((img[:, :, 0] + 1) / 2)[:, None].to(b.engine.device)   # [1, 1, 3, H, W]
+            ref = b.decoder.encode_video(frames).permute(0, 2, 1, 3, 4)     # [1, C, 1, h, w]
+        engine = StreamEngine(b.engine.model, cfg, profile.settings, seed=seed, keep_text=True)
+        engine.start(ref)
+        return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes))
+
+    def calibrate(self, chunks: int) -> None:
+        """Time `chunks` steady chunks of a grey-reference session at each profile, after a warm-up of as
+        many (the first chunk makes one frame; the first calls of a shape allocate and pick kernels); a
+        profile's chunk time is their median."""
+        fps = self.base.cfg.audio.fps
+        for p in self.profiles:
+            s = Session(self.parts(self.grey, p, self.seed), EventQueue(), live_options())
+            times = []
+            for i in range(2 * max(1, chunks)):
+                t = time.perf_counter()
+                rgb, _, _ = s.next_chunk()
+                if i >= max(1, chunks):
+                    times.append(time.perf_counter() - t)
+                    p.video_s = rgb.shape[0] / fps
+            p.chunk_s = float(np.median(times))
+
+
+def live_options(instruction: str | None = None) -> SessionOptions:
+    """A served session: live audio (push-to-talk, never waited for), no end but the viewer's."""
+    opts = SessionOptions(live_audio=True, audio_ends_stream=False, realtime=False)
+    return dataclasses.replace(opts, instruction=instruction) if instruction else opts
+
+
+def _fewer_steps(st: StreamSettings, trained: dict | None) -> dict:
+    """The settings of one step fewer: with a checkpoint, resolve() places the noisy cache at the level
+    it was trained with (or turns TwinCache off); without, the noisy step stays an intermediate one."""
+    n = st.steps - 1
+    if trained:
+        return {"steps": n}
+    keep = {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+    twin = st.twin and n >= 2
+    return {**keep, "steps": n, "twin": twin, "noisy_step": min(st.noisy_step, n - 2) if twin else 0}

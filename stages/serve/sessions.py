@@ -1,0 +1,237 @@
+"""One served character: its Session (engine caches, ring, audio FIFO) on a worker, its event queue,
+its timeline of output, its instruction history, and its current viewer (a peer connection with a
+video track, an audio track and the "control" data channel).
+
+Data channel messages (text is JSON, binary is speech):
+  {"type": "instruction", "text": "...", "id": any}  -> Instruction on the queue; reply {"type": "ack", "id",
+                                                        "text", "chunk": the chunk it acts from}
+  {"type": "say", "text": "...", "id": any}          -> the text spoken by espeak-ng in the session's voice, as
+                                                        push-to-talk audio; reply {"type": "ack", ...}
+  binary: s16le 16 kHz mono PCM                      -> AudioChunk (push-to-talk); nothing replied
+  anything else                                      -> {"type": "error", "error": "...", "id"}
+
+Memory is bounded: the output is at most `ahead_chunks` chunks ahead of the viewer, push-to-talk
+speech at most `max_audio_buffer_s` ahead of the engine, the history at most `history` entries; the
+engine's caches are allocated once (stages/stream/engine.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+
+import numpy as np
+
+from stages.serve.media import AudioTrack, Timeline, VideoTrack
+from stages.serve.metrics import Metrics, log
+from stages.serve.model import EMA, MEASURED_AFTER, Profile
+from stages.serve.options import ServeOptions
+from stages.stream.events import MAX_INSTRUCTION_CHARS, SAMPLE_RATE, AudioChunk, Instruction, StreamError
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.t = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ServeSession:
+    def __init__(self, session, profile: Profile, worker, opts: ServeOptions, metrics: Metrics,
+                 loop: asyncio.AbstractEventLoop, voice: str, sid: str | None = None):
+        self.id = sid or new_id()
+        self.session, self.events = session, session.events      # stages.stream.session.Session
+        self.profile, self.worker, self.opts, self.metrics, self.loop = profile, worker, opts, metrics, loop
+        self.voice = voice
+        self.fps = session.p.cfg.audio.fps
+        self.timeline = Timeline(self.fps, opts.lead_s)
+        self.history: deque[dict] = deque(maxlen=opts.history)
+        self.created = self.last_input = time.monotonic()
+        self.viewer_left: float | None = self.created  # no viewer since (None: one is connected)
+        self.pc = None
+        self.channel = None
+        self.messages = TokenBucket(opts.messages_per_s, opts.message_burst)
+        self.chunk_s = profile.chunk_s                  # this session's measured chunk time (EMA)
+        self.chunks_measured = 0
+        self.audio_in = 0                               # push-to-talk samples received
+        self.audio_used = 0                             # ... and consumed by the engine
+        self.closed: str | None = None
+        self.error: str | None = None
+
+    # -- worker side (its thread)
+    def load(self) -> float:
+        chunk_s = self.chunk_s if self.chunks_measured >= MEASURED_AFTER else self.profile.chunk_s
+        return chunk_s / self.profile.video_s
+
+    def ready(self) -> bool:
+        per_chunk = self.profile.video_s * self.fps
+        return (self.closed is None and self.viewer_left is None
+                and self.timeline.buffered() < self.opts.ahead_chunks * per_chunk)
+
+    def chunk_done(self, rgb: np.ndarray, audio, timing: dict, dt: float, late: bool) -> None:
+        if self.session.chunks > 1:                     # the first chunk (one frame, warm-up) is not typical
+            self.chunk_s = dt if self.chunks_measured == 0 else (1 - EMA) * self.chunk_s + EMA * dt
+            self.chunks_measured += 1
+            self.profile.observe(dt)
+        self.audio_used += int(timing.get("audio_real", 0))
+        log_ = self.session.instruction_log
+        if len(log_) > self.opts.history:
+            del log_[:-self.opts.history]
+        self.loop.call_soon_threadsafe(self._deliver, rgb, audio)
+
+    def fail(self, error: str) -> None:
+        self.error = error
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.close("error")))
+
+    # -- event loop side
+    def _deliver(self, rgb, audio) -> None:
+        if self.closed is None:
+            self.timeline.push(rgb, audio)
+
+    def info(self) -> dict:
+        return {"id": self.id, "profile": self.profile.describe(), "fps": self.fps,
+                "width": self.profile.width, "height": self.profile.height, "voice": self.voice,
+                "chunks": self.session.chunks, "frames": self.session.frames, "frames_sent": self.timeline.sent,
+                "frames_dropped": self.timeline.dropped, "stalled_s": round(self.timeline.stalled_s, 3),
+                "viewer": self.viewer_left is None, "instruction": self.session.instruction,
+                "history": list(self.history), "worker": self.worker.index, "error": self.error}
+
+    def instruct(self, text) -> dict:
+        """Validate and queue an instruction; its history entry (StreamError for a bad one)."""
+        if not isinstance(text, str) or not text.strip():
+            raise StreamError("the instruction is empty")
+        text = text.strip()
+        if len(text) > MAX_INSTRUCTION_CHARS:
+            raise StreamError(f"the instruction has {len(text)} characters, more than {MAX_INSTRUCTION_CHARS}")
+        self.events.put(Instruction(text))
+        self.last_input = time.monotonic()
+        self.metrics.inc("instructions")
+        entry = {"text": text, "chunk": self.session.chunks, "t": round(time.time(), 3)}
+        self.history.append(entry)
+        log("instruction", session=self.id, chars=len(text), chunk=entry["chunk"])
+        return entry
+
+    def speech(self, samples: np.ndarray) -> None:
+        """Push-to-talk samples [N] float32 16 kHz (StreamError when too much is already waiting)."""
+        waiting = (self.audio_in - self.audio_used) / SAMPLE_RATE
+        if waiting + len(samples) / SAMPLE_RATE > self.opts.max_audio_buffer_s:
+            raise StreamError(f"{waiting:.1f} s of speech is already waiting (at most {self.opts.max_audio_buffer_s:g} s)")
+        self.events.put(AudioChunk(samples))
+        self.audio_in += len(samples)
+        self.last_input = time.monotonic()
+        self.metrics.inc("audio_samples", len(samples))
+
+    async def connect(self, offer_sdp: str, offer_type: str):
+        """A viewer's SDP offer -> the answer (RTCSessionDescription). A previous viewer is replaced:
+        the character, its caches and history go on (reconnect)."""
+        from aiortc import RTCPeerConnection, RTCSessionDescription
+        await self._drop_viewer()
+        pc = RTCPeerConnection()
+        self.pc = pc
+        self.timeline.restart()
+        pc.addTrack(VideoTrack(self.timeline))
+        pc.addTrack(AudioTrack(self.timeline))
+
+        @pc.on("datachannel")
+        def on_channel(channel):
+            self.channel = channel
+            channel.on("message", lambda m: self._message(channel, m))
+
+        @pc.on("connectionstatechange")
+        async def on_state():
+            if pc is self.pc and pc.connectionState in ("failed", "closed", "disconnected"):
+                await self._drop_viewer()
+
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type=offer_type))
+        await pc.setLocalDescription(await pc.createAnswer())
+        self.viewer_left = None
+        self.last_input = time.monotonic()
+        self.worker.wake()
+        log("viewer_connected", session=self.id)
+        return pc.localDescription
+
+    async def _drop_viewer(self) -> None:
+        pc, self.pc, self.channel = self.pc, None, None
+        if self.viewer_left is None:
+            self.viewer_left = time.monotonic()
+            log("viewer_left", session=self.id)
+        if pc is not None:
+            await pc.close()
+
+    def _reply(self, channel, obj: dict) -> None:
+        if channel.readyState == "open":
+            channel.send(json.dumps(obj))
+
+    def _message(self, channel, message) -> None:
+        if not self.messages.take():
+            self.metrics.inc("messages_rejected")
+            return self._reply(channel, {"type": "error", "error": "too many messages: slow down"})
+        size = len(message) if isinstance(message, (bytes, str)) else 0
+        if size > self.opts.max_message_bytes:
+            self.metrics.inc("messages_rejected")
+            return self._reply(channel, {"type": "error", "error": f"a message is at most {self.opts.max_message_bytes} bytes"})
+        if isinstance(message, bytes):
+            try:
+                if len(message) % 2:
+                    raise StreamError(f"{len(message)} bytes is not a whole number of s16le samples")
+                self.speech(np.frombuffer(message, "<i2").astype(np.float32) / 32768.0)
+            except StreamError as e:
+                self.metrics.inc("messages_rejected")
+                self._reply(channel, {"type": "error", "error": str(e)})
+            return
+        mid = None
+        try:
+            msg = json.loads(message)
+            if not isinstance(msg, dict):
+                raise ValueError
+            mid = msg.get("id")
+            kind = msg.get("type")
+            if kind == "instruction":
+                entry = self.instruct(msg.get("text"))
+                self._reply(channel, {"type": "ack", "id": mid, **entry})
+            elif kind == "say":
+                text = msg.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    raise StreamError("nothing to say: the text is empty")
+                asyncio.ensure_future(self._say(channel, text.strip()[:MAX_INSTRUCTION_CHARS], mid))
+            else:
+                raise StreamError(f"unknown message type {kind!r}: expected instruction or say")
+        except (ValueError, StreamError) as e:
+            self.metrics.inc("messages_rejected")
+            error = str(e) if isinstance(e, StreamError) else 'expected a JSON object {"type": ..., "text": ...}'
+            self._reply(channel, {"type": "error", "id": mid, "error": error})
+
+    async def _say(self, channel, text: str, mid) -> None:
+        from stages.stream.say import speech
+        try:
+            samples = await asyncio.to_thread(speech, text, self.voice)
+            self.speech(samples)
+            self._reply(channel, {"type": "ack", "id": mid, "said": text, "seconds": len(samples) / SAMPLE_RATE})
+        except StreamError as e:
+            self._reply(channel, {"type": "error", "id": mid, "error": str(e)})
+
+    async def close(self, reason: str) -> None:
+        if self.closed is not None:
+            return
+        self.closed = reason
+        self.worker.remove(self)
+        self.timeline.close()
+        await self._drop_viewer()
+        self.metrics.inc("sessions_closed")
+        self.metrics.inc("frames_sent", self.timeline.sent)
+        self.metrics.inc("frames_dropped", self.timeline.dropped + self.timeline.buffered())
+        log("session_closed", session=self.id, reason=reason, chunks=self.session.chunks, error=self.error)

@@ -1,0 +1,248 @@
+"""`vidu serve`'s HTTP API on a real server (aiohttp on a loopback port) over the tiny preset with
+random weights: sessions, bad input, tokens, origins, rate limits, admission, metrics. Sessions here
+have no viewer, so they generate nothing: the admission decisions rest on the calibrated, measured
+chunk times alone and are exact."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp import ClientSession
+
+from stages.serve.model import ServeModel
+from stages.serve.options import ServeError, ServeOptions
+from tests.conftest import cli
+from tests.serve_helpers import parse_prometheus, png, running, upload, value
+
+SLOW = 0.01          # speed: admit sessions at 1/100 of real time (the tiny preset on 2 CPU cores is not real time)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ServeModel(None, "tiny")
+    m.calibrate(3)
+    return m
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _post_session(http, url, form=None, **kw):
+    r = await http.post(url + "/sessions", data=form if form is not None else upload(png()), **kw)
+    return r.status, await r.json()
+
+
+def _one_line(body: dict) -> str:
+    assert set(body) >= {"error"} and isinstance(body["error"], str) and body["error"]
+    assert "\n" not in body["error"] and "Traceback" not in body["error"]
+    return body["error"]
+
+
+def test_create_read_and_close_a_session(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW), [model]) as url, ClientSession() as http:
+            status, info = await _post_session(http, url, upload(png(), instruction="wave hello", seed=3))
+            assert status == 201 and len(info["id"]) == 32 and info["profile"]["name"] == "full"
+            assert (info["width"], info["height"], info["fps"]) == (64, 64, 25)
+            assert info["instruction"] == "wave hello" and info["chunks"] == 0 and info["viewer"] is False
+            r = await http.get(f"{url}/sessions/{info['id']}")
+            assert r.status == 200 and (await r.json())["id"] == info["id"]
+            r = await http.post(f"{url}/sessions/{info['id']}/instruction", json={"text": "nod"})
+            assert r.status == 200 and (await r.json())["text"] == "nod"
+            assert [h["text"] for h in (await (await http.get(f"{url}/sessions/{info['id']}")).json())["history"]] == ["nod"]
+            r = await http.delete(f"{url}/sessions/{info['id']}")
+            assert r.status == 200 and (await r.json())["ok"] is True
+            for method in ("get", "delete"):
+                r = await getattr(http, method)(f"{url}/sessions/{info['id']}")
+                assert r.status == 404 and _one_line(await r.json()) == "no such session"
+    run(main())
+
+
+def test_bad_requests_get_one_line_4xx_and_the_server_keeps_serving(model):
+    opts = ServeOptions(speed=SLOW, max_upload_bytes=100_000, max_image_side=512)
+
+    async def main():
+        async with running(opts, [model]) as url, ClientSession() as http:
+            status, good = await _post_session(http, url)
+            assert status == 201
+            cases = [
+                (upload(b"hello, not an image\n"), 400, "not a readable image"),
+                (upload(), 400, "an image file is required"),
+                (upload("/etc/passwd"), 400, "must be an uploaded file"),   # a path, as text
+                (upload(png(), path="../../etc/passwd"), 400, "unknown field 'path'"),
+                (upload(png(600, 20)), 400, "at most 512 px"),
+                (upload(png(8, 8)), 400, "at least 16 px"),
+                (upload(png(300, 300)), 413, "larger than 100000 bytes"),               # ~270 kB of noise
+                (upload(png(), seed="-1"), 400, "the seed"),
+                (upload(png(), voice="../../x"), 400, "not a voice name"),
+            ]
+            for form, code, words in cases:
+                status, body = await _post_session(http, url, form)
+                assert status == code and words in _one_line(body), (code, words, status, body)
+            r = await http.post(url + "/sessions", json={"image": "/etc/passwd"})
+            assert r.status == 415 and "multipart" in _one_line(await r.json())
+            sid = good["id"]
+            for path, body, code in ((f"/sessions/{sid}/instruction", b"{not json", 400),
+                                     (f"/sessions/{sid}/instruction", b"[1, 2]", 400),
+                                     (f"/sessions/{sid}/instruction", json.dumps({"text": "  "}).encode(), 400),
+                                     (f"/sessions/{sid}/instruction", json.dumps({"text": "x" * 5000}).encode(), 400),
+                                     (f"/sessions/{sid}/offer", b'{"sdp": "hello", "type": "offer"}', 400),
+                                     (f"/sessions/{sid}/offer", b'{"sdp": "v=0\\r\\nnonsense", "type": "offer"}', 400),
+                                     ("/sessions/0123456789abcdef0123456789abcdef/instruction", b'{"text": "a"}', 404),
+                                     ("/sessions/..%2F..%2Fetc%2Fpasswd/instruction", b'{"text": "a"}', 404)):
+                r = await http.post(url + path, data=body, headers={"Content-Type": "application/json"})
+                assert r.status == code, (path, body, r.status)
+                _one_line(await r.json())
+            for path in ("/../pyproject.toml", "/static/../../pyproject.toml", "/%2e%2e/%2e%2e/etc/passwd",
+                         "/app.js/../../pyproject.toml", "/sessions/../../etc/passwd"):
+                r = await http.get(url + path)
+                text = await r.text()
+                assert r.status == 404 and "[project]" not in text and "root:" not in text, (path, r.status)
+            # the server still serves the first session and admits another
+            r = await http.post(f"{url}/sessions/{sid}/instruction", json={"text": "still here"})
+            assert r.status == 200
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert [h["text"] for h in info["history"]] == ["still here"]
+            status, other = await _post_session(http, url)
+            assert status == 201 and other["id"] != sid
+    run(main())
+
+
+def test_binding_beyond_loopback_needs_a_token_and_requests_need_it(model):
+    with pytest.raises(ServeError, match="--token"):
+        from stages.serve.app import create_app
+        create_app(ServeOptions(host="0.0.0.0"), [model])
+    res = cli("serve", "--host", "0.0.0.0", "--preset", "tiny", "--device", "cpu", check=False,
+              env={"VIDU_SERVE_TOKEN": None})
+    assert res.returncode == 2 and "--token" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    token = "correct-horse-battery"
+
+    async def main():
+        async with running(ServeOptions(token=token, speed=SLOW), [model]) as url, ClientSession() as http:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-xx"}, {"Authorization": token}):
+                for method, path in (("get", "/metrics"), ("get", "/capacity"), ("post", "/sessions")):
+                    r = await getattr(http, method)(url + path, headers=headers)
+                    assert r.status == 401 and "token" in _one_line(await r.json())
+            auth = {"Authorization": f"Bearer {token}"}
+            status, info = await _post_session(http, url, headers=auth)
+            assert status == 201
+            r = await http.get(f"{url}/sessions/{info['id']}")
+            assert r.status == 401
+            assert (await http.get(f"{url}/sessions/{info['id']}", headers=auth)).status == 200
+            assert (await http.get(url + "/")).status == 200          # the page itself is public; its API calls are not
+    run(main())
+
+
+def test_cross_origin_requests_are_refused_and_no_cors_headers_are_sent(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW), [model]) as url, ClientSession() as http:
+            status, body = await _post_session(http, url, headers={"Origin": "http://evil.example"})
+            assert status == 403 and "cross-origin" in _one_line(body)
+            status, body = await _post_session(http, url, headers={"Sec-Fetch-Site": "cross-site"})
+            assert status == 403
+            r = await http.options(url + "/sessions", headers={"Origin": "http://evil.example",
+                                                             "Access-Control-Request-Method": "POST"})
+            assert r.status >= 400 and "Access-Control-Allow-Origin" not in r.headers
+            status, body = await _post_session(http, url, headers={"Origin": url})     # the page's own origin
+            assert status == 201
+            r = await http.get(f"{url}/sessions/{body['id']}", headers={"Origin": "http://evil.example"})
+            assert "Access-Control-Allow-Origin" not in r.headers
+    run(main())
+
+
+def test_requests_beyond_the_per_client_rate_get_429(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW, requests_per_s=0.5, request_burst=5), [model]) as url, \
+                ClientSession() as http:
+            codes = [(await http.get(url + "/health")).status for _ in range(8)]
+            assert codes == [200] * 5 + [429] * 3
+            r = await http.get(url + "/health")
+            assert r.status == 429 and "too many" in _one_line(await r.json())
+    run(main())
+
+
+def test_the_session_after_max_sessions_is_refused_503(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW, max_sessions=2), [model]) as url, ClientSession() as http:
+            a = [await _post_session(http, url) for _ in range(2)]
+            assert [s for s, _ in a] == [201, 201]
+            status, body = await _post_session(http, url)
+            assert status == 503 and body["reason"] == "max_sessions" and "--max-sessions" in _one_line(body)
+            await http.delete(f"{url}/sessions/{a[0][1]['id']}")
+            status, _ = await _post_session(http, url)
+            assert status == 201
+    run(main())
+
+
+def test_admission_degrades_then_refuses_by_the_measured_chunk_times(model):
+    """speed is chosen from the measured loads so that exactly a full session and one at the cheapest
+    profile fit: the second session is degraded, the third refused (503, capacity)."""
+    loads = {p.name: p.load for p in model.profiles}
+    cheapest = min(loads, key=loads.get)
+    assert cheapest != "full" and loads[cheapest] < loads["full"] / 2    # half the resolution: under half the time
+    headroom = 0.9
+    speed = headroom / (loads["full"] + loads[cheapest]) * (1 - 1e-6)
+    expected = next(n for n in loads if speed * (loads["full"] + loads[n]) <= headroom)
+
+    async def main():
+        async with running(ServeOptions(speed=speed, headroom=headroom, max_sessions=10), [model]) as url, \
+                ClientSession() as http:
+            cap = await (await http.get(url + "/capacity")).json()
+            assert [p["name"] for p in cap["workers"][0]["profiles"]] == list(loads)
+            got = [await _post_session(http, url) for _ in range(3)]
+            assert [s for s, _ in got] == [201, 201, 503]
+            assert [b["profile"]["name"] for _, b in got[:2]] == ["full", expected]
+            assert expected != "full"
+            assert got[2][1]["reason"] == "capacity" and "real time" in _one_line(got[2][1])
+            cap = await (await http.get(url + "/capacity")).json()
+            assert cap["workers"][0]["load"] == pytest.approx(speed * (loads["full"] + loads[expected]), rel=1e-3)
+            # negative control: twice the speed admits the full session alone, then nothing fits
+            await http.delete(f"{url}/sessions/{got[1][1]['id']}")
+            await http.delete(f"{url}/sessions/{got[0][1]['id']}")
+        async with running(ServeOptions(speed=headroom / loads["full"] * (1 - 1e-6), headroom=headroom), [model]) as url, \
+                ClientSession() as http:
+            got = [await _post_session(http, url) for _ in range(2)]
+            assert [s for s, _ in got] == [201, 503] and got[0][1]["profile"]["name"] == "full"
+    run(main())
+
+
+def test_metrics_are_prometheus_text_with_the_counts(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW, max_sessions=1), [model]) as url, ClientSession() as http:
+            assert (await _post_session(http, url))[0] == 201
+            assert (await _post_session(http, url))[0] == 503
+            r = await http.get(url + "/metrics")
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+            fams = parse_prometheus(await r.text())
+            for name, kind in (("vidu_serve_sessions", "gauge"), ("vidu_serve_sessions_admitted_total", "counter"),
+                               ("vidu_serve_sessions_refused_total", "counter"), ("vidu_serve_chunk_seconds", "histogram"),
+                               ("vidu_serve_frames_dropped_total", "counter"), ("vidu_serve_frames_sent_total", "counter"),
+                               ("vidu_serve_session_fps", "gauge"), ("vidu_serve_worker_load", "gauge")):
+                assert fams[name]["type"] == kind and fams[name]["help"], name
+            assert value(fams, "vidu_serve_sessions") == 1
+            assert value(fams, "vidu_serve_sessions_admitted_total", profile="full") == 1
+            assert value(fams, "vidu_serve_sessions_refused_total", reason="max_sessions") == 1
+            assert value(fams, "vidu_serve_chunk_seconds_count") == 0                 # no viewer: nothing generated
+            assert value(fams, "vidu_serve_worker_load", worker="0") == pytest.approx(SLOW * model.profiles[0].load, rel=1e-3)
+    run(main())
+    with pytest.raises(ValueError):                   # negative controls of the parser
+        parse_prometheus("# TYPE x gauge\nx one\n")
+    with pytest.raises(ValueError):
+        parse_prometheus("y 1\n")
+    with pytest.raises(ValueError):
+        parse_prometheus('# TYPE h histogram\nh_bucket{le="1"} 3\nh_bucket{le="+Inf"} 2\nh_count 2\nh_sum 1\n')
+
+
+def test_a_session_without_a_viewer_is_closed_after_the_grace(model):
+    async def main():
+        async with running(ServeOptions(speed=SLOW, connect_timeout_s=1.0), [model]) as url, ClientSession() as http:
+            _, info = await _post_session(http, url)
+            assert (await http.get(f"{url}/sessions/{info['id']}")).status == 200
+            await asyncio.sleep(2.5)
+            assert (await http.get(f"{url}/sessions/{info['id']}")).status == 404
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
+            assert value(fams, "vidu_serve_sessions") == 0 and value(fams, "vidu_serve_sessions_closed_total") == 1
+    run(main())
