@@ -39,7 +39,7 @@ def scrambled(seed: int = 0) -> DiT:
 
 def inputs(seed: int):
     g = torch.Generator().manual_seed(seed)
-    d, h, w, B, F = TINY.dit, TINY.height // 8, TINY.width // 8, 2, 2
+    d, h, w, B, F = TINY.dit, TINY.height // 8, TINY.width // 8, 2, 3     # ref + 3 frames: 72 keys
     return (torch.randn(B, d.in_dim, F, h, w, generator=g), torch.rand(B, F, generator=g) * 1000,
             torch.randn(B, 5, d.text_dim, generator=g),
             dict(audio=torch.randn(B, F + sum(d.audio_context), 16, d.audio_dim, generator=g),
@@ -47,16 +47,22 @@ def inputs(seed: int):
                  ref=torch.randn(B, d.in_dim, 1, h, w, generator=g)))
 
 
-def run(model: DiT, group, kernels: bool):
-    """A block-causal forward with the ref frame, then one attending to its keys/values (rotated in the forward)."""
+def run(model: DiT, group, kernels: bool, attention: str = "sdpa"):
+    """A block-causal forward with the ref frame, then one attending to its keys/values (rotated in the forward),
+    then two attending to them rotated once (DiT.rotate, as a stream's chunk: a fast backend's cache serves the
+    second)."""
     model.shard_sequence(group)
-    model.use_kernels(kernels)
+    model.use_kernels(kernels, attention)
     x, t, text, kw = inputs(1)
     x2, t2, text2, _ = inputs(2)
+    x3, t3, text3, _ = inputs(3)
     with torch.no_grad():
         first = model(x, t, text, **kw, mask="causal", return_kv=True)
         second = model(x2, t2, text2, **{**kw, "ref": None}, kv=first.kv, return_kv=True)
-    return first, second
+        ctx = model.rotate(first.kv)
+        third = model(x3, t3, text3, **{**kw, "ref": None}, kv=ctx, return_kv=True)
+        fourth = model(x2, t2, text2, **{**kw, "ref": None}, kv=ctx, return_kv=True)
+    return first, second, third, fourth
 
 
 def diff(one, many, mine: slice | None) -> float:
@@ -93,6 +99,11 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         res = {"kernels": diff(one, sharded, mine), "plain": diff(plain, sharded, None),
                "mutant": diff(one, mutant, mine), "norm_launches": sum(launches),
                "rope_launches": len(launches) - sum(launches), "layers": TINY.dit.num_layers}
+        for backend in ("int8", "sparse"):          # the fast backends on the rank's heads, their caches too
+            one_fast = run(model, None, True, backend)
+            sharded_fast = run(model, group, True, backend)
+            res[backend] = diff(one_fast, sharded_fast, mine)
+            res[backend + "_hits"] = [b.self_attn.prefix_cache.hits for b in model.blocks]
         Path(out, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
@@ -113,5 +124,8 @@ def test_sharded_kernels_equal_one_process(two_ranks):
         # every block of both forwards: q and k normalised by the kernel before the exchange; q, k and (the second
         # forward) the context's keys rotated by it after
         n = r["layers"]
-        assert r["norm_launches"] == 2 * 2 * n and r["rope_launches"] == (2 + 3) * n, r
+        assert r["norm_launches"] == 2 * 4 * n and r["rope_launches"] == (2 + 3 + 2 + 2) * n, r
         assert r["mutant"] > 1e-2, r
+        # INT8 / sparse attention per head: a rank's heads attend as they do in one process
+        assert r["int8"] <= TOL and r["sparse"] <= TOL, r
+        assert r["int8_hits"] == [1] * n and r["sparse_hits"] == [1] * n, r
