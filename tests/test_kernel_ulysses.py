@@ -6,7 +6,8 @@ With DiT.use_kernels() a sharded forward normalises q and k with the fused kerne
 (qk_rope.rope, at the sequence's positions) after it, instead of the torch expressions. It must give what the
 single-process forward with the kernels gives (outputs, and this rank's heads of the keys/values), and what the
 sharded forward without them gives; the kernels must have run (launches counted); and a mutant that rotates by the
-angles of the neighbouring token must break the equality."""
+angles of the neighbouring token must break the equality. INT8 and sparse self-attention work per head, so a rank's
+heads must attend exactly as in one process, a context rotated once (DiT.rotate) served by each rank's prefix cache."""
 from __future__ import annotations
 
 import json
