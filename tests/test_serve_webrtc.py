@@ -1,0 +1,169 @@
+"""`vidu serve` end to end over WebRTC in Python: an aiortc client on loopback creates a session of the
+tiny preset (random weights), negotiates, receives video that changes and audio, talks (push-to-talk
+PCM over the data channel, which comes back on the audio track: the stream plays its input speech),
+sends instructions and gets them acknowledged, and reconnects to the same character."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+from aiohttp import ClientSession
+from aiortc import RTCPeerConnection, RTCSessionDescription
+
+from stages.serve.model import ServeModel
+from stages.serve.options import ServeOptions
+from tests.serve_helpers import parse_prometheus, png, running, upload, value
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ServeModel(None, "tiny")
+    m.calibrate(2)
+    return m
+
+
+class Viewer:
+    """An aiortc peer that receives a session's tracks and talks on its data channel."""
+
+    def __init__(self):
+        self.pc = RTCPeerConnection()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+        self.channel = self.pc.createDataChannel("control")
+        self.opened = asyncio.Event()
+        self.channel.on("open", self.opened.set)
+        self.replies: list[dict] = []
+        self.channel.on("message", lambda m: self.replies.append(json.loads(m)))
+        self.frames: list[tuple[float, int, np.ndarray]] = []      # (arrival, pts, rgb)
+        self.audio: list[tuple[float, np.ndarray]] = []            # (arrival, samples at 48 kHz mono)
+        self.rates: set[int] = set()
+        self.tasks = []
+        self.pc.on("track", lambda t: self.tasks.append(asyncio.ensure_future(self._pull(t))))
+
+    async def _pull(self, track):
+        while True:
+            try:
+                f = await track.recv()
+            except Exception:
+                return
+            if track.kind == "video":
+                self.frames.append((time.monotonic(), f.pts, f.to_ndarray(format="rgb24")))
+            else:
+                self.rates.add(f.sample_rate)
+                x = f.to_ndarray().astype(np.float32) / 32768.0           # [channels, n] interleaved s16
+                self.audio.append((time.monotonic(), x.reshape(-1, len(f.layout.channels)).mean(1)
+                                   if f.format.is_packed else x[0]))
+
+    async def connect(self, http, url, sid):
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        r = await http.post(f"{url}/sessions/{sid}/offer", json={"sdp": self.pc.localDescription.sdp, "type": "offer"})
+        assert r.status == 200, await r.text()
+        await self.pc.setRemoteDescription(RTCSessionDescription(**await r.json()))
+        await asyncio.wait_for(self.opened.wait(), 10)
+
+    async def close(self):
+        await self.pc.close()
+        for t in self.tasks:
+            t.cancel()
+
+
+async def _until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _rms(chunks) -> float:
+    x = np.concatenate([c for _, c in chunks]) if chunks else np.zeros(1)
+    return float(np.sqrt(np.mean(x ** 2)))
+
+
+def test_video_audio_instructions_and_push_to_talk_over_webrtc(model):
+    async def main():
+        async with running(ServeOptions(speed=0.01, connect_timeout_s=30), [model]) as url, ClientSession() as http:
+            r = await http.post(url + "/sessions", data=upload(png()))
+            sid = (await r.json())["id"]
+            v = Viewer()
+            await v.connect(http, url, sid)
+            await _until(lambda: len(v.frames) >= 25, 30, "25 video frames")
+            shapes = {f.shape for _, _, f in v.frames}
+            assert shapes == {(64, 64, 3)}
+            distinct = {f.tobytes() for _, _, f in v.frames}
+            assert len(distinct) >= 10                                   # the picture changes over time
+            pts = [p for _, p, _ in v.frames]
+            assert pts == sorted(pts) and len(set(pts)) == len(pts)       # in order, none twice
+            await _until(lambda: len(v.audio) >= 25, 10, "audio frames")
+            assert v.rates == {48000}
+            silent = _rms(v.audio)
+            assert silent < 0.01                                         # nobody has spoken yet: silence
+            # an instruction over the data channel: acknowledged, in the history, and taken by the session
+            v.channel.send(json.dumps({"type": "instruction", "text": "raise both hands", "id": 7}))
+            await _until(lambda: any(m.get("type") == "ack" for m in v.replies), 10, "the ack")
+            ack = next(m for m in v.replies if m["type"] == "ack")
+            assert ack["id"] == 7 and ack["text"] == "raise both hands" and ack["chunk"] >= 1
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert [h["text"] for h in info["history"]] == ["raise both hands"]
+            async def took():
+                return (await (await http.get(f"{url}/sessions/{sid}")).json())["instruction"] == "raise both hands"
+            for _ in range(100):
+                if await took():
+                    break
+                await asyncio.sleep(0.1)
+            assert await took()                                          # the engine read it off its queue
+            # malformed messages get an error reply; the stream goes on
+            n = len(v.frames)
+            for bad in ("{oops", json.dumps({"type": "launch"}), json.dumps({"type": "instruction", "text": ""}),
+                        json.dumps([1, 2])):
+                v.channel.send(bad)
+            await _until(lambda: sum(m.get("type") == "error" for m in v.replies) >= 4, 10, "four error replies")
+            assert all("\n" not in m["error"] for m in v.replies if m["type"] == "error")
+            # push-to-talk: 1 s of a 440 Hz tone as s16le 16 kHz; the stream plays its input speech
+            t = np.arange(16000) / 16000
+            tone = (0.5 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+            sent_at = time.monotonic()
+            for i in range(0, 16000, 1600):
+                v.channel.send(tone[i:i + 1600].tobytes())
+            await _until(lambda: _rms([a for a in v.audio if a[0] > sent_at]) > 0.05, 20, "the tone on the audio track")
+            await _until(lambda: len(v.frames) > n + 10, 10, "more frames")
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
+            assert value(fams, "vidu_serve_audio_samples_total") == 16000
+            assert value(fams, "vidu_serve_instructions_total") == 1
+            assert value(fams, "vidu_serve_messages_rejected_total") == 4
+            assert value(fams, "vidu_serve_chunk_seconds_count") >= 5
+            assert value(fams, "vidu_serve_frames_sent_total") >= len(v.frames) - 2
+            await v.close()
+    asyncio.run(main())
+
+
+def test_a_viewer_reconnects_to_the_same_character(model):
+    async def main():
+        async with running(ServeOptions(speed=0.01, connect_timeout_s=20), [model]) as url, ClientSession() as http:
+            r = await http.post(url + "/sessions", data=upload(png(), instruction="look left"))
+            sid = (await r.json())["id"]
+            v = Viewer()
+            await v.connect(http, url, sid)
+            await _until(lambda: len(v.frames) >= 10, 30, "frames")
+            await v.close()
+            await asyncio.sleep(1.0)
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert info["viewer"] is False
+            before = info["chunks"]
+            await asyncio.sleep(1.0)
+            paused = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert paused["chunks"] == before                            # no viewer: nothing generated
+            w = Viewer()
+            await w.connect(http, url, sid)
+            await _until(lambda: len(w.frames) >= 10, 30, "frames after reconnecting")
+            after = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert after["viewer"] is True and after["chunks"] > before and after["instruction"] == "look left"
+            assert after["frames_sent"] >= info["frames_sent"] + 10      # the same timeline goes on, not a new one
+            await w.close()
+    asyncio.run(main())
