@@ -170,7 +170,8 @@ async def capacity(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response({"workers": state.scheduler.describe(), "sessions": len(state.sessions),
                               "max_sessions": state.opts.max_sessions, "speed": state.opts.speed,
-                              "headroom": state.opts.headroom})
+                              "headroom": state.opts.headroom, "chunks": state.metrics.quantiles(),
+                              "counts": dict(state.metrics.counters)})
 
 
 async def create_session(request: web.Request) -> web.Response:

@@ -11,7 +11,9 @@ import math
 import sys
 import threading
 import time
+from collections import deque
 
+RECENT = 4096              # chunk times kept for /capacity's quantiles
 # chunk latency buckets, s: a 4-frame chunk at 25 fps is 0.16 s of video
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.16, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -43,8 +45,9 @@ class Metrics:
         self.lock = threading.Lock()
         self.chunk_seconds = Histogram()
         self.counters = {"admitted": 0, "refused": 0, "chunks": 0, "chunks_late": 0, "frames_sent": 0,
-                         "frames_dropped": 0, "instructions": 0, "audio_samples": 0, "messages_rejected": 0,
+                         "frames_dropped": 0, "frames_unsent": 0, "instructions": 0, "audio_samples": 0, "messages_rejected": 0,
                          "requests_limited": 0, "sessions_closed": 0}
+        self.recent: deque[float] = deque(maxlen=RECENT)     # the latest chunk times, for exact quantiles
         self.refused_by: dict[str, int] = {}
         self.degraded: dict[str, int] = {}
 
@@ -65,8 +68,18 @@ class Metrics:
     def chunk(self, seconds: float, late: bool) -> None:
         with self.lock:
             self.chunk_seconds.observe(seconds)
+            self.recent.append(seconds)
             self.counters["chunks"] += 1
             self.counters["chunks_late"] += int(late)
+
+    def quantiles(self) -> dict:
+        """p50 / p99 / max of the latest RECENT chunk times, ms (None before any chunk)."""
+        with self.lock:
+            x = sorted(self.recent)
+        if not x:
+            return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+        q = lambda f: round(1000 * x[min(len(x) - 1, int(f * len(x)))], 2)   # noqa: E731 (nearest rank)
+        return {"n": len(x), "p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": round(1000 * x[-1], 2)}
 
     def text(self, sessions: list[dict], workers: list[dict], gpu: list[tuple[str, int, int]],
              live: dict | None = None) -> str:
@@ -87,7 +100,8 @@ class Metrics:
                   "# TYPE vidu_serve_chunk_seconds histogram", *hist.lines("vidu_serve_chunk_seconds")]
             for key, help_ in (("chunks", "Chunks generated."), ("chunks_late", "Chunks finished after their deadline."),
                                ("frames_sent", "Video frames sent to viewers."),
-                               ("frames_dropped", "Video frames generated but never sent (viewer gone or behind)."),
+                               ("frames_dropped", "Video frames skipped because the viewer read them late."),
+                               ("frames_unsent", "Video frames generated ahead and not sent when their session closed."),
                                ("instructions", "Instructions received."),
                                ("audio_samples", "Push-to-talk samples received (16 kHz)."),
                                ("messages_rejected", "Data channel messages rejected."),

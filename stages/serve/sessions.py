@@ -233,5 +233,6 @@ class ServeSession:
         await self._drop_viewer()
         self.metrics.inc("sessions_closed")
         self.metrics.inc("frames_sent", self.timeline.sent)
-        self.metrics.inc("frames_dropped", self.timeline.dropped + self.timeline.buffered())
+        self.metrics.inc("frames_dropped", self.timeline.dropped)
+        self.metrics.inc("frames_unsent", self.timeline.buffered())
         log("session_closed", session=self.id, reason=reason, chunks=self.session.chunks, error=self.error)
