@@ -46,6 +46,7 @@ class Timeline:
         self.audio = np.zeros(0, np.float32)
         self.audio_first = 0            # 48 kHz sample index of audio[0]
         self.offset: float | None = None
+        self.since = time.monotonic()   # when the current viewer connected (a deadline before the first frame)
         self.next_frame = 0             # the next frame a viewer is sent
         self.sent = 0
         self.dropped = 0
@@ -69,12 +70,14 @@ class Timeline:
         return self.end - self.next_frame
 
     def deadline(self) -> float:
-        """When the frames generated so far will have played (the next chunk is due by then)."""
-        return time.monotonic() if self.offset is None else self.offset + self.end / self.fps
+        """When the frames generated so far will have played (the next chunk is due by then); before a
+        viewer's first frame, when it connected (so that sessions already behind do not starve it)."""
+        return self.since if self.offset is None else self.offset + self.end / self.fps
 
     def restart(self) -> None:
         """A (new) viewer: the next unsent frame plays `lead` from now."""
         self.offset = None
+        self.since = time.monotonic()
 
     def close(self) -> None:
         self.closed = True
