@@ -109,6 +109,8 @@ Method (default, no model download: silero-vad and resemblyzer ship their weight
   time (diarize version 4). With the frame shown at each grid time (version 5), re-measured on the
   test's clips: clip 1 own -1 0.567, +0.5 s 11 0.513 (12 frames after its own), +80 ms 1 0.570;
   speaker z on the five full retalking clips 2.70 3.83 1.49 3.11 2.13 (was 3.12 3.60 1.63 3.62 2.13).
+  With the box that follows the face (version 8): clip 1 own -1 0.551, +0.5 s 11 0.509, +80 ms 1
+  0.537, clip 4's audio 10 0.236; speaker z 2.74 3.92 1.42 3.22 1.71.
 - Clip verdict: no speech -> rejected `no_speech`; overlap over `max_overlap` s (default 0) -> `overlap`;
   more than `max_offscreen_share` of the speech outside overlap offscreen -> `offscreen_speech` (lip-sync
   data needs the voice of the face on screen); a confident A/V offset over `max_av_offset` frames ->

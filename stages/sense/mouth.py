@@ -22,10 +22,12 @@ Head motion (issue 20, 2026-12-04). `locate_face` looks at the first and the las
 and evenly between (before: LOCATE_FRAMES frames from the start, so a face that moved late in the
 clip left the crop), and diarize's tracks (`mouth_landmarks`) fit the landmarks in a box that
 follows the face between detections (`track_face(follow=True)`: the detected box shifted by how far
-the previous frame's landmarks moved since the detection); `vidu eval` keeps the plain box. On a
-~100 px face panning 400 px across a portrait over 6 s (tests/test_diarize_motion.py) the plain box
-read the A/V offset of its own audio at confidence 0.21 and of +0.5 s late audio at 0.15 (so a desync
-passed); following the face, 0.63 and 0.53 (av_desync), speaker z 1.93 -> 3.04.
+the previous frame's nose and eye landmarks moved since the detection); `vidu eval` keeps the plain
+box. On a ~100 px face panning 400 px across a portrait over 6 s while it bobs and rolls
+(tests/test_diarize_motion.py) the plain box read the A/V offset of its own audio at confidence 0.21
+and of +0.5 s late audio at 0.15 (so a desync passed); following the face, 0.62 and 0.52
+(av_desync), speaker z 1.93 -> 3.17. Following all 68 points instead (the jaw and lips move with
+speech) read 0.63 / 0.53 there but 0.43 instead of 0.50 on a pan alone, and retalking_5's z fell to 1.31.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ CROP_MARGIN = 1.0  # face widths kept on each side of the located face (head mot
 MIN_FACE_PX = 120  # a face narrower than this at analysis size is tracked again in a crop (mouth ~40 px)
 RMS_FLOOR = 1e-4  # about -80 dBFS
 LEFT_EYE, RIGHT_EYE = slice(36, 42), slice(42, 48)  # 68-point layout (iBUG 300-W)
+RIGID = slice(27, 48)  # nose and eyes: points that move with the head, not with the jaw or the lips
 
 Box = tuple[int, int, int, int]
 
@@ -78,8 +81,8 @@ def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect
     """Landmarks of the main face in every frame of [T, H, W, 3] uint8 RGB (detected every `redetect`).
     `small_faces`: where the detector finds none, look again on the frame upsampled 2x (HOG finds faces
     down to ~40 px instead of ~80 px, at ~4x the cost of that detection). `follow`: between detections
-    the box moves with the face (shifted by how far the previous frame's landmarks moved since the
-    detection) instead of staying where the face was detected."""
+    the box moves with the face (shifted by how far the previous frame's nose and eye landmarks moved
+    since the detection) instead of staying where the face was detected."""
     from stages.sense import faces
 
     T = len(frames)
@@ -99,12 +102,12 @@ def track_face(frames: np.ndarray, face_box: list[float] | None = None, redetect
             continue
         use = box
         if follow and anchor is not None:
-            dx, dy = np.round(lm[i - 1].mean(0) - anchor).astype(int)
+            dx, dy = np.round(lm[i - 1, RIGID].mean(0) - anchor).astype(int)
             use = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
         lm[i] = faces.landmarks_in_box(rgb, use)
         boxes[i] = use
         if follow and anchor is None:
-            anchor = lm[i].mean(0)
+            anchor = lm[i, RIGID].mean(0)
     return FaceTrack(lm, detected, found, boxes)
 
 
