@@ -193,8 +193,10 @@ class AudioTrack(MediaStreamTrack):
         samples = None
         due = self.tl.audio_due()
         if due is not None and due >= 0:
-            if self.pos is None or due - self.pos > 3 * AUDIO_PACKET:       # (re)locked onto the picture's clock
-                self.pos = due // AUDIO_PACKET * AUDIO_PACKET
+            now = due // AUDIO_PACKET * AUDIO_PACKET
+            if self.pos is None or (due - self.pos > 3 * AUDIO_PACKET and self.tl.audio_packet(now) is not None):
+                self.pos = now          # (re)locked onto the picture's clock: the audio fell behind media that exists
+                                        # (not the generator behind both: then the picture waits and so does the audio)
             if self.pos <= due + AUDIO_PACKET:              # else the picture waited: silence until it catches up
                 samples = self.tl.audio_packet(self.pos)
                 if samples is not None:
