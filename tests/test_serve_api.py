@@ -246,3 +246,49 @@ def test_a_session_without_a_viewer_is_closed_after_the_grace(model):
             fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
             assert value(fams, "vidu_serve_sessions") == 0 and value(fams, "vidu_serve_sessions_closed_total") == 1
     run(main())
+
+
+@pytest.mark.timeout(180)
+def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
+    """The real command in a process: it says where it serves, admits a session over HTTP, and Ctrl-C ends it
+    cleanly (exit 130, no traceback)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.test_runner import _as_in_a_terminal
+    proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
+                             "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=_as_in_a_terminal)
+    try:
+        said = []
+        while True:
+            line = proc.stderr.readline()
+            assert line, "vidu serve ended before serving: " + "".join(said)
+            said.append(line)
+            if line.startswith("serving on "):
+                url = line.split()[-1].rstrip("/")
+                break
+        assert any(ln.strip().startswith("full: ") and " ms per 160 ms chunk" in ln for ln in said)
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"ok": True}
+
+        async def create():
+            async with ClientSession() as http:
+                return [(await _post_session(http, url))[0] for _ in range(2)]
+        assert run(create()) == [201, 503]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        err = proc.stderr.read()            # (not communicate(): it would miss what readline() buffered)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    events = [json.loads(ln)["event"] for ln in "".join(said).splitlines() + err.splitlines() if ln.startswith("{")]
+    assert "serving" in events and "session_created" in events and "session_refused" in events and "session_closed" in events
