@@ -155,7 +155,7 @@ def test_cross_origin_requests_are_refused_and_no_cors_headers_are_sent(model):
 
 def test_requests_beyond_the_per_client_rate_get_429(model):
     async def main():
-        async with running(ServeOptions(speed=SLOW, requests_per_s=0.5, request_burst=5), [model]) as url, \
+        async with running(ServeOptions(speed=SLOW, requests_per_s=0.01, request_burst=5), [model]) as url, \
                 ClientSession() as http:
             codes = [(await http.get(url + "/health")).status for _ in range(8)]
             assert codes == [200] * 5 + [429] * 3
@@ -180,8 +180,12 @@ def test_the_session_after_max_sessions_is_refused_503(model):
 def test_admission_degrades_then_refuses_by_the_measured_chunk_times(model):
     """speed is chosen from the measured loads so that exactly a full session and one at the cheapest
     profile fit: the second session is degraded, the third refused (503, capacity)."""
-    loads = {p.name: p.load for p in model.profiles}
-    cheapest = min(loads, key=loads.get)
+    for _ in range(3):              # a shared CPU's noise can invert one measurement: measure again (at most twice)
+        loads = {p.name: p.load for p in model.profiles}
+        cheapest = min(loads, key=loads.get)
+        if cheapest != "full":
+            break
+        model.calibrate(4)
     assert cheapest != "full" and loads[cheapest] < loads["full"]       # a degraded profile is cheaper (measured)
     headroom = 0.9
     speed = headroom / (loads["full"] + loads[cheapest]) * (1 - 1e-6)
