@@ -220,6 +220,16 @@ def test_noise_reverb_and_music_augmentation():
     spec = np.abs(np.fft.rfft(pink)) ** 2
     f = np.fft.rfftfreq(1 << 16, 1 / S.SR)
     assert 2 < np.mean(spec[(f > 200) & (f < 400)]) / np.mean(spec[(f > 1600) & (f < 3200)]) < 16  # ~8: 3 dB/octave
+    # shaped over the next fast FFT length: where n is fast already, exactly the shaping over n; a prime-rich n
+    # (7919 * 7: the cut of a longer circular shaping) keeps its length, unit RMS and the -3 dB/octave slope
+    white = np.random.default_rng(9).standard_normal(1 << 16)
+    f16 = np.maximum(np.fft.rfftfreq(1 << 16, 1 / S.SR), 20.0)
+    direct = np.fft.irfft(np.fft.rfft(white) / f16 ** 0.5, 1 << 16)
+    np.testing.assert_array_equal(S.colored_noise(np.random.default_rng(9), 1 << 16, "pink"), direct / np.sqrt(np.mean(direct ** 2)))
+    odd = S.colored_noise(rng, 7919 * 7, "pink")
+    spec, f = np.abs(np.fft.rfft(odd)) ** 2, np.fft.rfftfreq(len(odd), 1 / S.SR)
+    assert len(odd) == 7919 * 7 and abs(np.sqrt(np.mean(odd ** 2)) - 1) < 1e-9
+    assert 4 < np.mean(spec[(f > 200) & (f < 400)]) / np.mean(spec[(f > 1600) & (f < 3200)]) < 12
     burst = np.zeros(S.SR * 2, np.float32)
     burst[:1600] = rng.standard_normal(1600)
     wet = S.reverb(rng, burst, rt60=0.5, wet=0.5)
