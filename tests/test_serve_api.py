@@ -174,6 +174,9 @@ def test_the_session_after_max_sessions_is_refused_503(model):
             await http.delete(f"{url}/sessions/{a[0][1]['id']}")
             status, _ = await _post_session(http, url)
             assert status == 201
+        async with running(ServeOptions(speed=SLOW, max_sessions=2), [model]) as url, ClientSession() as http:
+            got = await asyncio.wait_for(asyncio.gather(*[_post_session(http, url) for _ in range(5)]), 60)
+            assert sorted(s for s, _ in got) == [201, 201, 503, 503, 503]          # at once: the limit still holds
     run(main())
 
 

@@ -64,6 +64,7 @@ class State:
         self.sessions: dict[str, ServeSession] = {}
         self.clients: dict[str, TokenBucket] = {}
         self.reaper: asyncio.Task | None = None
+        self.admitting = asyncio.Lock()
 
     def session(self, request: web.Request) -> ServeSession:
         sid = request.match_info["id"]
@@ -190,7 +191,7 @@ async def create_session(request: web.Request) -> web.Response:
     seed_text = _text_field(fields, "seed", 20) or "0"
     if not seed_text.isdigit() or int(seed_text) >= 2**63:
         return _error(400, f"the seed is a whole number 0..2^63-1, not {seed_text!r}")
-    with state.scheduler.lock:
+    async with state.admitting:                 # one admission at a time, its session added before the next
         try:
             worker, profile = state.scheduler.admit()
         except Refused as e:

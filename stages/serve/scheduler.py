@@ -104,7 +104,6 @@ class Scheduler:
     def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics: Metrics):
         self.opts, self.metrics = opts, metrics
         self.workers = [Worker(i, m, opts, metrics) for i, m in enumerate(models)]
-        self.lock = threading.Lock()             # admission is one decision at a time
 
     def start(self) -> None:
         for w in self.workers:
@@ -118,8 +117,8 @@ class Scheduler:
         return sum(len(w.sessions) for w in self.workers)
 
     def admit(self) -> tuple[Worker, Profile]:
-        """The worker and profile of a new session (the caller adds it to the worker while holding
-        `lock`), or Refused."""
+        """The worker and profile of a new session, or Refused. The caller adds the session to the worker
+        before the next admission (the app holds an asyncio lock over both)."""
         if self.sessions() >= self.opts.max_sessions:
             raise Refused("max_sessions", f"the server is full: {self.opts.max_sessions} sessions (--max-sessions)")
         best = None
