@@ -145,7 +145,8 @@ def test_video_audio_instructions_and_push_to_talk_over_webrtc(model):
 
 def test_a_viewer_reconnects_to_the_same_character(model):
     async def main():
-        async with running(ServeOptions(speed=0.01, connect_timeout_s=20), [model]) as url, ClientSession() as http:
+        opts = ServeOptions(speed=0.01, connect_timeout_s=20, messages_per_s=0.01, message_burst=5, history=3)
+        async with running(opts, [model]) as url, ClientSession() as http:
             r = await http.post(url + "/sessions", data=upload(png(), instruction="look left"))
             sid = (await r.json())["id"]
             v = Viewer()
@@ -165,5 +166,13 @@ def test_a_viewer_reconnects_to_the_same_character(model):
             after = await (await http.get(f"{url}/sessions/{sid}")).json()
             assert after["viewer"] is True and after["chunks"] > before and after["instruction"] == "look left"
             assert after["frames_sent"] >= info["frames_sent"] + 10      # the same timeline goes on, not a new one
+            # the session's message rate (burst 5) and its history (3 entries) are bounded
+            for i in range(12):
+                w.channel.send(json.dumps({"type": "instruction", "text": f"step {i}", "id": i}))
+            await _until(lambda: len(w.replies) >= 12, 10, "12 replies")
+            assert [m["type"] for m in w.replies] == ["ack"] * 5 + ["error"] * 7
+            assert all("too many messages" in m["error"] for m in w.replies[5:])
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert [h["text"] for h in info["history"]] == ["step 2", "step 3", "step 4"]
             await w.close()
     asyncio.run(main())
