@@ -60,7 +60,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
     raise SystemExit("vidu serve did not start in time")
 
 
-async def viewer(i: int, url: str, args, http) -> dict:
+async def viewer(i: int, url: str, args, http, start: float) -> dict:
     from aiohttp import FormData
     from aiortc import RTCPeerConnection, RTCSessionDescription
     form = FormData(default_to_multipart=True)
@@ -68,7 +68,7 @@ async def viewer(i: int, url: str, args, http) -> dict:
     t0 = time.monotonic()
     r = await http.post(url + "/sessions", data=form)
     body = await r.json()
-    out = {"client": i, "status": r.status, "arrived_s": None}
+    out = {"client": i, "status": r.status, "arrived_s": round(t0 - start, 2)}
     if r.status != 201:
         out.update(refused=body.get("reason"), error=body.get("error"))
         return out
@@ -112,9 +112,9 @@ async def viewer(i: int, url: str, args, http) -> dict:
 async def load(url: str, args) -> dict:
     from aiohttp import ClientSession
     async with ClientSession() as http:
-        tasks = []
+        tasks, start = [], time.monotonic()
         for i in range(args.clients):
-            tasks.append(asyncio.ensure_future(viewer(i, url, args, http)))
+            tasks.append(asyncio.ensure_future(viewer(i, url, args, http, start)))
             await asyncio.sleep(args.stagger)
         await asyncio.sleep(max(0.0, args.seconds - args.stagger - 1.0))   # all arrived, the last ones still watching
         cap = await (await http.get(url + "/capacity")).json()
