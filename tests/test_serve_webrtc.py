@@ -176,3 +176,24 @@ def test_a_viewer_reconnects_to_the_same_character(model):
             assert [h["text"] for h in info["history"]] == ["step 2", "step 3", "step 4"]
             await w.close()
     asyncio.run(main())
+
+
+def test_a_watched_session_without_input_is_closed_after_the_idle_timeout(model):
+    async def main():
+        opts = ServeOptions(speed=0.01, idle_timeout_s=1.5)
+        async with running(opts, [model]) as url, ClientSession() as http:
+            sid = (await (await http.post(url + "/sessions", data=upload(png()))).json())["id"]
+            v = Viewer()
+            await v.connect(http, url, sid)
+            await _until(lambda: len(v.frames) >= 5, 30, "frames")
+            v.channel.send(json.dumps({"type": "instruction", "text": "keep me", "id": 1}))      # input: the clock restarts
+            await asyncio.sleep(1.0)
+            assert (await http.get(f"{url}/sessions/{sid}")).status == 200
+            deadline = time.monotonic() + 10
+            while (await http.get(f"{url}/sessions/{sid}")).status == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert (await http.get(f"{url}/sessions/{sid}")).status == 404
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
+            assert value(fams, "vidu_serve_sessions_closed_total") == 1
+            await v.close()
+    asyncio.run(main())
