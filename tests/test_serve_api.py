@@ -21,7 +21,7 @@ SLOW = 0.01          # speed: admit sessions at 1/100 of real time (the tiny pre
 @pytest.fixture(scope="module")
 def model():
     m = ServeModel(None, "tiny")
-    m.calibrate(4)
+    m.calibrate(2)
     return m
 
 
@@ -81,6 +81,16 @@ def test_bad_requests_get_one_line_4xx_and_the_server_keeps_serving(model):
             for form, code, words in cases:
                 status, body = await _post_session(http, url, form)
                 assert status == code and words in _one_line(body), (code, words, status, body)
+            r = await http.post(url + "/sessions", data=b"x" * 5_000_000,           # said up front: refused unread
+                                headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert r.status == 413 and "larger than 100000 bytes" in _one_line(await r.json())
+
+            async def stream():                                                      # not said: cut at the limit
+                yield b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+                for _ in range(100):
+                    yield b"\0" * 65536
+            r = await http.post(url + "/sessions", data=stream(), headers={"Content-Type": "multipart/form-data; boundary=b"})
+            assert r.status == 413
             r = await http.post(url + "/sessions", json={"image": "/etc/passwd"})
             assert r.status == 415 and "multipart" in _one_line(await r.json())
             sid = good["id"]

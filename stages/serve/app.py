@@ -212,15 +212,20 @@ async def create_session(request: web.Request) -> web.Response:
 async def _form(request: web.Request, opts: ServeOptions) -> dict:
     """The multipart fields: name -> bytes (a file) or str; a path is never taken from a field."""
     out: dict = {}
+    too_large = web.HTTPRequestEntityTooLarge(max_size=opts.max_upload_bytes, actual_size=request.content_length or 0)
+    if (request.content_length or 0) > opts.max_upload_bytes + 64 * 1024:     # said up front: refused unread
+        raise too_large
     reader = await request.multipart()
     total = 0
     async for part in reader:
         if part.name not in ("image", "instruction", "voice", "seed"):
             raise ServeError(f"unknown field {part.name!r}: expected image, instruction, voice, seed")
-        data = await part.read(decode=False)
-        total += len(data)
-        if total > opts.max_upload_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=opts.max_upload_bytes, actual_size=total)
+        data = bytearray()
+        while chunk := await part.read_chunk(64 * 1024):     # never more than the limit in memory
+            data += chunk
+            total += len(chunk)
+            if total > opts.max_upload_bytes:
+                raise too_large
         if part.name == "image":
             if part.filename is None:
                 raise ServeError("the image must be an uploaded file (multipart with a filename), not a path or text")

@@ -156,8 +156,13 @@ class ServeSession:
             if pc is self.pc and pc.connectionState in ("failed", "closed", "disconnected"):
                 await self._drop_viewer()
 
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type=offer_type))
-        await pc.setLocalDescription(await pc.createAnswer())
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type=offer_type))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except BaseException:
+            self.pc = None
+            await pc.close()
+            raise
         self.viewer_left = None
         self.last_input = time.monotonic()
         self.worker.wake()
