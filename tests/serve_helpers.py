@@ -15,9 +15,12 @@ from stages.serve.options import ServeOptions
 
 
 @asynccontextmanager
-async def running(opts: ServeOptions, models):
-    """The app of `opts` over `models` on 127.0.0.1 at a free port: yields its base URL."""
+async def running(opts: ServeOptions, models, apps: list | None = None):
+    """The app of `opts` over `models` on 127.0.0.1 at a free port: yields its base URL (the app is
+    appended to `apps` when given)."""
     app = create_app(opts, models)
+    if apps is not None:
+        apps.append(app)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -197,3 +197,61 @@ def test_a_watched_session_without_input_is_closed_after_the_idle_timeout(model)
             assert value(fams, "vidu_serve_sessions_closed_total") == 1
             await v.close()
     asyncio.run(main())
+
+
+def test_a_running_session_drops_to_fewer_steps_when_the_load_outgrows_the_budget(model):
+    """The worker's budget is shrunk under the running session's measured load (as if its chunks had got
+    slower): between two chunks the session moves to the fewer-steps profile at its resolution, the
+    model runs one forward less per chunk, and the stream goes on. Before that (control) it stays full."""
+    import dataclasses
+    from collections import Counter
+
+    from stages.serve.app import STATE
+    dit = model.base.engine.model
+    chunk_of_call: list[int] = []             # per forward of the model: the chunk its session was generating
+    box = {}
+
+    def count(*_):
+        if box:
+            chunk_of_call.append(box["session"].chunks)
+
+    hook = dit.register_forward_hook(count)
+
+    async def main():
+        apps = []
+        async with running(ServeOptions(speed=0.01), [model], apps) as url, ClientSession() as http:
+            sid = (await (await http.post(url + "/sessions", data=upload(png()))).json())["id"]
+            box["session"] = apps[0][STATE].sessions[sid].session
+            v = Viewer()
+            await v.connect(http, url, sid)
+            await _until(lambda: len(v.frames) >= 20, 30, "frames")
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert info["profile"]["name"] == "full" and info["degraded"] == []
+            before = info["chunks"]
+            worker = apps[0][STATE].scheduler.workers[0]
+            worker.opts = dataclasses.replace(worker.opts, headroom=1e-9)
+            for _ in range(200):
+                info = await (await http.get(f"{url}/sessions/{sid}")).json()
+                if info["degraded"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert info["degraded"] == ["steps2"] and info["profile"]["name"] == "steps2"
+            after = info["chunks"] + 1                                  # generated wholly after the switch
+            await _until(lambda: box["session"].chunks >= after + 4, 20, "4 chunks after the switch")
+            n = Counter(chunk_of_call)
+            full = {n[c] for c in range(2, before)}
+            fewer = {n[c] for c in range(after, after + 3)}
+            assert len(full) == 1 and len(fewer) == 1
+            assert fewer.pop() == full.pop() - 1                        # one denoising step less per chunk
+            m = len(v.frames)
+            await _until(lambda: len(v.frames) >= m + 12, 20, "frames after the switch")
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
+            assert value(fams, "vidu_serve_sessions_degraded_total") == 1     # 64x64 has nothing cheaper: stays
+            info = await (await http.get(f"{url}/sessions/{sid}")).json()
+            assert info["degraded"] == ["steps2"]
+            box.clear()
+            await v.close()
+    try:
+        asyncio.run(main())
+    finally:
+        hook.remove()

@@ -46,7 +46,7 @@ class Metrics:
         self.chunk_seconds = Histogram()
         self.counters = {"admitted": 0, "refused": 0, "chunks": 0, "chunks_late": 0, "frames_sent": 0,
                          "frames_dropped": 0, "frames_unsent": 0, "instructions": 0, "audio_samples": 0, "messages_rejected": 0,
-                         "requests_limited": 0, "sessions_closed": 0}
+                         "requests_limited": 0, "sessions_closed": 0, "degraded_live": 0}
         self.recent: deque[float] = deque(maxlen=RECENT)     # the latest chunk times, for exact quantiles
         self.refused_by: dict[str, int] = {}
         self.degraded: dict[str, int] = {}
@@ -96,6 +96,8 @@ class Metrics:
             _metric(L, "vidu_serve_sessions_refused_total", "counter", "Sessions refused (HTTP 503), by reason.",
                     [(f'{{reason="{r}"}}', n) for r, n in sorted(self.refused_by.items())] or [("", 0)])
             _metric(L, "vidu_serve_sessions_closed_total", "counter", "Sessions closed.", [("", c["sessions_closed"])])
+            _metric(L, "vidu_serve_sessions_degraded_total", "counter", "Running sessions moved to fewer steps "
+                    "because the measured load outgrew the budget.", [("", c["degraded_live"])])
             L += ["# HELP vidu_serve_chunk_seconds Time to generate and decode one chunk.",
                   "# TYPE vidu_serve_chunk_seconds histogram", *hist.lines("vidu_serve_chunk_seconds")]
             for key, help_ in (("chunks", "Chunks generated."), ("chunks_late", "Chunks finished after their deadline."),

@@ -16,6 +16,9 @@ where chunk_s is the session's own measured chunk time once it has generated two
 profile's measured time, ServeModel.calibrate) and video_s the seconds of video a chunk plays. A new
 session is admitted on the least-loaded worker at the first profile (full, fewer steps, half
 resolution) with which the load stays <= headroom; with none, it is refused (HTTP 503, the reason).
+When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
+the worker moves the heaviest one to fewer steps at its resolution between two of its chunks
+(Worker._rebalance); a lower resolution needs a new session (its caches have the old size).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import threading
 import time
 
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import Profile, ServeModel
+from stages.serve.model import MEASURED_AFTER, Profile, ServeModel
 from stages.serve.options import ServeOptions
 
 
@@ -96,6 +99,23 @@ class Worker(threading.Thread):
             late = s.timeline.offset is not None and time.monotonic() > deadline
             s.chunk_done(rgb, audio, timing, dt, late)
             self.metrics.chunk(dt, late)
+            self._rebalance()
+
+    def _rebalance(self) -> None:
+        """Between chunks: when the sessions' measured load has grown past the budget, the heaviest session
+        that can drops to fewer steps at its resolution (its caches stay; the resolution cannot change
+        mid-stream). One switch at a time, then the switched session is measured anew first."""
+        if self.load() <= self.opts.headroom:
+            return
+        with self.cond:
+            if any(s.chunks_measured < MEASURED_AFTER for s in self.sessions if s.viewer_left is None):
+                return
+            candidates = [(s, self.model.fewer_steps(s.profile)) for s in self.sessions]
+        candidates = [(s, p) for s, p in candidates if p is not None]
+        if candidates:
+            s, p = max(candidates, key=lambda c: c[0].load())
+            s.switch(p)
+            self.metrics.inc("degraded_live")
 
 
 class Scheduler:

@@ -71,6 +71,7 @@ class ServeSession:
         self.audio_used = 0                             # ... and consumed by the engine
         self.closed: str | None = None
         self.error: str | None = None
+        self.degraded: list[str] = []                   # profiles switched to while running
 
     # -- worker side (its thread)
     def load(self) -> float:
@@ -93,6 +94,15 @@ class ServeSession:
             del log_[:-self.opts.history]
         self.loop.call_soon_threadsafe(self._deliver, rgb, audio)
 
+    def switch(self, profile: Profile) -> None:
+        """Fewer steps from the next chunk (the worker's thread, between this session's chunks)."""
+        from stages.serve.model import switch_steps
+        old = self.profile
+        switch_steps(self.session.p.engine, profile.settings)
+        self.profile, self.chunk_s, self.chunks_measured = profile, profile.chunk_s, 0
+        self.degraded.append(profile.name)
+        log("session_degraded", session=self.id, old=old.name, new=profile.name, chunk=self.session.chunks)
+
     def fail(self, error: str) -> None:
         self.error = error
         self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.close("error")))
@@ -108,7 +118,8 @@ class ServeSession:
                 "chunks": self.session.chunks, "frames": self.session.frames, "frames_sent": self.timeline.sent,
                 "frames_dropped": self.timeline.dropped, "stalled_s": round(self.timeline.stalled_s, 3),
                 "viewer": self.viewer_left is None, "instruction": self.session.instruction,
-                "history": list(self.history), "worker": self.worker.index, "error": self.error}
+                "history": list(self.history), "worker": self.worker.index, "error": self.error,
+                "degraded": list(self.degraded)}
 
     def instruct(self, text) -> dict:
         """Validate and queue an instruction; its history entry (StreamError for a bad one)."""
