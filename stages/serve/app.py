@@ -17,7 +17,8 @@ Every error is a one-line JSON {"error": ...} with a 4xx/5xx status, never a tra
 every route but the page, its scripts and /health needs `Authorization: Bearer TOKEN`. No CORS
 headers are sent; a POST or DELETE whose Origin is not this server's is refused (403). Requests are
 rate-limited per client address (429). Sessions are closed after `connect_timeout_s` without a viewer
-and `idle_timeout_s` without input.
+and `idle_timeout_s` without input. Peer connections gather host ICE candidates only (no STUN or TURN
+server is configured): viewers on this machine or its LAN, not across NAT.
 """
 from __future__ import annotations
 
@@ -384,7 +385,7 @@ async def serve(opts: ServeOptions, models: list[ServeModel], announce=print) ->
             await site.start()
         except OSError as e:
             raise ServeError(f"cannot serve on {opts.host}:{opts.port}: {e.strerror or e}") from None
-        port = site._server.sockets[0].getsockname()[1]
+        port = runner.addresses[0][1]
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         announce(f"serving on http://{host}:{port}/")
         log("serving", host=opts.host, port=port, workers=len(models), token=bool(opts.token))
