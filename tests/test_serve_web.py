@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.request
 
 import pytest
@@ -102,3 +103,17 @@ def test_page_receives_webrtc_video_and_audio_and_acks_an_instruction(server, ch
     assert [h["text"] for h in info["history"]] == ["turn to the left"]
     assert "turn to the left" in chromium.find_element("id", "note").text
     assert info["viewer"] is True
+    # push-to-talk: the fake microphone's beeps, 16 kHz s16le over the data channel, reach the session
+    from selenium.webdriver.common.action_chains import ActionChains
+    talk = chromium.find_element("id", "talk")
+    ActionChains(chromium).click_and_hold(talk).perform()
+    time.sleep(1.5)
+    ActionChains(chromium).release(talk).perform()
+
+    def heard() -> float:
+        with urllib.request.urlopen(f"{server}/metrics", timeout=5) as r:
+            line = next(ln for ln in r.read().decode().splitlines() if ln.startswith("vidu_serve_audio_samples_total "))
+        return float(line.split()[1])
+    _wait(lambda: heard() > 0.5 * 16000, 10, "0.5 s of microphone audio at the server")
+    time.sleep(0.5)
+    assert heard() < 3 * 16000                                    # it stopped on release
