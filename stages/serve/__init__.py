@@ -10,6 +10,12 @@
     static/       the page (index.html) and its script (app.js)
 
     from stages.serve.app import create_app
-    model = ServeModel(None, "tiny"); model.calibrate(4)
-    app = create_app(ServeOptions(max_sessions=4), [model])
+    from stages.serve.model import ServeModel
+    from stages.serve.options import ServeOptions
+    model = ServeModel(None, "tiny"); model.calibrate(4)          # chunk times measured, per profile
+    app = create_app(ServeOptions(max_sessions=4), [model])       # aiohttp.web.Application
+
+Run it: `vidu serve` (vidu_cli/serve.py), then open http://127.0.0.1:8000/. Load test:
+benchmarks/serve_load.py. Sessions' chunks run one after another on their worker: they are not batched
+into one forward (scheduler.py says why).
 """
