@@ -236,6 +236,34 @@ def test_an_instruction_changes_the_next_chunk_and_no_earlier_one():
     assert rel(changed[3].video, base[3].video) > 1e-3
 
 
+def test_switch_steps_takes_another_schedule_and_refuses_another_layout():
+    """A running engine switched to fewer steps denoises its next chunk on that schedule (the chunk differs from the
+    unswitched engine's, the same on a replay); a switch that would change the caches' layout (the window) is
+    refused and changes nothing."""
+    model = scrambled(TINY.dit)
+    st, fewer = StreamSettings(window=4, twin=False), StreamSettings(window=4, twin=False, steps=2)
+    text, audio, ref = conditions(3, st.chunk_frames)
+    a, b = StreamEngine(model, TINY, st, seed=0), StreamEngine(model, TINY, st, seed=0)
+    a.start(ref)
+    b.start(ref)
+    cut = lambda j: audio[:, j * st.chunk_frames:(j + 1) * st.chunk_frames + sum(TINY.dit.audio_context)]  # noqa: E731
+    for j in range(2):
+        assert torch.equal(a.step(ChunkInputs(text, cut(j))).video, b.step(ChunkInputs(text, cut(j))).video)
+    with pytest.raises(ValueError, match="cannot change window; only its steps"):
+        a.switch_steps(StreamSettings(window=5, twin=False, steps=2))
+    assert a.st == st and a.sig == sigmas(st.steps, st.shift)
+    a.switch_steps(fewer)
+    assert a.st == fewer and a.sig == sigmas(2, fewer.shift)
+    two, three = a.step(ChunkInputs(text, cut(2))), b.step(ChunkInputs(text, cut(2)))
+    assert rel(two.video, three.video) > 1e-3                    # control: the schedule did change the chunk
+    d = StreamEngine(model, TINY, st, seed=0)                    # the same switch again: the same chunk
+    d.start(ref)
+    for j in range(2):
+        d.step(ChunkInputs(text, cut(j)))
+    d.switch_steps(fewer)
+    assert torch.equal(d.step(ChunkInputs(text, cut(2))).video, two.video)
+
+
 @pytest.mark.slow
 def test_a_thousand_chunks_use_constant_memory():
     """Structure only (DESIGN.md: no timing assertions in tests; benchmarks/stream_fps.py measures

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.flow import sigmas as flow_sigmas
 from stages.stream.engine import StreamEngine, StreamSettings
 from stages.stream.events import EventQueue, StreamError
 from stages.stream.session import Parts, Session, SessionOptions, load_parts
@@ -85,7 +84,7 @@ class ServeModel:
         session can switch to it between chunks), or None."""
         for q in self.profiles:
             if ((q.height, q.width) == (p.height, p.width) and q.settings.steps < p.settings.steps
-                    and _same_caches(q.settings, p.settings)):
+                    and all(getattr(q.settings, f) == getattr(p.settings, f) for f in StreamEngine.FIXED)):
                 return q
         return None
 
@@ -127,19 +126,6 @@ def live_options(instruction: str | None = None) -> SessionOptions:
     """A served session: live audio (push-to-talk, never waited for), no end but the viewer's."""
     opts = SessionOptions(live_audio=True, audio_ends_stream=False, realtime=False)
     return dataclasses.replace(opts, instruction=instruction) if instruction else opts
-
-
-def _same_caches(a: StreamSettings, b: StreamSettings) -> bool:
-    """The engine's buffers and ring are the same under a and b (only the step schedule differs)."""
-    same = ("chunk_frames", "window", "sink", "twin", "recache", "guidance", "guide", "sampler")
-    return all(getattr(a, f) == getattr(b, f) for f in same)
-
-
-def switch_steps(engine: StreamEngine, st: StreamSettings) -> None:
-    """Give a running engine another step schedule (same caches, _same_caches) from its next chunk: the
-    history cached so far stays (its noisy cache was filled at the old schedule's noisy level)."""
-    engine.st = st
-    engine.sig = flow_sigmas(st.steps, st.shift)
 
 
 def _fewer_steps(st: StreamSettings, trained: dict | None) -> dict:

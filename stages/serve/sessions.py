@@ -96,9 +96,8 @@ class ServeSession:
 
     def switch(self, profile: Profile) -> None:
         """Fewer steps from the next chunk (the worker's thread, between this session's chunks)."""
-        from stages.serve.model import switch_steps
         old = self.profile
-        switch_steps(self.session.p.engine, profile.settings)
+        self.session.p.engine.switch_steps(profile.settings)
         self.profile, self.chunk_s, self.chunks_measured = profile, profile.chunk_s, 0
         self.degraded.append(profile.name)
         log("session_degraded", session=self.id, old=old.name, new=profile.name, chunk=self.session.chunks)

@@ -380,6 +380,23 @@ class StreamEngine:
         self.keep_text = keep_text
         self._text: tuple | None = None       # (text, its version and the weights', prepared, guided prepared)
 
+    # what sizes the buffers and the ring, or what the cached history was made under: fixed for an engine's life
+    FIXED = ("chunk_frames", "window", "sink", "twin", "recache", "guidance", "guide", "sampler")
+
+    def keeps_caches(self, settings: StreamSettings) -> bool:
+        """Whether switch_steps can take `settings`: only the step schedule differs from the engine's."""
+        return all(getattr(settings, f) == getattr(self.st, f) for f in self.FIXED)
+
+    def switch_steps(self, settings: StreamSettings) -> None:
+        """Another step schedule from the next chunk on (a served session under load: fewer steps); the history
+        cached so far stays (its noisy cache was filled at the old schedule's noisy level). ValueError when
+        `settings` changes anything in FIXED."""
+        if not self.keeps_caches(settings):
+            changed = [f for f in self.FIXED if getattr(settings, f) != getattr(self.st, f)]
+            raise ValueError(f"a running stream cannot change {', '.join(changed)}; only its steps")
+        self.st = settings
+        self.sig = flow_sigmas(settings.steps, settings.shift)
+
     def start(self, ref_latent: torch.Tensor) -> None:
         """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
         with the first chunk's text."""
