@@ -34,6 +34,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -86,13 +87,25 @@ def segment_truth(case: dict, f0: int, f1: int) -> tuple[dict, np.ndarray]:
 
 def score_file(path: str, case: int, seconds: float, cache: str, f0: int, workers: int, out: str) -> None:
     """score_segment of the frames saved at `path` (.npy) into `out` (JSON, replaced whole), in a scorer process
-    niced below the stream (its pools inherit it): the host-bound chunk loop keeps its core."""
+    niced below the stream (its pools inherit it): the host-bound chunk loop keeps its core. It leads its own
+    process group, so that killing a scoring (stop_scoring) kills its pools' workers with it."""
     try:
+        os.setsid()
         os.nice(10)
     except OSError:
         pass
     scores = score_segment(np.load(path, mmap_mode="r"), hour_case(case, seconds, cache=Path(cache)), f0, workers)
     atomic_write(Path(out), json.dumps(scores, default=float).encode())
+
+
+def stop_scoring(proc) -> None:
+    """Kill a scorer process and its pools' workers (its process group: score_file), else they live on,
+    orphaned, holding their frames and the call's stdout (a shell pipe then never ends)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.join()
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -119,6 +132,18 @@ def default_scratch(W: Path, need: int) -> Path:
     except OSError:
         pass
     return W
+
+
+def scratch_survives(W: Path, scratch: Path) -> bool:
+    """Whether this call found the previous call's mark in scratch: a RAM folder that lived through the call
+    boundary (the device's machine between its calls), so unscored frames may stay there instead of going to
+    W's disk; leaves this call's mark. W itself always survives."""
+    if scratch == W:
+        return True
+    mark, me = scratch / "call.mark", str(W.resolve())
+    found = mark.is_file() and mark.read_text() == me
+    mark.write_text(me)
+    return found
 
 
 def persist(W: Path, scratch: Path, segs: list[dict]) -> float:
@@ -237,8 +262,9 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=540.0, help="wall seconds this call may use")
     ap.add_argument("--workers", type=int, default=12, help="scoring processes")
     ap.add_argument("--compile", action="store_true", help="the model's blocks compiled (vidu stream --compile)")
-    ap.add_argument("--scratch", type=Path, help="where a segment's frames wait for their scoring during a call "
-                    "(default: /dev/shm when it has room, else --work); moved to --work at the call's end if unscored")
+    ap.add_argument("--scratch", type=Path, help="where a segment's frames wait for their scoring (default: /dev/shm "
+                    "when it has room, else --work); moved to --work at a call's end if unscored, unless the scratch "
+                    "was found to live through calls")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     t_call = time.perf_counter()
@@ -271,6 +297,9 @@ def main() -> None:
     bench.setup()
     scratch = a.scratch or default_scratch(W, 2 * int(a.segment * FPS + 1) * case["ref"].nbytes)  # two segments
     scratch.mkdir(parents=True, exist_ok=True)
+    moving = not scratch_survives(W, scratch)     # unscored frames go to W at the call's end
+    print(f"frames wait in {scratch}" + ("" if scratch == W else ", which " + ("must be moved to W at the call's end"
+          if moving else "lived through the last call")), flush=True)
     found = recover(W, segs, scratch)
     state, saved = (found["state"], found["identity"]) if found else (None, None)
     scoring: dict = {}                            # the one scoring process running: {"index", "process", "t0"}
@@ -317,7 +346,7 @@ def main() -> None:
         if not segs:
             return True
         last = segs[-1]
-        need = last["stream_s"] + last.get("save_s", 0.0) + 10.0 + (seg_bytes / DISK_BYTES_S if scratch != W else 0.0)
+        need = last["stream_s"] + last.get("save_s", 0.0) + 10.0 + (seg_bytes / DISK_BYTES_S if moving else 0.0)
         return time.perf_counter() - t_call + need <= a.budget
 
     def commit() -> None:
@@ -384,15 +413,14 @@ def main() -> None:
         # (a scoring cut short is redone by the next call, from the frames kept in W)
         finished = (state["frames"] if state else 0) >= total
         while scoring:
-            unsaved = sum(f.stat().st_size for f in scratch.glob("unscored_*.npy")) if scratch != W else 0
+            unsaved = sum(f.stat().st_size for f in scratch.glob("unscored_*.npy")) if moving else 0
             left = 1e9 if finished else a.budget - (time.perf_counter() - t_call) - unsaved / DISK_BYTES_S
             if left <= 0:
-                scoring["process"].kill()
-                scoring["process"].join()
+                stop_scoring(scoring["process"])
                 print(f"segment {scoring['index']} is left unscored for the next call")
                 break
             collect(wait_s=min(left, 5.0))
-        if scratch != W and any("scores" not in s for s in segs):
+        if moving and any("scores" not in s for s in segs):
             print(f"unscored frames kept in {W} for the next call in {persist(W, scratch, segs):.0f} s")
         commit()
     table(record)

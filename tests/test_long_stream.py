@@ -96,3 +96,58 @@ def test_persist_moves_unscored_frames_to_W(W: Path, tmp_path_factory):
     assert sorted(p.name for p in scratch.iterdir()) == ["unscored_2.npy"]     # scored: left for its collect to delete
     np.testing.assert_array_equal(np.load(W / "unscored_1.npy"), frames)
     assert long_stream.persist(W, W, segs) >= 0 and (W / "unscored_1.npy").is_file()   # no scratch: nothing moves
+
+
+def test_a_scratch_that_lives_through_calls_is_recognised(W: Path, tmp_path_factory):
+    """The first call cannot know (frames go to W at its end); a later call that finds the mark of this W knows;
+    a scratch emptied between calls (a fresh machine) or marked by another W does not count; W itself always does."""
+    scratch = tmp_path_factory.mktemp("shm")
+    assert not long_stream.scratch_survives(W, scratch)
+    assert long_stream.scratch_survives(W, scratch)
+    (scratch / "call.mark").unlink()
+    assert not long_stream.scratch_survives(W, scratch)
+    other = tmp_path_factory.mktemp("other")
+    assert not long_stream.scratch_survives(other, scratch)   # the mark is now other's
+    assert not long_stream.scratch_survives(W, scratch)
+    assert long_stream.scratch_survives(W, W)
+
+
+def _sleeping_pool(ready) -> None:
+    """A scorer's stand-in: its own process group (as score_file), a pool of spawned workers, then wait."""
+    import multiprocessing as mp
+    import os
+    import time
+    from concurrent.futures import ProcessPoolExecutor
+    os.setsid()
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        ready.put(sorted({pool.submit(os.getpid).result() for _ in range(4)}))
+        time.sleep(600)
+
+
+def test_stopping_a_scoring_kills_its_pool_workers():
+    """Killing a scorer kills its pools' workers too (a plain kill leaves them orphaned: the control)."""
+    import multiprocessing as mp
+    import os
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:       # a zombie is gone for our purpose
+            return f.read().split(") ")[1][0] != "Z"
+
+    ctx = mp.get_context("spawn")
+    for stop, survives in ((lambda p: (p.kill(), p.join()), True), (long_stream.stop_scoring, False)):
+        ready = ctx.Queue()
+        proc = ctx.Process(target=_sleeping_pool, args=(ready,))
+        proc.start()
+        workers = ready.get(timeout=120)
+        assert workers and all(alive(w) for w in workers)
+        stop(proc)
+        time.sleep(0.5)
+        assert any(alive(w) for w in workers) == survives, stop
+        for w in workers:                              # the control's orphans
+            if alive(w):
+                os.kill(w, 9)
