@@ -149,9 +149,25 @@ def write_speech_tone(path: Path, seconds: float, seed: int, sr: int = 16000) ->
     return path
 
 
+HOPPER_PREAMBLE = """
+def ptxas_info(ptx):
+    # the bundled ptxas's -v report (registers, spills) of ptx built for sm_90a
+    import os, subprocess, tempfile
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        return subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+"""
+
+
 def compile_for_hopper(script: str) -> str:
-    """Run `script` (Python that compiles Triton kernels for sm_90 and runs the bundled ptxas on them, printing what
-    it found) in a fresh process without TRITON_INTERPRET, from the repository root; its stdout. Skips where this
+    """Run `script` (Python that compiles Triton kernels for sm_90 and runs the bundled ptxas on them with
+    HOPPER_PREAMBLE's ptxas_info, printing what it found) in a fresh process without TRITON_INTERPRET, from the repository root; its stdout. Skips where this
     Triton has no bundled ptxas: the kernels' build for the GPU checked on a machine without one."""
     import importlib.util
     ptxas = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -160,6 +176,7 @@ def compile_for_hopper(script: str) -> str:
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    res = subprocess.run([sys.executable, "-c", HOPPER_PREAMBLE + script], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout

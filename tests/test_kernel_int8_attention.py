@@ -199,7 +199,6 @@ def test_empty_queries():
 # ----------------------------------------------------------------------------------------------- the GPU build
 
 COMPILE = textwrap.dedent("""
-    import os, subprocess, sys, tempfile
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -216,12 +215,7 @@ COMPILE = textwrap.dedent("""
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=8, num_stages=3))
     ttgir, ptx = k.asm["ttgir"], k.asm["ptx"]
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                          text=True, check=True).stderr
-    os.unlink(f.name)
+    info = ptxas_info(ptx)
     print("INT8_WGMMA", ptx.count("wgmma.mma_async.sync.aligned") and ptx.count(".s32.s8.s8"))
     print("ASYNC_COPIES", ttgir.count("async_copy_global_to_local"))
     print("PTXAS", " | ".join(line.strip() for line in info.splitlines() if "registers" in line or "spill" in line))

@@ -271,13 +271,12 @@ def test_benchmark_cases_are_the_real_shapes_and_run(monkeypatch):
 # ----------------------------------------------------------------------------------------------- the GPU build
 
 COMPILE = textwrap.dedent("""
-    import os, re, subprocess, tempfile
+    import re
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from vidu_kernels import qk_rope as Q
     fn = Q._qk_rope_kernel
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     # Wan 1.3B's k path (bf16, 768 pairs, both outputs) and q path, RoPE alone, the small preset (160 pairs), fp32,
     # and the norm alone (Ulysses: rms_norm_heads before the all-to-all)
     for dt, P, norm, unrot, rot in [("bf16", 768, True, True, True), ("bf16", 768, True, False, True),
@@ -296,11 +295,7 @@ COMPILE = textwrap.dedent("""
         k = triton.compile(ASTSource(fn, sig, dict(NORM=norm, UNROT=unrot, ROWS=ROWS, BLOCK=BLOCK, ROT=rot), attrs),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         ptx = k.asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(ptx)
-        info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                              text=True, check=True).stderr
-        os.unlink(f.name)
+        info = ptxas_info(ptx)
         spills = [int(n) for n in re.findall(r"(\\d+) bytes spill", info)]
         print("CASE", dt, P, norm, unrot, rot, "V4_LOADS", ptx.count("ld.global.v4"), "V4_STORES",
               ptx.count("st.global.v4"), "SPILL_LINES", len(spills), "SPILLS", sum(spills))

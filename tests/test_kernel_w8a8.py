@@ -341,13 +341,12 @@ def test_compiled_quantized_block_keeps_every_linear_an_op():
 # ----------------------------------------------------------------------------------------------- the GPU build
 
 COMPILE = textwrap.dedent("""
-import os, re, subprocess, tempfile
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vidu_kernels import w8a8 as Q
 fn = Q._w8a8_gemm_kernel
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 # Wan 1.3B's qkvo / FFN-up K (1536) in both formats, three of the autotuner's tiles
 for qt, (bm, bn, warps, stages) in [(q, c) for q in ("fp8e4nv", "i8") for c in [(128, 128, 8, 3), (64, 256, 8, 3),
                                                                                     (64, 128, 4, 4)]]:
@@ -365,11 +364,7 @@ for qt, (bm, bn, warps, stages) in [(q, c) for q in ("fp8e4nv", "i8") for c in [
     k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                        options=dict(num_warps=warps, num_stages=stages))
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                          text=True, check=True).stderr
-    os.unlink(f.name)
+    info = ptxas_info(ptx)
     spills = [int(n) for n in re.findall(r"(\\d+) bytes spill", info)]
     regs = re.findall(r"Used (\\d+) registers", info)
     kind = ".s32.s8.s8" if qt == "i8" else ".e4m3.e4m3"
