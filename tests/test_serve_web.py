@@ -14,7 +14,7 @@ import pytest
 from stages.serve.model import ServeModel
 from stages.serve.options import ServeOptions
 from tests.serve_helpers import png, running
-from tests.test_stream_web import _browser_paths, _wait
+from tests.test_stream_web import _wait, chromium_driver
 
 # the video's current picture through a canvas (same origin) as a data URL
 CAPTURE = """const v = document.getElementById('view');
@@ -32,23 +32,7 @@ window.vidu.pc.getStats().then(r => { const out = {};
 def chromium(request, tmp_path):
     """The browser of tests/test_stream_web.py, with host candidates not hidden behind mDNS names
     (aiortc, on the other end, does not resolve them)."""
-    path, driver_path = _browser_paths()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
-    from selenium.webdriver.chrome.service import Service
-    options = webdriver.ChromeOptions()
-    options.binary_location = path
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--autoplay-policy=no-user-gesture-required",
-                 "--disable-features=WebRtcHideLocalIpsWithMdns", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream"):
-        options.add_argument(flag)
-    options.page_load_strategy = "eager"
-    driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    request.addfinalizer(driver.quit)
-    driver.set_page_load_timeout(20)
-    driver.set_script_timeout(10)
-    return driver
+    return chromium_driver(request, tmp_path, "--disable-features=WebRtcHideLocalIpsWithMdns")
 
 
 @pytest.fixture

@@ -80,6 +80,12 @@ def sink(request):
 
 @pytest.fixture
 def browser(request, tmp_path):
+    return chromium_driver(request, tmp_path)
+
+
+def chromium_driver(request, tmp_path, *extra_flags: str):
+    """Headless Chromium through selenium (skips where neither is installed), with `extra_flags`; quit at the
+    test's end."""
     chromium, chromedriver = _browser_paths()
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[test]')")
     from selenium.webdriver.chrome.service import Service
@@ -89,7 +95,7 @@ def browser(request, tmp_path):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                  "--no-first-run", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required"):
+                 "--use-fake-device-for-media-stream", "--autoplay-policy=no-user-gesture-required", *extra_flags):
         options.add_argument(flag)
     # the page is ready when its document is (its scripts run): the live image never finishes loading, and its
     # first frame waits for the model's first chunk, which a busy 2-core CI machine can take longer than the
