@@ -45,6 +45,7 @@ import numpy as np
 from models.hf import VisionLanguageModel, as_label, first_json_object, load, model_dir
 from manifests.schemas import FILTER_COLUMNS
 from stages.sense.media import clip_frames
+from stages.sense.pixels import laplacian, luma
 from stages.run import Stage, base_row, ranged
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1
@@ -57,11 +58,6 @@ OMNI_PROMPT = ("Describe this video clip as one JSON object with exactly these k
                "and how the subject speaks; scene: place; shot: framing and camera movement; tone: mood. "
                "Answer with the JSON object only.")
 NATIVE_FRAMES = 6  # frames decoded at native size for blockiness
-
-
-def luma(frames: np.ndarray) -> np.ndarray:
-    """[N, H, W, 3] uint8 RGB -> [N, H, W] float32 Rec.601 luma in [0, 1]."""
-    return (frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)) / 255.0
 
 
 def active_area(Y: np.ndarray, black: float = 0.08) -> tuple[slice, slice]:
@@ -214,10 +210,6 @@ def load_subject_detector(path: str | None, upsample: int, threshold: float,
 
 # ---------------------------------------------------------------------------------------------
 # frame measures
-
-def laplacian(y: np.ndarray) -> np.ndarray:
-    return 4 * y[1:-1, 1:-1] - y[:-2, 1:-1] - y[2:, 1:-1] - y[1:-1, :-2] - y[1:-1, 2:]
-
 
 def sharpness(Y: np.ndarray) -> float:
     return float(np.median([laplacian(y).var() for y in Y]))

@@ -66,8 +66,7 @@ STATS_STEP = 250  # frames per piece of frame_stats (10 min at 256^2 as float32 
 
 def _piece_stats(piece: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Sharpness of the first n frames of `piece` and the motion of each of its frames after the first."""
-    from stages.eval.metrics.quality import frame_sharpness
-    from stages.filter import luma
+    from stages.sense.pixels import frame_sharpness, luma
     motion = np.abs(np.diff(piece.astype(np.float32), axis=0)).mean((1, 2, 3))
     return frame_sharpness(luma(piece[:n])), motion
 

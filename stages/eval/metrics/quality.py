@@ -1,6 +1,6 @@
 """Video quality proxies (named as what they are; none of them is DOVER), and DOVER itself (last item).
 
-All on Rec.601 luma in [0, 1] (stages.filter.luma) of the scored frames at the analysis size
+All on Rec.601 luma in [0, 1] (stages.sense.pixels.luma) of the scored frames at the analysis size
 (longer side `EvalOptions.max_side`), except blockiness (native size):
 
 - `sharpness`: median over frames of the variance of the 4-neighbour Laplacian (stages.filter.sharpness)
@@ -48,14 +48,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.filter import blockiness, exposure, flicker as luma_flicker, laplacian, luma, sharpness
+from stages.filter import blockiness, exposure, flicker as luma_flicker, sharpness
+from stages.sense.pixels import frame_sharpness, laplacian, luma
 
 IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
-
-
-def frame_sharpness(Y: np.ndarray) -> np.ndarray:
-    """Variance of the Laplacian per frame ([T, H, W] -> [T])."""
-    return np.array([laplacian(y).var() for y in Y])
 
 
 def noise_sigma(y: np.ndarray) -> float:
