@@ -231,6 +231,18 @@ class ChunkInputs:
 
 
 @dataclass
+class ChunkStart:
+    """A chunk's inputs to its forwards, as `StreamEngine.begin_chunk` makes them (batch B)."""
+    x: torch.Tensor                             # [B, C, F, h, w] initial noise
+    xa: torch.Tensor | None                     # [B, F, Na, Ca] joint audio noise
+    ctx_noisy: KV                               # context of the steps before the last (keys rotated)
+    ctx_clean: KV                               # context of the last step and the cache pass
+    frame_pos: torch.Tensor                     # [F] RoPE frame positions of the chunk
+    plain: TextCache | None                     # the text prepared for the cache pass (None: not kept)
+    steps: TextCache | None                     # ... for the steps (under guidance its 2B rows)
+
+
+@dataclass
 class ChunkResult:
     video: torch.Tensor                         # [B, C, F, h, w] clean latent
     audio: torch.Tensor | None                  # [B, F, Na, Ca] clean joint audio latent
@@ -442,6 +454,22 @@ class StreamEngine:
         buffer writes run under no_grad, so the next chunks read the chunk as a constant. With
         `exit_step` before the noisy step (TwinCache), the noisy cache is the chunk's x0 renoised to
         the noisy level, the state the renoise sampler would have fed that step."""
+        c = self.begin_chunk(inputs)
+        st = self.st
+        renoise = self._renoise if st.sampler == "renoise" else None
+        result, noisy_kv = denoise_chunk(self.model, c.x, c.xa, self.sig, inputs, c.ctx_noisy, c.ctx_clean,
+                                         c.frame_pos, st.noisy_step if st.twin else None, renoise, st.guidance,
+                                         st.guide, exit_step, c.steps)
+        with torch.no_grad():
+            self._write_history(result, noisy_kv, inputs, c.ctx_noisy, c.ctx_clean, c.frame_pos, c.plain, c.steps)
+        self.chunks += 1
+        return result
+
+    def begin_chunk(self, inputs: ChunkInputs) -> "ChunkStart":
+        """What the next chunk's forwards read: its initial noise (drawn now), the context (the reference's
+        keys/values built first, at the first chunk), keys rotated once for all its steps, and the text
+        prepared (`_texts`). `advance` runs the chunk from it; stages/stream/batch.py runs several
+        engines' in one forward."""
         if self.ref is None:
             raise RuntimeError("call start(ref_latent) before step()")
         vs, as_ = self.noise_shape()
@@ -456,20 +484,23 @@ class StreamEngine:
         ctx_clean, frame_pos = buf.context("clean")
         ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
         ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
-        renoise = self._renoise if st.sampler == "renoise" else None
         plain, steps = self._texts(inputs.text)
-        result, noisy_kv = denoise_chunk(self.model, x, xa, self.sig, inputs, ctx_noisy, ctx_clean, frame_pos,
-                                         st.noisy_step if st.twin else None, renoise, st.guidance,
-                                         st.guide, exit_step, steps)
-        with torch.no_grad():
-            self._write_history(result, noisy_kv, inputs, ctx_noisy, ctx_clean, frame_pos, plain, steps)
-        self.chunks += 1
-        return result
+        return ChunkStart(x, xa, ctx_noisy, ctx_clean, frame_pos, plain, steps)
+
+    def batch_key(self) -> tuple:
+        """Engines with equal keys can run their next chunks as one batch (stages/stream/batch.py): the same
+        model and settings (steps, schedule, cache layout, guidance), latent size, and context length and
+        chunk positions (equal once the ring is full; before, only at the same chunk count). Keys are
+        rotated per engine, so the positions of the cached chunks within the context may differ."""
+        frames, nxt = self.buffers.frame_positions()
+        context = max(1, frames.numel())              # at the first chunk: the reference, written by begin_chunk
+        return (id(self.model), self.st, self.cfg.height, self.cfg.width, self.batch, self.keep_text,
+                context, tuple(nxt.tolist()))
 
     def _write_history(self, result: ChunkResult, noisy_kv: KV | None, inputs: ChunkInputs, ctx_noisy: KV,
                        ctx_clean: KV, frame_pos: torch.Tensor, plain: TextCache | None = None,
                        steps: TextCache | None = None) -> None:
-        buf, st = self.buffers, self.st
+        st = self.st
         k = st.noisy_step if st.twin else None
         noisy = (None, None) if k is None else (result.states[k], result.audio_states[k]) if noisy_kv is not None else None
         if noisy is None:                             # exited before the noisy step
@@ -478,6 +509,14 @@ class StreamEngine:
                                      0, None, st.guidance, st.guide, text=steps)[1]
         clean_kv = cache_pass(self.model, result.video, result.audio,
                               inputs if plain is None else ChunkInputs(plain, inputs.audio), ctx_clean, frame_pos)
+        self.store_chunk(result, noisy, noisy_kv, clean_kv, inputs)
+
+    def store_chunk(self, result: ChunkResult, noisy: tuple, noisy_kv: KV | None, clean_kv: KV,
+                    inputs: ChunkInputs) -> None:
+        """A finished chunk into the history: its clean keys/values (the sink, or the next ring slot) and
+        the noisy-step ones (TwinCache), and for recache its latents and speech (`noisy`: its noisy-step
+        states, video and audio). The caller counts the chunk (`chunks += 1`)."""
+        buf, st = self.buffers, self.st
         if self.chunks == 0 and st.sink:
             start = buf.write_fixed(clean_kv)
         else:

@@ -311,6 +311,13 @@ class Session:
 
     def next_chunk(self) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """-> frames [T, H, W, 3] uint8, the audio that plays with them (or None), timings."""
+        inputs, pending = self.prepare_chunk()
+        return self.finish_chunk(self.p.engine.step(inputs), pending)
+
+    def prepare_chunk(self) -> tuple[ChunkInputs, tuple]:
+        """The next chunk's inputs (events read, its audio taken, the history recached under a new text),
+        and what `finish_chunk` needs once the engine has generated it (one engine's step, or a batch of
+        several sessions', stages/stream/batch.py)."""
         t0 = time.perf_counter()
         eng, cfg = self.p.engine, self.p.cfg
         n, F = self.samples_for_chunk(), eng.st.chunk_frames
@@ -327,7 +334,11 @@ class Session:
         if eng.st.recache and self.chunks and self.instruction != self.cached_under:
             eng.recache(text)                                   # the history re-read under the new text
         self.cached_under = self.instruction
-        result = eng.step(ChunkInputs(text, feats))
+        return ChunkInputs(text, feats), (t0, samples, real)
+
+    def finish_chunk(self, result, pending: tuple) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """The generated chunk (a ChunkResult of this session's rows) decoded: `next_chunk`'s return."""
+        t0, samples, real = pending
         t1 = time.perf_counter()
         with torch.no_grad():
             frames = self.stream_decoder.push(result.video.permute(0, 2, 1, 3, 4).float())   # [1, T, 3, H, W]
