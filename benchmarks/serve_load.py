@@ -5,10 +5,14 @@ it stops by itself after N x stagger + seconds (+ the server's start), and kills
     python benchmarks/serve_load.py --preset tiny --device cpu --clients 6 --speed 1     # CPU, CI figures
     python benchmarks/serve_load.py --clients 16 --max-sessions 16                        # GPU, the starter
     python benchmarks/serve_load.py --ckpt student.safetensors --clients 12 --seconds 60
+    python benchmarks/serve_load.py --clients 24 --max-sessions 24 --max-batch 8 --compare   # batching off vs on
 
 Reports: sessions admitted vs refused (503 and why), the profiles admitted (full / fewer steps / half
-resolution), the server's chunk latency p50 / p99 (its last 4096 chunks, /capacity), late chunks,
-frames dropped (server side), and per viewer the frames received and their rate once the first arrived.
+resolution), the sessions that kept the target frame rate (default: --speed x the model's fps), the
+mean batch (chunks per forward), the server's chunk latency p50 / p99 (its last 4096 chunks, /capacity),
+late chunks, frames dropped (server side), and per viewer the frames received and their rate once the
+first arrived. `--compare` runs the same load twice, with --max-batch 1 (every chunk its own forward)
+and with --max-batch N, and reports both: sessions per GPU without and with batching.
 Writes JSON to $OUT/serve_load.json (or ./serve_load.json) and prints a table last.
 """
 from __future__ import annotations
@@ -40,7 +44,8 @@ def _png(seed: int) -> bytes:
 
 def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
     cmd = [sys.executable, "-m", "vidu_cli", "serve", "--port", "0", "--device", args.device, "--speed", str(args.speed),
-           "--max-sessions", str(args.max_sessions), "--calib-chunks", str(args.calib_chunks)]
+           "--max-sessions", str(args.max_sessions), "--calib-chunks", str(args.calib_chunks),
+           "--max-batch", str(args.max_batch)]
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--preset", args.preset] if args.preset else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -72,7 +77,8 @@ async def viewer(i: int, url: str, args, http, start: float) -> dict:
     if r.status != 201:
         out.update(refused=body.get("reason"), error=body.get("error"))
         return out
-    out.update(id=body["id"], profile=body["profile"]["name"], size=f'{body["width"]}x{body["height"]}')
+    out.update(id=body["id"], profile=body["profile"]["name"], size=f'{body["width"]}x{body["height"]}',
+               model_fps=body["fps"])
     pc = RTCPeerConnection()
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
@@ -123,21 +129,8 @@ async def load(url: str, args) -> dict:
     return {"clients": clients, "capacity_under_load": cap, "capacity_final": final}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ckpt")
-    ap.add_argument("--preset")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--clients", type=int, default=6)
-    ap.add_argument("--seconds", type=float, default=20.0, help="each viewer's stay")
-    ap.add_argument("--stagger", type=float, default=1.0, help="s between arrivals")
-    ap.add_argument("--speed", type=float, default=1.0)
-    ap.add_argument("--max-sessions", type=int, default=8)
-    ap.add_argument("--calib-chunks", type=int, default=4)
-    ap.add_argument("--start-timeout", type=float, default=600.0)
-    args = ap.parse_args()
-    if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 600:
-        raise SystemExit("--clients 1..64 and --seconds 1..600 (the test is bounded)")
+def run_once(args) -> dict:
+    """One load test against a server of its own (args.max_batch): the raw results and their summary."""
     proc, url, said = start_server(args)
     try:
         t = time.monotonic()
@@ -149,26 +142,74 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-    res["args"] = vars(args)
+    res["max_batch"] = args.max_batch
     res["calibration"] = [ln.strip() for ln in said if re.match(r"\s+\S+: \d+ ms per", ln)]
-    import torch
-    res["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
-    out = Path(os.environ.get("OUT", ".")) / "serve_load.json"
-    out.write_text(json.dumps(res, indent=1))
-    cl, cap = res["clients"], res["capacity_under_load"]
+    res["summary"] = summarize(res, args)
+    return res
+
+
+def summarize(res: dict, args) -> dict:
+    cl, cap, counts = res["clients"], res["capacity_under_load"], res["capacity_final"]["counts"]
     admitted = [c for c in cl if c["status"] == 201]
-    print(f"\n{len(admitted)} admitted, {len(cl) - len(admitted)} refused "
-          f"({', '.join(sorted({str(c.get('refused')) for c in cl if c['status'] != 201})) or '-'}); "
-          f"chunk p50 {cap['chunks']['p50_ms']} ms, p99 {cap['chunks']['p99_ms']} ms over {cap['chunks']['n']} chunks; "
-          f"late chunks {res['capacity_final']['counts']['chunks_late']} of {res['capacity_final']['counts']['chunks']}, "
-          f"frames dropped {res['capacity_final']['counts']['frames_dropped']} (+ "
-          f"{res['capacity_final']['counts']['frames_unsent']} generated ahead, unsent at close); {res['wall_s']} s")
-    print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c in cl:
-        print(f"| {c['client']} | {c['status']}{' ' + c['refused'] if c.get('refused') else ''} | {c.get('profile', '-')} | "
-              f"{c.get('size', '-')} | {c.get('frames', '-')} | {c.get('fps', '-')} | {c.get('first_frame_s', '-')} | "
-              f"{c.get('stalled_s', '-')} |")
+    target = args.target_fps or (args.speed * admitted[0]["model_fps"] if admitted else 0.0)
+    return {"max_batch": res["max_batch"], "admitted": len(admitted), "refused": len(cl) - len(admitted),
+            "refused_why": sorted({str(c.get("refused")) for c in cl if c["status"] != 201}),
+            "target_fps": round(target, 2), "kept_target": sum(c.get("fps", 0.0) >= 0.95 * target for c in admitted),
+            "mean_batch": round(counts["chunks"] / counts["batches"], 2) if counts["batches"] else None,
+            "chunk_p50_ms": cap["chunks"]["p50_ms"], "chunk_p99_ms": cap["chunks"]["p99_ms"],
+            "chunks": counts["chunks"], "chunks_late": counts["chunks_late"], "frames_dropped": counts["frames_dropped"],
+            "frames_unsent": counts["frames_unsent"], "wall_s": res["wall_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt")
+    ap.add_argument("--preset")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--clients", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=20.0, help="each viewer's stay")
+    ap.add_argument("--stagger", type=float, default=1.0, help="s between arrivals")
+    ap.add_argument("--speed", type=float, default=1.0)
+    ap.add_argument("--max-sessions", type=int, default=8)
+    ap.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch (1: no batching)")
+    ap.add_argument("--compare", action="store_true", help="run twice: --max-batch 1, then --max-batch N")
+    ap.add_argument("--target-fps", type=float, default=None,
+                    help="a viewer keeps up at >= 0.95 x this (default: --speed x the model's fps)")
+    ap.add_argument("--calib-chunks", type=int, default=4)
+    ap.add_argument("--start-timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 600:
+        raise SystemExit("--clients 1..64 and --seconds 1..600 (the test is bounded)")
+    if args.compare and args.max_batch < 2:
+        raise SystemExit("--compare runs --max-batch 1 against --max-batch N: give N >= 2")
+    runs = []
+    for max_batch in ([1, args.max_batch] if args.compare else [args.max_batch]):
+        args.max_batch = max_batch
+        runs.append(run_once(args))
+    import torch
+    out = Path(os.environ.get("OUT", ".")) / "serve_load.json"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+    out.write_text(json.dumps({"args": vars(args), "device": device, "runs": runs}, indent=1))
+    for res in runs:
+        sm = res["summary"]
+        print(f"\n--max-batch {sm['max_batch']}: {sm['admitted']} admitted, {sm['refused']} refused "
+              f"({', '.join(sm['refused_why']) or '-'}); {sm['kept_target']} kept >= 0.95 x {sm['target_fps']} fps; "
+              f"mean batch {sm['mean_batch']}; chunk p50 {sm['chunk_p50_ms']} ms, p99 {sm['chunk_p99_ms']} ms; late "
+              f"chunks {sm['chunks_late']} of {sm['chunks']}, frames dropped {sm['frames_dropped']} (+ "
+              f"{sm['frames_unsent']} generated ahead, unsent at close); {sm['wall_s']} s")
+        print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
+        print("|---|---|---|---|---|---|---|---|")
+        for c in res["clients"]:
+            print(f"| {c['client']} | {c['status']}{' ' + c['refused'] if c.get('refused') else ''} | "
+                  f"{c.get('profile', '-')} | {c.get('size', '-')} | {c.get('frames', '-')} | {c.get('fps', '-')} | "
+                  f"{c.get('first_frame_s', '-')} | {c.get('stalled_s', '-')} |")
+    if len(runs) > 1:
+        print(f"\n| {device} | max batch | admitted | kept target fps | mean batch | chunk p50 ms | chunk p99 ms | late chunks |")
+        print("|---|---|---|---|---|---|---|---|")
+        for res in runs:
+            sm = res["summary"]
+            print(f"| | {sm['max_batch']} | {sm['admitted']} of {args.clients} | {sm['kept_target']} | {sm['mean_batch']} | "
+                  f"{sm['chunk_p50_ms']} | {sm['chunk_p99_ms']} | {sm['chunks_late']} of {sm['chunks']} |")
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -2,7 +2,7 @@
 
     options.py    ServeOptions: every limit and default; the bind / token check
     model.py      ServeModel: one loaded model per worker device, its profiles and their measured chunk times
-    scheduler.py  Worker threads (earliest deadline first, sequential: no batching) and admission control
+    scheduler.py  Worker threads (earliest deadline first, due sessions' chunks batched into one forward) and admission
     sessions.py   ServeSession: a character's session, history, viewer and data channel
     media.py      Timeline and the WebRTC video / audio tracks that play it in sync
     metrics.py    Prometheus text and JSON logs
@@ -16,6 +16,6 @@
     app = create_app(ServeOptions(max_sessions=4), [model])       # aiohttp.web.Application
 
 Run it: `vidu serve` (vidu_cli/serve.py), then open http://127.0.0.1:8000/. Load test:
-benchmarks/serve_load.py. Sessions' chunks run one after another on their worker: they are not batched
-into one forward (scheduler.py says why).
+benchmarks/serve_load.py (--max-batch 1 vs N: sessions per GPU without and with batching). A worker runs the
+chunks of its due sessions that share steps, size and window position in one forward (stages/stream/batch.py).
 """

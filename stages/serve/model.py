@@ -32,7 +32,8 @@ class Profile:
     height: int
     width: int
     video_s: float = 0.0   # seconds of video in a steady chunk
-    chunk_s: float = 0.0   # measured seconds to generate and decode a steady chunk
+    chunk_s: float = 0.0   # measured worker seconds per steady chunk of one session (calibrated alone; then the
+                           # running sessions' shares of their batches)
 
     @property
     def load(self) -> float:

@@ -23,6 +23,7 @@ class ServeOptions:
     speed: float = ranged(1.0, gt=0, max=100)  # the fraction of real time every admitted session must keep (1: real time)
     headroom: float = 0.9                # share of a worker's time the admitted sessions' measured chunks may use
     calib_chunks: int = ranged(4, min=1, max=100)   # steady chunks per profile timed at start (after as many warm-up)
+    max_batch: int = ranged(8, min=1, max=256)   # sessions' chunks in one forward (1: each chunk its own forward)
     ahead_chunks: int = 3                # chunks a session may generate ahead of its viewer (its output queue)
     max_upload_bytes: int = 8 << 20      # POST /sessions body
     max_image_side: int = 4096           # px, either side of the reference image
@@ -41,6 +42,8 @@ class ServeOptions:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ServeError(f"the port must be 0-65535, not {self.port}")
+        if not 1 <= self.max_batch <= 256:
+            raise ServeError(f"--max-batch must be 1-256, not {self.max_batch}")
         if self.max_sessions < 1:
             raise ServeError(f"--max-sessions must be >= 1, not {self.max_sessions}")
         if not 0 < self.speed <= 100:

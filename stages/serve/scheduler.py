@@ -1,21 +1,29 @@
 """Workers and admission control.
 
 One Worker thread per device (on a CPU: one) owns that device's ServeModel and runs its sessions'
-chunks one at a time, earliest deadline first: a session's deadline is the time its viewer will have
-played every frame generated so far (Timeline.deadline). A session is ready when a viewer is
-connected and it is fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds
-its place (its capacity stays reserved through the reconnect grace) but generates nothing.
+chunks, earliest deadline first: a session's deadline is the time its viewer will have played every
+frame generated so far (Timeline.deadline). A session is ready when a viewer is connected and it is
+fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds its place (its capacity
+stays reserved through the reconnect grace) but generates nothing.
 
-Chunks of several sessions are NOT batched into one forward: each chunk is its own forward, one after
-another. (Batching needs the engine to step B streams with B different caches, texts and positions in
-one call; StreamEngine steps one.) Admission is therefore the sum of measured times:
+Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
+ready sessions that can share it (the same profile's steps and settings, size and context length:
+StreamEngine.batch_key; a session still filling its window batches only with others at its chunk),
+taken by deadline, up to `max_batch` (1: no batching), while the batch's measured time at that size
+(Worker.batch_s) still ends by the first session's deadline, or that deadline is missed even alone
+(then throughput first). stages/stream/batch.py runs the batch; each session keeps its own caches,
+reference, texts, audio and noise. Sessions at another step count (degraded) run in their own batches.
+
+Admission is the sum of measured times:
 
     load(worker) = speed * sum over its sessions of  chunk_s / video_s
 
-where chunk_s is the session's own measured chunk time once it has generated two chunks (before: its
-profile's measured time, ServeModel.calibrate) and video_s the seconds of video a chunk plays. A new
-session is admitted on the least-loaded worker at the first profile (full, fewer steps, half
-resolution) with which the load stays <= headroom; with none, it is refused (HTTP 503, the reason).
+where chunk_s is the session's own measured share of worker time per chunk (a batch's time over its
+size) once it has generated two chunks (before: its profile's, ServeModel.calibrate, then the running
+sessions' shares) and video_s the seconds of video a chunk plays: batching lowers the measured shares,
+and so admits more sessions, only as far as it is measured to. A new session is admitted on the
+least-loaded worker at the first profile (full, fewer steps, half resolution) with which the load stays
+<= headroom; with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
 the worker moves the heaviest one to fewer steps at its resolution between two of its chunks
 (Worker._rebalance); a lower resolution needs a new session (its caches have the old size).
@@ -26,8 +34,9 @@ import threading
 import time
 
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import MEASURED_AFTER, Profile, ServeModel
+from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel
 from stages.serve.options import ServeOptions
+from stages.stream.batch import next_chunks
 
 
 class Refused(Exception):
@@ -45,6 +54,7 @@ class Worker(threading.Thread):
         self.sessions: list = []                 # ServeSession, admitted here
         self.cond = threading.Condition()
         self.stopping = False
+        self.batch_s: dict[tuple[str, int], float] = {}   # (profile, batch size) -> measured seconds (EMA)
 
     def load(self, extra: Profile | None = None) -> float:
         with self.cond:
@@ -72,33 +82,61 @@ class Worker(threading.Thread):
         if self.is_alive():
             self.join(timeout=30)
 
-    def _pick(self):
+    def _pick(self) -> list:
+        """The sessions whose chunks run next, in one forward (the module's docstring says which)."""
         with self.cond:
-            ready = [s for s in self.sessions if s.ready()]
-        return min(ready, key=lambda s: s.timeline.deadline(), default=None)
+            ready = sorted((s for s in self.sessions if s.ready()), key=lambda s: s.timeline.deadline())
+        if not ready:
+            return []
+        first, batch = ready[0], ready[:1]
+        if self.opts.max_batch == 1:
+            return batch
+        key, due, now = first.batch_key(), first.timeline.deadline(), time.monotonic()
+        for s in ready[1:]:
+            if len(batch) >= self.opts.max_batch or not self._fits(first.profile, len(batch) + 1, due, now):
+                break
+            if s.batch_key() == key:
+                batch.append(s)
+        return batch
+
+    def _fits(self, profile: Profile, size: int, due: float, now: float) -> bool:
+        """Whether a batch of `size` at `profile` ends by `due`: by its measured time (none yet: yes,
+        and it is measured), or `due` is missed even alone."""
+        est = self.batch_s.get((profile.name, size))
+        if est is None or now + est <= due:
+            return True
+        return now + self.batch_s.get((profile.name, 1), profile.chunk_s) > due
 
     def run(self) -> None:
         while True:
             with self.cond:
                 if self.stopping:
                     return
-            s = self._pick()
-            if s is None:
+            batch = self._pick()
+            if not batch:
                 with self.cond:
                     self.cond.wait(0.01)
                 continue
-            deadline = s.timeline.deadline()
+            deadlines = [s.timeline.deadline() for s in batch]
+            profile = batch[0].profile
             t = time.perf_counter()
-            try:
-                rgb, audio, timing = s.session.next_chunk()
-            except Exception as e:              # a session's failure closes it, never the worker
-                log("session_failed", session=s.id, error=f"{type(e).__name__}: {e}")
-                s.fail(f"{type(e).__name__}: {e}")
-                continue
+            outcomes = next_chunks([s.session for s in batch])
             dt = time.perf_counter() - t
-            late = s.timeline.offset is not None and time.monotonic() > deadline
-            s.chunk_done(rgb, audio, timing, dt, late)
-            self.metrics.chunk(dt, late)
+            if all(s.session.chunks > 1 for s in batch):     # a first chunk (one frame, warm-up) is not typical
+                key = (profile.name, len(batch))
+                with self.cond:
+                    self.batch_s[key] = dt if key not in self.batch_s else (1 - EMA) * self.batch_s[key] + EMA * dt
+            self.metrics.batch(len(batch))
+            done = time.monotonic()
+            for s, deadline, out in zip(batch, deadlines, outcomes):
+                if isinstance(out, BaseException):           # a session's failure closes it, never the worker
+                    log("session_failed", session=s.id, error=f"{type(out).__name__}: {out}")
+                    s.fail(f"{type(out).__name__}: {out}")
+                    continue
+                rgb, audio, timing = out
+                late = s.timeline.offset is not None and done > deadline
+                s.chunk_done(rgb, audio, timing, dt / len(batch), late)
+                self.metrics.chunk(dt, late)
             self._rebalance()
 
     def _rebalance(self) -> None:
@@ -158,6 +196,11 @@ class Scheduler:
         return best
 
     def describe(self) -> list[dict]:
-        return [{"worker": w.index, "device": w.model.device, "sessions": len(w.sessions), "load": w.load(),
-                 "budget": self.opts.headroom, "profiles": [p.describe() for p in w.model.profiles]}
-                for w in self.workers]
+        out = []
+        for w in self.workers:
+            with w.cond:
+                batch_s = sorted(w.batch_s.items())
+            out.append({"worker": w.index, "device": w.model.device, "sessions": len(w.sessions), "load": w.load(),
+                        "budget": self.opts.headroom, "profiles": [p.describe() for p in w.model.profiles],
+                        "batch_ms": {f"{name}x{size}": round(1000 * t, 2) for (name, size), t in batch_s}})
+        return out

@@ -65,7 +65,7 @@ class ServeSession:
         self.pc = None
         self.channel = None
         self.messages = TokenBucket(opts.messages_per_s, opts.message_burst)
-        self.chunk_s = profile.chunk_s                  # this session's measured chunk time (EMA)
+        self.chunk_s = profile.chunk_s                  # this session's measured share of worker time per chunk (EMA)
         self.chunks_measured = 0
         self.audio_in = 0                               # push-to-talk samples received
         self.audio_used = 0                             # ... and consumed by the engine
@@ -79,11 +79,19 @@ class ServeSession:
         return chunk_s / self.profile.video_s
 
     def ready(self) -> bool:
+        """Watched and fewer than `ahead_chunks` chunks ahead of its viewer, counting the frames generated and
+        not yet on the timeline (the event loop takes them over after the chunk: counted from the timeline
+        alone, the worker would generate one chunk too many)."""
         per_chunk = self.profile.video_s * self.fps
-        return (self.closed is None and self.viewer_left is None
-                and self.timeline.buffered() < self.opts.ahead_chunks * per_chunk)
+        ahead = self.session.frames - self.timeline.next_frame
+        return self.closed is None and self.viewer_left is None and ahead < self.opts.ahead_chunks * per_chunk
+
+    def batch_key(self) -> tuple:
+        """Sessions with equal keys can share a batched forward (StreamEngine.batch_key)."""
+        return self.session.p.engine.batch_key()
 
     def chunk_done(self, rgb: np.ndarray, audio, timing: dict, dt: float, late: bool) -> None:
+        """A chunk generated; `dt`: this session's share of the worker's time for it (a batch's time over its size)."""
         if self.session.chunks > 1:                     # the first chunk (one frame, warm-up) is not typical
             self.chunk_s = dt if self.chunks_measured == 0 else (1 - EMA) * self.chunk_s + EMA * dt
             self.chunks_measured += 1

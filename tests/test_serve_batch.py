@@ -1,0 +1,130 @@
+"""`vidu serve`'s worker batching its sessions' chunks (stages/serve/scheduler.py over
+stages/stream/batch.py), on the tiny preset on CPU with real sessions (their own reference images,
+instructions, speech and seeds) and the worker thread, without WebRTC: sessions marked as watched
+generate until `ahead_chunks` are buffered. The oracle: each session's frames equal those of the same
+session stepped alone; the batch sizes are in the metrics; max_batch 1 runs every chunk alone, and a
+session at another step count never shares a forward."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from stages.serve.metrics import Metrics
+from stages.serve.model import ServeModel, live_options
+from stages.serve.options import ServeError, ServeOptions
+from stages.serve.scheduler import Worker
+from stages.serve.sessions import ServeSession
+from stages.stream.events import AudioChunk, EventQueue
+from stages.stream.session import Session
+from tests.conftest import cli
+from tests.serve_helpers import parse_prometheus, value
+
+AHEAD = 4              # chunks buffered per session: 1 + 4 x 4 frames (the tiny preset's first chunk is one frame)
+INSTRUCTIONS = ("wave hello", "nod slowly", "look left")
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = ServeModel(None, "tiny")
+    m.calibrate(1)
+    return m
+
+
+def sessions(model, n: int, profiles=None) -> list[tuple[Session, object]]:
+    """n sessions, each with its reference, instruction, 0.5 s of speech and seed; (Session, profile)."""
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        p = (profiles or [model.profiles[0]] * n)[i]
+        rgb = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        events = EventQueue()
+        events.put(AudioChunk((0.3 * rng.standard_normal(8000)).astype(np.float32)))
+        out.append((Session(model.parts(rgb, p, seed=7 + i), events, live_options(INSTRUCTIONS[i])), p))
+    return out
+
+
+def served(model, opts: ServeOptions, made) -> tuple[list[np.ndarray], Metrics]:
+    """The sessions run by a Worker until each has AHEAD chunks buffered: their frames, and the metrics."""
+    async def main():
+        loop, metrics = asyncio.get_running_loop(), Metrics()
+        worker = Worker(0, model, opts, metrics)
+        ss = []
+        for s, p in made:
+            ss.append(ServeSession(s, p, worker, opts, metrics, loop, "en-us"))
+            ss[-1].viewer_left = None                    # watched: ready while fewer than AHEAD chunks ahead
+            worker.add(ss[-1])
+        worker.start()
+        try:
+            t = time.monotonic()
+            while any(s.timeline.end < 1 + 4 * AHEAD for s in ss) and time.monotonic() - t < 120:
+                await asyncio.sleep(0.02)
+        finally:
+            worker.stop()
+        await asyncio.sleep(0.05)                        # the last chunks' hand-over to the timelines
+        assert all(s.error is None for s in ss), [s.error for s in ss]
+        return [np.stack(list(s.timeline.frames)) for s in ss], metrics
+    return asyncio.run(main())
+
+
+def alone(made) -> list[np.ndarray]:
+    return [np.concatenate([s.next_chunk()[0] for _ in range(AHEAD + 1)]) for s, _ in made]
+
+
+def caches(s: Session) -> torch.Tensor:
+    """A session's engine state that the next chunks read (its keys/values; the random-weight tiny model's
+    frames are nearly flat, its caches are not)."""
+    st = s.p.engine.state()
+    return torch.cat([t.flatten() for k, t in sorted(st.items()) if k.startswith(("k.", "v."))])
+
+
+def same_streams(made_served, got, made_alone, want) -> None:
+    for (a, _), (b, _), g, w in zip(made_served, made_alone, got, want):
+        assert g.shape == w.shape == (1 + 4 * AHEAD, 64, 64, 3)
+        assert np.abs(g.astype(int) - w.astype(int)).max() <= 1            # float32 order: a rare last bit
+        assert a.chunks == b.chunks == AHEAD + 1
+        assert float((caches(a) - caches(b)).abs().max()) <= 1e-4
+    c = [caches(a) for a, _ in made_served]
+    assert min(float((c[i] - c[j]).abs().max()) for i in range(len(c)) for j in range(i)) > 1e-2   # and they differ
+
+
+def sizes(metrics: Metrics) -> dict[int, int]:
+    """Batches by the histogram's buckets (le 1, 2, 4, 8, ...: the sizes 1, 2, 3-4, 5-8, ...)."""
+    h = metrics.batch_size
+    return dict(zip(h.buckets, np.diff([0, *h.counts]).tolist()))
+
+
+def test_a_worker_batches_its_sessions_and_each_gets_its_own_frames(model):
+    made, solo = sessions(model, 3), sessions(model, 3)
+    got, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01), made)
+    same_streams(made, got, solo, alone(solo))
+    by_size = sizes(metrics)
+    assert by_size[4] == AHEAD + 1 and by_size[1] == 0                      # all three in every forward (bucket 3-4)
+    assert metrics.counters["batches"] == AHEAD + 1 and metrics.counters["chunks"] == 3 * (AHEAD + 1)
+    fams = parse_prometheus(metrics.text([], [], []))
+    assert value(fams, "vidu_serve_batch_size_count") == AHEAD + 1 and value(fams, "vidu_serve_batch_size_sum") == 3 * (AHEAD + 1)
+
+
+def test_without_batching_every_chunk_is_its_own_forward(model):
+    _, metrics = served(model, ServeOptions(max_batch=1, ahead_chunks=AHEAD, speed=0.01), sessions(model, 3))
+    assert sizes(metrics)[1] == metrics.counters["batches"] == metrics.counters["chunks"] == 3 * (AHEAD + 1)
+
+
+def test_a_session_at_another_step_count_runs_apart(model):
+    full, fewer = model.profiles[0], model.fewer_steps(model.profiles[0])
+    assert fewer is not None and fewer.settings.steps < full.settings.steps
+    made, solo = sessions(model, 3, [full, fewer, full]), sessions(model, 3, [full, fewer, full])
+    got, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01), made)
+    same_streams(made, got, solo, alone(solo))
+    by_size = sizes(metrics)
+    assert by_size[2] == AHEAD + 1 and by_size[1] == AHEAD + 1 and by_size[4] == 0
+
+
+def test_max_batch_is_checked():
+    with pytest.raises(ServeError, match="max-batch"):
+        ServeOptions(max_batch=0)
+    res = cli("serve", "--max-batch", "0", "--preset", "tiny", "--device", "cpu", check=False)
+    assert res.returncode == 2 and "max-batch" in res.stderr and "Traceback" not in res.stderr
