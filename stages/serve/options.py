@@ -24,7 +24,7 @@ class ServeOptions:
     headroom: float = 0.9                # share of a worker's time the admitted sessions' measured chunks may use
     calib_chunks: int = ranged(4, min=1, max=100)   # steady chunks per profile timed at start (after as many warm-up)
     max_batch: int = ranged(8, min=1, max=256)   # sessions' chunks in one forward (1: each chunk its own forward)
-    ahead_chunks: int = 3                # chunks a session may generate ahead of its viewer (its output queue)
+    ahead_chunks: int = 3                # chunks a session may generate ahead of its viewer (its output queue; one more riding along in a batch)
     max_upload_bytes: int = 8 << 20      # POST /sessions body
     max_image_side: int = 4096           # px, either side of the reference image
     max_image_pixels: int = 16_000_000

@@ -7,12 +7,16 @@ fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds i
 stays reserved through the reconnect grace) but generates nothing.
 
 Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
-ready sessions that can share it (the same profile's steps and settings, size and context length:
+watched sessions that can share it (the same profile's steps and settings, size and context length:
 StreamEngine.batch_key; a session still filling its window batches only with others at its chunk),
 taken by deadline, up to `max_batch` (1: no batching), while the batch's measured time at that size
 (Worker.batch_s) still ends by the first session's deadline, or that deadline is missed even alone
-(then throughput first). stages/stream/batch.py runs the batch; each session keeps its own caches,
-reference, texts, audio and noise. Sessions at another step count (degraded) run in their own batches.
+(then throughput first). A session rides along while fewer than ahead_chunks + 1 chunks ahead: one
+chunk beyond its own readiness. Without that, sessions whose viewers started at different times become
+ready one at a time and never share a forward; with it, a session that rode along is ready again
+together with the one it joined, so the sessions fall into step. stages/stream/batch.py runs the batch;
+each session keeps its own caches, reference, texts, audio and noise. Sessions at another step count
+(degraded) run in their own batches.
 
 Admission is the sum of measured times:
 
@@ -85,14 +89,18 @@ class Worker(threading.Thread):
     def _pick(self) -> list:
         """The sessions whose chunks run next, in one forward (the module's docstring says which)."""
         with self.cond:
-            ready = sorted((s for s in self.sessions if s.ready()), key=lambda s: s.timeline.deadline())
-        if not ready:
+            ready = [s for s in self.sessions if s.ready(1)]       # those that may ride along
+        ready.sort(key=lambda s: s.timeline.deadline())
+        first = next((s for s in ready if s.ready()), None)
+        if first is None:
             return []
-        first, batch = ready[0], ready[:1]
+        batch = [first]
         if self.opts.max_batch == 1:
             return batch
         key, due, now = first.batch_key(), first.timeline.deadline(), time.monotonic()
-        for s in ready[1:]:
+        for s in ready:
+            if s is first:
+                continue
             if len(batch) >= self.opts.max_batch or not self._fits(first.profile, len(batch) + 1, due, now):
                 break
             if s.batch_key() == key:

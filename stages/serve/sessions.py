@@ -10,7 +10,7 @@ Data channel messages (text is JSON, binary is speech):
   binary: s16le 16 kHz mono PCM                      -> AudioChunk (push-to-talk); nothing replied
   anything else                                      -> {"type": "error", "error": "...", "id"}
 
-Memory is bounded: the output is at most `ahead_chunks` chunks ahead of the viewer, push-to-talk
+Memory is bounded: the output is at most `ahead_chunks` (+ 1 in a batch) chunks ahead of the viewer, push-to-talk
 speech at most `max_audio_buffer_s` ahead of the engine, the history at most `history` entries; the
 engine's caches are allocated once (stages/stream/engine.py).
 """
@@ -78,13 +78,15 @@ class ServeSession:
         chunk_s = self.chunk_s if self.chunks_measured >= MEASURED_AFTER else self.profile.chunk_s
         return chunk_s / self.profile.video_s
 
-    def ready(self) -> bool:
-        """Watched and fewer than `ahead_chunks` chunks ahead of its viewer, counting the frames generated and
-        not yet on the timeline (the event loop takes them over after the chunk: counted from the timeline
-        alone, the worker would generate one chunk too many)."""
+    def ready(self, extra: int = 0) -> bool:
+        """Watched and fewer than `ahead_chunks` (+ `extra`) chunks ahead of its viewer, counting the frames
+        generated and not yet on the timeline (the event loop takes them over after the chunk: counted from
+        the timeline alone, the worker would generate one chunk too many). `extra` 1: it may ride along in
+        another session's batch (Worker._pick)."""
         per_chunk = self.profile.video_s * self.fps
         ahead = self.session.frames - self.timeline.next_frame
-        return self.closed is None and self.viewer_left is None and ahead < self.opts.ahead_chunks * per_chunk
+        return (self.closed is None and self.viewer_left is None
+                and ahead < (self.opts.ahead_chunks + extra) * per_chunk)
 
     def batch_key(self) -> tuple:
         """Sessions with equal keys can share a batched forward (StreamEngine.batch_key)."""
