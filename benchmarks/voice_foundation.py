@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from stages.sense import content as C
 from stages.synth import speech as S
@@ -87,15 +88,88 @@ def real_speech(media: Path) -> list[tuple]:
     return rows
 
 
+def streamed(lat: torch.Tensor, chunk: int, vocoder) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The joint audio latent [F, tokens, C] streamed `chunk` latent frames at a time: (per-chunk
+    Griffin-Lim as `--audio-out generated` plays it today, the streaming vocoder, chunk edges in samples)."""
+    from models.audio import LOGMEL_CENTER, LOGMEL_SCALE, chunk_waveform
+    from models.config import AudioConfig
+    from models.vocoder import VocoderStream
+
+    cfg = AudioConfig()
+    gl, voc, edges, n = [], [], [], 0
+    stream = VocoderStream(vocoder)
+    lead = cfg.mel_per_latent - cfg.mel_per_video_frame
+    for i in range(0, lat.shape[0], chunk):
+        piece = lat[i:i + chunk]
+        gl.append(chunk_waveform(piece, i == 0, cfg).numpy())
+        log_mel = piece.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
+        voc.append(stream.push(log_mel[lead:] if i == 0 else log_mel).numpy())
+        n += len(gl[-1])
+        edges.append(n)
+    voc.append(stream.flush().numpy())
+    return np.concatenate(gl), np.concatenate(voc), edges[:-1]
+
+
+def vocoder_section(vocoder_path: str | None, n: int) -> None:
+    """Held-out TTS (eval voices and texts; the character voices on eval texts): log-mel distance of
+    the resynthesis, allphone agreement with the espeak truth (the front end as a listener), and the
+    flux ratio at chunk edges (3 latent frames = 0.48 s per chunk), the original audio at the same
+    edges as the reference."""
+    from models.audio import audio_latent, latent_frames_for, to_waveform
+    from models.vocoder import load
+    from stages.eval.metrics.audio import edge_flux_ratio, logmel_l1
+
+    v = load(vocoder_path)
+    rng = np.random.default_rng(11)
+    groups = {"eval voices": [x for x in S.voices("eval")], "character voices": [V.VOICES[k][0] for k in sorted(V.VOICES)]}
+    texts = S.texts("eval")
+    print("| voices | audio | log-mel L1 | allphone agreement (phone / viseme / speech) | edge flux ratio |")
+    print("|---|---|---|---|---|")
+    for name, pool in groups.items():
+        rows = {k: [] for k in ("original", "Griffin-Lim, whole clip (32 it)", "Griffin-Lim per chunk (16 it, today)",
+                                "vocoder, whole clip", "vocoder, streamed")}
+        for i in range(n):
+            u = S.tts(texts[i % len(texts)], pool[rng.integers(len(pool))], int(rng.integers(120, 231)),
+                      int(rng.integers(20, 81)), int(rng.integers(20, 91)))
+            audio = (u.audio * 0.1 / (np.sqrt(np.mean(u.audio ** 2)) + 1e-9)).astype(np.float32)   # -20 dBFS RMS
+            wave = torch.as_tensor(audio)
+            F = latent_frames_for(len(audio))
+            lat = audio_latent(wave, F, 4)
+            gl_chunks, voc_stream, edges = streamed(lat, 3, v)
+            N = min(len(audio), len(gl_chunks), len(voc_stream))
+            log_mel = V.log_mel(audio)
+            T = C.steps_for(N)
+            truth = C.phone_steps(C.from_espeak(u.phonemes), T)
+            waves = {"original": audio, "Griffin-Lim, whole clip (32 it)": to_waveform(lat).numpy(),
+                     "Griffin-Lim per chunk (16 it, today)": gl_chunks, "vocoder, whole clip": v.synthesize(torch.as_tensor(log_mel)).numpy(),
+                     "vocoder, streamed": voc_stream}
+            for k, w in waves.items():
+                w = w[:N]
+                rows[k].append((logmel_l1(w, log_mel), *agreement(truth, C.phone_steps(C.recognise(w, "allphone"), T)),
+                                edge_flux_ratio(w, [e for e in edges if e < N - 512])))
+        for k, r in rows.items():
+            m = np.mean(r, 0)
+            print(f"| {name} | {k} | {m[0]:.3f} | {m[1]:.3f} / {m[2]:.3f} / {m[3]:.3f} | {m[4]:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--texts", type=int, default=120)
     p.add_argument("--agree", type=int, default=48)
     p.add_argument("--media", default="../shared/media")
     p.add_argument("--vocoder", default=None, help="vocoder weights for the chunk-edge section (default: shipped)")
+    p.add_argument("--vocoded", type=int, default=24, help="utterances per voice group in the vocoder section")
+    p.add_argument("--only-vocoder", action="store_true")
     args = p.parse_args()
     print(f"## voice foundation (issue 19), {platform.node()} ({platform.processor() or 'cpu'})\n")
 
+    if not args.only_vocoder:
+        content_sections(args)
+    print(f"\n### Vocoder (models/vocoder.py) vs Griffin-Lim on held-out TTS, {args.vocoded} utterances per group\n")
+    vocoder_section(args.vocoder, args.vocoded)
+
+
+def content_sections(args) -> None:
     voices = sorted(V.VOICES)
     texts = S.texts("train")[:args.texts]
     print(f"### Speaker probe: {len(voices)} voices x {len(texts)} texts, 4 folds by text, chance {1 / len(voices):.3f}\n")

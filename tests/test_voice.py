@@ -89,3 +89,72 @@ def test_front_end_on_real_speech():
     assert np.mean(c["phone"][vad] > 0) > 0.75 and np.mean(c["phone"][~vad] == 0) > 0.9
     assert 6 < (np.sum(np.diff(c["phone"][vad]) != 0) + 1) / (vad.sum() * C.HOP_S) < 14
     assert np.all(c["loud"][c["phone"] == 0] == 0)
+
+
+# --- the vocoder ---------------------------------------------------------------------------------------
+
+def test_streamed_vocoder_is_the_whole_clip_vocoder_whatever_the_chunks():
+    import torch
+
+    from models.vocoder import Vocoder, VocoderConfig, VocoderStream
+
+    torch.manual_seed(0)
+    v = Vocoder(VocoderConfig(dim=32, blocks=3)).eval()
+    m = torch.randn(181, 80) - 4
+    whole = v.synthesize(m)
+    assert whole.shape == (181 * 160,)
+    for cuts in ([48] * 4, [1, 2, 3, 40, 7, 90], [181]):
+        s, out, i = VocoderStream(v), [], 0
+        for c in cuts:
+            steps = m[i:i + c]
+            out.append(s.push(steps))
+            if i >= 2:
+                assert len(out[-1]) == len(steps) * 160      # a step in, a hop out (256 samples late)
+            i += len(steps)
+        out += [s.push(m[i:]), s.flush()]
+        np.testing.assert_allclose(torch.cat(out).numpy(), whole.numpy(), atol=1e-6)
+    later = m.clone()
+    later[100:] += 1.0
+    assert torch.equal(v.synthesize(later)[:100 * 160 - 256], whole[:100 * 160 - 256])   # causal
+    assert not torch.equal(v.synthesize(later)[100 * 160 - 256:100 * 160], whole[100 * 160 - 256:100 * 160])
+
+
+def test_missing_vocoder_weights_say_how_to_make_them(tmp_path):
+    from models.vocoder import load
+
+    with pytest.raises(FileNotFoundError, match="benchmarks/train_vocoder.py"):
+        load(tmp_path / "none.safetensors")
+
+
+def test_edge_flux_sees_clicks():
+    from stages.eval.metrics.audio import edge_flux_ratio
+
+    t = np.arange(32000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    edges = list(range(4000, 30000, 4000))
+    clicked = tone.copy()
+    for e in edges:
+        clicked[e:] = -clicked[e:]        # a phase jump per chunk edge
+    assert 0.8 < edge_flux_ratio(tone, edges) < 1.2
+    assert edge_flux_ratio(clicked, edges) > 2.0
+
+
+def test_vocoder_training_lowers_the_loss():
+    import torch
+
+    from models.vocoder import VocoderConfig
+    from stages.train.vocoder import VocoderRecipe, batch, corpus, spectral_loss, train_vocoder
+
+    torch.manual_seed(0)
+    data = corpus(6, seed=4)
+    r, cfg = VocoderRecipe(steps=25, batch=4, segment=32, lr=3e-3, seed=4), VocoderConfig(dim=32, blocks=2)
+    mel, wav, _ = batch(data, np.random.default_rng(9), r, cfg)
+
+    def loss(v):
+        with torch.no_grad():
+            return float(spectral_loss(v(mel)[:, cfg.context * cfg.hop:][:, :wav.shape[1]], wav))
+
+    from models.vocoder import Vocoder
+    before = loss(Vocoder(cfg))
+    after = loss(train_vocoder(r, cfg, log=lambda s: None, data=data))
+    assert after < 0.8 * before, (before, after)
