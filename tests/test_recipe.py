@@ -228,22 +228,23 @@ sys.meta_path.insert(0, Block())
 
 def test_the_recipe_runs_without_what_the_gpu_image_lacks():
     """What the recipe runs on the GPU machine (its phases, the render workers' clips, the bench's scores,
-    the stream session) imports without DuckDB and PyAV: two GPU runs once died at their first rendered
-    clip on that. Control: the blocker does stop a module that needs PyAV."""
+    the stream session, the hour's per-frame scoring) imports without DuckDB and PyAV: two GPU runs once
+    died at their first rendered clip on that, a third at the hour's first scoring. Control: the blocker does stop a module that needs PyAV."""
     import subprocess
     code = _BLOCK.format(names=set(GPU_IMAGE_LACKS)) + """
 sys.path.insert(0, "benchmarks")
 import teacher_recipe
+import long_stream
 from models.config import preset
 from stages.train.data import render_clip
-from stages.eval.bench.synthscore import synth_scores
+from stages.eval.bench.synthscore import frame_stats, synth_scores
 from stages.stream.session import load_parts, run_session
 c = render_clip(7, preset("tiny"), split="eval", truth=True)
-print(c["frames"].shape, c["truth"]["frames"])
+print(c["frames"].shape, c["truth"]["frames"], *map(len, frame_stats(c["frames"])))
 """
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["(17,", "64,", "64,", "3)", "17"]
+    assert run.stdout.split() == ["(17,", "64,", "64,", "3)", "17", "17", "16"]
     control = subprocess.run([sys.executable, "-c", _BLOCK.format(names=set(GPU_IMAGE_LACKS)) + "import stages.sense.media"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert control.returncode != 0 and "not on the GPU image: av" in control.stderr
