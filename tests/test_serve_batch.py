@@ -18,6 +18,7 @@ from stages.serve.model import ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions
 from stages.serve.scheduler import Worker
 from stages.serve.sessions import ServeSession
+from stages.stream.batch import next_chunks
 from stages.stream.events import AudioChunk, EventQueue
 from stages.stream.session import Session
 from tests.conftest import cli
@@ -148,3 +149,18 @@ def test_max_batch_is_checked():
         ServeOptions(max_batch=0)
     res = cli("serve", "--max-batch", "0", "--preset", "tiny", "--device", "cpu", check=False)
     assert res.returncode == 2 and "max-batch" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_session_whose_chunk_fails_fails_alone(model):
+    made, solo = sessions(model, 3), sessions(model, 3)
+
+    def down(texts):
+        raise RuntimeError("the text encoder is down")
+
+    made[1][0].p.encode_text = down                  # session 1's inputs cannot be made
+    out = next_chunks([s for s, _ in made])
+    assert isinstance(out[1], RuntimeError) and made[1][0].chunks == 0
+    for i in (0, 2):
+        rgb, _, _ = out[i]
+        assert np.abs(rgb.astype(int) - solo[i][0].next_chunk()[0].astype(int)).max() <= 1
+        assert float((caches(made[i][0]) - caches(solo[i][0])).abs().max()) <= 1e-4

@@ -26,6 +26,9 @@ how many chunks came before. `denoise_chunk` and `cache_pass` are free functions
 that they can become the torch.compile / CUDA-graph boundary; nothing compiles them yet (the engine
 runs eagerly; benchmarks/stream_fps.py measures that).
 
+Several streams in one forward: stages/stream/batch.py runs engines with equal `batch_key()`s as one
+batch (`begin_chunk` per engine, the forwards over their rows stacked, `store_chunk` per engine).
+
 One session on N ranks: a model sharded over a process group (`DiT.shard_sequence`, Ulysses,
 models/ulysses.py) streams with every rank stepping its own engine with the same inputs and seed; each
 gets the same chunks, and its buffers hold its num_heads / N heads of every cached token.
