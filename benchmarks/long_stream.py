@@ -392,19 +392,23 @@ def main() -> None:
             with open(tmp, "wb") as fh:
                 np.save(fh, frames)
             tmp.replace(scratch / f"unscored_{i}.npy")
+            t3 = time.perf_counter()
             shots = dict(np.load(W / "shots.npz")) if (W / "shots.npz").is_file() else {}
             with open(W / "shots.npz.tmp", "wb") as fh:
                 np.savez(fh, **shots, **{str(i): frames[[0, -1]]})
             (W / "shots.npz.tmp").replace(W / "shots.npz")
             del frames
+            t4 = time.perf_counter()
             write_state(W / NEXT_STATE, new, ident)
-            seg["save_s"] = round(time.perf_counter() - t2, 2)
+            t5 = time.perf_counter()
+            seg["save_s"] = round(t5 - t2, 2)
+            seg["save_parts_s"] = {"frames": round(t3 - t2, 2), "shots": round(t4 - t3, 2), "state": round(t5 - t4, 2)}
             segs.append(seg)
             commit()
             (W / NEXT_STATE).replace(W / "state.st")
             saved, state = ident, new
             print(f"segment {i}: frames {done}-{state['frames']}, {stream_s:.0f} s, {seg['fps']:.1f} fps, "
-                  f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms, saved in {seg['save_s']:.0f} s",
+                  f"chunk p50/p95 {seg['chunk_ms_p50']:.1f}/{seg['chunk_ms_p95']:.1f} ms, saved in {seg['save_s']:.0f} s {seg['save_parts_s']}",
                   flush=True)
             start_scoring()
             collect()
