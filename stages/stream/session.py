@@ -342,7 +342,7 @@ class Session:
         t1 = time.perf_counter()
         with torch.no_grad():
             frames = self.stream_decoder.push(result.video.permute(0, 2, 1, 3, 4).float())   # [1, T, 3, H, W]
-        rgb = (frames[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        rgb = (frames[0].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
         audio = self._audio_out(samples, real, result)
         self.chunks += 1
         self.frames += rgb.shape[0]
