@@ -176,8 +176,14 @@ def content_sections(args) -> None:
     print("| corpus seed | " + " | ".join(["phones + loudness", "phones", "loudness", "log-mel (control)"]) + " |")
     print("|---|---|---|---|---|")
     for seed in (1, 2):
-        r = probe_rows(V.probe_corpus(voices, texts, seed), voices, texts)
+        corpus = V.probe_corpus(voices, texts, seed)
+        r = probe_rows(corpus, voices, texts)
         print(f"| {seed} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |")
+    for u in corpus:                      # the same audio through the real front end instead of the espeak truth
+        c = C.content(u.audio, "allphone")
+        u.phone, u.loud = c["phone"], c["loud"]
+    r = probe_rows(corpus, voices, texts)
+    print("| 2, allphone front end | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |")
 
     print(f"\n### Front end vs the espeak truth: {args.agree} en-us utterances per split (phone / viseme / speech-silence step agreement)\n")
     print("| split | method | agreement | shifted +0.3 s (control) | CPU s per audio s |")
