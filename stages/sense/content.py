@@ -22,8 +22,13 @@ Where the phones come from:
   method="allphone" decodes phones directly under the shipped phonetic language model, without words.
   Their agreement with the espeak truth on TTS speech is in benchmarks/RESULTS.md (2026-12-04,
   session 41), measured by benchmarks/voice_foundation.py.
-Timbre does not leak: tests/test_voice.py trains a voice classifier on these rows of several espeak
-voices and finds it at chance, while on log-mel it is far above.
+Timbre: a voice classifier (stages/synth/voice.py) on these rows made from the espeak truth is at
+chance on the phones (0.127-0.135, 8 voices, chance 0.125) and near it with the loudness (0.17-0.19),
+where on log-mel it is at 1.00 (tests/test_voice.py). Made by the pocketsphinx front end from the same
+audio, the phones tell the voices apart at 0.79: its errors depend on the voice (allphone agreement
+0.11 on the child-like "zac" variant, 0.29-0.53 on the others), so real-speech content still carries
+the driving speaker; a recogniser of our own trained on TTS truth (benchmarks/phone_recogniser_probe.py)
+leaks less (0.20 / 0.30 on heard / unheard voices) but does not transfer to real speech.
 """
 from __future__ import annotations
 
