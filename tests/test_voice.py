@@ -46,7 +46,7 @@ def test_content_does_not_tell_voices_apart_but_log_mel_does():
     """8 voices x 64 texts, each text in every voice; 4 folds by text (a scored text is never trained
     on). Measured (seed 3 / 4): phones 0.135 / 0.135, phones + loudness 0.145 / 0.141, log-mel 1.000;
     chance 0.125, binomial SE 0.015. The benchmark's 960-utterance corpora: 0.127-0.135 / 0.165-0.185 /
-    1.000; per-step AGC loudness instead (the first design) gave 0.25 with phones."""
+    1.000; a per-frame level under a running AGC instead (the first design) gave 0.25 with phones."""
     voices, texts = sorted(V.VOICES), S.texts("train")[:64]
     corpus = V.probe_corpus(voices, texts, seed=3)
     y = np.array([voices.index(u.voice) for u in corpus])

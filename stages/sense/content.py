@@ -9,8 +9,8 @@ sample j * hop, hop = 10 ms at 16 kHz):
   smoothed over frames by a Gaussian of sigma SMOOTH_FRAMES, standardised over the clip's speech
   frames (so neither gain nor a voice's own level and spread count) and mapped to 0.5 + 0.25 z in
   [0, 1]. Why so coarse: a speaker probe (stages/synth/voice.py) on 8 voices x 120 texts (chance
-  0.125) told voices apart from phones plus the per-step level under an AGC at 0.25 (phones alone:
-  0.127); per frame, smoothed, standardised per clip: 0.14 (benchmarks/voice_foundation.py).
+  0.125) told voices apart from phones plus a per-frame level under a running AGC at 0.25 (phones
+  alone: 0.127); smoothed and standardised per clip: 0.17-0.19 (benchmarks/voice_foundation.py).
 `features(phone, loud)` -> [T, len(PHONES) + 1] float32 (one-hot phone, loudness): the conditioning
 row a model reads at the mel rate (`models.audio.per_latent` frames it per latent frame).
 
