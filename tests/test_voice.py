@@ -32,6 +32,15 @@ def test_espeak_truth_is_the_dictionary_phones():
     assert set(C.VISEME_OF) == set(C.PHONES)
 
 
+def test_every_character_voice_speaks_and_identities_get_all_of_them():
+    assert {V.voice_for(seed) for seed in range(len(V.VOICES))} == set(V.VOICES)
+    rng = np.random.default_rng(1)
+    sounds = {name: V.utterance("Hello there.", name, rng) for name in V.VOICES}
+    assert all(u.phone.any() and np.abs(u.audio).max() > 0.01 for u in sounds.values())
+    with pytest.raises(ValueError, match="no voice"):
+        V.utterance("Hello.", "nobody", rng)
+
+
 def test_loudness_ignores_gain_and_is_silent_in_pauses():
     u = V.utterance("Please bring the map to the station.", "ben", np.random.default_rng(0))
     loud = C.loudness(u.audio * 0.05, u.phone)
