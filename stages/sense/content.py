@@ -144,6 +144,19 @@ def features(phone: np.ndarray, loud: np.ndarray) -> np.ndarray:
     return out
 
 
+def latent_rows(phone: np.ndarray, loud: np.ndarray, n_latent: int, before: int = 0):
+    """`features` on the model's latent timeline: torch [n_latent, mel_per_latent, len(PHONES) + 1]
+    (models.audio.per_latent: the lead-in and missing steps are SIL at loudness 0), the content
+    counterpart of models.audio.audio_features' log-mel rows."""
+    import torch
+
+    from models.audio import per_latent
+
+    rows = per_latent(torch.as_tensor(features(phone, loud)), n_latent, pad_value=0.0, before=before)
+    rows[..., 0] += (rows[..., :-1].sum(-1) == 0).to(rows.dtype)
+    return rows
+
+
 def steps_for(samples: int, sr: int = SR) -> int:
     """Steps of a clip of `samples` samples: centres 0, hop, ... inside it."""
     return (samples - 1) // round(HOP_S * sr) + 1 if samples > 0 else 0
