@@ -8,11 +8,12 @@ sample j * hop, hop = 10 ms at 16 kHz):
   phone is SIL: each step's level (dB, 400-sample window centred on it) averaged over the frame,
   smoothed over frames by a Gaussian of sigma SMOOTH_FRAMES, standardised over the clip's speech
   frames (so neither gain nor a voice's own level and spread count) and mapped to 0.5 + 0.25 z in
-  [0, 1]. Why so coarse: a speaker probe (stages/synth/voice.py) on 8 voices x 120 texts (chance
+  [0, 1] (over the whole clip given: a stream needs a trailing window, not built yet). Why so
+  coarse: a speaker probe (stages/synth/voice.py) on 8 voices x 120 texts (chance
   0.125) told voices apart from phones plus a per-frame level under a running AGC at 0.25 (phones
   alone: 0.127); smoothed and standardised per clip: 0.17-0.19 (benchmarks/voice_foundation.py).
 `features(phone, loud)` -> [T, len(PHONES) + 1] float32 (one-hot phone, loudness): the conditioning
-row a model reads at the mel rate (`models.audio.per_latent` frames it per latent frame).
+row a model reads at the mel rate; `latent_rows` frames them per latent frame (models.audio.per_latent).
 
 Where the phones come from:
 - TTS speech: espeak-ng's own phoneme events (`from_espeak`: its mnemonics mapped by
