@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOGMEL_CENTER, LOGMEL_SCALE = -4.0, 4.0   # models.audio's normalisation of natural-log mel
+from models.audio import LOGMEL_CENTER, LOGMEL_SCALE   # the joint latent's normalisation of natural-log mel
+
 VOCODER_FILE = Path(__file__).with_name("vocoder.safetensors")
 
 
