@@ -179,6 +179,13 @@ def content_sections(args) -> None:
         corpus = V.probe_corpus(voices, texts, seed)
         r = probe_rows(corpus, voices, texts)
         print(f"| {seed} | " + " | ".join(f"{v:.3f}" for v in r.values()) + " |")
+    y = np.array([voices.index(u.voice) for u in corpus])
+    g = np.array([texts.index(u.text) for u in corpus])
+    seqs = {"phones + loudness": [C.features(u.phone, u.loud) for u in corpus],
+            "phones": [C.features(u.phone, 0 * u.loud) for u in corpus], "loudness": [u.loud[:, None] for u in corpus],
+            "log-mel (control)": [V.log_mel(u.audio)[:, ::4] for u in corpus]}    # every 4th band: 320-wide windows
+    print("| 2, window probe (160 ms windows, voting) | "
+          + " | ".join(f"{V.probe_windows(x, y, g):.3f}" for x in seqs.values()) + " |")
     for u in corpus:                      # the same audio through the real front end instead of the espeak truth
         c = C.content(u.audio, "allphone")
         u.phone, u.loud = c["phone"], c["loud"]

@@ -8,9 +8,11 @@
 - The timbre probe: `probe_corpus` speaks the same texts in several voices; `pooled` turns a [T, D]
   sequence into one row per utterance (means, spreads and step-to-step changes of every feature);
   `probe_accuracy` fits a softmax regression on the rows of some texts and scores voice identity on
-  the others. 8 voices x 120 texts (chance 0.125): the truth's phones 0.127-0.135, with the loudness
-  0.17-0.19, log-mel 1.000; pocketsphinx's phones of the same audio 0.79 (tests/test_voice.py;
-  benchmarks/voice_foundation.py; benchmarks/RESULTS.md, 2026-12-04 session 41).
+  the others; `probe_windows` is the local probe, on every 160 ms window of the sequences, voting.
+  8 voices x 120 texts (chance 0.125), pooled probe: the truth's phones 0.127-0.135, with the
+  loudness 0.17-0.19, log-mel 1.000; pocketsphinx's phones of the same audio 0.79. Window probe:
+  0.125 / 0.128 / 1.000 (tests/test_voice.py; benchmarks/voice_foundation.py; benchmarks/RESULTS.md,
+  2026-12-04 session 41).
 """
 from __future__ import annotations
 
@@ -84,22 +86,60 @@ def pooled(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x.mean(0), x.std(0), np.abs(np.diff(x, axis=0)).mean(0)])
 
 
+def _softmax_fit(Z: np.ndarray, y: np.ndarray, K: int, steps: int, l2: float, lr: float) -> np.ndarray:
+    """Weights [D, K] of a softmax regression on rows Z [N, D] (full-batch gradient descent, L2 `l2`)."""
+    onehot = np.eye(K)[y]
+    W = np.zeros((Z.shape[1], K))
+    for _ in range(steps):
+        logits = Z @ W
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        W -= lr * (Z.T @ (p - onehot) / len(Z) + l2 * W)
+    return W
+
+
+def _standardise(X: np.ndarray, train: np.ndarray):
+    mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
+    return lambda A: np.concatenate([(A - mu) / sd, np.ones((len(A), 1))], 1)
+
+
 def probe_accuracy(X: np.ndarray, y: np.ndarray, train: np.ndarray, steps: int = 500, l2: float = 1e-2,
                    lr: float = 0.5) -> float:
     """Voice identity accuracy on the rows not in `train` of a softmax regression fitted (full-batch
     gradient descent, L2 `l2`, features standardised on the train rows) on the rows in `train`."""
     X, y, train = np.asarray(X, np.float64), np.asarray(y), np.asarray(train, bool)
-    mu, sd = X[train].mean(0), X[train].std(0) + 1e-6
-    Z = np.concatenate([(X - mu) / sd, np.ones((len(X), 1))], 1)
-    K = int(y.max()) + 1
-    onehot = np.eye(K)[y[train]]
-    W = np.zeros((Z.shape[1], K))
-    for _ in range(steps):
-        logits = Z[train] @ W
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        W -= lr * (Z[train].T @ (p - onehot) / train.sum() + l2 * W)
-    return float(np.mean((Z[~train] @ W).argmax(1) == y[~train]))
+    z = _standardise(X, train)
+    W = _softmax_fit(z(X[train]), y[train], int(y.max()) + 1, steps, l2, lr)
+    return float(np.mean((z(X[~train]) @ W).argmax(1) == y[~train]))
+
+
+def windows(x: np.ndarray, width: int = 16, hop: int = 8) -> np.ndarray:
+    """[T, D] -> [n, width * D]: flattened windows of `width` steps every `hop` steps."""
+    return np.stack([x[i:i + width].reshape(-1) for i in range(0, len(x) - width + 1, hop)])
+
+
+def probe_windows(seqs: list[np.ndarray], y: np.ndarray, groups: np.ndarray, folds: int = 4, width: int = 16,
+                  steps: int = 300) -> float:
+    """The local probe: a softmax regression on every `width`-step window (160 ms) of the train folds'
+    sequences [T, D]; an utterance's voice is the argmax of its windows' summed log-probabilities.
+    Accuracy over all utterances, folds by `groups` as in `probe_folds`."""
+    ids = np.unique(groups)
+    fold_of = dict(zip(ids, np.arange(len(ids)) % folds))
+    f = np.array([fold_of[g] for g in groups])
+    wins = [windows(np.asarray(s, np.float64), width) for s in seqs]
+    K, hits = int(np.max(y)) + 1, 0
+    for k in range(folds):
+        Xtr = np.concatenate([w for w, ff in zip(wins, f) if ff != k])
+        ytr = np.concatenate([np.full(len(w), c) for w, c, ff in zip(wins, y, f) if ff != k])
+        z = _standardise(Xtr, np.ones(len(Xtr), bool))
+        W = _softmax_fit(z(Xtr), ytr, K, steps, 1e-2, 0.5)
+        for w, c, ff in zip(wins, y, f):
+            if ff == k:
+                logits = z(w) @ W
+                logp = logits - logits.max(1, keepdims=True)
+                logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+                hits += int(logp.sum(0).argmax() == c)
+    return hits / len(y)
 
 
 def probe_folds(X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int = 4) -> float:
