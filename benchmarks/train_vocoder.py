@@ -1,7 +1,7 @@
 """The recipe of the shipped vocoder weights (models/vocoder.safetensors): train models/vocoder.py on
 espeak-ng speech on CPU (stages/train/vocoder.py) and write bf16 safetensors.
 
-    python benchmarks/train_vocoder.py [--steps 3000] [--out models/vocoder.safetensors]
+    python benchmarks/train_vocoder.py [--steps 6000] [--out models/vocoder.safetensors]
 
 Took 2026-12-04 on the dev VM (2 shared cores): see benchmarks/RESULTS.md (session 41).
 """

@@ -188,9 +188,9 @@ def test_vocoder_training_lowers_the_loss():
 def test_shipped_vocoder_streams_without_seams_where_per_chunk_griffin_lim_clicks():
     """Held-out TTS (eval voices and texts) as the joint latent, streamed 3 latent frames (0.48 s) at a
     time: the shipped vocoder's stream against per-chunk Griffin-Lim (`--audio-out generated` today).
-    Measured here (3 sentences each, 15 / 11 edges): edge flux ratio 1.05 / 1.02 vs 1.37 / 1.49 (the
-    original audio 1.04 / 0.87); log-mel L1 0.36 / 0.36 vs 0.43 / 0.48. Benchmark (12 utterances x 2
-    voice groups): 1.03-1.11 vs 1.52-1.54 (original 0.99-1.05); 0.49-0.50 vs 0.58-0.68."""
+    Measured here (3 sentences each, 15 / 11 edges): edge flux ratio 1.09 / 0.97 vs 1.37 / 1.49 (the
+    original audio 1.04 / 0.87); log-mel L1 0.32 / 0.33 vs 0.43 / 0.48. Benchmark (12 utterances x 2
+    voice groups): 1.06-1.14 vs 1.52-1.54 (original 0.98-1.05); 0.45-0.46 vs 0.58-0.68."""
     import torch
 
     from models.audio import LOGMEL_CENTER, LOGMEL_SCALE, audio_latent, chunk_waveform, latent_frames_for
@@ -218,4 +218,4 @@ def test_shipped_vocoder_streams_without_seams_where_per_chunk_griffin_lim_click
         edges = [e for e in edges if e < N - 512]
         target = V.log_mel(audio[:N])
         assert edge_flux_ratio(voc, edges) < 1.2 < 1.25 < edge_flux_ratio(gl, edges)
-        assert logmel_l1(voc, target) < min(0.45, logmel_l1(gl, target))
+        assert logmel_l1(voc, target) < min(0.4, logmel_l1(gl, target))

@@ -25,7 +25,7 @@ RESOLUTIONS = (256, 512, 1024)
 
 @dataclass(frozen=True)
 class VocoderRecipe:
-    steps: int = 3000
+    steps: int = 6000
     batch: int = 16
     segment: int = 64          # output steps per segment (0.64 s)
     lr: float = 2e-3
