@@ -129,6 +129,15 @@ def test_sessions_a_chunk_ahead_ride_along_with_a_due_one(model):
     assert sizes(metrics)[4] == AHEAD + 2 and metrics.counters["batches"] == AHEAD + 2
 
 
+def test_sessions_of_a_batch_drop_to_fewer_steps_together(model):
+    """The budget below the measured load (as if the chunks had got slower): the batched sessions move to
+    fewer steps together and stay in one forward (one at a time, each would leave the batch: 9 forwards)."""
+    made = sessions(model, 3)
+    _, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01, headroom=1e-9), made)
+    assert [s.p.engine.st.steps for s, _ in made] == [model.profiles[0].settings.steps - 1] * 3
+    assert metrics.counters["degraded_live"] == 3 and sizes(metrics)[4] == metrics.counters["batches"] == AHEAD + 1
+
+
 def test_without_batching_every_chunk_is_its_own_forward(model):
     _, metrics = served(model, ServeOptions(max_batch=1, ahead_chunks=AHEAD, speed=0.01), sessions(model, 3))
     assert sizes(metrics)[1] == metrics.counters["batches"] == metrics.counters["chunks"] == 3 * (AHEAD + 1)

@@ -29,8 +29,9 @@ and so admits more sessions, only as far as it is measured to. A new session is 
 least-loaded worker at the first profile (full, fewer steps, half resolution) with which the load stays
 <= headroom; with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
-the worker moves the heaviest one to fewer steps at its resolution between two of its chunks
-(Worker._rebalance); a lower resolution needs a new session (its caches have the old size).
+the worker moves the heaviest one (with batching, every session at its profile: they share forwards) to
+fewer steps at its resolution between two chunks (Worker._rebalance); a lower resolution needs a new
+session (its caches have the old size).
 """
 from __future__ import annotations
 
@@ -150,7 +151,9 @@ class Worker(threading.Thread):
     def _rebalance(self) -> None:
         """Between chunks: when the sessions' measured load has grown past the budget, the heaviest session
         that can drops to fewer steps at its resolution (its caches stay; the resolution cannot change
-        mid-stream). One switch at a time, then the switched session is measured anew first."""
+        mid-stream), and with batching on every session at its profile with it: one of them alone would
+        leave their batches for forwards of its own, and the load would grow. One switch at a time, then
+        the switched sessions are measured anew first."""
         if self.load() <= self.opts.headroom:
             return
         with self.cond:
@@ -160,8 +163,10 @@ class Worker(threading.Thread):
         candidates = [(s, p) for s, p in candidates if p is not None]
         if candidates:
             s, p = max(candidates, key=lambda c: c[0].load())
-            s.switch(p)
-            self.metrics.inc("degraded_live")
+            group = [c for c in candidates if c[0].profile is s.profile] if self.opts.max_batch > 1 else [(s, p)]
+            for t, q in group:
+                t.switch(q)
+                self.metrics.inc("degraded_live")
 
 
 class Scheduler:

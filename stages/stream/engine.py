@@ -468,7 +468,7 @@ class StreamEngine:
         self.chunks += 1
         return result
 
-    def begin_chunk(self, inputs: ChunkInputs) -> "ChunkStart":
+    def begin_chunk(self, inputs: ChunkInputs) -> ChunkStart:
         """What the next chunk's forwards read: its initial noise (drawn now), the context (the reference's
         keys/values built first, at the first chunk), keys rotated once for all its steps, and the text
         prepared (`_texts`). `advance` runs the chunk from it; stages/stream/batch.py runs several
