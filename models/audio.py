@@ -9,8 +9,8 @@ One function frames the log-mel (`frame_logmel`), offline (`audio_features`) and
 hidden states (resampled to the mel rate) go through `per_latent`.
 
 The joint audio latent (x = [v; a], eq. 1 of the paper) is the normalised log-mel of each latent
-frame split into `tokens` groups of consecutive steps; `to_waveform` goes back with Griffin-Lim, or
-with a TorchScript vocoder loaded from a local path (log-mel [B, n_mels, T] -> wave [B, T*hop]).
+frame split into `tokens` groups of consecutive steps; `to_waveform` goes back with Griffin-Lim, and
+models.vocoder (our own, shipped) streams it back chunk by chunk without seams.
 """
 from __future__ import annotations
 
@@ -152,11 +152,10 @@ def latent_to_logmel(lat: torch.Tensor, cfg: AudioConfig = AudioConfig()) -> tor
     return steps[lead:] * LOGMEL_SCALE + LOGMEL_CENTER
 
 
-def to_waveform(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), vocoder: "Vocoder | None" = None,
-                n_iter: int = 32) -> torch.Tensor:
-    """Joint audio latent -> waveform [N] at cfg.sample_rate (Griffin-Lim unless a vocoder is given)."""
-    log_mel = latent_to_logmel(lat.float(), cfg)
-    return _griffin_lim(log_mel, cfg, n_iter) if vocoder is None else vocoder(log_mel)
+def to_waveform(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), n_iter: int = 32) -> torch.Tensor:
+    """Joint audio latent -> waveform [N] at cfg.sample_rate by Griffin-Lim over the whole clip (the vocoder
+    of our own is models.vocoder)."""
+    return _griffin_lim(latent_to_logmel(lat.float(), cfg), cfg, n_iter)
 
 
 @lru_cache(maxsize=4)
@@ -172,20 +171,6 @@ def _griffin_lim(log_mel: torch.Tensor, cfg: AudioConfig, n_iter: int) -> torch.
     """natural-log mel [T, n_mels] -> waveform [(T - 1) * hop]."""
     inv, gl = _inverse(cfg, n_iter)
     return gl(inv(log_mel.exp().T))
-
-
-class Vocoder:
-    """A TorchScript vocoder from a local file: log-mel [B, n_mels, T] -> waveform [B, samples]."""
-
-    def __init__(self, path: str | Path):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"vocoder not found: {path} (give a TorchScript file: log-mel -> waveform)")
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    @torch.no_grad()
-    def __call__(self, log_mel: torch.Tensor) -> torch.Tensor:
-        return self.module(log_mel.T[None]).reshape(-1)
 
 
 class Wav2Vec2Features:
@@ -213,14 +198,17 @@ class Wav2Vec2Features:
         return F.interpolate(h.T[None], size=steps, mode="linear", align_corners=False)[0].T
 
 
-def chunk_waveform(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig(), vocoder: "Vocoder | None" = None,
-                   n_iter: int = 16) -> torch.Tensor:
-    """A streamed chunk's joint audio latent [F, tokens, C] -> the samples that play with its video
-    frames (the first chunk drops its lead-in)."""
-    n = lat.shape[0]
-    samples = n * cfg.samples_per_latent - (cfg.samples_per_latent - cfg.hop * cfg.mel_per_video_frame if first else 0)
+def chunk_log_mel(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
+    """A streamed chunk's joint audio latent [F, tokens, C] -> the natural-log mel steps [T, n_mels] that
+    play with its video frames (the first chunk drops its lead-in): T * hop samples."""
     log_mel = lat.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
-    if first:
-        log_mel = log_mel[cfg.mel_per_latent - cfg.mel_per_video_frame:]
-    wave = _griffin_lim(log_mel, cfg, n_iter) if vocoder is None else vocoder(log_mel)
+    return log_mel[cfg.mel_per_latent - cfg.mel_per_video_frame:] if first else log_mel
+
+
+def chunk_waveform(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig(), n_iter: int = 16) -> torch.Tensor:
+    """Per-chunk Griffin-Lim of `chunk_log_mel` (each chunk alone: it clicks at chunk edges; `vidu stream
+    --audio-out generated` plays models.vocoder.ChunkVoice, the baseline this is)."""
+    log_mel = chunk_log_mel(lat, first, cfg)
+    samples = log_mel.shape[0] * cfg.hop
+    wave = _griffin_lim(log_mel, cfg, n_iter)
     return wave[:samples] if wave.shape[0] >= samples else F.pad(wave, (0, samples - wave.shape[0]))

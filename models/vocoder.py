@@ -155,6 +155,35 @@ class VocoderStream:
         return out
 
 
+class ChunkVoice:
+    """A stream's joint audio, chunk by chunk, through one VocoderStream: `(lat, first)` -> the samples that
+    play with the chunk's video frames (models.audio.chunk_log_mel's steps x hop, as many as per-chunk
+    Griffin-Lim gives). The vocoder's 16-ms lag (n_fft / 2 samples) is paid once, as silence at the start of
+    the vocoder stream's first chunk, so every chunk's samples line up with its frames 16 ms late and none is cut at an edge."""
+
+    def __init__(self, vocoder: Vocoder, cfg):
+        c = vocoder.cfg
+        if (c.n_mels, c.hop) != (cfg.n_mels, cfg.hop):
+            raise ValueError(f"the vocoder takes {c.n_mels} mels at hop {c.hop}; the model's audio has "
+                             f"{cfg.n_mels} at hop {cfg.hop}")
+        self.cfg, self.stream = cfg, VocoderStream(vocoder)
+
+    def __call__(self, lat: torch.Tensor, first: bool) -> torch.Tensor:
+        from models.audio import chunk_log_mel
+        fresh = self.stream.steps == 0            # a stream's first chunk, or one resumed without this state
+        out = self.stream.push(chunk_log_mel(lat, first, self.cfg))
+        return torch.cat([torch.zeros(self.stream.v.cfg.n_fft // 2), out]) if fresh else out
+
+    def state(self) -> dict:
+        s = self.stream
+        return {"hist": s.hist, "tail": s.tail, "tail_env": s.tail_env, "steps": s.steps, "emitted": s.emitted}
+
+    def load_state(self, state: dict) -> None:
+        s = self.stream
+        s.hist, s.tail, s.tail_env = state["hist"].float(), state["tail"].float(), state["tail_env"].float()
+        s.steps, s.emitted = int(state["steps"]), int(state["emitted"])
+
+
 def save(v: Vocoder, path: str | Path, meta: dict | None = None) -> None:
     """bf16 safetensors, the config (and `meta`, e.g. the recipe) in the metadata."""
     from safetensors.torch import save_file

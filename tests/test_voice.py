@@ -187,7 +187,7 @@ def test_vocoder_training_lowers_the_loss():
 
 def test_shipped_vocoder_streams_without_seams_where_per_chunk_griffin_lim_clicks():
     """Held-out TTS (eval voices and texts) as the joint latent, streamed 3 latent frames (0.48 s) at a
-    time: the shipped vocoder's stream against per-chunk Griffin-Lim (`--audio-out generated` today).
+    time: the shipped vocoder's stream against per-chunk Griffin-Lim (what `--audio-out generated` played before the vocoder).
     Measured here (3 sentences each, 15 / 11 edges): edge flux ratio 1.09 / 0.97 vs 1.37 / 1.49 (the
     original audio 1.04 / 0.87); log-mel L1 0.32 / 0.33 vs 0.43 / 0.48. Benchmark (12 utterances x 2
     voice groups): 1.06-1.14 vs 1.52-1.54 (original 0.98-1.05); 0.45-0.46 vs 0.58-0.68."""

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.audio import AudioStream, chunk_waveform
+from models.audio import AudioStream
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
@@ -231,6 +231,7 @@ class Session:
         self.frames = 0
         self.instruction_log: list[tuple[int, str]] = [(0, self.instruction)]
         self.cached_under = self.instruction      # the text the engine's history keys/values were computed under
+        self.voice = None                         # --audio-out generated: the joint audio's vocoder stream (ChunkVoice)
         if resume is not None:
             self._resume(resume)
         self.first_frame = self.frames            # this run's first frame (a resumed stream's frames continue)
@@ -249,7 +250,8 @@ class Session:
                 "decoder.frames_decoded": dec.frames_decoded, "decoder.shape": dec.shape,
                 "speech.buf": self.speech.buf, "speech.offset": self.speech.offset, "audio_samples": self.played,
                 "chunks": self.chunks, "frames": self.frames, "instruction": self.instruction,
-                "cached_under": self.cached_under, "instructions": self.instruction_log}
+                "cached_under": self.cached_under, "instructions": self.instruction_log,
+                **({} if self.voice is None else {f"voice.{k}": v for k, v in self.voice.state().items()})}
 
     def _resume(self, state: dict) -> None:
         eng, dec = self.p.engine, self.stream_decoder
@@ -262,6 +264,8 @@ class Session:
         self.played, self.chunks, self.frames = state["audio_samples"], state["chunks"], state["frames"]
         self.instruction, self.cached_under = state["instruction"], state["cached_under"]
         self.instruction_log = [tuple(x) for x in state["instructions"]]
+        if "voice.steps" in state:
+            self._voice().load_state({k[len("voice."):]: v for k, v in state.items() if k.startswith("voice.")})
 
     # -- inputs --
     def _handle(self, ev) -> None:
@@ -348,10 +352,20 @@ class Session:
         self.frames += rgb.shape[0]
         return rgb, audio, {"generate_s": t1 - t0, "decode_s": time.perf_counter() - t1, "audio_real": real}
 
+    def _voice(self):
+        """The vocoder stream of the generated audio (the shipped models/vocoder.safetensors), made at first use."""
+        if self.voice is None:
+            from models.vocoder import ChunkVoice, load
+            try:
+                self.voice = ChunkVoice(load(), self.p.cfg.audio)
+            except (FileNotFoundError, ValueError) as e:
+                raise StreamError(f"--audio-out generated: {e}") from None
+        return self.voice
+
     def _audio_out(self, samples, real, result) -> np.ndarray | None:
         mode = self.opts.audio_out
         if mode == "generated" and result.audio is not None:
-            return chunk_waveform(result.audio[0].float().cpu(), self.chunks == 0, self.p.cfg.audio).numpy()
+            return self._voice()(result.audio[0].float().cpu(), self.chunks == 0).numpy()
         if mode == "none":
             return None
         return samples
