@@ -137,6 +137,15 @@ def scramble_stream_models(dit, decoder, seed: int = 1) -> None:
                     + (0.5 if p.ndim == 1 else 0))
 
 
+def write_face(path: Path, color: tuple[int, int, int] = (200, 150, 120)) -> Path:
+    """The streaming tests' reference image: a 60 x 50 skin-coloured block on black, 100 x 120 pixels."""
+    from PIL import Image
+    img = np.zeros((120, 100, 3), np.uint8)
+    img[30:90, 25:75] = color
+    Image.fromarray(img).save(path)
+    return path
+
+
 def write_speech_tone(path: Path, seconds: float, seed: int, sr: int = 16000) -> Path:
     """Speech-like audio: a 180 Hz tone modulated at 3 Hz with faint noise, 16-bit mono wav."""
     import wave

@@ -13,10 +13,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from stages.stream.events import AudioChunk, EventQueue, Instruction
-from tests.conftest import vidu, scramble_stream_models
+from tests.conftest import vidu, scramble_stream_models, write_face
 from tests.test_runner import _as_in_a_terminal
 from tests.test_stream_reliability import _working_bytes
 
@@ -27,9 +26,7 @@ SR = 16000
 def inputs(tmp_path_factory) -> dict:
     from stages.synth.speech import tts
     d = tmp_path_factory.mktemp("stream")
-    face = np.zeros((120, 100, 3), np.uint8)
-    face[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(face).save(d / "face.png")
+    write_face(d / "face.png")
     said = tts("hello there, nice to meet you").audio[: int(1.3 * SR)]
     wave = np.pad(said, (0, int(1.3 * SR) - len(said)))
     import wave as wavmod

@@ -19,9 +19,8 @@ import random
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.conftest import scramble_stream_models, write_speech_tone
+from tests.conftest import scramble_stream_models, write_face, write_speech_tone
 
 SR = 16000
 FAST = ("--steps", "1", "--no-twin", "-q")       # a few chunks of the tiny preset: under a second each
@@ -38,9 +37,7 @@ def inputs(tmp_path_factory) -> dict:
     from models.dit import DiT
     from models.taehv import TAEHV
     d = tmp_path_factory.mktemp("pure")
-    img = np.zeros((120, 100, 3), np.uint8)
-    img[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(img).save(d / "face.png")
+    write_face(d / "face.png")
     write_speech_tone(d / "speech.wav", 0.6, seed=3)
     dit, tae = DiT(PRESETS["tiny"].dit), TAEHV()
     scramble_stream_models(dit, tae)

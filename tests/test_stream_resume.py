@@ -17,10 +17,9 @@ import signal
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from stages.stream.events import EventQueue, Instruction
-from tests.conftest import cli, scramble_stream_models, write_speech_tone
+from tests.conftest import cli, scramble_stream_models, write_face, write_speech_tone
 
 SR = 16000
 SIZE = 64                                 # the tiny preset's frames: 64 x 64
@@ -35,11 +34,8 @@ def inputs(tmp_path_factory) -> dict:
     from models.dit import DiT
     from models.taehv import TAEHV
     d = tmp_path_factory.mktemp("resume")
-    img = np.zeros((120, 100, 3), np.uint8)
-    img[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(img).save(d / "face.png")
-    img[30:90, 25:75] = (90, 150, 200)
-    Image.fromarray(img).save(d / "other.png")
+    write_face(d / "face.png")
+    write_face(d / "other.png", (90, 150, 200))
     write_speech_tone(d / "speech.wav", 3, seed=3)
     cfg = PRESETS["tiny"]
     dit, tae = DiT(cfg.dit), TAEHV()

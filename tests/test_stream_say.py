@@ -11,12 +11,11 @@ import urllib.request
 import av
 import numpy as np
 import pytest
-from PIL import Image
 
 from stages.sense.media import load_audio
 from stages.stream.events import AudioChunk, EventQueue, StreamError
 from stages.synth.speech import tts
-from tests.conftest import cli, vidu, scramble_stream_models
+from tests.conftest import cli, vidu, scramble_stream_models, write_face
 
 SR = 16000
 TEXT = "hello"
@@ -27,10 +26,7 @@ FAST = ("--steps", "1", "--no-twin")     # frames are noise either way (random w
 @pytest.fixture(scope="module")
 def face(tmp_path_factory):
     d = tmp_path_factory.mktemp("say")
-    img = np.zeros((120, 100, 3), np.uint8)
-    img[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(img).save(d / "face.png")
-    return d / "face.png"
+    return write_face(d / "face.png")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+
+from tests.conftest import write_face
 
 SR, FPS = 16000, 25
 
@@ -30,9 +31,7 @@ class Spy:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("voice")
-    face = np.zeros((120, 100, 3), np.uint8)
-    face[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(face).save(d / "face.png")
+    write_face(d / "face.png")
     t = np.arange(3 * SR) / SR
     speech = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
     return {"dir": d, "face": d / "face.png", "speech": speech}

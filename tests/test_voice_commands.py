@@ -21,7 +21,7 @@ from stages.stream import commands
 from stages.stream.commands import CommandSpotter, phrases, spot
 from stages.stream.events import EventQueue, Instruction
 from stages.synth.speech import texts, tts, voices
-from tests.conftest import vidu
+from tests.conftest import vidu, write_face
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,10 +225,7 @@ def test_the_listener_imports_torchaudio_before_its_thread_starts():
 
 
 def test_stream_with_spoken_commands(tmp_path):
-    from PIL import Image
-    face = np.zeros((120, 100, 3), np.uint8)
-    face[30:90, 25:75] = (200, 150, 120)
-    Image.fromarray(face).save(tmp_path / "face.png")
+    write_face(tmp_path / "face.png")
     audio, t = _said("en-us+m3", "turn left")
     with wave.open(str(tmp_path / "talk.wav"), "wb") as w:
         w.setnchannels(1)
