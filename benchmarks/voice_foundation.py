@@ -90,20 +90,18 @@ def real_speech(media: Path) -> list[tuple]:
 
 def streamed(lat: torch.Tensor, chunk: int, vocoder) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The joint audio latent [F, tokens, C] streamed `chunk` latent frames at a time: (per-chunk
-    Griffin-Lim as `--audio-out generated` plays it today, the streaming vocoder, chunk edges in samples)."""
-    from models.audio import LOGMEL_CENTER, LOGMEL_SCALE, chunk_waveform
+    Griffin-Lim as `--audio-out generated` played it before the vocoder, the streaming vocoder, chunk edges in samples)."""
+    from models.audio import chunk_waveform, latent_to_logmel
     from models.config import AudioConfig
     from models.vocoder import VocoderStream
 
     cfg = AudioConfig()
     gl, voc, edges, n = [], [], [], 0
     stream = VocoderStream(vocoder)
-    lead = cfg.mel_per_latent - cfg.mel_per_video_frame
     for i in range(0, lat.shape[0], chunk):
         piece = lat[i:i + chunk]
         gl.append(chunk_waveform(piece, i == 0, cfg).numpy())
-        log_mel = piece.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
-        voc.append(stream.push(log_mel[lead:] if i == 0 else log_mel).numpy())
+        voc.append(stream.push(latent_to_logmel(piece, cfg, i == 0)).numpy())
         n += len(gl[-1])
         edges.append(n)
     voc.append(stream.flush().numpy())

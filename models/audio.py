@@ -145,17 +145,18 @@ def audio_latent(wave: torch.Tensor, n_latent: int, tokens: int, cfg: AudioConfi
     return _features(wave, n_latent, cfg, 0, 0).reshape(n_latent, tokens, -1)
 
 
-def latent_to_logmel(lat: torch.Tensor, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """[n_latent, tokens, C] -> natural-log mel [T, n_mels] on the clip's own timeline (lead removed)."""
-    steps = lat.reshape(-1, cfg.n_mels)
-    lead = cfg.mel_per_latent - cfg.mel_per_video_frame
-    return steps[lead:] * LOGMEL_SCALE + LOGMEL_CENTER
+def latent_to_logmel(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), first: bool = True) -> torch.Tensor:
+    """[n_latent, tokens, C] -> natural-log mel [T, n_mels] on the clip's own timeline: T * hop samples that
+    play with the latents' video frames. `first` (a whole clip, or a stream's first chunk): the lead-in
+    before frame 0 dropped; a later chunk keeps all its steps."""
+    steps = lat.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
+    return steps[cfg.mel_per_latent - cfg.mel_per_video_frame:] if first else steps
 
 
 def to_waveform(lat: torch.Tensor, cfg: AudioConfig = AudioConfig(), n_iter: int = 32) -> torch.Tensor:
     """Joint audio latent -> waveform [N] at cfg.sample_rate by Griffin-Lim over the whole clip (the vocoder
     of our own is models.vocoder)."""
-    return _griffin_lim(latent_to_logmel(lat.float(), cfg), cfg, n_iter)
+    return _griffin_lim(latent_to_logmel(lat, cfg), cfg, n_iter)
 
 
 @lru_cache(maxsize=4)
@@ -198,17 +199,10 @@ class Wav2Vec2Features:
         return F.interpolate(h.T[None], size=steps, mode="linear", align_corners=False)[0].T
 
 
-def chunk_log_mel(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:
-    """A streamed chunk's joint audio latent [F, tokens, C] -> the natural-log mel steps [T, n_mels] that
-    play with its video frames (the first chunk drops its lead-in): T * hop samples."""
-    log_mel = lat.float().reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
-    return log_mel[cfg.mel_per_latent - cfg.mel_per_video_frame:] if first else log_mel
-
-
 def chunk_waveform(lat: torch.Tensor, first: bool, cfg: AudioConfig = AudioConfig(), n_iter: int = 16) -> torch.Tensor:
-    """Per-chunk Griffin-Lim of `chunk_log_mel` (each chunk alone: it clicks at chunk edges; `vidu stream
+    """Per-chunk Griffin-Lim of `latent_to_logmel` (each chunk alone: it clicks at chunk edges; `vidu stream
     --audio-out generated` plays models.vocoder.ChunkVoice, the baseline this is)."""
-    log_mel = chunk_log_mel(lat, first, cfg)
+    log_mel = latent_to_logmel(lat, cfg, first)
     samples = log_mel.shape[0] * cfg.hop
     wave = _griffin_lim(log_mel, cfg, n_iter)
     return wave[:samples] if wave.shape[0] >= samples else F.pad(wave, (0, samples - wave.shape[0]))

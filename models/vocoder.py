@@ -157,7 +157,7 @@ class VocoderStream:
 
 class ChunkVoice:
     """A stream's joint audio, chunk by chunk, through one VocoderStream: `(lat, first)` -> the samples that
-    play with the chunk's video frames (models.audio.chunk_log_mel's steps x hop, as many as per-chunk
+    play with the chunk's video frames (models.audio.latent_to_logmel's steps x hop, as many as per-chunk
     Griffin-Lim gives). The vocoder's 16-ms lag (n_fft / 2 samples) is paid once, as silence at the start of
     the vocoder stream's first chunk, so every chunk's samples line up with its frames 16 ms late and none is cut at an edge."""
 
@@ -169,9 +169,9 @@ class ChunkVoice:
         self.cfg, self.stream = cfg, VocoderStream(vocoder)
 
     def __call__(self, lat: torch.Tensor, first: bool) -> torch.Tensor:
-        from models.audio import chunk_log_mel
+        from models.audio import latent_to_logmel
         fresh = self.stream.steps == 0            # a stream's first chunk, or one resumed without this state
-        out = self.stream.push(chunk_log_mel(lat, first, self.cfg))
+        out = self.stream.push(latent_to_logmel(lat, self.cfg, first))
         return torch.cat([torch.zeros(self.stream.v.cfg.n_fft // 2), out]) if fresh else out
 
     def state(self) -> dict:

@@ -47,7 +47,7 @@ def session(inputs, resume=None):
 
 
 def test_generated_audio_is_one_vocoder_stream_and_resumes(inputs):
-    from models.audio import chunk_log_mel
+    from models.audio import latent_to_logmel
     from models.vocoder import load
     from stages.stream.state import read_state, write_state
 
@@ -59,7 +59,7 @@ def test_generated_audio_is_one_vocoder_stream_and_resumes(inputs):
     lag = load().cfg.n_fft // 2
     assert not audio[0][:lag].any()                                                # the vocoder's lag, paid once
     cfg = whole.p.cfg.audio
-    mels = [chunk_log_mel(lat, first, cfg) for lat, first in spy.lats]
+    mels = [latent_to_logmel(lat, cfg, first) for lat, first in spy.lats]
     joined = np.concatenate(audio)[lag:]
     oracle = load().synthesize(torch.cat(mels)).numpy()[:len(joined)]
     assert np.abs(joined - oracle).max() < 1e-4 * max(1.0, np.abs(oracle).max())

@@ -193,14 +193,13 @@ def test_shipped_vocoder_streams_without_seams_where_per_chunk_griffin_lim_click
     voice groups): 1.06-1.14 vs 1.52-1.54 (original 0.98-1.05); 0.45-0.46 vs 0.58-0.68."""
     import torch
 
-    from models.audio import LOGMEL_CENTER, LOGMEL_SCALE, audio_latent, chunk_waveform, latent_frames_for
+    from models.audio import audio_latent, chunk_waveform, latent_frames_for, latent_to_logmel
     from models.config import AudioConfig
     from models.vocoder import VOCODER_FILE, VocoderStream, load
     from stages.eval.metrics.audio import edge_flux_ratio, logmel_l1
 
     assert VOCODER_FILE.stat().st_size < 2_000_000
     v, cfg = load(), AudioConfig()
-    lead = cfg.mel_per_latent - cfg.mel_per_video_frame
     texts = S.texts("eval")
     for text, voice in zip([" ".join(texts[0:3]), " ".join(texts[3:6])], ["en-us+john", "en-029+m1"]):
         u = S.tts(text, voice)
@@ -209,8 +208,7 @@ def test_shipped_vocoder_streams_without_seams_where_per_chunk_griffin_lim_click
         stream, gl, voc, edges = VocoderStream(v), [], [], []
         for i in range(0, lat.shape[0], 3):
             gl.append(chunk_waveform(lat[i:i + 3], i == 0, cfg).numpy())
-            mel = lat[i:i + 3].reshape(-1, cfg.n_mels) * LOGMEL_SCALE + LOGMEL_CENTER
-            voc.append(stream.push(mel[lead:] if i == 0 else mel).numpy())
+            voc.append(stream.push(latent_to_logmel(lat[i:i + 3], cfg, i == 0)).numpy())
             edges.append(sum(len(g) for g in gl))
         voc.append(stream.flush().numpy())
         N = min(len(audio), sum(len(g) for g in gl))
