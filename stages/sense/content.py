@@ -74,8 +74,9 @@ _ESPEAK = {
 def espeak_to_arpabet(name: str) -> tuple[str, ...]:
     """The ARPAbet phone(s) of an espeak-ng mnemonic: ("SIL",) for pauses, by the first letter when
     the mnemonic is not in the table (other languages' phonemes)."""
-    core = name.lstrip("'%,=")
-    if not core or core.startswith("_"):
+    from stages.synth.speech import mnemonic_core
+    core = mnemonic_core(name)
+    if core is None:
         return ("SIL",)
     for key in (core, core.rstrip("2#"), core.rstrip("2#").rstrip(":")):
         if key in _ESPEAK:
@@ -88,10 +89,11 @@ def espeak_to_arpabet(name: str) -> tuple[str, ...]:
 def from_espeak(phonemes: list[tuple[float, float, str]], offset: float = 0.0) -> list[tuple[str, float, float]]:
     """espeak-ng's timed phonemes (start s, end s, mnemonic) -> (ARPAbet phone, start s, end s),
     shifted by `offset` s."""
+    from stages.synth.speech import span_cuts
     out = []
     for a, b, name in phonemes:
         ps = espeak_to_arpabet(name)
-        cuts = [a, a + 0.6 * (b - a), b] if len(ps) == 2 else [a, b]
+        cuts = span_cuts(a, b, len(ps))
         out += [(p, s + offset, e + offset) for p, s, e in zip(ps, cuts, cuts[1:]) if e > s]
     return out
 

@@ -197,10 +197,22 @@ _FIRST_LETTER = dict(zip("pbmfvBTDtdnlkgNhxqcQszSZrR*jwaAV&eE@3iIyYoO0uU8;",
                          "aa E E E E ih ih ou ou oh oh oh ou ou ou ih".split()))  # B: Spanish beta, Q: gamma, *: tap, 8: Swedish u
 
 
+def mnemonic_core(name: str) -> str | None:
+    """An espeak-ng phoneme mnemonic without its stress marks; None for a pause."""
+    core = name.lstrip("'%,=")
+    return None if not core or core.startswith("_") else core
+
+
+def span_cuts(a: float, b: float, parts: int) -> list[float]:
+    """The cut points of a phoneme's span [a, b] shared by its `parts` (1 or 2) sounds: of two
+    (a diphthong, an r-coloured vowel), the first takes 60 %."""
+    return [a, a + 0.6 * (b - a), b] if parts == 2 else [a, b]
+
+
 def phoneme_visemes(name: str) -> tuple[str, ...]:
     """The viseme(s) of an espeak-ng phoneme mnemonic ("sil" for pauses; unknown ones get "E")."""
-    core = name.lstrip("'%,=")
-    if not core or core.startswith("_"):
+    core = mnemonic_core(name)
+    if core is None:
         return ("sil",)
     if core in _PHONEME_VISEMES:
         return _PHONEME_VISEMES[core]
@@ -213,7 +225,7 @@ def visemes_of(phonemes: list[tuple[float, float, str]], offset: float = 0.0) ->
     out: list[tuple[float, float, str]] = []
     for a, b, name in phonemes:
         vs = phoneme_visemes(name)
-        cuts = [a, a + 0.6 * (b - a), b] if len(vs) == 2 else [a, b]
+        cuts = span_cuts(a, b, len(vs))
         for s, e, v in zip(cuts, cuts[1:], vs):
             s, e = s + offset, e + offset
             if out and out[-1][2] == v and abs(out[-1][1] - s) < 1e-6:
