@@ -71,10 +71,21 @@ _ESPEAK = {
 }
 
 
+def mnemonic_core(name: str) -> str | None:
+    """An espeak-ng phoneme mnemonic without its stress marks; None for a pause."""
+    core = name.lstrip("'%,=")
+    return None if not core or core.startswith("_") else core
+
+
+def span_cuts(a: float, b: float, parts: int) -> list[float]:
+    """The cut points of a phoneme's span [a, b] shared by its `parts` (1 or 2) sounds: of two
+    (a diphthong, an r-coloured vowel), the first takes 60 %."""
+    return [a, a + 0.6 * (b - a), b] if parts == 2 else [a, b]
+
+
 def espeak_to_arpabet(name: str) -> tuple[str, ...]:
     """The ARPAbet phone(s) of an espeak-ng mnemonic: ("SIL",) for pauses, by the first letter when
     the mnemonic is not in the table (other languages' phonemes)."""
-    from stages.synth.speech import mnemonic_core
     core = mnemonic_core(name)
     if core is None:
         return ("SIL",)
@@ -89,7 +100,6 @@ def espeak_to_arpabet(name: str) -> tuple[str, ...]:
 def from_espeak(phonemes: list[tuple[float, float, str]], offset: float = 0.0) -> list[tuple[str, float, float]]:
     """espeak-ng's timed phonemes (start s, end s, mnemonic) -> (ARPAbet phone, start s, end s),
     shifted by `offset` s."""
-    from stages.synth.speech import span_cuts
     out = []
     for a, b, name in phonemes:
         ps = espeak_to_arpabet(name)

@@ -39,6 +39,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import butter, fftconvolve, lfilter, resample_poly, sosfilt
 
+from stages.sense.content import mnemonic_core, span_cuts
+
 SR = 16000
 
 
@@ -195,18 +197,6 @@ _PHONEME_VISEMES = {  # espeak mnemonics that the first letter would get wrong; 
 _FIRST_LETTER = dict(zip("pbmfvBTDtdnlkgNhxqcQszSZrR*jwaAV&eE@3iIyYoO0uU8;",
                          "PP PP PP FF FF FF TH TH DD DD nn nn kk kk kk kk kk kk kk kk SS SS CH CH RR RR RR ih ou aa aa aa "
                          "aa E E E E ih ih ou ou oh oh oh ou ou ou ih".split()))  # B: Spanish beta, Q: gamma, *: tap, 8: Swedish u
-
-
-def mnemonic_core(name: str) -> str | None:
-    """An espeak-ng phoneme mnemonic without its stress marks; None for a pause."""
-    core = name.lstrip("'%,=")
-    return None if not core or core.startswith("_") else core
-
-
-def span_cuts(a: float, b: float, parts: int) -> list[float]:
-    """The cut points of a phoneme's span [a, b] shared by its `parts` (1 or 2) sounds: of two
-    (a diphthong, an r-coloured vowel), the first takes 60 %."""
-    return [a, a + 0.6 * (b - a), b] if parts == 2 else [a, b]
 
 
 def phoneme_visemes(name: str) -> tuple[str, ...]:
