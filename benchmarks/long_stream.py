@@ -21,7 +21,11 @@ A call streams whole segments while `--budget` seconds allow (a device call is a
 as several calls: re-running the same command continues from W (state + W/segments.json; the inputs are a
 function of the case alone, kept in W/case.npz). W must stay on the machine between calls (a warm
 machine keeps ignored folders such as .recipe/): the starter's state is 38.6 MB, which cannot travel back beside
-the 41-MiB starter under the device's 64-MiB limit, so the calls must follow each other within its idle release.
+the 41-MiB starter under the device's 64-MiB limit in one call, so the calls should follow each other within its
+idle release. A lost machine need not lose the stream: --out's state.st.NN (cat them), xz-compressed (22.4 MB) and
+split in three, travels in three small calls (each carries one piece and copies it to the machine's /tmp, which
+lives while the machine is warm; a folder ignored only by .git/info/exclude did not survive a call), a fourth carries the wheels into /tmp,
+and the last unpacks state.st and segments.json into W and runs this command (session 42 finished the hour so).
 Outputs (W and `--out`): segments.json (every finished segment: frames, wall times, fps, chunk latency, peak
 GPU memory, scores), state.st (in --out as 15-MiB pieces state.st.NN: `cat state.st.* > state.st`), sheet.png
 (each finished segment's first and last frame; W/shots.npz holds them).
