@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import numpy as np
 import pytest
 from aiohttp import ClientSession
 
@@ -309,3 +310,47 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     events = [json.loads(ln)["event"] for ln in "".join(said).splitlines() + err.splitlines() if ln.startswith("{")]
     assert "serving" in events and "session_created" in events and "session_refused" in events and "session_closed" in events
+
+
+def test_spoken_commands_in_push_to_talk_become_instructions(model):
+    """Push-to-talk speech (espeak-ng, a voice held out of the spotter's training) saying "raise your hand"
+    becomes the instruction "raise a hand" (source voice): in the history, on the engine's queue, counted.
+    Controls: a sentence without a command gives none, and the same command on a server started with
+    commands off gives none (waited for twice as long as the command took to be found)."""
+    import time
+
+    from stages.serve.app import STATE
+    from stages.stream.events import Instruction
+    from stages.synth.speech import tts
+    pause = np.zeros(8000, np.float32)
+    command = np.concatenate([pause, tts("Okay, raise your hand now.", "en-us+m3").audio, pause])
+    plain = np.concatenate([pause, tts("The weather was lovely by the sea today.", "en-us+m3").audio, pause])
+
+    async def talk(commands: bool, audio: np.ndarray, wait_s: float | None):
+        apps: list = []
+        async with running(ServeOptions(speed=SLOW, commands=commands), [model], apps) as url, ClientSession() as http:
+            status, info = await _post_session(http, url)
+            assert status == 201
+            s = apps[0][STATE].sessions[info["id"]]
+            assert (s.commands is not None) == commands
+            t0 = time.monotonic()
+            for i in range(0, len(audio), 1600):                # the page sends ~0.1 s a message
+                s.speech(audio[i:i + 1600])
+                await asyncio.sleep(0)
+            while True:
+                history = (await (await http.get(f"{url}/sessions/{info['id']}")).json())["history"]
+                took = time.monotonic() - t0
+                if history or took > (wait_s or 30):
+                    break
+                await asyncio.sleep(0.1)
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
+            return history, s.events.drain(), fams, took
+
+    history, queued, fams, took = asyncio.run(talk(True, command, None))
+    assert [(h["text"], h["source"]) for h in history] == [("raise a hand", "voice")], history
+    assert Instruction("raise a hand") in queued
+    assert value(fams, "vidu_serve_voice_commands_total") == 1 and value(fams, "vidu_serve_instructions_total") == 1
+    for commands, audio in ((True, plain), (False, command)):
+        history, queued, fams, _ = asyncio.run(talk(commands, audio, 2 * took))
+        assert history == [] and not any(isinstance(e, Instruction) for e in queued)
+        assert value(fams, "vidu_serve_voice_commands_total") == 0

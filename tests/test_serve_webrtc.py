@@ -139,6 +139,15 @@ def test_video_audio_instructions_and_push_to_talk_over_webrtc(model):
             assert value(fams, "vidu_serve_messages_rejected_total") == 4
             assert value(fams, "vidu_serve_chunk_seconds_count") >= 5
             assert value(fams, "vidu_serve_frames_sent_total") >= len(v.frames) - 2
+            # push-to-talk that says a command: the viewer is told the instruction the spotter heard
+            from stages.synth.speech import tts
+            said = (np.clip(tts("Okay, raise your hand now.", "en-us+m3").audio, -1, 1) * 32767).astype("<i2")
+            for i in range(0, len(said), 1600):
+                v.channel.send(said[i:i + 1600].tobytes())
+                await asyncio.sleep(0.05)
+            await _until(lambda: any(m.get("type") == "command" for m in v.replies), 30, "the spoken command")
+            heard = [m for m in v.replies if m["type"] == "command"]
+            assert [(m["text"], m["source"]) for m in heard] == [("raise a hand", "voice")] and heard[0]["chunk"] >= 1
             await v.close()
     asyncio.run(main())
 

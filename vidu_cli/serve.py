@@ -26,6 +26,7 @@ def serve(
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed of the calibration sessions.")] = 0,
+    commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Spot spoken instructions (the actions the model knows) in each session's push-to-talk speech.")] = ServeOptions.commands,
 ) -> None:
     """Serve many live characters over WebRTC: a page to upload a reference image, talk and type
     instructions; sessions admitted only while every admitted one keeps real time (measured).
@@ -45,7 +46,7 @@ def serve(
     from stages.stream.session import pick_device
     try:
         opts = ServeOptions.from_env(token, host=host, port=port, max_sessions=max_sessions, speed=speed,
-                                     max_batch=max_batch, calib_chunks=calib_chunks)
+                                     max_batch=max_batch, calib_chunks=calib_chunks, commands=commands)
         check_bind(opts)                                      # before any model loads
         check_address(host, port)
         if ckpt is not None and preset is not None:

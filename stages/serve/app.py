@@ -39,7 +39,7 @@ from stages.serve.metrics import Metrics, log
 from stages.serve.model import ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions, check_bind
 from stages.serve.scheduler import Refused, Scheduler
-from stages.serve.sessions import ServeSession, TokenBucket
+from stages.serve.sessions import ServeSession, TokenBucket, voice_commands
 from stages.stream.events import MAX_INSTRUCTION_CHARS, EventQueue, StreamError, instruction_text
 from stages.stream.say import DEFAULT_VOICE
 
@@ -202,7 +202,10 @@ async def create_session(request: web.Request) -> web.Response:
         from stages.stream.session import Session
         parts = await asyncio.to_thread(worker.model.parts, rgb, profile, int(seed_text))
         session = Session(parts, EventQueue(), live_options(instruction))
-        s = ServeSession(session, profile, worker, opts, state.metrics, asyncio.get_running_loop(), voice)
+        fps = parts.cfg.audio.fps
+        commands = await asyncio.to_thread(voice_commands, fps) if opts.commands else None
+        s = ServeSession(session, profile, worker, opts, state.metrics, asyncio.get_running_loop(), voice,
+                         commands=commands)
         state.sessions[s.id] = s
         worker.add(s)
     state.metrics.admit(profile.name)

@@ -47,7 +47,7 @@ class Metrics:
         self.chunk_seconds = Histogram()
         self.batch_size = Histogram(BATCH_BUCKETS)
         self.counters = {"admitted": 0, "refused": 0, "chunks": 0, "chunks_late": 0, "frames_sent": 0,
-                         "frames_dropped": 0, "frames_unsent": 0, "instructions": 0, "audio_samples": 0, "messages_rejected": 0,
+                         "frames_dropped": 0, "frames_unsent": 0, "instructions": 0, "voice_commands": 0, "audio_samples": 0, "messages_rejected": 0,
                          "requests_limited": 0, "sessions_closed": 0, "degraded_live": 0, "batches": 0}
         self.recent: deque[float] = deque(maxlen=RECENT)     # the latest chunk times, for exact quantiles
         self.refused_by: dict[str, int] = {}
@@ -113,7 +113,8 @@ class Metrics:
                                ("frames_sent", "Video frames sent to viewers."),
                                ("frames_dropped", "Video frames skipped because the viewer read them late."),
                                ("frames_unsent", "Video frames generated ahead and not sent when their session closed."),
-                               ("instructions", "Instructions received."),
+                               ("instructions", "Instructions received (typed and spoken)."),
+                               ("voice_commands", "Instructions spotted in push-to-talk speech."),
                                ("audio_samples", "Push-to-talk samples received (16 kHz)."),
                                ("messages_rejected", "Data channel messages rejected."),
                                ("requests_limited", "HTTP requests refused by the rate limit (429).")):

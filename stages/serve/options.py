@@ -36,6 +36,7 @@ class ServeOptions:
     message_burst: int = 100
     max_message_bytes: int = 64 * 1024   # one data channel message
     max_audio_buffer_s: float = 10.0     # push-to-talk speech waiting for the engine, per session
+    commands: bool = True                # spot spoken instructions in push-to-talk speech (stages/stream/commands.py)
     history: int = 200                   # instructions kept per session
     lead_s: float = 0.1                  # s between a session's first chunk and its first frame on the wire
 

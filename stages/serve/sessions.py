@@ -7,7 +7,10 @@ Data channel messages (text is JSON, binary is speech):
                                                         "text", "chunk": the chunk it acts from}
   {"type": "say", "text": "...", "id": any}          -> the text spoken by espeak-ng in the session's voice, as
                                                         push-to-talk audio; reply {"type": "ack", ...}
-  binary: s16le 16 kHz mono PCM                      -> AudioChunk (push-to-talk); nothing replied
+  binary: s16le 16 kHz mono PCM                      -> AudioChunk (push-to-talk); nothing replied, but a
+                                                        command spotted in it (an action the model knows, said:
+                                                        "raise your hand") becomes an instruction, sent as
+                                                        {"type": "command", "text", "chunk", "source": "voice"}
   anything else                                      -> {"type": "error", "error": "...", "id"}
 
 Memory is bounded: the output is at most `ahead_chunks` (+ 1 in a batch) chunks ahead of the viewer, push-to-talk
@@ -50,9 +53,29 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+class _Heard:
+    """The spotter's side of a session (VoiceCommands puts an Instruction here from its thread): the command
+    goes to the event loop, where it is queued and recorded like a typed instruction."""
+
+    def __init__(self):
+        self.session: ServeSession | None = None
+
+    def put(self, event) -> None:
+        s = self.session
+        if s is not None and isinstance(event, Instruction):
+            s.loop.call_soon_threadsafe(s.heard, event.text)
+
+
+def voice_commands(fps: float):
+    """A live spotter of spoken commands for one session (the first one made loads the classifier: seconds,
+    so call it off the event loop); `.events.session` is set by the ServeSession that takes it."""
+    from stages.stream.commands import VoiceCommands
+    return VoiceCommands(_Heard(), live=True, fps=fps)
+
+
 class ServeSession:
     def __init__(self, session, profile: Profile, worker, opts: ServeOptions, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, voice: str, sid: str | None = None):
+                 loop: asyncio.AbstractEventLoop, voice: str, sid: str | None = None, commands=None):
         self.id = sid or new_id()
         self.session, self.events = session, session.events      # stages.stream.session.Session
         self.profile, self.worker, self.opts, self.metrics, self.loop = profile, worker, opts, metrics, loop
@@ -72,6 +95,11 @@ class ServeSession:
         self.closed: str | None = None
         self.error: str | None = None
         self.degraded: list[str] = []                   # profiles switched to while running
+        self.commands = commands                        # voice_commands(): spoken instructions in push-to-talk
+        self._spotter = None
+        if commands is not None:
+            commands.events.session = self
+            self._spotter = commands.tap()
 
     # -- worker side (its thread)
     def load(self) -> float:
@@ -130,8 +158,9 @@ class ServeSession:
                 "history": list(self.history), "worker": self.worker.index, "error": self.error,
                 "degraded": list(self.degraded)}
 
-    def instruct(self, text) -> dict:
-        """Validate and queue an instruction; its history entry (StreamError for a bad one)."""
+    def instruct(self, text, source: str = "text") -> dict:
+        """Validate and queue an instruction (`source`: text, typed; voice, spotted in speech); its history
+        entry (StreamError for a bad one)."""
         if not isinstance(text, str) or not text.strip():
             raise StreamError("the instruction is empty")
         text = text.strip()
@@ -140,10 +169,20 @@ class ServeSession:
         self.events.put(Instruction(text))
         self.last_input = time.monotonic()
         self.metrics.inc("instructions")
-        entry = {"text": text, "chunk": self.session.chunks, "t": round(time.time(), 3)}
+        entry = {"text": text, "chunk": self.session.chunks, "t": round(time.time(), 3), "source": source}
         self.history.append(entry)
-        log("instruction", session=self.id, chars=len(text), chunk=entry["chunk"])
+        log("instruction", session=self.id, chars=len(text), chunk=entry["chunk"], source=source)
         return entry
+
+    def heard(self, text: str) -> None:
+        """A command the spotter heard in this session's speech (the event loop): queued like a typed one, and
+        told to the viewer."""
+        if self.closed is not None:
+            return
+        entry = self.instruct(text, source="voice")
+        self.metrics.inc("voice_commands")
+        if self.channel is not None:
+            self._reply(self.channel, {"type": "command", **entry})
 
     def speech(self, samples: np.ndarray) -> None:
         """Push-to-talk samples [N] float32 16 kHz (StreamError when too much is already waiting)."""
@@ -151,6 +190,8 @@ class ServeSession:
         if waiting + len(samples) / SAMPLE_RATE > self.opts.max_audio_buffer_s:
             raise StreamError(f"{waiting:.1f} s of speech is already waiting (at most {self.opts.max_audio_buffer_s:g} s)")
         self.events.put(AudioChunk(samples))
+        if self._spotter is not None:
+            self._spotter.put(AudioChunk(samples))
         self.audio_in += len(samples)
         self.last_input = time.monotonic()
         self.metrics.inc("audio_samples", len(samples))
@@ -256,6 +297,8 @@ class ServeSession:
         self.worker.remove(self)
         self.timeline.close()
         await self._drop_viewer()
+        if self.commands is not None:
+            await asyncio.to_thread(self.commands.close)
         self.metrics.inc("sessions_closed")
         self.metrics.inc("frames_sent", self.timeline.sent)
         self.metrics.inc("frames_dropped", self.timeline.dropped)

@@ -49,6 +49,7 @@ async function connect() {
   channel.onmessage = e => {
     const m = JSON.parse(e.data);
     if (m.type === 'ack') { state.acks += 1; note(m.text ? `instruction from chunk ${m.chunk}: ${m.text}` : `saying: ${m.said}`); }
+    else if (m.type === 'command') { state.commands = (state.commands || 0) + 1; note(`heard "${m.text}": from chunk ${m.chunk}`); }
     else if (m.type === 'error') { state.lastError = m.error; note(m.error); }
   };
   const stream = new MediaStream();
