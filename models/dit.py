@@ -76,14 +76,15 @@ def _int8(q, k, v, mask=None, prefix=None, cache=None):
 
 @torch.compiler.disable
 def _sparse(q, k, v, mask=None, prefix=None, cache=None):
-    return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v, prefix=prefix, cache=cache)
+    return attention(q, k, v, mask) if mask is not None else sparse_attention(q, k, v)
 
 
 # self-attention backends (DiT.use_kernels): PyTorch SDPA; INT8 Q.K^T with per-block scales and K smoothing;
 # block-sparse from pooled block similarity (keep 0.9). The fast ones take no mask: a masked call runs SDPA.
 # Each is called (q, k, v, mask, prefix=, cache=): `prefix` the cached context's keys that k starts with, `cache`
-# the module's PrefixCache, where a backend keeps what it derives from them (INT8 attention's quantized key blocks,
-# the sparse mask's pooled key blocks) for the next calls over the same context (a chunk's steps).
+# the module's PrefixCache, where a backend keeps what it derives from them (INT8 attention's quantized key blocks)
+# for the next calls over the same context (a chunk's steps). Sparse attention keeps nothing: it builds its block map
+# from each call's q and k in two launches (vidu_kernels.sparse_attention.block_map).
 SELF_ATTENTION = {"sdpa": _sdpa, "int8": _int8, "sparse": _sparse}
 
 
@@ -330,8 +331,8 @@ class DiT(nn.Module):
         under torch.compile), their torch references anywhere else: the same numbers either way; and
         self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate).
         keep_context: the fast backends keep what they derive from a context rotated once per chunk (DiT.rotate) for
-        the chunk's next forwards (vidu_kernels.prefix_cache: INT8 attention's int8 key blocks, the sparse mask's
-        pooled key blocks); False derives it in every forward (the same numbers, to measure what keeping buys)."""
+        the chunk's next forwards (vidu_kernels.prefix_cache: INT8 attention's int8 key blocks; the sparse backend
+        keeps nothing); False derives it in every forward (the same numbers, to measure what keeping buys)."""
         if attention not in SELF_ATTENTION:
             raise ValueError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
         for block in self.blocks:

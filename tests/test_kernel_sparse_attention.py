@@ -2,7 +2,8 @@
 against its float32 oracle on awkward shapes (tails, Lq != Lk, strided views, fp32/bf16/fp16), keep=1 against
 dense attention, the pooled-similarity mask on inputs whose attention really is block-sparse (work skipped, small
 error, and a random mask of the same size as the negative control), the `always` blocks, the self-similarity
-guard, and the fallback to the reference where no kernel runs."""
+guard, the fallback to the reference where no kernel runs, and the block map's two Triton launches against the
+torch-op rule (block_mask_reference), with negative controls."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,10 @@ import torch
 
 import vidu_kernels.sparse_attention as sa
 from vidu_kernels.attention import attention_reference
+from vidu_kernels._triton import runs_triton
 from vidu_kernels.sparse_attention import (
+    block_lists,
+    block_map,
     block_mask_reference,
     kept_fraction,
     pool_blocks,
@@ -202,6 +206,93 @@ def test_falls_back_to_the_reference_without_triton(monkeypatch):
         raise AssertionError("the kernel ran although runs_triton is false")
 
     monkeypatch.setattr(sa, "sparse_attention_triton", no_kernel)
+    monkeypatch.setattr(sa, "_attend", no_kernel)
     out, m = sparse_attention(q, k, v, keep=0.9, block_q=BLK, block_k=BLK, return_mask=True)
     assert torch.equal(m, mask)
     assert torch.equal(out, sparse_attention_reference(q, k, v, mask, BLK, BLK))
+
+
+# ------------------------------------------------------------------------------------------ the block map in Triton
+
+def undecided(q, k, keep, always=(), min_sim=sa.DEFAULT_MIN_SIM, tol=1e-5) -> torch.Tensor:
+    """Tiles [B, H, nq, nk] whose decision lies within `tol` of a threshold of the rule (the mass ranked above the
+    tile within tol of keep, or the query or key block's similarity within tol of min_sim): float32 sums taken in
+    another order may decide those the other way. Pinned blocks (`always`) are decided either way."""
+    pq, sim_q, _ = pool_blocks(q, BLK)
+    pk, sim_k, count_k = pool_blocks(k, BLK)
+    p = (torch.einsum("bhqd,bhkd->bhqk", pq, pk) / q.shape[-1] ** 0.5 + count_k.log()).softmax(-1)
+    p_sorted, order = p.sort(-1, descending=True)
+    before = torch.empty_like(p).scatter_(-1, order, p_sorted.cumsum(-1) - p_sorted)
+    near = ((before - keep).abs() < tol) | ((sim_q - min_sim).abs() < tol)[..., None] \
+        | ((sim_k - min_sim).abs() < tol)[..., None, :]
+    near[..., list(always)] = False
+    return near
+
+
+MAP_SHAPES = [(2, 5, 7, 2, 16), (2, 50, 90, 2, 32), (1, 33, 200, 2, 16), (2, 50, 20, 2, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Lq,Lk,H,D", MAP_SHAPES)
+def test_block_map_kernel_equals_the_reference(B, Lq, Lk, H, D, dtype):
+    """The two-launch map (pool, select) against block_mask_reference: the same mask on random and block-sparse
+    inputs, every keep, with and without the `always` blocks and the similarity guard; and the lists the attention
+    kernel walks equal block_lists of the reference's mask. Where the masks may differ (tiles within float32
+    rounding of a threshold, `undecided`) they are counted: none differ on these inputs."""
+    assert runs_triton(torch.zeros(1)), "needs Triton's interpreter (conftest sets TRITON_INTERPRET=1)"
+    inputs = [qkv(B, Lq, Lk, H, D, seed=Lq + Lk, dtype=dtype), clustered(B, Lq, Lk, H, D, seed=Lk)]
+    tiles = differ = 0
+    for q, k, _ in inputs:
+        q, k = (3 * q).to(dtype), k.to(dtype)                  # random q scaled: peaked pooled scores
+        for keep, always, min_sim in [(0.3, (), -1.0), (0.6, (0, -1), -1.0), (0.9, (0,), sa.DEFAULT_MIN_SIM),
+                                      (0.99, (), 0.0), (1.0, (0,), -1.0)]:
+            mask, lut, cnt = block_map(q, k, BLK, BLK, keep, always, min_sim)
+            ref = block_mask_reference(q, k, BLK, BLK, keep, always, min_sim)
+            assert mask.dtype == torch.bool and mask.shape == ref.shape
+            off = mask != ref
+            assert not (off & ~undecided(q, k, keep, always, min_sim)).any(), (keep, always, min_sim)
+            tiles, differ = tiles + ref.numel(), differ + int(off.sum())
+            ref_lut, ref_cnt = block_lists(mask)
+            assert torch.equal(cnt, ref_cnt) and (cnt >= 1).all()
+            listed = torch.arange(lut.shape[-1]) < cnt[..., None]
+            assert torch.equal(lut[listed], ref_lut[listed])
+    assert differ == 0, f"{differ} of {tiles} tiles"
+
+
+def test_block_map_negative_controls():
+    """The comparison above can fail: the map of other keys (flipped in order) or of another keep differs from the
+    reference's mask, on tiles the rule decides well away from its thresholds."""
+    q, k, _ = clustered(2, 50, 90, 2, 32, seed=11)
+    ref = block_mask_reference(q, k, BLK, BLK, 0.9, (), -1.0)
+    for mask in (block_map(q, k.flip(1), BLK, BLK, 0.9, (), -1.0)[0], block_map(q, k, BLK, BLK, 0.5, (), -1.0)[0]):
+        assert ((mask != ref) & ~undecided(q, k, 0.9, (), -1.0)).sum() >= 5
+
+
+def test_sparse_attention_is_three_launches(monkeypatch):
+    """Where the kernels run, sparse_attention is the pooling launch, the selection launch and the attention
+    launch, once each, with no torch-op mask (block_mask_reference, block_lists) on the way; its output equals the
+    kernel's on the reference's mask, and its mask the reference's."""
+    q, k, v = clustered(2, 50, 90, 2, 32, seed=12)
+    ref_mask = block_mask_reference(q, k, BLK, BLK, 0.9, (0,))
+    expected = sparse_attention_triton(q, k, v, ref_mask, BLK, BLK)
+    launches = []
+
+    class Count:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_pool_qk", "_select_blocks", "_sparse_attn_fwd"):
+        monkeypatch.setattr(sa, name, Count(name, getattr(sa, name)))
+
+    def torch_map(*a, **kw):
+        raise AssertionError("the torch-op map ran on the kernel path")
+
+    monkeypatch.setattr(sa, "block_mask_reference", torch_map)
+    monkeypatch.setattr(sa, "block_lists", torch_map)
+    out, mask = sparse_attention(q, k, v, keep=0.9, block_q=BLK, block_k=BLK, return_mask=True)
+    assert launches == ["_pool_qk", "_select_blocks", "_sparse_attn_fwd"]
+    assert torch.equal(mask, ref_mask) and torch.equal(out, expected)

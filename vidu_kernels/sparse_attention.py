@@ -12,13 +12,28 @@ Key blocks named in `always` (block indices, negative from the end; default (0,)
 start of the reference frame, an attention sink) are always kept; to pin a whole reference frame of S tokens pass
 range(ceil(S / block_k)).
 
-- `block_mask_reference(q, k, block_q, block_k, keep, always=(), min_sim=...)` -> bool [B, H, nq, nk]
+- `block_mask_reference(q, k, block_q, block_k, keep, always=(), min_sim=...)` -> bool [B, H, nq, nk]: the rule in
+  torch ops (the oracle of the map kernels).
+- `block_map(q, k, block_q, block_k, keep, always, min_sim)` -> (mask, lut, cnt): the same mask built by two Triton
+  launches where `runs_triton(q, k)` — one pools every query block and every key block (mean token, mean pairwise
+  cosine), one per query block scores the key blocks, selects by the `keep` rule and writes the mask row and the
+  list of kept key blocks the attention kernel walks — else the reference and `block_lists`.
 - `sparse_attention_reference(q, k, v, block_mask, block_q, block_k)`: exact attention over the kept blocks,
   in float32 (the oracle of the kernel).
 - `sparse_attention(q, k, v, keep=0.9, block_q=64, block_k=64, always=(0,), ...)` -> [B, Lq, H, D] in q's
-  dtype: the mask, then a Triton flash-attention kernel that visits only the kept key blocks of each query block
-  (online softmax, float32 accumulation) where `runs_triton(q, k, v)`, else the reference. `return_mask=True`
-  also returns the block mask; `kept_fraction(mask)` is the share of (query block, key block) tiles computed.
+  dtype: `block_map`, then a Triton flash-attention kernel that visits only the kept key blocks of each query block
+  (online softmax, float32 accumulation): three launches in all, no host sync, where `runs_triton(q, k, v)`; else
+  the reference. `return_mask=True` also returns the block mask; `kept_fraction(mask)` is the share of (query
+  block, key block) tiles computed.
+
+The map is built afresh at every call from that call's q and k (nothing is carried across calls, steps or layers),
+so a call's output is a function of its inputs alone. Built in two launches it costs two reads of q and k (the
+pooling) plus a few microseconds, against the dense attention's Lq x Lk work: the torch-op map it replaces (tens
+of small launches, a sort per query block) cost more than the kernel saved at Wan 1.3B's shapes on the H200.
+The kernel map selects exactly by the reference's rule; its float32 sums are taken in another order, so a tile
+whose mass-before lies within float32 rounding of `keep` (or whose block similarity lies at `min_sim`) can be
+decided the other way (the tests bound where masks may differ); on exact ties of the pooled scores the kernel
+keeps every tied block where the reference, by its sort, may keep only the first.
 
 Tensors are tokens-first as everywhere in vidu_kernels: q [B, Lq, H, D], k/v [B, Lk, H, D]; Lq may differ
 from Lk (streaming: the chunk's queries against [cached context + chunk] keys), neither need be a multiple of
@@ -33,7 +48,6 @@ import torch
 import torch.nn.functional as F
 
 from vidu_kernels._triton import HAVE_TRITON, runs_triton
-from vidu_kernels.prefix_cache import PrefixCache, prefix_length
 
 DEFAULT_MIN_SIM = 0.5  # mean pairwise cosine below which a block's average is not trusted (kept dense)
 
@@ -50,8 +64,7 @@ def _blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pool_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per batch and head: the mean token of each block [B, H, n, D] (float32), the mean pairwise cosine
-    similarity of the block's tokens [B, H, n] (1 for a one-token block), and each block's token count [n].
-    Keys cached across calls (a stream's context) can be pooled once and passed to `block_mask_from_pooled`."""
+    similarity of the block's tokens [B, H, n] (1 for a one-token block), and each block's token count [n]."""
     xb, counts = _blocks(x, block)
     mean = xb.sum(3) / counts[:, None]
     u = xb / xb.norm(dim=-1, keepdim=True).clamp_min(1e-12)        # padding rows stay 0
@@ -88,28 +101,8 @@ def block_mask_from_pooled(pq: torch.Tensor, sim_q: torch.Tensor, pk: torch.Tens
     return mask
 
 
-def pool_keys(k: torch.Tensor, block: int, prefix_len: int | None = None,
-              head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """pool_blocks of the keys, in two runs when they start with a prefix of prefix_len keys (a cached context):
-    the prefix's whole blocks (the first prefix_len // block), then the rest, joined. The blocks are the same
-    either way (both runs start at a block boundary); the split lets a caller pool the prefix's blocks once
-    (`head`: pool_blocks(k[:, :prefix_len // block * block], block), computed before) for every call that
-    attends to it."""
-    n = (prefix_len or 0) // block * block
-    if not n:
-        return pool_blocks(k, block)
-    if head is None:
-        head = pool_blocks(k[:, :n], block)
-    if n == k.shape[1]:
-        return head
-    tail = pool_blocks(k[:, n:], block)
-    return tuple(torch.cat([a, b], dim) for a, b, dim in zip(head, tail, (2, 2, 0)))
-
-
 def block_mask_reference(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep: float,
-                         always: Sequence[int] = (), min_sim: float = DEFAULT_MIN_SIM, prefix_len: int | None = None,
-                         key_head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         always: Sequence[int] = (), min_sim: float = DEFAULT_MIN_SIM) -> torch.Tensor:
     """Training-free block mask, bool [B, H, ceil(Lq / block_q), ceil(Lk / block_k)] (True = computed).
 
     Per batch and head: pooled_q / pooled_k = the mean token of each block of q / k; score = softmax over the
@@ -118,10 +111,9 @@ def block_mask_reference(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k
     mass reaches `keep` (in (0, 1]; 1 keeps all), at least one. Key blocks in `always` (indices, negative from
     the end) are kept for every query block. Self-similarity guard: a block whose tokens' mean pairwise cosine
     similarity is below `min_sim` is not judged by its average (a query block keeps its whole row, a key block
-    its whole column); min_sim=-1 turns the guard off. prefix_len / key_head: the keys pooled by `pool_keys` (a
-    cached context's whole blocks in a run of their own, their pooled blocks given when computed before)."""
+    its whole column); min_sim=-1 turns the guard off."""
     pq, sim_q, _ = pool_blocks(q, block_q)
-    pk, sim_k, count_k = pool_keys(k, block_k, prefix_len, key_head)
+    pk, sim_k, count_k = pool_blocks(k, block_k)
     return block_mask_from_pooled(pq, sim_q, pk, sim_k, count_k, keep, always, min_sim)
 
 
@@ -158,6 +150,88 @@ def block_lists(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _pool_block(X, sxl, sxd, base, blk, L, D, MEAN, SIM, out, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+        """pool_blocks of one block of BLOCK tokens (of L; base: the (batch, head) offset) -> MEAN[out, :D] (the mean
+        token) and SIM[out] (mean pairwise cosine: (|sum of unit tokens|^2 - n) / (n (n - 1)); 1 for n = 1)."""
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        x = tl.load(X + base + offs[:, None] * sxl + offs_d[None, :] * sxd, mask=(offs < L)[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        n = tl.minimum(L - blk * BLOCK, BLOCK).to(tl.float32)
+        tl.store(MEAN + out * D + offs_d, tl.sum(x, 0) / n, mask=d_ok)
+        u = x / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)[:, None]     # padding rows stay 0
+        su = tl.sum(u, 0)
+        s = tl.sum(su * su, 0)
+        sim = tl.where(n > 1, (s - n) / tl.maximum(n * (n - 1), 1.0), 1.0)
+        tl.store(SIM + out, sim)
+
+    @triton.jit
+    def _pool_qk(Q, K, PQ, SQ, PK, SK, sqb, sql, sqh, sqd, skb, skl, skh, skd, H, Lq, Lk, D, nq, nk,
+                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One launch pools every block of q and of k: program (i, b * H + h) takes query block i for i < nq, else
+        key block i - nq; outputs [B, H, n, D] means and [B, H, n] similarities, float32."""
+        i = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        if i < nq:
+            _pool_block(Q, sql, sqd, b * sqb + h * sqh, i, Lq, D, PQ, SQ, bh * nq + i, BLOCK_Q, BLOCK_D)
+        else:
+            _pool_block(K, skl, skd, b * skb + h * skh, i - nq, Lk, D, PK, SK, bh * nk + i - nq, BLOCK_K, BLOCK_D)
+
+    @triton.jit
+    def _select_blocks(PQ, SQ, PK, SK, ALWAYS, MASK, LUT, CNT, Lk, D, nq, nk, sm_scale, keep, keep_all, min_sim,
+                       N_ALWAYS: tl.constexpr, BLOCK_K: tl.constexpr, NK_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DC: tl.constexpr):
+        """One program: one query block of one (batch, head). Scores its pooled query against every pooled key block
+        (softmax over the key blocks of pq . pk / sqrt(D) + log(token count)), keeps key block j when the mass of
+        the blocks scoring above it, S(p_j) = sum of p_i > p_j, is below `keep` (the reference's rule: best first
+        until the mass reaches keep), adds the `always` blocks and the similarity guard, and writes the mask row,
+        the kept indices ascending (LUT) and their count (CNT). The kept set is {j: p_j >= t} for the smallest p
+        value t with S(t) < keep, found exactly by bisection on float32 bit patterns (positive floats order as
+        their bits): 32 halvings of [0, bits(max p)], no sort."""
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        row = bh * nq + qb
+        offs_j = tl.arange(0, NK_PAD)
+        j_ok = offs_j < nk
+        logits = tl.zeros([NK_PAD], dtype=tl.float32)
+        for d0 in range(0, BLOCK_D, DC):
+            offs_d = d0 + tl.arange(0, DC)
+            d_ok = offs_d < D
+            pq = tl.load(PQ + row * D + offs_d, mask=d_ok, other=0.0)
+            pk = tl.load(PK + (bh * nk + offs_j[:, None]) * D + offs_d[None, :], mask=j_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+            logits += tl.sum(pk * pq[None, :], 1)
+        count = tl.minimum(Lk - offs_j * BLOCK_K, BLOCK_K).to(tl.float32)
+        logits = tl.where(j_ok, logits * sm_scale + tl.log(tl.maximum(count, 1.0)), float("-inf"))
+        e = tl.exp(logits - tl.max(logits, 0))
+        p = e / tl.sum(e, 0)                                             # 0 past nk
+        lo = tl.zeros([1], dtype=tl.int32)                               # S(bits lo) >= keep (or lo = 0)
+        hi = tl.max(p, 0).to(tl.int32, bitcast=True) + tl.zeros([1], dtype=tl.int32)   # S(max p) = 0 < keep
+        for _ in range(32):
+            mid = lo + (hi - lo) // 2
+            t = mid.to(tl.float32, bitcast=True)                         # [1]
+            s = tl.sum(tl.where(p[:, None] > t[None, :], p[:, None], 0.0), 0)
+            good = s < keep
+            hi = tl.where(good, mid, hi)
+            lo = tl.where(good, lo, mid)
+        t = tl.sum(hi, 0).to(tl.float32, bitcast=True)
+        sq_low = (tl.load(SQ + row) < min_sim).to(tl.int32)
+        sk = tl.load(SK + bh * nk + offs_j, mask=j_ok, other=1.0)
+        k32 = tl.maximum((p >= t).to(tl.int32), tl.maximum(keep_all, sq_low))
+        k32 = tl.maximum(k32, (sk < min_sim).to(tl.int32))
+        for a in range(0, N_ALWAYS):
+            k32 = tl.maximum(k32, (offs_j == tl.load(ALWAYS + a)).to(tl.int32))
+        k32 = tl.where(j_ok, k32, 0)
+        kept = k32 > 0
+        tl.store(MASK + row * nk + offs_j, k32.to(tl.int8), mask=j_ok)
+        pos = tl.cumsum(k32, 0) - 1
+        tl.store(LUT + row * nk + pos, offs_j, mask=kept)
+        tl.store(CNT + row, tl.sum(k32, 0))
 
     @triton.jit
     def _attend_tile(q, kb, m_i, l_i, acc, k_base, v_base, skl, svl, Lk, offs_n, d_ok, qk_scale,
@@ -234,17 +308,68 @@ if HAVE_TRITON:
                  out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
-                            block_q: int, block_k: int, num_warps: int | None = None,
-                            num_stages: int | None = None) -> torch.Tensor:
-    """The kernel on a given block mask (block_q x block_k tiles, powers of two >= 16), which must keep at least
-    one key block for every query block (not checked here: that would wait for the GPU)."""
+def _always_blocks(always: Sequence[int], nk: int) -> tuple[int, ...]:
+    """The `always` key blocks as indices in [0, nk) (IndexError for one out of range, as the reference)."""
+    out = []
+    for j in always:
+        if not -nk <= j < nk:
+            raise IndexError(f"always={tuple(always)}: key block {j} of {nk}")
+        out.append(j % nk)
+    return tuple(sorted(set(out)))
+
+
+_ALWAYS: dict = {}
+
+
+def _always_tensor(blocks: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The `always` indices as an int32 tensor on the device, made once per (indices, device): no copy per call."""
+    key = (blocks, str(device))
+    t = _ALWAYS.get(key)
+    if t is None:
+        t = _ALWAYS[key] = torch.tensor(blocks or (0,), dtype=torch.int32, device=device)
+    return t
+
+
+def block_map(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, keep: float,
+              always: Sequence[int] = (), min_sim: float = DEFAULT_MIN_SIM
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block mask of `block_mask_reference` with the lists the attention kernel walks: (mask bool [B, H, nq, nk],
+    lut int32 [B, H, nq, nk] (each row's kept key blocks first, ascending; the rest unused), cnt int32 [B, H, nq]).
+    Where `runs_triton(q, k)`: two launches (`_pool_qk`, `_select_blocks`), nothing read back to the host; else the
+    reference and `block_lists`."""
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     nq, nk = -(-Lq // block_q), -(-Lk // block_k)
-    if tuple(block_mask.shape) != (B, H, nq, nk):
-        raise ValueError(f"block mask {tuple(block_mask.shape)} is not [B, H, nq, nk] = {(B, H, nq, nk)}")
-    lut, cnt = block_lists(block_mask.to(q.device))   # a query block keeping no key block would give NaN rows
+    blocks = _always_blocks(always, nk)
+    if not runs_triton(q, k):
+        mask = block_mask_reference(q, k, block_q, block_k, keep, always, min_sim)
+        return (mask, *block_lists(mask))
+    dev = q.device
+    pq = torch.empty(B, H, nq, D, dtype=torch.float32, device=dev)
+    pk = torch.empty(B, H, nk, D, dtype=torch.float32, device=dev)
+    sq = torch.empty(B, H, nq, dtype=torch.float32, device=dev)
+    sk = torch.empty(B, H, nk, dtype=torch.float32, device=dev)
+    block_d = max(16, triton.next_power_of_2(D))
+    _pool_qk[(nq + nk, B * H)](q, k, pq, sq, pk, sk, *q.stride(), *k.stride(), H, Lq, Lk, D, nq, nk,
+                               BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_D=block_d)
+    mask = torch.empty(B, H, nq, nk, dtype=torch.int8, device=dev)
+    lut = torch.empty(B, H, nq, nk, dtype=torch.int32, device=dev)
+    cnt = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
+    nk_pad = max(16, triton.next_power_of_2(nk))
+    _select_blocks[(nq, B * H)](pq, sq, pk, sk, _always_tensor(blocks, dev), mask, lut, cnt, Lk, D, nq,
+                                nk, 1.0 / math.sqrt(D), float(keep), int(keep >= 1), float(min_sim), N_ALWAYS=len(blocks), BLOCK_K=block_k, NK_PAD=nk_pad,
+                                BLOCK_D=block_d, DC=max(2, min(block_d, 8192 // nk_pad)))
+    return mask.view(torch.bool), lut, cnt
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, cnt: torch.Tensor, block_q: int,
+            block_k: int, num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """The attention kernel over the kept key blocks that (lut, cnt) list for each query block."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    nq, nk = -(-Lq // block_q), -(-Lk // block_k)
     out = torch.empty(B, Lq, H, D, dtype=q.dtype, device=q.device)
     extra = {}
     if q.device.type == "cuda":
@@ -259,29 +384,36 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
     return out
 
 
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
+                            block_q: int, block_k: int, num_warps: int | None = None,
+                            num_stages: int | None = None) -> torch.Tensor:
+    """The kernel on a given block mask (block_q x block_k tiles, powers of two >= 16), which must keep at least
+    one key block for every query block (not checked here: that would wait for the GPU)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    nq, nk = -(-Lq // block_q), -(-Lk // block_k)
+    if tuple(block_mask.shape) != (B, H, nq, nk):
+        raise ValueError(f"block mask {tuple(block_mask.shape)} is not [B, H, nq, nk] = {(B, H, nq, nk)}")
+    lut, cnt = block_lists(block_mask.to(q.device))   # a query block keeping no key block would give NaN rows
+    return _attend(q, k, v, lut, cnt, block_q, block_k, num_warps, num_stages)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: float = 0.9, block_q: int = 64,
                      block_k: int = 64, always: Sequence[int] = (0,), min_sim: float = DEFAULT_MIN_SIM,
-                     block_mask: torch.Tensor | None = None, return_mask: bool = False,
-                     prefix: torch.Tensor | None = None, cache: PrefixCache | None = None):
+                     block_mask: torch.Tensor | None = None, return_mask: bool = False):
     """Block-sparse attention: q [B, Lq, H, D], k/v [B, Lk, H, D] (bf16, fp16 or fp32) -> [B, Lq, H, D] in q's
-    dtype, or (out, block_mask) with return_mask. The mask is `block_mask_reference(q, k, block_q, block_k, keep,
-    always, min_sim)` unless one is given; the Triton kernel runs where runs_triton(q, k, v), else
-    sparse_attention_reference. kept_fraction(block_mask) is the share of tiles computed.
-    prefix: the keys k starts with, as their own tensor (k[:, :Lc] equals it: a stream's cached context, the same
-    for every step of a chunk): the mask pools its whole blocks in a run of their own (`pool_keys`), and with
-    `cache` (vidu_kernels.prefix_cache.PrefixCache) once, kept while the prefix tensor is unchanged; each call then
-    pools only its queries and the keys after the prefix's whole blocks. The mask is the same with or without the
-    cache (the same pooling of the same blocks). While torch.compile traces, the cache is not used (its look-up is
-    Python bookkeeping, not a graph)."""
-    if block_mask is None:
-        n_ctx = prefix_length(prefix, k)
-        head = None
-        if cache is not None and n_ctx is not None and n_ctx >= block_k and not torch.compiler.is_compiling():
-            n = n_ctx // block_k * block_k
-            head = cache.get(prefix, ("pooled keys", block_k), lambda: pool_blocks(k[:, :n], block_k))
-        block_mask = block_mask_reference(q, k, block_q, block_k, keep, always, min_sim, n_ctx, head)
-    if runs_triton(q, k, v):
-        out = sparse_attention_triton(q, k, v, block_mask, block_q, block_k)
-    else:
+    dtype, or (out, block_mask) with return_mask. Where runs_triton(q, k, v): the map by `block_map` (or the
+    lists of a given block_mask) and the attention kernel, three launches; else the mask by
+    `block_mask_reference(q, k, block_q, block_k, keep, always, min_sim)` unless one is given, and
+    sparse_attention_reference. kept_fraction(block_mask) is the share of tiles computed."""
+    if not runs_triton(q, k, v):
+        if block_mask is None:
+            block_mask = block_mask_reference(q, k, block_q, block_k, keep, always, min_sim)
         out = sparse_attention_reference(q, k, v, block_mask, block_q, block_k)
+        return (out, block_mask) if return_mask else out
+    if block_mask is None:
+        block_mask, lut, cnt = block_map(q, k, block_q, block_k, keep, always, min_sim)
+        out = _attend(q, k, v, lut, cnt, block_q, block_k)
+    else:
+        out = sparse_attention_triton(q, k, v, block_mask, block_q, block_k)
     return (out, block_mask) if return_mask else out
