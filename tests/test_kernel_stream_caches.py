@@ -32,8 +32,8 @@ def test_a_stream_with_the_caches_equals_one_without(backend):
             runs.append((model, run_engine(model, st, 4, cfg=cfg)[1]))
     (model, outs), (_, plain) = runs
     assert all(torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio) for a, b in zip(outs, plain))
-    # the context reaches a whole key block of 64 (the sparse mask's pooled blocks) at the 4th chunk (ref, sink and
-    # two ring frames of 18 tokens); INT8's cache serves every chunk (it keeps the context's mean too)
-    want = {"int8": 2 * 4, "sparse": 2}[backend]
+    # INT8's cache serves every chunk (it keeps the context's mean too); sparse attention builds its block map from
+    # each call's q and k and keeps nothing (its cache stays empty: the two runs are the same computation)
+    want = {"int8": 2 * 4, "sparse": 0}[backend]
     assert all(b.self_attn.prefix_cache.hits == want for b in model.blocks), [
         b.self_attn.prefix_cache.hits for b in model.blocks]
