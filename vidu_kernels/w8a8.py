@@ -24,6 +24,7 @@ the launchers run the torch reference (`runs_triton`, vidu_kernels/_triton.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -239,14 +240,22 @@ if HAVE_TRITON:
             (128, 64, 4, 4), (64, 256, 8, 3), (64, 64, 4, 4), (32, 128, 4, 4), (16, 128, 4, 4), (16, 64, 4, 4))]
 
     def _prune(configs, named_args, **kwargs):
-        """Tiles no taller than the rows need (M bucketed: small M, decode-like, gets small BLOCK_M)."""
+        """Tiles no taller than the rows need (M bucketed: small M, decode-like, gets small BLOCK_M), and no tiles
+        shorter than 64 rows for M >= 1024 (a chunk's tokens: they only add launches' worth of programs and the
+        autotuner's compiles)."""
         m = named_args["M"]
         cap = max(16, triton.next_power_of_2(m))
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap]
+        floor = 64 if m >= 1024 else 0
+        kept = [c for c in configs if floor <= c.kwargs["BLOCK_M"] <= cap]
         return kept or configs[-1:]
 
     _w8a8_gemm_tuned = triton.autotune(configs=_gpu_configs(), key=["M_BUCKET", "N", "K", "IS_INT8", "W_ROWS"],
                                        prune_configs_by={"early_config_prune": _prune})(_w8a8_gemm_kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _kernels_ok(fmt: str, *tensors: torch.Tensor) -> bool:
@@ -256,7 +265,8 @@ def _kernels_ok(fmt: str, *tensors: torch.Tensor) -> bool:
     dev = tensors[0].device
     if dev.type != "cuda":
         return True
-    return torch.cuda.get_device_capability(dev) >= ((8, 9) if fmt == "fp8" else (8, 0))
+    return _capability(dev.index if dev.index is not None else torch.cuda.current_device()) >= (
+        (8, 9) if fmt == "fp8" else (8, 0))
 
 
 def quantize_act(x: torch.Tensor, fmt: str, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,6 +277,12 @@ def quantize_act(x: torch.Tensor, fmt: str, group: int = BLOCK) -> tuple[torch.T
         raise ValueError(f"x must be [M, K], got {tuple(x.shape)}")
     if not _kernels_ok(fmt, x):
         return quantize_act_reference(x, fmt, group)
+    return _quantize_act_launch(x, fmt, group)
+
+
+def _quantize_act_launch(x: torch.Tensor, fmt: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantization kernel's launch (checks done by the caller)."""
+    dtype, _ = FORMATS[fmt]
     m, k = x.shape
     groups = triton.cdiv(k, group)
     xq = torch.empty((m, k), dtype=dtype, device=x.device)
@@ -299,13 +315,22 @@ def w8a8_gemm(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_scal
     tensors = (xq, x_scales, wq, w_scales) + ((bias,) if bias is not None else ())
     if not _kernels_ok(fmt, *tensors):
         return w8a8_matmul_reference(xq, x_scales, wq, w_scales, bias, out_dtype, group)
+    return _gemm_launch(xq, x_scales, wq, w_scales, bias, out_dtype, group, w_rows, config)
+
+
+def _gemm_launch(xq: torch.Tensor, x_scales: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, group: int, w_rows: int,
+                 config: dict | None = None) -> torch.Tensor:
+    """The GEMM kernel's launch (checks done by the caller)."""
+    m, k = xq.shape
+    n = wq.shape[0]
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
         return out
     args = (xq, x_scales, wq, w_scales, bias if bias is not None else out, out, m, n, k,
             xq.stride(0), xq.stride(1), x_scales.stride(0), x_scales.stride(1), wq.stride(0), wq.stride(1),
             w_scales.stride(0), w_scales.stride(1), out.stride(0), out.stride(1))
-    meta = dict(W_ROWS=w_rows, IS_INT8=fmt == "int8", HAS_BIAS=bias is not None, EVEN_K=k % group == 0,
+    meta = dict(W_ROWS=w_rows, IS_INT8=xq.dtype == torch.int8, HAS_BIAS=bias is not None, EVEN_K=k % group == 0,
                 BLOCK_K=group)
     if config is None and not interpreting():
         grid = lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)  # noqa: E731
@@ -325,14 +350,20 @@ def _m_bucket(m: int) -> int:
 
 def w8a8_linear(x: torch.Tensor, wq: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None, fmt: str,
                 group: int = BLOCK) -> torch.Tensor:
-    """x [..., K] -> [..., N] in x's dtype: activations quantized by the Triton pass, then the block-scaled GEMM;
-    where the kernels cannot run, `w8a8_linear_reference`."""
+    """x [..., K] -> [..., N] in x's dtype: two launches, the activations quantized by the Triton pass (per token
+    and group: absmax -> scale, rounded 8-bit values) and the block-scaled GEMM; the checks once, here, not per
+    launch (a 1536 x 1536 projection's GPU time is tens of microseconds: host work per call shows). Where the
+    kernels cannot run, `w8a8_linear_reference`."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    if not _kernels_ok(fmt, x2, wq, w_scales):
+    tensors = (x2, wq, w_scales) + ((bias,) if bias is not None else ())
+    if not _kernels_ok(fmt, *tensors):
         return w8a8_linear_reference(x, wq, w_scales, bias, fmt, group)
-    xq, xs = quantize_act(x2, fmt, group)
-    return w8a8_gemm(xq, xs, wq, w_scales, bias, x.dtype, group).reshape(*x.shape[:-1], wq.shape[0])
+    if wq.dtype != FORMATS[fmt][0] or wq.shape[1] != k:
+        raise ValueError(f"weight {tuple(wq.shape)} {wq.dtype} does not fit x [..., {k}] in {fmt}")
+    xq, xs = _quantize_act_launch(x2, fmt, group)
+    out = _gemm_launch(xq, xs, wq, w_scales, bias, x.dtype, group, _scale_rows(wq.shape[0], k, w_scales, group))
+    return out.reshape(*x.shape[:-1], wq.shape[0])
 
 
 # torch.compile: `runs_triton` is false while dynamo traces, so a traced `w8a8_linear` would become its torch

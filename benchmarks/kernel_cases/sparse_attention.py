@@ -11,11 +11,11 @@ shape is also run on a structured input, `local_qkv`: q and k are the same smoot
 2 frames, 2 rows and 20 columns, scaled so that a token's score with itself exceeds a far token's by about 12
 (attention local in space and time, as in a video DiT; synthetic, not activations of the model). v is random.
 "err" is the relative L2 of our output against dense float32 attention on the same bf16 inputs (SDPA's own,
-for comparison, is about 2e-3); "kept" (also in the name) is the share of 64x64 tiles computed. "ours" builds the
-mask on every call (torch ops); the "kernel only" cases time the kernel on a mask built beforehand; the "context
-pooled once" cases pass the context's keys (all frames before the chunk) as `prefix` with a PrefixCache
-(vidu_kernels.prefix_cache): the mask pools the context's key blocks once, each call only the queries and the
-chunk's keys (a chunk's steps after its first).
+for comparison, is about 2e-3); "kept" (also in the name) is the share of 64x64 tiles computed. "end to end" is
+`sparse_attention` as the DiT calls it: the block map (two Triton launches: pooling, selection) and the attention
+kernel, all three in the timed call; "kernel only" times the attention kernel on lists built beforehand; "map only"
+times the map alone ("torch" there is the torch-op map it replaced, block_mask_reference + block_lists; the outputs
+compared are the mask and the kept count per query block).
 """
 from __future__ import annotations
 
@@ -24,9 +24,12 @@ import math
 import torch
 
 from models.config import PRESETS
+from vidu_kernels._triton import runs_triton
 from vidu_kernels.attention import attention, attention_reference
-from vidu_kernels.prefix_cache import PrefixCache
 from vidu_kernels.sparse_attention import (
+    _attend,
+    block_lists,
+    block_map,
     block_mask_reference,
     kept_fraction,
     sparse_attention,
@@ -82,41 +85,45 @@ def cases(device: str) -> list[dict]:
     heads, d, hw = (H, D, HW) if gpu else (2, 64, (6, 20))
     out = []
 
-    def case(label, q, k, v, keep, block_q=64, block_k=64, mask_given=False, context=False):
+    def case(label, q, k, v, keep, block_q=64, block_k=64, mode="end to end"):
         mask = block_mask_reference(q, k, block_q, block_k, keep, always=(0,))
         kept = kept_fraction(mask)
-        kw = dict(keep=keep, block_q=block_q, block_k=block_k, always=(0,))
-        if mask_given:
-            kw["block_mask"] = mask
-        if context:                                     # the context's own tensor, as the DiT's rotated KV
-            n = k.shape[1] - q.shape[1]
-            ctx = k[:, :n].clone()
-            k = torch.cat([ctx, k[:, n:]], 1)
-            kw.update(prefix=ctx, cache=PrefixCache())
-        ours = lambda: sparse_attention(q, k, v, **kw)  # noqa: E731
         B, Lq, _, _ = q.shape
         Lk = k.shape[1]
         tiles = "" if (block_q, block_k) == (64, 64) else f" tile{block_q}x{block_k}"
-        out.append({
-            "name": f"Lq{Lq} Lk{Lk} {label} keep{keep}{tiles}{' kernel only' if mask_given else ''}"
-                    f"{' context pooled once' if context else ''} kept{kept:.0%}",
-            "torch": lambda: attention(q, k, v),
-            "ours": ours,
-            "flops": 4 * B * heads * Lq * Lk * d,
-            "err": lambda: dense_err(ours(), q, k, v),
-            "kept": kept,
-        })
+        row = {"name": f"Lq{Lq} Lk{Lk} {label} keep{keep}{tiles} {mode} kept{kept:.0%}", "kept": kept,
+               "torch": lambda: attention(q, k, v)}
+        if mode == "map only":
+            def old_map():
+                m = block_mask_reference(q, k, block_q, block_k, keep, always=(0,))
+                return m.float(), block_lists(m)[1].float()
+
+            def new_map():
+                m, _, cnt = block_map(q, k, block_q, block_k, keep, always=(0,))
+                return m.float(), cnt.float()
+            row.update(torch=old_map, ours=new_map)
+        else:
+            if mode == "kernel only" and runs_triton(q, k, v):
+                lut, cnt = block_lists(mask)
+                ours = lambda: _attend(q, k, v, lut, cnt, block_q, block_k)  # noqa: E731
+            elif mode == "kernel only":                # off the kernels: the reference on the given mask
+                ours = lambda: sparse_attention(q, k, v, block_q=block_q, block_k=block_k, block_mask=mask)  # noqa: E731
+            else:
+                ours = lambda: sparse_attention(q, k, v, keep=keep, block_q=block_q, block_k=block_k,  # noqa: E731
+                                                always=(0,))
+            row.update(ours=ours, flops=4 * B * heads * Lq * Lk * d, err=lambda: dense_err(ours(), q, k, v))
+        out.append(row)
 
     for fq in (1, _WAN.chunk_frames):
         q, k, v = local_qkv(1, fq, WINDOW, heads, d, hw=hw, device=device)
         for keep in (0.9, 0.95):
             case("local", q, k, v, keep)
-        case("local", q, k, v, 0.95, mask_given=True)
-        case("local", q, k, v, 0.95, context=True)
+        case("local", q, k, v, 0.95, mode="kernel only")
+        case("local", q, k, v, 0.95, mode="map only")
         if fq > 1:
             case("local", q, k, v, 0.95, block_q=128, block_k=64)
     n = hw[0] * hw[1]
     q, k, v = random_qkv(1, n, WINDOW * n, heads, d, device=device)
-    case("random", q, k, v, 0.9)                       # not sparse: every tile kept (the mask's and kernel's cost)
-    case("random", q, k, v, 1.0, mask_given=True)      # the kernel as a dense flash attention
+    case("random", q, k, v, 0.9)                       # not sparse: every tile kept (the map's and kernel's cost)
+    case("random", q, k, v, 1.0, mode="kernel only")   # the kernel as a dense flash attention
     return out
