@@ -6,10 +6,13 @@ guard, the fallback to the reference where no kernel runs, and the block map's t
 torch-op rule (block_mask_reference), with negative controls."""
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
 import vidu_kernels.sparse_attention as sa
+from tests.conftest import compile_for_hopper
 from vidu_kernels.attention import attention_reference
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.sparse_attention import (
@@ -296,3 +299,40 @@ def test_sparse_attention_is_three_launches(monkeypatch):
     out, mask = sparse_attention(q, k, v, keep=0.9, block_q=BLK, block_k=BLK, return_mask=True)
     assert launches == ["_pool_qk", "_select_blocks", "_sparse_attn_fwd"]
     assert torch.equal(mask, ref_mask) and torch.equal(out, expected)
+
+
+COMPILE_MAP = textwrap.dedent("""
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vidu_kernels import sparse_attention as S
+def build(fn, sig, consts, div16, warps=4, stages=3):
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages))
+    info = ptxas_info(k.asm["ptx"])
+    spills = sum(int(n) for n in re.findall(r"(\\d+) bytes spill", info))
+    regs = re.findall(r"Used (\\d+) registers", info)
+    print("CASE", fn.__name__, "SPILLS", spills, "REGS", regs[0] if regs else -1)
+# Wan 1.3B at 960x544, chunk 3 against 10 frames: D 128, tiles 64 x 64, 319 key blocks (NK_PAD 512)
+sig = dict(Q="*bf16", K="*bf16", PQ="*fp32", SQ="*fp32", PK="*fp32", SK="*fp32", sqb="i32", sql="i32", sqh="i32",
+           sqd="constexpr", skb="i32", skl="i32", skh="i32", skd="constexpr", H="i32", Lq="i32", Lk="i32", D="i32",
+           nq="i32", nk="i32", BLOCK_Q="constexpr", BLOCK_K="constexpr", BLOCK_D="constexpr")
+build(S._pool_qk, sig, dict(sqd=1, skd=1, BLOCK_Q=64, BLOCK_K=64, BLOCK_D=128),
+      "Q K PQ SQ PK SK sqb sql sqh skb skl skh D".split())
+sig = dict(PQ="*fp32", SQ="*fp32", PK="*fp32", SK="*fp32", ALWAYS="*i32", MASK="*i8", LUT="*i32", CNT="*i32",
+           Lk="i32", D="i32", nq="i32", nk="i32", sm_scale="fp32", keep="fp32", keep_all="i32", min_sim="fp32",
+           N_ALWAYS="constexpr", BLOCK_K="constexpr", NK_PAD="constexpr", BLOCK_D="constexpr", DC="constexpr")
+for nk_pad in (512, 2048):
+    build(S._select_blocks, sig, dict(N_ALWAYS=1, BLOCK_K=64, NK_PAD=nk_pad, BLOCK_D=128,
+                                     DC=max(2, min(128, 8192 // nk_pad))), "PQ SQ PK SK ALWAYS MASK LUT CNT D".split())
+""")
+
+
+def test_map_kernels_compile_for_hopper():
+    """Without a GPU: the pooling and selection kernels compile for sm_90 through ptxas at Wan 1.3B's shapes (D 128,
+    64 x 64 tiles, 319 key blocks: NK_PAD 512; and NK_PAD 2048, a 1280x720 window) without spilling registers."""
+    cases = [line.split() for line in compile_for_hopper(COMPILE_MAP).splitlines() if line.startswith("CASE")]
+    assert [c[1] for c in cases] == ["_pool_qk", "_select_blocks", "_select_blocks"], cases
+    assert all(int(c[3]) == 0 and int(c[5]) > 0 for c in cases), cases
