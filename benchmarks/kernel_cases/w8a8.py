@@ -3,12 +3,19 @@ at Wan 1.3B's linear shapes (issue 18).
 
 Wan 1.3B: dim 1536, FFN 8960. A 960x544 chunk of one latent frame is 60 x 34 = 2040 tokens (patch 2x2 on the
 120 x 68 latent), a chunk of three 6120. Per block: q, k, v, o (1536 -> 1536), FFN up (1536 -> 8960) and down
-(8960 -> 1536). For each shape and M:
-  "<shape> M=<m> fp8"             ours: activation quantization (Triton, one pass) + fp8 block-scaled GEMM
-  "<shape> M=<m> int8"            the same in int8 (int32 tl.dot partials)
+(8960 -> 1536). On the GPU M is the 6120 tokens of the preset's chunk of three frames (the stream's setting; a
+1-frame chunk's 2040 is left out to keep the run short). For each shape:
+  "<shape> M=<m> fp8 linear"      ours: `w8a8_linear` as the model calls it, two launches: activation quantization
+                                  (Triton, one pass: absmax per token and 128 channels -> 8-bit values and scales)
+                                  + the fp8 block-scaled GEMM
+  "<shape> M=<m> int8 linear"     the same in int8 (int32 tl.dot partials)
+  "<shape> M=<m> <fmt> gemm only" the GEMM alone on activations quantized beforehand
   "<shape> M=<m> scaled_mm fp8"   baseline: torch._scaled_mm rowwise fp8 (per-token x per-channel scales, the
                                   activations quantized by plain torch ops), where this torch and GPU have it
-"torch" is always bf16 F.linear with bias. The weights are quantized once, outside the timed call. "err" is the
+and for each K: "quantize K=<k> M=<m> <fmt>": the quantization pass alone, "torch" there being the torch-op
+reference (quantize_act_reference; the outputs compared are the 8-bit values as floats and the scales).
+"torch" is otherwise bf16 F.linear with bias; kernel_bench's graph columns time both in CUDA graphs (no host
+launch overhead). The weights are quantized once, outside the timed call. "err" is the
 relative L2 against the float32 product of the same bf16 inputs (the quantization error; the harness's
 rel_l2_vs_torch is the same against the bf16 F.linear). Inputs are Gaussian: real activations have outlier
 channels, which the per-128-channel scales absorb and a per-token-only scale (scaled_mm) does not.
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import PRESETS
-from vidu_kernels.w8a8 import quantize_weight, w8a8_linear
+from vidu_kernels.w8a8 import quantize_act, quantize_act_reference, quantize_weight, w8a8_gemm, w8a8_linear
 
 
 def shapes() -> tuple[list[tuple[str, int, int]], list[int]]:
@@ -59,24 +66,40 @@ def _scaled_mm_rowwise(w: torch.Tensor, bias: torch.Tensor):
 def cases(device: str) -> list[dict]:
     on_gpu = device.startswith("cuda")
     linears, tokens = shapes()
-    tokens = tokens if on_gpu else [64]
+    m = tokens[-1] if on_gpu else 64
     out = []
     g = torch.Generator(device="cpu").manual_seed(0)
+    quantized_k = set()
     for shape, k, n in linears:
         w = (torch.randn(n, k, generator=g) / k ** 0.5).to(device, torch.bfloat16)
         bias = (torch.randn(n, generator=g) * 0.1).to(device, torch.bfloat16)
         quant = {fmt: quantize_weight(w, fmt) for fmt in ("fp8", "int8")}
         scaled_mm = _scaled_mm_rowwise(w, bias) if _has_scaled_mm_rowwise(device) else None
-        for m in tokens:
-            x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
-            exact = x.float() @ w.float().t() + bias.float()
-            torch_fn = lambda x=x, w=w, bias=bias: F.linear(x, w, bias)  # noqa: E731
-            variants = [(fmt, lambda x=x, q=quant[fmt], fmt=fmt, bias=bias: w8a8_linear(x, q[0], q[1], bias, fmt))
-                        for fmt in ("fp8", "int8")]
-            if scaled_mm is not None:
-                variants.append(("scaled_mm fp8", lambda x=x, f=scaled_mm: f(x)))
-            for label, fn in variants:
-                out.append({"name": f"{shape} M={m} {label}", "torch": torch_fn, "ours": fn,
-                            "flops": 2 * m * n * k,
-                            "err": lambda fn=fn, exact=exact: _rel_l2(fn(), exact)})
+        x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+        exact = x.float() @ w.float().t() + bias.float()
+        torch_fn = lambda x=x, w=w, bias=bias: F.linear(x, w, bias)  # noqa: E731
+        variants = [(f"{fmt} linear", lambda x=x, q=quant[fmt], fmt=fmt, bias=bias: w8a8_linear(x, q[0], q[1], bias, fmt))
+                    for fmt in ("fp8", "int8")]
+        for fmt in ("fp8", "int8"):
+            xq, xs = quantize_act(x, fmt)
+            variants.append((f"{fmt} gemm only", lambda xq=xq, xs=xs, q=quant[fmt], bias=bias:
+                             w8a8_gemm(xq, xs, q[0], q[1], bias, torch.bfloat16)))
+        if scaled_mm is not None:
+            variants.append(("scaled_mm fp8", lambda x=x, f=scaled_mm: f(x)))
+        for label, fn in variants:
+            out.append({"name": f"{shape} M={m} {label}", "torch": torch_fn, "ours": fn,
+                        "flops": 2 * m * n * k,
+                        "err": lambda fn=fn, exact=exact: _rel_l2(fn(), exact)})
+        if k not in quantized_k:                    # the quantization pass alone, once per K
+            quantized_k.add(k)
+            for fmt in ("fp8", "int8"):
+                def ref(x=x, fmt=fmt):
+                    q, s = quantize_act_reference(x, fmt)
+                    return q.float(), s
+
+                def ours(x=x, fmt=fmt):
+                    q, s = quantize_act(x, fmt)
+                    return q.float(), s
+                out.append({"name": f"quantize K={k} M={m} {fmt}", "torch": ref, "ours": ours,
+                            "bytes": m * k * (x.element_size() + 1) + m * -(-k // 128) * 4})
     return out
