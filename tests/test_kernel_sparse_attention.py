@@ -336,3 +336,16 @@ def test_map_kernels_compile_for_hopper():
     cases = [line.split() for line in compile_for_hopper(COMPILE_MAP).splitlines() if line.startswith("CASE")]
     assert [c[1] for c in cases] == ["_pool_qk", "_select_blocks", "_select_blocks"], cases
     assert all(int(c[3]) == 0 and int(c[5]) > 0 for c in cases), cases
+
+
+def test_block_map_reads_strided_views():
+    """q and k as views of one packed [B, L, 3, H, D] projection (not contiguous): the pooling kernel reads them by
+    their strides, the map equals the reference's on the contiguous copies."""
+    B, L, H, D = 2, 45, 2, 32
+    packed = torch.randn(B, L, 3, H, D, generator=torch.Generator().manual_seed(13))
+    packed[:, :, :2] += 2 * torch.randn(B, 1, 2, H, D, generator=torch.Generator().manual_seed(14))
+    q, k, _ = packed.unbind(2)
+    assert not q.is_contiguous()
+    mask, _, cnt = block_map(q, k, BLK, BLK, 0.7, (0,), -1.0)
+    ref = block_mask_reference(q.contiguous(), k.contiguous(), BLK, BLK, 0.7, (0,), -1.0)
+    assert torch.equal(mask, ref) and torch.equal(cnt, ref.sum(-1, dtype=torch.int32)) and not ref.all()
