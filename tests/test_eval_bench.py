@@ -21,7 +21,7 @@ from stages.eval.bench.cases import BenchSamples, folder_items
 from stages.eval.bench.runner import EvalBench
 from stages.eval.report import load_runs, summary_table, table_rows, write_report
 from tests.conftest import vidu
-from tests.test_stream_web import browser  # noqa: F401  (the project's headless Chromium fixture)
+from tests.browser import browser  # noqa: F401  (the project's headless Chromium fixture)
 
 SECONDS = 1.0  # 25 frames: 7 chunks of the tiny preset
 TALKING = ("retalking_1.mp4", "retalking_3.mp4")

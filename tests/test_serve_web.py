@@ -1,6 +1,6 @@
 """`vidu serve`'s page in a real headless Chromium: upload a reference image, receive the WebRTC video
 (frames that change) and audio, send an instruction over the data channel and see it acknowledged.
-Skips where chromium / chromedriver are missing, like tests/test_stream_web.py."""
+Skips where chromium / chromedriver are missing (tests/browser.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +14,8 @@ import pytest
 from stages.serve.model import ServeModel
 from stages.serve.options import ServeOptions
 from tests.serve_helpers import png, running
-from tests.test_stream_web import _wait, chromium_driver
-
-# the video's current picture through a canvas (same origin) as a data URL
-CAPTURE = """const v = document.getElementById('view');
-if (!v.videoWidth) return null;
-const c = document.createElement('canvas'); c.width = v.videoWidth; c.height = v.videoHeight;
-c.getContext('2d').drawImage(v, 0, 0); return c.toDataURL('image/png');"""
+from tests.browser import CAPTURE, chromium_driver
+from tests.browser import wait as _wait
 
 STATS = """const done = arguments[arguments.length - 1];
 window.vidu.pc.getStats().then(r => { const out = {};
@@ -30,9 +25,7 @@ window.vidu.pc.getStats().then(r => { const out = {};
 
 @pytest.fixture
 def chromium(request, tmp_path):
-    """The browser of tests/test_stream_web.py, with host candidates not hidden behind mDNS names
-    (aiortc, on the other end, does not resolve them)."""
-    return chromium_driver(request, tmp_path, "--disable-features=WebRtcHideLocalIpsWithMdns")
+    return chromium_driver(request, tmp_path)
 
 
 @pytest.fixture
@@ -64,7 +57,7 @@ def test_page_receives_webrtc_video_and_audio_and_acks_an_instruction(server, ch
     from selenium.webdriver.common.keys import Keys
     (tmp_path / "ref.png").write_bytes(png(96, 96))
     chromium.get(server + "/")
-    assert chromium.title == "vidu serve"
+    assert chromium.title == "vidu serve" and chromium.execute_script("return document.body.dataset.session") == ""
     chromium.find_element("id", "image").send_keys(str(tmp_path / "ref.png"))
     chromium.find_element("css selector", "#start button").click()
     _wait(lambda: chromium.execute_script("return document.getElementById('view').videoWidth") == 64, 40,

@@ -208,6 +208,7 @@ def test_live_audio_arriving_mid_stream_is_used_from_the_next_chunk(inputs):
 
 
 def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path):
+    import urllib.error
     import urllib.request
     proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "stream", "--preset", "tiny", "--image", str(inputs["face"]), "--serve",
                              "127.0.0.1:0", "-q", "--summary", str(tmp_path / "s.json")], stdin=subprocess.DEVNULL,
@@ -219,25 +220,35 @@ def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path
             assert line, "vidu stream ended before serving"
             if line.startswith("serving on "):
                 url = line.split()[-1]
+        base, _, fragment = url.partition("/#session=")              # the page opens the stream's session
+        session = f"{base}/sessions/{fragment}"
+        assert len(fragment) == 32
 
         def stats():
-            with urllib.request.urlopen(url + "stats", timeout=10) as r:
+            with urllib.request.urlopen(session, timeout=10) as r:
                 return json.loads(r.read())
         deadline = time.monotonic() + 120
-        while stats().get("stream", {}).get("chunks", 0) < 2:
+        while stats()["chunks"] < 2:                                  # it streams without a viewer
             assert time.monotonic() < deadline
             time.sleep(0.3)
-        req = urllib.request.Request(url + "instruction", data=json.dumps({"text": "make a heart"}).encode(),
+        assert stats()["viewer"] is False and stats()["width"] == 64
+        req = urllib.request.Request(session + "/instruction", data=json.dumps({"text": "make a heart"}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
         urllib.request.urlopen(req, timeout=10).read()
-        while stats()["stream"]["instruction"] != "make a heart":
+        while stats()["instruction"] != "make a heart":
             assert time.monotonic() < deadline
             time.sleep(0.3)
+        # one stream's page: no new sessions
+        req = urllib.request.Request(base + "/sessions", data=b"--x--\r\n", method="POST",
+                                     headers={"Content-Type": "multipart/form-data; boundary=x"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(req, timeout=10)
+        assert refused.value.code == 503 and "one stream" in json.loads(refused.value.read())["error"]
         # paced to real time while serving: over a few seconds at most 25 fps, plus the chunks
         # that may be in flight at either end of the interval
-        s1, t1 = stats()["stream"], time.monotonic()
+        s1, t1 = stats(), time.monotonic()
         time.sleep(4.0)
-        s2, t2 = stats()["stream"], time.monotonic()
+        s2, t2 = stats(), time.monotonic()
         per_chunk = s1["frames"] / s1["chunks"]
         assert s2["frames"] - s1["frames"] <= 25 * (t2 - t1) + 2 * per_chunk
     finally:
@@ -286,11 +297,12 @@ def test_sinks_are_closed_once_also_after_ctrl_c(inputs):
 def test_outputs_opened_before_a_failing_one_are_closed(tmp_path):
     import socket
     from models.config import PRESETS
+    from stages.serve.single import PageSink
     from stages.stream.events import StreamError
     from stages.stream.session import open_outputs
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         with pytest.raises(StreamError, match="cannot serve on"):
-            open_outputs(str(tmp_path / "x.mp4"), f"127.0.0.1:{busy.getsockname()[1]}", PRESETS["tiny"], EventQueue())
+            open_outputs(str(tmp_path / "x.mp4"), PRESETS["tiny"], [lambda: PageSink("127.0.0.1", busy.getsockname()[1])])
     assert list(tmp_path.iterdir()) == []                 # the mp4 sink's working folder is gone

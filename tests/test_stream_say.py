@@ -1,19 +1,17 @@
 """`vidu stream --say TEXT --voice NAME` (typed text spoken offline by espeak-ng as the character's
-speech) on the tiny preset with random weights, and the page's "say" toggle (POST /say) through the
-glue it shares with the CLI (stages/stream/say.py)."""
+speech) on the tiny preset with random weights, and the glue it shares with the page's "say" toggle
+(stages/stream/say.py; the page's own path: tests/test_stream_web.py)."""
 from __future__ import annotations
 
 import json
 import struct
-import urllib.error
-import urllib.request
 
 import av
 import numpy as np
 import pytest
 
 from stages.sense.media import load_audio
-from stages.stream.events import AudioChunk, EventQueue, StreamError
+from stages.stream.events import StreamError
 from stages.synth.speech import tts
 from tests.conftest import cli, vidu, scramble_stream_models, write_face
 
@@ -138,56 +136,14 @@ def test_bad_say_or_voice_is_one_line(face, tmp_path, args, message):
         assert "LANGUAGE[+VARIANT]" in lines[0] and "voices/!v" in lines[0]     # how to find valid ones
 
 
-def test_say_puts_the_speech_on_the_queue_as_audio_chunks():
-    from stages.stream.io import CHUNK
-    from stages.stream.say import say, speech
-    events = EventQueue()
-    n = say(f"  {TEXT} ", events, "en-us+f3")
-    chunks = events.drain()
-    assert all(isinstance(c, AudioChunk) and 0 < len(c.samples) <= CHUNK for c in chunks)
-    audio = np.concatenate([c.samples for c in chunks])
+def test_speech_is_the_voices_tts_and_bad_text_or_voice_is_one_line():
+    from stages.stream.say import speech
     expect = tts(TEXT, "en-us+f3").audio
-    assert n == len(audio) == len(expect) and len(chunks) == -(-n // CHUNK)
-    assert np.array_equal(audio, expect) and np.array_equal(speech(TEXT, "en-us+f3"), expect)
+    assert np.array_equal(speech(f"  {TEXT} ", "en-us+f3"), expect)
     assert not np.array_equal(speech(TEXT), expect[:len(speech(TEXT))])     # the voice matters
     for bad in ("", " \n"):
         with pytest.raises(StreamError, match="nothing to say"):
-            say(bad, events)
-    with pytest.raises(StreamError, match="unknown voice"):
-        say(TEXT, events, "xx-nowhere")
-    assert events.drain() == []
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def test_page_say_toggle_speaks_in_the_sinks_voice():
-    from stages.stream.serve import WebSink
-    events = EventQueue()
-    sink = WebSink("127.0.0.1", 0, events, fps=25.0)
-    try:
-        page = urllib.request.urlopen(sink.url, timeout=10).read().decode()
-        assert 'id="speak"' in page and page.index('id="speak"') < page.index("</form>")
-        script = urllib.request.urlopen(sink.url + "app.js", timeout=10).read().decode()
-        assert "speak ? '/say' : '/instruction'" in script
-        sink.voice = OTHER
-        code, reply = _post(sink.url + "say", {"text": TEXT})
-        expect = tts(TEXT, OTHER).audio
-        assert code == 200 and reply["samples"] == len(expect)
-        chunks = events.drain()
-        assert all(isinstance(c, AudioChunk) for c in chunks)
-        assert np.array_equal(np.concatenate([c.samples for c in chunks]), expect)
-        assert sink.counts()["texts_said"] == 1 and sink.counts()["instructions_received"] == 0
-        code, reply = _post(sink.url + "say", {"text": " "})
-        assert code == 400 and "empty" in reply["error"]
-        sink.voice = "xx-nowhere"
-        code, reply = _post(sink.url + "say", {"text": TEXT})
-        assert code == 400 and "unknown voice" in reply["error"] and events.drain() == []
-    finally:
-        sink.close()
+            speech(bad)
+    with pytest.raises(StreamError, match="unknown voice") as err:
+        speech(TEXT, "xx-nowhere")
+    assert "\n" not in str(err.value)

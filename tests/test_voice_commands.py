@@ -244,29 +244,32 @@ def test_stream_with_spoken_commands(tmp_path):
     assert [chunk, "turn left"] in s["instructions"]
 
 
-def test_push_to_talk_audio_reaches_the_spotter():
+def test_push_to_talk_audio_reaches_the_spotter(tmp_path):
+    """What `vidu stream --serve` does with --commands page: the page's push-to-talk speech (as the data
+    channel hands it to the session, in 0.5-s pieces) drives the lips and the spotter, whose command becomes
+    an instruction on the stream's queue, in the session's history (source voice)."""
     import time
-    import urllib.request
 
-    from stages.stream.commands import VoiceCommands
+    from stages.serve.sessions import voice_commands
+    from stages.serve.single import PageSink
     from stages.stream.events import AudioChunk
-    from stages.stream.serve import WebSink
+    from stages.stream.session import Session, SessionOptions, load_parts
     audio, _ = _said("en-us+m3", "turn left")
     events = EventQueue()
-    vc = VoiceCommands(events, live=True)
-    web = WebSink("127.0.0.1", 0, vc.tap(events))              # what `vidu stream --serve` does with --commands page
+    vc = voice_commands(25.0)
+    sink = PageSink("127.0.0.1", 0, commands=vc)
     try:
-        for i in range(0, len(audio), SR // 2):                # the page posts its speech in pieces
-            body = (np.clip(audio[i:i + SR // 2], -1, 1) * 32767).astype("<i2").tobytes()
-            req = urllib.request.Request(web.url + "audio?format=s16le", data=body)
-            urllib.request.urlopen(req, timeout=5).close()
+        sink.attach(Session(load_parts(write_face(tmp_path / "face.png"), seed=0), events, SessionOptions(live_audio=True)))
+        for i in range(0, len(audio), SR // 2):
+            sink.loop.call_soon_threadsafe(sink.session.speech, audio[i:i + SR // 2])
         got, deadline = [], time.monotonic() + 30
         while not any(isinstance(e, Instruction) for e in got) and time.monotonic() < deadline:
             got += events.drain()
             time.sleep(0.1)
+        history = list(sink.session.history)
     finally:
-        web.close()
-        vc.close()
+        sink.close()
     assert Instruction("turn left") in got
-    assert sum(len(e.samples) for e in got if isinstance(e, AudioChunk)) > 0.9 * len(audio)   # the lips still get it
+    assert sum(len(e.samples) for e in got if isinstance(e, AudioChunk)) == len(audio)   # the lips get it all
+    assert [(h["text"], h["source"]) for h in history] == [("turn left", "voice")]
     assert vc.log[0][0] == "turn left" and vc.log[0][3] is None

@@ -42,7 +42,7 @@ def serve(
     from stages.serve.app import serve as run
     from stages.serve.model import ServeModel
     from stages.serve.options import check_bind
-    from stages.stream.serve import check_address
+    from stages.stream.io import check_address
     from stages.stream.session import pick_device
     try:
         opts = ServeOptions.from_env(token, host=host, port=port, max_sessions=max_sessions, speed=speed,

@@ -20,7 +20,7 @@ def stream(
     say: Annotated[Optional[str], typer.Option(help="Speech: this text, spoken offline by espeak-ng in --voice (instead of --audio).", show_default=False)] = None,
     voice: Annotated[str, typer.Option(help="espeak-ng voice of --say and the page's say toggle: LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2.")] = "en-us",
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
-    serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT (text box, push-to-talk).")] = None,
+    serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT: vidu serve's page over WebRTC (video, audio, text box, push-to-talk); off loopback it needs a token ($VIDU_SERVE_TOKEN).")] = None,
     commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,
     ckpt: Annotated[Optional[Path], typer.Option(help="Causal or distilled checkpoint; the settings it records are the defaults below (default: the starter model shipped with vidu).", show_default=False)] = None,
     preset: Annotated[Optional[str], typer.Option(help="Random weights of this architecture instead of a checkpoint: tiny | small | wan2.1-1.3b.", show_default=False)] = None,
@@ -125,10 +125,13 @@ def stream(
                     err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
                     parts.notes.append(f"warning: {warning}")
             from stages.stream.io import open_audio
-            if commands is not None:
+            fps = parts.cfg.audio.fps
+            if commands == "page":                                 # the served session hears its push-to-talk
+                from stages.serve.sessions import voice_commands
+                spotter = voice_commands(fps)
+            elif commands is not None:
                 from stages.stream.commands import VoiceCommands
-                fps = parts.cfg.audio.fps
-                spotter = VoiceCommands(events, live=commands in ("mic", "page"), fps=fps,
+                spotter = VoiceCommands(events, live=commands == "mic", fps=fps,
                                       chunk_s=parts.cfg.audio.video_frames_per_latent * parts.engine.st.chunk_frames / fps)
             if spoken is not None:                                 # --say: fed as an --audio file's samples
                 from stages.stream.io import open_samples
@@ -141,13 +144,16 @@ def stream(
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
-            sinks = open_outputs(out, serve, parts.cfg, spotter.tap(events) if commands == "page" else events)
+            page = []
+            if serve:                                              # vidu serve's page, showing this stream
+                from stages.serve.single import PageSink
+                from stages.stream.io import parse_address
+                page.append(lambda: PageSink(*parse_address(serve), fps=fps, voice=voice,
+                                             commands=spotter if commands == "page" else None,
+                                             announce=lambda url: err.print(f"serving on {url}", highlight=False)))
+            sinks = open_outputs(out, parts.cfg, page)
             if spotter is not None and not spotter.live:
                 sinks.append(spotter)                              # paces commands by the stream's clock
-            from stages.stream.serve import WebSink
-            for sink in sinks:
-                if isinstance(sink, WebSink):
-                    sink.voice = voice                             # the page's say toggle speaks in it
             _announce(sinks, parts.cfg)
             with _live(quiet) as show:
                 save = (lambda st: write_state(save_state, st, ident)) if save_state else None
@@ -191,12 +197,9 @@ def _commands_source(commands: str | None, audio: str | None, serve: str | None)
 
 def _announce(sinks: list, cfg) -> None:
     from stages.stream.io import RawSink
-    from stages.stream.serve import WebSink
     for s in sinks:
         if isinstance(s, RawSink):
             err.print(f"raw rgb24 frames {cfg.width}x{cfg.height} at {cfg.audio.fps} fps on stdout", highlight=False)
-        elif isinstance(s, WebSink):
-            err.print(f"serving on {s.url}", highlight=False)
 
 
 class _live:

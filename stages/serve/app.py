@@ -1,12 +1,13 @@
 """The HTTP side of `vidu serve` (aiohttp): sessions, WebRTC signalling, the page, metrics.
 
     GET    /                       the page (static/index.html; its script static/app.js)
-    GET    /app.js, /mic-worklet.js  the page's scripts (the worklet is `vidu stream --serve`'s, shared)
+    GET    /app.js, /mic-worklet.js  the page's scripts
     GET    /health                 {"ok": true}
     GET    /metrics                Prometheus text (stages/serve/metrics.py)
     GET    /capacity               workers, their measured load and profiles
     POST   /sessions               multipart: image (file, required), instruction, voice, seed -> 201 {id, profile, ...}
-                                   | 503 {"error", "reason"} when no worker can keep it real time
+                                   | 503 {"error", "reason"} when no worker can keep it real time, or when the
+                                   server shows one `vidu stream`'s session (stages/serve/single.py)
     GET    /sessions/{id}          the session's state and instruction history
     DELETE /sessions/{id}          close it
     POST   /sessions/{id}/offer    {"sdp", "type": "offer"} -> the answer; a new offer replaces the viewer
@@ -28,6 +29,7 @@ import io
 import json
 import re
 import time
+from html import escape as html_escape
 import warnings
 from importlib import resources
 from urllib.parse import urlsplit
@@ -58,10 +60,10 @@ def _error(status: int, message: str, **extra) -> web.Response:
 
 
 class State:
-    def __init__(self, opts: ServeOptions, models: list[ServeModel]):
-        self.opts = opts
+    def __init__(self, opts: ServeOptions, models: list[ServeModel], title: str):
+        self.opts, self.title = opts, title
         self.metrics = Metrics()
-        self.scheduler = Scheduler(models, opts, self.metrics)
+        self.scheduler = Scheduler(models, opts, self.metrics) if models else None   # None: one stream's page
         self.sessions: dict[str, ServeSession] = {}
         self.clients: dict[str, TokenBucket] = {}
         self.reaper: asyncio.Task | None = None
@@ -128,13 +130,16 @@ def _same_origin(request: web.Request) -> bool:
 # --- routes
 
 async def page(request: web.Request) -> web.Response:
-    html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS)))
+    state = request.app[STATE]
+    single = next(iter(state.sessions), "") if state.scheduler is None else ""    # one stream's page opens it
+    html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
+            .replace("{{title}}", html_escape(state.title)).replace("{{session}}", single))
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 async def script(request: web.Request) -> web.Response:
     name = request.path[1:]
-    body = _static("stages.serve", name) if name == "app.js" else _static("stages.stream", name)
+    body = _static("stages.serve", name)
     return web.Response(body=body, content_type="text/javascript", charset="utf-8")
 
 
@@ -150,7 +155,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     sessions = [{"id": s.id, "profile": s.profile.name, "fps": round(s.timeline.fps_sent(), 3)}
                 for s in state.sessions.values()]
-    workers = [{"worker": w["worker"], "load": w["load"], "budget": w["budget"]} for w in state.scheduler.describe()]
+    workers = [{"worker": w["worker"], "load": w["load"], "budget": w["budget"]} for w in _workers(state)]
     live = {"frames_sent": sum(s.timeline.sent for s in state.sessions.values()),   # + the closed ones' (counters)
             "frames_dropped": sum(s.timeline.dropped for s in state.sessions.values())}
     text = state.metrics.text(sessions, workers, _gpu_memory(state), live)
@@ -158,10 +163,14 @@ async def metrics(request: web.Request) -> web.Response:
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
+def _workers(state: State) -> list[dict]:
+    return state.scheduler.describe() if state.scheduler else []
+
+
 def _gpu_memory(state: State) -> list[tuple[str, int, int]]:
     import torch
     out = []
-    for w in state.scheduler.workers:
+    for w in state.scheduler.workers if state.scheduler else ():
         dev = str(w.model.device)
         if dev.startswith("cuda") and torch.cuda.is_available():
             out.append((dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)))
@@ -170,7 +179,7 @@ def _gpu_memory(state: State) -> list[tuple[str, int, int]]:
 
 async def capacity(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"workers": state.scheduler.describe(), "sessions": len(state.sessions),
+    return web.json_response({"workers": _workers(state), "sessions": len(state.sessions),
                               "max_sessions": state.opts.max_sessions, "speed": state.opts.speed,
                               "headroom": state.opts.headroom, "chunks": state.metrics.quantiles(),
                               "counts": dict(state.metrics.counters)})
@@ -180,6 +189,9 @@ async def create_session(request: web.Request) -> web.Response:
     state, opts = request.app[STATE], request.app[OPTIONS]
     if not request.content_type.startswith("multipart/"):
         return _error(415, "POST /sessions takes multipart/form-data with an image file")
+    if state.scheduler is None:
+        return _error(503, "this server shows one stream (vidu stream --serve): it takes no new sessions; "
+                      "vidu serve does", reason="single")
     fields = await _form(request, opts)
     rgb = _image(fields.get("image"), opts)
     voice = _text_field(fields, "voice", 64) or DEFAULT_VOICE
@@ -327,6 +339,8 @@ async def _reap(state: State) -> None:
             reason = None
             if s.closed is not None:
                 reason = s.closed
+            elif s.worker is None:                      # the stream's own session: the stream ends it
+                continue
             elif s.viewer_left is not None and now - s.viewer_left > state.opts.connect_timeout_s:
                 reason = "no viewer"
             elif s.viewer_left is None and now - s.last_input > state.opts.idle_timeout_s:
@@ -338,7 +352,8 @@ async def _reap(state: State) -> None:
 
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
-    state.scheduler.start()
+    if state.scheduler:
+        state.scheduler.start()
     state.reaper = asyncio.ensure_future(_reap(state))
 
 
@@ -349,17 +364,20 @@ async def _shutdown(app: web.Application) -> None:
     for s in list(state.sessions.values()):
         await s.close("server stopped")
     state.sessions.clear()
-    await asyncio.to_thread(state.scheduler.stop)
+    if state.scheduler:
+        await asyncio.to_thread(state.scheduler.stop)
 
 
-def create_app(opts: ServeOptions, models: list[ServeModel]) -> web.Application:
-    """The server over `models` (one per worker device, calibrated: ServeModel.calibrate)."""
-    if not models:
+def create_app(opts: ServeOptions, models: list[ServeModel], single: bool = False,
+               title: str = "vidu serve") -> web.Application:
+    """The server over `models` (one per worker device, calibrated: ServeModel.calibrate); `single`: no
+    models, the one session of a `vidu stream` (stages/serve/single.py) added to app[STATE].sessions."""
+    if not models and not single:
         raise ServeError("no model to serve")
     check_bind(opts)
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
     app[OPTIONS] = opts
-    app[STATE] = State(opts, models)
+    app[STATE] = State(opts, [] if single else models, title)
     app.router.add_get("/", page)
     app.router.add_get("/app.js", script)
     app.router.add_get("/mic-worklet.js", script)

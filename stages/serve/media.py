@@ -49,20 +49,34 @@ class Timeline:
         self.since = time.monotonic()   # when the current viewer connected (a deadline before the first frame)
         self.next_frame = 0             # the next frame a viewer is sent
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0                # frames a viewer read late and skipped
+        self.skipped = 0                # frames push() discarded unsent (keep)
         self.stalled_s = 0.0
         self.closed = False
         self.arrived = asyncio.Event()
         self.sent_times: deque[float] = deque(maxlen=64)
 
     # -- producer side
-    def push(self, frames: np.ndarray, audio: np.ndarray | None) -> None:
-        """frames [T, H, W, 3] uint8; audio [T * 16000 / fps] float32 at 16 kHz or None (silence)."""
+    def push(self, frames: np.ndarray, audio: np.ndarray | None, keep: int | None = None) -> None:
+        """frames [T, H, W, 3] uint8; audio [T * 16000 / fps] float32 at 16 kHz or None (silence). `keep`: at
+        most this many frames stay unsent; older ones are skipped (counted: never sent, the producer ran ahead of
+        its viewer or had none), the viewer's clock moved on by as many (a producer that does not wait for its
+        viewer: `vidu stream --serve`)."""
         n = frames.shape[0]
         self.frames.extend(frames)
         self.end += n
         up = upsample(audio) if audio is not None else np.zeros(int(round(n / self.fps * AUDIO_RATE)), np.float32)
         self.audio = np.concatenate([self.audio, up])
+        over = self.end - self.next_frame - keep if keep is not None else 0
+        if over > 0:
+            self.next_frame += over
+            self.skipped += over
+            if self.offset is not None:
+                self.offset -= over / self.fps
+            while self.first < self.next_frame:
+                self.frames.popleft()
+                self.first += 1
+            self._trim_audio()
         self.arrived.set()
 
     def buffered(self) -> int:

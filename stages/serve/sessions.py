@@ -74,6 +74,9 @@ def voice_commands(fps: float):
 
 
 class ServeSession:
+    """`worker` None: the session of a `vidu stream --serve` (stages/serve/single.py), whose chunks the stream
+    makes and pushes onto the timeline itself."""
+
     def __init__(self, session, profile: Profile, worker, opts: ServeOptions, metrics: Metrics,
                  loop: asyncio.AbstractEventLoop, voice: str, sid: str | None = None, commands=None):
         self.id = sid or new_id()
@@ -155,7 +158,7 @@ class ServeSession:
                 "chunks": self.session.chunks, "frames": self.session.frames, "frames_sent": self.timeline.sent,
                 "frames_dropped": self.timeline.dropped, "stalled_s": round(self.timeline.stalled_s, 3),
                 "viewer": self.viewer_left is None, "instruction": self.session.instruction,
-                "history": list(self.history), "worker": self.worker.index, "error": self.error,
+                "history": list(self.history), "worker": self.worker.index if self.worker else None, "error": self.error,
                 "degraded": list(self.degraded)}
 
     def instruct(self, text, source: str = "text") -> dict:
@@ -226,7 +229,8 @@ class ServeSession:
             raise
         self.viewer_left = None
         self.last_input = time.monotonic()
-        self.worker.wake()
+        if self.worker is not None:
+            self.worker.wake()
         log("viewer_connected", session=self.id)
         return pc.localDescription
 
@@ -294,7 +298,8 @@ class ServeSession:
         if self.closed is not None:
             return
         self.closed = reason
-        self.worker.remove(self)
+        if self.worker is not None:
+            self.worker.remove(self)
         self.timeline.close()
         await self._drop_viewer()
         if self.commands is not None:

@@ -1,1 +1,1 @@
-"""The interactive streaming generator: engine (chunk loop, caches), inputs, outputs, web page."""
+"""The interactive streaming generator: engine (chunk loop, caches), inputs, outputs (the live page: stages/serve/single.py)."""

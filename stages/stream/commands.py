@@ -671,7 +671,7 @@ class VoiceCommands:
         self._thread.start()
 
     def tap(self, forward: EventQueue | None = None) -> _Tap:
-        """An EventQueue stand-in for an audio source (io.open_audio) or the page (WebSink): its
+        """An EventQueue stand-in for an audio source (io.open_audio) or the page (stages/serve/single.py): its
         AudioChunk / AudioEnd events feed the spotter; with `forward` every event also goes on there."""
         return _Tap(self, forward)
 

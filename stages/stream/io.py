@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import shutil
+import socket
 import sys
 import tempfile
 import threading
@@ -382,3 +383,25 @@ class RawSink:
             self.stream.flush()
         except BrokenPipeError:
             self._silence_stdout()
+
+
+def parse_address(spec: str) -> tuple[str, int]:
+    """"HOST:PORT" (or ":PORT", "[::1]:PORT") -> (host, port); StreamError for anything else."""
+    host, _, port = spec.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise StreamError(f"--serve takes HOST:PORT with a port 0-65535, not {spec!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def check_address(host: str, port: int) -> None:
+    """StreamError unless a server can listen on host:port now (bound and released at once, the way
+    the server binds: `vidu stream --serve` and `vidu serve` call it before loading the model)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(1)
+    except (OSError, OverflowError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise StreamError(f"cannot serve on {host}:{port}: {reason}") from None

@@ -1,11 +1,10 @@
 """Typed text spoken offline (espeak-ng, through stages/synth/speech.py's `tts`) as a stream's speech.
 
     samples = speech("hello there", "en-gb-x-rp+m2")     # 16 kHz mono float32; StreamError (one line)
-    n = say("hello there", events)                        # the page's "say" toggle: like push-to-talk
 
 `vidu stream --say TEXT` feeds `speech(TEXT, voice)` through io.open_samples, as an --audio file's
-samples are fed (paced with --realtime, then AudioEnd); the page's "say" toggle POSTs /say, which
-puts `say`'s chunks on the queue at once, as push-to-talk audio arrives.
+samples are fed (paced with --realtime, then AudioEnd); the page's "say" toggle (a "say" message on the data
+channel: stages/serve/sessions.py) puts the speech on the queue at once, as push-to-talk audio arrives.
 
 The speech drives the lips and is the audio track exactly as a file with those samples would.
 A voice is "<language>[+<variant>]": a file name under espeak-ng-data/lang/ (en-us, en-gb-x-rp,
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.stream.events import AudioChunk, EventQueue, StreamError
+from stages.stream.events import StreamError
 
 DEFAULT_VOICE = "en-us"
 
@@ -49,13 +48,3 @@ def speech(text: str, voice: str = DEFAULT_VOICE) -> np.ndarray:
 def check_voice(voice: str) -> None:
     """StreamError now (before a model loads) if `voice` is not one espeak-ng has."""
     speech(".", voice)
-
-
-def say(text: str, events: EventQueue, voice: str = DEFAULT_VOICE) -> int:
-    """The page's "say" toggle: the speech of `text` put on `events` at once as 0.1 s AudioChunks, as
-    push-to-talk audio arrives (live: the stream plays it from its next chunk). Returns the samples."""
-    from stages.stream.io import CHUNK
-    samples = speech(text, voice)
-    for s in range(0, len(samples), CHUNK):
-        events.put(AudioChunk(samples[s:s + CHUNK]))
-    return len(samples)

@@ -158,8 +158,7 @@ def pick_device(device: str = "auto") -> tuple[str, torch.dtype]:
 def check_outputs(out: str | None, serve: str | None, summary: str | Path | None = None) -> None:
     """StreamError for an output that cannot be written or served, found before any model loads:
     no output at all, a bad --out path or extension, a --serve address in use, a bad summary path."""
-    from stages.stream.io import check_file_path, check_video_path
-    from stages.stream.serve import check_address, parse_address
+    from stages.stream.io import check_address, check_file_path, check_video_path, parse_address
     if not out and not serve:
         raise StreamError("give an output: --out FILE.mp4, --out - (raw frames) or --serve HOST:PORT")
     if out and out != "-":
@@ -170,19 +169,19 @@ def check_outputs(out: str | None, serve: str | None, summary: str | Path | None
         check_file_path(summary)
 
 
-def open_outputs(out: str | None, serve: str | None, cfg: ModelConfig, events: EventQueue) -> list:
-    """The sinks of --out (an .mp4 or "-" for raw frames on stdout) and --serve HOST:PORT; if one
-    cannot be opened, those already open are closed before the error is raised."""
+def open_outputs(out: str | None, cfg: ModelConfig, more=()) -> list:
+    """The sinks of --out (an .mp4 or "-" for raw frames on stdout), then those `more` makes (zero-argument
+    callables: --serve's page, stages/serve/single.py); if one cannot be opened, those already open are
+    closed before the error is raised."""
     from stages.stream.io import Mp4Sink, RawSink
-    from stages.stream.serve import WebSink, parse_address
     sinks: list = []
     try:
         if out == "-":
             sinks.append(RawSink())
         elif out:
             sinks.append(Mp4Sink(out, cfg.audio.fps, cfg.width, cfg.height))
-        if serve:
-            sinks.append(WebSink(*parse_address(serve), events, fps=cfg.audio.fps))
+        for make in more:
+            sinks.append(make())
     except BaseException:
         for sink in sinks:
             sink.close()
@@ -430,6 +429,9 @@ def run_session(parts: Parts, events: EventQueue, sinks: list, opts: SessionOpti
     `resume`: a state (Session.suspend, stages/stream/state.py) to continue from. `save(state)` is
     called with the state at the end (Ctrl-C and SIGTERM then act between chunks; summary["state_saved"])."""
     s = Session(parts, events, opts, resume)
+    for sink in sinks:
+        if hasattr(sink, "attach"):               # a sink that serves the session itself (stages/serve/single.py)
+            sink.attach(s)
     with _stop_between_chunks(s) if save is not None else nullcontext():
         summary, whole = _run(s, events, sinks, opts, live)
         if save is not None:

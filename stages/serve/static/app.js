@@ -1,9 +1,11 @@
 // vidu serve's page: upload a reference image -> POST /sessions; WebRTC (video + audio tracks, a
 // "control" data channel) -> POST /sessions/{id}/offer; instructions and push-to-talk over the channel.
-// A token, when the server has one, comes in the address: http://host:port/#token=TOKEN
+// A token, when the server has one, comes in the address: http://host:port/#token=TOKEN; a session to open
+// (`vidu stream --serve` prints its stream's) too: http://host:port/#session=ID
 'use strict';
 const $ = id => document.getElementById(id);
-const token = new URLSearchParams(location.hash.slice(1)).get('token');
+const params = new URLSearchParams(location.hash.slice(1));
+const token = params.get('token');
 const auth = token ? {Authorization: 'Bearer ' + token} : {};
 const state = {id: null, pc: null, channel: null, acks: 0, sent: 0, lastError: null};
 window.vidu = state;                               // for tests and the console
@@ -87,7 +89,7 @@ $('say').addEventListener('submit', e => {
 
 $('sound').addEventListener('click', () => { const v = $('view'); v.muted = !v.muted; $('sound').textContent = v.muted ? 'Sound on' : 'Sound off'; });
 
-// push-to-talk: the microphone at 16 kHz (the worklet of `vidu stream --serve`), s16le over the channel
+// push-to-talk: the microphone at 16 kHz (mic-worklet.js), s16le over the channel
 let mic = null;
 async function talk(on) {
   $('talk').classList.toggle('on', on);
@@ -118,3 +120,11 @@ setInterval(async () => {
       `  ${s.profile.name} ${s.profile.chunk_ms} ms/chunk  instruction: ${s.instruction.slice(0, 40)}`;
   } catch (err) { note(err.message); }
 }, 1000);
+
+// a given session (the address's, or the page's own on `vidu stream --serve`): no upload, watch it
+const given = params.get('session') || document.body.dataset.session;
+if (given) {
+  state.id = given;
+  $('start').style.display = 'none';
+  connect().catch(err => note(err.message));
+}
