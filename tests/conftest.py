@@ -189,3 +189,21 @@ def compile_for_hopper(script: str) -> str:
                          cwd=root, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
+
+
+def count_launches(monkeypatch, module, names: dict[str, str]) -> list[str]:
+    """The launches (kernel[grid](...)) of the Triton kernels `names` ({attribute of `module`: label}), recorded
+    in order into the returned list while the test runs."""
+    launches: list[str] = []
+
+    class Count:
+        def __init__(self, label, kernel):
+            self.label, self.kernel = label, kernel
+
+        def __getitem__(self, grid):
+            launches.append(self.label)
+            return self.kernel[grid]
+
+    for attr, label in names.items():
+        monkeypatch.setattr(module, attr, Count(label, getattr(module, attr)))
+    return launches

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vidu_kernels.sparse_attention as sa
-from tests.conftest import compile_for_hopper
+from tests.conftest import compile_for_hopper, count_launches
 from vidu_kernels.attention import attention_reference
 from vidu_kernels._triton import runs_triton
 from vidu_kernels.sparse_attention import (
@@ -278,18 +278,7 @@ def test_sparse_attention_is_three_launches(monkeypatch):
     q, k, v = clustered(2, 50, 90, 2, 32, seed=12)
     ref_mask = block_mask_reference(q, k, BLK, BLK, 0.9, (0,))
     expected = sparse_attention_triton(q, k, v, ref_mask, BLK, BLK)
-    launches = []
-
-    class Count:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launches.append(self.name)
-            return self.kernel[grid]
-
-    for name in ("_pool_qk", "_select_blocks", "_sparse_attn_fwd"):
-        monkeypatch.setattr(sa, name, Count(name, getattr(sa, name)))
+    launches = count_launches(monkeypatch, sa, {n: n for n in ("_pool_qk", "_select_blocks", "_sparse_attn_fwd")})
 
     def torch_map(*a, **kw):
         raise AssertionError("the torch-op map ran on the kernel path")

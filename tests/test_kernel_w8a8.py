@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from models.config import PRESETS
 from models.dit import DiT
-from tests.conftest import compile_for_hopper
+from tests.conftest import compile_for_hopper, count_launches
 from vidu_kernels import w8a8 as Q
 from vidu_kernels._triton import runs_triton
 
@@ -397,18 +397,7 @@ def test_linear_is_two_launches_close_to_bf16(fmt, monkeypatch):
     F.linear (int8 < 1.5e-2, fp8 < 5e-2 relative L2 on Gaussian data; measured 0.011 / 0.035 in
     test_quantization_error_on_gaussian_data). Negative control: the weight scales rolled by one K block (the
     right values on the wrong blocks; the middle block is 8x louder) break the bound."""
-    launches = []
-
-    class Count:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launches.append(self.name)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(Q, "_quant_act_kernel", Count("quant", Q._quant_act_kernel))
-    monkeypatch.setattr(Q, "_w8a8_gemm_kernel", Count("gemm", Q._w8a8_gemm_kernel))
+    launches = count_launches(monkeypatch, Q, {"_quant_act_kernel": "quant", "_w8a8_gemm_kernel": "gemm"})
     x, w, b = data(2 * 9, 384, 130, seed=5)
     x = x.view(2, 9, 384)                                           # [..., K] inputs, as the DiT's [B, L, dim]
     w[:, 128:256] *= 8                                              # one loud K block: its scales differ
