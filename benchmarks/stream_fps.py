@@ -142,8 +142,9 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
                     help="self-attention's backend (DiT.use_kernels)")
     ap.add_argument("--keep-context", action=argparse.BooleanOptionalAction, default=True,
-                    help="--attention int8/sparse: keep the context's int8 / pooled key blocks for a chunk's forwards "
-                         "(DiT.use_kernels keep_context; --no-keep-context derives them every forward)")
+                    help="--attention int8: keep the context's int8 key blocks for a chunk's forwards "
+                         "(DiT.use_kernels keep_context; --no-keep-context derives them every forward; sparse "
+                         "builds its block map from each forward's q and k)")
     ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
                     help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,

@@ -3,9 +3,9 @@
 A stream's chunk attends, at each of its denoising steps and in its cache pass, to [cached context + the chunk's
 own keys]: the context keys are one tensor for the whole chunk (the engine rotates them once per chunk,
 `DiT.rotate`, and hands every forward the same KV), only the chunk's keys change. Whatever a fast attention backend
-derives from the context alone — INT8 attention's quantized key blocks (vidu_kernels.int8_attention), block-sparse
-attention's pooled key blocks (vidu_kernels.sparse_attention) — is then the same at every step, and a `PrefixCache`
-keeps it instead of recomputing it per call.
+derives from the context alone — INT8 attention's quantized key blocks (vidu_kernels.int8_attention) — is then the
+same at every step, and a `PrefixCache` keeps it instead of recomputing it per call. (Block-sparse attention builds
+its map from each call's q and k in two launches, cheaper than keeping its pooled keys: vidu_kernels.sparse_attention.)
 
 An entry is keyed on the prefix tensor itself and on what was derived (`what`: a tuple naming the kind and its
 parameters). The tensor counts by identity (a weak reference: a freed tensor whose memory another reuses never
