@@ -354,3 +354,31 @@ def test_spoken_commands_in_push_to_talk_become_instructions(model):
         history, queued, fams, _ = asyncio.run(talk(commands, audio, 2 * took))
         assert history == [] and not any(isinstance(e, Instruction) for e in queued)
         assert value(fams, "vidu_serve_voice_commands_total") == 0
+
+
+def test_sessions_spread_over_workers_and_stay_pinned(model):
+    """Two workers (`vidu serve --gpus 2` makes one per GPU; here two CPU models): a new session goes to the
+    least-loaded worker at its first fitting profile, stays on it, and its load leaves with it."""
+    other = ServeModel(None, "tiny")
+    other.calibrate(2)
+
+    async def main():
+        async with running(ServeOptions(speed=SLOW), [model, other]) as url, ClientSession() as http:
+            ids, workers = [], []
+            for _ in range(4):
+                status, info = await _post_session(http, url)
+                assert status == 201
+                ids.append(info["id"])
+                workers.append(info["worker"])
+            assert sorted(workers[:2]) == [0, 1]                     # the second goes to the idle worker
+            cap = await (await http.get(url + "/capacity")).json()
+            assert [w["sessions"] for w in cap["workers"]] == [workers.count(0), workers.count(1)]
+            for sid, w in zip(ids, workers):
+                assert (await (await http.get(f"{url}/sessions/{sid}")).json())["worker"] == w
+            await http.delete(f"{url}/sessions/{ids[0]}")
+            after = await (await http.get(url + "/capacity")).json()
+            lost = workers[0]
+            assert after["workers"][lost]["sessions"] == workers.count(lost) - 1
+            assert after["workers"][lost]["load"] < cap["workers"][lost]["load"]
+            assert after["workers"][1 - lost]["load"] == cap["workers"][1 - lost]["load"]
+    asyncio.run(main())
