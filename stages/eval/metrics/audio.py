@@ -10,6 +10,27 @@ is from the log-mel it was made from.
   benchmarks/RESULTS.md, 2026-12-04 session 41).
 - `logmel_l1(wave, log_mel)`: mean |log-mel(wave) - log_mel| over the steps both have (models/audio.py's
   mel, steps centred at j * hop).
+
+A generated audio track against the speech that drove it (`score_generated`, `vidu eval --driving`):
+- envelope: loudness per 25 fps frame (ENVELOPE_FPS: the video's rate), dB of the mean power of the
+  frame's 10 ms steps (stages.sense.content.step_level), floored ENVELOPE_FLOOR_DB under the clip's
+  loudest frame (silence levels do not count); `envelope_r` = Pearson r of the two envelopes over
+  the frames both have, `envelope_r_control` the same against the driving envelope rotated by half
+  its length (a mismatched control: what r is for speech that is not this one), `envelope_lag_frames`
+  the lag in -12..12 frames (+ = generated late) with the highest r.
+- intelligibility: pocketsphinx (stages.sense.lipsync's "words" decoder: en-us acoustic model,
+  language model, CMUdict, shipped in the wheel; the input dithered at stages.sense.content.DITHER_DB
+  as its front end does) transcribes both tracks; `wer_generated` / `wer_driving` = word error rate
+  (word-level edit distance / reference words, case and punctuation ignored) against `text` when
+  given, else `wer_generated` is against the driving speech's transcript (`wer_driving` None).
+- voice similarity: resemblyzer's VoiceEncoder (its weights ship in the wheel) embeds the generated
+  track and, once per process, one reference sentence (VOICE_REFERENCE) in each stages.synth.voice
+  VOICES voice at default prosody; `voice_similarity` = cosine to the chosen voice's embedding,
+  `voice_similarity_other` = the highest cosine to another voice, `voice_nearest` the closest voice.
+- `edge_flux_ratio` at the chunk edges: every `chunk_frames` video frames (25 fps, 640 samples a
+  frame) from the start of the track.
+The audio/video sync offset of the generated pair is `vidu eval`'s lip-sync score with the video's
+own track (stages/eval/metrics/sync.py), which `vidu eval --video` already measures.
 """
 from __future__ import annotations
 
@@ -17,6 +38,12 @@ import numpy as np
 
 N_FFT, HOP = 256, 64
 ACTIVE_DB = 50.0
+SR = 16000
+ENVELOPE_FPS = 25.0
+ENVELOPE_FLOOR_DB = 40.0
+MAX_LAG_FRAMES = 12
+CHUNK_FRAMES = 12  # video frames per chunk of the starter's stream: 3 latent frames x 4
+VOICE_REFERENCE = "Anna bought a new bike this morning and rode it across the bridge to the quiet station."
 
 
 def spectral_flux(wave: np.ndarray, n_fft: int = N_FFT, hop: int = HOP) -> tuple[np.ndarray, np.ndarray]:
@@ -54,3 +81,155 @@ def logmel_l1(wave: np.ndarray, log_mel: np.ndarray) -> float:
     m = mel_of(np.asarray(wave, np.float32))
     T = min(len(m), len(log_mel))
     return float(np.abs(m[:T] - log_mel[:T]).mean())
+
+
+# --- a generated track against its driving speech --------------------------------------------------
+
+def envelope(wave: np.ndarray, fps: float = ENVELOPE_FPS) -> np.ndarray:
+    """[F] dB per video frame (F = whole frames in `wave`): mean power of the frame's 10 ms steps,
+    floored ENVELOPE_FLOOR_DB under the loudest frame."""
+    from stages.sense.content import HOP_S, step_level
+
+    x = np.asarray(wave, np.float64)
+    per = 1.0 / (fps * HOP_S)  # steps per frame
+    F = int(len(x) / SR * fps + 1e-9)
+    if F < 2:
+        raise ValueError(f"audio of {len(x) / SR:.2f} s is too short for a loudness envelope")
+    T = int(round(F * per))
+    power = 10 ** (step_level(x, T) / 10)
+    idx = np.minimum((np.arange(T) / per).astype(int), F - 1)
+    db = 10 * np.log10(np.bincount(idx, power, F) / np.bincount(idx, None, F) + 1e-10)
+    return np.maximum(db, db.max() - ENVELOPE_FLOOR_DB)
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 0 else float("nan")
+
+
+def envelope_correlation(generated: np.ndarray, driving: np.ndarray, fps: float = ENVELOPE_FPS,
+                         max_lag: int = MAX_LAG_FRAMES) -> dict:
+    """{envelope_r, envelope_r_control, envelope_lag_frames, envelope_frames} (module docstring)."""
+    g, d = envelope(generated, fps), envelope(driving, fps)
+    n = min(len(g), len(d))
+    if n < 2 * max_lag + 4:
+        raise ValueError(f"need {(2 * max_lag + 4) / fps:.2f} s of audio in both tracks for the envelope, got {n / fps:.2f} s")
+    g, d = g[:n], d[:n]
+    lags = np.arange(-max_lag, max_lag + 1)
+    r = [_pearson(g[max(k, 0):n + min(k, 0)], d[max(-k, 0):n - max(k, 0)]) for k in lags]
+    return {"envelope_r": _pearson(g, d), "envelope_r_control": _pearson(g, np.roll(d, n // 2)),
+            "envelope_lag_frames": int(lags[int(np.nanargmax(r))]) if not np.all(np.isnan(r)) else None,
+            "envelope_frames": int(n), "envelope_fps": float(fps)}
+
+
+def transcribe(wave: np.ndarray) -> str:
+    """Words pocketsphinx recognises in 16 kHz speech (lower case, fillers and noise dropped)."""
+    from stages.sense.content import DITHER_DB
+    from stages.sense.lipsync import decoder
+
+    x = np.asarray(wave, np.float64)
+    rms = np.sqrt(np.mean(x * x)) if x.size else 0.0
+    x = x + 10 ** (DITHER_DB / 20) * rms * np.random.default_rng(0).standard_normal(x.size)
+    d = decoder("words")
+    d.start_utt()
+    d.process_raw((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
+    d.end_utt()
+    return " ".join(s.word.split("(")[0] for s in d.seg() if not s.word.startswith(("<", "[", "+")))
+
+
+def _words(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance (substitutions, insertions, deletions) over the reference's words."""
+    ref, hyp = _words(reference), _words(hypothesis)
+    if not ref:
+        raise ValueError("the reference text has no words")
+    row = np.arange(len(hyp) + 1)
+    for i, w in enumerate(ref, 1):
+        prev, row = row, np.empty_like(row)
+        row[0] = i
+        for j, h in enumerate(hyp, 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (w != h))
+    return float(row[-1] / len(ref))
+
+
+def intelligibility(generated: np.ndarray, driving: np.ndarray, text: str | None = None) -> dict:
+    """{wer_generated, wer_driving, transcript_generated, transcript_driving, wer_reference} (module docstring)."""
+    tg, td = transcribe(generated), transcribe(driving)
+    if text is not None:
+        return {"wer_generated": word_error_rate(text, tg), "wer_driving": word_error_rate(text, td),
+                "transcript_generated": tg, "transcript_driving": td, "wer_reference": "text"}
+    wer = word_error_rate(td, tg) if _words(td) else None
+    return {"wer_generated": wer, "wer_driving": None, "transcript_generated": tg, "transcript_driving": td,
+            "wer_reference": "driving transcript"}
+
+
+_voice_refs: dict = {}
+
+
+def _encoder():
+    if "encoder" not in _voice_refs:
+        from resemblyzer import VoiceEncoder
+
+        _voice_refs["encoder"] = VoiceEncoder("cpu", verbose=False)
+    return _voice_refs["encoder"]
+
+
+def voice_embedding(wave: np.ndarray) -> np.ndarray:
+    """[256] L2-normed resemblyzer embedding of 16 kHz speech (its own preprocessing: VAD trim, -30 dBFS)."""
+    from resemblyzer import preprocess_wav
+
+    x = preprocess_wav(np.asarray(wave, np.float32), SR)
+    if len(x) < SR // 2:
+        raise ValueError(f"only {len(x) / SR:.2f} s of speech: too little for a voice embedding")
+    return _encoder().embed_utterance(x)
+
+
+def voice_references() -> dict[str, np.ndarray]:
+    """{voice: embedding} of VOICE_REFERENCE spoken in every VOICES voice (rate 175, its base pitch), cached."""
+    if "refs" not in _voice_refs:
+        from stages.synth.speech import tts
+        from stages.synth.voice import VOICES
+
+        _voice_refs["refs"] = {v: voice_embedding(tts(VOICE_REFERENCE, e, 175, p, 50).audio)
+                               for v, (e, p) in sorted(VOICES.items())}
+    return _voice_refs["refs"]
+
+
+def voice_similarity(generated: np.ndarray, voice: str) -> dict:
+    """{voice, voice_similarity, voice_similarity_other, voice_nearest, voice_similarities} (module docstring)."""
+    refs = voice_references()
+    if voice not in refs:
+        raise ValueError(f"no voice {voice!r}; voices: {', '.join(refs)}")
+    e = voice_embedding(generated)
+    sims = {v: float(e @ r) for v, r in refs.items()}
+    return {"voice": voice, "voice_similarity": sims[voice],
+            "voice_similarity_other": max(s for v, s in sims.items() if v != voice),
+            "voice_nearest": max(sims, key=sims.get), "voice_similarities": sims}
+
+
+def chunk_edges(samples: int, chunk_frames: int = CHUNK_FRAMES, fps: float = ENVELOPE_FPS) -> list[int]:
+    """Sample indices of the chunk edges of a track (every `chunk_frames` frames), the last 512 samples left out."""
+    step = chunk_frames * SR / fps
+    return [int(round(k * step)) for k in range(1, int(samples / step) + 1) if k * step < samples - 512]
+
+
+def score_generated(generated: np.ndarray, driving: np.ndarray, text: str | None = None, voice: str | None = None,
+                    chunk_frames: int | None = CHUNK_FRAMES) -> dict:
+    """The audio metrics of a generated track against its driving speech (16 kHz mono arrays): the
+    envelope, intelligibility, voice similarity (with `voice`) and chunk-edge flux (with `chunk_frames`)."""
+    out = {"audio_seconds": len(generated) / SR, "driving_seconds": len(driving) / SR}
+    out.update(envelope_correlation(generated, driving))
+    out.update(intelligibility(generated, driving, text))
+    if voice is not None:
+        out.update(voice_similarity(generated, voice))
+    if chunk_frames:
+        edges = chunk_edges(len(generated), chunk_frames)
+        out["chunk_frames"] = int(chunk_frames)
+        out["edge_flux_ratio"] = edge_flux_ratio(generated, edges) if edges else None
+    return out
