@@ -23,6 +23,17 @@ SHOWN = (("identity", "identity (cosine, {identity_embedder})"), ("face_found", 
          ("face_sharpness", "face sharpness"), ("noise", "noise sigma"), ("blockiness", "blockiness (1 = none)"),
          ("flicker", "flicker (mean |luma change|)"), ("luma_flicker", "luma flicker"), ("exposure", "exposure (mean luma)"),
          ("clipped", "clipped pixels"), ("dover", "DOVER"))
+AUDIO_SHOWN = (("envelope_r", "audio: envelope r with the driving speech ({envelope_fps:g} fps)"),
+               ("envelope_r_control", "audio: envelope r with the driving speech rotated (control)"),
+               ("envelope_lag_frames", "audio: envelope best lag (frames, + = generated late)"),
+               ("wer_generated", "audio: word error rate, generated (vs {wer_reference})"),
+               ("wer_driving", "audio: word error rate, driving (vs {wer_reference})"),
+               ("transcript_generated", "audio: heard in the generated track"),
+               ("transcript_driving", "audio: heard in the driving speech"),
+               ("voice_similarity", "audio: voice similarity to {voice}"),
+               ("voice_similarity_other", "audio: highest similarity to another voice"),
+               ("voice_nearest", "audio: nearest voice"),
+               ("edge_flux_ratio", "audio: spectral flux at chunk edges / elsewhere ({chunk_frames} frames)"))
 
 
 def _cell(v) -> str:
@@ -52,17 +63,36 @@ def score_table(scores: dict) -> Table:
             t.add_row("spurious actions / min, latency (s)", f"{_cell(ins['spurious_per_min'])}, {_cell(ins['latency_s'])}")
     else:
         t.add_row("instructions", str(ins))
+    gen = scores.get("generated_audio")
+    if gen:
+        for key, label in AUDIO_SHOWN:
+            if key in gen:
+                t.add_row(label.format(**gen), _cell(gen[key]))
     return t
 
 
 def score_one(video: Path, reference: Path, audio: Path | None, instructions: Path | None, as_json: bool,
-              options: EvalOptions) -> None:
-    from stages.eval.video import score_video
+              options: EvalOptions, driving: Path | None = None, text: str | None = None, voice: str | None = None,
+              chunk_frames: int = 12) -> None:
+    from stages.eval.video import load_wave, score_video
 
-    for what, p in (("--video", video), ("--reference", reference), ("--audio", audio), ("--instructions", instructions)):
+    for what, p in (("--video", video), ("--reference", reference), ("--audio", audio), ("--instructions", instructions),
+                    ("--driving", driving)):
         if p is not None and not p.is_file():
             fail(f"{what} {p}: no such file")
+    if driving is None and (text is not None or voice is not None):
+        fail("--text and --voice score a generated audio track: give the speech that drove it with --driving")
+    if voice is not None:
+        from stages.synth.voice import VOICES
+        if voice not in VOICES:
+            fail(f"--voice {voice}: no such voice; voices: {', '.join(sorted(VOICES))}")
+    gen_audio = None
+    if driving is not None:  # the generated track and its driving speech, read before the (slow) video scoring
+        from stages.eval.metrics.audio import score_generated
+        gen_audio, drive = load_wave(video), load_wave(driving)
     scores = score_video(video, reference, audio, instructions, options)
+    if gen_audio is not None:
+        scores["generated_audio"] = score_generated(gen_audio, drive, text, voice, chunk_frames)
     if not scores["reference_face"]:
         err.print("warning: no face in the reference image: identity not scored", highlight=False)
     if as_json:
@@ -76,6 +106,10 @@ def eval(
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference image of the person (or a video: its first frame).", show_default=False)] = None,
     audio: Annotated[Optional[Path], typer.Option("--audio", help="Speech the video should follow (default: the video's own track).", show_default=False)] = None,
     instructions: Annotated[Optional[Path], typer.Option("--instructions", help="JSON events [{\"t\": s, \"action\" or \"text\": ...}] or a vidu synth truth .json.", show_default=False)] = None,
+    driving: Annotated[Optional[Path], typer.Option("--driving", help="Speech that drove the generated audio track of --video (e.g. `vidu stream --audio-out generated`): score that track against it (envelope r, word error rate, voice similarity, chunk-edge flux).", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="With --driving: what the driving speech says (word error rate against it; default: against the driving speech's transcript).", show_default=False)] = None,
+    voice: Annotated[Optional[str], typer.Option("--voice", help="With --driving: the voice the track should have (a `vidu stream --voice` name): similarity to it vs the other voices.", show_default=False)] = None,
+    chunk_frames: Annotated[int, typer.Option("--chunk-frames", min=1, help="With --driving: video frames per generated chunk (chunk edges for the spectral-flux ratio).")] = 12,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")] = False,
     arcface: Annotated[Optional[Path], typer.Option("--arcface", help="Local ArcFace ONNX folder (identity embedder; needs onnxruntime).", show_default=False)] = None,
     syncnet: Annotated[Optional[Path], typer.Option("--syncnet", help="Local SyncNet weights (syncnet_v2.model of joonson/syncnet_python): lip sync by the SyncNet protocol instead of the proxy.", show_default=False)] = None,
@@ -114,6 +148,7 @@ def eval(
     blockiness, flicker, exposure), drift over equal segments, and instruction following.
 
     Example: vidu eval --video gen.mp4 --reference ref.png --json | jq .identity
+    Example: vidu eval --video gen.mp4 --reference ref.png --driving speech.wav --voice ada
     Example: vidu eval --bench synth --ckpt causal.safetensors --limit 20 --report report/
     Example: vidu eval --compare eval-1a2b eval-3c4d --report compare/
     Example: vidu eval --ab eval-1a2b eval-3c4d --port 8765
@@ -139,7 +174,7 @@ def eval(
         if video is not None:
             if reference is None:
                 fail("--video needs --reference (the person's image)")
-            return score_one(video, reference, audio, instructions, as_json, options)
+            return score_one(video, reference, audio, instructions, as_json, options, driving, text, voice, chunk_frames)
         fail("nothing to do: give --video VIDEO --reference IMAGE, --bench NAME, --compare RUN..., or --ab RUN_A RUN_B")
 
 
