@@ -74,6 +74,9 @@ def test_voice_similarity_picks_the_chosen_voice_among_eight():
 def test_chunk_edges_and_their_flux():
     assert A.chunk_edges(15000, 12) == [7680]                           # 12 frames = 0.48 s; the last 512 samples left out
     assert A.chunk_edges(3 * 7680 + 600, 12) == [7680, 15360, 23040]
+    assert A.chunk_edges(4000, 4, 1) == [640, 3200]                     # tiny's stream: 1 frame, then 4
+    with pytest.raises(ValueError, match=">= 1"):
+        A.chunk_edges(4000, 0)
     clean = speak(SAY, "ben")
     edges = A.chunk_edges(len(clean))
     clicked = clean.copy()
@@ -111,5 +114,5 @@ def test_eval_cli_scores_the_generated_track(tmp_path):
     assert g["envelope_r"] == pytest.approx(1.0) and g["envelope_lag_frames"] == 0
     assert abs(g["envelope_r_control"]) < 0.3
     assert g["wer_generated"] == 0.0 and len(g["transcript_driving"].split()) >= 8
-    assert 0.8 < g["edge_flux_ratio"] < 1.2 and g["chunk_frames"] == 12
+    assert 0.8 < g["edge_flux_ratio"] < 1.2 and (g["chunk_frames"], g["first_chunk_frames"]) == (12, 9)
     assert g["voice"] == "ben" and set(g["voice_similarities"]) == set(VOICES)

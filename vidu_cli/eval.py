@@ -33,7 +33,7 @@ AUDIO_SHOWN = (("envelope_r", "audio: envelope r with the driving speech ({envel
                ("voice_similarity", "audio: voice similarity to {voice}"),
                ("voice_similarity_other", "audio: highest similarity to another voice"),
                ("voice_nearest", "audio: nearest voice"),
-               ("edge_flux_ratio", "audio: spectral flux at chunk edges / elsewhere ({chunk_frames} frames)"))
+               ("edge_flux_ratio", "audio: spectral flux at chunk edges / elsewhere ({first_chunk_frames} + k x {chunk_frames} frames)"))
 
 
 def _cell(v) -> str:
@@ -73,7 +73,7 @@ def score_table(scores: dict) -> Table:
 
 def score_one(video: Path, reference: Path, audio: Path | None, instructions: Path | None, as_json: bool,
               options: EvalOptions, driving: Path | None = None, text: str | None = None, voice: str | None = None,
-              chunk_frames: int = 12) -> None:
+              chunk_frames: int = 12, first_chunk_frames: int | None = None) -> None:
     from stages.eval.video import load_wave, score_video
 
     for what, p in (("--video", video), ("--reference", reference), ("--audio", audio), ("--instructions", instructions),
@@ -92,7 +92,8 @@ def score_one(video: Path, reference: Path, audio: Path | None, instructions: Pa
         gen_audio, drive = load_wave(video), load_wave(driving)
     scores = score_video(video, reference, audio, instructions, options)
     if gen_audio is not None:
-        scores["generated_audio"] = score_generated(gen_audio, drive, text, voice, chunk_frames)
+        scores["generated_audio"] = score_generated(gen_audio, drive, text, voice, chunk_frames,
+                                                      chunk_frames - 3 if first_chunk_frames is None else first_chunk_frames)
     if not scores["reference_face"]:
         err.print("warning: no face in the reference image: identity not scored", highlight=False)
     if as_json:
@@ -109,7 +110,8 @@ def eval(
     driving: Annotated[Optional[Path], typer.Option("--driving", help="Speech that drove the generated audio track of --video (e.g. `vidu stream --audio-out generated`): score that track against it (envelope r, word error rate, voice similarity, chunk-edge flux).", show_default=False)] = None,
     text: Annotated[Optional[str], typer.Option("--text", help="With --driving: what the driving speech says (word error rate against it; default: against the driving speech's transcript).", show_default=False)] = None,
     voice: Annotated[Optional[str], typer.Option("--voice", help="With --driving: the voice the track should have (a `vidu stream --voice` name): similarity to it vs the other voices.", show_default=False)] = None,
-    chunk_frames: Annotated[int, typer.Option("--chunk-frames", min=1, help="With --driving: video frames per generated chunk (chunk edges for the spectral-flux ratio).")] = 12,
+    chunk_frames: Annotated[int, typer.Option("--chunk-frames", min=4, help="With --driving: video frames per generated chunk, 4 x latent frames (chunk edges for the spectral-flux ratio; the starter: 12, tiny: 4).")] = 12,
+    first_chunk_frames: Annotated[Optional[int], typer.Option("--first-chunk-frames", min=1, help="With --driving: video frames of the first chunk (default: --chunk-frames - 3, the stream's first latent frame decodes to one frame).", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of the table.")] = False,
     arcface: Annotated[Optional[Path], typer.Option("--arcface", help="Local ArcFace ONNX folder (identity embedder; needs onnxruntime).", show_default=False)] = None,
     syncnet: Annotated[Optional[Path], typer.Option("--syncnet", help="Local SyncNet weights (syncnet_v2.model of joonson/syncnet_python): lip sync by the SyncNet protocol instead of the proxy.", show_default=False)] = None,
@@ -174,7 +176,8 @@ def eval(
         if video is not None:
             if reference is None:
                 fail("--video needs --reference (the person's image)")
-            return score_one(video, reference, audio, instructions, as_json, options, driving, text, voice, chunk_frames)
+            return score_one(video, reference, audio, instructions, as_json, options, driving, text, voice, chunk_frames,
+                             first_chunk_frames)
         fail("nothing to do: give --video VIDEO --reference IMAGE, --bench NAME, --compare RUN..., or --ab RUN_A RUN_B")
 
 

@@ -27,8 +27,11 @@ A generated audio track against the speech that drove it (`score_generated`, `vi
   track and, once per process, one reference sentence (VOICE_REFERENCE) in each stages.synth.voice
   VOICES voice at default prosody; `voice_similarity` = cosine to the chosen voice's embedding,
   `voice_similarity_other` = the highest cosine to another voice, `voice_nearest` the closest voice.
-- `edge_flux_ratio` at the chunk edges: every `chunk_frames` video frames (25 fps, 640 samples a
-  frame) from the start of the track.
+- `edge_flux_ratio` at the chunk edges: after the first chunk's `first_frames` video frames, then
+  every `chunk_frames` (25 fps, 640 samples a frame). `vidu stream`'s layout with the tiny and small
+  presets (TAEHV pad_start: a chunk's first latent frame of the stream decodes to one frame, the others
+  to four): chunk_frames = 4 x latent frames per chunk, first_frames = chunk_frames - 3 (starter
+  `small`, 3 latent frames: 12 and 9; `tiny`, 1: 4 and 1).
 The audio/video sync offset of the generated pair is `vidu eval`'s lip-sync score with the video's
 own track (stages/eval/metrics/sync.py), which `vidu eval --video` already measures.
 """
@@ -213,14 +216,23 @@ def voice_similarity(generated: np.ndarray, voice: str) -> dict:
             "voice_nearest": max(sims, key=sims.get), "voice_similarities": sims}
 
 
-def chunk_edges(samples: int, chunk_frames: int = CHUNK_FRAMES, fps: float = ENVELOPE_FPS) -> list[int]:
-    """Sample indices of the chunk edges of a track (every `chunk_frames` frames), the last 512 samples left out."""
-    step = chunk_frames * SR / fps
-    return [int(round(k * step)) for k in range(1, int(samples / step) + 1) if k * step < samples - 512]
+def chunk_edges(samples: int, chunk_frames: int = CHUNK_FRAMES, first_frames: int | None = None,
+                fps: float = ENVELOPE_FPS) -> list[int]:
+    """Sample indices of the chunk edges of a track: after `first_frames` frames (default `chunk_frames`),
+    then every `chunk_frames` frames; edges in the last 512 samples left out."""
+    if chunk_frames < 1 or (first_frames is not None and first_frames < 1):
+        raise ValueError(f"chunk frames must be >= 1, not {chunk_frames} / {first_frames}")
+    first = chunk_frames if first_frames is None else first_frames
+    per = SR / fps
+    out, f = [], first
+    while f * per < samples - 512:
+        out.append(int(round(f * per)))
+        f += chunk_frames
+    return out
 
 
 def score_generated(generated: np.ndarray, driving: np.ndarray, text: str | None = None, voice: str | None = None,
-                    chunk_frames: int | None = CHUNK_FRAMES) -> dict:
+                    chunk_frames: int | None = CHUNK_FRAMES, first_frames: int | None = None) -> dict:
     """The audio metrics of a generated track against its driving speech (16 kHz mono arrays): the
     envelope, intelligibility, voice similarity (with `voice`) and chunk-edge flux (with `chunk_frames`)."""
     out = {"audio_seconds": len(generated) / SR, "driving_seconds": len(driving) / SR}
@@ -229,7 +241,8 @@ def score_generated(generated: np.ndarray, driving: np.ndarray, text: str | None
     if voice is not None:
         out.update(voice_similarity(generated, voice))
     if chunk_frames:
-        edges = chunk_edges(len(generated), chunk_frames)
+        edges = chunk_edges(len(generated), chunk_frames, first_frames)
         out["chunk_frames"] = int(chunk_frames)
+        out["first_chunk_frames"] = int(chunk_frames if first_frames is None else first_frames)
         out["edge_flux_ratio"] = edge_flux_ratio(generated, edges) if edges else None
     return out
