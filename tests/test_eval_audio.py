@@ -15,6 +15,7 @@ from stages.synth.speech import tts
 from stages.synth.voice import VOICES
 
 MEDIA = Path(__file__).resolve().parents[2] / "shared" / "media"
+PNG = Path(__file__).resolve().parents[1] / "benchmarks" / "figures" / "starter_live_page.png"
 SAY = "Please close the window before the rain comes in tonight and bring the dog inside."
 OTHER = "My sister painted the old piano blue last summer while we watched the movie."
 
@@ -37,6 +38,17 @@ def test_envelope_follows_the_same_speech_not_another():
     assert other["envelope_r"] < 0.3
     with pytest.raises(ValueError, match="too short"):
         A.envelope(np.zeros(500, np.float32))
+    flat = A.envelope_correlation(np.zeros_like(drive), drive)         # a silent track: no r, not a number
+    assert flat["envelope_r"] is None and flat["envelope_lag_frames"] is None
+
+
+def test_silent_tracks():
+    drive = speak(SAY, "ada")
+    s = A.score_generated(np.zeros_like(drive), drive, SAY, "ada")
+    assert s["envelope_r"] is None and s["wer_generated"] > 0.9 and s["voice_similarity"] is None
+    assert "too little" in s["voice_note"] and s["edge_flux_ratio"] is None and "silent" in s["edge_flux_note"]
+    with pytest.raises(ValueError, match="silent"):
+        A.score_generated(drive, np.zeros_like(drive))
 
 
 def test_word_error_rate_counts_edits():
@@ -94,7 +106,8 @@ def test_eval_cli_refuses_bad_audio_options(tmp_path):
     clip = MEDIA / "talking" / "retalking_1.mp4"
     base = ["eval", "--video", str(clip), "--reference", str(clip)]
     for extra, msg in ((["--voice", "ada"], "--driving"), (["--driving", str(tmp_path / "none.wav")], "no such file"),
-                       (["--driving", str(clip), "--voice", "nobody"], "no such voice")):
+                       (["--driving", str(clip), "--voice", "nobody"], "no such voice"),
+                       (["--driving", str(PNG)], "no audio track")):
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
 

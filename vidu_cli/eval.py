@@ -90,6 +90,11 @@ def score_one(video: Path, reference: Path, audio: Path | None, instructions: Pa
     if driving is not None:  # the generated track and its driving speech, read before the (slow) video scoring
         from stages.eval.metrics.audio import score_generated
         gen_audio, drive = load_wave(video), load_wave(driving)
+        for what, p, x in (("--video", video, gen_audio), ("--driving", driving, drive)):
+            if len(x) == 0:
+                fail(f"{what} {p}: no audio track to score")
+        if not drive.any():
+            fail(f"--driving {driving}: silent")
     scores = score_video(video, reference, audio, instructions, options)
     if gen_audio is not None:
         scores["generated_audio"] = score_generated(gen_audio, drive, text, voice, chunk_frames,

@@ -72,8 +72,8 @@ def edge_flux_ratio(wave: np.ndarray, edges, n_fft: int = N_FFT, hop: int = HOP)
     for e in edges:
         at |= (start <= e) & (e < start + n_fft)
     a, b = at & active, ~at & active
-    if not a.any() or not b.any():
-        raise ValueError("no active frames at the edges or away from them")
+    if not a.any() or not b.any() or flux[b].mean() <= 0:
+        raise ValueError("no active frames at the edges or away from them (a silent or constant track)")
     return float(flux[a].mean() / flux[b].mean())
 
 
@@ -105,10 +105,12 @@ def envelope(wave: np.ndarray, fps: float = ENVELOPE_FPS) -> np.ndarray:
     return np.maximum(db, db.max() - ENVELOPE_FLOOR_DB)
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Pearson r; None when either is flat (under 0.01 dB of spread: silence, a constant tone)."""
+    if a.std() < 1e-2 or b.std() < 1e-2:
+        return None
     a, b = a - a.mean(), b - b.mean()
-    d = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / d) if d > 0 else float("nan")
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
 
 
 def envelope_correlation(generated: np.ndarray, driving: np.ndarray, fps: float = ENVELOPE_FPS,
@@ -121,8 +123,9 @@ def envelope_correlation(generated: np.ndarray, driving: np.ndarray, fps: float 
     g, d = g[:n], d[:n]
     lags = np.arange(-max_lag, max_lag + 1)
     r = [_pearson(g[max(k, 0):n + min(k, 0)], d[max(-k, 0):n - max(k, 0)]) for k in lags]
+    r = np.array([np.nan if v is None else v for v in r])
     return {"envelope_r": _pearson(g, d), "envelope_r_control": _pearson(g, np.roll(d, n // 2)),
-            "envelope_lag_frames": int(lags[int(np.nanargmax(r))]) if not np.all(np.isnan(r)) else None,
+            "envelope_lag_frames": None if np.all(np.isnan(r)) else int(lags[int(np.nanargmax(r))]),
             "envelope_frames": int(n), "envelope_fps": float(fps)}
 
 
@@ -187,6 +190,8 @@ def voice_embedding(wave: np.ndarray) -> np.ndarray:
     """[256] L2-normed resemblyzer embedding of 16 kHz speech (its own preprocessing: VAD trim, -30 dBFS)."""
     from resemblyzer import preprocess_wav
 
+    if not np.any(wave):
+        raise ValueError("a silent track: too little speech for a voice embedding")
     x = preprocess_wav(np.asarray(wave, np.float32), SR)
     if len(x) < SR // 2:
         raise ValueError(f"only {len(x) / SR:.2f} s of speech: too little for a voice embedding")
@@ -235,14 +240,27 @@ def score_generated(generated: np.ndarray, driving: np.ndarray, text: str | None
                     chunk_frames: int | None = CHUNK_FRAMES, first_frames: int | None = None) -> dict:
     """The audio metrics of a generated track against its driving speech (16 kHz mono arrays): the
     envelope, intelligibility, voice similarity (with `voice`) and chunk-edge flux (with `chunk_frames`)."""
+    if not np.any(np.asarray(driving)):
+        raise ValueError("the driving speech is silent")
     out = {"audio_seconds": len(generated) / SR, "driving_seconds": len(driving) / SR}
     out.update(envelope_correlation(generated, driving))
     out.update(intelligibility(generated, driving, text))
     if voice is not None:
-        out.update(voice_similarity(generated, voice))
+        from stages.synth.voice import VOICES
+
+        if voice not in VOICES:
+            raise ValueError(f"no voice {voice!r}; voices: {', '.join(sorted(VOICES))}")
+        try:
+            out.update(voice_similarity(generated, voice))
+        except ValueError as e:  # too little speech in the track: the voice is not measured, the rest is
+            out.update(voice=voice, voice_similarity=None, voice_similarity_other=None, voice_nearest=None,
+                       voice_note=str(e))
     if chunk_frames:
         edges = chunk_edges(len(generated), chunk_frames, first_frames)
         out["chunk_frames"] = int(chunk_frames)
         out["first_chunk_frames"] = int(chunk_frames if first_frames is None else first_frames)
-        out["edge_flux_ratio"] = edge_flux_ratio(generated, edges) if edges else None
+        try:
+            out["edge_flux_ratio"] = edge_flux_ratio(generated, edges) if edges else None
+        except ValueError as e:
+            out.update(edge_flux_ratio=None, edge_flux_note=str(e))
     return out
