@@ -253,8 +253,9 @@ def test_serve_takes_instructions_over_http_and_stops_on_ctrl_c(inputs, tmp_path
         assert s2["frames"] - s1["frames"] <= 25 * (t2 - t1) + 2 * per_chunk
     finally:
         os.killpg(proc.pid, signal.SIGINT)
-        proc.communicate(timeout=60)
+        _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130
+    assert '"event"' not in rest                     # -q: the server's JSON event lines (session_closed ...) too
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["reason"] == "interrupted" and [tuple(x)[1] for x in summary["instructions"]][-1] == "make a heart"
 

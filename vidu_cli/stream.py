@@ -147,6 +147,11 @@ def stream(
             page = []
             if serve:                                              # vidu serve's page, showing this stream
                 from stages.serve.single import PageSink
+                if quiet:                                          # its JSON event lines: warnings only
+                    import logging
+
+                    from stages.serve.metrics import logger
+                    logger().setLevel(logging.WARNING)
                 from stages.stream.io import parse_address
                 page.append(lambda: PageSink(*parse_address(serve), fps=fps, voice=voice,
                                              commands=spotter if commands == "page" else None,
