@@ -29,8 +29,8 @@ import io
 import json
 import re
 import time
-from html import escape as html_escape
 import warnings
+from html import escape as html_escape
 from importlib import resources
 from urllib.parse import urlsplit
 
