@@ -6,6 +6,7 @@ it stops by itself after N x stagger + seconds (+ the server's start), and kills
     python benchmarks/serve_load.py --clients 16 --max-sessions 16                        # GPU, the starter
     python benchmarks/serve_load.py --ckpt student.safetensors --clients 12 --seconds 60
     python benchmarks/serve_load.py --clients 24 --max-sessions 24 --max-batch 8 --compare   # batching off vs on
+    python benchmarks/serve_load.py --preset wan2.1-1.3b --size 960x544 --compile --clients 4  # the 1.3B shapes
 
 Reports: sessions admitted vs refused (503 and why), the profiles admitted (full / fewer steps / half
 resolution), the sessions that kept the target frame rate (default: --speed x the model's fps), the
@@ -47,6 +48,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
            "--max-sessions", str(args.max_sessions), "--calib-chunks", str(args.calib_chunks),
            "--max-batch", str(args.max_batch)]
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--preset", args.preset] if args.preset else []
+    cmd += (["--size", args.size] if args.size else []) + (["--compile"] if args.compile else [])
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     said = []
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--ckpt")
     ap.add_argument("--preset")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--size", help="WIDTHxHEIGHT of the sessions (the server's --size; default: the model's own)")
+    ap.add_argument("--compile", action="store_true", help="the server's --compile")
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=20.0, help="each viewer's stay")
     ap.add_argument("--stagger", type=float, default=1.0, help="s between arrivals")

@@ -278,7 +278,7 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
 
     from tests.test_runner import _as_in_a_terminal
     proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
-                             "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1"],
+                             "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1", "--size", "96x80"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:
@@ -291,13 +291,15 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
                 url = line.split()[-1].rstrip("/")
                 break
         assert any(ln.strip().startswith("full: ") and " ms per 160 ms chunk" in ln for ln in said)
+        assert any(ln.strip().split(":")[0].endswith("-48x32") for ln in said), said     # --size's half profile
         with urllib.request.urlopen(url + "/health", timeout=10) as r:
             assert json.loads(r.read()) == {"ok": True}
 
         async def create():
             async with ClientSession() as http:
-                return [(await _post_session(http, url))[0] for _ in range(2)]
-        assert run(create()) == [201, 503]
+                return [await _post_session(http, url) for _ in range(2)]
+        (first, info), (second, _) = run(create())
+        assert (first, second) == (201, 503) and (info["width"], info["height"]) == (96, 80)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -310,6 +312,24 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     events = [json.loads(ln)["event"] for ln in "".join(said).splitlines() + err.splitlines() if ln.startswith("{")]
     assert "serving" in events and "session_created" in events and "session_refused" in events and "session_closed" in events
+
+
+def test_size_sets_every_profile_and_the_frames():
+    """--size: the full profile at that size, the half profile at half of it, and frames of that size;
+    a size off the 16-px grid is one line before anything is served."""
+    from stages.serve.model import live_options
+    from stages.stream.events import EventQueue, StreamError
+    from stages.stream.session import Session
+    m = ServeModel(None, "tiny", size=(96, 80))
+    assert [(p.width, p.height) for p in m.profiles][0] == (96, 80) and (m.profiles[-1].width, m.profiles[-1].height) == (48, 32)
+    rgb, _, _ = Session(m.parts(png_rgb(), m.profiles[0], 1), EventQueue(), live_options()).next_chunk()
+    assert rgb.shape[1:] == (80, 96, 3)
+    with pytest.raises(StreamError, match="multiples of 16 px"):
+        ServeModel(None, "tiny", size=(100, 80))
+
+
+def png_rgb() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)
 
 
 def test_spoken_commands_in_push_to_talk_become_instructions(model):

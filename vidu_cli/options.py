@@ -33,6 +33,14 @@ def option(cls: type, name: str, help: str, *decls: str, default: Any = _FIELD, 
                         **_checks(cls, name, help), **extra)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height); a BadParameter (one line) otherwise."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit():
+        raise typer.BadParameter(f"{text!r} is not WIDTHxHEIGHT, e.g. 256x256")
+    return int(w), int(h)
+
+
 def _checks(cls: type, name: str, help: str) -> dict:
     """help, min, max and callback of field `name`'s declared range and choices."""
     meta, extra = _field(cls, name).metadata, {}

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from stages.serve.options import TOKEN_ENV, ServeOptions
-from vidu_cli.options import option
+from vidu_cli.options import option, parse_size
 from vidu_cli.report import err, fail
 
 
@@ -26,6 +26,8 @@ def serve(
     decoder_weights: Annotated[Optional[Path], typer.Option(help="TAEHV weights (taew2_1.pth).")] = None,
     text_encoder_path: Annotated[Optional[Path], typer.Option(help="Local umT5 directory (Wan checkpoints).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed of the calibration sessions.")] = 0,
+    size: Annotated[Optional[str], typer.Option(help="Frame size WIDTHxHEIGHT of the full profile, multiples of 16 (default: the model's own; the half-resolution profile halves it).", show_default=False)] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the model's blocks with torch.compile, once for all sessions (CUDA; the first chunk of each new batch size waits for the compilation).")] = False,
     commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Spot spoken instructions (the actions the model knows) in each session's push-to-talk speech.")] = ServeOptions.commands,
 ) -> None:
     """Serve many live characters over WebRTC: a page to upload a reference image, talk and type
@@ -38,6 +40,7 @@ def serve(
     Example: VIDU_SERVE_TOKEN=s3cret-token vidu serve --host 0.0.0.0 --gpus 2
     Example: vidu serve --preset tiny --device cpu --speed 0.5
     Example: vidu serve --max-sessions 16 --max-batch 1
+    Example: vidu serve --preset wan2.1-1.3b --size 960x544 --compile
     """
     from stages.serve.app import serve as run
     from stages.serve.model import ServeModel
@@ -51,6 +54,7 @@ def serve(
         check_address(host, port)
         if ckpt is not None and preset is not None:
             raise ValueError("--ckpt and --preset both choose the model: use one of them")
+        wh = parse_size(size) if size is not None else None
         dev, dtype = pick_device(device)
         devices = [dev] if gpus == 1 else [f"cuda:{i}" for i in range(gpus)]
         if gpus > 1 and not dev.startswith("cuda"):
@@ -61,7 +65,7 @@ def serve(
             err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
         models = []
         for d in devices:
-            m = ServeModel(ckpt, preset or "tiny", d, dtype, seed, decoder_weights, text_encoder_path)
+            m = ServeModel(ckpt, preset or "tiny", d, dtype, seed, decoder_weights, text_encoder_path, wh, compile)
             err.print(f"measuring chunk times on {d} ...", highlight=False)
             m.calibrate(opts.calib_chunks)
             for p in m.profiles:

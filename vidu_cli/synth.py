@@ -9,15 +9,8 @@ import typer
 
 from manifests.io import workspace
 from stages.synth import Synth, synthesize
-from vidu_cli.options import Quiet, Strict, Workdir, Workers, field_default, option
+from vidu_cli.options import Quiet, Strict, Workdir, Workers, field_default, option, parse_size
 from vidu_cli.report import clean_errors, fail, finish
-
-
-def _size(text: str) -> tuple[int, int]:
-    w, sep, h = text.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit():
-        raise typer.BadParameter(f"{text!r} is not WIDTHxHEIGHT, e.g. 256x256")
-    return int(w), int(h)
 
 
 def _check_out(out: Path) -> None:
@@ -50,7 +43,7 @@ def synth(
     Example: vidu synth --n 500 --out data/synth --workers 4 && vidu prefilter 'data/synth/*.mp4'
     """
     with clean_errors():
-        width, height = _size(size)
+        width, height = parse_size(size)
         _check_out(out)
         result = synthesize(out, n, workspace(workdir), seed=seed, width=width, height=height, fps=fps,
                             seconds=seconds, workers=workers, quiet=quiet, style=style)

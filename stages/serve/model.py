@@ -53,19 +53,35 @@ class ServeModel:
     """The model of one worker device: `parts(rgb, profile, seed)` makes a session's Parts."""
 
     def __init__(self, ckpt: str | Path | None, preset: str = "tiny", device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0, decoder_weights=None, text_encoder_path=None):
+                 dtype: torch.dtype = torch.float32, seed: int = 0, decoder_weights=None, text_encoder_path=None,
+                 size: tuple[int, int] | None = None, compile: bool = False):
+        """`size`: (width, height) of the full profile (default: the model's own); `compile`: the model's
+        blocks compiled once for all sessions (the first chunk of each new batch shape waits for it)."""
         self.device, self.seed = device, seed
         with tempfile.TemporaryDirectory() as d:        # load_parts reads its reference from a file: a grey one
             grey = Path(d) / "grey.png"
             from PIL import Image
             Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
-            self.base = load_parts(grey, ckpt, preset, None, decoder_weights, text_encoder_path, device, dtype, seed)
+            self.base = load_parts(grey, ckpt, preset, None, decoder_weights, text_encoder_path, device, dtype, seed,
+                                   compile=compile)
+        if size is not None:
+            width, height = size
+            step = self.size_step
+            if width < step or height < step or width % step or height % step:
+                raise StreamError(f"the size must be multiples of {step} px (the latent stride x the patch), "
+                                  f"not {width}x{height}")
+            self.base = dataclasses.replace(self.base, cfg=dataclasses.replace(self.base.cfg, height=height, width=width))
         self.grey = np.full((self.base.cfg.height, self.base.cfg.width, 3), 128, np.uint8)
         self.profiles = self._profiles()
 
+    @property
+    def size_step(self) -> int:
+        """Frame sides are multiples of this: the latent stride x the patch."""
+        return 8 * self.base.cfg.dit.patch_size[1]
+
     def _profiles(self) -> list[Profile]:
         cfg, st, trained = self.base.cfg, self.base.engine.st, self.base.trained
-        step = 8 * cfg.dit.patch_size[1]                 # latent stride x patch: the size quantum
+        step = self.size_step
         h, w = max(step, cfg.height // 2 // step * step), max(step, cfg.width // 2 // step * step)
         out = [Profile("full", st, cfg.height, cfg.width)]
         fewer = None
