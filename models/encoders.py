@@ -111,16 +111,19 @@ class TextTable:
         return torch.stack([torch.cat([f, f.new_zeros(L - f.shape[0], f.shape[1])]) for f in feats]).to(self.device)
 
 
-TEXT_TABLE_ENV = "VIDU_TEXT_TABLE"    # a feature table standing in for MiniLM (machines without it: the GPU image)
+TEXT_TABLE_ENV = "VIDU_TEXT_TABLE"    # a feature table standing in for the encoder (machines without it: the GPU image)
 
 
 def text_encoder(kind: str = "minilm", path: str | Path | None = None, max_len: int = 512, device: str = "cpu"):
-    """The text encoder of training and streaming: MiniLM / umT5 (`TextEncoder`), or for MiniLM the
-    feature table $VIDU_TEXT_TABLE names when set (`TextTable`: the texts it holds, nothing else)."""
+    """The text encoder of training and streaming: MiniLM / umT5 (`TextEncoder`), or the feature table
+    $VIDU_TEXT_TABLE names when set and written by an encoder of this kind (`TextTable`: the texts it
+    holds, nothing else)."""
     import os
     table = os.environ.get(TEXT_TABLE_ENV)
-    if table and kind == "minilm":
-        return TextTable(table, max_len, device)
+    if table and not path:
+        t = TextTable(table, max_len, device)
+        if t.kind == kind:
+            return t
     return TextEncoder(kind, path, max_len=max_len, device=device)
 
 

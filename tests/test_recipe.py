@@ -204,7 +204,7 @@ def test_text_table_covers_the_world_and_matches_minilm():
 def test_text_encoder_is_the_table_when_one_is_named(monkeypatch):
     """Training and `vidu stream` take their text encoder from one function: the table when
     $VIDU_TEXT_TABLE names one (the GPU image has no MiniLM), trimmed like MiniLM to the model's length."""
-    from models.encoders import TextEncoder, TextTable, text_encoder
+    from models.encoders import TextEncoder, TextTable, minilm_path, text_encoder
     texts = ["blink", "a person talking to the camera"]
     monkeypatch.delenv("VIDU_TEXT_TABLE", raising=False)
     assert isinstance(text_encoder("minilm", max_len=32), TextEncoder)      # control: no table named
@@ -212,6 +212,22 @@ def test_text_encoder_is_the_table_when_one_is_named(monkeypatch):
     enc = text_encoder("minilm", max_len=32)                                 # `small`'s text length: the texts fit
     assert isinstance(enc, TextTable) and enc.dim == 384
     assert (enc(texts) - TextEncoder("minilm", max_len=32)(texts)).abs().max() < MINILM_ROUNDING
+    with pytest.raises(FileNotFoundError, match="umT5"):                     # a MiniLM table is no umT5
+        text_encoder("umt5", max_len=32)
+    assert isinstance(text_encoder("minilm", minilm_path(), max_len=32), TextEncoder)   # a given model wins
+
+
+def test_a_table_of_umt5_features_serves_umt5(tmp_path, monkeypatch):
+    """A table records its encoder's kind; one written as umT5's (serve_load.py's random stand-in for the
+    1.3B preset on the GPU image) is what text_encoder("umt5") returns, and only for its texts."""
+    from models.checkpoint import save_safetensors
+    from models.encoders import TextTable, text_encoder
+    feats = torch.randn(3, 4096)
+    save_safetensors(tmp_path / "t.safetensors", {"t0": feats}, {"texts": ["hello"], "encoder": "umt5"})
+    monkeypatch.setenv("VIDU_TEXT_TABLE", str(tmp_path / "t.safetensors"))
+    enc = text_encoder("umt5", max_len=512)
+    assert isinstance(enc, TextTable) and enc.dim == 4096 and torch.equal(enc(["hello"])[0], feats)
+    assert not isinstance(text_encoder("minilm", max_len=32), TextTable)       # control: not for MiniLM
 
 
 GPU_IMAGE_LACKS = ("duckdb", "av")      # the device image has torch and triton, not these (carried wheels aside)
