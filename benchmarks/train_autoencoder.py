@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -38,10 +39,12 @@ for _name in ("av", "duckdb"):           # imported at module level by packages 
 from models.checkpoint import load_taehv, save_taehv  # noqa: E402
 from models.config import preset  # noqa: E402
 from stages.train.autoencoder import AutoencoderSettings, to_unit, world_clip  # noqa: E402
+
+AE = {f.name: f.default for f in dataclasses.fields(AutoencoderSettings)}   # the stage's defaults, one home
 from stages.train.loop import TrainSettings, train  # noqa: E402
 
 SIGNALS = ("mouth", "eyes", "yaw", "hand")
-MOVES = {"mouth": 0.02, "eyes": 0.05, "yaw": 0.05, "hand": 0.05}   # std of the truth's reading over a clip: "it moves"
+MOVES = {"mouth": 0.02, "eyes": 0.05, "yaw": 0.05, "hand": 0.05}   # std of the world's track over a clip: "it moves"
 EVAL_SEED = 2_000_000_000                                           # held-out world seeds start here
 MOVING = 4 / 255
 
@@ -49,7 +52,10 @@ MOVING = 4 / 255
 def settings(args, steps: int, minutes: float | None = None) -> TrainSettings:
     return TrainSettings(stage="autoencoder", preset=args.preset, steps=steps, batch=args.batch, lr=args.lr,
                          warmup=min(100, steps // 10), ema=args.ema, save_every=steps, seed=0, minutes=minutes,
-                         autoencoder=AutoencoderSettings(frames=args.frames))
+                         autoencoder=AutoencoderSettings(
+                             frames=args.frames, region_weight=args.region_weight, temporal_weight=args.temporal_weight,
+                             motion_weight=args.motion_weight, reuse=args.reuse,
+                             init=str(args.init) if args.init else None, freeze_encoder=args.freeze_encoder))
 
 
 def fit_steps(args, work: Path) -> tuple[int, float]:
@@ -72,50 +78,96 @@ def psnr(mse: float) -> float:
     return float(10 * np.log10(1 / max(mse, 1e-12)))
 
 
-def held_out_clips(cfg, n: int, frames: int) -> list:
+def held_out_clips(cfg, n: int, frames: int, pool=None, masks: bool = False) -> list:
     """n of the first 4n held-out clips, those in which a rarely moving signal (hand, yaw, ...) moves
-    first (the world's actions are sparse), then the others in seed order."""
+    first (the world's actions are sparse), then the others in seed order; chosen from the world's tracks
+    (no pixels drawn), then rendered (in `pool`'s processes when given); `masks`: keep the region masks."""
+    from stages.synth import make_sample
     candidates = []
     for seed in range(EVAL_SEED, EVAL_SEED + 4 * n):
-        f, s, _ = world_clip(cfg, seed, frames, split="eval")
-        candidates.append((sum(np.std(s.tracks[k]) > 2 * MOVES[k] for k in ("eyes", "yaw", "hand")), seed, f, s))
+        s = make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=frames / cfg.audio.fps,
+                        split="eval", draw=False)
+        candidates.append((sum(np.std(s.tracks[k]) > 2 * MOVES[k] for k in ("eyes", "yaw", "hand")), seed))
         if sum(c[0] > 0 for c in candidates) >= n:
             break
     candidates.sort(key=lambda c: (-c[0], c[1]))
-    return [(f, s) for _, _, f, s in candidates[:n]]
+    seeds = [seed for _, seed in candidates[:n]]
+    render = functools.partial(_eval_clip, cfg, frames, masks)
+    return list(pool.map(render, seeds) if pool else map(render, seeds))
+
+
+def _eval_clip(cfg, frames: int, masks: bool, seed: int):
+    """Held-out world clip `seed`: (frames [T, H, W, 3] uint8, its Sample without pixels (and masks))."""
+    f, s, _ = world_clip(cfg, seed, frames, split="eval")
+    s.frames = None
+    if not masks:
+        s.masks = None
+    return f, s
 
 
 @torch.no_grad()
-def evaluate(codec, cfg, clips, out: Path) -> dict:
-    """Figures of `codec` on `clips`; the first clip's truth | round trip strip goes to OUT_roundtrip.png."""
+def evaluate(codec, cfg, clips, out: Path, pool=None) -> dict:
+    """Figures of `codec` on `clips`; the first clip's truth | round trip strip goes to OUT_roundtrip.png.
+    A signal counts in a clip when the world's own track of it moves there (std > MOVES): a clip with no
+    speech has a still mouth, and the analyzer's noise on it correlates with nothing. Beside each r (truth
+    reading vs round-trip reading) stands `reference_r`: the truth's reading against the world's track,
+    the eval's own ceiling. `pool`: processes the analyzer runs in."""
     from stages.synth import analyze
     dev = next(codec.parameters()).device
     per = {k: [] for k in SIGNALS}
+    ref = {k: [] for k in SIGNALS}
+    rows = []
     se_all = n_all = se_mov = n_mov = 0.0
-    for i, (frames, s) in enumerate(clips):
+    trips = []
+    for frames, _ in clips:
         x = to_unit(torch.from_numpy(frames)[None]).to(dev)
         y = codec.decode_video(codec.encode_video(x))
-        rt = (y[0] * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()   # [T, H, W, 3]
+        trips.append((y[0] * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())   # [T, H, W, 3]
+    videos = [f for f, _ in clips] + trips
+    who = [s.identity for _, s in clips] * 2
+    readings = list(pool.map(analyze, videos, who) if pool else map(analyze, videos, who))
+    for i, ((frames, s), rt) in enumerate(zip(clips, trips)):
         xq, yq = frames.astype(np.float32) / 255, rt.astype(np.float32) / 255
         err = (yq - xq) ** 2
         moving = np.zeros(frames.shape[:3], bool)
         moving[1:] = (np.abs(np.diff(xq, axis=0)) > MOVING).any(-1)
         se_all, n_all = se_all + err.sum(), n_all + err.size
         se_mov, n_mov = se_mov + err[moving].sum(), n_mov + moving.sum() * 3
-        m_x, m_y = analyze(frames, s.identity), analyze(rt, s.identity)
+        m_x, m_y = readings[i], readings[len(clips) + i]
+        row = {"seed": s.seed, "style": s.identity.style}
         for k in SIGNALS:
-            if np.nanstd(m_x[k]) > MOVES[k]:
+            if np.std(s.tracks[k]) > MOVES[k]:
                 per[k].append(corr(m_x[k], m_y[k]))
+                ref[k].append(corr(m_x[k], s.tracks[k].astype(np.float64)))
+                row[k] = per[k][-1]
+        rows.append(row)
         if i == 0:
             strip(frames, rt, out.with_name(out.name + "_roundtrip.png"))
     res = {"clips": len(clips), "frames_per_clip": int(clips[0][0].shape[0]), "psnr": psnr(se_all / n_all),
-           "psnr_moving": psnr(se_mov / max(n_mov, 1)), "moving_fraction": float(n_mov / n_all)}
+           "psnr_moving": psnr(se_mov / max(n_mov, 1)), "moving_fraction": float(n_mov / n_all), "per_clip": rows}
     for k, v in per.items():
         v = [c for c in v if c is not None]
+        r0 = [c for c in ref[k] if c is not None]
         res[k] = {"clips": len(v), "mean_r": float(np.mean(v)) if v else None,
                   "median_r": float(np.median(v)) if v else None, "min_r": float(np.min(v)) if v else None,
-                  "clips_r_ge_0.95": int(sum(c >= 0.95 for c in v))}
+                  "clips_r_ge_0.95": int(sum(c >= 0.95 for c in v)),
+                  "reference_r_min": float(np.min(r0)) if r0 else None}
     return res
+
+
+def table(evs: dict) -> str:
+    """The short table the script prints last: per weights file, PSNR and per signal
+    mean / median / min r (clips >= 0.95 of clips)."""
+    def cell(e):
+        if not e["clips"]:
+            return "-"
+        return f"{e['mean_r']:.3f} / {e['median_r']:.3f} / {e['min_r']:.2f} ({e['clips_r_ge_0.95']} of {e['clips']})"
+    lines = ["| weights | PSNR | PSNR moving | " + " | ".join(f"{k} r mean / median / min (>= 0.95)" for k in SIGNALS)
+             + " |", "|---" * (3 + len(SIGNALS)) + "|"]
+    for name, e in evs.items():
+        lines.append(f"| {name} | {e['psnr']:.2f} | {e['psnr_moving']:.2f} | "
+                     + " | ".join(cell(e[k]) for k in SIGNALS) + " |")
+    return "\n".join(lines)
 
 
 def strip(truth: np.ndarray, rt: np.ndarray, path: Path, n: int = 8) -> None:
@@ -125,20 +177,33 @@ def strip(truth: np.ndarray, rt: np.ndarray, path: Path, n: int = 8) -> None:
 
 
 def main() -> None:
+    t_start = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=7.0, help="training time (the probe comes before it)")
+    ap.add_argument("--total-s", type=float, help="hard limit on the whole call: training stops (with a checkpoint) "
+                    "where the rest (shipping, evaluation) still fits, --reserve-s before it")
+    ap.add_argument("--reserve-s", type=float, default=75.0, help="time kept for shipping and evaluation")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--frames", type=int, default=33, help="frames per training clip, 1 + 4k")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema", type=float, default=0.99)
+    ap.add_argument("--region-weight", type=float, default=AE["region_weight"])
+    ap.add_argument("--temporal-weight", type=float, default=AE["temporal_weight"])
+    ap.add_argument("--motion-weight", type=float, default=AE["motion_weight"],
+                    help="the frame-difference loss inside mouth, eyes and hands alone")
+    ap.add_argument("--reuse", type=int, default=AE["reuse"], help="steps per rendered batch (1-4)")
+    ap.add_argument("--init", type=Path, help="warm start from this autoencoder file (also evaluated, as `init`)")
+    ap.add_argument("--freeze-encoder", action="store_true", help="train the decoder alone (the latents stay init's)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--eval-clips", type=int, default=16)
     ap.add_argument("--eval-seconds", type=float, default=4.0)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-ae"))
+    ap.add_argument("--no-eval-raw", action="store_true", help="evaluate the EMA weights (and init) only")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-ae"), help="scratch (emptied first)")
     ap.add_argument("--eval", type=Path, nargs="+", help="only evaluate these autoencoder files (no training)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "."))
+    out.mkdir(parents=True, exist_ok=True)
     torch.backends.cudnn.benchmark = True
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = preset(args.preset)
@@ -147,33 +212,50 @@ def main() -> None:
     if args.eval:
         weights = {p.name.split("_")[0]: p for p in args.eval}
     else:
+        shutil.rmtree(args.work, ignore_errors=True)       # a warm machine's earlier run is not resumed
         t0 = time.perf_counter()
         steps, res["probe_step_s"] = fit_steps(args, args.work)
         res["probe_s"] = time.perf_counter() - t0
+        deadline = t_start + args.total_s - args.reserve_s if args.total_s else None
         res["train"] = summary = train(settings(args, steps, minutes=args.minutes + 0.5), args.work / "run",
-                                       prefetch=args.workers)
+                                       prefetch=args.workers, deadline=deadline)
+        res["train"]["planned_steps"] = steps
         shutil.copy(args.work / "run" / "loss.png", out / "loss.png")
-        weights = ship(Path(summary["checkpoint"]), summary["steps"], out, dev)
+        weights = ship(Path(summary["checkpoint"]), summary["steps"], out, dev, raw=not args.no_eval_raw)
+        if args.init:
+            weights = {"init": args.init, **weights}
     frames = 1 + 4 * round((args.eval_seconds * cfg.audio.fps - 1) / 4)
     t1 = time.perf_counter()
-    clips = held_out_clips(cfg, args.eval_clips, frames)
-    evs = {name: evaluate(load_taehv(path, dev), cfg, clips, out / name) for name, path in weights.items()}
-    best = max(evs, key=lambda k: evs[k]["psnr"])
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max(1, args.workers), mp_context=mp.get_context("spawn")) as pool:
+        clips = held_out_clips(cfg, args.eval_clips, frames, pool)
+        evs = {name: evaluate(load_taehv(path, dev), cfg, clips, out / name, pool) for name, path in weights.items()}
+    trained = {k: v for k, v in evs.items() if k != "init"} or evs
+    best = max(trained, key=lambda k: trained[k]["psnr"])
     codec = load_taehv(weights[best])
     res.update(params=sum(p.numel() for p in codec.parameters()), config=codec.config.to_dict(), best=best,
-               eval=evs, eval_s=time.perf_counter() - t1, shipped_bytes=weights[best].stat().st_size)
+               eval=evs, eval_s=time.perf_counter() - t1, shipped_bytes=weights[best].stat().st_size,
+               total_s=time.perf_counter() - t_start)
     (out / "autoencoder.json").write_text(json.dumps(res, indent=1, default=str))
-    print(json.dumps({k: res.get(k) for k in ("device", "params", "probe_step_s", "best", "eval")}, indent=1))
+    tr = res.get("train", {})
+    print(json.dumps({k: res.get(k) for k in ("device", "params", "probe_step_s", "best", "eval_s", "total_s")}))
+    if tr:
+        print(f"trained {tr['steps']} of {tr['planned_steps']} steps in {tr['seconds']:.0f} s "
+              f"({tr['samples_per_s']:.1f} clips/s, final loss {tr['final_loss']:.4f})")
+    print(table(evs))
 
 
-def ship(ckpt: Path, step: int, out: Path, dev) -> dict[str, Path]:
-    """The run's EMA and raw weights as bf16 files in `out` (both with the EMA's latent statistics)."""
+def ship(ckpt: Path, step: int, out: Path, dev, raw: bool = True) -> dict[str, Path]:
+    """The run's EMA (and raw) weights as bf16 files in `out` (both with the EMA's latent statistics)."""
     from models.taehv import TAEHV
     ema = load_taehv(ckpt / "ema.safetensors", dev)
-    raw = TAEHV(ema.config).to(dev).eval()
-    raw.load_state_dict(load_taehv(ckpt / "model.safetensors").state_dict())
+    models = [("ema", ema)]
+    if raw:
+        models.append(("raw", TAEHV(ema.config).to(dev).eval()))
+        models[1][1].load_state_dict(load_taehv(ckpt / "model.safetensors").state_dict())
     return {name: save_taehv(out / f"{name}_bf16.safetensors", model, model.config, {"kind": name, "step": step},
-                             dtype=torch.bfloat16) for name, model in (("ema", ema), ("raw", raw))}
+                             dtype=torch.bfloat16) for name, model in models}
 
 
 if __name__ == "__main__":

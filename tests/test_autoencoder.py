@@ -2,7 +2,9 @@
 TAEHV's round trip moves inside a 4-frame latent group (a codec that decodes each group to one repeated
 frame, like the PCA codec it replaced, cannot), latents are whitened and streaming decode equals
 whole-clip decode, the world's region weights reach the loss, a resumed run ends with the uninterrupted
-run's weights, and a teacher takes the autoencoder as its codec."""
+run's weights, and a teacher takes the autoencoder as its codec; the motion term acts inside the
+mouth, eyes and hands alone, a warm start loads its file exactly and a frozen encoder stays bit-identical
+(so do its latent statistics) while the decoder learns."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import checkpoint_sampling, load_taehv, read_metadata, read_state_dict
+from models.checkpoint import checkpoint_sampling, load_taehv, read_metadata, read_state_dict, save_taehv
 from models.config import PRESETS
-from stages.train.autoencoder import (AutoencoderSettings, reconstruction_loss, to_unit, world_clip)
+from models.taehv import TAEHV
+from stages.train.autoencoder import (AutoencoderSettings, AutoencoderTrainer, reconstruction_loss, to_unit, variant,
+                                      world_clip)
+from stages.train.machinery import Dist
 from stages.train.data import teacher_codec
 from stages.train.loop import TrainSettings, _same_codec, train
 from tests.conftest import cli
@@ -149,3 +154,85 @@ def test_teachers_take_the_autoencoder_as_their_codec(tmp_path):
     assert not teacher_codec(str(moved)).exists()
     assert _same_codec(codec, teacher_codec(str(moved)), str(moved))         # its record's digest decides
     assert not _same_codec(ckpt, teacher_codec(str(moved)), str(moved))
+
+
+def motion_term(y: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The motion term alone (with its gradient): the loss with it minus the loss without it."""
+    ae = AutoencoderSettings(temporal_weight=0.0, motion_weight=1.0)
+    w = torch.ones(x.shape[:2] + x.shape[3:])
+    return (reconstruction_loss(y, x, w, ae, r)[0]
+            - reconstruction_loss(y, x, w, dataclasses.replace(ae, motion_weight=0.0), r)[0])
+
+
+def test_the_motion_term_sees_motion_inside_the_region_alone():
+    x, mouth = mouth_only_clip()                                         # [1, 9, 3, H, W]: the mouth alone moves
+    r = torch.from_numpy(np.broadcast_to(mouth, (1, 9) + mouth.shape).copy())
+    still = x[:, :1].expand_as(x).clone()
+    # a still truth, a round trip with a constant error (or none): no motion to lose
+    assert float(motion_term(still + 0.05, still, r)) == 0 and float(motion_term(still, still, r)) == 0
+    assert float(motion_term(x.clone(), x, r)) == 0
+    # the truth's mouth moves, the round trip holds frame 0: the term is positive ...
+    y = still.clone().requires_grad_()
+    m = motion_term(y, x, r)
+    assert float(m) > 0.01
+    m.backward()
+    g = y.grad[0].abs().sum((0, 1)).numpy()                              # [H, W]
+    # ... and its gradient stays inside the region (the mouth's extent over the clip)
+    assert g[mouth > 0].sum() > 0 and g[mouth == 0].sum() == 0
+    # the whole-frame temporal term (negative control) reaches beyond it
+    y2 = still.clone().requires_grad_()
+    w = torch.ones(1, 9, *mouth.shape)
+    ae = AutoencoderSettings(temporal_weight=1.0)
+    (reconstruction_loss(y2, x, w, ae)[0] - reconstruction_loss(y2, x, w, dataclasses.replace(ae, temporal_weight=0.0))[0]
+     ).backward()
+    assert y2.grad[0].abs().sum((0, 1)).numpy()[mouth == 0].sum() > 0
+    with pytest.raises(ValueError, match="region"):
+        reconstruction_loss(y, x, w, AutoencoderSettings(motion_weight=1.0))
+
+
+def test_batch_variants_mirror_and_reverse_every_tensor_alike():
+    frames = torch.arange(2 * 5 * 3 * 4 * 3).reshape(2, 5, 3, 4, 3)
+    w = frames[..., 0].clone()
+    for v, dims in ((0, ()), (1, (3,)), (2, (1,)), (3, (1, 3))):
+        f, g = variant((frames, w), v)
+        assert torch.equal(f, frames.flip(dims) if dims else frames) and torch.equal(g, f[..., 0])
+
+
+@pytest.fixture(scope="module")
+def init_file(tmp_path_factory) -> Path:
+    """A tiny autoencoder file with latent statistics (random weights of another seed than a run's)."""
+    torch.manual_seed(7)
+    cfg = dataclasses.replace(TINY.taehv, latent_mean=tuple(float(i) for i in range(16)), latent_std=(2.0,) * 16)
+    return save_taehv(tmp_path_factory.mktemp("init") / "init.safetensors", TAEHV(cfg), cfg, {"kind": "ema"})
+
+
+def test_a_warm_start_loads_its_file_exactly(init_file, tmp_path):
+    st = TrainSettings(stage="autoencoder", **{**TRAINED, "autoencoder": AutoencoderSettings(frames=5,
+                                                                                             init=str(init_file))})
+    model = AutoencoderTrainer(st, tmp_path, Dist()).model
+    want = read_state_dict(init_file)
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    fresh = AutoencoderTrainer(dataclasses.replace(st, autoencoder=AutoencoderSettings(frames=5)), tmp_path, Dist())
+    assert not torch.equal(fresh.model.state_dict()["decoder.1.weight"], want["decoder.1.weight"])
+    small = TrainSettings(stage="autoencoder", preset="small", steps=1, autoencoder=AutoencoderSettings(init=str(init_file)))
+    with pytest.raises(ValueError, match="widths"):
+        AutoencoderTrainer(small, tmp_path / "small", Dist())
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_frozen_encoder_stays_bit_identical_while_the_decoder_learns(init_file, tmp_path, freeze):
+    ae = AutoencoderSettings(frames=5, init=str(init_file), freeze_encoder=freeze, motion_weight=1.0)
+    st = TrainSettings(stage="autoencoder", **{**TRAINED, "steps": 2, "save_every": 2, "autoencoder": ae})
+    ckpt = Path(train(st, tmp_path)["checkpoint"])
+    before, after = read_state_dict(init_file), read_state_dict(ckpt / "model.safetensors")
+    enc = [k for k in before if k.startswith("encoder.")]
+    dec = [k for k in before if k.startswith("decoder.")]
+    assert enc and dec
+    assert any(not torch.equal(before[k], after[k]) for k in dec)              # the decoder learns
+    # frozen: every encoder weight bit-identical, and the latents keep init's statistics (the starter's
+    # student takes them as they were); not frozen (the negative control): the encoder moves too
+    assert all(torch.equal(before[k], after[k]) for k in enc) == freeze
+    ema = load_taehv(ckpt / "ema.safetensors")
+    assert (ema.config.latent_std == (2.0,) * 16) == freeze
+    assert read_metadata(ckpt / "ema.safetensors")["lineage"][-1]["freeze_encoder"] == freeze

@@ -5,11 +5,23 @@ trip. The streaming decoder is the same weights (TAEHV.stream_decoder).
     vidu train --stage autoencoder --preset small --out runs/ae --steps 3000 --minutes 9 --workers 14
     summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=100), "runs/ae")
 
-Clip g of a run (g = step * batch + row) is world clip `clip_seed(seed, g)`, never repeated; the world
-also says where the mouth, eyes, hands and face are (stages.synth.render.region_masks), which set the
-per-pixel loss weights. Loss per clip (x: frames, y: round trip, w: weights, d: frame difference):
+Clip g of a run (g = (step // reuse) * batch + row) is world clip `clip_seed(seed, g)`; with `reuse` > 1
+each rendered batch trains `reuse` steps, step s seeing it as variant s % reuse: as rendered, mirrored
+left-right, reversed in time (which moves the 4-frame latent groups by one frame against the motion),
+reversed and mirrored; so a renderer slower than the GPU does not leave it idle. The world also says
+where the mouth, eyes, hands and face are (stages.synth.render.region_masks), which set the per-pixel
+loss weights w and the region r (coverage of mouth, eyes and hands). Loss per clip (x: frames, y: round
+trip, d: the difference of consecutive frames, r_t: max(r of frames t and t - 1)):
 
     sum w |y - x| / sum w  +  sum w (y - x)^2 / sum w  +  temporal_weight * sum w |dy - dx| / sum w
+        +  motion_weight * sum r_t |dy - dx| / sum r_t
+
+The last term is the frame-to-frame motion inside the mouth, eyes and hands alone: what a codec that
+holds each latent group still would lose, however few pixels it covers (zero for a clip whose round
+trip moves as the truth does, whatever its constant error). `init`: start from an autoencoder file's
+weights (a warm start; the steps and schedule are this run's); `freeze_encoder`: train the decoder
+alone, so the latents stay those of `init` (their statistics too): a teacher or student trained on that
+codec's latents takes the new decoder as it is.
 
 One process (a GPU, or the CPU); AdamW with warmup and cosine decay, EMA (its decay warmed up as
 min(ema, (1 + step) / (10 + step)): a fast-learning net is not averaged with its first weights), checkpoints and exact resume
@@ -43,7 +55,11 @@ class AutoencoderSettings:
     region_weight: float = ranged(10.0, min=1)     # loss weight of mouth, eye and hand pixels
     face_weight: float = ranged(2.0, min=1)        # loss weight of the rest of the face
     temporal_weight: float = ranged(1.0, min=0)    # weight of the frame-difference term
+    motion_weight: float = ranged(0.0, min=0)      # weight of the frame-difference term inside mouth, eyes, hands
     frames: int | None = ranged(None, min=1)       # frames per training clip, 1 + 4k (None: the preset's clip)
+    reuse: int = ranged(1, min=1, max=4)           # steps per rendered batch (its variants: mirrored, reversed)
+    init: str | None = None                        # warm start: an autoencoder file of the preset's widths
+    freeze_encoder: bool = False                   # train the decoder alone (the latents stay init's)
 
 
 def clip_frames(cfg: ModelConfig, ae: AutoencoderSettings) -> int:
@@ -56,7 +72,8 @@ def clip_frames(cfg: ModelConfig, ae: AutoencoderSettings) -> int:
 def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings | None = None,
                split: str = "train"):
     """World clip `seed` at the preset's size: (frames [T, H, W, 3] uint8, the Sample with its region
-    masks, and with `ae` the loss weights [T, H, W] float16). `split`: whose voices speak (train | eval)."""
+    masks, and with `ae` the loss weights [T, H, W] float16). `split`: whose voices speak (train | eval).
+    The region of the motion term is `region(sample.masks)`."""
     from stages.synth import make_sample
     fps = cfg.audio.fps
     s = make_sample(seed, width=cfg.width, height=cfg.height, fps=fps, seconds=frames / fps, masks=True, split=split)
@@ -65,15 +82,25 @@ def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings
     return s.frames, s, (None if ae is None else loss_weights(s.masks, ae))
 
 
+def parts(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """The coverage of mouth, eyes and hands [T, H, W] in [0, 1] (float32)."""
+    return np.maximum(np.maximum(masks["mouth"], masks["eyes"]), masks["hands"])
+
+
+def region(masks: dict[str, np.ndarray]) -> np.ndarray:
+    """The motion term's region: mouth, eyes and hands [T, H, W] uint8 (coverage * 255)."""
+    return (parts(masks) * 255 + 0.5).astype(np.uint8)
+
+
 def loss_weights(masks: dict[str, np.ndarray], ae: AutoencoderSettings) -> np.ndarray:
     """The world's region coverages ([T, H, W] each) -> per-pixel loss weights [T, H, W] float16."""
-    parts = np.maximum(np.maximum(masks["mouth"], masks["eyes"]), masks["hands"])
-    w = np.maximum(1.0, np.maximum(ae.face_weight * masks["face"], ae.region_weight * parts))
+    w = np.maximum(1.0, np.maximum(ae.face_weight * masks["face"], ae.region_weight * parts(masks)))
     return w.astype(np.float16)
 
 
 class WorldClips(torch.utils.data.Dataset):
-    """Item g: (frames [T, H, W, 3] uint8, weights [T, H, W] float16) of world clip clip_seed(seed, g)."""
+    """Item g: (frames [T, H, W, 3] uint8, weights [T, H, W] float16, region [T, H, W] uint8) of world
+    clip clip_seed(seed, g)."""
 
     def __init__(self, cfg: ModelConfig, seed: int, ae: AutoencoderSettings):
         self.cfg, self.seed, self.ae, self.T = cfg, seed, ae, clip_frames(cfg, ae)
@@ -83,8 +110,15 @@ class WorldClips(torch.utils.data.Dataset):
 
     def __getitem__(self, g: int):
         from stages.train.data import clip_seed
-        frames, _, w = world_clip(self.cfg, clip_seed(self.seed, g), self.T, self.ae)
-        return torch.from_numpy(frames), torch.from_numpy(w)
+        frames, s, w = world_clip(self.cfg, clip_seed(self.seed, g), self.T, self.ae)
+        return torch.from_numpy(frames), torch.from_numpy(w), torch.from_numpy(region(s.masks))
+
+
+def variant(batch: tuple[torch.Tensor, ...], v: int) -> tuple[torch.Tensor, ...]:
+    """Variant v of a batch of clips (tensors [B, T, H, W, ...]): 0 as is, 1 mirrored left-right,
+    2 reversed in time, 3 reversed and mirrored."""
+    dims = ((1,) if v >= 2 else ()) + ((3,) if v % 2 else ())
+    return tuple(t.flip(dims) if dims else t for t in batch)
 
 
 def to_unit(frames: torch.Tensor) -> torch.Tensor:
@@ -92,13 +126,20 @@ def to_unit(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 1, 4, 2, 3).float() / 255
 
 
-def autoencoder_loss(model: TAEHV, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings):
-    """x [B, T, 3, H, W] in [0, 1], w [B, T, H, W] -> (loss, parts); the model may run under autocast."""
-    return reconstruction_loss(model.decode_video(model.encode_video(x), clamp=False).float(), x, w, ae)
+def autoencoder_loss(model: TAEHV, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings,
+                     r: torch.Tensor | None = None):
+    """x [B, T, 3, H, W] in [0, 1], w [B, T, H, W], r [B, T, H, W] the motion region -> (loss, parts);
+    the model may run under autocast. With ae.freeze_encoder the encoder runs without gradients."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not ae.freeze_encoder):
+        z = model.encode_video(x)
+    return reconstruction_loss(model.decode_video(z, clamp=False).float(), x, w, ae, r)
 
 
-def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings):
-    """y, x [B, T, 3, H, W] (round trip, truth), w [B, T, H, W] per-pixel weights -> (loss, parts)."""
+def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ae: AutoencoderSettings,
+                        r: torch.Tensor | None = None):
+    """y, x [B, T, 3, H, W] (round trip, truth), w [B, T, H, W] per-pixel weights, r [B, T, H, W] the
+    motion term's region (uint8 coverage * 255, or float in [0, 1]; needed when ae.motion_weight > 0)
+    -> (loss, parts)."""
     w = w.float()[:, :, None]                                       # [B, T, 1, H, W]
     err = y - x
     norm = w.sum() * 3
@@ -111,6 +152,14 @@ def reconstruction_loss(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ae: A
         dt = ((err[:, 1:] - err[:, :-1]).abs() * wt).sum() / (wt.sum() * 3)   # |dy - dx| = |d err|
         loss = loss + ae.temporal_weight * dt
         parts["temporal"] = dt.detach()
+    if ae.motion_weight and x.shape[1] > 1:
+        if r is None:
+            raise ValueError("motion_weight > 0 needs the region of mouth, eyes and hands")
+        r = (r.float() / 255 if r.dtype == torch.uint8 else r.float())[:, :, None]
+        rt = torch.maximum(r[:, 1:], r[:, :-1])
+        dm = ((err[:, 1:] - err[:, :-1]).abs() * rt).sum() / (rt.sum() * 3).clamp_min(1.0)
+        loss = loss + ae.motion_weight * dm
+        parts["motion"] = dm.detach()
     return loss, parts
 
 
@@ -136,16 +185,23 @@ class AutoencoderTrainer:
         self.arch = dataclasses.replace(arch, latent_mean=(), latent_std=())
         torch.manual_seed(st.seed)
         self.model = TAEHV(self.arch).to(d.device).train()
+        self.init_stats = None
+        if self.ae.init:
+            self.init_stats = warm_start(self.model, self.ae.init, self.arch)
+        if self.ae.freeze_encoder:
+            if not self.ae.init:
+                raise ValueError("freeze_encoder keeps the encoder of an init file: give init too")
+            self.model.encoder.requires_grad_(False)
         self.ema = {k: p.detach().clone().float() for k, p in self.model.named_parameters()}
         self.opt, self.sched = adamw(self.model, st, d.device)
         self.step, self.history = 0, []
         self.clips = WorldClips(self.cfg, st.seed, self.ae)
-        self._batches = None
+        self._batches = self._held = None
         self._stats_clips: list[torch.Tensor] | None = None
 
     def _loader(self):
-        st = self.st
-        rows = [list(range(s * st.batch, (s + 1) * st.batch)) for s in range(self.step, st.steps)]
+        st, n = self.st, self.ae.reuse
+        rows = [list(range(b * st.batch, (b + 1) * st.batch)) for b in range(self.step // n, -(-st.steps // n))]
         kw = dict(num_workers=self.workers, pin_memory=self.d.device.type == "cuda")
         if self.workers:
             kw.update(prefetch_factor=4, worker_init_fn=_one_thread)
@@ -154,11 +210,13 @@ class AutoencoderTrainer:
     def train_step(self) -> dict:
         st, dev = self.st, self.d.device
         if self._batches is None:
-            self._batches = self._loader()
-        frames, w = next(self._batches)
-        x, w = to_unit(frames.to(dev, non_blocking=True)), w.to(dev, non_blocking=True)
+            self._batches, self._held = self._loader(), None
+        if self._held is None or self.step % self.ae.reuse == 0:
+            self._held = tuple(t.to(dev, non_blocking=True) for t in next(self._batches))
+        frames, w, r = variant(self._held, self.step % self.ae.reuse)
+        x = to_unit(frames)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss, parts = autoencoder_loss(self.model, x, w, self.ae)
+            loss, parts = autoencoder_loss(self.model, x, w, self.ae, r)
         loss.backward()
         gnorm = optimizer_step(self.model, self.opt, self.sched, st.grad_clip)
         ema_update(self.ema, self.model, ema_decay(self.step, st.ema))
@@ -179,7 +237,10 @@ class AutoencoderTrainer:
             T = clip_frames(self.cfg, self.ae)
             self._stats_clips = [to_unit(torch.from_numpy(world_clip(self.cfg, clip_seed(STATS_SEED, i), T)[0])[None])
                                  for i in range(STATS_CLIPS)]
-        mean, std = latent_stats(model, [x.to(self.d.device) for x in self._stats_clips])
+        if self.ae.freeze_encoder and self.init_stats:
+            mean, std = self.init_stats            # the encoder is init's: so are its latents' statistics
+        else:
+            mean, std = latent_stats(model, [x.to(self.d.device) for x in self._stats_clips])
         cfg = dataclasses.replace(self.arch, latent_mean=mean, latent_std=std)
         normalised = TAEHV(cfg).to(self.d.device).eval()
         normalised.load_state_dict(self.ema)
@@ -189,6 +250,10 @@ class AutoencoderTrainer:
         st = self.st
         lineage = [{"stage": "autoencoder", "steps": self.step, "preset": self.cfg.name, "batch": st.batch,
                     "data": f"synth:{st.seed}", "date": time.strftime("%Y-%m-%d")}]
+        if self.ae.init:                   # a warm start: the run it started from comes first
+            from models.checkpoint import read_metadata
+            lineage[0].update(init=Path(self.ae.init).name, freeze_encoder=self.ae.freeze_encoder)
+            lineage = list(read_metadata(self.ae.init).get("lineage") or []) + lineage
         ema = self.ema_model()
 
         def write(tmp: Path) -> None:
@@ -211,8 +276,19 @@ class AutoencoderTrainer:
         for k, v in self.ema.items():
             v.copy_(ema[k])
         self.step, self.history = state["step"], state["history"]
-        self._batches = None
+        self._batches = self._held = None
         return True
+
+
+def warm_start(model: TAEHV, path: str, arch) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Load the autoencoder file `path` into `model` (its widths must be `arch`'s); returns its latent
+    statistics (mean, std), or None when it has none."""
+    from models.checkpoint import load_taehv
+    src = load_taehv(path)
+    if dataclasses.replace(src.config, latent_mean=(), latent_std=()) != arch:
+        raise ValueError(f"init {path} is a TAEHV of {src.config}, not of this preset's widths {arch}")
+    model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+    return (src.config.latent_mean, src.config.latent_std) if src.config.latent_mean else None
 
 
 def _one_thread(_worker: int) -> None:
