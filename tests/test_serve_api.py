@@ -278,7 +278,7 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
 
     from tests.test_runner import _as_in_a_terminal
     proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
-                             "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1", "--size", "96x80"],
+                             "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1", "--size", "96x80", "--max-batch", "2"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=_as_in_a_terminal)
     try:

@@ -173,3 +173,69 @@ def test_a_session_whose_chunk_fails_fails_alone(model):
         rgb, _, _ = out[i]
         assert np.abs(rgb.astype(int) - solo[i][0].next_chunk()[0].astype(int)).max() <= 1
         assert float((caches(made[i][0]) - caches(solo[i][0])).abs().max()) <= 1e-4
+
+
+class _Seated:
+    """An admitted session as Worker.load sees it: its profile."""
+
+    def __init__(self, profile):
+        self.profile = profile
+
+
+def test_admission_counts_batched_forwards_at_their_measured_time(model):
+    """Worker.load: the sessions at one profile cost a round of batched forwards, at the measured batch
+    times (a size between two measured ones interpolated, beyond max_batch a further batch); the scheduler
+    then admits exactly the sessions that fit. Control: without batching (max_batch 1) each session costs
+    its solo time, and fewer are admitted."""
+    from stages.serve.scheduler import Refused, Scheduler
+    full, fewer = model.profiles[0], model.fewer_steps(model.profiles[0])
+    v = full.video_s
+    assert v > 0 and fewer is not None and fewer.video_s == v
+    opts = ServeOptions(max_batch=4, speed=1.0, headroom=1.0)
+    w = Worker(0, model, opts, Metrics())
+    w.batch_s = {(full.name, 1): 0.1 * v, (full.name, 4): 0.2 * v, (fewer.name, 1): 0.05 * v}
+    for n, want in [(1, 0.1), (2, 0.1 + 0.1 / 3), (3, 0.1 + 0.2 / 3), (4, 0.2), (5, 0.3), (8, 0.4), (9, 0.5)]:
+        w.sessions = [_Seated(full)] * n
+        assert w.load() == pytest.approx(want), n
+    w.sessions = [_Seated(full)] * 4 + [_Seated(fewer)] * 2           # profiles batch apart
+    assert w.load() == pytest.approx(0.2 + 0.1)
+    assert w.load(fewer) == pytest.approx(0.2 + 0.15)
+
+    def admitted(max_batch: int, headroom: float) -> int:
+        o = ServeOptions(max_batch=max_batch, speed=1.0, headroom=headroom, max_sessions=100)
+        sch = Scheduler([model], o, Metrics())
+        worker = sch.workers[0]
+        worker.batch_s = {(full.name, 1): 0.1 * v, (full.name, 4): 0.2 * v,
+                          **{(p.name, 1): 10.0 * v for p in model.profiles[1:]}}      # degrading does not pay
+        n = 0
+        while True:
+            try:
+                wk, p = sch.admit()
+            except Refused:
+                return n
+            assert p is full
+            wk.sessions.append(_Seated(p))
+            n += 1
+    assert admitted(4, 0.45) == 8 and admitted(4, 0.39) == 7              # 8: 0.4, a 9th makes 0.5
+    assert admitted(1, 0.45) == 4                                        # control: no batching, 0.1 each
+
+
+def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model):
+    m = ServeModel(None, "tiny")
+    made = []
+    real = Session.next_chunk
+
+    def counting(self):
+        made.append(id(self))
+        return real(self)
+    Session.next_chunk = counting
+    try:
+        m.calibrate(1, batch=3)
+    finally:
+        Session.next_chunk = real
+    for p in m.profiles:
+        assert sorted(p.batch_s) == [1, 3] and all(t > 0 for t in p.batch_s.values()) and p.chunk_s == p.batch_s[1]
+        assert p.describe()["batch_ms"] == {1: round(1000 * p.batch_s[1], 2), 3: round(1000 * p.batch_s[3], 2)}
+    slots = m.profiles[0].settings.slots
+    assert len(made) == len(m.profiles) * (slots + 2)          # alone: the ring filled (slots + 1), then 1 timed
+    assert Worker(0, m, ServeOptions(max_batch=3), Metrics()).batch_s[(m.profiles[0].name, 3)] == m.profiles[0].batch_s[3]

@@ -67,10 +67,11 @@ def serve(
         for d in devices:
             m = ServeModel(ckpt, preset or "tiny", d, dtype, seed, decoder_weights, text_encoder_path, wh, compile)
             err.print(f"measuring chunk times on {d} ...", highlight=False)
-            m.calibrate(opts.calib_chunks)
+            m.calibrate(opts.calib_chunks, opts.max_batch)
             for p in m.profiles:
+                batched = "".join(f"; {b} sessions batched: {1000 * t:.0f} ms" for b, t in p.batch_s.items() if b > 1)
                 err.print(f"  {p.name}: {1000 * p.chunk_s:.0f} ms per {1000 * p.video_s:.0f} ms chunk "
-                          f"(load {p.load:.2f})", highlight=False)
+                          f"(load {p.load:.2f}){batched}", highlight=False)
             models.append(m)
         for note in models[0].base.notes:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from stages.stream.engine import StreamEngine, StreamSettings
 from stages.stream.events import EventQueue, StreamError
 from stages.stream.session import Parts, Session, SessionOptions, load_parts
 
-EMA = 0.2                  # weight of a new chunk time in a profile's running estimate
+EMA = 0.2                  # weight of a new chunk time in a running estimate (a session's share, a batch's time)
 MEASURED_AFTER = 2         # chunks a session generates before its own measured time replaces its profile's
 
 
@@ -32,21 +32,23 @@ class Profile:
     height: int
     width: int
     video_s: float = 0.0   # seconds of video in a steady chunk
-    chunk_s: float = 0.0   # measured worker seconds per steady chunk of one session (calibrated alone; then the
-                           # running sessions' shares of their batches)
+    batch_s: dict[int, float] = field(default_factory=dict)   # batch size -> measured seconds of one steady
+                                                             # batched chunk (calibrate: 1 and --max-batch)
+
+    @property
+    def chunk_s(self) -> float:
+        """Measured seconds of one session's steady chunk, alone."""
+        return self.batch_s.get(1, 0.0)
 
     @property
     def load(self) -> float:
-        """Worker time per second of real-time video."""
+        """Worker time per second of real-time video, of one session alone."""
         return self.chunk_s / self.video_s
-
-    def observe(self, seconds: float) -> None:
-        self.chunk_s = (1 - EMA) * self.chunk_s + EMA * seconds
 
     def describe(self) -> dict:
         return {"name": self.name, "steps": self.settings.steps, "height": self.height, "width": self.width,
                 "chunk_ms": round(1000 * self.chunk_s, 2), "video_ms": round(1000 * self.video_s, 2),
-                "load": round(self.load, 4)}
+                "load": round(self.load, 4), "batch_ms": {b: round(1000 * t, 2) for b, t in sorted(self.batch_s.items())}}
 
 
 class ServeModel:
@@ -122,21 +124,32 @@ class ServeModel:
         engine.start(ref)
         return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes))
 
-    def calibrate(self, chunks: int) -> None:
-        """Time `chunks` steady chunks of a grey-reference session at each profile, after a warm-up of as
-        many (the first chunk makes one frame; the first calls of a shape allocate and pick kernels); a
-        profile's chunk time is their median."""
+    def calibrate(self, chunks: int, batch: int = 1) -> None:
+        """Time `chunks` steady chunks of grey-reference sessions at each profile, alone and (`batch` > 1)
+        as one batch of `batch` sessions: the median of each is the profile's `batch_s` at that size. Steady:
+        after a warm-up of as many chunks, and at least until the ring is full (the first chunk makes one
+        frame; the first calls of a shape allocate and pick kernels; a filling window attends to less)."""
+        from stages.stream.batch import next_chunks
         fps = self.base.cfg.audio.fps
+        chunks = max(1, chunks)
         for p in self.profiles:
-            s = Session(self.parts(self.grey, p, self.seed), EventQueue(), live_options())
-            times = []
-            for i in range(2 * max(1, chunks)):
-                t = time.perf_counter()
-                rgb, _, _ = s.next_chunk()
-                if i >= max(1, chunks):
-                    times.append(time.perf_counter() - t)
-                    p.video_s = rgb.shape[0] / fps
-            p.chunk_s = float(np.median(times))
+            warm = max(chunks, p.settings.slots + 1)
+            p.batch_s = {}
+            for size in sorted({1, batch}):
+                sessions = [Session(self.parts(self.grey, p, self.seed + i), EventQueue(), live_options())
+                            for i in range(size)]
+                times = []
+                for i in range(warm + chunks):
+                    t = time.perf_counter()
+                    outs = next_chunks(sessions) if size > 1 else [sessions[0].next_chunk()]
+                    dt = time.perf_counter() - t
+                    if bad := next((o for o in outs if isinstance(o, BaseException)), None):
+                        raise bad
+                    if i >= warm:
+                        times.append(dt)
+                        p.video_s = outs[0][0].shape[0] / fps
+                p.batch_s[size] = float(np.median(times))
+                del sessions
 
 
 def live_options(instruction: str | None = None) -> SessionOptions:

@@ -18,16 +18,21 @@ together with the one it joined, so the sessions fall into step. stages/stream/b
 each session keeps its own caches, reference, texts, audio and noise. Sessions at another step count
 (degraded) run in their own batches.
 
-Admission is the sum of measured times:
+Admission is the sum of measured times. The n sessions of a worker at one profile share forwards, in
+batches of at most max_batch; a round of their chunks takes
 
-    load(worker) = speed * sum over its sessions of  chunk_s / video_s
+    round_s(profile, n) = (n // max_batch) * T(max_batch) + T(n % max_batch)      (T(0) = 0)
 
-where chunk_s is the session's own measured share of worker time per chunk (a batch's time over its
-size) once it has generated two chunks (before: its profile's, ServeModel.calibrate, then the running
-sessions' shares) and video_s the seconds of video a chunk plays: batching lowers the measured shares,
-and so admits more sessions, only as far as it is measured to. A new session is admitted on the
-least-loaded worker at the first profile (full, fewer steps, half resolution) with which the load stays
-<= headroom; with none, it is refused (HTTP 503, the reason).
+where T(b) is the time of one batched chunk of b sessions: measured at start (ServeModel.calibrate: alone
+and at max_batch), then by every batch the worker runs (a running average per size); a size not measured
+yet is interpolated linearly between the nearest measured sizes. Then
+
+    load(worker) = speed * sum over its profiles of  round_s(profile, n) / video_s
+
+with video_s the seconds of video a chunk plays. So batching admits more sessions exactly as far as
+batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow.
+A new session is admitted on the least-loaded worker at the first profile (full, fewer steps, half
+resolution) with which the load stays <= headroom; with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
 the worker moves the heaviest one (with batching, every session at its profile: they share forwards) to
 fewer steps at its resolution between two chunks (Worker._rebalance); a lower resolution needs a new
@@ -59,12 +64,37 @@ class Worker(threading.Thread):
         self.sessions: list = []                 # ServeSession, admitted here
         self.cond = threading.Condition()
         self.stopping = False
-        self.batch_s: dict[tuple[str, int], float] = {}   # (profile, batch size) -> measured seconds (EMA)
+        self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> measured seconds (EMA)
+            (p.name, b): t for p in model.profiles for b, t in p.batch_s.items()}
+
+    def batch_time(self, profile: Profile, size: int) -> float:
+        """Seconds of one batched chunk of `size` sessions at `profile`: measured, or interpolated between
+        the nearest measured sizes (beyond the largest: its time per session)."""
+        with self.cond:
+            known = {b: t for (name, b), t in self.batch_s.items() if name == profile.name}
+        if size in known:
+            return known[size]
+        lo = max((b for b in known if b < size), default=None)
+        hi = min((b for b in known if b > size), default=None)
+        if lo is None:
+            return known[hi] * size / hi if hi else 0.0
+        if hi is None:
+            return known[lo] * size / lo
+        return known[lo] + (known[hi] - known[lo]) * (size - lo) / (hi - lo)
+
+    def round_time(self, profile: Profile, n: int) -> float:
+        """Seconds for one chunk of each of `n` sessions at `profile`, batched by max_batch."""
+        full, rest = divmod(n, self.opts.max_batch)
+        return full * self.batch_time(profile, self.opts.max_batch) + (self.batch_time(profile, rest) if rest else 0.0)
 
     def load(self, extra: Profile | None = None) -> float:
+        """Worker time per second of real-time video for its sessions (and `extra`, a session to admit)."""
         with self.cond:
-            total = sum(s.load() for s in self.sessions)
-        return self.opts.speed * (total + (extra.load if extra else 0.0))
+            profiles = [s.profile for s in self.sessions] + ([extra] if extra else [])
+        groups: dict[str, list[Profile]] = {}
+        for p in profiles:
+            groups.setdefault(p.name, []).append(p)
+        return self.opts.speed * sum(self.round_time(ps[0], len(ps)) / ps[0].video_s for ps in groups.values())
 
     def add(self, s) -> None:
         with self.cond:
@@ -131,7 +161,7 @@ class Worker(threading.Thread):
             t = time.perf_counter()
             outcomes = next_chunks([s.session for s in batch])
             dt = time.perf_counter() - t
-            if all(s.session.chunks > 1 for s in batch):     # a first chunk (one frame, warm-up) is not typical
+            if all(s.session.chunks > s.profile.settings.slots + 1 for s in batch):   # steady: the rings full
                 key = (profile.name, len(batch))
                 with self.cond:
                     self.batch_s[key] = dt if key not in self.batch_s else (1 - EMA) * self.batch_s[key] + EMA * dt

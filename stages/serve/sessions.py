@@ -128,7 +128,6 @@ class ServeSession:
         if self.session.chunks > 1:                     # the first chunk (one frame, warm-up) is not typical
             self.chunk_s = dt if self.chunks_measured == 0 else (1 - EMA) * self.chunk_s + EMA * dt
             self.chunks_measured += 1
-            self.profile.observe(dt)
         self.audio_used += int(timing.get("audio_real", 0))
         log_ = self.session.instruction_log
         if len(log_) > self.opts.history:
