@@ -82,10 +82,11 @@ def ridge(Xa, Ya, Xb, lam: float) -> np.ndarray:
     return B @ W + Ya.mean(0)
 
 
-def finetune(args, cfg, path: Path, clips: list, latents: list, motion_weight: float) -> dict:
-    """A decoder-only fine-tune of the codec at `path` (its encoder frozen: the latents stay) on crops
-    around the mouth of --ft-clips training clips (9 frames), with the stage's loss and `motion_weight`;
-    then the eval's mouth figures on `clips` (whose full-frame latents are `latents`)."""
+def finetune(args, cfg, path: Path, clips: list, latents: list, motion_weight: float, encoder: bool) -> dict:
+    """A fine-tune of the codec at `path` on crops around the mouth of --ft-clips training clips (9
+    frames), with the stage's loss and `motion_weight`: of the decoder alone (the encoder frozen, the
+    latents stay: `latents`, those of `clips`) or with `encoder` of both; then the eval's mouth figures
+    on `clips`."""
     from stages.synth import analyze
     from stages.train.autoencoder import AutoencoderSettings, reconstruction_loss, region, world_clip
     from stages.train.data import clip_seed
@@ -100,23 +101,29 @@ def finetune(args, cfg, path: Path, clips: list, latents: list, motion_weight: f
         x = to_unit(torch.from_numpy(frames[:, y0:y0 + c, x0:x0 + c].copy())[None])
         with torch.no_grad():
             z = codec.encode_video(x)
-        data.append((z, x, torch.from_numpy(w[:, y0:y0 + c, x0:x0 + c].astype(np.float32))[None],
+        data.append((x if encoder else z, x, torch.from_numpy(w[:, y0:y0 + c, x0:x0 + c].astype(np.float32))[None],
                      torch.from_numpy(region(s.masks)[:, y0:y0 + c, x0:x0 + c].copy())[None]))
-    opt = torch.optim.AdamW(codec.decoder.parameters(), lr=args.ft_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW((codec if encoder else codec.decoder).parameters(), lr=args.ft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))   # 20 warm-up steps
     rng = np.random.default_rng(0)
     t0, log = time.perf_counter(), []
     for step in range(args.finetune):
         pick = rng.choice(len(data), 2, replace=False)
         z, x, w, r = (torch.cat(t) for t in zip(*[data[i] for i in pick]))
+        if encoder:
+            z = codec.encode_video(x)
         loss, parts = reconstruction_loss(codec.decode_video(z, clamp=False), x, w, ae, r)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         log.append({k: float(v) for k, v in parts.items()})
     train_s = time.perf_counter() - t0
     rows = []
     for (frames, s), z in zip(clips, latents):
         with torch.no_grad():
+            if encoder:
+                z = codec.encode_video(to_unit(torch.from_numpy(frames)[None]))
             y = codec.decode_video(z)
         rt = (y[0] * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         g = s.tracks["mouth"].astype(np.float64)
@@ -144,6 +151,7 @@ def main() -> None:
                     "--motion-weight, each scored on the first --ft-eval clips")
     ap.add_argument("--motion-weight", type=float, nargs="+", default=[0.0, 8.0])
     ap.add_argument("--ft-eval", type=int, default=6)
+    ap.add_argument("--ft-modes", nargs="+", default=["decoder", "full"], help="decoder: encoder frozen; full: both")
     ap.add_argument("--ft-clips", type=int, default=32, help="training clips of the fine-tune (train split)")
     ap.add_argument("--crop", type=int, default=96, help="px around the mouth the fine-tune trains on")
     ap.add_argument("--ft-lr", type=float, default=3e-4)
@@ -223,8 +231,11 @@ def main() -> None:
            "summary": {k: stat(k) for k in ("r_truth_gt", "r_eval", "r_eval_world_moves", "r_rt_gt", "in_group_r_truth_gt",
                                              "in_group_r_rt_gt", "in_group_r_rt_truth")}}
     if args.finetune:
-        res["finetune"] = {str(m): finetune(args, cfg, args.codec, clips[:args.ft_eval], latents, m)
-                           for m in args.motion_weight}
+        clips, latents = [c for c in clips if c[1].tracks["mouth"].std() > 0.02], [
+            z for c, z in zip(clips, latents) if c[1].tracks["mouth"].std() > 0.02]
+        res["finetune"] = {f"{mode}, motion {m}": finetune(args, cfg, args.codec, clips[:args.ft_eval], latents, m,
+                                                           mode == "full")
+                           for mode in args.ft_modes for m in args.motion_weight}
     (out / "probe.json").write_text(json.dumps(res, indent=1))
     np.savez(out / "probe.npz", Z=np.stack(Z), G=np.stack(G), A=np.stack(A), Y=np.stack(Yr))
     print(json.dumps({"summary": res["summary"], "probe": probe, "finetune": res.get("finetune")}, indent=1))

@@ -3,16 +3,30 @@ on one GPU for a few minutes, then measure what the round trip keeps on held-out
 
     python benchmarks/train_autoencoder.py --minutes 7 --workers 14          # writes to $OUT (default .)
 
+The issue-14 recipe (one H200, 16 cores; the whole call ~510 s, hard-stopped by --total-s): a warm
+start from the shipped codec, encoder and decoder trained (benchmarks/codec_probe.py: the shipped
+encoder's latents do not carry the mouth's motion inside a 4-frame group, so a decoder-only fine-tune
+cannot bring it back), with the motion term (frame differences inside mouth, eyes and hands) and each
+rendered batch trained twice (as rendered, then reversed in time: the latent groups fall one frame
+later against the motion):
+
+    python benchmarks/train_autoencoder.py --init models/starter/codec.safetensors --motion-weight 8 \
+        --reuse 2 --minutes 7.25 --total-s 545 --workers 14 --batch 8 --frames 33 --eval-clips 16
+
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
-step count to the time, then one run with the cosine schedule ending on time. Evaluation, on clips whose
-seeds no training clip has, rendered in memory (no video files, no catalog):
+step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
+--reserve-s, whichever comes first). Evaluation, on clips whose seeds no training clip has, rendered in
+memory (no video files, no catalog), in --workers processes:
   per clip, the correlation between the world analyzer's reading (stages.synth.analyze) of the
   uncompressed frames and of the round trip, for mouth, eyes (blinks), yaw and hand, over the clips in
-  which that signal moves; PSNR over all pixels and over moving pixels (those whose value changes by
-  more than 4/255 from the previous frame in the uncompressed clip).
+  which the world's own track of that signal moves (a clip without speech has a still mouth: the
+  analyzer's noise there correlates with nothing); PSNR over all pixels and over moving pixels (those
+  whose value changes by more than 4/255 from the previous frame in the uncompressed clip). The --init
+  file is evaluated on the same clips (as `init`).
 Writes ema_bf16.safetensors (the EMA weights in bf16 with their config: the codec the teachers take,
-`--codec`), autoencoder.json with every figure, loss.png and a truth | round trip frame strip.
-Runs where duckdb and PyAV are missing (the GPU image): nothing here decodes video or opens a catalog.
+`--codec`), raw_bf16.safetensors, autoencoder.json with every figure, loss.png and a truth | round trip
+frame strip per weights file; prints a short table last. Runs where duckdb and PyAV are missing (the GPU
+image): nothing here decodes video or opens a catalog.
 """
 from __future__ import annotations
 
@@ -242,7 +256,8 @@ def main() -> None:
     print(json.dumps({k: res.get(k) for k in ("device", "params", "probe_step_s", "best", "eval_s", "total_s")}))
     if tr:
         print(f"trained {tr['steps']} of {tr['planned_steps']} steps in {tr['seconds']:.0f} s "
-              f"({tr['samples_per_s']:.1f} clips/s, final loss {tr['final_loss']:.4f})")
+              f"({tr['samples_per_s']:.1f} clips a second, each rendered clip {args.reuse}x; "
+              f"final loss {tr['final_loss']:.4f})")
     print(table(evs))
 
 

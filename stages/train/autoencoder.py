@@ -6,9 +6,9 @@ trip. The streaming decoder is the same weights (TAEHV.stream_decoder).
     summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=100), "runs/ae")
 
 Clip g of a run (g = (step // reuse) * batch + row) is world clip `clip_seed(seed, g)`; with `reuse` > 1
-each rendered batch trains `reuse` steps, step s seeing it as variant s % reuse: as rendered, mirrored
-left-right, reversed in time (which moves the 4-frame latent groups by one frame against the motion),
-reversed and mirrored; so a renderer slower than the GPU does not leave it idle. The world also says
+each rendered batch trains `reuse` steps, step s seeing it as variant s % reuse: as rendered, reversed
+in time (which also moves the 4-frame latent groups by one frame against the motion), mirrored
+left-right, reversed and mirrored; so a renderer slower than the GPU does not leave it idle. The world also says
 where the mouth, eyes, hands and face are (stages.synth.render.region_masks), which set the per-pixel
 loss weights w and the region r (coverage of mouth, eyes and hands). Loss per clip (x: frames, y: round
 trip, d: the difference of consecutive frames, r_t: max(r of frames t and t - 1)):
@@ -57,7 +57,7 @@ class AutoencoderSettings:
     temporal_weight: float = ranged(1.0, min=0)    # weight of the frame-difference term
     motion_weight: float = ranged(0.0, min=0)      # weight of the frame-difference term inside mouth, eyes, hands
     frames: int | None = ranged(None, min=1)       # frames per training clip, 1 + 4k (None: the preset's clip)
-    reuse: int = ranged(1, min=1, max=4)           # steps per rendered batch (its variants: mirrored, reversed)
+    reuse: int = ranged(1, min=1, max=4)           # steps per rendered batch (its variants: reversed, mirrored)
     init: str | None = None                        # warm start: an autoencoder file of the preset's widths
     freeze_encoder: bool = False                   # train the decoder alone (the latents stay init's)
 
@@ -115,9 +115,9 @@ class WorldClips(torch.utils.data.Dataset):
 
 
 def variant(batch: tuple[torch.Tensor, ...], v: int) -> tuple[torch.Tensor, ...]:
-    """Variant v of a batch of clips (tensors [B, T, H, W, ...]): 0 as is, 1 mirrored left-right,
-    2 reversed in time, 3 reversed and mirrored."""
-    dims = ((1,) if v >= 2 else ()) + ((3,) if v % 2 else ())
+    """Variant v of a batch of clips (tensors [B, T, H, W, ...]): 0 as is, 1 reversed in time,
+    2 mirrored left-right, 3 reversed and mirrored."""
+    dims = ((1,) if v % 2 else ()) + ((3,) if v >= 2 else ())
     return tuple(t.flip(dims) if dims else t for t in batch)
 
 
