@@ -113,9 +113,11 @@ def test_region_weights_reach_the_loss():
     assert parts.mean() < 0.1 and share > 3 * parts.mean()
 
 
-def test_resume_gives_the_weights_of_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("reuse", [1, 2])
+def test_resume_gives_the_weights_of_the_uninterrupted_run(tmp_path, reuse):
+    # reuse 2: the run stops after step 3, inside a rendered batch's two steps
     st = TrainSettings(stage="autoencoder", preset="tiny", steps=6, batch=1, save_every=3, warmup=2,
-                       autoencoder=AutoencoderSettings(frames=5))
+                       autoencoder=AutoencoderSettings(frames=5, reuse=reuse, motion_weight=1.0 * (reuse > 1)))
     train(st, tmp_path / "straight")
 
     def stop_at_4(logged):
