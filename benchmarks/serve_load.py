@@ -152,11 +152,15 @@ async def load(url: str, args) -> dict:
     from aiohttp import ClientSession
     async with ClientSession() as http:
         tasks, start = [], time.monotonic()
+
+        async def snapshot():     # while the first viewers still watch and the last have arrived, or 3/4 of a stay
+            await asyncio.sleep(min(args.clients * args.stagger, 0.75 * args.seconds))
+            return await (await http.get(url + "/capacity")).json()
+        cap_task = asyncio.ensure_future(snapshot())
         for i in range(args.clients):
             tasks.append(asyncio.ensure_future(viewer(i, url, args, http, start)))
             await asyncio.sleep(args.stagger)
-        await asyncio.sleep(max(0.0, args.seconds - args.stagger - 1.0))   # all arrived, the last ones still watching
-        cap = await (await http.get(url + "/capacity")).json()
+        cap = await cap_task
         clients = await asyncio.gather(*tasks)
         final = await (await http.get(url + "/capacity")).json()
     return {"clients": clients, "capacity_under_load": cap, "capacity_final": final}

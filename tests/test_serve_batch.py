@@ -131,11 +131,22 @@ def test_sessions_a_chunk_ahead_ride_along_with_a_due_one(model):
 
 def test_sessions_of_a_batch_drop_to_fewer_steps_together(model):
     """The budget below the measured load (as if the chunks had got slower): the batched sessions move to
-    fewer steps together and stay in one forward (one at a time, each would leave the batch: 9 forwards)."""
-    made = sessions(model, 3)
-    _, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01, headroom=1e-9), made)
-    assert [s.p.engine.st.steps for s, _ in made] == [model.profiles[0].settings.steps - 1] * 3
-    assert metrics.counters["degraded_live"] == 3 and sizes(metrics)[4] == metrics.counters["batches"] == AHEAD + 1
+    fewer steps together and stay in one forward (one at a time, each would leave the batch: 9 forwards).
+    Only to a profile measured cheaper: with fewer steps measured dearer (control), nobody moves."""
+    full = model.profiles[0]
+    fewer = model.fewer_steps(full)
+    kept = dict(fewer.batch_s)
+    try:
+        for factor, moved in ((0.5, True), (1.5, False)):
+            fewer.batch_s = {1: factor * full.chunk_s}       # the measurement, set: the tiny preset's two are close
+            made = sessions(model, 3)
+            _, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01, headroom=1e-9), made)
+            steps = full.settings.steps - (1 if moved else 0)
+            assert [s.p.engine.st.steps for s, _ in made] == [steps] * 3, factor
+            assert metrics.counters.get("degraded_live", 0) == (3 if moved else 0)
+            assert sizes(metrics)[4] == metrics.counters["batches"] == AHEAD + 1
+    finally:
+        fewer.batch_s = kept
 
 
 def test_without_batching_every_chunk_is_its_own_forward(model):
