@@ -3,15 +3,22 @@ on one GPU for a few minutes, then measure what the round trip keeps on held-out
 
     python benchmarks/train_autoencoder.py --minutes 7 --workers 14          # writes to $OUT (default .)
 
-The issue-14 recipe (one H200, 16 cores; the whole call ~510 s, hard-stopped by --total-s): a warm
+The issue-14 recipe (one H200, 16 cores; training hard-stopped by --total-s minus --reserve-s): a warm
 start from the shipped codec with encoder and decoder trained (benchmarks/codec_probe.py: the shipped
 encoder's latents hardly carry the mouth's motion inside a 4-frame group, so a decoder-only fine-tune
 cannot bring it back; RESULTS.md 2026-12-04), a lower peak lr than from scratch, the motion term (frame
 differences inside mouth, eyes and hands) and each rendered batch trained twice (as rendered, then
 reversed in time: the latent groups fall one frame later against the motion):
 
-    python benchmarks/train_autoencoder.py --init models/starter/codec.safetensors --motion-weight 4 \
-        --reuse 2 --lr 5e-4 --minutes 7.25 --total-s 545 --workers 14 --batch 8 --frames 33 --eval-clips 16
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 benchmarks/train_autoencoder.py --init models/starter/codec.safetensors --motion-weight 4 \
+        --reuse 2 --lr 5e-4 --minutes 7.25 --total-s 520 --reserve-s 130 --no-eval-raw --workers 14 --batch 8 \
+        --frames 33 --eval-clips 16 2>&1 | tee $OUT/log
+
+Carry `.whl` (the espeakng-loader wheel: the world's TTS; the GPU image lacks it). Session 43 ran it with
+--total-s 545 and the default reserve (75 s) and raw evaluated too: 2092 steps trained, then the call was
+killed at 595 s while evaluating (init and EMA strips written, no autoencoder.json); the evaluation of
+the weights that came back ran on the CPU (`--eval`, RESULTS.md session 43).
 
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
