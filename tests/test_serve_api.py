@@ -322,14 +322,11 @@ def test_size_sets_every_profile_and_the_frames():
     from stages.stream.session import Session
     m = ServeModel(None, "tiny", size=(96, 80))
     assert [(p.width, p.height) for p in m.profiles][0] == (96, 80) and (m.profiles[-1].width, m.profiles[-1].height) == (48, 32)
-    rgb, _, _ = Session(m.parts(png_rgb(), m.profiles[0], 1), EventQueue(), live_options()).next_chunk()
+    ref = np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    rgb, _, _ = Session(m.parts(ref, m.profiles[0], 1), EventQueue(), live_options()).next_chunk()
     assert rgb.shape[1:] == (80, 96, 3)
     with pytest.raises(StreamError, match="multiples of 16 px"):
         ServeModel(None, "tiny", size=(100, 80))
-
-
-def png_rgb() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 256, (120, 90, 3), dtype=np.uint8)
 
 
 def test_spoken_commands_in_push_to_talk_become_instructions(model):

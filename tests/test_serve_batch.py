@@ -231,7 +231,7 @@ def test_admission_counts_batched_forwards_at_their_measured_time(model):
     assert admitted(1, 0.45) == 4                                        # control: no batching, 0.1 each
 
 
-def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model):
+def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model, monkeypatch):
     m = ServeModel(None, "tiny")
     made = []
     real = Session.next_chunk
@@ -239,11 +239,8 @@ def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model):
     def counting(self):
         made.append(id(self))
         return real(self)
-    Session.next_chunk = counting
-    try:
-        m.calibrate(1, batch=3)
-    finally:
-        Session.next_chunk = real
+    monkeypatch.setattr(Session, "next_chunk", counting)
+    m.calibrate(1, batch=3)
     for p in m.profiles:
         assert sorted(p.batch_s) == [1, 3] and all(t > 0 for t in p.batch_s.values()) and p.chunk_s == p.batch_s[1]
         assert p.describe()["batch_ms"] == {1: round(1000 * p.batch_s[1], 2), 3: round(1000 * p.batch_s[3], 2)}

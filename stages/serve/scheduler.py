@@ -10,7 +10,7 @@ Batching (Worker._pick): the most urgent ready session's chunk runs in one forwa
 watched sessions that can share it (the same profile's steps and settings, size and context length:
 StreamEngine.batch_key; a session still filling its window batches only with others at its chunk),
 taken by deadline, up to `max_batch` (1: no batching), while the batch's measured time at that size
-(Worker.batch_s) still ends by the first session's deadline, or that deadline is missed even alone
+(Worker.batch_time) still ends by the first session's deadline, or that deadline is missed even alone
 (then throughput first). A session rides along while fewer than ahead_chunks + 1 chunks ahead: one
 chunk beyond its own readiness. Without that, sessions whose viewers started at different times become
 ready one at a time and never share a forward; with it, a session that rode along is ready again
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 from stages.serve.metrics import Metrics, log
 from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel
@@ -91,10 +92,9 @@ class Worker(threading.Thread):
         """Worker time per second of real-time video for its sessions (and `extra`, a session to admit)."""
         with self.cond:
             profiles = [s.profile for s in self.sessions] + ([extra] if extra else [])
-        groups: dict[str, list[Profile]] = {}
-        for p in profiles:
-            groups.setdefault(p.name, []).append(p)
-        return self.opts.speed * sum(self.round_time(ps[0], len(ps)) / ps[0].video_s for ps in groups.values())
+        by_name = {p.name: p for p in profiles}
+        counts = Counter(p.name for p in profiles)
+        return self.opts.speed * sum(self.round_time(by_name[n], k) / by_name[n].video_s for n, k in counts.items())
 
     def add(self, s) -> None:
         with self.cond:
@@ -139,12 +139,9 @@ class Worker(threading.Thread):
         return batch
 
     def _fits(self, profile: Profile, size: int, due: float, now: float) -> bool:
-        """Whether a batch of `size` at `profile` ends by `due`: by its measured time (none yet: yes,
-        and it is measured), or `due` is missed even alone."""
-        est = self.batch_s.get((profile.name, size))
-        if est is None or now + est <= due:
-            return True
-        return now + self.batch_s.get((profile.name, 1), profile.chunk_s) > due
+        """Whether a batch of `size` at `profile` ends by `due` by its measured time (batch_time), or `due`
+        is missed even alone."""
+        return now + self.batch_time(profile, size) <= due or now + self.batch_time(profile, 1) > due
 
     def run(self) -> None:
         while True:
