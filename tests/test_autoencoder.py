@@ -19,8 +19,8 @@ import torch
 from models.checkpoint import checkpoint_sampling, load_taehv, read_metadata, read_state_dict, save_taehv
 from models.config import PRESETS
 from models.taehv import TAEHV
-from stages.train.autoencoder import (AutoencoderSettings, AutoencoderTrainer, reconstruction_loss, to_unit, variant,
-                                      world_clip)
+from stages.train.autoencoder import (AutoencoderSettings, AutoencoderTrainer, loss_weights, reconstruction_loss, to_unit,
+                                      variant, world_clip)
 from stages.train.machinery import Dist
 from stages.train.data import teacher_codec
 from stages.train.loop import TrainSettings, _same_codec, train
@@ -93,7 +93,7 @@ def test_latents_are_whitened_and_streaming_decode_is_the_whole_clip_decode(trai
 
 
 def test_region_weights_reach_the_loss():
-    ae = AutoencoderSettings(region_weight=10.0, face_weight=2.0)
+    ae = AutoencoderSettings(region_weight=10.0, face_weight=2.0, mouth_grow=0.0)
     frames, s, w = world_clip(TINY, 3, 5, ae)
     from stages.synth.render import region_masks
     m = region_masks(s.identity, s.tracks, TINY.width, TINY.height, s.scene)
@@ -238,3 +238,47 @@ def test_a_frozen_encoder_stays_bit_identical_while_the_decoder_learns(init_file
     ema = load_taehv(ckpt / "ema.safetensors")
     assert (ema.config.latent_std == (2.0,) * 16) == freeze
     assert read_metadata(ckpt / "ema.safetensors")["lineage"][-1]["freeze_encoder"] == freeze
+
+
+def test_training_clips_draw_the_animal_style_at_its_share_and_the_world_mix_without_one():
+    from stages.synth.world import STYLES
+    from stages.train.autoencoder import train_style
+    seeds = range(2000)
+    for share in (0.4, 0.0, 1.0):
+        styles = [train_style(s, AutoencoderSettings(animal_share=share)) for s in seeds]
+        assert abs(styles.count("animal") / len(styles) - share) < 0.04
+        others = len(styles) - styles.count("animal")
+        if others:                                      # human : anime stays the world's 2 : 1
+            want = STYLES["human"] / (STYLES["human"] + STYLES["anime"])
+            assert abs(styles.count("human") / others - want) < 0.05
+    assert train_style(5, AutoencoderSettings(animal_share=None)) is None   # the world's own draw
+    # and a training clip is of that style (its identity follows); an eval clip keeps the world's draw
+    ae = AutoencoderSettings(animal_share=1.0)
+    assert {world_clip(TINY, s, 5, ae, draw=False)[1].identity.style for s in range(6)} == {"animal"}
+
+
+def test_training_clips_show_the_actions_their_end_cuts():
+    # a 33-frame clip holds a whole raised hand or head turn rarely; with cut_actions the one the
+    # clip's end cuts is in it too: many more training clips move the hand and the head
+    def moving(ae, track, limit):
+        return sum(np.std(world_clip(PRESETS["small"], s, 33, ae, draw=False)[1].tracks[track]) > limit
+                   for s in range(60))
+    cut, whole = AutoencoderSettings(), AutoencoderSettings(cut_actions=False)
+    assert cut.cut_actions
+    assert moving(cut, "yaw", 0.05) >= moving(whole, "yaw", 0.05) + 10          # 20 vs 2 of 60
+    assert moving(cut, "hand", 0.05) >= moving(whole, "hand", 0.05) + 3         # 5 vs 0
+
+
+def test_the_mouth_zone_covers_the_animal_snout():
+    # the muzzle, nose and chin around an animal's mouth are plain face to the region masks; mouth_grow
+    # weights them as the mouth (the analyzer reads the mouth against them)
+    from stages.synth import make_sample
+    s = make_sample(11, 128, 128, seconds=0.2, masks=True, style="animal", split="eval")
+    muzzle = (s.frames == np.asarray(s.identity.muzzle, np.uint8)).all(-1)   # [T, H, W], its flat-colour pixels
+    nose = (s.frames == np.asarray(s.identity.nose, np.uint8)).all(-1)
+    assert muzzle.sum() > 50 and nose.sum() > 5
+    grown = loss_weights(s.masks, AutoencoderSettings())
+    plain = loss_weights(s.masks, AutoencoderSettings(mouth_grow=0.0))
+    assert (grown[muzzle] == 10).mean() > 0.95 and (grown[nose] == 10).mean() > 0.95
+    assert (plain[muzzle] == 10).mean() < 0.6 and (plain[nose] == 10).mean() < 0.1
+    assert (grown == 10).mean() < 0.1                                      # still a small part of the frame
