@@ -5,12 +5,14 @@ trip. The streaming decoder is the same weights (TAEHV.stream_decoder).
     vidu train --stage autoencoder --preset small --out runs/ae --steps 3000 --minutes 9 --workers 14
     summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=100), "runs/ae")
 
-Clip g of a run (g = (step // reuse) * batch + row) is world clip `clip_seed(seed, g)`; with `reuse` > 1
+Clip g of a run (g = (step // reuse) * batch + row) is world clip `clip_seed(seed, g)` (its style drawn by
+train_style: `animal_share` of them animals; with `cut_actions`, also the action its end cuts); with `reuse` > 1
 each rendered batch trains `reuse` steps, step s seeing it as variant s % reuse: as rendered, reversed
 in time (which also moves the 4-frame latent groups by one frame against the motion), mirrored
 left-right, reversed and mirrored; so a renderer slower than the GPU does not leave it idle. The world also says
 where the mouth, eyes, hands and face are (stages.synth.render.region_masks), which set the per-pixel
-loss weights w and the region r (coverage of mouth, eyes and hands). Loss per clip (x: frames, y: round
+loss weights w (the mouth's grown by `mouth_grow`: an animal's muzzle, nose and chin) and the region r
+(coverage of mouth, eyes and hands). Loss per clip (x: frames, y: round
 trip, d: the difference of consecutive frames, r_t: max(r of frames t and t - 1)):
 
     sum w |y - x| / sum w  +  sum w (y - x)^2 / sum w  +  temporal_weight * sum w |dy - dx| / sum w
