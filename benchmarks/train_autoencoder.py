@@ -88,7 +88,8 @@ def settings(args, steps: int, minutes: float | None = None) -> TrainSettings:
                              frames=args.frames, region_weight=args.region_weight, temporal_weight=args.temporal_weight,
                              motion_weight=args.motion_weight, reuse=args.reuse,
                              init=str(args.init) if args.init else None, freeze_encoder=args.freeze_encoder,
-                             animal_share=args.animal_share, cut_actions=not args.no_cut_actions))
+                             animal_share=args.animal_share, cut_actions=not args.no_cut_actions,
+                             mouth_contrast=args.mouth_contrast))
 
 
 def fit_steps(args, work: Path) -> tuple[int, float]:
@@ -278,6 +279,9 @@ def main() -> None:
                     help="share of training clips of the animal style (negative: the world's mix)")
     ap.add_argument("--no-cut-actions", action="store_true",
                     help="training clips without the action their end cuts (fewer hands and head turns)")
+    ap.add_argument("--mouth-contrast", type=float, default=AE["mouth_contrast"],
+                    help="weigh a low-contrast mouth zone x clip(this / RGB distance mouth-surroundings, 1, 4) "
+                         "(150: a dark muzzle x 3; 0: off)")
     ap.add_argument("--init", type=Path, help="warm start from this autoencoder file (also evaluated, as `init`)")
     ap.add_argument("--freeze-encoder", action="store_true", help="train the decoder alone (the latents stay init's)")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))

@@ -282,3 +282,24 @@ def test_the_mouth_zone_covers_the_animal_snout():
     assert (grown[muzzle] == 10).mean() > 0.95 and (grown[nose] == 10).mean() > 0.95
     assert (plain[muzzle] == 10).mean() < 0.6 and (plain[nose] == 10).mean() < 0.1
     assert (grown == 10).mean() < 0.1                                      # still a small part of the frame
+
+
+def test_a_low_contrast_mouth_weighs_more_when_asked():
+    # mouth_contrast scales the mouth zone's weight by how close the mouth's colour is to what surrounds it:
+    # a dark muzzle (RGB distance 50 from the open mouth) x 3 at 150, a white one not at all; off by default
+    from stages.train.autoencoder import mouth_gain
+    dark = world_clip(TINY, 2_000_000_001, 5, split="eval", draw=False)[1].identity      # held-out clip 4
+    white = world_clip(TINY, 2_000_000_009, 5, split="eval", draw=False)[1].identity
+    assert dark.muzzle == (60, 52, 52) and white.muzzle == (248, 244, 236)
+    on = AutoencoderSettings(mouth_contrast=150.0)
+    assert mouth_gain(dark, on) == pytest.approx(150 / 50.25, abs=0.01) and mouth_gain(white, on) == 1.0
+    assert mouth_gain(dark, AutoencoderSettings()) == 1.0
+    # and it reaches a training clip's weights: a dark-muzzled animal's mouth zone, not its eyes
+    ae = dataclasses.replace(on, animal_share=1.0)
+    seed = next(g for g in range(200) if world_clip(TINY, g, 5, ae, draw=False)[1].identity.muzzle == (60, 52, 52))
+    _, s, w = world_clip(TINY, seed, 5, ae)
+    _, _, w0 = world_clip(TINY, seed, 5, dataclasses.replace(ae, mouth_contrast=0.0))
+    mouth, eyes = s.masks["mouth"] > 0.99, (s.masks["eyes"] > 0.99) & (s.masks["mouth"] == 0)
+    assert mouth.sum() > 10 and eyes.sum() > 10
+    assert np.allclose(w[mouth], 10 * 150 / 50.25, rtol=0.01) and np.allclose(w0[mouth], 10, rtol=0.01)
+    assert np.array_equal(w[eyes], w0[eyes])

@@ -65,6 +65,7 @@ class AutoencoderSettings:
     freeze_encoder: bool = False                   # train the decoder alone (the latents stay init's)
     animal_share: float | None = ranged(0.4, min=0, max=1)   # training clips of the animal style (None: the world's mix)
     cut_actions: bool = True                       # training clips also show the action their end cuts (world.random_events)
+    mouth_contrast: float = ranged(0.0, min=0)     # the mouth zone x clip(this / RGB distance mouth-surroundings, 1, 4); 0: off
 
 
 def clip_frames(cfg: ModelConfig, ae: AutoencoderSettings) -> int:
@@ -107,7 +108,7 @@ def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings
         return None, s, None
     if s.frames.shape[0] != frames:
         raise ValueError(f"the world made {s.frames.shape[0]} frames for a {frames}-frame clip")
-    return s.frames, s, (None if ae is None else loss_weights(s.masks, ae))
+    return s.frames, s, (None if ae is None else loss_weights(s.masks, ae, mouth_gain(s.identity, ae)))
 
 
 def parts(masks: dict[str, np.ndarray]) -> np.ndarray:
@@ -131,10 +132,28 @@ def mouth_zone(mouth: np.ndarray, grow: float) -> np.ndarray:
     return maximum_filter1d(maximum_filter1d(mouth, 2 * k + 1, axis=1), 2 * k + 1, axis=2)
 
 
-def loss_weights(masks: dict[str, np.ndarray], ae: AutoencoderSettings) -> np.ndarray:
+def mouth_gain(identity, ae: AutoencoderSettings) -> float:
+    """How much more the mouth zone of this character weighs: clip(ae.mouth_contrast / d, 1, 4), d the RGB
+    distance between the open mouth's colour and the colour around it (an animal's muzzle, else its skin);
+    1 when ae.mouth_contrast is 0. The analyzer tells the mouth from its surroundings by the nearest colour,
+    so an error of d / 2 recolours a mouth pixel: 25 levels on a dark muzzle (d 50, the world's lowest; a
+    white muzzle 338, human skins 58-250, median 194), errors the L1 + L2 loss hardly sees (RESULTS.md
+    2026-12-04 session 44: the dark-muzzled held-out clips keep the mouth at r 0.88 and 0.94, the others
+    0.93-0.99). 150: a dark muzzle x 3, a grey one (d 109) x 1.4, 6 % of human skins a little."""
+    if not ae.mouth_contrast:
+        return 1.0
+    from stages.synth.world import MOUTH
+    around = identity.muzzle if identity.style == "animal" else identity.skin
+    d = float(np.linalg.norm(np.subtract(MOUTH, around, dtype=np.float64)))
+    return float(np.clip(ae.mouth_contrast / max(d, 1.0), 1.0, 4.0))
+
+
+def loss_weights(masks: dict[str, np.ndarray], ae: AutoencoderSettings, mouth: float = 1.0) -> np.ndarray:
     """The world's region coverages ([T, H, W] each) -> per-pixel loss weights [T, H, W] float16: region_weight
-    on mouth, eyes and hands (the mouth grown by ae.mouth_grow), face_weight on the rest of the face, 1 elsewhere."""
-    regions = np.maximum(parts(masks), mouth_zone(masks["mouth"], ae.mouth_grow))
+    on mouth, eyes and hands (the mouth grown by ae.mouth_grow, and x `mouth`: mouth_gain), face_weight on the
+    rest of the face, 1 elsewhere."""
+    zone = mouth_zone(masks["mouth"], ae.mouth_grow)
+    regions = np.maximum(parts(masks), mouth * zone)
     w = np.maximum(1.0, np.maximum(ae.face_weight * masks["face"], ae.region_weight * regions))
     return w.astype(np.float16)
 
