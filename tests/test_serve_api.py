@@ -331,7 +331,8 @@ def test_size_sets_every_profile_and_the_frames():
 
 def test_spoken_commands_in_push_to_talk_become_instructions(model):
     """Push-to-talk speech (espeak-ng, a voice held out of the spotter's training) saying "raise your hand"
-    becomes the instruction "raise a hand" (source voice): in the history, on the engine's queue, counted.
+    becomes the instruction "raise a hand" (source voice): in the history, on the engine's queue in the core,
+    counted.
     Controls: a sentence without a command gives none, and the same command on a server started with
     commands off gives none (waited for twice as long as the command took to be found)."""
     import time
@@ -360,8 +361,9 @@ def test_spoken_commands_in_push_to_talk_become_instructions(model):
                 if history or took > (wait_s or 30):
                     break
                 await asyncio.sleep(0.1)
-            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())
-            return history, s.events.drain(), fams, took
+            fams = parse_prometheus(await (await http.get(url + "/metrics")).text())   # (after the core's answer:
+            core = apps[0][STATE].core.runner.core                               # it has read the events before)
+            return history, core.sessions[info["id"]].session.events.drain(), fams, took
 
     history, queued, fams, took = asyncio.run(talk(True, command, None))
     assert [(h["text"], h["source"]) for h in history] == [("raise a hand", "voice")], history
@@ -399,3 +401,38 @@ def test_sessions_spread_over_workers_and_stay_pinned(model):
             assert after["workers"][lost]["load"] < cap["workers"][lost]["load"]
             assert after["workers"][1 - lost]["load"] == cap["workers"][1 - lost]["load"]
     asyncio.run(main())
+
+
+def test_the_model_process_says_why_it_cannot_start_and_its_end_fails_sessions_not_the_server(tmp_path):
+    """`vidu serve`'s models run in a process of their own (stages/serve/core.py). A checkpoint that cannot
+    load is one line from it; when it dies, the open session fails with the reason, a new one is refused
+    (503, reason "ended") and the server still answers."""
+    import time
+
+    import torch
+
+    from stages.serve.core import CoreHandle, ModelSpec
+    opts = ServeOptions(speed=SLOW, calib_chunks=1, max_batch=1)
+    with pytest.raises(ServeError) as e:
+        CoreHandle.process([ModelSpec(str(tmp_path / "none.safetensors"), "tiny", "cpu", torch.float32)], opts, 120)
+    assert "none.safetensors" in str(e.value) and "\n" not in str(e.value)
+
+    core = CoreHandle.process([ModelSpec(None, "tiny", "cpu", torch.float32)], opts, 120)
+    assert [p.name for p in core.profiles[0]][0] == "full" and core.profiles[0][0].chunk_s > 0
+
+    async def main():
+        async with running(opts, core) as url, ClientSession() as http:
+            status, info = await _post_session(http, url)
+            assert status == 201
+            core.runner.kill()
+            t = time.monotonic()
+            while time.monotonic() - t < 30:
+                info = await (await http.get(f"{url}/sessions/{info['id']}")).json()
+                if "error" not in info or info.get("error"):
+                    break
+                await asyncio.sleep(0.1)
+            assert info.get("error") == "the model process has ended" or "no such session" in info.get("error", ""), info
+            status, body = await _post_session(http, url)
+            assert status == 503 and body["reason"] == "ended" and _one_line(body)
+            assert (await (await http.get(url + "/health")).json()) == {"ok": True}
+    run(main())

@@ -1,12 +1,11 @@
 """`vidu serve`'s worker batching its sessions' chunks (stages/serve/scheduler.py over
 stages/stream/batch.py), on the tiny preset on CPU with real sessions (their own reference images,
-instructions, speech and seeds) and the worker thread, without WebRTC: sessions marked as watched
-generate until `ahead_chunks` are buffered. The oracle: each session's frames equal those of the same
+instructions, speech and seeds) and the worker thread as the core runs them (stages/serve/core.py:
+CoreSession), without a server: sessions marked as watched generate until `ahead_chunks` are buffered. The oracle: each session's frames equal those of the same
 session stepped alone; the batch sizes are in the metrics; max_batch 1 runs every chunk alone, and a
 session at another step count never shares a forward."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
@@ -17,7 +16,6 @@ from stages.serve.metrics import Metrics
 from stages.serve.model import ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions
 from stages.serve.scheduler import Worker
-from stages.serve.sessions import ServeSession
 from stages.stream.batch import next_chunks
 from stages.stream.events import AudioChunk, EventQueue
 from stages.stream.session import Session
@@ -49,35 +47,45 @@ def sessions(model, n: int, profiles=None) -> list[tuple[Session, object]]:
 
 
 def served(model, opts: ServeOptions, made, consume: int = 0) -> tuple[list[np.ndarray], Metrics]:
-    """The sessions run by a Worker until each has AHEAD chunks buffered, then (`consume` > 0) session 0's
-    viewer takes `consume` frames and the worker goes on until it has made up for them: their frames, the metrics."""
-    async def main():
-        loop, metrics = asyncio.get_running_loop(), Metrics()
-        worker = Worker(0, model, opts, metrics)
-        ss = []
-        for s, p in made:
-            ss.append(ServeSession(s, p, worker, opts, metrics, loop, "en-us"))
-            ss[-1].viewer_left = None                    # watched: ready while fewer than AHEAD chunks ahead
-            worker.add(ss[-1])
+    """The sessions run by a Worker (as in the core: CoreSessions whose chunks are posted as messages) until
+    each has AHEAD chunks buffered, then (`consume` > 0) session 0's viewer takes `consume` frames and the
+    worker goes on until it has made up for them: their frames, the metrics (as the server counts them)."""
+    metrics, frames, errors = Metrics(), {}, []
 
-        async def until(done):
-            t = time.monotonic()
-            while not done() and time.monotonic() - t < 120:
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.1)                     # nothing more comes; the last hand-over is done
+    def post(msg):
+        if msg[0] == "chunk":
+            frames.setdefault(msg[1], []).append(msg[2])
+        elif msg[0] == "metric":
+            getattr(metrics, msg[1])(*msg[2])
+        elif msg[0] == "failed":
+            errors.append(msg[2])
 
-        worker.start()
-        try:
-            await until(lambda: all(s.timeline.end >= 1 + 4 * AHEAD for s in ss))
-            if consume:
-                ss[0].timeline.next_frame += consume     # as if its viewer had been sent them
-                worker.wake()
-                await until(lambda: ss[0].timeline.end >= 1 + 4 * AHEAD + consume)
-        finally:
-            worker.stop()
-        assert all(s.error is None for s in ss), [s.error for s in ss]
-        return [np.stack(list(s.timeline.frames)) for s in ss], metrics
-    return asyncio.run(main())
+    from stages.serve.core import CoreSession, _Metrics
+    worker = Worker(0, model, opts, _Metrics(post))
+    ss = []
+    for i, (s, p) in enumerate(made):
+        ss.append(CoreSession(str(i), s, p, opts, post))
+        ss[-1].watched = True                            # watched: ready while fewer than AHEAD chunks ahead
+        worker.add(ss[-1])
+
+    def until(done):
+        t = time.monotonic()
+        while not done() and time.monotonic() - t < 120:
+            time.sleep(0.02)
+        time.sleep(0.1)                                  # nothing more comes
+
+    made_frames = lambda s: sum(len(f) for f in frames.get(s.id, []))   # noqa: E731
+    worker.start()
+    try:
+        until(lambda: all(made_frames(s) >= 1 + 4 * AHEAD for s in ss))
+        if consume:
+            ss[0].next_frame += consume                  # as if its viewer had been sent them
+            worker.wake()
+            until(lambda: made_frames(ss[0]) >= 1 + 4 * AHEAD + consume)
+    finally:
+        worker.stop()
+    assert not errors, errors
+    return [np.concatenate(frames[s.id]) for s in ss], metrics
 
 
 def alone(made, chunks: int = AHEAD + 1) -> list[np.ndarray]:

@@ -43,7 +43,7 @@ def serve(
     Example: vidu serve --preset wan2.1-1.3b --size 960x544 --compile
     """
     from stages.serve.app import serve as run
-    from stages.serve.model import ServeModel
+    from stages.serve.core import CoreHandle, ModelSpec
     from stages.serve.options import check_bind
     from stages.stream.io import check_address
     from stages.stream.session import pick_device
@@ -63,19 +63,22 @@ def serve(
             from models.starter import starter_checkpoint, starter_summary
             ckpt = starter_checkpoint()
             err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
-        models = []
-        for d in devices:
-            m = ServeModel(ckpt, preset or "tiny", d, dtype, seed, decoder_weights, text_encoder_path, wh, compile)
-            err.print(f"measuring chunk times on {d} ...", highlight=False)
-            m.calibrate(opts.calib_chunks, opts.max_batch)
-            for p in m.profiles:
+        specs = [ModelSpec(str(ckpt) if ckpt else None, preset or "tiny", d, dtype, seed,
+                           str(decoder_weights) if decoder_weights else None,
+                           str(text_encoder_path) if text_encoder_path else None, wh, compile) for d in devices]
+        err.print(f"loading the model and measuring chunk times on {', '.join(devices)} (a process of its own) ...",
+                  highlight=False)
+        core = CoreHandle.process(specs, opts)
+        for d, profiles in zip(core.devices, core.profiles):
+            if len(core.devices) > 1:
+                err.print(f"  {d}:", highlight=False)
+            for p in profiles:
                 batched = "".join(f"; {b} sessions batched: {1000 * t:.0f} ms" for b, t in p.batch_s.items() if b > 1)
                 err.print(f"  {p.name}: {1000 * p.chunk_s:.0f} ms per {1000 * p.video_s:.0f} ms chunk "
                           f"(load {p.load:.2f}){batched}", highlight=False)
-            models.append(m)
-        for note in models[0].base.notes:
+        for note in core.notes:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        asyncio.run(run(opts, models, announce=lambda line: err.print(line, highlight=False)))
+        asyncio.run(run(opts, core, announce=lambda line: err.print(line, highlight=False)))
     except (ValueError, FileNotFoundError) as e:              # ServeError, StreamError: one line, exit 2
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

@@ -37,12 +37,12 @@ from urllib.parse import urlsplit
 import numpy as np
 from aiohttp import web
 
+from stages.serve.core import CoreError, CoreHandle
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import ServeModel, live_options
+from stages.serve.model import ServeModel
 from stages.serve.options import ServeError, ServeOptions, check_bind
-from stages.serve.scheduler import Refused, Scheduler
-from stages.serve.sessions import ServeSession, TokenBucket, voice_commands
-from stages.stream.events import MAX_INSTRUCTION_CHARS, EventQueue, StreamError, instruction_text
+from stages.serve.sessions import RemoteSession, ServeSession, TokenBucket, new_id, voice_commands
+from stages.stream.events import MAX_INSTRUCTION_CHARS, StreamError, instruction_text
 from stages.stream.say import DEFAULT_VOICE
 
 SESSION_ID = re.compile(r"[0-9a-f]{32}")
@@ -60,14 +60,32 @@ def _error(status: int, message: str, **extra) -> web.Response:
 
 
 class State:
-    def __init__(self, opts: ServeOptions, models: list[ServeModel], title: str):
+    def __init__(self, opts: ServeOptions, core: CoreHandle | None, title: str):
         self.opts, self.title = opts, title
         self.metrics = Metrics()
-        self.scheduler = Scheduler(models, opts, self.metrics) if models else None   # None: one stream's page
+        self.core = core                        # None: one stream's page
         self.sessions: dict[str, ServeSession] = {}
         self.clients: dict[str, TokenBucket] = {}
         self.reaper: asyncio.Task | None = None
         self.admitting = asyncio.Lock()
+        self.stopping = False
+
+    def on_message(self, msg: tuple) -> None:
+        """What the core sends (stages/serve/core.py), on the event loop."""
+        kind = msg[0]
+        if kind == "metric":
+            getattr(self.metrics, msg[1])(*msg[2])
+        elif kind == "ended" and not self.stopping:
+            log("core_ended")
+            for s in list(self.sessions.values()):
+                s.failed("the model process has ended")
+        elif kind in ("chunk", "failed", "degraded") and (s := self.sessions.get(msg[1])) is not None:
+            if kind == "chunk":
+                s.delivered(*msg[2:])
+            elif kind == "failed":
+                s.failed(msg[2])
+            else:
+                s.switched(next(p for p in self.core.profiles[s.worker] if p.name == msg[2]))
 
     def session(self, request: web.Request) -> ServeSession:
         sid = request.match_info["id"]
@@ -131,7 +149,7 @@ def _same_origin(request: web.Request) -> bool:
 
 async def page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    single = next(iter(state.sessions), "") if state.scheduler is None else ""    # one stream's page opens it
+    single = next(iter(state.sessions), "") if state.core is None else ""    # one stream's page opens it
     html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
             .replace("{{title}}", html_escape(state.title)).replace("{{session}}", single))
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
@@ -155,31 +173,28 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     sessions = [{"id": s.id, "profile": s.profile.name, "fps": round(s.timeline.fps_sent(), 3)}
                 for s in state.sessions.values()]
-    workers = [{"worker": w["worker"], "load": w["load"], "budget": w["budget"]} for w in _workers(state)]
+    described = await _describe(state)
+    workers = [{"worker": w["worker"], "load": w["load"], "budget": w["budget"]} for w in described["workers"]]
     live = {"frames_sent": sum(s.timeline.sent for s in state.sessions.values()),   # + the closed ones' (counters)
             "frames_dropped": sum(s.timeline.dropped for s in state.sessions.values())}
-    text = state.metrics.text(sessions, workers, _gpu_memory(state), live)
+    text = state.metrics.text(sessions, workers, described["gpu"], live)
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Prometheus-Format": "0.0.4"})
 
 
-def _workers(state: State) -> list[dict]:
-    return state.scheduler.describe() if state.scheduler else []
-
-
-def _gpu_memory(state: State) -> list[tuple[str, int, int]]:
-    import torch
-    out = []
-    for w in state.scheduler.workers if state.scheduler else ():
-        dev = str(w.model.device)
-        if dev.startswith("cuda") and torch.cuda.is_available():
-            out.append((dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)))
-    return out
+async def _describe(state: State) -> dict:
+    """The core's workers (Scheduler.describe) and GPU memory; none for one stream's page."""
+    if state.core is None:
+        return {"workers": [], "gpu": []}
+    try:
+        return await state.core.request("describe")
+    except CoreError as e:
+        raise web.HTTPServiceUnavailable(reason=str(e)) from None
 
 
 async def capacity(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response({"workers": _workers(state), "sessions": len(state.sessions),
+    return web.json_response({"workers": (await _describe(state))["workers"], "sessions": len(state.sessions),
                               "max_sessions": state.opts.max_sessions, "speed": state.opts.speed,
                               "headroom": state.opts.headroom, "chunks": state.metrics.quantiles(),
                               "counts": dict(state.metrics.counters)})
@@ -189,7 +204,7 @@ async def create_session(request: web.Request) -> web.Response:
     state, opts = request.app[STATE], request.app[OPTIONS]
     if not request.content_type.startswith("multipart/"):
         return _error(415, "POST /sessions takes multipart/form-data with an image file")
-    if state.scheduler is None:
+    if state.core is None:
         return _error(503, "this server shows one stream (vidu stream --serve): it takes no new sessions; "
                       "vidu serve does", reason="single")
     fields = await _form(request, opts)
@@ -205,23 +220,27 @@ async def create_session(request: web.Request) -> web.Response:
     if not seed_text.isdigit() or int(seed_text) >= 2**63:
         return _error(400, f"the seed is a whole number 0..2^63-1, not {seed_text!r}")
     async with state.admitting:                 # one admission at a time, its session added before the next
+        sid = new_id()
         try:
-            worker, profile = state.scheduler.admit()
-        except Refused as e:
+            made = await state.core.request("create", sid, rgb, int(seed_text), instruction)
+        except CoreError as e:
+            if e.reason == "error":             # the reference could not start a session
+                return _error(400, str(e))
             state.metrics.refuse(e.reason)
             log("session_refused", reason=e.reason, message=str(e))
             return _error(503, str(e), reason=e.reason)
-        from stages.stream.session import Session
-        parts = await asyncio.to_thread(worker.model.parts, rgb, profile, int(seed_text))
-        session = Session(parts, EventQueue(), live_options(instruction))
-        fps = parts.cfg.audio.fps
-        commands = await asyncio.to_thread(voice_commands, fps) if opts.commands else None
-        s = ServeSession(session, profile, worker, opts, state.metrics, asyncio.get_running_loop(), voice,
-                         commands=commands)
+        worker = made["worker"]
+        profile = next(p for p in state.core.profiles[worker] if p.name == made["profile"])
+        try:
+            commands = await asyncio.to_thread(voice_commands, made["fps"]) if opts.commands else None
+        except BaseException:
+            state.core.send("close", sid)
+            raise
+        s = ServeSession(RemoteSession(state.core, sid, instruction), profile, state.core, opts, state.metrics,
+                         asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands, worker=worker)
         state.sessions[s.id] = s
-        worker.add(s)
     state.metrics.admit(profile.name)
-    log("session_created", session=s.id, profile=profile.name, worker=worker.index)
+    log("session_created", session=s.id, profile=profile.name, worker=worker)
     return web.json_response(s.info(), status=201)
 
 
@@ -339,7 +358,7 @@ async def _reap(state: State) -> None:
             reason = None
             if s.closed is not None:
                 reason = s.closed
-            elif s.worker is None:                      # the stream's own session: the stream ends it
+            elif s.core is None:                        # the stream's own session: the stream ends it
                 continue
             elif s.viewer_left is not None and now - s.viewer_left > state.opts.connect_timeout_s:
                 reason = "no viewer"
@@ -352,32 +371,37 @@ async def _reap(state: State) -> None:
 
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
-    if state.scheduler:
-        state.scheduler.start()
+    if state.core:
+        state.core.start(asyncio.get_running_loop(), state.on_message)
     state.reaper = asyncio.ensure_future(_reap(state))
 
 
 async def _shutdown(app: web.Application) -> None:
     state = app[STATE]
+    state.stopping = True
     if state.reaper:
         state.reaper.cancel()
     for s in list(state.sessions.values()):
         await s.close("server stopped")
     state.sessions.clear()
-    if state.scheduler:
-        await asyncio.to_thread(state.scheduler.stop)
+    if state.core:
+        await asyncio.to_thread(state.core.stop)
 
 
-def create_app(opts: ServeOptions, models: list[ServeModel], single: bool = False,
+def create_app(opts: ServeOptions, core: CoreHandle | list[ServeModel] | None, single: bool = False,
                title: str = "vidu serve") -> web.Application:
-    """The server over `models` (one per worker device, calibrated: ServeModel.calibrate); `single`: no
-    models, the one session of a `vidu stream` (stages/serve/single.py) added to app[STATE].sessions."""
-    if not models and not single:
+    """The server over `core`: a CoreHandle (`vidu serve`: the models in a process of their own,
+    CoreHandle.process), or calibrated ServeModels (one per worker device, ServeModel.calibrate) run by a
+    core on a thread of this process; the app stops the core when it shuts down. `single`: no core, the one
+    session of a `vidu stream` (stages/serve/single.py) added to app[STATE].sessions."""
+    if not core and not single:
         raise ServeError("no model to serve")
     check_bind(opts)
+    if isinstance(core, list) and not single:
+        core = CoreHandle.thread(core, opts)
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
     app[OPTIONS] = opts
-    app[STATE] = State(opts, [] if single else models, title)
+    app[STATE] = State(opts, None if single else core, title)
     app.router.add_get("/", page)
     app.router.add_get("/app.js", script)
     app.router.add_get("/mic-worklet.js", script)
@@ -395,9 +419,9 @@ def create_app(opts: ServeOptions, models: list[ServeModel], single: bool = Fals
     return app
 
 
-async def serve(opts: ServeOptions, models: list[ServeModel], announce=print) -> None:
-    """Run until cancelled (Ctrl-C): bind, say the URL through `announce`, serve."""
-    app = create_app(opts, models)
+async def serve(opts: ServeOptions, core: CoreHandle, announce=print) -> None:
+    """Run until cancelled (Ctrl-C): bind, say the URL through `announce`, serve; the core is stopped at the end."""
+    app = create_app(opts, core)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -409,7 +433,7 @@ async def serve(opts: ServeOptions, models: list[ServeModel], announce=print) ->
         port = runner.addresses[0][1]
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         announce(f"serving on http://{host}:{port}/")
-        log("serving", host=opts.host, port=port, workers=len(models), token=bool(opts.token))
+        log("serving", host=opts.host, port=port, workers=len(core.devices), token=bool(opts.token))
         while True:
             await asyncio.sleep(3600)
     finally:

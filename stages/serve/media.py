@@ -55,6 +55,7 @@ class Timeline:
         self.closed = False
         self.arrived = asyncio.Event()
         self.sent_times: deque[float] = deque(maxlen=64)
+        self.changed = None             # called when the viewer's clock or position moves (the core follows them)
 
     # -- producer side
     def push(self, frames: np.ndarray, audio: np.ndarray | None, keep: int | None = None) -> None:
@@ -92,6 +93,11 @@ class Timeline:
         """A (new) viewer: the next unsent frame plays `lead` from now."""
         self.offset = None
         self.since = time.monotonic()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.changed is not None:
+            self.changed()
 
     def close(self) -> None:
         self.closed = True
@@ -139,6 +145,7 @@ class Timeline:
         self.sent += 1
         self.sent_times.append(time.monotonic())
         self._trim_audio()
+        self._changed()
         return n, frame
 
     def audio_packet(self, pos: int) -> np.ndarray | None:

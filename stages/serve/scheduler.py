@@ -1,9 +1,9 @@
-"""Workers and admission control.
+"""Workers and admission control, on the model side (stages/serve/core.py: a process of its own).
 
 One Worker thread per device (on a CPU: one) owns that device's ServeModel and runs its sessions'
 chunks, earliest deadline first: a session's deadline is the time its viewer will have played every
-frame generated so far (Timeline.deadline). A session is ready when a viewer is connected and it is
-fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds its place (its capacity
+frame generated so far (CoreSession.deadline, from the viewer's timeline as the server reports it). A
+session is ready when a viewer is connected and it is fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds its place (its capacity
 stays reserved through the reconnect grace) but generates nothing.
 
 Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
@@ -44,7 +44,7 @@ import threading
 import time
 from collections import Counter
 
-from stages.serve.metrics import Metrics, log
+from stages.serve.metrics import log
 from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel
 from stages.serve.options import ServeOptions
 from stages.stream.batch import next_chunks
@@ -59,10 +59,10 @@ class Refused(Exception):
 
 
 class Worker(threading.Thread):
-    def __init__(self, index: int, model: ServeModel, opts: ServeOptions, metrics: Metrics):
+    def __init__(self, index: int, model: ServeModel, opts: ServeOptions, metrics):
         super().__init__(name=f"vidu-serve-worker-{index}", daemon=True)
         self.index, self.model, self.opts, self.metrics = index, model, opts, metrics
-        self.sessions: list = []                 # ServeSession, admitted here
+        self.sessions: list = []                 # CoreSession (stages/serve/core.py), admitted here
         self.cond = threading.Condition()
         self.stopping = False
         self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> measured seconds (EMA)
@@ -121,14 +121,14 @@ class Worker(threading.Thread):
         """The sessions whose chunks run next, in one forward (the module's docstring says which)."""
         with self.cond:
             ready = [s for s in self.sessions if s.ready(1)]       # those that may ride along
-        ready.sort(key=lambda s: s.timeline.deadline())
+        ready.sort(key=lambda s: s.deadline())
         first = next((s for s in ready if s.ready()), None)
         if first is None:
             return []
         batch = [first]
         if self.opts.max_batch == 1:
             return batch
-        key, due, now = first.batch_key(), first.timeline.deadline(), time.monotonic()
+        key, due, now = first.batch_key(), first.deadline(), time.monotonic()
         for s in ready:
             if s is first:
                 continue
@@ -153,7 +153,7 @@ class Worker(threading.Thread):
                 with self.cond:
                     self.cond.wait(0.01)
                 continue
-            deadlines = [s.timeline.deadline() for s in batch]
+            deadlines = [s.deadline() for s in batch]
             profile = batch[0].profile
             t = time.perf_counter()
             outcomes = next_chunks([s.session for s in batch])
@@ -170,7 +170,7 @@ class Worker(threading.Thread):
                     s.fail(f"{type(out).__name__}: {out}")
                     continue
                 rgb, audio, timing = out
-                late = s.timeline.offset is not None and done > deadline
+                late = s.offset is not None and done > deadline
                 s.chunk_done(rgb, audio, timing, dt / len(batch), late)
                 self.metrics.chunk(dt, late)
             self._rebalance()
@@ -184,7 +184,7 @@ class Worker(threading.Thread):
         if self.load() <= self.opts.headroom:
             return
         with self.cond:
-            if any(s.chunks_measured < MEASURED_AFTER for s in self.sessions if s.viewer_left is None):
+            if any(s.chunks_measured < MEASURED_AFTER for s in self.sessions if s.watched):
                 return
             candidates = [(s, self.model.fewer_steps(s.profile)) for s in self.sessions]
         candidates = [(s, p) for s, p in candidates if p is not None and self._cheaper(s.profile, p, candidates)]
@@ -207,7 +207,7 @@ class Worker(threading.Thread):
 class Scheduler:
     """The workers, and the admission decision over them."""
 
-    def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics: Metrics):
+    def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics):
         self.opts, self.metrics = opts, metrics
         self.workers = [Worker(i, m, opts, metrics) for i, m in enumerate(models)]
 

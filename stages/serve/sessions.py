@@ -1,5 +1,6 @@
-"""One served character: its Session (engine caches, ring, audio FIFO) on a worker, its event queue,
-its timeline of output, its instruction history, and its current viewer (a peer connection with a
+"""One served character as the server sees it: its session in the core (stages/serve/core.py: engine
+caches, ring, audio FIFO; here a RemoteSession), its events (sent there), its timeline of output, its
+instruction history, and its current viewer (a peer connection with a
 video track, an audio track and the "control" data channel).
 
 Data channel messages (text is JSON, binary is speech):
@@ -29,7 +30,7 @@ import numpy as np
 
 from stages.serve.media import AudioTrack, Timeline, VideoTrack
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import EMA, MEASURED_AFTER, Profile
+from stages.serve.model import Profile, live_options
 from stages.serve.options import ServeOptions
 from stages.stream.events import MAX_INSTRUCTION_CHARS, SAMPLE_RATE, AudioChunk, Instruction, StreamError
 
@@ -73,26 +74,47 @@ def voice_commands(fps: float):
     return VoiceCommands(_Heard(), live=True, fps=fps)
 
 
-class ServeSession:
-    """`worker` None: the session of a `vidu stream --serve` (stages/serve/single.py), whose chunks the stream
-    makes and pushes onto the timeline itself."""
+class RemoteSession:
+    """The server's view of a session that runs in the core (stages/serve/core.py): its counts as of the
+    last chunk, and its event queue, whose events travel to the core."""
 
-    def __init__(self, session, profile: Profile, worker, opts: ServeOptions, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, voice: str, sid: str | None = None, commands=None):
+    def __init__(self, core, sid: str, instruction: str | None):
+        self.chunks = self.frames = 0
+        self.instruction = live_options(instruction).instruction
+        self.events = _Events(core, sid)
+
+
+class _Events:
+    def __init__(self, core, sid: str):
+        self.core, self.sid = core, sid
+
+    def put(self, event) -> None:
+        self.core.send("event", self.sid, event)
+
+
+class ServeSession:
+    """`session`: a RemoteSession (its chunks are made in the core, `core` its CoreHandle, `worker` the index
+    of its worker there), or for a `vidu stream --serve` (stages/serve/single.py) the stream's own Session,
+    whose chunks the stream makes and pushes onto the timeline itself (`core` None)."""
+
+    def __init__(self, session, profile: Profile, core, opts: ServeOptions, metrics: Metrics,
+                 loop: asyncio.AbstractEventLoop, voice: str, fps: float, sid: str | None = None, commands=None,
+                 worker: int | None = None):
         self.id = sid or new_id()
-        self.session, self.events = session, session.events      # stages.stream.session.Session
-        self.profile, self.worker, self.opts, self.metrics, self.loop = profile, worker, opts, metrics, loop
+        self.session, self.events = session, session.events
+        self.profile, self.core, self.opts, self.metrics, self.loop = profile, core, opts, metrics, loop
+        self.worker = worker
         self.voice = voice
-        self.fps = session.p.cfg.audio.fps
+        self.fps = fps
         self.timeline = Timeline(self.fps, opts.lead_s)
+        if core is not None:
+            self.timeline.changed = self._timeline_changed
         self.history: deque[dict] = deque(maxlen=opts.history)
         self.created = self.last_input = time.monotonic()
         self.viewer_left: float | None = self.created  # no viewer since (None: one is connected)
         self.pc = None
         self.channel = None
         self.messages = TokenBucket(opts.messages_per_s, opts.message_burst)
-        self.chunk_s = profile.chunk_s                  # this session's measured share of worker time per chunk (EMA)
-        self.chunks_measured = 0
         self.audio_in = 0                               # push-to-talk samples received
         self.audio_used = 0                             # ... and consumed by the engine
         self.closed: str | None = None
@@ -104,60 +126,37 @@ class ServeSession:
             commands.events.session = self
             self._spotter = commands.tap()
 
-    # -- worker side (its thread)
-    def load(self) -> float:
-        chunk_s = self.chunk_s if self.chunks_measured >= MEASURED_AFTER else self.profile.chunk_s
-        return chunk_s / self.profile.video_s
-
-    def ready(self, extra: int = 0) -> bool:
-        """Watched and fewer than `ahead_chunks` (+ `extra`) chunks ahead of its viewer, counting the frames
-        generated and not yet on the timeline (the event loop takes them over after the chunk: counted from
-        the timeline alone, the worker would generate one chunk too many). `extra` 1: it may ride along in
-        another session's batch (Worker._pick)."""
-        per_chunk = self.profile.video_s * self.fps
-        ahead = self.session.frames - self.timeline.next_frame
-        return (self.closed is None and self.viewer_left is None
-                and ahead < (self.opts.ahead_chunks + extra) * per_chunk)
-
-    def batch_key(self) -> tuple:
-        """Sessions with equal keys can share a batched forward (StreamEngine.batch_key)."""
-        return self.session.p.engine.batch_key()
-
-    def chunk_done(self, rgb: np.ndarray, audio, timing: dict, dt: float, late: bool) -> None:
-        """A chunk generated; `dt`: this session's share of the worker's time for it (a batch's time over its size)."""
-        if self.session.chunks > 1:                     # the first chunk (one frame, warm-up) is not typical
-            self.chunk_s = dt if self.chunks_measured == 0 else (1 - EMA) * self.chunk_s + EMA * dt
-            self.chunks_measured += 1
-        self.audio_used += int(timing.get("audio_real", 0))
-        log_ = self.session.instruction_log
-        if len(log_) > self.opts.history:
-            del log_[:-self.opts.history]
-        self.loop.call_soon_threadsafe(self._deliver, rgb, audio)
-
-    def switch(self, profile: Profile) -> None:
-        """Fewer steps from the next chunk (the worker's thread, between this session's chunks)."""
-        old = self.profile
-        self.session.p.engine.switch_steps(profile.settings)
-        self.profile, self.chunk_s, self.chunks_measured = profile, profile.chunk_s, 0
-        self.degraded.append(profile.name)
-        log("session_degraded", session=self.id, old=old.name, new=profile.name, chunk=self.session.chunks)
-
-    def fail(self, error: str) -> None:
-        self.error = error
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.close("error")))
-
-    # -- event loop side
-    def _deliver(self, rgb, audio) -> None:
+    # -- what the core tells (the event loop)
+    def delivered(self, rgb: np.ndarray, audio, info: dict) -> None:
+        """A chunk from the core: onto the timeline; the counts it carries."""
+        s = self.session
+        s.chunks, s.frames, s.instruction = info["chunks"], info["frames"], info["instruction"]
+        self.audio_used += info["audio_real"]
         if self.closed is None:
             self.timeline.push(rgb, audio)
 
+    def switched(self, profile: Profile) -> None:
+        """The core moved this session to fewer steps (its measured load outgrew the budget)."""
+        self.profile = profile
+        self.degraded.append(profile.name)
+
+    def failed(self, error: str) -> None:
+        self.error = error
+        log("session_failed", session=self.id, error=error)
+        asyncio.ensure_future(self.close("error"))
+
+    def _timeline_changed(self) -> None:
+        tl = self.timeline
+        self.core.send("timeline", self.id, tl.offset, tl.since, tl.next_frame)
+
+    # -- event loop side
     def info(self) -> dict:
         return {"id": self.id, "profile": self.profile.describe(), "fps": self.fps,
                 "width": self.profile.width, "height": self.profile.height, "voice": self.voice,
                 "chunks": self.session.chunks, "frames": self.session.frames, "frames_sent": self.timeline.sent,
                 "frames_dropped": self.timeline.dropped, "stalled_s": round(self.timeline.stalled_s, 3),
                 "viewer": self.viewer_left is None, "instruction": self.session.instruction,
-                "history": list(self.history), "worker": self.worker.index if self.worker else None, "error": self.error,
+                "history": list(self.history), "worker": self.worker, "error": self.error,
                 "degraded": list(self.degraded)}
 
     def instruct(self, text, source: str = "text") -> dict:
@@ -228,8 +227,8 @@ class ServeSession:
             raise
         self.viewer_left = None
         self.last_input = time.monotonic()
-        if self.worker is not None:
-            self.worker.wake()
+        if self.core is not None:
+            self.core.send("viewer", self.id, True)
         log("viewer_connected", session=self.id)
         return pc.localDescription
 
@@ -237,6 +236,8 @@ class ServeSession:
         pc, self.pc, self.channel = self.pc, None, None
         if self.viewer_left is None:
             self.viewer_left = time.monotonic()
+            if self.core is not None:
+                self.core.send("viewer", self.id, False)
             log("viewer_left", session=self.id)
         if pc is not None:
             await pc.close()
@@ -297,8 +298,8 @@ class ServeSession:
         if self.closed is not None:
             return
         self.closed = reason
-        if self.worker is not None:
-            self.worker.remove(self)
+        if self.core is not None:
+            self.core.send("close", self.id)
         self.timeline.close()
         await self._drop_viewer()
         if self.commands is not None:

@@ -105,7 +105,7 @@ class PageSink:
             profile = Profile("stream", st, cfg.height, cfg.width, video_s)
             self._keep = int(np.ceil((self.opts.ahead_chunks + 1) * video_s * self.fps))
             s = ServeSession(session, profile, None, self.opts, self.app[STATE].metrics, self.loop, self.voice,
-                             sid=self.id, commands=self.commands)
+                             cfg.audio.fps, sid=self.id, commands=self.commands)
             self.app[STATE].sessions[s.id] = s
             return s
         self.session = self._call(add)

@@ -1,0 +1,375 @@
+"""The model side of `vidu serve`, in a process of its own (or, for tests, a thread), driven by messages.
+
+Why a process: the workers launch thousands of small GPU kernels per chunk from Python, and every launch
+needs the GIL. In the server's process the WebRTC side (RTP, SRTP, Opus, frame conversion, the data
+channel) holds it too: on the H200 the starter's batched chunks ran 2-3x slower live than at calibration
+(benchmarks/gil_probe.py measures the effect). Here the workers share their GIL with nothing but this
+side's message threads (as vLLM's engine core is its own process).
+
+Core (this side) owns the ServeModels, the Scheduler and its Workers, and per session a CoreSession: the
+stream Session (engine caches, ring, events) and what the worker needs to know of the viewer (a mirror
+of its Timeline: the clock offset and the next frame to send, updated by the server as it sends). The
+server (stages/serve/app.py) talks to it through a CoreHandle; messages are tuples over one duplex
+multiprocessing Connection, pickled both ways (the same in a thread):
+
+  server -> core                                 core -> server
+  ("create", rid, sid, rgb, seed, instruction)   ("reply", rid, value)          value: an answer or a CoreError
+  ("event", sid, Instruction | AudioChunk)       ("chunk", sid, rgb, audio, info) info: dt, late, chunks, frames,
+  ("timeline", sid, offset, since, next_frame)                                   instruction, audio_real
+  ("viewer", sid, watched)                       ("failed", sid, error)
+  ("close", sid)                                 ("degraded", sid, profile name)
+  ("describe", rid)                              ("metric", name, args)         Metrics.<name>(*args)
+                                                 ("ready", [(device, profiles)], notes) | ("error", message)
+  ("stop",)                                      ("stopped",)
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing as mp
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from stages.serve.metrics import log
+from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel, live_options
+from stages.serve.options import ServeError, ServeOptions
+from stages.serve.scheduler import Refused, Scheduler
+from stages.stream.events import EventQueue, StreamError
+
+START_TIMEOUT_S = 900.0            # model load and calibration (a 1.3B model with torch.compile takes minutes)
+STOP_TIMEOUT_S = 30.0
+
+
+class CoreError(Exception):
+    """A request the core answered with a failure: `reason` a short code (capacity, max_sessions, error)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return CoreError, (self.reason, str(self))
+
+
+@dataclass
+class ModelSpec:
+    """How the core process builds one worker's ServeModel (the arguments of ServeModel)."""
+    ckpt: str | None
+    preset: str
+    device: str
+    dtype: object
+    seed: int = 0
+    decoder_weights: str | None = None
+    text_encoder_path: str | None = None
+    size: tuple[int, int] | None = None
+    compile: bool = False
+
+    def build(self) -> ServeModel:
+        return ServeModel(self.ckpt, self.preset, self.device, self.dtype, self.seed, self.decoder_weights,
+                          self.text_encoder_path, self.size, self.compile)
+
+
+class CoreSession:
+    """A session as its worker sees it: the stream Session, its profile and measured share of worker time,
+    and the viewer's timeline as the server last reported it."""
+
+    def __init__(self, sid: str, session, profile: Profile, opts: ServeOptions, post):
+        self.id, self.session, self.profile, self.opts, self.post = sid, session, profile, opts, post
+        self.fps = session.p.cfg.audio.fps
+        self.offset: float | None = None        # time.monotonic() at which media frame 0 plays (None: not started)
+        self.since = time.monotonic()           # when the viewer connected (the deadline before its first frame)
+        self.next_frame = 0                     # the next frame the viewer is sent
+        self.watched = False
+        self.closed = False
+        self.chunk_s = profile.chunk_s          # this session's measured share of worker time per chunk (EMA)
+        self.chunks_measured = 0
+        self.worker = None                      # the Worker it is pinned to
+
+    def load(self) -> float:
+        chunk_s = self.chunk_s if self.chunks_measured >= MEASURED_AFTER else self.profile.chunk_s
+        return chunk_s / self.profile.video_s
+
+    def ready(self, extra: int = 0) -> bool:
+        """Watched and fewer than `ahead_chunks` (+ `extra`) chunks ahead of its viewer. `extra` 1: it may
+        ride along in another session's batch (Worker._pick)."""
+        per_chunk = self.profile.video_s * self.fps
+        ahead = self.session.frames - self.next_frame
+        return not self.closed and self.watched and ahead < (self.opts.ahead_chunks + extra) * per_chunk
+
+    def deadline(self) -> float:
+        """When the frames generated so far will have played (the next chunk is due by then); before the
+        viewer's first frame, when it connected (so that sessions already behind do not starve it)."""
+        return self.since if self.offset is None else self.offset + self.session.frames / self.fps
+
+    def batch_key(self) -> tuple:
+        """Sessions with equal keys can share a batched forward (StreamEngine.batch_key)."""
+        return self.session.p.engine.batch_key()
+
+    def chunk_done(self, rgb, audio, timing: dict, dt: float, late: bool) -> None:
+        """A chunk generated; `dt`: this session's share of the worker's time for it (a batch's time over its size)."""
+        s = self.session
+        if s.chunks > 1:                        # the first chunk (one frame, warm-up) is not typical
+            self.chunk_s = dt if self.chunks_measured == 0 else (1 - EMA) * self.chunk_s + EMA * dt
+            self.chunks_measured += 1
+        if len(s.instruction_log) > self.opts.history:
+            del s.instruction_log[:-self.opts.history]
+        self.post(("chunk", self.id, rgb, audio, {"dt": dt, "late": late, "chunks": s.chunks, "frames": s.frames,
+                                                  "instruction": s.instruction,
+                                                  "audio_real": int(timing.get("audio_real", 0))}))
+
+    def switch(self, profile: Profile) -> None:
+        """Fewer steps from the next chunk (the worker's thread, between this session's chunks)."""
+        old = self.profile
+        self.session.p.engine.switch_steps(profile.settings)
+        self.profile, self.chunk_s, self.chunks_measured = profile, profile.chunk_s, 0
+        log("session_degraded", session=self.id, old=old.name, new=profile.name, chunk=self.session.chunks)
+        self.post(("degraded", self.id, profile.name))
+
+    def fail(self, error: str) -> None:
+        self.closed = True
+        self.post(("failed", self.id, error))
+
+
+class _Metrics:
+    """What a Worker tells the metrics, sent to the server's Metrics."""
+
+    def __init__(self, post):
+        self.post = post
+
+    def batch(self, size: int) -> None:
+        self.post(("metric", "batch", (size,)))
+
+    def chunk(self, seconds: float, late: bool) -> None:
+        self.post(("metric", "chunk", (seconds, late)))
+
+    def inc(self, key: str, n: int = 1) -> None:
+        self.post(("metric", "inc", (key, n)))
+
+
+class Core:
+    """The workers and their sessions, driven by the messages on `conn` until ("stop",) or its end."""
+
+    def __init__(self, models: list[ServeModel], opts: ServeOptions, conn):
+        self.opts, self.conn = opts, conn
+        self.outbox: queue.Queue = queue.Queue()
+        self.scheduler = Scheduler(models, opts, _Metrics(self.outbox.put))
+        self.sessions: dict[str, CoreSession] = {}
+
+    def ready_message(self) -> tuple:
+        return ("ready", [(str(w.model.device), w.model.profiles) for w in self.scheduler.workers],
+                list(self.scheduler.workers[0].model.base.notes))
+
+    def run(self) -> None:
+        sender = threading.Thread(target=self._send, daemon=True, name="vidu-core-send")
+        sender.start()
+        self.outbox.put(self.ready_message())
+        self.scheduler.start()
+        try:
+            while True:
+                try:
+                    msg = self.conn.recv()
+                except (EOFError, OSError):
+                    break
+                if msg[0] == "stop":
+                    break
+                try:
+                    self._handle(msg)
+                except Exception as e:  # noqa: BLE001  -- a bad message never ends the core
+                    log("core_message_failed", kind=msg[0], error=f"{type(e).__name__}: {e}")
+        finally:
+            self.scheduler.stop()
+            self.outbox.put(("stopped",))
+            self.outbox.put(None)
+            sender.join(STOP_TIMEOUT_S)
+
+    def _send(self) -> None:
+        while (msg := self.outbox.get()) is not None:
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):               # the server is gone
+                return
+
+    def _handle(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "create":
+            self.outbox.put(("reply", msg[1], self._create(*msg[2:])))
+        elif kind == "describe":
+            self.outbox.put(("reply", msg[1], self.describe()))
+        elif (s := self.sessions.get(msg[1])) is not None:
+            if kind == "event":
+                s.session.events.put(msg[2])
+            elif kind == "timeline":
+                s.offset, s.since, s.next_frame = msg[2:5]
+            elif kind == "viewer":
+                s.watched = msg[2]
+            elif kind == "close":
+                s.closed = True
+                self.sessions.pop(s.id, None)
+                s.worker.remove(s)
+            s.worker.wake()
+
+    def _create(self, sid: str, rgb, seed: int, instruction: str | None):
+        from stages.stream.session import Session
+        try:
+            worker, profile = self.scheduler.admit()
+        except Refused as e:
+            return CoreError(e.reason, str(e))
+        try:
+            parts = worker.model.parts(rgb, profile, seed)
+        except (StreamError, ValueError) as e:
+            return CoreError("error", str(e))
+        s = CoreSession(sid, Session(parts, EventQueue(), live_options(instruction)), profile, self.opts,
+                        self.outbox.put)
+        s.worker = worker
+        self.sessions[sid] = s
+        worker.add(s)
+        return {"worker": worker.index, "profile": profile.name, "fps": s.fps}
+
+    def describe(self) -> dict:
+        import torch
+        gpu = []
+        for w in self.scheduler.workers:
+            dev = str(w.model.device)
+            if dev.startswith("cuda") and torch.cuda.is_available():
+                gpu.append((dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)))
+        return {"workers": self.scheduler.describe(), "gpu": gpu}
+
+
+def _process_main(specs: list[ModelSpec], opts: ServeOptions, conn) -> None:
+    """The core process: build and calibrate the models, then serve messages. Ctrl-C is the server's to
+    handle (it stops the core): ignored here."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        models = []
+        for spec in specs:
+            m = spec.build()
+            m.calibrate(opts.calib_chunks, opts.max_batch)
+            models.append(m)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:     # ServeError, StreamError, CUDA: one line
+        conn.send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+        return
+    Core(models, opts, conn).run()
+
+
+class CoreHandle:
+    """The server's side of a Core: requests (awaited), messages, and what the core sends back, dispatched
+    on the event loop to `on_message(msg)` (the app's State)."""
+
+    def __init__(self, conn, runner, ready: tuple):
+        self.conn, self.runner = conn, runner            # runner: the Process or Thread running the core
+        _, workers, self.notes = ready
+        self.devices = [d for d, _ in workers]
+        self.profiles: list[list[Profile]] = [p for _, p in workers]
+        self.loop = None
+        self.on_message = None
+        self.pending: dict[int, object] = {}
+        self.ids = itertools.count()
+        self.alive = True
+        self._reader: threading.Thread | None = None
+
+    @classmethod
+    def process(cls, specs: list[ModelSpec], opts: ServeOptions, timeout: float = START_TIMEOUT_S) -> "CoreHandle":
+        """A core process (spawned: CUDA cannot follow a fork) that builds and calibrates `specs`' models;
+        returns once they are measured (ServeError, one line, when they cannot be)."""
+        ctx = mp.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(target=_process_main, args=(specs, opts, theirs), daemon=True, name="vidu-serve-core")
+        proc.start()
+        theirs.close()
+        if not ours.poll(timeout):
+            proc.kill()
+            raise ServeError(f"the model process did not get ready within {timeout:g} s")
+        try:
+            first = ours.recv()
+        except EOFError:
+            proc.join(5)
+            raise ServeError(f"the model process ended while loading (exit code {proc.exitcode})") from None
+        if first[0] == "error":
+            proc.join(5)
+            raise ServeError(first[1])
+        return cls(ours, proc, first)
+
+    @classmethod
+    def thread(cls, models: list[ServeModel], opts: ServeOptions) -> "CoreHandle":
+        """A core on a thread of this process over already calibrated `models` (tests, embedding): the
+        same messages, pickled the same way."""
+        ours, theirs = mp.Pipe()
+        core = Core(models, opts, theirs)
+        t = threading.Thread(target=core.run, daemon=True, name="vidu-serve-core")
+        t.core = core
+        t.start()
+        return cls(ours, t, ours.recv())
+
+    # -- the event loop side
+    def start(self, loop, on_message) -> None:
+        self.loop, self.on_message = loop, on_message
+        self._reader = threading.Thread(target=self._read, daemon=True, name="vidu-core-read")
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError, TypeError):      # TypeError: closed under the read
+                msg = ("ended",)
+            except Exception as e:  # noqa: BLE001  -- a message that cannot be read is skipped, never fatal
+                log("core_message_unreadable", error=f"{type(e).__name__}: {e}")
+                continue
+            if self.loop.is_closed():
+                return
+            try:
+                self.loop.call_soon_threadsafe(self._dispatch, msg)
+            except RuntimeError:                        # the loop closed meanwhile
+                return
+            if msg[0] in ("ended", "stopped"):
+                return
+
+    def _dispatch(self, msg: tuple) -> None:
+        if msg[0] == "reply":
+            fut = self.pending.pop(msg[1], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg[2])
+            return
+        if msg[0] in ("ended", "stopped"):
+            self.alive = False
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_result(CoreError("ended", "the model process has ended"))
+            self.pending.clear()
+        self.on_message(msg)
+
+    def send(self, *msg) -> None:
+        if self.alive:
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):
+                self.alive = False
+
+    async def request(self, kind: str, *args):
+        """The core's answer to (kind, rid, *args); CoreError raised for a failure."""
+        if not self.alive:
+            raise CoreError("ended", "the model process has ended")
+        rid = next(self.ids)
+        fut = self.loop.create_future()
+        self.pending[rid] = fut
+        self.send(kind, rid, *args)
+        out = await fut
+        if isinstance(out, CoreError):
+            raise out
+        return out
+
+    def stop(self) -> None:
+        """Stop the core (its workers finish their chunk) and wait for it; a process that does not end is killed."""
+        self.send("stop")
+        self.runner.join(STOP_TIMEOUT_S)
+        if isinstance(self.runner, mp.process.BaseProcess) and self.runner.is_alive():
+            self.runner.kill()
+        self.alive = False
+        if self._reader is not None:
+            self._reader.join(STOP_TIMEOUT_S)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
