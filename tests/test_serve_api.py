@@ -436,3 +436,25 @@ def test_the_model_process_says_why_it_cannot_start_and_its_end_fails_sessions_n
             assert status == 503 and body["reason"] == "ended" and _one_line(body)
             assert (await (await http.get(url + "/health")).json()) == {"ok": True}
     run(main())
+
+
+def test_a_session_the_core_fails_to_make_is_refused_and_admission_goes_on(model, monkeypatch):
+    """Making a session fails in the core (out of memory, say): that request is answered (503, reason
+    "failed", one line), never left waiting with the admission lock held, and the next one is admitted."""
+    real = model.parts
+    calls = []
+
+    def parts(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (as if)")
+        return real(*a, **kw)
+    monkeypatch.setattr(model, "parts", parts)
+
+    async def main():
+        async with running(ServeOptions(speed=SLOW), [model]) as url, ClientSession() as http:
+            status, body = await asyncio.wait_for(_post_session(http, url), 30)
+            assert status == 503 and body["reason"] == "failed" and "out of memory" in _one_line(body)
+            status, info = await asyncio.wait_for(_post_session(http, url), 30)
+            assert status == 201 and len(calls) == 2
+    run(main())

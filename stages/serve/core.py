@@ -42,7 +42,8 @@ STOP_TIMEOUT_S = 30.0
 
 
 class CoreError(Exception):
-    """A request the core answered with a failure: `reason` a short code (capacity, max_sessions, error)."""
+    """A request the core answered with a failure: `reason` a short code (capacity, max_sessions: refused;
+    error: the request's input cannot make a session; failed: the core could not do it; ended: no core)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -182,6 +183,7 @@ class Core:
             self.outbox.put(("stopped",))
             self.outbox.put(None)
             sender.join(STOP_TIMEOUT_S)
+            self.conn.close()
 
     def _send(self) -> None:
         while (msg := self.outbox.get()) is not None:
@@ -192,10 +194,13 @@ class Core:
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "create":
-            self.outbox.put(("reply", msg[1], self._create(*msg[2:])))
-        elif kind == "describe":
-            self.outbox.put(("reply", msg[1], self.describe()))
+        if kind in ("create", "describe"):          # a request: always answered, or the server would wait forever
+            try:
+                answer = self._create(*msg[2:]) if kind == "create" else self.describe()
+            except Exception as e:  # noqa: BLE001  -- e.g. out of memory making a session: refused, in one line
+                log("core_request_failed", kind=kind, error=f"{type(e).__name__}: {e}")
+                answer = CoreError("failed", f"{kind} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self.outbox.put(("reply", msg[1], answer))
         elif (s := self.sessions.get(msg[1])) is not None:
             if kind == "event":
                 s.session.events.put(msg[2])
@@ -247,8 +252,10 @@ def _process_main(specs: list[ModelSpec], opts: ServeOptions, conn) -> None:
             m = spec.build()
             m.calibrate(opts.calib_chunks, opts.max_batch)
             models.append(m)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:     # ServeError, StreamError, CUDA: one line
-        conn.send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+    except Exception as e:  # noqa: BLE001  -- ServeError, StreamError, a missing file, CUDA: told in one line
+        said = str(e).splitlines()[0] if str(e) else ""
+        known = isinstance(e, (ValueError, FileNotFoundError))
+        conn.send(("error", said if known and said else f"{type(e).__name__}: {said}".rstrip(": ")))
         return
     Core(models, opts, conn).run()
 
