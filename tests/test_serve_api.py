@@ -458,3 +458,20 @@ def test_a_session_the_core_fails_to_make_is_refused_and_admission_goes_on(model
             status, info = await asyncio.wait_for(_post_session(http, url), 30)
             assert status == 201 and len(calls) == 2
     run(main())
+
+
+def test_ice_servers_are_checked_before_anything_loads(monkeypatch):
+    """--ice-server: STUN and TURN URLs as aiortc reads them, one of each, a TURN server with its username and
+    credential (the credential from $VIDU_TURN_CREDENTIAL too); anything else one line, exit 2, nothing served."""
+    ok = ServeOptions(ice_servers=("stun:stun.example.org", "turn:turn.example.org:3478?transport=tcp"),
+                      turn_username="u", turn_credential="c")
+    assert ok.ice() == [{"urls": "stun:stun.example.org"},
+                        {"urls": "turn:turn.example.org:3478?transport=tcp", "username": "u", "credential": "c"}]
+    monkeypatch.setenv("VIDU_TURN_CREDENTIAL", "from-env")
+    assert ServeOptions.from_env(ice_servers=("turn:t.example.org",), turn_username="u").ice()[0]["credential"] == "from-env"
+    for bad, why in [(("https://stun.example.org",), "not a STUN or TURN URL"), (("stun:a.example.org", "stun:b.example.org"), "more than one STUN"),
+                     (("turn:t.example.org",), "needs --turn-username"), (("turns:t.example.org?transport=udp",), "turns: over tcp")]:
+        with pytest.raises(ServeError, match=why):
+            ServeOptions(ice_servers=bad)
+    res = cli("serve", "--ice-server", "stun:", "--preset", "tiny", "--device", "cpu", check=False)
+    assert res.returncode == 2 and "not a STUN or TURN URL" in res.stderr and "Traceback" not in res.stderr

@@ -268,3 +268,60 @@ def test_a_running_session_drops_to_fewer_steps_when_the_load_outgrows_the_budge
         asyncio.run(main())
     finally:
         hook.remove()
+
+
+class _Stun(asyncio.DatagramProtocol):
+    """A STUN server on loopback that says every client is at `mapped` (a documentation address): what a
+    server behind NAT would hear from a public STUN server."""
+
+    def __init__(self, mapped: tuple[str, int]):
+        self.mapped, self.asked = mapped, 0
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        from aioice import stun
+        req = stun.parse_message(data)
+        if req.message_method != stun.Method.BINDING or req.message_class != stun.Class.REQUEST:
+            return
+        self.asked += 1
+        resp = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                            transaction_id=req.transaction_id)
+        resp.attributes["XOR-MAPPED-ADDRESS"] = self.mapped
+        self.transport.sendto(bytes(resp), addr)
+
+
+def test_a_stun_server_gives_the_server_and_the_page_a_public_candidate(model):
+    """--ice-server: the server's peer connection asks the STUN server and offers the address it hears as a
+    server-reflexive candidate (the way to a viewer across NAT); the page gets the same servers from
+    /ice-servers; the viewer still connects and receives frames. Control: without one, host candidates only."""
+    mapped = ("203.0.113.7", 4242)
+
+    async def main(with_stun: bool):
+        loop = asyncio.get_running_loop()
+        transport, stun_server = await loop.create_datagram_endpoint(lambda: _Stun(mapped), local_addr=("127.0.0.1", 0))
+        port = transport.get_extra_info("sockname")[1]
+        opts = ServeOptions(speed=0.01, ice_servers=(f"stun:127.0.0.1:{port}",) if with_stun else ())
+        try:
+            async with running(opts, [model]) as url, ClientSession() as http:
+                ice = await (await http.get(url + "/ice-servers")).json()
+                sid = (await (await http.post(url + "/sessions", data=upload(png()))).json())["id"]
+                v = Viewer()
+                await v.pc.setLocalDescription(await v.pc.createOffer())
+                r = await http.post(f"{url}/sessions/{sid}/offer", json={"sdp": v.pc.localDescription.sdp, "type": "offer"})
+                answer = await r.json()
+                await v.pc.setRemoteDescription(RTCSessionDescription(**answer))
+                await asyncio.wait_for(v.opened.wait(), 10)
+                await _until(lambda: len(v.frames) >= 3, 30, "frames")
+                await v.close()
+        finally:
+            transport.close()
+        srflx = [ln for ln in answer["sdp"].splitlines() if "typ srflx" in ln]
+        return ice, srflx, stun_server.asked
+
+    ice, srflx, asked = asyncio.run(main(True))
+    assert ice["iceServers"] == [{"urls": ice["iceServers"][0]["urls"]}] and ice["iceServers"][0]["urls"].startswith("stun:127.0.0.1:")
+    assert asked >= 1 and srflx and all(f"{mapped[0]} {mapped[1]} typ srflx" in ln for ln in srflx), srflx
+    ice, srflx, asked = asyncio.run(main(False))
+    assert ice == {"iceServers": []} and srflx == [] and asked == 0

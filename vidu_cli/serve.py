@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.serve.options import TOKEN_ENV, ServeOptions
+from stages.serve.options import TOKEN_ENV, TURN_CREDENTIAL_ENV, ServeOptions
 from vidu_cli.options import option, parse_size
 from vidu_cli.report import err, fail
 
@@ -28,6 +28,9 @@ def serve(
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed of the calibration sessions.")] = 0,
     size: Annotated[Optional[str], typer.Option(help="Frame size WIDTHxHEIGHT of the full profile, multiples of 16 (default: the model's own; the half-resolution profile halves it).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model's blocks with torch.compile, once for all sessions (CUDA; the first chunk of each new batch size waits for the compilation).")] = False,
+    ice_server: Annotated[Optional[list[str]], typer.Option("--ice-server", help="A STUN or TURN server for viewers behind NAT, e.g. stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp (one of each; repeat the option). Without: host candidates only, viewers on this machine or its LAN.", show_default=False)] = None,
+    turn_username: Annotated[Optional[str], typer.Option(help="Username on the TURN server.", show_default=False)] = None,
+    turn_credential: Annotated[Optional[str], typer.Option(help=f"Credential on the TURN server (default: ${TURN_CREDENTIAL_ENV}); the page receives it to connect.", show_default=False)] = None,
     commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Spot spoken instructions (the actions the model knows) in each session's push-to-talk speech.")] = ServeOptions.commands,
 ) -> None:
     """Serve many live characters over WebRTC: a page to upload a reference image, talk and type
@@ -41,6 +44,7 @@ def serve(
     Example: vidu serve --preset tiny --device cpu --speed 0.5
     Example: vidu serve --max-sessions 16 --max-batch 1
     Example: vidu serve --preset wan2.1-1.3b --size 960x544 --compile
+    Example: vidu serve --host 0.0.0.0 --token s3cret-token --ice-server stun:stun.example.org:3478
     """
     from stages.serve.app import serve as run
     from stages.serve.core import CoreHandle, ModelSpec
@@ -48,8 +52,9 @@ def serve(
     from stages.stream.io import check_address
     from stages.stream.session import pick_device
     try:
-        opts = ServeOptions.from_env(token, host=host, port=port, max_sessions=max_sessions, speed=speed,
-                                     max_batch=max_batch, calib_chunks=calib_chunks, commands=commands)
+        opts = ServeOptions.from_env(token, turn_credential, host=host, port=port, max_sessions=max_sessions,
+                                     speed=speed, max_batch=max_batch, calib_chunks=calib_chunks, commands=commands,
+                                     ice_servers=tuple(ice_server or ()), turn_username=turn_username)
         check_bind(opts)                                      # before any model loads
         check_address(host, port)
         if ckpt is not None and preset is not None:

@@ -5,6 +5,8 @@
     GET    /health                 {"ok": true}
     GET    /metrics                Prometheus text (stages/serve/metrics.py)
     GET    /capacity               workers, their measured load and profiles
+    GET    /ice-servers            {"iceServers": [{urls, username, credential}]}: STUN / TURN for the page's
+                                   peer connection (--ice-server; none: host candidates only)
     POST   /sessions               multipart: image (file, required), instruction, voice, seed -> 201 {id, profile, ...}
                                    | 503 {"error", "reason"} when no worker can keep it real time, or when the
                                    server shows one `vidu stream`'s session (stages/serve/single.py)
@@ -18,8 +20,9 @@ Every error is a one-line JSON {"error": ...} with a 4xx/5xx status, never a tra
 every route but the page, its scripts and /health needs `Authorization: Bearer TOKEN`. No CORS
 headers are sent; a POST or DELETE whose Origin is not this server's is refused (403). Requests are
 rate-limited per client address (429). Sessions are closed after `connect_timeout_s` without a viewer
-and `idle_timeout_s` without input. Peer connections gather host ICE candidates only (no STUN or TURN
-server is configured): viewers on this machine or its LAN, not across NAT.
+and `idle_timeout_s` without input. Peer connections gather host ICE candidates, and server-reflexive and
+relayed ones where STUN / TURN servers are given (ServeOptions.ice_servers, one of each): without them,
+viewers on this machine or its LAN only, not across NAT.
 """
 from __future__ import annotations
 
@@ -163,6 +166,11 @@ async def script(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
+
+
+async def ice_servers(request: web.Request) -> web.Response:
+    """The STUN / TURN servers the page's peer connection uses (the server's own use the same)."""
+    return web.json_response({"iceServers": request.app[OPTIONS].ice()}, headers={"Cache-Control": "no-store"})
 
 
 async def favicon(request: web.Request) -> web.Response:
@@ -409,6 +417,7 @@ def create_app(opts: ServeOptions, core: CoreHandle | list[ServeModel] | None, s
     app.router.add_get("/favicon.ico", favicon)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/capacity", capacity)
+    app.router.add_get("/ice-servers", ice_servers)
     app.router.add_post("/sessions", create_session)
     app.router.add_get("/sessions/{id}", get_session)
     app.router.add_delete("/sessions/{id}", delete_session)

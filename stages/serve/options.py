@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from stages.run import ranged
 
 TOKEN_ENV = "VIDU_SERVE_TOKEN"
+TURN_CREDENTIAL_ENV = "VIDU_TURN_CREDENTIAL"
 
 
 class ServeError(ValueError):
@@ -39,6 +40,9 @@ class ServeOptions:
     commands: bool = True                # spot spoken instructions in push-to-talk speech (stages/stream/commands.py)
     history: int = 200                   # instructions kept per session
     lead_s: float = 0.1                  # s between a session's first chunk and its first frame on the wire
+    ice_servers: tuple[str, ...] = ()    # STUN / TURN URLs for viewers behind NAT (none: host candidates only)
+    turn_username: str | None = None     # for the turn: / turns: URL
+    turn_credential: str | None = None
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
@@ -53,11 +57,43 @@ class ServeOptions:
             raise ServeError(f"headroom must be in (0, 1], not {self.headroom:g}")
         if self.token is not None and len(self.token) < 8:
             raise ServeError("the token must have at least 8 characters")
+        self.ice()
+
+    def ice(self) -> list[dict]:
+        """The ICE servers as RTCIceServer fields ({"urls", "username", "credential"}), for the server's peer
+        connections and the page's; ServeError (one line) for a URL that is not stun:HOST[:PORT],
+        turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]?transport=tcp, a TURN server without a
+        username and credential, or more than one of each kind (aiortc uses one STUN and one TURN server)."""
+        if not self.ice_servers:
+            return []
+        from aiortc.rtcicetransport import parse_stun_turn_uri
+        out, kinds = [], set()
+        for url in self.ice_servers:
+            try:
+                parsed = parse_stun_turn_uri(url)
+            except ValueError as e:
+                raise ServeError(f"not a STUN or TURN URL: {url!r} ({e})") from None
+            kind = "turn" if parsed["scheme"].startswith("turn") else "stun"
+            if parsed["scheme"] == "stuns" or (parsed["scheme"] == "turns" and parsed["transport"] != "tcp"):
+                raise ServeError(f"{url!r}: aiortc speaks stun:, turn: and turns: over tcp")
+            if kind in kinds:
+                raise ServeError(f"more than one {kind.upper()} server: aiortc uses one of each")
+            kinds.add(kind)
+            server = {"urls": url}
+            if kind == "turn":
+                if not self.turn_username or not self.turn_credential:
+                    raise ServeError(f"the TURN server {url} needs --turn-username and a credential "
+                                     f"(--turn-credential or ${TURN_CREDENTIAL_ENV})")
+                server.update(username=self.turn_username, credential=self.turn_credential)
+            out.append(server)
+        return out
 
     @classmethod
-    def from_env(cls, token: str | None = None, **kw) -> "ServeOptions":
-        """Options with the token from `token`, else $VIDU_SERVE_TOKEN (empty: none)."""
-        return cls(token=token or os.environ.get(TOKEN_ENV) or None, **kw)
+    def from_env(cls, token: str | None = None, turn_credential: str | None = None, **kw) -> "ServeOptions":
+        """Options with the token from `token`, else $VIDU_SERVE_TOKEN, and the TURN credential from
+        `turn_credential`, else $VIDU_TURN_CREDENTIAL (empty: none)."""
+        return cls(token=token or os.environ.get(TOKEN_ENV) or None,
+                   turn_credential=turn_credential or os.environ.get(TURN_CREDENTIAL_ENV) or None, **kw)
 
 
 def is_loopback(host: str) -> bool:

@@ -200,9 +200,10 @@ class ServeSession:
     async def connect(self, offer_sdp: str, offer_type: str):
         """A viewer's SDP offer -> the answer (RTCSessionDescription). A previous viewer is replaced:
         the character, its caches and history go on (reconnect)."""
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
         await self._drop_viewer()
-        pc = RTCPeerConnection()
+        ice = self.opts.ice()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**d) for d in ice])) if ice else RTCPeerConnection()
         self.pc = pc
         self.timeline.restart()
         pc.addTrack(VideoTrack(self.timeline))

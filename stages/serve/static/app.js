@@ -41,7 +41,8 @@ function waitGathered(pc) {
 
 async function connect() {
   if (state.pc) state.pc.close();
-  const pc = new RTCPeerConnection();
+  const ice = await api('GET', '/ice-servers');     // STUN / TURN of the server's --ice-server (none: host only)
+  const pc = new RTCPeerConnection({iceServers: ice.iceServers});
   state.pc = pc;
   pc.addTransceiver('video', {direction: 'recvonly'});
   pc.addTransceiver('audio', {direction: 'recvonly'});
