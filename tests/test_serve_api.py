@@ -362,7 +362,7 @@ def test_spoken_commands_in_push_to_talk_become_instructions(model):
                     break
                 await asyncio.sleep(0.1)
             fams = parse_prometheus(await (await http.get(url + "/metrics")).text())   # (after the core's answer:
-            core = apps[0][STATE].core.runner.core                               # it has read the events before)
+            core = apps[0][STATE].cores[0].runner.core                           # it has read the events before)
             return history, core.sessions[info["id"]].session.events.drain(), fams, took
 
     history, queued, fams, took = asyncio.run(talk(True, command, None))
@@ -414,14 +414,15 @@ def test_the_model_process_says_why_it_cannot_start_and_its_end_fails_sessions_n
     from stages.serve.core import CoreHandle, ModelSpec
     opts = ServeOptions(speed=SLOW, calib_chunks=1, max_batch=1)
     with pytest.raises(ServeError) as e:
-        CoreHandle.process([ModelSpec(str(tmp_path / "none.safetensors"), "tiny", "cpu", torch.float32)], opts, 120)
+        CoreHandle.processes([ModelSpec(str(tmp_path / "none.safetensors"), "tiny", "cpu", torch.float32)], opts, 120)
     assert "none.safetensors" in str(e.value) and "\n" not in str(e.value)
 
-    core = CoreHandle.process([ModelSpec(None, "tiny", "cpu", torch.float32)], opts, 120)
-    assert [p.name for p in core.profiles[0]][0] == "full" and core.profiles[0][0].chunk_s > 0
+    cores = CoreHandle.processes([ModelSpec(None, "tiny", "cpu", torch.float32)], opts, 120)
+    core = cores[0]
+    assert core.profiles[0].name == "full" and core.profiles[0].chunk_s > 0
 
     async def main():
-        async with running(opts, core) as url, ClientSession() as http:
+        async with running(opts, cores) as url, ClientSession() as http:
             status, info = await _post_session(http, url)
             assert status == 201
             core.runner.kill()

@@ -230,7 +230,7 @@ def test_a_running_session_drops_to_fewer_steps_when_the_load_outgrows_the_budge
         apps = []
         async with running(ServeOptions(speed=0.01), [model], apps) as url, ClientSession() as http:
             sid = (await (await http.post(url + "/sessions", data=upload(png()))).json())["id"]
-            core = apps[0][STATE].core.runner.core                      # (a core on a thread of this process)
+            core = apps[0][STATE].cores[0].runner.core                  # (a core on a thread of this process)
             box["session"] = core.sessions[sid].session
             v = Viewer()
             await v.connect(http, url, sid)

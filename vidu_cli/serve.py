@@ -71,19 +71,19 @@ def serve(
         specs = [ModelSpec(str(ckpt) if ckpt else None, preset or "tiny", d, dtype, seed,
                            str(decoder_weights) if decoder_weights else None,
                            str(text_encoder_path) if text_encoder_path else None, wh, compile) for d in devices]
-        err.print(f"loading the model and measuring chunk times on {', '.join(devices)} (a process of its own) ...",
+        err.print(f"loading the model and measuring chunk times on {', '.join(devices)} (a process each) ...",
                   highlight=False)
-        core = CoreHandle.process(specs, opts)
-        for d, profiles in zip(core.devices, core.profiles):
-            if len(core.devices) > 1:
-                err.print(f"  {d}:", highlight=False)
-            for p in profiles:
+        cores = CoreHandle.processes(specs, opts)
+        for core in cores:
+            if len(cores) > 1:
+                err.print(f"  {core.device}:", highlight=False)
+            for p in core.profiles:
                 batched = "".join(f"; {b} sessions batched: {1000 * t:.0f} ms" for b, t in p.batch_s.items() if b > 1)
                 err.print(f"  {p.name}: {1000 * p.chunk_s:.0f} ms per {1000 * p.video_s:.0f} ms chunk "
                           f"(load {p.load:.2f}){batched}", highlight=False)
-        for note in core.notes:
+        for note in cores[0].notes:
             err.print(f"[yellow]note:[/yellow] {note}", highlight=False)
-        asyncio.run(run(opts, core, announce=lambda line: err.print(line, highlight=False)))
+        asyncio.run(run(opts, cores, announce=lambda line: err.print(line, highlight=False)))
     except (ValueError, FileNotFoundError) as e:              # ServeError, StreamError: one line, exit 2
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     except KeyboardInterrupt:

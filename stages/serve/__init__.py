@@ -1,9 +1,9 @@
 """`vidu serve`: many live characters from one server, over WebRTC (aiohttp + aiortc).
 
     options.py    ServeOptions: every limit and default; the bind / token check
-    core.py       the model side in a process of its own (Core: models, workers, sessions' engines) and the
-                  server's handle on it (CoreHandle): messages over a pipe, so the workers never share a GIL
-                  with the WebRTC side
+    core.py       the model side, a process per device (Core: its model, worker, sessions' engines) and the
+                  server's handle on each (CoreHandle): messages over a pipe, so a worker never shares a GIL
+                  with the WebRTC side or another GPU's worker
     model.py      ServeModel: one loaded model per worker device, its profiles and their measured chunk times
     scheduler.py  Worker threads (earliest deadline first, due sessions' chunks batched into one forward) and admission
     sessions.py   ServeSession: a character's session as the server sees it, history, viewer and data channel
@@ -17,7 +17,7 @@
     from stages.serve.options import ServeOptions
     model = ServeModel(None, "tiny"); model.calibrate(4)          # chunk times measured, per profile
     app = create_app(ServeOptions(max_sessions=4), [model])       # aiohttp.web.Application; the core on a thread
-    # vidu serve: create_app(opts, CoreHandle.process([ModelSpec(...)], opts)): the core in its own process
+    # vidu serve: create_app(opts, CoreHandle.processes([ModelSpec(...)], opts)): a core process per device
 
 Run it: `vidu serve` (vidu_cli/serve.py), then open http://127.0.0.1:8000/. Load test:
 benchmarks/serve_load.py (--max-batch 1 vs N: sessions per GPU without and with batching). A worker runs the

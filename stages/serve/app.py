@@ -63,32 +63,33 @@ def _error(status: int, message: str, **extra) -> web.Response:
 
 
 class State:
-    def __init__(self, opts: ServeOptions, core: CoreHandle | None, title: str):
+    def __init__(self, opts: ServeOptions, cores: list[CoreHandle], title: str):
         self.opts, self.title = opts, title
         self.metrics = Metrics()
-        self.core = core                        # None: one stream's page
+        self.cores = cores                      # one per device; none: one stream's page
         self.sessions: dict[str, ServeSession] = {}
         self.clients: dict[str, TokenBucket] = {}
         self.reaper: asyncio.Task | None = None
         self.admitting = asyncio.Lock()
         self.stopping = False
 
-    def on_message(self, msg: tuple) -> None:
-        """What the core sends (stages/serve/core.py), on the event loop."""
+    def on_message(self, core: CoreHandle, msg: tuple) -> None:
+        """What a core sends (stages/serve/core.py), on the event loop."""
         kind = msg[0]
         if kind == "metric":
             getattr(self.metrics, msg[1])(*msg[2])
         elif kind == "ended" and not self.stopping:
-            log("core_ended")
+            log("core_ended", worker=core.index, device=core.device)
             for s in list(self.sessions.values()):
-                s.failed("the model process has ended")
+                if s.core is core:
+                    s.failed("the model process has ended")
         elif kind in ("chunk", "failed", "degraded") and (s := self.sessions.get(msg[1])) is not None:
             if kind == "chunk":
                 s.delivered(*msg[2:])
             elif kind == "failed":
                 s.failed(msg[2])
             else:
-                s.switched(next(p for p in self.core.profiles[s.worker] if p.name == msg[2]))
+                s.switched(next(p for p in s.core.profiles if p.name == msg[2]))
 
     def session(self, request: web.Request) -> ServeSession:
         sid = request.match_info["id"]
@@ -152,7 +153,7 @@ def _same_origin(request: web.Request) -> bool:
 
 async def page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    single = next(iter(state.sessions), "") if state.core is None else ""    # one stream's page opens it
+    single = next(iter(state.sessions), "") if not state.cores else ""    # one stream's page opens it
     html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
             .replace("{{title}}", html_escape(state.title)).replace("{{session}}", single))
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
@@ -191,13 +192,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _describe(state: State) -> dict:
-    """The core's workers (Scheduler.describe) and GPU memory; none for one stream's page."""
-    if state.core is None:
-        return {"workers": [], "gpu": []}
-    try:
-        return await state.core.request("describe")
-    except CoreError as e:
-        raise web.HTTPServiceUnavailable(reason=str(e)) from None
+    """The cores' workers (Scheduler.describe) and GPU memory; none for one stream's page. A core that has
+    ended is left out."""
+    out = {"workers": [], "gpu": []}
+    for core in state.cores:
+        try:
+            d = await core.request("describe")
+        except CoreError:
+            continue
+        out["workers"] += d["workers"]
+        out["gpu"] += d["gpu"]
+    return out
 
 
 async def capacity(request: web.Request) -> web.Response:
@@ -212,7 +217,7 @@ async def create_session(request: web.Request) -> web.Response:
     state, opts = request.app[STATE], request.app[OPTIONS]
     if not request.content_type.startswith("multipart/"):
         return _error(415, "POST /sessions takes multipart/form-data with an image file")
-    if state.core is None:
+    if not state.cores:
         return _error(503, "this server shows one stream (vidu stream --serve): it takes no new sessions; "
                       "vidu serve does", reason="single")
     fields = await _form(request, opts)
@@ -230,26 +235,51 @@ async def create_session(request: web.Request) -> web.Response:
     async with state.admitting:                 # one admission at a time, its session added before the next
         sid = new_id()
         try:
-            made = await state.core.request("create", sid, rgb, int(seed_text), instruction)
+            core, made = await _admit(state, sid, rgb, int(seed_text), instruction)
         except CoreError as e:
             if e.reason == "error":             # the reference could not start a session
                 return _error(400, str(e))
             state.metrics.refuse(e.reason)
             log("session_refused", reason=e.reason, message=str(e))
             return _error(503, str(e), reason=e.reason)
-        worker = made["worker"]
-        profile = next(p for p in state.core.profiles[worker] if p.name == made["profile"])
+        profile = next(p for p in core.profiles if p.name == made["profile"])
         try:
             commands = await asyncio.to_thread(voice_commands, made["fps"]) if opts.commands else None
         except BaseException:
-            state.core.send("close", sid)
+            core.send("close", sid)
             raise
-        s = ServeSession(RemoteSession(state.core, sid, instruction), profile, state.core, opts, state.metrics,
-                         asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands, worker=worker)
+        s = ServeSession(RemoteSession(core, sid, instruction), profile, core, opts, state.metrics,
+                         asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands, worker=core.index)
         state.sessions[s.id] = s
     state.metrics.admit(profile.name)
-    log("session_created", session=s.id, profile=profile.name, worker=worker)
+    log("session_created", session=s.id, profile=profile.name, worker=core.index)
     return web.json_response(s.info(), status=201)
+
+
+async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction: str | None):
+    """(core, its answer) of the session made on the core that fits it at the best profile (full, fewer
+    steps, half size), the least loaded of those (Scheduler.admit's rule, across cores); CoreError when the
+    server is full or no core fits it (the least-loaded one's reason)."""
+    if sum(s.closed is None for s in state.sessions.values()) >= state.opts.max_sessions:
+        raise CoreError("max_sessions", f"the server is full: {state.opts.max_sessions} sessions (--max-sessions)")
+    offers = []
+    for core in state.cores:
+        try:
+            offers.append((core, await core.request("offer")))
+        except CoreError:                       # that core has ended
+            continue
+    if not offers:
+        raise CoreError("ended", "the model process has ended")
+    fitting = sorted((o for o in offers if o[1]["rank"] is not None), key=lambda o: (o[1]["rank"], o[1]["load"]))
+    refused = CoreError("capacity", min(offers, key=lambda o: o[1]["load"])[1]["refusal"] or "no capacity")
+    for core, _ in fitting:                     # the best first; another if its load grew meanwhile
+        try:
+            return core, await core.request("create", sid, rgb, seed, instruction)
+        except CoreError as e:
+            if e.reason != "capacity":
+                raise
+            refused = e
+    raise refused
 
 
 async def _form(request: web.Request, opts: ServeOptions) -> dict:
@@ -379,8 +409,8 @@ async def _reap(state: State) -> None:
 
 async def _startup(app: web.Application) -> None:
     state = app[STATE]
-    if state.core:
-        state.core.start(asyncio.get_running_loop(), state.on_message)
+    for core in state.cores:
+        core.start(asyncio.get_running_loop(), state.on_message)
     state.reaper = asyncio.ensure_future(_reap(state))
 
 
@@ -392,24 +422,23 @@ async def _shutdown(app: web.Application) -> None:
     for s in list(state.sessions.values()):
         await s.close("server stopped")
     state.sessions.clear()
-    if state.core:
-        await asyncio.to_thread(state.core.stop)
+    await asyncio.gather(*(asyncio.to_thread(core.stop) for core in state.cores))
 
 
-def create_app(opts: ServeOptions, core: CoreHandle | list[ServeModel] | None, single: bool = False,
+def create_app(opts: ServeOptions, cores: list[CoreHandle] | list[ServeModel], single: bool = False,
                title: str = "vidu serve") -> web.Application:
-    """The server over `core`: a CoreHandle (`vidu serve`: the models in a process of their own,
-    CoreHandle.process), or calibrated ServeModels (one per worker device, ServeModel.calibrate) run by a
-    core on a thread of this process; the app stops the core when it shuts down. `single`: no core, the one
-    session of a `vidu stream` (stages/serve/single.py) added to app[STATE].sessions."""
-    if not core and not single:
+    """The server over `cores`, one per worker device: CoreHandles (`vidu serve`: each device's model in a
+    process of its own, CoreHandle.processes), or calibrated ServeModels (ServeModel.calibrate), each run by
+    a core on a thread of this process; the app stops its cores when it shuts down. `single`: no core, the
+    one session of a `vidu stream` (stages/serve/single.py) added to app[STATE].sessions."""
+    if not cores and not single:
         raise ServeError("no model to serve")
     check_bind(opts)
-    if isinstance(core, list) and not single:
-        core = CoreHandle.thread(core, opts)
+    if not single:
+        cores = [CoreHandle.thread(c, opts, i) if isinstance(c, ServeModel) else c for i, c in enumerate(cores)]
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
     app[OPTIONS] = opts
-    app[STATE] = State(opts, None if single else core, title)
+    app[STATE] = State(opts, [] if single else cores, title)
     app.router.add_get("/", page)
     app.router.add_get("/app.js", script)
     app.router.add_get("/mic-worklet.js", script)
@@ -428,9 +457,9 @@ def create_app(opts: ServeOptions, core: CoreHandle | list[ServeModel] | None, s
     return app
 
 
-async def serve(opts: ServeOptions, core: CoreHandle, announce=print) -> None:
-    """Run until cancelled (Ctrl-C): bind, say the URL through `announce`, serve; the core is stopped at the end."""
-    app = create_app(opts, core)
+async def serve(opts: ServeOptions, cores: list[CoreHandle], announce=print) -> None:
+    """Run until cancelled (Ctrl-C): bind, say the URL through `announce`, serve; the cores are stopped at the end."""
+    app = create_app(opts, cores)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -442,7 +471,7 @@ async def serve(opts: ServeOptions, core: CoreHandle, announce=print) -> None:
         port = runner.addresses[0][1]
         host = f"[{opts.host}]" if ":" in opts.host else opts.host
         announce(f"serving on http://{host}:{port}/")
-        log("serving", host=opts.host, port=port, workers=len(core.devices), token=bool(opts.token))
+        log("serving", host=opts.host, port=port, workers=len(cores), token=bool(opts.token))
         while True:
             await asyncio.sleep(3600)
     finally:

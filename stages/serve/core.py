@@ -1,25 +1,27 @@
-"""The model side of `vidu serve`, in a process of its own (or, for tests, a thread), driven by messages.
+"""The model side of `vidu serve`: one process per device (or, for tests, a thread), driven by messages.
 
-Why a process: the workers launch thousands of small GPU kernels per chunk from Python, and every launch
+Why processes: a worker launches thousands of small GPU kernels per chunk from Python, and every launch
 needs the GIL. In the server's process the WebRTC side (RTP, SRTP, Opus, frame conversion, the data
-channel) holds it too: on the H200 the starter's batched chunks ran 2-3x slower live than at calibration
-(benchmarks/gil_probe.py measures the effect). Here the workers share their GIL with nothing but this
-side's message threads (as vLLM's engine core is its own process).
+channel) holds it too: on the H200 the starter's batched chunks ran 2-3x slower live than at calibration,
+and two pure-Python threads beside a worker stalled it (benchmarks/gil_probe.py). Workers of different
+GPUs in one process would stall each other the same way. Here each worker shares its GIL with nothing but
+its core's message threads (as vLLM's engine core and workers are processes of their own).
 
-Core (this side) owns the ServeModels, the Scheduler and its Workers, and per session a CoreSession: the
-stream Session (engine caches, ring, events) and what the worker needs to know of the viewer (a mirror
-of its Timeline: the clock offset and the next frame to send, updated by the server as it sends). The
-server (stages/serve/app.py) talks to it through a CoreHandle; messages are tuples over one duplex
-multiprocessing Connection, pickled both ways (the same in a thread):
+A Core owns one device's ServeModel, a Scheduler with its one Worker, and per session a CoreSession: the
+stream Session (engine caches, ring, events) and what the worker needs to know of the viewer (a mirror of
+its Timeline: the clock offset and the next frame to send, updated by the server as it sends). The server
+(stages/serve/app.py) talks to each core through a CoreHandle and picks the core of a new session by their
+offers (the best profile it fits at, then the least load: Scheduler.admit's rule). Messages are tuples
+over one duplex multiprocessing Connection, pickled both ways (the same on a thread):
 
   server -> core                                 core -> server
-  ("create", rid, sid, rgb, seed, instruction)   ("reply", rid, value)          value: an answer or a CoreError
-  ("event", sid, Instruction | AudioChunk)       ("chunk", sid, rgb, audio, info) info: dt, late, chunks, frames,
-  ("timeline", sid, offset, since, next_frame)                                   instruction, audio_real
-  ("viewer", sid, watched)                       ("failed", sid, error)
-  ("close", sid)                                 ("degraded", sid, profile name)
-  ("describe", rid)                              ("metric", name, args)         Metrics.<name>(*args)
-                                                 ("ready", [(device, profiles)], notes) | ("error", message)
+  ("offer", rid)                                 ("reply", rid, value)          value: an answer or a CoreError
+  ("create", rid, sid, rgb, seed, instruction)   ("chunk", sid, rgb, audio, info) info: dt, late, chunks, frames,
+  ("event", sid, Instruction | AudioChunk)                                       instruction, audio_real
+  ("timeline", sid, offset, since, next_frame)   ("failed", sid, error)
+  ("viewer", sid, watched)                       ("degraded", sid, profile name)
+  ("close", sid)                                 ("metric", name, args)         Metrics.<name>(*args)
+  ("describe", rid)                              ("ready", index, device, profiles, notes) | ("error", message)
   ("stop",)                                      ("stopped",)
 """
 from __future__ import annotations
@@ -149,17 +151,19 @@ class _Metrics:
 
 
 class Core:
-    """The workers and their sessions, driven by the messages on `conn` until ("stop",) or its end."""
+    """One device's worker and its sessions, driven by the messages on `conn` until ("stop",) or its end.
+    `index`: the worker's number (its device's, in `vidu serve --gpus N`)."""
 
-    def __init__(self, models: list[ServeModel], opts: ServeOptions, conn):
+    def __init__(self, model: ServeModel, opts: ServeOptions, conn, index: int = 0):
         self.opts, self.conn = opts, conn
         self.outbox: queue.Queue = queue.Queue()
-        self.scheduler = Scheduler(models, opts, _Metrics(self.outbox.put))
+        self.scheduler = Scheduler([model], opts, _Metrics(self.outbox.put), first=index)
+        self.worker = self.scheduler.workers[0]
         self.sessions: dict[str, CoreSession] = {}
 
     def ready_message(self) -> tuple:
-        return ("ready", [(str(w.model.device), w.model.profiles) for w in self.scheduler.workers],
-                list(self.scheduler.workers[0].model.base.notes))
+        m = self.worker.model
+        return ("ready", self.worker.index, str(m.device), m.profiles, list(m.base.notes))
 
     def run(self) -> None:
         sender = threading.Thread(target=self._send, daemon=True, name="vidu-core-send")
@@ -194,9 +198,10 @@ class Core:
 
     def _handle(self, msg: tuple) -> None:
         kind = msg[0]
-        if kind in ("create", "describe"):          # a request: always answered, or the server would wait forever
+        if kind in ("create", "offer", "describe"):  # a request: always answered, or the server would wait forever
             try:
-                answer = self._create(*msg[2:]) if kind == "create" else self.describe()
+                answer = (self._create(*msg[2:]) if kind == "create" else self.offer() if kind == "offer"
+                          else self.describe())
             except Exception as e:  # noqa: BLE001  -- e.g. out of memory making a session: refused, in one line
                 log("core_request_failed", kind=kind, error=f"{type(e).__name__}: {e}")
                 answer = CoreError("failed", f"{kind} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -231,44 +236,45 @@ class Core:
         worker.add(s)
         return {"worker": worker.index, "profile": profile.name, "fps": s.fps}
 
+    def offer(self) -> dict:
+        """What admitting a session here would give: the rank of the profile it fits at (0: full; None: it
+        does not fit, `refusal` says why) and the worker's load now."""
+        w = self.worker
+        p = self.scheduler.fit(w)
+        return {"rank": None if p is None else w.model.profiles.index(p), "load": w.load(),
+                "refusal": str(self.scheduler.refusal(w)) if p is None else None}
+
     def describe(self) -> dict:
         import torch
-        gpu = []
-        for w in self.scheduler.workers:
-            dev = str(w.model.device)
-            if dev.startswith("cuda") and torch.cuda.is_available():
-                gpu.append((dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)))
+        dev = str(self.worker.model.device)
+        gpu = [(dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev))] \
+            if dev.startswith("cuda") and torch.cuda.is_available() else []
         return {"workers": self.scheduler.describe(), "gpu": gpu}
 
 
-def _process_main(specs: list[ModelSpec], opts: ServeOptions, conn) -> None:
-    """The core process: build and calibrate the models, then serve messages. Ctrl-C is the server's to
-    handle (it stops the core): ignored here."""
+def _process_main(spec: ModelSpec, opts: ServeOptions, conn, index: int) -> None:
+    """A core process: build and calibrate the model, then serve messages. Ctrl-C is the server's to handle
+    (it stops the core): ignored here."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        models = []
-        for spec in specs:
-            m = spec.build()
-            m.calibrate(opts.calib_chunks, opts.max_batch)
-            models.append(m)
+        model = spec.build()
+        model.calibrate(opts.calib_chunks, opts.max_batch)
     except Exception as e:  # noqa: BLE001  -- ServeError, StreamError, a missing file, CUDA: told in one line
         said = str(e).splitlines()[0] if str(e) else ""
         known = isinstance(e, (ValueError, FileNotFoundError))
         conn.send(("error", said if known and said else f"{type(e).__name__}: {said}".rstrip(": ")))
         return
-    Core(models, opts, conn).run()
+    Core(model, opts, conn, index).run()
 
 
 class CoreHandle:
     """The server's side of a Core: requests (awaited), messages, and what the core sends back, dispatched
-    on the event loop to `on_message(msg)` (the app's State)."""
+    on the event loop to `on_message(handle, msg)` (the app's State)."""
 
     def __init__(self, conn, runner, ready: tuple):
         self.conn, self.runner = conn, runner            # runner: the Process or Thread running the core
-        _, workers, self.notes = ready
-        self.devices = [d for d, _ in workers]
-        self.profiles: list[list[Profile]] = [p for _, p in workers]
+        _, self.index, self.device, self.profiles, self.notes = ready
         self.loop = None
         self.on_message = None
         self.pending: dict[int, object] = {}
@@ -277,34 +283,48 @@ class CoreHandle:
         self._reader: threading.Thread | None = None
 
     @classmethod
-    def process(cls, specs: list[ModelSpec], opts: ServeOptions, timeout: float = START_TIMEOUT_S) -> "CoreHandle":
-        """A core process (spawned: CUDA cannot follow a fork) that builds and calibrates `specs`' models;
-        returns once they are measured (ServeError, one line, when they cannot be)."""
+    def processes(cls, specs: list[ModelSpec], opts: ServeOptions,
+                  timeout: float = START_TIMEOUT_S) -> list["CoreHandle"]:
+        """One core process per spec (a device each: workers on different GPUs share no GIL either; spawned:
+        CUDA cannot follow a fork), loading and calibrating side by side; returns once all are measured
+        (ServeError, one line, when one cannot be: then none runs)."""
         ctx = mp.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        proc = ctx.Process(target=_process_main, args=(specs, opts, theirs), daemon=True, name="vidu-serve-core")
-        proc.start()
-        theirs.close()
-        if not ours.poll(timeout):
-            proc.kill()
-            raise ServeError(f"the model process did not get ready within {timeout:g} s")
+        started = []
+        for i, spec in enumerate(specs):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_process_main, args=(spec, opts, theirs, i), daemon=True,
+                               name=f"vidu-serve-core-{i}")
+            proc.start()
+            theirs.close()
+            started.append((ours, proc))
+        deadline = time.monotonic() + timeout
+        handles = []
         try:
-            first = ours.recv()
-        except EOFError:
-            proc.join(5)
-            raise ServeError(f"the model process ended while loading (exit code {proc.exitcode})") from None
-        if first[0] == "error":
-            proc.join(5)
-            raise ServeError(first[1])
-        return cls(ours, proc, first)
+            for ours, proc in started:
+                where = f"the model process for {specs[len(handles)].device}"
+                if not ours.poll(max(0.0, deadline - time.monotonic())):
+                    raise ServeError(f"{where} did not get ready within {timeout:g} s")
+                try:
+                    first = ours.recv()
+                except EOFError:
+                    proc.join(5)
+                    raise ServeError(f"{where} ended while loading (exit code {proc.exitcode})") from None
+                if first[0] == "error":
+                    raise ServeError(first[1])
+                handles.append(cls(ours, proc, first))
+        except BaseException:
+            for _, proc in started:
+                proc.kill()
+            raise
+        return handles
 
     @classmethod
-    def thread(cls, models: list[ServeModel], opts: ServeOptions) -> "CoreHandle":
-        """A core on a thread of this process over already calibrated `models` (tests, embedding): the
+    def thread(cls, model: ServeModel, opts: ServeOptions, index: int = 0) -> "CoreHandle":
+        """A core on a thread of this process over an already calibrated `model` (tests, embedding): the
         same messages, pickled the same way."""
         ours, theirs = mp.Pipe()
-        core = Core(models, opts, theirs)
-        t = threading.Thread(target=core.run, daemon=True, name="vidu-serve-core")
+        core = Core(model, opts, theirs, index)
+        t = threading.Thread(target=core.run, daemon=True, name=f"vidu-serve-core-{index}")
         t.core = core
         t.start()
         return cls(ours, t, ours.recv())
@@ -345,7 +365,7 @@ class CoreHandle:
                 if not fut.done():
                     fut.set_result(CoreError("ended", "the model process has ended"))
             self.pending.clear()
-        self.on_message(msg)
+        self.on_message(self, msg)
 
     def send(self, *msg) -> None:
         if self.alive:

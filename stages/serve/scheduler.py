@@ -207,9 +207,10 @@ class Worker(threading.Thread):
 class Scheduler:
     """The workers, and the admission decision over them."""
 
-    def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics):
+    def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics, first: int = 0):
+        """`first`: the index of the first worker (a core of `vidu serve` has one worker, numbered as its device)."""
         self.opts, self.metrics = opts, metrics
-        self.workers = [Worker(i, m, opts, metrics) for i, m in enumerate(models)]
+        self.workers = [Worker(first + i, m, opts, metrics) for i, m in enumerate(models)]
 
     def start(self) -> None:
         for w in self.workers:
@@ -222,26 +223,28 @@ class Scheduler:
     def sessions(self) -> int:
         return sum(len(w.sessions) for w in self.workers)
 
+    def fit(self, w: Worker) -> Profile | None:
+        """The first of w's profiles (full, fewer steps, half size) at which a new session keeps w's load
+        within the headroom, or None."""
+        return next((p for p in w.model.profiles if w.load(p) <= self.opts.headroom), None)
+
+    def refusal(self, w: Worker) -> Refused:
+        cheapest = min(w.model.profiles, key=lambda p: p.load)
+        return Refused("capacity", f"no capacity to stay at {self.opts.speed:g}x real time: the worker's load is "
+                       f"{w.load():.2f} of {self.opts.headroom:g} and the cheapest profile ({cheapest.name}, "
+                       f"{1000 * cheapest.chunk_s:.0f} ms per {1000 * cheapest.video_s:.0f} ms chunk) adds "
+                       f"{self.opts.speed * cheapest.load:.2f}")
+
     def admit(self) -> tuple[Worker, Profile]:
-        """The worker and profile of a new session, or Refused. The caller adds the session to the worker
-        before the next admission (the app holds an asyncio lock over both)."""
+        """The worker and profile of a new session, or Refused: the best profile any worker fits it at, on the
+        least-loaded such worker (the server makes the same choice across its cores: app.create_session). The
+        caller adds the session to the worker before the next admission."""
         if self.sessions() >= self.opts.max_sessions:
             raise Refused("max_sessions", f"the server is full: {self.opts.max_sessions} sessions (--max-sessions)")
-        best = None
-        for w in sorted(self.workers, key=lambda w: w.load()):
-            for p in w.model.profiles:
-                if w.load(p) <= self.opts.headroom:
-                    if best is None or w.model.profiles.index(p) < best[0].model.profiles.index(best[1]):
-                        best = (w, p)
-                    break
-        if best is None:
-            w = min(self.workers, key=lambda w: w.load())
-            cheapest = min(w.model.profiles, key=lambda p: p.load)
-            raise Refused("capacity", f"no capacity to stay at {self.opts.speed:g}x real time: the worker's load is "
-                          f"{w.load():.2f} of {self.opts.headroom:g} and the cheapest profile ({cheapest.name}, "
-                          f"{1000 * cheapest.chunk_s:.0f} ms per {1000 * cheapest.video_s:.0f} ms chunk) adds "
-                          f"{self.opts.speed * cheapest.load:.2f}")
-        return best
+        fits = [(w, p) for w in self.workers if (p := self.fit(w)) is not None]
+        if not fits:
+            raise self.refusal(min(self.workers, key=lambda w: w.load()))
+        return min(fits, key=lambda f: (f[0].model.profiles.index(f[1]), f[0].load()))
 
     def describe(self) -> list[dict]:
         out = []
