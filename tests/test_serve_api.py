@@ -403,10 +403,11 @@ def test_sessions_spread_over_workers_and_stay_pinned(model):
     asyncio.run(main())
 
 
-def test_the_model_process_says_why_it_cannot_start_and_its_end_fails_sessions_not_the_server(tmp_path):
-    """`vidu serve`'s models run in a process of their own (stages/serve/core.py). A checkpoint that cannot
-    load is one line from it; when it dies, the open session fails with the reason, a new one is refused
-    (503, reason "ended") and the server still answers."""
+def test_model_processes_say_why_they_cannot_start_and_one_ending_fails_only_its_sessions(tmp_path):
+    """`vidu serve`'s models run in a process per device (stages/serve/core.py; two CPU ones here). A
+    checkpoint that cannot load is one line; when one process dies, its session fails with the reason, the
+    other process's session goes on, a new session goes to the survivor, and the server still answers; with
+    both gone a new one is refused (503, reason "ended")."""
     import time
 
     import torch
@@ -417,22 +418,27 @@ def test_the_model_process_says_why_it_cannot_start_and_its_end_fails_sessions_n
         CoreHandle.processes([ModelSpec(str(tmp_path / "none.safetensors"), "tiny", "cpu", torch.float32)], opts, 120)
     assert "none.safetensors" in str(e.value) and "\n" not in str(e.value)
 
-    cores = CoreHandle.processes([ModelSpec(None, "tiny", "cpu", torch.float32)], opts, 120)
-    core = cores[0]
-    assert core.profiles[0].name == "full" and core.profiles[0].chunk_s > 0
+    cores = CoreHandle.processes([ModelSpec(None, "tiny", "cpu", torch.float32)] * 2, opts, 120)
+    assert [c.index for c in cores] == [0, 1] and all(c.profiles[0].name == "full" and c.profiles[0].chunk_s > 0 for c in cores)
 
     async def main():
         async with running(opts, cores) as url, ClientSession() as http:
-            status, info = await _post_session(http, url)
-            assert status == 201
-            core.runner.kill()
+            made = [await _post_session(http, url) for _ in range(2)]
+            assert [m[0] for m in made] == [201, 201] and sorted(m[1]["worker"] for m in made) == [0, 1]
+            by_worker = {m[1]["worker"]: m[1]["id"] for m in made}
+            cores[0].runner.kill()
             t = time.monotonic()
             while time.monotonic() - t < 30:
-                info = await (await http.get(f"{url}/sessions/{info['id']}")).json()
-                if "error" not in info or info.get("error"):
+                info = await (await http.get(f"{url}/sessions/{by_worker[0]}")).json()
+                if info.get("error"):
                     break
                 await asyncio.sleep(0.1)
-            assert info.get("error") == "the model process has ended" or "no such session" in info.get("error", ""), info
+            assert info["error"] in ("the model process has ended", "no such session"), info
+            assert (await (await http.get(f"{url}/sessions/{by_worker[1]}")).json())["error"] is None
+            status, info = await _post_session(http, url)
+            assert status == 201 and info["worker"] == 1
+            cores[1].runner.kill()
+            await asyncio.sleep(1.0)
             status, body = await _post_session(http, url)
             assert status == 503 and body["reason"] == "ended" and _one_line(body)
             assert (await (await http.get(url + "/health")).json()) == {"ok": True}
