@@ -39,7 +39,8 @@ memory (no video files, no catalog), in --workers processes:
   which the world's own track of that signal moves (a clip without speech has a still mouth: the
   analyzer's noise there correlates with nothing); PSNR over all pixels and over moving pixels (those
   whose value changes by more than 4/255 from the previous frame in the uncompressed clip). The --init
-  file is evaluated on the same clips (as `init`).
+  file is evaluated on the same clips (as `init`). --eval-animals N adds N held-out clips drawn in the
+  animal style, with speech (the world's mix gives 16 clips 2 speaking animals; the codec keeps animals worst).
 Writes ema_bf16.safetensors (the EMA weights in bf16 with their config: the codec the teachers take,
 `--codec`), raw_bf16.safetensors (unless --no-eval-raw), autoencoder.json with every figure (per clip:
 each signal's r and `SIGNAL_reference`, the truth's reading against the world's track), loss.png and a
@@ -136,9 +137,26 @@ def held_out_seeds(cfg, n: int, frames: int) -> list[int]:
     return [seed for _, seed in candidates[:n]]
 
 
-def _eval_clip(cfg, frames: int, masks: bool, seed: int):
-    """Held-out world clip `seed`: (frames [T, H, W, 3] uint8, its Sample without pixels (and masks))."""
-    f, s, _ = world_clip(cfg, seed, frames, split="eval")
+def held_out_animals(cfg, n: int, frames: int, after: int) -> list[tuple[int, str]]:
+    """n more held-out clips drawn in the animal style, (seed, "animal"), those in which the mouth moves, from
+    seed EVAL_SEED + max(100, after) on (past held_out_seeds' candidates): the style the codec keeps worst has
+    2 speaking clips of 16 in the world's mix (RESULTS.md 2026-12-04 session 44)."""
+    from stages.synth import make_sample
+    out, seed = [], EVAL_SEED + max(100, after)
+    while len(out) < n:
+        seed += 1
+        s = make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=frames / cfg.audio.fps,
+                        split="eval", draw=False, style="animal")
+        if np.std(s.tracks["mouth"]) > MOVES["mouth"]:
+            out.append((seed, "animal"))
+    return out
+
+
+def _eval_clip(cfg, frames: int, masks: bool, seed: int | tuple[int, str]):
+    """Held-out world clip `seed` (or (seed, style)): (frames [T, H, W, 3] uint8, its Sample without pixels
+    (and masks))."""
+    seed, style = seed if isinstance(seed, tuple) else (seed, None)
+    f, s, _ = world_clip(cfg, seed, frames, split="eval", style=style)
     s.frames = None
     if not masks:
         s.masks = None
@@ -287,6 +305,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     ap.add_argument("--eval-clips", type=int, default=16)
     ap.add_argument("--eval-seconds", type=float, default=4.0)
+    ap.add_argument("--eval-animals", type=int, default=0,
+                    help="this many more held-out clips in the animal style, with speech (after the --eval-clips)")
     ap.add_argument("--no-eval-raw", action="store_true", help="evaluate the EMA weights (and init) only")
     ap.add_argument("--no-eval-init", action="store_true", help="do not evaluate the --init file")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-ae"), help="scratch (emptied first)")
@@ -326,6 +346,7 @@ def main() -> None:
     t1 = time.perf_counter()
     eval_deadline = t_start + args.total_s - 10 if args.total_s else None
     seeds = held_out_seeds(cfg, args.eval_clips, frames)
+    seeds += held_out_animals(cfg, args.eval_animals, frames, 4 * args.eval_clips) if args.eval_animals else []
     log(f"evaluating {len(weights)} weights files on {len(seeds)} held-out clips")
     codecs = {name: load_taehv(path, dev) for name, path in weights.items()}
 

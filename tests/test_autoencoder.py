@@ -255,6 +255,11 @@ def test_training_clips_draw_the_animal_style_at_its_share_and_the_world_mix_wit
     # and a training clip is of that style (its identity follows); an eval clip keeps the world's draw
     ae = AutoencoderSettings(animal_share=1.0)
     assert {world_clip(TINY, s, 5, ae, draw=False)[1].identity.style for s in range(6)} == {"animal"}
+    # an evaluation clip is of the style it asks for (the benchmark's extra animals), else the world's draw
+    drawn = [world_clip(TINY, HELD_OUT + s, 5, split="eval", draw=False)[1].identity.style for s in range(8)]
+    assert set(drawn) != {"animal"}
+    assert {world_clip(TINY, HELD_OUT + s, 5, split="eval", draw=False, style="animal")[1].identity.style
+            for s in range(8)} == {"animal"}
 
 
 def test_training_clips_show_the_actions_their_end_cuts():

@@ -92,16 +92,17 @@ def train_style(seed: int, ae: AutoencoderSettings) -> str | None:
 
 
 def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings | None = None,
-               split: str = "train", draw: bool = True):
+               split: str = "train", draw: bool = True, style: str | None = None):
     """World clip `seed` at the preset's size: (frames [T, H, W, 3] uint8, the Sample with its region
     masks, and with `ae` the loss weights [T, H, W] float16). `split`: whose voices speak (train | eval).
     With `ae` (a training clip) its style is train_style's and, with ae.cut_actions, the instruction whose
     action the clip's end cuts is in it too (a 33-frame clip otherwise shows a raised hand in 0.3 % of
     clips, a head turn in 4 %; with it 9 % and 30 %). The region of the motion term is
-    `region(sample.masks)`. `draw` False: the Sample alone, no pixels (tests; returns (None, sample, None))."""
+    `region(sample.masks)`. `draw` False: the Sample alone, no pixels (tests; returns (None, sample, None)).
+    `style` (without `ae`): the character's style (an evaluation's extra animals), else the world's draw."""
     from stages.synth import make_sample
     fps = cfg.audio.fps
-    kw = {} if ae is None else dict(style=train_style(seed, ae), cut_actions=ae.cut_actions)
+    kw = dict(style=style) if ae is None else dict(style=train_style(seed, ae), cut_actions=ae.cut_actions)
     s = make_sample(seed, width=cfg.width, height=cfg.height, fps=fps, seconds=frames / fps, masks=draw, split=split,
                     draw=draw, **kw)
     if not draw:
@@ -138,8 +139,9 @@ def mouth_gain(identity, ae: AutoencoderSettings) -> float:
     1 when ae.mouth_contrast is 0. The analyzer tells the mouth from its surroundings by the nearest colour,
     so an error of d / 2 recolours a mouth pixel: 25 levels on a dark muzzle (d 50, the world's lowest; a
     white muzzle 338, human skins 58-250, median 194), errors the L1 + L2 loss hardly sees (RESULTS.md
-    2026-12-04 session 44: the dark-muzzled held-out clips keep the mouth at r 0.88 and 0.94, the others
-    0.93-0.99). 150: a dark muzzle x 3, a grey one (d 109) x 1.4, 6 % of human skins a little."""
+    2026-12-04 session 44: five dark-muzzled held-out clips keep the mouth at r 0.88-0.96, mean 0.915; seven
+    white-muzzled 0.93-0.98, mean 0.963). 150: a dark muzzle x 3, a grey one (d 109) x 1.4, 6 % of human
+    skins a little."""
     if not ae.mouth_contrast:
         return 1.0
     from stages.synth.world import MOUTH
