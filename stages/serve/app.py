@@ -249,7 +249,7 @@ async def create_session(request: web.Request) -> web.Response:
             core.send("close", sid)
             raise
         s = ServeSession(RemoteSession(core, sid, instruction), profile, core, opts, state.metrics,
-                         asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands, worker=core.index)
+                         asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands)
         state.sessions[s.id] = s
     state.metrics.admit(profile.name)
     log("session_created", session=s.id, profile=profile.name, worker=core.index)

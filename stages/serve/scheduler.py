@@ -1,10 +1,11 @@
-"""Workers and admission control, on the model side (stages/serve/core.py: a process of its own).
+"""Workers and admission control, on the model side (stages/serve/core.py: a process per device).
 
 One Worker thread per device (on a CPU: one) owns that device's ServeModel and runs its sessions'
 chunks, earliest deadline first: a session's deadline is the time its viewer will have played every
 frame generated so far (CoreSession.deadline, from the viewer's timeline as the server reports it). A
-session is ready when a viewer is connected and it is fewer than `ahead_chunks` chunks ahead of it; a session without a viewer holds its place (its capacity
-stays reserved through the reconnect grace) but generates nothing.
+session is ready when a viewer is connected and it is fewer than `ahead_chunks` chunks ahead of it; a
+session without a viewer holds its place (its capacity stays reserved through the reconnect grace) but
+generates nothing.
 
 Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
 watched sessions that can share it (the same profile's steps and settings, size and context length:
@@ -31,8 +32,9 @@ yet is interpolated linearly between the nearest measured sizes. Then
 
 with video_s the seconds of video a chunk plays. So batching admits more sessions exactly as far as
 batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow.
-A new session is admitted on the least-loaded worker at the first profile (full, fewer steps, half
-resolution) with which the load stays <= headroom; with none, it is refused (HTTP 503, the reason).
+A new session is admitted at the first profile (full, fewer steps, half resolution) with which a
+worker's load stays <= headroom, on the least-loaded such worker (across devices the server asks each
+core for its offer and applies the same rule); with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
 the worker moves the heaviest one (with batching, every session at its profile: they share forwards) to
 fewer steps at its resolution between two chunks (Worker._rebalance); a lower resolution needs a new

@@ -1,7 +1,7 @@
-"""One served character as the server sees it: its session in the core (stages/serve/core.py: engine
+"""One served character as the server sees it: its session in a core (stages/serve/core.py: engine
 caches, ring, audio FIFO; here a RemoteSession), its events (sent there), its timeline of output, its
-instruction history, and its current viewer (a peer connection with a
-video track, an audio track and the "control" data channel).
+instruction history, and its current viewer (a peer connection with a video track, an audio track and
+the "control" data channel).
 
 Data channel messages (text is JSON, binary is speech):
   {"type": "instruction", "text": "...", "id": any}  -> Instruction on the queue; reply {"type": "ack", "id",
@@ -93,17 +93,16 @@ class _Events:
 
 
 class ServeSession:
-    """`session`: a RemoteSession (its chunks are made in the core, `core` its CoreHandle, `worker` the index
-    of its worker there), or for a `vidu stream --serve` (stages/serve/single.py) the stream's own Session,
-    whose chunks the stream makes and pushes onto the timeline itself (`core` None)."""
+    """`session`: a RemoteSession (its chunks are made in a core, `core` its CoreHandle), or for a `vidu
+    stream --serve` (stages/serve/single.py) the stream's own Session, whose chunks the stream makes and
+    pushes onto the timeline itself (`core` None)."""
 
     def __init__(self, session, profile: Profile, core, opts: ServeOptions, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, voice: str, fps: float, sid: str | None = None, commands=None,
-                 worker: int | None = None):
+                 loop: asyncio.AbstractEventLoop, voice: str, fps: float, sid: str | None = None, commands=None):
         self.id = sid or new_id()
         self.session, self.events = session, session.events
         self.profile, self.core, self.opts, self.metrics, self.loop = profile, core, opts, metrics, loop
-        self.worker = worker
+        self.worker = core.index if core is not None else None     # the worker (device) it is pinned to
         self.voice = voice
         self.fps = fps
         self.timeline = Timeline(self.fps, opts.lead_s)
