@@ -48,8 +48,10 @@ def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float,
     """Inner-mouth half-height (area / (pi * half-width)), half-width, and how far its corners sit
     above its middle (px), from masks of inner-mouth and lips-or-inner pixels [h, w]."""
     lab, n = ndimage.label(lips, np.ones((3, 3), bool))
-    if n > 1:  # the mouth is the largest piece; stray blends at other features' rims are not
-        keep = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    if n > 1:  # the mouth is the piece with the most inner mouth (else the largest); stray blends at other
+        # features' rims are not: a blurred round trip loses the thin lips, and a muzzle's rim can outgrow the mouth
+        count = np.bincount(lab[inner], minlength=n + 1)[1:] if inner.any() else np.bincount(lab.ravel())[1:]
+        keep = lab == np.argmax(count) + 1
         lips, inner = keep, inner & keep
     cols = np.nonzero(lips.any(0))[0]
     if len(cols) < 3 or not inner.any():
@@ -61,6 +63,33 @@ def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float,
     u2 = ((has - (cols[0] + cols[-1]) / 2) / a) ** 2
     lift = -np.polyfit(u2, cy, 1)[0] if len(has) >= 3 and np.ptp(u2) > 0.05 else 0.0  # row = middle - lift * u^2
     return inner.sum() / (np.pi * a), a, lift
+
+
+def _face_region(face: np.ndarray) -> np.ndarray:
+    """The face blob [h, w] with what it encloses: its holes, and what its convex hull adds beyond slivers
+    along the outline (those would move the yaw reading). A feature that reaches the face's outline (an
+    animal's muzzle with the head turned fully) leaves a rim of skin a few pixels wide, which a blurring
+    codec breaks; with holes alone the muzzle, and the mouth in it, then fell outside the face (RESULTS.md
+    2026-12-04 session 44: a held-out animal clip's round trip read with the mouth shut for 16 frames)."""
+    filled = ndimage.binary_fill_holes(face)
+    rows = np.nonzero(face.any(1))[0]
+    if len(rows) < 2:
+        return filled
+    first, last = face[rows].argmax(1), face.shape[1] - 1 - face[rows, ::-1].argmax(1)
+    pts = np.concatenate([np.stack([first, rows], 1), np.stack([last, rows], 1)]).astype(np.float64)
+    if np.ptp(pts[:, 0]) == 0:
+        return filled
+    from scipy.spatial import ConvexHull
+    v = pts[ConvexHull(pts).vertices]  # the hull's corners (x, y), in order; its rows' ends: each row's first and last
+    lo, hi = np.full(face.shape[0], np.inf), np.full(face.shape[0], -np.inf)  # per row: the hull's x span
+    for (x0, y0), (x1, y1) in zip(v, np.roll(v, -1, axis=0)):
+        if y0 != y1:  # a level edge's ends are also ends of its neighbours
+            r = np.arange(int(min(y0, y1)), int(max(y0, y1)) + 1)
+            x = x0 + (r - y0) * (x1 - x0) / (y1 - y0)
+            lo[r], hi[r] = np.minimum(lo[r], x), np.maximum(hi[r], x)
+    c = np.arange(face.shape[1])
+    inside = (c >= lo[:, None] - 1e-6) & (c <= hi[:, None] + 1e-6)
+    return filled | ndimage.binary_opening(inside & ~filled, _OPEN, iterations=2)  # not the outline's slivers
 
 
 def _face_colours(idt: Identity) -> list:
@@ -88,7 +117,7 @@ def _measure(frame: np.ndarray, idt: Identity) -> dict:
     face_id = int(np.argmax(sizes)) + 1
     rows, cols = ndimage.find_objects(lab)[face_id - 1]
     face = lab[rows, cols] == face_id
-    filled = ndimage.binary_fill_holes(face)
+    filled = _face_region(face)
     r0, c0 = rows.start, cols.start
     s = (cols.stop - cols.start) / (2 * idt.head_w)  # px per world unit
     W, H = idt.head_w * s, idt.head_h * s
