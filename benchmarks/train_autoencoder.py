@@ -28,7 +28,11 @@ t = 550 s; ~575 s in all. autoencoder.json is written before the evaluation and 
 still returns the weights and the clips scored so far. Session 43 ran it with --total-s 545 and the
 default reserve (75 s) and raw evaluated too: 2092 steps trained, then the call was killed at 595 s while
 evaluating (init and EMA strips written, no autoencoder.json); the evaluation of the weights that came
-back ran on the CPU (`--eval`, RESULTS.md session 43).
+back ran on the CPU (`--eval`, RESULTS.md session 43). Session 44 ran the recipe above: the probe done at
+28 s, 1925 steps by 430 s, the 16 clips evaluated in 34 s, 464 s in all (a 475-s call): `--reserve-s 60`
+would train 50 s more and still end near 520 s. Next (RESULTS.md session 44): the same from the shipped
+codec with `--mouth-contrast 150 --eval-animals 8` (dark muzzles, the remaining failure; one <= 9-minute
+phase, not a warm start from session 44's weights).
 
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
