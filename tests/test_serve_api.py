@@ -482,3 +482,29 @@ def test_ice_servers_are_checked_before_anything_loads(monkeypatch):
             ServeOptions(ice_servers=bad)
     res = cli("serve", "--ice-server", "stun:", "--preset", "tiny", "--device", "cpu", check=False)
     assert res.returncode == 2 and "not a STUN or TURN URL" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_core_that_does_not_answer_in_time_fails_the_request_and_its_late_session_is_closed(model, monkeypatch):
+    """A hung core (here: making a session takes 3 s, the create timeout is 1 s) fails that request (503
+    "failed", one line) instead of holding the admission lock; the session it makes late is closed at once
+    (the core reads messages in order), so it holds no capacity: the core ends with no session."""
+    import time
+
+    from stages.serve import core as core_mod
+    from stages.serve.app import STATE
+    monkeypatch.setitem(core_mod.REQUEST_TIMEOUT_S, "create", 1.0)
+    real = model.parts
+    monkeypatch.setattr(model, "parts", lambda *a, **kw: (time.sleep(3.0), real(*a, **kw))[1])
+
+    async def main():
+        apps = []
+        async with running(ServeOptions(speed=SLOW), [model], apps) as url, ClientSession() as http:
+            t = time.monotonic()
+            status, body = await _post_session(http, url)
+            assert status == 503 and body["reason"] == "failed" and "did not answer create within 1 s" in _one_line(body)
+            assert time.monotonic() - t < 2.5
+            core = apps[0][STATE].cores[0].runner.core
+            await asyncio.sleep(3.5)                       # the late session made, then closed
+            cap = await (await http.get(url + "/capacity")).json()
+            assert core.sessions == {} and cap["workers"][0]["sessions"] == 0 and cap["sessions"] == 0
+    run(main())

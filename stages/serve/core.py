@@ -26,6 +26,7 @@ over one duplex multiprocessing Connection, pickled both ways (the same on a thr
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import multiprocessing as mp
 import queue
@@ -41,6 +42,8 @@ from stages.stream.events import EventQueue, StreamError
 
 START_TIMEOUT_S = 900.0            # model load and calibration (a 1.3B model with torch.compile takes minutes)
 STOP_TIMEOUT_S = 30.0
+REQUEST_TIMEOUT_S = {"create": 60.0, "offer": 10.0, "describe": 10.0}   # s: a core that answers no request this
+                                   # long (hung, not dead) fails it (a /metrics scrape times out in 10 s)
 
 
 class CoreError(Exception):
@@ -375,14 +378,23 @@ class CoreHandle:
                 self.alive = False
 
     async def request(self, kind: str, *args):
-        """The core's answer to (kind, rid, *args); CoreError raised for a failure."""
+        """The core's answer to (kind, rid, *args); CoreError raised for a failure, and when no answer comes
+        within REQUEST_TIMEOUT_S[kind] (a create given up is closed after it: the core handles messages in order,
+        so a session it makes late never holds capacity)."""
         if not self.alive:
             raise CoreError("ended", "the model process has ended")
         rid = next(self.ids)
         fut = self.loop.create_future()
         self.pending[rid] = fut
         self.send(kind, rid, *args)
-        out = await fut
+        try:
+            out = await asyncio.wait_for(fut, REQUEST_TIMEOUT_S[kind])
+        except asyncio.TimeoutError:
+            self.pending.pop(rid, None)
+            if kind == "create":
+                self.send("close", args[0])
+            log("core_request_timeout", kind=kind, worker=self.index)
+            raise CoreError("failed", f"the model process did not answer {kind} within {REQUEST_TIMEOUT_S[kind]:g} s") from None
         if isinstance(out, CoreError):
             raise out
         return out
