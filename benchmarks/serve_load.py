@@ -15,6 +15,14 @@ late chunks, frames dropped (server side), and per viewer the frames received an
 first arrived. `--compare` runs the same load twice, with --max-batch 1 (every chunk its own forward)
 and with --max-batch N, and reports both: sessions per GPU without and with batching.
 Writes JSON to $OUT/serve_load[_NAME].json (or ./) and prints a table last.
+
+On the GPU image, in one call: carry the aiortc / PyAV wheels (`.whs`, 42 MB) with the starter's weights
+moved out of the tree (the travel limit is 64 MB), install them to /tmp/site, and load the starter's
+architecture with random weights (`--preset small`: the same shapes and kernels, so the same timings):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whs/*.whl && export PYTHONPATH=/tmp/site:$PWD
+    python3 benchmarks/serve_load.py --preset small --size 512x512 --clients 16 --max-sessions 16 --max-batch 8 \
+        --seconds 20 --calib-chunks 3 --no-commands --name small512
 """
 from __future__ import annotations
 
