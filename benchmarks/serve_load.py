@@ -18,7 +18,9 @@ Writes JSON to $OUT/serve_load[_NAME].json (or ./) and prints a table last.
 
 On the GPU image, in one call: carry the aiortc / PyAV wheels (`.whs`, 42 MB) with the starter's weights
 moved out of the tree (the travel limit is 64 MB), install them to /tmp/site, and load the starter's
-architecture with random weights (`--preset small`: the same shapes and kernels, so the same timings):
+architecture with random weights (`--preset small`: the starter's layers and sizes, but the preset's stream
+settings, window 8 with TwinCache against the starter's 7 with a clean pass: its own calibrated times are
+what its live times compare with, not the starter's):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whs/*.whl && export PYTHONPATH=/tmp/site:$PWD
     python3 benchmarks/serve_load.py --preset small --size 512x512 --clients 16 --max-sessions 16 --max-batch 8 \
