@@ -145,12 +145,10 @@ def held_out_animals(cfg, n: int, frames: int, after: int) -> list[tuple[int, st
     """n more held-out clips drawn in the animal style, (seed, "animal"), those in which the mouth moves, from
     seed EVAL_SEED + max(100, after) on (past held_out_seeds' candidates): the style the codec keeps worst has
     2 speaking clips of 16 in the world's mix (RESULTS.md 2026-12-04 session 44)."""
-    from stages.synth import make_sample
     out, seed = [], EVAL_SEED + max(100, after)
     while len(out) < n:
         seed += 1
-        s = make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=frames / cfg.audio.fps,
-                        split="eval", draw=False, style="animal")
+        s = world_clip(cfg, seed, frames, split="eval", draw=False, style="animal")[1]
         if np.std(s.tracks["mouth"]) > MOVES["mouth"]:
             out.append((seed, "animal"))
     return out

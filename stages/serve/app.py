@@ -44,6 +44,7 @@ from stages.serve.core import CoreError, CoreHandle
 from stages.serve.metrics import Metrics, log
 from stages.serve.model import ServeModel
 from stages.serve.options import ServeError, ServeOptions, check_bind
+from stages.serve.scheduler import by_preference
 from stages.serve.sessions import RemoteSession, ServeSession, TokenBucket, new_id, voice_commands
 from stages.stream.events import MAX_INSTRUCTION_CHARS, StreamError, instruction_text
 from stages.stream.say import DEFAULT_VOICE
@@ -270,7 +271,7 @@ async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction
             continue
     if not offers:
         raise CoreError("ended", "the model process has ended")
-    fitting = sorted((o for o in offers if o[1]["rank"] is not None), key=lambda o: (o[1]["rank"], o[1]["load"]))
+    fitting = by_preference([o for o in offers if o[1]["rank"] is not None], lambda o: o[1]["rank"], lambda o: o[1]["load"])
     refused = CoreError("capacity", min(offers, key=lambda o: o[1]["load"])[1]["refusal"] or "no capacity")
     for core, _ in fitting:                     # the best first; another if its load grew meanwhile
         try:

@@ -52,6 +52,13 @@ from stages.serve.options import ServeOptions
 from stages.stream.batch import next_chunks
 
 
+def by_preference(offers: list, rank, load) -> list:
+    """`offers` ordered as admission prefers them: the best profile first (`rank(o)`: its index, full = 0),
+    then the least `load(o)`. Scheduler.admit picks among its workers with it, the server among its cores
+    (app._admit)."""
+    return sorted(offers, key=lambda o: (rank(o), load(o)))
+
+
 class Refused(Exception):
     """No worker can take a session: `reason` is a short code for the metrics, the message a sentence."""
 
@@ -246,7 +253,7 @@ class Scheduler:
         fits = [(w, p) for w in self.workers if (p := self.fit(w)) is not None]
         if not fits:
             raise self.refusal(min(self.workers, key=lambda w: w.load()))
-        return min(fits, key=lambda f: (f[0].model.profiles.index(f[1]), f[0].load()))
+        return by_preference(fits, lambda f: f[0].model.profiles.index(f[1]), lambda f: f[0].load())[0]
 
     def describe(self) -> list[dict]:
         out = []
