@@ -187,7 +187,17 @@ def test_a_viewer_reconnects_to_the_same_character(model):
     asyncio.run(main())
 
 
-def test_a_watched_session_without_input_is_closed_after_the_idle_timeout(model):
+def test_a_watched_session_without_input_is_closed_after_the_idle_timeout(model, monkeypatch):
+    """The reaper takes the session out of the table before closing its peer connection; a slow close
+    (here 2 s) must not hide it from /metrics meanwhile (CI once saw 404 with sessions_closed_total 0)."""
+    from stages.serve.sessions import ServeSession
+    drop = ServeSession._drop_viewer
+
+    async def slow_drop(self):
+        await asyncio.sleep(2.0)
+        await drop(self)
+    monkeypatch.setattr(ServeSession, "_drop_viewer", slow_drop)
+
     async def main():
         opts = ServeOptions(speed=0.01, idle_timeout_s=1.5)
         async with running(opts, [model]) as url, ClientSession() as http:

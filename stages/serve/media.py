@@ -122,6 +122,8 @@ class Timeline:
         delay = self.offset + n / self.fps - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if self.closed:                                     # closed while waiting: its counts are final
+            raise MediaStreamError
         behind = int((time.monotonic() - self.offset) * self.fps) - n
         if behind > 1:                                      # the viewer read late: skip to the frame due now
             skip = min(behind, self.end - 1 - n)

@@ -301,11 +301,12 @@ class ServeSession:
         if self.core is not None:
             self.core.send("close", self.id)
         self.timeline.close()
-        await self._drop_viewer()
-        if self.commands is not None:
-            await asyncio.to_thread(self.commands.close)
+        # counted before the awaits below: the session has already left the table, so /metrics must see it closed
         self.metrics.inc("sessions_closed")
         self.metrics.inc("frames_sent", self.timeline.sent)
         self.metrics.inc("frames_dropped", self.timeline.dropped)
         self.metrics.inc("frames_unsent", self.timeline.buffered())
+        await self._drop_viewer()
+        if self.commands is not None:
+            await asyncio.to_thread(self.commands.close)
         log("session_closed", session=self.id, reason=reason, chunks=self.session.chunks, error=self.error)
