@@ -255,3 +255,26 @@ def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model, m
     slots = m.profiles[0].settings.slots
     assert len(made) == len(m.profiles) * (slots + 2)          # alone: the ring filled (slots + 1), then 1 timed
     assert Worker(0, m, ServeOptions(max_batch=3), Metrics()).batch_s[(m.profiles[0].name, 3)] == m.profiles[0].batch_s[3]
+
+
+def test_the_viewer_positions_the_core_waits_for_are_where_ready_turns():
+    """The server reports its viewer's position only at CoreSession.wakes (and when the clock moves), so the
+    worker must decide exactly as if told every frame. Oracle: ready(extra) itself, at every position, for
+    chunk sizes whole and fractional; a position one frame short of a wake is not ready (the control)."""
+    from types import SimpleNamespace
+
+    from stages.serve.core import CoreSession
+    from stages.serve.model import Profile
+    for video_s, fps, ahead in ((0.16, 25.0, 3), (0.12, 25.0, 2), (0.1, 30.0, 1), (0.125, 24.0, 3)):
+        inner = SimpleNamespace(frames=0, p=SimpleNamespace(cfg=SimpleNamespace(audio=SimpleNamespace(fps=fps))))
+        profile = Profile("full", None, 64, 64, video_s=video_s)
+        s = CoreSession("x", inner, profile, ServeOptions(ahead_chunks=ahead), post=None)
+        s.watched = True
+        for frames in (1, 5, 9, 17, 40, 1001):
+            inner.frames = frames
+            w1, w0 = s.wakes()
+            assert w1 <= w0
+            for extra, w in ((1, w1), (0, w0)):
+                for nf in range(max(0, w - 30), min(frames, w + 30) + 1):
+                    s.next_frame = nf
+                    assert s.ready(extra) == (nf >= w), (video_s, fps, ahead, frames, extra, nf, w)

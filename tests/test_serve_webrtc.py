@@ -86,7 +86,16 @@ def _rms(chunks) -> float:
     return float(np.sqrt(np.mean(x ** 2)))
 
 
-def test_video_audio_instructions_and_push_to_talk_over_webrtc(model):
+def test_video_audio_instructions_and_push_to_talk_over_webrtc(model, monkeypatch):
+    from stages.serve.core import CoreHandle
+    told, send = [], CoreHandle.send
+
+    def counting(self, *msg):
+        if msg[0] == "timeline":
+            told.append(msg[2:])                                     # (offset, since, next_frame)
+        send(self, *msg)
+    monkeypatch.setattr(CoreHandle, "send", counting)
+
     async def main():
         async with running(ServeOptions(speed=0.01, connect_timeout_s=30), [model]) as url, ClientSession() as http:
             r = await http.post(url + "/sessions", data=upload(png()))
@@ -139,6 +148,11 @@ def test_video_audio_instructions_and_push_to_talk_over_webrtc(model):
             assert value(fams, "vidu_serve_messages_rejected_total") == 4
             assert value(fams, "vidu_serve_chunk_seconds_count") >= 5
             assert value(fams, "vidu_serve_frames_sent_total") >= len(v.frames) - 2
+            # the core hears of the viewer's position at the two wakes of each chunk, and when its clock moves
+            # (connect, stalls), not at every frame: 30 messages for 52 frames here at 4 frames a chunk
+            chunks = value(fams, "vidu_serve_chunk_seconds_count")
+            position_only = sum(a[:2] == b[:2] for a, b in zip(told, told[1:]))
+            assert 0 < position_only <= 2 * chunks and len(told) < value(fams, "vidu_serve_frames_sent_total")
             # push-to-talk that says a command: the viewer is told the instruction the spotter heard
             from stages.synth.speech import tts
             said = (np.clip(tts("Okay, raise your hand now.", "en-us+m3").audio, -1, 1) * 32767).astype("<i2")

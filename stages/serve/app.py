@@ -90,7 +90,7 @@ class State:
             elif kind == "failed":
                 s.failed(msg[2])
             else:
-                s.switched(next(p for p in s.core.profiles if p.name == msg[2]))
+                s.switched(next(p for p in s.core.profiles if p.name == msg[2]), msg[3])
 
     def session(self, request: web.Request) -> ServeSession:
         sid = request.match_info["id"]

@@ -9,7 +9,8 @@ its core's message threads (as vLLM's engine core and workers are processes of t
 
 A Core owns one device's ServeModel, a Scheduler with its one Worker, and per session a CoreSession: the
 stream Session (engine caches, ring, events) and what the worker needs to know of the viewer (a mirror of
-its Timeline: the clock offset and the next frame to send, updated by the server as it sends). The server
+its Timeline: the clock offset and the next frame to send, reported by the server when the clock moves or
+the viewer reaches a position the core said would make the session ready, `CoreSession.wakes`). The server
 (stages/serve/app.py) talks to each core through a CoreHandle and picks the core of a new session by their
 offers (the best profile it fits at, then the least load: Scheduler.admit's rule). Messages are tuples
 over one duplex multiprocessing Connection, pickled both ways (the same on a thread):
@@ -17,9 +18,9 @@ over one duplex multiprocessing Connection, pickled both ways (the same on a thr
   server -> core                                 core -> server
   ("offer", rid)                                 ("reply", rid, value)          value: an answer or a CoreError
   ("create", rid, sid, rgb, seed, instruction)   ("chunk", sid, rgb, audio, info) info: dt, late, chunks, frames,
-  ("event", sid, Instruction | AudioChunk)                                       instruction, audio_real
+  ("event", sid, Instruction | AudioChunk)                                       instruction, audio_real, wakes
   ("timeline", sid, offset, since, next_frame)   ("failed", sid, error)
-  ("viewer", sid, watched)                       ("degraded", sid, profile name)
+  ("viewer", sid, watched)                       ("degraded", sid, profile name, wakes)
   ("close", sid)                                 ("metric", name, args)         Metrics.<name>(*args)
   ("describe", rid)                              ("ready", index, device, profiles, notes) | ("error", message)
   ("stop",)                                      ("stopped",)
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import multiprocessing as mp
 import queue
 import threading
@@ -96,12 +98,20 @@ class CoreSession:
         chunk_s = self.chunk_s if self.chunks_measured >= MEASURED_AFTER else self.profile.chunk_s
         return chunk_s / self.profile.video_s
 
+    def _ahead_limit(self, extra: int) -> float:
+        return (self.opts.ahead_chunks + extra) * self.profile.video_s * self.fps
+
     def ready(self, extra: int = 0) -> bool:
         """Watched and fewer than `ahead_chunks` (+ `extra`) chunks ahead of its viewer. `extra` 1: it may
         ride along in another session's batch (Worker._pick)."""
-        per_chunk = self.profile.video_s * self.fps
-        ahead = self.session.frames - self.next_frame
-        return not self.closed and self.watched and ahead < (self.opts.ahead_chunks + extra) * per_chunk
+        return (not self.closed and self.watched
+                and self.session.frames - self.next_frame < self._ahead_limit(extra))
+
+    def wakes(self) -> list[int]:
+        """The viewer positions (next_frame) at which ready(1), then ready(), turn true for the frames made so
+        far. The server reports its viewer's position when it reaches one of them (and whenever the viewer's
+        clock moves), not at every frame sent."""
+        return [math.floor(self.session.frames - self._ahead_limit(e)) + 1 for e in (1, 0)]
 
     def deadline(self) -> float:
         """When the frames generated so far will have played (the next chunk is due by then); before the
@@ -121,7 +131,7 @@ class CoreSession:
         if len(s.instruction_log) > self.opts.history:
             del s.instruction_log[:-self.opts.history]
         self.post(("chunk", self.id, rgb, audio, {"dt": dt, "late": late, "chunks": s.chunks, "frames": s.frames,
-                                                  "instruction": s.instruction,
+                                                  "instruction": s.instruction, "wakes": self.wakes(),
                                                   "audio_real": int(timing.get("audio_real", 0))}))
 
     def switch(self, profile: Profile) -> None:
@@ -130,7 +140,7 @@ class CoreSession:
         self.session.p.engine.switch_steps(profile.settings)
         self.profile, self.chunk_s, self.chunks_measured = profile, profile.chunk_s, 0
         log("session_degraded", session=self.id, old=old.name, new=profile.name, chunk=self.session.chunks)
-        self.post(("degraded", self.id, profile.name))
+        self.post(("degraded", self.id, profile.name, self.wakes()))
 
     def fail(self, error: str) -> None:
         self.closed = True

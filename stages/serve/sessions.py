@@ -108,6 +108,8 @@ class ServeSession:
         self.timeline = Timeline(self.fps, opts.lead_s)
         if core is not None:
             self.timeline.changed = self._timeline_changed
+        self._told = (None, None)                       # the viewer's clock (offset, since) as last told the core
+        self._wakes: list[int] = []                     # viewer positions the core wants to hear of (CoreSession.wakes)
         self.history: deque[dict] = deque(maxlen=opts.history)
         self.created = self.last_input = time.monotonic()
         self.viewer_left: float | None = self.created  # no viewer since (None: one is connected)
@@ -133,11 +135,15 @@ class ServeSession:
         self.audio_used += info["audio_real"]
         if self.closed is None:
             self.timeline.push(rgb, audio)
+            self._wakes = info["wakes"]
+            self._timeline_changed()
 
-    def switched(self, profile: Profile) -> None:
+    def switched(self, profile: Profile, wakes: list[int]) -> None:
         """The core moved this session to fewer steps (its measured load outgrew the budget)."""
         self.profile = profile
         self.degraded.append(profile.name)
+        self._wakes = wakes
+        self._timeline_changed()
 
     def failed(self, error: str) -> None:
         self.error = error
@@ -145,7 +151,13 @@ class ServeSession:
         asyncio.ensure_future(self.close("error"))
 
     def _timeline_changed(self) -> None:
+        """Tell the core where the viewer is when its clock moved or it reached a position the core waits for."""
         tl = self.timeline
+        reached = [w for w in self._wakes if w <= tl.next_frame]
+        if (tl.offset, tl.since) == self._told and not reached:
+            return
+        self._wakes = [w for w in self._wakes if w > tl.next_frame]
+        self._told = (tl.offset, tl.since)
         self.core.send("timeline", self.id, tl.offset, tl.since, tl.next_frame)
 
     # -- event loop side
