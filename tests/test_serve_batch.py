@@ -206,7 +206,7 @@ def test_admission_counts_batched_forwards_at_their_measured_time(model):
     times (a size between two measured ones interpolated, beyond max_batch a further batch); the scheduler
     then admits exactly the sessions that fit. Control: without batching (max_batch 1) each session costs
     its solo time, and fewer are admitted."""
-    from stages.serve.scheduler import Refused, Scheduler
+    from stages.serve.scheduler import Refused
     full, fewer = model.profiles[0], model.fewer_steps(model.profiles[0])
     v = full.video_s
     assert v > 0 and fewer is not None and fewer.video_s == v
@@ -222,18 +222,17 @@ def test_admission_counts_batched_forwards_at_their_measured_time(model):
 
     def admitted(max_batch: int, headroom: float) -> int:
         o = ServeOptions(max_batch=max_batch, speed=1.0, headroom=headroom, max_sessions=100)
-        sch = Scheduler([model], o, Metrics())
-        worker = sch.workers[0]
+        worker = Worker(0, model, o, Metrics())
         worker.batch_s = {(full.name, 1): 0.1 * v, (full.name, 4): 0.2 * v,
                           **{(p.name, 1): 10.0 * v for p in model.profiles[1:]}}      # degrading does not pay
         n = 0
         while True:
             try:
-                wk, p = sch.admit()
+                p = worker.admit()
             except Refused:
                 return n
             assert p is full
-            wk.sessions.append(_Seated(p))
+            worker.sessions.append(_Seated(p))
             n += 1
     assert admitted(4, 0.45) == 8 and admitted(4, 0.39) == 7              # 8: 0.4, a 9th makes 0.5
     assert admitted(1, 0.45) == 4                                        # control: no batching, 0.1 each

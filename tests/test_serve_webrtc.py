@@ -262,7 +262,7 @@ def test_a_running_session_drops_to_fewer_steps_when_the_load_outgrows_the_budge
             info = await (await http.get(f"{url}/sessions/{sid}")).json()
             assert info["profile"]["name"] == "full" and info["degraded"] == [], info
             before = info["chunks"]
-            worker = core.scheduler.workers[0]
+            worker = core.worker
             first = worker.model.profiles[0]
             with worker.cond:                    # fewer steps measured cheaper (the tiny preset's two are close)
                 worker.batch_s[(worker.model.fewer_steps(first).name, 1)] = 0.5 * worker.batch_time(first, 1)

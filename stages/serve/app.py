@@ -193,7 +193,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _describe(state: State) -> dict:
-    """The cores' workers (Scheduler.describe) and GPU memory; none for one stream's page. A core that has
+    """The cores' workers (Worker.describe) and GPU memory; none for one stream's page. A core that has
     ended is left out."""
     out = {"workers": [], "gpu": []}
     for core in state.cores:
@@ -259,7 +259,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction: str | None):
     """(core, its answer) of the session made on the core that fits it at the best profile (full, fewer
-    steps, half size), the least loaded of those (Scheduler.admit's rule, across cores); CoreError when the
+    steps, half size), the least loaded of those (scheduler.by_preference, across cores); CoreError when the
     server is full or no core fits it (the least-loaded one's reason)."""
     if sum(s.closed is None for s in state.sessions.values()) >= state.opts.max_sessions:
         raise CoreError("max_sessions", f"the server is full: {state.opts.max_sessions} sessions (--max-sessions)")

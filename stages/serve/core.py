@@ -7,12 +7,12 @@ and two pure-Python threads beside a worker stalled it (benchmarks/gil_probe.py)
 GPUs in one process would stall each other the same way. Here each worker shares its GIL with nothing but
 its core's message threads (as vLLM's engine core and workers are processes of their own).
 
-A Core owns one device's ServeModel, a Scheduler with its one Worker, and per session a CoreSession: the
+A Core owns one device's ServeModel, its Worker (stages/serve/scheduler.py), and per session a CoreSession: the
 stream Session (engine caches, ring, events) and what the worker needs to know of the viewer (a mirror of
 its Timeline: the clock offset and the next frame to send, reported by the server when the clock moves or
 the viewer reaches a position the core said would make the session ready, `CoreSession.wakes`). The server
 (stages/serve/app.py) talks to each core through a CoreHandle and picks the core of a new session by their
-offers (the best profile it fits at, then the least load: Scheduler.admit's rule). Messages are tuples
+offers (the best profile it fits at, then the least load: scheduler.by_preference). Messages are tuples
 over one duplex multiprocessing Connection, pickled both ways (the same on a thread):
 
   server -> core                                 core -> server
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from stages.serve.metrics import log
 from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions
-from stages.serve.scheduler import Refused, Scheduler
+from stages.serve.scheduler import Refused, Worker
 from stages.stream.events import EventQueue, StreamError
 
 START_TIMEOUT_S = 900.0            # model load and calibration (a 1.3B model with torch.compile takes minutes)
@@ -170,8 +170,7 @@ class Core:
     def __init__(self, model: ServeModel, opts: ServeOptions, conn, index: int = 0):
         self.opts, self.conn = opts, conn
         self.outbox: queue.Queue = queue.Queue()
-        self.scheduler = Scheduler([model], opts, _Metrics(self.outbox.put), first=index)
-        self.worker = self.scheduler.workers[0]
+        self.worker = Worker(index, model, opts, _Metrics(self.outbox.put))
         self.sessions: dict[str, CoreSession] = {}
 
     def ready_message(self) -> tuple:
@@ -182,7 +181,7 @@ class Core:
         sender = threading.Thread(target=self._send, daemon=True, name="vidu-core-send")
         sender.start()
         self.outbox.put(self.ready_message())
-        self.scheduler.start()
+        self.worker.start()
         try:
             while True:
                 try:
@@ -196,7 +195,7 @@ class Core:
                 except Exception as e:  # noqa: BLE001  -- a bad message never ends the core
                     log("core_message_failed", kind=msg[0], error=f"{type(e).__name__}: {e}")
         finally:
-            self.scheduler.stop()
+            self.worker.stop()
             self.outbox.put(("stopped",))
             self.outbox.put(None)
             sender.join(STOP_TIMEOUT_S)
@@ -235,7 +234,7 @@ class Core:
     def _create(self, sid: str, rgb, seed: int, instruction: str | None):
         from stages.stream.session import Session
         try:
-            worker, profile = self.scheduler.admit()
+            worker, profile = self.worker, self.worker.admit()
         except Refused as e:
             return CoreError(e.reason, str(e))
         try:
@@ -253,16 +252,16 @@ class Core:
         """What admitting a session here would give: the rank of the profile it fits at (0: full; None: it
         does not fit, `refusal` says why) and the worker's load now."""
         w = self.worker
-        p = self.scheduler.fit(w)
+        p = w.fit()
         return {"rank": None if p is None else w.model.profiles.index(p), "load": w.load(),
-                "refusal": str(self.scheduler.refusal(w)) if p is None else None}
+                "refusal": str(w.refusal()) if p is None else None}
 
     def describe(self) -> dict:
         import torch
         dev = str(self.worker.model.device)
         gpu = [(dev, torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev))] \
             if dev.startswith("cuda") and torch.cuda.is_available() else []
-        return {"workers": self.scheduler.describe(), "gpu": gpu}
+        return {"workers": [self.worker.describe()], "gpu": gpu}
 
 
 def _process_main(spec: ModelSpec, opts: ServeOptions, conn, index: int) -> None:

@@ -1,7 +1,7 @@
-"""Workers and admission control, on the model side (stages/serve/core.py: a process per device).
+"""The worker and its admission control, on the model side (stages/serve/core.py: a process per device).
 
-One Worker thread per device (on a CPU: one) owns that device's ServeModel and runs its sessions'
-chunks, earliest deadline first: a session's deadline is the time its viewer will have played every
+One Worker thread per device (on a CPU: one), in that device's core, owns the device's ServeModel and runs
+its sessions' chunks, earliest deadline first: a session's deadline is the time its viewer will have played every
 frame generated so far (CoreSession.deadline, from the viewer's timeline as the server reports it). A
 session is ready when a viewer is connected and it is fewer than `ahead_chunks` chunks ahead of it; a
 session without a viewer holds its place (its capacity stays reserved through the reconnect grace) but
@@ -33,8 +33,8 @@ yet is interpolated linearly between the nearest measured sizes. Then
 with video_s the seconds of video a chunk plays. So batching admits more sessions exactly as far as
 batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow.
 A new session is admitted at the first profile (full, fewer steps, half resolution) with which a
-worker's load stays <= headroom, on the least-loaded such worker (across devices the server asks each
-core for its offer and applies the same rule); with none, it is refused (HTTP 503, the reason).
+worker's load stays <= headroom (Worker.fit), on the least-loaded worker at the best such profile (the
+server asks each core for its offer: by_preference); with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
 the worker moves the heaviest one (with batching, every session at its profile: they share forwards) to
 fewer steps at its resolution between two chunks (Worker._rebalance); a lower resolution needs a new
@@ -53,9 +53,8 @@ from stages.stream.batch import next_chunks
 
 
 def by_preference(offers: list, rank, load) -> list:
-    """`offers` ordered as admission prefers them: the best profile first (`rank(o)`: its index, full = 0),
-    then the least `load(o)`. Scheduler.admit picks among its workers with it, the server among its cores
-    (app._admit)."""
+    """`offers` (one per core: Worker.fit's profile and Worker.load) ordered as the server admits a session
+    (app._admit): the best profile first (`rank(o)`: its index, full = 0), then the least `load(o)`."""
     return sorted(offers, key=lambda o: (rank(o), load(o)))
 
 
@@ -125,6 +124,34 @@ class Worker(threading.Thread):
             self.cond.notify_all()
         if self.is_alive():
             self.join(timeout=30)
+
+    def fit(self) -> Profile | None:
+        """The first of the profiles (full, fewer steps, half size) at which a new session keeps the load
+        within the headroom, or None."""
+        return next((p for p in self.model.profiles if self.load(p) <= self.opts.headroom), None)
+
+    def refusal(self) -> Refused:
+        cheapest = min(self.model.profiles, key=lambda p: p.load)
+        return Refused("capacity", f"no capacity to stay at {self.opts.speed:g}x real time: the worker's load is "
+                       f"{self.load():.2f} of {self.opts.headroom:g} and the cheapest profile ({cheapest.name}, "
+                       f"{1000 * cheapest.chunk_s:.0f} ms per {1000 * cheapest.video_s:.0f} ms chunk) adds "
+                       f"{self.opts.speed * cheapest.load:.2f}")
+
+    def admit(self) -> Profile:
+        """The profile of a new session here (fit), or Refused. The caller adds the session before the next
+        admission (the server counts --max-sessions over all cores: app._admit)."""
+        p = self.fit()
+        if p is None:
+            raise self.refusal()
+        return p
+
+    def describe(self) -> dict:
+        with self.cond:
+            batch_s = sorted(self.batch_s.items())
+            n = len(self.sessions)
+        return {"worker": self.index, "device": self.model.device, "sessions": n, "load": self.load(),
+                "budget": self.opts.headroom, "profiles": [p.describe() for p in self.model.profiles],
+                "batch_ms": {f"{name}x{size}": round(1000 * t, 2) for (name, size), t in batch_s}}
 
     def _pick(self) -> list:
         """The sessions whose chunks run next, in one forward (the module's docstring says which)."""
@@ -211,56 +238,3 @@ class Worker(threading.Thread):
         2-step profile cost 207 ms a batch of 8 against 3 steps' 142 ms)."""
         n = sum(c[0].profile is old for c in candidates) if self.opts.max_batch > 1 else 1
         return self.round_time(new, n) < self.round_time(old, n)
-
-
-class Scheduler:
-    """The workers, and the admission decision over them."""
-
-    def __init__(self, models: list[ServeModel], opts: ServeOptions, metrics, first: int = 0):
-        """`first`: the index of the first worker (a core of `vidu serve` has one worker, numbered as its device)."""
-        self.opts, self.metrics = opts, metrics
-        self.workers = [Worker(first + i, m, opts, metrics) for i, m in enumerate(models)]
-
-    def start(self) -> None:
-        for w in self.workers:
-            w.start()
-
-    def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
-
-    def sessions(self) -> int:
-        return sum(len(w.sessions) for w in self.workers)
-
-    def fit(self, w: Worker) -> Profile | None:
-        """The first of w's profiles (full, fewer steps, half size) at which a new session keeps w's load
-        within the headroom, or None."""
-        return next((p for p in w.model.profiles if w.load(p) <= self.opts.headroom), None)
-
-    def refusal(self, w: Worker) -> Refused:
-        cheapest = min(w.model.profiles, key=lambda p: p.load)
-        return Refused("capacity", f"no capacity to stay at {self.opts.speed:g}x real time: the worker's load is "
-                       f"{w.load():.2f} of {self.opts.headroom:g} and the cheapest profile ({cheapest.name}, "
-                       f"{1000 * cheapest.chunk_s:.0f} ms per {1000 * cheapest.video_s:.0f} ms chunk) adds "
-                       f"{self.opts.speed * cheapest.load:.2f}")
-
-    def admit(self) -> tuple[Worker, Profile]:
-        """The worker and profile of a new session, or Refused: the best profile any worker fits it at, on the
-        least-loaded such worker (the server makes the same choice across its cores: app.create_session). The
-        caller adds the session to the worker before the next admission."""
-        if self.sessions() >= self.opts.max_sessions:
-            raise Refused("max_sessions", f"the server is full: {self.opts.max_sessions} sessions (--max-sessions)")
-        fits = [(w, p) for w in self.workers if (p := self.fit(w)) is not None]
-        if not fits:
-            raise self.refusal(min(self.workers, key=lambda w: w.load()))
-        return by_preference(fits, lambda f: f[0].model.profiles.index(f[1]), lambda f: f[0].load())[0]
-
-    def describe(self) -> list[dict]:
-        out = []
-        for w in self.workers:
-            with w.cond:
-                batch_s = sorted(w.batch_s.items())
-            out.append({"worker": w.index, "device": w.model.device, "sessions": len(w.sessions), "load": w.load(),
-                        "budget": self.opts.headroom, "profiles": [p.describe() for p in w.model.profiles],
-                        "batch_ms": {f"{name}x{size}": round(1000 * t, 2) for (name, size), t in batch_s}})
-        return out
