@@ -269,7 +269,7 @@ def test_a_session_without_a_viewer_is_closed_after_the_grace(model):
 @pytest.mark.timeout(180)
 def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
     """The real command in a process: it says where it serves, admits a session over HTTP, and Ctrl-C ends it
-    cleanly (exit 130, no traceback)."""
+    cleanly (exit 130, no traceback, its shared memory removed)."""
     import os
     import signal
     import subprocess
@@ -277,6 +277,7 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
     import urllib.request
 
     from tests.test_runner import _as_in_a_terminal
+    shm_before = set(os.listdir("/dev/shm"))
     proc = subprocess.Popen([sys.executable, "-m", "vidu_cli", "serve", "--preset", "tiny", "--device", "cpu", "--port", "0",
                              "--calib-chunks", "1", "--speed", "0.01", "--max-sessions", "1", "--size", "96x80", "--max-batch", "2"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -309,7 +310,8 @@ def test_vidu_serve_command_serves_and_stops_on_ctrl_c(tmp_path):
             proc.wait()
             raise
         err = proc.stderr.read()            # (not communicate(): it would miss what readline() buffered)
-    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 130 and "Traceback" not in err and "leaked" not in err, err[-2000:]
+    assert set(os.listdir("/dev/shm")) <= shm_before     # the core's frame ring (stages/serve/ring.py) is gone
     events = [json.loads(ln)["event"] for ln in "".join(said).splitlines() + err.splitlines() if ln.startswith("{")]
     assert "serving" in events and "session_created" in events and "session_refused" in events and "session_closed" in events
 

@@ -13,16 +13,19 @@ its Timeline: the clock offset and the next frame to send, reported by the serve
 the viewer reaches a position the core said would make the session ready, `CoreSession.wakes`). The server
 (stages/serve/app.py) talks to each core through a CoreHandle and picks the core of a new session by their
 offers (the best profile it fits at, then the least load: scheduler.by_preference). Messages are tuples
-over one duplex multiprocessing Connection, pickled both ways (the same on a thread):
+over one duplex multiprocessing Connection, pickled both ways (the same on a thread); a chunk's frames go
+through a ring in shared memory (stages/serve/ring.py), the message says where:
 
   server -> core                                 core -> server
   ("offer", rid)                                 ("reply", rid, value)          value: an answer or a CoreError
-  ("create", rid, sid, rgb, seed, instruction)   ("chunk", sid, rgb, audio, info) info: dt, late, chunks, frames,
+  ("create", rid, sid, rgb, seed, instruction)   ("chunk", sid, rgb, audio, info) rgb: a ring.Slot (shared memory),
+                                                 or the frames; info: dt, late, chunks, frames,
   ("event", sid, Instruction | AudioChunk)                                       instruction, audio_real, wakes
   ("timeline", sid, offset, since, next_frame)   ("failed", sid, error)
   ("viewer", sid, watched)                       ("degraded", sid, profile name, wakes)
   ("close", sid)                                 ("metric", name, args)         Metrics.<name>(*args)
-  ("describe", rid)                              ("ready", index, device, profiles, notes) | ("error", message)
+  ("describe", rid)                              ("ready", index, device, profiles, notes, ring name)
+                                                 | ("error", message)
   ("stop",)                                      ("stopped",)
 """
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from stages.serve.metrics import log
 from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions
+from stages.serve.ring import FrameRing, Slot
 from stages.serve.scheduler import Refused, Worker
 from stages.stream.events import EventQueue, StreamError
 
@@ -172,10 +176,14 @@ class Core:
         self.outbox: queue.Queue = queue.Queue()
         self.worker = Worker(index, model, opts, _Metrics(self.outbox.put))
         self.sessions: dict[str, CoreSession] = {}
+        fps = model.base.cfg.audio.fps
+        chunk_bytes = max(p.height * p.width * 3 * math.ceil(p.video_s * fps - 1e-6) for p in model.profiles)
+        self.ring = FrameRing.create(chunk_bytes, 2 * opts.max_batch)    # None: frames through the pipe
 
     def ready_message(self) -> tuple:
         m = self.worker.model
-        return ("ready", self.worker.index, str(m.device), m.profiles, list(m.base.notes))
+        return ("ready", self.worker.index, str(m.device), m.profiles, list(m.base.notes),
+                self.ring.name if self.ring else None)
 
     def run(self) -> None:
         sender = threading.Thread(target=self._send, daemon=True, name="vidu-core-send")
@@ -200,9 +208,15 @@ class Core:
             self.outbox.put(None)
             sender.join(STOP_TIMEOUT_S)
             self.conn.close()
+            if self.ring is not None:
+                self.ring.close()
 
     def _send(self) -> None:
         while (msg := self.outbox.get()) is not None:
+            if msg[0] == "chunk" and self.ring is not None:      # the frames through shared memory (ring.py)
+                slot = self.ring.put(msg[2])
+                if slot is not None:
+                    msg = (*msg[:2], slot, *msg[3:])
             try:
                 self.conn.send(msg)
             except (OSError, ValueError):               # the server is gone
@@ -286,7 +300,8 @@ class CoreHandle:
 
     def __init__(self, conn, runner, ready: tuple):
         self.conn, self.runner = conn, runner            # runner: the Process or Thread running the core
-        _, self.index, self.device, self.profiles, self.notes = ready
+        _, self.index, self.device, self.profiles, self.notes, ring = ready
+        self.ring = FrameRing.attach(ring) if ring else None
         self.loop = None
         self.on_message = None
         self.pending: dict[int, object] = {}
@@ -356,6 +371,8 @@ class CoreHandle:
             except Exception as e:  # noqa: BLE001  -- a message that cannot be read is skipped, never fatal
                 log("core_message_unreadable", error=f"{type(e).__name__}: {e}")
                 continue
+            if msg[0] == "chunk" and isinstance(msg[2], Slot):   # copied out in order: the core may reuse it
+                msg = (*msg[:2], self.ring.take(msg[2]), *msg[3:])
             if self.loop.is_closed():
                 return
             try:
@@ -421,3 +438,5 @@ class CoreHandle:
             self.conn.close()
         except OSError:
             pass
+        if self.ring is not None:
+            self.ring.close()
