@@ -366,13 +366,13 @@ class CoreHandle:
         while True:
             try:
                 msg = self.conn.recv()
+                if msg[0] == "chunk" and isinstance(msg[2], Slot):   # copied out in order: the core may reuse it
+                    msg = (*msg[:2], self.ring.take(msg[2]), *msg[3:])
             except (EOFError, OSError, TypeError):      # TypeError: closed under the read
                 msg = ("ended",)
             except Exception as e:  # noqa: BLE001  -- a message that cannot be read is skipped, never fatal
                 log("core_message_unreadable", error=f"{type(e).__name__}: {e}")
                 continue
-            if msg[0] == "chunk" and isinstance(msg[2], Slot):   # copied out in order: the core may reuse it
-                msg = (*msg[:2], self.ring.take(msg[2]), *msg[3:])
             if self.loop.is_closed():
                 return
             try:
