@@ -44,8 +44,9 @@ def _one_line(body: dict) -> str:
 def test_create_read_and_close_a_session(model):
     async def main():
         async with running(ServeOptions(speed=SLOW), [model]) as url, ClientSession() as http:
-            status, info = await _post_session(http, url, upload(png(), instruction="wave hello", seed=3))
+            status, info = await _post_session(http, url, upload(png(), instruction="wave hello", seed=3, voice="cleo"))
             assert status == 201 and len(info["id"]) == 32 and info["profile"]["name"] == "full"
+            assert info["voice"] == "cleo"                               # a character voice (the page offers them)
             assert (info["width"], info["height"], info["fps"]) == (64, 64, 25)
             assert info["instruction"] == "wave hello" and info["chunks"] == 0 and info["viewer"] is False
             r = await http.get(f"{url}/sessions/{info['id']}")

@@ -59,6 +59,11 @@ def test_page_receives_webrtc_video_and_audio_and_acks_an_instruction(server, ch
     chromium.get(server + "/")
     assert chromium.title == "vidu serve" and chromium.execute_script("return document.body.dataset.session") == ""
     chromium.find_element("id", "image").send_keys(str(tmp_path / "ref.png"))
+    from selenium.webdriver.support.ui import Select
+    from stages.synth.voice import VOICES
+    voices = Select(chromium.find_element("id", "voice"))
+    assert [o.get_attribute("value") for o in voices.options] == ["", *sorted(VOICES)]
+    voices.select_by_value("zoe")
     chromium.find_element("css selector", "#start button").click()
     _wait(lambda: chromium.execute_script("return document.getElementById('view').videoWidth") == 64, 40,
           "the first video frame")
@@ -79,7 +84,7 @@ def test_page_receives_webrtc_video_and_audio_and_acks_an_instruction(server, ch
     info = info()
     assert [h["text"] for h in info["history"]] == ["turn to the left"]
     assert "turn to the left" in chromium.find_element("id", "note").text
-    assert info["viewer"] is True
+    assert info["viewer"] is True and info["voice"] == "zoe"              # the voice chosen on the page
     # push-to-talk: the fake microphone's beeps, 16 kHz s16le over the data channel, reach the session
     from selenium.webdriver.common.action_chains import ActionChains
     talk = chromium.find_element("id", "talk")

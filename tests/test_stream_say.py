@@ -146,4 +146,10 @@ def test_speech_is_the_voices_tts_and_bad_text_or_voice_is_one_line():
             speech(bad)
     with pytest.raises(StreamError, match="unknown voice") as err:
         speech(TEXT, "xx-nowhere")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "ada, bea, ben" in str(err.value)     # the character voices named
+    # a character voice (the page's choice, `vidu eval --voice`'s names) is its espeak-ng voice at its pitch
+    from stages.synth.voice import VOICES
+    assert VOICES["ada"] == ("en-us+Annie", 55)
+    ada = speech(TEXT, "ada")
+    assert np.array_equal(ada, tts(TEXT, "en-us+Annie", pitch=55).audio)
+    assert not np.array_equal(ada[:4000], tts(TEXT, "en-us+Annie").audio[:4000])   # the pitch is ada's, not 50

@@ -18,7 +18,7 @@ def stream(
     image: Annotated[Path, typer.Option(help="Reference image of the character (png, jpg, ...).")],
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
     say: Annotated[Optional[str], typer.Option(help="Speech: this text, spoken offline by espeak-ng in --voice (instead of --audio).", show_default=False)] = None,
-    voice: Annotated[str, typer.Option(help="espeak-ng voice of --say and the page's say toggle: LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2.")] = "en-us",
+    voice: Annotated[str, typer.Option(help="Voice of --say and the page's say toggle: a character voice (ada, bea, ben, cleo, dev, finn, gus, zoe) or an espeak-ng voice LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2.")] = "en-us",
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT: vidu serve's page over WebRTC (video, audio, text box, push-to-talk); off loopback it needs a token ($VIDU_SERVE_TOKEN).")] = None,
     commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,

@@ -27,6 +27,7 @@ viewers on this machine or its LAN only, not across NAT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import io
 import json
@@ -156,8 +157,18 @@ async def page(request: web.Request) -> web.Response:
     state = request.app[STATE]
     single = next(iter(state.sessions), "") if not state.cores else ""    # one stream's page opens it
     html = (_static("stages.serve", "index.html").decode().replace("{{max_chars}}", str(MAX_INSTRUCTION_CHARS))
-            .replace("{{title}}", html_escape(state.title)).replace("{{session}}", single))
+            .replace("{{title}}", html_escape(state.title)).replace("{{session}}", single)
+            .replace("{{voices}}", _voice_options()))
     return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+@functools.cache
+def _voice_options() -> str:
+    """The page's voice choice: the default (espeak-ng's DEFAULT_VOICE), then the character voices (made once,
+    by create_app: the import takes most of a second)."""
+    from stages.synth.voice import VOICES
+    return "".join([f'<option value="">voice: {DEFAULT_VOICE}</option>',
+                    *(f'<option value="{name}">voice: {name}</option>' for name in sorted(VOICES))])
 
 
 async def script(request: web.Request) -> web.Response:
@@ -435,6 +446,7 @@ def create_app(opts: ServeOptions, cores: list[CoreHandle] | list[ServeModel], s
     if not cores and not single:
         raise ServeError("no model to serve")
     check_bind(opts)
+    _voice_options()
     if not single:
         cores = [CoreHandle.thread(c, opts, i) if isinstance(c, ServeModel) else c for i, c in enumerate(cores)]
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)

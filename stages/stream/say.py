@@ -7,8 +7,10 @@ samples are fed (paced with --realtime, then AudioEnd); the page's "say" toggle 
 channel: stages/serve/sessions.py) puts the speech on the queue at once, as push-to-talk audio arrives.
 
 The speech drives the lips and is the audio track exactly as a file with those samples would.
-A voice is "<language>[+<variant>]": a file name under espeak-ng-data/lang/ (en-us, en-gb-x-rp,
-de, ...) and optionally one under espeak-ng-data/voices/!v/ (m1..m7, f1..f5, klatt, ...).
+A voice is a character voice (stages/synth/voice.py VOICES: ada, bea, ben, ... an espeak-ng voice and a base
+pitch; the voices the page offers and `vidu eval --voice` scores) or an espeak-ng voice
+"<language>[+<variant>]": a file name under espeak-ng-data/lang/ (en-us, en-gb-x-rp, de, ...) and optionally
+one under espeak-ng-data/voices/!v/ (m1..m7, f1..f5, klatt, ...), at base pitch 50.
 """
 from __future__ import annotations
 
@@ -26,18 +28,28 @@ def _voice_help() -> str:
         where = f"the files under {_espeak_paths()[1]}/lang/ (languages) and voices/!v/ (variants)"
     except RuntimeError:
         pass
-    return f"a voice is LANGUAGE[+VARIANT], e.g. en-us, en-us+f3, en-gb-x-rp+m2; valid names are {where}"
+    from stages.synth.voice import VOICES
+    return (f"a voice is a character voice ({', '.join(sorted(VOICES))}) or LANGUAGE[+VARIANT], e.g. en-us, en-us+f3, "
+            f"en-gb-x-rp+m2; valid names are {where}")
+
+
+def espeak_voice(voice: str) -> tuple[str, int]:
+    """(espeak-ng voice, base pitch 0-100) of `voice`: a character voice's own, else `voice` itself at 50."""
+    from stages.synth.voice import VOICES
+    return VOICES.get(voice, (voice, 50))
 
 
 def speech(text: str, voice: str = DEFAULT_VOICE) -> np.ndarray:
-    """`text` spoken by espeak-ng `voice`: [N] float32 at 16 kHz (what `tts(text, voice).audio` gives).
+    """`text` spoken in `voice` (a character voice or an espeak-ng one): [N] float32 at 16 kHz (what
+    `tts(text, *espeak_voice(voice))` gives).
     StreamError, one line, for empty text, an unknown voice or a missing espeak-ng."""
     text = (text or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
     if not text:
         raise StreamError("nothing to say: the text is empty")
     from stages.synth.speech import tts
+    espeak, pitch = espeak_voice(voice or "")
     try:
-        audio = tts(text, voice or "").audio
+        audio = tts(text, espeak, pitch=pitch).audio
     except ValueError as e:                      # espeak-ng has no voice (variant) ...
         raise StreamError(f"unknown voice {voice!r} ({e}); {_voice_help()}") from None
     except RuntimeError as e:                    # the espeakng-loader wheel is missing

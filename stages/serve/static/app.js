@@ -19,10 +19,11 @@ async function api(method, path, body, headers) {
   return data;
 }
 
-async function createSession(file, instruction) {
+async function createSession(file, instruction, voice) {
   const form = new FormData();
   form.append('image', file, file.name || 'reference.png');
   if (instruction) form.append('instruction', instruction);
+  if (voice) form.append('voice', voice);
   const info = await api('POST', '/sessions', form);
   state.id = info.id;
   note(`session ${info.id.slice(0, 8)}: ${info.width}x${info.height}, ${info.profile.name}`);
@@ -79,7 +80,7 @@ $('start').addEventListener('submit', async e => {
   e.preventDefault();
   const file = $('image').files[0];
   if (!file) { note('choose a reference image first'); return; }
-  try { await createSession(file, $('first').value.trim()); } catch (err) { note(err.message); }
+  try { await createSession(file, $('first').value.trim(), $('voice').value); } catch (err) { note(err.message); }
 });
 
 $('say').addEventListener('submit', e => {
