@@ -74,21 +74,81 @@ def build(preset_name: str, height: int, width: int, dev, dtype, audio: bool = F
     return cfg, model, decoder
 
 
-def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3) -> dict:
+def engine_dtype(dev) -> torch.dtype:
+    return torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+
+def add_engine_args(ap: argparse.ArgumentParser, compile_choices=("off", "on", "both")) -> None:
+    """The options that build and speed up the engine (`build`, `accelerate`, `settings`); shared with
+    benchmarks/stream_profile.py."""
+    ap.add_argument("--preset", default="wan2.1-1.3b")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--window", type=int, default=8)
+    ap.add_argument("--compile", choices=compile_choices, default="off",
+                    help="the blocks compiled (DiT.compile_blocks): " + ", ".join(compile_choices[:-1]) + ", or "
+                         + ("each configuration both ways" if compile_choices[-1] == "both" else compile_choices[-1]))
+    ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                    help="torch.compile's mode for --compile on/both (reduce-overhead: each block a CUDA graph)")
+    ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
+    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
+                    help="self-attention's backend (DiT.use_kernels)")
+    ap.add_argument("--keep-context", action=argparse.BooleanOptionalAction, default=True,
+                    help="--attention int8: keep the context's int8 key blocks for a chunk's forwards "
+                         "(DiT.use_kernels keep_context; --no-keep-context derives them every forward; sparse "
+                         "builds its block map from each forward's q and k)")
+    ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
+                    help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
+    ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
+                    help="give a preset without one the speech adapter the product streams with")
+
+
+def accelerate(model: DiT, args, compiled: bool) -> None:
+    """`args`' speed options on a built model: fused kernels and self-attention backend, W8A8 linears, compiled blocks."""
+    model.use_kernels(args.kernels, args.attention, args.keep_context)
+    if args.linear != "bf16":
+        model.quantize(args.linear)
+    if compiled:
+        torch._dynamo.reset()
+        model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
+
+
+def settings(args, chunk_frames: int, twin: bool) -> StreamSettings:
+    """The stream's settings: `args.steps`, the window rounded down to whole chunks (at least one)."""
+    cf = chunk_frames
+    return StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=twin)
+
+
+def stream_inputs(cfg, st: StreamSettings, dev, dtype) -> tuple[ChunkInputs, torch.Tensor]:
+    """Random conditions every chunk reuses (text, speech when the model has the adapter) and the reference latent."""
     d = cfg.dit
     g = torch.Generator(device=dev).manual_seed(0)
     text = torch.randn(1, d.text_len, d.text_dim, generator=g, device=dev, dtype=dtype)
     audio = (torch.randn(1, st.chunk_frames + sum(d.audio_context), cfg.audio.mel_per_latent, d.audio_dim, generator=g, device=dev, dtype=dtype)
              if d.audio_dim else None)
     ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g, device=dev, dtype=dtype)
-    inputs = ChunkInputs(text, audio)
+    return ChunkInputs(text, audio), ref
+
+
+def start_stream(cfg, model, decoder, st: StreamSettings, ref: torch.Tensor):
+    """A started engine (the instruction's text prepared once, as a stream does) and TAEHV's stream decoder."""
+    eng = StreamEngine(model, cfg, st, keep_text=True)
+    eng.start(ref)
+    return eng, decoder.stream_decoder()
+
+
+def decode(stream, res):
+    """A chunk's latent through TAEHV's stream decoder: its frames [B, T, 3, H, W]."""
+    with torch.no_grad():
+        return stream.push(res.video.permute(0, 2, 1, 3, 4))
+
+
+def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3) -> dict:
+    inputs, ref = stream_inputs(cfg, st, dev, dtype)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    eng = StreamEngine(model, cfg, st, keep_text=True)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    eng.start(ref)
-    stream = decoder.stream_decoder()
+    eng, stream = start_stream(cfg, model, decoder, st, ref)
     dit_s, total_s, frames = [], [], []
     t_first = None
     t0 = time.perf_counter()
@@ -97,8 +157,7 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
         res = eng.step(inputs)
         sync(dev)
         b = time.perf_counter()
-        with torch.no_grad():
-            out = stream.push(res.video.permute(0, 2, 1, 3, 4))
+        out = decode(stream, res)
         sync(dev)
         c = time.perf_counter()
         if t_first is None:
@@ -125,33 +184,16 @@ def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="wan2.1-1.3b")
+    add_engine_args(ap)
     ap.add_argument("--sizes", default="960x544,832x480", help="WxH list")
     ap.add_argument("--chunk-frames", default="1,3")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=40, help="chunks per short configuration")
     ap.add_argument("--long-seconds", type=float, default=300.0, help="video length of the long run (first size)")
     ap.add_argument("--long-chunk-frames", type=int, default=3)
     ap.add_argument("--short", action=argparse.BooleanOptionalAction, default=True, help="run the short configurations")
-    ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                    help="the blocks compiled (DiT.compile_blocks): off, on, or each configuration both ways")
-    ap.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                    help="torch.compile's mode for --compile on/both (reduce-overhead: each block a CUDA graph)")
-    ap.add_argument("--kernels", action="store_true", help="the blocks' fused Triton element-wise kernels (DiT.use_kernels)")
-    ap.add_argument("--attention", default="sdpa", choices=("sdpa", "int8", "sparse"),
-                    help="self-attention's backend (DiT.use_kernels)")
-    ap.add_argument("--keep-context", action=argparse.BooleanOptionalAction, default=True,
-                    help="--attention int8: keep the context's int8 key blocks for a chunk's forwards "
-                         "(DiT.use_kernels keep_context; --no-keep-context derives them every forward; sparse "
-                         "builds its block map from each forward's q and k)")
-    ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
-                    help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
-    ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
-                    help="give a preset without one the speech adapter the product streams with")
     args = ap.parse_args()
     dev, rank, world = ranks()
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = engine_dtype(dev)
     torch.backends.cuda.matmul.allow_tf32 = True
     results = []
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -160,16 +202,10 @@ def main() -> None:
     for w, h in sizes:
         for compiled in {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]:
             cfg, model, decoder = build(args.preset, h, w, dev, dtype, args.audio_adapter, world)
-            model.use_kernels(args.kernels, args.attention, args.keep_context)
-            if args.linear != "bf16":
-                model.quantize(args.linear)
-            if compiled:
-                torch._dynamo.reset()
-                model.compile_blocks(mode=None if args.compile_mode in (None, "default") else args.compile_mode)
+            accelerate(model, args, compiled)
             for cf in (int(c) for c in args.chunk_frames.split(",")) if args.short else ():
                 for twin in (True, False):
-                    st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf,
-                                        twin=twin)
+                    st = settings(args, cf, twin)
                     # compiled: the first window's chunks (growing context) and a shape change pay compilation
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
                                    warmup=3 + (st.window // cf + 3) * compiled)
@@ -181,7 +217,7 @@ def main() -> None:
                         print(json.dumps(r), flush=True)
             if (w, h) == sizes[0] and args.long_seconds > 0:
                 cf = args.long_chunk_frames
-                st = StreamSettings(chunk_frames=cf, steps=args.steps, window=max(args.window, cf) // cf * cf, twin=True)
+                st = settings(args, cf, True)
                 n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
                 r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10 + (st.window // cf + 3) * compiled)
                 r.update(run="long", compiled=compiled)
