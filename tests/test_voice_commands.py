@@ -245,31 +245,48 @@ def test_stream_with_spoken_commands(tmp_path):
 
 
 def test_push_to_talk_audio_reaches_the_spotter(tmp_path):
-    """What `vidu stream --serve` does with --commands page: the page's push-to-talk speech (as the data
-    channel hands it to the session, in 0.5-s pieces) drives the lips and the spotter, whose command becomes
-    an instruction on the stream's queue, in the session's history (source voice)."""
+    """What `vidu stream --serve` does with --commands page: the page's push-to-talk speech (a viewer's data
+    channel, 0.1-s pieces of s16le, as the browser sends them) drives the lips and the spotter in the page's
+    process, whose command becomes an instruction on the stream's queue and in the session's history
+    (source voice); what the spotter heard is the sink's log after close."""
+    import asyncio
     import time
 
-    from stages.serve.sessions import voice_commands
+    from aiohttp import ClientSession
+
     from stages.serve.single import PageSink
     from stages.stream.events import AudioChunk
     from stages.stream.session import Session, SessionOptions, load_parts
+    from tests.test_serve_webrtc import Viewer
     audio, _ = _said("en-us+m3", "turn left")
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
     events = EventQueue()
-    vc = voice_commands(25.0)
-    sink = PageSink("127.0.0.1", 0, commands=vc)
+    sink = PageSink("127.0.0.1", 0, commands=True)
     try:
         sink.attach(Session(load_parts(write_face(tmp_path / "face.png"), seed=0), events, SessionOptions(live_audio=True)))
-        for i in range(0, len(audio), SR // 2):
-            sink.loop.call_soon_threadsafe(sink.session.speech, audio[i:i + SR // 2])
-        got, deadline = [], time.monotonic() + 30
-        while not any(isinstance(e, Instruction) for e in got) and time.monotonic() < deadline:
-            got += events.drain()
-            time.sleep(0.1)
-        history = list(sink.session.history)
+
+        async def talk():
+            async with ClientSession() as http:
+                v = Viewer()
+                await v.connect(http, sink.base.rstrip("/"), sink.id)
+                for i in range(0, len(pcm), SR // 10):
+                    v.channel.send(pcm[i:i + SR // 10].tobytes())
+                    await asyncio.sleep(0.02)
+                got, deadline = [], time.monotonic() + 30
+                while time.monotonic() < deadline and not (
+                        any(isinstance(e, Instruction) for e in got)
+                        and sum(len(e.samples) for e in got if isinstance(e, AudioChunk)) >= len(pcm)):
+                    got += events.drain()
+                    await asyncio.sleep(0.1)
+                async with http.get(f"{sink.base}sessions/{sink.id}") as r:
+                    info = await r.json()
+                await v.close()
+                return got, info
+        got, info = asyncio.run(talk())
     finally:
         sink.close()
     assert Instruction("turn left") in got
-    assert sum(len(e.samples) for e in got if isinstance(e, AudioChunk)) == len(audio)   # the lips get it all
-    assert [(h["text"], h["source"]) for h in history] == [("turn left", "voice")]
-    assert vc.log[0][0] == "turn left" and vc.log[0][3] is None
+    heard = np.concatenate([e.samples for e in got if isinstance(e, AudioChunk)])
+    assert np.array_equal(heard, pcm.astype(np.float32) / 32768.0)                 # the lips get it all
+    assert [(h["text"], h["source"]) for h in info["history"]] == [("turn left", "voice")]
+    assert sink.log[0][0] == "turn left" and sink.log[0][3] is None and sink.error is None

@@ -126,10 +126,7 @@ def stream(
                     parts.notes.append(f"warning: {warning}")
             from stages.stream.io import open_audio
             fps = parts.cfg.audio.fps
-            if commands == "page":                                 # the served session hears its push-to-talk
-                from stages.serve.sessions import voice_commands
-                spotter = voice_commands(fps)
-            elif commands is not None:
+            if commands not in (None, "page"):                     # "page": the page's process spots its push-to-talk
                 from stages.stream.commands import VoiceCommands
                 spotter = VoiceCommands(events, live=commands == "mic", fps=fps,
                                       chunk_s=parts.cfg.audio.video_frames_per_latent * parts.engine.st.chunk_frames / fps)
@@ -144,18 +141,14 @@ def stream(
             if audio != "-":
                 from stages.stream.io import read_instructions
                 read_instructions(sys.stdin, events)
-            page = []
+            page, served = [], []
             if serve:                                              # vidu serve's page, showing this stream
                 from stages.serve.single import PageSink
-                if quiet:                                          # its JSON event lines: warnings only
-                    import logging
-
-                    from stages.serve.metrics import logger
-                    logger().setLevel(logging.WARNING)
                 from stages.stream.io import parse_address
-                page.append(lambda: PageSink(*parse_address(serve), fps=fps, voice=voice,
-                                             commands=spotter if commands == "page" else None,
-                                             announce=lambda url: err.print(f"serving on {url}", highlight=False)))
+                page.append(lambda: served.append(PageSink(*parse_address(serve), fps=fps, voice=voice,
+                                                           commands=commands == "page", quiet=quiet,
+                                                           announce=lambda url: err.print(f"serving on {url}", highlight=False)))
+                            or served[-1])
             sinks = open_outputs(out, parts.cfg, page)
             if spotter is not None and not spotter.live:
                 sinks.append(spotter)                              # paces commands by the stream's clock
@@ -171,10 +164,11 @@ def stream(
         for src in (source, heard, spotter):
             if src is not None:
                 src.close()
-    if spotter is not None:
-        result["voice_commands"] = spotter.log
-        if spotter.error:
-            result["notes"] = [*result.get("notes", []), spotter.error]
+    heard_by = spotter if spotter is not None else served[0] if served and commands == "page" else None
+    if heard_by is not None:
+        result["voice_commands"] = heard_by.log
+        if heard_by.error:
+            result["notes"] = [*result.get("notes", []), heard_by.error]
     if spoken is not None:
         result["said"] = {"text": say, "voice": voice, "seconds": len(spoken) / 16000}
     if summary:

@@ -408,7 +408,7 @@ async def _reap(state: State) -> None:
             reason = None
             if s.closed is not None:
                 reason = s.closed
-            elif s.core is None:                        # the stream's own session: the stream ends it
+            elif not state.cores:                       # one stream's page: the stream ends its session
                 continue
             elif s.viewer_left is not None and now - s.viewer_left > state.opts.connect_timeout_s:
                 reason = "no viewer"

@@ -1,5 +1,6 @@
 """One served character as the server sees it: its session in a core (stages/serve/core.py: engine
-caches, ring, audio FIFO; here a RemoteSession), its events (sent there), its timeline of output, its
+caches, ring, audio FIFO; here a RemoteSession) or in a `vidu stream` (stages/serve/single.py), its events
+(sent there), its timeline of output, its
 instruction history, and its current viewer (a peer connection with a video track, an audio track and
 the "control" data channel).
 
@@ -28,7 +29,7 @@ from collections import deque
 
 import numpy as np
 
-from stages.serve.media import AudioTrack, Timeline, VideoTrack
+from stages.serve.media import AUDIO_RATE, AudioTrack, Timeline, VideoTrack
 from stages.serve.metrics import Metrics, log
 from stages.serve.model import Profile, live_options
 from stages.serve.options import ServeOptions
@@ -93,21 +94,22 @@ class _Events:
 
 
 class ServeSession:
-    """`session`: a RemoteSession (its chunks are made in a core, `core` its CoreHandle), or for a `vidu
-    stream --serve` (stages/serve/single.py) the stream's own Session, whose chunks the stream makes and
-    pushes onto the timeline itself (`core` None)."""
+    """`session`: a RemoteSession, whose chunks are made in a core (`core` its CoreHandle) or, for `vidu stream
+    --serve` (stages/serve/single.py), by the stream (`core` the link to it; `keep`: at most this many frames
+    stay unsent, the older ones skipped, since the stream does not wait for a viewer)."""
 
     def __init__(self, session, profile: Profile, core, opts: ServeOptions, metrics: Metrics,
-                 loop: asyncio.AbstractEventLoop, voice: str, fps: float, sid: str | None = None, commands=None):
+                 loop: asyncio.AbstractEventLoop, voice: str, fps: float, sid: str | None = None, commands=None,
+                 keep: int | None = None):
         self.id = sid or new_id()
         self.session, self.events = session, session.events
         self.profile, self.core, self.opts, self.metrics, self.loop = profile, core, opts, metrics, loop
-        self.worker = core.index if core is not None else None     # the worker (device) it is pinned to
+        self.worker = core.index                        # the worker (device) it is pinned to
         self.voice = voice
         self.fps = fps
+        self.keep = keep
         self.timeline = Timeline(self.fps, opts.lead_s)
-        if core is not None:
-            self.timeline.changed = self._timeline_changed
+        self.timeline.changed = self._timeline_changed
         self._told = (None, None)                       # the viewer's clock (offset, since) as last told the core
         self._wakes: list[int] = []                     # viewer positions the core wants to hear of (CoreSession.wakes)
         self.history: deque[dict] = deque(maxlen=opts.history)
@@ -132,10 +134,10 @@ class ServeSession:
         """A chunk from the core: onto the timeline; the counts it carries."""
         s = self.session
         s.chunks, s.frames, s.instruction = info["chunks"], info["frames"], info["instruction"]
-        self.audio_used += info["audio_real"]
+        self.audio_used = min(self.audio_in, self.audio_used + info["audio_real"])
         if self.closed is None:
-            self.timeline.push(rgb, audio)
-            self._wakes = info["wakes"]
+            self.timeline.push(rgb, audio, keep=self.keep)
+            self._wakes = info.get("wakes", [])
             self._timeline_changed()
 
     def switched(self, profile: Profile, wakes: list[int]) -> None:
@@ -166,6 +168,8 @@ class ServeSession:
                 "width": self.profile.width, "height": self.profile.height, "voice": self.voice,
                 "chunks": self.session.chunks, "frames": self.session.frames, "frames_sent": self.timeline.sent,
                 "frames_dropped": self.timeline.dropped, "stalled_s": round(self.timeline.stalled_s, 3),
+                "frames_buffered": self.timeline.buffered(), "frames_unwatched": self.timeline.skipped,
+                "audio_held_s": round(self.timeline.audio.size / AUDIO_RATE, 4),
                 "viewer": self.viewer_left is None, "instruction": self.session.instruction,
                 "history": list(self.history), "worker": self.worker, "error": self.error,
                 "degraded": list(self.degraded)}
@@ -239,8 +243,7 @@ class ServeSession:
             raise
         self.viewer_left = None
         self.last_input = time.monotonic()
-        if self.core is not None:
-            self.core.send("viewer", self.id, True)
+        self.core.send("viewer", self.id, True)
         log("viewer_connected", session=self.id)
         return pc.localDescription
 
@@ -248,8 +251,7 @@ class ServeSession:
         pc, self.pc, self.channel = self.pc, None, None
         if self.viewer_left is None:
             self.viewer_left = time.monotonic()
-            if self.core is not None:
-                self.core.send("viewer", self.id, False)
+            self.core.send("viewer", self.id, False)
             log("viewer_left", session=self.id)
         if pc is not None:
             await pc.close()
@@ -310,8 +312,7 @@ class ServeSession:
         if self.closed is not None:
             return
         self.closed = reason
-        if self.core is not None:
-            self.core.send("close", self.id)
+        self.core.send("close", self.id)
         self.timeline.close()
         # counted before the awaits below: the session has already left the table, so /metrics must see it closed
         self.metrics.inc("sessions_closed")
