@@ -33,6 +33,9 @@ from models.taehv import TAEHV  # noqa: E402
 from stages.stream.batch import step_batch  # noqa: E402
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream_fps import chunk_inputs  # noqa: E402
+
 
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
@@ -78,7 +81,7 @@ def measure(cfg, model, decoder, st: StreamSettings, B: int, chunks: int, dev, d
         for _ in range(1 + st.slots):                                  # the window filled, all at one place
             step_batch(engines, inputs)
         before = saved(engines)
-        alone = [e.step(i).video for e, i in zip(engines, inputs)]
+        alone = [e.step(chunk_inputs(i)).video for e, i in zip(engines, inputs)]
         for e, s in zip(engines, before):
             e.load_state(s)
         batched = [r.video for r in step_batch(engines, inputs)]
@@ -91,8 +94,8 @@ def measure(cfg, model, decoder, st: StreamSettings, B: int, chunks: int, dev, d
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t_batch = timed(lambda: decode([r.video for r in step_batch(engines, inputs)]), chunks, dev)
-        t_alone = timed(lambda: decode([e.step(i).video for e, i in zip(engines, inputs)]), chunks, dev)
+        t_batch = timed(lambda: decode([r.video for r in step_batch(engines, [chunk_inputs(i) for i in inputs])]), chunks, dev)
+        t_alone = timed(lambda: decode([e.step(chunk_inputs(i)).video for e, i in zip(engines, inputs)]), chunks, dev)
     video_s = cfg.audio.video_frames_per_latent * st.chunk_frames / cfg.audio.fps
     return {"height": cfg.height, "width": cfg.width, "batch": B, "chunk_frames": st.chunk_frames, "steps": st.steps,
             "window": st.window, "twin": st.twin, "video_ms": round(1000 * video_s, 1),

@@ -98,6 +98,9 @@ def add_engine_args(ap: argparse.ArgumentParser, compile_choices=("off", "on", "
                          "builds its block map from each forward's q and k)")
     ap.add_argument("--linear", default="bf16", choices=("bf16", "fp8", "int8"),
                     help="the blocks' linears: as they are, or W8A8 GEMMs (DiT.quantize)")
+    ap.add_argument("--keep-speech", action=argparse.BooleanOptionalAction, default=True,
+                    help="a chunk's speech keys/values computed once for its forwards (DiT.keep_speech, as a "
+                         "stream does); --no-keep-speech: in every forward")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
 
@@ -129,11 +132,20 @@ def stream_inputs(cfg, st: StreamSettings, dev, dtype) -> tuple[ChunkInputs, tor
     return ChunkInputs(text, audio), ref
 
 
-def start_stream(cfg, model, decoder, st: StreamSettings, ref: torch.Tensor):
-    """A started engine (the instruction's text prepared once, as a stream does) and TAEHV's stream decoder."""
+def start_stream(cfg, model, decoder, st: StreamSettings, ref: torch.Tensor, keep_speech: bool = True):
+    """A started engine (the instruction's text prepared once, a chunk's speech once for its forwards, as a
+    stream does; `keep_speech` False: the speech in every forward) and TAEHV's stream decoder."""
     eng = StreamEngine(model, cfg, st, keep_text=True)
+    model.keep_speech = keep_speech
     eng.start(ref)
     return eng, decoder.stream_decoder()
+
+
+def chunk_inputs(inputs: ChunkInputs) -> ChunkInputs:
+    """The next chunk's conditions: the instruction's text (one tensor while the instruction holds, as in a
+    stream) and the speech as a new tensor, as a stream hears new speech every chunk (a reused tensor would
+    let DiT.keep_speech skip its keys/values in every chunk, which no stream can)."""
+    return ChunkInputs(inputs.text, None if inputs.audio is None else inputs.audio.clone())
 
 
 def decode(stream, res):
@@ -142,19 +154,20 @@ def decode(stream, res):
         return stream.push(res.video.permute(0, 2, 1, 3, 4))
 
 
-def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3) -> dict:
+def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3,
+               keep_speech: bool = True) -> dict:
     inputs, ref = stream_inputs(cfg, st, dev, dtype)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    eng, stream = start_stream(cfg, model, decoder, st, ref)
+    eng, stream = start_stream(cfg, model, decoder, st, ref, keep_speech)
     dit_s, total_s, frames = [], [], []
     t_first = None
     t0 = time.perf_counter()
     for j in range(chunks):
         a = time.perf_counter()
-        res = eng.step(inputs)
+        res = eng.step(chunk_inputs(inputs))
         sync(dev)
         b = time.perf_counter()
         out = decode(stream, res)
@@ -208,10 +221,10 @@ def main() -> None:
                     st = settings(args, cf, twin)
                     # compiled: the first window's chunks (growing context) and a shape change pay compilation
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
-                                   warmup=3 + (st.window // cf + 3) * compiled)
+                                   warmup=3 + (st.window // cf + 3) * compiled, keep_speech=args.keep_speech)
                     r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
                              kernels=args.kernels, attention=args.attention, keep_context=args.keep_context,
-                             linear=args.linear)
+                             linear=args.linear, keep_speech=args.keep_speech)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)
@@ -219,7 +232,8 @@ def main() -> None:
                 cf = args.long_chunk_frames
                 st = settings(args, cf, True)
                 n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
-                r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10 + (st.window // cf + 3) * compiled)
+                r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10 + (st.window // cf + 3) * compiled,
+                               keep_speech=args.keep_speech)
                 r.update(run="long", compiled=compiled)
                 results.append(r)
                 if rank == 0:

@@ -202,12 +202,14 @@ class Attention(nn.Module):
     def cross_attend(self, x, context, rope=None):
         """x: [B, L, dim] queries, context: [B, Lc, dim] (already embedded) or its (k, v) from `context_kv`;
         rope: (q_cos, q_sin, k_cos, k_sin) to rotate queries and keys by their own positions (the audio
-        adapter), or None."""
+        adapter; k_cos, k_sin None: `context`'s keys are rotated already), or None."""
         x = x.to(self.q.weight.dtype)
         q = self._heads(self.norm_q(self.q(x)))
         k, v = context if isinstance(context, tuple) else self.context_kv(context)
         if rope is not None:
-            q, k = apply_rope(q, *rope[:2]), apply_rope(k, *rope[2:])
+            q = apply_rope(q, *rope[:2])
+            if rope[2] is not None:                       # (k_cos None: keys given already rotated)
+                k = apply_rope(k, *rope[2:])
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -233,9 +235,9 @@ class Block(nn.Module):
         """x: [B, F, S, dim] (float32 residual stream); e: [B, F, 6, dim] float32; text: [B, Lt, dim] or
         per frame [B, F, Lt, dim], or this block's cross-attention (k, v) of either (a TextCache's:
         [B, Lt, H, D], or per frame [B*F, Lt, H, D]);
-        audio: (tokens [B, Fa, W*K, dim], rope) — each of the last Fa frames' window of speech tokens
-        — or None; ctx: (k, v, cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame)
-        or None."""
+        audio: (context, rope, Fa) — the last Fa frames' windows of speech tokens [B*Fa, W*K, dim], or this
+        block's audio cross-attention (k, v) of them [B*Fa, W*K, H, D] (DiT._speech) — or None; ctx: (k, v,
+        cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame) or None."""
         B, F, S, dim = x.shape
         fused = self.kernels                    # the launchers (Triton where it runs), else the same math in torch
         norm_modulate = adaln.norm_modulate if fused else adaln.norm_modulate_reference
@@ -252,10 +254,9 @@ class Block(nn.Module):
             y = self.cross_attn.cross_attend(self.norm3(x).flatten(1, 2), text).unflatten(1, (F, S))
         x = x + y.float()
         if audio is not None:
-            audio, audio_rope = audio
-            Fa = audio.shape[1]
+            audio, audio_rope, Fa = audio
             xa = x[:, F - Fa:]
-            ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio.flatten(0, 1), audio_rope)
+            ya = self.audio_attn.cross_attend(self.norm_audio(xa).flatten(0, 1), audio, audio_rope)
             x = torch.cat([x[:, :F - Fa], xa + ya.unflatten(0, (B, Fa)).float()], 1)
         h = norm_modulate(x, m[3], m[4], self.norm2.eps, out_dtype=self.ffn[0].weight.dtype)
         x = gated_residual(x, self.ffn(h), m[5])
@@ -308,6 +309,8 @@ class DiT(nn.Module):
             self.audio_ref_tokens = nn.Parameter(torch.zeros(1, 1, cfg.audio_latent_tokens, dim))
             self.audio_head = Head(dim, cfg.audio_latent_dim, cfg.eps)
         self.gradient_checkpointing = False
+        self.keep_speech = False           # a stream's engine: _speech keeps a chunk's speech keys/values
+        self._kept_speech = None
         self.sequence_parallel: dist.ProcessGroup | None = None      # shard_sequence
         self.init_weights()
 
@@ -463,6 +466,24 @@ class DiT(nn.Module):
         windows = tokens.unfold(1, W, 1).permute(0, 1, 4, 2, 3).flatten(2, 3)            # [B, F, W*K, dim]
         return windows, _audio_rope(W, K, before, self.cfg.head_dim, torch.device(device))
 
+    def _speech(self, audio: torch.Tensor, F: int, device) -> tuple[list, tuple, int]:
+        """(per block its audio cross-attention context, the RoPE of queries and keys, F): the speech windows'
+        tokens [B*F, W*K, dim] for every block; with `keep_speech` and no gradients, every block's keys (rotated)
+        and values of them, kept for the next forwards over the same `audio` tensor, unmodified, under
+        unmodified weights (a chunk's denoising steps and cache pass hear the same speech: computed once, not in
+        each)."""
+        if not self.keep_speech or torch.is_grad_enabled():
+            windows, rope = self.embed_audio(audio, F, device)
+            return [windows.flatten(0, 1)] * len(self.blocks), rope, F
+        key = (audio, _version(audio), F, str(device), sum(_version(p) for p in self.parameters()))
+        kept = self._kept_speech
+        if kept is None or kept[0] is not audio or kept[1:-1] != key[1:]:
+            windows, (qc, qs, kc, ks) = self.embed_audio(audio, F, device)
+            kv = [b.audio_attn.context_kv(windows.flatten(0, 1)) for b in self.blocks]
+            kv = [(apply_rope(k, kc, ks), v) for k, v in kv]
+            self._kept_speech = kept = (*key, (kv, (qc, qs, None, None), F))
+        return kept[-1]
+
     def rotate(self, kv: KV) -> KV:
         """The context with its keys rotated to their positions once, for several forwards over the same
         context (a chunk's denoising steps): each forward then skips re-rotating every cached key."""
@@ -543,14 +564,13 @@ class DiT(nn.Module):
             pooled = pooled if per_frame else pooled[:, None].expand(-1, F, -1)
             pooled = torch.cat([pooled[:, :1].expand(-1, n_ref, -1), pooled], 1)
         e, e0 = self.embed_time(t, pooled)
-        audio_tokens = None
-        if audio is not None and cfg.audio_dim:
-            audio_tokens = self.embed_audio(audio, F, x.device)
+        speech = self._speech(audio, F, x.device) if audio is not None and cfg.audio_dim else None
 
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             ctx = None if kv is None else (kv.k[i], kv.v[i], *ctx_rope)
-            args = (tokens, e0, rope, attn_mask, texts[i], audio_tokens, ctx, sp)
+            args = (tokens, e0, rope, attn_mask, texts[i], None if speech is None else
+                    (speech[0][i], speech[1], speech[2]), ctx, sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens, k, v = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -646,3 +666,8 @@ def _audio_rope(W: int, K: int, before: int, head_dim: int, device) -> tuple[tor
         k_rope = rope_angles(torch.stack([steps, zero, zero], 1), head_dim)
         q_rope = rope_angles(torch.tensor([[before * K + K / 2, 0.0, 0.0]], dtype=torch.float64), head_dim)
         return tuple(x.to(device) for x in (*q_rope, *k_rope))
+
+
+def _version(t: torch.Tensor) -> int:
+    """How many times `t` was modified in place (an inference tensor keeps no count: 0)."""
+    return 0 if t.is_inference() else t._version

@@ -109,3 +109,63 @@ def test_an_inference_mode_text_streams():
     with torch.no_grad():
         first = eng._texts(text)[0]
         assert eng._texts(text)[0] is first
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.5])
+def test_a_chunks_speech_is_embedded_once_for_its_forwards(monkeypatch, guidance):
+    """DiT.keep_speech (a stream's engine sets it): the speech windows' keys/values of every block are computed
+    once per chunk, not in each of its forwards (3 steps + the cache pass), and the chunks are bit for bit those
+    of a model that computes them every time. Kept only while the same tensor comes back unmodified under
+    unmodified weights; a mutant that ignores in-place changes streams other chunks (the control)."""
+    st = StreamSettings(chunk_frames=1, steps=3, window=2, guidance=guidance)
+    model = scrambled(TINY.dit)
+    text, audio, ref = conditions(9, 1)
+    W = 1 + sum(TINY.dit.audio_context)
+
+    def stream(n, keep=True):
+        eng = StreamEngine(model, TINY, st, keep_text=True)
+        model.keep_speech = keep
+        eng.start(ref)
+        return [eng.step(ChunkInputs(text, audio[:, j:j + W])).video for j in range(n)]
+
+    want = stream(5, keep=False)
+    calls = []
+    embed = DiT.embed_audio
+    monkeypatch.setattr(DiT, "embed_audio", lambda self, a, F, d: calls.append(a.shape[0]) or embed(self, a, F, d))
+    got = stream(5)
+    assert [torch.equal(a, b) for a, b in zip(got, want)] == [True] * 5
+    # per chunk: once (unguided: steps and cache pass hear one tensor) or twice (guided: the steps' 2 rows, then
+    # the cache pass's 1); the reference's pass, before the first chunk, hears the first chunk's speech
+    assert calls == ([1] + [2, 1] * 5 if guidance != 1.0 else [1] * 5)
+    # the same tensor, changed in place or under changed weights: computed again; a new tensor: again
+    x, ref2, speech, one, _, latent = inputs(B=1, F=1)
+    t = torch.tensor([500.0])
+    model.keep_speech = True
+
+    def run():
+        with torch.no_grad():
+            return model(x, t, one, audio=speech, audio_latent=latent, ref=ref2).video
+    calls.clear()
+    a = run()
+    assert torch.equal(run(), a) and calls == [1]
+    speech.mul_(0.5)
+    b = run()
+    with torch.no_grad():
+        model.blocks[1].audio_attn.v.weight.mul_(1.5)
+    c = run()
+    assert calls == [1, 1, 1] and (b - a).abs().max() > 1e-4 and (c - b).abs().max() > 1e-4
+    model.keep_speech = False
+    assert torch.equal(run(), c)                                          # what computing it every time gives
+    monkeypatch.setattr("models.dit._version", lambda t: 0)              # the mutant: blind to in-place changes
+    model.keep_speech = True
+    run()
+    speech.mul_(2.0)
+    stale = run()
+    model.keep_speech = False
+    assert (run() - stale).abs().max() > 1e-4
+    with torch.enable_grad():                                             # training: never kept
+        model.keep_speech = True
+        calls.clear()
+        model(x, t, one, audio=speech, audio_latent=latent, ref=ref2)
+        model(x, t, one, audio=speech, audio_latent=latent, ref=ref2)
+        assert calls == [1, 1]

@@ -378,8 +378,9 @@ class StreamEngine:
                  batch: int = 1, seed: int = 0, rows: tuple[int, int] | None = None, keep_text: bool = False):
         """`rows` (lo, total): this engine's `batch` streams are rows lo.. of a batch of `total` drawn from
         `seed` (a distillation rank's share: its noise is the single-process run's rows). `keep_text`: an
-        instruction's text is prepared once for the chunks that follow it (`_texts`; a stream's engine,
-        never a training one: the model must not be sharded by FSDP, DiT.prepare_text)."""
+        instruction's text is prepared once for the chunks that follow it (`_texts`), and a chunk's speech
+        once for its forwards (DiT.keep_speech); a stream's engine, never a training one: the model must not
+        be sharded by FSDP (DiT.prepare_text)."""
         p = next(model.parameters())
         self.model, self.cfg, self.st = model, cfg, settings
         self.device, self.dtype, self.batch = p.device, p.dtype, batch
@@ -393,6 +394,8 @@ class StreamEngine:
         self.chunks = 0
         self.ref: torch.Tensor | None = None
         self.keep_text = keep_text
+        if keep_text:
+            model.keep_speech = True
         self._text: tuple | None = None       # (text, its version and the weights', prepared, guided prepared)
 
     # what sizes the buffers and the ring, or what the cached history was made under: fixed for an engine's life
