@@ -32,7 +32,7 @@ from torch.nn.functional import layer_norm
 from torch.utils.checkpoint import checkpoint
 
 from models.config import DiTConfig
-from models.rope import apply_rope, grid_positions, rope_angles
+from models.rope import apply_rope, grid_positions, grid_tables, rope_angles
 from models.ulysses import SequenceShards, check_heads
 from vidu_kernels import adaln, qk_rope
 from vidu_kernels.attention import attention
@@ -541,9 +541,13 @@ class DiT(nn.Module):
             start = int(kv.pos[:, 0].max()) + 1 if kv is not None and len(kv) else n_ref
             frame_pos = torch.arange(start, start + F)
         frame_pos = torch.as_tensor(frame_pos, dtype=torch.long)
-        all_pos = torch.cat([torch.zeros(n_ref, dtype=torch.long), frame_pos]).to(x.device)
-        pos = grid_positions(all_pos, h, w, cfg.audio_latent_tokens)
-        rope = rope_angles(pos, cfg.head_dim)
+        if frame_pos.device.type == "cpu":      # the layout's tables, built once (no host-to-device copy per forward)
+            pos, *rope = grid_tables((0,) * n_ref + tuple(frame_pos.tolist()), h, w, cfg.audio_latent_tokens,
+                                     cfg.head_dim, torch.device(x.device))
+        else:
+            all_pos = torch.cat([frame_pos.new_zeros(n_ref), frame_pos])
+            pos = grid_positions(all_pos, h, w, cfg.audio_latent_tokens)
+            rope = rope_angles(pos, cfg.head_dim)
         ctx_rope = (None, None) if kv is None or kv.rotated else rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 

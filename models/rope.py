@@ -6,6 +6,8 @@ re-rotate cached pre-RoPE keys to new positions (streaming with a sliding window
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from vidu_kernels.qk_rope import rope_reference as apply_rope  # noqa: F401  (x [B, L, H, D] rotated; one definition)
@@ -25,9 +27,15 @@ def inv_freqs(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _device_freqs(head_dim: int, device: torch.device) -> list[torch.Tensor]:
+    with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference
+        return [f.to(device) for f in inv_freqs(head_dim)]
+
+
 def rope_angles(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """pos: [L, 3] integer positions -> (cos, sin), each [L, D/2] float32."""
-    freqs = [f.to(pos.device) for f in inv_freqs(head_dim)]
+    freqs = _device_freqs(head_dim, pos.device)
     p = pos.to(torch.float64)
     ang = torch.cat([torch.outer(p[:, i], freqs[i]) for i in range(3)], dim=1)
     return ang.cos().float(), ang.sin().float()
@@ -49,3 +57,15 @@ def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torc
     S = per_frame.shape[0]
     f = frames.to(torch.long).repeat_interleave(S)[:, None]
     return torch.cat([f, per_frame.repeat(len(frames), 1)], dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def grid_tables(frames: tuple[int, ...], h: int, w: int, extra: int, head_dim: int,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grid_positions of the frame positions `frames` and their rope_angles (pos, cos, sin), on `device`,
+    built once per layout. A stream's chunks repeat a few layouts (RoPE repositioning keeps positions
+    bounded); built anew, every forward would copy host tensors to the device, and a copy from pageable
+    host memory waits for everything queued on the GPU before it. The tensors are shared: never modify them."""
+    with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference
+        pos = grid_positions(torch.tensor(frames, dtype=torch.long), h, w, extra).to(device)
+        return (pos, *rope_angles(pos, head_dim))

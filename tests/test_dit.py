@@ -368,11 +368,15 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 
 
 def test_cached_masks_and_audio_rope_serve_training_after_an_inference_mode_stream():
-    """The mask and the audio adapter's RoPE are built once per shape and cached; built first under
-    torch.inference_mode (a stream), they must still be usable in a backward pass."""
+    """The mask, the audio adapter's RoPE and the tokens' positions and RoPE tables (models.rope.grid_tables)
+    are built once per shape and cached; built first under torch.inference_mode (a stream), they must still be
+    usable in a backward pass."""
     from models import dit as dit_mod
+    from models import rope as rope_mod
     dit_mod._token_mask.cache_clear()
     dit_mod._audio_rope.cache_clear()
+    rope_mod.grid_tables.cache_clear()
+    rope_mod._device_freqs.cache_clear()
     m = tiny_model()
     inp = tiny_inputs(F=3)
     with torch.inference_mode():
@@ -391,3 +395,36 @@ def test_starter_preset_fits_the_shipping_budget():
     dec = sum(p.numel() for p in TAEHV(cfg.taehv).decoder.parameters())
     assert 2 * (dit + dec) <= 40e6 and dit > 10e6
     assert not cfg.dit.joint_audio and cfg.dit.audio_dim == cfg.audio.n_mels
+
+
+def test_the_position_tables_a_forward_reads_are_built_once_per_layout_and_equal_fresh_ones():
+    """models.rope.grid_tables: the positions and RoPE tables of a layout (frame positions, grid, joint audio
+    row), on the device, built once (a stream's chunks repeat a few layouts: no host-to-device copy per forward)
+    and equal to building them anew; a forward over them is the forward over fresh tables (the oracle: the same
+    forward with the cache bypassed)."""
+    from models import rope as rope_mod
+    from models.rope import grid_positions, grid_tables, rope_angles
+    frames = (0, 5, 6, 7)
+    pos, cos, sin = grid_tables(frames, 4, 6, 2, 32, torch.device("cpu"))
+    fresh = grid_positions(torch.tensor(frames), 4, 6, 2)
+    assert torch.equal(pos, fresh) and pos.shape == (4 * (4 * 6 + 2), 3)
+    assert all(torch.equal(a, b) for a, b in zip((cos, sin), rope_angles(fresh, 32)))
+    assert grid_tables(frames, 4, 6, 2, 32, torch.device("cpu"))[1] is cos          # built once
+    assert not torch.equal(grid_tables((0, 5, 6, 8), 4, 6, 2, 32, torch.device("cpu"))[1], cos)   # another layout
+    m = tiny_model()
+    inp = tiny_inputs(F=3)
+    with torch.no_grad():
+        cached = m(**inp, mask="causal", chunk_frames=1, frame_pos=[4, 5, 6], return_kv=True)
+        rope_mod.grid_tables.cache_clear()
+        hits = grid_tables.cache_info().hits
+        m(**inp, mask="causal", chunk_frames=1, frame_pos=[4, 5, 6])
+        assert grid_tables.cache_info().hits == hits                             # first build of this layout
+        m(**inp, mask="causal", chunk_frames=1, frame_pos=[4, 5, 6])
+        assert grid_tables.cache_info().hits == hits + 1                         # then read
+    import models.dit as dit_mod
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dit_mod, "grid_tables", grid_tables.__wrapped__)             # fresh tables every forward
+        fresh_out = m(**inp, mask="causal", chunk_frames=1, frame_pos=[4, 5, 6], return_kv=True)
+        moved = m(**inp, mask="causal", chunk_frames=1, frame_pos=[4, 5, 7])
+    assert torch.equal(cached.video, fresh_out.video) and torch.equal(cached.kv.pos, fresh_out.kv.pos)
+    assert (moved.video - cached.video).abs().max() > 1e-4                       # positions matter (control)

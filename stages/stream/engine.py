@@ -47,7 +47,7 @@ import torch
 from models.config import ModelConfig
 from models.dit import GUIDES, KV, DiT, DiTOutput, TextCache, guided, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
-from models.rope import grid_positions
+from models.rope import grid_tables
 from stages.run import ranged
 from stages.stream.events import StreamError
 
@@ -174,7 +174,7 @@ class ContextBuffers:
         self.fixed_frames = 0          # ref and sink frames written so far
         self.chunks_in_ring = 0        # ring chunks written so far (all time)
         self.slot_chunk = [0] * self.slots  # which ring chunk each slot holds
-        self.audio_tokens = d.audio_latent_tokens
+        self.audio_tokens, self.head_dim = d.audio_latent_tokens, d.head_dim
 
     def write(self, which: tuple[str, ...], kv: KV, frame_start: int) -> None:
         a, b = frame_start * self.S, frame_start * self.S + len(kv)
@@ -219,7 +219,8 @@ class ContextBuffers:
         """The valid context (views, no copy) with token positions, and the next chunk's frame positions."""
         frames, nxt = self.frame_positions()
         n = frames.numel() * self.S
-        pos = grid_positions(frames, self.h, self.w, self.audio_tokens).to(self.k["clean"][0].device)
+        pos = grid_tables(tuple(frames.tolist()), self.h, self.w, self.audio_tokens, self.head_dim,
+                          self.k["clean"][0].device)[0]
         kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos)
         return kv, nxt
 
