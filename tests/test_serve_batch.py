@@ -263,7 +263,7 @@ def test_the_viewer_positions_the_core_waits_for_are_where_ready_turns():
     from types import SimpleNamespace
 
     from stages.serve.core import CoreSession
-    from stages.serve.model import Profile
+    from stages.serve.profile import Profile
     for video_s, fps, ahead in ((0.16, 25.0, 3), (0.12, 25.0, 2), (0.1, 30.0, 1), (0.125, 24.0, 3)):
         inner = SimpleNamespace(frames=0, p=SimpleNamespace(cfg=SimpleNamespace(audio=SimpleNamespace(fps=fps))))
         profile = Profile("full", None, 64, 64, video_s=video_s)

@@ -287,3 +287,15 @@ def test_page_streams_the_starter_model(browser, tmp_path):  # noqa: F811
             raise
     summary = json.loads((tmp_path / "s.json").read_text())
     assert "raise a hand" in [text for _, text in summary["instructions"]]
+
+
+def test_the_page_process_imports_no_model():
+    """The page's process (stages/serve/single.py: the server, the session, the ring) imports neither torch nor the
+    model: it starts in about a second and holds little memory beside the stream (torch alone: ~2.5 s, ~0.6 GB).
+    Control: the model side (stages/serve/model.py) does."""
+    import subprocess
+    import sys
+    probe = "import sys, {}; print('torch' in sys.modules)"
+    for module, torch_loaded in (("stages.serve.single, stages.serve.app", "False"), ("stages.serve.model", "True")):
+        out = subprocess.run([sys.executable, "-c", probe.format(module)], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == torch_loaded, (module, out.stderr[-500:])

@@ -5,7 +5,11 @@
                   server's handle on each (CoreHandle): messages over a pipe, so a worker never shares a GIL
                   with the WebRTC side or another GPU's worker
     model.py      ServeModel: one loaded model per worker device, its profiles and their measured chunk times
-    scheduler.py  Worker threads (earliest deadline first, due sessions' chunks batched into one forward) and admission
+    profile.py    Profile: what the web side knows of a model's profiles (no torch: the page's process imports it)
+    scheduler.py  the Worker thread of a core (earliest deadline first, due sessions' chunks batched into one
+                  forward) and its admission
+    ring.py       FrameRing: chunks' frames from a core (or a stream) to the web side through shared memory
+    single.py     PageSink: `vidu stream --serve`, the stream's session on this server in a process of its own
     sessions.py   ServeSession: a character's session as the server sees it, history, viewer and data channel
     media.py      Timeline and the WebRTC video / audio tracks that play it in sync
     metrics.py    Prometheus text and JSON logs

@@ -43,9 +43,7 @@ from aiohttp import web
 
 from stages.serve.core import CoreError, CoreHandle
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import ServeModel
 from stages.serve.options import ServeError, ServeOptions, check_bind
-from stages.serve.scheduler import by_preference
 from stages.serve.sessions import RemoteSession, ServeSession, TokenBucket, new_id, voice_commands
 from stages.stream.events import MAX_INSTRUCTION_CHARS, StreamError, instruction_text
 from stages.stream.say import DEFAULT_VOICE
@@ -260,7 +258,7 @@ async def create_session(request: web.Request) -> web.Response:
         except BaseException:
             core.send("close", sid)
             raise
-        s = ServeSession(RemoteSession(core, sid, instruction), profile, core, opts, state.metrics,
+        s = ServeSession(RemoteSession(core, sid, made["instruction"]), profile, core, opts, state.metrics,
                          asyncio.get_running_loop(), voice, made["fps"], sid=sid, commands=commands)
         state.sessions[s.id] = s
     state.metrics.admit(profile.name)
@@ -270,7 +268,7 @@ async def create_session(request: web.Request) -> web.Response:
 
 async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction: str | None):
     """(core, its answer) of the session made on the core that fits it at the best profile (full, fewer
-    steps, half size), the least loaded of those (scheduler.by_preference, across cores); CoreError when the
+    steps, half size: each core's Worker.fit), the least loaded of those; CoreError when the
     server is full or no core fits it (the least-loaded one's reason)."""
     if sum(s.closed is None for s in state.sessions.values()) >= state.opts.max_sessions:
         raise CoreError("max_sessions", f"the server is full: {state.opts.max_sessions} sessions (--max-sessions)")
@@ -282,7 +280,7 @@ async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction
             continue
     if not offers:
         raise CoreError("ended", "the model process has ended")
-    fitting = by_preference([o for o in offers if o[1]["rank"] is not None], lambda o: o[1]["rank"], lambda o: o[1]["load"])
+    fitting = sorted((o for o in offers if o[1]["rank"] is not None), key=lambda o: (o[1]["rank"], o[1]["load"]))
     refused = CoreError("capacity", min(offers, key=lambda o: o[1]["load"])[1]["refusal"] or "no capacity")
     for core, _ in fitting:                     # the best first; another if its load grew meanwhile
         try:
@@ -437,7 +435,7 @@ async def _shutdown(app: web.Application) -> None:
     await asyncio.gather(*(asyncio.to_thread(core.stop) for core in state.cores))
 
 
-def create_app(opts: ServeOptions, cores: list[CoreHandle] | list[ServeModel], single: bool = False,
+def create_app(opts: ServeOptions, cores: list, single: bool = False,
                title: str = "vidu serve") -> web.Application:
     """The server over `cores`, one per worker device: CoreHandles (`vidu serve`: each device's model in a
     process of its own, CoreHandle.processes), or calibrated ServeModels (ServeModel.calibrate), each run by
@@ -448,7 +446,7 @@ def create_app(opts: ServeOptions, cores: list[CoreHandle] | list[ServeModel], s
     check_bind(opts)
     _voice_options()
     if not single:
-        cores = [CoreHandle.thread(c, opts, i) if isinstance(c, ServeModel) else c for i, c in enumerate(cores)]
+        cores = [c if isinstance(c, CoreHandle) else CoreHandle.thread(c, opts, i) for i, c in enumerate(cores)]
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
     app[OPTIONS] = opts
     app[STATE] = State(opts, [] if single else cores, title)

@@ -12,7 +12,7 @@ stream Session (engine caches, ring, events) and what the worker needs to know o
 its Timeline: the clock offset and the next frame to send, reported by the server when the clock moves or
 the viewer reaches a position the core said would make the session ready, `CoreSession.wakes`). The server
 (stages/serve/app.py) talks to each core through a CoreHandle and picks the core of a new session by their
-offers (the best profile it fits at, then the least load: scheduler.by_preference). Messages are tuples
+offers (the best profile it fits at, then the least load: app._admit). Messages are tuples
 over one duplex multiprocessing Connection, pickled both ways (the same on a thread); a chunk's frames go
 through a ring in shared memory (stages/serve/ring.py), the message says where:
 
@@ -40,10 +40,9 @@ import time
 from dataclasses import dataclass
 
 from stages.serve.metrics import log
-from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel, live_options
 from stages.serve.options import ServeError, ServeOptions
+from stages.serve.profile import EMA, MEASURED_AFTER, Profile
 from stages.serve.ring import FrameRing, Slot
-from stages.serve.scheduler import Refused, Worker
 from stages.stream.events import EventQueue, StreamError
 
 START_TIMEOUT_S = 900.0            # model load and calibration (a 1.3B model with torch.compile takes minutes)
@@ -77,7 +76,8 @@ class ModelSpec:
     size: tuple[int, int] | None = None
     compile: bool = False
 
-    def build(self) -> ServeModel:
+    def build(self):
+        from stages.serve.model import ServeModel
         return ServeModel(self.ckpt, self.preset, self.device, self.dtype, self.seed, self.decoder_weights,
                           self.text_encoder_path, self.size, self.compile)
 
@@ -171,7 +171,8 @@ class Core:
     """One device's worker and its sessions, driven by the messages on `conn` until ("stop",) or its end.
     `index`: the worker's number (its device's, in `vidu serve --gpus N`)."""
 
-    def __init__(self, model: ServeModel, opts: ServeOptions, conn, index: int = 0):
+    def __init__(self, model, opts: ServeOptions, conn, index: int = 0):
+        from stages.serve.scheduler import Worker        # the model side's imports (torch): not the server's
         self.opts, self.conn = opts, conn
         self.outbox: queue.Queue = queue.Queue()
         self.worker = Worker(index, model, opts, _Metrics(self.outbox.put))
@@ -246,6 +247,8 @@ class Core:
             s.worker.wake()
 
     def _create(self, sid: str, rgb, seed: int, instruction: str | None):
+        from stages.serve.model import live_options
+        from stages.serve.scheduler import Refused
         from stages.stream.session import Session
         try:
             worker, profile = self.worker, self.worker.admit()
@@ -260,7 +263,7 @@ class Core:
         s.worker = worker
         self.sessions[sid] = s
         worker.add(s)
-        return {"worker": worker.index, "profile": profile.name, "fps": s.fps}
+        return {"worker": worker.index, "profile": profile.name, "fps": s.fps, "instruction": s.session.instruction}
 
     def offer(self) -> dict:
         """What admitting a session here would give: the rank of the profile it fits at (0: full; None: it
@@ -346,7 +349,7 @@ class CoreHandle:
         return handles
 
     @classmethod
-    def thread(cls, model: ServeModel, opts: ServeOptions, index: int = 0) -> "CoreHandle":
+    def thread(cls, model, opts: ServeOptions, index: int = 0) -> "CoreHandle":
         """A core on a thread of this process over an already calibrated `model` (tests, embedding): the
         same messages, pickled the same way."""
         ours, theirs = mp.Pipe()

@@ -11,44 +11,15 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from stages.serve.profile import Profile
 from stages.stream.engine import StreamEngine, StreamSettings
 from stages.stream.events import EventQueue, StreamError
 from stages.stream.session import Parts, Session, SessionOptions, load_parts
-
-EMA = 0.2                  # weight of a new chunk time in a running estimate (a session's share, a batch's time)
-MEASURED_AFTER = 2         # chunks a session generates before its own measured time replaces its profile's
-
-
-@dataclass
-class Profile:
-    name: str
-    settings: StreamSettings
-    height: int
-    width: int
-    video_s: float = 0.0   # seconds of video in a steady chunk
-    batch_s: dict[int, float] = field(default_factory=dict)   # batch size -> measured seconds of one steady
-                                                             # batched chunk (calibrate: 1 and --max-batch)
-
-    @property
-    def chunk_s(self) -> float:
-        """Measured seconds of one session's steady chunk, alone."""
-        return self.batch_s.get(1, 0.0)
-
-    @property
-    def load(self) -> float:
-        """Worker time per second of real-time video, of one session alone."""
-        return self.chunk_s / self.video_s
-
-    def describe(self) -> dict:
-        return {"name": self.name, "steps": self.settings.steps, "height": self.height, "width": self.width,
-                "chunk_ms": round(1000 * self.chunk_s, 2), "video_ms": round(1000 * self.video_s, 2),
-                "load": round(self.load, 4), "batch_ms": {b: round(1000 * t, 2) for b, t in sorted(self.batch_s.items())}}
 
 
 class ServeModel:

@@ -34,7 +34,7 @@ with video_s the seconds of video a chunk plays. So batching admits more session
 batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow.
 A new session is admitted at the first profile (full, fewer steps, half resolution) with which a
 worker's load stays <= headroom (Worker.fit), on the least-loaded worker at the best such profile (the
-server asks each core for its offer: by_preference); with none, it is refused (HTTP 503, the reason).
+server asks each core for its offer: app._admit); with none, it is refused (HTTP 503, the reason).
 When the measured load of the admitted sessions later grows past the headroom (their chunks got slower),
 the worker moves the heaviest one (with batching, every session at its profile: they share forwards) to
 fewer steps at its resolution between two chunks (Worker._rebalance); a lower resolution needs a new
@@ -47,15 +47,10 @@ import time
 from collections import Counter
 
 from stages.serve.metrics import log
-from stages.serve.model import EMA, MEASURED_AFTER, Profile, ServeModel
+from stages.serve.model import ServeModel
+from stages.serve.profile import EMA, MEASURED_AFTER, Profile
 from stages.serve.options import ServeOptions
 from stages.stream.batch import next_chunks
-
-
-def by_preference(offers: list, rank, load) -> list:
-    """`offers` (one per core: Worker.fit's profile and Worker.load) ordered as the server admits a session
-    (app._admit): the best profile first (`rank(o)`: its index, full = 0), then the least `load(o)`."""
-    return sorted(offers, key=lambda o: (rank(o), load(o)))
 
 
 class Refused(Exception):

@@ -31,7 +31,7 @@ import numpy as np
 
 from stages.serve.media import AUDIO_RATE, AudioTrack, Timeline, VideoTrack
 from stages.serve.metrics import Metrics, log
-from stages.serve.model import Profile, live_options
+from stages.serve.profile import Profile
 from stages.serve.options import ServeOptions
 from stages.stream.events import MAX_INSTRUCTION_CHARS, SAMPLE_RATE, AudioChunk, Instruction, StreamError
 
@@ -79,9 +79,10 @@ class RemoteSession:
     """The server's view of a session that runs in the core (stages/serve/core.py): its counts as of the
     last chunk, and its event queue, whose events travel to the core."""
 
-    def __init__(self, core, sid: str, instruction: str | None):
+    def __init__(self, core, sid: str, instruction: str):
+        """`instruction`: the one in force at the start (the core's, or the stream's)."""
         self.chunks = self.frames = 0
-        self.instruction = live_options(instruction).instruction
+        self.instruction = instruction
         self.events = _Events(core, sid)
 
 

@@ -35,6 +35,7 @@ import threading
 import numpy as np
 
 from stages.serve.options import ServeError, ServeOptions, check_bind
+from stages.serve.profile import Profile
 from stages.serve.ring import FrameRing, Slot
 from stages.serve.sessions import new_id
 from stages.stream.events import SAMPLE_RATE, StreamError
@@ -115,10 +116,12 @@ class PageSink:
     # -- the Sink side (the stream's thread)
     def attach(self, session) -> None:
         """The stream's Session (stages/stream/session.py), before its first chunk: served from now on."""
-        from stages.serve.model import Profile
+        from types import SimpleNamespace
         cfg, st = session.p.cfg, session.p.engine.st
         video_s = cfg.audio.video_frames_per_latent * st.chunk_frames / cfg.audio.fps
-        profile = Profile("stream", st, cfg.height, cfg.width, video_s)
+        # the page shows the profile; its settings travel as what it shows (unpickling StreamSettings would
+        # import the engine, and torch with it, into the page's process)
+        profile = Profile("stream", SimpleNamespace(steps=st.steps), cfg.height, cfg.width, video_s)
         keep = int(np.ceil((self.opts.ahead_chunks + 1) * video_s * self.fps))
         self.session, self.events = session, session.events
         chunk_bytes = cfg.height * cfg.width * 3 * int(np.ceil(video_s * self.fps))
