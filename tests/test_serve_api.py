@@ -47,6 +47,11 @@ def test_create_read_and_close_a_session(model):
             status, info = await _post_session(http, url, upload(png(), instruction="wave hello", seed=3, voice="cleo"))
             assert status == 201 and len(info["id"]) == 32 and info["profile"]["name"] == "full"
             assert info["voice"] == "cleo"                               # a character voice (the page offers them)
+            r = await http.get(url + "/voices")
+            listed = await r.json()
+            from stages.synth.voice import VOICES
+            assert listed["default"] == "en-us" and list(listed["voices"]) == sorted(VOICES)
+            assert listed["voices"]["cleo"] == {"espeak": VOICES["cleo"][0], "pitch": VOICES["cleo"][1]}
             assert (info["width"], info["height"], info["fps"]) == (64, 64, 25)
             assert info["instruction"] == "wave hello" and info["chunks"] == 0 and info["viewer"] is False
             r = await http.get(f"{url}/sessions/{info['id']}")
@@ -135,7 +140,7 @@ def test_binding_beyond_loopback_needs_a_token_and_requests_need_it(model):
     async def main():
         async with running(ServeOptions(token=token, speed=SLOW), [model]) as url, ClientSession() as http:
             for headers in ({}, {"Authorization": "Bearer wrong-token-xx"}, {"Authorization": token}):
-                for method, path in (("get", "/metrics"), ("get", "/capacity"), ("post", "/sessions")):
+                for method, path in (("get", "/metrics"), ("get", "/capacity"), ("get", "/voices"), ("post", "/sessions")):
                     r = await getattr(http, method)(url + path, headers=headers)
                     assert r.status == 401 and "token" in _one_line(await r.json())
             auth = {"Authorization": f"Bearer {token}"}

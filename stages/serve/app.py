@@ -7,6 +7,8 @@
     GET    /capacity               workers, their measured load and profiles
     GET    /ice-servers            {"iceServers": [{urls, username, credential}]}: STUN / TURN for the page's
                                    peer connection (--ice-server; none: host candidates only)
+    GET    /voices                 {"default", "voices": {name: {"espeak", "pitch"}}}: the character voices a
+                                   session may take (POST /sessions voice; any espeak-ng voice is taken too)
     POST   /sessions               multipart: image (file, required), instruction, voice, seed -> 201 {id, profile, ...}
                                    | 503 {"error", "reason"} when no worker can keep it real time, or when the
                                    server shows one `vidu stream`'s session (stages/serve/single.py)
@@ -182,6 +184,13 @@ async def health(request: web.Request) -> web.Response:
 async def ice_servers(request: web.Request) -> web.Response:
     """The STUN / TURN servers the page's peer connection uses (the server's own use the same)."""
     return web.json_response({"iceServers": request.app[OPTIONS].ice()}, headers={"Cache-Control": "no-store"})
+
+
+async def voices(request: web.Request) -> web.Response:
+    """The character voices (stages/synth/voice.py VOICES), as the page offers them."""
+    from stages.synth.voice import VOICES
+    return web.json_response({"default": DEFAULT_VOICE, "voices": {name: {"espeak": espeak, "pitch": pitch}
+                                                                   for name, (espeak, pitch) in sorted(VOICES.items())}})
 
 
 async def favicon(request: web.Request) -> web.Response:
@@ -458,6 +467,7 @@ def create_app(opts: ServeOptions, cores: list, single: bool = False,
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/capacity", capacity)
     app.router.add_get("/ice-servers", ice_servers)
+    app.router.add_get("/voices", voices)
     app.router.add_post("/sessions", create_session)
     app.router.add_get("/sessions/{id}", get_session)
     app.router.add_delete("/sessions/{id}", delete_session)
