@@ -50,6 +50,7 @@ class KV:
     v: list[torch.Tensor]   # per block [B, L, H, D]
     pos: torch.Tensor       # [L, 3] (frame, row, column)
     rotated: bool = False   # keys already rotated to `pos` (DiT.rotate): used as they are
+    angles: tuple | None = None   # rope_angles(pos) when already at hand (models.rope.grid_tables), or None
 
     def __len__(self) -> int:
         return self.pos.shape[0]
@@ -475,7 +476,7 @@ class DiT(nn.Module):
         if not self.keep_speech or torch.is_grad_enabled():
             windows, rope = self.embed_audio(audio, F, device)
             return [windows.flatten(0, 1)] * len(self.blocks), rope, F
-        key = (audio, _version(audio), F, str(device), sum(_version(p) for p in self.parameters()))
+        key = (audio, tensor_version(audio), F, str(device), self.weights_version())
         kept = self._kept_speech
         if kept is None or kept[0] is not audio or kept[1:-1] != key[1:]:
             windows, (qc, qs, kc, ks) = self.embed_audio(audio, F, device)
@@ -484,12 +485,16 @@ class DiT(nn.Module):
             self._kept_speech = kept = (*key, (kv, (qc, qs, None, None), F))
         return kept[-1]
 
+    def weights_version(self) -> int:
+        """In-place changes to the weights so far (what is kept across forwards is kept under unchanged weights)."""
+        return sum(tensor_version(p) for p in self.parameters())
+
     def rotate(self, kv: KV) -> KV:
         """The context with its keys rotated to their positions once, for several forwards over the same
         context (a chunk's denoising steps): each forward then skips re-rotating every cached key."""
         if kv.rotated:
             return kv
-        cos, sin = rope_angles(kv.pos.to(kv.k[0].device), self.cfg.head_dim)
+        cos, sin = kv.angles or rope_angles(kv.pos.to(kv.k[0].device), self.cfg.head_dim)
         return KV([apply_rope(k, cos, sin) for k in kv.k], kv.v, kv.pos, rotated=True)
 
     # -- the forward pass --
@@ -548,7 +553,7 @@ class DiT(nn.Module):
             all_pos = torch.cat([frame_pos.new_zeros(n_ref), frame_pos])
             pos = grid_positions(all_pos, h, w, cfg.audio_latent_tokens)
             rope = rope_angles(pos, cfg.head_dim)
-        ctx_rope = (None, None) if kv is None or kv.rotated else rope_angles(kv.pos.to(x.device), cfg.head_dim)
+        ctx_rope = (None, None) if kv is None or kv.rotated else kv.angles or rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
 
         if isinstance(context, TextCache):
@@ -672,6 +677,6 @@ def _audio_rope(W: int, K: int, before: int, head_dim: int, device) -> tuple[tor
         return tuple(x.to(device) for x in (*q_rope, *k_rope))
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
     """How many times `t` was modified in place (an inference tensor keeps no count: 0)."""
     return 0 if t.is_inference() else t._version

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from models.config import ModelConfig
-from models.dit import GUIDES, KV, DiT, DiTOutput, TextCache, guided, guided_conditions
+from models.dit import GUIDES, KV, DiT, DiTOutput, TextCache, guided, guided_conditions, tensor_version
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 from models.rope import grid_tables
 from stages.run import ranged
@@ -219,9 +219,9 @@ class ContextBuffers:
         """The valid context (views, no copy) with token positions, and the next chunk's frame positions."""
         frames, nxt = self.frame_positions()
         n = frames.numel() * self.S
-        pos = grid_tables(tuple(frames.tolist()), self.h, self.w, self.audio_tokens, self.head_dim,
-                          self.k["clean"][0].device)[0]
-        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos)
+        pos, cos, sin = grid_tables(tuple(frames.tolist()), self.h, self.w, self.audio_tokens, self.head_dim,
+                                    self.k["clean"][0].device)
+        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos, angles=(cos, sin))
         return kv, nxt
 
 
@@ -303,11 +303,6 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             x = x + (sig[k + 1] - s) * v
             xa = None if xa is None else xa + (sig[k + 1] - s) * va
     return ChunkResult(x0, xa0, states, audio_states), captured
-
-
-def _version(t: torch.Tensor) -> int:
-    """How many times `t` was modified in place (an inference tensor keeps no count: 0)."""
-    return 0 if t.is_inference() else t._version
 
 
 def _records_grad(k: int, exit_step: int | None) -> bool:
@@ -432,7 +427,7 @@ class StreamEngine:
         `keep_text`, or with gradients on, (None, None): every forward computes them."""
         if not self.keep_text or torch.is_grad_enabled():
             return None, None
-        key = (_version(text), sum(_version(p) for p in self.model.parameters()))
+        key = (tensor_version(text), self.model.weights_version())
         if self._text is None or self._text[0] is not text or self._text[1] != key:
             plain = self.model.prepare_text(text)
             both = (self.model.prepare_text(guided_conditions(text, None, self.st.guide)[0])
