@@ -84,11 +84,6 @@ class Timeline:
         """Frames generated and not yet sent."""
         return self.end - self.next_frame
 
-    def deadline(self) -> float:
-        """When the frames generated so far will have played (the next chunk is due by then); before a
-        viewer's first frame, when it connected (so that sessions already behind do not starve it)."""
-        return self.since if self.offset is None else self.offset + self.end / self.fps
-
     def restart(self) -> None:
         """A (new) viewer: the next unsent frame plays `lead` from now."""
         self.offset = None
