@@ -238,6 +238,25 @@ def test_admission_counts_batched_forwards_at_their_measured_time(model):
     assert admitted(1, 0.45) == 4                                        # control: no batching, 0.1 each
 
 
+def test_a_live_batch_size_is_measured_from_its_second_steady_forward(model):
+    """Worker.measured: at a size calibration timed, every steady forward moves the running average; at a
+    size it did not, the first (the shape's first call: on the H200 a batch of 2 read 209 ms live against
+    ~64 interpolated) is left out and the second starts the average. Control: a calibrated size takes the
+    first sample at once."""
+    from stages.serve.profile import EMA
+    full = model.profiles[0]
+    w = Worker(0, model, ServeOptions(max_batch=4), Metrics())
+    w.batch_s = {(full.name, 1): 0.1, (full.name, 4): 0.2}
+    w.measured(full, 2, 9.0)                                  # first call of the shape: not taken
+    assert (full.name, 2) not in w.batch_s
+    w.measured(full, 2, 0.15)
+    assert w.batch_s[(full.name, 2)] == 0.15
+    w.measured(full, 2, 0.25)
+    assert w.batch_s[(full.name, 2)] == pytest.approx((1 - EMA) * 0.15 + EMA * 0.25)
+    w.measured(full, 4, 1.2)                                  # control: calibrated, the first sample counts
+    assert w.batch_s[(full.name, 4)] == pytest.approx((1 - EMA) * 0.2 + EMA * 1.2)
+
+
 def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model, monkeypatch):
     m = ServeModel(None, "tiny")
     made = []

@@ -25,8 +25,9 @@ batches of at most max_batch; a round of their chunks takes
     round_s(profile, n) = (n // max_batch) * T(max_batch) + T(n % max_batch)      (T(0) = 0)
 
 where T(b) is the time of one batched chunk of b sessions: measured at start (ServeModel.calibrate: alone
-and at max_batch), then by every batch the worker runs (a running average per size); a size not measured
-yet is interpolated linearly between the nearest measured sizes. Then
+and at max_batch), then by every steady batch the worker runs (a running average per size, from a size's
+second steady forward when calibration did not time it: Worker.measured); a size not measured yet is
+interpolated linearly between the nearest measured sizes. Then
 
     load(worker) = speed * sum over its profiles of  round_s(profile, n) / video_s
 
@@ -70,6 +71,7 @@ class Worker(threading.Thread):
         self.stopping = False
         self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> measured seconds (EMA)
             (p.name, b): t for p in model.profiles for b, t in p.batch_s.items()}
+        self.first_calls: set[tuple[str, int]] = set()   # sizes run once, steady, not yet measured (measured)
 
     def batch_time(self, profile: Profile, size: int) -> float:
         """Seconds of one batched chunk of `size` sessions at `profile`: measured, or interpolated between
@@ -190,9 +192,7 @@ class Worker(threading.Thread):
             outcomes = next_chunks([s.session for s in batch])
             dt = time.perf_counter() - t
             if all(s.session.chunks > s.profile.settings.slots + 1 for s in batch):   # steady: the rings full
-                key = (profile.name, len(batch))
-                with self.cond:
-                    self.batch_s[key] = dt if key not in self.batch_s else (1 - EMA) * self.batch_s[key] + EMA * dt
+                self.measured(profile, len(batch), dt)
             self.metrics.batch(len(batch))
             done = time.monotonic()
             for s, deadline, out in zip(batch, deadlines, outcomes):
@@ -205,6 +205,20 @@ class Worker(threading.Thread):
                 s.chunk_done(rgb, audio, timing, dt / len(batch), late)
                 self.metrics.chunk(dt, late)
             self._rebalance()
+
+    def measured(self, profile: Profile, size: int, dt: float) -> None:
+        """A steady batched chunk's time `dt` into the running average at its size (batch_s). At a size
+        calibration did not time, the first steady forward is left out: it holds that shape's first-call
+        costs (allocations, kernel and attention-plan choices), which calibration leaves out by warming up,
+        and one such sample would weigh on a rarely run size for many chunks (EMA)."""
+        key = (profile.name, size)
+        with self.cond:
+            if key in self.batch_s:
+                self.batch_s[key] = (1 - EMA) * self.batch_s[key] + EMA * dt
+            elif key in self.first_calls:
+                self.batch_s[key] = dt
+            else:
+                self.first_calls.add(key)
 
     def _rebalance(self) -> None:
         """Between chunks: when the sessions' measured load has grown past the budget, the heaviest session
