@@ -240,8 +240,8 @@ def test_admission_counts_batched_forwards_at_their_measured_time(model):
 
 def test_a_live_batch_size_is_measured_from_its_second_steady_forward(model):
     """Worker.measured: at a size calibration timed, every steady forward moves the running average; at a
-    size it did not, the first (the shape's first call: on the H200 a batch of 2 read 209 ms live against
-    ~64 interpolated) is left out and the second starts the average. Control: a calibrated size takes the
+    size it did not, the first (the shape's first call; suspected, not yet shown, of the H200's live batch of 2
+    at 209 ms against ~64 interpolated) is left out and the second starts the average. Control: a calibrated size takes the
     first sample at once."""
     from stages.serve.profile import EMA
     full = model.profiles[0]

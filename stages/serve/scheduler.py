@@ -71,7 +71,7 @@ class Worker(threading.Thread):
         self.stopping = False
         self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> measured seconds (EMA)
             (p.name, b): t for p in model.profiles for b, t in p.batch_s.items()}
-        self.first_calls: set[tuple[str, int]] = set()   # sizes run once, steady, not yet measured (measured)
+        self.first_calls: set[tuple[str, int]] = set()   # (profile, size) run once, steady, not yet timed (Worker.measured)
 
     def batch_time(self, profile: Profile, size: int) -> float:
         """Seconds of one batched chunk of `size` sessions at `profile`: measured, or interpolated between
