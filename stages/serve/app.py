@@ -163,12 +163,17 @@ async def page(request: web.Request) -> web.Response:
 
 
 @functools.cache
-def _voice_options() -> str:
-    """The page's voice choice: the default (espeak-ng's DEFAULT_VOICE), then the character voices (made once,
-    by create_app: the import takes most of a second)."""
+def _voices() -> dict:
+    """The character voices (stages/synth/voice.py VOICES) as the page and GET /voices offer them, by name:
+    {"espeak", "pitch"} (read once, by create_app: the import takes most of a second)."""
     from stages.synth.voice import VOICES
+    return {name: {"espeak": espeak, "pitch": pitch} for name, (espeak, pitch) in sorted(VOICES.items())}
+
+
+def _voice_options() -> str:
+    """The page's voice choice: the default (espeak-ng's DEFAULT_VOICE), then the character voices."""
     return "".join([f'<option value="">voice: {DEFAULT_VOICE}</option>',
-                    *(f'<option value="{name}">voice: {name}</option>' for name in sorted(VOICES))])
+                    *(f'<option value="{name}">voice: {name}</option>' for name in _voices())])
 
 
 async def script(request: web.Request) -> web.Response:
@@ -187,10 +192,8 @@ async def ice_servers(request: web.Request) -> web.Response:
 
 
 async def voices(request: web.Request) -> web.Response:
-    """The character voices (stages/synth/voice.py VOICES), as the page offers them."""
-    from stages.synth.voice import VOICES
-    return web.json_response({"default": DEFAULT_VOICE, "voices": {name: {"espeak": espeak, "pitch": pitch}
-                                                                   for name, (espeak, pitch) in sorted(VOICES.items())}})
+    """The character voices, as the page offers them."""
+    return web.json_response({"default": DEFAULT_VOICE, "voices": _voices()})
 
 
 async def favicon(request: web.Request) -> web.Response:
@@ -453,7 +456,7 @@ def create_app(opts: ServeOptions, cores: list, single: bool = False,
     if not cores and not single:
         raise ServeError("no model to serve")
     check_bind(opts)
-    _voice_options()
+    _voices()
     if not single:
         cores = [c if isinstance(c, CoreHandle) else CoreHandle.thread(c, opts, i) for i, c in enumerate(cores)]
     app = web.Application(middlewares=[errors, guard], client_max_size=opts.max_upload_bytes + 64 * 1024)
