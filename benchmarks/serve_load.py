@@ -11,8 +11,10 @@ it stops by itself after N x stagger + seconds (+ the server's start), and kills
 Reports: sessions admitted vs refused (503 and why), the profiles admitted (full / fewer steps / half
 resolution), the sessions that kept the target frame rate (default: --speed x the model's fps), the
 mean batch (chunks per forward), the server's chunk latency p50 / p99 (its last 4096 chunks, /capacity),
-late chunks, frames dropped (server side), and per viewer the frames received and their rate once the
-first arrived. `--compare` runs the same load twice, with --max-batch 1 (every chunk its own forward)
+late chunks, frames dropped (server side), per profile and batch size the calibrated time of a batched
+chunk against the live running average of the worker's forwards at that size and the time admission
+counted on (/capacity at the end: summary.batch_ms), and per viewer the frames received and their rate
+once the first arrived. `--compare` runs the same load twice, with --max-batch 1 (every chunk its own forward)
 and with --max-batch N, and reports both: sessions per GPU without and with batching.
 Writes JSON to $OUT/serve_load[_NAME].json (or ./) and prints a table last.
 
@@ -85,7 +87,7 @@ def text_table(args) -> dict[str, str]:
 def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
     cmd = [sys.executable, "-c", SERVER, "serve", "--port", "0", "--device", args.device, "--speed", str(args.speed),
            "--max-sessions", str(args.max_sessions), "--calib-chunks", str(args.calib_chunks),
-           "--max-batch", str(args.max_batch)]
+           "--max-batch", str(args.max_batch)] + (["--calib-budget", str(args.calib_budget)] if args.calib_budget else [])
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--preset", args.preset] if args.preset else []
     cmd += (["--size", args.size] if args.size else []) + (["--compile"] if args.compile else [])
     cmd += [] if args.commands else ["--no-commands"]
@@ -195,6 +197,15 @@ def run_once(args) -> dict:
     return res
 
 
+def batch_times(cap: dict) -> list[dict]:
+    """Per worker, profile and batch size, from /capacity: the calibrated ms of a batched chunk (and whether
+    calibration timed that size, or it counts at the next larger one's), the live running average of the
+    worker's steady forwards at that size and their count, and the ms admission counted on (the larger)."""
+    return [{"worker": w["worker"], "profile": name, "size": int(size), "calibrated_ms": t["calibrated"],
+             "timed": t["timed"], "live_ms": t["live"], "live_forwards": t["samples"], "counted_ms": t["used"]}
+            for w in cap["workers"] for name, sizes in w["batch_ms"].items() for size, t in sizes.items()]
+
+
 def summarize(res: dict, args) -> dict:
     cl, cap, counts = res["clients"], res["capacity_under_load"], res["capacity_final"]["counts"]
     admitted = [c for c in cl if c["status"] == 201]
@@ -205,7 +216,8 @@ def summarize(res: dict, args) -> dict:
             "mean_batch": round(counts["chunks"] / counts["batches"], 2) if counts["batches"] else None,
             "chunk_p50_ms": cap["chunks"]["p50_ms"], "chunk_p99_ms": cap["chunks"]["p99_ms"],
             "chunks": counts["chunks"], "chunks_late": counts["chunks_late"], "frames_dropped": counts["frames_dropped"],
-            "frames_unsent": counts["frames_unsent"], "wall_s": res["wall_s"]}
+            "frames_unsent": counts["frames_unsent"], "wall_s": res["wall_s"],
+            "batch_ms": batch_times(res["capacity_final"])}
 
 
 def main() -> None:
@@ -228,6 +240,7 @@ def main() -> None:
     ap.add_argument("--target-fps", type=float, default=None,
                     help="a viewer keeps up at >= 0.95 x this (default: --speed x the model's fps)")
     ap.add_argument("--calib-chunks", type=int, default=4)
+    ap.add_argument("--calib-budget", type=float, default=None, help="the server's --calib-budget (default: its own)")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 600:
@@ -249,6 +262,12 @@ def main() -> None:
               f"mean batch {sm['mean_batch']}; chunk p50 {sm['chunk_p50_ms']} ms, p99 {sm['chunk_p99_ms']} ms; late "
               f"chunks {sm['chunks_late']} of {sm['chunks']}, frames dropped {sm['frames_dropped']} (+ "
               f"{sm['frames_unsent']} generated ahead, unsent at close); {sm['wall_s']} s")
+        print("| worker | profile | batch | calibrated ms | live ms | live forwards | counted ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sm["batch_ms"]:
+            if r["timed"] or r["live_forwards"]:
+                print(f"| {r['worker']} | {r['profile']} | {r['size']} | {r['calibrated_ms']}{'' if r['timed'] else ' (next larger)'} "
+                      f"| {'-' if r['live_ms'] is None else r['live_ms']} | {r['live_forwards']} | {r['counted_ms']} |")
         print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
         print("|---|---|---|---|---|---|---|---|")
         for c in res["clients"]:

@@ -201,78 +201,205 @@ class _Seated:
         self.profile = profile
 
 
+def admitted(worker, want=None) -> int:
+    """Sessions `worker` admits one after another until it refuses (each at `want`, when given)."""
+    from stages.serve.scheduler import Refused
+    n = 0
+    while True:
+        try:
+            p = worker.admit()
+        except Refused:
+            return n
+        assert want is None or p is want
+        worker.sessions.append(_Seated(p))
+        n += 1
+
+
 def test_admission_counts_batched_forwards_at_their_measured_time(model):
     """Worker.load: the sessions at one profile cost a round of batched forwards, at the measured batch
-    times (a size between two measured ones interpolated, beyond max_batch a further batch); the scheduler
-    then admits exactly the sessions that fit. Control: without batching (max_batch 1) each session costs
-    its solo time, and fewer are admitted."""
-    from stages.serve.scheduler import Refused
+    times (a size calibration did not time at the next larger timed one's, beyond the largest timed size its
+    time per session, beyond max_batch a further batch); the scheduler then admits exactly the sessions that
+    fit. Control: without batching (max_batch 1) each session costs its solo time, and fewer are admitted."""
     full, fewer = model.profiles[0], model.fewer_steps(model.profiles[0])
     v = full.video_s
     assert v > 0 and fewer is not None and fewer.video_s == v
     opts = ServeOptions(max_batch=4, speed=1.0, headroom=1.0)
     w = Worker(0, model, opts, Metrics())
     w.batch_s = {(full.name, 1): 0.1 * v, (full.name, 4): 0.2 * v, (fewer.name, 1): 0.05 * v}
-    for n, want in [(1, 0.1), (2, 0.1 + 0.1 / 3), (3, 0.1 + 0.2 / 3), (4, 0.2), (5, 0.3), (8, 0.4), (9, 0.5)]:
+    for n, want in [(1, 0.1), (2, 0.2), (3, 0.2), (4, 0.2), (5, 0.3), (8, 0.4), (9, 0.5)]:
         w.sessions = [_Seated(full)] * n
         assert w.load() == pytest.approx(want), n
     w.sessions = [_Seated(full)] * 4 + [_Seated(fewer)] * 2           # profiles batch apart
     assert w.load() == pytest.approx(0.2 + 0.1)
     assert w.load(fewer) == pytest.approx(0.2 + 0.15)
 
-    def admitted(max_batch: int, headroom: float) -> int:
+    def count(max_batch: int, headroom: float) -> int:
         o = ServeOptions(max_batch=max_batch, speed=1.0, headroom=headroom, max_sessions=100)
         worker = Worker(0, model, o, Metrics())
         worker.batch_s = {(full.name, 1): 0.1 * v, (full.name, 4): 0.2 * v,
                           **{(p.name, 1): 10.0 * v for p in model.profiles[1:]}}      # degrading does not pay
-        n = 0
-        while True:
-            try:
-                p = worker.admit()
-            except Refused:
-                return n
-            assert p is full
-            worker.sessions.append(_Seated(p))
-            n += 1
-    assert admitted(4, 0.45) == 8 and admitted(4, 0.39) == 7              # 8: 0.4, a 9th makes 0.5
-    assert admitted(1, 0.45) == 4                                        # control: no batching, 0.1 each
+        return admitted(worker, full)
+    assert count(4, 0.45) == 8                                      # 8: 0.4, a 9th makes 0.5
+    assert count(4, 0.39) == 5                                      # a 6th: 0.2 + 0.2 (2 at 4's time; a line: 0.33)
+    assert count(1, 0.45) == 4                                      # control: no batching, 0.1 each
 
 
 def test_a_live_batch_size_is_measured_from_its_second_steady_forward(model):
-    """Worker.measured: at a size calibration timed, every steady forward moves the running average; at a
-    size it did not, the first (the shape's first call; suspected, not yet shown, of the H200's live batch of 2
-    at 209 ms against ~64 interpolated) is left out and the second starts the average. Control: a calibrated size takes the
-    first sample at once."""
+    """Worker.measured: at a size calibration timed, every steady forward moves the live running average; at
+    a size it did not, the first (the shape's first call) is left out and the second starts the average.
+    Control: a calibrated size takes the first sample at once. The calibrated times stay as measured."""
     from stages.serve.profile import EMA
     full = model.profiles[0]
     w = Worker(0, model, ServeOptions(max_batch=4), Metrics())
     w.batch_s = {(full.name, 1): 0.1, (full.name, 4): 0.2}
     w.measured(full, 2, 9.0)                                  # first call of the shape: not taken
-    assert (full.name, 2) not in w.batch_s
+    assert (full.name, 2) not in w.live
     w.measured(full, 2, 0.15)
-    assert w.batch_s[(full.name, 2)] == 0.15
+    assert w.live[(full.name, 2)] == (0.15, 1)
     w.measured(full, 2, 0.25)
-    assert w.batch_s[(full.name, 2)] == pytest.approx((1 - EMA) * 0.15 + EMA * 0.25)
+    assert w.live[(full.name, 2)] == (pytest.approx((1 - EMA) * 0.15 + EMA * 0.25), 2)
     w.measured(full, 4, 1.2)                                  # control: calibrated, the first sample counts
-    assert w.batch_s[(full.name, 4)] == pytest.approx((1 - EMA) * 0.2 + EMA * 1.2)
+    assert w.live[(full.name, 4)] == (1.2, 1)
+    assert w.batch_s == {(full.name, 1): 0.1, (full.name, 4): 0.2}
 
 
-def test_calibration_times_one_session_and_a_batch_after_the_ring_fills(model, monkeypatch):
+def test_a_live_batch_slower_than_calibrated_shrinks_admission_and_grows_the_load(model):
+    """Worker.times: per size, max(calibrated, live once it has MEASURED_AFTER samples), never below a smaller
+    size's. A batch of 2 measured live at 3x its calibration (the H200's 209 against ~64 ms) cuts the sessions
+    admitted from 10 to 5 and, with 10 admitted, puts the load past the headroom (where Worker._rebalance
+    degrades them); controls: one live sample, or a live time below calibration, changes nothing."""
+    from stages.serve.profile import MEASURED_AFTER
+    full = model.profiles[0]
+    v = full.video_s
+    opts = ServeOptions(max_batch=4, speed=1.0, headroom=0.45, max_sessions=100)
+
+    def worker(live_2: list[float]) -> Worker:
+        w = Worker(0, model, opts, Metrics())
+        w.batch_s = {**{(full.name, b): t * v for b, t in {1: 0.1, 2: 0.12, 3: 0.14, 4: 0.16}.items()},
+                     **{(p.name, 1): 10.0 * v for p in model.profiles[1:]}}          # degrading does not pay
+        for dt in live_2:
+            w.measured(full, 2, dt * v)
+        return w
+
+    assert admitted(worker([]), full) == 10                         # 0.16 + 0.16 + 0.12 = 0.44, an 11th 0.46
+    assert MEASURED_AFTER == 2
+    assert admitted(worker([0.3]), full) == 10                      # control: one sample does not count yet
+    assert admitted(worker([0.05, 0.05]), full) == 10               # control: faster live never lowers T
+    slow = worker([0.3, 0.3])
+    t = slow.times(full)
+    assert [t[b]["used"] / v for b in (1, 2, 3, 4)] == pytest.approx([0.1, 0.3, 0.3, 0.3])   # 3, 4: not below 2
+    assert t[2]["calibrated"] == pytest.approx(0.12 * v) and t[2]["live"] == pytest.approx(0.3 * v)
+    assert t[2]["samples"] == 2 and t[3]["live"] is None and all(t[b]["timed"] for b in t)
+    assert admitted(slow, full) == 5                                # 0.3 + 0.1 = 0.4, a 6th 0.6
+    grown = worker([])
+    admitted(grown, full)
+    assert grown.load() <= opts.headroom
+    grown.measured(full, 2, 0.3 * v)
+    grown.measured(full, 2, 0.3 * v)
+    assert grown.load() == pytest.approx(0.3 + 0.3 + 0.3) and grown.load() > opts.headroom   # 10: 4 + 4 + 2
+
+
+def fake_forwards(monkeypatch, cost) -> list[int]:
+    """ServeModel.calibrate over a stub of the batched forward (stages/stream/batch.py's next_chunks) whose
+    batch of b takes cost(b) seconds on a fake clock: the sizes of its calls, in order."""
+    from types import SimpleNamespace
+
+    import stages.serve.model as model_mod
+    import stages.stream.batch as batch_mod
+    clock, calls = [0.0], []
+
+    def forward(sessions):
+        calls.append(len(sessions))
+        clock[0] += cost(len(sessions))
+        return [(np.zeros((4, 64, 64, 3), np.uint8), None, {}) for _ in sessions]
+    monkeypatch.setattr(batch_mod, "next_chunks", forward)
+    monkeypatch.setattr(model_mod, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    return calls
+
+
+def h200_like(b: int) -> float:
+    """A batch of 2 far dearer than a line from 1 to 8 says (RESULTS.md session 46: 55 ms alone, 118 ms for
+    8, a live batch of 2 at 209 ms where the line says 64)."""
+    return 0.055 if b == 1 else 0.100 + 0.003 * (b - 2)
+
+
+def test_calibration_times_every_batch_size_after_its_own_warm_up(monkeypatch):
+    """ServeModel.calibrate, on a fake clock: per profile the 8 sessions fill their rings together (slots +
+    1 forwards of 8), then sizes 1, 8, 2, ..., 7 each run one untimed warm-up forward and `chunks` timed
+    ones. Admission then counts the batch of 2 at its own time and admits 1 session where the old rule
+    (calibration at 1 and 8, sizes between interpolated on a line: the negative control) admits 3."""
     m = ServeModel(None, "tiny")
-    made = []
-    real = Session.next_chunk
-
-    def counting(self):
-        made.append(id(self))
-        return real(self)
-    monkeypatch.setattr(Session, "next_chunk", counting)
-    m.calibrate(1, batch=3)
-    for p in m.profiles:
-        assert sorted(p.batch_s) == [1, 3] and all(t > 0 for t in p.batch_s.values()) and p.chunk_s == p.batch_s[1]
-        assert p.describe()["batch_ms"] == {1: round(1000 * p.batch_s[1], 2), 3: round(1000 * p.batch_s[3], 2)}
+    calls = fake_forwards(monkeypatch, h200_like)
+    m.calibrate(2, batch=8)
     slots = m.profiles[0].settings.slots
-    assert len(made) == len(m.profiles) * (slots + 2)          # alone: the ring filled (slots + 1), then 1 timed
-    assert Worker(0, m, ServeOptions(max_batch=3), Metrics()).batch_s[(m.profiles[0].name, 3)] == m.profiles[0].batch_s[3]
+    per_profile = [8] * (slots + 1) + [s for size in (1, 8, 2, 3, 4, 5, 6, 7) for s in [size] * 3]
+    assert calls == per_profile * len(m.profiles)
+    for p in m.profiles:
+        assert p.batch_s == {b: pytest.approx(h200_like(b)) for b in range(1, 9)} and p.video_s == 4 / 25
+    full = m.profiles[0]
+    opts = ServeOptions(max_batch=8, speed=1.0, headroom=0.5, max_sessions=100)
+    w = Worker(0, m, opts, Metrics())
+    assert [w.batch_time(full, b) for b in range(1, 9)] == pytest.approx([h200_like(b) for b in range(1, 9)])
+    for p in m.profiles[1:]:                       # degrading does not pay: full sessions only
+        for b in range(1, 9):
+            w.batch_s[(p.name, b)] = 10.0
+    assert admitted(w, full) == 1                  # 2 sessions: 100 ms per 160 ms chunk, 0.625 > 0.5
+
+    def interpolated(b: int) -> float:             # the old rule, from sizes 1 and 8
+        return h200_like(1) + (h200_like(8) - h200_like(1)) * (b - 1) / 7
+    old = max(n for n in range(1, 9) if interpolated(n) / full.video_s <= opts.headroom)
+    assert old == 3                                # 3 sessions: 73 ms, 0.455: over-promised
+
+
+def test_the_calibration_budget_times_the_sizes_it_can_and_the_rest_count_at_the_next_larger(monkeypatch):
+    """Sizes 1 and max_batch are always timed; 2, 3, ... while (1 + chunks) x the max_batch time still fits
+    the profile's share of the budget (120 s over 3 profiles, a share left unused passing on): on the fake
+    clock exactly 2-3, then 2-4 and 2-4. A size not timed counts at the next larger timed size's time,
+    never interpolated from a smaller one."""
+    m = ServeModel(None, "tiny")
+    assert len(m.profiles) == 3
+    cost = lambda b: 1.0 + b / 8                     # noqa: E731   s; a forward of 8: 2 s
+    calls = fake_forwards(monkeypatch, cost)
+    m.calibrate(2, batch=8, budget_s=120.0)
+    assert [sorted(p.batch_s) for p in m.profiles] == [[1, 2, 3, 8], [1, 2, 3, 4, 8], [1, 2, 3, 4, 8]]
+    slots = m.profiles[0].settings.slots
+    assert calls[:slots + 1 + 12] == [8] * (slots + 1) + [1] * 3 + [8] * 3 + [2] * 3 + [3] * 3
+    w = Worker(0, m, ServeOptions(max_batch=8), Metrics())
+    t = w.times(m.profiles[0])
+    assert [t[b]["timed"] for b in range(1, 9)] == [True, True, True, False, False, False, False, True]
+    assert [t[b]["used"] for b in range(1, 9)] == pytest.approx([cost(1), cost(2), cost(3)] + [cost(8)] * 5)
+    with pytest.raises(ServeError, match="calib-budget"):
+        ServeOptions(calib_budget_s=0)
+    res = cli("serve", "--calib-budget", "0", "--preset", "tiny", "--device", "cpu", check=False)
+    assert res.returncode == 2 and "--calib-budget" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_calibration_with_real_forwards_times_each_size_once_the_rings_are_full(monkeypatch):
+    """The tiny preset's real batched forwards: 3 sessions fill their rings together, then sizes 1, 3, 2 are
+    timed (one warm-up forward each, then one timed); the worker starts from these times."""
+    import stages.stream.batch as batch_mod
+    m = ServeModel(None, "tiny")
+    real, calls = batch_mod.next_chunks, []
+
+    def counting(sessions):
+        calls.append(len(sessions))
+        return real(sessions)
+    monkeypatch.setattr(batch_mod, "next_chunks", counting)
+    m.calibrate(1, batch=3)
+    slots = m.profiles[0].settings.slots
+    assert calls == ([3] * (slots + 1) + [1, 1, 3, 3, 2, 2]) * len(m.profiles)
+    for p in m.profiles:
+        assert sorted(p.batch_s) == [1, 2, 3] and all(t > 0 for t in p.batch_s.values()) and p.chunk_s == p.batch_s[1]
+        assert p.describe()["batch_ms"] == {b: round(1000 * t, 2) for b, t in p.batch_s.items()}
+    w = Worker(0, m, ServeOptions(max_batch=3), Metrics())
+    full = m.profiles[0]
+    assert w.batch_s[(full.name, 3)] == full.batch_s[3]
+    w.measured(full, 2, 100.0)
+    w.measured(full, 2, 100.0)
+    d = w.describe()["batch_ms"][full.name]
+    assert d[2] == {"calibrated": round(1000 * full.batch_s[2], 2), "timed": True, "live": 100000.0, "samples": 2,
+                    "used": 100000.0}
+    assert d[1]["live"] is None and d[1]["used"] == round(1000 * full.batch_s[1], 2) and d[3]["used"] == 100000.0
 
 
 def test_the_viewer_positions_the_core_waits_for_are_where_ready_turns():

@@ -41,5 +41,12 @@ def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
         assert c["size"] == "64x64" and c["frames"] > 10 and c["audio_packets"] > 10 and c["first_frame_s"] is not None
     assert run["capacity_under_load"]["workers"][0]["sessions"] == 2          # the snapshot while they watch
     assert sm["chunks"] >= sum(c["chunks"] for c in clients[:2]) > 0
+    rows = {(r["profile"], r["size"]): r for r in sm["batch_ms"]}           # per size: calibrated vs live
+    profiles = [p["name"] for p in run["capacity_final"]["workers"][0]["profiles"]]
+    assert set(rows) == {(p, b) for p in profiles for b in (1, 2)}          # every size up to --max-batch 2
+    for r in rows.values():
+        assert r["timed"] and r["calibrated_ms"] > 0 and r["counted_ms"] >= r["calibrated_ms"]
+        assert (r["live_ms"] is None) == (r["live_forwards"] < 2) and (r["live_ms"] is None or r["counted_ms"] >= r["live_ms"])
+    assert "| worker | profile | batch | calibrated ms | live ms | live forwards | counted ms |" in res.stdout
     assert res.stdout.strip().splitlines()[-1] == "| 2 | 503 max_sessions | - | - | - | - | - | - |"   # the table last
     assert "Traceback" not in res.stderr

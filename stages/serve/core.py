@@ -288,7 +288,7 @@ def _process_main(spec: ModelSpec, opts: ServeOptions, conn, index: int) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         model = spec.build()
-        model.calibrate(opts.calib_chunks, opts.max_batch)
+        model.calibrate(opts.calib_chunks, opts.max_batch, opts.calib_budget_s)
     except Exception as e:  # noqa: BLE001  -- ServeError, StreamError, a missing file, CUDA: told in one line
         said = str(e).splitlines()[0] if str(e) else ""
         known = isinstance(e, (ValueError, FileNotFoundError))

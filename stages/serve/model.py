@@ -1,7 +1,7 @@
 """One loaded model per worker device, shared by all of its sessions, and the profiles a session can
 run at: the model's own settings ("full"), then fewer denoising steps, then half the resolution as well.
-Each profile's chunk time is measured at start (`calibrate`), never guessed, and kept up to date by
-the chunks the sessions generate (`Profile.observe`).
+Each profile's chunk time is measured at start at every batch size the worker may run (`calibrate`), never
+guessed; live, the worker's own forwards are measured too (stages/serve/scheduler.py: Worker.measured).
 
 A session's Parts are the shared model, decoder and text encoder with an engine of its own
 (its caches, ring and noise); the Session of stages/stream/session.py drives it chunk by chunk.
@@ -9,6 +9,7 @@ A session's Parts are the shared model, decoder and text encoder with an engine 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages.serve.metrics import log
 from stages.serve.profile import Profile
 from stages.stream.engine import StreamEngine, StreamSettings
 from stages.stream.events import EventQueue, StreamError
@@ -95,32 +97,59 @@ class ServeModel:
         engine.start(ref)
         return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes))
 
-    def calibrate(self, chunks: int, batch: int = 1) -> None:
-        """Time `chunks` steady chunks of grey-reference sessions at each profile, alone and (`batch` > 1)
-        as one batch of `batch` sessions: the median of each is the profile's `batch_s` at that size. Steady:
-        after a warm-up of as many chunks, and at least until the ring is full (the first chunk makes one
-        frame; the first calls of a shape allocate and pick kernels; a filling window attends to less)."""
+    def calibrate(self, chunks: int, batch: int = 1, budget_s: float = math.inf) -> None:
+        """Time each profile's steady batched chunk at every batch size 1..`batch` (Profile.batch_s: size ->
+        the median of `chunks` timed forwards), as the worker runs them (stages/stream/batch.py's next_chunks).
+
+        Per profile, `batch` grey-reference sessions first fill their rings together (slots + 1 forwards of
+        all of them: the first chunk makes one frame, a filling window attends to less); then each size b
+        runs sessions[:b]: one warm-up forward (the shape's first call: allocations, kernel and attention-plan
+        choices, a compilation) and `chunks` timed ones. The sessions drift apart by chunk count as the sizes
+        run (session 0 takes part in every one), so the batches stack contexts at different positions, as
+        the live ones of sessions that arrived at different times do.
+
+        Sizes 1 and `batch` are always timed, first; then 2, 3, ... while each one's forwards, at most
+        (1 + chunks) x the time at `batch`, fit within the profile's share of `budget_s` (the
+        calibration's total seconds, ServeOptions.calib_budget_s, split evenly over the profiles, a share
+        left unused passing on to the next). A size not timed counts at the time of the next larger one
+        (Worker.batch_time): a batch is never cheaper than a smaller one."""
         from stages.stream.batch import next_chunks
         fps = self.base.cfg.audio.fps
-        chunks = max(1, chunks)
-        for p in self.profiles:
-            warm = max(chunks, p.settings.slots + 1)
+        chunks, batch = max(1, chunks), max(1, batch)
+        start = time.perf_counter()
+
+        def run(sessions: list) -> tuple[float, list]:
+            t = time.perf_counter()
+            outs = next_chunks(sessions)
+            dt = time.perf_counter() - t
+            if bad := next((o for o in outs if isinstance(o, BaseException)), None):
+                raise bad
+            return dt, outs
+
+        for k, p in enumerate(self.profiles):
+            sessions = [Session(self.parts(self.grey, p, self.seed + i), EventQueue(), live_options())
+                        for i in range(batch)]
+            for _ in range(p.settings.slots + 1):
+                run(sessions)
             p.batch_s = {}
-            for size in sorted({1, batch}):
-                sessions = [Session(self.parts(self.grey, p, self.seed + i), EventQueue(), live_options())
-                            for i in range(size)]
+            share_end = start + budget_s * (k + 1) / len(self.profiles)
+            skipped = []
+            for size in sorted({1, batch}) + list(range(2, batch)):
+                if size not in (1, batch) and \
+                        time.perf_counter() + (1 + chunks) * p.batch_s[batch] > share_end:
+                    skipped.append(size)
+                    continue
+                run(sessions[:size])                                  # the shape's first call: not timed
                 times = []
-                for i in range(warm + chunks):
-                    t = time.perf_counter()
-                    outs = next_chunks(sessions) if size > 1 else [sessions[0].next_chunk()]
-                    dt = time.perf_counter() - t
-                    if bad := next((o for o in outs if isinstance(o, BaseException)), None):
-                        raise bad
-                    if i >= warm:
-                        times.append(dt)
-                        p.video_s = outs[0][0].shape[0] / fps
+                for _ in range(chunks):
+                    dt, outs = run(sessions[:size])
+                    times.append(dt)
+                    p.video_s = outs[0][0].shape[0] / fps
                 p.batch_s[size] = float(np.median(times))
-                del sessions
+            p.batch_s = dict(sorted(p.batch_s.items()))
+            if skipped:
+                log("calibration_budget", profile=p.name, budget_s=budget_s, not_timed=skipped)
+            del sessions
 
 
 def live_options(instruction: str | None = None) -> SessionOptions:

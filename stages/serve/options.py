@@ -23,7 +23,9 @@ class ServeOptions:
     max_sessions: int = ranged(8, min=1, max=10000)   # sessions at once, over all workers
     speed: float = ranged(1.0, gt=0, max=100)  # the fraction of real time every admitted session must keep (1: real time)
     headroom: float = 0.9                # share of a worker's time the admitted sessions' measured chunks may use
-    calib_chunks: int = ranged(4, min=1, max=100)   # steady chunks per profile timed at start (after as many warm-up)
+    calib_chunks: int = ranged(4, min=1, max=100)   # steady chunks timed per profile and batch size at start
+    calib_budget_s: float = ranged(300.0, gt=0, max=3600)   # s the calibration may take: batch sizes beyond 1 and
+                                         # max_batch are timed while it lasts, the rest count at the next larger one's
     max_batch: int = ranged(8, min=1, max=256)   # sessions' chunks in one forward (1: each chunk its own forward)
     ahead_chunks: int = 3                # chunks a session may generate ahead of its viewer (its output queue; one more riding along in a batch)
     max_upload_bytes: int = 8 << 20      # POST /sessions body
@@ -53,6 +55,10 @@ class ServeOptions:
             raise ServeError(f"--max-sessions must be >= 1, not {self.max_sessions}")
         if not 0 < self.speed <= 100:
             raise ServeError(f"--speed must be in (0, 100], not {self.speed:g}")
+        if not 1 <= self.calib_chunks <= 100:
+            raise ServeError(f"--calib-chunks must be 1-100, not {self.calib_chunks}")
+        if not 0 < self.calib_budget_s <= 3600:
+            raise ServeError(f"--calib-budget must be in (0, 3600] s, not {self.calib_budget_s:g}")
         if not 0 < self.headroom <= 1:
             raise ServeError(f"headroom must be in (0, 1], not {self.headroom:g}")
         if self.token is not None and len(self.token) < 8:

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
     from stages.stream.engine import StreamSettings
 
 EMA = 0.2                  # weight of a new chunk time in a running estimate (a session's share, a batch's time)
-MEASURED_AFTER = 2         # chunks a session generates before its own measured time replaces its profile's
+MEASURED_AFTER = 2         # samples before a running estimate counts: a session's own chunks (then its measured
+                           # share replaces its profile's), a worker's live forwards at a batch size (Worker.times)
 
 
 @dataclass
@@ -21,8 +22,8 @@ class Profile:
     height: int
     width: int
     video_s: float = 0.0   # seconds of video in a steady chunk
-    batch_s: dict[int, float] = field(default_factory=dict)   # batch size -> measured seconds of one steady
-                                                             # batched chunk (calibrate: 1 and --max-batch)
+    batch_s: dict[int, float] = field(default_factory=dict)   # batch size -> calibrated seconds of one steady
+                                                             # batched chunk (ServeModel.calibrate: 1..--max-batch)
 
     @property
     def chunk_s(self) -> float:

@@ -24,15 +24,19 @@ batches of at most max_batch; a round of their chunks takes
 
     round_s(profile, n) = (n // max_batch) * T(max_batch) + T(n % max_batch)      (T(0) = 0)
 
-where T(b) is the time of one batched chunk of b sessions: measured at start (ServeModel.calibrate: alone
-and at max_batch), then by every steady batch the worker runs (a running average per size, from a size's
-second steady forward when calibration did not time it: Worker.measured); a size not measured yet is
-interpolated linearly between the nearest measured sizes. Then
+where T(b) is the time of one batched chunk of b sessions (Worker.batch_time): per size, the larger of
+its calibrated time (ServeModel.calibrate: every size 1..max_batch after its own warm-up forward, within
+--calib-budget; a size it did not time counts at the next larger one's) and the live running average of
+the worker's steady forwards at that size once it has MEASURED_AFTER samples (Worker.measured), and never
+less than T(b - 1): a batch does all of a smaller one's work. Live times only ever raise T: on the H200
+the live forwards ran far slower than calibration (RESULTS.md, session 46: a batch of 2 at 209 ms), and a
+load that ignored them admitted sessions none of which kept real time. Then
 
     load(worker) = speed * sum over its profiles of  round_s(profile, n) / video_s
 
 with video_s the seconds of video a chunk plays. So batching admits more sessions exactly as far as
-batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow.
+batched forwards are measured to be cheaper, and a worker whose batches get slower sees its load grow
+(fewer admitted; past the headroom, degraded).
 A new session is admitted at the first profile (full, fewer steps, half resolution) with which a
 worker's load stays <= headroom (Worker.fit), on the least-loaded worker at the best such profile (the
 server asks each core for its offer: app._admit); with none, it is refused (HTTP 503, the reason).
@@ -43,6 +47,7 @@ session (its caches have the old size).
 """
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections import Counter
@@ -69,24 +74,34 @@ class Worker(threading.Thread):
         self.sessions: list = []                 # CoreSession (stages/serve/core.py), admitted here
         self.cond = threading.Condition()
         self.stopping = False
-        self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> measured seconds (EMA)
+        self.batch_s: dict[tuple[str, int], float] = {   # (profile, batch size) -> calibrated seconds
             (p.name, b): t for p in model.profiles for b, t in p.batch_s.items()}
+        self.live: dict[tuple[str, int], tuple[float, int]] = {}   # (profile, size) -> (running average, samples)
         self.first_calls: set[tuple[str, int]] = set()   # (profile, size) run once, steady, not yet timed (Worker.measured)
 
-    def batch_time(self, profile: Profile, size: int) -> float:
-        """Seconds of one batched chunk of `size` sessions at `profile`: measured, or interpolated between
-        the nearest measured sizes (beyond the largest: its time per session)."""
+    def times(self, profile: Profile, upto: int | None = None) -> dict[int, dict]:
+        """Per batch size 1..`upto` (default: max_batch) at `profile`: "calibrated" (s; a size calibration did
+        not time: the next larger timed size's, beyond the largest its time per session x the size; None:
+        nothing timed), "timed" (whether calibration timed it), "live" (the running average of the worker's
+        steady forwards, None before MEASURED_AFTER samples), "samples", and "used": the time admission and
+        batching count on (the module's docstring)."""
         with self.cond:
-            known = {b: t for (name, b), t in self.batch_s.items() if name == profile.name}
-        if size in known:
-            return known[size]
-        lo = max((b for b in known if b < size), default=None)
-        hi = min((b for b in known if b > size), default=None)
-        if lo is None:
-            return known[hi] * size / hi if hi else 0.0
-        if hi is None:
-            return known[lo] * size / lo
-        return known[lo] + (known[hi] - known[lo]) * (size - lo) / (hi - lo)
+            cal = {b: t for (name, b), t in self.batch_s.items() if name == profile.name}
+            live = {b: v for (name, b), v in self.live.items() if name == profile.name}
+        timed = sorted(cal)
+        out, used = {}, 0.0
+        for size in range(1, (upto or self.opts.max_batch) + 1):
+            i = bisect.bisect_left(timed, size)
+            c = cal[timed[i]] if i < len(timed) else cal[timed[-1]] * size / timed[-1] if timed else None
+            avg, n = live.get(size, (None, 0))
+            avg = avg if n >= MEASURED_AFTER else None
+            used = max(used, c or 0.0, avg or 0.0)
+            out[size] = {"calibrated": c, "timed": size in cal, "live": avg, "samples": n, "used": used}
+        return out
+
+    def batch_time(self, profile: Profile, size: int) -> float:
+        """Seconds one batched chunk of `size` sessions at `profile` is counted at (times()'s "used")."""
+        return self.times(profile, size)[size]["used"] if size > 0 else 0.0
 
     def round_time(self, profile: Profile, n: int) -> float:
         """Seconds for one chunk of each of `n` sessions at `profile`, batched by max_batch."""
@@ -143,12 +158,16 @@ class Worker(threading.Thread):
         return p
 
     def describe(self) -> dict:
+        """The worker for /capacity: its sessions and load, and per profile and batch size the calibrated, live
+        and counted ("used") milliseconds of a batched chunk (times())."""
         with self.cond:
-            batch_s = sorted(self.batch_s.items())
             n = len(self.sessions)
+        ms = lambda t: None if t is None else round(1000 * t, 2)   # noqa: E731
         return {"worker": self.index, "device": self.model.device, "sessions": n, "load": self.load(),
                 "budget": self.opts.headroom, "profiles": [p.describe() for p in self.model.profiles],
-                "batch_ms": {f"{name}x{size}": round(1000 * t, 2) for (name, size), t in batch_s}}
+                "batch_ms": {p.name: {size: {"calibrated": ms(t["calibrated"]), "timed": t["timed"], "live": ms(t["live"]),
+                                             "samples": t["samples"], "used": ms(t["used"])}
+                                      for size, t in self.times(p).items()} for p in self.model.profiles}}
 
     def _pick(self) -> list:
         """The sessions whose chunks run next, in one forward (the module's docstring says which)."""
@@ -207,18 +226,17 @@ class Worker(threading.Thread):
             self._rebalance()
 
     def measured(self, profile: Profile, size: int, dt: float) -> None:
-        """A steady batched chunk's time `dt` into the running average at its size (batch_s). At a size
-        calibration did not time, the first steady forward is left out: it holds that shape's first-call
-        costs (allocations, kernel and attention-plan choices), which calibration leaves out by warming up,
-        and one such sample would weigh on a rarely run size for many chunks (EMA)."""
+        """A steady batched forward's time `dt` into the live running average at its size (live). At a size
+        calibration did not time, the first steady forward is left out: it holds that shape's first-call costs
+        (allocations, kernel and attention-plan choices, a compilation), which calibration leaves out by a
+        warm-up forward, and one such sample would weigh on a rarely run size for many chunks (EMA)."""
         key = (profile.name, size)
         with self.cond:
-            if key in self.batch_s:
-                self.batch_s[key] = (1 - EMA) * self.batch_s[key] + EMA * dt
-            elif key in self.first_calls:
-                self.batch_s[key] = dt
-            else:
+            if key not in self.batch_s and key not in self.first_calls:
                 self.first_calls.add(key)
+                return
+            avg, n = self.live.get(key, (dt, 0))
+            self.live[key] = ((1 - EMA) * avg + EMA * dt if n else dt, n + 1)
 
     def _rebalance(self) -> None:
         """Between chunks: when the sessions' measured load has grown past the budget, the heaviest session
