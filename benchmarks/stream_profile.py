@@ -21,8 +21,9 @@ forward hooks on the model's linears (`vidu::ffn` for blocks.*.ffn.0/2, `vidu::l
 (`vidu::norm`), wrappers on each block's self_attend / cross_attend (`vidu::self_attn`, `vidu::cross_text`,
 `vidu::cross_audio`, and the audio adapter's embedding), on the self-attention backends (`vidu::attn_core`:
 SDPA or our INT8 / sparse kernels with their q/k quantization and block maps), on the adaLN and q/k-norm/RoPE
-functions (vidu_kernels.adaln, .qk_rope, models.rope via models.dit) and on the engine's DiT.rotate (`vidu::rope`)
-and buffer writes (`vidu::cache_write`). On CUDA every kernel's device time goes to the bucket of the innermost op
+functions (vidu_kernels.adaln, .qk_rope, models.rope via models.dit) and on the engine's key rotations (`vidu::rope`:
+a history chunk's keys as written, the ref and sink moved to the window's new place) and buffer writes
+(`vidu::cache_write`). On CUDA every kernel's device time goes to the bucket of the innermost op
 that launched it and the ranges around that op; on the CPU each op's self time does. What no range claims goes by
 op name: SDPA to self-attention, cat / copy_ / clone to cache-and-copies, casts and the rest to element-wise.
 The cross-attention buckets hold their whole sub-layer: for the text its q/o projections, q norm and attention (its
@@ -172,7 +173,7 @@ def instrumented(model: dit.DiT, eng, compiled: bool):
     p = Patches()
     try:
         p.wrap(eng.buffers, "write", "vidu::cache_write")
-        p.wrap(model, "rotate", "vidu::rope")
+        p.wrap(eng.buffers, "rotate", "vidu::rope")   # keys rotated as written (ring) or moved (ref, sink)
         for name, m in model.named_modules():
             if compiled and name.startswith("blocks."):
                 continue

@@ -49,18 +49,22 @@ class KV:
     k: list[torch.Tensor]   # per block [B, L, H, D]
     v: list[torch.Tensor]   # per block [B, L, H, D]
     pos: torch.Tensor       # [L, 3] (frame, row, column)
-    rotated: bool = False   # keys already rotated to `pos` (DiT.rotate): used as they are
+    rotated: bool = False   # keys already rotated to `pos` (a stream's cache, DiT.rotate): used as they are
     angles: tuple | None = None   # rope_angles(pos) when already at hand (models.rope.grid_tables), or None
 
     def __len__(self) -> int:
         return self.pos.shape[0]
 
     def cat(self, other: "KV") -> "KV":
+        if other.rotated != self.rotated:
+            raise ValueError("cannot join keys rotated to their positions with keys before RoPE")
         return KV([torch.cat([a, b], 1) for a, b in zip(self.k, other.k)],
-                  [torch.cat([a, b], 1) for a, b in zip(self.v, other.v)], torch.cat([self.pos, other.pos]))
+                  [torch.cat([a, b], 1) for a, b in zip(self.v, other.v)], torch.cat([self.pos, other.pos]),
+                  self.rotated)
 
     def tokens(self, start: int, stop: int) -> "KV":
-        return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop])
+        return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop],
+                  self.rotated)
 
 
 def _sdpa(q, k, v, mask=None, prefix=None, cache=None):
@@ -186,7 +190,7 @@ class Attention(nn.Module):
         if ctx is not None:
             ck, cv, ccos, csin = ctx
             rotate = qk_rope.rope if self.kernels else apply_rope
-            # keys already rotated (DiT.rotate: one tensor for all the forwards of a chunk) are what a backend may
+            # keys already rotated (a stream's cache: one tensor for all the forwards of a chunk) are what a backend may
             # keep derived forms of; keys rotated here are new in every call
             cache = self.prefix_cache if ccos is None and ck.dtype == k.dtype else None
             ck = ck.to(k.dtype) if ccos is None else rotate(ck.to(k.dtype), ccos, csin)
@@ -334,7 +338,7 @@ class DiT(nn.Module):
         Triton kernels of vidu_kernels.adaln / qk_rope where they can run (CUDA, no autograd through them, not
         under torch.compile), their torch references anywhere else: the same numbers either way; and
         self-attention by `attention` (SELF_ATTENTION: "sdpa", "int8", "sparse"; the last two approximate).
-        keep_context: the fast backends keep what they derive from a context rotated once per chunk (DiT.rotate) for
+        keep_context: the fast backends keep what they derive from a context of rotated keys (a stream's cache) for
         the chunk's next forwards (vidu_kernels.prefix_cache: INT8 attention's int8 key blocks; the sparse backend
         keeps nothing); False derives it in every forward (the same numbers, to measure what keeping buys)."""
         if attention not in SELF_ATTENTION:
@@ -490,12 +494,13 @@ class DiT(nn.Module):
         return sum(tensor_version(p) for p in self.parameters())
 
     def rotate(self, kv: KV) -> KV:
-        """The context with its keys rotated to their positions once, for several forwards over the same
-        context (a chunk's denoising steps): each forward then skips re-rotating every cached key."""
+        """Keys/values with the keys rotated to their positions (a stream's cache keeps keys rotated: the
+        forwards over it skip re-rotating every cached key); by qk_rope's one-pass kernel under use_kernels."""
         if kv.rotated:
             return kv
         cos, sin = kv.angles or rope_angles(kv.pos.to(kv.k[0].device), self.cfg.head_dim)
-        return KV([apply_rope(k, cos, sin) for k in kv.k], kv.v, kv.pos, rotated=True)
+        rot = qk_rope.rope if self.blocks[0].self_attn.kernels else apply_rope
+        return KV([rot(k, cos, sin) for k in kv.k], kv.v, kv.pos, rotated=True)
 
     # -- the forward pass --
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,

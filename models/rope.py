@@ -41,8 +41,6 @@ def rope_angles(pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.T
     return ang.cos().float(), ang.sin().float()
 
 
-
-
 def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torch.Tensor:
     """Positions of a frame-major token layout: for each frame position in `frames`, h*w grid tokens
     (row, column), then `extra` tokens at (frame, h, j): the joint audio tokens, on a row of their own
@@ -63,9 +61,26 @@ def grid_positions(frames: torch.Tensor, h: int, w: int, extra: int = 0) -> torc
 def grid_tables(frames: tuple[int, ...], h: int, w: int, extra: int, head_dim: int,
                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grid_positions of the frame positions `frames` and their rope_angles (pos, cos, sin), on `device`,
-    built once per layout. A stream's chunks repeat a few layouts (RoPE repositioning keeps positions
-    bounded); built anew, every forward would copy host tensors to the device, and a copy from pageable
-    host memory waits for everything queued on the GPU before it. The tensors are shared: never modify them."""
+    built once per layout. A stream's chunks repeat a few layouts; built anew, every forward would copy host
+    tensors to the device, and a copy from pageable host memory waits for everything queued on the GPU before
+    it. A layout whose lowest frame f0 is above 0 (a stream's chunk at its absolute position, hours in) is the
+    layout moved down to 0 (built once) shifted by f0 on the device: no copy however far the stream has run.
+    Angles are computed in float64 (rope_angles), so positions of 10^6 frames rotate as exactly as small ones.
+    The tensors are shared: never modify them."""
     with torch.inference_mode(False):   # cached: must serve training too, even if first built under inference
-        pos = grid_positions(torch.tensor(frames, dtype=torch.long), h, w, extra).to(device)
+        lo = min(frames, default=0)
+        if lo > 0:
+            pos = grid_tables(tuple(f - lo for f in frames), h, w, extra, head_dim, device)[0].clone()
+            pos[:, 0] += lo
+        else:
+            pos = grid_positions(torch.tensor(frames, dtype=torch.long), h, w, extra).to(device)
         return (pos, *rope_angles(pos, head_dim))
+
+
+def frame_shift_angles(shift: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [1, D/2] that move keys already rotated to their positions by `shift` frames (rows and
+    columns kept): rotations compose, so apply_rope with these equals rotating the keys before RoPE to
+    their frame positions + shift (up to rounding). Built on the device (no host copy)."""
+    pos = torch.zeros(1, 3, dtype=torch.long, device=device)
+    pos[:, 0] = shift
+    return rope_angles(pos, head_dim)

@@ -108,6 +108,7 @@ def test_twin_caches_equal_recomputation(guidance):
         full_clean = model(clean, torch.zeros(1, 5), text, audio=audio, audio_latent=clean_a, ref=ref,
                            mask="causal", return_kv=True).kv
     n = len(full_clean)                                   # ref + sink + 4 ring chunks, all clean
+    full_clean = model.rotate(full_clean)                 # the buffers keep keys rotated (at positions 0..5 here)
     for i in (0, len(full_clean.k) - 1):
         assert rel(buf.k["clean"][i][:, :n], full_clean.k[i]) < 1e-5
         assert rel(buf.v["clean"][i][:, :n], full_clean.v[i]) < 1e-5
@@ -117,8 +118,8 @@ def test_twin_caches_equal_recomputation(guidance):
     t = torch.tensor([[0.0] + [s1] * 4])
     noisy_audio = torch.cat([outs[0].audio] + [o.audio_states[1] for o in outs[1:]], 1)
     with torch.no_grad():
-        full_noisy = model(noisy_states, t, text, audio=audio, audio_latent=noisy_audio, ref=ref, mask="causal",
-                           return_kv=True).kv
+        full_noisy = model.rotate(model(noisy_states, t, text, audio=audio, audio_latent=noisy_audio, ref=ref,
+                                        mask="causal", return_kv=True).kv)
     a = 2 * S                                             # skip ref and sink: those are clean in both sets
     for i in (0, len(full_noisy.k) - 1):
         assert rel(buf.k["noisy"][i][:, a:n], full_noisy.k[i][:, a:]) < 1e-5
@@ -129,7 +130,8 @@ def test_twin_caches_equal_recomputation(guidance):
 def test_sliding_window_reassigns_positions_of_cached_keys():
     """One block: cached keys depend only on their own tokens, so after the window has slid the
     engine must equal a fresh forward over exactly [ref | sink | last W frames | chunk] laid out
-    at window positions. Wrong positions (e.g. absolute ones) would break the equality."""
+    at window positions. The engine keeps keys at absolute positions (the window layout shifted: the same
+    offsets); wrong offsets (e.g. the ref left at 0 while the chunks move on) would break the equality."""
     cfg = TINY.replace(dit=dataclasses.replace(TINY.dit, num_layers=1))
     model = scrambled(cfg.dit)
     st = StreamSettings(chunk_frames=1, steps=2, window=3, twin=False)
@@ -267,8 +269,9 @@ def test_switch_steps_takes_another_schedule_and_refuses_another_layout():
 @pytest.mark.slow
 def test_a_thousand_chunks_use_constant_memory():
     """Structure only (DESIGN.md: no timing assertions in tests; benchmarks/stream_fps.py measures
-    per-chunk latency): the buffers are never reallocated, the context and its positions stay bounded
-    after the window fills, and peak memory stays flat. One block: the buffers' bookkeeping is per
+    per-chunk latency): the buffers are never reallocated, the context's length and window layout stay
+    bounded after the window fills (its absolute positions move on with the stream, the same offsets), and
+    peak memory stays flat. One block: the buffers' bookkeeping is per
     block and the same for every block, and a chunk costs the forward passes' fixed overhead, so a
     second block only doubled the time of the chunks (every default setting kept: twin caches,
     3 steps, sink). 1000 chunks (was 2000): the 4-chunk ring still wraps ~250 times, the structure is
@@ -289,7 +292,10 @@ def test_a_thousand_chunks_use_constant_memory():
             eng.step(ChunkInputs(text, audio))
             if j >= 5:                               # ref + sink + a full window from here on
                 ctx, nxt = eng.buffers.context("clean")
-                lengths.add((len(ctx), int(ctx.pos[:, 0].max()), tuple(nxt.tolist())))
+                frames, layout = eng.buffers.frame_positions()             # the window layout: bounded
+                lengths.add((len(ctx), int(frames.max()), tuple(layout.tolist())))
+                assert nxt.tolist() == [2 + j]                             # chunk j + 1 at its absolute frame
+                assert int(ctx.pos[:, 0].max()) == 1 + j and int(ctx.pos[:, 0].min()) == j - 4   # ref at 5 behind
             if j % 100 == 99:
                 rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     finally:
@@ -323,3 +329,77 @@ def test_compiled_blocks_stream_what_the_eager_ones_do():
     with torch.no_grad():
         broken.blocks[-1].ffn[2].bias.add_(1e-2)
     assert max(rel(o.video, b) for o, b in zip(run_engine(broken, st, 5)[1], eager)) > 1e-3
+
+
+def _moved_state(eng: StreamEngine, chunks: int) -> dict:
+    """eng's state as if `chunks` more chunks (a multiple of the ring's slots) had gone by: the ring chunks'
+    indices and keys moved that far (keys rotated by the frames it adds: rotations compose), the sink and ref
+    where they are (their keys before RoPE are what the engine re-rotates)."""
+    from models.rope import apply_rope, frame_shift_angles
+    buf = eng.buffers
+    assert chunks % buf.slots == 0
+    state = {k: v.clone() if torch.is_tensor(v) else v for k, v in eng.state().items()}
+    turn = frame_shift_angles(chunks * buf.cf, buf.head_dim, torch.device("cpu"))
+    a = buf.n_fixed * buf.S
+    for s in buf.k:
+        for i in range(len(buf.k[s])):
+            k = state[f"k.{s}.{i}"]
+            k[:, a:] = apply_rope(k[:, a:], *turn)
+    state["chunks"] += chunks
+    state["chunks_in_ring"] += chunks
+    state["slot_chunk"] = [c + chunks for c in state["slot_chunk"]]
+    return state
+
+
+def _continued(model, st, state, inputs) -> list[torch.Tensor]:
+    eng = StreamEngine(model, TINY, st)
+    eng.start(inputs[0][2])
+    eng.load_state(state)
+    return [eng.step(ChunkInputs(text, audio)).video for (text, audio, _) in inputs[1:]]
+
+
+def test_a_stream_a_million_frames_in_attends_as_it_did_at_its_start(monkeypatch):
+    """Cached keys are rotated once, at their absolute frame positions (ContextBuffers): hours into a stream the
+    positions pass 10^6 frames. The same history moved 10^6 frames on (999,999 chunks of one frame) streams the
+    same next chunks, because RoPE angles are computed in float64 (models.rope.rope_angles). The model's q/k norm
+    weights are scaled up so attention is sharp enough to read positions (scrambled weights alone attend almost
+    uniformly: even keys left 10^6 frames off moved the output by 2e-4). Controls: keys moved without their
+    rotation (wrong positions) and float32 angles (what a float32 position table gives) both go elsewhere."""
+    import models.rope as rope_mod
+    model = scrambled(TINY.dit)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.self_attn.norm_q.weight.mul_(30)
+            b.self_attn.norm_k.weight.mul_(30)
+    st = StreamSettings(chunk_frames=1, steps=3, window=3, twin=True, noisy_step=1)
+    n, more = 7, 3
+    text, audio, ref = conditions(n + more, 1)
+    eng = StreamEngine(model, TINY, st)
+    eng.start(ref)
+    for j in range(n):                                  # the ring wrapped twice: ref + sink + 3 slots
+        eng.step(ChunkInputs(text, audio[:, j:j + 1 + sum(TINY.dit.audio_context)]))
+    inputs = [(text, audio[:, j:j + 1 + sum(TINY.dit.audio_context)], ref) for j in range(n - 1, n + more)]
+    at_start = _continued(model, st, _moved_state(eng, 0), inputs)
+
+    def errors(state) -> list[float]:
+        return [rel(m, s) for m, s in zip(_continued(model, st, state, inputs), at_start)]
+
+    far = _moved_state(eng, 999_999)
+    assert far["chunks"] == 1_000_006
+    assert max(errors(far)) < 2e-6                      # measured 2-3e-7
+    unturned = dict(far, **{k: v for k, v in eng.state().items() if k.startswith(("k.clean.", "k.noisy."))})
+    assert min(errors(unturned)) > 1e-2                 # positions matter (measured 0.07-0.11)
+
+    def float32_angles(pos, head_dim):
+        freqs = rope_mod._device_freqs(head_dim, pos.device)
+        p = pos.to(torch.float32)
+        ang = torch.cat([torch.outer(p[:, i], freqs[i].float()) for i in range(3)], dim=1)
+        return ang.cos(), ang.sin()
+
+    monkeypatch.setattr(rope_mod, "rope_angles", float32_angles)
+    rope_mod.grid_tables.cache_clear()
+    try:
+        assert max(errors(_moved_state(eng, 999_999))) > 5e-5   # measured 1.2-3.6e-4: >= 400x the float64 error
+    finally:
+        monkeypatch.undo()
+        rope_mod.grid_tables.cache_clear()

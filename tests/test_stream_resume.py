@@ -183,3 +183,20 @@ def test_a_state_of_another_stream_or_a_bad_file_is_refused_in_one_line(inputs, 
     lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("error:")]
     assert res.returncode == 2 and len(lines) == 1 and message.format(**fill) in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_state_of_an_older_format_is_refused_by_name(tmp_path, monkeypatch):
+    """Format 1 cached keys before RoPE (format 2: rotated at absolute positions, ref and sink kept before RoPE
+    too): read as format 2 it would stream garbage or fail on a missing tensor; it is refused in one line."""
+    from stages.stream import state as state_mod
+    from stages.stream.events import StreamError
+    path = tmp_path / "old.state"
+    monkeypatch.setattr(state_mod, "FORMAT", "vidu stream state 1")
+    state_mod.write_state(path, {"chunks": 3, "engine.k.clean.0": torch.zeros(2)}, {"image": "x"})
+    monkeypatch.undo()
+    with pytest.raises(StreamError, match=r"another version of vidu stream \('vidu stream state 1'; this one reads "
+                                          r"'vidu stream state 2'\)"):
+        state_mod.read_state(path)
+    monkeypatch.setattr(state_mod, "FORMAT", "vidu stream state 2")           # the control: the same file, current
+    state_mod.write_state(path, {"chunks": 3, "engine.k.clean.0": torch.zeros(2)}, {"image": "x"})
+    assert state_mod.read_state(path)[0]["chunks"] == 3

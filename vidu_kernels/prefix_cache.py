@@ -1,8 +1,8 @@
 """What attention derives from a key prefix, kept while the prefix stays the same (issue 18).
 
 A stream's chunk attends, at each of its denoising steps and in its cache pass, to [cached context + the chunk's
-own keys]: the context keys are one tensor for the whole chunk (the engine rotates them once per chunk,
-`DiT.rotate`, and hands every forward the same KV), only the chunk's keys change. Whatever a fast attention backend
+own keys]: the context keys are one tensor for the whole chunk (the engine keeps them rotated in its buffers,
+stages.stream.engine.ContextBuffers, and hands every forward the same KV), only the chunk's keys change. Whatever a fast attention backend
 derives from the context alone — INT8 attention's quantized key blocks (vidu_kernels.int8_attention) — is then the
 same at every step, and a `PrefixCache` keeps it instead of recomputing it per call. (Block-sparse attention builds
 its map from each call's q and k in two launches, cheaper than keeping its pooled keys: vidu_kernels.sparse_attention.)

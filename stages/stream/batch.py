@@ -4,22 +4,25 @@
     outcomes = next_chunks([session_a, session_b])                # == [s.next_chunk() for s in (session_a, ...)]
 
 Each engine keeps its own state (caches, reference, noise generator, chunk count) and its own inputs
-(text, speech). `StreamEngine.begin_chunk` draws each engine's noise and rotates each one's context to
-its own positions; the B engines' latents, rotated contexts, prepared texts and speech features are then
-stacked along the batch dimension, so every denoising step and the cache pass is one forward for all B;
+(text, speech). `StreamEngine.begin_chunk` draws each engine's noise and hands its context (keys rotated to
+the engine's own absolute positions); the B engines' latents, contexts (each moved to the first engine's
+positions: one more rotation of the engines at other chunk counts), prepared texts and speech features are
+then stacked along the batch dimension, so every denoising step and the cache pass is one forward for all B;
 each engine renoises its rows from its own generator (the draws a lone step makes, in the same order)
 and stores its rows of the keys/values in its own buffers. Engines whose `batch_key()`s differ (other
 steps or settings, size, or context length: a stream still filling its window) cannot share a batch:
 ValueError; the caller groups them. The results equal the engines stepped one by one up to the float
 summation order of a larger matmul (tests/test_stream_batch.py).
 
-Cost: the stacked contexts are one more copy of the B contexts per chunk (their rotation is one already).
+Cost: the stacked contexts are one more copy of the B contexts per chunk (rotated on the way where an
+engine's positions differ from the first's).
 """
 from __future__ import annotations
 
 import torch
 
 from models.dit import KV, TextCache
+from models.rope import apply_rope, frame_shift_angles
 from stages.stream.engine import ChunkInputs, ChunkResult, StreamEngine, cache_pass, denoise_chunk
 
 
@@ -51,9 +54,10 @@ def _step(engines: list[StreamEngine], inputs: list[ChunkInputs]) -> list[ChunkR
         lo += e.batch
     x = torch.cat([c.x for c in starts])                           # [B, C, F, h, w]
     xa = None if starts[0].xa is None else torch.cat([c.xa for c in starts])
-    ctx_clean = _stack([c.ctx_clean for c in starts])
-    ctx_noisy = _stack([c.ctx_noisy for c in starts]) if st.twin else ctx_clean
     frame_pos, guided = starts[0].frame_pos, st.guidance != 1.0
+    moves = [int(frame_pos[0] - c.frame_pos[0]) for c in starts]     # each engine's layout to engine 0's positions
+    ctx_clean = _stack([c.ctx_clean for c in starts], moves)
+    ctx_noisy = _stack([c.ctx_noisy for c in starts], moves) if st.twin else ctx_clean
     audio = None if inputs[0].audio is None else torch.cat([i.audio for i in inputs])
     both = ChunkInputs(_cat_padded([i.text for i in inputs]), audio)
     plain = _stack_text([c.plain for c in starts], False)
@@ -115,12 +119,19 @@ def _kv_rows(kv: KV, r: slice) -> KV:
     return KV([k[r] for k in kv.k], [v[r] for v in kv.v], kv.pos, kv.rotated)
 
 
-def _stack(kvs: list[KV]) -> KV:
-    """Rotated contexts of equal length -> one of their rows stacked (positions no longer read: the keys
-    are rotated, each engine's to its own)."""
+def _stack(kvs: list[KV], moves: list[int]) -> KV:
+    """Rotated contexts of one window layout -> one of their rows stacked, engine i's keys moved by moves[i]
+    frames to engine 0's absolute positions (the engines are at other chunk counts: the same offsets, other
+    absolute positions; RoPE rotations compose), so every row's chunk attends from engine 0's positions."""
     assert all(kv.rotated for kv in kvs)
-    return KV([torch.cat(ks) for ks in zip(*(kv.k for kv in kvs))], [torch.cat(vs) for vs in zip(*(kv.v for kv in kvs))],
-              kvs[0].pos, rotated=True)
+    dev, D = kvs[0].k[0].device, kvs[0].k[0].shape[-1]
+    turns = {m: frame_shift_angles(m, D, dev) for m in set(moves) if m}
+
+    def moved(k: torch.Tensor, m: int) -> torch.Tensor:
+        return apply_rope(k, *turns[m]) if m else k
+
+    return KV([torch.cat([moved(k, m) for k, m in zip(ks, moves)]) for ks in zip(*(kv.k for kv in kvs))],
+              [torch.cat(vs) for vs in zip(*(kv.v for kv in kvs))], kvs[0].pos, rotated=True)
 
 
 def _stack_text(caches: list[TextCache | None], guided: bool) -> TextCache | None:

@@ -11,9 +11,12 @@ attends to
     [ reference frame | sink: first generated chunk | history ring (window) ] + current chunk
       built once        built once, clean            noisy or clean cache
 
-Keys are cached before RoPE and rotated to their position in the current window once per chunk
-(`DiT.rotate`; every step of the chunk and its cache pass reuse them), so positions never exceed
-1 + sink + window + chunk frames however long the stream runs.
+Keys are cached rotated (RoPE applied) at their frames' absolute positions: a history chunk's once, when
+it is written; only the reference and sink, whose offsets to the newest chunks stay those of the window
+layout, are re-rotated as the window slides (`ContextBuffers`). The offsets between positions, all that
+RoPE attention reads, are the window layout's (ref 0, sink, ring chunks by age, the chunk: never more than
+1 + sink + window + chunk frames apart) however long the stream runs; angles in float64 keep a position
+10^6 frames in as exact as one at the start.
 TwinCache: each history chunk keeps a noisy cache (its keys/values at denoising step
 `noisy_step`) and a clean cache (one extra pass over the final state at t = 0); intermediate steps
 attend to the noisy cache, the final step to the clean one. `twin=False` is the single clean cache.
@@ -158,10 +161,23 @@ def context_chunks(chunk: int, slots: int, sink: bool) -> list[int]:
 class ContextBuffers:
     """Preallocated keys/values for [ref | sink | ring] per block: one clean set, and a noisy set
     under TwinCache (ref and sink are written to both). Tokens are frame-major, S per frame; `heads`:
-    the model's local_heads."""
+    the model's local_heads.
 
-    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype, heads: int):
+    Keys are kept rotated (RoPE applied), each at its frame's absolute position: the window layout of
+    `frame_positions` (ref 0, sink, ring chunks by age, then the next chunk) moved up by `shift()`, the
+    frames the window has slid past. A ring chunk's keys are rotated once, when written: its absolute
+    position never changes, and only the offsets between positions enter attention (RoPE's relative
+    property), so the chunk attending to it sees the offsets of the window layout. The ref and sink
+    stay at their window positions, which move in absolute terms every chunk once the ring is full: their
+    keys are also kept before RoPE (`fixed_k`) and re-rotated to the new shift by `context` (ref + sink
+    frames, not the whole window: the per-chunk rotation of every cached key cost 8 % of a compiled
+    960x544 chunk, RESULTS.md session 46). Angles are float64 (models.rope), so a stream 10^6 frames in
+    attends as one at its start."""
+
+    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype, heads: int, rotate):
+        """`rotate`: KV -> KV with its keys rotated to its positions (the model's DiT.rotate)."""
         d = cfg.dit
+        self.rotate = rotate
         self.S = cfg.tokens_per_frame()
         self.h, self.w = cfg.height // 8 // d.patch_size[1], cfg.width // 8 // d.patch_size[2]
         self.cf, self.slots = st.chunk_frames, st.slots
@@ -171,42 +187,66 @@ class ContextBuffers:
         sets = ("clean", "noisy") if st.twin else ("clean",)
         self.k = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
         self.v = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
+        fixed = (batch, self.n_fixed * self.S, heads, d.head_dim)
+        self.fixed_k = [torch.zeros(fixed, device=device, dtype=dtype) for _ in range(d.num_layers)]  # before RoPE
+        self.fixed_shift: int | None = None   # the shift the ref and sink keys are rotated to (None: not yet)
         self.fixed_frames = 0          # ref and sink frames written so far
         self.chunks_in_ring = 0        # ring chunks written so far (all time)
         self.slot_chunk = [0] * self.slots  # which ring chunk each slot holds
         self.audio_tokens, self.head_dim = d.audio_latent_tokens, d.head_dim
 
+    def _tables(self, frames) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return grid_tables(tuple(int(f) for f in frames), self.h, self.w, self.audio_tokens, self.head_dim,
+                           self.k["clean"][0].device)
+
     def write(self, which: tuple[str, ...], kv: KV, frame_start: int) -> None:
+        """Keys/values before RoPE of whole frames into buffer frames frame_start.. of the sets `which`:
+        ref and sink frames kept as they are (and rotated by `context`), ring frames rotated to their
+        absolute positions (the frames' bookkeeping must already place them: write_ring, recache)."""
         a, b = frame_start * self.S, frame_start * self.S + len(kv)
+        fixed = frame_start < self.n_fixed
+        if fixed:
+            for i, k in enumerate(kv.k):
+                self.fixed_k[i][:, a:b].copy_(k)
+            self.fixed_shift = None
+        else:
+            frames = self.frame_positions()[0][frame_start:frame_start + len(kv) // self.S] + self.shift()
+            pos, cos, sin = self._tables(frames.tolist())
+            keys = self.rotate(KV(kv.k, kv.v, pos, angles=(cos, sin))).k
         for s in which:
             for i in range(len(kv.k)):
-                self.k[s][i][:, a:b].copy_(kv.k[i])
+                if not fixed:
+                    self.k[s][i][:, a:b].copy_(keys[i])
                 self.v[s][i][:, a:b].copy_(kv.v[i])
 
     def write_fixed(self, kv: KV) -> int:
         """Ref or sink keys/values into both sets; returns the frame they start at."""
         start, frames = self.fixed_frames, len(kv) // self.S
-        self.write(tuple(self.k), kv, start)
         self.fixed_frames += frames
+        self.write(tuple(self.k), kv, start)
         return start
 
     def write_ring(self, clean: KV, noisy: KV | None) -> int:
         """A history chunk into the next ring slot; returns the frame it starts at."""
         slot = self.chunks_in_ring % self.slots
         self.slot_chunk[slot] = self.chunks_in_ring
+        self.chunks_in_ring += 1
         start = self.n_fixed + slot * self.cf
         self.write(("clean",), clean, start)
         if "noisy" in self.k:
             self.write(("noisy",), noisy, start)
-        self.chunks_in_ring += 1
         return start
 
+    def _done(self) -> int:
+        """Chunks generated and stored so far (the sink counts)."""
+        return (1 if self.n_fixed > 1 and self.fixed_frames > 1 else 0) + self.chunks_in_ring
+
     def frame_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE frame positions of the buffer's valid frames (in buffer order) and of the next chunk,
-        as `context_chunks` lays them out: ref 0, sink next, ring chunks by age, the current chunk last."""
+        """RoPE frame positions, in the window layout, of the buffer's valid frames (in buffer order) and of the
+        next chunk, as `context_chunks` lays them out: ref 0, sink next, ring chunks by age, the current chunk
+        last (the absolute positions are these + shift())."""
         sink = self.n_fixed > 1
-        done = (1 if sink and self.fixed_frames > 1 else 0) + self.chunks_in_ring      # chunks generated
-        rank = {c: r for r, c in enumerate(context_chunks(done, self.slots, sink))}
+        rank = {c: r for r, c in enumerate(context_chunks(self._done(), self.slots, sink))}
         first_ring = 1 if sink else 0
         parts = [torch.arange(min(self.fixed_frames, 1))]
         if self.fixed_frames > 1:
@@ -215,14 +255,58 @@ class ContextBuffers:
                   for c in self.slot_chunk[: min(self.chunks_in_ring, self.slots)]]
         return torch.cat(parts), 1 + len(rank) * self.cf + torch.arange(self.cf)
 
+    def shift(self) -> int:
+        """Frames the window layout has slid past: the next chunk (chunk n) is at absolute frame 1 + n * cf."""
+        done = self._done()
+        return (done - len(context_chunks(done, self.slots, self.n_fixed > 1))) * self.cf
+
+    def _place_fixed(self, shift: int) -> None:
+        """The ref and sink keys of both sets rotated to their window positions + shift."""
+        if self.fixed_shift == shift or self.fixed_frames == 0:
+            return
+        n = self.fixed_frames * self.S
+        pos, cos, sin = self._tables(range(shift, shift + self.fixed_frames))
+        keys = self.rotate(KV([k[:, :n] for k in self.fixed_k], [], pos, angles=(cos, sin))).k
+        for i, k in enumerate(keys):
+            for s in self.k:
+                self.k[s][i][:, :n].copy_(k)
+        self.fixed_shift = shift
+
     def context(self, which: str) -> tuple[KV, torch.Tensor]:
-        """The valid context (views, no copy) with token positions, and the next chunk's frame positions."""
+        """The valid context (views, no copy; keys rotated, the ref and sink to the current shift) with token
+        positions, and the next chunk's frame positions (absolute)."""
         frames, nxt = self.frame_positions()
+        shift = self.shift()
+        self._place_fixed(shift)
         n = frames.numel() * self.S
-        pos, cos, sin = grid_tables(tuple(frames.tolist()), self.h, self.w, self.audio_tokens, self.head_dim,
-                                    self.k["clean"][0].device)
-        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos, angles=(cos, sin))
-        return kv, nxt
+        pos = grid_tables(tuple(frames.tolist()), self.h, self.w, self.audio_tokens, self.head_dim,
+                          self.k["clean"][0].device)[0]
+        if shift:
+            pos = pos.clone()
+            pos[:, 0] += shift
+        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos, rotated=True)
+        return kv, nxt + shift
+
+    def state(self) -> dict:
+        """The buffers and their bookkeeping, as tensors (views of the live buffers) and numbers."""
+        out = {"fixed_frames": self.fixed_frames, "chunks_in_ring": self.chunks_in_ring,
+               "slot_chunk": list(self.slot_chunk)}
+        for s in self.k:
+            for i, (k, v) in enumerate(zip(self.k[s], self.v[s])):
+                out[f"k.{s}.{i}"], out[f"v.{s}.{i}"] = k, v
+        out.update({f"k.fixed.{i}": k for i, k in enumerate(self.fixed_k)})
+        return out
+
+    def load_state(self, state: dict) -> None:
+        for s in self.k:
+            for i in range(len(self.k[s])):
+                self.k[s][i].copy_(state[f"k.{s}.{i}"])
+                self.v[s][i].copy_(state[f"v.{s}.{i}"])
+        for i, k in enumerate(self.fixed_k):
+            k.copy_(state[f"k.fixed.{i}"])
+        self.fixed_frames, self.chunks_in_ring = state["fixed_frames"], state["chunks_in_ring"]
+        self.slot_chunk = list(state["slot_chunk"])
+        self.fixed_shift = None
 
 
 @dataclass
@@ -383,7 +467,7 @@ class StreamEngine:
         self.lo, self.total = rows if rows is not None else (0, batch)
         if not 0 <= self.lo <= self.total - batch:
             raise ValueError(f"rows {self.lo}..{self.lo + batch} are not within a batch of {self.total}")
-        self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype, model.local_heads)
+        self.buffers = ContextBuffers(cfg, settings, batch, p.device, p.dtype, model.local_heads, model.rotate)
         self.kept = KeptChunks((1 if settings.sink else 0) + settings.slots) if settings.recache else None
         self.sig = flow_sigmas(settings.steps, settings.shift)
         self.gen = torch.Generator(device=p.device).manual_seed(seed)
@@ -469,7 +553,7 @@ class StreamEngine:
 
     def begin_chunk(self, inputs: ChunkInputs) -> ChunkStart:
         """What the next chunk's forwards read: its initial noise (drawn now), the context (the reference's
-        keys/values built first, at the first chunk), keys rotated once for all its steps, and the text
+        keys/values built first, at the first chunk), keys already rotated (one tensor for all its steps), and the text
         prepared (`_texts`). `advance` runs the chunk from it; stages/stream/batch.py runs several
         engines' in one forward."""
         if self.ref is None:
@@ -483,9 +567,8 @@ class StreamEngine:
         if buf.fixed_frames == 0:                     # the reference context, built once
             with torch.no_grad():
                 buf.write_fixed(self._ref_kv(inputs))
-        ctx_clean, frame_pos = buf.context("clean")
-        ctx_clean = self.model.rotate(ctx_clean)          # keys rotated once per chunk, not once per step
-        ctx_noisy = self.model.rotate(buf.context("noisy")[0]) if st.twin else ctx_clean
+        ctx_clean, frame_pos = buf.context("clean")       # keys rotated when written: one tensor for every step
+        ctx_noisy = buf.context("noisy")[0] if st.twin else ctx_clean
         plain, steps = self._texts(inputs.text)
         return ChunkStart(x, xa, ctx_noisy, ctx_clean, frame_pos, plain, steps)
 
@@ -537,6 +620,7 @@ class StreamEngine:
             raise StreamError("recache needs StreamSettings(recache=True) from the stream's start")
         buf, st, cf = self.buffers, self.st, self.st.chunk_frames
         frames, _ = buf.frame_positions()
+        frames = frames + buf.shift()                                       # absolute, as the chunks were made
         places = sorted(range((frames.numel() - 1) // cf), key=lambda i: int(frames[1 + i * cf]))   # RoPE order
         done: list[int] = []
         for i in places:
@@ -560,31 +644,20 @@ class StreamEngine:
         kv = full.tokens(0, S)
         for j in places:
             kv = kv.cat(full.tokens((1 + j * cf) * S, (1 + (j + 1) * cf) * S))
-        return self.model.rotate(kv)
+        return kv
 
     def state(self) -> dict:
         """What the chunks still to come depend on, as tensors (views of the live buffers) and numbers:
         the caches and which chunk each ring slot holds, the kept chunks (recache), the noise generator
         and the chunk count. The reference frame is not in it: its keys/values are, from the first chunk on."""
-        buf = self.buffers
-        out = {"chunks": self.chunks, "fixed_frames": buf.fixed_frames, "chunks_in_ring": buf.chunks_in_ring,
-               "slot_chunk": list(buf.slot_chunk), "gen": self.gen.get_state()}
-        for s in buf.k:
-            for i, (k, v) in enumerate(zip(buf.k[s], buf.v[s])):
-                out[f"k.{s}.{i}"], out[f"v.{s}.{i}"] = k, v
+        out = {"chunks": self.chunks, "gen": self.gen.get_state(), **self.buffers.state()}
         if self.kept is not None:
             out.update({f"kept.{name}": t for name, t in self.kept.t.items()})
         return out
 
     def load_state(self, state: dict) -> None:
         """Continue from `state()` of an engine with the same model and settings (after `start`)."""
-        buf = self.buffers
-        for s in buf.k:
-            for i in range(len(buf.k[s])):
-                buf.k[s][i].copy_(state[f"k.{s}.{i}"])
-                buf.v[s][i].copy_(state[f"v.{s}.{i}"])
-        buf.fixed_frames, buf.chunks_in_ring = state["fixed_frames"], state["chunks_in_ring"]
-        buf.slot_chunk = list(state["slot_chunk"])
+        self.buffers.load_state(state)
         if self.kept is not None:
             self.kept.t = {k[len("kept."):]: t.to(self.device) for k, t in state.items() if k.startswith("kept.")}
         self.gen.set_state(state["gen"])

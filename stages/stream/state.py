@@ -29,7 +29,7 @@ import torch
 
 from stages.stream.events import StreamError
 
-FORMAT = "vidu stream state 1"
+FORMAT = "vidu stream state 2"      # 2: cached keys rotated at absolute positions, the ref and sink also before RoPE
 META_KEY = "vidu_stream_state"
 
 
@@ -75,8 +75,10 @@ def read_state(path: str | Path) -> tuple[dict, dict]:
         saved = json.loads(raw) if raw is not None else None
     except Exception as e:  # noqa: BLE001  -- safetensors and json raise several kinds for a damaged file
         raise fail(f"it is damaged or not a safetensors file ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+    if not isinstance(saved, dict) or not str(saved.get("format", "")).startswith(FORMAT.rsplit(" ", 1)[0]):
         raise fail("it is not a state written by vidu stream --save-state")
+    if saved["format"] != FORMAT:
+        raise fail(f"it was written by another version of vidu stream ({saved['format']!r}; this one reads {FORMAT!r})")
     return {**saved["values"], **tensors}, saved["identity"]
 
 
