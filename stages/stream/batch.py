@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from models.dit import KV, TextCache
-from models.rope import apply_rope, frame_shift_angles
+from models.rope import frame_shift_angles
 from stages.stream.engine import ChunkInputs, ChunkResult, StreamEngine, cache_pass, denoise_chunk
 
 
@@ -56,8 +56,8 @@ def _step(engines: list[StreamEngine], inputs: list[ChunkInputs]) -> list[ChunkR
     xa = None if starts[0].xa is None else torch.cat([c.xa for c in starts])
     frame_pos, guided = starts[0].frame_pos, st.guidance != 1.0
     moves = [int(frame_pos[0] - c.frame_pos[0]) for c in starts]     # each engine's layout to engine 0's positions
-    ctx_clean = _stack([c.ctx_clean for c in starts], moves)
-    ctx_noisy = _stack([c.ctx_noisy for c in starts], moves) if st.twin else ctx_clean
+    ctx_clean = _stack([c.ctx_clean for c in starts], moves, e0.model)
+    ctx_noisy = _stack([c.ctx_noisy for c in starts], moves, e0.model) if st.twin else ctx_clean
     audio = None if inputs[0].audio is None else torch.cat([i.audio for i in inputs])
     both = ChunkInputs(_cat_padded([i.text for i in inputs]), audio)
     plain = _stack_text([c.plain for c in starts], False)
@@ -119,16 +119,17 @@ def _kv_rows(kv: KV, r: slice) -> KV:
     return KV([k[r] for k in kv.k], [v[r] for v in kv.v], kv.pos, kv.rotated)
 
 
-def _stack(kvs: list[KV], moves: list[int]) -> KV:
+def _stack(kvs: list[KV], moves: list[int], model) -> KV:
     """Rotated contexts of one window layout -> one of their rows stacked, engine i's keys moved by moves[i]
     frames to engine 0's absolute positions (the engines are at other chunk counts: the same offsets, other
-    absolute positions; RoPE rotations compose), so every row's chunk attends from engine 0's positions."""
+    absolute positions; RoPE rotations compose), so every row's chunk attends from engine 0's positions; by the
+    model's rotation (DiT.rotate: the fused kernel under use_kernels)."""
     assert all(kv.rotated for kv in kvs)
     dev, D = kvs[0].k[0].device, kvs[0].k[0].shape[-1]
     turns = {m: frame_shift_angles(m, D, dev) for m in set(moves) if m}
 
     def moved(k: torch.Tensor, m: int) -> torch.Tensor:
-        return apply_rope(k, *turns[m]) if m else k
+        return model.rotate(KV([k], [], kvs[0].pos, angles=turns[m])).k[0] if m else k
 
     return KV([torch.cat([moved(k, m) for k, m in zip(ks, moves)]) for ks in zip(*(kv.k for kv in kvs))],
               [torch.cat(vs) for vs in zip(*(kv.v for kv in kvs))], kvs[0].pos, rotated=True)
