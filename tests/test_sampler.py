@@ -176,9 +176,10 @@ def recache_stream(recache: bool, n: int, window: int, switch: bool = True):
 def fresh_cache(model, eng, outs, text, audio, chunks: list[int]) -> tuple[KV, KV]:
     """Keys/values of the cached chunks (RoPE order) from one block-causal forward over their clean
     latents (clean set) and over the sink clean + the others' noisy-step states (noisy set), after the
-    engine's ref keys/values, positions 1, 2, ..."""
-    S = eng.buffers.S
-    ref = eng.buffers.context("clean")[0].tokens(0, S)
+    engine's ref keys/values, at window positions 1, 2, ... + the window's shift; keys rotated there, as the
+    buffers keep them."""
+    S, shift = eng.buffers.S, eng.buffers.shift()
+    ref = eng.buffers.context("clean")[0].tokens(0, S)                      # rotated, at the shift
     s1 = sigmas(3)[1] * 1000.0
     sets = []
     for noisy in (False, True):
@@ -186,8 +187,9 @@ def fresh_cache(model, eng, outs, text, audio, chunks: list[int]) -> tuple[KV, K
         v = torch.cat([o.video if o is not None else outs[c].states[1] for o, c in zip(pick, chunks)], 2)
         a = torch.cat([o.audio if o is not None else outs[c].audio_states[1] for o, c in zip(pick, chunks)], 1)
         t = torch.tensor([[0.0 if o is not None else s1 for o in pick]])
-        sets.append(model(v, t, text, audio=torch.cat([audio[:, c:c + 1] for c in chunks], 1), audio_latent=a,
-                          kv=ref, frame_pos=torch.arange(1, 1 + len(chunks)), mask="causal", return_kv=True).kv)
+        sets.append(model.rotate(model(v, t, text, audio=torch.cat([audio[:, c:c + 1] for c in chunks], 1),
+                                       audio_latent=a, kv=ref, frame_pos=shift + torch.arange(1, 1 + len(chunks)),
+                                       mask="causal", return_kv=True).kv))
     return sets[0], sets[1]
 
 
@@ -196,14 +198,15 @@ def cache_error(eng, clean: KV, noisy: KV, chunks: list[int]) -> float:
     `noisy` (rows in RoPE order: chunks[r] at rank r); the sink's noisy set is its clean one."""
     buf, S = eng.buffers, eng.buffers.S
     frames, _ = buf.frame_positions()
+    ctx = {which: buf.context(which)[0] for which in ("clean", "noisy")}   # the ref and sink placed at the shift
     worst = 0.0
     for place in range((frames.numel() - 1)):
         r = int(frames[1 + place]) - 1                                       # its rank in RoPE order
         a, b = (1 + place) * S, (2 + place) * S
         for which, want in (("clean", clean), ("noisy", clean if chunks[r] == 0 else noisy)):
             for i in range(len(want.k)):
-                worst = max(worst, rel(buf.k[which][i][:, a:b], want.k[i][:, r * S:(r + 1) * S]),
-                            rel(buf.v[which][i][:, a:b], want.v[i][:, r * S:(r + 1) * S]))
+                worst = max(worst, rel(ctx[which].k[i][:, a:b], want.k[i][:, r * S:(r + 1) * S]),
+                            rel(ctx[which].v[i][:, a:b], want.v[i][:, r * S:(r + 1) * S]))
     return worst
 
 
