@@ -348,6 +348,11 @@ class DiT(nn.Module):
             block.self_attn.backend = attention
             block.self_attn.prefix_cache = PrefixCache(2) if keep_context else None
 
+    def kernel_settings(self) -> dict:
+        """What use_kernels set, as its arguments (another copy of the model, a rank's, is set the same with them)."""
+        attn = self.blocks[0].self_attn
+        return dict(on=attn.kernels, attention=attn.backend, keep_context=attn.prefix_cache is not None)
+
     def quantize(self, fmt: str = "fp8") -> list[str]:
         """The blocks' attention projections and FFNs as W8A8 GEMMs (vidu_kernels.w8a8: weights quantized here,
         once, per 128x128 block; activations per token and 128 channels in each call; Triton where it runs,

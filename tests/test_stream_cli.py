@@ -89,6 +89,7 @@ def test_raw_frames_on_stdout(inputs):
     (["--image", "{face}", "--guidance", "-1"], "--guidance"),
     (["--image", "{face}", "--guide", "speech"], "unknown guide 'speech'"),
     (["--image", "{face}", "--preset", "tiny", "--compile", "--gpus", "2", "--device", "cpu"], "--compile is for one GPU"),
+    (["--image", "{face}", "--preset", "tiny", "--attention", "flash"], "attention is one of: sdpa, int8, sparse, not 'flash'"),
 ])
 def test_bad_input_is_one_line(inputs, args, message):
     args = [a.format(dir=inputs["dir"], face=inputs["face"]) for a in args]
@@ -173,6 +174,36 @@ def test_instruction_mid_stream_changes_the_next_chunk_only(inputs):
     for j in range(3):
         assert np.array_equal(base[j], changed[j])
     assert not np.array_equal(base[3], changed[3])
+
+
+def test_the_fast_path_is_on_by_default_on_a_gpu_and_streams_as_without(inputs, monkeypatch):
+    """stages.stream.session.fast_path: the fused kernels by default on a CUDA device only (vidu stream / serve on
+    a GPU); a stream with them (here under the Triton interpreter) gives the frames of one without, to a level of
+    rounding, and the summary says which path ran."""
+    from models.config import PRESETS
+    from models.dit import DiT
+    from stages.stream.session import SessionOptions, fast_path, load_parts, run_session
+    from vidu_kernels import adaln
+    model = DiT(PRESETS["tiny"].dit)
+    for device, kernels, on in (("cuda", None, True), ("cuda:1", None, True), ("cpu", None, False),
+                                ("cuda", False, False), ("cpu", True, True)):
+        assert fast_path(model, device, kernels) == [] and model.kernel_settings()["on"] is on, (device, kernels)
+    assert fast_path(model, "cpu", attention="int8") == ["self-attention by the int8 kernel: approximate (issue 18)"]
+    launches = []
+    launch = adaln._launch
+    monkeypatch.setattr(adaln, "_launch", lambda *a: launches.append(1) or launch(*a))
+    frames = {}
+    for kernels in (False, True):
+        parts = load_parts(inputs["face"], seed=0, kernels=kernels)
+        scramble_stream_models(parts.engine.model, parts.decoder)   # frames not flat
+        rec, before = Recorder(), len(launches)
+        summary = run_session(parts, EventQueue(), [rec], SessionOptions(max_seconds=0.5, live_audio=True))
+        assert summary["kernels"] == {"on": kernels, "attention": "sdpa", "keep_context": True}
+        assert (len(launches) > before) is kernels                  # the fused path ran, and only when asked
+        frames[kernels] = np.concatenate(rec.frames).astype(np.int16)
+    diff = np.abs(frames[True] - frames[False])
+    assert frames[True].shape == frames[False].shape and diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert frames[False].std() > 10                                   # control: frames that could differ
 
 
 def test_recache_rereads_the_history_when_the_instruction_changes(inputs):

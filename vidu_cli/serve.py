@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from stages.serve.options import TOKEN_ENV, TURN_CREDENTIAL_ENV, ServeOptions
-from vidu_cli.options import option, parse_size
+from vidu_cli.options import Attention, Kernels, option, parse_size
 from vidu_cli.report import err, fail
 
 
@@ -29,6 +29,8 @@ def serve(
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed of the calibration sessions.")] = 0,
     size: Annotated[Optional[str], typer.Option(help="Frame size WIDTHxHEIGHT of the full profile, multiples of 16 (default: the model's own; the half-resolution profile halves it).", show_default=False)] = None,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model's blocks with torch.compile, once for all sessions (CUDA; the first chunk of each new batch size waits for the compilation).")] = False,
+    kernels: Kernels = None,
+    attention: Attention = "sdpa",
     ice_server: Annotated[Optional[list[str]], typer.Option("--ice-server", help="A STUN or TURN server for viewers behind NAT, e.g. stun:stun.example.org:3478 or turn:turn.example.org:3478?transport=udp (one of each; repeat the option). Without: host candidates only, viewers on this machine or its LAN.", show_default=False)] = None,
     turn_username: Annotated[Optional[str], typer.Option(help="Username on the TURN server.", show_default=False)] = None,
     turn_credential: Annotated[Optional[str], typer.Option(help=f"Credential on the TURN server (default: ${TURN_CREDENTIAL_ENV}); the page receives it to connect.", show_default=False)] = None,
@@ -72,7 +74,8 @@ def serve(
             err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
         specs = [ModelSpec(str(ckpt) if ckpt else None, preset or "tiny", d, dtype, seed,
                            str(decoder_weights) if decoder_weights else None,
-                           str(text_encoder_path) if text_encoder_path else None, wh, compile) for d in devices]
+                           str(text_encoder_path) if text_encoder_path else None, wh, compile, kernels, attention)
+                 for d in devices]
         err.print(f"loading the model and measuring chunk times on {', '.join(devices)} (a process each) ...",
                   highlight=False)
         cores = CoreHandle.processes(specs, opts)

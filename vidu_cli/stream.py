@@ -10,7 +10,7 @@ import typer
 
 from stages.stream.engine import StreamSettings
 from stages.stream.session import SessionOptions
-from vidu_cli.options import Guidance, Guide, Quiet, Recache, Sampler, option
+from vidu_cli.options import Attention, Guidance, Guide, Kernels, Quiet, Recache, Sampler, option
 from vidu_cli.report import err, fail
 
 
@@ -45,6 +45,8 @@ def stream(
     gpus: Annotated[int, typer.Option(min=1, max=64, help="GPUs of this machine that generate the one stream together (Ulysses sequence parallelism: the model's heads must split over them); rank r on cuda:r. With --device cpu: processes (gloo; for tests).")] = 1,
     seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="Noise seed.")] = 0,
     compile: Annotated[bool, typer.Option("--compile", help="Compile the model's blocks with torch.compile (fewer, fused kernels: a small model's chunk is bound by launches; the first chunks wait for the compilation).")] = False,
+    kernels: Kernels = None,
+    attention: Attention = "sdpa",
     summary: Annotated[Optional[Path], typer.Option(help="Also write the JSON summary to this file.")] = None,
     save_state: Annotated[Optional[Path], typer.Option(help="When the stream ends (its audio's end, --seconds, a Stop, or Ctrl-C / SIGTERM, which then stop it after the chunk in progress), write its whole state to this file for --resume.", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the stream saved by --save-state in this file exactly as if it had never stopped. Give the same --image, model and settings (else it is refused); the audio continues where it stopped (a file or --say is sought there; stdin and the mic go on with what comes), as do the frame count, the summary's counts and the instruction (--instruction is not used); --seconds counts this run's video.", show_default=False)] = None,
@@ -107,7 +109,7 @@ def stream(
                 ckpt = starter_checkpoint()
                 err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
             parts = load_parts(image, ckpt, preset or "tiny", given, decoder_weights, text_encoder_path, dev, dtype,
-                               seed, compile)
+                               seed, compile, kernels, attention)
             ident = identity(parts, image) if save_state or resume else None
             if resume:
                 check_identity(saved, ident, resume)

@@ -75,11 +75,13 @@ class ModelSpec:
     text_encoder_path: str | None = None
     size: tuple[int, int] | None = None
     compile: bool = False
+    kernels: bool | None = None          # the fast path (stages.stream.session.fast_path; None: on a GPU)
+    attention: str = "sdpa"
 
     def build(self):
         from stages.serve.model import ServeModel
         return ServeModel(self.ckpt, self.preset, self.device, self.dtype, self.seed, self.decoder_weights,
-                          self.text_encoder_path, self.size, self.compile)
+                          self.text_encoder_path, self.size, self.compile, self.kernels, self.attention)
 
 
 class CoreSession:

@@ -29,16 +29,18 @@ class ServeModel:
 
     def __init__(self, ckpt: str | Path | None, preset: str = "tiny", device: str = "cpu",
                  dtype: torch.dtype = torch.float32, seed: int = 0, decoder_weights=None, text_encoder_path=None,
-                 size: tuple[int, int] | None = None, compile: bool = False):
+                 size: tuple[int, int] | None = None, compile: bool = False, kernels: bool | None = None,
+                 attention: str = "sdpa"):
         """`size`: (width, height) of the full profile (default: the model's own); `compile`: the model's
-        blocks compiled once for all sessions (the first chunk of each new batch shape waits for it)."""
+        blocks compiled once for all sessions (the first chunk of each new batch shape waits for it);
+        `kernels`, `attention`: its fast path (load_parts)."""
         self.device, self.seed = device, seed
         with tempfile.TemporaryDirectory() as d:        # load_parts reads its reference from a file: a grey one
             grey = Path(d) / "grey.png"
             from PIL import Image
             Image.new("RGB", (64, 64), (128, 128, 128)).save(grey)
             self.base = load_parts(grey, ckpt, preset, None, decoder_weights, text_encoder_path, device, dtype, seed,
-                                   compile=compile)
+                                   compile=compile, kernels=kernels, attention=attention)
         if size is not None:
             width, height = size
             step = self.size_step

@@ -81,7 +81,7 @@ def lead(engine: StreamEngine, group, seed: int) -> LeadEngine:
     over the group with the same model, settings and reference (`engine` is dropped: its caches hold
     every head)."""
     model, ref = engine.model, engine.ref
-    _send(group, ("setup", (model.cfg, engine.cfg, engine.st, engine.batch, seed, engine.dtype)))
+    _send(group, ("setup", (model.cfg, engine.cfg, engine.st, engine.batch, seed, engine.dtype, model.kernel_settings())))
     for t in model.state_dict().values():
         dist.broadcast(t, src=0, group=group)
     model.shard_sequence(group)
@@ -97,8 +97,9 @@ def follow(group, device) -> None:
     name, args = _receive(group)
     if name == STOP:
         return
-    dit_cfg, cfg, st, batch, seed, dtype = args
+    dit_cfg, cfg, st, batch, seed, dtype, kernels = args
     model = DiT(dit_cfg).to(device=device, dtype=dtype).eval()
+    model.use_kernels(**kernels)                     # the lead's fast path: every rank computes alike
     for t in model.state_dict().values():
         dist.broadcast(t, src=0, group=group)
     model.shard_sequence(group)

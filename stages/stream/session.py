@@ -83,18 +83,29 @@ class SessionOptions:
                    audio_out=audio_out)
 
 
+def fast_path(model, device: str, kernels: bool | None = None, attention: str = "sdpa") -> list[str]:
+    """Set `model`'s fast path (DiT.use_kernels): the fused Triton element-wise kernels (adaLN, gated residuals,
+    q/k norm + RoPE, the cached keys' rotation) when `kernels`, by default (None) on a CUDA device, where they run
+    (elsewhere their torch references: the same numbers, slower); self-attention by `attention` ("sdpa"; "int8" and
+    "sparse" approximate it). Returns the notes for the user (the approximate backends)."""
+    on = torch.device(device).type == "cuda" if kernels is None else kernels
+    model.use_kernels(on, attention)
+    return [] if attention == "sdpa" else [f"self-attention by the {attention} kernel: approximate (issue 18)"]
+
+
 def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = "tiny",
                settings: StreamSettings | dict | None = None, decoder_weights: str | Path | None = None,
                text_encoder_path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, compile: bool = False) -> Parts:
+               seed: int = 0, compile: bool = False, kernels: bool | None = None, attention: str = "sdpa") -> Parts:
     """Model (a checkpoint, or the preset with random weights), decoder (the autoencoder the checkpoint
     was trained with, else TAEHV with `decoder_weights`), text encoder, and the reference image encoded to a latent frame.
     `compile`: the model's blocks compiled (DiT.compile_blocks; the first chunks pay the compilation).
+    `kernels`, `attention`: the model's fast path (fast_path: by default the fused kernels on a GPU, SDPA).
     `settings`: a StreamSettings, or the given ones ({name: value or None}) to resolve against the
     checkpoint's recorded settings (StreamSettings.resolve). The image, the checkpoint's config and
     the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
     from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit
-    from models.dit import DiT
+    from models.dit import SELF_ATTENTION, DiT
     from models.encoders import image_tensor, text_encoder as make_text_encoder
     from stages.stream.decoders import load_codec
     from stages.sense.image import ImageError, read_image
@@ -103,6 +114,8 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         rgb = read_image(image)                                  # [H, W, 3] uint8
     except ImageError as e:
         raise StreamError(str(e)) from None
+    if attention not in SELF_ATTENTION:
+        raise StreamError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
     cfg, trained = get_preset(preset), None
     if ckpt:
         own, trained = checkpoint_config(ckpt), checkpoint_sampling(ckpt)
@@ -131,6 +144,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     text_encoder = make_text_encoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
     if text_encoder.dim != cfg.dit.text_dim:
         raise StreamError(f"the text encoder gives {text_encoder.dim}-d features; the model takes {cfg.dit.text_dim}")
+    notes += fast_path(model, device, kernels, attention)
     if compile:
         model.compile_blocks()
     engine = StreamEngine(model, cfg, st, seed=seed, keep_text=True)
@@ -483,7 +497,8 @@ def _run(s: Session, events: EventQueue, sinks: list, opts: SessionOptions, live
             _finalising.clear()
     summary = _stats(s, lat, t_start, sinks, events)
     summary.update(reason=reason, first_chunk_s=first_chunk_s, instructions=s.instruction_log,
-                   settings=dict(parts.engine.st.__dict__), notes=parts.notes)
+                   settings=dict(parts.engine.st.__dict__), kernels=parts.engine.model.kernel_settings(),
+                   notes=parts.notes)
     return summary, whole
 
 
