@@ -200,9 +200,11 @@ def run_once(args) -> dict:
 def batch_times(cap: dict) -> list[dict]:
     """Per worker, profile and batch size, from /capacity: the calibrated ms of a batched chunk (and whether
     calibration timed that size, or it counts at the next larger one's), the live running average of the
-    worker's steady forwards at that size and their count, and the ms admission counted on (the larger)."""
+    worker's steady forwards at that size and their count, the live / calibrated slowdown a size without a live
+    average is counted at, and the ms admission counted on."""
     return [{"worker": w["worker"], "profile": name, "size": int(size), "calibrated_ms": t["calibrated"],
-             "timed": t["timed"], "live_ms": t["live"], "live_forwards": t["samples"], "counted_ms": t["used"]}
+             "timed": t["timed"], "live_ms": t["live"], "live_forwards": t["samples"], "slowdown": t["slowdown"],
+             "counted_ms": t["used"]}
             for w in cap["workers"] for name, sizes in w["batch_ms"].items() for size, t in sizes.items()]
 
 
@@ -262,12 +264,13 @@ def main() -> None:
               f"mean batch {sm['mean_batch']}; chunk p50 {sm['chunk_p50_ms']} ms, p99 {sm['chunk_p99_ms']} ms; late "
               f"chunks {sm['chunks_late']} of {sm['chunks']}, frames dropped {sm['frames_dropped']} (+ "
               f"{sm['frames_unsent']} generated ahead, unsent at close); {sm['wall_s']} s")
-        print("| worker | profile | batch | calibrated ms | live ms | live forwards | counted ms |")
-        print("|---|---|---|---|---|---|---|")
+        print("| worker | profile | batch | calibrated ms | live ms | live forwards | slowdown | counted ms |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in sm["batch_ms"]:
             if r["timed"] or r["live_forwards"]:
                 print(f"| {r['worker']} | {r['profile']} | {r['size']} | {r['calibrated_ms']}{'' if r['timed'] else ' (next larger)'} "
-                      f"| {'-' if r['live_ms'] is None else r['live_ms']} | {r['live_forwards']} | {r['counted_ms']} |")
+                      f"| {'-' if r['live_ms'] is None else r['live_ms']} | {r['live_forwards']} | {r['slowdown']} "
+                      f"| {r['counted_ms']} |")
         print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
         print("|---|---|---|---|---|---|---|---|")
         for c in res["clients"]:

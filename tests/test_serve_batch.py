@@ -264,10 +264,12 @@ def test_a_live_batch_size_is_measured_from_its_second_steady_forward(model):
 
 
 def test_a_live_batch_slower_than_calibrated_shrinks_admission_and_grows_the_load(model):
-    """Worker.times: per size, max(calibrated, live once it has MEASURED_AFTER samples), never below a smaller
-    size's. A batch of 2 measured live at 3x its calibration (the H200's 209 against ~64 ms) cuts the sessions
-    admitted from 10 to 5 and, with 10 admitted, puts the load past the headroom (where Worker._rebalance
-    degrades them); controls: one live sample, or a live time below calibration, changes nothing."""
+    """Worker.times: per size, max(calibrated, live once it has MEASURED_AFTER samples), a size without a live
+    average at its calibration x the largest live / calibrated ratio of the others, never below a smaller
+    size's. A batch of 2 measured live at 2.5x its calibration (the H200's 209 against ~64 ms: 3.3x) counts
+    the other sizes 2.5x too, which cuts the sessions admitted from 10 to 4 and, with 10 admitted, puts the
+    load past the headroom (where Worker._rebalance degrades them); controls: one live sample, or a live time
+    below calibration, changes nothing."""
     from stages.serve.profile import MEASURED_AFTER
     full = model.profiles[0]
     v = full.video_s
@@ -287,16 +289,20 @@ def test_a_live_batch_slower_than_calibrated_shrinks_admission_and_grows_the_loa
     assert admitted(worker([0.05, 0.05]), full) == 10               # control: faster live never lowers T
     slow = worker([0.3, 0.3])
     t = slow.times(full)
-    assert [t[b]["used"] / v for b in (1, 2, 3, 4)] == pytest.approx([0.1, 0.3, 0.3, 0.3])   # 3, 4: not below 2
+    assert [t[b]["used"] / v for b in (1, 2, 3, 4)] == pytest.approx([0.25, 0.3, 0.35, 0.4])   # 2.5 x calibrated
     assert t[2]["calibrated"] == pytest.approx(0.12 * v) and t[2]["live"] == pytest.approx(0.3 * v)
     assert t[2]["samples"] == 2 and t[3]["live"] is None and all(t[b]["timed"] for b in t)
-    assert admitted(slow, full) == 5                                # 0.3 + 0.1 = 0.4, a 6th 0.6
+    assert all(t[b]["slowdown"] == pytest.approx(2.5) for b in t)
+    assert admitted(slow, full) == 4                                # 0.4, a 5th 0.4 + 0.25
+    faster = worker([0.05, 0.05])                                   # control: faster live never lowers T
+    assert [faster.times(full)[b]["used"] / v for b in (1, 2, 3, 4)] == pytest.approx([0.1, 0.12, 0.14, 0.16])
+    assert faster.times(full)[1]["slowdown"] == 1.0
     grown = worker([])
     admitted(grown, full)
     assert grown.load() <= opts.headroom
     grown.measured(full, 2, 0.3 * v)
     grown.measured(full, 2, 0.3 * v)
-    assert grown.load() == pytest.approx(0.3 + 0.3 + 0.3) and grown.load() > opts.headroom   # 10: 4 + 4 + 2
+    assert grown.load() == pytest.approx(0.4 + 0.4 + 0.3) and grown.load() > opts.headroom   # 10: 4 + 4 + 2
 
 
 def fake_forwards(monkeypatch, cost) -> list[int]:
@@ -397,9 +403,11 @@ def test_calibration_with_real_forwards_times_each_size_once_the_rings_are_full(
     w.measured(full, 2, 100.0)
     w.measured(full, 2, 100.0)
     d = w.describe()["batch_ms"][full.name]
+    slow = round(100.0 / full.batch_s[2], 3)
     assert d[2] == {"calibrated": round(1000 * full.batch_s[2], 2), "timed": True, "live": 100000.0, "samples": 2,
-                    "used": 100000.0}
-    assert d[1]["live"] is None and d[1]["used"] == round(1000 * full.batch_s[1], 2) and d[3]["used"] == 100000.0
+                    "slowdown": slow, "used": 100000.0}
+    assert d[1]["live"] is None and d[1]["slowdown"] == slow and d[3]["used"] >= 100000.0
+    assert d[1]["used"] == pytest.approx(1000 * full.batch_s[1] * 100.0 / full.batch_s[2], rel=1e-3)
 
 
 def test_the_viewer_positions_the_core_waits_for_are_where_ready_turns():

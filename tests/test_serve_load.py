@@ -47,6 +47,8 @@ def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
     for r in rows.values():
         assert r["timed"] and r["calibrated_ms"] > 0 and r["counted_ms"] >= r["calibrated_ms"]
         assert (r["live_ms"] is None) == (r["live_forwards"] < 2) and (r["live_ms"] is None or r["counted_ms"] >= r["live_ms"])
-    assert "| worker | profile | batch | calibrated ms | live ms | live forwards | counted ms |" in res.stdout
+        assert r["slowdown"] >= 1.0 and (r["live_ms"] is not None or
+                                         r["counted_ms"] >= 0.99 * r["calibrated_ms"] * r["slowdown"])
+    assert "| worker | profile | batch | calibrated ms | live ms | live forwards | slowdown | counted ms |" in res.stdout
     assert res.stdout.strip().splitlines()[-1] == "| 2 | 503 max_sessions | - | - | - | - | - | - |"   # the table last
     assert "Traceback" not in res.stderr

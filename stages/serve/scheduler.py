@@ -27,10 +27,13 @@ batches of at most max_batch; a round of their chunks takes
 where T(b) is the time of one batched chunk of b sessions (Worker.batch_time): per size, the larger of
 its calibrated time (ServeModel.calibrate: every size 1..max_batch after its own warm-up forward, within
 --calib-budget; a size it did not time counts at the next larger one's) and the live running average of
-the worker's steady forwards at that size once it has MEASURED_AFTER samples (Worker.measured), and never
-less than T(b - 1): a batch does all of a smaller one's work. Live times only ever raise T: on the H200
-the live forwards ran far slower than calibration (RESULTS.md, session 46: a batch of 2 at 209 ms), and a
-load that ignored them admitted sessions none of which kept real time. Then
+the worker's steady forwards at that size once it has MEASURED_AFTER samples (Worker.measured); a size with
+no live average yet counts at its calibrated time x the largest live / calibrated ratio measured at the
+profile's other sizes (live forwards ran 1.2-1.7x their calibration on the H100, RESULTS.md session 47, at
+every size: a size not yet run live is no exception); and never less than T(b - 1): a batch does all of a
+smaller one's work. Live times only ever raise T: on the H200 the live forwards ran far slower than
+calibration (RESULTS.md, session 46: a batch of 2 at 209 ms), and a load that ignored them admitted sessions
+none of which kept real time. Then
 
     load(worker) = speed * sum over its profiles of  round_s(profile, n) / video_s
 
@@ -83,20 +86,27 @@ class Worker(threading.Thread):
         """Per batch size 1..`upto` (default: max_batch) at `profile`: "calibrated" (s; a size calibration did
         not time: the next larger timed size's, beyond the largest its time per session x the size; None:
         nothing timed), "timed" (whether calibration timed it), "live" (the running average of the worker's
-        steady forwards, None before MEASURED_AFTER samples), "samples", and "used": the time admission and
-        batching count on (the module's docstring)."""
+        steady forwards, None before MEASURED_AFTER samples), "samples", "slowdown" (the largest live /
+        calibrated ratio of the profile's sizes with a live average, >= 1; what a size without one is counted
+        at, x its calibrated time), and "used": the time admission and batching count on (the module's
+        docstring)."""
         with self.cond:
             cal = {b: t for (name, b), t in self.batch_s.items() if name == profile.name}
-            live = {b: v for (name, b), v in self.live.items() if name == profile.name}
+            live = {b: a for (name, b), (a, n) in self.live.items() if name == profile.name and n >= MEASURED_AFTER}
+            samples = {b: n for (name, b), (_, n) in self.live.items() if name == profile.name}
         timed = sorted(cal)
+
+        def calibrated(size: int) -> float | None:
+            i = bisect.bisect_left(timed, size)
+            return cal[timed[i]] if i < len(timed) else cal[timed[-1]] * size / timed[-1] if timed else None
+
+        slowdown = max([1.0] + [a / c for b, a in live.items() if (c := calibrated(b))])
         out, used = {}, 0.0
         for size in range(1, (upto or self.opts.max_batch) + 1):
-            i = bisect.bisect_left(timed, size)
-            c = cal[timed[i]] if i < len(timed) else cal[timed[-1]] * size / timed[-1] if timed else None
-            avg, n = live.get(size, (None, 0))
-            avg = avg if n >= MEASURED_AFTER else None
-            used = max(used, c or 0.0, avg or 0.0)
-            out[size] = {"calibrated": c, "timed": size in cal, "live": avg, "samples": n, "used": used}
+            c, avg = calibrated(size), live.get(size)
+            used = max(used, c or 0.0, avg if avg is not None else (c or 0.0) * slowdown)
+            out[size] = {"calibrated": c, "timed": size in cal, "live": avg, "samples": samples.get(size, 0),
+                         "slowdown": slowdown, "used": used}
         return out
 
     def batch_time(self, profile: Profile, size: int) -> float:
@@ -159,14 +169,15 @@ class Worker(threading.Thread):
 
     def describe(self) -> dict:
         """The worker for /capacity: its sessions and load, and per profile and batch size the calibrated, live
-        and counted ("used") milliseconds of a batched chunk (times())."""
+        and counted ("used") milliseconds of a batched chunk and the live slowdown applied (times())."""
         with self.cond:
             n = len(self.sessions)
         ms = lambda t: None if t is None else round(1000 * t, 2)   # noqa: E731
         return {"worker": self.index, "device": self.model.device, "sessions": n, "load": self.load(),
                 "budget": self.opts.headroom, "profiles": [p.describe() for p in self.model.profiles],
                 "batch_ms": {p.name: {size: {"calibrated": ms(t["calibrated"]), "timed": t["timed"], "live": ms(t["live"]),
-                                             "samples": t["samples"], "used": ms(t["used"])}
+                                             "samples": t["samples"], "slowdown": round(t["slowdown"], 3),
+                                             "used": ms(t["used"])}
                                       for size, t in self.times(p).items()} for p in self.model.profiles}}
 
     def _pick(self) -> list:
