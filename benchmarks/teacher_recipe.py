@@ -74,6 +74,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402
+from models.dit import SELF_ATTENTION  # noqa: E402
 from stages.distill.dmd import DMDSettings  # noqa: E402
 from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
@@ -875,6 +876,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
+    ap.add_argument("--attention", choices=tuple(SELF_ATTENTION),
+                    help="eval: self-attention's backend (vidu stream --attention; default sdpa)")
+    ap.add_argument("--kernels", action=argparse.BooleanOptionalAction,
+                    help="eval: the fused kernels (vidu stream --kernels; default: on a GPU)")
     ap.add_argument("--again", action="store_true",
                     help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
     ap.add_argument("--from", dest="start", type=Path,
@@ -923,7 +928,8 @@ def main(argv: list[str] | None = None) -> dict:
                             args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
-                                       ("recache", args.recache or None), ("steps", args.stream_steps))
+                                       ("recache", args.recache or None), ("steps", args.stream_steps),
+                                       ("attention", args.attention), ("kernels", args.kernels))
                      if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
                          args.workers)

@@ -274,9 +274,22 @@ def test_cli_bench_compare_and_bad_input(root, synth_oracle, synth_model, tmp_pa
                           (["--compare", "eval-nothere"], "no run 'eval-nothere'"),
                           (["--compare", synth_oracle[0].run_id], "is a bench_samples run, not an eval run"),
                           (["--ab", synth_oracle[1].run_id], "--ab takes two runs"),
-                          (["--bench", "synth", "--ab", "x", "y"], "--bench and --ab cannot be combined")):
+                          (["--bench", "synth", "--ab", "x", "y"], "--bench and --ab cannot be combined"),
+                          (["--bench", "synth", "--attention", "flash"], "unknown attention 'flash'")):
         code, _, stderr = _cli("eval", *args, "--workdir", str(root))
         assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
+
+
+def test_the_bench_streams_with_the_fast_path_it_is_given(tmp_path):
+    """EvalBench's kernels / attention (vidu eval --bench --kernels --attention) reach the model it streams; by
+    default the stream's own default (fused kernels on a GPU only: off here)."""
+    from tests.conftest import write_face
+    face = str(write_face(tmp_path / "face.png"))
+    for kw, want in (({"attention": "int8", "kernels": True}, {"on": True, "attention": "int8", "keep_context": True}),
+                     ({}, {"on": False, "attention": "sdpa", "keep_context": True})):
+        bench = EvalBench(bench="synth", system="random:tiny", **kw)
+        bench.setup()
+        assert bench._parts(face).engine.model.kernel_settings() == want, kw
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ def test_raw_frames_on_stdout(inputs):
     (["--image", "{face}", "--guidance", "-1"], "--guidance"),
     (["--image", "{face}", "--guide", "speech"], "unknown guide 'speech'"),
     (["--image", "{face}", "--preset", "tiny", "--compile", "--gpus", "2", "--device", "cpu"], "--compile is for one GPU"),
-    (["--image", "{face}", "--preset", "tiny", "--attention", "flash"], "attention is one of: sdpa, int8, sparse, not 'flash'"),
+    (["--image", "{face}", "--preset", "tiny", "--attention", "flash"], "unknown attention 'flash'; choose one of: sdpa, int8, sparse"),
 ])
 def test_bad_input_is_one_line(inputs, args, message):
     args = [a.format(dir=inputs["dir"], face=inputs["face"]) for a in args]

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vidu_cli.options import Guidance, Guide, Quiet, Recache, Sampler, Workdir, Workers, option
+from vidu_cli.options import Attention, Guidance, Guide, Kernels, Quiet, Recache, Sampler, Workdir, Workers, option
 from vidu_cli.report import clean_errors, err, fail
 from stages.eval.video import EvalOptions
 
@@ -139,6 +139,8 @@ def eval(
     guidance: Guidance = None,
     guide: Guide = None,
     recache: Recache = None,
+    kernels: Kernels = None,
+    attention: Attention = "sdpa",
     decoder_weights: Annotated[Optional[Path], typer.Option("--decoder-weights", help="TAEHV weights (taew2_1.pth).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Noise seed of the streams.")] = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write the HTML report (index.html + PNG plots) into this folder.", show_default=False)] = None,
@@ -170,7 +172,7 @@ def eval(
                 return eval_bench.bench(bench, data, ckpt, preset, limit, workers, seconds, 256, device, steps, None,
                                         None, decoder_weights, None, arcface, seed, report, workdir, quiet,
                                         segments, judge, sampler=sampler, guidance=guidance, guide=guide,
-                                        recache=recache)
+                                        recache=recache, kernels=kernels, attention=attention)
             if compare:
                 return eval_bench.compare(runs or [], report, workdir)
             return eval_bench.ab(runs[0], runs[1], host, port, seed, workdir)

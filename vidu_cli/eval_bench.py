@@ -22,7 +22,8 @@ def bench(name: str, data: Path | None, ckpt: str | None, preset: str, limit: in
           window: int | None, decoder_weights: Path | None, text_encoder_path: Path | None, arcface: Path | None,
           seed: int, report: Path | None, workdir: Path | None, quiet: bool, drift_segments: int = 4,
           judge: Path | None = None, sampler: str | None = None, guidance: float | None = None,
-          guide: str | None = None, recache: bool | None = None) -> None:
+          guide: str | None = None, recache: bool | None = None, kernels: bool | None = None,
+          attention: str = "sdpa") -> None:
     """Run one benchmark for one system; the results manifest path on stdout, the table on stderr."""
     from stages.eval.bench import run_bench
     from stages.eval.report import load_runs, summary_table, write_report
@@ -34,7 +35,7 @@ def bench(name: str, data: Path | None, ckpt: str | None, preset: str, limit: in
                      text_encoder_path=str(text_encoder_path) if text_encoder_path else None,
                      arcface=str(arcface) if arcface else None, judge=str(judge) if judge else None, seed=seed,
                      drift_segments=drift_segments, sampler=sampler, guidance=guidance, guide=guide,
-                     recache=recache)
+                     recache=recache, kernels=kernels, attention=attention)
     runs = load_runs(root, [str(e.path)])
     if not quiet:
         skipped = s.counts.get("rejected", 0) + s.counts.get("error", 0)

@@ -86,7 +86,6 @@ Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | j
 Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray"), "executor"))]
 # the model's fast path (stages.stream.session.fast_path), for `vidu stream` and `vidu serve`
 Kernels = Annotated[Optional[bool], typer.Option("--kernels/--no-kernels", help="The fused Triton kernels (adaLN, residuals, q/k norm + RoPE, the cache's key rotation); the same numbers as without (default: on a GPU).", show_default=False)]
-Attention = Annotated[str, typer.Option("--attention", help="Self-attention: sdpa (exact), int8 (INT8 Q.K^T) or sparse (block-sparse); the last two approximate it.")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]
 
 # Stream settings shared by `vidu stream` and `vidu eval --bench`: `from vidu_cli.options import Sampler`.
@@ -105,6 +104,13 @@ _STREAM_OPTIONS = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Attention":                      # the backends' names live with the model (torch)
+        from models.dit import SELF_ATTENTION
+        alias = Annotated[str, typer.Option("--attention", help="Self-attention: sdpa (exact), int8 (INT8 Q.K^T) or "
+                                            "sparse (block-sparse); the last two approximate it.",
+                                            callback=_one_of(tuple(SELF_ATTENTION), "attention"))]
+        globals()[name] = alias
+        return alias
     if name not in _STREAM_OPTIONS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from stages.stream.engine import StreamSettings

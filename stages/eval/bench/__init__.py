@@ -46,7 +46,8 @@ def run_bench(bench: str, root: Path, data: str | None = None, ckpt: str | None 
               arcface: str | None = None, judge: str | None = None, seed: int = 0,
               drift_segments: int = 4, sampler: str | None = None,
               guidance: float | None = None, guide: str | None = None,
-              recache: bool | None = None) -> tuple[RunResult, RunResult]:
+              recache: bool | None = None, kernels: bool | None = None,
+              attention: str = "sdpa") -> tuple[RunResult, RunResult]:
     """Index the benchmark's samples, then stream and score them; (samples run, eval run).
     `seconds`: generated clip length (default 4 s), or the most audio used per folder sample (default all)."""
     from stages.run import run_stage                  # the runner (DuckDB) only here: the bench's cases and
@@ -71,7 +72,7 @@ def run_bench(bench: str, root: Path, data: str | None = None, ckpt: str | None 
                       chunk_frames=chunk_frames, window=window, decoder_weights=decoder_weights,
                       text_encoder_path=text_encoder_path, seed=seed, device=device, arcface=arcface,
                       judge=judge, drift_segments=drift_segments, sampler=sampler, guidance=guidance,
-                      guide=guide, recache=recache)
+                      guide=guide, recache=recache, kernels=kernels, attention=attention)
     fp = [s_res.run_id, ckpt_stat]
     stage.out_dir = str(root / "eval" / run_id_for(stage, fp))
     e_res = run_stage(stage, rows, fp, [str(s_res.path)], root, workers=workers, quiet=quiet)

@@ -108,6 +108,8 @@ class EvalBench(Stage):
     seed: int = 0
     device: str = "cpu"
     compile: bool = False  # the model's blocks compiled (vidu stream --compile)
+    kernels: bool | None = None  # the fused kernels (vidu stream --kernels; None: on a GPU)
+    attention: str = "sdpa"  # self-attention's backend (vidu stream --attention)
     arcface: str | None = None
     judge: str | None = None  # local vision-language model judging instructions on real (non-synth) samples
     drift_segments: int = 4
@@ -139,7 +141,8 @@ class EvalBench(Stage):
             dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
             ckpt = None if self.system.startswith("random:") else self.system
             self._base = load_parts(image, ckpt, self.preset, self._settings() or None, self.decoder_weights,
-                                    self.text_encoder_path, self.device, dtype, self.seed, self.compile)
+                                    self.text_encoder_path, self.device, dtype, self.seed, self.compile,
+                                    self.kernels, self.attention)
         base = self._base
         cfg, eng = base.cfg, base.engine
         img = image_tensor(read_image(image), cfg.height, cfg.width)  # [1, 3, 1, H, W] in [-1, 1]
