@@ -188,7 +188,7 @@ def test_the_fast_path_is_on_by_default_on_a_gpu_and_streams_as_without(inputs, 
     for device, kernels, on in (("cuda", None, True), ("cuda:1", None, True), ("cpu", None, False),
                                 ("cuda", False, False), ("cpu", True, True)):
         assert fast_path(model, device, kernels) == [] and model.kernel_settings()["on"] is on, (device, kernels)
-    assert fast_path(model, "cpu", attention="int8") == ["self-attention by the int8 kernel: approximate (issue 18)"]
+    assert fast_path(model, "cpu", attention="int8") == ["self-attention by the int8 kernel approximates it (--attention sdpa is exact)"]
     launches = []
     launch = adaln._launch
     monkeypatch.setattr(adaln, "_launch", lambda *a: launches.append(1) or launch(*a))

@@ -84,8 +84,8 @@ Strict = Annotated[bool, typer.Option("--strict", help="Exit 1 when any row is r
 From = Annotated[Optional[list[Path]], typer.Option("--from", help="Input manifest (repeatable); default: paths read from stdin.", show_default=False)]
 Format = Annotated[Optional[str], typer.Option("--format", "-f", help="table | jsonl | csv (default: table on a terminal, jsonl otherwise).", callback=_one_of(("table", "jsonl", "csv"), "format"))]
 Executor = Annotated[str, typer.Option("--executor", help="local (processes on this machine) | ray (a Ray cluster).", callback=_one_of(("local", "ray"), "executor"))]
-# the model's fast path (stages.stream.session.fast_path), for `vidu stream` and `vidu serve`
-Kernels = Annotated[Optional[bool], typer.Option("--kernels/--no-kernels", help="The fused Triton kernels (adaLN, residuals, q/k norm + RoPE, the cache's key rotation); the same numbers as without (default: on a GPU).", show_default=False)]
+# the model's fast path (stages.stream.session.fast_path), for `vidu stream`, `vidu serve` and `vidu eval --bench`
+Kernels = Annotated[Optional[bool], typer.Option("--kernels/--no-kernels", help="The fused Triton kernels (adaLN, residuals, q/k norm + RoPE, the cache's key rotation); the same numbers as without, up to rounding (default: on a GPU).", show_default=False)]
 RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray instance).", show_default=False)]
 
 # Stream settings shared by `vidu stream` and `vidu eval --bench`: `from vidu_cli.options import Sampler`.

@@ -86,11 +86,12 @@ class SessionOptions:
 def fast_path(model, device: str, kernels: bool | None = None, attention: str = "sdpa") -> list[str]:
     """Set `model`'s fast path (DiT.use_kernels): the fused Triton element-wise kernels (adaLN, gated residuals,
     q/k norm + RoPE, the cached keys' rotation) when `kernels`, by default (None) on a CUDA device, where they run
-    (elsewhere their torch references: the same numbers, slower); self-attention by `attention` ("sdpa"; "int8" and
-    "sparse" approximate it). Returns the notes for the user (the approximate backends)."""
+    (elsewhere their torch references: the same numbers up to rounding, slower); self-attention by `attention`
+    ("sdpa"; "int8" and "sparse" approximate it). Returns the notes for the user (the approximate backends)."""
     on = torch.device(device).type == "cuda" if kernels is None else kernels
     model.use_kernels(on, attention)
-    return [] if attention == "sdpa" else [f"self-attention by the {attention} kernel: approximate (issue 18)"]
+    return [] if attention == "sdpa" else [f"self-attention by the {attention} kernel approximates it "
+                                           "(--attention sdpa is exact)"]
 
 
 def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = "tiny",
