@@ -169,6 +169,8 @@ def test_ctrl_c_with_an_instruction_at_the_cut_resumes_exactly(inputs, parts, tm
     (["--resume", "{state}", "--ckpt", "{dir}/tall.safetensors"], "it was saved at 64x64, this stream is 64x128"),
     (["--resume", "{state}", "--preset", "tiny"], "it was saved from another model"),
     (["--resume", "{state}", "--no-recache"], "it was saved with recache True, this stream has False"),
+    (["--resume", "{state}", "--kernels"], "it was saved with --no-kernels, this stream has --kernels"),
+    (["--resume", "{state}", "--attention", "int8"], "it was saved with --attention sdpa, this stream has --attention int8"),
     (["--resume", "{state}", "--gpus", "2"], "--save-state and --resume keep the state of one process"),
     (["--save-state", "{dir}/nowhere/s.state"], "the folder {dir}/nowhere does not exist"),
 ])

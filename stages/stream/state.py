@@ -39,7 +39,13 @@ def identity(parts, image: str | Path) -> dict:
     return {"image": hashlib.sha256(Path(image).read_bytes()).hexdigest(),
             "size": [parts.cfg.width, parts.cfg.height], "model": weights_digest(eng.model),
             "decoder": weights_digest(parts.decoder), "dtype": str(eng.dtype).removeprefix("torch."),
-            "settings": dataclasses.asdict(eng.st)}
+            "settings": dataclasses.asdict(eng.st), "fast_path": fast_path_flags(eng.model)}
+
+
+def fast_path_flags(model) -> dict:
+    """The fast path's options that change the frames (DiT.kernel_settings, as vidu stream's flags)."""
+    got = model.kernel_settings()
+    return {"kernels": "--kernels" if got["on"] else "--no-kernels", "attention": got["attention"]}
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -98,6 +104,12 @@ def check_identity(saved: dict, ours: dict, path: str | Path) -> None:
         raise fail("it was saved with another decoder (--decoder-weights)")
     if saved["dtype"] != ours["dtype"]:
         raise fail(f"it was saved in {saved['dtype']}, this stream runs in {ours['dtype']} (--device)")
+    saved_path = saved.get("fast_path")            # (absent from the states of versions before it was recorded)
+    if saved_path is not None and saved_path["kernels"] != ours["fast_path"]["kernels"]:
+        raise fail(f"it was saved with {saved_path['kernels']}, this stream has {ours['fast_path']['kernels']}")
+    if saved_path is not None and saved_path["attention"] != ours["fast_path"]["attention"]:
+        raise fail(f"it was saved with --attention {saved_path['attention']}, this stream has "
+                   f"--attention {ours['fast_path']['attention']}")
     for name, value in ours["settings"].items():
         if saved["settings"].get(name) != value:
             raise fail(f"it was saved with {name.replace('_', '-')} {saved['settings'].get(name)}, "
