@@ -51,6 +51,11 @@ class KV:
     pos: torch.Tensor       # [L, 3] (frame, row, column)
     rotated: bool = False   # keys already rotated to `pos` (a stream's cache, DiT.rotate): used as they are
     angles: tuple | None = None   # rope_angles(pos) when already at hand (models.rope.grid_tables), or None
+    # (k_bufs, v_bufs) per block: buffers whose first len(self) tokens ARE k[i] / v[i] (same memory) with room after
+    # them, where a forward without gradients writes its own keys/values to attend to [context + its tokens]
+    # without concatenating (stages.stream.engine.ContextBuffers.context); None: concatenate. What derives a new KV
+    # (cat, tokens, a stack of rows) leaves it None.
+    room: tuple[list, list] | None = None
 
     def __len__(self) -> int:
         return self.pos.shape[0]
@@ -162,9 +167,13 @@ class Attention(nn.Module):
 
     def self_attend(self, x, rope, mask, ctx=None, sp: SequenceShards | None = None):
         """x: [B, L, dim]; rope: (cos, sin) of the L tokens; ctx: (k, v, cos, sin) of context tokens
-        (keys before RoPE; cos None: keys already rotated). Returns (out [B, L, dim], k before RoPE, v).
+        (keys before RoPE; cos None: keys already rotated), or (k, v, None, None, room_k, room_v): rotated keys
+        that are the first n tokens of the buffers room_k / room_v (KV.room), whose tokens n..n+L this call
+        overwrites with its rotated keys and values to attend to the buffers' first n+L tokens in place of a
+        concatenation (when the dtypes match and the room is there; else it concatenates). Returns (out
+        [B, L, dim], k before RoPE, v) — k and v tensors of their own, never views of the buffers.
         With `sp`, x holds this rank's tokens, and rope, mask, ctx and the returned k, v are those of the
-        whole sequence (k, v, ctx: this rank's heads)."""
+        whole sequence (k, v, ctx, room: this rank's heads)."""
         cos, sin = rope
         if self.kernels:                     # qk_rope's kernels where they run, their references elsewhere
             x = x.to(self.q.weight.dtype)
@@ -188,15 +197,26 @@ class Attention(nn.Module):
             q_r, k_r = rotate(q, cos, sin), rotate(k, cos, sin)
         prefix = cache = None
         if ctx is not None:
-            ck, cv, ccos, csin = ctx
+            ck, cv, ccos, csin = ctx[:4]
+            room_k, room_v = ctx[4:] if len(ctx) > 4 else (None, None)
             rotate = qk_rope.rope if self.kernels else apply_rope
             # keys already rotated (a stream's cache: one tensor for all the forwards of a chunk) are what a backend may
             # keep derived forms of; keys rotated here are new in every call
             cache = self.prefix_cache if ccos is None and ck.dtype == k.dtype else None
-            ck = ck.to(k.dtype) if ccos is None else rotate(ck.to(k.dtype), ccos, csin)
-            prefix = ck
-            k_r = torch.cat([ck, k_r], 1)
-            v_all = torch.cat([cv.to(v.dtype), v], 1)
+            n, L = ck.shape[1], k_r.shape[1]
+            if (room_k is not None and ccos is None and ck.dtype == k_r.dtype and cv.dtype == v.dtype
+                    and room_k.shape[1] >= n + L):
+                # the chunk's keys/values written after the context in its buffers (tokens n.. are free: the
+                # next ring slot, or the buffers' extra room): no copy of the whole context per forward
+                room_k[:, n:n + L].copy_(k_r)
+                room_v[:, n:n + L].copy_(v)
+                prefix = ck
+                k_r, v_all = room_k[:, :n + L], room_v[:, :n + L]
+            else:
+                ck = ck.to(k.dtype) if ccos is None else rotate(ck.to(k.dtype), ccos, csin)
+                prefix = ck
+                k_r = torch.cat([ck, k_r], 1)
+                v_all = torch.cat([cv.to(v.dtype), v], 1)
         else:
             v_all = v
         out = SELF_ATTENTION[self.backend](q_r, k_r, v_all, mask, prefix=prefix, cache=cache)
@@ -242,7 +262,8 @@ class Block(nn.Module):
         [B, Lt, H, D], or per frame [B*F, Lt, H, D]);
         audio: (context, rope, Fa) — the last Fa frames' windows of speech tokens [B*Fa, W*K, dim], or this
         block's audio cross-attention (k, v) of them [B*Fa, W*K, H, D] (DiT._speech) — or None; ctx: (k, v,
-        cos, sin) or None; sp: SequenceShards (x: this rank's S of each frame) or None."""
+        cos, sin), with the buffers (room_k, room_v) after them (Attention.self_attend), or None;
+        sp: SequenceShards (x: this rank's S of each frame) or None."""
         B, F, S, dim = x.shape
         fused = self.kernels                    # the launchers (Triton where it runs), else the same math in torch
         norm_modulate = adaln.norm_modulate if fused else adaln.norm_modulate_reference
@@ -585,9 +606,14 @@ class DiT(nn.Module):
         e, e0 = self.embed_time(t, pooled)
         speech = self._speech(audio, F, x.device) if audio is not None and cfg.audio_dim else None
 
+        # the context's buffers with room for this call's keys/values (KV.room): without gradients only (an in-place
+        # write into a buffer the autograd graph shares would break it: the distillation rollout concatenates)
+        room = kv is not None and kv.room is not None and kv.rotated and not torch.is_grad_enabled()
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             ctx = None if kv is None else (kv.k[i], kv.v[i], *ctx_rope)
+            if room and _starts(kv.k[i], kv.room[0][i]) and _starts(kv.v[i], kv.room[1][i]):
+                ctx = (*ctx, kv.room[0][i], kv.room[1][i])
             args = (tokens, e0, rope, attn_mask, texts[i], None if speech is None else
                     (speech[0][i], speech[1], speech[2]), ctx, sp)
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -615,6 +641,13 @@ class DiT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _starts(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether t is buf's first t.shape[1] tokens (the same memory and layout): KV.room's promise, checked on the
+    host before a forward writes after them."""
+    return (t.data_ptr() == buf.data_ptr() and t.stride() == buf.stride() and t.dtype == buf.dtype
+            and t.shape[0] == buf.shape[0] and t.shape[2:] == buf.shape[2:] and t.shape[1] <= buf.shape[1])
 
 
 def _predict(head: Head, tokens: torch.Tensor, e: torch.Tensor, sp: SequenceShards | None, lo: int, hi: int):

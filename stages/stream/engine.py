@@ -172,9 +172,21 @@ class ContextBuffers:
     keys are also kept before RoPE (`fixed_k`) and re-rotated to the new shift by `context` (ref + sink
     frames, not the whole window: the per-chunk rotation of every cached key cost 8 % of a compiled
     960x544 chunk, RESULTS.md session 46). Angles are float64 (models.rope), so a stream 10^6 frames in
-    attends as one at its start."""
+    attends as one at its start.
 
-    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype, heads: int, rotate):
+    Room (issue 18): each k/v buffer holds `capacity` tokens and a chunk's (cf * S) more. The valid context is
+    always the buffer's first n tokens (ref, then the sink, then the ring slots in order; the sink is written
+    before any ring chunk), and what follows it is free: the next ring slot, or once the ring is full the extra
+    room. `context` hands the buffers with the KV (KV.room), and a forward without gradients writes the chunk's
+    keys/values there and attends to the buffer's first n + L tokens instead of concatenating the whole window
+    in every block of every forward; the next write (write_ring, write_fixed + _place_fixed) overwrites them.
+    The forwards write through aliases of the buffers' memory with version counters of their own, so those
+    scratch writes leave the context views' version (vidu_kernels.prefix_cache) unchanged; every real write
+    goes through the buffers. `room=False` (or setting `.room` on a live engine's buffers) concatenates, as
+    before: the switch benchmarks measure it by. state() / load_state() cover the first `capacity` tokens."""
+
+    def __init__(self, cfg: ModelConfig, st: StreamSettings, batch: int, device, dtype, heads: int, rotate,
+                 room: bool = True):
         """`rotate`: KV -> KV with its keys rotated to its positions (the model's DiT.rotate)."""
         d = cfg.dit
         self.rotate = rotate
@@ -183,10 +195,13 @@ class ContextBuffers:
         self.cf, self.slots = st.chunk_frames, st.slots
         self.n_fixed = 1 + (st.chunk_frames if st.sink else 0)          # frames: ref (+ sink)
         frames = self.n_fixed + st.window
-        shape = (batch, frames * self.S, heads, d.head_dim)
+        self.capacity = frames * self.S             # tokens of ref + sink + ring (what state() covers)
+        self.room = room                            # the forwards write the chunk after the context (see above)
+        shape = (batch, self.capacity + (self.cf * self.S if room else 0), heads, d.head_dim)
         sets = ("clean", "noisy") if st.twin else ("clean",)
         self.k = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
         self.v = {s: [torch.zeros(shape, device=device, dtype=dtype) for _ in range(d.num_layers)] for s in sets}
+        self._room = {s: ([_alias(k) for k in self.k[s]], [_alias(v) for v in self.v[s]]) for s in sets}
         fixed = (batch, self.n_fixed * self.S, heads, d.head_dim)
         self.fixed_k = [torch.zeros(fixed, device=device, dtype=dtype) for _ in range(d.num_layers)]  # before RoPE
         self.fixed_shift: int | None = None   # the shift the ref and sink keys are rotated to (None: not yet)
@@ -220,10 +235,13 @@ class ContextBuffers:
                 self.v[s][i][:, a:b].copy_(kv.v[i])
 
     def write_fixed(self, kv: KV) -> int:
-        """Ref or sink keys/values into both sets; returns the frame they start at."""
+        """Ref or sink keys/values into both sets, the keys rotated at once (what `context` would do next: a
+        forward's writes after the ref alone, KV.room, fall where the sink goes, and the buffers are never left
+        holding them); returns the frame they start at."""
         start, frames = self.fixed_frames, len(kv) // self.S
         self.fixed_frames += frames
         self.write(tuple(self.k), kv, start)
+        self._place_fixed(self.shift())
         return start
 
     def write_ring(self, clean: KV, noisy: KV | None) -> int:
@@ -284,29 +302,38 @@ class ContextBuffers:
         if shift:
             pos = pos.clone()
             pos[:, 0] += shift
-        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos, rotated=True)
+        kv = KV([k[:, :n] for k in self.k[which]], [v[:, :n] for v in self.v[which]], pos, rotated=True,
+                room=self._room[which] if self.room else None)
         return kv, nxt + shift
 
     def state(self) -> dict:
         """The buffers and their bookkeeping, as tensors (views of the live buffers) and numbers."""
         out = {"fixed_frames": self.fixed_frames, "chunks_in_ring": self.chunks_in_ring,
                "slot_chunk": list(self.slot_chunk)}
+        c = self.capacity
         for s in self.k:
             for i, (k, v) in enumerate(zip(self.k[s], self.v[s])):
-                out[f"k.{s}.{i}"], out[f"v.{s}.{i}"] = k, v
+                out[f"k.{s}.{i}"], out[f"v.{s}.{i}"] = k[:, :c], v[:, :c]
         out.update({f"k.fixed.{i}": k for i, k in enumerate(self.fixed_k)})
         return out
 
     def load_state(self, state: dict) -> None:
+        c = self.capacity
         for s in self.k:
             for i in range(len(self.k[s])):
-                self.k[s][i].copy_(state[f"k.{s}.{i}"])
-                self.v[s][i].copy_(state[f"v.{s}.{i}"])
+                self.k[s][i][:, :c].copy_(state[f"k.{s}.{i}"])
+                self.v[s][i][:, :c].copy_(state[f"v.{s}.{i}"])
         for i, k in enumerate(self.fixed_k):
             k.copy_(state[f"k.fixed.{i}"])
         self.fixed_frames, self.chunks_in_ring = state["fixed_frames"], state["chunks_in_ring"]
         self.slot_chunk = list(state["slot_chunk"])
         self.fixed_shift = None
+
+
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """t's memory as a tensor of its own (no view of t): in-place writes through it do not bump t's version counter."""
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), t.shape,
+                                                               t.stride())
 
 
 @dataclass
