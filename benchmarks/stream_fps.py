@@ -101,6 +101,9 @@ def add_engine_args(ap: argparse.ArgumentParser, compile_choices=("off", "on", "
     ap.add_argument("--keep-speech", action=argparse.BooleanOptionalAction, default=True,
                     help="a chunk's speech keys/values computed once for its forwards (DiT.keep_speech, as a "
                          "stream does); --no-keep-speech: in every forward")
+    ap.add_argument("--room", action=argparse.BooleanOptionalAction, default=True,
+                    help="a chunk's keys/values written after the context in the engine's buffers (KV.room); "
+                         "--no-room: concatenated with the whole context in every forward, as before")
     ap.add_argument("--audio-adapter", action=argparse.BooleanOptionalAction, default=True,
                     help="give a preset without one the speech adapter the product streams with")
 
@@ -132,10 +135,13 @@ def stream_inputs(cfg, st: StreamSettings, dev, dtype) -> tuple[ChunkInputs, tor
     return ChunkInputs(text, audio), ref
 
 
-def start_stream(cfg, model, decoder, st: StreamSettings, ref: torch.Tensor, keep_speech: bool = True):
+def start_stream(cfg, model, decoder, st: StreamSettings, ref: torch.Tensor, keep_speech: bool = True,
+                 room: bool = True):
     """A started engine (the instruction's text prepared once, a chunk's speech once for its forwards, as a
-    stream does; `keep_speech` False: the speech in every forward) and TAEHV's stream decoder."""
+    stream does; `keep_speech` False: the speech in every forward; `room` False: the chunk's keys/values
+    concatenated with the context, not written after it) and TAEHV's stream decoder."""
     eng = StreamEngine(model, cfg, st, keep_text=True)
+    eng.buffers.room = room
     model.keep_speech = keep_speech
     eng.start(ref)
     return eng, decoder.stream_decoder()
@@ -155,13 +161,13 @@ def decode(stream, res):
 
 
 def run_config(cfg, model, decoder, st: StreamSettings, chunks: int, dev, dtype, warmup: int = 3,
-               keep_speech: bool = True) -> dict:
+               keep_speech: bool = True, room: bool = True) -> dict:
     inputs, ref = stream_inputs(cfg, st, dev, dtype)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    eng, stream = start_stream(cfg, model, decoder, st, ref, keep_speech)
+    eng, stream = start_stream(cfg, model, decoder, st, ref, keep_speech, room)
     dit_s, total_s, frames = [], [], []
     t_first = None
     t0 = time.perf_counter()
@@ -221,10 +227,11 @@ def main() -> None:
                     st = settings(args, cf, twin)
                     # compiled: the first window's chunks (growing context) and a shape change pay compilation
                     r = run_config(cfg, model, decoder, st, args.chunks, dev, dtype,
-                                   warmup=3 + (st.window // cf + 3) * compiled, keep_speech=args.keep_speech)
+                                   warmup=3 + (st.window // cf + 3) * compiled, keep_speech=args.keep_speech,
+                                   room=args.room)
                     r.update(run="short", compiled=compiled, compile_mode=args.compile_mode if compiled else None,
                              kernels=args.kernels, attention=args.attention, keep_context=args.keep_context,
-                             linear=args.linear, keep_speech=args.keep_speech)
+                             linear=args.linear, keep_speech=args.keep_speech, room=args.room)
                     results.append(r)
                     if rank == 0:
                         print(json.dumps(r), flush=True)
@@ -233,7 +240,7 @@ def main() -> None:
                 st = settings(args, cf, True)
                 n = int(args.long_seconds * cfg.audio.fps / (4 * cf)) + 1
                 r = run_config(cfg, model, decoder, st, n, dev, dtype, warmup=10 + (st.window // cf + 3) * compiled,
-                               keep_speech=args.keep_speech)
+                               keep_speech=args.keep_speech, room=args.room)
                 r.update(run="long", compiled=compiled)
                 results.append(r)
                 if rank == 0:

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     stream_fps.accelerate(model, args, compiled)
     st = stream_fps.settings(args, args.chunk_frames, args.twin)
     inputs, ref = stream_fps.stream_inputs(cfg, st, dev, dtype)
-    eng, stream = stream_fps.start_stream(cfg, model, decoder, st, ref, args.keep_speech)
+    eng, stream = stream_fps.start_stream(cfg, model, decoder, st, ref, args.keep_speech, args.room)
     warmup = args.warmup if args.warmup is not None else (int(st.sink) + st.slots + 2 + (st.slots + 3) * compiled)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "preset": args.preset, "width": w, "height": h, "chunk_frames": st.chunk_frames, "steps": st.steps,
         "window": st.window, "twin": st.twin, "audio_adapter": bool(cfg.dit.audio_dim), "attention": args.attention,
-        "kernels": args.kernels, "linear": args.linear, "keep_context": args.keep_context, "keep_speech": args.keep_speech, "compiled": compiled,
+        "kernels": args.kernels, "linear": args.linear, "keep_context": args.keep_context, "keep_speech": args.keep_speech, "room": args.room, "compiled": compiled,
         "compile_mode": args.compile_mode if compiled else None, "warmup_chunks": warmup, "chunks": n,
         "timed_chunks": len(timed),
         "frames_per_chunk": frames, "chunk_ms": wall, "chunk_ms_unprofiled": wall_unprof,
