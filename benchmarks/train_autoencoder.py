@@ -63,6 +63,7 @@ import shutil
 import sys
 import time
 import types
+from concurrent.futures import TimeoutError as FutureTimeout, wait
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,7 @@ SIGNALS = ("mouth", "eyes", "yaw", "hand")
 MOVES = {"mouth": 0.02, "eyes": 0.05, "yaw": 0.05, "hand": 0.05}   # std of the world's track over a clip: "it moves"
 EVAL_SEED = 2_000_000_000                                           # held-out world seeds start here
 MOVING = 4 / 255
+SCORE_GRACE_S = 15                  # past the evaluation's deadline, the analyses in flight are waited for this long
 
 
 def settings(args, steps: int, minutes: float | None = None) -> TrainSettings:
@@ -187,7 +189,7 @@ def evaluate(codecs: dict, cfg, seeds: list[int], frames: int, out: Path, pool, 
     """Figures of each codec in `codecs` (name -> TAEHV) on the held-out clips `seeds`, clip by clip:
     the clips are rendered and the analyzer runs in `pool`'s processes while the codecs run here, and
     after each clip `flush(evs)` gets the figures so far (a call killed mid-way keeps them). No clip is
-    started past `deadline` (perf_counter s). The first clip's truth | round trip strips go to
+    started or waited for past `deadline` (perf_counter s), nor its analyses past it + SCORE_GRACE_S. The first clip's truth | round trip strips go to
     OUT/NAME_roundtrip.png. A signal counts in a clip when the world's own track of it moves (std >
     MOVES): a clip with no speech has a still mouth, and the analyzer's noise on it correlates with
     nothing. Beside each r (truth reading vs round-trip reading) stands `reference_r`: the truth's reading
@@ -199,12 +201,14 @@ def evaluate(codecs: dict, cfg, seeds: list[int], frames: int, out: Path, pool, 
     evs: dict = {}
     pending = []                      # (clip, sample, {name: round trip}, analyzer futures)
     for i, fut in enumerate(rendered):
-        if deadline is not None and time.perf_counter() > deadline:
+        left = None if deadline is None else deadline - time.perf_counter()
+        try:                          # a clip still rendering at the deadline stops it too (session 49's call hung on one)
+            clip, s = fut.result(timeout=None if left is None else max(0.0, left))
+        except FutureTimeout:
             for f in rendered[i:]:
                 f.cancel()
             print(f"evaluation stopped at the deadline after {i} of {len(seeds)} clips", flush=True)
             break
-        clip, s = fut.result()
         trips = {}
         for name, codec in codecs.items():
             dev = next(codec.parameters()).device
@@ -220,7 +224,7 @@ def evaluate(codecs: dict, cfg, seeds: list[int], frames: int, out: Path, pool, 
             if flush:
                 flush(evs)
     for item in pending:
-        if deadline is not None and time.perf_counter() > deadline + 15:
+        if deadline is not None and wait(item[3], timeout=max(0.0, deadline + SCORE_GRACE_S - time.perf_counter())).not_done:
             break
         _score(*item, rows, sums)
         evs = {name: summary(rows[name], sums[name]) for name in codecs}

@@ -308,3 +308,40 @@ def test_a_low_contrast_mouth_weighs_more_when_asked():
     assert mouth.sum() > 10 and eyes.sum() > 10
     assert np.allclose(w[mouth], 10 * 150 / 50.25, rtol=0.01) and np.allclose(w0[mouth], 10, rtol=0.01)
     assert np.array_equal(w[eyes], w0[eyes])
+
+
+def test_the_benchmark_s_evaluation_stops_at_its_deadline_on_a_clip_that_never_renders(tmp_path, capsys, monkeypatch):
+    """benchmarks/train_autoencoder.py's evaluate: a clip still rendering at the deadline ends the evaluation (the
+    call's --total-s holds; session 49's GPU call hung on one until the outer timeout killed it, its summary
+    unwritten). The pool's futures here never finish; control: with one finished clip before them, that clip is
+    waited for (it is the deadline, not the first clip, that stops it)."""
+    import importlib.util
+    import threading
+    import time
+    import types
+    from concurrent.futures import Future
+    spec = importlib.util.spec_from_file_location(
+        "train_autoencoder", Path(__file__).resolve().parents[1] / "benchmarks" / "train_autoencoder.py")
+    ta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ta)
+    monkeypatch.setattr(ta, "SCORE_GRACE_S", 0.5)      # (the analyses in flight: 15 s past the deadline)
+
+    class Pool:
+        def __init__(self, finished: int):
+            self.n, self.finished = 0, finished
+
+        def submit(self, fn, *args):
+            f = Future()
+            if self.n < self.finished:          # a rendered clip (the codecs are none: nothing else is asked)
+                f.set_result((np.zeros((1, 8, 8, 3), np.uint8), types.SimpleNamespace(identity=None)))
+            self.n += 1
+            return f
+
+    for finished in (0, 1):
+        got = {}
+        t = threading.Thread(target=lambda: got.update(evs=ta.evaluate(
+            {}, TINY, [1, 2, 3], 1, tmp_path, Pool(finished), deadline=time.perf_counter() + 0.5)), daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive() and got["evs"] == {}, finished
+        assert f"evaluation stopped at the deadline after {finished} of 3 clips" in capsys.readouterr().out
