@@ -56,6 +56,10 @@ class KV:
     # without concatenating (stages.stream.engine.ContextBuffers.context); None: concatenate. What derives a new KV
     # (cat, tokens, a stack of rows) leaves it None.
     room: tuple[list, list] | None = None
+    # bool [B, L]: which of each row's tokens exist (the rest pad a shorter context to the batch's length, zeros a
+    # forward masks out of every query's keys: stages/stream/batch.py stacks streams at other context lengths);
+    # None: all of them. `pos` then holds the longest row's positions.
+    valid: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.pos.shape[0]
@@ -63,13 +67,19 @@ class KV:
     def cat(self, other: "KV") -> "KV":
         if other.rotated != self.rotated:
             raise ValueError("cannot join keys rotated to their positions with keys before RoPE")
+        valid = None
+        if self.valid is not None or other.valid is not None:
+            B = self.k[0].shape[0]
+            valid = torch.cat([kv.valid if kv.valid is not None else
+                               torch.ones(B, len(kv), dtype=torch.bool, device=self.k[0].device)
+                               for kv in (self, other)], 1)
         return KV([torch.cat([a, b], 1) for a, b in zip(self.k, other.k)],
                   [torch.cat([a, b], 1) for a, b in zip(self.v, other.v)], torch.cat([self.pos, other.pos]),
-                  self.rotated)
+                  self.rotated, valid=valid)
 
     def tokens(self, start: int, stop: int) -> "KV":
         return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop],
-                  self.rotated)
+                  self.rotated, valid=None if self.valid is None else self.valid[:, start:stop])
 
 
 def _sdpa(q, k, v, mask=None, prefix=None, cache=None):
@@ -586,6 +596,10 @@ class DiT(nn.Module):
             rope = rope_angles(pos, cfg.head_dim)
         ctx_rope = (None, None) if kv is None or kv.rotated else kv.angles or rope_angles(kv.pos.to(x.device), cfg.head_dim)
         attn_mask = self.token_mask(F, n_ref, S, 0 if kv is None else len(kv), mask, chunk_frames, x.device)
+        if kv is not None and kv.valid is not None:         # rows of a padded context: its padding attended by none
+            if sp is not None:
+                raise ValueError("a padded context (KV.valid) under sequence parallelism is not supported")
+            attn_mask = _key_mask(attn_mask, kv.valid, (n_ref + F) * S)
 
         if isinstance(context, TextCache):
             cache = context
@@ -688,6 +702,14 @@ def guided(both: torch.Tensor | None, scale) -> torch.Tensor | None:
         return None
     c, u = both.chunk(2)
     return u + scale * (c - u)
+
+
+def _key_mask(tok: torch.Tensor | None, valid: torch.Tensor, Lq: int) -> torch.Tensor:
+    """The token mask (bool [Lq, n_ctx + Lq] or None: all True) of a forward whose context rows are padded
+    (valid: bool [B, n_ctx]) -> bool [B, 1, Lq or 1, n_ctx + Lq]: no query attends to a row's padding. Every
+    backend runs a masked call as SDPA."""
+    keys = torch.cat([valid, valid.new_ones(valid.shape[0], Lq)], 1)[:, None, None, :]
+    return keys if tok is None else tok[None, None] & keys
 
 
 @functools.lru_cache(maxsize=8)

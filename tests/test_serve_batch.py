@@ -46,10 +46,12 @@ def sessions(model, n: int, profiles=None) -> list[tuple[Session, object]]:
     return out
 
 
-def served(model, opts: ServeOptions, made, consume: int = 0) -> tuple[list[np.ndarray], Metrics]:
+def served(model, opts: ServeOptions, made, consume: int = 0, late=()) -> tuple[list[np.ndarray], Metrics]:
     """The sessions run by a Worker (as in the core: CoreSessions whose chunks are posted as messages) until
     each has AHEAD chunks buffered, then (`consume` > 0) session 0's viewer takes `consume` frames and the
-    worker goes on until it has made up for them: their frames, the metrics (as the server counts them)."""
+    worker goes on until it has made up for them; or (`late`) the `late` sessions arrive while every viewer
+    so far takes AHEAD chunks' frames, and the worker goes on until all have AHEAD more (the newcomers AHEAD):
+    their frames, the metrics (as the server counts them)."""
     metrics, frames, errors = Metrics(), {}, []
 
     def post(msg):
@@ -82,6 +84,17 @@ def served(model, opts: ServeOptions, made, consume: int = 0) -> tuple[list[np.n
             ss[0].next_frame += consume                  # as if its viewer had been sent them
             worker.wake()
             until(lambda: made_frames(ss[0]) >= 1 + 4 * AHEAD + consume)
+        if late:
+            first = list(ss)
+            with worker.cond:                            # at once, as the worker sees it
+                for s in first:
+                    s.next_frame += 4 * AHEAD
+                for i, (s, p) in enumerate(late, len(ss)):
+                    ss.append(CoreSession(str(i), s, p, opts, post))
+                    ss[-1].watched = True
+                    worker.add(ss[-1])
+            until(lambda: all(made_frames(s) >= 1 + 8 * AHEAD for s in first)
+                  and all(made_frames(s) >= 1 + 4 * AHEAD for s in ss[len(first):]))
     finally:
         worker.stop()
     assert not errors, errors
@@ -135,6 +148,20 @@ def test_sessions_a_chunk_ahead_ride_along_with_a_due_one(model):
     same_streams(made, got, solo, alone(solo, AHEAD + 2))
     assert [s.chunks for s, _ in made] == [AHEAD + 2] * 3                   # no more: the limit is one chunk beyond
     assert sizes(metrics)[4] == AHEAD + 2 and metrics.counters["batches"] == AHEAD + 2
+
+
+def test_a_newcomer_joins_the_forward_of_the_sessions_streaming(model):
+    """A session arriving beside two that stream: its window starts empty while theirs hold five chunks, and
+    it shares their forwards from its first chunk (its shorter context padded and masked), not forwards of
+    its own beside theirs until its window is as full (RESULTS.md session 49: stalls for every viewer).
+    The oracle: all three sessions' frames equal theirs stepped alone."""
+    made, solo = sessions(model, 3), sessions(model, 3)
+    got, metrics = served(model, ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01), made[:2], late=made[2:])
+    want = alone(solo[:2], 2 * AHEAD + 2) + alone(solo[2:])    # the first two ride along with its last chunk
+    same_streams(made, got, solo, want)
+    by_size = sizes(metrics)
+    assert by_size[1] == 0 and by_size[2] == AHEAD + 1                      # the first two alone, then
+    assert by_size[4] == AHEAD + 1 and metrics.counters["batches"] == 2 * AHEAD + 2   # all three in every forward
 
 
 def test_sessions_of_a_batch_drop_to_fewer_steps_together(model):

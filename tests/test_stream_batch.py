@@ -1,6 +1,6 @@
 """Several streams' chunks in one batched forward (stages/stream/batch.py) against the oracle: the same
 engines, with the same seeds and inputs, stepped one by one. Streams at different places in their
-windows (ring slots in another order), with different references, texts, speech and noise, an
+windows (ring slots in another order, windows still filling beside full ones), with different references, texts, speech and noise, an
 instruction switch mid-batch, TwinCache, guidance, recache; a swap of two streams' inputs must break
 the match (negative control), and engines that cannot share a batch are refused."""
 from __future__ import annotations
@@ -101,6 +101,27 @@ def test_streams_batched_from_their_first_chunk():
     assert max(diffs) <= TOL, diffs
 
 
+@pytest.mark.parametrize("name", SETTINGS)
+def test_streams_filling_their_windows_batch_with_full_ones(name):
+    # a newcomer (chunk 0: the reference alone), one half-way and two with full rings at other slot orders: four
+    # context lengths in one forward, the shorter ones padded and masked, each stepped as if alone
+    st = SETTINGS[name]
+    full = 1 + st.slots
+    diffs, a, b = run_both(st, [0, 1, full, full + 2], rounds=full + 1)
+    assert max(diffs) <= TOL, diffs
+    for ea, eb in zip(a.engines, b.engines):
+        assert ea.chunks == eb.chunks and torch.equal(ea.state()["gen"], eb.state()["gen"])
+
+
+def test_a_padded_context_unmasked_breaks_the_match(monkeypatch):
+    # negative control: the same batch with the padding left visible to the queries
+    import models.dit as dit
+    monkeypatch.setattr(dit, "_key_mask", lambda tok, valid, Lq: tok)
+    st = SETTINGS["twin-renoise"]
+    diffs, _, _ = run_both(st, [0, 1 + st.slots], rounds=1)
+    assert diffs[0] > 1e-3, diffs
+
+
 def test_swapped_inputs_break_the_match():
     st = SETTINGS["twin-renoise"]
     diffs, _, _ = run_both(st, [4, 5, 6], rounds=2, swap=True)
@@ -113,10 +134,6 @@ def test_engines_that_cannot_share_a_batch_are_refused():
     given = stream_inputs(2, 8, 1)
     s = Streams(model, st, given, switch=99)
     with torch.no_grad():
-        s.engines[0].step(s.inputs(0))
-        with pytest.raises(ValueError, match="cannot share a batch"):     # window still filling: other context
-            step_batch(s.engines, [s.inputs(0), s.inputs(1)])
-        s.engines[1].step(s.inputs(1))
         s.engines[1].switch_steps(StreamSettings(chunk_frames=1, steps=4, window=3, noisy_step=1))
         with pytest.raises(ValueError, match="cannot share a batch"):     # another step count
             step_batch(s.engines, [s.inputs(0), s.inputs(1)])

@@ -8,8 +8,9 @@ session without a viewer holds its place (its capacity stays reserved through th
 generates nothing.
 
 Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
-watched sessions that can share it (the same profile's steps and settings, size and context length:
-StreamEngine.batch_key; a session still filling its window batches only with others at its chunk),
+watched sessions that can share it (the same profile's steps and settings and size: StreamEngine.batch_key;
+a newcomer still filling its window joins the others' forward, its shorter context padded and masked, rather
+than running a forward of its own beside theirs every round until its window is full: RESULTS.md session 49),
 taken by deadline, up to `max_batch` (1: no batching), while the batch's measured time at that size
 (Worker.batch_time) still ends by the first session's deadline, or that deadline is missed even alone
 (then throughput first). A session rides along while fewer than ahead_chunks + 1 chunks ahead: one

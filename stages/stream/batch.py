@@ -9,13 +9,15 @@ the engine's own absolute positions); the B engines' latents, contexts (each mov
 positions: one more rotation of the engines at other chunk counts), prepared texts and speech features are
 then stacked along the batch dimension, so every denoising step and the cache pass is one forward for all B;
 each engine renoises its rows from its own generator (the draws a lone step makes, in the same order)
-and stores its rows of the keys/values in its own buffers. Engines whose `batch_key()`s differ (other
-steps or settings, size, or context length: a stream still filling its window) cannot share a batch:
+and stores its rows of the keys/values in its own buffers. A stream still filling its window batches with
+full ones: its shorter context is padded to the longest and the padding masked out of every query's keys
+(KV.valid). Engines whose `batch_key()`s differ (other steps or settings, size) cannot share a batch:
 ValueError; the caller groups them. The results equal the engines stepped one by one up to the float
 summation order of a larger matmul (tests/test_stream_batch.py).
 
 Cost: the stacked contexts are one more copy of the B contexts per chunk (rotated on the way where an
-engine's positions differ from the first's).
+engine's positions differ from the first's); a batch with a padded row attends through a masked SDPA call
+(the fast attention backends take no mask) over the longest context for every row.
 """
 from __future__ import annotations
 
@@ -37,8 +39,7 @@ def step_batch(engines: list[StreamEngine], inputs: list[ChunkInputs]) -> list[C
     keys = [e.batch_key() for e in engines]
     odd = next((i for i, k in enumerate(keys) if k != keys[0]), None)
     if odd is not None:
-        raise ValueError(f"engine {odd} cannot share a batch with engine 0: another model, settings, size or "
-                         f"context length (chunk {engines[odd].chunks} vs {engines[0].chunks})")
+        raise ValueError(f"engine {odd} cannot share a batch with engine 0: another model, settings or size")
     if any((i.audio is None) != (inputs[0].audio is None) or not torch.is_tensor(i.text) for i in inputs):
         raise ValueError("batched chunks need text features as tensors and speech for all or none")
     with torch.no_grad():
@@ -120,19 +121,29 @@ def _kv_rows(kv: KV, r: slice) -> KV:
 
 
 def _stack(kvs: list[KV], moves: list[int], model) -> KV:
-    """Rotated contexts of one window layout -> one of their rows stacked, engine i's keys moved by moves[i]
-    frames to engine 0's absolute positions (the engines are at other chunk counts: the same offsets, other
-    absolute positions; RoPE rotations compose), so every row's chunk attends from engine 0's positions; by the
-    model's rotation (DiT.rotate: the fused kernel under use_kernels)."""
+    """Rotated contexts -> one of their rows stacked, engine i's keys moved by moves[i] frames to engine 0's
+    absolute positions (the engines are at other chunk counts: other absolute positions; RoPE rotations
+    compose), so every row's chunk attends from engine 0's positions; by the model's rotation (DiT.rotate: the
+    fused kernel under use_kernels). Contexts shorter than the longest (a stream still filling its window) are
+    padded after their tokens with zeros that KV.valid marks and the forward masks out."""
     assert all(kv.rotated for kv in kvs)
     dev, D = kvs[0].k[0].device, kvs[0].k[0].shape[-1]
     turns = {m: frame_shift_angles(m, D, dev) for m in set(moves) if m}
+    longest = max(kvs, key=len)
+    L = len(longest)
 
     def moved(k: torch.Tensor, m: int) -> torch.Tensor:
-        return model.rotate(KV([k], [], kvs[0].pos, angles=turns[m])).k[0] if m else k
+        return model.rotate(KV([k], [], longest.pos[:k.shape[1]], angles=turns[m])).k[0] if m else k
 
-    return KV([torch.cat([moved(k, m) for k, m in zip(ks, moves)]) for ks in zip(*(kv.k for kv in kvs))],
-              [torch.cat(vs) for vs in zip(*(kv.v for kv in kvs))], kvs[0].pos, rotated=True)
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[1] == L else torch.nn.functional.pad(t, (0, 0, 0, 0, 0, L - t.shape[1]))
+
+    valid = None
+    if any(len(kv) != L for kv in kvs):
+        valid = torch.cat([torch.arange(L, device=dev).expand(kv.k[0].shape[0], L) < len(kv) for kv in kvs])
+    return KV([torch.cat([padded(moved(k, m)) for k, m in zip(ks, moves)]) for ks in zip(*(kv.k for kv in kvs))],
+              [torch.cat([padded(v) for v in vs]) for vs in zip(*(kv.v for kv in kvs))], longest.pos, rotated=True,
+              valid=valid)
 
 
 def _stack_text(caches: list[TextCache | None], guided: bool) -> TextCache | None:

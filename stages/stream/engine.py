@@ -423,7 +423,8 @@ def _records_grad(k: int, exit_step: int | None) -> bool:
 
 def _twice(kv: KV) -> KV:
     """The context repeated for a batch of 2B (conditional and unconditional passes share it)."""
-    return KV([torch.cat([k, k]) for k in kv.k], [torch.cat([v, v]) for v in kv.v], kv.pos, kv.rotated)
+    return KV([torch.cat([k, k]) for k in kv.k], [torch.cat([v, v]) for v in kv.v], kv.pos, kv.rotated,
+              valid=None if kv.valid is None else torch.cat([kv.valid, kv.valid]))
 
 
 def _first_rows(kv: KV, B: int) -> KV:
@@ -601,13 +602,10 @@ class StreamEngine:
 
     def batch_key(self) -> tuple:
         """Engines with equal keys can run their next chunks as one batch (stages/stream/batch.py): the same
-        model and settings (steps, schedule, cache layout, guidance), latent size, and context length and
-        chunk positions (equal once the ring is full; before, only at the same chunk count). Keys are
-        rotated per engine, so the positions of the cached chunks within the context may differ."""
-        frames, nxt = self.buffers.frame_positions()
-        context = max(1, frames.numel())              # at the first chunk: the reference, written by begin_chunk
-        return (id(self.model), self.st, self.cfg.height, self.cfg.width, self.batch, self.keep_text,
-                context, tuple(nxt.tolist()))
+        model and settings (steps, schedule, cache layout, guidance) and latent size. Their contexts may differ
+        in length (a stream still filling its window beside full ones: the shorter padded and masked) and in
+        layout (keys are rotated per engine, to its own absolute positions)."""
+        return (id(self.model), self.st, self.cfg.height, self.cfg.width, self.batch, self.keep_text)
 
     def _write_history(self, result: ChunkResult, noisy_kv: KV | None, inputs: ChunkInputs, ctx_noisy: KV,
                        ctx_clean: KV, frame_pos: torch.Tensor, plain: TextCache | None = None,
