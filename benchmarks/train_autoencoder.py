@@ -127,13 +127,13 @@ def held_out_clips(cfg, n: int, frames: int, pool=None, masks: bool = False) -> 
     return list(pool.map(render, seeds) if pool else map(render, seeds))
 
 
-def held_out_seeds(cfg, n: int, frames: int) -> list[int]:
-    """n of the first 4n held-out clips, those in which a rarely moving signal (hand, yaw, ...) moves
-    first (the world's actions are sparse), then the others in seed order; chosen from the world's tracks
-    (no pixels drawn)."""
+def held_out_seeds(cfg, n: int, frames: int, start: int = EVAL_SEED) -> list[int]:
+    """n of the first 4n held-out clips from seed `start`, those in which a rarely moving signal (hand, yaw,
+    ...) moves first (the world's actions are sparse), then the others in seed order; chosen from the world's
+    tracks (no pixels drawn)."""
     from stages.synth import make_sample
     candidates = []
-    for seed in range(EVAL_SEED, EVAL_SEED + 4 * n):
+    for seed in range(start, start + 4 * n):
         s = make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=frames / cfg.audio.fps,
                         split="eval", draw=False)
         candidates.append((sum(np.std(s.tracks[k]) > 2 * MOVES[k] for k in ("eyes", "yaw", "hand")), seed))
@@ -143,11 +143,11 @@ def held_out_seeds(cfg, n: int, frames: int) -> list[int]:
     return [seed for _, seed in candidates[:n]]
 
 
-def held_out_animals(cfg, n: int, frames: int, after: int) -> list[tuple[int, str]]:
+def held_out_animals(cfg, n: int, frames: int, after: int, start: int = EVAL_SEED) -> list[tuple[int, str]]:
     """n more held-out clips drawn in the animal style, (seed, "animal"), those in which the mouth moves, from
-    seed EVAL_SEED + max(100, after) on (past held_out_seeds' candidates): the style the codec keeps worst has
+    seed start + max(100, after) on (past held_out_seeds' candidates): the style the codec keeps worst has
     2 speaking clips of 16 in the world's mix (RESULTS.md 2026-12-04 session 44)."""
-    out, seed = [], EVAL_SEED + max(100, after)
+    out, seed = [], start + max(100, after)
     while len(out) < n:
         seed += 1
         s = world_clip(cfg, seed, frames, split="eval", draw=False, style="animal")[1]
@@ -313,6 +313,9 @@ def main() -> None:
     ap.add_argument("--eval-seconds", type=float, default=4.0)
     ap.add_argument("--eval-animals", type=int, default=0,
                     help="this many more held-out clips in the animal style, with speech (after the --eval-clips)")
+    ap.add_argument("--eval-from", type=int, default=0,
+                    help="held-out seeds from EVAL_SEED + this (another held-out set than the one training was "
+                         "judged on: the phases chose their settings on the clips from offset 0)")
     ap.add_argument("--no-eval-raw", action="store_true", help="evaluate the EMA weights (and init) only")
     ap.add_argument("--no-eval-init", action="store_true", help="do not evaluate the --init file")
     ap.add_argument("--work", type=Path, default=Path("/tmp/vidu-ae"), help="scratch (emptied first)")
@@ -351,8 +354,9 @@ def main() -> None:
     frames = 1 + 4 * round((args.eval_seconds * cfg.audio.fps - 1) / 4)
     t1 = time.perf_counter()
     eval_deadline = t_start + args.total_s - 10 if args.total_s else None
-    seeds = held_out_seeds(cfg, args.eval_clips, frames)
-    seeds += held_out_animals(cfg, args.eval_animals, frames, 4 * args.eval_clips) if args.eval_animals else []
+    start = EVAL_SEED + args.eval_from
+    seeds = held_out_seeds(cfg, args.eval_clips, frames, start)
+    seeds += held_out_animals(cfg, args.eval_animals, frames, 4 * args.eval_clips, start) if args.eval_animals else []
     log(f"evaluating {len(weights)} weights files on {len(seeds)} held-out clips")
     codecs = {name: load_taehv(path, dev) for name, path in weights.items()}
 
