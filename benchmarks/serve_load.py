@@ -39,6 +39,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
            "--max-batch", str(args.max_batch)] + (["--calib-budget", str(args.calib_budget)] if args.calib_budget else [])
     cmd += ["--ckpt", args.ckpt] if args.ckpt else ["--preset", args.preset] if args.preset else []
     cmd += (["--size", args.size] if args.size else []) + (["--compile"] if args.compile else [])
-    cmd += [] if args.commands else ["--no-commands"]
+    cmd += ([] if args.commands else ["--no-commands"]) + (["--trace"] if args.trace else [])
     env = dict(os.environ, **text_table(args))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env)
@@ -104,7 +105,8 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
         if not line.startswith("{"):
             print(line.rstrip(), file=sys.stderr)
         m = re.match(r"serving on (\S+)", line)
-        if m:
+        if m:        # the server's log from now on read as it comes: a pipe left full would block the server
+            threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True).start()
             return proc, m.group(1).rstrip("/"), said
     proc.kill()
     raise SystemExit("vidu serve did not start in time")
@@ -175,7 +177,7 @@ async def load(url: str, args) -> dict:
         cap = await cap_task
         clients = await asyncio.gather(*tasks)
         final = await (await http.get(url + "/capacity")).json()
-    return {"clients": clients, "capacity_under_load": cap, "capacity_final": final}
+    return {"clients": clients, "capacity_under_load": cap, "capacity_final": final, "start": start}
 
 
 def run_once(args) -> dict:
@@ -194,7 +196,51 @@ def run_once(args) -> dict:
     res["max_batch"] = args.max_batch
     res["calibration"] = [ln.strip() for ln in said if re.match(r"\s+\S+: \d+ ms per", ln)]
     res["summary"] = summarize(res, args)
+    if args.trace:
+        res["arrivals"] = arrivals(res, events(said), args.window)
+    del res["start"]
     return res
+
+
+def events(said: list[str]) -> list[dict]:
+    """The server's JSON log lines."""
+    out = []
+    for ln in said:
+        if ln.startswith("{"):
+            try:
+                out.append(json.loads(ln))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
+    """Per admitted viewer, from the server's --trace: what its arrival cost the worker it was pinned to. The
+    worker's forwards ("round": start, ms, size, sessions, how many still filling their window) in the `window`
+    seconds before its session was requested and in those after: busy share (ms of forwards / window), forwards,
+    those with a session still filling its window, solo forwards while others streamed, the longest; and the
+    session's making in the core (the reference encoded, the engine built: "session_made", ms)."""
+    rounds = [e for e in log if e.get("event") == "round"]
+    made = {e["session"]: e for e in log if e.get("event") == "session_made"}
+    out = []
+    for c in res["clients"]:
+        if c["status"] != 201:
+            continue
+        t = res["start"] + c["arrived_s"]
+        mine = next((r["worker"] for r in rounds if c["id"] in r["sessions"]), None)
+        rs = [r for r in rounds if r["worker"] == mine]
+
+        def span(lo: float, hi: float) -> dict:
+            sel = [r for r in rs if lo <= r["t"] < hi]
+            live = {s for r in sel for s in r["sessions"]}
+            return {"busy": round(sum(r["ms"] for r in sel) / 1000 / window, 3), "forwards": len(sel),
+                    "warming": sum(r["warming"] > 0 for r in sel),
+                    "solo": sum(r["size"] == 1 for r in sel) if len(live) > 1 else 0,
+                    "max_ms": max((r["ms"] for r in sel), default=None)}
+        out.append({"client": c["client"], "arrived_s": c["arrived_s"], "worker": mine,
+                    "made_ms": made.get(c["id"], {}).get("ms"), "before": span(t - window, t),
+                    "after": span(t, t + window)})
+    return out
 
 
 def batch_times(cap: dict) -> list[dict]:
@@ -244,6 +290,9 @@ def main() -> None:
     ap.add_argument("--calib-chunks", type=int, default=4)
     ap.add_argument("--calib-budget", type=float, default=None, help="the server's --calib-budget (default: its own)")
     ap.add_argument("--start-timeout", type=float, default=600.0)
+    ap.add_argument("--trace", action="store_true",
+                    help="the server's --trace: per admitted arrival, what it cost the worker (a table)")
+    ap.add_argument("--window", type=float, default=2.0, help="s before and after an arrival that --trace compares")
     args = ap.parse_args()
     if not 1 <= args.clients <= 64 or not 1 <= args.seconds <= 600:
         raise SystemExit("--clients 1..64 and --seconds 1..600 (the test is bounded)")
@@ -271,6 +320,14 @@ def main() -> None:
                 print(f"| {r['worker']} | {r['profile']} | {r['size']} | {r['calibrated_ms']}{'' if r['timed'] else ' (next larger)'} "
                       f"| {'-' if r['live_ms'] is None else r['live_ms']} | {r['live_forwards']} | {r['slowdown']} "
                       f"| {r['counted_ms']} |")
+        if res.get("arrivals"):
+            print(f"| client | arrived s | made ms | busy {args.window:g} s before / after | forwards before / after "
+                  "(warming after) | solo after | longest ms before / after |")
+            print("|---|---|---|---|---|---|---|")
+            for a in res["arrivals"]:
+                b, f = a["before"], a["after"]
+                print(f"| {a['client']} | {a['arrived_s']} | {a['made_ms']} | {b['busy']} / {f['busy']} | "
+                      f"{b['forwards']} / {f['forwards']} ({f['warming']}) | {f['solo']} | {b['max_ms'] or '-'} / {f['max_ms'] or '-'} |")
         print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
         print("|---|---|---|---|---|---|---|---|")
         for c in res["clients"]:

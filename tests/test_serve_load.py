@@ -1,6 +1,7 @@
 """benchmarks/serve_load.py, the bounded loopback load test of `vidu serve`, on the tiny preset on CPU (issue 21's CPU
 figures): it starts its own server where the GPU image's packages are missing (DuckDB, MiniLM, pocketsphinx hidden),
-sends more viewers than the server admits, receives WebRTC video and audio, stops by itself, and its JSON adds up."""
+sends more viewers than the server admits, receives WebRTC video and audio, stops by itself, and its JSON adds up,
+with the server's --trace read per arrival."""
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
     env.pop("VIDU_TEXT_TABLE", None)
     res = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--preset", "tiny", "--device", "cpu",
                           "--clients", "3", "--seconds", "4", "--stagger", "0.5", "--speed", "0.05", "--max-sessions", "2",
-                          "--max-batch", "2", "--calib-chunks", "1", "--no-commands", "--name", "cpu"],
+                          "--max-batch", "2", "--calib-chunks", "1", "--no-commands", "--name", "cpu", "--trace"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     run = json.loads((tmp_path / "serve_load_cpu.json").read_text())["runs"][0]
@@ -50,5 +51,14 @@ def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
         assert r["slowdown"] >= 1.0 and (r["live_ms"] is not None or
                                          r["counted_ms"] >= 0.99 * r["calibrated_ms"] * r["slowdown"])
     assert "| worker | profile | batch | calibrated ms | live ms | live forwards | slowdown | counted ms |" in res.stdout
+    # --trace: per admitted arrival, the worker's forwards (the server's log, read while it runs) around it
+    first, second = run["arrivals"]
+    assert [first["client"], second["client"]] == [0, 1] and first["worker"] == second["worker"] == 0
+    assert first["before"]["forwards"] == 0 and first["before"]["busy"] == 0.0       # nothing streamed before it
+    assert second["before"]["forwards"] > 0 and second["after"]["warming"] >= 1     # client 0 streaming; its own warm-up
+    for a in (first, second):
+        assert a["made_ms"] > 0 and a["after"]["forwards"] > 0 and 0 < a["after"]["busy"] <= 1.05
+        assert a["after"]["max_ms"] > 0
+    assert "| client | arrived s | made ms |" in res.stdout
     assert res.stdout.strip().splitlines()[-1] == "| 2 | 503 max_sessions | - | - | - | - | - | - |"   # the table last
     assert "Traceback" not in res.stderr

@@ -35,6 +35,7 @@ def serve(
     turn_username: Annotated[Optional[str], typer.Option(help="Username on the TURN server.", show_default=False)] = None,
     turn_credential: Annotated[Optional[str], typer.Option(help=f"Credential on the TURN server (default: ${TURN_CREDENTIAL_ENV}); the page receives it to connect.", show_default=False)] = None,
     commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Spot spoken instructions (the actions the model knows) in each session's push-to-talk speech.")] = ServeOptions.commands,
+    trace: Annotated[bool, typer.Option("--trace", help="Log every batched forward of the workers (its start, ms, sessions, how many still fill their window) and each session's making as JSON lines on stderr: what benchmarks/serve_load.py --trace reads per arrival.")] = ServeOptions.trace,
 ) -> None:
     """Serve many live characters over WebRTC: a page to upload a reference image, talk and type
     instructions; sessions admitted only while every admitted one keeps real time (measured).
@@ -57,7 +58,7 @@ def serve(
     try:
         opts = ServeOptions.from_env(token, turn_credential, host=host, port=port, max_sessions=max_sessions,
                                      speed=speed, max_batch=max_batch, calib_chunks=calib_chunks,
-                                     calib_budget_s=calib_budget, commands=commands,
+                                     calib_budget_s=calib_budget, commands=commands, trace=trace,
                                      ice_servers=tuple(ice_server or ()), turn_username=turn_username)
         check_bind(opts)                                      # before any model loads
         check_address(host, port)

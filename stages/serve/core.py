@@ -256,10 +256,13 @@ class Core:
             worker, profile = self.worker, self.worker.admit()
         except Refused as e:
             return CoreError(e.reason, str(e))
+        t = time.monotonic()
         try:
             parts = worker.model.parts(rgb, profile, seed)
         except (StreamError, ValueError) as e:
             return CoreError("error", str(e))
+        if self.opts.trace:     # made in this thread, beside the worker's forwards (the reference encoded on its device)
+            log("session_made", session=sid, worker=worker.index, t=round(t, 4), ms=round(1000 * (time.monotonic() - t), 2))
         s = CoreSession(sid, Session(parts, EventQueue(), live_options(instruction)), profile, self.opts,
                         self.outbox.put)
         s.worker = worker

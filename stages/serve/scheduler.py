@@ -222,8 +222,12 @@ class Worker(threading.Thread):
             t = time.perf_counter()
             outcomes = next_chunks([s.session for s in batch])
             dt = time.perf_counter() - t
-            if all(s.session.chunks > s.profile.settings.slots + 1 for s in batch):   # steady: the rings full
+            warming = sum(s.session.chunks <= s.profile.settings.slots + 1 for s in batch)
+            if not warming:                                  # steady: the rings full
                 self.measured(profile, len(batch), dt)
+            if self.opts.trace:                              # the load test's per-arrival reading (serve_load.py)
+                log("round", worker=self.index, t=round(time.monotonic() - dt, 4), ms=round(1000 * dt, 2),
+                    size=len(batch), profile=profile.name, warming=warming, sessions=[s.id for s in batch])
             self.metrics.batch(len(batch))
             done = time.monotonic()
             for s, deadline, out in zip(batch, deadlines, outcomes):
