@@ -197,7 +197,10 @@ def run_once(args) -> dict:
     res["calibration"] = [ln.strip() for ln in said if re.match(r"\s+\S+: \d+ ms per", ln)]
     res["summary"] = summarize(res, args)
     if args.trace:
-        res["arrivals"] = arrivals(res, events(said), args.window)
+        log = events(said)
+        res["arrivals"] = arrivals(res, log, args.window)
+        res["rounds"] = [{"t": round(e["t"] - res["start"], 4), **{k: e[k] for k in ("worker", "ms", "size", "profile", "warming")}}
+                         for e in log if e.get("event") == "round"]      # t: s since the first viewer was sent
     del res["start"]
     return res
 

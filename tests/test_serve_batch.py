@@ -290,6 +290,22 @@ def test_a_live_batch_size_is_measured_from_its_second_steady_forward(model):
     assert w.batch_s == {(full.name, 1): 0.1, (full.name, 4): 0.2}
 
 
+def test_forwards_beside_a_newcomer_are_timed_once_it_is_past_its_first_chunk(model):
+    """Worker.timed: a forward with a full window in it counts toward the live average even when a newcomer
+    rides along (padded to the same context), except the newcomer's first chunk (its reference pass); a batch
+    of windows all still filling (shorter contexts) does not count."""
+    from types import SimpleNamespace
+    full = model.profiles[0]
+    slots = full.settings.slots
+    w = Worker(0, model, ServeOptions(max_batch=4), Metrics())
+    at = lambda n: SimpleNamespace(session=SimpleNamespace(chunks=n), profile=full)   # noqa: E731 (chunks made)
+    steady = at(slots + 5)
+    assert w.timed([steady]) and w.timed([steady, at(2)]) and w.timed([at(slots + 1), at(slots + 2)])
+    assert not w.timed([steady, at(1)])                      # the newcomer's first chunk
+    assert not w.timed([at(2), at(slots + 1)])               # every window still filling
+    assert not w.timed([at(1)])
+
+
 def test_a_live_batch_slower_than_calibrated_shrinks_admission_and_grows_the_load(model):
     """Worker.times: per size, max(calibrated, live once it has MEASURED_AFTER samples), a size without a live
     average at its calibration x the largest live / calibrated ratio of the others, never below a smaller

@@ -28,7 +28,7 @@ batches of at most max_batch; a round of their chunks takes
 where T(b) is the time of one batched chunk of b sessions (Worker.batch_time): per size, the larger of
 its calibrated time (ServeModel.calibrate: every size 1..max_batch after its own warm-up forward, within
 --calib-budget; a size it did not time counts at the next larger one's) and the live running average of
-the worker's steady forwards at that size once it has MEASURED_AFTER samples (Worker.measured); a size with
+the worker's steady forwards at that size (a full window among them: Worker.timed) once it has MEASURED_AFTER samples (Worker.measured); a size with
 no live average yet counts at its calibrated time x the largest live / calibrated ratio measured at the
 profile's other sizes (live forwards ran 1.2-1.7x their calibration on the H100, RESULTS.md session 47, at
 every size: a size not yet run live is no exception); and never less than T(b - 1): a batch does all of a
@@ -223,7 +223,7 @@ class Worker(threading.Thread):
             outcomes = next_chunks([s.session for s in batch])
             dt = time.perf_counter() - t
             warming = sum(s.session.chunks <= s.profile.settings.slots + 1 for s in batch)
-            if not warming:                                  # steady: the rings full
+            if self.timed(batch):
                 self.measured(profile, len(batch), dt)
             if self.opts.trace:                              # the load test's per-arrival reading (serve_load.py)
                 log("round", worker=self.index, t=round(time.monotonic() - dt, 4), ms=round(1000 * dt, 2),
@@ -240,6 +240,18 @@ class Worker(threading.Thread):
                 s.chunk_done(rgb, audio, timing, dt / len(batch), late)
                 self.metrics.chunk(dt, late)
             self._rebalance()
+
+    def timed(self, batch: list) -> bool:
+        """Whether the forward just run for `batch` (its sessions' chunk counts now include it) counts toward the
+        live average at its size: when one of its sessions had a full window (the batch's context is then the
+        full length: a session still filling its own rides along padded to it, at about the same cost: on an
+        H100, 2-step batches of 3 ran median 138 ms with a newcomer warming and 123 ms without, RESULTS.md
+        session 50) and none made its first chunk (that forward also passes the reference: 386-524 ms where
+        its neighbours took 140-200). Without the warming forwards, sessions arriving a second apart left the
+        live average unmeasured for as long as arrivals went on (9 chunks each), and admission trusted a
+        calibration 1.4-1.75x below the live forwards."""
+        steady = any(s.session.chunks > s.profile.settings.slots + 1 for s in batch)
+        return steady and all(s.session.chunks > 1 for s in batch)
 
     def measured(self, profile: Profile, size: int, dt: float) -> None:
         """A steady batched forward's time `dt` into the live running average at its size (live). At a size
