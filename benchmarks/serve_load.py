@@ -106,7 +106,8 @@ def start_server(args) -> tuple[subprocess.Popen, str, list[str]]:
             print(line.rstrip(), file=sys.stderr)
         m = re.match(r"serving on (\S+)", line)
         if m:        # the server's log from now on read as it comes: a pipe left full would block the server
-            threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True).start()
+            proc.drain = threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)
+            proc.drain.start()
             return proc, m.group(1).rstrip("/"), said
     proc.kill()
     raise SystemExit("vidu serve did not start in time")
@@ -193,14 +194,18 @@ def run_once(args) -> dict:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        proc.drain.join(10)                         # the log's last lines read
     res["max_batch"] = args.max_batch
     res["calibration"] = [ln.strip() for ln in said if re.match(r"\s+\S+: \d+ ms per", ln)]
     res["summary"] = summarize(res, args)
     if args.trace:
         log = events(said)
         res["arrivals"] = arrivals(res, log, args.window)
-        res["rounds"] = [{"t": round(e["t"] - res["start"], 4), **{k: e[k] for k in ("worker", "ms", "size", "profile", "warming")}}
-                         for e in log if e.get("event") == "round"]      # t: s since the first viewer was sent
+        res["rounds"] = [{"t": round(e["t"] - res["start"], 4),            # t: s since the first viewer was sent
+                          **{k: v for k, v in e.items() if k not in ("t", "ts", "level", "event", "sessions")}}
+                         for e in log if e.get("event") == "round"]
+        res["gc"] = [{"t": round(e["t"] - res["start"], 4), "generation": e["generation"], "ms": e["ms"]}
+                     for e in log if e.get("event") == "gc"]             # collections >= 5 ms in the core process
     del res["start"]
     return res
 
@@ -220,9 +225,10 @@ def events(said: list[str]) -> list[dict]:
 def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
     """Per admitted viewer, from the server's --trace: what its arrival cost the worker it was pinned to. The
     worker's forwards ("round": start, ms, size, sessions, how many still filling their window) in the `window`
-    seconds before its session was requested and in those after: busy share (ms of forwards / window), forwards,
-    those with a session still filling its window, solo forwards while others streamed, the longest; and the
-    session's making in the core (the reference encoded, the engine built: "session_made", ms)."""
+    seconds before its session was requested and in those after: busy share (the forwards' time inside the
+    window / window), forwards starting in it, those with a session still filling its window, solo forwards
+    while others streamed, the longest; and the session's making in the core (the reference encoded, the
+    engine built: "session_made", ms)."""
     rounds = [e for e in log if e.get("event") == "round"]
     made = {e["session"]: e for e in log if e.get("event") == "session_made"}
     out = []
@@ -236,7 +242,8 @@ def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
         def span(lo: float, hi: float) -> dict:
             sel = [r for r in rs if lo <= r["t"] < hi]
             live = {s for r in sel for s in r["sessions"]}
-            return {"busy": round(sum(r["ms"] for r in sel) / 1000 / window, 3), "forwards": len(sel),
+            busy = sum(max(0.0, min(r["t"] + r["ms"] / 1000, hi) - max(r["t"], lo)) for r in rs)   # inside the window
+            return {"busy": round(busy / window, 3), "forwards": len(sel),
                     "warming": sum(r["warming"] > 0 for r in sel),
                     "solo": sum(r["size"] == 1 for r in sel) if len(live) > 1 else 0,
                     "max_ms": max((r["ms"] for r in sel), default=None)}
@@ -331,6 +338,10 @@ def main() -> None:
                 b, f = a["before"], a["after"]
                 print(f"| {a['client']} | {a['arrived_s']} | {a['made_ms']} | {b['busy']} / {f['busy']} | "
                       f"{b['forwards']} / {f['forwards']} ({f['warming']}) | {f['solo']} | {b['max_ms'] or '-'} / {f['max_ms'] or '-'} |")
+            gcs = res.get("gc", [])
+            print(f"garbage collections >= 5 ms in the core: {len(gcs)}"
+                  + (f" (generation 2: {sum(g['generation'] == 2 for g in gcs)}), longest {max(g['ms'] for g in gcs)} ms"
+                     if gcs else ""))
         print("| client | status | profile | size | frames | fps after 1 s | first frame s | stalled s |")
         print("|---|---|---|---|---|---|---|---|")
         for c in res["clients"]:

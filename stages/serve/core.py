@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from stages.serve.metrics import log
+from stages.serve.metrics import log, trace_gc
 from stages.serve.options import ServeError, ServeOptions
 from stages.serve.profile import EMA, MEASURED_AFTER, Profile
 from stages.serve.ring import FrameRing, Slot
@@ -182,6 +182,8 @@ class Core:
         fps = model.base.cfg.audio.fps
         chunk_bytes = max(p.height * p.width * 3 * math.ceil(p.video_s * fps - 1e-6) for p in model.profiles)
         self.ring = FrameRing.create(chunk_bytes, 2 * opts.max_batch)    # None: frames through the pipe
+        if opts.trace:
+            trace_gc()
 
     def ready_message(self) -> tuple:
         m = self.worker.model

@@ -165,3 +165,27 @@ def logger() -> logging.Logger:
 
 def log(event: str, **fields) -> None:
     logger().info(event, extra={"fields": fields})
+
+
+GC_TRACE_MS = 5.0        # --trace: garbage collections at least this long are logged
+
+
+def trace_gc(min_ms: float = GC_TRACE_MS) -> None:
+    """`vidu serve --trace`, in a core process: a "gc" JSON line for each garbage collection of `min_ms` or more
+    (its generation, ms, start on the monotonic clock the "round" lines use), so that a pause of the worker
+    can be told from a collection of the process's objects. Registered once per process."""
+    import gc
+    if any(getattr(cb, "vidu_trace", False) for cb in gc.callbacks):
+        return
+    started: list[float] = []
+
+    def cb(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[:] = [time.monotonic()]
+        elif started:
+            t = started.pop()
+            ms = 1000 * (time.monotonic() - t)
+            if ms >= min_ms:
+                log("gc", generation=info["generation"], ms=round(ms, 2), collected=info["collected"], t=round(t, 4))
+    cb.vidu_trace = True
+    gc.callbacks.append(cb)

@@ -219,15 +219,18 @@ class Worker(threading.Thread):
                 continue
             deadlines = [s.deadline() for s in batch]
             profile = batch[0].profile
+            firsts = sum(s.session.chunks == 0 for s in batch)
+            laps = {} if self.opts.trace else None
             t = time.perf_counter()
-            outcomes = next_chunks([s.session for s in batch])
+            outcomes = next_chunks([s.session for s in batch], laps)
             dt = time.perf_counter() - t
             warming = sum(s.session.chunks <= s.profile.settings.slots + 1 for s in batch)
             if self.timed(batch):
                 self.measured(profile, len(batch), dt)
             if self.opts.trace:                              # the load test's per-arrival reading (serve_load.py)
                 log("round", worker=self.index, t=round(time.monotonic() - dt, 4), ms=round(1000 * dt, 2),
-                    size=len(batch), profile=profile.name, warming=warming, sessions=[s.id for s in batch])
+                    size=len(batch), profile=profile.name, warming=warming, first=firsts,
+                    sessions=[s.id for s in batch], **{f"{k}_ms": round(1000 * v, 2) for k, v in laps.items()})
             self.metrics.batch(len(batch))
             done = time.monotonic()
             for s, deadline, out in zip(batch, deadlines, outcomes):

@@ -21,6 +21,8 @@ engine's positions differ from the first's); a batch with a padded row attends t
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from models.dit import KV, TextCache
@@ -85,17 +87,22 @@ def _step(engines: list[StreamEngine], inputs: list[ChunkInputs]) -> list[ChunkR
     return out
 
 
-def next_chunks(sessions: list) -> list:
+def next_chunks(sessions: list, timing: dict | None = None) -> list:
     """Each Session's (stages/stream/session.py) next chunk, generated in one batch: per session what
     `next_chunk()` returns, or the exception its chunk raised (its inputs, its decoding); an error of the
-    batched forward is every session's in it. The sessions' engines must share a `batch_key`."""
+    batched forward is every session's in it. The sessions' engines must share a `batch_key`. `timing` (a
+    dict): filled with the seconds of "prepare" (events, speech features, texts), "forward" (the batched
+    chunk, a newcomer's reference pass included) and "finish" (decoding, audio out), the device synchronized
+    at each boundary (`vidu serve --trace`: a GPU's queued work counted where it was asked for)."""
     out: list = [None] * len(sessions)
     prepared = []
+    lap = _Laps(timing, sessions[0].p.engine.device if sessions else None)
     for i, s in enumerate(sessions):
         try:
             prepared.append((i, *s.prepare_chunk()))
         except Exception as e:                     # noqa: BLE001 (a session's error is its own)
             out[i] = e
+    lap("prepare")
     if not prepared:
         return out
     try:
@@ -104,12 +111,32 @@ def next_chunks(sessions: list) -> list:
         for i, _, _ in prepared:
             out[i] = e
         return out
+    lap("forward")
     for (i, _, pending), result in zip(prepared, results):
         try:
             out[i] = sessions[i].finish_chunk(result, pending)
         except Exception as e:                     # noqa: BLE001
             out[i] = e
+    lap("finish")
     return out
+
+
+class _Laps:
+    """next_chunks' `timing`: each call records the seconds since the last (the device synchronized first);
+    nothing when timing is None."""
+
+    def __init__(self, timing: dict | None, device):
+        self.timing, self.device = timing, torch.device(device) if device is not None else None
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.timing is None:
+            return
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t = time.perf_counter()
+        self.timing[name] = t - self.t
+        self.t = t
 
 
 def _rows(t: torch.Tensor | None, r: slice) -> torch.Tensor | None:
