@@ -27,6 +27,11 @@ what its live times compare with, not the starter's):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whs/*.whl && export PYTHONPATH=/tmp/site:$PWD
     python3 benchmarks/serve_load.py --preset small --size 512x512 --clients 16 --max-sessions 16 --max-batch 8 \
         --seconds 20 --calib-chunks 3 --no-commands --name small512
+
+`--trace` runs the server with its --trace: every worker forward (start, ms, size, profile, sessions still filling
+their window, first chunks; prepare / forward / finish ms, the device synchronized at each) and every garbage
+collection of 5 ms or more in the core land in the JSON ("rounds", "gc"), with a per-arrival table (the worker's
+busy share and forwards in --window s before and after each admitted session was requested).
 """
 from __future__ import annotations
 

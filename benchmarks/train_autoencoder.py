@@ -34,6 +34,10 @@ would train 50 s more and still end near 520 s. Next (RESULTS.md session 44): th
 codec with `--mouth-contrast 150 --eval-animals 8` (dark muzzles, the remaining failure; one <= 9-minute
 phase, not a warm start from session 44's weights).
 
+Session 50's fifth phase (RESULTS.md) met the bar on the 24 clips the phases were judged on and missed it by one
+animal yaw clip on a fresh held-out set (`--eval-from 1000`, evaluated on a CPU with `--eval`): judge the next
+phase on clips no phase has seen (`--eval-from 2000`).
+
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
 --reserve-s, whichever comes first). Evaluation, on clips whose seeds no training clip has, rendered in
