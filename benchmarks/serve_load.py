@@ -231,9 +231,8 @@ def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
     """Per admitted viewer, from the server's --trace: what its arrival cost the worker it was pinned to. The
     worker's forwards ("round": start, ms, size, sessions, how many still filling their window) in the `window`
     seconds before its session was requested and in those after: busy share (the forwards' time inside the
-    window / window), forwards starting in it, those with a session still filling its window, solo forwards
-    while others streamed, the longest; and the session's making in the core (the reference encoded, the
-    engine built: "session_made", ms)."""
+    window / window), forwards starting in it, those with a session still filling its window, the longest; and
+    the session's making in the core (the reference encoded, the engine built: "session_made", host ms)."""
     rounds = [e for e in log if e.get("event") == "round"]
     made = {e["session"]: e for e in log if e.get("event") == "session_made"}
     out = []
@@ -246,11 +245,9 @@ def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
 
         def span(lo: float, hi: float) -> dict:
             sel = [r for r in rs if lo <= r["t"] < hi]
-            live = {s for r in sel for s in r["sessions"]}
             busy = sum(max(0.0, min(r["t"] + r["ms"] / 1000, hi) - max(r["t"], lo)) for r in rs)   # inside the window
             return {"busy": round(busy / window, 3), "forwards": len(sel),
                     "warming": sum(r["warming"] > 0 for r in sel),
-                    "solo": sum(r["size"] == 1 for r in sel) if len(live) > 1 else 0,
                     "max_ms": max((r["ms"] for r in sel), default=None)}
         out.append({"client": c["client"], "arrived_s": c["arrived_s"], "worker": mine,
                     "made_ms": made.get(c["id"], {}).get("ms"), "before": span(t - window, t),
@@ -337,12 +334,12 @@ def main() -> None:
                       f"| {r['counted_ms']} |")
         if res.get("arrivals"):
             print(f"| client | arrived s | made ms | busy {args.window:g} s before / after | forwards before / after "
-                  "(warming after) | solo after | longest ms before / after |")
-            print("|---|---|---|---|---|---|---|")
+                  "(warming after) | longest ms before / after |")
+            print("|---|---|---|---|---|---|")
             for a in res["arrivals"]:
                 b, f = a["before"], a["after"]
                 print(f"| {a['client']} | {a['arrived_s']} | {a['made_ms']} | {b['busy']} / {f['busy']} | "
-                      f"{b['forwards']} / {f['forwards']} ({f['warming']}) | {f['solo']} | {b['max_ms'] or '-'} / {f['max_ms'] or '-'} |")
+                      f"{b['forwards']} / {f['forwards']} ({f['warming']}) | {b['max_ms'] or '-'} / {f['max_ms'] or '-'} |")
             gcs = res.get("gc", [])
             print(f"garbage collections >= 5 ms in the core: {len(gcs)}"
                   + (f" (generation 2: {sum(g['generation'] == 2 for g in gcs)}), longest {max(g['ms'] for g in gcs)} ms"

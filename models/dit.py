@@ -67,19 +67,17 @@ class KV:
     def cat(self, other: "KV") -> "KV":
         if other.rotated != self.rotated:
             raise ValueError("cannot join keys rotated to their positions with keys before RoPE")
-        valid = None
         if self.valid is not None or other.valid is not None:
-            B = self.k[0].shape[0]
-            valid = torch.cat([kv.valid if kv.valid is not None else
-                               torch.ones(B, len(kv), dtype=torch.bool, device=self.k[0].device)
-                               for kv in (self, other)], 1)
+            raise ValueError("a padded context (KV.valid) is a batch's stack, not joined further")
         return KV([torch.cat([a, b], 1) for a, b in zip(self.k, other.k)],
                   [torch.cat([a, b], 1) for a, b in zip(self.v, other.v)], torch.cat([self.pos, other.pos]),
-                  self.rotated, valid=valid)
+                  self.rotated)
 
     def tokens(self, start: int, stop: int) -> "KV":
+        if self.valid is not None:
+            raise ValueError("a padded context (KV.valid) is a batch's stack, not sliced")
         return KV([k[:, start:stop] for k in self.k], [v[:, start:stop] for v in self.v], self.pos[start:stop],
-                  self.rotated, valid=None if self.valid is None else self.valid[:, start:stop])
+                  self.rotated)
 
 
 def _sdpa(q, k, v, mask=None, prefix=None, cache=None):

@@ -219,15 +219,15 @@ class Worker(threading.Thread):
                 continue
             deadlines = [s.deadline() for s in batch]
             profile = batch[0].profile
-            firsts = sum(s.session.chunks == 0 for s in batch)
+            firsts = sum(s.session.chunks == 0 for s in batch) if self.opts.trace else 0
             laps = {} if self.opts.trace else None
             t = time.perf_counter()
             outcomes = next_chunks([s.session for s in batch], laps)
             dt = time.perf_counter() - t
-            warming = sum(s.session.chunks <= s.profile.settings.slots + 1 for s in batch)
             if self.timed(batch):
                 self.measured(profile, len(batch), dt)
             if self.opts.trace:                              # the load test's per-arrival reading (serve_load.py)
+                warming = sum(not _full(s) for s in batch)
                 log("round", worker=self.index, t=round(time.monotonic() - dt, 4), ms=round(1000 * dt, 2),
                     size=len(batch), profile=profile.name, warming=warming, first=firsts,
                     sessions=[s.id for s in batch], **{f"{k}_ms": round(1000 * v, 2) for k, v in laps.items()})
@@ -253,8 +253,7 @@ class Worker(threading.Thread):
         its neighbours took 140-200). Without the warming forwards, sessions arriving a second apart left the
         live average unmeasured for as long as arrivals went on (9 chunks each), and admission trusted a
         calibration 1.4-1.75x below the live forwards."""
-        steady = any(s.session.chunks > s.profile.settings.slots + 1 for s in batch)
-        return steady and all(s.session.chunks > 1 for s in batch)
+        return any(_full(s) for s in batch) and all(s.session.chunks > 1 for s in batch)
 
     def measured(self, profile: Profile, size: int, dt: float) -> None:
         """A steady batched forward's time `dt` into the live running average at its size (live). At a size
@@ -296,3 +295,8 @@ class Worker(threading.Thread):
         2-step profile cost 207 ms a batch of 8 against 3 steps' 142 ms)."""
         n = sum(c[0].profile is old for c in candidates) if self.opts.max_batch > 1 else 1
         return self.round_time(new, n) < self.round_time(old, n)
+
+
+def _full(s) -> bool:
+    """Whether a session's window was full for the chunk it just made (its ring held every slot)."""
+    return s.session.chunks > s.profile.settings.slots + 1
