@@ -7,6 +7,8 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase causal --again --work W --minutes 9   # further, from W/causal
     python benchmarks/teacher_recipe.py --phase causal --again --from models/starter/student.safetensors \
         --codec models/starter/codec.safetensors --work W --minutes 9      # W without a teacher: from the starter
+    python benchmarks/teacher_recipe.py --phase causal --again --recode --from models/starter/student.safetensors \
+        --codec NEW.safetensors --work W --minutes 9     # the starter's DiT onto a retrained codec's latents
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
@@ -196,9 +198,10 @@ def unship(dest: Path, name: str) -> Path:
 # -- training phases -----------------------------------------------------------------------------
 
 def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: float | None,
-                   again: bool = False) -> TrainSettings:
+                   again: bool = False, recode: bool = False) -> TrainSettings:
     """A training stage's settings; `again`: start from the stage's own shipped EMA (W/<stage>), a further
-    run with a fresh optimizer and schedule (training continued across GPU sessions)."""
+    run with a fresh optimizer and schedule (training continued across GPU sessions); `recode`: that EMA
+    was trained with another codec than W's (TrainSettings.recode)."""
     kw = dict(getattr(recipe, stage))
     kw.update(stage=stage, preset=recipe.preset, steps=steps, minutes=minutes, save_every=max(1, steps // 4),
               warmup=min(100, steps // 10))
@@ -207,6 +210,7 @@ def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: 
     if again:
         kw["init_from"] = str(unship(work / stage, "ema"))
         kw["seed"] = fresh_seed(kw["init_from"], stage)
+        kw["recode"] = recode
     elif stage == "causal":
         kw["init_from"] = str(unship(work / "bidirectional", "ema"))
     if stage != "autoencoder" and usable_lipsync(recipe, work):
@@ -257,10 +261,10 @@ def run_name(stage: str, again: bool) -> str:
     return f"{stage}-again" if again else stage
 
 
-def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False) -> dict:
+def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False, recode: bool = False) -> dict:
     """Seconds per step (the probe's last half) and per rendered clip (x workers), from a short run on
     a few clips."""
-    st = stage_settings(recipe, stage, work, recipe.probe_steps, None, again)
+    st = stage_settings(recipe, stage, work, recipe.probe_steps, None, again, recode)
     n = min(st.samples, 2 * st.batch)
     st = dataclasses.replace(st, samples=n, save_every=10 ** 6)
     out = work / "runs" / f"probe-{stage}"
@@ -289,21 +293,21 @@ def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = Fa
 
 
 def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, workers: int, t_phase: float,
-                    steps: int | None = None, again: bool = False) -> tuple:
+                    steps: int | None = None, again: bool = False, recode: bool = False) -> tuple:
     """The run's settings: those it was started with (W/runs/<run>/recipe.json: a re-run resumes it),
     else `steps` (stopped after `minutes` of training), else steps fitted to the phase time left after
     the probe and the rendering."""
     saved = work / "runs" / run_name(stage, again) / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
-        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again), rec
+        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode), rec
     if steps:
         rec = {"steps": steps, "train_minutes": minutes}
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rec, indent=1))
-        return stage_settings(recipe, stage, work, steps, minutes, again), rec
-    timing = probe(recipe, stage, work, workers, again)
-    st = stage_settings(recipe, stage, work, 1, None, again)
+        return stage_settings(recipe, stage, work, steps, minutes, again, recode), rec
+    timing = probe(recipe, stage, work, workers, again, recode)
+    st = stage_settings(recipe, stage, work, 1, None, again, recode)
     # the workers start (imports, TTS) and share the machine with coding on the GPU: POOL_START_S plus the
     # measured one-thread clip time x RENDER_FACTOR; the phase's deadline stops training however long it takes
     render = 0.0 if stage == "autoencoder" else \
@@ -314,7 +318,7 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"]))}
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(rec, indent=1))
-    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again), rec
+    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode), rec
 
 
 def flops_per_sample(cfg) -> float:
@@ -336,10 +340,10 @@ def ship_ema(ckpt: Path, work: Path, out: Path, name: str) -> list:
 
 
 def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
-                steps: int | None = None, again: bool = False) -> dict:
+                steps: int | None = None, again: bool = False, recode: bool = False) -> dict:
     if again and stage == "autoencoder":
         raise SystemExit("--again continues a teacher stage (bidirectional or causal)")
-    st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps, again)
+    st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps, again, recode)
     run = work / "runs" / run_name(stage, again)
     t0 = time.perf_counter()
     summary = train(st, run, prefetch=workers, deadline=t_phase + minutes * 60 - recipe.reserve_s,
@@ -884,6 +888,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
     ap.add_argument("--from", dest="start", type=Path,
                     help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's student")
+    ap.add_argument("--recode", action="store_true",
+                    help="with --from: it was trained with another codec than --codec; train it on --codec's latents")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
     ap.add_argument("--ode-warmup", type=int, default=0, help="distill: first steps of ODE regression before DMD")
     ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
@@ -914,6 +920,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.start.is_file():
             raise SystemExit(f"--from {args.start}: no such file")
         ship(args.start, work / args.phase, "ema")     # what --again continues from (bf16, shards if large)
+    if args.recode and not (args.start and args.codec):
+        ap.error("--recode goes with --from and --codec")
     torch.backends.cudnn.benchmark = True
     if args.phase == "lipsync":
         res = lipsync_phase(recipe, work, out, args.workers)
@@ -934,7 +942,8 @@ def main(argv: list[str] | None = None) -> dict:
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
                          args.workers)
     else:
-        res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again)
+        res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again,
+                          args.recode)
     res.update(device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                phase_wall_s=time.perf_counter() - t_phase)
     (out / f"recipe_{args.phase}.json").write_text(json.dumps(res, indent=1, default=str))

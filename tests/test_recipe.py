@@ -4,6 +4,7 @@ under the size limit (sharded when a model is larger) and load back bit for bit;
 covers every text training and the synth bench use and equals MiniLM's features."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -120,6 +121,24 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert rebuilt["train"]["steps"] == 2 and rebuilt["again"]
     lineage = recipe.read_metadata(tmp_path / "out9" / "causal" / "ema.safetensors")["lineage"]
     assert [r["stage"] for r in lineage][-2:] == ["distill", "causal"]
+    # the same student moved onto another codec (a retrained autoencoder): refused unless --recode
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    other = tmp_path / "other_codec.safetensors"
+    with safe_open(codec, "pt") as f:
+        sd = {k: f.get_tensor(k) * (1.01 if f.get_tensor(k).is_floating_point() else 1) for k in f.keys()}
+        save_file(sd, other, metadata=f.metadata())
+    with pytest.raises(ValueError, match="--recode"):
+        phase("causal", tmp_path / "w10", tmp_path / "out12", monkeypatch, "--again", "--from", str(lone),
+              "--codec", str(other))
+    with pytest.raises(SystemExit):                                # --recode names the new codec
+        phase("causal", tmp_path / "w11", tmp_path / "out13", monkeypatch, "--again", "--from", str(lone), "--recode")
+    recoded = phase("causal", tmp_path / "w12", tmp_path / "out14", monkeypatch, "--again", "--from", str(lone),
+                    "--codec", str(other), "--recode")
+    assert recoded["settings"]["recode"] and recoded["train"]["steps"] == 2
+    rec = recipe.read_metadata(tmp_path / "out14" / "causal" / "ema.safetensors")["sampling"]["codec"]
+    assert other.read_bytes() == (tmp_path / "out14" / "codec.safetensors").read_bytes()
+    assert hashlib.sha256(other.read_bytes()).hexdigest().startswith(rec["sha256"])
     carry(tmp_path / "out5", works[4])
     st = phase("eval", works[4], tmp_path / "out6", monkeypatch, "--teacher", "student")
     assert st["summary"]["clips"] == 2

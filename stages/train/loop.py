@@ -78,6 +78,9 @@ class TrainSettings:
     data: str | None = None              # a synth manifest to train on instead of clips rendered on the fly
     init_from: str | None = None         # checkpoint to start from (stage 2: the bidirectional teacher)
     codec: str | None = None             # teachers: the autoencoder (vidu train --stage autoencoder) coding frames
+    # teachers: start from init_from under `codec`, another autoencoder than the one init_from was trained with
+    # (the DiT relearns the latent space; a codec retrained from the old one keeps much of it); else refused
+    recode: bool = False
     minutes: float | None = ranged(None, gt=0)   # stop (with a checkpoint) after this much training time
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
@@ -90,6 +93,8 @@ class TrainSettings:
         if self.stage == "autoencoder" and (self.codec or self.init_from or self.data):
             raise ValueError("the autoencoder stage trains on the synthetic world from scratch: "
                              "--codec, --from and --data are for the teachers")
+        if self.recode and not (self.codec and self.init_from):
+            raise ValueError("--recode goes with --from and the new --codec")
         if self.sequence_parallel > 1 and (self.stage == "autoencoder" or self.compile):
             raise ValueError("--sequence-parallel is for the teachers without --compile (its all-to-alls are "
                              "not compiled)")
@@ -258,13 +263,15 @@ INLINE_CODEC_STEPS = 50     # a teacher given no codec trains this quick one fir
 
 def prepare_codec(cfg, st: TrainSettings, out: Path) -> Path:
     """out/codec.safetensors: a copy of st.codec, else of the codec st.init_from was trained with, else
-    an autoencoder of the preset trained here first (INLINE_CODEC_STEPS steps, in out/codec-run/)."""
+    an autoencoder of the preset trained here first (INLINE_CODEC_STEPS steps, in out/codec-run/). A
+    st.codec other than init_from's is refused unless st.recode."""
     path = Path(out) / CODEC_FILE
     if path.exists():
         return path
     given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
-    if given and inherited and not _same_codec(given, inherited, st.init_from):
-        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited})")
+    if given and inherited and not st.recode and not _same_codec(given, inherited, st.init_from):
+        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited}); "
+                         f"--recode trains it on the new codec's latents")
     src = given or inherited
     tmp = path.with_name(path.name + ".tmp")
     if src is None:
@@ -288,13 +295,14 @@ def _digest(path: Path) -> str:
 
 
 def _same_codec(given: Path, inherited: Path, init_from: str) -> bool:
-    """`given` is the codec `init_from` was trained with: the file its record names, or, where the
-    checkpoint travelled without that file, the digest prefix the record keeps."""
-    if inherited.is_file():
-        return _digest(given) == _digest(inherited)
+    """`given` is the codec `init_from` was trained with: the digest prefix its record keeps, else (an
+    older record) the file it names. The digest first: a checkpoint copied into a folder beside another
+    codec file (teacher_recipe.py's W/<stage>/ beside W/codec.safetensors) names that file."""
     from models.checkpoint import checkpoint_sampling
     recorded = checkpoint_sampling(init_from)["codec"].get("sha256")
-    return bool(recorded) and _digest(given).startswith(recorded)
+    if recorded:
+        return _digest(given).startswith(recorded)
+    return inherited.is_file() and _digest(given) == _digest(inherited)
 
 
 def _train_inline_codec(cfg, seed: int, out: Path) -> Path:
