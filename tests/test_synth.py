@@ -267,3 +267,21 @@ def test_the_analyzer_reads_a_slightly_blurred_frame_as_the_sharp_one():
         sharp, soft = analyze(frames, s.identity)["mouth"], analyze(blurred, s.identity)["mouth"]
         assert _corr(sharp, mouth) > 0.98, seed
         assert _corr(soft, mouth) > 0.95 and np.all(soft[mouth >= 0.3] > 0.1), (seed, soft)
+
+
+def test_a_sliver_of_mouth_is_read_as_no_mouth():
+    """A blurred shut mouth can leave a piece of lips a few pixels wide holding some inner-mouth pixels; its
+    half-width after the lips' corners came out negative and the opening far below shut (-5.5, session 51).
+    It now reads as no mouth, like a piece under 3 columns; a real mouth's piece reads as before."""
+    from stages.synth.analyze import MIN_MOUTH_HALF_WIDTH, _mouth_shape
+    a0 = 20.0
+    lips = np.zeros((12, 60), bool)
+    inner = np.zeros_like(lips)
+    lips[4:8, 30:34] = True                      # 4 columns: half-width 2 - 0.12 x 20 < 0
+    inner[5:7, 31:33] = True
+    assert _mouth_shape(inner, lips, a0) == (0.0, 0.0, 0.0)
+    lips[4:8, 14:46] = True                      # a mouth of this identity's width: 32 columns
+    inner[5:7, 16:44] = True
+    opening, a, _ = _mouth_shape(inner, lips, a0)
+    assert a == 16 - 0.12 * a0 and a > MIN_MOUTH_HALF_WIDTH * a0
+    assert opening == inner.sum() / (np.pi * a)

@@ -26,6 +26,11 @@ from stages.synth.world import (
 )
 
 _OPEN = ndimage.generate_binary_structure(2, 1)
+# a mouth piece narrower than this (half-width, x the identity's) is read as no mouth: the world draws none under
+# 0.68 (rounded lips, eight held-out clips), and a blurred round trip's shut mouth can leave a sliver a few pixels
+# wide, whose half-width after the lips' corners (0.12) came out near zero or negative and its opening at -5 to
+# -6 (RESULTS.md session 51: one such frame of 101 took a clip's mouth r from ~0.99 to 0.42)
+MIN_MOUTH_HALF_WIDTH = 0.3
 # reference poses each identity is rendered in to calibrate its readings: track -> value (others at rest)
 _REFERENCES = ({}, {"mouth": 1.0}, {"yaw": 1.0}, {"yaw": -1.0}, {"round": 1.0})
 
@@ -54,9 +59,9 @@ def _mouth_shape(inner: np.ndarray, lips: np.ndarray, a0: float) -> tuple[float,
         keep = lab == np.argmax(count) + 1
         lips, inner = keep, inner & keep
     cols = np.nonzero(lips.any(0))[0]
-    if len(cols) < 3 or not inner.any():
+    a = (cols[-1] - cols[0] + 1) / 2 - 0.12 * a0 if len(cols) else 0.0
+    if len(cols) < 3 or not inner.any() or a < MIN_MOUTH_HALF_WIDTH * a0:
         return 0.0, 0.0, 0.0
-    a = (cols[-1] - cols[0] + 1) / 2 - 0.12 * a0
     n = inner.sum(0)  # [w]
     has = np.nonzero(n)[0]
     cy = (inner * np.arange(inner.shape[0])[:, None]).sum(0)[has] / n[has]  # centre row per column
