@@ -35,8 +35,9 @@ codec with `--mouth-contrast 150 --eval-animals 8` (dark muzzles, the remaining 
 phase, not a warm start from session 44's weights).
 
 Session 50's fifth phase (RESULTS.md) met the bar on the 24 clips the phases were judged on and missed it by one
-animal yaw clip on a fresh held-out set (`--eval-from 1000`, evaluated on a CPU with `--eval`): judge the next
-phase on clips no phase has seen (`--eval-from 2000`).
+animal yaw clip on a fresh held-out set (`--eval-from 1000`, evaluated on a CPU with `--eval`). Session 51's sixth
+phase, judged on a third set (`--eval-from 2000`), and session 50's EMA both kept 19 of its 21 speaking mouths (two
+animal clips at 0.90-0.95): judge the next attempt on a fourth (`--eval-from 3000`).
 
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
