@@ -474,3 +474,41 @@ def test_the_viewer_positions_the_core_waits_for_are_where_ready_turns():
                 for nf in range(max(0, w - 30), min(frames, w + 30) + 1):
                     s.next_frame = nf
                     assert s.ready(extra) == (nf >= w), (video_s, fps, ahead, frames, extra, nf, w)
+
+
+def test_a_newcomers_reference_is_built_while_the_worker_is_idle(model):
+    """A session whose viewer is still connecting (not watched, so never ready): the idle worker builds its
+    reference context then (without speech: it reads none), not in its first forward; its frames equal the
+    session stepped alone. Negative control: an engine warmed under another text builds it again."""
+    from stages.serve.core import CoreSession, _Metrics
+    made, solo = sessions(model, 1), sessions(model, 1)
+    s, p = made[0]
+    eng, calls, frames = s.p.engine, [], []
+    build = eng._ref_kv
+    eng._ref_kv = lambda inputs: (calls.append(inputs.audio is None), build(inputs))[1]
+    opts = ServeOptions(max_batch=4, ahead_chunks=AHEAD, speed=0.01)
+    post = lambda msg: frames.append(msg[2]) if msg[0] == "chunk" else None    # noqa: E731
+    worker = Worker(0, model, opts, _Metrics(post))
+    cs = CoreSession("0", s, p, opts, post)
+    worker.add(cs)
+    worker.start()
+    try:
+        t = time.monotonic()
+        while not calls and time.monotonic() - t < 60:
+            time.sleep(0.01)
+        assert calls == [True] and s.chunks == 0 and not frames            # built while idle, nothing generated
+        cs.watched = True
+        worker.wake()
+        while sum(len(f) for f in frames) < 1 + 4 * AHEAD and time.monotonic() - t < 120:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+    assert calls == [True]                                                   # not again in the first forward
+    got, want = np.concatenate(frames), alone(solo)[0][:1 + 4 * AHEAD]
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    other, _ = sessions(model, 1)[0]
+    build2, again = other.p.engine._ref_kv, []
+    other.p.engine._ref_kv = lambda inputs: (again.append(inputs.audio is None), build2(inputs))[1]
+    other.p.engine.warm_reference(torch.zeros_like(other._text()))       # another text than its instruction's
+    other.next_chunk()
+    assert again == [True, False]                                            # warmed, then built in its forward

@@ -10,7 +10,8 @@ generates nothing.
 Batching (Worker._pick): the most urgent ready session's chunk runs in one forward with those of other
 watched sessions that can share it (the same profile's steps and settings and size: StreamEngine.batch_key;
 a newcomer still filling its window joins the others' forward, its shorter context padded and masked, rather
-than running a forward of its own beside theirs every round until its window is full: RESULTS.md session 49),
+than running a forward of its own beside theirs every round until its window is full: RESULTS.md session 49;
+its reference context is built while the worker is idle before its viewer is ready: Worker._warm_one),
 taken by deadline, up to `max_batch` (1: no batching), while the batch's measured time at that size
 (Worker.batch_time) still ends by the first session's deadline, or that deadline is missed even alone
 (then throughput first). A session rides along while fewer than ahead_chunks + 1 chunks ahead: one
@@ -214,8 +215,9 @@ class Worker(threading.Thread):
                     return
             batch = self._pick()
             if not batch:
-                with self.cond:
-                    self.cond.wait(0.01)
+                if not self._warm_one():
+                    with self.cond:
+                        self.cond.wait(0.01)
                 continue
             deadlines = [s.deadline() for s in batch]
             profile = batch[0].profile
@@ -243,6 +245,26 @@ class Worker(threading.Thread):
                 s.chunk_done(rgb, audio, timing, dt / len(batch), late)
                 self.metrics.chunk(dt, late)
             self._rebalance()
+
+    def _warm_one(self) -> bool:
+        """Idle (no session ready): one session yet to make its first chunk (its viewer still connecting) has its
+        reference context built now (Session.warm_reference), so that its first forward, shared with the sessions
+        streaming, does not pass it. Whether one was built."""
+        with self.cond:
+            cold = [s for s in self.sessions if not s.closed and s.session.chunks == 0]
+        for s in cold:
+            t = time.perf_counter()
+            try:
+                if not s.session.warm_reference():
+                    continue
+            except Exception as e:                       # noqa: BLE001 (a session's failure is its own)
+                log("session_failed", session=s.id, error=f"{type(e).__name__}: {e}")
+                s.fail(f"{type(e).__name__}: {e}")
+                return True
+            if self.opts.trace:
+                log("warmed", worker=self.index, session=s.id, ms=round(1000 * (time.perf_counter() - t), 2))
+            return True
+        return False
 
     def timed(self, batch: list) -> bool:
         """Whether the forward just run for `batch` (its sessions' chunk counts now include it) counts toward the

@@ -505,6 +505,7 @@ class StreamEngine:
         if keep_text:
             model.keep_speech = True
         self._text: tuple | None = None       # (text, its version and the weights', prepared, guided prepared)
+        self._warm: tuple | None = None       # (text, its version and the weights', the reference's KV): warm_reference
 
     # what sizes the buffers and the ring, or what the cached history was made under: fixed for an engine's life
     FIXED = ("chunk_frames", "window", "sink", "twin", "recache", "guidance", "guide", "sampler")
@@ -527,6 +528,7 @@ class StreamEngine:
         """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
         with the first chunk's text."""
         self.ref = ref_latent.to(self.device, self.dtype)
+        self._warm = None
 
     def _randn(self, shape) -> torch.Tensor:
         full = torch.randn((self.total, *shape[1:]), generator=self.gen, device=self.device, dtype=torch.float32)
@@ -593,8 +595,12 @@ class StreamEngine:
             xa = inputs.audio_noise.to(self.device, self.dtype) if inputs.audio_noise is not None else self._randn(as_)
         buf, st = self.buffers, self.st
         if buf.fixed_frames == 0:                     # the reference context, built once
-            with torch.no_grad():
-                buf.write_fixed(self._ref_kv(inputs))
+            warm, self._warm = self._warm, None
+            if warm is not None and warm[0] is inputs.text and warm[1] == self._warm_key(inputs.text):
+                buf.write_fixed(warm[2])
+            else:
+                with torch.no_grad():
+                    buf.write_fixed(self._ref_kv(inputs))
         ctx_clean, frame_pos = buf.context("clean")       # keys rotated when written: one tensor for every step
         ctx_noisy = buf.context("noisy")[0] if st.twin else ctx_clean
         plain, steps = self._texts(inputs.text)
@@ -687,6 +693,23 @@ class StreamEngine:
             self.kept.t = {k[len("kept."):]: t.to(self.device) for k, t in state.items() if k.startswith("kept.")}
         self.gen.set_state(state["gen"])
         self.chunks = state["chunks"]
+
+    def warm_reference(self, text: torch.Tensor) -> bool:
+        """Build the reference frame's keys/values now, under `text`, ahead of the first chunk (a server's idle
+        moment: the first chunk's forward, shared with other streams, then does not pass the reference, which on
+        an H100 added 250-380 ms to the batch it joined, RESULTS.md session 50). They depend on the text, not on
+        the speech; the first chunk takes them when its text is this tensor, unmodified, under unmodified
+        weights, and else builds them under its own. Whether it built them (False: started, or already warm)."""
+        if self.ref is None or self.buffers.fixed_frames:
+            return False
+        if self._warm is not None and self._warm[0] is text and self._warm[1] == self._warm_key(text):
+            return False
+        with torch.no_grad():
+            self._warm = (text, self._warm_key(text), self._ref_kv(ChunkInputs(text)))
+        return True
+
+    def _warm_key(self, text) -> tuple:
+        return (tensor_version(text), self.model.weights_version())
 
     def _ref_kv(self, inputs: ChunkInputs) -> KV:
         """The ref frame's keys/values: it attends only to itself, so a pass over ref + any chunk

@@ -311,6 +311,11 @@ class Session:
             self.text_cache[self.instruction] = self.p.encode_text([self.instruction]).to(self.p.engine.device)
         return self.text_cache[self.instruction]
 
+    def warm_reference(self) -> bool:
+        """Before the first chunk: the reference's context built now under the instruction in force
+        (StreamEngine.warm_reference; `vidu serve`'s worker calls it when idle). Whether it built it."""
+        return self.chunks == 0 and self.p.engine.warm_reference(self._text())
+
     # -- one chunk --
     def samples_for_chunk(self) -> int:
         a, F = self.p.cfg.audio, self.p.engine.st.chunk_frames
