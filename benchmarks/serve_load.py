@@ -232,9 +232,11 @@ def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
     worker's forwards ("round": start, ms, size, sessions, how many still filling their window) in the `window`
     seconds before its session was requested and in those after: busy share (the forwards' time inside the
     window / window), forwards starting in it, those with a session still filling its window, the longest; and
-    the session's making in the core (the reference encoded, the engine built: "session_made", host ms)."""
+    the session's making in the core (the reference encoded, the engine built: "session_made", host ms); and
+    the reference context built while the worker was idle ("warmed", ms; None: built in its first forward)."""
     rounds = [e for e in log if e.get("event") == "round"]
     made = {e["session"]: e for e in log if e.get("event") == "session_made"}
+    warmed = {e["session"]: e for e in log if e.get("event") == "warmed"}
     out = []
     for c in res["clients"]:
         if c["status"] != 201:
@@ -250,7 +252,8 @@ def arrivals(res: dict, log: list[dict], window: float) -> list[dict]:
                     "warming": sum(r["warming"] > 0 for r in sel),
                     "max_ms": max((r["ms"] for r in sel), default=None)}
         out.append({"client": c["client"], "arrived_s": c["arrived_s"], "worker": mine,
-                    "made_ms": made.get(c["id"], {}).get("ms"), "before": span(t - window, t),
+                    "made_ms": made.get(c["id"], {}).get("ms"), "warmed_ms": warmed.get(c["id"], {}).get("ms"),
+                    "before": span(t - window, t),
                     "after": span(t, t + window)})
     return out
 
@@ -333,12 +336,12 @@ def main() -> None:
                       f"| {'-' if r['live_ms'] is None else r['live_ms']} | {r['live_forwards']} | {r['slowdown']} "
                       f"| {r['counted_ms']} |")
         if res.get("arrivals"):
-            print(f"| client | arrived s | made ms | busy {args.window:g} s before / after | forwards before / after "
-                  "(warming after) | longest ms before / after |")
-            print("|---|---|---|---|---|---|")
+            print(f"| client | arrived s | made ms | warmed ms | busy {args.window:g} s before / after | forwards before / "
+                  "after (warming after) | longest ms before / after |")
+            print("|---|---|---|---|---|---|---|")
             for a in res["arrivals"]:
                 b, f = a["before"], a["after"]
-                print(f"| {a['client']} | {a['arrived_s']} | {a['made_ms']} | {b['busy']} / {f['busy']} | "
+                print(f"| {a['client']} | {a['arrived_s']} | {a['made_ms']} | {a['warmed_ms'] or '-'} | {b['busy']} / {f['busy']} | "
                       f"{b['forwards']} / {f['forwards']} ({f['warming']}) | {b['max_ms'] or '-'} / {f['max_ms'] or '-'} |")
             gcs = res.get("gc", [])
             print(f"garbage collections >= 5 ms in the core: {len(gcs)}"
