@@ -42,7 +42,7 @@ class ServeOptions:
     commands: bool = True                # spot spoken instructions in push-to-talk speech (stages/stream/commands.py)
     history: int = 200                   # instructions kept per session
     lead_s: float = 0.1                  # s between a session's first chunk and its first frame on the wire
-    trace: bool = False                  # a JSON log line per worker forward ("round") and per session made ("session_made")
+    trace: bool = False                  # a JSON log line per worker forward ("round"), per session made ("session_made") and per reference built while idle ("warmed")
     ice_servers: tuple[str, ...] = ()    # STUN / TURN URLs for viewers behind NAT (none: host candidates only)
     turn_username: str | None = None     # for the turn: / turns: URL
     turn_credential: str | None = None
