@@ -35,7 +35,7 @@ def serve(
     turn_username: Annotated[Optional[str], typer.Option(help="Username on the TURN server.", show_default=False)] = None,
     turn_credential: Annotated[Optional[str], typer.Option(help=f"Credential on the TURN server (default: ${TURN_CREDENTIAL_ENV}); the page receives it to connect.", show_default=False)] = None,
     commands: Annotated[bool, typer.Option("--commands/--no-commands", help="Spot spoken instructions (the actions the model knows) in each session's push-to-talk speech.")] = ServeOptions.commands,
-    trace: Annotated[bool, typer.Option("--trace", help="Log every batched forward of the workers (its start, ms, sessions, how many still fill their window) , each session's making and each reference context built while the worker was idle as JSON lines on stderr: what benchmarks/serve_load.py --trace reads per arrival.")] = ServeOptions.trace,
+    trace: Annotated[bool, typer.Option("--trace", help="Log every batched forward of the workers (its start, ms, sessions, how many still fill their window), each session's making and each reference context built while the worker was idle as JSON lines on stderr: what benchmarks/serve_load.py --trace reads per arrival.")] = ServeOptions.trace,
 ) -> None:
     """Serve many live characters over WebRTC: a page to upload a reference image, talk and type
     instructions; sessions admitted only while every admitted one keeps real time (measured).
