@@ -271,8 +271,8 @@ class Worker(threading.Thread):
         live average at its size: when one of its sessions had a full window (the batch's context is then the
         full length: a session still filling its own rides along padded to it, at about the same cost: on an
         H100, 2-step batches of 3 ran median 138 ms with a newcomer warming and 123 ms without, RESULTS.md
-        session 50) and none made its first chunk (that forward also passes the reference: 386-524 ms where
-        its neighbours took 140-200). Without the warming forwards, sessions arriving a second apart left the
+        session 50) and none made its first chunk (that forward also passes the reference unless the worker
+        built it while idle, _warm_one: 386-524 ms where its neighbours took 140-200). Without the warming forwards, sessions arriving a second apart left the
         live average unmeasured for as long as arrivals went on (9 chunks each), and admission trusted a
         calibration 1.4-1.75x below the live forwards."""
         return any(_full(s) for s in batch) and all(s.session.chunks > 1 for s in batch)
