@@ -37,7 +37,13 @@ phase, not a warm start from session 44's weights).
 Session 50's fifth phase (RESULTS.md) met the bar on the 24 clips the phases were judged on and missed it by one
 animal yaw clip on a fresh held-out set (`--eval-from 1000`, evaluated on a CPU with `--eval`). Session 51's sixth
 phase, judged on a third set (`--eval-from 2000`), and session 50's EMA both kept 19 of its 21 speaking mouths (two
-animal clips at 0.90-0.95): judge the next attempt on a fourth (`--eval-from 3000`).
+animal clips at 0.90-0.95); the held-out clips that nod while speaking are those sets' lowest mouths, so the next
+phase draws more of them (`--nod-share 0.3`), judged on a fourth set (`--eval-from 3000`):
+
+    timeout 560 python3 -u benchmarks/train_autoencoder.py --init .ae/ema_bf16_s51.safetensors --nod-share 0.3 \
+        --animal-share 0.75 --mouth-contrast 150 --eval-animals 8 --motion-weight 4 --reuse 2 --lr 2e-4 --minutes 6.2 \
+        --total-s 540 --reserve-s 75 --no-eval-raw --no-eval-init --eval-from 3000 --workers 14 --batch 8 --frames 33 \
+        --eval-clips 16 > $OUT/log 2>&1
 
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
@@ -101,7 +107,7 @@ def settings(args, steps: int, minutes: float | None = None) -> TrainSettings:
                              motion_weight=args.motion_weight, reuse=args.reuse,
                              init=str(args.init) if args.init else None, freeze_encoder=args.freeze_encoder,
                              animal_share=args.animal_share, cut_actions=not args.no_cut_actions,
-                             mouth_contrast=args.mouth_contrast))
+                             mouth_contrast=args.mouth_contrast, nod_share=args.nod_share))
 
 
 def fit_steps(args, work: Path) -> tuple[int, float]:
@@ -308,6 +314,8 @@ def main() -> None:
                     help="share of training clips of the animal style (negative: the world's mix)")
     ap.add_argument("--no-cut-actions", action="store_true",
                     help="training clips without the action their end cuts (fewer hands and head turns)")
+    ap.add_argument("--nod-share", type=float, default=AE["nod_share"],
+                    help="share of training clips whose instructions are one nod (speaking heads that nod)")
     ap.add_argument("--mouth-contrast", type=float, default=AE["mouth_contrast"],
                     help="weigh a low-contrast mouth zone x clip(this / RGB distance mouth-surroundings, 1, 4) "
                          "(150: a dark muzzle x 3; 0: off)")

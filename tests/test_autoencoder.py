@@ -345,3 +345,23 @@ def test_the_benchmark_s_evaluation_stops_at_its_deadline_on_a_clip_that_never_r
         t.join(20)
         assert not t.is_alive() and got["evs"] == {}, finished
         assert f"evaluation stopped at the deadline after {finished} of 3 clips" in capsys.readouterr().out
+
+
+def test_a_share_of_training_clips_nods_in_place_of_the_worlds_instructions():
+    """nod_share: that share of training clips has one nod for its instructions (the codec's worst mouths are
+    speaking heads that nod, RESULTS.md session 51), which moves the head's pitch in the clip; the rest, and
+    every clip at share 0, keep the world's draw exactly."""
+    from stages.train.autoencoder import train_nod
+    small, secs = PRESETS["small"], 33 / PRESETS["small"].audio.fps
+    on, off = AutoencoderSettings(nod_share=0.5), AutoencoderSettings()
+    drawn = [train_nod(s, on, secs) for s in range(400)]
+    assert abs(sum(d is not None for d in drawn) / 400 - 0.5) < 0.07
+    assert all(len(d) == 1 and d[0].text == "nod" and d[0].start + 0.2 <= secs for d in drawn if d)
+    assert all(train_nod(s, off, secs) is None for s in range(50))
+    nods = [s for s in range(40) if drawn[s]]
+    pitch = lambda ae, s: world_clip(small, s, 33, ae, draw=False)[1].tracks["pitch"]   # noqa: E731
+    assert all(np.std(pitch(on, s)) > 0.1 for s in nods)                        # the head nods in every one
+    assert sum(np.std(pitch(off, s)) > 0.1 for s in nods) < len(nods) / 2      # the world's draw, mostly not
+    for s in range(40):
+        if not drawn[s]:                                                         # the others: the world's draw
+            assert np.array_equal(pitch(on, s), pitch(off, s))

@@ -6,7 +6,8 @@ trip. The streaming decoder is the same weights (TAEHV.stream_decoder).
     summary = train(TrainSettings(stage="autoencoder", preset="tiny", steps=100), "runs/ae")
 
 Clip g of a run (g = (step // reuse) * batch + row) is world clip `clip_seed(seed, g)` (its style drawn by
-train_style: `animal_share` of them animals; with `cut_actions`, also the action its end cuts); with `reuse` > 1
+train_style: `animal_share` of them animals; with `cut_actions`, also the action its end cuts; `nod_share` of
+them nod instead, train_nod); with `reuse` > 1
 each rendered batch trains `reuse` steps, step s seeing it as variant s % reuse: as rendered, reversed
 in time (which also moves the 4-frame latent groups by one frame against the motion), mirrored
 left-right, reversed and mirrored; so a renderer slower than the GPU does not leave it idle. The world also says
@@ -66,6 +67,7 @@ class AutoencoderSettings:
     animal_share: float | None = ranged(0.4, min=0, max=1)   # training clips of the animal style (None: the world's mix)
     cut_actions: bool = True                       # training clips also show the action their end cuts (world.random_events)
     mouth_contrast: float = ranged(0.0, min=0)     # the mouth zone x clip(this / RGB distance mouth-surroundings, 1, 4); 0: off
+    nod_share: float = ranged(0.0, min=0, max=1)   # training clips whose instructions are one nod (train_nod)
 
 
 def clip_frames(cfg: ModelConfig, ae: AutoencoderSettings) -> int:
@@ -91,6 +93,22 @@ def train_style(seed: int, ae: AutoencoderSettings) -> str | None:
     return "human" if u < edge else "anime"
 
 
+def train_nod(seed: int, ae: AutoencoderSettings, seconds: float) -> list | None:
+    """The instructions of training clip `seed` when it is one of the `nod_share` clips drawn to nod (else
+    None: the world's draw): one nod, given at a uniform time that leaves at least VISIBLE_S of it in the clip.
+    Speaking heads that nod are the codec's worst mouths (RESULTS.md session 51: the four nodding clips of a
+    held-out set were its four lowest), and the world's draw gives them to 13 % of 33-frame training clips
+    against 26 % of 4-s held-out animal clips."""
+    if not ae.nod_share:
+        return None
+    from stages.synth.world import ACTIONS, INSTRUCTION_DELAY, VISIBLE_S, event
+    r = np.random.default_rng([seed, 0x40D])
+    if r.random() >= ae.nod_share:
+        return None
+    onset = r.uniform(0.0, max(0.0, seconds - INSTRUCTION_DELAY - VISIBLE_S))
+    return [event(onset, "nod", r.uniform(*ACTIONS["nod"].seconds))]
+
+
 def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings | None = None,
                split: str = "train", draw: bool = True, style: str | None = None):
     """World clip `seed` at the preset's size: (frames [T, H, W, 3] uint8, the Sample with its region
@@ -99,10 +117,12 @@ def world_clip(cfg: ModelConfig, seed: int, frames: int, ae: AutoencoderSettings
     action the clip's end cuts is in it too (a 33-frame clip otherwise shows a raised hand in 0.3 % of
     clips, a head turn in 4 %; with it 9 % and 30 %). The region of the motion term is
     `region(sample.masks)`. `draw` False: the Sample alone, no pixels (tests; returns (None, sample, None)).
-    `style` (without `ae`): the character's style (an evaluation's extra animals), else the world's draw."""
+    `style` (without `ae`): the character's style (an evaluation's extra animals), else the world's draw.
+    A clip drawn to nod (train_nod) has that one instruction instead of the world's."""
     from stages.synth import make_sample
     fps = cfg.audio.fps
-    kw = dict(style=style) if ae is None else dict(style=train_style(seed, ae), cut_actions=ae.cut_actions)
+    kw = dict(style=style) if ae is None else dict(style=train_style(seed, ae), cut_actions=ae.cut_actions,
+                                                     events=train_nod(seed, ae, frames / fps))
     s = make_sample(seed, width=cfg.width, height=cfg.height, fps=fps, seconds=frames / fps, masks=draw, split=split,
                     draw=draw, **kw)
     if not draw:
