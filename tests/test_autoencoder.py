@@ -365,3 +365,26 @@ def test_a_share_of_training_clips_nods_in_place_of_the_worlds_instructions():
     for s in range(40):
         if not drawn[s]:                                                         # the others: the world's draw
             assert np.array_equal(pitch(on, s), pitch(off, s))
+
+
+def test_vidu_train_sets_every_knob_of_the_autoencoder_recipe(tmp_path):
+    """The codec phases' settings (benchmarks/train_autoencoder.py) from `vidu train --stage autoencoder`: each
+    option lands in the run's AutoencoderSettings (its resume record), the warm start loads its file."""
+    work = ["--workdir", str(tmp_path / "w"), "-q", "--preset", "tiny", "--steps", "2", "--batch", "1", "--frames", "5",
+            "--save-every", "2"]
+    res = cli("train", "--stage", "autoencoder", "--out", str(tmp_path / "a"), *work)
+    init = Path(json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"]) / "ema.safetensors"
+    res = cli("train", "--stage", "autoencoder", "--out", str(tmp_path / "b"), *work, "--init", str(init),
+              "--motion-weight", "4", "--reuse", "2", "--animal-share", "0.75", "--nod-share", "0.3",
+              "--mouth-contrast", "150", "--mouth-grow", "0.05", "--no-cut-actions", "--freeze-encoder")
+    ckpt = Path(json.loads(res.stdout.strip().splitlines()[-1])["checkpoint"])
+    ae = torch.load(ckpt / "state.pt", weights_only=False)["settings"]["autoencoder"]
+    assert {k: ae[k] for k in ("motion_weight", "reuse", "animal_share", "nod_share", "mouth_contrast", "mouth_grow",
+                               "cut_actions", "freeze_encoder", "init")} == dict(
+        motion_weight=4.0, reuse=2, animal_share=0.75, nod_share=0.3, mouth_contrast=150.0, mouth_grow=0.05,
+        cut_actions=False, freeze_encoder=True, init=str(init))
+    enc = [k for k in read_state_dict(init) if k.startswith("encoder.")]
+    a, b = read_state_dict(init), read_state_dict(ckpt / "model.safetensors")
+    assert enc and all(torch.equal(a[k].float(), b[k].float()) for k in enc)       # warm-started, encoder frozen
+    bad = cli("train", "--stage", "autoencoder", "--out", str(tmp_path / "c"), *work, "--nod-share", "1.5", check=False)
+    assert bad.returncode != 0 and "--nod-share" in bad.stderr and "Traceback" not in bad.stderr

@@ -54,6 +54,15 @@ def train(
     face_weight: float = option(AutoencoderSettings, "face_weight", "Autoencoder: loss weight of the rest of the face."),
     temporal_weight: float = option(AutoencoderSettings, "temporal_weight", "Autoencoder: weight of the frame-difference loss."),
     frames: Optional[int] = option(AutoencoderSettings, "frames", "Autoencoder: frames per training clip, 1 + 4k (default: the preset's clip).", show_default=False),
+    motion_weight: float = option(AutoencoderSettings, "motion_weight", "Autoencoder: weight of the frame-difference loss inside mouth, eyes and hands alone."),
+    mouth_grow: float = option(AutoencoderSettings, "mouth_grow", "Autoencoder: the mouth's weight also on its surroundings (snout, nose, chin), this x frame height."),
+    mouth_contrast: float = option(AutoencoderSettings, "mouth_contrast", "Autoencoder: the mouth zone x clip(this / RGB distance of the mouth to its surroundings, 1, 4); 0: off."),
+    reuse: int = option(AutoencoderSettings, "reuse", "Autoencoder: steps per rendered batch (as rendered, reversed, mirrored, both)."),
+    init: Optional[Path] = option(AutoencoderSettings, "init", "Autoencoder: warm start from this autoencoder file (an ema.safetensors of the preset's widths).", show_default=False),
+    freeze_encoder: bool = option(AutoencoderSettings, "freeze_encoder", "Autoencoder: train the decoder alone (the latents stay --init's).", "--freeze-encoder/--no-freeze-encoder"),
+    animal_share: float = option(AutoencoderSettings, "animal_share", "Autoencoder: share of training clips drawn in the animal style."),
+    cut_actions: bool = option(AutoencoderSettings, "cut_actions", "Autoencoder: training clips also show the action their end cuts.", "--cut-actions/--no-cut-actions"),
+    nod_share: float = option(AutoencoderSettings, "nod_share", "Autoencoder: share of training clips whose instructions are one nod."),
     workers: Annotated[int, typer.Option(min=0, help="Processes rendering training data (teachers: the whole set up front).")] = 0,
     workdir: Workdir = None,
     quiet: Quiet = False,
@@ -62,6 +71,7 @@ def train(
     command resumes.
 
     Example: vidu train --stage autoencoder --preset small --out runs/ae --steps 3000 --minutes 9 --workers 14
+    Example: vidu train --stage autoencoder --preset small --init ae.safetensors --motion-weight 4 --reuse 2 --lr 2e-4 --animal-share 0.75 --mouth-contrast 150 --nod-share 0.3 --out runs/ae2 --minutes 6
     Example: vidu train --stage bidirectional --preset tiny --out runs/bi --steps 300 --codec runs/ae/step-003000/ema.safetensors
     Example: vidu train --stage causal --from runs/bi/step-000300/ema.safetensors --out runs/causal
     Example: vidu train --stage bidirectional --preset tiny --data $(vidu embed --from captioned.parquet) --out runs/real
@@ -85,7 +95,12 @@ def train(
                                                        lipsync=str(lipsync) if lipsync else None, p_drop_text=p_drop_text,
                                                        p_drop_audio=p_drop_audio, p_drop_ref=p_drop_ref),
                            autoencoder=AutoencoderSettings(region_weight=region_weight, face_weight=face_weight,
-                                                           temporal_weight=temporal_weight, frames=frames))
+                                                           temporal_weight=temporal_weight, frames=frames,
+                                                           motion_weight=motion_weight, mouth_grow=mouth_grow,
+                                                           mouth_contrast=mouth_contrast, reuse=reuse,
+                                                           init=str(init) if init else None,
+                                                           freeze_encoder=freeze_encoder, animal_share=animal_share,
+                                                           cut_actions=cut_actions, nod_share=nod_share))
         with _Progress(quiet, steps) as progress:
             summary = run_train(st, out, workspace(workdir), progress, prefetch=workers)
     import os
