@@ -60,7 +60,8 @@ def test_the_load_test_admits_refuses_streams_and_stops_by_itself(tmp_path):
     for a in (first, second):                   # (how much of client 0 falls before client 1 depends on the load)
         assert a["made_ms"] > 0 and all(0 <= a[w]["busy"] <= 1.05 for w in ("before", "after"))
     assert "| client | arrived s | made ms | warmed ms |" in res.stdout
-    assert all(a["warmed_ms"] is None or a["warmed_ms"] > 0 for a in (first, second))   # built while idle, if it was
+    assert first["warmed_ms"] > 0              # the worker idle while the first viewer connected: its reference then
+    assert second["warmed_ms"] is None or second["warmed_ms"] > 0
     rounds = run["rounds"]                       # every forward, split: prepare, forward, finish (synchronized)
     assert sum(r["first"] for r in rounds) == 2                          # each session's first chunk, once
     # every chunk counted at the end, and at most one forward (of up to 2) finishing after that count was read

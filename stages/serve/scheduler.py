@@ -26,16 +26,16 @@ batches of at most max_batch; a round of their chunks takes
 
     round_s(profile, n) = (n // max_batch) * T(max_batch) + T(n % max_batch)      (T(0) = 0)
 
-where T(b) is the time of one batched chunk of b sessions (Worker.batch_time): per size, the larger of
-its calibrated time (ServeModel.calibrate: every size 1..max_batch after its own warm-up forward, within
---calib-budget; a size it did not time counts at the next larger one's) and the live running average of
-the worker's steady forwards at that size (a full window among them: Worker.timed) once it has MEASURED_AFTER samples (Worker.measured); a size with
-no live average yet counts at its calibrated time x the largest live / calibrated ratio measured at the
-profile's other sizes (live forwards ran 1.2-1.7x their calibration on the H100, RESULTS.md session 47, at
-every size: a size not yet run live is no exception); and never less than T(b - 1): a batch does all of a
-smaller one's work. Live times only ever raise T: on the H200 the live forwards ran far slower than
-calibration (RESULTS.md, session 46: a batch of 2 at 209 ms), and a load that ignored them admitted sessions
-none of which kept real time. Then
+where T(b) is the time of one batched chunk of b sessions (Worker.batch_time): per size, the larger of its
+calibrated time (ServeModel.calibrate: every size 1..max_batch after its own warm-up forward, within
+--calib-budget; a size it did not time counts at the next larger one's) and the live running average of the
+worker's steady forwards at that size (a full window among them: Worker.timed) once it has MEASURED_AFTER
+samples (Worker.measured); a size with no live average yet counts at its calibrated time x the largest live /
+calibrated ratio measured at the profile's other sizes (live forwards ran 1.2-1.7x their calibration on the
+H100, RESULTS.md session 47, at every size: a size not yet run live is no exception); and never less than
+T(b - 1): a batch does all of a smaller one's work. Live times only ever raise T: on the H200 the live forwards ran
+far slower than calibration (RESULTS.md, session 46: a batch of 2 at 209 ms), and a load that ignored them
+admitted sessions none of which kept real time. Then
 
     load(worker) = speed * sum over its profiles of  round_s(profile, n) / video_s
 
@@ -272,9 +272,9 @@ class Worker(threading.Thread):
         full length: a session still filling its own rides along padded to it, at about the same cost: on an
         H100, 2-step batches of 3 ran median 138 ms with a newcomer warming and 123 ms without, RESULTS.md
         session 50) and none made its first chunk (that forward also passes the reference unless the worker
-        built it while idle, _warm_one: 386-524 ms where its neighbours took 140-200). Without the warming forwards, sessions arriving a second apart left the
-        live average unmeasured for as long as arrivals went on (9 chunks each), and admission trusted a
-        calibration 1.4-1.75x below the live forwards."""
+        built it while idle, _warm_one: 386-524 ms where its neighbours took 140-200). Without the warming
+        forwards, sessions arriving a second apart left the live average unmeasured for as long as arrivals went
+        on (9 chunks each), and admission trusted a calibration 1.4-1.75x below the live forwards."""
         return any(_full(s) for s in batch) and all(s.session.chunks > 1 for s in batch)
 
     def measured(self, profile: Profile, size: int, dt: float) -> None:

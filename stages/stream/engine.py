@@ -595,12 +595,9 @@ class StreamEngine:
             xa = inputs.audio_noise.to(self.device, self.dtype) if inputs.audio_noise is not None else self._randn(as_)
         buf, st = self.buffers, self.st
         if buf.fixed_frames == 0:                     # the reference context, built once
-            warm, self._warm = self._warm, None
-            if warm is not None and warm[0] is inputs.text and warm[1] == self._warm_key(inputs.text):
-                buf.write_fixed(warm[2])
-            else:
-                with torch.no_grad():
-                    buf.write_fixed(self._ref_kv(inputs))
+            warm, self._warm = self._warmed(inputs.text), None
+            with torch.no_grad():
+                buf.write_fixed(warm if warm is not None else self._ref_kv(inputs))
         ctx_clean, frame_pos = buf.context("clean")       # keys rotated when written: one tensor for every step
         ctx_noisy = buf.context("noisy")[0] if st.twin else ctx_clean
         plain, steps = self._texts(inputs.text)
@@ -700,9 +697,7 @@ class StreamEngine:
         an H100 added 250-380 ms to the batch it joined, RESULTS.md session 50). They depend on the text, not on
         the speech; the first chunk takes them when its text is this tensor, unmodified, under unmodified
         weights, and else builds them under its own. Whether it built them (False: started, or already warm)."""
-        if self.ref is None or self.buffers.fixed_frames:
-            return False
-        if self._warm is not None and self._warm[0] is text and self._warm[1] == self._warm_key(text):
+        if self.ref is None or self.buffers.fixed_frames or self._warmed(text) is not None:
             return False
         with torch.no_grad():
             self._warm = (text, self._warm_key(text), self._ref_kv(ChunkInputs(text)))
@@ -710,6 +705,11 @@ class StreamEngine:
 
     def _warm_key(self, text) -> tuple:
         return (tensor_version(text), self.model.weights_version())
+
+    def _warmed(self, text) -> KV | None:
+        """The reference's keys/values warm_reference built under this very `text`, still valid; else None."""
+        w = self._warm
+        return w[2] if w is not None and w[0] is text and w[1] == self._warm_key(text) else None
 
     def _ref_kv(self, inputs: ChunkInputs) -> KV:
         """The ref frame's keys/values: it attends only to itself, so a pass over ref + any chunk
