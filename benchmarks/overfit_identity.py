@@ -40,7 +40,7 @@ from models.dit import DiT  # noqa: E402
 from models.encoders import text_encoder  # noqa: E402
 from models.taehv import latents_to_frames  # noqa: E402
 from stages.eval.bench.synthscore import pearson  # noqa: E402
-from stages.train.data import encode_clip, latent_regions  # noqa: E402
+from stages.train.data import encode_clip, fit_text, latent_regions  # noqa: E402
 from stages.train.machinery import step_generator  # noqa: E402
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss  # noqa: E402
 from stages.train.sample import TEACHER_GUIDANCE, sample_bidirectional  # noqa: E402
@@ -68,16 +68,17 @@ class Character:
 
     def clip(self, i: int, split: str) -> tuple[dict, np.ndarray]:
         """(the model's inputs, the ground-truth mouth track [T])."""
-        from stages.synth.dataset import _speech, render_sample
+        from stages.synth.dataset import clip_speech, render_sample
         cfg = self.cfg
         T = cfg.video_frames
         rng = np.random.default_rng([i, 0 if split == "train" else 1])
-        speech = _speech(rng, T / cfg.audio.fps, split, None)
+        speech = clip_speech(rng, T / cfg.audio.fps, split, None)
         s = render_sample(i, self.identity, self.scene, speech, [], T, rng, cfg.width, cfg.height, cfg.audio.fps,
                           masks=True)
         c = {"frames": s.frames, "audio": s.audio, "ref": self.ref, "text": NEUTRAL_TEXT,
              "mouth": latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)}
         x = encode_clip(cfg, self.codec, c)
+        del x["instruction"]                  # the character's one text, already encoded
         x["text"] = self.text[None].expand(cfg.latent_frames, -1, -1)
         return x, s.tracks["mouth"]
 
@@ -120,36 +121,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", help="where the DiT trains and samples and the codec decodes")
     args = ap.parse_args(argv)
     if not CODEC.is_file():
         raise SystemExit(f"the world codec is missing: {CODEC}")
     torch.set_num_threads(args.threads)
     out_dir = Path(os.environ.get("OUT", "."))
     cfg = model_config(args.size, args.latent_frames, args.dim, args.layers)
+    dev = torch.device(args.device)
     codec = load_taehv(CODEC, "cpu")
-    feats = text_encoder("minilm", max_len=cfg.dit.text_len)([NEUTRAL_TEXT])[0]
-    L = cfg.dit.text_len
-    text = torch.cat([feats[:L], feats.new_zeros(max(0, L - feats.shape[0]), feats.shape[1])])
+    text = fit_text(text_encoder("minilm", max_len=cfg.dit.text_len)([NEUTRAL_TEXT])[0], cfg.dit.text_len)
 
     t0 = time.perf_counter()
     who = Character(cfg, args.identity, args.style, codec, text)
     train = [who.clip(i, "train")[0] for i in range(args.clips)]
     held = [who.clip(i, "eval") for i in range(args.held)]
+    codec = codec.to(dev)
+    held = [({k: v.to(dev) for k, v in x.items()}, truth) for x, truth in held]
     data_s = time.perf_counter() - t0
     ceiling = [pearson(mouth_of(latents_to_frames(codec, x["video"][None])[0], who.identity)[0], truth)
                for x, truth in held]
 
     torch.manual_seed(args.identity)
-    model = DiT(cfg.dit)
+    model = DiT(cfg.dit).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     st = ObjectiveSettings()
     keys = ("video", "ref", "text", "audio", "mouth")
-    stacked = {k: torch.stack([x[k] for x in train]) for k in keys}
+    stacked = {k: torch.stack([x[k] for x in train]).to(dev) for k in keys}
     history, evals, eval_s = [], [], 0.0
     t1 = time.perf_counter()
     for step in range(1, args.steps + 1):
         g = step_generator(args.identity, step)
-        idx = torch.randint(len(train), (args.batch,), generator=g)
+        idx = torch.randint(len(train), (args.batch,), generator=g).to(dev)
         warm = min(1.0, step / 50)
         for group in opt.param_groups:
             group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
@@ -158,12 +161,12 @@ def main(argv=None) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        history.append(float(loss.detach()))
+        history.append(loss.detach())
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             te = time.perf_counter()
             row = {"step": step, "train_s": te - t1 - eval_s,
-                   "loss": float(np.mean(history[-args.eval_every:]))}
+                   "loss": float(torch.stack(history[-args.eval_every:]).mean())}
             for name, gsc in (("unguided", 1.0), ("guided", TEACHER_GUIDANCE)):
                 row[name] = lip_sync(model, cfg, codec, held, who.identity, gsc, args.sample_steps, st.shift)
             model.train()

@@ -299,3 +299,31 @@ def test_the_teachers_use_the_discriminator_only_past_its_held_out_bar(tmp_path)
         save_lipsync(tmp_path / recipe.LIPSYNC, model, {"eval": {"auc_shifted": auc}})
         ob = recipe.stage_settings(rec, "bidirectional", tmp_path, 2, None).objective
         assert (ob.sync_weight, ob.lipsync) == ((0.02, str(tmp_path / recipe.LIPSYNC)) if used else (0.0, None))
+
+
+def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_path, monkeypatch):
+    """benchmarks/overfit_identity.py (issue 15's CPU check), two steps: the ground-truth mouth survives the world codec at 128 px (the ceiling the trained model's r
+    is read against, >= 0.75 on each clip), and an untrained model scores near zero on both its own speech and
+    the control's. Negative control: a clip's coded mouth scored against another clip's track is far below."""
+    from stages.eval.bench.synthscore import pearson
+    spec = importlib.util.spec_from_file_location(
+        "overfit_identity", Path(__file__).resolve().parents[1] / "benchmarks" / "overfit_identity.py")
+    oi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oi)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    res = oi.main(["--clips", "2", "--held", "2", "--steps", "2", "--eval-every", "2", "--sample-steps", "2",
+                   "--threads", "2"])
+    assert json.loads((tmp_path / "overfit.json").read_text())["codec_ceiling"] == res["codec_ceiling"]
+    assert len(res["codec_ceiling"]) == 2 and min(res["codec_ceiling"]) >= 0.75
+    (e,) = res["evals"]
+    assert e["step"] == 2 and set(e) >= {"unguided", "guided"}
+    for name in ("unguided", "guided"):
+        assert abs(e[name]["mean_r"]) < 0.3 and abs(e[name]["mean_control_r"]) < 0.3
+        assert all(c["r_face_found"] == 1.0 for c in e[name]["clips"])
+
+    cfg = oi.model_config(128, 9, 64, 2)
+    codec = oi.load_taehv(oi.CODEC, "cpu")
+    who = oi.Character(cfg, 0, "human", codec, torch.zeros(cfg.dit.text_len, 384))
+    (x0, t0), (x1, t1) = who.clip(0, "eval"), who.clip(1, "eval")
+    coded = oi.mouth_of(oi.latents_to_frames(codec, x0["video"][None])[0], who.identity)[0]
+    assert pearson(coded, t0) >= 0.75 and pearson(coded, t1) < 0.4

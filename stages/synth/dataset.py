@@ -93,7 +93,7 @@ def render_sample(seed: int, identity: Identity, scene: Scene, speech: Speech, e
 SPEECH_MIN_S = 4.0  # shorter clips are cut from a clip of speech this long (sentences outlast a 1 s clip)
 
 
-def _speech(rng: np.random.Generator, duration: float, split: str, real_dir: RealDirs) -> Speech:
+def clip_speech(rng: np.random.Generator, duration: float, split: str, real_dir: RealDirs) -> Speech:
     """`speak` for `duration` s; under SPEECH_MIN_S, a window of a SPEECH_MIN_S clip, at a random offset."""
     if duration >= SPEECH_MIN_S:
         return speak(rng, duration, split, real_dir)
@@ -124,7 +124,7 @@ def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, s
     identity = random_identity(r_identity, style)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, fps)
-    speech = _speech(r_speech, T / fps, split, real_dir)
+    speech = clip_speech(r_speech, T / fps, split, real_dir)
     if events is None:
         events = random_events(r_actions, T / fps, cut_actions)
     return render_sample(seed, identity, scene, speech, events, T, r_motion, width, height, fps, masks, draw)

@@ -200,6 +200,11 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     return s
 
 
+def fit_text(feats: torch.Tensor, length: int) -> torch.Tensor:
+    """Text features [L', D] -> [length, D]: cut, or zero-padded (the DiT's text_len)."""
+    return torch.cat([feats[:length], feats.new_zeros(max(0, length - feats.shape[0]), feats.shape[1])])
+
+
 class WithAudioFeatures:
     """A ClipSource whose clips also carry their audio features, computed where the clip is rendered (a
     prefetch worker), not in the one process that codes every clip (session 31: on the GPU machine that
@@ -242,14 +247,10 @@ class Dataset:
     def _text(self, text: str | torch.Tensor) -> torch.Tensor:
         """A text (encoded once, cached) or its features [L, D] -> [text_len, D], zero-padded."""
         if torch.is_tensor(text):
-            return self._fit(text)
+            return fit_text(text, self.cfg.dit.text_len)
         if text not in self.text_cache:
-            self.text_cache[text] = self._fit(self.encode_text([text])[0])
+            self.text_cache[text] = fit_text(self.encode_text([text])[0], self.cfg.dit.text_len)
         return self.text_cache[text]
-
-    def _fit(self, feats: torch.Tensor) -> torch.Tensor:
-        L = self.cfg.dit.text_len
-        return torch.cat([feats[:L], feats.new_zeros(max(0, L - feats.shape[0]), feats.shape[1])])
 
     def sample(self, i: int) -> dict:
         if i not in self.cache:
