@@ -2,6 +2,8 @@
 speech it has never heard, when everything else about the character is fixed?
 
     python benchmarks/overfit_identity.py --steps 1500 --eval-every 500        # writes $OUT/overfit.json (default .)
+    python benchmarks/overfit_identity.py --device cuda --workers 15 --clips 512 --steps 6000 \
+        --variant dim=64,layers=2 --variant dim=128,layers=4 --variant size=256,dim=128,layers=4   # a GPU sweep
 
 One world character (`--identity` seed, `--style`) in one scene; `--clips` training clips of it speaking the
 world's training voices and texts (stages.synth split "train"), `--held` clips speaking held-out voices and texts
@@ -55,32 +57,45 @@ def model_config(size: int, latent_frames: int, dim: int, layers: int):
     return tiny.replace(name="overfit", height=size, width=size, taehv=small.taehv, latent_frames=latent_frames, dit=dit)
 
 
-class Character:
-    """One identity in one scene; clip i speaks split's voices and texts, drawn from (i, split)."""
+def character(cfg, seed: int, style: str):
+    """(identity, scene, reference frame) of the character: one identity in one scene."""
+    from stages.synth import State, render
+    from stages.synth.world import random_identity, random_scene
+    identity = random_identity(np.random.default_rng([seed, 0]), style)
+    scene = random_scene(np.random.default_rng([seed, 1]), identity)
+    return identity, scene, render(identity, State(), cfg.width, cfg.height, scene)
 
-    def __init__(self, cfg, seed: int, style: str, codec, text: torch.Tensor):
-        from stages.synth import State, render
-        from stages.synth.world import random_identity, random_scene
-        self.cfg, self.codec, self.text = cfg, codec, text
-        self.identity = random_identity(np.random.default_rng([seed, 0]), style)
-        self.scene = random_scene(np.random.default_rng([seed, 1]), self.identity)
-        self.ref = render(self.identity, State(), cfg.width, cfg.height, self.scene)
 
-    def clip(self, i: int, split: str) -> tuple[dict, np.ndarray]:
-        """(the model's inputs, the ground-truth mouth track [T])."""
-        from stages.synth.dataset import clip_speech, render_sample
-        cfg = self.cfg
-        T = cfg.video_frames
-        rng = np.random.default_rng([i, 0 if split == "train" else 1])
-        speech = clip_speech(rng, T / cfg.audio.fps, split, None)
-        s = render_sample(i, self.identity, self.scene, speech, [], T, rng, cfg.width, cfg.height, cfg.audio.fps,
-                          masks=True)
-        c = {"frames": s.frames, "audio": s.audio, "ref": self.ref, "text": NEUTRAL_TEXT,
-             "mouth": latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)}
-        x = encode_clip(cfg, self.codec, c)
-        del x["instruction"]                  # the character's one text, already encoded
-        x["text"] = self.text[None].expand(cfg.latent_frames, -1, -1)
-        return x, s.tracks["mouth"]
+def render_clip(cfg, seed: int, style: str, i: int, split: str) -> dict:
+    """Clip i of `split` (its voices and texts), drawn from (i, split): frames, audio, the reference, the
+    mouth's latent-region mask and the ground-truth mouth track [T]. Numpy only (a worker process's job)."""
+    from stages.synth.dataset import clip_speech, render_sample
+    identity, scene, ref = character(cfg, seed, style)
+    T = cfg.video_frames
+    rng = np.random.default_rng([i, 0 if split == "train" else 1])
+    speech = clip_speech(rng, T / cfg.audio.fps, split, None)
+    s = render_sample(i, identity, scene, speech, [], T, rng, cfg.width, cfg.height, cfg.audio.fps, masks=True)
+    return {"frames": s.frames, "audio": s.audio, "ref": ref, "text": NEUTRAL_TEXT,
+            "mouth": latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8), "truth": s.tracks["mouth"]}
+
+
+def encoded(cfg, codec, c: dict, text: torch.Tensor, dev) -> tuple[dict, np.ndarray]:
+    """(the model's inputs on `dev`, the ground-truth mouth track)."""
+    x = encode_clip(cfg, codec, c)
+    del x["instruction"]                      # the character's one text, already encoded
+    x["text"] = text[None].expand(cfg.latent_frames, -1, -1)
+    return {k: v.to(dev) for k, v in x.items()}, c["truth"]
+
+
+def clips(cfg, seed: int, style: str, n: int, split: str, workers: int) -> list[dict]:
+    jobs = [(cfg, seed, style, i, split) for i in range(n)]
+    if workers <= 1:
+        return [render_clip(*j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(1,)) as pool:
+        return list(pool.map(render_clip, *zip(*jobs)))
 
 
 def mouth_of(frames: np.ndarray, identity) -> tuple[np.ndarray, float]:
@@ -105,6 +120,60 @@ def lip_sync(model, cfg, codec, held, identity, guidance: float, steps: int, shi
     return {"mean_r": mean("r"), "mean_control_r": mean("control"), "clips": rows}
 
 
+VARIED = {"size": int, "dim": int, "layers": int, "steps": int, "batch": int, "lr": float, "clips": int}
+
+
+def variant(text: str) -> dict:
+    """"dim=128,layers=4,lr=5e-4" -> {"dim": 128, ...}: one run's settings over the flags'."""
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in VARIED:
+            raise argparse.ArgumentTypeError(f"--variant: {key!r} is not one of {', '.join(VARIED)}")
+        out[key] = VARIED[key](value)
+    return out
+
+
+def train_and_score(a, data, codec, dev) -> dict:
+    """One model of settings `a` trained on data["train"], scored on data["held"] every a.eval_every steps."""
+    cfg, who, train, held = data["cfg"], data["identity"], data["train"][:a.clips], data["held"]
+    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, dim=a.dim, ffn_dim=2 * a.dim, num_layers=a.layers))
+    torch.manual_seed(a.identity)
+    model = DiT(cfg.dit).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
+    st = ObjectiveSettings()
+    keys = ("video", "ref", "text", "audio", "mouth")
+    stacked = {k: torch.stack([x[k] for x in train]) for k in keys}
+    history, evals, eval_s = [], [], 0.0
+    t1 = time.perf_counter()
+    for step in range(1, a.steps + 1):
+        g = step_generator(a.identity, step)
+        idx = torch.randint(len(train), (a.batch,), generator=g).to(dev)
+        warm = min(1.0, step / 50)
+        for group in opt.param_groups:
+            group["lr"] = a.lr * warm * 0.5 * (1 + math.cos(math.pi * (step - 1) / a.steps))
+        loss, _ = bidirectional_loss(model, {k: v[idx] for k, v in stacked.items()}, st, Draw(g, 0, a.batch, a.batch))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(loss.detach())
+        if step % a.eval_every == 0 or step == a.steps:
+            model.eval()
+            te = time.perf_counter()
+            row = {"step": step, "train_s": te - t1 - eval_s, "loss": float(torch.stack(history[-a.eval_every:]).mean())}
+            for name, gsc in (("unguided", 1.0), ("guided", TEACHER_GUIDANCE)):
+                row[name] = lip_sync(model, cfg, codec, held, who, gsc, a.sample_steps, st.shift)
+            model.train()
+            eval_s += time.perf_counter() - te
+            evals.append(row)
+            print(f"step {step}: loss {row['loss']:.3f}, r unguided {row['unguided']['mean_r']:.3f} "
+                  f"(control {row['unguided']['mean_control_r']:.3f}), guided {row['guided']['mean_r']:.3f} "
+                  f"(control {row['guided']['mean_control_r']:.3f})", flush=True)
+    return {"settings": {k: getattr(a, k) for k in VARIED}, "params": sum(p.numel() for p in model.parameters()),
+            "step_s": (time.perf_counter() - t1 - eval_s) / a.steps, "eval_s": eval_s, "evals": evals}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=128)
@@ -121,72 +190,54 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--device", default="cpu", help="where the DiT trains and samples and the codec decodes")
+    ap.add_argument("--workers", type=int, default=1, help="processes rendering the clips")
+    ap.add_argument("--device", default="cpu", help="where the DiT trains and samples and the codec codes")
+    ap.add_argument("--variant", type=variant, action="append", default=[],
+                    help=f"one more run, the flags with these changed (of {', '.join(VARIED)}): dim=128,layers=4; "
+                         "repeatable; runs of one size share their clips")
     args = ap.parse_args(argv)
     if not CODEC.is_file():
         raise SystemExit(f"the world codec is missing: {CODEC}")
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(os.environ.get("OUT", "."))
-    cfg = model_config(args.size, args.latent_frames, args.dim, args.layers)
     dev = torch.device(args.device)
-    codec = load_taehv(CODEC, "cpu")
-    text = fit_text(text_encoder("minilm", max_len=cfg.dit.text_len)([NEUTRAL_TEXT])[0], cfg.dit.text_len)
-
-    t0 = time.perf_counter()
-    who = Character(cfg, args.identity, args.style, codec, text)
-    train = [who.clip(i, "train")[0] for i in range(args.clips)]
-    held = [who.clip(i, "eval") for i in range(args.held)]
-    codec = codec.to(dev)
-    held = [({k: v.to(dev) for k, v in x.items()}, truth) for x, truth in held]
-    data_s = time.perf_counter() - t0
-    ceiling = [pearson(mouth_of(latents_to_frames(codec, x["video"][None])[0], who.identity)[0], truth)
-               for x, truth in held]
-
-    torch.manual_seed(args.identity)
-    model = DiT(cfg.dit).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    st = ObjectiveSettings()
-    keys = ("video", "ref", "text", "audio", "mouth")
-    stacked = {k: torch.stack([x[k] for x in train]).to(dev) for k in keys}
-    history, evals, eval_s = [], [], 0.0
-    t1 = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        g = step_generator(args.identity, step)
-        idx = torch.randint(len(train), (args.batch,), generator=g).to(dev)
-        warm = min(1.0, step / 50)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * (step - 1) / args.steps))
-        loss, _ = bidirectional_loss(model, {k: v[idx] for k, v in stacked.items()}, st, Draw(g, 0, args.batch, args.batch))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        history.append(loss.detach())
-        if step % args.eval_every == 0 or step == args.steps:
-            model.eval()
-            te = time.perf_counter()
-            row = {"step": step, "train_s": te - t1 - eval_s,
-                   "loss": float(torch.stack(history[-args.eval_every:]).mean())}
-            for name, gsc in (("unguided", 1.0), ("guided", TEACHER_GUIDANCE)):
-                row[name] = lip_sync(model, cfg, codec, held, who.identity, gsc, args.sample_steps, st.shift)
-            model.train()
-            eval_s += time.perf_counter() - te
-            evals.append(row)
-            print(f"step {step}: loss {row['loss']:.3f}, r unguided {row['unguided']['mean_r']:.3f} "
-                  f"(control {row['unguided']['mean_control_r']:.3f}), guided {row['guided']['mean_r']:.3f} "
-                  f"(control {row['guided']['mean_control_r']:.3f})", flush=True)
-    res = {"args": vars(args), "params": sum(p.numel() for p in model.parameters()), "data_s": data_s,
-           "step_s": (time.perf_counter() - t1 - eval_s) / args.steps, "eval_s": eval_s, "codec_ceiling": ceiling,
-           "codec_ceiling_mean": float(np.mean([c for c in ceiling if c is not None])), "evals": evals}
+    codec = load_taehv(CODEC, dev)
+    runs_args = [argparse.Namespace(**{**vars(args), **v}) for v in (args.variant or [{}])]
+    data, runs = {}, []
+    for a in runs_args:
+        if a.size not in data:
+            t0 = time.perf_counter()
+            cfg = model_config(a.size, a.latent_frames, a.dim, a.layers)
+            text = fit_text(text_encoder("minilm", max_len=cfg.dit.text_len)([NEUTRAL_TEXT])[0], cfg.dit.text_len)
+            n = max(r.clips for r in runs_args if r.size == a.size)
+            who = character(cfg, a.identity, a.style)[0]
+            with torch.no_grad():
+                train = [encoded(cfg, codec, c, text, dev)[0] for c in clips(cfg, a.identity, a.style, n, "train", a.workers)]
+                held = [encoded(cfg, codec, c, text, dev) for c in clips(cfg, a.identity, a.style, a.held, "eval", a.workers)]
+                ceiling = [pearson(mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0], truth) for x, truth in held]
+            data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held,
+                            "data_s": time.perf_counter() - t0, "codec_ceiling": ceiling,
+                            "codec_ceiling_mean": float(np.mean([c for c in ceiling if c is not None]))}
+            print(f"{a.size} px: {n} + {a.held} clips in {data[a.size]['data_s']:.0f} s; codec ceiling r "
+                  f"{data[a.size]['codec_ceiling_mean']:.3f}", flush=True)
+        d = data[a.size]
+        res = train_and_score(a, d, codec, dev)
+        res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean")})
+        runs.append(res)
+    out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overfit.json").write_text(json.dumps(res, indent=1))
-    print(f"\n{res['params'] / 1e6:.2f} M parameters, {args.clips} clips in {data_s:.0f} s, "
-          f"{res['step_s']:.3f} s a step; codec ceiling r {res['codec_ceiling_mean']:.3f}")
-    print("| step | loss | r unguided (control) | r guided (control) |\n|---|---|---|---|")
-    for e in evals:
-        print(f"| {e['step']} | {e['loss']:.3f} | {e['unguided']['mean_r']:.3f} ({e['unguided']['mean_control_r']:.3f}) "
-              f"| {e['guided']['mean_r']:.3f} ({e['guided']['mean_control_r']:.3f}) |")
-    return res
+    (out_dir / "overfit.json").write_text(json.dumps(out, indent=1))
+    print("\n| size | dim x layers | params (M) | clips | step | s a step | loss | r unguided (control) | r guided (control) "
+          "| codec ceiling |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        s = r["settings"]
+        for e in r["evals"]:
+            print(f"| {s['size']} | {s['dim']} x {s['layers']} | {r['params'] / 1e6:.2f} | {s['clips']} | {e['step']} "
+                  f"| {r['step_s']:.3f} | {e['loss']:.3f} | {e['unguided']['mean_r']:.3f} "
+                  f"({e['unguided']['mean_control_r']:.3f}) | {e['guided']['mean_r']:.3f} "
+                  f"({e['guided']['mean_control_r']:.3f}) | {r['codec_ceiling_mean']:.3f} |")
+    return out
 
 
 if __name__ == "__main__":
