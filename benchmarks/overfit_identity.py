@@ -225,9 +225,9 @@ def main(argv=None) -> dict:
         res = train_and_score(a, d, codec, dev)
         res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean")})
         runs.append(res)
-    out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "overfit.json").write_text(json.dumps(out, indent=1))
+        out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "overfit.json").write_text(json.dumps(out, indent=1))     # after each run: a cut call keeps them
     print("\n| size | dim x layers | params (M) | clips | step | s a step | loss | r unguided (control) | r guided (control) "
           "| codec ceiling |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
