@@ -16,8 +16,10 @@ warm-up and cosine decay. Every `--eval-every` steps each held-out clip is sampl
 (stages/train/sample.py `sample_bidirectional`, unguided and at the teachers' guidance), decoded, and read by
 the world analyzer; lip sync is the synth bench's per-clip Pearson r at zero lag between the mouth measured
 from the pixels and the clip's ground-truth mouth track (stages/eval/bench/synthscore.py `pearson`), its
-control the same model driven by the next held-out clip's speech and scored against this clip's track, the
-ceiling the ground truth through the codec. The issue's bar: mean r >= 0.7.
+control the same model driven by the next held-out clip's speech and scored against this clip's track (reported
+as mean |r|, as the issue's control is, beside the chance level: mean |r| between the ground-truth tracks of
+mismatched clips, high for clips this short), the ceiling the ground truth through the codec. The issue's bar:
+mean r >= 0.7.
 """
 from __future__ import annotations
 
@@ -116,8 +118,9 @@ def lip_sync(model, cfg, codec, held, identity, guidance: float, steps: int, shi
             out[name] = pearson(mouth, truth)
             out[f"{name}_face_found"] = found
         rows.append(out)
-    mean = lambda key: float(np.mean([r[key] for r in rows if r[key] is not None]))  # noqa: E731
-    return {"mean_r": mean("r"), "mean_control_r": mean("control"), "clips": rows}
+    vals = lambda key: [r[key] for r in rows if r[key] is not None]  # noqa: E731
+    return {"mean_r": float(np.mean(vals("r"))), "mean_control_r": float(np.mean(vals("control"))),
+            "mean_abs_control_r": float(np.mean(np.abs(vals("control")))), "clips": rows}
 
 
 VARIED = {"size": int, "dim": int, "layers": int, "steps": int, "batch": int, "lr": float, "clips": int}
@@ -168,8 +171,8 @@ def train_and_score(a, data, codec, dev) -> dict:
             eval_s += time.perf_counter() - te
             evals.append(row)
             print(f"step {step}: loss {row['loss']:.3f}, r unguided {row['unguided']['mean_r']:.3f} "
-                  f"(control {row['unguided']['mean_control_r']:.3f}), guided {row['guided']['mean_r']:.3f} "
-                  f"(control {row['guided']['mean_control_r']:.3f})", flush=True)
+                  f"(control |r| {row['unguided']['mean_abs_control_r']:.3f}), guided {row['guided']['mean_r']:.3f} "
+                  f"(control |r| {row['guided']['mean_abs_control_r']:.3f})", flush=True)
     return {"settings": {k: getattr(a, k) for k in VARIED}, "params": sum(p.numel() for p in model.parameters()),
             "step_s": (time.perf_counter() - t1 - eval_s) / a.steps, "eval_s": eval_s, "evals": evals}
 
@@ -216,27 +219,30 @@ def main(argv=None) -> dict:
                 train = [encoded(cfg, codec, c, text, dev)[0] for c in clips(cfg, a.identity, a.style, n, "train", a.workers)]
                 held = [encoded(cfg, codec, c, text, dev) for c in clips(cfg, a.identity, a.style, a.held, "eval", a.workers)]
                 ceiling = [pearson(mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0], truth) for x, truth in held]
+            chance = [abs(pearson(held[(k + 1) % len(held)][1], truth)) for k, (_, truth) in enumerate(held)]
             data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held,
+                            "chance_abs_r": float(np.mean(chance)),
                             "data_s": time.perf_counter() - t0, "codec_ceiling": ceiling,
                             "codec_ceiling_mean": float(np.mean([c for c in ceiling if c is not None]))}
             print(f"{a.size} px: {n} + {a.held} clips in {data[a.size]['data_s']:.0f} s; codec ceiling r "
-                  f"{data[a.size]['codec_ceiling_mean']:.3f}", flush=True)
+                  f"{data[a.size]['codec_ceiling_mean']:.3f}; |r| of mismatched ground-truth tracks "
+                  f"{data[a.size]['chance_abs_r']:.3f} (the control's chance level)", flush=True)
         d = data[a.size]
         res = train_and_score(a, d, codec, dev)
-        res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean")})
+        res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean", "chance_abs_r")})
         runs.append(res)
         out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "overfit.json").write_text(json.dumps(out, indent=1))     # after each run: a cut call keeps them
-    print("\n| size | dim x layers | params (M) | clips | step | s a step | loss | r unguided (control) | r guided (control) "
+    print("\n| size | dim x layers | params (M) | clips | step | s a step | loss | r unguided (control |r|) | r guided (control |r|) "
           "| codec ceiling |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         s = r["settings"]
         for e in r["evals"]:
             print(f"| {s['size']} | {s['dim']} x {s['layers']} | {r['params'] / 1e6:.2f} | {s['clips']} | {e['step']} "
                   f"| {r['step_s']:.3f} | {e['loss']:.3f} | {e['unguided']['mean_r']:.3f} "
-                  f"({e['unguided']['mean_control_r']:.3f}) | {e['guided']['mean_r']:.3f} "
-                  f"({e['guided']['mean_control_r']:.3f}) | {r['codec_ceiling_mean']:.3f} |")
+                  f"({e['unguided']['mean_abs_control_r']:.3f}) | {e['guided']['mean_r']:.3f} "
+                  f"({e['guided']['mean_abs_control_r']:.3f}) | {r['codec_ceiling_mean']:.3f} |")
     return out
 
 
