@@ -218,10 +218,13 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 train = [encoded(cfg, codec, c, text, dev)[0] for c in clips(cfg, a.identity, a.style, n, "train", a.workers)]
                 held = [encoded(cfg, codec, c, text, dev) for c in clips(cfg, a.identity, a.style, a.held, "eval", a.workers)]
-                ceiling = [pearson(mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0], truth) for x, truth in held]
-            chance = [abs(pearson(held[(k + 1) % len(held)][1], truth)) for k, (_, truth) in enumerate(held)]
+                coded = [mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0] for x, _ in held]
+            other = lambda k: held[(k + 1) % len(held)][1]  # noqa: E731  (the next clip's track: the controls')
+            ceiling = [pearson(m, truth) for m, (_, truth) in zip(coded, held)]
+            chance = [abs(pearson(other(k), truth)) for k, (_, truth) in enumerate(held)]
             data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held,
                             "chance_abs_r": float(np.mean(chance)),
+                            "codec_ceiling_control": [pearson(m, other(k)) for k, m in enumerate(coded)],
                             "data_s": time.perf_counter() - t0, "codec_ceiling": ceiling,
                             "codec_ceiling_mean": float(np.mean([c for c in ceiling if c is not None]))}
             print(f"{a.size} px: {n} + {a.held} clips in {data[a.size]['data_s']:.0f} s; codec ceiling r "
@@ -229,7 +232,7 @@ def main(argv=None) -> dict:
                   f"{data[a.size]['chance_abs_r']:.3f} (the control's chance level)", flush=True)
         d = data[a.size]
         res = train_and_score(a, d, codec, dev)
-        res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean", "chance_abs_r")})
+        res.update({k: d[k] for k in ("data_s", "codec_ceiling", "codec_ceiling_mean", "codec_ceiling_control", "chance_abs_r")})
         runs.append(res)
         out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -302,10 +302,10 @@ def test_the_teachers_use_the_discriminator_only_past_its_held_out_bar(tmp_path)
 
 
 def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_path, monkeypatch):
-    """benchmarks/overfit_identity.py (issue 15's CPU check), two steps: the ground-truth mouth survives the world codec at 128 px (the ceiling the trained model's r
-    is read against, >= 0.75 on each clip), and an untrained model scores near zero on both its own speech and
-    the control's. Negative control: a clip's coded mouth scored against another clip's track is far below."""
-    from stages.eval.bench.synthscore import pearson
+    """benchmarks/overfit_identity.py (issue 15's CPU check), two steps: the ground-truth mouth survives the world
+    codec at 128 px (the ceiling the trained model's r is read against, >= 0.75 on each clip), and an untrained
+    model scores near zero on both its own speech and the control's. Negative control: each clip's coded mouth
+    scored against the other clip's track is far below its ceiling."""
     spec = importlib.util.spec_from_file_location(
         "overfit_identity", Path(__file__).resolve().parents[1] / "benchmarks" / "overfit_identity.py")
     oi = importlib.util.module_from_spec(spec)
@@ -313,19 +313,12 @@ def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_
     monkeypatch.setenv("OUT", str(tmp_path))
     res = oi.main(["--clips", "2", "--held", "2", "--steps", "2", "--eval-every", "2", "--sample-steps", "2",
                    "--threads", "2"])
-    assert json.loads((tmp_path / "overfit.json").read_text())["runs"][0]["codec_ceiling"] == res["runs"][0]["codec_ceiling"]
+    assert json.loads((tmp_path / "overfit.json").read_text()) == json.loads(json.dumps(res))
     (run,) = res["runs"]
     assert len(run["codec_ceiling"]) == 2 and min(run["codec_ceiling"]) >= 0.75 and 0 <= run["chance_abs_r"] < 0.75
+    assert max(run["codec_ceiling_control"]) < 0.4
     (e,) = run["evals"]
     assert e["step"] == 2 and set(e) >= {"unguided", "guided"}
     for name in ("unguided", "guided"):
         assert abs(e[name]["mean_r"]) < 0.3 and e[name]["mean_abs_control_r"] < 0.3
         assert all(c["r_face_found"] == 1.0 for c in e[name]["clips"])
-
-    cfg = oi.model_config(128, 9, 64, 2)
-    codec = oi.load_taehv(oi.CODEC, "cpu")
-    c0, c1 = oi.render_clip(cfg, 0, "human", 0, "eval"), oi.render_clip(cfg, 0, "human", 1, "eval")
-    x0, t0 = oi.encoded(cfg, codec, c0, torch.zeros(cfg.dit.text_len, 384), "cpu")
-    coded = oi.mouth_of(oi.latents_to_frames(codec, x0["video"][None])[0], oi.character(cfg, 0, "human")[0])[0]
-    t1 = c1["truth"]
-    assert pearson(coded, t0) >= 0.75 and pearson(coded, t1) < 0.4
