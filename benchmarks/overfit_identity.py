@@ -13,8 +13,8 @@ world codec (models/world_codec.safetensors, `small`'s autoencoder widths: it ke
 tiny autoencoder has not been trained). Training is stage 1's objective (stages/train/objectives.py
 `bidirectional_loss`: the recipe's shift, loss weighting, mouth-region weight and condition dropout) with AdamW,
 warm-up and cosine decay. Every `--eval-every` steps each held-out clip is sampled whole
-(stages/train/sample.py `sample_bidirectional`, unguided and at the teachers' guidance), decoded, and read by
-the world analyzer; lip sync is the synth bench's per-clip Pearson r at zero lag between the mouth measured
+(stages/train/sample.py `sample_bidirectional`, at each `--guidance` scale: unguided and the teachers' by
+default), decoded, and read by the world analyzer; lip sync is the synth bench's per-clip Pearson r at zero lag between the mouth measured
 from the pixels and the clip's ground-truth mouth track (stages/eval/bench/synthscore.py `pearson`), its
 control the same model driven by the next held-out clip's speech and scored against this clip's track (reported
 as mean |r|, as the issue's control is, beside the chance level: mean |r| between the ground-truth tracks of
@@ -123,7 +123,24 @@ def lip_sync(model, cfg, codec, held, identity, guidance: float, steps: int, shi
             "mean_abs_control_r": float(np.mean(np.abs(vals("control")))), "clips": rows}
 
 
-VARIED = {"size": int, "dim": int, "layers": int, "steps": int, "batch": int, "lr": float, "clips": int}
+VARIED = {"size": int, "dim": int, "layers": int, "steps": int, "batch": int, "lr": float, "clips": int,
+          "mouth_weight": float}
+
+
+def guidance_key(scale: float) -> str:
+    """An eval row's key for a guidance scale: "unguided" (1), "guided" (the teachers'), else "guidance 3"."""
+    return "unguided" if scale == 1.0 else "guided" if scale == TEACHER_GUIDANCE else f"guidance {scale:g}"
+
+
+def scales(text: str) -> list[float]:
+    """"1,2,4" -> [1.0, 2.0, 4.0]: the guidance scales every eval samples with."""
+    try:
+        out = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--guidance: comma-separated numbers, not {text!r}") from None
+    if not out or any(not g >= 1.0 for g in out):
+        raise argparse.ArgumentTypeError(f"--guidance: scales >= 1, not {text!r}")
+    return out
 
 
 def variant(text: str) -> dict:
@@ -144,7 +161,7 @@ def train_and_score(a, data, codec, dev) -> dict:
     torch.manual_seed(a.identity)
     model = DiT(cfg.dit).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
-    st = ObjectiveSettings()
+    st = ObjectiveSettings(mouth_weight=a.mouth_weight)
     keys = ("video", "ref", "text", "audio", "mouth")
     stacked = {k: torch.stack([x[k] for x in train]) for k in keys}
     history, evals, eval_s = [], [], 0.0
@@ -165,14 +182,14 @@ def train_and_score(a, data, codec, dev) -> dict:
             model.eval()
             te = time.perf_counter()
             row = {"step": step, "train_s": te - t1 - eval_s, "loss": float(torch.stack(history[-a.eval_every:]).mean())}
-            for name, gsc in (("unguided", 1.0), ("guided", TEACHER_GUIDANCE)):
-                row[name] = lip_sync(model, cfg, codec, held, who, gsc, a.sample_steps, st.shift)
+            for gsc in a.guidance:
+                row[guidance_key(gsc)] = lip_sync(model, cfg, codec, held, who, gsc, a.sample_steps, st.shift)
             model.train()
             eval_s += time.perf_counter() - te
             evals.append(row)
-            print(f"step {step}: loss {row['loss']:.3f}, r unguided {row['unguided']['mean_r']:.3f} "
-                  f"(control |r| {row['unguided']['mean_abs_control_r']:.3f}), guided {row['guided']['mean_r']:.3f} "
-                  f"(control |r| {row['guided']['mean_abs_control_r']:.3f})", flush=True)
+            print(f"step {step}: loss {row['loss']:.3f}, " + ", ".join(
+                f"r {guidance_key(g)} {row[guidance_key(g)]['mean_r']:.3f} (control |r| "
+                f"{row[guidance_key(g)]['mean_abs_control_r']:.3f})" for g in a.guidance), flush=True)
     return {"settings": {k: getattr(a, k) for k in VARIED}, "params": sum(p.numel() for p in model.parameters()),
             "step_s": (time.perf_counter() - t1 - eval_s) / a.steps, "eval_s": eval_s, "evals": evals}
 
@@ -192,6 +209,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--guidance", type=scales, default=[1.0, TEACHER_GUIDANCE],
+                    help="classifier-free guidance scales every eval samples with (1: unguided; on the speech, the text "
+                         "being the character's one)")
+    ap.add_argument("--mouth-weight", type=float, default=ObjectiveSettings.mouth_weight,
+                    help="the loss weight of the mouth's latent region (stage 1's default)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--workers", type=int, default=1, help="processes rendering the clips")
     ap.add_argument("--device", default="cpu", help="where the DiT trains and samples and the codec codes")
@@ -237,15 +259,16 @@ def main(argv=None) -> dict:
         out = {"args": {k: v for k, v in vars(args).items() if k != "variant"}, "runs": runs}
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "overfit.json").write_text(json.dumps(out, indent=1))     # after each run: a cut call keeps them
-    print("\n| size | dim x layers | params (M) | clips | step | s a step | loss | r unguided (control |r|) | r guided (control |r|) "
-          "| codec ceiling |\n|---|---|---|---|---|---|---|---|---|---|")
+    keys = [guidance_key(g) for g in args.guidance]
+    print("\n| size | dim x layers | mouth weight | params (M) | clips | step | s a step | loss | "
+          + " | ".join(f"r {k} (control |r|)" for k in keys) + " | codec ceiling |\n|" + "---|" * (8 + len(keys) + 1))
     for r in runs:
         s = r["settings"]
         for e in r["evals"]:
-            print(f"| {s['size']} | {s['dim']} x {s['layers']} | {r['params'] / 1e6:.2f} | {s['clips']} | {e['step']} "
-                  f"| {r['step_s']:.3f} | {e['loss']:.3f} | {e['unguided']['mean_r']:.3f} "
-                  f"({e['unguided']['mean_abs_control_r']:.3f}) | {e['guided']['mean_r']:.3f} "
-                  f"({e['guided']['mean_abs_control_r']:.3f}) | {r['codec_ceiling_mean']:.3f} |")
+            print(f"| {s['size']} | {s['dim']} x {s['layers']} | {s['mouth_weight']:g} | {r['params'] / 1e6:.2f} "
+                  f"| {s['clips']} | {e['step']} | {r['step_s']:.3f} | {e['loss']:.3f} | "
+                  + " | ".join(f"{e[k]['mean_r']:.3f} ({e[k]['mean_abs_control_r']:.3f})" for k in keys)
+                  + f" | {r['codec_ceiling_mean']:.3f} |")
     return out
 
 
