@@ -18,8 +18,9 @@ default), decoded, and read by the world analyzer; lip sync is the synth bench's
 from the pixels and the clip's ground-truth mouth track (stages/eval/bench/synthscore.py `pearson`), its
 control the same model driven by the next held-out clip's speech and scored against this clip's track (reported
 as mean |r|, as the issue's control is, beside the chance level: mean |r| between the ground-truth tracks of
-mismatched clips, high for clips this short), the ceiling the ground truth through the codec. The issue's bar:
-mean r >= 0.7.
+mismatched clips, high for clips this short), the ceiling the ground truth through the codec; `--seen N` scores N
+training clips the same way (memorised speech: is the gap to the ceiling generalisation or capacity?). The
+issue's bar: mean r >= 0.7.
 """
 from __future__ import annotations
 
@@ -184,12 +185,18 @@ def train_and_score(a, data, codec, dev) -> dict:
             row = {"step": step, "train_s": te - t1 - eval_s, "loss": float(torch.stack(history[-a.eval_every:]).mean())}
             for gsc in a.guidance:
                 row[guidance_key(gsc)] = lip_sync(model, cfg, codec, held, who, gsc, a.sample_steps, st.shift)
+                if data["seen"]:
+                    row["seen"] = row.get("seen", {})
+                    row["seen"][guidance_key(gsc)] = lip_sync(model, cfg, codec, data["seen"], who, gsc,
+                                                              a.sample_steps, st.shift)
             model.train()
             eval_s += time.perf_counter() - te
             evals.append(row)
             print(f"step {step}: loss {row['loss']:.3f}, " + ", ".join(
                 f"r {guidance_key(g)} {row[guidance_key(g)]['mean_r']:.3f} (control |r| "
-                f"{row[guidance_key(g)]['mean_abs_control_r']:.3f})" for g in a.guidance), flush=True)
+                f"{row[guidance_key(g)]['mean_abs_control_r']:.3f})" for g in a.guidance)
+                + ("; on training speech: " + ", ".join(f"r {k} {v['mean_r']:.3f}" for k, v in row["seen"].items())
+                   if "seen" in row else ""), flush=True)
     return {"settings": {k: getattr(a, k) for k in VARIED}, "params": sum(p.numel() for p in model.parameters()),
             "step_s": (time.perf_counter() - t1 - eval_s) / a.steps, "eval_s": eval_s, "evals": evals}
 
@@ -200,6 +207,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--latent-frames", type=int, default=9, help="a clip's latent frames (1 + 4 (F - 1) video frames)")
     ap.add_argument("--clips", type=int, default=32, help="training clips of the character")
     ap.add_argument("--held", type=int, default=6, help="held-out clips (held-out voices and texts)")
+    ap.add_argument("--seen", type=int, default=0,
+                    help="also score the first N training clips (speech it trained on: memorised or not learnt?)")
     ap.add_argument("--identity", type=int, default=0, help="the character's seed")
     ap.add_argument("--style", default="human")
     ap.add_argument("--dim", type=int, default=64)
@@ -238,13 +247,14 @@ def main(argv=None) -> dict:
             n = max(r.clips for r in runs_args if r.size == a.size)
             who = character(cfg, a.identity, a.style)[0]
             with torch.no_grad():
-                train = [encoded(cfg, codec, c, text, dev)[0] for c in clips(cfg, a.identity, a.style, n, "train", a.workers)]
+                seen = [encoded(cfg, codec, c, text, dev) for c in clips(cfg, a.identity, a.style, n, "train", a.workers)]
+                train = [x for x, _ in seen]
                 held = [encoded(cfg, codec, c, text, dev) for c in clips(cfg, a.identity, a.style, a.held, "eval", a.workers)]
                 coded = [mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0] for x, _ in held]
             other = lambda k: held[(k + 1) % len(held)][1]  # noqa: E731  (the next clip's track: the controls')
             ceiling = [pearson(m, truth) for m, (_, truth) in zip(coded, held)]
             chance = [abs(pearson(other(k), truth)) for k, (_, truth) in enumerate(held)]
-            data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held,
+            data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held, "seen": seen[:args.seen],
                             "chance_abs_r": float(np.mean(chance)),
                             "codec_ceiling_control": [pearson(m, other(k)) for k, m in enumerate(coded)],
                             "data_s": time.perf_counter() - t0, "codec_ceiling": ceiling,

@@ -312,13 +312,15 @@ def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_
     spec.loader.exec_module(oi)
     monkeypatch.setenv("OUT", str(tmp_path))
     res = oi.main(["--clips", "2", "--held", "2", "--steps", "2", "--eval-every", "2", "--sample-steps", "2",
-                   "--threads", "2"])
+                   "--threads", "2", "--seen", "1"])
     assert json.loads((tmp_path / "overfit.json").read_text()) == json.loads(json.dumps(res))
     (run,) = res["runs"]
     assert len(run["codec_ceiling"]) == 2 and min(run["codec_ceiling"]) >= 0.75 and 0 <= run["chance_abs_r"] < 0.75
     assert max(run["codec_ceiling_control"]) < 0.4
     (e,) = run["evals"]
-    assert e["step"] == 2 and set(e) >= {"unguided", "guided"}
-    for name in ("unguided", "guided"):
-        assert abs(e[name]["mean_r"]) < 0.3 and e[name]["mean_abs_control_r"] < 0.3
-        assert all(c["r_face_found"] == 1.0 for c in e[name]["clips"])
+    assert e["step"] == 2 and set(e) >= {"unguided", "guided"} and set(e["seen"]) == {"unguided", "guided"}
+    for row in (e, e["seen"]):
+        for name in ("unguided", "guided"):
+            assert abs(row[name]["mean_r"]) < 0.3 and row[name]["mean_abs_control_r"] < 0.3
+            assert all(c["r_face_found"] == 1.0 for c in row[name]["clips"])
+    assert len(e["seen"]["guided"]["clips"]) == 1 and len(e["guided"]["clips"]) == 2
