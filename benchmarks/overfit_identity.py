@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
                 coded = [mouth_of(latents_to_frames(codec, x["video"][None])[0], who)[0] for x, _ in held]
             other = lambda k: held[(k + 1) % len(held)][1]  # noqa: E731  (the next clip's track: the controls')
             ceiling = [pearson(m, truth) for m, (_, truth) in zip(coded, held)]
-            chance = [abs(pearson(other(k), truth)) for k, (_, truth) in enumerate(held)]
+            chance = [abs(r) for k, (_, truth) in enumerate(held) if (r := pearson(other(k), truth)) is not None]
             data[a.size] = {"cfg": cfg, "identity": who, "train": train, "held": held, "seen": seen[:args.seen],
                             "chance_abs_r": float(np.mean(chance)),
                             "codec_ceiling_control": [pearson(m, other(k)) for k, m in enumerate(coded)],
