@@ -14,13 +14,14 @@ tiny autoencoder has not been trained). Training is stage 1's objective (stages/
 `bidirectional_loss`: the recipe's shift, loss weighting, mouth-region weight and condition dropout) with AdamW,
 warm-up and cosine decay. Every `--eval-every` steps each held-out clip is sampled whole
 (stages/train/sample.py `sample_bidirectional`, at each `--guidance` scale: unguided and the teachers' by
-default), decoded, and read by the world analyzer; lip sync is the synth bench's per-clip Pearson r at zero lag between the mouth measured
-from the pixels and the clip's ground-truth mouth track (stages/eval/bench/synthscore.py `pearson`), its
-control the same model driven by the next held-out clip's speech and scored against this clip's track (reported
-as mean |r|, as the issue's control is, beside the chance level: mean |r| between the ground-truth tracks of
-mismatched clips, high for clips this short), the ceiling the ground truth through the codec; `--seen N` scores N
-training clips the same way (memorised speech: is the gap to the ceiling generalisation or capacity?). The
-issue's bar: mean r >= 0.7.
+default), decoded, and read by the world analyzer; lip sync is the synth bench's per-clip Pearson r at zero lag
+between the mouth measured from the pixels and the clip's ground-truth mouth track
+(stages/eval/bench/synthscore.py `pearson`), its control the same model driven by the next held-out clip's
+speech and scored against this clip's track (reported as mean |r|, as the issue's control is, beside the chance
+level: mean |r| between the ground-truth tracks of mismatched clips, high for clips this short), the ceiling the
+ground truth through the codec; `--seen N` scores N training clips the same way (memorised speech: is the gap to
+the ceiling generalisation or capacity?). The issue's bar: mean r >= 0.7 (met on the CPU with 1024 training
+clips, benchmarks/RESULTS.md session 54).
 """
 from __future__ import annotations
 
@@ -186,9 +187,8 @@ def train_and_score(a, data, codec, dev) -> dict:
             for gsc in a.guidance:
                 row[guidance_key(gsc)] = lip_sync(model, cfg, codec, held, who, gsc, a.sample_steps, st.shift)
                 if data["seen"]:
-                    row["seen"] = row.get("seen", {})
-                    row["seen"][guidance_key(gsc)] = lip_sync(model, cfg, codec, data["seen"], who, gsc,
-                                                              a.sample_steps, st.shift)
+                    row.setdefault("seen", {})[guidance_key(gsc)] = lip_sync(model, cfg, codec, data["seen"], who, gsc,
+                                                                             a.sample_steps, st.shift)
             model.train()
             eval_s += time.perf_counter() - te
             evals.append(row)
