@@ -4,6 +4,7 @@ under the size limit (sharded when a model is larger) and load back bit for bit;
 covers every text training and the synth bench use and equals MiniLM's features."""
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -11,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -301,15 +303,36 @@ def test_the_teachers_use_the_discriminator_only_past_its_held_out_bar(tmp_path)
         assert (ob.sync_weight, ob.lipsync) == ((0.02, str(tmp_path / recipe.LIPSYNC)) if used else (0.0, None))
 
 
+def _overfit_script():
+    spec = importlib.util.spec_from_file_location(
+        "overfit_identity", Path(__file__).resolve().parents[1] / "benchmarks" / "overfit_identity.py")
+    oi = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(oi)
+    return oi
+
+
+def test_the_overfit_checks_chance_level_and_guidance_scales():
+    """The control's chance level skips a held-out clip whose mouth never moves (it has no r; it crashed a
+    24-clip run), and --guidance takes scales >= 1, keyed as the eval rows are."""
+    oi = _overfit_script()
+    t = np.linspace(0, 6, 40)
+    a, b, still = np.sin(t), np.sin(1.7 * t) + 0.3 * t, np.full(40, 0.2)
+    expected = (abs(np.corrcoef(a, b)[0, 1]) + 0.0) / 2        # (b vs a), (still vs b: r 0), (a vs still: none)
+    assert oi.chance_abs_r([a, b, still]) == pytest.approx(expected, abs=1e-12)
+    assert oi.chance_abs_r([a, b]) == pytest.approx(abs(np.corrcoef(a, b)[0, 1]), abs=1e-12)
+    assert oi.scales("1,2,3.5") == [1.0, 2.0, 3.5]
+    for bad in ("0.5", "2,x", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            oi.scales(bad)
+    assert [oi.guidance_key(g) for g in (1.0, oi.TEACHER_GUIDANCE, 3.0)] == ["unguided", "guided", "guidance 3"]
+
+
 def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_path, monkeypatch):
     """benchmarks/overfit_identity.py (issue 15's CPU check), two steps: the ground-truth mouth survives the world
     codec at 128 px (the ceiling the trained model's r is read against, >= 0.75 on each clip), and an untrained
     model scores near zero on both its own speech and the control's. Negative control: each clip's coded mouth
     scored against the other clip's track is far below its ceiling."""
-    spec = importlib.util.spec_from_file_location(
-        "overfit_identity", Path(__file__).resolve().parents[1] / "benchmarks" / "overfit_identity.py")
-    oi = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(oi)
+    oi = _overfit_script()
     monkeypatch.setenv("OUT", str(tmp_path))
     res = oi.main(["--clips", "2", "--held", "2", "--steps", "2", "--eval-every", "2", "--sample-steps", "2",
                    "--threads", "2", "--seen", "1"])
