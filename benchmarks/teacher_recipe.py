@@ -428,32 +428,43 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
 
 
 def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
-    """The shipped starter model (models/starter): W/student as one bf16 file beside W's codec, its
-    codec record pointing at the file beside it, its lineage (recipe, commit, distillation settings) and
-    the eval phase's summary (`scores`: that phase's recipe_eval.json of the same student) in its
-    metadata ("starter"). Refuses scores of another checkpoint and files over the size limit."""
+    """The shipped starter model (models/starter): the checkpoint the eval phase scored (`scores`: its
+    recipe_eval.json; W/student, or a causal teacher W/causal with a few-step sampler, issue 16) as one
+    bf16 file beside W's codec, its sampling record set to the stream settings that eval used (its
+    overrides, e.g. --stream-steps 3, resolved as `vidu stream` resolves them) and pointing at the codec
+    file beside it, its lineage (recipe, commit) and the eval's summary in its metadata ("starter").
+    Refuses scores of another phase or model, and files over the size limit."""
     import subprocess
     from models import starter
+    from models.config import ModelConfig
+    from stages.stream.engine import StreamSettings
     dest = dest or starter.HERE
-    student = unship(work / "student", "ema")
     ev = json.loads(Path(scores).read_text())
-    if ev.get("phase") != "eval" or ev.get("teacher") != "student":
-        raise SystemExit(f"{scores} is not an eval of the student (--phase eval --teacher student)")
-    meta = read_metadata(student)
-    sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in read_state_dict(student).items()}
-    meta["sampling"] = {**meta["sampling"], "codec": {**meta["sampling"]["codec"], "file": starter.CODEC.name}}
+    folder = {"student": "student", "causal": "causal"}.get(ev.get("teacher"))
+    if ev.get("phase") != "eval" or folder is None:
+        raise SystemExit(f"{scores} is not an eval of the student or the causal teacher (--phase eval)")
+    model = unship(work / folder, "ema")
+    meta = read_metadata(model)
+    sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in read_state_dict(model).items()}
+    given = {k: v for k, v in (ev.get("stream") or {}).items() if k in meta["sampling"]}
+    st = StreamSettings.resolve(ModelConfig.from_dict(meta["config"]), meta["sampling"], **given)
+    sampling = {**meta["sampling"], **{k: getattr(st, k) for k in ("steps", "noisy_step", "twin", "sampler",
+                                                                   "guidance", "guide")}}
+    meta["sampling"] = {**sampling, "codec": {**sampling["codec"], "file": starter.CODEC.name}}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     s = ev["summary"]
-    meta["starter"] = {"model": f"distilled student, {meta['sampling']['steps']} steps", "recipe": "benchmarks/teacher_recipe.py",
+    kind = "distilled student" if folder == "student" else "causal teacher"
+    guided = f", guidance {st.guidance:g} on the {st.guide}" if st.guidance != 1 else ""
+    meta["starter"] = {"model": f"{kind}, {st.steps} steps{guided}", "recipe": "benchmarks/teacher_recipe.py",
                        "commit": commit or None, "lineage": meta.get("lineage"),
                        "eval": {"cases": ev["cases"], "seconds": ev["seconds"], "device": ev["device"]},
                        "scores": {k: s[k] for k in ("mouth_r", "mouth_abs_r_control", "instr_success", "instr_events",
                                                     "latency_s_p50", "latency_s_p90", "spurious_per_min",
                                                     "identity_error", "truth_identity_error")}}
     dest.mkdir(parents=True, exist_ok=True)
-    save_safetensors(dest / starter.STUDENT.name, sd, meta)
+    save_safetensors(dest / starter.MODEL.name, sd, meta)
     shutil.copyfile(work / CODEC, dest / starter.CODEC.name)
-    size = sum((dest / f).stat().st_size for f in (starter.STUDENT.name, starter.CODEC.name))
+    size = sum((dest / f).stat().st_size for f in (starter.MODEL.name, starter.CODEC.name))
     if size > starter.SIZE_LIMIT:
         raise SystemExit(f"the starter is {size / 2 ** 20:.1f} MiB, over {starter.SIZE_LIMIT / 2 ** 20:.0f} MiB")
     return {"phase": "starter", "dest": str(dest), "bytes": size, "starter": meta["starter"]}
@@ -895,7 +906,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
     ap.add_argument("--sync-weight", type=float, default=0.0,
                     help="distill: the sync reward's weight (needs W/lipsync.safetensors; 0: measured only)")
-    ap.add_argument("--scores", type=Path, help="starter: the student's eval phase result (recipe_eval.json)")
+    ap.add_argument("--scores", type=Path, help="starter: the eval phase's result (recipe_eval.json) of the model to ship")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
     if args.write_text_table:
@@ -929,7 +940,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
     elif args.phase == "starter":
         if not args.scores:
-            ap.error("--phase starter needs --scores (the student's recipe_eval.json)")
+            ap.error("--phase starter needs --scores (the eval phase's recipe_eval.json of the model to ship)")
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
