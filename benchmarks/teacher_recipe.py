@@ -5,9 +5,9 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase bidirectional --work W --minutes 8.5 [--codec ae.safetensors]
     python benchmarks/teacher_recipe.py --phase causal        --work W --minutes 8.5
     python benchmarks/teacher_recipe.py --phase causal --again --work W --minutes 9   # further, from W/causal
-    python benchmarks/teacher_recipe.py --phase causal --again --from models/starter/student.safetensors \
+    python benchmarks/teacher_recipe.py --phase causal --again --from models/starter/model.safetensors \
         --codec models/starter/codec.safetensors --work W --minutes 9      # W without a teacher: from the starter
-    python benchmarks/teacher_recipe.py --phase causal --again --recode --from models/starter/student.safetensors \
+    python benchmarks/teacher_recipe.py --phase causal --again --recode --from models/starter/model.safetensors \
         --codec NEW.safetensors --work W --minutes 9     # the starter's DiT onto a retrained codec's latents
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
@@ -26,7 +26,7 @@ a model is larger), with the codec, so that $OUT is the next GPU run's W (<= 64 
     W/causal/ema*.safetensors[.index.json]        stage 2's EMA (phase causal)
     W/student/ema*.safetensors[.index.json]       the distilled student's EMA (phase distill, `vidu distill`
                                                   of W/causal: DMD, its settings in RECIPES)
-    W/runs/<stage>/                               training runs (optimizer state; resumed from latest
+    W/runs/<stage>[-again-<seed>]/                training runs (optimizer state; resumed from latest
                                                   when a phase is run again on the same W, never carried)
 
 What travels to a GPU run is the working tree and the carried paths, 64 MiB in all: the starter model
@@ -256,9 +256,11 @@ def lipsync_phase(recipe: Recipe, work: Path, out: Path, workers: int) -> dict:
             "used_by_teachers": usable_lipsync(recipe, work), "shipped": {LIPSYNC: path.stat().st_size}}
 
 
-def run_name(stage: str, again: bool) -> str:
-    """W/runs/<name>: a stage's run, or its further run from the shipped EMA (--again)."""
-    return f"{stage}-again" if again else stage
+def run_name(stage: str, work: Path, again: bool) -> str:
+    """W/runs/<name>: a stage's run, or its further run from the shipped EMA (--again), named by that
+    run's data seed: a re-run of an interrupted phase resumes it, and the next phase (W/<stage> now the
+    EMA the last one shipped, its lineage one seed longer) starts its own run."""
+    return f"{stage}-again-{fresh_seed(str(unship(work / stage, 'ema')), stage)}" if again else stage
 
 
 def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False, recode: bool = False) -> dict:
@@ -297,7 +299,7 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     """The run's settings: those it was started with (W/runs/<run>/recipe.json: a re-run resumes it),
     else `steps` (stopped after `minutes` of training), else steps fitted to the phase time left after
     the probe and the rendering."""
-    saved = work / "runs" / run_name(stage, again) / "recipe.json"
+    saved = work / "runs" / run_name(stage, work, again) / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
         return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode), rec
@@ -344,7 +346,7 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
     if again and stage == "autoencoder":
         raise SystemExit("--again continues a teacher stage (bidirectional or causal)")
     st, fit = fitted_settings(recipe, stage, work, minutes, workers, t_phase, steps, again, recode)
-    run = work / "runs" / run_name(stage, again)
+    run = work / "runs" / run_name(stage, work, again)
     t0 = time.perf_counter()
     summary = train(st, run, prefetch=workers, deadline=t_phase + minutes * 60 - recipe.reserve_s,
                     progress=lambda h: h["step"] % 200 or print(f"{stage} step {h['step']}: loss {h['loss']:.4f} at "

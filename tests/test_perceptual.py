@@ -51,7 +51,7 @@ def degraded(x):
 
 def test_the_codec_distance_ranks_decoded_content_like_a_perceptual_distance():
     """On the shipped starter's autoencoder (trained on the world) and real world frames coded by it: the
-    latents of a mildly noised or blurred clip decode 1000x closer to the clip's than another character's
+    latents of a mildly noised or blurred clip decode 250x closer to the clip's than another character's
     do, and latent noise of growing size ranks in order. An untrained TAEHV's encoder ranks pixels alike
     (noise levels in order, another character 30x farther: measured), but through an untrained codec the
     latents barely depend on the frames (differences ~1e-7), so decoded content needs the trained one."""
@@ -68,8 +68,9 @@ def test_the_codec_distance_ranks_decoded_content_like_a_perceptual_distance():
         levels = [float(d(z["a"] + s * torch.randn(z["a"].shape, generator=torch.Generator().manual_seed(2)),
                           z["a"])) for s in (0.03, 0.3, 1.0)]
     assert got["a"] == 0.0
-    # measured at 32 x 32: 0.0016 (noise), 0.0023 (blur), 2.9 (another character); levels 0.0005, 0.050, 0.52
-    assert 0 < got["noisy"] < got["other"] / 1000 and 0 < got["blur"] < got["other"] / 1000, got
+    # measured at 32 x 32 through the world codec (the starter's since session 55): 0.0021 (noise), 0.0097
+    # (blur: it keeps more fine detail than the session-30 codec, which gave 0.0023), 2.7 (another character)
+    assert 0 < got["noisy"] < got["other"] / 250 and 0 < got["blur"] < got["other"] / 250, got
     assert levels[0] < levels[1] < levels[2], levels
     # the untrained encoder on the frames themselves: noise levels in order, the other character far
     raw = CodecDistance(tiny_codec())

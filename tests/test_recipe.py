@@ -64,6 +64,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert further["settings"]["init_from"] == str(works[2] / "causal" / "ema.safetensors")
     assert further["train"]["resumed_from"] is None and further["again"]
     assert (causal["settings"]["seed"], further["settings"]["seed"]) == (0, 1)     # new clips
+    # the next phase in the same folder starts its own run (session 55: it found the last one's and stopped)
+    third = phase("causal", works[2], tmp_path / "third", monkeypatch, "--again")
+    assert third["settings"]["seed"] == 2 and third["train"]["resumed_from"] is None
     assert recipe.read_state_dict(tmp_path / "more" / "causal" / "ema.safetensors").keys() == \
         recipe.read_state_dict(outs[2] / "causal" / "ema.safetensors").keys()
     for out in outs[:3]:
