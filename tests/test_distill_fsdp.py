@@ -1,6 +1,10 @@
 """`vidu distill` under torchrun: two processes (FSDP2 over gloo, each its rows of the global batch) train
 what one process trains with the same global batch, step for step, pure DMD and with PCM (its EMA student
-gathered); a run cut short resumes on two processes where the uninterrupted one ended."""
+gathered); a run cut short resumes on two processes where the uninterrupted one ended.
+
+The one-process runs (the reference and the other-seed control) are `vidu distill` in this process (typer's
+CliRunner): a fresh interpreter's start-up and imports cost more than the 3 tiny steps (measured on one thread:
+8.7 s a run as a process, 1.6 s in this one once the modules are loaded)."""
 from __future__ import annotations
 
 import json
@@ -38,9 +42,9 @@ def close(a: list[dict], b: list[dict], keys=("loss", "loss_dmd", "loss_critic",
 
 def test_two_processes_distill_what_one_does_and_resume(teacher, tmp_path):
     from models.checkpoint import read_state_dict
-    from tests.conftest import vidu
+    from tests.conftest import cli
     one, two = tmp_path / "one", tmp_path / "two"
-    vidu("distill", "--from", str(teacher), "--out", str(one), "--workdir", str(tmp_path / "w1"), *ARGS)
+    cli("distill", "--from", str(teacher), "--out", str(one), "--workdir", str(tmp_path / "w1"), *ARGS)
     run = torchrun(teacher, two, tmp_path / "w2")
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = history(one), history(two)
@@ -52,8 +56,8 @@ def test_two_processes_distill_what_one_does_and_resume(teacher, tmp_path):
         assert all(torch.allclose(x[k].float(), y[k].float(), rtol=1e-3, atol=1e-5) for k in x), name
     # control: the same run with another seed is not within the tolerance
     seeded = tmp_path / "seeded"
-    vidu("distill", "--from", str(teacher), "--out", str(seeded), "--workdir", str(tmp_path / "w3"), *ARGS,
-         "--seed", "1")
+    cli("distill", "--from", str(teacher), "--out", str(seeded), "--workdir", str(tmp_path / "w3"), *ARGS,
+        "--seed", "1")
     assert not close(a, history(seeded))
     # cut back to step 1 and re-run on two processes: it ends where it ended
     shutil.rmtree(two / "step-000003")
@@ -67,10 +71,10 @@ def test_two_processes_distill_what_one_does_and_resume(teacher, tmp_path):
 
 def test_with_pcm_two_processes_distill_what_one_does(teacher, tmp_path):
     """PCM's EMA student is the gathered EMA on an unsharded copy: the PCM term and the updates match."""
-    from tests.conftest import vidu
+    from tests.conftest import cli
     one, two = tmp_path / "one", tmp_path / "two"
     pcm = ("--pcm-weight", "0.5", "--pcm-distance", "latent")
-    vidu("distill", "--from", str(teacher), "--out", str(one), "--workdir", str(tmp_path / "w1"), *ARGS, *pcm)
+    cli("distill", "--from", str(teacher), "--out", str(one), "--workdir", str(tmp_path / "w1"), *ARGS, *pcm)
     run = torchrun(teacher, two, tmp_path / "w2", *pcm)
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = history(one), history(two)
