@@ -10,6 +10,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase causal --again --recode --from models/starter/model.safetensors \
         --codec NEW.safetensors --work W --minutes 9     # the starter's DiT onto a retrained codec's latents
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
+    python benchmarks/teacher_recipe.py --phase eval --from models/starter/model.safetensors --work W   # as shipped
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
@@ -556,8 +557,10 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
 
 
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
-               seconds: float | None, overrides: dict | None = None, workers: int = 1) -> dict:
-    """Stream and score the held-out cases with the `teacher` checkpoint in W, in `streams` processes
+               seconds: float | None, overrides: dict | None = None, workers: int = 1,
+               ckpt: Path | None = None) -> dict:
+    """Stream and score the held-out cases with the `teacher` checkpoint in W (or `ckpt`, --from: a
+    checkpoint with its codec beside it, e.g. models/starter/model.safetensors), in `streams` processes
     that share the device (case i goes to process i mod streams; each renders, streams and scores its
     own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1 (then
     scored in `workers` processes: the drift stream, `--cases 1 --seconds 600`)."""
@@ -565,7 +568,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     from concurrent.futures import ProcessPoolExecutor
     from stages.eval.bench.cases import BenchSamples
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
-    ckpt = unship(work / teacher, "ema")
+    ckpt = ckpt or unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     stream = {**recipe.stream, **(overrides or {})}
     t0 = time.perf_counter()
@@ -900,7 +903,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--again", action="store_true",
                     help="bidirectional / causal: train further from the stage's shipped EMA in W (fresh optimizer and schedule)")
     ap.add_argument("--from", dest="start", type=Path,
-                    help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's student")
+                    help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's model; "
+                         "with --phase eval: score this checkpoint (its codec file beside it) instead of W's")
     ap.add_argument("--recode", action="store_true",
                     help="with --from: it was trained with another codec than --codec; train it on --codec's latents")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
@@ -925,14 +929,16 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.codec:
         shutil.copyfile(args.codec, work / CODEC)
-    if args.phase != "autoencoder" and not (work / CODEC).is_file():
+    scored = args.phase == "eval" and args.start      # a checkpoint evaluated where it lies, with its own codec
+    if args.phase != "autoencoder" and not scored and not (work / CODEC).is_file():
         raise SystemExit(f"{work / CODEC} is missing: run --phase autoencoder first, or give --codec")
     if args.start:
-        if not (args.again and args.phase in ("bidirectional", "causal")):
-            ap.error("--from goes with --again and a teacher stage (bidirectional or causal)")
+        if not (scored or args.again and args.phase in ("bidirectional", "causal")):
+            ap.error("--from goes with --again and a teacher stage (bidirectional or causal), or with --phase eval")
         if not args.start.is_file():
             raise SystemExit(f"--from {args.start}: no such file")
-        ship(args.start, work / args.phase, "ema")     # what --again continues from (bf16, shards if large)
+        if not scored:
+            ship(args.start, work / args.phase, "ema")     # what --again continues from (bf16, shards if large)
     if args.recode and not (args.start and args.codec):
         ap.error("--recode goes with --from and --codec")
     torch.backends.cudnn.benchmark = True
@@ -953,7 +959,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        ("attention", args.attention), ("kernels", args.kernels))
                      if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
-                         args.workers)
+                         args.workers, args.start)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again,
                           args.recode)

@@ -149,6 +149,21 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert st["summary"]["clips"] == 2
     sampling = recipe.read_metadata(works[4] / "student" / "ema.safetensors")["sampling"]
     assert (sampling["stage"], sampling["steps"], sampling["guidance"]) == ("distill", 3, 1.0)
+    # the starter phase ships the model an eval scored (here the student) with its codec beside it, and the
+    # eval phase scores it there (--from, no codec in W): the same numbers as from W
+    starter = recipe.starter_phase(works[4], tmp_path / "out6" / "recipe_eval.json", tmp_path / "starter")
+    assert st["stream"]["steps"] == 2                                # FAST's --stream-steps: what the eval streamed
+    assert starter["starter"]["model"] == "distilled student, 2 steps"      # ... is what the starter records
+    assert recipe.read_metadata(tmp_path / "starter" / "model.safetensors")["sampling"]["steps"] == 2
+    assert starter["starter"]["scores"]["mouth_r"] == st["summary"]["mouth_r"]
+    shipped = phase("eval", tmp_path / "bare", tmp_path / "out6b", monkeypatch, "--from",
+                    str(tmp_path / "starter" / "model.safetensors"))
+    speedless = lambda s: {k: v for k, v in s.items() if k != "stream_fps"}  # noqa: E731
+    assert speedless(shipped["summary"]) == speedless(st["summary"])
+    assert shipped["checkpoint"] == str(tmp_path / "starter" / "model.safetensors")
+    assert not (tmp_path / "bare" / "codec.safetensors").exists()
+    with pytest.raises(SystemExit, match="not an eval"):            # the scores of a training phase
+        recipe.starter_phase(works[4], outs[2] / "recipe_causal.json", tmp_path / "starter2")
     # the ablation driver (benchmarks/distill_arms.py): arms trained side by side in processes of their own,
     # then each student and the teacher at a student's step count through the bench, the best lip sync returned
     spec = importlib.util.spec_from_file_location("distill_arms", ROOT / "benchmarks" / "distill_arms.py")
