@@ -436,16 +436,19 @@ def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
     bf16 file beside W's codec, its sampling record set to the stream settings that eval used (its
     overrides, e.g. --stream-steps 3, resolved as `vidu stream` resolves them) and pointing at the codec
     file beside it, its lineage (recipe, commit) and the eval's summary in its metadata ("starter").
-    Refuses scores of another phase or model, and files over the size limit."""
+    Refuses scores of another phase, of a model outside W (an eval --from a file), and files over the
+    size limit."""
     import subprocess
     from models import starter
     from models.config import ModelConfig
     from stages.stream.engine import StreamSettings
     dest = dest or starter.HERE
     ev = json.loads(Path(scores).read_text())
-    folder = {"student": "student", "causal": "causal"}.get(ev.get("teacher"))
-    if ev.get("phase") != "eval" or folder is None:
+    folder = ev.get("teacher")
+    if ev.get("phase") != "eval" or folder not in ("student", "causal"):
         raise SystemExit(f"{scores} is not an eval of the student or the causal teacher (--phase eval)")
+    if Path(ev["checkpoint"]).parent.name != folder:          # an eval --from another file: not W's model
+        raise SystemExit(f"{scores} scored {ev['checkpoint']}, not the work folder's {folder}")
     model = unship(work / folder, "ema")
     meta = read_metadata(model)
     sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in read_state_dict(model).items()}

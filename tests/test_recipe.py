@@ -162,6 +162,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert speedless(shipped["summary"]) == speedless(st["summary"])
     assert shipped["checkpoint"] == str(tmp_path / "starter" / "model.safetensors")
     assert not (tmp_path / "bare" / "codec.safetensors").exists()
+    with pytest.raises(SystemExit, match="not the work folder's"):   # scores of a file outside W
+        recipe.starter_phase(works[4], tmp_path / "out6b" / "recipe_eval.json", tmp_path / "starter3")
     with pytest.raises(SystemExit, match="not an eval"):            # the scores of a training phase
         recipe.starter_phase(works[4], outs[2] / "recipe_causal.json", tmp_path / "starter2")
     # the ablation driver (benchmarks/distill_arms.py): arms trained side by side in processes of their own,
