@@ -9,7 +9,7 @@ One world character (`--identity` seed, `--style`) in one scene; `--clips` train
 world's training voices and texts (stages.synth split "train"), `--held` clips speaking held-out voices and texts
 (split "eval"), all without instructions (blinks and head motion stay the world's). The model is the `tiny`
 preset's DiT at `--size` pixels, joint audio off, with `--dim` / `--layers`, coding frames with the committed
-world codec (models/world_codec.safetensors, `small`'s autoencoder widths: it keeps the mouth at 128 px, the
+world codec (models/starter/codec.safetensors, `small`'s autoencoder widths: it keeps the mouth at 128 px, the
 tiny autoencoder has not been trained). Training is stage 1's objective (stages/train/objectives.py
 `bidirectional_loss`: the recipe's shift, loss weighting, mouth-region weight and condition dropout) with AdamW,
 warm-up and cosine decay. Every `--eval-every` steps each held-out clip is sampled whole
@@ -51,7 +51,7 @@ from stages.train.machinery import step_generator  # noqa: E402
 from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss  # noqa: E402
 from stages.train.sample import TEACHER_GUIDANCE, sample_bidirectional  # noqa: E402
 
-CODEC = ROOT / "models" / "world_codec.safetensors"
+from models.starter import CODEC  # noqa: E402  (the world codec, which the starter model was trained with)
 
 
 def model_config(size: int, latent_frames: int, dim: int, layers: int):

@@ -40,13 +40,14 @@ included; lr 5e-4, 3e-4, 2e-4) and committed the result as models/world_codec.sa
 held-out set (`--eval-from 3000`) the mouth holds on 20 of 22 speaking clips, the two others (dark-muzzled animals
 moving the head's pitch) at 0.947-0.949. The next phase, judged on a fifth set:
 
-    timeout 560 python3 -u benchmarks/train_autoencoder.py --init models/world_codec.safetensors --nod-share 0.3 \
+    timeout 560 python3 -u benchmarks/train_autoencoder.py --init models/starter/codec.safetensors --nod-share 0.3 \
         --animal-share 0.75 --mouth-contrast 150 --eval-animals 8 --motion-weight 4 --reuse 2 --lr 1.5e-4 --minutes 6.2 \
         --total-s 540 --reserve-s 75 --no-eval-raw --no-eval-init --eval-from 4000 --workers 14 --batch 8 --frames 33 \
         --eval-clips 16 > $OUT/log 2>&1
 
-Commit what a phase ships that is better than models/world_codec.safetensors (in its place): nothing outside the
-repository outlives a session.
+The world codec lives in one place, models/starter/codec.safetensors (session 52's models/world_codec.safetensors;
+since session 55 the starter model is trained on its latents). A better codec replaces it together with a starter
+moved onto its latents (teacher_recipe.py --recode), never alone: keep it in a folder that outlives the session.
 
 The same stage as `vidu train --stage autoencoder` (stages/train/autoencoder.py): a short probe fits the
 step count to the time, then one run with the cosine schedule ending on time (or at --total-s minus
