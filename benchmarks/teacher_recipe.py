@@ -376,7 +376,8 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
                   steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0,
-                  pcm_weight: float = 0.0, sync_weight: float = 0.0, guidance: float | None = None) -> dict:
+                  pcm_weight: float = 0.0, sync_weight: float = 0.0, guidance: float | None = None,
+                  compile: bool | None = None) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
@@ -402,6 +403,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
           **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight}
     if guidance is not None:
         kw["dmd"] = dataclasses.replace(kw["dmd"], guidance=guidance)
+    if compile is not None:
+        kw["compile"] = compile
     if (work / LIPSYNC).is_file():
         kw["lipsync"] = str(work / LIPSYNC)
     elif sync_weight > 0:
@@ -915,6 +918,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
     ap.add_argument("--sync-weight", type=float, default=0.0,
                     help="distill: the sync reward's weight (needs W/lipsync.safetensors; 0: measured only)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                    help="distill: torch.compile the student, critic and teacher (default: the recipe's)")
     ap.add_argument("--scores", type=Path, help="starter: the eval phase's result (recipe_eval.json) of the model to ship")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -955,7 +960,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance)
+                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps),
