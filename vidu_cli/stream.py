@@ -54,7 +54,7 @@ def stream(
 ) -> None:
     """Generate the character live from an image, speech and text instructions.
 
-    With no --ckpt it runs the starter model shipped with vidu (a causal teacher streamed in 3 steps, 256x256;
+    With no --ckpt it runs the starter model shipped with vidu (a 3-step distilled student, 256x256;
     --preset runs random weights instead). A checkpoint from `vidu train` or `vidu distill` records the
     settings it was trained with: they are the defaults, and a flag asking for something it never saw
     is refused. SIGTERM stops like Ctrl-C.

@@ -1,7 +1,7 @@
 """The starter model: the weights `vidu stream` runs when no --ckpt is given (issue 16).
 
-    models/starter/model.safetensors     the DiT (bf16): a causal teacher streamed with a few-step sampler
-                                         until a distilled student beats it; its "sampling" record streams it
+    models/starter/model.safetensors     the DiT (bf16): the distilled student (or, until one beats it, the causal
+                                         teacher with a few-step sampler); its "sampling" record streams it
     models/starter/codec.safetensors     the autoencoder it was trained with (encodes the reference, decodes)
 
 Both are written by `benchmarks/teacher_recipe.py --phase starter` from a recipe run's folder, with the
