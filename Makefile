@@ -1,5 +1,5 @@
 # make demo: set everything up and run the main job on built-in defaults.
-# make test: set everything up and run the tests.
+# make test: set everything up and run the tests (two processes, a test file's tests in one: its fixtures built once).
 # Both are idempotent: the virtual environment is rebuilt only when pyproject.toml or
 # constraints.txt change.
 PYTHON ?= python3
@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/vidu demo
 
 test: setup
-	$(VENV)/bin/python -m pytest -q --durations=15
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) vidu-work .pytest_cache
