@@ -807,6 +807,7 @@ def summarise(rows: list[dict]) -> dict:
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
+            "spurious_idle_per_min": mean(r["spurious_idle_per_min"] for r in rows),
             "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
                       for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
             "stream_fps": mean(r["stream_fps"] for r in rows)}
@@ -863,7 +864,8 @@ def table(res: dict) -> str:
                           f"{f(s['mouth_abs_r_control'])}",
                           f"  instructions {f(s['instr_success'])} of {s['instr_events']} (truth "
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
-                          f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min",
+                          f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min "
+                          f"({f(s['spurious_idle_per_min'])} with no instruction in force)",
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})",
                           "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())])
     if res["phase"] == "starter":

@@ -263,7 +263,8 @@ EVAL = pa.schema(COMMON + [
     pa.field("instr_events", pa.int32()),
     pa.field("instr_success", pa.float64()),  # share of events: own detector fires 0-1 s after onset, no other
     pa.field("instr_latency_s", pa.list_(pa.float64())),  # onset -> first firing, per successful event
-    pa.field("spurious_per_min", pa.float64()),  # detections outside every event's window, per minute
+    pa.field("spurious_per_min", pa.float64()),  # detections that answer no event (another class's too), per minute
+    pa.field("spurious_idle_per_min", pa.float64()),  # ... of them, those outside every event's window (unprompted)
     pa.field("confusion", pa.string()),  # JSON {instructed: {detected or "none": count}}
     pa.field("identity_error", pa.float64()),  # mean RGB distance of skin/shirt/hair to the case's identity
     pa.field("drift_ratios", pa.string()),  # JSON: last 10 % vs first 10 % (identity, sharpness, motion, sync)

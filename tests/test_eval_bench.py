@@ -96,7 +96,7 @@ def test_streambench_builtin_instructions(streambench_oracle):
     assert [json.loads(r["events"])[0][:2] for r in srows] == [[0.3, 0.875], [0.3, 1.3]]
     for r in rows(results):
         assert r["instr_events"] == 1 and r["instr_success"] == 1.0
-        assert 0 <= r["instr_latency_s"][0] <= 1.0 and r["spurious_per_min"] == 0.0
+        assert 0 <= r["instr_latency_s"][0] <= 1.0 and r["spurious_per_min"] == r["spurious_idle_per_min"] == 0.0
     conf = [json.loads(r["confusion"]) for r in rows(results)]
     assert conf == [{"blink": {"blink": 1}}, {"nod": {"nod": 1}}]
 
@@ -113,6 +113,12 @@ def test_instruction_negative_control(streambench_oracle):
     s = synth_scores(frames, 25.0, truth, None)
     assert s["instr_events"] == 1 and s["instr_success"] == 0.0
     assert s["confusion"] == {"nod": {"blink": 1}}
+    # the blink is spurious, fired while the nod was asked for: not an unprompted action
+    assert s["spurious_per_min"] > 0 and s["spurious_idle_per_min"] == 0.0
+    # told nothing, the same blink is unprompted
+    truth["actions"] = []
+    s = synth_scores(frames, 25.0, truth, None)
+    assert s["spurious_idle_per_min"] == s["spurious_per_min"] > 0
 
 
 def test_frozen_stream_fails_drift(synth_oracle):

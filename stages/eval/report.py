@@ -98,8 +98,8 @@ def summarize(run: Run) -> dict:
     out = {"samples": len(run.rows), "ok": len(ok), "failed": len(run.rows) - len(ok)}
     for k in ("identity", "sync_confidence", "sync_distance", "sync_offset_frames", "sharpness", "flicker",
               "face_found", "drift_identity", "drift_sharpness", "drift_motion", "mouth_r", "mouth_r_control",
-              "identity_error", "spurious_per_min", "stream_fps", "first_frame_s"):
-        out[k] = _mean(r[k] for r in ok)
+              "identity_error", "spurious_per_min", "spurious_idle_per_min", "stream_fps", "first_frame_s"):
+        out[k] = _mean(r.get(k) for r in ok)     # .get: runs scored before a column existed
     ratios = [json.loads(r["drift_ratios"] or "{}") for r in ok]
     for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):  # ratios: median over samples
         out[f"ratio_{k}"] = _pct([d.get(k) for d in ratios], 50)
@@ -133,6 +133,7 @@ METRICS = [
     ("instr_latency_p50", "instruction latency p50 (s)", "{:.2f}"),
     ("instr_latency_p90", "instruction latency p90 (s)", "{:.2f}"),
     ("spurious_per_min", "spurious actions / min", "{:.1f}"),
+    ("spurious_idle_per_min", "... of them with no instruction in force", "{:.1f}"),
     ("identity_error", "identity error (RGB, synth)", "{:.1f}"),
     ("sharpness", "sharpness", "{:.4f}"), ("flicker", "flicker", "{:.4f}"),
     ("drift_identity", "drift: identity", "{:+.1%}"), ("drift_sharpness", "drift: sharpness", "{:+.1%}"),

@@ -12,8 +12,9 @@ never read from the model:
   the same measurements: an event succeeds when its class fires within 0-1.0 s after its onset and
   no other class fires in that window; latency = onset to that firing (one per successful event);
   spurious = fires per minute not of an instructed class inside its event's [onset, end + 1.0 s]
-  (an action may fire twice while it lasts: a nod dips twice); confusion = {instructed: {first class
-  fired or "none": n}}.
+  (an action may fire twice while it lasts: a nod dips twice); of them, spurious_idle = those outside
+  every event's window (the model acting unprompted; the rest fire during an instructed action, e.g. a
+  blink read while the head looks up); confusion = {instructed: {first class fired or "none": n}}.
 - drift: last 10 % of the frames (at least 5) against the first 10 %: identity error ratio,
   sharpness ratio, motion energy ratio, lip-sync r ratio, instruction success ratio (events by onset).
   A stream that freezes has motion ratio 0 and lip-sync ratio 0. Meant for long streams
@@ -53,11 +54,16 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
               for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
     # an action may fire more than once while it lasts (a nod dips twice): every fire of the instructed
     # class inside [onset, end + WINDOW_S] is the action; any other fire is spurious
+    # spurious; of those, "idle" ones fire while no instruction is in force (outside every event's window): the
+    # model acting unprompted, where the rest are another detector firing during an instructed action
     explained = lambda k, f: any(k == c and a <= f <= b + WINDOW_S for a, b, c in events)  # noqa: E731
-    spurious = sum(not explained(k, f) for k, fs in fired.items() for f in fs)
+    told = lambda f: any(a <= f <= b + WINDOW_S for a, b, _ in events)  # noqa: E731
+    spurious = [f for k, fs in fired.items() for f in fs if not explained(k, f)]
+    idle = sum(not told(f) for f in spurious)
     minutes = len(m["found"]) / fps / 60
     return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
-            "spurious_per_min": spurious / minutes if minutes > 0 else None, "confusion": res["confusion"],
+            "spurious_per_min": len(spurious) / minutes if minutes > 0 else None,
+            "spurious_idle_per_min": idle / minutes if minutes > 0 else None, "confusion": res["confusion"],
             "per_event": [(t, e["success"]) for (t, _), e in zip(onsets, res["per_event"])]}
 
 
