@@ -248,8 +248,12 @@ def tiny_teacher(folder) -> tuple:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.05)
-    save_model(path, model.state_dict(), cfg, [], {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
+    save_model(path, model.state_dict(), cfg, TEACHER_LINEAGE,
+               {"sampling": sampling_record(cfg, "causal", 2.0, 1, 0.5, codec)})
     return path, model
+
+
+TEACHER_LINEAGE = [{"stage": "bidirectional", "steps": 5, "preset": "tiny"}, {"stage": "causal", "steps": 7, "preset": "tiny"}]
 
 
 def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
@@ -284,6 +288,9 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     rec = checkpoint_sampling(out / "step-000002" / "ema.safetensors")
     assert (rec["stage"], rec["steps"], rec["sampler"], rec["guidance"]) == ("distill", 3, "renoise", 1.0)
     assert StreamSettings.resolve(cfg, rec).steps == 3        # `vidu stream --ckpt` runs 3 steps, no flags
+    from models.checkpoint import read_metadata                 # provenance: the teacher's lineage, then this run
+    assert read_metadata(out / "step-000002" / "ema.safetensors")["lineage"] == TEACHER_LINEAGE + [
+        {"stage": "distill", "steps": 2, "preset": "tiny", "batch": 1}]
     assert [r["state"] for r in catalog.runs(tmp_path / "work") if r["stage"] == "distill"] == ["done"]
     from stages.distill.loop import DistillSettings, distill_run
     import stages.train.data as data

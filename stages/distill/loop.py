@@ -47,7 +47,7 @@ from typing import Callable
 
 import torch
 
-from models.checkpoint import read_state_dict, save_model
+from models.checkpoint import read_metadata, read_state_dict, save_model
 from models.config import ModelConfig
 from models.dit import DiT
 from stages.distill.dmd import DMDSettings, check_lipsync, critic_loss, generator_loss, sync_reward
@@ -191,6 +191,9 @@ class Distiller:
         if st.compile and self.device.type == "cuda":
             for m in (self.teacher, self.student, self.critic):
                 m.compile_blocks()
+        # provenance: the lineage of what the student starts from (the teacher's, or the warm student's), then this run
+        start = st.init_student or st.init_from
+        self.lineage = list(read_metadata(start).get("lineage") or []) if start and Path(start).is_file() else []
         warm = None
         if st.init_student:                  # warm start: student and EMA from a previous student's EMA
             check_student(st.init_student, cfg)
@@ -314,7 +317,7 @@ class Distiller:
         ema = {k: full_tensor(v).cpu() for k, v in self.ema.items()}
         if not self.d.main:
             return None
-        lineage = [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
+        lineage = self.lineage + [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
                     **({"init_student": self.st.init_student} if self.st.init_student else {})}]
         meta = {"sampling": self.record}
 
