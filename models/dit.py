@@ -355,9 +355,12 @@ class DiT(nn.Module):
         recompile (streaming: the cached context grows until the window fills). The blocks share one compiled
         code object whose variants (grad mode, context or none, batch, guidance) can outnumber dynamo's
         default limit of 8, past which it silently runs eagerly: the limit is raised to 64. `mode`: torch.compile's
-        (None: the default; "reduce-overhead" replays each block as a CUDA graph, for a loop bound by launches)."""
+        (None: the default; "reduce-overhead" replays each block as a CUDA graph, for a loop bound by launches).
+        A block Inductor fails to compile runs eagerly (dynamo's suppress_errors; torch logs why) instead of ending
+        the run: session 56's distillation died so in Inductor's tiling on an H100, costing a GPU call."""
         import torch._dynamo.config as dynamo
         dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+        dynamo.suppress_errors = True
         for block in self.blocks:
             block.compile(dynamic=dynamic, mode=mode)
 

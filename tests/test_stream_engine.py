@@ -331,6 +331,30 @@ def test_compiled_blocks_stream_what_the_eager_ones_do():
     assert max(rel(o.video, b) for o, b in zip(run_engine(broken, st, 5)[1], eager)) > 1e-3
 
 
+def test_a_block_inductor_cannot_compile_runs_eagerly(monkeypatch):
+    """Inductor failing on the blocks (as on an H100 in session 56) leaves the stream running eagerly: the
+    eager chunks bit for bit, no exception; without the fallback the same failure ends the run."""
+    import torch._dynamo.config as dynamo
+    import torch._inductor.compile_fx as compile_fx
+
+    def fail(*args, **kwargs):
+        raise AssertionError("simulated Inductor failure")
+    st = StreamSettings(chunk_frames=1, steps=3, window=2)
+    eager = [o.video for o in run_engine(scrambled(TINY.dit), st, 2)[1]]
+    monkeypatch.setattr(compile_fx, "compile_fx", fail)
+    try:
+        model = scrambled(TINY.dit)
+        model.compile_blocks()
+        compiled = [o.video for o in run_engine(model, st, 2)[1]]
+        assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+        torch._dynamo.reset()
+        monkeypatch.setattr(dynamo, "suppress_errors", False)       # negative control: no fallback
+        with pytest.raises(Exception, match="simulated Inductor failure"):
+            run_engine(model, st, 2)
+    finally:
+        torch._dynamo.reset()
+
+
 def _moved_state(eng: StreamEngine, chunks: int) -> dict:
     """eng's state as if `chunks` more chunks (a multiple of the ring's slots) had gone by: the ring chunks'
     indices and keys moved that far (keys rotated by the frames it adds: rotations compose), the sink and ref
