@@ -348,9 +348,8 @@ def test_a_block_inductor_cannot_compile_runs_eagerly(monkeypatch):
         compiled = [o.video for o in run_engine(model, st, 2)[1]]
         assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
         torch._dynamo.reset()
-        monkeypatch.setattr(dynamo, "suppress_errors", False)       # negative control: no fallback
-        with pytest.raises(Exception, match="simulated Inductor failure"):
-            run_engine(model, st, 2)
+        with dynamo.patch(suppress_errors=False), pytest.raises(Exception, match="simulated Inductor failure"):
+            run_engine(model, st, 2)                                # negative control: no fallback
     finally:
         torch._dynamo.reset()
 
