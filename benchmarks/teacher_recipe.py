@@ -483,12 +483,12 @@ def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
 
 # -- eval: the synth bench's cases and scores, in memory ----------------------------------------------
 
-def _case(i: int, seconds: float, size: int, tmp: str) -> dict:
-    """Synth bench case i as BenchSamples writes it (stages/eval/bench/cases.py): the ground truth as
-    tmp/truth<i>.json, the rest in memory."""
+def _case(i: int, seconds: float, size: int, tmp: str, idle: bool = False) -> dict:
+    """Synth bench case i as BenchSamples writes it (stages/eval/bench/cases.py; `idle`: synth-idle's, the
+    case untold): the ground truth as tmp/truth<i>.json, the rest in memory."""
     from stages import synth
-    from stages.eval.bench.cases import CONTROL_BASE, FPS, HELD_OUT_BASE, _with_speech
-    s = synth.make_sample(HELD_OUT_BASE + i, size, size, FPS, seconds, split="eval")
+    from stages.eval.bench.cases import CONTROL_BASE, FPS, _with_speech, synth_case
+    s = synth_case(i, size, seconds, idle)
     control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS)
     truth = s.truth()
     truth["control_mouth"] = control_mouth
@@ -541,7 +541,7 @@ def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25, mo
 
 
 def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[int], secs: float, size: int,
-                out: str, workers: int = 1) -> list[dict]:
+                out: str, workers: int = 1, idle: bool = False) -> list[dict]:
     """Stream and score the cases `indices` (one process: its own model, its cases rendered and scored
     here, in `workers` processes); contact sheets for cases 0 and 1."""
     import tempfile
@@ -551,7 +551,7 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in indices:
-            case = _case(i, secs, size, tmp)
+            case = _case(i, secs, size, tmp, idle)
             t1 = time.perf_counter()
             frames, speed = stream_case(bench, case, Path(tmp))
             speed["stream_s"] = time.perf_counter() - t1
@@ -566,8 +566,9 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
 
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
                seconds: float | None, overrides: dict | None = None, workers: int = 1,
-               ckpt: Path | None = None) -> dict:
-    """Stream and score the held-out cases with the `teacher` checkpoint in W (or `ckpt`, --from: a
+               ckpt: Path | None = None, idle: bool = False) -> dict:
+    """Stream and score the held-out cases (`idle`, --idle: synth-idle's, the cases untold, on which every
+    detected action is unprompted) with the `teacher` checkpoint in W (or `ckpt`, --from: a
     checkpoint with its codec beside it, e.g. models/starter/model.safetensors), in `streams` processes
     that share the device (case i goes to process i mod streams; each renders, streams and scores its
     own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1 (then
@@ -584,14 +585,15 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     shards = [list(range(j, n, k)) for j in range(k)]
     args = (str(ckpt), recipe.preset, dev, stream)
     if k == 1:
-        rows = _eval_shard(*args, shards[0], secs, size, str(out), max(1, workers))
+        rows = _eval_shard(*args, shards[0], secs, size, str(out), max(1, workers), idle)
     else:
         with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                  initargs=(1,)) as pool:
-            parts = [pool.submit(_eval_shard, *args, shard, secs, size, str(out)) for shard in shards]
+            parts = [pool.submit(_eval_shard, *args, shard, secs, size, str(out), 1, idle) for shard in shards]
             rows = [r for p in parts for r in p.result()]
     rows.sort(key=lambda r: r["index"])
-    return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "cases": n, "seconds": secs, "device": dev,
+    return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "bench": "synth-idle" if idle else "synth",
+            "cases": n, "seconds": secs, "device": dev,
             "streams": k, "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
 
 
@@ -808,6 +810,7 @@ def summarise(rows: list[dict]) -> dict:
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
             "spurious_idle_per_min": mean(r["spurious_idle_per_min"] for r in rows),
+            "truth_spurious_per_min": mean(r["truth"]["spurious_per_min"] for r in rows),
             "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
                       for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
             "stream_fps": mean(r["stream_fps"] for r in rows)}
@@ -858,14 +861,14 @@ def table(res: dict) -> str:
         return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]
-        return "\n".join([f"eval {res['teacher']} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
+        return "\n".join([f"eval {res['teacher']} on {res.get('bench', 'synth')} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
                           f"on {res['device']}, {f(s['stream_fps'])} fps streamed",
                           f"  lip sync r {f(s['mouth_r'])} (truth {f(s['truth_mouth_r'])}), mismatched |r| "
                           f"{f(s['mouth_abs_r_control'])}",
                           f"  instructions {f(s['instr_success'])} of {s['instr_events']} (truth "
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min "
-                          f"({f(s['spurious_idle_per_min'])} with no instruction in force)",
+                          f"({f(s['spurious_idle_per_min'])} with no instruction in force; truth {f(s['truth_spurious_per_min'])})",
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})",
                           "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())])
     if res["phase"] == "starter":
@@ -905,6 +908,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="eval: the stream's guidance scale (default: the checkpoint's); distill: the real score's")
     ap.add_argument("--sampler", choices=("euler", "renoise"), help="eval: the stream's sampler (default: the checkpoint's)")
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
+    ap.add_argument("--idle", action="store_true",
+                    help="eval: synth-idle's cases (the synth cases untold: every detected action is unprompted)")
     ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
     ap.add_argument("--attention", choices=tuple(SELF_ATTENTION),
                     help="eval: self-attention's backend (vidu stream --attention; default sdpa)")
@@ -971,7 +976,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        ("attention", args.attention), ("kernels", args.kernels))
                      if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
-                         args.workers, args.start)
+                         args.workers, args.start, args.idle)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again,
                           args.recode)

@@ -86,6 +86,11 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert two["streams"] == 2 and [r["index"] for r in two["rows"]] == [0, 1]
     for a, b in zip(rows, two["rows"]):                  # the same streams, whichever process ran them
         assert (a["mouth_r"], a["identity_error"]) == (b["mouth_r"], b["identity_error"])
+    idle = phase("eval", works[3], tmp_path / "out4i", monkeypatch, "--idle", "--cases", "1", "--seconds", "4")
+    assert idle["bench"] == "synth-idle" and ev["bench"] == "synth"    # synth-idle's case 0: told nothing
+    (r,) = idle["rows"]
+    assert (r["seed"], r["voice"]) == (rows[0]["seed"], rows[0]["voice"]) and r["events"] == []
+    assert r["instr_events"] == 0 and idle["summary"]["truth_spurious_per_min"] == 0.0
     # stage 3 from the shipped causal teacher; the student streams at its own 3 steps with no flags
     works.append(tmp_path / "w4")
     carry(outs[2], works[4])

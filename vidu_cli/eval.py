@@ -127,11 +127,11 @@ def eval(
     max_side: int = option(EvalOptions, "max_side", "Analysis size: longer side in pixels.", "--max-side"),
     # benchmarks, comparisons and A/B (vidu_cli/eval_bench.py)
     runs: Annotated[Optional[list[str]], typer.Argument(help="Eval runs (id, prefix or manifest) for --compare / --ab.", show_default=False)] = None,
-    bench: Annotated[Optional[str], typer.Option("--bench", help="Run a benchmark: synth | streambench | hdtf.", show_default=False)] = None,
+    bench: Annotated[Optional[str], typer.Option("--bench", help="Run a benchmark: synth | synth-idle (the synth cases untold: unprompted actions) | streambench | hdtf.", show_default=False)] = None,
     data: Annotated[Optional[Path], typer.Option("--data", help="streambench: a folder with samples.jsonl (default: built-in samples); hdtf: a folder of talking-head videos.", show_default=False)] = None,
     ckpt: Annotated[Optional[str], typer.Option("--ckpt", help="Checkpoint to benchmark, or 'oracle' (the ground-truth videos); default: the preset with random weights.", show_default=False)] = None,
     preset: Annotated[str, typer.Option("--preset", help="Architecture without --ckpt: tiny | small | wan2.1-1.3b.")] = "tiny",
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many samples (generated benchmarks: 20 synth cases, 8 streambench samples).", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="At most this many samples (generated benchmarks: 20 synth or synth-idle cases, 8 streambench samples).", show_default=False)] = None,
     seconds: Annotated[Optional[float], typer.Option("--seconds", help="Generated clip length (default 4 s); for folders, the most audio used per sample (default all).", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda (default: cuda when available).")] = "auto",
     steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps per chunk (default: the checkpoint's).", show_default=False)] = None,

@@ -8,6 +8,9 @@ manifest (16 kHz wav audio, png references under <workspace>/bench/<bench>/), on
   `vidu synth` draws 32-bit seeds (stages.synth.sample_seed), both far below 2**62 for any train
   seed under 4.6e12. The mismatched-audio control of case i is the speech of seed
   CONTROL_BASE + j, the first j >= i whose clip has speech.
+- synth-idle: the synth cases with their instructions taken out (the same characters, scenes and
+  speech; the neutral prompt throughout): instruction-free streams, on which every action the detectors
+  read is an unprompted one (spurious per minute, the teachers issue's "instruction-free streams" bound).
 - streambench (the paper's format: an action instruction, a reference first frame, an audio clip):
   a user's folder DIR with DIR/samples.jsonl, one JSON object a line:
       {"id": "s01", "image": "refs/a.png", "audio": "speech/a.wav", "instruction": "raise a hand",
@@ -33,7 +36,7 @@ import numpy as np
 
 from stages.run import Stage, base_row
 
-BENCHES = ("synth", "streambench", "hdtf")
+BENCHES = ("synth", "synth-idle", "streambench", "hdtf")
 HELD_OUT_BASE = 2 ** 62  # synth case i: seed HELD_OUT_BASE + i (never used by training, see above)
 CONTROL_BASE = HELD_OUT_BASE + 2 ** 40  # mismatched-audio controls
 BUILTIN_BASE = HELD_OUT_BASE + 2 ** 41  # built-in streambench samples
@@ -48,8 +51,16 @@ class BenchError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # items: what each benchmark's samples are, before any file is read
 
-def synth_items(n: int) -> list[dict]:
-    return [{"id": f"synth-{i:04d}", "kind": "synth", "index": i} for i in range(n)]
+def synth_items(n: int, idle: bool = False) -> list[dict]:
+    return [{"id": f"synth-{'idle-' * idle}{i:04d}", "kind": "synth", "index": i, **({"idle": True} if idle else {})}
+            for i in range(n)]
+
+
+def synth_case(index: int, size: int, seconds: float, idle: bool = False):
+    """Synth case `index` (seed HELD_OUT_BASE + index, held-out voices and texts); `idle`: the same case
+    with no instructions (synth-idle)."""
+    from stages import synth
+    return synth.make_sample(HELD_OUT_BASE + index, size, size, FPS, seconds, split="eval", events=[] if idle else None)
 
 
 def builtin_items(n: int) -> list[dict]:
@@ -101,10 +112,10 @@ def bench_items(bench: str, n: int, data: str | None) -> list[dict]:
     """The items of a benchmark: `n` generated cases, or the samples of the folder `data`."""
     if bench not in BENCHES:
         raise BenchError(f"unknown benchmark {bench!r}: choose one of {', '.join(BENCHES)}")
-    if bench == "synth":
+    if bench in ("synth", "synth-idle"):
         if data:
             raise BenchError("--data is for streambench and hdtf; synth cases are generated")
-        return synth_items(n)
+        return synth_items(n, idle=bench == "synth-idle")
     if bench == "hdtf":
         if not data:
             raise BenchError("--bench hdtf needs --data DIR (a folder of talking-head videos)")
@@ -218,7 +229,7 @@ class BenchSamples(Stage):
         from stages import synth
         i = item["index"]
         if item["kind"] == "synth":
-            s = synth.make_sample(HELD_OUT_BASE + i, self.size, self.size, FPS, self.seconds, split="eval")
+            s = synth_case(i, self.size, self.seconds, bool(item.get("idle")))
         else:
             s = builtin_sample(i, self.size, self.seconds)
         control_seed, control_mouth = _with_speech(CONTROL_BASE, i, s.frames.shape[0] / FPS)
