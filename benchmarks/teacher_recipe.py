@@ -452,6 +452,8 @@ def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
     folder = ev.get("teacher")
     if ev.get("phase") != "eval" or folder not in ("student", "causal"):
         raise SystemExit(f"{scores} is not an eval of the student or the causal teacher (--phase eval)")
+    if ev.get("bench", "synth") != "synth":
+        raise SystemExit(f"{scores} scored {ev['bench']}'s untold cases: ship from the synth bench's eval")
     if Path(ev["checkpoint"]).parent.name != folder:          # an eval --from another file: not W's model
         raise SystemExit(f"{scores} scored {ev['checkpoint']}, not the work folder's {folder}")
     model = unship(work / folder, "ema")
@@ -577,7 +579,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     from concurrent.futures import ProcessPoolExecutor
     from stages.eval.bench.cases import BenchSamples
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
-    ckpt = ckpt or unship(work / teacher, "ema")
+    given, ckpt = ckpt, ckpt or unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     stream = {**recipe.stream, **(overrides or {})}
     t0 = time.perf_counter()
@@ -592,7 +594,8 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
             parts = [pool.submit(_eval_shard, *args, shard, secs, size, str(out), 1, idle) for shard in shards]
             rows = [r for p in parts for r in p.result()]
     rows.sort(key=lambda r: r["index"])
-    return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "bench": "synth-idle" if idle else "synth",
+    return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "from": given is not None,
+            "bench": "synth-idle" if idle else "synth",
             "cases": n, "seconds": secs, "device": dev,
             "streams": k, "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
 
@@ -861,7 +864,7 @@ def table(res: dict) -> str:
         return "\n".join(lines)
     if res["phase"] == "eval":
         s = res["summary"]
-        return "\n".join([f"eval {res['teacher']} on {res.get('bench', 'synth')} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
+        return "\n".join([f"eval {Path(res['checkpoint']).name if res.get('from') else res['teacher']} on {res.get('bench', 'synth')} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
                           f"on {res['device']}, {f(s['stream_fps'])} fps streamed",
                           f"  lip sync r {f(s['mouth_r'])} (truth {f(s['truth_mouth_r'])}), mismatched |r| "
                           f"{f(s['mouth_abs_r_control'])}",

@@ -91,6 +91,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     (r,) = idle["rows"]
     assert (r["seed"], r["voice"]) == (rows[0]["seed"], rows[0]["voice"]) and r["events"] == []
     assert r["instr_events"] == 0 and idle["summary"]["truth_spurious_per_min"] == 0.0
+    with pytest.raises(SystemExit, match="untold cases"):      # the starter ships from the instructed bench only
+        recipe.starter_phase(works[3], tmp_path / "out4i" / "recipe_eval.json", tmp_path / "starter_idle")
     # stage 3 from the shipped causal teacher; the student streams at its own 3 steps with no flags
     works.append(tmp_path / "w4")
     carry(outs[2], works[4])
