@@ -11,6 +11,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
         --codec NEW.safetensors --work W --minutes 9     # the starter's DiT onto a retrained codec's latents
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase eval --from models/starter/model.safetensors --work W   # as shipped
+    python benchmarks/teacher_recipe.py --phase eval          --work W --idle   # synth-idle: the cases told nothing
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
