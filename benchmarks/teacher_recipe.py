@@ -578,7 +578,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     scored in `workers` processes: the drift stream, `--cases 1 --seconds 600`)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    from stages.eval.bench.cases import BenchSamples
+    from stages.eval.bench.cases import IDLE_BENCH, BenchSamples
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
     given, ckpt = ckpt, ckpt or unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -596,7 +596,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
             rows = [r for p in parts for r in p.result()]
     rows.sort(key=lambda r: r["index"])
     return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "from": given is not None,
-            "bench": "synth-idle" if idle else "synth",
+            "bench": IDLE_BENCH if idle else "synth",
             "cases": n, "seconds": secs, "device": dev,
             "streams": k, "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
 

@@ -90,6 +90,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert idle["bench"] == "synth-idle" and ev["bench"] == "synth"    # synth-idle's case 0: told nothing
     (r,) = idle["rows"]
     assert (r["seed"], r["voice"]) == (rows[0]["seed"], rows[0]["voice"]) and r["events"] == []
+    from stages.eval.bench.cases import synth_case
+    assert synth_case(0, 64, 4.0).actions               # told, case 0 turns right within those 4 s
     assert r["instr_events"] == 0 and idle["summary"]["truth_spurious_per_min"] == 0.0
     with pytest.raises(SystemExit, match="untold cases"):      # the starter ships from the instructed bench only
         recipe.starter_phase(works[3], tmp_path / "out4i" / "recipe_eval.json", tmp_path / "starter_idle")

@@ -15,13 +15,13 @@ import os
 from pathlib import Path
 
 from manifests.io import ok_rows, read_manifest
-from stages.eval.bench.cases import BENCHES, BenchError, BenchSamples, bench_items, fingerprint
+from stages.eval.bench.cases import BENCHES, SYNTH_BENCHES, BenchError, BenchSamples, bench_items, fingerprint
 from stages.eval.bench.runner import ORACLE, EvalBench, system_name
 from stages.run import RunResult
 
 __all__ = ["BENCHES", "BenchError", "DEFAULT_CASES", "ORACLE", "run_bench"]
 
-DEFAULT_CASES = {"synth": 20, "synth-idle": 20, "streambench": 8}  # generated samples when --limit is not given
+DEFAULT_CASES = {**dict.fromkeys(SYNTH_BENCHES, 20), "streambench": 8}  # generated samples when --limit is not given
 
 
 def _file_stat(path: str | None) -> list:
@@ -59,7 +59,7 @@ def run_bench(bench: str, root: Path, data: str | None = None, ckpt: str | None 
     ckpt_stat = _file_stat(ckpt)
     items = bench_items(bench, limit or DEFAULT_CASES.get(bench, 0), data)
     items = items[:limit] if limit else items
-    generated = bench in ("synth", "synth-idle") or (bench == "streambench" and not data)
+    generated = bench in SYNTH_BENCHES or (bench == "streambench" and not data)
     samples = BenchSamples(bench=bench, size=size, seconds=seconds if seconds is not None else (4.0 if generated else 0.0))
     samples.out_dir = str(root / "bench" / run_id_for(samples, fingerprint(items)))
     s_res = run_stage(samples, items, fingerprint(items), [str(Path(data).resolve()) if data else f"builtin:{bench}"],

@@ -36,7 +36,9 @@ import numpy as np
 
 from stages.run import Stage, base_row
 
-BENCHES = ("synth", "synth-idle", "streambench", "hdtf")
+IDLE_BENCH = "synth-idle"  # the synth cases untold
+SYNTH_BENCHES = ("synth", IDLE_BENCH)
+BENCHES = (*SYNTH_BENCHES, "streambench", "hdtf")
 HELD_OUT_BASE = 2 ** 62  # synth case i: seed HELD_OUT_BASE + i (never used by training, see above)
 CONTROL_BASE = HELD_OUT_BASE + 2 ** 40  # mismatched-audio controls
 BUILTIN_BASE = HELD_OUT_BASE + 2 ** 41  # built-in streambench samples
@@ -112,10 +114,10 @@ def bench_items(bench: str, n: int, data: str | None) -> list[dict]:
     """The items of a benchmark: `n` generated cases, or the samples of the folder `data`."""
     if bench not in BENCHES:
         raise BenchError(f"unknown benchmark {bench!r}: choose one of {', '.join(BENCHES)}")
-    if bench in ("synth", "synth-idle"):
+    if bench in SYNTH_BENCHES:
         if data:
             raise BenchError("--data is for streambench and hdtf; synth cases are generated")
-        return synth_items(n, idle=bench == "synth-idle")
+        return synth_items(n, idle=bench == IDLE_BENCH)
     if bench == "hdtf":
         if not data:
             raise BenchError("--bench hdtf needs --data DIR (a folder of talking-head videos)")
