@@ -387,9 +387,12 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
     regress the teacher's ODE (stages/distill/ode.py); `pcm_weight`, `sync_weight`: the PCM regularizer's
     and the sync reward's weights (0, 0: pure DMD); `guidance`: the real score's (default the recipe's). With
-    W/lipsync.safetensors (the lipsync phase) the sync
-    loss is measured at any weight (loss_sync), the reward needs it. Ships W/student."""
+    W/lipsync.safetensors (the lipsync phase) the sync loss is measured at any weight (loss_sync); the
+    reward needs it past the recipe's held-out bar. Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
+    if sync_weight > 0 and not usable_lipsync(recipe, work):    # a discriminator at chance rewards nothing (session 57)
+        raise SystemExit(f"--sync-weight needs a lip-sync discriminator that passed its held-out check (AUC >= "
+                         f"{recipe.lipsync['min_auc']}), and {work / LIPSYNC} is missing or below it: run --phase lipsync first")
     saved = work / "runs" / "distill" / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
@@ -410,8 +413,6 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         kw["compile"] = compile
     if (work / LIPSYNC).is_file():
         kw["lipsync"] = str(work / LIPSYNC)
-    elif sync_weight > 0:
-        raise SystemExit(f"--sync-weight needs the lip-sync discriminator {work / LIPSYNC}: run --phase lipsync first")
     st = DistillSettings(**kw)
     run = work / "runs" / "distill"
     t0 = time.perf_counter()

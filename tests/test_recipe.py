@@ -10,6 +10,7 @@ import importlib.util
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,7 @@ GPU_IMAGE_LACKS = ("duckdb", "av")      # the device image has torch and triton,
 
 _BLOCK = """
 import sys
+import time
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {names!r}:
@@ -330,6 +332,11 @@ def test_the_teachers_use_the_discriminator_only_past_its_held_out_bar(tmp_path)
         save_lipsync(tmp_path / recipe.LIPSYNC, model, {"eval": {"auc_shifted": auc}})
         ob = recipe.stage_settings(rec, "bidirectional", tmp_path, 2, None).objective
         assert (ob.sync_weight, ob.lipsync) == ((0.02, str(tmp_path / recipe.LIPSYNC)) if used else (0.0, None))
+    # nor does the distill phase reward sync through a discriminator below the bar (it stops before any work)
+    save_lipsync(tmp_path / recipe.LIPSYNC, model, {"eval": {"auc_shifted": 0.69}})
+    with pytest.raises(SystemExit, match="passed its held-out check"):
+        recipe.distill_phase(rec, tmp_path, tmp_path, 5.0, 1, time.perf_counter(), sync_weight=0.03)
+    assert not (tmp_path / "runs").exists()
 
 
 def _overfit_script():
