@@ -112,10 +112,10 @@ class Recipe:
     # samples alone (session 31: a warm student against a new teacher without it broke in 152 steps)
     distill_warm: dict = field(default_factory=lambda: dict(critic_warmup=50))
     stream: dict = field(default_factory=dict)   # StreamSettings fields for eval (None / absent: the checkpoint's)
-    # the lip-sync discriminator (stages/train/lipsync.py): training clips, steps, clip seconds, held-out
-    # clips, the held-out AUC (matched vs shifted speech) it must reach before the teachers use it, and
-    # the sync loss weight they then use
-    lipsync: dict = field(default_factory=lambda: dict(clips=256, steps=600, seconds=4.0, eval_clips=64,
+    # the lip-sync discriminator (stages/train/lipsync.py): training clips, steps, batch (at 128 these clips
+    # stay at chance: session 58, benchmarks/lipsync_fit.py), clip seconds, held-out clips, the held-out AUC
+    # (matched vs shifted speech) it must reach before the teachers use it, and the sync loss weight they then use
+    lipsync: dict = field(default_factory=lambda: dict(clips=256, steps=600, batch=512, seconds=4.0, eval_clips=64,
                                                          min_auc=0.7, weight=0.02))
     probe_steps: int = 12            # timed steps before a training phase (the last half are timed)
     reserve_s: float = 25.0          # phase time kept for the last checkpoint and shipping
@@ -148,7 +148,7 @@ RECIPES = {
         eval_cases=2, eval_seconds=1.0, stream=dict(steps=2), probe_steps=4, reserve_s=5.0,
         distill=dict(batch=1, chunks=3, samples=2, steps=4, lr=1e-4, critic_lr=1e-4, critic_updates=2, warmup=1, ema=0.9,
                      dmd=DMDSettings(guidance=3.0, guide="text")), distill_warm=dict(critic_warmup=1),
-        lipsync=dict(clips=3, steps=5, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
+        lipsync=dict(clips=3, steps=5, batch=64, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
 }
 
 
@@ -251,7 +251,7 @@ def lipsync_phase(recipe: Recipe, work: Path, out: Path, workers: int) -> dict:
     train_clips = prepare_clips(cfg, codec, p["clips"], seed=11, seconds=p["seconds"], split="train", workers=workers)
     held = prepare_clips(cfg, codec, p["eval_clips"], seed=12, seconds=p["seconds"], split="eval", workers=workers)
     t1 = time.perf_counter()
-    model = fit(train_clips, LipSyncConfig.for_model(cfg), p["steps"], device=dev)
+    model = fit(train_clips, LipSyncConfig.for_model(cfg), p["steps"], p["batch"], device=dev)
     t2 = time.perf_counter()
     ev = {"held_out": evaluate(model, held), "train": evaluate(model, train_clips)}
     path = save_lipsync(work / LIPSYNC, model.cpu().to(torch.bfloat16), {"eval": ev["held_out"]})   # shipped as bf16

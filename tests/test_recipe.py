@@ -50,6 +50,7 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     carry(outs[0], works[1])
     ls = phase("lipsync", works[1], outs[0], monkeypatch)           # the discriminator, beside the codec
     assert set(ls["eval"]["held_out"]) >= {"auc_shifted", "auc_other_clip", "auc_window"} and ls["used_by_teachers"]
+    assert ls["settings"]["batch"] == 64                               # the recipe's fit settings, recorded
     carry(outs[0], works[1])
     bi = phase("bidirectional", works[1], outs[1], monkeypatch)
     assert bi["train"]["steps"] == 2 and bi["train"]["resumed_from"] is None
