@@ -286,7 +286,6 @@ GPU_IMAGE_LACKS = ("duckdb", "av")      # the device image has torch and triton,
 
 _BLOCK = """
 import sys
-import time
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {names!r}:
