@@ -42,16 +42,17 @@ def _first(d: dict, n: int) -> dict:
     return {"crops": d["crops"][:n], "speech": d["speech"][:n]}
 
 
-def parity(cfg, codec_path: str, dev: str, workers_crops: torch.Tensor) -> dict:
-    """Three training clips rendered here vs in the workers, coded on the CPU vs on `dev`."""
+def parity(cfg, cpu_codec, dev_codec, workers: dict) -> dict:
+    """Three training clips rendered here vs in the workers (speech exactly; crops coded here on the CPU vs
+    there on `dev_codec`'s device), and the codec on the CPU vs on that device (None: the CPU is the device)."""
     lc = LipSyncConfig.for_model(cfg)
     pairs = [render_pair(11 * 1_000_003 + i, cfg, 4.0, "train") for i in range(3)]
-    cpu = [frames_to_latents(load_taehv(codec_path, "cpu"), c["frames"]) for c in pairs]
+    cpu = [frames_to_latents(cpu_codec, c["frames"]) for c in pairs]
     here = torch.stack([crop_mouth(x[None], c["boxes"][None], lc.crop) for x, c in zip(cpu, pairs)])
-    out = {"crops_workers_vs_here_cpu": float((workers_crops[:3] - here).abs().max()), "crop_std": float(here.std())}
-    if dev != "cpu":
-        on = load_taehv(codec_path, dev)
-        out["codec_cpu_vs_device"] = max(float((a - frames_to_latents(on, c["frames"])).abs().max())
+    out = {"speech_workers_vs_here": float((workers["speech"][:3] - torch.stack([c["speech"] for c in pairs])).abs().max()),
+           "crops_workers_vs_here_cpu": float((workers["crops"][:3] - here).abs().max()), "crop_std": float(here.std())}
+    if dev_codec is not None:
+        out["codec_cpu_vs_device"] = max(float((a - frames_to_latents(dev_codec, c["frames"])).abs().max())
                                          for a, c in zip(cpu, pairs))
     return out
 
@@ -68,12 +69,13 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = preset("small")
     lc = LipSyncConfig.for_model(cfg)
-    codec = load_taehv(args.codec, dev)
+    cpu_codec = load_taehv(args.codec, "cpu")
+    codec = cpu_codec if dev == "cpu" else load_taehv(args.codec, dev)
     t = time.perf_counter()
     tr = prepare_clips(cfg, codec, args.clips, seed=11, seconds=4.0, split="train", workers=args.workers)
     ho = prepare_clips(cfg, codec, args.held, seed=12, seconds=4.0, split="eval", workers=args.workers)
     res = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "prepare_s": time.perf_counter() - t,
-           "parity": parity(cfg, args.codec, dev, tr["crops"]), "arms": {}}
+           "parity": parity(cfg, cpu_codec, None if dev == "cpu" else codec, tr), "arms": {}}
     print(json.dumps(res), flush=True)
     n, long = args.steps, args.steps * 10 // 3
     arms = [("batch 512 (the default)", tr, ho, {}), ("batch 128", tr, ho, dict(batch=128)),

@@ -48,9 +48,12 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     ae = phase("autoencoder", works[0], outs[0], monkeypatch)
     assert ae["train"]["steps"] == 2 and set(ae["shipped"]) == {"codec.safetensors"}
     carry(outs[0], works[1])
+    import stages.train.lipsync as lipsync
+    fits, fit = [], lipsync.fit
+    monkeypatch.setattr(lipsync, "fit", lambda *a, **k: fits.append(a[3] if len(a) > 3 else k.get("batch")) or fit(*a, **k))
     ls = phase("lipsync", works[1], outs[0], monkeypatch)           # the discriminator, beside the codec
     assert set(ls["eval"]["held_out"]) >= {"auc_shifted", "auc_other_clip", "auc_window"} and ls["used_by_teachers"]
-    assert ls["settings"]["batch"] == 64                               # the recipe's fit settings, recorded
+    assert fits == [recipe.RECIPES["tiny"].lipsync["batch"]] == [64]   # the recipe's batch reaches the fit
     carry(outs[0], works[1])
     bi = phase("bidirectional", works[1], outs[1], monkeypatch)
     assert bi["train"]["steps"] == 2 and bi["train"]["resumed_from"] is None
