@@ -266,6 +266,11 @@ EVAL = pa.schema(COMMON + [
     pa.field("spurious_per_min", pa.float64()),  # detections that answer no event (another class's too), per minute
     pa.field("spurious_idle_per_min", pa.float64()),  # ... of them, those outside every event's window (unprompted)
     pa.field("confusion", pa.string()),  # JSON {instructed: {detected or "none": count}}
+    pa.field("instr_hit", pa.float64()),  # share of events: own detector fires 0-1 s after onset, others allowed
+    pa.field("instr_classes", pa.string()),  # JSON {instructed: {"told": n, "success": strict n, "hit": n}}
+    pa.field("style", pa.string()),  # the synth character's kind: human | anime | animal
+    pa.field("action_sharpness_ratio", pa.float64()),  # mean sharpness inside events / outside every event + 1 s
+    pa.field("action_identity_error", pa.float64()),  # identity_error over the frames inside events
     pa.field("identity_error", pa.float64()),  # mean RGB distance of skin/shirt/hair to the case's identity
     pa.field("drift_ratios", pa.string()),  # JSON: last 10 % vs first 10 % (identity, sharpness, motion, sync)
     # speed (the stream summary; null for the oracle)

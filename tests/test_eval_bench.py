@@ -66,6 +66,8 @@ def test_synth_oracle_matches_ground_truth(synth_oracle):
         assert r["face_found"] == 1.0 and json.loads(r["scores"])["face_found"] <= 1.0   # the world's finder; dlib's kept
         assert abs(r["mouth_r_control"]) < r["mouth_r"] - 0.3  # another case's speech does not explain it
         assert r["identity_error"] < 20  # RGB distance of skin/shirt/hair to the case's identity
+        truth = json.loads(Path(next(c for c in srows if c["id"] == r["sample_id"])["truth"]).read_text())
+        assert r["style"] == truth["identity"]["style"]    # the character's kind, for the per-style breakdown
         assert r["stream_fps"] is None and r["chunk_ms"] is None  # no stream: no speed numbers
         assert Path(r["video_path"]).is_file()
 
@@ -117,6 +119,8 @@ def test_streambench_builtin_instructions(streambench_oracle):
         assert 0 <= r["instr_latency_s"][0] <= 1.0 and r["spurious_per_min"] == r["spurious_idle_per_min"] == 0.0
     conf = [json.loads(r["confusion"]) for r in rows(results)]
     assert conf == [{"blink": {"blink": 1}}, {"nod": {"nod": 1}}]
+    assert [(r["instr_hit"], json.loads(r["instr_classes"])) for r in rows(results)] == \
+        [(1.0, {"blink": {"told": 1, "success": 1, "hit": 1}}), (1.0, {"nod": {"told": 1, "success": 1, "hit": 1}})]
 
 
 def test_instruction_negative_control(streambench_oracle):
@@ -131,6 +135,7 @@ def test_instruction_negative_control(streambench_oracle):
     s = synth_scores(frames, 25.0, truth, None)
     assert s["instr_events"] == 1 and s["instr_success"] == 0.0
     assert s["confusion"] == {"nod": {"blink": 1}}
+    assert s["instr_hit"] == 0.0 and s["instr_classes"] == {"nod": {"told": 1, "success": 0, "hit": 0}}  # no nod at all
     # the blink is spurious, fired while the nod was asked for: not an unprompted action
     assert s["spurious_per_min"] > 0 and s["spurious_idle_per_min"] == 0.0
     # told nothing, the same blink is unprompted

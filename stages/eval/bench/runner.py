@@ -247,6 +247,7 @@ def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str, workers: int
         frames = np.stack([cv2.resize(f, (W, H), interpolation=cv2.INTER_LINEAR) for f in frames])
     s = synth_scores(frames, fps, truth, np.asarray(truth["control_mouth"], np.float64), workers)
     s["confusion"] = json.dumps(s["confusion"])
+    s["instr_classes"] = json.dumps(s["instr_classes"])
     s["drift_ratios"] = json.dumps(s["drift_ratios"])
     return s
 

@@ -15,6 +15,17 @@ never read from the model:
   (an action may fire twice while it lasts: a nod dips twice); of them, spurious_idle = those outside
   every event's window (the model acting unprompted; the rest fire during an instructed action, e.g. a
   blink read while the head looks up); confusion = {instructed: {first class fired or "none": n}}.
+  instr_hit (relaxed, beside the strict instr_success, the headline): the share of events whose class
+  fires within 0-1.0 s after its onset, whatever else fires in that window (instr_hit - instr_success =
+  the events lost only to another class firing too, e.g. a blink read off a blurred face during a nod).
+  instr_classes = {instructed class: {"told": events, "success": strict successes, "hit": relaxed hits}}
+  (confusion cannot give the strict count: its first fire may be the told class with another after it).
+- action frames: frames (frame i at i / fps s) inside any event's [onset, end] against idle frames,
+  outside every event's [onset, end + 1.0 s]: action_sharpness_ratio = mean frame sharpness (frame_stats)
+  over the action frames / its mean over the idle frames (None when either set is empty or the idle
+  mean is 0); action_identity_error = identity error (as identity_error) over the action frames alone
+  (None when no face is found on them). Read both against the ground truth's: its actions move the head
+  too, and a moving hand adds edges.
 - drift: last 10 % of the frames (at least 5) against the first 10 %: identity error ratio,
   sharpness ratio, motion energy ratio, lip-sync r ratio, instruction success ratio (events by onset).
   A stream that freezes has motion ratio 0 and lip-sync ratio 0. Meant for long streams
@@ -44,14 +55,21 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
 
 
 def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float, str]], fps: float) -> dict:
-    """Event success, per-event latencies, spurious fires per minute and the confusion matrix, with the
-    detectors and event rules of stages/eval/metrics/instructions.py."""
+    """Event success (strict) and hit (relaxed), per-class counts of both, per-event latencies, spurious
+    fires per minute and the confusion matrix, with the detectors and event rules of
+    stages/eval/metrics/instructions.py (definitions: the module doc)."""
     from stages.eval.metrics.instructions import activity, fires, score_events
     fired = {k: fires(v, fps) for k, v in activity(m, fps).items()}
     onsets = [(a, name) for a, _, name in events]
     res = score_events(onsets, fired, len(m["found"]) / fps, WINDOW_S)
     delays = [round(min(f for f in fired[c] if t <= f <= t + WINDOW_S) - t, 4)
               for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
+    # relaxed: the told class fired in the window, whatever else fired there too (the strict rule's other half)
+    hit = [any(t <= f <= t + WINDOW_S for f in fired.get(c, [])) for t, c in onsets]
+    classes: dict[str, dict[str, int]] = {}
+    for (_, c), e, h in zip(onsets, res["per_event"], hit):
+        n = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
+        n["told"], n["success"], n["hit"] = n["told"] + 1, n["success"] + e["success"], n["hit"] + h
     # an action may fire more than once while it lasts (a nod dips twice): every fire of the instructed
     # class inside [onset, end + WINDOW_S] is the action; any other fire is spurious
     # spurious; of those, "idle" ones fire while no instruction is in force (outside every event's window): the
@@ -62,6 +80,7 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
     idle = sum(not told(f) for f in spurious)
     minutes = len(m["found"]) / fps / 60
     return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
+            "instr_hit": float(np.mean(hit)) if hit else None, "instr_classes": classes,
             "spurious_per_min": len(spurious) / minutes if minutes > 0 else None,
             "spurious_idle_per_min": idle / minutes if minutes > 0 else None, "confusion": res["confusion"],
             "per_event": [(t, e["success"]) for (t, _), e in zip(onsets, res["per_event"])]}
@@ -104,6 +123,33 @@ def _ratio(last: float | None, first: float | None) -> float | None:
     return float(last / first)
 
 
+def _part(m: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    """The analysis on the frames `index` (a slice or a [T] bool mask) alone."""
+    return {k: v[index] for k, v in m.items()}
+
+
+def in_events(T: int, fps: float, events: list[tuple[float, float, str]], after: float = 0.0) -> np.ndarray:
+    """[T] bool: frame i (at i / fps s) lies inside some event's [onset, end + after]."""
+    t = np.arange(T) / fps
+    inside = np.zeros(T, bool)
+    for a, b, _ in events:
+        inside |= (a <= t) & (t <= b + after)
+    return inside
+
+
+def action_scores(sharp: np.ndarray, m: dict[str, np.ndarray], identity, events: list[tuple[float, float, str]],
+                  fps: float) -> dict:
+    """Quality on the frames of told actions (the module doc): sharpness inside the events' [onset, end]
+    against outside every [onset, end + WINDOW_S], and the identity error inside."""
+    from stages.synth import identity_error
+    T = len(sharp)
+    action, idle = in_events(T, fps, events), ~in_events(T, fps, events, WINDOW_S)
+    ratio = _ratio(sharp[action].mean(), sharp[idle].mean()) if action.any() and idle.any() else None
+    found = np.asarray(m["found"])[:T] & action
+    return {"action_sharpness_ratio": ratio,
+            "action_identity_error": identity_error(_part(m, action), identity) if found.any() else None}
+
+
 def drift_ratios(stats: tuple[np.ndarray, np.ndarray], m: dict[str, np.ndarray], identity, gt_mouth: np.ndarray,
                  per_event: list[tuple[float, bool]] = (), fps: float = 25.0) -> dict:
     """Last 10 % vs first 10 % of the clip (at least 5 frames each), from its frame_stats and analysis;
@@ -116,10 +162,7 @@ def drift_ratios(stats: tuple[np.ndarray, np.ndarray], m: dict[str, np.ndarray],
         return {}
     head, tail = slice(0, n), slice(T - n, T)
 
-    def part(d: dict, s: slice) -> dict:
-        return {k: v[s] for k, v in d.items()}
-
-    ident = [identity_error(part(m, s), identity) if np.asarray(m["found"])[s].any() else None for s in (head, tail)]
+    ident = [identity_error(_part(m, s), identity) if np.asarray(m["found"])[s].any() else None for s in (head, tail)]
     mouth = _finite(m["mouth"])
     sync = [pearson(mouth[s], gt_mouth[s]) for s in (head, tail)]
     rate = [[ok for t, ok in per_event if a <= t * fps < b] for a, b in ((0, n), (T - n, T))]
@@ -142,11 +185,47 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
     gt = np.asarray(truth["tracks"]["mouth"], np.float64)[:T]
     measured = _finite(m["mouth"])
     events = [(float(a), float(b), str(n)) for a, b, n in truth["actions"] if a < T / fps]  # (onset, end, text)
-    out = {"face_found": float(np.mean(m["found"])),    # the world's own face finder (dlib misses anime / animal faces)
+    out = {"style": identity.style,                      # the character's kind: human | anime | animal
+           "face_found": float(np.mean(m["found"])),    # the world's own face finder (dlib misses anime / animal faces)
            "mouth_r": pearson(measured, gt),
            "mouth_r_control": None if control_mouth is None else pearson(measured, control_mouth[:T]),
            "identity_error": identity_error(m, identity) if m["found"].any() else None}
     out.update(instruction_scores(m, events, fps))
     stats = frame_stats(frames, workers) if stats is None else stats
+    out.update(action_scores(stats[0][:T], m, identity, events, fps))
     out["drift_ratios"] = drift_ratios(stats, m, identity, gt, out.pop("per_event"), fps)
+    return out
+
+
+BY_STYLE_MEANS = ("mouth_r", "spurious_per_min", "identity_error", "action_sharpness_ratio")
+
+
+def style_breakdown(rows: list[dict]) -> dict[str, dict]:
+    """Rows (synth_scores' numbers of one case each, with its "style") grouped by character style:
+    {style: {clips, instr_events, instr_success and instr_hit pooled over events (successes / events, as
+    the overall), instr_classes summed ({class: {"told", "success", "hit"}}; a row's may be JSON), and
+    the mean over clips of each of BY_STYLE_MEANS (None where none measured)}}; rows without a style
+    are left out."""
+    import json
+    out: dict[str, dict] = {}
+    for style in sorted({r["style"] for r in rows if r.get("style")}):
+        group = [r for r in rows if r.get("style") == style]
+        scored = [r for r in group if r.get("instr_success") is not None]
+        events = sum(r["instr_events"] or 0 for r in scored)
+        wins = sum(round(r["instr_success"] * (r["instr_events"] or 0)) for r in scored)
+        hits = sum(round((r.get("instr_hit") or 0) * (r["instr_events"] or 0)) for r in scored)
+        classes: dict[str, dict[str, int]] = {}
+        for r in group:
+            got = r.get("instr_classes") or {}
+            for c, n in (json.loads(got) if isinstance(got, str) else got).items():
+                total = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
+                for k in total:
+                    total[k] += n[k]
+        d = {"clips": len(group), "instr_events": events, "instr_success": wins / events if events else None,
+             "instr_hit": hits / events if events else None, "instr_classes": dict(sorted(classes.items()))}
+        for k in BY_STYLE_MEANS:
+            v = [r.get(k) for r in group]
+            v = [x for x in v if x is not None and np.isfinite(x)]
+            d[k] = float(np.mean(v)) if v else None
+        out[style] = d
     return out
