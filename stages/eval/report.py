@@ -7,8 +7,9 @@ to it. Several runs go side by side (`vidu eval --compare RUN...`).
 
 Aggregates over a run's ok rows: means of per-sample scores; medians of the synth drift ratios (a
 ratio to a near-zero first part is unstable); instruction success pooled over events (successes /
-events); latency percentiles pooled over events and over chunks. Scores of different
-identity embedders or sync methods are never put in one row: each gets its own.
+events), the relaxed instr_hit likewise; latency percentiles pooled over events and over chunks.
+Synth rows with a character style also get these per style (`by_style`: synthscore.style_breakdown).
+Scores of different identity embedders or sync methods are never put in one row: each gets its own.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from manifests import catalog
 from manifests.io import ManifestError, read_manifest
+from stages.eval.bench.synthscore import style_breakdown
 
 SIZE_IN, DPI = (6.4, 3.4), 100
 BLUE = (0.12, 0.31, 0.78)
@@ -93,22 +95,28 @@ def summarize(run: Run) -> dict:
     ok = run.ok
     events = sum(r["instr_events"] or 0 for r in ok if r["instr_success"] is not None)
     wins = sum(round((r["instr_success"] or 0) * (r["instr_events"] or 0)) for r in ok if r["instr_success"] is not None)
+    hit = [r for r in ok if r.get("instr_hit") is not None]   # .get: runs scored before the relaxed score existed
+    hits = sum(round(r["instr_hit"] * (r["instr_events"] or 0)) for r in hit)
+    hit_events = sum(r["instr_events"] or 0 for r in hit)
     lat = [x for r in ok for x in (r["instr_latency_s"] or [])]
     chunks = [x for r in ok for x in (r["chunk_ms"] or [])]
     out = {"samples": len(run.rows), "ok": len(ok), "failed": len(run.rows) - len(ok)}
     for k in ("identity", "sync_confidence", "sync_distance", "sync_offset_frames", "sharpness", "flicker",
               "face_found", "drift_identity", "drift_sharpness", "drift_motion", "mouth_r", "mouth_r_control",
-              "identity_error", "spurious_per_min", "spurious_idle_per_min", "stream_fps", "first_frame_s"):
+              "identity_error", "spurious_per_min", "spurious_idle_per_min", "stream_fps", "first_frame_s",
+              "action_sharpness_ratio", "action_identity_error"):
         out[k] = _mean(r.get(k) for r in ok)     # .get: runs scored before a column existed
     ratios = [json.loads(r["drift_ratios"] or "{}") for r in ok]
     for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):  # ratios: median over samples
         out[f"ratio_{k}"] = _pct([d.get(k) for d in ratios], 50)
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
     out.update(instr_events=events, instr_success=wins / events if events else None,
+               instr_hit=hits / hit_events if hit_events else None,
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
                chunk_ms_p50=_pct(chunks, 50), chunk_ms_p90=_pct(chunks, 90), chunk_ms_p99=_pct(chunks, 99))
     out["identity_embedder"] = sorted({r["identity_embedder"] for r in ok if r["identity_embedder"]})
     out["sync_method"] = sorted({r["sync_method"] for r in ok if r["sync_method"]})
+    out["by_style"] = style_breakdown(ok)
     return out
 
 
@@ -130,11 +138,14 @@ METRICS = [
     ("sync_offset_frames", "sync offset (frames) [{sync}]", "{:+.1f}"),
     ("mouth_r", "mouth r vs ground truth", "{:.3f}"), ("mouth_r_control_abs", "|mouth r| mismatched audio", "{:.3f}"),
     ("instr_success", "instruction success", "{:.1%}"), ("instr_events", "instruction events", "{:.0f}"),
+    ("instr_hit", "... told class fired in 0-1 s, others allowed", "{:.1%}"),
     ("instr_latency_p50", "instruction latency p50 (s)", "{:.2f}"),
     ("instr_latency_p90", "instruction latency p90 (s)", "{:.2f}"),
     ("spurious_per_min", "spurious actions / min", "{:.1f}"),
     ("spurious_idle_per_min", "... of them with no instruction in force", "{:.1f}"),
     ("identity_error", "identity error (RGB, synth)", "{:.1f}"),
+    ("action_identity_error", "... on the frames of told actions", "{:.1f}"),
+    ("action_sharpness_ratio", "sharpness during told actions / idle (synth)", "{:.2f}"),
     ("sharpness", "sharpness", "{:.4f}"), ("flicker", "flicker", "{:.4f}"),
     ("drift_identity", "drift: identity", "{:+.1%}"), ("drift_sharpness", "drift: sharpness", "{:+.1%}"),
     ("drift_motion", "drift: motion", "{:+.1%}"),
@@ -149,6 +160,15 @@ METRICS = [
 ]
 _BY_METHOD = {"identity": ("identity_embedder", "embedder"), "sync_confidence": ("sync_method", "sync"),
               "sync_distance": ("sync_method", "sync"), "sync_offset_frames": ("sync_method", "sync")}
+
+
+# per character style (synth rows): (key of style_breakdown, label, format)
+STYLE_METRICS = [
+    ("clips", "samples", "{:.0f}"), ("instr_events", "instruction events", "{:.0f}"),
+    ("instr_success", "instruction success", "{:.1%}"), ("instr_hit", "... others allowed", "{:.1%}"),
+    ("mouth_r", "mouth r", "{:.3f}"), ("spurious_per_min", "spurious / min", "{:.1f}"),
+    ("identity_error", "identity error", "{:.1f}"), ("action_sharpness_ratio", "sharpness told / idle", "{:.2f}"),
+]
 
 
 def table_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
@@ -167,6 +187,11 @@ def table_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
         if all(v is None for v in vals):
             continue
         out.append((label, [fmt.format(v) if v is not None else "-" for v in vals]))
+    for style in sorted({k for s in sums for k in s["by_style"]}):
+        for key, label, fmt in STYLE_METRICS:
+            vals = [(s["by_style"].get(style) or {}).get(key) for s in sums]
+            if any(v is not None for v in vals):
+                out.append((f"{style}: {label}", [fmt.format(v) if v is not None else "-" for v in vals]))
     return out
 
 

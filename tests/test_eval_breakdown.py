@@ -1,0 +1,161 @@
+"""The synth bench's breakdown numbers (stages/eval/bench/synthscore.py): quality on the frames of told
+actions against idle frames, the relaxed instruction score beside the strict one, per-class counts, and the
+per-character-style breakdown of `vidu eval`'s report (through a written and read-back eval manifest)."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from stages.eval.bench.synthscore import WINDOW_S, in_events, instruction_scores, style_breakdown, synth_scores
+
+FPS = 25.0
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Synth bench case 0 for 4 s at the bench's 256 px: an animal told "turn right" at 1.54-3.13 s."""
+    from stages.eval.bench.cases import synth_case
+    s = synth_case(0, 256, 4.0)
+    truth = json.loads(json.dumps(s.truth()))
+    events = [(float(a), float(b), n) for a, b, n in truth["actions"]]
+    return s.frames, truth, events
+
+
+def _edit(frames: np.ndarray, mask: np.ndarray, blur: bool = True, tint: bool = False) -> np.ndarray:
+    out = frames.copy()
+    if blur:
+        out[mask] = np.stack([cv2.GaussianBlur(f, (0, 0), 1.5) for f in out[mask]])
+    if tint:
+        out[mask] = np.clip(out[mask].astype(np.int16) + 40, 0, 255).astype(np.uint8)
+    return out
+
+
+def test_action_frames_quality(case):
+    """Blurred and tinted during the told action only: its sharpness ratio collapses and its identity error
+    rises; the same edit on the frames between the action's end and end + 1 s (in neither set) leaves both
+    exactly the truth's; blurring the idle frames instead sends the ratio the other way."""
+    frames, truth, events = case
+    assert [n for _, _, n in events] == ["turn right"] and truth["identity"]["style"] == "animal"
+    T = len(frames)
+    action, near = in_events(T, FPS, events), in_events(T, FPS, events, WINDOW_S)
+    a, b = events[0][:2]
+    assert action.sum() == np.sum((np.arange(T) / FPS >= a) & (np.arange(T) / FPS <= b)) == 40
+    assert (~near).sum() == 39 and (near & ~action).sum() == 22       # idle: 0-1.5 s; between: 3.16-4.0 s
+    ref = synth_scores(frames, FPS, truth, None)
+    assert ref["style"] == "animal"
+    assert 0.9 < ref["action_sharpness_ratio"] < 1.1       # the ground truth: as sharp while it acts
+    assert abs(ref["action_identity_error"] - ref["identity_error"]) < 1.0
+
+    bad = synth_scores(_edit(frames, action, tint=True), FPS, truth, None)
+    assert bad["action_sharpness_ratio"] < 0.1 * ref["action_sharpness_ratio"]
+    assert bad["action_identity_error"] > 3 * ref["action_identity_error"]
+
+    between = synth_scores(_edit(frames, near & ~action, tint=True), FPS, truth, None)
+    assert between["action_sharpness_ratio"] == ref["action_sharpness_ratio"]
+    assert between["action_identity_error"] == ref["action_identity_error"]
+    assert between["identity_error"] > ref["identity_error"] + 3      # the edit is seen by the whole-clip number
+
+    idle = synth_scores(_edit(frames, ~near), FPS, truth, None)
+    assert idle["action_sharpness_ratio"] > 10 and idle["action_identity_error"] == ref["action_identity_error"]
+
+    untold = synth_scores(frames, FPS, {**truth, "actions": []}, None)   # no action frames: not measured
+    assert untold["action_sharpness_ratio"] is None and untold["action_identity_error"] is None
+    assert untold["instr_hit"] is None and untold["instr_classes"] == {}
+
+
+def _measures(T: int) -> dict[str, np.ndarray]:
+    """An analysis (stages.synth.analyze's keys the detectors read) of T idle frames: eyes open, head level."""
+    return {"found": np.ones(T, bool), "eyes": np.ones(T), "pitch": np.zeros(T), "yaw": np.zeros(T),
+            "smile": np.zeros(T), "hand": np.zeros(T)}
+
+
+def test_strict_and_relaxed_instruction_scores():
+    """Three told events: a nod with a blink read in its window (strict fail, hit), a clean turn left
+    (both), a smile that never comes (neither). Confusion says "nod" first for the nod, so the strict
+    per-class count is not confusion's diagonal."""
+    m = _measures(200)
+    m["pitch"][30:45] = 0.8          # nod: fires at 1.2 s (told at 1.0 s)
+    m["eyes"][38:41] = 0.1           # blink at 1.52 s, inside the nod's 0-1 s window
+    m["yaw"][110:130] = -0.9         # turn left: fires at 4.4 s (told at 4.0 s)
+    events = [(1.0, 2.0, "nod"), (4.0, 5.0, "turn left"), (6.0, 7.0, "smile")]
+    s = instruction_scores(m, events, FPS)
+    assert s["instr_events"] == 3
+    assert s["instr_success"] == pytest.approx(1 / 3) and s["instr_hit"] == pytest.approx(2 / 3)
+    assert s["confusion"] == {"nod": {"nod": 1}, "turn left": {"turn left": 1}, "smile": {"none": 1}}
+    assert s["instr_classes"] == {"nod": {"told": 1, "success": 0, "hit": 1},
+                                  "turn left": {"told": 1, "success": 1, "hit": 1},
+                                  "smile": {"told": 1, "success": 0, "hit": 0}}
+    # negative control: without the blink the nod passes the strict rule too
+    m["eyes"][:] = 1.0
+    s = instruction_scores(m, events, FPS)
+    assert s["instr_success"] == pytest.approx(2 / 3) == s["instr_hit"]
+    # a fire just past the window is no hit: the nod now starts 1.04 s after it was told
+    m["pitch"][:] = 0.0
+    m["pitch"][51:60] = 0.8
+    assert instruction_scores(m, events, FPS)["instr_classes"]["nod"] == {"told": 1, "success": 0, "hit": 0}
+
+
+def _row(style: str, events: int, success: float, hit: float, **extra) -> dict:
+    return {"style": style, "instr_events": events, "instr_success": success, "instr_hit": hit,
+            "mouth_r": extra.get("mouth_r"), "spurious_per_min": extra.get("spurious_per_min"),
+            "identity_error": extra.get("identity_error"), "action_sharpness_ratio": extra.get("sharp"),
+            "instr_classes": extra.get("classes", {})}
+
+
+def test_style_breakdown_is_event_weighted():
+    """Two human clips (3 events, 1 strict success; 1 event, 1 success) pool to 2 / 4, not the clips'
+    mean 2 / 3; clips without events or a style stay out of the instruction numbers."""
+    rows = [_row("human", 3, 1 / 3, 2 / 3, mouth_r=0.5, sharp=0.8, spurious_per_min=2.0, identity_error=10.0,
+                 classes={"nod": {"told": 2, "success": 0, "hit": 1}, "blink": {"told": 1, "success": 1, "hit": 1}}),
+            _row("human", 1, 1.0, 1.0, mouth_r=0.7, sharp=None, spurious_per_min=0.0, identity_error=20.0,
+                 classes=json.dumps({"nod": {"told": 1, "success": 1, "hit": 1}})),   # as a manifest row has it
+            _row("anime", 2, 0.0, 0.5, mouth_r=0.1, sharp=0.4, spurious_per_min=6.0, identity_error=30.0,
+                 classes={"turn left": {"told": 2, "success": 0, "hit": 1}}),
+            _row("anime", 0, None, None, mouth_r=0.3, sharp=0.6, spurious_per_min=0.0, identity_error=40.0),
+            _row(None, 5, 1.0, 1.0, mouth_r=0.9)]
+    by = style_breakdown(rows)
+    assert list(by) == ["anime", "human"]
+    h, a = by["human"], by["anime"]
+    assert (h["clips"], h["instr_events"], h["instr_success"], h["instr_hit"]) == (2, 4, 0.5, 0.75)
+    assert (h["mouth_r"], h["action_sharpness_ratio"], h["spurious_per_min"], h["identity_error"]) == \
+        pytest.approx((0.6, 0.8, 1.0, 15.0))
+    assert h["instr_classes"] == {"blink": {"told": 1, "success": 1, "hit": 1}, "nod": {"told": 3, "success": 1, "hit": 2}}
+    assert (a["clips"], a["instr_events"], a["instr_success"], a["instr_hit"]) == (2, 2, 0.0, 0.5)
+    assert (a["mouth_r"], a["action_sharpness_ratio"], a["identity_error"]) == pytest.approx((0.2, 0.5, 35.0))
+    assert style_breakdown([_row(None, 1, 1.0, 1.0)]) == {}
+
+
+def test_report_by_style_through_a_manifest(tmp_path):
+    """Eval rows with the new columns survive the pinned Parquet schema, and `vidu eval`'s summary and
+    table show the relaxed score, the action numbers and one block per style."""
+    from manifests.io import to_table, write_table
+    from manifests.schemas import SCHEMAS
+    from stages.eval.report import load_run, summarize, table_rows
+    from stages.run import base_row
+
+    def row(i: int, style: str, events: int, success: float, hit: float, sharp: float) -> dict:
+        return base_row("eval", id=f"s{i}", parent_id=f"s{i}", bench="synth", system="x", sample_id=f"s{i}",
+                        style=style, instr_events=events, instr_success=success, instr_hit=hit,
+                        action_sharpness_ratio=sharp, action_identity_error=5.0 * (i + 1), mouth_r=0.5,
+                        instr_classes=json.dumps({"nod": {"told": events, "success": round(success * events),
+                                                          "hit": round(hit * events)}}),
+                        confusion="{}", drift_ratios="{}")
+    assert {"style", "instr_hit", "instr_classes", "action_sharpness_ratio", "action_identity_error"} <= set(SCHEMAS["eval"].names)
+    rows = [row(0, "human", 3, 1 / 3, 2 / 3, 0.5), row(1, "human", 1, 1.0, 1.0, 0.9), row(2, "animal", 4, 0.25, 1.0, 1.0)]
+    path = tmp_path / "eval.parquet"
+    write_table(to_table(rows, "eval"), path, {"kind": "eval", "run_id": "eval-t", "params": {"bench": "synth", "system": "x"}})
+    run = load_run(tmp_path, str(path))
+    back = {r["id"]: r for r in run.rows}
+    assert back["s2"]["style"] == "animal" and json.loads(back["s0"]["instr_classes"])["nod"] == {"told": 3, "success": 1, "hit": 2}
+    s = summarize(run)
+    assert (s["instr_events"], s["instr_success"], s["instr_hit"]) == (8, 3 / 8, 7 / 8)
+    assert s["action_sharpness_ratio"] == pytest.approx(0.8) and s["action_identity_error"] == pytest.approx(10.0)
+    assert (s["by_style"]["human"]["instr_success"], s["by_style"]["human"]["instr_hit"]) == (0.5, 0.75)
+    assert s["by_style"]["animal"]["instr_classes"] == {"nod": {"told": 4, "success": 1, "hit": 4}}
+    cells = dict(table_rows([run]))
+    assert cells["human: instruction success"] == ["50.0%"] and cells["animal: ... others allowed"] == ["100.0%"]
+    assert cells["... told class fired in 0-1 s, others allowed"] == ["87.5%"]
+    assert cells["human: sharpness told / idle"] == ["0.70"] and cells["animal: samples"] == ["1"]
