@@ -528,7 +528,7 @@ def _score(frames: np.ndarray, truth: str, workers: int = 1) -> dict:
     measured in `workers` processes."""
     from stages.eval.bench.runner import _synth_numbers
     s = _synth_numbers(frames, 25.0, truth, workers)
-    return {**s, "confusion": json.loads(s["confusion"]), "drift_ratios": json.loads(s["drift_ratios"])}
+    return {**s, **{k: json.loads(s[k]) for k in ("confusion", "drift_ratios", "instr_classes")}}
 
 
 def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25, most: int = 12) -> None:
@@ -796,12 +796,21 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
 
 
 def summarise(rows: list[dict]) -> dict:
+    """The eval phase's numbers over its rows (each with its ground truth's, "truth"): instructions pooled
+    over events, the rest means over clips; `by_style`: the same per character style
+    (synthscore.style_breakdown), each with its truth's instruction success, hit and action sharpness."""
+    from stages.eval.bench.synthscore import style_breakdown
+
     def mean(vals):
         vals = [v for v in vals if v is not None]
         return float(np.mean(vals)) if vals else None
     lat = [x for r in rows for x in r["instr_latency_s"]]
     ev = sum(r["instr_events"] or 0 for r in rows)
     ok = sum((r["instr_success"] or 0) * (r["instr_events"] or 0) for r in rows)
+    pooled = lambda key, rs: (sum((r[key] or 0) * (r["instr_events"] or 0) for r in rs) / ev) if ev else None  # noqa: E731
+    by_style = style_breakdown(rows)
+    for style, truth in style_breakdown([r["truth"] for r in rows]).items():
+        by_style[style].update({f"truth_{k}": truth[k] for k in ("instr_success", "instr_hit", "action_sharpness_ratio")})
     return {"clips": len(rows), "mouth_r": mean(r["mouth_r"] for r in rows),
             "mouth_abs_r_control": mean(abs(r["mouth_r_control"]) if r["mouth_r_control"] is not None else None
                                         for r in rows),
@@ -811,11 +820,15 @@ def summarise(rows: list[dict]) -> dict:
             "instr_events": ev, "instr_success": ok / ev if ev else None,
             "truth_instr_success": (sum((r["truth"]["instr_success"] or 0) * (r["truth"]["instr_events"] or 0)
                                         for r in rows) / ev) if ev else None,
+            "instr_hit": pooled("instr_hit", rows), "truth_instr_hit": pooled("instr_hit", [r["truth"] for r in rows]),
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
             "spurious_idle_per_min": mean(r["spurious_idle_per_min"] for r in rows),
             "truth_spurious_per_min": mean(r["truth"]["spurious_per_min"] for r in rows),
+            **{f"{who}{k}": mean((r["truth"] if who else r)[k] for r in rows)
+               for k in ("action_sharpness_ratio", "action_identity_error") for who in ("", "truth_")},
+            "by_style": by_style,
             "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
                       for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
             "stream_fps": mean(r["stream_fps"] for r in rows)}
@@ -874,8 +887,19 @@ def table(res: dict) -> str:
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min "
                           f"({f(s['spurious_idle_per_min'])} with no instruction in force; truth {f(s['truth_spurious_per_min'])})",
-                          f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])})",
-                          "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())])
+                          f"  told class fired in 0-1 s, others allowed {f(s['instr_hit'])} (truth {f(s['truth_instr_hit'])})",
+                          f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])}), on the "
+                          f"frames of told actions {f(s['action_identity_error'])} (truth {f(s['truth_action_identity_error'])})",
+                          f"  sharpness during told actions / idle {f(s['action_sharpness_ratio'])} (truth "
+                          f"{f(s['truth_action_sharpness_ratio'])})",
+                          "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items()),
+                          *[f"  {style}: {v['clips']} clips, instructions {f(v['instr_success'])} of {v['instr_events']} "
+                            f"(hit {f(v['instr_hit'])}; truth {f(v['truth_instr_success'])}), r {f(v['mouth_r'])}, "
+                            f"spurious {f(v['spurious_per_min'])}/min, identity error {f(v['identity_error'])}, "
+                            f"sharpness told / idle {f(v['action_sharpness_ratio'])} (truth "
+                            f"{f(v['truth_action_sharpness_ratio'])}); success / told: "
+                            + (", ".join(f"{c} {n['success']}/{n['told']}" for c, n in v["instr_classes"].items()) or "none")
+                            for style, v in s["by_style"].items()]])
     if res["phase"] == "starter":
         return f"starter: {res['dest']} ({res['bytes'] / 2 ** 20:.1f} MiB), scores {res['starter']['scores']}"
     if res["phase"] == "distill":

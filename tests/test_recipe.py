@@ -386,3 +386,47 @@ def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_
             assert abs(row[name]["mean_r"]) < 0.3 and row[name]["mean_abs_control_r"] < 0.3
             assert all(c["r_face_found"] == 1.0 for c in row[name]["clips"])
     assert len(e["seen"]["guided"]["clips"]) == 1 and len(e["guided"]["clips"]) == 2
+
+
+def _eval_row(style: str, events: int, success: float, hit: float, sharp: float, classes: dict, truth: dict | None = None) -> dict:
+    """An eval-phase row as _score gives it (the numbers a test needs; `truth`: the ground truth's)."""
+    r = {"style": style, "instr_events": events, "instr_success": success if events else None,
+         "instr_hit": hit if events else None, "instr_latency_s": [0.4] * round(success * events),
+         "instr_classes": classes, "action_sharpness_ratio": sharp, "action_identity_error": 10 * sharp,
+         "mouth_r": 0.5, "mouth_r_control": 0.1, "identity_error": 9.0, "spurious_per_min": 1.0,
+         "spurious_idle_per_min": 0.0, "drift_ratios": {}, "stream_fps": 30.0}
+    if truth is not None:
+        r["truth"] = _eval_row(style, events, truth["success"], truth["hit"], truth["sharp"], {})
+    return r
+
+
+def test_summarise_by_style_and_table():
+    """The eval phase's summary pools instructions over events overall and per character style (2 human
+    clips: 4 events, 1 strict success, 3 hits; not the clips' mean), with the truth's beside; the table
+    prints one line per style with its per-class successes."""
+    rows = [_eval_row("human", 3, 1 / 3, 2 / 3, 0.6, {"nod": {"told": 2, "success": 0, "hit": 1},
+                                                        "blink": {"told": 1, "success": 1, "hit": 1}},
+                      {"success": 1.0, "hit": 1.0, "sharp": 1.0}),
+            _eval_row("anime", 1, 1.0, 1.0, 0.9, {"turn left": {"told": 1, "success": 1, "hit": 1}},
+                      {"success": 1.0, "hit": 1.0, "sharp": 1.1}),
+            _eval_row("human", 1, 0.0, 1.0, 0.8, {"nod": {"told": 1, "success": 0, "hit": 1}},
+                      {"success": 0.0, "hit": 1.0, "sharp": 0.9})]
+    s = recipe.summarise(rows)
+    assert (s["instr_events"], s["instr_success"], s["instr_hit"]) == (5, pytest.approx(0.4), pytest.approx(0.8))
+    assert (s["truth_instr_success"], s["truth_instr_hit"]) == (pytest.approx(0.8), pytest.approx(1.0))
+    assert s["action_sharpness_ratio"] == pytest.approx(2.3 / 3) and s["truth_action_sharpness_ratio"] == pytest.approx(1.0)
+    assert s["action_identity_error"] == pytest.approx(23 / 3) and s["truth_action_identity_error"] == pytest.approx(10.0)
+    h, a = s["by_style"]["human"], s["by_style"]["anime"]
+    assert list(s["by_style"]) == ["anime", "human"]
+    assert (h["clips"], h["instr_events"], h["instr_success"], h["instr_hit"]) == (2, 4, 0.25, 0.75)
+    assert (h["truth_instr_success"], h["truth_instr_hit"], h["truth_action_sharpness_ratio"]) == (0.75, 1.0, pytest.approx(0.95))
+    assert h["instr_classes"] == {"blink": {"told": 1, "success": 1, "hit": 1}, "nod": {"told": 3, "success": 0, "hit": 2}}
+    assert (a["clips"], a["instr_events"], a["instr_success"], a["action_sharpness_ratio"]) == (1, 1, 1.0, 0.9)
+    res = {"phase": "eval", "teacher": "causal", "checkpoint": "/w/causal/ema.safetensors", "bench": "synth", "stream": {},
+           "seconds": 4.0, "eval_s": 1.0, "device": "cpu", "summary": s}
+    lines = recipe.table(res).splitlines()
+    assert "  told class fired in 0-1 s, others allowed 0.800 (truth 1.000)" in lines
+    assert "  sharpness during told actions / idle 0.767 (truth 1.000)" in lines
+    assert ("  human: 2 clips, instructions 0.250 of 4 (hit 0.750; truth 0.750), r 0.500, spurious 1.000/min, identity "
+            "error 9.000, sharpness told / idle 0.700 (truth 0.950); success / told: blink 1/1, nod 0/3") in lines
+    assert lines[-2].startswith("  anime: 1 clips, instructions 1.000 of 1") and lines[-2].endswith("turn left 1/1")
