@@ -86,6 +86,11 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
         assert r["truth"]["mouth_r"] > 0.9 and abs(r["truth"]["mouth_r_control"]) < 0.5
         assert set(r) >= {"mouth_r", "mouth_r_control", "identity_error", "instr_success", "drift_ratios", "stream_fps"}
     assert sorted(p.name for p in outs[3].iterdir()) == ["eval_case0.png", "eval_case1.png", "recipe_eval.json"]
+    # the per-style breakdown covers every row once, each row's style being its character's (truth's the same)
+    assert all(r["style"] == r["truth"]["style"] for r in rows)
+    assert {k: v["clips"] for k, v in ev["summary"]["by_style"].items()} == \
+        {k: sum(r["style"] == k for r in rows) for k in {r["style"] for r in rows}}
+    assert all(r["truth"]["instr_hit"] >= r["truth"]["instr_success"] for r in rows if r["instr_events"])
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # spawned processes (parent's sys.path) import the recipe
     two = phase("eval", works[3], tmp_path / "out4", monkeypatch, "--streams", "2")   # one case per process
     assert two["streams"] == 2 and [r["index"] for r in two["rows"]] == [0, 1]
