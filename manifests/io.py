@@ -221,9 +221,33 @@ def read_manifest(path: str | os.PathLike) -> tuple[pa.Table, dict]:
     kind = meta.get("kind")
     if kind not in SCHEMAS:
         raise ManifestError(f"{show_path(p)} is not a vidu manifest (no known kind in its metadata)")
-    if not table.schema.equals(SCHEMAS[kind], check_metadata=False):
+    table = _pinned(table, SCHEMAS[kind])
+    if table is None:
         raise ManifestError(f"{show_path(p)}: columns do not match the pinned '{kind}' schema")
     return table, meta
+
+
+def _pinned(table: pa.Table, schema: pa.Schema) -> pa.Table | None:
+    """`table` in the pinned `schema`: as it is when it matches; a manifest written before nullable
+    columns were added to its schema gains them as nulls, in the schema's order (an older `vidu eval`
+    run stays comparable); None when anything else differs (a column missing that may not be null, one
+    the schema lacks, another type)."""
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    have = {f.name: f for f in table.schema}
+    if set(have) - set(schema.names):
+        return None
+    cols = []
+    for f in schema:
+        if f.name in have:
+            if not have[f.name].equals(f, check_metadata=False):
+                return None
+            cols.append(table.column(f.name))
+        elif f.nullable:
+            cols.append(pa.nulls(table.num_rows, f.type))
+        else:
+            return None
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def ok_rows(table: pa.Table) -> list[dict]:

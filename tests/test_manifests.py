@@ -49,6 +49,27 @@ def test_bad_rows_and_files_fail_clearly(tmp_path):
         read_manifest(tmp_path / "missing.parquet")
 
 
+def test_older_manifests_gain_later_nullable_columns(tmp_path):
+    """A manifest written before nullable columns joined its schema reads with them as nulls, in the
+    pinned order; anything else that differs is still refused."""
+    full = to_table([_video_row(0), _video_row(1, "rejected")], "videos")
+    nullable = [f.name for f in VIDEOS if f.nullable and f.name not in ("parent_id", "error")][:2]
+    assert len(nullable) == 2
+    old = full.drop_columns(nullable)
+    path = write_table(old, tmp_path / "old.parquet", {"kind": "videos"})
+    table, _ = read_manifest(path)
+    assert table.schema.equals(VIDEOS, check_metadata=False)
+    assert all(v is None for k in nullable for v in table.column(k).to_pylist())
+    assert table.drop_columns(nullable).equals(old)
+    for name, bad in (("required", full.drop_columns(["path"])),                         # a non-null column missing
+                      ("extra", full.append_column("surprise", pa.array([1, 2]))),       # a column the schema lacks
+                      ("retyped", full.set_column(full.schema.get_field_index("width"), "width",
+                                                  pa.array(["640", "640"])))):        # another type
+        f = write_table(bad, tmp_path / f"{name}.parquet", {"kind": "videos"})
+        with pytest.raises(ManifestError, match="do not match the pinned 'videos' schema"):
+            read_manifest(f)
+
+
 def test_catalog_records_lineage_and_views(tmp_path):
     root = workspace(tmp_path / "w")
     out = root / "manifests" / "prefilter-x.parquet"
