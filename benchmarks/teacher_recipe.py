@@ -223,6 +223,12 @@ def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: 
     return TrainSettings(**kw)
 
 
+def with_objective(recipe: Recipe, **kw) -> Recipe:
+    """The recipe with its teacher stages' ObjectiveSettings changed by `kw` (--eyes-weight)."""
+    return dataclasses.replace(recipe, **{s: {**getattr(recipe, s), "objective": dataclasses.replace(
+        getattr(recipe, s).get("objective", ObjectiveSettings()), **kw)} for s in ("bidirectional", "causal")})
+
+
 def fresh_seed(init_from: str, stage: str) -> int:
     """The data seed of a further run of `stage` (--again): one past the highest seed its runs in the
     checkpoint's lineage rendered clips from ("synth:<n>@<seed>"), so each continuation sees new clips."""
@@ -956,6 +962,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
     ap.add_argument("--sync-weight", type=float, default=0.0,
                     help="distill: the sync reward's weight (needs W/lipsync.safetensors; 0: measured only)")
+    ap.add_argument("--eyes-weight", type=float,
+                    help="bidirectional / causal: the video loss weight of the eyes region (default: ObjectiveSettings')")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="distill: torch.compile the student, critic and teacher (default: the recipe's)")
     ap.add_argument("--scores", type=Path, help="starter: the eval phase's result (recipe_eval.json) of the model to ship")
@@ -969,6 +977,10 @@ def main(argv: list[str] | None = None) -> dict:
     t_phase = time.perf_counter()
     os.environ.setdefault("VIDU_TEXT_TABLE", str(TEXT_TABLE))
     recipe = RECIPES[args.preset]
+    if args.eyes_weight is not None:
+        if args.phase not in ("bidirectional", "causal"):
+            ap.error("--eyes-weight goes with a teacher stage (bidirectional or causal)")
+        recipe = with_objective(recipe, eyes_weight=args.eyes_weight)
     work = args.work
     out = Path(os.environ.get("OUT") or work / "out")
     work.mkdir(parents=True, exist_ok=True)

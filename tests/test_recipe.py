@@ -65,8 +65,12 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
     again = phase("causal", works[2], outs[2], monkeypatch)        # re-run in the same folder: resumes out/latest
     assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
-    further = phase("causal", works[2], tmp_path / "more", monkeypatch, "--again")   # a later session: from the EMA
+    further = phase("causal", works[2], tmp_path / "more", monkeypatch, "--again", "--eyes-weight", "3")   # a later session: from the EMA
     assert further["settings"]["init_from"] == str(works[2] / "causal" / "ema.safetensors")
+    assert further["settings"]["objective"]["eyes_weight"] == 3.0 and causal["settings"]["objective"]["eyes_weight"] == 1.0
+    logged = lambda run: [json.loads(x) for x in (works[2] / "runs" / run / "loss.jsonl").read_text().splitlines()]  # noqa: E731
+    assert all(h["eyes_share"] > 0 for h in logged("causal-again-1"))
+    assert all("eyes_share" not in h and h["mouth_share"] > 0 for h in logged("causal"))   # control: weight 1, no term
     assert further["train"]["resumed_from"] is None and further["again"]
     assert (causal["settings"]["seed"], further["settings"]["seed"]) == (0, 1)     # new clips
     # the next phase in the same folder starts its own run (session 55: it found the last one's and stopped)
@@ -123,6 +127,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert ode["settings"]["ode_warmup"] == 1 and "loss_ode" in ode["loss_first"] and "loss_dmd" in ode["loss_last_10pct"]
     assert warm["train"]["resumed_from"] is None
     # the ablation's arms: PCM and the sync reward (the lipsync phase's discriminator in W), their gradients measured
+    with pytest.raises(SystemExit):                       # a teacher stage's loss weight, refused before any work
+        phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--eyes-weight", "3")
     with pytest.raises(SystemExit, match="run --phase lipsync first"):
         phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--sync-weight", "0.1")
     carry(outs[2], tmp_path / "w8")

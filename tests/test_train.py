@@ -372,6 +372,19 @@ def test_mouth_weight_changes_the_gradient_exactly_in_the_mouth():
     assert torch.equal(grad(5.0, {}), g1)                  # control: a clip without masks weighs 1
     gv = grad(1.0, {}, "v")                                 # the v loss: x0 error / sigma^2
     torch.testing.assert_close(gv, g1 / sigma[:, None, :, None, None] ** 2, rtol=1e-5, atol=0)
+    # the eyes region weighs the same way, and on pixels of both regions the weights multiply
+    eyes = torch.zeros(B, F, h, h)
+    eyes[0, 2, 2, 3:6] = 1.0                               # overlaps the mouth at (2, 3)
+    eyes[1, 3, 4, 4] = 0.25
+    x = torch.randn(B, C, 3, h, h, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    loss, parts = video_loss(x, x0, sigma, {"mouth": mouth, "eyes": eyes}, frames,
+                             ObjectiveSettings(mouth_weight=5.0, eyes_weight=3.0, loss_weight="x0"))
+    loss.backward()
+    w = (1 + 4 * mouth[:, frames]) * (1 + 2 * eyes[:, frames])
+    torch.testing.assert_close(x.grad, g1 * w[:, None], rtol=1e-6, atol=0)
+    assert float(w[0, 0, 2, 3]) == 15.0 and set(parts) >= {"mouth_share", "eyes_share"}
+    assert ObjectiveSettings(mouth_weight=1.0, eyes_weight=3.0).needs_masks
+    assert not ObjectiveSettings(mouth_weight=1.0).needs_masks   # nothing asks for regions: none rendered
 
 
 def test_world_clips_carry_the_mouth_at_latent_resolution():
@@ -388,6 +401,10 @@ def test_world_clips_carry_the_mouth_at_latent_resolution():
     m = c["mouth"]
     assert m.shape == (9, cfg.height // 8, cfg.width // 8)
     assert 0 < float((m > 0).float().mean()) < 0.25        # a mouth, not the frame
+    e = c["eyes"]                                           # the eyes: as small, elsewhere in the frame
+    assert e.shape == m.shape and 0 < float((e > 0).float().mean()) < 0.25
+    rows = lambda r: torch.nonzero(r.amax((0, 2)) > 0).flatten().float().mean()   # noqa: E731  mean row covered
+    assert rows(e) < rows(m)                                # above the mouth
     assert "mouth" not in render_clip(clip_seed(0, 0), cfg)  # control: no masks asked, none rendered
     assert c["mouth_box"].shape == (9, 2)                   # and the sync loss's crop corners, in the latent
     assert int(c["mouth_box"].min()) >= 0 and int(c["mouth_box"].max()) <= cfg.height // 8 - 4

@@ -167,6 +167,7 @@ def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: tor
     student's clip (detached) with the batch's conditions, no condition dropout (the fake score is
     taken conditional)."""
     fake = {**batch, "video": video.detach(), "audio_latent": None if audio_latent is None else audio_latent.detach()}
-    fake.pop("mouth", None)                   # the student's clip is not the batch's: no mouth boxes
+    for key in ("mouth", "eyes"):              # the student's clip is not the batch's: not its regions
+        fake.pop(key, None)
     obj = dataclasses.replace(obj, p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0)
     return causal_loss(critic, fake, obj, draw)

@@ -10,8 +10,9 @@ same sample: data position = step * batch, nothing to store for an exact resume.
 
 A clip is as long as the data config's `latent_frames`: the model's for stage 1, the objective's
 `clip_frames` for stage 2 (loop.py; long clips, so the stream's window wraps and timed instructions
-land mid-clip). World clips rendered with `masks` also carry the mouth region at latent resolution
-("mouth" [F, h, w], `latent_regions`) for the loss weight; masks cost 35-70 % more render time.
+land mid-clip). World clips rendered with `masks` also carry the mouth and eyes regions at latent
+resolution ("mouth", "eyes" [F, h, w], `latent_regions`) for the loss weights; masks cost 35-70 % more
+render time.
 
 The codec is a TAEHV autoencoder trained on the world (stages/train/autoencoder.py), since no
 pretrained video autoencoder can be downloaded here: the run's --codec, else the one its --from
@@ -46,7 +47,7 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
     16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame (an
     instruction whose action the clip's end cuts included: short clips see instructions act) and,
-    with `masks`, the mouth region per latent frame ("mouth" [F, H / 8, W / 8], `latent_regions`) and
+    with `masks`, the mouth and eyes regions per latent frame ("mouth", "eyes" [F, H / 8, W / 8], `latent_regions`) and
     the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth());
     `events` (stages.synth Events): these instructions instead of the seed's."""
@@ -62,6 +63,7 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     if masks:
         from stages.train.lipsync import LipSyncConfig, mouth_boxes
         c["mouth"] = latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)
+        c["eyes"] = latent_regions(s.masks["eyes"], cfg.audio.video_frames_per_latent, 8)
         c["mouth_box"] = mouth_boxes(s.masks["mouth"], LipSyncConfig.for_model(cfg), cfg.audio.video_frames_per_latent)
     if truth:
         c["truth"] = s.truth()
@@ -190,7 +192,7 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     else:
         s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
-    for key in ("mouth", "mouth_box"):
+    for key in ("mouth", "eyes", "mouth_box"):
         if key in c:
             s[key] = c[key]
     if d.audio_dim:

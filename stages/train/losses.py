@@ -4,14 +4,15 @@
 truth on the frames that count (stage 2: the current chunk), given their noise levels, the batch
 (which may carry more supervision than the latents, per clip frame) and which clip frames they are.
 
-    loss = mean over (B, C, f, h, w) of  w_sigma(sigma) * w_mouth(pixel) * (x0_hat - x0)^2
+    loss = mean over (B, C, f, h, w) of  w_sigma(sigma) * w_mouth(pixel) * w_eyes(pixel) * (x0_hat - x0)^2
 
 - w_sigma, `st.loss_weight`: "x0" 1 (the x0 loss), "v" 1 / sigma^2 (the flow-matching velocity loss:
   x0_hat - x0 = -sigma (v_hat - v), so it is || v_hat - v ||^2), weighting the low-noise steps up;
 - w_mouth: 1 + (st.mouth_weight - 1) * batch["mouth"], the mouth region's coverage [B, F, h, w] in
-  [0, 1] at latent resolution (stages/train/data.py `latent_regions`); clips without it weigh 1.
-The mean is over all elements (not normalised by the weights), so raising the mouth weight changes
-the gradient in mouth pixels only.
+  [0, 1] at latent resolution (stages/train/data.py `latent_regions`); clips without it weigh 1;
+- w_eyes: 1 + (st.eyes_weight - 1) * batch["eyes"], the same for the eyes region (lids, whites, brows).
+The mean is over all elements (not normalised by the weights), so raising a region's weight changes
+the gradient in that region's pixels only.
 
 With `st.sync_weight` > 0 and a discriminator file `st.lipsync`, the sync loss is added:
 sync_weight * -log sigmoid(D(mouth of x0_hat, its speech)) over the scored frames of rows that hear
@@ -39,18 +40,20 @@ def sigma_weight(sigma: torch.Tensor, kind: str) -> torch.Tensor:
 def video_loss(x0_hat: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, batch: dict,
                clip_frames: torch.Tensor, st) -> tuple[torch.Tensor, dict]:
     """x0_hat, x0: [B, C, f, h, w] the scored frames; sigma: [B, f] their noise levels; clip_frames:
-    [f] their indices in the batch's clips; st: ObjectiveSettings (loss_weight, mouth_weight).
+    [f] their indices in the batch's clips; st: ObjectiveSettings (loss_weight, mouth_weight, eyes_weight).
     Returns (loss, {name: logged value})."""
     err = (x0_hat.float() - x0.float()).square()                          # [B, C, f, h, w]
     w = sigma_weight(sigma.to(err.device), st.loss_weight)[:, None, :, None, None]
-    mouth = batch.get("mouth")
     parts = {}
-    if mouth is not None and st.mouth_weight != 1:
-        m = mouth[:, clip_frames.to(mouth.device)].float()[:, None]       # [B, 1, f, h, w]
+    for region, weight in (("mouth", st.mouth_weight), ("eyes", st.eyes_weight)):
+        cover = batch.get(region)
+        if cover is None or weight == 1:
+            continue
+        m = cover[:, clip_frames.to(cover.device)].float()[:, None]       # [B, 1, f, h, w]
         if m.shape[-2:] != err.shape[-2:]:
-            raise ValueError(f"mouth masks are {tuple(m.shape[-2:])}; the latents are {tuple(err.shape[-2:])}")
-        w = w * (1 + (st.mouth_weight - 1) * m)
-        parts["mouth_share"] = m.mean().detach()
+            raise ValueError(f"{region} masks are {tuple(m.shape[-2:])}; the latents are {tuple(err.shape[-2:])}")
+        w = w * (1 + (weight - 1) * m)
+        parts[f"{region}_share"] = m.mean().detach()
     loss = (w * err).mean()
     parts["loss_video"] = loss.detach()
     if st.sync_weight > 0:

@@ -48,6 +48,9 @@ class ObjectiveSettings:
     shift: float = ranged(2.0, gt=0)
     loss_weight: str = ranged("v", choices=LOSS_WEIGHTS)
     mouth_weight: float = ranged(10.0, min=0)  # latent pixels of the mouth region (world clips with masks)
+    # ... of the eyes region (lids, whites, brows): session 59 found the students' nods and look-ups failing on a
+    # blink read off eyes that smear while the head moves, and half the humans' told blinks not drawn
+    eyes_weight: float = ranged(1.0, min=0)
     # the sync loss (losses.py): a trained lip-sync discriminator's file (stages/train/lipsync.py) and its
     # weight; world clips then carry their mouth boxes
     sync_weight: float = ranged(0.0, min=0)
@@ -66,6 +69,11 @@ class ObjectiveSettings:
     p_drop_text: float = ranged(0.1, min=0, max=1)
     p_drop_audio: float = ranged(0.1, min=0, max=1)
     p_drop_ref: float = ranged(0.1, min=0, max=1)
+
+    @property
+    def needs_masks(self) -> bool:
+        """World clips must carry their region masks: a region weight or the sync loss's mouth boxes."""
+        return self.mouth_weight != 1 or self.eyes_weight != 1 or self.sync_weight > 0
 
 
 class Draw:
