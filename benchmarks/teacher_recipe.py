@@ -837,6 +837,9 @@ def summarise(rows: list[dict]) -> dict:
             "by_style": by_style,
             "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
                       for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
+            # the instruction ratio's events, first / last 10 % summed over the rows: [[successes, events], [...]]
+            "drift_instruction_counts": [[sum(r["drift_ratios"].get("instruction_counts", [[0, 0]] * 2)[i][j] for r in rows)
+                                          for j in (0, 1)] for i in (0, 1)],
             "stream_fps": mean(r["stream_fps"] for r in rows)}
 
 
@@ -898,7 +901,8 @@ def table(res: dict) -> str:
                           f"frames of told actions {f(s['action_identity_error'])} (truth {f(s['truth_action_identity_error'])})",
                           f"  sharpness during told actions / idle {f(s['action_sharpness_ratio'])} (truth "
                           f"{f(s['truth_action_sharpness_ratio'])})",
-                          "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items()),
+                          "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())
+                          + " (instructions: {1[0]} of {1[1]} / {0[0]} of {0[1]})".format(*s["drift_instruction_counts"]),
                           *[f"  {style}: {v['clips']} clips, instructions {f(v['instr_success'])} of {v['instr_events']} "
                             f"(hit {f(v['instr_hit'])}; truth {f(v['truth_instr_success'])}), r {f(v['mouth_r'])}, "
                             f"spurious {f(v['spurious_per_min'])}/min, identity error {f(v['identity_error'])}, "

@@ -159,3 +159,19 @@ def test_report_by_style_through_a_manifest(tmp_path):
     assert cells["human: instruction success"] == ["50.0%"] and cells["animal: ... others allowed"] == ["100.0%"]
     assert cells["... told class fired in 0-1 s, others allowed"] == ["87.5%"]
     assert cells["human: sharpness told / idle"] == ["0.70"] and cells["animal: samples"] == ["1"]
+
+
+def test_drift_reports_the_instruction_ratios_counts(case):
+    """The drift's instruction ratio comes with its counts: events by onset in the first / last 10 %."""
+    from stages.eval.bench.synthscore import drift_ratios, frame_stats
+    from stages.synth import Identity, analyze
+    frames, truth, _ = case
+    identity = Identity(**{k: tuple(v) if isinstance(v, list) else v for k, v in truth["identity"].items()})
+    m = analyze(frames, identity)
+    gt = np.asarray(truth["tracks"]["mouth"], np.float64)
+    T = len(frames)                                   # 101 frames: the parts are frames 0-9 and 91-100
+    told = [(0.0, True), (0.36, False), (0.4, True), (2.0, False), (3.64, True), (4.0, False)]
+    d = drift_ratios(frame_stats(frames), m, identity, gt, told, FPS)
+    assert T == 101 and d["instruction_counts"] == [[1, 2], [1, 2]] and d["instructions"] == 1.0
+    d = drift_ratios(frame_stats(frames), m, identity, gt, told[:4], FPS)   # none in the last part: no ratio
+    assert d["instruction_counts"] == [[1, 2], [0, 0]] and d["instructions"] is None

@@ -153,7 +153,9 @@ def action_scores(sharp: np.ndarray, m: dict[str, np.ndarray], identity, events:
 def drift_ratios(stats: tuple[np.ndarray, np.ndarray], m: dict[str, np.ndarray], identity, gt_mouth: np.ndarray,
                  per_event: list[tuple[float, bool]] = (), fps: float = 25.0) -> dict:
     """Last 10 % vs first 10 % of the clip (at least 5 frames each), from its frame_stats and analysis;
-    instructions: success rate of the events whose onset falls in each part (None when a part has none)."""
+    instructions: success rate of the events whose onset falls in each part (None when a part has none),
+    with its counts beside the ratios ("instruction_counts": [[successes, events] first, [...] last]: a
+    ratio of a few events is noise, and the counts say how few)."""
     from stages.synth import identity_error
     sharp, motion = stats
     T = len(sharp)
@@ -165,11 +167,11 @@ def drift_ratios(stats: tuple[np.ndarray, np.ndarray], m: dict[str, np.ndarray],
     ident = [identity_error(_part(m, s), identity) if np.asarray(m["found"])[s].any() else None for s in (head, tail)]
     mouth = _finite(m["mouth"])
     sync = [pearson(mouth[s], gt_mouth[s]) for s in (head, tail)]
-    rate = [[ok for t, ok in per_event if a <= t * fps < b] for a, b in ((0, n), (T - n, T))]
-    rate = [float(np.mean(r)) if r else None for r in rate]
+    parts = [[ok for t, ok in per_event if a <= t * fps < b] for a, b in ((0, n), (T - n, T))]
+    rate = [float(np.mean(r)) if r else None for r in parts]
     return {"identity_error": _ratio(ident[1], ident[0]), "sharpness": _ratio(sharp[tail].mean(), sharp[head].mean()),
             "motion": _ratio(motion[T - n:].mean(), motion[:n - 1].mean()), "sync_r": _ratio(sync[1], sync[0]),
-            "instructions": _ratio(rate[1], rate[0])}
+            "instructions": _ratio(rate[1], rate[0]), "instruction_counts": [[int(sum(r)), len(r)] for r in parts]}
 
 
 def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.ndarray | None,
