@@ -92,6 +92,26 @@ def test_a_run_that_cannot_resume_says_so_before_its_data_and_a_deadline_stops_i
         train(dataclasses.replace(st, minutes=5.0), tmp_path / "run")
 
 
+def test_a_run_written_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    """A setting added to vidu after a run was written (here --eyes-weight) counts as its default there:
+    the run resumes under today's defaults, and is refused once the new setting differs from it."""
+    from stages.train.machinery import latest_state
+    st = TrainSettings(stage="causal", steps=4)
+    old = st.to_dict()
+    del old["objective"]["eyes_weight"]
+    step = tmp_path / "step-000002"
+    step.mkdir()
+    torch.save({"settings": old, "step": 2}, step / "state.pt")
+    (tmp_path / "latest").write_text("step-000002")
+    path, state = latest_state(tmp_path, st)
+    assert path == step and state["step"] == 2
+    assert latest_state(tmp_path, dataclasses.replace(st, minutes=3.0))[0] == step      # RUN_CONTROL may change
+    with pytest.raises(ValueError, match="other settings"):     # the new setting away from its default
+        latest_state(tmp_path, dataclasses.replace(st, objective=dataclasses.replace(st.objective, eyes_weight=3.0)))
+    with pytest.raises(ValueError, match="other settings"):     # control: a setting the run has, changed
+        latest_state(tmp_path, dataclasses.replace(st, lr=1e-3))
+
+
 def test_causal_stage_starts_from_the_teacher(stage1, tmp_path):
     root, bi, _ = stage1
     stream = ObjectiveSettings(p_teacher_forcing=0.5, chunk_frames=1, clip_frames=13)   # tiny: context 5 frames

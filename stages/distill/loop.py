@@ -332,7 +332,7 @@ class Distiller:
         return write_checkpoint(self.out, self.step, write, self.history, f"distill ({self.cfg.name})")
 
     def resume(self) -> bool:
-        found = latest_state(self.out, self.st.to_dict())
+        found = latest_state(self.out, self.st)
         if found is None:
             return False
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -409,7 +409,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         load_lpips(st.lpips, st.lpips_lin)   # refuse unfit LPIPS weights before the data are built
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    latest_state(out, st.to_dict())          # a run that cannot resume says so before its data are rendered
+    latest_state(out, st)          # a run that cannot resume says so before its data are rendered
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
     data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
                          prepare_codec, masks=bool(st.lipsync))        # the sync reward's mouth boxes

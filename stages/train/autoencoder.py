@@ -347,7 +347,7 @@ class AutoencoderTrainer:
         return write_checkpoint(self.out, self.step, write, self.history, f"autoencoder ({self.cfg.name})")
 
     def resume(self) -> bool:
-        found = latest_state(self.out, self.st.to_dict())
+        found = latest_state(self.out, self.st)
         if found is None:
             return False
         path, state = found

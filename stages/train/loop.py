@@ -215,7 +215,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
         from models.checkpoint import read_state_dict
-        found = latest_state(self.out, self.st.to_dict())
+        found = latest_state(self.out, self.st)
         if found is None:
             return False
         path, state = found
@@ -334,7 +334,7 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
                          f"{'groups of processes' if st.sequence_parallel > 1 else 'processes'}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    latest_state(out, st.to_dict())          # a run that cannot resume says so before its data are rendered
+    latest_state(out, st)          # a run that cannot resume says so before its data are rendered
     t_start = time.perf_counter()
     if st.stage == "autoencoder":
         from stages.train.autoencoder import AutoencoderTrainer

@@ -172,9 +172,18 @@ def write_checkpoint(out: Path, step: int, write: Callable[[Path], None], histor
 RUN_CONTROL = ("minutes",)     # settings that stop a run without changing what it computes: a resume may change them
 
 
-def latest_state(out: Path, settings: dict) -> tuple[Path, dict] | None:
-    """(newest checkpoint folder, its state.pt) of a run written with `settings` (RUN_CONTROL aside), or
-    None for a new run. Trainers call it before building their data too, so that a run that cannot
+def _with_defaults(saved, defaults):
+    """`saved` settings with the keys they lack (at any depth) taken from `defaults`."""
+    if not isinstance(saved, dict) or not isinstance(defaults, dict):
+        return saved
+    return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
+def latest_state(out: Path, st) -> tuple[Path, dict] | None:
+    """(newest checkpoint folder, its state.pt) of a run written with the settings `st` (a settings
+    dataclass with to_dict(); RUN_CONTROL aside), or None for a new run. A setting added to vidu after
+    the run was written counts as its default there (settings are added with the default that does what
+    vidu did before them). Trainers call it before building their data too, so that a run that cannot
     resume says so at once."""
     latest = Path(out) / "latest"
     if not latest.is_file():
@@ -184,6 +193,7 @@ def latest_state(out: Path, settings: dict) -> tuple[Path, dict] | None:
 
     def computed(s: dict) -> dict:
         return {k: v for k, v in json.loads(json.dumps(s)).items() if k not in RUN_CONTROL}
-    if computed(state["settings"]) != computed(settings):
+    defaults = computed(type(st)().to_dict())
+    if _with_defaults(computed(state["settings"]), defaults) != computed(st.to_dict()):
         raise ValueError(f"{path} was written with other settings; use another --out or the same options")
     return path, state
