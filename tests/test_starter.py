@@ -82,6 +82,15 @@ def video_frame(path, index=75):
                 return f.to_ndarray(format="rgb24")
 
 
+def test_recache_on_the_distilled_starter_says_it_was_not_trained_with_it(case):
+    """The starter is a distilled student, trained without recache: asked for it, the stream notes that."""
+    from stages.stream.session import load_parts
+    on = load_parts(str(case["dir"] / "ref.png"), str(starter.MODEL), settings={"recache": True})
+    off = load_parts(str(case["dir"] / "ref.png"), str(starter.MODEL), settings={})
+    assert on.engine.st.recache and not off.engine.st.recache
+    assert [n for n in on.notes if n.startswith("recache:")] and not [n for n in off.notes if n.startswith("recache:")]
+
+
 def test_a_photographic_reference_gets_a_warning_and_drawn_characters_do_not(shared_media, tmp_path):
     """models.starter.reference_warning: world characters of every style (256 and 960x540 renders) pass;
     frames of the five real talking heads and of Chaplin warn; a world character with camera-like noise
