@@ -805,17 +805,16 @@ def summarise(rows: list[dict]) -> dict:
     """The eval phase's numbers over its rows (each with its ground truth's, "truth"): instructions pooled
     over events, the rest means over clips; `by_style`: the same per character style
     (synthscore.style_breakdown), each with its truth's instruction success, hit and action sharpness."""
-    from stages.eval.bench.synthscore import style_breakdown
+    from stages.eval.bench.synthscore import pooled, style_breakdown
 
     def mean(vals):
         vals = [v for v in vals if v is not None]
         return float(np.mean(vals)) if vals else None
     lat = [x for r in rows for x in r["instr_latency_s"]]
     ev = sum(r["instr_events"] or 0 for r in rows)
-    ok = sum((r["instr_success"] or 0) * (r["instr_events"] or 0) for r in rows)
-    pooled = lambda key, rs: (sum((r[key] or 0) * (r["instr_events"] or 0) for r in rs) / ev) if ev else None  # noqa: E731
+    truths = [r["truth"] for r in rows]
     by_style = style_breakdown(rows)
-    for style, truth in style_breakdown([r["truth"] for r in rows]).items():
+    for style, truth in style_breakdown(truths).items():
         by_style[style].update({f"truth_{k}": truth[k] for k in ("instr_success", "instr_hit", "action_sharpness_ratio")})
     return {"clips": len(rows), "mouth_r": mean(r["mouth_r"] for r in rows),
             "mouth_abs_r_control": mean(abs(r["mouth_r_control"]) if r["mouth_r_control"] is not None else None
@@ -823,10 +822,8 @@ def summarise(rows: list[dict]) -> dict:
             "truth_mouth_r": mean(r["truth"]["mouth_r"] for r in rows),
             "identity_error": mean(r["identity_error"] for r in rows),
             "truth_identity_error": mean(r["truth"]["identity_error"] for r in rows),
-            "instr_events": ev, "instr_success": ok / ev if ev else None,
-            "truth_instr_success": (sum((r["truth"]["instr_success"] or 0) * (r["truth"]["instr_events"] or 0)
-                                        for r in rows) / ev) if ev else None,
-            "instr_hit": pooled("instr_hit", rows), "truth_instr_hit": pooled("instr_hit", [r["truth"] for r in rows]),
+            "instr_events": ev, "instr_success": pooled(rows), "truth_instr_success": pooled(truths),
+            "instr_hit": pooled(rows, "instr_hit"), "truth_instr_hit": pooled(truths, "instr_hit"),
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),

@@ -25,7 +25,7 @@ import numpy as np
 
 from manifests import catalog
 from manifests.io import ManifestError, read_manifest
-from stages.eval.bench.synthscore import style_breakdown
+from stages.eval.bench.synthscore import pooled, style_breakdown
 
 SIZE_IN, DPI = (6.4, 3.4), 100
 BLUE = (0.12, 0.31, 0.78)
@@ -94,10 +94,6 @@ def summarize(run: Run) -> dict:
     """{metric: value} for one run (None where nothing was measured)."""
     ok = run.ok
     events = sum(r["instr_events"] or 0 for r in ok if r["instr_success"] is not None)
-    wins = sum(round((r["instr_success"] or 0) * (r["instr_events"] or 0)) for r in ok if r["instr_success"] is not None)
-    hit = [r for r in ok if r.get("instr_hit") is not None]   # .get: runs scored before the relaxed score existed
-    hits = sum(round(r["instr_hit"] * (r["instr_events"] or 0)) for r in hit)
-    hit_events = sum(r["instr_events"] or 0 for r in hit)
     lat = [x for r in ok for x in (r["instr_latency_s"] or [])]
     chunks = [x for r in ok for x in (r["chunk_ms"] or [])]
     out = {"samples": len(run.rows), "ok": len(ok), "failed": len(run.rows) - len(ok)}
@@ -110,8 +106,7 @@ def summarize(run: Run) -> dict:
     for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):  # ratios: median over samples
         out[f"ratio_{k}"] = _pct([d.get(k) for d in ratios], 50)
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
-    out.update(instr_events=events, instr_success=wins / events if events else None,
-               instr_hit=hits / hit_events if hit_events else None,
+    out.update(instr_events=events, instr_success=pooled(ok), instr_hit=pooled(ok, "instr_hit"),
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
                chunk_ms_p50=_pct(chunks, 50), chunk_ms_p90=_pct(chunks, 90), chunk_ms_p99=_pct(chunks, 99))
     out["identity_embedder"] = sorted({r["identity_embedder"] for r in ok if r["identity_embedder"]})

@@ -202,6 +202,15 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
 BY_STYLE_MEANS = ("mouth_r", "spurious_per_min", "identity_error", "action_sharpness_ratio")
 
 
+def pooled(rows: list[dict], key: str = "instr_success") -> float | None:
+    """An instruction rate (`key`: instr_success or instr_hit) over rows, pooled over events: the rows'
+    successes (rate x events, rounded to whole events) / their events, over the rows that have the rate
+    (an older row may lack instr_hit); None without events. The one pooling of every instruction summary."""
+    have = [r for r in rows if r.get(key) is not None]
+    events = sum(r["instr_events"] or 0 for r in have)
+    return sum(round(r[key] * (r["instr_events"] or 0)) for r in have) / events if events else None
+
+
 def style_breakdown(rows: list[dict]) -> dict[str, dict]:
     """Rows (synth_scores' numbers of one case each, with its "style") grouped by character style:
     {style: {clips, instr_events, instr_success and instr_hit pooled over events (successes / events, as
@@ -212,10 +221,7 @@ def style_breakdown(rows: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for style in sorted({r["style"] for r in rows if r.get("style")}):
         group = [r for r in rows if r.get("style") == style]
-        scored = [r for r in group if r.get("instr_success") is not None]
-        events = sum(r["instr_events"] or 0 for r in scored)
-        wins = sum(round(r["instr_success"] * (r["instr_events"] or 0)) for r in scored)
-        hits = sum(round((r.get("instr_hit") or 0) * (r["instr_events"] or 0)) for r in scored)
+        events = sum(r["instr_events"] or 0 for r in group if r.get("instr_success") is not None)
         classes: dict[str, dict[str, int]] = {}
         for r in group:
             got = r.get("instr_classes") or {}
@@ -223,8 +229,8 @@ def style_breakdown(rows: list[dict]) -> dict[str, dict]:
                 total = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
                 for k in total:
                     total[k] += n[k]
-        d = {"clips": len(group), "instr_events": events, "instr_success": wins / events if events else None,
-             "instr_hit": hits / events if events else None, "instr_classes": dict(sorted(classes.items()))}
+        d = {"clips": len(group), "instr_events": events, "instr_success": pooled(group),
+             "instr_hit": pooled(group, "instr_hit"), "instr_classes": dict(sorted(classes.items()))}
         for k in BY_STYLE_MEANS:
             v = [r.get(k) for r in group]
             v = [x for x in v if x is not None and np.isfinite(x)]
