@@ -805,7 +805,7 @@ def summarise(rows: list[dict]) -> dict:
     """The eval phase's numbers over its rows (each with its ground truth's, "truth"): instructions pooled
     over events, the rest means over clips; `by_style`: the same per character style
     (synthscore.style_breakdown), each with its truth's instruction success, hit and action sharpness."""
-    from stages.eval.bench.synthscore import pooled, style_breakdown
+    from stages.eval.bench.synthscore import instruction_drift, pooled, style_breakdown
 
     def mean(vals):
         vals = [v for v in vals if v is not None]
@@ -834,9 +834,8 @@ def summarise(rows: list[dict]) -> dict:
             "by_style": by_style,
             "drift": {k: mean(r["drift_ratios"].get(k) for r in rows)
                       for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions")},
-            # the instruction ratio's events, first / last 10 % summed over the rows: [[successes, events], [...]]
-            "drift_instruction_counts": [[sum(r["drift_ratios"].get("instruction_counts", [[0, 0]] * 2)[i][j] for r in rows)
-                                          for j in (0, 1)] for i in (0, 1)],
+            # the instruction ratio pooled over the rows' events: counts first / last 10 %, ratio, 95 % interval
+            "drift_instructions": instruction_drift(rows),
             "stream_fps": mean(r["stream_fps"] for r in rows)}
 
 
@@ -899,7 +898,8 @@ def table(res: dict) -> str:
                           f"  sharpness during told actions / idle {f(s['action_sharpness_ratio'])} (truth "
                           f"{f(s['truth_action_sharpness_ratio'])})",
                           "  drift, last / first 10 %: " + ", ".join(f"{k} {f(v)}" for k, v in s["drift"].items())
-                          + " (instructions: {1[0]} of {1[1]} / {0[0]} of {0[1]})".format(*s["drift_instruction_counts"]),
+                          + " (instructions pooled: {1[0]} of {1[1]} / {0[0]} of {0[1]}".format(*s["drift_instructions"]["counts"])
+                          + " = {}, 95 % {}-{})".format(*(f(s["drift_instructions"][k]) for k in ("ratio", "low", "high"))),
                           *[f"  {style}: {v['clips']} clips, instructions {f(v['instr_success'])} of {v['instr_events']} "
                             f"(hit {f(v['instr_hit'])}; truth {f(v['truth_instr_success'])}), r {f(v['mouth_r'])}, "
                             f"spurious {f(v['spurious_per_min'])}/min, identity error {f(v['identity_error'])}, "

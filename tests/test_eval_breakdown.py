@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from stages.eval.bench.synthscore import WINDOW_S, in_events, instruction_scores, style_breakdown, synth_scores
+from stages.eval.bench.synthscore import (WINDOW_S, in_events, instruction_drift, instruction_scores, style_breakdown,
+                                         synth_scores)
 
 FPS = 25.0
 
@@ -142,7 +143,7 @@ def test_report_by_style_through_a_manifest(tmp_path):
                         action_sharpness_ratio=sharp, action_identity_error=5.0 * (i + 1), mouth_r=0.5,
                         instr_classes=json.dumps({"nod": {"told": events, "success": round(success * events),
                                                           "hit": round(hit * events)}}),
-                        confusion="{}", drift_ratios="{}")
+                        confusion="{}", drift_ratios=json.dumps({"instruction_counts": [[i + 1, 4], [i, 4]]}))
     assert {"style", "instr_hit", "instr_classes", "action_sharpness_ratio", "action_identity_error"} <= set(SCHEMAS["eval"].names)
     rows = [row(0, "human", 3, 1 / 3, 2 / 3, 0.5), row(1, "human", 1, 1.0, 1.0, 0.9), row(2, "animal", 4, 0.25, 1.0, 1.0)]
     path = tmp_path / "eval.parquet"
@@ -159,6 +160,9 @@ def test_report_by_style_through_a_manifest(tmp_path):
     assert cells["human: instruction success"] == ["50.0%"] and cells["animal: ... others allowed"] == ["100.0%"]
     assert cells["... told class fired in 0-1 s, others allowed"] == ["87.5%"]
     assert cells["human: sharpness told / idle"] == ["0.70"] and cells["animal: samples"] == ["1"]
+    # the instruction drift pooled over the three rows' events: 6 of 12 first, 3 of 12 last
+    assert (s["ratio_instructions_pooled"], cells["synth drift (pooled over events), last/first 10 %: instructions"]) == (0.5, ["0.50"])
+    assert (s["ratio_instructions_low"], s["ratio_instructions_high"]) == pytest.approx((0.1613, 1.5503), abs=1e-4)
 
 
 def test_drift_reports_the_instruction_ratios_counts(case):
@@ -175,3 +179,33 @@ def test_drift_reports_the_instruction_ratios_counts(case):
     assert T == 101 and d["instruction_counts"] == [[1, 2], [1, 2]] and d["instructions"] == 1.0
     d = drift_ratios(frame_stats(frames), m, identity, gt, told[:4], FPS)   # none in the last part: no ratio
     assert d["instruction_counts"] == [[1, 2], [0, 0]] and d["instructions"] is None
+
+
+def test_instruction_drift_pooled_with_its_interval():
+    """The instruction drift pooled over rows' events, with Katz's 95 % log interval: hand-computed values,
+    rows as dicts or JSON, empty windows; and the interval's coverage over simulated streams (a 68 % interval
+    as the negative control)."""
+    rows = [{"drift_ratios": {"instruction_counts": [[2, 10], [4, 10]]}},
+            {"drift_ratios": json.dumps({"instruction_counts": [[3, 10], [6, 10]]})}, {"drift_ratios": "{}"}, {}]
+    d = instruction_drift(rows)
+    se = (1 / 10 - 1 / 20 + 1 / 5 - 1 / 20) ** 0.5           # 10 of 20 last against 5 of 20 first
+    assert d["counts"] == [[5, 20], [10, 20]] and d["ratio"] == 2.0
+    assert (d["low"], d["high"]) == pytest.approx((2 * np.exp(-1.959964 * se), 2 * np.exp(1.959964 * se)))
+    assert (round(d["low"], 3), round(d["high"], 3)) == (0.832, 4.805)
+    # session 59's 10-minute reading (22 events a window): 0.78 rests on two events, its interval holds 0.9 and 1
+    d = instruction_drift([{"drift_ratios": {"instruction_counts": [[9, 22], [7, 22]]}}])
+    assert d["ratio"] == pytest.approx(7 / 9) and d["low"] < 0.5 and d["high"] > 1.4
+    assert instruction_drift([{"drift_ratios": {"instruction_counts": [[3, 5], [0, 0]]}}])["ratio"] is None
+    none_first = instruction_drift([{"drift_ratios": {"instruction_counts": [[0, 5], [2, 5]]}}])
+    assert none_first["ratio"] is None and 0 < none_first["low"] < 4 < none_first["high"]   # 2 / 0.5 = 4 centred
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(40, [0.5, 0.4], size=(4000, 2))          # true ratio 0.8, 40 events a window
+
+    def coverage(z: float) -> float:
+        hit = 0
+        for s0, s1 in draws:
+            d = instruction_drift([{"drift_ratios": {"instruction_counts": [[int(s0), 40], [int(s1), 40]]}}], z)
+            hit += d["low"] <= 0.8 <= d["high"]
+        return hit / len(draws)
+    assert 0.93 <= coverage(1.959964) <= 0.975
+    assert coverage(1.0) < 0.75                                   # a 68 % interval covers far less

@@ -6,7 +6,8 @@ to it. Several runs go side by side (`vidu eval --compare RUN...`).
     console.print(summary_table(runs)); write_report(runs, Path("report/"))
 
 Aggregates over a run's ok rows: means of per-sample scores; medians of the synth drift ratios (a
-ratio to a near-zero first part is unstable); instruction success pooled over events (successes /
+ratio to a near-zero first part is unstable), and the instruction drift pooled over events with its 95 %
+interval (synthscore.instruction_drift); instruction success pooled over events (successes /
 events), the relaxed instr_hit likewise; latency percentiles pooled over events and over chunks.
 Synth rows with a character style also get these per style (`by_style`: synthscore.style_breakdown).
 Scores of different identity embedders or sync methods are never put in one row: each gets its own.
@@ -25,7 +26,7 @@ import numpy as np
 
 from manifests import catalog
 from manifests.io import ManifestError, read_manifest
-from stages.eval.bench.synthscore import pooled, style_breakdown
+from stages.eval.bench.synthscore import instruction_drift, pooled, style_breakdown
 
 SIZE_IN, DPI = (6.4, 3.4), 100
 BLUE = (0.12, 0.31, 0.78)
@@ -105,6 +106,9 @@ def summarize(run: Run) -> dict:
     ratios = [json.loads(r["drift_ratios"] or "{}") for r in ok]
     for k in ("identity_error", "sharpness", "motion", "sync_r", "instructions"):  # ratios: median over samples
         out[f"ratio_{k}"] = _pct([d.get(k) for d in ratios], 50)
+    drift = instruction_drift(ok)                  # the instruction ratio pooled over events, with its interval
+    out.update(ratio_instructions_pooled=drift["ratio"], ratio_instructions_low=drift["low"],
+               ratio_instructions_high=drift["high"])
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
     out.update(instr_events=events, instr_success=pooled(ok), instr_hit=pooled(ok, "instr_hit"),
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
@@ -149,6 +153,9 @@ METRICS = [
     ("ratio_motion", "synth drift (median), last/first 10 %: motion", "{:.2f}"),
     ("ratio_sync_r", "synth drift (median), last/first 10 %: lip-sync r", "{:.2f}"),
     ("ratio_instructions", "synth drift (median), last/first 10 %: instructions", "{:.2f}"),
+    ("ratio_instructions_pooled", "synth drift (pooled over events), last/first 10 %: instructions", "{:.2f}"),
+    ("ratio_instructions_low", "... its 95 % interval, low", "{:.2f}"),
+    ("ratio_instructions_high", "... its 95 % interval, high", "{:.2f}"),
     ("stream_fps", "stream fps", "{:.1f}"), ("first_frame_s", "first-frame latency (s)", "{:.2f}"),
     ("chunk_ms_p50", "chunk latency p50 (ms)", "{:.0f}"), ("chunk_ms_p90", "chunk latency p90 (ms)", "{:.0f}"),
     ("chunk_ms_p99", "chunk latency p99 (ms)", "{:.0f}"),

@@ -30,6 +30,10 @@ never read from the model:
   sharpness ratio, motion energy ratio, lip-sync r ratio, instruction success ratio (events by onset).
   A stream that freezes has motion ratio 0 and lip-sync ratio 0. Meant for long streams
   (`--seconds 600`); the frames are held in memory (T x H x W x 3 bytes: 2.9 GB for 10 min at 256^2).
+  Over several rows the instruction drift is also pooled over events (instruction_drift): the first and
+  last windows' successes / events summed, the ratio of the two rates and its 95 % interval (Katz's
+  log interval, 0.5 added to a window without a success): 22 events a window at 30 % give about
+  0.45-2.2 around 1, so a bound such as >= 0.9 is met or missed only where the interval says so.
 """
 from __future__ import annotations
 
@@ -209,6 +213,28 @@ def pooled(rows: list[dict], key: str = "instr_success") -> float | None:
     have = [r for r in rows if r.get(key) is not None]
     events = sum(r["instr_events"] or 0 for r in have)
     return sum(round(r[key] * (r["instr_events"] or 0)) for r in have) / events if events else None
+
+
+def instruction_drift(rows: list[dict], z: float = 1.959964) -> dict:
+    """The instruction drift pooled over rows (module doc): {"counts": [[successes, events] first,
+    [...] last] summed over the rows' drift_ratios (a dict or its JSON), "ratio": last rate / first rate,
+    "low", "high": its interval at `z` (1.96: 95 %)}; the three None when a window has no event."""
+    import json
+    counts = [[0, 0], [0, 0]]
+    for r in rows:
+        d = r.get("drift_ratios") or {}
+        for i, (s, n) in enumerate((json.loads(d) if isinstance(d, str) else d).get("instruction_counts") or ()):
+            counts[i][0] += s
+            counts[i][1] += n
+    out = {"counts": counts, "ratio": None, "low": None, "high": None}
+    (s0, n0), (s1, n1) = counts
+    if n0 and n1:
+        a, c = (s1 or 0.5), (s0 or 0.5)                       # a window without a success: half of one
+        log = np.log((a / n1) / (c / n0))
+        se = np.sqrt(max(0.0, 1 / a - 1 / n1) + max(0.0, 1 / c - 1 / n0))
+        out.update(ratio=(s1 / n1) / (s0 / n0) if s0 else None, low=float(np.exp(log - z * se)),
+                   high=float(np.exp(log + z * se)))
+    return out
 
 
 def style_breakdown(rows: list[dict]) -> dict[str, dict]:
