@@ -386,13 +386,14 @@ DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a cli
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
                   steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0,
                   pcm_weight: float = 0.0, sync_weight: float = 0.0, guidance: float | None = None,
-                  compile: bool | None = None) -> dict:
+                  compile: bool | None = None, recache: bool = False) -> dict:
     """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
     previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
     regress the teacher's ODE (stages/distill/ode.py); `pcm_weight`, `sync_weight`: the PCM regularizer's
-    and the sync reward's weights (0, 0: pure DMD); `guidance`: the real score's (default the recipe's). With
+    and the sync reward's weights (0, 0: pure DMD); `guidance`: the real score's (default the recipe's);
+    `recache`: roll out with LongLive's recache (the student streams with it). With
     W/lipsync.safetensors (the lipsync phase) the sync loss is measured at any weight (loss_sync); the
     reward needs it past the recipe's held-out bar. Ships W/student."""
     from stages.distill.loop import DistillSettings, distill_run
@@ -412,7 +413,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
           **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
-          **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight}
+          **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight,
+          "recache": recache}
     if guidance is not None:
         kw["dmd"] = dataclasses.replace(kw["dmd"], guidance=guidance)
     if compile is not None:
@@ -946,7 +948,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--idle", action="store_true",
                     help="eval: synth-idle's cases (the synth cases untold: every detected action is unprompted)")
-    ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive)")
+    ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive); "
+                    "distill: roll out with it (the student then streams with it)")
     ap.add_argument("--attention", choices=tuple(SELF_ATTENTION),
                     help="eval: self-attention's backend (vidu stream --attention; default sdpa)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction,
@@ -1011,7 +1014,7 @@ def main(argv: list[str] | None = None) -> dict:
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile)
+                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, args.recache)
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache or None), ("steps", args.stream_steps),

@@ -69,6 +69,64 @@ def test_rollout_with_all_steps_is_what_vidu_stream_generates(st, grad):
         assert (other - want_v).abs().max() > 1e-2                     # an earlier exit is another sample
 
 
+RECACHE = dataclasses.replace(ST, recache=True)
+# the switch comes at chunk 4: the ring (window 2) then holds chunks 2 and 3, and chunk 3 was made over chunk 1,
+# gone since, so a recache changes the history even under the same text (at chunk 3 it would not: nothing left yet)
+AT = 4
+
+
+def switching_texts(switches: list[bool], at: int = AT, seed: int = 5) -> torch.Tensor:
+    """Per-frame texts [B, CHUNKS, L, D] (chunks of one frame): row i's text changes at chunk `at` if switches[i]."""
+    g = torch.Generator().manual_seed(seed)
+    old, new = (torch.randn(len(switches), 5, TINY.dit.text_dim, generator=g) for _ in range(2))
+    text = old[:, None].repeat(1, CHUNKS, 1, 1)
+    for i, s in enumerate(switches):
+        if s:
+            text[i, at:] = new[i]
+    return text
+
+
+def test_a_rollout_with_recache_is_vidu_streams_recache_at_the_switch():
+    """LongLive's training with recache: a rollout whose text switches at chunk AT recaches the history first,
+    as the stream's session does at an instruction switch (bit for bit); without recache it is another sample."""
+    model = scrambled()
+    ref, _, audio = conditions()
+    text = switching_texts([True])
+    eng = StreamEngine(model, TINY, RECACHE, seed=7)
+    eng.start(ref)
+    ctx, outs = sum(TINY.dit.audio_context), []
+    with torch.no_grad():
+        for j in range(CHUNKS):
+            if j == AT:
+                eng.recache(text[:, j])
+            outs.append(eng.step(ChunkInputs(text[:, j], audio[:, j:j + 1 + ctx])).video)
+        v = self_rollout(model, TINY, RECACHE, ref, text, audio, CHUNKS, seed=7)[0]
+        plain = self_rollout(model, TINY, ST, ref, text, audio, CHUNKS, seed=7)[0]
+    assert torch.equal(v, torch.cat(outs, 2))
+    assert torch.equal(v[:, :, :AT], plain[:, :, :AT]) and (v[:, :, AT:] - plain[:, :, AT:]).abs().max() > 1e-3
+
+
+def test_a_batched_rollout_recaches_only_the_rows_that_switched():
+    """Row 0 switches at chunk AT, row 1 never: row 1 is what it is in a rollout where nothing switches, row 0
+    what it is where both switch; recaching every row (the mutant) moves row 1."""
+    model = scrambled()
+    ref, _, audio = conditions(batch=2)
+    one, both, none = (switching_texts(s) for s in ([True, False], [True, True], [False, False]))
+    with torch.no_grad():
+        v_one, v_both, v_none = (self_rollout(model, TINY, RECACHE, ref, t, audio, CHUNKS, seed=7)[0]
+                                 for t in (one, both, none))
+        eng = StreamEngine(model, TINY, RECACHE, batch=2, seed=7)     # the mutant: every row recached
+        eng.start(ref)
+        ctx, outs = sum(TINY.dit.audio_context), []
+        for j in range(CHUNKS):
+            if j == AT:
+                eng.recache(one[:, j])
+            outs.append(eng.step(ChunkInputs(one[:, j], audio[:, j:j + 1 + ctx])).video)
+    assert torch.equal(v_one[1], v_none[1]) and torch.equal(v_one[0], v_both[0])
+    assert (v_one[0] - v_none[0]).abs().max() > 1e-3                  # the switch shows in row 0
+    assert torch.equal(torch.cat(outs, 2)[0], v_one[0]) and (torch.cat(outs, 2)[1, :, AT:] - v_one[1, :, AT:]).abs().max() > 1e-4
+
+
 EXITS = [2, 0, 1, 2, 0]     # exits before, at and after the noisy step (1)
 
 
@@ -608,3 +666,27 @@ def test_pcm_changes_the_distillation_update_and_keeps_samples_diverse(tmp_path)
     base = diversity(teacher, run.stream, batch, seeds)
     assert student > 0.5 * base, (student, base)
     assert diversity(run.student, run.stream, batch, [7, 7, 7]) == 0.0
+
+
+def test_a_student_distilled_with_recache_records_it_and_streams_with_it(tmp_path):
+    """`vidu distill --recache`: the rollouts recache at their instruction switches (a per-frame text that
+    switches), and the student's record makes `vidu stream` recache by default; without it, it does not."""
+    from models.checkpoint import checkpoint_sampling
+    d = distiller(tmp_path, recache=True)
+    assert d.stream.recache
+    ref, _, audio = conditions(chunks=3)
+    text = switching_texts([True], at=2)[:, :3]
+    d.batches = lambda step: {"ref": ref, "text": text, "audio": audio, "mouth_box": torch.zeros(1, 3, 2, dtype=torch.long)}
+    calls = []
+    real = StreamEngine.recache
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(StreamEngine, "recache", lambda self, t, rows=None: calls.append(rows.tolist()) or real(self, t, rows))
+    try:
+        d.train_step()
+    finally:
+        monkey.undo()
+    assert calls == [[True]]                               # the rollout recached its one row at the switch
+    rec = checkpoint_sampling(d.save() / "ema.safetensors")
+    assert rec["recache"] is True and StreamSettings.resolve(TINY, rec).recache
+    plain = checkpoint_sampling(distiller(tmp_path, name="plain").save() / "ema.safetensors")
+    assert plain["recache"] is False and not StreamSettings.resolve(TINY, plain).recache

@@ -84,6 +84,9 @@ class DistillSettings:
     ode_warmup: int = ranged(0, min=0)       # first steps of ODE regression instead of DMD (ode.py)
     ode_substeps: int = ranged(4, min=1)     # teacher Euler steps per phase of the student's schedule there
     chunks: int = ranged(5, min=1)           # chunks per rollout
+    # roll out with LongLive's recache (a row's history re-read under its new text at an instruction switch,
+    # rollout.py), and record it: the student then streams with recache by default
+    recache: bool = False
     init_from: str | None = None             # the causal teacher (distill_run)
     # warm start: the student and its EMA start from this checkpoint (a previous distilled student's
     # ema.safetensors, of the teacher's config) instead of the teacher; critic and real score stay the
@@ -204,9 +207,10 @@ class Distiller:
         # PCM's d (perceptual.py): its resolved name ("latent" | "codec" | "lpips") and the function
         self.pcm_distance, self.distance = (build_distance(st.pcm_distance, codec, st.lpips, st.lpips_lin)
                                             if st.pcm_weight > 0 else (None, None))
-        self.stream = student_settings(cfg, record, st.student_steps)
+        self.stream = student_settings(cfg, record, st.student_steps, st.recache)
         self.record = {**record, "stage": "distill", "steps": st.student_steps, "sampler": "renoise",
-                       "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step}
+                       "guidance": 1.0, "twin": self.stream.twin, "noisy_step": self.stream.noisy_step,
+                       "recache": st.recache}
         self.obj = ObjectiveSettings(shift=record["shift"], chunk_frames=record["chunk_frames"],
                                      window=record["window"], sink=record["sink"])
         # PCM's EMA student on several processes: the gathered EMA on an unsharded copy (pcm.py WithWeights)

@@ -4,7 +4,9 @@ schedule, the sliding window, sink, RoPE repositioning and TwinCache of `vidu st
 training mode: per chunk an exit step k (drawn once per chunk for the whole global batch, so the same
 on every rank), the chunk is step k's x0 and carries the gradient of step k alone, and the history the
 next chunks read is detached. With no exit steps and gradients off it is what `vidu stream` generates
-(tests/test_distill.py).
+(tests/test_distill.py). Under `StreamSettings.recache` (LongLive's training with recache) a row whose
+text changes at a chunk has its history recached under the new text first, as `vidu stream` does at
+an instruction switch; the other rows keep theirs.
 
     video, audio_latent = self_rollout(student, cfg, st, ref, text, speech, chunks, exits, seed)
 """
@@ -20,10 +22,12 @@ from stages.train.objectives import Draw
 STUDENT_STEPS = 3     # denoising steps per chunk of the distilled student
 
 
-def student_settings(cfg: ModelConfig, record: dict | None, steps: int = STUDENT_STEPS) -> StreamSettings:
+def student_settings(cfg: ModelConfig, record: dict | None, steps: int = STUDENT_STEPS,
+                     recache: bool = False) -> StreamSettings:
     """How the student streams (and so rolls out in training): the teacher's record (window, sink,
-    chunk size, shift, noisy level) at `steps` x0-and-renoise steps, unguided (one pass a step)."""
-    return StreamSettings.resolve(cfg, record, steps=steps, sampler="renoise", guidance=1.0)
+    chunk size, shift, noisy level) at `steps` x0-and-renoise steps, unguided (one pass a step), with
+    the history recached at instruction switches when `recache`."""
+    return StreamSettings.resolve(cfg, record, steps=steps, sampler="renoise", guidance=1.0, recache=recache)
 
 
 def exit_steps(draw: Draw, chunks: int, steps: int) -> list[int]:
@@ -52,8 +56,15 @@ def self_rollout(model: DiT, cfg: ModelConfig, st: StreamSettings, ref: torch.Te
     eng.start(ref)
     ctx = sum(model.cfg.audio_context)
     vs, aus = [], []
+    before = None
     for j in range(chunks):
-        r = eng.advance(chunk_inputs(text, audio, j, st.chunk_frames, ctx), None if exits is None else exits[j])
+        inputs = chunk_inputs(text, audio, j, st.chunk_frames, ctx)
+        if st.recache and before is not None:
+            switched = (inputs.text != before).flatten(1).any(1)
+            if bool(switched.any()):
+                eng.recache(inputs.text, switched)
+        before = inputs.text
+        r = eng.advance(inputs, None if exits is None else exits[j])
         vs.append(r.video)
         aus.append(r.audio)
     return torch.cat(vs, 2), (torch.cat(aus, 1) if aus[0] is not None else None)

@@ -214,15 +214,22 @@ class ContextBuffers:
         return grid_tables(tuple(int(f) for f in frames), self.h, self.w, self.audio_tokens, self.head_dim,
                            self.k["clean"][0].device)
 
-    def write(self, which: tuple[str, ...], kv: KV, frame_start: int) -> None:
+    def write(self, which: tuple[str, ...], kv: KV, frame_start: int, rows: torch.Tensor | None = None) -> None:
         """Keys/values before RoPE of whole frames into buffer frames frame_start.. of the sets `which`:
         ref and sink frames kept as they are (and rotated by `context`), ring frames rotated to their
-        absolute positions (the frames' bookkeeping must already place them: write_ring, recache)."""
+        absolute positions (the frames' bookkeeping must already place them: write_ring, recache).
+        `rows` (bool [B]): only those rows are written (a batch's recache of the streams that switched)."""
         a, b = frame_start * self.S, frame_start * self.S + len(kv)
         fixed = frame_start < self.n_fixed
+
+        def put(buf: torch.Tensor, x: torch.Tensor) -> None:
+            if rows is None:
+                buf[:, a:b].copy_(x)
+            else:
+                buf[:, a:b][rows] = x[rows]
         if fixed:
             for i, k in enumerate(kv.k):
-                self.fixed_k[i][:, a:b].copy_(k)
+                put(self.fixed_k[i], k)
             self.fixed_shift = None
         else:
             frames = self.frame_positions()[0][frame_start:frame_start + len(kv) // self.S] + self.shift()
@@ -231,8 +238,8 @@ class ContextBuffers:
         for s in which:
             for i in range(len(kv.k)):
                 if not fixed:
-                    self.k[s][i][:, a:b].copy_(keys[i])
-                self.v[s][i][:, a:b].copy_(kv.v[i])
+                    put(self.k[s][i], keys[i])
+                put(self.v[s][i], kv.v[i])
 
     def write_fixed(self, kv: KV) -> int:
         """Ref or sink keys/values into both sets, the keys rotated at once (what `context` would do next: a
@@ -639,13 +646,16 @@ class StreamEngine:
                           speech=inputs.audio, noisy=noisy[0], noisy_audio=noisy[1])
 
     @torch.no_grad()
-    def recache(self, text: torch.Tensor) -> None:
+    def recache(self, text: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Recompute the keys/values of the sink and ring chunks under `text` (LongLive's recache on
         an instruction switch), at the positions they hold now: chunk by chunk in RoPE order, each the
         cache pass of its clean latent over the ref and the chunks before it, and under TwinCache its
-        noisy-step state at that level over the noisy context. The ref frame's keys/values stay."""
+        noisy-step state at that level over the noisy context. The ref frame's keys/values stay.
+        `rows` (bool [B]): recache those streams of the batch alone (the others keep their caches)."""
         if self.kept is None:
             raise StreamError("recache needs StreamSettings(recache=True) from the stream's start")
+        if rows is not None and bool(rows.all()):
+            rows = None
         buf, st, cf = self.buffers, self.st, self.st.chunk_frames
         frames, _ = buf.frame_positions()
         frames = frames + buf.shift()                                       # absolute, as the chunks were made
@@ -657,13 +667,13 @@ class StreamEngine:
             clean = cache_pass(self.model, self.kept.get("video", i), self.kept.get("audio_latent", i),
                                ChunkInputs(text, speech), self._context_of("clean", done), pos)
             sink = st.sink and i == 0
-            buf.write(tuple(buf.k) if sink else ("clean",), clean, a)      # the sink is clean in both sets
+            buf.write(tuple(buf.k) if sink else ("clean",), clean, a, rows)   # the sink is clean in both sets
             if st.twin and not sink:
                 x, s = self.kept.get("noisy", i), self.sig[st.noisy_step]
                 t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
                 noisy = self.model(x, t, text, audio=speech, audio_latent=self.kept.get("noisy_audio", i),
                                    kv=self._context_of("noisy", done), frame_pos=pos, return_kv=True).kv
-                buf.write(("noisy",), noisy, a)
+                buf.write(("noisy",), noisy, a, rows)
             done.append(i)
 
     def _context_of(self, which: str, places: list[int]) -> KV:

@@ -127,7 +127,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
             model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)
         if trained is None:
             notes.append("the checkpoint does not record the settings it was trained with: the defaults are used")
-        elif st.recache and trained.get("stage") == "distill":
+        elif st.recache and trained.get("stage") == "distill" and not trained.get("recache"):
             notes.append("recache: this student was distilled without it (a distilled student recached on the "
                          "synth bench acted on 17 % of instructions against 51 % without; benchmarks/RESULTS.md)")
     else:
