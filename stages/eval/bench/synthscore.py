@@ -32,8 +32,9 @@ never read from the model:
   (`--seconds 600`); the frames are held in memory (T x H x W x 3 bytes: 2.9 GB for 10 min at 256^2).
   Over several rows the instruction drift is also pooled over events (instruction_drift): the first and
   last windows' successes / events summed, the ratio of the two rates and its 95 % interval (Katz's
-  log interval, 0.5 added to a window without a success): 22 events a window at 30 % give about
-  0.45-2.2 around 1, so a bound such as >= 0.9 is met or missed only where the interval says so.
+  log interval, 0.5 added to a window without a success): 7 of 22 events in both windows give
+  0.42-2.4 around 1: a ratio under a bound such as 0.9 shows a drop only where the interval's high end
+  is under the bound too.
 """
 from __future__ import annotations
 
