@@ -25,6 +25,7 @@ import torch
 from models.dit import GUIDES, DiT, guided, guided_conditions
 from models.flow import shift_sigma
 from stages.run import ranged
+from stages.train.losses import REGIONS
 from stages.train.objectives import (Draw, ObjectiveSettings, causal_forward, causal_loss, levels, noised,
                                      stream_sequence, training_frames, x0_from_v)
 from stages.train.sample import TEACHER_GUIDANCE
@@ -167,7 +168,7 @@ def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: tor
     student's clip (detached) with the batch's conditions, no condition dropout (the fake score is
     taken conditional)."""
     fake = {**batch, "video": video.detach(), "audio_latent": None if audio_latent is None else audio_latent.detach()}
-    for key in ("mouth", "eyes"):              # the student's clip is not the batch's: not its regions
+    for key in REGIONS:                        # the student's clip is not the batch's: not its regions
         fake.pop(key, None)
     obj = dataclasses.replace(obj, p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0)
     return causal_loss(critic, fake, obj, draw)

@@ -33,6 +33,7 @@ from models.audio import audio_features, audio_latent
 from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV, frames_to_latents
 from stages.samples import synth_events, synth_timeline, text_timeline
+from stages.train.losses import REGIONS
 
 CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
 STACK_BUDGET = 8 * 2 ** 30            # bytes: the most a run's coded clips may take when stacked on its device
@@ -62,8 +63,8 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
     if masks:
         from stages.train.lipsync import LipSyncConfig, mouth_boxes
-        c["mouth"] = latent_regions(s.masks["mouth"], cfg.audio.video_frames_per_latent, 8)
-        c["eyes"] = latent_regions(s.masks["eyes"], cfg.audio.video_frames_per_latent, 8)
+        for region in REGIONS:
+            c[region] = latent_regions(s.masks[region], cfg.audio.video_frames_per_latent, 8)
         c["mouth_box"] = mouth_boxes(s.masks["mouth"], LipSyncConfig.for_model(cfg), cfg.audio.video_frames_per_latent)
     if truth:
         c["truth"] = s.truth()
@@ -192,7 +193,7 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     else:
         s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
-    for key in ("mouth", "eyes", "mouth_box"):
+    for key in (*REGIONS, "mouth_box"):
         if key in c:
             s[key] = c[key]
     if d.audio_dim:

@@ -26,6 +26,8 @@ import functools
 import torch
 
 LOSS_WEIGHTS = ("x0", "v")
+# the weighted regions: a clip's coverage [F, h, w] under its name, weighed by ObjectiveSettings.<name>_weight
+REGIONS = ("mouth", "eyes")
 
 
 def sigma_weight(sigma: torch.Tensor, kind: str) -> torch.Tensor:
@@ -45,8 +47,8 @@ def video_loss(x0_hat: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, batc
     err = (x0_hat.float() - x0.float()).square()                          # [B, C, f, h, w]
     w = sigma_weight(sigma.to(err.device), st.loss_weight)[:, None, :, None, None]
     parts = {}
-    for region, weight in (("mouth", st.mouth_weight), ("eyes", st.eyes_weight)):
-        cover = batch.get(region)
+    for region in REGIONS:
+        cover, weight = batch.get(region), getattr(st, f"{region}_weight")
         if cover is None or weight == 1:
             continue
         m = cover[:, clip_frames.to(cover.device)].float()[:, None]       # [B, 1, f, h, w]

@@ -38,6 +38,8 @@ never read from the model:
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 WINDOW_S = 1.0  # an event's detector must fire within this long after the onset
@@ -220,7 +222,6 @@ def instruction_drift(rows: list[dict], z: float = 1.959964) -> dict:
     """The instruction drift pooled over rows (module doc): {"counts": [[successes, events] first,
     [...] last] summed over the rows' drift_ratios (a dict or its JSON), "ratio": last rate / first rate,
     "low", "high": its interval at `z` (1.96: 95 %)}; the three None when a window has no event."""
-    import json
     counts = [[0, 0], [0, 0]]
     for r in rows:
         d = r.get("drift_ratios") or {}
@@ -244,7 +245,6 @@ def style_breakdown(rows: list[dict]) -> dict[str, dict]:
     the overall), instr_classes summed ({class: {"told", "success", "hit"}}; a row's may be JSON), and
     the mean over clips of each of BY_STYLE_MEANS (None where none measured)}}; rows without a style
     are left out."""
-    import json
     out: dict[str, dict] = {}
     for style in sorted({r["style"] for r in rows if r.get("style")}):
         group = [r for r in rows if r.get("style") == style]
