@@ -12,6 +12,7 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase eval          --work W --streams 4 [--guidance G --sampler S]
     python benchmarks/teacher_recipe.py --phase eval --from models/starter/model.safetensors --work W   # as shipped
     python benchmarks/teacher_recipe.py --phase eval          --work W --idle   # synth-idle: the cases told nothing
+    python benchmarks/teacher_recipe.py --phase eval          --work W --teacher bidirectional   # sampled whole, in windows
     python benchmarks/teacher_recipe.py --phase clips         --work W --teacher bidirectional --cases 32
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
@@ -49,7 +50,8 @@ The eval phase is `vidu eval --bench synth`'s cases and scores without its files
 stages.synth.make_sample(HELD_OUT_BASE + i, split="eval") (held-out TTS voices and texts), its control
 the speech of the bench's control seed; it is streamed through `vidu stream`'s session (the engine, the
 checkpoint's codec, instructions typed between chunks, stages/eval/bench/runner.py; `--streams N` runs N
-such streams at once, in processes sharing the GPU) and scored by
+such streams at once, in processes sharing the GPU; the bidirectional teacher, which cannot stream, samples
+each case whole in overlapping windows of its clip length with the case's per-frame texts and speech) and scored by
 stages/eval/bench/synthscore.py (lip-sync r and its mismatched-audio control, instruction success,
 latency and confusion, identity error, drift). Not here: the mp4 files and the catalog (PyAV and duckdb
 are not on the GPU image) and score_frames' dlib numbers. Results go to $OUT/recipe_<phase>.json and a
@@ -576,6 +578,86 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
     return rows
 
 
+def _decoded(codec, z: torch.Tensor, frames: int, piece: int = 16) -> np.ndarray:
+    """Latents [1, C, F, h, w] -> the first `frames` frames [T, H, W, 3] uint8, decoded `piece` latent
+    frames at a time (the streaming decoder: a 10-minute clip's activations would not fit at once)."""
+    dec = codec.stream_decoder()
+    out = [dec.push(z[:, :, i:i + piece].permute(0, 2, 1, 3, 4).float()) for i in range(0, z.shape[2], piece)]
+    x = torch.cat(out, 1)[0, :frames]
+    return (x.permute(0, 2, 3, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, size: int, out: Path, workers: int,
+                idle: bool, stream: dict) -> tuple[list[dict], dict]:
+    """The synth bench's cases sampled whole by a bidirectional teacher, not streamed: each case's latent
+    frames with their texts (the instructions in force at each frame, as training's clips carry them) and
+    speech, in overlapping windows of the model's clip length (stages/train/sample.py `sample_bidirectional`;
+    steps, guidance and its target from `stream` or the checkpoint's record), decoded and scored as the
+    streamed cases are. Cases of one length go through the model together; rendering and scoring run in
+    `workers` processes."""
+    import multiprocessing as mp
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from models.audio import audio_features
+    from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
+    from models.encoders import reference_latent, text_encoder
+    from models.flow import SHIFT
+    from stages.samples import text_timeline
+    from stages.train.data import fit_text
+    from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_bidirectional
+    model, cfg = load_dit(ckpt, device=dev)
+    model.eval()
+    rec = checkpoint_sampling(ckpt) or {}
+    how = {"steps": stream.get("steps") or BIDIRECTIONAL_STEPS, "shift": rec.get("shift", SHIFT),
+           "guidance": stream.get("guidance") or rec.get("guidance", STREAM_GUIDANCE),
+           "guide": stream.get("guide") or rec.get("guide", STREAM_GUIDE)}
+    codec = load_taehv(codec_path, dev)
+    encode = text_encoder("minilm", max_len=cfg.dit.text_len)
+    texts: dict[str, torch.Tensor] = {}
+    d, per, fps = cfg.dit, cfg.audio.video_frames_per_latent, cfg.audio.fps
+    batch = 16 if dev == "cuda" else 2
+    rows, gen_s, gen_frames = [], 0.0, 0
+    pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                               initargs=(1,))
+    with pool, tempfile.TemporaryDirectory() as tmp:
+        for a in range(0, n, batch):
+            group = list(pool.map(_case, range(a, min(n, a + batch)), [secs] * batch, [size] * batch, [tmp] * batch,
+                                  [idle] * batch))
+            T = len(group[0]["frames"])
+            F = 1 + -(-(T - 1) // per)                       # latent frames whose video covers the case's T frames
+            refs, conds, speech = [], [], []
+            for c in group:
+                if len(c["frames"]) != T:
+                    raise ValueError("the cases of one batch differ in length")
+                refs.append(reference_latent(codec, c["ref"], cfg.height, cfg.width)[0])   # as the stream starts
+                line = text_timeline(NEUTRAL_TEXT, [tuple(e) for e in c["events"]], 0.0, F, fps, per, base_onset=0.0)
+                for x in line.texts:
+                    if x not in texts:
+                        texts[x] = fit_text(encode([x])[0], d.text_len)
+                conds.append(torch.stack([texts[x] for x in line.texts])[torch.tensor(line.index)])
+                if d.audio_dim:
+                    speech.append(audio_features(torch.from_numpy(c["audio"]), F, cfg.audio, context=d.audio_context))
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
+                z, _ = sample_bidirectional(model, cfg, torch.stack(refs), torch.stack(conds).to(dev),
+                                            torch.stack(speech).to(dev) if speech else None, steps=how["steps"],
+                                            shift=how["shift"], seed=a, guidance=how["guidance"], guide=how["guide"],
+                                            frames=F)
+                made = [_decoded(codec, z[j:j + 1], T) for j in range(len(group))]
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            gen_s += time.perf_counter() - t0
+            gen_frames += T * len(group)
+            scores = [(pool.submit(_score, f, c["truth"]), pool.submit(_score, c["frames"], c["truth"]))
+                      for f, c in zip(made, group)]
+            for f, c, (mine, truth) in zip(made, group, scores):
+                if c["index"] < 2:
+                    strip(c["frames"], f, out / f"eval_case{c['index']}.png")
+                info = {k: c[k] for k in ("index", "seed", "control_seed", "voice", "events")}
+                rows.append({**info, "stream_fps": None, **mine.result(), "truth": truth.result()})
+    return rows, {**how, "gen_fps": gen_frames / gen_s if gen_s else None, "sampled": "whole, in windows"}
+
+
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
                seconds: float | None, overrides: dict | None = None, workers: int = 1,
                ckpt: Path | None = None, idle: bool = False) -> dict:
@@ -596,7 +678,10 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     k = max(1, min(streams, n))
     shards = [list(range(j, n, k)) for j in range(k)]
     args = (str(ckpt), recipe.preset, dev, stream)
-    if k == 1:
+    whole = None
+    if teacher == "bidirectional" and given is None:      # no stream: the cases sampled whole
+        rows, whole = _whole_rows(ckpt, work / CODEC, dev, n, secs, size, out, max(1, workers), idle, stream)
+    elif k == 1:
         rows = _eval_shard(*args, shards[0], secs, size, str(out), max(1, workers), idle)
     else:
         with ProcessPoolExecutor(k, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
@@ -607,7 +692,8 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     return {"phase": "eval", "teacher": teacher, "checkpoint": str(ckpt), "from": given is not None,
             "bench": IDLE_BENCH if idle else "synth",
             "cases": n, "seconds": secs, "device": dev,
-            "streams": k, "stream": stream, "eval_s": time.perf_counter() - t0, "summary": summarise(rows), "rows": rows}
+            "streams": 0 if whole else k, "stream": stream, "whole": whole, "eval_s": time.perf_counter() - t0,
+            "summary": summarise(rows), "rows": rows}
 
 
 # -- clips: the teachers' lip sync at the training clip length, without streaming --------------------
@@ -948,8 +1034,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--guide", choices=("all", "text"), help="eval: what guidance's unconditional pass nulls")
     ap.add_argument("--idle", action="store_true",
                     help="eval: synth-idle's cases (the synth cases untold: every detected action is unprompted)")
-    ap.add_argument("--recache", action="store_true", help="eval: re-cache the history under each new instruction (LongLive); "
-                    "distill: roll out with it (the student then streams with it)")
+    ap.add_argument("--recache", action=argparse.BooleanOptionalAction,
+                    help="eval: re-cache the history under each new instruction (LongLive), or not (default: the "
+                         "checkpoint's record); distill: roll out with it (the student then streams with it)")
     ap.add_argument("--attention", choices=tuple(SELF_ATTENTION),
                     help="eval: self-attention's backend (vidu stream --attention; default sdpa)")
     ap.add_argument("--kernels", action=argparse.BooleanOptionalAction,
@@ -1014,10 +1101,10 @@ def main(argv: list[str] | None = None) -> dict:
         res = starter_phase(work, args.scores)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, args.recache)
+                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache))
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
-                                       ("recache", args.recache or None), ("steps", args.stream_steps),
+                                       ("recache", args.recache), ("steps", args.stream_steps),
                                        ("attention", args.attention), ("kernels", args.kernels))
                      if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,

@@ -80,6 +80,16 @@ def image_tensor(rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def reference_latent(codec, rgb: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """A reference image HxWx3 uint8 -> its latent frame [1, C, 1, height/8, width/8] through a streaming
+    codec (TAEHV or the checkpoint's autoencoder: `encode_video` of [N, T, 3, H, W] in [0, 1]), the image
+    cover-scaled to the model's size as `image_tensor` does: how every stream starts its engine."""
+    img = image_tensor(rgb, height, width)                                   # [1, 3, 1, H, W] in [-1, 1]
+    frames = ((img[:, :, 0] + 1) / 2)[:, None].to(next(codec.parameters()).device)   # [1, 1, 3, H, W] in [0, 1]
+    return codec.encode_video(frames).permute(0, 2, 1, 3, 4)
+
+
+@torch.no_grad()
 def encode_reference(vae, image: torch.Tensor) -> torch.Tensor:
     """[1, 3, 1, H, W] image in [-1, 1] -> [1, C, 1, H/8, W/8] normalised latent frame."""
     return vae.encode(image.to(next(vae.parameters()).device))

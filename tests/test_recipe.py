@@ -60,6 +60,14 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert set(bi["shipped"]) == {"bidirectional/ema.safetensors", "codec.safetensors"}
     assert bi["settings"]["objective"]["sync_weight"] == 0.02      # the teachers add the sync loss it passed
     assert bi["settings"]["objective"]["lipsync"] == str(works[1] / "lipsync.safetensors")
+    # the bidirectional teacher on the bench's cases, sampled whole (no stream) in windows of its clip length
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # spawned processes (parent's sys.path) import the recipe
+    whole = phase("eval", works[1], tmp_path / "outb", monkeypatch, "--teacher", "bidirectional", "--seconds", "2")
+    assert whole["streams"] == 0 and whole["whole"]["steps"] == 2 and whole["whole"]["gen_fps"] > 0
+    assert [r["index"] for r in whole["rows"]] == [0, 1] and whole["summary"]["clips"] == 2
+    for r in whole["rows"]:
+        assert r["stream_fps"] is None and r["truth"]["mouth_r"] > 0.9 and r["mouth_r"] is not None
+    assert sorted(p.name for p in (tmp_path / "outb").iterdir()) == ["eval_case0.png", "eval_case1.png", "recipe_eval.json"]
     carry(outs[1], works[2])
     causal = phase("causal", works[2], outs[2], monkeypatch)
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
@@ -95,7 +103,6 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert {k: v["clips"] for k, v in ev["summary"]["by_style"].items()} == \
         {k: sum(r["style"] == k for r in rows) for k in {r["style"] for r in rows}}
     assert all(r["truth"]["instr_hit"] >= r["truth"]["instr_success"] for r in rows if r["instr_events"])
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))   # spawned processes (parent's sys.path) import the recipe
     two = phase("eval", works[3], tmp_path / "out4", monkeypatch, "--streams", "2")   # one case per process
     assert two["streams"] == 2 and [r["index"] for r in two["rows"]] == [0, 1]
     for a, b in zip(rows, two["rows"]):                  # the same streams, whichever process ran them

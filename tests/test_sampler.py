@@ -249,6 +249,60 @@ def test_bidirectional_sampler_guides_toward_the_extrapolated_target():
     assert rel(x, model.exact(x1, text, 1.0)) > 0.1                          # control: unguided answer
 
 
+def test_windows_cover_a_long_clip_with_the_overlap():
+    from stages.train.sample import windows
+    assert windows(5, 5, 2) == [0] and windows(3, 5, 2) == [0]
+    assert windows(11, 5, 2) == [0, 3, 6]                                    # ends at 11 exactly
+    assert windows(12, 5, 2) == [0, 3, 6, 7]                                 # the last window ends at the clip's end
+    assert windows(9, 5, 0) == [0, 4] and windows(10, 5, 0) == [0, 5]
+    with pytest.raises(ValueError, match="overlap"):
+        windows(9, 5, 5)
+
+
+def long_case(F, seed=3):
+    """The tiny DiT (scrambled, so frames attend to each other) with a text per latent frame and speech for `F`
+    latent frames."""
+    cfg = TINY.replace(dit=dataclasses.replace(TINY.dit, audio_latent_dim=0, audio_latent_tokens=0))   # video only
+    model = scrambled(cfg.dit)
+    g = torch.Generator().manual_seed(seed)
+    d = cfg.dit
+    text = torch.randn(1, F, 5, d.text_dim, generator=g)
+    audio = torch.randn(1, F + sum(d.audio_context), 16, d.audio_dim, generator=g)
+    ref = torch.randn(1, d.in_dim, 1, cfg.height // 8, cfg.width // 8, generator=g)
+    return model, cfg, ref, text, audio
+
+
+@torch.no_grad()
+def test_a_long_clip_is_sampled_in_windows_holding_the_overlap():
+    from stages.train.sample import sample_bidirectional
+    Fw, F, O = TINY.latent_frames, 2 * TINY.latent_frames, 2          # windows at 0, 3, 5 (overlap 0: 0, 5)
+    model, cfg, ref, text, audio = long_case(F)
+    b, a = cfg.dit.audio_context
+    kw = dict(steps=3, seed=5, guidance=2.0, overlap=O)
+    z, _ = sample_bidirectional(model, cfg, ref, text, audio, frames=F, **kw)
+    assert z.shape[2] == F and torch.isfinite(z).all()
+    # the first window is the model's clip sampled alone, with its frames' texts and speech
+    first, _ = sample_bidirectional(model, cfg, ref, text[:, :Fw], audio[:, :b + Fw + a], **kw)
+    assert torch.equal(z[:, :, :Fw], first)
+    # speech heard only by the second window changes only its new frames
+    later = audio.clone()
+    later[:, b + Fw + a:] += 1.0
+    z2, _ = sample_bidirectional(model, cfg, ref, text, later, frames=F, **kw)
+    assert torch.equal(z2[:, :, :Fw], z[:, :, :Fw]) and rel(z2[:, :, Fw:], z[:, :, Fw:]) > 1e-3
+    # the held frames carry the first window into the second: a text only the first window reads changes
+    # the second's new frames; with no overlap (nothing held) it cannot (the negative control)
+    told = text.clone()
+    told[:, 0] += 3.0
+    for overlap, moves in ((O, True), (0, False)):
+        base, _ = sample_bidirectional(model, cfg, ref, text, audio, frames=F, **{**kw, "overlap": overlap})
+        other, _ = sample_bidirectional(model, cfg, ref, told, audio, frames=F, **{**kw, "overlap": overlap})
+        new = slice(Fw, F)                                                    # frames no window before made
+        assert rel(other[:, :, :1], base[:, :, :1]) > 1e-3
+        assert (rel(other[:, :, new], base[:, :, new]) > 1e-4) is moves, overlap
+    with pytest.raises(ValueError, match="per-frame texts"):
+        sample_bidirectional(model, cfg, ref, text, audio, frames=F - 1, **kw)
+
+
 @torch.no_grad()
 def test_causal_sampler_is_the_engine_with_euler_and_guidance():
     from stages.train.sample import sample_causal

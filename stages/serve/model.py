@@ -87,14 +87,11 @@ class ServeModel:
 
     def parts(self, rgb: np.ndarray, profile: Profile, seed: int) -> Parts:
         """A session's Parts: the shared model with its own engine at `profile`, started from `rgb` [H, W, 3] uint8."""
-        from models.encoders import image_tensor
+        from models.encoders import reference_latent
         b = self.base
         cfg = b.cfg if (profile.height, profile.width) == (b.cfg.height, b.cfg.width) else \
             dataclasses.replace(b.cfg, height=profile.height, width=profile.width)
-        img = image_tensor(rgb, cfg.height, cfg.width)                 # [1, 3, 1, H, W] in [-1, 1]
-        with torch.no_grad():
-            frames = ((img[:, :, 0] + 1) / 2)[:, None].to(b.engine.device)   # [1, 1, 3, H, W]
-            ref = b.decoder.encode_video(frames).permute(0, 2, 1, 3, 4)     # [1, C, 1, h, w]
+        ref = reference_latent(b.decoder, rgb, cfg.height, cfg.width)   # [1, C, 1, h, w]
         engine = StreamEngine(b.engine.model, cfg, profile.settings, seed=seed, keep_text=True)
         engine.start(ref)
         return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes))

@@ -107,7 +107,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
     from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit
     from models.dit import SELF_ATTENTION, DiT
-    from models.encoders import image_tensor, text_encoder as make_text_encoder
+    from models.encoders import reference_latent, text_encoder as make_text_encoder
     from stages.stream.decoders import load_codec
     from stages.sense.image import ImageError, read_image
     notes = []
@@ -140,10 +140,7 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     if cfg.dit.in_dim != decoder.config.latent_channels:
         raise StreamError(f"the model makes {cfg.dit.in_dim}-channel latents; the decoder decodes "
                           f"{decoder.config.latent_channels}")
-    img = image_tensor(rgb, cfg.height, cfg.width)               # [1, 3, 1, H, W] in [-1, 1]
-    with torch.no_grad():
-        frames = ((img[:, :, 0] + 1) / 2)[:, None].to(device)   # [1, 1, 3, H, W] in [0, 1]
-        ref = decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
+    ref = reference_latent(decoder, rgb, cfg.height, cfg.width)   # [1, C, 1, h, w]
     kind = cfg.text_encoder
     text_encoder = make_text_encoder(kind, text_encoder_path, max_len=cfg.dit.text_len, device=device)
     if text_encoder.dim != cfg.dit.text_dim:

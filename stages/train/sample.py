@@ -1,6 +1,7 @@
 """Sampling from the teachers, for previews and evaluation (free functions over the model).
 
-- `sample_bidirectional`: Euler integration of the flow ODE over the whole clip (full attention).
+- `sample_bidirectional`: Euler integration of the flow ODE over the whole clip (full attention); a clip
+  longer than the model's in overlapping windows, the overlap held to what the window before made.
 - `sample_causal`: chunk by chunk through the streaming engine (block-causal context, the engine's
   Euler sampler), the way the causal teacher is used before distillation.
 - `sampling_record`: the sampling and streaming settings a checkpoint was trained for, written into
@@ -20,6 +21,7 @@ from models.dit import DiT, guided, guided_conditions
 from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
+OVERLAP = 3                  # latent frames a window of a clip longer than the model's holds from the one before
 CAUSAL_STEPS = 16            # steps per chunk of the causal teacher (and of `vidu stream` on a teacher)
 TEACHER_GUIDANCE = 2.0       # classifier-free guidance scale of the teachers' samplers (trained with condition dropout)
 # how a teacher checkpoint streams by default (its "sampling" record, `vidu stream --ckpt`), measured on the
@@ -34,32 +36,79 @@ STREAM_SAMPLER, STREAM_GUIDANCE, STREAM_GUIDE = "renoise", 3.0, "text"
 @torch.no_grad()
 def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS,
                          shift: float = SHIFT, seed: int = 0, guidance: float = TEACHER_GUIDANCE,
-                         guide: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """ref [B, C, 1, h, w], text [B, L, D], audio [B, before + F + after, K, A] -> (video latent
-    [B, C, F, h, w], audio latent). With guidance != 1, one forward of batch 2B per step."""
+                         guide: str = "all", frames: int | None = None,
+                         overlap: int = OVERLAP) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """ref [B, C, 1, h, w], text [B, L, D] or a text per latent frame [B, F, L, D], audio [B, before + F + after,
+    K, A] -> (video latent [B, C, F, h, w], audio latent), F = `frames` (default the model's clip length,
+    cfg.latent_frames). With guidance != 1, one forward of batch 2B per step.
+
+    A clip longer than the model's is sampled in windows of cfg.latent_frames latent frames (`windows`), each
+    starting `overlap` frames before the previous one ended, those frames held to what the previous window
+    made: at every step they are set to the flow's point between their known value and the window's noise
+    at that step's level (x_s = (1 - s) x0 + s eps), so the new frames are denoised in their context and
+    the held ones come out exactly as made. Each window reads its own frames' texts and speech."""
     d, B = cfg.dit, ref.shape[0]
+    F = frames or cfg.latent_frames
+    before, after = d.audio_context
+    if text.dim() == 4 and text.shape[1] != F:
+        raise ValueError(f"{text.shape[1]} per-frame texts for {F} latent frames")
+    if audio is not None and audio.shape[1] != before + F + after:
+        raise ValueError(f"speech features cover {audio.shape[1]} frames; {F} latent frames need {before + F + after}")
     dev, dt = ref.device, ref.dtype
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn((B, d.in_dim, cfg.latent_frames, ref.shape[3], ref.shape[4]), generator=g).to(dev, dt)
-    xa = (torch.randn((B, cfg.latent_frames, d.audio_latent_tokens, d.audio_latent_dim), generator=g).to(dev, dt)
-          if d.joint_audio else None)
     two = guidance != 1.0
     rows = 2 * B if two else B
     if two:
-        text, audio = guided_conditions(text, audio, guide)
         ref = torch.cat([ref, ref])
     sig = flow_sigmas(steps, shift) + [0.0]
-    for s, s_next in zip(sig[:-1], sig[1:]):
-        x2 = torch.cat([x, x]) if two else x
-        xa2 = torch.cat([xa, xa]) if two and xa is not None else xa
-        out = model(x2, torch.full((rows,), s * 1000.0, device=dev), text, audio=audio, audio_latent=xa2, ref=ref)
-        v, va = out.video, out.audio
+    video = audio_out = None
+    made = 0                                              # frames sampled so far
+    for start in windows(F, cfg.latent_frames, overlap):
+        n = min(F, cfg.latent_frames)
+        held = made - start                               # frames of this window already made
+        x = torch.randn((B, d.in_dim, n, ref.shape[3], ref.shape[4]), generator=g).to(dev, dt)
+        xa = (torch.randn((B, n, d.audio_latent_tokens, d.audio_latent_dim), generator=g).to(dev, dt)
+              if d.joint_audio else None)
+        eps, eps_a = x[:, :, :held].clone(), None if xa is None else xa[:, :held].clone()
+        txt = text[:, start:start + n] if text.dim() == 4 else text
+        aud = None if audio is None else audio[:, start:start + before + n + after]
         if two:
-            v, va = guided(v, guidance), guided(va, guidance)
-        x = x + (s_next - s) * v.to(dt)
+            txt, aud = guided_conditions(txt, aud, guide)
+        for s, s_next in zip(sig[:-1], sig[1:]):
+            x2 = torch.cat([x, x]) if two else x
+            xa2 = torch.cat([xa, xa]) if two and xa is not None else xa
+            out = model(x2, torch.full((rows,), s * 1000.0, device=dev), txt, audio=aud, audio_latent=xa2, ref=ref)
+            v, va = out.video, out.audio
+            if two:
+                v, va = guided(v, guidance), guided(va, guidance)
+            x = x + (s_next - s) * v.to(dt)
+            if xa is not None:
+                xa = xa + (s_next - s) * va.to(dt)
+            if held:
+                x[:, :, :held] = (1 - s_next) * video[:, :, start:made] + s_next * eps
+                if xa is not None:
+                    xa[:, :held] = (1 - s_next) * audio_out[:, start:made] + s_next * eps_a
+        if video is None:
+            video, audio_out = x.new_empty(x.shape[:2] + (F,) + x.shape[3:]), None
+            if xa is not None:
+                audio_out = xa.new_empty((B, F) + xa.shape[2:])
+        video[:, :, start:start + n] = x
         if xa is not None:
-            xa = xa + (s_next - s) * va.to(dt)
-    return x, xa
+            audio_out[:, start:start + n] = xa
+        made = start + n
+    return video, audio_out
+
+
+def windows(frames: int, length: int, overlap: int) -> list[int]:
+    """First latent frames of the windows `sample_bidirectional` covers `frames` frames with: `length`
+    frames each, every one starting `overlap` frames before the previous ended, the last ending at the
+    clip's end (so it may overlap more); one window when the clip is no longer than `length`."""
+    if not 0 <= overlap < length:
+        raise ValueError(f"a window of {length} latent frames takes an overlap of 0 to {length - 1}, not {overlap}")
+    if frames <= length:
+        return [0]
+    starts = list(range(0, frames - length + 1, length - overlap))
+    return starts if starts[-1] + length == frames else starts + [frames - length]
 
 
 @torch.no_grad()

@@ -133,7 +133,7 @@ class EvalBench(Stage):
         """Model parts with a fresh engine started on this sample's reference; the model, decoder
         and text encoder load once per worker."""
         import torch
-        from models.encoders import image_tensor
+        from models.encoders import reference_latent
         from stages.stream.engine import StreamEngine
         from stages.sense.image import read_image
         from stages.stream.session import load_parts
@@ -145,10 +145,7 @@ class EvalBench(Stage):
                                     self.kernels, self.attention)
         base = self._base
         cfg, eng = base.cfg, base.engine
-        img = image_tensor(read_image(image), cfg.height, cfg.width)  # [1, 3, 1, H, W] in [-1, 1]
-        with torch.no_grad():
-            frames = ((img[:, :, 0] + 1) / 2)[:, None].to(eng.device)  # [1, 1, 3, H, W] in [0, 1]
-            ref = base.decoder.encode_video(frames).permute(0, 2, 1, 3, 4)  # [1, C, 1, h, w]
+        ref = reference_latent(base.decoder, read_image(image), cfg.height, cfg.width)  # [1, C, 1, h, w]
         engine = StreamEngine(eng.model, cfg, eng.st, seed=self.seed, keep_text=True)  # same noise for every sample
         engine.start(ref)
         return dataclasses.replace(base, engine=engine)
