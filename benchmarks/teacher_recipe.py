@@ -973,7 +973,10 @@ def table(res: dict) -> str:
     if res["phase"] == "eval":
         s = res["summary"]
         return "\n".join([f"eval {Path(res['checkpoint']).name if res.get('from') else res['teacher']} on {res.get('bench', 'synth')} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
-                          f"on {res['device']}, {f(s['stream_fps'])} fps streamed",
+                          f"on {res['device']}, " + (f"sampled whole in windows ({res['whole']['steps']} steps, guidance "
+                                                     f"{res['whole']['guidance']:g} on {res['whole']['guide']}), "
+                                                     f"{f(res['whole']['gen_fps'])} fps generated" if res.get("whole")
+                                                     else f"{f(s['stream_fps'])} fps streamed"),
                           f"  lip sync r {f(s['mouth_r'])} (truth {f(s['truth_mouth_r'])}), mismatched |r| "
                           f"{f(s['mouth_abs_r_control'])}",
                           f"  instructions {f(s['instr_success'])} of {s['instr_events']} (truth "
