@@ -643,7 +643,7 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
                                             torch.stack(speech).to(dev) if speech else None, steps=how["steps"],
                                             shift=how["shift"], seed=a, guidance=how["guidance"], guide=how["guide"],
                                             frames=F)
-                made = [_decoded(codec, z[j:j + 1], T) for j in range(len(group))]
+            made = [_decoded(codec, z[j:j + 1], T) for j in range(len(group))]
             if dev == "cuda":
                 torch.cuda.synchronize()
             gen_s += time.perf_counter() - t0

@@ -82,8 +82,8 @@ def video_frame(path, index=75):
                 return f.to_ndarray(format="rgb24")
 
 
-def test_recache_on_the_distilled_starter_says_it_was_not_trained_with_it(case):
-    """The starter is a distilled student, trained without recache: asked for it, the stream notes that."""
+def test_recache_on_the_starter_notes_what_it_costs(case):
+    """Asked for recache, the stream notes what it cost on the synth bench; off (the starter's default), nothing."""
     from stages.stream.session import load_parts
     on = load_parts(str(case["dir"] / "ref.png"), str(starter.MODEL), settings={"recache": True})
     off = load_parts(str(case["dir"] / "ref.png"), str(starter.MODEL), settings={})

@@ -127,9 +127,10 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
             model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)
         if trained is None:
             notes.append("the checkpoint does not record the settings it was trained with: the defaults are used")
-        elif st.recache and trained.get("stage") == "distill" and not trained.get("recache"):
-            notes.append("recache: this student was distilled without it (a distilled student recached on the "
-                         "synth bench acted on 17 % of instructions against 51 % without; benchmarks/RESULTS.md)")
+        elif st.recache:
+            notes.append("recache: on the synth bench, whose instructions are events (the action follows the text), "
+                         "it cost distilled students 35 points of instructions whether or not they were distilled with "
+                         "it, and the teacher 9 (benchmarks/RESULTS.md, sessions 59-61)")
     else:
         st = _settings(cfg, None, settings)
         torch.manual_seed(seed)
