@@ -648,13 +648,17 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
                 torch.cuda.synchronize()
             gen_s += time.perf_counter() - t0
             gen_frames += T * len(group)
-            scores = [(pool.submit(_score, f, c["truth"]), pool.submit(_score, c["frames"], c["truth"]))
-                      for f, c in zip(made, group)]
+            if n == 1:           # one long case (the drift clip, --cases 1 --seconds 600): its frames over the workers
+                scores = [(_score(made[0], group[0]["truth"], workers), _score(group[0]["frames"], group[0]["truth"], workers))]
+            else:
+                scores = [(pool.submit(_score, f, c["truth"]), pool.submit(_score, c["frames"], c["truth"]))
+                          for f, c in zip(made, group)]
+                scores = [(mine.result(), truth.result()) for mine, truth in scores]
             for f, c, (mine, truth) in zip(made, group, scores):
                 if c["index"] < 2:
                     strip(c["frames"], f, out / f"eval_case{c['index']}.png")
                 info = {k: c[k] for k in ("index", "seed", "control_seed", "voice", "events")}
-                rows.append({**info, "stream_fps": None, **mine.result(), "truth": truth.result()})
+                rows.append({**info, "stream_fps": None, **mine, "truth": truth})
     return rows, {**how, "gen_fps": gen_frames / gen_s if gen_s else None, "sampled": "whole, in windows"}
 
 

@@ -68,6 +68,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     for r in whole["rows"]:
         assert r["stream_fps"] is None and r["truth"]["mouth_r"] > 0.9 and r["mouth_r"] is not None
     assert sorted(p.name for p in (tmp_path / "outb").iterdir()) == ["eval_case0.png", "eval_case1.png", "recipe_eval.json"]
+    one = phase("eval", works[1], tmp_path / "outb1", monkeypatch, "--teacher", "bidirectional", "--seconds", "2",
+                "--cases", "1")            # the drift clip's path: one case, scored over the workers
+    assert one["rows"][0]["truth"] == whole["rows"][0]["truth"] and one["rows"][0]["mouth_r"] is not None
     carry(outs[1], works[2])
     causal = phase("causal", works[2], outs[2], monkeypatch)
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
