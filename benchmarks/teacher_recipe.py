@@ -93,6 +93,7 @@ SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run
 H200_BF16_PEAK = 989e12              # dense bf16 FLOP/s of an H200 (SXM)
 CODEC = "codec.safetensors"
 POOL_START_S = 20.0                  # rendering processes' start-up before the first clip (see fitted_settings)
+RENDER_SHARE = 0.5                   # the most of a training phase's time left after its probe that rendering may take
 # wall time of rendering and coding a stage's clips on the GPU machine, in units of (one-thread clip time x
 # clips / workers): session 26, 1024 stage-1 clips in 59 s on 15 workers; session 31, 1024 stage-2 clips of
 # 8 s (0.60 s each on one thread) in ~230 s, the workers waiting on the one coding process; session 32, with the
@@ -314,7 +315,8 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     saved = work / "runs" / run_name(stage, work, again) / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
-        return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode), rec
+        st = stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode)
+        return (dataclasses.replace(st, samples=rec["samples"]) if rec.get("samples") else st), rec
     if steps:
         rec = {"steps": steps, "train_minutes": minutes}
         saved.parent.mkdir(parents=True, exist_ok=True)
@@ -324,15 +326,23 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     st = stage_settings(recipe, stage, work, 1, None, again, recode)
     # the workers start (imports, TTS) and share the machine with coding on the GPU: POOL_START_S plus the
     # measured one-thread clip time x RENDER_FACTOR; the phase's deadline stops training however long it takes
-    render = 0.0 if stage == "autoencoder" else \
-        POOL_START_S + RENDER_FACTOR[stage] * st.samples * timing["clip_render_s"] / max(1, workers)
+    # a phase too short to render every clip and still train renders fewer (at most RENDER_SHARE of what is left:
+    # session 61's 3.5-minute stage 1 rendered its 4096 clips for 136 s and trained one step)
+    samples, render = st.samples, 0.0
+    if stage != "autoencoder":
+        per_clip = RENDER_FACTOR[stage] * timing["clip_render_s"] / max(1, workers)
+        room = minutes * 60 - (time.perf_counter() - t_phase) - recipe.reserve_s - POOL_START_S
+        samples = max(st.batch, min(st.samples, int(RENDER_SHARE * room / per_clip)))
+        render = POOL_START_S + samples * per_clip
     left = minutes * 60 - (time.perf_counter() - t_phase) - render - recipe.reserve_s
     if left < 10 * timing["step_s"]:
         raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of training after the probe and rendering")
-    rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"]))}
+    rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"])),
+           **({"samples": samples} if samples != st.samples else {})}
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(rec, indent=1))
-    return stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode), rec
+    st = stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode)
+    return dataclasses.replace(st, samples=samples), rec
 
 
 def flops_per_sample(cfg) -> float:

@@ -451,3 +451,26 @@ def test_summarise_by_style_and_table():
     assert ("  human: 2 clips, instructions 0.250 of 4 (hit 0.750; truth 0.750), r 0.500, spurious 1.000/min, identity "
             "error 9.000, sharpness told / idle 0.700 (truth 0.950); success / told: blink 1/1, nod 0/3") in lines
     assert lines[-2].startswith("  anime: 1 clips, instructions 1.000 of 1") and lines[-2].endswith("turn left 1/1")
+
+
+def test_a_short_phase_renders_fewer_clips_and_trains(tmp_path, monkeypatch):
+    """fitted_settings: when rendering every clip would take more than RENDER_SHARE of the phase time left,
+    the phase renders fewer (never under a batch) and keeps the rest for training; a re-run resumes with
+    the same count; a phase with time to spare renders them all (the control)."""
+    small = recipe.RECIPES["small"]                       # 4096 stage-1 clips of batch 32
+    monkeypatch.setattr(recipe, "probe", lambda *a, **k: {"step_s": 0.1, "clip_render_s": 0.3, "probe_s": 0.0})
+    monkeypatch.setattr(recipe, "usable_lipsync", lambda *a: False)
+    per_clip = recipe.RENDER_FACTOR["bidirectional"] * 0.3 / 15
+    t = time.perf_counter()
+    st, fit = recipe.fitted_settings(small, "bidirectional", tmp_path / "short", 3.5, 15, t)
+    room = 3.5 * 60 - small.reserve_s - recipe.POOL_START_S
+    assert fit["samples"] == st.samples == pytest.approx(recipe.RENDER_SHARE * room / per_clip, abs=2)   # 2750 of 4096
+    assert st.samples < 4096 and fit["train_minutes"] * 60 >= (1 - recipe.RENDER_SHARE) * room - 1
+    again, _ = recipe.fitted_settings(small, "bidirectional", tmp_path / "short", 3.5, 15, time.perf_counter())
+    assert again.samples == st.samples and again.steps == st.steps      # the re-run resumes the same run
+    tiny, _ = recipe.fitted_settings(small, "bidirectional", tmp_path / "tiny", 0.8, 15, time.perf_counter())
+    assert 32 <= tiny.samples < 60                                       # ~50: at least a batch
+    with pytest.raises(SystemExit, match="leaves"):                     # no time for a batch and training
+        recipe.fitted_settings(small, "bidirectional", tmp_path / "none", 0.76, 15, time.perf_counter())
+    full, fit = recipe.fitted_settings(small, "bidirectional", tmp_path / "long", 8.5, 15, t)
+    assert full.samples == 4096 and "samples" not in fit
