@@ -588,33 +588,20 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
     return rows
 
 
-def _decoded(codec, z: torch.Tensor, frames: int, piece: int = 16) -> np.ndarray:
-    """Latents [1, C, F, h, w] -> the first `frames` frames [T, H, W, 3] uint8, decoded `piece` latent
-    frames at a time (the streaming decoder: a 10-minute clip's activations would not fit at once)."""
-    dec = codec.stream_decoder()
-    out = [dec.push(z[:, :, i:i + piece].permute(0, 2, 1, 3, 4).float()) for i in range(0, z.shape[2], piece)]
-    x = torch.cat(out, 1)[0, :frames]
-    return (x.permute(0, 2, 3, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-
 def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, size: int, out: Path, workers: int,
                 idle: bool, stream: dict) -> tuple[list[dict], dict]:
-    """The synth bench's cases sampled whole by a bidirectional teacher, not streamed: each case's latent
-    frames with their texts (the instructions in force at each frame, as training's clips carry them) and
-    speech, in overlapping windows of the model's clip length (stages/train/sample.py `sample_bidirectional`;
-    steps, guidance and its target from `stream` or the checkpoint's record), decoded and scored as the
-    streamed cases are. Cases of one length go through the model together; rendering and scoring run in
-    `workers` processes."""
+    """The synth bench's cases sampled whole by a bidirectional teacher, not streamed
+    (stages/train/sample.py `sample_clips`: each case's latent frames with the texts in force and its speech,
+    in overlapping windows of the model's clip length; steps, guidance and its target from `stream` or the
+    checkpoint's record), scored as the streamed cases are. Cases of one length go through the model
+    together; rendering and scoring run in `workers` processes."""
     import multiprocessing as mp
     import tempfile
     from concurrent.futures import ProcessPoolExecutor
-    from models.audio import audio_features
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
-    from models.encoders import reference_latent, text_encoder
+    from models.encoders import text_encoder
     from models.flow import SHIFT
-    from stages.samples import text_timeline
-    from stages.train.data import fit_text
-    from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_bidirectional
+    from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_clips
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
     rec = checkpoint_sampling(ckpt) or {}
@@ -623,8 +610,6 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
            "guide": stream.get("guide") or rec.get("guide", STREAM_GUIDE)}
     codec = load_taehv(codec_path, dev)
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
-    texts: dict[str, torch.Tensor] = {}
-    d, per, fps = cfg.dit, cfg.audio.video_frames_per_latent, cfg.audio.fps
     batch = 16 if dev == "cuda" else 2
     rows, gen_s, gen_frames = [], 0.0, 0
     pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
@@ -634,28 +619,12 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
             group = list(pool.map(_case, range(a, min(n, a + batch)), [secs] * batch, [size] * batch, [tmp] * batch,
                                   [idle] * batch))
             T = len(group[0]["frames"])
-            F = 1 + -(-(T - 1) // per)                       # latent frames whose video covers the case's T frames
-            refs, conds, speech = [], [], []
-            for c in group:
-                if len(c["frames"]) != T:
-                    raise ValueError("the cases of one batch differ in length")
-                refs.append(reference_latent(codec, c["ref"], cfg.height, cfg.width)[0])   # as the stream starts
-                line = text_timeline(NEUTRAL_TEXT, [tuple(e) for e in c["events"]], 0.0, F, fps, per, base_onset=0.0)
-                for x in line.texts:
-                    if x not in texts:
-                        texts[x] = fit_text(encode([x])[0], d.text_len)
-                conds.append(torch.stack([texts[x] for x in line.texts])[torch.tensor(line.index)])
-                if d.audio_dim:
-                    speech.append(audio_features(torch.from_numpy(c["audio"]), F, cfg.audio, context=d.audio_context))
+            if any(len(c["frames"]) != T for c in group):
+                raise ValueError("the cases of one batch differ in length")
             t0 = time.perf_counter()
-            with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
-                z, _ = sample_bidirectional(model, cfg, torch.stack(refs), torch.stack(conds).to(dev),
-                                            torch.stack(speech).to(dev) if speech else None, steps=how["steps"],
-                                            shift=how["shift"], seed=a, guidance=how["guidance"], guide=how["guide"],
-                                            frames=F)
-            made = [_decoded(codec, z[j:j + 1], T) for j in range(len(group))]
-            if dev == "cuda":
-                torch.cuda.synchronize()
+            made = sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
+                                [c["events"] for c in group], T, how["steps"], how["shift"], how["guidance"],
+                                how["guide"], seed=a)
             gen_s += time.perf_counter() - t0
             gen_frames += T * len(group)
             if n == 1:           # one long case (the drift clip, --cases 1 --seconds 600): its frames over the workers

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -104,6 +105,43 @@ def test_synth_random_weights_stream_and_score_badly(synth_model, synth_oracle):
         assert r["chunk_ms_p50"] <= r["chunk_ms_p90"] <= r["chunk_ms_p99"]
         assert r["mouth_r"] is not None and abs(r["mouth_r"]) < 0.5 < oracle[r["sample_id"]]["mouth_r"]
         assert json.loads(r["scores"])["frames"] == 25
+
+
+def test_a_bidirectional_teacher_is_sampled_whole_not_streamed(root, synth_oracle, tmp_path_factory):
+    """A stage-1 checkpoint cannot stream: the bench samples each case whole (stages/train/sample.py
+    `sample_clips`, windows past its clip length) with the case's timed instructions and speech, writes the
+    mp4 and scores it as a stream's; `vidu stream` of it says it was never trained to stream."""
+    from stages.stream.session import load_parts
+    from stages.train.loop import TrainSettings, train
+    from stages.train.sample import sample_clips
+    out = tmp_path_factory.mktemp("bidirectional")
+    train(TrainSettings(stage="bidirectional", preset="tiny", steps=2, batch=2, samples=4, save_every=2, warmup=1), out)
+    ckpt = out / "step-000002" / "ema.safetensors"
+    _, results = run_bench("synth", root, ckpt=str(ckpt), limit=2, seconds=SECONDS)
+    assert results.counts == {"ok": 2}
+    oracle = {r["sample_id"]: r for r in rows(synth_oracle[1])}
+    samples = {r["id"]: r for r in rows(synth_oracle[0])}
+    for r in rows(results):
+        assert any("sampled whole" in n for n in r["notes"]) and r.get("stream_fps") is None
+        assert r["frames"] == 25 > 4 * 5                  # past the tiny model's 5-latent-frame clip: windows
+        with av.open(r["video_path"]) as f:
+            assert sum(1 for _ in f.decode(video=0)) == 25
+        assert r["mouth_r"] is not None and abs(r["mouth_r"]) < 0.5 < oracle[r["sample_id"]]["mouth_r"]
+    # the frames are sample_clips' for that case (the bench's seed), decoded as the mp4's source
+    item = samples[rows(results)[0]["sample_id"]]
+    parts = load_parts(item["image"], str(ckpt))
+    assert any("bidirectional teacher" in n for n in parts.notes)
+    from stages.sense.image import read_image
+    from stages.sense.media import load_audio
+    wave = load_audio(item["audio"], 16000)
+    timed = [tuple(e) for e in json.loads(item["events"] or "[]")]
+    (frames,) = sample_clips(parts.engine.model, parts.cfg, parts.decoder, parts.encode_text, [read_image(item["image"])],
+                             [wave], [timed], 25, 2, parts.trained["shift"], parts.trained["guidance"],
+                             parts.trained["guide"])
+    bench = EvalBench(bench="synth", system=str(ckpt), steps=2)
+    bench.setup()
+    again, _, info = bench._stream(item, wave, root / "again.mp4")
+    assert np.array_equal(again, frames) and frames.shape == (25, 64, 64, 3)
 
 
 # ---------------------------------------------------------------------------------------------

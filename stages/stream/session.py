@@ -127,7 +127,10 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
             model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)
         if trained is None:
             notes.append("the checkpoint does not record the settings it was trained with: the defaults are used")
-        elif st.recache:
+        elif trained.get("stage") == "bidirectional":
+            notes.append("a bidirectional teacher (stage 1): trained on whole clips with full attention, streamed here "
+                         "chunk by chunk as it never was (`vidu eval` samples it whole)")
+        if trained is not None and st.recache:
             notes.append("recache: on the synth bench, whose instructions are events (the action follows the text), "
                          "it cost distilled students 35 points of instructions whether or not they were distilled with "
                          "it, and the teacher 9 (benchmarks/RESULTS.md, sessions 59-61)")

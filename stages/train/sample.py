@@ -156,3 +156,46 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
     return {"stage": stage, "shift": shift, "steps": steps, "chunk_frames": cf, "window": window, "sink": sink,
             "twin": noisy is not None, "noisy_step": noisy or 0, "noisy_level": noisy_level, "codec": codec,
             "sampler": STREAM_SAMPLER, "guidance": STREAM_GUIDANCE, "guide": STREAM_GUIDE}
+
+
+@torch.no_grad()
+def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, waves: list, events: list,
+                 frames: int, steps: int = BIDIRECTIONAL_STEPS, shift: float = SHIFT, guidance: float = STREAM_GUIDANCE,
+                 guide: str = STREAM_GUIDE, seed: int = 0, overlap: int = OVERLAP) -> list:
+    """A bidirectional teacher's clips of any length, the way a stream is driven: reference images
+    (HxWx3 uint8, encoded as a stream starts, models.encoders.reference_latent), speech (16 kHz waves)
+    and timed instructions ((onset s, end s, text) each; the neutral prompt elsewhere) -> `frames`
+    video frames [T, H, W, 3] uint8 per clip, sampled together (`sample_bidirectional`, in windows past
+    the model's clip length) and decoded by `codec` (TAEHV) a piece at a time. Each latent frame reads
+    the text in force when it is shown, as training's clips do (stages/samples.py); `encode_text`:
+    list[str] -> [N, L, D] features."""
+    from models.audio import audio_features
+    from models.config import NEUTRAL_TEXT
+    from models.encoders import reference_latent
+    from stages.samples import text_timeline
+    from stages.train.data import fit_text
+    d, per, fps = cfg.dit, cfg.audio.video_frames_per_latent, cfg.audio.fps
+    dev = next(model.parameters()).device
+    F = 1 + -(-(frames - 1) // per)                      # latent frames whose video covers `frames`
+    texts, conds = {}, []
+    for ev in events:
+        line = text_timeline(NEUTRAL_TEXT, [tuple(e) for e in ev], 0.0, F, fps, per, base_onset=0.0)
+        for x in line.texts:
+            if x not in texts:
+                texts[x] = fit_text(torch.as_tensor(encode_text([x])[0]).float().cpu(), d.text_len)
+        conds.append(torch.stack([texts[x] for x in line.texts])[torch.tensor(line.index)])
+    ref = torch.cat([reference_latent(codec, r, cfg.height, cfg.width) for r in refs]).float()
+    speech = (torch.stack([audio_features(torch.as_tensor(w, dtype=torch.float32), F, cfg.audio, context=d.audio_context)
+                           for w in waves]).to(dev) if d.audio_dim else None)
+    dt = next(model.parameters()).dtype
+    cast = dev.type == "cuda" and dt == torch.float32          # a float32 model on a GPU: bf16 autocast, as training
+    with torch.autocast("cuda", torch.bfloat16, enabled=cast):
+        z, _ = sample_bidirectional(model, cfg, ref.to(dev, dt), torch.stack(conds).to(dev, dt),
+                                    None if speech is None else speech.to(dt), steps=steps, shift=shift, seed=seed,
+                                    guidance=guidance, guide=guide, frames=F, overlap=overlap)
+    out = []
+    for j in range(len(refs)):                                   # a piece at a time: hours of video fit
+        dec = codec.stream_decoder()
+        x = torch.cat([dec.push(z[j:j + 1, :, i:i + 16].permute(0, 2, 1, 3, 4).float()) for i in range(0, F, 16)], 1)
+        out.append((x[0, :frames].permute(0, 2, 3, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
+    return out

@@ -156,6 +156,8 @@ class EvalBench(Stage):
         from stages.stream.io import Mp4Sink
         from stages.stream.session import SessionOptions, run_session
         parts = self._parts(item["image"])
+        if (parts.trained or {}).get("stage") == "bidirectional":
+            return self._whole(parts, item, wave, video)
         fps = parts.cfg.audio.fps
         events = EventQueue()
         timed = [(float(a), float(b), str(t)) for a, b, t in json.loads(item["events"] or "[]")]
@@ -175,6 +177,31 @@ class EvalBench(Stage):
         speed = {"stream_fps": summary.get("fps"), "first_frame_s": summary.get("first_chunk_s"), "chunk_ms": ms,
                  **_percentiles(ms)}
         return frames, audio, {"fps": float(fps), "speed": speed, "notes": list(parts.notes)}
+
+    def _whole(self, parts, item: dict, wave: np.ndarray, video: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+        """A bidirectional teacher (stage 1) cannot stream: the sample is sampled whole, in overlapping
+        windows of its clip length, with the texts in force at each frame and the speech
+        (stages/train/sample.py `sample_clips`; steps, guidance and its target: the bench's, else the
+        checkpoint's record), and written to the mp4 as a stream's frames are."""
+        from models.flow import SHIFT
+        from stages.stream.io import Mp4Sink
+        from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_clips
+        cfg, rec = parts.cfg, parts.trained
+        fps = cfg.audio.fps
+        T = int(np.floor(len(wave) / 16000 * fps + 1e-6))          # the frames the speech spans
+        timed = [(float(a), float(b), str(t)) for a, b, t in json.loads(item["events"] or "[]")]
+        t0 = time.perf_counter()
+        (frames,) = sample_clips(parts.engine.model, cfg, parts.decoder, parts.encode_text, [_read_rgb(item["image"])],
+                                 [wave], [timed], T, self.steps or BIDIRECTIONAL_STEPS, rec.get("shift", SHIFT),
+                                 rec.get("guidance", STREAM_GUIDANCE) if self.guidance is None else self.guidance,
+                                 self.guide or rec.get("guide", STREAM_GUIDE), seed=self.seed)
+        rate = T / (time.perf_counter() - t0)
+        sink = Mp4Sink(video, fps, cfg.width, cfg.height)
+        sink.write(frames, wave[: int(round(T / fps * 16000))])
+        sink.close()
+        return frames, wave, {"fps": float(fps), "speed": {},
+                              "notes": [*parts.notes, f"a bidirectional teacher: sampled whole in windows of "
+                                                      f"{cfg.latent_frames} latent frames, not streamed ({rate:.1f} frames/s)"]}
 
     def _oracle(self, item: dict, wave: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         """The ground-truth video on the 25 fps grid over the audio's span: the frame shown at
