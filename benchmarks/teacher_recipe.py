@@ -895,6 +895,7 @@ def summarise(rows: list[dict]) -> dict:
             "truth_identity_error": mean(r["truth"]["identity_error"] for r in rows),
             "instr_events": ev, "instr_success": pooled(rows), "truth_instr_success": pooled(truths),
             "instr_hit": pooled(rows, "instr_hit"), "truth_instr_hit": pooled(truths, "instr_hit"),
+            "instr_hit_chance": pooled(rows, "instr_hit_chance"),
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
@@ -966,7 +967,8 @@ def table(res: dict) -> str:
                           f"{f(s['truth_instr_success'])}), latency p50 {f(s['latency_s_p50'])} s p90 "
                           f"{f(s['latency_s_p90'])} s, spurious {f(s['spurious_per_min'])}/min "
                           f"({f(s['spurious_idle_per_min'])} with no instruction in force; truth {f(s['truth_spurious_per_min'])})",
-                          f"  told class fired in 0-1 s, others allowed {f(s['instr_hit'])} (truth {f(s['truth_instr_hit'])})",
+                          f"  told class fired in 0-1 s, others allowed {f(s['instr_hit'])} (by chance "
+                          f"{f(s.get('instr_hit_chance'))}; truth {f(s['truth_instr_hit'])})",
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])}), on the "
                           f"frames of told actions {f(s['action_identity_error'])} (truth {f(s['truth_action_identity_error'])})",
                           f"  sharpness during told actions / idle {f(s['action_sharpness_ratio'])} (truth "

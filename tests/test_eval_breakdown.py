@@ -89,6 +89,7 @@ def test_strict_and_relaxed_instruction_scores():
     assert s["instr_classes"] == {"nod": {"told": 1, "success": 0, "hit": 1},
                                   "turn left": {"told": 1, "success": 1, "hit": 1},
                                   "smile": {"told": 1, "success": 0, "hit": 0}}
+    assert s["instr_hit_chance"] == 0.0          # no class fires outside its own told windows
     # negative control: without the blink the nod passes the strict rule too
     m["eyes"][:] = 1.0
     s = instruction_scores(m, events, FPS)
@@ -129,6 +130,19 @@ def test_style_breakdown_is_event_weighted():
     assert style_breakdown([_row(None, 1, 1.0, 1.0)]) == {}
 
 
+def test_hit_chance_hand_computed_and_against_random_fires():
+    """hit_chance: windows of 1 s starting at each frame (25 fps), over those clear of the class's told windows;
+    on fires at random (rate 0.5 / s) it is the Poisson chance 1 - exp(-0.5) of a fire in 1 s."""
+    from stages.eval.bench.synthscore import hit_chance
+    assert hit_chance([2.0], [], 4.0, FPS) == pytest.approx(26 / 76)          # starts 1.00-2.00 of 0.00-3.00
+    assert hit_chance([2.0], [(0.0, 0.5)], 4.0, FPS) == pytest.approx(13 / 38)  # starts after 1.5 s only
+    assert hit_chance([2.0], [(0.0, 4.0)], 4.0, FPS) is None                  # no clear window
+    rng = np.random.default_rng(0)
+    fires = np.sort(rng.uniform(0, 600, rng.poisson(0.5 * 600)))
+    assert hit_chance(list(fires), [], 600.0, FPS) == pytest.approx(1 - np.exp(-0.5), abs=0.03)
+    assert hit_chance(list(fires[::4]), [], 600.0, FPS) < 0.15                # a quarter of the rate: ~0.12
+
+
 def test_report_by_style_through_a_manifest(tmp_path):
     """Eval rows with the new columns survive the pinned Parquet schema, and `vidu eval`'s summary and
     table show the relaxed score, the action numbers and one block per style."""
@@ -146,6 +160,8 @@ def test_report_by_style_through_a_manifest(tmp_path):
                         confusion="{}", drift_ratios=json.dumps({"instruction_counts": [[i + 1, 4], [i, 4]]}))
     assert {"style", "instr_hit", "instr_classes", "action_sharpness_ratio", "action_identity_error"} <= set(SCHEMAS["eval"].names)
     rows = [row(0, "human", 3, 1 / 3, 2 / 3, 0.5), row(1, "human", 1, 1.0, 1.0, 0.9), row(2, "animal", 4, 0.25, 1.0, 1.0)]
+    for r, chance in zip(rows, (0.2, 0.1, 0.3)):
+        r["instr_hit_chance"] = chance
     path = tmp_path / "eval.parquet"
     write_table(to_table(rows, "eval"), path, {"kind": "eval", "run_id": "eval-t", "params": {"bench": "synth", "system": "x"}})
     run = load_run(tmp_path, str(path))
@@ -153,10 +169,12 @@ def test_report_by_style_through_a_manifest(tmp_path):
     assert back["s2"]["style"] == "animal" and json.loads(back["s0"]["instr_classes"])["nod"] == {"told": 3, "success": 1, "hit": 2}
     s = summarize(run)
     assert (s["instr_events"], s["instr_success"], s["instr_hit"]) == (8, 3 / 8, 7 / 8)
+    assert s["instr_hit_chance"] == pytest.approx((0.6 + 0.1 + 1.2) / 8)     # probabilities: pooled unrounded
     assert s["action_sharpness_ratio"] == pytest.approx(0.8) and s["action_identity_error"] == pytest.approx(10.0)
     assert (s["by_style"]["human"]["instr_success"], s["by_style"]["human"]["instr_hit"]) == (0.5, 0.75)
     assert s["by_style"]["animal"]["instr_classes"] == {"nod": {"told": 4, "success": 1, "hit": 4}}
     cells = dict(table_rows([run]))
+    assert cells["... the same by chance (that class in a 1-s window at random)"] == ["23.8%"]
     assert cells["human: instruction success"] == ["50.0%"] and cells["animal: ... others allowed"] == ["100.0%"]
     assert cells["... told class fired in 0-1 s, others allowed"] == ["87.5%"]
     assert cells["human: sharpness told / idle"] == ["0.70"] and cells["animal: samples"] == ["1"]

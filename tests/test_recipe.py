@@ -412,7 +412,8 @@ def test_the_overfit_check_scores_held_out_speech_against_the_codec_ceiling(tmp_
 def _eval_row(style: str, events: int, success: float, hit: float, sharp: float, classes: dict, truth: dict | None = None) -> dict:
     """An eval-phase row as _score gives it (the numbers a test needs; `truth`: the ground truth's)."""
     r = {"style": style, "instr_events": events, "instr_success": success if events else None,
-         "instr_hit": hit if events else None, "instr_latency_s": [0.4] * round(success * events),
+         "instr_hit": hit if events else None, "instr_hit_chance": 0.25 if events else None,
+         "instr_latency_s": [0.4] * round(success * events),
          "instr_classes": classes, "action_sharpness_ratio": sharp, "action_identity_error": 10 * sharp,
          "mouth_r": 0.5, "mouth_r_control": 0.1, "identity_error": 9.0, "spurious_per_min": 1.0,
          "spurious_idle_per_min": 0.0, "drift_ratios": {}, "stream_fps": 30.0}
@@ -446,7 +447,7 @@ def test_summarise_by_style_and_table():
     res = {"phase": "eval", "teacher": "causal", "checkpoint": "/w/causal/ema.safetensors", "bench": "synth", "stream": {},
            "seconds": 4.0, "eval_s": 1.0, "device": "cpu", "summary": s}
     lines = recipe.table(res).splitlines()
-    assert "  told class fired in 0-1 s, others allowed 0.800 (truth 1.000)" in lines
+    assert "  told class fired in 0-1 s, others allowed 0.800 (by chance 0.250; truth 1.000)" in lines
     assert "  sharpness during told actions / idle 0.767 (truth 1.000)" in lines
     assert ("  human: 2 clips, instructions 0.250 of 4 (hit 0.750; truth 0.750), r 0.500, spurious 1.000/min, identity "
             "error 9.000, sharpness told / idle 0.700 (truth 0.950); success / told: blink 1/1, nod 0/3") in lines

@@ -111,6 +111,7 @@ def summarize(run: Run) -> dict:
                ratio_instructions_high=drift["high"])
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
     out.update(instr_events=events, instr_success=pooled(ok), instr_hit=pooled(ok, "instr_hit"),
+               instr_hit_chance=pooled(ok, "instr_hit_chance"),
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
                chunk_ms_p50=_pct(chunks, 50), chunk_ms_p90=_pct(chunks, 90), chunk_ms_p99=_pct(chunks, 99))
     out["identity_embedder"] = sorted({r["identity_embedder"] for r in ok if r["identity_embedder"]})
@@ -138,6 +139,7 @@ METRICS = [
     ("mouth_r", "mouth r vs ground truth", "{:.3f}"), ("mouth_r_control_abs", "|mouth r| mismatched audio", "{:.3f}"),
     ("instr_success", "instruction success", "{:.1%}"), ("instr_events", "instruction events", "{:.0f}"),
     ("instr_hit", "... told class fired in 0-1 s, others allowed", "{:.1%}"),
+    ("instr_hit_chance", "... the same by chance (that class in a 1-s window at random)", "{:.1%}"),
     ("instr_latency_p50", "instruction latency p50 (s)", "{:.2f}"),
     ("instr_latency_p90", "instruction latency p90 (s)", "{:.2f}"),
     ("spurious_per_min", "spurious actions / min", "{:.1f}"),

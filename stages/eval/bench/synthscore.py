@@ -18,6 +18,12 @@ never read from the model:
   instr_hit (relaxed, beside the strict instr_success, the headline): the share of events whose class
   fires within 0-1.0 s after its onset, whatever else fires in that window (instr_hit - instr_success =
   the events lost only to another class firing too, e.g. a blink read off a blurred face during a nod).
+  instr_hit_chance: what instr_hit would be by chance, each event's class firing in a 1.0-s window at a
+  random time of the same stream (the share of window starts, one per frame, whose window holds a fire
+  of that class, over the starts whose window is clear of every window [onset, end + 1.0 s] of that class's
+  events), averaged over events; None when no start is clear. A stream that fires every class at random
+  has instr_hit ~ instr_hit_chance (an untrained model: 33 % against ~250 fires a minute): read instr_hit
+  against it.
   instr_classes = {instructed class: {"told": events, "success": strict successes, "hit": relaxed hits}}
   (confusion cannot give the strict count: its first fire may be the told class with another after it).
 - action frames: frames (frame i at i / fps s) inside any event's [onset, end] against idle frames,
@@ -73,6 +79,9 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
               for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
     # relaxed: the told class fired in the window, whatever else fired there too (the strict rule's other half)
     hit = [any(t <= f <= t + WINDOW_S for f in fired.get(c, [])) for t, c in onsets]
+    duration = len(m["found"]) / fps
+    chance = [c for c in (hit_chance(fired.get(k, []), [(a, b) for a, b, n in events if n == k], duration, fps)
+                          for _, k in onsets) if c is not None]
     classes: dict[str, dict[str, int]] = {}
     for (_, c), e, h in zip(onsets, res["per_event"], hit):
         n = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
@@ -87,10 +96,26 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
     idle = sum(not told(f) for f in spurious)
     minutes = len(m["found"]) / fps / 60
     return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
-            "instr_hit": float(np.mean(hit)) if hit else None, "instr_classes": classes,
+            "instr_hit": float(np.mean(hit)) if hit else None,
+            "instr_hit_chance": float(np.mean(chance)) if chance else None, "instr_classes": classes,
             "spurious_per_min": len(spurious) / minutes if minutes > 0 else None,
             "spurious_idle_per_min": idle / minutes if minutes > 0 else None, "confusion": res["confusion"],
             "per_event": [(t, e["success"]) for (t, _), e in zip(onsets, res["per_event"])]}
+
+
+def hit_chance(fired: list[float], told: list[tuple[float, float]], duration: float, fps: float) -> float | None:
+    """The share of WINDOW_S windows starting at each frame (i / fps, the window inside the stream) that hold a
+    fire time of `fired`, over the windows clear of every [onset, end + WINDOW_S] of `told` (that class's
+    events: its fires there are the model's answer, not chance); None when none is clear."""
+    starts = np.arange(int(np.floor((duration - WINDOW_S) * fps + 1e-9)) + 1) / fps
+    clear = np.ones(len(starts), bool)
+    for a, b in told:
+        clear &= (starts + WINDOW_S < a) | (starts > b + WINDOW_S)
+    if not clear.any():
+        return None
+    f = np.sort(np.asarray(fired, np.float64))
+    inside = np.searchsorted(f, starts + WINDOW_S, "right") > np.searchsorted(f, starts, "left")
+    return float(inside[clear].mean())
 
 
 STATS_STEP = 250  # frames per piece of frame_stats (10 min at 256^2 as float32 would be 12 GB at once)
@@ -210,12 +235,14 @@ BY_STYLE_MEANS = ("mouth_r", "spurious_per_min", "identity_error", "action_sharp
 
 
 def pooled(rows: list[dict], key: str = "instr_success") -> float | None:
-    """An instruction rate (`key`: instr_success or instr_hit) over rows, pooled over events: the rows'
-    successes (rate x events, rounded to whole events) / their events, over the rows that have the rate
-    (an older row may lack instr_hit); None without events. The one pooling of every instruction summary."""
+    """An instruction rate (`key`: instr_success, instr_hit or instr_hit_chance) over rows, pooled over events:
+    the rows' successes (rate x events, rounded to whole events; instr_hit_chance, a mean of per-event
+    probabilities, not rounded) / their events, over the rows that have the rate (an older row may lack
+    instr_hit); None without events. The one pooling of every instruction summary."""
     have = [r for r in rows if r.get(key) is not None]
     events = sum(r["instr_events"] or 0 for r in have)
-    return sum(round(r[key] * (r["instr_events"] or 0)) for r in have) / events if events else None
+    whole = round if key != "instr_hit_chance" else float
+    return sum(whole(r[key] * (r["instr_events"] or 0)) for r in have) / events if events else None
 
 
 def instruction_drift(rows: list[dict], z: float = 1.959964) -> dict:
