@@ -600,14 +600,10 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
     from concurrent.futures import ProcessPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
-    from models.flow import SHIFT
-    from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_clips
+    from stages.train.sample import sample_clips, whole_settings
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
-    rec = checkpoint_sampling(ckpt) or {}
-    how = {"steps": stream.get("steps") or BIDIRECTIONAL_STEPS, "shift": rec.get("shift", SHIFT),
-           "guidance": stream.get("guidance") or rec.get("guidance", STREAM_GUIDANCE),
-           "guide": stream.get("guide") or rec.get("guide", STREAM_GUIDE)}
+    how = whole_settings(checkpoint_sampling(ckpt), stream.get("steps"), stream.get("guidance"), stream.get("guide"))
     codec = load_taehv(codec_path, dev)
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
     batch = 16 if dev == "cuda" else 2
@@ -623,8 +619,7 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
                 raise ValueError("the cases of one batch differ in length")
             t0 = time.perf_counter()
             made = sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
-                                [c["events"] for c in group], T, how["steps"], how["shift"], how["guidance"],
-                                how["guide"], seed=a)
+                                [c["events"] for c in group], T, **how, seed=a)
             gen_s += time.perf_counter() - t0
             gen_frames += T * len(group)
             if n == 1:           # one long case (the drift clip, --cases 1 --seconds 600): its frames over the workers
@@ -895,7 +890,7 @@ def summarise(rows: list[dict]) -> dict:
             "truth_identity_error": mean(r["truth"]["identity_error"] for r in rows),
             "instr_events": ev, "instr_success": pooled(rows), "truth_instr_success": pooled(truths),
             "instr_hit": pooled(rows, "instr_hit"), "truth_instr_hit": pooled(truths, "instr_hit"),
-            "instr_hit_chance": pooled(rows, "instr_hit_chance"),
+            "instr_hit_chance": pooled(rows, "instr_hit_chance", counts=False),
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),

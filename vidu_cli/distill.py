@@ -22,7 +22,7 @@ def distill(
     batch: int = option(DistillSettings, "batch", "Rollouts per step."),
     student_steps: int = option(DistillSettings, "student_steps", "Denoising steps per chunk of the student."),
     chunks: int = option(DistillSettings, "chunks", "Chunks per rollout."),
-    recache: bool = option(DistillSettings, "recache", "Roll out with LongLive's recache: a rollout's history is re-read under its new text at an instruction switch; the student then streams with recache by default.", "--recache/--no-recache"),
+    recache: bool = option(DistillSettings, "recache", "Roll out with LongLive's recache: a rollout's history is re-read under its new text at an instruction switch; the student then streams with recache by default (on the synth bench's event-like instructions it cost 35 points of instructions; benchmarks/RESULTS.md, session 61).", "--recache/--no-recache"),
     critic_updates: int = option(DistillSettings, "critic_updates", "Critic steps per generator step."),
     ode_warmup: int = option(DistillSettings, "ode_warmup", "First steps of ODE regression on the teacher's few-step trajectories instead of DMD."),
     ode_substeps: int = option(DistillSettings, "ode_substeps", "Teacher Euler steps per phase of the student's schedule in the ODE warm-up."),

@@ -111,7 +111,7 @@ def summarize(run: Run) -> dict:
                ratio_instructions_high=drift["high"])
     out["mouth_r_control_abs"] = _mean(abs(r["mouth_r_control"]) for r in ok if r["mouth_r_control"] is not None)
     out.update(instr_events=events, instr_success=pooled(ok), instr_hit=pooled(ok, "instr_hit"),
-               instr_hit_chance=pooled(ok, "instr_hit_chance"),
+               instr_hit_chance=pooled(ok, "instr_hit_chance", counts=False),
                instr_latency_p50=_pct(lat, 50), instr_latency_p90=_pct(lat, 90),
                chunk_ms_p50=_pct(chunks, 50), chunk_ms_p90=_pct(chunks, 90), chunk_ms_p99=_pct(chunks, 99))
     out["identity_embedder"] = sorted({r["identity_embedder"] for r in ok if r["identity_embedder"]})

@@ -158,6 +158,16 @@ def sampling_record(cfg: ModelConfig, stage: str, shift: float, chunk_frames: in
             "sampler": STREAM_SAMPLER, "guidance": STREAM_GUIDANCE, "guide": STREAM_GUIDE}
 
 
+def whole_settings(record: dict | None, steps: int | None = None, guidance: float | None = None,
+                   guide: str | None = None) -> dict:
+    """How `sample_clips` samples a checkpoint: the steps, guidance and its target asked for, else the
+    checkpoint's record (its shift always), else the bidirectional teacher's defaults."""
+    rec = record or {}
+    return {"steps": steps or BIDIRECTIONAL_STEPS, "shift": rec.get("shift", SHIFT),
+            "guidance": rec.get("guidance", STREAM_GUIDANCE) if guidance is None else guidance,
+            "guide": guide or rec.get("guide", STREAM_GUIDE)}
+
+
 @torch.no_grad()
 def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, waves: list, events: list,
                  frames: int, steps: int = BIDIRECTIONAL_STEPS, shift: float = SHIFT, guidance: float = STREAM_GUIDANCE,

@@ -183,18 +183,16 @@ class EvalBench(Stage):
         windows of its clip length, with the texts in force at each frame and the speech
         (stages/train/sample.py `sample_clips`; steps, guidance and its target: the bench's, else the
         checkpoint's record), and written to the mp4 as a stream's frames are."""
-        from models.flow import SHIFT
         from stages.stream.io import Mp4Sink
-        from stages.train.sample import BIDIRECTIONAL_STEPS, STREAM_GUIDANCE, STREAM_GUIDE, sample_clips
-        cfg, rec = parts.cfg, parts.trained
+        from stages.train.sample import sample_clips, whole_settings
+        cfg = parts.cfg
         fps = cfg.audio.fps
         T = int(np.floor(len(wave) / 16000 * fps + 1e-6))          # the frames the speech spans
         timed = [(float(a), float(b), str(t)) for a, b, t in json.loads(item["events"] or "[]")]
         t0 = time.perf_counter()
         (frames,) = sample_clips(parts.engine.model, cfg, parts.decoder, parts.encode_text, [_read_rgb(item["image"])],
-                                 [wave], [timed], T, self.steps or BIDIRECTIONAL_STEPS, rec.get("shift", SHIFT),
-                                 rec.get("guidance", STREAM_GUIDANCE) if self.guidance is None else self.guidance,
-                                 self.guide or rec.get("guide", STREAM_GUIDE), seed=self.seed)
+                                 [wave], [timed], T, **whole_settings(parts.trained, self.steps, self.guidance, self.guide),
+                                 seed=self.seed)
         rate = T / (time.perf_counter() - t0)
         sink = Mp4Sink(video, fps, cfg.width, cfg.height)
         sink.write(frames, wave[: int(round(T / fps * 16000))])

@@ -234,14 +234,14 @@ def synth_scores(frames: np.ndarray, fps: float, truth: dict, control_mouth: np.
 BY_STYLE_MEANS = ("mouth_r", "spurious_per_min", "identity_error", "action_sharpness_ratio")
 
 
-def pooled(rows: list[dict], key: str = "instr_success") -> float | None:
-    """An instruction rate (`key`: instr_success, instr_hit or instr_hit_chance) over rows, pooled over events:
-    the rows' successes (rate x events, rounded to whole events; instr_hit_chance, a mean of per-event
-    probabilities, not rounded) / their events, over the rows that have the rate (an older row may lack
-    instr_hit); None without events. The one pooling of every instruction summary."""
+def pooled(rows: list[dict], key: str = "instr_success", counts: bool = True) -> float | None:
+    """An instruction rate (`key`: instr_success, instr_hit, instr_hit_chance) over rows, pooled over events:
+    the rows' successes (rate x events, rounded to whole events when `counts`; False for a mean of per-event
+    probabilities such as instr_hit_chance) / their events, over the rows that have the rate (an older row
+    may lack it); None without events. The one pooling of every instruction summary."""
     have = [r for r in rows if r.get(key) is not None]
     events = sum(r["instr_events"] or 0 for r in have)
-    whole = round if key != "instr_hit_chance" else float
+    whole = round if counts else float
     return sum(whole(r[key] * (r["instr_events"] or 0)) for r in have) / events if events else None
 
 
