@@ -594,10 +594,11 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
     (stages/train/sample.py `sample_clips`: each case's latent frames with the texts in force and its speech,
     in overlapping windows of the model's clip length; steps, guidance and its target from `stream` or the
     checkpoint's record), scored as the streamed cases are. Cases of one length go through the model
-    together; rendering and scoring run in `workers` processes."""
+    together; rendering and scoring run in `workers` processes, the ground truth's scored while the device
+    samples."""
     import multiprocessing as mp
     import tempfile
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
     from stages.train.sample import sample_clips, whole_settings
@@ -610,24 +611,29 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
     rows, gen_s, gen_frames = [], 0.0, 0
     pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
                                initargs=(1,))
-    with pool, tempfile.TemporaryDirectory() as tmp:
+    with pool, ThreadPoolExecutor(1) as aside, tempfile.TemporaryDirectory() as tmp:
         for a in range(0, n, batch):
+            tr = time.perf_counter()
             group = list(pool.map(_case, range(a, min(n, a + batch)), [secs] * batch, [size] * batch, [tmp] * batch,
                                   [idle] * batch))
             T = len(group[0]["frames"])
             if any(len(c["frames"]) != T for c in group):
                 raise ValueError("the cases of one batch differ in length")
             t0 = time.perf_counter()
+            # the truth is scored on the CPU while the device samples; one long case (the drift clip,
+            # --cases 1 --seconds 600) has its frames spread over the workers, from a thread here
+            truths = ([aside.submit(_score, group[0]["frames"], group[0]["truth"], workers)] if n == 1 else
+                      [pool.submit(_score, c["frames"], c["truth"]) for c in group])
             made = sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
                                 [c["events"] for c in group], T, **how, seed=a)
-            gen_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            gen_s += t1 - t0
             gen_frames += T * len(group)
-            if n == 1:           # one long case (the drift clip, --cases 1 --seconds 600): its frames over the workers
-                scores = [(_score(made[0], group[0]["truth"], workers), _score(group[0]["frames"], group[0]["truth"], workers))]
-            else:
-                scores = [(pool.submit(_score, f, c["truth"]), pool.submit(_score, c["frames"], c["truth"]))
-                          for f, c in zip(made, group)]
-                scores = [(mine.result(), truth.result()) for mine, truth in scores]
+            mine = ([_score(made[0], group[0]["truth"], workers)] if n == 1 else
+                    [j.result() for j in [pool.submit(_score, f, c["truth"]) for f, c in zip(made, group)]])
+            scores = list(zip(mine, [j.result() for j in truths]))
+            print(f"  cases {a}-{a + len(group) - 1} ({T} frames each): rendered {t0 - tr:.0f} s, sampled and decoded "
+                  f"{t1 - t0:.0f} s, scored {time.perf_counter() - t1:.0f} s more", flush=True)
             for f, c, (mine, truth) in zip(made, group, scores):
                 if c["index"] < 2:
                     strip(c["frames"], f, out / f"eval_case{c['index']}.png")
@@ -763,7 +769,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     (the bench's detectors and rules) of the clips re-rendered with one instruction each, sampled with
     it, and untold (the neutral text, same noise and speech: how often the action happens anyway)."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
     from models.flow import SHIFT
