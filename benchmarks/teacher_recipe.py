@@ -227,7 +227,7 @@ def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: 
 
 
 def with_objective(recipe: Recipe, **kw) -> Recipe:
-    """The recipe with its teacher stages' ObjectiveSettings changed by `kw` (--eyes-weight)."""
+    """The recipe with its teacher stages' ObjectiveSettings changed by `kw` (--eyes-weight, --ref-pose)."""
     return dataclasses.replace(recipe, **{s: {**getattr(recipe, s), "objective": dataclasses.replace(
         getattr(recipe, s).get("objective", ObjectiveSettings()), **kw)} for s in ("bidirectional", "causal")})
 
@@ -769,7 +769,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     (the bench's detectors and rules) of the clips re-rendered with one instruction each, sampled with
     it, and untold (the neutral text, same noise and speech: how often the action happens anyway)."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
     from models.flow import SHIFT
@@ -1044,6 +1044,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="distill: the sync reward's weight (needs W/lipsync.safetensors; 0: measured only)")
     ap.add_argument("--eyes-weight", type=float,
                     help="bidirectional / causal: the video loss weight of the eyes region (default: ObjectiveSettings')")
+    ap.add_argument("--ref-pose", type=float,
+                    help="bidirectional / causal: the share of clips whose reference shows a random pose (default: "
+                         "ObjectiveSettings')")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
                     help="distill: torch.compile the student, critic and teacher (default: the recipe's)")
     ap.add_argument("--scores", type=Path, help="starter: the eval phase's result (recipe_eval.json) of the model to ship")
@@ -1061,6 +1064,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.phase not in ("bidirectional", "causal"):
             ap.error("--eyes-weight goes with a teacher stage (bidirectional or causal)")
         recipe = with_objective(recipe, eyes_weight=args.eyes_weight)
+    if args.ref_pose is not None:
+        if args.phase not in ("bidirectional", "causal"):
+            ap.error("--ref-pose goes with a teacher stage (bidirectional or causal)")
+        recipe = with_objective(recipe, ref_pose=args.ref_pose)
     work = args.work
     out = Path(os.environ.get("OUT") or work / "out")
     work.mkdir(parents=True, exist_ok=True)

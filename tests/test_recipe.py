@@ -76,7 +76,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
     again = phase("causal", works[2], outs[2], monkeypatch)        # re-run in the same folder: resumes out/latest
     assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
-    further = phase("causal", works[2], tmp_path / "more", monkeypatch, "--again", "--eyes-weight", "3")   # a later session: from the EMA
+    further = phase("causal", works[2], tmp_path / "more", monkeypatch, "--again", "--eyes-weight", "3",
+                    "--ref-pose", "0.5")   # a later session: from the EMA
+    assert further["settings"]["objective"]["ref_pose"] == 0.5 and causal["settings"]["objective"]["ref_pose"] == 0.0
     assert further["settings"]["init_from"] == str(works[2] / "causal" / "ema.safetensors")
     assert further["settings"]["objective"]["eyes_weight"] == 3.0 and causal["settings"]["objective"]["eyes_weight"] == 1.0
     logged = lambda run: [json.loads(x) for x in (works[2] / "runs" / run / "loss.jsonl").read_text().splitlines()]  # noqa: E731

@@ -549,3 +549,43 @@ def test_prefetched_clips_equal_the_ones_coded_one_at_a_time():
         for k in w:
             assert torch.equal(got[k], w[k]), k
     assert not torch.equal(want[0]["audio"], want[1]["audio"])      # two different clips: the check can fail
+
+
+def test_a_ref_pose_share_of_clips_gets_a_posed_reference_and_nothing_else_changes():
+    from models.config import PRESETS
+    from stages import synth
+    from stages.train.data import ClipSource, clip_seed, reference_state, render_clip
+    assert all(reference_state(s, 0.0) == synth.State() for s in range(200))       # the default: neutral, as before
+    posed = [reference_state(s, 1.0) for s in range(200)]
+    assert all(p != synth.State() for p in posed) and posed == [reference_state(s, 1.0) for s in range(200)]
+    yaw = np.array([p.yaw for p in posed])
+    assert yaw.min() < -0.8 and yaw.max() > 0.8 and all(0 <= p.mouth <= 1 and 0.3 <= p.eyes <= 1 for p in posed)
+    share = np.mean([reference_state(s, 0.3) != synth.State() for s in range(1000)])
+    assert 0.25 < share < 0.35                                                       # its share of the seeds
+    cfg = PRESETS["tiny"].replace(latent_frames=3)
+    seed = next(s for s in range(100) if abs(reference_state(clip_seed(0, s), 1.0).yaw) > 0.5)
+    a, b = render_clip(clip_seed(0, seed), cfg), ClipSource(cfg, 0, seed + 1, ref_pose=1.0)(seed)
+    assert np.array_equal(a["frames"], b["frames"]) and np.array_equal(a["audio"], b["audio"]) and a["text"] == b["text"]
+    s = synth.make_sample(clip_seed(0, seed), width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
+                          seconds=cfg.video_frames / cfg.audio.fps, cut_actions=True)
+    assert np.array_equal(a["ref"], synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene))
+    assert np.abs(a["ref"].astype(int) - b["ref"]).mean() > 1.0                    # the posed reference differs
+    state = reference_state(clip_seed(0, seed), 1.0)                               # the world reads its turn
+    m = synth.analyze(np.stack([synth.render(s.identity, x, 256, 256, s.scene) for x in (synth.State(), state)]),
+                      s.identity)
+    assert np.sign(m["yaw"][1] - m["yaw"][0]) == np.sign(state.yaw) and abs(m["yaw"][1] - m["yaw"][0]) > 0.3
+
+
+def test_the_objectives_ref_pose_reaches_the_runs_clips(tmp_path, monkeypatch):
+    import stages.train.loop as loop
+    seen = []
+
+    def built(cfg, st, out, d, prepare_codec, masks=False, ref_pose=0.0):
+        seen.append(ref_pose)
+        raise RuntimeError("built")
+    monkeypatch.setattr(loop, "build_dataset", built)
+    for share in (0.4, 0.0):
+        with pytest.raises(RuntimeError, match="built"):
+            train(TrainSettings(stage="bidirectional", preset="tiny", steps=1, objective=ObjectiveSettings(ref_pose=share)),
+                  tmp_path / str(share))
+    assert seen == [0.4, 0.0]

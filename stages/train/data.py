@@ -43,15 +43,36 @@ def clip_seed(seed: int, i: int) -> int:
     return seed * 1_000_003 + i
 
 
+REF_POSE_DRAW = 0x5EF   # the random stream of a clip's reference pose, apart from the world's own draws
+
+
+def reference_state(seed: int, ref_pose: float):
+    """The State a world clip's reference is rendered in: neutral (the pose a user's photo has), or, for a
+    `ref_pose` share of the seeds, a random head pose and expression (yaw, pitch, mouth, smile; now and then
+    half-closed eyes or a raised hand). A neutral reference beside clips that are neutral most of the time
+    teaches the model to copy the reference's geometry: session 62's bidirectional teacher predicts turned
+    or pitched frames about 5x worse than still ones, and better than still ones once its reference is
+    itself turned (benchmarks/ref_pose_probe.py, RESULTS.md). A reference in another pose leaves identity as
+    the only thing worth taking from it. Deterministic per seed, without touching the clip's own draws."""
+    from stages import synth
+    rng = np.random.default_rng([seed, REF_POSE_DRAW])
+    if rng.random() >= ref_pose:
+        return synth.State()
+    yaw, pitch, mouth, smile, eyes, hand = rng.uniform([-1, -1, 0, 0, 0.3, 0], 1)
+    return synth.State(mouth=mouth, yaw=yaw, pitch=pitch, smile=smile, eyes=eyes if rng.random() < 0.2 else 1.0,
+                       hand=hand if rng.random() < 0.2 else 0.0)
+
+
 def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False,
-                events: list | None = None) -> dict:
+                events: list | None = None, ref_pose: float = 0.0) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
-    16 kHz, a neutral reference frame of the same identity [H, W, 3], its texts per latent frame (an
+    16 kHz, a reference frame of the same identity [H, W, 3] (neutral, or posed: `ref_pose`), its texts per latent frame (an
     instruction whose action the clip's end cuts included: short clips see instructions act) and,
     with `masks`, the mouth and eyes regions per latent frame ("mouth", "eyes" [F, H / 8, W / 8], `latent_regions`) and
     the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth());
-    `events` (stages.synth Events): these instructions instead of the seed's."""
+    `events` (stages.synth Events): these instructions instead of the seed's; `ref_pose`: the share of seeds
+    whose reference shows the identity in a random pose (`reference_state`)."""
     from stages import synth
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
                           seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
@@ -59,7 +80,7 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
                           events=events)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
-    ref = synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)   # neutral pose, same scene
+    ref = synth.render(s.identity, reference_state(seed, ref_pose), cfg.width, cfg.height, s.scene)   # same scene
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
     if masks:
         from stages.train.lipsync import LipSyncConfig, mouth_boxes
@@ -92,14 +113,15 @@ def per_frame_texts(timeline) -> tuple[list, list[int]]:
 class ClipSource:
     """Clip i of a run: rendered from the synthetic world, or read from a manifest's ok rows."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None, masks: bool = False):
-        self.cfg, self.seed, self.masks = cfg, seed, masks
+    def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None, masks: bool = False,
+                 ref_pose: float = 0.0):
+        self.cfg, self.seed, self.masks, self.ref_pose = cfg, seed, masks, ref_pose
         self.kind, self.rows = manifest_rows(manifest, cfg) if manifest else ("world", None)
         self.n = len(self.rows) if self.rows is not None else n
 
     def __call__(self, i: int) -> dict:
         if self.rows is None:
-            return render_clip(clip_seed(self.seed, i), self.cfg, self.masks)
+            return render_clip(clip_seed(self.seed, i), self.cfg, self.masks, ref_pose=self.ref_pose)
         if self.kind == "samples":
             return read_sample_clip(self.rows[i])
         return read_clip(self.rows[i], self.cfg)
@@ -319,14 +341,14 @@ def teacher_codec(init_from: str | None) -> Path | None:
     return Path(init_from).parent / rec["file"] if rec.get("file") else None
 
 
-def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool = False) -> Dataset:
+def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool = False, ref_pose: float = 0.0) -> Dataset:
     """The run's dataset of clips of cfg.latent_frames (settings `st`: samples, seed, data, codec, init_from;
-    `masks`: world clips carry the mouth region); rank 0 prepares the codec
+    `masks`: world clips carry the mouth region; `ref_pose`: ClipSource's); rank 0 prepares the codec
     in `out` (`prepare_codec(cfg, st, out)`, stages/train/loop.py), the others wait and load it. Text features come from the samples' shards, else MiniLM or
     the table file named by $VIDU_TEXT_TABLE."""
     from models.checkpoint import load_taehv
     from models.encoders import text_encoder
-    source = ClipSource(cfg, st.seed, st.samples, st.data, masks)
+    source = ClipSource(cfg, st.seed, st.samples, st.data, masks, ref_pose)
     codec, record = None, None
     if source.needs_codec:
         path = Path(out) / CODEC_FILE

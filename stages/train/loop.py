@@ -147,7 +147,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self.data: Dataset = build_dataset(data_cfg, st, self.out, d, prepare_codec,
-                                           masks=self.objective.needs_masks)
+                                           masks=self.objective.needs_masks, ref_pose=self.objective.ref_pose)
         if prefetch:
             self.data.prefetch(prefetch)
             if d.device.type == "cuda":          # every clip is coded: batches become gathers on the GPU

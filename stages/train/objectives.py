@@ -69,6 +69,9 @@ class ObjectiveSettings:
     p_drop_text: float = ranged(0.1, min=0, max=1)
     p_drop_audio: float = ranged(0.1, min=0, max=1)
     p_drop_ref: float = ranged(0.1, min=0, max=1)
+    # the share of world clips whose reference frame shows the identity in a random pose and expression
+    # (stages/train/data.py `reference_state`), against copying the reference's geometry
+    ref_pose: float = ranged(0.0, min=0, max=1)
 
     @property
     def needs_masks(self) -> bool:
