@@ -8,8 +8,8 @@ turned (`--turned-ref`), the same model predicts the posed frames better and the
 
 With `--steps N`, the teacher is first trained N further steps in two arms from the same start, the same
 clips and seeds, differing only in `ref_pose` (ObjectiveSettings: the share of clips whose reference shows
-a random pose): 0, as every teacher so far, and the given share. CPU-sized (the `small` preset, a few
-dozen steps), so it reads a direction, not a final number; the real test is a recipe stage on the GPU
+a random pose): 0, as every teacher so far, and the given share. On the CPU (a few dozen steps of the
+`small` preset) it reads a direction, not a final number; the real test is a recipe stage on the GPU
 (`teacher_recipe.py --phase bidirectional --ref-pose P`).
 
     python benchmarks/ref_pose_probe.py --from W/bidirectional/ema.safetensors --codec W/codec.safetensors \\
@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 POSED, STILL = 0.3, 0.1     # |yaw| or |pitch| of a latent frame (its video frames' mean)
+POSES = ("turn left", "turn right", "shake head", "nod", "look up")   # clip i is told POSES[i % 5]
 NOISE = 0.4                 # the noise level the error is read at (a pose is decided at mid noise)
 
 
@@ -41,12 +42,14 @@ def latent_pose(track: np.ndarray, per: int, F: int) -> np.ndarray:
 
 @torch.no_grad()
 def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False, seed: int = 0) -> dict:
-    """Mean x0 error of posed and still latent frames over `clips` held-out clips with a pose action."""
+    """Mean x0 error of posed and still latent frames over `clips` held-out clips, clip i told POSES[i % 5]
+    at 15 % of its length, the action lasting 70 % of it (still frames before it, posed ones in it)."""
     from models.checkpoint import load_dit, load_taehv
     from models.encoders import text_encoder
-    from models.audio import audio_features
+    from models.audio import audio_features, audio_latent
     from models.flow import x0_from_velocity
     from stages.eval.bench.cases import HELD_OUT_BASE
+    from stages.synth.world import event
     from stages.train.data import fit_text, frames_to_latents, render_clip
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_dit(ckpt, device=dev)
@@ -54,26 +57,28 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False
     enc = text_encoder("minilm", max_len=cfg.dit.text_len)
     d, per = cfg.dit, cfg.audio.video_frames_per_latent
     errs = {"posed": [], "still": []}
-    i = used = 0
-    while used < clips:
-        c = render_clip(HELD_OUT_BASE + i, cfg, split="eval", truth=True)
-        i += 1
+    secs = cfg.video_frames / cfg.audio.fps
+    for i in range(clips):
+        c = render_clip(HELD_OUT_BASE + i, cfg, split="eval", truth=True,
+                        events=[event(0.15 * secs, POSES[i % len(POSES)], 0.7 * secs)])
         tr = c["truth"]["tracks"]
         pose = np.maximum(np.abs(latent_pose(np.asarray(tr["yaw"]), per, cfg.latent_frames)),
                           np.abs(latent_pose(np.asarray(tr["pitch"]), per, cfg.latent_frames)))
-        if not (pose >= POSED).any():
-            continue
-        used += 1
         texts, idx = c["text"]
         text = torch.stack([fit_text(torch.as_tensor(enc([t])[0]).float(), d.text_len) for t in texts])[torch.tensor(idx)].to(dev)
         z = frames_to_latents(codec, c["frames"])[None]
         ref_img = c["frames"][per * int(np.argmax(pose))] if turned_ref else c["ref"]   # the most posed frame
         ref = frames_to_latents(codec, ref_img[None])[None]
         aud = audio_features(torch.from_numpy(c["audio"]), cfg.latent_frames, cfg.audio, context=d.audio_context)[None].to(dev)
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + used)).to(dev)
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
         xt = (1 - NOISE) * z + NOISE * eps
+        xa = None                          # a joint audio latent (the tiny preset's), noised alike
+        if d.joint_audio:
+            a = audio_latent(torch.from_numpy(c["audio"]), cfg.latent_frames, d.audio_latent_tokens, cfg.audio)[None].to(dev)
+            xa = (1 - NOISE) * a + NOISE * torch.randn(a.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
         with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
-            v = model(xt, torch.full((1,), NOISE * 1000.0, device=dev), text[None], audio=aud, ref=ref).video
+            v = model(xt, torch.full((1,), NOISE * 1000.0, device=dev), text[None], audio=aud, audio_latent=xa,
+                      ref=ref).video
         e = ((x0_from_velocity(xt, v.float(), NOISE) - z) ** 2).mean(dim=(0, 1, 3, 4)).cpu().numpy()
         errs["posed"] += e[pose >= POSED].tolist()
         errs["still"] += e[pose < STILL].tolist()
@@ -84,10 +89,11 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False
 
 def train_arm(start: str, codec: str, out: Path, steps: int, batch: int, samples: int, ref_pose: float,
               lr: float, workers: int = 0) -> tuple[str, dict]:
-    """`steps` more stage-1 steps from `start` with `ref_pose`; the run's EMA checkpoint and summary."""
+    """`steps` more stage-1 steps from `start` (its preset) with `ref_pose`; the run's EMA checkpoint and summary."""
+    from models.checkpoint import checkpoint_config
     from stages.train.loop import TrainSettings, train
     from stages.train.objectives import ObjectiveSettings
-    st = TrainSettings(stage="bidirectional", preset="small", steps=steps, batch=batch, samples=samples, lr=lr,
+    st = TrainSettings(stage="bidirectional", preset=checkpoint_config(start).name, steps=steps, batch=batch, samples=samples, lr=lr,
                        warmup=2, ema=0.9, save_every=steps, seed=7, init_from=start, codec=codec,
                        objective=ObjectiveSettings(ref_pose=ref_pose))
     t0 = time.perf_counter()
@@ -101,7 +107,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--from", dest="start", required=True, help="a bidirectional teacher (its EMA file or index)")
     ap.add_argument("--codec", required=True)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--clips", type=int, default=12, help="held-out clips with a pose action")
+    ap.add_argument("--clips", type=int, default=12, help="held-out clips, each told a pose action")
     ap.add_argument("--steps", type=int, default=0, help="train two arms this many steps first (0: measure only)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--samples", type=int, default=64)

@@ -71,6 +71,13 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     one = phase("eval", works[1], tmp_path / "outb1", monkeypatch, "--teacher", "bidirectional", "--seconds", "2",
                 "--cases", "1")            # the drift clip's path: one case, scored over the workers
     assert one["rows"][0]["truth"] == whole["rows"][0]["truth"] and one["rows"][0]["mouth_r"] is not None
+    import ref_pose_probe                 # the reference-copying probe and its two arms, on this teacher
+    probe = ref_pose_probe.main(["--from", str(works[1] / "bidirectional" / "ema.safetensors"), "--codec",
+                                 str(works[1] / "codec.safetensors"), "--out", str(tmp_path / "rp"), "--clips", "1",
+                                 "--steps", "1", "--batch", "1", "--samples", "2", "--ref-pose", "1"])
+    assert set(probe) == {"start", "ref_pose 0.0", "ref_pose 1.0"} and probe["start"]["neutral ref"]["frames"]["posed"] > 0
+    assert probe["start"]["turned ref"] != probe["start"]["neutral ref"]      # the reference reaches the model
+    assert probe["ref_pose 1.0"]["train"]["steps"] == 1 and (tmp_path / "rp" / "ref_pose_probe.json").is_file()
     carry(outs[1], works[2])
     causal = phase("causal", works[2], outs[2], monkeypatch)
     assert causal["train"]["steps"] == 2 and causal["settings"]["init_from"] == str(works[2] / "bidirectional" / "ema.safetensors")
