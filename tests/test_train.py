@@ -570,6 +570,8 @@ def test_a_ref_pose_share_of_clips_gets_a_posed_reference_and_nothing_else_chang
                           seconds=cfg.video_frames / cfg.audio.fps, cut_actions=True)
     assert np.array_equal(a["ref"], synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene))
     assert np.abs(a["ref"].astype(int) - b["ref"]).mean() > 1.0                    # the posed reference differs
+    with pytest.raises(ValueError, match="manifest's clips bring their own"):
+        ClipSource(cfg, 0, 1, manifest="clips.parquet", ref_pose=0.5)               # refused before reading it
     state = reference_state(clip_seed(0, seed), 1.0)                               # the world reads its turn
     m = synth.analyze(np.stack([synth.render(s.identity, x, 256, 256, s.scene) for x in (synth.State(), state)]),
                       s.identity)

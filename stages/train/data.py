@@ -115,6 +115,8 @@ class ClipSource:
 
     def __init__(self, cfg: ModelConfig, seed: int, n: int, manifest: str | Path | None = None, masks: bool = False,
                  ref_pose: float = 0.0):
+        if manifest and ref_pose:
+            raise ValueError("--ref-pose renders the references of world clips; a manifest's clips bring their own")
         self.cfg, self.seed, self.masks, self.ref_pose = cfg, seed, masks, ref_pose
         self.kind, self.rows = manifest_rows(manifest, cfg) if manifest else ("world", None)
         self.n = len(self.rows) if self.rows is not None else n
