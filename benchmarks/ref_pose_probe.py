@@ -41,9 +41,11 @@ def latent_pose(track: np.ndarray, per: int, F: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False, seed: int = 0) -> dict:
-    """Mean x0 error of posed and still latent frames over `clips` held-out clips, clip i told POSES[i % 5]
-    at 15 % of its length, the action lasting 70 % of it (still frames before it, posed ones in it)."""
+def pose_errors(ckpt: str, codec_path: str, clips: int, refs: tuple[str, ...] = ("neutral ref",), seed: int = 0) -> dict:
+    """{reference: mean x0 error of posed and still latent frames} over `clips` held-out clips, clip i told
+    POSES[i % 5] at 15 % of its length, the action lasting 70 % of it (still frames before it, posed ones in
+    it); `refs`: "neutral ref" (the clip's, as in eval) and / or "turned ref" (its most posed frame), each
+    clip rendered, coded and noised once for all of them."""
     from models.checkpoint import load_dit, load_taehv
     from models.encoders import text_encoder
     from models.audio import audio_features, audio_latent
@@ -56,7 +58,7 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False
     codec = load_taehv(codec_path, dev)
     enc = text_encoder("minilm", max_len=cfg.dit.text_len)
     d, per = cfg.dit, cfg.audio.video_frames_per_latent
-    errs = {"posed": [], "still": []}
+    errs = {r: {"posed": [], "still": []} for r in refs}
     secs = cfg.video_frames / cfg.audio.fps
     for i in range(clips):
         c = render_clip(HELD_OUT_BASE + i, cfg, split="eval", truth=True,
@@ -67,8 +69,6 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False
         texts, idx = c["text"]
         text = torch.stack([fit_text(torch.as_tensor(enc([t])[0]).float(), d.text_len) for t in texts])[torch.tensor(idx)].to(dev)
         z = frames_to_latents(codec, c["frames"])[None]
-        ref_img = c["frames"][per * int(np.argmax(pose))] if turned_ref else c["ref"]   # the most posed frame
-        ref = frames_to_latents(codec, ref_img[None])[None]
         aud = audio_features(torch.from_numpy(c["audio"]), cfg.latent_frames, cfg.audio, context=d.audio_context)[None].to(dev)
         eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
         xt = (1 - NOISE) * z + NOISE * eps
@@ -76,14 +76,20 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, turned_ref: bool = False
         if d.joint_audio:
             a = audio_latent(torch.from_numpy(c["audio"]), cfg.latent_frames, d.audio_latent_tokens, cfg.audio)[None].to(dev)
             xa = (1 - NOISE) * a + NOISE * torch.randn(a.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
-        with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
-            v = model(xt, torch.full((1,), NOISE * 1000.0, device=dev), text[None], audio=aud, audio_latent=xa,
-                      ref=ref).video
-        e = ((x0_from_velocity(xt, v.float(), NOISE) - z) ** 2).mean(dim=(0, 1, 3, 4)).cpu().numpy()
-        errs["posed"] += e[pose >= POSED].tolist()
-        errs["still"] += e[pose < STILL].tolist()
-    out = {k: float(np.mean(v)) for k, v in errs.items()}
-    out.update(frames={k: len(v) for k, v in errs.items()}, ratio=out["posed"] / out["still"], clips=clips)
+        for name in refs:
+            image = c["frames"][per * int(np.argmax(pose))] if name == "turned ref" else c["ref"]
+            ref = frames_to_latents(codec, image[None])[None]
+            with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
+                v = model(xt, torch.full((1,), NOISE * 1000.0, device=dev), text[None], audio=aud, audio_latent=xa,
+                          ref=ref).video
+            e = ((x0_from_velocity(xt, v.float(), NOISE) - z) ** 2).mean(dim=(0, 1, 3, 4)).cpu().numpy()
+            errs[name]["posed"] += e[pose >= POSED].tolist()
+            errs[name]["still"] += e[pose < STILL].tolist()
+    out = {}
+    for name, got in errs.items():
+        out[name] = {k: float(np.mean(v)) for k, v in got.items()}
+        out[name].update(frames={k: len(v) for k, v in got.items()}, ratio=out[name]["posed"] / out[name]["still"],
+                         clips=clips)
     return out
 
 
@@ -122,13 +128,12 @@ def main(argv=None) -> dict:
         from teacher_recipe import unship
         args.start = str(unship(Path(args.start).parent, Path(args.start).name.removesuffix(".safetensors")))
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"start": {"neutral ref": pose_errors(args.start, args.codec, args.clips),
-                     "turned ref": pose_errors(args.start, args.codec, args.clips, turned_ref=True)}}
+    res = {"start": pose_errors(args.start, args.codec, args.clips, ("neutral ref", "turned ref"))}
     if args.steps:
         for arm in (0.0, args.ref_pose):
             ckpt, summary = train_arm(args.start, args.codec, args.out / f"arm{arm}", args.steps, args.batch,
                                       args.samples, arm, args.lr, args.workers)
-            res[f"ref_pose {arm}"] = {"neutral ref": pose_errors(ckpt, args.codec, args.clips), "train": summary}
+            res[f"ref_pose {arm}"] = {**pose_errors(ckpt, args.codec, args.clips), "train": summary}
     (args.out / "ref_pose_probe.json").write_text(json.dumps(res, indent=1, default=str))
     print(f"{'model':<16} {'reference':<12} {'posed':>8} {'still':>8} {'ratio':>6}  frames posed / still")
     for name, r in res.items():

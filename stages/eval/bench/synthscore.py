@@ -79,9 +79,10 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
               for (t, c), e in zip(onsets, res["per_event"]) if e["success"]]
     # relaxed: the told class fired in the window, whatever else fired there too (the strict rule's other half)
     hit = [any(t <= f <= t + WINDOW_S for f in fired.get(c, [])) for t, c in onsets]
-    duration = len(m["found"]) / fps
-    chance = [c for c in (hit_chance(fired.get(k, []), [(a, b) for a, b, n in events if n == k], duration, fps)
-                          for _, k in onsets) if c is not None]
+    duration = len(m["found"]) / fps                      # one chance per told class, weighted by its events
+    by_class = {k: hit_chance(fired.get(k, []), [(a, b) for a, b, n in events if n == k], duration, fps)
+                for k in {k for _, k in onsets}}
+    chance = [by_class[k] for _, k in onsets if by_class[k] is not None]
     classes: dict[str, dict[str, int]] = {}
     for (_, c), e, h in zip(onsets, res["per_event"], hit):
         n = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
