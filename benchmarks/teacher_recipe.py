@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -97,8 +98,9 @@ RENDER_SHARE = 0.5                   # the most of a training phase's time left 
 # wall time of rendering and coding a stage's clips on the GPU machine, in units of (one-thread clip time x
 # clips / workers): session 26, 1024 stage-1 clips in 59 s on 15 workers; session 31, 1024 stage-2 clips of
 # 8 s (0.60 s each on one thread) in ~230 s, the workers waiting on the one coding process; session 32, with the
-# audio features computed by the workers, 1024 clips (0.50 s each) in 120 s: (120 - 20) / (1024 x 0.50 / 15) = 2.9
-RENDER_FACTOR = {"bidirectional": 1.5, "causal": 3.0}
+# audio features computed by the workers, 1024 clips (0.50 s each) in 120 s: (120 - 20) / (1024 x 0.50 / 15) = 2.9;
+# session 63, 4096 stage-1 clips (0.119 s each) in 117 s on 15 workers: (117 - 20) / (4096 x 0.119 / 15) = 3.0
+RENDER_FACTOR = {"bidirectional": 3.0, "causal": 3.0}
 
 
 @dataclass(frozen=True)
@@ -310,12 +312,13 @@ def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = Fa
 def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, workers: int, t_phase: float,
                     steps: int | None = None, again: bool = False, recode: bool = False) -> tuple:
     """The run's settings: those it was started with (W/runs/<run>/recipe.json: a re-run resumes it),
-    else `steps` (stopped after `minutes` of training), else steps fitted to the phase time left after
-    the probe and the rendering."""
+    else `steps` (stopped after `minutes` of training; every clip rendered first), else steps fitted to the
+    phase time left after the probe, training beside the rendering."""
     saved = work / "runs" / run_name(stage, work, again) / "recipe.json"
     if saved.is_file():
         rec = json.loads(saved.read_text())
         st = stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode)
+        st = dataclasses.replace(st, render_overlap=rec.get("render_overlap", 0))
         return (dataclasses.replace(st, samples=rec["samples"]) if rec.get("samples") else st), rec
     if steps:
         rec = {"steps": steps, "train_minutes": minutes}
@@ -326,23 +329,27 @@ def fitted_settings(recipe: Recipe, stage: str, work: Path, minutes: float, work
     st = stage_settings(recipe, stage, work, 1, None, again, recode)
     # the workers start (imports, TTS) and share the machine with coding on the GPU: POOL_START_S plus the
     # measured one-thread clip time x RENDER_FACTOR; the phase's deadline stops training however long it takes
-    # a phase too short to render every clip and still train renders fewer (at most RENDER_SHARE of what is left:
-    # session 61's 3.5-minute stage 1 rendered its 4096 clips for 136 s and trained one step)
-    samples, render = st.samples, 0.0
+    # a phase too short to render every clip in RENDER_SHARE of what is left renders fewer (session 61's
+    # 3.5-minute stage 1 rendered its 4096 clips for 136 s and, rendering first then, trained one step)
+    # training starts once the pool is up and a batch is coded, and runs beside the rest of the rendering
+    # (TrainSettings.render_overlap: a clip joins the draws every batch x per_clip / step_s samples, the pace
+    # the workers keep, so the loop seldom waits; session 63's phases idled the GPU a third of their time)
+    samples, render, overlap = st.samples, 0.0, 0
     if stage != "autoencoder":
         per_clip = RENDER_FACTOR[stage] * timing["clip_render_s"] / max(1, workers)
         room = minutes * 60 - (time.perf_counter() - t_phase) - recipe.reserve_s - POOL_START_S
         samples = max(st.batch, min(st.samples, int(RENDER_SHARE * room / per_clip)))
         render = POOL_START_S + samples * per_clip
-    left = minutes * 60 - (time.perf_counter() - t_phase) - render - recipe.reserve_s
+        overlap = max(1, math.ceil(st.batch * per_clip / timing["step_s"]))
+    left = minutes * 60 - (time.perf_counter() - t_phase) - (POOL_START_S if render else 0.0) - recipe.reserve_s
     if left < 10 * timing["step_s"]:
-        raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of training after the probe and rendering")
-    rec = {**timing, "render_estimate_s": render, "train_minutes": left / 60, "steps": max(10, int(left / timing["step_s"])),
-           **({"samples": samples} if samples != st.samples else {})}
+        raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of training after the probe")
+    rec = {**timing, "render_estimate_s": render, "render_overlap": overlap, "train_minutes": left / 60,
+           "steps": max(10, int(left / timing["step_s"])), **({"samples": samples} if samples != st.samples else {})}
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(rec, indent=1))
     st = stage_settings(recipe, stage, work, rec["steps"], rec["train_minutes"], again, recode)
-    return dataclasses.replace(st, samples=samples), rec
+    return dataclasses.replace(st, samples=samples, render_overlap=overlap), rec
 
 
 def flops_per_sample(cfg) -> float:

@@ -551,6 +551,75 @@ def test_prefetched_clips_equal_the_ones_coded_one_at_a_time():
     assert not torch.equal(want[0]["audio"], want[1]["audio"])      # two different clips: the check can fail
 
 
+def test_overlapped_prefetch_trains_on_clips_due_and_its_batches_depend_on_g_alone(monkeypatch):
+    """Dataset.prefetch(background=True) returns once the first clips are coded and renders the rest in a
+    thread; with `fill`, sample g is drawn from the clips due by g (first, then one more every `overlap` samples) and a
+    late clip is waited for, so the batches equal those of clips coded one at a time with the same
+    schedule; after the fill, the epochs' permutations resume. A failing clip is reported, not hung on."""
+    from models.config import PRESETS
+    from models.taehv import TAEHV
+    from stages.train import data as data_mod
+    from stages.train.data import ClipSource, Dataset
+    cfg = PRESETS["tiny"]
+    torch.manual_seed(0)
+    codec = TAEHV(cfg.taehv).eval()
+
+    def texts(batch):
+        return [torch.full((3, cfg.dit.text_dim), float(len(t))) for t in batch]
+    n, first, per = 6, 2, 3
+    filling = (n - first) * per
+    plain = Dataset(ClipSource(cfg, 5, n, masks=True), 4, codec, texts)
+    one = Dataset(ClipSource(cfg, 5, n, masks=True), 4, codec, texts)
+    one.fill = (first, per)
+    drawn = [one.index(g) for g in range(filling)]
+    assert all(0 <= i < first + g // per for g, i in enumerate(drawn))          # only clips due by g
+    assert len(set(drawn)) >= 4 and max(drawn) >= first                         # late clips are drawn too
+    assert [one.index(filling + g) for g in range(2 * n)] == [plain.index(g) for g in range(2 * n)]
+    ahead = Dataset(ClipSource(cfg, 5, n, masks=True), 4, codec, texts)
+    ahead.fill = (first, per)
+    ahead.prefetch(1, background=True)
+    try:
+        assert {0, 1} <= set(ahead.cache) and ahead.fill == (first, per)
+        for g0 in range(0, filling + n, 4):
+            got, want = ahead.batch(g0, 4, "cpu"), one.batch(g0, 4, "cpu")
+            assert all(torch.equal(got[k], want[k]) for k in want), g0
+        ahead.wait(n - 1)
+        assert ahead.rendered()
+    finally:
+        ahead.close()
+    # a clip that fails in the thread is told to the loop waiting for it
+    real = data_mod.encode_clip
+    calls = []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise ValueError("clip 2 broke")
+        return real(*a, **k)
+    monkeypatch.setattr(data_mod, "encode_clip", flaky)
+    broken = Dataset(ClipSource(cfg, 5, 4, masks=True), 4, codec, texts)
+    broken.prefetch(1, background=True)
+    try:
+        with pytest.raises(RuntimeError, match="rendering the training clips failed: clip 2 broke"):
+            broken.sample(3)
+    finally:
+        broken.close()
+
+
+def test_a_run_training_while_its_clips_render_equals_the_same_schedule_coded_in_process(tmp_path):
+    """TrainSettings.render_overlap: the loop starts once a batch of clips is coded and trains while
+    the rest render; the draws are the schedule's, so the run equals one with no workers (every clip
+    coded here when first drawn), and differs from the run that renders every clip first."""
+    st = TrainSettings(stage="bidirectional", steps=6, save_every=6, render_overlap=2, **dict(FAST, samples=8))
+    beside = train(st, tmp_path / "beside", prefetch=1)
+    here = train(st, tmp_path / "here")
+    first = train(dataclasses.replace(st, render_overlap=0), tmp_path / "first", prefetch=1)
+    a, b, c = losses(tmp_path / "beside"), losses(tmp_path / "here"), losses(tmp_path / "first")
+    assert beside["steps"] == here["steps"] == first["steps"] == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
+    assert max(abs(x - y) for x, y in zip(a, c)) > 1e-4
+
+
 def test_a_ref_pose_share_of_clips_gets_a_posed_reference_and_nothing_else_changes():
     from models.config import PRESETS
     from stages import synth

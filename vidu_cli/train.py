@@ -65,7 +65,8 @@ def train(
     animal_share: float = option(AutoencoderSettings, "animal_share", "Autoencoder: share of training clips drawn in the animal style."),
     cut_actions: bool = option(AutoencoderSettings, "cut_actions", "Autoencoder: training clips also show the action their end cuts.", "--cut-actions/--no-cut-actions"),
     nod_share: float = option(AutoencoderSettings, "nod_share", "Autoencoder: share of training clips whose instructions are one nod."),
-    workers: Annotated[int, typer.Option(min=0, help="Processes rendering training data (teachers: the whole set up front).")] = 0,
+    render_overlap: int = option(TrainSettings, "render_overlap", "Train while the clips render (with --workers): the draws start on the first batch's clips and each further clip joins after this many more samples (0: every clip rendered first)."),
+    workers: Annotated[int, typer.Option(min=0, help="Processes rendering training data (teachers: the whole set up front, or beside training with --render-overlap).")] = 0,
     workdir: Workdir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -89,7 +90,7 @@ def train(
                            compile=compile,
                            save_every=save_every, seed=seed, samples=samples, data=str(data) if data else None,
                            init_from=str(from_) if from_ else None, codec=str(codec) if codec else None,
-                           recode=recode, minutes=minutes,
+                           recode=recode, minutes=minutes, render_overlap=render_overlap,
                            objective=ObjectiveSettings(shift=shift, p_teacher_forcing=p_teacher_forcing,
                                                        chunk_frames=chunk_frames, tau_dist=tau_dist, tau_max=tau_max,
                                                        clip_frames=clip_frames, loss_weight=loss_weight,

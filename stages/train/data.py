@@ -23,6 +23,7 @@ need no codec.
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ def clip_seed(seed: int, i: int) -> int:
 
 
 REF_POSE_DRAW = 0x5EF   # the random stream of a clip's reference pose, apart from the world's own draws
+FILL_DRAW = 1 << 40      # the random stream of the draws an overlapped prefetch makes (apart from the epochs' permutations)
 
 
 def reference_state(seed: int, ref_pose: float):
@@ -257,6 +259,13 @@ class Dataset:
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
         self.stacked: dict[str, torch.Tensor] | None = None   # every clip's tensors stacked (stack_on)
+        # (first, per): sample g is drawn from the first `first` + g // per clips (a run training while its
+        # clips render, TrainSettings.render_overlap), then the epochs' permutations go on from there
+        self.fill: tuple[int, int] | None = None
+        self._ready = threading.Condition()           # a clip joined the cache (prefetch's thread)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def _frame_texts(self, text) -> torch.Tensor:
         """A clip's text (a string or features [L, D]), or (distinct texts, index per latent frame) ->
@@ -280,29 +289,95 @@ class Dataset:
         return self.text_cache[text]
 
     def sample(self, i: int) -> dict:
+        if i not in self.cache and self._thread is not None:
+            self.wait(i)
         if i not in self.cache:
             s = encode_clip(self.cfg, self.codec, self.source(i))
             s["text"] = self._frame_texts(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]
 
-    def prefetch(self, workers: int) -> None:
-        """Render (or read) every clip and its audio features up front in `workers` processes of one
-        thread each, and code them here with the autoencoder as they arrive, on its device (the GPU run's
-        first epoch would otherwise wait on the CPU; the workers never touch the GPU). The same samples as
-        `sample` codes one at a time."""
+    def prefetch(self, workers: int, background: bool = False) -> None:
+        """Render (or read) every clip and its audio features in `workers` processes of one thread each,
+        in index order, and code them here with the autoencoder as they arrive, on its device (the GPU
+        run would otherwise wait on the CPU clip by clip; the workers never touch the GPU). The same
+        samples as `sample` codes one at a time.
+        `background`: return once the clips the first draws need are coded (`fill`'s first) and render
+        the rest in a thread while training runs (the GPU would otherwise idle through the rendering: a
+        third of session 63's stage-1 phases); `sample` waits for a clip still coming. With `fill` set,
+        the batches depend on g alone, never on how fast the workers are."""
+        todo = [i for i in range(self.n) if i not in self.cache]
+        if not background:
+            self._render(todo, workers)
+            return
+        self._thread = threading.Thread(target=self._render, args=(todo, workers), name="prefetch", daemon=True)
+        self._thread.start()
+        self.wait((self.fill[0] if self.fill else 1) - 1)
+
+    def _render(self, todo: list[int], workers: int) -> None:
+        """prefetch's work: a bounded window of clips in flight, coded in order; stops early on close()."""
+        from collections import deque
         from concurrent.futures import ProcessPoolExecutor
         import multiprocessing as mp
-        todo = [i for i in range(self.n) if i not in self.cache]
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                                 initargs=(1,)) as pool:
-            for i, c in zip(todo, pool.map(WithAudioFeatures(self.source), todo, chunksize=2)):
-                s = encode_clip(self.cfg, self.codec, c)
-                s["text"] = self._frame_texts(s.pop("instruction"))
-                self.cache[i] = s
+        try:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                                     initargs=(1,)) as pool:
+                render, ahead, left = WithAudioFeatures(self.source), deque(), iter(todo)
+                for i in left:
+                    ahead.append((i, pool.submit(render, i)))
+                    if len(ahead) >= 4 * workers:
+                        break
+                while ahead and not self._stop.is_set():
+                    i, job = ahead.popleft()
+                    c = job.result()
+                    nxt = next(left, None)
+                    if nxt is not None:
+                        ahead.append((nxt, pool.submit(render, nxt)))
+                    s = encode_clip(self.cfg, self.codec, c)
+                    s["text"] = self._frame_texts(s.pop("instruction"))
+                    with self._ready:
+                        self.cache[i] = s
+                        self._ready.notify_all()
+                for _, job in ahead:
+                    job.cancel()
+        except BaseException as e:          # told to whoever waits for a clip (the training loop)
+            if self._thread is None:
+                raise
+            self._error = e
+        finally:
+            with self._ready:
+                self._ready.notify_all()
+
+    def wait(self, i: int) -> None:
+        """Until prefetch's thread has coded clip i (returns at once when it is not coming: `sample` then
+        codes it here)."""
+        with self._ready:
+            while i not in self.cache:
+                if self._error is not None:
+                    raise RuntimeError(f"rendering the training clips failed: {self._error}") from self._error
+                if self._thread is None or not self._thread.is_alive():
+                    return
+                self._ready.wait(1.0)
+
+    def rendered(self) -> bool:
+        return len(self.cache) >= self.n
+
+    def close(self) -> None:
+        """Stop prefetch's thread (training ended before the rendering did)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
     def index(self, g: int) -> int:
-        """Global sample number -> dataset index (per-epoch permutation)."""
+        """Global sample number -> dataset index: per-epoch permutations, after `fill`'s seeded draws from
+        the clips due by g."""
+        if self.fill is not None:
+            first, per = self.fill
+            filling = (self.n - first) * per
+            if g < filling:
+                pick = torch.Generator().manual_seed(self.seed * 7919 + FILL_DRAW + g)
+                return int(torch.randint(first + g // per, (1,), generator=pick))
+            g -= filling
         epoch, pos = divmod(g, self.n)
         if epoch not in self.perms:
             self.perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))}

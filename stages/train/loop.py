@@ -82,6 +82,9 @@ class TrainSettings:
     # (the DiT relearns the latent space; a codec retrained from the old one keeps much of it); else refused
     recode: bool = False
     minutes: float | None = ranged(None, gt=0)   # stop (with a checkpoint) after this much training time
+    # teachers with --workers: train while the clips render, drawing from those due (Dataset.prefetch):
+    # each clip past the first batch's joins after this many more samples; 0: every clip rendered first
+    render_overlap: int = ranged(0, min=0)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
 
@@ -148,10 +151,12 @@ class Trainer:
         self.history: list[dict] = []
         self.data: Dataset = build_dataset(data_cfg, st, self.out, d, prepare_codec,
                                            masks=self.objective.needs_masks, ref_pose=self.objective.ref_pose)
+        # once every clip is coded (at once, or when an overlapped prefetch ends) batches become gathers on the GPU
+        self.stack_later = bool(prefetch) and d.device.type == "cuda"
+        if st.render_overlap:        # the draws while clips render: the same with workers or without
+            self.data.fill = (min(self.data.n, st.batch), st.render_overlap)
         if prefetch:
-            self.data.prefetch(prefetch)
-            if d.device.type == "cuda":          # every clip is coded: batches become gathers on the GPU
-                self.data.stack_on(d.device)
+            self.data.prefetch(prefetch, background=bool(st.render_overlap))
 
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:
@@ -160,6 +165,9 @@ class Trainer:
     def train_step(self) -> dict:
         st, d = self.st, self.d
         lo, hi = self.rows()
+        if self.stack_later and self.data.rendered():
+            self.stack_later = False
+            self.data.stack_on(d.device)
         batch = self.data.batch(self.step * st.batch + lo, hi - lo, d.device)
         draw = Draw(step_generator(st.seed, self.step), lo, hi, st.batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
@@ -372,6 +380,8 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
         raise
     finally:
         seconds = time.perf_counter() - t0
+        if hasattr(trainer, "data"):
+            trainer.data.close()
         if d.main and root is not None:
             from manifests import catalog
             catalog.record_end(root, run_id, state, {"ok": trainer.step}, n0, seconds)
