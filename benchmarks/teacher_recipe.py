@@ -595,6 +595,16 @@ def _eval_shard(ckpt: str, preset: str, dev: str, stream: dict, indices: list[in
     return rows
 
 
+def _paced(t0: float):
+    """A progress callback for one long case's windows: a line at every tenth of them (the drift case's
+    sampling, told as it goes, so a run stopped by its time limit says how far it got and at what pace)."""
+    def told(done: int, total: int) -> None:
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            took = time.perf_counter() - t0
+            print(f"  window {done} of {total} at {took:.0f} s ({took / done:.2f} s a window)", flush=True)
+    return told
+
+
 def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, size: int, out: Path, workers: int,
                 idle: bool, stream: dict) -> tuple[list[dict], dict]:
     """The synth bench's cases sampled whole by a bidirectional teacher, not streamed
@@ -632,7 +642,7 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
             truths = ([aside.submit(_score, group[0]["frames"], group[0]["truth"], workers)] if n == 1 else
                       [pool.submit(_score, c["frames"], c["truth"]) for c in group])
             made = sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
-                                [c["events"] for c in group], T, **how, seed=a)
+                                [c["events"] for c in group], T, **how, seed=a, progress=_paced(t0) if n == 1 else None)
             t1 = time.perf_counter()
             gen_s += t1 - t0
             gen_frames += T * len(group)

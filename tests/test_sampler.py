@@ -279,8 +279,11 @@ def test_a_long_clip_is_sampled_in_windows_holding_the_overlap():
     model, cfg, ref, text, audio = long_case(F)
     b, a = cfg.dit.audio_context
     kw = dict(steps=3, seed=5, guidance=2.0, overlap=O)
-    z, _ = sample_bidirectional(model, cfg, ref, text, audio, frames=F, **kw)
+    told_done = []
+    z, _ = sample_bidirectional(model, cfg, ref, text, audio, frames=F, **kw,
+                                progress=lambda done, total: told_done.append((done, total)))
     assert z.shape[2] == F and torch.isfinite(z).all()
+    assert told_done == [(1, 3), (2, 3), (3, 3)]                       # each window told as it ends
     # the first window is the model's clip sampled alone, with its frames' texts and speech
     first, _ = sample_bidirectional(model, cfg, ref, text[:, :Fw], audio[:, :b + Fw + a], **kw)
     assert torch.equal(z[:, :, :Fw], first)

@@ -37,7 +37,7 @@ STREAM_SAMPLER, STREAM_GUIDANCE, STREAM_GUIDE = "renoise", 3.0, "text"
 def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS,
                          shift: float = SHIFT, seed: int = 0, guidance: float = TEACHER_GUIDANCE,
                          guide: str = "all", frames: int | None = None,
-                         overlap: int = OVERLAP) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         overlap: int = OVERLAP, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ref [B, C, 1, h, w], text [B, L, D] or a text per latent frame [B, F, L, D], audio [B, before + F + after,
     K, A] -> (video latent [B, C, F, h, w], audio latent), F = `frames` (default the model's clip length,
     cfg.latent_frames). With guidance != 1, one forward of batch 2B per step.
@@ -46,7 +46,8 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     starting `overlap` frames before the previous one ended, those frames held to what the previous window
     made: at every step they are set to the flow's point between their known value and the window's noise
     at that step's level (x_s = (1 - s) x0 + s eps), so the new frames are denoised in their context and
-    the held ones come out exactly as made. Each window reads its own frames' texts and speech."""
+    the held ones come out exactly as made. Each window reads its own frames' texts and speech.
+    `progress(done, windows)` is called after each window (a long clip's sampling can be followed)."""
     d, B = cfg.dit, ref.shape[0]
     F = frames or cfg.latent_frames
     before, after = d.audio_context
@@ -63,7 +64,8 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     sig = flow_sigmas(steps, shift) + [0.0]
     video = audio_out = None
     made = 0                                              # frames sampled so far
-    for start in windows(F, cfg.latent_frames, overlap):
+    starts = windows(F, cfg.latent_frames, overlap)
+    for k, start in enumerate(starts):
         n = min(F, cfg.latent_frames)
         held = made - start                               # frames of this window already made
         x = torch.randn((B, d.in_dim, n, ref.shape[3], ref.shape[4]), generator=g).to(dev, dt)
@@ -96,6 +98,8 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
         if xa is not None:
             audio_out[:, start:start + n] = xa
         made = start + n
+        if progress is not None:
+            progress(k + 1, len(starts))
     return video, audio_out
 
 
@@ -171,14 +175,14 @@ def whole_settings(record: dict | None, steps: int | None = None, guidance: floa
 @torch.no_grad()
 def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, waves: list, events: list,
                  frames: int, steps: int = BIDIRECTIONAL_STEPS, shift: float = SHIFT, guidance: float = STREAM_GUIDANCE,
-                 guide: str = STREAM_GUIDE, seed: int = 0, overlap: int = OVERLAP) -> list:
+                 guide: str = STREAM_GUIDE, seed: int = 0, overlap: int = OVERLAP, progress=None) -> list:
     """A bidirectional teacher's clips of any length, the way a stream is driven: reference images
     (HxWx3 uint8, encoded as a stream starts, models.encoders.reference_latent), speech (16 kHz waves)
     and timed instructions ((onset s, end s, text) each; the neutral prompt elsewhere) -> `frames`
     video frames [T, H, W, 3] uint8 per clip, sampled together (`sample_bidirectional`, in windows past
     the model's clip length) and decoded by `codec` (TAEHV) a piece at a time. Each latent frame reads
     the text in force when it is shown, as training's clips do (stages/samples.py); `encode_text`:
-    list[str] -> [N, L, D] features."""
+    list[str] -> [N, L, D] features; `progress`: sample_bidirectional's."""
     from models.audio import audio_features
     from models.config import NEUTRAL_TEXT
     from models.encoders import reference_latent
@@ -202,7 +206,7 @@ def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, w
     with torch.autocast("cuda", torch.bfloat16, enabled=cast):
         z, _ = sample_bidirectional(model, cfg, ref.to(dev, dt), torch.stack(conds).to(dev, dt),
                                     None if speech is None else speech.to(dt), steps=steps, shift=shift, seed=seed,
-                                    guidance=guidance, guide=guide, frames=F, overlap=overlap)
+                                    guidance=guidance, guide=guide, frames=F, overlap=overlap, progress=progress)
     out = []
     for j in range(len(refs)):                                   # a piece at a time: hours of video fit
         dec = codec.stream_decoder()
