@@ -621,6 +621,8 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
     from stages.train.sample import sample_clips, whole_settings
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
+    if stream.get("compile") and dev == "cuda":       # one window shape: a batch-1 long case is bound by launches
+        model.compile_blocks(dynamic=False)
     how = whole_settings(checkpoint_sampling(ckpt), stream.get("steps"), stream.get("guidance"), stream.get("guide"))
     codec = load_taehv(codec_path, dev)
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
@@ -1065,7 +1067,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="bidirectional / causal: the share of clips whose reference shows a random pose (default: "
                          "ObjectiveSettings')")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                    help="distill: torch.compile the student, critic and teacher (default: the recipe's)")
+                    help="distill: torch.compile the student, critic and teacher (default: the recipe's); eval: the "
+                         "model's blocks (vidu stream --compile; a bidirectional teacher's whole-clip sampler too)")
     ap.add_argument("--scores", type=Path, help="starter: the eval phase's result (recipe_eval.json) of the model to ship")
     ap.add_argument("--write-text-table", action="store_true", help="rebuild the text table with MiniLM (not on GPU)")
     args = ap.parse_args(argv)
@@ -1118,7 +1121,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache), ("steps", args.stream_steps),
-                                       ("attention", args.attention), ("kernels", args.kernels))
+                                       ("attention", args.attention), ("kernels", args.kernels),
+                                       ("compile", args.compile))
                      if v is not None}
         res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
                          args.workers, args.start, args.idle)

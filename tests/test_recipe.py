@@ -70,8 +70,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
         assert r["stream_fps"] is None and r["truth"]["mouth_r"] > 0.9 and r["mouth_r"] is not None
     assert sorted(p.name for p in (tmp_path / "outb").iterdir()) == ["eval_case0.png", "eval_case1.png", "recipe_eval.json"]
     one = phase("eval", works[1], tmp_path / "outb1", monkeypatch, "--teacher", "bidirectional", "--seconds", "2",
-                "--cases", "1")            # the drift clip's path: one case, scored over the workers
+                "--cases", "1", "--compile")   # the drift clip's path: one case, scored over the workers
     assert one["rows"][0]["truth"] == whole["rows"][0]["truth"] and one["rows"][0]["mouth_r"] is not None
+    assert one["stream"]["compile"] is True and "compile" not in whole["stream"]     # (compiled on a GPU only)
     import ref_pose_probe                 # the reference-copying probe and its two arms, on this teacher
     probe = ref_pose_probe.main(["--from", str(works[1] / "bidirectional" / "ema.safetensors"), "--codec",
                                  str(works[1] / "codec.safetensors"), "--out", str(tmp_path / "rp"), "--clips", "1",
