@@ -187,6 +187,7 @@ SAMPLES = pa.schema(COMMON + [
     pa.field("sample_index", pa.int32()),  # window number within the clip
     pa.field("start_s", pa.float64()),  # window in source-video seconds: [start_s, start_s + frames / fps)
     pa.field("end_s", pa.float64()),
+    pa.field("ref_s", pa.float64()),  # source-video second of the reference frame (stages/embed.py reference_time)
     pa.field("preset", pa.string()),  # models.config preset the geometry came from
     pa.field("frames", pa.int32()),  # T = 1 + 4k video frames
     pa.field("height", pa.int32()),

@@ -15,7 +15,10 @@ Method, per clip row (any kind of the curation chain; the source video is decode
   centre, clamped inside the frame, in whole pixels; then resized with PIL bicubic (antialiased).
 - Video: the frames themselves (latent_kind "frames"; training codes them with its PCA codec), or
   latents from the Wan2.1 VAE (`vae`, normalised mu [C, F, h, w]) or TAEHV (`taehv`, [C, F, h, w]),
-  plus the latent of the first frame alone as the reference ("ref").
+  plus the latent of the reference frame alone ("ref"; with frames, the frame itself, "ref_frame"): a frame
+  of the same clip away from the window (`reference_time`: the middle of the clip's longer stretch before
+  or after it, the window's last frame when the clip is one window; the row's `ref_s`), never the
+  window's first frame, which a model would learn to copy.
 - A/V lag: a row with `av_shift_s` (`vidu diarize --fix-av-offset`: the sound of the frame at t is
   heard at t + av_shift_s) has its audio read from t + av_shift_s for the frames at t (window and
   clip end shifted alike; silence before the file's start), so its samples are in sync.
@@ -36,7 +39,7 @@ Method, per clip row (any kind of the curation chain; the source video is decode
 
 Storage: <out>/<clip id>.NNN.safetensors, the clip's windows in as few shards as keep each under
 SHARD_BYTES of frames (the memory a worker holds), each written to a temp file and renamed; keys
-"<clip id>_sNNN/{video,ref,audio,wave,texts,text_index,text_onsets,text_onset_index}" per sample
+"<clip id>_sNNN/{video,ref or ref_frame,audio,wave,texts,text_index,text_onsets,text_onset_index}" per sample
 and "text" (the clip's text features) per shard (stages/samples.py gives shapes and meaning).
 """
 from __future__ import annotations
@@ -107,6 +110,17 @@ def window_starts(start_s: float, end_s: float, T: int, fps: float, max_windows:
     if max_windows:
         n = min(n, max_windows)
     return [start_s + i * T / fps for i in range(n)]
+
+
+def reference_time(start_s: float, end_s: float, t0: float, T: int, fps: float) -> float:
+    """The time of a window's reference frame: a frame of the same clip (one shot of one subject) away
+    from the window, the middle of the longer stretch of the clip before or after it; a clip of one window
+    gives the window's last frame. Never the window's first frame, which is also the first frame to be
+    predicted: a model given it learns to copy the reference's pose and expression (session 62's probe)."""
+    before, after = t0 - start_s, end_s - (t0 + T / fps)
+    if max(before, after) < 1 / fps - TIME_EPS:
+        return t0 + (T - 1) / fps
+    return start_s + before / 2 if before > after else t0 + T / fps + after / 2
 
 
 def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int, out_h: int):
@@ -283,23 +297,30 @@ class Embed(Stage):
         T, fps = cfg.video_frames, cfg.audio.fps
         face = item.get("face_box")
         grid = [t0 + j / fps for _, t0 in group for j in range(T)]
-        frames, picked, source_fps, box = decode_grid(
-            item["video_path"], grid, item["end_s"],
+        refs = [reference_time(item["start_s"], item["end_s"], t0, T, fps) for _, t0 in group]
+        every = np.array(grid + refs)
+        order = np.argsort(every, kind="stable")          # one decoding pass: frames_at takes times in order
+        shown, picked, source_fps, box = decode_grid(
+            item["video_path"], every[order].tolist(), item["end_s"],
             lambda W, H: crop_window(W, H, cfg.width, cfg.height, face, self.zoom), cfg.width, cfg.height)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        frames, picked, ref_frames = shown[back[:len(grid)]], picked[back[:len(grid)]], shown[back[len(grid):]]
         text_feats = encode(text["text"])
         tensors = {"text": text_feats}
         rows = []
         for n, ((i, t0), timeline) in enumerate(zip(group, timelines)):
             prefix = f"{item['id']}_s{i:03d}"
             sl = slice(n * T, (n + 1) * T)
-            sample = self._sample(frames[sl], audio, t0, item["end_s"], float(item.get("av_shift_s") or 0.0))
+            sample = self._sample(frames[sl], ref_frames[n], audio, t0, item["end_s"],
+                                  float(item.get("av_shift_s") or 0.0))
             sample.update(timeline.tensors(encode))
             tensors.update({f"{prefix}/{k}": v for k, v in sample.items()})
             t1 = t0 + T / fps
             speech = speech_in(item.get("speech_segments"), t0, t1)
             rows.append(base_row(
                 "samples", id=prefix, parent_id=item["id"], clip_id=item["id"], video_path=item["video_path"],
-                sample_index=i, start_s=t0, end_s=t1, preset=cfg.name, frames=T, height=cfg.height,
+                sample_index=i, start_s=t0, end_s=t1, ref_s=refs[n], preset=cfg.name, frames=T, height=cfg.height,
                 width=cfg.width, fps=float(fps), source_fps=source_fps,
                 repeated_frames=int(np.sum(picked[sl][1:] == picked[sl][:-1])), crop_box=[float(x) for x in box],
                 crop_center="face" if face else "frame",
@@ -318,9 +339,10 @@ class Embed(Stage):
         return "minilm" if self.text_kind == "minilm" and not self.text_model else f"{self.text_kind}:{self.text_model}"
 
     @torch.no_grad()
-    def _sample(self, frames: np.ndarray, audio: np.ndarray, t0: float, end_s: float,
+    def _sample(self, frames: np.ndarray, ref: np.ndarray, audio: np.ndarray, t0: float, end_s: float,
                 shift: float = 0.0) -> dict[str, torch.Tensor]:
-        """One window's tensors: video [T, H, W, 3] uint8 or latents [C, F, h, w] (+ ref [C, 1, h, w]),
+        """One window's tensors: video [T, H, W, 3] uint8 with its reference frame `ref` [H, W, 3]
+        ("ref_frame"), or latents [C, F, h, w] with the reference's (ref [C, 1, h, w]),
         audio [before + F + after, mel_per_latent, n_mels] (the preset's speech context: silence before
         the window, as at a stream's start; the clip's continuation after it, up to `end_s`),
         wave [T * sr / fps]. The audio is read `shift` s later than the frames (diarize's av_shift_s:
@@ -342,14 +364,16 @@ class Embed(Stage):
         if self._vae is not None:
             dev = next(self._vae.parameters()).device
             out["video"] = self._vae.encode(to_video(frames).to(dev))[0].float().cpu()
-            out["ref"] = self._vae.encode(to_video(frames[:1]).to(dev))[0].float().cpu()
+            out["ref"] = self._vae.encode(to_video(ref[None]).to(dev))[0].float().cpu()
         elif self._taehv is not None:
             dev = next(self._taehv.parameters()).device
             x = torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float().div(255).to(dev)   # [1, T, 3, H, W]
             out["video"] = self._taehv.encode_video(x)[0].permute(1, 0, 2, 3).float().cpu()
-            out["ref"] = self._taehv.encode_video(x[:, :1])[0].permute(1, 0, 2, 3).float().cpu()
+            r = torch.from_numpy(ref[None]).permute(0, 3, 1, 2)[None].float().div(255).to(dev)
+            out["ref"] = self._taehv.encode_video(r)[0].permute(1, 0, 2, 3).float().cpu()
         else:
             out["video"] = torch.from_numpy(np.ascontiguousarray(frames))
+            out["ref_frame"] = torch.from_numpy(np.ascontiguousarray(ref))
         if self.latent_kind != "frames" and tuple(out["video"].shape) != cfg.latent_shape():
             raise ValueError(f"the {self.latent_kind} latent has shape {list(out['video'].shape)}; "
                              f"the model takes {list(cfg.latent_shape())}")

@@ -172,8 +172,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) ->
 
 
 def read_sample(row: dict) -> dict[str, torch.Tensor]:
-    """The tensors of one samples-manifest row: video, ref (latent kinds), audio, wave, text (the
-    clip-level text) and the per-frame texts (TEXT_KEYS; absent from shards written before them)."""
+    """The tensors of one samples-manifest row: video, ref (latent kinds) or ref_frame (frames; absent
+    from shards written before it), audio, wave, text (the clip-level text) and the per-frame texts
+    (TEXT_KEYS; absent from shards written before them)."""
     from safetensors import safe_open
     path = Path(row["shard"])
     if not path.is_file():
@@ -181,6 +182,7 @@ def read_sample(row: dict) -> dict[str, torch.Tensor]:
     p = row["key_prefix"]
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
-        names = {"video": f"{p}/video", "ref": f"{p}/ref", "audio": f"{p}/audio", "wave": f"{p}/wave",
+        names = {"video": f"{p}/video", "ref": f"{p}/ref", "ref_frame": f"{p}/ref_frame", "audio": f"{p}/audio",
+                 "wave": f"{p}/wave",
                  "text": "text", **{k: f"{p}/{k}" for k in TEXT_KEYS}}
         return {name: f.get_tensor(key) for name, key in names.items() if key in keys}

@@ -162,26 +162,54 @@ def test_too_short_clip_is_rejected(embedded):
     assert r["status"] == "rejected" and r["reasons"] == ["too_short"] and r["shard"] is None
 
 
+def face_crop(row: dict, t: float) -> tuple[torch.Tensor, list]:
+    """Oracle: the frame of `row`'s video at `t`, cut around its face box at ZOOM and resized to 64 px
+    ([64, 64, 3] float), and the crop box."""
+    src = source_frame(Path(row["video_path"]), t)
+    H, W = src.shape[:2]
+    fb = row["face_box"]
+    side = round(W / ZOOM)
+    x0 = min(max(math.floor((fb[0] + fb[2]) / 2 * W - side / 2 + 0.5), 0), W - side)
+    y0 = min(max(math.floor((fb[1] + fb[3]) / 2 * H - side / 2 + 0.5), 0), H - side)
+    crop = torch.from_numpy(src[y0:y0 + side, x0:x0 + side]).permute(2, 0, 1)[None].float()
+    want = F.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True, align_corners=False)
+    return want.round().clamp(0, 255)[0].permute(1, 2, 0), [x0, y0, x0 + side, y0 + side]
+
+
 def test_shard_frame_equals_an_independent_crop_and_resize(embedded, rows):
     _, got = embedded
     r = got["r1_0000_s001"]
     k = 9
-    t = r["start_s"] + k / 25.0
-    src = source_frame(Path(rows[0]["video_path"]), t)
-    H, W = src.shape[:2]
-    fb = rows[0]["face_box"]
-    side = round(W / ZOOM)
-    x0 = min(max(math.floor((fb[0] + fb[2]) / 2 * W - side / 2 + 0.5), 0), W - side)
-    y0 = min(max(math.floor((fb[1] + fb[3]) / 2 * H - side / 2 + 0.5), 0), H - side)
-    assert r["crop_box"] == [x0, y0, x0 + side, y0 + side]
-    crop = torch.from_numpy(src[y0:y0 + side, x0:x0 + side]).permute(2, 0, 1)[None].float()
-    want = F.interpolate(crop, size=(64, 64), mode="bicubic", antialias=True, align_corners=False)
-    want = want.round().clamp(0, 255)[0].permute(1, 2, 0)
+    want, box = face_crop(rows[0], r["start_s"] + k / 25.0)
+    assert r["crop_box"] == box
     frame = read_sample(r)["video"][k].float()
     diff = (frame - want).abs()
     assert float(diff.mean()) < 0.25 and float(diff.max()) <= 2, (float(diff.mean()), float(diff.max()))
     other = read_sample(r)["video"][k - 4].float()
     assert float((other - want).abs().mean()) > 2 * float(diff.mean())        # the oracle tells frames apart
+
+
+def test_the_reference_is_a_frame_of_the_clip_away_from_its_window(embedded, rows):
+    """A window's reference frame is the frame at `reference_time` (the middle of the clip's longer
+    stretch outside the window; a clip of one window: its last frame), cut as the window is, never the
+    window's first frame; training reads it as the clip's reference."""
+    from stages.embed import reference_time
+    from stages.train.data import read_sample_clip
+    assert reference_time(0.5, 3.0, 0.5, 17, 25.0) == pytest.approx(1.18 + 1.82 / 2)     # after the window
+    assert reference_time(0.0, 2.0, 1.0, 17, 25.0) == pytest.approx(0.5)                 # before it: 1.0 > 0.32 s
+    assert reference_time(0.0, 0.68, 0.0, 17, 25.0) == pytest.approx(0.64)               # one window: its last frame
+    _, got = embedded
+    for sid, ref_s in (("r1_0000_s000", 2.09), ("r1_0000_s001", 1.86 + 1.14 / 2)):
+        r = got[sid]
+        t = read_sample(r)
+        assert r["ref_s"] == pytest.approx(ref_s)
+        assert t["ref_frame"].dtype == torch.uint8 and tuple(t["ref_frame"].shape) == (64, 64, 3)
+        want, box = face_crop(rows[0], ref_s)
+        diff = (t["ref_frame"].float() - want).abs()
+        assert box == r["crop_box"] and float(diff.mean()) < 0.25 and float(diff.max()) <= 2, sid
+        first = (t["video"][0].float() - want).abs()
+        assert float(first.mean()) > 4 * float(diff.mean()) + 0.5, sid                  # not the window's first frame
+        assert np.array_equal(read_sample_clip(r)["ref"], t["ref_frame"].numpy())
 
 
 def test_face_centred_crop_holds_the_face(rows, umt5, tmp_path):
@@ -223,7 +251,7 @@ def test_vae_and_taehv_latents_and_training_on_them(captioned, embedded, umt5, t
     vae_path = _pth(WanVAE(cfg.vae).state_dict(), tmp_path / "Wan2.1_VAE.pth")
     tae_path = _pth(TAEHV().state_dict(), tmp_path / "taew2_1.pth", half=True)     # fp16, as distributed
     frames_row = embedded[1]["r1_0000_s000"]
-    frames = read_sample(frames_row)["video"].numpy()
+    frames, ref = (read_sample(frames_row)[k].numpy() for k in ("video", "ref_frame"))
     table, _ = read_manifest(captioned)
     items = [r for r in table.to_pylist() if r["id"] == "r1_0000"]
     root = workspace(tmp_path / "work")
@@ -239,11 +267,13 @@ def test_vae_and_taehv_latents_and_training_on_them(captioned, embedded, umt5, t
         assert tuple(t["ref"].shape) == (16, 1, 8, 8) and t["video"].dtype == torch.float32
         with torch.no_grad():
             if kind == "wan_vae":
-                want = vae.encode(to_video(frames))[0]
+                want, want_ref = vae.encode(to_video(frames))[0], vae.encode(to_video(ref[None]))[0]
             else:
-                want = tae.encode_video(torch.from_numpy(frames).permute(0, 3, 1, 2)[None].float() / 255)[0]
-                want = want.permute(1, 0, 2, 3)
+                want, want_ref = (tae.encode_video(torch.from_numpy(x).permute(0, 3, 1, 2)[None].float() / 255)[0]
+                                  .permute(1, 0, 2, 3) for x in (frames, ref[None]))
         assert torch.allclose(t["video"], want, atol=1e-5)                         # latents of the same frames
+        assert torch.allclose(t["ref"], want_ref, atol=1e-5)                       # and of the reference frame
+        assert float((t["ref"] - t["video"][:, :1]).abs().max()) > 1e-4              # not the first frame's
         if kind == "wan_vae":
             summary = train(TrainSettings(stage="bidirectional", preset="tiny", steps=2, batch=2, save_every=2,
                                           data=str(result.path)), tmp_path / "bi")
@@ -267,7 +297,7 @@ def test_rewriting_a_shard_is_atomic_and_identical(rows, umt5, tmp_path):
     (b,) = stage.process(rows[1])
     again = load_file(b["shard"])
     assert b["shard"] == a["shard"] and sorted(again) == sorted(first) == [
-        "r4_0000_s000/audio", "r4_0000_s000/text_index", "r4_0000_s000/text_onset_index", "r4_0000_s000/text_onsets",
+        "r4_0000_s000/audio", "r4_0000_s000/ref_frame", "r4_0000_s000/text_index", "r4_0000_s000/text_onset_index", "r4_0000_s000/text_onsets",
         "r4_0000_s000/texts", "r4_0000_s000/video", "r4_0000_s000/wave", "text"]
     assert Path(a["shard"]).name == "r4_0000.000.safetensors"
     assert all(torch.equal(first[k], again[k]) for k in first) and read_metadata(b["shard"]) == meta

@@ -175,7 +175,8 @@ def read_sample_clip(row: dict) -> dict:
     c = {"audio": t["wave"].numpy(), "audio_features": t["audio"], "text": text}
     if row["latent_kind"] == "frames":
         c["frames"] = t["video"].numpy()
-        c["ref"] = c["frames"][0]
+        # the reference frame vidu embed picked away from the window; shards written before it: the first frame
+        c["ref"] = t["ref_frame"].numpy() if "ref_frame" in t else c["frames"][0]
     else:
         c["latent"], c["ref_latent"] = t["video"], t["ref"]
     return c
