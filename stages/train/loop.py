@@ -82,8 +82,8 @@ class TrainSettings:
     # (the DiT relearns the latent space; a codec retrained from the old one keeps much of it); else refused
     recode: bool = False
     minutes: float | None = ranged(None, gt=0)   # stop (with a checkpoint) after this much training time
-    # teachers with --workers: train while the clips render, drawing from those due (Dataset.prefetch):
-    # each clip past the first batch's joins after this many more samples; 0: every clip rendered first
+    # teachers: the draws while the clips render (Dataset.fill; with --workers they render beside training):
+    # the first batch's clips, each further clip joining after this many more samples; 0: every clip first
     render_overlap: int = ranged(0, min=0)
     objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
     autoencoder: AutoencoderSettings = field(default_factory=AutoencoderSettings)
