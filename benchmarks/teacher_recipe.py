@@ -555,7 +555,7 @@ def _score(frames: np.ndarray, truth: str, workers: int = 1) -> dict:
     measured in `workers` processes."""
     from stages.eval.bench.runner import _synth_numbers
     s = _synth_numbers(frames, 25.0, truth, workers)
-    return {**s, **{k: json.loads(s[k]) for k in ("confusion", "drift_ratios", "instr_classes")}}
+    return {**s, **{k: json.loads(s[k]) for k in ("confusion", "drift_ratios", "instr_classes", "instr_blockers")}}
 
 
 def strip(truth: np.ndarray, frames: np.ndarray, path: Path, every: int = 25, most: int = 12) -> None:
@@ -896,7 +896,7 @@ def summarise(rows: list[dict]) -> dict:
     """The eval phase's numbers over its rows (each with its ground truth's, "truth"): instructions pooled
     over events, the rest means over clips; `by_style`: the same per character style
     (synthscore.style_breakdown), each with its truth's instruction success, hit and action sharpness."""
-    from stages.eval.bench.synthscore import instruction_drift, pooled, style_breakdown
+    from stages.eval.bench.synthscore import blockers_summed, instruction_drift, pooled, style_breakdown
 
     def mean(vals):
         vals = [v for v in vals if v is not None]
@@ -916,6 +916,7 @@ def summarise(rows: list[dict]) -> dict:
             "instr_events": ev, "instr_success": pooled(rows), "truth_instr_success": pooled(truths),
             "instr_hit": pooled(rows, "instr_hit"), "truth_instr_hit": pooled(truths, "instr_hit"),
             "instr_hit_chance": pooled(rows, "instr_hit_chance", counts=False),
+            "instr_blockers": blockers_summed(rows),
             "latency_s_p50": float(np.median(lat)) if lat else None,
             "latency_s_p90": float(np.percentile(lat, 90)) if lat else None,
             "spurious_per_min": mean(r["spurious_per_min"] for r in rows),
@@ -989,6 +990,9 @@ def table(res: dict) -> str:
                           f"({f(s['spurious_idle_per_min'])} with no instruction in force; truth {f(s['truth_spurious_per_min'])})",
                           f"  told class fired in 0-1 s, others allowed {f(s['instr_hit'])} (by chance "
                           f"{f(s.get('instr_hit_chance'))}; truth {f(s['truth_instr_hit'])})",
+                          *([("  also fired in a told event's second: " + "; ".join(
+                              f"{c}: " + ", ".join(f"{k} {n}" for k, n in o.items())
+                              for c, o in s["instr_blockers"].items()))] if s.get("instr_blockers") else []),
                           f"  identity error {f(s['identity_error'])} (truth {f(s['truth_identity_error'])}), on the "
                           f"frames of told actions {f(s['action_identity_error'])} (truth {f(s['truth_action_identity_error'])})",
                           f"  sharpness during told actions / idle {f(s['action_sharpness_ratio'])} (truth "

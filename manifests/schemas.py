@@ -270,6 +270,7 @@ EVAL = pa.schema(COMMON + [
     pa.field("instr_hit", pa.float64()),  # share of events: own detector fires 0-1 s after onset, others allowed
     pa.field("instr_hit_chance", pa.float64()),  # the same by chance: that class in a 1-s window at a random time
     pa.field("instr_classes", pa.string()),  # JSON {instructed: {"told": n, "success": strict n, "hit": n}}
+    pa.field("instr_blockers", pa.string()),  # JSON {instructed: {other class fired in its 0-1 s window: events}}
     pa.field("style", pa.string()),  # the synth character's kind: human | anime | animal
     pa.field("action_sharpness_ratio", pa.float64()),  # mean sharpness inside events / outside every event + 1 s
     pa.field("action_identity_error", pa.float64()),  # identity_error over the frames inside events

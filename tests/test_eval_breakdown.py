@@ -90,14 +90,25 @@ def test_strict_and_relaxed_instruction_scores():
                                   "turn left": {"told": 1, "success": 1, "hit": 1},
                                   "smile": {"told": 1, "success": 0, "hit": 0}}
     assert s["instr_hit_chance"] == 0.0          # no class fires outside its own told windows
+    assert s["instr_blockers"] == {"nod": {"blink": 1}}     # what the nod's strict fail was lost to
     # negative control: without the blink the nod passes the strict rule too
     m["eyes"][:] = 1.0
     s = instruction_scores(m, events, FPS)
-    assert s["instr_success"] == pytest.approx(2 / 3) == s["instr_hit"]
+    assert s["instr_success"] == pytest.approx(2 / 3) == s["instr_hit"] and s["instr_blockers"] == {}
     # a fire just past the window is no hit: the nod now starts 1.04 s after it was told
     m["pitch"][:] = 0.0
     m["pitch"][51:60] = 0.8
     assert instruction_scores(m, events, FPS)["instr_classes"]["nod"] == {"told": 1, "success": 0, "hit": 0}
+
+
+def test_blockers_sum_over_rows_most_first():
+    from stages.eval.bench.synthscore import blockers_summed
+    rows = [{"instr_blockers": {"nod": {"blink": 1}, "shake head": {"blink": 1, "smile": 1}}},
+            {"instr_blockers": json.dumps({"shake head": {"blink": 2, "turn left": 1}})},   # as a manifest row has it
+            {"instr_blockers": None}, {}]                                                 # scored before it existed
+    assert blockers_summed(rows) == {"nod": {"blink": 1}, "shake head": {"blink": 3, "smile": 1, "turn left": 1}}
+    assert list(blockers_summed(rows)["shake head"]) == ["blink", "smile", "turn left"]
+    assert blockers_summed(rows[2:]) == {}
 
 
 def _row(style: str, events: int, success: float, hit: float, **extra) -> dict:

@@ -427,7 +427,8 @@ def _eval_row(style: str, events: int, success: float, hit: float, sharp: float,
          "instr_latency_s": [0.4] * round(success * events),
          "instr_classes": classes, "action_sharpness_ratio": sharp, "action_identity_error": 10 * sharp,
          "mouth_r": 0.5, "mouth_r_control": 0.1, "identity_error": 9.0, "spurious_per_min": 1.0,
-         "spurious_idle_per_min": 0.0, "drift_ratios": {}, "stream_fps": 30.0}
+         "spurious_idle_per_min": 0.0, "drift_ratios": {}, "stream_fps": 30.0,
+         "instr_blockers": {"nod": {"blink": 1}} if "nod" in classes and hit > success else {}}
     if truth is not None:
         r["truth"] = _eval_row(style, events, truth["success"], truth["hit"], truth["sharp"], {})
     return r
@@ -449,6 +450,7 @@ def test_summarise_by_style_and_table():
     assert (s["truth_instr_success"], s["truth_instr_hit"]) == (pytest.approx(0.8), pytest.approx(1.0))
     assert s["action_sharpness_ratio"] == pytest.approx(2.3 / 3) and s["truth_action_sharpness_ratio"] == pytest.approx(1.0)
     assert s["action_identity_error"] == pytest.approx(23 / 3) and s["truth_action_identity_error"] == pytest.approx(10.0)
+    assert s["instr_blockers"] == {"nod": {"blink": 2}}
     h, a = s["by_style"]["human"], s["by_style"]["anime"]
     assert list(s["by_style"]) == ["anime", "human"]
     assert (h["clips"], h["instr_events"], h["instr_success"], h["instr_hit"]) == (2, 4, 0.25, 0.75)
@@ -459,6 +461,7 @@ def test_summarise_by_style_and_table():
            "seconds": 4.0, "eval_s": 1.0, "device": "cpu", "summary": s}
     lines = recipe.table(res).splitlines()
     assert "  told class fired in 0-1 s, others allowed 0.800 (by chance 0.250; truth 1.000)" in lines
+    assert "  also fired in a told event's second: nod: blink 2" in lines
     assert "  sharpness during told actions / idle 0.767 (truth 1.000)" in lines
     assert ("  human: 2 clips, instructions 0.250 of 4 (hit 0.750; truth 0.750), r 0.500, spurious 1.000/min, identity "
             "error 9.000, sharpness told / idle 0.700 (truth 0.950); success / told: blink 1/1, nod 0/3") in lines

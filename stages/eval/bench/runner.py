@@ -270,6 +270,7 @@ def _synth_numbers(frames: np.ndarray, fps: float, truth_path: str, workers: int
     s = synth_scores(frames, fps, truth, np.asarray(truth["control_mouth"], np.float64), workers)
     s["confusion"] = json.dumps(s["confusion"])
     s["instr_classes"] = json.dumps(s["instr_classes"])
+    s["instr_blockers"] = json.dumps(s["instr_blockers"])
     s["drift_ratios"] = json.dumps(s["drift_ratios"])
     return s
 

@@ -25,7 +25,9 @@ never read from the model:
   has instr_hit ~ instr_hit_chance (an untrained model: 33 % against ~250 fires a minute): read instr_hit
   against it.
   instr_classes = {instructed class: {"told": events, "success": strict successes, "hit": relaxed hits}}
-  (confusion cannot give the strict count: its first fire may be the told class with another after it).
+  (confusion cannot give the strict count: its first fire may be the told class with another after it);
+  instr_blockers = {instructed class: {other class: events of that class in whose 0-1.0 s window it fired}}
+  (what the strict rule lost an event to: e.g. a blink read off a face blurred by a head shake).
 - action frames: frames (frame i at i / fps s) inside any event's [onset, end] against idle frames,
   outside every event's [onset, end + 1.0 s]: action_sharpness_ratio = mean frame sharpness (frame_stats)
   over the action frames / its mean over the idle frames (None when either set is empty or the idle
@@ -84,9 +86,13 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
                 for k in {k for _, k in onsets}}
     chance = [by_class[k] for _, k in onsets if by_class[k] is not None]
     classes: dict[str, dict[str, int]] = {}
+    blockers: dict[str, dict[str, int]] = {}
     for (_, c), e, h in zip(onsets, res["per_event"], hit):
         n = classes.setdefault(c, {"told": 0, "success": 0, "hit": 0})
         n["told"], n["success"], n["hit"] = n["told"] + 1, n["success"] + e["success"], n["hit"] + h
+        for k in e["others"]:
+            b = blockers.setdefault(c, {})
+            b[k] = b.get(k, 0) + 1
     # an action may fire more than once while it lasts (a nod dips twice): every fire of the instructed
     # class inside [onset, end + WINDOW_S] is the action; any other fire is spurious
     # spurious; of those, "idle" ones fire while no instruction is in force (outside every event's window): the
@@ -99,6 +105,7 @@ def instruction_scores(m: dict[str, np.ndarray], events: list[tuple[float, float
     return {"instr_events": res["events"], "instr_success": res["success_rate"], "instr_latency_s": delays,
             "instr_hit": float(np.mean(hit)) if hit else None,
             "instr_hit_chance": float(np.mean(chance)) if chance else None, "instr_classes": classes,
+            "instr_blockers": blockers,
             "spurious_per_min": len(spurious) / minutes if minutes > 0 else None,
             "spurious_idle_per_min": idle / minutes if minutes > 0 else None, "confusion": res["confusion"],
             "per_event": [(t, e["success"]) for (t, _), e in zip(onsets, res["per_event"])]}
@@ -265,6 +272,18 @@ def instruction_drift(rows: list[dict], z: float = 1.959964) -> dict:
         out.update(ratio=(s1 / n1) / (s0 / n0) if s0 else None, low=float(np.exp(log - z * se)),
                    high=float(np.exp(log + z * se)))
     return out
+
+
+def blockers_summed(rows: list[dict]) -> dict[str, dict[str, int]]:
+    """The rows' instr_blockers summed ({instructed: {other class: events}}; a row's may be JSON, or
+    absent from rows scored before it), each class's others by count, most first."""
+    total: dict[str, dict[str, int]] = {}
+    for r in rows:
+        got = r.get("instr_blockers") or {}
+        for c, others in (json.loads(got) if isinstance(got, str) else got).items():
+            for k, n in others.items():
+                total.setdefault(c, {})[k] = total.get(c, {}).get(k, 0) + n
+    return {c: dict(sorted(o.items(), key=lambda kv: (-kv[1], kv[0]))) for c, o in sorted(total.items())}
 
 
 def style_breakdown(rows: list[dict]) -> dict[str, dict]:

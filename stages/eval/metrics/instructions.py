@@ -94,11 +94,12 @@ def score_events(events: list[tuple[float, str]], fired: dict[str, list[float]],
     for (t, c), end in zip(events, ends or []):
         if end is not None:
             used.update((c, f) for f in fired.get(c, []) if t <= f <= end + latency)
-    ok, delays, confusion = [], [], {}
+    ok, delays, confusion, others_in = [], [], {}, []
     for t, c in events:
         inside = sorted((f, k) for k, fs in fired.items() for f in fs if t <= f <= t + latency)
         mine = [f for f, k in inside if k == c]
         others = [k for f, k in inside if k != c]
+        others_in.append(sorted(set(others)))        # the classes that fired beside it (what a strict fail is lost to)
         success = bool(mine) and not others
         ok.append(success)
         if mine:
@@ -112,7 +113,8 @@ def score_events(events: list[tuple[float, str]], fired: dict[str, list[float]],
     return {"events": len(events), "success_rate": float(np.mean(ok)) if ok else None,
             "latency_s": float(np.mean(delays)) if delays else None,
             "spurious_per_min": float((total - len(used)) / (seconds / 60)) if seconds > 0 else None,
-            "confusion": confusion, "per_event": [{"t": t, "action": c, "success": s} for (t, c), s in zip(events, ok)]}
+            "confusion": confusion, "per_event": [{"t": t, "action": c, "success": s, "others": o}
+                                                   for (t, c), s, o in zip(events, ok, others_in)]}
 
 
 def score_synthetic(frames: np.ndarray, fps: float, events: list[tuple[float, str]], identity: dict,
