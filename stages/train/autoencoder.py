@@ -289,6 +289,10 @@ class AutoencoderTrainer:
             kw.update(prefetch_factor=4, worker_init_fn=_one_thread)
         return iter(torch.utils.data.DataLoader(self.clips, batch_sampler=rows, **kw))
 
+    def close(self) -> None:
+        """End the data loader's worker processes (training ended, perhaps before its batches did)."""
+        self._batches = self._held = None
+
     def train_step(self) -> dict:
         st, dev = self.st, self.d.device
         if self._batches is None:

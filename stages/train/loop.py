@@ -158,6 +158,10 @@ class Trainer:
         if prefetch:
             self.data.prefetch(prefetch, background=bool(st.render_overlap))
 
+    def close(self) -> None:
+        """Stop the data's rendering thread (training ended before the rendering did)."""
+        self.data.close()
+
     # -- one optimisation step --
     def rows(self) -> tuple[int, int]:
         return batch_rows(self.st.batch, self.d, self.st.sequence_parallel)
@@ -380,8 +384,7 @@ def train(st: TrainSettings, out: str | Path, root: Path | None = None, progress
         raise
     finally:
         seconds = time.perf_counter() - t0
-        if hasattr(trainer, "data"):
-            trainer.data.close()
+        trainer.close()
         if d.main and root is not None:
             from manifests import catalog
             catalog.record_end(root, run_id, state, {"ok": trainer.step}, n0, seconds)
