@@ -48,6 +48,23 @@ def test_tts_is_deterministic_16k_and_timed():
         S.tts(text, "en+nobody")
 
 
+def test_tts_is_the_same_in_another_second(monkeypatch):
+    """espeak-ng seeds its noise from time(): an utterance must not depend on the second it is said in
+    (session 63's CI: a training clip rendered in a worker differed from the same clip rendered in-process)."""
+    import time
+    text = "Why is the blue door so heavy tomorrow?"
+
+    def twice():
+        a = S.tts(text, "en-us+f2").audio
+        time.sleep(1.05 - time.time() % 1)                 # the next second of the clock
+        return a, S.tts(text, "en-us+f2").audio
+    a, b = twice()
+    assert np.array_equal(a, b)
+    monkeypatch.setattr(S, "NOISE_SEED", None)           # negative control: the library's own clock seed
+    a, b = twice()
+    assert len(a) == len(b) and not np.array_equal(a, b)
+
+
 def test_every_voice_of_both_splits_exists():
     data = Path(S._espeak_paths()[1])
     for v in S.VARIANTS:

@@ -582,7 +582,7 @@ def test_overlapped_prefetch_trains_on_clips_due_and_its_batches_depend_on_g_alo
         assert {0, 1} <= set(ahead.cache) and ahead.fill == (first, per)
         for g0 in range(0, filling + n, 4):
             got, want = ahead.batch(g0, 4, "cpu"), one.batch(g0, 4, "cpu")
-            assert all(torch.equal(got[k], want[k]) for k in want), g0
+            assert all(torch.equal(got[k], want[k]) for k in want), (g0, [k for k in want if not torch.equal(got[k], want[k])])
         ahead.wait(n - 1)
         assert ahead.rendered()
     finally:
