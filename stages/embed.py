@@ -57,11 +57,10 @@ import torch
 
 from models.config import NEUTRAL_TEXT, PRESETS, ModelConfig, preset as get_preset
 from stages.run import Stage, base_row, not_param, ranged
-from stages.samples import (TextTimeline, chunk_events, frame_texts, shard_name, synth_events, text_segments,
-                            text_timeline, to_video, write_shard)
+from stages.samples import (TIME_EPS, TextTimeline, chunk_events, frame_texts, reference_time, shard_name,
+                            synth_events, text_segments, text_timeline, to_video, write_shard)
 
 SHARD_BYTES = 256 * 2**20       # frames per shard file at most (windows of one clip share a shard up to this)
-TIME_EPS = 1e-6
 
 
 def sample_config(preset: str, height: int | None = None, width: int | None = None, frames: int | None = None,
@@ -110,17 +109,6 @@ def window_starts(start_s: float, end_s: float, T: int, fps: float, max_windows:
     if max_windows:
         n = min(n, max_windows)
     return [start_s + i * T / fps for i in range(n)]
-
-
-def reference_time(start_s: float, end_s: float, t0: float, T: int, fps: float) -> float:
-    """The time of a window's reference frame: a frame of the same clip (one shot of one subject) away
-    from the window, the middle of the longer stretch of the clip before or after it; a clip of one window
-    gives the window's last frame. Never the window's first frame, which is also the first frame to be
-    predicted: a model given it learns to copy the reference's pose and expression (session 62's probe)."""
-    before, after = t0 - start_s, end_s - (t0 + T / fps)
-    if max(before, after) < 1 / fps - TIME_EPS:
-        return t0 + (T - 1) / fps
-    return start_s + before / 2 if before > after else t0 + T / fps + after / 2
 
 
 def decode_grid(path: str, grid: list[float], end_s: float, box_for, out_w: int, out_h: int):

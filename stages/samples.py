@@ -45,6 +45,17 @@ TEXT_KEYS = ("texts", "text_index", "text_onsets", "text_onset_index")
 Event = tuple[float, float, str]          # (onset s, end s, text) on the clip's timeline
 
 
+def reference_time(start_s: float, end_s: float, t0: float, T: int, fps: float) -> float:
+    """The time of a window's reference frame: a frame of the same clip (one shot of one subject) away
+    from the window, the middle of the longer stretch of the clip before or after it; a clip of one window
+    gives the window's last frame. Never the window's first frame, which is also the first frame to be
+    predicted: a model given it learns to copy the reference's pose and expression (session 62's probe)."""
+    before, after = t0 - start_s, end_s - (t0 + T / fps)
+    if max(before, after) < 1 / fps - TIME_EPS:
+        return t0 + (T - 1) / fps
+    return start_s + before / 2 if before > after else t0 + T / fps + after / 2
+
+
 def to_video(frames: np.ndarray) -> torch.Tensor:
     """[T, H, W, 3] uint8 -> [1, 3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0

@@ -193,7 +193,7 @@ def test_the_reference_is_a_frame_of_the_clip_away_from_its_window(embedded, row
     """A window's reference frame is the frame at `reference_time` (the middle of the clip's longer
     stretch outside the window; a clip of one window: its last frame), cut as the window is, never the
     window's first frame; training reads it as the clip's reference."""
-    from stages.embed import reference_time
+    from stages.samples import reference_time
     from stages.train.data import read_sample_clip
     assert reference_time(0.5, 3.0, 0.5, 17, 25.0) == pytest.approx(1.18 + 1.82 / 2)     # after the window
     assert reference_time(0.0, 2.0, 1.0, 17, 25.0) == pytest.approx(0.5)                 # before it: 1.0 > 0.32 s

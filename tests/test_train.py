@@ -171,6 +171,28 @@ def test_trains_on_a_synth_manifest(tmp_path):
               tmp_path / "bad")
 
 
+def test_a_written_clips_reference_is_a_frame_away_from_its_window(tmp_path):
+    """read_clip (vidu synth manifests) takes the reference where vidu embed does: the middle of the clip
+    after the window, or the window's last frame for a clip of one window; never the first frame."""
+    from models.config import PRESETS
+    from stages.samples import reference_time
+    from stages.sense.media import write_video
+    from stages.train.data import read_clip
+    cfg = PRESETS["tiny"]
+    T, fps = cfg.video_frames, cfg.audio.fps
+    levels = [8 + 6 * k for k in range(40)]                            # frame k: a flat grey of its own
+
+    def level(frame):                                                  # which frame a decoded one is
+        return int(np.argmin([abs(float(frame.mean()) - v) for v in levels]))
+    for total, want in ((40, 28), (T, T - 1)):                         # 40 frames: 1.14 s, frame 17 + 23 / 2 shown
+        path = write_video(tmp_path / f"{total}.mp4", (np.full((64, 64, 3), levels[k], np.uint8) for k in range(total)),
+                           fps, audio=np.zeros(total * 16000 // fps, np.float32))
+        c = read_clip({"path": str(path)}, cfg)
+        assert [level(f) for f in c["frames"]] == list(range(T))
+        assert level(c["ref"]) == want and want not in (0, *([] if total == T else range(T))), (total, want)
+    assert reference_time(0.0, 40 / fps, 0.0, T, fps) == pytest.approx(28.5 / fps)
+
+
 def test_a_mid_clip_instruction_reaches_the_training_batch_at_its_latent_frame():
     """World clips carry a text per latent frame: an instruction given mid-clip is read by the frames
     shown from its onset on (the first latent frame whose first video frame comes at or after it), the

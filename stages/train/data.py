@@ -23,6 +23,7 @@ need no codec.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch.distributed as dist
 from models.audio import audio_features, audio_latent
 from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV, frames_to_latents
-from stages.samples import synth_events, synth_timeline, text_timeline
+from stages.samples import TIME_EPS, reference_time, synth_events, synth_timeline, text_timeline
 from stages.train.losses import REGIONS
 
 CODEC_FILE = "codec.safetensors"      # in the run folder; checkpoints in out/step-N/ name it "../codec.safetensors"
@@ -183,21 +184,33 @@ def read_sample_clip(row: dict) -> dict:
 
 
 def read_clip(row: dict, cfg: ModelConfig) -> dict:
-    """A written clip: its first cfg.video_frames frames cover-scaled to the model size, their audio,
-    the first frame as reference, the instruction from the ground-truth sidecar (if any)."""
+    """A written clip: its first cfg.video_frames frames cover-scaled to the model size, their audio, the
+    reference frame away from them (`reference_time`, as `vidu embed` picks it: the middle of the rest of
+    the clip, or the window's last frame when the clip is one window), the instruction from the
+    ground-truth sidecar (if any)."""
     import json
     from models.encoders import image_tensor
     from stages.sense.media import load_audio, open_container
     T, fps = cfg.video_frames, cfg.audio.fps
-    frames = []
+
+    def model_frame(f) -> np.ndarray:
+        img = image_tensor(f.to_ndarray(format="rgb24"), cfg.height, cfg.width)[0, :, 0]
+        return ((img + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    frames, ref = [], None
     with open_container(row["path"]) as c:
-        for f in c.decode(c.streams.video[0]):
-            img = image_tensor(f.to_ndarray(format="rgb24"), cfg.height, cfg.width)[0, :, 0]
-            frames.append(((img + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-            if len(frames) == T:
+        stream = c.streams.video[0]
+        total = stream.frames or round(float(c.duration or 0) / 1e6 * fps)     # av.time_base: microseconds
+        shown = math.floor(reference_time(0.0, total / fps, 0.0, T, fps) * fps + TIME_EPS)   # the frame shown then
+        k = min(max(T - 1, shown), max(T, total) - 1)
+        for n, f in enumerate(c.decode(stream)):
+            if n < T:
+                frames.append(model_frame(f))
+            if n == k:
+                ref = frames[k] if k < T else model_frame(f)
                 break
     if len(frames) < T:
         raise ValueError(f"{row['path']} has {len(frames)} frames; training clips need {T}")
+    ref = frames[-1] if ref is None else ref              # fewer frames than the container said
     audio = load_audio(row["path"], cfg.audio.sample_rate)
     n = T * cfg.audio.sample_rate // fps
     audio = np.pad(audio[:n], (0, max(0, n - len(audio[:n]))))
@@ -206,7 +219,7 @@ def read_clip(row: dict, cfg: ModelConfig) -> dict:
         events, _ = synth_events(json.loads(Path(row["gt_path"]).read_text()))
         text = per_frame_texts(text_timeline(NEUTRAL_TEXT, events, 0.0, cfg.latent_frames, fps,
                                              cfg.audio.video_frames_per_latent, base_onset=0.0))
-    return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": frames[0], "text": text}
+    return {"frames": np.stack(frames), "audio": audio.astype(np.float32), "ref": ref, "text": text}
 
 
 @torch.no_grad()
