@@ -399,7 +399,22 @@ def train_phase(recipe: Recipe, stage: str, work: Path, out: Path, minutes: floa
     return res
 
 
-DISTILL_RENDER_S = 60.0      # the distill phase's clip rendering (~0.25 s a clip on one of 15 workers + start-up)
+DISTILL_CLIP_S = 2.4         # one worker's time per distill clip (sessions 58-59: 256 clips on 15 workers in ~60 s)
+DISTILL_STEP_S = 2.5         # a distill step of the recipe's (batch 32, 12 chunks), eager, on an H100 (session 58; PCM 80: 3.6)
+
+
+def distill_fit(recipe: Recipe, minutes: float, t_phase: float, steps: int | None, workers: int) -> dict:
+    """The distill phase's plan: its steps, its training minutes and its render overlap. The rollouts start
+    once a batch of clips is coded and the rest render beside them (DistillSettings.render_overlap: a clip
+    joins the draws every batch x per-clip time / step time samples), so only the first batch's rendering
+    comes off the phase's time."""
+    d, per_clip = recipe.distill, DISTILL_CLIP_S / max(1, workers)
+    first = POOL_START_S + min(d["samples"], d["batch"]) * per_clip
+    left = minutes * 60 - (time.perf_counter() - t_phase) - first - recipe.reserve_s
+    if left < 30:
+        raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of distillation")
+    return {"steps": steps or d["steps"], "train_minutes": left / 60,
+            "render_overlap": max(1, math.ceil(d["batch"] * per_clip / DISTILL_STEP_S))}
 
 
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
@@ -423,13 +438,11 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     if saved.is_file():
         rec = json.loads(saved.read_text())
     else:
-        left = minutes * 60 - (time.perf_counter() - t_phase) - DISTILL_RENDER_S - recipe.reserve_s
-        if left < 30:
-            raise SystemExit(f"--minutes {minutes:g} leaves {left:.0f} s of distillation")
-        rec = {"steps": steps or recipe.distill["steps"], "train_minutes": left / 60}
+        rec = distill_fit(recipe, minutes, t_phase, steps, workers)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
+          "render_overlap": rec.get("render_overlap", 0),       # a run planned before the overlap resumes without
           "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
           **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
           **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight,

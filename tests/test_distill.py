@@ -378,6 +378,28 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
         assert res.returncode != 0 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 
+def test_a_distillation_rolling_out_while_its_clips_render_equals_the_same_schedule_coded_in_process(tmp_path):
+    """DistillSettings.render_overlap (vidu distill --workers N --render-overlap K): the rollouts start on
+    the first batch's clips while the rest render; the draws are the schedule's, so the student equals the
+    one distilled with every clip coded here when first drawn, and differs from render-first."""
+    import json
+
+    from models.checkpoint import read_state_dict
+    from stages.distill.loop import DistillSettings, distill_run
+    from tests.conftest import vidu
+    teacher, _ = tiny_teacher(tmp_path)
+    st = DistillSettings(init_from=str(teacher), steps=3, batch=2, chunks=2, samples=4, save_every=3, render_overlap=1)
+    beside = json.loads(vidu("distill", "--from", str(teacher), "--out", str(tmp_path / "beside"), "--steps", "3",
+                             "--batch", "2", "--chunks", "2", "--samples", "4", "--save-every", "3", "--workers", "1",
+                             "--render-overlap", "1", "--workdir", str(tmp_path / "work"), "--quiet").stdout)
+    distill_run(st, tmp_path / "here")
+    distill_run(dataclasses.replace(st, render_overlap=0), tmp_path / "first", prefetch=1)
+    a, b, c = (read_state_dict(tmp_path / run / "step-000003" / "model.safetensors") for run in ("beside", "here", "first"))
+    assert beside["steps"] == 3
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 # --- the Distiller in process: warm start, sync reward, PCM ------------------------------------------
 
 def distiller(tmp_path, teacher=None, name="run", **settings):

@@ -137,6 +137,7 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
     assert dist["train"]["steps"] == 2 and dist["settings"]["init_from"] == str(works[4] / "causal" / "ema.safetensors")
     assert set(dist["shipped"]) == {"student/ema.safetensors", "codec.safetensors"}
     assert set(dist["loss_first"]) >= {"loss", "loss_critic", "loss_dmd"}
+    assert dist["settings"]["render_overlap"] == dist["fit"]["render_overlap"] >= 1     # rollouts beside the rendering
     again = phase("distill", works[4], tmp_path / "out5", monkeypatch)   # run again on the held machine: resumes
     assert again["train"]["resumed_from"] == 2 and again["train"]["steps"] == 2
     carry(outs[2], tmp_path / "w5")          # a later session: the teacher, and the last student as the warm start

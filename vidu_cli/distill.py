@@ -47,6 +47,8 @@ def distill(
     samples: int = option(DistillSettings, "samples", "Synthetic clips giving the conditions (cycled)."),
     data: Optional[Path] = option(DistillSettings, "data", "Take the conditions from this manifest (vidu synth / vidu embed) instead.", show_default=False),
     seed: int = option(DistillSettings, "seed", "Seed of data, rollouts and noise."),
+    render_overlap: int = option(DistillSettings, "render_overlap", "Roll out while the clips render (with --workers): the draws start on the first batch's clips and each further clip joins after this many more samples (0: every clip rendered first)."),
+    workers: Annotated[int, typer.Option(min=0, help="Processes rendering the clips that give the conditions (up front, or beside the rollouts with --render-overlap; 0: each clip rendered here when first drawn).")] = 0,
     workdir: Workdir = None,
     quiet: Quiet = False,
 ) -> None:
@@ -67,8 +69,8 @@ def distill(
                              sync_weight=sync_weight, lipsync=str(lipsync) if lipsync else None,
                              pcm_weight=pcm_weight, pcm_substeps=pcm_substeps, pcm_distance=pcm_distance,
                              lpips=str(lpips) if lpips else None, lpips_lin=str(lpips_lin) if lpips_lin else None,
-                             data=str(data) if data else None, compile=compile, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
+                             data=str(data) if data else None, compile=compile, render_overlap=render_overlap, dmd=DMDSettings(guidance=guidance, guide=guide, guidance_min_level=guidance_min_level,
                                              guidance_max_level=guidance_max_level))
         with _Progress(quiet, steps) as progress:
-            summary = distill_run(st, out, workspace(workdir), progress)
+            summary = distill_run(st, out, workspace(workdir), progress, prefetch=workers)
     print(json.dumps(summary))

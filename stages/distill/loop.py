@@ -94,6 +94,7 @@ class DistillSettings:
     # starts from the first phase's shipped EMA (with fresh optimizers and schedule).
     init_student: str | None = None
     samples: int = ranged(256, min=1)        # synthetic clips giving the conditions (cycled)
+    render_overlap: int = ranged(0, min=0)   # roll out while the clips render (TrainSettings.render_overlap)
     data: str | None = None                  # a manifest to take the conditions from instead
     dmd: DMDSettings = field(default_factory=DMDSettings)
     # the sync reward (DMD tends to erode lip sync): sync_weight x the teachers' sync loss (a trained
@@ -390,7 +391,8 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                 d: Dist | None = None, prefetch: int = 0, deadline: float | None = None) -> dict:
     """Distill the teacher checkpoint `st.init_from` into out/ (re-run to resume); the conditions come
     from the dataset stage 2 trains on, its clips of `chunks` chunks, coded with the teacher's
-    autoencoder (`prefetch` > 0: rendered up front in that many processes and kept on the device).
+    autoencoder (`prefetch` > 0: rendered in that many processes, up front or beside the rollouts with
+    st.render_overlap, and kept on the device).
     Records a catalog row under `root`; `deadline` as distill's."""
     from models.checkpoint import checkpoint_sampling, load_dit
     from stages.train.data import build_dataset
@@ -417,9 +419,6 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     data_st = TrainSettings(stage="causal", seed=st.seed, samples=st.samples, data=st.data, init_from=st.init_from)
     data = build_dataset(cfg.replace(latent_frames=st.chunks * record["chunk_frames"]), data_st, out, d,
                          prepare_codec, masks=bool(st.lipsync))        # the sync reward's mouth boxes
-    if prefetch:
-        data.prefetch(prefetch)
-        data.stack_on(d.device)
 
     lo, hi = batch_rows(st.batch, d)
 
@@ -442,9 +441,11 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                              code_version(), [st.init_from], str(out))
     t0, n0, state = time.perf_counter(), None, "failed"
     try:
+        data.start(prefetch, st.render_overlap, st.batch, d.device)
         summary = distill(dst, progress, deadline)
         n0, state = summary["resumed_from"] or 0, "done"
     finally:
+        data.close()                     # the rendering thread, when training ended before it did
         if root is not None and d.main:
             from manifests import catalog
             catalog.record_end(root, run_id, state, {"ok": dst.step}, n0 or 0, time.perf_counter() - t0)

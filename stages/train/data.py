@@ -273,6 +273,7 @@ class Dataset:
         self.text_cache: dict[str, torch.Tensor] = {}
         self.perms: dict[int, torch.Tensor] = {}
         self.stacked: dict[str, torch.Tensor] | None = None   # every clip's tensors stacked (stack_on)
+        self.stack_device: torch.device | None = None           # stack there once every clip is coded (start)
         # (first, per): sample g is drawn from the first `first` + g // per clips (a run training while its
         # clips render, TrainSettings.render_overlap), then the epochs' permutations go on from there
         self.fill: tuple[int, int] | None = None
@@ -310,6 +311,19 @@ class Dataset:
             s["text"] = self._frame_texts(s.pop("instruction"))
             self.cache[i] = s
         return self.cache[i]
+
+    def start(self, workers: int, overlap: int, first: int, device) -> None:
+        """How a run gets its clips. `overlap` > 0 (TrainSettings.render_overlap): sample g is drawn from
+        the first `first` clips and one more every `overlap` samples (`fill`), the same with workers or
+        without; `workers` > 0: the clips render in that many processes, all before the first step, or
+        beside training with `overlap`, and on CUDA the batches become one gather there once every clip is
+        coded (`stack_on`)."""
+        if overlap:
+            self.fill = (min(self.n, first), overlap)
+        if workers:
+            device = torch.device(device)
+            self.stack_device = device if device.type == "cuda" else None
+            self.prefetch(workers, background=bool(overlap))
 
     def prefetch(self, workers: int, background: bool = False) -> None:
         """Render (or read) every clip and its audio features in `workers` processes of one thread each,
@@ -410,6 +424,9 @@ class Dataset:
         return True
 
     def batch(self, g0: int, count: int, device) -> dict:
+        if self.stack_device is not None and self.rendered():
+            to, self.stack_device = self.stack_device, None
+            self.stack_on(to)
         if self.stacked is not None:
             idx = torch.tensor([self.index(g) for g in range(g0, g0 + count)])
             return {k: v[idx.to(v.device)].to(device) for k, v in self.stacked.items()}

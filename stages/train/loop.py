@@ -151,12 +151,7 @@ class Trainer:
         self.history: list[dict] = []
         self.data: Dataset = build_dataset(data_cfg, st, self.out, d, prepare_codec,
                                            masks=self.objective.needs_masks, ref_pose=self.objective.ref_pose)
-        # once every clip is coded (at once, or when an overlapped prefetch ends) batches become gathers on the GPU
-        self.stack_later = bool(prefetch) and d.device.type == "cuda"
-        if st.render_overlap:        # the draws while clips render: the same with workers or without
-            self.data.fill = (min(self.data.n, st.batch), st.render_overlap)
-        if prefetch:
-            self.data.prefetch(prefetch, background=bool(st.render_overlap))
+        self.data.start(prefetch, st.render_overlap, st.batch, d.device)
 
     def close(self) -> None:
         """Stop the data's rendering thread (training ended before the rendering did)."""
@@ -169,9 +164,6 @@ class Trainer:
     def train_step(self) -> dict:
         st, d = self.st, self.d
         lo, hi = self.rows()
-        if self.stack_later and self.data.rendered():
-            self.stack_later = False
-            self.data.stack_on(d.device)
         batch = self.data.batch(self.step * st.batch + lo, hi - lo, d.device)
         draw = Draw(step_generator(st.seed, self.step), lo, hi, st.batch)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda"):
