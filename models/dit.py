@@ -342,6 +342,8 @@ class DiT(nn.Module):
             self.audio_patch = nn.Linear(cfg.audio_latent_dim, dim)
             self.audio_ref_tokens = nn.Parameter(torch.zeros(1, 1, cfg.audio_latent_tokens, dim))
             self.audio_head = Head(dim, cfg.audio_latent_dim, cfg.eps)
+        if cfg.voices:
+            self.voice_embedding = nn.Embedding(cfg.voices, dim)
         self.gradient_checkpointing = False
         self.keep_speech = False           # a stream's engine: _speech keeps a chunk's speech keys/values
         self._kept_speech = None
@@ -424,6 +426,8 @@ class DiT(nn.Module):
                 nn.init.zeros_(b.audio_attn.o.weight)
         if self.cfg.joint_audio:
             nn.init.zeros_(self.audio_head.head.weight)
+        if self.cfg.voices:
+            nn.init.normal_(self.voice_embedding.weight, std=0.02)
         if self.cfg.pooled_text:
             nn.init.normal_(self.text_pool[0].weight, std=0.02)
             nn.init.zeros_(self.text_pool[2].weight)
@@ -543,7 +547,8 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *,
                 audio: torch.Tensor | None = None, audio_latent: torch.Tensor | None = None,
                 ref: torch.Tensor | None = None, mask: str = "full", chunk_frames: int = 1,
-                kv: KV | None = None, frame_pos=None, return_kv: bool = False) -> DiTOutput:
+                kv: KV | None = None, frame_pos=None, return_kv: bool = False,
+                voice: torch.Tensor | None = None) -> DiTOutput:
         """
         x: [B, C, F, H, W] noisy video latent; t: [B] or [B, F] timesteps (0..1000);
         context: [B, L, text_dim] text features, or [B, F, L, text_dim] a text per frame (the
@@ -552,6 +557,7 @@ class DiT(nn.Module):
         features of x's frames with the speech context the model hears (cfg.audio_context; models/audio.py);
         audio_latent: [B, F, Na, Ca] noisy joint audio latent (required when the model has the branch);
         ref: [B, C, 1, H, W] clean reference latent, put first (t = 0, frame position 0);
+        voice: [B] the character voice of each row (cfg.voices; < 0 or None: none), on the ref's audio tokens;
         mask: "full" or "causal" (block-causal by `chunk_frames` among this call's frames);
         kv: context keys/values (pre-RoPE, with positions) every generated token attends to;
         frame_pos: RoPE frame positions of x's frames (default: following the ref / the kv context).
@@ -573,7 +579,12 @@ class DiT(nn.Module):
         if ref is not None:
             ref_tokens = self.embed_frames(ref)
             if cfg.joint_audio:
-                ref_tokens = torch.cat([ref_tokens, self.audio_ref_tokens.float().expand(B, -1, -1, -1)], 2)
+                said = self.audio_ref_tokens.float().expand(B, -1, -1, -1)
+                if cfg.voices and voice is not None:
+                    voice = torch.as_tensor(voice, device=x.device)
+                    chosen = self.voice_embedding(voice.clamp_min(0)).float() * (voice >= 0)[:, None].float()
+                    said = said + chosen[:, None, None, :]
+                ref_tokens = torch.cat([ref_tokens, said], 2)
             tokens = torch.cat([ref_tokens, tokens], 1)
             t = torch.cat([t.new_zeros(B, 1), t], 1)
         S = tokens.shape[2]

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.audio import AudioStream
+from models.audio import AudioStream, check_wave_speech
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
@@ -117,11 +117,19 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         raise StreamError(str(e)) from None
     if attention not in SELF_ATTENTION:
         raise StreamError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
+    def hears_waves(c: ModelConfig) -> None:
+        try:
+            check_wave_speech(c)
+        except ValueError as e:
+            raise StreamError(str(e)) from None
     cfg, trained = get_preset(preset), None
+    if not ckpt:
+        hears_waves(cfg)
     if ckpt:
         own, trained = checkpoint_config(ckpt), checkpoint_sampling(ckpt)
         if own is None:                                          # not a vidu file: a config from the shapes
             model, cfg = load_dit(ckpt, device=device, dtype=dtype)
+        hears_waves(own or cfg)
         st = _settings(own or cfg, trained, settings)            # before a vidu checkpoint's weights load
         if own is not None:
             model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)

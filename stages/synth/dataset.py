@@ -18,7 +18,7 @@ import numpy as np
 from manifests.io import workspace
 from stages.run import RunResult, Stage, base_row, ranged
 from stages.synth.render import render_clip
-from stages.synth.speech import SR, RealDirs, Speech, mouth_tracks, speak
+from stages.synth.speech import SR, RealDirs, Speech, Voice, mouth_tracks, speak
 from stages.synth.world import (
     INSTRUCTION_DELAY,
     STYLES,
@@ -93,38 +93,41 @@ def render_sample(seed: int, identity: Identity, scene: Scene, speech: Speech, e
 SPEECH_MIN_S = 4.0  # shorter clips are cut from a clip of speech this long (sentences outlast a 1 s clip)
 
 
-def clip_speech(rng: np.random.Generator, duration: float, split: str, real_dir: RealDirs) -> Speech:
+def clip_speech(rng: np.random.Generator, duration: float, split: str, real_dir: RealDirs,
+                voice: Voice | None = None) -> Speech:
     """`speak` for `duration` s; under SPEECH_MIN_S, a window of a SPEECH_MIN_S clip, at a random offset."""
     if duration >= SPEECH_MIN_S:
-        return speak(rng, duration, split, real_dir)
-    long = speak(rng, SPEECH_MIN_S, split, real_dir)
+        return speak(rng, duration, split, real_dir, voice)
+    long = speak(rng, SPEECH_MIN_S, split, real_dir, voice)
     t0 = round(float(rng.uniform(0, SPEECH_MIN_S - duration)) * SR) / SR
     n = round(duration * SR)
     a0 = round(t0 * SR)
     clip = lambda a, b: (round(max(a - t0, 0.0), 4), round(min(b - t0, duration), 4))  # noqa: E731
     segments = [clip(a, b) for a, b in long.segments if b > t0 and a < t0 + duration]
     visemes = [(*clip(a, b), v) for a, b, v in long.visemes if b > t0 and a < t0 + duration]
+    phones = [(p, *clip(a, b)) for p, a, b in long.phones if b > t0 and a < t0 + duration]
     return Speech(long.audio[a0:a0 + n], [(a, b) for a, b in segments if b - a > 0.05], visemes, long.source,
-                  long.text)
+                  long.text, phones)
 
 
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
                 masks: bool = False, style: str | None = None, split: str = "train",
                 real_dir: RealDirs = None, cut_actions: bool = False, events: list[Event] | None = None,
-                draw: bool = True) -> Sample:
+                draw: bool = True, voice: Voice | None = None) -> Sample:
     """A clip of T = 1 + 4k frames, fully determined by `seed` (the identity by the seed and `style`
     alone): a character of `style` (default: drawn with world.STYLES), speech of `split`'s voices,
     texts and recordings (speech.speak; `real_dir` holds recordings), timed instructions (with
     `cut_actions`, training's clips: also one whose action the clip's end cuts, world.random_events). With
     `masks`, also the region masks of its frames (face, eyes, mouth, hands). `events` replaces the drawn
     instructions (everything else stays the seed's: a probe of what one instruction does). `draw` False:
-    everything but the pixels (render_sample)."""
+    everything but the pixels (render_sample). `voice`: the speech is TTS in this character voice, not
+    augmented (speech.speak; the joint model's target)."""
     r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
                                                           np.random.SeedSequence(seed).spawn(5))
     identity = random_identity(r_identity, style)
     scene = random_scene(r_scene, identity)
     T = frame_count(seconds, fps)
-    speech = clip_speech(r_speech, T / fps, split, real_dir)
+    speech = clip_speech(r_speech, T / fps, split, real_dir, voice)
     if events is None:
         events = random_events(r_actions, T / fps, cut_actions)
     return render_sample(seed, identity, scene, speech, events, T, r_motion, width, height, fps, masks, draw)

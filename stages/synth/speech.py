@@ -14,7 +14,7 @@ Voices, texts and recordings are split "train" / "eval" (`split_items`); eval it
 train draws.
 
 The API:
-    speak(rng, duration, split="train", real_dir=None) -> Speech    one speaker's clip, augmented
+    speak(rng, duration, split="train", real_dir=None, voice=None) -> Speech   one speaker's clip, augmented
     mouth_tracks(speech, T, fps) -> {"mouth": [T], "round": [T]}    visemes when known, else loudness
     causal_loudness(audio, fps, T) -> [T]                           gain-normalised, no future samples
     split_items(split, real_dir=None) -> {"voices", "texts", "files"}
@@ -31,7 +31,7 @@ import ctypes
 import functools
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -69,6 +69,11 @@ class Speech:
     visemes: list[tuple[float, float, str]]  # (start s, end s, viseme name), ground truth; [] when unknown
     source: str  # "tts:<voice>" | "real:<file name>" | "silence" | "formant"
     text: str  # what is said ("" when unknown)
+    # (ARPAbet phone, start s, end s), stages.sense.content's phones of the TTS truth; [] when unknown
+    phones: list[tuple[str, float, float]] = field(default_factory=list)
+
+
+Voice = tuple[str, int]  # a character voice: (espeak-ng voice, base pitch 0-100), stages.synth.voice.VOICES
 
 
 # --- espeak-ng through ctypes (speak_lib.h, API revision 12) ---------------------------------------
@@ -477,20 +482,24 @@ def augment(rng: np.random.Generator, audio: np.ndarray, segments: list[tuple[fl
 
 # --- the clips --------------------------------------------------------------------------------------
 
-def _tts_clip(rng: np.random.Generator, n: int, split: str):
-    pool = voices(split)
-    readers = [v for v in pool if v.split("+")[0] in READERS]
-    english = [v for v in pool if v.split("+")[0] not in READERS]
-    group = readers if rng.random() < READER_SHARE else english
-    voice = group[rng.integers(len(group))]
-    rate, pitch, pitch_range = int(rng.integers(120, 231)), int(rng.integers(20, 81)), int(rng.integers(20, 91))
+def _tts_clip(rng: np.random.Generator, n: int, split: str, voice: Voice | None = None):
+    from stages.sense.content import from_espeak
+    if voice is None:
+        pool = voices(split)
+        readers = [v for v in pool if v.split("+")[0] in READERS]
+        english = [v for v in pool if v.split("+")[0] not in READERS]
+        group = readers if rng.random() < READER_SHARE else english
+        name = group[rng.integers(len(group))]
+        rate, pitch, pitch_range = int(rng.integers(120, 231)), int(rng.integers(20, 81)), int(rng.integers(20, 91))
+    else:
+        (name, pitch), rate, pitch_range = voice, int(rng.integers(120, 231)), int(rng.integers(20, 91))
     candidates = texts(split)
-    audio, segments, vis, said = np.zeros(n, np.float32), [], [], []
+    audio, segments, vis, phones, said = np.zeros(n, np.float32), [], [], [], []
     duration = n / SR
     t, misses = rng.uniform(0.05, min(0.8, 0.3 * duration)), 0
     while t < duration - 0.5 and misses < 4:
         text = candidates[rng.integers(len(candidates))]
-        u = tts(text, voice, rate, pitch, pitch_range)
+        u = tts(text, name, rate, pitch, pitch_range)
         s0, s1 = u.span
         if s1 <= s0 or t + (s1 - s0) > duration - 0.05:
             misses += 1
@@ -504,9 +513,10 @@ def _tts_clip(rng: np.random.Generator, n: int, split: str):
         segments.append((round(t, 4), round(t + s1 - s0, 4)))
         vis += [(max(a, 0.0), min(b, duration), v) for a, b, v in visemes_of(u.phonemes, offset)
                 if b > 0 and a < duration and (v != "sil" or segments[-1][0] <= a < segments[-1][1])]
+        phones += [(p, max(a, 0.0), min(b, duration)) for p, a, b in from_espeak(u.phonemes, offset) if b > 0 and a < duration]
         said.append(text)
         t += (s1 - s0) + rng.uniform(0.3, 1.2)
-    return audio, segments, vis, f"tts:{voice}", " ".join(said)
+    return audio, segments, vis, f"tts:{name}", " ".join(said), phones
 
 
 @functools.cache
@@ -543,19 +553,22 @@ def _real_clip(rng: np.random.Generator, n: int, files: list[Path]):
     return audio, [(s, e) for s, e in segments if e - s > 0.05], [], f"real:{path.name}", ""
 
 
-def speak(rng: np.random.Generator, duration: float, split: str = "train", real_dir: RealDirs = None) -> Speech:
+def speak(rng: np.random.Generator, duration: float, split: str = "train", real_dir: RealDirs = None,
+          voice: Voice | None = None) -> Speech:
     """A clip of one speaker, `duration` s: SILENT_SHARE silent clips; REAL_SHARE cut from the
     recordings of `split` in `real_dir` (when it has some); otherwise TTS sentences of `split`
-    in one voice of `split` with 0.3-1.2 s pauses. All augmented (`augment`); visemes are the TTS
-    ground truth, [] for real speech."""
+    in one voice of `split` with 0.3-1.2 s pauses. All augmented (`augment`); visemes and phones are the
+    TTS ground truth, [] for real speech. `voice`: a character's voice (the joint model's target): TTS
+    in that voice alone (no recordings), as it sounds (not augmented)."""
     _check(split)
     n = round(duration * SR)
-    files = real_files(real_dir, split)
+    files = real_files(real_dir, split) if voice is None else []
     r = rng.random()
+    phones = []
     if r < SILENT_SHARE or duration < 0.8:
         audio, segments, vis, source, text = np.zeros(n, np.float32), [], [], "silence", ""
     elif files and r < SILENT_SHARE + REAL_SHARE:
         audio, segments, vis, source, text = _real_clip(rng, n, files)
     else:
-        audio, segments, vis, source, text = _tts_clip(rng, n, split)
-    return Speech(augment(rng, audio, segments), segments, vis, source, text)
+        audio, segments, vis, source, text, phones = _tts_clip(rng, n, split, voice)
+    return Speech(augment(rng, audio, segments) if voice is None else audio, segments, vis, source, text, phones)

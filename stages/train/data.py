@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from models.audio import audio_features, audio_latent
+from models.audio import audio_features, audio_latent, check_wave_speech
 from models.config import NEUTRAL_TEXT, ModelConfig
 from models.taehv import TAEHV, frames_to_latents
 from stages.samples import TIME_EPS, reference_time, synth_events, synth_timeline, text_timeline
@@ -67,7 +67,7 @@ def reference_state(seed: int, ref_pose: float):
 
 
 def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "train", truth: bool = False,
-                events: list | None = None, ref_pose: float = 0.0) -> dict:
+                events: list | None = None, ref_pose: float = 0.0, voice: str | None = None) -> dict:
     """One synthetic clip: frames [T, H, W, 3] uint8 (T = cfg.video_frames), speech [T / fps s] at
     16 kHz, a reference frame of the same identity [H, W, 3] (neutral, or posed: `ref_pose`), its texts per latent frame (an
     instruction whose action the clip's end cuts included: short clips see instructions act) and,
@@ -75,16 +75,29 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     the sync loss's mouth crop corners ("mouth_box" [F, 2], stages/train/lipsync.py `mouth_boxes`);
     `split`: whose voices and texts (stages.synth); `truth`: also the ground truth (Sample.truth());
     `events` (stages.synth Events): these instructions instead of the seed's; `ref_pose`: the share of seeds
-    whose reference shows the identity in a random pose (`reference_state`)."""
+    whose reference shows the identity in a random pose (`reference_state`).
+    A model that reads speech content (cfg.audio_encoder "content", issue 19) gets a clip said in a character
+    voice (`voice`, a stages.synth.voice.VOICES name; default `voice_for(seed)`), not augmented: its speech
+    features are the content of the TTS truth (`content_rows`), its joint audio target that voice, and
+    "voice" its index."""
     from stages import synth
+    said = None
+    if cfg.audio_encoder == "content":
+        from stages.synth.voice import VOICES, voice_for
+        voice = voice or voice_for(seed)
+        said = VOICES[voice]
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
                           seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
                           cut_actions=split == "train",   # held-out clips stay as the bench renders them
-                          events=events)
+                          events=events, voice=said)
     if s.frames.shape[0] != cfg.video_frames:
         raise ValueError(f"synthetic clip has {s.frames.shape[0]} frames; the model takes {cfg.video_frames}")
     ref = synth.render(s.identity, reference_state(seed, ref_pose), cfg.width, cfg.height, s.scene)   # same scene
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
+    if said is not None:
+        from stages.synth.voice import VOICES
+        c["audio_features"] = content_rows(s.audio, s.said.phones, cfg)
+        c["voice"] = sorted(VOICES).index(voice)
     if masks:
         from stages.train.lipsync import LipSyncConfig, mouth_boxes
         for region in REGIONS:
@@ -93,6 +106,18 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     if truth:
         c["truth"] = s.truth()
     return c
+
+
+def content_rows(audio: np.ndarray, phones: list, cfg: ModelConfig) -> torch.Tensor:
+    """The speech features of a content model (cfg.audio_encoder "content"): the phones (ARPAbet segments
+    on the clip's timeline) and the loudness of `audio`, on the latent timeline with the model's speech
+    context, [before + F + after, mel_per_latent, CONTENT_DIM], as audio_features lays out log-mel (steps
+    outside the clip are silence)."""
+    from stages.sense import content as C
+    before, after = cfg.dit.audio_context
+    T = C.steps_for(len(audio))
+    phone = C.phone_steps(phones, T)
+    return C.latent_rows(phone, C.loudness(audio, phone), before + cfg.latent_frames + after, before)
 
 
 def latent_regions(mask: np.ndarray, per: int, down: int) -> torch.Tensor:
@@ -120,6 +145,8 @@ class ClipSource:
                  ref_pose: float = 0.0):
         if manifest and ref_pose:
             raise ValueError("--ref-pose renders the references of world clips; a manifest's clips bring their own")
+        if manifest:
+            check_wave_speech(cfg)
         self.cfg, self.seed, self.masks, self.ref_pose = cfg, seed, masks, ref_pose
         self.kind, self.rows = manifest_rows(manifest, cfg) if manifest else ("world", None)
         self.n = len(self.rows) if self.rows is not None else n
@@ -233,6 +260,8 @@ def encode_clip(cfg: ModelConfig, codec: TAEHV | None, c: dict) -> dict:
     else:
         s = {"video": frames_to_latents(codec, c["frames"]), "ref": frames_to_latents(codec, c["ref"][None])}
     s["instruction"] = c["text"]
+    if "voice" in c:
+        s["voice"] = torch.tensor(c["voice"])
     for key in (*REGIONS, "mouth_box"):
         if key in c:
             s[key] = c[key]

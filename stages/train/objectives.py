@@ -120,6 +120,8 @@ def drop_conditions(batch: dict, st: ObjectiveSettings, draw: Draw) -> tuple[dic
             continue
         keep = (~drop).to(x.device).reshape(-1, *([1] * (x.ndim - 1)))
         out[name] = torch.where(keep, x, null_condition(x))
+        if name == "ref" and batch.get("voice") is not None:      # the voice is the character's, as the ref is
+            out["voice"] = torch.where(drop.to(x.device), -1, batch["voice"])
     return out, parts
 
 
@@ -158,7 +160,7 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     s = _sigma(draw, st, x0.device)
     x_t, xa_t = noised(x0, s, draw), noised(xa0, s, draw)
     out = model(x_t, s * 1000.0, batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
-                mask="full")
+                mask="full", voice=batch.get("voice"))
     F = x0.shape[2]
     loss, vparts = video_loss(x0_from_v(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
     parts = {**vparts, **dropped}
@@ -209,7 +211,8 @@ def stream_sequence(batch: dict, frames: torch.Tensor, before: int, after: int) 
     return {"video": batch["video"][:, :, f], "ref": batch["ref"],
             "text": text[:, f] if text.ndim == 4 else text,
             "audio": None if batch.get("audio") is None else gather_audio(batch["audio"], frames, before, after),
-            "audio_latent": None if batch.get("audio_latent") is None else batch["audio_latent"][:, f]}
+            "audio_latent": None if batch.get("audio_latent") is None else batch["audio_latent"][:, f],
+            "voice": batch.get("voice")}
 
 
 def causal_forward(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
@@ -218,7 +221,7 @@ def causal_forward(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor 
     1..m after the ref, block-causal by chunks."""
     m = x_t.shape[2]
     return model(x_t, sigma * 1000.0, seq["text"], audio=seq["audio"], audio_latent=xa_t, ref=seq["ref"],
-                 mask="causal", chunk_frames=chunk_frames, frame_pos=torch.arange(1, m + 1))
+                 mask="causal", chunk_frames=chunk_frames, frame_pos=torch.arange(1, m + 1), voice=seq.get("voice"))
 
 
 def _history_tau(draw: Draw, st: ObjectiveSettings) -> tuple[torch.Tensor, torch.Tensor]:

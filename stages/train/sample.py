@@ -183,11 +183,12 @@ def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, w
     the model's clip length) and decoded by `codec` (TAEHV) a piece at a time. Each latent frame reads
     the text in force when it is shown, as training's clips do (stages/samples.py); `encode_text`:
     list[str] -> [N, L, D] features; `progress`: sample_bidirectional's."""
-    from models.audio import audio_features
+    from models.audio import audio_features, check_wave_speech
     from models.config import NEUTRAL_TEXT
     from models.encoders import reference_latent
     from stages.samples import text_timeline
     from stages.train.data import fit_text
+    check_wave_speech(cfg)
     d, per, fps = cfg.dit, cfg.audio.video_frames_per_latent, cfg.audio.fps
     dev = next(model.parameters()).device
     F = 1 + -(-(frames - 1) // per)                      # latent frames whose video covers `frames`

@@ -1,0 +1,141 @@
+"""Joint audio as a well-posed task (issue 19): a content model (audio_encoder "content", preset tiny-voice)
+hears WHAT is said — the phones of the TTS truth and a standardised loudness, no timbre — and its joint
+audio target is the clip said in a character voice (stages/synth/voice.py VOICES), chosen per clip and
+given to the model as a voice embedding on the reference's audio tokens."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.config import PRESETS
+
+CFG = PRESETS["tiny-voice"]
+
+
+def phones_of(rows: torch.Tensor) -> np.ndarray:
+    """Content rows [N, K, 41] -> the phone id of every step [N * K]."""
+    return rows[..., :-1].argmax(-1).flatten().numpy()
+
+
+def test_a_voiced_clip_hears_content_and_its_target_is_the_characters_voice():
+    from models.audio import audio_latent
+    from stages.sense import content as C
+    from stages.synth.voice import VOICES
+    from stages.train.data import render_clip
+    def speech_steps(c):
+        return int(c["audio_features"][..., 1:-1].sum())
+    seed = next(s for s in range(100, 300) if 20 <= speech_steps(render_clip(s, CFG, voice="ada")) <= 50)   # words and pauses
+    ada, gus = render_clip(seed, CFG, voice="ada"), render_clip(seed, CFG, voice="gus")
+    other = next(c for c in (render_clip(s, CFG, voice="ada") for s in range(seed + 1, seed + 40)) if speech_steps(c) >= 20)
+    assert (ada["voice"], gus["voice"]) == (sorted(VOICES).index("ada"), sorted(VOICES).index("gus"))
+    before, after = CFG.dit.audio_context
+    assert ada["audio_features"].shape == (before + CFG.latent_frames + after, CFG.audio.mel_per_latent, 41)
+    assert torch.equal(ada["audio_features"][..., :-1].sum(-1), torch.ones(ada["audio_features"].shape[:2]))
+    # the same words in two voices: the same phones at nearly every speech step (what is said, not who)
+    a, g, o = phones_of(ada["audio_features"]), phones_of(gus["audio_features"]), phones_of(other["audio_features"])
+    speech = (a > 0) | (g > 0)
+    assert speech.sum() >= 20 and (a == g)[speech].mean() > 0.8
+    assert (a == o)[(a > 0) | (o > 0)].mean() < 0.3                  # another clip's words: the check can fail
+    # the phones are where the sound is: speech steps are loud, the steps between words silent
+    from models.audio import _lead_steps
+    T, lead = C.steps_for(len(ada["audio"])), _lead_steps(CFG.audio, before)
+    said = a[lead:lead + T]                                            # the clip's own steps
+    level = C.step_level(ada["audio"], T)
+    assert (said > 0).sum() >= 20 and np.median(level[said > 0]) > np.median(level[said == 0]) + 30
+    # the target is the voice itself, not augmented (digital silence between words), and it is the voice's
+    assert np.mean(ada["audio"] == 0) > 0.05 and np.mean(render_clip(seed, PRESETS["tiny"])["audio"] == 0) < 0.01
+    tokens, F = CFG.dit.audio_latent_tokens, CFG.latent_frames
+    ta = audio_latent(torch.from_numpy(ada["audio"]), F, tokens, CFG.audio)
+    tg = audio_latent(torch.from_numpy(gus["audio"]), F, tokens, CFG.audio)
+    assert (ta - tg).abs().mean() > 0.1                                # (the same voice twice: 0, the render is a function of its seed)
+    assert torch.equal(ta, audio_latent(torch.from_numpy(render_clip(seed, CFG, voice="ada")["audio"]), F, tokens, CFG.audio))
+    assert "voice" not in render_clip(seed, PRESETS["tiny"]) and "audio_features" not in render_clip(seed, PRESETS["tiny"])
+
+
+def scrambled():
+    from models.dit import DiT
+    torch.manual_seed(0)
+    model = DiT(CFG.dit).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def inputs(B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d, F = CFG.dit, CFG.latent_frames
+    h, w = CFG.height // 8, CFG.width // 8
+    before, after = d.audio_context
+    return dict(x=torch.randn(B, d.in_dim, F, h, w, generator=g), t=torch.full((B,), 500.0),
+                context=torch.randn(B, d.text_len, d.text_dim, generator=g),
+                audio=torch.randn(B, before + F + after, CFG.audio.mel_per_latent, d.audio_dim, generator=g),
+                audio_latent=torch.randn(B, F, d.audio_latent_tokens, d.audio_latent_dim, generator=g),
+                ref=torch.randn(B, d.in_dim, 1, h, w, generator=g))
+
+
+@torch.no_grad()
+def test_the_voice_reaches_the_model_through_the_reference_alone():
+    model, x = scrambled(), inputs()
+
+    def run(voice, ref=True):
+        kw = dict(x) if ref else {k: v for k, v in x.items() if k != "ref"}
+        return model(kw.pop("x"), kw.pop("t"), kw.pop("context"), **kw, voice=voice)
+    a, b = run(torch.tensor([0, 3])), run(torch.tensor([0, 5]))
+    assert torch.equal(a.audio[0], b.audio[0]) and not torch.allclose(a.audio[1], b.audio[1], atol=1e-4)
+    assert not torch.allclose(a.video[1], b.video[1], atol=1e-5)      # the video sees the voice too (joint attention)
+    none = run(None)
+    assert torch.equal(run(torch.tensor([-1, -1])).audio, none.audio)  # no voice: the reference's tokens alone
+    assert not torch.allclose(none.audio, a.audio, atol=1e-4)
+    assert torch.equal(run(torch.tensor([0, 3]), ref=False).audio, run(torch.tensor([1, 7]), ref=False).audio)
+
+
+def test_a_dropped_reference_drops_its_voice_and_the_loss_trains_the_rows_voices():
+    from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss, drop_conditions
+    model = scrambled().train()
+    x = inputs(B=4)
+    batch = {"video": x["x"], "text": x["context"], "audio": x["audio"], "audio_latent": x["audio_latent"],
+             "ref": x["ref"], "voice": torch.tensor([1, 2, 6, 2])}
+    st = ObjectiveSettings(p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.5)
+    out, _ = drop_conditions(batch, st, Draw(torch.Generator().manual_seed(3), 0, 4, 4))
+    dropped = (out["ref"] == 0).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < 4
+    assert torch.equal(out["voice"], torch.where(dropped, -1, batch["voice"]))
+    loss, _ = bidirectional_loss(model, batch, ObjectiveSettings(p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0),
+                                 Draw(torch.Generator().manual_seed(4), 0, 4, 4))
+    loss.backward()
+    grad = model.voice_embedding.weight.grad.abs().sum(1)
+    assert set(torch.nonzero(grad).flatten().tolist()) == {1, 2, 6}
+
+
+def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path):
+    from stages.distill.loop import DistillSettings, distill_run
+    from stages.stream.session import StreamError, load_parts
+    from stages.train.objectives import ObjectiveSettings
+    from stages.train.data import ClipSource
+    from stages.train.loop import TrainSettings, train
+    from stages.train.sample import sample_clips
+    summary = train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=2, save_every=2, batch=2,
+                                  samples=2), tmp_path / "bi")
+    ckpt = tmp_path / "bi" / "step-000002" / "ema.safetensors"
+    assert summary["steps"] == 2 and ckpt.is_file()
+    causal = train(TrainSettings(stage="causal", preset="tiny-voice", steps=2, save_every=2, batch=2, samples=2,
+                                 init_from=str(ckpt)), tmp_path / "causal")    # stage 2 trains on them too
+    assert causal["steps"] == 2
+    with pytest.raises(ValueError, match="hears log-mel"):
+        train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=1, objective=ObjectiveSettings(
+            lipsync=str(tmp_path / "sync.safetensors"), sync_weight=0.1)), tmp_path / "sync")
+    with pytest.raises(ValueError, match="reads speech content"):
+        distill_run(DistillSettings(init_from=str(tmp_path / "causal" / "step-000002" / "ema.safetensors")),
+                    tmp_path / "student")
+    image = tmp_path / "face.png"
+    from PIL import Image
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
+    for call in (lambda: load_parts(image, ckpt), lambda: load_parts(image, preset="tiny-voice")):
+        with pytest.raises(StreamError, match="reads speech content"):
+            call()
+    with pytest.raises(ValueError, match="reads speech content"):
+        ClipSource(CFG, 0, 1, manifest=tmp_path / "clips.parquet")
+    with pytest.raises(ValueError, match="reads speech content"):
+        sample_clips(scrambled(), CFG, None, None, [], [], [], 17)
