@@ -55,6 +55,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from models.audio import check_wave_speech
 from models.config import NEUTRAL_TEXT, PRESETS, ModelConfig, preset as get_preset
 from stages.run import Stage, base_row, not_param, ranged
 from stages.samples import (TIME_EPS, TextTimeline, chunk_events, frame_texts, reference_time, shard_name,
@@ -67,6 +68,7 @@ def sample_config(preset: str, height: int | None = None, width: int | None = No
                   fps: int | None = None) -> ModelConfig:
     """The preset with the geometry overrides applied; checks they fit the model (T = 1 + 4k, 16 | H, W)."""
     cfg = get_preset(preset)
+    check_wave_speech(cfg)                     # real clips' speech is a wave: log-mel or wav2vec2 features
     per = cfg.audio.video_frames_per_latent
     if frames is not None and (frames < 1 or (frames - 1) % per):
         raise ValueError(f"--frames must be 1 + {per}k (e.g. 17, 33, 81), got {frames}")

@@ -137,5 +137,9 @@ def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path)
             call()
     with pytest.raises(ValueError, match="reads speech content"):
         ClipSource(CFG, 0, 1, manifest=tmp_path / "clips.parquet")
+    from tests.conftest import cli
+    res = cli("embed", "--from", str(tmp_path / "clips.parquet"), "--preset", "tiny-voice", "--workdir", str(tmp_path / "work"),
+              "-q", check=False)
+    assert res.returncode != 0 and "reads speech content" in res.stderr and "Traceback" not in res.stderr, res.stderr
     with pytest.raises(ValueError, match="reads speech content"):
         sample_clips(scrambled(), CFG, None, None, [], [], [], 17)
