@@ -91,6 +91,20 @@ def test_the_voice_reaches_the_model_through_the_reference_alone():
     assert torch.equal(run(torch.tensor([0, 3]), ref=False).audio, run(torch.tensor([1, 7]), ref=False).audio)
 
 
+@torch.no_grad()
+def test_the_teachers_sampler_says_it_in_the_voice_it_is_given():
+    from stages.train.sample import sample_bidirectional
+    model, x = scrambled(), inputs(B=1)
+
+    def said(voice):
+        _, audio = sample_bidirectional(model, CFG, x["ref"], x["context"], x["audio"], steps=3, guidance=2.0,
+                                        voice=None if voice is None else torch.tensor([voice]))
+        return audio
+    ada, ada_again, gus = said(0), said(0), said(6)
+    assert torch.equal(ada, ada_again) and not torch.allclose(ada, gus, atol=1e-4)
+    assert not torch.allclose(said(None), ada, atol=1e-4)
+
+
 def test_a_dropped_reference_drops_its_voice_and_the_loss_trains_the_rows_voices():
     from stages.train.objectives import Draw, ObjectiveSettings, bidirectional_loss, drop_conditions
     model = scrambled().train()

@@ -37,7 +37,8 @@ STREAM_SAMPLER, STREAM_GUIDANCE, STREAM_GUIDE = "renoise", 3.0, "text"
 def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, steps: int = BIDIRECTIONAL_STEPS,
                          shift: float = SHIFT, seed: int = 0, guidance: float = TEACHER_GUIDANCE,
                          guide: str = "all", frames: int | None = None,
-                         overlap: int = OVERLAP, progress=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         overlap: int = OVERLAP, progress=None,
+                         voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """ref [B, C, 1, h, w], text [B, L, D] or a text per latent frame [B, F, L, D], audio [B, before + F + after,
     K, A] -> (video latent [B, C, F, h, w], audio latent), F = `frames` (default the model's clip length,
     cfg.latent_frames). With guidance != 1, one forward of batch 2B per step.
@@ -47,7 +48,8 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     made: at every step they are set to the flow's point between their known value and the window's noise
     at that step's level (x_s = (1 - s) x0 + s eps), so the new frames are denoised in their context and
     the held ones come out exactly as made. Each window reads its own frames' texts and speech.
-    `progress(done, windows)` is called after each window (a long clip's sampling can be followed)."""
+    `progress(done, windows)` is called after each window (a long clip's sampling can be followed).
+    `voice` [B]: the character voice of each row's joint audio (DiTConfig.voices), in both guidance passes."""
     d, B = cfg.dit, ref.shape[0]
     F = frames or cfg.latent_frames
     before, after = d.audio_context
@@ -61,6 +63,7 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
     rows = 2 * B if two else B
     if two:
         ref = torch.cat([ref, ref])
+        voice = None if voice is None else torch.cat([voice, voice])
     sig = flow_sigmas(steps, shift) + [0.0]
     video = audio_out = None
     made = 0                                              # frames sampled so far
@@ -79,7 +82,8 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
         for s, s_next in zip(sig[:-1], sig[1:]):
             x2 = torch.cat([x, x]) if two else x
             xa2 = torch.cat([xa, xa]) if two and xa is not None else xa
-            out = model(x2, torch.full((rows,), s * 1000.0, device=dev), txt, audio=aud, audio_latent=xa2, ref=ref)
+            out = model(x2, torch.full((rows,), s * 1000.0, device=dev), txt, audio=aud, audio_latent=xa2, ref=ref,
+                        **({} if voice is None else {"voice": voice}))
             v, va = out.video, out.audio
             if two:
                 v, va = guided(v, guidance), guided(va, guidance)
