@@ -170,8 +170,8 @@ _SMALL_TAEHV = TAEHVConfig(encoder_width=64, decoder_widths=(160, 128, 64, 64), 
 _SPEECH_CONTEXT = (2, 1)
 CONTENT_DIM = 41          # stages/sense/content.py: 40 phones (39 ARPAbet + SIL) one-hot, and the loudness
 VOICE_COUNT = 8           # stages/synth/voice.py VOICES: the character voices of the synthetic world
-# one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins (tiny only: joint audio
-# has no training target yet, so the starter model `small` is video-only)
+# one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins (the tiny presets only: `small`
+# and the starter model are video-only; `tiny-voice` gives the branch a target, issue 19)
 _TINY_AUDIO_TOKENS = 2
 
 PRESETS: dict[str, ModelConfig] = {
