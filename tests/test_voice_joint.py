@@ -4,6 +4,8 @@ audio target is the clip said in a character voice (stages/synth/voice.py VOICES
 given to the model as a voice embedding on the reference's audio tokens."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -134,6 +136,16 @@ def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path)
                                   samples=2), tmp_path / "bi")
     ckpt = tmp_path / "bi" / "step-000002" / "ema.safetensors"
     assert summary["steps"] == 2 and ckpt.is_file()
+    import importlib.util                     # benchmarks/voice_bench.py on it: one case, the model and the oracle
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("voice_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "voice_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--ckpt", str(ckpt), "--codec", str(tmp_path / "bi" / "codec.safetensors"), "--cases", "1",
+                      "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
+    saved = json.loads((tmp_path / "bench" / "voice_bench.json").read_text())
+    assert saved["model"]["scored"] == saved["oracle"]["scored"] == 1 and res["oracle"]["nearest_is_told"] == 1.0
+    assert saved["rows"][0]["told"] != saved["rows"][0]["driving"] and saved["oracle"]["envelope_r"] == pytest.approx(1.0)
     causal = train(TrainSettings(stage="causal", preset="tiny-voice", steps=2, save_every=2, batch=2, samples=2,
                                  init_from=str(ckpt)), tmp_path / "causal")    # stage 2 trains on them too
     assert causal["steps"] == 2
@@ -157,3 +169,27 @@ def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path)
     assert res.returncode != 0 and "reads speech content" in res.stderr and "Traceback" not in res.stderr, res.stderr
     with pytest.raises(ValueError, match="reads speech content"):
         sample_clips(scrambled(), CFG, None, None, [], [], [], 17)
+
+
+def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_model_told_another():
+    """stages/eval/bench/voice.py: case i is driven by one character voice and told another; the scorers
+    read the driving speech itself (the oracle) as its own voice with envelope r 1; a model's output
+    (here a scrambled tiny-voice: a run of the pipeline, not a quality claim) is scored in the told voice."""
+    from models.encoders import text_encoder
+    from models.taehv import TAEHV
+    from models.vocoder import load
+    from stages.eval.bench.voice import case_voices, oracle_row, voice_case, voice_rows, voice_sample
+    assert all(d != t for d, t in map(case_voices, range(16))) and len({case_voices(i)[0] for i in range(8)}) == 8
+    case = voice_case(0, CFG, 4.0)
+    oracle = oracle_row(case)
+    assert oracle["envelope_r"] == pytest.approx(1.0) and oracle["voice_nearest"] == oracle["told"] == case["driving"]
+    assert oracle["voice_similarity"] > oracle["voice_similarity_other"] + 0.05
+    torch.manual_seed(0)
+    codec, vocoder, encode = TAEHV(CFG.taehv).eval(), load(), text_encoder("minilm", max_len=CFG.dit.text_len)
+    [row] = voice_rows(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0)
+    assert (row["driving"], row["told"], row["voice"]) == (case["driving"], case["told"], case["told"])
+    assert row["audio_seconds"] == row["driving_seconds"] == len(case["audio"]) / 16000 and "envelope_r" in row
+    with pytest.raises(ValueError, match="at least 4 s"):
+        voice_case(0, CFG, 2.0)
+    with pytest.raises(ValueError, match="no voices"):
+        voice_sample(None, PRESETS["tiny"], codec, vocoder, encode, case, "ada", 2, 2.0)

@@ -1,0 +1,97 @@
+"""The voice bench (issue 19): does a content model (audio_encoder "content", e.g. preset tiny-voice) say
+what it hears, in the voice it is told, rather than in the voice that said it?
+
+Case i: a held-out clip of the synthetic world (seed VOICE_BASE + i, eval-split texts, no instructions)
+said by one character voice, the driving voice (stages.synth.voice.VOICES, sorted, i mod 8), and told
+another (i + TOLD_SHIFT mod 8: never its own). The model hears the driving speech's content (`content_rows`
+of its TTS truth: phones and loudness, no timbre) and samples the clip whole (stages/train/sample.py
+`sample_bidirectional`, the told voice in both guidance passes); its joint audio goes through the shipped
+vocoder (models/vocoder.py) and is scored against the driving speech by stages/eval/metrics/audio.py
+`score_generated`: envelope r (and its mismatched control), word error rate against the said text
+(pocketsphinx), voice similarity to the told voice against every other voice, the driving one included.
+`oracle_row` scores the driving speech itself the same way (told its own voice): what the scorers read on
+real speech of these voices (envelope r 1, the driving voice nearest)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.eval.bench.cases import HELD_OUT_BASE
+
+VOICE_BASE = HELD_OUT_BASE + 3 * 2 ** 40     # voice case i: seed VOICE_BASE + i (apart from the synth bench's)
+TOLD_SHIFT = 3
+
+
+def case_voices(i: int) -> tuple[str, str]:
+    """(driving voice, told voice) of case i."""
+    from stages.synth.voice import VOICES
+    names = sorted(VOICES)
+    return names[i % len(names)], names[(i + TOLD_SHIFT) % len(names)]
+
+
+def voice_case(i: int, cfg, seconds: float) -> dict:
+    """Case i for the content model `cfg`: the driving speech ("audio", "text"), its content rows ("rows",
+    on the latent timeline of the clip's "latent_frames"), the character's neutral reference image ("ref")."""
+    from stages import synth
+    from stages.synth.dataset import SPEECH_MIN_S
+    from stages.synth.voice import VOICES
+    from stages.train.data import content_rows
+    if seconds < SPEECH_MIN_S:            # shorter clips are windows cut from longer speech: not all of the text is said
+        raise ValueError(f"voice cases are at least {SPEECH_MIN_S:g} s (whole sentences), not {seconds:g}")
+    driving, told = case_voices(i)
+    s = synth.make_sample(VOICE_BASE + i, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=seconds,
+                          split="eval", events=[], voice=VOICES[driving])
+    F = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
+    return {"index": i, "seed": VOICE_BASE + i, "driving": driving, "told": told, "audio": s.audio, "text": s.said.text,
+            "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)), "latent_frames": F,
+            "ref": synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)}
+
+
+@torch.no_grad()
+def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str, steps: int, guidance: float,
+                 seed: int = 0) -> np.ndarray:
+    """The model's joint audio for `case` said in `voice`, through the vocoder: 16 kHz float32, the length of
+    the driving speech."""
+    from models.audio import latent_to_logmel
+    from models.config import NEUTRAL_TEXT
+    from models.encoders import reference_latent
+    from stages.synth.voice import VOICES
+    from stages.train.data import fit_text
+    from stages.train.sample import sample_bidirectional
+    if not cfg.dit.voices:
+        raise ValueError(f"preset {cfg.name} has no voices (DiTConfig.voices): the voice bench needs a voice model")
+    dev = next(model.parameters()).device
+    ref = reference_latent(codec, case["ref"], cfg.height, cfg.width).float().to(dev)
+    text = fit_text(torch.as_tensor(encode_text([NEUTRAL_TEXT])[0]).float(), cfg.dit.text_len)[None].to(dev)
+    _, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), steps=steps, guidance=guidance,
+                                    frames=case["latent_frames"], seed=seed,
+                                    voice=torch.tensor([sorted(VOICES).index(voice)], device=dev))
+    wave = vocoder.synthesize(latent_to_logmel(audio[0].cpu(), cfg.audio)).numpy()
+    n = len(case["audio"])
+    return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
+
+
+def score_case(generated: np.ndarray, case: dict, voice: str) -> dict:
+    """`score_generated` of a track against the case's driving speech and text, told `voice` (whole clips:
+    no chunk edges); a case whose driving speech is silent is a row with its reason."""
+    from stages.eval.metrics.audio import score_generated
+    row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
+    if not np.any(case["audio"]) or not case["text"]:
+        return {**row, "skipped": "the driving clip is silent"}
+    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice, chunk_frames=None)}
+
+
+def oracle_row(case: dict) -> dict:
+    """The driving speech scored as if generated, told its own voice: the scorers' reading of real speech."""
+    return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"])
+
+
+def voice_rows(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, steps: int,
+               guidance: float) -> list[dict]:
+    """The bench: each case sampled in its told voice and scored (module docstring)."""
+    rows = []
+    for i in range(cases):
+        case = voice_case(i, cfg, seconds)
+        wave = voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], steps, guidance, seed=i)
+        rows.append(score_case(wave, case, case["told"]))
+    return rows
