@@ -87,7 +87,7 @@ from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
 from stages.train.objectives import ObjectiveSettings  # noqa: E402
 
-PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "distill", "eval", "clips", "starter")
+PHASES = ("autoencoder", "lipsync", "bidirectional", "causal", "distill", "eval", "clips", "starter", "voice")
 LIPSYNC = "lipsync.safetensors"
 TEXT_TABLE = ROOT / "benchmarks" / "data" / "text_table.safetensors"
 SHIP_LIMIT = 16 * 2 ** 20            # bytes per file coming back from a GPU run ($OUT)
@@ -156,6 +156,11 @@ RECIPES = {
         lipsync=dict(clips=3, steps=5, batch=64, seconds=2.0, eval_clips=2, min_auc=0.0, weight=0.02)),
 }
 
+# the voice presets (issue 19): the same recipe on a model that hears speech content and says it in a character
+# voice; their teachers are judged by --phase voice (the synth bench streams, which a content model cannot yet)
+RECIPES["small-voice"] = dataclasses.replace(RECIPES["small"], preset="small-voice")
+RECIPES["tiny-voice"] = dataclasses.replace(RECIPES["tiny"], preset="tiny-voice")
+VOICE_CASES = 16
 
 # -- shipping: bf16 files of at most SHIP_LIMIT bytes ------------------------------------------------
 
@@ -475,6 +480,19 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     shutil.copy(run / "loss.png", out / "loss_distill.png")
     res["shipped"] = {str(Path(f).relative_to(out)): Path(f).stat().st_size for f in files}
     return res
+
+
+def voice_phase(recipe: Recipe, work: Path, cases: int | None, seconds: float | None, steps: int | None,
+                guidance: float | None, guide: str | None) -> dict:
+    """Issue 19's voice bench (stages/eval/bench/voice.py) on W/bidirectional, a voice preset's stage 1
+    sampled whole: VOICE_CASES held-out clips of the recipe's eval length (at least whole sentences), each
+    driven by one character voice and told another; sampling as the checkpoint records unless asked."""
+    from stages.eval.bench.voice import run
+    from stages.synth.dataset import SPEECH_MIN_S
+    t0 = time.perf_counter()
+    res = run(unship(work / "bidirectional", "ema"), work / CODEC, cases or VOICE_CASES,
+              seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
+    return {"phase": "voice", "teacher": "bidirectional", **res, "eval_s": time.perf_counter() - t0}
 
 
 def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
@@ -969,6 +987,10 @@ def table(res: dict) -> str:
                 f"{res['fit_s']:.0f} s; AUC held-out shifted {f(h['auc_shifted'])} / other clip {f(h['auc_other_clip'])} "
                 f"/ window {f(h['auc_window'])} (train {f(t['auc_shifted'])} / {f(t['auc_other_clip'])}); "
                 f"used by the teachers: {res['used_by_teachers']}")
+    if res["phase"] == "voice":
+        from stages.eval.bench.voice import table as voice_table
+        return (f"voice bench: {res['teacher']}, {res['cases']} held-out cases x {res['seconds']:g} s, "
+                f"{res['eval_s']:.0f} s on {res['device']}\n" + voice_table(res["summary"], res["oracle"]))
     if res["phase"] == "clips":
         lines = [f"clips {res['teacher']}: {res['cases']} held-out clips x {res['seconds']:.2f} s, "
                  f"{res['eval_s']:.0f} s on {res['device']}",
@@ -1132,6 +1154,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.scores:
             ap.error("--phase starter needs --scores (the eval phase's recipe_eval.json of the model to ship)")
         res = starter_phase(work, args.scores)
+    elif args.phase == "voice":
+        res = voice_phase(recipe, work, args.cases, args.seconds, args.stream_steps, args.guidance, args.guide)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
                             args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache))

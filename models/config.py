@@ -170,8 +170,8 @@ _SMALL_TAEHV = TAEHVConfig(encoder_width=64, decoder_widths=(160, 128, 64, 64), 
 _SPEECH_CONTEXT = (2, 1)
 CONTENT_DIM = 41          # stages/sense/content.py: 40 phones (39 ARPAbet + SIL) one-hot, and the loudness
 VOICE_COUNT = 8           # stages/synth/voice.py VOICES: the character voices of the synthetic world
-# one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins (the tiny presets only: `small`
-# and the starter model are video-only; `tiny-voice` gives the branch a target, issue 19)
+# one joint audio token = mel_per_latent / tokens log-mel frames of n_mels bins (`tiny`, and the voice presets
+# that give the branch a target, issue 19; `small` and the starter model are video-only)
 _TINY_AUDIO_TOKENS = 2
 
 PRESETS: dict[str, ModelConfig] = {
@@ -197,6 +197,16 @@ PRESETS: dict[str, ModelConfig] = {
         dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,
                       num_layers=6, audio_dim=_AUDIO.n_mels, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_SMALL_VAE, taehv=_SMALL_TAEHV, height=256, width=256, latent_frames=9, chunk_frames=1),
+    # `small` with the joint audio of issue 19 (`tiny-voice`'s task at the starter's size)
+    "small-voice": ModelConfig(
+        name="small-voice",
+        dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,
+                      num_layers=6, audio_dim=CONTENT_DIM,
+                      audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
+                      audio_latent_tokens=_TINY_AUDIO_TOKENS, voices=VOICE_COUNT, audio_context=_SPEECH_CONTEXT,
+                      pooled_text=True),
+        vae=_SMALL_VAE, taehv=_SMALL_TAEHV, audio_encoder="content", height=256, width=256, latent_frames=9,
+        chunk_frames=1),
     "wan2.1-1.3b": ModelConfig(
         name="wan2.1-1.3b", dit=DiTConfig(), text_encoder="umt5", height=480, width=832,
         latent_frames=21, chunk_frames=3),

@@ -5,6 +5,7 @@ given to the model as a voice embedding on the reference's audio tokens."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -125,27 +126,46 @@ def test_a_dropped_reference_drops_its_voice_and_the_loss_trains_the_rows_voices
     assert set(torch.nonzero(grad).flatten().tolist()) == {1, 2, 6}
 
 
-def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path):
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+    if name not in sys.modules:                   # (its dataclasses look their module up there)
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path, monkeypatch):
+    """The recipe's stage 1 on tiny-voice (the GPU path), its voice phase and benchmarks/voice_bench.py on the
+    shipped teacher, stage 2 from it; everything that would hear a wave refuses in one line."""
+    from models.checkpoint import save_taehv
+    from models.taehv import TAEHV
     from stages.distill.loop import DistillSettings, distill_run
     from stages.stream.session import StreamError, load_parts
     from stages.train.objectives import ObjectiveSettings
     from stages.train.data import ClipSource
     from stages.train.loop import TrainSettings, train
     from stages.train.sample import sample_clips
-    summary = train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=2, save_every=2, batch=2,
-                                  samples=2), tmp_path / "bi")
-    ckpt = tmp_path / "bi" / "step-000002" / "ema.safetensors"
-    assert summary["steps"] == 2 and ckpt.is_file()
-    import importlib.util                     # benchmarks/voice_bench.py on it: one case, the model and the oracle
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("voice_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "voice_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = bench.main(["--ckpt", str(ckpt), "--codec", str(tmp_path / "bi" / "codec.safetensors"), "--cases", "1",
-                      "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
+    recipe = load_script("teacher_recipe")
+    torch.manual_seed(0)
+    save_taehv(tmp_path / "codec.safetensors", TAEHV(CFG.taehv), CFG.taehv)
+    work = tmp_path / "w"
+    fast = ["--work", str(work), "--preset", "tiny-voice", "--workers", "0", "--minutes", "4"]
+    monkeypatch.setenv("VIDU_TEXT_TABLE", str(recipe.TEXT_TABLE))
+    monkeypatch.setenv("OUT", str(tmp_path / "out1"))
+    bi = recipe.main(["--phase", "bidirectional", "--steps", "2", "--codec", str(tmp_path / "codec.safetensors"), *fast])
+    assert bi["train"]["steps"] == 2 and bi["settings"]["preset"] == "tiny-voice"
+    monkeypatch.setenv("OUT", str(tmp_path / "out2"))
+    voice = recipe.main(["--phase", "voice", "--cases", "1", "--stream-steps", "2", *fast])
+    assert (voice["summary"]["scored"], voice["oracle"]["nearest_is_told"], voice["seconds"]) == (1, 1.0, 4.0)
+    assert voice["rows"][0]["told"] != voice["rows"][0]["driving"] and voice["oracle"]["envelope_r"] == pytest.approx(1.0)
+    assert (tmp_path / "out2" / "recipe_voice.json").is_file()
+    ckpt = recipe.unship(work / "bidirectional", "ema")
+    res = load_script("voice_bench").main(["--ckpt", str(ckpt), "--codec", str(work / "codec.safetensors"), "--cases", "1",
+                                           "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
     saved = json.loads((tmp_path / "bench" / "voice_bench.json").read_text())
-    assert saved["model"]["scored"] == saved["oracle"]["scored"] == 1 and res["oracle"]["nearest_is_told"] == 1.0
-    assert saved["rows"][0]["told"] != saved["rows"][0]["driving"] and saved["oracle"]["envelope_r"] == pytest.approx(1.0)
+    assert saved["rows"] == voice["rows"] and res["summary"] == voice["summary"]       # the same bench either way
     causal = train(TrainSettings(stage="causal", preset="tiny-voice", steps=2, save_every=2, batch=2, samples=2,
                                  init_from=str(ckpt)), tmp_path / "causal")    # stage 2 trains on them too
     assert causal["steps"] == 2
@@ -186,10 +206,10 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     assert oracle["voice_similarity"] > oracle["voice_similarity_other"] + 0.05
     torch.manual_seed(0)
     codec, vocoder, encode = TAEHV(CFG.taehv).eval(), load(), text_encoder("minilm", max_len=CFG.dit.text_len)
-    [row] = voice_rows(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0)
+    [row] = voice_rows(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
     assert (row["driving"], row["told"], row["voice"]) == (case["driving"], case["told"], case["told"])
     assert row["audio_seconds"] == row["driving_seconds"] == len(case["audio"]) / 16000 and "envelope_r" in row
     with pytest.raises(ValueError, match="at least 4 s"):
         voice_case(0, CFG, 2.0)
     with pytest.raises(ValueError, match="no voices"):
-        voice_sample(None, PRESETS["tiny"], codec, vocoder, encode, case, "ada", 2, 2.0)
+        voice_sample(None, PRESETS["tiny"], codec, vocoder, encode, case, "ada", steps=2)

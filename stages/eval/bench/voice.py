@@ -48,10 +48,10 @@ def voice_case(i: int, cfg, seconds: float) -> dict:
 
 
 @torch.no_grad()
-def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str, steps: int, guidance: float,
-                 seed: int = 0) -> np.ndarray:
+def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str, seed: int = 0, **how) -> np.ndarray:
     """The model's joint audio for `case` said in `voice`, through the vocoder: 16 kHz float32, the length of
-    the driving speech."""
+    the driving speech. `how`: sample_bidirectional's steps, shift, guidance and guide (stages/train/sample.py
+    `whole_settings`: the checkpoint's record)."""
     from models.audio import latent_to_logmel
     from models.config import NEUTRAL_TEXT
     from models.encoders import reference_latent
@@ -63,10 +63,9 @@ def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str
     dev = next(model.parameters()).device
     ref = reference_latent(codec, case["ref"], cfg.height, cfg.width).float().to(dev)
     text = fit_text(torch.as_tensor(encode_text([NEUTRAL_TEXT])[0]).float(), cfg.dit.text_len)[None].to(dev)
-    _, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), steps=steps, guidance=guidance,
-                                    frames=case["latent_frames"], seed=seed,
-                                    voice=torch.tensor([sorted(VOICES).index(voice)], device=dev))
-    wave = vocoder.synthesize(latent_to_logmel(audio[0].cpu(), cfg.audio)).numpy()
+    _, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), frames=case["latent_frames"],
+                                    seed=seed, voice=torch.tensor([sorted(VOICES).index(voice)], device=dev), **how)
+    wave = vocoder.synthesize(latent_to_logmel(audio[0].float().cpu(), cfg.audio)).numpy()
     n = len(case["audio"])
     return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
 
@@ -86,12 +85,58 @@ def oracle_row(case: dict) -> dict:
     return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"])
 
 
-def voice_rows(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, steps: int,
-               guidance: float) -> list[dict]:
-    """The bench: each case sampled in its told voice and scored (module docstring)."""
+def voice_rows(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, **how) -> list[dict]:
+    """The bench: each case sampled in its told voice (`how`: voice_sample's) and scored (module docstring)."""
     rows = []
     for i in range(cases):
         case = voice_case(i, cfg, seconds)
-        wave = voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], steps, guidance, seed=i)
+        wave = voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how)
         rows.append(score_case(wave, case, case["told"]))
     return rows
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Means over the scored rows; the shares of rows whose nearest voice is the told one / the driving one."""
+    scored = [r for r in rows if "skipped" not in r]
+    voiced = [r for r in scored if r.get("voice_nearest")]
+    return {"cases": len(rows), "scored": len(scored),
+            **{k: _mean(r[k] for r in scored) for k in ("envelope_r", "envelope_r_control", "wer_generated",
+                                                        "wer_driving", "voice_similarity", "voice_similarity_other")},
+            "nearest_is_told": _mean(float(r["voice_nearest"] == r["told"]) for r in voiced),
+            "nearest_is_driving": _mean(float(r["voice_nearest"] == r["driving"]) for r in voiced)}
+
+
+def table(model: dict, oracle: dict) -> str:
+    """The bench's markdown table: the model's summary, and the oracle's."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["| track | envelope r (control) | WER generated / driving | similarity told / best other | nearest = told / driving |",
+             "|---|---|---|---|---|"]
+    for name, s in (("model", model), ("oracle (the driving speech)", oracle)):
+        lines.append(f"| {name} | {f(s['envelope_r'])} ({f(s['envelope_r_control'])}) | {f(s['wer_generated'])} / "
+                     f"{f(s['wer_driving'])} | {f(s['voice_similarity'])} / {f(s['voice_similarity_other'])} | "
+                     f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} |")
+    return "\n".join(lines)
+
+
+def run(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, guidance: float | None = None,
+        guide: str | None = None) -> dict:
+    """The bench on a checkpoint with its autoencoder file, on the GPU when there is one: the sampling
+    settings asked for, else the checkpoint's record; the model's rows, the oracle's, both summaries."""
+    from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
+    from models.encoders import text_encoder
+    from models.vocoder import load as load_vocoder
+    from stages.train.sample import whole_settings
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model, cfg = load_dit(ckpt, device=dev)
+    model.eval()
+    how = whole_settings(checkpoint_sampling(ckpt), steps, guidance, guide)
+    rows = voice_rows(model, cfg, load_taehv(codec_path, dev), load_vocoder(), text_encoder("minilm", max_len=cfg.dit.text_len),
+                      cases, seconds, **how)
+    oracle = [oracle_row(voice_case(i, cfg, seconds)) for i in range(cases)]
+    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev,
+            "summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
