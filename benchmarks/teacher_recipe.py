@@ -482,17 +482,23 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     return res
 
 
-def voice_phase(recipe: Recipe, work: Path, cases: int | None, seconds: float | None, steps: int | None,
+def voice_phase(recipe: Recipe, work: Path, out: Path, cases: int | None, seconds: float | None, steps: int | None,
                 guidance: float | None, guide: str | None) -> dict:
     """Issue 19's voice bench (stages/eval/bench/voice.py) on W/bidirectional, a voice preset's stage 1
     sampled whole: VOICE_CASES held-out clips of the recipe's eval length (at least whole sentences), each
-    driven by one character voice and told another; sampling as the checkpoint records unless asked."""
-    from stages.eval.bench.voice import run
+    driven by one character voice and told another; sampling as the checkpoint records unless asked. The
+    waves go to OUT/voice_waves.npz, scored here when the scorers are installed (the GPU image lacks them:
+    then `python benchmarks/voice_bench.py --score voice_waves.npz` on the dev machine)."""
+    from stages.eval.bench.voice import generate, save_waves, scored, scorers_missing
     from stages.synth.dataset import SPEECH_MIN_S
     t0 = time.perf_counter()
-    res = run(unship(work / "bidirectional", "ema"), work / CODEC, cases or VOICE_CASES,
-              seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
-    return {"phase": "voice", "teacher": "bidirectional", **res, "eval_s": time.perf_counter() - t0}
+    res = generate(unship(work / "bidirectional", "ema"), work / CODEC, cases or VOICE_CASES,
+                   seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
+    save_waves(out / "voice_waves.npz", res)
+    missing = scorers_missing()
+    res = {k: v for k, v in res.items() if k != "waves"} if missing else scored(res)
+    return {"phase": "voice", "teacher": "bidirectional", **res, "scorers_missing": missing,
+            "eval_s": time.perf_counter() - t0}
 
 
 def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
@@ -989,8 +995,12 @@ def table(res: dict) -> str:
                 f"used by the teachers: {res['used_by_teachers']}")
     if res["phase"] == "voice":
         from stages.eval.bench.voice import table as voice_table
-        return (f"voice bench: {res['teacher']}, {res['cases']} held-out cases x {res['seconds']:g} s, "
-                f"{res['eval_s']:.0f} s on {res['device']}\n" + voice_table(res["summary"], res["oracle"]))
+        head = (f"voice bench: {res['teacher']}, {res['cases']} held-out cases x {res['seconds']:g} s, "
+                f"{res['eval_s']:.0f} s on {res['device']}")
+        if res["scorers_missing"]:
+            return (f"{head}; waves in voice_waves.npz, not scored here (no {res['scorers_missing']}): "
+                    f"python benchmarks/voice_bench.py --score voice_waves.npz")
+        return head + "\n" + voice_table(res["summary"], res["oracle"])
     if res["phase"] == "clips":
         lines = [f"clips {res['teacher']}: {res['cases']} held-out clips x {res['seconds']:.2f} s, "
                  f"{res['eval_s']:.0f} s on {res['device']}",
@@ -1155,7 +1165,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error("--phase starter needs --scores (the eval phase's recipe_eval.json of the model to ship)")
         res = starter_phase(work, args.scores)
     elif args.phase == "voice":
-        res = voice_phase(recipe, work, args.cases, args.seconds, args.stream_steps, args.guidance, args.guide)
+        res = voice_phase(recipe, work, out, args.cases, args.seconds, args.stream_steps, args.guidance, args.guide)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
                             args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache))

@@ -162,10 +162,20 @@ def test_a_content_model_trains_on_the_world_and_refuses_to_hear_waves(tmp_path,
     assert voice["rows"][0]["told"] != voice["rows"][0]["driving"] and voice["oracle"]["envelope_r"] == pytest.approx(1.0)
     assert (tmp_path / "out2" / "recipe_voice.json").is_file()
     ckpt = recipe.unship(work / "bidirectional", "ema")
-    res = load_script("voice_bench").main(["--ckpt", str(ckpt), "--codec", str(work / "codec.safetensors"), "--cases", "1",
-                                           "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
+    bench = load_script("voice_bench")
+    res = bench.main(["--ckpt", str(ckpt), "--codec", str(work / "codec.safetensors"), "--cases", "1",
+                      "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
     saved = json.loads((tmp_path / "bench" / "voice_bench.json").read_text())
     assert saved["rows"] == voice["rows"] and res["summary"] == voice["summary"]       # the same bench either way
+    # waves sampled where the scorers are missing (the GPU image) are scored here from the .npz
+    import stages.eval.bench.voice as voice_mod
+    monkeypatch.setattr(voice_mod, "scorers_missing", lambda: "resemblyzer")
+    monkeypatch.setenv("OUT", str(tmp_path / "out3"))
+    unscored = recipe.main(["--phase", "voice", "--cases", "1", "--stream-steps", "2", *fast])
+    assert unscored["scorers_missing"] == "resemblyzer" and "rows" not in unscored
+    monkeypatch.undo()
+    later = bench.main(["--score", str(tmp_path / "out3" / "voice_waves.npz"), "--out", str(tmp_path / "later")])
+    assert later["rows"] == voice["rows"] and later["summary"] == voice["summary"]
     causal = train(TrainSettings(stage="causal", preset="tiny-voice", steps=2, save_every=2, batch=2, samples=2,
                                  init_from=str(ckpt)), tmp_path / "causal")    # stage 2 trains on them too
     assert causal["steps"] == 2
@@ -198,7 +208,7 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     from models.encoders import text_encoder
     from models.taehv import TAEHV
     from models.vocoder import load
-    from stages.eval.bench.voice import case_voices, oracle_row, voice_case, voice_rows, voice_sample
+    from stages.eval.bench.voice import case_voices, oracle_row, score_waves, voice_case, voice_sample, voice_waves
     assert all(d != t for d, t in map(case_voices, range(16))) and len({case_voices(i)[0] for i in range(8)}) == 8
     case = voice_case(0, CFG, 4.0)
     oracle = oracle_row(case)
@@ -206,7 +216,10 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     assert oracle["voice_similarity"] > oracle["voice_similarity_other"] + 0.05
     torch.manual_seed(0)
     codec, vocoder, encode = TAEHV(CFG.taehv).eval(), load(), text_encoder("minilm", max_len=CFG.dit.text_len)
-    [row] = voice_rows(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
+    waves = voice_waves(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
+    res = score_waves(waves, CFG, 4.0)
+    [row] = res["rows"]
+    assert res["oracle_rows"] == [oracle] and res["summary"]["scored"] == 1
     assert (row["driving"], row["told"], row["voice"]) == (case["driving"], case["told"], case["told"])
     assert row["audio_seconds"] == row["driving_seconds"] == len(case["audio"]) / 16000 and "envelope_r" in row
     with pytest.raises(ValueError, match="at least 4 s"):

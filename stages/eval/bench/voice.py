@@ -85,14 +85,24 @@ def oracle_row(case: dict) -> dict:
     return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"])
 
 
-def voice_rows(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, **how) -> list[dict]:
-    """The bench: each case sampled in its told voice (`how`: voice_sample's) and scored (module docstring)."""
-    rows = []
+def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, **how) -> list[np.ndarray]:
+    """The model's joint audio of cases 0..cases-1, each said in its told voice (`how`: voice_sample's)."""
+    out = []
     for i in range(cases):
         case = voice_case(i, cfg, seconds)
-        wave = voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how)
-        rows.append(score_case(wave, case, case["told"]))
-    return rows
+        out.append(voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
+    return out
+
+
+def score_waves(waves: list[np.ndarray], cfg, seconds: float) -> dict:
+    """The model's waves scored against their cases' driving speech (rendered again: the world and its TTS
+    are functions of the seed), and the oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
+    rows, oracle = [], []
+    for i, wave in enumerate(waves):
+        case = voice_case(i, cfg, seconds)
+        rows.append(score_case(np.asarray(wave, np.float32), case, case["told"]))
+        oracle.append(oracle_row(case))
+    return {"summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
 
 
 def _mean(xs) -> float | None:
@@ -123,10 +133,11 @@ def table(model: dict, oracle: dict) -> str:
     return "\n".join(lines)
 
 
-def run(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, guidance: float | None = None,
-        guide: str | None = None) -> dict:
-    """The bench on a checkpoint with its autoencoder file, on the GPU when there is one: the sampling
-    settings asked for, else the checkpoint's record; the model's rows, the oracle's, both summaries."""
+def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, guidance: float | None = None,
+             guide: str | None = None) -> dict:
+    """The model's waves on a checkpoint with its autoencoder file, on the GPU when there is one (the sampling
+    settings asked for, else the checkpoint's record): what `score_waves` scores, here or on another machine
+    (`save_waves`: the GPU image lacks the scorers' packages)."""
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
     from models.vocoder import load as load_vocoder
@@ -135,8 +146,35 @@ def run(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, 
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
     how = whole_settings(checkpoint_sampling(ckpt), steps, guidance, guide)
-    rows = voice_rows(model, cfg, load_taehv(codec_path, dev), load_vocoder(), text_encoder("minilm", max_len=cfg.dit.text_len),
-                      cases, seconds, **how)
-    oracle = [oracle_row(voice_case(i, cfg, seconds)) for i in range(cases)]
-    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev,
-            "summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
+    waves = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(),
+                        text_encoder("minilm", max_len=cfg.dit.text_len), cases, seconds, **how)
+    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves}
+
+
+def save_waves(path, res: dict) -> None:
+    """`generate`'s waves (float32, as scored: 16 cases x 8 s are ~8 MB) and settings in one .npz."""
+    import json
+    np.savez_compressed(path, meta=np.array(json.dumps({k: v for k, v in res.items() if k != "waves"})),
+                        **{f"wave{i}": np.asarray(w, np.float32) for i, w in enumerate(res["waves"])})
+
+
+def load_waves(path) -> dict:
+    import json
+    with np.load(path) as z:
+        res = json.loads(str(z["meta"]))
+        res["waves"] = [z[f"wave{i}"] for i in range(res["cases"])]
+    return res
+
+
+def scored(res: dict) -> dict:
+    """`generate`'s result (or `load_waves`') with its scores (score_waves), the waves left out."""
+    from models.config import preset
+    return {**{k: v for k, v in res.items() if k != "waves"},
+            **score_waves(res["waves"], preset(res["preset"]), res["seconds"])}
+
+
+def scorers_missing() -> str | None:
+    """The scorers' packages this machine lacks (resemblyzer, pocketsphinx), or None."""
+    import importlib.util
+    missing = [m for m in ("resemblyzer", "pocketsphinx") if importlib.util.find_spec(m) is None]
+    return ", ".join(missing) or None
