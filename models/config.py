@@ -182,36 +182,27 @@ PRESETS: dict[str, ModelConfig] = {
                       audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
                       audio_latent_tokens=_TINY_AUDIO_TOKENS, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_TINY_VAE, taehv=_TINY_TAEHV, height=64, width=64, latent_frames=5, chunk_frames=1),
-    # joint audio that means something (issue 19): the speech's content in, the character's voice out
-    "tiny-voice": ModelConfig(
-        name="tiny-voice",
-        dit=DiTConfig(text_len=16, dim=64, ffn_dim=128, freq_dim=32, text_dim=_MINILM_DIM, num_heads=2,
-                      num_layers=2, audio_dim=CONTENT_DIM,
-                      audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
-                      audio_latent_tokens=_TINY_AUDIO_TOKENS, voices=VOICE_COUNT, audio_context=_SPEECH_CONTEXT,
-                      pooled_text=True),
-        vae=_TINY_VAE, taehv=_TINY_TAEHV, audio_encoder="content", height=64, width=64, latent_frames=5,
-        chunk_frames=1),
     "small": ModelConfig(
         name="small",
         dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,
                       num_layers=6, audio_dim=_AUDIO.n_mels, audio_context=_SPEECH_CONTEXT, pooled_text=True),
         vae=_SMALL_VAE, taehv=_SMALL_TAEHV, height=256, width=256, latent_frames=9, chunk_frames=1),
-    # `small` with the joint audio of issue 19 (`tiny-voice`'s task at the starter's size)
-    "small-voice": ModelConfig(
-        name="small-voice",
-        dit=DiTConfig(text_len=32, dim=320, ffn_dim=1280, freq_dim=256, text_dim=_MINILM_DIM, num_heads=5,
-                      num_layers=6, audio_dim=CONTENT_DIM,
-                      audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels,
-                      audio_latent_tokens=_TINY_AUDIO_TOKENS, voices=VOICE_COUNT, audio_context=_SPEECH_CONTEXT,
-                      pooled_text=True),
-        vae=_SMALL_VAE, taehv=_SMALL_TAEHV, audio_encoder="content", height=256, width=256, latent_frames=9,
-        chunk_frames=1),
     "wan2.1-1.3b": ModelConfig(
         name="wan2.1-1.3b", dit=DiTConfig(), text_encoder="umt5", height=480, width=832,
         latent_frames=21, chunk_frames=3),
 }
 
+
+
+def _voiced(base: ModelConfig) -> ModelConfig:
+    """`base` with joint audio that means something (issue 19): it hears the speech's content (CONTENT_DIM
+    rows, audio_encoder "content") and says it in one of VOICE_COUNT character voices."""
+    dit = dataclasses.replace(base.dit, audio_dim=CONTENT_DIM, voices=VOICE_COUNT, audio_latent_tokens=_TINY_AUDIO_TOKENS,
+                              audio_latent_dim=_AUDIO.mel_per_latent // _TINY_AUDIO_TOKENS * _AUDIO.n_mels)
+    return base.replace(name=f"{base.name}-voice", dit=dit, audio_encoder="content")
+
+
+PRESETS.update({f"{name}-voice": _voiced(PRESETS[name]) for name in ("tiny", "small")})
 
 def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
