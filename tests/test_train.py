@@ -640,8 +640,9 @@ def test_a_run_training_while_its_clips_render_equals_the_same_schedule_coded_in
     first = train(dataclasses.replace(st, render_overlap=0), tmp_path / "first", prefetch=1)
     a, b, c = losses(tmp_path / "beside"), losses(tmp_path / "here"), losses(tmp_path / "first")
     assert beside["steps"] == here["steps"] == first["steps"] == 6
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-6
-    assert max(abs(x - y) for x, y in zip(a, c)) > 1e-4
+    # (relative: clips coded in a worker or here may differ in the last float bits; render-first: ~11 %)
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-5
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, c)) > 1e-2
 
 
 def test_a_ref_pose_share_of_clips_gets_a_posed_reference_and_nothing_else_changes():
