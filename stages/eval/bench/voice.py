@@ -40,7 +40,7 @@ def voice_case(i: int, cfg, seconds: float) -> dict:
         raise ValueError(f"voice cases are at least {SPEECH_MIN_S:g} s (whole sentences), not {seconds:g}")
     driving, told = case_voices(i)
     s = synth.make_sample(VOICE_BASE + i, width=cfg.width, height=cfg.height, fps=cfg.audio.fps, seconds=seconds,
-                          split="eval", events=[], voice=VOICES[driving])
+                          split="eval", events=[], voice=VOICES[driving], draw=False)   # speech, not pixels
     F = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
     return {"index": i, "seed": VOICE_BASE + i, "driving": driving, "told": told, "audio": s.audio, "text": s.said.text,
             "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)), "latent_frames": F,
