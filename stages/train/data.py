@@ -85,7 +85,7 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     if cfg.audio_encoder == "content":
         from stages.synth.voice import VOICES, voice_for
         voice = voice or voice_for(seed)
-        said = VOICES[voice]
+        said, index = VOICES[voice], sorted(VOICES).index(voice)
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
                           seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
                           cut_actions=split == "train",   # held-out clips stay as the bench renders them
@@ -95,9 +95,7 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     ref = synth.render(s.identity, reference_state(seed, ref_pose), cfg.width, cfg.height, s.scene)   # same scene
     c = {"frames": s.frames, "audio": s.audio, "ref": ref, "text": per_frame_texts(synth_timeline(s, NEUTRAL_TEXT))}
     if said is not None:
-        from stages.synth.voice import VOICES
-        c["audio_features"] = content_rows(s.audio, s.said.phones, cfg)
-        c["voice"] = sorted(VOICES).index(voice)
+        c["audio_features"], c["voice"] = content_rows(s.audio, s.said.phones, cfg), index
     if masks:
         from stages.train.lipsync import LipSyncConfig, mouth_boxes
         for region in REGIONS:
