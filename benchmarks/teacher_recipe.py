@@ -284,8 +284,8 @@ def run_name(stage: str, work: Path, again: bool) -> str:
 
 
 def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False, recode: bool = False) -> dict:
-    """Seconds per step (the probe's last half) and per rendered clip (x workers), from a short run on
-    a few clips."""
+    """Seconds per step (the median of the probe's last half) and per rendered clip (x workers), from a
+    short run on a few clips."""
     st = stage_settings(recipe, stage, work, recipe.probe_steps, None, again, recode)
     n = min(st.samples, 2 * st.batch)
     st = dataclasses.replace(st, samples=n, save_every=10 ** 6)
@@ -294,8 +294,8 @@ def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = Fa
     marks, t0 = [], time.perf_counter()
     train(st, out, progress=lambda logged: marks.append(time.perf_counter()), prefetch=workers)
     shutil.rmtree(out, ignore_errors=True)
-    half = recipe.probe_steps // 2
-    step_s = (marks[-1] - marks[half - 1]) / (len(marks) - half)
+    half = recipe.probe_steps // 2      # the median step of the last half: one slow step (a recompile, a stall) in
+    step_s = float(np.median(np.diff(marks[half - 1:])))   # 6 made the mean 2-4x the phase's pace (session 65)
     render_s = 0.0
     if stage != "autoencoder":      # one clip rendered here on one thread, as a rendering worker does
         from stages.train.data import ClipSource

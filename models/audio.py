@@ -87,12 +87,13 @@ def per_latent(steps: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfi
 
 def check_wave_speech(model_cfg) -> None:
     """A model that hears waves (log-mel or wav2vec2 features of any speech), or a one-line error: a content
-    model (audio_encoder "content", issue 19) reads phones and loudness, which only the synthetic world's
-    TTS truth gives so far (streaming and real clips need a live phone front end, not built)."""
+    model (audio_encoder "content", issue 19) reads phones and loudness, which the synthetic world's TTS
+    truth gives in training and `vidu stream`'s ContentStream (stages.sense.content) while streaming; real
+    clips, the synth bench's wave sampler and distillation's rollouts read waves."""
     if model_cfg.audio_encoder == "content":
         raise ValueError(f"preset {model_cfg.name} reads speech content (phones and loudness), not the wave: it "
-                         f"trains and samples on the synthetic world's TTS truth; streaming and real clips need a "
-                         f"live phone front end, not built yet")
+                         f"trains on the synthetic world's TTS truth and streams with `vidu stream`; real clips, "
+                         f"the synth bench and distillation read waves")
 
 
 def _features(wave: torch.Tensor, n_latent: int, cfg: AudioConfig, before: int, after: int) -> torch.Tensor:
@@ -146,6 +147,13 @@ class AudioStream:
         out = frame_logmel(x, count, self.cfg)
         self.buf, self.offset = self.buf[start:], self.offset + start
         return out
+
+    def state(self) -> dict:
+        """What to continue from (stages/stream/state.py: tensors and JSON values)."""
+        return {"buf": self.buf, "offset": self.offset}
+
+    def load_state(self, st: dict) -> None:
+        self.buf, self.offset = st["buf"], st["offset"]
 
 
 def audio_latent(wave: torch.Tensor, n_latent: int, tokens: int, cfg: AudioConfig = AudioConfig()) -> torch.Tensor:

@@ -18,7 +18,7 @@ def stream(
     image: Annotated[Path, typer.Option(help="Reference image of the character (png, jpg, ...).")],
     audio: Annotated[Optional[str], typer.Option(help="Speech: a file, - (16 kHz s16le PCM on stdin) or mic.")] = None,
     say: Annotated[Optional[str], typer.Option(help="Speech: this text, spoken offline by espeak-ng in --voice (instead of --audio).", show_default=False)] = None,
-    voice: Annotated[str, typer.Option(help="Voice of --say and the page's say toggle: a character voice (ada, bea, ben, cleo, dev, finn, gus, zoe) or an espeak-ng voice LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2.")] = "en-us",
+    voice: Annotated[str, typer.Option(help="Voice of --say and the page's say toggle: a character voice (ada, bea, ben, cleo, dev, finn, gus, zoe) or an espeak-ng voice LANGUAGE[+VARIANT], e.g. en-us+f3, en-gb-x-rp+m2. A model with character voices (the *-voice presets) speaks in the character voice named, and otherwise picks its own.")] = "en-us",
     out: Annotated[Optional[str], typer.Option(help="Write video + audio to this .mp4, or - for raw rgb24 frames on stdout.")] = None,
     serve: Annotated[Optional[str], typer.Option(help="Serve a live page on HOST:PORT: vidu serve's page over WebRTC (video, audio, text box, push-to-talk); off loopback it needs a token ($VIDU_SERVE_TOKEN).")] = None,
     commands: Annotated[Optional[str], typer.Option(help="Spoken instructions (the actions the model knows) from: a file, - (with --audio -), mic, page (push-to-talk of --serve) or none (default: mic with --audio mic, page with --serve and no --audio, else none).", show_default=False)] = None,
@@ -77,17 +77,17 @@ def stream(
                                        stop_on_signals, summary_json)
     from stages.stream.state import check_identity, identity, read_state, write_state
 
-    from stages.stream.say import DEFAULT_VOICE, check_voice, speech
+    from stages.stream.say import DEFAULT_VOICE, check_voice, said
     events, source, heard, spotter, spoken = EventQueue(), None, None, None, None
     try:
         with stop_on_signals(), ExitStack() as ranks:
             if say is not None and audio is not None:
                 raise ValueError("--say and --audio both give the speech: use one of them")
-            spoken = speech(say, voice) if say is not None else None   # before the model loads
+            spoken, phones = said(say, voice) if say is not None else (None, None)   # before the model loads
             if say is None and (serve is not None or voice != DEFAULT_VOICE):
                 check_voice(voice)                                 # the page's say toggle speaks in it
             opts = SessionOptions.for_inputs(audio if say is None else "<say>", serve is not None, seconds, realtime,
-                                             instruction, audio_out)
+                                             instruction, audio_out, phones)
             commands = _commands_source(commands, audio, serve)
             check_outputs(out, serve, summary)                     # before the model loads
             if (save_state or resume) and gpus > 1:
@@ -109,7 +109,7 @@ def stream(
                 ckpt = starter_checkpoint()
                 err.print(f"running {starter_summary()}; --ckpt runs another model", highlight=False)
             parts = load_parts(image, ckpt, preset or "tiny", given, decoder_weights, text_encoder_path, dev, dtype,
-                               seed, compile, kernels, attention)
+                               seed, compile, kernels, attention, None if voice == DEFAULT_VOICE else voice)
             ident = identity(parts, image) if save_state or resume else None
             if resume:
                 check_identity(saved, ident, resume)

@@ -408,7 +408,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                          f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train --stage causal`")
     teacher, cfg = load_dit(st.init_from)
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
-    check_wave_speech(cfg)            # the student streams, which a content model cannot yet
+    check_wave_speech(cfg)            # the rollouts read the clips' wave features
     if st.init_student:
         check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
     if st.lipsync:

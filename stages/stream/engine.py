@@ -455,11 +455,13 @@ def _velocity(model: DiT, x, xa, s: float, inputs: ChunkInputs, ctx: KV, frame_p
 
 
 def cache_pass(model: DiT, x0: torch.Tensor, xa0: torch.Tensor | None, inputs: ChunkInputs, ctx_clean: KV,
-               frame_pos: torch.Tensor, ref: torch.Tensor | None = None) -> KV:
-    """Keys/values of the clean chunk at t = 0 (the clean cache; with `ref`, the ref frame's too)."""
+               frame_pos: torch.Tensor, ref: torch.Tensor | None = None, voice: torch.Tensor | None = None) -> KV:
+    """Keys/values of the clean chunk at t = 0 (the clean cache; with `ref`, the ref frame's too, and
+    `voice` [B] the character voice its audio tokens carry, DiT.forward)."""
     t = torch.zeros(x0.shape[0], device=x0.device)
     return model(x0, t, inputs.text, audio=inputs.audio, audio_latent=xa0, ref=ref,
-                 kv=ctx_clean if ref is None else None, frame_pos=frame_pos, return_kv=True).kv
+                 kv=ctx_clean if ref is None else None, frame_pos=frame_pos, return_kv=True,
+                 **({} if voice is None else {"voice": voice})).kv
 
 
 class KeptChunks:
@@ -508,6 +510,7 @@ class StreamEngine:
         self.gen = torch.Generator(device=p.device).manual_seed(seed)
         self.chunks = 0
         self.ref: torch.Tensor | None = None
+        self.voice: torch.Tensor | None = None
         self.keep_text = keep_text
         if keep_text:
             model.keep_speech = True
@@ -531,10 +534,12 @@ class StreamEngine:
         self.st = settings
         self.sig = flow_sigmas(settings.steps, settings.shift)
 
-    def start(self, ref_latent: torch.Tensor) -> None:
+    def start(self, ref_latent: torch.Tensor, voice: int | None = None) -> None:
         """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
-        with the first chunk's text."""
+        with the first chunk's text. `voice`: the character voice (DiTConfig.voices; < 0: none) the
+        reference's audio tokens carry, the voice a joint model speaks in."""
         self.ref = ref_latent.to(self.device, self.dtype)
+        self.voice = None if voice is None else torch.full((self.batch,), int(voice), device=self.device)
         self._warm = None
 
     def _randn(self, shape) -> torch.Tensor:
@@ -727,5 +732,5 @@ class StreamEngine:
         vs, as_ = self.noise_shape()
         zeros = torch.zeros(vs, device=self.device, dtype=self.dtype)
         za = None if as_ is None else torch.zeros(as_, device=self.device, dtype=self.dtype)
-        kv = cache_pass(self.model, zeros, za, inputs, None, torch.arange(1, 1 + vs[2]), ref=self.ref)
+        kv = cache_pass(self.model, zeros, za, inputs, None, torch.arange(1, 1 + vs[2]), ref=self.ref, voice=self.voice)
         return kv.tokens(0, self.buffers.S)

@@ -59,9 +59,9 @@ class LeadEngine(StreamEngine):
     def _call(self, name: str, *args) -> None:
         _send(self.group, (name, tuple(_moved(a, "cpu") for a in args)))
 
-    def start(self, ref_latent):
-        self._call("start", ref_latent)
-        super().start(ref_latent)
+    def start(self, ref_latent, voice=None):
+        self._call("start", ref_latent, voice)
+        super().start(ref_latent, voice)
 
     def step(self, inputs):
         self._call("step", inputs)
@@ -81,13 +81,14 @@ def lead(engine: StreamEngine, group, seed: int) -> LeadEngine:
     over the group with the same model, settings and reference (`engine` is dropped: its caches hold
     every head)."""
     model, ref = engine.model, engine.ref
+    voice = None if engine.voice is None else int(engine.voice[0])
     _send(group, ("setup", (model.cfg, engine.cfg, engine.st, engine.batch, seed, engine.dtype, model.kernel_settings())))
     for t in model.state_dict().values():
         dist.broadcast(t, src=0, group=group)
     model.shard_sequence(group)
     lead_engine = LeadEngine(model, engine.cfg, engine.st, engine.batch, seed, group=group)
     if ref is not None:
-        lead_engine.start(ref)
+        lead_engine.start(ref, voice)
     return lead_engine
 
 

@@ -43,18 +43,25 @@ def speech(text: str, voice: str = DEFAULT_VOICE) -> np.ndarray:
     """`text` spoken in `voice` (a character voice or an espeak-ng one): [N] float32 at 16 kHz (what
     `tts(text, *espeak_voice(voice))` gives).
     StreamError, one line, for empty text, an unknown voice or a missing espeak-ng."""
+    return said(text, voice)[0]
+
+
+def said(text: str, voice: str = DEFAULT_VOICE) -> tuple[np.ndarray, list]:
+    """`speech(text, voice)` and its phones, espeak-ng's truth: (ARPAbet phone, start s, end s) on the
+    speech's timeline (stages.sense.content.from_espeak; what a content model hears of it)."""
+    from stages.sense.content import from_espeak
     text = (text or "").encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
     if not text:
         raise StreamError("nothing to say: the text is empty")
     from stages.synth.speech import tts
     espeak, pitch = espeak_voice(voice or "")
     try:
-        audio = tts(text, espeak, pitch=pitch).audio
+        u = tts(text, espeak, pitch=pitch)
     except ValueError as e:                      # espeak-ng has no voice (variant) ...
         raise StreamError(f"unknown voice {voice!r} ({e}); {_voice_help()}") from None
     except RuntimeError as e:                    # the espeakng-loader wheel is missing
         raise StreamError(str(e).splitlines()[0]) from None
-    return np.asarray(audio, np.float32).reshape(-1)
+    return np.asarray(u.audio, np.float32).reshape(-1), from_espeak(u.phonemes)
 
 
 def check_voice(voice: str) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.audio import AudioStream, check_wave_speech
+from models.audio import AudioStream
 from models.config import NEUTRAL_TEXT, ModelConfig, preset as get_preset
 from stages.run import ranged
 from stages.stream.engine import ChunkInputs, StreamEngine, StreamSettings
@@ -59,6 +59,7 @@ class SessionOptions:
     audio_ends_stream: bool = True       # a file / stdin source ending ends the stream
     realtime: bool = False               # pace output to wall-clock
     audio_out: str = ranged("input", choices=AUDIO_OUT)   # the input speech, the generated audio, or none
+    phones: list | None = None           # --say: its TTS truth's (phone, start s, end s) on the input's timeline
 
     def __post_init__(self):
         if self.audio_out not in AUDIO_OUT:
@@ -69,7 +70,7 @@ class SessionOptions:
     @classmethod
     def for_inputs(cls, audio: str | None, serving: bool, seconds: float | None = None,
                    realtime: bool | None = None, instruction: str | None = None,
-                   audio_out: str = "input") -> "SessionOptions":
+                   audio_out: str = "input", phones: list | None = None) -> "SessionOptions":
         """The policy of a stream with audio `audio` (a file, "-" for stdin PCM, "mic", or None) and a
         web page or not: live audio (mic, the page) is not waited for; output is paced to the clock
         when serving or from a mic unless `realtime` says otherwise; a file or stdin ending ends the
@@ -80,7 +81,7 @@ class SessionOptions:
             seconds = NO_AUDIO_SECONDS
         return cls(instruction=instruction_text(instruction or "") or NEUTRAL_TEXT, max_seconds=seconds, live_audio=live,
                    audio_ends_stream=not live, realtime=(serving or audio == "mic") if realtime is None else realtime,
-                   audio_out=audio_out)
+                   audio_out=audio_out, phones=phones)
 
 
 def fast_path(model, device: str, kernels: bool | None = None, attention: str = "sdpa") -> list[str]:
@@ -97,14 +98,17 @@ def fast_path(model, device: str, kernels: bool | None = None, attention: str = 
 def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = "tiny",
                settings: StreamSettings | dict | None = None, decoder_weights: str | Path | None = None,
                text_encoder_path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               seed: int = 0, compile: bool = False, kernels: bool | None = None, attention: str = "sdpa") -> Parts:
+               seed: int = 0, compile: bool = False, kernels: bool | None = None, attention: str = "sdpa",
+               voice: str | None = None) -> Parts:
     """Model (a checkpoint, or the preset with random weights), decoder (the autoencoder the checkpoint
     was trained with, else TAEHV with `decoder_weights`), text encoder, and the reference image encoded to a latent frame.
     `compile`: the model's blocks compiled (DiT.compile_blocks; the first chunks pay the compilation).
     `kernels`, `attention`: the model's fast path (fast_path: by default the fused kernels on a GPU, SDPA).
     `settings`: a StreamSettings, or the given ones ({name: value or None}) to resolve against the
-    checkpoint's recorded settings (StreamSettings.resolve). The image, the checkpoint's config and
-    the settings are checked before any weights load. Raises one-line errors for unusable inputs."""
+    checkpoint's recorded settings (StreamSettings.resolve). `voice`: for a model with character voices
+    (DiTConfig.voices), the one it speaks in (a stages.synth.voice.VOICES name; another name, or none: the
+    model's own choice). The image, the checkpoint's config and the settings are checked before any
+    weights load. Raises one-line errors for unusable inputs."""
     from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit
     from models.dit import SELF_ATTENTION, DiT
     from models.encoders import reference_latent, text_encoder as make_text_encoder
@@ -117,19 +121,11 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
         raise StreamError(str(e)) from None
     if attention not in SELF_ATTENTION:
         raise StreamError(f"attention is one of: {', '.join(SELF_ATTENTION)}, not {attention!r}")
-    def hears_waves(c: ModelConfig) -> None:
-        try:
-            check_wave_speech(c)
-        except ValueError as e:
-            raise StreamError(str(e)) from None
     cfg, trained = get_preset(preset), None
-    if not ckpt:
-        hears_waves(cfg)
     if ckpt:
         own, trained = checkpoint_config(ckpt), checkpoint_sampling(ckpt)
         if own is None:                                          # not a vidu file: a config from the shapes
             model, cfg = load_dit(ckpt, device=device, dtype=dtype)
-        hears_waves(own or cfg)
         st = _settings(own or cfg, trained, settings)            # before a vidu checkpoint's weights load
         if own is not None:
             model, cfg = load_dit(ckpt, own, device=device, dtype=dtype)
@@ -161,8 +157,21 @@ def load_parts(image: str | Path, ckpt: str | Path | None = None, preset: str = 
     if compile:
         model.compile_blocks()
     engine = StreamEngine(model, cfg, st, seed=seed, keep_text=True)
-    engine.start(ref)
-    return Parts(engine, cfg, decoder, text_encoder, notes, trained)
+    index, said = speaking_voice(cfg, voice)
+    engine.start(ref, index)
+    return Parts(engine, cfg, decoder, text_encoder, notes + said, trained)
+
+
+def speaking_voice(cfg: ModelConfig, voice: str | None) -> tuple[int | None, list[str]]:
+    """(the DiT's voice index of `voice`, notes): None for a model without character voices, -1 (the model's
+    own choice) for a name that is not a character voice."""
+    if not cfg.dit.voices:
+        return None, []
+    from stages.synth.voice import VOICES, voice_index
+    if voice in VOICES:
+        return voice_index(voice), []
+    return -1, [f"the model speaks in one of its character voices ({', '.join(sorted(VOICES))}); "
+                f"{'--voice ' + voice + ' is not one, so' if voice else 'none was given:'} it picks its own"]
 
 
 def pick_device(device: str = "auto") -> tuple[str, torch.dtype]:
@@ -241,13 +250,23 @@ class AudioFifo:
         return np.pad(got, (0, n - got.shape[0])), got.shape[0]
 
 
+def speech_stream(cfg: ModelConfig, phones: list | None = None):
+    """The streaming speech features `cfg`'s model hears: log-mel (models.audio.AudioStream) or, for a content
+    model (audio_encoder "content"), phones and loudness (stages.sense.content.ContentStream: `phones`, the
+    TTS truth of --say, else its front end's)."""
+    if cfg.audio_encoder == "content":
+        from stages.sense.content import ContentStream
+        return ContentStream(cfg.audio, cfg.dit.audio_context, phones)
+    return AudioStream(cfg.audio, cfg.dit.audio_context)
+
+
 class Session:
     """The chunk loop with its inputs: `next_chunk()` generates, decodes and returns one chunk."""
 
     def __init__(self, parts: Parts, events: EventQueue, opts: SessionOptions, resume: dict | None = None):
         self.p, self.events, self.opts = parts, events, opts
         self.audio = AudioFifo()
-        self.speech = AudioStream(parts.cfg.audio, parts.cfg.dit.audio_context)   # the model's speech features
+        self.speech = speech_stream(parts.cfg, opts.phones)                     # the model's speech features
         self.played = 0                                                         # samples taken from the FIFO
         self.instruction = opts.instruction
         self.text_cache: dict[str, torch.Tensor] = {}
@@ -274,7 +293,7 @@ class Session:
         return {**{f"engine.{k}": v for k, v in self.p.engine.state().items()},
                 **{f"decoder.memory.{i}": m for i, m in dec.memory.items()},
                 "decoder.frames_decoded": dec.frames_decoded, "decoder.shape": dec.shape,
-                "speech.buf": self.speech.buf, "speech.offset": self.speech.offset, "audio_samples": self.played,
+                **{f"speech.{k}": v for k, v in self.speech.state().items()}, "audio_samples": self.played,
                 "chunks": self.chunks, "frames": self.frames, "instruction": self.instruction,
                 "cached_under": self.cached_under, "instructions": self.instruction_log,
                 **({} if self.voice is None else {f"voice.{k}": v for k, v in self.voice.state().items()})}
@@ -286,7 +305,7 @@ class Session:
                       if k.startswith("decoder.memory.")}
         dec.frames_decoded = state["decoder.frames_decoded"]
         dec.shape = None if state["decoder.shape"] is None else tuple(state["decoder.shape"])
-        self.speech.buf, self.speech.offset = state["speech.buf"], state["speech.offset"]
+        self.speech.load_state({k[len("speech."):]: v for k, v in state.items() if k.startswith("speech.")})
         self.played, self.chunks, self.frames = state["audio_samples"], state["chunks"], state["frames"]
         self.instruction, self.cached_under = state["instruction"], state["cached_under"]
         self.instruction_log = [tuple(x) for x in state["instructions"]]

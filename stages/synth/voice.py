@@ -35,6 +35,11 @@ VOICES: dict[str, tuple[str, int]] = {
 }
 
 
+def voice_index(name: str) -> int:
+    """The index of VOICES name `name` among a model's character voices (DiTConfig.voices): sorted order."""
+    return sorted(VOICES).index(name)
+
+
 def voice_for(seed: int) -> str:
     """The VOICES name of an identity seed."""
     names = sorted(VOICES)

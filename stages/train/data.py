@@ -83,9 +83,9 @@ def render_clip(seed: int, cfg: ModelConfig, masks: bool = False, split: str = "
     from stages import synth
     said = None
     if cfg.audio_encoder == "content":
-        from stages.synth.voice import VOICES, voice_for
+        from stages.synth.voice import VOICES, voice_for, voice_index
         voice = voice or voice_for(seed)
-        said, index = VOICES[voice], sorted(VOICES).index(voice)
+        said, index = VOICES[voice], voice_index(voice)
     s = synth.make_sample(seed, width=cfg.width, height=cfg.height, fps=cfg.audio.fps,
                           seconds=cfg.video_frames / cfg.audio.fps, masks=masks, split=split,
                           cut_actions=split == "train",   # held-out clips stay as the bench renders them
