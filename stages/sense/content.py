@@ -439,9 +439,14 @@ class ContentStream:
         self._keep(*self.track.advance(self.x, final))
         phone, loud = self.phone, self.loud
         if frames > final:                             # rows past the pushed samples: on a copy, from `ahead`
-            track = copy.deepcopy(self.track)
             more = np.zeros(0, np.float32) if ahead is None else np.asarray(ahead, np.float32).reshape(-1)
-            p, lo = track.advance(_Samples(np.concatenate([self.x.buf, more]), self.x.origin), frames)
+            seen = _Samples(np.concatenate([self.x.buf, more]), self.x.origin)
+            if self.track.phones is None:              # `ahead` is what is pushed next: a block it completes is final
+                for b in range(self.track.done * FRAME_STEPS // BLOCK_STEPS, (frames * FRAME_STEPS - 1) // BLOCK_STEPS + 1):
+                    if b not in self.track.blocks and block_window(b)[1] <= seen.end:
+                        self.track.blocks[b] = block_phones(seen, b)
+            track = copy.deepcopy(self.track)
+            p, lo = track.advance(seen, frames)
             phone, loud = np.concatenate([phone, p]), np.concatenate([loud, lo])
         phone, loud = np.append(phone, 0), np.append(loud, np.float32(0))     # the last: SIL, for steps outside
         idx = np.arange(j0, j1) - self.step0
