@@ -143,3 +143,12 @@ def test_a_model_without_voices_ignores_the_voice(tmp_path):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
     parts = load_parts(image, preset="tiny", voice="ada")
     assert parts.engine.voice is None and not any("voice" in n for n in parts.notes)
+
+
+def test_a_served_session_speaks_in_the_voice_it_was_created_with():
+    from stages.serve.model import ServeModel
+    from stages.synth.voice import voice_index
+
+    m = ServeModel(None, "tiny-voice")
+    made = {v: m.parts(m.grey, m.profiles[0], 0, v).engine.voice for v in ("ada", "zoe", "en-us", None)}
+    assert [None if t is None else int(t[0]) for t in made.values()] == [voice_index("ada"), voice_index("zoe"), -1, -1]

@@ -257,7 +257,7 @@ async def create_session(request: web.Request) -> web.Response:
     async with state.admitting:                 # one admission at a time, its session added before the next
         sid = new_id()
         try:
-            core, made = await _admit(state, sid, rgb, int(seed_text), instruction)
+            core, made = await _admit(state, sid, rgb, int(seed_text), instruction, voice)
         except CoreError as e:
             if e.reason == "error":             # the reference could not start a session
                 return _error(400, str(e))
@@ -278,7 +278,7 @@ async def create_session(request: web.Request) -> web.Response:
     return web.json_response(s.info(), status=201)
 
 
-async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction: str | None):
+async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction: str | None, voice: str | None = None):
     """(core, its answer) of the session made on the core that fits it at the best profile (full, fewer
     steps, half size: each core's Worker.fit), the least loaded of those; CoreError when the
     server is full or no core fits it (the least-loaded one's reason)."""
@@ -296,7 +296,7 @@ async def _admit(state: State, sid: str, rgb: np.ndarray, seed: int, instruction
     refused = CoreError("capacity", min(offers, key=lambda o: o[1]["load"])[1]["refusal"] or "no capacity")
     for core, _ in fitting:                     # the best first; another if its load grew meanwhile
         try:
-            return core, await core.request("create", sid, rgb, seed, instruction)
+            return core, await core.request("create", sid, rgb, seed, instruction, voice)
         except CoreError as e:
             if e.reason != "capacity":
                 raise

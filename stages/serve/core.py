@@ -18,7 +18,7 @@ through a ring in shared memory (stages/serve/ring.py), the message says where:
 
   server -> core                                 core -> server
   ("offer", rid)                                 ("reply", rid, value)          value: an answer or a CoreError
-  ("create", rid, sid, rgb, seed, instruction)   ("chunk", sid, rgb, audio, info) rgb: a ring.Slot (shared memory),
+  ("create", rid, sid, rgb, seed, instruction, voice)   ("chunk", sid, rgb, audio, info) rgb: a ring.Slot (shared memory),
                                                  or the frames; info: dt, late, chunks, frames,
   ("event", sid, Instruction | AudioChunk)                                       instruction, audio_real, wakes
   ("timeline", sid, offset, since, next_frame)   ("failed", sid, error)
@@ -250,7 +250,7 @@ class Core:
                 s.worker.remove(s)
             s.worker.wake()
 
-    def _create(self, sid: str, rgb, seed: int, instruction: str | None):
+    def _create(self, sid: str, rgb, seed: int, instruction: str | None, voice: str | None = None):
         from stages.serve.model import live_options
         from stages.serve.scheduler import Refused
         from stages.stream.session import Session
@@ -260,7 +260,7 @@ class Core:
             return CoreError(e.reason, str(e))
         t = time.monotonic()
         try:
-            parts = worker.model.parts(rgb, profile, seed)
+            parts = worker.model.parts(rgb, profile, seed, voice)
         except (StreamError, ValueError) as e:
             return CoreError("error", str(e))
         if self.opts.trace:     # made in this thread, beside the worker's forwards (the reference encoded on its device)

@@ -85,16 +85,19 @@ class ServeModel:
     def profile(self, name: str) -> Profile:
         return next(p for p in self.profiles if p.name == name)
 
-    def parts(self, rgb: np.ndarray, profile: Profile, seed: int) -> Parts:
-        """A session's Parts: the shared model with its own engine at `profile`, started from `rgb` [H, W, 3] uint8."""
+    def parts(self, rgb: np.ndarray, profile: Profile, seed: int, voice: str | None = None) -> Parts:
+        """A session's Parts: the shared model with its own engine at `profile`, started from `rgb` [H, W, 3] uint8
+        (and, for a model with character voices, `voice`: stages.stream.session.speaking_voice)."""
         from models.encoders import reference_latent
+        from stages.stream.session import speaking_voice
         b = self.base
         cfg = b.cfg if (profile.height, profile.width) == (b.cfg.height, b.cfg.width) else \
             dataclasses.replace(b.cfg, height=profile.height, width=profile.width)
         ref = reference_latent(b.decoder, rgb, cfg.height, cfg.width)   # [1, C, 1, h, w]
         engine = StreamEngine(b.engine.model, cfg, profile.settings, seed=seed, keep_text=True)
-        engine.start(ref)
-        return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes))
+        index, said = speaking_voice(cfg, voice)
+        engine.start(ref, index)
+        return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes) + said)
 
     def calibrate(self, chunks: int, batch: int = 1, budget_s: float = math.inf) -> None:
         """Time each profile's steady batched chunk at every batch size 1..`batch` (Profile.batch_s: size ->
