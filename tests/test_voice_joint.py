@@ -180,6 +180,12 @@ def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(t
     causal = train(TrainSettings(stage="causal", preset="tiny-voice", steps=2, save_every=2, batch=2, samples=2,
                                  init_from=str(ckpt)), tmp_path / "causal")    # stage 2 trains on them too
     assert causal["steps"] == 2
+    streamed = bench.main(["--ckpt", str(tmp_path / "causal" / "step-000002" / "ema.safetensors"), "--codec",
+                           str(work / "codec.safetensors"), "--cases", "1", "--seconds", "4", "--steps", "2",
+                           "--out", str(tmp_path / "streamed")])       # a stage-2 model is streamed, as vidu stream does
+    assert streamed["chunk_frames"] == CFG.chunk_frames and "streamed" in streamed["sampling"]
+    assert streamed["rows"][0]["edge_flux_ratio"] > 0 and streamed["summary"]["edge_flux_ratio"] > 0
+    assert "edge_flux_ratio" not in voice["rows"][0]                    # sampled whole: no chunk edges
     with pytest.raises(ValueError, match="hears log-mel"):
         train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=1, objective=ObjectiveSettings(
             lipsync=str(tmp_path / "sync.safetensors"), sync_weight=0.1)), tmp_path / "sync")

@@ -337,7 +337,7 @@ def allphone(wave: np.ndarray) -> list[tuple[str, float, float]]:
     d.start_utt()
     d.process_raw((np.clip(wave, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
     d.end_utt()
-    return [(s.word, s.start_frame * HOP_S, (s.end_frame + 1) * HOP_S) for s in d.seg()]
+    return [(s.word, s.start_frame * HOP_S, (s.end_frame + 1) * HOP_S) for s in d.seg() or ()]
 
 
 def _centred(segments: list[tuple[str, float, float]]) -> list[tuple[str, float, float]]:

@@ -67,7 +67,7 @@ def phones(wave: np.ndarray) -> list[tuple[str, float, float]]:
     pcm = (np.clip(wave, -1, 1) * 32767).astype(np.int16).tobytes()
     d = decoder("words")
     _decode(d, pcm)
-    words = [(s.word, s.start_frame, s.end_frame + 1) for s in d.seg()
+    words = [(s.word, s.start_frame, s.end_frame + 1) for s in d.seg() or ()
              if not s.word.startswith(("<", "[", "+"))]  # <s>, <sil>, [NOISE], +SPN+: rest
     if not words:
         return []

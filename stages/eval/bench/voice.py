@@ -4,11 +4,14 @@ what it hears, in the voice it is told, rather than in the voice that said it?
 Case i: a held-out clip of the synthetic world (seed VOICE_BASE + i, eval-split texts, no instructions)
 said by one character voice, the driving voice (stages.synth.voice.VOICES, sorted, i mod 8), and told
 another (i + TOLD_SHIFT mod 8: never its own). The model hears the driving speech's content (`content_rows`
-of its TTS truth: phones and loudness, no timbre) and samples the clip whole (stages/train/sample.py
-`sample_bidirectional`, the told voice in both guidance passes); its joint audio goes through the shipped
-vocoder (models/vocoder.py) and is scored against the driving speech by stages/eval/metrics/audio.py
-`score_generated`: envelope r (and its mismatched control), word error rate against the said text
-(pocketsphinx), voice similarity to the told voice against every other voice, the driving one included.
+of its TTS truth: phones and loudness, no timbre). A stage-1 (bidirectional) teacher samples the clip whole
+(stages/train/sample.py `sample_bidirectional`, the told voice in both guidance passes) and its joint audio goes
+through the shipped vocoder (models/vocoder.py); a streaming model (stage 2, a student) is streamed as `vidu
+stream --say ... --voice TOLD --audio-out generated` streams it (`voice_stream`: stages.stream.session's chunk
+loop, ContentStream's rows, the vocoder streamed chunk by chunk). The track is scored against the driving speech
+by stages/eval/metrics/audio.py `score_generated`: envelope r (and its mismatched control), word error rate
+against the said text (pocketsphinx), voice similarity to the told voice against every other voice, the driving
+one included, and for a stream the spectral flux at its chunk edges against elsewhere (a click reads > 1).
 `oracle_row` scores the driving speech itself the same way (told its own voice): what the scorers read on
 real speech of these voices (envelope r 1, the driving voice nearest)."""
 from __future__ import annotations
@@ -43,7 +46,8 @@ def voice_case(i: int, cfg, seconds: float) -> dict:
                           split="eval", events=[], voice=VOICES[driving], draw=False)   # speech, not pixels
     F = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
     return {"index": i, "seed": VOICE_BASE + i, "driving": driving, "told": told, "audio": s.audio, "text": s.said.text,
-            "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)), "latent_frames": F,
+            "phones": s.said.phones, "latent_frames": F,
+            "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)),
             "ref": synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)}
 
 
@@ -70,14 +74,43 @@ def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str
     return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
 
 
-def score_case(generated: np.ndarray, case: dict, voice: str) -> dict:
-    """`score_generated` of a track against the case's driving speech and text, told `voice` (whole clips:
-    no chunk edges); a case whose driving speech is silent is a row with its reason."""
+@torch.no_grad()
+def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, settings, seed: int = 0) -> np.ndarray:
+    """The joint audio of `case` streamed in `voice` as `vidu stream` streams it (`settings`: a StreamSettings):
+    the case's speech fed with its TTS truth's phones, the generated audio through the shipped vocoder chunk by
+    chunk; 16 kHz float32, the length of the driving speech."""
+    from models.encoders import reference_latent
+    from stages.stream.engine import StreamEngine
+    from stages.stream.events import AudioChunk, AudioEnd, EventQueue
+    from stages.stream.session import Parts, Session, SessionOptions
+    from stages.synth.voice import voice_index
+    if not cfg.dit.voices:
+        raise ValueError(f"preset {cfg.name} has no voices (DiTConfig.voices): the voice bench needs a voice model")
+    p = next(model.parameters())
+    engine = StreamEngine(model, cfg, settings, seed=seed, keep_text=True)
+    engine.start(reference_latent(codec, case["ref"], cfg.height, cfg.width).to(p.device, p.dtype), voice_index(voice))
+    events = EventQueue()
+    events.put(AudioChunk(np.asarray(case["audio"], np.float32)))
+    events.put(AudioEnd())
+    s = Session(Parts(engine, cfg, codec, encode_text), events, SessionOptions(audio_out="generated", phones=case["phones"]))
+    said = []
+    while not s.finished():
+        said.append(s.next_chunk()[1])
+    wave, n = np.concatenate(said), len(case["audio"])
+    return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
+
+
+def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int | None = None) -> dict:
+    """`score_generated` of a track against the case's driving speech and text, told `voice`; `chunk_frames`:
+    a stream's latent frames per chunk (its edges' flux is scored; None: a whole clip, no edges). A case whose
+    driving speech is silent is a row with its reason."""
     from stages.eval.metrics.audio import score_generated
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
     if not np.any(case["audio"]) or not case["text"]:
         return {**row, "skipped": "the driving clip is silent"}
-    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice, chunk_frames=None)}
+    edges = {} if not chunk_frames else {"chunk_frames": 4 * chunk_frames, "first_frames": 4 * chunk_frames - 3}
+    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice,
+                                     **({"chunk_frames": None} | edges))}
 
 
 def oracle_row(case: dict) -> dict:
@@ -85,22 +118,25 @@ def oracle_row(case: dict) -> dict:
     return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"])
 
 
-def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, **how) -> list[np.ndarray]:
-    """The model's joint audio of cases 0..cases-1, each said in its told voice (`how`: voice_sample's)."""
+def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, stream=None, **how) -> list[np.ndarray]:
+    """The model's joint audio of cases 0..cases-1, each said in its told voice: streamed with `stream` (a
+    StreamSettings: voice_stream), else sampled whole (`how`: voice_sample's)."""
     out = []
     for i in range(cases):
         case = voice_case(i, cfg, seconds)
-        out.append(voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
+        out.append(voice_stream(model, cfg, codec, encode_text, case, case["told"], stream, seed=i) if stream is not None
+                   else voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
     return out
 
 
-def score_waves(waves: list[np.ndarray], cfg, seconds: float) -> dict:
+def score_waves(waves: list[np.ndarray], cfg, seconds: float, chunk_frames: int | None = None) -> dict:
     """The model's waves scored against their cases' driving speech (rendered again: the world and its TTS
-    are functions of the seed), and the oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
+    are functions of the seed; `chunk_frames`: streamed in chunks of that many latent frames), and the
+    oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
     rows, oracle = [], []
     for i, wave in enumerate(waves):
         case = voice_case(i, cfg, seconds)
-        rows.append(score_case(np.asarray(wave, np.float32), case, case["told"]))
+        rows.append(score_case(np.asarray(wave, np.float32), case, case["told"], chunk_frames))
         oracle.append(oracle_row(case))
     return {"summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
 
@@ -115,8 +151,8 @@ def summarise(rows: list[dict]) -> dict:
     scored = [r for r in rows if "skipped" not in r]
     voiced = [r for r in scored if r.get("voice_nearest")]
     return {"cases": len(rows), "scored": len(scored),
-            **{k: _mean(r[k] for r in scored) for k in ("envelope_r", "envelope_r_control", "wer_generated",
-                                                        "wer_driving", "voice_similarity", "voice_similarity_other")},
+            **{k: _mean(r.get(k) for r in scored) for k in ("envelope_r", "envelope_r_control", "wer_generated", "wer_driving",
+                                                            "voice_similarity", "voice_similarity_other", "edge_flux_ratio")},
             "nearest_is_told": _mean(float(r["voice_nearest"] == r["told"]) for r in voiced),
             "nearest_is_driving": _mean(float(r["voice_nearest"] == r["driving"]) for r in voiced)}
 
@@ -124,19 +160,20 @@ def summarise(rows: list[dict]) -> dict:
 def table(model: dict, oracle: dict) -> str:
     """The bench's markdown table: the model's summary, and the oracle's."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| track | envelope r (control) | WER generated / driving | similarity told / best other | nearest = told / driving |",
-             "|---|---|---|---|---|"]
+    lines = ["| track | envelope r (control) | WER generated / driving | similarity told / best other | nearest = told / driving "
+             "| chunk-edge flux / elsewhere |", "|---|---|---|---|---|---|"]
     for name, s in (("model", model), ("oracle (the driving speech)", oracle)):
         lines.append(f"| {name} | {f(s['envelope_r'])} ({f(s['envelope_r_control'])}) | {f(s['wer_generated'])} / "
                      f"{f(s['wer_driving'])} | {f(s['voice_similarity'])} / {f(s['voice_similarity_other'])} | "
-                     f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} |")
+                     f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} | {f(s.get('edge_flux_ratio'))} |")
     return "\n".join(lines)
 
 
 def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, guidance: float | None = None,
              guide: str | None = None) -> dict:
     """The model's waves on a checkpoint with its autoencoder file, on the GPU when there is one (the sampling
-    settings asked for, else the checkpoint's record): what `score_waves` scores, here or on another machine
+    settings asked for, else the checkpoint's record): sampled whole for a stage-1 teacher, streamed for any
+    other (`voice_stream` at its recorded stream settings): what `score_waves` scores, here or on another machine
     (`save_waves`: the GPU image lacks the scorers' packages)."""
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
@@ -145,10 +182,19 @@ def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = N
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
-    how = whole_settings(checkpoint_sampling(ckpt), steps, guidance, guide)
-    waves = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(),
-                        text_encoder("minilm", max_len=cfg.dit.text_len), cases, seconds, **how)
-    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves}
+    trained = checkpoint_sampling(ckpt)
+    encode = text_encoder("minilm", max_len=cfg.dit.text_len)
+    if (trained or {}).get("stage") == "bidirectional":
+        how = whole_settings(trained, steps, guidance, guide)
+        waves = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(), encode, cases, seconds, **how)
+        return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves}
+    import dataclasses
+
+    from stages.stream.engine import StreamSettings
+    st = StreamSettings.resolve(cfg, trained, steps=steps, guidance=guidance, guide=guide)
+    waves = voice_waves(model, cfg, load_taehv(codec_path, dev), None, encode, cases, seconds, stream=st)
+    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": {"streamed": dataclasses.asdict(st)},
+            "chunk_frames": st.chunk_frames, "device": dev, "waves": waves}
 
 
 def save_waves(path, res: dict) -> None:
@@ -170,7 +216,7 @@ def scored(res: dict) -> dict:
     """`generate`'s result (or `load_waves`') with its scores (score_waves), the waves left out."""
     from models.config import preset
     return {**{k: v for k, v in res.items() if k != "waves"},
-            **score_waves(res["waves"], preset(res["preset"]), res["seconds"])}
+            **score_waves(res["waves"], preset(res["preset"]), res["seconds"], res.get("chunk_frames"))}
 
 
 def scorers_missing() -> str | None:

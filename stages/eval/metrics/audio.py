@@ -141,7 +141,7 @@ def transcribe(wave: np.ndarray) -> str:
     d.start_utt()
     d.process_raw((np.clip(x, -1, 1) * 32767).astype(np.int16).tobytes(), full_utt=True)
     d.end_utt()
-    return " ".join(s.word.split("(")[0] for s in d.seg() if not s.word.startswith(("<", "[", "+")))
+    return " ".join(s.word.split("(")[0] for s in d.seg() or () if not s.word.startswith(("<", "[", "+")))
 
 
 def _words(text: str) -> list[str]:
