@@ -488,22 +488,22 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
     return res
 
 
-def voice_phase(recipe: Recipe, work: Path, out: Path, cases: int | None, seconds: float | None, steps: int | None,
-                guidance: float | None, guide: str | None) -> dict:
-    """Issue 19's voice bench (stages/eval/bench/voice.py) on W/bidirectional, a voice preset's stage 1
-    sampled whole: VOICE_CASES held-out clips of the recipe's eval length (at least whole sentences), each
+def voice_phase(recipe: Recipe, work: Path, out: Path, teacher: str, cases: int | None, seconds: float | None,
+                steps: int | None, guidance: float | None, guide: str | None) -> dict:
+    """Issue 19's voice bench (stages/eval/bench/voice.py) on W/<teacher>, a voice preset's stage 1 sampled
+    whole, or its stage 2 / student streamed: VOICE_CASES held-out clips of the recipe's eval length (at least whole sentences), each
     driven by one character voice and told another; sampling as the checkpoint records unless asked. The
     waves go to OUT/voice_waves.npz, scored here when the scorers are installed (the GPU image lacks them:
     then `python benchmarks/voice_bench.py --score voice_waves.npz` on the dev machine)."""
     from stages.eval.bench.voice import generate, save_waves, scored, scorers_missing
     from stages.synth.dataset import SPEECH_MIN_S
     t0 = time.perf_counter()
-    res = generate(unship(work / "bidirectional", "ema"), work / CODEC, cases or VOICE_CASES,
+    res = generate(unship(work / teacher, "ema"), work / CODEC, cases or VOICE_CASES,
                    seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
     save_waves(out / "voice_waves.npz", res)
     missing = scorers_missing()
     res = {k: v for k, v in res.items() if k != "waves"} if missing else scored(res)
-    return {"phase": "voice", "teacher": "bidirectional", **res, "scorers_missing": missing,
+    return {"phase": "voice", "teacher": teacher, **res, "scorers_missing": missing,
             "eval_s": time.perf_counter() - t0}
 
 
@@ -1085,8 +1085,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training); clips: sampling steps")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes rendering clips (0: in this process, as needed)")
-    ap.add_argument("--teacher", default="causal", choices=("causal", "bidirectional", "student"),
-                    help="eval: which checkpoint")
+    ap.add_argument("--teacher", choices=("causal", "bidirectional", "student"),
+                    help="eval, clips: which checkpoint (default causal); voice: which (default bidirectional, sampled "
+                         "whole; the others are streamed)")
     ap.add_argument("--stream-steps", type=int, help="eval: the stream's denoising steps per chunk (default: the checkpoint's)")
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
     ap.add_argument("--streams", type=int, default=1, help="eval: processes streaming cases at once on the device")
@@ -1165,13 +1166,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.phase == "lipsync":
         res = lipsync_phase(recipe, work, out, args.workers)
     elif args.phase == "clips":
-        res = clip_eval(recipe, work, out, args.teacher, args.workers, args.cases, args.steps)
+        res = clip_eval(recipe, work, out, args.teacher or "causal", args.workers, args.cases, args.steps)
     elif args.phase == "starter":
         if not args.scores:
             ap.error("--phase starter needs --scores (the eval phase's recipe_eval.json of the model to ship)")
         res = starter_phase(work, args.scores)
     elif args.phase == "voice":
-        res = voice_phase(recipe, work, out, args.cases, args.seconds, args.stream_steps, args.guidance, args.guide)
+        res = voice_phase(recipe, work, out, args.teacher or "bidirectional", args.cases, args.seconds, args.stream_steps,
+                          args.guidance, args.guide)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
                             args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache))
@@ -1181,7 +1183,7 @@ def main(argv: list[str] | None = None) -> dict:
                                        ("attention", args.attention), ("kernels", args.kernels),
                                        ("compile", args.compile))
                      if v is not None}
-        res = eval_phase(recipe, work, out, args.teacher, args.streams, args.cases, args.seconds, overrides,
+        res = eval_phase(recipe, work, out, args.teacher or "causal", args.streams, args.cases, args.seconds, overrides,
                          args.workers, args.start, args.idle)
     else:
         res = train_phase(recipe, args.phase, work, out, args.minutes, args.workers, t_phase, args.steps, args.again,
