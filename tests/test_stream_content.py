@@ -154,3 +154,18 @@ def test_a_served_session_speaks_in_the_voice_it_was_created_with():
     m = ServeModel(None, "tiny-voice")
     made = {v: m.parts(m.grey, m.profiles[0], 0, v).engine.voice for v in ("ada", "zoe", "en-us", None)}
     assert [None if t is None else int(t[0]) for t in made.values()] == [voice_index("ada"), voice_index("zoe"), -1, -1]
+
+
+def test_a_state_saved_in_one_voice_does_not_resume_in_another(tmp_path):
+    from PIL import Image
+
+    from stages.stream.events import StreamError
+    from stages.stream.session import load_parts
+    from stages.stream.state import check_identity, identity
+
+    image = tmp_path / "face.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)
+    ada, zoe = (identity(load_parts(image, preset="tiny-voice", voice=v), image) for v in ("ada", "zoe"))
+    check_identity(ada, ada, "s.state")
+    with pytest.raises(StreamError, match="voice"):
+        check_identity(ada, zoe, "s.state")

@@ -39,7 +39,8 @@ def identity(parts, image: str | Path) -> dict:
     return {"image": hashlib.sha256(Path(image).read_bytes()).hexdigest(),
             "size": [parts.cfg.width, parts.cfg.height], "model": weights_digest(eng.model),
             "decoder": weights_digest(parts.decoder), "dtype": str(eng.dtype).removeprefix("torch."),
-            "settings": dataclasses.asdict(eng.st), "fast_path": fast_path_flags(eng.model)}
+            "settings": dataclasses.asdict(eng.st), "fast_path": fast_path_flags(eng.model),
+            "voice": None if eng.voice is None else int(eng.voice[0])}
 
 
 def fast_path_flags(model) -> dict:
@@ -110,6 +111,8 @@ def check_identity(saved: dict, ours: dict, path: str | Path) -> None:
     if saved_path is not None and saved_path["attention"] != ours["fast_path"]["attention"]:
         raise fail(f"it was saved with --attention {saved_path['attention']}, this stream has "
                    f"--attention {ours['fast_path']['attention']}")
+    if saved.get("voice") != ours.get("voice"):    # a model with character voices: the one its reference speaks in
+        raise fail(f"it was saved speaking in voice {saved.get('voice')}, this stream speaks in {ours.get('voice')} (--voice)")
     for name, value in ours["settings"].items():
         if saved["settings"].get(name) != value:
             raise fail(f"it was saved with {name.replace('_', '-')} {saved['settings'].get(name)}, "
