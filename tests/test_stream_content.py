@@ -152,8 +152,9 @@ def test_a_served_session_speaks_in_the_voice_it_was_created_with():
     from stages.synth.voice import voice_index
 
     m = ServeModel(None, "tiny-voice")
-    made = {v: m.parts(m.grey, m.profiles[0], 0, v).engine.voice for v in ("ada", "zoe", "en-us", None)}
-    assert [None if t is None else int(t[0]) for t in made.values()] == [voice_index("ada"), voice_index("zoe"), -1, -1]
+    made = {v: m.parts(m.grey, m.profiles[0], 0, v) for v in ("ada", "zoe", "en-us", None)}
+    assert [int(p.engine.voice[0]) for p in made.values()] == [voice_index("ada"), voice_index("zoe"), -1, -1]
+    assert [sum("picks its own" in n for n in p.notes) for p in made.values()] == [0, 0, 1, 1]
 
 
 def test_a_state_saved_in_one_voice_does_not_resume_in_another(tmp_path):

@@ -97,7 +97,8 @@ class ServeModel:
         engine = StreamEngine(b.engine.model, cfg, profile.settings, seed=seed, keep_text=True)
         index, said = speaking_voice(cfg, voice)
         engine.start(ref, index)
-        return dataclasses.replace(b, engine=engine, cfg=cfg, notes=list(b.notes) + said)
+        base = speaking_voice(cfg, None)[1]              # the grey base's own voice note is not this session's
+        return dataclasses.replace(b, engine=engine, cfg=cfg, notes=[n for n in b.notes if n not in base] + said)
 
     def calibrate(self, chunks: int, batch: int = 1, budget_s: float = math.inf) -> None:
         """Time each profile's steady batched chunk at every batch size 1..`batch` (Profile.batch_s: size ->
