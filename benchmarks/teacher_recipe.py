@@ -161,7 +161,7 @@ RECIPES = {
 }
 
 # the voice presets (issue 19): the same recipe on a model that hears speech content and says it in a character
-# voice; their teachers are judged by --phase voice (the synth bench streams, which a content model cannot yet)
+# voice; their teachers are judged by --phase voice (the synth bench feeds waves, which a content model does not hear)
 RECIPES["small-voice"] = dataclasses.replace(RECIPES["small"], preset="small-voice")
 RECIPES["tiny-voice"] = dataclasses.replace(RECIPES["tiny"], preset="tiny-voice")
 VOICE_CASES = 16

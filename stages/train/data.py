@@ -113,9 +113,8 @@ def content_rows(audio: np.ndarray, phones: list, cfg: ModelConfig) -> torch.Ten
     outside the clip are silence)."""
     from stages.sense import content as C
     before, after = cfg.dit.audio_context
-    T = C.steps_for(len(audio))
-    phone = C.phone_steps(phones, T)
-    return C.latent_rows(phone, C.loudness(audio, phone), before + cfg.latent_frames + after, before)
+    c = C.content(audio, segments=phones)
+    return C.latent_rows(c["phone"], c["loud"], before + cfg.latent_frames + after, before)
 
 
 def latent_regions(mask: np.ndarray, per: int, down: int) -> torch.Tensor:

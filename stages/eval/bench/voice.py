@@ -59,17 +59,25 @@ def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str
     from models.audio import latent_to_logmel
     from models.config import NEUTRAL_TEXT
     from models.encoders import reference_latent
-    from stages.synth.voice import VOICES
+    from stages.synth.voice import voice_index
     from stages.train.data import fit_text
     from stages.train.sample import sample_bidirectional
-    if not cfg.dit.voices:
-        raise ValueError(f"preset {cfg.name} has no voices (DiTConfig.voices): the voice bench needs a voice model")
+    _check_voices(cfg)
     dev = next(model.parameters()).device
     ref = reference_latent(codec, case["ref"], cfg.height, cfg.width).float().to(dev)
     text = fit_text(torch.as_tensor(encode_text([NEUTRAL_TEXT])[0]).float(), cfg.dit.text_len)[None].to(dev)
     _, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), frames=case["latent_frames"],
-                                    seed=seed, voice=torch.tensor([sorted(VOICES).index(voice)], device=dev), **how)
-    wave = vocoder.synthesize(latent_to_logmel(audio[0].float().cpu(), cfg.audio)).numpy()
+                                    seed=seed, voice=torch.tensor([voice_index(voice)], device=dev), **how)
+    return _as_long_as(vocoder.synthesize(latent_to_logmel(audio[0].float().cpu(), cfg.audio)).numpy(), case)
+
+
+def _check_voices(cfg) -> None:
+    if not cfg.dit.voices:
+        raise ValueError(f"preset {cfg.name} has no voices (DiTConfig.voices): the voice bench needs a voice model")
+
+
+def _as_long_as(wave: np.ndarray, case: dict) -> np.ndarray:
+    """`wave` cut or padded with silence to the length of the case's driving speech, float32."""
     n = len(case["audio"])
     return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
 
@@ -84,8 +92,7 @@ def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, setting
     from stages.stream.events import AudioChunk, AudioEnd, EventQueue
     from stages.stream.session import Parts, Session, SessionOptions
     from stages.synth.voice import voice_index
-    if not cfg.dit.voices:
-        raise ValueError(f"preset {cfg.name} has no voices (DiTConfig.voices): the voice bench needs a voice model")
+    _check_voices(cfg)
     p = next(model.parameters())
     engine = StreamEngine(model, cfg, settings, seed=seed, keep_text=True)
     engine.start(reference_latent(codec, case["ref"], cfg.height, cfg.width).to(p.device, p.dtype), voice_index(voice))
@@ -96,8 +103,7 @@ def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, setting
     said = []
     while not s.finished():
         said.append(s.next_chunk()[1])
-    wave, n = np.concatenate(said), len(case["audio"])
-    return np.pad(wave[:n], (0, max(0, n - len(wave)))).astype(np.float32)
+    return _as_long_as(np.concatenate(said), case)
 
 
 def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int | None = None) -> dict:
@@ -108,9 +114,10 @@ def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int 
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
     if not np.any(case["audio"]) or not case["text"]:
         return {**row, "skipped": "the driving clip is silent"}
-    edges = {} if not chunk_frames else {"chunk_frames": 4 * chunk_frames, "first_frames": 4 * chunk_frames - 3}
-    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice,
-                                     **({"chunk_frames": None} | edges))}
+    per = 4                                     # video frames per latent frame; the first chunk's first has one
+    edges = {"chunk_frames": per * chunk_frames, "first_frames": per * chunk_frames - per + 1} if chunk_frames else \
+        {"chunk_frames": None}
+    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges)}
 
 
 def oracle_row(case: dict) -> dict:
