@@ -19,6 +19,9 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
                                           [--pcm-weight P] [--sync-weight S] [--guidance G]   # 0, 0: pure DMD
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
+    python benchmarks/teacher_recipe.py --phase bidirectional --preset small-voice --warm W0/bidirectional --work W
+                                          # issue 19: a voice model seeded with a video teacher's tensors that fit
+    python benchmarks/teacher_recipe.py --phase voice         --preset small-voice --work W   # its voice bench
 
 `--work W` is the run folder a phase reads and adds to; each training phase also copies what it made to
 $OUT (default: W/out) as bf16 EMA weights in files of at most 16 MiB (safetensors shards + an index when
@@ -1110,6 +1113,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--from", dest="start", type=Path,
                     help="with --again: continue from this checkpoint (copied to W/<stage> first), e.g. the starter's model; "
                          "with --phase eval: score this checkpoint (its codec file beside it) instead of W's")
+    ap.add_argument("--warm", type=Path,
+                    help="bidirectional: seed a voice preset's stage 1 with the tensors of this teacher of another preset "
+                         "that fit (a file, or a folder of shipped ema shards; TrainSettings.warm_from)")
     ap.add_argument("--recode", action="store_true",
                     help="with --from: it was trained with another codec than --codec; train it on --codec's latents")
     ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
@@ -1162,6 +1168,13 @@ def main(argv: list[str] | None = None) -> dict:
             ship(args.start, work / args.phase, "ema")     # what --again continues from (bf16, shards if large)
     if args.recode and not (args.start and args.codec):
         ap.error("--recode goes with --from and --codec")
+    if args.warm:
+        if args.phase != "bidirectional" or args.again:
+            ap.error("--warm seeds a fresh stage 1 (--phase bidirectional, without --again)")
+        if not args.warm.exists():
+            raise SystemExit(f"--warm {args.warm}: no such file or folder")
+        warm = unship(args.warm, "ema") if args.warm.is_dir() else args.warm
+        recipe = dataclasses.replace(recipe, bidirectional={**recipe.bidirectional, "warm_from": str(warm)})
     torch.backends.cudnn.benchmark = True
     if args.phase == "lipsync":
         res = lipsync_phase(recipe, work, out, args.workers)

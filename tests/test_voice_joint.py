@@ -232,3 +232,37 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
         voice_case(0, CFG, 2.0)
     with pytest.raises(ValueError, match="no voices"):
         voice_sample(None, PRESETS["tiny"], codec, vocoder, encode, case, "ada", steps=2)
+
+
+def test_a_voice_model_is_seeded_with_the_tensors_of_a_video_teacher_that_fit(tmp_path):
+    """TrainSettings.warm_from (teacher_recipe.py --warm): a -voice preset starts from a video teacher of its
+    base preset; every tensor of the same name and shape comes over, the speech input (content rows, not
+    log-mel) and the voices start fresh (and the joint-audio branch, where the base has none), and the trained
+    model's lineage says so."""
+    from models.checkpoint import checkpoint_config, read_metadata, read_state_dict, save_model
+    from models.dit import DiT
+    from stages.train.loop import TrainSettings, train, warm_start
+    torch.manual_seed(0)
+    video = PRESETS["tiny"]
+    teacher = save_model(tmp_path / "teacher.safetensors", DiT(video.dit), video,
+                         [{"stage": "bidirectional", "steps": 7, "data": "synth:4@0"}])
+    model = DiT(CFG.dit)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lineage = warm_start(model, str(teacher), CFG)
+    fresh = {"audio_embedding.0.weight", "voice_embedding.weight"}    # (tiny has joint audio; small does not)
+    assert set(lineage[-1]["fresh"]) == fresh and lineage[0]["steps"] == 7
+    src, now = read_state_dict(teacher), model.state_dict()
+    assert lineage[-1]["tensors"] == len(now) - len(fresh) > 50
+    for k, v in now.items():
+        assert torch.equal(v, before[k] if k in fresh else src[k]), k
+    # a checkpoint with nothing that fits is refused, as is continuing (--from) and seeding at once
+    save_model(tmp_path / "other.safetensors", {"elsewhere.weight": torch.zeros(3)}, video)
+    with pytest.raises(ValueError, match="none of its tensors fits preset tiny-voice"):
+        warm_start(DiT(CFG.dit), str(tmp_path / "other.safetensors"), CFG)
+    with pytest.raises(ValueError, match="give one of them"):
+        TrainSettings(stage="bidirectional", preset="tiny-voice", init_from=str(teacher), warm_from=str(teacher))
+    run = train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=1, save_every=1, batch=2, samples=2,
+                              warm_from=str(teacher)), tmp_path / "run")
+    ema = tmp_path / "run" / "step-000001" / "ema.safetensors"
+    assert run["steps"] == 1 and checkpoint_config(ema).name == "tiny-voice"
+    assert [r.get("stage", "warm") for r in read_metadata(ema)["lineage"]] == ["bidirectional", "warm", "bidirectional"]

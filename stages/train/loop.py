@@ -77,6 +77,9 @@ class TrainSettings:
     samples: int = ranged(256, min=1)    # synthetic training samples (the dataset cycles over them)
     data: str | None = None              # a synth manifest to train on instead of clips rendered on the fly
     init_from: str | None = None         # checkpoint to start from (stage 2: the bidirectional teacher)
+    # teachers: a checkpoint of another preset whose tensors of the same name and shape seed the model, the rest
+    # starting fresh (a video teacher for its -voice preset: all but the speech input and the joint-audio branch)
+    warm_from: str | None = None
     codec: str | None = None             # teachers: the autoencoder (vidu train --stage autoencoder) coding frames
     # teachers: start from init_from under `codec`, another autoencoder than the one init_from was trained with
     # (the DiT relearns the latent space; a codec retrained from the old one keeps much of it); else refused
@@ -96,8 +99,11 @@ class TrainSettings:
         if self.stage == "autoencoder" and (self.codec or self.init_from or self.data):
             raise ValueError("the autoencoder stage trains on the synthetic world from scratch: "
                              "--codec, --from and --data are for the teachers")
-        if self.recode and not (self.codec and self.init_from):
-            raise ValueError("--recode goes with --from and the new --codec")
+        if self.recode and not (self.codec and (self.init_from or self.warm_from)):
+            raise ValueError("--recode goes with --from (or --warm-from) and the new --codec")
+        if self.warm_from and (self.init_from or self.stage == "autoencoder"):
+            raise ValueError("--warm-from seeds a teacher of another preset; --from continues one of this preset: "
+                             "give one of them")
         if self.sequence_parallel > 1 and (self.stage == "autoencoder" or self.compile):
             raise ValueError("--sequence-parallel is for the teachers without --compile (its all-to-alls are "
                              "not compiled)")
@@ -139,6 +145,8 @@ class Trainer:
         model = DiT(cfg.dit)
         if init is not None:
             model.load_state_dict(init)
+        if st.warm_from:
+            self.lineage = warm_start(model, st.warm_from, cfg)
         model.gradient_checkpointing = st.grad_ckpt
         model.to(d.device).train()
         if st.compile and d.device.type == "cuda":
@@ -275,9 +283,10 @@ def prepare_codec(cfg, st: TrainSettings, out: Path) -> Path:
     path = Path(out) / CODEC_FILE
     if path.exists():
         return path
-    given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(st.init_from)
-    if given and inherited and not st.recode and not _same_codec(given, inherited, st.init_from):
-        raise ValueError(f"--codec {given} is not the autoencoder {st.init_from} was trained with ({inherited}); "
+    origin = st.init_from or st.warm_from
+    given, inherited = (Path(st.codec) if st.codec else None), teacher_codec(origin)
+    if given and inherited and not st.recode and not _same_codec(given, inherited, origin):
+        raise ValueError(f"--codec {given} is not the autoencoder {origin} was trained with ({inherited}); "
                          f"--recode trains it on the new codec's latents")
     src = given or inherited
     tmp = path.with_name(path.name + ".tmp")
@@ -299,6 +308,20 @@ _INLINE_CODECS: dict[tuple[str, int], bytes] = {}      # (preset, seed) -> the q
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def warm_start(model: DiT, path: str, cfg) -> list[dict]:
+    """Seed `model` (preset `cfg`) with every tensor of the checkpoint `path` of the same name and shape; the
+    lineage the trained model inherits: path's, then the warm start (which tensors came, of how many)."""
+    from models.checkpoint import read_state_dict
+    own, src = model.state_dict(), read_state_dict(path)
+    fit = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    if not fit:
+        raise ValueError(f"--warm-from {path}: none of its tensors fits preset {cfg.name}")
+    model.load_state_dict(fit, strict=False)
+    fresh = sorted(k for k in own if k not in fit)
+    return list(read_metadata(path).get("lineage", [])) + [
+        {"warm_from": Path(path).name, "preset": cfg.name, "tensors": len(fit), "of": len(own), "fresh": fresh}]
 
 
 def _same_codec(given: Path, inherited: Path, init_from: str) -> bool:
