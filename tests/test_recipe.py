@@ -42,7 +42,7 @@ def carry(out: Path, work: Path) -> None:
         shutil.copyfile(f, dest)
 
 
-def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
+def test_recipe_phases_end_to_end(tmp_path, monkeypatch, capsys):
     """All four phases, each in a fresh folder holding only what the one before shipped."""
     works = [tmp_path / f"w{i}" for i in range(4)]
     outs = [tmp_path / f"out{i}" for i in range(4)]
@@ -171,6 +171,9 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch):
                     "--codec", codec)
     assert rebuilt["settings"]["init_from"] == str(tmp_path / "w7" / "causal" / "ema.safetensors")
     assert rebuilt["train"]["steps"] == 2 and rebuilt["again"]
+    with pytest.raises(SystemExit):               # --codec naming W's own codec file: nothing to copy, no error
+        recipe.main(["--phase", "starter", "--work", str(tmp_path / "w7"), "--codec", str(tmp_path / "w7" / "codec.safetensors")])
+    assert "needs --scores" in capsys.readouterr().err
     lineage = recipe.read_metadata(tmp_path / "out9" / "causal" / "ema.safetensors")["lineage"]
     assert [r["stage"] for r in lineage][-2:] == ["distill", "causal"]
     # the same student moved onto another codec (a retrained autoencoder): refused unless --recode
