@@ -507,7 +507,7 @@ def voice_phase(recipe: Recipe, work: Path, out: Path, teacher: str, cases: int 
                    seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
     save_waves(out / "voice_waves.npz", res)
     missing = scorers_missing()
-    res = {k: v for k, v in res.items() if k != "waves"} if missing else scored(res)
+    res = {k: v for k, v in res.items() if k not in ("waves", "mouths")} if missing else scored(res)
     return {"phase": "voice", "teacher": teacher, **res, "scorers_missing": missing,
             "eval_s": time.perf_counter() - t0}
 

@@ -42,6 +42,28 @@ def test_envelope_follows_the_same_speech_not_another():
     assert flat["envelope_r"] is None and flat["envelope_lag_frames"] is None
 
 
+def test_pair_sync_finds_how_late_the_audio_of_a_generated_pair_is():
+    """pair_sync: the world's ground-truth mouth track of a TTS clip (the video a perfect model draws) against
+    its own speech reads in sync; the speech 4 frames late reads +4, 3 frames early -3; another sentence's
+    speech does not follow the mouth; a mouth that never moves has no r."""
+    from models.config import PRESETS
+    from stages import synth
+    from stages.synth.voice import VOICES
+    cfg = PRESETS["tiny-voice"]
+    s = synth.make_sample(7, width=cfg.width, height=cfg.height, fps=25, seconds=6.0, split="eval", events=[],
+                          voice=VOICES["ada"], draw=False)
+    mouth, wave = np.asarray(s.tracks["mouth"], np.float64), s.audio
+    own = A.pair_sync(mouth, wave)
+    assert own["av_offset_frames"] == 0 and own["av_r"] > 0.7
+    assert A.pair_sync(mouth, np.concatenate([np.zeros(4 * 640, np.float32), wave]))["av_offset_frames"] == 4
+    assert A.pair_sync(mouth, wave[3 * 640:])["av_offset_frames"] == -3
+    other = A.pair_sync(mouth, speak(OTHER, "ben"))
+    assert other["av_r"] < 0.3
+    assert A.pair_sync(np.zeros_like(mouth), wave) == {"av_r": None, "av_offset_frames": None}
+    with pytest.raises(ValueError, match="for their sync"):
+        A.pair_sync(mouth[:20], wave)
+
+
 def test_silent_tracks():
     drive = speak(SAY, "ada")
     s = A.score_generated(np.zeros_like(drive), drive, SAY, "ada")

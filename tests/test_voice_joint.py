@@ -209,8 +209,9 @@ def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(t
 
 def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_model_told_another():
     """stages/eval/bench/voice.py: case i is driven by one character voice and told another; the scorers
-    read the driving speech itself (the oracle) as its own voice with envelope r 1; a model's output
-    (here a scrambled tiny-voice: a run of the pipeline, not a quality claim) is scored in the told voice."""
+    read the driving speech itself (the oracle) as its own voice with envelope r 1 and, with the truth's mouth
+    track as its video, as a pair in sync; a model's output (here a scrambled tiny-voice: a run of the
+    pipeline, not a quality claim) is scored in the told voice, with the video said with it."""
     from models.encoders import text_encoder
     from models.taehv import TAEHV
     from models.vocoder import load
@@ -222,10 +223,13 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     assert oracle["voice_similarity"] > oracle["voice_similarity_other"] + 0.05
     torch.manual_seed(0)
     codec, vocoder, encode = TAEHV(CFG.taehv).eval(), load(), text_encoder("minilm", max_len=CFG.dit.text_len)
-    waves = voice_waves(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
-    res = score_waves(waves, CFG, 4.0)
+    waves, mouths = voice_waves(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
+    assert len(mouths[0]) == case["video_frames"] == len(case["mouth_truth"])      # the video said with it, measured
+    res = score_waves(waves, CFG, 4.0, mouths=mouths)
     [row] = res["rows"]
     assert res["oracle_rows"] == [oracle] and res["summary"]["scored"] == 1
+    assert oracle["mouth_r"] == pytest.approx(1.0) and oracle["av_offset_frames"] == 0   # the truth's pair: in sync
+    assert {"mouth_r", "av_r", "av_offset_frames"} <= set(row) and "mouth_r" not in score_waves(waves, CFG, 4.0)["rows"][0]
     assert (row["driving"], row["told"], row["voice"]) == (case["driving"], case["told"], case["told"])
     assert row["audio_seconds"] == row["driving_seconds"] == len(case["audio"]) / 16000 and "envelope_r" in row
     with pytest.raises(ValueError, match="at least 4 s"):

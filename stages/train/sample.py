@@ -14,6 +14,7 @@ teachers' default, and what their checkpoints record for `vidu stream`.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from models.config import ModelConfig
@@ -212,9 +213,12 @@ def sample_clips(model: DiT, cfg: ModelConfig, codec, encode_text, refs: list, w
         z, _ = sample_bidirectional(model, cfg, ref.to(dev, dt), torch.stack(conds).to(dev, dt),
                                     None if speech is None else speech.to(dt), steps=steps, shift=shift, seed=seed,
                                     guidance=guidance, guide=guide, frames=F, overlap=overlap, progress=progress)
-    out = []
-    for j in range(len(refs)):                                   # a piece at a time: hours of video fit
-        dec = codec.stream_decoder()
-        x = torch.cat([dec.push(z[j:j + 1, :, i:i + 16].permute(0, 2, 1, 3, 4).float()) for i in range(0, F, 16)], 1)
-        out.append((x[0, :frames].permute(0, 2, 3, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy())
-    return out
+    return [decode_video(codec, z[j:j + 1], frames) for j in range(len(refs))]
+
+
+def decode_video(codec, z: torch.Tensor, frames: int) -> np.ndarray:
+    """One clip's video latent [1, C, F, h, w] -> its first `frames` frames [T, H, W, 3] uint8, decoded by
+    `codec` (TAEHV) 16 latent frames at a time (hours of video fit)."""
+    dec = codec.stream_decoder()
+    x = torch.cat([dec.push(z[:, :, i:i + 16].permute(0, 2, 1, 3, 4).float()) for i in range(0, z.shape[2], 16)], 1)
+    return (x[0, :frames].permute(0, 2, 3, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()

@@ -12,8 +12,12 @@ loop, ContentStream's rows, the vocoder streamed chunk by chunk). The track is s
 by stages/eval/metrics/audio.py `score_generated`: envelope r (and its mismatched control), word error rate
 against the said text (pocketsphinx), voice similarity to the told voice against every other voice, the driving
 one included, and for a stream the spectral flux at its chunk edges against elsewhere (a click reads > 1).
-`oracle_row` scores the driving speech itself the same way (told its own voice): what the scorers read on
-real speech of these voices (envelope r 1, the driving voice nearest)."""
+The video said with it is measured from its pixels (stages.synth.analyze, knowing only who the character is):
+`mouth_r` = the synth bench's lip sync (the mouth opening against the ground-truth mouth track of the driving
+speech), and the pair's own sync (`pair_sync`: the mouth against the generated audio's envelope; its offset in
+frames, positive = audio late). `oracle_row` scores the driving speech itself the same way (told its own voice,
+its ground-truth mouth track as the video): what the scorers read on real speech of these voices (envelope r
+1, the driving voice nearest) and on a pair in sync."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,29 +50,33 @@ def voice_case(i: int, cfg, seconds: float) -> dict:
                           split="eval", events=[], voice=VOICES[driving], draw=False)   # speech, not pixels
     F = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
     return {"index": i, "seed": VOICE_BASE + i, "driving": driving, "told": told, "audio": s.audio, "text": s.said.text,
-            "phones": s.said.phones, "latent_frames": F,
+            "phones": s.said.phones, "latent_frames": F, "video_frames": s.frames.shape[0], "identity": s.identity,
+            "mouth_truth": np.asarray(s.tracks["mouth"], np.float64),
             "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)),
             "ref": synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)}
 
 
 @torch.no_grad()
-def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str, seed: int = 0, **how) -> np.ndarray:
-    """The model's joint audio for `case` said in `voice`, through the vocoder: 16 kHz float32, the length of
-    the driving speech. `how`: sample_bidirectional's steps, shift, guidance and guide (stages/train/sample.py
-    `whole_settings`: the checkpoint's record)."""
+def voice_sample(model, cfg, codec, vocoder, encode_text, case: dict, voice: str, seed: int = 0,
+                 **how) -> tuple[np.ndarray, np.ndarray]:
+    """The model's joint audio for `case` said in `voice`, through the vocoder (16 kHz float32, the length of
+    the driving speech), and the video with it ([T, H, W, 3] uint8, the case's frames). `how`:
+    sample_bidirectional's steps, shift, guidance and guide (stages/train/sample.py `whole_settings`: the
+    checkpoint's record)."""
     from models.audio import latent_to_logmel
     from models.config import NEUTRAL_TEXT
     from models.encoders import reference_latent
     from stages.synth.voice import voice_index
     from stages.train.data import fit_text
-    from stages.train.sample import sample_bidirectional
+    from stages.train.sample import decode_video, sample_bidirectional
     _check_voices(cfg)
     dev = next(model.parameters()).device
     ref = reference_latent(codec, case["ref"], cfg.height, cfg.width).float().to(dev)
     text = fit_text(torch.as_tensor(encode_text([NEUTRAL_TEXT])[0]).float(), cfg.dit.text_len)[None].to(dev)
-    _, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), frames=case["latent_frames"],
+    z, audio = sample_bidirectional(model, cfg, ref, text, case["rows"][None].to(dev), frames=case["latent_frames"],
                                     seed=seed, voice=torch.tensor([voice_index(voice)], device=dev), **how)
-    return _as_long_as(vocoder.synthesize(latent_to_logmel(audio[0].float().cpu(), cfg.audio)).numpy(), case)
+    return (_as_long_as(vocoder.synthesize(latent_to_logmel(audio[0].float().cpu(), cfg.audio)).numpy(), case),
+            decode_video(codec, z, case["video_frames"]))
 
 
 def _check_voices(cfg) -> None:
@@ -83,10 +91,11 @@ def _as_long_as(wave: np.ndarray, case: dict) -> np.ndarray:
 
 
 @torch.no_grad()
-def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, settings, seed: int = 0) -> np.ndarray:
+def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, settings,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The joint audio of `case` streamed in `voice` as `vidu stream` streams it (`settings`: a StreamSettings):
     the case's speech fed with its TTS truth's phones, the generated audio through the shipped vocoder chunk by
-    chunk; 16 kHz float32, the length of the driving speech."""
+    chunk (16 kHz float32, the length of the driving speech), and the video streamed with it (voice_sample's)."""
     from models.encoders import reference_latent
     from stages.stream.engine import StreamEngine
     from stages.stream.events import AudioChunk, AudioEnd, EventQueue
@@ -100,50 +109,68 @@ def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, setting
     events.put(AudioChunk(np.asarray(case["audio"], np.float32)))
     events.put(AudioEnd())
     s = Session(Parts(engine, cfg, codec, encode_text), events, SessionOptions(audio_out="generated", phones=case["phones"]))
-    said = []
+    said, shown = [], []
     while not s.finished():
-        said.append(s.next_chunk()[1])
-    return _as_long_as(np.concatenate(said), case)
+        frames, audio, _ = s.next_chunk()
+        said.append(audio)
+        shown.append(frames)
+    return _as_long_as(np.concatenate(said), case), np.concatenate(shown)[:case["video_frames"]]
 
 
-def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int | None = None) -> dict:
+def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int | None = None,
+               mouth: np.ndarray | None = None) -> dict:
     """`score_generated` of a track against the case's driving speech and text, told `voice`; `chunk_frames`:
-    a stream's latent frames per chunk (its edges' flux is scored; None: a whole clip, no edges). A case whose
+    a stream's latent frames per chunk (its edges' flux is scored; None: a whole clip, no edges); `mouth`: the
+    mouth track measured on the video said with it (its lip sync and the pair's sync are scored). A case whose
     driving speech is silent is a row with its reason."""
-    from stages.eval.metrics.audio import score_generated
+    from stages.eval.bench.synthscore import pearson
+    from stages.eval.metrics.audio import pair_sync, score_generated
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
     if not np.any(case["audio"]) or not case["text"]:
         return {**row, "skipped": "the driving clip is silent"}
     per = 4                                     # video frames per latent frame; the first chunk's first has one
     edges = {"chunk_frames": per * chunk_frames, "first_frames": per * chunk_frames - per + 1} if chunk_frames else \
         {"chunk_frames": None}
-    return {**row, **score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges)}
+    row.update(score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges))
+    if mouth is not None:
+        truth = case["mouth_truth"][:len(mouth)]
+        row.update(mouth_r=pearson(np.nan_to_num(np.asarray(mouth, np.float64))[:len(truth)], truth),
+                   **pair_sync(mouth, generated))
+    return row
 
 
 def oracle_row(case: dict) -> dict:
-    """The driving speech scored as if generated, told its own voice: the scorers' reading of real speech."""
-    return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"])
+    """The driving speech scored as if generated, told its own voice, its ground-truth mouth track as the video's:
+    the scorers' reading of real speech and of a pair in sync."""
+    return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"], mouth=case["mouth_truth"])
 
 
-def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, stream=None, **how) -> list[np.ndarray]:
-    """The model's joint audio of cases 0..cases-1, each said in its told voice: streamed with `stream` (a
-    StreamSettings: voice_stream), else sampled whole (`how`: voice_sample's)."""
-    out = []
+def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, stream=None,
+                **how) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The model's joint audio of cases 0..cases-1, each said in its told voice, and the mouth opening measured
+    on the video with it ([T] per frame, NaN where no face is found): streamed with `stream` (a StreamSettings:
+    voice_stream), else sampled whole (`how`: voice_sample's)."""
+    from stages.synth import analyze
+    waves, mouths = [], []
     for i in range(cases):
         case = voice_case(i, cfg, seconds)
-        out.append(voice_stream(model, cfg, codec, encode_text, case, case["told"], stream, seed=i) if stream is not None
-                   else voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
-    return out
+        wave, frames = (voice_stream(model, cfg, codec, encode_text, case, case["told"], stream, seed=i) if stream is not None
+                        else voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
+        waves.append(wave)
+        mouths.append(np.asarray(analyze(frames, case["identity"])["mouth"], np.float32))
+    return waves, mouths
 
 
-def score_waves(waves: list[np.ndarray], cfg, seconds: float, chunk_frames: int | None = None) -> dict:
-    """The model's waves scored against their cases' driving speech (rendered again: the world and its TTS
-    are functions of the seed; `chunk_frames`: streamed in chunks of that many latent frames), and the
-    oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
+def score_waves(waves: list[np.ndarray], cfg, seconds: float, chunk_frames: int | None = None,
+                mouths: list[np.ndarray] | None = None) -> dict:
+    """The model's waves (and the mouth tracks of its video, when given) scored against their cases' driving
+    speech (rendered again: the world and its TTS are functions of the seed; `chunk_frames`: streamed in chunks
+    of that many latent frames), and the oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
     rows, oracle = [], []
     for i, wave in enumerate(waves):
         case = voice_case(i, cfg, seconds)
-        rows.append(score_case(np.asarray(wave, np.float32), case, case["told"], chunk_frames))
+        rows.append(score_case(np.asarray(wave, np.float32), case, case["told"], chunk_frames,
+                               None if mouths is None else mouths[i]))
         oracle.append(oracle_row(case))
     return {"summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
 
@@ -153,13 +180,22 @@ def _mean(xs) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.median(xs)) if xs else None
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Means over the scored rows; the shares of rows whose nearest voice is the told one / the driving one."""
+    """Means over the scored rows (the pair's offset: the median); the shares of rows whose nearest voice is
+    the told one / the driving one, and whose pair is in sync (|offset| <= 1 frame)."""
     scored = [r for r in rows if "skipped" not in r]
     voiced = [r for r in scored if r.get("voice_nearest")]
     return {"cases": len(rows), "scored": len(scored),
             **{k: _mean(r.get(k) for r in scored) for k in ("envelope_r", "envelope_r_control", "wer_generated", "wer_driving",
-                                                            "voice_similarity", "voice_similarity_other", "edge_flux_ratio")},
+                                                            "voice_similarity", "voice_similarity_other", "edge_flux_ratio",
+                                                            "mouth_r", "av_r")},
+            "av_offset_frames": _median(r.get("av_offset_frames") for r in scored),
+            "av_in_sync": _mean(float(abs(r["av_offset_frames"]) <= 1) for r in scored if r.get("av_offset_frames") is not None),
             "nearest_is_told": _mean(float(r["voice_nearest"] == r["told"]) for r in voiced),
             "nearest_is_driving": _mean(float(r["voice_nearest"] == r["driving"]) for r in voiced)}
 
@@ -168,11 +204,14 @@ def table(model: dict, oracle: dict) -> str:
     """The bench's markdown table: the model's summary, and the oracle's."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| track | envelope r (control) | WER generated / driving | similarity told / best other | nearest = told / driving "
-             "| chunk-edge flux / elsewhere |", "|---|---|---|---|---|---|"]
+             "| chunk-edge flux / elsewhere | video lip sync r | pair sync r, offset median / in sync |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in (("model", model), ("oracle (the driving speech)", oracle)):
         lines.append(f"| {name} | {f(s['envelope_r'])} ({f(s['envelope_r_control'])}) | {f(s['wer_generated'])} / "
                      f"{f(s['wer_driving'])} | {f(s['voice_similarity'])} / {f(s['voice_similarity_other'])} | "
-                     f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} | {f(s.get('edge_flux_ratio'))} |")
+                     f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} | {f(s.get('edge_flux_ratio'))} | "
+                     f"{f(s.get('mouth_r'))} | {f(s.get('av_r'))}, "
+                     f"{f(s.get('av_offset_frames'))} / {f(s.get('av_in_sync'))} |")
     return "\n".join(lines)
 
 
@@ -193,37 +232,42 @@ def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = N
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
     if (trained or {}).get("stage") == "bidirectional":
         how = whole_settings(trained, steps, guidance, guide)
-        waves = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(), encode, cases, seconds, **how)
-        return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves}
+        waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(), encode, cases, seconds, **how)
+        return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves,
+                "mouths": mouths}
     import dataclasses
 
     from stages.stream.engine import StreamSettings
     st = StreamSettings.resolve(cfg, trained, steps=steps, guidance=guidance, guide=guide)
-    waves = voice_waves(model, cfg, load_taehv(codec_path, dev), None, encode, cases, seconds, stream=st)
+    waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), None, encode, cases, seconds, stream=st)
     return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": {"streamed": dataclasses.asdict(st)},
-            "chunk_frames": st.chunk_frames, "device": dev, "waves": waves}
+            "chunk_frames": st.chunk_frames, "device": dev, "waves": waves, "mouths": mouths}
 
 
 def save_waves(path, res: dict) -> None:
-    """`generate`'s waves (float32, as scored: 16 cases x 8 s are ~8 MB) and settings in one .npz."""
+    """`generate`'s waves (float32, as scored: 16 cases x 8 s are ~8 MB), the mouth tracks of its video and
+    its settings in one .npz."""
     import json
-    np.savez_compressed(path, meta=np.array(json.dumps({k: v for k, v in res.items() if k != "waves"})),
-                        **{f"wave{i}": np.asarray(w, np.float32) for i, w in enumerate(res["waves"])})
+    tracks = {"wave": res["waves"], "mouth": res.get("mouths") or []}
+    np.savez_compressed(path, meta=np.array(json.dumps({k: v for k, v in res.items() if k not in ("waves", "mouths")})),
+                        **{f"{name}{i}": np.asarray(x, np.float32) for name, xs in tracks.items() for i, x in enumerate(xs)})
 
 
 def load_waves(path) -> dict:
+    """save_waves' result; "mouths" None in a file written before the video was measured."""
     import json
     with np.load(path) as z:
         res = json.loads(str(z["meta"]))
         res["waves"] = [z[f"wave{i}"] for i in range(res["cases"])]
+        res["mouths"] = [z[f"mouth{i}"] for i in range(res["cases"])] if "mouth0" in z else None
     return res
 
 
 def scored(res: dict) -> dict:
-    """`generate`'s result (or `load_waves`') with its scores (score_waves), the waves left out."""
+    """`generate`'s result (or `load_waves`') with its scores (score_waves), the waves and mouths left out."""
     from models.config import preset
-    return {**{k: v for k, v in res.items() if k != "waves"},
-            **score_waves(res["waves"], preset(res["preset"]), res["seconds"], res.get("chunk_frames"))}
+    return {**{k: v for k, v in res.items() if k not in ("waves", "mouths")},
+            **score_waves(res["waves"], preset(res["preset"]), res["seconds"], res.get("chunk_frames"), res.get("mouths"))}
 
 
 def scorers_missing() -> str | None:

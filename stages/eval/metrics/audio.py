@@ -32,8 +32,11 @@ A generated audio track against the speech that drove it (`score_generated`, `vi
   presets (TAEHV pad_start: a chunk's first latent frame of the stream decodes to one frame, the others
   to four): chunk_frames = 4 x latent frames per chunk, first_frames = chunk_frames - 3 (starter
   `small`, 3 latent frames: 12 and 9; `tiny`, 1: 4 and 1).
-The audio/video sync offset of the generated pair is `vidu eval`'s lip-sync score with the video's
-own track (stages/eval/metrics/sync.py), which `vidu eval --video` already measures.
+- `pair_sync`: the audio/video sync of a generated pair whose speech no recogniser reads (the lip-sync
+  proxy of stages/eval/metrics/sync.py, `vidu eval --video`, needs recognised words): Pearson r between
+  the video's mouth-opening track and the track's loudness envelope, both per video frame, at lags
+  -MAX_LAG_FRAMES..MAX_LAG_FRAMES (mouth frame t against envelope frame t + k: positive k = audio late);
+  `av_offset_frames` = argmax r(k), `av_r` = r(0).
 """
 from __future__ import annotations
 
@@ -234,6 +237,21 @@ def chunk_edges(samples: int, chunk_frames: int = CHUNK_FRAMES, first_frames: in
         out.append(int(round(f * per)))
         f += chunk_frames
     return out
+
+
+def pair_sync(mouth: np.ndarray, wave: np.ndarray, fps: float = ENVELOPE_FPS, max_lag: int = MAX_LAG_FRAMES) -> dict:
+    """{av_r, av_offset_frames} of a mouth track [T] (per video frame at `fps`; NaN where no
+    face: a closed mouth) against the envelope of `wave` (module docstring); None where a track is flat."""
+    m = np.nan_to_num(np.asarray(mouth, np.float64))
+    e = envelope(wave, fps)
+    n = min(len(m), len(e))
+    if n < 2 * max_lag + 4:
+        raise ValueError(f"need {(2 * max_lag + 4) / fps:.2f} s of video and audio for their sync, got {n / fps:.2f} s")
+    m, e = m[:n], e[:n]
+    lags = np.arange(-max_lag, max_lag + 1)
+    r = np.array([np.nan if v is None else v for v in
+                  (_pearson(m[max(-k, 0):n - max(k, 0)], e[max(k, 0):n + min(k, 0)]) for k in lags)])
+    return {"av_r": _pearson(m, e), "av_offset_frames": None if np.all(np.isnan(r)) else int(lags[int(np.nanargmax(r))])}
 
 
 def score_generated(generated: np.ndarray, driving: np.ndarray, text: str | None = None, voice: str | None = None,
