@@ -88,12 +88,12 @@ def per_latent(steps: torch.Tensor, n_latent: int, cfg: AudioConfig = AudioConfi
 def check_wave_speech(model_cfg) -> None:
     """A model that hears waves (log-mel or wav2vec2 features of any speech), or a one-line error: a content
     model (audio_encoder "content", issue 19) reads phones and loudness, which the synthetic world's TTS
-    truth gives in training and `vidu stream`'s ContentStream (stages.sense.content) while streaming; real
-    clips, the synth bench's wave sampler and distillation's rollouts read waves."""
+    truth gives in training and distillation and `vidu stream`'s ContentStream (stages.sense.content) while
+    streaming; real clips and the synth bench's wave sampler read waves."""
     if model_cfg.audio_encoder == "content":
         raise ValueError(f"preset {model_cfg.name} reads speech content (phones and loudness), not the wave: it "
-                         f"trains on the synthetic world's TTS truth and streams with `vidu stream`; real clips, "
-                         f"the synth bench and distillation read waves")
+                         f"trains and distills on the synthetic world's TTS truth and streams with `vidu stream`; "
+                         f"real clips and the synth bench read waves")
 
 
 def _features(wave: torch.Tensor, n_latent: int, cfg: AudioConfig, before: int, after: int) -> torch.Tensor:

@@ -138,9 +138,10 @@ def load_script(name: str):
 
 def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(tmp_path, monkeypatch):
     """The recipe's stage 1 on tiny-voice (the GPU path), its voice phase and benchmarks/voice_bench.py on the
-    shipped teacher, stage 2 from it, which `vidu stream` loads (tests/test_stream_content.py streams one); what
-    would hear a wave (real clips, distillation, the synth bench) refuses in one line."""
-    from models.checkpoint import save_taehv
+    shipped teacher, stage 2 from it, which `vidu stream` loads (tests/test_stream_content.py streams one) and
+    which distils, each clip's rollout said in its voice; what would hear a wave (real clips, the synth bench)
+    refuses in one line."""
+    from models.checkpoint import checkpoint_config, checkpoint_sampling, load_dit, save_taehv
     from models.taehv import TAEHV
     from stages.distill.loop import DistillSettings, distill_run
     from stages.stream.session import load_parts
@@ -189,9 +190,32 @@ def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(t
     with pytest.raises(ValueError, match="hears log-mel"):
         train(TrainSettings(stage="bidirectional", preset="tiny-voice", steps=1, objective=ObjectiveSettings(
             lipsync=str(tmp_path / "sync.safetensors"), sync_weight=0.1)), tmp_path / "sync")
-    with pytest.raises(ValueError, match="reads speech content"):
-        distill_run(DistillSettings(init_from=str(tmp_path / "causal" / "step-000002" / "ema.safetensors")),
-                    tmp_path / "student")
+    # distillation: the rollouts read the clips' content rows and say them in each clip's voice
+    stage2 = tmp_path / "causal" / "step-000002" / "ema.safetensors"
+    student = distill_run(DistillSettings(init_from=str(stage2), steps=2, batch=2, chunks=2, samples=2, save_every=2),
+                          tmp_path / "student")
+    assert student["steps"] == 2 and checkpoint_config(tmp_path / "student" / "step-000002" / "ema.safetensors").name == CFG.name
+    from stages.distill.dmd import score_v
+    from stages.distill.rollout import self_rollout, student_settings
+    from stages.train.objectives import stream_sequence, training_frames
+    teacher, ccfg = load_dit(stage2)
+    record = checkpoint_sampling(stage2)
+    ccfg, cf = ccfg.replace(chunk_frames=record["chunk_frames"]), record["chunk_frames"]
+    g = torch.Generator().manual_seed(0)
+    C, _, h, w = ccfg.latent_shape(1)
+    ref, text = torch.randn(2, C, 1, h, w, generator=g), torch.randn(2, ccfg.dit.text_len, ccfg.dit.text_dim, generator=g)
+    rows = torch.randn(2, 2 * cf + sum(ccfg.dit.audio_context), ccfg.audio.mel_per_latent, ccfg.dit.audio_dim, generator=g)
+    stream = student_settings(ccfg, record, 2)
+    said = {v: self_rollout(teacher, ccfg, stream, ref, text, rows, 2, voice=torch.tensor(v)) for v in ((0, 1), (0, 5))}
+    assert torch.equal(said[0, 1][1][0], said[0, 5][1][0]) and not torch.equal(said[0, 1][1][1], said[0, 5][1][1])
+    frames, _ = training_frames(1, cf, 1, False, 2 * cf)
+    x0, xa0 = said[0, 1]
+    seq = {v: stream_sequence({"video": x0, "ref": ref, "text": text, "audio": rows, "audio_latent": xa0,
+                               "voice": torch.tensor(v)}, frames, *ccfg.dit.audio_context) for v in ((0, 1), (0, 5))}
+    sigma = torch.full((2, seq[0, 1]["video"].shape[2]), 0.5)
+    guided = {v: score_v(teacher, seq[v], seq[v]["video"], seq[v]["audio_latent"], sigma, cf, 3.0, "text")
+              for v in seq}                                 # the guided score keeps each row's voice in both passes
+    assert torch.equal(guided[0, 1][1][0], guided[0, 5][1][0]) and not torch.equal(guided[0, 1][1][1], guided[0, 5][1][1])
     image = tmp_path / "face.png"
     from PIL import Image
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(image)

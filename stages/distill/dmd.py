@@ -73,7 +73,9 @@ def score_v(model, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigm
         return out.video, out.audio
     B = x_t.shape[0]
     text, audio = guided_conditions(seq["text"], seq["audio"], guide)
-    two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]])}
+    voice = seq.get("voice")
+    two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]]),
+           "voice": None if voice is None else torch.cat([voice, voice])}     # the voice is the character's, kept
     out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
                          torch.cat([sigma, sigma]), chunk_frames)
     g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
@@ -155,6 +157,9 @@ def check_lipsync(path: str, cfg) -> None:
     from stages.train.losses import discriminator
     if not Path(path).is_file():
         raise ValueError(f"--lipsync {path}: no such discriminator file (train one with the recipe's lipsync phase)")
+    if cfg.audio_encoder != "logmel":
+        raise ValueError(f"the lip-sync discriminator hears log-mel speech; preset {cfg.name} reads "
+                         f"{cfg.audio_encoder} features")
     got, want = discriminator(path, "cpu").cfg, LipSyncConfig.for_model(cfg)
     keys = ("crop", "channels", "mel_steps", "n_mels", "context")
     bad = [f"{k} {getattr(got, k)} (model {getattr(want, k)})" for k in keys if getattr(got, k) != getattr(want, k)]

@@ -47,7 +47,6 @@ from typing import Callable
 
 import torch
 
-from models.audio import check_wave_speech
 from models.checkpoint import read_metadata, read_state_dict, save_model
 from models.config import ModelConfig
 from models.dit import DiT
@@ -236,7 +235,7 @@ class Distiller:
         ode, critic_only = self.step < st.ode_warmup, self._critic_only()
         with torch.set_grad_enabled(not (ode or critic_only)), self._autocast():   # DMD: through the exit steps
             video, audio = self_rollout(self.student, self.cfg, self.stream, batch["ref"], batch["text"],
-                                        batch.get("audio"), st.chunks, exits, seed, (lo, st.batch))
+                                        batch.get("audio"), st.chunks, exits, seed, (lo, st.batch), batch.get("voice"))
         with torch.set_grad_enabled(not critic_only), self._autocast():
             loss, parts = self._generator_loss(batch, video, audio, draw, ode, extras=not critic_only)
         gnorm = 0.0
@@ -408,7 +407,6 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
                          f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train --stage causal`")
     teacher, cfg = load_dit(st.init_from)
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
-    check_wave_speech(cfg)            # the rollouts read the clips' wave features
     if st.init_student:
         check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
     if st.lipsync:
@@ -426,7 +424,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
 
     def batches(step: int) -> dict:                # this process's rows of the step's global batch
         b = data.batch(step * st.batch + lo, hi - lo, d.device)
-        return {k: b[k] for k in ("ref", "text", "audio", "mouth_box") if k in b}
+        return {k: b[k] for k in ("ref", "text", "audio", "voice", "mouth_box") if k in b}
 
     codec = data.codec
     if codec is None and st.pcm_weight > 0:  # clips given as latents: PCM decodes with the teacher's codec file

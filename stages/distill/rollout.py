@@ -45,15 +45,17 @@ def chunk_inputs(text: torch.Tensor, audio: torch.Tensor | None, j: int, cf: int
 
 def self_rollout(model: DiT, cfg: ModelConfig, st: StreamSettings, ref: torch.Tensor, text: torch.Tensor,
                  audio: torch.Tensor | None, chunks: int, exits: list[int] | None = None, seed: int = 0,
-                 rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 rows: tuple[int, int] | None = None,
+                 voice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`chunks` chunks of batch B from a fresh engine seeded `seed`: (video [B, C, chunks * cf, h, w],
     joint audio latent [B, chunks * cf, Na, Ca] or None). `exits`: each chunk's exit step (None: all
     steps, what the engine streams). `rows` (lo, total): the B rows are rows lo.. of a rollout of `total`
-    (a distillation rank's share, StreamEngine's). Gradients follow the caller's grad mode."""
+    (a distillation rank's share, StreamEngine's). `voice` [B]: each row's character voice (a voice model's
+    clips). Gradients follow the caller's grad mode."""
     if exits is not None and (len(exits) != chunks or not all(0 <= k < st.steps for k in exits)):
         raise ValueError(f"exits must be {chunks} steps in 0..{st.steps - 1}, not {exits}")
     eng = StreamEngine(model, cfg, st, batch=ref.shape[0], seed=seed, rows=rows)
-    eng.start(ref)
+    eng.start(ref, voice)
     ctx = sum(model.cfg.audio_context)
     vs, aus = [], []
     before = None

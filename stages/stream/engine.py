@@ -534,12 +534,14 @@ class StreamEngine:
         self.st = settings
         self.sig = flow_sigmas(settings.steps, settings.shift)
 
-    def start(self, ref_latent: torch.Tensor, voice: int | None = None) -> None:
+    def start(self, ref_latent: torch.Tensor, voice: int | torch.Tensor | None = None) -> None:
         """Set the persistent reference (a clean latent frame [B, C, 1, h, w]); its context is built
         with the first chunk's text. `voice`: the character voice (DiTConfig.voices; < 0: none) the
-        reference's audio tokens carry, the voice a joint model speaks in."""
+        reference's audio tokens carry, the voice a joint model speaks in; one per row [B] (a distillation
+        rollout's clips) or one for all."""
         self.ref = ref_latent.to(self.device, self.dtype)
-        self.voice = None if voice is None else torch.full((self.batch,), int(voice), device=self.device)
+        self.voice = (None if voice is None else voice.to(self.device, torch.long) if torch.is_tensor(voice)
+                      else torch.full((self.batch,), int(voice), device=self.device))
         self._warm = None
 
     def _randn(self, shape) -> torch.Tensor:
