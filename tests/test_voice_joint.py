@@ -247,7 +247,7 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     assert oracle["voice_similarity"] > oracle["voice_similarity_other"] + 0.05
     torch.manual_seed(0)
     codec, vocoder, encode = TAEHV(CFG.taehv).eval(), load(), text_encoder("minilm", max_len=CFG.dit.text_len)
-    waves, mouths = voice_waves(scrambled(), CFG, codec, vocoder, encode, 1, 4.0, steps=2, guidance=2.0, guide="all")
+    waves, mouths = voice_waves(scrambled(), CFG, codec, vocoder, encode, [case], steps=2, guidance=2.0, guide="all")
     assert len(mouths[0]) == case["video_frames"] == len(case["mouth_truth"])      # the video said with it, measured
     res = score_waves(waves, CFG, 4.0, mouths=mouths)
     [row] = res["rows"]
@@ -260,6 +260,34 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
         voice_case(0, CFG, 2.0)
     with pytest.raises(ValueError, match="no voices"):
         voice_sample(None, PRESETS["tiny"], codec, vocoder, encode, case, "ada", steps=2)
+
+
+MEDIA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "media"
+
+
+@pytest.mark.skipif(not (MEDIA / "talking" / "retalking_1.mp4").is_file(), reason="needs ../shared/media")
+def test_a_real_recording_is_a_voice_case_heard_through_the_streaming_front_end(tmp_path):
+    """voice_bench.py --real: a recording re-voiced by case i's character in case i's told voice; it is heard
+    as a stream hears it (the front end's phones: real speech has them), cut to whole latent frames; its
+    oracle is the recording itself (no voice of the 8, no ground-truth mouth); silence is refused in one line."""
+    import wave
+
+    from stages.eval.bench.voice import bench_cases, oracle_row, real_case, voice_case
+    clip = MEDIA / "talking" / "retalking_1.mp4"
+    case, world = real_case(clip, 2, CFG, 4.0), voice_case(2, CFG, 4.0)
+    assert case["told"] == world["told"] and np.array_equal(case["ref"], world["ref"]) and case["text"] is None
+    F, T = case["latent_frames"], case["video_frames"]
+    assert (F, T, len(case["audio"])) == (25, 97, 97 * 640) and case["driving"] == "real:retalking_1.mp4"
+    assert case["rows"].shape == (sum(CFG.dit.audio_context) + F, CFG.audio.mel_per_latent, 41)
+    assert case["rows"][..., 1:-1].sum(-1).mean() > 0.4                          # phones heard in most steps
+    assert [c["index"] for c in bench_cases(CFG, 9, None, [clip, clip])] == [0, 1]
+    oracle = oracle_row(case)
+    assert oracle["envelope_r"] == pytest.approx(1.0) and oracle["told"] is None and "voice_similarity" not in oracle
+    silent = tmp_path / "silent.wav"
+    with wave.open(str(silent), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000), w.writeframes(bytes(2 * 16000))
+    with pytest.raises(ValueError, match="no speech to re-voice"):
+        real_case(silent, 0, CFG, None)
 
 
 def test_a_voice_model_is_seeded_with_the_tensors_of_a_video_teacher_that_fit(tmp_path):

@@ -36,6 +36,37 @@ def case_voices(i: int) -> tuple[str, str]:
     return names[i % len(names)], names[(i + TOLD_SHIFT) % len(names)]
 
 
+def real_case(path, i: int, cfg, seconds: float | None = None) -> dict:
+    """A real recording re-voiced (`--real`): its first `seconds` of speech (whole latent frames; default all)
+    heard through the streaming front end (content(wave, "blocks"): pocketsphinx's phone loop, what `vidu
+    stream --audio` reads), said by voice case i's character in case i's told voice. No text (its WER is
+    against the recording's own transcript) and no ground-truth mouth (the pair's sync is measured)."""
+    from pathlib import Path
+
+    from stages.sense import content as C
+    from stages.sense.media import load_audio
+    from stages.synth.dataset import SPEECH_MIN_S
+    wave = load_audio(path, C.SR)[:None if seconds is None else int(seconds * C.SR)]
+    per, hop = cfg.audio.video_frames_per_latent, C.SR // cfg.audio.fps     # video frames a latent frame, samples a frame
+    F = 1 + (len(wave) // hop - 1) // per
+    if F < 2 or not np.any(wave):
+        raise ValueError(f"{path}: no speech to re-voice (at least {(per + 1) / cfg.audio.fps:.2f} s of sound)")
+    T = 1 + per * (F - 1)
+    wave = np.asarray(wave[:T * hop], np.float32)
+    before, after = cfg.dit.audio_context
+    c = C.content(wave, "blocks")
+    return {**voice_case(i, cfg, SPEECH_MIN_S), "driving": f"real:{Path(path).name}", "audio": wave, "text": None,
+            "phones": None, "latent_frames": F, "video_frames": T, "mouth_truth": None,
+            "rows": C.latent_rows(c["phone"], c["loud"], before + F + after, before)}
+
+
+def bench_cases(cfg, cases: int, seconds: float, real: list | None = None) -> list[dict]:
+    """The bench's cases: voice cases 0..cases-1, or the recordings `real` re-voiced (real_case)."""
+    if real:
+        return [real_case(path, i, cfg, seconds) for i, path in enumerate(real)]
+    return [voice_case(i, cfg, seconds) for i in range(cases)]
+
+
 def voice_case(i: int, cfg, seconds: float) -> dict:
     """Case i for the content model `cfg`: the driving speech ("audio", "text"), its content rows ("rows",
     on the latent timeline of the clip's "latent_frames"), the character's neutral reference image ("ref")."""
@@ -126,34 +157,36 @@ def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int 
     from stages.eval.bench.synthscore import pearson
     from stages.eval.metrics.audio import pair_sync, score_generated
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
-    if not np.any(case["audio"]) or not case["text"]:
+    if not np.any(case["audio"]) or case["text"] == "":
         return {**row, "skipped": "the driving clip is silent"}
     per = 4                                     # video frames per latent frame; the first chunk's first has one
     edges = {"chunk_frames": per * chunk_frames, "first_frames": per * chunk_frames - per + 1} if chunk_frames else \
         {"chunk_frames": None}
     row.update(score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges))
     if mouth is not None:
-        truth = case["mouth_truth"][:len(mouth)]
-        row.update(mouth_r=pearson(np.nan_to_num(np.asarray(mouth, np.float64))[:len(truth)], truth),
-                   **pair_sync(mouth, generated))
+        if case["mouth_truth"] is not None:
+            truth = case["mouth_truth"][:len(mouth)]
+            row["mouth_r"] = pearson(np.nan_to_num(np.asarray(mouth, np.float64))[:len(truth)], truth)
+        row.update(pair_sync(mouth, generated))
     return row
 
 
 def oracle_row(case: dict) -> dict:
     """The driving speech scored as if generated, told its own voice, its ground-truth mouth track as the video's:
-    the scorers' reading of real speech and of a pair in sync."""
-    return score_case(case["audio"], {**case, "told": case["driving"]}, case["driving"], mouth=case["mouth_truth"])
+    the scorers' reading of real speech and of a pair in sync (a real recording: no voice of the 8, no mouth)."""
+    from stages.synth.voice import VOICES
+    own = case["driving"] if case["driving"] in VOICES else None
+    return score_case(case["audio"], {**case, "told": own}, own, mouth=case["mouth_truth"])
 
 
-def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: float, stream=None,
+def voice_waves(model, cfg, codec, vocoder, encode_text, cases: list[dict], stream=None,
                 **how) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The model's joint audio of cases 0..cases-1, each said in its told voice, and the mouth opening measured
-    on the video with it ([T] per frame, NaN where no face is found): streamed with `stream` (a StreamSettings:
-    voice_stream), else sampled whole (`how`: voice_sample's)."""
+    """The model's joint audio of `cases` (bench_cases), each said in its told voice, and the mouth opening
+    measured on the video with it ([T] per frame, NaN where no face is found): streamed with `stream` (a
+    StreamSettings: voice_stream), else sampled whole (`how`: voice_sample's)."""
     from stages.synth import analyze
     waves, mouths = [], []
-    for i in range(cases):
-        case = voice_case(i, cfg, seconds)
+    for i, case in enumerate(cases):
         wave, frames = (voice_stream(model, cfg, codec, encode_text, case, case["told"], stream, seed=i) if stream is not None
                         else voice_sample(model, cfg, codec, vocoder, encode_text, case, case["told"], seed=i, **how))
         waves.append(wave)
@@ -162,13 +195,13 @@ def voice_waves(model, cfg, codec, vocoder, encode_text, cases: int, seconds: fl
 
 
 def score_waves(waves: list[np.ndarray], cfg, seconds: float, chunk_frames: int | None = None,
-                mouths: list[np.ndarray] | None = None) -> dict:
+                mouths: list[np.ndarray] | None = None, real: list | None = None) -> dict:
     """The model's waves (and the mouth tracks of its video, when given) scored against their cases' driving
-    speech (rendered again: the world and its TTS are functions of the seed; `chunk_frames`: streamed in chunks
-    of that many latent frames), and the oracle's rows: {"summary", "oracle", "rows", "oracle_rows"}."""
+    speech (bench_cases, made again: the world and its TTS are functions of the seed, `real` the recordings;
+    `chunk_frames`: streamed in chunks of that many latent frames), and the oracle's rows: {"summary",
+    "oracle", "rows", "oracle_rows"}."""
     rows, oracle = [], []
-    for i, wave in enumerate(waves):
-        case = voice_case(i, cfg, seconds)
+    for i, (wave, case) in enumerate(zip(waves, bench_cases(cfg, len(waves), seconds, real), strict=True)):
         rows.append(score_case(np.asarray(wave, np.float32), case, case["told"], chunk_frames,
                                None if mouths is None else mouths[i]))
         oracle.append(oracle_row(case))
@@ -216,7 +249,7 @@ def table(model: dict, oracle: dict) -> str:
 
 
 def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = None, guidance: float | None = None,
-             guide: str | None = None) -> dict:
+             guide: str | None = None, real: list | None = None) -> dict:
     """The model's waves on a checkpoint with its autoencoder file, on the GPU when there is one (the sampling
     settings asked for, else the checkpoint's record): sampled whole for a stage-1 teacher, streamed for any
     other (`voice_stream` at its recorded stream settings): what `score_waves` scores, here or on another machine
@@ -230,18 +263,20 @@ def generate(ckpt, codec_path, cases: int, seconds: float, steps: int | None = N
     model.eval()
     trained = checkpoint_sampling(ckpt)
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
+    real = [str(p) for p in real] if real else None
+    todo = bench_cases(cfg, cases, seconds, real)
+    common = {"preset": cfg.name, "cases": len(todo), "seconds": seconds, "real": real, "device": dev}
     if (trained or {}).get("stage") == "bidirectional":
         how = whole_settings(trained, steps, guidance, guide)
-        waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(), encode, cases, seconds, **how)
-        return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": how, "device": dev, "waves": waves,
-                "mouths": mouths}
+        waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), load_vocoder(), encode, todo, **how)
+        return {**common, "sampling": how, "waves": waves, "mouths": mouths}
     import dataclasses
 
     from stages.stream.engine import StreamSettings
     st = StreamSettings.resolve(cfg, trained, steps=steps, guidance=guidance, guide=guide)
-    waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), None, encode, cases, seconds, stream=st)
-    return {"preset": cfg.name, "cases": cases, "seconds": seconds, "sampling": {"streamed": dataclasses.asdict(st)},
-            "chunk_frames": st.chunk_frames, "device": dev, "waves": waves, "mouths": mouths}
+    waves, mouths = voice_waves(model, cfg, load_taehv(codec_path, dev), None, encode, todo, stream=st)
+    return {**common, "sampling": {"streamed": dataclasses.asdict(st)}, "chunk_frames": st.chunk_frames, "waves": waves,
+            "mouths": mouths}
 
 
 def save_waves(path, res: dict) -> None:
@@ -267,7 +302,8 @@ def scored(res: dict) -> dict:
     """`generate`'s result (or `load_waves`') with its scores (score_waves), the waves and mouths left out."""
     from models.config import preset
     return {**{k: v for k, v in res.items() if k not in ("waves", "mouths")},
-            **score_waves(res["waves"], preset(res["preset"]), res["seconds"], res.get("chunk_frames"), res.get("mouths"))}
+            **score_waves(res["waves"], preset(res["preset"]), res["seconds"], res.get("chunk_frames"), res.get("mouths"),
+                          res.get("real"))}
 
 
 def scorers_missing() -> str | None:
