@@ -253,6 +253,10 @@ def test_the_voice_bench_reads_the_driving_speech_as_its_own_voice_and_scores_a_
     [row] = res["rows"]
     assert res["oracle_rows"] == [oracle] and res["summary"]["scored"] == 1
     assert oracle["mouth_r"] == pytest.approx(1.0) and oracle["av_offset_frames"] == 0   # the truth's pair: in sync
+    other = voice_case(1, CFG, 4.0)["mouth_truth"]                   # the lip-sync control: another case's track
+    n = min(len(other), len(case["mouth_truth"]))
+    assert oracle_row(case, other)["mouth_r_control"] == pytest.approx(np.corrcoef(case["mouth_truth"][:n], other[:n])[0, 1])
+    assert "mouth_r_control" not in oracle
     assert {"mouth_r", "av_r", "av_offset_frames"} <= set(row) and "mouth_r" not in score_waves(waves, CFG, 4.0)["rows"][0]
     assert (row["driving"], row["told"], row["voice"]) == (case["driving"], case["told"], case["told"])
     assert row["audio_seconds"] == row["driving_seconds"] == len(case["audio"]) / 16000 and "envelope_r" in row

@@ -149,11 +149,12 @@ def voice_stream(model, cfg, codec, encode_text, case: dict, voice: str, setting
 
 
 def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int | None = None,
-               mouth: np.ndarray | None = None) -> dict:
+               mouth: np.ndarray | None = None, control: np.ndarray | None = None) -> dict:
     """`score_generated` of a track against the case's driving speech and text, told `voice`; `chunk_frames`:
     a stream's latent frames per chunk (its edges' flux is scored; None: a whole clip, no edges); `mouth`: the
-    mouth track measured on the video said with it (its lip sync and the pair's sync are scored). A case whose
-    driving speech is silent is a row with its reason."""
+    mouth track measured on the video said with it (its lip sync and the pair's sync are scored); `control`:
+    another case's ground-truth mouth track (the lip-sync control, `mouth_r_control`). A case whose driving
+    speech is silent is a row with its reason."""
     from stages.eval.bench.synthscore import pearson
     from stages.eval.metrics.audio import pair_sync, score_generated
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
@@ -164,19 +165,21 @@ def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int 
         {"chunk_frames": None}
     row.update(score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges))
     if mouth is not None:
-        if case["mouth_truth"] is not None:
-            truth = case["mouth_truth"][:len(mouth)]
-            row["mouth_r"] = pearson(np.nan_to_num(np.asarray(mouth, np.float64))[:len(truth)], truth)
+        measured = np.nan_to_num(np.asarray(mouth, np.float64))
+        for key, truth in (("mouth_r", case["mouth_truth"]), ("mouth_r_control", control)):
+            if truth is not None and case["mouth_truth"] is not None:
+                n = min(len(measured), len(truth))
+                row[key] = pearson(measured[:n], np.asarray(truth, np.float64)[:n])
         row.update(pair_sync(mouth, generated))
     return row
 
 
-def oracle_row(case: dict) -> dict:
+def oracle_row(case: dict, control: np.ndarray | None = None) -> dict:
     """The driving speech scored as if generated, told its own voice, its ground-truth mouth track as the video's:
     the scorers' reading of real speech and of a pair in sync (a real recording: no voice of the 8, no mouth)."""
     from stages.synth.voice import VOICES
     own = case["driving"] if case["driving"] in VOICES else None
-    return score_case(case["audio"], {**case, "told": own}, own, mouth=case["mouth_truth"])
+    return score_case(case["audio"], {**case, "told": own}, own, mouth=case["mouth_truth"], control=control)
 
 
 def voice_waves(model, cfg, codec, vocoder, encode_text, cases: list[dict], stream=None,
@@ -201,10 +204,12 @@ def score_waves(waves: list[np.ndarray], cfg, seconds: float, chunk_frames: int 
     `chunk_frames`: streamed in chunks of that many latent frames), and the oracle's rows: {"summary",
     "oracle", "rows", "oracle_rows"}."""
     rows, oracle = [], []
-    for i, (wave, case) in enumerate(zip(waves, bench_cases(cfg, len(waves), seconds, real), strict=True)):
+    cases = bench_cases(cfg, len(waves), seconds, real)
+    for i, (wave, case) in enumerate(zip(waves, cases, strict=True)):
+        other = cases[(i + 1) % len(cases)]["mouth_truth"] if len(cases) > 1 else None    # the lip-sync control
         rows.append(score_case(np.asarray(wave, np.float32), case, case["told"], chunk_frames,
-                               None if mouths is None else mouths[i]))
-        oracle.append(oracle_row(case))
+                               None if mouths is None else mouths[i], other))
+        oracle.append(oracle_row(case, other))
     return {"summary": summarise(rows), "oracle": summarise(oracle), "rows": rows, "oracle_rows": oracle}
 
 
@@ -226,7 +231,7 @@ def summarise(rows: list[dict]) -> dict:
     return {"cases": len(rows), "scored": len(scored),
             **{k: _mean(r.get(k) for r in scored) for k in ("envelope_r", "envelope_r_control", "wer_generated", "wer_driving",
                                                             "voice_similarity", "voice_similarity_other", "edge_flux_ratio",
-                                                            "mouth_r", "av_r")},
+                                                            "mouth_r", "mouth_r_control", "av_r")},
             "av_offset_frames": _median(r.get("av_offset_frames") for r in scored),
             "av_in_sync": _mean(float(abs(r["av_offset_frames"]) <= 1) for r in scored if r.get("av_offset_frames") is not None),
             "nearest_is_told": _mean(float(r["voice_nearest"] == r["told"]) for r in voiced),
@@ -237,13 +242,13 @@ def table(model: dict, oracle: dict) -> str:
     """The bench's markdown table: the model's summary, and the oracle's."""
     f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["| track | envelope r (control) | WER generated / driving | similarity told / best other | nearest = told / driving "
-             "| chunk-edge flux / elsewhere | video lip sync r | pair sync r, offset median / in sync |",
+             "| chunk-edge flux / elsewhere | video lip sync r (control) | pair sync r, offset median / in sync |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in (("model", model), ("oracle (the driving speech)", oracle)):
         lines.append(f"| {name} | {f(s['envelope_r'])} ({f(s['envelope_r_control'])}) | {f(s['wer_generated'])} / "
                      f"{f(s['wer_driving'])} | {f(s['voice_similarity'])} / {f(s['voice_similarity_other'])} | "
                      f"{f(s['nearest_is_told'])} / {f(s['nearest_is_driving'])} | {f(s.get('edge_flux_ratio'))} | "
-                     f"{f(s.get('mouth_r'))} | {f(s.get('av_r'))}, "
+                     f"{f(s.get('mouth_r'))} ({f(s.get('mouth_r_control'))}) | {f(s.get('av_r'))}, "
                      f"{f(s.get('av_offset_frames'))} / {f(s.get('av_in_sync'))} |")
     return "\n".join(lines)
 
