@@ -483,14 +483,14 @@ def test_a_short_phase_renders_fewer_clips_and_trains(tmp_path, monkeypatch):
     t = time.perf_counter()
     st, fit = recipe.fitted_settings(small, "bidirectional", tmp_path / "short", 3.5, 15, t)
     room = 3.5 * 60 - small.reserve_s - recipe.POOL_START_S
-    assert fit["samples"] == st.samples == pytest.approx(recipe.RENDER_SHARE * room / per_clip, abs=2)   # 2750 of 4096
+    assert fit["samples"] == st.samples == pytest.approx(recipe.RENDER_SHARE * room / per_clip, abs=2)   # 2171 of 4096
     # training runs beside the rendering: the whole room, a clip joining the draws every batch x per_clip / step_s
     assert st.samples < 4096 and fit["train_minutes"] * 60 == pytest.approx(room, abs=1)
-    assert st.render_overlap == fit["render_overlap"] == math.ceil(32 * per_clip / 0.1) == 10
+    assert st.render_overlap == fit["render_overlap"] == math.ceil(32 * per_clip / 0.1) == 13
     beside = st.samples * per_clip                                       # steps planned at the slower pace meanwhile
     assert fit["steps"] == pytest.approx(beside / (0.1 * recipe.OVERLAP_SLOWDOWN["bidirectional"]) + (room - beside) / 0.1, abs=1)
     again, _ = recipe.fitted_settings(small, "bidirectional", tmp_path / "short", 3.5, 15, time.perf_counter())
-    assert (again.samples, again.steps, again.render_overlap) == (st.samples, st.steps, 10)   # the re-run resumes it
+    assert (again.samples, again.steps, again.render_overlap) == (st.samples, st.steps, 13)   # the re-run resumes it
     tiny, _ = recipe.fitted_settings(small, "bidirectional", tmp_path / "tiny", 0.8, 15, time.perf_counter())
     assert 32 <= tiny.samples < 60                                       # ~50: at least a batch
     with pytest.raises(SystemExit, match="leaves"):                     # no time for a batch and training
