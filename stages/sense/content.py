@@ -129,14 +129,22 @@ def phone_steps(segments: list[tuple[str, float, float]], T: int, start: int = 0
     return out
 
 
-def step_level(audio: np.ndarray, T: int, sr: int = SR) -> np.ndarray:
-    """[T] float64: the level of each step, dB (RMS of the 400 samples centred on j * HOP_S)."""
-    x = np.asarray(audio, np.float64)
-    hop, half = round(HOP_S * sr), LEVEL_HALF
-    c = np.concatenate([[0.0], np.cumsum(x * x)])
-    centre = np.arange(T) * hop
-    a, b = np.clip(centre - half, 0, len(x)), np.clip(centre + half, 0, len(x))
-    return 10 * np.log10((c[b] - c[a]) / np.maximum(b - a, 1) + 1e-10)
+def step_level(audio: np.ndarray, T: int) -> np.ndarray:
+    """[T] float64: the level of each step of 16 kHz `audio`, dB (`step_levels` of the whole clip)."""
+    return step_levels(_Samples(np.asarray(audio, np.float32)), 0, T)
+
+
+def step_levels(x: "_Samples", j0: int, j1: int) -> np.ndarray:
+    """[j1 - j0] float64: the level of steps j0 .. j1 - 1 of a stream (`x`, its samples), dB: the power of the
+    2 x LEVEL_HALF samples centred on j * hop, those before the stream absent (not counted), those past its
+    window silence (counted); digital silence reads -200 dB (floored later, FLOOR_DB)."""
+    if j1 <= j0:
+        return np.zeros(0, np.float64)
+    hop = round(HOP_S * SR)
+    seg = x.get(j0 * hop - LEVEL_HALF, (j1 - 1) * hop + LEVEL_HALF)
+    win = np.lib.stride_tricks.sliding_window_view(seg, 2 * LEVEL_HALF)[::hop]          # [j1 - j0, 400]
+    n = 2.0 * LEVEL_HALF - np.clip(LEVEL_HALF - np.arange(j0, j1) * hop, 0, None)
+    return 10 * np.log10(np.einsum("ij,ij->i", win, win) / n + 1e-20)
 
 
 def loudness(audio: np.ndarray, phone: np.ndarray) -> np.ndarray:
@@ -221,15 +229,7 @@ class ContentTrack:
         return max(0, need)
 
     def _level(self, x: _Samples, k0: int, k1: int) -> np.ndarray:
-        hop = round(HOP_S * SR)
-        j0, j1 = k0 * FRAME_STEPS, k1 * FRAME_STEPS
-        seg = x.get(j0 * hop - LEVEL_HALF, (j1 - 1) * hop + LEVEL_HALF)
-        win = np.lib.stride_tricks.sliding_window_view(seg, 2 * LEVEL_HALF)[::hop]          # [j1 - j0, 400]
-        n = np.full(j1 - j0, 2.0 * LEVEL_HALF)
-        before = LEVEL_HALF - np.arange(j0, j1) * hop                                   # samples before the stream
-        n -= np.clip(before, 0, None)
-        power = np.einsum("ij,ij->i", win, win) / n
-        return (10 * np.log10(power + 1e-20)).reshape(-1, FRAME_STEPS)   # digital silence: -200 dB, then floored
+        return step_levels(x, k0 * FRAME_STEPS, k1 * FRAME_STEPS).reshape(-1, FRAME_STEPS)
 
     def _phone(self, x: _Samples, j0: int, j1: int) -> np.ndarray:
         if self.phones is None:
