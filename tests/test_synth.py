@@ -21,7 +21,7 @@ from stages.synth import (
     make_sample,
     render_clip,
 )
-from stages.synth.dataset import render_sample
+from stages.synth.dataset import character, render_sample
 from stages.synth.speech import SR, Speech, mouth_tracks
 from stages.synth.world import TRACKS, Scene, animate, event, random_identity, random_scene
 from tests.conftest import cli
@@ -52,6 +52,7 @@ def test_same_seed_same_sample_and_shapes():
                                                                           b.instructions)
     assert make_sample(12, seconds=33 / 25).identity != a.identity
     assert make_sample(11, width=128, height=96, seconds=0.5).identity == a.identity  # the seed alone decides who
+    assert character(11) == (a.identity, a.scene) and character(12)[0] != a.identity      # ... drawn without the clip
     assert a.truth() == b.truth() and a.said.text == b.said.text
     assert [frame_count(s, fps) for s, fps in [(4, 25), (1, 30), (0.2, 25), (0, 25)]] == [101, 29, 5, 1]
     c = make_sample(3, width=160, height=128, fps=30, seconds=1)

@@ -280,6 +280,7 @@ def test_a_real_recording_is_a_voice_case_heard_through_the_streaming_front_end(
     clip = MEDIA / "talking" / "retalking_1.mp4"
     case, world = real_case(clip, 2, CFG, 4.0), voice_case(2, CFG, 4.0)
     assert case["told"] == world["told"] and np.array_equal(case["ref"], world["ref"]) and case["text"] is None
+    assert case.keys() == world.keys() and case["identity"] == world["identity"]     # the character, without its TTS
     F, T = case["latent_frames"], case["video_frames"]
     assert (F, T, len(case["audio"])) == (25, 97, 97 * 640) and case["driving"] == "real:retalking_1.mp4"
     assert case["rows"].shape == (sum(CFG.dit.audio_context) + F, CFG.audio.mel_per_latent, 41)
@@ -326,3 +327,18 @@ def test_a_voice_model_is_seeded_with_the_tensors_of_a_video_teacher_that_fit(tm
     ema = tmp_path / "run" / "step-000001" / "ema.safetensors"
     assert run["steps"] == 1 and checkpoint_config(ema).name == "tiny-voice"
     assert [r.get("stage", "warm") for r in read_metadata(ema)["lineage"]] == ["bidirectional", "warm", "bidirectional"]
+
+
+def test_a_streamed_cases_chunk_edges_are_counted_in_its_own_frames_per_latent(monkeypatch):
+    """score_case scores a stream's chunk edges at the case's video frames per latent frame (the first chunk's
+    first latent frame is one video frame), not at a fixed 4."""
+    import stages.eval.metrics.audio as A
+    from stages.eval.bench.voice import score_case
+    seen = []
+    monkeypatch.setattr(A, "score_generated", lambda *a, **kw: seen.append(kw) or {})
+    wave = np.ones(1600, np.float32)
+    case = {"index": 0, "seed": 0, "driving": "ada", "told": "bo", "text": "hi", "audio": wave}
+    for per, chunk in ((4, 1), (4, 3), (2, 3)):
+        score_case(wave, {**case, "frames_per_latent": per}, "bo", chunk)
+    score_case(wave, {**case, "frames_per_latent": 4}, "bo")
+    assert [(k["chunk_frames"], k.get("first_frames")) for k in seen] == [(4, 1), (12, 9), (6, 5), (None, None)]

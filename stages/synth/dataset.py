@@ -110,6 +110,18 @@ def clip_speech(rng: np.random.Generator, duration: float, split: str, real_dir:
                   long.text, phones)
 
 
+def _streams(seed: int) -> list[np.random.Generator]:
+    """Clip `seed`'s five independent streams: identity, scene, speech, actions, motion."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(5)]
+
+
+def character(seed: int, style: str | None = None) -> tuple:
+    """Clip `seed`'s character and scene (make_sample's), drawn without its speech, actions or pixels."""
+    r_identity, r_scene = _streams(seed)[:2]
+    identity = random_identity(r_identity, style)
+    return identity, random_scene(r_scene, identity)
+
+
 def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, seconds: float = 4.0,
                 masks: bool = False, style: str | None = None, split: str = "train",
                 real_dir: RealDirs = None, cut_actions: bool = False, events: list[Event] | None = None,
@@ -122,10 +134,8 @@ def make_sample(seed: int, width: int = 256, height: int = 256, fps: int = 25, s
     instructions (everything else stays the seed's: a probe of what one instruction does). `draw` False:
     everything but the pixels (render_sample). `voice`: the speech is TTS in this character voice, not
     augmented (speech.speak; the joint model's target)."""
-    r_identity, r_scene, r_speech, r_actions, r_motion = (np.random.default_rng(s) for s in
-                                                          np.random.SeedSequence(seed).spawn(5))
-    identity = random_identity(r_identity, style)
-    scene = random_scene(r_scene, identity)
+    identity, scene = character(seed, style)
+    r_speech, r_actions, r_motion = _streams(seed)[2:]
     T = frame_count(seconds, fps)
     speech = clip_speech(r_speech, T / fps, split, real_dir, voice)
     if events is None:

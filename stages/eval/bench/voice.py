@@ -45,7 +45,8 @@ def real_case(path, i: int, cfg, seconds: float | None = None) -> dict:
 
     from stages.sense import content as C
     from stages.sense.media import load_audio
-    from stages.synth.dataset import SPEECH_MIN_S
+    from stages.synth import State, render
+    from stages.synth.dataset import character
     wave = load_audio(path, C.SR)[:None if seconds is None else int(seconds * C.SR)]
     per, hop = cfg.audio.video_frames_per_latent, C.SR // cfg.audio.fps     # video frames a latent frame, samples a frame
     F = 1 + (len(wave) // hop - 1) // per
@@ -55,9 +56,11 @@ def real_case(path, i: int, cfg, seconds: float | None = None) -> dict:
     wave = np.asarray(wave[:T * hop], np.float32)
     before, after = cfg.dit.audio_context
     c = C.content(wave, "blocks")
-    return {**voice_case(i, cfg, SPEECH_MIN_S), "driving": f"real:{Path(path).name}", "audio": wave, "text": None,
-            "phones": None, "latent_frames": F, "video_frames": T, "mouth_truth": None,
-            "rows": C.latent_rows(c["phone"], c["loud"], before + F + after, before)}
+    identity, scene = character(VOICE_BASE + i)
+    return {"index": i, "seed": VOICE_BASE + i, "driving": f"real:{Path(path).name}", "told": case_voices(i)[1],
+            "audio": wave, "text": None, "phones": None, "latent_frames": F, "video_frames": T, "frames_per_latent": per,
+            "identity": identity, "mouth_truth": None, "rows": C.latent_rows(c["phone"], c["loud"], before + F + after, before),
+            "ref": render(identity, State(), cfg.width, cfg.height, scene)}
 
 
 def bench_cases(cfg, cases: int, seconds: float, real: list | None = None) -> list[dict]:
@@ -81,7 +84,8 @@ def voice_case(i: int, cfg, seconds: float) -> dict:
                           split="eval", events=[], voice=VOICES[driving], draw=False)   # speech, not pixels
     F = 1 + (s.frames.shape[0] - 1) // cfg.audio.video_frames_per_latent
     return {"index": i, "seed": VOICE_BASE + i, "driving": driving, "told": told, "audio": s.audio, "text": s.said.text,
-            "phones": s.said.phones, "latent_frames": F, "video_frames": s.frames.shape[0], "identity": s.identity,
+            "phones": s.said.phones, "latent_frames": F, "video_frames": s.frames.shape[0],
+            "frames_per_latent": cfg.audio.video_frames_per_latent, "identity": s.identity,
             "mouth_truth": np.asarray(s.tracks["mouth"], np.float64),
             "rows": content_rows(s.audio, s.said.phones, cfg.replace(latent_frames=F)),
             "ref": synth.render(s.identity, synth.State(), cfg.width, cfg.height, s.scene)}
@@ -160,7 +164,7 @@ def score_case(generated: np.ndarray, case: dict, voice: str, chunk_frames: int 
     row = {k: case[k] for k in ("index", "seed", "driving", "told", "text")}
     if not np.any(case["audio"]) or case["text"] == "":
         return {**row, "skipped": "the driving clip is silent"}
-    per = 4                                     # video frames per latent frame; the first chunk's first has one
+    per = case["frames_per_latent"]             # video frames per latent frame; the first chunk's first has one
     edges = {"chunk_frames": per * chunk_frames, "first_frames": per * chunk_frames - per + 1} if chunk_frames else \
         {"chunk_frames": None}
     row.update(score_generated(generated, case["audio"], text=case["text"], voice=voice, **edges))
