@@ -3,6 +3,8 @@ ContentStream) — the TTS truth of --say, else the front end's blocks — and t
 whatever the chunks; --voice picks the character voice its joint audio says them in."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,24 @@ def test_a_stream_reads_the_training_rows_whatever_the_chunks(spoken):
     # negative control: a live source (nothing ahead) reads silence past its samples, so rows differ
     live = streamed(audio, phones, 3, live_from=0)
     assert not same(live, truth) and same(live, truth, upto=-1)                  # the loudness, not the truth's phones
+
+
+def test_a_provisional_read_advances_a_fork_that_leaves_the_track_as_it_was(spoken):
+    """ContentStream reads rows past the pushed samples on ContentTrack.fork(): the long phones are shared, not
+    copied, and advancing the fork changes nothing of the track (its saved state, its block table)."""
+    audio, phones = spoken
+    truth = C.phone_steps(phones, C.steps_for(len(audio)))
+    for given in (truth, None):
+        track, x = C.ContentTrack(given), C._Samples(audio)
+        track.advance(C._Samples(audio[:16000]), 5)
+        st = C.ContentStream(AudioConfig())
+        st.track = track
+        before = json.dumps(st.state()["track"])
+        fork = track.fork()
+        fork.advance(x, 40)
+        assert fork.phones is track.phones and fork.done == 40 and track.done == 5
+        assert json.dumps(st.state()["track"]) == before and fork.blocks.keys() >= track.blocks.keys()
+        assert given is not None or len(fork.blocks) > len(track.blocks)        # the fork decoded blocks of its own
 
 
 def test_loudness_is_causal_up_to_its_lookahead(spoken):

@@ -37,6 +37,8 @@ leaks less (0.20 / 0.30 on heard / unheard voices) but does not transfer to real
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 HOP_S = 0.01  # one step: the log-mel hop (models.config.AudioConfig: 160 samples at 16 kHz)
@@ -278,6 +280,14 @@ class ContentTrack:
         self.done = k1
         return phone, loud
 
+    def fork(self) -> "ContentTrack":
+        """A copy to advance provisionally (rows past the pushed samples): `advance` replaces its state rather than
+        changing it in place, so the copy shares the phones (read only, as long as the stream) and the decoded
+        blocks' arrays; only the block table is its own."""
+        track = copy.copy(self)
+        track.blocks = dict(self.blocks)
+        return track
+
     def rows(self, x: _Samples, steps: int) -> tuple[np.ndarray, np.ndarray]:
         """The phone ids and loudness of steps [0, steps) of a fresh track, in one feed."""
         return self.advance(x, -(-steps // FRAME_STEPS))
@@ -426,8 +436,6 @@ class ContentStream:
 
     def features(self, first: int, count: int, ahead=None):
         """[count, mel_per_latent, CONTENT_DIM] torch float32; forgets what frames before `first` read."""
-        import copy
-
         import torch
 
         j0, j1, frames = self._frames(first, count)
@@ -445,7 +453,7 @@ class ContentStream:
                 for b in range(self.track.done * FRAME_STEPS // BLOCK_STEPS, (frames * FRAME_STEPS - 1) // BLOCK_STEPS + 1):
                     if b not in self.track.blocks and block_window(b)[1] <= seen.end:
                         self.track.blocks[b] = block_phones(seen, b)
-            track = copy.deepcopy(self.track)
+            track = self.track.fork()
             p, lo = track.advance(seen, frames)
             phone, loud = np.concatenate([phone, p]), np.concatenate([loud, lo])
         phone, loud = np.append(phone, 0), np.append(loud, np.float32(0))     # the last: SIL, for steps outside
