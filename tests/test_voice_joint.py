@@ -192,6 +192,9 @@ def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(t
             lipsync=str(tmp_path / "sync.safetensors"), sync_weight=0.1)), tmp_path / "sync")
     # distillation: the rollouts read the clips' content rows and say them in each clip's voice
     stage2 = tmp_path / "causal" / "step-000002" / "ema.safetensors"
+    from stages.distill.dmd import check_lipsync
+    with pytest.raises(ValueError, match="hears log-mel"):
+        check_lipsync(str(stage2), CFG)           # a file that is there: the sync reward refuses the model itself
     student = distill_run(DistillSettings(init_from=str(stage2), steps=2, batch=2, chunks=2, samples=2, save_every=2),
                           tmp_path / "student")
     assert student["steps"] == 2 and checkpoint_config(tmp_path / "student" / "step-000002" / "ema.safetensors").name == CFG.name

@@ -153,13 +153,11 @@ def check_lipsync(path: str, cfg) -> None:
     """Raise ValueError (one line) unless `path` is a lip-sync discriminator that fits the model `cfg`."""
     from pathlib import Path
 
-    from stages.train.lipsync import LipSyncConfig
+    from stages.train.lipsync import LipSyncConfig, check_hears_logmel
     from stages.train.losses import discriminator
     if not Path(path).is_file():
         raise ValueError(f"--lipsync {path}: no such discriminator file (train one with the recipe's lipsync phase)")
-    if cfg.audio_encoder != "logmel":
-        raise ValueError(f"the lip-sync discriminator hears log-mel speech; preset {cfg.name} reads "
-                         f"{cfg.audio_encoder} features")
+    check_hears_logmel(cfg)
     got, want = discriminator(path, "cpu").cfg, LipSyncConfig.for_model(cfg)
     keys = ("crop", "channels", "mel_steps", "n_mels", "context")
     bad = [f"{k} {getattr(got, k)} (model {getattr(want, k)})" for k in keys if getattr(got, k) != getattr(want, k)]

@@ -58,6 +58,14 @@ from models.taehv import TAEHV, frames_to_latents
 MIN_SHIFT = 2          # latent frames a shifted-speech negative is moved by, at least
 
 
+def check_hears_logmel(cfg: ModelConfig) -> None:
+    """A one-line error unless the model `cfg` hears log-mel speech, as the discriminator does (its sync loss and
+    reward compare the two); a content model (phones and loudness) is refused."""
+    if cfg.audio_encoder != "logmel":
+        raise ValueError(f"the lip-sync discriminator hears log-mel speech; preset {cfg.name} reads "
+                         f"{cfg.audio_encoder} features")
+
+
 @dataclass(frozen=True)
 class LipSyncConfig:
     crop: int                         # S: latent pixels of the square mouth crop
