@@ -653,17 +653,10 @@ def _paced(t0: float):
     return told
 
 
-def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, size: int, out: Path, workers: int,
-                idle: bool, stream: dict) -> tuple[list[dict], dict]:
-    """The synth bench's cases sampled whole by a bidirectional teacher, not streamed
-    (stages/train/sample.py `sample_clips`: each case's latent frames with the texts in force and its speech,
-    in overlapping windows of the model's clip length; steps, guidance and its target from `stream` or the
-    checkpoint's record), scored as the streamed cases are. Cases of one length go through the model
-    together; rendering and scoring run in `workers` processes, the ground truth's scored while the device
-    samples."""
-    import multiprocessing as mp
-    import tempfile
-    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+def _sampler(ckpt: Path, codec_path: Path, dev: str, stream: dict):
+    """(make, how): a bidirectional teacher's frames of a group of cases sampled whole (stages/train/sample.py
+    `sample_clips`: each case's latent frames with the texts in force and its speech, in overlapping windows of the
+    model's clip length; steps, guidance and its target from `stream` or the checkpoint's record)."""
     from models.checkpoint import checkpoint_sampling, load_dit, load_taehv
     from models.encoders import text_encoder
     from stages.train.sample import sample_clips, whole_settings
@@ -674,6 +667,42 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
     how = whole_settings(checkpoint_sampling(ckpt), stream.get("steps"), stream.get("guidance"), stream.get("guide"))
     codec = load_taehv(codec_path, dev)
     encode = text_encoder("minilm", max_len=cfg.dit.text_len)
+
+    def make(group: list[dict], T: int, seed: int, progress) -> list[np.ndarray]:
+        return sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
+                            [c["events"] for c in group], T, **how, seed=seed, progress=progress)
+    return make, {**how, "sampled": "whole, in windows"}
+
+
+def through_codec(codec, frames: np.ndarray) -> np.ndarray:
+    """Frames [T, H, W, 3] uint8 (T = 1 + 4k) encoded and decoded by `codec` (TAEHV), as the model's frames
+    are decoded (stages/train/sample.py `decode_video`)."""
+    from models.taehv import frames_to_latents
+    from stages.train.sample import decode_video
+    with torch.no_grad():
+        z = frames_to_latents(codec, frames)[None].to(next(codec.parameters()).device)
+        return decode_video(codec, z, len(frames))
+
+
+def _codec_maker(codec_path: Path, dev: str):
+    """(make, how): the cases' own ground-truth frames through the codec (`through_codec`): what a model that
+    drew the world exactly in the codec's latents would score, the ceiling the codec leaves each bench number."""
+    from models.checkpoint import load_taehv
+    codec = load_taehv(codec_path, dev)
+
+    def make(group: list[dict], T: int, seed: int, progress) -> list[np.ndarray]:
+        return [through_codec(codec, c["frames"]) for c in group]
+    return make, {"sampled": "the ground truth through the codec"}
+
+
+def _whole_rows(make, how: dict, dev: str, n: int, secs: float, size: int, out: Path, workers: int,
+                idle: bool) -> tuple[list[dict], dict]:
+    """The synth bench's cases made whole by `make` (`_sampler`'s or `_codec_maker`'s), not streamed, scored as
+    the streamed cases are. Cases of one length are made together; rendering and scoring run in `workers`
+    processes, the ground truth's scored while the device works."""
+    import multiprocessing as mp
+    import tempfile
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
     batch = 16 if dev == "cuda" else 2
     rows, gen_s, gen_frames = [], 0.0, 0
     pool = ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
@@ -691,8 +720,7 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
             # --cases 1 --seconds 600) has its frames spread over the workers, from a thread here
             truths = ([aside.submit(_score, group[0]["frames"], group[0]["truth"], workers)] if n == 1 else
                       [pool.submit(_score, c["frames"], c["truth"]) for c in group])
-            made = sample_clips(model, cfg, codec, encode, [c["ref"] for c in group], [c["audio"] for c in group],
-                                [c["events"] for c in group], T, **how, seed=a, progress=_paced(t0) if n == 1 else None)
+            made = make(group, T, a, _paced(t0) if n == 1 else None)
             t1 = time.perf_counter()
             gen_s += t1 - t0
             gen_frames += T * len(group)
@@ -706,7 +734,7 @@ def _whole_rows(ckpt: Path, codec_path: Path, dev: str, n: int, secs: float, siz
                     strip(c["frames"], f, out / f"eval_case{c['index']}.png")
                 info = {k: c[k] for k in ("index", "seed", "control_seed", "voice", "events")}
                 rows.append({**info, "stream_fps": None, **mine, "truth": truth})
-    return rows, {**how, "gen_fps": gen_frames / gen_s if gen_s else None, "sampled": "whole, in windows"}
+    return rows, {**how, "gen_fps": gen_frames / gen_s if gen_s else None}
 
 
 def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int, cases: int | None,
@@ -717,12 +745,14 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     checkpoint with its codec beside it, e.g. models/starter/model.safetensors), in `streams` processes
     that share the device (case i goes to process i mod streams; each renders, streams and scores its
     own: one stream of this small model leaves the GPU mostly idle), or here when streams <= 1 (then
-    scored in `workers` processes: the drift stream, `--cases 1 --seconds 600`)."""
+    scored in `workers` processes: the drift stream, `--cases 1 --seconds 600`). `teacher` "codec": no model, the
+    cases' ground truth through W's codec (`_codec_maker`: the ceiling it leaves each number)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     from stages.eval.bench.cases import IDLE_BENCH, BenchSamples
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
-    given, ckpt = ckpt, ckpt or unship(work / teacher, "ema")
+    given = ckpt
+    ckpt = work / CODEC if teacher == "codec" else ckpt or unship(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     stream = {**recipe.stream, **(overrides or {})}
     t0 = time.perf_counter()
@@ -730,8 +760,9 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     shards = [list(range(j, n, k)) for j in range(k)]
     args = (str(ckpt), recipe.preset, dev, stream)
     whole = None
-    if teacher == "bidirectional" and given is None:      # no stream: the cases sampled whole
-        rows, whole = _whole_rows(ckpt, work / CODEC, dev, n, secs, size, out, max(1, workers), idle, stream)
+    if teacher in ("bidirectional", "codec") and given is None:      # no stream: the cases made whole
+        make, how = _codec_maker(ckpt, dev) if teacher == "codec" else _sampler(ckpt, work / CODEC, dev, stream)
+        rows, whole = _whole_rows(make, how, dev, n, secs, size, out, max(1, workers), idle)
     elif k == 1:
         rows = _eval_shard(*args, shards[0], secs, size, str(out), max(1, workers), idle)
     else:
@@ -1034,7 +1065,8 @@ def table(res: dict) -> str:
     if res["phase"] == "eval":
         s = res["summary"]
         return "\n".join([f"eval {Path(res['checkpoint']).name if res.get('from') else res['teacher']} on {res.get('bench', 'synth')} {res['stream']}: {s['clips']} clips x {res['seconds']:g} s, {res['eval_s']:.0f} s "
-                          f"on {res['device']}, " + (f"sampled whole in windows ({res['whole']['steps']} steps, guidance "
+                          f"on {res['device']}, " + (res["whole"]["sampled"] if res["teacher"] == "codec" else
+                                                     f"sampled whole in windows ({res['whole']['steps']} steps, guidance "
                                                      f"{res['whole']['guidance']:g} on {res['whole']['guide']}), "
                                                      f"{f(res['whole']['gen_fps'])} fps generated" if res.get("whole")
                                                      else f"{f(s['stream_fps'])} fps streamed"),
@@ -1090,8 +1122,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, help="train this many steps (no probe; --minutes still stops training); clips: sampling steps")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                     help="processes rendering clips (0: in this process, as needed)")
-    ap.add_argument("--teacher", choices=("causal", "bidirectional", "student"),
-                    help="eval, clips: which checkpoint (default causal); voice: which (default bidirectional, sampled "
+    ap.add_argument("--teacher", choices=("causal", "bidirectional", "student", "codec"),
+                    help="eval, clips: which checkpoint (default causal; eval's codec: no model, the ground truth "
+                         "through W's codec, the bench's ceiling); voice: which (default bidirectional, sampled "
                          "whole; the others are streamed)")
     ap.add_argument("--stream-steps", type=int, help="eval: the stream's denoising steps per chunk (default: the checkpoint's)")
     ap.add_argument("--cases", type=int, help="eval: held-out cases (default: the recipe's)")
@@ -1141,6 +1174,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     if not args.phase:
         ap.error("--phase is required")
+    if args.teacher == "codec" and (args.phase != "eval" or args.start):
+        ap.error("--teacher codec (the ground truth through W's codec: give it with --codec) goes with --phase eval, "
+                 "without --from")
     t_phase = time.perf_counter()
     os.environ.setdefault("VIDU_TEXT_TABLE", str(TEXT_TABLE))
     recipe = RECIPES[args.preset]
