@@ -684,6 +684,9 @@ def through_codec(codec, frames: np.ndarray) -> np.ndarray:
         return decode_video(codec, z, len(frames))
 
 
+CODEC_CASE_MAX_S = 30.0   # through_codec encodes a case in one piece: 751 frames at 256x256 (0.6 GB as float)
+
+
 def _codec_maker(codec_path: Path, dev: str):
     """(make, how): the cases' own ground-truth frames through the codec (`through_codec`): what a model that
     drew the world exactly in the codec's latents would score, the ceiling the codec leaves each bench number."""
@@ -1177,6 +1180,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher == "codec" and (args.phase != "eval" or args.start):
         ap.error("--teacher codec (the ground truth through W's codec: give it with --codec) goes with --phase eval, "
                  "without --from")
+    if args.teacher == "codec" and (args.seconds or 0) > CODEC_CASE_MAX_S:
+        ap.error(f"--teacher codec encodes each case whole: at most {CODEC_CASE_MAX_S:g} s a case, not {args.seconds:g}")
     t_phase = time.perf_counter()
     os.environ.setdefault("VIDU_TEXT_TABLE", str(TEXT_TABLE))
     recipe = RECIPES[args.preset]

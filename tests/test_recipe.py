@@ -79,7 +79,7 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch, capsys):
     assert [r["truth"] for r in ceiling["rows"]] == [r["truth"] for r in whole["rows"]]
     assert all(r["identity_error"] != r["truth"]["identity_error"] for r in ceiling["rows"])   # a few-step codec
     assert "the ground truth through the codec" in recipe.table(ceiling).splitlines()[0]
-    for wrong in (["clips"], ["eval", "--from", str(works[1] / "codec.safetensors")]):
+    for wrong in (["clips"], ["eval", "--from", str(works[1] / "codec.safetensors")], ["eval", "--seconds", "600"]):
         with pytest.raises(SystemExit):
             phase(wrong[0], works[1], tmp_path / "outc2", monkeypatch, "--teacher", "codec", *wrong[1:])
     import ref_pose_probe                 # the reference-copying probe and its two arms, on this teacher
