@@ -103,13 +103,15 @@ RENDER_SHARE = 0.5                   # the most of a training phase's time left 
 # 8 s (0.60 s each on one thread) in ~230 s, the workers waiting on the one coding process; session 32, with the
 # audio features computed by the workers, 1024 clips (0.50 s each) in 120 s: (120 - 20) / (1024 x 0.50 / 15) = 2.9;
 # session 63, 4096 stage-1 clips (0.119 s each) in 117 s on 15 workers: (117 - 20) / (4096 x 0.119 / 15) = 3.0;
-# beside training (session 66, H100): 4096 clips (0.139 s) in ~180 s, 4.2; small-voice 3584 (0.196 s) in ~180 s, 3.4
-RENDER_FACTOR = {"bidirectional": 3.8, "causal": 3.0}
+# beside training (session 66, H100): 4096 clips (0.139 s) in ~180 s, 4.2; small-voice 3584 (0.196 s) in ~180 s, 3.4;
+# stage 2 beside training (session 68, H100): 1024 clips (0.556 s) in ~190 s, 5.0
+RENDER_FACTOR = {"bidirectional": 3.8, "causal": 5.0}
 # a training step beside the rendering / alone (session 65, H100, 15 rendering workers: 0.154 / ~0.081 s in
-# stage 1, 0.120 / 0.079 s in stage 2; session 66: 0.156 / 0.075 s in stage 1): a phase plans its steps (the
+# stage 1, 0.120 / 0.079 s in stage 2; session 66: 0.156 / 0.075 s in stage 1; session 68: ~0.159 / 0.0756 s in
+# stage 2, which planned at 1.5 and a render factor of 3.0 ran 1914 of 2869 steps): a phase plans its steps (the
 # cosine schedule's length) at this pace while its clips render, so its deadline does not stop it before the
 # schedule ends
-OVERLAP_SLOWDOWN = {"bidirectional": 2.0, "causal": 1.5}
+OVERLAP_SLOWDOWN = {"bidirectional": 2.0, "causal": 2.2}
 
 
 @dataclass(frozen=True)
