@@ -49,7 +49,7 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, refs: tuple[str, ...] = 
     from models.checkpoint import load_dit, load_taehv
     from models.encoders import text_encoder
     from models.audio import audio_features, audio_latent
-    from models.flow import x0_from_velocity
+    from models.flow import add_noise, timestep, x0_from_velocity
     from stages.eval.bench.cases import HELD_OUT_BASE
     from stages.synth.world import event
     from stages.train.data import fit_text, frames_to_latents, render_clip
@@ -71,16 +71,16 @@ def pose_errors(ckpt: str, codec_path: str, clips: int, refs: tuple[str, ...] = 
         z = frames_to_latents(codec, c["frames"])[None]
         aud = audio_features(torch.from_numpy(c["audio"]), cfg.latent_frames, cfg.audio, context=d.audio_context)[None].to(dev)
         eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
-        xt = (1 - NOISE) * z + NOISE * eps
+        xt = add_noise(z, eps, NOISE)
         xa = None                          # a joint audio latent (the tiny preset's), noised alike
         if d.joint_audio:
             a = audio_latent(torch.from_numpy(c["audio"]), cfg.latent_frames, d.audio_latent_tokens, cfg.audio)[None].to(dev)
-            xa = (1 - NOISE) * a + NOISE * torch.randn(a.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev)
+            xa = add_noise(a, torch.randn(a.shape, generator=torch.Generator().manual_seed(seed + i)).to(dev), NOISE)
         for name in refs:
             image = c["frames"][per * int(np.argmax(pose))] if name == "turned ref" else c["ref"]
             ref = frames_to_latents(codec, image[None])[None]
             with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
-                v = model(xt, torch.full((1,), NOISE * 1000.0, device=dev), text[None], audio=aud, audio_latent=xa,
+                v = model(xt, torch.full((1,), timestep(NOISE), device=dev), text[None], audio=aud, audio_latent=xa,
                           ref=ref).video
             e = ((x0_from_velocity(xt, v.float(), NOISE) - z) ** 2).mean(dim=(0, 1, 3, 4)).cpu().numpy()
             errs[name]["posed"] += e[pose >= POSED].tolist()

@@ -85,6 +85,7 @@ sys.path.insert(0, str(ROOT))
 from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402
 from models.dit import SELF_ATTENTION  # noqa: E402
+from models.flow import add_noise, timestep  # noqa: E402
 from stages.distill.dmd import DMDSettings  # noqa: E402
 from stages.train.autoencoder import AutoencoderSettings  # noqa: E402
 from stages.train.loop import TrainSettings, tokens_per_sample, train  # noqa: E402
@@ -838,8 +839,8 @@ def text_use(model, batch: list[dict], swapped: list[torch.Tensor], neutral: lis
     out = {k: [] for k in texts}
     for sig in TEXT_USE_SIGMAS:
         eps = torch.randn(x0.shape, generator=g).to(dev, x0.dtype)
-        x_t = (1 - sig) * x0 + sig * eps
-        t = torch.full((x0.shape[0],), sig * 1000.0, device=dev)
+        x_t = add_noise(x0, eps, sig)
+        t = torch.full((x0.shape[0],), timestep(sig), device=dev)
         for name, text in texts.items():
             with torch.autocast("cuda", torch.bfloat16, enabled=dev == "cuda"):
                 v = model(x_t, t, text, audio=audio, ref=ref).video.float()

@@ -49,7 +49,7 @@ import torch
 
 from models.config import ModelConfig
 from models.dit import GUIDES, KV, DiT, DiTOutput, TextCache, guided, guided_conditions, tensor_version
-from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
+from models.flow import SHIFT, add_noise, sigmas as flow_sigmas, step_at_level, timestep, x0_from_velocity
 from models.rope import grid_tables
 from stages.run import ranged
 from stages.stream.events import StreamError
@@ -411,8 +411,8 @@ def denoise_chunk(model: DiT, x: torch.Tensor, xa: torch.Tensor | None, sig: lis
             captured = _first_rows(out.kv, B) if two else out.kv
         v = out.video.to(x.dtype)
         va = None if xa is None else out.audio.to(xa.dtype)
-        x0 = x - s * v                                          # v = eps - x0
-        xa0 = None if xa is None else xa - s * va
+        x0 = x0_from_velocity(x, v, s)
+        xa0 = None if xa is None else x0_from_velocity(xa, va, s)
         if k == stop:
             break
         if renoise is not None:
@@ -446,7 +446,7 @@ def _velocity(model: DiT, x, xa, s: float, inputs: ChunkInputs, ctx: KV, frame_p
     rows = 2 * B if guidance != 1.0 else B
     x2 = x if rows == B else torch.cat([x, x])
     xa2 = xa if xa is None or rows == B else torch.cat([xa, xa])
-    t = torch.full((rows,), s * 1000.0, device=x.device)
+    t = torch.full((rows,), timestep(s), device=x.device)
     out = model(x2, t, inputs.text, audio=inputs.audio, audio_latent=xa2, kv=ctx, frame_pos=frame_pos,
                 return_kv=return_kv)
     if rows == B:
@@ -564,8 +564,8 @@ class StreamEngine:
         return self._text[2], self._text[3]
 
     def _renoise(self, x0, xa0, s):
-        x = (1 - s) * x0 + s * self._randn(x0.shape)
-        xa = None if xa0 is None else (1 - s) * xa0 + s * self._randn(xa0.shape)
+        x = add_noise(x0, self._randn(x0.shape), s)
+        xa = None if xa0 is None else add_noise(xa0, self._randn(xa0.shape), s)
         return x, xa
 
     def noise_shape(self) -> tuple[tuple, tuple | None]:
@@ -677,7 +677,7 @@ class StreamEngine:
             buf.write(tuple(buf.k) if sink else ("clean",), clean, a, rows)   # the sink is clean in both sets
             if st.twin and not sink:
                 x, s = self.kept.get("noisy", i), self.sig[st.noisy_step]
-                t = torch.full((x.shape[0],), s * 1000.0, device=x.device)
+                t = torch.full((x.shape[0],), timestep(s), device=x.device)
                 noisy = self.model(x, t, text, audio=speech, audio_latent=self.kept.get("noisy_audio", i),
                                    kv=self._context_of("noisy", done), frame_pos=pos, return_kv=True).kv
                 buf.write(("noisy",), noisy, a, rows)

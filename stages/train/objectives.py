@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from models.dit import DiT, null_condition
-from models.flow import shift_sigma
+from models.flow import add_noise, shift_sigma, timestep, x0_from_velocity
 from stages.run import ranged
 from stages.stream.engine import context_chunks
 from stages.train.losses import LOSS_WEIGHTS, video_loss
@@ -137,14 +137,14 @@ def levels(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def x0_from_v(model_out, x_t, sig) -> torch.Tensor:
-    return x_t - levels(sig, x_t) * model_out          # v = eps - x0
+    return x0_from_velocity(x_t, model_out, levels(sig, x_t))
 
 
 def noised(x0: torch.Tensor | None, sig: torch.Tensor, draw: "Draw") -> torch.Tensor | None:
     """x0 at noise levels `sig` ([B] or [B, F]): (1 - s) x0 + s eps, eps from `draw`; None stays None."""
     if x0 is None:
         return None
-    return (1 - levels(sig, x0)) * x0 + levels(sig, x0) * draw.randn_like(x0)
+    return add_noise(x0, draw.randn_like(x0), levels(sig, x0))
 
 
 def _audio_loss(model_out, xa_t, sig, xa0, frames: slice | None = None) -> torch.Tensor:
@@ -159,7 +159,7 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     x0, xa0 = batch["video"], batch.get("audio_latent")
     s = _sigma(draw, st, x0.device)
     x_t, xa_t = noised(x0, s, draw), noised(xa0, s, draw)
-    out = model(x_t, s * 1000.0, batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
+    out = model(x_t, timestep(s), batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
                 mask="full", voice=batch.get("voice"))
     F = x0.shape[2]
     loss, vparts = video_loss(x0_from_v(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
@@ -220,7 +220,7 @@ def causal_forward(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor 
     """The model on a stream sequence (noisy x_t [B, C, m, h, w], noise levels [B, m]): frame positions
     1..m after the ref, block-causal by chunks."""
     m = x_t.shape[2]
-    return model(x_t, sigma * 1000.0, seq["text"], audio=seq["audio"], audio_latent=xa_t, ref=seq["ref"],
+    return model(x_t, timestep(sigma), seq["text"], audio=seq["audio"], audio_latent=xa_t, ref=seq["ref"],
                  mask="causal", chunk_frames=chunk_frames, frame_pos=torch.arange(1, m + 1), voice=seq.get("voice"))
 
 

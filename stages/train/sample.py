@@ -19,7 +19,7 @@ import torch
 
 from models.config import ModelConfig
 from models.dit import DiT, guided, guided_conditions
-from models.flow import SHIFT, sigmas as flow_sigmas, step_at_level
+from models.flow import SHIFT, add_noise, sigmas as flow_sigmas, step_at_level, timestep
 
 BIDIRECTIONAL_STEPS = 30     # Euler steps of the bidirectional teacher
 OVERLAP = 3                  # latent frames a window of a clip longer than the model's holds from the one before
@@ -83,7 +83,7 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
         for s, s_next in zip(sig[:-1], sig[1:]):
             x2 = torch.cat([x, x]) if two else x
             xa2 = torch.cat([xa, xa]) if two and xa is not None else xa
-            out = model(x2, torch.full((rows,), s * 1000.0, device=dev), txt, audio=aud, audio_latent=xa2, ref=ref,
+            out = model(x2, torch.full((rows,), timestep(s), device=dev), txt, audio=aud, audio_latent=xa2, ref=ref,
                         **({} if voice is None else {"voice": voice}))
             v, va = out.video, out.audio
             if two:
@@ -92,9 +92,9 @@ def sample_bidirectional(model: DiT, cfg: ModelConfig, ref, text, audio=None, st
             if xa is not None:
                 xa = xa + (s_next - s) * va.to(dt)
             if held:
-                x[:, :, :held] = (1 - s_next) * video[:, :, start:made] + s_next * eps
+                x[:, :, :held] = add_noise(video[:, :, start:made], eps, s_next)
                 if xa is not None:
-                    xa[:, :held] = (1 - s_next) * audio_out[:, start:made] + s_next * eps_a
+                    xa[:, :held] = add_noise(audio_out[:, start:made], eps_a, s_next)
         if video is None:
             video, audio_out = x.new_empty(x.shape[:2] + (F,) + x.shape[3:]), None
             if xa is not None:
