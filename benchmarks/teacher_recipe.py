@@ -17,6 +17,8 @@ stage 1 (bidirectional teacher), stage 2 (causal teacher), then the synth bench 
     python benchmarks/teacher_recipe.py --phase lipsync       --work W      # the sync loss's discriminator
     python benchmarks/teacher_recipe.py --phase distill       --work W --minutes 8.5 [--steps N] [--init-student DIR] [--ode-warmup N]
                                           [--pcm-weight P] [--sync-weight S] [--guidance G]   # 0, 0: pure DMD
+    python benchmarks/teacher_recipe.py --phase distill --teacher bidirectional --init-student models/starter/model.safetensors \
+        --work W --minutes 8.5          # stage 1 distilled straight into the warm student (whole-clip scores, no stage 2)
     python benchmarks/teacher_recipe.py --phase eval          --work W --teacher student --streams 4
     python benchmarks/teacher_recipe.py --phase starter       --work W --scores recipe_eval.json   # CPU: package it
     python benchmarks/teacher_recipe.py --phase bidirectional --preset small-voice --warm W0/bidirectional --work W
@@ -439,11 +441,12 @@ def distill_fit(recipe: Recipe, minutes: float, t_phase: float, steps: int | Non
 def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers: int, t_phase: float,
                   steps: int | None = None, init_student: Path | None = None, ode_warmup: int = 0,
                   pcm_weight: float = 0.0, sync_weight: float = 0.0, guidance: float | None = None,
-                  compile: bool | None = None, recache: bool = False) -> dict:
-    """Stage 3: `vidu distill` of W/causal (stages/distill/loop.py: DMD on the student's self-rollouts)
+                  compile: bool | None = None, recache: bool = False, teacher: str = "causal") -> dict:
+    """Stage 3: `vidu distill` of W/<teacher> (stages/distill/loop.py: DMD on the student's self-rollouts;
+    W/causal, or W/bidirectional by whole-clip scores, which needs `init_student`)
     with RECIPES' settings for `steps` (default the recipe's), stopped after what is left of `minutes`;
     a re-run on the same W resumes it (W/runs/distill/recipe.json). `init_student`: a folder holding a
-    previous student's shipped EMA (ema*.safetensors), the warm start; `ode_warmup`: its first steps
+    previous student's shipped EMA (ema*.safetensors) or a student's file (the shipped starter), the warm start; `ode_warmup`: its first steps
     regress the teacher's ODE (stages/distill/ode.py); `pcm_weight`, `sync_weight`: the PCM regularizer's
     and the sync reward's weights (0, 0: pure DMD); `guidance`: the real score's (default the recipe's);
     `recache`: roll out with LongLive's recache (the student streams with it). With
@@ -462,8 +465,9 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "render_overlap": rec.get("render_overlap", 0),       # a run planned before the overlap resumes without
-          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / "causal", "ema")),
-          **({"init_student": str(unship(init_student, "ema")), **recipe.distill_warm} if init_student else {}),
+          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / teacher, "ema")),
+          **({"init_student": str(init_student if init_student.is_file() else unship(init_student, "ema")),
+              **recipe.distill_warm} if init_student else {}),
           **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight,
           "recache": recache}
     if guidance is not None:
@@ -1159,7 +1163,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "that fit (a file, or a folder of shipped ema shards; TrainSettings.warm_from)")
     ap.add_argument("--recode", action="store_true",
                     help="with --from: it was trained with another codec than --codec; train it on --codec's latents")
-    ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA")
+    ap.add_argument("--init-student", type=Path, help="distill: warm start from this folder's shipped student EMA, or this student file (models/starter/model.safetensors)")
     ap.add_argument("--ode-warmup", type=int, default=0, help="distill: first steps of ODE regression before DMD")
     ap.add_argument("--pcm-weight", type=float, default=0.0, help="distill: the PCM regularizer's weight (0: none)")
     ap.add_argument("--sync-weight", type=float, default=0.0,
@@ -1183,6 +1187,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.teacher == "codec" and (args.phase != "eval" or args.start):
         ap.error("--teacher codec (the ground truth through W's codec: give it with --codec) goes with --phase eval, "
                  "without --from")
+    if args.phase == "distill" and args.teacher not in (None, "causal", "bidirectional"):
+        ap.error(f"--phase distill distills a teacher (--teacher causal or bidirectional), not {args.teacher}")
     if args.teacher == "codec" and (args.seconds or 0) > CODEC_CASE_MAX_S:
         ap.error(f"--teacher codec encodes each case whole: at most {CODEC_CASE_MAX_S:g} s a case, not {args.seconds:g}")
     t_phase = time.perf_counter()
@@ -1235,7 +1241,8 @@ def main(argv: list[str] | None = None) -> dict:
                           args.guidance, args.guide)
     elif args.phase == "distill":
         res = distill_phase(recipe, work, out, args.minutes, args.workers, t_phase, args.steps, args.init_student,
-                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache))
+                            args.ode_warmup, args.pcm_weight, args.sync_weight, args.guidance, args.compile, bool(args.recache),
+                            args.teacher or "causal")
     elif args.phase == "eval":
         overrides = {k: v for k, v in (("guidance", args.guidance), ("sampler", args.sampler), ("guide", args.guide),
                                        ("recache", args.recache), ("steps", args.stream_steps),

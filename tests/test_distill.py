@@ -270,6 +270,54 @@ def test_the_critic_loss_is_the_teachers_flow_loss_on_the_students_clip(teacher_
     assert sum(float(p.grad.abs().sum()) for p in critic.parameters() if p.grad is not None) > 0
 
 
+def whole_grads(teacher_clip, critic, st, seed=5):
+    v, a, batch = student_clip(teacher_clip)
+    loss, parts = generator_loss(teacher_clip[0], critic, batch, v, a, OBJ, st, draw(seed), whole=True)
+    gv, ga = torch.autograd.grad(loss, [v, a])
+    return gv, ga, parts
+
+
+def test_whole_clip_scores_see_every_frame_and_move_every_frame(teacher_clip):
+    """A bidirectional teacher's DMD (dmd.py `whole`): the scores read the whole clip (frame 0's x0 moves
+    with the last frame, where the causal score's does not), the gradient vanishes when the critic is the
+    teacher, and a critic shifted by +-0.05 moves every frame, uniformly, against the shift."""
+    from stages.distill.dmd import score_x0
+    teacher, v, a, batch = teacher_clip
+    seq = {**batch, "video": v, "audio_latent": a}
+    s = torch.full((2,), 0.5)
+    x_t = torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+    late = x_t.clone()
+    late[:, :, -1] += 1.0
+    with torch.no_grad():
+        whole = [score_x0(teacher, seq, x, a, s, None)[0][:, :, 0] for x in (x_t, late)]
+        causal = [score_x0(teacher, seq, x, a, s[:, None].expand(2, CHUNKS), 1)[0][:, :, 0] for x in (x_t, late)]
+    assert float((whole[0] - whole[1]).abs().max()) > 1e-3
+    assert torch.equal(causal[0], causal[1])                              # control: block-causal, frame 0 is blind
+    gv, ga, parts = whole_grads(teacher_clip, copy.deepcopy(teacher), DMDSettings(guidance=1.0))
+    assert float(gv.abs().max()) == 0.0 and float(ga.abs().max()) == 0.0 and float(parts["loss_dmd"]) == 0.0
+    for shift in (0.05, -0.05):
+        critic = copy.deepcopy(teacher)
+        with torch.no_grad():
+            critic.head.head.bias -= shift
+        gv, ga, _ = whole_grads(teacher_clip, critic, DMDSettings(guidance=1.0))
+        assert float(ga.abs().max()) == 0.0
+        assert bool((torch.sign(gv) == (1 if shift > 0 else -1)).all())      # every frame, the shift's sign
+        per_sample = gv.flatten(1)
+        spread = (per_sample.max(1).values - per_sample.min(1).values) / per_sample.abs().mean(1)
+        assert float(spread.max()) < 1e-3
+
+
+def test_the_whole_critic_loss_is_stage_1s_flow_loss_on_the_students_clip(teacher_clip):
+    from stages.train.objectives import bidirectional_loss
+    critic = copy.deepcopy(teacher_clip[0])
+    v, a, batch = student_clip(teacher_clip)
+    loss, _ = critic_loss(critic, batch, v, a, OBJ, draw(9), whole=True)
+    nodrop = dataclasses.replace(OBJ, p_drop_text=0, p_drop_audio=0, p_drop_ref=0)
+    want, _ = bidirectional_loss(critic, {**batch, "video": v.detach(), "audio_latent": a.detach()}, nodrop, draw(9))
+    other, _ = critic_loss(critic, batch, v, a, OBJ, draw(9))
+    assert torch.equal(loss, want) and not torch.equal(loss, other)      # stage 1's loss, not stage 2's
+
+
 def test_a_generator_step_trains_the_student_through_its_rollout_only():
     teacher = scrambled()
     student, critic = copy.deepcopy(teacher), copy.deepcopy(teacher)
@@ -361,7 +409,7 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     finally:
         monkey.undo()
     assert built == []
-    with pytest.raises(ValueError, match="is not a causal teacher"):
+    with pytest.raises(ValueError, match="is not a causal or bidirectional teacher"):
         distill_run(DistillSettings(init_from=str(tmp_path / "codec.safetensors")), tmp_path / "x")
     # a second phase through the flags: warm start from the shipped EMA, with PCM; the refusals in one line
     from tests.conftest import cli
@@ -375,6 +423,27 @@ def test_vidu_distill_runs_and_a_rerun_resumes_exactly(tmp_path):
     for flags, says in [(("--init-student", str(teacher)), "is not a distilled student"),
                         (("--sync-weight", "1"), "needs a lip-sync discriminator file")]:
         res = cli(*phase, "--out", str(tmp_path / "refused"), *flags, check=False)
+        assert res.returncode != 0 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # a bidirectional teacher (stage 1's record) distilled into the warm student by whole-clip scores
+    from models.checkpoint import read_state_dict as weights, save_model
+    from stages.train.sample import sampling_record
+    bidi = tmp_path / "bidirectional" / "ema.safetensors"
+    bidi.parent.mkdir()
+    codec = {"kind": "taehv", "file": "../codec.safetensors", "channels": cfg.dit.in_dim, "of": "stage 1"}   # told apart
+    save_model(bidi, model.state_dict(), cfg, TEACHER_LINEAGE[:1], {"sampling": sampling_record(cfg, "bidirectional",
+                                                                                                2.0, 1, None, codec)})
+    warm = out / "step-000002" / "ema.safetensors"
+    third = json.loads(cli(*phase[:2], str(bidi), *phase[3:], "--out", str(tmp_path / "third"), "--init-student",
+                           str(warm)).stdout)
+    done = tmp_path / "third" / "step-000001"
+    assert third["steps"] == 1 and not all(torch.equal(weights(done / "model.safetensors")[k], v)
+                                           for k, v in weights(warm).items())          # the warm student trained
+    rec, kept = checkpoint_sampling(done / "ema.safetensors"), checkpoint_sampling(warm)
+    assert rec == {**kept, "codec": codec}             # the student's layout, the teacher's codec
+    assert read_metadata(done / "ema.safetensors")["lineage"][-1]["teacher"] == "bidirectional"
+    for flags, says in [((), "its student starts from a distilled causal student (--init-student"),
+                        (("--init-student", str(warm), "--pcm-weight", "0.5"), "ODE warm-up and PCM step it chunk by chunk")]:
+        res = cli(*phase[:2], str(bidi), *phase[3:], "--out", str(tmp_path / "refused"), *flags, check=False)
         assert res.returncode != 0 and says in res.stderr and "Traceback" not in res.stderr, res.stderr
 
 

@@ -153,6 +153,14 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch, capsys):
     warm = phase("distill", tmp_path / "w5", tmp_path / "out7", monkeypatch, "--init-student", str(tmp_path / "out5" / "student"))
     assert warm["settings"]["init_student"] == str(tmp_path / "out5" / "student" / "ema.safetensors")
     assert warm["settings"]["critic_warmup"] == 1 and dist["settings"]["critic_warmup"] == 0
+    carry(outs[1], tmp_path / "wb")          # stage 1 distilled straight into a student file (the starter's way)
+    asym = phase("distill", tmp_path / "wb", tmp_path / "outb2", monkeypatch, "--teacher", "bidirectional",
+                 "--init-student", str(tmp_path / "out5" / "student" / "ema.safetensors"))
+    assert asym["settings"]["init_from"] == str(tmp_path / "wb" / "bidirectional" / "ema.safetensors")
+    assert asym["train"]["steps"] == 2 and "loss_dmd" in asym["loss_first"] and asym["settings"]["critic_warmup"] == 1
+    assert recipe.read_metadata(tmp_path / "outb2" / "student" / "ema.safetensors")["lineage"][-1]["teacher"] == "bidirectional"
+    with pytest.raises(SystemExit):                       # a student is no teacher
+        phase("distill", tmp_path / "wb", tmp_path / "outb3", monkeypatch, "--teacher", "student")
     carry(outs[2], tmp_path / "w6")          # a fresh student with the ODE warm-up first
     ode = phase("distill", tmp_path / "w6", tmp_path / "out8", monkeypatch, "--ode-warmup", "1")
     assert ode["settings"]["ode_warmup"] == 1 and "loss_ode" in ode["loss_first"] and "loss_dmd" in ode["loss_last_10pct"]

@@ -15,7 +15,7 @@ from vidu_cli.report import clean_errors
 
 
 def distill(
-    from_: Path = option(DistillSettings, "init_from", "The causal teacher (a `vidu train --stage causal` checkpoint).", "--from", default=...),
+    from_: Path = option(DistillSettings, "init_from", "The teacher: a `vidu train --stage causal` checkpoint, or a bidirectional one (stage 1, distilled asymmetrically: needs --init-student).", "--from", default=...),
     out: Annotated[Path, typer.Option(help="Folder for the student's checkpoints, loss.jsonl and loss.png (re-run to resume).")] = ...,
     init_student: Optional[Path] = option(DistillSettings, "init_student", "Start the student (and its EMA) from this previous distilled student (its ema.safetensors) instead of the teacher.", show_default=False),
     steps: int = option(DistillSettings, "steps", "Generator steps in total."),
@@ -53,7 +53,8 @@ def distill(
     quiet: Quiet = False,
 ) -> None:
     """Distill a causal teacher into a few-step student that `vidu stream --ckpt` runs with no flags;
-    re-running the same command resumes.
+    re-running the same command resumes. A bidirectional teacher (stage 1) is distilled into a warm
+    student (--init-student) by whole-clip scores, skipping stage 2.
 
     Example: vidu distill --from runs/causal/step-000300/ema.safetensors --out runs/student --steps 400
     """

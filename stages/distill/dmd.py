@@ -14,6 +14,11 @@ its history clean (teacher forcing: the generated chunks, detached) and chunk i 
 so gradient descent moves the chunk toward the teacher's denoising of it and away from the critic's,
 the score difference of KL(p_student(x_i | history) || p_teacher(x_i | history)) at level s.
 Video and the joint audio latent alike.
+
+With a bidirectional teacher (stage 1; `whole`: the asymmetric distillation of CausVid and Self-Forcing,
+which skips stage 2) real and fake scores read the student's whole clip at one noise level s per sample,
+every frame attending to every other, and the gradient reaches every frame; the critic then learns
+the student's clips with stage 1's flow loss.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ from models.dit import GUIDES, DiT, guided, guided_conditions
 from models.flow import shift_sigma
 from stages.run import ranged
 from stages.train.losses import REGIONS
-from stages.train.objectives import (Draw, ObjectiveSettings, causal_forward, causal_loss, levels, noised,
-                                     stream_sequence, training_frames, x0_from_v)
+from stages.train.objectives import (Draw, ObjectiveSettings, bidirectional_loss, causal_forward, causal_loss, levels,
+                                     noised, stream_sequence, training_frames, whole_forward, x0_from_v)
 from stages.train.sample import TEACHER_GUIDANCE
 
 
@@ -63,27 +68,33 @@ def _matching(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def score_v(model, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
-            chunk_frames: int, guidance: float | torch.Tensor = 1.0, guide: str = "all",
+            chunk_frames: int | None, guidance: float | torch.Tensor = 1.0, guide: str = "all",
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A model's velocity (video, joint audio) on a stream sequence, guided when guidance != 1 (a scale,
+    """A model's velocity (video, joint audio) on a stream sequence, block-causal by `chunk_frames`
+    (None: whole clips at levels sigma [B], bidirectional), guided when guidance != 1 (a scale,
     or one per row [B]): one forward of 2B rows, the unconditional ones with what `guide` nulls (the
     reference kept). `model`: a DiT, or anything called like one (pcm.py: the student with its EMA)."""
+    def forward(seq, x_t, xa_t, sigma):
+        if chunk_frames is None:
+            return whole_forward(model, seq, x_t, xa_t, sigma)
+        return causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
+
     if not torch.is_tensor(guidance) and guidance == 1.0:
-        out = causal_forward(model, seq, x_t, xa_t, sigma, chunk_frames)
+        out = forward(seq, x_t, xa_t, sigma)
         return out.video, out.audio
     B = x_t.shape[0]
     text, audio = guided_conditions(seq["text"], seq["audio"], guide)
     voice = seq.get("voice")
     two = {"text": text, "audio": audio, "ref": torch.cat([seq["ref"], seq["ref"]]),
            "voice": None if voice is None else torch.cat([voice, voice])}     # the voice is the character's, kept
-    out = causal_forward(model, two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
-                         torch.cat([sigma, sigma]), chunk_frames)
+    out = forward(two, torch.cat([x_t, x_t]), None if xa_t is None else torch.cat([xa_t, xa_t]),
+                  torch.cat([sigma, sigma]))
     g = guidance.to(x_t.device) if torch.is_tensor(guidance) else torch.full((B,), guidance, device=x_t.device)
     return guided(out.video, levels(g, x_t)), guided(out.audio, None if xa_t is None else levels(g, xa_t))
 
 
 def score_x0(model: DiT, seq: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor,
-             chunk_frames: int, guidance: float | torch.Tensor = 1.0, guide: str = "all",
+             chunk_frames: int | None, guidance: float | torch.Tensor = 1.0, guide: str = "all",
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A model's x0 prediction (video, joint audio) on a stream sequence (`score_v`'s velocity)."""
     v, va = score_v(model, seq, x_t, xa_t, sigma, chunk_frames, guidance, guide)
@@ -105,10 +116,13 @@ def _level(draw: Draw, obj: ObjectiveSettings, st: DMDSettings) -> torch.Tensor:
 
 
 def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
-                   obj: ObjectiveSettings, st: DMDSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
+                   obj: ObjectiveSettings, st: DMDSettings, draw: Draw, whole: bool = False) -> tuple[torch.Tensor, dict]:
     """The DMD loss of the student's clip `video` [B, C, F, h, w] (and joint `audio_latent`), which
     carries the rollout's gradients; `batch` gives its conditions (ref, text, audio). Teacher and
-    critic are evaluated without gradients. obj: chunk_frames, window, sink and shift of the teacher."""
+    critic are evaluated without gradients. obj: chunk_frames, window, sink and shift of the teacher
+    (`whole`: a bidirectional teacher and critic, scoring the whole clip; the shift alone is read)."""
+    if whole:
+        return _whole_generator_loss(teacher, critic, batch, video, audio_latent, obj, st, draw)
     B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
     i = draw.randint(F // c)
     frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
@@ -131,6 +145,28 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     if xa0 is not None:
         grad_a = dmd_gradient(xa0[:, cur], fake_a[:, cur], real_a[:, cur])
         loss_a = _matching(xa0[:, cur], grad_a)
+        loss = loss + obj.audio_weight * loss_a
+        parts["loss_dmd_audio"] = loss_a.detach()
+    return loss.float(), parts
+
+
+def _whole_generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor,
+                          audio_latent: torch.Tensor | None, obj: ObjectiveSettings, st: DMDSettings,
+                          draw: Draw) -> tuple[torch.Tensor, dict]:
+    """generator_loss with bidirectional scores: the whole clip at one level s per sample."""
+    clip = {**batch, "video": video, "audio_latent": audio_latent}
+    s = _level(draw, obj, st)
+    sigma = s.to(video.device)
+    with torch.no_grad():
+        x_t, xa_t = noised(video, sigma, draw), noised(audio_latent, sigma, draw)
+        g, band = real_guidance(s, st)
+        real, real_a = score_x0(teacher, clip, x_t, xa_t, sigma, None, g, st.guide)
+        fake, fake_a = score_x0(critic, clip, x_t, xa_t, sigma, None)
+        grad = dmd_gradient(video, fake, real)
+    loss = _matching(video, grad)
+    parts = {"loss_dmd": loss.detach(), "level": s.mean(), "guided": band.float().mean()}
+    if audio_latent is not None:
+        loss_a = _matching(audio_latent, dmd_gradient(audio_latent, fake_a, real_a))
         loss = loss + obj.audio_weight * loss_a
         parts["loss_dmd_audio"] = loss_a.detach()
     return loss.float(), parts
@@ -166,12 +202,12 @@ def check_lipsync(path: str, cfg) -> None:
 
 
 def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
-                obj: ObjectiveSettings, draw: Draw) -> tuple[torch.Tensor, dict]:
-    """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss) on the
-    student's clip (detached) with the batch's conditions, no condition dropout (the fake score is
-    taken conditional)."""
+                obj: ObjectiveSettings, draw: Draw, whole: bool = False) -> tuple[torch.Tensor, dict]:
+    """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss; `whole`: stage
+    1's, objectives.bidirectional_loss) on the student's clip (detached) with the batch's conditions, no
+    condition dropout (the fake score is taken conditional)."""
     fake = {**batch, "video": video.detach(), "audio_latent": None if audio_latent is None else audio_latent.detach()}
     for key in REGIONS:                        # the student's clip is not the batch's: not its regions
         fake.pop(key, None)
     obj = dataclasses.replace(obj, p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0)
-    return causal_loss(critic, fake, obj, draw)
+    return (bidirectional_loss if whole else causal_loss)(critic, fake, obj, draw)

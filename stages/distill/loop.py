@@ -18,7 +18,11 @@ with both optimizers and schedules, step and loss history.
 
 `distill_run` (`vidu distill --from causal.ckpt`) distills a teacher checkpoint on the synthetic world
 or a manifest (stages/train/data.py, coded with the teacher's autoencoder), one process, bf16 autocast
-on GPU, a catalog row per run.
+on GPU, a catalog row per run. A bidirectional teacher (stage 1's checkpoint: `vidu distill --from
+bidirectional.ckpt --init-student student.ckpt`) is distilled asymmetrically (dmd.py, `whole`): real and
+fake scores read whole clips, the student starts from a distilled causal student, whose record gives
+the streaming layout (chunk, window, sink) stage 1 never had; ODE warm-up and PCM, which step the
+teacher chunk by chunk, are refused there.
 
 With `lipsync` the generator loss adds sync_weight x the teachers' sync loss on the student's rollout
 (dmd.py `sync_reward`).
@@ -164,6 +168,34 @@ def check_student(path: str | Path, cfg: ModelConfig) -> None:
                          f"{stage!r}); give a `vidu distill` checkpoint's ema.safetensors")
 
 
+def check_whole(st: DistillSettings) -> None:
+    """ValueError (one line) for settings a bidirectional teacher cannot serve."""
+    if st.ode_warmup or st.pcm_weight > 0:
+        raise ValueError("a bidirectional teacher scores whole clips: ODE warm-up and PCM step it chunk by chunk "
+                         "(distill a causal teacher for them)")
+
+
+def student_layout(st: DistillSettings, teacher_record: dict) -> dict:
+    """The record a bidirectional teacher's distillation streams by: the warm student's (`--init-student`:
+    chunk, window, sink, noisy level; stage 1 trained none of them) with the teacher's codec, whose latents
+    the run's clips are coded in. ValueError (one line) without a distilled student or on another schedule."""
+    from models.checkpoint import checkpoint_sampling
+    if not st.init_student:
+        raise ValueError(f"{st.init_from} is a bidirectional teacher: its student starts from a distilled causal "
+                         "student (--init-student student.ckpt), whose streaming layout stage 1 never had")
+    check_whole(st)
+    if not Path(st.init_student).is_file():
+        raise ValueError(f"--init-student {st.init_student}: no such checkpoint file")
+    student = checkpoint_sampling(st.init_student) or {}
+    if student.get("stage") != "distill":
+        raise ValueError(f"--init-student {st.init_student} is not a distilled student (its sampling record says stage "
+                         f"{student.get('stage')!r}); give a `vidu distill` checkpoint's ema.safetensors")
+    if student["shift"] != teacher_record["shift"]:
+        raise ValueError(f"--init-student {st.init_student} streams with shift {student['shift']:g}, the teacher was "
+                         f"trained with {teacher_record['shift']:g}")
+    return {**student, "codec": teacher_record["codec"]}
+
+
 def _flat(d: dict, pre: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -184,7 +216,11 @@ class Distiller:
     for them, so N processes train what one does with the same global batch."""
 
     def __init__(self, teacher: DiT, cfg: ModelConfig, record: dict, st: DistillSettings, out: Path,
-                 batches: Callable[[int], dict], device=torch.device("cpu"), codec=None, d: Dist | None = None):
+                 batches: Callable[[int], dict], device=torch.device("cpu"), codec=None, d: Dist | None = None,
+                 whole: bool = False):
+        if whole:
+            check_whole(st)
+        self.whole = whole                   # the teacher (and so the critic) is bidirectional: dmd.py's `whole`
         self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
         self.d = d or Dist(0, 1, self.device)
         check_world(st, self.d)
@@ -253,7 +289,7 @@ class Distiller:
         if ode:
             return ode_loss(self.student, self.teacher, batch, video, audio, self.obj, edges, st.dmd,
                             st.ode_substeps, draw)
-        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw)
+        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw, self.whole)
         terms = {"dmd": loss}
         if extras and st.lipsync:            # the sync reward (or, at weight 0, its measurement)
             with torch.set_grad_enabled(st.sync_weight > 0 and torch.is_grad_enabled()):
@@ -290,7 +326,7 @@ class Distiller:
         critic = []
         for _ in range(self.st.critic_updates):
             with self._autocast():
-                c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw)
+                c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw, self.whole)
             c_loss.backward()
             optimizer_step(self.critic, self.critic_opt, None, self.st.grad_clip)
             critic.append(mean_over_ranks(c_loss, self.d))
@@ -323,7 +359,8 @@ class Distiller:
         if not self.d.main:
             return None
         lineage = self.lineage + [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
-                    **({"init_student": self.st.init_student} if self.st.init_student else {})}]
+                    **({"init_student": self.st.init_student} if self.st.init_student else {}),
+                    **({"teacher": "bidirectional"} if self.whole else {})}]
         meta = {"sampling": self.record}
 
         def write(tmp: Path) -> None:
@@ -400,11 +437,14 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     d = d or init_dist()
     check_world(st, d)
     if not st.init_from:
-        raise ValueError("distillation needs the causal teacher: --from causal.ckpt")
+        raise ValueError("distillation needs a teacher: --from causal.ckpt (or a bidirectional one with --init-student)")
     record = checkpoint_sampling(st.init_from)
-    if not record or record.get("stage") != "causal":
-        raise ValueError(f"{st.init_from} is not a causal teacher (its sampling record says stage "
-                         f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train --stage causal`")
+    whole = (record or {}).get("stage") == "bidirectional"
+    if not record or record.get("stage") not in ("causal", "bidirectional"):
+        raise ValueError(f"{st.init_from} is not a causal or bidirectional teacher (its sampling record says stage "
+                         f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train`")
+    if whole:
+        record = student_layout(st, record)
     teacher, cfg = load_dit(st.init_from)
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
     if st.init_student:
@@ -432,7 +472,7 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
         from stages.train.data import teacher_codec
         path = teacher_codec(st.init_from)
         codec = load_taehv(path, d.device) if path is not None and path.is_file() else None
-    dst = Distiller(teacher, cfg, record, st, out, batches, d.device, codec, d)
+    dst = Distiller(teacher, cfg, record, st, out, batches, d.device, codec, d, whole)
     run_id = "distill-" + hashlib.sha256(json.dumps(st.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     if root is not None and d.main:
         from manifests import catalog

@@ -159,8 +159,7 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
     x0, xa0 = batch["video"], batch.get("audio_latent")
     s = _sigma(draw, st, x0.device)
     x_t, xa_t = noised(x0, s, draw), noised(xa0, s, draw)
-    out = model(x_t, timestep(s), batch["text"], audio=batch.get("audio"), audio_latent=xa_t, ref=batch["ref"],
-                mask="full", voice=batch.get("voice"))
+    out = whole_forward(model, batch, x_t, xa_t, s)
     F = x0.shape[2]
     loss, vparts = video_loss(x0_from_v(out.video, x_t, s), x0, s[:, None].expand(-1, F), batch, torch.arange(F), st)
     parts = {**vparts, **dropped}
@@ -169,6 +168,13 @@ def bidirectional_loss(model: DiT, batch: dict, st: ObjectiveSettings, draw: Dra
         loss = loss + st.audio_weight * loss_a
         parts["loss_audio"] = loss_a.detach()
     return loss, parts
+
+
+def whole_forward(model: DiT, clip: dict, x_t: torch.Tensor, xa_t: torch.Tensor | None, sigma: torch.Tensor):
+    """The model on whole clips (noisy x_t [B, C, F, h, w] at noise levels [B]) with their conditions (text,
+    speech with its context, ref, voice), every frame attending to every other: stage 1's forward."""
+    return model(x_t, timestep(sigma), clip["text"], audio=clip.get("audio"), audio_latent=xa_t, ref=clip["ref"],
+                 mask="full", voice=clip.get("voice"))
 
 
 def stream_frames(chunk: int, chunk_frames: int, slots: int, sink: bool) -> torch.Tensor:
