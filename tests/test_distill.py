@@ -270,9 +270,9 @@ def test_the_critic_loss_is_the_teachers_flow_loss_on_the_students_clip(teacher_
     assert sum(float(p.grad.abs().sum()) for p in critic.parameters() if p.grad is not None) > 0
 
 
-def whole_grads(teacher_clip, critic, st, seed=5):
+def whole_grads(teacher_clip, critic, st, seed=5, frames=CHUNKS):
     v, a, batch = student_clip(teacher_clip)
-    loss, parts = generator_loss(teacher_clip[0], critic, batch, v, a, OBJ, st, draw(seed), whole=True)
+    loss, parts = generator_loss(teacher_clip[0], critic, batch, v, a, OBJ, st, draw(seed), whole=frames)
     gv, ga = torch.autograd.grad(loss, [v, a])
     return gv, ga, parts
 
@@ -305,17 +305,36 @@ def test_whole_clip_scores_see_every_frame_and_move_every_frame(teacher_clip):
         per_sample = gv.flatten(1)
         spread = (per_sample.max(1).values - per_sample.min(1).values) / per_sample.abs().mean(1)
         assert float(spread.max()) < 1e-3
+    # a teacher trained on clips of 3 latent frames scores windows of 3: the gradient stays inside one
+    gv, ga, parts = whole_grads(teacher_clip, critic, DMDSettings(guidance=1.0), frames=3)
+    a = int(parts["chunk"])
+    inside = [f in range(a, a + 3) for f in range(CHUNKS)]
+    assert 0 <= a <= CHUNKS - 3 and bool((gv[:, :, torch.tensor(inside)] != 0).all())
+    assert float(gv[:, :, ~torch.tensor(inside)].abs().max()) == 0.0
+    starts = {int(whole_grads(teacher_clip, critic, DMDSettings(guidance=1.0), seed, 3)[2]["chunk"]) for seed in range(8)}
+    assert len(starts) > 1                                                 # the window's start is drawn
 
 
 def test_the_whole_critic_loss_is_stage_1s_flow_loss_on_the_students_clip(teacher_clip):
+    """The critic of a bidirectional teacher learns windows of the student's clips (the teacher's clip length,
+    drawn first) with stage 1's flow loss; a window as long as the clip is the clip."""
+    from stages.distill.dmd import window
     from stages.train.objectives import bidirectional_loss
     critic = copy.deepcopy(teacher_clip[0])
     v, a, batch = student_clip(teacher_clip)
-    loss, _ = critic_loss(critic, batch, v, a, OBJ, draw(9), whole=True)
+    clip = {**batch, "video": v.detach(), "audio_latent": a.detach()}
     nodrop = dataclasses.replace(OBJ, p_drop_text=0, p_drop_audio=0, p_drop_ref=0)
-    want, _ = bidirectional_loss(critic, {**batch, "video": v.detach(), "audio_latent": a.detach()}, nodrop, draw(9))
     other, _ = critic_loss(critic, batch, v, a, OBJ, draw(9))
-    assert torch.equal(loss, want) and not torch.equal(loss, other)      # stage 1's loss, not stage 2's
+    for frames in (CHUNKS, 3):
+        loss, _ = critic_loss(critic, batch, v, a, OBJ, draw(9), whole=frames)
+        d = draw(9)
+        cut, start = window(clip, frames, d, TINY.dit.audio_context)
+        assert cut["video"].shape[2] == frames and torch.equal(cut["video"], v.detach()[:, :, start:start + frames])
+        assert torch.equal(loss, bidirectional_loss(critic, cut, nodrop, d)[0])
+        assert not torch.equal(loss, other)                              # stage 1's loss, not stage 2's
+    assert v.grad is None
+    full, _ = window(clip, CHUNKS, draw(9), TINY.dit.audio_context)
+    assert torch.equal(full["video"], v.detach()) and torch.equal(full["audio"], batch["audio"])
 
 
 def test_a_generator_step_trains_the_student_through_its_rollout_only():

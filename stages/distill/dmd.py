@@ -16,9 +16,10 @@ the score difference of KL(p_student(x_i | history) || p_teacher(x_i | history))
 Video and the joint audio latent alike.
 
 With a bidirectional teacher (stage 1; `whole`: the asymmetric distillation of CausVid and Self-Forcing,
-which skips stage 2) real and fake scores read the student's whole clip at one noise level s per sample,
-every frame attending to every other, and the gradient reaches every frame; the critic then learns
-the student's clips with stage 1's flow loss.
+which skips stage 2) real and fake scores read a window of the student's clip as long as the clips the
+teacher was trained on (`whole` latent frames, at a random start; the whole clip when shorter), at one
+noise level s per sample, every frame attending to every other, and the gradient reaches every frame of
+the window; the critic learns such windows of the student's clips with stage 1's flow loss.
 """
 from __future__ import annotations
 
@@ -116,13 +117,14 @@ def _level(draw: Draw, obj: ObjectiveSettings, st: DMDSettings) -> torch.Tensor:
 
 
 def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
-                   obj: ObjectiveSettings, st: DMDSettings, draw: Draw, whole: bool = False) -> tuple[torch.Tensor, dict]:
+                   obj: ObjectiveSettings, st: DMDSettings, draw: Draw, whole: int = 0) -> tuple[torch.Tensor, dict]:
     """The DMD loss of the student's clip `video` [B, C, F, h, w] (and joint `audio_latent`), which
     carries the rollout's gradients; `batch` gives its conditions (ref, text, audio). Teacher and
     critic are evaluated without gradients. obj: chunk_frames, window, sink and shift of the teacher
-    (`whole`: a bidirectional teacher and critic, scoring the whole clip; the shift alone is read)."""
+    (`whole` > 0: a bidirectional teacher and critic trained on clips of `whole` latent frames, scoring
+    windows of that length; the shift alone is read)."""
     if whole:
-        return _whole_generator_loss(teacher, critic, batch, video, audio_latent, obj, st, draw)
+        return _whole_generator_loss(teacher, critic, batch, video, audio_latent, obj, st, draw, whole)
     B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
     i = draw.randint(F // c)
     frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
@@ -150,23 +152,34 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     return loss.float(), parts
 
 
+def window(clip: dict, frames: int, draw: Draw, audio_context: tuple[int, int]) -> tuple[dict, int]:
+    """A window of `frames` consecutive latent frames of a clip (the whole clip when shorter) at a start
+    drawn uniformly, with its conditions (objectives.stream_sequence): (the window, its start)."""
+    F = clip["video"].shape[2]
+    n = min(frames, F)
+    a = draw.randint(F - n + 1)
+    return stream_sequence(clip, torch.arange(a, a + n), *audio_context), a
+
+
 def _whole_generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor,
                           audio_latent: torch.Tensor | None, obj: ObjectiveSettings, st: DMDSettings,
-                          draw: Draw) -> tuple[torch.Tensor, dict]:
-    """generator_loss with bidirectional scores: the whole clip at one level s per sample."""
-    clip = {**batch, "video": video, "audio_latent": audio_latent}
+                          draw: Draw, frames: int) -> tuple[torch.Tensor, dict]:
+    """generator_loss with bidirectional scores: a window of `frames` at one level s per sample."""
+    seq, a = window({**batch, "video": video, "audio_latent": audio_latent}, frames, draw, teacher.cfg.audio_context)
+    x0, xa0 = seq["video"], seq["audio_latent"]
     s = _level(draw, obj, st)
-    sigma = s.to(video.device)
+    sigma = s.to(x0.device)
     with torch.no_grad():
-        x_t, xa_t = noised(video, sigma, draw), noised(audio_latent, sigma, draw)
+        x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
         g, band = real_guidance(s, st)
-        real, real_a = score_x0(teacher, clip, x_t, xa_t, sigma, None, g, st.guide)
-        fake, fake_a = score_x0(critic, clip, x_t, xa_t, sigma, None)
-        grad = dmd_gradient(video, fake, real)
-    loss = _matching(video, grad)
-    parts = {"loss_dmd": loss.detach(), "level": s.mean(), "guided": band.float().mean()}
-    if audio_latent is not None:
-        loss_a = _matching(audio_latent, dmd_gradient(audio_latent, fake_a, real_a))
+        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, None, g, st.guide)
+        fake, fake_a = score_x0(critic, seq, x_t, xa_t, sigma, None)
+        grad = dmd_gradient(x0, fake, real)
+    loss = _matching(x0, grad)
+    parts = {"loss_dmd": loss.detach(), "chunk": torch.tensor(float(a)), "level": s.mean(),
+             "guided": band.float().mean()}
+    if xa0 is not None:
+        loss_a = _matching(xa0, dmd_gradient(xa0, fake_a, real_a))
         loss = loss + obj.audio_weight * loss_a
         parts["loss_dmd_audio"] = loss_a.detach()
     return loss.float(), parts
@@ -202,12 +215,14 @@ def check_lipsync(path: str, cfg) -> None:
 
 
 def critic_loss(critic: DiT, batch: dict, video: torch.Tensor, audio_latent: torch.Tensor | None,
-                obj: ObjectiveSettings, draw: Draw, whole: bool = False) -> tuple[torch.Tensor, dict]:
-    """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss; `whole`: stage
-    1's, objectives.bidirectional_loss) on the student's clip (detached) with the batch's conditions, no
-    condition dropout (the fake score is taken conditional)."""
+                obj: ObjectiveSettings, draw: Draw, whole: int = 0) -> tuple[torch.Tensor, dict]:
+    """The fake score's update: the teacher's stage-2 flow loss (objectives.causal_loss; `whole` > 0: stage
+    1's, objectives.bidirectional_loss, on a `window` of that many frames) on the student's clip
+    (detached) with the batch's conditions, no condition dropout (the fake score is taken conditional)."""
     fake = {**batch, "video": video.detach(), "audio_latent": None if audio_latent is None else audio_latent.detach()}
     for key in REGIONS:                        # the student's clip is not the batch's: not its regions
         fake.pop(key, None)
     obj = dataclasses.replace(obj, p_drop_text=0.0, p_drop_audio=0.0, p_drop_ref=0.0)
-    return (bidirectional_loss if whole else causal_loss)(critic, fake, obj, draw)
+    if whole:
+        return bidirectional_loss(critic, window(fake, whole, draw, critic.cfg.audio_context)[0], obj, draw)
+    return causal_loss(critic, fake, obj, draw)

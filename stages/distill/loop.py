@@ -221,6 +221,7 @@ class Distiller:
         if whole:
             check_whole(st)
         self.whole = whole                   # the teacher (and so the critic) is bidirectional: dmd.py's `whole`
+        self.window = cfg.latent_frames if whole else 0   # ... scoring windows of the clips it was trained on
         self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
         self.d = d or Dist(0, 1, self.device)
         check_world(st, self.d)
@@ -289,7 +290,7 @@ class Distiller:
         if ode:
             return ode_loss(self.student, self.teacher, batch, video, audio, self.obj, edges, st.dmd,
                             st.ode_substeps, draw)
-        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw, self.whole)
+        loss, parts = generator_loss(self.teacher, self.critic, batch, video, audio, self.obj, st.dmd, draw, self.window)
         terms = {"dmd": loss}
         if extras and st.lipsync:            # the sync reward (or, at weight 0, its measurement)
             with torch.set_grad_enabled(st.sync_weight > 0 and torch.is_grad_enabled()):
@@ -326,7 +327,7 @@ class Distiller:
         critic = []
         for _ in range(self.st.critic_updates):
             with self._autocast():
-                c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw, self.whole)
+                c_loss, _ = critic_loss(self.critic, batch, video, audio, self.obj, draw, self.window)
             c_loss.backward()
             optimizer_step(self.critic, self.critic_opt, None, self.st.grad_clip)
             critic.append(mean_over_ranks(c_loss, self.d))
