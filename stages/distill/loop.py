@@ -20,7 +20,7 @@ with both optimizers and schedules, step and loss history.
 or a manifest (stages/train/data.py, coded with the teacher's autoencoder), one process, bf16 autocast
 on GPU, a catalog row per run. A bidirectional teacher (stage 1's checkpoint: `vidu distill --from
 bidirectional.ckpt --init-student student.ckpt`) is distilled asymmetrically (dmd.py, `whole`): real and
-fake scores read whole clips, the student starts from a distilled causal student, whose record gives
+fake scores read windows of the rollout as long as the teacher's training clips, the student starts from a distilled causal student, whose record gives
 the streaming layout (chunk, window, sink) stage 1 never had; ODE warm-up and PCM, which step the
 teacher chunk by chunk, are refused there.
 
@@ -220,8 +220,8 @@ class Distiller:
                  whole: bool = False):
         if whole:
             check_whole(st)
-        self.whole = whole                   # the teacher (and so the critic) is bidirectional: dmd.py's `whole`
-        self.window = cfg.latent_frames if whole else 0   # ... scoring windows of the clips it was trained on
+        # a bidirectional teacher (and so critic) scores windows of the clips it was trained on: dmd.py's `whole`
+        self.window = cfg.latent_frames if whole else 0
         self.st, self.cfg, self.out, self.batches, self.device = st, cfg, Path(out), batches, torch.device(device)
         self.d = d or Dist(0, 1, self.device)
         check_world(st, self.d)
@@ -361,7 +361,7 @@ class Distiller:
             return None
         lineage = self.lineage + [{"stage": "distill", "steps": self.step, "preset": self.cfg.name, "batch": self.st.batch,
                     **({"init_student": self.st.init_student} if self.st.init_student else {}),
-                    **({"teacher": "bidirectional"} if self.whole else {})}]
+                    **({"teacher": "bidirectional"} if self.window else {})}]
         meta = {"sampling": self.record}
 
         def write(tmp: Path) -> None:
