@@ -123,18 +123,21 @@ def generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor, 
     critic are evaluated without gradients. obj: chunk_frames, window, sink and shift of the teacher
     (`whole` > 0: a bidirectional teacher and critic trained on clips of `whole` latent frames, scoring
     windows of that length; the shift alone is read)."""
-    if whole:
-        return _whole_generator_loss(teacher, critic, batch, video, audio_latent, obj, st, draw, whole)
-    B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
-    i = draw.randint(F // c)
-    frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
-    seq = stream_sequence({**batch, "video": video, "audio_latent": audio_latent}, frames,
-                          *teacher.cfg.audio_context)
+    clip = {**batch, "video": video, "audio_latent": audio_latent}
+    if whole:                                  # a window at one level, every frame scored (c None: bidirectional)
+        seq, i = window(clip, whole, draw, teacher.cfg.audio_context)
+        s = _level(draw, obj, st)
+        sigma, cur, c = s.to(video.device), slice(None), None
+    else:                                      # chunk i after its clean history, as stage 2 trains it
+        B, F, c = video.shape[0], video.shape[2], obj.chunk_frames
+        i = draw.randint(F // c)
+        frames, p = training_frames(i, c, obj.window // c, obj.sink, F)
+        seq = stream_sequence(clip, frames, *teacher.cfg.audio_context)
+        m = seq["video"].shape[2]
+        s = _level(draw, obj, st)
+        sigma = torch.cat([torch.zeros(B, p), s[:, None].expand(B, m - p)], 1).to(video.device)
+        cur = slice(p, p + c)
     x0, xa0 = seq["video"], seq["audio_latent"]
-    m = x0.shape[2]
-    s = _level(draw, obj, st)
-    sigma = torch.cat([torch.zeros(B, p), s[:, None].expand(B, m - p)], 1).to(x0.device)   # history clean
-    cur = slice(p, p + c)
     with torch.no_grad():
         x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
         g, band = real_guidance(s, st)
@@ -159,30 +162,6 @@ def window(clip: dict, frames: int, draw: Draw, audio_context: tuple[int, int]) 
     n = min(frames, F)
     a = draw.randint(F - n + 1)
     return stream_sequence(clip, torch.arange(a, a + n), *audio_context), a
-
-
-def _whole_generator_loss(teacher: DiT, critic: DiT, batch: dict, video: torch.Tensor,
-                          audio_latent: torch.Tensor | None, obj: ObjectiveSettings, st: DMDSettings,
-                          draw: Draw, frames: int) -> tuple[torch.Tensor, dict]:
-    """generator_loss with bidirectional scores: a window of `frames` at one level s per sample."""
-    seq, a = window({**batch, "video": video, "audio_latent": audio_latent}, frames, draw, teacher.cfg.audio_context)
-    x0, xa0 = seq["video"], seq["audio_latent"]
-    s = _level(draw, obj, st)
-    sigma = s.to(x0.device)
-    with torch.no_grad():
-        x_t, xa_t = noised(x0, sigma, draw), noised(xa0, sigma, draw)
-        g, band = real_guidance(s, st)
-        real, real_a = score_x0(teacher, seq, x_t, xa_t, sigma, None, g, st.guide)
-        fake, fake_a = score_x0(critic, seq, x_t, xa_t, sigma, None)
-        grad = dmd_gradient(x0, fake, real)
-    loss = _matching(x0, grad)
-    parts = {"loss_dmd": loss.detach(), "chunk": torch.tensor(float(a)), "level": s.mean(),
-             "guided": band.float().mean()}
-    if xa0 is not None:
-        loss_a = _matching(xa0, dmd_gradient(xa0, fake_a, real_a))
-        loss = loss + obj.audio_weight * loss_a
-        parts["loss_dmd_audio"] = loss_a.detach()
-    return loss.float(), parts
 
 
 def sync_reward(video: torch.Tensor, batch: dict, lipsync: str) -> torch.Tensor:

@@ -176,20 +176,12 @@ def check_whole(st: DistillSettings) -> None:
 
 
 def student_layout(st: DistillSettings, teacher_record: dict) -> dict:
-    """The record a bidirectional teacher's distillation streams by: the warm student's (`--init-student`:
-    chunk, window, sink, noisy level; stage 1 trained none of them) with the teacher's codec, whose latents
-    the run's clips are coded in. ValueError (one line) without a distilled student or on another schedule."""
+    """The record a bidirectional teacher's distillation streams by: the warm student's (`--init-student`,
+    a distilled student that check_student has accepted: chunk, window, sink, noisy level; stage 1 trained
+    none of them) with the teacher's codec, whose latents the run's clips are coded in. ValueError (one
+    line) on another schedule."""
     from models.checkpoint import checkpoint_sampling
-    if not st.init_student:
-        raise ValueError(f"{st.init_from} is a bidirectional teacher: its student starts from a distilled causal "
-                         "student (--init-student student.ckpt), whose streaming layout stage 1 never had")
-    check_whole(st)
-    if not Path(st.init_student).is_file():
-        raise ValueError(f"--init-student {st.init_student}: no such checkpoint file")
-    student = checkpoint_sampling(st.init_student) or {}
-    if student.get("stage") != "distill":
-        raise ValueError(f"--init-student {st.init_student} is not a distilled student (its sampling record says stage "
-                         f"{student.get('stage')!r}); give a `vidu distill` checkpoint's ema.safetensors")
+    student = checkpoint_sampling(st.init_student)
     if student["shift"] != teacher_record["shift"]:
         raise ValueError(f"--init-student {st.init_student} streams with shift {student['shift']:g}, the teacher was "
                          f"trained with {teacher_record['shift']:g}")
@@ -444,12 +436,17 @@ def distill_run(st: DistillSettings, out: str | Path, root: Path | None = None, 
     if not record or record.get("stage") not in ("causal", "bidirectional"):
         raise ValueError(f"{st.init_from} is not a causal or bidirectional teacher (its sampling record says stage "
                          f"{(record or {}).get('stage')!r}); distill the checkpoint of `vidu train`")
+    if whole and not st.init_student:
+        raise ValueError(f"{st.init_from} is a bidirectional teacher: its student starts from a distilled causal "
+                         "student (--init-student student.ckpt), whose streaming layout stage 1 never had")
     if whole:
-        record = student_layout(st, record)
+        check_whole(st)
     teacher, cfg = load_dit(st.init_from)
     cfg = cfg.replace(chunk_frames=record["chunk_frames"])
     if st.init_student:
         check_student(st.init_student, cfg)       # refuse a wrong file before the data are built
+    if whole:
+        record = student_layout(st, record)
     if st.lipsync:
         check_lipsync(st.lipsync, cfg)
     if st.lpips:
