@@ -181,7 +181,8 @@ VOICE_CASES = 16
 def ship(path: Path, dest: Path, name: str, limit: int = SHIP_LIMIT) -> list[Path]:
     """The safetensors checkpoint `path` (its metadata kept) as bf16 files dest/name.safetensors, or,
     when that is over `limit` bytes, shards dest/name-0000k-of-0000n.safetensors and their index
-    dest/name.safetensors.index.json (metadata under "vidu_metadata"). Returns the files written."""
+    dest/name.safetensors.index.json (each shard with the whole metadata: read_metadata reads the index
+    as its first shard). Returns the files written."""
     sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in read_state_dict(path).items()}
     meta = read_metadata(path)
     dest.mkdir(parents=True, exist_ok=True)
@@ -207,17 +208,17 @@ def ship(path: Path, dest: Path, name: str, limit: int = SHIP_LIMIT) -> list[Pat
         weight_map.update({k: shard for k in keys})
     index = dest / f"{name}.safetensors.index.json"
     index.write_text(json.dumps({"metadata": {"total_size": sum(f.stat().st_size for f in files)},
-                                 "vidu_metadata": meta, "weight_map": weight_map}, indent=1))
+                                 "weight_map": weight_map}, indent=1))
     return files + [index]
 
 
 def unship(dest: Path, name: str) -> Path:
-    """dest/name.safetensors: as shipped, or joined from its shards (metadata restored); the one file
-    every loader reads (load_dit, load_taehv, --from)."""
+    """dest/name.safetensors: as shipped, or joined from its shards (metadata restored). Every loader also
+    reads the shards' index itself (`vidu stream --ckpt dest/name.safetensors.index.json`); the phases
+    join them into the one file their runs and records name."""
     single, index = dest / f"{name}.safetensors", dest / f"{name}.safetensors.index.json"
     if index.is_file():
-        meta = json.loads(index.read_text())["vidu_metadata"]
-        save_safetensors(single, read_state_dict(index), meta)
+        save_safetensors(single, read_state_dict(index), read_metadata(index))
     if not single.is_file():
         raise FileNotFoundError(f"{single} (or its shards' index) is missing: run the phase before, or carry its $OUT")
     return single

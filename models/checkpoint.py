@@ -149,9 +149,26 @@ def save_safetensors(path: str | Path, sd: dict[str, torch.Tensor], metadata: di
     return path
 
 
-def read_metadata(path: str | Path) -> dict[str, object]:
-    """The metadata of a safetensors file, JSON values decoded ({} for other formats)."""
+def checkpoint_file(path: str | Path) -> Path:
+    """The file `path` names: itself, or for a folder the one checkpoint in it (a shards' index first),
+    so that what lies beside a checkpoint (its codec) is found from the file's folder."""
     path = Path(path)
+    return _find_in_dir(path) if path.is_dir() else path
+
+
+def read_metadata(path: str | Path) -> dict[str, object]:
+    """The metadata of a safetensors file, JSON values decoded ({} for other formats); of a
+    `*.safetensors.index.json` its first shard's (each shard vidu writes carries the whole of it), of a
+    folder its checkpoint's."""
+    path = checkpoint_file(path)
+    if path.name.endswith(".safetensors.index.json"):
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"cannot read the shards' index {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        if not shards or not (path.parent / shards[0]).is_file():
+            raise CheckpointError(f"shard {shards[0] if shards else '(none)'} named by {path.name} is missing")
+        return read_metadata(path.parent / shards[0])
     if path.suffix != ".safetensors":
         return {}
     from safetensors import safe_open

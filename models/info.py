@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import (CheckpointError, infer_dit_config, is_new_branch, layout, mismatches,
-                               read_metadata, read_state_dict)
+from models.checkpoint import (CheckpointError, checkpoint_file, infer_dit_config, is_new_branch, layout,
+                               mismatches, read_metadata, read_state_dict)
 
 
 def describe(path: str | Path, preset: str | None = None) -> dict:
-    path = Path(path)
+    path = checkpoint_file(path)
     sd = read_state_dict(path)
     meta = read_metadata(path)
     dtypes = Counter(str(v.dtype).replace("torch.", "") for v in sd.values())
@@ -58,9 +58,10 @@ def _fits(sd: dict, cfg) -> str:
 
 
 def _format(path: Path, meta: dict) -> str:
+    sharded = path.name.endswith(".index.json")
     if meta.get("format") == "vidu":
-        return "vidu safetensors"
-    if path.name.endswith(".index.json"):
+        return "vidu safetensors" + (" (sharded)" if sharded else "")
+    if sharded:
         return "sharded safetensors"
     if path.suffix == ".safetensors":
         return "safetensors"

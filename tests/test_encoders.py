@@ -159,6 +159,14 @@ def test_model_info_cli(tmp_path):
     assert out["lineage"] == [{"stage": "bidirectional", "steps": 3}]
     table = cli("model", "info", str(path), "--preset", "small").stdout
     assert "lineage[0]" in table and "no: shape mismatch" in table
+    from models.checkpoint import read_metadata, read_state_dict, save_safetensors
+    sd, keys = read_state_dict(path), sorted(read_state_dict(path))        # the same as two shards + index, named by folder
+    for name, part in (("a.safetensors", keys[:9]), ("b.safetensors", keys[9:])):
+        save_safetensors(tmp_path / "sh" / name, {k: sd[k] for k in part}, read_metadata(path))
+    (tmp_path / "sh" / "m.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "a.safetensors" if i < 9 else "b.safetensors" for i, k in enumerate(keys)}}))
+    sharded = json.loads(cli("model", "info", str(tmp_path / "sh"), "--json").stdout)
+    assert sharded["format"] == "vidu safetensors (sharded)" and sharded["path"].endswith("m.safetensors.index.json")
+    assert {k: sharded[k] for k in ("parameters", "lineage", "architecture")} == {k: out[k] for k in ("parameters", "lineage", "architecture")}
     bad = cli("model", "info", str(tmp_path / "nope.pt"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: checkpoint not found")
     assert "Traceback" not in bad.stderr

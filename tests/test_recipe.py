@@ -265,8 +265,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_ship_shards_under_the_limit_and_join_back(tmp_path):
     """A checkpoint over the limit leaves as shards + index, each file within the limit, and comes back
-    as the same bf16 tensors with its metadata (so load_dit finds the config); a control: the limit
-    is real (one file when it allows)."""
+    as the same bf16 tensors with its metadata (so load_dit finds the config), joined or read through the
+    index; a control: the limit is real (one file when it allows)."""
     from models.checkpoint import load_dit, read_metadata, save_model
     from models.config import preset
     from models.dit import DiT
@@ -282,9 +282,8 @@ def test_ship_shards_under_the_limit_and_join_back(tmp_path):
     want = {k: v.to(torch.bfloat16) for k, v in recipe.read_state_dict(src).items()}
     got = recipe.read_state_dict(joined)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert read_metadata(joined) == read_metadata(src)
-    _, cfg2 = load_dit(joined)
-    assert cfg2 == cfg
+    assert read_metadata(joined) == read_metadata(src) == read_metadata(files[-1])   # the index reads as the file
+    assert load_dit(joined)[1] == load_dit(files[-1])[1] == cfg
     one = recipe.ship(src, tmp_path / "one", "ema", limit=recipe.SHIP_LIMIT)
     assert [f.name for f in one] == ["ema.safetensors"]
     with pytest.raises(ValueError, match="over the"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.checkpoint import checkpoint_config, checkpoint_sampling
@@ -107,6 +108,14 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
     with av.open(str(tmp_path / "o.mp4")) as c:
         assert sum(1 for _ in c.decode(c.streams.video[0])) == summary["frames"] == 9
 
+    # the same checkpoint as shards and their index (what the recipe ships from a GPU run), in a folder beside
+    # the step's: `--ckpt` names the folder, and the record, the weights and the codec beside it are the same
+    sharded = shard(causal_ckpt, causal_ckpt.parent.parent / "sharded")
+    vidu("stream", "--image", str(tmp_path / "face.png"), "--ckpt", str(sharded.parent), "--out",
+         str(tmp_path / "o2.mp4"), "--seconds", "0.3", "--summary", str(tmp_path / "s2.json"))
+    assert json.loads((tmp_path / "s2.json").read_text())["settings"] == summary["settings"]
+    assert np.array_equal(frames(tmp_path / "o2.mp4"), frames(tmp_path / "o.mp4"))
+
     for flags, message in [(["--chunk-frames", "2"], "trained with chunks of 1 latent frames"),
                            (["--window", "8"], "training saw 6 (window <= 3)"),
                            (["--decoder-weights", str(tmp_path / "face.png")], "trained with its own autoencoder")]:
@@ -116,6 +125,49 @@ def test_stream_with_no_flags_uses_the_checkpoint_settings(causal_ckpt, tmp_path
         lines = [ln for ln in bad.stderr.strip().splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and message in lines[0], bad.stderr[-2000:]
         assert not (tmp_path / "bad.mp4").exists()
+
+
+def shard(ckpt: Path, dest: Path) -> Path:
+    """`ckpt` as two safetensors shards in `dest`, each with the file's metadata, and their index."""
+    from models.checkpoint import read_metadata, read_state_dict, save_safetensors
+    sd, meta = read_state_dict(ckpt), read_metadata(ckpt)
+    keys = sorted(sd)
+    halves = {"ema-00001-of-00002.safetensors": keys[: len(keys) // 2], "ema-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in halves.items():
+        save_safetensors(dest / name, {k: sd[k] for k in part}, meta)
+    index = dest / "ema.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}}))
+    return index
+
+
+def frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])])
+
+
+def test_a_sharded_checkpoint_reads_as_its_file(causal_ckpt, tmp_path):
+    """The index (or its folder) gives the file's metadata, config and record, and the codec beside the
+    shards; an index naming a missing shard, or one that is not an index, is one line."""
+    from models.checkpoint import CheckpointError, checkpoint_file, load_dit, read_metadata
+    from stages.train.data import teacher_codec
+    index = shard(causal_ckpt, causal_ckpt.parent.parent / "sharded-read")
+    for path in (index, index.parent):
+        assert read_metadata(path) == read_metadata(causal_ckpt)
+        assert checkpoint_sampling(path) == checkpoint_sampling(causal_ckpt) is not None
+        assert checkpoint_config(path) == checkpoint_config(causal_ckpt)
+        assert teacher_codec(str(path)).resolve() == teacher_codec(str(causal_ckpt)).resolve()
+    assert checkpoint_file(index.parent) == index
+    a, b = load_dit(index)[0].state_dict(), load_dit(causal_ckpt)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ema.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    (tmp_path / "bad.safetensors.index.json").write_text("[1, 2]")
+    for path, message in [(broken, "shard gone.safetensors named by ema.safetensors.index.json is missing"),
+                          (tmp_path / "bad.safetensors.index.json", "cannot read the shards' index")]:
+        with pytest.raises(CheckpointError, match=message) as e:
+            read_metadata(path)
+        assert "\n" not in str(e.value)
 
 
 def test_a_checkpoint_of_the_pca_codec_is_refused_in_one_line():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.checkpoint import CheckpointError, load_taehv
+from models.checkpoint import CheckpointError, checkpoint_file, load_taehv
 from models.taehv import TAEHV
 from stages.stream.events import StreamError
 
@@ -31,7 +31,7 @@ def load_codec(ckpt: str | Path | None, trained: dict | None, decoder_weights: s
         if decoder_weights:
             raise StreamError("the checkpoint was trained with its own autoencoder (beside it, "
                               f"{codec['file']}); --decoder-weights decodes another latent space")
-        path = Path(ckpt).parent / codec["file"]
+        path = checkpoint_file(ckpt).parent / codec["file"]
         if not path.is_file():
             raise StreamError(f"the checkpoint was trained with the autoencoder {path}, which is missing")
         try:

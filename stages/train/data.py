@@ -467,12 +467,12 @@ def codec_record(path: Path, codec: TAEHV) -> dict:
 
 def teacher_codec(init_from: str | None) -> Path | None:
     """The codec file the checkpoint `init_from` was trained with (None: none recorded)."""
-    from models.checkpoint import checkpoint_sampling
+    from models.checkpoint import checkpoint_file, checkpoint_sampling
     rec = (checkpoint_sampling(init_from) or {}).get("codec") or {} if init_from else {}
     if rec.get("kind") == "pca":
         raise ValueError(f"{init_from} was trained on PCA-codec latents, which vidu no longer has; train its "
                          f"stage again with an autoencoder (--codec)")
-    return Path(init_from).parent / rec["file"] if rec.get("file") else None
+    return checkpoint_file(init_from).parent / rec["file"] if rec.get("file") else None
 
 
 def build_dataset(cfg: ModelConfig, st, out: Path, d, prepare_codec, masks: bool = False, ref_pose: float = 0.0) -> Dataset:
