@@ -226,7 +226,7 @@ class Distiller:
                 m.compile_blocks()
         # provenance: the lineage of what the student starts from (the teacher's, or the warm student's), then this run
         start = st.init_student or st.init_from
-        self.lineage = list(read_metadata(start).get("lineage") or []) if start and Path(start).is_file() else []
+        self.lineage = list(read_metadata(start).get("lineage") or []) if start and Path(start).exists() else []
         warm = None
         if st.init_student:                  # warm start: student and EMA from a previous student's EMA
             check_student(st.init_student, cfg)
