@@ -124,9 +124,8 @@ def main(argv=None) -> dict:
     for path in (args.start, args.codec):
         if not Path(path).exists() and not Path(str(path) + ".index.json").exists():
             ap.error(f"{path} does not exist")
-    if not Path(args.start).exists():                       # shipped in shards: the one file loaders read
-        from teacher_recipe import unship
-        args.start = str(unship(Path(args.start).parent, Path(args.start).name.removesuffix(".safetensors")))
+    if not Path(args.start).exists():                       # shipped in shards: their index
+        args.start = str(args.start) + ".index.json"
     args.out.mkdir(parents=True, exist_ok=True)
     res = {"start": pose_errors(args.start, args.codec, args.clips, ("neutral ref", "turned ref"))}
     if args.steps:

@@ -84,7 +84,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.checkpoint import read_metadata, read_state_dict, save_safetensors  # noqa: E402
+from models.checkpoint import checkpoint_file, read_metadata, read_state_dict, save_safetensors  # noqa: E402
 from models.config import NEUTRAL_TEXT, preset as get_preset  # noqa: E402
 from models.dit import SELF_ATTENTION  # noqa: E402
 from models.flow import add_noise, timestep  # noqa: E402
@@ -182,7 +182,7 @@ def ship(path: Path, dest: Path, name: str, limit: int = SHIP_LIMIT) -> list[Pat
     """The safetensors checkpoint `path` (its metadata kept) as bf16 files dest/name.safetensors, or,
     when that is over `limit` bytes, shards dest/name-0000k-of-0000n.safetensors and their index
     dest/name.safetensors.index.json (each shard with the whole metadata: read_metadata reads the index
-    as its first shard). Returns the files written."""
+    as its first shard; `shipped` finds either). Returns the files written."""
     sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in read_state_dict(path).items()}
     meta = read_metadata(path)
     dest.mkdir(parents=True, exist_ok=True)
@@ -212,16 +212,14 @@ def ship(path: Path, dest: Path, name: str, limit: int = SHIP_LIMIT) -> list[Pat
     return files + [index]
 
 
-def unship(dest: Path, name: str) -> Path:
-    """dest/name.safetensors: as shipped, or joined from its shards (metadata restored). Every loader also
-    reads the shards' index itself (`vidu stream --ckpt dest/name.safetensors.index.json`); the phases
-    join them into the one file their runs and records name."""
-    single, index = dest / f"{name}.safetensors", dest / f"{name}.safetensors.index.json"
-    if index.is_file():
-        save_safetensors(single, read_state_dict(index), read_metadata(index))
-    if not single.is_file():
-        raise FileNotFoundError(f"{single} (or its shards' index) is missing: run the phase before, or carry its $OUT")
-    return single
+def shipped(dest: Path, name: str) -> Path:
+    """The checkpoint a phase shipped to dest: dest/name.safetensors, or its shards' index (every loader
+    reads either: load_dit, load_taehv, --from, `vidu stream --ckpt`)."""
+    for path in (dest / f"{name}.safetensors.index.json", dest / f"{name}.safetensors"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{dest / name}.safetensors (or its shards' index) is missing: run the phase before, "
+                            f"or carry its $OUT")
 
 
 # -- training phases -----------------------------------------------------------------------------
@@ -237,11 +235,11 @@ def stage_settings(recipe: Recipe, stage: str, work: Path, steps: int, minutes: 
     if stage == "bidirectional" or again:
         kw["codec"] = str(work / CODEC)
     if again:
-        kw["init_from"] = str(unship(work / stage, "ema"))
+        kw["init_from"] = str(shipped(work / stage, "ema"))
         kw["seed"] = fresh_seed(kw["init_from"], stage)
         kw["recode"] = recode
     elif stage == "causal":
-        kw["init_from"] = str(unship(work / "bidirectional", "ema"))
+        kw["init_from"] = str(shipped(work / "bidirectional", "ema"))
     if stage != "autoencoder" and usable_lipsync(recipe, work):
         kw["objective"] = dataclasses.replace(kw.get("objective", ObjectiveSettings()),
                                               sync_weight=recipe.lipsync["weight"], lipsync=str(work / LIPSYNC))
@@ -295,7 +293,7 @@ def run_name(stage: str, work: Path, again: bool) -> str:
     """W/runs/<name>: a stage's run, or its further run from the shipped EMA (--again), named by that
     run's data seed: a re-run of an interrupted phase resumes it, and the next phase (W/<stage> now the
     EMA the last one shipped, its lineage one seed longer) starts its own run."""
-    return f"{stage}-again-{fresh_seed(str(unship(work / stage, 'ema')), stage)}" if again else stage
+    return f"{stage}-again-{fresh_seed(str(shipped(work / stage, 'ema')), stage)}" if again else stage
 
 
 def probe(recipe: Recipe, stage: str, work: Path, workers: int, again: bool = False, recode: bool = False) -> dict:
@@ -466,8 +464,8 @@ def distill_phase(recipe: Recipe, work: Path, out: Path, minutes: float, workers
         saved.write_text(json.dumps(rec, indent=1))
     kw = {**recipe.distill, "steps": rec["steps"], "minutes": rec["train_minutes"],
           "render_overlap": rec.get("render_overlap", 0),       # a run planned before the overlap resumes without
-          "save_every": max(1, rec["steps"] // 4), "init_from": str(unship(work / teacher, "ema")),
-          **({"init_student": str(init_student if init_student.is_file() else unship(init_student, "ema")),
+          "save_every": max(1, rec["steps"] // 4), "init_from": str(shipped(work / teacher, "ema")),
+          **({"init_student": str(checkpoint_file(init_student)),
               **recipe.distill_warm} if init_student else {}),
           **({"ode_warmup": ode_warmup} if ode_warmup else {}), "pcm_weight": pcm_weight, "sync_weight": sync_weight,
           "recache": recache}
@@ -511,7 +509,7 @@ def voice_phase(recipe: Recipe, work: Path, out: Path, teacher: str, cases: int 
     from stages.eval.bench.voice import generate, save_waves, scored, scorers_missing
     from stages.synth.dataset import SPEECH_MIN_S
     t0 = time.perf_counter()
-    res = generate(unship(work / teacher, "ema"), work / CODEC, cases or VOICE_CASES,
+    res = generate(shipped(work / teacher, "ema"), work / CODEC, cases or VOICE_CASES,
                    seconds or max(SPEECH_MIN_S, recipe.eval_seconds), steps, guidance, guide)
     save_waves(out / "voice_waves.npz", res)
     missing = scorers_missing()
@@ -541,7 +539,7 @@ def starter_phase(work: Path, scores: Path, dest: Path | None = None) -> dict:
         raise SystemExit(f"{scores} scored {ev['bench']}'s untold cases: ship from the synth bench's eval")
     if Path(ev["checkpoint"]).parent.name != folder:          # an eval --from another file: not W's model
         raise SystemExit(f"{scores} scored {ev['checkpoint']}, not the work folder's {folder}")
-    model = unship(work / folder, "ema")
+    model = shipped(work / folder, "ema")
     meta = read_metadata(model)
     sd = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in read_state_dict(model).items()}
     given = {k: v for k, v in (ev.get("stream") or {}).items() if k in meta["sampling"]}
@@ -763,7 +761,7 @@ def eval_phase(recipe: Recipe, work: Path, out: Path, teacher: str, streams: int
     from stages.eval.bench.cases import IDLE_BENCH, BenchSamples
     n, secs, size = cases or recipe.eval_cases, seconds or recipe.eval_seconds, BenchSamples.size
     given = ckpt
-    ckpt = work / CODEC if teacher == "codec" else ckpt or unship(work / teacher, "ema")
+    ckpt = work / CODEC if teacher == "codec" else ckpt or shipped(work / teacher, "ema")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     stream = {**recipe.stream, **(overrides or {})}
     t0 = time.perf_counter()
@@ -891,7 +889,7 @@ def clip_eval(recipe: Recipe, work: Path, out: Path, teacher: str, workers: int,
     n = cases or recipe.eval_cases
     names = list(ACTIONS)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = unship(work / teacher, "ema")
+    ckpt = shipped(work / teacher, "ema")
     model, cfg = load_dit(ckpt, device=dev)
     model.eval()
     shift = (checkpoint_sampling(ckpt) or {}).get("shift", SHIFT)   # what the checkpoint streams with
@@ -1226,7 +1224,7 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error("--warm seeds a fresh stage 1 (--phase bidirectional, without --again)")
         if not args.warm.exists():
             raise SystemExit(f"--warm {args.warm}: no such file or folder")
-        warm = unship(args.warm, "ema") if args.warm.is_dir() else args.warm
+        warm = checkpoint_file(args.warm)
         recipe = dataclasses.replace(recipe, bidirectional={**recipe.bidirectional, "warm_from": str(warm)})
     torch.backends.cudnn.benchmark = True
     if args.phase == "lipsync":

@@ -265,8 +265,8 @@ def test_recipe_phases_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_ship_shards_under_the_limit_and_join_back(tmp_path):
     """A checkpoint over the limit leaves as shards + index, each file within the limit, and comes back
-    as the same bf16 tensors with its metadata (so load_dit finds the config), joined or read through the
-    index; a control: the limit is real (one file when it allows)."""
+    as the same bf16 tensors with its metadata (so load_dit finds the config) read through the index; a
+    control: the limit is real (one file when it allows)."""
     from models.checkpoint import load_dit, read_metadata, save_model
     from models.config import preset
     from models.dit import DiT
@@ -278,14 +278,17 @@ def test_ship_shards_under_the_limit_and_join_back(tmp_path):
     shards = [f for f in files if f.suffix == ".safetensors"]
     assert len(shards) >= 3 and files[-1].name == "ema.safetensors.index.json"
     assert all(f.stat().st_size <= limit for f in files)
-    joined = recipe.unship(tmp_path / "ship", "ema")
+    index = recipe.shipped(tmp_path / "ship", "ema")
+    assert index == files[-1]
     want = {k: v.to(torch.bfloat16) for k, v in recipe.read_state_dict(src).items()}
-    got = recipe.read_state_dict(joined)
+    got = recipe.read_state_dict(index)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    assert read_metadata(joined) == read_metadata(src) == read_metadata(files[-1])   # the index reads as the file
-    assert load_dit(joined)[1] == load_dit(files[-1])[1] == cfg
+    assert read_metadata(index) == read_metadata(src)                   # the index reads as the file
+    assert load_dit(index)[1] == cfg
     one = recipe.ship(src, tmp_path / "one", "ema", limit=recipe.SHIP_LIMIT)
-    assert [f.name for f in one] == ["ema.safetensors"]
+    assert [f.name for f in one] == ["ema.safetensors"] and recipe.shipped(tmp_path / "one", "ema") == one[0]
+    with pytest.raises(FileNotFoundError, match="run the phase before"):
+        recipe.shipped(tmp_path / "none", "ema")
     with pytest.raises(ValueError, match="over the"):
         recipe.ship(src, tmp_path / "tiny", "ema", limit=4096)
 

@@ -163,7 +163,7 @@ def test_a_content_model_trains_on_the_world_streams_and_refuses_to_hear_waves(t
     assert (voice["summary"]["scored"], voice["oracle"]["nearest_is_told"], voice["seconds"]) == (1, 1.0, 4.0)
     assert voice["rows"][0]["told"] != voice["rows"][0]["driving"] and voice["oracle"]["envelope_r"] == pytest.approx(1.0)
     assert (tmp_path / "out2" / "recipe_voice.json").is_file()
-    ckpt = recipe.unship(work / "bidirectional", "ema")
+    ckpt = recipe.shipped(work / "bidirectional", "ema")
     bench = load_script("voice_bench")
     res = bench.main(["--ckpt", str(ckpt), "--codec", str(work / "codec.safetensors"), "--cases", "1",
                       "--seconds", "4", "--steps", "2", "--out", str(tmp_path / "bench")])
